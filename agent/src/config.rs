@@ -1,0 +1,335 @@
+//! The agent's configuration file: which services to watch and the bounds on everything the agent
+//! keeps. Unknown keys and bad values are errors that name the line, so a typo in production
+//! config never silently falls back to a default.
+
+use std::{collections::HashSet, net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cacheprobe/config.toml";
+/// Outside Prometheus' fully allocated 9100-9999 exporter range, as its guide asks.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:19150";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// memcached and twemproxy: text, meta and binary memcache protocol.
+    Memcache,
+    /// Starling/Kestrel-style queues speaking the memcache protocol (set = enqueue, get = dequeue).
+    MemcacheQueue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Upper bounds on memory and label cardinality. One place owns each bound.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Entries in the kernel socket map: watched sockets tracked at once.
+    pub max_sockets: u32,
+    /// Kernel-to-agent ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_buffer_bytes: u32,
+    /// Distinct `server` label values per service before folding into "other".
+    pub max_servers_per_service: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sockets: 65536,
+            ring_buffer_bytes: 4 << 20,
+            max_servers_per_service: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub services: Vec<Service>,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("default listen address is valid"),
+            services: default_services(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn default_services() -> Vec<Service> {
+    [
+        ("memcached", 11211, Protocol::Memcache),
+        ("twemproxy", 22121, Protocol::Memcache),
+        ("starling", 22122, Protocol::MemcacheQueue),
+        ("kestrel", 22133, Protocol::MemcacheQueue),
+    ]
+    .into_iter()
+    .map(|(name, port, protocol)| Service {
+        name: name.to_string(),
+        port,
+        protocol,
+    })
+    .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    services: Option<Vec<RawService>>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    port: Spanned<i64>,
+    protocol: Protocol,
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path means defaults, anywhere else it is an
+    /// error (an explicit `--config` that does not exist is a mistake worth reporting).
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        };
+        let at = |span: std::ops::Range<usize>, message: String| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            invalid(format!("line {line}: {message}"))
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|err| {
+            let message = match err.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {}", err.message())
+                }
+                None => err.message().to_string(),
+            };
+            invalid(message)
+        })?;
+
+        let listen = match raw.listen {
+            None => DEFAULT_LISTEN.parse().expect("default listen address is valid"),
+            Some(spanned) => {
+                let span = spanned.span();
+                let value = spanned.into_inner();
+                value.parse().map_err(|_| {
+                    at(
+                        span,
+                        format!("listen = {value:?} is not an address like \"0.0.0.0:19150\""),
+                    )
+                })?
+            }
+        };
+
+        let services = match raw.services {
+            None => default_services(),
+            Some(raw_services) => {
+                let mut names = HashSet::new();
+                let mut ports = HashSet::new();
+                let mut services = Vec::with_capacity(raw_services.len());
+                for raw_service in raw_services {
+                    let name_span = raw_service.name.span();
+                    let name = raw_service.name.into_inner();
+                    if name.is_empty()
+                        || name.len() > 64
+                        || !name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                    {
+                        return Err(at(
+                            name_span,
+                            format!(
+                                "service name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+                            ),
+                        ));
+                    }
+                    if !names.insert(name.clone()) {
+                        return Err(at(name_span, format!("service name {name:?} is used twice")));
+                    }
+                    let port_span = raw_service.port.span();
+                    let port = *raw_service.port.get_ref();
+                    let port = u16::try_from(port).ok().filter(|port| *port != 0).ok_or_else(
+                        || at(port_span.clone(), format!("port {port} is not in 1-65535")),
+                    )?;
+                    if !ports.insert(port) {
+                        return Err(at(
+                            port_span,
+                            format!("port {port} is watched by two services"),
+                        ));
+                    }
+                    services.push(Service {
+                        name,
+                        port,
+                        protocol: raw_service.protocol,
+                    });
+                }
+                if services.is_empty() {
+                    return Err(invalid("`services` is empty: nothing to watch".to_string()));
+                }
+                services
+            }
+        };
+
+        let limits = raw.limits;
+        if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
+            return Err(invalid(format!(
+                "limits.max_sockets = {} must be in 1-4000000",
+                limits.max_sockets
+            )));
+        }
+        let ring = limits.ring_buffer_bytes;
+        if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
+            return Err(invalid(format!(
+                "limits.ring_buffer_bytes = {ring} must be a power of two between 65536 and 1073741824"
+            )));
+        }
+        if limits.max_servers_per_service == 0 {
+            return Err(invalid(
+                "limits.max_servers_per_service must be at least 1".to_string(),
+            ));
+        }
+        Ok(Config {
+            listen,
+            services,
+            limits,
+        })
+    }
+
+    pub fn service_for_port(&self, port: u16) -> Option<usize> {
+        self.services.iter().position(|service| service.port == port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        let ports: Vec<u16> = config.services.iter().map(|s| s.port).collect();
+        assert_eq!(ports, vec![11211, 22121, 22122, 22133]);
+        assert_eq!(config.listen.to_string(), "0.0.0.0:19150");
+        assert_eq!(config.services[3].protocol, Protocol::MemcacheQueue);
+    }
+
+    #[test]
+    fn services_replace_defaults() {
+        let config = parse(
+            r#"
+listen = "127.0.0.1:9999"
+[[services]]
+name = "cache-a"
+port = 11311
+protocol = "memcache"
+
+[[services]]
+name = "jobs"
+port = 22133
+protocol = "memcache-queue"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(config.services.len(), 2);
+        assert_eq!(config.service_for_port(22133), Some(1));
+        assert_eq!(config.service_for_port(11211), None);
+    }
+
+    #[test]
+    fn unknown_key_names_the_line() {
+        let err = parse("[[services]]\nname = \"a\"\nport = 1\nprotocol = \"memcache\"\nprot = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn bad_protocol_names_the_line() {
+        let err = parse("[[services]]\nname = \"a\"\nport = 1\nprotocol = \"redis\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("memcache-queue"), "{err}");
+    }
+
+    #[test]
+    fn port_out_of_range_names_the_line() {
+        let err = parse("\n[[services]]\nname = \"a\"\nport = 70000\nprotocol = \"memcache\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("70000"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_port_is_rejected() {
+        let err = parse(
+            "[[services]]\nname = \"a\"\nport = 1\nprotocol = \"memcache\"\n[[services]]\nname = \"b\"\nport = 1\nprotocol = \"memcache\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 7") && err.contains("two services"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_and_limits_are_rejected() {
+        let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("nowhere"), "{err}");
+        let err = parse("[limits]\nring_buffer_bytes = 1000\n").unwrap_err().to_string();
+        assert!(err.contains("power of two"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_missing_explicit_file_is_an_error() {
+        let path = Path::new("/nonexistent/cacheprobe.toml");
+        assert_eq!(Config::load(path, false).unwrap(), Config::default());
+        let err = Config::load(path, true).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/cacheprobe.toml"), "{err}");
+    }
+}

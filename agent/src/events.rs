@@ -1,0 +1,224 @@
+//! Turns raw ring-buffer records into typed events. The kernel's layout is `SockEvent` from
+//! agent-common; everything downstream works on these safe types instead.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{event_kind, SockEvent, AF_INET, AF_INET6, COMM_LEN};
+
+/// Which side of the connection this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFacts {
+    pub last_activity_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub peer_closed_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    StateChange { old_state: u8, new_state: u8 },
+    /// A connection that existed before the agent started, first seen in a send/receive.
+    Learned { state: u8 },
+    SendAfterPeerClose { ret: i64 },
+    RecvAfterPeerClose { ret: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockEventRecord {
+    pub kind: EventKind,
+    pub ts_ns: u64,
+    pub sk: u64,
+    /// Present for state changes and learned sockets.
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    pub pid: u32,
+    pub comm: String,
+    pub facts: SocketFacts,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring buffer record of {0} bytes, expected {expected}", expected = std::mem::size_of::<SockEvent>())]
+    Size(usize),
+    #[error("unknown event kind {0}")]
+    Kind(u8),
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<SockEventRecord, DecodeError> {
+    if bytes.len() != std::mem::size_of::<SockEvent>() {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: the length matches, SockEvent is repr(C) plain old data valid for any bit pattern,
+    // and read_unaligned does not require the ring buffer's alignment.
+    let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    from_raw(&raw)
+}
+
+pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
+    let kind = match raw.kind {
+        event_kind::STATE => EventKind::StateChange {
+            old_state: raw.old_state,
+            new_state: raw.new_state,
+        },
+        event_kind::LEARNED => EventKind::Learned {
+            state: raw.new_state,
+        },
+        event_kind::SEND_AFTER_PEER_CLOSE => EventKind::SendAfterPeerClose { ret: raw.ret },
+        event_kind::RECV_AFTER_PEER_CLOSE => EventKind::RecvAfterPeerClose { ret: raw.ret },
+        other => return Err(DecodeError::Kind(other)),
+    };
+    let has_addresses = matches!(
+        kind,
+        EventKind::StateChange { .. } | EventKind::Learned { .. }
+    );
+    let (local, remote) = if has_addresses {
+        (
+            socket_addr(raw.family, &raw.local_addr, raw.local_port),
+            socket_addr(raw.family, &raw.remote_addr, raw.remote_port),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(SockEventRecord {
+        kind,
+        ts_ns: raw.ts_ns,
+        sk: raw.sk,
+        local,
+        remote,
+        pid: raw.pid,
+        comm: comm_to_string(&raw.comm),
+        facts: SocketFacts {
+            last_activity_ns: raw.state.last_activity_ns,
+            bytes_sent: raw.state.bytes_sent,
+            bytes_received: raw.state.bytes_received,
+            peer_closed_ns: raw.state.peer_closed_ns,
+        },
+    })
+}
+
+fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*addr);
+            // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; show them as IPv4 so one
+            // server has one label value however the client opened its socket.
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::SockState;
+
+    fn raw_state_event() -> SockEvent {
+        let mut local_addr = [0u8; 16];
+        local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut remote_addr = [0u8; 16];
+        remote_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let mut comm = [0u8; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        SockEvent {
+            kind: event_kind::STATE,
+            old_state: 1,
+            new_state: 8,
+            _pad0: 0,
+            family: AF_INET,
+            local_port: 40000,
+            remote_port: 11211,
+            _pad1: 0,
+            pid: 42,
+            ts_ns: 5_000,
+            sk: 0xffff_8880_1234_5678,
+            local_addr,
+            remote_addr,
+            state: SockState {
+                last_activity_ns: 1_000,
+                bytes_sent: 10,
+                bytes_received: 20,
+                peer_closed_ns: 5_000,
+            },
+            ret: 0,
+            comm,
+        }
+    }
+
+    fn as_bytes(event: &SockEvent) -> Vec<u8> {
+        // SAFETY: reading a repr(C) POD value as bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const SockEvent).cast::<u8>(),
+                std::mem::size_of::<SockEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_state_change() {
+        let record = decode(&as_bytes(&raw_state_event())).unwrap();
+        assert_eq!(
+            record.kind,
+            EventKind::StateChange {
+                old_state: 1,
+                new_state: 8
+            }
+        );
+        assert_eq!(record.local.unwrap().to_string(), "127.0.0.1:40000");
+        assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
+        assert_eq!(record.comm, "python3");
+        assert_eq!(record.facts.bytes_received, 20);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_shown_as_ipv4_and_real_ipv6_is_bracketed() {
+        let mut raw = raw_state_event();
+        raw.family = AF_INET6;
+        raw.remote_addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x0a01, 0x0203).octets();
+        raw.local_addr = Ipv6Addr::LOCALHOST.octets();
+        let record = from_raw(&raw).unwrap();
+        assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
+        assert_eq!(record.local.unwrap().to_string(), "[::1]:40000");
+    }
+
+    #[test]
+    fn rejects_wrong_size_and_unknown_kind() {
+        assert_eq!(decode(&[0u8; 7]), Err(DecodeError::Size(7)));
+        let mut raw = raw_state_event();
+        raw.kind = 99;
+        assert_eq!(decode(&as_bytes(&raw)), Err(DecodeError::Kind(99)));
+    }
+
+    #[test]
+    fn comm_without_terminator_is_kept_whole() {
+        assert_eq!(comm_to_string(b"0123456789abcdef"), "0123456789abcdef");
+    }
+}

@@ -1,0 +1,578 @@
+//! The socket table: which watched connections exist, which service and role they belong to,
+//! and how they end. Pure state machine over kernel events; produces [`Observation`]s that
+//! metrics and history consume.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+};
+
+use agent_common::tcp_state;
+
+use crate::events::{EventKind, Role, SockEventRecord};
+
+/// The service endpoint a connection belongs to. For server-role sockets `server` is this
+/// host's listening address, so clients are aggregated rather than given series of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub service: usize,
+    pub server: SocketAddr,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClosedBy {
+    /// This side sent FIN first.
+    Local,
+    /// The other side closed first (ESTABLISHED -> CLOSE_WAIT).
+    Peer,
+    /// The connection ended with a reset, without an orderly close first.
+    Reset,
+}
+
+impl ClosedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Local => "local",
+            ClosedBy::Peer => "peer",
+            ClosedBy::Reset => "reset",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    ConnectionOpened {
+        endpoint: Endpoint,
+        ts_ns: u64,
+    },
+    /// A connection that was already open when the agent started: it counts as active but was
+    /// not opened while we watched.
+    ConnectionAdopted {
+        endpoint: Endpoint,
+    },
+    ConnectionClosed {
+        endpoint: Endpoint,
+        closed_by: ClosedBy,
+        ts_ns: u64,
+        /// None for adopted connections whose open we never saw.
+        duration_ns: Option<u64>,
+        /// Time from the last send/receive to the first close; None when no activity is known.
+        idle_before_close_ns: Option<u64>,
+    },
+    /// The table was full; a connection is not tracked.
+    TrackingDropped,
+}
+
+#[derive(Debug, Clone)]
+struct Connection {
+    endpoint: Endpoint,
+    opened_ns: Option<u64>,
+    first_close: Option<FirstClose>,
+    /// Counted in the active gauge (opened or adopted), so its close must be reported.
+    counted: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FirstClose {
+    by: ClosedBy,
+    idle_ns: Option<u64>,
+}
+
+/// Maps ports to configured services.
+#[derive(Debug, Clone, Default)]
+pub struct ServicePorts {
+    ports: HashMap<u16, usize>,
+}
+
+impl ServicePorts {
+    pub fn new(ports: impl IntoIterator<Item = (u16, usize)>) -> Self {
+        ServicePorts {
+            ports: ports.into_iter().collect(),
+        }
+    }
+
+    /// A socket belongs to a service when the service port is its local port (this host is the
+    /// server) or its remote port (this host is a client). Local wins: a server is a server.
+    pub fn endpoint(&self, local: SocketAddr, remote: SocketAddr) -> Option<Endpoint> {
+        if let Some(&service) = self.ports.get(&local.port()) {
+            return Some(Endpoint {
+                service,
+                server: local,
+                role: Role::Server,
+            });
+        }
+        self.ports.get(&remote.port()).map(|&service| Endpoint {
+            service,
+            server: remote,
+            role: Role::Client,
+        })
+    }
+}
+
+pub struct Tracker {
+    services: ServicePorts,
+    connections: HashMap<u64, Connection>,
+    /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
+    seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
+    max_connections: usize,
+}
+
+impl Tracker {
+    pub fn new(services: ServicePorts, max_connections: usize) -> Self {
+        Tracker {
+            services,
+            connections: HashMap::new(),
+            seeded: HashMap::new(),
+            max_connections,
+        }
+    }
+
+    pub fn set_services(&mut self, services: ServicePorts) {
+        self.services = services;
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.connections.values().filter(|c| c.counted).count()
+            + self.seeded.values().filter(|c| c.counted).count()
+    }
+
+    /// Registers a connection that existed before the agent started (from /proc), so the active
+    /// gauge is right from the first scrape.
+    pub fn seed(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        state: u8,
+        out: &mut Vec<Observation>,
+    ) {
+        let Some(endpoint) = self.services.endpoint(local, remote) else {
+            return;
+        };
+        if !is_open_state(state) || self.seeded.contains_key(&(local, remote)) {
+            return;
+        }
+        if self.connections.len() + self.seeded.len() >= self.max_connections {
+            out.push(Observation::TrackingDropped);
+            return;
+        }
+        let first_close = (state == tcp_state::CLOSE_WAIT).then_some(FirstClose {
+            by: ClosedBy::Peer,
+            idle_ns: None,
+        });
+        self.seeded.insert(
+            (local, remote),
+            Connection {
+                endpoint,
+                opened_ns: None,
+                first_close,
+                counted: true,
+            },
+        );
+        out.push(Observation::ConnectionAdopted { endpoint });
+    }
+
+    pub fn handle(&mut self, event: &SockEventRecord, out: &mut Vec<Observation>) {
+        match event.kind {
+            EventKind::StateChange {
+                old_state,
+                new_state,
+            } => self.state_change(event, old_state, new_state, out),
+            EventKind::Learned { state } => {
+                if !self.connections.contains_key(&event.sk) {
+                    self.adopt(event, state, out);
+                }
+            }
+            EventKind::SendAfterPeerClose { .. } | EventKind::RecvAfterPeerClose { .. } => {}
+        }
+    }
+
+    /// Finds or creates the table entry for a socket first met in the middle of its life.
+    fn adopt(&mut self, event: &SockEventRecord, state: u8, out: &mut Vec<Observation>) -> bool {
+        let (Some(local), Some(remote)) = (event.local, event.remote) else {
+            return false;
+        };
+        if let Some(seed) = self.seeded.remove(&(local, remote)) {
+            self.connections.insert(event.sk, seed);
+            return true;
+        }
+        let Some(endpoint) = self.services.endpoint(local, remote) else {
+            return false;
+        };
+        if !is_open_state(state) {
+            return false;
+        }
+        if self.connections.len() + self.seeded.len() >= self.max_connections {
+            out.push(Observation::TrackingDropped);
+            return false;
+        }
+        let first_close = (state == tcp_state::CLOSE_WAIT).then(|| FirstClose {
+            by: ClosedBy::Peer,
+            idle_ns: idle(event.facts.peer_closed_ns, event.facts.last_activity_ns, None),
+        });
+        self.connections.insert(
+            event.sk,
+            Connection {
+                endpoint,
+                opened_ns: None,
+                first_close,
+                counted: true,
+            },
+        );
+        out.push(Observation::ConnectionAdopted { endpoint });
+        true
+    }
+
+    fn state_change(
+        &mut self,
+        event: &SockEventRecord,
+        old_state: u8,
+        new_state: u8,
+        out: &mut Vec<Observation>,
+    ) {
+        if old_state == tcp_state::LISTEN || new_state == tcp_state::LISTEN {
+            return;
+        }
+        if !self.connections.contains_key(&event.sk) {
+            let newborn = matches!(
+                old_state,
+                tcp_state::CLOSE | tcp_state::SYN_SENT | tcp_state::SYN_RECV
+            );
+            if newborn {
+                let (Some(local), Some(remote)) = (event.local, event.remote) else {
+                    return;
+                };
+                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                    return;
+                };
+                if new_state == tcp_state::CLOSE {
+                    // Never established (failed connect or aborted handshake): nothing to track.
+                    return;
+                }
+                if self.connections.len() + self.seeded.len() >= self.max_connections {
+                    out.push(Observation::TrackingDropped);
+                    return;
+                }
+                self.connections.insert(
+                    event.sk,
+                    Connection {
+                        endpoint,
+                        opened_ns: None,
+                        first_close: None,
+                        counted: false,
+                    },
+                );
+            } else if !self.adopt(event, old_state, out) {
+                return;
+            }
+        }
+        let Some(connection) = self.connections.get_mut(&event.sk) else {
+            return;
+        };
+
+        if new_state == tcp_state::ESTABLISHED
+            && matches!(old_state, tcp_state::SYN_SENT | tcp_state::SYN_RECV)
+            && !connection.counted
+        {
+            connection.opened_ns = Some(event.ts_ns);
+            connection.counted = true;
+            out.push(Observation::ConnectionOpened {
+                endpoint: connection.endpoint,
+                ts_ns: event.ts_ns,
+            });
+        }
+
+        if connection.first_close.is_none() && connection.counted {
+            let by = match new_state {
+                tcp_state::FIN_WAIT1 => Some(ClosedBy::Local),
+                tcp_state::CLOSE_WAIT => Some(ClosedBy::Peer),
+                tcp_state::CLOSE => Some(ClosedBy::Reset),
+                _ => None,
+            };
+            if let Some(by) = by {
+                connection.first_close = Some(FirstClose {
+                    by,
+                    idle_ns: idle(
+                        event.ts_ns,
+                        event.facts.last_activity_ns,
+                        connection.opened_ns,
+                    ),
+                });
+            }
+        }
+
+        if new_state == tcp_state::CLOSE {
+            if let Some(connection) = self.connections.remove(&event.sk) {
+                if connection.counted {
+                    let first_close = connection.first_close.unwrap_or(FirstClose {
+                        by: ClosedBy::Reset,
+                        idle_ns: None,
+                    });
+                    out.push(Observation::ConnectionClosed {
+                        endpoint: connection.endpoint,
+                        closed_by: first_close.by,
+                        ts_ns: event.ts_ns,
+                        duration_ns: connection
+                            .opened_ns
+                            .map(|opened| event.ts_ns.saturating_sub(opened)),
+                        idle_before_close_ns: first_close.idle_ns,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Idle time at `now`: since the last send/receive, or since the open when nothing was ever
+/// exchanged. Unknown when neither is known.
+fn idle(now: u64, last_activity_ns: u64, opened_ns: Option<u64>) -> Option<u64> {
+    let since = if last_activity_ns != 0 {
+        last_activity_ns
+    } else {
+        opened_ns?
+    };
+    Some(now.saturating_sub(since))
+}
+
+fn is_open_state(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::SocketFacts;
+    use agent_common::tcp_state::*;
+
+    const SK: u64 = 0xffff_0000_0000_1000;
+    const SEC: u64 = 1_000_000_000;
+
+    fn tracker() -> Tracker {
+        Tracker::new(ServicePorts::new([(11211, 0), (22133, 1)]), 100)
+    }
+
+    fn client_addrs() -> (SocketAddr, SocketAddr) {
+        (
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:11211".parse().unwrap(),
+        )
+    }
+
+    fn state(sk: u64, ts: u64, old: u8, new: u8, last_activity: u64) -> SockEventRecord {
+        let (local, remote) = client_addrs();
+        SockEventRecord {
+            kind: EventKind::StateChange {
+                old_state: old,
+                new_state: new,
+            },
+            ts_ns: ts,
+            sk,
+            local: Some(local),
+            remote: Some(remote),
+            pid: 1,
+            comm: "python3".into(),
+            facts: SocketFacts {
+                last_activity_ns: last_activity,
+                bytes_sent: 0,
+                bytes_received: 0,
+                peer_closed_ns: 0,
+            },
+        }
+    }
+
+    fn run(tracker: &mut Tracker, events: &[SockEventRecord]) -> Vec<Observation> {
+        let mut out = Vec::new();
+        for event in events {
+            tracker.handle(event, &mut out);
+        }
+        out
+    }
+
+    fn client_endpoint() -> Endpoint {
+        Endpoint {
+            service: 0,
+            server: "127.0.0.1:11211".parse().unwrap(),
+            role: Role::Client,
+        }
+    }
+
+    #[test]
+    fn peer_closes_idle_client() {
+        let mut tracker = tracker();
+        let out = run(
+            &mut tracker,
+            &[
+                state(SK, SEC, CLOSE, SYN_SENT, 0),
+                state(SK, SEC + 100, SYN_SENT, ESTABLISHED, 0),
+                state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
+                state(SK, 11 * SEC, CLOSE_WAIT, LAST_ACK, 2 * SEC),
+                state(SK, 11 * SEC + 5, LAST_ACK, CLOSE, 2 * SEC),
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![
+                Observation::ConnectionOpened {
+                    endpoint: client_endpoint(),
+                    ts_ns: SEC + 100
+                },
+                Observation::ConnectionClosed {
+                    endpoint: client_endpoint(),
+                    closed_by: ClosedBy::Peer,
+                    ts_ns: 11 * SEC + 5,
+                    duration_ns: Some(10 * SEC - 95),
+                    idle_before_close_ns: Some(8 * SEC),
+                }
+            ]
+        );
+        assert_eq!(tracker.active_connections(), 0);
+    }
+
+    #[test]
+    fn local_close_and_reset_are_distinguished() {
+        let mut tracker = tracker();
+        let out = run(
+            &mut tracker,
+            &[
+                state(1, SEC, SYN_SENT, ESTABLISHED, 0),
+                state(1, 3 * SEC, ESTABLISHED, FIN_WAIT1, 0),
+                state(1, 3 * SEC, FIN_WAIT1, FIN_WAIT2, 0),
+                state(1, 4 * SEC, FIN_WAIT2, CLOSE, 0),
+                state(2, SEC, SYN_SENT, ESTABLISHED, 0),
+                state(2, 5 * SEC, ESTABLISHED, CLOSE, 4 * SEC),
+            ],
+        );
+        let closes: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::ConnectionClosed {
+                    closed_by,
+                    idle_before_close_ns,
+                    ..
+                } => Some((*closed_by, *idle_before_close_ns)),
+                _ => None,
+            })
+            .collect();
+        // With no activity seen, idle counts from the open.
+        assert_eq!(
+            closes,
+            vec![
+                (ClosedBy::Local, Some(2 * SEC)),
+                (ClosedBy::Reset, Some(SEC))
+            ]
+        );
+    }
+
+    #[test]
+    fn server_role_uses_local_address_so_clients_aggregate() {
+        let services = ServicePorts::new([(11211, 0)]);
+        let endpoint = services
+            .endpoint(
+                "10.0.0.1:11211".parse().unwrap(),
+                "10.0.0.9:51234".parse().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(endpoint.role, Role::Server);
+        assert_eq!(endpoint.server.to_string(), "10.0.0.1:11211");
+        assert!(services
+            .endpoint(
+                "10.0.0.1:1".parse().unwrap(),
+                "10.0.0.9:2".parse().unwrap()
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn failed_connect_is_not_a_connection() {
+        let mut tracker = tracker();
+        let out = run(
+            &mut tracker,
+            &[state(SK, SEC, CLOSE, SYN_SENT, 0), state(SK, 2 * SEC, SYN_SENT, CLOSE, 0)],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(tracker.active_connections(), 0);
+    }
+
+    #[test]
+    fn connection_from_before_start_is_adopted_on_its_first_state_change() {
+        let mut tracker = tracker();
+        let out = run(
+            &mut tracker,
+            &[
+                state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 7 * SEC),
+                state(SK, 11 * SEC, CLOSE_WAIT, CLOSE, 7 * SEC),
+            ],
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[0],
+            Observation::ConnectionAdopted {
+                endpoint: client_endpoint()
+            }
+        );
+        assert_eq!(
+            out[1],
+            Observation::ConnectionClosed {
+                endpoint: client_endpoint(),
+                closed_by: ClosedBy::Peer,
+                ts_ns: 11 * SEC,
+                duration_ns: None,
+                idle_before_close_ns: Some(3 * SEC),
+            }
+        );
+    }
+
+    #[test]
+    fn seeded_connection_is_matched_not_double_counted() {
+        let mut tracker = tracker();
+        let (local, remote) = client_addrs();
+        let mut out = Vec::new();
+        tracker.seed(local, remote, ESTABLISHED, &mut out);
+        assert_eq!(tracker.active_connections(), 1);
+        let mut learned = state(SK, 5 * SEC, 0, 0, 5 * SEC);
+        learned.kind = EventKind::Learned { state: ESTABLISHED };
+        tracker.handle(&learned, &mut out);
+        assert_eq!(out.len(), 1, "learning a seeded socket adds nothing: {out:?}");
+        assert_eq!(tracker.active_connections(), 1);
+        tracker.handle(&state(SK, 6 * SEC, ESTABLISHED, FIN_WAIT1, 5 * SEC), &mut out);
+        tracker.handle(&state(SK, 7 * SEC, FIN_WAIT2, CLOSE, 5 * SEC), &mut out);
+        assert!(matches!(
+            out.last(),
+            Some(Observation::ConnectionClosed {
+                closed_by: ClosedBy::Local,
+                idle_before_close_ns: Some(idle),
+                ..
+            }) if *idle == SEC
+        ));
+        assert_eq!(tracker.active_connections(), 0);
+    }
+
+    #[test]
+    fn listeners_and_unwatched_ports_are_ignored() {
+        let mut tracker = tracker();
+        let mut listen = state(SK, SEC, CLOSE, LISTEN, 0);
+        listen.local = Some("0.0.0.0:11211".parse().unwrap());
+        let mut other = state(SK + 1, SEC, SYN_SENT, ESTABLISHED, 0);
+        other.remote = Some("127.0.0.1:80".parse().unwrap());
+        assert!(run(&mut tracker, &[listen, other]).is_empty());
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 2);
+        let events: Vec<_> = (0..3)
+            .map(|i| state(100 + i, SEC, SYN_SENT, ESTABLISHED, 0))
+            .collect();
+        let out = run(&mut tracker, &events);
+        assert_eq!(out.last(), Some(&Observation::TrackingDropped));
+        assert_eq!(tracker.active_connections(), 2);
+    }
+}
