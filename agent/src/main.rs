@@ -1,4 +1,91 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cacheprobe"));
-    println!("{}", obj.len());
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use cacheprobe::{commands, config::DEFAULT_CONFIG_PATH};
+use clap::{Parser, Subcommand};
+
+/// Watches memcache and queue sockets from the kernel and explains what goes wrong between hosts.
+#[derive(Parser)]
+#[command(name = "cacheprobe", version, about, long_about = None)]
+struct Cli {
+    /// Log filter, e.g. "info" or "cacheprobe=debug" (overrides RUST_LOG).
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach probes and serve Prometheus metrics.
+    Run {
+        /// Configuration file (a missing default file means built-in defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to serve /metrics on (overrides `listen` in the config).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Report which probes and features work on this host and what is missing.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(filter) => EnvFilter::new(filter),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn config_arg(config: Option<PathBuf>) -> (PathBuf, bool) {
+    match config {
+        Some(path) => (path, true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Run { config, listen } => {
+            let (config_path, config_explicit) = config_arg(config);
+            runtime
+                .block_on(commands::run::run(commands::run::RunArgs {
+                    config_path,
+                    config_explicit,
+                    listen,
+                }))
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Check { json, config } => {
+            let (config_path, config_explicit) = config_arg(config);
+            commands::check::check(&config_path, config_explicit, json)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -1,0 +1,234 @@
+//! `cacheprobe check`: what this kernel and these privileges let the agent do, one line each,
+//! with what a missing piece costs. It really loads and attaches the programs, so "ok" means ok.
+
+use std::{path::Path, process::ExitCode};
+
+use serde::Serialize;
+
+use crate::{
+    config::Config,
+    probes::loader::{ProbeStatus, Probes, PROBES},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Missing,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckItem {
+    pub name: String,
+    pub status: Status,
+    /// What was found, or why it is missing.
+    pub detail: String,
+    /// What the user loses without it (empty when ok).
+    pub impact: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub schema_version: u32,
+    pub kernel: String,
+    pub items: Vec<CheckItem>,
+    /// False when nothing useful can run (no connection-lifecycle probe).
+    pub usable: bool,
+}
+
+fn item(name: impl Into<String>, status: Status, detail: impl Into<String>, impact: &str) -> CheckItem {
+    CheckItem {
+        name: name.into(),
+        status,
+        detail: detail.into(),
+        impact: if status == Status::Ok { String::new() } else { impact.to_string() },
+    }
+}
+
+/// Effective capability bits from /proc/self/status.
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+pub fn privileges_item(caps: Option<u64>) -> CheckItem {
+    let has = |cap: u32| caps.is_some_and(|caps| caps & (1 << cap) != 0);
+    let impact = "the kernel programs cannot be loaded: nothing can be observed";
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        item("privileges", Status::Ok, "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective", impact)
+    } else {
+        item(
+            "privileges",
+            Status::Missing,
+            "needs root, or CAP_BPF + CAP_PERFMON",
+            impact,
+        )
+    }
+}
+
+pub fn run_checks(config: &Config) -> CheckReport {
+    let mut items = vec![privileges_item(effective_capabilities())];
+
+    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .find(|dir| Path::new(dir).join("events").is_dir());
+    items.push(match tracefs {
+        Some(dir) => item("tracefs", Status::Ok, format!("mounted at {dir}"), ""),
+        None => item(
+            "tracefs",
+            Status::Missing,
+            "not mounted: run `mount -t tracefs nodev /sys/kernel/tracing`",
+            "tracepoint field offsets cannot be read: no probe can attach",
+        ),
+    });
+
+    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    items.push(if btf.exists() {
+        item("btf", Status::Ok, "/sys/kernel/btf/vmlinux present", "")
+    } else {
+        item(
+            "btf",
+            Status::Missing,
+            "/sys/kernel/btf/vmlinux not found (kernel built without CONFIG_DEBUG_INFO_BTF)",
+            "connections opened before the agent started are only seen when they change state",
+        )
+    });
+
+    items.push(match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
+        Ok(true) => item("ring buffer", Status::Ok, "BPF_MAP_TYPE_RINGBUF supported", ""),
+        Ok(false) => item(
+            "ring buffer",
+            Status::Missing,
+            "BPF_MAP_TYPE_RINGBUF not supported (needs Linux 5.8+)",
+            "no events can reach the agent",
+        ),
+        Err(err) => item(
+            "ring buffer",
+            Status::Failed,
+            format!("cannot probe map support: {err}"),
+            "no events can reach the agent",
+        ),
+    });
+
+    let offsets = crate::probes::offsets_bootstrap::resolve();
+    let mut usable = false;
+    match Probes::load(config, &offsets) {
+        Ok(probes) => {
+            for spec in PROBES {
+                let name = format!("tracepoint {}/{}", spec.category, spec.event);
+                let status = probes.status.get(spec.program);
+                items.push(match status {
+                    Some(ProbeStatus::Attached) => {
+                        if spec.program == "inet_sock_set_state" {
+                            usable = true;
+                        }
+                        item(name, Status::Ok, "attached", spec.impact)
+                    }
+                    Some(ProbeStatus::Unavailable(reason)) => {
+                        item(name, Status::Missing, reason.clone(), spec.impact)
+                    }
+                    Some(ProbeStatus::Failed(error)) => {
+                        item(name, Status::Failed, error.clone(), spec.impact)
+                    }
+                    None => item(name, Status::Failed, "not attempted", spec.impact),
+                });
+            }
+            items.push(if offsets.can_learn_sockets() {
+                item(
+                    "existing connections",
+                    Status::Ok,
+                    "struct sock_common layout known: connections from before start are adopted on first use",
+                    "",
+                )
+            } else {
+                item(
+                    "existing connections",
+                    Status::Missing,
+                    "struct sock_common layout unknown",
+                    "connections opened before the agent started are only seen when they change state",
+                )
+            });
+        }
+        Err(err) => items.push(item(
+            "kernel programs",
+            Status::Failed,
+            format!("{err:#}"),
+            "nothing can be observed",
+        )),
+    }
+
+    CheckReport {
+        schema_version: 1,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".to_string()),
+        items,
+        usable,
+    }
+}
+
+pub fn render_text(report: &CheckReport) -> String {
+    let mut text = format!("cacheprobe check on Linux {}\n", report.kernel);
+    for item in &report.items {
+        let status = match item.status {
+            Status::Ok => "ok",
+            Status::Missing => "MISSING",
+            Status::Failed => "FAILED",
+        };
+        text.push_str(&format!("{status:<8} {:<36} {}\n", item.name, item.detail));
+        if !item.impact.is_empty() {
+            text.push_str(&format!("{:<8} {:<36} costs: {}\n", "", "", item.impact));
+        }
+    }
+    text.push_str(if report.usable {
+        "result: usable\n"
+    } else {
+        "result: NOT usable: the connection-lifecycle probe cannot run\n"
+    });
+    text
+}
+
+pub fn check(config_path: &Path, explicit: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path, explicit)?;
+    let report = run_checks(&config);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(if report.usable { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileges_need_bpf_and_perfmon_or_sys_admin() {
+        assert_eq!(privileges_item(Some(0)).status, Status::Missing);
+        assert_eq!(privileges_item(None).status, Status::Missing);
+        assert_eq!(privileges_item(Some(1 << CAP_BPF)).status, Status::Missing);
+        assert_eq!(privileges_item(Some((1 << CAP_BPF) | (1 << CAP_PERFMON))).status, Status::Ok);
+        assert_eq!(privileges_item(Some(1 << CAP_SYS_ADMIN)).status, Status::Ok);
+    }
+
+    #[test]
+    fn text_report_explains_costs() {
+        let report = CheckReport {
+            schema_version: 1,
+            kernel: "6.1.0".into(),
+            items: vec![item("tracepoint sock/sock_send_length", Status::Missing, "not on this kernel", "no send stamps")],
+            usable: true,
+        };
+        let text = render_text(&report);
+        assert!(text.contains("MISSING  tracepoint sock/sock_send_length"), "{text}");
+        assert!(text.contains("costs: no send stamps"), "{text}");
+        assert!(text.ends_with("result: usable\n"));
+    }
+}

@@ -1,0 +1,128 @@
+//! `cacheprobe run`: the daemon. Attaches the probes, follows the ring buffer into the tracker
+//! and serves /metrics until SIGINT/SIGTERM.
+
+use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+
+use anyhow::Context as _;
+use tokio::{io::{unix::AsyncFd, Interest}, signal::unix::{signal, SignalKind}};
+
+use crate::{
+    config::Config,
+    events,
+    metrics::{Metrics, ObservationRecorder, ProbeLabels, SourceLabels},
+    probes::loader::{Probes, PROBES},
+    tracking::{ServicePorts, Tracker},
+};
+
+pub struct RunArgs {
+    pub config_path: PathBuf,
+    pub config_explicit: bool,
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn service_ports(config: &Config) -> ServicePorts {
+    ServicePorts::new(
+        config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, service)| (service.port, index)),
+    )
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut config = Config::load(&args.config_path, args.config_explicit)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+
+    let resolution = crate::probes::offsets_bootstrap::resolve();
+    let probes = Probes::load(&config, &resolution)?;
+    if !probes.any_attached() {
+        anyhow::bail!("no probe could be attached; run `cacheprobe check` to see why");
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        attached = probes.status.values().filter(|s| s.is_attached()).count(),
+        "probes attached"
+    );
+
+    let (metrics, registry) = Metrics::new();
+    for spec in PROBES {
+        let up = probes.status.get(spec.program).is_some_and(|s| s.is_attached());
+        metrics
+            .probe_up
+            .get_or_create(&ProbeLabels { probe: format!("{}/{}", spec.category, spec.event) })
+            .set(up as i64);
+    }
+    let registry = Arc::new(registry);
+    let listener = crate::http::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, "serving metrics on /metrics");
+    tokio::spawn(crate::http::serve(listener, registry.clone()));
+
+    let mut tracker = Tracker::new(service_ports(&config), config.limits.max_sockets as usize);
+    let mut recorder = ObservationRecorder::new(
+        metrics.clone(),
+        config.services.iter().map(|s| s.name.clone()).collect(),
+        config.limits.max_servers_per_service,
+    );
+
+    let mut probes = probes;
+    let ring = probes.take_events().context("ring buffer already taken")?;
+    // SAFETY: the AsyncFd takes ownership of the ring buffer, which owns its fd, so the fd stays
+    // open and unchanged for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the ring buffer: {err}"))?;
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut observations = Vec::with_capacity(64);
+    let mut reported_losses = (0u64, 0u64);
+    let mut decode_errors = 0u64;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match events::decode(&item) {
+                        Ok(event) => tracker.handle(&event, &mut observations),
+                        Err(err) => {
+                            decode_errors += 1;
+                            if decode_errors.is_power_of_two() {
+                                tracing::warn!(%err, count = decode_errors, "undecodable ring buffer record");
+                            }
+                        }
+                    }
+                }
+                guard.clear_ready();
+                for observation in observations.drain(..) {
+                    recorder.record(&observation);
+                }
+            }
+            _ = tick.tick() => {
+                match probes.kernel_losses() {
+                    Ok((ring_full, map_full)) => {
+                        let ring_delta = ring_full.saturating_sub(reported_losses.0);
+                        let map_delta = map_full.saturating_sub(reported_losses.1);
+                        if ring_delta > 0 {
+                            metrics.events_lost.get_or_create(&SourceLabels { source: "ringbuf" }).inc_by(ring_delta);
+                        }
+                        if map_delta > 0 {
+                            metrics.events_lost.get_or_create(&SourceLabels { source: "socket_map" }).inc_by(map_delta);
+                        }
+                        reported_losses = (ring_full, map_full);
+                    }
+                    Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
+                }
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
+        }
+    }
+    drop(ring);
+    drop(probes);
+    Ok(())
+}

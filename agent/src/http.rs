@@ -1,0 +1,184 @@
+//! A deliberately small HTTP/1.1 server for `/metrics`. It reads at most one bounded request per
+//! connection, answers and closes, so a slow or hostile scraper can hold at most one slot for at
+//! most [`REQUEST_TIMEOUT`], and never more than [`MAX_CONCURRENT`] slots at once.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONCURRENT: usize = 32;
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}
+
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%err, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many concurrent metrics requests, dropping one");
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &registry)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics request failed"),
+                Err(_) => tracing::debug!(%peer, "metrics request timed out"),
+            }
+        });
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    Metrics,
+    Health,
+    NotFound,
+    MethodNotAllowed,
+    Bad,
+}
+
+/// Parses the request head. Pure so it can be tested without sockets.
+pub fn route(head: &[u8]) -> Request {
+    let Some(line_end) = head.iter().position(|&b| b == b'\n') else {
+        return Request::Bad;
+    };
+    let line = String::from_utf8_lossy(&head[..line_end]);
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Request::Bad;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Request::Bad;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => Request::Metrics,
+        ("GET" | "HEAD", "/healthz") => Request::Health,
+        ("GET" | "HEAD", _) => Request::NotFound,
+        _ => Request::MethodNotAllowed,
+    }
+}
+
+async fn handle(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+        if head.len() > MAX_REQUEST_BYTES {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", b"request too large\n", true).await;
+        }
+    }
+    let is_head = head.starts_with(b"HEAD ");
+    let with_body = !is_head;
+    match route(&head) {
+        Request::Metrics => {
+            let mut text = String::with_capacity(64 * 1024);
+            if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+                return respond(&mut stream, "500 Internal Server Error", "text/plain", b"encoding failed\n", with_body).await;
+            }
+            respond(
+                &mut stream,
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text.as_bytes(),
+                with_body,
+            )
+            .await
+        }
+        Request::Health => respond(&mut stream, "200 OK", "text/plain", b"ok\n", with_body).await,
+        Request::NotFound => respond(&mut stream, "404 Not Found", "text/plain", b"try /metrics\n", with_body).await,
+        Request::MethodNotAllowed => {
+            respond(&mut stream, "405 Method Not Allowed", "text/plain", b"GET only\n", true).await
+        }
+        Request::Bad => respond(&mut stream, "400 Bad Request", "text/plain", b"bad request\n", true).await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+    with_body: bool,
+) -> std::io::Result<()> {
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes()).await?;
+    if with_body {
+        stream.write_all(body).await?;
+    }
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_requests() {
+        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Request::Metrics);
+        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Request::Metrics);
+        assert_eq!(route(b"HEAD /healthz HTTP/1.1\r\n\r\n"), Request::Health);
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
+        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Request::MethodNotAllowed);
+        assert_eq!(route(b"\x16\x03\x01garbage\n"), Request::Bad);
+        assert_eq!(route(b"GET"), Request::Bad);
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_rejects_oversized_requests() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut registry = Registry::with_prefix("cacheprobe");
+        let counter: prometheus_client::metrics::counter::Counter = Default::default();
+        counter.inc();
+        registry.register("test_things", "things", counter);
+        tokio::spawn(serve(listener, Arc::new(registry)));
+
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("cacheprobe_test_things_total 1"), "{response}");
+
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let junk = vec![b'a'; MAX_REQUEST_BYTES + 2048];
+        let _ = stream.write_all(&junk).await;
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response).await;
+        assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    }
+}

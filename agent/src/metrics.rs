@@ -1,0 +1,347 @@
+//! The Prometheus registry and the mapping from observations to series. Metric names and labels
+//! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::tracking::{Endpoint, Observation};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub closed_by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Idle times that separate the usual server idle timeouts (memcached, Kestrel, load balancers).
+const IDLE_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0,
+];
+/// Cache connections live from milliseconds (churn) to days (pools).
+const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0,
+];
+
+fn idle_histogram() -> Histogram {
+    Histogram::new(IDLE_BUCKETS.iter().copied())
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
+}
+
+/// Label value used once a bounded label has run out of room.
+pub const OVERFLOW_LABEL: &str = "other";
+
+/// Keeps label cardinality bounded: the first `limit` distinct values per group are kept, later
+/// ones are folded into [`OVERFLOW_LABEL`].
+#[derive(Debug)]
+pub struct LabelBudget {
+    limit: usize,
+    seen: HashMap<usize, HashSet<String>>,
+    pub folded: u64,
+}
+
+impl LabelBudget {
+    pub fn new(limit: usize) -> Self {
+        LabelBudget {
+            limit,
+            seen: HashMap::new(),
+            folded: 0,
+        }
+    }
+
+    pub fn admit(&mut self, group: usize, value: String) -> String {
+        let seen = self.seen.entry(group).or_default();
+        if seen.contains(&value) {
+            return value;
+        }
+        if seen.len() < self.limit {
+            seen.insert(value.clone());
+            return value;
+        }
+        self.folded += 1;
+        OVERFLOW_LABEL.to_string()
+    }
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections_opened: Family<EndpointLabels, Counter>,
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    pub connections_active: Family<EndpointLabels, Gauge>,
+    pub idle_before_close: HistogramFamily<ClosedLabels>,
+    pub connection_duration: HistogramFamily<EndpointLabels>,
+    pub probe_up: Family<ProbeLabels, Gauge>,
+    pub events_lost: Family<SourceLabels, Counter>,
+    pub build_info: Family<VersionLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> (Metrics, Registry) {
+        let mut registry = Registry::with_prefix("cacheprobe");
+        let metrics = Metrics {
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            connections_active: Family::default(),
+            idle_before_close: Family::new_with_constructor(idle_histogram),
+            connection_duration: Family::new_with_constructor(duration_histogram),
+            probe_up: Family::default(),
+            events_lost: Family::default(),
+            build_info: Family::default(),
+        };
+        registry.register(
+            "connections_opened",
+            "Watched TCP connections that reached ESTABLISHED",
+            metrics.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Watched TCP connections that closed, by which side closed first (local, peer, reset)",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Watched TCP connections currently open",
+            metrics.connections_active.clone(),
+        );
+        registry.register(
+            "connection_idle_before_close_seconds",
+            "Time from a connection's last send or receive to its close",
+            metrics.idle_before_close.clone(),
+        );
+        registry.register(
+            "connection_duration_seconds",
+            "Lifetime of watched connections opened while the agent ran",
+            metrics.connection_duration.clone(),
+        );
+        registry.register(
+            "probe_up",
+            "Whether a kernel probe is attached (1) or unavailable (0)",
+            metrics.probe_up.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Events the agent could not record (ringbuf: kernel ring buffer full, socket_map: kernel socket map full, tracker: connection table full)",
+            metrics.events_lost.clone(),
+        );
+        registry.register(
+            "build_info",
+            "Build information of the running agent",
+            metrics.build_info.clone(),
+        );
+        metrics
+            .build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        for source in ["ringbuf", "socket_map", "tracker"] {
+            // Exported from the start so "no loss" reads as 0, not as a missing series.
+            let _ = metrics.events_lost.get_or_create(&SourceLabels { source });
+        }
+        (metrics, registry)
+    }
+}
+
+/// Applies observations to the metrics, resolving service indices to names and bounding the
+/// `server` label per service.
+pub struct ObservationRecorder {
+    metrics: Metrics,
+    service_names: Vec<String>,
+    servers: LabelBudget,
+    server_labels: HashMap<Endpoint, EndpointLabels>,
+}
+
+impl ObservationRecorder {
+    pub fn new(metrics: Metrics, service_names: Vec<String>, max_servers_per_service: usize) -> Self {
+        ObservationRecorder {
+            metrics,
+            service_names,
+            servers: LabelBudget::new(max_servers_per_service),
+            server_labels: HashMap::new(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn set_service_names(&mut self, names: Vec<String>) {
+        self.service_names = names;
+        self.server_labels.clear();
+    }
+
+    fn endpoint_labels(&mut self, endpoint: &Endpoint) -> EndpointLabels {
+        if let Some(labels) = self.server_labels.get(endpoint) {
+            return labels.clone();
+        }
+        let service = self
+            .service_names
+            .get(endpoint.service)
+            .cloned()
+            .unwrap_or_else(|| OVERFLOW_LABEL.to_string());
+        let server = self
+            .servers
+            .admit(endpoint.service, endpoint.server.to_string());
+        let labels = EndpointLabels {
+            service,
+            server,
+            role: endpoint.role.as_str(),
+        };
+        // Bounded by the label budget times roles: folded endpoints are not cached individually.
+        if labels.server != OVERFLOW_LABEL {
+            self.server_labels.insert(*endpoint, labels.clone());
+        }
+        labels
+    }
+
+    pub fn record(&mut self, observation: &Observation) {
+        match observation {
+            Observation::ConnectionOpened { endpoint, .. } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_opened.get_or_create(&labels).inc();
+                self.metrics.connections_active.get_or_create(&labels).inc();
+            }
+            Observation::ConnectionAdopted { endpoint } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_active.get_or_create(&labels).inc();
+                // Make the opened counter exist for this endpoint so rates start at 0.
+                let _ = self.metrics.connections_opened.get_or_create(&labels);
+            }
+            Observation::ConnectionClosed {
+                endpoint,
+                closed_by,
+                duration_ns,
+                idle_before_close_ns,
+                ..
+            } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_active.get_or_create(&labels).dec();
+                let closed = ClosedLabels {
+                    service: labels.service.clone(),
+                    server: labels.server.clone(),
+                    role: labels.role,
+                    closed_by: closed_by.as_str(),
+                };
+                self.metrics.connections_closed.get_or_create(&closed).inc();
+                if let Some(idle) = idle_before_close_ns {
+                    self.metrics
+                        .idle_before_close
+                        .get_or_create(&closed)
+                        .observe(*idle as f64 / 1e9);
+                }
+                if let Some(duration) = duration_ns {
+                    self.metrics
+                        .connection_duration
+                        .get_or_create(&labels)
+                        .observe(*duration as f64 / 1e9);
+                }
+            }
+            Observation::TrackingDropped => {
+                self.metrics
+                    .events_lost
+                    .get_or_create(&SourceLabels { source: "tracker" })
+                    .inc();
+            }
+        }
+    }
+}
+
+/// Encodes the registry in the OpenMetrics text format.
+pub fn encode(registry: &Arc<Registry>) -> Result<String, std::fmt::Error> {
+    let mut text = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{events::Role, tracking::ClosedBy};
+
+    fn endpoint(server: &str) -> Endpoint {
+        Endpoint {
+            service: 0,
+            server: server.parse().unwrap(),
+            role: Role::Client,
+        }
+    }
+
+    #[test]
+    fn close_is_recorded_with_all_contract_labels() {
+        let (metrics, registry) = Metrics::new();
+        let registry = Arc::new(registry);
+        let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10);
+        recorder.record(&Observation::ConnectionOpened {
+            endpoint: endpoint("127.0.0.1:11211"),
+            ts_ns: 0,
+        });
+        recorder.record(&Observation::ConnectionClosed {
+            endpoint: endpoint("127.0.0.1:11211"),
+            closed_by: ClosedBy::Peer,
+            ts_ns: 0,
+            duration_ns: Some(3_000_000_000),
+            idle_before_close_ns: Some(2_500_000_000),
+        });
+        let text = encode(&registry).unwrap();
+        let labels = r#"service="memcached",server="127.0.0.1:11211",role="client""#;
+        assert!(text.contains(&format!("cacheprobe_connections_opened_total{{{labels}}} 1")), "{text}");
+        assert!(text.contains(&format!("cacheprobe_connections_active{{{labels}}} 0")), "{text}");
+        assert!(text.contains(&format!(
+            "cacheprobe_connections_closed_total{{{labels},closed_by=\"peer\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "cacheprobe_connection_idle_before_close_seconds_bucket{{le=\"5.0\",{labels},closed_by=\"peer\"}} 1"
+        )) || text.contains(&format!(
+            "cacheprobe_connection_idle_before_close_seconds_bucket{{{labels},closed_by=\"peer\",le=\"5.0\"}} 1"
+        )), "{text}");
+        assert!(text.contains("cacheprobe_build_info{version=\""), "{text}");
+        assert!(text.contains("cacheprobe_events_lost_total{source=\"ringbuf\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn server_labels_are_bounded_per_service() {
+        let mut budget = LabelBudget::new(2);
+        assert_eq!(budget.admit(0, "a".into()), "a");
+        assert_eq!(budget.admit(0, "b".into()), "b");
+        assert_eq!(budget.admit(0, "c".into()), OVERFLOW_LABEL);
+        assert_eq!(budget.admit(0, "a".into()), "a");
+        assert_eq!(budget.admit(1, "c".into()), "c");
+        assert_eq!(budget.folded, 1);
+    }
+}

@@ -1,0 +1,2 @@
+pub mod loader;
+pub mod offsets_bootstrap;
