@@ -15,7 +15,10 @@ fn main() -> anyhow::Result<()> {
     let root_dir = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
-    println!("cargo:rerun-if-changed={}", manifest_dir.join("../agent-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../agent-common/src").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "agent-ebpf",

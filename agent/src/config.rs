@@ -59,7 +59,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("default listen address is valid"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address is valid"),
             services: default_services(),
             limits: Limits::default(),
         }
@@ -147,7 +149,9 @@ impl Config {
         })?;
 
         let listen = match raw.listen {
-            None => DEFAULT_LISTEN.parse().expect("default listen address is valid"),
+            None => DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address is valid"),
             Some(spanned) => {
                 let span = spanned.span();
                 let value = spanned.into_inner();
@@ -183,13 +187,19 @@ impl Config {
                         ));
                     }
                     if !names.insert(name.clone()) {
-                        return Err(at(name_span, format!("service name {name:?} is used twice")));
+                        return Err(at(
+                            name_span,
+                            format!("service name {name:?} is used twice"),
+                        ));
                     }
                     let port_span = raw_service.port.span();
                     let port = *raw_service.port.get_ref();
-                    let port = u16::try_from(port).ok().filter(|port| *port != 0).ok_or_else(
-                        || at(port_span.clone(), format!("port {port} is not in 1-65535")),
-                    )?;
+                    let port = u16::try_from(port)
+                        .ok()
+                        .filter(|port| *port != 0)
+                        .ok_or_else(|| {
+                            at(port_span.clone(), format!("port {port} is not in 1-65535"))
+                        })?;
                     if !ports.insert(port) {
                         return Err(at(
                             port_span,
@@ -235,7 +245,9 @@ impl Config {
     }
 
     pub fn service_for_port(&self, port: u16) -> Option<usize> {
-        self.services.iter().position(|service| service.port == port)
+        self.services
+            .iter()
+            .position(|service| service.port == port)
     }
 }
 
@@ -282,9 +294,10 @@ protocol = "memcache-queue"
 
     #[test]
     fn unknown_key_names_the_line() {
-        let err = parse("[[services]]\nname = \"a\"\nport = 1\nprotocol = \"memcache\"\nprot = 3\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("[[services]]\nname = \"a\"\nport = 1\nprotocol = \"memcache\"\nprot = 3\n")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("line 5"), "{err}");
         assert!(err.contains("prot"), "{err}");
     }
@@ -314,14 +327,19 @@ protocol = "memcache-queue"
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("line 7") && err.contains("two services"), "{err}");
+        assert!(
+            err.contains("line 7") && err.contains("two services"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_listen_and_limits_are_rejected() {
         let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("nowhere"), "{err}");
-        let err = parse("[limits]\nring_buffer_bytes = 1000\n").unwrap_err().to_string();
+        let err = parse("[limits]\nring_buffer_bytes = 1000\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("power of two"), "{err}");
     }
 

@@ -31,11 +31,20 @@ pub struct SocketFacts {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    StateChange { old_state: u8, new_state: u8 },
+    StateChange {
+        old_state: u8,
+        new_state: u8,
+    },
     /// A connection that existed before the agent started, first seen in a send/receive.
-    Learned { state: u8 },
-    SendAfterPeerClose { ret: i64 },
-    RecvAfterPeerClose { ret: i64 },
+    Learned {
+        state: u8,
+    },
+    SendAfterPeerClose {
+        ret: i64,
+    },
+    RecvAfterPeerClose {
+        ret: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

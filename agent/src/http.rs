@@ -6,6 +6,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
+
+use crate::metrics::Format;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -82,6 +84,19 @@ pub fn route(head: &[u8]) -> Request {
     }
 }
 
+/// Value of a request header (case-insensitive name), if present.
+pub fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head)
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+}
+
 async fn handle(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -95,32 +110,71 @@ async fn handle(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
             break;
         }
         if head.len() > MAX_REQUEST_BYTES {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", b"request too large\n", true).await;
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                b"request too large\n",
+                true,
+            )
+            .await;
         }
     }
     let is_head = head.starts_with(b"HEAD ");
     let with_body = !is_head;
     match route(&head) {
         Request::Metrics => {
-            let mut text = String::with_capacity(64 * 1024);
-            if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
-                return respond(&mut stream, "500 Internal Server Error", "text/plain", b"encoding failed\n", with_body).await;
-            }
+            let format = Format::from_accept(header(&head, "accept").as_deref());
+            let Ok(text) = crate::metrics::encode(registry, format) else {
+                return respond(
+                    &mut stream,
+                    "500 Internal Server Error",
+                    "text/plain",
+                    b"encoding failed\n",
+                    with_body,
+                )
+                .await;
+            };
             respond(
                 &mut stream,
                 "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                format.content_type(),
                 text.as_bytes(),
                 with_body,
             )
             .await
         }
         Request::Health => respond(&mut stream, "200 OK", "text/plain", b"ok\n", with_body).await,
-        Request::NotFound => respond(&mut stream, "404 Not Found", "text/plain", b"try /metrics\n", with_body).await,
-        Request::MethodNotAllowed => {
-            respond(&mut stream, "405 Method Not Allowed", "text/plain", b"GET only\n", true).await
+        Request::NotFound => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"try /metrics\n",
+                with_body,
+            )
+            .await
         }
-        Request::Bad => respond(&mut stream, "400 Bad Request", "text/plain", b"bad request\n", true).await,
+        Request::MethodNotAllowed => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                b"GET only\n",
+                true,
+            )
+            .await
+        }
+        Request::Bad => {
+            respond(
+                &mut stream,
+                "400 Bad Request",
+                "text/plain",
+                b"bad request\n",
+                true,
+            )
+            .await
+        }
     }
 }
 
@@ -148,13 +202,28 @@ mod tests {
 
     #[test]
     fn routes_requests() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Request::Metrics);
-        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Request::Metrics);
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Request::Metrics
+        );
+        assert_eq!(
+            route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Request::Metrics
+        );
         assert_eq!(route(b"HEAD /healthz HTTP/1.1\r\n\r\n"), Request::Health);
         assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Request::MethodNotAllowed);
+        assert_eq!(
+            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Request::MethodNotAllowed
+        );
         assert_eq!(route(b"\x16\x03\x01garbage\n"), Request::Bad);
         assert_eq!(route(b"GET"), Request::Bad);
+        let head = b"GET /metrics HTTP/1.1\r\nACCEPT: application/openmetrics-text\r\n\r\n";
+        assert_eq!(
+            header(head, "accept").as_deref(),
+            Some("application/openmetrics-text")
+        );
+        assert_eq!(header(head, "host"), None);
     }
 
     #[tokio::test]
@@ -168,11 +237,17 @@ mod tests {
         tokio::spawn(serve(listener, Arc::new(registry)));
 
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.contains("cacheprobe_test_things_total 1"), "{response}");
+        assert!(
+            response.contains("cacheprobe_test_things_total 1"),
+            "{response}"
+        );
 
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let junk = vec![b'a'; MAX_REQUEST_BYTES + 2048];

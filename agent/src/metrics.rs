@@ -1,10 +1,7 @@
 //! The Prometheus registry and the mapping from observations to series. Metric names and labels
 //! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::collections::{HashMap, HashSet};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -188,7 +185,11 @@ pub struct ObservationRecorder {
 }
 
 impl ObservationRecorder {
-    pub fn new(metrics: Metrics, service_names: Vec<String>, max_servers_per_service: usize) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        service_names: Vec<String>,
+        max_servers_per_service: usize,
+    ) -> Self {
         ObservationRecorder {
             metrics,
             service_names,
@@ -282,11 +283,72 @@ impl ObservationRecorder {
     }
 }
 
-/// Encodes the registry in the OpenMetrics text format.
-pub fn encode(registry: &Arc<Registry>) -> Result<String, std::fmt::Error> {
-    let mut text = String::with_capacity(16 * 1024);
+/// Exposition formats. Prometheus negotiates OpenMetrics; promtool and most other tools read the
+/// classic text format, so that is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    PrometheusText,
+}
+
+impl Format {
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::PrometheusText,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut text = String::with_capacity(64 * 1024);
     prometheus_client::encoding::text::encode(&mut text, registry)?;
-    Ok(text)
+    Ok(match format {
+        Format::OpenMetrics => text,
+        Format::PrometheusText => openmetrics_to_prometheus_text(&text),
+    })
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counters are announced under their
+/// `_total` sample name, `unknown` becomes `untyped`, and UNIT/EOF lines go.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            pending_help = Some((name, help));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name_out, kind_out) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some((help_name, help)) = pending_help.take() {
+                if help_name == name {
+                    out.push_str(&format!("# HELP {name_out} {help}\n"));
+                }
+            }
+            out.push_str(&format!("# TYPE {name_out} {kind_out}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -305,7 +367,6 @@ mod tests {
     #[test]
     fn close_is_recorded_with_all_contract_labels() {
         let (metrics, registry) = Metrics::new();
-        let registry = Arc::new(registry);
         let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10);
         recorder.record(&Observation::ConnectionOpened {
             endpoint: endpoint("127.0.0.1:11211"),
@@ -318,10 +379,18 @@ mod tests {
             duration_ns: Some(3_000_000_000),
             idle_before_close_ns: Some(2_500_000_000),
         });
-        let text = encode(&registry).unwrap();
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
         let labels = r#"service="memcached",server="127.0.0.1:11211",role="client""#;
-        assert!(text.contains(&format!("cacheprobe_connections_opened_total{{{labels}}} 1")), "{text}");
-        assert!(text.contains(&format!("cacheprobe_connections_active{{{labels}}} 0")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "cacheprobe_connections_opened_total{{{labels}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("cacheprobe_connections_active{{{labels}}} 0")),
+            "{text}"
+        );
         assert!(text.contains(&format!(
             "cacheprobe_connections_closed_total{{{labels},closed_by=\"peer\"}} 1"
         )));
@@ -331,7 +400,26 @@ mod tests {
             "cacheprobe_connection_idle_before_close_seconds_bucket{{{labels},closed_by=\"peer\",le=\"5.0\"}} 1"
         )), "{text}");
         assert!(text.contains("cacheprobe_build_info{version=\""), "{text}");
-        assert!(text.contains("cacheprobe_events_lost_total{source=\"ringbuf\"} 0"), "{text}");
+        assert!(
+            text.contains("cacheprobe_events_lost_total{source=\"ringbuf\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let om = "# HELP x_things Things.\n# TYPE x_things counter\nx_things_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# TYPE u unknown\nu 3\n# UNIT h seconds\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# HELP x_things_total Things.\n# TYPE x_things_total counter\nx_things_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# TYPE u untyped\nu 3\n"
+        );
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(None), Format::PrometheusText);
     }
 
     #[test]

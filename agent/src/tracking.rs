@@ -2,10 +2,7 @@
 //! and how they end. Pure state machine over kernel events; produces [`Observation`]s that
 //! metrics and history consume.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-};
+use std::{collections::HashMap, net::SocketAddr};
 
 use agent_common::tcp_state;
 
@@ -208,7 +205,11 @@ impl Tracker {
         }
         let first_close = (state == tcp_state::CLOSE_WAIT).then(|| FirstClose {
             by: ClosedBy::Peer,
-            idle_ns: idle(event.facts.peer_closed_ns, event.facts.last_activity_ns, None),
+            idle_ns: idle(
+                event.facts.peer_closed_ns,
+                event.facts.last_activity_ns,
+                None,
+            ),
         });
         self.connections.insert(
             event.sk,
@@ -483,10 +484,7 @@ mod tests {
         assert_eq!(endpoint.role, Role::Server);
         assert_eq!(endpoint.server.to_string(), "10.0.0.1:11211");
         assert!(services
-            .endpoint(
-                "10.0.0.1:1".parse().unwrap(),
-                "10.0.0.9:2".parse().unwrap()
-            )
+            .endpoint("10.0.0.1:1".parse().unwrap(), "10.0.0.9:2".parse().unwrap())
             .is_none());
     }
 
@@ -495,7 +493,10 @@ mod tests {
         let mut tracker = tracker();
         let out = run(
             &mut tracker,
-            &[state(SK, SEC, CLOSE, SYN_SENT, 0), state(SK, 2 * SEC, SYN_SENT, CLOSE, 0)],
+            &[
+                state(SK, SEC, CLOSE, SYN_SENT, 0),
+                state(SK, 2 * SEC, SYN_SENT, CLOSE, 0),
+            ],
         );
         assert!(out.is_empty(), "{out:?}");
         assert_eq!(tracker.active_connections(), 0);
@@ -540,9 +541,16 @@ mod tests {
         let mut learned = state(SK, 5 * SEC, 0, 0, 5 * SEC);
         learned.kind = EventKind::Learned { state: ESTABLISHED };
         tracker.handle(&learned, &mut out);
-        assert_eq!(out.len(), 1, "learning a seeded socket adds nothing: {out:?}");
+        assert_eq!(
+            out.len(),
+            1,
+            "learning a seeded socket adds nothing: {out:?}"
+        );
         assert_eq!(tracker.active_connections(), 1);
-        tracker.handle(&state(SK, 6 * SEC, ESTABLISHED, FIN_WAIT1, 5 * SEC), &mut out);
+        tracker.handle(
+            &state(SK, 6 * SEC, ESTABLISHED, FIN_WAIT1, 5 * SEC),
+            &mut out,
+        );
         tracker.handle(&state(SK, 7 * SEC, FIN_WAIT2, CLOSE, 5 * SEC), &mut out);
         assert!(matches!(
             out.last(),

@@ -1,1 +1,491 @@
+//! Harness for cacheprobe's root integration tests: runs the real agent binary, real memcached
+//! and real clients, in network namespaces the tests create and always remove.
 
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+/// Debian's python3, which sees the python3-* client packages (the pyenv one on PATH does not).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "integration tests load eBPF programs and create network namespaces: run them as root (cargo xtask test does)");
+}
+
+/// Ports unique per test process and per call, so tests never see each other's traffic.
+pub fn unique_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20000 + (std::process::id() % 400) as u16 * 100;
+    base + NEXT.fetch_add(1, Ordering::SeqCst) % 100 + 1
+}
+
+pub fn agent_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("CACHEPROBE_BIN") {
+        return PathBuf::from(path);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("target/release/cacheprobe")
+}
+
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cacheprobe-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A running `cacheprobe run`, stopped with SIGTERM on drop.
+pub struct Agent {
+    child: Child,
+    pub metrics_port: u16,
+    pub log_path: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent watching `services` (name, port, protocol) and waits until /metrics answers.
+    pub fn start(name: &str, services: &[(&str, u16, &str)]) -> anyhow::Result<Agent> {
+        let mut config = String::new();
+        for (service, port, protocol) in services {
+            config.push_str(&format!(
+                "[[services]]\nname = \"{service}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n"
+            ));
+        }
+        Agent::start_with_config(name, &config)
+    }
+
+    pub fn start_with_config(name: &str, config: &str) -> anyhow::Result<Agent> {
+        let dir = scratch_dir(name);
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config)?;
+        let metrics_port = unique_port();
+        let log_path = dir.join("agent.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--log", "info"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", agent_binary().display()))?;
+        let mut agent = Agent {
+            child,
+            metrics_port,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited early with {status}: {}", agent.log());
+            }
+            if agent.scrape_text().is_ok() {
+                return Ok(agent);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent did not serve /metrics within 10 s: {}", agent.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn scrape_text(&self) -> anyhow::Result<String> {
+        http_get(self.metrics_port, "/metrics")
+    }
+
+    pub fn scrape(&self) -> Scrape {
+        Scrape::parse(&self.scrape_text().expect("scrape /metrics"))
+    }
+
+    /// Polls until `condition` holds on a scrape, or returns the last scrape after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, condition: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let scrape = self.scrape();
+            if condition(&scrape) || Instant::now() >= deadline {
+                return scrape;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent did not exit within 10 s of SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, signal) };
+}
+
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("unexpected response: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// One parsed sample of the Prometheus/OpenMetrics text format.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub samples: Vec<Sample>,
+    pub text: String,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .filter_map(parse_sample)
+            .collect();
+        Scrape {
+            samples,
+            text: text.to_string(),
+        }
+    }
+
+    /// Sum of every sample of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |sample| {
+            sample.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| sample.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match series.split_once('{') {
+        None => (series.to_string(), BTreeMap::new()),
+        Some((name, rest)) => {
+            let body = rest.strip_suffix('}')?;
+            let mut labels = BTreeMap::new();
+            for pair in split_labels(body) {
+                let (k, v) = pair.split_once('=')?;
+                labels.insert(k.to_string(), v.trim_matches('"').replace("\\\"", "\""));
+            }
+            (name.to_string(), labels)
+        }
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+fn split_labels(body: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut in_quotes = false;
+    let bytes = body.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'"' if i == 0 || bytes[i - 1] != b'\\' => in_quotes = !in_quotes,
+            b',' if !in_quotes => {
+                parts.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if start < body.len() {
+        parts.push(&body[start..]);
+    }
+    parts
+}
+
+/// A process killed on drop (servers, long-running clients).
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts memcached in the foreground (optionally inside a network namespace) and waits until it
+/// accepts connections.
+pub fn start_memcached(
+    netns: Option<&str>,
+    addr: &str,
+    port: u16,
+    extra: &[&str],
+) -> anyhow::Result<Guard> {
+    let mut command = netns_command(netns, "memcached");
+    command
+        .args([
+            "-u",
+            "root",
+            "-l",
+            addr,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "0",
+            "-t",
+            "2",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let guard = Guard(
+        command
+            .spawn()
+            .context("cannot start memcached (is it installed? run cargo xtask setup)")?,
+    );
+    wait_for_port(netns, addr, port)?;
+    Ok(guard)
+}
+
+pub fn netns_command(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, program]);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Waits for a TCP listener by looking at listening sockets, never by connecting: a probe
+/// connection would itself be counted by the agent under test.
+pub fn wait_for_port(netns: Option<&str>, _addr: &str, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = netns_command(netns, "ss").args(["-ltnH"]).output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(&format!(":{port} ")) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listening on port {port} after 10 s")
+}
+
+/// Runs a Python client script with Debian's python3, optionally in a namespace.
+pub fn python(netns: Option<&str>, script: &str) -> anyhow::Result<Output> {
+    let output = netns_command(netns, PYTHON).args(["-c", script]).output()?;
+    if !output.status.success() {
+        bail!(
+            "python client failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// Two network namespaces joined by a veth pair: `server_ns` holds `server_addr`, `client_ns`
+/// holds `client_addr`. Removed on drop, on every exit path.
+pub struct NetnsPair {
+    pub server_ns: String,
+    pub client_ns: String,
+    pub server_addr: String,
+    pub client_addr: String,
+}
+
+impl NetnsPair {
+    pub fn create(tag: &str, subnet_octet: u8) -> anyhow::Result<NetnsPair> {
+        let id = std::process::id() % 10000;
+        let pair = NetnsPair {
+            server_ns: format!("cps{id}{tag}"),
+            client_ns: format!("cpc{id}{tag}"),
+            server_addr: format!("10.231.{subnet_octet}.1"),
+            client_addr: format!("10.231.{subnet_octet}.2"),
+        };
+        let veth_server = format!("cpvs{id}{tag}");
+        let veth_client = format!("cpvc{id}{tag}");
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), pair.server_ns.clone()],
+            vec!["netns".into(), "add".into(), pair.client_ns.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth_server.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                veth_client.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_server.clone(),
+                "netns".into(),
+                pair.server_ns.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_client.clone(),
+                "netns".into(),
+                pair.client_ns.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.server_ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/30", pair.server_addr),
+                "dev".into(),
+                veth_server.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.client_ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/30", pair.client_addr),
+                "dev".into(),
+                veth_client.clone(),
+            ],
+            vec![
+                "-n".into(),
+                pair.server_ns.clone(),
+                "link".into(),
+                "set".into(),
+                veth_server.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                pair.client_ns.clone(),
+                "link".into(),
+                "set".into(),
+                veth_client.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                pair.server_ns.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                pair.client_ns.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for step in steps {
+            let status = Command::new("ip").args(&step).status()?;
+            if !status.success() {
+                bail!("ip {} failed", step.join(" "));
+            }
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace destroys the veth end inside it, and with it the peer.
+        for ns in [&self.server_ns, &self.client_ns] {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|out| {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            // SAFETY: kill has no memory-safety preconditions.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_openmetrics_samples() {
+        let scrape = Scrape::parse(
+            "# TYPE x counter\nx_total{a=\"1\",b=\"q,r\"} 3\nx_total{a=\"2\",b=\"s\"} 4.5\ny 1\n# EOF\n",
+        );
+        assert_eq!(scrape.sum("x_total", &[]), 7.5);
+        assert_eq!(scrape.sum("x_total", &[("b", "q,r")]), 3.0);
+        assert_eq!(scrape.sum("y", &[]), 1.0);
+        assert_eq!(scrape.sum("z", &[]), 0.0);
+    }
+}

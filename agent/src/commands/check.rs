@@ -37,19 +37,31 @@ pub struct CheckReport {
     pub usable: bool,
 }
 
-fn item(name: impl Into<String>, status: Status, detail: impl Into<String>, impact: &str) -> CheckItem {
+fn item(
+    name: impl Into<String>,
+    status: Status,
+    detail: impl Into<String>,
+    impact: &str,
+) -> CheckItem {
     CheckItem {
         name: name.into(),
         status,
         detail: detail.into(),
-        impact: if status == Status::Ok { String::new() } else { impact.to_string() },
+        impact: if status == Status::Ok {
+            String::new()
+        } else {
+            impact.to_string()
+        },
     }
 }
 
 /// Effective capability bits from /proc/self/status.
 fn effective_capabilities() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|line| line.strip_prefix("CapEff:"))?.trim();
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))?
+        .trim();
     u64::from_str_radix(hex, 16).ok()
 }
 
@@ -61,7 +73,12 @@ pub fn privileges_item(caps: Option<u64>) -> CheckItem {
     let has = |cap: u32| caps.is_some_and(|caps| caps & (1 << cap) != 0);
     let impact = "the kernel programs cannot be loaded: nothing can be observed";
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        item("privileges", Status::Ok, "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective", impact)
+        item(
+            "privileges",
+            Status::Ok,
+            "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective",
+            impact,
+        )
     } else {
         item(
             "privileges",
@@ -100,21 +117,28 @@ pub fn run_checks(config: &Config) -> CheckReport {
         )
     });
 
-    items.push(match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
-        Ok(true) => item("ring buffer", Status::Ok, "BPF_MAP_TYPE_RINGBUF supported", ""),
-        Ok(false) => item(
-            "ring buffer",
-            Status::Missing,
-            "BPF_MAP_TYPE_RINGBUF not supported (needs Linux 5.8+)",
-            "no events can reach the agent",
-        ),
-        Err(err) => item(
-            "ring buffer",
-            Status::Failed,
-            format!("cannot probe map support: {err}"),
-            "no events can reach the agent",
-        ),
-    });
+    items.push(
+        match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
+            Ok(true) => item(
+                "ring buffer",
+                Status::Ok,
+                "BPF_MAP_TYPE_RINGBUF supported",
+                "",
+            ),
+            Ok(false) => item(
+                "ring buffer",
+                Status::Missing,
+                "BPF_MAP_TYPE_RINGBUF not supported (needs Linux 5.8+)",
+                "no events can reach the agent",
+            ),
+            Err(err) => item(
+                "ring buffer",
+                Status::Failed,
+                format!("cannot probe map support: {err}"),
+                "no events can reach the agent",
+            ),
+        },
+    );
 
     let offsets = crate::probes::offsets_bootstrap::resolve();
     let mut usable = false;
@@ -202,7 +226,11 @@ pub fn check(config_path: &Path, explicit: bool, json: bool) -> anyhow::Result<E
     } else {
         print!("{}", render_text(&report));
     }
-    Ok(if report.usable { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.usable {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 #[cfg(test)]
@@ -214,7 +242,10 @@ mod tests {
         assert_eq!(privileges_item(Some(0)).status, Status::Missing);
         assert_eq!(privileges_item(None).status, Status::Missing);
         assert_eq!(privileges_item(Some(1 << CAP_BPF)).status, Status::Missing);
-        assert_eq!(privileges_item(Some((1 << CAP_BPF) | (1 << CAP_PERFMON))).status, Status::Ok);
+        assert_eq!(
+            privileges_item(Some((1 << CAP_BPF) | (1 << CAP_PERFMON))).status,
+            Status::Ok
+        );
         assert_eq!(privileges_item(Some(1 << CAP_SYS_ADMIN)).status, Status::Ok);
     }
 
@@ -223,11 +254,19 @@ mod tests {
         let report = CheckReport {
             schema_version: 1,
             kernel: "6.1.0".into(),
-            items: vec![item("tracepoint sock/sock_send_length", Status::Missing, "not on this kernel", "no send stamps")],
+            items: vec![item(
+                "tracepoint sock/sock_send_length",
+                Status::Missing,
+                "not on this kernel",
+                "no send stamps",
+            )],
             usable: true,
         };
         let text = render_text(&report);
-        assert!(text.contains("MISSING  tracepoint sock/sock_send_length"), "{text}");
+        assert!(
+            text.contains("MISSING  tracepoint sock/sock_send_length"),
+            "{text}"
+        );
         assert!(text.contains("costs: no send stamps"), "{text}");
         assert!(text.ends_with("result: usable\n"));
     }

@@ -1,10 +1,17 @@
 //! `cacheprobe run`: the daemon. Attaches the probes, follows the ring buffer into the tracker
 //! and serves /metrics until SIGINT/SIGTERM.
 
-use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use tokio::{io::{unix::AsyncFd, Interest}, signal::unix::{signal, SignalKind}};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
 
 use crate::{
     config::Config,
@@ -50,10 +57,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (metrics, registry) = Metrics::new();
     for spec in PROBES {
-        let up = probes.status.get(spec.program).is_some_and(|s| s.is_attached());
+        let up = probes
+            .status
+            .get(spec.program)
+            .is_some_and(|s| s.is_attached());
         metrics
             .probe_up
-            .get_or_create(&ProbeLabels { probe: format!("{}/{}", spec.category, spec.event) })
+            .get_or_create(&ProbeLabels {
+                probe: format!("{}/{}", spec.category, spec.event),
+            })
             .set(up as i64);
     }
     let registry = Arc::new(registry);

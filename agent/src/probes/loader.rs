@@ -152,9 +152,8 @@ impl Probes {
 
     /// Totals of the kernel's loss counters since load: (ring buffer full, socket map full).
     pub fn kernel_losses(&self) -> anyhow::Result<(u64, u64)> {
-        let sum = |index: u32| -> anyhow::Result<u64> {
-            Ok(self.counters.get(&index, 0)?.iter().sum())
-        };
+        let sum =
+            |index: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&index, 0)?.iter().sum()) };
         Ok((sum(counter::RINGBUF_FULL)?, sum(counter::SOCKET_MAP_FULL)?))
     }
 }
@@ -167,9 +166,12 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
     program
         .load()
         .with_context(|| format!("verifier rejected {}", spec.program))?;
-    program
-        .attach(spec.category, spec.event)
-        .with_context(|| format!("cannot attach to tracepoint {}/{}", spec.category, spec.event))?;
+    program.attach(spec.category, spec.event).with_context(|| {
+        format!(
+            "cannot attach to tracepoint {}/{}",
+            spec.category, spec.event
+        )
+    })?;
     Ok(())
 }
 

@@ -1,0 +1,454 @@
+//! Connection lifecycle against real memcached and real clients, on loopback and across a veth
+//! pair between two network namespaces. Runs the release agent binary as root.
+
+use std::{process::Command, time::Duration};
+
+use cacheprobe_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// memcached closes clients idle for 2 s; a pymemcache client sets a key and goes idle.
+#[test]
+fn idle_timeout_close_on_loopback_is_seen_from_both_sides() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    let agent = Agent::start("idle-loopback", &[("memcached", port, "memcache")]).unwrap();
+
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.base import Client\n\
+             import time\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             c.set('k', 'v', noreply=False)\n\
+             assert c.get('k') == b'v'\n\
+             time.sleep(4.5)\n\
+             c.close()\n"
+        ),
+    )
+    .unwrap();
+
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[]) >= 2.0
+    });
+    let endpoint = format!("127.0.0.1:{port}");
+    let at = |role: &'static str| {
+        vec![
+            ("service", "memcached"),
+            ("role", role),
+            ("server", endpoint.as_str()),
+        ]
+    };
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &at("client")),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &at("server")),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    let mut peer = at("client");
+    peer.push(("closed_by", "peer"));
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &peer),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    let mut local = at("server");
+    local.push(("closed_by", "local"));
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &local),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &[]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_active", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+
+    let idle_count = scrape.sum(
+        "cacheprobe_connection_idle_before_close_seconds_count",
+        &peer,
+    );
+    let idle_sum = scrape.sum("cacheprobe_connection_idle_before_close_seconds_sum", &peer);
+    assert_eq!(idle_count, 1.0, "{}", scrape.text);
+    assert!(
+        (2.0..10.0).contains(&idle_sum),
+        "idle before close {idle_sum} s not in 2..10 s"
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connection_duration_seconds_count",
+            &at("client")
+        ),
+        1.0
+    );
+    for probe in [
+        "sock/inet_sock_set_state",
+        "sock/sock_send_length",
+        "sock/sock_recv_length",
+    ] {
+        assert_eq!(
+            scrape.sum("cacheprobe_probe_up", &[("probe", probe)]),
+            1.0,
+            "{probe}"
+        );
+    }
+    assert_eq!(scrape.sum("cacheprobe_events_lost_total", &[]), 0.0);
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "agent exit status {status}");
+}
+
+/// The same idle close across a veth pair between two namespaces, with python-memcache and
+/// three short-lived pymemcache connections that the client closes itself.
+#[test]
+fn connections_across_network_namespaces_are_attributed_to_the_server_address() {
+    require_root();
+    let port = unique_port();
+    let pair = NetnsPair::create("a", 17).unwrap();
+    let _memcached = start_memcached(
+        Some(&pair.server_ns),
+        &pair.server_addr,
+        port,
+        &["-o", "idle_timeout=2"],
+    )
+    .unwrap();
+    let agent = Agent::start("netns", &[("cache", port, "memcache")]).unwrap();
+    let server_addr = pair.server_addr.clone();
+    python(
+        Some(&pair.client_ns),
+        &format!(
+            "import memcache, time\n\
+             from pymemcache.client.base import Client\n\
+             for i in range(3):\n\
+             \x20   c = Client(('{server_addr}', {port}))\n\
+             \x20   c.set('k%d' % i, 'v', noreply=False)\n\
+             \x20   c.close()\n\
+             m = memcache.Client(['{server_addr}:{port}'])\n\
+             assert m.set('a', 'b')\n\
+             time.sleep(4.5)\n"
+        ),
+    )
+    .unwrap();
+    let endpoint = format!("{}:{port}", pair.server_addr);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[]) >= 8.0
+    });
+    let labels = |role: &'static str| {
+        vec![
+            ("service", "cache"),
+            ("server", endpoint.as_str()),
+            ("role", role),
+        ]
+    };
+    let with = |role: &'static str, closed_by: &'static str| {
+        let mut l = labels(role);
+        l.push(("closed_by", closed_by));
+        l
+    };
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &labels("client")),
+        4.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &labels("server")),
+        4.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &with("client", "local")
+        ),
+        3.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &with("client", "peer")
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &with("server", "peer")
+        ),
+        3.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &with("server", "local")
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    let idle = scrape.sum(
+        "cacheprobe_connection_idle_before_close_seconds_sum",
+        &with("client", "peer"),
+    );
+    assert!(
+        (2.0..10.0).contains(&idle),
+        "idle before close {idle} s not in 2..10 s"
+    );
+    // Server-side series are per service endpoint, never per client address or port.
+    assert!(
+        !scrape.text.contains(&pair.client_addr),
+        "client address leaked into labels"
+    );
+}
+
+/// A connection opened before the agent starts is adopted on its first send and its close is
+/// counted (but not as opened while watched).
+#[test]
+fn connection_opened_before_the_agent_is_tracked() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let dir = scratch_dir("preexisting");
+    let go = dir.join("go");
+    let script = format!(
+        "from pymemcache.client.base import Client\n\
+         import os, time\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         c.set('k', 'v', noreply=False)\n\
+         print('connected', flush=True)\n\
+         while not os.path.exists('{go}'):\n\
+         \x20   time.sleep(0.05)\n\
+         assert c.get('k') == b'v'\n\
+         time.sleep(1.5)\n\
+         c.close()\n",
+        go = go.display()
+    );
+    let mut client = Command::new(PYTHON)
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "connected");
+
+    let agent = Agent::start("preexisting", &[("memcached", port, "memcache")]).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let active = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_active", &[("role", "client")]) >= 1.0
+    });
+    assert_eq!(
+        active.sum("cacheprobe_connections_active", &[("role", "client")]),
+        1.0,
+        "{}",
+        active.text
+    );
+    assert!(client.wait().unwrap().success());
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 1.0
+    });
+    let client_local = [("role", "client"), ("closed_by", "local")];
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &client_local),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &[("role", "client")]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_active", &[("role", "client")]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    // Last activity (the get) was ~1.5 s before the close.
+    let idle = scrape.sum(
+        "cacheprobe_connection_idle_before_close_seconds_sum",
+        &client_local,
+    );
+    assert!((1.0..5.0).contains(&idle), "idle {idle}");
+}
+
+/// Dalli (binary protocol, non-blocking connect) and memcached's own text protocol over a raw
+/// socket each open exactly one connection.
+#[test]
+fn each_real_client_opens_exactly_the_connections_it_makes() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let agent = Agent::start("clients", &[("memcached", port, "memcache")]).unwrap();
+    let dalli = Command::new("ruby")
+        .args([
+            "-e",
+            &format!(
+                "require 'dalli'; c = Dalli::Client.new('127.0.0.1:{port}'); c.set('d', 'v'); raise 'miss' unless c.get('d') == 'v'; c.close"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dalli.status.success(),
+        "dalli: {}",
+        String::from_utf8_lossy(&dalli.stderr)
+    );
+    python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'set raw 0 0 1\\r\\nx\\r\\n')\n\
+             assert s.recv(100) == b'STORED\\r\\n'\n\
+             s.close()\n"
+        ),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 2.0
+    });
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &[("role", "client")]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &[("role", "client"), ("closed_by", "local")]
+        ),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_opened_total", &[("role", "server")]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+}
+
+/// promtool accepts what /metrics serves.
+#[test]
+fn metrics_pass_promtool_check() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let agent = Agent::start("promtool", &[("memcached", port, "memcache")]).unwrap();
+    python(
+        None,
+        &format!("from pymemcache.client.base import Client\nc = Client(('127.0.0.1', {port}))\nc.get('x')\nc.close()\n"),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[]) >= 2.0
+    });
+    assert!(scrape.sum("cacheprobe_connections_closed_total", &[]) >= 2.0);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (package prometheus) is installed by cargo xtask setup");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), scrape.text.as_bytes()).unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && report.trim().is_empty(),
+        "promtool: {report}"
+    );
+}
+
+/// A bad config is a clear error naming the line, and the agent does not start.
+#[test]
+fn config_error_is_reported_with_its_line() {
+    let dir = scratch_dir("badconfig");
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        "[[services]]\nname = \"memcached\"\nport = 11211\nprotocol = \"memcache\"\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    let output = Command::new(agent_binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 5"), "{stderr}");
+    assert!(stderr.contains("colour"), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+
+    let output = Command::new(agent_binary())
+        .args(["run", "--config", "/nonexistent/cacheprobe.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/cacheprobe.toml"));
+}
+
+/// `check` reports every probe working on this kernel, in text and JSON.
+#[test]
+fn check_reports_every_probe_on_this_kernel() {
+    require_root();
+    let output = Command::new(agent_binary())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json = String::from_utf8_lossy(&output.stdout);
+    for probe in [
+        "sock/inet_sock_set_state",
+        "sock/sock_send_length",
+        "sock/sock_recv_length",
+    ] {
+        assert!(json.contains(&format!("\"tracepoint {probe}\"")), "{json}");
+    }
+    assert!(
+        !json.contains("\"failed\"") && !json.contains("\"missing\""),
+        "{json}"
+    );
+    assert!(json.contains("\"usable\": true"), "{json}");
+}
