@@ -1,1 +1,99 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | run | ...`. Every task installs what it is
+//! missing first, so a fresh machine goes from clone to green with these commands alone.
+
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "cacheprobe build, setup and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (nightly rust-src, bpf-linker, Debian test peers) and mount tracefs.
+    Setup,
+    /// Build target/release/cacheprobe with the kernel object embedded.
+    Build {
+        /// Build the debug profile instead (target/debug/cacheprobe).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build, then run unit tests and the root integration tests.
+    Test {
+        /// Only unit tests (no root, no kernel).
+        #[arg(long)]
+        unit: bool,
+    },
+    /// Set up, build and run the agent in the foreground (arguments go to `cacheprobe run`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
+        Task::Test { unit } => test(unit),
+        Task::Run { args } => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--package", "cacheprobe"];
+    if release {
+        args.push("--release");
+    }
+    util::cargo(&args)?;
+    let profile = if release { "release" } else { "debug" };
+    eprintln!("xtask: built target/{profile}/cacheprobe");
+    Ok(())
+}
+
+fn test(unit_only: bool) -> anyhow::Result<()> {
+    if unit_only {
+        setup::setup_build_tools()?;
+    } else {
+        setup::setup()?;
+    }
+    build(true)?;
+    util::step("unit tests");
+    util::cargo(&["test", "--package", "cacheprobe", "--package", "agent-common", "--package", "xtask", "--package", "cacheprobe-tests", "--lib"])?;
+    if unit_only {
+        return Ok(());
+    }
+    util::require_root("integration tests load eBPF programs and create network namespaces")?;
+    util::step("integration tests (root, real memcached and clients)");
+    let binary = util::workspace_root().join("target/release/cacheprobe");
+    util::cargo_with_env(
+        &["test", "--package", "cacheprobe-tests", "--tests", "--", "--test-threads=4"],
+        &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
+    )?;
+    Ok(())
+}
+
+fn run(args: Vec<String>) -> anyhow::Result<()> {
+    setup::setup()?;
+    build(true)?;
+    util::require_root("the agent loads eBPF programs")?;
+    let binary = util::workspace_root().join("target/release/cacheprobe");
+    let mut command = std::process::Command::new(binary);
+    command.arg("run").args(args);
+    util::run_command(&mut command)
+}
