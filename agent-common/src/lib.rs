@@ -29,75 +29,140 @@ pub mod tcp_state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
-/// Byte offsets of tracepoint fields and `struct sock_common` members, discovered at load time
-/// from tracefs `format` files and kernel BTF. [`OFFSET_UNKNOWN`] marks a missing field.
+/// Where a tracepoint keeps a TCP connection's identity. Tracepoints differ between kernels
+/// (e.g. `tcp_send_reset` carries ports and addresses up to 6.1 but 28-byte `sockaddr`s from
+/// 6.10 on), so every field is located at load time; [`OFFSET_UNKNOWN`] marks an absent one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleLayout {
+    pub skaddr: u16,
+    /// `int state` of the socket, where the tracepoint has one.
+    pub state: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    /// `__u8 saddr[28]` / `__u8 daddr[28]` holding a `struct sockaddr_in` or `sockaddr_in6`.
+    pub sockaddr_src: u16,
+    pub sockaddr_dst: u16,
+}
+
+impl TupleLayout {
+    pub const UNKNOWN: TupleLayout = TupleLayout {
+        skaddr: OFFSET_UNKNOWN,
+        state: OFFSET_UNKNOWN,
+        sport: OFFSET_UNKNOWN,
+        dport: OFFSET_UNKNOWN,
+        family: OFFSET_UNKNOWN,
+        saddr: OFFSET_UNKNOWN,
+        daddr: OFFSET_UNKNOWN,
+        saddr_v6: OFFSET_UNKNOWN,
+        daddr_v6: OFFSET_UNKNOWN,
+        sockaddr_src: OFFSET_UNKNOWN,
+        sockaddr_dst: OFFSET_UNKNOWN,
+    };
+
+    /// Ports can be read either directly or out of the sockaddr fields.
+    pub fn has_ports(&self) -> bool {
+        (self.sport != OFFSET_UNKNOWN && self.dport != OFFSET_UNKNOWN)
+            || (self.sockaddr_src != OFFSET_UNKNOWN && self.sockaddr_dst != OFFSET_UNKNOWN)
+    }
+}
+
+/// `sock/inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetStateLayout {
+    pub tuple: TupleLayout,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub protocol: u16,
+}
+
+/// `sock/sock_send_length` and `sock/sock_recv_length` (Linux 6.4+) share one layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LengthLayout {
+    pub sk: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub ret: u16,
+}
+
+/// `struct sock_common` members, from kernel BTF, to recognise sockets that existed before the
+/// agent started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockCommonLayout {
+    pub daddr: u16,
+    pub rcv_saddr: u16,
+    pub dport: u16,
+    pub num: u16,
+    pub family: u16,
+    pub state: u16,
+    pub v6_daddr: u16,
+    pub v6_rcv_saddr: u16,
+}
+
+/// Everything the kernel programs need to know about this kernel's layouts, discovered at load
+/// time from tracefs `format` files and kernel BTF and passed in as a read-only global.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeOffsets {
-    // sock/inet_sock_set_state
-    pub state_skaddr: u16,
-    pub state_oldstate: u16,
-    pub state_newstate: u16,
-    pub state_sport: u16,
-    pub state_dport: u16,
-    pub state_family: u16,
-    pub state_protocol: u16,
-    pub state_saddr: u16,
-    pub state_daddr: u16,
-    pub state_saddr_v6: u16,
-    pub state_daddr_v6: u16,
-    // sock/sock_send_length and sock/sock_recv_length share one layout.
-    pub len_sk: u16,
-    pub len_family: u16,
-    pub len_protocol: u16,
-    pub len_ret: u16,
-    // struct sock_common, used to recognise sockets that existed before the agent started.
-    pub skc_daddr: u16,
-    pub skc_rcv_saddr: u16,
-    pub skc_dport: u16,
-    pub skc_num: u16,
-    pub skc_family: u16,
-    pub skc_state: u16,
-    pub skc_v6_daddr: u16,
-    pub skc_v6_rcv_saddr: u16,
+    pub set_state: SetStateLayout,
+    pub length: LengthLayout,
+    pub retransmit_skb: TupleLayout,
+    pub retransmit_synack: TupleLayout,
+    pub receive_reset: TupleLayout,
+    pub send_reset: TupleLayout,
+    pub sock_common: SockCommonLayout,
+    /// `long ret` of `syscalls/sys_exit_*` (the same in every syscall's exit).
+    pub sys_exit_ret: u16,
+    pub _pad: u16,
 }
 
 impl ProbeOffsets {
     pub const UNKNOWN: ProbeOffsets = ProbeOffsets {
-        state_skaddr: OFFSET_UNKNOWN,
-        state_oldstate: OFFSET_UNKNOWN,
-        state_newstate: OFFSET_UNKNOWN,
-        state_sport: OFFSET_UNKNOWN,
-        state_dport: OFFSET_UNKNOWN,
-        state_family: OFFSET_UNKNOWN,
-        state_protocol: OFFSET_UNKNOWN,
-        state_saddr: OFFSET_UNKNOWN,
-        state_daddr: OFFSET_UNKNOWN,
-        state_saddr_v6: OFFSET_UNKNOWN,
-        state_daddr_v6: OFFSET_UNKNOWN,
-        len_sk: OFFSET_UNKNOWN,
-        len_family: OFFSET_UNKNOWN,
-        len_protocol: OFFSET_UNKNOWN,
-        len_ret: OFFSET_UNKNOWN,
-        skc_daddr: OFFSET_UNKNOWN,
-        skc_rcv_saddr: OFFSET_UNKNOWN,
-        skc_dport: OFFSET_UNKNOWN,
-        skc_num: OFFSET_UNKNOWN,
-        skc_family: OFFSET_UNKNOWN,
-        skc_state: OFFSET_UNKNOWN,
-        skc_v6_daddr: OFFSET_UNKNOWN,
-        skc_v6_rcv_saddr: OFFSET_UNKNOWN,
+        set_state: SetStateLayout {
+            tuple: TupleLayout::UNKNOWN,
+            oldstate: OFFSET_UNKNOWN,
+            newstate: OFFSET_UNKNOWN,
+            protocol: OFFSET_UNKNOWN,
+        },
+        length: LengthLayout {
+            sk: OFFSET_UNKNOWN,
+            family: OFFSET_UNKNOWN,
+            protocol: OFFSET_UNKNOWN,
+            ret: OFFSET_UNKNOWN,
+        },
+        retransmit_skb: TupleLayout::UNKNOWN,
+        retransmit_synack: TupleLayout::UNKNOWN,
+        receive_reset: TupleLayout::UNKNOWN,
+        send_reset: TupleLayout::UNKNOWN,
+        sock_common: SockCommonLayout {
+            daddr: OFFSET_UNKNOWN,
+            rcv_saddr: OFFSET_UNKNOWN,
+            dport: OFFSET_UNKNOWN,
+            num: OFFSET_UNKNOWN,
+            family: OFFSET_UNKNOWN,
+            state: OFFSET_UNKNOWN,
+            v6_daddr: OFFSET_UNKNOWN,
+            v6_rcv_saddr: OFFSET_UNKNOWN,
+        },
+        sys_exit_ret: OFFSET_UNKNOWN,
+        _pad: 0,
     };
 
     /// Whether the programs can read enough of `struct sock_common` to adopt a socket they first
     /// meet in a send or receive.
     pub fn can_learn_sockets(&self) -> bool {
-        self.skc_num != OFFSET_UNKNOWN
-            && self.skc_dport != OFFSET_UNKNOWN
-            && self.skc_family != OFFSET_UNKNOWN
-            && self.skc_state != OFFSET_UNKNOWN
-            && self.skc_daddr != OFFSET_UNKNOWN
-            && self.skc_rcv_saddr != OFFSET_UNKNOWN
+        let s = &self.sock_common;
+        [s.num, s.dport, s.family, s.state, s.daddr, s.rcv_saddr]
+            .iter()
+            .all(|&offset| offset != OFFSET_UNKNOWN)
     }
 }
 
@@ -111,6 +176,8 @@ pub struct SockState {
     pub bytes_received: u64,
     /// Monotonic ns at which the peer closed (ESTABLISHED -> CLOSE_WAIT) or reset it; 0 while open.
     pub peer_closed_ns: u64,
+    /// Monotonic ns of the last RST received on this socket (0: none).
+    pub reset_received_ns: u64,
 }
 
 /// Event kinds in [`SockEvent::kind`].
@@ -123,6 +190,30 @@ pub mod event_kind {
     pub const SEND_AFTER_PEER_CLOSE: u8 = 3;
     /// A receive on a socket whose peer had already closed.
     pub const RECV_AFTER_PEER_CLOSE: u8 = 4;
+    /// TCP trouble on a watched port; [`SockEvent::new_state`] holds a [`tcp_trouble`] value and
+    /// [`SockEvent::old_state`] the socket state where the tracepoint has it.
+    pub const TCP_TROUBLE: u8 = 5;
+    /// A syscall returned EMFILE or ENFILE; [`SockEvent::new_state`] holds a [`fd_syscall`] value
+    /// and [`SockEvent::ret`] the negative errno.
+    pub const FD_EXHAUSTED: u8 = 6;
+}
+
+pub mod tcp_trouble {
+    pub const RETRANSMIT: u8 = 1;
+    pub const RETRANSMIT_SYNACK: u8 = 2;
+    pub const RESET_RECEIVED: u8 = 3;
+    pub const RESET_SENT: u8 = 4;
+}
+
+/// Syscalls whose EMFILE/ENFILE failures are recorded, in the order the programs number them.
+pub mod fd_syscall {
+    pub const SOCKET: u8 = 0;
+    pub const ACCEPT: u8 = 1;
+    pub const ACCEPT4: u8 = 2;
+    pub const OPEN: u8 = 3;
+    pub const OPENAT: u8 = 4;
+    pub const DUP: u8 = 5;
+    pub const NAMES: [&str; 6] = ["socket", "accept", "accept4", "open", "openat", "dup"];
 }
 
 pub const COMM_LEN: usize = 16;
@@ -173,6 +264,7 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C) plain data with no pointers and no invalid bit patterns.
     unsafe impl aya::Pod for ProbeOffsets {}
+    unsafe impl aya::Pod for TupleLayout {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockEvent {}
 }

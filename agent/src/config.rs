@@ -37,6 +37,8 @@ pub struct Limits {
     pub ring_buffer_bytes: u32,
     /// Distinct `server` label values per service before folding into "other".
     pub max_servers_per_service: usize,
+    /// Distinct `comm` (process name) label values before folding into "other".
+    pub max_comms: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +47,7 @@ impl Default for Limits {
             max_sockets: 65536,
             ring_buffer_bytes: 4 << 20,
             max_servers_per_service: 256,
+            max_comms: 100,
         }
     }
 }
@@ -231,6 +234,9 @@ impl Config {
             return Err(invalid(format!(
                 "limits.ring_buffer_bytes = {ring} must be a power of two between 65536 and 1073741824"
             )));
+        }
+        if limits.max_comms == 0 {
+            return Err(invalid("limits.max_comms must be at least 1".to_string()));
         }
         if limits.max_servers_per_service == 0 {
             return Err(invalid(

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use agent_common::{event_kind, SockEvent, AF_INET, AF_INET6, COMM_LEN};
+use agent_common::{event_kind, fd_syscall, tcp_trouble, SockEvent, AF_INET, AF_INET6, COMM_LEN};
 
 /// Which side of the connection this host is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,6 +27,7 @@ pub struct SocketFacts {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub peer_closed_ns: u64,
+    pub reset_received_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,24 @@ pub enum EventKind {
     RecvAfterPeerClose {
         ret: i64,
     },
+    /// Retransmit or reset on a watched port; `state` is the socket's TCP state where known (0).
+    TcpTrouble {
+        trouble: TcpTrouble,
+        state: u8,
+    },
+    /// A syscall failed with EMFILE/ENFILE; `errno` is positive.
+    FdExhausted {
+        syscall: &'static str,
+        errno: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpTrouble {
+    Retransmit,
+    RetransmitSynAck,
+    ResetReceived,
+    ResetSent,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +85,10 @@ pub enum DecodeError {
     Size(usize),
     #[error("unknown event kind {0}")]
     Kind(u8),
+    #[error("unknown TCP trouble kind {0}")]
+    Trouble(u8),
+    #[error("unknown syscall index {0}")]
+    Syscall(u8),
 }
 
 /// Decodes one ring-buffer record.
@@ -90,11 +113,28 @@ pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
         },
         event_kind::SEND_AFTER_PEER_CLOSE => EventKind::SendAfterPeerClose { ret: raw.ret },
         event_kind::RECV_AFTER_PEER_CLOSE => EventKind::RecvAfterPeerClose { ret: raw.ret },
+        event_kind::TCP_TROUBLE => EventKind::TcpTrouble {
+            trouble: match raw.new_state {
+                tcp_trouble::RETRANSMIT => TcpTrouble::Retransmit,
+                tcp_trouble::RETRANSMIT_SYNACK => TcpTrouble::RetransmitSynAck,
+                tcp_trouble::RESET_RECEIVED => TcpTrouble::ResetReceived,
+                tcp_trouble::RESET_SENT => TcpTrouble::ResetSent,
+                other => return Err(DecodeError::Trouble(other)),
+            },
+            state: raw.old_state,
+        },
+        event_kind::FD_EXHAUSTED => EventKind::FdExhausted {
+            syscall: fd_syscall::NAMES
+                .get(raw.new_state as usize)
+                .copied()
+                .ok_or(DecodeError::Syscall(raw.new_state))?,
+            errno: -raw.ret,
+        },
         other => return Err(DecodeError::Kind(other)),
     };
     let has_addresses = matches!(
         kind,
-        EventKind::StateChange { .. } | EventKind::Learned { .. }
+        EventKind::StateChange { .. } | EventKind::Learned { .. } | EventKind::TcpTrouble { .. }
     );
     let (local, remote) = if has_addresses {
         (
@@ -117,6 +157,7 @@ pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
             bytes_sent: raw.state.bytes_sent,
             bytes_received: raw.state.bytes_received,
             peer_closed_ns: raw.state.peer_closed_ns,
+            reset_received_ns: raw.state.reset_received_ns,
         },
     })
 }
@@ -174,6 +215,7 @@ mod tests {
                 bytes_sent: 10,
                 bytes_received: 20,
                 peer_closed_ns: 5_000,
+                reset_received_ns: 0,
             },
             ret: 0,
             comm,
@@ -224,6 +266,40 @@ mod tests {
         let mut raw = raw_state_event();
         raw.kind = 99;
         assert_eq!(decode(&as_bytes(&raw)), Err(DecodeError::Kind(99)));
+    }
+
+    #[test]
+    fn decodes_trouble_and_fd_exhaustion() {
+        let mut raw = raw_state_event();
+        raw.kind = event_kind::TCP_TROUBLE;
+        raw.new_state = tcp_trouble::RETRANSMIT_SYNACK;
+        raw.old_state = 3;
+        let record = from_raw(&raw).unwrap();
+        assert_eq!(
+            record.kind,
+            EventKind::TcpTrouble {
+                trouble: TcpTrouble::RetransmitSynAck,
+                state: 3
+            }
+        );
+        assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
+        raw.new_state = 77;
+        assert_eq!(from_raw(&raw), Err(DecodeError::Trouble(77)));
+
+        raw.kind = event_kind::FD_EXHAUSTED;
+        raw.new_state = fd_syscall::ACCEPT4;
+        raw.ret = -24;
+        let record = from_raw(&raw).unwrap();
+        assert_eq!(
+            record.kind,
+            EventKind::FdExhausted {
+                syscall: "accept4",
+                errno: 24
+            }
+        );
+        assert_eq!(record.local, None);
+        raw.new_state = 200;
+        assert_eq!(from_raw(&raw), Err(DecodeError::Syscall(200)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod dead_writes;
 pub mod events;
 pub mod http;
 pub mod metrics;

@@ -27,6 +27,51 @@ pub struct ClosedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadWriteLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub comm: String,
+    pub outcome: &'static str,
+    pub command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetransmitLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectFailureLabels {
+    pub service: String,
+    pub server: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SynLabels {
+    pub service: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FdErrorLabels {
+    pub comm: String,
+    pub errno: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: String,
 }
@@ -106,6 +151,12 @@ pub struct Metrics {
     pub probe_up: Family<ProbeLabels, Gauge>,
     pub events_lost: Family<SourceLabels, Counter>,
     pub build_info: Family<VersionLabels, Gauge>,
+    pub dead_socket_writes: Family<DeadWriteLabels, Counter>,
+    pub tcp_retransmits: Family<RetransmitLabels, Counter>,
+    pub tcp_resets: Family<ResetLabels, Counter>,
+    pub connect_failures: Family<ConnectFailureLabels, Counter>,
+    pub syn: Family<SynLabels, Counter>,
+    pub fd_exhaustion_errors: Family<FdErrorLabels, Counter>,
 }
 
 impl Metrics {
@@ -120,6 +171,12 @@ impl Metrics {
             probe_up: Family::default(),
             events_lost: Family::default(),
             build_info: Family::default(),
+            dead_socket_writes: Family::default(),
+            tcp_retransmits: Family::default(),
+            tcp_resets: Family::default(),
+            connect_failures: Family::default(),
+            syn: Family::default(),
+            fd_exhaustion_errors: Family::default(),
         };
         registry.register(
             "connections_opened",
@@ -161,6 +218,36 @@ impl Metrics {
             "Build information of the running agent",
             metrics.build_info.clone(),
         );
+        registry.register(
+            "dead_socket_writes",
+            "Sends onto connections the peer had already closed, by what the application saw next (eof, reset, unnoticed within 5 s)",
+            metrics.dead_socket_writes.clone(),
+        );
+        registry.register(
+            "tcp_retransmits",
+            "TCP retransmissions on watched connections (kind: data, syn, synack)",
+            metrics.tcp_retransmits.clone(),
+        );
+        registry.register(
+            "tcp_resets",
+            "TCP resets on watched ports, sent or received",
+            metrics.tcp_resets.clone(),
+        );
+        registry.register(
+            "connect_failures",
+            "Connection attempts to watched services that never reached ESTABLISHED (refused, timeout)",
+            metrics.connect_failures.clone(),
+        );
+        registry.register(
+            "syn",
+            "SYN segments: out = connection attempts from this host, in = SYNs arriving for local watched ports",
+            metrics.syn.clone(),
+        );
+        registry.register(
+            "fd_exhaustion_errors",
+            "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE",
+            metrics.fd_exhaustion_errors.clone(),
+        );
         metrics
             .build_info
             .get_or_create(&VersionLabels {
@@ -181,6 +268,7 @@ pub struct ObservationRecorder {
     metrics: Metrics,
     service_names: Vec<String>,
     servers: LabelBudget,
+    comms: LabelBudget,
     server_labels: HashMap<Endpoint, EndpointLabels>,
 }
 
@@ -189,11 +277,13 @@ impl ObservationRecorder {
         metrics: Metrics,
         service_names: Vec<String>,
         max_servers_per_service: usize,
+        max_comms: usize,
     ) -> Self {
         ObservationRecorder {
             metrics,
             service_names,
             servers: LabelBudget::new(max_servers_per_service),
+            comms: LabelBudget::new(max_comms),
             server_labels: HashMap::new(),
         }
     }
@@ -207,15 +297,35 @@ impl ObservationRecorder {
         self.server_labels.clear();
     }
 
+    pub fn service_name(&self, service: usize) -> String {
+        self.service_names
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| OVERFLOW_LABEL.to_string())
+    }
+
+    /// Process names are bounded like servers: the first `max_comms` keep their own series.
+    pub fn comm_label(&mut self, comm: &str) -> String {
+        self.comms.admit(0, comm.to_string())
+    }
+
+    /// Adds SYNs counted in the kernel for a service's port.
+    pub fn record_syn_in(&mut self, service: usize, count: u64) {
+        let service = self.service_name(service);
+        self.metrics
+            .syn
+            .get_or_create(&SynLabels {
+                service,
+                direction: "in",
+            })
+            .inc_by(count);
+    }
+
     fn endpoint_labels(&mut self, endpoint: &Endpoint) -> EndpointLabels {
         if let Some(labels) = self.server_labels.get(endpoint) {
             return labels.clone();
         }
-        let service = self
-            .service_names
-            .get(endpoint.service)
-            .cloned()
-            .unwrap_or_else(|| OVERFLOW_LABEL.to_string());
+        let service = self.service_name(endpoint.service);
         let server = self
             .servers
             .admit(endpoint.service, endpoint.server.to_string());
@@ -272,6 +382,81 @@ impl ObservationRecorder {
                         .get_or_create(&labels)
                         .observe(*duration as f64 / 1e9);
                 }
+            }
+            Observation::DeadSocketWrite(write) => {
+                let labels = self.endpoint_labels(&write.endpoint);
+                let comm = self.comm_label(&write.comm);
+                self.metrics
+                    .dead_socket_writes
+                    .get_or_create(&DeadWriteLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        comm,
+                        outcome: write.outcome.as_str(),
+                        command: write.command.unwrap_or("unknown"),
+                    })
+                    .inc();
+            }
+            Observation::ConnectFailed { endpoint, reason } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .connect_failures
+                    .get_or_create(&ConnectFailureLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::Retransmit { endpoint, kind } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .tcp_retransmits
+                    .get_or_create(&RetransmitLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::Reset {
+                endpoint,
+                direction,
+            } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .tcp_resets
+                    .get_or_create(&ResetLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        direction: direction.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::SynSent { service } => {
+                let service = self.service_name(*service);
+                self.metrics
+                    .syn
+                    .get_or_create(&SynLabels {
+                        service,
+                        direction: "out",
+                    })
+                    .inc();
+            }
+            Observation::FdExhausted { comm, errno, .. } => {
+                let comm = self.comm_label(comm);
+                let errno = match errno {
+                    24 => "EMFILE",
+                    23 => "ENFILE",
+                    _ => "other",
+                };
+                self.metrics
+                    .fd_exhaustion_errors
+                    .get_or_create(&FdErrorLabels { comm, errno })
+                    .inc();
             }
             Observation::TrackingDropped => {
                 self.metrics
@@ -367,7 +552,7 @@ mod tests {
     #[test]
     fn close_is_recorded_with_all_contract_labels() {
         let (metrics, registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10);
+        let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10, 10);
         recorder.record(&Observation::ConnectionOpened {
             endpoint: endpoint("127.0.0.1:11211"),
             ts_ns: 0,

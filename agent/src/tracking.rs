@@ -6,7 +6,13 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use agent_common::tcp_state;
 
-use crate::events::{EventKind, Role, SockEventRecord};
+use crate::{
+    dead_writes::{DeadWrite, DeadWriteTracker},
+    events::{EventKind, Role, SockEventRecord, TcpTrouble},
+};
+
+/// How long a closed socket's endpoint is remembered for sends that race its close.
+const RECENTLY_CLOSED_NS: u64 = 10_000_000_000;
 
 /// The service endpoint a connection belongs to. For server-role sockets `server` is this
 /// host's listening address, so clients are aggregated rather than given series of their own.
@@ -59,6 +65,81 @@ pub enum Observation {
     },
     /// The table was full; a connection is not tracked.
     TrackingDropped,
+    /// A send onto a connection the peer had closed, with what the application saw next.
+    DeadSocketWrite(DeadWrite),
+    /// A client connect that never reached ESTABLISHED.
+    ConnectFailed {
+        endpoint: Endpoint,
+        reason: ConnectFailure,
+    },
+    Retransmit {
+        endpoint: Endpoint,
+        kind: RetransmitKind,
+    },
+    Reset {
+        endpoint: Endpoint,
+        direction: ResetDirection,
+    },
+    /// This host sent a SYN to a watched service (a connection attempt).
+    SynSent {
+        service: usize,
+    },
+    FdExhausted {
+        comm: String,
+        syscall: &'static str,
+        errno: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectFailure {
+    /// The SYN was answered with a reset (nothing listening, or a REJECT rule).
+    Refused,
+    /// No answer: the kernel gave up retrying the SYN, or the application stopped waiting.
+    Timeout,
+}
+
+impl ConnectFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetransmitKind {
+    Data,
+    /// A client's SYN was retransmitted (no answer to the connection attempt yet).
+    Syn,
+    /// A listener's SYN-ACK was retransmitted (the client's final ACK did not arrive).
+    SynAck,
+}
+
+impl RetransmitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetransmitKind::Data => "data",
+            RetransmitKind::Syn => "syn",
+            RetransmitKind::SynAck => "synack",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResetDirection {
+    Sent,
+    Received,
+}
+
+impl ResetDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetDirection::Sent => "sent",
+            ResetDirection::Received => "received",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +193,10 @@ pub struct Tracker {
     connections: HashMap<u64, Connection>,
     /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
     seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
+    /// Endpoints of sockets that closed after their peer did, for sends racing the close.
+    recently_closed: HashMap<u64, (Endpoint, u64)>,
+    dead_writes: DeadWriteTracker,
+    dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
 }
 
@@ -121,8 +206,35 @@ impl Tracker {
             services,
             connections: HashMap::new(),
             seeded: HashMap::new(),
+            recently_closed: HashMap::new(),
+            dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
+            dead_write_scratch: Vec::new(),
             max_connections,
         }
+    }
+
+    pub fn endpoint_of(&self, sk: u64) -> Option<Endpoint> {
+        self.connections
+            .get(&sk)
+            .map(|c| c.endpoint)
+            .or_else(|| self.recently_closed.get(&sk).map(|(e, _)| *e))
+    }
+
+    pub fn dead_writes_mut(&mut self) -> &mut DeadWriteTracker {
+        &mut self.dead_writes
+    }
+
+    /// Periodic work: dead writes whose window passed, and forgetting old closed sockets.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Observation>) {
+        self.dead_writes
+            .expire(now_ns, &mut self.dead_write_scratch);
+        out.extend(
+            self.dead_write_scratch
+                .drain(..)
+                .map(Observation::DeadSocketWrite),
+        );
+        self.recently_closed
+            .retain(|_, (_, closed_ns)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
     }
 
     pub fn set_services(&mut self, services: ServicePorts) {
@@ -176,12 +288,84 @@ impl Tracker {
                 new_state,
             } => self.state_change(event, old_state, new_state, out),
             EventKind::Learned { state } => {
-                if !self.connections.contains_key(&event.sk) {
-                    self.adopt(event, state, out);
+                if !self.connections.contains_key(&event.sk) && self.adopt(event, state, out) {
+                    // First seen sending into a connection the peer already closed.
+                    if state == tcp_state::CLOSE_WAIT && event.facts.bytes_sent > 0 {
+                        if let Some(endpoint) = self.endpoint_of(event.sk) {
+                            self.dead_writes.on_send(
+                                event.sk,
+                                endpoint,
+                                event.ts_ns,
+                                event.facts.bytes_sent as i64,
+                                &event.comm,
+                                event.pid,
+                                &mut self.dead_write_scratch,
+                            );
+                        }
+                    }
                 }
             }
-            EventKind::SendAfterPeerClose { .. } | EventKind::RecvAfterPeerClose { .. } => {}
+            EventKind::SendAfterPeerClose { ret } => {
+                let endpoint = self
+                    .endpoint_of(event.sk)
+                    .or_else(|| self.dead_writes.pending_endpoint(event.sk));
+                if let Some(endpoint) = endpoint {
+                    self.dead_writes.on_send(
+                        event.sk,
+                        endpoint,
+                        event.ts_ns,
+                        ret,
+                        &event.comm,
+                        event.pid,
+                        &mut self.dead_write_scratch,
+                    );
+                }
+            }
+            EventKind::RecvAfterPeerClose { ret } => {
+                self.dead_writes
+                    .on_recv(event.sk, ret, &mut self.dead_write_scratch);
+            }
+            EventKind::TcpTrouble { trouble, state } => {
+                let (Some(local), Some(remote)) = (event.local, event.remote) else {
+                    return;
+                };
+                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                    return;
+                };
+                out.push(match trouble {
+                    TcpTrouble::Retransmit => Observation::Retransmit {
+                        endpoint,
+                        kind: if state == tcp_state::SYN_SENT {
+                            RetransmitKind::Syn
+                        } else {
+                            RetransmitKind::Data
+                        },
+                    },
+                    TcpTrouble::RetransmitSynAck => Observation::Retransmit {
+                        endpoint,
+                        kind: RetransmitKind::SynAck,
+                    },
+                    TcpTrouble::ResetReceived => Observation::Reset {
+                        endpoint,
+                        direction: ResetDirection::Received,
+                    },
+                    TcpTrouble::ResetSent => Observation::Reset {
+                        endpoint,
+                        direction: ResetDirection::Sent,
+                    },
+                });
+            }
+            EventKind::FdExhausted { syscall, errno } => out.push(Observation::FdExhausted {
+                comm: event.comm.clone(),
+                syscall,
+                errno,
+            }),
         }
+        out.extend(
+            self.dead_write_scratch
+                .drain(..)
+                .map(Observation::DeadSocketWrite),
+        );
     }
 
     /// Finds or creates the table entry for a socket first met in the middle of its life.
@@ -246,8 +430,24 @@ impl Tracker {
                 let Some(endpoint) = self.services.endpoint(local, remote) else {
                     return;
                 };
+                if old_state == tcp_state::CLOSE
+                    && new_state == tcp_state::SYN_SENT
+                    && endpoint.role == Role::Client
+                {
+                    out.push(Observation::SynSent {
+                        service: endpoint.service,
+                    });
+                }
                 if new_state == tcp_state::CLOSE {
-                    // Never established (failed connect or aborted handshake): nothing to track.
+                    // Never established: a failed connect (or an aborted handshake).
+                    if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
+                        let reason = if event.facts.reset_received_ns != 0 {
+                            ConnectFailure::Refused
+                        } else {
+                            ConnectFailure::Timeout
+                        };
+                        out.push(Observation::ConnectFailed { endpoint, reason });
+                    }
                     return;
                 }
                 if self.connections.len() + self.seeded.len() >= self.max_connections {
@@ -304,6 +504,27 @@ impl Tracker {
 
         if new_state == tcp_state::CLOSE {
             if let Some(connection) = self.connections.remove(&event.sk) {
+                if !connection.counted
+                    && old_state == tcp_state::SYN_SENT
+                    && connection.endpoint.role == Role::Client
+                {
+                    let reason = if event.facts.reset_received_ns != 0 {
+                        ConnectFailure::Refused
+                    } else {
+                        ConnectFailure::Timeout
+                    };
+                    out.push(Observation::ConnectFailed {
+                        endpoint: connection.endpoint,
+                        reason,
+                    });
+                }
+                if event.facts.peer_closed_ns != 0 {
+                    if self.recently_closed.len() >= self.max_connections {
+                        self.recently_closed.clear();
+                    }
+                    self.recently_closed
+                        .insert(event.sk, (connection.endpoint, event.ts_ns));
+                }
                 if connection.counted {
                     let first_close = connection.first_close.unwrap_or(FirstClose {
                         by: ClosedBy::Reset,
@@ -385,6 +606,7 @@ mod tests {
                 bytes_sent: 0,
                 bytes_received: 0,
                 peer_closed_ns: 0,
+                reset_received_ns: 0,
             },
         }
     }
@@ -421,6 +643,7 @@ mod tests {
         assert_eq!(
             out,
             vec![
+                Observation::SynSent { service: 0 },
                 Observation::ConnectionOpened {
                     endpoint: client_endpoint(),
                     ts_ns: SEC + 100
@@ -489,7 +712,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_connect_is_not_a_connection() {
+    fn failed_connect_is_a_connect_failure_not_a_connection() {
         let mut tracker = tracker();
         let out = run(
             &mut tracker,
@@ -498,8 +721,104 @@ mod tests {
                 state(SK, 2 * SEC, SYN_SENT, CLOSE, 0),
             ],
         );
-        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(
+            out,
+            vec![
+                Observation::SynSent { service: 0 },
+                Observation::ConnectFailed {
+                    endpoint: client_endpoint(),
+                    reason: ConnectFailure::Timeout
+                }
+            ]
+        );
+        let mut refused = state(SK, 3 * SEC, SYN_SENT, CLOSE, 0);
+        refused.facts.reset_received_ns = 3 * SEC;
+        let out = run(
+            &mut tracker,
+            &[state(SK, 3 * SEC, CLOSE, SYN_SENT, 0), refused],
+        );
+        assert_eq!(
+            out[1],
+            Observation::ConnectFailed {
+                endpoint: client_endpoint(),
+                reason: ConnectFailure::Refused
+            }
+        );
         assert_eq!(tracker.active_connections(), 0);
+    }
+
+    /// The loopback sequence measured on 6.18: the peer closes (CLOSE_WAIT), a late SET's RST
+    /// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
+    #[test]
+    fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
+        let mut tracker = tracker();
+        let mut close = state(SK, 5 * SEC, CLOSE_WAIT, CLOSE, 2 * SEC);
+        close.facts.peer_closed_ns = 4 * SEC;
+        let mut send = state(SK, 5 * SEC, 0, 0, 0);
+        send.kind = EventKind::SendAfterPeerClose { ret: 16 };
+        send.local = None;
+        send.remote = None;
+        let mut recv = send.clone();
+        recv.kind = EventKind::RecvAfterPeerClose { ret: 0 };
+        let out = run(
+            &mut tracker,
+            &[
+                state(SK, SEC, SYN_SENT, ESTABLISHED, 0),
+                state(SK, 4 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
+                close,
+                send,
+                recv,
+            ],
+        );
+        let writes: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Observation::DeadSocketWrite(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes.len(), 1, "{out:?}");
+        assert_eq!(writes[0].outcome, crate::dead_writes::Outcome::Eof);
+        assert_eq!(writes[0].comm, "python3");
+        assert_eq!(writes[0].endpoint, client_endpoint());
+    }
+
+    #[test]
+    fn retransmits_and_resets_are_attributed_to_the_endpoint() {
+        let mut tracker = tracker();
+        let mut syn = state(0, SEC, 0, 0, 0);
+        syn.kind = EventKind::TcpTrouble {
+            trouble: TcpTrouble::Retransmit,
+            state: SYN_SENT,
+        };
+        let mut data = syn.clone();
+        data.kind = EventKind::TcpTrouble {
+            trouble: TcpTrouble::Retransmit,
+            state: ESTABLISHED,
+        };
+        let mut reset = syn.clone();
+        reset.kind = EventKind::TcpTrouble {
+            trouble: TcpTrouble::ResetSent,
+            state: 0,
+        };
+        let out = run(&mut tracker, &[syn, data, reset]);
+        assert_eq!(
+            out,
+            vec![
+                Observation::Retransmit {
+                    endpoint: client_endpoint(),
+                    kind: RetransmitKind::Syn
+                },
+                Observation::Retransmit {
+                    endpoint: client_endpoint(),
+                    kind: RetransmitKind::Data
+                },
+                Observation::Reset {
+                    endpoint: client_endpoint(),
+                    direction: ResetDirection::Sent
+                },
+            ]
+        );
     }
 
     #[test]

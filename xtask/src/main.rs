@@ -74,7 +74,18 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     }
     build(true)?;
     util::step("unit tests");
-    util::cargo(&["test", "--package", "cacheprobe", "--package", "agent-common", "--package", "xtask", "--package", "cacheprobe-tests", "--lib"])?;
+    util::cargo(&[
+        "test",
+        "--package",
+        "cacheprobe",
+        "--package",
+        "agent-common",
+        "--package",
+        "xtask",
+        "--package",
+        "cacheprobe-tests",
+        "--lib",
+    ])?;
     if unit_only {
         return Ok(());
     }
@@ -82,7 +93,14 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     util::step("integration tests (root, real memcached and clients)");
     let binary = util::workspace_root().join("target/release/cacheprobe");
     util::cargo_with_env(
-        &["test", "--package", "cacheprobe-tests", "--tests", "--", "--test-threads=4"],
+        &[
+            "test",
+            "--package",
+            "cacheprobe-tests",
+            "--tests",
+            "--",
+            "--test-threads=4",
+        ],
         &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
     )?;
     Ok(())

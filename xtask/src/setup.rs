@@ -49,26 +49,42 @@ fn ensure_nightly_rust_src() -> anyhow::Result<()> {
     if !toolchains.lines().any(|line| line.starts_with("nightly")) {
         step("installing the nightly toolchain");
         run_command(Command::new("rustup").args([
-            "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
         return Ok(());
     }
-    let components = output("rustup", &["+nightly", "component", "list", "--installed"]).unwrap_or_default();
+    let components =
+        output("rustup", &["+nightly", "component", "list", "--installed"]).unwrap_or_default();
     if !components.lines().any(|line| line.starts_with("rust-src")) {
         step("adding rust-src to nightly");
-        run_command(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run_command(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
 
 fn home() -> anyhow::Result<PathBuf> {
-    Ok(PathBuf::from(std::env::var("HOME").context("HOME is not set")?))
+    Ok(PathBuf::from(
+        std::env::var("HOME").context("HOME is not set")?,
+    ))
 }
 
 /// bpf-linker bakes in the LLVM it was built against; we build it against nightly's libLLVM
 /// and remember which nightly that was, rebuilding when nightly changes.
 fn ensure_bpf_linker() -> anyhow::Result<()> {
-    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"]).context("rustc +nightly not runnable")?;
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
+        .context("rustc +nightly not runnable")?;
     let sysroot = PathBuf::from(sysroot.trim());
     let nightly_version = output("rustc", &["+nightly", "-vV"]).unwrap_or_default();
     let prefix = home()?.join(".cache/cacheprobe/llvm");
@@ -76,7 +92,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     let linker = home()?.join(".cargo/bin/bpf-linker");
     let up_to_date = linker.exists()
         && fs::read_to_string(&stamp).is_ok_and(|built_for| built_for == nightly_version)
-        && Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+        && Command::new(&linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if up_to_date {
         return Ok(());
     }
@@ -85,7 +104,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     let libllvm = fs::read_dir(&lib_dir)?
         .filter_map(Result::ok)
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .find(|name| name.starts_with("libLLVM.so.") || (name.starts_with("libLLVM-") && name.ends_with(".so")))
+        .find(|name| {
+            name.starts_with("libLLVM.so.")
+                || (name.starts_with("libLLVM-") && name.ends_with(".so"))
+        })
         .with_context(|| format!("no libLLVM in {}", lib_dir.display()))?;
     let major = nightly_version
         .lines()
@@ -103,7 +125,15 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     }
     let feature = format!("llvm-{major}");
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features", &feature])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &feature,
+        ])
         .env("LLVM_PREFIX", &prefix)
         .status()?;
     if !status.success() {
@@ -119,11 +149,18 @@ fn package_installed(package: &str) -> bool {
 }
 
 pub fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run_command(Command::new("apt-get").args(["update", "-qq"]))?;
     run_command(
         Command::new("apt-get")

@@ -78,6 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         config.services.iter().map(|s| s.name.clone()).collect(),
         config.limits.max_servers_per_service,
+        config.limits.max_comms,
     );
 
     let mut probes = probes;
@@ -93,6 +94,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut observations = Vec::with_capacity(64);
     let mut reported_losses = (0u64, 0u64);
     let mut decode_errors = 0u64;
+    let mut syn_in_seen: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -115,6 +117,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
+                tracker.tick(crate::clock::monotonic_ns(), &mut observations);
+                for observation in observations.drain(..) {
+                    recorder.record(&observation);
+                }
+                match probes.syn_in_counts() {
+                    Ok(counts) => {
+                        for (port, total) in counts {
+                            let Some(service) = config.service_for_port(port) else { continue };
+                            let seen = syn_in_seen.entry(port).or_insert(0);
+                            if total > *seen {
+                                recorder.record_syn_in(service, total - *seen);
+                                *seen = total;
+                            }
+                        }
+                    }
+                    Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
+                }
                 match probes.kernel_losses() {
                     Ok((ring_full, map_full)) => {
                         let ring_delta = ring_full.saturating_sub(reported_losses.0);

@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{counter, ProbeOffsets, ServiceIndex, OFFSET_UNKNOWN};
+use agent_common::{counter, ProbeOffsets, ServiceIndex, TupleLayout, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{tc, SchedClassifier, TcAttachType, TracePoint},
     Ebpf, EbpfLoader,
 };
 
@@ -27,26 +27,71 @@ pub struct ProbeSpec {
     pub impact: &'static str,
 }
 
+macro_rules! fd_exit_probe {
+    ($name:literal) => {
+        ProbeSpec {
+            program: concat!("sys_exit_", $name),
+            category: "syscalls",
+            event: concat!("sys_exit_", $name),
+            impact: concat!("EMFILE/ENFILE from ", $name, "() not counted"),
+        }
+    };
+}
+
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         program: "inet_sock_set_state",
         category: "sock",
         event: "inet_sock_set_state",
-        impact: "no connection lifecycle: opened/closed/active, closed_by, durations",
+        impact: "no connection lifecycle: opened/closed/active, closed_by, durations, connect failures",
     },
     ProbeSpec {
         program: "sock_send_length",
         category: "sock",
         event: "sock_send_length",
-        impact: "no send activity stamps: idle-before-close counts from the open; dead-socket writes not seen",
+        impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen",
     },
     ProbeSpec {
         program: "sock_recv_length",
         category: "sock",
         event: "sock_recv_length",
-        impact: "no receive activity stamps: idle-before-close counts from the open",
+        impact: "no receive activity stamps; dead-socket write outcomes (eof/reset) not seen",
     },
+    ProbeSpec {
+        program: "tcp_retransmit_skb",
+        category: "tcp",
+        event: "tcp_retransmit_skb",
+        impact: "data and SYN retransmits not counted",
+    },
+    ProbeSpec {
+        program: "tcp_retransmit_synack",
+        category: "tcp",
+        event: "tcp_retransmit_synack",
+        impact: "SYN-ACK retransmits not counted",
+    },
+    ProbeSpec {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        event: "tcp_receive_reset",
+        impact: "received resets not counted; refused connects counted as timeouts",
+    },
+    ProbeSpec {
+        program: "tcp_send_reset",
+        category: "tcp",
+        event: "tcp_send_reset",
+        impact: "sent resets not counted",
+    },
+    fd_exit_probe!("socket"),
+    fd_exit_probe!("accept"),
+    fd_exit_probe!("accept4"),
+    fd_exit_probe!("open"),
+    fd_exit_probe!("openat"),
+    fd_exit_probe!("dup"),
 ];
+
+/// The tc program counting incoming SYNs; it is attached per interface, not to a tracepoint.
+pub const SYN_COUNTER: &str = "count_syn_in";
+pub const SYN_COUNTER_IMPACT: &str = "incoming SYNs (syn_total{direction=\"in\"}) not counted";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeStatus {
@@ -102,6 +147,8 @@ impl Probes {
             status.insert(spec.program, outcome);
         }
 
+        status.insert(SYN_COUNTER, attach_syn_counter(&mut ebpf));
+
         let events = RingBuf::try_from(
             ebpf.take_map("EVENTS")
                 .context("kernel object has no EVENTS map")?,
@@ -150,6 +197,20 @@ impl Probes {
         Ok(())
     }
 
+    /// SYNs seen arriving per destination port since load.
+    pub fn syn_in_counts(&self) -> anyhow::Result<Vec<(u16, u64)>> {
+        let Some(map) = self.ebpf.map("SYN_IN") else {
+            return Ok(Vec::new());
+        };
+        let counts: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(map)?;
+        let mut totals = Vec::new();
+        for entry in counts.iter() {
+            let (port, per_cpu) = entry?;
+            totals.push((port, per_cpu.iter().sum()));
+        }
+        Ok(totals)
+    }
+
     /// Totals of the kernel's loss counters since load: (ring buffer full, socket map full).
     pub fn kernel_losses(&self) -> anyhow::Result<(u64, u64)> {
         let sum =
@@ -175,21 +236,98 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ethernet-framed interfaces (ARPHRD_ETHER, ARPHRD_LOOPBACK) of this network namespace: the
+/// SYN counter parses a 14-byte link header.
+fn ethernet_interfaces() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("type"))
+                .is_ok_and(|kind| matches!(kind.trim(), "1" | "772"))
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn attach_syn_counter(ebpf: &mut Ebpf) -> ProbeStatus {
+    let program: &mut SchedClassifier = match ebpf
+        .program_mut(SYN_COUNTER)
+        .context("kernel object has no SYN counter")
+        .and_then(|p| Ok(p.try_into()?))
+    {
+        Ok(program) => program,
+        Err(err) => return ProbeStatus::Failed(format!("{err:#}")),
+    };
+    if let Err(err) = program.load() {
+        return ProbeStatus::Failed(format!("verifier rejected {SYN_COUNTER}: {err}"));
+    }
+    let mut attached = Vec::new();
+    let mut failures = Vec::new();
+    for interface in ethernet_interfaces() {
+        let mut result = program.attach(&interface, TcAttachType::Ingress);
+        if result.is_err() {
+            // Kernels before 6.6 attach through a clsact qdisc, which may not exist yet.
+            let _ = tc::qdisc_add_clsact(&interface);
+            result = program.attach(&interface, TcAttachType::Ingress);
+        }
+        match result {
+            Ok(_) => attached.push(interface),
+            Err(err) => failures.push(format!("{interface}: {err}")),
+        }
+    }
+    if attached.is_empty() {
+        ProbeStatus::Failed(format!(
+            "tc ingress on no interface ({})",
+            failures.join("; ")
+        ))
+    } else {
+        if !failures.is_empty() {
+            tracing::warn!(
+                failures = failures.join("; "),
+                "SYN counter not attached everywhere"
+            );
+        }
+        tracing::debug!(interfaces = attached.join(","), "SYN counter attached");
+        ProbeStatus::Attached
+    }
+}
+
 /// A program whose tracepoint fields were not found must not run: it would read garbage.
 fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
-    let required: &[u16] = match spec.program {
-        "inet_sock_set_state" => &[
-            offsets.state_skaddr,
-            offsets.state_oldstate,
-            offsets.state_newstate,
-            offsets.state_sport,
-            offsets.state_dport,
-            offsets.state_family,
-            offsets.state_protocol,
-        ],
-        _ => &[offsets.len_sk, offsets.len_protocol, offsets.len_ret],
+    let set_state = &offsets.set_state;
+    let tuple_ok = |layout: &TupleLayout| {
+        layout.has_ports()
+            && (layout.family != OFFSET_UNKNOWN || layout.sockaddr_src != OFFSET_UNKNOWN)
     };
-    required.contains(&OFFSET_UNKNOWN).then(|| {
+    let ok = match spec.program {
+        "inet_sock_set_state" => {
+            tuple_ok(&set_state.tuple)
+                && ![
+                    set_state.tuple.skaddr,
+                    set_state.oldstate,
+                    set_state.newstate,
+                    set_state.protocol,
+                ]
+                .contains(&OFFSET_UNKNOWN)
+        }
+        "sock_send_length" | "sock_recv_length" => ![
+            offsets.length.sk,
+            offsets.length.protocol,
+            offsets.length.ret,
+        ]
+        .contains(&OFFSET_UNKNOWN),
+        "tcp_retransmit_skb" => tuple_ok(&offsets.retransmit_skb),
+        "tcp_retransmit_synack" => tuple_ok(&offsets.retransmit_synack),
+        "tcp_receive_reset" => tuple_ok(&offsets.receive_reset),
+        "tcp_send_reset" => tuple_ok(&offsets.send_reset),
+        _ => offsets.sys_exit_ret != OFFSET_UNKNOWN,
+    };
+    (!ok).then(|| {
         format!(
             "tracepoint {}/{} or its fields are not available on this kernel",
             spec.category, spec.event

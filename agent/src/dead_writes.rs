@@ -1,0 +1,242 @@
+//! Dead-socket writes: sends onto a connection whose peer had already closed it. Such a write
+//! can never be answered; old memcache clients lost SETs this way without noticing. Each write is
+//! reported once its fate is known: the application's next read saw EOF, an error (reset), or
+//! nothing happened within [`OUTCOME_WINDOW_NS`] (unnoticed).
+
+use std::collections::HashMap;
+
+use crate::tracking::Endpoint;
+
+pub const OUTCOME_WINDOW_NS: u64 = 5_000_000_000;
+
+const EAGAIN: i64 = 11;
+const EINTR: i64 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The next read returned end-of-file.
+    Eof,
+    /// The next read or write failed (ECONNRESET, EPIPE, ...).
+    Reset,
+    /// Nothing within the window: the application never found out.
+    Unnoticed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Eof => "eof",
+            Outcome::Reset => "reset",
+            Outcome::Unnoticed => "unnoticed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadWrite {
+    pub endpoint: Endpoint,
+    pub comm: String,
+    pub pid: u32,
+    pub ts_ns: u64,
+    pub bytes: u64,
+    /// The memcache command written, when the decoder saw it.
+    pub command: Option<&'static str>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+struct Pending {
+    endpoint: Endpoint,
+    writes: Vec<DeadWrite>,
+}
+
+/// Pending dead writes per socket, bounded in sockets and in writes per socket.
+#[derive(Debug)]
+pub struct DeadWriteTracker {
+    pending: HashMap<u64, Pending>,
+    max_sockets: usize,
+    max_writes_per_socket: usize,
+    pub dropped: u64,
+}
+
+impl DeadWriteTracker {
+    pub fn new(max_sockets: usize) -> Self {
+        DeadWriteTracker {
+            pending: HashMap::new(),
+            max_sockets,
+            max_writes_per_socket: 64,
+            dropped: 0,
+        }
+    }
+
+    /// A send returned `ret` on socket `sk` after its peer closed. Successful sends start a
+    /// pending dead write; a failed send tells the application of the failure.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_send(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        ts_ns: u64,
+        ret: i64,
+        comm: &str,
+        pid: u32,
+        out: &mut Vec<DeadWrite>,
+    ) {
+        if ret > 0 {
+            if !self.pending.contains_key(&sk) && self.pending.len() >= self.max_sockets {
+                self.dropped += 1;
+                return;
+            }
+            let pending = self.pending.entry(sk).or_insert_with(|| Pending {
+                endpoint,
+                writes: Vec::new(),
+            });
+            if pending.writes.len() >= self.max_writes_per_socket {
+                self.dropped += 1;
+                return;
+            }
+            pending.writes.push(DeadWrite {
+                endpoint,
+                comm: comm.to_string(),
+                pid,
+                ts_ns,
+                bytes: ret as u64,
+                command: None,
+                outcome: Outcome::Unnoticed,
+            });
+        } else if ret < 0 && -ret != EAGAIN && -ret != EINTR {
+            self.resolve(sk, Outcome::Reset, out);
+        }
+    }
+
+    /// A receive returned `ret` on a socket whose peer had closed.
+    pub fn on_recv(&mut self, sk: u64, ret: i64, out: &mut Vec<DeadWrite>) {
+        match ret {
+            0 => self.resolve(sk, Outcome::Eof, out),
+            r if r < 0 && -r != EAGAIN && -r != EINTR => self.resolve(sk, Outcome::Reset, out),
+            // Data still buffered from before the close, or nothing yet: keep waiting.
+            _ => {}
+        }
+    }
+
+    /// Labels the most recent pending write on `sk` with the command the decoder saw in it.
+    pub fn set_command(&mut self, sk: u64, command: &'static str) {
+        if let Some(write) = self.pending.get_mut(&sk).and_then(|p| p.writes.last_mut()) {
+            write.command.get_or_insert(command);
+        }
+    }
+
+    fn resolve(&mut self, sk: u64, outcome: Outcome, out: &mut Vec<DeadWrite>) {
+        if let Some(pending) = self.pending.remove(&sk) {
+            out.extend(pending.writes.into_iter().map(|mut write| {
+                write.outcome = outcome;
+                write
+            }));
+        }
+    }
+
+    /// Reports writes whose window passed without the application noticing.
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<DeadWrite>) {
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| {
+                pending
+                    .writes
+                    .first()
+                    .is_some_and(|w| now_ns.saturating_sub(w.ts_ns) >= OUTCOME_WINDOW_NS)
+            })
+            .map(|(&sk, _)| sk)
+            .collect();
+        for sk in expired {
+            self.resolve(sk, Outcome::Unnoticed, out);
+        }
+    }
+
+    pub fn pending_endpoint(&self, sk: u64) -> Option<Endpoint> {
+        self.pending.get(&sk).map(|p| p.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Role;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            service: 0,
+            server: "127.0.0.1:11211".parse().unwrap(),
+            role: Role::Client,
+        }
+    }
+
+    #[test]
+    fn write_then_eof_is_eof() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 16, "python3", 7, &mut out);
+        tracker.set_command(1, "set");
+        assert!(out.is_empty());
+        tracker.on_recv(1, 0, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::Eof);
+        assert_eq!(out[0].comm, "python3");
+        assert_eq!(out[0].command, Some("set"));
+        assert_eq!(out[0].bytes, 16);
+    }
+
+    #[test]
+    fn failed_next_write_or_read_is_reset_and_eagain_is_not_an_answer() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 16, "ruby", 1, &mut out);
+        tracker.on_recv(1, -EAGAIN, &mut out);
+        tracker.on_recv(1, 5, &mut out);
+        assert!(out.is_empty());
+        tracker.on_send(1, endpoint(), SEC, -32, "ruby", 1, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].outcome, Outcome::Reset);
+
+        tracker.on_send(2, endpoint(), SEC, 10, "ruby", 1, &mut out);
+        tracker.on_recv(2, -104, &mut out);
+        assert_eq!(out[1].outcome, Outcome::Reset);
+    }
+
+    #[test]
+    fn failed_write_without_earlier_dead_write_counts_nothing() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, -32, "x", 1, &mut out);
+        tracker.expire(100 * SEC, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn silence_for_the_window_is_unnoticed() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 16, "x", 1, &mut out);
+        tracker.on_send(1, endpoint(), 2 * SEC, 16, "x", 1, &mut out);
+        tracker.expire(5 * SEC, &mut out);
+        assert!(out.is_empty());
+        tracker.expire(6 * SEC, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|w| w.outcome == Outcome::Unnoticed));
+    }
+
+    #[test]
+    fn bounded() {
+        let mut tracker = DeadWriteTracker::new(1);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 1, "x", 1, &mut out);
+        tracker.on_send(2, endpoint(), SEC, 1, "x", 1, &mut out);
+        assert_eq!(tracker.dropped, 1);
+        for _ in 0..100 {
+            tracker.on_send(1, endpoint(), SEC, 1, "x", 1, &mut out);
+        }
+        assert_eq!(tracker.dropped, 1 + 100 - 63);
+    }
+}
