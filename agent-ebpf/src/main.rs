@@ -250,11 +250,14 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
         Some(ptr) => ptr,
         None => {
             if let Some(closed) = unsafe { CLOSED_SOCKETS.get(&sk) } {
-                if closed.peer_closed_ns != 0 {
+                // The address may already belong to a new, unwatched socket (those never pass
+                // through our set_state filter to clear the entry): only a socket that is still
+                // closed and still on a watched port is the one we remember.
+                if closed.peer_closed_ns != 0 && is_same_closed_socket(sk) {
                     let snapshot = *closed;
                     emit_after_peer_close(sk, ret, is_send, &snapshot);
+                    return Some(());
                 }
-                return Some(());
             }
             return learn(sk, ret, is_send, now);
         }
@@ -275,6 +278,20 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
         emit_after_peer_close(sk, ret, is_send, &snapshot);
     }
     Some(())
+}
+
+#[inline(always)]
+fn is_same_closed_socket(sk: u64) -> bool {
+    let layout = &offsets().sock_common;
+    let Some(state) = read_sk::<u8>(sk, layout.state) else {
+        return false;
+    };
+    let (Some(local_port), Some(remote_port)) =
+        (read_sk::<u16>(sk, layout.num), read_sk::<u16>(sk, layout.dport))
+    else {
+        return false;
+    };
+    state == tcp_state::CLOSE && (is_watched(local_port) || is_watched(u16::from_be(remote_port)))
 }
 
 #[inline(always)]

@@ -102,7 +102,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
-                        Ok(event) => tracker.handle(&event, &mut observations),
+                        Ok(event) => {
+                            tracing::trace!(?event, "kernel event");
+                            tracker.handle(&event, &mut observations);
+                        }
                         Err(err) => {
                             decode_errors += 1;
                             if decode_errors.is_power_of_two() {

@@ -1,0 +1,303 @@
+//! Dead-socket writes, retransmits, resets, connect failures, SYN pressure and fd exhaustion,
+//! each induced for real: memcached's idle timeout, iptables drops inside test namespaces, a
+//! listener that never accepts, and a client with a lowered fd limit.
+
+use std::{process::Command, time::Duration};
+
+use cacheprobe_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn dead_writes(scrape: &Scrape, comm: &str, outcome: Option<&str>) -> f64 {
+    let mut labels = vec![("comm", comm), ("role", "client")];
+    if let Some(outcome) = outcome {
+        labels.push(("outcome", outcome));
+    }
+    scrape.sum("cacheprobe_dead_socket_writes_total", &labels)
+}
+
+/// Real clients set a key, sleep past memcached's 2 s idle timeout and set again: exactly that
+/// second write is dead, attributed to the client process, and the client noticed (eof/reset).
+#[test]
+fn late_writes_after_idle_close_are_dead_writes() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    let agent = Agent::start("deadwrite", &[("memcached", port, "memcache")]).unwrap();
+
+    // pymemcache raises on the EOF; python-memcache reports failure; neither may crash us.
+    python(
+        None,
+        &format!(
+            "import time, memcache\n\
+             from pymemcache.client.base import Client\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             c.set('a', '1', noreply=False)\n\
+             m = memcache.Client(['127.0.0.1:{port}'])\n\
+             assert m.set('b', '2')\n\
+             time.sleep(4)\n\
+             try:\n\
+             \x20   c.set('a', '2', noreply=False)\n\
+             except Exception:\n\
+             \x20   pass\n\
+             m.set('b', '3')\n"
+        ),
+    )
+    .unwrap();
+    let dalli = Command::new("ruby")
+        .args([
+            "-e",
+            &format!(
+                "require 'dalli'; c = Dalli::Client.new('127.0.0.1:{port}', socket_max_failures: 1); c.set('d', 'v'); sleep 4; begin; c.set('e', 'v'); rescue StandardError; end"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(dalli.status.success(), "{}", String::from_utf8_lossy(&dalli.stderr));
+
+    let scrape = agent.wait_for(WAIT, |s| {
+        dead_writes(s, "python3", None) >= 2.0 && dead_writes(s, "ruby", None) >= 1.0
+    });
+    assert_eq!(dead_writes(&scrape, "python3", None), 2.0, "{}", scrape.text);
+    assert_eq!(dead_writes(&scrape, "ruby", None), 1.0, "{}", scrape.text);
+    assert_eq!(
+        dead_writes(&scrape, "python3", Some("unnoticed")) + dead_writes(&scrape, "ruby", Some("unnoticed")),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(scrape.sum("cacheprobe_dead_socket_writes_total", &[]), 3.0, "{}", scrape.text);
+    assert!(scrape.text.contains(&format!("server=\"127.0.0.1:{port}\"")));
+}
+
+/// The same clients without the sleep write nothing dead.
+#[test]
+fn no_dead_writes_without_idle_close() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    let agent = Agent::start("nodeadwrite", &[("memcached", port, "memcache")]).unwrap();
+    python(
+        None,
+        &format!(
+            "import memcache\n\
+             from pymemcache.client.base import Client\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             m = memcache.Client(['127.0.0.1:{port}'])\n\
+             for i in range(20):\n\
+             \x20   c.set('a', str(i), noreply=False)\n\
+             \x20   assert m.set('b', str(i))\n\
+             c.close()\n\
+             m.disconnect_all()\n"
+        ),
+    )
+    .unwrap();
+    // Wait for both connections to close on both sides, then past the 5 s outcome window.
+    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_connections_closed_total", &[]) >= 4.0);
+    assert_eq!(scrape.sum("cacheprobe_connections_closed_total", &[]), 4.0, "{}", scrape.text);
+    std::thread::sleep(Duration::from_secs(6));
+    let scrape = agent.scrape();
+    assert_eq!(scrape.sum("cacheprobe_dead_socket_writes_total", &[]), 0.0, "{}", scrape.text);
+}
+
+/// Random drops inside the server namespace make the client retransmit SYNs and data and the
+/// server retransmit SYN-ACKs; each is counted against the server endpoint. The rule lives in a
+/// namespace the test owns, so it disappears with the namespace on every exit path.
+#[test]
+fn retransmits_are_counted_per_server() {
+    require_root();
+    let port = unique_port();
+    let pair = NetnsPair::create("r", 18).unwrap();
+    let _memcached = start_memcached(Some(&pair.server_ns), &pair.server_addr, port, &[]).unwrap();
+    let agent = Agent::start("retransmit", &[("cache", port, "memcache")]).unwrap();
+    let drop_rule = |action: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &pair.server_ns, "iptables", action, "INPUT", "-p", "tcp", "--dport", &port.to_string()])
+            .args(["-m", "statistic", "--mode", "random", "--probability", "0.4", "-j", "DROP"])
+            .status()
+            .unwrap()
+    };
+    assert!(drop_rule("-A").success(), "iptables statistic rule");
+    let server = pair.server_addr.clone();
+    let result = python(
+        Some(&pair.client_ns),
+        &format!(
+            "import threading, socket\n\
+             def work(i):\n\
+             \x20   try:\n\
+             \x20       s = socket.create_connection(('{server}', {port}), timeout=8)\n\
+             \x20       for j in range(5):\n\
+             \x20           s.sendall(b'set k%d 0 0 100\\r\\n' % i + b'x' * 100 + b'\\r\\n')\n\
+             \x20           s.recv(100)\n\
+             \x20       s.close()\n\
+             \x20   except Exception:\n\
+             \x20       pass\n\
+             ts = [threading.Thread(target=work, args=(i,)) for i in range(24)]\n\
+             [t.start() for t in ts]\n\
+             [t.join() for t in ts]\n"
+        ),
+    );
+    let _ = drop_rule("-D");
+    result.unwrap();
+    let client = [("service", "cache"), ("server", pair.server_addr.as_str()), ("role", "client")];
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "syn")]) > 0.0
+            && s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "data")]) > 0.0
+    });
+    let with_kind = |kind| {
+        let mut labels = client.to_vec();
+        labels.push(("kind", kind));
+        scrape.sum("cacheprobe_tcp_retransmits_total", &labels)
+    };
+    assert!(with_kind("syn") > 0.0, "no SYN retransmits: {}", scrape.text);
+    assert!(with_kind("data") > 0.0, "no data retransmits: {}", scrape.text);
+    // Only the namespaced server exists: nothing may be attributed elsewhere.
+    let total = scrape.sum("cacheprobe_tcp_retransmits_total", &[]);
+    let here = scrape.sum("cacheprobe_tcp_retransmits_total", &[("server", pair.server_addr.as_str())]);
+    let here_with_port = scrape.sum(
+        "cacheprobe_tcp_retransmits_total",
+        &[("server", &format!("{}:{port}", pair.server_addr))],
+    );
+    assert_eq!(total, here_with_port, "{}", scrape.text);
+    assert_eq!(here, 0.0, "server label must include the port");
+}
+
+/// Refused (nothing listening: RST) and timed-out (SYNs dropped) connects.
+#[test]
+fn connect_failures_are_classified() {
+    require_root();
+    let refused_port = unique_port();
+    let blackhole_port = unique_port();
+    let pair = NetnsPair::create("c", 19).unwrap();
+    let agent = Agent::start(
+        "connectfail",
+        &[("refusing", refused_port, "memcache"), ("blackhole", blackhole_port, "memcache")],
+    )
+    .unwrap();
+    let status = Command::new("ip")
+        .args(["netns", "exec", &pair.server_ns, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &blackhole_port.to_string(), "-j", "DROP"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let server = pair.server_addr.clone();
+    python(
+        Some(&pair.client_ns),
+        &format!(
+            "import socket\n\
+             for port, n in (({refused_port}, 3), ({blackhole_port}, 2)):\n\
+             \x20   for i in range(n):\n\
+             \x20       try:\n\
+             \x20           socket.create_connection(('{server}', port), timeout=1.5)\n\
+             \x20           raise SystemExit('connected?')\n\
+             \x20       except (ConnectionRefusedError, socket.timeout):\n\
+             \x20           pass\n"
+        ),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_connect_failures_total", &[]) >= 5.0);
+    assert_eq!(
+        scrape.sum("cacheprobe_connect_failures_total", &[("service", "refusing"), ("reason", "refused")]),
+        3.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_connect_failures_total", &[("service", "blackhole"), ("reason", "timeout")]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(scrape.sum("cacheprobe_connect_failures_total", &[]), 5.0);
+    assert_eq!(scrape.sum("cacheprobe_syn_total", &[("direction", "out")]), 5.0, "{}", scrape.text);
+    // The refusing side sent a reset for each SYN; the client received it.
+    assert_eq!(
+        scrape.sum("cacheprobe_tcp_resets_total", &[("service", "refusing"), ("role", "client"), ("direction", "received")]),
+        3.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(scrape.sum("cacheprobe_connections_opened_total", &[]), 0.0);
+}
+
+/// A listener with a backlog of 1 that never accepts, hit by 20 connection attempts: every SYN
+/// is counted as it arrives (tc ingress), including those the full queue drops.
+#[test]
+fn syn_burst_at_a_listener_that_never_accepts() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("synburst", &[("stuck", port, "memcache")]).unwrap();
+    let mut listener = Guard(
+        Command::new(PYTHON)
+            .args([
+                "-c",
+                &format!(
+                    "import socket, time\n\
+                     s = socket.socket()\n\
+                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                     s.bind(('127.0.0.1', {port}))\n\
+                     s.listen(1)\n\
+                     time.sleep(60)\n"
+                ),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(None, "127.0.0.1", port).unwrap();
+    python(
+        None,
+        &format!(
+            "import socket\n\
+             socks = []\n\
+             for i in range(20):\n\
+             \x20   s = socket.socket()\n\
+             \x20   s.setblocking(False)\n\
+             \x20   s.connect_ex(('127.0.0.1', {port}))\n\
+             \x20   socks.append(s)\n\
+             import time; time.sleep(1.5)\n"
+        ),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_syn_total", &[("direction", "in")]) >= 20.0);
+    assert_eq!(scrape.sum("cacheprobe_syn_total", &[("service", "stuck"), ("direction", "out")]), 20.0, "{}", scrape.text);
+    assert!(
+        scrape.sum("cacheprobe_syn_total", &[("service", "stuck"), ("direction", "in")]) >= 20.0,
+        "{}",
+        scrape.text
+    );
+    let _ = listener.0.kill();
+}
+
+/// A client with a lowered fd limit opens sockets until EMFILE; the failures are counted for its
+/// process name.
+#[test]
+fn emfile_is_counted_per_process_name() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let agent = Agent::start("emfile", &[("memcached", port, "memcache")]).unwrap();
+    let output = Command::new(PYTHON)
+        .args([
+            "-c",
+            &format!(
+                "import resource, socket, ctypes\n\
+                 ctypes.CDLL(None).prctl(15, b'fdhog', 0, 0, 0)\n\
+                 resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n\
+                 socks, errors = [], 0\n\
+                 for i in range(64):\n\
+                 \x20   try:\n\
+                 \x20       socks.append(socket.create_connection(('127.0.0.1', {port})))\n\
+                 \x20   except OSError as e:\n\
+                 \x20       if e.errno == 24:\n\
+                 \x20           errors += 1\n\
+                 print(errors)\n"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let client_errors: f64 = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+    assert!(client_errors > 0.0);
+    let labels = [("comm", "fdhog"), ("errno", "EMFILE")];
+    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_fd_exhaustion_errors_total", &labels) >= client_errors);
+    assert_eq!(scrape.sum("cacheprobe_fd_exhaustion_errors_total", &labels), client_errors, "{}", scrape.text);
+}
