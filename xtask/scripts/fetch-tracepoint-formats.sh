@@ -47,8 +47,9 @@ major_minor() { sed -E 's/^([0-9]+\.[0-9]+).*/\1/' <<<"$1"; }
 # parser: it reads bpftool's raw dump, so the recorded offsets cross-check that parser.
 record_sock_common() {
   local btf_file=$1 out=$2
-  bpftool btf dump file "$btf_file" format raw >"$out.raw"
-  python3 - "$out.raw" "${SOCK_COMMON_MEMBERS[@]}" >"$out" <<'PY'
+  local raw; raw=$(mktemp)
+  bpftool btf dump file "$btf_file" format raw >"$raw"
+  python3 - "$raw" "${SOCK_COMMON_MEMBERS[@]}" >"$out" <<'PY'
 import re, sys
 raw_path, wanted = sys.argv[1], sys.argv[2:]
 types = {}  # id -> [kind, name, referenced type id, [(member, type id, bits offset)]]
@@ -84,7 +85,7 @@ for name in wanted:
     off = find(candidates[0], name, 0) if candidates else None
     print(f"{name} {off if off is not None else 'absent'}")
 PY
-  rm -f "$out.raw"
+  rm -f "$raw"
 }
 
 copy_host() {

@@ -1,2 +1,3 @@
+pub mod format;
 pub mod loader;
 pub mod offsets_bootstrap;
