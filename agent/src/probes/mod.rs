@@ -1,3 +1,4 @@
+pub mod btf;
 pub mod format;
 pub mod loader;
 pub mod offsets_bootstrap;
