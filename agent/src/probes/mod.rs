@@ -1,2 +1,5 @@
+pub mod btf;
+pub mod format;
 pub mod loader;
+pub mod offsets;
 pub mod offsets_bootstrap;

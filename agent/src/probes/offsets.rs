@@ -1,0 +1,859 @@
+//! Load-time discovery of the kernel layouts the tracepoint programs read: tracepoint record
+//! fields (from tracefs `format` files) and `struct sock_common` members (from kernel BTF).
+//!
+//! Anything not found, or found with a size the programs cannot read, is left at
+//! [`OFFSET_UNKNOWN`] and reported in [`Resolution::missing`] with what the user loses, so the
+//! agent degrades per feature instead of reading garbage or refusing to start.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use agent_common::{ProbeOffsets, OFFSET_UNKNOWN};
+
+use super::btf::Btf;
+use super::format::{parse_format, TracepointFormat};
+
+/// Where layouts come from: the running kernel ([`SystemLayout`]) or recorded fixtures.
+pub trait LayoutSource {
+    /// Text of `events/<category>/<event>/format`; `None` when the event does not exist.
+    fn format(&self, category: &str, event: &str) -> Option<String>;
+    /// The kernel's BTF; `None` when it is absent or unreadable.
+    fn btf(&self) -> Option<&Btf>;
+    /// Why no format file can be read at all (e.g. tracefs not mounted), if that is the case.
+    fn tracefs_problem(&self) -> Option<String> {
+        None
+    }
+    /// Why [`LayoutSource::btf`] is `None`, when it is more than "not there".
+    fn btf_problem(&self) -> Option<String> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub offsets: ProbeOffsets,
+    pub missing: Vec<MissingFeature>,
+}
+
+/// One layout the kernel did not provide, and what that costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingFeature {
+    /// What was looked for: `sock/sock_send_length`, `sock/inet_sock_set_state field saddr`,
+    /// `struct sock_common member skc_v6_daddr`, `kernel BTF`.
+    pub subject: String,
+    /// A sentence for logs and `cacheprobe check`: why it is missing and what is lost.
+    pub reason: String,
+}
+
+impl fmt::Display for MissingFeature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+type Slot = fn(&mut ProbeOffsets) -> &mut u16;
+
+/// A field or member the programs read, the size they read it at, and what is lost without it.
+struct Wanted {
+    name: &'static str,
+    size: u32,
+    slot: Slot,
+    impact: &'static str,
+}
+
+const fn wanted(name: &'static str, size: u32, slot: Slot, impact: &'static str) -> Wanted {
+    Wanted {
+        name,
+        size,
+        slot,
+        impact,
+    }
+}
+
+const LIFECYCLE_LOST: &str =
+    "connection lifecycle (opened/closed, closed_by, durations) unavailable";
+
+// The programs drop a state change whose addresses they cannot read.
+const IPV4_STATE_LOST: &str = "state changes of IPv4 connections are not reported";
+const IPV6_STATE_LOST: &str = "state changes of IPv6 connections are not reported";
+
+const SET_STATE_FIELDS: &[Wanted] = &[
+    wanted("skaddr", 8, |o| &mut o.state_skaddr, LIFECYCLE_LOST),
+    wanted("oldstate", 4, |o| &mut o.state_oldstate, LIFECYCLE_LOST),
+    wanted("newstate", 4, |o| &mut o.state_newstate, LIFECYCLE_LOST),
+    wanted("sport", 2, |o| &mut o.state_sport, LIFECYCLE_LOST),
+    wanted("dport", 2, |o| &mut o.state_dport, LIFECYCLE_LOST),
+    wanted("family", 2, |o| &mut o.state_family, LIFECYCLE_LOST),
+    wanted("protocol", 2, |o| &mut o.state_protocol, LIFECYCLE_LOST),
+    wanted("saddr", 4, |o| &mut o.state_saddr, IPV4_STATE_LOST),
+    wanted("daddr", 4, |o| &mut o.state_daddr, IPV4_STATE_LOST),
+    wanted("saddr_v6", 16, |o| &mut o.state_saddr_v6, IPV6_STATE_LOST),
+    wanted("daddr_v6", 16, |o| &mut o.state_daddr_v6, IPV6_STATE_LOST),
+];
+
+const LENGTH_LOST: &str = "last-activity stamps and byte counts unavailable";
+
+const LENGTH_FIELDS: &[Wanted] = &[
+    wanted("sk", 8, |o| &mut o.len_sk, LENGTH_LOST),
+    wanted("family", 2, |o| &mut o.len_family, LENGTH_LOST),
+    wanted("protocol", 2, |o| &mut o.len_protocol, LENGTH_LOST),
+    wanted("ret", 4, |o| &mut o.len_ret, LENGTH_LOST),
+];
+
+const LEARNING_LOST: &str =
+    "sockets opened before the agent started are only seen when they change state";
+const IPV6_LEARNING_LOST: &str =
+    "IPv6 sockets opened before the agent started are only seen when they change state";
+
+const SOCK_COMMON_MEMBERS: &[Wanted] = &[
+    wanted("skc_daddr", 4, |o| &mut o.skc_daddr, LEARNING_LOST),
+    wanted("skc_rcv_saddr", 4, |o| &mut o.skc_rcv_saddr, LEARNING_LOST),
+    wanted("skc_dport", 2, |o| &mut o.skc_dport, LEARNING_LOST),
+    wanted("skc_num", 2, |o| &mut o.skc_num, LEARNING_LOST),
+    wanted("skc_family", 2, |o| &mut o.skc_family, LEARNING_LOST),
+    wanted("skc_state", 1, |o| &mut o.skc_state, LEARNING_LOST),
+    wanted(
+        "skc_v6_daddr",
+        16,
+        |o| &mut o.skc_v6_daddr,
+        IPV6_LEARNING_LOST,
+    ),
+    wanted(
+        "skc_v6_rcv_saddr",
+        16,
+        |o| &mut o.skc_v6_rcv_saddr,
+        IPV6_LEARNING_LOST,
+    ),
+];
+
+struct Tracepoint {
+    category: &'static str,
+    event: &'static str,
+    /// Oldest mainline kernel that has it, for the "not present" message.
+    since: &'static str,
+    impact: &'static str,
+}
+
+const SET_STATE: Tracepoint = Tracepoint {
+    category: "sock",
+    event: "inet_sock_set_state",
+    since: "4.16",
+    impact: LIFECYCLE_LOST,
+};
+const SEND_LENGTH: Tracepoint = Tracepoint {
+    category: "sock",
+    event: "sock_send_length",
+    since: "6.4",
+    impact: LENGTH_LOST,
+};
+const RECV_LENGTH: Tracepoint = Tracepoint {
+    category: "sock",
+    event: "sock_recv_length",
+    since: "6.4",
+    impact: LENGTH_LOST,
+};
+
+pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
+    let mut resolver = Resolver {
+        offsets: ProbeOffsets::UNKNOWN,
+        missing: Vec::new(),
+        tracefs_problem: source.tracefs_problem(),
+    };
+
+    if let Some(format) = resolver.load(source, &SET_STATE) {
+        resolver.take_fields(&SET_STATE, &format, SET_STATE_FIELDS);
+    }
+
+    // Both length tracepoints feed the same len_* offsets: they share one TRACE_EVENT class.
+    // Should a kernel ever give them different layouts, neither can be read safely.
+    let send = resolver.load(source, &SEND_LENGTH);
+    let recv = resolver.load(source, &RECV_LENGTH);
+    match (&send, &recv) {
+        (Some(send), Some(recv)) if !same_layout(send, recv, LENGTH_FIELDS) => {
+            resolver.missing.push(MissingFeature {
+                subject: "sock/sock_send_length, sock/sock_recv_length".into(),
+                reason: format!(
+                    "tracepoints sock/sock_send_length and sock/sock_recv_length have different \
+                     layouts, which the programs cannot handle: {LENGTH_LOST}"
+                ),
+            });
+        }
+        (Some(format), _) => resolver.take_fields(&SEND_LENGTH, format, LENGTH_FIELDS),
+        (None, Some(format)) => resolver.take_fields(&RECV_LENGTH, format, LENGTH_FIELDS),
+        (None, None) => {}
+    }
+
+    resolver.take_sock_common(source);
+    Resolution {
+        offsets: resolver.offsets,
+        missing: resolver.missing,
+    }
+}
+
+struct Resolver {
+    offsets: ProbeOffsets,
+    missing: Vec<MissingFeature>,
+    tracefs_problem: Option<String>,
+}
+
+impl Resolver {
+    fn load(
+        &mut self,
+        source: &impl LayoutSource,
+        tracepoint: &Tracepoint,
+    ) -> Option<TracepointFormat> {
+        let Tracepoint {
+            category,
+            event,
+            since,
+            impact,
+        } = tracepoint;
+        let subject = format!("{category}/{event}");
+        let reason = match source.format(category, event) {
+            Some(text) => {
+                match parse_format(&text) {
+                    Ok(format) => return Some(format),
+                    Err(error) => {
+                        format!("tracepoint {subject} has an unreadable format file ({error}): {impact}")
+                    }
+                }
+            }
+            None => match &self.tracefs_problem {
+                Some(problem) => {
+                    format!("tracepoint {subject} cannot be read ({problem}): {impact}")
+                }
+                None => {
+                    format!("tracepoint {subject} not present (needs Linux {since}+): {impact}")
+                }
+            },
+        };
+        self.missing.push(MissingFeature { subject, reason });
+        None
+    }
+
+    fn take_fields(
+        &mut self,
+        tracepoint: &Tracepoint,
+        format: &TracepointFormat,
+        wanted: &[Wanted],
+    ) {
+        let subject = format!("{}/{}", tracepoint.category, tracepoint.event);
+        for field in wanted {
+            let found = format.field(field.name).map(|f| (f.offset, Some(f.size)));
+            self.place(&format!("tracepoint {subject}"), "field", field, found);
+        }
+    }
+
+    fn take_sock_common(&mut self, source: &impl LayoutSource) {
+        let Some(btf) = source.btf() else {
+            let reason = match source.btf_problem() {
+                Some(problem) => format!("kernel BTF unreadable ({problem}): {LEARNING_LOST}"),
+                None => format!("kernel BTF not found: {LEARNING_LOST}"),
+            };
+            self.missing.push(MissingFeature {
+                subject: "kernel BTF".into(),
+                reason,
+            });
+            return;
+        };
+        if btf.member_offset("sock_common", "skc_family").is_none()
+            && btf.member_offset("sock_common", "skc_num").is_none()
+        {
+            self.missing.push(MissingFeature {
+                subject: "struct sock_common".into(),
+                reason: format!("kernel BTF has no usable struct sock_common: {LEARNING_LOST}"),
+            });
+            return;
+        }
+        for member in SOCK_COMMON_MEMBERS {
+            let found = btf.member("sock_common", member.name).and_then(|location| {
+                // A bitfield or an unaligned member has no byte offset to read at.
+                (location.bitfield_bits == 0 && location.bit_offset.is_multiple_of(8))
+                    .then_some((location.bit_offset / 8, location.size))
+            });
+            self.place("struct sock_common", "member", member, found);
+        }
+    }
+
+    /// Stores a found offset, or records why it cannot be used.
+    fn place(
+        &mut self,
+        owner: &str,
+        noun: &str,
+        wanted: &Wanted,
+        found: Option<(u32, Option<u32>)>,
+    ) {
+        let subject = format!("{owner} {noun} {}", wanted.name);
+        let problem = match found {
+            None => format!("{owner} has no {noun} {}", wanted.name),
+            Some((_, size)) if size != Some(wanted.size) => format!(
+                "{owner} {noun} {} has size {}, expected {}; treated as missing",
+                wanted.name,
+                size.map_or_else(|| "unknown".to_owned(), |size| size.to_string()),
+                wanted.size
+            ),
+            // OFFSET_UNKNOWN is u16::MAX, so the largest usable offset is one less.
+            Some((offset, _)) if offset >= u32::from(OFFSET_UNKNOWN) => format!(
+                "{owner} {noun} {} is at offset {offset}, beyond what the programs can address; \
+                 treated as missing",
+                wanted.name
+            ),
+            Some((offset, _)) => {
+                // Checked just above: fits below u16::MAX.
+                *(wanted.slot)(&mut self.offsets) = offset as u16;
+                return;
+            }
+        };
+        self.missing.push(MissingFeature {
+            subject,
+            reason: format!("{problem}: {}", wanted.impact),
+        });
+    }
+}
+
+fn same_layout(a: &TracepointFormat, b: &TracepointFormat, wanted: &[Wanted]) -> bool {
+    wanted.iter().all(|field| {
+        let key = |format: &TracepointFormat| format.field(field.name).map(|f| (f.offset, f.size));
+        key(a) == key(b)
+    })
+}
+
+/// The running kernel's tracefs and BTF.
+pub struct SystemLayout {
+    events_dir: Option<PathBuf>,
+    tracefs_problem: Option<String>,
+    btf: Result<Btf, String>,
+}
+
+impl SystemLayout {
+    pub const TRACEFS_MOUNTS: [&'static str; 2] =
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+    pub const BTF_PATH: &'static str = "/sys/kernel/btf/vmlinux";
+
+    /// Looks for tracefs at its usual mount points and reads kernel BTF. Reading the BTF
+    /// (a few MB) and parsing it takes tens of milliseconds; do it once at startup.
+    pub fn discover() -> SystemLayout {
+        let mut tracefs_problem = None;
+        let mut events_dir = None;
+        for mount in Self::TRACEFS_MOUNTS {
+            let events = Path::new(mount).join("events");
+            match std::fs::read_dir(&events) {
+                Ok(_) => {
+                    events_dir = Some(events);
+                    break;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                    tracefs_problem.get_or_insert(format!(
+                        "permission denied reading {} (run as root)",
+                        events.display()
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+        if events_dir.is_some() {
+            tracefs_problem = None;
+        } else if tracefs_problem.is_none() {
+            tracefs_problem = Some(format!(
+                "tracefs not found at {}; mount it with `mount -t tracefs nodev /sys/kernel/tracing`",
+                Self::TRACEFS_MOUNTS.join(" or ")
+            ));
+        }
+        SystemLayout {
+            events_dir,
+            tracefs_problem,
+            btf: read_btf(Path::new(Self::BTF_PATH)),
+        }
+    }
+
+    /// A layout read from explicit places: an `events` directory laid out like tracefs'
+    /// (`<category>/<event>/format`) and a raw BTF file. Used for recorded fixtures.
+    pub fn from_paths(events_dir: &Path, btf_path: Option<&Path>) -> SystemLayout {
+        SystemLayout {
+            events_dir: Some(events_dir.to_owned()),
+            tracefs_problem: None,
+            btf: match btf_path {
+                Some(path) => read_btf(path),
+                None => Err(String::new()),
+            },
+        }
+    }
+}
+
+/// `Err("")` means "no BTF file"; any other error text explains why it could not be used.
+fn read_btf(path: &Path) -> Result<Btf, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => Btf::parse(&bytes).map_err(|error| format!("{}: {error}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(String::new()),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+    }
+}
+
+impl LayoutSource for SystemLayout {
+    fn format(&self, category: &str, event: &str) -> Option<String> {
+        // Names come from this module's constants, but keep them from walking the filesystem.
+        let plain = |part: &str| !part.is_empty() && !part.contains(['/', '\0']) && part != "..";
+        if !plain(category) || !plain(event) {
+            return None;
+        }
+        let path = self
+            .events_dir
+            .as_ref()?
+            .join(category)
+            .join(event)
+            .join("format");
+        std::fs::read_to_string(path).ok()
+    }
+
+    fn btf(&self) -> Option<&Btf> {
+        self.btf.as_ref().ok()
+    }
+
+    fn tracefs_problem(&self) -> Option<String> {
+        self.tracefs_problem.clone()
+    }
+
+    fn btf_problem(&self) -> Option<String> {
+        self.btf
+            .as_ref()
+            .err()
+            .filter(|problem| !problem.is_empty())
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::btf::test_blobs::{sock_common_into, BlobBuilder};
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+
+    fn fixture_dir(kernel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(kernel)
+    }
+
+    /// Expected inet_sock_set_state offsets: identical on 6.1, 6.12 and 6.18.
+    fn assert_set_state_offsets(offsets: &ProbeOffsets) {
+        assert_eq!(offsets.state_skaddr, 8);
+        assert_eq!(offsets.state_oldstate, 16);
+        assert_eq!(offsets.state_newstate, 20);
+        assert_eq!(offsets.state_sport, 24);
+        assert_eq!(offsets.state_dport, 26);
+        assert_eq!(offsets.state_family, 28);
+        assert_eq!(offsets.state_protocol, 30);
+        assert_eq!(offsets.state_saddr, 32);
+        assert_eq!(offsets.state_daddr, 36);
+        assert_eq!(offsets.state_saddr_v6, 40);
+        assert_eq!(offsets.state_daddr_v6, 56);
+    }
+
+    /// Fixture format files plus whichever BTF the test supplies.
+    struct Fixture {
+        layout: SystemLayout,
+        btf: Option<Btf>,
+    }
+
+    impl Fixture {
+        fn new(kernel: &str, btf: Option<Btf>) -> Fixture {
+            Fixture {
+                layout: SystemLayout::from_paths(&fixture_dir(kernel), None),
+                btf,
+            }
+        }
+    }
+
+    impl LayoutSource for Fixture {
+        fn format(&self, category: &str, event: &str) -> Option<String> {
+            self.layout.format(category, event)
+        }
+        fn btf(&self) -> Option<&Btf> {
+            self.btf.as_ref()
+        }
+    }
+
+    fn real_6_1_btf() -> Btf {
+        static PARSED: OnceLock<Btf> = OnceLock::new();
+        PARSED
+            .get_or_init(|| {
+                use std::io::Read as _;
+                let mut raw = Vec::new();
+                let file =
+                    std::fs::File::open(fixture_dir("kernel-6.1").join("btf-vmlinux.gz")).unwrap();
+                flate2::read::GzDecoder::new(file)
+                    .read_to_end(&mut raw)
+                    .unwrap();
+                Btf::parse(&raw).unwrap()
+            })
+            .clone()
+    }
+
+    #[test]
+    fn kernel_6_18_fixture_without_btf() {
+        let resolution = resolve_offsets(&Fixture::new("kernel-6.18", None));
+        let offsets = resolution.offsets;
+        assert_set_state_offsets(&offsets);
+        assert_eq!(
+            (
+                offsets.len_sk,
+                offsets.len_family,
+                offsets.len_protocol,
+                offsets.len_ret
+            ),
+            (8, 16, 18, 20)
+        );
+        assert_eq!(offsets.skc_num, OFFSET_UNKNOWN);
+        assert_eq!(
+            resolution.missing,
+            vec![MissingFeature {
+                subject: "kernel BTF".into(),
+                reason: "kernel BTF not found: sockets opened before the agent started are only \
+                         seen when they change state"
+                    .into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn kernel_6_1_fixture_with_its_real_btf() {
+        let resolution = resolve_offsets(&Fixture::new("kernel-6.1", Some(real_6_1_btf())));
+        let offsets = resolution.offsets;
+        assert_set_state_offsets(&offsets);
+        assert_eq!(
+            (
+                offsets.len_sk,
+                offsets.len_family,
+                offsets.len_protocol,
+                offsets.len_ret
+            ),
+            (
+                OFFSET_UNKNOWN,
+                OFFSET_UNKNOWN,
+                OFFSET_UNKNOWN,
+                OFFSET_UNKNOWN
+            )
+        );
+        assert_eq!(
+            (
+                offsets.skc_daddr,
+                offsets.skc_rcv_saddr,
+                offsets.skc_dport,
+                offsets.skc_num
+            ),
+            (0, 4, 12, 14)
+        );
+        assert_eq!(
+            (
+                offsets.skc_family,
+                offsets.skc_state,
+                offsets.skc_v6_daddr,
+                offsets.skc_v6_rcv_saddr
+            ),
+            (16, 18, 56, 72)
+        );
+        assert!(offsets.can_learn_sockets());
+        let reasons: Vec<&str> = resolution
+            .missing
+            .iter()
+            .map(|m| m.reason.as_str())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "tracepoint sock/sock_send_length not present (needs Linux 6.4+): last-activity \
+                 stamps and byte counts unavailable",
+                "tracepoint sock/sock_recv_length not present (needs Linux 6.4+): last-activity \
+                 stamps and byte counts unavailable",
+            ]
+        );
+    }
+
+    /// 6.12's BTF is not stored; 6.1's stands in (bpftool recorded the same sock_common
+    /// offsets for both), so everything resolves.
+    #[test]
+    fn kernel_6_12_fixture_resolves_fully() {
+        let resolution = resolve_offsets(&Fixture::new("kernel-6.12", Some(real_6_1_btf())));
+        assert_set_state_offsets(&resolution.offsets);
+        assert_eq!(resolution.offsets.len_ret, 20);
+        assert!(resolution.missing.is_empty(), "{:?}", resolution.missing);
+    }
+
+    /// Formats held in memory, to exercise the rules the fixtures never break.
+    #[derive(Default)]
+    struct Synthetic {
+        formats: HashMap<(&'static str, &'static str), String>,
+        btf: Option<Btf>,
+        tracefs_problem: Option<String>,
+        btf_problem: Option<String>,
+    }
+
+    impl LayoutSource for Synthetic {
+        fn format(&self, category: &str, event: &str) -> Option<String> {
+            self.formats
+                .iter()
+                .find(|((c, e), _)| *c == category && *e == event)
+                .map(|(_, text)| text.clone())
+        }
+        fn btf(&self) -> Option<&Btf> {
+            self.btf.as_ref()
+        }
+        fn tracefs_problem(&self) -> Option<String> {
+            self.tracefs_problem.clone()
+        }
+        fn btf_problem(&self) -> Option<String> {
+            self.btf_problem.clone()
+        }
+    }
+
+    fn fixture_text(kernel: &str, event: &str) -> String {
+        std::fs::read_to_string(fixture_dir(kernel).join("sock").join(event).join("format"))
+            .unwrap()
+    }
+
+    fn synthetic_6_18() -> Synthetic {
+        let mut source = Synthetic::default();
+        for event in [
+            "inet_sock_set_state",
+            "sock_send_length",
+            "sock_recv_length",
+        ] {
+            source
+                .formats
+                .insert(("sock", event), fixture_text("kernel-6.18", event));
+        }
+        source
+    }
+
+    fn reasons(resolution: &Resolution) -> Vec<String> {
+        resolution
+            .missing
+            .iter()
+            .map(|m| m.reason.clone())
+            .collect()
+    }
+
+    #[test]
+    fn field_with_unexpected_size_is_missing_and_named() {
+        let mut source = synthetic_6_18();
+        let text = fixture_text("kernel-6.18", "inet_sock_set_state").replace(
+            "field:__u16 sport;\toffset:24;\tsize:2;",
+            "field:__u32 sport;\toffset:24;\tsize:4;",
+        );
+        source.formats.insert(("sock", "inet_sock_set_state"), text);
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.state_sport, OFFSET_UNKNOWN);
+        assert_eq!(resolution.offsets.state_dport, 26);
+        assert_eq!(
+            resolution.missing[0].subject,
+            "tracepoint sock/inet_sock_set_state field sport"
+        );
+        assert_eq!(
+            resolution.missing[0].reason,
+            "tracepoint sock/inet_sock_set_state field sport has size 4, expected 2; treated as \
+             missing: connection lifecycle (opened/closed, closed_by, durations) unavailable"
+        );
+    }
+
+    #[test]
+    fn absent_field_and_oversized_offset_are_reported() {
+        let mut source = synthetic_6_18();
+        let text = fixture_text("kernel-6.18", "inet_sock_set_state")
+            .replace(
+                "field:__u8 daddr_v6[16];\toffset:56;",
+                "field:__u8 daddr_v6[16];\toffset:70000;",
+            )
+            .replace("field:__u8 saddr[4];", "field:__u8 srcaddr[4];");
+        source.formats.insert(("sock", "inet_sock_set_state"), text);
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.state_saddr, OFFSET_UNKNOWN);
+        assert_eq!(resolution.offsets.state_daddr_v6, OFFSET_UNKNOWN);
+        assert_eq!(resolution.offsets.state_saddr_v6, 40);
+        let found = reasons(&resolution);
+        assert!(
+            found[0].starts_with(
+                "tracepoint sock/inet_sock_set_state has no field saddr: state changes of IPv4"
+            ),
+            "{found:?}"
+        );
+        assert!(
+            found[1].contains(
+                "field daddr_v6 is at offset 70000, beyond what the programs can address"
+            ),
+            "{found:?}"
+        );
+        // u16::MAX itself is the "unknown" sentinel and must not be stored as an offset.
+        let mut source = synthetic_6_18();
+        let text =
+            fixture_text("kernel-6.18", "sock_send_length").replace("offset:20;", "offset:65535;");
+        source.formats.insert(("sock", "sock_send_length"), text);
+        source.formats.remove(&("sock", "sock_recv_length"));
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.len_ret, OFFSET_UNKNOWN);
+        assert!(reasons(&resolution)
+            .iter()
+            .any(|r| r.contains("field ret is at offset 65535")));
+    }
+
+    #[test]
+    fn unreadable_format_file_is_reported_with_the_parse_error() {
+        let mut source = synthetic_6_18();
+        source.formats.insert(
+            ("sock", "inet_sock_set_state"),
+            "name: inet_sock_set_state\nformat:\n".into(),
+        );
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.state_skaddr, OFFSET_UNKNOWN);
+        assert_eq!(
+            reasons(&resolution)[0],
+            "tracepoint sock/inet_sock_set_state has an unreadable format file (no `ID:` line): \
+             connection lifecycle (opened/closed, closed_by, durations) unavailable"
+        );
+    }
+
+    #[test]
+    fn send_and_recv_layouts_must_agree() {
+        let mut source = synthetic_6_18();
+        let recv =
+            fixture_text("kernel-6.18", "sock_recv_length").replace("offset:20;", "offset:24;");
+        source.formats.insert(("sock", "sock_recv_length"), recv);
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.len_sk, OFFSET_UNKNOWN);
+        assert_eq!(resolution.offsets.len_ret, OFFSET_UNKNOWN);
+        assert_eq!(resolution.missing.len(), 2, "{:?}", resolution.missing);
+        assert!(resolution.missing[0]
+            .reason
+            .contains("have different layouts"));
+        // Only one of the pair present: its layout is used, the other is reported.
+        let mut source = synthetic_6_18();
+        source.formats.remove(&("sock", "sock_send_length"));
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets.len_ret, 20);
+        assert!(reasons(&resolution)[0].starts_with("tracepoint sock/sock_send_length not present"));
+    }
+
+    #[test]
+    fn tracefs_and_btf_problems_replace_the_generic_reasons() {
+        let source = Synthetic {
+            tracefs_problem: Some("tracefs not found at /x".into()),
+            btf_problem: Some("/sys/kernel/btf/vmlinux: BTF version 2 is not supported".into()),
+            ..Synthetic::default()
+        };
+        let resolution = resolve_offsets(&source);
+        assert_eq!(resolution.offsets, ProbeOffsets::UNKNOWN);
+        let reasons = reasons(&resolution);
+        assert_eq!(reasons.len(), 4);
+        assert_eq!(
+            reasons[0],
+            "tracepoint sock/inet_sock_set_state cannot be read (tracefs not found at /x): \
+             connection lifecycle (opened/closed, closed_by, durations) unavailable"
+        );
+        assert_eq!(
+            reasons[3],
+            "kernel BTF unreadable (/sys/kernel/btf/vmlinux: BTF version 2 is not supported): \
+             sockets opened before the agent started are only seen when they change state"
+        );
+    }
+
+    #[test]
+    fn btf_without_ipv6_members() {
+        let mut blob = BlobBuilder::new(false);
+        sock_common_into(&mut blob, false);
+        let source = Synthetic {
+            btf: Some(Btf::parse(&blob.build()).unwrap()),
+            ..synthetic_6_18()
+        };
+        let resolution = resolve_offsets(&source);
+        assert!(resolution.offsets.can_learn_sockets());
+        assert_eq!(resolution.offsets.skc_v6_daddr, OFFSET_UNKNOWN);
+        assert_eq!(resolution.offsets.skc_state, 18);
+        assert_eq!(
+            reasons(&resolution),
+            [
+                "struct sock_common has no member skc_v6_daddr: IPv6 sockets opened before the \
+                 agent started are only seen when they change state",
+                "struct sock_common has no member skc_v6_rcv_saddr: IPv6 sockets opened before the \
+                 agent started are only seen when they change state",
+            ]
+        );
+    }
+
+    #[test]
+    fn btf_without_sock_common() {
+        let empty_btf = {
+            let mut raw = vec![0x9f, 0xeb, 1, 0];
+            raw.extend_from_slice(&24u32.to_le_bytes());
+            raw.extend_from_slice(&[0; 12]);
+            raw.extend_from_slice(&1u32.to_le_bytes());
+            raw.push(0);
+            Btf::parse(&raw).unwrap()
+        };
+        let source = Synthetic {
+            btf: Some(empty_btf),
+            ..synthetic_6_18()
+        };
+        let resolution = resolve_offsets(&source);
+        assert_eq!(
+            reasons(&resolution),
+            [
+                "kernel BTF has no usable struct sock_common: sockets opened before the agent \
+              started are only seen when they change state"
+            ]
+        );
+    }
+
+    #[test]
+    fn system_layout_reads_fixture_directories() {
+        let layout = SystemLayout::from_paths(&fixture_dir("kernel-6.18"), None);
+        assert!(layout
+            .format("sock", "inet_sock_set_state")
+            .unwrap()
+            .contains("skaddr"));
+        assert_eq!(layout.format("sock", "no_such_event"), None);
+        assert_eq!(layout.format("..", "KERNEL"), None);
+        assert_eq!(layout.format("sock/../sock", "inet_sock_set_state"), None);
+        assert!(layout.btf().is_none());
+        assert_eq!(layout.btf_problem(), None);
+        let broken = SystemLayout::from_paths(
+            &fixture_dir("kernel-6.18"),
+            Some(&fixture_dir("kernel-6.18").join("sock_common.txt")),
+        );
+        assert!(
+            broken.btf_problem().unwrap().contains("not BTF"),
+            "{:?}",
+            broken.btf_problem()
+        );
+    }
+
+    /// Host test: resolves against this machine's tracefs and BTF (needs root). On the 6.18
+    /// development host everything must resolve with the recorded values.
+    #[test]
+    fn host_system_layout_resolves() {
+        let layout = SystemLayout::discover();
+        if layout.tracefs_problem().is_some() || layout.btf().is_none() {
+            eprintln!(
+                "skipped: {:?} {:?}",
+                layout.tracefs_problem(),
+                layout.btf_problem().unwrap_or_else(|| "no BTF".into())
+            );
+            return;
+        }
+        let resolution = resolve_offsets(&layout);
+        eprintln!(
+            "host offsets: {:?}; missing: {:?}",
+            resolution.offsets, resolution.missing
+        );
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let recorded = std::fs::read_to_string(fixture_dir("kernel-6.18").join("KERNEL")).unwrap();
+        if release.trim() == recorded.trim() {
+            assert!(resolution.missing.is_empty(), "{:?}", resolution.missing);
+            assert_set_state_offsets(&resolution.offsets);
+            assert_eq!(resolution.offsets.skc_v6_rcv_saddr, 72);
+            assert_eq!(
+                resolution.offsets,
+                resolve_offsets(&Fixture::new("kernel-6.18", layout.btf().cloned())).offsets
+            );
+        }
+    }
+}
