@@ -22,11 +22,18 @@ pub fn require_root() {
     assert_eq!(euid, 0, "integration tests load eBPF programs and create network namespaces: run them as root (cargo xtask test does)");
 }
 
-/// Ports unique per test process and per call, so tests never see each other's traffic.
+/// Ports unique per test process and per call, so tests never see each other's traffic. They
+/// stay below the ephemeral range (32768+) so no client socket can hold one, and ports that are
+/// taken (a leftover from an earlier run) are skipped.
 pub fn unique_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20000 + (std::process::id() % 400) as u16 * 100;
-    base + NEXT.fetch_add(1, Ordering::SeqCst) % 100 + 1
+    let base = 20000 + (std::process::id() % 120) as u16 * 100;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::SeqCst) % 100;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn agent_binary() -> PathBuf {

@@ -139,7 +139,8 @@ fn retransmits_are_counted_per_server() {
     );
     let _ = drop_rule("-D");
     result.unwrap();
-    let client = [("service", "cache"), ("server", pair.server_addr.as_str()), ("role", "client")];
+    let endpoint = format!("{}:{port}", pair.server_addr);
+    let client = [("service", "cache"), ("server", endpoint.as_str()), ("role", "client")];
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "syn")]) > 0.0
             && s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "data")]) > 0.0
@@ -154,10 +155,7 @@ fn retransmits_are_counted_per_server() {
     // Only the namespaced server exists: nothing may be attributed elsewhere.
     let total = scrape.sum("cacheprobe_tcp_retransmits_total", &[]);
     let here = scrape.sum("cacheprobe_tcp_retransmits_total", &[("server", pair.server_addr.as_str())]);
-    let here_with_port = scrape.sum(
-        "cacheprobe_tcp_retransmits_total",
-        &[("server", &format!("{}:{port}", pair.server_addr))],
-    );
+    let here_with_port = scrape.sum("cacheprobe_tcp_retransmits_total", &[("server", endpoint.as_str())]);
     assert_eq!(total, here_with_port, "{}", scrape.text);
     assert_eq!(here, 0.0, "server label must include the port");
 }

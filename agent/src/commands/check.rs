@@ -7,7 +7,10 @@ use serde::Serialize;
 
 use crate::{
     config::Config,
-    probes::loader::{ProbeStatus, Probes, PROBES},
+    probes::{
+        loader::{ProbeStatus, Probes, PROBES, SYN_COUNTER, SYN_COUNTER_IMPACT},
+        offsets::{resolve_offsets, SystemLayout},
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -140,7 +143,16 @@ pub fn run_checks(config: &Config) -> CheckReport {
         },
     );
 
-    let offsets = crate::probes::offsets_bootstrap::resolve();
+    let resolution = resolve_offsets(&SystemLayout::discover());
+    let offsets = resolution.offsets;
+    for missing in &resolution.missing {
+        items.push(CheckItem {
+            name: missing.subject.clone(),
+            status: Status::Missing,
+            detail: missing.reason.clone(),
+            impact: String::new(),
+        });
+    }
     let mut usable = false;
     match Probes::load(config, &offsets) {
         Ok(probes) => {
@@ -163,6 +175,21 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     None => item(name, Status::Failed, "not attempted", spec.impact),
                 });
             }
+            items.push(match probes.status.get(SYN_COUNTER) {
+                Some(ProbeStatus::Attached) => item(
+                    "tc ingress SYN counter",
+                    Status::Ok,
+                    "attached to this namespace's Ethernet and loopback interfaces",
+                    SYN_COUNTER_IMPACT,
+                ),
+                Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
+                    "tc ingress SYN counter",
+                    Status::Failed,
+                    reason.clone(),
+                    SYN_COUNTER_IMPACT,
+                ),
+                None => item("tc ingress SYN counter", Status::Failed, "not attempted", SYN_COUNTER_IMPACT),
+            });
             items.push(if offsets.can_learn_sockets() {
                 item(
                     "existing connections",

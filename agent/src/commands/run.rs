@@ -17,7 +17,10 @@ use crate::{
     config::Config,
     events,
     metrics::{Metrics, ObservationRecorder, ProbeLabels, SourceLabels},
-    probes::loader::{Probes, PROBES},
+    probes::{
+        loader::{Probes, PROBES},
+        offsets::{resolve_offsets, SystemLayout},
+    },
     tracking::{ServicePorts, Tracker},
 };
 
@@ -44,8 +47,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
 
-    let resolution = crate::probes::offsets_bootstrap::resolve();
-    let probes = Probes::load(&config, &resolution)?;
+    let resolution = resolve_offsets(&SystemLayout::discover());
+    for missing in &resolution.missing {
+        tracing::warn!(what = missing.subject.as_str(), "{}", missing.reason);
+    }
+    let probes = Probes::load(&config, &resolution.offsets)?;
     if !probes.any_attached() {
         anyhow::bail!("no probe could be attached; run `cacheprobe check` to see why");
     }

@@ -1170,11 +1170,9 @@ mod tests {
     /// Host test: reads this machine's /sys/kernel/btf/vmlinux (needs root on most systems) and,
     /// when the running kernel is the one a fixture was recorded from, checks it matches.
     #[test]
+    #[ignore = "host test: needs this host's BTF; cargo xtask test runs it"]
     fn host_btf_matches_recorded_offsets() {
-        let Ok(raw) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            eprintln!("skipped: /sys/kernel/btf/vmlinux is not readable here");
-            return;
-        };
+        let raw = std::fs::read("/sys/kernel/btf/vmlinux").expect("/sys/kernel/btf/vmlinux");
         let started = std::time::Instant::now();
         let btf = Btf::parse(&raw).unwrap();
         eprintln!(

@@ -2,4 +2,3 @@ pub mod btf;
 pub mod format;
 pub mod loader;
 pub mod offsets;
-pub mod offsets_bootstrap;
