@@ -286,9 +286,10 @@ fn is_same_closed_socket(sk: u64) -> bool {
     let Some(state) = read_sk::<u8>(sk, layout.state) else {
         return false;
     };
-    let (Some(local_port), Some(remote_port)) =
-        (read_sk::<u16>(sk, layout.num), read_sk::<u16>(sk, layout.dport))
-    else {
+    let (Some(local_port), Some(remote_port)) = (
+        read_sk::<u16>(sk, layout.num),
+        read_sk::<u16>(sk, layout.dport),
+    ) else {
         return false;
     };
     state == tcp_state::CLOSE && (is_watched(local_port) || is_watched(u16::from_be(remote_port)))

@@ -81,7 +81,10 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&config_path)
             .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--log", &std::env::var("CACHEPROBE_TEST_LOG").unwrap_or_else(|_| "info".into())])
+            .args([
+                "--log",
+                &std::env::var("CACHEPROBE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            ])
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

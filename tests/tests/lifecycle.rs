@@ -5,6 +5,10 @@ use std::{process::Command, time::Duration};
 
 use cacheprobe_tests::*;
 
+// memcached's idle check uses its 1 s coarse clock and closes a client only when idle is
+// strictly greater than idle_timeout, after sleeping between scans: with idle_timeout=2 the close
+// lands 3-5 s after the last command. Clients that must be closed on sleep 6.5 s.
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// memcached closes clients idle for 2 s; a pymemcache client sets a key and goes idle.
@@ -23,7 +27,7 @@ fn idle_timeout_close_on_loopback_is_seen_from_both_sides() {
              c = Client(('127.0.0.1', {port}))\n\
              c.set('k', 'v', noreply=False)\n\
              assert c.get('k') == b'v'\n\
-             time.sleep(4.5)\n\
+             time.sleep(6.5)\n\
              c.close()\n"
         ),
     )
@@ -141,7 +145,7 @@ fn connections_across_network_namespaces_are_attributed_to_the_server_address() 
              \x20   c.close()\n\
              m = memcache.Client(['{server_addr}:{port}'])\n\
              assert m.set('a', 'b')\n\
-             time.sleep(4.5)\n"
+             time.sleep(6.5)\n"
         ),
     )
     .unwrap();

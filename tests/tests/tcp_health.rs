@@ -6,6 +6,10 @@ use std::{process::Command, time::Duration};
 
 use cacheprobe_tests::*;
 
+// memcached's idle check uses its 1 s coarse clock and closes a client only when idle is
+// strictly greater than idle_timeout, after sleeping between scans: with idle_timeout=2 the close
+// lands 3-5 s after the last command. Clients that must be closed on sleep 6.5 s.
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn dead_writes(scrape: &Scrape, comm: &str, outcome: Option<&str>) -> f64 {
@@ -35,7 +39,7 @@ fn late_writes_after_idle_close_are_dead_writes() {
              c.set('a', '1', noreply=False)\n\
              m = memcache.Client(['127.0.0.1:{port}'])\n\
              assert m.set('b', '2')\n\
-             time.sleep(4)\n\
+             time.sleep(6.5)\n\
              try:\n\
              \x20   c.set('a', '2', noreply=False)\n\
              except Exception:\n\
@@ -48,26 +52,43 @@ fn late_writes_after_idle_close_are_dead_writes() {
         .args([
             "-e",
             &format!(
-                "require 'dalli'; c = Dalli::Client.new('127.0.0.1:{port}', socket_max_failures: 1); c.set('d', 'v'); sleep 4; begin; c.set('e', 'v'); rescue StandardError; end"
+                "require 'dalli'; c = Dalli::Client.new('127.0.0.1:{port}', socket_max_failures: 1); c.set('d', 'v'); sleep 6.5; begin; c.set('e', 'v'); rescue StandardError; end"
             ),
         ])
         .output()
         .unwrap();
-    assert!(dalli.status.success(), "{}", String::from_utf8_lossy(&dalli.stderr));
+    assert!(
+        dalli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dalli.stderr)
+    );
 
     let scrape = agent.wait_for(WAIT, |s| {
         dead_writes(s, "python3", None) >= 2.0 && dead_writes(s, "ruby", None) >= 1.0
     });
-    assert_eq!(dead_writes(&scrape, "python3", None), 2.0, "{}", scrape.text);
+    assert_eq!(
+        dead_writes(&scrape, "python3", None),
+        2.0,
+        "{}",
+        scrape.text
+    );
     assert_eq!(dead_writes(&scrape, "ruby", None), 1.0, "{}", scrape.text);
     assert_eq!(
-        dead_writes(&scrape, "python3", Some("unnoticed")) + dead_writes(&scrape, "ruby", Some("unnoticed")),
+        dead_writes(&scrape, "python3", Some("unnoticed"))
+            + dead_writes(&scrape, "ruby", Some("unnoticed")),
         0.0,
         "{}",
         scrape.text
     );
-    assert_eq!(scrape.sum("cacheprobe_dead_socket_writes_total", &[]), 3.0, "{}", scrape.text);
-    assert!(scrape.text.contains(&format!("server=\"127.0.0.1:{port}\"")));
+    assert_eq!(
+        scrape.sum("cacheprobe_dead_socket_writes_total", &[]),
+        3.0,
+        "{}",
+        scrape.text
+    );
+    assert!(scrape
+        .text
+        .contains(&format!("server=\"127.0.0.1:{port}\"")));
 }
 
 /// The same clients without the sleep write nothing dead.
@@ -93,11 +114,23 @@ fn no_dead_writes_without_idle_close() {
     )
     .unwrap();
     // Wait for both connections to close on both sides, then past the 5 s outcome window.
-    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_connections_closed_total", &[]) >= 4.0);
-    assert_eq!(scrape.sum("cacheprobe_connections_closed_total", &[]), 4.0, "{}", scrape.text);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[]) >= 4.0
+    });
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &[]),
+        4.0,
+        "{}",
+        scrape.text
+    );
     std::thread::sleep(Duration::from_secs(6));
     let scrape = agent.scrape();
-    assert_eq!(scrape.sum("cacheprobe_dead_socket_writes_total", &[]), 0.0, "{}", scrape.text);
+    assert_eq!(
+        scrape.sum("cacheprobe_dead_socket_writes_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
 }
 
 /// Random drops inside the server namespace make the client retransmit SYNs and data and the
@@ -112,8 +145,28 @@ fn retransmits_are_counted_per_server() {
     let agent = Agent::start("retransmit", &[("cache", port, "memcache")]).unwrap();
     let drop_rule = |action: &str| {
         Command::new("ip")
-            .args(["netns", "exec", &pair.server_ns, "iptables", action, "INPUT", "-p", "tcp", "--dport", &port.to_string()])
-            .args(["-m", "statistic", "--mode", "random", "--probability", "0.4", "-j", "DROP"])
+            .args([
+                "netns",
+                "exec",
+                &pair.server_ns,
+                "iptables",
+                action,
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+            ])
+            .args([
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.4",
+                "-j",
+                "DROP",
+            ])
             .status()
             .unwrap()
     };
@@ -140,7 +193,11 @@ fn retransmits_are_counted_per_server() {
     let _ = drop_rule("-D");
     result.unwrap();
     let endpoint = format!("{}:{port}", pair.server_addr);
-    let client = [("service", "cache"), ("server", endpoint.as_str()), ("role", "client")];
+    let client = [
+        ("service", "cache"),
+        ("server", endpoint.as_str()),
+        ("role", "client"),
+    ];
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "syn")]) > 0.0
             && s.sum("cacheprobe_tcp_retransmits_total", &[("kind", "data")]) > 0.0
@@ -150,12 +207,26 @@ fn retransmits_are_counted_per_server() {
         labels.push(("kind", kind));
         scrape.sum("cacheprobe_tcp_retransmits_total", &labels)
     };
-    assert!(with_kind("syn") > 0.0, "no SYN retransmits: {}", scrape.text);
-    assert!(with_kind("data") > 0.0, "no data retransmits: {}", scrape.text);
+    assert!(
+        with_kind("syn") > 0.0,
+        "no SYN retransmits: {}",
+        scrape.text
+    );
+    assert!(
+        with_kind("data") > 0.0,
+        "no data retransmits: {}",
+        scrape.text
+    );
     // Only the namespaced server exists: nothing may be attributed elsewhere.
     let total = scrape.sum("cacheprobe_tcp_retransmits_total", &[]);
-    let here = scrape.sum("cacheprobe_tcp_retransmits_total", &[("server", pair.server_addr.as_str())]);
-    let here_with_port = scrape.sum("cacheprobe_tcp_retransmits_total", &[("server", endpoint.as_str())]);
+    let here = scrape.sum(
+        "cacheprobe_tcp_retransmits_total",
+        &[("server", pair.server_addr.as_str())],
+    );
+    let here_with_port = scrape.sum(
+        "cacheprobe_tcp_retransmits_total",
+        &[("server", endpoint.as_str())],
+    );
     assert_eq!(total, here_with_port, "{}", scrape.text);
     assert_eq!(here, 0.0, "server label must include the port");
 }
@@ -169,11 +240,27 @@ fn connect_failures_are_classified() {
     let pair = NetnsPair::create("c", 19).unwrap();
     let agent = Agent::start(
         "connectfail",
-        &[("refusing", refused_port, "memcache"), ("blackhole", blackhole_port, "memcache")],
+        &[
+            ("refusing", refused_port, "memcache"),
+            ("blackhole", blackhole_port, "memcache"),
+        ],
     )
     .unwrap();
     let status = Command::new("ip")
-        .args(["netns", "exec", &pair.server_ns, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &blackhole_port.to_string(), "-j", "DROP"])
+        .args([
+            "netns",
+            "exec",
+            &pair.server_ns,
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &blackhole_port.to_string(),
+            "-j",
+            "DROP",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
@@ -192,24 +279,44 @@ fn connect_failures_are_classified() {
         ),
     )
     .unwrap();
-    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_connect_failures_total", &[]) >= 5.0);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connect_failures_total", &[]) >= 5.0
+    });
     assert_eq!(
-        scrape.sum("cacheprobe_connect_failures_total", &[("service", "refusing"), ("reason", "refused")]),
+        scrape.sum(
+            "cacheprobe_connect_failures_total",
+            &[("service", "refusing"), ("reason", "refused")]
+        ),
         3.0,
         "{}",
         scrape.text
     );
     assert_eq!(
-        scrape.sum("cacheprobe_connect_failures_total", &[("service", "blackhole"), ("reason", "timeout")]),
+        scrape.sum(
+            "cacheprobe_connect_failures_total",
+            &[("service", "blackhole"), ("reason", "timeout")]
+        ),
         2.0,
         "{}",
         scrape.text
     );
     assert_eq!(scrape.sum("cacheprobe_connect_failures_total", &[]), 5.0);
-    assert_eq!(scrape.sum("cacheprobe_syn_total", &[("direction", "out")]), 5.0, "{}", scrape.text);
+    assert_eq!(
+        scrape.sum("cacheprobe_syn_total", &[("direction", "out")]),
+        5.0,
+        "{}",
+        scrape.text
+    );
     // The refusing side sent a reset for each SYN; the client received it.
     assert_eq!(
-        scrape.sum("cacheprobe_tcp_resets_total", &[("service", "refusing"), ("role", "client"), ("direction", "received")]),
+        scrape.sum(
+            "cacheprobe_tcp_resets_total",
+            &[
+                ("service", "refusing"),
+                ("role", "client"),
+                ("direction", "received")
+            ]
+        ),
         3.0,
         "{}",
         scrape.text
@@ -255,10 +362,23 @@ fn syn_burst_at_a_listener_that_never_accepts() {
         ),
     )
     .unwrap();
-    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_syn_total", &[("direction", "in")]) >= 20.0);
-    assert_eq!(scrape.sum("cacheprobe_syn_total", &[("service", "stuck"), ("direction", "out")]), 20.0, "{}", scrape.text);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_syn_total", &[("direction", "in")]) >= 20.0
+    });
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_syn_total",
+            &[("service", "stuck"), ("direction", "out")]
+        ),
+        20.0,
+        "{}",
+        scrape.text
+    );
     assert!(
-        scrape.sum("cacheprobe_syn_total", &[("service", "stuck"), ("direction", "in")]) >= 20.0,
+        scrape.sum(
+            "cacheprobe_syn_total",
+            &[("service", "stuck"), ("direction", "in")]
+        ) >= 20.0,
         "{}",
         scrape.text
     );
@@ -292,10 +412,24 @@ fn emfile_is_counted_per_process_name() {
         ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let client_errors: f64 = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let client_errors: f64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap();
     assert!(client_errors > 0.0);
     let labels = [("comm", "fdhog"), ("errno", "EMFILE")];
-    let scrape = agent.wait_for(WAIT, |s| s.sum("cacheprobe_fd_exhaustion_errors_total", &labels) >= client_errors);
-    assert_eq!(scrape.sum("cacheprobe_fd_exhaustion_errors_total", &labels), client_errors, "{}", scrape.text);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_fd_exhaustion_errors_total", &labels) >= client_errors
+    });
+    assert_eq!(
+        scrape.sum("cacheprobe_fd_exhaustion_errors_total", &labels),
+        client_errors,
+        "{}",
+        scrape.text
+    );
 }

@@ -91,7 +91,15 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     }
     util::require_root("integration tests load eBPF programs and create network namespaces")?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
-    util::cargo(&["test", "--package", "cacheprobe", "--lib", "--", "--ignored", "host_"])?;
+    util::cargo(&[
+        "test",
+        "--package",
+        "cacheprobe",
+        "--lib",
+        "--",
+        "--ignored",
+        "host_",
+    ])?;
     util::step("integration tests (root, real memcached and clients)");
     let binary = util::workspace_root().join("target/release/cacheprobe");
     util::cargo_with_env(

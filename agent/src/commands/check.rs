@@ -188,7 +188,12 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     reason.clone(),
                     SYN_COUNTER_IMPACT,
                 ),
-                None => item("tc ingress SYN counter", Status::Failed, "not attempted", SYN_COUNTER_IMPACT),
+                None => item(
+                    "tc ingress SYN counter",
+                    Status::Failed,
+                    "not attempted",
+                    SYN_COUNTER_IMPACT,
+                ),
             });
             items.push(if offsets.can_learn_sockets() {
                 item(

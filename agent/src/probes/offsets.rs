@@ -78,17 +78,47 @@ const IPV4_STATE_LOST: &str = "state changes of IPv4 connections are not reporte
 const IPV6_STATE_LOST: &str = "state changes of IPv6 connections are not reported";
 
 const SET_STATE_FIELDS: &[Wanted] = &[
-    wanted("skaddr", 8, |o| &mut o.set_state.tuple.skaddr, LIFECYCLE_LOST),
+    wanted(
+        "skaddr",
+        8,
+        |o| &mut o.set_state.tuple.skaddr,
+        LIFECYCLE_LOST,
+    ),
     wanted("oldstate", 4, |o| &mut o.set_state.oldstate, LIFECYCLE_LOST),
     wanted("newstate", 4, |o| &mut o.set_state.newstate, LIFECYCLE_LOST),
     wanted("sport", 2, |o| &mut o.set_state.tuple.sport, LIFECYCLE_LOST),
     wanted("dport", 2, |o| &mut o.set_state.tuple.dport, LIFECYCLE_LOST),
-    wanted("family", 2, |o| &mut o.set_state.tuple.family, LIFECYCLE_LOST),
+    wanted(
+        "family",
+        2,
+        |o| &mut o.set_state.tuple.family,
+        LIFECYCLE_LOST,
+    ),
     wanted("protocol", 2, |o| &mut o.set_state.protocol, LIFECYCLE_LOST),
-    wanted("saddr", 4, |o| &mut o.set_state.tuple.saddr, IPV4_STATE_LOST),
-    wanted("daddr", 4, |o| &mut o.set_state.tuple.daddr, IPV4_STATE_LOST),
-    wanted("saddr_v6", 16, |o| &mut o.set_state.tuple.saddr_v6, IPV6_STATE_LOST),
-    wanted("daddr_v6", 16, |o| &mut o.set_state.tuple.daddr_v6, IPV6_STATE_LOST),
+    wanted(
+        "saddr",
+        4,
+        |o| &mut o.set_state.tuple.saddr,
+        IPV4_STATE_LOST,
+    ),
+    wanted(
+        "daddr",
+        4,
+        |o| &mut o.set_state.tuple.daddr,
+        IPV4_STATE_LOST,
+    ),
+    wanted(
+        "saddr_v6",
+        16,
+        |o| &mut o.set_state.tuple.saddr_v6,
+        IPV6_STATE_LOST,
+    ),
+    wanted(
+        "daddr_v6",
+        16,
+        |o| &mut o.set_state.tuple.daddr_v6,
+        IPV6_STATE_LOST,
+    ),
 ];
 
 const LENGTH_LOST: &str = "last-activity stamps and byte counts unavailable";
@@ -107,10 +137,20 @@ const IPV6_LEARNING_LOST: &str =
 
 const SOCK_COMMON_MEMBERS: &[Wanted] = &[
     wanted("skc_daddr", 4, |o| &mut o.sock_common.daddr, LEARNING_LOST),
-    wanted("skc_rcv_saddr", 4, |o| &mut o.sock_common.rcv_saddr, LEARNING_LOST),
+    wanted(
+        "skc_rcv_saddr",
+        4,
+        |o| &mut o.sock_common.rcv_saddr,
+        LEARNING_LOST,
+    ),
     wanted("skc_dport", 2, |o| &mut o.sock_common.dport, LEARNING_LOST),
     wanted("skc_num", 2, |o| &mut o.sock_common.num, LEARNING_LOST),
-    wanted("skc_family", 2, |o| &mut o.sock_common.family, LEARNING_LOST),
+    wanted(
+        "skc_family",
+        2,
+        |o| &mut o.sock_common.family,
+        LEARNING_LOST,
+    ),
     wanted("skc_state", 1, |o| &mut o.sock_common.state, LEARNING_LOST),
     wanted(
         "skc_v6_daddr",
@@ -319,18 +359,21 @@ impl Resolver {
         let field = |name: &str| format.field(name).map(|f| (f.offset, Some(f.size)));
         let mut layout = TupleLayout::UNKNOWN;
         let mut problems = Vec::new();
-        let mut take = |name: &'static str, size: u32, target: &mut u16, problems: &mut Vec<String>| {
-            match field(name) {
-                Some((offset, Some(found))) if found == size && offset < u32::from(OFFSET_UNKNOWN) => {
-                    *target = offset as u16;
+        let mut take =
+            |name: &'static str, size: u32, target: &mut u16, problems: &mut Vec<String>| {
+                match field(name) {
+                    Some((offset, Some(found)))
+                        if found == size && offset < u32::from(OFFSET_UNKNOWN) =>
+                    {
+                        *target = offset as u16;
+                    }
+                    Some((_, found)) => problems.push(format!(
+                        "{owner} field {name} has size {}, expected {size}",
+                        found.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+                    )),
+                    None => problems.push(format!("{owner} has no field {name}")),
                 }
-                Some((_, found)) => problems.push(format!(
-                    "{owner} field {name} has size {}, expected {size}",
-                    found.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
-                )),
-                None => problems.push(format!("{owner} has no field {name}")),
-            }
-        };
+            };
         take("skaddr", 8, &mut layout.skaddr, &mut problems);
         if format.field("saddr").is_some_and(|f| f.size == 28) {
             take("saddr", 28, &mut layout.sockaddr_src, &mut problems);
@@ -727,8 +770,13 @@ mod tests {
     }
 
     fn fixture_event(kernel: &str, category: &str, event: &str) -> String {
-        std::fs::read_to_string(fixture_dir(kernel).join(category).join(event).join("format"))
-            .unwrap()
+        std::fs::read_to_string(
+            fixture_dir(kernel)
+                .join(category)
+                .join(event)
+                .join("format"),
+        )
+        .unwrap()
     }
 
     fn synthetic_6_18() -> Synthetic {
@@ -751,9 +799,10 @@ mod tests {
             ("tcp", "tcp_send_reset"),
             ("syscalls", "sys_exit_socket"),
         ] {
-            source
-                .formats
-                .insert((category, event), fixture_event("kernel-6.18", category, event));
+            source.formats.insert(
+                (category, event),
+                fixture_event("kernel-6.18", category, event),
+            );
         }
         source
     }
@@ -898,7 +947,8 @@ mod tests {
         assert_eq!(resolution.offsets, ProbeOffsets::UNKNOWN);
         let reasons = reasons(&resolution);
         assert_eq!(reasons.len(), 9, "{reasons:#?}");
-        assert!(reasons[4].contains("tcp/tcp_retransmit_synack cannot be read (tracefs not found at /x)"));
+        assert!(reasons[4]
+            .contains("tcp/tcp_retransmit_synack cannot be read (tracefs not found at /x)"));
         assert_eq!(
             reasons[0],
             "tracepoint sock/inet_sock_set_state cannot be read (tracefs not found at /x): \
