@@ -122,6 +122,9 @@ pub struct ProbeOffsets {
     /// `long ret` of `syscalls/sys_exit_*` (the same in every syscall's exit).
     pub sys_exit_ret: u16,
     pub _pad: u16,
+    /// Offset of the buffer / iovec / msghdr argument in `syscalls/sys_enter_<name>`, indexed by
+    /// [`io_syscall`].
+    pub io_buffer_arg: [u16; io_syscall::COUNT],
 }
 
 impl ProbeOffsets {
@@ -154,6 +157,7 @@ impl ProbeOffsets {
         },
         sys_exit_ret: OFFSET_UNKNOWN,
         _pad: 0,
+        io_buffer_arg: [OFFSET_UNKNOWN; io_syscall::COUNT],
     };
 
     /// Whether the programs can read enough of `struct sock_common` to adopt a socket they first
@@ -178,6 +182,88 @@ pub struct SockState {
     pub peer_closed_ns: u64,
     /// Monotonic ns of the last RST received on this socket (0: none).
     pub reset_received_ns: u64,
+    /// [`sock_flags`] bits, set when the socket is first tracked.
+    pub flags: u64,
+}
+
+pub mod sock_flags {
+    /// Payload capture is on for this socket's service.
+    pub const CAPTURE: u64 = 1;
+}
+
+/// Value bits in `WATCHED_PORTS`: the low 16 bits are the service index.
+pub mod watch {
+    pub const SERVICE_MASK: u32 = 0xffff;
+    /// Capture payloads of this service's sockets.
+    pub const CAPTURE: u32 = 1 << 16;
+}
+
+/// The syscalls that move memcache bytes, in the order the capture programs number them. The
+/// buffer argument is a plain buffer, an iovec array or a msghdr depending on the syscall.
+pub mod io_syscall {
+    pub const READ: usize = 0;
+    pub const WRITE: usize = 1;
+    pub const READV: usize = 2;
+    pub const WRITEV: usize = 3;
+    pub const RECVFROM: usize = 4;
+    pub const SENDTO: usize = 5;
+    pub const RECVMSG: usize = 6;
+    pub const SENDMSG: usize = 7;
+    pub const COUNT: usize = 8;
+    pub const NAMES: [&str; COUNT] = [
+        "read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
+    ];
+    /// Name of the buffer argument in each syscall's tracepoint format.
+    pub const BUFFER_ARG: [&str; COUNT] =
+        ["buf", "buf", "vec", "vec", "ubuf", "buff", "msg", "msg"];
+
+    pub const KIND_BUFFER: u8 = 0;
+    pub const KIND_IOVEC: u8 = 1;
+    pub const KIND_MSGHDR: u8 = 2;
+    pub const KIND: [u8; COUNT] = [
+        KIND_BUFFER,
+        KIND_BUFFER,
+        KIND_IOVEC,
+        KIND_IOVEC,
+        KIND_BUFFER,
+        KIND_BUFFER,
+        KIND_MSGHDR,
+        KIND_MSGHDR,
+    ];
+}
+
+/// Most payload bytes a capture record can carry; the configured capture length is at most this.
+pub const CAPTURE_MAX: usize = 512;
+
+/// A syscall in flight on a thread, between sys_enter and sys_exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inflight {
+    /// User pointer to the buffer, iovec array or msghdr.
+    pub buffer: u64,
+    /// Socket the syscall touched (from sock_send/recv_length); 0 while unknown.
+    pub sk: u64,
+    pub syscall: u8,
+    pub is_send: u8,
+    pub _pad: [u8; 6],
+}
+
+/// One captured send or receive on a watched socket: a bounded prefix of the bytes actually
+/// transferred, and the full count so the decoder can frame past what was not captured.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PayloadEvent {
+    pub ts_ns: u64,
+    pub sk: u64,
+    /// Bytes the syscall transferred.
+    pub total_len: u64,
+    pub pid: u32,
+    /// Bytes of `data` that are valid.
+    pub captured_len: u16,
+    pub is_send: u8,
+    pub syscall: u8,
+    pub comm: [u8; COMM_LEN],
+    pub data: [u8; CAPTURE_MAX],
 }
 
 /// Event kinds in [`SockEvent::kind`].
@@ -253,7 +339,11 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// The socket map was full; a watched socket is not tracked.
     pub const SOCKET_MAP_FULL: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// The payload ring buffer was full; a capture was dropped (the decoder sees a gap).
+    pub const PAYLOAD_RINGBUF_FULL: u32 = 2;
+    /// The in-flight syscall map was full; a capture was skipped.
+    pub const INFLIGHT_MAP_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Value in the `WATCHED_PORTS` map: which configured service a port belongs to.
@@ -265,6 +355,8 @@ mod user {
     // SAFETY: all of these are repr(C) plain data with no pointers and no invalid bit patterns.
     unsafe impl aya::Pod for ProbeOffsets {}
     unsafe impl aya::Pod for TupleLayout {}
+    unsafe impl aya::Pod for PayloadEvent {}
+    unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockEvent {}
 }

@@ -4,13 +4,19 @@
 #![no_main]
 
 use agent_common::{
-    counter, event_kind, fd_syscall, tcp_state, tcp_trouble, ProbeOffsets, ServiceIndex, SockEvent,
-    SockState, TupleLayout, AF_INET, AF_INET6, IPPROTO_TCP, OFFSET_UNKNOWN,
+    counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state, tcp_trouble, watch,
+    Inflight, PayloadEvent, ProbeOffsets, ServiceIndex, SockEvent, SockState, TupleLayout, AF_INET,
+    AF_INET6, CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN,
 };
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+        generated::{
+            bpf_probe_read_kernel as probe_read_kernel_raw,
+            bpf_probe_read_user as probe_read_user_raw,
+        },
     },
     macros::{classifier, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -38,6 +44,29 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Payload bytes captured from watched sockets. Separate from EVENTS so a flood of payloads can
+/// never crowd out connection lifecycle events.
+#[map]
+static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// Read/write syscalls in flight, by thread id: the user buffer from sys_enter, the socket from
+/// sock_*_length, the byte count from sys_exit.
+#[map]
+static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+
+/// Per-CPU staging area twice the capture size: the verifier bounds a copy's offset and length
+/// separately, so both must fit independently before the fixed-size copy into the ring record.
+#[map]
+static SCRATCH: PerCpuArray<[u8; CAPTURE_MAX * 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Processes known to use watched sockets with capture on: only their syscalls are followed.
+#[map]
+static CAPTURE_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
+#[no_mangle]
+static CAPTURE_LEN: u32 = 0;
 
 /// SYN segments (without ACK) seen arriving, by destination port.
 #[map]
@@ -78,6 +107,29 @@ fn read_sk<T>(sk: u64, offset: u16) -> Option<T> {
 #[inline(always)]
 fn is_watched(port: u16) -> bool {
     unsafe { WATCHED_PORTS.get(&port) }.is_some()
+}
+
+#[inline(always)]
+fn capture_flags(local_port: u16, remote_port: u16) -> u64 {
+    let value = unsafe {
+        WATCHED_PORTS
+            .get(&local_port)
+            .or_else(|| WATCHED_PORTS.get(&remote_port))
+    };
+    match value {
+        Some(value) if value & watch::CAPTURE != 0 => sock_flags::CAPTURE,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn note_capture_pid(flags: u64) {
+    if flags & sock_flags::CAPTURE != 0 {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if unsafe { CAPTURE_PIDS.get(&tgid) }.is_none() {
+            let _ = CAPTURE_PIDS.insert(&tgid, &1, 0);
+        }
+    }
 }
 
 #[inline(always)]
@@ -203,8 +255,15 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     }
     let mut snapshot = match unsafe { SOCKETS.get(&sk) } {
         Some(state) => *state,
-        None => SockState::default(),
+        None => SockState {
+            flags: capture_flags(tuple.local_port, tuple.remote_port),
+            ..SockState::default()
+        },
     };
+    if old_state == tcp_state::CLOSE && new_state == tcp_state::SYN_SENT {
+        // connect() runs in the caller's context: remember the process for payload capture.
+        note_capture_pid(snapshot.flags);
+    }
     if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
         snapshot.peer_closed_ns = now;
     }
@@ -265,6 +324,13 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
     // SAFETY: pointer into a map value that stays valid for this program run. Concurrent
     // updates of one socket from two CPUs can lose an increment; the timestamps stay right.
     let state = unsafe { &mut *state_ptr };
+    if state.flags & sock_flags::CAPTURE != 0 {
+        note_capture_pid(state.flags);
+        let tid = bpf_get_current_pid_tgid();
+        if let Some(inflight) = INFLIGHT.get_ptr_mut(&tid) {
+            unsafe { (*inflight).sk = sk };
+        }
+    }
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -336,7 +402,11 @@ fn learn(sk: u64, ret: i32, is_send: bool, now: u64) -> Option<()> {
     } else {
         return None;
     }
-    let mut state = SockState::default();
+    let mut state = SockState {
+        flags: capture_flags(local_port, remote_port),
+        ..SockState::default()
+    };
+    note_capture_pid(state.flags);
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -463,6 +533,175 @@ pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
     fd_exit(&ctx, fd_syscall::DUP)
+}
+
+// ---- payload capture: sys_enter remembers the buffer, sock_*_length names the socket,
+// sys_exit copies a bounded prefix of what was transferred.
+
+#[inline(always)]
+fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
+    if unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if unsafe { CAPTURE_PIDS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+        return 0;
+    }
+    let Some(&offset) = offsets().io_buffer_arg.get(syscall) else {
+        return 0;
+    };
+    let Some(buffer) = read_tp::<u64>(ctx, offset) else {
+        return 0;
+    };
+    let inflight = Inflight {
+        buffer,
+        sk: 0,
+        syscall: syscall as u8,
+        is_send: (syscall % 2) as u8,
+        _pad: [0; 6],
+    };
+    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+        bump(counter::INFLIGHT_MAP_FULL);
+    }
+    0
+}
+
+const MAX_IOVECS: usize = 8;
+/// Keeps the copy length provably within [0, CAPTURE_MAX] for the verifier.
+const CAPTURE_MASK: usize = CAPTURE_MAX * 2 - 1;
+
+#[inline(always)]
+fn io_exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(&pid_tgid);
+    if inflight.sk == 0 {
+        return 0;
+    }
+    let Some(ret) = read_tp::<i64>(ctx, offsets().sys_exit_ret) else {
+        return 0;
+    };
+    if ret <= 0 {
+        return 0;
+    }
+    let want = core::cmp::min(
+        ret as u64,
+        unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } as u64,
+    );
+    let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
+        bump(counter::PAYLOAD_RINGBUF_FULL);
+        return 0;
+    };
+    // SAFETY: the reservation is sizeof(PayloadEvent); the header is written field by field and
+    // only `captured_len` bytes of data are read by user space.
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.sk = inflight.sk;
+    event.total_len = ret as u64;
+    event.pid = (pid_tgid >> 32) as u32;
+    event.is_send = inflight.is_send;
+    event.syscall = inflight.syscall;
+    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        entry.discard(0);
+        return 0;
+    };
+    let data = scratch.cast::<u8>();
+    let captured = match io_syscall::KIND.get(inflight.syscall as usize) {
+        Some(&io_syscall::KIND_BUFFER) => copy_user(data, 0, inflight.buffer, want),
+        Some(&io_syscall::KIND_IOVEC) => copy_iovecs(data, inflight.buffer, u64::MAX, want),
+        Some(&io_syscall::KIND_MSGHDR) => {
+            // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
+            let iov: u64 =
+                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const u64) }.unwrap_or(0);
+            let iovlen: u64 =
+                unsafe { bpf_probe_read_user((inflight.buffer + 24) as *const u64) }.unwrap_or(0);
+            copy_iovecs(data, iov, iovlen, want)
+        }
+        _ => 0,
+    };
+    event.captured_len = captured as u16;
+    // SAFETY: both regions are CAPTURE_MAX bytes or larger; a constant size satisfies the verifier.
+    unsafe {
+        probe_read_kernel_raw(
+            event.data.as_mut_ptr().cast(),
+            CAPTURE_MAX as u32,
+            data as *const core::ffi::c_void,
+        );
+    }
+    entry.submit(0);
+    0
+}
+
+/// Copies up to `len` user bytes to `data[offset..]`; returns the bytes copied.
+#[inline(always)]
+fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
+    let offset = offset as usize & (CAPTURE_MAX - 1);
+    let len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
+    if len == 0 || src == 0 {
+        return 0;
+    }
+    let copied = unsafe {
+        probe_read_user_raw(
+            data.add(offset).cast(),
+            len as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    if copied == 0 {
+        len as u64
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
+    let mut captured: u64 = 0;
+    for i in 0..MAX_IOVECS {
+        if i as u64 >= iovlen || captured >= want || iov == 0 {
+            break;
+        }
+        let entry = iov + (i as u64) * 16;
+        let base: u64 = unsafe { bpf_probe_read_user(entry as *const u64) }.unwrap_or(0);
+        let len: u64 = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.unwrap_or(0);
+        let n = core::cmp::min(len, want - captured);
+        let copied = copy_user(data, captured, base, n);
+        captured += copied;
+        if copied < n {
+            break;
+        }
+    }
+    captured
+}
+
+macro_rules! io_probes {
+    ($($enter:ident, $exit:ident, $index:expr;)*) => {
+        $(
+            #[tracepoint]
+            pub fn $enter(ctx: TracePointContext) -> u32 {
+                io_enter(&ctx, $index)
+            }
+
+            #[tracepoint]
+            pub fn $exit(ctx: TracePointContext) -> u32 {
+                io_exit(&ctx)
+            }
+        )*
+    };
+}
+
+io_probes! {
+    sys_enter_read, sys_exit_read, io_syscall::READ;
+    sys_enter_write, sys_exit_write, io_syscall::WRITE;
+    sys_enter_readv, sys_exit_readv, io_syscall::READV;
+    sys_enter_writev, sys_exit_writev, io_syscall::WRITEV;
+    sys_enter_recvfrom, sys_exit_recvfrom, io_syscall::RECVFROM;
+    sys_enter_sendto, sys_exit_sendto, io_syscall::SENDTO;
+    sys_enter_recvmsg, sys_exit_recvmsg, io_syscall::RECVMSG;
+    sys_enter_sendmsg, sys_exit_sendmsg, io_syscall::SENDMSG;
 }
 
 const ETH_HLEN: usize = 14;

@@ -25,6 +25,8 @@ pub struct Service {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// Capture and decode payloads (memcache metrics); off keeps only socket-level metrics.
+    pub capture: bool,
 }
 
 /// Upper bounds on memory and label cardinality. One place owns each bound.
@@ -39,6 +41,11 @@ pub struct Limits {
     pub max_servers_per_service: usize,
     /// Distinct `comm` (process name) label values before folding into "other".
     pub max_comms: usize,
+    /// Payload bytes captured per send/receive for the decoder (0 turns capture off, at most
+    /// 512). Values are skipped by length, so only command lines need to fit.
+    pub capture_bytes: u32,
+    /// Read/write syscalls followed at once (threads of processes using watched sockets).
+    pub max_inflight_syscalls: u32,
 }
 
 impl Default for Limits {
@@ -48,6 +55,8 @@ impl Default for Limits {
             ring_buffer_bytes: 4 << 20,
             max_servers_per_service: 256,
             max_comms: 100,
+            capture_bytes: 256,
+            max_inflight_syscalls: 16384,
         }
     }
 }
@@ -83,6 +92,7 @@ fn default_services() -> Vec<Service> {
         name: name.to_string(),
         port,
         protocol,
+        capture: true,
     })
     .collect()
 }
@@ -113,6 +123,12 @@ struct RawService {
     name: Spanned<String>,
     port: Spanned<i64>,
     protocol: Protocol,
+    #[serde(default = "default_true")]
+    capture: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Config {
@@ -213,6 +229,7 @@ impl Config {
                         name,
                         port,
                         protocol: raw_service.protocol,
+                        capture: raw_service.capture,
                     });
                 }
                 if services.is_empty() {
@@ -234,6 +251,18 @@ impl Config {
             return Err(invalid(format!(
                 "limits.ring_buffer_bytes = {ring} must be a power of two between 65536 and 1073741824"
             )));
+        }
+        if limits.capture_bytes as usize > agent_common::CAPTURE_MAX {
+            return Err(invalid(format!(
+                "limits.capture_bytes = {} must be at most {}",
+                limits.capture_bytes,
+                agent_common::CAPTURE_MAX
+            )));
+        }
+        if limits.max_inflight_syscalls == 0 {
+            return Err(invalid(
+                "limits.max_inflight_syscalls must be at least 1".to_string(),
+            ));
         }
         if limits.max_comms == 0 {
             return Err(invalid("limits.max_comms must be at least 1".to_string()));
@@ -289,12 +318,14 @@ protocol = "memcache"
 name = "jobs"
 port = 22133
 protocol = "memcache-queue"
+capture = false
 "#,
         )
         .unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.services.len(), 2);
         assert_eq!(config.service_for_port(22133), Some(1));
+        assert!(config.services[0].capture && !config.services[1].capture);
         assert_eq!(config.service_for_port(11211), None);
     }
 

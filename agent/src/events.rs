@@ -216,6 +216,7 @@ mod tests {
                 bytes_received: 20,
                 peer_closed_ns: 5_000,
                 reset_received_ns: 0,
+                flags: 0,
             },
             ret: 0,
             comm,

@@ -210,7 +210,7 @@ impl Metrics {
         );
         registry.register(
             "events_lost",
-            "Events the agent could not record (ringbuf: kernel ring buffer full, socket_map: kernel socket map full, tracker: connection table full)",
+            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, inflight_map: too many syscalls in flight, tracker: connection table full)",
             metrics.events_lost.clone(),
         );
         registry.register(
@@ -254,7 +254,13 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        for source in ["ringbuf", "socket_map", "tracker"] {
+        for source in [
+            "ringbuf",
+            "socket_map",
+            "payload_ringbuf",
+            "inflight_map",
+            "tracker",
+        ] {
             // Exported from the start so "no loss" reads as 0, not as a missing series.
             let _ = metrics.events_lost.get_or_create(&SourceLabels { source });
         }

@@ -98,7 +98,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut observations = Vec::with_capacity(64);
-    let mut reported_losses = (0u64, 0u64);
+    let mut reported_losses: std::collections::HashMap<&'static str, u64> =
+        std::collections::HashMap::new();
     let mut decode_errors = 0u64;
     let mut syn_in_seen: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     loop {
@@ -144,16 +145,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
                 }
                 match probes.kernel_losses() {
-                    Ok((ring_full, map_full)) => {
-                        let ring_delta = ring_full.saturating_sub(reported_losses.0);
-                        let map_delta = map_full.saturating_sub(reported_losses.1);
-                        if ring_delta > 0 {
-                            metrics.events_lost.get_or_create(&SourceLabels { source: "ringbuf" }).inc_by(ring_delta);
+                    Ok(totals) => {
+                        for (source, total) in totals {
+                            let seen = reported_losses.entry(source).or_insert(0);
+                            if total > *seen {
+                                metrics.events_lost.get_or_create(&SourceLabels { source }).inc_by(total - *seen);
+                                *seen = total;
+                            }
                         }
-                        if map_delta > 0 {
-                            metrics.events_lost.get_or_create(&SourceLabels { source: "socket_map" }).inc_by(map_delta);
-                        }
-                        reported_losses = (ring_full, map_full);
                     }
                     Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
                 }

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{counter, ProbeOffsets, ServiceIndex, TupleLayout, OFFSET_UNKNOWN};
+use agent_common::{
+    counter, io_syscall, watch, ProbeOffsets, ServiceIndex, TupleLayout, OFFSET_UNKNOWN,
+};
 use anyhow::Context as _;
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -34,6 +36,33 @@ macro_rules! fd_exit_probe {
             category: "syscalls",
             event: concat!("sys_exit_", $name),
             impact: concat!("EMFILE/ENFILE from ", $name, "() not counted"),
+        }
+    };
+}
+
+macro_rules! io_probe {
+    (enter $name:literal) => {
+        ProbeSpec {
+            program: concat!("sys_enter_", $name),
+            category: "syscalls",
+            event: concat!("sys_enter_", $name),
+            impact: concat!(
+                "payloads moved by ",
+                $name,
+                "() are not captured: decoding sees gaps"
+            ),
+        }
+    };
+    (exit $name:literal) => {
+        ProbeSpec {
+            program: concat!("sys_exit_", $name),
+            category: "syscalls",
+            event: concat!("sys_exit_", $name),
+            impact: concat!(
+                "payloads moved by ",
+                $name,
+                "() are not captured: decoding sees gaps"
+            ),
         }
     };
 }
@@ -87,6 +116,22 @@ pub const PROBES: &[ProbeSpec] = &[
     fd_exit_probe!("open"),
     fd_exit_probe!("openat"),
     fd_exit_probe!("dup"),
+    io_probe!(enter "read"),
+    io_probe!(exit "read"),
+    io_probe!(enter "write"),
+    io_probe!(exit "write"),
+    io_probe!(enter "readv"),
+    io_probe!(exit "readv"),
+    io_probe!(enter "writev"),
+    io_probe!(exit "writev"),
+    io_probe!(enter "recvfrom"),
+    io_probe!(exit "recvfrom"),
+    io_probe!(enter "sendto"),
+    io_probe!(exit "sendto"),
+    io_probe!(enter "recvmsg"),
+    io_probe!(exit "recvmsg"),
+    io_probe!(enter "sendmsg"),
+    io_probe!(exit "sendmsg"),
 ];
 
 /// The tc program counting incoming SYNs; it is attached per interface, not to a tracepoint.
@@ -114,13 +159,21 @@ pub struct Probes {
     ebpf: Ebpf,
     pub status: BTreeMap<&'static str, ProbeStatus>,
     events: Option<RingBuf<MapData>>,
+    payloads: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
 impl Probes {
     pub fn load(config: &Config, offsets: &ProbeOffsets) -> anyhow::Result<Probes> {
+        let capture_len = if config.services.iter().any(|s| s.capture) {
+            config.limits.capture_bytes
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
+            .override_global("CAPTURE_LEN", &capture_len, true)
+            .map_max_entries("INFLIGHT", config.limits.max_inflight_syscalls)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
             .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
             .load(KERNEL_OBJECT)
@@ -128,6 +181,15 @@ impl Probes {
 
         let mut status = BTreeMap::new();
         for spec in PROBES {
+            let is_capture =
+                spec.category == "syscalls" && io_syscall_index(spec.program).is_some();
+            if is_capture && capture_len == 0 {
+                status.insert(
+                    spec.program,
+                    ProbeStatus::Unavailable("payload capture is off in the config".to_string()),
+                );
+                continue;
+            }
             let outcome = match missing_offsets(spec, offsets) {
                 Some(reason) => ProbeStatus::Unavailable(reason),
                 None => match attach(&mut ebpf, spec) {
@@ -153,6 +215,10 @@ impl Probes {
             ebpf.take_map("EVENTS")
                 .context("kernel object has no EVENTS map")?,
         )?;
+        let payloads = RingBuf::try_from(
+            ebpf.take_map("PAYLOADS")
+                .context("kernel object has no PAYLOADS map")?,
+        )?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map("COUNTERS")
                 .context("kernel object has no COUNTERS map")?,
@@ -161,6 +227,7 @@ impl Probes {
             ebpf,
             status,
             events: Some(events),
+            payloads: Some(payloads),
             counters,
         };
         probes.set_watched_ports(config)?;
@@ -170,6 +237,11 @@ impl Probes {
     /// The ring buffer of socket events; taken once by whoever reads it.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The ring buffer of captured payloads; taken once by whoever reads it.
+    pub fn take_payloads(&mut self) -> Option<RingBuf<MapData>> {
+        self.payloads.take()
     }
 
     pub fn any_attached(&self) -> bool {
@@ -190,8 +262,12 @@ impl Probes {
             }
         }
         for (index, service) in config.services.iter().enumerate() {
+            let mut value = index as ServiceIndex & watch::SERVICE_MASK;
+            if service.capture {
+                value |= watch::CAPTURE;
+            }
             ports
-                .insert(service.port, index as ServiceIndex, 0)
+                .insert(service.port, value, 0)
                 .with_context(|| format!("cannot watch port {}", service.port))?;
         }
         Ok(())
@@ -212,10 +288,15 @@ impl Probes {
     }
 
     /// Totals of the kernel's loss counters since load: (ring buffer full, socket map full).
-    pub fn kernel_losses(&self) -> anyhow::Result<(u64, u64)> {
+    pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 4]> {
         let sum =
             |index: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&index, 0)?.iter().sum()) };
-        Ok((sum(counter::RINGBUF_FULL)?, sum(counter::SOCKET_MAP_FULL)?))
+        Ok([
+            ("ringbuf", sum(counter::RINGBUF_FULL)?),
+            ("socket_map", sum(counter::SOCKET_MAP_FULL)?),
+            ("payload_ringbuf", sum(counter::PAYLOAD_RINGBUF_FULL)?),
+            ("inflight_map", sum(counter::INFLIGHT_MAP_FULL)?),
+        ])
     }
 }
 
@@ -234,6 +315,14 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
         )
     })?;
     Ok(())
+}
+
+/// Index of a capture program's syscall in [`io_syscall::NAMES`].
+fn io_syscall_index(program: &str) -> Option<usize> {
+    let name = program
+        .strip_prefix("sys_enter_")
+        .or_else(|| program.strip_prefix("sys_exit_"))?;
+    io_syscall::NAMES.iter().position(|n| *n == name)
 }
 
 /// Ethernet-framed interfaces (ARPHRD_ETHER, ARPHRD_LOOPBACK) of this network namespace: the
@@ -325,6 +414,8 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
         "tcp_retransmit_synack" => tuple_ok(&offsets.retransmit_synack),
         "tcp_receive_reset" => tuple_ok(&offsets.receive_reset),
         "tcp_send_reset" => tuple_ok(&offsets.send_reset),
+        program if program.starts_with("sys_enter_") => io_syscall_index(program)
+            .is_some_and(|index| offsets.io_buffer_arg[index] != OFFSET_UNKNOWN),
         _ => offsets.sys_exit_ret != OFFSET_UNKNOWN,
     };
     (!ok).then(|| {

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use agent_common::{ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
+use agent_common::{io_syscall, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 
 use super::btf::Btf;
 use super::format::{parse_format, TracepointFormat};
@@ -233,6 +233,20 @@ const TUPLE_TRACEPOINTS: &[(Tracepoint, fn(&mut ProbeOffsets) -> &mut TupleLayou
     ),
 ];
 
+const CAPTURE_LOST: &str =
+    "payloads moved by this syscall are not captured: memcache decoding sees gaps";
+
+const IO_ENTER_EVENTS: [&str; io_syscall::COUNT] = [
+    "sys_enter_read",
+    "sys_enter_write",
+    "sys_enter_readv",
+    "sys_enter_writev",
+    "sys_enter_recvfrom",
+    "sys_enter_sendto",
+    "sys_enter_recvmsg",
+    "sys_enter_sendmsg",
+];
+
 const SYS_EXIT: Tracepoint = Tracepoint {
     category: "syscalls",
     event: "sys_exit_socket",
@@ -284,6 +298,28 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
             impact: SYS_EXIT.impact,
         };
         resolver.take_fields(&SYS_EXIT, &format, std::slice::from_ref(&wanted));
+    }
+
+    for (index, name) in io_syscall::NAMES.iter().enumerate() {
+        let tracepoint = Tracepoint {
+            category: "syscalls",
+            event: IO_ENTER_EVENTS[index],
+            since: "2.6.37",
+            impact: CAPTURE_LOST,
+        };
+        if let Some(format) = resolver.load(source, &tracepoint) {
+            let owner = format!("tracepoint syscalls/sys_enter_{name}");
+            let arg = io_syscall::BUFFER_ARG[index];
+            match format.field(arg) {
+                Some(field) if field.size == 8 && field.offset < u32::from(OFFSET_UNKNOWN) => {
+                    resolver.offsets.io_buffer_arg[index] = field.offset as u16;
+                }
+                _ => resolver.missing.push(MissingFeature {
+                    subject: owner.clone(),
+                    reason: format!("{owner} has no 8-byte argument {arg}: {CAPTURE_LOST}"),
+                }),
+            }
+        }
     }
 
     resolver.take_sock_common(source);
@@ -359,21 +395,20 @@ impl Resolver {
         let field = |name: &str| format.field(name).map(|f| (f.offset, Some(f.size)));
         let mut layout = TupleLayout::UNKNOWN;
         let mut problems = Vec::new();
-        let mut take =
-            |name: &'static str, size: u32, target: &mut u16, problems: &mut Vec<String>| {
-                match field(name) {
-                    Some((offset, Some(found)))
-                        if found == size && offset < u32::from(OFFSET_UNKNOWN) =>
-                    {
-                        *target = offset as u16;
-                    }
-                    Some((_, found)) => problems.push(format!(
-                        "{owner} field {name} has size {}, expected {size}",
-                        found.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
-                    )),
-                    None => problems.push(format!("{owner} has no field {name}")),
+        let take = |name: &'static str, size: u32, target: &mut u16, problems: &mut Vec<String>| {
+            match field(name) {
+                Some((offset, Some(found)))
+                    if found == size && offset < u32::from(OFFSET_UNKNOWN) =>
+                {
+                    *target = offset as u16;
                 }
-            };
+                Some((_, found)) => problems.push(format!(
+                    "{owner} field {name} has size {}, expected {size}",
+                    found.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+                )),
+                None => problems.push(format!("{owner} has no field {name}")),
+            }
+        };
         take("skaddr", 8, &mut layout.skaddr, &mut problems);
         if format.field("saddr").is_some_and(|f| f.size == 28) {
             take("saddr", 28, &mut layout.sockaddr_src, &mut problems);
@@ -798,6 +833,14 @@ mod tests {
             ("tcp", "tcp_receive_reset"),
             ("tcp", "tcp_send_reset"),
             ("syscalls", "sys_exit_socket"),
+            ("syscalls", "sys_enter_read"),
+            ("syscalls", "sys_enter_write"),
+            ("syscalls", "sys_enter_readv"),
+            ("syscalls", "sys_enter_writev"),
+            ("syscalls", "sys_enter_recvfrom"),
+            ("syscalls", "sys_enter_sendto"),
+            ("syscalls", "sys_enter_recvmsg"),
+            ("syscalls", "sys_enter_sendmsg"),
         ] {
             source.formats.insert(
                 (category, event),
@@ -934,6 +977,9 @@ mod tests {
         assert_eq!(new.retransmit_skb.sport, 28);
         assert_eq!(new.retransmit_synack.dport, 26);
         assert_eq!(new.sys_exit_ret, 16);
+        // read(fd, buf, count), sendto(fd, buff, ...), sendmsg(fd, msg, flags): all second.
+        assert_eq!(new.io_buffer_arg, [24; io_syscall::COUNT]);
+        assert_eq!(old.io_buffer_arg, [24; io_syscall::COUNT]);
     }
 
     #[test]
@@ -946,7 +992,7 @@ mod tests {
         let resolution = resolve_offsets(&source);
         assert_eq!(resolution.offsets, ProbeOffsets::UNKNOWN);
         let reasons = reasons(&resolution);
-        assert_eq!(reasons.len(), 9, "{reasons:#?}");
+        assert_eq!(reasons.len(), 17, "{reasons:#?}");
         assert!(reasons[4]
             .contains("tcp/tcp_retransmit_synack cannot be read (tracefs not found at /x)"));
         assert_eq!(
@@ -955,7 +1001,7 @@ mod tests {
              connection lifecycle (opened/closed, closed_by, durations) unavailable"
         );
         assert_eq!(
-            reasons[8],
+            reasons[16],
             "kernel BTF unreadable (/sys/kernel/btf/vmlinux: BTF version 2 is not supported): \
              sockets opened before the agent started are only seen when they change state"
         );
