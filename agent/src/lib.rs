@@ -5,6 +5,7 @@ pub mod commands;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod memcache;
 pub mod metrics;
 pub mod probes;
 pub mod tracking;
