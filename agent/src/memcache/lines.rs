@@ -147,6 +147,7 @@ impl TextFramer {
                     let window = &captured[pos..];
                     match memchr::memchr(b'\n', window) {
                         Some(i) => {
+                            let held = self.partial.len();
                             let outcome = self.complete_line(&window[..=i], ts, sink);
                             pos += i + 1;
                             match outcome {
@@ -154,6 +155,7 @@ impl TextFramer {
                                 LineOutcome::Data(n) => self.state = State::Skip { remaining: n },
                                 LineOutcome::Garbage => {
                                     sink.garbage(ts);
+                                    skipped += (held + i + 1) as u64;
                                     self.state = State::Resync;
                                 }
                             }

@@ -413,7 +413,12 @@ impl Pairing {
         for i in 0..self.pending.len() {
             let entry = &self.pending[i];
             if entry.marker {
-                if let Some(next) = self.pending.get(i + 1) {
+                // An error proves nothing: it is what unreadable requests get back.
+                let is_error = matches!(
+                    resp.kind,
+                    RespKind::Line(LineCode::Error | LineCode::ClientError | LineCode::ServerError)
+                );
+                if let Some(next) = self.pending.get(i + 1).filter(|_| !is_error) {
                     let fit = self.fit(next, offset, resp);
                     if !matches!(fit, Fit::No) {
                         found = Some((i + 1, fit));
