@@ -6,6 +6,7 @@ pub mod config;
 pub mod dead_writes;
 pub mod events;
 pub mod http;
+pub mod memcache;
 pub mod metrics;
 pub mod probes;
 pub mod tracking;

@@ -1,0 +1,263 @@
+//! Line framing for the text protocol (classic and meta commands), used for both directions.
+//!
+//! Framing follows the full byte counts of each payload even when only a prefix was captured:
+//! data blocks are skipped by their declared length and never searched for terminators, so a
+//! value that happens to contain "\r\nEND\r\n" cannot derail the decoder. Only a line itself
+//! must be visible; when it is not, the rest of that payload is unknown and the framer
+//! resynchronises on a later payload.
+
+/// What the sink wants after a complete line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineOutcome {
+    Continue,
+    /// A data block of this many bytes (including its "\r\n") follows the line.
+    Data(u64),
+    /// The line is not the protocol: skip to the next plausible line start.
+    Garbage,
+}
+
+pub(crate) trait LineSink {
+    /// A complete line without its terminator; `wire_len` includes it. `start_ts` is the
+    /// timestamp of the chunk holding the line's first byte, `end_ts` of its last byte.
+    fn line(&mut self, line: &[u8], wire_len: usize, start_ts: u64, end_ts: u64) -> LineOutcome;
+    /// A line whose end lies beyond the captured prefix of its payload; the `rest` uncaptured
+    /// bytes of the payload cannot be framed. The sink decodes what it can and reports the loss.
+    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64);
+    /// A line longer than the limit, decoded from its prefix; framing resumes after its end.
+    fn oversized_line(&mut self, prefix: &[u8], start_ts: u64, end_ts: u64);
+    /// `len` uncaptured bytes start at a line boundary. Returns true when the sink can account
+    /// for them exactly (framing continues); otherwise it reports the loss and returns false.
+    fn unknown_tail(&mut self, len: u64, ts: u64) -> bool;
+    /// Framing was lost in the middle of a line that was already handled.
+    fn lost(&mut self, ts: u64);
+    /// The data block announced by the last `LineOutcome::Data` ended.
+    fn data_done(&mut self, ts: u64);
+    /// Entering resynchronisation because of garbage.
+    fn garbage(&mut self, ts: u64);
+    /// Whether `bytes` starts with a command (or response) this side may begin a line with.
+    fn is_resync_point(bytes: &[u8]) -> bool;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Line,
+    Skip { remaining: u64 },
+    /// Inside an oversized line whose prefix was already handled.
+    DiscardLine,
+    Resync,
+}
+
+#[derive(Debug)]
+pub(crate) struct TextFramer {
+    state: State,
+    /// A line that started in an earlier, fully captured chunk. Never longer than `max_line`.
+    partial: Vec<u8>,
+    partial_ts: u64,
+    max_line: usize,
+}
+
+fn strip_terminator(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The first place at or after `from` where a line starts (the chunk start counts, as sends
+/// usually begin with a command) and `is_point` accepts the bytes.
+fn find_resync(captured: &[u8], from: usize, is_point: fn(&[u8]) -> bool) -> Option<usize> {
+    let starts_line = from == 0 || captured.get(from - 1) == Some(&b'\n');
+    if starts_line && is_point(&captured[from..]) {
+        return Some(from);
+    }
+    memchr::memchr_iter(b'\n', &captured[from..])
+        .map(|i| from + i + 1)
+        .find(|&start| is_point(&captured[start..]))
+}
+
+impl TextFramer {
+    pub fn new(max_line: usize) -> TextFramer {
+        TextFramer {
+            state: State::Line,
+            partial: Vec::new(),
+            partial_ts: 0,
+            max_line,
+        }
+    }
+
+    /// After lost events nothing about the current position is known.
+    pub fn reset_to_resync(&mut self) {
+        self.partial.clear();
+        self.state = State::Resync;
+    }
+
+    /// Feeds one chunk; returns how many bytes could not be decoded (skipped while
+    /// resynchronising or lost after a truncated line).
+    pub fn feed<S: LineSink>(
+        &mut self,
+        captured: &[u8],
+        total: usize,
+        ts: u64,
+        sink: &mut S,
+    ) -> u64 {
+        let cap = captured.len().min(total);
+        let captured = &captured[..cap];
+        let mut skipped = 0u64;
+        let mut pos = 0usize;
+        while pos < total {
+            match self.state {
+                State::Skip { remaining } => {
+                    let available = (total - pos) as u64;
+                    if remaining > available {
+                        self.state = State::Skip {
+                            remaining: remaining - available,
+                        };
+                        pos = total;
+                        continue;
+                    }
+                    let end = pos + remaining as usize;
+                    // The block's own "\r\n" is checked when it is visible: a mismatch means
+                    // the declared length was wrong and framing is off.
+                    let terminator_ok =
+                        remaining < 2 || end > cap || &captured[end - 2..end] == b"\r\n";
+                    self.state = State::Line;
+                    pos = end;
+                    sink.data_done(ts);
+                    if !terminator_ok {
+                        sink.garbage(ts);
+                        self.state = State::Resync;
+                        pos = end - 2;
+                    }
+                }
+                State::Line => {
+                    if pos >= cap {
+                        let rest = (total - pos) as u64;
+                        if !self.partial.is_empty() {
+                            let prefix = std::mem::take(&mut self.partial);
+                            sink.truncated_line(&prefix, rest, self.partial_ts, ts);
+                            self.partial = prefix;
+                            self.partial.clear();
+                            self.state = State::Resync;
+                            skipped += rest;
+                        } else if !sink.unknown_tail(rest, ts) {
+                            self.state = State::Resync;
+                            skipped += rest;
+                        }
+                        pos = total;
+                        continue;
+                    }
+                    let window = &captured[pos..];
+                    match memchr::memchr(b'\n', window) {
+                        Some(i) => {
+                            let held = self.partial.len();
+                            let outcome = self.complete_line(&window[..=i], ts, sink);
+                            pos += i + 1;
+                            match outcome {
+                                LineOutcome::Continue => {}
+                                LineOutcome::Data(n) => self.state = State::Skip { remaining: n },
+                                LineOutcome::Garbage => {
+                                    sink.garbage(ts);
+                                    skipped += (held + i + 1) as u64;
+                                    self.state = State::Resync;
+                                }
+                            }
+                        }
+                        None if cap == total => {
+                            // The line continues in the next chunk.
+                            if self.partial.len() + window.len() > self.max_line {
+                                let start_ts = self.start_ts(ts);
+                                let mut prefix = std::mem::take(&mut self.partial);
+                                let room = self.max_line - prefix.len();
+                                prefix.extend_from_slice(&window[..room.min(window.len())]);
+                                sink.oversized_line(&prefix, start_ts, ts);
+                                self.partial = prefix;
+                                self.partial.clear();
+                                self.state = State::DiscardLine;
+                            } else {
+                                if self.partial.is_empty() {
+                                    self.partial_ts = ts;
+                                }
+                                self.partial.extend_from_slice(window);
+                            }
+                            pos = total;
+                        }
+                        None => {
+                            // The capture ends inside this line.
+                            let start_ts = self.start_ts(ts);
+                            let mut prefix = std::mem::take(&mut self.partial);
+                            let room = self.max_line - prefix.len();
+                            prefix.extend_from_slice(&window[..room.min(window.len())]);
+                            let rest = (total - cap) as u64;
+                            sink.truncated_line(&prefix, rest, start_ts, ts);
+                            self.partial = prefix;
+                            self.partial.clear();
+                            self.state = State::Resync;
+                            skipped += rest;
+                            pos = total;
+                        }
+                    }
+                }
+                State::DiscardLine => {
+                    if pos >= cap {
+                        sink.lost(ts);
+                        self.state = State::Resync;
+                        skipped += (total - pos) as u64;
+                        pos = total;
+                        continue;
+                    }
+                    match memchr::memchr(b'\n', &captured[pos..]) {
+                        Some(i) => {
+                            pos += i + 1;
+                            self.state = State::Line;
+                        }
+                        None => pos = cap,
+                    }
+                }
+                State::Resync => match find_resync(captured, pos, S::is_resync_point) {
+                    Some(start) => {
+                        skipped += (start - pos) as u64;
+                        pos = start;
+                        self.state = State::Line;
+                    }
+                    None => {
+                        skipped += (total - pos) as u64;
+                        pos = total;
+                    }
+                },
+            }
+        }
+        skipped
+    }
+
+    fn start_ts(&self, ts: u64) -> u64 {
+        if self.partial.is_empty() {
+            ts
+        } else {
+            self.partial_ts
+        }
+    }
+
+    /// `piece` ends with the line's '\n'; it is the whole line unless a partial line is held.
+    fn complete_line<S: LineSink>(&mut self, piece: &[u8], ts: u64, sink: &mut S) -> LineOutcome {
+        if self.partial.is_empty() {
+            if piece.len() > self.max_line {
+                sink.oversized_line(&piece[..self.max_line], ts, ts);
+                return LineOutcome::Continue;
+            }
+            return sink.line(strip_terminator(piece), piece.len(), ts, ts);
+        }
+        let wire_len = self.partial.len() + piece.len();
+        let start_ts = self.partial_ts;
+        let mut line = std::mem::take(&mut self.partial);
+        let outcome = if wire_len > self.max_line {
+            let room = self.max_line - line.len();
+            line.extend_from_slice(&piece[..room.min(piece.len())]);
+            sink.oversized_line(&line, start_ts, ts);
+            LineOutcome::Continue
+        } else {
+            line.extend_from_slice(piece);
+            sink.line(strip_terminator(&line), wire_len, start_ts, ts)
+        };
+        self.partial = line;
+        self.partial.clear();
+        outcome
+    }
+}

@@ -1,0 +1,285 @@
+//! Pure memcache protocol decoder: bytes in, typed observations out. No I/O, no knowledge of
+//! probes, sockets or metrics, so it can be unit-tested, fuzzed and benchmarked on its own.
+//!
+//! One [`ConnectionDecoder`] per TCP connection is fed the connection's payloads in order, as
+//! [`Chunk`]s that may hold only a prefix of each send/receive. It decodes the text protocol
+//! (classic and meta commands) and the binary protocol, detected per connection, pairs
+//! requests with responses (pipelining, `noreply`, binary quiet opcodes, meta `q`/`mn`,
+//! multi-key gets) and reports each finished request as an [`Observation`].
+//!
+//! Framing uses the full byte count of every payload: value blocks are skipped by their
+//! declared length, never scanned, so a payload whose capture ends early is still framed
+//! correctly as long as its command/response lines were captured. Where framing is lost
+//! (garbage, lost events, a line cut by the capture) the decoder reports a
+//! [`DecodeErrorReason`], resynchronises at the next plausible command/response start, and
+//! keeps responses to unseen requests from being paired with later requests.
+//!
+//! Every buffer is bounded by [`DecoderConfig`]; nothing allocates per command once a
+//! connection's queues have warmed up.
+//!
+//! Label scheme: [`Command::as_str`] (`command` label), [`Status::as_str`] (`status`),
+//! [`QueueOpKind::as_str`] (queue `op`), [`DecodeErrorReason::as_str`] (`reason`); each enum has
+//! an `ALL` list with every value.
+
+mod binary;
+mod lines;
+mod meta;
+mod model;
+mod pairing;
+mod text;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use model::{
+    Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions, Key,
+    Observation, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol, KEY_CAPACITY,
+};
+
+use binary::BinFramer;
+use lines::TextFramer;
+use pairing::{push_error, Pairing, RequestInfo};
+
+/// A captured part of one send or receive on the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub direction: Direction,
+    pub ts_ns: u64,
+    /// The first bytes of the payload (all of it when `captured.len() == total_len`).
+    pub captured: &'a [u8],
+    /// The payload's full length. Bytes past `captured` were sent but not captured.
+    pub total_len: usize,
+}
+
+/// Which encoding to expect; `Auto` decides per connection from the first captured byte
+/// (0x80 from the client or 0x81 from the server means binary, anything else text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolHint {
+    #[default]
+    Auto,
+    Text,
+    Binary,
+}
+
+/// Bounds and modes for one connection's decoder. Values out of range are clamped by
+/// [`ConnectionDecoder::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderConfig {
+    pub protocol_hint: ProtocolHint,
+    /// Starling/Kestrel semantics: `set` enqueues, `get` dequeues; keys are queue names with
+    /// optional Kestrel options (`<queue>/t=500/open`).
+    pub queue_mode: bool,
+    /// How many bytes of each key to keep (at most [`KEY_CAPACITY`]).
+    pub max_key_len: usize,
+    /// Outstanding requests kept for pairing; more are dropped and counted as
+    /// `pending_overflow`.
+    pub max_pending: usize,
+    /// Keys of outstanding requests kept (multi-key gets hold one per key).
+    pub max_pending_keys: usize,
+    /// Longest command/response line decoded; also the most buffered for a line that spans
+    /// chunks. Longer lines are decoded from their prefix and counted as `line_too_long`.
+    pub max_line_len: usize,
+    /// Largest declared value length accepted when framing (memcached's ceiling is 1 GiB).
+    pub max_value_len: u64,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        DecoderConfig {
+            protocol_hint: ProtocolHint::Auto,
+            queue_mode: false,
+            max_key_len: KEY_CAPACITY,
+            max_pending: 128,
+            max_pending_keys: 1024,
+            max_line_len: 2048,
+            max_value_len: 1 << 30,
+        }
+    }
+}
+
+/// Bytes the decoder could not decode, per direction (skipped while resynchronising or
+/// unframeable after a truncated capture).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecoderStats {
+    pub undecoded_client_bytes: u64,
+    pub undecoded_server_bytes: u64,
+}
+
+/// Decodes one TCP connection. Not thread-safe by design: one owner per connection.
+#[derive(Debug)]
+pub struct ConnectionDecoder {
+    config: DecoderConfig,
+    wire: Option<WireProtocol>,
+    client_text: TextFramer,
+    server_text: TextFramer,
+    client_binary: BinFramer,
+    server_binary: BinFramer,
+    /// A text storage request whose data block has not fully arrived.
+    inflight: Option<RequestInfo>,
+    pairing: Pairing,
+    last_ts: u64,
+    stats: DecoderStats,
+}
+
+impl ConnectionDecoder {
+    pub fn new(config: DecoderConfig) -> ConnectionDecoder {
+        let config = DecoderConfig {
+            max_key_len: config.max_key_len.clamp(1, KEY_CAPACITY),
+            max_pending: config.max_pending.max(1),
+            max_pending_keys: config.max_pending_keys.max(1),
+            // A line must at least hold a command word and a key.
+            max_line_len: config.max_line_len.max(64),
+            ..config
+        };
+        let wire = match config.protocol_hint {
+            ProtocolHint::Auto => None,
+            ProtocolHint::Text => Some(WireProtocol::Text),
+            ProtocolHint::Binary => Some(WireProtocol::Binary),
+        };
+        ConnectionDecoder {
+            client_text: TextFramer::new(config.max_line_len),
+            server_text: TextFramer::new(config.max_line_len),
+            client_binary: BinFramer::new(binary::REQUEST_MAGIC, config.max_value_len),
+            server_binary: BinFramer::new(binary::RESPONSE_MAGIC, config.max_value_len),
+            inflight: None,
+            pairing: Pairing::new(
+                config.max_pending,
+                config.max_pending_keys,
+                config.max_key_len,
+            ),
+            wire,
+            last_ts: 0,
+            stats: DecoderStats::default(),
+            config,
+        }
+    }
+
+    /// The connection's encoding, once known.
+    pub fn wire_protocol(&self) -> Option<WireProtocol> {
+        self.wire
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending(&self) -> usize {
+        self.pairing.pending_len()
+    }
+
+    pub fn stats(&self) -> DecoderStats {
+        self.stats
+    }
+
+    /// Decodes one chunk, appending what finished to `out`.
+    pub fn feed(&mut self, chunk: Chunk<'_>, out: &mut Vec<Observation>) {
+        let total = chunk.total_len;
+        if total == 0 {
+            return;
+        }
+        let captured = &chunk.captured[..chunk.captured.len().min(total)];
+        let ts = chunk.ts_ns;
+        self.last_ts = ts;
+        let wire = match self.wire {
+            Some(wire) => wire,
+            None => match captured.first() {
+                Some(&first) => {
+                    let binary = match chunk.direction {
+                        Direction::ClientToServer => first == binary::REQUEST_MAGIC,
+                        Direction::ServerToClient => first == binary::RESPONSE_MAGIC,
+                    };
+                    let wire = if binary {
+                        WireProtocol::Binary
+                    } else {
+                        WireProtocol::Text
+                    };
+                    self.wire = Some(wire);
+                    wire
+                }
+                None => {
+                    self.count_undecoded(chunk.direction, total as u64);
+                    return;
+                }
+            },
+        };
+        let undecoded = match (wire, chunk.direction) {
+            (WireProtocol::Text, Direction::ClientToServer) => {
+                let mut sink = text::RequestSink {
+                    pairing: &mut self.pairing,
+                    inflight: &mut self.inflight,
+                    config: &self.config,
+                    out,
+                };
+                self.client_text.feed(captured, total, ts, &mut sink)
+            }
+            (WireProtocol::Text, Direction::ServerToClient) => {
+                let mut sink = text::ResponseSink {
+                    pairing: &mut self.pairing,
+                    out,
+                };
+                self.server_text.feed(captured, total, ts, &mut sink)
+            }
+            (WireProtocol::Binary, Direction::ClientToServer) => {
+                let mut sink = binary::RequestSink {
+                    pairing: &mut self.pairing,
+                    out,
+                };
+                self.client_binary.feed(captured, total, ts, &mut sink)
+            }
+            (WireProtocol::Binary, Direction::ServerToClient) => {
+                let mut sink = binary::ResponseSink {
+                    pairing: &mut self.pairing,
+                    out,
+                };
+                self.server_binary.feed(captured, total, ts, &mut sink)
+            }
+        };
+        self.count_undecoded(chunk.direction, undecoded);
+    }
+
+    /// Reports that events of one direction were lost between the last chunk and the next.
+    /// Client side: requests may be missing, so responses must prove which request they
+    /// answer. Server side: the responses to everything outstanding may be gone, so those
+    /// requests finish as [`Status::Unknown`].
+    pub fn note_gap(&mut self, direction: Direction, out: &mut Vec<Observation>) {
+        let ts = self.last_ts;
+        push_error(out, DecodeErrorReason::Gap, direction, ts);
+        match direction {
+            Direction::ClientToServer => {
+                self.client_text.reset_to_resync();
+                self.client_binary.reset_to_resync();
+                // The server has the whole storage command even if we lost its tail.
+                if let Some(req) = self.inflight.take() {
+                    self.pairing.submit(req, out);
+                }
+                self.pairing.push_marker(ts);
+            }
+            Direction::ServerToClient => {
+                self.server_text.reset_to_resync();
+                self.server_binary.reset_to_resync();
+                self.pairing.lose_responses(ts, out);
+            }
+        }
+    }
+
+    /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response:
+    /// as [`Status::Timeout`], or for quiet requests with the result their silence implies.
+    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Observation>) {
+        self.pairing.expire(now_ns, timeout_ns, out);
+    }
+
+    /// The connection closed: everything outstanding finishes ([`Status::Unanswered`], or the
+    /// implied result for quiet requests).
+    pub fn finish(&mut self, out: &mut Vec<Observation>) {
+        if let Some(req) = self.inflight.take() {
+            self.pairing.submit(req, out);
+        }
+        self.pairing.finish(out);
+    }
+
+    fn count_undecoded(&mut self, direction: Direction, bytes: u64) {
+        match direction {
+            Direction::ClientToServer => self.stats.undecoded_client_bytes += bytes,
+            Direction::ServerToClient => self.stats.undecoded_server_bytes += bytes,
+        }
+    }
+}

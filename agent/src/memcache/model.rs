@@ -1,0 +1,458 @@
+//! The decoder's output vocabulary. Every enum here maps to a fixed, small set of label values
+//! (`as_str`), so the agent can turn observations into metric labels without cardinality risk.
+
+use std::fmt;
+
+/// The longest key memcached accepts; also the most this crate ever keeps of a key.
+pub const KEY_CAPACITY: usize = 250;
+
+/// Which way a chunk of bytes travelled on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ClientToServer,
+    ServerToClient,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "client_to_server",
+            Direction::ServerToClient => "server_to_client",
+        }
+    }
+}
+
+/// Which of memcache's two wire encodings a connection speaks. Meta commands are part of the
+/// text encoding (they can be mixed with classic commands on one connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireProtocol {
+    Text,
+    Binary,
+}
+
+impl WireProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireProtocol::Text => "text",
+            WireProtocol::Binary => "binary",
+        }
+    }
+}
+
+/// The command family a [`Command`] belongs to, as a label value: "text", "meta" or "binary".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandProtocol {
+    Text,
+    Meta,
+    Binary,
+}
+
+impl CommandProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandProtocol::Text => "text",
+            CommandProtocol::Meta => "meta",
+            CommandProtocol::Binary => "binary",
+        }
+    }
+}
+
+macro_rules! commands {
+    (
+        text { $($tv:ident => $tl:literal),* $(,)? }
+        meta { $($mv:ident => $ml:literal),* $(,)? }
+        binary { $($bv:ident = $bop:literal => $bl:literal),* $(,)? }
+    ) => {
+        /// A memcache command. Label scheme (`as_str`): classic text commands use their own
+        /// name ("get", "flush_all"), meta commands their two-letter code ("mg", "ms"), binary
+        /// opcodes "bin_" plus the opcode's name, quiet variants keeping their own name
+        /// ("bin_get", "bin_getkq", "bin_setq"). Admin commands the decoder frames but does
+        /// not model individually are "other" (text) and "bin_other" (binary).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Command {
+            $($tv,)*
+            $($mv,)*
+            $($bv,)*
+            BinOther,
+        }
+
+        impl Command {
+            /// Every command, for pre-registering metric series.
+            pub const ALL: &'static [Command] = &[$(Command::$tv,)* $(Command::$mv,)* $(Command::$bv,)* Command::BinOther];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Command::$tv => $tl,)*
+                    $(Command::$mv => $ml,)*
+                    $(Command::$bv => $bl,)*
+                    Command::BinOther => "bin_other",
+                }
+            }
+
+            pub fn protocol(self) -> CommandProtocol {
+                match self {
+                    $(Command::$tv => CommandProtocol::Text,)*
+                    $(Command::$mv => CommandProtocol::Meta,)*
+                    _ => CommandProtocol::Binary,
+                }
+            }
+
+            /// The binary command for an opcode; unknown opcodes are [`Command::BinOther`].
+            pub fn from_opcode(opcode: u8) -> Command {
+                match opcode {
+                    $($bop => Command::$bv,)*
+                    _ => Command::BinOther,
+                }
+            }
+
+            /// Whether the binary protocol knows this opcode (used to judge resync candidates).
+            pub(crate) fn is_known_opcode(opcode: u8) -> bool {
+                matches!(opcode, $($bop)|*)
+            }
+        }
+    };
+}
+
+commands! {
+    text {
+        Get => "get", Gets => "gets", Gat => "gat", Gats => "gats",
+        Set => "set", Add => "add", Replace => "replace", Append => "append",
+        Prepend => "prepend", Cas => "cas", Delete => "delete", Incr => "incr", Decr => "decr",
+        Touch => "touch", Stats => "stats", Version => "version", Verbosity => "verbosity",
+        FlushAll => "flush_all", Quit => "quit", Other => "other",
+    }
+    meta {
+        MetaGet => "mg", MetaSet => "ms", MetaDelete => "md", MetaArithmetic => "ma",
+        MetaNoop => "mn", MetaDebug => "me",
+    }
+    binary {
+        BinGet = 0x00 => "bin_get", BinSet = 0x01 => "bin_set", BinAdd = 0x02 => "bin_add",
+        BinReplace = 0x03 => "bin_replace", BinDelete = 0x04 => "bin_delete",
+        BinIncrement = 0x05 => "bin_incr", BinDecrement = 0x06 => "bin_decr",
+        BinQuit = 0x07 => "bin_quit", BinFlush = 0x08 => "bin_flush", BinGetQ = 0x09 => "bin_getq",
+        BinNoop = 0x0a => "bin_noop", BinVersion = 0x0b => "bin_version",
+        BinGetK = 0x0c => "bin_getk", BinGetKQ = 0x0d => "bin_getkq",
+        BinAppend = 0x0e => "bin_append", BinPrepend = 0x0f => "bin_prepend",
+        BinStat = 0x10 => "bin_stat", BinSetQ = 0x11 => "bin_setq", BinAddQ = 0x12 => "bin_addq",
+        BinReplaceQ = 0x13 => "bin_replaceq", BinDeleteQ = 0x14 => "bin_deleteq",
+        BinIncrementQ = 0x15 => "bin_incrq", BinDecrementQ = 0x16 => "bin_decrq",
+        BinQuitQ = 0x17 => "bin_quitq", BinFlushQ = 0x18 => "bin_flushq",
+        BinAppendQ = 0x19 => "bin_appendq", BinPrependQ = 0x1a => "bin_prependq",
+        BinVerbosity = 0x1b => "bin_verbosity", BinTouch = 0x1c => "bin_touch",
+        BinGat = 0x1d => "bin_gat", BinGatQ = 0x1e => "bin_gatq",
+        BinSaslListMechs = 0x20 => "bin_sasl_list_mechs", BinSaslAuth = 0x21 => "bin_sasl_auth",
+        BinSaslStep = 0x22 => "bin_sasl_step", BinGatK = 0x23 => "bin_gatk",
+        BinGatKQ = 0x24 => "bin_gatkq",
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The outcome of one request (one key of a multi-key get).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// A retrieval found the item (text VALUE, meta VA/HD for mg, binary get success, ME).
+    Hit,
+    /// A retrieval did not find the item (absent from the VALUE list, EN, binary KEY_ENOENT).
+    Miss,
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+    Deleted,
+    Touched,
+    /// Success for commands without a more specific word (incr/decr, stats, version, mn, ...).
+    Ok,
+    /// The server did not know the command (ERROR, binary UNKNOWN_COMMAND / NOT_SUPPORTED).
+    Error,
+    ClientError,
+    ServerError,
+    /// The request asked for no reply (text `noreply`, `quit`, binary QuitQ); outcome unknown.
+    Noreply,
+    /// No response arrived within the caller's timeout (see `ConnectionDecoder::expire`).
+    Timeout,
+    /// The response was lost to a capture gap or truncation, or was skipped over when a later
+    /// response proved the stream had moved on; the outcome is not known.
+    Unknown,
+    /// The connection ended (`ConnectionDecoder::finish`) before the response arrived.
+    Unanswered,
+}
+
+impl Status {
+    pub const ALL: &'static [Status] = &[
+        Status::Hit,
+        Status::Miss,
+        Status::Stored,
+        Status::NotStored,
+        Status::Exists,
+        Status::NotFound,
+        Status::Deleted,
+        Status::Touched,
+        Status::Ok,
+        Status::Error,
+        Status::ClientError,
+        Status::ServerError,
+        Status::Noreply,
+        Status::Timeout,
+        Status::Unknown,
+        Status::Unanswered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Hit => "hit",
+            Status::Miss => "miss",
+            Status::Stored => "stored",
+            Status::NotStored => "not_stored",
+            Status::Exists => "exists",
+            Status::NotFound => "not_found",
+            Status::Deleted => "deleted",
+            Status::Touched => "touched",
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::ClientError => "client_error",
+            Status::ServerError => "server_error",
+            Status::Noreply => "noreply",
+            Status::Timeout => "timeout",
+            Status::Unknown => "unknown",
+            Status::Unanswered => "unanswered",
+        }
+    }
+
+    /// Whether the server reported a failure of the request itself (not a miss or a conflict).
+    pub fn is_error(self) -> bool {
+        matches!(self, Status::Error | Status::ClientError | Status::ServerError)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A key (or, in queue mode, a queue name) kept inline so the hot path never allocates for it.
+/// At most `DecoderConfig::max_key_len` (<= [`KEY_CAPACITY`]) bytes are kept. `is_truncated`
+/// is set when the key was longer than that or ran past the captured prefix of the payload.
+/// Meta keys sent with the `b` flag are kept base64-decoded, like binary-protocol keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    len: u8,
+    truncated: bool,
+    bytes: [u8; KEY_CAPACITY],
+}
+
+impl Key {
+    pub(crate) fn new(src: &[u8], max_len: usize, truncated: bool) -> Key {
+        let keep = src.len().min(max_len).min(KEY_CAPACITY);
+        let mut bytes = [0u8; KEY_CAPACITY];
+        bytes[..keep].copy_from_slice(&src[..keep]);
+        Key {
+            len: keep as u8,
+            truncated: truncated || keep < src.len(),
+            bytes,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// Whether `other` can be the same key, allowing for either side having been cut short.
+    pub(crate) fn could_be(&self, other: &[u8], other_truncated: bool) -> bool {
+        let mine = self.as_bytes();
+        match (self.truncated, other_truncated) {
+            (false, false) => mine == other,
+            (true, false) => other.starts_with(mine),
+            (false, true) => mine.starts_with(other),
+            (true, true) => {
+                let common = mine.len().min(other.len());
+                mine[..common] == other[..common]
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key(\"{}\"", self.as_bytes().escape_ascii())?;
+        if self.truncated {
+            f.write_str(", truncated")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// What a queue-mode (Starling/Kestrel) request did to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueOpKind {
+    /// `set <queue>`: an item was offered to the queue (see the status for the outcome).
+    Enqueue,
+    /// `get <queue>` that returned an item.
+    Dequeue,
+    /// `get <queue>` (with or without options) that found the queue empty.
+    EmptyPoll,
+    /// `get <queue>/peek` that returned an item without removing it.
+    Peek,
+    /// `get <queue>/open` that returned an item as a reliable (tentative) read.
+    Open,
+    /// `get <queue>/close` without `open`: acknowledges the previous reliable read.
+    Close,
+    /// `get <queue>/abort`: hands the previous reliable read back to the queue.
+    Abort,
+}
+
+impl QueueOpKind {
+    pub const ALL: &'static [QueueOpKind] = &[
+        QueueOpKind::Enqueue,
+        QueueOpKind::Dequeue,
+        QueueOpKind::EmptyPoll,
+        QueueOpKind::Peek,
+        QueueOpKind::Open,
+        QueueOpKind::Close,
+        QueueOpKind::Abort,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueOpKind::Enqueue => "enqueue",
+            QueueOpKind::Dequeue => "dequeue",
+            QueueOpKind::EmptyPoll => "empty_poll",
+            QueueOpKind::Peek => "peek",
+            QueueOpKind::Open => "open",
+            QueueOpKind::Close => "close",
+            QueueOpKind::Abort => "abort",
+        }
+    }
+}
+
+/// Kestrel's `get` key suffixes (`<queue>/t=500/open`), as parsed from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct KestrelOptions {
+    /// `t=<ms>`: how long the server may block waiting for an item.
+    pub timeout_ms: Option<u32>,
+    pub open: bool,
+    pub close: bool,
+    pub abort: bool,
+    pub peek: bool,
+    /// A suffix this decoder does not know was present (it is otherwise ignored).
+    pub unknown_option: bool,
+}
+
+/// The queue side of a request, present only when the decoder runs in queue mode.
+/// The queue's name is the observation's `key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueueOp {
+    pub op: QueueOpKind,
+    pub options: KestrelOptions,
+}
+
+/// Why the decoder could not decode part of a stream, as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeErrorReason {
+    /// Bytes that are not the protocol at a place where a command or response must start; the
+    /// decoder skipped ahead to the next plausible command/response start.
+    Garbage,
+    /// A command or response line (or binary header) ran past the captured prefix of a
+    /// payload, so the rest of that payload could not be framed.
+    TruncatedCapture,
+    /// The caller reported lost events (`ConnectionDecoder::note_gap`).
+    Gap,
+    /// A response that fits no outstanding request.
+    UnexpectedResponse,
+    /// A request was dropped because too many were outstanding, or a multi-key request had
+    /// more keys than the decoder keeps track of.
+    PendingOverflow,
+    /// A known command whose arguments could not be parsed where framing depends on them
+    /// (e.g. a storage command without a valid byte count).
+    Malformed,
+    /// A command line longer than `DecoderConfig::max_line_len`.
+    LineTooLong,
+}
+
+impl DecodeErrorReason {
+    pub const ALL: &'static [DecodeErrorReason] = &[
+        DecodeErrorReason::Garbage,
+        DecodeErrorReason::TruncatedCapture,
+        DecodeErrorReason::Gap,
+        DecodeErrorReason::UnexpectedResponse,
+        DecodeErrorReason::PendingOverflow,
+        DecodeErrorReason::Malformed,
+        DecodeErrorReason::LineTooLong,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeErrorReason::Garbage => "garbage",
+            DecodeErrorReason::TruncatedCapture => "truncated_capture",
+            DecodeErrorReason::Gap => "gap",
+            DecodeErrorReason::UnexpectedResponse => "unexpected_response",
+            DecodeErrorReason::PendingOverflow => "pending_overflow",
+            DecodeErrorReason::Malformed => "malformed",
+            DecodeErrorReason::LineTooLong => "line_too_long",
+        }
+    }
+}
+
+impl fmt::Display for DecodeErrorReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One finished request, or one key of a multi-key retrieval.
+///
+/// Multi-key gets (`get a b c`, `gets`, `gat`, `gats`) produce one observation per key, each
+/// with its own hit/miss status. Byte counts are split so that they sum to the wire bytes: the
+/// first key's observation carries the request line and the response's END line, every key
+/// carries its own VALUE item. All keys share the request's latency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestObservation {
+    pub command: Command,
+    pub status: Status,
+    pub key: Option<Key>,
+    /// Time from the request's last byte being sent to the first byte of its response being
+    /// seen (both as chunk timestamps). For quiet requests whose result was implied by a later
+    /// response (binary GetQ misses, meta `q`), the time until that later response. None when
+    /// no response was seen.
+    pub latency_ns: Option<u64>,
+    /// Timestamp of the chunk that completed the request.
+    pub request_ts_ns: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub queue: Option<QueueOp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeErrorObservation {
+    pub reason: DecodeErrorReason,
+    pub direction: Direction,
+    /// Timestamp of the chunk (or of the last chunk, for gaps) where the problem was found.
+    pub ts_ns: u64,
+}
+
+/// What the decoder reports. Requests are reported when they complete (response seen, no
+/// response expected, timed out, or lost), not when they are sent.
+// Boxing the large variant would cost an allocation per command on the hot path.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    Request(RequestObservation),
+    DecodeError(DecodeErrorObservation),
+}
