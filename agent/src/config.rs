@@ -66,6 +66,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub services: Vec<Service>,
     pub limits: Limits,
+    /// How keys appear in diagnose output and the local API (never in metrics).
+    pub keys: crate::keys::KeyDisplay,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
                 .expect("default listen address is valid"),
             services: default_services(),
             limits: Limits::default(),
+            keys: crate::keys::KeyDisplay::Plain,
         }
     }
 }
@@ -115,6 +118,8 @@ struct RawConfig {
     services: Option<Vec<RawService>>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    keys: crate::keys::KeyDisplay,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +281,7 @@ impl Config {
             listen,
             services,
             limits,
+            keys: raw.keys,
         })
     }
 

@@ -13,15 +13,16 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
+use aya::maps::{MapData, RingBuf};
+
 use crate::{
     config::Config,
-    events,
-    metrics::{Metrics, ObservationRecorder, ProbeLabels, SourceLabels},
+    metrics::{Metrics, ProbeLabels},
+    pipeline::Pipeline,
     probes::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
     },
-    tracking::{ServicePorts, Tracker},
 };
 
 pub struct RunArgs {
@@ -30,14 +31,11 @@ pub struct RunArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-fn service_ports(config: &Config) -> ServicePorts {
-    ServicePorts::new(
-        config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(index, service)| (service.port, index)),
-    )
+/// Hands every record in the ring to `handle`, in order, without copying.
+fn drain(ring: &mut RingBuf<MapData>, mut handle: impl FnMut(&[u8])) {
+    while let Some(item) = ring.next() {
+        handle(&item);
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -79,88 +77,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, "serving metrics on /metrics");
     tokio::spawn(crate::http::serve(listener, registry.clone()));
 
-    let mut tracker = Tracker::new(service_ports(&config), config.limits.max_sockets as usize);
-    let mut recorder = ObservationRecorder::new(
-        metrics.clone(),
-        config.services.iter().map(|s| s.name.clone()).collect(),
-        config.limits.max_servers_per_service,
-        config.limits.max_comms,
-    );
+    let mut pipeline = Pipeline::new(&config, metrics.clone());
 
     let mut probes = probes;
-    let ring = probes.take_events().context("ring buffer already taken")?;
-    // SAFETY: the AsyncFd takes ownership of the ring buffer, which owns its fd, so the fd stays
-    // open and unchanged for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|err| anyhow::anyhow!("cannot poll the ring buffer: {err}"))?;
+    let events = probes
+        .take_events()
+        .context("event ring buffer already taken")?;
+    let payloads = probes
+        .take_payloads()
+        .context("payload ring buffer already taken")?;
+    // SAFETY: each AsyncFd takes ownership of its ring buffer, which owns its fd, so the fd
+    // stays open and unchanged for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the event ring buffer: {err}"))?;
+    let mut payload_ring = unsafe { AsyncFd::register_with_interest(payloads, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut observations = Vec::with_capacity(64);
-    let mut reported_losses: std::collections::HashMap<&'static str, u64> =
-        std::collections::HashMap::new();
-    let mut decode_errors = 0u64;
-    let mut syn_in_seen: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match events::decode(&item) {
-                        Ok(event) => {
-                            tracing::trace!(?event, "kernel event");
-                            tracker.handle(&event, &mut observations);
-                        }
-                        Err(err) => {
-                            decode_errors += 1;
-                            if decode_errors.is_power_of_two() {
-                                tracing::warn!(%err, count = decode_errors, "undecodable ring buffer record");
-                            }
-                        }
-                    }
-                }
+                // Socket events refer to connections whose payloads may already be queued:
+                // drain payloads first so a dead write's bytes are decoded before its outcome.
+                drain(payload_ring.get_mut(), |bytes| pipeline.on_payload_record(bytes));
+                drain(guard.get_inner_mut(), |bytes| pipeline.on_socket_record(bytes));
                 guard.clear_ready();
-                for observation in observations.drain(..) {
-                    recorder.record(&observation);
-                }
+            }
+            guard = payload_ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), |bytes| pipeline.on_payload_record(bytes));
+                guard.clear_ready();
             }
             _ = tick.tick() => {
-                tracker.tick(crate::clock::monotonic_ns(), &mut observations);
-                for observation in observations.drain(..) {
-                    recorder.record(&observation);
-                }
-                match probes.syn_in_counts() {
-                    Ok(counts) => {
-                        for (port, total) in counts {
-                            let Some(service) = config.service_for_port(port) else { continue };
-                            let seen = syn_in_seen.entry(port).or_insert(0);
-                            if total > *seen {
-                                recorder.record_syn_in(service, total - *seen);
-                                *seen = total;
-                            }
-                        }
-                    }
-                    Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
-                }
-                match probes.kernel_losses() {
-                    Ok(totals) => {
-                        for (source, total) in totals {
-                            let seen = reported_losses.entry(source).or_insert(0);
-                            if total > *seen {
-                                metrics.events_lost.get_or_create(&SourceLabels { source }).inc_by(total - *seen);
-                                *seen = total;
-                            }
-                        }
-                    }
-                    Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
-                }
+                pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
         }
     }
+    drop(payload_ring);
     drop(ring);
     drop(probes);
     Ok(())
