@@ -127,6 +127,14 @@ impl Decoders {
             sent: payload.is_send,
             bytes: payload.total_len,
         });
+        if self
+            .connections
+            .get(&payload.sk)
+            .is_some_and(|state| state.endpoint != endpoint)
+        {
+            // The address now belongs to another connection: never mix two byte streams.
+            self.on_close(payload.sk, out);
+        }
         if !self.connections.contains_key(&payload.sk) {
             if self.connections.len() >= self.max_connections {
                 self.dropped += 1;
@@ -321,6 +329,50 @@ mod tests {
         decoders.on_close(9, &mut out);
         assert!(decoders.is_empty());
         assert!(out.iter().any(|e| matches!(e, MemcacheEvent::Request { request, .. } if request.command.as_str() == "set")), "{out:?}");
+    }
+
+    #[test]
+    fn a_reused_socket_address_starts_a_new_stream() {
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let request = record(1_000, 9, true, b"get a\r\n", 7);
+        decoders.on_payload(
+            &parse_payload(&request).unwrap(),
+            endpoint(Role::Client),
+            false,
+            &mut out,
+        );
+        // Same address, now a server-side socket receiving a request.
+        let request = record(2_000, 9, false, b"get b\r\n", 7);
+        decoders.on_payload(
+            &parse_payload(&request).unwrap(),
+            endpoint(Role::Server),
+            false,
+            &mut out,
+        );
+        let response = record(3_000, 9, true, b"END\r\n", 5);
+        decoders.on_payload(
+            &parse_payload(&response).unwrap(),
+            endpoint(Role::Server),
+            false,
+            &mut out,
+        );
+        let served: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                MemcacheEvent::Request { endpoint, request } => {
+                    Some((endpoint.role, request.status))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            served,
+            vec![
+                (Role::Client, Status::Unanswered),
+                (Role::Server, Status::Miss)
+            ]
+        );
     }
 
     #[test]

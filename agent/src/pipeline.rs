@@ -28,6 +28,12 @@ pub trait ObservationSink {
     fn memcache(&mut self, event: &MemcacheEvent, comm: Option<&str>);
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadOutcome {
+    Handled,
+    UnknownSocket,
+}
+
 pub struct Pipeline {
     queue_mode: Vec<bool>,
     tracker: Tracker,
@@ -122,9 +128,17 @@ impl Pipeline {
             }
         };
         tracing::trace!(?event, "kernel event");
-        if let EventKind::StateChange { old_state, .. } = event.kind {
-            if old_state == tcp_state::CLOSE {
-                // A new socket at an address an old one used: finish the old stream.
+        if let EventKind::StateChange {
+            old_state,
+            new_state,
+        } = event.kind
+        {
+            // A socket that closes, or a new one (connect, or a child cloned from a listener) at
+            // an address an old one used: the old byte stream is over.
+            if new_state == tcp_state::CLOSE
+                || old_state == tcp_state::CLOSE
+                || old_state == tcp_state::LISTEN
+            {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
             }
         }
@@ -132,8 +146,10 @@ impl Pipeline {
         self.flush();
     }
 
-    /// One record from the payload ring buffer.
-    pub fn on_payload_record(&mut self, bytes: &[u8]) {
+    /// One record from the payload ring buffer. [`PayloadOutcome::UnknownSocket`] means the
+    /// socket's events may still be waiting in the other ring: drain it and offer the record
+    /// again.
+    pub fn on_payload_record(&mut self, bytes: &[u8]) -> PayloadOutcome {
         let payload = match parse_payload(bytes) {
             Ok(payload) => payload,
             Err(err) => {
@@ -141,11 +157,11 @@ impl Pipeline {
                 if self.undecodable_records.is_power_of_two() {
                     tracing::warn!(%err, count = self.undecodable_records, "undecodable payload record");
                 }
-                return;
+                return PayloadOutcome::Handled;
             }
         };
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
-            return;
+            return PayloadOutcome::UnknownSocket;
         };
         let queue_mode = self
             .queue_mode
@@ -156,6 +172,7 @@ impl Pipeline {
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_to_string(payload.comm);
         self.flush_memcache(Some(&comm));
+        PayloadOutcome::Handled
     }
 
     /// Once a second: timeouts, dead-write outcomes, kernel counters.

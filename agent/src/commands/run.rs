@@ -18,7 +18,7 @@ use aya::maps::{MapData, RingBuf};
 use crate::{
     config::Config,
     metrics::{Metrics, ProbeLabels},
-    pipeline::Pipeline,
+    pipeline::{PayloadOutcome, Pipeline},
     probes::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
@@ -29,6 +29,21 @@ pub struct RunArgs {
     pub config_path: PathBuf,
     pub config_explicit: bool,
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Payloads name sockets whose opening may still sit in the event ring (the two rings are read
+/// separately): on an unknown socket, catch up on events and offer the payload again.
+fn drain_payloads(
+    pipeline: &mut Pipeline,
+    payloads: &mut RingBuf<MapData>,
+    events: &mut RingBuf<MapData>,
+) {
+    while let Some(item) = payloads.next() {
+        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
+            drain(events, |bytes| pipeline.on_socket_record(bytes));
+            let _ = pipeline.on_payload_record(&item);
+        }
+    }
 }
 
 /// Hands every record in the ring to `handle`, in order, without copying.
@@ -100,15 +115,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                // Socket events refer to connections whose payloads may already be queued:
-                // drain payloads first so a dead write's bytes are decoded before its outcome.
-                drain(payload_ring.get_mut(), |bytes| pipeline.on_payload_record(bytes));
                 drain(guard.get_inner_mut(), |bytes| pipeline.on_socket_record(bytes));
                 guard.clear_ready();
+                drain_payloads(&mut pipeline, payload_ring.get_mut(), guard.get_inner_mut());
             }
             guard = payload_ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), |bytes| pipeline.on_payload_record(bytes));
+                drain_payloads(&mut pipeline, guard.get_inner_mut(), ring.get_mut());
                 guard.clear_ready();
             }
             _ = tick.tick() => {
