@@ -7,4 +7,5 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod probes;
+pub mod sampler;
 pub mod tracking;
