@@ -17,9 +17,17 @@
 //! 4. per namespace with watched listeners, one sock_diag dump for the backlog limits;
 //! 5. aggregate.
 //!
+//! A sample is blocking file and netlink I/O (tens of ms to a few hundred on a busy host): run
+//! it on a blocking thread (`tokio::task::spawn_blocking`), not on the async runtime.
+//!
 //! Known limits: a namespace with no process in it (kept alive by a bind mount only) is not
 //! seen; a socket passed to a process in another namespace is only matched if that namespace
 //! also has watched sockets; threads that setns(2) into another namespace are not followed.
+//! Without root the agent sees only processes of its own user (ns/net and fd links need
+//! ptrace-read access); the rest is counted in [`ScanErrors::permission_denied`]. Cost grows with
+//! (namespaces x sockets on the host) for the tables, because each namespace's /proc/net/tcp walks
+//! the host-wide socket hash, and with the descriptors of processes in namespaces that have
+//! watched sockets for the fd walk.
 
 pub mod aggregate;
 pub mod diag;
@@ -61,6 +69,17 @@ impl SamplerConfig {
             watched_ports,
             max_comms,
         }
+    }
+
+    /// Watches every configured service's port under the service's name.
+    pub fn from_services(services: &[crate::config::Service], max_comms: usize) -> Self {
+        SamplerConfig::new(
+            services
+                .iter()
+                .map(|service| (service.port, service.name.clone()))
+                .collect(),
+            max_comms,
+        )
     }
 }
 
@@ -110,11 +129,25 @@ impl ScanErrors {
     }
 }
 
+/// Where a sample's time went, to tell a slow /proc from a host with too many sockets or fds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SamplePhases {
+    /// Listing pids and reading their ns/net links.
+    pub namespaces: Duration,
+    /// tcp, tcp6 and netstat of every namespace.
+    pub socket_tables: Duration,
+    /// Walking /proc/<pid>/fd and reading comm and limits of matched processes.
+    pub fd_scan: Duration,
+    /// sock_diag dumps for backlog limits.
+    pub backlog_limits: Duration,
+}
+
 /// Everything one sample found. The lead maps it to metrics; nothing here is a label yet.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Wall time the sample took.
     pub duration: Duration,
+    pub phases: SamplePhases,
     pub processes_seen: usize,
     pub network_namespaces: usize,
     /// ListenOverflows, ListenDrops and SyncookiesSent summed over every network namespace the
@@ -269,6 +302,8 @@ impl Sampler {
             }
         }
 
+        let namespaces_done = started.elapsed();
+
         let mut watched: HashMap<u64, WatchedSocket> = HashMap::new();
         let mut listeners: Vec<ListenerQueue> = Vec::new();
         let mut connections: Vec<WatchedConnection> = Vec::new();
@@ -295,6 +330,7 @@ impl Sampler {
                     Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
                     Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
                 }
+                drop_duplicate_rows(&mut found.rows);
                 for (row, service, role) in found.rows {
                     if row.state == tcp_state::LISTEN {
                         namespace.has_watched_listeners = true;
@@ -341,8 +377,11 @@ impl Sampler {
             }
         }
 
+        let tables_done = started.elapsed();
         let processes = self.scan_processes(&namespaces, &watched, &mut connections, &mut errors);
+        let fds_done = started.elapsed();
         self.fill_backlog_limits(&namespaces, &mut listeners, &mut errors);
+        let backlog_done = started.elapsed();
 
         let file_handles = match self.procfs.read_file_nr() {
             Ok(Ok(handles)) => Some(handles),
@@ -362,6 +401,12 @@ impl Sampler {
         let comms = aggregate::aggregate_by_comm(&processes, self.max_comms);
         let snapshot = Snapshot {
             duration: started.elapsed(),
+            phases: SamplePhases {
+                namespaces: namespaces_done,
+                socket_tables: tables_done - namespaces_done,
+                fd_scan: fds_done - tables_done,
+                backlog_limits: backlog_done - fds_done,
+            },
             processes_seen: pids.len(),
             network_namespaces: namespaces.len(),
             tcp_ext,
@@ -398,8 +443,11 @@ impl Sampler {
             }
             Err(err) => errors.parse(&format!("pid {pid} net/tcp row"), &err),
         };
-        self.procfs.read_tcp_table(pid, "tcp", &mut visit)?;
-        match self.procfs.read_tcp_table(pid, "tcp6", &mut visit) {
+        let wanted = |local: u16, remote: u16| {
+            self.ports.contains_key(&local) || self.ports.contains_key(&remote)
+        };
+        self.procfs.read_tcp_table(pid, "tcp", wanted, &mut visit)?;
+        match self.procfs.read_tcp_table(pid, "tcp6", wanted, &mut visit) {
             Err(err) if classify(&err) == Failure::Vanished => {
                 if self.procfs.netns_of(pid).is_err() {
                     return Err(err);
@@ -549,6 +597,15 @@ impl Sampler {
 #[derive(Default)]
 struct NamespaceRows {
     rows: Vec<(TcpRow, usize, Role)>,
+}
+
+/// /proc/net/tcp is not an atomic snapshot: while sockets are created the kernel's walk can
+/// print the same socket twice (seen here with a child socket entering an accept queue during
+/// the read). One socket is one (local, remote, inode): distinct SO_REUSEPORT listeners differ
+/// in inode, and two live connections never share both addresses.
+fn drop_duplicate_rows(rows: &mut Vec<(TcpRow, usize, Role)>) {
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    rows.retain(|(row, _, _)| seen.insert((row.local, row.remote, row.inode)));
 }
 
 #[cfg(test)]

@@ -96,6 +96,14 @@ pub fn parse_tcp_line(line: &str) -> Result<Option<TcpRow>, ParseError> {
     }))
 }
 
+/// Local and remote port of a tcp/tcp6 row without parsing the rest, to skip unwatched rows
+/// cheaply. None for the header and for rows too broken to tell (the full parse reports those).
+pub fn tcp_line_ports(line: &str) -> Option<(u16, u16)> {
+    let mut fields = line.split_ascii_whitespace().skip(1);
+    let port = |field: &str| u16::from_str_radix(field.rsplit_once(':')?.1, 16).ok();
+    Some((port(fields.next()?)?, port(fields.next()?)?))
+}
+
 /// `0100007F:2BCB` or the 32-hex-digit IPv6 form. The kernel prints each 32-bit word of the
 /// network-order address as a host-order integer, so the word's native-endian bytes are the
 /// address bytes in memory order.
@@ -308,6 +316,21 @@ mod tests {
         assert_eq!(rows[1].remote, "[::1]:22122".parse().unwrap());
         assert_eq!(rows[3].local, "[::ffff:127.0.0.1]:22122".parse().unwrap());
         assert_eq!(rows[3].inode, 34784);
+    }
+
+    #[test]
+    fn port_prefilter_agrees_with_full_parse() {
+        for line in NET_TCP.lines().chain(NET_TCP6.lines()) {
+            match parse_tcp_line(line).unwrap() {
+                Some(row) => assert_eq!(
+                    tcp_line_ports(line),
+                    Some((row.local.port(), row.remote.port()))
+                ),
+                None => assert_eq!(tcp_line_ports(line), None, "header: {line}"),
+            }
+        }
+        assert_eq!(tcp_line_ports("0: 0100007F:2BCB"), None);
+        assert_eq!(tcp_line_ports(""), None);
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::{
     collections::HashMap,
     fs::{self, File},
     io::{self, BufRead, BufReader},
-    os::unix::ffi::OsStrExt,
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, fs::OpenOptionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -86,23 +89,31 @@ impl ProcFs {
         File::open(self.pid_path(pid, "ns/net"))
     }
 
-    /// Streams /proc/<pid>/net/<table> (tcp or tcp6) row by row into `visit`. Rows that do not
-    /// parse are handed over as errors and skipped, so one odd row cannot hide a whole table.
+    /// Streams /proc/<pid>/net/<table> (tcp or tcp6) into `visit`, fully parsing only rows whose
+    /// (local, remote) ports pass `wanted`: on a busy host most rows are not watched. Rows that
+    /// do not parse are handed over as errors and skipped, so one odd row cannot hide a table.
     pub fn read_tcp_table(
         &self,
         pid: u32,
         table: &str,
+        wanted: impl Fn(u16, u16) -> bool,
         mut visit: impl FnMut(Result<TcpRow, ParseError>),
     ) -> io::Result<()> {
         let file = File::open(self.pid_path(pid, &format!("net/{table}")))?;
-        // Large reads: a table with 100k sockets is ~15 MB of text, and each read(2) of a
-        // seq_file re-walks the socket hash up to its position, so fewer calls are cheaper.
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        // The kernel hands out at most one seq_file page (4 KiB, ~27 rows) per read(2) whatever
+        // the buffer size, resuming its hash walk each time; that is also why rows can repeat
+        // or go missing while sockets come and go (see `drop_duplicate_rows`).
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
         let mut line = String::with_capacity(256);
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {
                 return Ok(());
+            }
+            if let Some((local, remote)) = parse::tcp_line_ports(&line) {
+                if !wanted(local, remote) {
+                    continue;
+                }
             }
             match parse::parse_tcp_line(&line) {
                 Ok(Some(row)) => visit(Ok(row)),
@@ -139,22 +150,27 @@ impl ProcFs {
         watched: &HashMap<u64, V>,
         matched: &mut Vec<u64>,
     ) -> io::Result<u64> {
-        let directory = self.pid_path(pid, "fd");
+        let path = self.pid_path(pid, "fd");
+        // readlinkat against the open directory: resolving /proc/<pid>/fd/<n> from the root for
+        // every descriptor costs ~15% more on a process with 10k sockets.
+        let directory = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&path)?;
         let mut open = 0u64;
-        let mut link_path = directory.clone();
-        for entry in fs::read_dir(&directory)? {
+        for entry in fs::read_dir(&path)? {
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(err) if classify(&err) == Failure::Vanished => break,
                 Err(err) => return Err(err),
             };
             open += 1;
-            link_path.push(entry.file_name());
-            let target = fs::read_link(&link_path);
-            link_path.pop();
-            let Ok(target) = target else { continue };
-            if let Some(inode) = parse::parse_bracket_inode(target.as_os_str().as_bytes(), "socket")
-            {
+            let mut target = [0u8; 64];
+            let Some(length) = read_link_at(&directory, entry.file_name().as_bytes(), &mut target)
+            else {
+                continue;
+            };
+            if let Some(inode) = parse::parse_bracket_inode(&target[..length], "socket") {
                 if watched.contains_key(&inode) {
                     matched.push(inode);
                 }
@@ -162,4 +178,26 @@ impl ProcFs {
         }
         Ok(open)
     }
+}
+
+/// readlinkat(2) of `name` in `directory` into `target`; None when the link is gone or the name
+/// is not a descriptor number. A target longer than the buffer is cut, which is fine: only
+/// `socket:[inode]` (at most 29 bytes) is of interest.
+fn read_link_at(directory: &File, name: &[u8], target: &mut [u8]) -> Option<usize> {
+    let mut c_name = [0u8; 24];
+    if name.is_empty() || name.len() >= c_name.len() || name.contains(&0) {
+        return None;
+    }
+    c_name[..name.len()].copy_from_slice(name);
+    // SAFETY: `c_name` is NUL-terminated, `target` is valid for writes of its length and the
+    // directory descriptor is open for the duration of the call.
+    let length = unsafe {
+        libc::readlinkat(
+            directory.as_raw_fd(),
+            c_name.as_ptr().cast(),
+            target.as_mut_ptr().cast(),
+            target.len(),
+        )
+    };
+    usize::try_from(length).ok()
 }

@@ -65,10 +65,17 @@ fn finds_own_listener_queue_process_and_connections() {
         .map(|_| TcpStream::connect(address).unwrap())
         .collect();
     let (accepted, _) = listener.accept().unwrap();
+    // Non-socket descriptors count towards the process's usage too.
+    let extra_files: Vec<std::fs::File> = (0..40)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
     let mut sampler = sampler_for(port, "testsvc");
 
+    // /proc/net/tcp is read 4 KiB at a time and other tests create sockets meanwhile, so one
+    // read can miss a row; wait for a read that shows all six.
     let (snapshot, connections) = sample_until(&mut sampler, |snapshot| {
         snapshot.listeners.first().map(|l| l.queue_len) == Some(2)
+            && snapshot.connections_by_service["testsvc"] == 6
     });
 
     // The listener: two connections waiting (three connected, one accepted), limit 4.
@@ -102,8 +109,9 @@ fn finds_own_listener_queue_process_and_connections() {
     assert_eq!(me.connections["testsvc"], 4);
     assert_eq!(me.listening_sockets["testsvc"], 1);
     assert_eq!(me.soft_nofile, soft_nofile_now());
-    // Other tests in this binary open descriptors concurrently, so only a floor is exact.
-    assert!(me.open_fds >= 5, "open fds {}", me.open_fds);
+    // Other tests in this binary open descriptors concurrently, so only a floor is exact:
+    // stdio, the listener, 3 clients, the accepted socket and the 40 files.
+    assert!(me.open_fds >= 3 + 5 + 40, "open fds {}", me.open_fds);
     assert!(me.open_fds <= soft_nofile_now());
     let comm = snapshot
         .comms
@@ -148,6 +156,7 @@ fn finds_own_listener_queue_process_and_connections() {
     assert!(snapshot.tcp_ext_by_netns.contains_key(&own_netns()));
     let handles = snapshot.file_handles.expect("file-nr is readable");
     assert!(handles.open > 0 && handles.max >= handles.open);
+    drop(extra_files);
 }
 
 #[test]
@@ -236,7 +245,9 @@ fn exited_process_reads_as_vanished() {
         .scan_fds::<()>(pid, &HashMap::new(), &mut Vec::new())
         .unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
-    let err = procfs.read_tcp_table(pid, "tcp", |_| {}).unwrap_err();
+    let err = procfs
+        .read_tcp_table(pid, "tcp", |_, _| true, |_| {})
+        .unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
 }
 
@@ -311,4 +322,41 @@ fn finds_listener_in_another_network_namespace() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[test]
+fn config_services_become_watched_ports() {
+    let config = SamplerConfig::from_services(&crate::config::Config::default().services, 7);
+    assert_eq!(config.watched_ports[&11211], "memcached");
+    assert_eq!(config.watched_ports[&22133], "kestrel");
+    assert_eq!(config.max_comms, 7);
+    assert_eq!(config.proc_root, std::path::Path::new("/proc"));
+}
+
+#[test]
+fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
+    let fixture = include_str!("fixtures/net_tcp.txt");
+    let mut rows: Vec<(TcpRow, usize, Role)> = fixture
+        .lines()
+        .filter_map(|line| parse::parse_tcp_line(line).unwrap())
+        .map(|row| (row, 0, Role::Server))
+        .collect();
+    let distinct = rows.len();
+    // The walk printed an inode-0 child and a listener twice.
+    let child = *rows
+        .iter()
+        .find(|(row, _, _)| row.inode == 0 && row.state == 1)
+        .unwrap();
+    let listener = *rows
+        .iter()
+        .find(|(row, _, _)| row.state == tcp_state::LISTEN)
+        .unwrap();
+    rows.push(child);
+    rows.insert(0, listener);
+    // A second SO_REUSEPORT listener on the same address is a different socket.
+    let mut sibling = listener;
+    sibling.0.inode += 1_000_000;
+    rows.push(sibling);
+    drop_duplicate_rows(&mut rows);
+    assert_eq!(rows.len(), distinct + 1);
 }
