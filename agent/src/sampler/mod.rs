@@ -304,78 +304,18 @@ impl Sampler {
 
         let namespaces_done = started.elapsed();
 
-        let mut watched: HashMap<u64, WatchedSocket> = HashMap::new();
-        let mut listeners: Vec<ListenerQueue> = Vec::new();
-        let mut connections: Vec<WatchedConnection> = Vec::new();
-        let mut connections_by_service = vec![0u64; self.service_names.len()];
-        let mut netstat_readings: Vec<(u64, TcpExtCounters)> = Vec::new();
-
+        let mut found = Found::new(self.service_names.len(), list_connections);
         for (&netns, namespace) in namespaces.iter_mut() {
-            for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
-                let mut found = NamespaceRows::default();
-                match self.read_namespace_tables(pid, &mut found, &mut errors) {
-                    Ok(()) => {}
-                    Err(err) if classify(&err) == Failure::Vanished => {
-                        errors.vanished += 1;
-                        continue;
-                    }
-                    Err(err) => {
-                        errors.io(&format!("netns {netns} via pid {pid} net/tcp"), &err);
-                        break;
-                    }
-                }
-                namespace.representative = Some(pid);
-                match self.procfs.read_netstat(pid) {
-                    Ok(Ok(counters)) => netstat_readings.push((netns, counters)),
-                    Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
-                    Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
-                }
-                drop_duplicate_rows(&mut found.rows);
-                for (row, service, role) in found.rows {
-                    if row.state == tcp_state::LISTEN {
-                        namespace.has_watched_listeners = true;
-                        listeners.push(ListenerQueue {
-                            service: self.service_names[service].clone(),
-                            netns,
-                            local: row.local,
-                            inode: row.inode,
-                            queue_len: row.rx_queue,
-                            limit: None,
-                        });
-                    } else if is_listed_connection_state(row.state) {
-                        connections_by_service[service] += 1;
-                    } else {
-                        continue;
-                    }
-                    let mut connection = None;
-                    if list_connections && row.state != tcp_state::LISTEN {
-                        connection = Some(connections.len());
-                        connections.push(WatchedConnection {
-                            netns,
-                            local: row.local,
-                            remote: row.remote,
-                            state: row.state,
-                            inode: row.inode,
-                            service: self.service_names[service].clone(),
-                            role,
-                            owner: None,
-                        });
-                    }
-                    if row.inode != 0 {
-                        namespace.has_watched_sockets = true;
-                        watched.insert(
-                            row.inode,
-                            WatchedSocket {
-                                service,
-                                listening: row.state == tcp_state::LISTEN,
-                                connection,
-                            },
-                        );
-                    }
-                }
-                break;
-            }
+            self.read_namespace(netns, namespace, &mut found, &mut errors);
         }
+        let Found {
+            watched,
+            mut listeners,
+            mut connections,
+            connections_by_service,
+            netstat_readings,
+            ..
+        } = found;
 
         let tables_done = started.elapsed();
         let processes = self.scan_processes(&namespaces, &watched, &mut connections, &mut errors);
@@ -427,18 +367,106 @@ impl Sampler {
         Ok((snapshot, connections))
     }
 
+    /// Reads one namespace's tables and counters through its first member that stays alive
+    /// long enough, and records its watched sockets in `found`.
+    fn read_namespace(
+        &self,
+        netns: u64,
+        namespace: &mut Namespace,
+        found: &mut Found,
+        errors: &mut ScanErrors,
+    ) {
+        for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
+            let mut rows = Vec::new();
+            match self.read_namespace_tables(pid, &mut rows, errors) {
+                Ok(()) => {}
+                Err(err) if classify(&err) == Failure::Vanished => {
+                    errors.vanished += 1;
+                    continue;
+                }
+                Err(err) => {
+                    errors.io(&format!("netns {netns} via pid {pid} net/tcp"), &err);
+                    return;
+                }
+            }
+            namespace.representative = Some(pid);
+            match self.procfs.read_netstat(pid) {
+                Ok(Ok(counters)) => found.netstat_readings.push((netns, counters)),
+                Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
+                Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
+            }
+            drop_duplicate_rows(&mut rows);
+            for (row, service, role) in rows {
+                self.record_row(netns, namespace, row, service, role, found);
+            }
+            return;
+        }
+    }
+
+    fn record_row(
+        &self,
+        netns: u64,
+        namespace: &mut Namespace,
+        row: TcpRow,
+        service: usize,
+        role: Role,
+        found: &mut Found,
+    ) {
+        let listening = row.state == tcp_state::LISTEN;
+        if listening {
+            namespace.has_watched_listeners = true;
+            found.listeners.push(ListenerQueue {
+                service: self.service_names[service].clone(),
+                netns,
+                local: row.local,
+                inode: row.inode,
+                queue_len: row.rx_queue,
+                limit: None,
+            });
+        } else if is_listed_connection_state(row.state) {
+            found.connections_by_service[service] += 1;
+        } else {
+            return;
+        }
+        let mut connection = None;
+        if found.list_connections && !listening {
+            connection = Some(found.connections.len());
+            found.connections.push(WatchedConnection {
+                netns,
+                local: row.local,
+                remote: row.remote,
+                state: row.state,
+                inode: row.inode,
+                service: self.service_names[service].clone(),
+                role,
+                owner: None,
+            });
+        }
+        if row.inode != 0 {
+            namespace.has_watched_sockets = true;
+            found.watched.insert(
+                row.inode,
+                WatchedSocket {
+                    service,
+                    listening,
+                    connection,
+                },
+            );
+        }
+    }
+
     /// Watched rows of tcp and tcp6 as seen through `pid`. A missing tcp6 on a live process
     /// means IPv6 is disabled, not that the process exited.
     fn read_namespace_tables(
         &self,
         pid: u32,
-        found: &mut NamespaceRows,
+        rows: &mut Vec<(TcpRow, usize, Role)>,
         errors: &mut ScanErrors,
     ) -> io::Result<()> {
         let mut visit = |row: Result<TcpRow, ParseError>| match row {
             Ok(row) => {
                 if let Some((service, role)) = self.service_of(&row) {
-                    found.rows.push((row, service, role));
+                    rows.push((row, service, role));
                 }
             }
             Err(err) => errors.parse(&format!("pid {pid} net/tcp row"), &err),
@@ -594,9 +622,28 @@ impl Sampler {
     }
 }
 
-#[derive(Default)]
-struct NamespaceRows {
-    rows: Vec<(TcpRow, usize, Role)>,
+/// What the namespace tables of one sample yielded.
+struct Found {
+    list_connections: bool,
+    /// Socket inode -> what it is, for matching /proc/<pid>/fd links.
+    watched: HashMap<u64, WatchedSocket>,
+    listeners: Vec<ListenerQueue>,
+    connections: Vec<WatchedConnection>,
+    connections_by_service: Vec<u64>,
+    netstat_readings: Vec<(u64, TcpExtCounters)>,
+}
+
+impl Found {
+    fn new(services: usize, list_connections: bool) -> Self {
+        Found {
+            list_connections,
+            watched: HashMap::new(),
+            listeners: Vec::new(),
+            connections: Vec::new(),
+            connections_by_service: vec![0; services],
+            netstat_readings: Vec::new(),
+        }
+    }
 }
 
 /// /proc/net/tcp is not an atomic snapshot: while sockets are created the kernel's walk can
