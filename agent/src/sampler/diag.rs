@@ -165,15 +165,17 @@ pub fn query_listeners(netns: Option<&File>) -> Result<Vec<ListenerBacklog>, Dia
     match netns {
         None => dump_listeners(),
         Some(netns) => std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
+            let worker = std::thread::Builder::new()
+                .name("sock-diag-netns".into())
+                .spawn_scoped(scope, || {
                     // SAFETY: setns only reads the descriptor, which `netns` keeps open; it
                     // affects this thread alone, and the thread ends right after the dump.
                     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         return Err(DiagError::Io(io::Error::last_os_error()));
                     }
                     dump_listeners()
-                })
+                })?;
+            worker
                 .join()
                 .unwrap_or(Err(DiagError::Malformed("sock_diag thread panicked")))
         }),

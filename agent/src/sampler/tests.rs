@@ -12,6 +12,9 @@ use std::{
 
 use super::{testing::listen_loopback, *};
 
+/// Held by tests that read or change this process's RLIMIT_NOFILE, which all tests share.
+static NOFILE_LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sampler_for(port: u16, service: &str) -> Sampler {
     Sampler::new(SamplerConfig::new(
         BTreeMap::from([(port, service.to_string())]),
@@ -70,6 +73,9 @@ fn finds_own_listener_queue_process_and_connections() {
         .map(|_| std::fs::File::open("/dev/null").unwrap())
         .collect();
     let mut sampler = sampler_for(port, "testsvc");
+    let _limit_unchanged = NOFILE_LIMIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
 
     // /proc/net/tcp is read 4 KiB at a time and other tests create sockets meanwhile, so one
     // read can miss a row; wait for a read that shows all six.
@@ -191,6 +197,9 @@ fn lowered_soft_limit_shows_up_in_the_next_sample() {
     let listener = listen_loopback(8);
     let port = listener.local_addr().unwrap().port();
     let mut sampler = sampler_for(port, "svc");
+    let _exclusive = NOFILE_LIMIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let original = soft_nofile_now();
     let lowered = original - 1;
     let mut limit = libc::rlimit {
