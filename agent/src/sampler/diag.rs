@@ -9,6 +9,8 @@
 //! (needs CAP_SYS_ADMIN; only the calling thread changes namespace).
 //!
 //! Message encoding and decoding are pure functions over bytes; `query_listeners` is the I/O.
+//! When setns is not allowed (no CAP_SYS_ADMIN, or a seccomp/namespace-restricted service),
+//! `backlog_via_owner` reads a listener's queue through the process that holds it.
 
 use std::{
     fs::File,
@@ -55,6 +57,8 @@ pub enum DiagError {
     Malformed(&'static str),
     #[error("sock_diag dump exceeded {0} messages")]
     TooLarge(usize),
+    #[error("the socket changed or closed while being read")]
+    Changed,
 }
 
 impl DiagError {
@@ -180,6 +184,55 @@ pub fn query_listeners(netns: Option<&File>) -> Result<Vec<ListenerBacklog>, Dia
                 .unwrap_or(Err(DiagError::Malformed("sock_diag thread panicked")))
         }),
     }
+}
+
+/// Queue length and limit of a listener read through its owner: pidfd_getfd(2) copies the
+/// owner's descriptor into this process and TCP_INFO on a LISTEN socket reports
+/// `tcpi_unacked = sk_ack_backlog` and `tcpi_sacked = sk_max_ack_backlog`. It works for any
+/// namespace and needs only ptrace-attach rights over the owner (CAP_SYS_PTRACE for other users'
+/// processes), where sock_diag in another namespace needs setns and CAP_SYS_ADMIN. The copy is
+/// closed before returning; it keeps the socket open for that long only.
+pub fn backlog_via_owner(pid: u32, fd: i32, inode: u64) -> Result<(u32, u32), DiagError> {
+    // SAFETY: raw syscalls with integer arguments; each result is checked before use and the
+    // returned descriptors are owned by the OwnedFds that close them.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    let copy = unsafe { OwnedFd::from_raw_fd(copy as i32) };
+    // The owner may have closed the listener and reused the number since the fd walk.
+    // SAFETY: fstat writes into the zeroed struct we own.
+    let mut status: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(copy.as_raw_fd(), &mut status) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    if status.st_ino != inode {
+        return Err(DiagError::Changed);
+    }
+    // SAFETY: getsockopt writes at most `length` bytes into `info`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let result = unsafe {
+        libc::getsockopt(
+            copy.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut length,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    if u32::from(info.tcpi_state) != TCP_LISTEN {
+        return Err(DiagError::Changed);
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
 fn dump_listeners() -> Result<Vec<ListenerBacklog>, DiagError> {
@@ -351,6 +404,41 @@ mod tests {
             .find(|entry| entry.local.port() == port)
             .expect("our listener is in the dump");
         assert_eq!((found.queue_len, found.limit), (0, 3));
+    }
+
+    fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u64 {
+        // SAFETY: fstat on an open descriptor into a struct we own.
+        let mut status: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut status) }, 0);
+        status.st_ino
+    }
+
+    #[test]
+    fn backlog_through_the_owning_process() {
+        let listener = super::super::testing::listen_loopback(6);
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let pid = std::process::id();
+        let listener_fd = listener.as_raw_fd();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (queued, limit) = loop {
+            let (queued, limit) = backlog_via_owner(pid, listener_fd, inode_of(&listener)).unwrap();
+            if queued == 1 || std::time::Instant::now() > deadline {
+                break (queued, limit);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!((queued, limit), (1, 6));
+        // The descriptor number now names another socket than the one the fd walk saw.
+        assert!(matches!(
+            backlog_via_owner(pid, listener_fd, inode_of(&listener) + 1),
+            Err(DiagError::Changed)
+        ));
+        // A connected socket is not a listener.
+        assert!(matches!(
+            backlog_via_owner(pid, client.as_raw_fd(), inode_of(&client)),
+            Err(DiagError::Changed)
+        ));
+        assert!(backlog_via_owner(pid, -1, 0).is_err());
     }
 
     fn hex_bytes(text: &str) -> Vec<u8> {

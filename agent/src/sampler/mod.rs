@@ -112,6 +112,16 @@ impl ScanErrors {
         }
     }
 
+    fn diag(&mut self, what: &str, err: &diag::DiagError) {
+        match err.errno() {
+            Some(libc::ENOENT | libc::ESRCH | libc::EBADF) => self.vanished += 1,
+            Some(libc::EPERM | libc::EACCES) => {
+                self.note(|errors| &mut errors.permission_denied, what, err)
+            }
+            _ => self.note(|errors| &mut errors.other, what, err),
+        }
+    }
+
     fn parse(&mut self, what: &str, err: &ParseError) {
         self.note(|errors| &mut errors.other, what, err);
     }
@@ -318,9 +328,10 @@ impl Sampler {
         } = found;
 
         let tables_done = started.elapsed();
-        let processes = self.scan_processes(&namespaces, &watched, &mut connections, &mut errors);
+        let (processes, listener_owners) =
+            self.scan_processes(&namespaces, &watched, &mut connections, &mut errors);
         let fds_done = started.elapsed();
-        self.fill_backlog_limits(&namespaces, &mut listeners, &mut errors);
+        self.fill_backlog_limits(&namespaces, &listener_owners, &mut listeners, &mut errors);
         let backlog_done = started.elapsed();
 
         let file_handles = match self.procfs.read_file_nr() {
@@ -492,10 +503,11 @@ impl Sampler {
         watched: &HashMap<u64, WatchedSocket>,
         connections: &mut [WatchedConnection],
         errors: &mut ScanErrors,
-    ) -> Vec<ProcessUsage> {
+    ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>) {
         let mut processes = Vec::new();
+        let mut listener_owners = HashMap::new();
         if watched.is_empty() {
-            return processes;
+            return (processes, listener_owners);
         }
         let mut matched = Vec::new();
         for (&netns, namespace) in namespaces {
@@ -542,10 +554,15 @@ impl Sampler {
                     listening_sockets: BTreeMap::new(),
                 };
                 // A process can hold the same socket in several fds (dup); count sockets once.
-                matched.sort_unstable();
-                matched.dedup();
-                for inode in &matched {
-                    let socket = watched[inode];
+                matched.sort_unstable_by_key(|found| found.inode);
+                matched.dedup_by_key(|found| found.inode);
+                for found in &matched {
+                    let socket = watched[&found.inode];
+                    if socket.listening {
+                        listener_owners
+                            .entry(found.inode)
+                            .or_insert(ListenerOwner { pid, fd: found.fd });
+                    }
                     let name = &self.service_names[socket.service];
                     let counts = if socket.listening {
                         &mut usage.listening_sockets
@@ -564,12 +581,16 @@ impl Sampler {
                 processes.push(usage);
             }
         }
-        processes
+        (processes, listener_owners)
     }
 
+    /// Backlog limits: one sock_diag dump per namespace with watched listeners (joining the
+    /// namespace when it is not ours); listeners still without a limit, because setns is not
+    /// allowed or the dump missed them, are read through their owning process.
     fn fill_backlog_limits(
         &self,
         namespaces: &BTreeMap<u64, Namespace>,
+        listener_owners: &HashMap<u64, ListenerOwner>,
         listeners: &mut [ListenerQueue],
         errors: &mut ScanErrors,
     ) {
@@ -589,37 +610,45 @@ impl Sampler {
             } else {
                 match self.procfs.open_netns(representative) {
                     Ok(handle) => diag::query_listeners(Some(&handle)),
-                    Err(err) => {
-                        errors.io(&format!("netns {netns} open"), &err);
-                        continue;
-                    }
+                    Err(err) => Err(diag::DiagError::Io(err)),
                 }
             };
-            let dump = match dump {
-                Ok(dump) => dump,
-                Err(err) => {
-                    match err.errno() {
-                        Some(libc::EPERM | libc::EACCES) => errors.permission_denied += 1,
-                        _ => errors.other += 1,
+            match dump {
+                Ok(dump) => {
+                    let limits: HashMap<u64, u32> = dump
+                        .iter()
+                        .map(|listener| (listener.inode, listener.limit))
+                        .collect();
+                    for listener in listeners.iter_mut().filter(|l| l.netns == netns) {
+                        listener.limit = limits.get(&listener.inode).copied();
                     }
-                    if errors.first_error.is_none() {
-                        errors.first_error = Some(format!("netns {netns} sock_diag: {err}"));
-                    }
-                    continue;
                 }
+                // Expected where setns is not permitted: the owners are asked below instead, and
+                // only a listener that stays without a limit is reported.
+                Err(err)
+                    if own_netns != Some(netns)
+                        && matches!(err.errno(), Some(libc::EPERM | libc::EACCES)) => {}
+                Err(err) => errors.diag(&format!("netns {netns} sock_diag"), &err),
+            }
+        }
+        for listener in listeners.iter_mut().filter(|l| l.limit.is_none()) {
+            let Some(owner) = listener_owners.get(&listener.inode) else {
+                continue;
             };
-            let limits: HashMap<u64, u32> = dump
-                .iter()
-                .map(|listener| (listener.inode, listener.limit))
-                .collect();
-            for listener in listeners
-                .iter_mut()
-                .filter(|listener| listener.netns == netns)
-            {
-                listener.limit = limits.get(&listener.inode).copied();
+            match diag::backlog_via_owner(owner.pid, owner.fd, listener.inode) {
+                Ok((_, limit)) => listener.limit = Some(limit),
+                Err(diag::DiagError::Changed) => errors.vanished += 1,
+                Err(err) => errors.diag(&format!("pid {} listener backlog", owner.pid), &err),
             }
         }
     }
+}
+
+/// Which process descriptor holds a watched listener, for reading its backlog through it.
+#[derive(Debug, Clone, Copy)]
+struct ListenerOwner {
+    pid: u32,
+    fd: i32,
 }
 
 /// What the namespace tables of one sample yielded.

@@ -33,6 +33,14 @@ pub fn classify(err: &io::Error) -> Failure {
     }
 }
 
+/// A descriptor of a process that refers to a watched socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchedFd {
+    pub inode: u64,
+    /// The descriptor number in the owning process.
+    pub fd: i32,
+}
+
 /// Reads /proc (or a directory laid out like it).
 #[derive(Debug, Clone)]
 pub struct ProcFs {
@@ -142,13 +150,13 @@ impl ProcFs {
         Ok(parse::parse_file_nr(&text))
     }
 
-    /// Counts the open descriptors of `pid` and appends to `matched` the inodes of those that
-    /// are sockets found in `watched`. An fd closed between listing and readlink is skipped.
+    /// Counts the open descriptors of `pid` and appends to `matched` those that are sockets
+    /// found in `watched`. An fd closed between listing and readlink is skipped.
     pub fn scan_fds<V>(
         &self,
         pid: u32,
         watched: &HashMap<u64, V>,
-        matched: &mut Vec<u64>,
+        matched: &mut Vec<MatchedFd>,
     ) -> io::Result<u64> {
         let path = self.pid_path(pid, "fd");
         // readlinkat against the open directory: resolving /proc/<pid>/fd/<n> from the root for
@@ -172,7 +180,13 @@ impl ProcFs {
             };
             if let Some(inode) = parse::parse_bracket_inode(&target[..length], "socket") {
                 if watched.contains_key(&inode) {
-                    matched.push(inode);
+                    let name = entry.file_name();
+                    if let Some(fd) = std::str::from_utf8(name.as_bytes())
+                        .ok()
+                        .and_then(|name| name.parse().ok())
+                    {
+                        matched.push(MatchedFd { inode, fd });
+                    }
                 }
             }
         }

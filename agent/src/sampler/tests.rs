@@ -325,6 +325,26 @@ fn finds_listener_in_another_network_namespace() {
             .filter(|c| c.owner.as_ref().is_some_and(|o| o.pid == child_pid))
             .count();
         assert_eq!(owned, 3);
+
+        // Without CAP_SYS_ADMIN (the packaged service's case) setns is refused and the limit
+        // comes through the owning process instead. Capabilities are per thread, so drop it in
+        // a thread of our own.
+        let netns = queue.netns;
+        std::thread::spawn(move || {
+            drop_effective_cap_sys_admin();
+            let handle = ProcFs::new("/proc").open_netns(child_pid).unwrap();
+            let refused = diag::query_listeners(Some(&handle)).unwrap_err();
+            assert_eq!(refused.errno(), Some(libc::EPERM));
+            let snapshot = sampler_for(port, "nssvc").sample().unwrap();
+            let [queue] = snapshot.listeners.as_slice() else {
+                panic!("one listener expected: {:?}", snapshot.listeners)
+            };
+            assert_eq!(queue.netns, netns);
+            assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
+            assert_eq!(snapshot.errors.other, 0, "{:?}", snapshot.errors);
+        })
+        .join()
+        .unwrap();
     });
     child.kill().unwrap();
     child.wait().unwrap();
@@ -368,4 +388,36 @@ fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
     rows.push(sibling);
     drop_duplicate_rows(&mut rows);
     assert_eq!(rows.len(), distinct + 1);
+}
+
+/// Clears CAP_SYS_ADMIN from the calling thread's effective set (capset(2) acts per thread).
+fn drop_effective_cap_sys_admin() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and the two data words v3 expects.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+    }
 }
