@@ -238,6 +238,9 @@ pub struct Sampler {
     service_names: Vec<String>,
     max_comms: usize,
     counters: CounterAccumulator,
+    /// setns(2) was refused once (no CAP_SYS_ADMIN, or a service sandbox): that does not change
+    /// while the process runs, so other namespaces go straight to the owner-based read.
+    setns_refused: bool,
 }
 
 /// How many members of a namespace to try when the first ones exit during the read.
@@ -263,6 +266,7 @@ impl Sampler {
             service_names,
             max_comms: config.max_comms,
             counters: CounterAccumulator::default(),
+            setns_refused: false,
         }
     }
 
@@ -588,7 +592,7 @@ impl Sampler {
     /// namespace when it is not ours); listeners still without a limit, because setns is not
     /// allowed or the dump missed them, are read through their owning process.
     fn fill_backlog_limits(
-        &self,
+        &mut self,
         namespaces: &BTreeMap<u64, Namespace>,
         listener_owners: &HashMap<u64, ListenerOwner>,
         listeners: &mut [ListenerQueue],
@@ -607,10 +611,15 @@ impl Sampler {
             };
             let dump = if own_netns == Some(netns) {
                 diag::query_listeners(None)
+            } else if self.setns_refused {
+                continue;
             } else {
                 match self.procfs.open_netns(representative) {
                     Ok(handle) => diag::query_listeners(Some(&handle)),
-                    Err(err) => Err(diag::DiagError::Io(err)),
+                    Err(err) => {
+                        errors.io(&format!("netns {netns} open"), &err);
+                        continue;
+                    }
                 }
             };
             match dump {
@@ -625,9 +634,9 @@ impl Sampler {
                 }
                 // Expected where setns is not permitted: the owners are asked below instead, and
                 // only a listener that stays without a limit is reported.
-                Err(err)
-                    if own_netns != Some(netns)
-                        && matches!(err.errno(), Some(libc::EPERM | libc::EACCES)) => {}
+                Err(err) if own_netns != Some(netns) && err.errno() == Some(libc::EPERM) => {
+                    self.setns_refused = true;
+                }
                 Err(err) => errors.diag(&format!("netns {netns} sock_diag"), &err),
             }
         }
