@@ -1,6 +1,7 @@
 //! Measures the wall time of one /proc sample with many open loopback connections.
 //!
-//!   cargo run --release -p cacheprobe --example sampler_bench -- [connections] [listen ports] [idle processes] [samples]
+//!   cargo run --release -p cacheprobe --example sampler_bench -- \
+//!       [connections=10000] [listen ports=1] [idle processes=0] [samples=10]
 //!
 //! A child process (this binary with `--serve`) listens on loopback ports and holds the accepted
 //! ends; this process holds the client ends; so the host has 2 x connections watched sockets in

@@ -95,9 +95,9 @@ pub struct ProcessUsage {
     pub pid: u32,
     pub comm: String,
     pub netns: u64,
-    /// Entries in /proc/<pid>/fd when it was scanned.
+    /// Entries in `/proc/<pid>/fd` when it was scanned.
     pub open_fds: u64,
-    /// Soft RLIMIT_NOFILE read from /proc/<pid>/limits at the same scan, so prlimit(1) changes
+    /// Soft RLIMIT_NOFILE read from `/proc/<pid>/limits` at the same scan, so prlimit(1) changes
     /// show up; `u64::MAX` when unlimited.
     pub soft_nofile: u64,
     /// Watched connections (any non-listening socket) held, per service.

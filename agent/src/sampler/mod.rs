@@ -8,14 +8,19 @@
 //! are pure and tested on fixtures; `scan` and `diag` are the thin I/O layer.
 //!
 //! One sample, in order:
-//! 1. list pids, read each /proc/<pid>/ns/net link, group pids by network namespace inode;
+//! 1. list pids, read each `/proc/<pid>/ns/net` link, group pids by network namespace inode;
 //! 2. per namespace, read net/tcp, net/tcp6 and net/netstat ONCE through one member pid (the
 //!    representative; the next member is tried if it exits meanwhile), keeping only rows on
 //!    watched ports;
-//! 3. if the namespace has any watched socket with an inode, walk /proc/<pid>/fd of its member
+//! 3. if the namespace has any watched socket with an inode, walk `/proc/<pid>/fd` of its member
 //!    processes and match `socket:[inode]` links; matched processes get comm and limits read;
-//! 4. per namespace with watched listeners, one sock_diag dump for the backlog limits;
+//! 4. per namespace with watched listeners, one sock_diag dump for the backlog limits (joining
+//!    the namespace with setns when it is not ours); where setns is refused, each listener's
+//!    limit is read through its owning process instead (`diag::backlog_via_owner`);
 //! 5. aggregate.
+//!
+//! /proc/net/tcp is not an atomic snapshot (the kernel resumes its hash walk every 4 KiB), so
+//! under socket churn a sample can miss a row; repeated rows are dropped.
 //!
 //! A sample is blocking file and netlink I/O (tens of ms to a few hundred on a busy host): run
 //! it on a blocking thread (`tokio::task::spawn_blocking`), not on the async runtime.
@@ -26,8 +31,8 @@
 //! Without root the agent sees only processes of its own user (ns/net and fd links need
 //! ptrace-read access); the rest is counted in [`ScanErrors::permission_denied`]. Cost grows with
 //! (namespaces x sockets on the host) for the tables, because each namespace's /proc/net/tcp walks
-//! the host-wide socket hash, and with the descriptors of processes in namespaces that have
-//! watched sockets for the fd walk.
+//! the host-wide socket hash (unless net.ipv4.tcp_child_ehash_entries gave it its own), and
+//! with the descriptors of processes in namespaces that have watched sockets for the fd walk.
 
 pub mod aggregate;
 pub mod diag;
@@ -146,7 +151,7 @@ pub struct SamplePhases {
     pub namespaces: Duration,
     /// tcp, tcp6 and netstat of every namespace.
     pub socket_tables: Duration,
-    /// Walking /proc/<pid>/fd and reading comm and limits of matched processes.
+    /// Walking `/proc/<pid>/fd` and reading comm and limits of matched processes.
     pub fd_scan: Duration,
     /// sock_diag dumps for backlog limits.
     pub backlog_limits: Duration,
@@ -575,7 +580,8 @@ impl Sampler {
                     };
                     *counts.entry(name.clone()).or_default() += 1;
                     if let Some(index) = socket.connection {
-                        // Members are visited in ascending pid order: the first owner is the lowest.
+                        // Members are visited in ascending pid order: the first owner is
+                        // the lowest pid.
                         connections[index].owner.get_or_insert_with(|| SocketOwner {
                             pid,
                             comm: usage.comm.clone(),
@@ -663,7 +669,7 @@ struct ListenerOwner {
 /// What the namespace tables of one sample yielded.
 struct Found {
     list_connections: bool,
-    /// Socket inode -> what it is, for matching /proc/<pid>/fd links.
+    /// Socket inode -> what it is, for matching `/proc/<pid>/fd` links.
     watched: HashMap<u64, WatchedSocket>,
     listeners: Vec<ListenerQueue>,
     connections: Vec<WatchedConnection>,

@@ -181,7 +181,7 @@ pub fn parse_netstat(text: &str) -> Result<TcpExtCounters, ParseError> {
     Err(ParseError::MissingField("TcpExt"))
 }
 
-/// Soft RLIMIT_NOFILE from /proc/<pid>/limits. `unlimited` maps to `u64::MAX`, the kernel's
+/// Soft RLIMIT_NOFILE from `/proc/<pid>/limits`. `unlimited` maps to `u64::MAX`, the kernel's
 /// RLIM_INFINITY, so ratios against it are ~0 rather than a special case.
 pub fn parse_soft_nofile(limits: &str) -> Result<u64, ParseError> {
     let line = limits
@@ -202,7 +202,8 @@ pub fn parse_soft_nofile(limits: &str) -> Result<u64, ParseError> {
 /// value as /proc/sys/fs/file-max, read in the same syscall so both numbers are consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileHandles {
-    /// Allocated minus free (free is always 0 since Linux 2.6, but subtracting keeps old kernels right).
+    /// Allocated minus free (free is always 0 since Linux 2.6; subtracting keeps old kernels
+    /// right).
     pub open: u64,
     pub max: u64,
 }
@@ -222,8 +223,8 @@ pub fn parse_file_nr(text: &str) -> Result<FileHandles, ParseError> {
     })
 }
 
-/// The inode in a `kind:[inode]` link target, as /proc/<pid>/ns/net (`net:[4026531833]`) and
-/// /proc/<pid>/fd/N (`socket:[34735]`) print them. None for other targets (files, pipes).
+/// The inode in a `kind:[inode]` link target, as `/proc/<pid>/ns/net` (`net:[4026531833]`) and
+/// `/proc/<pid>/fd/N` (`socket:[34735]`) print them. None for other targets (files, pipes).
 pub fn parse_bracket_inode(link: &[u8], kind: &str) -> Option<u64> {
     let rest = link.strip_prefix(kind.as_bytes())?.strip_prefix(b":[")?;
     let digits = rest.strip_suffix(b"]")?;
@@ -233,7 +234,7 @@ pub fn parse_bracket_inode(link: &[u8], kind: &str) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// /proc/<pid>/comm without its newline. The kernel caps it at 15 bytes; the cap here only
+/// `/proc/<pid>/comm` without its newline. The kernel caps it at 15 bytes; the cap here only
 /// guards against a corrupt read.
 pub fn parse_comm(raw: &[u8]) -> String {
     let raw = raw.strip_suffix(b"\n").unwrap_or(raw);

@@ -77,7 +77,7 @@ impl ProcFs {
         Ok(pids)
     }
 
-    /// Inode of the network namespace of `pid`, from the /proc/<pid>/ns/net link.
+    /// Inode of the network namespace of `pid`, from the `/proc/<pid>/ns/net` link.
     pub fn netns_of(&self, pid: u32) -> io::Result<u64> {
         self.netns_at(&self.pid_path(pid, "ns/net"))
     }
@@ -97,7 +97,7 @@ impl ProcFs {
         File::open(self.pid_path(pid, "ns/net"))
     }
 
-    /// Streams /proc/<pid>/net/<table> (tcp or tcp6) into `visit`, fully parsing only rows whose
+    /// Streams `/proc/<pid>/net/<table>` (tcp or tcp6) into `visit`, fully parsing only rows whose
     /// (local, remote) ports pass `wanted`: on a busy host most rows are not watched. Rows that
     /// do not parse are handed over as errors and skipped, so one odd row cannot hide a table.
     pub fn read_tcp_table(
