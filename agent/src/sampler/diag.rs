@@ -347,11 +347,14 @@ mod tests {
 
     #[test]
     fn decodes_reply_captured_on_this_machine() {
-        // One datagram of the IPv4 dump from Linux 6.18 (x86_64): a listener on 127.0.0.1:11211
-        // with listen(2) holding 3 queued connections, followed by NLMSG_DONE. Captured with
-        // this module's `query_listeners` against a python listener.
+        // The IPv4 LISTEN dump from Linux 6.18 (x86_64), all datagrams concatenated: three
+        // listeners (each message carrying the attributes the kernel adds unasked), among them
+        // 127.0.0.1:11211 with listen(2) and 3 queued connections, then NLMSG_DONE. Captured by
+        // sending the request `encode_listen_dump_request` builds from a Python netlink socket.
         let datagram = hex_bytes(include_str!("fixtures/sock_diag_listen_v4.hex"));
         let batch = decode_dump_reply(&datagram).unwrap();
+        assert!(batch.done);
+        assert_eq!(batch.listeners.len(), 3);
         let listener = batch
             .listeners
             .iter()
