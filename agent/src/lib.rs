@@ -12,4 +12,5 @@ pub mod memcache;
 pub mod metrics;
 pub mod pipeline;
 pub mod probes;
+pub mod sampler;
 pub mod tracking;
