@@ -37,6 +37,11 @@ pub enum PayloadError {
 
 const HEADER: usize = 48;
 
+/// The timestamp of a payload record, for ordering it among socket events.
+pub fn payload_ts(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_ne_bytes(bytes.get(0..8)?.try_into().ok()?))
+}
+
 /// Parses a ring-buffer payload record without copying its data.
 pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
     if bytes.len() != std::mem::size_of::<PayloadEvent>() {

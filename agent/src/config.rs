@@ -68,6 +68,8 @@ pub struct Config {
     pub limits: Limits,
     /// How keys appear in diagnose output and the local API (never in metrics).
     pub keys: crate::keys::KeyDisplay,
+    /// Seconds between /proc samples (listen queues, fds, existing connections).
+    pub sample_interval_seconds: u64,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             services: default_services(),
             limits: Limits::default(),
             keys: crate::keys::KeyDisplay::Plain,
+            sample_interval_seconds: 5,
         }
     }
 }
@@ -120,6 +123,7 @@ struct RawConfig {
     limits: Limits,
     #[serde(default)]
     keys: crate::keys::KeyDisplay,
+    sample_interval_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -244,6 +248,12 @@ impl Config {
             }
         };
 
+        let sample_interval_seconds = raw.sample_interval_seconds.unwrap_or(5);
+        if !(1..=3600).contains(&sample_interval_seconds) {
+            return Err(invalid(format!(
+                "sample_interval_seconds = {sample_interval_seconds} must be in 1-3600"
+            )));
+        }
         let limits = raw.limits;
         if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
             return Err(invalid(format!(
@@ -282,6 +292,7 @@ impl Config {
             services,
             limits,
             keys: raw.keys,
+            sample_interval_seconds,
         })
     }
 

@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod probes;
 pub mod sampler;
+pub mod sampling;
 pub mod tracking;

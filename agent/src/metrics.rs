@@ -1,7 +1,10 @@
 //! The Prometheus registry and the mapping from observations to series. Metric names and labels
 //! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::AtomicU64,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -120,6 +123,17 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommLabels {
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommServiceLabels {
+    pub comm: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: String,
 }
@@ -220,6 +234,17 @@ pub struct Metrics {
     pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
     pub queue_operations: Family<QueueLabels, Counter>,
     pub key_splits: Family<ServiceLabels, Counter>,
+    pub listen_queue_length: Family<ServiceLabels, Gauge>,
+    pub listen_queue_limit: Family<ServiceLabels, Gauge>,
+    pub listen_overflows: Counter,
+    pub listen_drops: Counter,
+    pub syncookies_sent: Counter,
+    pub process_open_fds: Family<CommLabels, Gauge>,
+    pub process_fd_limit: Family<CommLabels, Gauge>,
+    pub process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>,
+    pub process_connections: Family<CommServiceLabels, Gauge>,
+    pub host_open_files: Gauge,
+    pub host_file_limit: Gauge,
 }
 
 impl Metrics {
@@ -246,6 +271,17 @@ impl Metrics {
             memcache_decode_errors: Family::default(),
             queue_operations: Family::default(),
             key_splits: Family::default(),
+            listen_queue_length: Family::default(),
+            listen_queue_limit: Family::default(),
+            listen_overflows: Counter::default(),
+            listen_drops: Counter::default(),
+            syncookies_sent: Counter::default(),
+            process_open_fds: Family::default(),
+            process_fd_limit: Family::default(),
+            process_fd_usage_ratio: Family::default(),
+            process_connections: Family::default(),
+            host_open_files: Gauge::default(),
+            host_file_limit: Gauge::default(),
         };
         registry.register(
             "connections_opened",
@@ -346,6 +382,61 @@ impl Metrics {
             "memcache_key_split",
             "Keys this host sent to two different servers of a service within a minute",
             metrics.key_splits.clone(),
+        );
+        registry.register(
+            "listen_queue_length",
+            "Connections waiting in accept queues of local listeners on the service port (sum over listeners)",
+            metrics.listen_queue_length.clone(),
+        );
+        registry.register(
+            "listen_queue_limit",
+            "Accept backlog limits of local listeners on the service port (sum over listeners whose limit is readable)",
+            metrics.listen_queue_limit.clone(),
+        );
+        registry.register(
+            "listen_overflows",
+            "TcpExt ListenOverflows summed over network namespaces: SYNs dropped because an accept queue was full",
+            metrics.listen_overflows.clone(),
+        );
+        registry.register(
+            "listen_drops",
+            "TcpExt ListenDrops summed over network namespaces: all drops at listeners",
+            metrics.listen_drops.clone(),
+        );
+        registry.register(
+            "syncookies_sent",
+            "TcpExt SyncookiesSent summed over network namespaces",
+            metrics.syncookies_sent.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)",
+            metrics.process_open_fds.clone(),
+        );
+        registry.register(
+            "process_fd_limit",
+            "Soft RLIMIT_NOFILE of that same process, read live",
+            metrics.process_fd_limit.clone(),
+        );
+        registry.register(
+            "process_fd_usage_ratio",
+            "Open fds over the soft fd limit, max over processes of this name",
+            metrics.process_fd_usage_ratio.clone(),
+        );
+        registry.register(
+            "process_connections",
+            "Watched connections held by processes of this name, per service",
+            metrics.process_connections.clone(),
+        );
+        registry.register(
+            "host_open_files",
+            "Open file handles on the host (fs.file-nr)",
+            metrics.host_open_files.clone(),
+        );
+        registry.register(
+            "host_file_limit",
+            "Host file handle limit (fs.file-max)",
+            metrics.host_file_limit.clone(),
         );
         metrics
             .build_info

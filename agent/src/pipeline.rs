@@ -10,7 +10,7 @@ use crate::{
     capture::{parse_payload, Decoders, MemcacheEvent},
     config::{Config, Protocol},
     dead_writes::DeadWrite,
-    events::{self, EventKind, Role},
+    events::{self, EventKind, Role, SockEventRecord},
     keys::{KeyDisplay, KeyRouting, TopK},
     metrics::{Metrics, ObservationRecorder, SourceLabels},
     probes::loader::Probes,
@@ -98,6 +98,13 @@ impl Pipeline {
         self.sinks.push(sink);
     }
 
+    /// Records observations produced outside the event stream (e.g. connections seeded from
+    /// /proc at start).
+    pub fn record_observations(&mut self, observations: Vec<Observation>) {
+        self.observations.extend(observations);
+        self.flush();
+    }
+
     pub fn tracker_mut(&mut self) -> &mut Tracker {
         &mut self.tracker
     }
@@ -117,16 +124,26 @@ impl Pipeline {
 
     /// One record from the socket event ring buffer.
     pub fn on_socket_record(&mut self, bytes: &[u8]) {
-        let event = match events::decode(bytes) {
-            Ok(event) => event,
+        if let Some(event) = self.decode_socket_record(bytes) {
+            self.handle_socket_event(&event);
+        }
+    }
+
+    /// Decodes a socket event record, counting (not failing on) bad ones.
+    pub fn decode_socket_record(&mut self, bytes: &[u8]) -> Option<SockEventRecord> {
+        match events::decode(bytes) {
+            Ok(event) => Some(event),
             Err(err) => {
                 self.undecodable_records += 1;
                 if self.undecodable_records.is_power_of_two() {
                     tracing::warn!(%err, count = self.undecodable_records, "undecodable ring buffer record");
                 }
-                return;
+                None
             }
-        };
+        }
+    }
+
+    pub fn handle_socket_event(&mut self, event: &SockEventRecord) {
         tracing::trace!(?event, "kernel event");
         if let EventKind::StateChange {
             old_state,
@@ -142,7 +159,7 @@ impl Pipeline {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
             }
         }
-        self.tracker.handle(&event, &mut self.observations);
+        self.tracker.handle(event, &mut self.observations);
         self.flush();
     }
 

@@ -13,16 +13,22 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
+use std::collections::VecDeque;
+
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
+    capture::payload_ts,
     config::Config,
+    events::SockEventRecord,
     metrics::{Metrics, ProbeLabels},
     pipeline::{PayloadOutcome, Pipeline},
     probes::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
     },
+    sampler::{parse::TcpExtCounters, Sampler, SamplerConfig},
+    sampling,
 };
 
 pub struct RunArgs {
@@ -31,25 +37,72 @@ pub struct RunArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-/// Payloads name sockets whose opening may still sit in the event ring (the two rings are read
-/// separately): on an unknown socket, catch up on events and offer the payload again.
-fn drain_payloads(
-    pipeline: &mut Pipeline,
-    payloads: &mut RingBuf<MapData>,
-    events: &mut RingBuf<MapData>,
+/// Samples /proc on its own thread pool slot so a slow /proc never stalls event processing.
+async fn sample_periodically(
+    mut sampler: Sampler,
+    metrics: Metrics,
+    mut last_tcp_ext: TcpExtCounters,
+    interval: Duration,
+    pids: tokio::sync::mpsc::Sender<Vec<u32>>,
 ) {
-    while let Some(item) = payloads.next() {
-        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
-            drain(events, |bytes| pipeline.on_socket_record(bytes));
-            let _ = pipeline.on_payload_record(&item);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Ok((result, returned)) = tokio::task::spawn_blocking(move || {
+            let result = sampler.sample();
+            (result, sampler)
+        })
+        .await
+        else {
+            tracing::error!("/proc sampler panicked; fd and listen-queue metrics stop");
+            return;
+        };
+        sampler = returned;
+        match result {
+            Ok(snapshot) => {
+                sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+                let _ = pids.try_send(snapshot.processes.iter().map(|p| p.pid).collect());
+            }
+            Err(err) => tracing::warn!(%err, "/proc sample failed"),
         }
     }
 }
 
-/// Hands every record in the ring to `handle`, in order, without copying.
-fn drain(ring: &mut RingBuf<MapData>, mut handle: impl FnMut(&[u8])) {
-    while let Some(item) = ring.next() {
-        handle(&item);
+/// Processes both rings in timestamp order. They are separate so payload floods cannot crowd
+/// out lifecycle events, but a connection's bytes and its state changes must be seen in the
+/// order they happened: its opening before its first payload, its last response before its
+/// close.
+fn pump(pipeline: &mut Pipeline, events: &mut RingBuf<MapData>, payloads: &mut RingBuf<MapData>) {
+    let mut pending: VecDeque<SockEventRecord> = VecDeque::new();
+    let mut fetch_events = |pipeline: &mut Pipeline, pending: &mut VecDeque<SockEventRecord>| {
+        while let Some(item) = events.next() {
+            if let Some(event) = pipeline.decode_socket_record(&item) {
+                pending.push_back(event);
+            }
+        }
+    };
+    fetch_events(pipeline, &mut pending);
+    while let Some(item) = payloads.next() {
+        let ts = payload_ts(&item).unwrap_or(u64::MAX);
+        if pending.back().is_none_or(|last| last.ts_ns <= ts) {
+            // Events recorded since our last look may precede this payload.
+            fetch_events(pipeline, &mut pending);
+        }
+        while pending.front().is_some_and(|event| event.ts_ns <= ts) {
+            if let Some(event) = pending.pop_front() {
+                pipeline.handle_socket_event(&event);
+            }
+        }
+        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
+            // Not known even with every earlier event applied: not a watched connection we
+            // track (e.g. the table was full); the payload is dropped.
+            tracing::trace!("payload for an unknown socket");
+        }
+    }
+    fetch_events(pipeline, &mut pending);
+    for event in pending {
+        pipeline.handle_socket_event(&event);
     }
 }
 
@@ -93,8 +146,56 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::http::serve(listener, registry.clone()));
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
-
     let mut probes = probes;
+
+    // Connections and processes that existed before we started: seed the tracker (so the
+    // active gauge is right from the first scrape) and the capture process set.
+    let mut sampler = Sampler::new(SamplerConfig::from_services(
+        &config.services,
+        config.limits.max_comms,
+    ));
+    let (initial, sampler) = tokio::task::spawn_blocking(move || {
+        let result = sampler.sample_with_connections();
+        (result, sampler)
+    })
+    .await?;
+    let mut last_tcp_ext = Default::default();
+    match initial {
+        Ok((snapshot, connections)) => {
+            let mut seeded = Vec::new();
+            for connection in &connections {
+                pipeline.tracker_mut().seed(
+                    connection.local,
+                    connection.remote,
+                    connection.state,
+                    &mut seeded,
+                );
+            }
+            pipeline.record_observations(seeded);
+            sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+            if let Err(err) = probes.add_capture_pids(snapshot.processes.iter().map(|p| p.pid)) {
+                tracing::warn!(%err, "cannot register existing processes for payload capture");
+            }
+            tracing::info!(
+                connections = connections.len(),
+                processes = snapshot.processes.len(),
+                namespaces = snapshot.network_namespaces,
+                "existing watched connections adopted"
+            );
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
+        }
+    }
+    let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<Vec<u32>>(4);
+    tokio::spawn(sample_periodically(
+        sampler,
+        metrics.clone(),
+        last_tcp_ext,
+        Duration::from_secs(config.sample_interval_seconds),
+        pids_tx,
+    ));
+
     let events = probes
         .take_events()
         .context("event ring buffer already taken")?;
@@ -115,14 +216,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), |bytes| pipeline.on_socket_record(bytes));
+                pump(&mut pipeline, guard.get_inner_mut(), payload_ring.get_mut());
                 guard.clear_ready();
-                drain_payloads(&mut pipeline, payload_ring.get_mut(), guard.get_inner_mut());
             }
             guard = payload_ring.readable_mut() => {
                 let mut guard = guard?;
-                drain_payloads(&mut pipeline, guard.get_inner_mut(), ring.get_mut());
+                pump(&mut pipeline, ring.get_mut(), guard.get_inner_mut());
                 guard.clear_ready();
+            }
+            Some(pids) = pids_rx.recv() => {
+                if let Err(err) = probes.add_capture_pids(pids) {
+                    tracing::debug!(%err, "cannot register processes for payload capture");
+                }
             }
             _ = tick.tick() => {
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
