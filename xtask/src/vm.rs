@@ -444,7 +444,8 @@ fn load_cached(dir: &Path) -> anyhow::Result<Preparation> {
 /// in a .partial directory renamed into place at the end, so an interrupted fetch is redone.
 fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
     step(&format!("fetching {package}"));
-    let partial = dir.with_extension("partial");
+    // Not with_extension: package names are full of dots.
+    let partial = dir.with_file_name(format!("{package}.partial"));
     if partial.exists() {
         fs::remove_dir_all(&partial)?;
     }
