@@ -880,9 +880,9 @@ pub fn parse_console(release: &str, console: &str, end: VmEnd) -> Vec<Row> {
             _ => Verdict::Fail,
         };
         let detail = if matches!(status, "PASS" | "FAIL") {
-            detail.trim().to_string()
+            truncate(detail.trim(), MAX_DETAIL)
         } else {
-            format!("unreadable result line: {marker}")
+            truncate(&format!("unreadable result line: {marker}"), MAX_DETAIL)
         };
         rows.push(Row {
             kernel: release.to_string(),
@@ -915,6 +915,16 @@ pub fn parse_console(release: &str, console: &str, end: VmEnd) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// Longest detail shown in the table; the console log has everything.
+const MAX_DETAIL: usize = 600;
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}... (truncated; see the console log)", &text[..cut]),
+        None => text.to_string(),
+    }
 }
 
 pub fn render_table(rows: &[Row]) -> String {
@@ -1095,6 +1105,20 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
     }
 
     #[test]
+    fn long_details_are_cut_on_a_character_boundary() {
+        let console = format!("CPTEST check FAIL {}\nCPTEST-DONE\n", "é".repeat(700));
+        let rows = parse_console("6.1", &console, VmEnd::Exited);
+        assert_eq!(
+            rows[0].detail,
+            format!(
+                "{}... (truncated; see the console log)",
+                "é".repeat(MAX_DETAIL)
+            )
+        );
+        assert_eq!(truncate("short", 10), "short");
+    }
+
+    #[test]
     fn table_aligns_columns() {
         let rows = [
             Row {
@@ -1229,6 +1253,27 @@ cacheprobe_dead_socket_writes_total{service=\"memcached\",server=\"127.0.0.1:112
             "FAIL sock/sock_send_length missing for the wrong reason: tracepoint \
              sock/sock_send_length not present (needs Linux 6.4+): last-activity stamps and \
              byte counts unavailable\n"
+        );
+        // A failed item's verifier log is cut to its first 160 characters.
+        let failed_syn_counter = check_json("missing", "dead-socket writes not seen")
+            .replace(
+                "attached to this namespace's Ethernet and loopback interfaces",
+                &"verifier log ".repeat(40),
+            )
+            .replace(
+                "\"tc ingress SYN counter\",\n      \"status\": \"ok\"",
+                "\"tc ingress SYN counter\",\n      \"status\": \"failed\"",
+            );
+        assert_eq!(
+            verdict(
+                &failed_syn_counter,
+                "missing sock/sock_send_length 6.4\n",
+                0
+            ),
+            format!(
+                "FAIL tc ingress SYN counter is failed: {}...\n",
+                &"verifier log ".repeat(40)[..160]
+            )
         );
         assert_eq!(
             verdict(

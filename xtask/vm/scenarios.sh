@@ -112,6 +112,8 @@ check_items() {
 # cost), everything else is ok, and the host is usable.
 check_verdict() {
   awk -F '\t' -v expect="$EXPECT" -v json="$2" -v rc="$3" '
+    # Verifier logs run to kilobytes; the whole report is in the console log (CPLOG check.json).
+    function short(text) { return length(text) > 160 ? substr(text, 1, 160) "..." : text }
     BEGIN {
       while ((getline line < expect) > 0) {
         split(line, f, " ")
@@ -128,14 +130,14 @@ check_verdict() {
         if (status != "missing") {
           bad = bad sprintf("; %s is %s, expected missing", name, status)
         } else if (name == event && since[event] != "-" && !index(detail, "not present (needs Linux " since[event] "+)")) {
-          bad = bad sprintf("; %s missing for the wrong reason: %s", name, detail)
+          bad = bad sprintf("; %s missing for the wrong reason: %s", name, short(detail))
         } else if (name != event && impact == "") {
           bad = bad sprintf("; %s missing without saying what it costs", name)
         }
       } else if (status == "ok") {
         ok++
       } else {
-        bad = bad sprintf("; %s is %s: %s", name, status, detail)
+        bad = bad sprintf("; %s is %s: %s", name, status, short(detail))
       }
     }
     END {
