@@ -112,8 +112,14 @@ check_items() {
 # cost), everything else is ok, and the host is usable.
 check_verdict() {
   awk -F '\t' -v expect="$EXPECT" -v json="$2" -v rc="$3" '
-    # Verifier logs run to kilobytes; the whole report is in the console log (CPLOG check.json).
-    function short(text) { return length(text) > 160 ? substr(text, 1, 160) "..." : text }
+    # Verifier logs run to kilobytes, with the reason at the end, before the statistics: keep
+    # the head and that end. The whole report is in the console log (CPLOG check.json).
+    function short(text,   cut) {
+      if (length(text) <= 200) return text
+      cut = index(text, "\\nverification time")
+      if (cut) text = substr(text, 1, cut - 1)
+      return substr(text, 1, 80) " ... " substr(text, length(text) - 119)
+    }
     BEGIN {
       while ((getline line < expect) > 0) {
         split(line, f, " ")
@@ -137,10 +143,14 @@ check_verdict() {
       } else if (status == "ok") {
         ok++
       } else {
-        bad = bad sprintf("; %s is %s: %s", name, status, short(detail))
+        not_ok++
+        not_ok_names = not_ok_names sprintf("%s%s (%s)", not_ok > 1 ? ", " : "", name, status)
+        if (not_ok == 1) first_detail = short(detail)
       }
     }
     END {
+      if (not_ok == 1) bad = bad sprintf("; %s: %s", not_ok_names, first_detail)
+      if (not_ok > 1) bad = bad sprintf("; %d not ok: %s; the first says: %s", not_ok, not_ok_names, first_detail)
       if (items == 0) bad = bad "; no items (check printed no JSON)"
       if (rc != 0) bad = bad sprintf("; exit status %d", rc)
       if (!usable) bad = bad "; not usable"
