@@ -173,6 +173,9 @@ scenario_check() {
   [ -s "$WORK/check.err" ] && dump check.stderr "$WORK/check.err"
   check_items "$WORK/check.json" >"$WORK/check.items"
   verdict=$(check_verdict "$WORK/check.items" "$WORK/check.json" "$rc")
+  if [ ! -s "$WORK/check.items" ] && [ -s "$WORK/check.err" ]; then
+    verdict="$verdict; stderr: $(tail -n 1 "$WORK/check.err" | cut -c 1-300)"
+  fi
   result check "${verdict%% *}" "${verdict#* }"
 }
 
@@ -246,17 +249,23 @@ CONFIG
   done
 }
 
-# start_agent LOG: runs the agent in the background and waits until /metrics answers.
+# start_agent LOG: runs the agent in the background and waits until /metrics answers; on
+# failure AGENT_FAILURE says why.
 start_agent() {
   "$CACHEPROBE" run --config "$WORK/cacheprobe.toml" --listen "$METRICS" >"$WORK/$1" 2>&1 &
   AGENT_PID=$!
   tries=$((AGENT_START_TIMEOUT * 2))
   while [ "$tries" -gt 0 ]; do
     scrape "$WORK/start.prom" && return 0
-    kill -0 "$AGENT_PID" 2>/dev/null || break
+    if ! kill -0 "$AGENT_PID" 2>/dev/null; then
+      wait "$AGENT_PID"
+      AGENT_FAILURE="agent exited with status $? before serving /metrics: $(tail -n 1 "$WORK/$1" | cut -c 1-300)"
+      return 1
+    fi
     sleep 0.5
     tries=$((tries - 1))
   done
+  AGENT_FAILURE="agent did not serve /metrics within ${AGENT_START_TIMEOUT} s"
   return 1
 }
 
@@ -381,7 +390,7 @@ scenario_preexisting() {
     tries=$((tries - 1))
   done
   if ! start_agent agent-2.log; then
-    result preexisting-connection FAIL "agent (second start) did not serve /metrics within ${AGENT_START_TIMEOUT} s"
+    result preexisting-connection FAIL "second start: $AGENT_FAILURE"
     kill "$client_pid" "$AGENT_PID" 2>/dev/null
     return
   fi
@@ -441,7 +450,7 @@ if start_agent agent.log; then
   scenario_shutdown
 else
   for s in idle-disconnect dead-socket-write shutdown; do
-    result $s FAIL "agent did not serve /metrics within ${AGENT_START_TIMEOUT} s"
+    result $s FAIL "$AGENT_FAILURE"
   done
   kill "$AGENT_PID" 2>/dev/null
 fi
