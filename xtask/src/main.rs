@@ -3,6 +3,7 @@
 
 mod setup;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
+    VmTest {
+        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vm::KernelChoice,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +52,9 @@ fn main() -> ExitCode {
         Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
         Task::Test { unit } => test(unit),
         Task::Run { args } => run(args),
+        Task::VmTest { kernel } => setup::setup_build_tools()
+            .and_then(|()| build(true))
+            .and_then(|()| vm::vm_test(&kernel.kernels())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
