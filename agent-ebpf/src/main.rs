@@ -648,7 +648,12 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
 #[inline(always)]
 fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     let offset = offset as usize & (CAPTURE_MAX - 1);
-    let len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
+    let mut len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
+    // Older verifiers (6.1) learn no bound from comparing two registers; a comparison with a
+    // constant gives them one.
+    if len > CAPTURE_MAX {
+        len = CAPTURE_MAX;
+    }
     if len == 0 || src == 0 {
         return 0;
     }

@@ -245,6 +245,13 @@ pub struct Metrics {
     pub process_connections: Family<CommServiceLabels, Gauge>,
     pub host_open_files: Gauge,
     pub host_file_limit: Gauge,
+    pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
+    pub bpf_runs: Family<ProgramLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
 }
 
 impl Metrics {
@@ -282,6 +289,8 @@ impl Metrics {
             process_connections: Family::default(),
             host_open_files: Gauge::default(),
             host_file_limit: Gauge::default(),
+            bpf_run_seconds: Family::default(),
+            bpf_runs: Family::default(),
         };
         registry.register(
             "connections_opened",
@@ -437,6 +446,16 @@ impl Metrics {
             "host_file_limit",
             "Host file handle limit (fs.file-max)",
             metrics.host_file_limit.clone(),
+        );
+        registry.register(
+            "bpf_program_run_seconds",
+            "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)",
+            metrics.bpf_run_seconds.clone(),
+        );
+        registry.register(
+            "bpf_program_runs",
+            "Runs of the agent's kernel programs (needs sysctl kernel.bpf_stats_enabled=1)",
+            metrics.bpf_runs.clone(),
         );
         metrics
             .build_info

@@ -12,7 +12,7 @@ use crate::{
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
     keys::{KeyDisplay, KeyRouting, TopK},
-    metrics::{Metrics, ObservationRecorder, SourceLabels},
+    metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     probes::loader::Probes,
     tracking::{Endpoint, Observation, ServicePorts, Tracker},
 };
@@ -34,6 +34,10 @@ pub enum PayloadOutcome {
     UnknownSocket,
 }
 
+fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+}
+
 pub struct Pipeline {
     queue_mode: Vec<bool>,
     tracker: Tracker,
@@ -50,6 +54,7 @@ pub struct Pipeline {
     syn_in_seen: HashMap<u16, u64>,
     losses_seen: HashMap<&'static str, u64>,
     pub undecodable_records: u64,
+    program_stats_seen: HashMap<String, (u64, u64)>,
     sinks: Vec<Box<dyn ObservationSink + Send>>,
 }
 
@@ -90,6 +95,7 @@ impl Pipeline {
             syn_in_seen: HashMap::new(),
             losses_seen: HashMap::new(),
             undecodable_records: 0,
+            program_stats_seen: HashMap::new(),
             sinks: Vec::new(),
         }
     }
@@ -246,6 +252,30 @@ impl Pipeline {
                 }
             }
             Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
+        }
+        if bpf_stats_enabled() {
+            let metrics = self.recorder.metrics().clone();
+            for (program, run_time, runs) in probes.program_stats() {
+                let seen = self
+                    .program_stats_seen
+                    .entry(program.clone())
+                    .or_insert((0, 0));
+                let labels = ProgramLabels { program };
+                let run_ns = run_time.as_nanos() as u64;
+                if run_ns > seen.0 {
+                    metrics
+                        .bpf_run_seconds
+                        .get_or_create(&labels)
+                        .inc_by((run_ns - seen.0) as f64 / 1e9);
+                }
+                if runs > seen.1 {
+                    metrics
+                        .bpf_runs
+                        .get_or_create(&labels)
+                        .inc_by(runs - seen.1);
+                }
+                *seen = (run_ns.max(seen.0), runs.max(seen.1));
+            }
         }
         if self.decoders.dropped > 0 {
             self.recorder

@@ -287,6 +287,18 @@ impl Probes {
         Ok(())
     }
 
+    /// Cumulative run time and run count per loaded program (kernel bpf_stats; zero unless
+    /// `kernel.bpf_stats_enabled` is 1).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_string(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
     /// SYNs seen arriving per destination port since load.
     pub fn syn_in_counts(&self) -> anyhow::Result<Vec<(u16, u64)>> {
         let Some(map) = self.ebpf.map("SYN_IN") else {
