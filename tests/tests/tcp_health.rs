@@ -424,7 +424,7 @@ fn emfile_and_fd_pressure_are_reported_per_process_name() {
             &format!(
                 "import resource, socket, ctypes, sys, time\n\
                  ctypes.CDLL(None).prctl(15, b'fdhog', 0, 0, 0)\n\
-                 resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n\
+                 resource.setrlimit(resource.RLIMIT_NOFILE, (32, 4096))\n\
                  socks, errors = [], 0\n\
                  for i in range(64):\n\
                  \x20   try:\n\
@@ -480,16 +480,16 @@ fn emfile_and_fd_pressure_are_reported_per_process_name() {
     assert!(scrape.sum("cacheprobe_host_file_limit", &[]) > 0.0);
 
     let status = Command::new("prlimit")
-        .args(["--pid", &client.0.id().to_string(), "--nofile=4096:4096"])
+        .args(["--pid", &client.0.id().to_string(), "--nofile=1024:4096"])
         .status()
         .unwrap();
     assert!(status.success());
     let scrape = agent.wait_for(WAIT, |s| {
-        s.sum("cacheprobe_process_fd_limit", &hog) == 4096.0
+        s.sum("cacheprobe_process_fd_limit", &hog) == 1024.0
     });
     assert_eq!(
         scrape.sum("cacheprobe_process_fd_limit", &hog),
-        4096.0,
+        1024.0,
         "{}",
         scrape.text
     );
