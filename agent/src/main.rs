@@ -25,6 +25,12 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
     },
+    /// Write the man page and shell completions into DIR (used to build packages).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Report which probes and features work on this host and what is missing.
     Check {
         /// Print JSON instead of text.
@@ -55,6 +61,26 @@ fn config_arg(config: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
+/// The man page and completions come from the same clap definitions as the parser, so they
+/// cannot drift from the real flags.
+fn generate_assets(out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let command = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut man)?;
+    std::fs::write(out.join("cacheprobe.1"), man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut command.clone(), "cacheprobe", out)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
@@ -79,6 +105,7 @@ fn main() -> ExitCode {
                 }))
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
         Command::Check { json, config } => {
             let (config_path, config_explicit) = config_arg(config);
             commands::check::check(&config_path, config_explicit, json)

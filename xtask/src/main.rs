@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | test | run | ...`. Every task installs what it is
 //! missing first, so a fresh machine goes from clone to green with these commands alone.
 
+mod package;
 mod setup;
 mod util;
 mod vm;
@@ -38,6 +39,9 @@ enum Task {
         args: Vec<String>,
     },
     /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
+    /// Build the .deb (binary, systemd unit, default config, man page, completions) and test
+    /// that it installs and removes cleanly in a throwaway dpkg root.
+    Package,
     VmTest {
         /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
         #[arg(long, value_enum, default_value = "all")]
@@ -52,6 +56,10 @@ fn main() -> ExitCode {
         Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
         Task::Test { unit } => test(unit),
         Task::Run { args } => run(args),
+        Task::Package => setup::setup_build_tools()
+            .and_then(|()| build(true))
+            .and_then(|()| package::package())
+            .and_then(|deb| package::install_test(&deb)),
         Task::VmTest { kernel } => setup::setup_build_tools()
             .and_then(|()| build(true))
             .and_then(|()| vm::vm_test(&kernel.kernels())),
@@ -101,6 +109,9 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     util::require_root("integration tests load eBPF programs and create network namespaces")?;
     util::step("packaging: alert rules and their unit tests, metric names");
     packaging_checks()?;
+    util::step("package: build the .deb and install it into a throwaway dpkg root");
+    let deb = package::package()?;
+    package::install_test(&deb)?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
     util::cargo(&[
         "test",
