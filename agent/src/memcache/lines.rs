@@ -20,9 +20,10 @@ pub(crate) trait LineSink {
     /// A complete line without its terminator; `wire_len` includes it. `start_ts` is the
     /// timestamp of the chunk holding the line's first byte, `end_ts` of its last byte.
     fn line(&mut self, line: &[u8], wire_len: usize, start_ts: u64, end_ts: u64) -> LineOutcome;
-    /// A line whose end lies beyond the captured prefix of its payload; the `rest` uncaptured
-    /// bytes of the payload cannot be framed. The sink decodes what it can and reports the loss.
-    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64);
+    /// A line whose end lies beyond the captured prefix of its payload, followed by `rest`
+    /// uncaptured bytes. Returns true when the sink can account for them exactly (framing
+    /// continues); otherwise it decodes what it can, reports the loss and returns false.
+    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64) -> bool;
     /// A line longer than the limit, decoded from its prefix; framing resumes after its end.
     fn oversized_line(&mut self, prefix: &[u8], start_ts: u64, end_ts: u64);
     /// `len` uncaptured bytes start at a line boundary. Returns true when the sink can account
@@ -132,11 +133,13 @@ impl TextFramer {
                         let rest = (total - pos) as u64;
                         if !self.partial.is_empty() {
                             let prefix = std::mem::take(&mut self.partial);
-                            sink.truncated_line(&prefix, rest, self.partial_ts, ts);
+                            let explained = sink.truncated_line(&prefix, rest, self.partial_ts, ts);
                             self.partial = prefix;
                             self.partial.clear();
-                            self.state = State::Resync;
-                            skipped += rest;
+                            if !explained {
+                                self.state = State::Resync;
+                                skipped += rest;
+                            }
                         } else if !sink.unknown_tail(rest, ts) {
                             self.state = State::Resync;
                             skipped += rest;
@@ -186,11 +189,13 @@ impl TextFramer {
                             let room = self.max_line - prefix.len();
                             prefix.extend_from_slice(&window[..room.min(window.len())]);
                             let rest = (total - cap) as u64;
-                            sink.truncated_line(&prefix, rest, start_ts, ts);
+                            let explained = sink.truncated_line(&prefix, rest, start_ts, ts);
                             self.partial = prefix;
                             self.partial.clear();
-                            self.state = State::Resync;
-                            skipped += rest;
+                            if !explained {
+                                self.state = State::Resync;
+                                skipped += rest;
+                            }
                             pos = total;
                         }
                     }

@@ -193,6 +193,7 @@ struct Pending {
     /// Response bytes not attributed to one key (END line, errors, untracked items).
     resp_bytes: u64,
     first_resp_ts: Option<u64>,
+    /// VALUE items seen; for a marker, responses it rejected while requests waited behind it.
     items: u32,
     opaque: Option<u64>,
     queue: Option<QueueIntent>,
@@ -223,6 +224,9 @@ impl Pending {
         self.first_resp_ts.map(|t| t.saturating_sub(self.ts_ns))
     }
 }
+
+/// How many unfitting responses a gap marker absorbs while requests wait behind it.
+const MARKER_PATIENCE: u32 = 8;
 
 #[derive(Debug, Clone, Copy)]
 enum Fit {
@@ -393,15 +397,15 @@ impl Pairing {
         self.pending.push_back(Pending::marker(ts_ns));
     }
 
-    /// The family of the request the next response should answer (quiet requests that may be
-    /// skipped silently are passed over), or None if unknown.
-    pub fn next_answer_family(&self) -> Option<Family> {
+    /// The request the next response should answer (quiet requests that may be skipped
+    /// silently are passed over): its family, binary opcode and opaque. None if unknown.
+    pub fn next_answer(&self) -> Option<(Family, u8, Option<u64>)> {
         for p in &self.pending {
             if p.marker {
                 return None;
             }
             if !p.quiet {
-                return Some(p.family);
+                return Some((p.family, p.opcode, p.opaque));
             }
         }
         None
@@ -422,6 +426,16 @@ impl Pairing {
                     let fit = self.fit(next, offset, resp);
                     if !matches!(fit, Fit::No) {
                         found = Some((i + 1, fit));
+                    }
+                }
+                if found.is_none() && i + 1 < self.pending.len() {
+                    // A marker that keeps rejecting answers while requests wait behind it has
+                    // most likely outlived its lost responses (or the next request's answer
+                    // was lost too): give up on it rather than block pairing for good.
+                    let marker = &mut self.pending[i];
+                    marker.items += 1;
+                    if marker.items >= MARKER_PATIENCE {
+                        self.pending.remove(i);
                     }
                 }
                 break;

@@ -492,10 +492,14 @@ fn server_gap_finishes_outstanding_requests_as_unknown() {
     conn.decoder.note_gap(Direction::ServerToClient, &mut conn.out);
     assert_eq!(conn.summary(), vec![s("get", "hit", "a"), s("get", "unknown", "b")]);
     assert_eq!(conn.errors(), vec!["gap"]);
-    // The rest of the value arrives: skipped while resynchronising, then END belongs to b
-    // which is already reported, so it is unexpected.
+    // The rest of the value arrives. Digits at a chunk start look like an incr answer, so
+    // resynchronisation takes it for one; nothing is outstanding, so all three lines are
+    // reported as unexpected rather than paired.
     conn.server(b"56789\r\nEND\r\nEND\r\n");
-    assert_eq!(conn.errors(), vec!["unexpected_response", "unexpected_response"]);
+    assert_eq!(
+        conn.errors(),
+        vec!["unexpected_response", "unexpected_response", "unexpected_response"]
+    );
     conn.client(b"get c\r\n");
     conn.server(b"END\r\n");
     assert_eq!(conn.summary(), vec![s("get", "miss", "c")]);
@@ -952,4 +956,96 @@ fn labels_are_unique_lowercase_and_bounded() {
     assert_eq!(Command::MetaGet.protocol().as_str(), "meta");
     assert_eq!(Command::BinGet.protocol().as_str(), "binary");
     assert_eq!(Command::FlushAll.protocol().as_str(), "text");
+}
+
+// ---- inferring an uncaptured last line ----
+
+#[test]
+fn end_partly_captured_is_recognised() {
+    let mut conn = Conn::new();
+    conn.client(b"get k\r\n");
+    let mut response = b"VALUE k 0 100\r\n".to_vec();
+    response.extend_from_slice(&[b'v'; 100]);
+    response.extend_from_slice(b"\r\nEND\r\n");
+    // The capture ends just after END's first byte.
+    conn.feed(Direction::ServerToClient, &response, response.len() - 4);
+    assert_eq!(conn.summary(), vec![s("get", "hit", "k")]);
+    assert!(conn.errors().is_empty());
+    conn.client(b"incr n 1\r\n");
+    conn.server(b"2\r\n");
+    assert_eq!(conn.summary(), vec![s("incr", "ok", "n")]);
+}
+
+#[test]
+fn ambiguous_uncaptured_line_is_not_guessed() {
+    let mut conn = Conn::new();
+    conn.client(b"get a\r\nset b 0 0 1\r\nx\r\n");
+    let mut response = b"VALUE a 0 100\r\n".to_vec();
+    response.extend_from_slice(&[b'v'; 100]);
+    // END plus an 8-byte line: STORED and EXISTS are both 8 bytes long.
+    response.extend_from_slice(b"\r\nEND\r\nSTORED\r\n");
+    conn.feed(Direction::ServerToClient, &response, 100);
+    assert_eq!(conn.summary(), vec![s("get", "hit", "a"), s("set", "unknown", "b")]);
+    assert_eq!(conn.errors(), vec!["truncated_capture"]);
+}
+
+#[test]
+fn meta_mn_beyond_the_capture_closes_quiet_gets() {
+    let mut conn = Conn::new();
+    conn.client(b"mg a v q k\r\nmg b v q k\r\nmn\r\n");
+    let mut response = b"VA 300 ka\r\n".to_vec();
+    response.extend_from_slice(&[b'v'; 300]);
+    response.extend_from_slice(b"\r\nMN\r\n");
+    conn.feed(Direction::ServerToClient, &response, 256);
+    assert_eq!(
+        conn.summary(),
+        vec![s("mg", "hit", "a"), s("mg", "miss", "b"), s("mn", "ok", "")]
+    );
+    assert!(conn.errors().is_empty());
+}
+
+#[test]
+fn binary_noop_beyond_the_capture_closes_quiet_gets() {
+    let mut conn = Conn::new();
+    let mut requests = bin_request(0x0d, 1, b"a", b"");
+    requests.extend(bin_request(0x0d, 2, b"b", b""));
+    requests.extend(bin_request(0x0a, 3, b"", b""));
+    conn.client(&requests);
+    let mut responses = bin_response(0x0d, 0, 1, b"a", &[b'v'; 300]);
+    responses.extend(bin_response(0x0a, 0, 3, b"", b""));
+    conn.feed(Direction::ServerToClient, &responses, 256);
+    assert_eq!(
+        conn.summary(),
+        vec![s("bin_getkq", "hit", "a"), s("bin_getkq", "miss", "b"), s("bin_noop", "ok", "")]
+    );
+    assert!(conn.errors().is_empty());
+}
+
+#[test]
+fn numeric_answers_are_resync_points() {
+    let mut conn = Conn::new();
+    conn.client(b"incr n 1\r\n");
+    conn.server(b"\x00junk\r\n");
+    assert_eq!(conn.errors(), vec!["garbage"]);
+    conn.server(b"7\r\n");
+    assert_eq!(conn.summary(), vec![s("incr", "ok", "n")]);
+}
+
+#[test]
+fn a_marker_does_not_block_pairing_forever() {
+    let mut conn = Conn::new();
+    // Lost client events, then an incr whose answer is lost as well, unreported.
+    conn.decoder.note_gap(Direction::ClientToServer, &mut conn.out);
+    conn.client(b"incr n 1\r\n");
+    for i in 0..20 {
+        conn.client(format!("get k{i}\r\n").as_bytes());
+        conn.server(b"END\r\n");
+    }
+    // The marker holds back the first answers (they might belong to lost requests), then
+    // gives up: the incr is reported unknown and the gets are paired again.
+    let summary = conn.summary();
+    assert_eq!(summary[0], s("incr", "unknown", "n"));
+    assert_eq!(summary.len(), 1 + 20 - 8, "{summary:?}");
+    assert_eq!(conn.decoder.pending(), 8);
+    assert_eq!(conn.errors().len(), 1 + 8);
 }
