@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use super::model::{
-    Command, DecodeErrorObservation, DecodeErrorReason, Direction, Key, KestrelOptions,
+    key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, Key, KestrelOptions,
     Observation, QueueOp, QueueOpKind, RequestObservation, Status,
 };
 
@@ -168,11 +168,81 @@ impl RequestInfo {
     }
 }
 
+/// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
 #[derive(Debug, Clone, Copy)]
 struct KeySlot {
-    key: Key,
+    start: usize,
+    len: u8,
+    truncated: bool,
     status: Option<Status>,
     resp_bytes: u64,
+}
+
+/// Keys of outstanding requests, in request order. Small slots point into one byte arena so
+/// the hot path moves a few bytes per key instead of whole fixed-size key buffers. Requests
+/// finish from the front, so dead bytes accumulate at the arena's start: it is cleared when
+/// no key is outstanding and compacted when dead bytes outnumber live ones, which bounds it
+/// to twice the live keys.
+#[derive(Debug, Default)]
+struct KeyStore {
+    slots: VecDeque<KeySlot>,
+    bytes: Vec<u8>,
+}
+
+const ARENA_COMPACT_MIN: usize = 16 * 1024;
+
+impl KeyStore {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn push(&mut self, key: &[u8], truncated: bool) {
+        self.slots.push_back(KeySlot {
+            start: self.bytes.len(),
+            len: key.len().min(usize::from(u8::MAX)) as u8,
+            truncated,
+            status: None,
+            resp_bytes: 0,
+        });
+        self.bytes.extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
+    }
+
+    fn bytes_of(&self, slot: &KeySlot) -> &[u8] {
+        self.bytes
+            .get(slot.start..slot.start + usize::from(slot.len))
+            .unwrap_or_default()
+    }
+
+    /// Whether the key at `index` is unanswered (when `unanswered_only`) and could be `other`.
+    fn could_be(&self, index: usize, other: &[u8], other_truncated: bool, unanswered_only: bool) -> bool {
+        self.slots.get(index).is_some_and(|slot| {
+            (!unanswered_only || slot.status.is_none())
+                && key_could_be(self.bytes_of(slot), slot.truncated, other, other_truncated)
+        })
+    }
+
+    /// Drops the last slots so that `keep` remain.
+    fn truncate(&mut self, keep: usize) {
+        if let Some(first_dropped) = self.slots.get(keep) {
+            self.bytes.truncate(first_dropped.start);
+        }
+        self.slots.truncate(keep);
+        self.reclaim();
+    }
+
+    fn reclaim(&mut self) {
+        match self.slots.front() {
+            None => self.bytes.clear(),
+            Some(front) if self.bytes.len() >= ARENA_COMPACT_MIN && front.start > self.bytes.len() / 2 => {
+                let dead = front.start;
+                self.bytes.drain(..dead);
+                for slot in &mut self.slots {
+                    slot.start -= dead;
+                }
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -231,8 +301,9 @@ const MARKER_PATIENCE: u32 = 8;
 #[derive(Debug, Clone, Copy)]
 enum Fit {
     No,
-    /// A VALUE item for a retrieval (the request continues).
-    Item,
+    /// A VALUE item for a retrieval (the request continues), with the index of the key it
+    /// answers among the request's keys when known.
+    Item(Option<usize>),
     /// Part of a multi-line answer (the request continues).
     Part,
     /// The final response; the status applies to every key not resolved yet.
@@ -243,7 +314,7 @@ pub(crate) struct Pairing {
     pending: VecDeque<Pending>,
     /// Keys of pending requests, in request order, followed by the keys staged for the
     /// request being parsed. Requests always finish from the front, so this is a FIFO too.
-    slots: VecDeque<KeySlot>,
+    slots: KeyStore,
     staged: usize,
     staged_dropped: bool,
     max_pending: usize,
@@ -277,7 +348,7 @@ impl Pairing {
     pub fn new(max_pending: usize, max_slots: usize, max_key_len: usize) -> Pairing {
         Pairing {
             pending: VecDeque::new(),
-            slots: VecDeque::new(),
+            slots: KeyStore::default(),
             staged: 0,
             staged_dropped: false,
             max_pending,
@@ -296,11 +367,8 @@ impl Pairing {
             self.staged_dropped = true;
             return;
         }
-        self.slots.push_back(KeySlot {
-            key: Key::new(key, self.max_key_len, truncated),
-            status: None,
-            resp_bytes: 0,
-        });
+        let keep = key.len().min(self.max_key_len);
+        self.slots.push(&key[..keep], truncated || keep < key.len());
         self.staged += 1;
     }
 
@@ -331,29 +399,23 @@ impl Pairing {
         if req.noreply {
             let queue = queue_op(req.queue, Status::Noreply);
             if nkeys == 0 {
-                out.push(request_observation(
-                    req.command,
-                    Status::Noreply,
-                    None,
-                    None,
-                    req.ts_ns,
-                    req.bytes,
-                    0,
-                    queue,
-                ));
+                push_request(out, req.command, Status::Noreply, None, None, req.ts_ns, req.bytes, 0, queue);
             }
-            for (i, slot) in self.slots.drain(start..).enumerate() {
-                out.push(request_observation(
+            for i in 0..nkeys {
+                let key = self.slots.slots.get(start + i).map(|slot| (self.slots.bytes_of(slot), slot.truncated));
+                push_request(
+                    out,
                     req.command,
                     Status::Noreply,
-                    Some(slot.key),
+                    key,
                     None,
                     req.ts_ns,
                     if i == 0 { req.bytes } else { 0 },
                     0,
                     queue,
-                ));
+                );
             }
+            self.slots.truncate(start);
             return;
         }
         if self.pending.len() >= self.max_pending {
@@ -474,26 +536,16 @@ impl Pairing {
         head.first_resp_ts.get_or_insert(resp.ts_ns);
         match fit {
             Fit::No => {}
-            Fit::Item => {
+            Fit::Item(slot) => {
                 head.items = head.items.saturating_add(1);
-                let slot = resp.key.and_then(|key| {
-                    let head = self.pending.front()?;
-                    let i = value_slot(&self.slots, head, 0, key, resp.key_truncated)?;
-                    Some((i, self.slots.get_mut(i)?))
-                });
-                match slot {
+                // The head's keys start the store, so its relative index is absolute.
+                match slot.and_then(|i| Some((i, self.slots.slots.get_mut(i)?))) {
                     Some((i, slot)) => {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
-                        if let Some(head) = self.pending.front_mut() {
-                            head.cursor = (i + 1) as u16;
-                        }
+                        head.cursor = (i + 1) as u16;
                     }
-                    None => {
-                        if let Some(head) = self.pending.front_mut() {
-                            head.resp_bytes += resp.bytes;
-                        }
-                    }
+                    None => head.resp_bytes += resp.bytes,
                 }
             }
             Fit::Part => head.resp_bytes += resp.bytes,
@@ -552,11 +604,7 @@ impl Pairing {
                 return Fit::No;
             }
         }
-        let single_key = if entry.nkeys == 1 && entry.keys_complete {
-            self.slots.get(offset)
-        } else {
-            None
-        };
+        let single_key = entry.nkeys == 1 && entry.keys_complete;
         if let RespKind::Binary {
             opcode,
             status,
@@ -566,8 +614,8 @@ impl Pairing {
             if entry.family != Family::Binary || entry.opcode != opcode {
                 return Fit::No;
             }
-            if let (Some(slot), Some(key)) = (single_key, resp.key) {
-                if !key.is_empty() && !slot.key.could_be(key, resp.key_truncated) {
+            if let Some(key) = resp.key.filter(|k| single_key && !k.is_empty()) {
+                if !self.slots.could_be(offset, key, resp.key_truncated, false) {
                     return Fit::No;
                 }
             }
@@ -586,8 +634,8 @@ impl Pairing {
             // Errors are always sent, even for noreply/quiet requests, and to any command.
             return Fit::Done(line_status(code));
         }
-        if let (Some(slot), Some(key), RespKind::Meta(_)) = (single_key, resp.key, resp.kind) {
-            if !slot.key.could_be(key, resp.key_truncated) {
+        if let (true, Some(key), RespKind::Meta(_)) = (single_key, resp.key, resp.kind) {
+            if !self.slots.could_be(offset, key, resp.key_truncated, false) {
                 return Fit::No;
             }
         }
@@ -595,19 +643,15 @@ impl Pairing {
         use MetaCode as M;
         let quiet = entry.quiet;
         match (entry.family, resp.kind) {
-            (Family::Retrieval, RespKind::Value) => {
-                let fits = match resp.key {
-                    Some(key) if entry.keys_complete && entry.nkeys > 0 => {
-                        value_slot(&self.slots, entry, offset, key, resp.key_truncated).is_some()
-                    }
-                    _ => true,
-                };
-                if fits {
-                    Fit::Item
-                } else {
-                    Fit::No
-                }
-            }
+            (Family::Retrieval, RespKind::Value) => match resp.key {
+                Some(key) => match value_slot(&self.slots, entry, offset, key, resp.key_truncated) {
+                    Some(i) => Fit::Item(Some(i)),
+                    // Keys we could not keep may be the one answered.
+                    None if !entry.keys_complete || entry.nkeys == 0 => Fit::Item(None),
+                    None => Fit::No,
+                },
+                None => Fit::Item(None),
+            },
             (Family::Retrieval, RespKind::End) => Fit::Done(Status::Miss),
             (Family::Storage, RespKind::Line(c @ (L::Stored | L::NotStored | L::Exists | L::NotFound))) => {
                 Fit::Done(line_status(c))
@@ -664,7 +708,8 @@ impl Pairing {
             } else {
                 unresolved
             };
-            out.push(request_observation(
+            push_request(
+                out,
                 entry.command,
                 status,
                 None,
@@ -673,11 +718,11 @@ impl Pairing {
                 entry.req_bytes,
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
-            ));
+            );
             return;
         }
         for i in 0..nkeys {
-            let Some(slot) = self.slots.pop_front() else {
+            let Some(slot) = self.slots.slots.pop_front() else {
                 break;
             };
             let status = slot.status.unwrap_or(unresolved);
@@ -686,38 +731,29 @@ impl Pairing {
             } else {
                 (0, slot.resp_bytes)
             };
-            out.push(request_observation(
+            push_request(
+                out,
                 entry.command,
                 status,
-                Some(slot.key),
+                Some((self.slots.bytes_of(&slot), slot.truncated)),
                 latency,
                 entry.ts_ns,
                 req_bytes,
                 resp_bytes,
                 queue_op(entry.queue, status),
-            ));
+            );
         }
+        self.slots.reclaim();
     }
 }
 
-/// The slot (absolute index into `slots`) a VALUE item for `key` answers: the first key not yet
-/// answered that could be `key`, looking from the entry's cursor first because servers answer
-/// in request order. Queue servers may echo the queue name without Kestrel options, so the part
-/// of the key before the first '/' is tried too.
-fn value_slot(
-    slots: &VecDeque<KeySlot>,
-    entry: &Pending,
-    offset: usize,
-    key: &[u8],
-    key_truncated: bool,
-) -> Option<usize> {
+/// The key (index among the entry's keys) a VALUE item for `key` answers: the first key not
+/// yet answered that could be `key`, looking from the entry's cursor first because servers
+/// answer in request order. Queue servers may echo the queue name with or without Kestrel
+/// options, so the part of the key before the first '/' is tried too.
+fn value_slot(slots: &KeyStore, entry: &Pending, offset: usize, key: &[u8], key_truncated: bool) -> Option<usize> {
     let n = usize::from(entry.nkeys);
     let cursor = usize::from(entry.cursor).min(n);
-    let matches = |i: usize, candidate: &[u8], truncated: bool| {
-        slots
-            .get(offset + i)
-            .is_some_and(|slot| slot.status.is_none() && slot.key.could_be(candidate, truncated))
-    };
     let queue_name = key
         .iter()
         .position(|&b| b == b'/')
@@ -726,35 +762,42 @@ fn value_slot(
         let truncated = key_truncated && candidate.len() == key.len();
         if let Some(i) = (cursor..n)
             .chain(0..cursor)
-            .find(|&i| matches(i, candidate, truncated))
+            .find(|&i| slots.could_be(offset + i, candidate, truncated, true))
         {
-            return Some(offset + i);
+            return Some(i);
         }
     }
     None
 }
 
+/// Appends a request observation. The key is copied straight into the observation in the
+/// output vector: building it elsewhere and moving it in costs several copies of the whole
+/// fixed-size key buffer, which dominated the hot path.
 #[allow(clippy::too_many_arguments)]
-fn request_observation(
+fn push_request(
+    out: &mut Vec<Observation>,
     command: Command,
     status: Status,
-    key: Option<Key>,
+    key: Option<(&[u8], bool)>,
     latency_ns: Option<u64>,
     request_ts_ns: u64,
     request_bytes: u64,
     response_bytes: u64,
     queue: Option<QueueOp>,
-) -> Observation {
-    Observation::Request(RequestObservation {
+) {
+    out.push(Observation::Request(RequestObservation {
         command,
         status,
-        key,
+        key: None,
         latency_ns,
         request_ts_ns,
         request_bytes,
         response_bytes,
         queue,
-    })
+    }));
+    if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
+        request.key.insert(Key::EMPTY).assign(bytes, truncated);
+    }
 }
 
 fn line_status(code: LineCode) -> Status {
