@@ -28,7 +28,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 
@@ -47,9 +50,16 @@ enum Op {
 
 fn pick_op(rng: &mut Lcg) -> Op {
     match rng.below(100) {
-        0..=61 => Op::Get { hit: rng.below(10) < 8 },
+        0..=61 => Op::Get {
+            hit: rng.below(10) < 8,
+        },
         62..=69 => Op::MultiGet {
-            hits: [rng.below(4) < 3, rng.below(4) < 3, rng.below(4) < 3, rng.below(4) < 3],
+            hits: [
+                rng.below(4) < 3,
+                rng.below(4) < 3,
+                rng.below(4) < 3,
+                rng.below(4) < 3,
+            ],
         },
         70..=91 => Op::Set,
         92..=95 => Op::Delete,
@@ -155,7 +165,15 @@ fn meta_exchange(op: &Op, key: &str, rng: &mut Lcg) -> (Vec<u8>, Vec<u8>) {
     (request, response)
 }
 
-fn bin_packet(magic: u8, opcode: u8, status: u16, opaque: u32, extras: &[u8], key: &[u8], value: &[u8]) -> Vec<u8> {
+fn bin_packet(
+    magic: u8,
+    opcode: u8,
+    status: u16,
+    opaque: u32,
+    extras: &[u8],
+    key: &[u8],
+    value: &[u8],
+) -> Vec<u8> {
     let body = extras.len() + key.len() + value.len();
     let mut b = vec![magic, opcode];
     b.extend_from_slice(&(key.len() as u16).to_be_bytes());
@@ -189,9 +207,25 @@ fn binary_exchange(op: &Op, key: &str, opaque: u32, rng: &mut Lcg) -> (Vec<u8>, 
             let mut response = Vec::new();
             for (i, hit) in hits.iter().enumerate() {
                 let key = format!("{key}:{i}");
-                request.extend(bin_packet(0x80, 0x0d, 0, opaque + i as u32, &[], key.as_bytes(), &[]));
+                request.extend(bin_packet(
+                    0x80,
+                    0x0d,
+                    0,
+                    opaque + i as u32,
+                    &[],
+                    key.as_bytes(),
+                    &[],
+                ));
                 if *hit {
-                    response.extend(bin_packet(0x81, 0x0d, 0, opaque + i as u32, &[0; 4], key.as_bytes(), &[b'm'; 20]));
+                    response.extend(bin_packet(
+                        0x81,
+                        0x0d,
+                        0,
+                        opaque + i as u32,
+                        &[0; 4],
+                        key.as_bytes(),
+                        &[b'm'; 20],
+                    ));
                 }
             }
             request.extend(bin_packet(0x80, 0x0a, 0, opaque + 4, &[], &[], &[]));
@@ -237,17 +271,28 @@ fn workload() -> (Vec<Payload>, u64) {
             _ => binary_exchange(&op, &key, (i as u32) * 8, &mut rng),
         };
         ts += 20_000;
-        payloads.push(Payload { connection, direction: Direction::ClientToServer, ts_ns: ts, bytes: request });
+        payloads.push(Payload {
+            connection,
+            direction: Direction::ClientToServer,
+            ts_ns: ts,
+            bytes: request,
+        });
         ts += 150_000;
-        payloads.push(Payload { connection, direction: Direction::ServerToClient, ts_ns: ts, bytes: response });
+        payloads.push(Payload {
+            connection,
+            direction: Direction::ServerToClient,
+            ts_ns: ts,
+            bytes: response,
+        });
     }
     (payloads, requests)
 }
 
 /// Decodes the whole workload; returns (request observations, decode errors).
 fn decode_all(payloads: &[Payload], out: &mut Vec<Observation>) -> (u64, u64) {
-    let mut decoders: Vec<ConnectionDecoder> =
-        (0..3).map(|_| ConnectionDecoder::new(DecoderConfig::default())).collect();
+    let mut decoders: Vec<ConnectionDecoder> = (0..3)
+        .map(|_| ConnectionDecoder::new(DecoderConfig::default()))
+        .collect();
     let (mut requests, mut errors) = (0, 0);
     for payload in payloads {
         let chunk = Chunk {
@@ -279,7 +324,10 @@ fn bench_decoder(c: &mut Criterion) {
     // Multi-gets report one observation per key, so observations exceed requests.
     let (observations, errors) = decode_all(&payloads, &mut out);
     assert_eq!(errors, 0, "the workload must decode cleanly");
-    assert!(observations >= requests, "{observations} observations for {requests} requests");
+    assert!(
+        observations >= requests,
+        "{observations} observations for {requests} requests"
+    );
     let bytes: usize = payloads.iter().map(|p| p.bytes.len()).sum();
     eprintln!(
         "workload: {requests} requests, {observations} observations, {} payloads, {bytes} bytes on the wire",

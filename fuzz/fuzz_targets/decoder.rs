@@ -43,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
             action => {
                 // Half the time only a prefix is captured of a longer payload.
                 let captured_len = if action >= 5 { len / 2 } else { len };
-                let extra = if action == 7 { usize::from(*header) * 16 } else { 0 };
+                let extra = if action == 7 {
+                    usize::from(*header) * 16
+                } else {
+                    0
+                };
                 decoder.feed(
                     Chunk {
                         direction,

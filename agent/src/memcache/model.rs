@@ -225,7 +225,10 @@ impl Status {
 
     /// Whether the server reported a failure of the request itself (not a miss or a conflict).
     pub fn is_error(self) -> bool {
-        matches!(self, Status::Error | Status::ClientError | Status::ServerError)
+        matches!(
+            self,
+            Status::Error | Status::ClientError | Status::ServerError
+        )
     }
 }
 
@@ -270,7 +273,10 @@ impl Key {
 
     pub(crate) fn new(src: &[u8], max_len: usize, truncated: bool) -> Key {
         let mut key = Key::EMPTY;
-        key.assign(&src[..src.len().min(max_len)], truncated || src.len() > max_len);
+        key.assign(
+            &src[..src.len().min(max_len)],
+            truncated || src.len() > max_len,
+        );
         key
     }
 
@@ -305,7 +311,12 @@ impl Key {
 }
 
 /// Whether two possibly cut keys can be the same key.
-pub(crate) fn key_could_be(mine: &[u8], mine_truncated: bool, other: &[u8], other_truncated: bool) -> bool {
+pub(crate) fn key_could_be(
+    mine: &[u8],
+    mine_truncated: bool,
+    other: &[u8],
+    other_truncated: bool,
+) -> bool {
     match (mine_truncated, other_truncated) {
         (false, false) => mine == other,
         (true, false) => other.starts_with(mine),

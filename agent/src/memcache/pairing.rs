@@ -14,8 +14,8 @@
 use std::collections::VecDeque;
 
 use super::model::{
-    key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, Key, KestrelOptions,
-    Observation, QueueOp, QueueOpKind, RequestObservation, Status,
+    key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
+    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status,
 };
 
 /// How a request is answered, which decides which responses fit it.
@@ -204,7 +204,8 @@ impl KeyStore {
             status: None,
             resp_bytes: 0,
         });
-        self.bytes.extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
+        self.bytes
+            .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
     }
 
     fn bytes_of(&self, slot: &KeySlot) -> &[u8] {
@@ -214,7 +215,13 @@ impl KeyStore {
     }
 
     /// Whether the key at `index` is unanswered (when `unanswered_only`) and could be `other`.
-    fn could_be(&self, index: usize, other: &[u8], other_truncated: bool, unanswered_only: bool) -> bool {
+    fn could_be(
+        &self,
+        index: usize,
+        other: &[u8],
+        other_truncated: bool,
+        unanswered_only: bool,
+    ) -> bool {
         self.slots.get(index).is_some_and(|slot| {
             (!unanswered_only || slot.status.is_none())
                 && key_could_be(self.bytes_of(slot), slot.truncated, other, other_truncated)
@@ -233,7 +240,9 @@ impl KeyStore {
     fn reclaim(&mut self) {
         match self.slots.front() {
             None => self.bytes.clear(),
-            Some(front) if self.bytes.len() >= ARENA_COMPACT_MIN && front.start > self.bytes.len() / 2 => {
+            Some(front)
+                if self.bytes.len() >= ARENA_COMPACT_MIN && front.start > self.bytes.len() / 2 =>
+            {
                 let dead = front.start;
                 self.bytes.drain(..dead);
                 for slot in &mut self.slots {
@@ -399,10 +408,24 @@ impl Pairing {
         if req.noreply {
             let queue = queue_op(req.queue, Status::Noreply);
             if nkeys == 0 {
-                push_request(out, req.command, Status::Noreply, None, None, req.ts_ns, req.bytes, 0, queue);
+                push_request(
+                    out,
+                    req.command,
+                    Status::Noreply,
+                    None,
+                    None,
+                    req.ts_ns,
+                    req.bytes,
+                    0,
+                    queue,
+                );
             }
             for i in 0..nkeys {
-                let key = self.slots.slots.get(start + i).map(|slot| (self.slots.bytes_of(slot), slot.truncated));
+                let key = self
+                    .slots
+                    .slots
+                    .get(start + i)
+                    .map(|slot| (self.slots.bytes_of(slot), slot.truncated));
                 push_request(
                     out,
                     req.command,
@@ -628,8 +651,9 @@ impl Pairing {
         if entry.family == Family::Binary {
             return Fit::No;
         }
-        if let RespKind::Line(code @ (LineCode::Error | LineCode::ClientError | LineCode::ServerError)) =
-            resp.kind
+        if let RespKind::Line(
+            code @ (LineCode::Error | LineCode::ClientError | LineCode::ServerError),
+        ) = resp.kind
         {
             // Errors are always sent, even for noreply/quiet requests, and to any command.
             return Fit::Done(line_status(code));
@@ -644,24 +668,35 @@ impl Pairing {
         let quiet = entry.quiet;
         match (entry.family, resp.kind) {
             (Family::Retrieval, RespKind::Value) => match resp.key {
-                Some(key) => match value_slot(&self.slots, entry, offset, key, resp.key_truncated) {
-                    Some(i) => Fit::Item(Some(i)),
-                    // Keys we could not keep may be the one answered.
-                    None if !entry.keys_complete || entry.nkeys == 0 => Fit::Item(None),
-                    None => Fit::No,
-                },
+                Some(key) => {
+                    match value_slot(&self.slots, entry, offset, key, resp.key_truncated) {
+                        Some(i) => Fit::Item(Some(i)),
+                        // Keys we could not keep may be the one answered.
+                        None if !entry.keys_complete || entry.nkeys == 0 => Fit::Item(None),
+                        None => Fit::No,
+                    }
+                }
                 None => Fit::Item(None),
             },
             (Family::Retrieval, RespKind::End) => Fit::Done(Status::Miss),
-            (Family::Storage, RespKind::Line(c @ (L::Stored | L::NotStored | L::Exists | L::NotFound))) => {
+            (
+                Family::Storage,
+                RespKind::Line(c @ (L::Stored | L::NotStored | L::Exists | L::NotFound)),
+            ) => Fit::Done(line_status(c)),
+            (Family::Delete, RespKind::Line(c @ (L::Deleted | L::NotFound))) => {
                 Fit::Done(line_status(c))
             }
-            (Family::Delete, RespKind::Line(c @ (L::Deleted | L::NotFound))) => Fit::Done(line_status(c)),
             (Family::Arith, RespKind::Line(L::Number)) => Fit::Done(Status::Ok),
             (Family::Arith, RespKind::Line(L::NotFound)) => Fit::Done(Status::NotFound),
-            (Family::Touch, RespKind::Line(c @ (L::Touched | L::NotFound))) => Fit::Done(line_status(c)),
-            (Family::Stats, RespKind::Stat | RespKind::Value | RespKind::Line(L::Unknown)) => Fit::Part,
-            (Family::Stats, RespKind::End | RespKind::Line(L::Reset | L::Ok)) => Fit::Done(Status::Ok),
+            (Family::Touch, RespKind::Line(c @ (L::Touched | L::NotFound))) => {
+                Fit::Done(line_status(c))
+            }
+            (Family::Stats, RespKind::Stat | RespKind::Value | RespKind::Line(L::Unknown)) => {
+                Fit::Part
+            }
+            (Family::Stats, RespKind::End | RespKind::Line(L::Reset | L::Ok)) => {
+                Fit::Done(Status::Ok)
+            }
             (Family::Version, RespKind::Line(L::Version)) => Fit::Done(Status::Ok),
             (Family::OkLine, RespKind::Line(L::Ok)) => Fit::Done(Status::Ok),
             (Family::AnyLine, RespKind::Line(c)) => Fit::Done(line_status(c)),
@@ -751,7 +786,13 @@ impl Pairing {
 /// yet answered that could be `key`, looking from the entry's cursor first because servers
 /// answer in request order. Queue servers may echo the queue name with or without Kestrel
 /// options, so the part of the key before the first '/' is tried too.
-fn value_slot(slots: &KeyStore, entry: &Pending, offset: usize, key: &[u8], key_truncated: bool) -> Option<usize> {
+fn value_slot(
+    slots: &KeyStore,
+    entry: &Pending,
+    offset: usize,
+    key: &[u8],
+    key_truncated: bool,
+) -> Option<usize> {
     let n = usize::from(entry.nkeys);
     let cursor = usize::from(entry.cursor).min(n);
     let queue_name = key
@@ -811,9 +852,11 @@ fn line_status(code: LineCode) -> Status {
         LineCode::Error => Status::Error,
         LineCode::ClientError => Status::ClientError,
         LineCode::ServerError => Status::ServerError,
-        LineCode::Ok | LineCode::Reset | LineCode::Number | LineCode::Version | LineCode::Unknown => {
-            Status::Ok
-        }
+        LineCode::Ok
+        | LineCode::Reset
+        | LineCode::Number
+        | LineCode::Version
+        | LineCode::Unknown => Status::Ok,
     }
 }
 
