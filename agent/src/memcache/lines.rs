@@ -67,11 +67,12 @@ fn strip_terminator(line: &[u8]) -> &[u8] {
 /// The first place at or after `from` where a line starts (the chunk start counts, as sends
 /// usually begin with a command) and `is_point` accepts the bytes.
 fn find_resync(captured: &[u8], from: usize, is_point: fn(&[u8]) -> bool) -> Option<usize> {
+    let rest = captured.get(from..)?;
     let starts_line = from == 0 || captured.get(from - 1) == Some(&b'\n');
-    if starts_line && is_point(&captured[from..]) {
+    if starts_line && is_point(rest) {
         return Some(from);
     }
-    memchr::memchr_iter(b'\n', &captured[from..])
+    memchr::memchr_iter(b'\n', rest)
         .map(|i| from + i + 1)
         .find(|&start| is_point(&captured[start..]))
 }

@@ -527,7 +527,7 @@ impl Pairing {
             }
             let fit = self.fit(entry, offset, resp);
             if !matches!(fit, Fit::No) {
-                found = Some((i, fit));
+                found = Some(self.prefer_nominal_answer(i, offset, fit, resp));
                 break;
             }
             offset += usize::from(entry.nkeys);
@@ -580,6 +580,43 @@ impl Pairing {
                 }
             }
         }
+    }
+
+    /// A quiet meta mutation (`ms`/`md`/`ma` with `q`) answers only when it fails, which is
+    /// rare; a request that is not quiet always answers. When an answer without opaque or key
+    /// fits both, it is far more likely the latter's, the quiet one having succeeded silently.
+    fn prefer_nominal_answer(
+        &self,
+        index: usize,
+        offset: usize,
+        fit: Fit,
+        resp: &Response<'_>,
+    ) -> (usize, Fit) {
+        let entry = &self.pending[index];
+        let quiet_mutation = entry.quiet
+            && matches!(
+                entry.command,
+                Command::MetaSet | Command::MetaDelete | Command::MetaArithmetic
+            );
+        if !quiet_mutation || resp.opaque.is_some() || resp.key.is_some() {
+            return (index, fit);
+        }
+        let mut later_offset = offset + usize::from(entry.nkeys);
+        for later in index + 1..self.pending.len() {
+            let candidate = &self.pending[later];
+            if candidate.marker {
+                break;
+            }
+            if !candidate.quiet {
+                let later_fit = self.fit(candidate, later_offset, resp);
+                if !matches!(later_fit, Fit::No) {
+                    return (later, later_fit);
+                }
+                break;
+            }
+            later_offset += usize::from(candidate.nkeys);
+        }
+        (index, fit)
     }
 
     /// The responses to everything outstanding may have been lost: report it all as unknown
