@@ -59,6 +59,18 @@ pub(crate) struct TextFramer {
     max_line: usize,
 }
 
+/// Position of the first '\n'. Protocol lines are short, and for short haystacks a plain scan
+/// beats memchr's setup; memchr takes over for long stretches (oversized lines, garbage).
+fn find_newline(window: &[u8]) -> Option<usize> {
+    const SHORT: usize = 64;
+    let head = &window[..window.len().min(SHORT)];
+    match head.iter().position(|&b| b == b'\n') {
+        Some(i) => Some(i),
+        None if window.len() > SHORT => memchr::memchr(b'\n', &window[SHORT..]).map(|i| i + SHORT),
+        None => None,
+    }
+}
+
 fn strip_terminator(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -151,7 +163,7 @@ impl TextFramer {
                         continue;
                     }
                     let window = &captured[pos..];
-                    match memchr::memchr(b'\n', window) {
+                    match find_newline(window) {
                         Some(i) => {
                             let held = self.partial.len();
                             let outcome = self.complete_line(&window[..=i], ts, sink);
