@@ -135,6 +135,14 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         ],
         &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
     )?;
+    util::step("fuzz the memcache decoder (bounded)");
+    setup::ensure_cargo_fuzz()?;
+    util::run_command(
+        std::process::Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", "decoder", "--", "-max_total_time=60"])
+            .current_dir(util::workspace_root().join("fuzz"))
+            .env("PATH", util::path_with_cargo_bin()),
+    )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
     Ok(())
