@@ -139,7 +139,14 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     setup::ensure_cargo_fuzz()?;
     util::run_command(
         std::process::Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", "decoder", "--", "-max_total_time=60"])
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "decoder",
+                "--",
+                "-max_total_time=60",
+            ])
             .current_dir(util::workspace_root().join("fuzz"))
             .env("PATH", util::path_with_cargo_bin()),
     )?;

@@ -37,18 +37,62 @@ pub struct RunArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// SIGHUP: re-reads the config file. Services, capture switches, key display and the sample
+/// interval take effect at once; the listen address and map sizes need a restart (logged).
+fn reload(
+    args: &RunArgs,
+    running: &Config,
+    probes: &mut Probes,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<Config> {
+    let mut config = Config::load(&args.config_path, args.config_explicit)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if config.listen != running.listen {
+        tracing::warn!(old = %running.listen, new = %config.listen, "listen address changes need a restart; still serving on the old one");
+        config.listen = running.listen;
+    }
+    if config.limits != running.limits {
+        tracing::warn!("[limits] changes need a restart; keeping the running limits");
+        config.limits = running.limits.clone();
+    }
+    probes.set_watched_ports(&config)?;
+    pipeline.reconfigure(&config);
+    tracing::info!(
+        services = config.services.len(),
+        path = %args.config_path.display(),
+        "config reloaded"
+    );
+    Ok(config)
+}
+
 /// Samples /proc on its own thread pool slot so a slow /proc never stalls event processing.
 async fn sample_periodically(
     mut sampler: Sampler,
     metrics: Metrics,
     mut last_tcp_ext: TcpExtCounters,
-    interval: Duration,
+    mut config: tokio::sync::watch::Receiver<Config>,
     pids: tokio::sync::mpsc::Sender<Vec<u32>>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    let interval = |config: &Config| Duration::from_secs(config.sample_interval_seconds);
+    let mut ticker = tokio::time::interval(interval(&config.borrow()));
     ticker.tick().await;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A reload: new services and interval; the TcpExt totals carry on.
+                let config = config.borrow_and_update().clone();
+                sampler = Sampler::new(SamplerConfig::from_services(&config.services, config.limits.max_comms));
+                ticker = tokio::time::interval(interval(&config));
+                ticker.tick().await;
+                continue;
+            }
+        }
         let Ok((result, returned)) = tokio::task::spawn_blocking(move || {
             let result = sampler.sample();
             (result, sampler)
@@ -112,6 +156,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    let args = args;
 
     let resolution = resolve_offsets(&SystemLayout::discover());
     for missing in &resolution.missing {
@@ -188,11 +233,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<Vec<u32>>(4);
+    let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
     tokio::spawn(sample_periodically(
         sampler,
         metrics.clone(),
         last_tcp_ext,
-        Duration::from_secs(config.sample_interval_seconds),
+        sampler_config_rx,
         pids_tx,
     ));
 
@@ -210,6 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -231,6 +278,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
+            }
+            _ = sighup.recv() => {
+                match reload(&args, &config, &mut probes, &mut pipeline) {
+                    Ok(new_config) => {
+                        config = new_config;
+                        let _ = sampler_config_tx.send(config.clone());
+                    }
+                    Err(err) => tracing::error!("config reload rejected, keeping the running config: {err:#}"),
+                }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
