@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod dead_writes;
 pub mod events;
+pub mod history;
 pub mod http;
 pub mod keys;
 pub mod memcache;
