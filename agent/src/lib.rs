@@ -5,6 +5,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dead_writes;
+pub mod diagnose;
 pub mod events;
 pub mod history;
 pub mod http;
