@@ -46,7 +46,8 @@ pub fn seconds(s: f64) -> String {
 
 pub fn percent(ratio: f64) -> String {
     let p = ratio * 100.0;
-    if p > 0.0 && p < 1.0 {
+    // Keep "almost none" and "almost all" distinguishable from 0% and 100%.
+    if (p > 0.0 && p < 1.0) || (p > 99.0 && p < 100.0) {
         format!("{p:.1}%")
     } else {
         format!("{p:.0}%")
@@ -145,6 +146,7 @@ mod tests {
         assert_eq!(seconds(3.25), "3.3 s");
         assert_eq!(percent(0.923), "92%");
         assert_eq!(percent(0.004), "0.4%");
+        assert_eq!(percent(1020.0 / 1024.0), "99.6%");
         assert_eq!(plural(1, "write"), "1 write");
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), Some(2.5));
         assert_eq!(quantile_sorted(&[1.0, 2.0, 3.0, 4.0], 0.1), Some(1.0));

@@ -4,6 +4,9 @@
 mod dot;
 mod text;
 
+#[cfg(test)]
+mod tests;
+
 pub use dot::dot;
 pub use text::{text, TextOptions, WIDTH};
 
