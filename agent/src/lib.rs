@@ -4,6 +4,7 @@ pub mod capture;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod dead_writes;
 pub mod diagnose;
 pub mod events;
