@@ -15,10 +15,12 @@ struct Closes {
     last_t: u64,
 }
 
+type Outcomes = BTreeMap<DeadWriteOutcome, u64>;
+
 #[derive(Default)]
 struct DeadWrites {
     /// (comm, command) -> outcome -> count
-    by_writer: BTreeMap<(String, String), BTreeMap<DeadWriteOutcome, u64>>,
+    by_writer: BTreeMap<(String, String), Outcomes>,
     total: u64,
     unnoticed: u64,
     first_t: u64,
@@ -241,8 +243,7 @@ fn writes_storage(writes: &DeadWrites) -> bool {
 }
 
 fn dead_write_evidence(writes: &DeadWrites, finding: &mut Finding) {
-    let mut by_comm: BTreeMap<&str, Vec<(&str, &BTreeMap<DeadWriteOutcome, u64>)>> =
-        BTreeMap::new();
+    let mut by_comm: BTreeMap<&str, Vec<(&str, &Outcomes)>> = BTreeMap::new();
     for ((comm, command), outcomes) in &writes.by_writer {
         by_comm
             .entry(comm.as_str())

@@ -63,7 +63,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             ),
         );
         let mut ordered: Vec<_> = pairs.iter().collect();
-        ordered.sort_by(|a, b| b.1.count.cmp(&a.1.count));
+        ordered.sort_by_key(|(_, pair)| std::cmp::Reverse(pair.count));
         for ((a, b), pair) in ordered.iter().take(5) {
             let examples: Vec<String> =
                 pair.examples.iter().map(|h| format!("#{h:016x}")).collect();

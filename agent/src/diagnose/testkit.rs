@@ -95,7 +95,7 @@ impl Sim {
             for server in SERVERS {
                 self.healthy_server_second(t, server, 900);
             }
-            if (t - from) % 10 == 0 {
+            if (t - from).is_multiple_of(10) {
                 self.samples(t);
             }
         }

@@ -86,7 +86,7 @@ impl<K: RowKey, V: RowValue> Series<K, V> {
     pub(crate) fn freeze(&mut self) {
         if let Series::Open(map) = self {
             let mut rows: Vec<(K, V)> = std::mem::take(map).into_iter().collect();
-            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            rows.sort_unstable_by_key(|(key, _)| *key);
             for (_, value) in rows.iter_mut() {
                 value.freeze();
             }
