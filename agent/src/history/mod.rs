@@ -23,7 +23,9 @@
 mod fact;
 pub mod interner;
 pub mod latency;
+mod sample;
 mod series;
+mod sink;
 pub mod snapshot;
 
 #[cfg(test)]
@@ -39,7 +41,9 @@ pub use fact::{
 };
 use interner::{Interner, LabelId, OTHER, UNKNOWN};
 use latency::SecondHistogram;
+pub use sample::facts_from_sample;
 use series::{RowBudget, RowKey, RowValue, Series};
+pub use sink::{unix_second_of_monotonic, HistorySink};
 use snapshot::*;
 pub use snapshot::{HistorySnapshot, HistoryStats, TcpEvent};
 
