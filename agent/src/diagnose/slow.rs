@@ -21,9 +21,28 @@ struct ServerStats {
     requests_by_comm: BTreeMap<String, u64>,
 }
 
+/// Stalls are judged within this many seconds: a hung server stalls many requests at once,
+/// while the odd retransmitted request scattered over 15 minutes is background noise.
+const STALL_WINDOW_S: u64 = 10;
+
 impl ServerStats {
     fn stalled(&self) -> u64 {
         self.stalled_by_t.values().sum()
+    }
+
+    /// The most stalled requests within any STALL_WINDOW_S seconds.
+    fn stalled_burst(&self) -> u64 {
+        let seconds: Vec<(u64, u64)> = self.stalled_by_t.iter().map(|(&t, &n)| (t, n)).collect();
+        let (mut best, mut sum, mut from) = (0, 0, 0);
+        for &(t, n) in &seconds {
+            sum += n;
+            while seconds[from].0 + STALL_WINDOW_S <= t {
+                sum -= seconds[from].1;
+                from += 1;
+            }
+            best = best.max(sum);
+        }
+        best
     }
 }
 
@@ -175,9 +194,11 @@ fn slow(
         _ => false,
     };
     let stalled = stats.stalled();
+    let burst = stats.stalled_burst();
     let peer_stalled = peers.iter().map(|p| p.stalled()).max().unwrap_or(0);
+    let peer_burst = peers.iter().map(|p| p.stalled_burst()).max().unwrap_or(0);
     let stalls =
-        stalled >= th.slow_min_stalled && stalled as f64 >= th.slow_p99_ratio * peer_stalled as f64;
+        burst >= th.slow_min_stalled && burst as f64 >= th.slow_p99_ratio * peer_burst as f64;
     if !slow_p99 && !stalls {
         return None;
     }

@@ -113,9 +113,11 @@ fn detect_service(
             && ratio > 5.0 * typical_error_ratio;
         let latency = match (typical_p99, s.hist.quantile_us(0.99)) {
             (Some(typical), Some(p99)) => {
+                let slow_us =
+                    (th.spike_latency_ratio * typical).max(th.spike_min_latency_ms * 1000.0);
                 s.requests >= th.spike_min_requests
-                    && p99 >= th.spike_latency_ratio * typical
-                    && p99 >= th.spike_min_latency_ms * 1000.0
+                    && p99 >= slow_us
+                    && s.hist.count_at_least(slow_us) >= th.spike_min_slow_requests
             }
             _ => false,
         };

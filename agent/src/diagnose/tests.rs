@@ -574,3 +574,46 @@ fn findings_rank_by_severity_then_magnitude() {
     let titles: Vec<&str> = findings.iter().map(|f| f.title.as_str()).collect();
     assert_eq!(titles, vec!["crit", "big", "small", "info"]);
 }
+
+#[test]
+fn scattered_slow_requests_are_not_a_stall() {
+    // Two 300 ms requests (retransmits) ten minutes apart on one server: background noise.
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 700);
+    sim.request(
+        T0 + 30,
+        SERVERS[0],
+        "ruby",
+        "get",
+        RequestStatus::Hit,
+        Some(300_000),
+    );
+    sim.request(
+        T0 + 630,
+        SERVERS[0],
+        "ruby",
+        "get",
+        RequestStatus::Hit,
+        Some(300_000),
+    );
+    let findings = run(&mut sim, T0 + 700);
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
+fn a_single_slow_request_is_not_a_micro_outage() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for minute in 0..2 {
+        sim.request(
+            T0 + 60 * minute + 1,
+            SERVERS[1],
+            "php-fpm",
+            "get",
+            RequestStatus::Hit,
+            Some(80_000),
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    assert!(!ids(&findings).contains(&"micro-outage"), "{findings:#?}");
+}

@@ -28,8 +28,8 @@ pub struct DiagnoseThresholds {
     pub slow_min_p99_gap_ms: f64,
     /// Requests at least this slow (or with no answer) count as stalled.
     pub slow_stall_ms: f64,
-    /// Stalled requests on one server needed to report it, when its peers had none (or this
-    /// ratio fewer, see `slow_p99_ratio`).
+    /// Stalled requests within 10 seconds on one server needed to report it, when its peers'
+    /// worst 10 seconds had `slow_p99_ratio` times fewer.
     pub slow_min_stalled: u64,
     /// A server that answered before but not during the last this many seconds of the window,
     /// while requests to it went unanswered, has stopped answering.
@@ -90,8 +90,11 @@ pub struct DiagnoseThresholds {
     pub spike_error_ratio: f64,
     /// A second's p99 this many times the window's typical p99 is a latency spike...
     pub spike_latency_ratio: f64,
-    /// ...if it is also at least this many milliseconds.
+    /// ...if it is also at least this many milliseconds...
     pub spike_min_latency_ms: f64,
+    /// ...and at least this many requests of the second were that slow (one slow request,
+    /// e.g. a client's GC pause, is not an outage).
+    pub spike_min_slow_requests: u64,
     /// Longer runs of bad seconds are outages, reported by the other detectors, not spikes.
     pub spike_max_len_s: u64,
 }
@@ -131,6 +134,7 @@ impl Default for DiagnoseThresholds {
             spike_error_ratio: 0.05,
             spike_latency_ratio: 10.0,
             spike_min_latency_ms: 10.0,
+            spike_min_slow_requests: 3,
             spike_max_len_s: 5,
         }
     }
