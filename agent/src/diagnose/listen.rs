@@ -203,10 +203,10 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
         let mut span = host_span;
         for (service, q) in &full {
             finding.evidence.push(format!(
-                "{service}: accept queue at {}/{} or more than {} full, {}",
+                "{service}: accept queue at {} or more of its limit (peak {}/{}), {}",
+                util::percent(th.listen_queue_full_ratio),
                 q.max_length,
                 q.limit,
-                util::percent(th.listen_queue_full_ratio),
                 util::clock_span(q.first_full_t, q.last_full_t)
             ));
             finding.subjects.services.push(service.to_string());

@@ -617,3 +617,59 @@ fn a_single_slow_request_is_not_a_micro_outage() {
     let findings = run(&mut sim, T0 + 120);
     assert!(!ids(&findings).contains(&"micro-outage"), "{findings:#?}");
 }
+
+/// Measures detectors and rendering over a full 15-minute history of a busy client host.
+/// `cargo test -p cacheprobe --lib diagnose::tests::timing -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn timing_over_a_full_history() {
+    let mut history = crate::history::History::new(900, crate::history::HistoryLimits::default());
+    let mut sim = Sim::new();
+    for t in T0..T0 + 900 {
+        for server in 0..10 {
+            for comm in COMMS {
+                for command in ["get", "set", "delete", "gets", "incr"] {
+                    for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                        let latency = sim.healthy_latency();
+                        history.record(
+                            t,
+                            Fact::Request {
+                                service: SERVICE.into(),
+                                server: format!("10.0.0.{server}:11211"),
+                                role: Role::Client,
+                                comm: Some(comm.into()),
+                                command: command.into(),
+                                status,
+                                latency_us: Some(latency),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let snapshot = history.snapshot(0);
+    let snapshot_time = started.elapsed();
+    let started = std::time::Instant::now();
+    let json = serde_json::to_vec(&snapshot).unwrap();
+    let encode_time = started.elapsed();
+    let started = std::time::Instant::now();
+    let report = Report::build(
+        &snapshot,
+        &DiagnoseThresholds::default(),
+        Source {
+            kind: SourceKind::Daemon,
+            watched_s: 30,
+        },
+        T0 + 900,
+        30,
+    );
+    let diagnose_time = started.elapsed();
+    eprintln!(
+        "900 s x 300 request rows/s: snapshot {snapshot_time:?}, JSON {} bytes in {encode_time:?}, diagnose {diagnose_time:?}, {} findings, {} edges",
+        json.len(),
+        report.findings.len(),
+        report.edges.len()
+    );
+}

@@ -266,3 +266,13 @@ fn severities_render_in_rank_order() {
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(severities, sorted);
 }
+
+/// Prints an example report (for the README):
+/// `cargo test -p cacheprobe --lib diagnose::render::tests::example -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn example() {
+    let report = incident_report();
+    println!("{}", text(&report, TextOptions { colour: false }));
+    println!("{}", dot(&report));
+}
