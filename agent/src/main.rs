@@ -1,7 +1,7 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cacheprobe::{commands, config::DEFAULT_CONFIG_PATH};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Watches memcache and queue sockets from the kernel and explains what goes wrong between hosts.
 #[derive(Parser)]
@@ -39,6 +39,35 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Report what is wrong between this host and its cache servers, with evidence.
+    ///
+    /// Reads a running daemon's recent history and watches live for --duration (without a
+    /// daemon, attaches the probes itself). Exit code: 0 nothing found, 1 findings, 2 could
+    /// not run.
+    Diagnose {
+        /// How long to watch live, e.g. 30s, 2m, 1m30s (0 with a daemon: history only).
+        #[arg(long, value_name = "DURATION", default_value = "30s",
+              value_parser = commands::diagnose::parse_duration)]
+        duration: Duration,
+        /// Print the report as JSON (schema: docs/diagnose-schema.json).
+        #[arg(long, conflicts_with = "graph")]
+        json: bool,
+        /// Print the process -> server graph instead of the report.
+        #[arg(long, value_name = "FORMAT", value_enum)]
+        graph: Option<GraphFormat>,
+        /// Configuration file (a missing default file means built-in defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    /// Graphviz: pipe into `dot -Tsvg`.
+    Dot,
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -109,6 +138,31 @@ fn main() -> ExitCode {
         Command::Check { json, config } => {
             let (config_path, config_explicit) = config_arg(config);
             commands::check::check(&config_path, config_explicit, json)
+        }
+        Command::Diagnose {
+            duration,
+            json,
+            graph,
+            config,
+            socket,
+        } => {
+            let (config_path, config_explicit) = config_arg(config);
+            let output = match (json, graph) {
+                (true, _) => commands::diagnose::Output::Json,
+                (false, Some(GraphFormat::Dot)) => commands::diagnose::Output::GraphDot,
+                (false, None) => commands::diagnose::Output::Text,
+            };
+            // TODO(lead): pass the pipeline's LocalRecorder (it may use `runtime`).
+            commands::diagnose::diagnose(
+                &commands::diagnose::DiagnoseArgs {
+                    config_path,
+                    config_explicit,
+                    duration,
+                    output,
+                    socket,
+                },
+                &commands::diagnose::ProbesNotWired,
+            )
         }
     };
     match result {

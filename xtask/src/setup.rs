@@ -23,6 +23,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "libcap2-bin",
+    // `dot -Tsvg` checks diagnose's --graph dot output.
+    "graphviz",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
