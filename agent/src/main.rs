@@ -24,6 +24,9 @@ enum Command {
         /// Address to serve /metrics on (overrides `listen` in the config).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Root-only Unix socket where `cacheprobe diagnose` reads the recent history.
+        #[arg(long, value_name = "PATH", default_value = cacheprobe::control::DEFAULT_SOCKET_PATH)]
+        control_socket: PathBuf,
     },
     /// Write the man page and shell completions into DIR (used to build packages).
     #[command(hide = true)]
@@ -124,13 +127,18 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { config, listen } => {
+        Command::Run {
+            config,
+            listen,
+            control_socket,
+        } => {
             let (config_path, config_explicit) = config_arg(config);
             runtime
                 .block_on(commands::run::run(commands::run::RunArgs {
                     config_path,
                     config_explicit,
                     listen,
+                    control_socket,
                 }))
                 .map(|()| ExitCode::SUCCESS)
         }
@@ -146,13 +154,15 @@ fn main() -> ExitCode {
             config,
             socket,
         } => {
+            let recorder = commands::record::ChildRecorder {
+                config_path: config.clone(),
+            };
             let (config_path, config_explicit) = config_arg(config);
             let output = match (json, graph) {
                 (true, _) => commands::diagnose::Output::Json,
                 (false, Some(GraphFormat::Dot)) => commands::diagnose::Output::GraphDot,
                 (false, None) => commands::diagnose::Output::Text,
             };
-            // TODO(lead): pass the pipeline's LocalRecorder (it may use `runtime`).
             commands::diagnose::diagnose(
                 &commands::diagnose::DiagnoseArgs {
                     config_path,
@@ -161,7 +171,7 @@ fn main() -> ExitCode {
                     output,
                     socket,
                 },
-                &commands::diagnose::ProbesNotWired,
+                &recorder,
             )
         }
     };

@@ -86,24 +86,6 @@ where
     }
 }
 
-/// TODO(lead): placeholder until the pipeline implements [`LocalRecorder`] (attach probes,
-/// record facts into a `History` for the duration). Until then `diagnose` needs a daemon.
-pub struct ProbesNotWired;
-
-impl LocalRecorder for ProbesNotWired {
-    fn record_for(
-        &self,
-        _duration: Duration,
-        _config: &Config,
-        _progress: &mut dyn FnMut(Duration),
-    ) -> anyhow::Result<HistorySnapshot> {
-        anyhow::bail!(
-            "no cacheprobe daemon is running and local recording is not available yet \
-             (probes not wired); start `cacheprobe run` and retry"
-        )
-    }
-}
-
 /// Runs diagnose and prints to stdout.
 pub fn diagnose(args: &DiagnoseArgs, recorder: &dyn LocalRecorder) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
@@ -399,7 +381,7 @@ mod tests {
         let mut out = Vec::new();
         let verdict = diagnose_to(
             &args(&dir, Some(socket.clone()), Output::Json),
-            &ProbesNotWired,
+            &NoLocalRecorder,
             &mut out,
             false,
             &mut Progress::new(false),
@@ -416,7 +398,7 @@ mod tests {
         let mut out = Vec::new();
         diagnose_to(
             &args(&dir, Some(socket), Output::GraphDot),
-            &ProbesNotWired,
+            &NoLocalRecorder,
             &mut out,
             false,
             &mut Progress::new(false),
@@ -459,16 +441,19 @@ mod tests {
         assert!(text.contains("no problems found"), "{text}");
         assert!(text.contains("s watched)"), "{text}");
 
-        // Without local probes, no daemon is an error (exit code 2 in the binary).
+        // When local recording fails, no daemon is an error (exit code 2 in the binary).
         let err = diagnose_to(
             &local_args,
-            &ProbesNotWired,
+            &NoLocalRecorder,
             &mut Vec::new(),
             false,
             &mut Progress::new(false),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("probes not wired"), "{err}");
+        assert!(
+            err.to_string().contains("local recording is not available"),
+            "{err}"
+        );
 
         // An explicit socket that does not answer is an error, not a silent local run.
         local_args.socket = Some(missing);
@@ -485,5 +470,21 @@ mod tests {
             "{err:#}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Test double for runs where a daemon must answer: local recording is an error.
+#[cfg(test)]
+pub struct NoLocalRecorder;
+
+#[cfg(test)]
+impl LocalRecorder for NoLocalRecorder {
+    fn record_for(
+        &self,
+        _duration: Duration,
+        _config: &Config,
+        _progress: &mut dyn FnMut(Duration),
+    ) -> anyhow::Result<HistorySnapshot> {
+        anyhow::bail!("local recording is not available in this test")
     }
 }

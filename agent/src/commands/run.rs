@@ -17,10 +17,14 @@ use std::collections::VecDeque;
 
 use aya::maps::{MapData, RingBuf};
 
+use std::sync::Mutex;
+
 use crate::{
     capture::payload_ts,
     config::Config,
+    control,
     events::SockEventRecord,
+    history::{facts_from_sample, History, HistoryLimits, HistorySink},
     metrics::{Metrics, ProbeLabels},
     pipeline::{PayloadOutcome, Pipeline},
     probes::{
@@ -35,6 +39,15 @@ pub struct RunArgs {
     pub config_path: PathBuf,
     pub config_explicit: bool,
     pub listen: Option<std::net::SocketAddr>,
+    /// Where `diagnose` asks for history (root-only Unix socket).
+    pub control_socket: PathBuf,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// SIGHUP: re-reads the config file. Services, capture switches, key display and the sample
@@ -74,7 +87,9 @@ async fn sample_periodically(
     mut last_tcp_ext: TcpExtCounters,
     mut config: tokio::sync::watch::Receiver<Config>,
     pids: tokio::sync::mpsc::Sender<Vec<u32>>,
+    history: Arc<Mutex<History>>,
 ) {
+    let mut previous_tcp_ext = None;
     let interval = |config: &Config| Duration::from_secs(config.sample_interval_seconds);
     let mut ticker = tokio::time::interval(interval(&config.borrow()));
     ticker.tick().await;
@@ -106,6 +121,13 @@ async fn sample_periodically(
         match result {
             Ok(snapshot) => {
                 sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+                let facts = facts_from_sample(&snapshot, &[], &mut previous_tcp_ext);
+                let now = unix_now();
+                if let Ok(mut history) = history.lock() {
+                    for fact in facts {
+                        history.record(now, fact);
+                    }
+                }
                 let _ = pids.try_send(snapshot.processes.iter().map(|p| p.pid).collect());
             }
             Err(err) => tracing::warn!(%err, "/proc sample failed"),
@@ -193,6 +215,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(&config, metrics.clone());
     let mut probes = probes;
 
+    // Recent history for `cacheprobe diagnose`, served on a root-only Unix socket.
+    let history = Arc::new(Mutex::new(History::new(
+        HistoryLimits::default().capacity_seconds,
+        HistoryLimits::default(),
+    )));
+    let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
+    pipeline.add_sink(Box::new(HistorySink::new(history.clone(), service_names)));
+    pipeline.set_history(history.clone());
+    match control::bind(&args.control_socket) {
+        Ok(listener) => {
+            tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
+            tokio::spawn(control::serve(listener, history.clone()));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
+        }
+    }
+
     // Connections and processes that existed before we started: seed the tracker (so the
     // active gauge is right from the first scrape) and the capture process set.
     let mut sampler = Sampler::new(SamplerConfig::from_services(
@@ -240,6 +280,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         last_tcp_ext,
         sampler_config_rx,
         pids_tx,
+        history.clone(),
     ));
 
     let events = probes
