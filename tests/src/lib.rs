@@ -181,14 +181,15 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        // HTTP/1.0: servers answer without chunked encoding, so the body is what follows the head.
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("malformed HTTP response")?;
-    if !head.starts_with("HTTP/1.1 200") {
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
         bail!("unexpected response: {head}");
     }
     Ok(body.to_string())
