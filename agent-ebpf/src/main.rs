@@ -1,7 +1,9 @@
 //! Kernel side of cacheprobe: tiny tracepoint (and one tc) programs that record facts about TCP
 //! sockets on watched service ports. No policy lives here; the agent interprets everything.
-#![no_std]
-#![no_main]
+// The object is built for bpfel-unknown-none; on the host (`cargo clippy --workspace`) it is
+// checked as an ordinary binary, so lints cover the kernel code too.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use agent_common::{
     counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state, tcp_trouble, watch,
@@ -78,7 +80,7 @@ const ENFILE: i64 = 23;
 #[inline(always)]
 fn offsets() -> &'static ProbeOffsets {
     // Volatile so the compiler cannot constant-fold the placeholder values.
-    unsafe { &*core::ptr::read_volatile(&&OFFSETS) }
+    unsafe { core::ptr::read_volatile(&&OFFSETS) }
 }
 
 #[inline(always)]
@@ -106,15 +108,15 @@ fn read_sk<T>(sk: u64, offset: u16) -> Option<T> {
 
 #[inline(always)]
 fn is_watched(port: u16) -> bool {
-    unsafe { WATCHED_PORTS.get(&port) }.is_some()
+    unsafe { WATCHED_PORTS.get(port) }.is_some()
 }
 
 #[inline(always)]
 fn capture_flags(local_port: u16, remote_port: u16) -> u64 {
     let value = unsafe {
         WATCHED_PORTS
-            .get(&local_port)
-            .or_else(|| WATCHED_PORTS.get(&remote_port))
+            .get(local_port)
+            .or_else(|| WATCHED_PORTS.get(remote_port))
     };
     match value {
         Some(value) if value & watch::CAPTURE != 0 => sock_flags::CAPTURE,
@@ -126,8 +128,8 @@ fn capture_flags(local_port: u16, remote_port: u16) -> u64 {
 fn note_capture_pid(flags: u64) {
     if flags & sock_flags::CAPTURE != 0 {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if unsafe { CAPTURE_PIDS.get(&tgid) }.is_none() {
-            let _ = CAPTURE_PIDS.insert(&tgid, &1, 0);
+        if unsafe { CAPTURE_PIDS.get(tgid) }.is_none() {
+            let _ = CAPTURE_PIDS.insert(tgid, 1, 0);
         }
     }
 }
@@ -251,9 +253,9 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     if old_state == tcp_state::CLOSE {
         // A new socket at this address: whatever an earlier one left behind is not its history.
-        let _ = CLOSED_SOCKETS.remove(&sk);
+        let _ = CLOSED_SOCKETS.remove(sk);
     }
-    let mut snapshot = match unsafe { SOCKETS.get(&sk) } {
+    let mut snapshot = match unsafe { SOCKETS.get(sk) } {
         Some(state) => *state,
         None => SockState {
             flags: capture_flags(tuple.local_port, tuple.remote_port),
@@ -270,9 +272,9 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         snapshot.peer_closed_ns = now;
     }
     if new_state == tcp_state::CLOSE {
-        let _ = SOCKETS.remove(&sk);
-        let _ = CLOSED_SOCKETS.insert(&sk, &snapshot, 0);
-    } else if SOCKETS.insert(&sk, &snapshot, 0).is_err() {
+        let _ = SOCKETS.remove(sk);
+        let _ = CLOSED_SOCKETS.insert(sk, snapshot, 0);
+    } else if SOCKETS.insert(sk, snapshot, 0).is_err() {
         bump(counter::SOCKET_MAP_FULL);
     }
     emit(|event| {
@@ -307,10 +309,10 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
     let ret: i32 = read_tp(ctx, layout.ret)?;
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let state_ptr = match SOCKETS.get_ptr_mut(&sk) {
+    let state_ptr = match SOCKETS.get_ptr_mut(sk) {
         Some(ptr) => ptr,
         None => {
-            if let Some(closed) = unsafe { CLOSED_SOCKETS.get(&sk) } {
+            if let Some(closed) = unsafe { CLOSED_SOCKETS.get(sk) } {
                 // The address may already belong to a new, unwatched socket (those never pass
                 // through our set_state filter to clear the entry): only a socket that is still
                 // closed and still on a watched port is the one we remember.
@@ -364,7 +366,7 @@ fn mark_inflight(sk: u64, flags: u64) {
     if flags & sock_flags::CAPTURE != 0 {
         note_capture_pid(flags);
         let tid = bpf_get_current_pid_tgid();
-        if let Some(inflight) = INFLIGHT.get_ptr_mut(&tid) {
+        if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
             unsafe { (*inflight).sk = sk };
         }
     }
@@ -428,7 +430,7 @@ fn learn(sk: u64, ret: i32, is_send: bool, now: u64) -> Option<()> {
         // The peer closed before we met the socket; when is unknown, so date it now.
         state.peer_closed_ns = now;
     }
-    if SOCKETS.insert(&sk, &state, 0).is_err() {
+    if SOCKETS.insert(sk, state, 0).is_err() {
         bump(counter::SOCKET_MAP_FULL);
         return None;
     }
@@ -452,7 +454,7 @@ fn trouble(ctx: &TracePointContext, layout: &TupleLayout, kind: u8) -> Option<()
     let tuple = read_watched_tuple(ctx, layout)?;
     if kind == tcp_trouble::RESET_RECEIVED && tuple.sk != 0 {
         // Fires before the kernel moves the socket to CLOSE, so the close sees the reset.
-        if let Some(state) = SOCKETS.get_ptr_mut(&tuple.sk) {
+        if let Some(state) = SOCKETS.get_ptr_mut(tuple.sk) {
             let now = unsafe { bpf_ktime_get_ns() };
             unsafe {
                 (*state).reset_received_ns = now;
@@ -553,7 +555,7 @@ fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if unsafe { CAPTURE_PIDS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+    if unsafe { CAPTURE_PIDS.get((pid_tgid >> 32) as u32) }.is_none() {
         return 0;
     }
     let Some(&offset) = offsets().io_buffer_arg.get(syscall) else {
@@ -569,7 +571,7 @@ fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
         is_send: (syscall % 2) as u8,
         _pad: [0; 6],
     };
-    if INFLIGHT.insert(&pid_tgid, &inflight, 0).is_err() {
+    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
         bump(counter::INFLIGHT_MAP_FULL);
     }
     0
@@ -580,10 +582,10 @@ const MAX_IOVECS: usize = 8;
 #[inline(always)]
 fn io_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(&pid_tgid) }).copied() else {
+    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = INFLIGHT.remove(&pid_tgid);
+    let _ = INFLIGHT.remove(pid_tgid);
     if inflight.sk == 0 {
         return 0;
     }
@@ -766,16 +768,19 @@ fn try_count_syn(ctx: &TcContext) -> Option<()> {
     if !is_watched(dport) {
         return None;
     }
-    match SYN_IN.get_ptr_mut(&dport) {
+    match SYN_IN.get_ptr_mut(dport) {
         Some(count) => unsafe { *count += 1 },
         None => {
-            let _ = SYN_IN.insert(&dport, &1, 0);
+            let _ = SYN_IN.insert(dport, 1, 0);
         }
     }
     Some(())
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -64,13 +64,11 @@ pub fn package() -> anyhow::Result<PathBuf> {
         &stage.join("etc/cacheprobe/config.toml"),
         0o644,
     )?;
-    for file in ["cacheprobe.rules.yml"] {
-        install_file(
-            &root.join("packaging/prometheus").join(file),
-            &stage.join("usr/share/cacheprobe/prometheus").join(file),
-            0o644,
-        )?;
-    }
+    install_file(
+        &root.join("packaging/prometheus/cacheprobe.rules.yml"),
+        &stage.join("usr/share/cacheprobe/prometheus/cacheprobe.rules.yml"),
+        0o644,
+    )?;
     install_file(
         &root.join("packaging/grafana/cacheprobe.json"),
         &stage.join("usr/share/cacheprobe/grafana/cacheprobe.json"),

@@ -298,6 +298,22 @@ fn checked(duration: Duration, text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Test double for runs where a daemon must answer: local recording is an error.
+#[cfg(test)]
+pub struct NoLocalRecorder;
+
+#[cfg(test)]
+impl LocalRecorder for NoLocalRecorder {
+    fn record_for(
+        &self,
+        _duration: Duration,
+        _config: &Config,
+        _progress: &mut dyn FnMut(Duration),
+    ) -> anyhow::Result<HistorySnapshot> {
+        anyhow::bail!("local recording is not available in this test")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -470,21 +486,5 @@ mod tests {
             "{err:#}"
         );
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// Test double for runs where a daemon must answer: local recording is an error.
-#[cfg(test)]
-pub struct NoLocalRecorder;
-
-#[cfg(test)]
-impl LocalRecorder for NoLocalRecorder {
-    fn record_for(
-        &self,
-        _duration: Duration,
-        _config: &Config,
-        _progress: &mut dyn FnMut(Duration),
-    ) -> anyhow::Result<HistorySnapshot> {
-        anyhow::bail!("local recording is not available in this test")
     }
 }

@@ -178,7 +178,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    let args = args;
 
     let resolution = resolve_offsets(&SystemLayout::discover());
     for missing in &resolution.missing {

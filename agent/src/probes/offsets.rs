@@ -193,8 +193,10 @@ const RECV_LENGTH: Tracepoint = Tracepoint {
     impact: LENGTH_LOST,
 };
 
+type TupleSlot = fn(&mut ProbeOffsets) -> &mut TupleLayout;
+
 /// The tcp tracepoints that carry a connection's identity, and where each one's layout goes.
-const TUPLE_TRACEPOINTS: &[(Tracepoint, fn(&mut ProbeOffsets) -> &mut TupleLayout)] = &[
+const TUPLE_TRACEPOINTS: &[(Tracepoint, TupleSlot)] = &[
     (
         Tracepoint {
             category: "tcp",
@@ -389,7 +391,7 @@ impl Resolver {
         &mut self,
         tracepoint: &Tracepoint,
         format: &TracepointFormat,
-        slot: fn(&mut ProbeOffsets) -> &mut TupleLayout,
+        slot: TupleSlot,
     ) {
         let owner = format!("tracepoint {}/{}", tracepoint.category, tracepoint.event);
         let field = |name: &str| format.field(name).map(|f| (f.offset, Some(f.size)));
