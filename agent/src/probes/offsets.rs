@@ -387,12 +387,7 @@ impl Resolver {
 
     /// A connection tuple comes either as separate ports and addresses (e.g. `tcp_send_reset`
     /// up to 6.9) or as two 28-byte `sockaddr` buffers (from 6.10); take whichever is there.
-    fn take_tuple(
-        &mut self,
-        tracepoint: &Tracepoint,
-        format: &TracepointFormat,
-        slot: TupleSlot,
-    ) {
+    fn take_tuple(&mut self, tracepoint: &Tracepoint, format: &TracepointFormat, slot: TupleSlot) {
         let owner = format!("tracepoint {}/{}", tracepoint.category, tracepoint.event);
         let field = |name: &str| format.field(name).map(|f| (f.offset, Some(f.size)));
         let mut layout = TupleLayout::UNKNOWN;
