@@ -70,6 +70,8 @@ pub struct Config {
     pub keys: crate::keys::KeyDisplay,
     /// Seconds between /proc samples (listen queues, fds, existing connections).
     pub sample_interval_seconds: u64,
+    /// Require HTTP basic authentication on /metrics.
+    pub basic_auth: Option<crate::http::BasicAuth>,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             limits: Limits::default(),
             keys: crate::keys::KeyDisplay::Plain,
             sample_interval_seconds: 5,
+            basic_auth: None,
         }
     }
 }
@@ -124,6 +127,7 @@ struct RawConfig {
     #[serde(default)]
     keys: crate::keys::KeyDisplay,
     sample_interval_seconds: Option<u64>,
+    basic_auth: Option<crate::http::BasicAuth>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +258,14 @@ impl Config {
                 "sample_interval_seconds = {sample_interval_seconds} must be in 1-3600"
             )));
         }
+        let basic_auth = raw.basic_auth;
+        if let Some(auth) = &basic_auth {
+            if auth.username.is_empty() || auth.password.is_empty() || auth.username.contains(':') {
+                return Err(invalid(
+                    "basic_auth needs a non-empty username (without ':') and password".to_string(),
+                ));
+            }
+        }
         let limits = raw.limits;
         if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
             return Err(invalid(format!(
@@ -293,6 +305,7 @@ impl Config {
             limits,
             keys: raw.keys,
             sample_interval_seconds,
+            basic_auth,
         })
     }
 

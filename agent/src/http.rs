@@ -24,7 +24,74 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for metrics on {addr}"))
 }
 
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+/// HTTP basic authentication for /metrics (the password lives in the root-only config).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl BasicAuth {
+    /// Whether the request head carries these credentials.
+    pub fn admits(&self, head: &[u8]) -> bool {
+        let Some(value) = header(head, "authorization") else {
+            return false;
+        };
+        let Some(encoded) = value
+            .strip_prefix("Basic ")
+            .or_else(|| value.strip_prefix("basic "))
+        else {
+            return false;
+        };
+        let Some(decoded) = base64_decode(encoded.trim()) else {
+            return false;
+        };
+        let expected = format!("{}:{}", self.username, self.password);
+        // Compare in constant time so the password cannot be guessed byte by byte.
+        decoded.len() == expected.len()
+            && decoded
+                .iter()
+                .zip(expected.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    if bytes.len() > 1024 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= value(c)? << (18 - 6 * i);
+        }
+        let produced = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&acc.to_be_bytes()[1..1 + produced]);
+    }
+    Some(out)
+}
+
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, auth: Option<BasicAuth>) {
+    let auth = Arc::new(auth);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -41,9 +108,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             continue;
         };
         let registry = registry.clone();
+        let auth = auth.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &registry)).await {
+            match tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &registry, &auth)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics request failed"),
                 Err(_) => tracing::debug!(%peer, "metrics request timed out"),
@@ -97,7 +165,11 @@ pub fn header(head: &[u8], name: &str) -> Option<String> {
         })
 }
 
-async fn handle(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    registry: &Registry,
+    auth: &Option<BasicAuth>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     loop {
@@ -118,6 +190,18 @@ async fn handle(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
                 true,
             )
             .await;
+        }
+    }
+    if let Some(auth) = auth {
+        if !auth.admits(&head) {
+            let body = b"authentication required\n";
+            let response = format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cacheprobe\"\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(response.as_bytes()).await?;
+            stream.write_all(body).await?;
+            return stream.shutdown().await;
         }
     }
     let is_head = head.starts_with(b"HEAD ");
@@ -201,6 +285,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decodes_base64() {
+        assert_eq!(base64_decode("cHJvbTpzM2NyZXQ=").unwrap(), b"prom:s3cret");
+        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
+        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
+        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+        assert!(base64_decode("Y").is_none());
+        assert!(base64_decode("!!!!").is_none());
+    }
+
+    #[test]
     fn routes_requests() {
         assert_eq!(
             route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
@@ -234,15 +328,28 @@ mod tests {
         let counter: prometheus_client::metrics::counter::Counter = Default::default();
         counter.inc();
         registry.register("test_things", "things", counter);
-        tokio::spawn(serve(listener, Arc::new(registry)));
+        let auth = BasicAuth {
+            username: "prom".into(),
+            password: "s3cret".into(),
+        };
+        tokio::spawn(serve(listener, Arc::new(registry), Some(auth)));
 
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let get = |request: &'static [u8]| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        };
+        let response = get(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        // base64("prom:wrong")
+        let response =
+            get(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTp3cm9uZw==\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        // base64("prom:s3cret")
+        let response =
+            get(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTpzM2NyZXQ=\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         assert!(
             response.contains("cacheprobe_test_things_total 1"),

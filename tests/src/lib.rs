@@ -116,6 +116,20 @@ impl Agent {
         bail!("agent did not serve /metrics within 10 s: {}", agent.log())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the agent process.
+    pub fn signal(&self, signal_number: i32) {
+        signal(self.child.id(), signal_number);
+    }
+
+    /// Waits for the agent to exit after a signal it does not survive (e.g. SIGKILL).
+    pub fn wait_exit(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(self.child.wait()?)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

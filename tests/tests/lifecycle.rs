@@ -438,6 +438,144 @@ fn live_scrape_exports_the_whole_metric_contract() {
     );
 }
 
+/// BPF program ids held open by a process (from /proc/<pid>/fdinfo).
+fn program_ids_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(info) = std::fs::read_to_string(entry.path()) {
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|v| v.trim().parse::<u64>().ok()),
+            );
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn loaded_program_ids() -> Vec<u64> {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .unwrap();
+    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    programs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// Nothing stays loaded in the kernel after a clean stop or a crash: no pinned programs or maps.
+#[test]
+fn no_programs_are_left_behind_after_stop_or_crash() {
+    require_root();
+    for (name, signal) in [("stop-term", libc::SIGTERM), ("stop-kill", libc::SIGKILL)] {
+        let agent = Agent::start(name, &[("memcached", unique_port(), "memcache")]).unwrap();
+        let ids = program_ids_of(agent.pid());
+        assert!(ids.len() >= 3, "agent holds {ids:?}");
+        assert!(ids.iter().all(|id| loaded_program_ids().contains(id)));
+        agent.signal(signal);
+        let status = agent.wait_exit().unwrap();
+        if signal == libc::SIGTERM {
+            assert!(status.success(), "{status}");
+        }
+        // Program teardown is asynchronous in the kernel (RCU): allow a moment.
+        let mut left = ids.clone();
+        for _ in 0..50 {
+            let loaded = loaded_program_ids();
+            left.retain(|id| loaded.contains(id));
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(left.is_empty(), "{name}: programs {left:?} still loaded");
+    }
+}
+
+/// SIGHUP reloads the config: a new service is watched at once; a bad file is rejected with a
+/// log line and the running config kept.
+#[test]
+fn sighup_reloads_the_config_and_rejects_a_bad_one() {
+    require_root();
+    let first = unique_port();
+    let second = unique_port();
+    let agent = Agent::start("reload", &[("first", first, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", second, &[]).unwrap();
+    let connect = |port: u16| {
+        python(
+            None,
+            &format!("from pymemcache.client.base import Client\nc = Client(('127.0.0.1', {port}))\nc.get('x')\nc.close()\n"),
+        )
+        .unwrap();
+    };
+    std::fs::write(
+        &agent.config_path,
+        format!("sample_interval_seconds = 1\n[[services]]\nname = \"second\"\nport = {second}\nprotocol = \"memcache\"\n"),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !agent.log().contains("config reloaded") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    connect(second);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum(
+            "cacheprobe_connections_opened_total",
+            &[("service", "second"), ("role", "client")],
+        ) >= 1.0
+    });
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_opened_total",
+            &[("service", "second"), ("role", "client")]
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+
+    std::fs::write(
+        &agent.config_path,
+        "[[services]]\nname = \"broken\"\nport = 99999\nprotocol = \"memcache\"\n",
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !agent.log().contains("config reload rejected") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.log().contains("line 3"), "{}", agent.log());
+    connect(second);
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum(
+            "cacheprobe_connections_opened_total",
+            &[("service", "second"), ("role", "client")],
+        ) >= 2.0
+    });
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_opened_total",
+            &[("service", "second"), ("role", "client")]
+        ),
+        2.0,
+        "old config kept: {}",
+        scrape.text
+    );
+    let status = agent.stop().unwrap();
+    assert!(status.success());
+}
+
 /// A bad config is a clear error naming the line, and the agent does not start.
 #[test]
 fn config_error_is_reported_with_its_line() {

@@ -209,7 +209,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let registry = Arc::new(registry);
     let listener = crate::http::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving metrics on /metrics");
-    tokio::spawn(crate::http::serve(listener, registry.clone()));
+    tokio::spawn(crate::http::serve(
+        listener,
+        registry.clone(),
+        config.basic_auth.clone(),
+    ));
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
     let mut probes = probes;
