@@ -72,6 +72,8 @@ pub struct Config {
     pub sample_interval_seconds: u64,
     /// Require HTTP basic authentication on /metrics.
     pub basic_auth: Option<crate::http::BasicAuth>,
+    /// Serve /metrics over TLS.
+    pub tls: Option<crate::http::TlsFiles>,
 }
 
 impl Default for Config {
@@ -85,6 +87,7 @@ impl Default for Config {
             keys: crate::keys::KeyDisplay::Plain,
             sample_interval_seconds: 5,
             basic_auth: None,
+            tls: None,
         }
     }
 }
@@ -128,6 +131,7 @@ struct RawConfig {
     keys: crate::keys::KeyDisplay,
     sample_interval_seconds: Option<u64>,
     basic_auth: Option<crate::http::BasicAuth>,
+    tls: Option<crate::http::TlsFiles>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +310,7 @@ impl Config {
             keys: raw.keys,
             sample_interval_seconds,
             basic_auth,
+            tls: raw.tls,
         })
     }
 

@@ -9,10 +9,11 @@ use prometheus_client::registry::Registry;
 
 use crate::metrics::Format;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpListener,
     sync::Semaphore,
 };
+use tokio_rustls::{rustls, TlsAcceptor};
 
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,7 +91,47 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, auth: Option<BasicAuth>) {
+/// TLS for /metrics: PEM certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
+        let open = |path: &std::path::Path| {
+            std::fs::File::open(path)
+                .map(std::io::BufReader::new)
+                .with_context(|| format!("cannot read {}", path.display()))
+        };
+        let certs = rustls_pemfile::certs(&mut open(&self.cert_file)?)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("bad certificate PEM in {}", self.cert_file.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("no certificate in {}", self.cert_file.display());
+        }
+        let key = rustls_pemfile::private_key(&mut open(&self.key_file)?)
+            .with_context(|| format!("bad key PEM in {}", self.key_file.display()))?
+            .with_context(|| format!("no private key in {}", self.key_file.display()))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("certificate and key do not match")?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    auth: Option<BasicAuth>,
+    tls: Option<TlsAcceptor>,
+) {
     let auth = Arc::new(auth);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
@@ -109,9 +150,19 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, auth: Option<
         };
         let registry = registry.clone();
         let auth = auth.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &registry, &auth)).await {
+            let served = async {
+                match &tls {
+                    // The handshake counts against the same deadline as the request.
+                    Some(acceptor) => {
+                        handle(acceptor.accept(stream).await?, &registry, &auth).await
+                    }
+                    None => handle(stream, &registry, &auth).await,
+                }
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, served).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics request failed"),
                 Err(_) => tracing::debug!(%peer, "metrics request timed out"),
@@ -166,7 +217,7 @@ pub fn header(head: &[u8], name: &str) -> Option<String> {
 }
 
 async fn handle(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     registry: &Registry,
     auth: &Option<BasicAuth>,
 ) -> std::io::Result<()> {
@@ -263,7 +314,7 @@ async fn handle(
 }
 
 async fn respond(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     status: &str,
     content_type: &str,
     body: &[u8],
@@ -283,6 +334,7 @@ async fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn decodes_base64() {
@@ -332,7 +384,7 @@ mod tests {
             username: "prom".into(),
             password: "s3cret".into(),
         };
-        tokio::spawn(serve(listener, Arc::new(registry), Some(auth)));
+        tokio::spawn(serve(listener, Arc::new(registry), Some(auth), None));
 
         let get = |request: &'static [u8]| async move {
             let mut stream = TcpStream::connect(addr).await.unwrap();

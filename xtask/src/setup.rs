@@ -23,6 +23,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "libcap2-bin",
+    "curl",
+    "openssl",
+    "systemd",
     // `dot -Tsvg` checks diagnose's --graph dot output.
     "graphviz",
 ];

@@ -209,10 +209,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let registry = Arc::new(registry);
     let listener = crate::http::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving metrics on /metrics");
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| files.acceptor())
+        .transpose()?;
     tokio::spawn(crate::http::serve(
         listener,
         registry.clone(),
         config.basic_auth.clone(),
+        tls,
     ));
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
