@@ -59,6 +59,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<crate::keys::KeysReport>,
 }
 
 impl Response {
@@ -68,6 +70,7 @@ impl Response {
             ok: false,
             error: Some(message.into()),
             history: None,
+            keys: None,
         }
     }
 }
@@ -222,6 +225,20 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                 ok: true,
                 error: None,
                 history: None,
+                keys: None,
+            },
+            "keys" => Response {
+                version: PROTOCOL_VERSION,
+                ok: true,
+                error: None,
+                history: None,
+                keys: Some(
+                    history
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .keys()
+                        .clone(),
+                ),
             },
             "history" => {
                 let since = request.since.unwrap_or(0);
@@ -235,6 +252,7 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                         ok: true,
                         error: None,
                         history: Some(snapshot),
+                        keys: None,
                     })
                 })
                 .await;
@@ -247,7 +265,7 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                     _ => encode(&Response::error("cannot encode the history")).unwrap_or_default(),
                 };
             }
-            other => Response::error(format!("unknown op {other:?} (known: history, ping)")),
+            other => Response::error(format!("unknown op {other:?} (known: history, keys, ping)")),
         }
     };
     encode(&response).unwrap_or_default()
@@ -284,6 +302,20 @@ async fn respond_raw(stream: &mut UnixStream, bytes: Vec<u8>) -> std::io::Result
 
 /// Asks the daemon at `path` for its history from `since` on. Blocking, bounded by `timeout`
 /// overall and by [`MAX_RESPONSE_BYTES`].
+/// Asks a running daemon for its hot keys and key splits.
+pub fn fetch_keys(path: &Path, timeout: Duration) -> Result<crate::keys::KeysReport, ControlError> {
+    let response = call(
+        path,
+        &Request {
+            version: PROTOCOL_VERSION,
+            op: "keys".to_string(),
+            since: None,
+        },
+        timeout,
+    )?;
+    Ok(response.keys.unwrap_or_default())
+}
+
 pub fn fetch_history(
     path: &Path,
     since: u64,

@@ -34,12 +34,29 @@ impl KeyDisplay {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct HotKey {
     pub key: String,
     /// Estimated count (space-saving overestimates by at most `error`).
     pub count: u64,
     pub error: u64,
+}
+
+/// The hottest keys of one server endpoint.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ServerHotKeys {
+    pub service: String,
+    pub server: String,
+    pub role: String,
+    pub by_requests: Vec<HotKey>,
+    pub by_bytes: Vec<HotKey>,
+}
+
+/// What the local API (`cacheprobe keys`) shows: never exported as metrics.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct KeysReport {
+    pub servers: Vec<ServerHotKeys>,
+    pub splits: Vec<KeySplit>,
 }
 
 /// Space-saving top-k (Metwally et al.): k counters; an unseen key replaces the minimum and
@@ -90,7 +107,7 @@ impl TopK {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct KeySplit {
     pub key: String,
     pub first_server: String,

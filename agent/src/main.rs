@@ -28,6 +28,15 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = cacheprobe::control::DEFAULT_SOCKET_PATH)]
         control_socket: PathBuf,
     },
+    /// Print the running daemon's hottest keys per server and recent key splits (JSON).
+    ///
+    /// Keys are shown only here and in diagnose, never in metrics; set `keys = "hash"` in the
+    /// config to show hashes instead.
+    Keys {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = cacheprobe::control::DEFAULT_SOCKET_PATH)]
+        socket: PathBuf,
+    },
     /// Write the man page and shell completions into DIR (used to build packages).
     #[command(hide = true)]
     GenerateAssets {
@@ -141,6 +150,15 @@ fn main() -> ExitCode {
                     control_socket,
                 }))
                 .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Keys { socket } => {
+            cacheprobe::control::fetch_keys(&socket, std::time::Duration::from_secs(5))
+                .map_err(anyhow::Error::from)
+                .and_then(|keys| Ok(serde_json::to_string_pretty(&keys)?))
+                .map(|json| {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                })
         }
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
         Command::Check { json, config } => {

@@ -15,7 +15,7 @@ use crate::{
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
     history::{Fact, History, SynDirection},
-    keys::{KeyDisplay, KeyRouting, TopK},
+    keys::{KeyDisplay, KeyRouting, KeysReport, ServerHotKeys, TopK},
     metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     probes::loader::Probes,
     tracking::{Endpoint, Observation, ServicePorts, Tracker},
@@ -242,8 +242,10 @@ impl Pipeline {
             }
         }
         if let Some(history) = &self.history {
+            let keys = self.keys_report();
             if let Ok(mut history) = history.lock() {
                 history.advance_to(unix_now());
+                history.set_keys(keys);
             }
         }
         self.tracker.tick(now_ns, &mut self.observations);
@@ -344,9 +346,10 @@ impl Pipeline {
     }
 
     fn flush_memcache(&mut self, comm: Option<&str>) {
-        for event in self.memcache_events.drain(..) {
-            self.recorder.record_memcache(&event);
-            if let MemcacheEvent::Request { endpoint, request } = &event {
+        let events = std::mem::take(&mut self.memcache_events);
+        for event in &events {
+            self.recorder.record_memcache(event);
+            if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
                     let key = key.as_bytes();
                     if endpoint.role == Role::Client
@@ -359,6 +362,20 @@ impl Pipeline {
                         )
                     {
                         self.recorder.record_key_split(endpoint.service);
+                        if let (Some(example), Some(service)) = (
+                            self.routing.examples.last(),
+                            self.service_names.get(endpoint.service),
+                        ) {
+                            self.record_fact(Fact::KeySplit {
+                                service: service.clone(),
+                                key_hash: crate::keys::key_hash(key),
+                                servers: [
+                                    example.first_server.clone(),
+                                    example.second_server.clone(),
+                                ],
+                                comms: [None, comm.map(str::to_string)],
+                            });
+                        }
                     }
                     if self.hot_keys.contains_key(endpoint)
                         || self.hot_keys.len() < self.max_hot_key_endpoints
@@ -376,8 +393,37 @@ impl Pipeline {
                 }
             }
             for sink in &mut self.sinks {
-                sink.memcache(&event, comm);
+                sink.memcache(event, comm);
             }
+        }
+        let mut events = events;
+        events.clear();
+        self.memcache_events = events;
+    }
+
+    /// The hottest keys per server (top 10 by requests and by bytes) and recent key splits.
+    pub fn keys_report(&self) -> KeysReport {
+        let mut servers: Vec<ServerHotKeys> = self
+            .hot_keys
+            .iter()
+            .map(|(endpoint, (by_requests, by_bytes))| ServerHotKeys {
+                service: self
+                    .service_names
+                    .get(endpoint.service)
+                    .cloned()
+                    .unwrap_or_default(),
+                server: endpoint.server.to_string(),
+                role: endpoint.role.as_str().to_string(),
+                by_requests: by_requests.top(10, self.key_display),
+                by_bytes: by_bytes.top(10, self.key_display),
+            })
+            .collect();
+        servers.sort_by(|a, b| {
+            (&a.service, &a.server, &a.role).cmp(&(&b.service, &b.server, &b.role))
+        });
+        KeysReport {
+            servers,
+            splits: self.routing.examples.clone(),
         }
     }
 

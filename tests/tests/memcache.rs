@@ -96,6 +96,28 @@ fn text_protocol_workload_is_counted_exactly_on_both_sides() {
         sent > 0.0 && sent == received,
         "client sent {sent}, server received {received}"
     );
+
+    // The local API shows the hottest key (k0: set, get, multi-get and touch) for the server.
+    std::thread::sleep(Duration::from_millis(1500));
+    let keys = Command::new(agent_binary())
+        .args(["keys", "--socket"])
+        .arg(&agent.control_socket)
+        .output()
+        .unwrap();
+    assert!(
+        keys.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
+    let keys: serde_json::Value = serde_json::from_slice(&keys.stdout).unwrap();
+    let client = keys["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["role"] == "client" && s["server"] == format!("127.0.0.1:{port}"))
+        .unwrap_or_else(|| panic!("{keys:#}"));
+    assert_eq!(client["by_requests"][0]["key"], "k0", "{client:#}");
+    assert_eq!(client["by_requests"][0]["count"], 4, "{client:#}");
 }
 
 /// Binary protocol (dalli) against memcached in binary mode, and the counts match memcached's

@@ -463,6 +463,8 @@ pub struct History {
     stats: HistoryStats,
     /// Second of the last label reclamation, so floods do not rescan the history per fact.
     last_reclaim: Option<u64>,
+    /// Hot keys and key splits as last published by the pipeline (bounded top-k).
+    keys: crate::keys::KeysReport,
 }
 
 impl History {
@@ -481,6 +483,7 @@ impl History {
             latest: None,
             stats: HistoryStats::default(),
             last_reclaim: None,
+            keys: crate::keys::KeysReport::default(),
         }
     }
 
@@ -640,6 +643,15 @@ impl History {
     }
 
     /// Copies every second from `since_unix_s` on (clamped to what the history covers).
+    /// Replaces the published hot keys and key splits.
+    pub fn set_keys(&mut self, keys: crate::keys::KeysReport) {
+        self.keys = keys;
+    }
+
+    pub fn keys(&self) -> &crate::keys::KeysReport {
+        &self.keys
+    }
+
     pub fn snapshot(&self, since_unix_s: u64) -> HistorySnapshot {
         let (Some(first), Some(latest)) = (self.first, self.latest) else {
             return HistorySnapshot::empty(since_unix_s, since_unix_s.saturating_sub(1));
