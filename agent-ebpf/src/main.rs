@@ -260,8 +260,10 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
             ..SockState::default()
         },
     };
-    if old_state == tcp_state::CLOSE && new_state == tcp_state::SYN_SENT {
-        // connect() runs in the caller's context: remember the process for payload capture.
+    if old_state == tcp_state::CLOSE
+        && (new_state == tcp_state::SYN_SENT || new_state == tcp_state::LISTEN)
+    {
+        // connect() and listen() run in the caller's context: remember the process for capture.
         note_capture_pid(snapshot.flags);
     }
     if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
@@ -314,6 +316,7 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
                 // closed and still on a watched port is the one we remember.
                 if closed.peer_closed_ns != 0 && is_same_closed_socket(sk) {
                     let snapshot = *closed;
+                    mark_inflight(sk, snapshot.flags);
                     emit_after_peer_close(sk, ret, is_send, &snapshot);
                     return Some(());
                 }
@@ -324,13 +327,7 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
     // SAFETY: pointer into a map value that stays valid for this program run. Concurrent
     // updates of one socket from two CPUs can lose an increment; the timestamps stay right.
     let state = unsafe { &mut *state_ptr };
-    if state.flags & sock_flags::CAPTURE != 0 {
-        note_capture_pid(state.flags);
-        let tid = bpf_get_current_pid_tgid();
-        if let Some(inflight) = INFLIGHT.get_ptr_mut(&tid) {
-            unsafe { (*inflight).sk = sk };
-        }
-    }
+    mark_inflight(sk, state.flags);
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -359,6 +356,18 @@ fn is_same_closed_socket(sk: u64) -> bool {
         return false;
     };
     state == tcp_state::CLOSE && (is_watched(local_port) || is_watched(u16::from_be(remote_port)))
+}
+
+/// Tells this thread's in-flight syscall (if followed) which watched socket it moved bytes on.
+#[inline(always)]
+fn mark_inflight(sk: u64, flags: u64) {
+    if flags & sock_flags::CAPTURE != 0 {
+        note_capture_pid(flags);
+        let tid = bpf_get_current_pid_tgid();
+        if let Some(inflight) = INFLIGHT.get_ptr_mut(&tid) {
+            unsafe { (*inflight).sk = sk };
+        }
+    }
 }
 
 #[inline(always)]
@@ -639,7 +648,12 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
 #[inline(always)]
 fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     let offset = offset as usize & (CAPTURE_MAX - 1);
-    let len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
+    let mut len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
+    // Older verifiers (6.1) learn no bound from comparing two registers; a comparison with a
+    // constant gives them one.
+    if len > CAPTURE_MAX {
+        len = CAPTURE_MAX;
+    }
     if len == 0 || src == 0 {
         return 0;
     }

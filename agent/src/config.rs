@@ -66,6 +66,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub services: Vec<Service>,
     pub limits: Limits,
+    /// How keys appear in diagnose output and the local API (never in metrics).
+    pub keys: crate::keys::KeyDisplay,
+    /// Seconds between /proc samples (listen queues, fds, existing connections).
+    pub sample_interval_seconds: u64,
 }
 
 impl Default for Config {
@@ -76,6 +80,8 @@ impl Default for Config {
                 .expect("default listen address is valid"),
             services: default_services(),
             limits: Limits::default(),
+            keys: crate::keys::KeyDisplay::Plain,
+            sample_interval_seconds: 5,
         }
     }
 }
@@ -115,6 +121,9 @@ struct RawConfig {
     services: Option<Vec<RawService>>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    keys: crate::keys::KeyDisplay,
+    sample_interval_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -239,6 +248,12 @@ impl Config {
             }
         };
 
+        let sample_interval_seconds = raw.sample_interval_seconds.unwrap_or(5);
+        if !(1..=3600).contains(&sample_interval_seconds) {
+            return Err(invalid(format!(
+                "sample_interval_seconds = {sample_interval_seconds} must be in 1-3600"
+            )));
+        }
         let limits = raw.limits;
         if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
             return Err(invalid(format!(
@@ -276,6 +291,8 @@ impl Config {
             listen,
             services,
             limits,
+            keys: raw.keys,
+            sample_interval_seconds,
         })
     }
 

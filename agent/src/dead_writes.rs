@@ -34,6 +34,8 @@ impl Outcome {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadWrite {
+    /// Kernel socket address, to find the command the decoder saw in this write.
+    pub sk: u64,
     pub endpoint: Endpoint,
     pub comm: String,
     pub pid: u32,
@@ -96,6 +98,7 @@ impl DeadWriteTracker {
                 return;
             }
             pending.writes.push(DeadWrite {
+                sk,
                 endpoint,
                 comm: comm.to_string(),
                 pid,

@@ -1,12 +1,17 @@
 //! cacheprobe: watches memcache/queue sockets from the kernel and explains what goes wrong
 //! between hosts. The binary (`main.rs`) only parses arguments and calls `commands`.
+pub mod capture;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dead_writes;
 pub mod events;
 pub mod http;
+pub mod keys;
 pub mod memcache;
 pub mod metrics;
+pub mod pipeline;
 pub mod probes;
+pub mod sampler;
+pub mod sampling;
 pub mod tracking;

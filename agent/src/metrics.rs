@@ -1,7 +1,10 @@
 //! The Prometheus registry and the mapping from observations to series. Metric names and labels
 //! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::AtomicU64,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -9,7 +12,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::tracking::{Endpoint, Observation};
+use crate::{
+    capture::MemcacheEvent,
+    memcache::{Command, Status},
+    tracking::{Endpoint, Observation},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -72,6 +79,61 @@ pub struct FdErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub command: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub service: String,
+    pub server: String,
+    pub role: &'static str,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecodeErrorLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub service: String,
+    pub server: String,
+    pub queue: String,
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommLabels {
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommServiceLabels {
+    pub comm: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: String,
 }
@@ -97,6 +159,15 @@ const IDLE_BUCKETS: &[f64] = &[
 const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0,
 ];
+
+/// Resolves 50 us (a fast local hit) to 1 s (a timeout in all but name).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
 
 fn idle_histogram() -> Histogram {
     Histogram::new(IDLE_BUCKETS.iter().copied())
@@ -157,6 +228,30 @@ pub struct Metrics {
     pub connect_failures: Family<ConnectFailureLabels, Counter>,
     pub syn: Family<SynLabels, Counter>,
     pub fd_exhaustion_errors: Family<FdErrorLabels, Counter>,
+    pub memcache_requests: Family<RequestLabels, Counter>,
+    pub memcache_duration: HistogramFamily<CommandLabels>,
+    pub memcache_bytes: Family<BytesLabels, Counter>,
+    pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
+    pub queue_operations: Family<QueueLabels, Counter>,
+    pub key_splits: Family<ServiceLabels, Counter>,
+    pub listen_queue_length: Family<ServiceLabels, Gauge>,
+    pub listen_queue_limit: Family<ServiceLabels, Gauge>,
+    pub listen_overflows: Counter,
+    pub listen_drops: Counter,
+    pub syncookies_sent: Counter,
+    pub process_open_fds: Family<CommLabels, Gauge>,
+    pub process_fd_limit: Family<CommLabels, Gauge>,
+    pub process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>,
+    pub process_connections: Family<CommServiceLabels, Gauge>,
+    pub host_open_files: Gauge,
+    pub host_file_limit: Gauge,
+    pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
+    pub bpf_runs: Family<ProgramLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
 }
 
 impl Metrics {
@@ -177,6 +272,25 @@ impl Metrics {
             connect_failures: Family::default(),
             syn: Family::default(),
             fd_exhaustion_errors: Family::default(),
+            memcache_requests: Family::default(),
+            memcache_duration: Family::new_with_constructor(latency_histogram),
+            memcache_bytes: Family::default(),
+            memcache_decode_errors: Family::default(),
+            queue_operations: Family::default(),
+            key_splits: Family::default(),
+            listen_queue_length: Family::default(),
+            listen_queue_limit: Family::default(),
+            listen_overflows: Counter::default(),
+            listen_drops: Counter::default(),
+            syncookies_sent: Counter::default(),
+            process_open_fds: Family::default(),
+            process_fd_limit: Family::default(),
+            process_fd_usage_ratio: Family::default(),
+            process_connections: Family::default(),
+            host_open_files: Gauge::default(),
+            host_file_limit: Gauge::default(),
+            bpf_run_seconds: Family::default(),
+            bpf_runs: Family::default(),
         };
         registry.register(
             "connections_opened",
@@ -248,6 +362,101 @@ impl Metrics {
             "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE",
             metrics.fd_exhaustion_errors.clone(),
         );
+        registry.register(
+            "memcache_requests",
+            "Memcache requests decoded from watched connections, by command and outcome",
+            metrics.memcache_requests.clone(),
+        );
+        registry.register(
+            "memcache_request_duration_seconds",
+            "Time from a request's send to the first byte of its response",
+            metrics.memcache_duration.clone(),
+        );
+        registry.register(
+            "memcache_bytes",
+            "Payload bytes on watched connections, as sent or received by this host",
+            metrics.memcache_bytes.clone(),
+        );
+        registry.register(
+            "memcache_decode_errors",
+            "Stretches of traffic the decoder could not decode (garbage, gaps, truncated captures, ...)",
+            metrics.memcache_decode_errors.clone(),
+        );
+        registry.register(
+            "queue_operations",
+            "Queue operations on memcache-protocol queues (Starling, Kestrel)",
+            metrics.queue_operations.clone(),
+        );
+        registry.register(
+            "memcache_key_split",
+            "Keys this host sent to two different servers of a service within a minute",
+            metrics.key_splits.clone(),
+        );
+        registry.register(
+            "listen_queue_length",
+            "Connections waiting in accept queues of local listeners on the service port (sum over listeners)",
+            metrics.listen_queue_length.clone(),
+        );
+        registry.register(
+            "listen_queue_limit",
+            "Accept backlog limits of local listeners on the service port (sum over listeners whose limit is readable)",
+            metrics.listen_queue_limit.clone(),
+        );
+        registry.register(
+            "listen_overflows",
+            "TcpExt ListenOverflows summed over network namespaces: SYNs dropped because an accept queue was full",
+            metrics.listen_overflows.clone(),
+        );
+        registry.register(
+            "listen_drops",
+            "TcpExt ListenDrops summed over network namespaces: all drops at listeners",
+            metrics.listen_drops.clone(),
+        );
+        registry.register(
+            "syncookies_sent",
+            "TcpExt SyncookiesSent summed over network namespaces",
+            metrics.syncookies_sent.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)",
+            metrics.process_open_fds.clone(),
+        );
+        registry.register(
+            "process_fd_limit",
+            "Soft RLIMIT_NOFILE of that same process, read live",
+            metrics.process_fd_limit.clone(),
+        );
+        registry.register(
+            "process_fd_usage_ratio",
+            "Open fds over the soft fd limit, max over processes of this name",
+            metrics.process_fd_usage_ratio.clone(),
+        );
+        registry.register(
+            "process_connections",
+            "Watched connections held by processes of this name, per service",
+            metrics.process_connections.clone(),
+        );
+        registry.register(
+            "host_open_files",
+            "Open file handles on the host (fs.file-nr)",
+            metrics.host_open_files.clone(),
+        );
+        registry.register(
+            "host_file_limit",
+            "Host file handle limit (fs.file-max)",
+            metrics.host_file_limit.clone(),
+        );
+        registry.register(
+            "bpf_program_run_seconds",
+            "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)",
+            metrics.bpf_run_seconds.clone(),
+        );
+        registry.register(
+            "bpf_program_runs",
+            "Runs of the agent's kernel programs (needs sysctl kernel.bpf_stats_enabled=1)",
+            metrics.bpf_runs.clone(),
+        );
         metrics
             .build_info
             .get_or_create(&VersionLabels {
@@ -275,8 +484,17 @@ pub struct ObservationRecorder {
     service_names: Vec<String>,
     servers: LabelBudget,
     comms: LabelBudget,
+    queues: LabelBudget,
     server_labels: HashMap<Endpoint, EndpointLabels>,
+    // Handles to series already created: the per-request path then costs one hash lookup and
+    // an atomic add, no label allocation.
+    request_counters: HashMap<(Endpoint, Command, Status), Counter>,
+    duration_histograms: HashMap<(Endpoint, Command), Histogram>,
+    byte_counters: HashMap<(Endpoint, bool), Counter>,
 }
+
+/// Cached series handles beyond this many are dropped and re-created on demand.
+const MAX_CACHED_SERIES: usize = 100_000;
 
 impl ObservationRecorder {
     pub fn new(
@@ -290,6 +508,10 @@ impl ObservationRecorder {
             service_names,
             servers: LabelBudget::new(max_servers_per_service),
             comms: LabelBudget::new(max_comms),
+            queues: LabelBudget::new(64),
+            request_counters: HashMap::new(),
+            duration_histograms: HashMap::new(),
+            byte_counters: HashMap::new(),
             server_labels: HashMap::new(),
         }
     }
@@ -301,6 +523,9 @@ impl ObservationRecorder {
     pub fn set_service_names(&mut self, names: Vec<String>) {
         self.service_names = names;
         self.server_labels.clear();
+        self.request_counters.clear();
+        self.duration_histograms.clear();
+        self.byte_counters.clear();
     }
 
     pub fn service_name(&self, service: usize) -> String {
@@ -313,6 +538,117 @@ impl ObservationRecorder {
     /// Process names are bounded like servers: the first `max_comms` keep their own series.
     pub fn comm_label(&mut self, comm: &str) -> String {
         self.comms.admit(0, comm.to_string())
+    }
+
+    pub fn record_memcache(&mut self, event: &MemcacheEvent) {
+        match event {
+            MemcacheEvent::Request { endpoint, request } => {
+                let key = (*endpoint, request.command, request.status);
+                if !self.request_counters.contains_key(&key) {
+                    if self.request_counters.len() >= MAX_CACHED_SERIES {
+                        self.request_counters.clear();
+                    }
+                    let labels = self.endpoint_labels(endpoint);
+                    let counter = self
+                        .metrics
+                        .memcache_requests
+                        .get_or_create(&RequestLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            role: labels.role,
+                            command: request.command.as_str(),
+                            status: request.status.as_str(),
+                        })
+                        .clone();
+                    self.request_counters.insert(key, counter);
+                }
+                if let Some(counter) = self.request_counters.get(&key) {
+                    counter.inc();
+                }
+                if let Some(latency) = request.latency_ns {
+                    let key = (*endpoint, request.command);
+                    if !self.duration_histograms.contains_key(&key) {
+                        if self.duration_histograms.len() >= MAX_CACHED_SERIES {
+                            self.duration_histograms.clear();
+                        }
+                        let labels = self.endpoint_labels(endpoint);
+                        let histogram = self
+                            .metrics
+                            .memcache_duration
+                            .get_or_create(&CommandLabels {
+                                service: labels.service,
+                                server: labels.server,
+                                role: labels.role,
+                                command: request.command.as_str(),
+                            })
+                            .clone();
+                        self.duration_histograms.insert(key, histogram);
+                    }
+                    if let Some(histogram) = self.duration_histograms.get(&key) {
+                        histogram.observe(latency as f64 / 1e9);
+                    }
+                }
+                if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
+                    let labels = self.endpoint_labels(endpoint);
+                    let name = String::from_utf8_lossy(key.as_bytes()).into_owned();
+                    let queue_label = self.queues.admit(endpoint.service, name);
+                    self.metrics
+                        .queue_operations
+                        .get_or_create(&QueueLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            queue: queue_label,
+                            op: queue.op.as_str(),
+                        })
+                        .inc();
+                }
+            }
+            MemcacheEvent::DecodeError { service, reason } => {
+                let service = self.service_name(*service);
+                self.metrics
+                    .memcache_decode_errors
+                    .get_or_create(&DecodeErrorLabels {
+                        service,
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+            MemcacheEvent::Bytes {
+                endpoint,
+                sent,
+                bytes,
+            } => {
+                let key = (*endpoint, *sent);
+                if !self.byte_counters.contains_key(&key) {
+                    if self.byte_counters.len() >= MAX_CACHED_SERIES {
+                        self.byte_counters.clear();
+                    }
+                    let labels = self.endpoint_labels(endpoint);
+                    let counter = self
+                        .metrics
+                        .memcache_bytes
+                        .get_or_create(&BytesLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            role: labels.role,
+                            direction: if *sent { "sent" } else { "received" },
+                        })
+                        .clone();
+                    self.byte_counters.insert(key, counter);
+                }
+                if let Some(counter) = self.byte_counters.get(&key) {
+                    counter.inc_by(*bytes);
+                }
+            }
+        }
+    }
+
+    pub fn record_key_split(&mut self, service: usize) {
+        let service = self.service_name(service);
+        self.metrics
+            .key_splits
+            .get_or_create(&ServiceLabels { service })
+            .inc();
     }
 
     /// Adds SYNs counted in the kernel for a service's port.

@@ -61,7 +61,8 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent watching `services` (name, port, protocol) and waits until /metrics answers.
     pub fn start(name: &str, services: &[(&str, u16, &str)]) -> anyhow::Result<Agent> {
-        let mut config = String::new();
+        // Sample /proc every second so fd and listen-queue assertions need not wait long.
+        let mut config = String::from("sample_interval_seconds = 1\n\n");
         for (service, port, protocol) in services {
             config.push_str(&format!(
                 "[[services]]\nname = \"{service}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n"

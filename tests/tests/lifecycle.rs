@@ -400,6 +400,44 @@ fn metrics_pass_promtool_check() {
     );
 }
 
+/// Every metric in the contract (packaging/metrics.txt) that rules and dashboards rely on is
+/// exported by the running agent.
+#[test]
+fn live_scrape_exports_the_whole_metric_contract() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("contract", &[("memcached", port, "memcache")]).unwrap();
+    let scrape = agent.scrape_text().unwrap();
+    let dir = scratch_dir("contract");
+    let path = dir.join("scrape.txt");
+    std::fs::write(&path, &scrape).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let contract = std::fs::read_to_string(root.join("packaging/metrics.txt")).unwrap();
+    for line in contract
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let name = line.split_whitespace().next().unwrap();
+        assert!(
+            scrape.contains(&format!("# TYPE {name} ")),
+            "{name} from packaging/metrics.txt is not exported"
+        );
+    }
+    let output = Command::new("/usr/bin/python3")
+        .arg(root.join("packaging/check-metrics.py"))
+        .arg("--exports")
+        .arg(&path)
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// A bad config is a clear error naming the line, and the agent does not start.
 #[test]
 fn config_error_is_reported_with_its_line() {

@@ -364,7 +364,31 @@ fn syn_burst_at_a_listener_that_never_accepts() {
     .unwrap();
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_syn_total", &[("direction", "in")]) >= 20.0
+            && s.sum("cacheprobe_listen_queue_length", &[("service", "stuck")]) >= 2.0
     });
+    // backlog 1: the kernel admits limit + 1 connections, then drops SYNs.
+    assert_eq!(
+        scrape.sum("cacheprobe_listen_queue_limit", &[("service", "stuck")]),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_listen_queue_length", &[("service", "stuck")]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert!(
+        scrape.sum("cacheprobe_listen_overflows_total", &[]) > 0.0,
+        "{}",
+        scrape.text
+    );
+    assert!(
+        scrape.sum("cacheprobe_listen_drops_total", &[]) > 0.0,
+        "{}",
+        scrape.text
+    );
     assert_eq!(
         scrape.sum(
             "cacheprobe_syn_total",
@@ -385,21 +409,22 @@ fn syn_burst_at_a_listener_that_never_accepts() {
     let _ = listener.0.kill();
 }
 
-/// A client with a lowered fd limit opens sockets until EMFILE; the failures are counted for its
-/// process name.
+/// A client with a lowered fd limit opens connections until EMFILE and holds them: the failures
+/// are counted for its process name, its fd usage is near 1, and raising its limit live with
+/// prlimit moves the limit metric.
 #[test]
-fn emfile_is_counted_per_process_name() {
+fn emfile_and_fd_pressure_are_reported_per_process_name() {
     require_root();
     let port = unique_port();
-    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-c", "4096"]).unwrap();
     let agent = Agent::start("emfile", &[("memcached", port, "memcache")]).unwrap();
-    let output = Command::new(PYTHON)
+    let mut client = Command::new(PYTHON)
         .args([
             "-c",
             &format!(
-                "import resource, socket, ctypes\n\
+                "import resource, socket, ctypes, sys, time\n\
                  ctypes.CDLL(None).prctl(15, b'fdhog', 0, 0, 0)\n\
-                 resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n\
+                 resource.setrlimit(resource.RLIMIT_NOFILE, (32, 4096))\n\
                  socks, errors = [], 0\n\
                  for i in range(64):\n\
                  \x20   try:\n\
@@ -407,24 +432,27 @@ fn emfile_is_counted_per_process_name() {
                  \x20   except OSError as e:\n\
                  \x20       if e.errno == 24:\n\
                  \x20           errors += 1\n\
-                 print(errors)\n"
+                 print(errors, flush=True)\n\
+                 time.sleep(30)\n"
             ),
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let client_errors: f64 = String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let client = Guard(client);
+    let client_errors: f64 = line.trim().parse().unwrap();
     assert!(client_errors > 0.0);
+    let hog = [("comm", "fdhog")];
     let labels = [("comm", "fdhog"), ("errno", "EMFILE")];
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_fd_exhaustion_errors_total", &labels) >= client_errors
+            && s.sum("cacheprobe_process_fd_usage_ratio", &hog) > 0.9
     });
     assert_eq!(
         scrape.sum("cacheprobe_fd_exhaustion_errors_total", &labels),
@@ -432,4 +460,38 @@ fn emfile_is_counted_per_process_name() {
         "{}",
         scrape.text
     );
+    let ratio = scrape.sum("cacheprobe_process_fd_usage_ratio", &hog);
+    // Fds inherited above the new limit stay open, so usage can exceed 1.
+    assert!(ratio > 0.9, "ratio {ratio}: {}", scrape.text);
+    assert_eq!(
+        scrape.sum("cacheprobe_process_fd_limit", &hog),
+        32.0,
+        "{}",
+        scrape.text
+    );
+    let connections = scrape.sum(
+        "cacheprobe_process_connections",
+        &[("comm", "fdhog"), ("service", "memcached")],
+    );
+    assert!(
+        (25.0..=32.0).contains(&connections),
+        "connections {connections}"
+    );
+    assert!(scrape.sum("cacheprobe_host_file_limit", &[]) > 0.0);
+
+    let status = Command::new("prlimit")
+        .args(["--pid", &client.0.id().to_string(), "--nofile=1024:4096"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_process_fd_limit", &hog) == 1024.0
+    });
+    assert_eq!(
+        scrape.sum("cacheprobe_process_fd_limit", &hog),
+        1024.0,
+        "{}",
+        scrape.text
+    );
+    assert!(scrape.sum("cacheprobe_process_fd_usage_ratio", &hog) < 0.05);
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod setup;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -56,6 +57,12 @@ enum Task {
         #[arg(long)]
         source: std::net::Ipv4Addr,
     },
+    /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
+    VmTest {
+        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vm::KernelChoice,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,9 @@ fn main() -> ExitCode {
             count,
             source,
         } => bench::hold_connections(target, count, source),
+        Task::VmTest { kernel } => setup::setup_build_tools()
+            .and_then(|()| build(true))
+            .and_then(|()| vm::vm_test(&kernel.kernels())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,15 +119,16 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         "--package",
         "agent-common",
         "--package",
-        "xtask",
-        "--package",
         "cacheprobe-tests",
         "--lib",
     ])?;
+    util::cargo(&["test", "--package", "xtask"])?;
     if unit_only {
         return Ok(());
     }
     util::require_root("integration tests load eBPF programs and create network namespaces")?;
+    util::step("packaging: alert rules and their unit tests, metric names");
+    packaging_checks()?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
     util::cargo(&[
         "test",
@@ -129,7 +140,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         "host_",
     ])?;
     util::step("integration tests (root, real memcached and clients)");
-    let binary = util::workspace_root().join("target/release/cacheprobe");
+    let binary = vm::target_dir().join("release/cacheprobe");
     util::cargo_with_env(
         &[
             "test",
@@ -141,7 +152,35 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         ],
         &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
     )?;
+    util::step("kernel matrix (QEMU)");
+    vm::vm_test(&vm::Kernel::ALL)?;
     Ok(())
+}
+
+/// promtool validates the rules and runs their unit tests; every metric the rules and the
+/// dashboard use must be in the metric contract (the integration tests check the contract
+/// against a live scrape).
+fn packaging_checks() -> anyhow::Result<()> {
+    let root = util::workspace_root();
+    let rules = root.join("packaging/prometheus/cacheprobe.rules.yml");
+    let rule_tests = root.join("packaging/prometheus/cacheprobe.rules.test.yml");
+    util::run_command(
+        std::process::Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&rules),
+    )?;
+    util::run_command(
+        std::process::Command::new("promtool")
+            .arg("test")
+            .arg("rules")
+            .arg(&rule_tests),
+    )?;
+    util::run_command(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(root.join("packaging/check-metrics.py"))
+            .current_dir(&root),
+    )
 }
 
 fn run(args: Vec<String>) -> anyhow::Result<()> {

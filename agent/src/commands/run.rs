@@ -13,15 +13,22 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
+use std::collections::VecDeque;
+
+use aya::maps::{MapData, RingBuf};
+
 use crate::{
+    capture::payload_ts,
     config::Config,
-    events,
-    metrics::{Metrics, ObservationRecorder, ProbeLabels, SourceLabels},
+    events::SockEventRecord,
+    metrics::{Metrics, ProbeLabels},
+    pipeline::{PayloadOutcome, Pipeline},
     probes::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
     },
-    tracking::{ServicePorts, Tracker},
+    sampler::{parse::TcpExtCounters, Sampler, SamplerConfig},
+    sampling,
 };
 
 pub struct RunArgs {
@@ -30,14 +37,73 @@ pub struct RunArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-fn service_ports(config: &Config) -> ServicePorts {
-    ServicePorts::new(
-        config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(index, service)| (service.port, index)),
-    )
+/// Samples /proc on its own thread pool slot so a slow /proc never stalls event processing.
+async fn sample_periodically(
+    mut sampler: Sampler,
+    metrics: Metrics,
+    mut last_tcp_ext: TcpExtCounters,
+    interval: Duration,
+    pids: tokio::sync::mpsc::Sender<Vec<u32>>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Ok((result, returned)) = tokio::task::spawn_blocking(move || {
+            let result = sampler.sample();
+            (result, sampler)
+        })
+        .await
+        else {
+            tracing::error!("/proc sampler panicked; fd and listen-queue metrics stop");
+            return;
+        };
+        sampler = returned;
+        match result {
+            Ok(snapshot) => {
+                sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+                let _ = pids.try_send(snapshot.processes.iter().map(|p| p.pid).collect());
+            }
+            Err(err) => tracing::warn!(%err, "/proc sample failed"),
+        }
+    }
+}
+
+/// Processes both rings in timestamp order. They are separate so payload floods cannot crowd
+/// out lifecycle events, but a connection's bytes and its state changes must be seen in the
+/// order they happened: its opening before its first payload, its last response before its
+/// close.
+fn pump(pipeline: &mut Pipeline, events: &mut RingBuf<MapData>, payloads: &mut RingBuf<MapData>) {
+    let mut pending: VecDeque<SockEventRecord> = VecDeque::new();
+    let mut fetch_events = |pipeline: &mut Pipeline, pending: &mut VecDeque<SockEventRecord>| {
+        while let Some(item) = events.next() {
+            if let Some(event) = pipeline.decode_socket_record(&item) {
+                pending.push_back(event);
+            }
+        }
+    };
+    fetch_events(pipeline, &mut pending);
+    while let Some(item) = payloads.next() {
+        let ts = payload_ts(&item).unwrap_or(u64::MAX);
+        if pending.back().is_none_or(|last| last.ts_ns <= ts) {
+            // Events recorded since our last look may precede this payload.
+            fetch_events(pipeline, &mut pending);
+        }
+        while pending.front().is_some_and(|event| event.ts_ns <= ts) {
+            if let Some(event) = pending.pop_front() {
+                pipeline.handle_socket_event(&event);
+            }
+        }
+        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
+            // Not known even with every earlier event applied: not a watched connection we
+            // track (e.g. the table was full); the payload is dropped.
+            tracing::trace!("payload for an unknown socket");
+        }
+    }
+    fetch_events(pipeline, &mut pending);
+    for event in pending {
+        pipeline.handle_socket_event(&event);
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -79,88 +145,98 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, "serving metrics on /metrics");
     tokio::spawn(crate::http::serve(listener, registry.clone()));
 
-    let mut tracker = Tracker::new(service_ports(&config), config.limits.max_sockets as usize);
-    let mut recorder = ObservationRecorder::new(
-        metrics.clone(),
-        config.services.iter().map(|s| s.name.clone()).collect(),
-        config.limits.max_servers_per_service,
-        config.limits.max_comms,
-    );
-
+    let mut pipeline = Pipeline::new(&config, metrics.clone());
     let mut probes = probes;
-    let ring = probes.take_events().context("ring buffer already taken")?;
-    // SAFETY: the AsyncFd takes ownership of the ring buffer, which owns its fd, so the fd stays
-    // open and unchanged for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|err| anyhow::anyhow!("cannot poll the ring buffer: {err}"))?;
+
+    // Connections and processes that existed before we started: seed the tracker (so the
+    // active gauge is right from the first scrape) and the capture process set.
+    let mut sampler = Sampler::new(SamplerConfig::from_services(
+        &config.services,
+        config.limits.max_comms,
+    ));
+    let (initial, sampler) = tokio::task::spawn_blocking(move || {
+        let result = sampler.sample_with_connections();
+        (result, sampler)
+    })
+    .await?;
+    let mut last_tcp_ext = Default::default();
+    match initial {
+        Ok((snapshot, connections)) => {
+            let mut seeded = Vec::new();
+            for connection in &connections {
+                pipeline.tracker_mut().seed(
+                    connection.local,
+                    connection.remote,
+                    connection.state,
+                    &mut seeded,
+                );
+            }
+            pipeline.record_observations(seeded);
+            sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+            if let Err(err) = probes.add_capture_pids(snapshot.processes.iter().map(|p| p.pid)) {
+                tracing::warn!(%err, "cannot register existing processes for payload capture");
+            }
+            tracing::info!(
+                connections = connections.len(),
+                processes = snapshot.processes.len(),
+                namespaces = snapshot.network_namespaces,
+                "existing watched connections adopted"
+            );
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
+        }
+    }
+    let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<Vec<u32>>(4);
+    tokio::spawn(sample_periodically(
+        sampler,
+        metrics.clone(),
+        last_tcp_ext,
+        Duration::from_secs(config.sample_interval_seconds),
+        pids_tx,
+    ));
+
+    let events = probes
+        .take_events()
+        .context("event ring buffer already taken")?;
+    let payloads = probes
+        .take_payloads()
+        .context("payload ring buffer already taken")?;
+    // SAFETY: each AsyncFd takes ownership of its ring buffer, which owns its fd, so the fd
+    // stays open and unchanged for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the event ring buffer: {err}"))?;
+    let mut payload_ring = unsafe { AsyncFd::register_with_interest(payloads, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut observations = Vec::with_capacity(64);
-    let mut reported_losses: std::collections::HashMap<&'static str, u64> =
-        std::collections::HashMap::new();
-    let mut decode_errors = 0u64;
-    let mut syn_in_seen: std::collections::HashMap<u16, u64> = std::collections::HashMap::new();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match events::decode(&item) {
-                        Ok(event) => {
-                            tracing::trace!(?event, "kernel event");
-                            tracker.handle(&event, &mut observations);
-                        }
-                        Err(err) => {
-                            decode_errors += 1;
-                            if decode_errors.is_power_of_two() {
-                                tracing::warn!(%err, count = decode_errors, "undecodable ring buffer record");
-                            }
-                        }
-                    }
-                }
+                pump(&mut pipeline, guard.get_inner_mut(), payload_ring.get_mut());
                 guard.clear_ready();
-                for observation in observations.drain(..) {
-                    recorder.record(&observation);
+            }
+            guard = payload_ring.readable_mut() => {
+                let mut guard = guard?;
+                pump(&mut pipeline, ring.get_mut(), guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            Some(pids) = pids_rx.recv() => {
+                if let Err(err) = probes.add_capture_pids(pids) {
+                    tracing::debug!(%err, "cannot register processes for payload capture");
                 }
             }
             _ = tick.tick() => {
-                tracker.tick(crate::clock::monotonic_ns(), &mut observations);
-                for observation in observations.drain(..) {
-                    recorder.record(&observation);
-                }
-                match probes.syn_in_counts() {
-                    Ok(counts) => {
-                        for (port, total) in counts {
-                            let Some(service) = config.service_for_port(port) else { continue };
-                            let seen = syn_in_seen.entry(port).or_insert(0);
-                            if total > *seen {
-                                recorder.record_syn_in(service, total - *seen);
-                                *seen = total;
-                            }
-                        }
-                    }
-                    Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
-                }
-                match probes.kernel_losses() {
-                    Ok(totals) => {
-                        for (source, total) in totals {
-                            let seen = reported_losses.entry(source).or_insert(0);
-                            if total > *seen {
-                                metrics.events_lost.get_or_create(&SourceLabels { source }).inc_by(total - *seen);
-                                *seen = total;
-                            }
-                        }
-                    }
-                    Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
-                }
+                pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
         }
     }
+    drop(payload_ring);
     drop(ring);
     drop(probes);
     Ok(())

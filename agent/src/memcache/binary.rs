@@ -75,8 +75,15 @@ impl Header {
         };
         let key_ok = match self.opcode {
             // Commands on an item need its key; noop/version/quit/flush have none.
-            0x00..=0x06 | 0x09 | 0x0c..=0x0f | 0x11..=0x16 | 0x19 | 0x1a | 0x1c..=0x1e
-            | 0x23 | 0x24 => self.key_len > 0,
+            0x00..=0x06
+            | 0x09
+            | 0x0c..=0x0f
+            | 0x11..=0x16
+            | 0x19
+            | 0x1a
+            | 0x1c..=0x1e
+            | 0x23
+            | 0x24 => self.key_len > 0,
             0x07 | 0x08 | 0x0a | 0x0b | 0x17 | 0x18 | 0x1b => self.key_len == 0,
             _ => true,
         };
@@ -87,7 +94,14 @@ impl Header {
 pub(crate) trait PacketSink {
     /// One complete packet. `key` is what was captured of the key (`key_truncated` if not all
     /// of it); `start_ts`/`end_ts` are the timestamps of its first and last bytes' chunks.
-    fn packet(&mut self, header: &Header, key: &[u8], key_truncated: bool, start_ts: u64, end_ts: u64);
+    fn packet(
+        &mut self,
+        header: &Header,
+        key: &[u8],
+        key_truncated: bool,
+        start_ts: u64,
+        end_ts: u64,
+    );
     /// A header could not be read because it was not captured: framing is lost.
     fn lost(&mut self, ts: u64);
     fn garbage(&mut self, ts: u64);
@@ -151,7 +165,13 @@ impl BinFramer {
     }
 
     /// Feeds one chunk; returns how many bytes could not be decoded.
-    pub fn feed<S: PacketSink>(&mut self, captured: &[u8], total: usize, ts: u64, sink: &mut S) -> u64 {
+    pub fn feed<S: PacketSink>(
+        &mut self,
+        captured: &[u8],
+        total: usize,
+        ts: u64,
+        sink: &mut S,
+    ) -> u64 {
         let cap = captured.len().min(total);
         let captured = &captured[..cap];
         let mut skipped = 0u64;
@@ -253,7 +273,13 @@ impl BinFramer {
         self.state = State::Header;
         if let Some(header) = self.header.take() {
             let truncated = self.key_truncated || usize::from(header.key_len) > self.key_have;
-            sink.packet(&header, &self.key[..self.key_have], truncated, self.header_ts, ts);
+            sink.packet(
+                &header,
+                &self.key[..self.key_have],
+                truncated,
+                self.header_ts,
+                ts,
+            );
         }
     }
 }
@@ -276,7 +302,14 @@ pub(crate) struct RequestSink<'a> {
 }
 
 impl PacketSink for RequestSink<'_> {
-    fn packet(&mut self, header: &Header, key: &[u8], key_truncated: bool, _start_ts: u64, end_ts: u64) {
+    fn packet(
+        &mut self,
+        header: &Header,
+        key: &[u8],
+        key_truncated: bool,
+        _start_ts: u64,
+        end_ts: u64,
+    ) {
         let command = Command::from_opcode(header.opcode);
         if has_item_key(header.opcode) && header.key_len > 0 {
             self.pairing.stage_key(key, key_truncated);
@@ -296,12 +329,22 @@ impl PacketSink for RequestSink<'_> {
 
     fn lost(&mut self, ts: u64) {
         self.pairing.push_marker(ts);
-        push_error(self.out, DecodeErrorReason::TruncatedCapture, Direction::ClientToServer, ts);
+        push_error(
+            self.out,
+            DecodeErrorReason::TruncatedCapture,
+            Direction::ClientToServer,
+            ts,
+        );
     }
 
     fn garbage(&mut self, ts: u64) {
         self.pairing.push_marker(ts);
-        push_error(self.out, DecodeErrorReason::Garbage, Direction::ClientToServer, ts);
+        push_error(
+            self.out,
+            DecodeErrorReason::Garbage,
+            Direction::ClientToServer,
+            ts,
+        );
     }
 }
 
@@ -311,7 +354,14 @@ pub(crate) struct ResponseSink<'a> {
 }
 
 impl PacketSink for ResponseSink<'_> {
-    fn packet(&mut self, header: &Header, key: &[u8], key_truncated: bool, start_ts: u64, _end_ts: u64) {
+    fn packet(
+        &mut self,
+        header: &Header,
+        key: &[u8],
+        key_truncated: bool,
+        start_ts: u64,
+        _end_ts: u64,
+    ) {
         let resp = Response {
             kind: RespKind::Binary {
                 opcode: header.opcode,
@@ -329,10 +379,20 @@ impl PacketSink for ResponseSink<'_> {
 
     fn lost(&mut self, ts: u64) {
         self.pairing.lose_responses(ts, self.out);
-        push_error(self.out, DecodeErrorReason::TruncatedCapture, Direction::ServerToClient, ts);
+        push_error(
+            self.out,
+            DecodeErrorReason::TruncatedCapture,
+            Direction::ServerToClient,
+            ts,
+        );
     }
 
     fn garbage(&mut self, ts: u64) {
-        push_error(self.out, DecodeErrorReason::Garbage, Direction::ServerToClient, ts);
+        push_error(
+            self.out,
+            DecodeErrorReason::Garbage,
+            Direction::ServerToClient,
+            ts,
+        );
     }
 }

@@ -41,7 +41,9 @@ pub(crate) trait LineSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Line,
-    Skip { remaining: u64 },
+    Skip {
+        remaining: u64,
+    },
     /// Inside an oversized line whose prefix was already handled.
     DiscardLine,
     Resync,

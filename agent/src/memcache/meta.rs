@@ -121,10 +121,14 @@ pub(crate) fn parse_request<'l>(
         }
     }
     let mut decoded = [0u8; KEY_CAPACITY];
-    request.key = Some(match base64.then(|| decode_base64(key_token, &mut decoded)) {
-        Some(Some((len, overflow))) if !key_cut => Key::new(&decoded[..len], KEY_CAPACITY, overflow),
-        _ => Key::new(key_token, KEY_CAPACITY, key_cut),
-    });
+    request.key = Some(
+        match base64.then(|| decode_base64(key_token, &mut decoded)) {
+            Some(Some((len, overflow))) if !key_cut => {
+                Key::new(&decoded[..len], KEY_CAPACITY, overflow)
+            }
+            _ => Key::new(key_token, KEY_CAPACITY, key_cut),
+        },
+    );
     request
 }
 

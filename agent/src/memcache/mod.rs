@@ -34,8 +34,8 @@ mod proptests;
 mod tests;
 
 pub use model::{
-    Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions, Key,
-    Observation, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol, KEY_CAPACITY,
+    Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
+    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol, KEY_CAPACITY,
 };
 
 use binary::BinFramer;

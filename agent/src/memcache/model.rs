@@ -225,7 +225,10 @@ impl Status {
 
     /// Whether the server reported a failure of the request itself (not a miss or a conflict).
     pub fn is_error(self) -> bool {
-        matches!(self, Status::Error | Status::ClientError | Status::ServerError)
+        matches!(
+            self,
+            Status::Error | Status::ClientError | Status::ServerError
+        )
     }
 }
 

@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use super::model::{
-    Command, DecodeErrorObservation, DecodeErrorReason, Direction, Key, KestrelOptions,
+    Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions, Key,
     Observation, QueueOp, QueueOpKind, RequestObservation, Status,
 };
 
@@ -566,8 +566,9 @@ impl Pairing {
         if entry.family == Family::Binary {
             return Fit::No;
         }
-        if let RespKind::Line(code @ (LineCode::Error | LineCode::ClientError | LineCode::ServerError)) =
-            resp.kind
+        if let RespKind::Line(
+            code @ (LineCode::Error | LineCode::ClientError | LineCode::ServerError),
+        ) = resp.kind
         {
             // Errors are always sent, even for noreply/quiet requests, and to any command.
             return Fit::Done(line_status(code));
@@ -595,15 +596,24 @@ impl Pairing {
                 }
             }
             (Family::Retrieval, RespKind::End) => Fit::Done(Status::Miss),
-            (Family::Storage, RespKind::Line(c @ (L::Stored | L::NotStored | L::Exists | L::NotFound))) => {
+            (
+                Family::Storage,
+                RespKind::Line(c @ (L::Stored | L::NotStored | L::Exists | L::NotFound)),
+            ) => Fit::Done(line_status(c)),
+            (Family::Delete, RespKind::Line(c @ (L::Deleted | L::NotFound))) => {
                 Fit::Done(line_status(c))
             }
-            (Family::Delete, RespKind::Line(c @ (L::Deleted | L::NotFound))) => Fit::Done(line_status(c)),
             (Family::Arith, RespKind::Line(L::Number)) => Fit::Done(Status::Ok),
             (Family::Arith, RespKind::Line(L::NotFound)) => Fit::Done(Status::NotFound),
-            (Family::Touch, RespKind::Line(c @ (L::Touched | L::NotFound))) => Fit::Done(line_status(c)),
-            (Family::Stats, RespKind::Stat | RespKind::Value | RespKind::Line(L::Unknown)) => Fit::Part,
-            (Family::Stats, RespKind::End | RespKind::Line(L::Reset | L::Ok)) => Fit::Done(Status::Ok),
+            (Family::Touch, RespKind::Line(c @ (L::Touched | L::NotFound))) => {
+                Fit::Done(line_status(c))
+            }
+            (Family::Stats, RespKind::Stat | RespKind::Value | RespKind::Line(L::Unknown)) => {
+                Fit::Part
+            }
+            (Family::Stats, RespKind::End | RespKind::Line(L::Reset | L::Ok)) => {
+                Fit::Done(Status::Ok)
+            }
             (Family::Version, RespKind::Line(L::Version)) => Fit::Done(Status::Ok),
             (Family::OkLine, RespKind::Line(L::Ok)) => Fit::Done(Status::Ok),
             (Family::AnyLine, RespKind::Line(c)) => Fit::Done(line_status(c)),
@@ -754,9 +764,11 @@ fn line_status(code: LineCode) -> Status {
         LineCode::Error => Status::Error,
         LineCode::ClientError => Status::ClientError,
         LineCode::ServerError => Status::ServerError,
-        LineCode::Ok | LineCode::Reset | LineCode::Number | LineCode::Version | LineCode::Unknown => {
-            Status::Ok
-        }
+        LineCode::Ok
+        | LineCode::Reset
+        | LineCode::Number
+        | LineCode::Version
+        | LineCode::Unknown => Status::Ok,
     }
 }
 

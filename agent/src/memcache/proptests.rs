@@ -30,16 +30,45 @@ fn summary(command: &'static str, status: &'static str, key: &[u8]) -> Summary {
 
 #[derive(Debug, Clone)]
 enum TextOp {
-    Get { hits: Vec<bool>, gets: bool, len: usize },
-    Store { command: usize, len: usize, outcome: usize, noreply: bool },
-    Delete { found: bool, noreply: bool },
-    Incr { found: bool },
-    Touch { found: bool },
-    Stats { lines: usize },
+    Get {
+        hits: Vec<bool>,
+        gets: bool,
+        len: usize,
+    },
+    Store {
+        command: usize,
+        len: usize,
+        outcome: usize,
+        noreply: bool,
+    },
+    Delete {
+        found: bool,
+        noreply: bool,
+    },
+    Incr {
+        found: bool,
+    },
+    Touch {
+        found: bool,
+    },
+    Stats {
+        lines: usize,
+    },
     Version,
-    MetaGet { hit: bool, quiet: bool, len: usize },
-    MetaSet { len: usize, outcome: usize, quiet: bool },
-    MetaDelete { found: bool, quiet: bool },
+    MetaGet {
+        hit: bool,
+        quiet: bool,
+        len: usize,
+    },
+    MetaSet {
+        len: usize,
+        outcome: usize,
+        quiet: bool,
+    },
+    MetaDelete {
+        found: bool,
+        quiet: bool,
+    },
     MetaNoop,
 }
 
@@ -81,12 +110,21 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
                     response.extend(value(*len, i as u8));
                     response.extend_from_slice(b"\r\n");
                 }
-                expected.push(summary(command, if *hit { "hit" } else { "miss" }, key.as_bytes()));
+                expected.push(summary(
+                    command,
+                    if *hit { "hit" } else { "miss" },
+                    key.as_bytes(),
+                ));
             }
             request.extend_from_slice(b"\r\n");
             response.extend_from_slice(b"END\r\n");
         }
-        TextOp::Store { command, len, outcome, noreply } => {
+        TextOp::Store {
+            command,
+            len,
+            outcome,
+            noreply,
+        } => {
             let name = ["set", "add", "replace", "append", "prepend", "cas"][*command];
             let cas = if name == "cas" { " 99" } else { "" };
             let tail = if *noreply { " noreply" } else { "" };
@@ -121,13 +159,29 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
         }
         TextOp::Incr { found } => {
             request.extend_from_slice(format!("incr {k} 3\r\n").as_bytes());
-            response.extend_from_slice(if *found { b"42\r\n".as_slice() } else { b"NOT_FOUND\r\n" });
-            expected.push(summary("incr", if *found { "ok" } else { "not_found" }, &key));
+            response.extend_from_slice(if *found {
+                b"42\r\n".as_slice()
+            } else {
+                b"NOT_FOUND\r\n"
+            });
+            expected.push(summary(
+                "incr",
+                if *found { "ok" } else { "not_found" },
+                &key,
+            ));
         }
         TextOp::Touch { found } => {
             request.extend_from_slice(format!("touch {k} 10\r\n").as_bytes());
-            response.extend_from_slice(if *found { b"TOUCHED\r\n".as_slice() } else { b"NOT_FOUND\r\n" });
-            expected.push(summary("touch", if *found { "touched" } else { "not_found" }, &key));
+            response.extend_from_slice(if *found {
+                b"TOUCHED\r\n".as_slice()
+            } else {
+                b"NOT_FOUND\r\n"
+            });
+            expected.push(summary(
+                "touch",
+                if *found { "touched" } else { "not_found" },
+                &key,
+            ));
         }
         TextOp::Stats { lines } => {
             request.extend_from_slice(b"stats\r\n");
@@ -154,12 +208,21 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
             }
             expected.push(summary("mg", if *hit { "hit" } else { "miss" }, &key));
         }
-        TextOp::MetaSet { len, outcome, quiet } => {
+        TextOp::MetaSet {
+            len,
+            outcome,
+            quiet,
+        } => {
             let q = if *quiet { " q" } else { "" };
             request.extend_from_slice(format!("ms {k} {len} T0 k{q}\r\n").as_bytes());
             request.extend(value(*len, 9));
             request.extend_from_slice(b"\r\n");
-            let (code, status) = [("HD", "stored"), ("NS", "not_stored"), ("EX", "exists"), ("NF", "not_found")][*outcome];
+            let (code, status) = [
+                ("HD", "stored"),
+                ("NS", "not_stored"),
+                ("EX", "exists"),
+                ("NF", "not_found"),
+            ][*outcome];
             if !(*quiet && code == "HD") {
                 response.extend_from_slice(format!("{code} k{k}\r\n").as_bytes());
             }
@@ -173,7 +236,11 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
             } else if !quiet {
                 response.extend_from_slice(format!("HD k{k}\r\n").as_bytes());
             }
-            expected.push(summary("md", if *found { "deleted" } else { "not_found" }, &key));
+            expected.push(summary(
+                "md",
+                if *found { "deleted" } else { "not_found" },
+                &key,
+            ));
         }
         TextOp::MetaNoop => {
             request.extend_from_slice(b"mn\r\n");
@@ -181,7 +248,11 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
             expected.push(summary("mn", "ok", b""));
         }
     }
-    Exchange { request, response, expected }
+    Exchange {
+        request,
+        response,
+        expected,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +286,11 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
     let label = |opcode: u8| Command::from_opcode(opcode).as_str();
     let (request, response, expected) = match *op {
         BinOp::Get { opcode, hit, len } => {
-            let echo_key: &[u8] = if matches!(opcode, 0x0c | 0x0d) { &key } else { b"" };
+            let echo_key: &[u8] = if matches!(opcode, 0x0c | 0x0d) {
+                &key
+            } else {
+                b""
+            };
             let response = if hit {
                 bin_response(opcode, 0, opaque, echo_key, &value(len, 1))
             } else if quiet(opcode) {
@@ -224,16 +299,29 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
                 bin_response(opcode, 1, opaque, echo_key, b"Not found")
             };
             let status = if hit { "hit" } else { "miss" };
-            (bin_request(opcode, opaque, &key, b""), response, summary(label(opcode), status, &key))
+            (
+                bin_request(opcode, opaque, &key, b""),
+                response,
+                summary(label(opcode), status, &key),
+            )
         }
-        BinOp::Store { opcode, len, status } => {
+        BinOp::Store {
+            opcode,
+            len,
+            status,
+        } => {
             let response = if status == 0 && quiet(opcode) {
                 Vec::new()
             } else {
                 bin_response(opcode, status, opaque, b"", b"")
             };
-            let status = ["stored", "not_found", "exists", "", "", "not_stored"][usize::from(status)];
-            (bin_request(opcode, opaque, &key, &value(len, 2)), response, summary(label(opcode), status, &key))
+            let status =
+                ["stored", "not_found", "exists", "", "", "not_stored"][usize::from(status)];
+            (
+                bin_request(opcode, opaque, &key, &value(len, 2)),
+                response,
+                summary(label(opcode), status, &key),
+            )
         }
         BinOp::Delete { quiet: q, found } => {
             let opcode = if q { 0x14 } else { 0x04 };
@@ -243,7 +331,11 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
                 (_, false) => bin_response(opcode, 1, opaque, b"", b"Not found"),
             };
             let status = if found { "deleted" } else { "not_found" };
-            (bin_request(opcode, opaque, &key, b""), response, summary(label(opcode), status, &key))
+            (
+                bin_request(opcode, opaque, &key, b""),
+                response,
+                summary(label(opcode), status, &key),
+            )
         }
         BinOp::Incr { found } => {
             let response = if found {
@@ -252,7 +344,11 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
                 bin_response(0x05, 1, opaque, b"", b"Not found")
             };
             let status = if found { "ok" } else { "not_found" };
-            (bin_request(0x05, opaque, &key, b""), response, summary("bin_incr", status, &key))
+            (
+                bin_request(0x05, opaque, &key, b""),
+                response,
+                summary("bin_incr", status, &key),
+            )
         }
         BinOp::Noop => (
             bin_request(0x0a, opaque, b"", b""),
@@ -265,7 +361,11 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
             summary("bin_version", "ok", b""),
         ),
     };
-    Exchange { request, response, expected: vec![expected] }
+    Exchange {
+        request,
+        response,
+        expected: vec![expected],
+    }
 }
 
 /// Cuts `bytes` into chunks of the given sizes (cycled).
@@ -283,15 +383,33 @@ fn chunks<'a>(bytes: &'a [u8], sizes: &[usize]) -> Vec<&'a [u8]> {
     out
 }
 
-fn feed(decoder: &mut ConnectionDecoder, direction: Direction, ts: &mut u64, bytes: &[u8], out: &mut Vec<Observation>) {
+fn feed(
+    decoder: &mut ConnectionDecoder,
+    direction: Direction,
+    ts: &mut u64,
+    bytes: &[u8],
+    out: &mut Vec<Observation>,
+) {
     *ts += 1000;
-    decoder.feed(Chunk { direction, ts_ns: *ts, captured: bytes, total_len: bytes.len() }, out);
+    decoder.feed(
+        Chunk {
+            direction,
+            ts_ns: *ts,
+            captured: bytes,
+            total_len: bytes.len(),
+        },
+        out,
+    );
 }
 
 /// Runs the exchanges either one at a time (request chunks, then response chunks) or fully
 /// pipelined (every request, then every response), and returns the sorted request summaries
 /// and any decode errors.
-fn run(exchanges: &[Exchange], sizes: &[usize], pipelined: bool) -> (Vec<Summary>, Vec<DecodeErrorReason>) {
+fn run(
+    exchanges: &[Exchange],
+    sizes: &[usize],
+    pipelined: bool,
+) -> (Vec<Summary>, Vec<DecodeErrorReason>) {
     let mut decoder = ConnectionDecoder::new(DecoderConfig::default());
     let mut out = Vec::new();
     let mut ts = 0;
@@ -299,18 +417,42 @@ fn run(exchanges: &[Exchange], sizes: &[usize], pipelined: bool) -> (Vec<Summary
         let requests: Vec<u8> = exchanges.iter().flat_map(|e| e.request.clone()).collect();
         let responses: Vec<u8> = exchanges.iter().flat_map(|e| e.response.clone()).collect();
         for chunk in chunks(&requests, sizes) {
-            feed(&mut decoder, Direction::ClientToServer, &mut ts, chunk, &mut out);
+            feed(
+                &mut decoder,
+                Direction::ClientToServer,
+                &mut ts,
+                chunk,
+                &mut out,
+            );
         }
         for chunk in chunks(&responses, sizes) {
-            feed(&mut decoder, Direction::ServerToClient, &mut ts, chunk, &mut out);
+            feed(
+                &mut decoder,
+                Direction::ServerToClient,
+                &mut ts,
+                chunk,
+                &mut out,
+            );
         }
     } else {
         for exchange in exchanges {
             for chunk in chunks(&exchange.request, sizes) {
-                feed(&mut decoder, Direction::ClientToServer, &mut ts, chunk, &mut out);
+                feed(
+                    &mut decoder,
+                    Direction::ClientToServer,
+                    &mut ts,
+                    chunk,
+                    &mut out,
+                );
             }
             for chunk in chunks(&exchange.response, sizes) {
-                feed(&mut decoder, Direction::ServerToClient, &mut ts, chunk, &mut out);
+                feed(
+                    &mut decoder,
+                    Direction::ServerToClient,
+                    &mut ts,
+                    chunk,
+                    &mut out,
+                );
             }
         }
     }

@@ -99,7 +99,11 @@ fn exchange(request: &[u8], response: &[u8]) -> Vec<Summary> {
     conn.client(request);
     conn.server(response);
     let summary = conn.summary();
-    assert_eq!(conn.errors(), Vec::<&str>::new(), "no decode errors expected");
+    assert_eq!(
+        conn.errors(),
+        Vec::<&str>::new(),
+        "no decode errors expected"
+    );
     summary
 }
 
@@ -123,7 +127,10 @@ fn get_hit_reports_key_latency_and_bytes() {
 
 #[test]
 fn get_miss() {
-    assert_eq!(exchange(b"get alpha\r\n", b"END\r\n"), vec![s("get", "miss", "alpha")]);
+    assert_eq!(
+        exchange(b"get alpha\r\n", b"END\r\n"),
+        vec![s("get", "miss", "alpha")]
+    );
 }
 
 #[test]
@@ -133,16 +140,29 @@ fn multi_get_reports_each_key_and_splits_bytes() {
     conn.server(b"VALUE a 0 1\r\nx\r\nVALUE c 5 2\r\nyy\r\nEND\r\n");
     let requests = conn.requests();
     let summary: Vec<_> = requests.iter().map(summarize).collect();
-    assert_eq!(summary, vec![s("get", "hit", "a"), s("get", "miss", "b"), s("get", "hit", "c")]);
+    assert_eq!(
+        summary,
+        vec![
+            s("get", "hit", "a"),
+            s("get", "miss", "b"),
+            s("get", "hit", "c")
+        ]
+    );
     assert_eq!(requests.iter().map(|r| r.request_bytes).sum::<u64>(), 11);
-    assert_eq!(requests.iter().map(|r| r.response_bytes).sum::<u64>(), 16 + 17 + 5);
+    assert_eq!(
+        requests.iter().map(|r| r.response_bytes).sum::<u64>(),
+        16 + 17 + 5
+    );
     assert!(requests.iter().all(|r| r.latency_ns == Some(10_000)));
 }
 
 #[test]
 fn multi_get_with_repeated_key() {
     assert_eq!(
-        exchange(b"gets k k\r\n", b"VALUE k 0 1 99\r\nx\r\nVALUE k 0 1 99\r\nx\r\nEND\r\n"),
+        exchange(
+            b"gets k k\r\n",
+            b"VALUE k 0 1 99\r\nx\r\nVALUE k 0 1 99\r\nx\r\nEND\r\n"
+        ),
         vec![s("gets", "hit", "k"), s("gets", "hit", "k")]
     );
 }
@@ -162,17 +182,54 @@ fn gat_and_gats_skip_the_exptime() {
 #[test]
 fn storage_commands_and_their_statuses() {
     let cases: &[(&[u8], &[u8], Summary)] = &[
-        (b"set k 0 0 2\r\nab\r\n", b"STORED\r\n", s("set", "stored", "k")),
-        (b"add k 1 60 2\r\nab\r\n", b"NOT_STORED\r\n", s("add", "not_stored", "k")),
-        (b"replace k 0 0 0\r\n\r\n", b"NOT_STORED\r\n", s("replace", "not_stored", "k")),
-        (b"append k 0 0 1\r\nz\r\n", b"STORED\r\n", s("append", "stored", "k")),
-        (b"prepend k 0 0 1\r\nz\r\n", b"NOT_STORED\r\n", s("prepend", "not_stored", "k")),
-        (b"cas k 0 0 1 12\r\nz\r\n", b"EXISTS\r\n", s("cas", "exists", "k")),
-        (b"cas k 0 0 1 12\r\nz\r\n", b"NOT_FOUND\r\n", s("cas", "not_found", "k")),
-        (b"set k 0 0 3\r\na\r\n\r\n", b"SERVER_ERROR out of memory storing object\r\n", s("set", "server_error", "k")),
+        (
+            b"set k 0 0 2\r\nab\r\n",
+            b"STORED\r\n",
+            s("set", "stored", "k"),
+        ),
+        (
+            b"add k 1 60 2\r\nab\r\n",
+            b"NOT_STORED\r\n",
+            s("add", "not_stored", "k"),
+        ),
+        (
+            b"replace k 0 0 0\r\n\r\n",
+            b"NOT_STORED\r\n",
+            s("replace", "not_stored", "k"),
+        ),
+        (
+            b"append k 0 0 1\r\nz\r\n",
+            b"STORED\r\n",
+            s("append", "stored", "k"),
+        ),
+        (
+            b"prepend k 0 0 1\r\nz\r\n",
+            b"NOT_STORED\r\n",
+            s("prepend", "not_stored", "k"),
+        ),
+        (
+            b"cas k 0 0 1 12\r\nz\r\n",
+            b"EXISTS\r\n",
+            s("cas", "exists", "k"),
+        ),
+        (
+            b"cas k 0 0 1 12\r\nz\r\n",
+            b"NOT_FOUND\r\n",
+            s("cas", "not_found", "k"),
+        ),
+        (
+            b"set k 0 0 3\r\na\r\n\r\n",
+            b"SERVER_ERROR out of memory storing object\r\n",
+            s("set", "server_error", "k"),
+        ),
     ];
     for (request, response, expected) in cases {
-        assert_eq!(exchange(request, response), vec![expected.clone()], "{}", request.escape_ascii());
+        assert_eq!(
+            exchange(request, response),
+            vec![expected.clone()],
+            "{}",
+            request.escape_ascii()
+        );
     }
 }
 
@@ -193,12 +250,19 @@ fn noreply_is_reported_at_once_without_a_response() {
     let mut conn = Conn::new();
     conn.client(b"set alpha 0 0 11 noreply\r\nhello world\r\n");
     let requests = conn.requests();
-    assert_eq!(requests.iter().map(summarize).collect::<Vec<_>>(), vec![s("set", "noreply", "alpha")]);
+    assert_eq!(
+        requests.iter().map(summarize).collect::<Vec<_>>(),
+        vec![s("set", "noreply", "alpha")]
+    );
     assert_eq!(requests[0].latency_ns, None);
     assert_eq!(requests[0].request_bytes, 39);
     assert_eq!(conn.decoder.pending(), 0);
-    conn.client(b"delete a noreply\r\nincr n 1 noreply\r\ndecr n 1 noreply\r\ntouch t 10 noreply\r\n");
-    conn.client(b"cas k 0 0 1 5 noreply\r\nx\r\nflush_all 0 noreply\r\nverbosity 1 noreply\r\nquit\r\n");
+    conn.client(
+        b"delete a noreply\r\nincr n 1 noreply\r\ndecr n 1 noreply\r\ntouch t 10 noreply\r\n",
+    );
+    conn.client(
+        b"cas k 0 0 1 5 noreply\r\nx\r\nflush_all 0 noreply\r\nverbosity 1 noreply\r\nquit\r\n",
+    );
     assert_eq!(
         conn.summary(),
         vec![
@@ -223,23 +287,60 @@ fn noreply_is_reported_at_once_without_a_response() {
 fn other_single_line_commands() {
     let cases: &[(&[u8], &[u8], Summary)] = &[
         (b"delete k\r\n", b"DELETED\r\n", s("delete", "deleted", "k")),
-        (b"delete k 0\r\n", b"NOT_FOUND\r\n", s("delete", "not_found", "k")),
+        (
+            b"delete k 0\r\n",
+            b"NOT_FOUND\r\n",
+            s("delete", "not_found", "k"),
+        ),
         (b"incr n 5\r\n", b"15\r\n", s("incr", "ok", "n")),
-        (b"decr n 5\r\n", b"NOT_FOUND\r\n", s("decr", "not_found", "n")),
-        (b"incr n 5\r\n", b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n", s("incr", "client_error", "n")),
-        (b"touch k 60\r\n", b"TOUCHED\r\n", s("touch", "touched", "k")),
-        (b"touch k 60\r\n", b"NOT_FOUND\r\n", s("touch", "not_found", "k")),
-        (b"version\r\n", b"VERSION 1.6.18\r\n", s("version", "ok", "")),
+        (
+            b"decr n 5\r\n",
+            b"NOT_FOUND\r\n",
+            s("decr", "not_found", "n"),
+        ),
+        (
+            b"incr n 5\r\n",
+            b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+            s("incr", "client_error", "n"),
+        ),
+        (
+            b"touch k 60\r\n",
+            b"TOUCHED\r\n",
+            s("touch", "touched", "k"),
+        ),
+        (
+            b"touch k 60\r\n",
+            b"NOT_FOUND\r\n",
+            s("touch", "not_found", "k"),
+        ),
+        (
+            b"version\r\n",
+            b"VERSION 1.6.18\r\n",
+            s("version", "ok", ""),
+        ),
         (b"verbosity 1\r\n", b"OK\r\n", s("verbosity", "ok", "")),
         (b"flush_all\r\n", b"OK\r\n", s("flush_all", "ok", "")),
-        (b"stats\r\n", b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\n", s("stats", "ok", "")),
+        (
+            b"stats\r\n",
+            b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\n",
+            s("stats", "ok", ""),
+        ),
         (b"stats reset\r\n", b"RESET\r\n", s("stats", "ok", "")),
-        (b"stats cachedump 1 1\r\n", b"ITEM k [1 b; 0 s]\r\nEND\r\n", s("stats", "ok", "")),
+        (
+            b"stats cachedump 1 1\r\n",
+            b"ITEM k [1 b; 0 s]\r\nEND\r\n",
+            s("stats", "ok", ""),
+        ),
         (b"slabs automove 1\r\n", b"OK\r\n", s("other", "ok", "")),
         (b"get\r\n", b"ERROR\r\n", s("get", "error", "")),
     ];
     for (request, response, expected) in cases {
-        assert_eq!(exchange(request, response), vec![expected.clone()], "{}", request.escape_ascii());
+        assert_eq!(
+            exchange(request, response),
+            vec![expected.clone()],
+            "{}",
+            request.escape_ascii()
+        );
     }
 }
 
@@ -257,7 +358,9 @@ fn pipelined_requests_pair_in_order() {
     let mut conn = Conn::new();
     conn.client(b"get a\r\nset b 0 0 1\r\nx\r\ndelete c\r\nget d e\r\nincr n 1\r\n");
     assert_eq!(conn.decoder.pending(), 5);
-    conn.server(b"VALUE a 0 1\r\n1\r\nEND\r\nSTORED\r\nNOT_FOUND\r\nVALUE e 0 1\r\n2\r\nEND\r\n3\r\n");
+    conn.server(
+        b"VALUE a 0 1\r\n1\r\nEND\r\nSTORED\r\nNOT_FOUND\r\nVALUE e 0 1\r\n2\r\nEND\r\n3\r\n",
+    );
     assert_eq!(
         conn.summary(),
         vec![
@@ -288,7 +391,8 @@ fn latency_is_from_request_completion_to_first_response_byte() {
 
 #[test]
 fn every_split_point_gives_the_same_result() {
-    let request: &[u8] = b"get a b\r\nset k 0 0 5\r\nab\r\nc\r\nmg m v\r\nms n 2 T0\r\nxy\r\ndelete z\r\n";
+    let request: &[u8] =
+        b"get a b\r\nset k 0 0 5\r\nab\r\nc\r\nmg m v\r\nms n 2 T0\r\nxy\r\ndelete z\r\n";
     let response: &[u8] = b"VALUE b 0 3\r\nEND\r\nEND\r\nSTORED\r\nVA 2\r\nhi\r\nHD\r\nDELETED\r\n";
     let expected = vec![
         s("get", "miss", "a"),
@@ -305,7 +409,11 @@ fn every_split_point_gives_the_same_result() {
             conn.client(&request[split_request..]);
             conn.server(&response[..split_response]);
             conn.server(&response[split_response..]);
-            assert_eq!(conn.summary(), expected, "split at {split_request}/{split_response}");
+            assert_eq!(
+                conn.summary(),
+                expected,
+                "split at {split_request}/{split_response}"
+            );
             assert!(conn.errors().is_empty());
         }
     }
@@ -320,7 +428,10 @@ fn byte_by_byte_feeding_works() {
     for &b in b"VALUE a 0 1\r\n1\r\nEND\r\nNOT_STORED\r\n" {
         conn.server(&[b]);
     }
-    assert_eq!(conn.summary(), vec![s("get", "hit", "a"), s("set", "not_stored", "k")]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "hit", "a"), s("set", "not_stored", "k")]
+    );
 }
 
 #[test]
@@ -358,7 +469,10 @@ fn uncaptured_responses_after_a_value_are_unknown() {
     response.extend_from_slice(&[b'x'; 500]);
     response.extend_from_slice(b"\r\nVALUE b 0 1\r\ny\r\nEND\r\n");
     conn.feed(Direction::ServerToClient, &response, 200);
-    assert_eq!(conn.summary(), vec![s("get", "hit", "a"), s("get", "unknown", "b")]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "hit", "a"), s("get", "unknown", "b")]
+    );
     assert_eq!(conn.errors(), vec!["truncated_capture"]);
     // The next payload starts at a response again.
     conn.client(b"get c\r\n");
@@ -399,7 +513,10 @@ fn uncaptured_pipelined_requests_do_not_shift_pairing() {
     conn.server(b"END\r\nEND\r\nEND\r\n");
     assert_eq!(conn.summary(), vec![s("get", "miss", "a")]);
     // The answers to b and c fit nothing we saw.
-    assert_eq!(conn.errors(), vec!["unexpected_response", "unexpected_response"]);
+    assert_eq!(
+        conn.errors(),
+        vec!["unexpected_response", "unexpected_response"]
+    );
     conn.client(b"set d 0 0 1\r\nx\r\n");
     conn.server(b"STORED\r\n");
     assert_eq!(conn.summary(), vec![s("set", "stored", "d")]);
@@ -465,7 +582,10 @@ fn wrong_data_length_is_detected_by_the_terminator() {
     assert_eq!(conn.errors(), vec!["garbage"]);
     conn.server(b"CLIENT_ERROR bad data chunk\r\nERROR\r\nEND\r\n");
     let summary = conn.summary();
-    assert_eq!(summary, vec![s("set", "client_error", "k"), s("get", "miss", "k")]);
+    assert_eq!(
+        summary,
+        vec![s("set", "client_error", "k"), s("get", "miss", "k")]
+    );
     // The ERROR answering the misread data line is not taken for get's answer.
     assert_eq!(conn.errors(), vec!["unexpected_response"]);
 }
@@ -474,7 +594,8 @@ fn wrong_data_length_is_detected_by_the_terminator() {
 fn client_gap_makes_responses_prove_their_request() {
     let mut conn = Conn::new();
     conn.client(b"get a\r\n");
-    conn.decoder.note_gap(Direction::ClientToServer, &mut conn.out);
+    conn.decoder
+        .note_gap(Direction::ClientToServer, &mut conn.out);
     // Lost: "set b ..." and its STORED arrives.
     conn.server(b"END\r\nSTORED\r\n");
     assert_eq!(conn.summary(), vec![s("get", "miss", "a")]);
@@ -489,13 +610,20 @@ fn server_gap_finishes_outstanding_requests_as_unknown() {
     let mut conn = Conn::new();
     conn.client(b"get a\r\nget b\r\n");
     conn.server(b"VALUE a 0 10\r\n01234");
-    conn.decoder.note_gap(Direction::ServerToClient, &mut conn.out);
-    assert_eq!(conn.summary(), vec![s("get", "hit", "a"), s("get", "unknown", "b")]);
+    conn.decoder
+        .note_gap(Direction::ServerToClient, &mut conn.out);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "hit", "a"), s("get", "unknown", "b")]
+    );
     assert_eq!(conn.errors(), vec!["gap"]);
     // The rest of the value arrives: skipped while resynchronising, then END belongs to b
     // which is already reported, so it is unexpected.
     conn.server(b"56789\r\nEND\r\nEND\r\n");
-    assert_eq!(conn.errors(), vec!["unexpected_response", "unexpected_response"]);
+    assert_eq!(
+        conn.errors(),
+        vec!["unexpected_response", "unexpected_response"]
+    );
     conn.client(b"get c\r\n");
     conn.server(b"END\r\n");
     assert_eq!(conn.summary(), vec![s("get", "miss", "c")]);
@@ -507,7 +635,10 @@ fn lost_response_is_skipped_when_a_later_one_fits() {
     conn.client(b"get a\r\nset b 0 0 1\r\nx\r\n");
     // get a's END never shows up (no gap was reported); STORED only fits set b.
     conn.server(b"STORED\r\n");
-    assert_eq!(conn.summary(), vec![s("get", "unknown", "a"), s("set", "stored", "b")]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "unknown", "a"), s("set", "stored", "b")]
+    );
 }
 
 #[test]
@@ -522,7 +653,10 @@ fn expire_and_finish() {
     assert_eq!(conn.summary(), vec![s("get", "timeout", "a")]);
     conn.client(b"set c 0 0 100\r\nonly part");
     conn.decoder.finish(&mut conn.out);
-    assert_eq!(conn.summary(), vec![s("get", "unanswered", "b"), s("set", "unanswered", "c")]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "unanswered", "b"), s("set", "unanswered", "c")]
+    );
     assert_eq!(conn.decoder.pending(), 0);
 }
 
@@ -536,8 +670,14 @@ fn pending_queue_is_bounded() {
     assert_eq!(conn.errors(), vec!["pending_overflow", "pending_overflow"]);
     assert_eq!(conn.decoder.pending(), 2);
     conn.server(b"END\r\nEND\r\nEND\r\nEND\r\n");
-    assert_eq!(conn.summary(), vec![s("get", "miss", "a"), s("get", "miss", "b")]);
-    assert_eq!(conn.errors(), vec!["unexpected_response", "unexpected_response"]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "miss", "a"), s("get", "miss", "b")]
+    );
+    assert_eq!(
+        conn.errors(),
+        vec!["unexpected_response", "unexpected_response"]
+    );
 }
 
 #[test]
@@ -559,11 +699,29 @@ fn multi_get_keys_are_bounded() {
 
 #[test]
 fn meta_get_forms() {
-    assert_eq!(exchange(b"mg foo v\r\n", b"VA 3\r\nbar\r\n"), vec![s("mg", "hit", "foo")]);
-    assert_eq!(exchange(b"mg foo t\r\n", b"HD t-1\r\n"), vec![s("mg", "hit", "foo")]);
-    assert_eq!(exchange(b"mg foo v\r\n", b"EN\r\n"), vec![s("mg", "miss", "foo")]);
-    assert_eq!(exchange(b"me foo\r\n", b"ME foo exp=-1 la=3 cas=2 fetch=no cls=1 size=63\r\n"), vec![s("me", "hit", "foo")]);
-    assert_eq!(exchange(b"me foo\r\n", b"EN\r\n"), vec![s("me", "miss", "foo")]);
+    assert_eq!(
+        exchange(b"mg foo v\r\n", b"VA 3\r\nbar\r\n"),
+        vec![s("mg", "hit", "foo")]
+    );
+    assert_eq!(
+        exchange(b"mg foo t\r\n", b"HD t-1\r\n"),
+        vec![s("mg", "hit", "foo")]
+    );
+    assert_eq!(
+        exchange(b"mg foo v\r\n", b"EN\r\n"),
+        vec![s("mg", "miss", "foo")]
+    );
+    assert_eq!(
+        exchange(
+            b"me foo\r\n",
+            b"ME foo exp=-1 la=3 cas=2 fetch=no cls=1 size=63\r\n"
+        ),
+        vec![s("me", "hit", "foo")]
+    );
+    assert_eq!(
+        exchange(b"me foo\r\n", b"EN\r\n"),
+        vec![s("me", "miss", "foo")]
+    );
     assert_eq!(exchange(b"mn\r\n", b"MN\r\n"), vec![s("mn", "ok", "")]);
 }
 
@@ -571,7 +729,11 @@ fn meta_get_forms() {
 fn meta_mutations_and_return_codes() {
     let cases: &[(&[u8], &[u8], Summary)] = &[
         (b"ms k 2 T60\r\nhi\r\n", b"HD\r\n", s("ms", "stored", "k")),
-        (b"ms k 2 ME\r\nhi\r\n", b"NS\r\n", s("ms", "not_stored", "k")),
+        (
+            b"ms k 2 ME\r\nhi\r\n",
+            b"NS\r\n",
+            s("ms", "not_stored", "k"),
+        ),
         (b"ms k 2 C5\r\nhi\r\n", b"EX\r\n", s("ms", "exists", "k")),
         (b"ms k 2 C5\r\nhi\r\n", b"NF\r\n", s("ms", "not_found", "k")),
         (b"ms k S2 T0\r\nhi\r\n", b"HD\r\n", s("ms", "stored", "k")),
@@ -582,10 +744,19 @@ fn meta_mutations_and_return_codes() {
         (b"ma n v D5\r\n", b"VA 2\r\n10\r\n", s("ma", "ok", "n")),
         (b"ma n\r\n", b"NF\r\n", s("ma", "not_found", "n")),
         (b"ma n N0\r\n", b"NS\r\n", s("ma", "not_stored", "n")),
-        (b"mg k v\r\n", b"CLIENT_ERROR bad command line format\r\n", s("mg", "client_error", "k")),
+        (
+            b"mg k v\r\n",
+            b"CLIENT_ERROR bad command line format\r\n",
+            s("mg", "client_error", "k"),
+        ),
     ];
     for (request, response, expected) in cases {
-        assert_eq!(exchange(request, response), vec![expected.clone()], "{}", request.escape_ascii());
+        assert_eq!(
+            exchange(request, response),
+            vec![expected.clone()],
+            "{}",
+            request.escape_ascii()
+        );
     }
 }
 
@@ -618,7 +789,11 @@ fn meta_quiet_failure_is_returned() {
     conn.server(b"EX kb\r\nMN\r\n");
     assert_eq!(
         conn.summary(),
-        vec![s("ms", "stored", "a"), s("ms", "exists", "b"), s("mn", "ok", "")]
+        vec![
+            s("ms", "stored", "a"),
+            s("ms", "exists", "b"),
+            s("mn", "ok", "")
+        ]
     );
 }
 
@@ -641,7 +816,11 @@ fn meta_base64_keys_are_decoded() {
     conn.server(b"VA 1 kYmFy b\r\nx\r\nMN\r\n");
     assert_eq!(
         conn.summary(),
-        vec![s("mg", "miss", "foo"), s("mg", "hit", "bar"), s("mn", "ok", "")]
+        vec![
+            s("mg", "miss", "foo"),
+            s("mg", "hit", "bar"),
+            s("mn", "ok", "")
+        ]
     );
 }
 
@@ -657,7 +836,13 @@ fn queue_mode_enqueue_dequeue_and_empty_poll() {
     let ops: Vec<_> = conn
         .requests()
         .iter()
-        .map(|r| (r.key.unwrap().as_bytes().to_vec(), r.queue.unwrap().op, r.status))
+        .map(|r| {
+            (
+                r.key.unwrap().as_bytes().to_vec(),
+                r.queue.unwrap().op,
+                r.status,
+            )
+        })
         .collect();
     assert_eq!(
         ops,
@@ -673,11 +858,23 @@ fn queue_mode_enqueue_dequeue_and_empty_poll() {
 fn queue_mode_kestrel_options() {
     let mut conn = Conn::queue();
     let cases: &[(&[u8], &[u8], QueueOpKind)] = &[
-        (b"get jobs/t=500/open\r\n", b"VALUE jobs 0 1\r\nx\r\nEND\r\n", QueueOpKind::Open),
-        (b"get jobs/close/open\r\n", b"END\r\n", QueueOpKind::EmptyPoll),
+        (
+            b"get jobs/t=500/open\r\n",
+            b"VALUE jobs 0 1\r\nx\r\nEND\r\n",
+            QueueOpKind::Open,
+        ),
+        (
+            b"get jobs/close/open\r\n",
+            b"END\r\n",
+            QueueOpKind::EmptyPoll,
+        ),
         (b"get jobs/close\r\n", b"END\r\n", QueueOpKind::Close),
         (b"get jobs/abort\r\n", b"END\r\n", QueueOpKind::Abort),
-        (b"get jobs/peek\r\n", b"VALUE jobs/peek 0 1\r\nx\r\nEND\r\n", QueueOpKind::Peek),
+        (
+            b"get jobs/peek\r\n",
+            b"VALUE jobs/peek 0 1\r\nx\r\nEND\r\n",
+            QueueOpKind::Peek,
+        ),
         (b"get jobs/t=10\r\n", b"END\r\n", QueueOpKind::EmptyPoll),
     ];
     for (request, response, op) in cases {
@@ -741,16 +938,44 @@ pub(super) fn bin_request(opcode: u8, opaque: u32, key: &[u8], value: &[u8]) -> 
         0x1c..=0x1e | 0x23 | 0x24 => &[0; 4],
         _ => &[],
     };
-    Packet { magic: 0x80, opcode, status: 0, opaque, extras, key, value }.bytes()
+    Packet {
+        magic: 0x80,
+        opcode,
+        status: 0,
+        opaque,
+        extras,
+        key,
+        value,
+    }
+    .bytes()
 }
 
-pub(super) fn bin_response(opcode: u8, status: u16, opaque: u32, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let extras: &[u8] = if status == 0 && matches!(opcode, 0x00 | 0x09 | 0x0c | 0x0d | 0x1d | 0x1e | 0x23 | 0x24) {
+pub(super) fn bin_response(
+    opcode: u8,
+    status: u16,
+    opaque: u32,
+    key: &[u8],
+    value: &[u8],
+) -> Vec<u8> {
+    let extras: &[u8] = if status == 0
+        && matches!(
+            opcode,
+            0x00 | 0x09 | 0x0c | 0x0d | 0x1d | 0x1e | 0x23 | 0x24
+        ) {
         &[0; 4]
     } else {
         &[]
     };
-    Packet { magic: 0x81, opcode, status, opaque, extras, key, value }.bytes()
+    Packet {
+        magic: 0x81,
+        opcode,
+        status,
+        opaque,
+        extras,
+        key,
+        value,
+    }
+    .bytes()
 }
 
 #[test]
@@ -774,7 +999,13 @@ fn binary_get_set_delete_and_statuses() {
     responses.extend(bin_response(0x00, 1, 3, b"", b"Not found"));
     responses.extend(bin_response(0x02, 2, 4, b"", b"Data exists for key."));
     responses.extend(bin_response(0x04, 1, 5, b"", b"Not found"));
-    responses.extend(bin_response(0x05, 6, 6, b"", b"Non-numeric server-side value for incr or decr"));
+    responses.extend(bin_response(
+        0x05,
+        6,
+        6,
+        b"",
+        b"Non-numeric server-side value for incr or decr",
+    ));
     responses.extend(bin_response(0x1c, 0, 7, b"", b""));
     responses.extend(bin_response(0x0b, 0, 8, b"", b"1.6.18"));
     responses.extend(bin_response(0x3f, 0x81, 9, b"", b"Unknown command"));
@@ -836,7 +1067,10 @@ fn binary_opaque_decides_pairing() {
     conn.client(&requests);
     // The response to opaque 1 was lost; opaque 2 proves it.
     conn.server(&bin_response(0x00, 0, 2, b"", b"x"));
-    assert_eq!(conn.summary(), vec![s("bin_get", "unknown", "a"), s("bin_get", "hit", "b")]);
+    assert_eq!(
+        conn.summary(),
+        vec![s("bin_get", "unknown", "a"), s("bin_get", "hit", "b")]
+    );
     conn.server(&bin_response(0x00, 0, 7, b"", b"x"));
     assert_eq!(conn.errors(), vec!["unexpected_response"]);
 }
@@ -850,7 +1084,10 @@ fn binary_stat_is_a_multi_packet_response() {
     responses.extend(bin_response(0x10, 0, 1, b"", b""));
     conn.server(&responses);
     let requests = conn.requests();
-    assert_eq!(requests.iter().map(summarize).collect::<Vec<_>>(), vec![s("bin_stat", "ok", "")]);
+    assert_eq!(
+        requests.iter().map(summarize).collect::<Vec<_>>(),
+        vec![s("bin_stat", "ok", "")]
+    );
     assert_eq!(requests[0].response_bytes, responses.len() as u64);
 }
 
@@ -867,7 +1104,11 @@ fn binary_quitq_and_large_value_prefix() {
     conn.client(&bin_request(0x17, 3, b"", b""));
     assert_eq!(
         conn.summary(),
-        vec![s("bin_set", "stored", "big"), s("bin_get", "hit", "big"), s("bin_quitq", "noreply", "")]
+        vec![
+            s("bin_set", "stored", "big"),
+            s("bin_get", "hit", "big"),
+            s("bin_quitq", "noreply", "")
+        ]
     );
     assert!(conn.errors().is_empty());
 }

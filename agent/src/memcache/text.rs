@@ -4,8 +4,12 @@
 
 use super::lines::{LineOutcome, LineSink};
 use super::meta;
-use super::model::{Command, DecodeErrorReason, Direction, KestrelOptions, Observation, KEY_CAPACITY};
-use super::pairing::{push_error, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind, Response};
+use super::model::{
+    Command, DecodeErrorReason, Direction, KestrelOptions, Observation, KEY_CAPACITY,
+};
+use super::pairing::{
+    push_error, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind, Response,
+};
 use super::DecoderConfig;
 
 /// Space-separated tokens, as memcached splits them.
@@ -46,9 +50,31 @@ const OTHER_COMMANDS: &[&[u8]] = &[
 ];
 
 const REQUEST_WORDS: &[&[u8]] = &[
-    b"get", b"gets", b"gat", b"gats", b"set", b"add", b"replace", b"append", b"prepend", b"cas",
-    b"delete", b"incr", b"decr", b"touch", b"stats", b"version", b"verbosity", b"flush_all",
-    b"quit", b"mg", b"ms", b"md", b"ma", b"mn", b"me",
+    b"get",
+    b"gets",
+    b"gat",
+    b"gats",
+    b"set",
+    b"add",
+    b"replace",
+    b"append",
+    b"prepend",
+    b"cas",
+    b"delete",
+    b"incr",
+    b"decr",
+    b"touch",
+    b"stats",
+    b"version",
+    b"verbosity",
+    b"flush_all",
+    b"quit",
+    b"mg",
+    b"ms",
+    b"md",
+    b"ma",
+    b"mn",
+    b"me",
 ];
 
 const RESPONSE_WORDS: &[&[u8]] = &[
@@ -216,8 +242,7 @@ impl RequestSink<'_> {
                 }
                 let key = args[0];
                 if count > 0 {
-                    self.pairing
-                        .stage_key(key, count == 1 && !complete_tail);
+                    self.pairing.stage_key(key, count == 1 && !complete_tail);
                 }
                 if self.config.queue_mode && command == Command::Set {
                     req.queue = Some(QueueIntent::Enqueue);

@@ -273,6 +273,32 @@ impl Probes {
         Ok(())
     }
 
+    /// Marks processes as users of watched sockets so their I/O syscalls are captured from the
+    /// first one (the kernel otherwise learns a process only at its first connect or listen).
+    pub fn add_capture_pids(&mut self, pids: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
+        let mut map: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("CAPTURE_PIDS")
+                .context("kernel object has no CAPTURE_PIDS map")?,
+        )?;
+        for pid in pids {
+            map.insert(pid, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Cumulative run time and run count per loaded program (kernel bpf_stats; zero unless
+    /// `kernel.bpf_stats_enabled` is 1).
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_string(), info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
     /// SYNs seen arriving per destination port since load.
     pub fn syn_in_counts(&self) -> anyhow::Result<Vec<(u16, u64)>> {
         let Some(map) = self.ebpf.map("SYN_IN") else {

@@ -1,0 +1,352 @@
+//! The agent's event pipeline, independent of I/O: kernel records in, metrics (and anything
+//! else that listens) out. `run` feeds it from the ring buffers; `diagnose` can drive the same
+//! pipeline for a bounded time.
+
+use std::collections::HashMap;
+
+use agent_common::tcp_state;
+
+use crate::{
+    capture::{parse_payload, Decoders, MemcacheEvent},
+    config::{Config, Protocol},
+    dead_writes::DeadWrite,
+    events::{self, EventKind, Role, SockEventRecord},
+    keys::{KeyDisplay, KeyRouting, TopK},
+    metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
+    probes::loader::Probes,
+    tracking::{Endpoint, Observation, ServicePorts, Tracker},
+};
+
+/// Requests unanswered this long finish as timeouts.
+const REQUEST_TIMEOUT_NS: u64 = 5_000_000_000;
+const KEY_SPLIT_WINDOW_NS: u64 = 60_000_000_000;
+const HOT_KEYS_PER_SERVER: usize = 32;
+
+/// Something that wants every observation as it happens (history for diagnose, tests).
+pub trait ObservationSink {
+    fn observation(&mut self, observation: &Observation);
+    fn memcache(&mut self, event: &MemcacheEvent, comm: Option<&str>);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadOutcome {
+    Handled,
+    UnknownSocket,
+}
+
+fn bpf_stats_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+}
+
+pub struct Pipeline {
+    queue_mode: Vec<bool>,
+    tracker: Tracker,
+    recorder: ObservationRecorder,
+    decoders: Decoders,
+    routing: KeyRouting,
+    hot_keys: HashMap<Endpoint, (TopK, TopK)>,
+    max_hot_key_endpoints: usize,
+    key_display: KeyDisplay,
+    /// Dead writes wait one tick for the payload that names their command.
+    held_dead_writes: Vec<DeadWrite>,
+    observations: Vec<Observation>,
+    memcache_events: Vec<MemcacheEvent>,
+    syn_in_seen: HashMap<u16, u64>,
+    losses_seen: HashMap<&'static str, u64>,
+    pub undecodable_records: u64,
+    program_stats_seen: HashMap<String, (u64, u64)>,
+    sinks: Vec<Box<dyn ObservationSink + Send>>,
+}
+
+fn service_ports(config: &Config) -> ServicePorts {
+    ServicePorts::new(
+        config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, service)| (service.port, index)),
+    )
+}
+
+impl Pipeline {
+    pub fn new(config: &Config, metrics: Metrics) -> Self {
+        let max = config.limits.max_sockets as usize;
+        Pipeline {
+            queue_mode: config
+                .services
+                .iter()
+                .map(|s| s.protocol == Protocol::MemcacheQueue)
+                .collect(),
+            tracker: Tracker::new(service_ports(config), max),
+            recorder: ObservationRecorder::new(
+                metrics,
+                config.services.iter().map(|s| s.name.clone()).collect(),
+                config.limits.max_servers_per_service,
+                config.limits.max_comms,
+            ),
+            decoders: Decoders::new(max),
+            routing: KeyRouting::new(KEY_SPLIT_WINDOW_NS, 100_000),
+            hot_keys: HashMap::new(),
+            max_hot_key_endpoints: config.limits.max_servers_per_service * 2,
+            key_display: config.keys,
+            held_dead_writes: Vec::new(),
+            observations: Vec::with_capacity(64),
+            memcache_events: Vec::with_capacity(256),
+            syn_in_seen: HashMap::new(),
+            losses_seen: HashMap::new(),
+            undecodable_records: 0,
+            program_stats_seen: HashMap::new(),
+            sinks: Vec::new(),
+        }
+    }
+
+    pub fn add_sink(&mut self, sink: Box<dyn ObservationSink + Send>) {
+        self.sinks.push(sink);
+    }
+
+    /// Records observations produced outside the event stream (e.g. connections seeded from
+    /// /proc at start).
+    pub fn record_observations(&mut self, observations: Vec<Observation>) {
+        self.observations.extend(observations);
+        self.flush();
+    }
+
+    pub fn tracker_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
+    }
+
+    /// A config reload: new services and names; existing connections keep their endpoints.
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.tracker.set_services(service_ports(config));
+        self.recorder
+            .set_service_names(config.services.iter().map(|s| s.name.clone()).collect());
+        self.queue_mode = config
+            .services
+            .iter()
+            .map(|s| s.protocol == Protocol::MemcacheQueue)
+            .collect();
+        self.key_display = config.keys;
+    }
+
+    /// One record from the socket event ring buffer.
+    pub fn on_socket_record(&mut self, bytes: &[u8]) {
+        if let Some(event) = self.decode_socket_record(bytes) {
+            self.handle_socket_event(&event);
+        }
+    }
+
+    /// Decodes a socket event record, counting (not failing on) bad ones.
+    pub fn decode_socket_record(&mut self, bytes: &[u8]) -> Option<SockEventRecord> {
+        match events::decode(bytes) {
+            Ok(event) => Some(event),
+            Err(err) => {
+                self.undecodable_records += 1;
+                if self.undecodable_records.is_power_of_two() {
+                    tracing::warn!(%err, count = self.undecodable_records, "undecodable ring buffer record");
+                }
+                None
+            }
+        }
+    }
+
+    pub fn handle_socket_event(&mut self, event: &SockEventRecord) {
+        tracing::trace!(?event, "kernel event");
+        if let EventKind::StateChange {
+            old_state,
+            new_state,
+        } = event.kind
+        {
+            // A socket that closes, or a new one (connect, or a child cloned from a listener) at
+            // an address an old one used: the old byte stream is over.
+            if new_state == tcp_state::CLOSE
+                || old_state == tcp_state::CLOSE
+                || old_state == tcp_state::LISTEN
+            {
+                self.decoders.on_close(event.sk, &mut self.memcache_events);
+            }
+        }
+        self.tracker.handle(event, &mut self.observations);
+        self.flush();
+    }
+
+    /// One record from the payload ring buffer. [`PayloadOutcome::UnknownSocket`] means the
+    /// socket's events may still be waiting in the other ring: drain it and offer the record
+    /// again.
+    pub fn on_payload_record(&mut self, bytes: &[u8]) -> PayloadOutcome {
+        let payload = match parse_payload(bytes) {
+            Ok(payload) => payload,
+            Err(err) => {
+                self.undecodable_records += 1;
+                if self.undecodable_records.is_power_of_two() {
+                    tracing::warn!(%err, count = self.undecodable_records, "undecodable payload record");
+                }
+                return PayloadOutcome::Handled;
+            }
+        };
+        let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
+            return PayloadOutcome::UnknownSocket;
+        };
+        let queue_mode = self
+            .queue_mode
+            .get(endpoint.service)
+            .copied()
+            .unwrap_or(false);
+        self.decoders
+            .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
+        let comm = events::comm_to_string(payload.comm);
+        self.flush_memcache(Some(&comm));
+        PayloadOutcome::Handled
+    }
+
+    /// Once a second: timeouts, dead-write outcomes, kernel counters.
+    pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>, config: &Config) {
+        // Writes held since the last tick have had their payload: name the command, report.
+        for mut write in std::mem::take(&mut self.held_dead_writes) {
+            if write.command.is_none() {
+                write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
+            }
+            let observation = Observation::DeadSocketWrite(write);
+            self.recorder.record(&observation);
+            for sink in &mut self.sinks {
+                sink.observation(&observation);
+            }
+        }
+        self.tracker.tick(now_ns, &mut self.observations);
+        self.decoders
+            .expire(now_ns, REQUEST_TIMEOUT_NS, &mut self.memcache_events);
+        let tracker = &self.tracker;
+        self.decoders.retain_known(
+            |sk| tracker.endpoint_of(sk).is_some(),
+            &mut self.memcache_events,
+        );
+        self.flush();
+
+        let Some(probes) = probes else { return };
+        match probes.syn_in_counts() {
+            Ok(counts) => {
+                for (port, total) in counts {
+                    let Some(service) = config.service_for_port(port) else {
+                        continue;
+                    };
+                    let seen = self.syn_in_seen.entry(port).or_insert(0);
+                    if total > *seen {
+                        self.recorder.record_syn_in(service, total - *seen);
+                        *seen = total;
+                    }
+                }
+            }
+            Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
+        }
+        match probes.kernel_losses() {
+            Ok(totals) => {
+                for (source, total) in totals {
+                    let seen = self.losses_seen.entry(source).or_insert(0);
+                    if total > *seen {
+                        self.recorder
+                            .metrics()
+                            .events_lost
+                            .get_or_create(&SourceLabels { source })
+                            .inc_by(total - *seen);
+                        *seen = total;
+                    }
+                }
+            }
+            Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
+        }
+        if bpf_stats_enabled() {
+            let metrics = self.recorder.metrics().clone();
+            for (program, run_time, runs) in probes.program_stats() {
+                let seen = self
+                    .program_stats_seen
+                    .entry(program.clone())
+                    .or_insert((0, 0));
+                let labels = ProgramLabels { program };
+                let run_ns = run_time.as_nanos() as u64;
+                if run_ns > seen.0 {
+                    metrics
+                        .bpf_run_seconds
+                        .get_or_create(&labels)
+                        .inc_by((run_ns - seen.0) as f64 / 1e9);
+                }
+                if runs > seen.1 {
+                    metrics
+                        .bpf_runs
+                        .get_or_create(&labels)
+                        .inc_by(runs - seen.1);
+                }
+                *seen = (run_ns.max(seen.0), runs.max(seen.1));
+            }
+        }
+        if self.decoders.dropped > 0 {
+            self.recorder
+                .metrics()
+                .events_lost
+                .get_or_create(&SourceLabels { source: "decoder" })
+                .inc_by(std::mem::take(&mut self.decoders.dropped));
+        }
+    }
+
+    fn flush(&mut self) {
+        for observation in self.observations.drain(..) {
+            if let Observation::DeadSocketWrite(write) = observation {
+                self.held_dead_writes.push(write);
+                continue;
+            }
+            self.recorder.record(&observation);
+            for sink in &mut self.sinks {
+                sink.observation(&observation);
+            }
+        }
+        self.flush_memcache(None);
+    }
+
+    fn flush_memcache(&mut self, comm: Option<&str>) {
+        for event in self.memcache_events.drain(..) {
+            self.recorder.record_memcache(&event);
+            if let MemcacheEvent::Request { endpoint, request } = &event {
+                if let Some(key) = &request.key {
+                    let key = key.as_bytes();
+                    if endpoint.role == Role::Client
+                        && self.routing.observe(
+                            endpoint.service,
+                            key,
+                            endpoint.server,
+                            request.request_ts_ns,
+                            self.key_display,
+                        )
+                    {
+                        self.recorder.record_key_split(endpoint.service);
+                    }
+                    if self.hot_keys.contains_key(endpoint)
+                        || self.hot_keys.len() < self.max_hot_key_endpoints
+                    {
+                        let (by_requests, by_bytes) =
+                            self.hot_keys.entry(*endpoint).or_insert_with(|| {
+                                (
+                                    TopK::new(HOT_KEYS_PER_SERVER),
+                                    TopK::new(HOT_KEYS_PER_SERVER),
+                                )
+                            });
+                        by_requests.add(key, 1);
+                        by_bytes.add(key, request.request_bytes + request.response_bytes);
+                    }
+                }
+            }
+            for sink in &mut self.sinks {
+                sink.memcache(&event, comm);
+            }
+        }
+    }
+
+    pub fn key_routing(&self) -> &KeyRouting {
+        &self.routing
+    }
+
+    pub fn hot_keys(&self) -> &HashMap<Endpoint, (TopK, TopK)> {
+        &self.hot_keys
+    }
+
+    pub fn key_display(&self) -> KeyDisplay {
+        self.key_display
+    }
+}

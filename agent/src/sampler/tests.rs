@@ -1,0 +1,428 @@
+//! The I/O layer against the real /proc of this test process: it owns a listener on an
+//! ephemeral port and connections to it, treats that port as watched, and checks that a sample
+//! finds exactly those sockets. Reading one's own /proc entries needs no privilege.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{testing::listen_loopback, *};
+
+/// Held by tests that read or change this process's RLIMIT_NOFILE, which all tests share.
+static NOFILE_LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn sampler_for(port: u16, service: &str) -> Sampler {
+    Sampler::new(SamplerConfig::new(
+        BTreeMap::from([(port, service.to_string())]),
+        16,
+    ))
+}
+
+fn own_netns() -> u64 {
+    ProcFs::new("/proc").netns_of(std::process::id()).unwrap()
+}
+
+fn own_comm() -> String {
+    ProcFs::new("/proc").read_comm(std::process::id()).unwrap()
+}
+
+fn soft_nofile_now() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    limit.rlim_cur
+}
+
+/// Samples until `ready` holds: the accept queue is updated when the handshake's last ACK is
+/// processed, which on loopback is almost but not strictly before connect() returns.
+fn sample_until(
+    sampler: &mut Sampler,
+    ready: impl Fn(&Snapshot) -> bool,
+) -> (Snapshot, Vec<WatchedConnection>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (snapshot, connections) = sampler.sample_with_connections().unwrap();
+        if ready(&snapshot) || Instant::now() > deadline {
+            return (snapshot, connections);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn finds_own_listener_queue_process_and_connections() {
+    let listener = listen_loopback(4);
+    let port = listener.local_addr().unwrap().port();
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    let (accepted, _) = listener.accept().unwrap();
+    // Non-socket descriptors count towards the process's usage too.
+    let extra_files: Vec<std::fs::File> = (0..40)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    let mut sampler = sampler_for(port, "testsvc");
+    let _limit_unchanged = NOFILE_LIMIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+
+    // /proc/net/tcp is read 4 KiB at a time and other tests create sockets meanwhile, so one
+    // read can miss a row; wait for a read that shows all six.
+    let (snapshot, connections) = sample_until(&mut sampler, |snapshot| {
+        snapshot.listeners.first().map(|l| l.queue_len) == Some(2)
+            && snapshot.connections_by_service["testsvc"] == 6
+    });
+
+    // The listener: two connections waiting (three connected, one accepted), limit 4.
+    let [queue] = snapshot.listeners.as_slice() else {
+        panic!("one listener expected: {:?}", snapshot.listeners)
+    };
+    assert_eq!(queue.local, address);
+    assert_eq!(queue.service, "testsvc");
+    assert_eq!(queue.netns, own_netns());
+    assert_eq!((queue.queue_len, queue.limit), (2, Some(4)));
+    let summary = &snapshot.listen_queues["testsvc"];
+    assert_eq!(
+        (
+            summary.listeners,
+            summary.queue_len_sum,
+            summary.queue_limit_sum
+        ),
+        (1, 2, 4)
+    );
+    assert_eq!(summary.max_fullness, Some(2.0 / 5.0));
+
+    // This process: it holds the listener, the three client sockets and the accepted one.
+    let me = snapshot
+        .processes
+        .iter()
+        .find(|process| process.pid == std::process::id())
+        .expect("the test process holds watched sockets");
+    assert_eq!(snapshot.processes.len(), 1, "nobody else holds this port");
+    assert_eq!(me.comm, own_comm());
+    assert_eq!(me.netns, own_netns());
+    assert_eq!(me.connections["testsvc"], 4);
+    assert_eq!(me.listening_sockets["testsvc"], 1);
+    assert_eq!(me.soft_nofile, soft_nofile_now());
+    // Other tests in this binary open descriptors concurrently, so only a floor is exact:
+    // stdio, the listener, 3 clients, the accepted socket and the 40 files.
+    assert!(me.open_fds >= 3 + 5 + 40, "open fds {}", me.open_fds);
+    assert!(me.open_fds <= soft_nofile_now());
+    let comm = snapshot
+        .comms
+        .comms
+        .iter()
+        .find(|comm| comm.comm == me.comm)
+        .expect("own comm aggregated");
+    assert_eq!(comm.connections["testsvc"], 4);
+    assert_eq!(snapshot.comms.folded_comms, 0);
+
+    // Existing connections: 3 client ends and the accepted server end are ours; the two
+    // server ends still in the accept queue have no inode and no owner yet.
+    let ours: Vec<&WatchedConnection> = connections
+        .iter()
+        .filter(|c| c.local.port() == port || c.remote.port() == port)
+        .collect();
+    assert_eq!(ours.len(), 6, "{ours:#?}");
+    assert_eq!(snapshot.connections_by_service["testsvc"], 6);
+    let client_ends: Vec<_> = ours.iter().filter(|c| c.role == Role::Client).collect();
+    assert_eq!(client_ends.len(), 3);
+    for client in &client_ends {
+        assert_eq!(client.state, tcp_state::ESTABLISHED);
+        assert_eq!(client.remote, address);
+        assert_eq!(
+            client.owner.as_ref().map(|o| o.pid),
+            Some(std::process::id())
+        );
+        assert!(clients
+            .iter()
+            .any(|stream| stream.local_addr().unwrap() == client.local));
+    }
+    let server_ends: Vec<_> = ours.iter().filter(|c| c.role == Role::Server).collect();
+    let owned: Vec<_> = server_ends.iter().filter(|c| c.owner.is_some()).collect();
+    assert_eq!(owned.len(), 1);
+    assert_eq!(owned[0].remote, accepted.peer_addr().unwrap());
+    assert!(server_ends
+        .iter()
+        .filter(|c| c.owner.is_none())
+        .all(|c| c.inode == 0 && c.state == tcp_state::ESTABLISHED));
+
+    assert!(snapshot.network_namespaces >= 1);
+    assert!(snapshot.tcp_ext_by_netns.contains_key(&own_netns()));
+    let handles = snapshot.file_handles.expect("file-nr is readable");
+    assert!(handles.open > 0 && handles.max >= handles.open);
+    drop(extra_files);
+}
+
+#[test]
+fn accept_queue_overflow_is_visible_in_queue_and_counters() {
+    let listener = listen_loopback(1);
+    let port = listener.local_addr().unwrap().port();
+    let mut sampler = sampler_for(port, "tiny");
+    let before = sampler.sample().unwrap().tcp_ext;
+    // listen(1) holds two; the third SYN arrives at a full queue and is dropped, counting a
+    // ListenOverflow.
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    // The queue is full now: this SYN is dropped and retried, so do not wait for it.
+    let _ = TcpStream::connect_timeout(&address, Duration::from_millis(300));
+    let (snapshot, _) = sample_until(&mut sampler, |snapshot| {
+        snapshot.listeners.first().map(|l| l.queue_len) == Some(2)
+            && snapshot.tcp_ext.listen_overflows > before.listen_overflows
+    });
+    let queue = &snapshot.listeners[0];
+    assert_eq!((queue.queue_len, queue.limit), (2, Some(1)));
+    assert!(queue.is_full());
+    assert_eq!(snapshot.listen_queues["tiny"].full_listeners, 1);
+    assert!(snapshot.tcp_ext.listen_overflows > before.listen_overflows);
+    assert!(snapshot.tcp_ext.listen_drops > before.listen_drops);
+    drop(listener);
+}
+
+#[test]
+fn lowered_soft_limit_shows_up_in_the_next_sample() {
+    let listener = listen_loopback(8);
+    let port = listener.local_addr().unwrap().port();
+    let mut sampler = sampler_for(port, "svc");
+    let _exclusive = NOFILE_LIMIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let original = soft_nofile_now();
+    let lowered = original - 1;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on structs we own; lowering the soft limit needs no privilege.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = lowered as libc::rlim_t;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let snapshot = sampler.sample();
+    // SAFETY: as above; restore before asserting so a failure leaves the process as it was.
+    unsafe {
+        limit.rlim_cur = original as libc::rlim_t;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    let snapshot = snapshot.unwrap();
+    let me = snapshot
+        .processes
+        .iter()
+        .find(|process| process.pid == std::process::id())
+        .unwrap();
+    assert_eq!(me.soft_nofile, lowered);
+    assert_eq!(me.listening_sockets["svc"], 1);
+    assert!(me.connections.is_empty());
+}
+
+#[test]
+fn unwatched_ports_produce_no_processes_or_listeners() {
+    let listener = listen_loopback(8);
+    let port = listener.local_addr().unwrap().port();
+    // Port 1 is privileged and unused by these tests: nothing should match.
+    let mut sampler = sampler_for(1, "nothing");
+    let snapshot = sampler.sample().unwrap();
+    assert!(snapshot.listeners.iter().all(|l| l.local.port() != port));
+    assert!(snapshot.processes.is_empty());
+    assert_eq!(snapshot.listen_queues["nothing"].listeners, 0);
+    assert!(snapshot.processes_seen >= 1);
+}
+
+#[test]
+fn exited_process_reads_as_vanished() {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let procfs = ProcFs::new("/proc");
+    let err = procfs.netns_of(pid).unwrap_err();
+    assert_eq!(classify(&err), Failure::Vanished);
+    let err = procfs
+        .scan_fds::<()>(pid, &HashMap::new(), &mut Vec::new())
+        .unwrap_err();
+    assert_eq!(classify(&err), Failure::Vanished);
+    let err = procfs
+        .read_tcp_table(pid, "tcp", |_, _| true, |_| {})
+        .unwrap_err();
+    assert_eq!(classify(&err), Failure::Vanished);
+}
+
+#[test]
+fn missing_proc_root_is_the_only_fatal_error() {
+    let mut sampler = Sampler::new(SamplerConfig {
+        proc_root: "/nonexistent-proc".into(),
+        watched_ports: BTreeMap::from([(11211, "memcached".to_string())]),
+        max_comms: 4,
+    });
+    assert!(matches!(
+        sampler.sample(),
+        Err(SamplerError::ListProcesses { .. })
+    ));
+}
+
+/// Another network namespace: a listener and clients inside `unshare --net`, found through the
+/// child's /proc entries, with the backlog limit read by joining the namespace.
+#[test]
+#[ignore = "needs root (unshare --net, setns)"]
+fn finds_listener_in_another_network_namespace() {
+    let port = 40123u16;
+    let script = format!(
+        "import socket,time\n\
+         l=socket.socket(); l.bind(('127.0.0.1',{port})); l.listen(5)\n\
+         c=[socket.create_connection(('127.0.0.1',{port})) for _ in range(3)]\n\
+         print('ready',flush=True); time.sleep(60)\n"
+    );
+    let mut child = Command::new("unshare")
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec python3 -c \"$0\"",
+        ])
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("unshare and python3 are installed");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let child_pid = child.id();
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(ready.trim(), "ready");
+        let mut sampler = sampler_for(port, "nssvc");
+        let (snapshot, connections) = sampler.sample_with_connections().unwrap();
+        let [queue] = snapshot.listeners.as_slice() else {
+            panic!("one listener expected: {:?}", snapshot.listeners)
+        };
+        assert_ne!(queue.netns, own_netns());
+        assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
+        assert!(snapshot.network_namespaces >= 2);
+        assert!(snapshot.tcp_ext_by_netns.contains_key(&queue.netns));
+        let python = snapshot
+            .processes
+            .iter()
+            .find(|process| process.pid == child_pid)
+            .expect("the namespaced python process");
+        assert_eq!(python.netns, queue.netns);
+        assert_eq!(python.connections["nssvc"], 3);
+        assert_eq!(python.listening_sockets["nssvc"], 1);
+        let owned = connections
+            .iter()
+            .filter(|c| c.owner.as_ref().is_some_and(|o| o.pid == child_pid))
+            .count();
+        assert_eq!(owned, 3);
+
+        // Without CAP_SYS_ADMIN (the packaged service's case) setns is refused and the limit
+        // comes through the owning process instead. Capabilities are per thread, so drop it in
+        // a thread of our own.
+        let netns = queue.netns;
+        std::thread::spawn(move || {
+            drop_effective_cap_sys_admin();
+            let handle = ProcFs::new("/proc").open_netns(child_pid).unwrap();
+            let refused = diag::query_listeners(Some(&handle)).unwrap_err();
+            assert_eq!(refused.errno(), Some(libc::EPERM));
+            let mut sampler = sampler_for(port, "nssvc");
+            // The second sample no longer tries setns.
+            for _ in 0..2 {
+                let snapshot = sampler.sample().unwrap();
+                let [queue] = snapshot.listeners.as_slice() else {
+                    panic!("one listener expected: {:?}", snapshot.listeners)
+                };
+                assert_eq!(queue.netns, netns);
+                assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
+                assert_eq!(snapshot.errors.other, 0, "{:?}", snapshot.errors);
+            }
+            assert!(sampler.setns_refused);
+        })
+        .join()
+        .unwrap();
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn config_services_become_watched_ports() {
+    let config = SamplerConfig::from_services(&crate::config::Config::default().services, 7);
+    assert_eq!(config.watched_ports[&11211], "memcached");
+    assert_eq!(config.watched_ports[&22133], "kestrel");
+    assert_eq!(config.max_comms, 7);
+    assert_eq!(config.proc_root, std::path::Path::new("/proc"));
+}
+
+#[test]
+fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
+    let fixture = include_str!("fixtures/net_tcp.txt");
+    let mut rows: Vec<(TcpRow, usize, Role)> = fixture
+        .lines()
+        .filter_map(|line| parse::parse_tcp_line(line).unwrap())
+        .map(|row| (row, 0, Role::Server))
+        .collect();
+    let distinct = rows.len();
+    // The walk printed an inode-0 child and a listener twice.
+    let child = *rows
+        .iter()
+        .find(|(row, _, _)| row.inode == 0 && row.state == 1)
+        .unwrap();
+    let listener = *rows
+        .iter()
+        .find(|(row, _, _)| row.state == tcp_state::LISTEN)
+        .unwrap();
+    rows.push(child);
+    rows.insert(0, listener);
+    // A second SO_REUSEPORT listener on the same address is a different socket.
+    let mut sibling = listener;
+    sibling.0.inode += 1_000_000;
+    rows.push(sibling);
+    drop_duplicate_rows(&mut rows);
+    assert_eq!(rows.len(), distinct + 1);
+}
+
+/// Clears CAP_SYS_ADMIN from the calling thread's effective set (capset(2) acts per thread).
+fn drop_effective_cap_sys_admin() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and the two data words v3 expects.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        data[0].effective &= !(1 << CAP_SYS_ADMIN);
+        assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
+    }
+}

@@ -1,0 +1,137 @@
+//! Turns /proc samples into metrics: listen queues, TcpExt counters, fd pressure per process
+//! name and connections held per process name and service.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::{
+    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels},
+    sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
+};
+
+/// Per process name: the process with the highest fd usage, so open fds, limit and ratio
+/// describe one real process rather than mixing several.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FdPressure {
+    pub open_fds: u64,
+    pub limit: u64,
+    pub ratio: f64,
+}
+
+pub fn fd_pressure_by_comm(snapshot: &Snapshot) -> BTreeMap<String, FdPressure> {
+    let named: HashSet<&str> = snapshot
+        .comms
+        .comms
+        .iter()
+        .map(|c| c.comm.as_str())
+        .filter(|c| *c != OTHER_COMM)
+        .collect();
+    let mut by_comm: BTreeMap<String, FdPressure> = BTreeMap::new();
+    for process in &snapshot.processes {
+        let comm = if named.contains(process.comm.as_str()) {
+            process.comm.clone()
+        } else {
+            OTHER_COMM.to_string()
+        };
+        let ratio = if process.soft_nofile == 0 || process.soft_nofile == u64::MAX {
+            0.0
+        } else {
+            process.open_fds as f64 / process.soft_nofile as f64
+        };
+        let candidate = FdPressure {
+            open_fds: process.open_fds,
+            limit: process.soft_nofile,
+            ratio,
+        };
+        let entry = by_comm.entry(comm).or_insert_with(|| candidate.clone());
+        if candidate.ratio > entry.ratio {
+            *entry = candidate;
+        }
+    }
+    by_comm
+}
+
+/// Applies one sample. Gauges are replaced wholesale so processes that went away stop
+/// reporting; counters advance by the sampler's monotonic totals.
+pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCounters) {
+    metrics.listen_queue_length.clear();
+    metrics.listen_queue_limit.clear();
+    for (service, summary) in &snapshot.listen_queues {
+        if summary.listeners == 0 {
+            continue;
+        }
+        let labels = ServiceLabels {
+            service: service.clone(),
+        };
+        metrics
+            .listen_queue_length
+            .get_or_create(&labels)
+            .set(summary.queue_len_sum as i64);
+        if summary.limit_unknown < summary.listeners {
+            metrics
+                .listen_queue_limit
+                .get_or_create(&labels)
+                .set(summary.queue_limit_sum as i64);
+        }
+    }
+
+    let advance =
+        |counter: &prometheus_client::metrics::counter::Counter, now: u64, last: &mut u64| {
+            if now > *last {
+                counter.inc_by(now - *last);
+            }
+            *last = now.max(*last);
+        };
+    advance(
+        &metrics.listen_overflows,
+        snapshot.tcp_ext.listen_overflows,
+        &mut last_tcp_ext.listen_overflows,
+    );
+    advance(
+        &metrics.listen_drops,
+        snapshot.tcp_ext.listen_drops,
+        &mut last_tcp_ext.listen_drops,
+    );
+    advance(
+        &metrics.syncookies_sent,
+        snapshot.tcp_ext.syncookies_sent,
+        &mut last_tcp_ext.syncookies_sent,
+    );
+
+    if let Some(files) = &snapshot.file_handles {
+        metrics.host_open_files.set(files.open as i64);
+        metrics
+            .host_file_limit
+            .set(files.max.min(i64::MAX as u64) as i64);
+    }
+
+    metrics.process_open_fds.clear();
+    metrics.process_fd_limit.clear();
+    metrics.process_fd_usage_ratio.clear();
+    for (comm, pressure) in fd_pressure_by_comm(snapshot) {
+        let labels = CommLabels { comm };
+        metrics
+            .process_open_fds
+            .get_or_create(&labels)
+            .set(pressure.open_fds as i64);
+        metrics
+            .process_fd_limit
+            .get_or_create(&labels)
+            .set(pressure.limit.min(i64::MAX as u64) as i64);
+        metrics
+            .process_fd_usage_ratio
+            .get_or_create(&labels)
+            .set(pressure.ratio);
+    }
+    metrics.process_connections.clear();
+    for usage in &snapshot.comms.comms {
+        for (service, count) in &usage.connections {
+            metrics
+                .process_connections
+                .get_or_create(&CommServiceLabels {
+                    comm: usage.comm.clone(),
+                    service: service.clone(),
+                })
+                .set(*count as i64);
+        }
+    }
+}

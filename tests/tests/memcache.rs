@@ -1,0 +1,430 @@
+//! Memcache decoding against real servers and clients: per-command counts and hit/miss exactly
+//! for scripted workloads, text and binary protocol, through twemproxy, and cross-checked
+//! against memcached's own stats and tshark's memcache dissector.
+
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use cacheprobe_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn requests(scrape: &Scrape, labels: &[(&str, &str)]) -> f64 {
+    scrape.sum("cacheprobe_memcache_requests_total", labels)
+}
+
+/// A pymemcache + python-memcache script whose exact outcome is known.
+fn scripted_text_workload(port: u16) -> String {
+    format!(
+        "from pymemcache.client.base import Client\n\
+         import memcache\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         for i in range(5):\n\
+         \x20   assert c.set('k%d' % i, 'v%d' % i, noreply=False)\n\
+         for i in range(3):\n\
+         \x20   assert c.get('k%d' % i) is not None\n\
+         assert c.get('nope1') is None and c.get('nope2') is None\n\
+         got = c.get_many(['k0', 'k1', 'k2', 'nope3'])\n\
+         assert len(got) == 3\n\
+         assert c.delete('k4', noreply=False) and not c.delete('k4', noreply=False)\n\
+         assert c.touch('k0', 100, noreply=False)\n\
+         c.close()\n\
+         m = memcache.Client(['127.0.0.1:{port}'])\n\
+         assert m.set('m1', 'x')\n\
+         assert m.get('m1') == 'x'\n\
+         assert m.get('m2') is None\n\
+         m.disconnect_all()\n"
+    )
+}
+
+fn assert_text_workload(scrape: &Scrape, role: &str) {
+    let count = |command: &str, status: &str| {
+        requests(
+            scrape,
+            &[("role", role), ("command", command), ("status", status)],
+        )
+    };
+    assert_eq!(count("set", "stored"), 6.0, "{role}: {}", scrape.text);
+    // 3 single hits + 3 multi-get hits + python-memcache's hit.
+    assert_eq!(count("get", "hit"), 7.0, "{role}: {}", scrape.text);
+    assert_eq!(count("get", "miss"), 4.0, "{role}: {}", scrape.text);
+    assert_eq!(count("delete", "deleted"), 1.0, "{role}");
+    assert_eq!(count("delete", "not_found"), 1.0, "{role}");
+    assert_eq!(count("touch", "touched"), 1.0, "{role}");
+    assert_eq!(
+        requests(scrape, &[("role", role)]),
+        20.0,
+        "{role}: {}",
+        scrape.text
+    );
+}
+
+/// Text protocol, both sides decoded: the clients' view and memcached's view agree exactly, and
+/// latency and bytes are recorded.
+#[test]
+fn text_protocol_workload_is_counted_exactly_on_both_sides() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("mc-text", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    python(None, &scripted_text_workload(port)).unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        requests(s, &[("role", "server")]) >= 20.0 && requests(s, &[("role", "client")]) >= 20.0
+    });
+    assert_text_workload(&scrape, "client");
+    assert_text_workload(&scrape, "server");
+    assert_eq!(
+        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    let latency_count = scrape.sum(
+        "cacheprobe_memcache_request_duration_seconds_count",
+        &[("role", "client"), ("command", "get")],
+    );
+    // Multi-get keys share one latency sample each.
+    assert_eq!(latency_count, 11.0, "{}", scrape.text);
+    let sent = scrape.sum(
+        "cacheprobe_memcache_bytes_total",
+        &[("role", "client"), ("direction", "sent")],
+    );
+    let received = scrape.sum(
+        "cacheprobe_memcache_bytes_total",
+        &[("role", "server"), ("direction", "received")],
+    );
+    assert!(
+        sent > 0.0 && sent == received,
+        "client sent {sent}, server received {received}"
+    );
+}
+
+/// Binary protocol (dalli) against memcached in binary mode, and the counts match memcached's
+/// own stats.
+#[test]
+fn binary_protocol_with_dalli_matches_memcached_stats() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("mc-binary", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-B", "binary"]).unwrap();
+    let dalli = Command::new("ruby")
+        .args([
+            "-e",
+            &format!(
+                "require 'dalli'; c = Dalli::Client.new('127.0.0.1:{port}')\n\
+                 4.times {{ |i| c.set(\"d#{{i}}\", 'v') }}\n\
+                 3.times {{ |i| raise 'miss' unless c.get(\"d#{{i}}\") == 'v' }}\n\
+                 2.times {{ |i| raise 'hit' unless c.get(\"none#{{i}}\").nil? }}\n\
+                 c.delete('d3')\n\
+                 c.close"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dalli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dalli.stderr)
+    );
+    let scrape = agent.wait_for(WAIT, |s| {
+        requests(s, &[("role", "client"), ("command", "bin_delete")]) >= 1.0
+    });
+    let count = |command: &str, status: &str| {
+        requests(
+            &scrape,
+            &[("role", "client"), ("command", command), ("status", status)],
+        )
+    };
+    assert_eq!(count("bin_set", "stored"), 4.0, "{}", scrape.text);
+    assert_eq!(count("bin_get", "hit"), 3.0, "{}", scrape.text);
+    assert_eq!(count("bin_get", "miss"), 2.0, "{}", scrape.text);
+    assert_eq!(count("bin_delete", "deleted"), 1.0, "{}", scrape.text);
+
+    // memcached's own counters are the oracle for the server side.
+    let stats = python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'\\x80\\x10\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00')\n\
+             data = b''\n\
+             while True:\n\
+             \x20   hdr = s.recv(24, socket.MSG_WAITALL)\n\
+             \x20   klen = int.from_bytes(hdr[2:4], 'big'); blen = int.from_bytes(hdr[8:12], 'big')\n\
+             \x20   body = s.recv(blen, socket.MSG_WAITALL) if blen else b''\n\
+             \x20   if klen == 0: break\n\
+             \x20   print(body[:klen].decode(), body[klen:].decode())\n"
+        ),
+    )
+    .unwrap();
+    let stats: BTreeMap<String, f64> = String::from_utf8_lossy(&stats.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        })
+        .collect();
+    let server = agent.wait_for(WAIT, |s| {
+        requests(s, &[("role", "server"), ("command", "bin_delete")]) >= 1.0
+    });
+    let server_count = |command: &str, status: &str| {
+        requests(
+            &server,
+            &[("role", "server"), ("command", command), ("status", status)],
+        )
+    };
+    assert_eq!(
+        server_count("bin_get", "hit"),
+        stats["get_hits"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        server_count("bin_get", "miss"),
+        stats["get_misses"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        server_count("bin_set", "stored"),
+        stats["cmd_set"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        server_count("bin_delete", "deleted"),
+        stats["delete_hits"],
+        "{stats:?}"
+    );
+}
+
+/// twemproxy in front of memcached: the application's requests are seen on the twemproxy
+/// service, and nutcracker's own requests to memcached on the memcached service.
+#[test]
+fn requests_through_twemproxy_are_seen_on_both_hops() {
+    require_root();
+    let backend = unique_port();
+    let proxy = unique_port();
+    let agent = Agent::start(
+        "mc-twemproxy",
+        &[
+            ("memcached", backend, "memcache"),
+            ("twemproxy", proxy, "memcache"),
+        ],
+    )
+    .unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", backend, &[]).unwrap();
+    let dir = scratch_dir("nutcracker");
+    let conf = dir.join("nutcracker.yml");
+    std::fs::write(
+        &conf,
+        format!(
+            "pool:\n  listen: 127.0.0.1:{proxy}\n  hash: fnv1a_64\n  distribution: ketama\n  timeout: 1000\n  servers:\n   - 127.0.0.1:{backend}:1\n"
+        ),
+    )
+    .unwrap();
+    let _nutcracker = Guard(
+        Command::new("nutcracker")
+            .args(["-c"])
+            .arg(&conf)
+            .args(["-s", &unique_port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
+    );
+    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.base import Client\n\
+             c = Client(('127.0.0.1', {proxy}))\n\
+             for i in range(4):\n\
+             \x20   assert c.set('t%d' % i, 'v', noreply=False)\n\
+             for i in range(6):\n\
+             \x20   c.get('t%d' % i)\n\
+             c.close()\n"
+        ),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        requests(
+            s,
+            &[
+                ("service", "memcached"),
+                ("role", "client"),
+                ("command", "get"),
+            ],
+        ) >= 6.0
+    });
+    let app = |command: &str, status: &str| {
+        requests(
+            &scrape,
+            &[
+                ("service", "twemproxy"),
+                ("role", "client"),
+                ("command", command),
+                ("status", status),
+            ],
+        )
+    };
+    assert_eq!(app("set", "stored"), 4.0, "{}", scrape.text);
+    assert_eq!(app("get", "hit"), 4.0, "{}", scrape.text);
+    assert_eq!(app("get", "miss"), 2.0, "{}", scrape.text);
+    let hop = |command: &str, status: &str| {
+        requests(
+            &scrape,
+            &[
+                ("service", "memcached"),
+                ("role", "client"),
+                ("command", command),
+                ("status", status),
+            ],
+        )
+    };
+    assert_eq!(hop("set", "stored"), 4.0, "{}", scrape.text);
+    assert_eq!(
+        hop("get", "hit") + hop("get", "miss"),
+        6.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(hop("get", "hit"), 4.0, "{}", scrape.text);
+}
+
+/// memcaslap (libmemcached) load: the agent's server-side get/set counts equal memcached's own
+/// cmd_get / cmd_set.
+#[test]
+fn memcaslap_load_matches_memcached_stats() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("mc-memcaslap", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let output = Command::new("memcaslap")
+        .args([
+            "-s",
+            &format!("127.0.0.1:{port}"),
+            "-x",
+            "2000",
+            "-c",
+            "4",
+            "-T",
+            "1",
+        ])
+        .output()
+        .expect("memcaslap (package libmemcached-tools)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'stats\\r\\n')\n\
+             data = b''\n\
+             while not data.endswith(b'END\\r\\n'):\n\
+             \x20   data += s.recv(65536)\n\
+             print(data.decode())\n"
+        ),
+    )
+    .unwrap();
+    let stats: BTreeMap<String, f64> = String::from_utf8_lossy(&stats.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next()? == "STAT").then_some(())?;
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect();
+    let expected = stats["cmd_get"] + stats["cmd_set"];
+    let scrape = agent.wait_for(WAIT, |s| {
+        requests(s, &[("role", "server"), ("command", "get")])
+            + requests(s, &[("role", "server"), ("command", "set")])
+            >= expected
+    });
+    assert_eq!(
+        requests(&scrape, &[("role", "server"), ("command", "get")]),
+        stats["cmd_get"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        requests(&scrape, &[("role", "server"), ("command", "set")]),
+        stats["cmd_set"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        requests(
+            &scrape,
+            &[("role", "server"), ("command", "get"), ("status", "hit")]
+        ),
+        stats["get_hits"],
+        "{stats:?}"
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_events_lost_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+}
+
+/// tshark's memcache dissector, on a capture of the same traffic, counts the same requests per
+/// command as the agent.
+#[test]
+fn request_counts_agree_with_tshark() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("mc-tshark", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let dir = scratch_dir("tshark");
+    let pcap = dir.join("mc.pcap");
+    let mut capture = Guard(
+        Command::new("dumpcap")
+            .args(["-q", "-i", "lo", "-f", &format!("tcp port {port}"), "-w"])
+            .arg(&pcap)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dumpcap (package tshark)"),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    python(None, &scripted_text_workload(port)).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill has no memory-safety preconditions; SIGINT lets dumpcap flush the file.
+    unsafe { libc::kill(capture.0.id() as i32, libc::SIGINT) };
+    let _ = capture.0.wait();
+    let tshark = Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args(["-d", &format!("tcp.port=={port},memcache")])
+        .args(["-Y", &format!("memcache.command && tcp.dstport == {port}")])
+        .args(["-T", "fields", "-e", "memcache.command"])
+        .output()
+        .unwrap();
+    assert!(
+        tshark.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tshark.stderr)
+    );
+    let mut oracle: BTreeMap<String, f64> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&tshark.stdout).lines() {
+        // One frame may hold several pipelined requests.
+        for command in line.split(',').filter(|c| !c.is_empty()) {
+            *oracle.entry(command.to_string()).or_default() += 1.0;
+        }
+    }
+    assert!(!oracle.is_empty(), "tshark decoded nothing");
+    let scrape = agent.wait_for(WAIT, |s| requests(s, &[("role", "client")]) >= 20.0);
+    for (command, tshark_count) in &oracle {
+        // The agent counts a multi-get once per key; tshark once per request line.
+        let agent_count = if command == "get" {
+            requests(&scrape, &[("role", "client"), ("command", "get")]) - 3.0
+        } else {
+            requests(&scrape, &[("role", "client"), ("command", command)])
+        };
+        assert_eq!(
+            agent_count, *tshark_count,
+            "command {command}: tshark {oracle:?}\n{}",
+            scrape.text
+        );
+    }
+}
