@@ -41,7 +41,12 @@ pub fn hold_connections(
 pub struct BenchOptions {
     pub quick: bool,
     pub output: Option<PathBuf>,
+    /// Run only these measures (names in [`PHASES`]); empty means all.
+    pub only: Vec<String>,
 }
+
+/// The measures, in the order they run; `--only` picks from these.
+pub const PHASES: &[&str] = &["attach", "ab", "bpf", "loss", "tshark", "idle", "decoder"];
 
 /// Durations, repeats and steps of one bench invocation.
 struct Plan {
@@ -57,6 +62,8 @@ struct Plan {
     capture_run: Duration,
     capture_rate: u64,
     criterion: bool,
+    /// How long an A/B run may wait for the machine to go quiet before it starts anyway.
+    quiet_wait: Duration,
 }
 
 impl Plan {
@@ -75,6 +82,7 @@ impl Plan {
                 capture_run: Duration::from_secs(2),
                 capture_rate: 20_000,
                 criterion: false,
+                quiet_wait: Duration::ZERO,
             }
         } else {
             Plan {
@@ -97,10 +105,17 @@ impl Plan {
                 capture_run: Duration::from_secs(3),
                 capture_rate: 20_000,
                 criterion: true,
+                quiet_wait: Duration::from_secs(45),
             }
         }
     }
 }
+
+/// The agent's export of its programs' kernel run time (from bpf_stats).
+const EXPORTED_RUN_SECONDS: &str = "cacheprobe_bpf_program_run_seconds_total";
+
+/// Busy cores below which the machine counts as quiet (the idle agent and memcached included).
+const QUIET_CORES: f64 = 0.15;
 
 /// The default kernel socket map size; larger only where the idle-connection test needs it.
 const DEFAULT_MAX_SOCKETS: u32 = 65_536;
@@ -180,24 +195,50 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         nofile,
     };
 
-    bench.attach_time()?;
-    let memcached = Memcached::start(procs::free_port(17211)?, None)?;
-    bench.memcached_lines.push(memcached.command_line.clone());
-    loadgen::populate(memcached.addr, &WORKLOAD)?;
-    bench.overhead_ab(&memcached)?;
-    bench.bpf_program_cost(&memcached)?;
-    bench.event_loss(&memcached)?;
-    bench.tshark_capture(&memcached)?;
-    drop(memcached);
-    bench.idle_connections()?;
-    bench.decoder_throughput()?;
+    for name in &options.only {
+        if !PHASES.contains(&name.as_str()) {
+            bail!(
+                "unknown measure {name:?}; choose from {}",
+                PHASES.join(", ")
+            );
+        }
+    }
+    let wanted = |phase: &str| options.only.is_empty() || options.only.iter().any(|o| o == phase);
+    if wanted("attach") {
+        bench.attach_time()?;
+    }
+    if ["ab", "bpf", "loss", "tshark"].iter().any(|p| wanted(p)) {
+        let memcached = Memcached::start(procs::free_port(17211)?, None)?;
+        bench.memcached_lines.push(memcached.command_line.clone());
+        loadgen::populate(memcached.addr, &WORKLOAD)?;
+        if wanted("ab") {
+            bench.overhead_ab(&memcached)?;
+        }
+        if wanted("bpf") {
+            bench.bpf_program_cost(&memcached)?;
+        }
+        if wanted("loss") {
+            bench.event_loss(&memcached)?;
+        }
+        if wanted("tshark") {
+            bench.tshark_capture(&memcached)?;
+        }
+    }
+    if wanted("idle") {
+        bench.idle_connections()?;
+    }
+    if wanted("decoder") {
+        bench.decoder_throughput()?;
+    }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
-    let command = if options.quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
+    let mut command = String::from("cargo xtask bench");
+    if options.quick {
+        command.push_str(" --quick");
+    }
+    if !options.only.is_empty() {
+        command.push_str(&format!(" --only {}", options.only.join(",")));
+    }
     let mut text = String::from("# cacheprobe benchmarks\n\n");
     text.push_str(
         "Written by `cargo xtask bench` (xtask/src/bench.rs); every number below comes from one \
@@ -378,8 +419,9 @@ impl Bench {
         &self,
         spec: &LoadSpec,
         agent: Option<&mut Agent>,
-        server_pid: u32,
+        server: &Memcached,
     ) -> anyhow::Result<Measured> {
+        let server_pid = server.pid();
         let agent_pid = agent.as_ref().map(|a| a.pid());
         let ours = || -> anyhow::Result<f64> {
             let mut total =
@@ -392,7 +434,29 @@ impl Bench {
         let machine_before = procs::machine_user_seconds()?;
         let ours_before = ours()?;
         let cpu_before = agent_pid.map(procs::cpu_seconds).transpose()?;
-        let load = loadgen::run(spec)?;
+        let load = loadgen::run(spec).with_context(|| {
+            // memcached's own view usually says why it dropped a client.
+            let stats = [
+                "curr_connections",
+                "total_connections",
+                "rejected_connections",
+                "conn_yields",
+            ]
+            .iter()
+            .map(|name| {
+                format!(
+                    "{name}={}",
+                    server.stat(name).map_or("?".into(), |v| v.to_string())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+            format!(
+                "load against {}: {} (memcached stats: {stats})",
+                spec.target,
+                spec.describe()
+            )
+        })?;
         let cpu_after = agent_pid.map(procs::cpu_seconds).transpose()?;
         let ours_after = ours()?;
         let machine_after = procs::machine_user_seconds()?;
@@ -494,6 +558,8 @@ impl Bench {
             memcaslap_tps: f64,
             lost: BTreeMap<String, u64>,
             memory: Option<procs::Memory>,
+            waited: Duration,
+            quiet: bool,
         }
         let mut runs = Vec::new();
         for round in 0..self.plan.repeats {
@@ -514,8 +580,11 @@ impl Bench {
                     Some(a) => observe::parse_samples(&observe::scrape(a.metrics_addr)?),
                     None => Vec::new(),
                 };
-                let saturation_run = self.measure(&saturation, agent.as_mut(), memcached.pid())?;
-                let fixed_run = self.measure(&fixed, agent.as_mut(), memcached.pid())?;
+                let (waited, quiet) = self.wait_for_quiet()?;
+                let saturation_run = self.measure(&saturation, agent.as_mut(), memcached)?;
+                self.wait_for_quiet()?;
+                let fixed_run = self.measure(&fixed, agent.as_mut(), memcached)?;
+                self.wait_for_quiet()?;
                 let output = procs::run_checked(
                     "memcaslap",
                     Command::new("memcaslap").args(&memcaslap_args),
@@ -545,6 +614,8 @@ impl Bench {
                     memcaslap_tps,
                     lost,
                     memory,
+                    waited,
+                    quiet,
                 });
             }
         }
@@ -554,7 +625,8 @@ impl Bench {
             "memcached and its clients on 127.0.0.1; {} rounds, each running the three modes \
              (order rotated every round). In every mode: the xtask load generator at saturation, \
              the same generator at a fixed {} ops/s, then memcaslap at saturation. Workload: {}. \
-             Throughput and p99 are medians over rounds; ratios are against `off` from the same \
+             Throughput and p99 are medians over rounds (best of rounds: the highest \
+             throughput, least disturbed by other work on the machine); ratios are against `off` from the same \
              invocation. Latency is measured per request from send to complete answer. Agent CPU \
              is utime+stime of the agent process from /proc/<pid>/stat around each run; kernel \
              time spent in the BPF programs is charged to memcached and the clients, not to the \
@@ -564,10 +636,13 @@ impl Bench {
              area is mapped twice, already counted in the map table) plus its own binary. \
              The last column of the run table is user CPU used by unrelated processes during the \
              run (from /proc/stat minus memcached, the bench and the agent): anything well above \
-             0 means the machine was not quiet and that run is noisy.",
+             0 means the machine was not quiet and that run is noisy. Before each run the bench \
+             waits up to {} s for the machine to be quiet (under {QUIET_CORES} cores busy over a \
+             second); the run table shows how long it waited.",
             self.plan.repeats,
             thousands(self.plan.fixed_rate as f64),
-            WORKLOAD.describe()
+            WORKLOAD.describe(),
+            self.plan.quiet_wait.as_secs()
         ));
         section.command(format!(
             "{}\n# modes: off = no agent; sockets only / capture =\n{}\n# load (xtask/src/bench/loadgen.rs): saturation: {}; fixed rate: {}\nmemcaslap {}\n# memcaslap.cfg:\n{}",
@@ -589,6 +664,8 @@ impl Bench {
         let mut summary = Table::new(&[
             "mode",
             "saturation ops/s",
+            "vs off",
+            "best of rounds",
             "vs off",
             "p99 µs",
             "vs off",
@@ -617,6 +694,13 @@ impl Bench {
         let fixed_p50 = |r: &Run| r.fixed.load.latency.quantile(0.50).unwrap_or(0) as f64;
         let fixed_p99 = |r: &Run| r.fixed.load.latency.quantile(0.99).unwrap_or(0) as f64;
         let slap = |r: &Run| r.memcaslap_tps;
+        let best = |mode: Mode| {
+            runs.iter()
+                .filter(|r| r.mode == mode)
+                .map(sat_ops)
+                .fold(f64::NAN, f64::max)
+        };
+        let base_best = best(Mode::Off);
         let base_ops = med(Mode::Off, &sat_ops);
         let base_p99 = med(Mode::Off, &sat_p99);
         let base_slap = med(Mode::Off, &slap);
@@ -664,6 +748,8 @@ impl Bench {
                 mode.label().into(),
                 thousands(ops),
                 ratio(ops, base_ops),
+                thousands(best(mode)),
+                ratio(best(mode), base_best),
                 format!("{:.1}", p99 / 1000.0),
                 ratio(p99, base_p99),
                 thousands(slap_ops),
@@ -699,6 +785,7 @@ impl Bench {
             "agent CPU s (sat)",
             "agent CPU s (fixed)",
             "other processes' CPU, cores (sat / fixed)",
+            "waited for quiet s",
         ]);
         for run in &runs {
             raw.row(vec![
@@ -717,6 +804,11 @@ impl Bench {
                     "{:.2} / {:.2}",
                     run.saturation.other_cores, run.fixed.other_cores
                 ),
+                format!(
+                    "{:.0}{}",
+                    run.waited.as_secs_f64(),
+                    if run.quiet { "" } else { " (not quiet)" }
+                ),
             ]);
         }
         section.table("Every run, in the order run:", raw);
@@ -733,13 +825,21 @@ impl Bench {
             bail!("the agent holds no BPF program fds");
         }
         let spec = self.spec(memcached.addr, None, self.plan.run);
+        let exported_run_seconds;
         let (measured, before, after) = {
             // Stats cost two clock reads per program run, so they are on for this run only
             // (never during the A/B runs), and put back when this block ends, error or not.
+            self.wait_for_quiet()?;
             let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
             let before = observe::program_stats(&programs)?;
-            let measured = self.measure(&spec, Some(&mut agent), memcached.pid())?;
+            let exported_before = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+            let measured = self.measure(&spec, Some(&mut agent), memcached)?;
             let after = observe::program_stats(&programs)?;
+            // The agent folds program stats into its metrics once a second.
+            procs::sleep(Duration::from_millis(1500))?;
+            let exported_after = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+            exported_run_seconds = observe::total(&exported_after, EXPORTED_RUN_SECONDS)
+                - observe::total(&exported_before, EXPORTED_RUN_SECONDS);
             (measured, before, after)
         };
         let map_infos = observe::maps(&maps)?;
@@ -798,6 +898,12 @@ impl Bench {
             total_ns as f64 / 1e9 / (ops / 1e6).max(1e-9),
             format_cpu(measured.cpu_per_million()),
         ));
+        section.say(format!(
+            "Cross-check: the agent's own `{EXPORTED_RUN_SECONDS}` grew by {:.3} s over the run \
+             (plus the 1.5 s after it); bpftool says {:.3} s.",
+            exported_run_seconds,
+            total_ns as f64 / 1e9
+        ));
         section.command("sysctl -w kernel.bpf_stats_enabled=1\nbpftool --json prog show   # before and after the run\nsysctl -w kernel.bpf_stats_enabled=<previous>");
         section.table("", table);
         let mut map_table = Table::new(&["map", "type", "max_entries", "kernel memory MB"]);
@@ -843,7 +949,7 @@ impl Bench {
         for rate in self.plan.loss_rates {
             let spec = self.spec(memcached.addr, *rate, self.plan.loss_run);
             let before = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
-            let measured = self.measure(&spec, Some(&mut agent), memcached.pid())?;
+            let measured = self.measure(&spec, Some(&mut agent), memcached)?;
             // The agent reads the kernel's loss counters once a second.
             procs::sleep(Duration::from_millis(1500))?;
             let after = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
@@ -961,7 +1067,7 @@ impl Bench {
             let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
             let active = observe::total(&samples, "cacheprobe_connections_active");
             let spec = self.spec(load_target, Some(self.plan.fixed_rate), self.plan.run);
-            let measured = self.measure(&spec, Some(&mut agent), instances[0].pid())?;
+            let measured = self.measure(&spec, Some(&mut agent), &instances[0])?;
             procs::sleep(Duration::from_millis(1500))?;
             let after = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
             let memory = procs::memory(agent.pid())?;
@@ -1148,6 +1254,13 @@ impl Bench {
 }
 
 impl Bench {
+    fn wait_for_quiet(&self) -> anyhow::Result<(Duration, bool)> {
+        if self.plan.quiet_wait.is_zero() {
+            return Ok((Duration::ZERO, true));
+        }
+        procs::wait_for_quiet(QUIET_CORES, self.plan.quiet_wait)
+    }
+
     fn finish(&mut self, section: Section) {
         println!("\n{}", section.markdown());
         self.sections.push(section);

@@ -46,6 +46,9 @@ enum Task {
         /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
+        /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Internal to `bench`: hold idle connections open until stdin closes.
     #[command(hide = true)]
@@ -72,9 +75,17 @@ fn main() -> ExitCode {
         Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
         Task::Test { unit } => test(unit),
         Task::Run { args } => run(args),
-        Task::Bench { quick, output } => setup::setup()
-            .and_then(|()| build(true))
-            .and_then(|()| bench::bench(bench::BenchOptions { quick, output })),
+        Task::Bench {
+            quick,
+            output,
+            only,
+        } => setup::setup().and_then(|()| build(true)).and_then(|()| {
+            bench::bench(bench::BenchOptions {
+                quick,
+                output,
+                only,
+            })
+        }),
         Task::BenchHold {
             target,
             count,

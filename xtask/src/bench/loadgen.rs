@@ -146,7 +146,9 @@ fn find_crlf(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 fn is_error_line(line: &[u8]) -> bool {
-    line == b"ERROR" || line.starts_with(b"CLIENT_ERROR") || line.starts_with(b"SERVER_ERROR")
+    line.starts_with(b"ERROR")
+        || line.starts_with(b"CLIENT_ERROR")
+        || line.starts_with(b"SERVER_ERROR")
 }
 
 /// Whether `buf` starts with one whole answer to a `kind` request, and how long it is.
@@ -394,17 +396,22 @@ impl Generator<'_> {
         Ok(())
     }
 
-    /// Reads what is there; returns whether the connection's request completed.
+    /// Reads once (epoll is level-triggered, so a partial answer wakes us again; reading until
+    /// EAGAIN would add a syscall per request); returns whether the request completed.
     fn receive(&mut self, index: usize, scratch: &mut [u8]) -> anyhow::Result<bool> {
         let connection = &mut self.connections[index];
-        loop {
-            match connection.stream.read(scratch) {
-                Ok(0) => bail!("memcached closed connection {index}"),
-                Ok(n) => connection.inbuf.extend_from_slice(&scratch[..n]),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err).context("read from memcached"),
+        match connection.stream.read(scratch) {
+            Ok(0) => bail!("memcached closed connection {index}"),
+            Ok(n) => connection.inbuf.extend_from_slice(&scratch[..n]),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(false)
             }
+            Err(err) => return Err(err).context("read from memcached"),
         }
         let Some((kind, sent)) = connection.in_flight else {
             if connection.inbuf.is_empty() {

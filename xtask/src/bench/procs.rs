@@ -7,7 +7,7 @@ use std::{
     collections::VecDeque,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::unix::process::CommandExt as _,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -426,6 +426,7 @@ pub struct Agent {
 }
 
 const LOG_TAIL: usize = 40;
+pub const AGENT_SETTLE: Duration = Duration::from_secs(1);
 
 impl Agent {
     pub fn start(binary: &Path, config: &Path, metrics_addr: SocketAddr) -> anyhow::Result<Agent> {
@@ -504,6 +505,10 @@ impl Agent {
             }
             sleep(Duration::from_millis(50))?;
         }
+        // After /metrics is up the agent still reads /proc for existing connections and sets
+        // up its loop; measuring starts once that start-up work is over.
+        sleep(AGENT_SETTLE)?;
+        agent.check_running()?;
         Ok(agent)
     }
 
@@ -529,6 +534,12 @@ impl Agent {
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.check_running()?;
         match self.guard.stop()? {
+            // Dying of the SIGTERM itself (before its handler is installed) leaves nothing
+            // behind either: nothing is pinned, so the kernel detaches everything.
+            Some(status) if status.signal() == Some(libc::SIGTERM) => {
+                eprintln!("xtask: note: the agent died of SIGTERM instead of handling it (its handler was not installed yet)");
+                Ok(())
+            }
             Some(status) if !status.success() => {
                 bail!(
                     "the agent exited with {status} on SIGTERM:\n{}",
@@ -580,6 +591,46 @@ pub fn machine_user_seconds() -> anyhow::Result<f64> {
     let user = fields.next().unwrap_or(0);
     let nice = fields.next().unwrap_or(0);
     Ok((user + nice) as f64 / clock_ticks_per_second())
+}
+
+/// Busy CPU seconds of the whole machine (everything but idle and iowait in /proc/stat).
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle (3) and iowait (4).
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy as f64 / clock_ticks_per_second())
+}
+
+/// Waits until the machine is nearly idle (under `threshold` cores busy over a second), for
+/// at most `limit`; returns how long it waited and whether it got quiet. Shared build machines
+/// are the main source of noise in A/B runs.
+pub fn wait_for_quiet(threshold: f64, limit: Duration) -> anyhow::Result<(Duration, bool)> {
+    let started = Instant::now();
+    loop {
+        let before = machine_busy_seconds()?;
+        sleep(Duration::from_secs(1))?;
+        let busy = machine_busy_seconds()? - before;
+        if busy < threshold {
+            return Ok((started.elapsed(), true));
+        }
+        if started.elapsed() >= limit {
+            return Ok((started.elapsed(), false));
+        }
+    }
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -719,6 +770,7 @@ mod tests {
         assert!(memory(pid).unwrap().rss_kb > 0);
         assert!(user_seconds(pid).unwrap() <= cpu_seconds(pid).unwrap());
         assert!(machine_user_seconds().unwrap() > 0.0);
+        assert!(machine_busy_seconds().unwrap() >= machine_user_seconds().unwrap());
     }
 
     #[test]
