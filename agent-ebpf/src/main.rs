@@ -576,8 +576,6 @@ fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
 }
 
 const MAX_IOVECS: usize = 8;
-/// Keeps the copy length provably within [0, CAPTURE_MAX] for the verifier.
-const CAPTURE_MASK: usize = CAPTURE_MAX * 2 - 1;
 
 #[inline(always)]
 fn io_exit(ctx: &TracePointContext) -> u32 {
@@ -645,27 +643,37 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
 }
 
 /// Copies up to `len` user bytes to `data[offset..]`; returns the bytes copied.
+///
+/// Older verifiers (6.1) bound an access by the offset's and the length's ranges separately and
+/// learn nothing from comparing the two, so each must fit on its own: the length is masked below
+/// CAPTURE_MAX, and the one full-size copy (only possible at offset 0) uses a constant size.
 #[inline(always)]
 fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     let offset = offset as usize & (CAPTURE_MAX - 1);
-    let mut len = core::cmp::min(len as usize & CAPTURE_MASK, CAPTURE_MAX - offset);
-    // Older verifiers (6.1) learn no bound from comparing two registers; a comparison with a
-    // constant gives them one.
-    if len > CAPTURE_MAX {
-        len = CAPTURE_MAX;
-    }
+    let len = core::cmp::min(len as usize, CAPTURE_MAX - offset);
     if len == 0 || src == 0 {
         return 0;
     }
-    let copied = unsafe {
-        probe_read_user_raw(
-            data.add(offset).cast(),
-            len as u32,
-            src as *const core::ffi::c_void,
-        )
+    let (copied, status) = if len >= CAPTURE_MAX {
+        (CAPTURE_MAX, unsafe {
+            probe_read_user_raw(
+                data.cast(),
+                CAPTURE_MAX as u32,
+                src as *const core::ffi::c_void,
+            )
+        })
+    } else {
+        let len = len & (CAPTURE_MAX - 1);
+        (len, unsafe {
+            probe_read_user_raw(
+                data.add(offset).cast(),
+                len as u32,
+                src as *const core::ffi::c_void,
+            )
+        })
     };
-    if copied == 0 {
-        len as u64
+    if status == 0 {
+        copied as u64
     } else {
         0
     }

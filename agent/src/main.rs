@@ -1,7 +1,7 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cacheprobe::{commands, config::DEFAULT_CONFIG_PATH};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Watches memcache and queue sockets from the kernel and explains what goes wrong between hosts.
 #[derive(Parser)]
@@ -24,6 +24,15 @@ enum Command {
         /// Address to serve /metrics on (overrides `listen` in the config).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Root-only Unix socket where `cacheprobe diagnose` reads the recent history.
+        #[arg(long, value_name = "PATH", default_value = cacheprobe::control::DEFAULT_SOCKET_PATH)]
+        control_socket: PathBuf,
+    },
+    /// Write the man page and shell completions into DIR (used to build packages).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Report which probes and features work on this host and what is missing.
     Check {
@@ -33,6 +42,35 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Report what is wrong between this host and its cache servers, with evidence.
+    ///
+    /// Reads a running daemon's recent history and watches live for --duration (without a
+    /// daemon, attaches the probes itself). Exit code: 0 nothing found, 1 findings, 2 could
+    /// not run.
+    Diagnose {
+        /// How long to watch live, e.g. 30s, 2m, 1m30s (0 with a daemon: history only).
+        #[arg(long, value_name = "DURATION", default_value = "30s",
+              value_parser = commands::diagnose::parse_duration)]
+        duration: Duration,
+        /// Print the report as JSON (schema: docs/diagnose-schema.json).
+        #[arg(long, conflicts_with = "graph")]
+        json: bool,
+        /// Print the process -> server graph instead of the report.
+        #[arg(long, value_name = "FORMAT", value_enum)]
+        graph: Option<GraphFormat>,
+        /// Configuration file (a missing default file means built-in defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    /// Graphviz: pipe into `dot -Tsvg`.
+    Dot,
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -55,6 +93,26 @@ fn config_arg(config: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
+/// The man page and completions come from the same clap definitions as the parser, so they
+/// cannot drift from the real flags.
+fn generate_assets(out: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let command = Cli::command();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut man)?;
+    std::fs::write(out.join("cacheprobe.1"), man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut command.clone(), "cacheprobe", out)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref());
@@ -69,19 +127,52 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { config, listen } => {
+        Command::Run {
+            config,
+            listen,
+            control_socket,
+        } => {
             let (config_path, config_explicit) = config_arg(config);
             runtime
                 .block_on(commands::run::run(commands::run::RunArgs {
                     config_path,
                     config_explicit,
                     listen,
+                    control_socket,
                 }))
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
         Command::Check { json, config } => {
             let (config_path, config_explicit) = config_arg(config);
             commands::check::check(&config_path, config_explicit, json)
+        }
+        Command::Diagnose {
+            duration,
+            json,
+            graph,
+            config,
+            socket,
+        } => {
+            let recorder = commands::record::ChildRecorder {
+                config_path: config.clone(),
+            };
+            let (config_path, config_explicit) = config_arg(config);
+            let output = match (json, graph) {
+                (true, _) => commands::diagnose::Output::Json,
+                (false, Some(GraphFormat::Dot)) => commands::diagnose::Output::GraphDot,
+                (false, None) => commands::diagnose::Output::Text,
+            };
+            commands::diagnose::diagnose(
+                &commands::diagnose::DiagnoseArgs {
+                    config_path,
+                    config_explicit,
+                    duration,
+                    output,
+                    socket,
+                },
+                &recorder,
+            )
         }
     };
     match result {

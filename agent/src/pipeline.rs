@@ -2,7 +2,10 @@
 //! else that listens) out. `run` feeds it from the ring buffers; `diagnose` can drive the same
 //! pipeline for a bounded time.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use agent_common::tcp_state;
 
@@ -11,6 +14,7 @@ use crate::{
     config::{Config, Protocol},
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
+    history::{Fact, History, SynDirection},
     keys::{KeyDisplay, KeyRouting, TopK},
     metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     probes::loader::Probes,
@@ -34,6 +38,13 @@ pub enum PayloadOutcome {
     UnknownSocket,
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn bpf_stats_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
 }
@@ -55,6 +66,8 @@ pub struct Pipeline {
     losses_seen: HashMap<&'static str, u64>,
     pub undecodable_records: u64,
     program_stats_seen: HashMap<String, (u64, u64)>,
+    history: Option<Arc<Mutex<History>>>,
+    service_names: Vec<String>,
     sinks: Vec<Box<dyn ObservationSink + Send>>,
 }
 
@@ -96,7 +109,23 @@ impl Pipeline {
             losses_seen: HashMap::new(),
             undecodable_records: 0,
             program_stats_seen: HashMap::new(),
+            history: None,
+            service_names: config.services.iter().map(|s| s.name.clone()).collect(),
             sinks: Vec::new(),
+        }
+    }
+
+    /// Facts that do not flow through observations (incoming SYNs, key splits, losses) also go
+    /// to this history.
+    pub fn set_history(&mut self, history: Arc<Mutex<History>>) {
+        self.history = Some(history);
+    }
+
+    fn record_fact(&self, fact: Fact) {
+        if let Some(history) = &self.history {
+            if let Ok(mut history) = history.lock() {
+                history.record(unix_now(), fact);
+            }
         }
     }
 
@@ -120,6 +149,7 @@ impl Pipeline {
         self.tracker.set_services(service_ports(config));
         self.recorder
             .set_service_names(config.services.iter().map(|s| s.name.clone()).collect());
+        self.service_names = config.services.iter().map(|s| s.name.clone()).collect();
         self.queue_mode = config
             .services
             .iter()
@@ -211,6 +241,11 @@ impl Pipeline {
                 sink.observation(&observation);
             }
         }
+        if let Some(history) = &self.history {
+            if let Ok(mut history) = history.lock() {
+                history.advance_to(unix_now());
+            }
+        }
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
             .expire(now_ns, REQUEST_TIMEOUT_NS, &mut self.memcache_events);
@@ -230,8 +265,16 @@ impl Pipeline {
                     };
                     let seen = self.syn_in_seen.entry(port).or_insert(0);
                     if total > *seen {
-                        self.recorder.record_syn_in(service, total - *seen);
+                        let count = total - *seen;
+                        self.recorder.record_syn_in(service, count);
                         *seen = total;
+                        if let Some(name) = self.service_names.get(service) {
+                            self.record_fact(Fact::Syns {
+                                service: name.clone(),
+                                direction: SynDirection::In,
+                                count: count.min(u32::MAX as u64) as u32,
+                            });
+                        }
                     }
                 }
             }

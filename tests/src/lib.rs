@@ -56,6 +56,9 @@ pub struct Agent {
     child: Child,
     pub metrics_port: u16,
     pub log_path: PathBuf,
+    pub config_path: PathBuf,
+    /// The agent's control socket, for `cacheprobe diagnose --socket`.
+    pub control_socket: PathBuf,
 }
 
 impl Agent {
@@ -78,9 +81,12 @@ impl Agent {
         let metrics_port = unique_port();
         let log_path = dir.join("agent.log");
         let log = std::fs::File::create(&log_path)?;
+        let control_socket = dir.join("control.sock");
         let child = Command::new(agent_binary())
             .args(["run", "--config"])
             .arg(&config_path)
+            .arg("--control-socket")
+            .arg(&control_socket)
             .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
             .args([
                 "--log",
@@ -94,6 +100,8 @@ impl Agent {
             child,
             metrics_port,
             log_path,
+            config_path,
+            control_socket,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -2,6 +2,7 @@
 //! missing first, so a fresh machine goes from clone to green with these commands alone.
 
 mod bench;
+mod package;
 mod setup;
 mod util;
 mod vm;
@@ -61,6 +62,9 @@ enum Task {
         source: std::net::Ipv4Addr,
     },
     /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
+    /// Build the .deb (binary, systemd unit, default config, man page, completions) and test
+    /// that it installs and removes cleanly in a throwaway dpkg root.
+    Package,
     VmTest {
         /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
         #[arg(long, value_enum, default_value = "all")]
@@ -91,6 +95,10 @@ fn main() -> ExitCode {
             count,
             source,
         } => bench::hold_connections(target, count, source),
+        Task::Package => setup::setup_build_tools()
+            .and_then(|()| build(true))
+            .and_then(|()| package::package())
+            .and_then(|deb| package::install_test(&deb)),
         Task::VmTest { kernel } => setup::setup_build_tools()
             .and_then(|()| build(true))
             .and_then(|()| vm::vm_test(&kernel.kernels())),
@@ -140,6 +148,9 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     util::require_root("integration tests load eBPF programs and create network namespaces")?;
     util::step("packaging: alert rules and their unit tests, metric names");
     packaging_checks()?;
+    util::step("package: build the .deb and install it into a throwaway dpkg root");
+    let deb = package::package()?;
+    package::install_test(&deb)?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
     util::cargo(&[
         "test",
@@ -162,6 +173,21 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
             "--test-threads=4",
         ],
         &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
+    )?;
+    util::step("fuzz the memcache decoder (bounded)");
+    setup::ensure_cargo_fuzz()?;
+    util::run_command(
+        std::process::Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "decoder",
+                "--",
+                "-max_total_time=60",
+            ])
+            .current_dir(util::workspace_root().join("fuzz"))
+            .env("PATH", util::path_with_cargo_bin()),
     )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;

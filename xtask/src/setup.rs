@@ -23,6 +23,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "libcap2-bin",
+    // `dot -Tsvg` checks diagnose's --graph dot output.
+    "graphviz",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
@@ -42,6 +44,15 @@ pub fn setup_build_tools() -> anyhow::Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     Ok(())
+}
+
+/// cargo-fuzz, for the bounded decoder fuzzing run in `cargo xtask test`.
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if output("cargo", &["fuzz", "--version"]).is_some() {
+        return Ok(());
+    }
+    step("installing cargo-fuzz");
+    run_command(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn ensure_nightly_rust_src() -> anyhow::Result<()> {

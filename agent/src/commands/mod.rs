@@ -1,2 +1,4 @@
 pub mod check;
+pub mod diagnose;
+pub mod record;
 pub mod run;

@@ -17,10 +17,14 @@ use std::collections::VecDeque;
 
 use aya::maps::{MapData, RingBuf};
 
+use std::sync::Mutex;
+
 use crate::{
     capture::payload_ts,
     config::Config,
+    control,
     events::SockEventRecord,
+    history::{facts_from_sample, History, HistoryLimits, HistorySink},
     metrics::{Metrics, ProbeLabels},
     pipeline::{PayloadOutcome, Pipeline},
     probes::{
@@ -35,6 +39,45 @@ pub struct RunArgs {
     pub config_path: PathBuf,
     pub config_explicit: bool,
     pub listen: Option<std::net::SocketAddr>,
+    /// Where `diagnose` asks for history (root-only Unix socket).
+    pub control_socket: PathBuf,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// SIGHUP: re-reads the config file. Services, capture switches, key display and the sample
+/// interval take effect at once; the listen address and map sizes need a restart (logged).
+fn reload(
+    args: &RunArgs,
+    running: &Config,
+    probes: &mut Probes,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<Config> {
+    let mut config = Config::load(&args.config_path, args.config_explicit)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if config.listen != running.listen {
+        tracing::warn!(old = %running.listen, new = %config.listen, "listen address changes need a restart; still serving on the old one");
+        config.listen = running.listen;
+    }
+    if config.limits != running.limits {
+        tracing::warn!("[limits] changes need a restart; keeping the running limits");
+        config.limits = running.limits.clone();
+    }
+    probes.set_watched_ports(&config)?;
+    pipeline.reconfigure(&config);
+    tracing::info!(
+        services = config.services.len(),
+        path = %args.config_path.display(),
+        "config reloaded"
+    );
+    Ok(config)
 }
 
 /// Samples /proc on its own thread pool slot so a slow /proc never stalls event processing.
@@ -42,13 +85,29 @@ async fn sample_periodically(
     mut sampler: Sampler,
     metrics: Metrics,
     mut last_tcp_ext: TcpExtCounters,
-    interval: Duration,
+    mut config: tokio::sync::watch::Receiver<Config>,
     pids: tokio::sync::mpsc::Sender<Vec<u32>>,
+    history: Arc<Mutex<History>>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
+    let mut previous_tcp_ext = None;
+    let interval = |config: &Config| Duration::from_secs(config.sample_interval_seconds);
+    let mut ticker = tokio::time::interval(interval(&config.borrow()));
     ticker.tick().await;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A reload: new services and interval; the TcpExt totals carry on.
+                let config = config.borrow_and_update().clone();
+                sampler = Sampler::new(SamplerConfig::from_services(&config.services, config.limits.max_comms));
+                ticker = tokio::time::interval(interval(&config));
+                ticker.tick().await;
+                continue;
+            }
+        }
         let Ok((result, returned)) = tokio::task::spawn_blocking(move || {
             let result = sampler.sample();
             (result, sampler)
@@ -62,6 +121,13 @@ async fn sample_periodically(
         match result {
             Ok(snapshot) => {
                 sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+                let facts = facts_from_sample(&snapshot, &[], &mut previous_tcp_ext);
+                let now = unix_now();
+                if let Ok(mut history) = history.lock() {
+                    for fact in facts {
+                        history.record(now, fact);
+                    }
+                }
                 let _ = pids.try_send(snapshot.processes.iter().map(|p| p.pid).collect());
             }
             Err(err) => tracing::warn!(%err, "/proc sample failed"),
@@ -112,6 +178,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    let args = args;
 
     let resolution = resolve_offsets(&SystemLayout::discover());
     for missing in &resolution.missing {
@@ -147,6 +214,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
     let mut probes = probes;
+
+    // Recent history for `cacheprobe diagnose`, served on a root-only Unix socket.
+    let history = Arc::new(Mutex::new(History::new(
+        HistoryLimits::default().capacity_seconds,
+        HistoryLimits::default(),
+    )));
+    let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
+    pipeline.add_sink(Box::new(HistorySink::new(history.clone(), service_names)));
+    pipeline.set_history(history.clone());
+    match control::bind(&args.control_socket) {
+        Ok(listener) => {
+            tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
+            tokio::spawn(control::serve(listener, history.clone()));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
+        }
+    }
 
     // Connections and processes that existed before we started: seed the tracker (so the
     // active gauge is right from the first scrape) and the capture process set.
@@ -188,12 +273,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<Vec<u32>>(4);
+    let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
     tokio::spawn(sample_periodically(
         sampler,
         metrics.clone(),
         last_tcp_ext,
-        Duration::from_secs(config.sample_interval_seconds),
+        sampler_config_rx,
         pids_tx,
+        history.clone(),
     ));
 
     let events = probes
@@ -210,6 +297,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -231,6 +319,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
+            }
+            _ = sighup.recv() => {
+                match reload(&args, &config, &mut probes, &mut pipeline) {
+                    Ok(new_config) => {
+                        config = new_config;
+                        let _ = sampler_config_tx.send(config.clone());
+                    }
+                    Err(err) => tracing::error!("config reload rejected, keeping the running config: {err:#}"),
+                }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }

@@ -2,7 +2,7 @@
 //! by their declared length, quiet opcodes and opaque values for pairing.
 
 use super::model::{Command, DecodeErrorReason, Direction, Observation, KEY_CAPACITY};
-use super::pairing::{push_error, Pairing, RequestInfo, RespKind, Response};
+use super::pairing::{push_error, Family, Pairing, RequestInfo, RespKind, Response};
 
 pub(crate) const HEADER_LEN: usize = 24;
 pub(crate) const REQUEST_MAGIC: u8 = 0x80;
@@ -102,6 +102,9 @@ pub(crate) trait PacketSink {
         start_ts: u64,
         end_ts: u64,
     );
+    /// The chunk ends with `rest` uncaptured bytes after `header_prefix` (the captured start
+    /// of a header). Returns true when the sink can account for them exactly.
+    fn unknown_tail(&mut self, header_prefix: &[u8], rest: u64, ts: u64) -> bool;
     /// A header could not be read because it was not captured: framing is lost.
     fn lost(&mut self, ts: u64);
     fn garbage(&mut self, ts: u64);
@@ -180,10 +183,14 @@ impl BinFramer {
             match self.state {
                 State::Header => {
                     if pos >= cap {
-                        sink.lost(ts);
-                        skipped += (total - pos) as u64;
+                        let rest = (total - pos) as u64;
+                        let prefix = &self.header_buf[..self.header_have];
+                        if !sink.unknown_tail(prefix, rest, ts) {
+                            sink.lost(ts);
+                            skipped += rest;
+                            self.state = State::Resync;
+                        }
                         self.header_have = 0;
-                        self.state = State::Resync;
                         pos = total;
                         continue;
                     }
@@ -302,6 +309,10 @@ pub(crate) struct RequestSink<'a> {
 }
 
 impl PacketSink for RequestSink<'_> {
+    fn unknown_tail(&mut self, _header_prefix: &[u8], _rest: u64, _ts: u64) -> bool {
+        false
+    }
+
     fn packet(
         &mut self,
         header: &Header,
@@ -353,7 +364,47 @@ pub(crate) struct ResponseSink<'a> {
     pub out: &'a mut Vec<Observation>,
 }
 
+/// Opcodes whose success response is a bare header and whose failures carry a message, so a
+/// body-less response to them can only be a success.
+fn success_is_bare_header(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        0x01..=0x04 | 0x07 | 0x08 | 0x0a | 0x0e | 0x0f | 0x1b | 0x1c
+    )
+}
+
 impl PacketSink for ResponseSink<'_> {
+    /// A chunk ending in exactly one uncaptured bare header is taken to be the success answer
+    /// of the next outstanding request when only a success could look like that (the NoOp
+    /// closing a quiet multi-get whose hits filled the capture is the common case).
+    fn unknown_tail(&mut self, header_prefix: &[u8], rest: u64, ts: u64) -> bool {
+        let Some((Family::Binary, opcode, opaque)) = self.pairing.next_answer() else {
+            return false;
+        };
+        let consistent = header_prefix.first().is_none_or(|&m| m == RESPONSE_MAGIC)
+            && header_prefix.get(1).is_none_or(|&op| op == opcode);
+        if header_prefix.len() as u64 + rest != HEADER_LEN as u64
+            || !consistent
+            || !success_is_bare_header(opcode)
+        {
+            return false;
+        }
+        let resp = Response {
+            kind: RespKind::Binary {
+                opcode,
+                status: 0,
+                more: false,
+            },
+            ts_ns: ts,
+            bytes: HEADER_LEN as u64,
+            key: None,
+            key_truncated: false,
+            opaque,
+        };
+        self.pairing.respond(&resp, self.out);
+        true
+    }
+
     fn packet(
         &mut self,
         header: &Header,

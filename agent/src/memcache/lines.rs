@@ -20,9 +20,10 @@ pub(crate) trait LineSink {
     /// A complete line without its terminator; `wire_len` includes it. `start_ts` is the
     /// timestamp of the chunk holding the line's first byte, `end_ts` of its last byte.
     fn line(&mut self, line: &[u8], wire_len: usize, start_ts: u64, end_ts: u64) -> LineOutcome;
-    /// A line whose end lies beyond the captured prefix of its payload; the `rest` uncaptured
-    /// bytes of the payload cannot be framed. The sink decodes what it can and reports the loss.
-    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64);
+    /// A line whose end lies beyond the captured prefix of its payload, followed by `rest`
+    /// uncaptured bytes. Returns true when the sink can account for them exactly (framing
+    /// continues); otherwise it decodes what it can, reports the loss and returns false.
+    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64) -> bool;
     /// A line longer than the limit, decoded from its prefix; framing resumes after its end.
     fn oversized_line(&mut self, prefix: &[u8], start_ts: u64, end_ts: u64);
     /// `len` uncaptured bytes start at a line boundary. Returns true when the sink can account
@@ -58,6 +59,18 @@ pub(crate) struct TextFramer {
     max_line: usize,
 }
 
+/// Position of the first '\n'. Protocol lines are short, and for short haystacks a plain scan
+/// beats memchr's setup; memchr takes over for long stretches (oversized lines, garbage).
+fn find_newline(window: &[u8]) -> Option<usize> {
+    const SHORT: usize = 64;
+    let head = &window[..window.len().min(SHORT)];
+    match head.iter().position(|&b| b == b'\n') {
+        Some(i) => Some(i),
+        None if window.len() > SHORT => memchr::memchr(b'\n', &window[SHORT..]).map(|i| i + SHORT),
+        None => None,
+    }
+}
+
 fn strip_terminator(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
@@ -66,11 +79,12 @@ fn strip_terminator(line: &[u8]) -> &[u8] {
 /// The first place at or after `from` where a line starts (the chunk start counts, as sends
 /// usually begin with a command) and `is_point` accepts the bytes.
 fn find_resync(captured: &[u8], from: usize, is_point: fn(&[u8]) -> bool) -> Option<usize> {
+    let rest = captured.get(from..)?;
     let starts_line = from == 0 || captured.get(from - 1) == Some(&b'\n');
-    if starts_line && is_point(&captured[from..]) {
+    if starts_line && is_point(rest) {
         return Some(from);
     }
-    memchr::memchr_iter(b'\n', &captured[from..])
+    memchr::memchr_iter(b'\n', rest)
         .map(|i| from + i + 1)
         .find(|&start| is_point(&captured[start..]))
 }
@@ -134,11 +148,13 @@ impl TextFramer {
                         let rest = (total - pos) as u64;
                         if !self.partial.is_empty() {
                             let prefix = std::mem::take(&mut self.partial);
-                            sink.truncated_line(&prefix, rest, self.partial_ts, ts);
+                            let explained = sink.truncated_line(&prefix, rest, self.partial_ts, ts);
                             self.partial = prefix;
                             self.partial.clear();
-                            self.state = State::Resync;
-                            skipped += rest;
+                            if !explained {
+                                self.state = State::Resync;
+                                skipped += rest;
+                            }
                         } else if !sink.unknown_tail(rest, ts) {
                             self.state = State::Resync;
                             skipped += rest;
@@ -147,7 +163,7 @@ impl TextFramer {
                         continue;
                     }
                     let window = &captured[pos..];
-                    match memchr::memchr(b'\n', window) {
+                    match find_newline(window) {
                         Some(i) => {
                             let held = self.partial.len();
                             let outcome = self.complete_line(&window[..=i], ts, sink);
@@ -188,11 +204,13 @@ impl TextFramer {
                             let room = self.max_line - prefix.len();
                             prefix.extend_from_slice(&window[..room.min(window.len())]);
                             let rest = (total - cap) as u64;
-                            sink.truncated_line(&prefix, rest, start_ts, ts);
+                            let explained = sink.truncated_line(&prefix, rest, start_ts, ts);
                             self.partial = prefix;
                             self.partial.clear();
-                            self.state = State::Resync;
-                            skipped += rest;
+                            if !explained {
+                                self.state = State::Resync;
+                                skipped += rest;
+                            }
                             pos = total;
                         }
                     }

@@ -17,6 +17,28 @@
 //! Every buffer is bounded by [`DecoderConfig`]; nothing allocates per command once a
 //! connection's queues have warmed up.
 //!
+//! How the caller drives it: [`ConnectionDecoder::feed`] for every payload in time order
+//! (the two directions interleaved), [`ConnectionDecoder::note_gap`] when events of a
+//! direction were lost, [`ConnectionDecoder::expire`] periodically, and
+//! [`ConnectionDecoder::finish`] when the connection closes. Observations are appended to a
+//! caller-owned vector; read them and `clear()` it to keep its capacity. Requests are reported
+//! when they finish, so observations are in completion order, not send order.
+//!
+//! Pairing without identity (text and meta responses carry no request id unless the client
+//! used meta `O`/`k`) relies on order and on which answers each command can get:
+//! - A response belongs to the first outstanding request it fits; requests passed over are
+//!   finished as implied (quiet) or [`Status::Unknown`] (their answer went missing).
+//! - Where requests were lost (gap, truncated capture, garbage, overflow) a marker makes
+//!   later responses prove they belong to a later request; errors prove nothing. A marker gives
+//!   up after 8 rejected answers so a lost answer cannot block pairing for good.
+//! - Quiet meta mutations (`ms`/`md`/`ma` with `q`) answer only on failure, so an answer that
+//!   also fits the next non-quiet request is given to that one. Quiet `mg` hits are given to
+//!   the first quiet `mg` unless the answer carries its key (`k`) or opaque (`O`).
+//! - When a payload ends in bytes that were not captured, exactly at a line boundary, and only
+//!   one fixed answer of that length fits the next request (END, MN, a bare binary NoOp or
+//!   success header), it is taken as that answer; otherwise the outstanding requests finish as
+//!   [`Status::Unknown`] with a `truncated_capture` error.
+//!
 //! Label scheme: [`Command::as_str`] (`command` label), [`Status::as_str`] (`status`),
 //! [`QueueOpKind::as_str`] (queue `op`), [`DecodeErrorReason::as_str`] (`reason`); each enum has
 //! an `ALL` list with every value.
@@ -237,6 +259,7 @@ impl ConnectionDecoder {
     }
 
     /// Reports that events of one direction were lost between the last chunk and the next.
+    /// Takes `out` because it can finish requests.
     /// Client side: requests may be missing, so responses must prove which request they
     /// answer. Server side: the responses to everything outstanding may be gone, so those
     /// requests finish as [`Status::Unknown`].

@@ -242,23 +242,50 @@ impl fmt::Display for Status {
 /// At most `DecoderConfig::max_key_len` (<= [`KEY_CAPACITY`]) bytes are kept. `is_truncated`
 /// is set when the key was longer than that or ran past the captured prefix of the payload.
 /// Meta keys sent with the `b` flag are kept base64-decoded, like binary-protocol keys.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy)]
 pub struct Key {
     len: u8,
     truncated: bool,
     bytes: [u8; KEY_CAPACITY],
 }
 
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.truncated == other.truncated && self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+        self.truncated.hash(state);
+    }
+}
+
 impl Key {
+    pub(crate) const EMPTY: Key = Key {
+        len: 0,
+        truncated: false,
+        bytes: [0; KEY_CAPACITY],
+    };
+
     pub(crate) fn new(src: &[u8], max_len: usize, truncated: bool) -> Key {
-        let keep = src.len().min(max_len).min(KEY_CAPACITY);
-        let mut bytes = [0u8; KEY_CAPACITY];
-        bytes[..keep].copy_from_slice(&src[..keep]);
-        Key {
-            len: keep as u8,
-            truncated: truncated || keep < src.len(),
-            bytes,
-        }
+        let mut key = Key::EMPTY;
+        key.assign(
+            &src[..src.len().min(max_len)],
+            truncated || src.len() > max_len,
+        );
+        key
+    }
+
+    /// Replaces the key in place (callers avoid moving the whole buffer around).
+    pub(crate) fn assign(&mut self, src: &[u8], truncated: bool) {
+        let keep = src.len().min(KEY_CAPACITY);
+        self.bytes[..keep].copy_from_slice(&src[..keep]);
+        self.len = keep as u8;
+        self.truncated = truncated || keep < src.len();
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -278,16 +305,25 @@ impl Key {
     }
 
     /// Whether `other` can be the same key, allowing for either side having been cut short.
-    pub(crate) fn could_be(&self, other: &[u8], other_truncated: bool) -> bool {
-        let mine = self.as_bytes();
-        match (self.truncated, other_truncated) {
-            (false, false) => mine == other,
-            (true, false) => other.starts_with(mine),
-            (false, true) => mine.starts_with(other),
-            (true, true) => {
-                let common = mine.len().min(other.len());
-                mine[..common] == other[..common]
-            }
+    pub fn could_be(&self, other: &[u8], other_truncated: bool) -> bool {
+        key_could_be(self.as_bytes(), self.truncated, other, other_truncated)
+    }
+}
+
+/// Whether two possibly cut keys can be the same key.
+pub(crate) fn key_could_be(
+    mine: &[u8],
+    mine_truncated: bool,
+    other: &[u8],
+    other_truncated: bool,
+) -> bool {
+    match (mine_truncated, other_truncated) {
+        (false, false) => mine == other,
+        (true, false) => other.starts_with(mine),
+        (false, true) => mine.starts_with(other),
+        (true, true) => {
+            let common = mine.len().min(other.len());
+            mine[..common] == other[..common]
         }
     }
 }

@@ -14,8 +14,8 @@
 use std::collections::VecDeque;
 
 use super::model::{
-    Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions, Key,
-    Observation, QueueOp, QueueOpKind, RequestObservation, Status,
+    key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
+    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status,
 };
 
 /// How a request is answered, which decides which responses fit it.
@@ -168,11 +168,90 @@ impl RequestInfo {
     }
 }
 
+/// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
 #[derive(Debug, Clone, Copy)]
 struct KeySlot {
-    key: Key,
+    start: usize,
+    len: u8,
+    truncated: bool,
     status: Option<Status>,
     resp_bytes: u64,
+}
+
+/// Keys of outstanding requests, in request order. Small slots point into one byte arena so
+/// the hot path moves a few bytes per key instead of whole fixed-size key buffers. Requests
+/// finish from the front, so dead bytes accumulate at the arena's start: it is cleared when
+/// no key is outstanding and compacted when dead bytes outnumber live ones, which bounds it
+/// to twice the live keys.
+#[derive(Debug, Default)]
+struct KeyStore {
+    slots: VecDeque<KeySlot>,
+    bytes: Vec<u8>,
+}
+
+const ARENA_COMPACT_MIN: usize = 16 * 1024;
+
+impl KeyStore {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn push(&mut self, key: &[u8], truncated: bool) {
+        self.slots.push_back(KeySlot {
+            start: self.bytes.len(),
+            len: key.len().min(usize::from(u8::MAX)) as u8,
+            truncated,
+            status: None,
+            resp_bytes: 0,
+        });
+        self.bytes
+            .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
+    }
+
+    fn bytes_of(&self, slot: &KeySlot) -> &[u8] {
+        self.bytes
+            .get(slot.start..slot.start + usize::from(slot.len))
+            .unwrap_or_default()
+    }
+
+    /// Whether the key at `index` is unanswered (when `unanswered_only`) and could be `other`.
+    fn could_be(
+        &self,
+        index: usize,
+        other: &[u8],
+        other_truncated: bool,
+        unanswered_only: bool,
+    ) -> bool {
+        self.slots.get(index).is_some_and(|slot| {
+            (!unanswered_only || slot.status.is_none())
+                && key_could_be(self.bytes_of(slot), slot.truncated, other, other_truncated)
+        })
+    }
+
+    /// Drops the last slots so that `keep` remain.
+    fn truncate(&mut self, keep: usize) {
+        if let Some(first_dropped) = self.slots.get(keep) {
+            self.bytes.truncate(first_dropped.start);
+        }
+        self.slots.truncate(keep);
+        self.reclaim();
+    }
+
+    fn reclaim(&mut self) {
+        match self.slots.front() {
+            None => self.bytes.clear(),
+            Some(front)
+                if self.bytes.len() >= ARENA_COMPACT_MIN && front.start > self.bytes.len() / 2 =>
+            {
+                let dead = front.start;
+                self.bytes.drain(..dead);
+                for slot in &mut self.slots {
+                    slot.start -= dead;
+                }
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,6 +272,7 @@ struct Pending {
     /// Response bytes not attributed to one key (END line, errors, untracked items).
     resp_bytes: u64,
     first_resp_ts: Option<u64>,
+    /// VALUE items seen; for a marker, responses it rejected while requests waited behind it.
     items: u32,
     opaque: Option<u64>,
     queue: Option<QueueIntent>,
@@ -224,11 +304,15 @@ impl Pending {
     }
 }
 
+/// How many unfitting responses a gap marker absorbs while requests wait behind it.
+const MARKER_PATIENCE: u32 = 8;
+
 #[derive(Debug, Clone, Copy)]
 enum Fit {
     No,
-    /// A VALUE item for a retrieval (the request continues).
-    Item,
+    /// A VALUE item for a retrieval (the request continues), with the index of the key it
+    /// answers among the request's keys when known.
+    Item(Option<usize>),
     /// Part of a multi-line answer (the request continues).
     Part,
     /// The final response; the status applies to every key not resolved yet.
@@ -239,7 +323,7 @@ pub(crate) struct Pairing {
     pending: VecDeque<Pending>,
     /// Keys of pending requests, in request order, followed by the keys staged for the
     /// request being parsed. Requests always finish from the front, so this is a FIFO too.
-    slots: VecDeque<KeySlot>,
+    slots: KeyStore,
     staged: usize,
     staged_dropped: bool,
     max_pending: usize,
@@ -273,7 +357,7 @@ impl Pairing {
     pub fn new(max_pending: usize, max_slots: usize, max_key_len: usize) -> Pairing {
         Pairing {
             pending: VecDeque::new(),
-            slots: VecDeque::new(),
+            slots: KeyStore::default(),
             staged: 0,
             staged_dropped: false,
             max_pending,
@@ -292,11 +376,8 @@ impl Pairing {
             self.staged_dropped = true;
             return;
         }
-        self.slots.push_back(KeySlot {
-            key: Key::new(key, self.max_key_len, truncated),
-            status: None,
-            resp_bytes: 0,
-        });
+        let keep = key.len().min(self.max_key_len);
+        self.slots.push(&key[..keep], truncated || keep < key.len());
         self.staged += 1;
     }
 
@@ -327,7 +408,8 @@ impl Pairing {
         if req.noreply {
             let queue = queue_op(req.queue, Status::Noreply);
             if nkeys == 0 {
-                out.push(request_observation(
+                push_request(
+                    out,
                     req.command,
                     Status::Noreply,
                     None,
@@ -336,20 +418,27 @@ impl Pairing {
                     req.bytes,
                     0,
                     queue,
-                ));
+                );
             }
-            for (i, slot) in self.slots.drain(start..).enumerate() {
-                out.push(request_observation(
+            for i in 0..nkeys {
+                let key = self
+                    .slots
+                    .slots
+                    .get(start + i)
+                    .map(|slot| (self.slots.bytes_of(slot), slot.truncated));
+                push_request(
+                    out,
                     req.command,
                     Status::Noreply,
-                    Some(slot.key),
+                    key,
                     None,
                     req.ts_ns,
                     if i == 0 { req.bytes } else { 0 },
                     0,
                     queue,
-                ));
+                );
             }
+            self.slots.truncate(start);
             return;
         }
         if self.pending.len() >= self.max_pending {
@@ -393,15 +482,15 @@ impl Pairing {
         self.pending.push_back(Pending::marker(ts_ns));
     }
 
-    /// The family of the request the next response should answer (quiet requests that may be
-    /// skipped silently are passed over), or None if unknown.
-    pub fn next_answer_family(&self) -> Option<Family> {
+    /// The request the next response should answer (quiet requests that may be skipped
+    /// silently are passed over): its family, binary opcode and opaque. None if unknown.
+    pub fn next_answer(&self) -> Option<(Family, u8, Option<u64>)> {
         for p in &self.pending {
             if p.marker {
                 return None;
             }
             if !p.quiet {
-                return Some(p.family);
+                return Some((p.family, p.opcode, p.opaque));
             }
         }
         None
@@ -424,11 +513,21 @@ impl Pairing {
                         found = Some((i + 1, fit));
                     }
                 }
+                if found.is_none() && i + 1 < self.pending.len() {
+                    // A marker that keeps rejecting answers while requests wait behind it has
+                    // most likely outlived its lost responses (or the next request's answer
+                    // was lost too): give up on it rather than block pairing for good.
+                    let marker = &mut self.pending[i];
+                    marker.items += 1;
+                    if marker.items >= MARKER_PATIENCE {
+                        self.pending.remove(i);
+                    }
+                }
                 break;
             }
             let fit = self.fit(entry, offset, resp);
             if !matches!(fit, Fit::No) {
-                found = Some((i, fit));
+                found = Some(self.prefer_nominal_answer(i, offset, fit, resp));
                 break;
             }
             offset += usize::from(entry.nkeys);
@@ -460,26 +559,16 @@ impl Pairing {
         head.first_resp_ts.get_or_insert(resp.ts_ns);
         match fit {
             Fit::No => {}
-            Fit::Item => {
+            Fit::Item(slot) => {
                 head.items = head.items.saturating_add(1);
-                let slot = resp.key.and_then(|key| {
-                    let head = self.pending.front()?;
-                    let i = value_slot(&self.slots, head, 0, key, resp.key_truncated)?;
-                    Some((i, self.slots.get_mut(i)?))
-                });
-                match slot {
+                // The head's keys start the store, so its relative index is absolute.
+                match slot.and_then(|i| Some((i, self.slots.slots.get_mut(i)?))) {
                     Some((i, slot)) => {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
-                        if let Some(head) = self.pending.front_mut() {
-                            head.cursor = (i + 1) as u16;
-                        }
+                        head.cursor = (i + 1) as u16;
                     }
-                    None => {
-                        if let Some(head) = self.pending.front_mut() {
-                            head.resp_bytes += resp.bytes;
-                        }
-                    }
+                    None => head.resp_bytes += resp.bytes,
                 }
             }
             Fit::Part => head.resp_bytes += resp.bytes,
@@ -491,6 +580,43 @@ impl Pairing {
                 }
             }
         }
+    }
+
+    /// A quiet meta mutation (`ms`/`md`/`ma` with `q`) answers only when it fails, which is
+    /// rare; a request that is not quiet always answers. When an answer without opaque or key
+    /// fits both, it is far more likely the latter's, the quiet one having succeeded silently.
+    fn prefer_nominal_answer(
+        &self,
+        index: usize,
+        offset: usize,
+        fit: Fit,
+        resp: &Response<'_>,
+    ) -> (usize, Fit) {
+        let entry = &self.pending[index];
+        let quiet_mutation = entry.quiet
+            && matches!(
+                entry.command,
+                Command::MetaSet | Command::MetaDelete | Command::MetaArithmetic
+            );
+        if !quiet_mutation || resp.opaque.is_some() || resp.key.is_some() {
+            return (index, fit);
+        }
+        let mut later_offset = offset + usize::from(entry.nkeys);
+        for later in index + 1..self.pending.len() {
+            let candidate = &self.pending[later];
+            if candidate.marker {
+                break;
+            }
+            if !candidate.quiet {
+                let later_fit = self.fit(candidate, later_offset, resp);
+                if !matches!(later_fit, Fit::No) {
+                    return (later, later_fit);
+                }
+                break;
+            }
+            later_offset += usize::from(candidate.nkeys);
+        }
+        (index, fit)
     }
 
     /// The responses to everything outstanding may have been lost: report it all as unknown
@@ -538,11 +664,7 @@ impl Pairing {
                 return Fit::No;
             }
         }
-        let single_key = if entry.nkeys == 1 && entry.keys_complete {
-            self.slots.get(offset)
-        } else {
-            None
-        };
+        let single_key = entry.nkeys == 1 && entry.keys_complete;
         if let RespKind::Binary {
             opcode,
             status,
@@ -552,8 +674,8 @@ impl Pairing {
             if entry.family != Family::Binary || entry.opcode != opcode {
                 return Fit::No;
             }
-            if let (Some(slot), Some(key)) = (single_key, resp.key) {
-                if !key.is_empty() && !slot.key.could_be(key, resp.key_truncated) {
+            if let Some(key) = resp.key.filter(|k| single_key && !k.is_empty()) {
+                if !self.slots.could_be(offset, key, resp.key_truncated, false) {
                     return Fit::No;
                 }
             }
@@ -573,8 +695,8 @@ impl Pairing {
             // Errors are always sent, even for noreply/quiet requests, and to any command.
             return Fit::Done(line_status(code));
         }
-        if let (Some(slot), Some(key), RespKind::Meta(_)) = (single_key, resp.key, resp.kind) {
-            if !slot.key.could_be(key, resp.key_truncated) {
+        if let (true, Some(key), RespKind::Meta(_)) = (single_key, resp.key, resp.kind) {
+            if !self.slots.could_be(offset, key, resp.key_truncated, false) {
                 return Fit::No;
             }
         }
@@ -582,19 +704,17 @@ impl Pairing {
         use MetaCode as M;
         let quiet = entry.quiet;
         match (entry.family, resp.kind) {
-            (Family::Retrieval, RespKind::Value) => {
-                let fits = match resp.key {
-                    Some(key) if entry.keys_complete && entry.nkeys > 0 => {
-                        value_slot(&self.slots, entry, offset, key, resp.key_truncated).is_some()
+            (Family::Retrieval, RespKind::Value) => match resp.key {
+                Some(key) => {
+                    match value_slot(&self.slots, entry, offset, key, resp.key_truncated) {
+                        Some(i) => Fit::Item(Some(i)),
+                        // Keys we could not keep may be the one answered.
+                        None if !entry.keys_complete || entry.nkeys == 0 => Fit::Item(None),
+                        None => Fit::No,
                     }
-                    _ => true,
-                };
-                if fits {
-                    Fit::Item
-                } else {
-                    Fit::No
                 }
-            }
+                None => Fit::Item(None),
+            },
             (Family::Retrieval, RespKind::End) => Fit::Done(Status::Miss),
             (
                 Family::Storage,
@@ -660,7 +780,8 @@ impl Pairing {
             } else {
                 unresolved
             };
-            out.push(request_observation(
+            push_request(
+                out,
                 entry.command,
                 status,
                 None,
@@ -669,11 +790,11 @@ impl Pairing {
                 entry.req_bytes,
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
-            ));
+            );
             return;
         }
         for i in 0..nkeys {
-            let Some(slot) = self.slots.pop_front() else {
+            let Some(slot) = self.slots.slots.pop_front() else {
                 break;
             };
             let status = slot.status.unwrap_or(unresolved);
@@ -682,26 +803,28 @@ impl Pairing {
             } else {
                 (0, slot.resp_bytes)
             };
-            out.push(request_observation(
+            push_request(
+                out,
                 entry.command,
                 status,
-                Some(slot.key),
+                Some((self.slots.bytes_of(&slot), slot.truncated)),
                 latency,
                 entry.ts_ns,
                 req_bytes,
                 resp_bytes,
                 queue_op(entry.queue, status),
-            ));
+            );
         }
+        self.slots.reclaim();
     }
 }
 
-/// The slot (absolute index into `slots`) a VALUE item for `key` answers: the first key not yet
-/// answered that could be `key`, looking from the entry's cursor first because servers answer
-/// in request order. Queue servers may echo the queue name without Kestrel options, so the part
-/// of the key before the first '/' is tried too.
+/// The key (index among the entry's keys) a VALUE item for `key` answers: the first key not
+/// yet answered that could be `key`, looking from the entry's cursor first because servers
+/// answer in request order. Queue servers may echo the queue name with or without Kestrel
+/// options, so the part of the key before the first '/' is tried too.
 fn value_slot(
-    slots: &VecDeque<KeySlot>,
+    slots: &KeyStore,
     entry: &Pending,
     offset: usize,
     key: &[u8],
@@ -709,11 +832,6 @@ fn value_slot(
 ) -> Option<usize> {
     let n = usize::from(entry.nkeys);
     let cursor = usize::from(entry.cursor).min(n);
-    let matches = |i: usize, candidate: &[u8], truncated: bool| {
-        slots
-            .get(offset + i)
-            .is_some_and(|slot| slot.status.is_none() && slot.key.could_be(candidate, truncated))
-    };
     let queue_name = key
         .iter()
         .position(|&b| b == b'/')
@@ -722,35 +840,42 @@ fn value_slot(
         let truncated = key_truncated && candidate.len() == key.len();
         if let Some(i) = (cursor..n)
             .chain(0..cursor)
-            .find(|&i| matches(i, candidate, truncated))
+            .find(|&i| slots.could_be(offset + i, candidate, truncated, true))
         {
-            return Some(offset + i);
+            return Some(i);
         }
     }
     None
 }
 
+/// Appends a request observation. The key is copied straight into the observation in the
+/// output vector: building it elsewhere and moving it in costs several copies of the whole
+/// fixed-size key buffer, which dominated the hot path.
 #[allow(clippy::too_many_arguments)]
-fn request_observation(
+fn push_request(
+    out: &mut Vec<Observation>,
     command: Command,
     status: Status,
-    key: Option<Key>,
+    key: Option<(&[u8], bool)>,
     latency_ns: Option<u64>,
     request_ts_ns: u64,
     request_bytes: u64,
     response_bytes: u64,
     queue: Option<QueueOp>,
-) -> Observation {
-    Observation::Request(RequestObservation {
+) {
+    out.push(Observation::Request(RequestObservation {
         command,
         status,
-        key,
+        key: None,
         latency_ns,
         request_ts_ns,
         request_bytes,
         response_bytes,
         queue,
-    })
+    }));
+    if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
+        request.key.insert(Key::EMPTY).assign(bytes, truncated);
+    }
 }
 
 fn line_status(code: LineCode) -> Status {

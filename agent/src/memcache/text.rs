@@ -103,6 +103,18 @@ const RESPONSE_WORDS: &[&[u8]] = &[
     b"ME",
 ];
 
+/// Whether `bytes` begins with an incr/decr answer: digits, optional padding spaces, "\r\n".
+fn starts_with_number_line(bytes: &[u8]) -> bool {
+    let digits = bytes
+        .iter()
+        .take(21)
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let rest = &bytes[digits..];
+    let spaces = rest.iter().take(21).take_while(|&&b| b == b' ').count();
+    digits > 0 && rest[spaces..].starts_with(b"\r\n")
+}
+
 /// Whether `bytes` begins with one of `words` followed by a separator (which must be visible).
 fn starts_with_word(bytes: &[u8], words: &[&[u8]]) -> bool {
     let end = bytes
@@ -343,12 +355,13 @@ impl LineSink for RequestSink<'_> {
         }
     }
 
-    fn truncated_line(&mut self, prefix: &[u8], rest: u64, _start_ts: u64, end_ts: u64) {
+    fn truncated_line(&mut self, prefix: &[u8], rest: u64, _start_ts: u64, end_ts: u64) -> bool {
         // Assume the uncaptured rest belongs to this line (one command per send is the norm);
         // the marker guards against it having held further commands.
         self.cut_line(prefix, prefix.len() as u64 + rest, end_ts);
         self.pairing.push_marker(end_ts);
         self.error(DecodeErrorReason::TruncatedCapture, end_ts);
+        false
     }
 
     fn oversized_line(&mut self, prefix: &[u8], _start_ts: u64, end_ts: u64) {
@@ -502,16 +515,75 @@ impl ResponseSink<'_> {
     }
 }
 
+/// Fixed response lines by the family of request they answer, for recognising a chunk's
+/// uncaptured last line by its length (and whatever of it was captured).
+fn fixed_answers(family: Family) -> &'static [(&'static [u8], RespKind)] {
+    use LineCode as L;
+    use MetaCode as M;
+    const END: (&[u8], RespKind) = (b"END\r\n", RespKind::End);
+    const NOT_FOUND: (&[u8], RespKind) = (b"NOT_FOUND\r\n", RespKind::Line(L::NotFound));
+    const HD: (&[u8], RespKind) = (b"HD\r\n", RespKind::Meta(M::Hd));
+    const NF: (&[u8], RespKind) = (b"NF\r\n", RespKind::Meta(M::Nf));
+    const NS: (&[u8], RespKind) = (b"NS\r\n", RespKind::Meta(M::Ns));
+    const EX: (&[u8], RespKind) = (b"EX\r\n", RespKind::Meta(M::Ex));
+    match family {
+        Family::Retrieval | Family::Stats => &[END],
+        Family::Storage => &[
+            (b"STORED\r\n", RespKind::Line(L::Stored)),
+            (b"NOT_STORED\r\n", RespKind::Line(L::NotStored)),
+            (b"EXISTS\r\n", RespKind::Line(L::Exists)),
+            NOT_FOUND,
+        ],
+        Family::Delete => &[(b"DELETED\r\n", RespKind::Line(L::Deleted)), NOT_FOUND],
+        Family::Touch => &[(b"TOUCHED\r\n", RespKind::Line(L::Touched)), NOT_FOUND],
+        Family::Arith => &[NOT_FOUND],
+        Family::OkLine => &[(b"OK\r\n", RespKind::Line(L::Ok))],
+        Family::MetaGet | Family::MetaDebug => &[HD, (b"EN\r\n", RespKind::Meta(M::En))],
+        Family::MetaSet => &[HD, NS, EX, NF],
+        Family::MetaDelete => &[HD, NF, EX],
+        Family::MetaArith => &[HD, NF, NS, EX],
+        Family::MetaNoop => &[(b"MN\r\n", RespKind::Meta(M::Mn))],
+        _ => &[],
+    }
+}
+
+impl ResponseSink<'_> {
+    /// The uncaptured end of a chunk (`prefix` captured, `rest` not) is taken to be the one
+    /// fixed line that the next outstanding request can get with exactly that length, if
+    /// there is exactly one such line. Chunks usually end where a response ends, and this
+    /// covers the common cases: END after a large value, MN after quiet gets.
+    fn infer_tail(&mut self, prefix: &[u8], rest: u64, ts: u64) -> bool {
+        let Some((family, _, _)) = self.pairing.next_answer() else {
+            return false;
+        };
+        let len = prefix.len() as u64 + rest;
+        let mut candidates = fixed_answers(family)
+            .iter()
+            .filter(|(line, _)| line.len() as u64 == len && line.starts_with(prefix));
+        match (candidates.next(), candidates.next()) {
+            (Some(&(_, kind)), None) => {
+                self.respond(kind, ts, len);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl LineSink for ResponseSink<'_> {
     fn line(&mut self, line: &[u8], wire_len: usize, start_ts: u64, _end_ts: u64) -> LineOutcome {
         self.parse(line, wire_len as u64, start_ts, false)
     }
 
-    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64) {
+    fn truncated_line(&mut self, prefix: &[u8], rest: u64, start_ts: u64, end_ts: u64) -> bool {
+        if self.infer_tail(prefix, rest, start_ts) {
+            return true;
+        }
         let line = prefix.strip_suffix(b"\r").unwrap_or(prefix);
         // What the prefix says (a hit, an error) is still true; only the rest is unknown.
         self.parse(line, prefix.len() as u64 + rest, start_ts, true);
         self.lost(end_ts);
+        false
     }
 
     fn oversized_line(&mut self, _prefix: &[u8], _start_ts: u64, end_ts: u64) {
@@ -519,15 +591,7 @@ impl LineSink for ResponseSink<'_> {
     }
 
     fn unknown_tail(&mut self, len: u64, ts: u64) -> bool {
-        // A chunk that ends with an uncaptured line usually ends with the one line the next
-        // request is waiting for; two cases are unambiguous by length alone.
-        let next = self.pairing.next_answer_family();
-        if len == 5 && matches!(next, Some(Family::Retrieval | Family::Stats)) {
-            self.respond(RespKind::End, ts, len);
-            return true;
-        }
-        if len == 4 && next == Some(Family::MetaNoop) {
-            self.respond(RespKind::Meta(MetaCode::Mn), ts, len);
+        if self.infer_tail(b"", len, ts) {
             return true;
         }
         self.lost(ts);
@@ -546,6 +610,6 @@ impl LineSink for ResponseSink<'_> {
     }
 
     fn is_resync_point(bytes: &[u8]) -> bool {
-        starts_with_word(bytes, RESPONSE_WORDS)
+        starts_with_word(bytes, RESPONSE_WORDS) || starts_with_number_line(bytes)
     }
 }

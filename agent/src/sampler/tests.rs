@@ -276,8 +276,8 @@ fn missing_proc_root_is_the_only_fatal_error() {
 /// Another network namespace: a listener and clients inside `unshare --net`, found through the
 /// child's /proc entries, with the backlog limit read by joining the namespace.
 #[test]
-#[ignore = "needs root (unshare --net, setns)"]
-fn finds_listener_in_another_network_namespace() {
+#[ignore = "host test: needs root (unshare --net, setns); cargo xtask test runs it"]
+fn host_finds_listener_in_another_network_namespace() {
     let port = 40123u16;
     let script = format!(
         "import socket,time\n\

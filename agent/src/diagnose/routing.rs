@@ -1,0 +1,115 @@
+//! Key routing inconsistency: the same key sent by this host to two servers of one service,
+//! which is what clients with different server lists or hashing settings produce.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{util, DiagnoseThresholds, Finding, Severity, Span};
+use crate::history::HistorySnapshot;
+
+#[derive(Default)]
+struct Pair {
+    count: u64,
+    /// (comm sending to the first server, comm sending to the second) -> keys
+    senders: BTreeMap<(String, String), u64>,
+    examples: BTreeSet<u64>,
+}
+
+const EXAMPLES: usize = 3;
+
+pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
+    let mut services: BTreeMap<String, BTreeMap<(String, String), Pair>> = BTreeMap::new();
+    let mut spans: BTreeMap<String, Span> = BTreeMap::new();
+    for second in &snap.seconds {
+        for row in &second.key_splits {
+            let service = snap.label(row.service).to_string();
+            let mut ends = [
+                (snap.label(row.servers[0]), snap.label(row.comms[0])),
+                (snap.label(row.servers[1]), snap.label(row.comms[1])),
+            ];
+            ends.sort();
+            let pair = services
+                .entry(service.clone())
+                .or_default()
+                .entry((ends[0].0.to_string(), ends[1].0.to_string()))
+                .or_default();
+            pair.count += row.count as u64;
+            *pair
+                .senders
+                .entry((ends[0].1.to_string(), ends[1].1.to_string()))
+                .or_default() += row.count as u64;
+            for &hash in &row.examples {
+                if pair.examples.len() < EXAMPLES {
+                    pair.examples.insert(hash);
+                }
+            }
+            let span = spans.entry(service).or_insert(Span {
+                start_s: second.t,
+                end_s: second.t,
+            });
+            span.end_s = second.t;
+        }
+    }
+    for (service, pairs) in services {
+        let total: u64 = pairs.values().map(|p| p.count).sum();
+        if total < th.key_split_min {
+            continue;
+        }
+        let mut finding = Finding::new(
+            "key-routing",
+            Severity::Warning,
+            format!(
+                "{} of {service} went to two different servers: clients disagree on routing",
+                util::plural(total, "key")
+            ),
+        );
+        let mut ordered: Vec<_> = pairs.iter().collect();
+        ordered.sort_by_key(|(_, pair)| std::cmp::Reverse(pair.count));
+        for ((a, b), pair) in ordered.iter().take(5) {
+            let examples: Vec<String> =
+                pair.examples.iter().map(|h| format!("#{h:016x}")).collect();
+            finding.evidence.push(format!(
+                "{a} and {b}: {} (key hashes {})",
+                util::plural(pair.count, "key"),
+                examples.join(", ")
+            ));
+            for ((comm_a, comm_b), n) in &pair.senders {
+                if comm_a.is_empty() && comm_b.is_empty() {
+                    continue;
+                }
+                let who = |c: &str| if c.is_empty() { "?" } else { c }.to_string();
+                finding.evidence.push(format!(
+                    "  {} sent them to {a}, {} to {b} ({n})",
+                    who(comm_a),
+                    who(comm_b)
+                ));
+                for comm in [comm_a, comm_b] {
+                    if !comm.is_empty() && !finding.subjects.processes.contains(comm) {
+                        finding.subjects.processes.push(comm.clone());
+                    }
+                }
+            }
+            for server in [a, b] {
+                if !finding.subjects.servers.contains(server) {
+                    finding.subjects.servers.push(server.clone());
+                }
+            }
+        }
+        if let Some(span) = spans.get(&service) {
+            finding.evidence.push(format!(
+                "seen {}",
+                util::clock_span(span.start_s, span.end_s)
+            ));
+            finding.span = Some(*span);
+        }
+        finding.advice = "Clients use different server lists or hashing settings (order, \
+            weights, hash or distribution function, or one client ejected a server), so a key \
+            is cached twice and reads can return stale data. Give every client the identical \
+            server list and hashing options (e.g. ketama consistent hashing), or route all of \
+            them through one proxy such as twemproxy."
+            .to_string();
+        finding.subjects.services.push(service);
+        finding.value("split_keys", total as f64);
+        finding.magnitude = total as f64;
+        out.push(finding);
+    }
+}

@@ -1,0 +1,308 @@
+//! One slow or hung server among its peers: with client-side hashing every server owns 1/N of
+//! the keys, so one bad server slows every page that touches its keys while averages over the
+//! tier look fine. Compares each server's p99, stalled requests and unanswered requests with
+//! the other servers of the same service, and notices a server that stopped answering.
+
+use std::collections::BTreeMap;
+
+use super::{util, DiagnoseThresholds, Finding, Severity, Span};
+use crate::history::{latency::LatencyHistogram, HistorySnapshot, Role, TcpEvent};
+
+#[derive(Default)]
+struct ServerStats {
+    hist: LatencyHistogram,
+    requests: u64,
+    no_answer: u64,
+    last_answer_t: Option<u64>,
+    /// Unanswered requests and failed connects, per second.
+    no_answer_by_t: BTreeMap<u64, u64>,
+    /// Requests slower than the stall threshold or unanswered, per second.
+    stalled_by_t: BTreeMap<u64, u64>,
+    requests_by_comm: BTreeMap<String, u64>,
+}
+
+/// Stalls are judged within this many seconds: a hung server stalls many requests at once,
+/// while the odd retransmitted request scattered over 15 minutes is background noise.
+const STALL_WINDOW_S: u64 = 10;
+
+impl ServerStats {
+    fn stalled(&self) -> u64 {
+        self.stalled_by_t.values().sum()
+    }
+
+    /// The most stalled requests within any STALL_WINDOW_S seconds.
+    fn stalled_burst(&self) -> u64 {
+        let seconds: Vec<(u64, u64)> = self.stalled_by_t.iter().map(|(&t, &n)| (t, n)).collect();
+        let (mut best, mut sum, mut from) = (0, 0, 0);
+        for &(t, n) in &seconds {
+            sum += n;
+            while seconds[from].0 + STALL_WINDOW_S <= t {
+                sum -= seconds[from].1;
+                from += 1;
+            }
+            best = best.max(sum);
+        }
+        best
+    }
+}
+
+pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
+    let stall_us = th.slow_stall_ms * 1000.0;
+    let mut services: BTreeMap<String, BTreeMap<String, ServerStats>> = BTreeMap::new();
+    for second in &snap.seconds {
+        for row in second.requests.iter().filter(|r| r.role == Role::Client) {
+            let stats = services
+                .entry(snap.label(row.service).to_string())
+                .or_default()
+                .entry(snap.label(row.server).to_string())
+                .or_default();
+            let count = row.count as u64;
+            stats.requests += count;
+            *stats
+                .requests_by_comm
+                .entry(snap.label(row.comm).to_string())
+                .or_default() += count;
+            if row.status.is_no_answer() {
+                stats.no_answer += count;
+                *stats.no_answer_by_t.entry(second.t).or_default() += count;
+                *stats.stalled_by_t.entry(second.t).or_default() += count;
+            } else if row.status.is_answer() {
+                stats.last_answer_t = Some(second.t);
+            }
+        }
+        for row in second.latency.iter().filter(|r| r.role == Role::Client) {
+            let hist = row.histogram();
+            let stats = services
+                .entry(snap.label(row.service).to_string())
+                .or_default()
+                .entry(snap.label(row.server).to_string())
+                .or_default();
+            let stalled = hist.count_at_least(stall_us);
+            if stalled > 0 {
+                *stats.stalled_by_t.entry(second.t).or_default() += stalled;
+            }
+            stats.hist.merge(&hist);
+        }
+        for row in &second.tcp {
+            if matches!(
+                row.event,
+                TcpEvent::ConnectTimeout | TcpEvent::RetransmitSyn
+            ) {
+                if let Some(stats) = services
+                    .get_mut(snap.label(row.service))
+                    .and_then(|s| s.get_mut(snap.label(row.server)))
+                {
+                    *stats.no_answer_by_t.entry(second.t).or_default() += row.count as u64;
+                }
+            }
+        }
+    }
+
+    for (service, servers) in &services {
+        for (server, stats) in servers {
+            let peers: Vec<&ServerStats> = servers
+                .iter()
+                .filter(|(name, s)| *name != server && s.requests > 0)
+                .map(|(_, s)| s)
+                .collect();
+            if let Some(finding) = stopped(service, server, stats, snap, th) {
+                out.push(finding);
+            } else if let Some(finding) = slow(service, server, stats, &peers, th) {
+                out.push(finding);
+            }
+        }
+    }
+}
+
+fn stopped(
+    service: &str,
+    server: &str,
+    stats: &ServerStats,
+    snap: &HistorySnapshot,
+    th: &DiagnoseThresholds,
+) -> Option<Finding> {
+    let (since, unanswered) = match stats.last_answer_t {
+        Some(last) => {
+            if snap.end_s.saturating_sub(last) < th.slow_stopped_after_s {
+                return None;
+            }
+            let after: u64 = stats.no_answer_by_t.range(last + 1..).map(|(_, c)| c).sum();
+            (last + 1, after)
+        }
+        None => (
+            stats.no_answer_by_t.keys().next().copied()?,
+            stats.no_answer_by_t.values().sum(),
+        ),
+    };
+    if unanswered < th.slow_min_stalled {
+        return None;
+    }
+    let title = match stats.last_answer_t {
+        Some(last) => format!(
+            "{server} ({service}) stopped answering at {}",
+            util::clock(last + 1)
+        ),
+        None => format!("{server} ({service}) never answered in this window"),
+    };
+    let mut finding = Finding::new("server-not-answering", Severity::Critical, title);
+    finding.evidence.push(format!(
+        "{} requests or connection attempts got no answer since {} (last answer {})",
+        unanswered,
+        util::clock(since),
+        stats.last_answer_t.map_or("never".to_string(), util::clock),
+    ));
+    affected_processes(stats, &mut finding);
+    finding.advice = "The server is hung, stopped (SIGSTOP, swapping, a full disk on its host), \
+        or unreachable. Check the process and its host; if it does not recover, remove it from \
+        the clients' server list so its share of the keys moves to healthy servers."
+        .to_string();
+    finding.subjects.services.push(service.to_string());
+    finding.subjects.servers.push(server.to_string());
+    finding.value("unanswered", unanswered as f64);
+    if let Some(last) = stats.last_answer_t {
+        finding.value("last_answer_s", last as f64);
+    }
+    finding.span = Some(Span {
+        start_s: since,
+        end_s: snap.end_s,
+    });
+    finding.magnitude = unanswered as f64;
+    Some(finding)
+}
+
+fn slow(
+    service: &str,
+    server: &str,
+    stats: &ServerStats,
+    peers: &[&ServerStats],
+    th: &DiagnoseThresholds,
+) -> Option<Finding> {
+    if peers.is_empty() {
+        return None;
+    }
+    let p99 = stats.hist.quantile_us(0.99);
+    let comparable: Vec<f64> = peers
+        .iter()
+        .filter(|p| p.requests >= th.slow_min_requests)
+        .filter_map(|p| p.hist.quantile_us(0.99))
+        .collect();
+    let peer_p99 = util::median(&comparable);
+    let slow_p99 = match (p99, peer_p99) {
+        (Some(p99), Some(peer)) if stats.requests >= th.slow_min_requests => {
+            p99 >= th.slow_p99_ratio * peer && p99 - peer >= th.slow_min_p99_gap_ms * 1000.0
+        }
+        _ => false,
+    };
+    let stalled = stats.stalled();
+    let burst = stats.stalled_burst();
+    let peer_stalled = peers.iter().map(|p| p.stalled()).max().unwrap_or(0);
+    let peer_burst = peers.iter().map(|p| p.stalled_burst()).max().unwrap_or(0);
+    let stalls =
+        burst >= th.slow_min_stalled && burst as f64 >= th.slow_p99_ratio * peer_burst as f64;
+    if !slow_p99 && !stalls {
+        return None;
+    }
+    let p99_text = p99.map_or("-".to_string(), util::latency);
+    let peer_text = peer_p99.map_or("-".to_string(), util::latency);
+    let title = if slow_p99 {
+        format!("{server} ({service}) is slow: p99 {p99_text} while its peers' is {peer_text}")
+    } else {
+        format!(
+            "{server} ({service}) stalled: {} over {} or unanswered (peers: {peer_stalled})",
+            util::plural(stalled, "request"),
+            util::latency(th.slow_stall_ms * 1000.0)
+        )
+    };
+    let severity = if stats.no_answer >= th.slow_min_stalled {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let mut finding = Finding::new("slow-server", severity, title);
+    finding.evidence.push(format!(
+        "{} requests: p50 {}, p99 {}; median of {} peers: p99 {}",
+        stats.requests,
+        stats
+            .hist
+            .quantile_us(0.5)
+            .map_or("-".to_string(), util::latency),
+        p99_text,
+        peers.len(),
+        peer_text,
+    ));
+    if stalled > 0 {
+        let (&first, _) = stats.stalled_by_t.iter().next()?;
+        let (&last, _) = stats.stalled_by_t.iter().next_back()?;
+        let (&worst_t, &worst) = stats.stalled_by_t.iter().max_by_key(|(_, c)| **c)?;
+        finding.evidence.push(format!(
+            "{} over {} or unanswered, {} (worst second {}: {}); peers at most {}",
+            util::plural(stalled, "request"),
+            util::latency(th.slow_stall_ms * 1000.0),
+            util::clock_span(first, last),
+            util::clock(worst_t),
+            worst,
+            peer_stalled
+        ));
+        finding.span = Some(Span {
+            start_s: first,
+            end_s: last,
+        });
+    }
+    if let Some(max) = stats.hist.max_us() {
+        finding
+            .evidence
+            .push(format!("slowest request about {}", util::latency(max)));
+    }
+    if stats.no_answer > 0 {
+        finding.evidence.push(format!(
+            "{} got no answer",
+            util::plural(stats.no_answer, "request")
+        ));
+    }
+    affected_processes(stats, &mut finding);
+    finding.advice = "One server is far slower than its peers. Check its host (CPU steal, swap, \
+        NIC errors, a noisy neighbour), the memcached process (stats: evictions, connections, \
+        threads) and the network path to it (see retransmit findings). Clients hash 1/N of the \
+        keys to it, so every request touching those keys waits; if it stays slow, take it out \
+        of the pool."
+        .to_string();
+    finding.subjects.services.push(service.to_string());
+    finding.subjects.servers.push(server.to_string());
+    if let Some(p99) = p99 {
+        finding.value("p99_ms", p99 / 1000.0);
+    }
+    if let Some(peer) = peer_p99 {
+        finding.value("peer_p99_ms", peer / 1000.0);
+    }
+    finding.value("stalled", stalled as f64);
+    finding.value("unanswered", stats.no_answer as f64);
+    finding.magnitude = match (p99, peer_p99) {
+        (Some(p99), Some(peer)) if peer > 0.0 => p99 / peer,
+        _ => 0.0,
+    } + stalled as f64;
+    Some(finding)
+}
+
+fn affected_processes(stats: &ServerStats, finding: &mut Finding) {
+    let mut comms: Vec<(&String, &u64)> = stats
+        .requests_by_comm
+        .iter()
+        .filter(|(c, _)| !c.is_empty())
+        .collect();
+    comms.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    if comms.is_empty() {
+        return;
+    }
+    let listed: Vec<String> = comms
+        .iter()
+        .map(|(comm, count)| format!("{comm} ({count} requests)"))
+        .collect();
+    finding.evidence.push(format!(
+        "affected processes: {}",
+        util::truncated(&listed, 4)
+    ));
+    finding
+        .subjects
+        .processes
+        .extend(comms.iter().map(|(c, _)| c.to_string()));
+}

@@ -1,0 +1,675 @@
+//! One synthetic history per incident class, each on top of healthy traffic, asserting the
+//! detector names the right server, process, command and numbers; and the healthy case alone.
+
+use super::{testkit::*, *};
+use crate::history::{
+    ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus, ResetDirection,
+    RetransmitKind, Role, SynDirection,
+};
+
+fn run(sim: &mut Sim, end: u64) -> Vec<Finding> {
+    let snapshot = sim.snapshot(end);
+    diagnose(&snapshot, &DiagnoseThresholds::default())
+}
+
+fn only<'a>(findings: &'a [Finding], id: &str) -> &'a Finding {
+    let matching: Vec<&Finding> = findings.iter().filter(|f| f.id == id).collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "expected one {id} finding, got: {:#?}",
+        findings
+            .iter()
+            .map(|f| (&f.id, &f.title))
+            .collect::<Vec<_>>()
+    );
+    matching[0]
+}
+
+fn ids(findings: &[Finding]) -> Vec<&str> {
+    findings.iter().map(|f| f.id.as_str()).collect()
+}
+
+#[test]
+fn healthy_traffic_yields_no_findings() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 600);
+    let snapshot = sim.snapshot(T0 + 600);
+    assert!(snapshot.seconds.len() >= 600);
+    let findings = diagnose(&snapshot, &DiagnoseThresholds::default());
+    assert!(findings.is_empty(), "{findings:#?}");
+    let edges = edge_table(&snapshot, T0, T0 + 599);
+    assert_eq!(edges.len(), 9, "3 programs x 3 servers");
+    let edge = &edges[0];
+    assert!((edge.requests_per_s - 23.0).abs() < 0.01, "{edge:?}");
+    assert!(
+        edge.p50_ms.unwrap() < 1.0 && edge.p99_ms.unwrap() < 1.0,
+        "{edge:?}"
+    );
+    assert_eq!(edge.connections, Some(1));
+}
+
+fn idle_close(sim: &mut Sim, t: u64, server: &str, idle_s: f64) {
+    sim.record(
+        t,
+        Fact::ConnectionClosed {
+            service: SERVICE.into(),
+            server: server.into(),
+            role: Role::Client,
+            comm: None,
+            closed_by: ClosedBy::Peer,
+            idle_before_close_s: Some(idle_s),
+            duration_s: Some(idle_s + 30.0),
+        },
+    );
+}
+
+fn dead_write(sim: &mut Sim, t: u64, comm: &str, command: &str, outcome: DeadWriteOutcome) {
+    sim.record(
+        t,
+        Fact::DeadWrite {
+            service: SERVICE.into(),
+            server: SERVERS[1].into(),
+            role: Role::Client,
+            comm: comm.into(),
+            command: Some(command.into()),
+            outcome,
+        },
+    );
+}
+
+#[test]
+fn idle_disconnects_infer_the_timeout_and_name_the_writers() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 600);
+    for (i, idle) in [60.3, 60.9, 61.4, 60.2, 61.0, 60.6].into_iter().enumerate() {
+        let t = T0 + 100 + 70 * i as u64;
+        idle_close(&mut sim, t, SERVERS[1], idle);
+        dead_write(
+            &mut sim,
+            t + 20,
+            "cron-job",
+            "set",
+            DeadWriteOutcome::Unnoticed,
+        );
+    }
+    dead_write(&mut sim, T0 + 550, "cron-job", "get", DeadWriteOutcome::Eof);
+    let findings = run(&mut sim, T0 + 600);
+    let finding = only(&findings, "idle-disconnects");
+    assert_eq!(finding.severity, Severity::Critical);
+    assert_eq!(finding.values["idle_timeout_s"], 60.0);
+    assert_eq!(finding.values["dead_writes"], 7.0);
+    assert_eq!(finding.values["dead_writes_unnoticed"], 6.0);
+    assert_eq!(finding.subjects.servers, vec![SERVERS[1]]);
+    assert_eq!(finding.subjects.processes, vec!["cron-job"]);
+    assert!(finding.subjects.commands.contains(&"set".to_string()));
+    assert!(finding.title.contains("idle for 60 s"), "{}", finding.title);
+    assert!(
+        finding
+            .evidence
+            .iter()
+            .any(|e| e.contains("cron-job") && e.contains("set x6") && e.contains("6 unnoticed")),
+        "{:#?}",
+        finding.evidence
+    );
+    assert_eq!(findings[0].id, "idle-disconnects", "critical ranks first");
+    assert!(!ids(&findings).contains(&"dead-writes"));
+}
+
+#[test]
+fn memcached_coarse_idle_timeout_is_still_consistent() {
+    // memcached -o idle_timeout=2 closes 3-5 s after the last command (coarse clock).
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for (i, idle) in [3.1, 4.0, 4.9, 3.5].into_iter().enumerate() {
+        idle_close(&mut sim, T0 + 10 + 10 * i as u64, SERVERS[0], idle);
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "idle-disconnects");
+    assert_eq!(finding.severity, Severity::Info, "no dead writes");
+    assert_eq!(finding.values["idle_timeout_s"], 3.0);
+    assert_eq!(finding.subjects.servers, vec![SERVERS[0]]);
+}
+
+#[test]
+fn scattered_closes_are_not_an_idle_timeout_but_dead_writes_are_reported() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 300);
+    for (i, idle) in [1.5, 20.0, 300.0, 75.0].into_iter().enumerate() {
+        idle_close(&mut sim, T0 + 10 + 10 * i as u64, SERVERS[1], idle);
+    }
+    dead_write(&mut sim, T0 + 60, "ruby", "set", DeadWriteOutcome::Reset);
+    let findings = run(&mut sim, T0 + 300);
+    assert!(!ids(&findings).contains(&"idle-disconnects"));
+    let finding = only(&findings, "dead-writes");
+    assert_eq!(finding.severity, Severity::Warning, "the client noticed");
+    assert_eq!(finding.subjects.processes, vec!["ruby"]);
+}
+
+#[test]
+fn one_slow_server_among_peers() {
+    let mut sim = Sim::new();
+    for t in T0..T0 + 120 {
+        sim.healthy_server_second(t, SERVERS[0], 900);
+        sim.healthy_server_second(t, SERVERS[1], 900);
+        // 10.0.0.3 answers, but 3% of its requests take 40-90 ms.
+        for comm in COMMS {
+            for _ in 0..23 {
+                let latency = if sim.random(100) < 3 {
+                    40_000 + sim.random(50_000) as u32
+                } else {
+                    sim.healthy_latency()
+                };
+                sim.request(
+                    t,
+                    SERVERS[2],
+                    comm,
+                    "get",
+                    RequestStatus::Hit,
+                    Some(latency),
+                );
+            }
+        }
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "slow-server");
+    assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
+    assert!(finding.values["p99_ms"] > 30.0, "{:?}", finding.values);
+    assert!(finding.values["peer_p99_ms"] < 1.0, "{:?}", finding.values);
+    assert_eq!(finding.subjects.processes.len(), 3);
+}
+
+#[test]
+fn a_briefly_stopped_server_shows_as_stalled() {
+    // SIGSTOP for ~1.5 s: the requests in flight from two programs wait, nothing else changes.
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for comm in ["php-fpm", "ruby"] {
+        sim.request(
+            T0 + 31,
+            SERVERS[2],
+            comm,
+            "get",
+            RequestStatus::Hit,
+            Some(1_500_000),
+        );
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "slow-server");
+    assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
+    assert_eq!(finding.values["stalled"], 2.0);
+    assert_eq!(finding.span.unwrap().start_s, T0 + 31);
+}
+
+#[test]
+fn a_server_that_stopped_answering_is_critical() {
+    let mut sim = Sim::new();
+    for t in T0..T0 + 60 {
+        sim.healthy_server_second(t, SERVERS[0], 900);
+        sim.healthy_server_second(t, SERVERS[1], 900);
+        if t < T0 + 40 {
+            sim.healthy_server_second(t, SERVERS[2], 900);
+        } else {
+            sim.record(
+                t,
+                Fact::RequestTimeout {
+                    service: SERVICE.into(),
+                    server: SERVERS[2].into(),
+                    role: Role::Client,
+                    comm: Some("php-fpm".into()),
+                    command: "get".into(),
+                },
+            );
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "server-not-answering");
+    assert_eq!(finding.severity, Severity::Critical);
+    assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
+    assert_eq!(finding.values["last_answer_s"], (T0 + 39) as f64);
+    assert_eq!(finding.values["unanswered"], 20.0);
+    assert_eq!(findings[0].id, "server-not-answering");
+}
+
+#[test]
+fn miss_storm_after_a_restart() {
+    let mut sim = Sim::new();
+    let restart = T0 + 200;
+    for t in T0..T0 + 300 {
+        sim.healthy_server_second(t, SERVERS[0], 920);
+        sim.healthy_server_second(t, SERVERS[1], 920);
+        let hits = if t < restart { 920 } else { 30 };
+        sim.healthy_server_second(t, SERVERS[2], hits);
+    }
+    for _ in 0..3 {
+        sim.record(
+            restart - 2,
+            Fact::ConnectionClosed {
+                service: SERVICE.into(),
+                server: SERVERS[2].into(),
+                role: Role::Client,
+                comm: None,
+                closed_by: ClosedBy::Peer,
+                idle_before_close_s: Some(0.01),
+                duration_s: Some(500.0),
+            },
+        );
+    }
+    sim.record(
+        restart - 1,
+        Fact::ConnectFailure {
+            service: SERVICE.into(),
+            server: SERVERS[2].into(),
+            reason: ConnectFailureReason::Refused,
+        },
+    );
+    let findings = run(&mut sim, T0 + 300);
+    let finding = only(&findings, "miss-storm");
+    assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
+    assert_eq!(finding.values["started_at_s"], restart as f64);
+    assert!(finding.values["hit_ratio_before"] > 0.85);
+    assert!(finding.values["hit_ratio_after"] < 0.1);
+    assert!(
+        finding.evidence.iter().any(|e| e.contains("restart")),
+        "{:#?}",
+        finding.evidence
+    );
+    // One refused connect is below the connect-failure threshold: nothing else to say.
+    assert_eq!(ids(&findings), vec!["miss-storm"]);
+}
+
+#[test]
+fn keys_sent_to_two_servers() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for i in 0..12u64 {
+        sim.record(
+            T0 + 30 + i,
+            Fact::KeySplit {
+                service: SERVICE.into(),
+                key_hash: 0xabc0 + i,
+                servers: [SERVERS[0].into(), SERVERS[2].into()],
+                comms: [Some("php-fpm".into()), Some("ruby".into())],
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "key-routing");
+    assert_eq!(finding.values["split_keys"], 12.0);
+    assert_eq!(finding.subjects.servers, vec![SERVERS[0], SERVERS[2]]);
+    assert_eq!(finding.subjects.processes, vec!["php-fpm", "ruby"]);
+    assert!(
+        finding.evidence[0].contains("#000000000000abc0"),
+        "{:?}",
+        finding.evidence
+    );
+}
+
+#[test]
+fn fd_exhaustion_from_a_full_mesh_suggests_a_proxy() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for t in [T0 + 50, T0 + 60] {
+        sim.record(
+            t,
+            Fact::ProcessFds {
+                comm: "worker".into(),
+                pid: 4242,
+                open_fds: 1010,
+                limit: 1024,
+            },
+        );
+        sim.record(
+            t,
+            Fact::ProcessConnections {
+                comm: "worker".into(),
+                pid: 4242,
+                service: SERVICE.into(),
+                distinct_servers: 40,
+                connections: 960,
+            },
+        );
+    }
+    for _ in 0..5 {
+        sim.record(
+            T0 + 61,
+            Fact::FdExhausted {
+                comm: "worker".into(),
+                syscall: "socket".into(),
+                errno: "EMFILE".into(),
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "fd-pressure");
+    assert_eq!(finding.severity, Severity::Critical);
+    assert_eq!(finding.subjects.processes, vec!["worker"]);
+    assert_eq!(finding.values["fd_errors"], 5.0);
+    assert!(finding.values["fd_usage_ratio"] > 0.98);
+    assert!(finding.advice.contains("twemproxy"), "{}", finding.advice);
+    assert!(
+        finding.evidence.iter().any(|e| e.contains("40 of the 40")),
+        "{:#?}",
+        finding.evidence
+    );
+    assert!(
+        !ids(&findings).contains(&"full-mesh"),
+        "covered by fd-pressure"
+    );
+}
+
+#[test]
+fn a_large_full_mesh_without_pressure_is_info() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    sim.record(
+        T0 + 5,
+        Fact::ProcessConnections {
+            comm: "php-fpm".into(),
+            pid: 7,
+            service: SERVICE.into(),
+            distinct_servers: 24,
+            connections: 24,
+        },
+    );
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "full-mesh");
+    assert_eq!(finding.severity, Severity::Info);
+    assert_eq!(finding.subjects.processes, vec!["php-fpm"]);
+}
+
+#[test]
+fn syn_burst_at_a_small_backlog_listener() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for t in T0 + 20..T0 + 25 {
+        sim.record(
+            t,
+            Fact::Syns {
+                service: "cache-local".into(),
+                direction: SynDirection::In,
+                count: 1500,
+            },
+        );
+        sim.record(
+            t,
+            Fact::ListenQueue {
+                service: "cache-local".into(),
+                length: 8,
+                limit: 8,
+            },
+        );
+        sim.record(
+            t,
+            Fact::HostListenDrops {
+                overflows: 200,
+                drops: 200,
+                syncookies_sent: 0,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let storm = only(&findings, "syn-storm");
+    assert_eq!(storm.subjects.services, vec!["cache-local"]);
+    assert_eq!(storm.values["syn_peak_per_s"], 1500.0);
+    let overflow = only(&findings, "accept-queue-overflow");
+    assert_eq!(overflow.severity, Severity::Critical);
+    assert_eq!(overflow.subjects.services, vec!["cache-local"]);
+    assert_eq!(overflow.values["listen_overflows"], 1000.0);
+    assert!(overflow.title.contains("8/8"), "{}", overflow.title);
+    assert_eq!(findings[0].id, "accept-queue-overflow");
+}
+
+#[test]
+fn connection_churn_names_the_opener() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for t in T0 + 10..T0 + 30 {
+        for _ in 0..120 {
+            sim.record(
+                t,
+                Fact::ConnectionOpened {
+                    service: SERVICE.into(),
+                    server: SERVERS[0].into(),
+                    role: Role::Client,
+                    comm: Some("php-cgi".into()),
+                },
+            );
+            sim.record(
+                t,
+                Fact::ConnectionClosed {
+                    service: SERVICE.into(),
+                    server: SERVERS[0].into(),
+                    role: Role::Client,
+                    comm: Some("php-cgi".into()),
+                    closed_by: ClosedBy::Local,
+                    idle_before_close_s: Some(0.001),
+                    duration_s: Some(0.004),
+                },
+            );
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "connection-churn");
+    assert_eq!(finding.subjects.processes, vec!["php-cgi"]);
+    assert!(
+        finding.values["opens_per_s"] >= 100.0,
+        "{:?}",
+        finding.values
+    );
+}
+
+#[test]
+fn retransmit_and_reset_hot_spots_and_connect_failures() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for i in 0..60u64 {
+        sim.record(
+            T0 + i,
+            Fact::Retransmit {
+                service: SERVICE.into(),
+                server: SERVERS[1].into(),
+                role: Role::Client,
+                kind: if i % 6 == 0 {
+                    RetransmitKind::Syn
+                } else {
+                    RetransmitKind::Data
+                },
+            },
+        );
+        if i % 4 == 0 {
+            sim.record(
+                T0 + i,
+                Fact::Reset {
+                    service: SERVICE.into(),
+                    server: SERVERS[0].into(),
+                    role: Role::Client,
+                    direction: ResetDirection::Received,
+                },
+            );
+        }
+    }
+    // A couple of retransmits on a peer is normal background.
+    for i in 0..2 {
+        sim.record(
+            T0 + i,
+            Fact::Retransmit {
+                service: SERVICE.into(),
+                server: SERVERS[2].into(),
+                role: Role::Client,
+                kind: RetransmitKind::Data,
+            },
+        );
+    }
+    for i in 0..8 {
+        sim.record(
+            T0 + 90 + i,
+            Fact::ConnectFailure {
+                service: SERVICE.into(),
+                server: "10.0.0.9:11211".into(),
+                reason: ConnectFailureReason::Refused,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let retransmits = only(&findings, "retransmits");
+    assert_eq!(retransmits.subjects.servers, vec![SERVERS[1]]);
+    assert_eq!(retransmits.values["retransmits"], 60.0);
+    assert!(
+        retransmits.evidence[0].contains("50 data, 10 SYN"),
+        "{:?}",
+        retransmits.evidence
+    );
+    let resets = only(&findings, "resets");
+    assert_eq!(resets.subjects.servers, vec![SERVERS[0]]);
+    let failures = only(&findings, "connect-failures");
+    assert_eq!(failures.subjects.servers, vec!["10.0.0.9:11211"]);
+    assert_eq!(failures.severity, Severity::Critical);
+    assert!(failures.advice.contains("Refused"));
+}
+
+#[test]
+fn micro_outages_aligned_to_the_minute() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 300);
+    // At :00 of four minutes, one second of server errors and slow answers from 10.0.0.2.
+    for minute in 1..5u64 {
+        let t = T0 + 60 * minute;
+        for comm in COMMS {
+            for _ in 0..10 {
+                sim.request(
+                    t,
+                    SERVERS[1],
+                    comm,
+                    "get",
+                    RequestStatus::ServerError,
+                    Some(45_000),
+                );
+            }
+        }
+    }
+    let findings = run(&mut sim, T0 + 300);
+    let finding = only(&findings, "micro-outage");
+    assert_eq!(finding.values["spikes"], 4.0);
+    assert_eq!(finding.values["aligned_second_of_minute"], 0.0);
+    assert!(
+        finding.title.contains(":00 of the minute"),
+        "{}",
+        finding.title
+    );
+    assert_eq!(finding.subjects.servers, vec![SERVERS[1]]);
+}
+
+#[test]
+fn findings_rank_by_severity_then_magnitude() {
+    let mut findings = vec![
+        Finding::new("a", Severity::Info, "info".into()),
+        Finding::new("b", Severity::Warning, "small".into()),
+        Finding::new("c", Severity::Critical, "crit".into()),
+        Finding::new("d", Severity::Warning, "big".into()),
+    ];
+    findings[1].magnitude = 1.0;
+    findings[3].magnitude = 10.0;
+    rank(&mut findings);
+    let titles: Vec<&str> = findings.iter().map(|f| f.title.as_str()).collect();
+    assert_eq!(titles, vec!["crit", "big", "small", "info"]);
+}
+
+#[test]
+fn scattered_slow_requests_are_not_a_stall() {
+    // Two 300 ms requests (retransmits) ten minutes apart on one server: background noise.
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 700);
+    sim.request(
+        T0 + 30,
+        SERVERS[0],
+        "ruby",
+        "get",
+        RequestStatus::Hit,
+        Some(300_000),
+    );
+    sim.request(
+        T0 + 630,
+        SERVERS[0],
+        "ruby",
+        "get",
+        RequestStatus::Hit,
+        Some(300_000),
+    );
+    let findings = run(&mut sim, T0 + 700);
+    assert!(findings.is_empty(), "{findings:#?}");
+}
+
+#[test]
+fn a_single_slow_request_is_not_a_micro_outage() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for minute in 0..2 {
+        sim.request(
+            T0 + 60 * minute + 1,
+            SERVERS[1],
+            "php-fpm",
+            "get",
+            RequestStatus::Hit,
+            Some(80_000),
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    assert!(!ids(&findings).contains(&"micro-outage"), "{findings:#?}");
+}
+
+/// Measures detectors and rendering over a full 15-minute history of a busy client host.
+/// `cargo test -p cacheprobe --lib diagnose::tests::timing -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn timing_over_a_full_history() {
+    let mut history = crate::history::History::new(900, crate::history::HistoryLimits::default());
+    let mut sim = Sim::new();
+    for t in T0..T0 + 900 {
+        for server in 0..10 {
+            for comm in COMMS {
+                for command in ["get", "set", "delete", "gets", "incr"] {
+                    for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                        let latency = sim.healthy_latency();
+                        history.record(
+                            t,
+                            Fact::Request {
+                                service: SERVICE.into(),
+                                server: format!("10.0.0.{server}:11211"),
+                                role: Role::Client,
+                                comm: Some(comm.into()),
+                                command: command.into(),
+                                status,
+                                latency_us: Some(latency),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let snapshot = history.snapshot(0);
+    let snapshot_time = started.elapsed();
+    let started = std::time::Instant::now();
+    let json = serde_json::to_vec(&snapshot).unwrap();
+    let encode_time = started.elapsed();
+    let started = std::time::Instant::now();
+    let report = Report::build(
+        &snapshot,
+        &DiagnoseThresholds::default(),
+        Source {
+            kind: SourceKind::Daemon,
+            watched_s: 30,
+        },
+        T0 + 900,
+        30,
+    );
+    let diagnose_time = started.elapsed();
+    eprintln!(
+        "900 s x 300 request rows/s: snapshot {snapshot_time:?}, JSON {} bytes in {encode_time:?}, diagnose {diagnose_time:?}, {} findings, {} edges",
+        json.len(),
+        report.findings.len(),
+        report.edges.len()
+    );
+}

@@ -1,0 +1,1187 @@
+//! A bounded per-second history of what the agent observed, for `cacheprobe diagnose`.
+//!
+//! Facts are aggregated into one bucket per second: counters keyed by interned labels, a small
+//! latency histogram per (service, server, role, process), a few idle-before-close samples per
+//! close row. Memory is bounded three ways, all set by [`HistoryLimits`]:
+//! - time: buckets older than `capacity_seconds` are evicted;
+//! - rows: a second holds at most `max_rows_per_second` rows (plus a small reserve of rows whose
+//!   process/server/command are folded into "other"); latency histograms are capped separately
+//!   by `max_latency_series_per_second`; facts beyond that are only counted (`overflow`);
+//! - labels: at most `max_labels` distinct strings of at most 128 bytes; when full, ids no
+//!   bucket uses any more are reclaimed, and only then do new strings fold into "other".
+//!
+//! Seconds stay writable for [`OPEN_SECONDS`] (facts such as dead-write outcomes arrive a few
+//! seconds late) and are then frozen into sorted boxed slices without hash-table slack.
+//!
+//! Measured with a counting allocator (`agent/tests/history_memory.rs`): 900 s of 10 servers x
+//! 5 commands x 3 processes with hits and misses (300 request rows and 30 latency series per
+//! second) take 5.2 MB, and [`History::heap_bytes`] agrees within 0.1%. A flood of distinct
+//! labels (3000 new process/server/command names a second) stays at about 3 MB because rows
+//! fold into "other". The hard bound at the default limits, every second full of the largest
+//! rows and dense histograms, is [`History::worst_case_bytes`]: 77 MB for 900 s.
+
+mod fact;
+pub mod interner;
+pub mod latency;
+mod sample;
+mod series;
+mod sink;
+pub mod snapshot;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+pub use fact::{
+    fact_from_observation, ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus,
+    ResetDirection, RetransmitKind, Role, SynDirection,
+};
+use interner::{Interner, LabelId, OTHER, UNKNOWN};
+use latency::SecondHistogram;
+pub use sample::facts_from_sample;
+use series::{RowBudget, RowKey, RowValue, Series};
+pub use sink::{unix_second_of_monotonic, HistorySink};
+use snapshot::*;
+pub use snapshot::{HistorySnapshot, HistoryStats, TcpEvent};
+
+/// Seconds behind the newest one that still take facts directly (later ones thaw the bucket).
+pub const OPEN_SECONDS: u64 = 10;
+/// Idle-before-close samples kept per close row and second.
+const IDLE_SAMPLES: usize = 4;
+/// Key hashes kept per key-split row and second.
+const KEY_SPLIT_EXAMPLES: usize = 2;
+/// Connections shorter than this count as churn.
+const SHORT_LIVED_S: f64 = 1.0;
+
+pub const DEFAULT_CAPACITY_SECONDS: u32 = 900;
+
+/// Bounds of the history. Deserialised from the config (`[history]`), unknown keys rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryLimits {
+    /// Seconds of history kept (1 s buckets). At least 900 for the 15 minutes diagnose expects.
+    pub capacity_seconds: u32,
+    /// Rows per second across all counter families.
+    pub max_rows_per_second: u32,
+    /// Latency histograms per second (one per service, server, role and process).
+    pub max_latency_series_per_second: u32,
+    /// Folded ("other") rows a full second may still add, so floods keep their counts.
+    pub fold_reserve: u32,
+    /// Distinct label strings (service, server, process, command, ...).
+    pub max_labels: u32,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            capacity_seconds: DEFAULT_CAPACITY_SECONDS,
+            max_rows_per_second: 1024,
+            max_latency_series_per_second: 128,
+            fold_reserve: 64,
+            max_labels: 4096,
+        }
+    }
+}
+
+impl HistoryLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=86_400).contains(&self.capacity_seconds) {
+            return Err(format!(
+                "history.capacity_seconds = {} must be in 1-86400",
+                self.capacity_seconds
+            ));
+        }
+        if self.max_rows_per_second == 0 || self.max_rows_per_second > 1_000_000 {
+            return Err("history.max_rows_per_second must be in 1-1000000".to_string());
+        }
+        if self.max_latency_series_per_second > self.max_rows_per_second {
+            return Err(
+                "history.max_latency_series_per_second must not exceed max_rows_per_second"
+                    .to_string(),
+            );
+        }
+        if !(16..=65_536).contains(&self.max_labels) {
+            return Err("history.max_labels must be in 16-65536".to_string());
+        }
+        Ok(())
+    }
+}
+
+// ---- keys -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct RequestKey {
+    service: LabelId,
+    server: LabelId,
+    comm: LabelId,
+    command: LabelId,
+    role: Role,
+    status: RequestStatus,
+}
+
+impl RowKey for RequestKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        for id in [self.service, self.server, self.comm, self.command] {
+            mark(id);
+        }
+    }
+    fn folded(&self) -> Self {
+        RequestKey {
+            server: OTHER,
+            comm: OTHER,
+            command: OTHER,
+            ..*self
+        }
+    }
+}
+
+/// (service, server, comm, role): latency histograms, opens, edge connection gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct EdgeKey {
+    service: LabelId,
+    server: LabelId,
+    comm: LabelId,
+    role: Role,
+}
+
+impl RowKey for EdgeKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        for id in [self.service, self.server, self.comm] {
+            mark(id);
+        }
+    }
+    fn folded(&self) -> Self {
+        EdgeKey {
+            server: OTHER,
+            comm: OTHER,
+            ..*self
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct CloseKey {
+    edge: EdgeKey,
+    closed_by: ClosedBy,
+}
+
+impl RowKey for CloseKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        self.edge.label_ids(mark);
+    }
+    fn folded(&self) -> Self {
+        CloseKey {
+            edge: self.edge.folded(),
+            ..*self
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct DeadWriteKey {
+    edge: EdgeKey,
+    command: LabelId,
+    outcome: DeadWriteOutcome,
+}
+
+impl RowKey for DeadWriteKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        self.edge.label_ids(mark);
+        mark(self.command);
+    }
+    fn folded(&self) -> Self {
+        DeadWriteKey {
+            edge: self.edge.folded(),
+            command: OTHER,
+            ..*self
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct TcpKey {
+    service: LabelId,
+    server: LabelId,
+    role: Role,
+    event: TcpEvent,
+}
+
+impl RowKey for TcpKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        mark(self.service);
+        mark(self.server);
+    }
+    fn folded(&self) -> Self {
+        TcpKey {
+            server: OTHER,
+            ..*self
+        }
+    }
+}
+
+/// Keys made of up to three labels plus nothing else (syns, listen queues, fds, fd errors,
+/// process connections); the tag keeps families apart when they share this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LabelsKey {
+    labels: [LabelId; 3],
+    tag: u8,
+}
+
+impl RowKey for LabelsKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        for id in self.labels {
+            mark(id);
+        }
+    }
+    fn folded(&self) -> Self {
+        // The first label is the grouping one (service or comm); keep it.
+        LabelsKey {
+            labels: [self.labels[0], OTHER, OTHER],
+            tag: self.tag,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KeySplitKey {
+    service: LabelId,
+    servers: [LabelId; 2],
+    comms: [LabelId; 2],
+}
+
+impl RowKey for KeySplitKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        mark(self.service);
+        self.servers
+            .iter()
+            .chain(self.comms.iter())
+            .for_each(|&id| mark(id));
+    }
+    fn folded(&self) -> Self {
+        KeySplitKey {
+            service: self.service,
+            servers: [OTHER, OTHER],
+            comms: [OTHER, OTHER],
+        }
+    }
+}
+
+// ---- values -----------------------------------------------------------------------------
+
+impl RowValue for SecondHistogram {
+    fn freeze(&mut self) {
+        SecondHistogram::freeze(self)
+    }
+    fn thaw(&mut self) {
+        SecondHistogram::thaw(self)
+    }
+    fn heap_bytes(&self) -> usize {
+        SecondHistogram::heap_bytes(self)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct CloseAgg {
+    count: u32,
+    short_lived: u32,
+    idle_len: u8,
+    idle_ms: [u32; IDLE_SAMPLES],
+}
+impl RowValue for CloseAgg {}
+
+/// A sampled gauge keeping the sample with the largest `rank` in the second.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gauge {
+    rank: u64,
+    a: u32,
+    b: u32,
+    c: u32,
+}
+impl RowValue for Gauge {}
+
+impl Gauge {
+    fn offer(&mut self, rank: u64, a: u32, b: u32, c: u32) {
+        if rank >= self.rank {
+            *self = Gauge { rank, a, b, c };
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct KeySplitAgg {
+    count: u32,
+    examples_len: u8,
+    examples: [u64; KEY_SPLIT_EXAMPLES],
+}
+impl RowValue for KeySplitAgg {}
+
+// ---- buckets ----------------------------------------------------------------------------
+
+const TAG_SYN_OUT: u8 = 0;
+const TAG_SYN_IN: u8 = 1;
+
+/// Families that most seconds never see, boxed so an ordinary second does not pay for them.
+#[derive(Debug, Default)]
+struct RareFamilies {
+    opened: Series<EdgeKey, u32>,
+    closed: Series<CloseKey, CloseAgg>,
+    dead_writes: Series<DeadWriteKey, u32>,
+    tcp: Series<TcpKey, u32>,
+    /// [service, -, -], tag = direction.
+    syns: Series<LabelsKey, u32>,
+    /// [service, -, -]: length (rank), limit.
+    listen_queues: Series<LabelsKey, Gauge>,
+    /// [comm, -, -]: rank = fd ratio in ppm; a = pid, b = open, c = limit.
+    fds: Series<LabelsKey, Gauge>,
+    /// [comm, service, -]: rank = distinct servers; a = pid, b = distinct, c = connections.
+    process_connections: Series<LabelsKey, Gauge>,
+    edge_connections: Series<EdgeKey, Gauge>,
+    /// [comm, syscall, errno].
+    fd_errors: Series<LabelsKey, u32>,
+    key_splits: Series<KeySplitKey, KeySplitAgg>,
+    host_listen: HostListen,
+    events_lost: u64,
+}
+
+macro_rules! for_each_rare_series {
+    ($rare:expr, $series:ident => $body:expr) => {{
+        let rare = $rare;
+        {
+            let $series = &mut rare.opened;
+            $body;
+        }
+        {
+            let $series = &mut rare.closed;
+            $body;
+        }
+        {
+            let $series = &mut rare.dead_writes;
+            $body;
+        }
+        {
+            let $series = &mut rare.tcp;
+            $body;
+        }
+        {
+            let $series = &mut rare.syns;
+            $body;
+        }
+        {
+            let $series = &mut rare.listen_queues;
+            $body;
+        }
+        {
+            let $series = &mut rare.fds;
+            $body;
+        }
+        {
+            let $series = &mut rare.process_connections;
+            $body;
+        }
+        {
+            let $series = &mut rare.edge_connections;
+            $body;
+        }
+        {
+            let $series = &mut rare.fd_errors;
+            $body;
+        }
+        {
+            let $series = &mut rare.key_splits;
+            $body;
+        }
+    }};
+}
+
+#[derive(Debug)]
+struct Bucket {
+    second: u64,
+    frozen: bool,
+    rows: u32,
+    latency_rows: u32,
+    overflow: u64,
+    requests: Series<RequestKey, u32>,
+    latency: Series<EdgeKey, SecondHistogram>,
+    rare: Option<Box<RareFamilies>>,
+}
+
+impl Bucket {
+    fn new(second: u64) -> Bucket {
+        Bucket {
+            second,
+            frozen: false,
+            rows: 0,
+            latency_rows: 0,
+            overflow: 0,
+            requests: Series::default(),
+            latency: Series::default(),
+            rare: None,
+        }
+    }
+
+    fn freeze(&mut self) {
+        self.requests.freeze();
+        self.latency.freeze();
+        if let Some(rare) = self.rare.as_deref_mut() {
+            for_each_rare_series!(rare, series => series.freeze());
+        }
+        self.frozen = true;
+    }
+
+    fn mark_labels(&mut self, mark: &mut dyn FnMut(LabelId)) {
+        self.requests.mark_labels(mark);
+        self.latency.mark_labels(mark);
+        if let Some(rare) = self.rare.as_deref_mut() {
+            for_each_rare_series!(rare, series => series.mark_labels(mark));
+        }
+    }
+
+    fn heap_bytes(&mut self) -> usize {
+        let mut bytes = self.requests.heap_bytes() + self.latency.heap_bytes();
+        if let Some(rare) = self.rare.as_deref_mut() {
+            bytes += std::mem::size_of::<RareFamilies>();
+            for_each_rare_series!(rare, series => bytes += series.heap_bytes());
+        }
+        bytes
+    }
+}
+
+/// The per-second history. Not thread-safe by itself; the daemon shares it behind a mutex.
+#[derive(Debug)]
+pub struct History {
+    limits: HistoryLimits,
+    interner: Interner,
+    /// Ascending by second; only seconds that had facts.
+    buckets: VecDeque<Bucket>,
+    /// First second observed (facts or `advance_to`).
+    first: Option<u64>,
+    /// Newest second observed.
+    latest: Option<u64>,
+    stats: HistoryStats,
+    /// Second of the last label reclamation, so floods do not rescan the history per fact.
+    last_reclaim: Option<u64>,
+}
+
+impl History {
+    /// `capacity_seconds` overrides `limits.capacity_seconds` (it is the one callers tune).
+    pub fn new(capacity_seconds: u32, limits: HistoryLimits) -> History {
+        let limits = HistoryLimits {
+            capacity_seconds: capacity_seconds.max(1),
+            max_labels: limits.max_labels.clamp(16, 65_536),
+            ..limits
+        };
+        History {
+            interner: Interner::new(limits.max_labels as usize),
+            limits,
+            buckets: VecDeque::new(),
+            first: None,
+            latest: None,
+            stats: HistoryStats::default(),
+            last_reclaim: None,
+        }
+    }
+
+    pub fn limits(&self) -> &HistoryLimits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> HistoryStats {
+        HistoryStats {
+            folded_labels: self.interner.folded,
+            ..self.stats
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.limits.capacity_seconds as u64
+    }
+
+    /// Marks `unix_second` as observed even without facts (call it every tick), evicting
+    /// seconds that fell out of the capacity and freezing those no longer open.
+    pub fn advance_to(&mut self, unix_second: u64) {
+        self.first.get_or_insert(unix_second);
+        if self.latest.is_some_and(|latest| unix_second <= latest) {
+            return;
+        }
+        self.latest = Some(unix_second);
+        let capacity = self.capacity();
+        while self
+            .buckets
+            .front()
+            .is_some_and(|b| b.second + capacity <= unix_second)
+        {
+            self.buckets.pop_front();
+        }
+        for bucket in self.buckets.iter_mut() {
+            if !bucket.frozen && bucket.second + OPEN_SECONDS <= unix_second {
+                bucket.freeze();
+            }
+        }
+    }
+
+    /// Records a fact that happened in `unix_second`. Facts for evicted seconds are counted
+    /// (`late_facts`) and dropped.
+    pub fn record(&mut self, unix_second: u64, fact: Fact) {
+        self.advance_to(unix_second);
+        let latest = self.latest.unwrap_or(unix_second);
+        if unix_second + self.capacity() <= latest {
+            self.stats.late_facts += 1;
+            return;
+        }
+        if self.first.is_some_and(|first| unix_second < first) {
+            self.first = Some(unix_second);
+        }
+        if let Fact::EventsLost { count } = fact {
+            self.stats.events_lost = self.stats.events_lost.saturating_add(count);
+        }
+        let labels = self.intern_fact(&fact, unix_second);
+        let index = self.bucket_index(unix_second);
+        let limits = &self.limits;
+        let bucket = &mut self.buckets[index];
+        if bucket.frozen {
+            // A late fact for a frozen second: reopen it; the next advance freezes it again.
+            bucket.frozen = false;
+        }
+        if !apply(bucket, limits, fact, &labels) {
+            bucket.overflow += 1;
+            self.stats.overflow_facts += 1;
+        }
+    }
+
+    fn bucket_index(&mut self, second: u64) -> usize {
+        match self.buckets.binary_search_by(|b| b.second.cmp(&second)) {
+            Ok(index) => index,
+            Err(index) => {
+                self.buckets.insert(index, Bucket::new(second));
+                index
+            }
+        }
+    }
+
+    /// Interns the fact's strings in order; reclaims unused ids at most once a second when the
+    /// table is full. The fact's own earlier ids are pinned so reclaiming cannot free them.
+    fn intern_fact(&mut self, fact: &Fact, second: u64) -> Vec<LabelId> {
+        let strings = fact_strings(fact);
+        let mut ids = Vec::with_capacity(strings.len());
+        for label in strings {
+            let id = match label {
+                None => UNKNOWN,
+                Some(label) => match self.interner.try_intern(label) {
+                    Some(id) => id,
+                    None => {
+                        if self.last_reclaim != Some(second) {
+                            self.last_reclaim = Some(second);
+                            self.reclaim_labels(&ids);
+                        }
+                        self.interner.try_intern(label).unwrap_or_else(|| {
+                            self.interner.folded += 1;
+                            OTHER
+                        })
+                    }
+                },
+            };
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn reclaim_labels(&mut self, pinned: &[LabelId]) {
+        let mut in_use = vec![false; self.interner.slots()];
+        let mut mark = |id: LabelId| {
+            if let Some(slot) = in_use.get_mut(id as usize) {
+                *slot = true;
+            }
+        };
+        for &id in pinned {
+            mark(id);
+        }
+        for bucket in self.buckets.iter_mut() {
+            bucket.mark_labels(&mut mark);
+        }
+        self.interner.retain(&in_use);
+    }
+
+    /// Approximate heap bytes held (bucket rows and tables, histograms, the label table).
+    pub fn heap_bytes(&mut self) -> usize {
+        let buckets: usize = self.buckets.iter_mut().map(Bucket::heap_bytes).sum();
+        buckets
+            + self.buckets.capacity() * std::mem::size_of::<Bucket>()
+            + self.interner.heap_bytes()
+    }
+
+    /// An upper bound of [`History::heap_bytes`] for these limits: every second full of the
+    /// largest rows, every latency series dense, every label at its maximum length.
+    pub fn worst_case_bytes(limits: &HistoryLimits) -> usize {
+        let rows = (limits.max_rows_per_second + limits.fold_reserve) as usize;
+        let latency = (limits.max_latency_series_per_second + limits.fold_reserve) as usize;
+        let largest_row = [
+            std::mem::size_of::<(RequestKey, u32)>(),
+            std::mem::size_of::<(CloseKey, CloseAgg)>(),
+            std::mem::size_of::<(KeySplitKey, KeySplitAgg)>(),
+            std::mem::size_of::<(LabelsKey, Gauge)>(),
+            std::mem::size_of::<(EdgeKey, Gauge)>(),
+            std::mem::size_of::<(DeadWriteKey, u32)>(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        // Frozen tables are exact; open ones (OPEN_SECONDS of them) carry hash-table slack.
+        let per_second = rows * largest_row
+            + latency * (std::mem::size_of::<(EdgeKey, SecondHistogram)>() + latency::BUCKETS * 4)
+            + std::mem::size_of::<Bucket>()
+            + std::mem::size_of::<RareFamilies>();
+        let open_slack = OPEN_SECONDS as usize * 2 * (rows * (largest_row + 1) + latency * 40);
+        let labels =
+            limits.max_labels as usize * (2 * interner::MAX_LABEL_BYTES + 2 * 16 + 24 + 2 + 2);
+        limits.capacity_seconds as usize * per_second + open_slack + labels
+    }
+
+    /// Copies every second from `since_unix_s` on (clamped to what the history covers).
+    pub fn snapshot(&self, since_unix_s: u64) -> HistorySnapshot {
+        let (Some(first), Some(latest)) = (self.first, self.latest) else {
+            return HistorySnapshot::empty(since_unix_s, since_unix_s.saturating_sub(1));
+        };
+        let oldest_kept = (latest + 1).saturating_sub(self.capacity());
+        let start = since_unix_s.max(first).max(oldest_kept);
+        let mut table = LabelTable::new(&self.interner);
+        let mut seconds = Vec::new();
+        for bucket in self.buckets.iter().filter(|b| b.second >= start) {
+            let second = snapshot_second(bucket, &mut table);
+            if !second.is_empty() {
+                seconds.push(second);
+            }
+        }
+        HistorySnapshot {
+            version: snapshot::SNAPSHOT_VERSION,
+            start_s: start,
+            end_s: latest.max(start.saturating_sub(1)),
+            labels: table.labels,
+            seconds,
+            stats: self.stats(),
+        }
+    }
+}
+
+/// The strings of a fact, in the order `apply` reads their ids.
+fn fact_strings(fact: &Fact) -> Vec<Option<&str>> {
+    fn opt(s: &Option<String>) -> Option<&str> {
+        s.as_deref()
+    }
+    match fact {
+        Fact::ConnectionOpened {
+            service,
+            server,
+            comm,
+            ..
+        }
+        | Fact::ConnectionClosed {
+            service,
+            server,
+            comm,
+            ..
+        } => vec![Some(service), Some(server), opt(comm)],
+        Fact::DeadWrite {
+            service,
+            server,
+            comm,
+            command,
+            ..
+        } => vec![Some(service), Some(server), Some(comm), opt(command)],
+        Fact::Request {
+            service,
+            server,
+            comm,
+            command,
+            ..
+        }
+        | Fact::RequestTimeout {
+            service,
+            server,
+            comm,
+            command,
+            ..
+        } => vec![Some(service), Some(server), opt(comm), Some(command)],
+        Fact::Retransmit {
+            service, server, ..
+        }
+        | Fact::Reset {
+            service, server, ..
+        }
+        | Fact::ConnectFailure {
+            service, server, ..
+        } => vec![Some(service), Some(server)],
+        Fact::Syns { service, .. } | Fact::ListenQueue { service, .. } => vec![Some(service)],
+        Fact::HostListenDrops { .. } | Fact::EventsLost { .. } => vec![],
+        Fact::ProcessFds { comm, .. } => vec![Some(comm)],
+        Fact::ProcessConnections { comm, service, .. } => vec![Some(comm), Some(service)],
+        Fact::EdgeConnections {
+            service,
+            server,
+            comm,
+            ..
+        } => vec![Some(service), Some(server), Some(comm)],
+        Fact::FdExhausted {
+            comm,
+            syscall,
+            errno,
+        } => vec![Some(comm), Some(syscall), Some(errno)],
+        Fact::KeySplit {
+            service,
+            servers,
+            comms,
+            ..
+        } => vec![
+            Some(service),
+            Some(&servers[0]),
+            Some(&servers[1]),
+            opt(&comms[0]),
+            opt(&comms[1]),
+        ],
+    }
+}
+
+/// Adds a fact to its bucket; false when there was no room for it.
+fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId]) -> bool {
+    let id = |i: usize| ids.get(i).copied().unwrap_or(OTHER);
+    fn budget<'a>(used: &'a mut u32, limits: &HistoryLimits) -> RowBudget<'a> {
+        RowBudget {
+            used,
+            cap: limits.max_rows_per_second,
+            reserve: limits.fold_reserve,
+        }
+    }
+    let edge = |role: Role| EdgeKey {
+        service: id(0),
+        server: id(1),
+        comm: id(2),
+        role,
+    };
+    match fact {
+        Fact::Request {
+            role,
+            status,
+            latency_us,
+            ..
+        } => request(bucket, limits, id, role, status, latency_us),
+        Fact::RequestTimeout { role, .. } => {
+            request(bucket, limits, id, role, RequestStatus::Timeout, None)
+        }
+        Fact::HostListenDrops {
+            overflows,
+            drops,
+            syncookies_sent,
+        } => {
+            let host = &mut rare(bucket).host_listen;
+            host.overflows = host.overflows.saturating_add(overflows);
+            host.drops = host.drops.saturating_add(drops);
+            host.syncookies_sent = host.syncookies_sent.saturating_add(syncookies_sent);
+            true
+        }
+        Fact::EventsLost { count } => {
+            let lost = &mut rare(bucket).events_lost;
+            *lost = lost.saturating_add(count);
+            true
+        }
+        fact => {
+            let rows = &mut bucket.rows;
+            let rare = bucket.rare.get_or_insert_with(Default::default);
+            match fact {
+                Fact::ConnectionOpened { role, .. } => {
+                    bump(rare.opened.row(edge(role), budget(rows, limits)), 1)
+                }
+                Fact::ConnectionClosed {
+                    role,
+                    closed_by,
+                    idle_before_close_s,
+                    duration_s,
+                    ..
+                } => {
+                    let key = CloseKey {
+                        edge: edge(role),
+                        closed_by,
+                    };
+                    let Some(agg) = rare.closed.row(key, budget(rows, limits)) else {
+                        return false;
+                    };
+                    agg.count = agg.count.saturating_add(1);
+                    if duration_s.is_some_and(|d| d < SHORT_LIVED_S) {
+                        agg.short_lived = agg.short_lived.saturating_add(1);
+                    }
+                    if let Some(idle) = idle_before_close_s.filter(|i| i.is_finite() && *i >= 0.0) {
+                        if (agg.idle_len as usize) < IDLE_SAMPLES {
+                            agg.idle_ms[agg.idle_len as usize] =
+                                (idle * 1000.0).round().min(u32::MAX as f64) as u32;
+                            agg.idle_len += 1;
+                        }
+                    }
+                    true
+                }
+                Fact::DeadWrite { role, outcome, .. } => {
+                    let key = DeadWriteKey {
+                        edge: edge(role),
+                        command: id(3),
+                        outcome,
+                    };
+                    bump(rare.dead_writes.row(key, budget(rows, limits)), 1)
+                }
+                Fact::Retransmit { role, kind, .. } => {
+                    let event = match kind {
+                        RetransmitKind::Data => TcpEvent::RetransmitData,
+                        RetransmitKind::Syn => TcpEvent::RetransmitSyn,
+                        RetransmitKind::Synack => TcpEvent::RetransmitSynack,
+                    };
+                    tcp(rare, rows, limits, id, role, event)
+                }
+                Fact::Reset {
+                    role, direction, ..
+                } => {
+                    let event = match direction {
+                        ResetDirection::Sent => TcpEvent::ResetSent,
+                        ResetDirection::Received => TcpEvent::ResetReceived,
+                    };
+                    tcp(rare, rows, limits, id, role, event)
+                }
+                Fact::ConnectFailure { reason, .. } => {
+                    let event = match reason {
+                        ConnectFailureReason::Refused => TcpEvent::ConnectRefused,
+                        ConnectFailureReason::Timeout => TcpEvent::ConnectTimeout,
+                        ConnectFailureReason::Reset => TcpEvent::ConnectReset,
+                    };
+                    tcp(rare, rows, limits, id, Role::Client, event)
+                }
+                Fact::Syns {
+                    direction, count, ..
+                } => {
+                    let key = LabelsKey {
+                        labels: [id(0), UNKNOWN, UNKNOWN],
+                        tag: match direction {
+                            SynDirection::Out => TAG_SYN_OUT,
+                            SynDirection::In => TAG_SYN_IN,
+                        },
+                    };
+                    bump(rare.syns.row(key, budget(rows, limits)), count)
+                }
+                Fact::ListenQueue { length, limit, .. } => {
+                    let key = LabelsKey {
+                        labels: [id(0), UNKNOWN, UNKNOWN],
+                        tag: 0,
+                    };
+                    gauge(
+                        rare.listen_queues.row(key, budget(rows, limits)),
+                        length as u64,
+                        length,
+                        limit,
+                        0,
+                    )
+                }
+                Fact::ProcessFds {
+                    pid,
+                    open_fds,
+                    limit,
+                    ..
+                } => {
+                    let key = LabelsKey {
+                        labels: [id(0), UNKNOWN, UNKNOWN],
+                        tag: 0,
+                    };
+                    let ppm = if limit == 0 {
+                        0
+                    } else {
+                        open_fds as u64 * 1_000_000 / limit as u64
+                    };
+                    gauge(
+                        rare.fds.row(key, budget(rows, limits)),
+                        ppm,
+                        pid,
+                        open_fds,
+                        limit,
+                    )
+                }
+                Fact::ProcessConnections {
+                    pid,
+                    distinct_servers,
+                    connections,
+                    ..
+                } => {
+                    let key = LabelsKey {
+                        labels: [id(0), id(1), UNKNOWN],
+                        tag: 0,
+                    };
+                    gauge(
+                        rare.process_connections.row(key, budget(rows, limits)),
+                        distinct_servers as u64,
+                        pid,
+                        distinct_servers,
+                        connections,
+                    )
+                }
+                Fact::EdgeConnections { role, open, .. } => gauge(
+                    rare.edge_connections.row(edge(role), budget(rows, limits)),
+                    open as u64,
+                    open,
+                    0,
+                    0,
+                ),
+                Fact::FdExhausted { .. } => {
+                    let key = LabelsKey {
+                        labels: [id(0), id(1), id(2)],
+                        tag: 0,
+                    };
+                    bump(rare.fd_errors.row(key, budget(rows, limits)), 1)
+                }
+                Fact::KeySplit { key_hash, .. } => {
+                    let key = KeySplitKey {
+                        service: id(0),
+                        servers: [id(1), id(2)],
+                        comms: [id(3), id(4)],
+                    };
+                    let Some(agg) = rare.key_splits.row(key, budget(rows, limits)) else {
+                        return false;
+                    };
+                    agg.count = agg.count.saturating_add(1);
+                    if (agg.examples_len as usize) < KEY_SPLIT_EXAMPLES
+                        && !agg.examples[..agg.examples_len as usize].contains(&key_hash)
+                    {
+                        agg.examples[agg.examples_len as usize] = key_hash;
+                        agg.examples_len += 1;
+                    }
+                    true
+                }
+                Fact::Request { .. }
+                | Fact::RequestTimeout { .. }
+                | Fact::HostListenDrops { .. }
+                | Fact::EventsLost { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn rare(bucket: &mut Bucket) -> &mut RareFamilies {
+    bucket.rare.get_or_insert_with(Default::default)
+}
+
+fn bump(row: Option<&mut u32>, by: u32) -> bool {
+    match row {
+        Some(count) => {
+            *count = count.saturating_add(by);
+            true
+        }
+        None => false,
+    }
+}
+
+fn gauge(row: Option<&mut Gauge>, rank: u64, a: u32, b: u32, c: u32) -> bool {
+    match row {
+        Some(gauge) => {
+            gauge.offer(rank, a, b, c);
+            true
+        }
+        None => false,
+    }
+}
+
+fn tcp(
+    rare: &mut RareFamilies,
+    rows: &mut u32,
+    limits: &HistoryLimits,
+    id: impl Fn(usize) -> LabelId,
+    role: Role,
+    event: TcpEvent,
+) -> bool {
+    let key = TcpKey {
+        service: id(0),
+        server: id(1),
+        role,
+        event,
+    };
+    let budget = RowBudget {
+        used: rows,
+        cap: limits.max_rows_per_second,
+        reserve: limits.fold_reserve,
+    };
+    bump(rare.tcp.row(key, budget), 1)
+}
+
+fn request(
+    bucket: &mut Bucket,
+    limits: &HistoryLimits,
+    id: impl Fn(usize) -> LabelId,
+    role: Role,
+    status: RequestStatus,
+    latency_us: Option<u32>,
+) -> bool {
+    let key = RequestKey {
+        service: id(0),
+        server: id(1),
+        comm: id(2),
+        command: id(3),
+        role,
+        status,
+    };
+    let budget = RowBudget {
+        used: &mut bucket.rows,
+        cap: limits.max_rows_per_second,
+        reserve: limits.fold_reserve,
+    };
+    if !bump(bucket.requests.row(key, budget), 1) {
+        return false;
+    }
+    if let Some(latency_us) = latency_us {
+        let key = EdgeKey {
+            service: id(0),
+            server: id(1),
+            comm: id(2),
+            role,
+        };
+        let budget = RowBudget {
+            used: &mut bucket.latency_rows,
+            cap: limits.max_latency_series_per_second,
+            reserve: limits.fold_reserve,
+        };
+        match bucket.latency.row(key, budget) {
+            Some(hist) => hist.record(latency_us),
+            // The request itself is counted; only its latency is lost.
+            None => bucket.overflow += 1,
+        }
+    }
+    true
+}
+
+fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> SecondSnapshot {
+    let mut second = SecondSnapshot {
+        t: bucket.second,
+        overflow: bucket.overflow,
+        ..Default::default()
+    };
+    for (k, &count) in bucket.requests.iter() {
+        second.requests.push(RequestRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            comm: table.id(k.comm),
+            command: table.id(k.command),
+            status: k.status,
+            count,
+        });
+    }
+    for (k, hist) in bucket.latency.iter() {
+        second.latency.push(LatencyRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            comm: table.id(k.comm),
+            cells: hist.cells(),
+        });
+    }
+    let Some(rare) = bucket.rare.as_deref() else {
+        return second;
+    };
+    for (k, &count) in rare.opened.iter() {
+        second.opened.push(OpenedRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            comm: table.id(k.comm),
+            count,
+        });
+    }
+    for (k, agg) in rare.closed.iter() {
+        second.closed.push(ClosedRow {
+            service: table.id(k.edge.service),
+            server: table.id(k.edge.server),
+            role: k.edge.role,
+            comm: table.id(k.edge.comm),
+            closed_by: k.closed_by,
+            count: agg.count,
+            short_lived: agg.short_lived,
+            idle_ms: agg.idle_ms[..agg.idle_len as usize].to_vec(),
+        });
+    }
+    for (k, &count) in rare.dead_writes.iter() {
+        second.dead_writes.push(DeadWriteRow {
+            service: table.id(k.edge.service),
+            server: table.id(k.edge.server),
+            role: k.edge.role,
+            comm: table.id(k.edge.comm),
+            command: table.id(k.command),
+            outcome: k.outcome,
+            count,
+        });
+    }
+    for (k, &count) in rare.tcp.iter() {
+        second.tcp.push(TcpRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            event: k.event,
+            count,
+        });
+    }
+    for (k, &count) in rare.syns.iter() {
+        second.syns.push(SynRow {
+            service: table.id(k.labels[0]),
+            direction: if k.tag == TAG_SYN_IN {
+                SynDirection::In
+            } else {
+                SynDirection::Out
+            },
+            count,
+        });
+    }
+    for (k, g) in rare.listen_queues.iter() {
+        second.listen_queues.push(ListenQueueRow {
+            service: table.id(k.labels[0]),
+            length: g.a,
+            limit: g.b,
+        });
+    }
+    for (k, g) in rare.fds.iter() {
+        second.fds.push(FdRow {
+            comm: table.id(k.labels[0]),
+            pid: g.a,
+            open_fds: g.b,
+            limit: g.c,
+        });
+    }
+    for (k, g) in rare.process_connections.iter() {
+        second.process_connections.push(ProcessConnectionsRow {
+            comm: table.id(k.labels[0]),
+            service: table.id(k.labels[1]),
+            pid: g.a,
+            distinct_servers: g.b,
+            connections: g.c,
+        });
+    }
+    for (k, g) in rare.edge_connections.iter() {
+        second.edge_connections.push(EdgeConnectionsRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            comm: table.id(k.comm),
+            open: g.a,
+        });
+    }
+    for (k, &count) in rare.fd_errors.iter() {
+        second.fd_errors.push(FdErrorRow {
+            comm: table.id(k.labels[0]),
+            syscall: table.id(k.labels[1]),
+            errno: table.id(k.labels[2]),
+            count,
+        });
+    }
+    for (k, agg) in rare.key_splits.iter() {
+        second.key_splits.push(KeySplitRow {
+            service: table.id(k.service),
+            servers: [table.id(k.servers[0]), table.id(k.servers[1])],
+            comms: [table.id(k.comms[0]), table.id(k.comms[1])],
+            count: agg.count,
+            examples: agg.examples[..agg.examples_len as usize].to_vec(),
+        });
+    }
+    second.host_listen = rare.host_listen;
+    second.events_lost = rare.events_lost;
+    second
+}

@@ -1,0 +1,238 @@
+//! Facts from one /proc sample (the sampler's `Snapshot`, optionally with its connection list):
+//! fd usage and connections per process, open connections per process and server, accept
+//! queues of local listeners, and the host's listen overflow/drop counters as deltas.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Fact, Role};
+use crate::sampler::{parse::TcpExtCounters, Snapshot, WatchedConnection};
+
+/// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
+/// gives the distinct servers each process talks to and the per-server edge counts;
+/// `last_tcp_ext` holds the previous sample's counters (None on the first sample, which only
+/// sets the baseline).
+pub fn facts_from_sample(
+    snapshot: &Snapshot,
+    connections: &[WatchedConnection],
+    last_tcp_ext: &mut Option<TcpExtCounters>,
+) -> Vec<Fact> {
+    let mut facts = Vec::new();
+    for process in &snapshot.processes {
+        // Unlimited descriptors cannot run out; a ratio against u64::MAX would be noise.
+        if process.soft_nofile != u64::MAX && process.soft_nofile > 0 {
+            facts.push(Fact::ProcessFds {
+                comm: process.comm.clone(),
+                pid: process.pid,
+                open_fds: clamp(process.open_fds),
+                limit: clamp(process.soft_nofile),
+            });
+        }
+    }
+
+    // Per (pid, service): distinct servers and connections, client side only.
+    let mut per_process: BTreeMap<(u32, &str), (String, BTreeSet<std::net::SocketAddr>, u64)> =
+        BTreeMap::new();
+    let mut edges: BTreeMap<(&str, std::net::SocketAddr, &str), u32> = BTreeMap::new();
+    for connection in connections
+        .iter()
+        .filter(|c| c.role == crate::events::Role::Client)
+    {
+        let Some(owner) = &connection.owner else {
+            continue;
+        };
+        let entry = per_process
+            .entry((owner.pid, connection.service.as_str()))
+            .or_insert_with(|| (owner.comm.clone(), BTreeSet::new(), 0));
+        entry.1.insert(connection.remote);
+        entry.2 += 1;
+        *edges
+            .entry((
+                connection.service.as_str(),
+                connection.remote,
+                owner.comm.as_str(),
+            ))
+            .or_default() += 1;
+    }
+    for ((pid, service), (comm, servers, count)) in per_process {
+        facts.push(Fact::ProcessConnections {
+            comm,
+            pid,
+            service: service.to_string(),
+            distinct_servers: clamp(servers.len() as u64),
+            connections: clamp(count),
+        });
+    }
+    for ((service, server, comm), open) in edges {
+        facts.push(Fact::EdgeConnections {
+            service: service.to_string(),
+            server: server.to_string(),
+            role: Role::Client,
+            comm: comm.to_string(),
+            open,
+        });
+    }
+
+    // The fullest listener per service: that is the one refusing connections.
+    let mut queues: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    for listener in &snapshot.listeners {
+        let Some(limit) = listener.limit.filter(|l| *l > 0) else {
+            continue;
+        };
+        let entry = queues
+            .entry(listener.service.as_str())
+            .or_insert((0, limit));
+        if listener.queue_len as u64 * entry.1 as u64 >= entry.0 as u64 * limit as u64 {
+            *entry = (listener.queue_len, limit);
+        }
+    }
+    for (service, (length, limit)) in queues {
+        facts.push(Fact::ListenQueue {
+            service: service.to_string(),
+            length,
+            limit,
+        });
+    }
+
+    let now = snapshot.tcp_ext;
+    if let Some(last) = last_tcp_ext.replace(now) {
+        let delta = |now: u64, last: u64| now.saturating_sub(last);
+        let (overflows, drops, syncookies_sent) = (
+            delta(now.listen_overflows, last.listen_overflows),
+            delta(now.listen_drops, last.listen_drops),
+            delta(now.syncookies_sent, last.syncookies_sent),
+        );
+        if overflows + drops + syncookies_sent > 0 {
+            facts.push(Fact::HostListenDrops {
+                overflows,
+                drops,
+                syncookies_sent,
+            });
+        }
+    }
+    facts
+}
+
+fn clamp(value: u64) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::{aggregate::ProcessUsage, ListenerQueue, SocketOwner};
+
+    fn process(pid: u32, comm: &str, open: u64, limit: u64) -> ProcessUsage {
+        ProcessUsage {
+            pid,
+            comm: comm.into(),
+            netns: 1,
+            open_fds: open,
+            soft_nofile: limit,
+            connections: BTreeMap::new(),
+            listening_sockets: BTreeMap::new(),
+        }
+    }
+
+    fn connection(pid: u32, comm: &str, remote: &str) -> WatchedConnection {
+        WatchedConnection {
+            netns: 1,
+            local: "10.0.0.100:40000".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state: 1,
+            inode: 5,
+            service: "memcached".into(),
+            role: crate::events::Role::Client,
+            owner: Some(SocketOwner {
+                pid,
+                comm: comm.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn converts_a_sample() {
+        let snapshot = Snapshot {
+            processes: vec![
+                process(10, "worker", 1000, 1024),
+                process(11, "memcached", 50, u64::MAX),
+            ],
+            listeners: vec![
+                ListenerQueue {
+                    service: "memcached".into(),
+                    netns: 1,
+                    local: "0.0.0.0:11211".parse().unwrap(),
+                    inode: 1,
+                    queue_len: 3,
+                    limit: Some(1024),
+                },
+                ListenerQueue {
+                    service: "memcached".into(),
+                    netns: 2,
+                    local: "0.0.0.0:11211".parse().unwrap(),
+                    inode: 2,
+                    queue_len: 8,
+                    limit: Some(8),
+                },
+            ],
+            tcp_ext: TcpExtCounters {
+                listen_overflows: 10,
+                listen_drops: 12,
+                syncookies_sent: 0,
+            },
+            ..Snapshot::default()
+        };
+        let connections = vec![
+            connection(10, "worker", "10.0.0.1:11211"),
+            connection(10, "worker", "10.0.0.2:11211"),
+            connection(10, "worker", "10.0.0.2:11211"),
+        ];
+        let mut last = None;
+        let facts = facts_from_sample(&snapshot, &connections, &mut last);
+        assert!(facts.contains(&Fact::ProcessFds {
+            comm: "worker".into(),
+            pid: 10,
+            open_fds: 1000,
+            limit: 1024
+        }));
+        assert!(
+            !facts
+                .iter()
+                .any(|f| matches!(f, Fact::ProcessFds { comm, .. } if comm == "memcached")),
+            "unlimited processes are skipped"
+        );
+        assert!(facts.contains(&Fact::ProcessConnections {
+            comm: "worker".into(),
+            pid: 10,
+            service: "memcached".into(),
+            distinct_servers: 2,
+            connections: 3
+        }));
+        assert!(facts.contains(&Fact::EdgeConnections {
+            service: "memcached".into(),
+            server: "10.0.0.2:11211".into(),
+            role: Role::Client,
+            comm: "worker".into(),
+            open: 2
+        }));
+        assert!(facts.contains(&Fact::ListenQueue {
+            service: "memcached".into(),
+            length: 8,
+            limit: 8
+        }));
+        assert!(
+            !facts
+                .iter()
+                .any(|f| matches!(f, Fact::HostListenDrops { .. })),
+            "the first sample is the baseline"
+        );
+        let mut later = snapshot.clone();
+        later.tcp_ext.listen_overflows = 15;
+        later.tcp_ext.listen_drops = 18;
+        let facts = facts_from_sample(&later, &[], &mut last);
+        assert!(facts.contains(&Fact::HostListenDrops {
+            overflows: 5,
+            drops: 6,
+            syncookies_sent: 0
+        }));
+    }
+}

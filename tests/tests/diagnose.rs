@@ -1,0 +1,240 @@
+//! `cacheprobe diagnose` against real incidents: it must name the problem (server, process,
+//! command, inferred timeout) with a daemon and without one, and report nothing on healthy
+//! traffic. JSON output is checked against its schema by the unit tests; here we read it.
+
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
+
+use cacheprobe_tests::*;
+
+fn diagnose(
+    agent: Option<&Agent>,
+    config: Option<&std::path::Path>,
+    duration: &str,
+) -> (Output, serde_json::Value) {
+    let mut command = Command::new(agent_binary());
+    command.args(["diagnose", "--json", "--duration", duration]);
+    if let Some(agent) = agent {
+        command.arg("--socket").arg(&agent.control_socket);
+        command.arg("--config").arg(&agent.config_path);
+    } else if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let output = command.output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "diagnose printed no JSON ({err}): {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output, report)
+}
+
+fn finding<'a>(report: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    report["findings"]
+        .as_array()?
+        .iter()
+        .find(|f| f["id"] == id)
+}
+
+fn subjects(finding: &serde_json::Value, kind: &str) -> Vec<String> {
+    finding["subjects"][kind]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Three clients (process "cronjob") set a key, go idle past memcached's 2 s idle timeout, and
+/// set again onto the dead connection.
+fn idle_clients_script(port: u16) -> String {
+    format!(
+        "import ctypes, time, threading\n\
+         from pymemcache.client.base import Client\n\
+         ctypes.CDLL(None).prctl(15, b'cronjob', 0, 0, 0)\n\
+         def work(i):\n\
+         \x20   c = Client(('127.0.0.1', {port}))\n\
+         \x20   c.set('job%d' % i, 'queued', noreply=False)\n\
+         \x20   time.sleep(6.5)\n\
+         \x20   try:\n\
+         \x20       c.set('job%d' % i, 'done', noreply=False)\n\
+         \x20   except Exception:\n\
+         \x20       pass\n\
+         ts = [threading.Thread(target=work, args=(i,)) for i in range(3)]\n\
+         [t.start() for t in ts]\n\
+         [t.join() for t in ts]\n"
+    )
+}
+
+fn assert_idle_incident(report: &serde_json::Value, port: u16) {
+    let server = format!("127.0.0.1:{port}");
+    let idle = finding(report, "idle-disconnects")
+        .unwrap_or_else(|| panic!("no idle-disconnects finding: {report:#}"));
+    assert!(subjects(idle, "servers").contains(&server), "{idle:#}");
+    let timeout = idle["values"]["idle_timeout_s"].as_f64().unwrap();
+    assert!(
+        (2.0..=5.0).contains(&timeout),
+        "inferred idle timeout {timeout}: {idle:#}"
+    );
+    let title = idle["title"].as_str().unwrap();
+    assert!(title.contains(&format!("{}", timeout as u64)), "{title}");
+    // The processes that then wrote onto the dead connections, and what they wrote, are named
+    // (in the idle finding itself, or in a dead-writes finding of their own).
+    let writers = [Some(idle), finding(report, "dead-writes")];
+    assert!(
+        writers.iter().flatten().any(
+            |f| subjects(f, "processes").contains(&"cronjob".to_string())
+                && subjects(f, "commands").iter().any(|c| c == "set")
+        ),
+        "cronjob's SETs are not named: {report:#}"
+    );
+}
+
+#[test]
+fn names_idle_disconnects_and_dead_writes_from_the_daemon() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-idle", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    python(None, &idle_clients_script(port)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["source"]["kind"], "daemon");
+    assert_idle_incident(&report, port);
+
+    let dot = Command::new(agent_binary())
+        .args(["diagnose", "--graph", "dot", "--duration", "0s", "--socket"])
+        .arg(&agent.control_socket)
+        .output()
+        .unwrap();
+    let dot = String::from_utf8_lossy(&dot.stdout);
+    assert!(
+        dot.starts_with("digraph") && dot.contains("cronjob"),
+        "{dot}"
+    );
+}
+
+#[test]
+fn names_the_incident_without_a_daemon() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    let dir = scratch_dir("diag-local");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"),
+    )
+    .unwrap();
+    let script = idle_clients_script(port);
+    let clients = std::thread::spawn(move || {
+        // Let diagnose attach first.
+        std::thread::sleep(Duration::from_secs(2));
+        python(None, &script).unwrap();
+    });
+    let (output, report) = diagnose(None, Some(&config), "13s");
+    clients.join().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{report:#}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(report["source"]["kind"], "local");
+    assert_idle_incident(&report, port);
+    // The per-edge table names the client process and the server.
+    let edges = report["edges"].as_array().unwrap();
+    assert!(
+        edges
+            .iter()
+            .any(|e| e["process"] == "cronjob" && e["server"] == format!("127.0.0.1:{port}")),
+        "{edges:#?}"
+    );
+}
+
+#[test]
+fn healthy_traffic_reports_nothing() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-healthy", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.base import Client\n\
+             import time\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             for i in range(300):\n\
+             \x20   c.set('k%d' % (i % 50), 'v', noreply=False)\n\
+             \x20   c.get('k%d' % (i % 50))\n\
+             \x20   if i % 100 == 0:\n\
+             \x20       time.sleep(1)\n\
+             c.close()\n"
+        ),
+    )
+    .unwrap();
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        report["findings"].as_array().unwrap().len(),
+        0,
+        "{report:#}"
+    );
+    // Traffic was seen: otherwise diagnose says so in a note.
+    assert!(
+        !report["notes"].to_string().contains("no traffic"),
+        "{report:#}"
+    );
+}
+
+/// A SYN burst at a listener with a tiny backlog that never accepts.
+#[test]
+fn names_the_syn_burst_at_a_full_accept_queue() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-syn", &[("stuck", port, "memcache")]).unwrap();
+    let _listener = Guard(
+        Command::new(PYTHON)
+            .args([
+                "-c",
+                &format!(
+                    "import socket, time\n\
+                     s = socket.socket()\n\
+                     s.bind(('127.0.0.1', {port}))\n\
+                     s.listen(1)\n\
+                     time.sleep(60)\n"
+                ),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(None, "127.0.0.1", port).unwrap();
+    python(
+        None,
+        &format!(
+            "import socket, time\n\
+             socks = []\n\
+             for i in range(200):\n\
+             \x20   s = socket.socket()\n\
+             \x20   s.setblocking(False)\n\
+             \x20   s.connect_ex(('127.0.0.1', {port}))\n\
+             \x20   socks.append(s)\n\
+             time.sleep(3)\n"
+        ),
+    )
+    .unwrap();
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let named = ["syn-storm", "accept-queue-overflow"]
+        .iter()
+        .filter_map(|id| finding(&report, id))
+        .any(|f| subjects(f, "services").contains(&"stuck".to_string()));
+    assert!(named, "{report:#}");
+}
