@@ -200,6 +200,34 @@ fn parse_program_stats(
     Ok(out)
 }
 
+/// Tracing programs (tracepoints, kprobes, fentry...) loaded by anyone but `own`: another agent
+/// or tracer running during a measurement adds its own overhead to every syscall.
+pub fn foreign_tracing_programs(own: &[u32]) -> anyhow::Result<usize> {
+    Ok(count_foreign_tracing(
+        &bpftool_json(&["--json", "prog", "show"])?,
+        own,
+    ))
+}
+
+fn count_foreign_tracing(json: &serde_json::Value, own: &[u32]) -> usize {
+    json.as_array().map_or(0, |programs| {
+        programs
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p["type"].as_str(),
+                    Some("tracepoint" | "raw_tracepoint" | "kprobe" | "tracing" | "perf_event")
+                )
+            })
+            .filter(|p| {
+                p["id"]
+                    .as_u64()
+                    .is_some_and(|id| !own.contains(&(id as u32)))
+            })
+            .count()
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapInfo {
     pub name: String,
@@ -290,5 +318,16 @@ process_resident_memory_bytes 1.5e7
         assert_eq!(stats[&7].run_time_ns, 1000);
         assert_eq!(stats[&9].run_cnt, 0, "no stats fields means zero");
         assert!(parse_program_stats(&serde_json::json!({}), &[]).is_err());
+        let all: serde_json::Value = serde_json::from_str(
+            r#"[{"id":7,"type":"tracepoint"},{"id":8,"type":"kprobe"},
+                {"id":9,"type":"cgroup_skb"},{"id":10,"type":"tracepoint"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            count_foreign_tracing(&all, &[7]),
+            2,
+            "kprobe 8 and tracepoint 10"
+        );
+        assert_eq!(count_foreign_tracing(&all, &[7, 8, 10]), 0);
     }
 }

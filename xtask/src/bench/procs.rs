@@ -615,21 +615,46 @@ pub fn machine_busy_seconds() -> anyhow::Result<f64> {
     Ok(busy as f64 / clock_ticks_per_second())
 }
 
-/// Waits until the machine is nearly idle (under `threshold` cores busy over a second), for
-/// at most `limit`; returns how long it waited and whether it got quiet. Shared build machines
-/// are the main source of noise in A/B runs.
-pub fn wait_for_quiet(threshold: f64, limit: Duration) -> anyhow::Result<(Duration, bool)> {
+/// Waits until the machine is nearly idle (under `threshold` cores busy over a second) and no
+/// tracing BPF program but `own` is loaded, for at most `limit`; returns how long it waited
+/// and whether it got quiet. Shared build machines (and other agents under test) are the main
+/// source of noise in A/B runs.
+pub fn wait_for_quiet(threshold: f64, own: &[u32], limit: Duration) -> anyhow::Result<Quiet> {
     let started = Instant::now();
     loop {
         let before = machine_busy_seconds()?;
         sleep(Duration::from_secs(1))?;
         let busy = machine_busy_seconds()? - before;
-        if busy < threshold {
-            return Ok((started.elapsed(), true));
+        let foreign = super::observe::foreign_tracing_programs(own)?;
+        if (busy < threshold && foreign == 0) || started.elapsed() >= limit {
+            return Ok(Quiet {
+                waited: started.elapsed(),
+                busy_cores: busy,
+                foreign_programs: foreign,
+                quiet: busy < threshold && foreign == 0,
+            });
         }
-        if started.elapsed() >= limit {
-            return Ok((started.elapsed(), false));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Quiet {
+    pub waited: Duration,
+    pub busy_cores: f64,
+    pub foreign_programs: usize,
+    pub quiet: bool,
+}
+
+impl Quiet {
+    pub fn describe(&self) -> String {
+        let mut text = format!("{:.0}", self.waited.as_secs_f64());
+        if !self.quiet {
+            text.push_str(&format!(
+                " (not quiet: {:.2} cores busy, {} foreign tracing programs)",
+                self.busy_cores, self.foreign_programs
+            ));
         }
+        text
     }
 }
 
