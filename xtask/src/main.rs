@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask setup | build | test | run | ...`. Every task installs what it is
 //! missing first, so a fresh machine goes from clone to green with these commands alone.
 
+mod bench;
 mod package;
 mod setup;
 mod util;
@@ -38,6 +39,28 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build and measure the agent's overhead against real memcached (root; see BENCHMARKS.md).
+    Bench {
+        /// Smoke run for CI (about a minute): one repeat, short runs, 1k connections, no criterion.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// Internal to `bench`: hold idle connections open until stdin closes.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
+    },
     /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
     /// Build the .deb (binary, systemd unit, default config, man page, completions) and test
     /// that it installs and removes cleanly in a throwaway dpkg root.
@@ -56,6 +79,22 @@ fn main() -> ExitCode {
         Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
         Task::Test { unit } => test(unit),
         Task::Run { args } => run(args),
+        Task::Bench {
+            quick,
+            output,
+            only,
+        } => setup::setup().and_then(|()| build(true)).and_then(|()| {
+            bench::bench(bench::BenchOptions {
+                quick,
+                output,
+                only,
+            })
+        }),
+        Task::BenchHold {
+            target,
+            count,
+            source,
+        } => bench::hold_connections(target, count, source),
         Task::Package => setup::setup_build_tools()
             .and_then(|()| build(true))
             .and_then(|()| package::package())

@@ -1,0 +1,810 @@
+//! Processes the bench starts and the system settings it changes, each behind a guard that
+//! undoes it on every exit path: normal return, error, panic (unwinding) and Ctrl-C (the load
+//! loops poll [`interrupted`] and return an error, which unwinds through the guards). Children
+//! also get PR_SET_PDEATHSIG so they die with xtask even if it is killed outright.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGINT/SIGTERM into a flag the loops check, so cleanup runs instead of dying mid-run.
+pub fn install_interrupt_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps in small steps so Ctrl-C is honoured promptly.
+pub fn sleep(duration: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        check_interrupted()?;
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+    Ok(())
+}
+
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL after a grace period) when dropped.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, command: &mut Command) -> anyhow::Result<ChildGuard> {
+        die_with_parent(command);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({command:?})"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn child_mut(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+
+    /// An error when the process has already exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!("{} exited unexpectedly with {status}", self.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the process and returns how it ended.
+    pub fn stop(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        // SAFETY: kill on our own child's pid, which we have not reaped yet, so it is still ours.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "xtask: {} did not stop within 10 s of SIGTERM; killing it",
+            self.name
+        );
+        let _ = child.kill();
+        Ok(Some(child.wait()?))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            eprintln!("xtask: stopping {}: {err:#}", self.name);
+        }
+    }
+}
+
+/// Runs a command to completion within `timeout`, killing it when it overruns.
+pub fn run_bounded(name: &str, command: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = ChildGuard::spawn(name, command)?;
+    let child = guard.child_mut().context("child vanished")?;
+    let mut stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut stderr = child.stderr.take().context("no stderr pipe")?;
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = guard.stop();
+            bail!("{name} did not finish within {} s", timeout.as_secs());
+        }
+        if interrupted() {
+            let _ = guard.stop();
+            bail!("interrupted");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    guard.child = None;
+    Ok(Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    })
+}
+
+/// Like [`run_bounded`], but a failed exit status is an error carrying stderr.
+pub fn run_checked(name: &str, command: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    let output = run_bounded(name, command, timeout)?;
+    if !output.status.success() {
+        bail!(
+            "{name} failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// Writes a /proc/sys value and puts the old one back on drop.
+pub struct SysctlGuard {
+    path: PathBuf,
+    previous: String,
+}
+
+impl SysctlGuard {
+    pub fn set(path: &str, value: &str) -> anyhow::Result<SysctlGuard> {
+        let previous = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {path}"))?
+            .trim()
+            .to_string();
+        std::fs::write(path, value).with_context(|| format!("cannot write {value} to {path}"))?;
+        Ok(SysctlGuard {
+            path: PathBuf::from(path),
+            previous,
+        })
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::write(&self.path, &self.previous) {
+            eprintln!(
+                "xtask: could not restore {} to {}: {err}",
+                self.path.display(),
+                self.previous
+            );
+        }
+    }
+}
+
+/// Raises this process's open-file limit towards `wanted` (children inherit it). Raising the
+/// hard limit needs CAP_SYS_RESOURCE, which containers often drop; then the soft limit goes up to
+/// the hard one and callers spread descriptors over several processes. Returns the limit now in
+/// force and, when fs.nr_open had to be raised, the guard that restores it.
+pub fn raise_nofile(wanted: u64) -> anyhow::Result<(u64, Option<SysctlGuard>)> {
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if current.rlim_max >= wanted {
+        set_nofile(wanted, current.rlim_max)?;
+        return Ok((wanted, None));
+    }
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")?
+        .trim()
+        .parse()
+        .context("fs.nr_open is not a number")?;
+    let guard = if nr_open < wanted {
+        Some(SysctlGuard::set(
+            "/proc/sys/fs/nr_open",
+            &wanted.to_string(),
+        )?)
+    } else {
+        None
+    };
+    match set_nofile(wanted, wanted) {
+        Ok(()) => Ok((wanted, guard)),
+        Err(_) => {
+            drop(guard);
+            set_nofile(current.rlim_max, current.rlim_max)?;
+            Ok((current.rlim_max, None))
+        }
+    }
+}
+
+fn set_nofile(soft: u64, hard: u64) -> anyhow::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot set RLIMIT_NOFILE to {soft}/{hard}"));
+    }
+    Ok(())
+}
+
+/// A free TCP port on loopback at or above `from`, below the ephemeral range and away from the
+/// integration tests' 20000-31999 block.
+pub fn free_port(from: u16) -> anyhow::Result<u16> {
+    (from..from.saturating_add(500))
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .with_context(|| format!("no free port in {from}-{}", from.saturating_add(500)))
+}
+
+pub const MEMCACHED_BASE_ARGS: &[&str] = &["-u", "root", "-t", "2", "-l", "127.0.0.1", "-m", "256"];
+
+pub struct Memcached {
+    /// Held so memcached is stopped when this is dropped.
+    _process: ChildGuard,
+    pub addr: SocketAddr,
+    pub command_line: String,
+}
+
+impl Memcached {
+    pub fn pid(&self) -> u32 {
+        self._process.pid()
+    }
+
+    pub fn start(port: u16, max_connections: Option<u32>) -> anyhow::Result<Memcached> {
+        let mut args: Vec<String> = MEMCACHED_BASE_ARGS.iter().map(|s| s.to_string()).collect();
+        args.extend(["-p".to_string(), port.to_string()]);
+        if let Some(max) = max_connections {
+            // The listen backlog must absorb connection bursts of the idle-connection test.
+            args.extend([
+                "-c".to_string(),
+                max.to_string(),
+                "-b".to_string(),
+                "4096".to_string(),
+            ]);
+        }
+        let command_line = format!("memcached {}", args.join(" "));
+        let mut command = Command::new("memcached");
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut guard = ChildGuard::spawn("memcached", &mut command)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            guard.check_running()?;
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("memcached did not listen on {addr} within 10 s");
+            }
+            sleep(Duration::from_millis(50))?;
+        }
+        Ok(Memcached {
+            _process: guard,
+            addr,
+            command_line,
+        })
+    }
+
+    /// One value of memcached's `stats` (e.g. curr_connections).
+    pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"stats\r\n")?;
+        let mut text = String::new();
+        let mut reader = BufReader::new(stream);
+        for _ in 0..1000 {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line.starts_with("END") {
+                break;
+            }
+            text.push_str(&line);
+        }
+        text.lines()
+            .find_map(|line| {
+                let mut parts = line.split_whitespace();
+                (parts.next() == Some("STAT") && parts.next() == Some(name))
+                    .then(|| parts.next()?.parse().ok())
+                    .flatten()
+            })
+            .with_context(|| format!("memcached stats has no {name}"))
+    }
+}
+
+/// What the agent's configuration varies across the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Off,
+    SocketsOnly,
+    Capture,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Off, Mode::SocketsOnly, Mode::Capture];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::SocketsOnly => "sockets only",
+            Mode::Capture => "capture + decoding",
+        }
+    }
+}
+
+/// The agent config the bench uses: one memcache service per port.
+pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
+    let (capture, capture_bytes) = match mode {
+        Mode::Capture => (true, 256),
+        _ => (false, 0),
+    };
+    let mut config = String::new();
+    for (index, port) in ports.iter().enumerate() {
+        let name = if index == 0 {
+            "bench".to_string()
+        } else {
+            format!("bench-{index}")
+        };
+        config.push_str(&format!(
+            "[[services]]\nname = \"{name}\"\nport = {port}\nprotocol = \"memcache\"\ncapture = {capture}\n\n"
+        ));
+    }
+    config.push_str(&format!(
+        "[limits]\ncapture_bytes = {capture_bytes}\nmax_sockets = {max_sockets}\n"
+    ));
+    config
+}
+
+/// A running `cacheprobe run` whose stderr is followed (the last lines are kept for errors).
+pub struct Agent {
+    pub guard: ChildGuard,
+    pub metrics_addr: SocketAddr,
+    /// From spawning the process to its `probes attached` log line.
+    pub attach_wall: Duration,
+    /// The `elapsed_ms` the agent itself reports in that line.
+    pub attach_reported_ms: Option<u64>,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+const LOG_TAIL: usize = 40;
+pub const AGENT_SETTLE: Duration = Duration::from_secs(1);
+
+impl Agent {
+    pub fn start(binary: &Path, config: &Path, metrics_addr: SocketAddr) -> anyhow::Result<Agent> {
+        let mut command = Command::new(binary);
+        command
+            .args(["--log", "info", "run", "--config"])
+            .arg(config)
+            .arg("--listen")
+            .arg(metrics_addr.to_string())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let spawned = Instant::now();
+        let mut guard = ChildGuard::spawn("cacheprobe", &mut command)?;
+        let stderr = guard
+            .child_mut()
+            .and_then(|c| c.stderr.take())
+            .context("no stderr pipe")?;
+        let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
+        let (attached_tx, attached_rx) = mpsc::channel();
+        let tail = Arc::clone(&log);
+        // Drains stderr for the agent's whole life so its logging can never block it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("probes attached") {
+                    let _ = attached_tx.send((Instant::now(), line.clone()));
+                }
+                if let Ok(mut tail) = tail.lock() {
+                    if tail.len() == LOG_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            }
+        });
+        let mut agent = Agent {
+            guard,
+            metrics_addr,
+            attach_wall: Duration::ZERO,
+            attach_reported_ms: None,
+            log,
+        };
+        let deadline = spawned + Duration::from_secs(30);
+        let (at, line) = loop {
+            match attached_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(found) => break found,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = agent.guard.check_running();
+                    bail!(
+                        "the agent exited before attaching its probes:\n{}",
+                        agent.log_tail()
+                    );
+                }
+            }
+            if let Err(err) = agent.guard.check_running() {
+                bail!("{err:#}:\n{}", agent.log_tail());
+            }
+            check_interrupted()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent did not attach its probes within 30 s:\n{}",
+                    agent.log_tail()
+                );
+            }
+        };
+        agent.attach_wall = at - spawned;
+        agent.attach_reported_ms = parse_elapsed_ms(&line);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while super::observe::scrape(metrics_addr).is_err() {
+            agent.check_running()?;
+            if Instant::now() >= deadline {
+                bail!("the agent's /metrics on {metrics_addr} did not answer within 10 s");
+            }
+            sleep(Duration::from_millis(50))?;
+        }
+        // After /metrics is up the agent still reads /proc for existing connections and sets
+        // up its loop; measuring starts once that start-up work is over.
+        sleep(AGENT_SETTLE)?;
+        agent.check_running()?;
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.log
+            .lock()
+            .map(|tail| tail.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Err(err) = self.guard.check_running() {
+            bail!("{err:#}; its last log lines:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait; a failed exit is an error (the agent must detach cleanly).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.check_running()?;
+        match self.guard.stop()? {
+            // Dying of the SIGTERM itself (before its handler is installed) leaves nothing
+            // behind either: nothing is pinned, so the kernel detaches everything.
+            Some(status) if status.signal() == Some(libc::SIGTERM) => {
+                eprintln!("xtask: note: the agent died of SIGTERM instead of handling it (its handler was not installed yet)");
+                Ok(())
+            }
+            Some(status) if !status.success() => {
+                bail!(
+                    "the agent exited with {status} on SIGTERM:\n{}",
+                    self.log_tail()
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_elapsed_ms(line: &str) -> Option<u64> {
+    let start = line.find("elapsed_ms=")? + "elapsed_ms=".len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// CPU seconds (user + system, all threads) a process has used.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    parse_cpu_ticks(&stat)
+        .map(|ticks| ticks as f64 / clock_ticks_per_second())
+        .with_context(|| format!("cannot parse /proc/{pid}/stat"))
+}
+
+/// User-mode CPU seconds of a process (all threads).
+pub fn user_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    parse_user_ticks(&stat)
+        .map(|ticks| ticks as f64 / clock_ticks_per_second())
+        .with_context(|| format!("cannot parse /proc/{pid}/stat"))
+}
+
+/// User-mode CPU seconds of the whole machine (user + nice of /proc/stat).
+pub fn machine_user_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let mut fields = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<u64>().unwrap_or(0));
+    let user = fields.next().unwrap_or(0);
+    let nice = fields.next().unwrap_or(0);
+    Ok((user + nice) as f64 / clock_ticks_per_second())
+}
+
+/// Busy CPU seconds of the whole machine (everything but idle and iowait in /proc/stat).
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle (3) and iowait (4).
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy as f64 / clock_ticks_per_second())
+}
+
+/// Waits until the machine is nearly idle (under `threshold` cores busy over a second) and no
+/// tracing BPF program but `own` is loaded, for at most `limit`; returns how long it waited
+/// and whether it got quiet. Shared build machines (and other agents under test) are the main
+/// source of noise in A/B runs.
+pub fn wait_for_quiet(threshold: f64, own: &[u32], limit: Duration) -> anyhow::Result<Quiet> {
+    let started = Instant::now();
+    loop {
+        let before = machine_busy_seconds()?;
+        sleep(Duration::from_secs(1))?;
+        let busy = machine_busy_seconds()? - before;
+        let foreign = super::observe::foreign_tracing_programs(own)?;
+        if (busy < threshold && foreign == 0) || started.elapsed() >= limit {
+            return Ok(Quiet {
+                waited: started.elapsed(),
+                busy_cores: busy,
+                foreign_programs: foreign,
+                quiet: busy < threshold && foreign == 0,
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Quiet {
+    pub waited: Duration,
+    pub busy_cores: f64,
+    pub foreign_programs: usize,
+    pub quiet: bool,
+}
+
+impl Quiet {
+    pub fn describe(&self) -> String {
+        let mut text = format!("{:.0}", self.waited.as_secs_f64());
+        if !self.quiet {
+            text.push_str(&format!(
+                " (not quiet: {:.2} cores busy, {} foreign tracing programs)",
+                self.busy_cores, self.foreign_programs
+            ));
+        }
+        text
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime + stime from /proc/<pid>/stat; the command name may contain spaces and parentheses,
+/// so fields are counted from the last ')'.
+fn parse_user_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(11)?.parse().ok()
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3 of the man page, utime 14 and stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    pub rss_kb: u64,
+    pub hwm_kb: u64,
+    /// Heap and other private memory: what the agent itself allocates.
+    pub anon_kb: u64,
+    /// File-backed and shared mappings; for the agent mostly the BPF ring buffers it maps
+    /// (kernel memory, data area mapped twice), not allocations of its own.
+    pub file_kb: u64,
+}
+
+impl Memory {
+    /// "60.2 (anon 14.1, mapped 46.0)": total resident MB, the private part and the mappings.
+    pub fn describe(&self) -> String {
+        format!(
+            "{:.1} (anon {:.1}, mapped {:.1})",
+            self.rss_kb as f64 / 1024.0,
+            self.anon_kb as f64 / 1024.0,
+            self.file_kb as f64 / 1024.0
+        )
+    }
+}
+
+pub fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    parse_memory(&status).with_context(|| format!("no VmRSS/VmHWM in /proc/{pid}/status"))
+}
+
+fn parse_memory(status: &str) -> Option<Memory> {
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(Memory {
+        rss_kb: field("VmRSS:")?,
+        hwm_kb: field("VmHWM:")?,
+        anon_kb: field("RssAnon:").unwrap_or(0),
+        file_kb: field("RssFile:").unwrap_or(0) + field("RssShmem:").unwrap_or(0),
+    })
+}
+
+/// The ids of the BPF programs and maps a process holds, from the fdinfo of its descriptors.
+pub fn bpf_object_ids(pid: u32) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    let mut programs = Vec::new();
+    let mut maps = Vec::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            let id = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            if let Some(id) = id("prog_id:") {
+                programs.push(id);
+            } else if let Some(id) = id("map_id:") {
+                maps.push(id);
+            }
+        }
+    }
+    programs.sort_unstable();
+    programs.dedup();
+    maps.sort_unstable();
+    maps.dedup();
+    Ok((programs, maps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_survive_odd_process_names() {
+        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 99 1000 200 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_user_ticks(stat), Some(250));
+        assert_eq!(parse_cpu_ticks("1234 (x) S 1"), None);
+    }
+
+    #[test]
+    fn memory_fields() {
+        let status = "Name:\tcacheprobe\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\nRssAnon:\t 2048 kB\nRssFile:\t 8000 kB\nRssShmem:\t 192 kB\n";
+        let memory = parse_memory(status).unwrap();
+        assert_eq!((memory.rss_kb, memory.hwm_kb), (10240, 20480));
+        assert_eq!((memory.anon_kb, memory.file_kb), (2048, 8192));
+        assert_eq!(memory.describe(), "10.0 (anon 2.0, mapped 8.0)");
+        assert!(parse_memory("Name: x\n").is_none());
+    }
+
+    #[test]
+    fn attach_line() {
+        let line = "2026-11-25T09:51:01Z  INFO cacheprobe::commands::run: probes attached elapsed_ms=256 attached=30";
+        assert_eq!(parse_elapsed_ms(line), Some(256));
+        assert_eq!(parse_elapsed_ms("probes attached"), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_and_memory() {
+        let pid = std::process::id();
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        assert!(memory(pid).unwrap().rss_kb > 0);
+        assert!(user_seconds(pid).unwrap() <= cpu_seconds(pid).unwrap());
+        assert!(machine_user_seconds().unwrap() > 0.0);
+        assert!(machine_busy_seconds().unwrap() >= machine_user_seconds().unwrap());
+    }
+
+    #[test]
+    fn config_per_mode() {
+        let capture = agent_config(&[17211], Mode::Capture, 65536);
+        assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 256"));
+        let sockets = agent_config(&[17211, 17212], Mode::SocketsOnly, 65536);
+        assert!(sockets.contains("capture = false") && sockets.contains("capture_bytes = 0"));
+        assert!(sockets.contains("name = \"bench-1\"\nport = 17212"));
+        assert_eq!(sockets.matches("[[services]]").count(), 2);
+    }
+}
