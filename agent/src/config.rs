@@ -61,7 +61,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
     pub services: Vec<Service>,
@@ -74,6 +74,8 @@ pub struct Config {
     pub basic_auth: Option<crate::http::BasicAuth>,
     /// Serve /metrics over TLS.
     pub tls: Option<crate::http::TlsFiles>,
+    /// Detector thresholds for `cacheprobe diagnose` (`[diagnose]` table).
+    pub diagnose: crate::diagnose::DiagnoseThresholds,
 }
 
 impl Default for Config {
@@ -88,6 +90,7 @@ impl Default for Config {
             sample_interval_seconds: 5,
             basic_auth: None,
             tls: None,
+            diagnose: crate::diagnose::DiagnoseThresholds::default(),
         }
     }
 }
@@ -132,6 +135,8 @@ struct RawConfig {
     sample_interval_seconds: Option<u64>,
     basic_auth: Option<crate::http::BasicAuth>,
     tls: Option<crate::http::TlsFiles>,
+    #[serde(default)]
+    diagnose: crate::diagnose::DiagnoseThresholds,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +267,9 @@ impl Config {
                 "sample_interval_seconds = {sample_interval_seconds} must be in 1-3600"
             )));
         }
+        raw.diagnose
+            .validate()
+            .map_err(|message| invalid(format!("[diagnose]: {message}")))?;
         let basic_auth = raw.basic_auth;
         if let Some(auth) = &basic_auth {
             if auth.username.is_empty() || auth.password.is_empty() || auth.username.contains(':') {
@@ -311,6 +319,7 @@ impl Config {
             sample_interval_seconds,
             basic_auth,
             tls: raw.tls,
+            diagnose: raw.diagnose,
         })
     }
 
@@ -413,6 +422,19 @@ capture = false
             .unwrap_err()
             .to_string();
         assert!(err.contains("power of two"), "{err}");
+    }
+
+    #[test]
+    fn diagnose_thresholds_are_configurable_and_checked() {
+        let config = parse("[diagnose]\nidle_min_closes = 7\n").unwrap();
+        assert_eq!(config.diagnose.idle_min_closes, 7);
+        let err = parse("[diagnose]\nidle_min_closez = 7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("idle_min_closez"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -244,3 +244,187 @@ fn names_the_syn_burst_at_a_full_accept_queue() {
         .any(|f| subjects(f, "services").contains(&"stuck".to_string()));
     assert!(named, "{report:#}");
 }
+
+/// One of three memcached servers of one service (same port on 127.0.0.1-3) stops (SIGSTOP)
+/// while clients keep asking all three: diagnose names that server alone.
+#[test]
+fn names_the_one_hung_server_among_three() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-hung", &[("memcached", port, "memcache")]).unwrap();
+    let hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+    let servers: Vec<Guard> = hosts
+        .iter()
+        .map(|host| start_memcached(None, host, port, &[]).unwrap())
+        .collect();
+    let hung = servers[1].0.id() as i32;
+    let load = std::thread::spawn(move || {
+        python(
+            None,
+            &format!(
+                "from pymemcache.client.base import Client\n\
+                 import time, threading\n\
+                 def work(host):\n\
+                 \x20   c = Client((host, {port}), timeout=1, connect_timeout=1)\n\
+                 \x20   end = time.time() + 8\n\
+                 \x20   while time.time() < end:\n\
+                 \x20       try:\n\
+                 \x20           c.get('k')\n\
+                 \x20       except Exception:\n\
+                 \x20           c.close()\n\
+                 \x20       time.sleep(0.02)\n\
+                 ts = [threading.Thread(target=work, args=(h,)) for h in ('127.0.0.1', '127.0.0.2', '127.0.0.3') for _ in range(2)]\n\
+                 [t.start() for t in ts]\n\
+                 [t.join() for t in ts]\n"
+            ),
+        )
+        .unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(hung, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(3));
+    unsafe { libc::kill(hung, libc::SIGCONT) };
+    load.join().unwrap();
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let hung_server = format!("127.0.0.2:{port}");
+    let named = ["slow-server", "server-not-answering"]
+        .iter()
+        .filter_map(|id| finding(&report, id))
+        .any(|f| subjects(f, "servers") == vec![hung_server.clone()]);
+    assert!(
+        named,
+        "the hung server {hung_server} is not named alone: {report:#}"
+    );
+    assert_eq!(report["findings"][0]["severity"], "critical", "{report:#}");
+    drop(servers);
+}
+
+/// A read-heavy client with a warm cache; the server restarts mid-run and every read misses.
+#[test]
+fn names_the_miss_storm_after_a_restart() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-miss", &[("memcached", port, "memcache")]).unwrap();
+    let memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let load = std::thread::spawn(move || {
+        python(
+            None,
+            &format!(
+                "from pymemcache.client.base import Client\n\
+                 import time\n\
+                 c = Client(('127.0.0.1', {port}), timeout=1, connect_timeout=1)\n\
+                 for i in range(200):\n\
+                 \x20   c.set('item%d' % i, 'v', noreply=False)\n\
+                 end = time.time() + 10\n\
+                 i = 0\n\
+                 while time.time() < end:\n\
+                 \x20   try:\n\
+                 \x20       c.get('item%d' % (i % 200))\n\
+                 \x20   except Exception:\n\
+                 \x20       c.close()\n\
+                 \x20       time.sleep(0.05)\n\
+                 \x20   i += 1\n\
+                 \x20   time.sleep(0.002)\n"
+            ),
+        )
+        .unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    drop(memcached);
+    let _restarted = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    load.join().unwrap();
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let storm =
+        finding(&report, "miss-storm").unwrap_or_else(|| panic!("no miss-storm: {report:#}"));
+    assert!(
+        subjects(storm, "servers").contains(&format!("127.0.0.1:{port}")),
+        "{storm:#}"
+    );
+}
+
+/// Two clients with different server lists (one knows two servers, the other three) send the
+/// same keys to different servers.
+#[test]
+fn names_key_routing_inconsistency() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-routing", &[("memcached", port, "memcache")]).unwrap();
+    let _servers: Vec<Guard> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|host| start_memcached(None, host, port, &[]).unwrap())
+        .collect();
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.hash import HashClient\n\
+             a = HashClient([('127.0.0.1', {port}), ('127.0.0.2', {port})])\n\
+             b = HashClient([('127.0.0.1', {port}), ('127.0.0.2', {port}), ('127.0.0.3', {port})])\n\
+             for i in range(100):\n\
+             \x20   a.set('user:%d' % i, 'v', noreply=False)\n\
+             \x20   b.get('user:%d' % i)\n"
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let scrape = agent.scrape();
+    assert!(
+        scrape.sum(
+            "cacheprobe_memcache_key_split_total",
+            &[("service", "memcached")]
+        ) > 0.0,
+        "{}",
+        scrape.text
+    );
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let routing =
+        finding(&report, "key-routing").unwrap_or_else(|| panic!("no key-routing: {report:#}"));
+    assert!(
+        subjects(routing, "services").contains(&"memcached".to_string()),
+        "{routing:#}"
+    );
+}
+
+/// A client with a low fd limit connects to every server of a service until EMFILE.
+#[test]
+fn names_fd_pressure_of_a_process_connected_to_every_server() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("diag-fds", &[("memcached", port, "memcache")]).unwrap();
+    let _servers: Vec<Guard> = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|host| start_memcached(None, host, port, &[]).unwrap())
+        .collect();
+    let _client = Guard(
+        Command::new(PYTHON)
+            .args([
+                "-c",
+                &format!(
+                    "import resource, socket, ctypes, time\n\
+                     ctypes.CDLL(None).prctl(15, b'webworker', 0, 0, 0)\n\
+                     resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))\n\
+                     socks = []\n\
+                     for i in range(40):\n\
+                     \x20   try:\n\
+                     \x20       socks.append(socket.create_connection(('127.0.0.%d' % (1 + i % 4), {port})))\n\
+                     \x20   except OSError:\n\
+                     \x20       pass\n\
+                     time.sleep(30)\n"
+                ),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let (output, report) = diagnose(Some(&agent), None, "1s");
+    assert_eq!(output.status.code(), Some(1), "{report:#}");
+    let fds =
+        finding(&report, "fd-pressure").unwrap_or_else(|| panic!("no fd-pressure: {report:#}"));
+    assert!(
+        subjects(fds, "processes").contains(&"webworker".to_string()),
+        "{fds:#}"
+    );
+}

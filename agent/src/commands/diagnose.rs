@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use crate::{
     config::Config,
     control::{self, ControlError, DEFAULT_SOCKET_PATH},
-    diagnose::{render, DiagnoseThresholds, Report, Source, SourceKind},
+    diagnose::{render, Report, Source, SourceKind},
     history::HistorySnapshot,
 };
 
@@ -104,8 +104,7 @@ pub fn diagnose_to(
     progress: &mut Progress,
 ) -> anyhow::Result<Verdict> {
     let config = Config::load(&args.config_path, args.config_explicit)?;
-    // TODO(lead): read these from the config's `[diagnose]` table once it exists.
-    let thresholds = DiagnoseThresholds::default();
+    let thresholds = config.diagnose.clone();
     let socket = args
         .socket
         .clone()
