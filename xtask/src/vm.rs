@@ -46,6 +46,7 @@ pub const SCENARIOS: &[&str] = &[
     "check",
     "idle-disconnect",
     "dead-socket-write",
+    "memcache-decoding",
     "shutdown",
     "preexisting-connection",
 ];

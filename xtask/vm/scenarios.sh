@@ -228,7 +228,22 @@ read -r end
 echo "get=\$(echo "\$data" | tr -d '\r')" >"$WORK/client-preexisting.out"
 sleep 1
 CLIENT
-  chmod +x "$WORK/client-idle" "$WORK/client-dead-write" "$WORK/client-preexisting"
+  cat >"$WORK/client-decode" <<CLIENT
+#!/bin/sh
+# A scripted text-protocol conversation with a known outcome: 2 stored, 2 hits, 1 miss.
+printf 'set d1 0 0 1\r\nv\r\n'
+read -r a
+printf 'set d2 0 0 1\r\nv\r\n'
+read -r b
+printf 'get d1\r\n'
+read -r v1; read -r x1; read -r e1
+printf 'get nope\r\n'
+read -r e2
+printf 'get d2\r\n'
+read -r v3; read -r x3; read -r e3
+echo "\$(echo "\$a \$b \$e2" | tr -d '\r')" >"$WORK/client-decode.out"
+CLIENT
+  chmod +x "$WORK/client-idle" "$WORK/client-dead-write" "$WORK/client-preexisting" "$WORK/client-decode"
 }
 
 start_services() {
@@ -351,6 +366,49 @@ scenario_dead_write() {
   fi
 }
 
+# --- e. memcache decoding: a scripted conversation, counted exactly per command and status ------
+scenario_decode() {
+  # Earlier scenarios sent requests too: count this conversation as the difference.
+  f0=$WORK/decode-before.prom
+  scrape "$f0"
+  nc 127.0.0.1 "$MEMCACHED_PORT" -e "$WORK/client-decode"
+  f=$WORK/decode.prom
+  bad=""
+  [ "$(cat "$WORK/client-decode.out" 2>/dev/null)" = "STORED STORED END" ] ||
+    bad="$bad; client saw: $(cat "$WORK/client-decode.out" 2>/dev/null)"
+  if lacks $SEND; then
+    # Without the sock length tracepoints the capture programs never learn which syscalls touch
+    # watched sockets: no requests are decoded, and check says why.
+    sleep 3
+    scrape "$f"
+    dump decode.prom "$f"
+    total=$(msum "$f" cacheprobe_memcache_requests_total)
+    num_eq "$total" 0 || bad="$bad; memcache_requests_total=$total without $SEND, want 0"
+    detail="no decoding as documented: $SEND missing"
+  else
+    before=$(msum "$f0" cacheprobe_memcache_requests_total role=client)
+    wait_for 20 "$f" cacheprobe_memcache_requests_total "$(awk -v b="$before" 'BEGIN { print b + 5 }')" role=client
+    sleep 1
+    scrape "$f"
+    dump decode.prom "$f"
+    delta() { awk -v a="$(msum "$f" "$@")" -v b="$(msum "$f0" "$@")" 'BEGIN { print a - b }'; }
+    stored=$(delta cacheprobe_memcache_requests_total role=client command=set status=stored)
+    hits=$(delta cacheprobe_memcache_requests_total role=client command=get status=hit)
+    misses=$(delta cacheprobe_memcache_requests_total role=client command=get status=miss)
+    total=$(delta cacheprobe_memcache_requests_total role=client)
+    num_eq "$stored" 2 || bad="$bad; set/stored=$stored, want 2"
+    num_eq "$hits" 2 || bad="$bad; get/hit=$hits, want 2"
+    num_eq "$misses" 1 || bad="$bad; get/miss=$misses, want 1"
+    num_eq "$total" 5 || bad="$bad; client requests=$total, want 5"
+    detail="client set/stored=2 get/hit=2 get/miss=1"
+  fi
+  if [ -z "$bad" ]; then
+    result memcache-decoding PASS "$detail"
+  else
+    result memcache-decoding FAIL "${bad#; }"
+  fi
+}
+
 # stop_agent: SIGTERM, then the exit status, or 124 after 15 s (the agent is then killed).
 stop_agent() {
   kill -TERM "$AGENT_PID"
@@ -447,9 +505,10 @@ scenario_check
 if start_agent agent.log; then
   scenario_idle
   scenario_dead_write
+  scenario_decode
   scenario_shutdown
 else
-  for s in idle-disconnect dead-socket-write shutdown; do
+  for s in idle-disconnect dead-socket-write memcache-decoding shutdown; do
     result $s FAIL "$AGENT_FAILURE"
   done
   kill "$AGENT_PID" 2>/dev/null
