@@ -1081,6 +1081,7 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
                     Verdict::Fail,
                     "unreadable result line: CPTEST shutdown MAYBE x"
                 ),
+                ("memcache-decoding", Verdict::Fail, "no result"),
                 ("preexisting-connection", Verdict::Fail, "no result"),
             ]
         );
