@@ -73,6 +73,9 @@ enum Command {
         /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Attach the probes here for --duration even if a daemon is running.
+        #[arg(long, conflicts_with = "socket")]
+        local: bool,
     },
 }
 
@@ -171,6 +174,7 @@ fn main() -> ExitCode {
             graph,
             config,
             socket,
+            local,
         } => {
             let recorder = commands::record::ChildRecorder {
                 config_path: config.clone(),
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
                     duration,
                     output,
                     socket,
+                    local,
                 },
                 &recorder,
             )

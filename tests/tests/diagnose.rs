@@ -20,7 +20,8 @@ fn diagnose(
         command.arg("--socket").arg(&agent.control_socket);
         command.arg("--config").arg(&agent.config_path);
     } else if let Some(config) = config {
-        command.arg("--config").arg(config);
+        // --local: a daemon installed on the host must not answer for this test.
+        command.arg("--local").arg("--config").arg(config);
     }
     let output = command.output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
@@ -33,8 +34,8 @@ fn diagnose(
     (output, report)
 }
 
-/// Listen overflows are host-wide counters: the SYN burst must not run while the healthy case
-/// is being judged.
+/// Listen overflows and EMFILE errors are host-wide: the SYN burst and the fd-pressure case must
+/// not run while the healthy case is being judged.
 static HOST_WIDE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn finding<'a>(report: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
@@ -392,6 +393,8 @@ fn names_key_routing_inconsistency() {
 #[test]
 fn names_fd_pressure_of_a_process_connected_to_every_server() {
     require_root();
+    // EMFILE is seen host-wide: keep it away from the healthy case.
+    let _host_wide = HOST_WIDE.lock().unwrap_or_else(|e| e.into_inner());
     let port = unique_port();
     let agent = Agent::start("diag-fds", &[("memcached", port, "memcache")]).unwrap();
     let _servers: Vec<Guard> = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"]

@@ -42,6 +42,8 @@ pub struct DiagnoseArgs {
     pub output: Output,
     /// `--socket`; None means the default path, where no daemon means recording locally.
     pub socket: Option<PathBuf>,
+    /// `--local`: attach probes here even if a daemon answers.
+    pub local: bool,
 }
 
 /// Whether anything was found; the binary turns it into the exit code.
@@ -110,7 +112,12 @@ pub fn diagnose_to(
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
 
-    let (snapshot, source) = match control::fetch_history(&socket, 0, FETCH_TIMEOUT) {
+    let daemon = if args.local {
+        Err(ControlError::NoDaemon(socket.clone()))
+    } else {
+        control::fetch_history(&socket, 0, FETCH_TIMEOUT)
+    };
+    let (snapshot, source) = match daemon {
         Ok(first) => {
             let watched = watch(args.duration, first.span_seconds(), progress);
             let snapshot = match control::fetch_history(&socket, first.start_s, FETCH_TIMEOUT) {
@@ -131,7 +138,7 @@ pub fn diagnose_to(
                 },
             )
         }
-        Err(ControlError::NoDaemon(_)) if args.socket.is_none() => {
+        Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
             if args.duration.is_zero() {
                 anyhow::bail!(
                     "no cacheprobe daemon at {}: give a --duration to watch locally",
@@ -350,6 +357,7 @@ mod tests {
             duration: Duration::from_secs(1),
             output,
             socket,
+            local: false,
         }
     }
 
