@@ -100,6 +100,15 @@ pub enum ConnectFailure {
 }
 
 impl ConnectFailure {
+    /// A SYN answered by a reset was refused; one that never got an answer timed out.
+    fn of(facts: &crate::events::SocketFacts) -> ConnectFailure {
+        if facts.reset_received_ns != 0 {
+            ConnectFailure::Refused
+        } else {
+            ConnectFailure::Timeout
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectFailure::Refused => "refused",
@@ -441,12 +450,10 @@ impl Tracker {
                 if new_state == tcp_state::CLOSE {
                     // Never established: a failed connect (or an aborted handshake).
                     if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
-                        let reason = if event.facts.reset_received_ns != 0 {
-                            ConnectFailure::Refused
-                        } else {
-                            ConnectFailure::Timeout
-                        };
-                        out.push(Observation::ConnectFailed { endpoint, reason });
+                        out.push(Observation::ConnectFailed {
+                            endpoint,
+                            reason: ConnectFailure::of(&event.facts),
+                        });
                     }
                     return;
                 }
@@ -508,14 +515,9 @@ impl Tracker {
                     && old_state == tcp_state::SYN_SENT
                     && connection.endpoint.role == Role::Client
                 {
-                    let reason = if event.facts.reset_received_ns != 0 {
-                        ConnectFailure::Refused
-                    } else {
-                        ConnectFailure::Timeout
-                    };
                     out.push(Observation::ConnectFailed {
                         endpoint: connection.endpoint,
-                        reason,
+                        reason: ConnectFailure::of(&event.facts),
                     });
                 }
                 if event.facts.peer_closed_ns != 0 {
