@@ -1519,15 +1519,19 @@ impl Bench {
             ));
         }
         if let Some(us) = targets.capture_agent_us_per_op {
+            let decoder = targets
+                .decoder_per_core
+                .map_or(String::new(), |per_second| {
+                    format!(
+                    "; the criterion decoder alone needs {:.2} µs per command, so the rest is the \
+                     pipeline around it (ring reading, tracking, metrics, history, key statistics)",
+                    1e6 / per_second
+                )
+                });
             out.push(format!(
                 "* User side: with capture the agent process spends {us:.1} µs of CPU per memcache \
-                 op (median at saturation), i.e. {:.0}% of one core per 100k ops/s; the criterion \
-                 decoder alone needs {} µs per command, so the rest is the pipeline around it \
-                 (ring reading, tracking, metrics, history, key statistics).",
-                us * 10.0,
-                targets
-                    .decoder_per_core
-                    .map_or("n/a".to_string(), |d| format!("{:.2}", 1e6 / d)),
+                 op (median at saturation), i.e. {:.0}% of one core per 100k ops/s{decoder}.",
+                us * 10.0
             ));
         }
         if let Some(idle) = &targets.idle {
