@@ -130,6 +130,29 @@ struct Targets {
     rss_at_100k: Option<procs::Memory>,
     attach_median: Option<Duration>,
     decoder_per_core: Option<f64>,
+    /// Agent process CPU per op in capture mode at saturation, µs (= CPU s per million ops).
+    capture_agent_us_per_op: Option<f64>,
+    bpf: Option<BpfSplit>,
+    idle: Option<IdleFinding>,
+}
+
+/// Where the BPF time per memcache op goes, from the bpf_stats run.
+struct BpfSplit {
+    /// Programs that also run with capture off (sock/tcp tracepoints, fd syscalls, tc).
+    socket_ns_per_op: f64,
+    /// The read/write syscall programs that exist for payload capture.
+    capture_ns_per_op: f64,
+    /// (program, share of all BPF time, ns per run)
+    top: (String, f64, f64),
+}
+
+/// The largest idle-connection row.
+struct IdleFinding {
+    connections: usize,
+    idle_cpu_percent: f64,
+    memory: procs::Memory,
+    active: f64,
+    lost: String,
 }
 
 struct Bench {
@@ -740,7 +763,10 @@ impl Bench {
                 let loss = 1.0 - ops / base_ops;
                 match mode {
                     Mode::SocketsOnly => self.targets.sockets_loss = Some(loss),
-                    Mode::Capture => self.targets.capture_loss = Some(loss),
+                    Mode::Capture => {
+                        self.targets.capture_loss = Some(loss);
+                        self.targets.capture_agent_us_per_op = cpu_sat;
+                    }
                     Mode::Off => {}
                 }
             }
@@ -857,6 +883,30 @@ impl Bench {
             .collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let total_ns: u64 = rows.iter().map(|r| r.1).sum();
+        let is_capture_program = |name: &str| {
+            [
+                "read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
+            ]
+            .iter()
+            .any(|call| name == format!("sys_enter_{call}") || name == format!("sys_exit_{call}"))
+        };
+        let capture_ns: u64 = rows
+            .iter()
+            .filter(|r| is_capture_program(&r.0))
+            .map(|r| r.1)
+            .sum();
+        if let Some((name, ns, cnt)) = rows.first() {
+            let per_op = |ns: u64| ns as f64 / ops.max(1.0);
+            self.targets.bpf = Some(BpfSplit {
+                socket_ns_per_op: per_op(total_ns - capture_ns),
+                capture_ns_per_op: per_op(capture_ns),
+                top: (
+                    name.clone(),
+                    *ns as f64 / total_ns.max(1) as f64,
+                    *ns as f64 / (*cnt).max(1) as f64,
+                ),
+            });
+        }
         let mut table = Table::new(&[
             "program",
             "runs",
@@ -1070,6 +1120,14 @@ impl Bench {
             if count == 100_000 {
                 self.targets.rss_at_100k = Some(memory);
             }
+            let lost = observe::format_losses(&observe::lost_between(&before, &after));
+            self.targets.idle = Some(IdleFinding {
+                connections: per_instance * used,
+                idle_cpu_percent: 100.0 * idle_cpu / 2.0,
+                memory,
+                active,
+                lost: lost.clone(),
+            });
             agent.stop()?;
             drop(holders);
             table.row(vec![
@@ -1084,7 +1142,7 @@ impl Bench {
                 format_cpu(measured.cpu_per_million()),
                 memory.describe(),
                 megabytes(memory.hwm_kb),
-                observe::format_losses(&observe::lost_between(&before, &after)),
+                lost,
                 max_sockets.to_string(),
             ]);
             // Give the memcached instances a moment to close their ends.
@@ -1440,7 +1498,57 @@ impl Bench {
             );
         }
         section.table("", table);
+        for finding in self.findings() {
+            section.say(finding);
+        }
         section
+    }
+
+    /// Where the cost comes from, stated from this run's own numbers.
+    fn findings(&self) -> Vec<String> {
+        let targets = &self.targets;
+        let mut out = Vec::new();
+        if let Some(bpf) = &targets.bpf {
+            out.push(format!(
+                "* Kernel side (bpf_stats run): the socket-level programs cost {:.0} ns of BPF per \
+                 memcache op and the payload-capture syscall programs {:.0} ns more; the costliest \
+                 program is `{}` ({:.0}% of BPF time, {:.0} ns per run). These numbers exclude the \
+                 tracepoint and syscall-tracing machinery around each run, which the A/B ratios \
+                 include.",
+                bpf.socket_ns_per_op, bpf.capture_ns_per_op, bpf.top.0, 100.0 * bpf.top.1, bpf.top.2
+            ));
+        }
+        if let Some(us) = targets.capture_agent_us_per_op {
+            let decoder = targets
+                .decoder_per_core
+                .map_or(String::new(), |per_second| {
+                    format!(
+                    "; the criterion decoder alone needs {:.2} µs per command, so the rest is the \
+                     pipeline around it (ring reading, tracking, metrics, history, key statistics)",
+                    1e6 / per_second
+                )
+                });
+            out.push(format!(
+                "* User side: with capture the agent process spends {us:.1} µs of CPU per memcache \
+                 op (median at saturation), i.e. {:.0}% of one core per 100k ops/s{decoder}.",
+                us * 10.0
+            ));
+        }
+        if let Some(idle) = &targets.idle {
+            out.push(format!(
+                "* At {} open connections the idle agent uses {:.0}% of a core; its RSS is {} MB of \
+                 which {} MB private (the rest is mostly the mapped ring buffers); it counts {} of {} \
+                 watched sockets and lost events while they opened: {}.",
+                thousands(idle.connections as f64),
+                idle.idle_cpu_percent,
+                megabytes(idle.memory.rss_kb),
+                megabytes(idle.memory.anon_kb),
+                thousands(idle.active),
+                thousands(2.0 * idle.connections as f64),
+                idle.lost
+            ));
+        }
+        out
     }
 }
 
