@@ -61,10 +61,10 @@ enum Task {
         #[arg(long)]
         source: std::net::Ipv4Addr,
     },
-    /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
     /// Build the .deb (binary, systemd unit, default config, man page, completions) and test
     /// that it installs and removes cleanly in a throwaway dpkg root.
     Package,
+    /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
     VmTest {
         /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
         #[arg(long, value_enum, default_value = "all")]

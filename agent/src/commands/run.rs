@@ -173,6 +173,10 @@ fn pump(pipeline: &mut Pipeline, events: &mut RingBuf<MapData>, payloads: &mut R
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during start-up must still mean a clean exit, not a kill.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let started = Instant::now();
     let mut config = Config::load(&args.config_path, args.config_explicit)?;
     if let Some(listen) = args.listen {
@@ -305,9 +309,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut payload_ring = unsafe { AsyncFd::register_with_interest(payloads, Interest::READABLE) }
         .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
