@@ -191,6 +191,12 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
+    util::step("benchmark smoke test (cargo xtask bench --quick; no timing assertions)");
+    bench::bench(bench::BenchOptions {
+        quick: true,
+        output: None,
+        only: Vec::new(),
+    })?;
     Ok(())
 }
 
