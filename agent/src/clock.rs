@@ -1,6 +1,13 @@
 //! The kernel stamps events with CLOCK_MONOTONIC (bpf_ktime_get_ns); user space compares against
 //! the same clock.
 
+/// Wall-clock unix seconds (0 if the clock is before 1970), for history and reports.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -158,10 +158,7 @@ impl KeyRouting {
                     key: display.show(key),
                     first_server: previous.to_string(),
                     second_server: server.to_string(),
-                    ts_unix_s: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0),
+                    ts_unix_s: crate::clock::unix_now(),
                 });
                 true
             }

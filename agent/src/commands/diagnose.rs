@@ -8,7 +8,7 @@ use std::{
     io::{IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -205,11 +205,7 @@ fn watch(duration: Duration, history_s: u64, progress: &mut Progress) -> Duratio
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::clock::unix_now;
 
 /// The "watching" line on stderr, rewritten in place; silent unless stderr is a terminal.
 pub struct Progress {

@@ -11,9 +11,7 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use crate::{
-    commands::{diagnose::LocalRecorder, run::unix_now},
-    config::Config,
-    control,
+    clock::unix_now, commands::diagnose::LocalRecorder, config::Config, control,
     history::HistorySnapshot,
 };
 

@@ -43,12 +43,7 @@ pub struct RunArgs {
     pub control_socket: PathBuf,
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::clock::unix_now;
 
 /// SIGHUP: re-reads the config file. Services, capture switches, key display and the sample
 /// interval take effect at once; the listen address and map sizes need a restart (logged).
