@@ -1,6 +1,9 @@
 //! A deliberately small HTTP/1.1 server for `/metrics`. It reads at most one bounded request per
 //! connection, answers and closes, so a slow or hostile scraper can hold at most one slot for at
-//! most [`REQUEST_TIMEOUT`], and never more than [`MAX_CONCURRENT`] slots at once.
+//! most [`REQUEST_TIMEOUT`], and never more than [`MAX_CONCURRENT`] slots at once. Encoding runs
+//! off the event loop, and at most [`MAX_CONCURRENT_SCRAPES`] encoded bodies exist at a time, so
+//! a registry at the cardinality ceiling (tens of MB of text) neither stalls the ring buffers nor
+//! multiplies memory by the number of scrapers.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -18,6 +21,8 @@ use tokio_rustls::{rustls, TlsAcceptor};
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONCURRENT: usize = 32;
+/// Two: a Prometheus HA pair scraping at the same moment is not kept waiting.
+const MAX_CONCURRENT_SCRAPES: usize = 2;
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -134,6 +139,7 @@ pub async fn serve(
 ) {
     let auth = Arc::new(auth);
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let scrapes = Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -149,6 +155,7 @@ pub async fn serve(
             continue;
         };
         let registry = registry.clone();
+        let scrapes = scrapes.clone();
         let auth = auth.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -157,9 +164,9 @@ pub async fn serve(
                 match &tls {
                     // The handshake counts against the same deadline as the request.
                     Some(acceptor) => {
-                        handle(acceptor.accept(stream).await?, &registry, &auth).await
+                        handle(acceptor.accept(stream).await?, &registry, &scrapes, &auth).await
                     }
-                    None => handle(stream, &registry, &auth).await,
+                    None => handle(stream, &registry, &scrapes, &auth).await,
                 }
             };
             match tokio::time::timeout(REQUEST_TIMEOUT, served).await {
@@ -218,7 +225,8 @@ pub fn header(head: &[u8], name: &str) -> Option<String> {
 
 async fn handle(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
-    registry: &Registry,
+    registry: &Arc<Registry>,
+    scrapes: &Arc<Semaphore>,
     auth: &Option<BasicAuth>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
@@ -260,7 +268,15 @@ async fn handle(
     match route(&head) {
         Request::Metrics => {
             let format = Format::from_accept(header(&head, "accept").as_deref());
-            let Ok(text) = crate::metrics::encode(registry, format) else {
+            // Held until the body is written: it bounds how many bodies exist, not just encodes.
+            let Ok(_scrape) = scrapes.clone().acquire_owned().await else {
+                return Ok(());
+            };
+            let registry = registry.clone();
+            let encoded =
+                tokio::task::spawn_blocking(move || crate::metrics::encode(&registry, format))
+                    .await;
+            let Ok(Ok(text)) = encoded else {
                 return respond(
                     &mut stream,
                     "500 Internal Server Error",
@@ -414,5 +430,59 @@ mod tests {
         let mut response = String::new();
         let _ = stream.read_to_string(&mut response).await;
         assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    }
+
+    /// A collector as slow as encoding a registry at the cardinality ceiling.
+    #[derive(Debug)]
+    struct SlowCollector;
+
+    impl prometheus_client::collector::Collector for SlowCollector {
+        fn encode(
+            &self,
+            _encoder: prometheus_client::encoding::DescriptorEncoder,
+        ) -> Result<(), std::fmt::Error> {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        }
+    }
+
+    /// The agent runs on a current-thread runtime that also drains the ring buffers: a slow
+    /// scrape must not stop other tasks from running.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_scrape_does_not_stall_the_event_loop() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SlowCollector));
+        tokio::spawn(serve(listener, Arc::new(registry), None, None));
+
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let elapsed = started.elapsed();
+        ticker.abort();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        // Blocking encode would allow at most one tick in 300 ms; off the loop, ~30 happen.
+        let ticked = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            ticked >= 10,
+            "event loop ran only {ticked} times during the scrape"
+        );
     }
 }

@@ -848,28 +848,43 @@ pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::E
 pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut pending_help: Option<(&str, &str)> = None;
-    for line in openmetrics.lines() {
+    let mut rest = openmetrics;
+    while !rest.is_empty() {
+        if !rest.starts_with('#') {
+            // Sample lines pass through unchanged: copy the whole run up to the next comment
+            // line at once (a scrape at the cardinality ceiling is ~350k of them).
+            let end = rest.find("\n#").map_or(rest.len(), |newline| newline + 1);
+            out.push_str(&rest[..end]);
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+            rest = &rest[end..];
+            continue;
+        }
+        let end = rest.find('\n').map_or(rest.len(), |newline| newline + 1);
+        let line = rest[..end].trim_end_matches('\n');
+        rest = &rest[end..];
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Some(help_line) = line.strip_prefix("# HELP ") {
+            let (name, help) = help_line.split_once(' ').unwrap_or((help_line, ""));
             pending_help = Some((name, help));
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let (name_out, kind_out) = match kind {
-                "counter" => (format!("{name}_total"), "counter"),
-                "unknown" => (name.to_string(), "untyped"),
-                other => (name.to_string(), other),
+        if let Some(type_line) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = type_line.split_once(' ').unwrap_or((type_line, "untyped"));
+            let (suffix, kind_out) = match kind {
+                "counter" => ("_total", "counter"),
+                "unknown" => ("", "untyped"),
+                other => ("", other),
             };
             if let Some((help_name, help)) = pending_help.take() {
                 if help_name == name {
-                    out.push_str(&format!("# HELP {name_out} {help}\n"));
+                    out.push_str(&format!("# HELP {name}{suffix} {help}\n"));
                 }
             }
-            out.push_str(&format!("# TYPE {name_out} {kind_out}\n"));
+            out.push_str(&format!("# TYPE {name}{suffix} {kind_out}\n"));
             continue;
         }
         out.push_str(line);
@@ -947,6 +962,22 @@ mod tests {
             Format::OpenMetrics
         );
         assert_eq!(Format::from_accept(None), Format::PrometheusText);
+    }
+
+    #[test]
+    fn prometheus_text_keeps_runs_of_samples_and_ends_every_line() {
+        let om = "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 3\nh_count 2\n# TYPE c counter\nc_total 5";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 3\nh_count 2\n# TYPE c_total counter\nc_total 5\n"
+        );
+        // A '#' inside a label value is not a comment line.
+        let om = "# TYPE g gauge\ng{comm=\"#x\"} 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# TYPE g gauge\ng{comm=\"#x\"} 1\n"
+        );
+        assert_eq!(openmetrics_to_prometheus_text(""), "");
     }
 
     #[test]

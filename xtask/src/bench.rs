@@ -46,7 +46,9 @@ pub struct BenchOptions {
 }
 
 /// The measures, in the order they run; `--only` picks from these.
-pub const PHASES: &[&str] = &["attach", "ab", "bpf", "loss", "tshark", "idle", "decoder"];
+pub const PHASES: &[&str] = &[
+    "attach", "ab", "bpf", "loss", "tshark", "idle", "decoder", "scrape",
+];
 
 /// Durations, repeats and steps of one bench invocation.
 struct Plan {
@@ -252,6 +254,9 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     }
     if wanted("decoder") {
         bench.decoder_throughput()?;
+    }
+    if wanted("scrape") {
+        bench.scrape_cost()?;
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
@@ -1390,6 +1395,70 @@ impl Bench {
         Ok(())
     }
 
+    /// Issue 7: /metrics stays fast with many series (agent/benches/scrape.rs).
+    fn scrape_cost(&mut self) -> anyhow::Result<()> {
+        util::step("scrape cost with many series (criterion)");
+        let mut section = Section::new("/metrics with many series");
+        let command = "cargo bench -p cacheprobe --bench scrape";
+        if !self.plan.criterion {
+            section.say(format!(
+                "Skipped by `--quick` (building the benches takes minutes); the full bench runs `{command}`."
+            ));
+            self.finish(section);
+            return Ok(());
+        }
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(util::workspace_root())
+            .args(["bench", "-p", "cacheprobe", "--bench", "scrape"])
+            .env("PATH", util::path_with_cargo_bin());
+        let output = procs::run_checked("cargo bench", &mut cargo, Duration::from_secs(1800))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let rates = parse_criterion(&stdout);
+        let sizes = parse_scrape_sizes(&stdout);
+        if rates.is_empty() || sizes.is_empty() {
+            bail!("`{command}` printed no throughput or size lines:\n{stdout}");
+        }
+        let mut table = Table::new(&[
+            "registry",
+            "format",
+            "samples",
+            "body MB",
+            "encode ms per scrape",
+            "samples/s",
+        ]);
+        for size in &sizes {
+            let Some((_, per_second)) = rates
+                .iter()
+                .find(|(name, _)| name.contains(&size.fleet) && name.ends_with(&size.format))
+            else {
+                continue;
+            };
+            table.row(vec![
+                size.fleet.clone(),
+                size.format.clone(),
+                thousands(size.samples as f64),
+                format!("{:.1}", size.bytes as f64 / 1e6),
+                format!("{:.2}", size.samples as f64 / per_second * 1e3),
+                thousands(*per_second),
+            ]);
+        }
+        section.say(
+            "Time to encode the whole registry for one scrape (criterion median, one thread), \
+             for a typical cache host and for the most series the default `[limits]` allow \
+             (4 services x 256 servers, both roles, 100 comms; every endpoint with connection \
+             histograms, requests by command and status, latency histograms by command, bytes \
+             and retransmits). Prometheus text is the default; OpenMetrics is served when the \
+             scraper asks for it. The HTTP server encodes on a blocking thread, so a slow scrape \
+             never stalls the ring buffers (unit test `a_slow_scrape_does_not_stall_the_event_loop`), \
+             and at most two bodies exist at once however many scrapers connect.",
+        );
+        section.command(command);
+        section.table("", table);
+        self.finish(section);
+        Ok(())
+    }
+
     fn method_section(&self) -> Section {
         let mut section = Section::new("How these numbers are taken");
         section.say(
@@ -1564,6 +1633,34 @@ fn parse_memcaslap_tps(output: &str) -> Option<f64> {
     })
 }
 
+struct ScrapeSize {
+    fleet: String,
+    format: String,
+    samples: u64,
+    bytes: u64,
+}
+
+/// The `scrape-size fleet="..." format=X samples=N bytes=B` lines agent/benches/scrape.rs prints.
+fn parse_scrape_sizes(output: &str) -> Vec<ScrapeSize> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("scrape-size fleet=\"")?;
+            let (fleet, rest) = rest.split_once('"')?;
+            let mut fields = rest.split_whitespace().filter_map(|f| f.split_once('='));
+            let (_, format) = fields.next()?;
+            let (_, samples) = fields.next()?;
+            let (_, bytes) = fields.next()?;
+            Some(ScrapeSize {
+                fleet: fleet.to_string(),
+                format: format.to_string(),
+                samples: samples.parse().ok()?,
+                bytes: bytes.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// (benchmark name, median elements per second) from criterion's text output.
 fn parse_criterion(output: &str) -> Vec<(String, f64)> {
     let mut results = Vec::new();
@@ -1606,6 +1703,16 @@ fn parse_criterion(output: &str) -> Vec<(String, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_sizes() {
+        let out = "scrape-size fleet=\"typical host (1 service x 16 servers)\" format=PrometheusText samples=5607 bytes=748628\nother\n";
+        let sizes = parse_scrape_sizes(out);
+        assert_eq!(sizes.len(), 1);
+        assert_eq!(sizes[0].fleet, "typical host (1 service x 16 servers)");
+        assert_eq!(sizes[0].format, "PrometheusText");
+        assert_eq!((sizes[0].samples, sizes[0].bytes), (5607, 748628));
+    }
 
     #[test]
     fn memcaslap_summary() {
