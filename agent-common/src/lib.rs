@@ -225,15 +225,25 @@ pub mod io_syscall {
     pub const KIND_IOVEC: u8 = 1;
     pub const KIND_MSGHDR: u8 = 2;
     pub const KIND: [u8; COUNT] = [
-        KIND_BUFFER,
-        KIND_BUFFER,
-        KIND_IOVEC,
-        KIND_IOVEC,
-        KIND_BUFFER,
-        KIND_BUFFER,
-        KIND_MSGHDR,
-        KIND_MSGHDR,
+        kind(READ),
+        kind(WRITE),
+        kind(READV),
+        kind(WRITEV),
+        kind(RECVFROM),
+        kind(SENDTO),
+        kind(RECVMSG),
+        kind(SENDMSG),
     ];
+
+    /// The buffer argument's kind, computed rather than looked up: the 6.1 verifier loses the
+    /// bound of an index into a table (it rejected `KIND[syscall]` as a possible read at 255).
+    pub const fn kind(syscall: usize) -> u8 {
+        match syscall {
+            READV | WRITEV => KIND_IOVEC,
+            RECVMSG | SENDMSG => KIND_MSGHDR,
+            _ => KIND_BUFFER,
+        }
+    }
 }
 
 /// Most payload bytes a capture record can carry; the configured capture length is at most this.

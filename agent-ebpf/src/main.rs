@@ -347,14 +347,32 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
+/// The fields of sock_send_length / sock_recv_length this program needs: (protocol, sk, ret).
+#[inline(always)]
+fn read_length_fields(ctx: &TracePointContext) -> Option<(u16, u64, i32)> {
     let layout = &offsets().length;
-    let protocol: u16 = read_tp(ctx, layout.protocol)?;
+    if layout.protocol == layout.sk + 10 && layout.ret == layout.sk + 12 {
+        // The layout of every kernel so far (sk, family, protocol, ret): one read, not three.
+        let block: [u8; 16] = read_tp(ctx, layout.sk)?;
+        let [s0, s1, s2, s3, s4, s5, s6, s7, _, _, p0, p1, r0, r1, r2, r3] = block;
+        return Some((
+            u16::from_ne_bytes([p0, p1]),
+            u64::from_ne_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            i32::from_ne_bytes([r0, r1, r2, r3]),
+        ));
+    }
+    Some((
+        read_tp(ctx, layout.protocol)?,
+        read_tp(ctx, layout.sk)?,
+        read_tp(ctx, layout.ret)?,
+    ))
+}
+
+fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
+    let (protocol, sk, ret) = read_length_fields(ctx)?;
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let sk: u64 = read_tp(ctx, layout.sk)?;
-    let ret: i32 = read_tp(ctx, layout.ret)?;
     let now = unsafe { bpf_ktime_get_ns() };
 
     let state_ptr = match SOCKETS.get_ptr_mut(sk) {
@@ -684,15 +702,14 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: this CPU's scratch slot; nothing else runs on this CPU during this program.
     let event = unsafe { &mut (*scratch).event };
     let data = event.data.as_mut_ptr();
-    let captured = match io_syscall::KIND.get(inflight.syscall as usize) {
-        Some(&io_syscall::KIND_BUFFER) => copy_user(data, 0, inflight.buffer, want),
-        Some(&io_syscall::KIND_IOVEC) => copy_iovecs(data, inflight.buffer, u64::MAX, want),
-        Some(&io_syscall::KIND_MSGHDR) => {
+    let captured = match io_syscall::kind(inflight.syscall as usize) {
+        io_syscall::KIND_BUFFER => copy_user(data, 0, inflight.buffer, want),
+        io_syscall::KIND_IOVEC => copy_iovecs(data, inflight.buffer, u64::MAX, want),
+        io_syscall::KIND_MSGHDR => {
             // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
-            let iov: u64 =
-                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const u64) }.unwrap_or(0);
-            let iovlen: u64 =
-                unsafe { bpf_probe_read_user((inflight.buffer + 24) as *const u64) }.unwrap_or(0);
+            let [iov, iovlen] =
+                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const [u64; 2]) }
+                    .unwrap_or([0, 0]);
             copy_iovecs(data, iov, iovlen, want)
         }
         _ => 0,
@@ -774,9 +791,12 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
         if i as u64 >= iovlen || captured >= want || iov == 0 {
             break;
         }
-        let entry = iov + (i as u64) * 16;
-        let base: u64 = unsafe { bpf_probe_read_user(entry as *const u64) }.unwrap_or(0);
-        let len: u64 = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.unwrap_or(0);
+        // struct iovec { void *iov_base; size_t iov_len; }, read whole.
+        let Ok([base, len]) =
+            (unsafe { bpf_probe_read_user((iov + (i as u64) * 16) as *const [u64; 2]) })
+        else {
+            break;
+        };
         let n = core::cmp::min(len, want - captured);
         let copied = copy_user(data, captured, base, n);
         captured += copied;
