@@ -286,6 +286,7 @@ pub struct PayloadEvent {
 
 /// Bytes of [`PayloadEvent`] before `data`: the smallest valid payload record.
 pub const PAYLOAD_HEADER_LEN: usize = 48;
+const _: () = assert!(core::mem::offset_of!(PayloadEvent, data) == PAYLOAD_HEADER_LEN);
 
 /// Event kinds in [`SockEvent::kind`].
 pub mod event_kind {

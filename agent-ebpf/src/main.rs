@@ -784,19 +784,35 @@ fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     }
 }
 
+/// Copies up to `want` bytes from the first `iovlen` (at most MAX_IOVECS) entries of a user
+/// iovec array; returns the bytes copied.
 #[inline(always)]
 fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
+    if iov == 0 || iovlen == 0 {
+        return 0;
+    }
+    // struct iovec { void *iov_base; size_t iov_len; }: every entry needed in one read.
+    let count = core::cmp::min(iovlen, MAX_IOVECS as u64) as u32;
+    let size = count * 16;
+    if size == 0 || size > (MAX_IOVECS * 16) as u32 {
+        return 0;
+    }
+    let mut entries = [[0u64; 2]; MAX_IOVECS];
+    let status = unsafe {
+        probe_read_user_raw(
+            entries.as_mut_ptr().cast(),
+            size,
+            iov as *const core::ffi::c_void,
+        )
+    };
+    if status != 0 {
+        return 0;
+    }
     let mut captured: u64 = 0;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= iovlen || captured >= want || iov == 0 {
+    for (i, [base, len]) in entries.iter().copied().enumerate() {
+        if i as u32 >= count || captured >= want {
             break;
         }
-        // struct iovec { void *iov_base; size_t iov_len; }, read whole.
-        let Ok([base, len]) =
-            (unsafe { bpf_probe_read_user((iov + (i as u64) * 16) as *const [u64; 2]) })
-        else {
-            break;
-        };
         let n = core::cmp::min(len, want - captured);
         let copied = copy_user(data, captured, base, n);
         captured += copied;

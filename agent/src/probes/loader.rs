@@ -473,3 +473,55 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(services: &str) -> Config {
+        Config::parse(services, "test").expect("test config parses")
+    }
+
+    #[test]
+    fn watched_port_bits_mark_every_service_and_its_capture_switch() {
+        let config = config(
+            "[[services]]\nname = \"a\"\nport = 11211\nprotocol = \"memcache\"\ncapture = true\n\
+             [[services]]\nname = \"b\"\nport = 11212\nprotocol = \"memcache\"\ncapture = false\n",
+        );
+        assert_eq!(
+            watched_port_bits(&config),
+            vec![
+                (11211, watch::WATCHED | watch::CAPTURE),
+                (11212, watch::WATCHED)
+            ]
+        );
+    }
+
+    #[test]
+    fn capture_programs_are_recognised_by_syscall_name() {
+        assert_eq!(io_syscall_index("sys_enter_read"), Some(io_syscall::READ));
+        assert_eq!(
+            io_syscall_index("sys_exit_sendmsg"),
+            Some(io_syscall::SENDMSG)
+        );
+        assert_eq!(io_syscall_index("sys_exit_openat"), None);
+    }
+
+    #[test]
+    fn syscall_kinds_match_their_buffer_arguments() {
+        for (index, arg) in io_syscall::BUFFER_ARG.iter().enumerate() {
+            let expected = match *arg {
+                "vec" => io_syscall::KIND_IOVEC,
+                "msg" => io_syscall::KIND_MSGHDR,
+                _ => io_syscall::KIND_BUFFER,
+            };
+            assert_eq!(
+                io_syscall::kind(index),
+                expected,
+                "{}",
+                io_syscall::NAMES[index]
+            );
+            assert_eq!(io_syscall::KIND[index], expected);
+        }
+    }
+}
