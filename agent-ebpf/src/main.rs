@@ -7,21 +7,18 @@
 
 use agent_common::{
     counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state, tcp_trouble, watch,
-    Inflight, PayloadEvent, ProbeOffsets, ServiceIndex, SockEvent, SockState, TupleLayout, AF_INET,
-    AF_INET6, CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN,
+    Inflight, PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET, AF_INET6,
+    CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
 };
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
-        generated::{
-            bpf_probe_read_kernel as probe_read_kernel_raw,
-            bpf_probe_read_user as probe_read_user_raw,
-        },
+        generated::{bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output},
     },
     macros::{classifier, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, TracePointContext},
 };
 
@@ -30,8 +27,11 @@ use aya_ebpf::{
 static OFFSETS: ProbeOffsets = ProbeOffsets::UNKNOWN;
 
 // Sizes are defaults; the agent resizes them from its config before loading.
+
+/// [`watch`] bits by port. An array, because its lookup is inlined into a bounds check and a
+/// load: the SYN counter and the send/receive probes consult it for every packet or send.
 #[map]
-static WATCHED_PORTS: HashMap<u16, ServiceIndex> = HashMap::with_max_entries(64, 0);
+static WATCHED_PORTS: Array<u8> = Array::with_max_entries(watch::PORTS, 0);
 
 #[map]
 static SOCKETS: HashMap<u64, SockState> = HashMap::with_max_entries(65536, 0);
@@ -53,14 +53,23 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
 /// Read/write syscalls in flight, by thread id: the user buffer from sys_enter, the socket from
-/// sock_*_length, the byte count from sys_exit.
+/// sock_*_length, the byte count from sys_exit. Entries are reused in place (sys_exit clears
+/// `buffer` instead of deleting), which saves a hash insert and delete per syscall; LRU so the
+/// entries of threads that have exited make room for new ones.
 #[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(16384, 0);
+static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-CPU staging area twice the capture size: the verifier bounds a copy's offset and length
-/// separately, so both must fit independently before the fixed-size copy into the ring record.
+/// Per-CPU staging area for one payload record: the header, then twice the capture size of
+/// data, because the verifier bounds a copy's offset and length separately (both must fit
+/// independently). The record goes to the ring with a bounded variable length.
+#[repr(C)]
+struct PayloadScratch {
+    event: PayloadEvent,
+    slack: [u8; CAPTURE_MAX],
+}
+
 #[map]
-static SCRATCH: PerCpuArray<[u8; CAPTURE_MAX * 2]> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<PayloadScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Processes known to use watched sockets with capture on: only their syscalls are followed.
 #[map]
@@ -69,6 +78,14 @@ static CAPTURE_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0
 /// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
 #[no_mangle]
 static CAPTURE_LEN: u32 = 0;
+
+/// Unread bytes in EVENTS / PAYLOADS past which a record wakes the reader (set by the agent from
+/// the ring sizes). Below it records are submitted silently and the agent drains on a timer:
+/// one wake-up per batch instead of one per record.
+#[no_mangle]
+static EVENTS_WAKEUP_BYTES: u64 = 1 << 18;
+#[no_mangle]
+static PAYLOADS_WAKEUP_BYTES: u64 = 1 << 20;
 
 /// SYN segments (without ACK) seen arriving, by destination port.
 #[map]
@@ -107,20 +124,45 @@ fn read_sk<T>(sk: u64, offset: u16) -> Option<T> {
 }
 
 #[inline(always)]
+fn watch_bits(port: u16) -> u8 {
+    WATCHED_PORTS.get(port as u32).copied().unwrap_or(0)
+}
+
+#[inline(always)]
 fn is_watched(port: u16) -> bool {
-    unsafe { WATCHED_PORTS.get(port) }.is_some()
+    watch_bits(port) & watch::WATCHED != 0
 }
 
 #[inline(always)]
 fn capture_flags(local_port: u16, remote_port: u16) -> u64 {
-    let value = unsafe {
-        WATCHED_PORTS
-            .get(local_port)
-            .or_else(|| WATCHED_PORTS.get(remote_port))
+    // The service is whichever port is watched, the local one first (as a server).
+    let bits = match watch_bits(local_port) {
+        0 => watch_bits(remote_port),
+        bits => bits,
     };
-    match value {
-        Some(value) if value & watch::CAPTURE != 0 => sock_flags::CAPTURE,
-        _ => 0,
+    if bits & watch::CAPTURE != 0 {
+        sock_flags::CAPTURE
+    } else {
+        0
+    }
+}
+
+/// Ring space a record of `len` bytes takes: an 8-byte header, rounded up to 8.
+const fn ring_footprint(len: u64) -> u64 {
+    (len + 8 + 7) & !7
+}
+
+/// Submit flags for a record of `len` bytes when `unread_before` bytes were waiting: wake the
+/// reader only when this record takes the unread data across `threshold`. Crossing, not
+/// "above": a reader that is already behind is busy reading, and forcing a wake-up (an
+/// irq_work, a self-IPI under virtualisation) for every further record would cost the most
+/// exactly when the machine is saturated. A crossing the reader misses is caught by its timer.
+#[inline(always)]
+fn wakeup_flags(unread_before: u64, len: u64, threshold: u64) -> u64 {
+    if unread_before < threshold && unread_before + ring_footprint(len) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }
 
@@ -151,7 +193,13 @@ fn emit(fill: impl FnOnce(&mut SockEvent)) {
                 }
                 fill(event);
             }
-            entry.submit(0);
+            let threshold = unsafe { core::ptr::read_volatile(&EVENTS_WAKEUP_BYTES) };
+            let len = core::mem::size_of::<SockEvent>() as u64;
+            // The reservation already counts as unread.
+            let unread = EVENTS
+                .query(BPF_RB_AVAIL_DATA as u64)
+                .saturating_sub(ring_footprint(len));
+            entry.submit(wakeup_flags(unread, len, threshold));
         }
         None => bump(counter::RINGBUF_FULL),
     }
@@ -299,31 +347,54 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
+/// The fields of sock_send_length / sock_recv_length this program needs: (protocol, sk, ret).
+#[inline(always)]
+fn read_length_fields(ctx: &TracePointContext) -> Option<(u16, u64, i32)> {
     let layout = &offsets().length;
-    let protocol: u16 = read_tp(ctx, layout.protocol)?;
+    if layout.protocol == layout.sk + 10 && layout.ret == layout.sk + 12 {
+        // The layout of every kernel so far (sk, family, protocol, ret): one read, not three.
+        let block: [u8; 16] = read_tp(ctx, layout.sk)?;
+        let [s0, s1, s2, s3, s4, s5, s6, s7, _, _, p0, p1, r0, r1, r2, r3] = block;
+        return Some((
+            u16::from_ne_bytes([p0, p1]),
+            u64::from_ne_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            i32::from_ne_bytes([r0, r1, r2, r3]),
+        ));
+    }
+    Some((
+        read_tp(ctx, layout.protocol)?,
+        read_tp(ctx, layout.sk)?,
+        read_tp(ctx, layout.ret)?,
+    ))
+}
+
+fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
+    let (protocol, sk, ret) = read_length_fields(ctx)?;
     if protocol != IPPROTO_TCP {
         return None;
     }
-    let sk: u64 = read_tp(ctx, layout.sk)?;
-    let ret: i32 = read_tp(ctx, layout.ret)?;
     let now = unsafe { bpf_ktime_get_ns() };
 
     let state_ptr = match SOCKETS.get_ptr_mut(sk) {
         Some(ptr) => ptr,
         None => {
+            // Not tracked: most sends on a busy host are on unwatched sockets, so their ports
+            // are checked first (two inlined array lookups) before any other map is touched.
+            let ports = read_sock_ports(sk)?;
+            if !is_watched(ports.local) && !is_watched(ports.remote) {
+                return None;
+            }
             if let Some(closed) = unsafe { CLOSED_SOCKETS.get(sk) } {
-                // The address may already belong to a new, unwatched socket (those never pass
-                // through our set_state filter to clear the entry): only a socket that is still
-                // closed and still on a watched port is the one we remember.
-                if closed.peer_closed_ns != 0 && is_same_closed_socket(sk) {
+                // The address may already belong to a new socket: only a socket that is still
+                // closed is the one we remember.
+                if closed.peer_closed_ns != 0 && is_closed(sk) {
                     let snapshot = *closed;
                     mark_inflight(sk, snapshot.flags);
                     emit_after_peer_close(sk, ret, is_send, &snapshot);
                     return Some(());
                 }
             }
-            return learn(sk, ret, is_send, now);
+            return learn(sk, &ports, ret, is_send, now);
         }
     };
     // SAFETY: pointer into a map value that stays valid for this program run. Concurrent
@@ -345,29 +416,43 @@ fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
     Some(())
 }
 
+/// A socket's ports, host order, read from `struct sock_common`.
+struct SockPorts {
+    local: u16,
+    remote: u16,
+}
+
 #[inline(always)]
-fn is_same_closed_socket(sk: u64) -> bool {
+fn read_sock_ports(sk: u64) -> Option<SockPorts> {
     let layout = &offsets().sock_common;
-    let Some(state) = read_sk::<u8>(sk, layout.state) else {
-        return false;
-    };
-    let (Some(local_port), Some(remote_port)) = (
-        read_sk::<u16>(sk, layout.num),
-        read_sk::<u16>(sk, layout.dport),
-    ) else {
-        return false;
-    };
-    state == tcp_state::CLOSE && (is_watched(local_port) || is_watched(u16::from_be(remote_port)))
+    if layout.num == layout.dport + 2 {
+        // skc_dport and skc_num share the 32-bit skc_portpair: one read instead of two.
+        let pair: [u8; 4] = read_sk(sk, layout.dport)?;
+        return Some(SockPorts {
+            local: u16::from_ne_bytes([pair[2], pair[3]]),
+            remote: u16::from_be_bytes([pair[0], pair[1]]),
+        });
+    }
+    Some(SockPorts {
+        local: read_sk(sk, layout.num)?,
+        remote: u16::from_be(read_sk::<u16>(sk, layout.dport)?),
+    })
+}
+
+#[inline(always)]
+fn is_closed(sk: u64) -> bool {
+    read_sk::<u8>(sk, offsets().sock_common.state) == Some(tcp_state::CLOSE)
 }
 
 /// Tells this thread's in-flight syscall (if followed) which watched socket it moved bytes on.
 #[inline(always)]
 fn mark_inflight(sk: u64, flags: u64) {
     if flags & sock_flags::CAPTURE != 0 {
-        note_capture_pid(flags);
         let tid = bpf_get_current_pid_tgid();
-        if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
-            unsafe { (*inflight).sk = sk };
+        match INFLIGHT.get_ptr_mut(tid) {
+            // An entry means sys_enter already found the process in CAPTURE_PIDS.
+            Some(inflight) => unsafe { (*inflight).sk = sk },
+            None => note_capture_pid(flags),
         }
     }
 }
@@ -388,13 +473,10 @@ fn emit_after_peer_close(sk: u64, ret: i32, is_send: bool, snapshot: &SockState)
 
 /// Adopts a watched socket opened before the agent started, from its first send or receive.
 /// Reads `struct sock_common` at offsets found in kernel BTF.
-fn learn(sk: u64, ret: i32, is_send: bool, now: u64) -> Option<()> {
+fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u64) -> Option<()> {
     let layout = &offsets().sock_common;
-    let local_port: u16 = read_sk(sk, layout.num)?;
-    let remote_port = u16::from_be(read_sk::<u16>(sk, layout.dport)?);
-    if !is_watched(local_port) && !is_watched(remote_port) {
-        return None;
-    }
+    let local_port = ports.local;
+    let remote_port = ports.remote;
     let tcp_state_now: u8 = read_sk(sk, layout.state)?;
     if tcp_state_now == tcp_state::LISTEN || tcp_state_now == tcp_state::CLOSE {
         return None;
@@ -551,9 +633,7 @@ pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
-    if unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } == 0 {
-        return 0;
-    }
+    // Only processes known to use watched sockets with capture on get past this one lookup.
     let pid_tgid = bpf_get_current_pid_tgid();
     if unsafe { CAPTURE_PIDS.get((pid_tgid >> 32) as u32) }.is_none() {
         return 0;
@@ -564,15 +644,26 @@ fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
     let Some(buffer) = read_tp::<u64>(ctx, offset) else {
         return 0;
     };
-    let inflight = Inflight {
-        buffer,
-        sk: 0,
-        syscall: syscall as u8,
-        is_send: (syscall % 2) as u8,
-        _pad: [0; 6],
-    };
-    if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-        bump(counter::INFLIGHT_MAP_FULL);
+    match INFLIGHT.get_ptr_mut(pid_tgid) {
+        // The thread's entry from its previous syscall: overwrite it in place.
+        Some(inflight) => unsafe {
+            (*inflight).buffer = buffer;
+            (*inflight).sk = 0;
+            (*inflight).syscall = syscall as u8;
+            (*inflight).is_send = (syscall % 2) as u8;
+        },
+        None => {
+            let inflight = Inflight {
+                buffer,
+                sk: 0,
+                syscall: syscall as u8,
+                is_send: (syscall % 2) as u8,
+                _pad: [0; 6],
+            };
+            if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
+                bump(counter::INFLIGHT_MAP_FULL);
+            }
+        }
     }
     0
 }
@@ -582,12 +673,18 @@ const MAX_IOVECS: usize = 8;
 #[inline(always)]
 fn io_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(inflight) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+    let Some(slot) = INFLIGHT.get_ptr_mut(pid_tgid) else {
         return 0;
     };
-    let _ = INFLIGHT.remove(pid_tgid);
-    if inflight.sk == 0 {
+    // SAFETY: a pointer into a map value, valid for this run; only this thread writes its entry.
+    let inflight = unsafe { *slot };
+    if inflight.sk == 0 || inflight.buffer == 0 {
         return 0;
+    }
+    // Consumed: the entry stays for the thread's next syscall.
+    unsafe {
+        (*slot).sk = 0;
+        (*slot).buffer = 0;
     }
     let Some(ret) = read_tp::<i64>(ctx, offsets().sys_exit_ret) else {
         return 0;
@@ -599,56 +696,62 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
         ret as u64,
         unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } as u64,
     );
-    let Some(mut entry) = PAYLOADS.reserve::<PayloadEvent>(0) else {
-        bump(counter::PAYLOAD_RINGBUF_FULL);
-        return 0;
-    };
-    // SAFETY: the reservation is sizeof(PayloadEvent); the header is written field by field and
-    // only `captured_len` bytes of data are read by user space.
-    let event = unsafe { &mut *entry.as_mut_ptr() };
-    event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.sk = inflight.sk;
-    event.total_len = ret as u64;
-    event.pid = (pid_tgid >> 32) as u32;
-    event.is_send = inflight.is_send;
-    event.syscall = inflight.syscall;
-    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        entry.discard(0);
         return 0;
     };
-    let data = scratch.cast::<u8>();
-    let captured = match io_syscall::KIND.get(inflight.syscall as usize) {
-        Some(&io_syscall::KIND_BUFFER) => copy_user(data, 0, inflight.buffer, want),
-        Some(&io_syscall::KIND_IOVEC) => copy_iovecs(data, inflight.buffer, u64::MAX, want),
-        Some(&io_syscall::KIND_MSGHDR) => {
+    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU during this program.
+    let event = unsafe { &mut (*scratch).event };
+    let data = event.data.as_mut_ptr();
+    let captured = match io_syscall::kind(inflight.syscall as usize) {
+        io_syscall::KIND_BUFFER => copy_user(data, 0, inflight.buffer, want),
+        io_syscall::KIND_IOVEC => copy_iovecs(data, inflight.buffer, u64::MAX, want),
+        io_syscall::KIND_MSGHDR => {
             // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
-            let iov: u64 =
-                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const u64) }.unwrap_or(0);
-            let iovlen: u64 =
-                unsafe { bpf_probe_read_user((inflight.buffer + 24) as *const u64) }.unwrap_or(0);
+            let [iov, iovlen] =
+                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const [u64; 2]) }
+                    .unwrap_or([0, 0]);
             copy_iovecs(data, iov, iovlen, want)
         }
         _ => 0,
     };
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.sk = inflight.sk;
+    event.total_len = ret as u64;
+    event.pid = (pid_tgid >> 32) as u32;
     event.captured_len = captured as u16;
-    // SAFETY: both regions are CAPTURE_MAX bytes or larger; a constant size satisfies the verifier.
-    unsafe {
-        probe_read_kernel_raw(
-            event.data.as_mut_ptr().cast(),
-            CAPTURE_MAX as u32,
-            data as *const core::ffi::c_void,
-        );
+    event.is_send = inflight.is_send;
+    event.syscall = inflight.syscall;
+    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // Only the header and the bytes captured go to the ring. The mask is a no-op (captured is at
+    // most CAPTURE_MAX) that lets the verifier bound the length.
+    let len = (PAYLOAD_HEADER_LEN as u64 + captured) & (2 * CAPTURE_MAX as u64 - 1);
+    if len < PAYLOAD_HEADER_LEN as u64 {
+        return 0;
     }
-    entry.submit(0);
+    let threshold = unsafe { core::ptr::read_volatile(&PAYLOADS_WAKEUP_BYTES) };
+    let unread = PAYLOADS.query(BPF_RB_AVAIL_DATA as u64);
+    // SAFETY: `len` bytes from the start of the scratch slot lie inside it (header plus at most
+    // CAPTURE_MAX of data, in a slot with 2 * CAPTURE_MAX of data room).
+    let status = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(PAYLOADS) as *mut core::ffi::c_void,
+            scratch.cast(),
+            len,
+            wakeup_flags(unread, len, threshold),
+        )
+    };
+    if status != 0 {
+        bump(counter::PAYLOAD_RINGBUF_FULL);
+    }
     0
 }
 
 /// Copies up to `len` user bytes to `data[offset..]`; returns the bytes copied.
 ///
 /// Older verifiers (6.1) bound an access by the offset's and the length's ranges separately and
-/// learn nothing from comparing the two, so each must fit on its own: the length is masked below
-/// CAPTURE_MAX, and the one full-size copy (only possible at offset 0) uses a constant size.
+/// learn nothing from comparing the two, so each must fit on its own: both are masked below
+/// CAPTURE_MAX (the destination has 2 * CAPTURE_MAX of room), and the one full-size copy (only
+/// possible at offset 0) uses a constant size.
 #[inline(always)]
 fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     let offset = offset as usize & (CAPTURE_MAX - 1);
@@ -681,16 +784,35 @@ fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
     }
 }
 
+/// Copies up to `want` bytes from the first `iovlen` (at most MAX_IOVECS) entries of a user
+/// iovec array; returns the bytes copied.
 #[inline(always)]
 fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
+    if iov == 0 || iovlen == 0 {
+        return 0;
+    }
+    // struct iovec { void *iov_base; size_t iov_len; }: every entry needed in one read.
+    let count = core::cmp::min(iovlen, MAX_IOVECS as u64) as u32;
+    let size = count * 16;
+    if size == 0 || size > (MAX_IOVECS * 16) as u32 {
+        return 0;
+    }
+    let mut entries = [[0u64; 2]; MAX_IOVECS];
+    let status = unsafe {
+        probe_read_user_raw(
+            entries.as_mut_ptr().cast(),
+            size,
+            iov as *const core::ffi::c_void,
+        )
+    };
+    if status != 0 {
+        return 0;
+    }
     let mut captured: u64 = 0;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= iovlen || captured >= want || iov == 0 {
+    for (i, [base, len]) in entries.iter().copied().enumerate() {
+        if i as u32 >= count || captured >= want {
             break;
         }
-        let entry = iov + (i as u64) * 16;
-        let base: u64 = unsafe { bpf_probe_read_user(entry as *const u64) }.unwrap_or(0);
-        let len: u64 = unsafe { bpf_probe_read_user((entry + 8) as *const u64) }.unwrap_or(0);
         let n = core::cmp::min(len, want - captured);
         let copied = copy_user(data, captured, base, n);
         captured += copied;
@@ -743,6 +865,48 @@ pub fn count_syn_in(ctx: TcContext) -> i32 {
 }
 
 fn try_count_syn(ctx: &TcContext) -> Option<()> {
+    // Runs for every packet on every interface, so the common case (not a SYN) must cost a
+    // handful of loads: headers are read straight from the packet, without helper calls.
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN + 20 > end {
+        return try_count_syn_slow(ctx);
+    }
+    // SAFETY: every load below is inside [data, end), as checked just before it.
+    let ethertype = unsafe { *((data + 12) as *const u16) };
+    let tcp = if ethertype == ETH_P_IP.to_be() {
+        let version_ihl = unsafe { *((data + ETH_HLEN) as *const u8) };
+        let protocol = unsafe { *((data + ETH_HLEN + 9) as *const u8) };
+        if protocol != IPPROTO_TCP as u8 {
+            return None;
+        }
+        data + ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4
+    } else if ethertype == ETH_P_IPV6.to_be() {
+        if data + ETH_HLEN + 40 > end {
+            return try_count_syn_slow(ctx);
+        }
+        let next_header = unsafe { *((data + ETH_HLEN + 6) as *const u8) };
+        if next_header != IPPROTO_TCP as u8 {
+            return None;
+        }
+        data + ETH_HLEN + 40
+    } else {
+        return None;
+    };
+    if tcp + 14 > end {
+        return try_count_syn_slow(ctx);
+    }
+    let flags = unsafe { *((tcp + 13) as *const u8) };
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return None;
+    }
+    let dport = u16::from_be(unsafe { *((tcp + 2) as *const u16) });
+    count_syn(dport)
+}
+
+/// Headers not in the packet's linear part: read them through the helper.
+#[inline(always)]
+fn try_count_syn_slow(ctx: &TcContext) -> Option<()> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
     let tcp_offset = if ethertype == ETH_P_IP {
         let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
@@ -764,7 +928,11 @@ fn try_count_syn(ctx: &TcContext) -> Option<()> {
     if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return None;
     }
-    let dport = u16::from_be(ctx.load::<u16>(tcp_offset + 2).ok()?);
+    count_syn(u16::from_be(ctx.load::<u16>(tcp_offset + 2).ok()?))
+}
+
+#[inline(always)]
+fn count_syn(dport: u16) -> Option<()> {
     if !is_watched(dport) {
         return None;
     }

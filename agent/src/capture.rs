@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use agent_common::{PayloadEvent, CAPTURE_MAX, COMM_LEN};
+use agent_common::{CAPTURE_MAX, COMM_LEN};
 
 use crate::{
     events::Role,
@@ -29,13 +29,13 @@ pub struct PayloadView<'a> {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
-    #[error("payload record of {0} bytes, expected {expected}", expected = std::mem::size_of::<PayloadEvent>())]
+    #[error("payload record of {0} bytes, shorter than its header or its captured length")]
     Size(usize),
     #[error("payload record claims {0} captured bytes")]
     CapturedLen(u16),
 }
 
-const HEADER: usize = 48;
+const HEADER: usize = agent_common::PAYLOAD_HEADER_LEN;
 
 /// The timestamp of a payload record, for ordering it among socket events.
 pub fn payload_ts(bytes: &[u8]) -> Option<u64> {
@@ -44,7 +44,8 @@ pub fn payload_ts(bytes: &[u8]) -> Option<u64> {
 
 /// Parses a ring-buffer payload record without copying its data.
 pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
-    if bytes.len() != std::mem::size_of::<PayloadEvent>() {
+    // Records are variable length: the header, then `captured_len` bytes.
+    if bytes.len() < HEADER {
         return Err(PayloadError::Size(bytes.len()));
     }
     let u64_at =
@@ -52,6 +53,9 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
     let captured_len = u16::from_ne_bytes([bytes[28], bytes[29]]);
     if captured_len as usize > CAPTURE_MAX {
         return Err(PayloadError::CapturedLen(captured_len));
+    }
+    if bytes.len() < HEADER + captured_len as usize {
+        return Err(PayloadError::Size(bytes.len()));
     }
     let total_len = u64_at(16);
     let data_len = (captured_len as u64).min(total_len) as usize;
@@ -257,6 +261,7 @@ pub fn sniff_command(data: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::memcache::Status;
+    use agent_common::PayloadEvent;
 
     fn endpoint(role: Role) -> Endpoint {
         Endpoint {
@@ -267,7 +272,7 @@ mod tests {
     }
 
     fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
-        let mut bytes = vec![0u8; std::mem::size_of::<PayloadEvent>()];
+        let mut bytes = vec![0u8; HEADER + data.len()];
         bytes[0..8].copy_from_slice(&ts.to_ne_bytes());
         bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
         bytes[16..24].copy_from_slice(&total.to_ne_bytes());
@@ -394,6 +399,17 @@ mod tests {
         // Captured length beyond the transferred length is clamped.
         let bytes = record(1, 1, true, b"abc", 2);
         assert_eq!(parse_payload(&bytes).unwrap().data, b"ab");
+        // A record cut short of its captured length (the kernel never writes one).
+        let mut bytes = record(1, 1, true, b"abcd", 4);
+        bytes.truncate(HEADER + 2);
+        assert_eq!(
+            parse_payload(&bytes).unwrap_err(),
+            PayloadError::Size(HEADER + 2)
+        );
+        // A record of the full maximal size is still accepted.
+        let mut bytes = record(1, 1, true, b"xy", 2);
+        bytes.resize(std::mem::size_of::<PayloadEvent>(), 0);
+        assert_eq!(parse_payload(&bytes).unwrap().data, b"xy");
     }
 
     #[test]

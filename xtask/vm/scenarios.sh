@@ -368,7 +368,14 @@ scenario_dead_write() {
 
 # --- e. memcache decoding: a scripted conversation, counted exactly per command and status ------
 scenario_decode() {
-  # Earlier scenarios sent requests too: count this conversation as the difference.
+  # Earlier scenarios sent requests too: count this conversation as the difference. The dead
+  # write's set (scenario c) never gets an answer; it finishes as unanswered or timeout some
+  # seconds later (request timeout, or its socket's address reused by a new connection), which
+  # must not land inside the difference: wait for it first (client sets: idle 1, dead-write 2).
+  if ! lacks $SEND; then
+    wait_for 10 "$WORK/decode-settle.prom" cacheprobe_memcache_requests_total 3 role=client command=set ||
+      echo "decode: the dead write's set did not finish within 10 s" >&2
+  fi
   f0=$WORK/decode-before.prom
   scrape "$f0"
   nc 127.0.0.1 "$MEMCACHED_PORT" -e "$WORK/client-decode"

@@ -305,6 +305,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel wakes us only when a ring passes its threshold (one wake-up per batch, not per
+    // record); this timer reads whatever arrived more slowly, so no record waits longer.
+    let mut drain = tokio::time::interval(Duration::from_millis(
+        agent_common::wakeup::DRAIN_INTERVAL_MS,
+    ));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -316,6 +322,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut guard = guard?;
                 pump(&mut pipeline, ring.get_mut(), guard.get_inner_mut());
                 guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                pump(&mut pipeline, ring.get_mut(), payload_ring.get_mut());
             }
             Some(pids) = pids_rx.recv() => {
                 if let Err(err) = probes.add_capture_pids(pids) {

@@ -4,17 +4,20 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{
-    counter, io_syscall, watch, ProbeOffsets, ServiceIndex, TupleLayout, OFFSET_UNKNOWN,
-};
+use agent_common::{counter, io_syscall, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{tc, SchedClassifier, TcAttachType, TracePoint},
     Ebpf, EbpfLoader,
 };
 
 use crate::config::Config;
+
+/// Size of the payload ring (the kernel object's default; not configurable yet). At the default
+/// capture length a memcache request/response pair takes about 900 bytes of it, so 16 MiB holds
+/// some 18,000 operations: ~180 ms of a reader stall at 100k ops/s.
+const PAYLOAD_RING_BYTES: u64 = 1 << 24;
 
 /// The kernel object built by agent/build.rs, embedded so the binary is self-contained.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cacheprobe"));
@@ -161,6 +164,8 @@ pub struct Probes {
     events: Option<RingBuf<MapData>>,
     payloads: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    /// Ports currently marked in WATCHED_PORTS, to unmark on reload.
+    watched_ports: Vec<u16>,
 }
 
 impl Probes {
@@ -170,9 +175,19 @@ impl Probes {
         } else {
             0
         };
+        // Socket events are 136-byte records (144 with the ring header), so the default 4 MiB
+        // ring holds ~29,000: about 6 s of a 100k-connection burst at the ~5,000 connections/s
+        // loopback manages (~5 events each). A bigger ring only buys time if the reader keeps up
+        // on average, and its data pages count twice in the agent's RSS (they are mapped twice),
+        // so the default stays and `limits.ring_buffer_bytes` raises it.
+        let events_wakeup_bytes =
+            u64::from(config.limits.ring_buffer_bytes) >> wakeup::THRESHOLD_SHIFT;
+        let payloads_wakeup_bytes = PAYLOAD_RING_BYTES >> wakeup::THRESHOLD_SHIFT;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("CAPTURE_LEN", &capture_len, true)
+            .override_global("EVENTS_WAKEUP_BYTES", &events_wakeup_bytes, true)
+            .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
             .map_max_entries("INFLIGHT", config.limits.max_inflight_syscalls)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
             .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
@@ -229,6 +244,7 @@ impl Probes {
             events: Some(events),
             payloads: Some(payloads),
             counters,
+            watched_ports: Vec::new(),
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
@@ -250,26 +266,23 @@ impl Probes {
 
     /// Replaces the watched-port set (used at start and on config reload).
     pub fn set_watched_ports(&mut self, config: &Config) -> anyhow::Result<()> {
-        let mut ports: BpfHashMap<_, u16, ServiceIndex> = BpfHashMap::try_from(
+        let mut ports: Array<_, u8> = Array::try_from(
             self.ebpf
                 .map_mut("WATCHED_PORTS")
                 .context("kernel object has no WATCHED_PORTS map")?,
         )?;
-        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
-        for port in stale {
-            if config.service_for_port(port).is_none() {
-                ports.remove(&port)?;
+        let wanted = watched_port_bits(config);
+        for &port in &self.watched_ports {
+            if !wanted.iter().any(|&(p, _)| p == port) {
+                ports.set(u32::from(port), 0, 0)?;
             }
         }
-        for (index, service) in config.services.iter().enumerate() {
-            let mut value = index as ServiceIndex & watch::SERVICE_MASK;
-            if service.capture {
-                value |= watch::CAPTURE;
-            }
+        for &(port, bits) in &wanted {
             ports
-                .insert(service.port, value, 0)
-                .with_context(|| format!("cannot watch port {}", service.port))?;
+                .set(u32::from(port), bits, 0)
+                .with_context(|| format!("cannot watch port {port}"))?;
         }
+        self.watched_ports = wanted.into_iter().map(|(port, _)| port).collect();
         Ok(())
     }
 
@@ -324,6 +337,20 @@ impl Probes {
             ("inflight_map", sum(counter::INFLIGHT_MAP_FULL)?),
         ])
     }
+}
+
+/// The WATCHED_PORTS value for each configured port. Two services on one port (rejected by the
+/// config, but cheap to be safe about) capture if either does.
+fn watched_port_bits(config: &Config) -> Vec<(u16, u8)> {
+    let mut bits: Vec<(u16, u8)> = Vec::new();
+    for service in &config.services {
+        let value = watch::WATCHED | if service.capture { watch::CAPTURE } else { 0 };
+        match bits.iter_mut().find(|(port, _)| *port == service.port) {
+            Some((_, existing)) => *existing |= value,
+            None => bits.push((service.port, value)),
+        }
+    }
+    bits
 }
 
 fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
@@ -450,4 +477,56 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
             spec.category, spec.event
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(services: &str) -> Config {
+        Config::parse(services, "test").expect("test config parses")
+    }
+
+    #[test]
+    fn watched_port_bits_mark_every_service_and_its_capture_switch() {
+        let config = config(
+            "[[services]]\nname = \"a\"\nport = 11211\nprotocol = \"memcache\"\ncapture = true\n\
+             [[services]]\nname = \"b\"\nport = 11212\nprotocol = \"memcache\"\ncapture = false\n",
+        );
+        assert_eq!(
+            watched_port_bits(&config),
+            vec![
+                (11211, watch::WATCHED | watch::CAPTURE),
+                (11212, watch::WATCHED)
+            ]
+        );
+    }
+
+    #[test]
+    fn capture_programs_are_recognised_by_syscall_name() {
+        assert_eq!(io_syscall_index("sys_enter_read"), Some(io_syscall::READ));
+        assert_eq!(
+            io_syscall_index("sys_exit_sendmsg"),
+            Some(io_syscall::SENDMSG)
+        );
+        assert_eq!(io_syscall_index("sys_exit_openat"), None);
+    }
+
+    #[test]
+    fn syscall_kinds_match_their_buffer_arguments() {
+        for (index, arg) in io_syscall::BUFFER_ARG.iter().enumerate() {
+            let expected = match *arg {
+                "vec" => io_syscall::KIND_IOVEC,
+                "msg" => io_syscall::KIND_MSGHDR,
+                _ => io_syscall::KIND_BUFFER,
+            };
+            assert_eq!(
+                io_syscall::kind(index),
+                expected,
+                "{}",
+                io_syscall::NAMES[index]
+            );
+            assert_eq!(io_syscall::KIND[index], expected);
+        }
+    }
 }
