@@ -81,13 +81,13 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "sock_send_length",
         category: "sock",
         event: "sock_send_length",
-        impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen",
+        impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen; no payload capture, so no memcache decoding",
     },
     ProbeSpec {
         program: "sock_recv_length",
         category: "sock",
         event: "sock_recv_length",
-        impact: "no receive activity stamps; dead-socket write outcomes (eof/reset) not seen",
+        impact: "no receive activity stamps; dead-socket write outcomes (eof/reset) not seen; no payload capture, so no memcache decoding",
     },
     ProbeSpec {
         program: "tcp_retransmit_skb",
