@@ -2,7 +2,7 @@
 //! order, with the direction taken from the connection's role. Bounded in connections; a
 //! connection's decoder goes when the connection closes.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use agent_common::{PayloadEvent, CAPTURE_MAX, COMM_LEN};
 
@@ -134,31 +134,14 @@ impl Decoders {
             sent: payload.is_send,
             bytes: payload.total_len,
         });
-        if self
+        // Per payload: the usual case (a known stream) costs this one lookup and the next.
+        if !self
             .connections
             .get(&payload.sk)
-            .is_some_and(|state| state.endpoint != endpoint)
+            .is_some_and(|state| state.endpoint == endpoint)
+            && !self.open_stream(payload.sk, endpoint, queue_mode, out)
         {
-            // The address now belongs to another connection: never mix two byte streams.
-            self.on_close(payload.sk, out);
-        }
-        if !self.connections.contains_key(&payload.sk) {
-            if self.connections.len() >= self.max_connections {
-                self.dropped += 1;
-                return;
-            }
-            self.connections.insert(
-                payload.sk,
-                ConnectionState {
-                    endpoint,
-                    decoder: ConnectionDecoder::new(DecoderConfig {
-                        queue_mode,
-                        ..DecoderConfig::default()
-                    }),
-                    recent: [(0, None); RECENT_COMMANDS],
-                    next: 0,
-                },
-            );
+            return;
         }
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
@@ -183,6 +166,38 @@ impl Decoders {
             &mut self.scratch,
         );
         drain(&mut self.scratch, state.endpoint, out);
+    }
+
+    /// Starts decoding a stream on `sk`, ending any other stream that had the address; false
+    /// when the table is full.
+    fn open_stream(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        queue_mode: bool,
+        out: &mut Vec<MemcacheEvent>,
+    ) -> bool {
+        if self.connections.contains_key(&sk) {
+            // The address now belongs to another connection: never mix two byte streams.
+            self.on_close(sk, out);
+        }
+        if self.connections.len() >= self.max_connections {
+            self.dropped += 1;
+            return false;
+        }
+        self.connections.insert(
+            sk,
+            ConnectionState {
+                endpoint,
+                decoder: ConnectionDecoder::new(DecoderConfig {
+                    queue_mode,
+                    ..DecoderConfig::default()
+                }),
+                recent: [(0, None); RECENT_COMMANDS],
+                next: 0,
+            },
+        );
+        true
     }
 
     /// The command in the first send on `sk` at or after `ts_ns` (the send a dead write made).

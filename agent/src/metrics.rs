@@ -1,10 +1,9 @@
 //! The Prometheus registry and the mapping from observations to series. Metric names and labels
 //! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::atomic::AtomicU64,
-};
+use std::sync::atomic::AtomicU64;
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
