@@ -66,6 +66,30 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
     })
 }
 
+/// Builds a ring-buffer payload record as the kernel writes it (for tests and benches; the
+/// inverse of [`parse_payload`]). `data` beyond the record's capacity is cut.
+pub fn encode_payload_record(
+    ts_ns: u64,
+    sk: u64,
+    total_len: u64,
+    is_send: bool,
+    comm: &[u8],
+    data: &[u8],
+) -> Vec<u8> {
+    let mut bytes = vec![0u8; std::mem::size_of::<PayloadEvent>()];
+    let data = &data[..data.len().min(CAPTURE_MAX)];
+    let comm = &comm[..comm.len().min(COMM_LEN)];
+    bytes[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
+    bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
+    bytes[16..24].copy_from_slice(&total_len.to_ne_bytes());
+    bytes[24..28].copy_from_slice(&7u32.to_ne_bytes());
+    bytes[28..30].copy_from_slice(&(data.len() as u16).to_ne_bytes());
+    bytes[30] = is_send as u8;
+    bytes[32..32 + comm.len()].copy_from_slice(comm);
+    bytes[HEADER..HEADER + data.len()].copy_from_slice(data);
+    bytes
+}
+
 /// What decoding produced, tied to the connection's endpoint.
 // Boxing the request (its key is inline) would cost an allocation per decoded request.
 #[allow(clippy::large_enum_variant)]
@@ -282,16 +306,7 @@ mod tests {
     }
 
     fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
-        let mut bytes = vec![0u8; std::mem::size_of::<PayloadEvent>()];
-        bytes[0..8].copy_from_slice(&ts.to_ne_bytes());
-        bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
-        bytes[16..24].copy_from_slice(&total.to_ne_bytes());
-        bytes[24..28].copy_from_slice(&7u32.to_ne_bytes());
-        bytes[28..30].copy_from_slice(&(data.len() as u16).to_ne_bytes());
-        bytes[30] = is_send as u8;
-        bytes[32..39].copy_from_slice(b"python3");
-        bytes[HEADER..HEADER + data.len()].copy_from_slice(data);
-        bytes
+        encode_payload_record(ts, sk, total, is_send, b"python3", data)
     }
 
     #[test]

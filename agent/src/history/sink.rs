@@ -52,6 +52,7 @@ impl HistorySink {
 /// event time instead of two per event. Clock steps show up within a second.
 #[derive(Debug, Default)]
 struct MonotonicToUnix {
+    /// The event timestamp the offset was measured for (0: never).
     measured_at_ns: u64,
     unix_minus_monotonic_ns: i128,
 }
@@ -68,7 +69,9 @@ impl MonotonicToUnix {
                 .map_or(0, |d| d.as_nanos() as i128);
             let now_monotonic_ns = crate::clock::monotonic_ns();
             self.unix_minus_monotonic_ns = now_unix_ns - now_monotonic_ns as i128;
-            self.measured_at_ns = now_monotonic_ns.max(1);
+            // Anchored to event time, not to now: events are processed milliseconds after they
+            // happen, and a backlog (or a replay) must not re-measure on every event.
+            self.measured_at_ns = ts_ns;
         }
         let unix_ns = (ts_ns as i128 + self.unix_minus_monotonic_ns).max(0);
         (unix_ns / 1_000_000_000) as u64
