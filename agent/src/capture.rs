@@ -159,12 +159,11 @@ impl Decoders {
             bytes: payload.total_len,
         });
         // Per payload: the usual case (a known stream) costs this one lookup and the next.
-        if !self
+        let known = self
             .connections
             .get(&payload.sk)
-            .is_some_and(|state| state.endpoint == endpoint)
-            && !self.open_stream(payload.sk, endpoint, queue_mode, out)
-        {
+            .is_some_and(|state| state.endpoint == endpoint);
+        if !known && !self.open_stream(payload.sk, endpoint, queue_mode, out) {
             return;
         }
         let Some(state) = self.connections.get_mut(&payload.sk) else {

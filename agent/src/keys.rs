@@ -317,7 +317,7 @@ impl KeySampler {
         self.state ^= self.state << 13;
         self.state ^= self.state >> 7;
         self.state ^= self.state << 17;
-        if (self.state >> 32) % u64::from(every) == 0 {
+        if (self.state >> 32).is_multiple_of(u64::from(every)) {
             u64::from(every)
         } else {
             0
