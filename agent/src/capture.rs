@@ -2,7 +2,7 @@
 //! order, with the direction taken from the connection's role. Bounded in connections; a
 //! connection's decoder goes when the connection closes.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use agent_common::{CAPTURE_MAX, COMM_LEN};
 
@@ -68,6 +68,31 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         comm: bytes[32..HEADER].try_into().expect("16 bytes"),
         data: &bytes[HEADER..HEADER + data_len],
     })
+}
+
+/// Builds a ring-buffer payload record as the kernel writes it (for tests and benches; the
+/// inverse of [`parse_payload`]). `data` beyond the record's capacity is cut.
+pub fn encode_payload_record(
+    ts_ns: u64,
+    sk: u64,
+    total_len: u64,
+    is_send: bool,
+    comm: &[u8],
+    data: &[u8],
+) -> Vec<u8> {
+    let data = &data[..data.len().min(CAPTURE_MAX)];
+    // Variable length, as the kernel writes them: the header, then the captured bytes.
+    let mut bytes = vec![0u8; HEADER + data.len()];
+    let comm = &comm[..comm.len().min(COMM_LEN)];
+    bytes[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
+    bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
+    bytes[16..24].copy_from_slice(&total_len.to_ne_bytes());
+    bytes[24..28].copy_from_slice(&7u32.to_ne_bytes());
+    bytes[28..30].copy_from_slice(&(data.len() as u16).to_ne_bytes());
+    bytes[30] = is_send as u8;
+    bytes[32..32 + comm.len()].copy_from_slice(comm);
+    bytes[HEADER..HEADER + data.len()].copy_from_slice(data);
+    bytes
 }
 
 /// What decoding produced, tied to the connection's endpoint.
@@ -138,31 +163,13 @@ impl Decoders {
             sent: payload.is_send,
             bytes: payload.total_len,
         });
-        if self
+        // Per payload: the usual case (a known stream) costs this one lookup and the next.
+        let known = self
             .connections
             .get(&payload.sk)
-            .is_some_and(|state| state.endpoint != endpoint)
-        {
-            // The address now belongs to another connection: never mix two byte streams.
-            self.on_close(payload.sk, out);
-        }
-        if !self.connections.contains_key(&payload.sk) {
-            if self.connections.len() >= self.max_connections {
-                self.dropped += 1;
-                return;
-            }
-            self.connections.insert(
-                payload.sk,
-                ConnectionState {
-                    endpoint,
-                    decoder: ConnectionDecoder::new(DecoderConfig {
-                        queue_mode,
-                        ..DecoderConfig::default()
-                    }),
-                    recent: [(0, None); RECENT_COMMANDS],
-                    next: 0,
-                },
-            );
+            .is_some_and(|state| state.endpoint == endpoint);
+        if !known && !self.open_stream(payload.sk, endpoint, queue_mode, out) {
+            return;
         }
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
@@ -187,6 +194,38 @@ impl Decoders {
             &mut self.scratch,
         );
         drain(&mut self.scratch, state.endpoint, out);
+    }
+
+    /// Starts decoding a stream on `sk`, ending any other stream that had the address; false
+    /// when the table is full.
+    fn open_stream(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        queue_mode: bool,
+        out: &mut Vec<MemcacheEvent>,
+    ) -> bool {
+        if self.connections.contains_key(&sk) {
+            // The address now belongs to another connection: never mix two byte streams.
+            self.on_close(sk, out);
+        }
+        if self.connections.len() >= self.max_connections {
+            self.dropped += 1;
+            return false;
+        }
+        self.connections.insert(
+            sk,
+            ConnectionState {
+                endpoint,
+                decoder: ConnectionDecoder::new(DecoderConfig {
+                    queue_mode,
+                    ..DecoderConfig::default()
+                }),
+                recent: [(0, None); RECENT_COMMANDS],
+                next: 0,
+            },
+        );
+        true
     }
 
     /// The command in the first send on `sk` at or after `ts_ns` (the send a dead write made).
@@ -272,16 +311,7 @@ mod tests {
     }
 
     fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
-        let mut bytes = vec![0u8; HEADER + data.len()];
-        bytes[0..8].copy_from_slice(&ts.to_ne_bytes());
-        bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
-        bytes[16..24].copy_from_slice(&total.to_ne_bytes());
-        bytes[24..28].copy_from_slice(&7u32.to_ne_bytes());
-        bytes[28..30].copy_from_slice(&(data.len() as u16).to_ne_bytes());
-        bytes[30] = is_send as u8;
-        bytes[32..39].copy_from_slice(b"python3");
-        bytes[HEADER..HEADER + data.len()].copy_from_slice(data);
-        bytes
+        encode_payload_record(ts, sk, total, is_send, b"python3", data)
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub struct Limits {
     pub capture_bytes: u32,
     /// Read/write syscalls followed at once (threads of processes using watched sockets).
     pub max_inflight_syscalls: u32,
+    /// Decoded requests per second that all feed the hot-key and key-routing statistics;
+    /// beyond that one in `key_stats_sample_every` does (with its count scaled).
+    pub key_stats_exact_per_second: u32,
+    /// Sampling ratio of the key statistics above `key_stats_exact_per_second` (1 = all).
+    pub key_stats_sample_every: u32,
 }
 
 impl Default for Limits {
@@ -57,6 +62,8 @@ impl Default for Limits {
             max_comms: 100,
             capture_bytes: 256,
             max_inflight_syscalls: 16384,
+            key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
+            key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
         }
     }
 }
@@ -301,6 +308,11 @@ impl Config {
         if limits.max_inflight_syscalls == 0 {
             return Err(invalid(
                 "limits.max_inflight_syscalls must be at least 1".to_string(),
+            ));
+        }
+        if limits.key_stats_sample_every == 0 {
+            return Err(invalid(
+                "limits.key_stats_sample_every must be at least 1".to_string(),
             ));
         }
         if limits.max_comms == 0 {

@@ -3,7 +3,7 @@
 //! reported once its fate is known: the application's next read saw EOF, an error (reset), or
 //! nothing happened within [`OUTCOME_WINDOW_NS`] (unnoticed).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::tracking::Endpoint;
 

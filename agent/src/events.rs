@@ -180,8 +180,14 @@ fn socket_addr(family: u16, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
 }
 
 pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
+    comm_str(comm).into_owned()
+}
+
+/// The process name as text, borrowed from the record unless it is not UTF-8 (per payload
+/// record, so it must not allocate).
+pub fn comm_str(comm: &[u8; COMM_LEN]) -> std::borrow::Cow<'_, str> {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    String::from_utf8_lossy(&comm[..end])
 }
 
 #[cfg(test)]

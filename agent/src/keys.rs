@@ -3,8 +3,8 @@
 //! rings between clients). Keys never become metric labels; they are shown only locally.
 
 use std::{
-    collections::HashMap,
-    hash::{Hash, Hasher},
+    hash::{BuildHasher, Hash, Hasher},
+    sync::OnceLock,
 };
 
 use serde::Serialize;
@@ -59,49 +59,101 @@ pub struct KeysReport {
     pub splits: Vec<KeySplit>,
 }
 
+/// The in-memory identity of a key: a fast hash (foldhash) with a per-process random seed, so
+/// keys chosen by whoever talks to the cache cannot be crafted to collide, and cheap enough to
+/// compute once per request. Not stable across runs: never shown (see [`key_hash`]).
+pub fn key_id(key: &[u8]) -> u64 {
+    static STATE: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    STATE.get_or_init(Default::default).hash_one(key)
+}
+
 /// Space-saving top-k (Metwally et al.): k counters; an unseen key replaces the minimum and
 /// inherits its count as error. Memory is O(k) whatever the key stream.
+///
+/// k is small (32 per server), so the counters are parallel arrays scanned linearly: a lookup
+/// compares k hashes in one cache line run, and replacing the minimum reuses the victim's key
+/// buffer, so a warmed-up table never allocates.
 #[derive(Debug)]
 pub struct TopK {
     capacity: usize,
-    entries: HashMap<Vec<u8>, (u64, u64)>,
+    ids: Vec<u64>,
+    counts: Vec<u64>,
+    errors: Vec<u64>,
+    keys: Vec<Vec<u8>>,
 }
 
 impl TopK {
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         TopK {
-            capacity: capacity.max(1),
-            entries: HashMap::with_capacity(capacity + 1),
+            capacity,
+            ids: Vec::with_capacity(capacity),
+            counts: Vec::with_capacity(capacity),
+            errors: Vec::with_capacity(capacity),
+            keys: Vec::with_capacity(capacity),
         }
+    }
+
+    /// Keys currently counted (at most the capacity).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
     }
 
     pub fn add(&mut self, key: &[u8], weight: u64) {
-        if let Some((count, _)) = self.entries.get_mut(key) {
-            *count += weight;
+        self.add_with_id(key_id(key), key, weight);
+    }
+
+    /// [`TopK::add`] with the key's [`key_id`] already computed.
+    pub fn add_with_id(&mut self, id: u64, key: &[u8], weight: u64) {
+        let mut from = 0;
+        while let Some(offset) = self.ids[from..].iter().position(|&other| other == id) {
+            let index = from + offset;
+            if self.keys[index] == key {
+                self.counts[index] += weight;
+                return;
+            }
+            from = index + 1;
+        }
+        if self.ids.len() < self.capacity {
+            self.ids.push(id);
+            self.counts.push(weight);
+            self.errors.push(0);
+            self.keys.push(key.to_vec());
             return;
         }
-        if self.entries.len() < self.capacity {
-            self.entries.insert(key.to_vec(), (weight, 0));
-            return;
-        }
-        let Some((victim, &(min, _))) = self.entries.iter().min_by_key(|(_, (count, _))| *count)
+        let Some((victim, &min)) = self
+            .counts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, count)| **count)
         else {
             return;
         };
-        let victim = victim.clone();
-        self.entries.remove(&victim);
-        self.entries.insert(key.to_vec(), (min + weight, min));
+        self.ids[victim] = id;
+        self.counts[victim] = min + weight;
+        self.errors[victim] = min;
+        let buffer = &mut self.keys[victim];
+        buffer.clear();
+        buffer.extend_from_slice(key);
     }
 
     pub fn top(&self, n: usize, display: KeyDisplay) -> Vec<HotKey> {
-        let mut all: Vec<_> = self.entries.iter().collect();
-        all.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then_with(|| a.0.cmp(b.0)));
+        let mut all: Vec<usize> = (0..self.ids.len()).collect();
+        all.sort_by(|&a, &b| {
+            self.counts[b]
+                .cmp(&self.counts[a])
+                .then_with(|| self.keys[a].cmp(&self.keys[b]))
+        });
         all.into_iter()
             .take(n)
-            .map(|(key, &(count, error))| HotKey {
-                key: display.show(key),
-                count,
-                error,
+            .map(|index| HotKey {
+                key: display.show(&self.keys[index]),
+                count: self.counts[index],
+                error: self.errors[index],
             })
             .collect()
     }
@@ -121,7 +173,7 @@ pub struct KeySplit {
 pub struct KeyRouting {
     window_ns: u64,
     max_keys: usize,
-    last_server: HashMap<(usize, u64), (std::net::SocketAddr, u64)>,
+    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64)>,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
 }
@@ -131,7 +183,7 @@ impl KeyRouting {
         KeyRouting {
             window_ns,
             max_keys,
-            last_server: HashMap::new(),
+            last_server: foldhash::HashMap::default(),
             examples: Vec::new(),
             max_examples: 16,
         }
@@ -146,25 +198,40 @@ impl KeyRouting {
         ts_ns: u64,
         display: KeyDisplay,
     ) -> bool {
-        let id = (service, key_hash(key));
-        let split = match self.last_server.get(&id) {
-            Some((previous, seen))
-                if *previous != server && ts_ns.saturating_sub(*seen) <= self.window_ns =>
-            {
+        self.observe_with_id(service, key_id(key), key, server, ts_ns, display)
+    }
+
+    /// [`KeyRouting::observe`] with the key's [`key_id`] already computed.
+    pub fn observe_with_id(
+        &mut self,
+        service: usize,
+        key_id: u64,
+        key: &[u8],
+        server: std::net::SocketAddr,
+        ts_ns: u64,
+        display: KeyDisplay,
+    ) -> bool {
+        let id = (service, key_id);
+        // The common case, a key seen before: one lookup.
+        if let Some((previous, seen)) = self.last_server.get_mut(&id) {
+            let first_server = *previous;
+            let split = first_server != server && ts_ns.saturating_sub(*seen) <= self.window_ns;
+            *previous = server;
+            *seen = ts_ns;
+            if split {
                 if self.examples.len() >= self.max_examples {
                     self.examples.remove(0);
                 }
                 self.examples.push(KeySplit {
                     key: display.show(key),
-                    first_server: previous.to_string(),
+                    first_server: first_server.to_string(),
                     second_server: server.to_string(),
                     ts_unix_s: crate::clock::unix_now(),
                 });
-                true
             }
-            _ => false,
-        };
-        if self.last_server.len() >= self.max_keys && !self.last_server.contains_key(&id) {
+            return split;
+        }
+        if self.last_server.len() >= self.max_keys {
             // Forget everything older than the window; if the window itself is full, start over.
             let window = self.window_ns;
             self.last_server
@@ -174,7 +241,87 @@ impl KeyRouting {
             }
         }
         self.last_server.insert(id, (server, ts_ns));
-        split
+        false
+    }
+}
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// Which requests feed the key statistics (hot keys and key routing). Every request counts
+/// while a second has seen at most `exact_per_second` of them, so small workloads are counted
+/// exactly; beyond that one request in `sample_every` counts, `sample_every` times over. The
+/// counts stay unbiased and the keys that matter (the hot ones) keep a small relative error,
+/// while a busy agent spends the bookkeeping on a fraction of its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySampling {
+    pub exact_per_second: u32,
+    /// 1 turns sampling off.
+    pub sample_every: u32,
+}
+
+impl Default for KeySampling {
+    fn default() -> Self {
+        KeySampling {
+            exact_per_second: 2000,
+            sample_every: 16,
+        }
+    }
+}
+
+/// Decides [`KeySampling`] per request. Deterministic: the choice depends only on the request
+/// timestamps fed in, through a fixed-seed pseudo-random sequence rather than a stride, so a
+/// client cycling through keys with a period that divides `sample_every` is not aliased.
+#[derive(Debug, Clone)]
+pub struct KeySampler {
+    sampling: KeySampling,
+    window_start_ns: u64,
+    in_window: u32,
+    state: u64,
+}
+
+impl KeySampler {
+    pub fn new(sampling: KeySampling) -> Self {
+        KeySampler {
+            sampling: KeySampling {
+                sample_every: sampling.sample_every.max(1),
+                ..sampling
+            },
+            window_start_ns: 0,
+            in_window: 0,
+            state: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    pub fn sampling(&self) -> KeySampling {
+        self.sampling
+    }
+
+    /// How many requests the one at `ts_ns` stands for in the key statistics; 0 means it is
+    /// left out.
+    pub fn weight(&mut self, ts_ns: u64) -> u64 {
+        // Requests of different connections arrive slightly out of order: only a jump of a
+        // second either way starts a new window.
+        if ts_ns.abs_diff(self.window_start_ns) >= NS_PER_SECOND {
+            self.window_start_ns = ts_ns;
+            self.in_window = 0;
+        }
+        if self.in_window < self.sampling.exact_per_second {
+            self.in_window += 1;
+            return 1;
+        }
+        let every = self.sampling.sample_every;
+        if every == 1 {
+            return 1;
+        }
+        // xorshift64: a fixed sequence, cheap, and free of the strides client loops have.
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        if (self.state >> 32).is_multiple_of(u64::from(every)) {
+            u64::from(every)
+        } else {
+            0
+        }
     }
 }
 
@@ -191,7 +338,7 @@ mod tests {
                 top.add(b"hot", 1);
             }
         }
-        assert!(top.entries.len() <= 4);
+        assert!(top.len() <= 4);
         let hottest = top.top(1, KeyDisplay::Plain);
         assert_eq!(hottest[0].key, "hot");
         assert!(hottest[0].count >= 3334);
@@ -222,5 +369,83 @@ mod tests {
             routing.observe(0, &i.to_ne_bytes(), server, i as u64, KeyDisplay::Hash);
         }
         assert!(routing.last_server.len() <= 50);
+    }
+
+    #[test]
+    fn sampler_counts_exactly_below_the_budget_and_unbiased_above() {
+        let mut sampler = KeySampler::new(KeySampling {
+            exact_per_second: 100,
+            sample_every: 8,
+        });
+        let quiet: u64 = (0..100).map(|i| sampler.weight(1_000 + i)).sum();
+        assert_eq!(quiet, 100);
+        // 100_000 more requests within the same second: about one in eight, weighted by 8.
+        let weights: Vec<u64> = (0..100_000).map(|i| sampler.weight(2_000 + i)).collect();
+        assert!(weights.iter().all(|&w| w == 0 || w == 8));
+        let total: u64 = weights.iter().sum();
+        assert!((95_000..=105_000).contains(&total), "{total}");
+        // A new second is exact again.
+        assert_eq!(sampler.weight(2 * NS_PER_SECOND), 1);
+        // Same timestamps, same choices.
+        let mut again = KeySampler::new(sampler.sampling());
+        let mut first = KeySampler::new(sampler.sampling());
+        let a: Vec<u64> = (0..1000).map(|i| again.weight(i)).collect();
+        let b: Vec<u64> = (0..1000).map(|i| first.weight(i)).collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn sampled_top_k_keeps_the_hot_key_and_its_count() {
+        let mut sampler = KeySampler::new(KeySampling {
+            exact_per_second: 0,
+            sample_every: 16,
+        });
+        let mut top = TopK::new(8);
+        // Keys cycle with period 16 (aliases a stride of 16); key 0 is also sent every 4th time.
+        let mut hot = 0u64;
+        for i in 0..200_000u64 {
+            let key = if i % 4 == 0 {
+                hot += 1;
+                "hot".to_string()
+            } else {
+                format!("k{}", i % 16)
+            };
+            let weight = sampler.weight(i);
+            if weight > 0 {
+                top.add(key.as_bytes(), weight);
+            }
+        }
+        let best = &top.top(1, KeyDisplay::Plain)[0];
+        assert_eq!(best.key, "hot");
+        let error = best.count.abs_diff(hot) as f64 / hot as f64;
+        assert!(error < 0.05, "{} vs {hot}", best.count);
+    }
+
+    #[test]
+    fn top_k_replaces_the_minimum_and_reuses_its_slot() {
+        let mut top = TopK::new(2);
+        top.add(b"a", 5);
+        top.add(b"b", 2);
+        top.add(b"c", 1);
+        let all = top.top(10, KeyDisplay::Plain);
+        assert_eq!(top.len(), 2);
+        assert_eq!(
+            all[0],
+            HotKey {
+                key: "a".into(),
+                count: 5,
+                error: 0
+            }
+        );
+        assert_eq!(
+            all[1],
+            HotKey {
+                key: "c".into(),
+                count: 3,
+                error: 2
+            }
+        );
+        top.add(b"c", 4);
+        assert_eq!(top.top(1, KeyDisplay::Plain)[0].count, 7);
     }
 }

@@ -1,10 +1,9 @@
 //! The Prometheus registry and the mapping from observations to series. Metric names and labels
 //! are a contract with alert rules and dashboards (packaging/); change them only deliberately.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::atomic::AtomicU64,
-};
+use std::sync::atomic::AtomicU64;
+
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -543,49 +542,56 @@ impl ObservationRecorder {
     pub fn record_memcache(&mut self, event: &MemcacheEvent) {
         match event {
             MemcacheEvent::Request { endpoint, request } => {
+                // Per request: one lookup when the series handle is cached, as it almost
+                // always is.
                 let key = (*endpoint, request.command, request.status);
-                if !self.request_counters.contains_key(&key) {
-                    if self.request_counters.len() >= MAX_CACHED_SERIES {
-                        self.request_counters.clear();
+                match self.request_counters.get(&key) {
+                    Some(counter) => {
+                        counter.inc();
                     }
-                    let labels = self.endpoint_labels(endpoint);
-                    let counter = self
-                        .metrics
-                        .memcache_requests
-                        .get_or_create(&RequestLabels {
-                            service: labels.service,
-                            server: labels.server,
-                            role: labels.role,
-                            command: request.command.as_str(),
-                            status: request.status.as_str(),
-                        })
-                        .clone();
-                    self.request_counters.insert(key, counter);
-                }
-                if let Some(counter) = self.request_counters.get(&key) {
-                    counter.inc();
-                }
-                if let Some(latency) = request.latency_ns {
-                    let key = (*endpoint, request.command);
-                    if !self.duration_histograms.contains_key(&key) {
-                        if self.duration_histograms.len() >= MAX_CACHED_SERIES {
-                            self.duration_histograms.clear();
+                    None => {
+                        if self.request_counters.len() >= MAX_CACHED_SERIES {
+                            self.request_counters.clear();
                         }
                         let labels = self.endpoint_labels(endpoint);
-                        let histogram = self
+                        let counter = self
                             .metrics
-                            .memcache_duration
-                            .get_or_create(&CommandLabels {
+                            .memcache_requests
+                            .get_or_create(&RequestLabels {
                                 service: labels.service,
                                 server: labels.server,
                                 role: labels.role,
                                 command: request.command.as_str(),
+                                status: request.status.as_str(),
                             })
                             .clone();
-                        self.duration_histograms.insert(key, histogram);
+                        counter.inc();
+                        self.request_counters.insert(key, counter);
                     }
-                    if let Some(histogram) = self.duration_histograms.get(&key) {
-                        histogram.observe(latency as f64 / 1e9);
+                }
+                if let Some(latency) = request.latency_ns {
+                    let seconds = latency as f64 / 1e9;
+                    let key = (*endpoint, request.command);
+                    match self.duration_histograms.get(&key) {
+                        Some(histogram) => histogram.observe(seconds),
+                        None => {
+                            if self.duration_histograms.len() >= MAX_CACHED_SERIES {
+                                self.duration_histograms.clear();
+                            }
+                            let labels = self.endpoint_labels(endpoint);
+                            let histogram = self
+                                .metrics
+                                .memcache_duration
+                                .get_or_create(&CommandLabels {
+                                    service: labels.service,
+                                    server: labels.server,
+                                    role: labels.role,
+                                    command: request.command.as_str(),
+                                })
+                                .clone();
+                            histogram.observe(seconds);
+                            self.duration_histograms.insert(key, histogram);
+                        }
                     }
                 }
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
@@ -619,25 +625,28 @@ impl ObservationRecorder {
                 bytes,
             } => {
                 let key = (*endpoint, *sent);
-                if !self.byte_counters.contains_key(&key) {
-                    if self.byte_counters.len() >= MAX_CACHED_SERIES {
-                        self.byte_counters.clear();
+                match self.byte_counters.get(&key) {
+                    Some(counter) => {
+                        counter.inc_by(*bytes);
                     }
-                    let labels = self.endpoint_labels(endpoint);
-                    let counter = self
-                        .metrics
-                        .memcache_bytes
-                        .get_or_create(&BytesLabels {
-                            service: labels.service,
-                            server: labels.server,
-                            role: labels.role,
-                            direction: if *sent { "sent" } else { "received" },
-                        })
-                        .clone();
-                    self.byte_counters.insert(key, counter);
-                }
-                if let Some(counter) = self.byte_counters.get(&key) {
-                    counter.inc_by(*bytes);
+                    None => {
+                        if self.byte_counters.len() >= MAX_CACHED_SERIES {
+                            self.byte_counters.clear();
+                        }
+                        let labels = self.endpoint_labels(endpoint);
+                        let counter = self
+                            .metrics
+                            .memcache_bytes
+                            .get_or_create(&BytesLabels {
+                                service: labels.service,
+                                server: labels.server,
+                                role: labels.role,
+                                direction: if *sent { "sent" } else { "received" },
+                            })
+                            .clone();
+                        counter.inc_by(*bytes);
+                        self.byte_counters.insert(key, counter);
+                    }
                 }
             }
         }

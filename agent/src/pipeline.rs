@@ -15,7 +15,10 @@ use crate::{
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
     history::{Fact, History, SynDirection},
-    keys::{KeyDisplay, KeyRouting, KeysReport, ServerHotKeys, TopK},
+    keys::{
+        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, ServerHotKeys, TopK,
+    },
+    memcache::RequestObservation,
     metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     probes::loader::Probes,
     tracking::{Endpoint, Observation, ServicePorts, Tracker},
@@ -50,8 +53,9 @@ pub struct Pipeline {
     recorder: ObservationRecorder,
     decoders: Decoders,
     routing: KeyRouting,
-    hot_keys: HashMap<Endpoint, (TopK, TopK)>,
+    hot_keys: foldhash::HashMap<Endpoint, (TopK, TopK)>,
     max_hot_key_endpoints: usize,
+    key_sampler: KeySampler,
     key_display: KeyDisplay,
     /// Dead writes wait one tick for the payload that names their command.
     held_dead_writes: Vec<DeadWrite>,
@@ -64,6 +68,13 @@ pub struct Pipeline {
     history: Option<Arc<Mutex<History>>>,
     service_names: Vec<String>,
     sinks: Vec<Box<dyn ObservationSink + Send>>,
+}
+
+fn key_sampling(config: &Config) -> KeySampling {
+    KeySampling {
+        exact_per_second: config.limits.key_stats_exact_per_second,
+        sample_every: config.limits.key_stats_sample_every,
+    }
 }
 
 fn service_ports(config: &Config) -> ServicePorts {
@@ -94,8 +105,9 @@ impl Pipeline {
             ),
             decoders: Decoders::new(max),
             routing: KeyRouting::new(KEY_SPLIT_WINDOW_NS, 100_000),
-            hot_keys: HashMap::new(),
+            hot_keys: foldhash::HashMap::default(),
             max_hot_key_endpoints: config.limits.max_servers_per_service * 2,
+            key_sampler: KeySampler::new(key_sampling(config)),
             key_display: config.keys,
             held_dead_writes: Vec::new(),
             observations: Vec::with_capacity(64),
@@ -218,7 +230,7 @@ impl Pipeline {
             .unwrap_or(false);
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
-        let comm = events::comm_to_string(payload.comm);
+        let comm = events::comm_str(payload.comm);
         self.flush_memcache(Some(&comm));
         PayloadOutcome::Handled
     }
@@ -346,45 +358,7 @@ impl Pipeline {
             self.recorder.record_memcache(event);
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
-                    let key = key.as_bytes();
-                    if endpoint.role == Role::Client
-                        && self.routing.observe(
-                            endpoint.service,
-                            key,
-                            endpoint.server,
-                            request.request_ts_ns,
-                            self.key_display,
-                        )
-                    {
-                        self.recorder.record_key_split(endpoint.service);
-                        if let (Some(example), Some(service)) = (
-                            self.routing.examples.last(),
-                            self.service_names.get(endpoint.service),
-                        ) {
-                            self.record_fact(Fact::KeySplit {
-                                service: service.clone(),
-                                key_hash: crate::keys::key_hash(key),
-                                servers: [
-                                    example.first_server.clone(),
-                                    example.second_server.clone(),
-                                ],
-                                comms: [None, comm.map(str::to_string)],
-                            });
-                        }
-                    }
-                    if self.hot_keys.contains_key(endpoint)
-                        || self.hot_keys.len() < self.max_hot_key_endpoints
-                    {
-                        let (by_requests, by_bytes) =
-                            self.hot_keys.entry(*endpoint).or_insert_with(|| {
-                                (
-                                    TopK::new(HOT_KEYS_PER_SERVER),
-                                    TopK::new(HOT_KEYS_PER_SERVER),
-                                )
-                            });
-                        by_requests.add(key, 1);
-                        by_bytes.add(key, request.request_bytes + request.response_bytes);
-                    }
+                    self.observe_key(endpoint, request, key.as_bytes(), comm);
                 }
             }
             for sink in &mut self.sinks {
@@ -394,6 +368,62 @@ impl Pipeline {
         let mut events = events;
         events.clear();
         self.memcache_events = events;
+    }
+
+    /// Feeds one request's key to the key statistics (hot keys, routing), if sampled.
+    fn observe_key(
+        &mut self,
+        endpoint: &Endpoint,
+        request: &RequestObservation,
+        key: &[u8],
+        comm: Option<&str>,
+    ) {
+        let weight = self.key_sampler.weight(request.request_ts_ns);
+        if weight == 0 {
+            return;
+        }
+        let id = key_id(key);
+        if endpoint.role == Role::Client
+            && self.routing.observe_with_id(
+                endpoint.service,
+                id,
+                key,
+                endpoint.server,
+                request.request_ts_ns,
+                self.key_display,
+            )
+        {
+            self.recorder.record_key_split(endpoint.service);
+            if let (Some(example), Some(service)) = (
+                self.routing.examples.last(),
+                self.service_names.get(endpoint.service),
+            ) {
+                self.record_fact(Fact::KeySplit {
+                    service: service.clone(),
+                    key_hash: crate::keys::key_hash(key),
+                    servers: [example.first_server.clone(), example.second_server.clone()],
+                    comms: [None, comm.map(str::to_string)],
+                });
+            }
+        }
+        if let Some((by_requests, by_bytes)) = self.hot_keys.get_mut(endpoint) {
+            by_requests.add_with_id(id, key, weight);
+            by_bytes.add_with_id(
+                id,
+                key,
+                (request.request_bytes + request.response_bytes).saturating_mul(weight),
+            );
+        } else if self.hot_keys.len() < self.max_hot_key_endpoints {
+            let mut by_requests = TopK::new(HOT_KEYS_PER_SERVER);
+            let mut by_bytes = TopK::new(HOT_KEYS_PER_SERVER);
+            by_requests.add_with_id(id, key, weight);
+            by_bytes.add_with_id(
+                id,
+                key,
+                (request.request_bytes + request.response_bytes).saturating_mul(weight),
+            );
+            self.hot_keys.insert(*endpoint, (by_requests, by_bytes));
+        }
     }
 
     /// The hottest keys per server (top 10 by requests and by bytes) and recent key splits.
@@ -426,7 +456,7 @@ impl Pipeline {
         &self.routing
     }
 
-    pub fn hot_keys(&self) -> &HashMap<Endpoint, (TopK, TopK)> {
+    pub fn hot_keys(&self) -> &foldhash::HashMap<Endpoint, (TopK, TopK)> {
         &self.hot_keys
     }
 

@@ -2,7 +2,9 @@
 //! and how they end. Pure state machine over kernel events; produces [`Observation`]s that
 //! metrics and history consume.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use foldhash::{HashMap, HashMapExt};
 
 use agent_common::tcp_state;
 

@@ -35,6 +35,11 @@ use crate::{
     sampling,
 };
 
+/// After draining the rings, let records gather this long before the next wake-up: one
+/// wake-up per record costs more CPU (agent context switches, producer wake-ups) than
+/// handling the record itself.
+const RING_BATCH_DELAY: Duration = Duration::from_millis(1);
+
 pub struct RunArgs {
     pub config_path: PathBuf,
     pub config_explicit: bool,
@@ -317,11 +322,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let mut guard = guard?;
                 pump(&mut pipeline, guard.get_inner_mut(), payload_ring.get_mut());
                 guard.clear_ready();
+                tokio::time::sleep(RING_BATCH_DELAY).await;
             }
             guard = payload_ring.readable_mut() => {
                 let mut guard = guard?;
                 pump(&mut pipeline, ring.get_mut(), guard.get_inner_mut());
                 guard.clear_ready();
+                tokio::time::sleep(RING_BATCH_DELAY).await;
             }
             _ = drain.tick() => {
                 pump(&mut pipeline, ring.get_mut(), payload_ring.get_mut());

@@ -2,7 +2,7 @@
 //! keeps a second of history small. The table is bounded: when it is full, ids no bucket still
 //! uses are reclaimed, and if that frees nothing new strings fold into [`OTHER`].
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 pub type LabelId = u16;
 

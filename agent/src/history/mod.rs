@@ -110,6 +110,19 @@ impl HistoryLimits {
     }
 }
 
+/// A decoded request as [`History::record_request`] takes it: the strings of a
+/// `Fact::Request`, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    pub service: &'a str,
+    pub server: &'a str,
+    pub role: Role,
+    pub comm: Option<&'a str>,
+    pub command: &'a str,
+    pub status: RequestStatus,
+    pub latency_us: Option<u32>,
+}
+
 // ---- keys -------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -528,33 +541,83 @@ impl History {
     /// Records a fact that happened in `unix_second`. Facts for evicted seconds are counted
     /// (`late_facts`) and dropped.
     pub fn record(&mut self, unix_second: u64, fact: Fact) {
-        self.advance_to(unix_second);
-        let latest = self.latest.unwrap_or(unix_second);
-        if unix_second + self.capacity() <= latest {
-            self.stats.late_facts += 1;
+        if !self.admit_second(unix_second) {
             return;
-        }
-        if self.first.is_some_and(|first| unix_second < first) {
-            self.first = Some(unix_second);
         }
         if let Fact::EventsLost { count } = fact {
             self.stats.events_lost = self.stats.events_lost.saturating_add(count);
         }
         let labels = self.intern_fact(&fact, unix_second);
-        let index = self.bucket_index(unix_second);
+        let index = self.open_bucket(unix_second);
         let limits = &self.limits;
         let bucket = &mut self.buckets[index];
-        if bucket.frozen {
-            // A late fact for a frozen second: reopen it; the next advance freezes it again.
-            bucket.frozen = false;
-        }
         if !apply(bucket, limits, fact, &labels) {
             bucket.overflow += 1;
             self.stats.overflow_facts += 1;
         }
     }
 
+    /// [`History::record`] of a `Fact::Request` from borrowed strings: the daemon records one
+    /// per decoded request, so this path interns without building an owned fact.
+    pub fn record_request(&mut self, unix_second: u64, request: &RequestRecord<'_>) {
+        if !self.admit_second(unix_second) {
+            return;
+        }
+        let mut labels = [UNKNOWN; 4];
+        self.intern_labels(
+            &[
+                Some(request.service),
+                Some(request.server),
+                request.comm,
+                Some(request.command),
+            ],
+            unix_second,
+            &mut labels,
+        );
+        let index = self.open_bucket(unix_second);
+        let limits = &self.limits;
+        let bucket = &mut self.buckets[index];
+        let id = |i: usize| labels.get(i).copied().unwrap_or(OTHER);
+        if !self::request(
+            bucket,
+            limits,
+            id,
+            request.role,
+            request.status,
+            request.latency_us,
+        ) {
+            bucket.overflow += 1;
+            self.stats.overflow_facts += 1;
+        }
+    }
+
+    /// Moves time forward to `unix_second`; false (and counted) when that second was evicted.
+    fn admit_second(&mut self, unix_second: u64) -> bool {
+        self.advance_to(unix_second);
+        let latest = self.latest.unwrap_or(unix_second);
+        if unix_second + self.capacity() <= latest {
+            self.stats.late_facts += 1;
+            return false;
+        }
+        if self.first.is_some_and(|first| unix_second < first) {
+            self.first = Some(unix_second);
+        }
+        true
+    }
+
+    /// The index of the bucket of `second`, created and thawed as needed.
+    fn open_bucket(&mut self, second: u64) -> usize {
+        let index = self.bucket_index(second);
+        // A late fact for a frozen second reopens it; the next advance freezes it again.
+        self.buckets[index].frozen = false;
+        index
+    }
+
     fn bucket_index(&mut self, second: u64) -> usize {
+        // Facts nearly always go to the newest second.
+        if self.buckets.back().is_some_and(|b| b.second == second) {
+            return self.buckets.len() - 1;
+        }
         match self.buckets.binary_search_by(|b| b.second.cmp(&second)) {
             Ok(index) => index,
             Err(index) => {
@@ -568,8 +631,14 @@ impl History {
     /// table is full. The fact's own earlier ids are pinned so reclaiming cannot free them.
     fn intern_fact(&mut self, fact: &Fact, second: u64) -> Vec<LabelId> {
         let strings = fact_strings(fact);
-        let mut ids = Vec::with_capacity(strings.len());
-        for label in strings {
+        let mut ids = vec![UNKNOWN; strings.len()];
+        self.intern_labels(&strings, second, &mut ids);
+        ids
+    }
+
+    /// Interns `strings` into `ids` (same length), in order, as [`History::intern_fact`].
+    fn intern_labels(&mut self, strings: &[Option<&str>], second: u64, ids: &mut [LabelId]) {
+        for (index, label) in strings.iter().enumerate() {
             let id = match label {
                 None => UNKNOWN,
                 Some(label) => match self.interner.try_intern(label) {
@@ -577,7 +646,7 @@ impl History {
                     None => {
                         if self.last_reclaim != Some(second) {
                             self.last_reclaim = Some(second);
-                            self.reclaim_labels(&ids);
+                            self.reclaim_labels(&ids[..index]);
                         }
                         self.interner.try_intern(label).unwrap_or_else(|| {
                             self.interner.folded += 1;
@@ -586,9 +655,10 @@ impl History {
                     }
                 },
             };
-            ids.push(id);
+            if let Some(slot) = ids.get_mut(index) {
+                *slot = id;
+            }
         }
-        ids
     }
 
     fn reclaim_labels(&mut self, pinned: &[LabelId]) {

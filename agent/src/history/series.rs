@@ -2,7 +2,9 @@
 //! map; once it is old enough it is frozen into a sorted boxed slice, which costs only the rows
 //! themselves (no spare hash-table capacity) for the rest of its life in the history.
 
-use std::{collections::HashMap, hash::Hash};
+use std::hash::Hash;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::interner::LabelId;
 
