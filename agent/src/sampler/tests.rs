@@ -250,9 +250,7 @@ fn exited_process_reads_as_vanished() {
     let procfs = ProcFs::new("/proc");
     let err = procfs.netns_of(pid).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
-    let err = procfs
-        .scan_fds::<()>(pid, &HashMap::new(), &mut Vec::new())
-        .unwrap_err();
+    let err = procfs.scan_fds(pid, |_| true, &mut Vec::new()).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
     let err = procfs
         .read_tcp_table(pid, "tcp", |_, _| true, |_| {})
@@ -370,29 +368,57 @@ fn config_services_become_watched_ports() {
 #[test]
 fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
     let fixture = include_str!("fixtures/net_tcp.txt");
-    let mut rows: Vec<(TcpRow, usize, Role)> = fixture
+    let mut rows: Vec<TcpRow> = fixture
         .lines()
         .filter_map(|line| parse::parse_tcp_line(line).unwrap())
-        .map(|row| (row, 0, Role::Server))
         .collect();
-    let distinct = rows.len();
-    // The walk printed an inode-0 child and a listener twice.
+    let names = vec!["svc".to_string()];
+    let record_all = |rows: &[TcpRow]| {
+        let mut found = Found::new(1, true, Vec::new());
+        let mut namespace = Namespace::default();
+        let _ = found.mark();
+        for row in rows {
+            found.record(&names, 1, *row, 0, Role::Server, None);
+        }
+        found.commit_namespace(&mut namespace);
+        found.finish();
+        found
+    };
+    let clean = record_all(&rows);
+    // The walk printed an inode-0 child, a connection with a file and a listener twice.
     let child = *rows
         .iter()
-        .find(|(row, _, _)| row.inode == 0 && row.state == 1)
+        .find(|row| row.inode == 0 && row.state == tcp_state::ESTABLISHED)
+        .unwrap();
+    let owned = *rows
+        .iter()
+        .find(|row| row.inode != 0 && row.state == tcp_state::CLOSE_WAIT)
         .unwrap();
     let listener = *rows
         .iter()
-        .find(|(row, _, _)| row.state == tcp_state::LISTEN)
+        .find(|row| row.state == tcp_state::LISTEN)
         .unwrap();
     rows.push(child);
+    rows.push(owned);
     rows.insert(0, listener);
     // A second SO_REUSEPORT listener on the same address is a different socket.
     let mut sibling = listener;
-    sibling.0.inode += 1_000_000;
+    sibling.inode += 1_000_000;
     rows.push(sibling);
-    drop_duplicate_rows(&mut rows);
-    assert_eq!(rows.len(), distinct + 1);
+    let found = record_all(&rows);
+    assert_eq!(found.listeners.len(), clean.listeners.len() + 1);
+    assert_eq!(found.connections_by_service, clean.connections_by_service);
+    assert_eq!(found.watched.len(), clean.watched.len() + 1);
+    assert!(found
+        .watched
+        .windows(2)
+        .all(|pair| pair[0].inode < pair[1].inode));
+    // The repeated connection is removed from the listing at the end of the sample.
+    assert_eq!(found.duplicate_connections.len(), 1);
+    assert_eq!(
+        found.connections.len() - found.duplicate_connections.len(),
+        clean.connections.len()
+    );
 }
 
 /// Clears CAP_SYS_ADMIN from the calling thread's effective set (capset(2) acts per thread).
