@@ -290,6 +290,9 @@ pub struct TableSources {
     /// refused the port filter and the unfiltered dump, or (for another namespace) setns was
     /// not permitted. Costs CPU in proportion to every socket of the namespace.
     pub proc_text: usize,
+    /// Only listeners were dumped: no process opened or closed a descriptor since the last
+    /// full dump, whose list of watched sockets (and per-service counts) was reused.
+    pub reused_connection_list: bool,
 }
 
 /// Work of the fd walk in one sample.
@@ -360,8 +363,26 @@ pub struct Sampler {
     processes: HashMap<u32, CachedProcess>,
     /// Sample counter, for the cache's ages.
     samples: u64,
-    /// The watched-socket list, kept between samples so its allocation is reused.
+    /// The watched-socket list, kept between samples so its allocation is reused, and reused
+    /// as is while `last_full` holds.
     watched_buffer: Vec<WatchedSocket>,
+    /// What the last full connection dump found, while no descriptor changed since.
+    last_full: Option<FullDump>,
+}
+
+/// The results of a full dump (all watched connections) that a later sample can reuse when no
+/// process opened or closed a descriptor meanwhile: on an idle host with many connections the
+/// dump is most of a sample's cost, and a connection cannot open or close without a
+/// descriptor count changing somewhere (an accept, a connect, a close). A socket's state can
+/// change unseen (ESTABLISHED to CLOSE_WAIT), which only shifts what the next full dump counts.
+#[derive(Debug, Clone)]
+struct FullDump {
+    /// Hash of (namespace, pid, descriptor count) over every process.
+    fingerprint: u64,
+    /// Sample number of the dump; reuse stops after [`REWALK_AFTER_SAMPLES`].
+    sample: u64,
+    connections_by_service: Vec<u64>,
+    namespaces_with_sockets: BTreeSet<u64>,
 }
 
 /// How many members of a namespace to try when the first ones exit during the read.
@@ -398,6 +419,7 @@ impl Sampler {
             processes: HashMap::new(),
             samples: 0,
             watched_buffer: Vec::new(),
+            last_full: None,
         }
     }
 
@@ -436,11 +458,31 @@ impl Sampler {
             }
         }
 
+        let (fd_counts, fingerprint) = self.fd_counts(&namespaces, &mut errors);
         let namespaces_done = started.elapsed();
 
+        // Nothing on the host opened or closed a descriptor since the last full dump (and it
+        // is recent): its list of watched sockets still holds, so only listeners are dumped.
+        let reuse = !list_connections
+            && self.last_full.as_ref().is_some_and(|last| {
+                fingerprint == Some(last.fingerprint)
+                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
+            });
         let mut watched = std::mem::take(&mut self.watched_buffer);
-        watched.clear();
+        if reuse {
+            for socket in &mut watched {
+                socket.claimed = false;
+            }
+        } else {
+            watched.clear();
+        }
         let mut found = Found::new(self.service_names.len(), list_connections, watched);
+        found.listeners_only = reuse;
+        if let (true, Some(last)) = (reuse, &self.last_full) {
+            found
+                .connections_by_service
+                .clone_from(&last.connections_by_service);
+        }
         let own_netns = self.procfs.own_netns().ok();
         for (&netns, namespace) in namespaces.iter_mut() {
             self.read_namespace(
@@ -450,8 +492,28 @@ impl Sampler {
                 &mut found,
                 &mut errors,
             );
+            if let (true, Some(last)) = (reuse, &self.last_full) {
+                namespace.has_watched_sockets |= last.namespaces_with_sockets.contains(&netns);
+            }
         }
         found.finish();
+        found.sources.reused_connection_list = reuse;
+        match (reuse, fingerprint) {
+            (false, Some(fingerprint)) if found.sources.proc_text == 0 => {
+                self.last_full = Some(FullDump {
+                    fingerprint,
+                    sample: self.samples,
+                    connections_by_service: found.connections_by_service.clone(),
+                    namespaces_with_sockets: namespaces
+                        .iter()
+                        .filter(|(_, namespace)| namespace.has_watched_sockets)
+                        .map(|(netns, _)| *netns)
+                        .collect(),
+                });
+            }
+            (false, _) => self.last_full = None,
+            (true, _) => {}
+        }
         let Found {
             mut watched,
             mut listeners,
@@ -466,6 +528,7 @@ impl Sampler {
         let tables_done = started.elapsed();
         let (processes, listener_owners, fd_walk) = self.scan_processes(
             &namespaces,
+            &fd_counts,
             &mut watched,
             &mut connections,
             list_connections,
@@ -597,7 +660,11 @@ impl Sampler {
                 None => return true,
             }
         };
-        let states = dumped_states();
+        let states = if found.listeners_only {
+            diag::state_mask(&[tcp_state::LISTEN])
+        } else {
+            dumped_states()
+        };
         loop {
             let filter = if self.port_filter_refused {
                 None
@@ -725,6 +792,38 @@ impl Sampler {
         }
     }
 
+    /// The descriptor count of every process (sorted by pid) and a fingerprint of all of them
+    /// with their namespaces; both empty/None where the kernel cannot count without a walk.
+    fn fd_counts(
+        &self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        errors: &mut ScanErrors,
+    ) -> (Vec<(u32, u64)>, Option<u64>) {
+        use std::hash::{Hash, Hasher};
+        if !self.fd_count_supported {
+            return (Vec::new(), None);
+        }
+        let mut counts = Vec::new();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (netns, namespace) in namespaces {
+            for &pid in &namespace.members {
+                match self.procfs.fd_count(pid) {
+                    Ok(count) => {
+                        (netns, pid, count).hash(&mut hasher);
+                        counts.push((pid, count));
+                    }
+                    Err(err) => {
+                        // A process that exits changes the picture too.
+                        (netns, pid, u64::MAX).hash(&mut hasher);
+                        errors.io(&format!("pid {pid} fd"), &err);
+                    }
+                }
+            }
+        }
+        counts.sort_unstable();
+        (counts, Some(hasher.finish()))
+    }
+
     /// Which processes hold watched sockets, walking `/proc/<pid>/fd` only where something may
     /// have changed since the last walk. A process's previous result is reused when its
     /// descriptor count is unchanged (a stat of its fd directory, Linux 6.2+), every watched
@@ -735,6 +834,7 @@ impl Sampler {
     fn scan_processes(
         &mut self,
         namespaces: &BTreeMap<u64, Namespace>,
+        fd_counts: &[(u32, u64)],
         watched: &mut [WatchedSocket],
         connections: &mut [WatchedConnection],
         unbounded: bool,
@@ -767,10 +867,10 @@ impl Sampler {
             }
             for &pid in &namespace.members {
                 let open_fds = if self.fd_count_supported {
-                    match self.procfs.fd_count(pid) {
-                        Ok(count) => Some(count),
-                        Err(err) => {
-                            errors.io(&format!("pid {pid} fd"), &err);
+                    match fd_counts.binary_search_by_key(&pid, |(pid, _)| *pid) {
+                        Ok(index) => Some(fd_counts[index].1),
+                        // Its stat failed (counted then): gone or unreadable.
+                        Err(_) => {
                             self.processes.remove(&pid);
                             continue;
                         }
@@ -1085,6 +1185,8 @@ struct Found {
     namespace_sockets: bool,
     namespace_listeners: bool,
     sources: TableSources,
+    /// Record listeners only: the connections come from the previous full dump.
+    listeners_only: bool,
 }
 
 /// Lengths and counts before a namespace's dump, to undo a dump that failed half-way.
@@ -1109,6 +1211,7 @@ impl Found {
             namespace_sockets: false,
             namespace_listeners: false,
             sources: TableSources::default(),
+            listeners_only: false,
         }
     }
 
@@ -1158,7 +1261,7 @@ impl Found {
         limit: Option<u32>,
     ) {
         let listening = row.state == tcp_state::LISTEN;
-        if !listening && !is_listed_connection_state(row.state) {
+        if !listening && (self.listeners_only || !is_listed_connection_state(row.state)) {
             return;
         }
         if row.inode == 0 && !self.fileless.insert((row.local, row.remote)) {
@@ -1192,7 +1295,7 @@ impl Found {
                 owner: None,
             });
         }
-        if row.inode != 0 {
+        if row.inode != 0 && !self.listeners_only {
             self.namespace_sockets = true;
             self.watched.push(WatchedSocket {
                 inode: row.inode,

@@ -309,6 +309,11 @@ fn host_finds_listener_in_another_network_namespace() {
         assert_ne!(queue.netns, own_netns());
         assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
         assert!(snapshot.network_namespaces >= 2);
+        assert_eq!(
+            snapshot.table_sources.proc_text, 0,
+            "sock_diag reads every namespace"
+        );
+        assert!(snapshot.table_sources.sock_diag >= 2);
         assert!(snapshot.tcp_ext_by_netns.contains_key(&queue.netns));
         let python = snapshot
             .processes
@@ -343,6 +348,15 @@ fn host_finds_listener_in_another_network_namespace() {
                 assert_eq!(queue.netns, netns);
                 assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
                 assert_eq!(snapshot.errors.other, 0, "{:?}", snapshot.errors);
+                // Our own namespace still through sock_diag, the other one from its text.
+                assert!(snapshot.table_sources.proc_text >= 1);
+                assert!(snapshot.table_sources.sock_diag >= 1);
+                let python = snapshot
+                    .processes
+                    .iter()
+                    .find(|process| process.pid == child_pid)
+                    .expect("the namespaced python process, found through the text path");
+                assert_eq!(python.connections["nssvc"], 3);
             }
             assert!(sampler.setns_refused);
         })
@@ -451,4 +465,71 @@ fn drop_effective_cap_sys_admin() {
         data[0].effective &= !(1 << CAP_SYS_ADMIN);
         assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
     }
+}
+
+#[test]
+fn unchanged_descriptors_reuse_the_connection_list_until_one_changes() {
+    let mut sampler = {
+        let listener_port = listen_loopback(8).local_addr().unwrap().port();
+        sampler_for(listener_port, "unused")
+    };
+    if !sampler.fd_count_supported {
+        // Before Linux 6.2 nothing tells an unchanged host without walking: no reuse.
+        assert!(
+            !sampler
+                .sample()
+                .unwrap()
+                .table_sources
+                .reused_connection_list
+        );
+        return;
+    }
+    let listener = listen_loopback(8);
+    let port = listener.local_addr().unwrap().port();
+    sampler = sampler_for(port, "reuse");
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _client = TcpStream::connect(address).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    // Other tests open and close descriptors in this process meanwhile; sample until two
+    // samples in a row saw the same descriptors.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (full, reused) = loop {
+        let first = sampler.sample().unwrap();
+        let second = sampler.sample().unwrap();
+        if second.table_sources.reused_connection_list || Instant::now() > deadline {
+            break (first, second);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(reused.table_sources.reused_connection_list, "never reused");
+    assert_eq!(full.connections_by_service["reuse"], 2);
+    assert_eq!(reused.connections_by_service, full.connections_by_service);
+    assert_eq!(reused.fd_walk.processes_walked, 0);
+    let me = |snapshot: &Snapshot| {
+        snapshot
+            .processes
+            .iter()
+            .find(|process| process.pid == std::process::id())
+            .map(|process| {
+                (
+                    process.connections.clone(),
+                    process.listening_sockets.clone(),
+                )
+            })
+    };
+    assert_eq!(me(&reused), me(&full));
+    assert_eq!(
+        reused.listeners.iter().map(|l| l.inode).collect::<Vec<_>>(),
+        full.listeners.iter().map(|l| l.inode).collect::<Vec<_>>()
+    );
+
+    // A new connection changes this process's descriptor count: a full dump again, which
+    // sees it, and a walk of this process, which finds it.
+    let _second_client = TcpStream::connect(address).unwrap();
+    let (_second_accepted, _) = listener.accept().unwrap();
+    let after = sampler.sample().unwrap();
+    assert!(!after.table_sources.reused_connection_list);
+    assert_eq!(after.connections_by_service["reuse"], 4);
+    let (connections, listening) = me(&after).expect("this process holds watched sockets");
+    assert_eq!((connections["reuse"], listening["reuse"]), (4, 1));
 }
