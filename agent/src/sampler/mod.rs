@@ -290,8 +290,8 @@ pub struct TableSources {
     /// refused the port filter and the unfiltered dump, or (for another namespace) setns was
     /// not permitted. Costs CPU in proportion to every socket of the namespace.
     pub proc_text: usize,
-    /// Only listeners were dumped: no process opened or closed a descriptor since the last
-    /// full dump, whose list of watched sockets (and per-service counts) was reused.
+    /// Only listeners were dumped: no TCP connection came or went since the last full dump,
+    /// whose list of watched connections (and per-service counts) was reused.
     pub reused_connection_list: bool,
 }
 
@@ -371,13 +371,14 @@ pub struct Sampler {
 }
 
 /// The results of a full dump (all watched connections) that a later sample can reuse when no
-/// process opened or closed a descriptor meanwhile: on an idle host with many connections the
-/// dump is most of a sample's cost, and a connection cannot open or close without a
-/// descriptor count changing somewhere (an accept, a connect, a close). A socket's state can
-/// change unseen (ESTABLISHED to CLOSE_WAIT), which only shifts what the next full dump counts.
+/// TCP connection opened, failed or closed in any namespace meanwhile (/proc/net/snmp counters,
+/// see [`parse::TcpConnectionCounters`]): on an idle host with many connections the dump is
+/// most of a sample's cost. Listeners are always dumped afresh. What the counters cannot tell
+/// (a close from CLOSING states, a socket passed to another process) waits for the next full
+/// dump, at most [`REWALK_AFTER_SAMPLES`] later; ownership still follows descriptor counts.
 #[derive(Debug, Clone)]
 struct FullDump {
-    /// Hash of (namespace, pid, descriptor count) over every process.
+    /// Hash of every namespace's connection counters.
     fingerprint: u64,
     /// Sample number of the dump; reuse stops after [`REWALK_AFTER_SAMPLES`].
     sample: u64,
@@ -458,11 +459,12 @@ impl Sampler {
             }
         }
 
-        let (fd_counts, fingerprint) = self.fd_counts(&namespaces, &mut errors);
+        let fd_counts = self.fd_counts(&namespaces, &mut errors);
+        let fingerprint = self.connection_fingerprint(&namespaces);
         let namespaces_done = started.elapsed();
 
-        // Nothing on the host opened or closed a descriptor since the last full dump (and it
-        // is recent): its list of watched sockets still holds, so only listeners are dumped.
+        // No TCP connection opened or closed anywhere since the last full dump (and it is
+        // recent): its list of watched connections still holds, so only listeners are dumped.
         let reuse = !list_connections
             && self.last_full.as_ref().is_some_and(|last| {
                 fingerprint == Some(last.fingerprint)
@@ -470,6 +472,8 @@ impl Sampler {
             });
         let mut watched = std::mem::take(&mut self.watched_buffer);
         if reuse {
+            // Listeners come fresh from this sample's dump.
+            watched.retain(|socket| !socket.listening);
             for socket in &mut watched {
                 socket.claimed = false;
             }
@@ -792,36 +796,43 @@ impl Sampler {
         }
     }
 
-    /// The descriptor count of every process (sorted by pid) and a fingerprint of all of them
-    /// with their namespaces; both empty/None where the kernel cannot count without a walk.
+    /// The descriptor count of every process, sorted by pid; empty where the kernel cannot
+    /// count without a walk.
     fn fd_counts(
         &self,
         namespaces: &BTreeMap<u64, Namespace>,
         errors: &mut ScanErrors,
-    ) -> (Vec<(u32, u64)>, Option<u64>) {
-        use std::hash::{Hash, Hasher};
+    ) -> Vec<(u32, u64)> {
         if !self.fd_count_supported {
-            return (Vec::new(), None);
+            return Vec::new();
         }
         let mut counts = Vec::new();
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for (netns, namespace) in namespaces {
+        for namespace in namespaces.values() {
             for &pid in &namespace.members {
                 match self.procfs.fd_count(pid) {
-                    Ok(count) => {
-                        (netns, pid, count).hash(&mut hasher);
-                        counts.push((pid, count));
-                    }
-                    Err(err) => {
-                        // A process that exits changes the picture too.
-                        (netns, pid, u64::MAX).hash(&mut hasher);
-                        errors.io(&format!("pid {pid} fd"), &err);
-                    }
+                    Ok(count) => counts.push((pid, count)),
+                    Err(err) => errors.io(&format!("pid {pid} fd"), &err),
                 }
             }
         }
         counts.sort_unstable();
-        (counts, Some(hasher.finish()))
+        counts
+    }
+
+    /// A fingerprint of every namespace's connection counters (see
+    /// [`parse::TcpConnectionCounters`]), None when one could not be read.
+    fn connection_fingerprint(&self, namespaces: &BTreeMap<u64, Namespace>) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (netns, namespace) in namespaces {
+            let counters = namespace
+                .members
+                .iter()
+                .take(REPRESENTATIVE_ATTEMPTS)
+                .find_map(|&pid| self.procfs.read_snmp_tcp(pid).ok()?.ok())?;
+            (netns, counters).hash(&mut hasher);
+        }
+        Some(hasher.finish())
     }
 
     /// Which processes hold watched sockets, walking `/proc/<pid>/fd` only where something may
@@ -1295,7 +1306,7 @@ impl Found {
                 owner: None,
             });
         }
-        if row.inode != 0 && !self.listeners_only {
+        if row.inode != 0 {
             self.namespace_sockets = true;
             self.watched.push(WatchedSocket {
                 inode: row.inode,

@@ -135,6 +135,14 @@ impl ProcFs {
         Ok(parse::parse_netstat(&text))
     }
 
+    pub fn read_snmp_tcp(
+        &self,
+        pid: u32,
+    ) -> io::Result<Result<parse::TcpConnectionCounters, ParseError>> {
+        let text = fs::read_to_string(self.pid_path(pid, "net/snmp"))?;
+        Ok(parse::parse_snmp_tcp(&text))
+    }
+
     pub fn read_soft_nofile(&self, pid: u32) -> io::Result<Result<u64, ParseError>> {
         let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
         Ok(parse::parse_soft_nofile(&text))
