@@ -290,9 +290,9 @@ pub struct TableSources {
     /// refused the port filter and the unfiltered dump, or (for another namespace) setns was
     /// not permitted. Costs CPU in proportion to every socket of the namespace.
     pub proc_text: usize,
-    /// Only listeners were dumped: no TCP connection came or went since the last full dump,
-    /// whose list of watched connections (and per-service counts) was reused.
-    pub reused_connection_list: bool,
+    /// Namespaces of which only listeners were dumped: no TCP connection came or went in them
+    /// since their last full dump, whose watched connections (and counts) were reused.
+    pub reused_namespaces: usize,
 }
 
 /// Work of the fd walk in one sample.
@@ -363,27 +363,29 @@ pub struct Sampler {
     processes: HashMap<u32, CachedProcess>,
     /// Sample counter, for the cache's ages.
     samples: u64,
-    /// The watched-socket list, kept between samples so its allocation is reused, and reused
-    /// as is while `last_full` holds.
+    /// The watched-socket list, kept between samples so its allocation is reused.
     watched_buffer: Vec<WatchedSocket>,
-    /// What the last full connection dump found, while no descriptor changed since.
-    last_full: Option<FullDump>,
+    /// Last full dump per namespace, for reuse while its connections did not change.
+    namespace_dumps: HashMap<u64, NamespaceDump>,
 }
 
-/// The results of a full dump (all watched connections) that a later sample can reuse when no
-/// TCP connection opened, failed or closed in any namespace meanwhile (/proc/net/snmp counters,
-/// see [`parse::TcpConnectionCounters`]): on an idle host with many connections the dump is
-/// most of a sample's cost. Listeners are always dumped afresh. What the counters cannot tell
-/// (a close from CLOSING states, a socket passed to another process) waits for the next full
-/// dump, at most [`REWALK_AFTER_SAMPLES`] later; ownership still follows descriptor counts.
+/// One namespace's watched connections from its last full dump, reused by later samples while
+/// no TCP connection opened, failed or closed in the namespace (its /proc/net/snmp counters,
+/// see [`parse::TcpConnectionCounters`], are unchanged): on an idle host with many connections
+/// the dump is most of a sample's cost. Listeners are always dumped afresh. What the counters
+/// cannot tell (a socket passed to another process, a state change that keeps a connection
+/// established) waits for the next full dump, at most [`REWALK_AFTER_SAMPLES`] later; which
+/// process holds what still follows descriptor counts every sample.
 #[derive(Debug, Clone)]
-struct FullDump {
-    /// Hash of every namespace's connection counters.
-    fingerprint: u64,
-    /// Sample number of the dump; reuse stops after [`REWALK_AFTER_SAMPLES`].
+struct NamespaceDump {
+    counters: parse::TcpConnectionCounters,
+    /// Sample number of the dump.
     sample: u64,
-    connections_by_service: Vec<u64>,
-    namespaces_with_sockets: BTreeSet<u64>,
+    /// The namespace's watched non-listening sockets with an inode.
+    connections: Vec<WatchedSocket>,
+    /// Its listed connections per service (including those without an inode).
+    counts: Vec<u64>,
+    has_sockets: bool,
 }
 
 /// How many members of a namespace to try when the first ones exit during the read.
@@ -420,7 +422,7 @@ impl Sampler {
             processes: HashMap::new(),
             samples: 0,
             watched_buffer: Vec::new(),
-            last_full: None,
+            namespace_dumps: HashMap::new(),
         }
     }
 
@@ -460,35 +462,47 @@ impl Sampler {
         }
 
         let fd_counts = self.fd_counts(&namespaces, &mut errors);
-        let fingerprint = self.connection_fingerprint(&namespaces);
         let namespaces_done = started.elapsed();
 
-        // No TCP connection opened or closed anywhere since the last full dump (and it is
-        // recent): its list of watched connections still holds, so only listeners are dumped.
-        let reuse = !list_connections
-            && self.last_full.as_ref().is_some_and(|last| {
-                fingerprint == Some(last.fingerprint)
-                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
-            });
         let mut watched = std::mem::take(&mut self.watched_buffer);
-        if reuse {
-            // Listeners come fresh from this sample's dump.
-            watched.retain(|socket| !socket.listening);
-            for socket in &mut watched {
-                socket.claimed = false;
-            }
-        } else {
-            watched.clear();
-        }
+        watched.clear();
         let mut found = Found::new(self.service_names.len(), list_connections, watched);
-        found.listeners_only = reuse;
-        if let (true, Some(last)) = (reuse, &self.last_full) {
-            found
-                .connections_by_service
-                .clone_from(&last.connections_by_service);
-        }
         let own_netns = self.procfs.own_netns().ok();
         for (&netns, namespace) in namespaces.iter_mut() {
+            let counters = self.connection_counters(namespace);
+            // No TCP connection opened or closed in this namespace since its last full dump
+            // (and that is recent): its watched connections still hold; dump listeners only.
+            let reusable = self.namespace_dumps.get(&netns).filter(|last| {
+                !list_connections
+                    && counters == Some(last.counters)
+                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
+            });
+            if let Some(last) = reusable {
+                let (connections, counts, has_sockets) = (
+                    last.connections.clone(),
+                    last.counts.clone(),
+                    last.has_sockets,
+                );
+                found.listeners_only = true;
+                self.read_namespace(
+                    netns,
+                    own_netns == Some(netns),
+                    namespace,
+                    &mut found,
+                    &mut errors,
+                );
+                found.listeners_only = false;
+                found.watched.extend_from_slice(&connections);
+                for (total, count) in found.connections_by_service.iter_mut().zip(counts) {
+                    *total += count;
+                }
+                namespace.has_watched_sockets |= has_sockets;
+                found.sources.reused_namespaces += 1;
+                continue;
+            }
+            let first = found.watched.len();
+            let counts_before = found.connections_by_service.clone();
+            let diag_before = found.sources.sock_diag;
             self.read_namespace(
                 netns,
                 own_netns == Some(netns),
@@ -496,28 +510,44 @@ impl Sampler {
                 &mut found,
                 &mut errors,
             );
-            if let (true, Some(last)) = (reuse, &self.last_full) {
-                namespace.has_watched_sockets |= last.namespaces_with_sockets.contains(&netns);
+            match counters {
+                Some(counters) if found.sources.sock_diag > diag_before => {
+                    let connections: Vec<WatchedSocket> = found.watched[first..]
+                        .iter()
+                        .filter(|socket| !socket.listening)
+                        .map(|socket| WatchedSocket {
+                            connection: NO_CONNECTION,
+                            ..*socket
+                        })
+                        .collect();
+                    let counts = found
+                        .connections_by_service
+                        .iter()
+                        .zip(&counts_before)
+                        .map(|(after, before)| after - before)
+                        .collect();
+                    self.namespace_dumps.insert(
+                        netns,
+                        NamespaceDump {
+                            counters,
+                            sample: self.samples,
+                            has_sockets: !connections.is_empty(),
+                            connections,
+                            counts,
+                        },
+                    );
+                }
+                _ => {
+                    self.namespace_dumps.remove(&netns);
+                }
             }
+        }
+        self.namespace_dumps
+            .retain(|netns, _| namespaces.contains_key(netns));
+        for dump in self.namespace_dumps.values_mut() {
+            shrink_after_spike(&mut dump.connections);
         }
         found.finish();
-        found.sources.reused_connection_list = reuse;
-        match (reuse, fingerprint) {
-            (false, Some(fingerprint)) if found.sources.proc_text == 0 => {
-                self.last_full = Some(FullDump {
-                    fingerprint,
-                    sample: self.samples,
-                    connections_by_service: found.connections_by_service.clone(),
-                    namespaces_with_sockets: namespaces
-                        .iter()
-                        .filter(|(_, namespace)| namespace.has_watched_sockets)
-                        .map(|(netns, _)| *netns)
-                        .collect(),
-                });
-            }
-            (false, _) => self.last_full = None,
-            (true, _) => {}
-        }
         let Found {
             mut watched,
             mut listeners,
@@ -819,20 +849,14 @@ impl Sampler {
         counts
     }
 
-    /// A fingerprint of every namespace's connection counters (see
-    /// [`parse::TcpConnectionCounters`]), None when one could not be read.
-    fn connection_fingerprint(&self, namespaces: &BTreeMap<u64, Namespace>) -> Option<u64> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        for (netns, namespace) in namespaces {
-            let counters = namespace
-                .members
-                .iter()
-                .take(REPRESENTATIVE_ATTEMPTS)
-                .find_map(|&pid| self.procfs.read_snmp_tcp(pid).ok()?.ok())?;
-            (netns, counters).hash(&mut hasher);
-        }
-        Some(hasher.finish())
+    /// The namespace's connection counters (see [`parse::TcpConnectionCounters`]) through its
+    /// first member that answers; None when none did.
+    fn connection_counters(&self, namespace: &Namespace) -> Option<parse::TcpConnectionCounters> {
+        namespace
+            .members
+            .iter()
+            .take(REPRESENTATIVE_ATTEMPTS)
+            .find_map(|&pid| self.procfs.read_snmp_tcp(pid).ok()?.ok())
     }
 
     /// Which processes hold watched sockets, walking `/proc/<pid>/fd` only where something may

@@ -468,25 +468,10 @@ fn drop_effective_cap_sys_admin() {
 }
 
 #[test]
-fn unchanged_descriptors_reuse_the_connection_list_until_one_changes() {
-    let mut sampler = {
-        let listener_port = listen_loopback(8).local_addr().unwrap().port();
-        sampler_for(listener_port, "unused")
-    };
-    if !sampler.fd_count_supported {
-        // Before Linux 6.2 nothing tells an unchanged host without walking: no reuse.
-        assert!(
-            !sampler
-                .sample()
-                .unwrap()
-                .table_sources
-                .reused_connection_list
-        );
-        return;
-    }
+fn quiet_tcp_reuses_the_connection_list_until_a_connection_opens() {
     let listener = listen_loopback(8);
     let port = listener.local_addr().unwrap().port();
-    sampler = sampler_for(port, "reuse");
+    let mut sampler = sampler_for(port, "reuse");
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
     let _client = TcpStream::connect(address).unwrap();
     let (_accepted, _) = listener.accept().unwrap();
@@ -496,12 +481,16 @@ fn unchanged_descriptors_reuse_the_connection_list_until_one_changes() {
     let (full, reused) = loop {
         let first = sampler.sample().unwrap();
         let second = sampler.sample().unwrap();
-        if second.table_sources.reused_connection_list || Instant::now() > deadline {
+        let all_reused = second.table_sources.reused_namespaces == second.network_namespaces;
+        if all_reused || Instant::now() > deadline {
             break (first, second);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(reused.table_sources.reused_connection_list, "never reused");
+    assert_eq!(
+        reused.table_sources.reused_namespaces, reused.network_namespaces,
+        "never reused"
+    );
     assert_eq!(full.connections_by_service["reuse"], 2);
     assert_eq!(reused.connections_by_service, full.connections_by_service);
     if sampler.fd_count_supported {
@@ -531,7 +520,7 @@ fn unchanged_descriptors_reuse_the_connection_list_until_one_changes() {
     let _second_client = TcpStream::connect(address).unwrap();
     let (_second_accepted, _) = listener.accept().unwrap();
     let after = sampler.sample().unwrap();
-    assert!(!after.table_sources.reused_connection_list);
+    assert!(after.table_sources.reused_namespaces < after.network_namespaces);
     assert_eq!(after.connections_by_service["reuse"], 4);
     let (connections, listening) = me(&after).expect("this process holds watched sockets");
     assert_eq!((connections["reuse"], listening["reuse"]), (4, 1));
