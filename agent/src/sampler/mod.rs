@@ -472,17 +472,13 @@ impl Sampler {
             let counters = self.connection_counters(namespace);
             // No TCP connection opened or closed in this namespace since its last full dump
             // (and that is recent): its watched connections still hold; dump listeners only.
-            let reusable = self.namespace_dumps.get(&netns).filter(|last| {
+            // Taken out (not cloned) while the namespace is read; put back if still valid.
+            let reusable = self.namespace_dumps.remove(&netns).filter(|last| {
                 !list_connections
                     && counters == Some(last.counters)
                     && self.samples - last.sample < REWALK_AFTER_SAMPLES
             });
             if let Some(last) = reusable {
-                let (connections, counts, has_sockets) = (
-                    last.connections.clone(),
-                    last.counts.clone(),
-                    last.has_sockets,
-                );
                 found.listeners_only = true;
                 self.read_namespace(
                     netns,
@@ -492,12 +488,13 @@ impl Sampler {
                     &mut errors,
                 );
                 found.listeners_only = false;
-                found.watched.extend_from_slice(&connections);
-                for (total, count) in found.connections_by_service.iter_mut().zip(counts) {
+                found.watched.extend_from_slice(&last.connections);
+                for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
                     *total += count;
                 }
-                namespace.has_watched_sockets |= has_sockets;
+                namespace.has_watched_sockets |= last.has_sockets;
                 found.sources.reused_namespaces += 1;
+                self.namespace_dumps.insert(netns, last);
                 continue;
             }
             let first = found.watched.len();
@@ -594,6 +591,7 @@ impl Sampler {
 
         shrink_after_spike(&mut watched);
         self.watched_buffer = watched;
+        release_freed_memory();
 
         let alive: BTreeSet<u64> = namespaces.keys().copied().collect();
         let tcp_ext = self.counters.update(&netstat_readings, &alive);
@@ -1184,6 +1182,19 @@ fn service_of(ports: &HashMap<u16, u16>, row: &TcpRow) -> Option<(u16, Role)> {
     ports
         .get(&row.remote.port())
         .map(|&service| (service, Role::Client))
+}
+
+/// Hands memory freed by this sample back to the kernel. glibc keeps freed memory in the
+/// arena of the thread that used it, and samples run on whichever blocking-pool thread tokio
+/// picks, so each of those arenas would otherwise keep a sample's peak for good (two arenas
+/// of ~41 MB each with 100k connections and the old text parser, measured). malloc_trim walks
+/// every arena, the main one included, once per sample.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Shrinks a reusable buffer that holds far more than the last sample needed.
