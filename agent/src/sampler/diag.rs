@@ -8,7 +8,13 @@
 //! other namespaces are queried from a short-lived thread that has joined them with setns(2)
 //! (needs CAP_SYS_ADMIN; only the calling thread changes namespace).
 //!
-//! Message encoding and decoding are pure functions over bytes; `query_listeners` is the I/O.
+//! The sampler also lists every watched socket through it (`dump_sockets`): one dump per address
+//! family and namespace, with the watched ports checked by the kernel (an inet_diag bytecode
+//! filter, see `port_filter_bytecode`), so the agent never formats or parses the text of every
+//! socket on the host as /proc/net/tcp would make it.
+//!
+//! Message encoding and decoding are pure functions over bytes; `query_listeners` and
+//! `dump_sockets` are the I/O.
 //! When setns is not allowed (no CAP_SYS_ADMIN, or a seccomp/namespace-restricted service),
 //! `backlog_via_owner` reads a listener's queue through the process that holds it.
 
@@ -34,6 +40,18 @@ const TCP_LISTEN: u32 = 10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
+const NLA_HDR_LEN: usize = 4;
+/// include/uapi/linux/inet_diag.h: `enum { INET_DIAG_REQ_NONE, INET_DIAG_REQ_BYTECODE, ... }`.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// Bytecode op codes (include/uapi/linux/inet_diag.h). S_EQ/D_EQ exist since Linux 4.16.
+const INET_DIAG_BC_JMP: u8 = 1;
+const INET_DIAG_BC_S_EQ: u8 = 11;
+const INET_DIAG_BC_D_EQ: u8 = 12;
+/// One port comparison: the op, then a second op whose `no` field holds the port.
+const PORT_CONDITION_LEN: usize = 8;
+const JMP_LEN: usize = 4;
+/// Bytecode lengths travel in u16 fields (`no` jumps, the attribute length).
+const MAX_BYTECODE_LEN: usize = 60_000;
 
 /// A listening socket as sock_diag reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,17 +77,164 @@ pub enum DiagError {
     TooLarge(usize),
     #[error("the socket changed or closed while being read")]
     Changed,
+    /// socket(AF_NETLINK, NETLINK_SOCK_DIAG) failed: no sock_diag in this kernel or sandbox.
+    #[error("sock_diag unavailable: {0}")]
+    Unavailable(io::Error),
+    /// setns(2) into the namespace was refused (no CAP_SYS_ADMIN) or failed.
+    #[error("cannot join the network namespace: {0}")]
+    Setns(io::Error),
 }
 
 impl DiagError {
     /// The errno behind the failure, to classify permission problems.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            DiagError::Io(err) => err.raw_os_error(),
+            DiagError::Io(err) | DiagError::Unavailable(err) | DiagError::Setns(err) => {
+                err.raw_os_error()
+            }
             DiagError::Kernel(errno) => Some(*errno),
             _ => None,
         }
     }
+}
+
+/// One TCP socket as sock_diag reports it (`struct inet_diag_msg`), without attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiagSocket {
+    /// Kernel TCP state number (`agent_common::tcp_state`).
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Listeners: sk_ack_backlog. Others: bytes received and not yet read.
+    pub rqueue: u32,
+    /// Listeners: sk_max_ack_backlog (the accept-queue limit). Others: bytes not yet acked.
+    pub wqueue: u32,
+    /// 0 for sockets without a file (children still in an accept queue, orphans).
+    pub inode: u64,
+}
+
+/// Bitmask of TCP states for `idiag_states` (bit n = state n).
+pub fn state_mask(states: &[u8]) -> u32 {
+    states
+        .iter()
+        .filter(|state| **state < 32)
+        .fold(0, |mask, state| mask | (1u32 << state))
+}
+
+/// inet_diag bytecode accepting a socket whose local or remote port is one of `ports`, or None
+/// when there is nothing to filter on or the program would not fit the u16 jump fields.
+///
+/// The kernel runs it as: for each op, on true jump `yes` bytes, on false jump `no` bytes; the
+/// socket is accepted when execution lands exactly on the end and rejected when it jumps past
+/// it. Its audit (inet_diag_bc_audit) follows only the `yes` chain, which must reach the end
+/// exactly, and `yes` is a u8, so the layout is a chain of small blocks, one per comparison:
+///
+/// ```text
+/// [EQ port: yes -> the JMP after it, no -> next block][JMP: always `no` -> end (accept)]
+/// ```
+///
+/// and the last block's comparison jumps 4 bytes past the end (reject) when false.
+pub fn port_filter_bytecode(ports: &[u16]) -> Option<Vec<u8>> {
+    let mut distinct: Vec<u16> = ports.iter().copied().filter(|port| *port != 0).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.is_empty() {
+        return None;
+    }
+    let block = PORT_CONDITION_LEN + JMP_LEN;
+    let total = distinct.len() * 2 * block;
+    if total > MAX_BYTECODE_LEN {
+        return None;
+    }
+    let mut code = Vec::with_capacity(total);
+    let conditions = distinct
+        .iter()
+        .flat_map(|port| [(INET_DIAG_BC_S_EQ, *port), (INET_DIAG_BC_D_EQ, *port)]);
+    for (code_op, port) in conditions {
+        let remaining = total - code.len();
+        // False: the next block, or 4 bytes past the end (reject) for the last one.
+        let no = if remaining == block {
+            remaining + 4
+        } else {
+            block
+        };
+        push_op(&mut code, code_op, PORT_CONDITION_LEN as u8, no as u16);
+        push_op(&mut code, 0, 0, port);
+        // The JMP: `no` lands exactly on the end (accept); `yes` only guides the audit.
+        let to_end = total - code.len();
+        push_op(&mut code, INET_DIAG_BC_JMP, JMP_LEN as u8, to_end as u16);
+    }
+    Some(code)
+}
+
+fn push_op(code: &mut Vec<u8>, op: u8, yes: u8, no: u16) {
+    code.push(op);
+    code.push(yes);
+    code.extend_from_slice(&no.to_ne_bytes());
+}
+
+/// A dump request for TCP sockets of one address family in `states`, optionally filtered by
+/// `bytecode` (see `port_filter_bytecode`).
+pub fn encode_dump_request(
+    family: u8,
+    states: u32,
+    bytecode: Option<&[u8]>,
+    sequence: u32,
+) -> Vec<u8> {
+    let attribute_len = bytecode.map_or(0, |code| NLA_HDR_LEN + code.len());
+    let total = REQUEST_LEN + ((attribute_len + 3) & !3);
+    let mut message = vec![0u8; total];
+    message[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
+    message[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    message[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    message[8..12].copy_from_slice(&sequence.to_ne_bytes());
+    // Port id 0 on both sides: the kernel fills in ours.
+    let request = &mut message[NLMSG_HDR_LEN..REQUEST_LEN];
+    request[0] = family;
+    request[1] = IPPROTO_TCP;
+    // idiag_ext = 0: no extensions wanted; pad = 0.
+    request[4..8].copy_from_slice(&states.to_ne_bytes());
+    // The socket id (ports, addresses, interface, cookie) stays zero: it is ignored for dumps.
+    if let Some(code) = bytecode {
+        let attribute = &mut message[REQUEST_LEN..];
+        attribute[0..2].copy_from_slice(&(attribute_len as u16).to_ne_bytes());
+        attribute[2..4].copy_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+        attribute[NLA_HDR_LEN..NLA_HDR_LEN + code.len()].copy_from_slice(code);
+    }
+    message
+}
+
+/// Decodes the netlink messages in one datagram of a dump reply, handing each socket to
+/// `visit`. Returns true when the datagram ended the dump (NLMSG_DONE).
+pub fn decode_dump_datagram(
+    mut bytes: &[u8],
+    visit: &mut dyn FnMut(DiagSocket),
+) -> Result<bool, DiagError> {
+    while bytes.len() >= NLMSG_HDR_LEN {
+        let length = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(bytes[4..6].try_into().expect("2 bytes"));
+        if length < NLMSG_HDR_LEN || length > bytes.len() {
+            return Err(DiagError::Malformed("message length outside the datagram"));
+        }
+        let payload = &bytes[NLMSG_HDR_LEN..length];
+        match kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR => {
+                let errno = payload
+                    .get(0..4)
+                    .map(|raw| i32::from_ne_bytes(raw.try_into().expect("4 bytes")))
+                    .ok_or(DiagError::Malformed("short error message"))?;
+                // The kernel sends negative errno values; 0 would be an ack, not expected here.
+                return Err(DiagError::Kernel(errno.saturating_neg()));
+            }
+            SOCK_DIAG_BY_FAMILY => visit(decode_inet_diag_msg(payload)?),
+            _ => {}
+        }
+        // Messages are padded to 4 bytes (NLMSG_ALIGN).
+        let advance = (length + 3) & !3;
+        bytes = bytes.get(advance..).unwrap_or(&[]);
+    }
+    Ok(false)
 }
 
 /// A dump request for TCP sockets in LISTEN state of one address family.
@@ -97,40 +262,21 @@ pub struct DiagBatch {
     pub done: bool,
 }
 
-/// Decodes the netlink messages in one datagram of a dump reply.
-pub fn decode_dump_reply(mut bytes: &[u8]) -> Result<DiagBatch, DiagError> {
+/// Decodes one datagram of a LISTEN dump reply.
+pub fn decode_dump_reply(bytes: &[u8]) -> Result<DiagBatch, DiagError> {
     let mut batch = DiagBatch::default();
-    while bytes.len() >= NLMSG_HDR_LEN {
-        let length = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(bytes[4..6].try_into().expect("2 bytes"));
-        if length < NLMSG_HDR_LEN || length > bytes.len() {
-            return Err(DiagError::Malformed("message length outside the datagram"));
-        }
-        let payload = &bytes[NLMSG_HDR_LEN..length];
-        match kind {
-            NLMSG_DONE => {
-                batch.done = true;
-                return Ok(batch);
-            }
-            NLMSG_ERROR => {
-                let errno = payload
-                    .get(0..4)
-                    .map(|raw| i32::from_ne_bytes(raw.try_into().expect("4 bytes")))
-                    .ok_or(DiagError::Malformed("short error message"))?;
-                // The kernel sends negative errno values; 0 would be an ack, not expected here.
-                return Err(DiagError::Kernel(errno.saturating_neg()));
-            }
-            SOCK_DIAG_BY_FAMILY => batch.listeners.push(decode_inet_diag_msg(payload)?),
-            _ => {}
-        }
-        // Messages are padded to 4 bytes (NLMSG_ALIGN).
-        let advance = (length + 3) & !3;
-        bytes = bytes.get(advance..).unwrap_or(&[]);
-    }
+    batch.done = decode_dump_datagram(bytes, &mut |socket| {
+        batch.listeners.push(ListenerBacklog {
+            local: socket.local,
+            inode: socket.inode,
+            queue_len: socket.rqueue,
+            limit: socket.wqueue,
+        })
+    })?;
     Ok(batch)
 }
 
-fn decode_inet_diag_msg(payload: &[u8]) -> Result<ListenerBacklog, DiagError> {
+fn decode_inet_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
     if payload.len() < INET_DIAG_MSG_LEN {
         return Err(DiagError::Malformed("short inet_diag_msg"));
     }
@@ -139,22 +285,32 @@ fn decode_inet_diag_msg(payload: &[u8]) -> Result<ListenerBacklog, DiagError> {
     };
     let family = payload[0];
     // The socket id starts at offset 4: sport and dport are big-endian, then src[16], dst[16].
-    let port = u16::from_be_bytes([payload[4], payload[5]]);
-    let mut source = [0u8; 16];
-    source.copy_from_slice(&payload[8..24]);
-    let local = match family {
-        AF_INET => SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::new(source[0], source[1], source[2], source[3]),
-            port,
-        )),
-        AF_INET6 => SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(source), port, 0, 0)),
-        _ => return Err(DiagError::Malformed("unknown address family")),
+    let local_port = u16::from_be_bytes([payload[4], payload[5]]);
+    let remote_port = u16::from_be_bytes([payload[6], payload[7]]);
+    let address = |bytes: &[u8], port: u16| -> Result<SocketAddr, DiagError> {
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(bytes);
+        match family {
+            AF_INET => Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]),
+                port,
+            ))),
+            AF_INET6 => Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(raw),
+                port,
+                0,
+                0,
+            ))),
+            _ => Err(DiagError::Malformed("unknown address family")),
+        }
     };
     // After the 48-byte id: expires, rqueue, wqueue, uid, inode.
-    Ok(ListenerBacklog {
-        local,
-        queue_len: u32_at(56),
-        limit: u32_at(60),
+    Ok(DiagSocket {
+        state: payload[1],
+        local: address(&payload[8..24], local_port)?,
+        remote: address(&payload[24..40], remote_port)?,
+        rqueue: u32_at(56),
+        wqueue: u32_at(60),
         inode: u64::from(u32_at(68)),
     })
 }
@@ -166,8 +322,17 @@ const MAX_LISTENERS: usize = 1 << 20;
 /// All TCP listeners (IPv4 and IPv6) in the network namespace `netns`, or in the calling
 /// thread's own namespace when `netns` is None.
 pub fn query_listeners(netns: Option<&File>) -> Result<Vec<ListenerBacklog>, DiagError> {
+    in_namespace(netns, dump_listeners)
+}
+
+/// Runs `work` in the network namespace `netns` (a short-lived thread joined to it with setns,
+/// which needs CAP_SYS_ADMIN), or on the calling thread when `netns` is None.
+fn in_namespace<T: Send>(
+    netns: Option<&File>,
+    work: impl FnOnce() -> Result<T, DiagError> + Send,
+) -> Result<T, DiagError> {
     match netns {
-        None => dump_listeners(),
+        None => work(),
         Some(netns) => std::thread::scope(|scope| {
             let worker = std::thread::Builder::new()
                 .name("sock-diag-netns".into())
@@ -175,14 +340,116 @@ pub fn query_listeners(netns: Option<&File>) -> Result<Vec<ListenerBacklog>, Dia
                     // SAFETY: setns only reads the descriptor, which `netns` keeps open; it
                     // affects this thread alone, and the thread ends right after the dump.
                     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(DiagError::Io(io::Error::last_os_error()));
+                        return Err(DiagError::Setns(io::Error::last_os_error()));
                     }
-                    dump_listeners()
+                    work()
                 })?;
             worker
                 .join()
                 .unwrap_or(Err(DiagError::Malformed("sock_diag thread panicked")))
         }),
+    }
+}
+
+/// Upper bound on sockets in one dump, so a kernel bug cannot make a sample loop forever.
+const MAX_DUMPED_SOCKETS: usize = 1 << 24;
+
+/// Every TCP socket (IPv4 and IPv6) in one of `states` that `bytecode` accepts (all of them
+/// when None), in the namespace `netns` (see `in_namespace`), handed to `visit` one at a time:
+/// nothing is kept here, so the memory used does not grow with the number of sockets.
+pub fn dump_sockets(
+    netns: Option<&File>,
+    states: u32,
+    bytecode: Option<&[u8]>,
+    visit: &mut (dyn FnMut(DiagSocket) + Send),
+) -> Result<(), DiagError> {
+    in_namespace(netns, move || {
+        let socket = open_sock_diag()?;
+        let mut buffer = vec![0u8; RECEIVE_BUFFER_LEN];
+        let mut seen = 0usize;
+        for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
+            let request = encode_dump_request(family, states, bytecode, sequence);
+            send_request(&socket, &request)?;
+            loop {
+                let received = receive(&socket, &mut buffer)?;
+                let mut count = 0usize;
+                let done = decode_dump_datagram(&buffer[..received], &mut |found| {
+                    count += 1;
+                    visit(found)
+                })?;
+                seen += count;
+                if seen > MAX_DUMPED_SOCKETS {
+                    return Err(DiagError::TooLarge(MAX_DUMPED_SOCKETS));
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The kernel sizes dump datagrams after the reader's receive buffer, up to 32 KiB each; a
+/// larger buffer never truncates one, and fewer, fuller datagrams mean fewer recv calls.
+const RECEIVE_BUFFER_LEN: usize = 64 * 1024;
+
+fn open_sock_diag() -> Result<OwnedFd, DiagError> {
+    // SAFETY: plain socket(2); the result is checked before being wrapped in an OwnedFd.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if raw < 0 {
+        return Err(DiagError::Unavailable(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_receive_timeout(&socket, Duration::from_secs(2))?;
+    Ok(socket)
+}
+
+fn send_request(socket: &OwnedFd, request: &[u8]) -> Result<(), DiagError> {
+    // SAFETY: the buffer is valid for its length; the socket is open.
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> Result<usize, DiagError> {
+    loop {
+        // SAFETY: the buffer is valid for writes of its length.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if received < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err.into());
+        }
+        if received == 0 {
+            return Err(DiagError::Malformed("socket closed before NLMSG_DONE"));
+        }
+        return Ok(received as usize);
     }
 }
 
@@ -236,71 +503,24 @@ pub fn backlog_via_owner(pid: u32, fd: i32, inode: u64) -> Result<(u32, u32), Di
 }
 
 fn dump_listeners() -> Result<Vec<ListenerBacklog>, DiagError> {
-    // SAFETY: plain socket(2); the result is checked before being wrapped in an OwnedFd.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    // SAFETY: `raw` is a fresh descriptor we own.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_receive_timeout(&socket, Duration::from_secs(2))?;
+    let socket = open_sock_diag()?;
+    let mut buffer = vec![0u8; RECEIVE_BUFFER_LEN];
     let mut listeners = Vec::new();
     for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
-        let request = encode_listen_dump_request(family, sequence);
-        // SAFETY: the buffer is valid for its length; the socket is open.
-        let sent = unsafe {
-            libc::send(
-                socket.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
+        send_request(&socket, &encode_listen_dump_request(family, sequence))?;
+        loop {
+            let received = receive(&socket, &mut buffer)?;
+            let batch = decode_dump_reply(&buffer[..received])?;
+            listeners.extend(batch.listeners);
+            if listeners.len() > MAX_LISTENERS {
+                return Err(DiagError::TooLarge(MAX_LISTENERS));
+            }
+            if batch.done {
+                break;
+            }
         }
-        receive_dump(&socket, &mut listeners)?;
     }
     Ok(listeners)
-}
-
-fn receive_dump(socket: &OwnedFd, listeners: &mut Vec<ListenerBacklog>) -> Result<(), DiagError> {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: the buffer is valid for writes of its length.
-        let received = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                0,
-            )
-        };
-        if received < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err.into());
-        }
-        if received == 0 {
-            return Err(DiagError::Malformed("socket closed before NLMSG_DONE"));
-        }
-        let batch = decode_dump_reply(&buffer[..received as usize])?;
-        listeners.extend(batch.listeners);
-        if listeners.len() > MAX_LISTENERS {
-            return Err(DiagError::TooLarge(MAX_LISTENERS));
-        }
-        if batch.done {
-            return Ok(());
-        }
-    }
 }
 
 fn set_receive_timeout(socket: &OwnedFd, timeout: Duration) -> io::Result<()> {
@@ -442,6 +662,229 @@ mod tests {
             Err(DiagError::Changed)
         ));
         assert!(backlog_via_owner(pid, -1, 0).is_err());
+    }
+
+    /// The kernel's bytecode audit (inet_diag_bc_audit, port ops, JMP) and interpreter
+    /// (inet_diag_bc_run), restated to check the programs `port_filter_bytecode` builds.
+    fn audit(code: &[u8]) -> bool {
+        let op = |at: usize| {
+            (
+                code[at],
+                code[at + 1] as usize,
+                u16::from_ne_bytes([code[at + 2], code[at + 3]]) as usize,
+            )
+        };
+        // valid_cc: `target` (remaining length) is an op boundary on the `yes` chain.
+        let reachable = |target: usize| {
+            let (mut at, mut len) = (0usize, code.len() as isize);
+            while len >= 0 {
+                if target as isize > len {
+                    return false;
+                }
+                if target as isize == len {
+                    return true;
+                }
+                let (_, yes, _) = op(at);
+                if yes < 4 || yes % 4 != 0 {
+                    return false;
+                }
+                len -= yes as isize;
+                at += yes;
+            }
+            false
+        };
+        let (mut at, mut len) = (0usize, code.len());
+        while len > 0 {
+            let (kind, yes, no) = op(at);
+            let min_len = match kind {
+                INET_DIAG_BC_S_EQ | INET_DIAG_BC_D_EQ => {
+                    if len < 8 {
+                        return false;
+                    }
+                    8
+                }
+                INET_DIAG_BC_JMP => 4,
+                _ => return false,
+            };
+            if no < min_len || no > len + 4 || no % 4 != 0 {
+                return false;
+            }
+            if no < len && !reachable(len - no) {
+                return false;
+            }
+            if yes < min_len || yes > len + 4 || yes % 4 != 0 {
+                return false;
+            }
+            at += yes;
+            len = match len.checked_sub(yes) {
+                Some(left) => left,
+                None => return false,
+            };
+        }
+        len == 0
+    }
+
+    fn accepts(code: &[u8], local: u16, remote: u16) -> bool {
+        let (mut at, mut len) = (0usize, code.len() as isize);
+        while len > 0 {
+            let kind = code[at];
+            let yes = code[at + 1] as isize;
+            let no = u16::from_ne_bytes([code[at + 2], code[at + 3]]) as isize;
+            let port = || u16::from_ne_bytes([code[at + 6], code[at + 7]]);
+            let taken = match kind {
+                INET_DIAG_BC_JMP => false,
+                INET_DIAG_BC_S_EQ => local == port(),
+                INET_DIAG_BC_D_EQ => remote == port(),
+                _ => panic!("unexpected op {kind}"),
+            };
+            let jump = if taken { yes } else { no };
+            len -= jump;
+            at = (at as isize + jump) as usize;
+        }
+        len == 0
+    }
+
+    #[test]
+    fn port_filter_passes_the_audit_and_accepts_exactly_the_watched_ports() {
+        assert_eq!(port_filter_bytecode(&[]), None);
+        assert_eq!(port_filter_bytecode(&[0]), None);
+        for ports in [
+            vec![11211u16],
+            vec![11211, 22133, 11211],
+            (1..=300).collect(),
+        ] {
+            let code = port_filter_bytecode(&ports).unwrap();
+            assert!(
+                audit(&code),
+                "audit refuses the filter for {} ports",
+                ports.len()
+            );
+            for &port in &ports {
+                assert!(accepts(&code, port, 40_000), "local {port}");
+                assert!(accepts(&code, 40_000, port), "remote {port}");
+                assert!(accepts(&code, port, 0), "listener on {port}");
+            }
+            assert!(!accepts(&code, 40_000, 40_001));
+            assert!(!accepts(&code, 0, 0));
+            assert!(!accepts(&code, 11212, 11210));
+        }
+        // 3000 ports would need jumps beyond the u16 fields: no filter, the caller filters.
+        assert!(port_filter_bytecode(&(1..=3000).collect::<Vec<_>>()).is_none());
+    }
+
+    #[test]
+    fn dump_request_carries_states_and_the_filter_attribute() {
+        let code = port_filter_bytecode(&[11211]).unwrap();
+        let states = state_mask(&[1, 10, 40]);
+        assert_eq!(states, (1 << 1) | (1 << 10), "states past 31 are ignored");
+        let request = encode_dump_request(AF_INET, states, Some(&code), 9);
+        let attribute_len = 4 + code.len();
+        assert_eq!(request.len(), 72 + ((attribute_len + 3) & !3));
+        assert_eq!(
+            u32::from_ne_bytes(request[0..4].try_into().unwrap()) as usize,
+            request.len()
+        );
+        assert_eq!(u32::from_ne_bytes(request[8..12].try_into().unwrap()), 9);
+        assert_eq!(&request[16..18], &[AF_INET, IPPROTO_TCP]);
+        assert_eq!(
+            u32::from_ne_bytes(request[20..24].try_into().unwrap()),
+            states
+        );
+        assert_eq!(
+            u16::from_ne_bytes(request[72..74].try_into().unwrap()) as usize,
+            attribute_len
+        );
+        assert_eq!(
+            u16::from_ne_bytes(request[74..76].try_into().unwrap()),
+            INET_DIAG_REQ_BYTECODE
+        );
+        assert_eq!(&request[76..76 + code.len()], code.as_slice());
+        let unfiltered = encode_dump_request(AF_INET6, states, None, 1);
+        assert_eq!(unfiltered.len(), 72);
+        assert_eq!(
+            unfiltered[..],
+            encode_listen_dump_request_with(AF_INET6, states, 1)[..]
+        );
+    }
+
+    fn encode_listen_dump_request_with(family: u8, states: u32, sequence: u32) -> [u8; 72] {
+        let mut request = encode_listen_dump_request(family, sequence);
+        request[20..24].copy_from_slice(&states.to_ne_bytes());
+        request
+    }
+
+    #[test]
+    fn decodes_a_connection_message_with_both_addresses() {
+        // One inet_diag_msg for [::ffff:127.0.0.1]:40000 -> [::1]:11211, ESTABLISHED, then DONE.
+        let mut message = vec![0u8; 16 + 72 + 8];
+        message[0..4].copy_from_slice(&(16u32 + 72 + 8).to_ne_bytes());
+        message[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        let payload = &mut message[16..];
+        payload[0] = AF_INET6;
+        payload[1] = 1;
+        payload[4..6].copy_from_slice(&40000u16.to_be_bytes());
+        payload[6..8].copy_from_slice(&11211u16.to_be_bytes());
+        payload[8..24].copy_from_slice(&"::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap().octets());
+        payload[24..40].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        payload[56..60].copy_from_slice(&5u32.to_ne_bytes());
+        payload[60..64].copy_from_slice(&7u32.to_ne_bytes());
+        payload[68..72].copy_from_slice(&4242u32.to_ne_bytes());
+        let mut done = vec![0u8; 20];
+        done[0..4].copy_from_slice(&20u32.to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        message.extend_from_slice(&done);
+        let mut sockets = Vec::new();
+        assert!(decode_dump_datagram(&message, &mut |socket| sockets.push(socket)).unwrap());
+        assert_eq!(
+            sockets,
+            [DiagSocket {
+                state: 1,
+                local: "[::ffff:127.0.0.1]:40000".parse().unwrap(),
+                remote: "[::1]:11211".parse().unwrap(),
+                rqueue: 5,
+                wqueue: 7,
+                inode: 4242,
+            }]
+        );
+        // A message cut short inside the datagram is an error, not a panic.
+        assert!(decode_dump_datagram(&message[..50], &mut |_| {}).is_err());
+    }
+
+    #[test]
+    fn own_namespace_dump_returns_only_watched_ports() {
+        let listener = super::super::testing::listen_loopback(3);
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let other = super::super::testing::listen_loopback(3);
+        let code = port_filter_bytecode(&[port]).unwrap();
+        let states = state_mask(&[1, 10]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut sockets = Vec::new();
+            dump_sockets(None, states, Some(&code), &mut |socket| {
+                sockets.push(socket)
+            })
+            .unwrap();
+            assert!(sockets
+                .iter()
+                .all(|socket| socket.local.port() == port || socket.remote.port() == port));
+            assert!(!sockets
+                .iter()
+                .any(|socket| socket.local == other.local_addr().unwrap()));
+            let listening = sockets.iter().find(|socket| socket.state == 10);
+            let client_end = sockets
+                .iter()
+                .find(|socket| socket.local == client.local_addr().unwrap());
+            // The server end waits in the accept queue without an inode; it may lag on loopback.
+            if sockets.len() == 3 || std::time::Instant::now() > deadline {
+                assert_eq!(listening.map(|l| (l.rqueue, l.wqueue)), Some((1, 3)));
+                assert_eq!(listening.map(|l| l.inode), Some(inode_of(&listener)));
+                assert_eq!(client_end.map(|c| c.inode), Some(inode_of(&client)));
+                assert_eq!(sockets.len(), 3, "{sockets:?}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn hex_bytes(text: &str) -> Vec<u8> {

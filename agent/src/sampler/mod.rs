@@ -9,18 +9,27 @@
 //!
 //! One sample, in order:
 //! 1. list pids, read each `/proc/<pid>/ns/net` link, group pids by network namespace inode;
-//! 2. per namespace, read net/tcp, net/tcp6 and net/netstat ONCE through one member pid (the
-//!    representative; the next member is tried if it exits meanwhile), keeping only rows on
-//!    watched ports;
-//! 3. if the namespace has any watched socket with an inode, walk `/proc/<pid>/fd` of its member
-//!    processes and match `socket:[inode]` links; matched processes get comm and limits read;
-//! 4. per namespace with watched listeners, one sock_diag dump for the backlog limits (joining
-//!    the namespace with setns when it is not ours); where setns is refused, each listener's
-//!    limit is read through its owning process instead (`diag::backlog_via_owner`);
+//! 2. per namespace, list the watched sockets with one sock_diag dump per address family, the
+//!    kernel filtering on the watched ports and the wanted states (joining the namespace with
+//!    setns from a short-lived thread when it is not ours), and read net/netstat through one
+//!    member pid. sock_diag also gives each listener's accept-queue length and limit. Where
+//!    sock_diag cannot be used (unavailable, or setns refused for another namespace) the
+//!    namespace's net/tcp and net/tcp6 text is read through a member instead, which costs CPU
+//!    for every socket of the namespace; [`Snapshot::table_sources`] counts both paths and the
+//!    reason is logged once;
+//! 3. for namespaces with watched sockets, find which processes hold them by matching
+//!    `socket:[inode]` links in `/proc/<pid>/fd`, reusing the previous walk of a process when
+//!    its descriptor count and its watched sockets are unchanged (see
+//!    `Sampler::scan_processes`), within a per-sample budget; owning processes get comm and
+//!    limits read;
+//! 4. listeners still without a limit (text path): one sock_diag listener dump in their
+//!    namespace, or where setns is refused, through their owning process
+//!    (`diag::backlog_via_owner`);
 //! 5. aggregate.
 //!
-//! /proc/net/tcp is not an atomic snapshot (the kernel resumes its hash walk every 4 KiB), so
-//! under socket churn a sample can miss a row; repeated rows are dropped.
+//! Neither a dump nor /proc/net/tcp is an atomic snapshot (both resume their walk of the
+//! kernel's socket hash between reads), so under socket churn a sample can miss a socket;
+//! sockets seen twice are dropped.
 //!
 //! A sample is blocking file and netlink I/O (tens of ms to a few hundred on a busy host): run
 //! it on a blocking thread (`tokio::task::spawn_blocking`), not on the async runtime.
@@ -30,9 +39,11 @@
 //! also has watched sockets; threads that setns(2) into another namespace are not followed.
 //! Without root the agent sees only processes of its own user (ns/net and fd links need
 //! ptrace-read access); the rest is counted in [`ScanErrors::permission_denied`]. Cost grows with
-//! (namespaces x sockets on the host) for the tables, because each namespace's /proc/net/tcp walks
-//! the host-wide socket hash (unless net.ipv4.tcp_child_ehash_entries gave it its own), and
-//! with the descriptors of processes in namespaces that have watched sockets for the fd walk.
+//! (namespaces x sockets on the host) for the dumps, because each namespace's dump walks the
+//! host-wide socket hash (unless net.ipv4.tcp_child_ehash_entries gave it its own), though in
+//! the kernel and without formatting text; and with the descriptors of processes whose
+//! descriptors changed for the fd walk. Memory per watched socket is 16 bytes for the sample's
+//! socket list and 16 bytes in the owner cache, both reused between samples.
 
 pub mod aggregate;
 pub mod diag;
@@ -149,11 +160,11 @@ impl ScanErrors {
 pub struct SamplePhases {
     /// Listing pids and reading their ns/net links.
     pub namespaces: Duration,
-    /// tcp, tcp6 and netstat of every namespace.
+    /// Watched sockets (sock_diag, or tcp and tcp6 text) and netstat of every namespace.
     pub socket_tables: Duration,
-    /// Walking `/proc/<pid>/fd` and reading comm and limits of matched processes.
+    /// Walking `/proc/<pid>/fd` (where due) and reading comm and limits of owning processes.
     pub fd_scan: Duration,
-    /// sock_diag dumps for backlog limits.
+    /// Backlog limits the socket tables did not give (text path only).
     pub backlog_limits: Duration,
 }
 
@@ -165,6 +176,10 @@ pub struct Snapshot {
     pub phases: SamplePhases,
     pub processes_seen: usize,
     pub network_namespaces: usize,
+    /// How the namespaces' socket tables were read (sock_diag or the /proc text fallback).
+    pub table_sources: TableSources,
+    /// Work and reuse of the fd walk.
+    pub fd_walk: FdWalkStats,
     /// ListenOverflows, ListenDrops and SyncookiesSent summed over every network namespace the
     /// agent has seen, kept monotonic across namespaces that disappear (see
     /// [`aggregate::CounterAccumulator`]); export as counters.
@@ -220,12 +235,26 @@ fn is_listed_connection_state(state: u8) -> bool {
     )
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A watched socket with a file (inode != 0), for matching `/proc/<pid>/fd` links. 16 bytes:
+/// with 100k connections on the host this list holds 200k of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct WatchedSocket {
-    service: usize,
+    inode: u64,
+    /// Index into the connection list, or [`NO_CONNECTION`].
+    connection: u32,
+    service: u16,
     listening: bool,
-    /// Index into the connection list when connections are collected.
-    connection: Option<usize>,
+    /// Some cached owner still holds it (see [`Sampler::scan_processes`]).
+    claimed: bool,
+}
+
+const NO_CONNECTION: u32 = u32::MAX;
+
+/// Looks `inode` up in `watched`, which is sorted by inode.
+fn find_watched(watched: &[WatchedSocket], inode: u64) -> Option<usize> {
+    watched
+        .binary_search_by_key(&inode, |socket| socket.inode)
+        .ok()
 }
 
 #[derive(Debug, Default)]
@@ -237,15 +266,126 @@ struct Namespace {
     has_watched_listeners: bool,
 }
 
+/// What the fd walk last found in one process. Kept between samples so a process whose
+/// descriptors did not change is not walked again (see [`Sampler::scan_processes`]).
+#[derive(Debug, Clone)]
+struct CachedProcess {
+    netns: u64,
+    /// Descriptor count at the last walk (or, without `fd_count`, as counted by it).
+    open_fds: u64,
+    /// Watched sockets held at the last walk as (inode, fd), sorted by inode, one fd each.
+    sockets: Vec<(u64, i32)>,
+    /// Sample number of the last walk.
+    walked_at: u64,
+    /// Sample number in which the process was last seen in a namespace with watched sockets.
+    seen_at: u64,
+}
+
+/// Where the socket tables of a namespace came from in one sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableSources {
+    /// Namespaces read with a sock_diag dump (the normal case).
+    pub sock_diag: usize,
+    /// Namespaces read from /proc/<pid>/net/tcp{,6} text because sock_diag was unavailable,
+    /// refused the port filter and the unfiltered dump, or (for another namespace) setns was
+    /// not permitted. Costs CPU in proportion to every socket of the namespace.
+    pub proc_text: usize,
+    /// Namespaces of which only listeners were dumped: no TCP connection came or went in them
+    /// since their last full dump, whose watched connections (and counts) were reused.
+    pub reused_namespaces: usize,
+}
+
+/// Work of the fd walk in one sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FdWalkStats {
+    /// Processes whose `/proc/<pid>/fd` was listed this sample.
+    pub processes_walked: usize,
+    /// Descriptors listed (each a readlink).
+    pub descriptors_walked: u64,
+    /// Processes whose walk was due but postponed by the per-sample budget; their previous
+    /// result is used meanwhile.
+    pub processes_deferred: usize,
+    /// Processes whose previous result was reused because nothing suggested a change.
+    pub processes_cached: usize,
+}
+
+/// Descriptors one periodic sample may walk (readlink each) before postponing the remaining
+/// processes to the next sample: bounds the sampler's CPU on a host with very many sockets
+/// (about 2-3 µs each, so ~0.15 s). At least one due process is walked per sample whatever
+/// its size, so none starves. The start-up sample (listing connections) is not bounded.
+const MAX_FDS_WALKED_PER_SAMPLE: u64 = 50_000;
+
+/// A process whose descriptors look unchanged is still walked again after this many samples
+/// (one minute at the default 5 s interval), to notice what the cheap checks cannot: a watched
+/// socket received or inherited while an unrelated descriptor closed.
+const REWALK_AFTER_SAMPLES: u64 = 12;
+
+/// Reusable buffers are shrunk when they hold more than this many times what the last sample
+/// needed, so a one-off spike (a connection storm) does not pin its memory.
+const SHRINK_FACTOR: usize = 4;
+
+/// TCP states the sock_diag dump asks for: listeners, plus every connection state
+/// [`is_listed_connection_state`] keeps.
+fn dumped_states() -> u32 {
+    use tcp_state::*;
+    diag::state_mask(&[
+        ESTABLISHED,
+        SYN_SENT,
+        FIN_WAIT1,
+        FIN_WAIT2,
+        CLOSE,
+        CLOSE_WAIT,
+        LAST_ACK,
+        LISTEN,
+        CLOSING,
+    ])
+}
+
 pub struct Sampler {
     procfs: ProcFs,
-    ports: HashMap<u16, usize>,
+    ports: HashMap<u16, u16>,
     service_names: Vec<String>,
     max_comms: usize,
     counters: CounterAccumulator,
     /// setns(2) was refused once (no CAP_SYS_ADMIN, or a service sandbox): that does not change
-    /// while the process runs, so other namespaces go straight to the owner-based read.
+    /// while the process runs, so other namespaces go straight to the fallbacks.
     setns_refused: bool,
+    /// socket(AF_NETLINK, NETLINK_SOCK_DIAG) failed: every namespace is read from /proc text.
+    sock_diag_unavailable: bool,
+    /// The kernel refused the port filter bytecode (before Linux 4.16 there is no port
+    /// equality op): dumps are unfiltered and the ports checked here.
+    port_filter_refused: bool,
+    /// The inet_diag port filter for the watched ports, None when it would not fit.
+    port_filter: Option<Vec<u8>>,
+    /// Whether `stat /proc/<pid>/fd` reports the descriptor count (Linux 6.2+).
+    fd_count_supported: bool,
+    /// Fd-walk results by pid.
+    processes: HashMap<u32, CachedProcess>,
+    /// Sample counter, for the cache's ages.
+    samples: u64,
+    /// The watched-socket list, kept between samples so its allocation is reused.
+    watched_buffer: Vec<WatchedSocket>,
+    /// Last full dump per namespace, for reuse while its connections did not change.
+    namespace_dumps: HashMap<u64, NamespaceDump>,
+}
+
+/// One namespace's watched connections from its last full dump, reused by later samples while
+/// no TCP connection opened, failed or closed in the namespace (its /proc/net/snmp counters,
+/// see [`parse::TcpConnectionCounters`], are unchanged): on an idle host with many connections
+/// the dump is most of a sample's cost. Listeners are always dumped afresh. What the counters
+/// cannot tell (a socket passed to another process, a state change that keeps a connection
+/// established) waits for the next full dump, at most [`REWALK_AFTER_SAMPLES`] later; which
+/// process holds what still follows descriptor counts every sample.
+#[derive(Debug, Clone)]
+struct NamespaceDump {
+    counters: parse::TcpConnectionCounters,
+    /// Sample number of the dump.
+    sample: u64,
+    /// The namespace's watched non-listening sockets with an inode.
+    connections: Vec<WatchedSocket>,
+    /// Its listed connections per service (including those without an inode).
+    counts: Vec<u64>,
+    has_sockets: bool,
 }
 
 /// How many members of a namespace to try when the first ones exit during the read.
@@ -263,15 +403,26 @@ impl Sampler {
                     service_names.len() - 1
                 }
             };
-            ports.insert(port, index);
+            // Services are configured by hand: far fewer than 65536.
+            ports.insert(port, u16::try_from(index).unwrap_or(u16::MAX));
         }
+        let port_list: Vec<u16> = ports.keys().copied().collect();
+        let procfs = ProcFs::new(config.proc_root);
         Sampler {
-            procfs: ProcFs::new(config.proc_root),
+            fd_count_supported: procfs.fd_count_supported(),
+            procfs,
+            port_filter: diag::port_filter_bytecode(&port_list),
             ports,
             service_names,
             max_comms: config.max_comms,
             counters: CounterAccumulator::default(),
             setns_refused: false,
+            sock_diag_unavailable: false,
+            port_filter_refused: false,
+            processes: HashMap::new(),
+            samples: 0,
+            watched_buffer: Vec::new(),
+            namespace_dumps: HashMap::new(),
         }
     }
 
@@ -287,23 +438,12 @@ impl Sampler {
         self.run(true)
     }
 
-    fn service_of(&self, row: &TcpRow) -> Option<(usize, Role)> {
-        if let Some(&service) = self.ports.get(&row.local.port()) {
-            return Some((service, Role::Server));
-        }
-        if row.state == tcp_state::LISTEN {
-            return None;
-        }
-        self.ports
-            .get(&row.remote.port())
-            .map(|&service| (service, Role::Client))
-    }
-
     fn run(
         &mut self,
         list_connections: bool,
     ) -> Result<(Snapshot, Vec<WatchedConnection>), SamplerError> {
         let started = Instant::now();
+        self.samples += 1;
         let mut errors = ScanErrors::default();
         let pids = self
             .procfs
@@ -321,24 +461,118 @@ impl Sampler {
             }
         }
 
+        let fd_counts = self.fd_counts(&namespaces, &mut errors);
         let namespaces_done = started.elapsed();
 
-        let mut found = Found::new(self.service_names.len(), list_connections);
+        let mut watched = std::mem::take(&mut self.watched_buffer);
+        watched.clear();
+        let mut found = Found::new(self.service_names.len(), list_connections, watched);
+        let own_netns = self.procfs.own_netns().ok();
         for (&netns, namespace) in namespaces.iter_mut() {
-            self.read_namespace(netns, namespace, &mut found, &mut errors);
+            let counters = self.connection_counters(namespace);
+            // No TCP connection opened or closed in this namespace since its last full dump
+            // (and that is recent): its watched connections still hold; dump listeners only.
+            // Taken out (not cloned) while the namespace is read; put back if still valid.
+            let reusable = self.namespace_dumps.remove(&netns).filter(|last| {
+                !list_connections
+                    && counters == Some(last.counters)
+                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
+            });
+            if let Some(last) = reusable {
+                found.listeners_only = true;
+                self.read_namespace(
+                    netns,
+                    own_netns == Some(netns),
+                    namespace,
+                    &mut found,
+                    &mut errors,
+                );
+                found.listeners_only = false;
+                found.watched.extend_from_slice(&last.connections);
+                for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
+                    *total += count;
+                }
+                namespace.has_watched_sockets |= last.has_sockets;
+                found.sources.reused_namespaces += 1;
+                self.namespace_dumps.insert(netns, last);
+                continue;
+            }
+            let first = found.watched.len();
+            let counts_before = found.connections_by_service.clone();
+            let diag_before = found.sources.sock_diag;
+            self.read_namespace(
+                netns,
+                own_netns == Some(netns),
+                namespace,
+                &mut found,
+                &mut errors,
+            );
+            match counters {
+                Some(counters) if found.sources.sock_diag > diag_before => {
+                    let connections: Vec<WatchedSocket> = found.watched[first..]
+                        .iter()
+                        .filter(|socket| !socket.listening)
+                        .map(|socket| WatchedSocket {
+                            connection: NO_CONNECTION,
+                            ..*socket
+                        })
+                        .collect();
+                    let counts = found
+                        .connections_by_service
+                        .iter()
+                        .zip(&counts_before)
+                        .map(|(after, before)| after - before)
+                        .collect();
+                    self.namespace_dumps.insert(
+                        netns,
+                        NamespaceDump {
+                            counters,
+                            sample: self.samples,
+                            has_sockets: !connections.is_empty(),
+                            connections,
+                            counts,
+                        },
+                    );
+                }
+                _ => {
+                    self.namespace_dumps.remove(&netns);
+                }
+            }
         }
+        self.namespace_dumps
+            .retain(|netns, _| namespaces.contains_key(netns));
+        for dump in self.namespace_dumps.values_mut() {
+            shrink_after_spike(&mut dump.connections);
+        }
+        found.finish();
         let Found {
-            watched,
+            mut watched,
             mut listeners,
             mut connections,
             connections_by_service,
             netstat_readings,
+            duplicate_connections,
+            sources,
             ..
         } = found;
 
         let tables_done = started.elapsed();
-        let (processes, listener_owners) =
-            self.scan_processes(&namespaces, &watched, &mut connections, &mut errors);
+        let (processes, listener_owners, fd_walk) = self.scan_processes(
+            &namespaces,
+            &fd_counts,
+            &mut watched,
+            &mut connections,
+            list_connections,
+            &mut errors,
+        );
+        if !duplicate_connections.is_empty() {
+            let mut index = 0;
+            connections.retain(|_| {
+                let keep = duplicate_connections.binary_search(&index).is_err();
+                index += 1;
+                keep
+            });
+        }
         let fds_done = started.elapsed();
         self.fill_backlog_limits(&namespaces, &listener_owners, &mut listeners, &mut errors);
         let backlog_done = started.elapsed();
@@ -355,6 +589,10 @@ impl Sampler {
             }
         };
 
+        shrink_after_spike(&mut watched);
+        self.watched_buffer = watched;
+        release_freed_memory();
+
         let alive: BTreeSet<u64> = namespaces.keys().copied().collect();
         let tcp_ext = self.counters.update(&netstat_readings, &alive);
         let listen_queues = aggregate::summarize_listen_queues(&self.service_names, &listeners);
@@ -369,6 +607,8 @@ impl Sampler {
             },
             processes_seen: pids.len(),
             network_namespaces: namespaces.len(),
+            table_sources: sources,
+            fd_walk,
             tcp_ext,
             tcp_ext_by_netns: netstat_readings.into_iter().collect(),
             file_handles,
@@ -387,9 +627,139 @@ impl Sampler {
         Ok((snapshot, connections))
     }
 
-    /// Reads one namespace's tables and counters through its first member that stays alive
-    /// long enough, and records its watched sockets in `found`.
+    /// Reads one namespace's sockets, with sock_diag when possible and from its /proc text
+    /// otherwise, and its TcpExt counters, recording its watched sockets in `found`.
     fn read_namespace(
+        &mut self,
+        netns: u64,
+        own: bool,
+        namespace: &mut Namespace,
+        found: &mut Found,
+        errors: &mut ScanErrors,
+    ) {
+        if self.read_namespace_diag(netns, own, namespace, found, errors) {
+            found.sources.sock_diag += 1;
+            for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
+                match self.procfs.read_netstat(pid) {
+                    Ok(Ok(counters)) => found.netstat_readings.push((netns, counters)),
+                    Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
+                    Err(err) if classify(&err) == Failure::Vanished => continue,
+                    Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
+                }
+                namespace.representative.get_or_insert(pid);
+                return;
+            }
+            return;
+        }
+        found.sources.proc_text += 1;
+        self.read_namespace_text(netns, namespace, found, errors);
+    }
+
+    /// The sock_diag path: one filtered dump per address family. False when the namespace must
+    /// be read from /proc text instead (the reason is logged once and remembered).
+    fn read_namespace_diag(
+        &mut self,
+        netns: u64,
+        own: bool,
+        namespace: &mut Namespace,
+        found: &mut Found,
+        errors: &mut ScanErrors,
+    ) -> bool {
+        if self.sock_diag_unavailable || (!own && self.setns_refused) {
+            return false;
+        }
+        let handle = if own {
+            None
+        } else {
+            let mut opened = None;
+            for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
+                match self.procfs.open_netns(pid) {
+                    Ok(handle) => {
+                        namespace.representative = Some(pid);
+                        opened = Some(handle);
+                        break;
+                    }
+                    Err(err) if classify(&err) == Failure::Vanished => continue,
+                    Err(err) => {
+                        errors.io(&format!("netns {netns} open"), &err);
+                        return false;
+                    }
+                }
+            }
+            match opened {
+                Some(handle) => Some(handle),
+                // Every member tried has exited: the namespace is going away.
+                None => return true,
+            }
+        };
+        let states = if found.listeners_only {
+            diag::state_mask(&[tcp_state::LISTEN])
+        } else {
+            dumped_states()
+        };
+        loop {
+            let filter = if self.port_filter_refused {
+                None
+            } else {
+                self.port_filter.as_deref()
+            };
+            let mark = found.mark();
+            let ports = &self.ports;
+            let names = &self.service_names;
+            let result = {
+                let mut visit = |socket: diag::DiagSocket| {
+                    let row = TcpRow {
+                        local: socket.local,
+                        remote: socket.remote,
+                        state: socket.state,
+                        tx_queue: socket.wqueue,
+                        rx_queue: socket.rqueue,
+                        inode: socket.inode,
+                    };
+                    if let Some((service, role)) = service_of(ports, &row) {
+                        // sock_diag reports a listener's accept-queue limit as its wqueue.
+                        let limit = (row.state == tcp_state::LISTEN).then_some(socket.wqueue);
+                        found.record(names, netns, row, service, role, limit);
+                    }
+                };
+                diag::dump_sockets(handle.as_ref(), states, filter, &mut visit)
+            };
+            match result {
+                Ok(()) => {
+                    found.commit_namespace(namespace);
+                    return true;
+                }
+                Err(err) => {
+                    found.rollback(mark);
+                    match &err {
+                        diag::DiagError::Kernel(errno)
+                            if *errno == libc::EINVAL && filter.is_some() =>
+                        {
+                            tracing::warn!(%err, "sock_diag refused the port filter; dumping all TCP sockets and filtering here");
+                            self.port_filter_refused = true;
+                            continue;
+                        }
+                        diag::DiagError::Unavailable(_) => {
+                            tracing::warn!(%err, "sock_diag unavailable; reading /proc/<pid>/net/tcp text instead (costs CPU per socket on the host)");
+                            self.sock_diag_unavailable = true;
+                        }
+                        diag::DiagError::Setns(io)
+                            if !own && matches!(io.raw_os_error(), Some(libc::EPERM)) =>
+                        {
+                            tracing::info!("setns refused (no CAP_SYS_ADMIN): other network namespaces are read from /proc text");
+                            self.setns_refused = true;
+                        }
+                        _ => errors.diag(&format!("netns {netns} sock_diag"), &err),
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The /proc text path: the namespace's tables and counters through its first member that
+    /// stays alive long enough.
+    fn read_namespace_text(
         &self,
         netns: u64,
         namespace: &mut Namespace,
@@ -415,63 +785,11 @@ impl Sampler {
                 Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
                 Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
             }
-            drop_duplicate_rows(&mut rows);
             for (row, service, role) in rows {
-                self.record_row(netns, namespace, row, service, role, found);
+                found.record(&self.service_names, netns, row, service, role, None);
             }
+            found.commit_namespace(namespace);
             return;
-        }
-    }
-
-    fn record_row(
-        &self,
-        netns: u64,
-        namespace: &mut Namespace,
-        row: TcpRow,
-        service: usize,
-        role: Role,
-        found: &mut Found,
-    ) {
-        let listening = row.state == tcp_state::LISTEN;
-        if listening {
-            namespace.has_watched_listeners = true;
-            found.listeners.push(ListenerQueue {
-                service: self.service_names[service].clone(),
-                netns,
-                local: row.local,
-                inode: row.inode,
-                queue_len: row.rx_queue,
-                limit: None,
-            });
-        } else if is_listed_connection_state(row.state) {
-            found.connections_by_service[service] += 1;
-        } else {
-            return;
-        }
-        let mut connection = None;
-        if found.list_connections && !listening {
-            connection = Some(found.connections.len());
-            found.connections.push(WatchedConnection {
-                netns,
-                local: row.local,
-                remote: row.remote,
-                state: row.state,
-                inode: row.inode,
-                service: self.service_names[service].clone(),
-                role,
-                owner: None,
-            });
-        }
-        if row.inode != 0 {
-            namespace.has_watched_sockets = true;
-            found.watched.insert(
-                row.inode,
-                WatchedSocket {
-                    service,
-                    listening,
-                    connection,
-                },
-            );
         }
     }
 
@@ -480,12 +798,12 @@ impl Sampler {
     fn read_namespace_tables(
         &self,
         pid: u32,
-        rows: &mut Vec<(TcpRow, usize, Role)>,
+        rows: &mut Vec<(TcpRow, u16, Role)>,
         errors: &mut ScanErrors,
     ) -> io::Result<()> {
         let mut visit = |row: Result<TcpRow, ParseError>| match row {
             Ok(row) => {
-                if let Some((service, role)) = self.service_of(&row) {
+                if let Some((service, role)) = service_of(&self.ports, &row) {
                     rows.push((row, service, role));
                 }
             }
@@ -506,97 +824,284 @@ impl Sampler {
         }
     }
 
-    fn scan_processes(
+    /// The descriptor count of every process, sorted by pid; empty where the kernel cannot
+    /// count without a walk.
+    fn fd_counts(
         &self,
         namespaces: &BTreeMap<u64, Namespace>,
-        watched: &HashMap<u64, WatchedSocket>,
-        connections: &mut [WatchedConnection],
         errors: &mut ScanErrors,
-    ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>) {
+    ) -> Vec<(u32, u64)> {
+        if !self.fd_count_supported {
+            return Vec::new();
+        }
+        let mut counts = Vec::new();
+        for namespace in namespaces.values() {
+            for &pid in &namespace.members {
+                match self.procfs.fd_count(pid) {
+                    Ok(count) => counts.push((pid, count)),
+                    Err(err) => errors.io(&format!("pid {pid} fd"), &err),
+                }
+            }
+        }
+        counts.sort_unstable();
+        counts
+    }
+
+    /// The namespace's connection counters (see [`parse::TcpConnectionCounters`]) through its
+    /// first member that answers; None when none did.
+    fn connection_counters(&self, namespace: &Namespace) -> Option<parse::TcpConnectionCounters> {
+        namespace
+            .members
+            .iter()
+            .take(REPRESENTATIVE_ATTEMPTS)
+            .find_map(|&pid| self.procfs.read_snmp_tcp(pid).ok()?.ok())
+    }
+
+    /// Which processes hold watched sockets, walking `/proc/<pid>/fd` only where something may
+    /// have changed since the last walk. A process's previous result is reused when its
+    /// descriptor count is unchanged (a stat of its fd directory, Linux 6.2+), every watched
+    /// socket it held still exists, and it was walked less than [`REWALK_AFTER_SAMPLES`] ago.
+    /// A process without watched sockets is walked again when its count changed only if some
+    /// watched socket has no known owner. The walks due are done most urgent first, within
+    /// [`MAX_FDS_WALKED_PER_SAMPLE`] descriptors (unbounded when listing connections).
+    fn scan_processes(
+        &mut self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        fd_counts: &[(u32, u64)],
+        watched: &mut [WatchedSocket],
+        connections: &mut [WatchedConnection],
+        unbounded: bool,
+        errors: &mut ScanErrors,
+    ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>, FdWalkStats) {
         let mut processes = Vec::new();
         let mut listener_owners = HashMap::new();
+        let mut stats = FdWalkStats::default();
         if watched.is_empty() {
-            return (processes, listener_owners);
+            self.processes.clear();
+            return (processes, listener_owners, stats);
         }
-        let mut matched = Vec::new();
+        let sample = self.samples;
+
+        // Pass 1: the descriptor count of every candidate process and whether its cached
+        // result still holds; sockets of holding results are claimed.
+        struct Candidate {
+            pid: u32,
+            netns: u64,
+            /// From stat, when supported.
+            open_fds: Option<u64>,
+            /// 0 = never walked or its result is void, 1 = an owner that changed, 2 = a
+            /// non-owner that changed, 3 = due for the periodic walk, 4 = cached result holds.
+            urgency: u8,
+        }
+        let mut candidates = Vec::new();
         for (&netns, namespace) in namespaces {
             if !namespace.has_watched_sockets {
                 continue;
             }
             for &pid in &namespace.members {
-                matched.clear();
-                let open_fds = match self.procfs.scan_fds(pid, watched, &mut matched) {
-                    Ok(open) => open,
-                    Err(err) => {
-                        errors.io(&format!("pid {pid} fd"), &err);
-                        continue;
+                let open_fds = if self.fd_count_supported {
+                    match fd_counts.binary_search_by_key(&pid, |(pid, _)| *pid) {
+                        Ok(index) => Some(fd_counts[index].1),
+                        // Its stat failed (counted then): gone or unreadable.
+                        Err(_) => {
+                            self.processes.remove(&pid);
+                            continue;
+                        }
                     }
+                } else {
+                    None
                 };
-                if matched.is_empty() {
-                    continue;
-                }
-                let comm = match self.procfs.read_comm(pid) {
-                    Ok(comm) => comm,
-                    Err(err) => {
-                        errors.io(&format!("pid {pid} comm"), &err);
-                        continue;
+                let urgency = match self.processes.get_mut(&pid) {
+                    Some(cached) if cached.netns == netns => {
+                        cached.seen_at = sample;
+                        let unchanged = open_fds == Some(cached.open_fds);
+                        let sockets_present = cached
+                            .sockets
+                            .iter()
+                            .all(|(inode, _)| find_watched(watched, *inode).is_some());
+                        if !sockets_present || (!unchanged && !cached.sockets.is_empty()) {
+                            1
+                        } else {
+                            for (inode, _) in &cached.sockets {
+                                if let Some(index) = find_watched(watched, *inode) {
+                                    watched[index].claimed = true;
+                                }
+                            }
+                            if !unchanged {
+                                2
+                            } else if sample.saturating_sub(cached.walked_at)
+                                >= REWALK_AFTER_SAMPLES
+                            {
+                                3
+                            } else {
+                                4
+                            }
+                        }
                     }
+                    _ => 0,
                 };
-                let soft_nofile = match self.procfs.read_soft_nofile(pid) {
-                    Ok(Ok(limit)) => limit,
-                    Ok(Err(err)) => {
-                        errors.parse(&format!("pid {pid} limits"), &err);
-                        continue;
-                    }
-                    Err(err) => {
-                        errors.io(&format!("pid {pid} limits"), &err);
-                        continue;
-                    }
-                };
-                let mut usage = ProcessUsage {
+                candidates.push(Candidate {
                     pid,
-                    comm,
                     netns,
                     open_fds,
-                    soft_nofile,
-                    connections: BTreeMap::new(),
-                    listening_sockets: BTreeMap::new(),
-                };
-                // A process can hold the same socket in several fds (dup); count sockets once.
-                matched.sort_unstable_by_key(|found| found.inode);
-                matched.dedup_by_key(|found| found.inode);
-                for found in &matched {
-                    let socket = watched[&found.inode];
-                    if socket.listening {
-                        listener_owners
-                            .entry(found.inode)
-                            .or_insert(ListenerOwner { pid, fd: found.fd });
-                    }
-                    let name = &self.service_names[socket.service];
-                    let counts = if socket.listening {
-                        &mut usage.listening_sockets
-                    } else {
-                        &mut usage.connections
-                    };
-                    *counts.entry(name.clone()).or_default() += 1;
-                    if let Some(index) = socket.connection {
-                        // Members are visited in ascending pid order: the first owner is
-                        // the lowest pid.
-                        connections[index].owner.get_or_insert_with(|| SocketOwner {
-                            pid,
-                            comm: usage.comm.clone(),
-                        });
-                    }
-                }
-                processes.push(usage);
+                    urgency,
+                });
             }
         }
-        (processes, listener_owners)
+        let unclaimed = watched.iter().any(|socket| !socket.claimed);
+
+        // Pass 2: walk what is due, most urgent (then least recently walked) first.
+        let mut due: Vec<usize> = (0..candidates.len())
+            .filter(|&index| match candidates[index].urgency {
+                0 | 1 | 3 => true,
+                2 => unclaimed,
+                _ => false,
+            })
+            .collect();
+        due.sort_by_key(|&index| {
+            let candidate = &candidates[index];
+            let walked_at = self
+                .processes
+                .get(&candidate.pid)
+                .map_or(0, |cached| cached.walked_at);
+            (candidate.urgency, walked_at, candidate.pid)
+        });
+        let mut budget_left = if unbounded {
+            u64::MAX
+        } else {
+            MAX_FDS_WALKED_PER_SAMPLE
+        };
+        let mut matched = Vec::new();
+        for index in due {
+            let candidate = &candidates[index];
+            if budget_left == 0 {
+                stats.processes_deferred += 1;
+                continue;
+            }
+            matched.clear();
+            let watched_view: &[WatchedSocket] = watched;
+            let open_fds = match self.procfs.scan_fds(
+                candidate.pid,
+                |inode| find_watched(watched_view, inode).is_some(),
+                &mut matched,
+            ) {
+                Ok(open) => open,
+                Err(err) => {
+                    errors.io(&format!("pid {} fd", candidate.pid), &err);
+                    self.processes.remove(&candidate.pid);
+                    continue;
+                }
+            };
+            stats.processes_walked += 1;
+            stats.descriptors_walked += open_fds;
+            budget_left = budget_left.saturating_sub(open_fds.max(1));
+            // A process can hold the same socket in several fds (dup); count sockets once.
+            matched.sort_unstable_by_key(|found| found.inode);
+            matched.dedup_by_key(|found| found.inode);
+            let sockets: Vec<(u64, i32)> = matched
+                .iter()
+                .map(|found| (found.inode, found.fd))
+                .collect();
+            self.processes.insert(
+                candidate.pid,
+                CachedProcess {
+                    netns: candidate.netns,
+                    // The stat count when known: the walk's own count can be off by the
+                    // descriptors opened or closed while it ran, and would then look changed
+                    // at the next sample.
+                    open_fds: candidate.open_fds.unwrap_or(open_fds),
+                    sockets,
+                    walked_at: sample,
+                    seen_at: sample,
+                },
+            );
+        }
+        stats.processes_cached = candidates
+            .iter()
+            .filter(|candidate| candidate.urgency == 4 || (candidate.urgency == 2 && !unclaimed))
+            .count();
+        self.processes.retain(|_, cached| cached.seen_at == sample);
+
+        // Pass 3: usage of every process holding watched sockets, in pid order per namespace
+        // (the first owner of a connection is its lowest pid).
+        for candidate in &candidates {
+            let Some(cached) = self.processes.get(&candidate.pid) else {
+                continue;
+            };
+            let pid = candidate.pid;
+            let mut held = cached
+                .sockets
+                .iter()
+                .filter_map(|(inode, fd)| Some((find_watched(watched, *inode)?, *inode, *fd)))
+                .peekable();
+            if held.peek().is_none() {
+                continue;
+            }
+            let comm = match self.procfs.read_comm(pid) {
+                Ok(comm) => comm,
+                Err(err) => {
+                    errors.io(&format!("pid {pid} comm"), &err);
+                    continue;
+                }
+            };
+            let soft_nofile = match self.procfs.read_soft_nofile(pid) {
+                Ok(Ok(limit)) => limit,
+                Ok(Err(err)) => {
+                    errors.parse(&format!("pid {pid} limits"), &err);
+                    continue;
+                }
+                Err(err) => {
+                    errors.io(&format!("pid {pid} limits"), &err);
+                    continue;
+                }
+            };
+            let mut usage = ProcessUsage {
+                pid,
+                comm,
+                netns: candidate.netns,
+                open_fds: candidate.open_fds.unwrap_or(cached.open_fds),
+                soft_nofile,
+                connections: BTreeMap::new(),
+                listening_sockets: BTreeMap::new(),
+            };
+            let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
+            for (index, inode, fd) in held {
+                let socket = watched[index];
+                let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
+                    continue;
+                };
+                if socket.listening {
+                    counts.1 += 1;
+                    listener_owners
+                        .entry(inode)
+                        .or_insert(ListenerOwner { pid, fd });
+                } else {
+                    counts.0 += 1;
+                }
+                if let Some(connection) = connections.get_mut(socket.connection as usize) {
+                    connection.owner.get_or_insert_with(|| SocketOwner {
+                        pid,
+                        comm: usage.comm.clone(),
+                    });
+                }
+            }
+            for (name, (connected, listening)) in self.service_names.iter().zip(per_service) {
+                if connected > 0 {
+                    usage.connections.insert(name.clone(), connected);
+                }
+                if listening > 0 {
+                    usage.listening_sockets.insert(name.clone(), listening);
+                }
+            }
+            processes.push(usage);
+        }
+        (processes, listener_owners, stats)
     }
 
-    /// Backlog limits: one sock_diag dump per namespace with watched listeners (joining the
-    /// namespace when it is not ours); listeners still without a limit, because setns is not
-    /// allowed or the dump missed them, are read through their owning process.
+    /// Backlog limits of listeners the socket tables did not give one for (the /proc text
+    /// path): one sock_diag dump per such namespace (joining the namespace when it is not
+    /// ours); listeners still without a limit, because setns is not allowed or the dump missed
+    /// them, are read through their owning process.
     fn fill_backlog_limits(
         &mut self,
         namespaces: &BTreeMap<u64, Namespace>,
@@ -604,12 +1109,18 @@ impl Sampler {
         listeners: &mut [ListenerQueue],
         errors: &mut ScanErrors,
     ) {
-        if listeners.is_empty() {
+        if listeners.iter().all(|listener| listener.limit.is_some()) {
             return;
         }
         let own_netns = self.procfs.own_netns().ok();
         for (&netns, namespace) in namespaces {
-            if !namespace.has_watched_listeners {
+            if !namespace.has_watched_listeners
+                || self.sock_diag_unavailable
+                || listeners
+                    .iter()
+                    .filter(|listener| listener.netns == netns)
+                    .all(|listener| listener.limit.is_some())
+            {
                 continue;
             }
             let Some(representative) = namespace.representative else {
@@ -659,6 +1170,41 @@ impl Sampler {
     }
 }
 
+/// The service a socket belongs to and our side of it: Server when the local port is watched.
+/// Listeners only match on their local port.
+fn service_of(ports: &HashMap<u16, u16>, row: &TcpRow) -> Option<(u16, Role)> {
+    if let Some(&service) = ports.get(&row.local.port()) {
+        return Some((service, Role::Server));
+    }
+    if row.state == tcp_state::LISTEN {
+        return None;
+    }
+    ports
+        .get(&row.remote.port())
+        .map(|&service| (service, Role::Client))
+}
+
+/// Hands memory freed by this sample back to the kernel. glibc keeps freed memory in the
+/// arena of the thread that used it, and samples run on whichever blocking-pool thread tokio
+/// picks, so each of those arenas would otherwise keep a sample's peak for good (two arenas
+/// of ~41 MB each with 100k connections and the old text parser, measured). malloc_trim walks
+/// every arena, the main one included, once per sample.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Shrinks a reusable buffer that holds far more than the last sample needed.
+fn shrink_after_spike<T>(buffer: &mut Vec<T>) {
+    let floor = 1024;
+    if buffer.capacity() > SHRINK_FACTOR * buffer.len().max(floor) {
+        buffer.shrink_to(2 * buffer.len().max(floor));
+    }
+}
+
 /// Which process descriptor holds a watched listener, for reading its backlog through it.
 #[derive(Debug, Clone, Copy)]
 struct ListenerOwner {
@@ -669,34 +1215,174 @@ struct ListenerOwner {
 /// What the namespace tables of one sample yielded.
 struct Found {
     list_connections: bool,
-    /// Socket inode -> what it is, for matching `/proc/<pid>/fd` links.
-    watched: HashMap<u64, WatchedSocket>,
+    /// Watched sockets with an inode; sorted by inode and deduplicated by [`Found::finish`].
+    watched: Vec<WatchedSocket>,
     listeners: Vec<ListenerQueue>,
     connections: Vec<WatchedConnection>,
     connections_by_service: Vec<u64>,
     netstat_readings: Vec<(u64, TcpExtCounters)>,
+    /// Connections listed twice (indexes, sorted), removed at the end of the sample.
+    duplicate_connections: Vec<u32>,
+    /// Sockets without a file seen in the namespace being read, to drop repeated rows (see
+    /// [`drop_duplicate_rows`]): only those, since sockets with an inode are deduplicated by
+    /// inode in [`Found::finish`] without a per-socket set.
+    fileless: std::collections::HashSet<(SocketAddr, SocketAddr)>,
+    /// What the namespace being read recorded, for [`Found::commit_namespace`].
+    namespace_sockets: bool,
+    namespace_listeners: bool,
+    sources: TableSources,
+    /// Record listeners only: the connections come from the previous full dump.
+    listeners_only: bool,
+}
+
+/// Lengths and counts before a namespace's dump, to undo a dump that failed half-way.
+struct FoundMark {
+    watched: usize,
+    listeners: usize,
+    connections: usize,
+    connections_by_service: Vec<u64>,
 }
 
 impl Found {
-    fn new(services: usize, list_connections: bool) -> Self {
+    fn new(services: usize, list_connections: bool, watched: Vec<WatchedSocket>) -> Self {
         Found {
             list_connections,
-            watched: HashMap::new(),
+            watched,
             listeners: Vec::new(),
             connections: Vec::new(),
             connections_by_service: vec![0; services],
             netstat_readings: Vec::new(),
+            duplicate_connections: Vec::new(),
+            fileless: Default::default(),
+            namespace_sockets: false,
+            namespace_listeners: false,
+            sources: TableSources::default(),
+            listeners_only: false,
         }
     }
-}
 
-/// /proc/net/tcp is not an atomic snapshot: while sockets are created the kernel's walk can
-/// print the same socket twice (seen here with a child socket entering an accept queue during
-/// the read). One socket is one (local, remote, inode): distinct SO_REUSEPORT listeners differ
-/// in inode, and two live connections never share both addresses.
-fn drop_duplicate_rows(rows: &mut Vec<(TcpRow, usize, Role)>) {
-    let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    rows.retain(|(row, _, _)| seen.insert((row.local, row.remote, row.inode)));
+    fn mark(&mut self) -> FoundMark {
+        self.fileless.clear();
+        self.namespace_sockets = false;
+        self.namespace_listeners = false;
+        FoundMark {
+            watched: self.watched.len(),
+            listeners: self.listeners.len(),
+            connections: self.connections.len(),
+            connections_by_service: self.connections_by_service.clone(),
+        }
+    }
+
+    fn rollback(&mut self, mark: FoundMark) {
+        self.watched.truncate(mark.watched);
+        self.listeners.truncate(mark.listeners);
+        self.connections.truncate(mark.connections);
+        self.connections_by_service = mark.connections_by_service;
+        self.fileless.clear();
+        self.namespace_sockets = false;
+        self.namespace_listeners = false;
+    }
+
+    /// Flags the namespace just read and forgets its per-namespace state.
+    fn commit_namespace(&mut self, namespace: &mut Namespace) {
+        namespace.has_watched_sockets |= self.namespace_sockets;
+        namespace.has_watched_listeners |= self.namespace_listeners;
+        self.fileless.clear();
+        if self.fileless.capacity() > 4096 {
+            self.fileless.shrink_to(0);
+        }
+        self.namespace_sockets = false;
+        self.namespace_listeners = false;
+    }
+
+    /// Records one watched socket. `limit` is the listener's accept-queue limit when the
+    /// source knows it (sock_diag).
+    fn record(
+        &mut self,
+        service_names: &[String],
+        netns: u64,
+        row: TcpRow,
+        service: u16,
+        role: Role,
+        limit: Option<u32>,
+    ) {
+        let listening = row.state == tcp_state::LISTEN;
+        if !listening && (self.listeners_only || !is_listed_connection_state(row.state)) {
+            return;
+        }
+        if row.inode == 0 && !self.fileless.insert((row.local, row.remote)) {
+            return;
+        }
+        let name = &service_names[usize::from(service)];
+        if listening {
+            self.namespace_listeners = true;
+            self.listeners.push(ListenerQueue {
+                service: name.clone(),
+                netns,
+                local: row.local,
+                inode: row.inode,
+                queue_len: row.rx_queue,
+                limit,
+            });
+        } else if let Some(count) = self.connections_by_service.get_mut(usize::from(service)) {
+            *count += 1;
+        }
+        let mut connection = NO_CONNECTION;
+        if self.list_connections && !listening {
+            connection = u32::try_from(self.connections.len()).unwrap_or(NO_CONNECTION);
+            self.connections.push(WatchedConnection {
+                netns,
+                local: row.local,
+                remote: row.remote,
+                state: row.state,
+                inode: row.inode,
+                service: name.clone(),
+                role,
+                owner: None,
+            });
+        }
+        if row.inode != 0 {
+            self.namespace_sockets = true;
+            self.watched.push(WatchedSocket {
+                inode: row.inode,
+                connection,
+                service,
+                listening,
+                claimed: false,
+            });
+        }
+    }
+
+    /// Sorts the watched sockets by inode and drops sockets seen twice (a table walk that
+    /// repeated a row), undoing their counts.
+    fn finish(&mut self) {
+        self.watched.sort_unstable_by_key(|socket| socket.inode);
+        let mut duplicate_listeners = Vec::new();
+        let mut previous: Option<u64> = None;
+        let connections_by_service = &mut self.connections_by_service;
+        let duplicate_connections = &mut self.duplicate_connections;
+        self.watched.retain(|socket| {
+            if previous.replace(socket.inode) != Some(socket.inode) {
+                return true;
+            }
+            if socket.listening {
+                duplicate_listeners.push(socket.inode);
+            } else if let Some(count) = connections_by_service.get_mut(usize::from(socket.service))
+            {
+                *count = count.saturating_sub(1);
+            }
+            if socket.connection != NO_CONNECTION {
+                duplicate_connections.push(socket.connection);
+            }
+            false
+        });
+        self.duplicate_connections.sort_unstable();
+        if !duplicate_listeners.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            self.listeners
+                .retain(|listener| seen.insert(listener.inode));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -168,6 +168,57 @@ pub fn parse_netstat(text: &str) -> Result<TcpExtCounters, ParseError> {
     Err(ParseError::MissingField("TcpExt"))
 }
 
+/// Connection-level TCP counters of one namespace from /proc/net/snmp: any TCP connection
+/// opening (actively or passively), failing, being reset or leaving ESTABLISHED/CLOSE_WAIT
+/// changes at least one of them, so equal readings mean no connection came or went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TcpConnectionCounters {
+    pub active_opens: u64,
+    pub passive_opens: u64,
+    pub attempt_fails: u64,
+    pub estab_resets: u64,
+    pub curr_estab: u64,
+}
+
+/// Parses the `Tcp:` header/values pair of /proc/net/snmp.
+pub fn parse_snmp_tcp(text: &str) -> Result<TcpConnectionCounters, ParseError> {
+    let mut lines = text.lines();
+    while let Some(header) = lines.next() {
+        let Some(names) = header.strip_prefix("Tcp:") else {
+            continue;
+        };
+        let values = lines
+            .next()
+            .and_then(|line| line.strip_prefix("Tcp:"))
+            .ok_or(ParseError::MissingField("Tcp values"))?;
+        let names: Vec<&str> = names.split_ascii_whitespace().collect();
+        let values: Vec<&str> = values.split_ascii_whitespace().collect();
+        if names.len() != values.len() {
+            return Err(ParseError::ColumnMismatch {
+                names: names.len(),
+                values: values.len(),
+            });
+        }
+        let get = |field: &'static str| -> Result<u64, ParseError> {
+            let index = names
+                .iter()
+                .position(|name| *name == field)
+                .ok_or(ParseError::MissingField(field))?;
+            values[index]
+                .parse::<u64>()
+                .map_err(|_| bad(field, values[index]))
+        };
+        return Ok(TcpConnectionCounters {
+            active_opens: get("ActiveOpens")?,
+            passive_opens: get("PassiveOpens")?,
+            attempt_fails: get("AttemptFails")?,
+            estab_resets: get("EstabResets")?,
+            curr_estab: get("CurrEstab")?,
+        });
+    }
+    Err(ParseError::MissingField("Tcp"))
+}
+
 /// Soft RLIMIT_NOFILE from `/proc/<pid>/limits`. `unlimited` maps to `u64::MAX`, the kernel's
 /// RLIM_INFINITY, so ratios against it are ~0 rather than a special case.
 pub fn parse_soft_nofile(limits: &str) -> Result<u64, ParseError> {
@@ -363,6 +414,36 @@ mod tests {
         assert_eq!(
             parse_netstat(&mptcp_only),
             Err(ParseError::MissingField("TcpExt"))
+        );
+    }
+
+    #[test]
+    fn snmp_tcp_counters_and_errors() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs\n\
+            Tcp: 1 200 120000 -1 1094021 1088347 2857 5020 7 251220690\n\
+            Udp: InDatagrams\nUdp: 5\n";
+        assert_eq!(
+            parse_snmp_tcp(text),
+            Ok(TcpConnectionCounters {
+                active_opens: 1_094_021,
+                passive_opens: 1_088_347,
+                attempt_fails: 2857,
+                estab_resets: 5020,
+                curr_estab: 7,
+            })
+        );
+        assert_eq!(
+            parse_snmp_tcp("Tcp: ActiveOpens\n"),
+            Err(ParseError::MissingField("Tcp values"))
+        );
+        assert!(matches!(
+            parse_snmp_tcp("Tcp: ActiveOpens PassiveOpens\nTcp: 1\n"),
+            Err(ParseError::ColumnMismatch { .. })
+        ));
+        assert_eq!(
+            parse_snmp_tcp("Udp: InDatagrams\nUdp: 5\n"),
+            Err(ParseError::MissingField("Tcp"))
         );
     }
 

@@ -3,7 +3,6 @@
 //! the caller, which counts it.
 
 use std::{
-    collections::HashMap,
     fs::{self, File},
     io::{self, BufRead, BufReader},
     os::{
@@ -136,6 +135,14 @@ impl ProcFs {
         Ok(parse::parse_netstat(&text))
     }
 
+    pub fn read_snmp_tcp(
+        &self,
+        pid: u32,
+    ) -> io::Result<Result<parse::TcpConnectionCounters, ParseError>> {
+        let text = fs::read_to_string(self.pid_path(pid, "net/snmp"))?;
+        Ok(parse::parse_snmp_tcp(&text))
+    }
+
     pub fn read_soft_nofile(&self, pid: u32) -> io::Result<Result<u64, ParseError>> {
         let text = fs::read_to_string(self.pid_path(pid, "limits"))?;
         Ok(parse::parse_soft_nofile(&text))
@@ -150,12 +157,26 @@ impl ProcFs {
         Ok(parse::parse_file_nr(&text))
     }
 
+    /// The number of open descriptors of `pid` without listing them: since Linux 6.2 a stat of
+    /// `/proc/<pid>/fd` reports it as the size (one bitmap count in the kernel, where listing
+    /// builds a dentry per descriptor). Older kernels report 0 for everyone (see
+    /// [`ProcFs::fd_count_supported`]).
+    pub fn fd_count(&self, pid: u32) -> io::Result<u64> {
+        Ok(fs::metadata(self.pid_path(pid, "fd"))?.len())
+    }
+
+    /// Whether [`ProcFs::fd_count`] works here: this process always has descriptors open, so a
+    /// kernel that counts them reports a non-zero size for its own fd directory.
+    pub fn fd_count_supported(&self) -> bool {
+        fs::metadata(self.root.join("self/fd")).is_ok_and(|metadata| metadata.len() > 0)
+    }
+
     /// Counts the open descriptors of `pid` and appends to `matched` those that are sockets
-    /// found in `watched`. An fd closed between listing and readlink is skipped.
-    pub fn scan_fds<V>(
+    /// `watched` accepts. An fd closed between listing and readlink is skipped.
+    pub fn scan_fds(
         &self,
         pid: u32,
-        watched: &HashMap<u64, V>,
+        watched: impl Fn(u64) -> bool,
         matched: &mut Vec<MatchedFd>,
     ) -> io::Result<u64> {
         let path = self.pid_path(pid, "fd");
@@ -179,7 +200,7 @@ impl ProcFs {
                 continue;
             };
             if let Some(inode) = parse::parse_bracket_inode(&target[..length], "socket") {
-                if watched.contains_key(&inode) {
+                if watched(inode) {
                     let name = entry.file_name();
                     if let Some(fd) = std::str::from_utf8(name.as_bytes())
                         .ok()

@@ -250,9 +250,7 @@ fn exited_process_reads_as_vanished() {
     let procfs = ProcFs::new("/proc");
     let err = procfs.netns_of(pid).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
-    let err = procfs
-        .scan_fds::<()>(pid, &HashMap::new(), &mut Vec::new())
-        .unwrap_err();
+    let err = procfs.scan_fds(pid, |_| true, &mut Vec::new()).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
     let err = procfs
         .read_tcp_table(pid, "tcp", |_, _| true, |_| {})
@@ -311,6 +309,11 @@ fn host_finds_listener_in_another_network_namespace() {
         assert_ne!(queue.netns, own_netns());
         assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
         assert!(snapshot.network_namespaces >= 2);
+        assert_eq!(
+            snapshot.table_sources.proc_text, 0,
+            "sock_diag reads every namespace"
+        );
+        assert!(snapshot.table_sources.sock_diag >= 2);
         assert!(snapshot.tcp_ext_by_netns.contains_key(&queue.netns));
         let python = snapshot
             .processes
@@ -345,6 +348,15 @@ fn host_finds_listener_in_another_network_namespace() {
                 assert_eq!(queue.netns, netns);
                 assert_eq!((queue.queue_len, queue.limit), (3, Some(5)));
                 assert_eq!(snapshot.errors.other, 0, "{:?}", snapshot.errors);
+                // Our own namespace still through sock_diag, the other one from its text.
+                assert!(snapshot.table_sources.proc_text >= 1);
+                assert!(snapshot.table_sources.sock_diag >= 1);
+                let python = snapshot
+                    .processes
+                    .iter()
+                    .find(|process| process.pid == child_pid)
+                    .expect("the namespaced python process, found through the text path");
+                assert_eq!(python.connections["nssvc"], 3);
             }
             assert!(sampler.setns_refused);
         })
@@ -370,29 +382,57 @@ fn config_services_become_watched_ports() {
 #[test]
 fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
     let fixture = include_str!("fixtures/net_tcp.txt");
-    let mut rows: Vec<(TcpRow, usize, Role)> = fixture
+    let mut rows: Vec<TcpRow> = fixture
         .lines()
         .filter_map(|line| parse::parse_tcp_line(line).unwrap())
-        .map(|row| (row, 0, Role::Server))
         .collect();
-    let distinct = rows.len();
-    // The walk printed an inode-0 child and a listener twice.
+    let names = vec!["svc".to_string()];
+    let record_all = |rows: &[TcpRow]| {
+        let mut found = Found::new(1, true, Vec::new());
+        let mut namespace = Namespace::default();
+        let _ = found.mark();
+        for row in rows {
+            found.record(&names, 1, *row, 0, Role::Server, None);
+        }
+        found.commit_namespace(&mut namespace);
+        found.finish();
+        found
+    };
+    let clean = record_all(&rows);
+    // The walk printed an inode-0 child, a connection with a file and a listener twice.
     let child = *rows
         .iter()
-        .find(|(row, _, _)| row.inode == 0 && row.state == 1)
+        .find(|row| row.inode == 0 && row.state == tcp_state::ESTABLISHED)
+        .unwrap();
+    let owned = *rows
+        .iter()
+        .find(|row| row.inode != 0 && row.state == tcp_state::CLOSE_WAIT)
         .unwrap();
     let listener = *rows
         .iter()
-        .find(|(row, _, _)| row.state == tcp_state::LISTEN)
+        .find(|row| row.state == tcp_state::LISTEN)
         .unwrap();
     rows.push(child);
+    rows.push(owned);
     rows.insert(0, listener);
     // A second SO_REUSEPORT listener on the same address is a different socket.
     let mut sibling = listener;
-    sibling.0.inode += 1_000_000;
+    sibling.inode += 1_000_000;
     rows.push(sibling);
-    drop_duplicate_rows(&mut rows);
-    assert_eq!(rows.len(), distinct + 1);
+    let found = record_all(&rows);
+    assert_eq!(found.listeners.len(), clean.listeners.len() + 1);
+    assert_eq!(found.connections_by_service, clean.connections_by_service);
+    assert_eq!(found.watched.len(), clean.watched.len() + 1);
+    assert!(found
+        .watched
+        .windows(2)
+        .all(|pair| pair[0].inode < pair[1].inode));
+    // The repeated connection is removed from the listing at the end of the sample.
+    assert_eq!(found.duplicate_connections.len(), 1);
+    assert_eq!(
+        found.connections.len() - found.duplicate_connections.len(),
+        clean.connections.len()
+    );
 }
 
 /// Clears CAP_SYS_ADMIN from the calling thread's effective set (capset(2) acts per thread).
@@ -425,4 +465,63 @@ fn drop_effective_cap_sys_admin() {
         data[0].effective &= !(1 << CAP_SYS_ADMIN);
         assert_eq!(libc::syscall(libc::SYS_capset, &header, data.as_ptr()), 0);
     }
+}
+
+#[test]
+fn quiet_tcp_reuses_the_connection_list_until_a_connection_opens() {
+    let listener = listen_loopback(8);
+    let port = listener.local_addr().unwrap().port();
+    let mut sampler = sampler_for(port, "reuse");
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _client = TcpStream::connect(address).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    // Other tests open and close connections meanwhile; sample until two samples in a row saw
+    // the same TCP counters.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (full, reused) = loop {
+        let first = sampler.sample().unwrap();
+        let second = sampler.sample().unwrap();
+        let all_reused = second.table_sources.reused_namespaces == second.network_namespaces;
+        if all_reused || Instant::now() > deadline {
+            break (first, second);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        reused.table_sources.reused_namespaces, reused.network_namespaces,
+        "never reused"
+    );
+    assert_eq!(full.connections_by_service["reuse"], 2);
+    assert_eq!(reused.connections_by_service, full.connections_by_service);
+    if sampler.fd_count_supported {
+        // Nothing suggested this process changed: its last walk is reused.
+        assert_eq!(reused.fd_walk.processes_walked, 0);
+    }
+    let me = |snapshot: &Snapshot| {
+        snapshot
+            .processes
+            .iter()
+            .find(|process| process.pid == std::process::id())
+            .map(|process| {
+                (
+                    process.connections.clone(),
+                    process.listening_sockets.clone(),
+                )
+            })
+    };
+    assert_eq!(me(&reused), me(&full));
+    assert_eq!(
+        reused.listeners.iter().map(|l| l.inode).collect::<Vec<_>>(),
+        full.listeners.iter().map(|l| l.inode).collect::<Vec<_>>()
+    );
+
+    // A new connection moves the namespace's TCP counters: a full dump again, which sees it,
+    // and (its descriptor count changed) a walk of this process, which finds it.
+    let _second_client = TcpStream::connect(address).unwrap();
+    let (_second_accepted, _) = listener.accept().unwrap();
+    let after = sampler.sample().unwrap();
+    assert!(after.table_sources.reused_namespaces < after.network_namespaces);
+    assert_eq!(after.connections_by_service["reuse"], 4);
+    let (connections, listening) = me(&after).expect("this process holds watched sockets");
+    assert_eq!((connections["reuse"], listening["reuse"]), (4, 1));
 }
