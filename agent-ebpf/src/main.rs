@@ -48,9 +48,9 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// Payload bytes captured from watched sockets. Separate from EVENTS so a flood of payloads can
-/// never crowd out connection lifecycle events.
+/// never crowd out connection lifecycle events. Sized at load (`limits.payload_ring_buffer_bytes`).
 #[map]
-static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
 
 /// Read/write syscalls in flight, by thread id: the user buffer from sys_enter, the socket from
 /// sock_*_length, the byte count from sys_exit. Entries are reused in place (sys_exit clears

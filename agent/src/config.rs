@@ -37,6 +37,9 @@ pub struct Limits {
     pub max_sockets: u32,
     /// Kernel-to-agent ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
+    /// Ring buffer for captured payloads (power of two); only allocated in full when a service
+    /// captures.
+    pub payload_ring_buffer_bytes: u32,
     /// Distinct `server` label values per service before folding into "other".
     pub max_servers_per_service: usize,
     /// Distinct `comm` (process name) label values before folding into "other".
@@ -58,6 +61,7 @@ impl Default for Limits {
         Limits {
             max_sockets: 65536,
             ring_buffer_bytes: 4 << 20,
+            payload_ring_buffer_bytes: 8 << 20,
             max_servers_per_service: 256,
             max_comms: 100,
             capture_bytes: 256,
@@ -292,11 +296,18 @@ impl Config {
                 limits.max_sockets
             )));
         }
-        let ring = limits.ring_buffer_bytes;
-        if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
-            return Err(invalid(format!(
-                "limits.ring_buffer_bytes = {ring} must be a power of two between 65536 and 1073741824"
-            )));
+        for (name, ring) in [
+            ("ring_buffer_bytes", limits.ring_buffer_bytes),
+            (
+                "payload_ring_buffer_bytes",
+                limits.payload_ring_buffer_bytes,
+            ),
+        ] {
+            if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
+                return Err(invalid(format!(
+                    "limits.{name} = {ring} must be a power of two between 65536 and 1073741824"
+                )));
+            }
         }
         if limits.capture_bytes as usize > agent_common::CAPTURE_MAX {
             return Err(invalid(format!(
@@ -434,6 +445,15 @@ capture = false
             .unwrap_err()
             .to_string();
         assert!(err.contains("power of two"), "{err}");
+        let err = parse("[limits]\npayload_ring_buffer_bytes = 4096\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("payload_ring_buffer_bytes = 4096") && err.contains("power of two"),
+            "{err}"
+        );
+        let config = parse("[limits]\npayload_ring_buffer_bytes = 2097152\n").unwrap();
+        assert_eq!(config.limits.payload_ring_buffer_bytes, 2 << 20);
     }
 
     #[test]

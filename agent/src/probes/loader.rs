@@ -17,7 +17,9 @@ use crate::config::Config;
 /// Size of the payload ring (the kernel object's default; not configurable yet). At the default
 /// capture length a memcache request/response pair takes about 900 bytes of it, so 16 MiB holds
 /// some 18,000 operations: ~180 ms of a reader stall at 100k ops/s.
-const PAYLOAD_RING_BYTES: u64 = 1 << 24;
+/// The payload ring when no service captures: nothing is written to it, so the smallest size
+/// the config allows keeps it from costing memory.
+const IDLE_PAYLOAD_RING_BYTES: u32 = 1 << 16;
 
 /// The kernel object built by agent/build.rs, embedded so the binary is self-contained.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cacheprobe"));
@@ -182,7 +184,12 @@ impl Probes {
         // so the default stays and `limits.ring_buffer_bytes` raises it.
         let events_wakeup_bytes =
             u64::from(config.limits.ring_buffer_bytes) >> wakeup::THRESHOLD_SHIFT;
-        let payloads_wakeup_bytes = PAYLOAD_RING_BYTES >> wakeup::THRESHOLD_SHIFT;
+        let payload_ring_bytes = if capture_len == 0 {
+            IDLE_PAYLOAD_RING_BYTES
+        } else {
+            config.limits.payload_ring_buffer_bytes
+        };
+        let payloads_wakeup_bytes = u64::from(payload_ring_bytes) >> wakeup::THRESHOLD_SHIFT;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .override_global("CAPTURE_LEN", &capture_len, true)
@@ -191,6 +198,7 @@ impl Probes {
             .map_max_entries("INFLIGHT", config.limits.max_inflight_syscalls)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
             .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
+            .map_max_entries("PAYLOADS", payload_ring_bytes)
             .load(KERNEL_OBJECT)
             .context("loading the kernel programs failed (is this root, or does it have CAP_BPF and CAP_PERFMON?)")?;
 
