@@ -2,7 +2,7 @@
 //! and how they end. Pure state machine over kernel events; produces [`Observation`]s that
 //! metrics and history consume.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -153,13 +153,120 @@ impl ResetDirection {
     }
 }
 
+/// One tracked socket. The table holds one per watched socket (hundreds of thousands on a busy
+/// host), so the entry is packed: no `usize` service index, no `SocketAddr` enum, no `Option`
+/// padding. See `connection_entry_is_compact`.
 #[derive(Debug, Clone)]
 struct Connection {
-    endpoint: Endpoint,
-    opened_ns: Option<u64>,
-    first_close: Option<FirstClose>,
+    /// `NO_TIME` for adopted connections whose open we never saw.
+    opened_ns: u64,
+    /// Idle time at the first close; `NO_TIME` when unknown or not closed yet.
+    first_close_idle_ns: u64,
+    endpoint: PackedEndpoint,
+    first_close_by: Option<ClosedBy>,
     /// Counted in the active gauge (opened or adopted), so its close must be reported.
     counted: bool,
+}
+
+/// Stands for "unknown" in packed timestamps; kernel clocks never reach it.
+const NO_TIME: u64 = u64::MAX;
+
+fn pack_time(ns: Option<u64>) -> u64 {
+    ns.unwrap_or(NO_TIME)
+}
+
+fn unpack_time(ns: u64) -> Option<u64> {
+    (ns != NO_TIME).then_some(ns)
+}
+
+impl Connection {
+    /// None when the endpoint cannot be packed (a service index past `u16::MAX`).
+    fn new(endpoint: Endpoint, counted: bool, first_close: Option<FirstClose>) -> Option<Self> {
+        Some(Connection {
+            opened_ns: NO_TIME,
+            first_close_idle_ns: pack_time(first_close.and_then(|close| close.idle_ns)),
+            endpoint: PackedEndpoint::pack(endpoint)?,
+            first_close_by: first_close.map(|close| close.by),
+            counted,
+        })
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        self.endpoint.unpack()
+    }
+
+    fn opened_ns(&self) -> Option<u64> {
+        unpack_time(self.opened_ns)
+    }
+
+    fn first_close(&self) -> Option<FirstClose> {
+        self.first_close_by.map(|by| FirstClose {
+            by,
+            idle_ns: unpack_time(self.first_close_idle_ns),
+        })
+    }
+
+    fn set_first_close(&mut self, close: FirstClose) {
+        self.first_close_by = Some(close.by);
+        self.first_close_idle_ns = pack_time(close.idle_ns);
+    }
+}
+
+/// An [`Endpoint`] in 21 bytes instead of 48. IPv4 addresses use the first 4 bytes of `ip`.
+/// Flow info and scope id are dropped: every address source here (kernel events, /proc,
+/// sock_diag) leaves them zero.
+#[derive(Debug, Clone, Copy)]
+struct PackedEndpoint {
+    ip: [u8; 16],
+    port: u16,
+    service: u16,
+    flags: u8,
+}
+
+const ENDPOINT_CLIENT: u8 = 1;
+const ENDPOINT_IPV6: u8 = 2;
+
+impl PackedEndpoint {
+    fn pack(endpoint: Endpoint) -> Option<Self> {
+        let service = u16::try_from(endpoint.service).ok()?;
+        let mut ip = [0u8; 16];
+        let mut flags = match endpoint.role {
+            Role::Client => ENDPOINT_CLIENT,
+            Role::Server => 0,
+        };
+        match endpoint.server.ip() {
+            IpAddr::V4(v4) => ip[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                flags |= ENDPOINT_IPV6;
+            }
+        }
+        Some(PackedEndpoint {
+            ip,
+            port: endpoint.server.port(),
+            service,
+            flags,
+        })
+    }
+
+    fn unpack(&self) -> Endpoint {
+        let ip = if self.flags & ENDPOINT_IPV6 != 0 {
+            IpAddr::V6(Ipv6Addr::from(self.ip))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(
+                self.ip[0], self.ip[1], self.ip[2], self.ip[3],
+            ))
+        };
+        Endpoint {
+            service: usize::from(self.service),
+            server: SocketAddr::new(ip, self.port),
+            role: if self.flags & ENDPOINT_CLIENT != 0 {
+                Role::Client
+            } else {
+                Role::Server
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -227,7 +334,7 @@ impl Tracker {
     pub fn endpoint_of(&self, sk: u64) -> Option<Endpoint> {
         self.connections
             .get(&sk)
-            .map(|c| c.endpoint)
+            .map(Connection::endpoint)
             .or_else(|| self.recently_closed.get(&sk).map(|(e, _)| *e))
     }
 
@@ -246,6 +353,9 @@ impl Tracker {
         );
         self.recently_closed
             .retain(|_, (_, closed_ns)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
+        release_slack(&mut self.connections);
+        release_slack(&mut self.seeded);
+        release_slack(&mut self.recently_closed);
     }
 
     pub fn set_services(&mut self, services: ServicePorts) {
@@ -280,15 +390,11 @@ impl Tracker {
             by: ClosedBy::Peer,
             idle_ns: None,
         });
-        self.seeded.insert(
-            (local, remote),
-            Connection {
-                endpoint,
-                opened_ns: None,
-                first_close,
-                counted: true,
-            },
-        );
+        let Some(connection) = Connection::new(endpoint, true, first_close) else {
+            out.push(Observation::TrackingDropped);
+            return;
+        };
+        self.seeded.insert((local, remote), connection);
         out.push(Observation::ConnectionAdopted { endpoint });
     }
 
@@ -406,15 +512,11 @@ impl Tracker {
                 None,
             ),
         });
-        self.connections.insert(
-            event.sk,
-            Connection {
-                endpoint,
-                opened_ns: None,
-                first_close,
-                counted: true,
-            },
-        );
+        let Some(connection) = Connection::new(endpoint, true, first_close) else {
+            out.push(Observation::TrackingDropped);
+            return false;
+        };
+        self.connections.insert(event.sk, connection);
         out.push(Observation::ConnectionAdopted { endpoint });
         true
     }
@@ -463,15 +565,11 @@ impl Tracker {
                     out.push(Observation::TrackingDropped);
                     return;
                 }
-                self.connections.insert(
-                    event.sk,
-                    Connection {
-                        endpoint,
-                        opened_ns: None,
-                        first_close: None,
-                        counted: false,
-                    },
-                );
+                let Some(connection) = Connection::new(endpoint, false, None) else {
+                    out.push(Observation::TrackingDropped);
+                    return;
+                };
+                self.connections.insert(event.sk, connection);
             } else if !self.adopt(event, old_state, out) {
                 return;
             }
@@ -484,15 +582,15 @@ impl Tracker {
             && matches!(old_state, tcp_state::SYN_SENT | tcp_state::SYN_RECV)
             && !connection.counted
         {
-            connection.opened_ns = Some(event.ts_ns);
+            connection.opened_ns = event.ts_ns;
             connection.counted = true;
             out.push(Observation::ConnectionOpened {
-                endpoint: connection.endpoint,
+                endpoint: connection.endpoint(),
                 ts_ns: event.ts_ns,
             });
         }
 
-        if connection.first_close.is_none() && connection.counted {
+        if connection.first_close_by.is_none() && connection.counted {
             let by = match new_state {
                 tcp_state::FIN_WAIT1 => Some(ClosedBy::Local),
                 tcp_state::CLOSE_WAIT => Some(ClosedBy::Peer),
@@ -500,12 +598,12 @@ impl Tracker {
                 _ => None,
             };
             if let Some(by) = by {
-                connection.first_close = Some(FirstClose {
+                connection.set_first_close(FirstClose {
                     by,
                     idle_ns: idle(
                         event.ts_ns,
                         event.facts.last_activity_ns,
-                        connection.opened_ns,
+                        connection.opened_ns(),
                     ),
                 });
             }
@@ -513,12 +611,13 @@ impl Tracker {
 
         if new_state == tcp_state::CLOSE {
             if let Some(connection) = self.connections.remove(&event.sk) {
+                let endpoint = connection.endpoint();
                 if !connection.counted
                     && old_state == tcp_state::SYN_SENT
-                    && connection.endpoint.role == Role::Client
+                    && endpoint.role == Role::Client
                 {
                     out.push(Observation::ConnectFailed {
-                        endpoint: connection.endpoint,
+                        endpoint,
                         reason: ConnectFailure::of(&event.facts),
                     });
                 }
@@ -527,25 +626,38 @@ impl Tracker {
                         self.recently_closed.clear();
                     }
                     self.recently_closed
-                        .insert(event.sk, (connection.endpoint, event.ts_ns));
+                        .insert(event.sk, (endpoint, event.ts_ns));
                 }
                 if connection.counted {
-                    let first_close = connection.first_close.unwrap_or(FirstClose {
+                    let first_close = connection.first_close().unwrap_or(FirstClose {
                         by: ClosedBy::Reset,
                         idle_ns: None,
                     });
                     out.push(Observation::ConnectionClosed {
-                        endpoint: connection.endpoint,
+                        endpoint,
                         closed_by: first_close.by,
                         ts_ns: event.ts_ns,
                         duration_ns: connection
-                            .opened_ns
+                            .opened_ns()
                             .map(|opened| event.ts_ns.saturating_sub(opened)),
                         idle_before_close_ns: first_close.idle_ns,
                     });
                 }
             }
         }
+    }
+}
+
+/// Tables below this capacity are left alone: shrinking them saves little and regrowing costs.
+const RETAINED_CAPACITY: usize = 1024;
+
+/// Hands back memory a burst left behind. The tables grow on demand (doubling) and never
+/// shrink by themselves, so 200k sockets opened once would keep their slots for good. Shrinks
+/// to twice the live entries only when under a quarter is used, so a table hovering around one
+/// size is not rehashed every tick.
+fn release_slack<K: Eq + std::hash::Hash, V>(table: &mut HashMap<K, V>) {
+    if table.capacity() > RETAINED_CAPACITY && table.capacity() / 4 > table.len() {
+        table.shrink_to((table.len() * 2).max(RETAINED_CAPACITY));
     }
 }
 
@@ -894,6 +1006,70 @@ mod tests {
         let mut other = state(SK + 1, SEC, SYN_SENT, ESTABLISHED, 0);
         other.remote = Some("127.0.0.1:80".parse().unwrap());
         assert!(run(&mut tracker, &[listen, other]).is_empty());
+    }
+
+    /// The table holds one entry per watched socket; at 100k connections every byte here is
+    /// 100-200 kB of resident memory (the map keeps up to twice the slots it uses).
+    #[test]
+    fn connection_entry_is_compact() {
+        assert_eq!(std::mem::size_of::<Connection>(), 40);
+        assert!(std::mem::size_of::<(u64, Connection)>() <= 48);
+    }
+
+    #[test]
+    fn packed_endpoints_round_trip() {
+        for (server, role) in [
+            ("127.0.0.1:11211", Role::Client),
+            ("10.1.2.3:22133", Role::Server),
+            ("[::1]:11211", Role::Server),
+            ("[2001:db8::7]:65535", Role::Client),
+            // A genuine IPv6 address whose last 4 bytes look like IPv4 stays IPv6.
+            ("[2001:db8::a00:1]:1", Role::Client),
+        ] {
+            let endpoint = Endpoint {
+                service: 65_535,
+                server: server.parse().unwrap(),
+                role,
+            };
+            let packed = PackedEndpoint::pack(endpoint).unwrap();
+            assert_eq!(packed.unpack(), endpoint);
+        }
+        let too_many_services = Endpoint {
+            service: 65_536,
+            ..client_endpoint()
+        };
+        assert!(PackedEndpoint::pack(too_many_services).is_none());
+    }
+
+    #[test]
+    fn table_memory_is_released_after_a_burst() {
+        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 100_000);
+        let burst = 20_000;
+        let mut out = Vec::new();
+        for sk in 0..burst {
+            tracker.handle(&state(sk, SEC, SYN_SENT, ESTABLISHED, 0), &mut out);
+        }
+        assert_eq!(tracker.active_connections(), burst as usize);
+        let grown = tracker.connections.capacity();
+        // Nothing to release while the sockets are open.
+        tracker.tick(2 * SEC, &mut out);
+        assert_eq!(tracker.connections.capacity(), grown);
+        for sk in 10..burst {
+            tracker.handle(&state(sk, 3 * SEC, ESTABLISHED, CLOSE, 0), &mut out);
+        }
+        tracker.tick(4 * SEC, &mut out);
+        assert_eq!(tracker.active_connections(), 10);
+        assert!(
+            tracker.connections.capacity() <= 2 * RETAINED_CAPACITY,
+            "{} slots kept for 10 sockets",
+            tracker.connections.capacity()
+        );
+        // The survivors are intact.
+        let closed = run(&mut tracker, &[state(3, 5 * SEC, ESTABLISHED, CLOSE, 0)]);
+        assert!(matches!(
+            closed[..],
+            [Observation::ConnectionClosed { duration_ns: Some(d), .. }] if d == 4 * SEC
+        ));
     }
 
     #[test]
