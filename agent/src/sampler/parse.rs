@@ -133,39 +133,60 @@ pub struct TcpExtCounters {
 /// Parses /proc/net/netstat (pairs of `Prefix: names...` / `Prefix: values...` lines) and picks
 /// the TcpExt counters. Only the exact `TcpExt:` prefix counts: `MPTcpExt:` follows it.
 pub fn parse_netstat(text: &str) -> Result<TcpExtCounters, ParseError> {
-    let mut lines = text.lines();
-    while let Some(header) = lines.next() {
-        let Some(names) = header.strip_prefix("TcpExt:") else {
-            continue;
-        };
-        let values = lines
-            .next()
-            .and_then(|line| line.strip_prefix("TcpExt:"))
-            .ok_or(ParseError::MissingField("TcpExt values"))?;
-        let names: Vec<&str> = names.split_ascii_whitespace().collect();
-        let values: Vec<&str> = values.split_ascii_whitespace().collect();
-        if names.len() != values.len() {
-            return Err(ParseError::ColumnMismatch {
-                names: names.len(),
-                values: values.len(),
-            });
+    let table = CounterTable::find(text, "TcpExt:", "TcpExt", "TcpExt values")?;
+    Ok(TcpExtCounters {
+        listen_overflows: table.get("ListenOverflows")?,
+        listen_drops: table.get("ListenDrops")?,
+        syncookies_sent: table.get("SyncookiesSent")?,
+    })
+}
+
+/// One `Prefix: names...` / `Prefix: values...` line pair of /proc/net/netstat or snmp.
+struct CounterTable<'a> {
+    names: Vec<&'a str>,
+    values: Vec<&'a str>,
+}
+
+impl<'a> CounterTable<'a> {
+    /// The first pair whose lines start with exactly `prefix` (`MPTcpExt:` is not `TcpExt:`).
+    fn find(
+        text: &'a str,
+        prefix: &str,
+        table_name: &'static str,
+        values_name: &'static str,
+    ) -> Result<CounterTable<'a>, ParseError> {
+        let mut lines = text.lines();
+        while let Some(header) = lines.next() {
+            let Some(names) = header.strip_prefix(prefix) else {
+                continue;
+            };
+            let values = lines
+                .next()
+                .and_then(|line| line.strip_prefix(prefix))
+                .ok_or(ParseError::MissingField(values_name))?;
+            let names: Vec<&str> = names.split_ascii_whitespace().collect();
+            let values: Vec<&str> = values.split_ascii_whitespace().collect();
+            if names.len() != values.len() {
+                return Err(ParseError::ColumnMismatch {
+                    names: names.len(),
+                    values: values.len(),
+                });
+            }
+            return Ok(CounterTable { names, values });
         }
-        let get = |field: &'static str| -> Result<u64, ParseError> {
-            let index = names
-                .iter()
-                .position(|name| *name == field)
-                .ok_or(ParseError::MissingField(field))?;
-            values[index]
-                .parse::<u64>()
-                .map_err(|_| bad(field, values[index]))
-        };
-        return Ok(TcpExtCounters {
-            listen_overflows: get("ListenOverflows")?,
-            listen_drops: get("ListenDrops")?,
-            syncookies_sent: get("SyncookiesSent")?,
-        });
+        Err(ParseError::MissingField(table_name))
     }
-    Err(ParseError::MissingField("TcpExt"))
+
+    fn get(&self, field: &'static str) -> Result<u64, ParseError> {
+        let index = self
+            .names
+            .iter()
+            .position(|name| *name == field)
+            .ok_or(ParseError::MissingField(field))?;
+        self.values[index]
+            .parse::<u64>()
+            .map_err(|_| bad(field, self.values[index]))
+    }
 }
 
 /// Connection-level TCP counters of one namespace from /proc/net/snmp: any TCP connection
@@ -182,41 +203,14 @@ pub struct TcpConnectionCounters {
 
 /// Parses the `Tcp:` header/values pair of /proc/net/snmp.
 pub fn parse_snmp_tcp(text: &str) -> Result<TcpConnectionCounters, ParseError> {
-    let mut lines = text.lines();
-    while let Some(header) = lines.next() {
-        let Some(names) = header.strip_prefix("Tcp:") else {
-            continue;
-        };
-        let values = lines
-            .next()
-            .and_then(|line| line.strip_prefix("Tcp:"))
-            .ok_or(ParseError::MissingField("Tcp values"))?;
-        let names: Vec<&str> = names.split_ascii_whitespace().collect();
-        let values: Vec<&str> = values.split_ascii_whitespace().collect();
-        if names.len() != values.len() {
-            return Err(ParseError::ColumnMismatch {
-                names: names.len(),
-                values: values.len(),
-            });
-        }
-        let get = |field: &'static str| -> Result<u64, ParseError> {
-            let index = names
-                .iter()
-                .position(|name| *name == field)
-                .ok_or(ParseError::MissingField(field))?;
-            values[index]
-                .parse::<u64>()
-                .map_err(|_| bad(field, values[index]))
-        };
-        return Ok(TcpConnectionCounters {
-            active_opens: get("ActiveOpens")?,
-            passive_opens: get("PassiveOpens")?,
-            attempt_fails: get("AttemptFails")?,
-            estab_resets: get("EstabResets")?,
-            curr_estab: get("CurrEstab")?,
-        });
-    }
-    Err(ParseError::MissingField("Tcp"))
+    let table = CounterTable::find(text, "Tcp:", "Tcp", "Tcp values")?;
+    Ok(TcpConnectionCounters {
+        active_opens: table.get("ActiveOpens")?,
+        passive_opens: table.get("PassiveOpens")?,
+        attempt_fails: table.get("AttemptFails")?,
+        estab_resets: table.get("EstabResets")?,
+        curr_estab: table.get("CurrEstab")?,
+    })
 }
 
 /// Soft RLIMIT_NOFILE from `/proc/<pid>/limits`. `unlimited` maps to `u64::MAX`, the kernel's
