@@ -241,6 +241,7 @@ pub struct Metrics {
     pub process_open_fds: Family<CommLabels, Gauge>,
     pub process_fd_limit: Family<CommLabels, Gauge>,
     pub process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>,
+    pub sampler_namespaces: Family<SourceLabels, Gauge>,
     pub process_connections: Family<CommServiceLabels, Gauge>,
     pub host_open_files: Gauge,
     pub host_file_limit: Gauge,
@@ -285,6 +286,7 @@ impl Metrics {
             process_open_fds: Family::default(),
             process_fd_limit: Family::default(),
             process_fd_usage_ratio: Family::default(),
+            sampler_namespaces: Family::default(),
             process_connections: Family::default(),
             host_open_files: Gauge::default(),
             host_file_limit: Gauge::default(),
@@ -430,6 +432,11 @@ impl Metrics {
             "process_fd_usage_ratio",
             "Open fds over the soft fd limit, max over processes of this name",
             metrics.process_fd_usage_ratio.clone(),
+        );
+        registry.register(
+            "sampler_socket_table_namespaces",
+            "Network namespaces whose socket table the last /proc sample read, by how (sock_diag: kernel dump; proc_text: /proc/<pid>/net/tcp fallback, logged, costs CPU per socket of the namespace; reused: no connection came or went since the last dump)",
+            metrics.sampler_namespaces.clone(),
         );
         registry.register(
             "process_connections",

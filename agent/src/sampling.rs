@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::{
-    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels},
+    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels},
     sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
 };
 
@@ -53,6 +53,17 @@ pub fn fd_pressure_by_comm(snapshot: &Snapshot) -> BTreeMap<String, FdPressure> 
 /// Applies one sample. Gauges are replaced wholesale so processes that went away stop
 /// reporting; counters advance by the sampler's monotonic totals.
 pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCounters) {
+    let sources = snapshot.table_sources;
+    for (source, namespaces) in [
+        ("sock_diag", sources.sock_diag),
+        ("proc_text", sources.proc_text),
+        ("reused", sources.reused_namespaces),
+    ] {
+        metrics
+            .sampler_namespaces
+            .get_or_create(&SourceLabels { source })
+            .set(namespaces as i64);
+    }
     metrics.listen_queue_length.clear();
     metrics.listen_queue_limit.clear();
     for (service, summary) in &snapshot.listen_queues {
@@ -132,6 +143,30 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
                     service: service.clone(),
                 })
                 .set(*count as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{encode, Format};
+
+    /// A sampler fallback is logged once; the gauge keeps it visible on every scrape.
+    #[test]
+    fn socket_table_sources_are_exported() {
+        let (metrics, registry) = Metrics::new();
+        let mut snapshot = Snapshot::default();
+        snapshot.table_sources.sock_diag = 2;
+        snapshot.table_sources.proc_text = 1;
+        apply(&metrics, &snapshot, &mut TcpExtCounters::default());
+        let text = encode(&registry, Format::PrometheusText).unwrap();
+        for line in [
+            "cacheprobe_sampler_socket_table_namespaces{source=\"sock_diag\"} 2",
+            "cacheprobe_sampler_socket_table_namespaces{source=\"proc_text\"} 1",
+            "cacheprobe_sampler_socket_table_namespaces{source=\"reused\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
         }
     }
 }
