@@ -508,6 +508,61 @@ impl Drop for NetnsPair {
     }
 }
 
+/// BPF program ids held open by a process (from /proc/<pid>/fdinfo).
+pub fn program_ids_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(info) = std::fs::read_to_string(entry.path()) {
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|v| v.trim().parse::<u64>().ok()),
+            );
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Ids of every BPF program the kernel has loaded (`bpftool prog show`).
+pub fn loaded_program_ids() -> Vec<u64> {
+    let output = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .unwrap();
+    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    programs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// Waits until none of `ids` is loaded any more; program teardown is asynchronous in the
+/// kernel (RCU), so it may take a moment after the holder exits. Panics naming `what` after
+/// `timeout`.
+pub fn wait_unloaded(ids: &[u64], what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut left = ids.to_vec();
+    loop {
+        let loaded = loaded_program_ids();
+        left.retain(|id| loaded.contains(id));
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: programs {left:?} still loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

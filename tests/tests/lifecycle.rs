@@ -438,40 +438,6 @@ fn live_scrape_exports_the_whole_metric_contract() {
     );
 }
 
-/// BPF program ids held open by a process (from /proc/<pid>/fdinfo).
-fn program_ids_of(pid: u32) -> Vec<u64> {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(info) = std::fs::read_to_string(entry.path()) {
-            ids.extend(
-                info.lines()
-                    .filter_map(|l| l.strip_prefix("prog_id:"))
-                    .filter_map(|v| v.trim().parse::<u64>().ok()),
-            );
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-fn loaded_program_ids() -> Vec<u64> {
-    let output = Command::new("bpftool")
-        .args(["prog", "show", "-j"])
-        .output()
-        .unwrap();
-    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    programs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect()
-}
-
 /// Nothing stays loaded in the kernel after a clean stop or a crash: no pinned programs or maps.
 #[test]
 fn no_programs_are_left_behind_after_stop_or_crash() {
@@ -486,17 +452,7 @@ fn no_programs_are_left_behind_after_stop_or_crash() {
         if signal == libc::SIGTERM {
             assert!(status.success(), "{status}");
         }
-        // Program teardown is asynchronous in the kernel (RCU): allow a moment.
-        let mut left = ids.clone();
-        for _ in 0..50 {
-            let loaded = loaded_program_ids();
-            left.retain(|id| loaded.contains(id));
-            if left.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(left.is_empty(), "{name}: programs {left:?} still loaded");
+        wait_unloaded(&ids, name, Duration::from_secs(5));
     }
 }
 

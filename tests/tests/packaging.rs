@@ -463,57 +463,6 @@ impl Drop for NamespacedSystemd {
     }
 }
 
-/// BPF program ids held open by a process (from /proc/<pid>/fdinfo).
-fn program_ids_of(pid: u32) -> Vec<u64> {
-    let mut ids: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
-                .flat_map(|info| {
-                    info.lines()
-                        .filter_map(|l| l.strip_prefix("prog_id:"))
-                        .filter_map(|v| v.trim().parse::<u64>().ok())
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// Program ids from `ids` that the kernel still has loaded.
-fn still_loaded(ids: &[u64]) -> Vec<u64> {
-    let output = Command::new("bpftool")
-        .args(["prog", "show", "-j"])
-        .output()
-        .unwrap();
-    let programs: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let loaded: Vec<u64> = programs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
-    ids.iter()
-        .copied()
-        .filter(|id| loaded.contains(id))
-        .collect()
-}
-
-fn wait_unloaded(ids: &[u64], what: &str) {
-    // Program teardown is asynchronous in the kernel (RCU).
-    for _ in 0..100 {
-        if still_loaded(ids).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what}: programs {:?} still loaded", still_loaded(ids));
-}
-
 fn effective_capabilities(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let hex = status
@@ -597,7 +546,7 @@ fn systemd_runs_restarts_and_stops_the_packaged_unit_cleanly() {
     systemd.wait_until("the restarted agent to serve metrics", &dir, serves_metrics);
     let second = systemd.agent_host_pid().expect("restarted agent pid");
     assert_ne!(first, second);
-    wait_unloaded(&first_programs, "after the crash");
+    wait_unloaded(&first_programs, "after the crash", Duration::from_secs(10));
     let second_programs = program_ids_of(second);
     assert_eq!(
         second_programs.len(),
@@ -620,5 +569,9 @@ fn systemd_runs_restarts_and_stops_the_packaged_unit_cleanly() {
     systemd.systemctl(&["stop", "cacheprobe.service"]).unwrap();
     assert_eq!(systemd.property("ActiveState"), "inactive");
     assert_eq!(systemd.property("Result"), "success");
-    wait_unloaded(&second_programs, "after systemctl stop");
+    wait_unloaded(
+        &second_programs,
+        "after systemctl stop",
+        Duration::from_secs(10),
+    );
 }

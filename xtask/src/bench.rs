@@ -1357,13 +1357,7 @@ impl Bench {
                 "Skipped by `--quick` (building the benches takes minutes); the full bench runs `{command}`."
             ));
         } else {
-            let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cargo
-                .current_dir(util::workspace_root())
-                .args(["bench", "-p", "cacheprobe", "--bench", "decoder"])
-                .env("PATH", util::path_with_cargo_bin());
-            let output = procs::run_checked("cargo bench", &mut cargo, Duration::from_secs(1800))?;
-            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stdout = run_criterion("decoder")?;
             let results = parse_criterion(&stdout);
             if results.is_empty() {
                 bail!("`{command}` printed no throughput (thrpt:) line:\n{stdout}");
@@ -1407,13 +1401,7 @@ impl Bench {
             self.finish(section);
             return Ok(());
         }
-        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cargo
-            .current_dir(util::workspace_root())
-            .args(["bench", "-p", "cacheprobe", "--bench", "scrape"])
-            .env("PATH", util::path_with_cargo_bin());
-        let output = procs::run_checked("cargo bench", &mut cargo, Duration::from_secs(1800))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stdout = run_criterion("scrape")?;
         let rates = parse_criterion(&stdout);
         let sizes = parse_scrape_sizes(&stdout);
         if rates.is_empty() || sizes.is_empty() {
@@ -1631,6 +1619,17 @@ fn parse_memcaslap_tps(output: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// Runs `cargo bench -p cacheprobe --bench <name>` (criterion) and returns its stdout.
+fn run_criterion(name: &str) -> anyhow::Result<String> {
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(util::workspace_root())
+        .args(["bench", "-p", "cacheprobe", "--bench", name])
+        .env("PATH", util::path_with_cargo_bin());
+    let output = procs::run_checked("cargo bench", &mut cargo, Duration::from_secs(1800))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 struct ScrapeSize {
