@@ -121,7 +121,15 @@ pub struct ProbeOffsets {
     pub sock_common: SockCommonLayout,
     /// `long ret` of `syscalls/sys_exit_*` (the same in every syscall's exit).
     pub sys_exit_ret: u16,
-    pub _pad: u16,
+    /// `struct sock` member `sk_protocol`, known only when the kernel's BTF also confirms the
+    /// raw tracepoint arguments of sock_send_length / sock_recv_length (`struct sock *sk, int
+    /// ret, int flags`): then the raw-tracepoint variants of those programs can run.
+    pub sock_protocol: u16,
+    /// `struct tcp_sock` members `lsndtime` and `inet_conn.icsk_ack.lrcvtime` (u32 jiffies of
+    /// the last data sent / received), from BTF. With both, a socket's last activity is read
+    /// from the kernel when its state changes instead of being stamped on every send/receive.
+    pub tcp_lsndtime: u16,
+    pub tcp_lrcvtime: u16,
     /// Offset of the buffer / iovec / msghdr argument in `syscalls/sys_enter_<name>`, indexed by
     /// [`io_syscall`].
     pub io_buffer_arg: [u16; io_syscall::COUNT],
@@ -156,7 +164,9 @@ impl ProbeOffsets {
             v6_rcv_saddr: OFFSET_UNKNOWN,
         },
         sys_exit_ret: OFFSET_UNKNOWN,
-        _pad: 0,
+        sock_protocol: OFFSET_UNKNOWN,
+        tcp_lsndtime: OFFSET_UNKNOWN,
+        tcp_lrcvtime: OFFSET_UNKNOWN,
         io_buffer_arg: [OFFSET_UNKNOWN; io_syscall::COUNT],
     };
 

@@ -15,11 +15,13 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
-        generated::{bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output},
+        generated::{
+            bpf_jiffies64, bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output,
+        },
     },
-    macros::{classifier, map, tracepoint},
+    macros::{classifier, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{TcContext, TracePointContext},
+    programs::{RawTracePointContext, TcContext, TracePointContext},
 };
 
 /// Filled in by the agent at load time (`EbpfLoader::override_global`).
@@ -78,6 +80,11 @@ static CAPTURE_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0
 /// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
 #[no_mangle]
 static CAPTURE_LEN: u32 = 0;
+
+/// Length of a jiffy in ns (the kernel's tick, from the coarse clock's resolution), set by the
+/// agent; 0 when unknown, which turns off reading last activity from `struct tcp_sock`.
+#[no_mangle]
+static NS_PER_JIFFY: u64 = 0;
 
 /// Unread bytes in EVENTS / PAYLOADS past which a record wakes the reader (set by the agent from
 /// the ring sizes). Below it records are submitted silently and the agent drains on a timer:
@@ -319,6 +326,11 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
         snapshot.peer_closed_ns = now;
     }
+    if was_connected(old_state) {
+        if let Some(last) = kernel_last_activity_ns(sk, now) {
+            snapshot.last_activity_ns = core::cmp::max(snapshot.last_activity_ns, last);
+        }
+    }
     if new_state == tcp_state::CLOSE {
         let _ = SOCKETS.remove(sk);
         let _ = CLOSED_SOCKETS.insert(sk, snapshot, 0);
@@ -335,15 +347,104 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
+/// States a socket leaves only after its handshake completed, so the kernel's data send and
+/// receive stamps in `struct tcp_sock` are set (before, they are 0 or stale).
+#[inline(always)]
+fn was_connected(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+    )
+}
+
+/// Whether last activity comes from `struct tcp_sock` (see [`kernel_last_activity_ns`]) rather
+/// than from stamps taken on every send and receive.
+#[inline(always)]
+fn kernel_stamps_activity() -> bool {
+    let layout = offsets();
+    layout.tcp_lsndtime != OFFSET_UNKNOWN
+        && layout.tcp_lrcvtime != OFFSET_UNKNOWN
+        && unsafe { core::ptr::read_volatile(&NS_PER_JIFFY) } != 0
+}
+
+/// Monotonic ns of the socket's last data sent or received, from the kernel's own jiffy stamps
+/// (`lsndtime`, `icsk_ack.lrcvtime`): exact to a tick, and free on the send/receive path.
+#[inline(always)]
+fn kernel_last_activity_ns(sk: u64, now: u64) -> Option<u64> {
+    if !kernel_stamps_activity() {
+        return None;
+    }
+    let layout = offsets();
+    let sent: u32 = read_sk(sk, layout.tcp_lsndtime)?;
+    let received: u32 = read_sk(sk, layout.tcp_lrcvtime)?;
+    let jiffies = unsafe { bpf_jiffies64() } as u32;
+    // u32 jiffies wrap: the later stamp is the one fewer ticks ago.
+    let ticks_ago = core::cmp::min(jiffies.wrapping_sub(sent), jiffies.wrapping_sub(received));
+    // At most 2^32 ticks of at most 10 ms (the agent's bound): no overflow.
+    let ago_ns = (ticks_ago as u64) * unsafe { core::ptr::read_volatile(&NS_PER_JIFFY) };
+    if ago_ns >= now {
+        return None;
+    }
+    Some(now - ago_ns)
+}
+
+/// Before the peer closes, a send or receive on a watched socket tells nothing the kernel does
+/// not already keep (see [`kernel_last_activity_ns`]).
+#[inline(always)]
+fn peer_still_open(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::SYN_SENT
+            | tcp_state::SYN_RECV
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+    )
+}
+
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    let _ = try_length(&ctx, true);
+    if let Some((protocol, sk, ret)) = read_length_fields(&ctx) {
+        let _ = try_length(protocol, sk, ret, true);
+    }
     0
 }
 
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    let _ = try_length(&ctx, false);
+    if let Some((protocol, sk, ret)) = read_length_fields(&ctx) {
+        let _ = try_length(protocol, sk, ret, false);
+    }
+    0
+}
+
+// The same two hooks as raw tracepoints, preferred where BTF confirms their arguments: the
+// kernel hands over (sk, ret, flags) without first building the trace record, which is most of
+// a classic tracepoint's cost on a path that runs for every TCP send and receive.
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn raw_sock_send_length(ctx: RawTracePointContext) -> u32 {
+    raw_length(&ctx, true)
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn raw_sock_recv_length(ctx: RawTracePointContext) -> u32 {
+    raw_length(&ctx, false)
+}
+
+#[inline(always)]
+fn raw_length(ctx: &RawTracePointContext, is_send: bool) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
+    let ret = ctx.arg::<u64>(1) as u32 as i32;
+    if let Some(protocol) = read_sk::<u16>(sk, offsets().sock_protocol) {
+        let _ = try_length(protocol, sk, ret, is_send);
+    }
     0
 }
 
@@ -368,22 +469,27 @@ fn read_length_fields(ctx: &TracePointContext) -> Option<(u16, u64, i32)> {
     ))
 }
 
-fn try_length(ctx: &TracePointContext, is_send: bool) -> Option<()> {
-    let (protocol, sk, ret) = read_length_fields(ctx)?;
-    if protocol != IPPROTO_TCP {
+#[inline(always)]
+fn try_length(protocol: u16, sk: u64, ret: i32, is_send: bool) -> Option<()> {
+    if protocol != IPPROTO_TCP || sk == 0 {
         return None;
+    }
+    // Most sends on a busy host are on unwatched sockets: their ports are checked first (one
+    // read, two inlined array lookups) before any map is touched.
+    let (ports, tcp_state_now) = read_sock_ports_and_state(sk)?;
+    if !is_watched(ports.local) && !is_watched(ports.remote) {
+        return None;
+    }
+    if peer_still_open(tcp_state_now) && kernel_stamps_activity() {
+        // The common case on a healthy connection: no map lookup, no clock read.
+        mark_inflight(sk, capture_flags(ports.local, ports.remote));
+        return Some(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
 
     let state_ptr = match SOCKETS.get_ptr_mut(sk) {
         Some(ptr) => ptr,
         None => {
-            // Not tracked: most sends on a busy host are on unwatched sockets, so their ports
-            // are checked first (two inlined array lookups) before any other map is touched.
-            let ports = read_sock_ports(sk)?;
-            if !is_watched(ports.local) && !is_watched(ports.remote) {
-                return None;
-            }
             if let Some(closed) = unsafe { CLOSED_SOCKETS.get(sk) } {
                 // The address may already belong to a new socket: only a socket that is still
                 // closed is the one we remember.
@@ -437,6 +543,25 @@ fn read_sock_ports(sk: u64) -> Option<SockPorts> {
         local: read_sk(sk, layout.num)?,
         remote: u16::from_be(read_sk::<u16>(sk, layout.dport)?),
     })
+}
+
+/// The socket's ports and TCP state. skc_portpair, skc_family and skc_state are neighbours in
+/// every kernel so far: then one read covers all three.
+#[inline(always)]
+fn read_sock_ports_and_state(sk: u64) -> Option<(SockPorts, u8)> {
+    let layout = &offsets().sock_common;
+    if layout.num == layout.dport + 2 && layout.state == layout.dport + 6 {
+        let block: [u8; 8] = read_sk(sk, layout.dport)?;
+        return Some((
+            SockPorts {
+                local: u16::from_ne_bytes([block[2], block[3]]),
+                remote: u16::from_be_bytes([block[0], block[1]]),
+            },
+            block[6],
+        ));
+    }
+    // Unknown state (no offset) reads as 0, which sends every call down the full path.
+    Some((read_sock_ports(sk)?, read_sk(sk, layout.state).unwrap_or(0)))
 }
 
 #[inline(always)]

@@ -228,7 +228,7 @@ fn connections_across_network_namespaces_are_attributed_to_the_server_address() 
     );
 }
 
-/// A connection opened before the agent starts is adopted on its first send and its close is
+/// A connection opened before the agent starts is adopted from the start-up socket dump and its close is
 /// counted (but not as opened while watched).
 #[test]
 fn connection_opened_before_the_agent_is_tracked() {

@@ -164,7 +164,12 @@ pub fn run_checks(config: &Config) -> CheckReport {
                         if spec.program == "inet_sock_set_state" {
                             usable = true;
                         }
-                        item(name, Status::Ok, "attached", spec.impact)
+                        let how = if probes.raw.contains(&spec.program) {
+                            "attached (raw tracepoint)"
+                        } else {
+                            "attached"
+                        };
+                        item(name, Status::Ok, how, spec.impact)
                     }
                     Some(ProbeStatus::Unavailable(reason)) => {
                         item(name, Status::Missing, reason.clone(), spec.impact)

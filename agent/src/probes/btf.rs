@@ -25,7 +25,7 @@ const MAX_DEPTH: u32 = 32;
 /// keeps crafted input (a union holding itself twice, nested 32 deep) from taking 2^32 steps.
 const VISIT_BUDGET: u32 = 4096;
 
-mod kind {
+pub(crate) mod kind {
     pub const INT: u8 = 1;
     pub const PTR: u8 = 2;
     pub const ARRAY: u8 = 3;
@@ -121,6 +121,11 @@ enum Detail {
         element_count: u32,
     },
     Members {
+        first: u32,
+        count: u16,
+    },
+    /// A function prototype's parameters, kept in `members` with offset 0.
+    Params {
         first: u32,
         count: u16,
     },
@@ -305,6 +310,18 @@ impl Btf {
                     }
                     Detail::Members { first, count: vlen }
                 }
+                kind::FUNC_PROTO => {
+                    let first = self.members.len() as u32;
+                    for index in 0..usize::from(vlen) {
+                        let param_at = body + index * 8;
+                        self.members.push(Member {
+                            name_off: reader.u32(param_at).unwrap_or(0),
+                            type_id: reader.u32(param_at + 4).unwrap_or(0),
+                            offset: 0,
+                        });
+                    }
+                    Detail::Params { first, count: vlen }
+                }
                 _ => Detail::None,
             };
             self.types.push(TypeEntry {
@@ -349,6 +366,44 @@ impl Btf {
                     && self.name(entry.name_off) == Some(struct_name.as_bytes())
             })
             .find_map(|(id, _)| self.find_member(id as u32, member.as_bytes(), 0, 0, &mut budget))
+            .map(|(location, _)| location)
+    }
+
+    /// Location of a member nested in named members, e.g. `["inet_conn", "icsk_ack",
+    /// "lrcvtime"]` in `tcp_sock`, relative to the outer struct's start. Each step but the
+    /// last must be a struct or union; anonymous members are looked through at every step.
+    pub fn member_path(&self, struct_name: &str, path: &[&str]) -> Option<MemberLocation> {
+        let (first, rest) = path.split_first()?;
+        if struct_name.is_empty() {
+            return None;
+        }
+        let mut budget = VISIT_BUDGET;
+        let (mut location, mut type_id) = self
+            .types
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| {
+                entry.kind == kind::STRUCT
+                    && self.name(entry.name_off) == Some(struct_name.as_bytes())
+            })
+            .find_map(|(id, _)| self.find_member(id as u32, first.as_bytes(), 0, 0, &mut budget))?;
+        for (depth, name) in rest.iter().enumerate() {
+            if location.bitfield_bits != 0 {
+                return None;
+            }
+            let container = self.skip_modifiers(type_id, depth as u32)?;
+            if !matches!(self.kind_of(container), Some(kind::STRUCT | kind::UNION)) {
+                return None;
+            }
+            (location, type_id) = self.find_member(
+                container,
+                name.as_bytes(),
+                location.bit_offset,
+                depth as u32 + 1,
+                &mut budget,
+            )?;
+        }
+        Some(location)
     }
 
     fn find_member(
@@ -358,7 +413,7 @@ impl Btf {
         base_bits: u32,
         depth: u32,
         budget: &mut u32,
-    ) -> Option<MemberLocation> {
+    ) -> Option<(MemberLocation, u32)> {
         if depth > MAX_DEPTH || *budget == 0 {
             return None;
         }
@@ -411,13 +466,74 @@ impl Btf {
                     }
                 }
             }
-            return Some(MemberLocation {
-                bit_offset,
-                bitfield_bits,
-                size,
-            });
+            return Some((
+                MemberLocation {
+                    bit_offset,
+                    bitfield_bits,
+                    size,
+                },
+                member.type_id,
+            ));
         }
         None
+    }
+
+    /// The C types of a tracepoint's `TP_PROTO` arguments, as a raw tracepoint program receives
+    /// them (`["struct sock *", "int", "int"]`), from the kernel's `btf_trace_<event>` typedef;
+    /// the leading `void *` every such function takes is left out. Typedefs and qualifiers are
+    /// looked through, so `const struct sock *` reads as `struct sock *`. `None` when the
+    /// kernel has no such tracepoint or its typedef is not the expected function pointer.
+    pub fn raw_tracepoint_args(&self, event: &str) -> Option<Vec<String>> {
+        let typedef = format!("btf_trace_{event}");
+        let entry = self.types.iter().find(|entry| {
+            entry.kind == kind::TYPEDEF && self.name(entry.name_off) == Some(typedef.as_bytes())
+        })?;
+        let pointer = self
+            .types
+            .get(self.skip_modifiers(entry.size_or_type, 0)? as usize)?;
+        if pointer.kind != kind::PTR {
+            return None;
+        }
+        let proto = self
+            .types
+            .get(self.skip_modifiers(pointer.size_or_type, 0)? as usize)?;
+        let Detail::Params { first, count } = proto.detail else {
+            return None;
+        };
+        let params = self
+            .members
+            .get(first as usize..first as usize + usize::from(count))?;
+        let (context, args) = params.split_first()?;
+        if self.describe(context.type_id, 0)? != "void *" {
+            return None;
+        }
+        args.iter()
+            .map(|param| self.describe(param.type_id, 0))
+            .collect()
+    }
+
+    /// A type as C would spell it, enough to compare argument lists.
+    fn describe(&self, type_id: u32, depth: u32) -> Option<String> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let resolved = self.skip_modifiers(type_id, depth)?;
+        if resolved == 0 {
+            return Some("void".to_owned());
+        }
+        let entry = self.types.get(resolved as usize)?;
+        let name = || String::from_utf8_lossy(self.name(entry.name_off).unwrap_or_default());
+        Some(match entry.kind {
+            kind::PTR => format!("{} *", self.describe(entry.size_or_type, depth + 1)?),
+            kind::STRUCT => format!("struct {}", name()),
+            kind::UNION => format!("union {}", name()),
+            kind::FWD if entry.kind_flag => format!("union {}", name()),
+            kind::FWD => format!("struct {}", name()),
+            kind::ENUM | kind::ENUM64 => format!("enum {}", name()),
+            kind::INT | kind::FLOAT => name().into_owned(),
+            kind::FUNC_PROTO => "function".to_owned(),
+            _ => return None,
+        })
     }
 
     fn kind_of(&self, type_id: u32) -> Option<u8> {
@@ -1025,6 +1141,7 @@ mod tests {
         }
         let _ = btf.member("in6_addr", "s6_addr");
         let _ = btf.member("", "");
+        let _ = btf.raw_tracepoint_args("sock_send_length");
     }
 
     #[test]
@@ -1114,6 +1231,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn raw_tracepoint_args_follow_the_btf_trace_typedef() {
+        let mut b = BlobBuilder::new(false);
+        let int = b.int("int", 4);
+        let sock = b.composite(kind::STRUCT, "sock", 8, false, &[]);
+        let const_sock = b.refers(kind::CONST, "", sock);
+        let sock_ptr = b.refers(kind::PTR, "", const_sock);
+        let void_ptr = b.refers(kind::PTR, "", 0);
+        let proto = b.with_elements(
+            kind::FUNC_PROTO,
+            "",
+            0,
+            &[&[0, void_ptr], &[0, sock_ptr], &[0, int], &[0, int]],
+        );
+        let proto_ptr = b.refers(kind::PTR, "", proto);
+        b.refers(kind::TYPEDEF, "btf_trace_sock_send_length", proto_ptr);
+        // A typedef that is not a function pointer, and one whose first argument is not void *.
+        b.refers(kind::TYPEDEF, "btf_trace_not_a_pointer", int);
+        let odd = b.with_elements(kind::FUNC_PROTO, "", 0, &[&[0, int], &[0, int]]);
+        let odd_ptr = b.refers(kind::PTR, "", odd);
+        b.refers(kind::TYPEDEF, "btf_trace_odd", odd_ptr);
+        let btf = Btf::parse(&b.build()).unwrap();
+        assert_eq!(
+            btf.raw_tracepoint_args("sock_send_length").unwrap(),
+            ["struct sock *", "int", "int"]
+        );
+        assert_eq!(btf.raw_tracepoint_args("sock_recv_length"), None);
+        assert_eq!(btf.raw_tracepoint_args("not_a_pointer"), None);
+        assert_eq!(btf.raw_tracepoint_args("odd"), None);
+    }
+
     fn recorded_offsets(kernel: &str) -> Vec<(String, Option<u32>)> {
         let path = format!(
             "{}/tests/fixtures/{kernel}/sock_common.txt",
@@ -1165,6 +1313,24 @@ mod tests {
                 .bitfield_bits
                 == 4
         );
+        // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) in 6.1.
+        assert_eq!(
+            btf.raw_tracepoint_args("inet_sock_set_state").unwrap(),
+            ["struct sock *", "int", "int"]
+        );
+        // sock_send_length arrived in 6.4.
+        assert_eq!(btf.raw_tracepoint_args("sock_send_length"), None);
+        assert_eq!(btf.member_offset("sock", "sk_protocol"), Some(516));
+        let lrcvtime = btf
+            .member_path("tcp_sock", &["inet_conn", "icsk_ack", "lrcvtime"])
+            .unwrap();
+        assert_eq!((lrcvtime.bit_offset % 8, lrcvtime.size), (0, Some(4)));
+        assert_eq!(
+            btf.member_path("tcp_sock", &["lsndtime"]).unwrap().size,
+            Some(4)
+        );
+        assert_eq!(btf.member_path("tcp_sock", &["inet_conn", "nope"]), None);
+        assert_eq!(btf.member_path("tcp_sock", &["lsndtime", "deeper"]), None);
     }
 
     /// Host test: reads this machine's /sys/kernel/btf/vmlinux (needs root on most systems) and,
@@ -1181,6 +1347,13 @@ mod tests {
             btf.type_count(),
             started.elapsed()
         );
+        for event in ["sock_send_length", "sock_recv_length"] {
+            assert_eq!(
+                btf.raw_tracepoint_args(event).unwrap(),
+                ["struct sock *", "int", "int"],
+                "{event}"
+            );
+        }
         for member in [
             "skc_daddr",
             "skc_rcv_saddr",

@@ -8,7 +8,7 @@ use agent_common::{counter, io_syscall, wakeup, watch, ProbeOffsets, TupleLayout
 use anyhow::Context as _;
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{tc, SchedClassifier, TcAttachType, TracePoint},
+    programs::{tc, RawTracePoint, SchedClassifier, TcAttachType, TracePoint},
     Ebpf, EbpfLoader,
 };
 
@@ -32,6 +32,9 @@ pub struct ProbeSpec {
     pub event: &'static str,
     /// What the user loses when it cannot attach.
     pub impact: &'static str,
+    /// A raw-tracepoint program for the same event, tried first when the offsets say it can
+    /// run (it skips the trace record the classic one reads).
+    pub raw_program: Option<&'static str>,
 }
 
 macro_rules! fd_exit_probe {
@@ -41,6 +44,7 @@ macro_rules! fd_exit_probe {
             category: "syscalls",
             event: concat!("sys_exit_", $name),
             impact: concat!("EMFILE/ENFILE from ", $name, "() not counted"),
+            raw_program: None,
         }
     };
 }
@@ -56,6 +60,7 @@ macro_rules! io_probe {
                 $name,
                 "() are not captured: decoding sees gaps"
             ),
+            raw_program: None,
         }
     };
     (exit $name:literal) => {
@@ -68,6 +73,7 @@ macro_rules! io_probe {
                 $name,
                 "() are not captured: decoding sees gaps"
             ),
+            raw_program: None,
         }
     };
 }
@@ -78,42 +84,49 @@ pub const PROBES: &[ProbeSpec] = &[
         category: "sock",
         event: "inet_sock_set_state",
         impact: "no connection lifecycle: opened/closed/active, closed_by, durations, connect failures",
+        raw_program: None,
     },
     ProbeSpec {
         program: "sock_send_length",
         category: "sock",
         event: "sock_send_length",
         impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen; no payload capture, so no memcache decoding",
+        raw_program: Some("raw_sock_send_length"),
     },
     ProbeSpec {
         program: "sock_recv_length",
         category: "sock",
         event: "sock_recv_length",
         impact: "no receive activity stamps; dead-socket write outcomes (eof/reset) not seen; no payload capture, so no memcache decoding",
+        raw_program: Some("raw_sock_recv_length"),
     },
     ProbeSpec {
         program: "tcp_retransmit_skb",
         category: "tcp",
         event: "tcp_retransmit_skb",
         impact: "data and SYN retransmits not counted",
+        raw_program: None,
     },
     ProbeSpec {
         program: "tcp_retransmit_synack",
         category: "tcp",
         event: "tcp_retransmit_synack",
         impact: "SYN-ACK retransmits not counted",
+        raw_program: None,
     },
     ProbeSpec {
         program: "tcp_receive_reset",
         category: "tcp",
         event: "tcp_receive_reset",
         impact: "received resets not counted; refused connects counted as timeouts",
+        raw_program: None,
     },
     ProbeSpec {
         program: "tcp_send_reset",
         category: "tcp",
         event: "tcp_send_reset",
         impact: "sent resets not counted",
+        raw_program: None,
     },
     fd_exit_probe!("socket"),
     fd_exit_probe!("accept"),
@@ -168,6 +181,8 @@ pub struct Probes {
     counters: PerCpuArray<MapData, u64>,
     /// Ports currently marked in WATCHED_PORTS, to unmark on reload.
     watched_ports: Vec<u16>,
+    /// Probes (by classic program name) running as their raw-tracepoint variant.
+    pub raw: Vec<&'static str>,
 }
 
 impl Probes {
@@ -194,6 +209,7 @@ impl Probes {
             .override_global("OFFSETS", offsets, true)
             .override_global("CAPTURE_LEN", &capture_len, true)
             .override_global("EVENTS_WAKEUP_BYTES", &events_wakeup_bytes, true)
+            .override_global("NS_PER_JIFFY", &ns_per_jiffy(), true)
             .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
             .map_max_entries("INFLIGHT", config.limits.max_inflight_syscalls)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
@@ -203,6 +219,7 @@ impl Probes {
             .context("loading the kernel programs failed (is this root, or does it have CAP_BPF and CAP_PERFMON?)")?;
 
         let mut status = BTreeMap::new();
+        let mut raw = Vec::new();
         for spec in PROBES {
             let is_capture =
                 spec.category == "syscalls" && io_syscall_index(spec.program).is_some();
@@ -212,6 +229,24 @@ impl Probes {
                     ProbeStatus::Unavailable("payload capture is off in the config".to_string()),
                 );
                 continue;
+            }
+            if let Some(raw_program) = spec.raw_program {
+                if offsets.sock_protocol != OFFSET_UNKNOWN {
+                    match attach_raw(&mut ebpf, raw_program, spec.event) {
+                        Ok(()) => {
+                            tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
+                            raw.push(spec.program);
+                            status.insert(spec.program, ProbeStatus::Attached);
+                            continue;
+                        }
+                        Err(err) => tracing::warn!(
+                            probe = spec.event,
+                            error = format!("{err:#}"),
+                            "raw tracepoint not attached; using the classic tracepoint, which \
+                             costs more per call"
+                        ),
+                    }
+                }
             }
             let outcome = match missing_offsets(spec, offsets) {
                 Some(reason) => ProbeStatus::Unavailable(reason),
@@ -253,6 +288,7 @@ impl Probes {
             payloads: Some(payloads),
             counters,
             watched_ports: Vec::new(),
+            raw,
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
@@ -375,6 +411,40 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
             spec.category, spec.event
         )
     })?;
+    Ok(())
+}
+
+/// The kernel's tick length: the resolution of CLOCK_MONOTONIC_COARSE, which advances once
+/// per jiffy. 0 (the programs then stamp activity themselves) if it looks like no real HZ.
+fn ns_per_jiffy() -> u64 {
+    let mut resolution = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres only writes the timespec it is given.
+    let status = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut resolution) };
+    // HZ is between 100 and 1000 on every kernel configuration.
+    if status == 0
+        && resolution.tv_sec == 0
+        && (1_000_000..=10_000_000).contains(&resolution.tv_nsec)
+    {
+        resolution.tv_nsec as u64
+    } else {
+        0
+    }
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()?;
+    program
+        .load()
+        .context("verifier rejected the raw tracepoint program")?;
+    program
+        .attach(event)
+        .with_context(|| format!("cannot attach to raw tracepoint {event}"))?;
     Ok(())
 }
 
@@ -507,6 +577,15 @@ mod tests {
                 (11211, watch::WATCHED | watch::CAPTURE),
                 (11212, watch::WATCHED)
             ]
+        );
+    }
+
+    #[test]
+    fn the_tick_length_is_a_real_hz() {
+        let tick = ns_per_jiffy();
+        assert!(
+            [1_000_000, 3_333_333, 4_000_000, 10_000_000].contains(&tick),
+            "CLOCK_MONOTONIC_COARSE resolution {tick} ns is no HZ of 1000, 300, 250 or 100"
         );
     }
 

@@ -325,6 +325,10 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
     }
 
     resolver.take_sock_common(source);
+    if send.is_some() && recv.is_some() {
+        resolver.take_raw_length_arguments(source);
+        resolver.take_tcp_activity(source);
+    }
     Resolution {
         offsets: resolver.offsets,
         missing: resolver.missing,
@@ -462,6 +466,88 @@ impl Resolver {
                     .then_some((location.bit_offset / 8, location.size))
             });
             self.place("struct sock_common", "member", member, found);
+        }
+    }
+
+    /// Raw tracepoints pass a program the tracepoint's own arguments instead of a formatted
+    /// record, which saves the record's construction on every send and receive. Their argument
+    /// list and `sk_protocol` come from BTF; without either, the classic tracepoints serve.
+    fn take_raw_length_arguments(&mut self, source: &impl LayoutSource) {
+        const EXPECTED: [&str; 3] = ["struct sock *", "int", "int"];
+        let Some(btf) = source.btf() else {
+            // Already reported with what else it costs.
+            return;
+        };
+        let problem = if let Some((event, args)) = [SEND_LENGTH.event, RECV_LENGTH.event]
+            .into_iter()
+            .map(|event| (event, btf.raw_tracepoint_args(event)))
+            .find(|(_, args)| {
+                !args
+                    .as_ref()
+                    .is_some_and(|args| args.iter().eq(EXPECTED.iter()))
+            }) {
+            match args {
+                None => format!("kernel BTF does not describe the arguments of {event}"),
+                Some(args) => format!(
+                    "{event} takes ({}), not ({})",
+                    args.join(", "),
+                    EXPECTED.join(", ")
+                ),
+            }
+        } else {
+            match btf.member("sock", "sk_protocol") {
+                Some(location)
+                    if location.bitfield_bits == 0
+                        && location.bit_offset.is_multiple_of(8)
+                        && location.size == Some(2)
+                        && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN) =>
+                {
+                    self.offsets.sock_protocol = (location.bit_offset / 8) as u16;
+                    return;
+                }
+                _ => "struct sock has no 2-byte sk_protocol".to_owned(),
+            }
+        };
+        self.missing.push(MissingFeature {
+            subject: "raw tracepoints sock_send_length, sock_recv_length".into(),
+            reason: format!(
+                "{problem}: sends and receives are followed through the classic tracepoints, \
+                 which cost more per call"
+            ),
+        });
+    }
+
+    /// Where the kernel keeps a TCP socket's last data send and receive times. Without them the
+    /// programs stamp the time themselves on every send and receive of a watched socket.
+    fn take_tcp_activity(&mut self, source: &impl LayoutSource) {
+        let Some(btf) = source.btf() else {
+            return;
+        };
+        let u32_at = |path: &[&str]| {
+            btf.member_path("tcp_sock", path)
+                .filter(|location| {
+                    location.bitfield_bits == 0
+                        && location.bit_offset.is_multiple_of(8)
+                        && location.size == Some(4)
+                        && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+                })
+                .map(|location| (location.bit_offset / 8) as u16)
+        };
+        match (
+            u32_at(&["lsndtime"]),
+            u32_at(&["inet_conn", "icsk_ack", "lrcvtime"]),
+        ) {
+            (Some(lsndtime), Some(lrcvtime)) => {
+                self.offsets.tcp_lsndtime = lsndtime;
+                self.offsets.tcp_lrcvtime = lrcvtime;
+            }
+            _ => self.missing.push(MissingFeature {
+                subject: "struct tcp_sock members lsndtime, inet_conn.icsk_ack.lrcvtime".into(),
+                reason: "kernel BTF has no 4-byte tcp_sock lsndtime and icsk_ack.lrcvtime: last \
+                         activity is stamped on every send and receive instead, which costs more \
+                         per call"
+                    .into(),
+            }),
         }
     }
 
@@ -767,7 +853,87 @@ mod tests {
         let resolution = resolve_offsets(&Fixture::new("kernel-6.12", Some(real_6_1_btf())));
         assert_set_state_offsets(&resolution.offsets);
         assert_eq!(resolution.offsets.length.ret, 20);
+        // 6.1's BTF predates sock_send_length, so it cannot vouch for the raw tracepoint
+        // arguments: the classic tracepoints serve. tcp_sock's activity stamps are there.
+        assert_eq!(
+            reasons(&resolution),
+            [RAW_UNDESCRIBED],
+            "{:?}",
+            resolution.missing
+        );
+        assert_eq!(resolution.offsets.sock_protocol, OFFSET_UNKNOWN);
+        assert_ne!(resolution.offsets.tcp_lsndtime, OFFSET_UNKNOWN);
+        assert_ne!(resolution.offsets.tcp_lrcvtime, OFFSET_UNKNOWN);
+    }
+
+    const RAW_UNDESCRIBED: &str = "kernel BTF does not describe the arguments of \
+        sock_send_length: sends and receives are followed through the classic tracepoints, \
+        which cost more per call";
+    const NO_TCP_ACTIVITY: &str = "kernel BTF has no 4-byte tcp_sock lsndtime and \
+        icsk_ack.lrcvtime: last activity is stamped on every send and receive instead, which \
+        costs more per call";
+
+    /// BTF that describes the raw tracepoints, `sock.sk_protocol` and the tcp_sock activity
+    /// stamps (nested in `inet_conn.icsk_ack`) resolves all of them.
+    #[test]
+    fn btf_with_raw_tracepoint_arguments_and_tcp_activity() {
+        use super::super::btf::{kind, test_blobs::M};
+        let mut blob = BlobBuilder::new(false);
+        sock_common_into(&mut blob, true);
+        let int = blob.int("int", 4);
+        let u16_type = blob.int("u16", 2);
+        let u32_type = blob.int("u32", 4);
+        let sock = blob.composite(
+            kind::STRUCT,
+            "sock",
+            600,
+            false,
+            &[M("sk_protocol", u16_type, 516 * 8, 0)],
+        );
+        let sock_ptr = blob.refers(kind::PTR, "", sock);
+        let void_ptr = blob.refers(kind::PTR, "", 0);
+        let proto = blob.with_elements(
+            kind::FUNC_PROTO,
+            "",
+            0,
+            &[&[0, void_ptr], &[0, sock_ptr], &[0, int], &[0, int]],
+        );
+        let proto_ptr = blob.refers(kind::PTR, "", proto);
+        blob.refers(kind::TYPEDEF, "btf_trace_sock_send_length", proto_ptr);
+        blob.refers(kind::TYPEDEF, "btf_trace_sock_recv_length", proto_ptr);
+        let ack = blob.composite(
+            kind::STRUCT,
+            "",
+            16,
+            false,
+            &[M("lrcvtime", u32_type, 32, 0)],
+        );
+        let icsk = blob.composite(
+            kind::STRUCT,
+            "inet_connection_sock",
+            1200,
+            false,
+            &[M("icsk_ack", ack, 1000 * 8, 0)],
+        );
+        blob.composite(
+            kind::STRUCT,
+            "tcp_sock",
+            2000,
+            false,
+            &[
+                M("inet_conn", icsk, 0, 0),
+                M("lsndtime", u32_type, 1500 * 8, 0),
+            ],
+        );
+        let source = Synthetic {
+            btf: Some(Btf::parse(&blob.build()).unwrap()),
+            ..synthetic_6_18()
+        };
+        let resolution = resolve_offsets(&source);
         assert!(resolution.missing.is_empty(), "{:?}", resolution.missing);
+        assert_eq!(resolution.offsets.sock_protocol, 516);
+        assert_eq!(resolution.offsets.tcp_lsndtime, 1500);
+        assert_eq!(resolution.offsets.tcp_lrcvtime, 1004);
     }
 
     /// Formats held in memory, to exercise the rules the fixtures never break.
@@ -1023,6 +1189,8 @@ mod tests {
                  agent started are only seen when they change state",
                 "struct sock_common has no member skc_v6_rcv_saddr: IPv6 sockets opened before the \
                  agent started are only seen when they change state",
+                RAW_UNDESCRIBED,
+                NO_TCP_ACTIVITY,
             ]
         );
     }
@@ -1046,7 +1214,9 @@ mod tests {
             reasons(&resolution),
             [
                 "kernel BTF has no usable struct sock_common: sockets opened before the agent \
-              started are only seen when they change state"
+              started are only seen when they change state",
+                RAW_UNDESCRIBED,
+                NO_TCP_ACTIVITY,
             ]
         );
     }
@@ -1095,6 +1265,9 @@ mod tests {
             assert!(resolution.missing.is_empty(), "{:?}", resolution.missing);
             assert_set_state_offsets(&resolution.offsets);
             assert_eq!(resolution.offsets.sock_common.v6_rcv_saddr, 72);
+            assert_ne!(resolution.offsets.sock_protocol, OFFSET_UNKNOWN);
+            assert_ne!(resolution.offsets.tcp_lsndtime, OFFSET_UNKNOWN);
+            assert_ne!(resolution.offsets.tcp_lrcvtime, OFFSET_UNKNOWN);
             assert_eq!(
                 resolution.offsets,
                 resolve_offsets(&Fixture::new("kernel-6.18", layout.btf().cloned())).offsets
