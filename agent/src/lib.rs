@@ -8,6 +8,7 @@ pub mod control;
 pub mod dead_writes;
 pub mod diagnose;
 pub mod events;
+pub mod fd_arming;
 pub mod history;
 pub mod http;
 pub mod keys;

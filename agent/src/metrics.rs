@@ -245,6 +245,7 @@ pub struct Metrics {
     pub process_connections: Family<CommServiceLabels, Gauge>,
     pub host_open_files: Gauge,
     pub host_file_limit: Gauge,
+    pub fd_exhaustion_probes_armed: Gauge,
     pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Counter>,
 }
@@ -290,6 +291,7 @@ impl Metrics {
             process_connections: Family::default(),
             host_open_files: Gauge::default(),
             host_file_limit: Gauge::default(),
+            fd_exhaustion_probes_armed: Gauge::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
         };
@@ -360,7 +362,8 @@ impl Metrics {
         );
         registry.register(
             "fd_exhaustion_errors",
-            "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE",
+            "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE \
+             while the probes were armed (see fd_exhaustion_probes_armed)",
             metrics.fd_exhaustion_errors.clone(),
         );
         registry.register(
@@ -452,6 +455,13 @@ impl Metrics {
             "host_file_limit",
             "Host file handle limit (fs.file-max)",
             metrics.host_file_limit.clone(),
+        );
+        registry.register(
+            "fd_exhaustion_probes_armed",
+            "1 while the EMFILE/ENFILE syscall probes are attached: a process holding watched \
+             sockets, or the host, uses at least half its descriptor limit (they tax every \
+             syscall on the host, so they are detached after a calm minute)",
+            metrics.fd_exhaustion_probes_armed.clone(),
         );
         registry.register(
             "bpf_program_run_seconds",

@@ -418,14 +418,25 @@ fn emfile_and_fd_pressure_are_reported_per_process_name() {
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &["-c", "4096"]).unwrap();
     let agent = Agent::start("emfile", &[("memcached", port, "memcache")]).unwrap();
+    // Nothing is near a limit: the syscall probes, which tax every syscall on the host, are off.
+    let armed = "cacheprobe_fd_exhaustion_probes_armed";
+    let calm = agent.wait_for(WAIT, |s| s.sum(armed, &[]) == 0.0 && s.text.contains(armed));
+    assert_eq!(calm.sum(armed, &[]), 0.0, "{}", calm.text);
+    let dir = scratch_dir("emfile");
+    let go = dir.join("go");
     let mut client = Command::new(PYTHON)
         .args([
             "-c",
             &format!(
-                "import resource, socket, ctypes, sys, time\n\
+                "import resource, socket, ctypes, os, sys, time\n\
                  ctypes.CDLL(None).prctl(15, b'fdhog', 0, 0, 0)\n\
                  resource.setrlimit(resource.RLIMIT_NOFILE, (32, 4096))\n\
                  socks, errors = [], 0\n\
+                 for i in range(18):\n\
+                 \x20   socks.append(socket.create_connection(('127.0.0.1', {port})))\n\
+                 print('half', flush=True)\n\
+                 while not os.path.exists('{go}'):\n\
+                 \x20   time.sleep(0.05)\n\
                  for i in range(64):\n\
                  \x20   try:\n\
                  \x20       socks.append(socket.create_connection(('127.0.0.1', {port})))\n\
@@ -433,18 +444,23 @@ fn emfile_and_fd_pressure_are_reported_per_process_name() {
                  \x20       if e.errno == 24:\n\
                  \x20           errors += 1\n\
                  print(errors, flush=True)\n\
-                 time.sleep(30)\n"
+                 time.sleep(30)\n",
+                go = go.display()
             ),
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stdout = std::io::BufReader::new(client.stdout.take().unwrap());
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "half");
+    // Over half of its 32 descriptors in use: the next sample attaches the probes.
+    let pressed = agent.wait_for(WAIT, |s| s.sum(armed, &[]) == 1.0);
+    assert_eq!(pressed.sum(armed, &[]), 1.0, "{}", pressed.text);
+    std::fs::write(&go, "").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     let client = Guard(client);
     let client_errors: f64 = line.trim().parse().unwrap();
     assert!(client_errors > 0.0);

@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     control,
     events::SockEventRecord,
+    fd_arming::{self, FdProbeArming},
     history::{facts_from_sample, History, HistoryLimits, HistorySink},
     metrics::{Metrics, ProbeLabels},
     pipeline::{PayloadOutcome, Pipeline},
@@ -80,13 +81,37 @@ fn reload(
     Ok(config)
 }
 
+/// What the event loop needs from each sample: processes to follow for payload capture and
+/// how close anything is to a descriptor limit.
+struct SampleNews {
+    pids: Vec<u32>,
+    peak_fd_usage: f64,
+}
+
+/// Applies the arming decision for the EMFILE/ENFILE probes after a sample.
+fn arm_fd_probes(probes: &mut Probes, arming: &mut FdProbeArming, metrics: &Metrics, peak: f64) {
+    if let Some(armed) = arming.observe(peak) {
+        match probes.set_fd_exhaustion_armed(armed) {
+            Ok(()) if armed => tracing::info!(
+                peak_fd_usage = peak,
+                "descriptors running short: EMFILE/ENFILE probes attached"
+            ),
+            Ok(()) => tracing::info!("descriptor usage low: EMFILE/ENFILE probes detached"),
+            Err(err) => tracing::warn!(%err, armed, "cannot change the EMFILE/ENFILE probes"),
+        }
+    }
+    metrics
+        .fd_exhaustion_probes_armed
+        .set(i64::from(probes.fd_exhaustion_armed()));
+}
+
 /// Samples /proc on its own thread pool slot so a slow /proc never stalls event processing.
 async fn sample_periodically(
     mut sampler: Sampler,
     metrics: Metrics,
     mut last_tcp_ext: TcpExtCounters,
     mut config: tokio::sync::watch::Receiver<Config>,
-    pids: tokio::sync::mpsc::Sender<Vec<u32>>,
+    news: tokio::sync::mpsc::Sender<SampleNews>,
     history: Arc<Mutex<History>>,
 ) {
     let mut previous_tcp_ext = None;
@@ -128,7 +153,10 @@ async fn sample_periodically(
                         history.record(now, fact);
                     }
                 }
-                let _ = pids.try_send(snapshot.processes.iter().map(|p| p.pid).collect());
+                let _ = news.try_send(SampleNews {
+                    pids: snapshot.processes.iter().map(|p| p.pid).collect(),
+                    peak_fd_usage: fd_arming::peak_fd_usage(&snapshot),
+                });
             }
             Err(err) => tracing::warn!(%err, "/proc sample failed"),
         }
@@ -306,6 +334,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
     let mut probes = probes;
+    let mut fd_probe_arming = FdProbeArming::new();
 
     // Recent history for `cacheprobe diagnose`, served on a root-only Unix socket.
     let history = Arc::new(Mutex::new(History::new(
@@ -350,6 +379,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             pipeline.record_observations(seeded);
             sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+            let peak = fd_arming::peak_fd_usage(&snapshot);
+            arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, peak);
             if let Err(err) = probes.add_capture_pids(snapshot.processes.iter().map(|p| p.pid)) {
                 tracing::warn!(%err, "cannot register existing processes for payload capture");
             }
@@ -364,7 +395,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
         }
     }
-    let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<Vec<u32>>(4);
+    let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
     let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
     tokio::spawn(sample_periodically(
         sampler,
@@ -413,10 +444,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = drain.tick() => {
                 pump(&mut event_queue, &mut pipeline, ring.get_mut(), payload_ring.get_mut());
             }
-            Some(pids) = pids_rx.recv() => {
-                if let Err(err) = probes.add_capture_pids(pids) {
+            Some(news) = pids_rx.recv() => {
+                if let Err(err) = probes.add_capture_pids(news.pids) {
                     tracing::debug!(%err, "cannot register processes for payload capture");
                 }
+                arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, news.peak_fd_usage);
             }
             _ = tick.tick() => {
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);

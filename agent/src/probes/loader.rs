@@ -8,7 +8,9 @@ use agent_common::{counter, io_syscall, wakeup, watch, ProbeOffsets, TupleLayout
 use anyhow::Context as _;
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{tc, RawTracePoint, SchedClassifier, TcAttachType, TracePoint},
+    programs::{
+        tc, trace_point::TracePointLinkId, RawTracePoint, SchedClassifier, TcAttachType, TracePoint,
+    },
     Ebpf, EbpfLoader,
 };
 
@@ -183,6 +185,10 @@ pub struct Probes {
     watched_ports: Vec<u16>,
     /// Probes (by classic program name) running as their raw-tracepoint variant.
     pub raw: Vec<&'static str>,
+    /// EMFILE/ENFILE probes while attached, and those loaded but detached (see
+    /// [`Probes::set_fd_exhaustion_armed`]).
+    fd_links: Vec<(&'static ProbeSpec, TracePointLinkId)>,
+    fd_detached: Vec<&'static ProbeSpec>,
 }
 
 impl Probes {
@@ -220,6 +226,7 @@ impl Probes {
 
         let mut status = BTreeMap::new();
         let mut raw = Vec::new();
+        let mut fd_links = Vec::new();
         for spec in PROBES {
             let is_capture =
                 spec.category == "syscalls" && io_syscall_index(spec.program).is_some();
@@ -251,7 +258,12 @@ impl Probes {
             let outcome = match missing_offsets(spec, offsets) {
                 Some(reason) => ProbeStatus::Unavailable(reason),
                 None => match attach(&mut ebpf, spec) {
-                    Ok(()) => ProbeStatus::Attached,
+                    Ok(link) => {
+                        if is_fd_exhaustion_probe(spec) {
+                            fd_links.push((spec, link));
+                        }
+                        ProbeStatus::Attached
+                    }
                     Err(err) => ProbeStatus::Failed(format!("{err:#}")),
                 },
             };
@@ -289,6 +301,8 @@ impl Probes {
             counters,
             watched_ports: Vec::new(),
             raw,
+            fd_links,
+            fd_detached: Vec::new(),
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
@@ -328,6 +342,40 @@ impl Probes {
         }
         self.watched_ports = wanted.into_iter().map(|(port, _)| port).collect();
         Ok(())
+    }
+
+    /// Attaches (armed) or detaches the EMFILE/ENFILE syscall probes. Only probes that
+    /// attached at load take part; they stay loaded, so re-attaching needs no verifier run.
+    pub fn set_fd_exhaustion_armed(&mut self, armed: bool) -> anyhow::Result<()> {
+        if armed {
+            while let Some(spec) = self.fd_detached.pop() {
+                match attach(&mut self.ebpf, spec) {
+                    Ok(link) => self.fd_links.push((spec, link)),
+                    Err(err) => {
+                        self.fd_detached.push(spec);
+                        return Err(err);
+                    }
+                }
+            }
+        } else {
+            while let Some((spec, link)) = self.fd_links.pop() {
+                let program: &mut TracePoint = self
+                    .ebpf
+                    .program_mut(spec.program)
+                    .with_context(|| format!("kernel object has no program {}", spec.program))?
+                    .try_into()?;
+                program
+                    .detach(link)
+                    .with_context(|| format!("cannot detach {}", spec.program))?;
+                self.fd_detached.push(spec);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the EMFILE/ENFILE probes are attached now.
+    pub fn fd_exhaustion_armed(&self) -> bool {
+        !self.fd_links.is_empty()
     }
 
     /// Marks processes as users of watched sockets so their I/O syscalls are captured from the
@@ -397,21 +445,28 @@ fn watched_port_bits(config: &Config) -> Vec<(u16, u8)> {
     bits
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<()> {
+fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<TracePointLinkId> {
     let program: &mut TracePoint = ebpf
         .program_mut(spec.program)
         .with_context(|| format!("kernel object has no program {}", spec.program))?
         .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("verifier rejected {}", spec.program))?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {}", spec.program))?;
+    }
     program.attach(spec.category, spec.event).with_context(|| {
         format!(
             "cannot attach to tracepoint {}/{}",
             spec.category, spec.event
         )
-    })?;
-    Ok(())
+    })
+}
+
+/// The EMFILE/ENFILE probes: attached only while descriptors run short (see
+/// [`crate::fd_arming`]).
+fn is_fd_exhaustion_probe(spec: &ProbeSpec) -> bool {
+    spec.impact.starts_with("EMFILE/ENFILE")
 }
 
 /// The kernel's tick length: the resolution of CLOCK_MONOTONIC_COARSE, which advances once
