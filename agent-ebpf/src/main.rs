@@ -410,7 +410,9 @@ fn peer_still_open(state: u8) -> bool {
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     if let Some((protocol, sk, ret)) = read_length_fields(&ctx) {
-        let _ = try_length(protocol, sk, ret, true);
+        if protocol == IPPROTO_TCP {
+            let _ = try_length(sk, ret, true, || Some(protocol));
+        }
     }
     0
 }
@@ -418,7 +420,9 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     if let Some((protocol, sk, ret)) = read_length_fields(&ctx) {
-        let _ = try_length(protocol, sk, ret, false);
+        if protocol == IPPROTO_TCP {
+            let _ = try_length(sk, ret, false, || Some(protocol));
+        }
     }
     0
 }
@@ -442,9 +446,10 @@ fn raw_length(ctx: &RawTracePointContext, is_send: bool) -> u32 {
     let sk: u64 = ctx.arg(0);
     // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
     let ret = ctx.arg::<u64>(1) as u32 as i32;
-    if let Some(protocol) = read_sk::<u16>(sk, offsets().sock_protocol) {
-        let _ = try_length(protocol, sk, ret, is_send);
-    }
+    // The protocol is read only when the socket turns out to matter (see try_length).
+    let _ = try_length(sk, ret, is_send, || {
+        read_sk::<u16>(sk, offsets().sock_protocol)
+    });
     0
 }
 
@@ -469,20 +474,38 @@ fn read_length_fields(ctx: &TracePointContext) -> Option<(u16, u64, i32)> {
     ))
 }
 
+/// `protocol` gives the socket's protocol, which costs a read on the raw path: it is asked
+/// only once the socket turns out to be watched and to need more than nothing.
 #[inline(always)]
-fn try_length(protocol: u16, sk: u64, ret: i32, is_send: bool) -> Option<()> {
-    if protocol != IPPROTO_TCP || sk == 0 {
+fn try_length(
+    sk: u64,
+    ret: i32,
+    is_send: bool,
+    protocol: impl FnOnce() -> Option<u16>,
+) -> Option<()> {
+    if sk == 0 {
         return None;
     }
     // Most sends on a busy host are on unwatched sockets: their ports are checked first (one
-    // read, two inlined array lookups) before any map is touched.
+    // read, two inlined array lookups) before any map is touched. (Every socket type embeds
+    // sock_common, so the read is valid before the protocol is known.)
     let (ports, tcp_state_now) = read_sock_ports_and_state(sk)?;
     if !is_watched(ports.local) && !is_watched(ports.remote) {
         return None;
     }
-    if peer_still_open(tcp_state_now) && kernel_stamps_activity() {
-        // The common case on a healthy connection: no map lookup, no clock read.
-        mark_inflight(sk, capture_flags(ports.local, ports.remote));
+    let capture = capture_flags(ports.local, ports.remote);
+    let healthy = peer_still_open(tcp_state_now) && kernel_stamps_activity();
+    if healthy && capture == 0 {
+        // The common case on a healthy connection without capture: whatever the protocol,
+        // there is nothing to record.
+        return Some(());
+    }
+    if protocol()? != IPPROTO_TCP {
+        return None;
+    }
+    if healthy {
+        // No map lookup, no clock read: only capture's per-thread bookkeeping.
+        mark_inflight(sk, capture);
         return Some(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
