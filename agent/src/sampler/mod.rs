@@ -1051,9 +1051,10 @@ impl Sampler {
             sockets.dedup();
             listener_fds.sort_unstable_by_key(|(inode, _)| *inode);
             listener_fds.dedup_by_key(|(inode, _)| *inode);
-            // Kept until the next walk: not with room for sockets it no longer holds.
-            shrink_to_need(&mut sockets);
-            shrink_to_need(&mut listener_fds);
+            // Kept as they are until the next walk, which may be minutes away: no spare room
+            // (growth during a walk doubles). A no-op when the count did not change.
+            sockets.shrink_to_fit();
+            listener_fds.shrink_to_fit();
             self.processes.insert(
                 candidate.pid,
                 CachedProcess {
@@ -1317,13 +1318,6 @@ fn uncount_repeated_rows(
         if let Some(count) = dump.and_then(|dump| dump.counts.get_mut(usize::from(service))) {
             *count = count.saturating_sub(1);
         }
-    }
-}
-
-/// Shrinks a list kept between samples to its length when it has more than twice that room.
-fn shrink_to_need<T>(list: &mut Vec<T>) {
-    if list.capacity() > 2 * list.len() {
-        list.shrink_to_fit();
     }
 }
 
