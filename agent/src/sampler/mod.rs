@@ -1269,7 +1269,9 @@ fn keep_reused_connections<'a>(
     // Indexed by the position a namespace had in the last sample.
     let mut new_position: Vec<u32> = Vec::new();
     for (position, dump) in reused_dumps.enumerate() {
-        let Some(dump) = dump else {
+        // Positions are below the last sample's namespace count (each has a process in it);
+        // u32::MAX only marks one that did not fit, whose sockets cannot be told apart.
+        let Some(dump) = dump.filter(|dump| dump.namespace != u32::MAX) else {
             continue;
         };
         let old = dump.namespace as usize;
