@@ -42,8 +42,9 @@
 //! (namespaces x sockets on the host) for the dumps, because each namespace's dump walks the
 //! host-wide socket hash (unless net.ipv4.tcp_child_ehash_entries gave it its own), though in
 //! the kernel and without formatting text; and with the descriptors of processes whose
-//! descriptors changed for the fd walk. Memory per watched socket is 16 bytes for the sample's
-//! socket list and 16 bytes in the owner cache, both reused between samples.
+//! descriptors changed for the fd walk. Memory per watched socket is 12 bytes in the socket
+//! list (which also keeps the connections of namespaces whose dump is reused) and 4 bytes in
+//! the owner cache, both refilled in place between samples and shrunk after a spike.
 
 pub mod aggregate;
 pub mod diag;
@@ -235,23 +236,34 @@ fn is_listed_connection_state(state: u8) -> bool {
     )
 }
 
-/// A watched socket with a file (inode != 0), for matching `/proc/<pid>/fd` links. 16 bytes:
-/// with 100k connections on the host this list holds 200k of them.
+/// A watched socket with a file (inode != 0), for matching `/proc/<pid>/fd` links. 12 bytes:
+/// with 100k connections on the host this list holds 200k of them. (The start-up listing of
+/// connections maps inodes to its entries in [`Found::connection_of`] instead of a field here.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct WatchedSocket {
-    inode: u64,
-    /// Index into the connection list, or [`NO_CONNECTION`].
-    connection: u32,
+    /// Socket inodes fit in 32 bits: sockfs numbers them with get_next_ino(), an unsigned int,
+    /// and sock_diag reports them as a __u32 (see [`socket_inode`]).
+    inode: u32,
+    /// Position of the socket's network namespace in the sample's namespace order, so the
+    /// next sample can keep the sockets of a namespace whose dump it reuses (see
+    /// [`NamespaceDump`]) without a copy of them.
+    namespace: u32,
     service: u16,
     listening: bool,
     /// Some cached owner still holds it (see [`Sampler::scan_processes`]).
     claimed: bool,
 }
 
-const NO_CONNECTION: u32 = u32::MAX;
+// The per-socket cost the module documentation states.
+const _: () = assert!(std::mem::size_of::<WatchedSocket>() == 12);
+
+/// The 32-bit form of a socket inode, None for a value no socket can have.
+fn socket_inode(inode: u64) -> Option<u32> {
+    u32::try_from(inode).ok()
+}
 
 /// Looks `inode` up in `watched`, which is sorted by inode.
-fn find_watched(watched: &[WatchedSocket], inode: u64) -> Option<usize> {
+fn find_watched(watched: &[WatchedSocket], inode: u32) -> Option<usize> {
     watched
         .binary_search_by_key(&inode, |socket| socket.inode)
         .ok()
@@ -273,8 +285,14 @@ struct CachedProcess {
     netns: u64,
     /// Descriptor count at the last walk (or, without `fd_count`, as counted by it).
     open_fds: u64,
-    /// Watched sockets held at the last walk as (inode, fd), sorted by inode, one fd each.
-    sockets: Vec<(u64, i32)>,
+    /// Inodes of the watched sockets held at the last walk, sorted; 4 bytes a socket.
+    /// Refilled in place by the next walk.
+    sockets: Vec<u32>,
+    /// (inode, fd) of the listeners among them, sorted by inode, one fd each: the descriptor
+    /// a listener's backlog can be read through (see [`diag::backlog_via_owner`]). Connections
+    /// need none, and a socket listed as a connection does not turn into a listener (listen(2)
+    /// needs an unconnected socket, which the tables do not list).
+    listener_fds: Vec<(u32, i32)>,
     /// Sample number of the last walk.
     walked_at: u64,
     /// Sample number in which the process was last seen in a namespace with watched sockets.
@@ -320,10 +338,6 @@ const MAX_FDS_WALKED_PER_SAMPLE: u64 = 50_000;
 /// socket received or inherited while an unrelated descriptor closed.
 const REWALK_AFTER_SAMPLES: u64 = 12;
 
-/// Reusable buffers are shrunk when they hold more than this many times what the last sample
-/// needed, so a one-off spike (a connection storm) does not pin its memory.
-const SHRINK_FACTOR: usize = 4;
-
 /// TCP states the sock_diag dump asks for: listeners, plus every connection state
 /// [`is_listed_connection_state`] keeps.
 fn dumped_states() -> u32 {
@@ -363,7 +377,8 @@ pub struct Sampler {
     processes: HashMap<u32, CachedProcess>,
     /// Sample counter, for the cache's ages.
     samples: u64,
-    /// The watched-socket list, kept between samples so its allocation is reused.
+    /// The last sample's watched-socket list, sorted by inode. Kept so its allocation is
+    /// reused and so the connections of namespaces whose dump is reused need no other copy.
     watched_buffer: Vec<WatchedSocket>,
     /// Last full dump per namespace, for reuse while its connections did not change.
     namespace_dumps: HashMap<u64, NamespaceDump>,
@@ -376,14 +391,19 @@ pub struct Sampler {
 /// cannot tell (a socket passed to another process, a state change that keeps a connection
 /// established) waits for the next full dump, at most [`REWALK_AFTER_SAMPLES`] later; which
 /// process holds what still follows descriptor counts every sample.
+///
+/// The namespace's watched non-listening sockets with an inode are not copied here: they stay
+/// in [`Sampler::watched_buffer`], tagged with `namespace`, and a sample that reuses the dump
+/// keeps them from there (12 bytes a socket in all, where a copy per namespace doubled that).
 #[derive(Debug, Clone)]
 struct NamespaceDump {
     counters: parse::TcpConnectionCounters,
     /// Sample number of the dump.
     sample: u64,
-    /// The namespace's watched non-listening sockets with an inode.
-    connections: Vec<WatchedSocket>,
-    /// Its listed connections per service (including those without an inode).
+    /// [`WatchedSocket::namespace`] of its sockets in the last sample's list.
+    namespace: u32,
+    /// Its listed connections per service (including those without an inode), without the
+    /// sockets [`Found::finish`] dropped as repeated rows.
     counts: Vec<u64>,
     has_sockets: bool,
 }
@@ -464,21 +484,33 @@ impl Sampler {
         let fd_counts = self.fd_counts(&namespaces, &mut errors);
         let namespaces_done = started.elapsed();
 
-        let mut watched = std::mem::take(&mut self.watched_buffer);
-        watched.clear();
-        let mut found = Found::new(self.service_names.len(), list_connections, watched);
-        let own_netns = self.procfs.own_netns().ok();
-        for (&netns, namespace) in namespaces.iter_mut() {
+        // Which namespaces reuse their last full dump: no TCP connection opened or closed in
+        // them since (and that is recent), so their watched connections still hold and only
+        // listeners are dumped. Decided for every namespace before any is read, so the last
+        // sample's list can be cut down to their connections in one pass.
+        let mut plans = Vec::with_capacity(namespaces.len());
+        for (&netns, namespace) in &namespaces {
             let counters = self.connection_counters(namespace);
-            // No TCP connection opened or closed in this namespace since its last full dump
-            // (and that is recent): its watched connections still hold; dump listeners only.
-            // Taken out (not cloned) while the namespace is read; put back if still valid.
             let reusable = self.namespace_dumps.remove(&netns).filter(|last| {
                 !list_connections
                     && counters == Some(last.counters)
                     && self.samples - last.sample < REWALK_AFTER_SAMPLES
             });
-            if let Some(last) = reusable {
+            plans.push((counters, reusable));
+        }
+        let mut watched = std::mem::take(&mut self.watched_buffer);
+        keep_reused_connections(
+            &mut watched,
+            plans.iter().map(|(_, reusable)| reusable.as_ref()),
+        );
+        let mut found = Found::new(self.service_names.len(), list_connections, watched);
+        let own_netns = self.procfs.own_netns().ok();
+        for (position, ((&netns, namespace), (counters, reusable))) in
+            namespaces.iter_mut().zip(plans).enumerate()
+        {
+            // Each namespace has a process in it: far fewer than 2^32.
+            found.namespace = u32::try_from(position).unwrap_or(u32::MAX);
+            if let Some(mut last) = reusable {
                 found.listeners_only = true;
                 self.read_namespace(
                     netns,
@@ -488,12 +520,12 @@ impl Sampler {
                     &mut errors,
                 );
                 found.listeners_only = false;
-                found.watched.extend_from_slice(&last.connections);
                 for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
                     *total += count;
                 }
                 namespace.has_watched_sockets |= last.has_sockets;
                 found.sources.reused_namespaces += 1;
+                last.namespace = found.namespace;
                 self.namespace_dumps.insert(netns, last);
                 continue;
             }
@@ -507,48 +539,40 @@ impl Sampler {
                 &mut found,
                 &mut errors,
             );
-            match counters {
-                Some(counters) if found.sources.sock_diag > diag_before => {
-                    let connections: Vec<WatchedSocket> = found.watched[first..]
-                        .iter()
-                        .filter(|socket| !socket.listening)
-                        .map(|socket| WatchedSocket {
-                            connection: NO_CONNECTION,
-                            ..*socket
-                        })
-                        .collect();
-                    let counts = found
-                        .connections_by_service
-                        .iter()
-                        .zip(&counts_before)
-                        .map(|(after, before)| after - before)
-                        .collect();
-                    self.namespace_dumps.insert(
-                        netns,
-                        NamespaceDump {
-                            counters,
-                            sample: self.samples,
-                            has_sockets: !connections.is_empty(),
-                            connections,
-                            counts,
-                        },
-                    );
-                }
-                _ => {
-                    self.namespace_dumps.remove(&netns);
-                }
+            if let Some(counters) = counters.filter(|_| found.sources.sock_diag > diag_before) {
+                let counts = found
+                    .connections_by_service
+                    .iter()
+                    .zip(&counts_before)
+                    .map(|(after, before)| after - before)
+                    .collect();
+                self.namespace_dumps.insert(
+                    netns,
+                    NamespaceDump {
+                        counters,
+                        sample: self.samples,
+                        namespace: found.namespace,
+                        has_sockets: found.watched[first..]
+                            .iter()
+                            .any(|socket| !socket.listening),
+                        counts,
+                    },
+                );
             }
         }
         self.namespace_dumps
             .retain(|netns, _| namespaces.contains_key(netns));
-        for dump in self.namespace_dumps.values_mut() {
-            shrink_after_spike(&mut dump.connections);
-        }
         found.finish();
+        uncount_repeated_rows(
+            &mut self.namespace_dumps,
+            namespaces.keys().copied(),
+            &found.repeated_connections,
+        );
         let Found {
             mut watched,
             mut listeners,
             mut connections,
+            connection_of,
             connections_by_service,
             netstat_readings,
             duplicate_connections,
@@ -561,7 +585,10 @@ impl Sampler {
             &namespaces,
             &fd_counts,
             &mut watched,
-            &mut connections,
+            ListedConnections {
+                connections: &mut connections,
+                by_inode: &connection_of,
+            },
             list_connections,
             &mut errors,
         );
@@ -767,14 +794,18 @@ impl Sampler {
         errors: &mut ScanErrors,
     ) {
         for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
-            let mut rows = Vec::new();
-            match self.read_namespace_tables(pid, &mut rows, errors) {
+            // Rows are recorded as they are read (no list of them: on a host with many watched
+            // sockets it would be tens of MB) and undone if the member exits half-way.
+            let mark = found.mark();
+            match self.read_namespace_tables(netns, pid, found, errors) {
                 Ok(()) => {}
                 Err(err) if classify(&err) == Failure::Vanished => {
+                    found.rollback(mark);
                     errors.vanished += 1;
                     continue;
                 }
                 Err(err) => {
+                    found.rollback(mark);
                     errors.io(&format!("netns {netns} via pid {pid} net/tcp"), &err);
                     return;
                 }
@@ -785,26 +816,24 @@ impl Sampler {
                 Ok(Err(err)) => errors.parse(&format!("netns {netns} net/netstat"), &err),
                 Err(err) => errors.io(&format!("netns {netns} net/netstat"), &err),
             }
-            for (row, service, role) in rows {
-                found.record(&self.service_names, netns, row, service, role, None);
-            }
             found.commit_namespace(namespace);
             return;
         }
     }
 
-    /// Watched rows of tcp and tcp6 as seen through `pid`. A missing tcp6 on a live process
-    /// means IPv6 is disabled, not that the process exited.
+    /// Records the watched rows of tcp and tcp6 as seen through `pid`. A missing tcp6 on a
+    /// live process means IPv6 is disabled, not that the process exited.
     fn read_namespace_tables(
         &self,
+        netns: u64,
         pid: u32,
-        rows: &mut Vec<(TcpRow, u16, Role)>,
+        found: &mut Found,
         errors: &mut ScanErrors,
     ) -> io::Result<()> {
         let mut visit = |row: Result<TcpRow, ParseError>| match row {
             Ok(row) => {
                 if let Some((service, role)) = service_of(&self.ports, &row) {
-                    rows.push((row, service, role));
+                    found.record(&self.service_names, netns, row, service, role, None);
                 }
             }
             Err(err) => errors.parse(&format!("pid {pid} net/tcp row"), &err),
@@ -869,7 +898,7 @@ impl Sampler {
         namespaces: &BTreeMap<u64, Namespace>,
         fd_counts: &[(u32, u64)],
         watched: &mut [WatchedSocket],
-        connections: &mut [WatchedConnection],
+        mut listed: ListedConnections,
         unbounded: bool,
         errors: &mut ScanErrors,
     ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>, FdWalkStats) {
@@ -918,11 +947,11 @@ impl Sampler {
                         let sockets_present = cached
                             .sockets
                             .iter()
-                            .all(|(inode, _)| find_watched(watched, *inode).is_some());
+                            .all(|inode| find_watched(watched, *inode).is_some());
                         if !sockets_present || (!unchanged && !cached.sockets.is_empty()) {
                             1
                         } else {
-                            for (inode, _) in &cached.sockets {
+                            for inode in &cached.sockets {
                                 if let Some(index) = find_watched(watched, *inode) {
                                     watched[index].claimed = true;
                                 }
@@ -971,19 +1000,41 @@ impl Sampler {
         } else {
             MAX_FDS_WALKED_PER_SAMPLE
         };
-        let mut matched = Vec::new();
         for index in due {
             let candidate = &candidates[index];
             if budget_left == 0 {
                 stats.processes_deferred += 1;
                 continue;
             }
-            matched.clear();
+            // The walk refills the process's previous lists in place.
+            let (mut sockets, mut listener_fds) = self
+                .processes
+                .get_mut(&candidate.pid)
+                .map(|cached| {
+                    (
+                        std::mem::take(&mut cached.sockets),
+                        std::mem::take(&mut cached.listener_fds),
+                    )
+                })
+                .unwrap_or_default();
+            sockets.clear();
+            listener_fds.clear();
             let watched_view: &[WatchedSocket] = watched;
+            let lookup = |inode: u64| {
+                socket_inode(inode).and_then(|inode| find_watched(watched_view, inode))
+            };
             let open_fds = match self.procfs.scan_fds(
                 candidate.pid,
-                |inode| find_watched(watched_view, inode).is_some(),
-                &mut matched,
+                |inode| lookup(inode).is_some(),
+                |found| {
+                    let Some(socket) = lookup(found.inode).map(|index| watched_view[index]) else {
+                        return;
+                    };
+                    sockets.push(socket.inode);
+                    if socket.listening {
+                        listener_fds.push((socket.inode, found.fd));
+                    }
+                },
             ) {
                 Ok(open) => open,
                 Err(err) => {
@@ -996,12 +1047,14 @@ impl Sampler {
             stats.descriptors_walked += open_fds;
             budget_left = budget_left.saturating_sub(open_fds.max(1));
             // A process can hold the same socket in several fds (dup); count sockets once.
-            matched.sort_unstable_by_key(|found| found.inode);
-            matched.dedup_by_key(|found| found.inode);
-            let sockets: Vec<(u64, i32)> = matched
-                .iter()
-                .map(|found| (found.inode, found.fd))
-                .collect();
+            sockets.sort_unstable();
+            sockets.dedup();
+            listener_fds.sort_unstable_by_key(|(inode, _)| *inode);
+            listener_fds.dedup_by_key(|(inode, _)| *inode);
+            // Kept as they are until the next walk, which may be minutes away: no spare room
+            // (growth during a walk doubles). A no-op when the count did not change.
+            sockets.shrink_to_fit();
+            listener_fds.shrink_to_fit();
             self.processes.insert(
                 candidate.pid,
                 CachedProcess {
@@ -1011,6 +1064,7 @@ impl Sampler {
                     // at the next sample.
                     open_fds: candidate.open_fds.unwrap_or(open_fds),
                     sockets,
+                    listener_fds,
                     walked_at: sample,
                     seen_at: sample,
                 },
@@ -1032,7 +1086,7 @@ impl Sampler {
             let mut held = cached
                 .sockets
                 .iter()
-                .filter_map(|(inode, fd)| Some((find_watched(watched, *inode)?, *inode, *fd)))
+                .filter_map(|inode| Some((find_watched(watched, *inode)?, *inode)))
                 .peekable();
             if held.peek().is_none() {
                 continue;
@@ -1065,20 +1119,27 @@ impl Sampler {
                 listening_sockets: BTreeMap::new(),
             };
             let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
-            for (index, inode, fd) in held {
+            for (index, inode) in held {
                 let socket = watched[index];
                 let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
                     continue;
                 };
                 if socket.listening {
                     counts.1 += 1;
-                    listener_owners
-                        .entry(inode)
-                        .or_insert(ListenerOwner { pid, fd });
+                    let fd = cached
+                        .listener_fds
+                        .binary_search_by_key(&inode, |(inode, _)| *inode)
+                        .ok()
+                        .map(|at| cached.listener_fds[at].1);
+                    if let Some(fd) = fd {
+                        listener_owners
+                            .entry(u64::from(inode))
+                            .or_insert(ListenerOwner { pid, fd });
+                    }
                 } else {
                     counts.0 += 1;
                 }
-                if let Some(connection) = connections.get_mut(socket.connection as usize) {
+                if let Some(connection) = listed.by_socket(inode) {
                     connection.owner.get_or_insert_with(|| SocketOwner {
                         pid,
                         comm: usage.comm.clone(),
@@ -1197,11 +1258,97 @@ fn release_freed_memory() {
     }
 }
 
-/// Shrinks a reusable buffer that holds far more than the last sample needed.
+/// Cuts the last sample's watched list down to the connections of the namespaces whose dump
+/// is reused, in place, retagged with the namespaces' positions in this sample.
+/// `reused_dumps` has one entry per namespace of this sample, in order.
+fn keep_reused_connections<'a>(
+    watched: &mut Vec<WatchedSocket>,
+    reused_dumps: impl Iterator<Item = Option<&'a NamespaceDump>>,
+) {
+    const DROPPED: u32 = u32::MAX;
+    // Indexed by the position a namespace had in the last sample.
+    let mut new_position: Vec<u32> = Vec::new();
+    for (position, dump) in reused_dumps.enumerate() {
+        // Positions are below the last sample's namespace count (each has a process in it);
+        // u32::MAX only marks one that did not fit, whose sockets cannot be told apart.
+        let Some(dump) = dump.filter(|dump| dump.namespace != u32::MAX) else {
+            continue;
+        };
+        let old = dump.namespace as usize;
+        if new_position.len() <= old {
+            new_position.resize(old + 1, DROPPED);
+        }
+        new_position[old] = u32::try_from(position).unwrap_or(DROPPED);
+    }
+    watched.retain_mut(|socket| {
+        let position = new_position
+            .get(socket.namespace as usize)
+            .copied()
+            .unwrap_or(DROPPED);
+        if socket.listening || position == DROPPED {
+            return false;
+        }
+        socket.namespace = position;
+        socket.claimed = false;
+        true
+    });
+}
+
+/// The next sample reuses a dump's sockets as [`Found::finish`] left them, without the repeated
+/// rows it dropped (see `repeated`): the dump's counts must not include those either.
+/// `netns_by_position` lists this sample's namespaces in order.
+fn uncount_repeated_rows(
+    dumps: &mut HashMap<u64, NamespaceDump>,
+    mut netns_by_position: impl Iterator<Item = u64>,
+    repeated: &[(u32, u16)],
+) {
+    if repeated.is_empty() {
+        return;
+    }
+    let mut repeated = repeated.to_vec();
+    repeated.sort_unstable();
+    let mut position = 0u32;
+    let mut netns = netns_by_position.next();
+    for (namespace, service) in repeated {
+        while position < namespace {
+            position += 1;
+            netns = netns_by_position.next();
+        }
+        let dump = netns
+            .and_then(|netns| dumps.get_mut(&netns))
+            .filter(|dump| dump.namespace == namespace);
+        if let Some(count) = dump.and_then(|dump| dump.counts.get_mut(usize::from(service))) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// Shrinks a reusable buffer that holds more than twice what the last sample needed, so a
+/// one-off spike (a connection storm) does not pin its memory. A quarter is left spare so a
+/// sample of about the same size does not reallocate; growth doubles, which never makes the
+/// buffer look oversized to the next check.
 fn shrink_after_spike<T>(buffer: &mut Vec<T>) {
-    let floor = 1024;
-    if buffer.capacity() > SHRINK_FACTOR * buffer.len().max(floor) {
-        buffer.shrink_to(2 * buffer.len().max(floor));
+    const FLOOR: usize = 1024;
+    let need = buffer.len().max(FLOOR);
+    if buffer.capacity() > 2 * need {
+        buffer.shrink_to(need + need / 4);
+    }
+}
+
+/// The start-up listing of connections, for noting their owners.
+struct ListedConnections<'a> {
+    connections: &'a mut [WatchedConnection],
+    /// (inode, index in `connections`), sorted by inode ([`Found::connection_of`]).
+    by_inode: &'a [(u32, u32)],
+}
+
+impl ListedConnections<'_> {
+    fn by_socket(&mut self, inode: u32) -> Option<&mut WatchedConnection> {
+        let at = self
+            .by_inode
+            .binary_search_by_key(&inode, |(inode, _)| *inode)
+            .ok()?;
+        self.connections.get_mut(self.by_inode[at].1 as usize)
     }
 }
 
@@ -1217,12 +1364,20 @@ struct Found {
     list_connections: bool,
     /// Watched sockets with an inode; sorted by inode and deduplicated by [`Found::finish`].
     watched: Vec<WatchedSocket>,
+    /// [`WatchedSocket::namespace`] of the namespace being read.
+    namespace: u32,
     listeners: Vec<ListenerQueue>,
     connections: Vec<WatchedConnection>,
+    /// (inode, index in `connections`) of the listed connections with a file; sorted by inode
+    /// and deduplicated by [`Found::finish`]. Empty unless listing connections.
+    connection_of: Vec<(u32, u32)>,
     connections_by_service: Vec<u64>,
     netstat_readings: Vec<(u64, TcpExtCounters)>,
     /// Connections listed twice (indexes, sorted), removed at the end of the sample.
     duplicate_connections: Vec<u32>,
+    /// Namespace and service of each non-listening socket [`Found::finish`] dropped as a
+    /// repeated row.
+    repeated_connections: Vec<(u32, u16)>,
     /// Sockets without a file seen in the namespace being read, to drop repeated rows (see
     /// [`drop_duplicate_rows`]): only those, since sockets with an inode are deduplicated by
     /// inode in [`Found::finish`] without a per-socket set.
@@ -1240,6 +1395,7 @@ struct FoundMark {
     watched: usize,
     listeners: usize,
     connections: usize,
+    connection_of: usize,
     connections_by_service: Vec<u64>,
 }
 
@@ -1248,11 +1404,14 @@ impl Found {
         Found {
             list_connections,
             watched,
+            namespace: 0,
             listeners: Vec::new(),
             connections: Vec::new(),
+            connection_of: Vec::new(),
             connections_by_service: vec![0; services],
             netstat_readings: Vec::new(),
             duplicate_connections: Vec::new(),
+            repeated_connections: Vec::new(),
             fileless: Default::default(),
             namespace_sockets: false,
             namespace_listeners: false,
@@ -1269,6 +1428,7 @@ impl Found {
             watched: self.watched.len(),
             listeners: self.listeners.len(),
             connections: self.connections.len(),
+            connection_of: self.connection_of.len(),
             connections_by_service: self.connections_by_service.clone(),
         }
     }
@@ -1277,6 +1437,7 @@ impl Found {
         self.watched.truncate(mark.watched);
         self.listeners.truncate(mark.listeners);
         self.connections.truncate(mark.connections);
+        self.connection_of.truncate(mark.connection_of);
         self.connections_by_service = mark.connections_by_service;
         self.fileless.clear();
         self.namespace_sockets = false;
@@ -1327,9 +1488,9 @@ impl Found {
         } else if let Some(count) = self.connections_by_service.get_mut(usize::from(service)) {
             *count += 1;
         }
-        let mut connection = NO_CONNECTION;
+        let mut connection = None;
         if self.list_connections && !listening {
-            connection = u32::try_from(self.connections.len()).unwrap_or(NO_CONNECTION);
+            connection = u32::try_from(self.connections.len()).ok();
             self.connections.push(WatchedConnection {
                 netns,
                 local: row.local,
@@ -1341,15 +1502,19 @@ impl Found {
                 owner: None,
             });
         }
-        if row.inode != 0 {
+        // A file-backed socket always has an inode below 2^32 (see `socket_inode`).
+        if let Some(inode) = socket_inode(row.inode).filter(|inode| *inode != 0) {
             self.namespace_sockets = true;
             self.watched.push(WatchedSocket {
-                inode: row.inode,
-                connection,
+                inode,
+                namespace: self.namespace,
                 service,
                 listening,
                 claimed: false,
             });
+            if let Some(connection) = connection {
+                self.connection_of.push((inode, connection));
+            }
         }
     }
 
@@ -1358,22 +1523,32 @@ impl Found {
     fn finish(&mut self) {
         self.watched.sort_unstable_by_key(|socket| socket.inode);
         let mut duplicate_listeners = Vec::new();
-        let mut previous: Option<u64> = None;
+        let mut previous: Option<u32> = None;
         let connections_by_service = &mut self.connections_by_service;
         let duplicate_connections = &mut self.duplicate_connections;
+        let repeated_connections = &mut self.repeated_connections;
         self.watched.retain(|socket| {
             if previous.replace(socket.inode) != Some(socket.inode) {
                 return true;
             }
             if socket.listening {
                 duplicate_listeners.push(socket.inode);
-            } else if let Some(count) = connections_by_service.get_mut(usize::from(socket.service))
-            {
-                *count = count.saturating_sub(1);
+            } else {
+                repeated_connections.push((socket.namespace, socket.service));
+                if let Some(count) = connections_by_service.get_mut(usize::from(socket.service)) {
+                    *count = count.saturating_sub(1);
+                }
             }
-            if socket.connection != NO_CONNECTION {
-                duplicate_connections.push(socket.connection);
+            false
+        });
+        // The first listing of a repeated connection stays; later ones go.
+        self.connection_of.sort_unstable();
+        let mut previous: Option<u32> = None;
+        self.connection_of.retain(|&(inode, connection)| {
+            if previous.replace(inode) != Some(inode) {
+                return true;
             }
+            duplicate_connections.push(connection);
             false
         });
         self.duplicate_connections.sort_unstable();

@@ -171,13 +171,14 @@ impl ProcFs {
         fs::metadata(self.root.join("self/fd")).is_ok_and(|metadata| metadata.len() > 0)
     }
 
-    /// Counts the open descriptors of `pid` and appends to `matched` those that are sockets
-    /// `watched` accepts. An fd closed between listing and readlink is skipped.
+    /// Counts the open descriptors of `pid` and hands to `matched` those that are sockets
+    /// `watched` accepts (the caller keeps them where it wants them, without a list here). An fd
+    /// closed between listing and readlink is skipped.
     pub fn scan_fds(
         &self,
         pid: u32,
         watched: impl Fn(u64) -> bool,
-        matched: &mut Vec<MatchedFd>,
+        mut matched: impl FnMut(MatchedFd),
     ) -> io::Result<u64> {
         let path = self.pid_path(pid, "fd");
         // readlinkat against the open directory: resolving /proc/<pid>/fd/<n> from the root for
@@ -206,7 +207,7 @@ impl ProcFs {
                         .ok()
                         .and_then(|name| name.parse().ok())
                     {
-                        matched.push(MatchedFd { inode, fd });
+                        matched(MatchedFd { inode, fd });
                     }
                 }
             }

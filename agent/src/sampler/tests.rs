@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -250,7 +251,7 @@ fn exited_process_reads_as_vanished() {
     let procfs = ProcFs::new("/proc");
     let err = procfs.netns_of(pid).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
-    let err = procfs.scan_fds(pid, |_| true, &mut Vec::new()).unwrap_err();
+    let err = procfs.scan_fds(pid, |_| true, |_| {}).unwrap_err();
     assert_eq!(classify(&err), Failure::Vanished);
     let err = procfs
         .read_tcp_table(pid, "tcp", |_, _| true, |_| {})
@@ -427,8 +428,15 @@ fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
         .watched
         .windows(2)
         .all(|pair| pair[0].inode < pair[1].inode));
-    // The repeated connection is removed from the listing at the end of the sample.
+    // The repeated connection is removed from the listing at the end of the sample, and
+    // noted so a dump reused later is not counted with it.
     assert_eq!(found.duplicate_connections.len(), 1);
+    assert_eq!(found.repeated_connections, [(0, 0)]);
+    assert_eq!(found.connection_of.len(), clean.connection_of.len());
+    assert!(found
+        .connection_of
+        .windows(2)
+        .all(|pair| pair[0].0 < pair[1].0));
     assert_eq!(
         found.connections.len() - found.duplicate_connections.len(),
         clean.connections.len()
@@ -524,4 +532,180 @@ fn quiet_tcp_reuses_the_connection_list_until_a_connection_opens() {
     assert_eq!(after.connections_by_service["reuse"], 4);
     let (connections, listening) = me(&after).expect("this process holds watched sockets");
     assert_eq!((connections["reuse"], listening["reuse"]), (4, 1));
+}
+
+fn watched_socket(inode: u32, namespace: u32, listening: bool) -> WatchedSocket {
+    WatchedSocket {
+        inode,
+        namespace,
+        service: 0,
+        listening,
+        claimed: true,
+    }
+}
+
+fn dump_at(namespace: u32, counts: Vec<u64>) -> NamespaceDump {
+    NamespaceDump {
+        counters: parse::TcpConnectionCounters::default(),
+        sample: 1,
+        namespace,
+        counts,
+        has_sockets: true,
+    }
+}
+
+#[test]
+fn reused_namespaces_keep_their_connections_from_the_last_list_in_place() {
+    // Last sample: namespaces at positions 0, 1 and 2, sorted by inode as `finish` leaves them.
+    let mut watched = vec![
+        watched_socket(10, 1, false),
+        watched_socket(11, 0, false),
+        watched_socket(12, 1, true),
+        watched_socket(13, 2, false),
+        watched_socket(14, 1, false),
+    ];
+    let allocation = watched.as_ptr();
+    // This sample: a new namespace comes first, then last sample's 1 (reused), then 2 and 0
+    // (dumped afresh).
+    let reused_one = dump_at(1, vec![2]);
+    let plans = [None, Some(&reused_one), None, None];
+    keep_reused_connections(&mut watched, plans.into_iter());
+    // Only namespace 1's connections stay, in inode order, at its new position and unclaimed;
+    // its listener is dumped again by this sample.
+    let unclaimed = |inode| WatchedSocket {
+        claimed: false,
+        ..watched_socket(inode, 1, false)
+    };
+    assert_eq!(watched, [unclaimed(10), unclaimed(14)]);
+    assert_eq!(watched.as_ptr(), allocation, "trimmed in place, not copied");
+
+    keep_reused_connections(&mut watched, [None, None].into_iter());
+    assert!(watched.is_empty());
+}
+
+#[test]
+fn repeated_rows_are_taken_out_of_the_dump_that_will_be_reused() {
+    let mut dumps = HashMap::from([
+        (100, dump_at(0, vec![5, 3])),
+        (200, dump_at(1, vec![4, 4])),
+        // Left from an older sample at a position that is now another namespace's.
+        (300, dump_at(1, vec![9, 9])),
+    ]);
+    let order = [100u64, 200, 400];
+    uncount_repeated_rows(
+        &mut dumps,
+        order.into_iter(),
+        &[(1, 1), (0, 0), (1, 1), (2, 0), (7, 0)],
+    );
+    assert_eq!(dumps[&100].counts, [4, 3]);
+    assert_eq!(dumps[&200].counts, [4, 2]);
+    assert_eq!(dumps[&300].counts, [9, 9]);
+}
+
+#[test]
+fn shrink_after_spike_keeps_a_steady_buffer_and_gives_back_a_spike() {
+    let mut steady: Vec<u64> = Vec::with_capacity(4096);
+    steady.extend(0..3000);
+    shrink_after_spike(&mut steady);
+    assert_eq!(steady.capacity(), 4096, "within 2x of the need: kept");
+    steady.truncate(1000);
+    shrink_after_spike(&mut steady);
+    assert!(steady.capacity() >= 1024 && steady.capacity() <= 2048);
+    let mut burst: Vec<u64> = (0..100_000).collect();
+    burst.truncate(10_000);
+    shrink_after_spike(&mut burst);
+    assert!(burst.capacity() >= 10_000 && burst.capacity() <= 12_500);
+}
+
+#[test]
+fn socket_lists_are_refilled_in_place_and_shrink_after_a_spike() {
+    let listener = listen_loopback(64);
+    let port = listener.local_addr().unwrap().port();
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut sampler = sampler_for(port, "buffers");
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let client = TcpStream::connect(address).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        held.push((client, server));
+    }
+    let me = std::process::id();
+    let own_list = |sampler: &Sampler| {
+        let sockets = &sampler
+            .processes
+            .get(&me)
+            .expect("this process was walked")
+            .sockets;
+        (sockets.as_ptr(), sockets.capacity(), sockets.len())
+    };
+    // Walks are unbounded when listing connections, so this process is walked whatever else
+    // runs on the host.
+    let (first, _) = sampler.sample_with_connections().unwrap();
+    assert_eq!(first.connections_by_service["buffers"], 40);
+    assert_eq!(
+        sampler.watched_buffer.len(),
+        41,
+        "40 connections and the listener"
+    );
+    let watched = (
+        sampler.watched_buffer.as_ptr(),
+        sampler.watched_buffer.capacity(),
+    );
+    let cached = own_list(&sampler);
+    assert_eq!((cached.1, cached.2), (41, 41), "sized to its sockets");
+    // Of those only the listener's descriptor is kept, to read its backlog through.
+    // SAFETY: a zeroed stat is a valid value; fstat writes into it from an open descriptor.
+    let mut status: libc::stat = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::fstat(listener.as_raw_fd(), &mut status) }, 0);
+    assert_eq!(
+        sampler.processes[&me].listener_fds,
+        [(status.st_ino as u32, listener.as_raw_fd())]
+    );
+
+    // The same sockets again, this process walked again as if its descriptors had changed:
+    // both lists are refilled in their allocations.
+    sampler.processes.get_mut(&me).unwrap().open_fds = u64::MAX;
+    let (second, _) = sampler.sample_with_connections().unwrap();
+    assert!(second.fd_walk.processes_walked >= 1);
+    assert_eq!(second.connections_by_service, first.connections_by_service);
+    assert_eq!(
+        (
+            sampler.watched_buffer.as_ptr(),
+            sampler.watched_buffer.capacity()
+        ),
+        watched
+    );
+    assert_eq!(sampler.processes[&me].open_fds, first_open_fds(&second, me));
+    assert_eq!(own_list(&sampler), cached);
+
+    // Both lists oversized, as a connection storm leaves them: the next sample that fills
+    // them gives the memory back.
+    sampler.watched_buffer.reserve(100_000);
+    let process = sampler.processes.get_mut(&me).unwrap();
+    process.sockets.reserve(100_000);
+    process.open_fds = u64::MAX;
+    let (third, _) = sampler.sample_with_connections().unwrap();
+    assert_eq!(third.connections_by_service, first.connections_by_service);
+    assert_eq!(sampler.watched_buffer.len(), 41);
+    assert!(
+        sampler.watched_buffer.capacity() <= 2 * 1024,
+        "{}",
+        sampler.watched_buffer.capacity()
+    );
+    assert_eq!(
+        own_list(&sampler).1,
+        41,
+        "the walk sized the list to its sockets"
+    );
+    drop(held);
+}
+
+/// The descriptor count a snapshot reports for `pid`.
+fn first_open_fds(snapshot: &Snapshot, pid: u32) -> u64 {
+    snapshot
+        .processes
+        .iter()
+        .find(|process| process.pid == pid)
+        .map(|process| process.open_fds)
+        .expect("the process holds watched sockets")
 }
