@@ -358,15 +358,20 @@ impl Btf {
             return None;
         }
         let mut budget = VISIT_BUDGET;
+        self.structs_named(struct_name)
+            .find_map(|id| self.find_member(id, member.as_bytes(), 0, 0, &mut budget))
+            .map(|(location, _)| location)
+    }
+
+    /// Type ids of the structs called `name`.
+    fn structs_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u32> + 'a {
         self.types
             .iter()
             .enumerate()
-            .filter(|(_, entry)| {
-                entry.kind == kind::STRUCT
-                    && self.name(entry.name_off) == Some(struct_name.as_bytes())
+            .filter_map(move |(id, entry)| {
+                (entry.kind == kind::STRUCT && self.name(entry.name_off) == Some(name.as_bytes()))
+                    .then_some(id as u32)
             })
-            .find_map(|(id, _)| self.find_member(id as u32, member.as_bytes(), 0, 0, &mut budget))
-            .map(|(location, _)| location)
     }
 
     /// Location of a member nested in named members, e.g. `["inet_conn", "icsk_ack",
@@ -379,14 +384,8 @@ impl Btf {
         }
         let mut budget = VISIT_BUDGET;
         let (mut location, mut type_id) = self
-            .types
-            .iter()
-            .enumerate()
-            .filter(|(_, entry)| {
-                entry.kind == kind::STRUCT
-                    && self.name(entry.name_off) == Some(struct_name.as_bytes())
-            })
-            .find_map(|(id, _)| self.find_member(id as u32, first.as_bytes(), 0, 0, &mut budget))?;
+            .structs_named(struct_name)
+            .find_map(|id| self.find_member(id, first.as_bytes(), 0, 0, &mut budget))?;
         for (depth, name) in rest.iter().enumerate() {
             if location.bitfield_bits != 0 {
                 return None;
