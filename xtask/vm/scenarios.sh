@@ -485,10 +485,10 @@ scenario_preexisting() {
   if lacks $SEND; then
     seen="met at its close (no send/recv tracepoints to adopt it on first use): idle_before_close samples=$idle_count"
   else
-    num_eq "$active" 1 || bad="$bad; active{client}=$active while open, want 1 (adopted on first use)"
+    num_eq "$active" 1 || bad="$bad; active{client}=$active while open, want 1 (adopted from the start-up socket dump)"
     num_eq "$idle_count" 1 || bad="$bad; idle_before_close_count{client,local}=$idle_count, want 1"
     num_between "$idle_sum" 0.5 3 || bad="$bad; idle_before_close_sum{client,local}=$idle_sum s, want 0.5..3 (the client slept 1 s)"
-    seen="adopted on first use: active=1 while open, idle_before_close=${idle_sum}s"
+    seen="adopted at start: active=1 while open, idle_before_close=${idle_sum}s"
   fi
   grep -q '^get=v$' "$WORK/client-preexisting.out" 2>/dev/null ||
     bad="$bad; client did not read its key back: $(cat "$WORK/client-preexisting.out" 2>/dev/null)"

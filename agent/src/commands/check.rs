@@ -204,7 +204,7 @@ pub fn run_checks(config: &Config) -> CheckReport {
                 item(
                     "existing connections",
                     Status::Ok,
-                    "struct sock_common layout known: connections from before start are adopted on first use",
+                    "struct sock_common layout known: connections from before start are adopted from the start-up socket dump or their first send or receive",
                     "",
                 )
             } else {
