@@ -551,16 +551,23 @@ struct SockPorts {
     remote: u16,
 }
 
+impl SockPorts {
+    /// From `skc_portpair`: skc_dport (network order), then skc_num (host order).
+    #[inline(always)]
+    fn from_portpair([d0, d1, n0, n1]: [u8; 4]) -> SockPorts {
+        SockPorts {
+            local: u16::from_ne_bytes([n0, n1]),
+            remote: u16::from_be_bytes([d0, d1]),
+        }
+    }
+}
+
 #[inline(always)]
 fn read_sock_ports(sk: u64) -> Option<SockPorts> {
     let layout = &offsets().sock_common;
     if layout.num == layout.dport + 2 {
         // skc_dport and skc_num share the 32-bit skc_portpair: one read instead of two.
-        let pair: [u8; 4] = read_sk(sk, layout.dport)?;
-        return Some(SockPorts {
-            local: u16::from_ne_bytes([pair[2], pair[3]]),
-            remote: u16::from_be_bytes([pair[0], pair[1]]),
-        });
+        return Some(SockPorts::from_portpair(read_sk(sk, layout.dport)?));
     }
     Some(SockPorts {
         local: read_sk(sk, layout.num)?,
@@ -574,14 +581,8 @@ fn read_sock_ports(sk: u64) -> Option<SockPorts> {
 fn read_sock_ports_and_state(sk: u64) -> Option<(SockPorts, u8)> {
     let layout = &offsets().sock_common;
     if layout.num == layout.dport + 2 && layout.state == layout.dport + 6 {
-        let block: [u8; 8] = read_sk(sk, layout.dport)?;
-        return Some((
-            SockPorts {
-                local: u16::from_ne_bytes([block[2], block[3]]),
-                remote: u16::from_be_bytes([block[0], block[1]]),
-            },
-            block[6],
-        ));
+        let [d0, d1, n0, n1, _, _, state, _]: [u8; 8] = read_sk(sk, layout.dport)?;
+        return Some((SockPorts::from_portpair([d0, d1, n0, n1]), state));
     }
     // Unknown state (no offset) reads as 0, which sends every call down the full path.
     Some((read_sock_ports(sk)?, read_sk(sk, layout.state).unwrap_or(0)))

@@ -466,7 +466,8 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<TracePointLinkId>
 /// The EMFILE/ENFILE probes: attached only while descriptors run short (see
 /// [`crate::fd_arming`]).
 fn is_fd_exhaustion_probe(spec: &ProbeSpec) -> bool {
-    spec.impact.starts_with("EMFILE/ENFILE")
+    // The syscall probes that do not capture payloads.
+    spec.category == "syscalls" && io_syscall_index(spec.program).is_none()
 }
 
 /// The kernel's tick length: the resolution of CLOCK_MONOTONIC_COARSE, which advances once
@@ -641,6 +642,26 @@ mod tests {
         assert!(
             [1_000_000, 3_333_333, 4_000_000, 10_000_000].contains(&tick),
             "CLOCK_MONOTONIC_COARSE resolution {tick} ns is no HZ of 1000, 300, 250 or 100"
+        );
+    }
+
+    #[test]
+    fn fd_exhaustion_probes_are_the_six_fd_syscall_exits() {
+        let fd_probes: Vec<&str> = PROBES
+            .iter()
+            .filter(|spec| is_fd_exhaustion_probe(spec))
+            .map(|spec| spec.program)
+            .collect();
+        assert_eq!(
+            fd_probes,
+            [
+                "sys_exit_socket",
+                "sys_exit_accept",
+                "sys_exit_accept4",
+                "sys_exit_open",
+                "sys_exit_openat",
+                "sys_exit_dup"
+            ]
         );
     }
 
