@@ -510,16 +510,23 @@ impl Sampler {
         {
             // Each namespace has a process in it: far fewer than 2^32.
             found.namespace = u32::try_from(position).unwrap_or(u32::MAX);
+            let first = found.watched.len();
+            // Only a fresh dump needs the counts before it, to tell its own.
+            let counts_before = reusable
+                .is_none()
+                .then(|| found.connections_by_service.clone());
+            let diag_before = found.sources.sock_diag;
+            // A reusable namespace is read for its listeners only.
+            found.listeners_only = reusable.is_some();
+            self.read_namespace(
+                netns,
+                own_netns == Some(netns),
+                namespace,
+                &mut found,
+                &mut errors,
+            );
+            found.listeners_only = false;
             if let Some(mut last) = reusable {
-                found.listeners_only = true;
-                self.read_namespace(
-                    netns,
-                    own_netns == Some(netns),
-                    namespace,
-                    &mut found,
-                    &mut errors,
-                );
-                found.listeners_only = false;
                 for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
                     *total += count;
                 }
@@ -529,16 +536,7 @@ impl Sampler {
                 self.namespace_dumps.insert(netns, last);
                 continue;
             }
-            let first = found.watched.len();
-            let counts_before = found.connections_by_service.clone();
-            let diag_before = found.sources.sock_diag;
-            self.read_namespace(
-                netns,
-                own_netns == Some(netns),
-                namespace,
-                &mut found,
-                &mut errors,
-            );
+            let counts_before = counts_before.unwrap_or_default();
             if let Some(counters) = counters.filter(|_| found.sources.sock_diag > diag_before) {
                 let counts = found
                     .connections_by_service
