@@ -130,9 +130,31 @@ pub struct ProbeOffsets {
     /// from the kernel when its state changes instead of being stamped on every send/receive.
     pub tcp_lsndtime: u16,
     pub tcp_lrcvtime: u16,
-    /// Offset of the buffer / iovec / msghdr argument in `syscalls/sys_enter_<name>`, indexed by
-    /// [`io_syscall`].
-    pub io_buffer_arg: [u16; io_syscall::COUNT],
+    /// How to find the running syscall and its buffer in the task's saved user registers.
+    pub syscall_regs: SyscallRegs,
+}
+
+/// Payload capture reads the user buffer of the syscall that is sending or receiving from the
+/// task's saved user registers (`struct pt_regs`, from `bpf_task_pt_regs`) inside the
+/// send/receive probes, so no syscall tracepoint is needed: attaching any of those would put
+/// every syscall of every process on the kernel's slow tracing path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallRegs {
+    /// `struct pt_regs` member holding the syscall number (x86-64 `orig_ax`).
+    pub number: u16,
+    /// `struct pt_regs` member holding the second syscall argument (x86-64 `si`): the buffer,
+    /// iovec array or msghdr of every [`io_syscall`].
+    pub second_arg: u16,
+    pub _pad: u32,
+    /// This architecture's number of each [`io_syscall`], by index; u64::MAX when unknown.
+    pub numbers: [u64; io_syscall::COUNT],
+}
+
+impl SyscallRegs {
+    pub fn is_known(&self) -> bool {
+        self.number != OFFSET_UNKNOWN && self.second_arg != OFFSET_UNKNOWN
+    }
 }
 
 impl ProbeOffsets {
@@ -167,7 +189,12 @@ impl ProbeOffsets {
         sock_protocol: OFFSET_UNKNOWN,
         tcp_lsndtime: OFFSET_UNKNOWN,
         tcp_lrcvtime: OFFSET_UNKNOWN,
-        io_buffer_arg: [OFFSET_UNKNOWN; io_syscall::COUNT],
+        syscall_regs: SyscallRegs {
+            number: OFFSET_UNKNOWN,
+            second_arg: OFFSET_UNKNOWN,
+            _pad: 0,
+            numbers: [u64::MAX; io_syscall::COUNT],
+        },
     };
 
     /// Whether the programs can read enough of `struct sock_common` to adopt a socket they first
@@ -212,8 +239,9 @@ pub mod watch {
     pub const PORTS: u32 = 1 << 16;
 }
 
-/// The syscalls that move memcache bytes, in the order the capture programs number them. The
-/// buffer argument is a plain buffer, an iovec array or a msghdr depending on the syscall.
+/// The syscalls that move memcache bytes, in the order the capture programs number them (odd:
+/// sends). The buffer, always the second argument, is a plain buffer, an iovec array or a msghdr
+/// depending on the syscall.
 pub mod io_syscall {
     pub const READ: usize = 0;
     pub const WRITE: usize = 1;
@@ -227,9 +255,6 @@ pub mod io_syscall {
     pub const NAMES: [&str; COUNT] = [
         "read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
     ];
-    /// Name of the buffer argument in each syscall's tracepoint format.
-    pub const BUFFER_ARG: [&str; COUNT] =
-        ["buf", "buf", "vec", "vec", "ubuf", "buff", "msg", "msg"];
 
     pub const KIND_BUFFER: u8 = 0;
     pub const KIND_IOVEC: u8 = 1;
@@ -259,19 +284,6 @@ pub mod io_syscall {
 /// Most payload bytes a capture record can carry; the configured capture length is at most this.
 pub const CAPTURE_MAX: usize = 512;
 
-/// A syscall in flight on a thread, between sys_enter and sys_exit.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Inflight {
-    /// User pointer to the buffer, iovec array or msghdr.
-    pub buffer: u64,
-    /// Socket the syscall touched (from sock_send/recv_length); 0 while unknown.
-    pub sk: u64,
-    pub syscall: u8,
-    pub is_send: u8,
-    pub _pad: [u8; 6],
-}
-
 /// One captured send or receive on a watched socket: a bounded prefix of the bytes actually
 /// transferred, and the full count so the decoder can frame past what was not captured.
 ///
@@ -283,7 +295,7 @@ pub struct Inflight {
 pub struct PayloadEvent {
     pub ts_ns: u64,
     pub sk: u64,
-    /// Bytes the syscall transferred.
+    /// Bytes the send or receive transferred.
     pub total_len: u64,
     pub pid: u32,
     /// Bytes of `data` that are valid.
@@ -373,8 +385,9 @@ pub mod counter {
     pub const SOCKET_MAP_FULL: u32 = 1;
     /// The payload ring buffer was full; a capture was dropped (the decoder sees a gap).
     pub const PAYLOAD_RINGBUF_FULL: u32 = 2;
-    /// The in-flight syscall map was full; a capture was skipped.
-    pub const INFLIGHT_MAP_FULL: u32 = 3;
+    /// A send or receive on a captured socket came from a syscall capture cannot read (sendfile,
+    /// sendmmsg, io_uring, a kernel thread): the decoder sees a gap.
+    pub const UNCAPTURED_SYSCALL: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -396,7 +409,6 @@ mod user {
     unsafe impl aya::Pod for ProbeOffsets {}
     unsafe impl aya::Pod for TupleLayout {}
     unsafe impl aya::Pod for PayloadEvent {}
-    unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockEvent {}
 }

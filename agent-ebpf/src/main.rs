@@ -7,8 +7,8 @@
 
 use agent_common::{
     counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state, tcp_trouble, watch,
-    Inflight, PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET, AF_INET6,
-    CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
+    PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET, AF_INET6, CAPTURE_MAX,
+    IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
@@ -16,7 +16,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
         generated::{
-            bpf_jiffies64, bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output,
+            bpf_get_current_task_btf, bpf_jiffies64, bpf_probe_read_user as probe_read_user_raw,
+            bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
     macros::{classifier, map, raw_tracepoint, tracepoint},
@@ -54,13 +55,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
 
-/// Read/write syscalls in flight, by thread id: the user buffer from sys_enter, the socket from
-/// sock_*_length, the byte count from sys_exit. Entries are reused in place (sys_exit clears
-/// `buffer` instead of deleting), which saves a hash insert and delete per syscall; LRU so the
-/// entries of threads that have exited make room for new ones.
-#[map]
-static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(16384, 0);
-
 /// Per-CPU staging area for one payload record: the header, then twice the capture size of
 /// data, because the verifier bounds a copy's offset and length separately (both must fit
 /// independently). The record goes to the ring with a bounded variable length.
@@ -72,10 +66,6 @@ struct PayloadScratch {
 
 #[map]
 static SCRATCH: PerCpuArray<PayloadScratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Processes known to use watched sockets with capture on: only their syscalls are followed.
-#[map]
-static CAPTURE_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
 
 /// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
 #[no_mangle]
@@ -123,11 +113,11 @@ fn read_tp<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
 }
 
 #[inline(always)]
-fn read_sk<T>(sk: u64, offset: u16) -> Option<T> {
+fn read_kernel_field<T>(base: u64, offset: u16) -> Option<T> {
     if offset == OFFSET_UNKNOWN {
         return None;
     }
-    unsafe { bpf_probe_read_kernel((sk + offset as u64) as *const T) }.ok()
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
 #[inline(always)]
@@ -170,16 +160,6 @@ fn wakeup_flags(unread_before: u64, len: u64, threshold: u64) -> u64 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
-    }
-}
-
-#[inline(always)]
-fn note_capture_pid(flags: u64) {
-    if flags & sock_flags::CAPTURE != 0 {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if unsafe { CAPTURE_PIDS.get(tgid) }.is_none() {
-            let _ = CAPTURE_PIDS.insert(tgid, 1, 0);
-        }
     }
 }
 
@@ -317,12 +297,6 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
             ..SockState::default()
         },
     };
-    if old_state == tcp_state::CLOSE
-        && (new_state == tcp_state::SYN_SENT || new_state == tcp_state::LISTEN)
-    {
-        // connect() and listen() run in the caller's context: remember the process for capture.
-        note_capture_pid(snapshot.flags);
-    }
     if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
         snapshot.peer_closed_ns = now;
     }
@@ -380,8 +354,8 @@ fn kernel_last_activity_ns(sk: u64, now: u64) -> Option<u64> {
         return None;
     }
     let layout = offsets();
-    let sent: u32 = read_sk(sk, layout.tcp_lsndtime)?;
-    let received: u32 = read_sk(sk, layout.tcp_lrcvtime)?;
+    let sent: u32 = read_kernel_field(sk, layout.tcp_lsndtime)?;
+    let received: u32 = read_kernel_field(sk, layout.tcp_lrcvtime)?;
     let jiffies = unsafe { bpf_jiffies64() } as u32;
     // u32 jiffies wrap: the later stamp is the one fewer ticks ago.
     let ticks_ago = core::cmp::min(jiffies.wrapping_sub(sent), jiffies.wrapping_sub(received));
@@ -448,7 +422,7 @@ fn raw_length(ctx: &RawTracePointContext, is_send: bool) -> u32 {
     let ret = ctx.arg::<u64>(1) as u32 as i32;
     // The protocol is read only when the socket turns out to matter (see try_length).
     let _ = try_length(sk, ret, is_send, || {
-        read_sk::<u16>(sk, offsets().sock_protocol)
+        read_kernel_field::<u16>(sk, offsets().sock_protocol)
     });
     0
 }
@@ -504,8 +478,8 @@ fn try_length(
         return None;
     }
     if healthy {
-        // No map lookup, no clock read: only capture's per-thread bookkeeping.
-        mark_inflight(sk, capture);
+        // No map lookup, no clock read: only the capture itself.
+        capture_payload(sk, ret, is_send);
         return Some(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -518,7 +492,9 @@ fn try_length(
                 // closed is the one we remember.
                 if closed.peer_closed_ns != 0 && is_closed(sk) {
                     let snapshot = *closed;
-                    mark_inflight(sk, snapshot.flags);
+                    if snapshot.flags & sock_flags::CAPTURE != 0 {
+                        capture_payload(sk, ret, is_send);
+                    }
                     emit_after_peer_close(sk, ret, is_send, &snapshot);
                     return Some(());
                 }
@@ -529,7 +505,9 @@ fn try_length(
     // SAFETY: pointer into a map value that stays valid for this program run. Concurrent
     // updates of one socket from two CPUs can lose an increment; the timestamps stay right.
     let state = unsafe { &mut *state_ptr };
-    mark_inflight(sk, state.flags);
+    if state.flags & sock_flags::CAPTURE != 0 {
+        capture_payload(sk, ret, is_send);
+    }
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -567,11 +545,14 @@ fn read_sock_ports(sk: u64) -> Option<SockPorts> {
     let layout = &offsets().sock_common;
     if layout.num == layout.dport + 2 {
         // skc_dport and skc_num share the 32-bit skc_portpair: one read instead of two.
-        return Some(SockPorts::from_portpair(read_sk(sk, layout.dport)?));
+        return Some(SockPorts::from_portpair(read_kernel_field(
+            sk,
+            layout.dport,
+        )?));
     }
     Some(SockPorts {
-        local: read_sk(sk, layout.num)?,
-        remote: u16::from_be(read_sk::<u16>(sk, layout.dport)?),
+        local: read_kernel_field(sk, layout.num)?,
+        remote: u16::from_be(read_kernel_field::<u16>(sk, layout.dport)?),
     })
 }
 
@@ -581,29 +562,19 @@ fn read_sock_ports(sk: u64) -> Option<SockPorts> {
 fn read_sock_ports_and_state(sk: u64) -> Option<(SockPorts, u8)> {
     let layout = &offsets().sock_common;
     if layout.num == layout.dport + 2 && layout.state == layout.dport + 6 {
-        let [d0, d1, n0, n1, _, _, state, _]: [u8; 8] = read_sk(sk, layout.dport)?;
+        let [d0, d1, n0, n1, _, _, state, _]: [u8; 8] = read_kernel_field(sk, layout.dport)?;
         return Some((SockPorts::from_portpair([d0, d1, n0, n1]), state));
     }
     // Unknown state (no offset) reads as 0, which sends every call down the full path.
-    Some((read_sock_ports(sk)?, read_sk(sk, layout.state).unwrap_or(0)))
+    Some((
+        read_sock_ports(sk)?,
+        read_kernel_field(sk, layout.state).unwrap_or(0),
+    ))
 }
 
 #[inline(always)]
 fn is_closed(sk: u64) -> bool {
-    read_sk::<u8>(sk, offsets().sock_common.state) == Some(tcp_state::CLOSE)
-}
-
-/// Tells this thread's in-flight syscall (if followed) which watched socket it moved bytes on.
-#[inline(always)]
-fn mark_inflight(sk: u64, flags: u64) {
-    if flags & sock_flags::CAPTURE != 0 {
-        let tid = bpf_get_current_pid_tgid();
-        match INFLIGHT.get_ptr_mut(tid) {
-            // An entry means sys_enter already found the process in CAPTURE_PIDS.
-            Some(inflight) => unsafe { (*inflight).sk = sk },
-            None => note_capture_pid(flags),
-        }
-    }
+    read_kernel_field::<u8>(sk, offsets().sock_common.state) == Some(tcp_state::CLOSE)
 }
 
 #[inline(always)]
@@ -626,21 +597,21 @@ fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u64) -> Optio
     let layout = &offsets().sock_common;
     let local_port = ports.local;
     let remote_port = ports.remote;
-    let tcp_state_now: u8 = read_sk(sk, layout.state)?;
+    let tcp_state_now: u8 = read_kernel_field(sk, layout.state)?;
     if tcp_state_now == tcp_state::LISTEN || tcp_state_now == tcp_state::CLOSE {
         return None;
     }
-    let family: u16 = read_sk(sk, layout.family)?;
+    let family: u16 = read_kernel_field(sk, layout.family)?;
     let mut local_addr = [0u8; 16];
     let mut remote_addr = [0u8; 16];
     if family == AF_INET {
-        let saddr: [u8; 4] = read_sk(sk, layout.rcv_saddr)?;
-        let daddr: [u8; 4] = read_sk(sk, layout.daddr)?;
+        let saddr: [u8; 4] = read_kernel_field(sk, layout.rcv_saddr)?;
+        let daddr: [u8; 4] = read_kernel_field(sk, layout.daddr)?;
         local_addr[..4].copy_from_slice(&saddr);
         remote_addr[..4].copy_from_slice(&daddr);
     } else if family == AF_INET6 {
-        local_addr = read_sk(sk, layout.v6_rcv_saddr)?;
-        remote_addr = read_sk(sk, layout.v6_daddr)?;
+        local_addr = read_kernel_field(sk, layout.v6_rcv_saddr)?;
+        remote_addr = read_kernel_field(sk, layout.v6_daddr)?;
     } else {
         return None;
     }
@@ -648,7 +619,6 @@ fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u64) -> Optio
         flags: capture_flags(local_port, remote_port),
         ..SockState::default()
     };
-    note_capture_pid(state.flags);
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -777,105 +747,82 @@ pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
     fd_exit(&ctx, fd_syscall::DUP)
 }
 
-// ---- payload capture: sys_enter remembers the buffer, sock_*_length names the socket,
-// sys_exit copies a bounded prefix of what was transferred.
+// ---- payload capture: inside a send or receive on a captured socket, the running syscall's
+// user registers name the buffer; a bounded prefix of the bytes moved is copied from it. No
+// syscall tracepoint takes part (see `SyscallRegs`).
 
+/// The [`io_syscall`] index of the syscall whose number is `number`.
 #[inline(always)]
-fn io_enter(ctx: &TracePointContext, syscall: usize) -> u32 {
-    // Only processes known to use watched sockets with capture on get past this one lookup.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if unsafe { CAPTURE_PIDS.get((pid_tgid >> 32) as u32) }.is_none() {
-        return 0;
-    }
-    let Some(&offset) = offsets().io_buffer_arg.get(syscall) else {
-        return 0;
-    };
-    let Some(buffer) = read_tp::<u64>(ctx, offset) else {
-        return 0;
-    };
-    match INFLIGHT.get_ptr_mut(pid_tgid) {
-        // The thread's entry from its previous syscall: overwrite it in place.
-        Some(inflight) => unsafe {
-            (*inflight).buffer = buffer;
-            (*inflight).sk = 0;
-            (*inflight).syscall = syscall as u8;
-            (*inflight).is_send = (syscall % 2) as u8;
-        },
-        None => {
-            let inflight = Inflight {
-                buffer,
-                sk: 0,
-                syscall: syscall as u8,
-                is_send: (syscall % 2) as u8,
-                _pad: [0; 6],
-            };
-            if INFLIGHT.insert(pid_tgid, inflight, 0).is_err() {
-                bump(counter::INFLIGHT_MAP_FULL);
-            }
-        }
-    }
-    0
+fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<usize> {
+    (0..io_syscall::COUNT).find(|&index| numbers[index] == number)
 }
 
-const MAX_IOVECS: usize = 8;
-
 #[inline(always)]
-fn io_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(slot) = INFLIGHT.get_ptr_mut(pid_tgid) else {
-        return 0;
-    };
-    // SAFETY: a pointer into a map value, valid for this run; only this thread writes its entry.
-    let inflight = unsafe { *slot };
-    if inflight.sk == 0 || inflight.buffer == 0 {
-        return 0;
-    }
-    // Consumed: the entry stays for the thread's next syscall.
-    unsafe {
-        (*slot).sk = 0;
-        (*slot).buffer = 0;
-    }
-    let Some(ret) = read_tp::<i64>(ctx, offsets().sys_exit_ret) else {
-        return 0;
-    };
+fn capture_payload(sk: u64, ret: i32, is_send: bool) {
     if ret <= 0 {
-        return 0;
+        return;
     }
     let want = core::cmp::min(
         ret as u64,
         unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } as u64,
     );
+    if want == 0 {
+        return;
+    }
+    let layout = &offsets().syscall_regs;
+    // SAFETY: helpers on the current task, whose saved user registers stay valid while it runs
+    // this syscall. A kernel thread has none and yields 0.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        bump(counter::UNCAPTURED_SYSCALL);
+        return;
+    }
+    let Some(number) = read_kernel_field::<u64>(regs, layout.number) else {
+        return;
+    };
+    let syscall = match io_syscall_index(&layout.numbers, number) {
+        // The direction must agree too: a send inside a read is something else (and the
+        // buffer would be wrong).
+        Some(syscall) if (syscall % 2 == 1) == is_send => syscall,
+        _ => {
+            bump(counter::UNCAPTURED_SYSCALL);
+            return;
+        }
+    };
+    let Some(buffer) = read_kernel_field::<u64>(regs, layout.second_arg) else {
+        return;
+    };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // SAFETY: this CPU's scratch slot; nothing else runs on this CPU during this program.
     let event = unsafe { &mut (*scratch).event };
     let data = event.data.as_mut_ptr();
-    let captured = match io_syscall::kind(inflight.syscall as usize) {
-        io_syscall::KIND_BUFFER => copy_user(data, 0, inflight.buffer, want),
-        io_syscall::KIND_IOVEC => copy_iovecs(data, inflight.buffer, u64::MAX, want),
+    let captured = match io_syscall::kind(syscall) {
+        io_syscall::KIND_BUFFER => copy_user(data, 0, buffer, want),
+        io_syscall::KIND_IOVEC => copy_iovecs(data, buffer, u64::MAX, want),
         io_syscall::KIND_MSGHDR => {
             // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
             let [iov, iovlen] =
-                unsafe { bpf_probe_read_user((inflight.buffer + 16) as *const [u64; 2]) }
-                    .unwrap_or([0, 0]);
+                unsafe { bpf_probe_read_user((buffer + 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
             copy_iovecs(data, iov, iovlen, want)
         }
         _ => 0,
     };
+    let pid_tgid = bpf_get_current_pid_tgid();
     event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.sk = inflight.sk;
+    event.sk = sk;
     event.total_len = ret as u64;
     event.pid = (pid_tgid >> 32) as u32;
     event.captured_len = captured as u16;
-    event.is_send = inflight.is_send;
-    event.syscall = inflight.syscall;
+    event.is_send = is_send as u8;
+    event.syscall = syscall as u8;
     event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     // Only the header and the bytes captured go to the ring. The mask is a no-op (captured is at
     // most CAPTURE_MAX) that lets the verifier bound the length.
     let len = (PAYLOAD_HEADER_LEN as u64 + captured) & (2 * CAPTURE_MAX as u64 - 1);
     if len < PAYLOAD_HEADER_LEN as u64 {
-        return 0;
+        return;
     }
     let threshold = unsafe { core::ptr::read_volatile(&PAYLOADS_WAKEUP_BYTES) };
     let unread = PAYLOADS.query(BPF_RB_AVAIL_DATA as u64);
@@ -892,8 +839,9 @@ fn io_exit(ctx: &TracePointContext) -> u32 {
     if status != 0 {
         bump(counter::PAYLOAD_RINGBUF_FULL);
     }
-    0
 }
+
+const MAX_IOVECS: usize = 8;
 
 /// Copies up to `len` user bytes to `data[offset..]`; returns the bytes copied.
 ///
@@ -970,33 +918,6 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
         }
     }
     captured
-}
-
-macro_rules! io_probes {
-    ($($enter:ident, $exit:ident, $index:expr;)*) => {
-        $(
-            #[tracepoint]
-            pub fn $enter(ctx: TracePointContext) -> u32 {
-                io_enter(&ctx, $index)
-            }
-
-            #[tracepoint]
-            pub fn $exit(ctx: TracePointContext) -> u32 {
-                io_exit(&ctx)
-            }
-        )*
-    };
-}
-
-io_probes! {
-    sys_enter_read, sys_exit_read, io_syscall::READ;
-    sys_enter_write, sys_exit_write, io_syscall::WRITE;
-    sys_enter_readv, sys_exit_readv, io_syscall::READV;
-    sys_enter_writev, sys_exit_writev, io_syscall::WRITEV;
-    sys_enter_recvfrom, sys_exit_recvfrom, io_syscall::RECVFROM;
-    sys_enter_sendto, sys_exit_sendto, io_syscall::SENDTO;
-    sys_enter_recvmsg, sys_exit_recvmsg, io_syscall::RECVMSG;
-    sys_enter_sendmsg, sys_exit_sendmsg, io_syscall::SENDMSG;
 }
 
 const ETH_HLEN: usize = 14;

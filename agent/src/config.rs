@@ -47,8 +47,6 @@ pub struct Limits {
     /// Payload bytes captured per send/receive for the decoder (0 turns capture off, at most
     /// 512). Values are skipped by length, so only command lines need to fit.
     pub capture_bytes: u32,
-    /// Read/write syscalls followed at once (threads of processes using watched sockets).
-    pub max_inflight_syscalls: u32,
     /// Decoded requests per second that all feed the hot-key and key-routing statistics;
     /// beyond that one in `key_stats_sample_every` does (with its count scaled).
     pub key_stats_exact_per_second: u32,
@@ -65,7 +63,6 @@ impl Default for Limits {
             max_servers_per_service: 256,
             max_comms: 100,
             capture_bytes: 256,
-            max_inflight_syscalls: 16384,
             key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
             key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
         }
@@ -315,11 +312,6 @@ impl Config {
                 limits.capture_bytes,
                 agent_common::CAPTURE_MAX
             )));
-        }
-        if limits.max_inflight_syscalls == 0 {
-            return Err(invalid(
-                "limits.max_inflight_syscalls must be at least 1".to_string(),
-            ));
         }
         if limits.key_stats_sample_every == 0 {
             return Err(invalid(

@@ -327,7 +327,7 @@ impl Metrics {
         );
         registry.register(
             "events_lost",
-            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, inflight_map: too many syscalls in flight, tracker: connection table full)",
+            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), tracker: connection table full)",
             metrics.events_lost.clone(),
         );
         registry.register(
@@ -483,7 +483,7 @@ impl Metrics {
             "ringbuf",
             "socket_map",
             "payload_ringbuf",
-            "inflight_map",
+            "uncaptured_syscall",
             "tracker",
         ] {
             // Exported from the start so "no loss" reads as 0, not as a missing series.

@@ -8,7 +8,10 @@ use serde::Serialize;
 use crate::{
     config::Config,
     probes::{
-        loader::{ProbeStatus, Probes, PROBES, SYN_COUNTER, SYN_COUNTER_IMPACT},
+        loader::{
+            ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PROBES, SYN_COUNTER,
+            SYN_COUNTER_IMPACT,
+        },
         offsets::{resolve_offsets, SystemLayout},
     },
 };
@@ -198,6 +201,27 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     Status::Failed,
                     "not attempted",
                     SYN_COUNTER_IMPACT,
+                ),
+            });
+            items.push(match probes.status.get(PAYLOAD_CAPTURE) {
+                Some(ProbeStatus::Attached) => item(
+                    "payload capture",
+                    Status::Ok,
+                    "copied inside the send/receive probes from the running syscall's buffer \
+                     (no syscall tracepoints)",
+                    PAYLOAD_CAPTURE_IMPACT,
+                ),
+                Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
+                    "payload capture",
+                    Status::Missing,
+                    reason.clone(),
+                    PAYLOAD_CAPTURE_IMPACT,
+                ),
+                None => item(
+                    "payload capture",
+                    Status::Failed,
+                    "not attempted",
+                    PAYLOAD_CAPTURE_IMPACT,
                 ),
             });
             items.push(if offsets.can_learn_sockets() {

@@ -81,10 +81,8 @@ fn reload(
     Ok(config)
 }
 
-/// What the event loop needs from each sample: processes to follow for payload capture and
-/// how close anything is to a descriptor limit.
+/// What the event loop needs from each sample: how close anything is to a descriptor limit.
 struct SampleNews {
-    pids: Vec<u32>,
     peak_fd_usage: f64,
 }
 
@@ -154,7 +152,6 @@ async fn sample_periodically(
                     }
                 }
                 let _ = news.try_send(SampleNews {
-                    pids: snapshot.processes.iter().map(|p| p.pid).collect(),
                     peak_fd_usage: fd_arming::peak_fd_usage(&snapshot),
                 });
             }
@@ -381,9 +378,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
             let peak = fd_arming::peak_fd_usage(&snapshot);
             arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, peak);
-            if let Err(err) = probes.add_capture_pids(snapshot.processes.iter().map(|p| p.pid)) {
-                tracing::warn!(%err, "cannot register existing processes for payload capture");
-            }
             tracing::info!(
                 connections = connections.len(),
                 processes = snapshot.processes.len(),
@@ -395,14 +389,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
         }
     }
-    let (pids_tx, mut pids_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
+    let (news_tx, mut news_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
     let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
     tokio::spawn(sample_periodically(
         sampler,
         metrics.clone(),
         last_tcp_ext,
         sampler_config_rx,
-        pids_tx,
+        news_tx,
         history.clone(),
     ));
 
@@ -444,10 +438,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = drain.tick() => {
                 pump(&mut event_queue, &mut pipeline, ring.get_mut(), payload_ring.get_mut());
             }
-            Some(news) = pids_rx.recv() => {
-                if let Err(err) = probes.add_capture_pids(news.pids) {
-                    tracing::debug!(%err, "cannot register processes for payload capture");
-                }
+            Some(news) = news_rx.recv() => {
                 arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, news.peak_fd_usage);
             }
             _ = tick.tick() => {

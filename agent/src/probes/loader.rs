@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{counter, io_syscall, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
+use agent_common::{counter, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         tc, trace_point::TracePointLinkId, RawTracePoint, SchedClassifier, TcAttachType, TracePoint,
     },
@@ -46,35 +46,6 @@ macro_rules! fd_exit_probe {
             category: "syscalls",
             event: concat!("sys_exit_", $name),
             impact: concat!("EMFILE/ENFILE from ", $name, "() not counted"),
-            raw_program: None,
-        }
-    };
-}
-
-macro_rules! io_probe {
-    (enter $name:literal) => {
-        ProbeSpec {
-            program: concat!("sys_enter_", $name),
-            category: "syscalls",
-            event: concat!("sys_enter_", $name),
-            impact: concat!(
-                "payloads moved by ",
-                $name,
-                "() are not captured: decoding sees gaps"
-            ),
-            raw_program: None,
-        }
-    };
-    (exit $name:literal) => {
-        ProbeSpec {
-            program: concat!("sys_exit_", $name),
-            category: "syscalls",
-            event: concat!("sys_exit_", $name),
-            impact: concat!(
-                "payloads moved by ",
-                $name,
-                "() are not captured: decoding sees gaps"
-            ),
             raw_program: None,
         }
     };
@@ -136,23 +107,13 @@ pub const PROBES: &[ProbeSpec] = &[
     fd_exit_probe!("open"),
     fd_exit_probe!("openat"),
     fd_exit_probe!("dup"),
-    io_probe!(enter "read"),
-    io_probe!(exit "read"),
-    io_probe!(enter "write"),
-    io_probe!(exit "write"),
-    io_probe!(enter "readv"),
-    io_probe!(exit "readv"),
-    io_probe!(enter "writev"),
-    io_probe!(exit "writev"),
-    io_probe!(enter "recvfrom"),
-    io_probe!(exit "recvfrom"),
-    io_probe!(enter "sendto"),
-    io_probe!(exit "sendto"),
-    io_probe!(enter "recvmsg"),
-    io_probe!(exit "recvmsg"),
-    io_probe!(enter "sendmsg"),
-    io_probe!(exit "sendmsg"),
 ];
+
+/// Payload capture is no program of its own (the send/receive probes copy the bytes); its
+/// status says whether they do.
+pub const PAYLOAD_CAPTURE: &str = "payload_capture";
+pub const PAYLOAD_CAPTURE_IMPACT: &str =
+    "no payloads captured: no memcache commands, latencies, hit ratios or key statistics";
 
 /// The tc program counting incoming SYNs; it is attached per interface, not to a tracepoint.
 pub const SYN_COUNTER: &str = "count_syn_in";
@@ -217,7 +178,6 @@ impl Probes {
             .override_global("EVENTS_WAKEUP_BYTES", &events_wakeup_bytes, true)
             .override_global("NS_PER_JIFFY", &ns_per_jiffy(), true)
             .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
-            .map_max_entries("INFLIGHT", config.limits.max_inflight_syscalls)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
             .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
             .map_max_entries("PAYLOADS", payload_ring_bytes)
@@ -228,15 +188,6 @@ impl Probes {
         let mut raw = Vec::new();
         let mut fd_links = Vec::new();
         for spec in PROBES {
-            let is_capture =
-                spec.category == "syscalls" && io_syscall_index(spec.program).is_some();
-            if is_capture && capture_len == 0 {
-                status.insert(
-                    spec.program,
-                    ProbeStatus::Unavailable("payload capture is off in the config".to_string()),
-                );
-                continue;
-            }
             if let Some(raw_program) = spec.raw_program {
                 if offsets.sock_protocol != OFFSET_UNKNOWN {
                     match attach_raw(&mut ebpf, raw_program, spec.event) {
@@ -280,6 +231,8 @@ impl Probes {
         }
 
         status.insert(SYN_COUNTER, attach_syn_counter(&mut ebpf));
+        let capture_status = capture_status(capture_len, offsets, &status);
+        status.insert(PAYLOAD_CAPTURE, capture_status);
 
         let events = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -378,20 +331,6 @@ impl Probes {
         !self.fd_links.is_empty()
     }
 
-    /// Marks processes as users of watched sockets so their I/O syscalls are captured from the
-    /// first one (the kernel otherwise learns a process only at its first connect or listen).
-    pub fn add_capture_pids(&mut self, pids: impl IntoIterator<Item = u32>) -> anyhow::Result<()> {
-        let mut map: BpfHashMap<_, u32, u8> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("CAPTURE_PIDS")
-                .context("kernel object has no CAPTURE_PIDS map")?,
-        )?;
-        for pid in pids {
-            map.insert(pid, 1, 0)?;
-        }
-        Ok(())
-    }
-
     /// Cumulative run time and run count per loaded program (kernel bpf_stats; zero unless
     /// `kernel.bpf_stats_enabled` is 1).
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
@@ -426,7 +365,7 @@ impl Probes {
             ("ringbuf", sum(counter::RINGBUF_FULL)?),
             ("socket_map", sum(counter::SOCKET_MAP_FULL)?),
             ("payload_ringbuf", sum(counter::PAYLOAD_RINGBUF_FULL)?),
-            ("inflight_map", sum(counter::INFLIGHT_MAP_FULL)?),
+            ("uncaptured_syscall", sum(counter::UNCAPTURED_SYSCALL)?),
         ])
     }
 }
@@ -466,8 +405,7 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<TracePointLinkId>
 /// The EMFILE/ENFILE probes: attached only while descriptors run short (see
 /// [`crate::fd_arming`]).
 fn is_fd_exhaustion_probe(spec: &ProbeSpec) -> bool {
-    // The syscall probes that do not capture payloads.
-    spec.category == "syscalls" && io_syscall_index(spec.program).is_none()
+    spec.category == "syscalls"
 }
 
 /// The kernel's tick length: the resolution of CLOCK_MONOTONIC_COARSE, which advances once
@@ -502,14 +440,6 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()>
         .attach(event)
         .with_context(|| format!("cannot attach to raw tracepoint {event}"))?;
     Ok(())
-}
-
-/// Index of a capture program's syscall in [`io_syscall::NAMES`].
-fn io_syscall_index(program: &str) -> Option<usize> {
-    let name = program
-        .strip_prefix("sys_enter_")
-        .or_else(|| program.strip_prefix("sys_exit_"))?;
-    io_syscall::NAMES.iter().position(|n| *n == name)
 }
 
 /// Ethernet-framed interfaces (ARPHRD_ETHER, ARPHRD_LOOPBACK) of this network namespace: the
@@ -573,6 +503,33 @@ fn attach_syn_counter(ebpf: &mut Ebpf) -> ProbeStatus {
     }
 }
 
+/// Whether the send/receive probes capture payloads: capture must be on in the config, the
+/// kernel must say where the syscall registers are, and both probes must be attached (a
+/// one-sided capture would pair no request with its response).
+fn capture_status(
+    capture_len: u32,
+    offsets: &ProbeOffsets,
+    status: &BTreeMap<&'static str, ProbeStatus>,
+) -> ProbeStatus {
+    if capture_len == 0 {
+        return ProbeStatus::Unavailable("payload capture is off in the config".to_string());
+    }
+    if !offsets.syscall_regs.is_known() {
+        return ProbeStatus::Unavailable(
+            "the kernel does not say where the syscall registers are (struct pt_regs)".to_string(),
+        );
+    }
+    let missing: Vec<&str> = ["sock_send_length", "sock_recv_length"]
+        .into_iter()
+        .filter(|program| !status.get(program).is_some_and(ProbeStatus::is_attached))
+        .collect();
+    if missing.is_empty() {
+        ProbeStatus::Attached
+    } else {
+        ProbeStatus::Unavailable(format!("{} not attached", missing.join(" and ")))
+    }
+}
+
 /// A program whose tracepoint fields were not found must not run: it would read garbage.
 fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
     let set_state = &offsets.set_state;
@@ -601,8 +558,6 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
         "tcp_retransmit_synack" => tuple_ok(&offsets.retransmit_synack),
         "tcp_receive_reset" => tuple_ok(&offsets.receive_reset),
         "tcp_send_reset" => tuple_ok(&offsets.send_reset),
-        program if program.starts_with("sys_enter_") => io_syscall_index(program)
-            .is_some_and(|index| offsets.io_buffer_arg[index] != OFFSET_UNKNOWN),
         _ => offsets.sys_exit_ret != OFFSET_UNKNOWN,
     };
     (!ok).then(|| {
@@ -616,6 +571,7 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_common::io_syscall;
 
     fn config(services: &str) -> Config {
         Config::parse(services, "test").expect("test config parses")
@@ -666,30 +622,48 @@ mod tests {
     }
 
     #[test]
-    fn capture_programs_are_recognised_by_syscall_name() {
-        assert_eq!(io_syscall_index("sys_enter_read"), Some(io_syscall::READ));
-        assert_eq!(
-            io_syscall_index("sys_exit_sendmsg"),
-            Some(io_syscall::SENDMSG)
-        );
-        assert_eq!(io_syscall_index("sys_exit_openat"), None);
+    fn syscall_kinds_and_directions_match_their_names() {
+        for (index, name) in io_syscall::NAMES.iter().enumerate() {
+            let expected = if name.ends_with('v') {
+                io_syscall::KIND_IOVEC
+            } else if name.ends_with("msg") {
+                io_syscall::KIND_MSGHDR
+            } else {
+                io_syscall::KIND_BUFFER
+            };
+            assert_eq!(io_syscall::kind(index), expected, "{name}");
+            assert_eq!(io_syscall::KIND[index], expected, "{name}");
+            // The kernel tells a send from a receive by the index's parity.
+            let is_send = name.starts_with("write") || name.starts_with("send");
+            assert_eq!(index % 2 == 1, is_send, "{name}");
+        }
     }
 
     #[test]
-    fn syscall_kinds_match_their_buffer_arguments() {
-        for (index, arg) in io_syscall::BUFFER_ARG.iter().enumerate() {
-            let expected = match *arg {
-                "vec" => io_syscall::KIND_IOVEC,
-                "msg" => io_syscall::KIND_MSGHDR,
-                _ => io_syscall::KIND_BUFFER,
-            };
-            assert_eq!(
-                io_syscall::kind(index),
-                expected,
-                "{}",
-                io_syscall::NAMES[index]
-            );
-            assert_eq!(io_syscall::KIND[index], expected);
-        }
+    fn capture_needs_config_registers_and_both_directions() {
+        let mut offsets = ProbeOffsets::UNKNOWN;
+        let mut status = BTreeMap::new();
+        status.insert("sock_send_length", ProbeStatus::Attached);
+        status.insert(
+            "sock_recv_length",
+            ProbeStatus::Failed("no such tracepoint".into()),
+        );
+        let reason = |s: ProbeStatus| match s {
+            ProbeStatus::Unavailable(reason) => reason,
+            other => panic!("expected unavailable, got {other:?}"),
+        };
+        assert!(reason(capture_status(0, &offsets, &status)).contains("off in the config"));
+        assert!(reason(capture_status(256, &offsets, &status)).contains("pt_regs"));
+        offsets.syscall_regs.number = 120;
+        offsets.syscall_regs.second_arg = 104;
+        assert_eq!(
+            reason(capture_status(256, &offsets, &status)),
+            "sock_recv_length not attached"
+        );
+        status.insert("sock_recv_length", ProbeStatus::Attached);
+        assert_eq!(
+            capture_status(256, &offsets, &status),
+            ProbeStatus::Attached
+        );
     }
 }

@@ -235,19 +235,31 @@ const TUPLE_TRACEPOINTS: &[(Tracepoint, TupleSlot)] = &[
     ),
 ];
 
-const CAPTURE_LOST: &str =
-    "payloads moved by this syscall are not captured: memcache decoding sees gaps";
+const CAPTURE_LOST: &str = "payloads are not captured: memcache decoding is unavailable";
 
-const IO_ENTER_EVENTS: [&str; io_syscall::COUNT] = [
-    "sys_enter_read",
-    "sys_enter_write",
-    "sys_enter_readv",
-    "sys_enter_writev",
-    "sys_enter_recvfrom",
-    "sys_enter_sendto",
-    "sys_enter_recvmsg",
-    "sys_enter_sendmsg",
-];
+/// Where this architecture's `struct pt_regs` keeps the syscall number and the second syscall
+/// argument, as BTF member paths, plus the bytes from the second path's start to the argument.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_REGS: (&[&str], &[&str], u32) = (&["orig_ax"], &["si"], 0);
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_REGS: (&[&str], &[&str], u32) = (&["syscallno"], &["regs"], 8);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALL_REGS: (&[&str], &[&str], u32) = (&[], &[], 0);
+
+/// This architecture's numbers of the [`io_syscall`]s, in their order.
+fn io_syscall_numbers() -> [u64; io_syscall::COUNT] {
+    [
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+    ]
+    .map(|number| number as u64)
+}
 
 const SYS_EXIT: Tracepoint = Tracepoint {
     category: "syscalls",
@@ -302,32 +314,11 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
         resolver.take_fields(&SYS_EXIT, &format, std::slice::from_ref(&wanted));
     }
 
-    for (index, name) in io_syscall::NAMES.iter().enumerate() {
-        let tracepoint = Tracepoint {
-            category: "syscalls",
-            event: IO_ENTER_EVENTS[index],
-            since: "2.6.37",
-            impact: CAPTURE_LOST,
-        };
-        if let Some(format) = resolver.load(source, &tracepoint) {
-            let owner = format!("tracepoint syscalls/sys_enter_{name}");
-            let arg = io_syscall::BUFFER_ARG[index];
-            match format.field(arg) {
-                Some(field) if field.size == 8 && field.offset < u32::from(OFFSET_UNKNOWN) => {
-                    resolver.offsets.io_buffer_arg[index] = field.offset as u16;
-                }
-                _ => resolver.missing.push(MissingFeature {
-                    subject: owner.clone(),
-                    reason: format!("{owner} has no 8-byte argument {arg}: {CAPTURE_LOST}"),
-                }),
-            }
-        }
-    }
-
     resolver.take_sock_common(source);
     if send.is_some() && recv.is_some() {
         resolver.take_raw_length_arguments(source);
         resolver.take_tcp_activity(source);
+        resolver.take_syscall_regs(source);
     }
     Resolution {
         offsets: resolver.offsets,
@@ -517,6 +508,47 @@ impl Resolver {
         });
     }
 
+    /// Where the saved user registers hold the syscall number and its buffer argument, which
+    /// payload capture reads inside the send/receive probes.
+    fn take_syscall_regs(&mut self, source: &impl LayoutSource) {
+        let Some(btf) = source.btf() else {
+            // Already reported; `cacheprobe check` names capture's loss on its own line.
+            return;
+        };
+        let (number_path, second_arg_path, second_arg_skip) = SYSCALL_REGS;
+        // An 8-byte word `skip` bytes into the member must lie inside it.
+        let word_at = |path: &[&str], skip: u32| {
+            btf.member_path("pt_regs", path)
+                .filter(|location| {
+                    location.bitfield_bits == 0
+                        && location.bit_offset.is_multiple_of(8)
+                        && location.size.is_some_and(|size| size >= skip + 8)
+                        && location.bit_offset / 8 + skip < u32::from(OFFSET_UNKNOWN)
+                })
+                .map(|location| (location.bit_offset / 8 + skip) as u16)
+        };
+        // The number is read as 8 bytes: a 4-byte member (arm64's syscallno) would pull in its
+        // neighbour, so it is not accepted.
+        let number = word_at(number_path, 0);
+        let second_arg = word_at(second_arg_path, second_arg_skip);
+        match (number, second_arg) {
+            (Some(number), Some(second_arg)) => {
+                self.offsets.syscall_regs.number = number;
+                self.offsets.syscall_regs.second_arg = second_arg;
+                self.offsets.syscall_regs.numbers = io_syscall_numbers();
+            }
+            _ => self.missing.push(MissingFeature {
+                subject: "struct pt_regs".into(),
+                reason: format!(
+                    "kernel BTF has no struct pt_regs with an 8-byte {} and {} on this \
+                     architecture: {CAPTURE_LOST}",
+                    number_path.join("."),
+                    second_arg_path.join(".")
+                ),
+            }),
+        }
+    }
+
     /// Where the kernel keeps a TCP socket's last data send and receive times. Without them the
     /// programs stamp the time themselves on every send and receive of a watched socket.
     fn take_tcp_activity(&mut self, source: &impl LayoutSource) {
@@ -700,7 +732,7 @@ impl LayoutSource for SystemLayout {
 
 #[cfg(test)]
 mod tests {
-    use super::super::btf::test_blobs::{sock_common_into, BlobBuilder};
+    use super::super::btf::test_blobs::{sock_common_blob, sock_common_into, BlobBuilder};
     use super::*;
     use std::collections::HashMap;
     use std::sync::OnceLock;
@@ -873,6 +905,9 @@ mod tests {
         icsk_ack.lrcvtime: last activity is stamped on every send and receive instead, which \
         costs more per call";
 
+    const NO_PT_REGS: &str = "kernel BTF has no struct pt_regs with an 8-byte orig_ax and si on \
+        this architecture: payloads are not captured: memcache decoding is unavailable";
+
     /// BTF that describes the raw tracepoints, `sock.sk_protocol` and the tcp_sock activity
     /// stamps (nested in `inet_conn.icsk_ack`) resolves all of them.
     #[test]
@@ -925,6 +960,7 @@ mod tests {
                 M("lsndtime", u32_type, 1500 * 8, 0),
             ],
         );
+        pt_regs_into(&mut blob);
         let source = Synthetic {
             btf: Some(Btf::parse(&blob.build()).unwrap()),
             ..synthetic_6_18()
@@ -934,6 +970,57 @@ mod tests {
         assert_eq!(resolution.offsets.sock_protocol, 516);
         assert_eq!(resolution.offsets.tcp_lsndtime, 1500);
         assert_eq!(resolution.offsets.tcp_lrcvtime, 1004);
+        assert_eq!(resolution.offsets.syscall_regs, host_syscall_regs());
+    }
+
+    /// x86-64's `struct pt_regs` as far as capture reads it (si at 104, orig_ax at 120).
+    fn pt_regs_into(blob: &mut BlobBuilder) {
+        use super::super::btf::{kind, test_blobs::M};
+        let ulong = blob.int("long unsigned int", 8);
+        blob.composite(
+            kind::STRUCT,
+            "pt_regs",
+            168,
+            false,
+            &[M("si", ulong, 104 * 8, 0), M("orig_ax", ulong, 120 * 8, 0)],
+        );
+    }
+
+    /// What [`pt_regs_into`] resolves to on the architecture the tests run on.
+    fn host_syscall_regs() -> agent_common::SyscallRegs {
+        let mut regs = ProbeOffsets::UNKNOWN.syscall_regs;
+        if cfg!(target_arch = "x86_64") {
+            regs.number = 120;
+            regs.second_arg = 104;
+            regs.numbers = [0, 1, 19, 20, 45, 44, 47, 46];
+        }
+        regs
+    }
+
+    /// Without the registers' layout capture is reported lost; everything else still resolves.
+    #[test]
+    fn btf_without_pt_regs_costs_only_capture() {
+        let source = Synthetic {
+            btf: Some(Btf::parse(&sock_common_blob(false)).unwrap()),
+            ..synthetic_6_18()
+        };
+        let resolution = resolve_offsets(&source);
+        assert_eq!(
+            resolution.offsets.syscall_regs,
+            ProbeOffsets::UNKNOWN.syscall_regs
+        );
+        assert!(resolution.offsets.can_learn_sockets());
+        let pt_regs: Vec<_> = resolution
+            .missing
+            .iter()
+            .filter(|m| m.subject == "struct pt_regs")
+            .collect();
+        assert_eq!(pt_regs.len(), 1, "{:?}", resolution.missing);
+        assert!(
+            pt_regs[0].reason.ends_with(CAPTURE_LOST),
+            "{}",
+            pt_regs[0].reason
+        );
     }
 
     /// Formats held in memory, to exercise the rules the fixtures never break.
@@ -996,14 +1083,6 @@ mod tests {
             ("tcp", "tcp_receive_reset"),
             ("tcp", "tcp_send_reset"),
             ("syscalls", "sys_exit_socket"),
-            ("syscalls", "sys_enter_read"),
-            ("syscalls", "sys_enter_write"),
-            ("syscalls", "sys_enter_readv"),
-            ("syscalls", "sys_enter_writev"),
-            ("syscalls", "sys_enter_recvfrom"),
-            ("syscalls", "sys_enter_sendto"),
-            ("syscalls", "sys_enter_recvmsg"),
-            ("syscalls", "sys_enter_sendmsg"),
         ] {
             source.formats.insert(
                 (category, event),
@@ -1140,9 +1219,6 @@ mod tests {
         assert_eq!(new.retransmit_skb.sport, 28);
         assert_eq!(new.retransmit_synack.dport, 26);
         assert_eq!(new.sys_exit_ret, 16);
-        // read(fd, buf, count), sendto(fd, buff, ...), sendmsg(fd, msg, flags): all second.
-        assert_eq!(new.io_buffer_arg, [24; io_syscall::COUNT]);
-        assert_eq!(old.io_buffer_arg, [24; io_syscall::COUNT]);
     }
 
     #[test]
@@ -1155,7 +1231,7 @@ mod tests {
         let resolution = resolve_offsets(&source);
         assert_eq!(resolution.offsets, ProbeOffsets::UNKNOWN);
         let reasons = reasons(&resolution);
-        assert_eq!(reasons.len(), 17, "{reasons:#?}");
+        assert_eq!(reasons.len(), 9, "{reasons:#?}");
         assert!(reasons[4]
             .contains("tcp/tcp_retransmit_synack cannot be read (tracefs not found at /x)"));
         assert_eq!(
@@ -1164,7 +1240,7 @@ mod tests {
              connection lifecycle (opened/closed, closed_by, durations) unavailable"
         );
         assert_eq!(
-            reasons[16],
+            reasons[8],
             "kernel BTF unreadable (/sys/kernel/btf/vmlinux: BTF version 2 is not supported): \
              sockets opened before the agent started are only seen when they change state"
         );
@@ -1191,6 +1267,7 @@ mod tests {
                  agent started are only seen when they change state",
                 RAW_UNDESCRIBED,
                 NO_TCP_ACTIVITY,
+                NO_PT_REGS,
             ]
         );
     }
@@ -1217,6 +1294,7 @@ mod tests {
               started are only seen when they change state",
                 RAW_UNDESCRIBED,
                 NO_TCP_ACTIVITY,
+                NO_PT_REGS,
             ]
         );
     }
