@@ -223,6 +223,32 @@ pub struct SockState {
     pub flags: u64,
 }
 
+/// Which connections payload capture follows once the agent has to sample (a healthy
+/// connection is followed or not as a whole, so each followed stream decodes from its start to
+/// its end). At sample shift `k` one socket in 2^k is followed; the sockets followed at `k + 1`
+/// are a subset of those at `k`, so raising the shift only drops streams and lowering it only
+/// adds them. Shared so the agent knows exactly which streams it stopped receiving.
+pub mod capture_sample {
+    /// Largest shift: one connection in 1024.
+    pub const MAX_SHIFT: u32 = 10;
+
+    /// Whether the socket at kernel address `sk` is followed at sample shift `shift`.
+    #[inline(always)]
+    pub fn is_followed(sk: u64, shift: u32) -> bool {
+        // Socket addresses are slab objects in arithmetic progression; a lone multiply maps
+        // such a run onto long runs of equal low bits (whole batches of connections followed or
+        // not). MurmurHash3's finaliser mixes every input bit into every output bit.
+        let mut mixed = sk;
+        mixed ^= mixed >> 33;
+        mixed = mixed.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        mixed ^= mixed >> 33;
+        mixed = mixed.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        mixed ^= mixed >> 33;
+        let mask = (1u64 << (shift & 15)) - 1;
+        mixed & mask == 0
+    }
+}
+
 pub mod sock_flags {
     /// Payload capture is on for this socket's service.
     pub const CAPTURE: u64 = 1;
@@ -411,4 +437,46 @@ mod user {
     unsafe impl aya::Pod for PayloadEvent {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::capture_sample::{is_followed, MAX_SHIFT};
+    use std::vec::Vec;
+
+    #[test]
+    fn sampled_sockets_nest_and_come_in_the_right_proportion() {
+        // tcp_sock objects are ~2.3 KiB apart in their slab.
+        let sockets: Vec<u64> = (0..40_000u64)
+            .map(|i| 0xffff_8880_0000_0000 + i * 2368)
+            .collect();
+        for shift in 0..=MAX_SHIFT {
+            let followed = sockets.iter().filter(|&&sk| is_followed(sk, shift)).count();
+            let expected = sockets.len() >> shift;
+            // Four standard deviations of a fair coin per socket.
+            let tolerance = 4 * (expected as f64).sqrt() as usize + 2;
+            assert!(
+                followed.abs_diff(expected) <= tolerance,
+                "shift {shift}: {followed} followed, expected ~{expected}"
+            );
+            for &sk in &sockets {
+                if is_followed(sk, shift + 1) {
+                    assert!(
+                        is_followed(sk, shift),
+                        "shift {shift} does not contain {sk:#x}"
+                    );
+                }
+            }
+        }
+        assert!(sockets.iter().all(|&sk| is_followed(sk, 0)));
+        // Any run of 256 consecutive slab objects gets its fair share at one in 8.
+        for run in sockets.chunks_exact(256) {
+            let followed = run.iter().filter(|&&sk| is_followed(sk, 3)).count();
+            assert!(
+                (16..=48).contains(&followed),
+                "{followed} of 256 followed at 1/8"
+            );
+        }
+    }
 }

@@ -6,9 +6,9 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use agent_common::{
-    counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state, tcp_trouble, watch,
-    PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET, AF_INET6, CAPTURE_MAX,
-    IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
+    capture_sample, counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state,
+    tcp_trouble, watch, PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET,
+    AF_INET6, CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
@@ -66,6 +66,11 @@ struct PayloadScratch {
 
 #[map]
 static SCRATCH: PerCpuArray<PayloadScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Payload capture's sample shift (see [`capture_sample`]), set by the agent while it runs:
+/// above its decoding budget it follows one healthy connection in 2^shift.
+#[map]
+static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
 #[no_mangle]
@@ -478,8 +483,12 @@ fn try_length(
         return None;
     }
     if healthy {
-        // No map lookup, no clock read: only the capture itself.
-        capture_payload(sk, ret, is_send);
+        // No hash lookup, no clock read: only the capture itself, of the connections followed.
+        // (A connection in trouble is always captured below, whatever the sample.)
+        let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
+        if capture_sample::is_followed(sk, shift) {
+            capture_payload(sk, ret, is_send);
+        }
         return Some(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -492,10 +501,12 @@ fn try_length(
                 // closed is the one we remember.
                 if closed.peer_closed_ns != 0 && is_closed(sk) {
                     let snapshot = *closed;
+                    emit_after_peer_close(sk, ret, is_send, &snapshot);
+                    // After the event: the agent names a dead write's command from the first
+                    // send stamped at or after it.
                     if snapshot.flags & sock_flags::CAPTURE != 0 {
                         capture_payload(sk, ret, is_send);
                     }
-                    emit_after_peer_close(sk, ret, is_send, &snapshot);
                     return Some(());
                 }
             }
@@ -505,9 +516,6 @@ fn try_length(
     // SAFETY: pointer into a map value that stays valid for this program run. Concurrent
     // updates of one socket from two CPUs can lose an increment; the timestamps stay right.
     let state = unsafe { &mut *state_ptr };
-    if state.flags & sock_flags::CAPTURE != 0 {
-        capture_payload(sk, ret, is_send);
-    }
     if ret > 0 {
         state.last_activity_ns = now;
         if is_send {
@@ -519,6 +527,10 @@ fn try_length(
     if state.peer_closed_ns != 0 {
         let snapshot = *state;
         emit_after_peer_close(sk, ret, is_send, &snapshot);
+    }
+    // After any event, as above.
+    if state.flags & sock_flags::CAPTURE != 0 {
+        capture_payload(sk, ret, is_send);
     }
     Some(())
 }

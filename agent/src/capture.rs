@@ -247,6 +247,12 @@ impl Decoders {
         }
     }
 
+    /// Drops the decoders of sockets capture no longer follows, without finishing them: their
+    /// requests were answered, just not seen (counting them unanswered would invent timeouts).
+    pub fn forget_unfollowed(&mut self, followed: impl Fn(u64) -> bool) {
+        self.connections.retain(|sk, _| followed(*sk));
+    }
+
     /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).
     pub fn retain_known(&mut self, known: impl Fn(u64) -> bool, out: &mut Vec<MemcacheEvent>) {
         let gone: Vec<u64> = self

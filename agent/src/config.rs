@@ -47,6 +47,10 @@ pub struct Limits {
     /// Payload bytes captured per send/receive for the decoder (0 turns capture off, at most
     /// 512). Values are skipped by length, so only command lines need to fit.
     pub capture_bytes: u32,
+    /// Captured payload records per second the agent decodes in full; above it capture follows
+    /// one healthy connection in 2, 4, ... and request counters are scaled (0 = no limit). A
+    /// memcache operation seen from both ends on one host makes four records.
+    pub capture_records_per_second: u32,
     /// Decoded requests per second that all feed the hot-key and key-routing statistics;
     /// beyond that one in `key_stats_sample_every` does (with its count scaled).
     pub key_stats_exact_per_second: u32,
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_servers_per_service: 256,
             max_comms: 100,
             capture_bytes: 256,
+            capture_records_per_second: 25_000,
             key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
             key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
         }

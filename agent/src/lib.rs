@@ -1,6 +1,7 @@
 //! cacheprobe: watches memcache/queue sockets from the kernel and explains what goes wrong
 //! between hosts. The binary (`main.rs`) only parses arguments and calls `commands`.
 pub mod capture;
+pub mod capture_budget;
 pub mod clock;
 pub mod commands;
 pub mod config;

@@ -246,6 +246,7 @@ pub struct Metrics {
     pub host_open_files: Gauge,
     pub host_file_limit: Gauge,
     pub fd_exhaustion_probes_armed: Gauge,
+    pub capture_sample_ratio: Gauge<f64, AtomicU64>,
     pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Counter>,
 }
@@ -292,6 +293,7 @@ impl Metrics {
             host_open_files: Gauge::default(),
             host_file_limit: Gauge::default(),
             fd_exhaustion_probes_armed: Gauge::default(),
+            capture_sample_ratio: Gauge::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
         };
@@ -464,6 +466,14 @@ impl Metrics {
             metrics.fd_exhaustion_probes_armed.clone(),
         );
         registry.register(
+            "capture_sample_ratio",
+            "Share of healthy watched connections whose payloads are decoded: 1 until captured \
+             records exceed limits.capture_records_per_second, then 1/2, 1/4, ... Request and \
+             byte counters are scaled up by its inverse; latency histograms hold the decoded \
+             requests only",
+            metrics.capture_sample_ratio.clone(),
+        );
+        registry.register(
             "bpf_program_run_seconds",
             "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)",
             metrics.bpf_run_seconds.clone(),
@@ -556,7 +566,9 @@ impl ObservationRecorder {
         self.comms.admit(0, comm.to_string())
     }
 
-    pub fn record_memcache(&mut self, event: &MemcacheEvent) {
+    /// `weight`: how many requests (and bytes) each decoded one stands for while capture
+    /// samples connections (1 otherwise).
+    pub fn record_memcache(&mut self, event: &MemcacheEvent, weight: u64) {
         match event {
             MemcacheEvent::Request { endpoint, request } => {
                 // Per request: one lookup when the series handle is cached, as it almost
@@ -564,7 +576,7 @@ impl ObservationRecorder {
                 let key = (*endpoint, request.command, request.status);
                 match self.request_counters.get(&key) {
                     Some(counter) => {
-                        counter.inc();
+                        counter.inc_by(weight);
                     }
                     None => {
                         if self.request_counters.len() >= MAX_CACHED_SERIES {
@@ -582,7 +594,7 @@ impl ObservationRecorder {
                                 status: request.status.as_str(),
                             })
                             .clone();
-                        counter.inc();
+                        counter.inc_by(weight);
                         self.request_counters.insert(key, counter);
                     }
                 }
@@ -623,7 +635,7 @@ impl ObservationRecorder {
                             queue: queue_label,
                             op: queue.op.as_str(),
                         })
-                        .inc();
+                        .inc_by(weight);
                 }
             }
             MemcacheEvent::DecodeError { service, reason } => {
@@ -644,7 +656,7 @@ impl ObservationRecorder {
                 let key = (*endpoint, *sent);
                 match self.byte_counters.get(&key) {
                     Some(counter) => {
-                        counter.inc_by(*bytes);
+                        counter.inc_by(bytes.saturating_mul(weight));
                     }
                     None => {
                         if self.byte_counters.len() >= MAX_CACHED_SERIES {
@@ -661,7 +673,7 @@ impl ObservationRecorder {
                                 direction: if *sent { "sent" } else { "received" },
                             })
                             .clone();
-                        counter.inc_by(*bytes);
+                        counter.inc_by(bytes.saturating_mul(weight));
                         self.byte_counters.insert(key, counter);
                     }
                 }

@@ -7,10 +7,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use agent_common::tcp_state;
+use agent_common::{capture_sample, tcp_state};
 
 use crate::{
     capture::{parse_payload, Decoders, MemcacheEvent},
+    capture_budget::CaptureBudget,
     config::{Config, Protocol},
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
@@ -68,6 +69,14 @@ pub struct Pipeline {
     history: Option<Arc<Mutex<History>>>,
     service_names: Vec<String>,
     sinks: Vec<Box<dyn ObservationSink + Send>>,
+    capture_budget: CaptureBudget,
+    /// Payload records handled since the budget was last checked, and when that was.
+    records_since_check: u64,
+    last_budget_check_ns: u64,
+    /// A sample shift the kernel has yet to be told (see [`Pipeline::take_capture_shift`]).
+    pending_capture_shift: Option<u32>,
+    /// When the kernel was last told a new sample (monotonic ns).
+    capture_shift_applied_ns: u64,
 }
 
 fn key_sampling(config: &Config) -> KeySampling {
@@ -87,9 +96,13 @@ fn service_ports(config: &Config) -> ServicePorts {
     )
 }
 
+/// Payload records between looks at the decoding budget while they stream in.
+const BUDGET_CHECK_RECORDS: u64 = 1024;
+
 impl Pipeline {
     pub fn new(config: &Config, metrics: Metrics) -> Self {
         let max = config.limits.max_sockets as usize;
+        metrics.capture_sample_ratio.set(1.0);
         Pipeline {
             queue_mode: config
                 .services
@@ -119,7 +132,60 @@ impl Pipeline {
             history: None,
             service_names: config.services.iter().map(|s| s.name.clone()).collect(),
             sinks: Vec::new(),
+            capture_budget: CaptureBudget::new(u64::from(config.limits.capture_records_per_second)),
+            records_since_check: 0,
+            last_budget_check_ns: 0,
+            pending_capture_shift: None,
+            capture_shift_applied_ns: 0,
         }
+    }
+
+    /// A new capture sample shift for the kernel, once, after the tick that chose it.
+    pub fn take_capture_shift(&mut self) -> Option<u32> {
+        self.pending_capture_shift.take()
+    }
+
+    /// The kernel follows the sample from [`Pipeline::take_capture_shift`] since `now_ns`.
+    /// Records it captured before then from connections the sample has let go are dropped:
+    /// their stream's other half will never come, so decoding them would invent timeouts.
+    pub fn capture_shift_applied(&mut self, now_ns: u64) {
+        self.capture_shift_applied_ns = now_ns;
+    }
+
+    /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
+    /// shows the rate over budget (the payload ring must not fill while the agent waits).
+    /// When the sample changes, streams no longer followed are dropped here at once, so their
+    /// open requests never read as timeouts.
+    fn check_capture_budget(&mut self, now_ns: u64) {
+        if self.last_budget_check_ns == 0 || now_ns < self.last_budget_check_ns {
+            self.last_budget_check_ns = now_ns;
+            self.records_since_check = 0;
+            return;
+        }
+        let interval_s = (now_ns - self.last_budget_check_ns) as f64 / 1e9;
+        let over_budget = self
+            .capture_budget
+            .is_over(self.records_since_check, interval_s);
+        if interval_s < 1.0 && !(interval_s >= 0.1 && over_budget) {
+            return;
+        }
+        let records = std::mem::take(&mut self.records_since_check);
+        self.last_budget_check_ns = now_ns;
+        let Some(shift) = self.capture_budget.observe(records, interval_s) else {
+            return;
+        };
+        tracing::info!(
+            records_per_second = (records as f64 / interval_s) as u64,
+            followed = format!("1/{}", 1u64 << shift),
+            "payload decoding budget: capture sample changed"
+        );
+        self.decoders
+            .forget_unfollowed(|sk| capture_sample::is_followed(sk, shift));
+        self.recorder
+            .metrics()
+            .capture_sample_ratio
+            .set(1.0 / (1u64 << shift) as f64);
+        self.pending_capture_shift = Some(shift);
     }
 
     /// Facts that do not flow through observations (incoming SYNs, key splits, losses) also go
@@ -223,6 +289,18 @@ impl Pipeline {
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
+        self.records_since_check += 1;
+        if self
+            .records_since_check
+            .is_multiple_of(BUDGET_CHECK_RECORDS)
+        {
+            self.check_capture_budget(payload.ts_ns);
+        }
+        if (self.pending_capture_shift.is_some() || payload.ts_ns <= self.capture_shift_applied_ns)
+            && !capture_sample::is_followed(payload.sk, self.capture_budget.shift())
+        {
+            return PayloadOutcome::Handled;
+        }
         let queue_mode = self
             .queue_mode
             .get(endpoint.service)
@@ -255,6 +333,7 @@ impl Pipeline {
                 history.set_keys(keys);
             }
         }
+        self.check_capture_budget(now_ns);
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
             .expire(now_ns, REQUEST_TIMEOUT_NS, &mut self.memcache_events);
@@ -355,7 +434,8 @@ impl Pipeline {
     fn flush_memcache(&mut self, comm: Option<&str>) {
         let events = std::mem::take(&mut self.memcache_events);
         for event in &events {
-            self.recorder.record_memcache(event);
+            self.recorder
+                .record_memcache(event, self.capture_budget.weight());
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
                     self.observe_key(endpoint, request, key.as_bytes(), comm);
@@ -378,7 +458,7 @@ impl Pipeline {
         key: &[u8],
         comm: Option<&str>,
     ) {
-        let weight = self.key_sampler.weight(request.request_ts_ns);
+        let weight = self.key_sampler.weight(request.request_ts_ns) * self.capture_budget.weight();
         if weight == 0 {
             return;
         }

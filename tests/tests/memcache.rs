@@ -310,13 +310,46 @@ fn requests_through_twemproxy_are_seen_on_both_hops() {
     assert_eq!(hop("get", "hit"), 4.0, "{}", scrape.text);
 }
 
-/// memcaslap (libmemcached) load: the agent's server-side get/set counts equal memcached's own
-/// cmd_get / cmd_set.
+/// memcached's own `stats`, by name.
+fn memcached_stats(port: u16) -> BTreeMap<String, f64> {
+    let stats = python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'stats\\r\\n')\n\
+             data = b''\n\
+             while not data.endswith(b'END\\r\\n'):\n\
+             \x20   data += s.recv(65536)\n\
+             print(data.decode())\n"
+        ),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&stats.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next()? == "STAT").then_some(())?;
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// memcaslap (libmemcached) load, decoded in full (no budget): the agent's server-side get/set
+/// counts equal memcached's own cmd_get / cmd_set.
 #[test]
 fn memcaslap_load_matches_memcached_stats() {
     require_root();
     let port = unique_port();
-    let agent = Agent::start("mc-memcaslap", &[("memcached", port, "memcache")]).unwrap();
+    // Exact counts need every connection decoded: no decoding budget.
+    let agent = Agent::start_with_config(
+        "mc-memcaslap",
+        &format!(
+            "[[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 0\n"
+        ),
+    )
+    .unwrap();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
     let output = Command::new("memcaslap")
         .args([
@@ -336,27 +369,7 @@ fn memcaslap_load_matches_memcached_stats() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let stats = python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'stats\\r\\n')\n\
-             data = b''\n\
-             while not data.endswith(b'END\\r\\n'):\n\
-             \x20   data += s.recv(65536)\n\
-             print(data.decode())\n"
-        ),
-    )
-    .unwrap();
-    let stats: BTreeMap<String, f64> = String::from_utf8_lossy(&stats.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next()? == "STAT").then_some(())?;
-            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
-        })
-        .collect();
+    let stats = memcached_stats(port);
     let expected = stats["cmd_get"] + stats["cmd_set"];
     let scrape = agent.wait_for(WAIT, |s| {
         requests(s, &[("role", "server"), ("command", "get")])
@@ -380,6 +393,94 @@ fn memcaslap_load_matches_memcached_stats() {
         ),
         stats["get_hits"],
         "{stats:?}"
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_events_lost_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+}
+
+/// Above `limits.capture_records_per_second` decoding follows a share of the connections: the
+/// sample ratio drops, counts stay estimates of the real totals (scaled by the sample), and no
+/// request of a connection that stopped being followed is reported as a timeout.
+#[test]
+fn decoding_above_its_budget_samples_connections_and_scales_counts() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start_with_config(
+        "mc-budget",
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 40000\n"
+        ),
+    )
+    .unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    // Three memcaslap processes of 64 connections each (memcaslap opens no more than 64), so a
+    // sample of the 192 server-side sockets is still a fair share of the load.
+    let loads: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("memcaslap")
+                .args([
+                    "-s",
+                    &format!("127.0.0.1:{port}"),
+                    "-t",
+                    "6s",
+                    "-c",
+                    "64",
+                    "-T",
+                    "1",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("memcaslap (package libmemcached-tools)")
+        })
+        .collect();
+    let sampled = agent.wait_for(Duration::from_secs(6), |s| {
+        s.sum("cacheprobe_capture_sample_ratio", &[]) <= 0.5
+    });
+    for mut load in loads {
+        assert!(load.wait().unwrap().success());
+    }
+    let ratio = sampled.sum("cacheprobe_capture_sample_ratio", &[]);
+    assert!(ratio <= 0.5, "sample ratio {ratio}: {}", agent.log());
+    assert!(
+        agent.log().contains("capture sample changed"),
+        "{}",
+        agent.log()
+    );
+
+    let stats = memcached_stats(port);
+    let served = stats["cmd_get"] + stats["cmd_set"];
+    // Once the load stops the sample widens again, a step per second.
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_capture_sample_ratio", &[]) == 1.0
+    });
+    let counted = requests(&scrape, &[("role", "server")]);
+    eprintln!(
+        "estimate/served = {:.2} at sample ratio {ratio}",
+        counted / served
+    );
+    assert!(
+        counted > served * 0.5 && counted < served * 2.0,
+        "server-side requests estimated {counted}, memcached served {served}"
+    );
+    // memcaslap stops with requests in flight: those few are truly unanswered. Streams the
+    // sample let go must not add to them, nor time out.
+    assert_eq!(
+        requests(&scrape, &[("status", "timeout")]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    let unanswered = requests(&scrape, &[("status", "unanswered")]);
+    assert!(
+        unanswered < counted * 0.01,
+        "{unanswered} unanswered: {}",
+        scrape.text
     );
     assert_eq!(
         scrape.sum("cacheprobe_events_lost_total", &[]),

@@ -1461,9 +1461,11 @@ impl Bench {
              the Debian build and it reports latency only in power-of-two buckets, so fixed-rate \
              runs and percentiles come from the xtask generator.\n\
              * Modes: `off` (no agent), `sockets only` (service `capture = false`, \
-             `limits.capture_bytes = 0`: the eight read/write syscall tracepoint pairs are not \
-             attached) and `capture + decoding` (`capture = true`, `capture_bytes = 256`: the \
-             agent as built at this commit, including whatever it does with captured payloads).\n\
+             `limits.capture_bytes = 0`: the send/receive probes copy no payload) and `capture + \
+             decoding` (`capture = true`, `capture_bytes = 256`, the default decoding budget of \
+             `limits.capture_records_per_second = 25000`: above it the agent decodes one \
+             connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \
+             says which). Everything else is the agent as built at this commit.\n\
              * The machine may be shared with other work; the load average before and after is in \
              the facts table. Alternating modes within one invocation keeps such drift out of the \
              ratios as far as possible.",

@@ -86,6 +86,16 @@ struct SampleNews {
     peak_fd_usage: f64,
 }
 
+/// Tells the kernel a capture sample the pipeline chose while reading records or ticking.
+fn apply_capture_shift(probes: &mut Probes, pipeline: &mut Pipeline) {
+    if let Some(shift) = pipeline.take_capture_shift() {
+        match probes.set_capture_sample_shift(shift) {
+            Ok(()) => pipeline.capture_shift_applied(crate::clock::monotonic_ns()),
+            Err(err) => tracing::warn!(%err, shift, "cannot change the capture sample"),
+        }
+    }
+}
+
 /// Applies the arming decision for the EMFILE/ENFILE probes after a sample.
 fn arm_fd_probes(probes: &mut Probes, arming: &mut FdProbeArming, metrics: &Metrics, peak: f64) {
     if let Some(armed) = arming.observe(peak) {
@@ -456,6 +466,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
         }
+        apply_capture_shift(&mut probes, &mut pipeline);
     }
     drop(payload_ring);
     drop(ring);

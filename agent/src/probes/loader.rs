@@ -331,6 +331,19 @@ impl Probes {
         !self.fd_links.is_empty()
     }
 
+    /// Follows one healthy captured connection in 2^shift from now on (see
+    /// [`agent_common::capture_sample`]).
+    pub fn set_capture_sample_shift(&mut self, shift: u32) -> anyhow::Result<()> {
+        let mut sample: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("CAPTURE_SAMPLE_SHIFT")
+                .context("kernel object has no CAPTURE_SAMPLE_SHIFT map")?,
+        )?;
+        sample
+            .set(0, shift, 0)
+            .context("cannot set the capture sample")
+    }
+
     /// Cumulative run time and run count per loaded program (kernel bpf_stats; zero unless
     /// `kernel.bpf_stats_enabled` is 1).
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
