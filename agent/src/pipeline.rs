@@ -140,6 +140,11 @@ impl Pipeline {
         }
     }
 
+    /// Decodes every connection whatever the rate (the kernel cannot sample).
+    pub fn disable_capture_budget(&mut self) {
+        self.capture_budget.set_budget(0);
+    }
+
     /// A new capture sample shift for the kernel, once, after the tick that chose it.
     pub fn take_capture_shift(&mut self) -> Option<u32> {
         self.pending_capture_shift.take()
@@ -309,7 +314,14 @@ impl Pipeline {
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_str(payload.comm);
-        self.flush_memcache(Some(&comm));
+        // A connection outside the sample was captured for its trouble, not as a sample of
+        // others: what it says counts once.
+        let weight = if capture_sample::is_followed(payload.sk, self.capture_budget.shift()) {
+            self.capture_budget.weight()
+        } else {
+            1
+        };
+        self.flush_memcache(Some(&comm), weight);
         PayloadOutcome::Handled
     }
 
@@ -428,17 +440,17 @@ impl Pipeline {
                 sink.observation(&observation);
             }
         }
-        self.flush_memcache(None);
+        self.flush_memcache(None, self.capture_budget.weight());
     }
 
-    fn flush_memcache(&mut self, comm: Option<&str>) {
+    /// `weight`: how many requests each decoded one stands for (see [`CaptureBudget`]).
+    fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
         let events = std::mem::take(&mut self.memcache_events);
         for event in &events {
-            self.recorder
-                .record_memcache(event, self.capture_budget.weight());
+            self.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
-                    self.observe_key(endpoint, request, key.as_bytes(), comm);
+                    self.observe_key(endpoint, request, key.as_bytes(), comm, weight);
                 }
             }
             for sink in &mut self.sinks {
@@ -457,8 +469,9 @@ impl Pipeline {
         request: &RequestObservation,
         key: &[u8],
         comm: Option<&str>,
+        capture_weight: u64,
     ) {
-        let weight = self.key_sampler.weight(request.request_ts_ns) * self.capture_budget.weight();
+        let weight = self.key_sampler.weight(request.request_ts_ns) * capture_weight;
         if weight == 0 {
             return;
         }

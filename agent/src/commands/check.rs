@@ -203,27 +203,40 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     SYN_COUNTER_IMPACT,
                 ),
             });
-            items.push(match probes.status.get(PAYLOAD_CAPTURE) {
-                Some(ProbeStatus::Attached) => item(
-                    "payload capture",
-                    Status::Ok,
-                    "copied inside the send/receive probes from the running syscall's buffer \
+            // Without the send/receive probes there is no capture either; their own lines say
+            // so, with what it costs.
+            let length_probes_attached =
+                ["sock_send_length", "sock_recv_length"]
+                    .iter()
+                    .all(|program| {
+                        probes
+                            .status
+                            .get(program)
+                            .is_some_and(ProbeStatus::is_attached)
+                    });
+            items.extend(length_probes_attached.then(
+                || match probes.status.get(PAYLOAD_CAPTURE) {
+                    Some(ProbeStatus::Attached) => item(
+                        "payload capture",
+                        Status::Ok,
+                        "copied inside the send/receive probes from the running syscall's buffer \
                      (no syscall tracepoints)",
-                    PAYLOAD_CAPTURE_IMPACT,
-                ),
-                Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
-                    "payload capture",
-                    Status::Missing,
-                    reason.clone(),
-                    PAYLOAD_CAPTURE_IMPACT,
-                ),
-                None => item(
-                    "payload capture",
-                    Status::Failed,
-                    "not attempted",
-                    PAYLOAD_CAPTURE_IMPACT,
-                ),
-            });
+                        PAYLOAD_CAPTURE_IMPACT,
+                    ),
+                    Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
+                        "payload capture",
+                        Status::Missing,
+                        reason.clone(),
+                        PAYLOAD_CAPTURE_IMPACT,
+                    ),
+                    None => item(
+                        "payload capture",
+                        Status::Failed,
+                        "not attempted",
+                        PAYLOAD_CAPTURE_IMPACT,
+                    ),
+                },
+            ));
             items.push(if offsets.can_learn_sockets() {
                 item(
                     "existing connections",

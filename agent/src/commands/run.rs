@@ -340,6 +340,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());
+    if !Probes::can_sample_capture(&resolution.offsets) {
+        tracing::warn!(
+            "this kernel does not let the programs tell healthy connections apart: payload \
+             decoding has no budget and decodes every connection"
+        );
+        pipeline.disable_capture_budget();
+    }
     let mut probes = probes;
     let mut fd_probe_arming = FdProbeArming::new();
 

@@ -331,6 +331,15 @@ impl Probes {
         !self.fd_links.is_empty()
     }
 
+    /// Whether the capture sample can take effect: the programs tell a healthy connection (the
+    /// only kind they sample) from one in trouble by the kernel's own activity stamps, which
+    /// need the tcp_sock layout and the tick length.
+    pub fn can_sample_capture(offsets: &ProbeOffsets) -> bool {
+        offsets.tcp_lsndtime != OFFSET_UNKNOWN
+            && offsets.tcp_lrcvtime != OFFSET_UNKNOWN
+            && ns_per_jiffy() != 0
+    }
+
     /// Follows one healthy captured connection in 2^shift from now on (see
     /// [`agent_common::capture_sample`]).
     pub fn set_capture_sample_shift(&mut self, shift: u32) -> anyhow::Result<()> {
@@ -527,20 +536,19 @@ fn capture_status(
     if capture_len == 0 {
         return ProbeStatus::Unavailable("payload capture is off in the config".to_string());
     }
+    let missing: Vec<&str> = ["sock_send_length", "sock_recv_length"]
+        .into_iter()
+        .filter(|program| !status.get(program).is_some_and(ProbeStatus::is_attached))
+        .collect();
+    if !missing.is_empty() {
+        return ProbeStatus::Unavailable(format!("{} not attached", missing.join(" and ")));
+    }
     if !offsets.syscall_regs.is_known() {
         return ProbeStatus::Unavailable(
             "the kernel does not say where the syscall registers are (struct pt_regs)".to_string(),
         );
     }
-    let missing: Vec<&str> = ["sock_send_length", "sock_recv_length"]
-        .into_iter()
-        .filter(|program| !status.get(program).is_some_and(ProbeStatus::is_attached))
-        .collect();
-    if missing.is_empty() {
-        ProbeStatus::Attached
-    } else {
-        ProbeStatus::Unavailable(format!("{} not attached", missing.join(" and ")))
-    }
+    ProbeStatus::Attached
 }
 
 /// A program whose tracepoint fields were not found must not run: it would read garbage.
@@ -666,14 +674,14 @@ mod tests {
             other => panic!("expected unavailable, got {other:?}"),
         };
         assert!(reason(capture_status(0, &offsets, &status)).contains("off in the config"));
-        assert!(reason(capture_status(256, &offsets, &status)).contains("pt_regs"));
-        offsets.syscall_regs.number = 120;
-        offsets.syscall_regs.second_arg = 104;
         assert_eq!(
             reason(capture_status(256, &offsets, &status)),
             "sock_recv_length not attached"
         );
         status.insert("sock_recv_length", ProbeStatus::Attached);
+        assert!(reason(capture_status(256, &offsets, &status)).contains("pt_regs"));
+        offsets.syscall_regs.number = 120;
+        offsets.syscall_regs.second_arg = 104;
         assert_eq!(
             capture_status(256, &offsets, &status),
             ProbeStatus::Attached
