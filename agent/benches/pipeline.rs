@@ -74,12 +74,13 @@ fn learned(sk: u64, local: SocketAddr, remote: SocketAddr, ts_ns: u64) -> SockEv
     }
 }
 
-/// A pipeline wired as `cacheprobe run` wires it, with both ends of every connection known.
+/// A pipeline wired as `cacheprobe run` wires it, with both ends of every connection known. No
+/// decoding budget: this measures what every decoded operation costs.
 fn pipeline(start_ns: u64) -> Pipeline {
     let config = Config::parse(
         &format!(
             "[[services]]\nname = \"bench\"\nport = {PORT}\nprotocol = \"memcache\"\n\
-             [limits]\ncapture_bytes = {CAPTURE}\n"
+             [limits]\ncapture_bytes = {CAPTURE}\ncapture_records_per_second = 0\n"
         ),
         "bench.toml",
     )

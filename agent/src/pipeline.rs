@@ -557,3 +557,171 @@ impl Pipeline {
         self.key_display
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::{
+        capture::encode_payload_record,
+        events::{EventKind, SockEventRecord, SocketFacts},
+    };
+
+    const PORT: u16 = 11211;
+    const SECOND: u64 = 1_000_000_000;
+
+    fn pipeline(records_per_second: u32) -> (Pipeline, Metrics) {
+        let config = Config::parse(
+            &format!(
+                "[[services]]\nname = \"mc\"\nport = {PORT}\nprotocol = \"memcache\"\n\
+                 [limits]\ncapture_records_per_second = {records_per_second}\n"
+            ),
+            "test.toml",
+        )
+        .expect("test config");
+        let (metrics, _registry) = Metrics::new();
+        (Pipeline::new(&config, metrics.clone()), metrics)
+    }
+
+    /// A client socket at `sk` connected to the service, as met on its first send.
+    fn learn_client(pipeline: &mut Pipeline, sk: u64, client_port: u16) {
+        let local: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
+        let remote: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+        pipeline.handle_socket_event(&SockEventRecord {
+            kind: EventKind::Learned {
+                state: tcp_state::ESTABLISHED,
+            },
+            ts_ns: 1,
+            sk,
+            local: Some(local),
+            remote: Some(remote),
+            pid: 7,
+            comm: "client".to_string(),
+            facts: SocketFacts {
+                last_activity_ns: 1,
+                bytes_sent: 0,
+                bytes_received: 0,
+                peer_closed_ns: 0,
+                reset_received_ns: 0,
+            },
+        });
+    }
+
+    /// One get and its hit on `sk` at `ts`.
+    fn get_hit(pipeline: &mut Pipeline, sk: u64, ts: u64) {
+        for (offset, is_send, data) in [
+            (0, true, &b"get k\r\n"[..]),
+            (1_000, false, &b"VALUE k 0 1\r\nv\r\nEND\r\n"[..]),
+        ] {
+            let record =
+                encode_payload_record(ts + offset, sk, data.len() as u64, is_send, b"c", data);
+            assert!(matches!(
+                pipeline.on_payload_record(&record),
+                PayloadOutcome::Handled
+            ));
+        }
+    }
+
+    fn hits(metrics: &Metrics) -> u64 {
+        let labels = crate::metrics::RequestLabels {
+            service: "mc".into(),
+            server: format!("127.0.0.1:{PORT}"),
+            role: "client",
+            command: "get",
+            status: "hit",
+        };
+        metrics.memcache_requests.get_or_create(&labels).get()
+    }
+
+    /// Two sockets: one the sample keeps at one in two, one it lets go.
+    fn followed_and_released() -> (u64, u64) {
+        let mut candidates = (1..).map(|i| 0xffff_8880_0000_0000u64 + i * 2368);
+        let followed = candidates
+            .by_ref()
+            .find(|&sk| capture_sample::is_followed(sk, 1))
+            .unwrap();
+        let released = candidates
+            .find(|&sk| !capture_sample::is_followed(sk, 1))
+            .unwrap();
+        (followed, released)
+    }
+
+    #[test]
+    fn over_budget_the_sample_narrows_counts_scale_and_released_streams_never_time_out() {
+        let (mut pipeline, metrics) = pipeline(500);
+        let (followed, released) = followed_and_released();
+        learn_client(&mut pipeline, followed, 40_001);
+        learn_client(&mut pipeline, released, 40_002);
+        pipeline.tick(SECOND, None, &Config::default());
+        assert_eq!(metrics.capture_sample_ratio.get(), 1.0);
+
+        // 961 records in the next second (budget 500, and too few to look before the tick):
+        // one in two from now on.
+        for i in 0..240 {
+            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
+            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
+        }
+        assert_eq!(hits(&metrics), 480);
+        // The released stream has a request in flight when the sample narrows.
+        let request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
+        pipeline.on_payload_record(&request);
+        pipeline.tick(2 * SECOND + 10, None, &Config::default());
+        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        assert_eq!(metrics.capture_sample_ratio.get(), 0.5);
+        pipeline.capture_shift_applied(2 * SECOND + 30);
+        // Records the kernel wrote before it heard of the new sample, read only now, are
+        // dropped for the released stream: its answer never starts a stream of its own.
+        let answer = encode_payload_record(
+            2 * SECOND + 20,
+            released,
+            20,
+            false,
+            b"c",
+            b"VALUE k 0 1\r\nv\r\nEND\r\n",
+        );
+        pipeline.on_payload_record(&answer);
+        assert_eq!(
+            pipeline.decoders.len(),
+            1,
+            "only the followed stream is decoded"
+        );
+
+        // From now on each decoded request of the followed stream stands for two.
+        get_hit(&mut pipeline, followed, 2 * SECOND + 100);
+        assert_eq!(hits(&metrics), 482);
+        // A released connection still captured (it is in trouble) counts once.
+        get_hit(&mut pipeline, released, 2 * SECOND + 200);
+        assert_eq!(hits(&metrics), 483);
+
+        // Nothing reads as a timeout, however long it waits.
+        pipeline.tick(2 * SECOND + 60 * SECOND, None, &Config::default());
+        let timeouts = metrics
+            .memcache_requests
+            .get_or_create(&crate::metrics::RequestLabels {
+                service: "mc".into(),
+                server: format!("127.0.0.1:{PORT}"),
+                role: "client",
+                command: "get",
+                status: "timeout",
+            })
+            .get();
+        assert_eq!(timeouts, 0);
+    }
+
+    #[test]
+    fn without_a_budget_nothing_is_sampled() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let (followed, released) = followed_and_released();
+        learn_client(&mut pipeline, followed, 40_001);
+        learn_client(&mut pipeline, released, 40_002);
+        pipeline.tick(SECOND, None, &Config::default());
+        for i in 0..5_000 {
+            get_hit(&mut pipeline, released, SECOND + 1 + i * 100_000);
+        }
+        pipeline.tick(2 * SECOND, None, &Config::default());
+        assert_eq!(pipeline.take_capture_shift(), None);
+        assert_eq!(hits(&metrics), 5_000);
+        assert_eq!(metrics.capture_sample_ratio.get(), 1.0);
+    }
+}
