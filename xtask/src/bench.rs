@@ -128,6 +128,9 @@ const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 struct Targets {
     sockets_loss: Option<f64>,
     capture_loss: Option<f64>,
+    /// The same with no decoding budget (every connection decoded), for the findings.
+    capture_all_loss: Option<f64>,
+    capture_all_agent_us_per_op: Option<f64>,
     /// (achieved ops/s of the 100k step, events lost in it)
     loss_at_100k: Option<(f64, u64)>,
     rss_at_100k: Option<procs::Memory>,
@@ -418,6 +421,7 @@ impl Bench {
             Mode::Off => "agent-off.toml",
             Mode::SocketsOnly => "agent-sockets.toml",
             Mode::Capture => "agent-capture.toml",
+            Mode::CaptureAll => "agent-capture-all.toml",
         })
     }
 
@@ -590,7 +594,8 @@ impl Bench {
         let mut runs = Vec::new();
         for round in 0..self.plan.repeats {
             // Rotate the order each round so no mode always runs first or last.
-            let order: Vec<Mode> = (0..3).map(|i| Mode::ALL[(i + round) % 3]).collect();
+            let modes = Mode::ALL.len();
+            let order: Vec<Mode> = (0..modes).map(|i| Mode::ALL[(i + round) % modes]).collect();
             for mode in order {
                 eprintln!(
                     "xtask: round {}/{} mode {}",
@@ -647,7 +652,7 @@ impl Bench {
 
         let mut section = Section::new("Overhead A/B on loopback");
         section.say(format!(
-            "memcached and its clients on 127.0.0.1; {} rounds, each running the three modes \
+            "memcached and its clients on 127.0.0.1; {} rounds, each running the four modes \
              (order rotated every round). In every mode: the xtask load generator at saturation, \
              the same generator at a fixed {} ops/s, then memcaslap at saturation. Workload: {}. \
              Throughput and p99 are medians over rounds (best of rounds: the highest \
@@ -680,7 +685,7 @@ impl Bench {
             memcaslap_args.join(" "),
             std::fs::read_to_string(&memcaslap_config)?.trim_end()
         ));
-        for mode in [Mode::SocketsOnly, Mode::Capture] {
+        for mode in [Mode::SocketsOnly, Mode::Capture, Mode::CaptureAll] {
             section.command(format!(
                 "# {}\n{}",
                 self.config_path(mode).display(),
@@ -770,6 +775,10 @@ impl Bench {
                     Mode::Capture => {
                         self.targets.capture_loss = Some(loss);
                         self.targets.capture_agent_us_per_op = cpu_sat;
+                    }
+                    Mode::CaptureAll => {
+                        self.targets.capture_all_loss = Some(loss);
+                        self.targets.capture_all_agent_us_per_op = cpu_sat;
                     }
                     Mode::Off => {}
                 }
@@ -1450,7 +1459,8 @@ impl Bench {
              decoding` (`capture = true`, `capture_bytes = 256`, the default decoding budget of \
              `limits.capture_records_per_second = 25000`: above it the agent decodes one \
              connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \
-             says which). Everything else is the agent as built at this commit.\n\
+             says which), and `decoding, no budget` (the same with `capture_records_per_second = 0`: \
+             every connection decoded). Everything else is the agent as built at this commit.\n\
              * The machine may be shared with other work; the load average before and after is in \
              the facts table. Alternating modes within one invocation keeps such drift out of the \
              ratios as far as possible.",
@@ -1576,9 +1586,22 @@ impl Bench {
                 )
                 });
             out.push(format!(
-                "* User side: with capture the agent process spends {us:.1} µs of CPU per memcache \
-                 op (median at saturation), i.e. {:.0}% of one core per 100k ops/s{decoder}.",
+                "* User side: with capture (default decoding budget) the agent process spends \
+                 {us:.2} µs of CPU per memcache op (median at saturation), i.e. {:.0}% of one core \
+                 per 100k ops/s{decoder}.",
                 us * 10.0
+            ));
+        }
+        if let (Some(loss), Some(us)) = (
+            targets.capture_all_loss,
+            targets.capture_all_agent_us_per_op,
+        ) {
+            out.push(format!(
+                "* Without a decoding budget (`capture_records_per_second = 0`, every connection \
+                 decoded) throughput loss at saturation is {:.1}% and the agent spends {us:.2} µs \
+                 of CPU per op: the budget is what keeps capture's cost near that of socket probes \
+                 alone.",
+                100.0 * loss
             ));
         }
         if let Some(idle) = &targets.idle {
@@ -1734,7 +1757,7 @@ decoder/short           time:   [1.0 us 1.1 us 1.2 us]\n\
         assert_eq!(quick.idle_counts, &[1_000]);
         assert!(!quick.criterion);
         let full = Plan::new(false);
-        assert_eq!(full.repeats, 3);
+        assert_eq!(full.repeats, 5);
         assert!(full.idle_counts.contains(&100_000));
         assert!(full.loss_rates.contains(&Some(100_000)));
     }

@@ -376,17 +376,26 @@ impl Memcached {
 pub enum Mode {
     Off,
     SocketsOnly,
+    /// Capture with the default decoding budget: the agent as it ships.
     Capture,
+    /// Capture with no budget: every connection decoded, whatever it costs.
+    CaptureAll,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Off, Mode::SocketsOnly, Mode::Capture];
+    pub const ALL: [Mode; 4] = [
+        Mode::Off,
+        Mode::SocketsOnly,
+        Mode::Capture,
+        Mode::CaptureAll,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Mode::Off => "off",
             Mode::SocketsOnly => "sockets only",
             Mode::Capture => "capture + decoding",
+            Mode::CaptureAll => "decoding, no budget",
         }
     }
 }
@@ -394,8 +403,8 @@ impl Mode {
 /// The agent config the bench uses: one memcache service per port.
 pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     let (capture, capture_bytes) = match mode {
-        Mode::Capture => (true, 256),
-        _ => (false, 0),
+        Mode::Capture | Mode::CaptureAll => (true, 256),
+        Mode::Off | Mode::SocketsOnly => (false, 0),
     };
     let mut config = String::new();
     for (index, port) in ports.iter().enumerate() {
@@ -411,6 +420,9 @@ pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     config.push_str(&format!(
         "[limits]\ncapture_bytes = {capture_bytes}\nmax_sockets = {max_sockets}\n"
     ));
+    if mode == Mode::CaptureAll {
+        config.push_str("capture_records_per_second = 0\n");
+    }
     config
 }
 
@@ -802,6 +814,10 @@ mod tests {
     fn config_per_mode() {
         let capture = agent_config(&[17211], Mode::Capture, 65536);
         assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 256"));
+        assert!(!capture.contains("capture_records_per_second"));
+        let everything = agent_config(&[17211], Mode::CaptureAll, 65536);
+        assert!(everything.contains("capture = true"));
+        assert!(everything.ends_with("capture_records_per_second = 0\n"));
         let sockets = agent_config(&[17211, 17212], Mode::SocketsOnly, 65536);
         assert!(sockets.contains("capture = false") && sockets.contains("capture_bytes = 0"));
         assert!(sockets.contains("name = \"bench-1\"\nport = 17212"));
