@@ -162,12 +162,17 @@ impl Pipeline {
     /// When the sample changes, streams no longer followed are dropped here at once, so their
     /// open requests never read as timeouts.
     fn check_capture_budget(&mut self, now_ns: u64) {
-        if self.last_budget_check_ns == 0 || now_ns < self.last_budget_check_ns {
+        if self.last_budget_check_ns == 0 {
             self.last_budget_check_ns = now_ns;
             self.records_since_check = 0;
             return;
         }
-        let interval_s = (now_ns - self.last_budget_check_ns) as f64 / 1e9;
+        // Records are stamped when the kernel wrote them, ticks when they run: a record older
+        // than the last look just counts towards the window that started then.
+        let Some(elapsed_ns) = now_ns.checked_sub(self.last_budget_check_ns) else {
+            return;
+        };
+        let interval_s = elapsed_ns as f64 / 1e9;
         let over_budget = self
             .capture_budget
             .is_over(self.records_since_check, interval_s);
