@@ -155,6 +155,10 @@ impl Pipeline {
     /// their stream's other half will never come, so decoding them would invent timeouts.
     pub fn capture_shift_applied(&mut self, now_ns: u64) {
         self.capture_shift_applied_ns = now_ns;
+        // The next budget window starts now: records written under the old sample, still in
+        // the ring, would make the new sample look too busy and narrow it again at once.
+        self.last_budget_check_ns = now_ns;
+        self.records_since_check = 0;
     }
 
     /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
@@ -299,12 +303,14 @@ impl Pipeline {
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
-        self.records_since_check += 1;
-        if self
-            .records_since_check
-            .is_multiple_of(BUDGET_CHECK_RECORDS)
-        {
-            self.check_capture_budget(payload.ts_ns);
+        if payload.ts_ns > self.capture_shift_applied_ns {
+            self.records_since_check += 1;
+            if self
+                .records_since_check
+                .is_multiple_of(BUDGET_CHECK_RECORDS)
+            {
+                self.check_capture_budget(payload.ts_ns);
+            }
         }
         if (self.pending_capture_shift.is_some() || payload.ts_ns <= self.capture_shift_applied_ns)
             && !capture_sample::is_followed(payload.sk, self.capture_budget.shift())
@@ -704,6 +710,35 @@ mod tests {
         pipeline.tick(2 * SECOND + 60 * SECOND, None, &Config::default());
         assert_eq!(gets(&metrics, "timeout"), 0);
         assert_eq!(gets(&metrics, "unanswered"), 0);
+    }
+
+    /// Records the kernel wrote under the old sample, read after the switch, say nothing about
+    /// the new one: they must not narrow it again.
+    #[test]
+    fn records_from_before_a_switch_do_not_count_against_the_new_sample() {
+        let (mut pipeline, _metrics) = pipeline(500);
+        let (followed, released) = followed_and_released();
+        learn_client(&mut pipeline, followed, 40_001);
+        learn_client(&mut pipeline, released, 40_002);
+        pipeline.tick(SECOND, None, &Config::default());
+        for i in 0..240 {
+            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
+            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
+        }
+        pipeline.tick(2 * SECOND, None, &Config::default());
+        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        pipeline.capture_shift_applied(2 * SECOND + 10);
+        // A backlog twice the budget, all of it written before the switch.
+        for i in 0..500 {
+            get_hit(&mut pipeline, followed, SECOND + 5 + i * 1_000);
+        }
+        // Then a second of what the new sample lets through: 300 records, within the budget
+        // but not so far within it that the sample widens again.
+        for i in 0..150 {
+            get_hit(&mut pipeline, followed, 2 * SECOND + 100 + i * 6_000_000);
+        }
+        pipeline.tick(3 * SECOND + 20, None, &Config::default());
+        assert_eq!(pipeline.take_capture_shift(), None);
     }
 
     #[test]
