@@ -646,6 +646,17 @@ mod tests {
         metrics.memcache_requests.get_or_create(&labels).get()
     }
 
+    /// A pipeline with the given budget that knows two client connections, one the sample keeps
+    /// at one in two and one it lets go, one second into its first budget window.
+    fn two_clients(records_per_second: u32) -> (Pipeline, Metrics, u64, u64) {
+        let (mut pipeline, metrics) = pipeline(records_per_second);
+        let (followed, released) = followed_and_released();
+        learn_client(&mut pipeline, followed, 40_001);
+        learn_client(&mut pipeline, released, 40_002);
+        pipeline.tick(SECOND, None, &Config::default());
+        (pipeline, metrics, followed, released)
+    }
+
     /// Two sockets: one the sample keeps at one in two, one it lets go.
     fn followed_and_released() -> (u64, u64) {
         let mut candidates = (1..).map(|i| 0xffff_8880_0000_0000u64 + i * 2368);
@@ -661,11 +672,7 @@ mod tests {
 
     #[test]
     fn over_budget_the_sample_narrows_counts_scale_and_released_streams_never_time_out() {
-        let (mut pipeline, metrics) = pipeline(500);
-        let (followed, released) = followed_and_released();
-        learn_client(&mut pipeline, followed, 40_001);
-        learn_client(&mut pipeline, released, 40_002);
-        pipeline.tick(SECOND, None, &Config::default());
+        let (mut pipeline, metrics, followed, released) = two_clients(500);
         assert_eq!(metrics.capture_sample_ratio.get(), 1.0);
 
         // 961 records in the next second (budget 500, and too few to look before the tick):
@@ -716,11 +723,7 @@ mod tests {
     /// the new one: they must not narrow it again.
     #[test]
     fn records_from_before_a_switch_do_not_count_against_the_new_sample() {
-        let (mut pipeline, _metrics) = pipeline(500);
-        let (followed, released) = followed_and_released();
-        learn_client(&mut pipeline, followed, 40_001);
-        learn_client(&mut pipeline, released, 40_002);
-        pipeline.tick(SECOND, None, &Config::default());
+        let (mut pipeline, _metrics, followed, released) = two_clients(500);
         for i in 0..240 {
             get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
             get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
@@ -743,11 +746,7 @@ mod tests {
 
     #[test]
     fn without_a_budget_nothing_is_sampled() {
-        let (mut pipeline, metrics) = pipeline(0);
-        let (followed, released) = followed_and_released();
-        learn_client(&mut pipeline, followed, 40_001);
-        learn_client(&mut pipeline, released, 40_002);
-        pipeline.tick(SECOND, None, &Config::default());
+        let (mut pipeline, metrics, _, released) = two_clients(0);
         for i in 0..5_000 {
             get_hit(&mut pipeline, released, SECOND + 1 + i * 100_000);
         }
