@@ -9,8 +9,8 @@ use crate::{
     config::Config,
     probes::{
         loader::{
-            ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PROBES, SYN_COUNTER,
-            SYN_COUNTER_IMPACT,
+            missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT,
+            PROBES, SYN_COUNTER, SYN_COUNTER_IMPACT,
         },
         offsets::{resolve_offsets, SystemLayout},
     },
@@ -205,15 +205,7 @@ pub fn run_checks(config: &Config) -> CheckReport {
             });
             // Without the send/receive probes there is no capture either; their own lines say
             // so, with what it costs.
-            let length_probes_attached =
-                ["sock_send_length", "sock_recv_length"]
-                    .iter()
-                    .all(|program| {
-                        probes
-                            .status
-                            .get(program)
-                            .is_some_and(ProbeStatus::is_attached)
-                    });
+            let length_probes_attached = missing_length_probes(&probes.status).is_empty();
             items.extend(length_probes_attached.then(
                 || match probes.status.get(PAYLOAD_CAPTURE) {
                     Some(ProbeStatus::Attached) => item(

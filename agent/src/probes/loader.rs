@@ -525,6 +525,15 @@ fn attach_syn_counter(ebpf: &mut Ebpf) -> ProbeStatus {
     }
 }
 
+/// The send/receive probes (by classic program name) not attached: payload capture runs inside
+/// them, so it needs both.
+pub fn missing_length_probes(status: &BTreeMap<&'static str, ProbeStatus>) -> Vec<&'static str> {
+    ["sock_send_length", "sock_recv_length"]
+        .into_iter()
+        .filter(|program| !status.get(program).is_some_and(ProbeStatus::is_attached))
+        .collect()
+}
+
 /// Whether the send/receive probes capture payloads: capture must be on in the config, the
 /// kernel must say where the syscall registers are, and both probes must be attached (a
 /// one-sided capture would pair no request with its response).
@@ -536,10 +545,7 @@ fn capture_status(
     if capture_len == 0 {
         return ProbeStatus::Unavailable("payload capture is off in the config".to_string());
     }
-    let missing: Vec<&str> = ["sock_send_length", "sock_recv_length"]
-        .into_iter()
-        .filter(|program| !status.get(program).is_some_and(ProbeStatus::is_attached))
-        .collect();
+    let missing = missing_length_probes(status);
     if !missing.is_empty() {
         return ProbeStatus::Unavailable(format!("{} not attached", missing.join(" and ")));
     }
