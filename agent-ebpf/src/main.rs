@@ -1,4 +1,4 @@
-//! Kernel side of cacheprobe: tiny tracepoint (and one tc) programs that record facts about TCP
+//! Kernel side of cacheprobe: tiny tracepoint programs that record facts about TCP
 //! sockets on watched service ports. No policy lives here; the agent interprets everything.
 // The object is built for bpfel-unknown-none; on the host (`cargo clippy --workspace`) it is
 // checked as an ordinary binary, so lints cover the kernel code too.
@@ -11,7 +11,7 @@ use agent_common::{
     AF_INET6, CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
 };
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
@@ -20,9 +20,9 @@ use aya_ebpf::{
             bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
-    macros::{classifier, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{RawTracePointContext, TcContext, TracePointContext},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 /// Filled in by the agent at load time (`EbpfLoader::override_global`).
@@ -32,7 +32,7 @@ static OFFSETS: ProbeOffsets = ProbeOffsets::UNKNOWN;
 // Sizes are defaults; the agent resizes them from its config before loading.
 
 /// [`watch`] bits by port. An array, because its lookup is inlined into a bounds check and a
-/// load: the SYN counter and the send/receive probes consult it for every packet or send.
+/// load: the send/receive probes consult it for every send and receive.
 #[map]
 static WATCHED_PORTS: Array<u8> = Array::with_max_entries(watch::PORTS, 0);
 
@@ -88,10 +88,6 @@ static NS_PER_JIFFY: u64 = 0;
 static EVENTS_WAKEUP_BYTES: u64 = 1 << 18;
 #[no_mangle]
 static PAYLOADS_WAKEUP_BYTES: u64 = 1 << 20;
-
-/// SYN segments (without ACK) seen arriving, by destination port.
-#[map]
-static SYN_IN: PerCpuHashMap<u16, u64> = PerCpuHashMap::with_max_entries(64, 0);
 
 const EMFILE: i64 = 24;
 const ENFILE: i64 = 23;
@@ -930,101 +926,6 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
         }
     }
     captured
-}
-
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const TCP_FLAG_SYN: u8 = 0x02;
-const TCP_FLAG_ACK: u8 = 0x10;
-
-/// tc ingress on Ethernet-framed interfaces (incl. loopback): counts SYNs to watched ports,
-/// including those a full listen queue drops before any socket state changes.
-#[classifier]
-pub fn count_syn_in(ctx: TcContext) -> i32 {
-    let _ = try_count_syn(&ctx);
-    TC_ACT_UNSPEC
-}
-
-fn try_count_syn(ctx: &TcContext) -> Option<()> {
-    // Runs for every packet on every interface, so the common case (not a SYN) must cost a
-    // handful of loads: headers are read straight from the packet, without helper calls.
-    let data = ctx.data();
-    let end = ctx.data_end();
-    if data + ETH_HLEN + 20 > end {
-        return try_count_syn_slow(ctx);
-    }
-    // SAFETY: every load below is inside [data, end), as checked just before it.
-    let ethertype = unsafe { *((data + 12) as *const u16) };
-    let tcp = if ethertype == ETH_P_IP.to_be() {
-        let version_ihl = unsafe { *((data + ETH_HLEN) as *const u8) };
-        let protocol = unsafe { *((data + ETH_HLEN + 9) as *const u8) };
-        if protocol != IPPROTO_TCP as u8 {
-            return None;
-        }
-        data + ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4
-    } else if ethertype == ETH_P_IPV6.to_be() {
-        if data + ETH_HLEN + 40 > end {
-            return try_count_syn_slow(ctx);
-        }
-        let next_header = unsafe { *((data + ETH_HLEN + 6) as *const u8) };
-        if next_header != IPPROTO_TCP as u8 {
-            return None;
-        }
-        data + ETH_HLEN + 40
-    } else {
-        return None;
-    };
-    if tcp + 14 > end {
-        return try_count_syn_slow(ctx);
-    }
-    let flags = unsafe { *((tcp + 13) as *const u8) };
-    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
-        return None;
-    }
-    let dport = u16::from_be(unsafe { *((tcp + 2) as *const u16) });
-    count_syn(dport)
-}
-
-/// Headers not in the packet's linear part: read them through the helper.
-#[inline(always)]
-fn try_count_syn_slow(ctx: &TcContext) -> Option<()> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let tcp_offset = if ethertype == ETH_P_IP {
-        let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-        let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-        if protocol != IPPROTO_TCP as u8 {
-            return None;
-        }
-        ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4
-    } else if ethertype == ETH_P_IPV6 {
-        let next_header: u8 = ctx.load(ETH_HLEN + 6).ok()?;
-        if next_header != IPPROTO_TCP as u8 {
-            return None;
-        }
-        ETH_HLEN + 40
-    } else {
-        return None;
-    };
-    let flags: u8 = ctx.load(tcp_offset + 13).ok()?;
-    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
-        return None;
-    }
-    count_syn(u16::from_be(ctx.load::<u16>(tcp_offset + 2).ok()?))
-}
-
-#[inline(always)]
-fn count_syn(dport: u16) -> Option<()> {
-    if !is_watched(dport) {
-        return None;
-    }
-    match SYN_IN.get_ptr_mut(dport) {
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = SYN_IN.insert(dport, 1, 0);
-        }
-    }
-    Some(())
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -359,7 +359,7 @@ impl Metrics {
         );
         registry.register(
             "syn",
-            "SYN segments: out = connection attempts from this host, in = SYNs arriving for local watched ports",
+            "Connection attempts: out = SYNs sent by this host, in = attempts at local listeners (handshakes completed plus SYNs and handshakes refused with a full queue)",
             metrics.syn.clone(),
         );
         registry.register(
@@ -689,18 +689,6 @@ impl ObservationRecorder {
             .inc();
     }
 
-    /// Adds SYNs counted in the kernel for a service's port.
-    pub fn record_syn_in(&mut self, service: usize, count: u64) {
-        let service = self.service_name(service);
-        self.metrics
-            .syn
-            .get_or_create(&SynLabels {
-                service,
-                direction: "in",
-            })
-            .inc_by(count);
-    }
-
     fn endpoint_labels(&mut self, endpoint: &Endpoint) -> EndpointLabels {
         if let Some(labels) = self.server_labels.get(endpoint) {
             return labels.clone();
@@ -816,14 +804,16 @@ impl ObservationRecorder {
                     })
                     .inc();
             }
-            Observation::SynSent { service } => {
+            Observation::SynSent { service } | Observation::HandshakeCompleted { service } => {
+                let direction = if matches!(observation, Observation::SynSent { .. }) {
+                    "out"
+                } else {
+                    "in"
+                };
                 let service = self.service_name(*service);
                 self.metrics
                     .syn
-                    .get_or_create(&SynLabels {
-                        service,
-                        direction: "out",
-                    })
+                    .get_or_create(&SynLabels { service, direction })
                     .inc();
             }
             Observation::FdExhausted { comm, errno, .. } => {

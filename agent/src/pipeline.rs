@@ -15,7 +15,7 @@ use crate::{
     config::{Config, Protocol},
     dead_writes::DeadWrite,
     events::{self, EventKind, Role, SockEventRecord},
-    history::{Fact, History, SynDirection},
+    history::{Fact, History},
     keys::{
         key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, ServerHotKeys, TopK,
     },
@@ -62,7 +62,6 @@ pub struct Pipeline {
     held_dead_writes: Vec<DeadWrite>,
     observations: Vec<Observation>,
     memcache_events: Vec<MemcacheEvent>,
-    syn_in_seen: HashMap<u16, u64>,
     losses_seen: HashMap<&'static str, u64>,
     pub undecodable_records: u64,
     program_stats_seen: HashMap<String, (u64, u64)>,
@@ -125,7 +124,6 @@ impl Pipeline {
             held_dead_writes: Vec::new(),
             observations: Vec::with_capacity(64),
             memcache_events: Vec::with_capacity(256),
-            syn_in_seen: HashMap::new(),
             losses_seen: HashMap::new(),
             undecodable_records: 0,
             program_stats_seen: HashMap::new(),
@@ -337,7 +335,7 @@ impl Pipeline {
     }
 
     /// Once a second: timeouts, dead-write outcomes, kernel counters.
-    pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>, config: &Config) {
+    pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>) {
         // Writes held since the last tick have had their payload: name the command, report.
         for mut write in std::mem::take(&mut self.held_dead_writes) {
             if write.command.is_none() {
@@ -368,29 +366,6 @@ impl Pipeline {
         self.flush();
 
         let Some(probes) = probes else { return };
-        match probes.syn_in_counts() {
-            Ok(counts) => {
-                for (port, total) in counts {
-                    let Some(service) = config.service_for_port(port) else {
-                        continue;
-                    };
-                    let seen = self.syn_in_seen.entry(port).or_insert(0);
-                    if total > *seen {
-                        let count = total - *seen;
-                        self.recorder.record_syn_in(service, count);
-                        *seen = total;
-                        if let Some(name) = self.service_names.get(service) {
-                            self.record_fact(Fact::Syns {
-                                service: name.clone(),
-                                direction: SynDirection::In,
-                                count: count.min(u32::MAX as u64) as u32,
-                            });
-                        }
-                    }
-                }
-            }
-            Err(err) => tracing::debug!(%err, "cannot read SYN counters"),
-        }
         match probes.kernel_losses() {
             Ok(totals) => {
                 for (source, total) in totals {
@@ -653,7 +628,7 @@ mod tests {
         let (followed, released) = followed_and_released();
         learn_client(&mut pipeline, followed, 40_001);
         learn_client(&mut pipeline, released, 40_002);
-        pipeline.tick(SECOND, None, &Config::default());
+        pipeline.tick(SECOND, None);
         (pipeline, metrics, followed, released)
     }
 
@@ -685,7 +660,7 @@ mod tests {
         // The released stream has a request in flight when the sample narrows.
         let request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
         pipeline.on_payload_record(&request);
-        pipeline.tick(2 * SECOND + 10, None, &Config::default());
+        pipeline.tick(2 * SECOND + 10, None);
         assert_eq!(pipeline.take_capture_shift(), Some(1));
         assert_eq!(metrics.capture_sample_ratio.get(), 0.5);
         pipeline.capture_shift_applied(2 * SECOND + 30);
@@ -714,7 +689,7 @@ mod tests {
         assert_eq!(gets(&metrics, "hit"), 483);
 
         // Nothing reads as a timeout, however long it waits.
-        pipeline.tick(2 * SECOND + 60 * SECOND, None, &Config::default());
+        pipeline.tick(2 * SECOND + 60 * SECOND, None);
         assert_eq!(gets(&metrics, "timeout"), 0);
         assert_eq!(gets(&metrics, "unanswered"), 0);
     }
@@ -728,7 +703,7 @@ mod tests {
             get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
             get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
         }
-        pipeline.tick(2 * SECOND, None, &Config::default());
+        pipeline.tick(2 * SECOND, None);
         assert_eq!(pipeline.take_capture_shift(), Some(1));
         pipeline.capture_shift_applied(2 * SECOND + 10);
         // A backlog twice the budget, all of it written before the switch.
@@ -740,7 +715,7 @@ mod tests {
         for i in 0..150 {
             get_hit(&mut pipeline, followed, 2 * SECOND + 100 + i * 6_000_000);
         }
-        pipeline.tick(3 * SECOND + 20, None, &Config::default());
+        pipeline.tick(3 * SECOND + 20, None);
         assert_eq!(pipeline.take_capture_shift(), None);
     }
 
@@ -750,7 +725,7 @@ mod tests {
         for i in 0..5_000 {
             get_hit(&mut pipeline, released, SECOND + 1 + i * 100_000);
         }
-        pipeline.tick(2 * SECOND, None, &Config::default());
+        pipeline.tick(2 * SECOND, None);
         assert_eq!(pipeline.take_capture_shift(), None);
         assert_eq!(gets(&metrics, "hit"), 5_000);
         assert_eq!(metrics.capture_sample_ratio.get(), 1.0);

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::{
-    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels},
+    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels, SynLabels},
     sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
 };
 
@@ -83,6 +83,18 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
                 .get_or_create(&labels)
                 .set(summary.queue_limit_sum as i64);
         }
+    }
+
+    // Connection attempts a listener refused never became sockets, so no probe saw them; the
+    // accepted ones are counted from their state changes as they happen.
+    for (service, &dropped) in &snapshot.listener_drops {
+        metrics
+            .syn
+            .get_or_create(&SynLabels {
+                service: service.clone(),
+                direction: "in",
+            })
+            .inc_by(dropped);
     }
 
     let advance =

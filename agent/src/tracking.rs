@@ -86,6 +86,12 @@ pub enum Observation {
     SynSent {
         service: usize,
     },
+    /// A local listener of a watched service completed a handshake: an incoming SYN became a
+    /// connection. The attempts it refused never become sockets; the sampler counts them from
+    /// the listener's drop counter.
+    HandshakeCompleted {
+        service: usize,
+    },
     FdExhausted {
         comm: String,
         syscall: &'static str,
@@ -521,6 +527,21 @@ impl Tracker {
         out: &mut Vec<Observation>,
     ) {
         if old_state == tcp_state::LISTEN || new_state == tcp_state::LISTEN {
+            // The kernel clones a listener into a SYN_RECV child when the handshake's last
+            // ACK (or a Fast Open SYN, or a valid SYN cookie) arrives, before the child gets
+            // its peer's address: only the local port is known here.
+            if old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV {
+                let server = event
+                    .local
+                    .zip(event.remote)
+                    .and_then(|(local, remote)| self.services.endpoint(local, remote))
+                    .filter(|endpoint| endpoint.role == Role::Server);
+                if let Some(endpoint) = server {
+                    out.push(Observation::HandshakeCompleted {
+                        service: endpoint.service,
+                    });
+                }
+            }
             return;
         }
         if !self.connections.contains_key(&event.sk) {
@@ -1009,6 +1030,24 @@ mod tests {
         let mut other = state(SK + 1, SEC, SYN_SENT, ESTABLISHED, 0);
         other.remote = Some("127.0.0.1:80".parse().unwrap());
         assert!(run(&mut tracker, &[listen, other]).is_empty());
+    }
+
+    #[test]
+    fn a_child_cloned_from_a_watched_listener_is_a_completed_handshake() {
+        let mut tracker = tracker();
+        // At clone time the child still has the listener's addresses: no peer yet.
+        let mut child = state(SK, SEC, LISTEN, SYN_RECV, 0);
+        child.local = Some("0.0.0.0:11211".parse().unwrap());
+        child.remote = Some("0.0.0.0:0".parse().unwrap());
+        let mut unwatched = child.clone();
+        unwatched.sk = SK + 1;
+        unwatched.local = Some("0.0.0.0:80".parse().unwrap());
+        assert_eq!(
+            run(&mut tracker, &[child, unwatched]),
+            [Observation::HandshakeCompleted { service: 0 }]
+        );
+        // Only the clone counts; the child's own handshake states are a connection's.
+        assert!(tracker.connections.is_empty());
     }
 
     /// The table holds one entry per watched socket; at 100k connections every byte here is

@@ -56,6 +56,18 @@ fn idle_timeout_close_on_loopback_is_seen_from_both_sides() {
         "{}",
         scrape.text
     );
+    // One connect, one handshake completed at memcached's listener, nothing refused.
+    for direction in ["out", "in"] {
+        assert_eq!(
+            scrape.sum(
+                "cacheprobe_syn_total",
+                &[("service", "memcached"), ("direction", direction)]
+            ),
+            1.0,
+            "{direction}: {}",
+            scrape.text
+        );
+    }
     let mut peer = at("client");
     peer.push(("closed_by", "peer"));
     assert_eq!(

@@ -398,6 +398,8 @@ fn syn_burst_at_a_listener_that_never_accepts() {
         "{}",
         scrape.text
     );
+    // Two handshakes completed; the other 18 attempts (and their SYN retries) were refused,
+    // which only the listener's drop counter shows.
     assert!(
         scrape.sum(
             "cacheprobe_syn_total",

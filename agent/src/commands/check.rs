@@ -10,7 +10,7 @@ use crate::{
     probes::{
         loader::{
             missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT,
-            PROBES, SYN_COUNTER, SYN_COUNTER_IMPACT,
+            PROBES,
         },
         offsets::{resolve_offsets, SystemLayout},
     },
@@ -183,26 +183,6 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     None => item(name, Status::Failed, "not attempted", spec.impact),
                 });
             }
-            items.push(match probes.status.get(SYN_COUNTER) {
-                Some(ProbeStatus::Attached) => item(
-                    "tc ingress SYN counter",
-                    Status::Ok,
-                    "attached to this namespace's Ethernet and loopback interfaces",
-                    SYN_COUNTER_IMPACT,
-                ),
-                Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
-                    "tc ingress SYN counter",
-                    Status::Failed,
-                    reason.clone(),
-                    SYN_COUNTER_IMPACT,
-                ),
-                None => item(
-                    "tc ingress SYN counter",
-                    Status::Failed,
-                    "not attempted",
-                    SYN_COUNTER_IMPACT,
-                ),
-            });
             // Without the send/receive probes there is no capture either; their own lines say
             // so, with what it costs.
             let length_probes_attached = missing_length_probes(&probes.status).is_empty();

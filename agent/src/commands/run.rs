@@ -25,7 +25,7 @@ use crate::{
     control,
     events::SockEventRecord,
     fd_arming::{self, FdProbeArming},
-    history::{facts_from_sample, History, HistoryLimits, HistorySink},
+    history::{facts_from_sample, listener_drop_facts, History, HistoryLimits, HistorySink},
     metrics::{Metrics, ProbeLabels},
     pipeline::{PayloadOutcome, Pipeline},
     probes::{
@@ -156,9 +156,13 @@ async fn sample_periodically(
                 sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
                 let facts = facts_from_sample(&snapshot, &[], &mut previous_tcp_ext);
                 let now = unix_now();
+                let covered = config.borrow().sample_interval_seconds;
                 if let Ok(mut history) = history.lock() {
                     for fact in facts {
                         history.record(now, fact);
+                    }
+                    for (second, fact) in listener_drop_facts(&snapshot, now, covered) {
+                        history.record(second, fact);
                     }
                 }
                 let _ = news.try_send(SampleNews {
@@ -459,7 +463,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, news.peak_fd_usage);
             }
             _ = tick.tick() => {
-                pipeline.tick(crate::clock::monotonic_ns(), Some(&probes), &config);
+                pipeline.tick(crate::clock::monotonic_ns(), Some(&probes));
             }
             _ = sighup.recv() => {
                 match reload(&args, &config, &mut probes, &mut pipeline) {

@@ -159,7 +159,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             ),
         );
         finding.evidence.push(format!(
-            "{} SYNs arrived {}, peak {}/s at {}",
+            "{} connection attempts arrived {}, peak {}/s at {}",
             s.total,
             util::clock_span(s.first_t, s.last_t),
             s.peak,

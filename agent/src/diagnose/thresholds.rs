@@ -59,7 +59,7 @@ pub struct DiagnoseThresholds {
     pub full_mesh_min_servers: u32,
 
     // --- SYNs, accept queues, churn -------------------------------------------------------
-    /// SYNs arriving at a local listener in one second that make a storm.
+    /// Connection attempts at a local listener in one second that make a storm.
     pub syn_storm_per_s: u64,
     /// Accept queue length / limit that counts as full.
     pub listen_queue_full_ratio: f64,

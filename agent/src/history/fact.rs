@@ -58,7 +58,8 @@ pub enum ConnectFailureReason {
 pub enum SynDirection {
     /// Connection attempts from this host.
     Out,
-    /// SYNs arriving at a local watched listener.
+    /// Connection attempts at a local watched listener: handshakes it completed, and SYNs and
+    /// handshakes it refused because a queue was full.
     In,
 }
 
@@ -413,6 +414,11 @@ pub fn fact_from_observation(
         Observation::SynSent { service } => Fact::Syns {
             service: name(*service)?,
             direction: SynDirection::Out,
+            count: 1,
+        },
+        Observation::HandshakeCompleted { service } => Fact::Syns {
+            service: name(*service)?,
+            direction: SynDirection::In,
             count: 1,
         },
         Observation::FdExhausted {

@@ -41,7 +41,7 @@ pub use fact::{
 };
 use interner::{Interner, LabelId, OTHER, UNKNOWN};
 use latency::SecondHistogram;
-pub use sample::facts_from_sample;
+pub use sample::{facts_from_sample, listener_drop_facts};
 use series::{RowBudget, RowKey, RowValue, Series};
 pub use sink::{unix_second_of_monotonic, HistorySink};
 use snapshot::*;

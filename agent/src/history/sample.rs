@@ -1,10 +1,11 @@
 //! Facts from one /proc sample (the sampler's `Snapshot`, optionally with its connection list):
 //! fd usage and connections per process, open connections per process and server, accept
-//! queues of local listeners, and the host's listen overflow/drop counters as deltas.
+//! queues of local listeners, and the host's listen overflow/drop counters as deltas; and,
+//! with their own timestamps, the SYNs and handshakes local listeners dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Fact, Role};
+use super::{Fact, Role, SynDirection};
 use crate::sampler::{parse::TcpExtCounters, Snapshot, WatchedConnection};
 
 /// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
@@ -112,6 +113,34 @@ pub fn facts_from_sample(
     facts
 }
 
+/// The SYNs and handshakes each service's listeners dropped since the previous sample, as
+/// incoming-SYN facts spread evenly over the `seconds` up to `now` that the sample covers: the
+/// count is a total over that interval, and one lump in its last second would read as a burst
+/// at `seconds` times the real rate.
+pub fn listener_drop_facts(snapshot: &Snapshot, now: u64, seconds: u64) -> Vec<(u64, Fact)> {
+    let seconds = seconds.clamp(1, now.max(1));
+    let mut facts = Vec::new();
+    for (service, &dropped) in &snapshot.listener_drops {
+        let (share, rest) = (dropped / seconds, dropped % seconds);
+        for offset in 0..seconds {
+            // The remainder goes to the latest seconds.
+            let count = share + u64::from(seconds - offset <= rest);
+            if count == 0 {
+                continue;
+            }
+            facts.push((
+                now + 1 + offset - seconds,
+                Fact::Syns {
+                    service: service.clone(),
+                    direction: SynDirection::In,
+                    count: clamp(count),
+                },
+            ));
+        }
+    }
+    facts
+}
+
 fn clamp(value: u64) -> u32 {
     u32::try_from(value).unwrap_or(u32::MAX)
 }
@@ -164,6 +193,7 @@ mod tests {
                     inode: 1,
                     queue_len: 3,
                     limit: Some(1024),
+                    drops: Some(0),
                 },
                 ListenerQueue {
                     service: "memcached".into(),
@@ -172,6 +202,7 @@ mod tests {
                     inode: 2,
                     queue_len: 8,
                     limit: Some(8),
+                    drops: None,
                 },
             ],
             tcp_ext: TcpExtCounters {
@@ -234,5 +265,46 @@ mod tests {
             drops: 6,
             syncookies_sent: 0
         }));
+    }
+
+    #[test]
+    fn listener_drops_are_spread_over_the_seconds_they_cover() {
+        let snapshot = Snapshot {
+            listener_drops: BTreeMap::from([
+                ("memcached".to_string(), 12),
+                ("kestrel".to_string(), 2),
+            ]),
+            ..Snapshot::default()
+        };
+        let facts = listener_drop_facts(&snapshot, 1000, 5);
+        let per_second = |service: &str| -> Vec<(u64, u32)> {
+            facts
+                .iter()
+                .filter_map(|(t, fact)| match fact {
+                    Fact::Syns {
+                        service: s,
+                        direction: SynDirection::In,
+                        count,
+                    } if s == service => Some((*t, *count)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            per_second("memcached"),
+            [(996, 2), (997, 2), (998, 2), (999, 3), (1000, 3)]
+        );
+        // Fewer drops than seconds: whole drops in the latest seconds, no zero facts.
+        assert_eq!(per_second("kestrel"), [(999, 1), (1000, 1)]);
+        // A zero interval still records everything, in the current second.
+        let facts = listener_drop_facts(&snapshot, 1000, 0);
+        let total: u32 = facts
+            .iter()
+            .map(|(t, fact)| match fact {
+                Fact::Syns { count, .. } if *t == 1000 => *count,
+                _ => panic!("unexpected {t} {fact:?}"),
+            })
+            .sum();
+        assert_eq!(total, 14);
     }
 }

@@ -7,10 +7,8 @@ use std::collections::BTreeMap;
 use agent_common::{counter, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{
-        tc, trace_point::TracePointLinkId, RawTracePoint, SchedClassifier, TcAttachType, TracePoint,
-    },
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{trace_point::TracePointLinkId, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 
@@ -56,7 +54,7 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "inet_sock_set_state",
         category: "sock",
         event: "inet_sock_set_state",
-        impact: "no connection lifecycle: opened/closed/active, closed_by, durations, connect failures",
+        impact: "no connection lifecycle: opened/closed/active, closed_by, durations, connect failures, SYNs sent, handshakes completed at listeners",
         raw_program: None,
     },
     ProbeSpec {
@@ -114,10 +112,6 @@ pub const PROBES: &[ProbeSpec] = &[
 pub const PAYLOAD_CAPTURE: &str = "payload_capture";
 pub const PAYLOAD_CAPTURE_IMPACT: &str =
     "no payloads captured: no memcache commands, latencies, hit ratios or key statistics";
-
-/// The tc program counting incoming SYNs; it is attached per interface, not to a tracepoint.
-pub const SYN_COUNTER: &str = "count_syn_in";
-pub const SYN_COUNTER_IMPACT: &str = "incoming SYNs (syn_total{direction=\"in\"}) not counted";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeStatus {
@@ -230,7 +224,6 @@ impl Probes {
             status.insert(spec.program, outcome);
         }
 
-        status.insert(SYN_COUNTER, attach_syn_counter(&mut ebpf));
         let capture_status = capture_status(capture_len, offsets, &status);
         status.insert(PAYLOAD_CAPTURE, capture_status);
 
@@ -365,20 +358,6 @@ impl Probes {
             .collect()
     }
 
-    /// SYNs seen arriving per destination port since load.
-    pub fn syn_in_counts(&self) -> anyhow::Result<Vec<(u16, u64)>> {
-        let Some(map) = self.ebpf.map("SYN_IN") else {
-            return Ok(Vec::new());
-        };
-        let counts: PerCpuHashMap<_, u16, u64> = PerCpuHashMap::try_from(map)?;
-        let mut totals = Vec::new();
-        for entry in counts.iter() {
-            let (port, per_cpu) = entry?;
-            totals.push((port, per_cpu.iter().sum()));
-        }
-        Ok(totals)
-    }
-
     /// Totals of the kernel's loss counters since load: (ring buffer full, socket map full).
     pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 4]> {
         let sum =
@@ -462,67 +441,6 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()>
         .attach(event)
         .with_context(|| format!("cannot attach to raw tracepoint {event}"))?;
     Ok(())
-}
-
-/// Ethernet-framed interfaces (ARPHRD_ETHER, ARPHRD_LOOPBACK) of this network namespace: the
-/// SYN counter parses a 14-byte link header.
-fn ethernet_interfaces() -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            std::fs::read_to_string(entry.path().join("type"))
-                .is_ok_and(|kind| matches!(kind.trim(), "1" | "772"))
-        })
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-fn attach_syn_counter(ebpf: &mut Ebpf) -> ProbeStatus {
-    let program: &mut SchedClassifier = match ebpf
-        .program_mut(SYN_COUNTER)
-        .context("kernel object has no SYN counter")
-        .and_then(|p| Ok(p.try_into()?))
-    {
-        Ok(program) => program,
-        Err(err) => return ProbeStatus::Failed(format!("{err:#}")),
-    };
-    if let Err(err) = program.load() {
-        return ProbeStatus::Failed(format!("verifier rejected {SYN_COUNTER}: {err}"));
-    }
-    let mut attached = Vec::new();
-    let mut failures = Vec::new();
-    for interface in ethernet_interfaces() {
-        let mut result = program.attach(&interface, TcAttachType::Ingress);
-        if result.is_err() {
-            // Kernels before 6.6 attach through a clsact qdisc, which may not exist yet.
-            let _ = tc::qdisc_add_clsact(&interface);
-            result = program.attach(&interface, TcAttachType::Ingress);
-        }
-        match result {
-            Ok(_) => attached.push(interface),
-            Err(err) => failures.push(format!("{interface}: {err}")),
-        }
-    }
-    if attached.is_empty() {
-        ProbeStatus::Failed(format!(
-            "tc ingress on no interface ({})",
-            failures.join("; ")
-        ))
-    } else {
-        if !failures.is_empty() {
-            tracing::warn!(
-                failures = failures.join("; "),
-                "SYN counter not attached everywhere"
-            );
-        }
-        tracing::debug!(interfaces = attached.join(","), "SYN counter attached");
-        ProbeStatus::Attached
-    }
 }
 
 /// The send/receive probes (by classic program name) not attached: payload capture runs inside

@@ -25,6 +25,9 @@ pub struct ListenerQueue {
     /// The accept backlog limit from sock_diag; None when it could not be read (another
     /// namespace without CAP_SYS_ADMIN, or the query failed).
     pub limit: Option<u32>,
+    /// The listener's sk_drops (wrapping u32): SYNs and handshakes it refused because a queue
+    /// was full. None when it could not be read.
+    pub drops: Option<u32>,
 }
 
 impl ListenerQueue {
@@ -38,6 +41,44 @@ impl ListenerQueue {
 
     pub fn is_full(&self) -> bool {
         self.limit.is_some_and(|limit| self.queue_len > limit)
+    }
+}
+
+/// Turns each listener's cumulative drop count into what it dropped since the previous sample,
+/// per service. State is one entry per listener present in the last sample.
+#[derive(Debug, Default)]
+pub struct ListenerDrops {
+    /// Last reading per (netns, inode); None for a listener seen without a readable count.
+    last: HashMap<(u64, u64), Option<u32>>,
+    /// A sample has been taken: listeners that appear later are new, and all they dropped
+    /// happened since. In the first sample they are only a baseline (their drops may be old).
+    primed: bool,
+}
+
+impl ListenerDrops {
+    /// Drops per service since the previous call; services without any are left out.
+    pub fn update(&mut self, listeners: &[ListenerQueue]) -> BTreeMap<String, u64> {
+        let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+        let mut current = HashMap::with_capacity(listeners.len());
+        for listener in listeners {
+            let key = (listener.netns, listener.inode);
+            let before = self.last.get(&key).copied();
+            let since = match (before, listener.drops) {
+                // sk_drops is an atomic_t read as u32: it wraps.
+                (Some(Some(before)), Some(now)) => now.wrapping_sub(before),
+                (None, Some(now)) if self.primed => now,
+                _ => 0,
+            };
+            if since > 0 {
+                *dropped.entry(listener.service.clone()).or_default() += u64::from(since);
+            }
+            // A listener whose count is unreadable this time keeps its last reading.
+            let reading = listener.drops.or(before.flatten());
+            current.insert(key, reading);
+        }
+        self.last = current;
+        self.primed = true;
+        dropped
     }
 }
 
@@ -383,6 +424,7 @@ mod tests {
 
     fn queue(service: &str, queue_len: u32, limit: Option<u32>) -> ListenerQueue {
         ListenerQueue {
+            drops: None,
             service: service.to_string(),
             netns: 1,
             local: "127.0.0.1:11211".parse().unwrap(),
@@ -449,5 +491,63 @@ mod tests {
             accumulator.update(&[(1, counters(1, 1, 0)), (2, counters(101, 101, 0))], &both);
         assert_eq!(total, counters(102, 102, 0));
         assert_eq!(accumulator.total(), total);
+    }
+
+    fn listener(service: &str, inode: u64, drops: Option<u32>) -> ListenerQueue {
+        ListenerQueue {
+            inode,
+            drops,
+            ..queue(service, 0, Some(128))
+        }
+    }
+
+    #[test]
+    fn listener_drops_count_what_happened_between_samples() {
+        let mut drops = ListenerDrops::default();
+        // First sample: a baseline, whatever the listeners dropped before the agent started.
+        assert!(drops
+            .update(&[
+                listener("memcached", 1, Some(500)),
+                listener("kestrel", 2, Some(7))
+            ])
+            .is_empty());
+        let dropped = drops.update(&[
+            listener("memcached", 1, Some(530)),
+            listener("kestrel", 2, Some(7)),
+            // Opened since the last sample: everything it dropped is new.
+            listener("memcached", 3, Some(4)),
+        ]);
+        assert_eq!(dropped, BTreeMap::from([("memcached".to_string(), 34)]));
+        // Unreadable this time: nothing counted, and the old reading is kept for the next.
+        let dropped = drops.update(&[
+            listener("memcached", 1, None),
+            listener("memcached", 3, Some(4)),
+        ]);
+        assert!(dropped.is_empty());
+        let dropped = drops.update(&[
+            listener("memcached", 1, Some(540)),
+            listener("memcached", 3, Some(4)),
+        ]);
+        assert_eq!(dropped, BTreeMap::from([("memcached".to_string(), 10)]));
+        // The u32 counter wraps.
+        drops.update(&[listener("memcached", 1, Some(u32::MAX - 1))]);
+        let dropped = drops.update(&[listener("memcached", 1, Some(3))]);
+        assert_eq!(dropped, BTreeMap::from([("memcached".to_string(), 5)]));
+        // A listener that closed is forgotten: state stays bounded by the listeners present.
+        drops.update(&[]);
+        assert!(drops.last.is_empty());
+    }
+
+    #[test]
+    fn a_listener_first_seen_without_a_count_is_a_baseline_when_it_gets_one() {
+        let mut drops = ListenerDrops::default();
+        drops.update(&[]);
+        assert!(drops.update(&[listener("memcached", 9, None)]).is_empty());
+        // Its count may include drops from before it was first seen: not counted.
+        assert!(drops
+            .update(&[listener("memcached", 9, Some(80))])
+            .is_empty());
+        let dropped = drops.update(&[listener("memcached", 9, Some(81))]);
+        assert_eq!(dropped, BTreeMap::from([("memcached".to_string(), 1)]));
     }
 }

@@ -43,6 +43,15 @@ const IPPROTO_TCP: u8 = 6;
 const NLA_HDR_LEN: usize = 4;
 /// include/uapi/linux/inet_diag.h: `enum { INET_DIAG_REQ_NONE, INET_DIAG_REQ_BYTECODE, ... }`.
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// The reply attribute with the socket's memory counters (`sock_diag_put_meminfo`), sent only
+/// when bit `INET_DIAG_SKMEMINFO - 1` of the request's idiag_ext is set.
+const INET_DIAG_SKMEMINFO: u16 = 7;
+/// idiag_ext asking for [`INET_DIAG_SKMEMINFO`].
+const EXT_MEMINFO: u8 = 1 << (INET_DIAG_SKMEMINFO - 1);
+/// Index of sk_drops in the SK_MEMINFO array (include/uapi/linux/sock_diag.h).
+const SK_MEMINFO_DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+/// Attribute types carry NLA_F_NESTED and NLA_F_NET_BYTEORDER in their top bits.
+const NLA_TYPE_MASK: u16 = 0x3fff;
 /// Bytecode op codes (include/uapi/linux/inet_diag.h). S_EQ/D_EQ exist since Linux 4.16.
 const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_EQ: u8 = 11;
@@ -63,6 +72,8 @@ pub struct ListenerBacklog {
     /// sk_max_ack_backlog: min(listen() backlog, net.core.somaxconn) at listen() time. The
     /// kernel drops when `queue_len > limit`, so limit + 1 connections fit.
     pub limit: u32,
+    /// sk_drops (see [`DiagSocket::drops`]); None when the kernel did not report it.
+    pub drops: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +122,11 @@ pub struct DiagSocket {
     pub wqueue: u32,
     /// 0 for sockets without a file (children still in an accept queue, orphans).
     pub inode: u64,
+    /// sk_drops, a wrapping u32, reported only where the request asked for memory info (the
+    /// dumps do for listeners). On a listener it counts what `tcp_listendrop` refused: SYNs
+    /// and handshake-completing ACKs dropped because its accept or SYN queue was full, plus
+    /// segments a socket filter or policy rejected.
+    pub drops: Option<u32>,
 }
 
 /// Bitmask of TCP states for `idiag_states` (bit n = state n).
@@ -174,10 +190,12 @@ fn push_op(code: &mut Vec<u8>, op: u8, yes: u8, no: u16) {
 }
 
 /// A dump request for TCP sockets of one address family in `states`, optionally filtered by
-/// `bytecode` (see `port_filter_bytecode`).
+/// `bytecode` (see `port_filter_bytecode`), with each socket's memory counters (and so its
+/// drop count) when `memory_info` is set.
 pub fn encode_dump_request(
     family: u8,
     states: u32,
+    memory_info: bool,
     bytecode: Option<&[u8]>,
     sequence: u32,
 ) -> Vec<u8> {
@@ -192,7 +210,7 @@ pub fn encode_dump_request(
     let request = &mut message[NLMSG_HDR_LEN..REQUEST_LEN];
     request[0] = family;
     request[1] = IPPROTO_TCP;
-    // idiag_ext = 0: no extensions wanted; pad = 0.
+    request[2] = if memory_info { EXT_MEMINFO } else { 0 };
     request[4..8].copy_from_slice(&states.to_ne_bytes());
     // The socket id (ports, addresses, interface, cookie) stays zero: it is ignored for dumps.
     if let Some(code) = bytecode {
@@ -237,7 +255,8 @@ pub fn decode_dump_datagram(
     Ok(false)
 }
 
-/// A dump request for TCP sockets in LISTEN state of one address family.
+/// A dump request for TCP sockets in LISTEN state of one address family, with their memory
+/// counters.
 pub fn encode_listen_dump_request(family: u8, sequence: u32) -> [u8; REQUEST_LEN] {
     let mut message = [0u8; REQUEST_LEN];
     message[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
@@ -248,7 +267,7 @@ pub fn encode_listen_dump_request(family: u8, sequence: u32) -> [u8; REQUEST_LEN
     let request = &mut message[NLMSG_HDR_LEN..];
     request[0] = family;
     request[1] = IPPROTO_TCP;
-    // idiag_ext = 0: no extensions wanted; pad = 0.
+    request[2] = EXT_MEMINFO;
     request[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     // The socket id (ports, addresses, interface, cookie) stays zero: it is ignored for dumps.
     message
@@ -271,6 +290,7 @@ pub fn decode_dump_reply(bytes: &[u8]) -> Result<DiagBatch, DiagError> {
             inode: socket.inode,
             queue_len: socket.rqueue,
             limit: socket.wqueue,
+            drops: socket.drops,
         })
     })?;
     Ok(batch)
@@ -312,7 +332,31 @@ fn decode_inet_diag_msg(payload: &[u8]) -> Result<DiagSocket, DiagError> {
         rqueue: u32_at(56),
         wqueue: u32_at(60),
         inode: u64::from(u32_at(68)),
+        drops: meminfo_drops(&payload[INET_DIAG_MSG_LEN..]),
     })
+}
+
+/// sk_drops from the attributes after an inet_diag_msg, None when no memory info is among them
+/// (not asked for, or a kernel whose array is too short to hold it) or the attributes are
+/// malformed: the socket itself was decoded, and losing it over an optional count would cost
+/// more than the count.
+fn meminfo_drops(mut attributes: &[u8]) -> Option<u32> {
+    while attributes.len() >= NLA_HDR_LEN {
+        let length = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
+        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]) & NLA_TYPE_MASK;
+        if length < NLA_HDR_LEN || length > attributes.len() {
+            return None;
+        }
+        if kind == INET_DIAG_SKMEMINFO {
+            let at = NLA_HDR_LEN + SK_MEMINFO_DROPS * 4;
+            return attributes[..length]
+                .get(at..at + 4)
+                .map(|raw| u32::from_ne_bytes(raw.try_into().expect("4 bytes")));
+        }
+        // Attributes are padded to 4 bytes (NLA_ALIGN).
+        attributes = attributes.get((length + 3) & !3..).unwrap_or(&[]);
+    }
+    None
 }
 
 /// Upper bound on messages in one dump, so a host with an absurd number of listeners (or a
@@ -367,8 +411,19 @@ pub fn dump_sockets(
         let socket = open_sock_diag()?;
         let mut buffer = vec![0u8; RECEIVE_BUFFER_LEN];
         let mut seen = 0usize;
-        for (sequence, family) in [(1, AF_INET), (2, AF_INET6)] {
-            let request = encode_dump_request(family, states, bytecode, sequence);
+        // Listeners are asked for their memory counters (their drop count) in a request of
+        // their own: for every connection too they would add 40 bytes to each message.
+        let listening = 1u32 << TCP_LISTEN;
+        let requests = [AF_INET, AF_INET6].into_iter().flat_map(|family| {
+            [
+                (family, states & listening, true),
+                (family, states & !listening, false),
+            ]
+        });
+        for (sequence, (family, states, memory_info)) in
+            (1..).zip(requests.filter(|(_, states, _)| *states != 0))
+        {
+            let request = encode_dump_request(family, states, memory_info, bytecode, sequence);
             send_request(&socket, &request)?;
             loop {
                 let received = receive(&socket, &mut buffer)?;
@@ -458,8 +513,9 @@ fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> Result<usize, DiagError> {
 /// `tcpi_unacked = sk_ack_backlog` and `tcpi_sacked = sk_max_ack_backlog`. It works for any
 /// namespace and needs only ptrace-attach rights over the owner (CAP_SYS_PTRACE for other users'
 /// processes), where sock_diag in another namespace needs setns and CAP_SYS_ADMIN. The copy is
-/// closed before returning; it keeps the socket open for that long only.
-pub fn backlog_via_owner(pid: u32, fd: i32, inode: u64) -> Result<(u32, u32), DiagError> {
+/// closed before returning; it keeps the socket open for that long only. SO_MEMINFO on the copy
+/// gives the drop count.
+pub fn backlog_via_owner(pid: u32, fd: i32, inode: u64) -> Result<OwnerBacklog, DiagError> {
     // SAFETY: raw syscalls with integer arguments; each result is checked before use and the
     // returned descriptors are owned by the OwnedFds that close them.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -499,7 +555,37 @@ pub fn backlog_via_owner(pid: u32, fd: i32, inode: u64) -> Result<(u32, u32), Di
     if u32::from(info.tcpi_state) != TCP_LISTEN {
         return Err(DiagError::Changed);
     }
-    Ok((info.tcpi_unacked, info.tcpi_sacked))
+    Ok(OwnerBacklog {
+        queue_len: info.tcpi_unacked,
+        limit: info.tcpi_sacked,
+        drops: socket_drops(&copy),
+    })
+}
+
+/// What [`backlog_via_owner`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerBacklog {
+    pub queue_len: u32,
+    pub limit: u32,
+    pub drops: Option<u32>,
+}
+
+/// sk_drops through SO_MEMINFO (Linux 4.12+); None where the option is refused.
+fn socket_drops(socket: &OwnedFd) -> Option<u32> {
+    let mut meminfo = [0u32; SK_MEMINFO_DROPS + 1];
+    let mut length = std::mem::size_of_val(&meminfo) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `length` bytes into the array we own.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut length,
+        )
+    };
+    (result == 0 && length as usize == std::mem::size_of_val(&meminfo))
+        .then_some(meminfo[SK_MEMINFO_DROPS])
 }
 
 fn dump_listeners() -> Result<Vec<ListenerBacklog>, DiagError> {
@@ -558,6 +644,8 @@ mod tests {
         assert_eq!(u16::from_ne_bytes(request[6..8].try_into().unwrap()), 0x301);
         assert_eq!(u32::from_ne_bytes(request[8..12].try_into().unwrap()), 7);
         assert_eq!(&request[16..18], &[AF_INET6, IPPROTO_TCP]);
+        // idiag_ext: INET_DIAG_SKMEMINFO (7) is bit 6.
+        assert_eq!(request[18], 0x40);
         assert_eq!(
             u32::from_ne_bytes(request[20..24].try_into().unwrap()),
             1 << 10
@@ -643,14 +731,21 @@ mod tests {
         let pid = std::process::id();
         let listener_fd = listener.as_raw_fd();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let (queued, limit) = loop {
-            let (queued, limit) = backlog_via_owner(pid, listener_fd, inode_of(&listener)).unwrap();
-            if queued == 1 || std::time::Instant::now() > deadline {
-                break (queued, limit);
+        let backlog = loop {
+            let backlog = backlog_via_owner(pid, listener_fd, inode_of(&listener)).unwrap();
+            if backlog.queue_len == 1 || std::time::Instant::now() > deadline {
+                break backlog;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        assert_eq!((queued, limit), (1, 6));
+        assert_eq!(
+            backlog,
+            OwnerBacklog {
+                queue_len: 1,
+                limit: 6,
+                drops: Some(0)
+            }
+        );
         // The descriptor number now names another socket than the one the fd walk saw.
         assert!(matches!(
             backlog_via_owner(pid, listener_fd, inode_of(&listener) + 1),
@@ -777,7 +872,7 @@ mod tests {
         let code = port_filter_bytecode(&[11211]).unwrap();
         let states = state_mask(&[1, 10, 40]);
         assert_eq!(states, (1 << 1) | (1 << 10), "states past 31 are ignored");
-        let request = encode_dump_request(AF_INET, states, Some(&code), 9);
+        let request = encode_dump_request(AF_INET, states, false, Some(&code), 9);
         let attribute_len = 4 + code.len();
         assert_eq!(request.len(), 72 + ((attribute_len + 3) & !3));
         assert_eq!(
@@ -786,6 +881,7 @@ mod tests {
         );
         assert_eq!(u32::from_ne_bytes(request[8..12].try_into().unwrap()), 9);
         assert_eq!(&request[16..18], &[AF_INET, IPPROTO_TCP]);
+        assert_eq!(request[18], 0, "no extensions asked for");
         assert_eq!(
             u32::from_ne_bytes(request[20..24].try_into().unwrap()),
             states
@@ -799,7 +895,7 @@ mod tests {
             INET_DIAG_REQ_BYTECODE
         );
         assert_eq!(&request[76..76 + code.len()], code.as_slice());
-        let unfiltered = encode_dump_request(AF_INET6, states, None, 1);
+        let unfiltered = encode_dump_request(AF_INET6, states, true, None, 1);
         assert_eq!(unfiltered.len(), 72);
         assert_eq!(
             unfiltered[..],
@@ -844,10 +940,126 @@ mod tests {
                 rqueue: 5,
                 wqueue: 7,
                 inode: 4242,
+                drops: None,
             }]
         );
         // A message cut short inside the datagram is an error, not a panic.
         assert!(decode_dump_datagram(&message[..50], &mut |_| {}).is_err());
+    }
+
+    /// One inet_diag_msg for a listener on 127.0.0.1:11211 followed by `attributes`.
+    fn listener_message(attributes: &[u8]) -> Vec<u8> {
+        let length = 16 + 72 + attributes.len();
+        let mut message = vec![0u8; 16 + 72];
+        message[0..4].copy_from_slice(&(length as u32).to_ne_bytes());
+        message[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        let payload = &mut message[16..];
+        payload[0] = AF_INET;
+        payload[1] = 10;
+        payload[4..6].copy_from_slice(&11211u16.to_be_bytes());
+        payload[8..12].copy_from_slice(&[127, 0, 0, 1]);
+        message.extend_from_slice(attributes);
+        message
+    }
+
+    fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut bytes = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(value);
+        bytes.resize((bytes.len() + 3) & !3, 0);
+        bytes
+    }
+
+    fn meminfo(values: usize, drops: u32) -> Vec<u8> {
+        (0..values)
+            .flat_map(|index| {
+                let value = if index == SK_MEMINFO_DROPS {
+                    drops
+                } else {
+                    1000 + index as u32
+                };
+                value.to_ne_bytes()
+            })
+            .collect()
+    }
+
+    fn decoded_drops(message: &[u8]) -> Result<Option<u32>, DiagError> {
+        let mut found = Vec::new();
+        decode_dump_datagram(message, &mut |socket| found.push(socket))?;
+        assert_eq!(found.len(), 1);
+        Ok(found[0].drops)
+    }
+
+    #[test]
+    fn decodes_the_drop_count_among_other_attributes() {
+        // INET_DIAG_SHUTDOWN (8, one byte, padded) first, as the kernel sends it unasked.
+        let mut attributes = attribute(8, &[0]);
+        attributes.extend(attribute(INET_DIAG_SKMEMINFO, &meminfo(9, 17)));
+        assert_eq!(
+            decoded_drops(&listener_message(&attributes)).unwrap(),
+            Some(17)
+        );
+        // The nested flag does not hide the type.
+        let nested = attribute(INET_DIAG_SKMEMINFO | 0x8000, &meminfo(9, 3));
+        assert_eq!(decoded_drops(&listener_message(&nested)).unwrap(), Some(3));
+        // Not asked for, or an array too short to reach sk_drops: unknown, not zero.
+        assert_eq!(
+            decoded_drops(&listener_message(&attribute(8, &[0]))).unwrap(),
+            None
+        );
+        let short = attribute(INET_DIAG_SKMEMINFO, &meminfo(8, 0));
+        assert_eq!(decoded_drops(&listener_message(&short)).unwrap(), None);
+        // An attribute claiming more bytes than the message has: the socket without a count.
+        let mut overlong = attribute(INET_DIAG_SKMEMINFO, &meminfo(9, 1));
+        overlong[0..2].copy_from_slice(&200u16.to_ne_bytes());
+        assert_eq!(decoded_drops(&listener_message(&overlong)).unwrap(), None);
+        let zero_length = [0u8; 8];
+        assert_eq!(
+            decoded_drops(&listener_message(&zero_length)).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_full_accept_queue_shows_as_drops_in_every_reading() {
+        // Backlog 0 admits one connection; the next handshakes are refused and counted.
+        let listener = super::super::testing::listen_loopback(0);
+        let address = listener.local_addr().unwrap();
+        // The refused ones time out: their SYNs were dropped on arrival.
+        let _clients: Vec<_> = (0..4)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&address, Duration::from_millis(50)).ok()
+            })
+            .collect();
+        let inode = inode_of(&listener);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let (dumped, queried, owned) = loop {
+            let mut dumped = None;
+            dump_sockets(None, state_mask(&[10]), None, &mut |socket| {
+                if socket.inode == inode {
+                    dumped = socket.drops;
+                }
+            })
+            .unwrap();
+            let queried = query_listeners(None)
+                .unwrap()
+                .into_iter()
+                .find(|found| found.inode == inode)
+                .and_then(|found| found.drops);
+            let owned = backlog_via_owner(std::process::id(), listener.as_raw_fd(), inode)
+                .unwrap()
+                .drops;
+            let all_seen = [dumped, queried, owned]
+                .iter()
+                .all(|drops| drops > &Some(0));
+            if all_seen || std::time::Instant::now() > deadline {
+                break (dumped, queried, owned);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for (reading, drops) in [("dump", dumped), ("query", queried), ("owner", owned)] {
+            assert!(drops > Some(0), "{reading}: {drops:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! 2. per namespace, list the watched sockets with one sock_diag dump per address family, the
 //!    kernel filtering on the watched ports and the wanted states (joining the namespace with
 //!    setns from a short-lived thread when it is not ours), and read net/netstat through one
-//!    member pid. sock_diag also gives each listener's accept-queue length and limit. Where
+//!    member pid. sock_diag also gives each listener's accept-queue length and limit, and its
+//!    drop count (asked for in a listener-only request per family). Where
 //!    sock_diag cannot be used (unavailable, or setns refused for another namespace) the
 //!    namespace's net/tcp and net/tcp6 text is read through a member instead, which costs CPU
 //!    for every socket of the namespace; [`Snapshot::table_sources`] counts both paths and the
@@ -25,7 +26,8 @@
 //! 4. listeners still without a limit (text path): one sock_diag listener dump in their
 //!    namespace, or where setns is refused, through their owning process
 //!    (`diag::backlog_via_owner`);
-//! 5. aggregate.
+//! 5. aggregate, including what each listener dropped since the last sample
+//!    ([`aggregate::ListenerDrops`]).
 //!
 //! Neither a dump nor /proc/net/tcp is an atomic snapshot (both resume their walk of the
 //! kernel's socket hash between reads), so under socket churn a sample can miss a socket;
@@ -65,7 +67,7 @@ pub use aggregate::{
 pub use parse::{FileHandles, TcpExtCounters};
 
 use crate::events::Role;
-use aggregate::CounterAccumulator;
+use aggregate::{CounterAccumulator, ListenerDrops};
 use parse::{tcp_state, ParseError, TcpRow};
 use scan::{classify, Failure, ProcFs};
 
@@ -193,6 +195,9 @@ pub struct Snapshot {
     pub listeners: Vec<ListenerQueue>,
     /// `listeners` per service (every watched service has an entry).
     pub listen_queues: BTreeMap<String, ListenQueueSummary>,
+    /// SYNs and handshakes the service's listeners dropped since the previous sample (their
+    /// sk_drops); services without any are absent. The first sample only sets the baseline.
+    pub listener_drops: BTreeMap<String, u64>,
     /// Watched non-listening sockets per service seen in the tables (owned or not).
     pub connections_by_service: BTreeMap<String, u64>,
     /// Processes holding at least one watched socket, by pid.
@@ -361,6 +366,7 @@ pub struct Sampler {
     service_names: Vec<String>,
     max_comms: usize,
     counters: CounterAccumulator,
+    listener_drops: ListenerDrops,
     /// setns(2) was refused once (no CAP_SYS_ADMIN, or a service sandbox): that does not change
     /// while the process runs, so other namespaces go straight to the fallbacks.
     setns_refused: bool,
@@ -436,6 +442,7 @@ impl Sampler {
             service_names,
             max_comms: config.max_comms,
             counters: CounterAccumulator::default(),
+            listener_drops: ListenerDrops::default(),
             setns_refused: false,
             sock_diag_unavailable: false,
             port_filter_refused: false,
@@ -621,6 +628,7 @@ impl Sampler {
         let alive: BTreeSet<u64> = namespaces.keys().copied().collect();
         let tcp_ext = self.counters.update(&netstat_readings, &alive);
         let listen_queues = aggregate::summarize_listen_queues(&self.service_names, &listeners);
+        let listener_drops = self.listener_drops.update(&listeners);
         let comms = aggregate::aggregate_by_comm(&processes, self.max_comms);
         let snapshot = Snapshot {
             duration: started.elapsed(),
@@ -639,6 +647,7 @@ impl Sampler {
             file_handles,
             listeners,
             listen_queues,
+            listener_drops,
             connections_by_service: self
                 .service_names
                 .iter()
@@ -743,8 +752,11 @@ impl Sampler {
                     };
                     if let Some((service, role)) = service_of(ports, &row) {
                         // sock_diag reports a listener's accept-queue limit as its wqueue.
-                        let limit = (row.state == tcp_state::LISTEN).then_some(socket.wqueue);
-                        found.record(names, netns, row, service, role, limit);
+                        let counts = ListenerCounts {
+                            limit: (row.state == tcp_state::LISTEN).then_some(socket.wqueue),
+                            drops: socket.drops,
+                        };
+                        found.record(names, netns, row, service, role, counts);
                     }
                 };
                 diag::dump_sockets(handle.as_ref(), states, filter, &mut visit)
@@ -831,7 +843,14 @@ impl Sampler {
         let mut visit = |row: Result<TcpRow, ParseError>| match row {
             Ok(row) => {
                 if let Some((service, role)) = service_of(&self.ports, &row) {
-                    found.record(&self.service_names, netns, row, service, role, None);
+                    found.record(
+                        &self.service_names,
+                        netns,
+                        row,
+                        service,
+                        role,
+                        ListenerCounts::default(),
+                    );
                 }
             }
             Err(err) => errors.parse(&format!("pid {pid} net/tcp row"), &err),
@@ -1200,12 +1219,14 @@ impl Sampler {
             };
             match dump {
                 Ok(dump) => {
-                    let limits: HashMap<u64, u32> = dump
+                    let found: HashMap<u64, &diag::ListenerBacklog> = dump
                         .iter()
-                        .map(|listener| (listener.inode, listener.limit))
+                        .map(|listener| (listener.inode, listener))
                         .collect();
                     for listener in listeners.iter_mut().filter(|l| l.netns == netns) {
-                        listener.limit = limits.get(&listener.inode).copied();
+                        let backlog = found.get(&listener.inode);
+                        listener.limit = backlog.map(|backlog| backlog.limit);
+                        listener.drops = backlog.and_then(|backlog| backlog.drops);
                     }
                 }
                 // Expected where setns is not permitted: the owners are asked below instead, and
@@ -1221,7 +1242,10 @@ impl Sampler {
                 continue;
             };
             match diag::backlog_via_owner(owner.pid, owner.fd, listener.inode) {
-                Ok((_, limit)) => listener.limit = Some(limit),
+                Ok(backlog) => {
+                    listener.limit = Some(backlog.limit);
+                    listener.drops = backlog.drops;
+                }
                 Err(diag::DiagError::Changed) => errors.vanished += 1,
                 Err(err) => errors.diag(&format!("pid {} listener backlog", owner.pid), &err),
             }
@@ -1350,6 +1374,14 @@ impl ListedConnections<'_> {
     }
 }
 
+/// What a socket table row does not say about a listener: its accept-queue limit and drop
+/// count (sock_diag reports both; the /proc text neither).
+#[derive(Debug, Default, Clone, Copy)]
+struct ListenerCounts {
+    limit: Option<u32>,
+    drops: Option<u32>,
+}
+
 /// Which process descriptor holds a watched listener, for reading its backlog through it.
 #[derive(Debug, Clone, Copy)]
 struct ListenerOwner {
@@ -1463,7 +1495,7 @@ impl Found {
         row: TcpRow,
         service: u16,
         role: Role,
-        limit: Option<u32>,
+        counts: ListenerCounts,
     ) {
         let listening = row.state == tcp_state::LISTEN;
         if !listening && (self.listeners_only || !is_listed_connection_state(row.state)) {
@@ -1481,7 +1513,8 @@ impl Found {
                 local: row.local,
                 inode: row.inode,
                 queue_len: row.rx_queue,
-                limit,
+                limit: counts.limit,
+                drops: counts.drops,
             });
         } else if let Some(count) = self.connections_by_service.get_mut(usize::from(service)) {
             *count += 1;

@@ -393,7 +393,7 @@ fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
         let mut namespace = Namespace::default();
         let _ = found.mark();
         for row in rows {
-            found.record(&names, 1, *row, 0, Role::Server, None);
+            found.record(&names, 1, *row, 0, Role::Server, ListenerCounts::default());
         }
         found.commit_namespace(&mut namespace);
         found.finish();
