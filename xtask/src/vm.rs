@@ -25,16 +25,8 @@ use crate::{
     util::{self, output, run_command, step},
 };
 
-/// What building and booting the VMs needs. gzip and dpkg-deb are essential on Debian;
-/// xz-utils and zstd unpack compressed kernel modules.
-const VM_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "cpio",
-    "memcached",
-    "xz-utils",
-    "zstd",
-];
+/// What building and booting the VMs needs. gzip and dpkg-deb are essential on Debian.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "memcached"];
 
 /// Per kernel, from QEMU's start to its exit. A TCG run takes about a minute; a hung VM is killed.
 const VM_TIMEOUT: Duration = Duration::from_secs(240);
@@ -50,11 +42,6 @@ pub const SCENARIOS: &[&str] = &[
     "shutdown",
     "preexisting-connection",
 ];
-
-/// Modules behind the tc SYN counter on kernels without TCX (before 6.6): the clsact qdisc and
-/// the bpf classifier. A real system autoloads them through modprobe, which the initramfs lacks,
-/// so /init loads them in this order.
-const TC_MODULES: &[&str] = &["sch_ingress", "cls_bpf"];
 
 /// The first mainline release with a tracepoint, for tracepoints a supported kernel may lack:
 /// `cacheprobe check` must give exactly this as the reason.
@@ -154,8 +141,6 @@ struct PreparedKernel {
     /// `uname -r` of the kernel.
     release: String,
     vmlinuz: PathBuf,
-    /// Uncompressed TC_MODULES found for it, in load order.
-    modules: Vec<PathBuf>,
 }
 
 enum Preparation {
@@ -183,7 +168,7 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
         step(&format!("vm-test: kernel {}", kernel.label()));
         let started = Instant::now();
         let prepared = match kernel {
-            Kernel::Host => prepare_host(&cache),
+            Kernel::Host => prepare_host(),
             _ => prepare_debian(kernel, &cache),
         };
         let prepared = match prepared {
@@ -277,7 +262,7 @@ pub fn target_dir() -> PathBuf {
 
 // --- kernels -------------------------------------------------------------------------------------
 
-fn prepare_host(cache: &Path) -> anyhow::Result<Preparation> {
+fn prepare_host() -> anyhow::Result<Preparation> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("cannot read /proc/sys/kernel/osrelease")?
         .trim()
@@ -293,14 +278,7 @@ fn prepare_host(cache: &Path) -> anyhow::Result<Preparation> {
             ),
         });
     }
-    let modules_root = PathBuf::from(format!("/lib/modules/{release}"));
-    let dest = cache.join("kernels/host-modules").join(&release);
-    let modules = collect_modules(&modules_root, &dest)?;
-    Ok(Preparation::Ready(PreparedKernel {
-        release,
-        vmlinuz,
-        modules,
-    }))
+    Ok(Preparation::Ready(PreparedKernel { release, vmlinuz }))
 }
 
 /// `apt-cache search` pattern for a series' cloud kernel image; the dot after the series keeps
@@ -427,22 +405,14 @@ fn load_cached(dir: &Path) -> anyhow::Result<Preparation> {
         .with_context(|| format!("{} has no RELEASE", dir.display()))?
         .trim()
         .to_string();
-    let mut modules = Vec::new();
-    for name in TC_MODULES {
-        let module = dir.join("modules").join(format!("{name}.ko"));
-        if module.is_file() {
-            modules.push(module);
-        }
-    }
     Ok(Preparation::Ready(PreparedKernel {
         release,
         vmlinuz: dir.join("vmlinuz"),
-        modules,
     }))
 }
 
-/// Downloads and unpacks a kernel package, keeping only the vmlinuz and the TC_MODULES. Works
-/// in a .partial directory renamed into place at the end, so an interrupted fetch is redone.
+/// Downloads and unpacks a kernel package, keeping only the vmlinuz. Works in a .partial
+/// directory renamed into place at the end, so an interrupted fetch is redone.
 fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
     step(&format!("fetching {package}"));
     // Not with_extension: package names are full of dots.
@@ -483,10 +453,6 @@ fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
         .context("vmlinuz name is not UTF-8")?
         .to_string();
     fs::rename(&vmlinuz, partial.join("vmlinuz"))?;
-    collect_modules(
-        &unpacked.join("lib/modules").join(&release),
-        &partial.join("modules"),
-    )?;
     fs::write(partial.join("RELEASE"), format!("{release}\n"))?;
     fs::remove_dir_all(&unpacked)?;
     fs::remove_file(&deb)?;
@@ -496,84 +462,6 @@ fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
     }
     fs::rename(&partial, dir)?;
     Ok(())
-}
-
-/// Copies TC_MODULES out of a modules tree into `dest` as plain .ko files and returns them in
-/// load order. A module built into the kernel needs nothing; one that is neither is reported and
-/// left out (`check` then shows the SYN counter failing, which is the truth on such a kernel).
-fn collect_modules(modules_root: &Path, dest: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    fs::create_dir_all(dest)?;
-    let builtin = fs::read_to_string(modules_root.join("modules.builtin")).unwrap_or_default();
-    let mut found = Vec::new();
-    for name in TC_MODULES {
-        let target = dest.join(format!("{name}.ko"));
-        let file_names = [
-            format!("{name}.ko"),
-            format!("{name}.ko.xz"),
-            format!("{name}.ko.zst"),
-        ];
-        let Some(source) = find_file(&modules_root.join("kernel"), &file_names) else {
-            if !builtin
-                .lines()
-                .any(|line| line.ends_with(&format!("/{name}.ko")))
-            {
-                eprintln!(
-                    "xtask: warning: module {name} not found under {}",
-                    modules_root.display()
-                );
-            }
-            continue;
-        };
-        let source_name = source.to_string_lossy();
-        let decompress = if source_name.ends_with(".xz") {
-            Some("xz")
-        } else if source_name.ends_with(".zst") {
-            Some("zstd")
-        } else {
-            None
-        };
-        match decompress {
-            Some(tool) => {
-                let out = fs::File::create(&target)?;
-                let status = Command::new(tool)
-                    .arg("-dc")
-                    .arg(&source)
-                    .stdout(out)
-                    .status()
-                    .with_context(|| format!("cannot run {tool}"))?;
-                if !status.success() {
-                    bail!("{tool} -dc {} failed with {status}", source.display());
-                }
-            }
-            None => {
-                fs::copy(&source, &target)?;
-            }
-        }
-        found.push(target);
-    }
-    Ok(found)
-}
-
-/// Depth-first search for a file with one of `names`.
-fn find_file(dir: &Path, names: &[String]) -> Option<PathBuf> {
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in fs::read_dir(&dir).ok()?.filter_map(Result::ok) {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                pending.push(path);
-            } else if names
-                .iter()
-                .any(|name| entry.file_name().to_string_lossy() == *name)
-            {
-                return Some(path);
-            }
-        }
-    }
-    None
 }
 
 // --- expectations --------------------------------------------------------------------------------
@@ -740,13 +628,6 @@ fn build_initramfs(
     // memcached -u root looks root up.
     write_file(&root, "/etc/passwd", "root:x:0:0:root:/:/bin/sh\n", 0o644)?;
     write_file(&root, "/etc/group", "root:x:0:\n", 0o644)?;
-    for (index, module) in prepared.modules.iter().enumerate() {
-        let name = module.file_name().context("module without a name")?;
-        // The index keeps the shell glob in /init loading them in dependency order.
-        let at =
-            Path::new("/lib/modules/cptest").join(format!("{index}-{}", name.to_string_lossy()));
-        copy_into(&root, module, &at)?;
-    }
 
     let archive = fs::File::create(out)?;
     let status = Command::new("bash")
@@ -1225,10 +1106,10 @@ cacheprobe_dead_socket_writes_total{service=\"memcached\",server=\"127.0.0.1:112
       "impact": "{send_impact}"
     }},
     {{
-      "name": "tc ingress SYN counter",
+      "name": "tracepoint tcp/tcp_retransmit_skb",
       "status": "ok",
-      "detail": "attached to this namespace's Ethernet and loopback interfaces",
-      "impact": "incoming SYNs (syn_total{{direction=\"in\"}}) not counted"
+      "detail": "attached",
+      "impact": "retransmissions not counted"
     }}
   ],
   "usable": true
@@ -1258,29 +1139,29 @@ cacheprobe_dead_socket_writes_total{service=\"memcached\",server=\"127.0.0.1:112
         );
         // A failed item's verifier log keeps its head and the reason at its end.
         let verifier_log = format!(
-            "verifier rejected count_syn_in: Verifier output: {}invalid access to map value\\n\
+            "verifier rejected tcp_retransmit_skb: Verifier output: {}invalid access to map value\\n\
              R1 max value is outside of the allowed memory range\\nverification time 13573 \
              usec\\nstack depth 120+0",
             "0: (bf) r6 = r1\\n".repeat(30)
         );
-        let failed_syn_counter = check_json("missing", "dead-socket writes not seen")
+        let failed_retransmit_probe = check_json("missing", "dead-socket writes not seen")
             .replace(
-                "attached to this namespace's Ethernet and loopback interfaces",
-                &verifier_log,
+                "\"detail\": \"attached\"",
+                &format!("\"detail\": \"{verifier_log}\""),
             )
             .replace(
-                "\"tc ingress SYN counter\",\n      \"status\": \"ok\"",
-                "\"tc ingress SYN counter\",\n      \"status\": \"failed\"",
+                "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"ok\"",
+                "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"failed\"",
             );
         let reason_end = verifier_log.find("\\nverification time").unwrap();
         assert_eq!(
             verdict(
-                &failed_syn_counter,
+                &failed_retransmit_probe,
                 "missing sock/sock_send_length 6.4\n",
                 0
             ),
             format!(
-                "FAIL tc ingress SYN counter (failed): {} ... {}\n",
+                "FAIL tracepoint tcp/tcp_retransmit_skb (failed): {} ... {}\n",
                 &verifier_log[..80],
                 &verifier_log[reason_end - 120..reason_end]
             )

@@ -1,7 +1,6 @@
 #!/bin/busybox sh
-# PID 1 of the vm-test initramfs (built by xtask/src/vm.rs): mounts what the agent needs, loads
-# the few modules a real system would autoload, runs the scenarios and powers off. Everything
-# goes to the serial console, which the host parses.
+# PID 1 of the vm-test initramfs (built by xtask/src/vm.rs): mounts what the agent needs, runs
+# the scenarios and powers off. Everything goes to the serial console, which the host parses.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
 mount -t proc proc /proc
@@ -10,13 +9,6 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
 mount -t tracefs nodev /sys/kernel/tracing
 ip link set lo up
-
-# sch_ingress (clsact) and cls_bpf back the tc SYN counter on kernels without TCX (< 6.6);
-# a real system autoloads them through modprobe, which this initramfs does not have.
-for module in /lib/modules/cptest/*.ko; do
-  [ -e "$module" ] || continue
-  insmod "$module" 2>/tmp/insmod.err || echo "CPLOG insmod $module failed: $(cat /tmp/insmod.err)"
-done
 
 # Firmware and the kernel leave partial lines on the console; start on a fresh one.
 echo
