@@ -210,6 +210,10 @@ impl BpfRun {
     }
 }
 
+/// How long the agent is measured idle with many open connections: two of its default /proc
+/// sampling intervals, so a window neither always catches nor always misses a sample.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+
 /// The largest idle-connection row.
 struct IdleFinding {
     connections: usize,
@@ -1190,8 +1194,9 @@ impl Bench {
             // Let the agent drain the burst of state changes before measuring it idle.
             procs::sleep(Duration::from_secs(2))?;
             let cpu_idle_start = procs::cpu_seconds(agent.pid())?;
-            procs::sleep(Duration::from_secs(2))?;
-            let idle_cpu = procs::cpu_seconds(agent.pid())? - cpu_idle_start;
+            procs::sleep(IDLE_WINDOW)?;
+            let idle_percent = 100.0 * (procs::cpu_seconds(agent.pid())? - cpu_idle_start)
+                / IDLE_WINDOW.as_secs_f64();
             let idle_memory = procs::memory(agent.pid())?;
             let mut server_connections = 0;
             for memcached in &instances[..used] {
@@ -1210,7 +1215,7 @@ impl Bench {
             let lost = observe::format_losses(&observe::lost_between(&before, &after));
             self.targets.idle = Some(IdleFinding {
                 connections: per_instance * used,
-                idle_cpu_percent: 100.0 * idle_cpu / 2.0,
+                idle_cpu_percent: idle_percent,
                 memory,
                 active,
                 lost: lost.clone(),
@@ -1224,7 +1229,7 @@ impl Bench {
                 thousands(server_connections as f64),
                 thousands(active),
                 idle_memory.describe(),
-                format!("{:.1}", 100.0 * idle_cpu / 2.0),
+                format!("{idle_percent:.1}"),
                 thousands(measured.load.ops_per_sec()),
                 format_cpu(measured.cpu_per_million()),
                 memory.describe(),
@@ -1242,13 +1247,16 @@ impl Bench {
              instances started with `-c`; RLIMIT_NOFILE here is {} and cannot be raised without \
              CAP_SYS_RESOURCE, so at most {} connections go to each instance, each held by its own \
              helper process (`xtask bench-hold`, connecting from 127.0.0.2 onwards). After opening, \
-             the bench waits 2 s, measures the agent idle for 2 s, then drives {} ops/s ({}) over \
-             {} more connections to the first instance for {:.0} s. CPU s/Mops is the agent's \
+             the bench waits 2 s, measures the agent idle for {} s (two of its default 5 s /proc \
+             sampling intervals, so the periodic sample of every socket is averaged in rather \
+             than caught or missed), then drives {} ops/s ({}) over {} more connections to the \
+             first instance for {:.0} s. CPU s/Mops is the agent's \
              utime+stime over that load divided by the operations. `connections_active` counts \
              both ends of each connection (the memcached side and the client side are both on \
              this host).",
             self.nofile,
             thousands(per_process as f64),
+            IDLE_WINDOW.as_secs(),
             thousands(self.plan.fixed_rate as f64),
             WORKLOAD.describe(),
             self.plan.open_loop_connections,
