@@ -242,6 +242,9 @@ pub struct Metrics {
     pub process_fd_limit: Family<CommLabels, Gauge>,
     pub process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>,
     pub sampler_namespaces: Family<SourceLabels, Gauge>,
+    pub sampler_samples: Counter,
+    pub sampler_seconds: Counter<f64, AtomicU64>,
+    pub sampler_processes_deferred: Gauge,
     pub process_connections: Family<CommServiceLabels, Gauge>,
     pub host_open_files: Gauge,
     pub host_file_limit: Gauge,
@@ -289,6 +292,9 @@ impl Metrics {
             process_fd_limit: Family::default(),
             process_fd_usage_ratio: Family::default(),
             sampler_namespaces: Family::default(),
+            sampler_samples: Counter::default(),
+            sampler_seconds: Counter::default(),
+            sampler_processes_deferred: Gauge::default(),
             process_connections: Family::default(),
             host_open_files: Gauge::default(),
             host_file_limit: Gauge::default(),
@@ -442,6 +448,21 @@ impl Metrics {
             "sampler_socket_table_namespaces",
             "Network namespaces whose socket table the last /proc sample read, by how (sock_diag: kernel dump; proc_text: /proc/<pid>/net/tcp fallback, logged, costs CPU per socket of the namespace; reused: no connection came or went since the last dump)",
             metrics.sampler_namespaces.clone(),
+        );
+        registry.register(
+            "sampler_samples",
+            "Periodic /proc samples completed",
+            metrics.sampler_samples.clone(),
+        );
+        registry.register(
+            "sampler_seconds",
+            "Wall time spent in periodic /proc samples (listing sockets, walking process fds), on a blocking thread",
+            metrics.sampler_seconds.clone(),
+        );
+        registry.register(
+            "sampler_processes_deferred",
+            "Processes whose fd walk the last sample postponed to a later one (per-sample budget); their previous owners are used meanwhile",
+            metrics.sampler_processes_deferred.clone(),
         );
         registry.register(
             "process_connections",

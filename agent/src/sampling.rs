@@ -64,6 +64,13 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
             .get_or_create(&SourceLabels { source })
             .set(namespaces as i64);
     }
+    metrics.sampler_samples.inc();
+    metrics
+        .sampler_seconds
+        .inc_by(snapshot.duration.as_secs_f64());
+    metrics
+        .sampler_processes_deferred
+        .set(snapshot.fd_walk.processes_deferred as i64);
     metrics.listen_queue_length.clear();
     metrics.listen_queue_limit.clear();
     for (service, summary) in &snapshot.listen_queues {

@@ -214,9 +214,15 @@ impl BpfRun {
 /// sampling intervals, so a window neither always catches nor always misses a sample.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
+/// How long the agent's samples may take to catch up after a burst of connections before the
+/// bench measures it idle anyway (and says so).
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
+
 /// The largest idle-connection row.
 struct IdleFinding {
     connections: usize,
+    settling_cpu_percent: f64,
+    catch_up_seconds: f64,
     idle_cpu_percent: f64,
     memory: procs::Memory,
     active: f64,
@@ -1165,6 +1171,8 @@ impl Bench {
             "memcached curr_connections",
             "agent connections_active",
             "agent RSS MB (idle)",
+            "agent catch-up s",
+            "agent CPU % (catching up)",
             "agent CPU % (idle)",
             "achieved ops/s",
             "agent CPU s/Mops",
@@ -1191,8 +1199,34 @@ impl Bench {
             let opening = Instant::now();
             let holders = idle::Holders::open(&targets, per_instance, Duration::from_secs(300))?;
             let open_seconds = opening.elapsed().as_secs_f64();
-            // Let the agent drain the burst of state changes before measuring it idle.
+            // Let the agent drain the burst of state changes. Its samples then list every new
+            // socket and walk the fds of every process that changed, at most
+            // MAX_FDS_WALKED_PER_SAMPLE descriptors per sample: CPU while catching up is
+            // measured until a sample begun after the burst postponed nothing, idle CPU after.
             procs::sleep(Duration::from_secs(2))?;
+            let sampler_state = |agent: &Agent| -> anyhow::Result<(f64, f64)> {
+                let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+                Ok((
+                    observe::total(&samples, "cacheprobe_sampler_samples_total"),
+                    observe::total(&samples, "cacheprobe_sampler_processes_deferred"),
+                ))
+            };
+            let catch_up_start = Instant::now();
+            let cpu_start = procs::cpu_seconds(agent.pid())?;
+            let (samples_at_start, _) = sampler_state(&agent)?;
+            let caught_up = loop {
+                let (samples, deferred) = sampler_state(&agent)?;
+                if samples >= samples_at_start + 2.0 && deferred == 0.0 {
+                    break true;
+                }
+                if catch_up_start.elapsed() > CATCH_UP_LIMIT {
+                    break false;
+                }
+                procs::sleep(Duration::from_millis(500))?;
+            };
+            let catch_up_seconds = catch_up_start.elapsed().as_secs_f64();
+            let settling_percent =
+                100.0 * (procs::cpu_seconds(agent.pid())? - cpu_start) / catch_up_seconds;
             let cpu_idle_start = procs::cpu_seconds(agent.pid())?;
             procs::sleep(IDLE_WINDOW)?;
             let idle_percent = 100.0 * (procs::cpu_seconds(agent.pid())? - cpu_idle_start)
@@ -1215,6 +1249,8 @@ impl Bench {
             let lost = observe::format_losses(&observe::lost_between(&before, &after));
             self.targets.idle = Some(IdleFinding {
                 connections: per_instance * used,
+                settling_cpu_percent: settling_percent,
+                catch_up_seconds,
                 idle_cpu_percent: idle_percent,
                 memory,
                 active,
@@ -1229,6 +1265,12 @@ impl Bench {
                 thousands(server_connections as f64),
                 thousands(active),
                 idle_memory.describe(),
+                if caught_up {
+                    format!("{catch_up_seconds:.0}")
+                } else {
+                    format!("not within {} s", CATCH_UP_LIMIT.as_secs())
+                },
+                format!("{settling_percent:.1}"),
                 format!("{idle_percent:.1}"),
                 thousands(measured.load.ops_per_sec()),
                 format_cpu(measured.cpu_per_million()),
@@ -1247,20 +1289,24 @@ impl Bench {
              instances started with `-c`; RLIMIT_NOFILE here is {} and cannot be raised without \
              CAP_SYS_RESOURCE, so at most {} connections go to each instance, each held by its own \
              helper process (`xtask bench-hold`, connecting from 127.0.0.2 onwards). After opening, \
-             the bench waits 2 s, measures the agent idle for {} s (two of its default 5 s /proc \
-             sampling intervals, so the periodic sample of every socket is averaged in rather \
-             than caught or missed), then drives {} ops/s ({}) over {} more connections to the \
-             first instance for {:.0} s. CPU s/Mops is the agent's \
+             the bench waits 2 s, then measures the agent's CPU while it catches up: its /proc \
+             samples (every 5 s) list the new sockets and walk the fds of the processes that \
+             changed, at most 50,000 descriptors per sample, until a sample begun after the \
+             burst postpones nothing (`cacheprobe_sampler_processes_deferred` 0; `catch-up s` is \
+             how long that took). Then it measures the agent idle over {window} s, two sampling \
+             intervals, so a periodic sample is averaged in rather than caught or missed. Then it \
+             drives {} ops/s ({}) over {} more connections to the first instance for {:.0} s. CPU \
+             s/Mops is the agent's \
              utime+stime over that load divided by the operations. `connections_active` counts \
              both ends of each connection (the memcached side and the client side are both on \
              this host).",
             self.nofile,
             thousands(per_process as f64),
-            IDLE_WINDOW.as_secs(),
             thousands(self.plan.fixed_rate as f64),
             WORKLOAD.describe(),
             self.plan.open_loop_connections,
-            self.plan.run.as_secs_f64()
+            self.plan.run.as_secs_f64(),
+            window = IDLE_WINDOW.as_secs(),
         ));
         let mut commands = String::new();
         for memcached in &instances {
@@ -1740,11 +1786,14 @@ impl Bench {
         }
         if let Some(idle) = &targets.idle {
             out.push(format!(
-                "* At {} open connections the idle agent uses {:.0}% of a core; its RSS is {} MB of \
+                "* At {} open connections the idle agent uses {:.1}% of a core ({:.1}% over the \
+                 {:.0} s its samples took to catch up after they opened); its RSS is {} MB of \
                  which {} MB private (the rest is mostly the mapped ring buffers); it counts {} of {} \
                  watched sockets and lost events while they opened: {}.",
                 thousands(idle.connections as f64),
                 idle.idle_cpu_percent,
+                idle.settling_cpu_percent,
+                idle.catch_up_seconds,
                 megabytes(idle.memory.rss_kb),
                 megabytes(idle.memory.anon_kb),
                 thousands(idle.active),
