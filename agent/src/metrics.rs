@@ -451,12 +451,12 @@ impl Metrics {
         );
         registry.register(
             "sampler_samples",
-            "Periodic /proc samples completed",
+            "/proc samples completed (the one at start-up included)",
             metrics.sampler_samples.clone(),
         );
         registry.register(
             "sampler_seconds",
-            "Wall time spent in periodic /proc samples (listing sockets, walking process fds), on a blocking thread",
+            "Wall time spent in /proc samples (listing sockets, walking process fds), on a blocking thread",
             metrics.sampler_seconds.clone(),
         );
         registry.register(
