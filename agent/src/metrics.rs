@@ -710,6 +710,14 @@ impl ObservationRecorder {
             .inc();
     }
 
+    fn count_syn(&mut self, service: usize, direction: &'static str) {
+        let service = self.service_name(service);
+        self.metrics
+            .syn
+            .get_or_create(&SynLabels { service, direction })
+            .inc();
+    }
+
     fn endpoint_labels(&mut self, endpoint: &Endpoint) -> EndpointLabels {
         if let Some(labels) = self.server_labels.get(endpoint) {
             return labels.clone();
@@ -825,18 +833,8 @@ impl ObservationRecorder {
                     })
                     .inc();
             }
-            Observation::SynSent { service } | Observation::HandshakeCompleted { service } => {
-                let direction = if matches!(observation, Observation::SynSent { .. }) {
-                    "out"
-                } else {
-                    "in"
-                };
-                let service = self.service_name(*service);
-                self.metrics
-                    .syn
-                    .get_or_create(&SynLabels { service, direction })
-                    .inc();
-            }
+            Observation::SynSent { service } => self.count_syn(*service, "out"),
+            Observation::HandshakeCompleted { service } => self.count_syn(*service, "in"),
             Observation::FdExhausted { comm, errno, .. } => {
                 let comm = self.comm_label(comm);
                 let errno = match errno {

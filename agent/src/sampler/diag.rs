@@ -257,20 +257,8 @@ pub fn decode_dump_datagram(
 
 /// A dump request for TCP sockets in LISTEN state of one address family, with their memory
 /// counters.
-pub fn encode_listen_dump_request(family: u8, sequence: u32) -> [u8; REQUEST_LEN] {
-    let mut message = [0u8; REQUEST_LEN];
-    message[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
-    message[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    message[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    message[8..12].copy_from_slice(&sequence.to_ne_bytes());
-    // Port id 0 on both sides: the kernel fills in ours.
-    let request = &mut message[NLMSG_HDR_LEN..];
-    request[0] = family;
-    request[1] = IPPROTO_TCP;
-    request[2] = EXT_MEMINFO;
-    request[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    // The socket id (ports, addresses, interface, cookie) stays zero: it is ignored for dumps.
-    message
+pub fn encode_listen_dump_request(family: u8, sequence: u32) -> Vec<u8> {
+    encode_dump_request(family, 1 << TCP_LISTEN, true, None, sequence)
 }
 
 /// What one `recv` of a dump contained.
@@ -903,7 +891,7 @@ mod tests {
         );
     }
 
-    fn encode_listen_dump_request_with(family: u8, states: u32, sequence: u32) -> [u8; 72] {
+    fn encode_listen_dump_request_with(family: u8, states: u32, sequence: u32) -> Vec<u8> {
         let mut request = encode_listen_dump_request(family, sequence);
         request[20..24].copy_from_slice(&states.to_ne_bytes());
         request
