@@ -6,6 +6,8 @@
 //! [`ProbeOffsets`], because they differ between kernels.
 #![no_std]
 
+pub mod framing;
+
 /// Sentinel for "this kernel does not have that field"; programs skip work that needs it.
 pub const OFFSET_UNKNOWN: u16 = u16::MAX;
 
@@ -146,14 +148,19 @@ pub struct SyscallRegs {
     /// `struct pt_regs` member holding the second syscall argument (x86-64 `si`): the buffer,
     /// iovec array or msghdr of every [`io_syscall`].
     pub second_arg: u16,
-    pub _pad: u32,
+    /// `struct pt_regs` member holding the third syscall argument (x86-64 `dx`): the iovec
+    /// count of readv/writev.
+    pub third_arg: u16,
+    pub _pad: u16,
     /// This architecture's number of each [`io_syscall`], by index; u64::MAX when unknown.
     pub numbers: [u64; io_syscall::COUNT],
 }
 
 impl SyscallRegs {
     pub fn is_known(&self) -> bool {
-        self.number != OFFSET_UNKNOWN && self.second_arg != OFFSET_UNKNOWN
+        self.number != OFFSET_UNKNOWN
+            && self.second_arg != OFFSET_UNKNOWN
+            && self.third_arg != OFFSET_UNKNOWN
     }
 }
 
@@ -192,6 +199,7 @@ impl ProbeOffsets {
         syscall_regs: SyscallRegs {
             number: OFFSET_UNKNOWN,
             second_arg: OFFSET_UNKNOWN,
+            third_arg: OFFSET_UNKNOWN,
             _pad: 0,
             numbers: [u64::MAX; io_syscall::COUNT],
         },
@@ -307,34 +315,66 @@ pub mod io_syscall {
     }
 }
 
-/// Most payload bytes a capture record can carry; the configured capture length is at most this.
-pub const CAPTURE_MAX: usize = 512;
+/// Default and largest per-call capture budget: header bytes (lines, binary headers with extras
+/// and key) copied from one send or receive. Value bodies are never copied, so this bounds the
+/// frames followed per call, not the value sizes.
+pub const CAPTURE_BUDGET_DEFAULT: u32 = 16384;
+pub const CAPTURE_BUDGET_MAX: u32 = 65536;
+/// Data bytes one payload record carries; a call whose headers need more is split over several
+/// records.
+pub const RECORD_DATA_MAX: usize = 4096;
+/// Bytes copied from user memory at a time while following frames.
+pub const CAPTURE_PIECE: usize = 64;
+/// Steps (one copied piece, one skipped body stretch, or one iovec entry read) one call may
+/// take; a call that needs more is marked [`payload_flags::INCOMPLETE`].
+pub const CAPTURE_MAX_STEPS: u32 = 4096;
 
-/// One captured send or receive on a watched socket: a bounded prefix of the bytes actually
-/// transferred, and the full count so the decoder can frame past what was not captured.
-///
-/// Ring records are variable length: [`PAYLOAD_HEADER_LEN`] bytes of header followed by exactly
-/// `captured_len` bytes of data (a 30-byte `get` costs 78 bytes of ring, not 560). This struct
-/// describes the largest record.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PayloadEvent {
-    pub ts_ns: u64,
-    pub sk: u64,
-    /// Bytes the send or receive transferred.
-    pub total_len: u64,
-    pub pid: u32,
-    /// Bytes of `data` that are valid.
-    pub captured_len: u16,
-    pub is_send: u8,
-    pub syscall: u8,
-    pub comm: [u8; COMM_LEN],
-    pub data: [u8; CAPTURE_MAX],
+/// [`PayloadHeader::flags`] bits.
+pub mod payload_flags {
+    /// Capture of this call stopped before its end (budget, step bound or a line too long to
+    /// follow): the bytes after the last segment were not looked at, and the next call starts
+    /// afresh at a frame boundary.
+    pub const INCOMPLETE: u8 = 1;
 }
 
-/// Bytes of [`PayloadEvent`] before `data`: the smallest valid payload record.
-pub const PAYLOAD_HEADER_LEN: usize = 48;
-const _: () = assert!(core::mem::offset_of!(PayloadEvent, data) == PAYLOAD_HEADER_LEN);
+/// One payload record: this header, then `data_len` bytes of segments. A segment is a
+/// [`SegmentHeader`] (8-byte aligned within the data) followed by the `len` bytes of the call
+/// found at `offset`. Bytes of `[span_start, span_end)` outside every segment are value bodies
+/// the kernel skipped by their declared length (or, with [`payload_flags::INCOMPLETE`], bytes
+/// after the capture stopped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PayloadHeader {
+    pub ts_ns: u64,
+    pub sk: u64,
+    /// Bytes the whole send or receive transferred.
+    pub total_len: u64,
+    /// The part of the call this record covers (a call with many frames may need several
+    /// records, in order).
+    pub span_start: u32,
+    pub span_end: u32,
+    pub pid: u32,
+    pub data_len: u16,
+    pub is_send: u8,
+    pub syscall: u8,
+    pub flags: u8,
+    pub _pad: [u8; 7],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Bytes of [`PayloadHeader`]: the smallest valid payload record.
+pub const PAYLOAD_HEADER_LEN: usize = 64;
+const _: () = assert!(core::mem::size_of::<PayloadHeader>() == PAYLOAD_HEADER_LEN);
+
+/// Where one segment of captured bytes lies in its call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SegmentHeader {
+    pub offset: u32,
+    pub len: u32,
+}
+pub const SEGMENT_HEADER_LEN: usize = 8;
+const _: () = assert!(core::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_LEN);
 
 /// Event kinds in [`SockEvent::kind`].
 pub mod event_kind {
@@ -414,7 +454,12 @@ pub mod counter {
     /// A send or receive on a captured socket came from a syscall capture cannot read (sendfile,
     /// sendmmsg, io_uring, a kernel thread): the decoder sees a gap.
     pub const UNCAPTURED_SYSCALL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// A call's frames could not all be followed (per-call budget or step bound, or a line
+    /// longer than the framing follows): the decoder resynchronises.
+    pub const CAPTURE_INCOMPLETE: u32 = 4;
+    /// The frame-state map was full: a captured socket's call was not followed.
+    pub const FRAME_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Ring-buffer wake-up policy, shared so the agent's drain timer and the kernel's threshold are
@@ -434,7 +479,8 @@ mod user {
     // SAFETY: all of these are repr(C) plain data with no pointers and no invalid bit patterns.
     unsafe impl aya::Pod for ProbeOffsets {}
     unsafe impl aya::Pod for TupleLayout {}
-    unsafe impl aya::Pod for PayloadEvent {}
+    unsafe impl aya::Pod for PayloadHeader {}
+    unsafe impl aya::Pod for framing::SocketFrames {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for SockEvent {}
 }

@@ -6,9 +6,12 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use agent_common::{
-    capture_sample, counter, event_kind, fd_syscall, io_syscall, sock_flags, tcp_state,
-    tcp_trouble, watch, PayloadEvent, ProbeOffsets, SockEvent, SockState, TupleLayout, AF_INET,
-    AF_INET6, CAPTURE_MAX, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
+    capture_sample, counter, event_kind, fd_syscall,
+    framing::{self, FrameState, SocketFrames},
+    io_syscall, payload_flags, sock_flags, tcp_state, tcp_trouble, watch, PayloadHeader,
+    ProbeOffsets, SegmentHeader, SockEvent, SockState, TupleLayout, AF_INET, AF_INET6,
+    CAPTURE_MAX_STEPS, CAPTURE_PIECE, IPPROTO_TCP, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
+    RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -16,8 +19,8 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
         generated::{
-            bpf_get_current_task_btf, bpf_jiffies64, bpf_probe_read_user as probe_read_user_raw,
-            bpf_ringbuf_output, bpf_task_pt_regs,
+            bpf_get_current_task_btf, bpf_jiffies64, bpf_loop,
+            bpf_probe_read_user as probe_read_user_raw, bpf_ringbuf_output, bpf_task_pt_regs,
         },
     },
     macros::{map, raw_tracepoint, tracepoint},
@@ -55,24 +58,51 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static PAYLOADS: RingBuf = RingBuf::with_byte_size(1 << 23, 0);
 
-/// Per-CPU staging area for one payload record: the header, then twice the capture size of
-/// data, because the verifier bounds a copy's offset and length separately (both must fit
-/// independently). The record goes to the ring with a bounded variable length.
+/// Per-CPU state of one call's capture: the record being built (its header, then twice its data
+/// size, because the verifier bounds a copy's offset and length separately), and where the walk
+/// through the call's buffers stands. The record goes to the ring with a bounded length.
 #[repr(C)]
-struct PayloadScratch {
-    event: PayloadEvent,
-    slack: [u8; CAPTURE_MAX],
+struct CaptureWalk {
+    header: PayloadHeader,
+    data: [u8; 2 * RECORD_DATA_MAX],
+    frames: FrameState,
+    total: u64,
+    pos: u64,
+    budget: u64,
+    data_len: u64,
+    /// Data offset of the open segment's header, or NO_SEGMENT.
+    segment: u64,
+    /// Call offset where the open segment ends: a piece starting there extends it.
+    segment_end: u64,
+    flags: u64,
+    /// Record data offset of the piece being scanned.
+    scan_at: u64,
+    iov: u64,
+    iov_count: u64,
+    iov_index: u64,
+    iov_base: u64,
+    iov_len: u64,
+    iov_off: u64,
 }
 
 #[map]
-static SCRATCH: PerCpuArray<PayloadScratch> = PerCpuArray::with_max_entries(1, 0);
+static CAPTURE: PerCpuArray<CaptureWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where each captured socket's send and receive stand in their frames, across calls. LRU, so
+/// a socket that vanished without a close event costs nothing lasting; reset when a connection
+/// starts or ends. Sized at load like SOCKETS.
+#[map]
+static FRAMES: LruHashMap<u64, SocketFrames> = LruHashMap::with_max_entries(65536, 0);
+
+/// Most iovec entries followed in one call (the kernel's UIO_MAXIOV).
+const IOV_MAX: u64 = 1024;
 
 /// Payload capture's sample shift (see [`capture_sample`]), set by the agent while it runs:
 /// above its decoding budget it follows one healthy connection in 2^shift.
 #[map]
 static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Bytes of payload to capture per send/receive (at most CAPTURE_MAX); 0 turns capture off.
+/// Header bytes capture may copy per send/receive (the per-call budget); 0 turns capture off.
 #[no_mangle]
 static CAPTURE_LEN: u32 = 0;
 
@@ -305,6 +335,11 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         if let Some(last) = kernel_last_activity_ns(sk, now) {
             snapshot.last_activity_ns = core::cmp::max(snapshot.last_activity_ns, last);
         }
+    }
+    if new_state == tcp_state::ESTABLISHED || new_state == tcp_state::CLOSE {
+        // A stream starts or ends here: no frame position carries over to whatever socket
+        // gets this address next.
+        let _ = FRAMES.remove(sk);
     }
     if new_state == tcp_state::CLOSE {
         let _ = SOCKETS.remove(sk);
@@ -765,16 +800,16 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
     (0..io_syscall::COUNT).find(|&index| numbers[index] == number)
 }
 
+/// Follows the frames of one send or receive on a captured socket (see
+/// [`agent_common::framing`]): frame headers are copied into payload records, value bodies are
+/// skipped by their declared length, across iovecs and across calls.
 #[inline(always)]
 fn capture_payload(sk: u64, ret: i32, is_send: bool) {
     if ret <= 0 {
         return;
     }
-    let want = core::cmp::min(
-        ret as u64,
-        unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } as u64,
-    );
-    if want == 0 {
+    let budget = unsafe { core::ptr::read_volatile(&CAPTURE_LEN) } as u64;
+    if budget == 0 {
         return;
     }
     let layout = &offsets().syscall_regs;
@@ -800,46 +835,236 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool) {
     let Some(buffer) = read_kernel_field::<u64>(regs, layout.second_arg) else {
         return;
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's scratch slot; nothing else runs on this CPU during this program.
-    let event = unsafe { &mut (*scratch).event };
-    let data = event.data.as_mut_ptr();
-    let captured = match io_syscall::kind(syscall) {
-        io_syscall::KIND_BUFFER => copy_user(data, 0, buffer, want),
-        io_syscall::KIND_IOVEC => copy_iovecs(data, buffer, u64::MAX, want),
-        io_syscall::KIND_MSGHDR => {
-            // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
-            let [iov, iovlen] =
-                unsafe { bpf_probe_read_user((buffer + 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
-            copy_iovecs(data, iov, iovlen, want)
+    let frames = match FRAMES.get_ptr_mut(sk) {
+        Some(frames) => frames,
+        None => {
+            if FRAMES.insert(sk, SocketFrames::default(), 0).is_err() {
+                bump(counter::FRAME_MAP_FULL);
+                return;
+            }
+            match FRAMES.get_ptr_mut(sk) {
+                Some(frames) => frames,
+                None => return,
+            }
         }
-        _ => 0,
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    event.ts_ns = unsafe { bpf_ktime_get_ns() };
-    event.sk = sk;
-    event.total_len = ret as u64;
-    event.pid = (pid_tgid >> 32) as u32;
-    event.captured_len = captured as u16;
-    event.is_send = is_send as u8;
-    event.syscall = syscall as u8;
-    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    // Only the header and the bytes captured go to the ring. The mask is a no-op (captured is at
-    // most CAPTURE_MAX) that lets the verifier bound the length.
-    let len = (PAYLOAD_HEADER_LEN as u64 + captured) & (2 * CAPTURE_MAX as u64 - 1);
-    if len < PAYLOAD_HEADER_LEN as u64 {
+    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
         return;
+    };
+    // SAFETY: this CPU's scratch slot (nothing else runs on this CPU during this program) and a
+    // map value that stays valid for this program run.
+    let (walk, frames) = unsafe { (&mut *scratch, &mut *frames) };
+    let state = if is_send {
+        &mut frames.send
+    } else {
+        &mut frames.recv
+    };
+    state.start_call();
+    walk.frames = *state;
+    walk.total = ret as u64;
+    walk.pos = 0;
+    walk.budget = budget;
+    walk.data_len = 0;
+    walk.segment = NO_SEGMENT;
+    walk.segment_end = 0;
+    walk.flags = 0;
+    match io_syscall::kind(syscall) {
+        io_syscall::KIND_BUFFER => {
+            walk.iov = 0;
+            walk.iov_count = 0;
+            walk.iov_base = buffer;
+            walk.iov_len = ret as u64;
+        }
+        io_syscall::KIND_IOVEC | io_syscall::KIND_MSGHDR => {
+            let (iov, count) = if io_syscall::kind(syscall) == io_syscall::KIND_IOVEC {
+                let count = read_kernel_field::<u64>(regs, layout.third_arg).unwrap_or(0);
+                (buffer, count)
+            } else {
+                // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
+                let [iov, iovlen] =
+                    unsafe { bpf_probe_read_user((buffer + 16) as *const [u64; 2]) }
+                        .unwrap_or([0, 0]);
+                (iov, iovlen)
+            };
+            walk.iov = iov;
+            walk.iov_count = count;
+            walk.iov_base = 0;
+            walk.iov_len = 0;
+        }
+        _ => return,
     }
+    walk.iov_index = 0;
+    walk.iov_off = 0;
+    let header = &mut walk.header;
+    header.ts_ns = unsafe { bpf_ktime_get_ns() };
+    header.sk = sk;
+    header.total_len = ret as u64;
+    header.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    header.is_send = is_send as u8;
+    header.syscall = syscall as u8;
+    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    header.span_start = 0;
+    // SAFETY: the callback is a BPF subprogram taking (index, ctx); its context is unused (it
+    // finds this CPU's scratch slot itself).
+    unsafe {
+        bpf_loop(
+            CAPTURE_MAX_STEPS,
+            capture_step as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        );
+    }
+    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+        return;
+    };
+    let walk = unsafe { &mut *scratch };
+    if walk.pos < walk.total {
+        walk.flags |= payload_flags::INCOMPLETE as u64;
+        walk.frames.mode = framing::mode::LOST;
+        bump(counter::CAPTURE_INCOMPLETE);
+    }
+    *state = walk.frames;
+    walk.pos = walk.total;
+    flush_record(walk);
+}
+
+const NO_SEGMENT: u64 = u64::MAX;
+
+/// One step of following a call's frames: read the next iovec entry, skip a stretch of value
+/// body, or copy and scan one piece of headers. Returns 1 to stop.
+#[inline(never)]
+unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let walk = &mut *scratch;
+    if walk.pos >= walk.total || walk.frames.mode == framing::mode::LOST {
+        return 1;
+    }
+    if walk.iov_off >= walk.iov_len {
+        // The current buffer is used up: the next iovec entry.
+        if walk.iov_index >= walk.iov_count || walk.iov_index >= IOV_MAX {
+            return 1;
+        }
+        let Ok([base, len]) =
+            bpf_probe_read_user((walk.iov + walk.iov_index * 16) as *const [u64; 2])
+        else {
+            return 1;
+        };
+        walk.iov_index += 1;
+        walk.iov_base = base;
+        walk.iov_len = len;
+        walk.iov_off = 0;
+        return 0;
+    }
+    let in_buffer = min(walk.iov_len - walk.iov_off, walk.total - walk.pos);
+    if !walk.frames.captures() {
+        let n = walk.frames.pass(in_buffer);
+        walk.pos += n;
+        walk.iov_off += n;
+        return 0;
+    }
+    if walk.budget == 0 {
+        walk.frames.mode = framing::mode::LOST;
+        return 1;
+    }
+    if walk.data_len + (SEGMENT_HEADER_LEN + CAPTURE_PIECE) as u64 > RECORD_DATA_MAX as u64 {
+        flush_record(walk);
+        walk.header.span_start = walk.pos as u32;
+        return 0;
+    }
+    let piece = min(min(in_buffer, CAPTURE_PIECE as u64), walk.budget);
+    if walk.segment == NO_SEGMENT || walk.segment_end != walk.pos {
+        // A new segment, 8-byte aligned.
+        let at = ((walk.data_len + 7) & !7) & (RECORD_DATA_MAX as u64 - 1);
+        let segment = walk.data.as_mut_ptr().add(at as usize) as *mut SegmentHeader;
+        (*segment).offset = walk.pos as u32;
+        (*segment).len = 0;
+        walk.segment = at;
+        walk.data_len = at + SEGMENT_HEADER_LEN as u64;
+    }
+    let at = walk.data_len & (RECORD_DATA_MAX as u64 - 1);
+    let piece = piece & (CAPTURE_PIECE as u64 * 2 - 1);
+    let destination = walk.data.as_mut_ptr().add(at as usize);
+    let source = walk.iov_base + walk.iov_off;
+    if piece == 0
+        || probe_read_user_raw(
+            destination.cast(),
+            piece as u32,
+            source as *const core::ffi::c_void,
+        ) != 0
+    {
+        walk.frames.mode = framing::mode::LOST;
+        return 1;
+    }
+    // Scan the piece: headers byte by byte, bodies and binary keys passed over, in a loop of
+    // its own so the verifier checks the state machine once instead of once per byte.
+    walk.scan_at = at;
+    bpf_loop(
+        piece as u32,
+        scan_byte as *mut core::ffi::c_void,
+        core::ptr::null_mut(),
+        0,
+    );
+    let segment = walk
+        .data
+        .as_mut_ptr()
+        .add((walk.segment & (RECORD_DATA_MAX as u64 - 1)) as usize)
+        as *mut SegmentHeader;
+    (*segment).len += piece as u32;
+    walk.data_len += piece;
+    walk.budget -= piece;
+    walk.pos += piece;
+    walk.iov_off += piece;
+    walk.segment_end = walk.pos;
+    0
+}
+
+/// Feeds byte `index` of the piece just copied (at `scan_at` in the record) to the frame state.
+#[inline(never)]
+unsafe extern "C" fn scan_byte(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let walk = &mut *scratch;
+    match walk.frames.mode {
+        framing::mode::SKIP | framing::mode::KEEP => {
+            walk.frames.pass(1);
+        }
+        framing::mode::LOST => return 1,
+        _ => {
+            let at = (walk.scan_at + index) as usize & (2 * RECORD_DATA_MAX - 1);
+            walk.frames.step(walk.data[at]);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn min(a: u64, b: u64) -> u64 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Sends the record built so far (covering the call up to `walk.pos`) and starts an empty one.
+#[inline(always)]
+fn flush_record(walk: &mut CaptureWalk) {
+    let data_len = walk.data_len & (2 * RECORD_DATA_MAX as u64 - 1);
+    walk.header.span_end = walk.pos as u32;
+    walk.header.data_len = data_len as u16;
+    walk.header.flags = walk.flags as u8;
+    let len = PAYLOAD_HEADER_LEN as u64 + data_len;
     let threshold = unsafe { core::ptr::read_volatile(&PAYLOADS_WAKEUP_BYTES) };
     let unread = PAYLOADS.query(BPF_RB_AVAIL_DATA as u64);
-    // SAFETY: `len` bytes from the start of the scratch slot lie inside it (header plus at most
-    // CAPTURE_MAX of data, in a slot with 2 * CAPTURE_MAX of data room).
+    // SAFETY: `len` bytes from the start of the walk lie inside it (the header, then at most
+    // 2 * RECORD_DATA_MAX of data room).
     let status = unsafe {
         bpf_ringbuf_output(
             core::ptr::addr_of!(PAYLOADS) as *mut core::ffi::c_void,
-            scratch.cast(),
+            (walk as *mut CaptureWalk).cast(),
             len,
             wakeup_flags(unread, len, threshold),
         )
@@ -847,85 +1072,8 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool) {
     if status != 0 {
         bump(counter::PAYLOAD_RINGBUF_FULL);
     }
-}
-
-const MAX_IOVECS: usize = 8;
-
-/// Copies up to `len` user bytes to `data[offset..]`; returns the bytes copied.
-///
-/// Older verifiers (6.1) bound an access by the offset's and the length's ranges separately and
-/// learn nothing from comparing the two, so each must fit on its own: both are masked below
-/// CAPTURE_MAX (the destination has 2 * CAPTURE_MAX of room), and the one full-size copy (only
-/// possible at offset 0) uses a constant size.
-#[inline(always)]
-fn copy_user(data: *mut u8, offset: u64, src: u64, len: u64) -> u64 {
-    let offset = offset as usize & (CAPTURE_MAX - 1);
-    let len = core::cmp::min(len as usize, CAPTURE_MAX - offset);
-    if len == 0 || src == 0 {
-        return 0;
-    }
-    let (copied, status) = if len >= CAPTURE_MAX {
-        (CAPTURE_MAX, unsafe {
-            probe_read_user_raw(
-                data.cast(),
-                CAPTURE_MAX as u32,
-                src as *const core::ffi::c_void,
-            )
-        })
-    } else {
-        let len = len & (CAPTURE_MAX - 1);
-        (len, unsafe {
-            probe_read_user_raw(
-                data.add(offset).cast(),
-                len as u32,
-                src as *const core::ffi::c_void,
-            )
-        })
-    };
-    if status == 0 {
-        copied as u64
-    } else {
-        0
-    }
-}
-
-/// Copies up to `want` bytes from the first `iovlen` (at most MAX_IOVECS) entries of a user
-/// iovec array; returns the bytes copied.
-#[inline(always)]
-fn copy_iovecs(data: *mut u8, iov: u64, iovlen: u64, want: u64) -> u64 {
-    if iov == 0 || iovlen == 0 {
-        return 0;
-    }
-    // struct iovec { void *iov_base; size_t iov_len; }: every entry needed in one read.
-    let count = core::cmp::min(iovlen, MAX_IOVECS as u64) as u32;
-    let size = count * 16;
-    if size == 0 || size > (MAX_IOVECS * 16) as u32 {
-        return 0;
-    }
-    let mut entries = [[0u64; 2]; MAX_IOVECS];
-    let status = unsafe {
-        probe_read_user_raw(
-            entries.as_mut_ptr().cast(),
-            size,
-            iov as *const core::ffi::c_void,
-        )
-    };
-    if status != 0 {
-        return 0;
-    }
-    let mut captured: u64 = 0;
-    for (i, [base, len]) in entries.iter().copied().enumerate() {
-        if i as u32 >= count || captured >= want {
-            break;
-        }
-        let n = core::cmp::min(len, want - captured);
-        let copied = copy_user(data, captured, base, n);
-        captured += copied;
-        if copied < n {
-            break;
-        }
-    }
-    captured
+    walk.data_len = 0;
+    walk.segment = NO_SEGMENT;
 }
 
 #[cfg(not(target_arch = "bpf"))]

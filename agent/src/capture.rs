@@ -4,7 +4,10 @@
 
 use foldhash::{HashMap, HashMapExt};
 
-use agent_common::{CAPTURE_MAX, COMM_LEN};
+use agent_common::{
+    framing::{self, FrameState},
+    payload_flags, CAPTURE_PIECE, COMM_LEN, RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
+};
 
 use crate::{
     events::Role,
@@ -15,24 +18,121 @@ use crate::{
     tracking::Endpoint,
 };
 
-/// A payload record borrowed from the ring buffer: no copy of the data.
+/// A payload record borrowed from the ring buffer: no copy of the data. It covers
+/// `[span_start, span_end)` of one send or receive; its segments hold the frame headers the
+/// kernel copied, and the bytes between them are value bodies it skipped.
 #[derive(Debug, Clone, Copy)]
 pub struct PayloadView<'a> {
     pub ts_ns: u64,
     pub sk: u64,
     pub total_len: u64,
+    pub span_start: u64,
+    pub span_end: u64,
     pub pid: u32,
     pub is_send: bool,
+    /// The kernel stopped following frames before the end of the call.
+    pub incomplete: bool,
     pub comm: &'a [u8; COMM_LEN],
-    pub data: &'a [u8],
+    /// The segment area, validated by [`parse_payload`].
+    segments: &'a [u8],
+}
+
+/// One run of captured bytes and where it lies in its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment<'a> {
+    pub offset: u64,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> PayloadView<'a> {
+    /// The captured segments, in call order.
+    pub fn segments(&self) -> impl Iterator<Item = Segment<'a>> + 'a {
+        let area = self.segments;
+        let mut at = 0usize;
+        std::iter::from_fn(move || {
+            let (offset, len, next) = segment_at(area, at)?;
+            let bytes = &area[at + SEGMENT_HEADER_LEN..at + SEGMENT_HEADER_LEN + len];
+            at = next;
+            Some(Segment {
+                offset: offset as u64,
+                bytes,
+            })
+        })
+    }
+
+    /// The bytes at the start of this record's span when they were captured (the start of a
+    /// request on a send), else nothing.
+    pub fn leading_bytes(&self) -> &'a [u8] {
+        match self.segments().next() {
+            Some(segment) if segment.offset == self.span_start => segment.bytes,
+            _ => &[],
+        }
+    }
+
+    /// The decoder's view: one chunk per segment, each followed by the skipped bytes up to the
+    /// next, after a leading chunk of skipped bytes when the span starts inside a body.
+    pub fn chunks(&self) -> impl Iterator<Item = (&'a [u8], usize)> + 'a {
+        let span_end = self.span_end;
+        let incomplete = self.incomplete;
+        let mut cursor = self.span_start;
+        let mut segments = self.segments().peekable();
+        std::iter::from_fn(move || {
+            if cursor >= span_end {
+                return None;
+            }
+            match segments.peek().copied() {
+                Some(segment) if segment.offset > cursor => {
+                    let gap = (segment.offset - cursor) as usize;
+                    cursor = segment.offset;
+                    Some((&[][..], gap))
+                }
+                Some(segment) => {
+                    segments.next();
+                    // After an incomplete capture's last segment nothing was followed: those
+                    // bytes are not a skipped body, and the caller reports the gap.
+                    let last_end = if incomplete {
+                        segment.offset + segment.bytes.len() as u64
+                    } else {
+                        span_end
+                    };
+                    let end = segments.peek().map_or(last_end, |next| next.offset);
+                    let total = (end - segment.offset) as usize;
+                    cursor = end;
+                    Some((segment.bytes, total))
+                }
+                None if incomplete => None,
+                None => {
+                    let gap = (span_end - cursor) as usize;
+                    cursor = span_end;
+                    Some((&[][..], gap))
+                }
+            }
+        })
+    }
+}
+
+/// The segment whose header is at `at`: (call offset, length, where the next header is).
+fn segment_at(area: &[u8], at: usize) -> Option<(u32, usize, usize)> {
+    let header = area.get(at..at + SEGMENT_HEADER_LEN)?;
+    let offset = u32::from_ne_bytes(header[0..4].try_into().ok()?);
+    let len = u32::from_ne_bytes(header[4..8].try_into().ok()?) as usize;
+    let end = at + SEGMENT_HEADER_LEN + len;
+    if end > area.len() {
+        return None;
+    }
+    Some((offset, len, (end + 7) & !7))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
-    #[error("payload record of {0} bytes, shorter than its header or its captured length")]
+    #[error("payload record of {0} bytes, shorter than its header or its data")]
     Size(usize),
-    #[error("payload record claims {0} captured bytes")]
-    CapturedLen(u16),
+    #[error("payload record claims {0} data bytes")]
+    DataLen(u16),
+    #[error("payload record's span {0}..{1} does not fit a call of {2} bytes")]
+    Span(u64, u64, u64),
+    #[error("payload record's segments overlap, leave their span or overrun the data")]
+    Segments,
 }
 
 const HEADER: usize = agent_common::PAYLOAD_HEADER_LEN;
@@ -42,36 +142,58 @@ pub fn payload_ts(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_ne_bytes(bytes.get(0..8)?.try_into().ok()?))
 }
 
-/// Parses a ring-buffer payload record without copying its data.
+/// Parses a ring-buffer payload record without copying its data. Every segment is checked
+/// once here, so iterating them later cannot fail.
 pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
-    // Records are variable length: the header, then `captured_len` bytes.
     if bytes.len() < HEADER {
         return Err(PayloadError::Size(bytes.len()));
     }
     let u64_at =
         |offset: usize| u64::from_ne_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"));
-    let captured_len = u16::from_ne_bytes([bytes[28], bytes[29]]);
-    if captured_len as usize > CAPTURE_MAX {
-        return Err(PayloadError::CapturedLen(captured_len));
+    let u32_at =
+        |offset: usize| u32::from_ne_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+    let data_len = u16::from_ne_bytes([bytes[36], bytes[37]]);
+    if data_len as usize > RECORD_DATA_MAX {
+        return Err(PayloadError::DataLen(data_len));
     }
-    if bytes.len() < HEADER + captured_len as usize {
+    if bytes.len() < HEADER + data_len as usize {
         return Err(PayloadError::Size(bytes.len()));
     }
     let total_len = u64_at(16);
-    let data_len = (captured_len as u64).min(total_len) as usize;
+    let span_start = u32_at(24) as u64;
+    let span_end = u32_at(28) as u64;
+    if span_start > span_end || span_end > total_len {
+        return Err(PayloadError::Span(span_start, span_end, total_len));
+    }
+    let segments = &bytes[HEADER..HEADER + data_len as usize];
+    let mut at = 0usize;
+    let mut cursor = span_start;
+    while at < segments.len() {
+        let (offset, len, next) = segment_at(segments, at).ok_or(PayloadError::Segments)?;
+        let offset = offset as u64;
+        if offset < cursor || offset + len as u64 > span_end {
+            return Err(PayloadError::Segments);
+        }
+        cursor = offset + len as u64;
+        at = next;
+    }
     Ok(PayloadView {
         ts_ns: u64_at(0),
         sk: u64_at(8),
         total_len,
-        pid: u32::from_ne_bytes(bytes[24..28].try_into().expect("4 bytes")),
-        is_send: bytes[30] != 0,
-        comm: bytes[32..HEADER].try_into().expect("16 bytes"),
-        data: &bytes[HEADER..HEADER + data_len],
+        span_start,
+        span_end,
+        pid: u32_at(32),
+        is_send: bytes[38] != 0,
+        incomplete: bytes[40] & payload_flags::INCOMPLETE != 0,
+        comm: bytes[48..HEADER].try_into().expect("16 bytes"),
+        segments,
     })
 }
 
-/// Builds a ring-buffer payload record as the kernel writes it (for tests and benches; the
-/// inverse of [`parse_payload`]). `data` beyond the record's capacity is cut.
+/// Builds one ring-buffer payload record as the kernel writes it, for tests and benches: its
+/// span is the whole call of `total_len` bytes and `data` its one captured segment at offset 0
+/// (cut at the record's capacity). Bytes of the call past `data` count as skipped.
 pub fn encode_payload_record(
     ts_ns: u64,
     sk: u64,
@@ -80,19 +202,148 @@ pub fn encode_payload_record(
     comm: &[u8],
     data: &[u8],
 ) -> Vec<u8> {
-    let data = &data[..data.len().min(CAPTURE_MAX)];
-    // Variable length, as the kernel writes them: the header, then the captured bytes.
-    let mut bytes = vec![0u8; HEADER + data.len()];
-    let comm = &comm[..comm.len().min(COMM_LEN)];
-    bytes[0..8].copy_from_slice(&ts_ns.to_ne_bytes());
-    bytes[8..16].copy_from_slice(&sk.to_ne_bytes());
-    bytes[16..24].copy_from_slice(&total_len.to_ne_bytes());
-    bytes[24..28].copy_from_slice(&7u32.to_ne_bytes());
-    bytes[28..30].copy_from_slice(&(data.len() as u16).to_ne_bytes());
-    bytes[30] = is_send as u8;
-    bytes[32..32 + comm.len()].copy_from_slice(comm);
-    bytes[HEADER..HEADER + data.len()].copy_from_slice(data);
-    bytes
+    let data = &data[..data.len().min(RECORD_DATA_MAX - SEGMENT_HEADER_LEN)];
+    let segments: &[(u64, &[u8])] = if data.is_empty() { &[] } else { &[(0, data)] };
+    encode_record(
+        RecordHeader {
+            ts_ns,
+            sk,
+            total_len,
+            span: (0, total_len),
+            is_send,
+            incomplete: false,
+            comm,
+        },
+        segments,
+    )
+}
+
+/// The header fields of a record built on the host.
+struct RecordHeader<'a> {
+    ts_ns: u64,
+    sk: u64,
+    total_len: u64,
+    span: (u64, u64),
+    is_send: bool,
+    incomplete: bool,
+    comm: &'a [u8],
+}
+
+fn encode_record(header: RecordHeader<'_>, segments: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (offset, bytes) in segments {
+        data.resize((data.len() + 7) & !7, 0);
+        data.extend_from_slice(&(*offset as u32).to_ne_bytes());
+        data.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
+        data.extend_from_slice(bytes);
+    }
+    let mut record = vec![0u8; HEADER];
+    let comm = &header.comm[..header.comm.len().min(COMM_LEN)];
+    record[0..8].copy_from_slice(&header.ts_ns.to_ne_bytes());
+    record[8..16].copy_from_slice(&header.sk.to_ne_bytes());
+    record[16..24].copy_from_slice(&header.total_len.to_ne_bytes());
+    record[24..28].copy_from_slice(&(header.span.0 as u32).to_ne_bytes());
+    record[28..32].copy_from_slice(&(header.span.1 as u32).to_ne_bytes());
+    record[32..36].copy_from_slice(&7u32.to_ne_bytes());
+    record[36..38].copy_from_slice(&(data.len() as u16).to_ne_bytes());
+    record[38] = header.is_send as u8;
+    record[40] = if header.incomplete {
+        payload_flags::INCOMPLETE
+    } else {
+        0
+    };
+    record[48..48 + comm.len()].copy_from_slice(comm);
+    record.extend_from_slice(&data);
+    record
+}
+
+/// What the kernel's capture sends for one call of `call` bytes on a direction whose frames
+/// stand at `state`: the same walk as agent-ebpf's `capture_step` (pieces of
+/// [`CAPTURE_PIECE`] bytes, segments coalesced, records split at [`RECORD_DATA_MAX`], the
+/// per-call `budget`), for tests and benches that need the kernel's exact output without a
+/// kernel. Iovec boundaries are left out: they change where pieces are cut, not which bytes are
+/// captured.
+pub fn kernel_capture(
+    ts_ns: u64,
+    sk: u64,
+    is_send: bool,
+    call: &[u8],
+    state: &mut FrameState,
+    budget: u64,
+) -> Vec<Vec<u8>> {
+    let total = call.len() as u64;
+    let mut records = Vec::new();
+    let mut segments: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut data_len = 0u64;
+    let mut span_start = 0u64;
+    let mut pos = 0u64;
+    let mut budget = budget;
+    state.start_call();
+    let header = |span: (u64, u64), incomplete: bool| RecordHeader {
+        ts_ns,
+        sk,
+        total_len: total,
+        span,
+        is_send,
+        incomplete,
+        comm: b"python3",
+    };
+    let flush = |segments: &mut Vec<(u64, Vec<u8>)>, span: (u64, u64), incomplete: bool| {
+        let borrowed: Vec<(u64, &[u8])> = segments.iter().map(|(o, b)| (*o, &b[..])).collect();
+        let record = encode_record(header(span, incomplete), &borrowed);
+        segments.clear();
+        record
+    };
+    for _ in 0..agent_common::CAPTURE_MAX_STEPS {
+        if pos >= total || state.mode == framing::mode::LOST {
+            break;
+        }
+        if !state.captures() {
+            pos += state.pass(total - pos);
+            continue;
+        }
+        if budget == 0 {
+            state.mode = framing::mode::LOST;
+            break;
+        }
+        if data_len + (SEGMENT_HEADER_LEN + CAPTURE_PIECE) as u64 > RECORD_DATA_MAX as u64 {
+            records.push(flush(&mut segments, (span_start, pos), false));
+            data_len = 0;
+            span_start = pos;
+            continue;
+        }
+        let piece = (total - pos).min(CAPTURE_PIECE as u64).min(budget);
+        let bytes = &call[pos as usize..(pos + piece) as usize];
+        match segments.last_mut() {
+            Some((offset, run)) if *offset + run.len() as u64 == pos => {
+                run.extend_from_slice(bytes)
+            }
+            _ => {
+                data_len = ((data_len + 7) & !7) + SEGMENT_HEADER_LEN as u64;
+                segments.push((pos, bytes.to_vec()));
+            }
+        }
+        let mut i = 0u64;
+        while i < piece {
+            match state.mode {
+                framing::mode::SKIP | framing::mode::KEEP => i += state.pass(piece - i),
+                framing::mode::LOST => break,
+                _ => {
+                    state.step(bytes[i as usize]);
+                    i += 1;
+                }
+            }
+        }
+        data_len += piece;
+        budget -= piece;
+        pos += piece;
+    }
+    let incomplete = pos < total;
+    if incomplete {
+        state.mode = framing::mode::LOST;
+    }
+    records.push(flush(&mut segments, (span_start, total), incomplete));
+    records
 }
 
 /// What decoding produced, tied to the connection's endpoint.
@@ -161,7 +412,7 @@ impl Decoders {
         out.push(MemcacheEvent::Bytes {
             endpoint,
             sent: payload.is_send,
-            bytes: payload.total_len,
+            bytes: payload.span_end - payload.span_start,
         });
         // Per payload: the usual case (a known stream) costs this one lookup and the next.
         let known = self
@@ -179,20 +430,26 @@ impl Decoders {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
             _ => Direction::ServerToClient,
         };
-        if direction == Direction::ClientToServer && payload.is_send {
+        if direction == Direction::ClientToServer && payload.is_send && payload.span_start == 0 {
             state.recent[state.next % RECENT_COMMANDS] =
-                (payload.ts_ns, sniff_command(payload.data));
+                (payload.ts_ns, sniff_command(payload.leading_bytes()));
             state.next = state.next.wrapping_add(1);
         }
-        state.decoder.feed(
-            Chunk {
-                direction,
-                ts_ns: payload.ts_ns,
-                captured: payload.data,
-                total_len: payload.total_len as usize,
-            },
-            &mut self.scratch,
-        );
+        for (captured, total_len) in payload.chunks() {
+            state.decoder.feed(
+                Chunk {
+                    direction,
+                    ts_ns: payload.ts_ns,
+                    captured,
+                    total_len,
+                },
+                &mut self.scratch,
+            );
+        }
+        if payload.incomplete {
+            // The kernel stopped following frames: what comes next starts afresh.
+            state.decoder.note_gap(direction, &mut self.scratch);
+        }
         drain(&mut self.scratch, state.endpoint, out);
     }
 
@@ -306,7 +563,7 @@ pub fn sniff_command(data: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::memcache::Status;
-    use agent_common::PayloadEvent;
+    use agent_common::PayloadHeader;
 
     fn endpoint(role: Role) -> Endpoint {
         Endpoint {
@@ -322,10 +579,13 @@ mod tests {
 
     #[test]
     fn layout_matches_the_kernel_struct() {
-        assert_eq!(std::mem::offset_of!(PayloadEvent, captured_len), 28);
-        assert_eq!(std::mem::offset_of!(PayloadEvent, is_send), 30);
-        assert_eq!(std::mem::offset_of!(PayloadEvent, comm), 32);
-        assert_eq!(std::mem::offset_of!(PayloadEvent, data), HEADER);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, span_start), 24);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, span_end), 28);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, pid), 32);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, data_len), 36);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, is_send), 38);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, flags), 40);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, comm), 48);
     }
 
     #[test]
@@ -427,25 +687,214 @@ mod tests {
     fn malformed_records_are_rejected() {
         assert_eq!(parse_payload(&[0u8; 3]).unwrap_err(), PayloadError::Size(3));
         let mut bytes = record(1, 1, true, b"x", 1);
-        bytes[28..30].copy_from_slice(&9999u16.to_ne_bytes());
+        bytes[36..38].copy_from_slice(&9999u16.to_ne_bytes());
         assert_eq!(
             parse_payload(&bytes).unwrap_err(),
-            PayloadError::CapturedLen(9999)
+            PayloadError::DataLen(9999)
         );
-        // Captured length beyond the transferred length is clamped.
+        // A span past the call.
+        let mut bytes = record(1, 1, true, b"abc", 3);
+        bytes[28..32].copy_from_slice(&4u32.to_ne_bytes());
+        assert_eq!(
+            parse_payload(&bytes).unwrap_err(),
+            PayloadError::Span(0, 4, 3)
+        );
+        // A segment longer than the span.
         let bytes = record(1, 1, true, b"abc", 2);
-        assert_eq!(parse_payload(&bytes).unwrap().data, b"ab");
-        // A record cut short of its captured length (the kernel never writes one).
+        assert_eq!(parse_payload(&bytes).unwrap_err(), PayloadError::Segments);
+        // A segment overrunning the data.
+        let mut bytes = record(1, 1, true, b"abcd", 4);
+        bytes[HEADER + 4..HEADER + 8].copy_from_slice(&40u32.to_ne_bytes());
+        assert_eq!(parse_payload(&bytes).unwrap_err(), PayloadError::Segments);
+        // A record cut short of its data (the kernel never writes one).
         let mut bytes = record(1, 1, true, b"abcd", 4);
         bytes.truncate(HEADER + 2);
         assert_eq!(
             parse_payload(&bytes).unwrap_err(),
             PayloadError::Size(HEADER + 2)
         );
-        // A record of the full maximal size is still accepted.
-        let mut bytes = record(1, 1, true, b"xy", 2);
-        bytes.resize(std::mem::size_of::<PayloadEvent>(), 0);
-        assert_eq!(parse_payload(&bytes).unwrap().data, b"xy");
+        // A prefix capture: the rest of the call counts as skipped.
+        let bytes = record(1, 1, true, b"xy", 10);
+        let view = parse_payload(&bytes).unwrap();
+        assert_eq!(view.chunks().collect::<Vec<_>>(), vec![(&b"xy"[..], 10)]);
+    }
+
+    /// Feeds `calls` (direction from the client's view: true = client sends) through the
+    /// kernel's capture walk and the decoders, as both ends would see them; returns the
+    /// (status, count) of every decoded request and the decode errors.
+    fn decode_through_capture(
+        role: Role,
+        calls: &[(bool, Vec<u8>)],
+        budget: u64,
+    ) -> (std::collections::BTreeMap<(String, Status), u64>, u64) {
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let mut send = FrameState::default();
+        let mut recv = FrameState::default();
+        for (i, (client_sends, call)) in calls.iter().enumerate() {
+            let is_send = match role {
+                Role::Client => *client_sends,
+                Role::Server => !*client_sends,
+            };
+            let state = if is_send { &mut send } else { &mut recv };
+            for record in kernel_capture(1_000 * (i as u64 + 1), 7, is_send, call, state, budget) {
+                let view = parse_payload(&record).unwrap();
+                decoders.on_payload(&view, endpoint(role), false, &mut out);
+            }
+        }
+        decoders.on_close(7, &mut out);
+        let mut counts = std::collections::BTreeMap::new();
+        let mut errors = 0;
+        for event in out {
+            match event {
+                MemcacheEvent::Request { request, .. } => {
+                    *counts
+                        .entry((request.command.as_str().to_string(), request.status))
+                        .or_insert(0) += 1;
+                }
+                MemcacheEvent::DecodeError { .. } => errors += 1,
+                MemcacheEvent::Bytes { .. } => {}
+            }
+        }
+        (counts, errors)
+    }
+
+    /// Values with protocol-looking bytes, sizes from 0 to 300 KB.
+    fn value(i: usize) -> Vec<u8> {
+        let pattern = b"END\r\nVALUE x 0 5\r\n\x80\x81 get k\r\n";
+        let len = [0, 1, 10, 100, 2000, 70_000, 300_000][i % 7];
+        pattern.iter().copied().cycle().take(len).collect()
+    }
+
+    #[test]
+    fn multi_gets_pipelines_and_large_values_decode_exactly_through_capture() {
+        let keys: Vec<String> = (0..100).map(|i| format!("key:{i}")).collect();
+        // 100 sets pipelined in one write, then a 100-key get answered by memcached's reply
+        // (40 hits: header, value and CRLF per item), then the reply read in 1500-byte pieces
+        // as a client's recv would, then a get of misses.
+        let mut sets = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let v = value(i);
+            sets.extend_from_slice(format!("set {key} 0 0 {}\r\n", v.len()).as_bytes());
+            sets.extend_from_slice(&v);
+            sets.extend_from_slice(b"\r\n");
+        }
+        let stored = b"STORED\r\n".repeat(100);
+        let get = format!("get {}\r\n", keys.join(" ")).into_bytes();
+        let mut reply = Vec::new();
+        for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 5 < 2) {
+            let v = value(i);
+            reply.extend_from_slice(format!("VALUE {key} 0 {}\r\n", v.len()).as_bytes());
+            reply.extend_from_slice(&v);
+            reply.extend_from_slice(b"\r\n");
+        }
+        reply.extend_from_slice(b"END\r\n");
+        let mut calls = vec![(true, sets), (false, stored), (true, get.clone())];
+        calls.extend(reply.chunks(1500).map(|piece| (false, piece.to_vec())));
+        calls.push((true, b"get nope1 nope2\r\n".to_vec()));
+        calls.push((false, b"END\r\n".to_vec()));
+        for role in [Role::Client, Role::Server] {
+            let (counts, errors) = decode_through_capture(role, &calls, 65536);
+            assert_eq!(errors, 0, "{role:?}: {counts:?}");
+            let count = |command: &str, status| {
+                counts
+                    .get(&(command.to_string(), status))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            assert_eq!(count("set", Status::Stored), 100, "{role:?}: {counts:?}");
+            assert_eq!(count("get", Status::Hit), 40, "{role:?}: {counts:?}");
+            assert_eq!(count("get", Status::Miss), 62, "{role:?}: {counts:?}");
+            assert_eq!(counts.values().sum::<u64>(), 202, "{role:?}: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn binary_quiet_multi_get_decodes_exactly_through_capture() {
+        fn frame(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
+            let mut bytes = vec![0u8; 24];
+            bytes[0] = magic;
+            bytes[1] = opcode;
+            bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
+            bytes[4] = extras.len() as u8;
+            let body = (extras.len() + key.len() + value.len()) as u32;
+            bytes[8..12].copy_from_slice(&body.to_be_bytes());
+            bytes.extend_from_slice(extras);
+            bytes.extend_from_slice(key);
+            bytes.extend_from_slice(value);
+            bytes
+        }
+        // getkq x 30 + noop in one write; hits for every third key (with 2 KB values), noop.
+        let mut request = Vec::new();
+        let mut reply = Vec::new();
+        for i in 0..30 {
+            let key = format!("k{i}");
+            request.extend(frame(0x80, 0x0d, key.as_bytes(), &[], &[]));
+            if i % 3 == 0 {
+                reply.extend(frame(0x81, 0x0d, key.as_bytes(), &[0; 4], &value(4)));
+            }
+        }
+        request.extend(frame(0x80, 0x0a, b"", &[], &[]));
+        reply.extend(frame(0x81, 0x0a, b"", &[], &[]));
+        let calls = vec![(true, request), (false, reply)];
+        for role in [Role::Client, Role::Server] {
+            let (counts, errors) = decode_through_capture(role, &calls, 65536);
+            assert_eq!(errors, 0, "{role:?}: {counts:?}");
+            let hits: u64 = counts
+                .iter()
+                .filter(|((_, status), _)| *status == Status::Hit)
+                .map(|(_, n)| n)
+                .sum();
+            let misses: u64 = counts
+                .iter()
+                .filter(|((_, status), _)| *status == Status::Miss)
+                .map(|(_, n)| n)
+                .sum();
+            assert_eq!((hits, misses), (10, 20), "{role:?}: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn capture_cost_follows_frames_not_value_sizes() {
+        let mut state = FrameState::default();
+        for size in [100usize, 10_000, 500_000] {
+            let mut call = format!("VALUE k 0 {size}\r\n").into_bytes();
+            call.extend(std::iter::repeat_n(b'v', size));
+            call.extend_from_slice(b"\r\nEND\r\n");
+            let records = kernel_capture(1, 1, false, &call, &mut state, 65536);
+            let captured: usize = records.iter().map(|r| r.len()).sum();
+            // The header line, the END line and at most one piece of the value.
+            assert!(
+                captured <= HEADER + 2 * 8 + 2 * CAPTURE_PIECE,
+                "{size}: {captured}"
+            );
+            assert_eq!(state, FrameState::default());
+        }
+    }
+
+    #[test]
+    fn a_call_past_the_budget_is_incomplete_and_resynchronises() {
+        let get = format!("get {}\r\n", vec!["k"; 200].join(" ")).into_bytes();
+        let mut state = FrameState::default();
+        let records = kernel_capture(1, 1, true, &get, &mut state, 128);
+        let view = parse_payload(records.last().unwrap()).unwrap();
+        assert!(view.incomplete);
+        assert_eq!(state.mode, framing::mode::LOST);
+        // The next call starts afresh and decodes.
+        let (counts, errors) = decode_through_capture(
+            Role::Client,
+            &[
+                (true, get),
+                (true, b"get a\r\n".to_vec()),
+                (false, b"END\r\n".to_vec()),
+            ],
+            128,
+        );
+        assert!(errors > 0);
+        assert!(
+            counts.contains_key(&("get".to_string(), Status::Miss)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -44,8 +44,10 @@ pub struct Limits {
     pub max_servers_per_service: usize,
     /// Distinct `comm` (process name) label values before folding into "other".
     pub max_comms: usize,
-    /// Payload bytes captured per send/receive for the decoder (0 turns capture off, at most
-    /// 512). Values are skipped by length, so only command lines need to fit.
+    /// Frame-header bytes (command and response lines, binary headers with extras and key)
+    /// capture may copy from one send/receive; value bodies are skipped by their declared
+    /// length and never copied (0 turns capture off, at most 65536). A call with more headers
+    /// than this is followed up to it and counted in `events_lost_total{source="capture_incomplete"}`.
     pub capture_bytes: u32,
     /// Captured payload records per second the agent decodes in full; above it capture follows
     /// one healthy connection in 2, 4, ... and request counters are scaled (0 = no limit). A
@@ -66,7 +68,7 @@ impl Default for Limits {
             payload_ring_buffer_bytes: 8 << 20,
             max_servers_per_service: 256,
             max_comms: 100,
-            capture_bytes: 256,
+            capture_bytes: agent_common::CAPTURE_BUDGET_DEFAULT,
             capture_records_per_second: 25_000,
             key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
             key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
@@ -311,11 +313,11 @@ impl Config {
                 )));
             }
         }
-        if limits.capture_bytes as usize > agent_common::CAPTURE_MAX {
+        if limits.capture_bytes > agent_common::CAPTURE_BUDGET_MAX {
             return Err(invalid(format!(
                 "limits.capture_bytes = {} must be at most {}",
                 limits.capture_bytes,
-                agent_common::CAPTURE_MAX
+                agent_common::CAPTURE_BUDGET_MAX
             )));
         }
         if limits.key_stats_sample_every == 0 {

@@ -335,7 +335,7 @@ impl Metrics {
         );
         registry.register(
             "events_lost",
-            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), tracker: connection table full)",
+            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), capture_incomplete: a send/receive whose frames capture could not all follow (per-call budget, step bound or an endless line), frame_map: the kernel's frame-state map was full, tracker: connection table full)",
             metrics.events_lost.clone(),
         );
         registry.register(
@@ -515,6 +515,8 @@ impl Metrics {
             "socket_map",
             "payload_ringbuf",
             "uncaptured_syscall",
+            "capture_incomplete",
+            "frame_map",
             "tracker",
         ] {
             // Exported from the start so "no loss" reads as 0, not as a missing series.

@@ -173,6 +173,7 @@ impl Probes {
             .override_global("NS_PER_JIFFY", &ns_per_jiffy(), true)
             .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
             .map_max_entries("SOCKETS", config.limits.max_sockets)
+            .map_max_entries("FRAMES", config.limits.max_sockets)
             .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
             .map_max_entries("PAYLOADS", payload_ring_bytes)
             .load(KERNEL_OBJECT)
@@ -358,8 +359,8 @@ impl Probes {
             .collect()
     }
 
-    /// Totals of the kernel's loss counters since load: (ring buffer full, socket map full).
-    pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 4]> {
+    /// Totals of the kernel's loss counters since load, by `events_lost_total` source.
+    pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 6]> {
         let sum =
             |index: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&index, 0)?.iter().sum()) };
         Ok([
@@ -367,6 +368,8 @@ impl Probes {
             ("socket_map", sum(counter::SOCKET_MAP_FULL)?),
             ("payload_ringbuf", sum(counter::PAYLOAD_RINGBUF_FULL)?),
             ("uncaptured_syscall", sum(counter::UNCAPTURED_SYSCALL)?),
+            ("capture_incomplete", sum(counter::CAPTURE_INCOMPLETE)?),
+            ("frame_map", sum(counter::FRAME_MAP_FULL)?),
         ])
     }
 }
@@ -606,6 +609,7 @@ mod tests {
         assert!(reason(capture_status(256, &offsets, &status)).contains("pt_regs"));
         offsets.syscall_regs.number = 120;
         offsets.syscall_regs.second_arg = 104;
+        offsets.syscall_regs.third_arg = 96;
         assert_eq!(
             capture_status(256, &offsets, &status),
             ProbeStatus::Attached

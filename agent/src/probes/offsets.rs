@@ -240,11 +240,16 @@ const CAPTURE_LOST: &str = "payloads are not captured: memcache decoding is unav
 /// Where this architecture's `struct pt_regs` keeps the syscall number and the second syscall
 /// argument, as BTF member paths, plus the bytes from the second path's start to the argument.
 #[cfg(target_arch = "x86_64")]
-const SYSCALL_REGS: (&[&str], &[&str], u32) = (&["orig_ax"], &["si"], 0);
+const SYSCALL_REGS: SyscallRegPaths = (&["orig_ax"], (&["si"], 0), (&["dx"], 0));
 #[cfg(target_arch = "aarch64")]
-const SYSCALL_REGS: (&[&str], &[&str], u32) = (&["syscallno"], &["regs"], 8);
+const SYSCALL_REGS: SyscallRegPaths = (&["syscallno"], (&["regs"], 8), (&["regs"], 16));
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-const SYSCALL_REGS: (&[&str], &[&str], u32) = (&[], &[], 0);
+const SYSCALL_REGS: SyscallRegPaths = (&[], (&[], 0), (&[], 0));
+
+/// `struct pt_regs` members (and a byte offset into them) of the syscall number, the second
+/// and the third argument.
+type SyscallRegPaths = (&'static [&'static str], RegPath, RegPath);
+type RegPath = (&'static [&'static str], u32);
 
 /// This architecture's numbers of the [`io_syscall`]s, in their order.
 fn io_syscall_numbers() -> [u64; io_syscall::COUNT] {
@@ -515,7 +520,8 @@ impl Resolver {
             // Already reported; `cacheprobe check` names capture's loss on its own line.
             return;
         };
-        let (number_path, second_arg_path, second_arg_skip) = SYSCALL_REGS;
+        let (number_path, (second_arg_path, second_arg_skip), (third_arg_path, third_arg_skip)) =
+            SYSCALL_REGS;
         // An 8-byte word `skip` bytes into the member must lie inside it.
         let word_at = |path: &[&str], skip: u32| {
             btf.member_path("pt_regs", path)
@@ -531,10 +537,12 @@ impl Resolver {
         // neighbour, so it is not accepted.
         let number = word_at(number_path, 0);
         let second_arg = word_at(second_arg_path, second_arg_skip);
-        match (number, second_arg) {
-            (Some(number), Some(second_arg)) => {
+        let third_arg = word_at(third_arg_path, third_arg_skip);
+        match (number, second_arg, third_arg) {
+            (Some(number), Some(second_arg), Some(third_arg)) => {
                 self.offsets.syscall_regs.number = number;
                 self.offsets.syscall_regs.second_arg = second_arg;
+                self.offsets.syscall_regs.third_arg = third_arg;
                 self.offsets.syscall_regs.numbers = io_syscall_numbers();
             }
             _ => self.missing.push(MissingFeature {
@@ -992,6 +1000,7 @@ mod tests {
         if cfg!(target_arch = "x86_64") {
             regs.number = 120;
             regs.second_arg = 104;
+            regs.third_arg = 96;
             regs.numbers = [0, 1, 19, 20, 45, 44, 47, 46];
         }
         regs
