@@ -518,7 +518,7 @@ fn try_length(
         // (A connection in trouble is always captured below, whatever the sample.)
         let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
         if capture_sample::is_followed(sk, shift) {
-            capture_payload(sk, ret, is_send);
+            capture_payload(sk, ret, is_send, Some(&ports));
         }
         return Some(());
     }
@@ -536,7 +536,7 @@ fn try_length(
                     // After the event: the agent names a dead write's command from the first
                     // send stamped at or after it.
                     if snapshot.flags & sock_flags::CAPTURE != 0 {
-                        capture_payload(sk, ret, is_send);
+                        capture_payload(sk, ret, is_send, None);
                     }
                     return Some(());
                 }
@@ -561,7 +561,7 @@ fn try_length(
     }
     // After any event, as above.
     if state.flags & sock_flags::CAPTURE != 0 {
-        capture_payload(sk, ret, is_send);
+        capture_payload(sk, ret, is_send, None);
     }
     Some(())
 }
@@ -803,8 +803,12 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
 /// Follows the frames of one send or receive on a captured socket (see
 /// [`agent_common::framing`]): frame headers are copied into payload records, value bodies are
 /// skipped by their declared length, across iovecs and across calls.
+///
+/// `ports` is given on the healthy fast path, which never looks the socket up: a socket first
+/// captured there that the programs do not know yet existed before the agent and is adopted
+/// here (the agent must know its endpoint before its payloads can be decoded).
 #[inline(always)]
-fn capture_payload(sk: u64, ret: i32, is_send: bool) {
+fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) {
     if ret <= 0 {
         return;
     }
@@ -838,6 +842,12 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool) {
     let frames = match FRAMES.get_ptr_mut(sk) {
         Some(frames) => frames,
         None => {
+            if let Some(ports) = ports {
+                if unsafe { SOCKETS.get(sk) }.is_none() {
+                    // Before the record: the adoption event's timestamp must come first.
+                    learn(sk, ports, ret, is_send, unsafe { bpf_ktime_get_ns() });
+                }
+            }
             if FRAMES.insert(sk, SocketFrames::default(), 0).is_err() {
                 bump(counter::FRAME_MAP_FULL);
                 return;
