@@ -548,10 +548,11 @@ impl Resolver {
             _ => self.missing.push(MissingFeature {
                 subject: "struct pt_regs".into(),
                 reason: format!(
-                    "kernel BTF has no struct pt_regs with an 8-byte {} and {} on this \
+                    "kernel BTF has no struct pt_regs with an 8-byte {}, {} and {} on this \
                      architecture: {CAPTURE_LOST}",
                     number_path.join("."),
-                    second_arg_path.join(".")
+                    second_arg_path.join("."),
+                    third_arg_path.join(".")
                 ),
             }),
         }
@@ -913,7 +914,8 @@ mod tests {
         icsk_ack.lrcvtime: last activity is stamped on every send and receive instead, which \
         costs more per call";
 
-    const NO_PT_REGS: &str = "kernel BTF has no struct pt_regs with an 8-byte orig_ax and si on \
+    const NO_PT_REGS: &str =
+        "kernel BTF has no struct pt_regs with an 8-byte orig_ax, si and dx on \
         this architecture: payloads are not captured: memcache decoding is unavailable";
 
     /// BTF that describes the raw tracepoints, `sock.sk_protocol` and the tcp_sock activity
@@ -990,7 +992,11 @@ mod tests {
             "pt_regs",
             168,
             false,
-            &[M("si", ulong, 104 * 8, 0), M("orig_ax", ulong, 120 * 8, 0)],
+            &[
+                M("dx", ulong, 96 * 8, 0),
+                M("si", ulong, 104 * 8, 0),
+                M("orig_ax", ulong, 120 * 8, 0),
+            ],
         );
     }
 
