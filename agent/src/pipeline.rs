@@ -719,6 +719,35 @@ mod tests {
         assert_eq!(pipeline.take_capture_shift(), None);
     }
 
+    /// A connection from before the agent, learned from the kernel mid-stream: the reply to a
+    /// request sent before capture started is the one exchange lost, and it is counted; the
+    /// next request is decoded.
+    #[test]
+    fn an_adopted_connection_is_decoded_from_its_first_request_and_the_cut_exchange_counted() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let sk = 0xffff_8880_0000_1000;
+        learn_client(&mut pipeline, sk, 40_003);
+        let reply = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+        let cut = encode_payload_record(SECOND, sk, reply.len() as u64, false, b"c", reply);
+        assert_eq!(pipeline.on_payload_record(&cut), PayloadOutcome::Handled);
+        get_hit(&mut pipeline, sk, 2 * SECOND);
+        get_hit(&mut pipeline, sk, 3 * SECOND);
+        assert_eq!((gets(&metrics, "hit"), gets(&metrics, "miss")), (2, 0));
+        let lost: u64 = ["unexpected_response", "gap", "garbage"]
+            .iter()
+            .map(|reason| {
+                metrics
+                    .memcache_decode_errors
+                    .get_or_create(&crate::metrics::DecodeErrorLabels {
+                        service: "mc".into(),
+                        reason,
+                    })
+                    .get()
+            })
+            .sum();
+        assert!(lost >= 1, "the cut exchange is counted");
+    }
+
     #[test]
     fn without_a_budget_nothing_is_sampled() {
         let (mut pipeline, metrics, _, released) = two_clients(0);

@@ -14,6 +14,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "libmemcached-tools",
     "python3-pymemcache",
     "python3-memcache",
+    // A venv for the PyPI clients below (it brings pip via ensurepip).
+    "python3-venv",
     "ruby",
     "ruby-dalli",
     "tshark",
@@ -34,6 +36,9 @@ pub fn setup() -> anyhow::Result<()> {
     setup_build_tools()?;
     if util::is_root() {
         install_debian_packages(DEBIAN_PACKAGES)?;
+        ensure_node()?;
+        ensure_pypi_clients()?;
+        ensure_npm_clients()?;
         mount_tracefs()?;
     } else {
         eprintln!("xtask: not root: skipping Debian packages and tracefs (needed only to run the agent and the integration tests)");
@@ -190,4 +195,93 @@ fn mount_tracefs() -> anyhow::Result<()> {
     }
     step("mounting tracefs at /sys/kernel/tracing");
     run_command(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+}
+
+/// Memcache clients from PyPI (name, pinned version), in a venv of Debian's python3 under
+/// ~/.cache/cacheprobe/python (the exactness tests run them from there).
+pub const PYPI_CLIENTS: &[(&str, &str)] = &[("python-binary-memcached", "0.33.0")];
+
+/// Memcache clients from the npm registry (name, pinned version), under
+/// ~/.cache/cacheprobe/node/node_modules: memjs speaks binary, memcached text.
+pub const NPM_CLIENTS: &[(&str, &str)] = &[("memjs", "1.3.2"), ("memcached", "2.2.2")];
+
+fn client_cache() -> anyhow::Result<PathBuf> {
+    Ok(home()?.join(".cache/cacheprobe"))
+}
+
+/// node and npm: some hosts have them from another apt source (whose nodejs bundles npm and
+/// conflicts with Debian's npm), so Debian's are installed only when either command is missing.
+fn ensure_node() -> anyhow::Result<()> {
+    if output("node", &["--version"]).is_some() && output("npm", &["--version"]).is_some() {
+        return Ok(());
+    }
+    install_debian_packages(&["nodejs", "npm"])
+}
+
+fn ensure_pypi_clients() -> anyhow::Result<()> {
+    let venv = client_cache()?.join("python");
+    let python = venv.join("bin/python");
+    let python = python.to_str().context("non-UTF-8 cache path")?;
+    let missing: Vec<String> = PYPI_CLIENTS
+        .iter()
+        .filter(|(name, version)| {
+            let probe = format!("import importlib.metadata as m; print(m.version('{name}'))");
+            output(python, &["-c", &probe]).is_none_or(|found| found.trim() != *version)
+        })
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing PyPI clients: {}", missing.join(" ")));
+    if !std::path::Path::new(python).exists() {
+        run_command(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+        )?;
+    }
+    run_command(
+        Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )
+}
+
+fn ensure_npm_clients() -> anyhow::Result<()> {
+    let dir = client_cache()?.join("node");
+    let missing: Vec<String> = NPM_CLIENTS
+        .iter()
+        .filter(|(name, version)| {
+            let manifest = dir.join("node_modules").join(name).join("package.json");
+            fs::read_to_string(manifest)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .is_none_or(|json| json["version"] != *version)
+        })
+        .map(|(name, version)| format!("{name}@{version}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing npm clients: {}", missing.join(" ")));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    run_command(
+        Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--save-exact",
+                "--prefix",
+            ])
+            .arg(&dir)
+            .args(&missing),
+    )
 }
