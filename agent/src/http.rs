@@ -7,7 +7,9 @@
 //! connection still waiting for its head, so idle or slow clients cannot lock Prometheus out.
 //! Encoding runs off the event loop, and at most [`MAX_CONCURRENT_SCRAPES`] encoded bodies exist
 //! at a time (at most one per source), so a registry at the cardinality ceiling (tens of MB of
-//! text) neither stalls the ring buffers nor multiplies memory by the number of scrapers.
+//! text) neither stalls the ring buffers nor multiplies memory by the number of scrapers; a
+//! client that leaves its response unread loses its permit to a waiting scrape after
+//! [`STALL_GRACE`].
 
 pub mod admission;
 
@@ -31,7 +33,7 @@ use prometheus_client::{
 use subtle::ConstantTimeEq as _;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, TryAcquireError},
     time::Instant,
 };
 use tokio_rustls::{rustls, TlsAcceptor};
@@ -47,6 +49,9 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Two: a Prometheus HA pair scraping at the same moment is not kept waiting.
 pub const MAX_CONCURRENT_SCRAPES: usize = 2;
+/// How long a connection may hold a scrape permit with its response ready but not taken
+/// while another scrape waits: a client that does not read must not starve Prometheus.
+pub const STALL_GRACE: Duration = Duration::from_millis(500);
 /// Base64 of a `user:password` longer than this is not ours.
 const MAX_CREDENTIALS_BASE64: usize = 1024;
 
@@ -72,10 +77,13 @@ pub enum Closed {
     ConcurrentScrape,
     /// The response was not taken within [`RESPONSE_TIMEOUT`] (a client that does not read).
     ResponseTimeout,
+    /// Held a scrape permit with its response unsent for over [`STALL_GRACE`] while another
+    /// scrape waited for the permit.
+    ResponseStalled,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 9] = [
+    pub const ALL: [Closed; 10] = [
         Closed::PerSourceLimit,
         Closed::ConnectionLimit,
         Closed::Evicted,
@@ -85,6 +93,7 @@ impl Closed {
         Closed::TlsHandshake,
         Closed::ConcurrentScrape,
         Closed::ResponseTimeout,
+        Closed::ResponseStalled,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +107,7 @@ impl Closed {
             Closed::TlsHandshake => "tls_handshake",
             Closed::ConcurrentScrape => "concurrent_scrape",
             Closed::ResponseTimeout => "response_timeout",
+            Closed::ResponseStalled => "response_stalled",
         }
     }
 }
@@ -357,6 +367,7 @@ async fn answer(request: Request<Incoming>, ticket: &Ticket, shared: &Shared) ->
             return response;
         }
     }
+    ticket.admitted_request();
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         response
@@ -383,8 +394,26 @@ async fn scrape(request: &Request<Incoming>, ticket: &Ticket, shared: &Shared) -
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }
-    let Ok(permit) = shared.scrapes.clone().acquire_owned().await else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    let permit = loop {
+        match shared.scrapes.clone().try_acquire_owned() {
+            Ok(permit) => break permit,
+            Err(TryAcquireError::Closed) => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        if ticket.preempt_stalled_scrape(STALL_GRACE) {
+            shared.count(Closed::ResponseStalled);
+        }
+        // Wait for a permit, looking again for stalled holders now and then.
+        if let Ok(Ok(permit)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            shared.scrapes.clone().acquire_owned(),
+        )
+        .await
+        {
+            break permit;
+        }
     };
     // Shared by the connection (until the body is written) and the encode (until it ends,
     // even if the client has gone): either alone keeps the slot.
@@ -402,6 +431,7 @@ async fn scrape(request: &Request<Incoming>, ticket: &Ticket, shared: &Shared) -
         crate::metrics::encode(&registry, format)
     })
     .await;
+    ticket.response_ready();
     match encoded {
         Ok(Ok(body)) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));

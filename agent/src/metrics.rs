@@ -515,7 +515,8 @@ impl Metrics {
             "http_connections_rejected",
             "/metrics connections closed before or instead of a normal answer, by reason \
              (per-source or total connection limit, evicted for a newcomer, head timeout or too \
-             large, bad request, TLS handshake, concurrent scrape, response not read in time)",
+             large, bad request, TLS handshake, concurrent scrape, response not read in time or \
+             stalled while another scrape waited)",
             metrics.http_connections_rejected.clone(),
         );
         for closed in crate::http::Closed::ALL {

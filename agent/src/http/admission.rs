@@ -1,8 +1,9 @@
 //! Who may hold a /metrics connection: a total cap, a cap per source address, and, when the total cap is hit, eviction of a connection that is still waiting for its request head.
 //!
 //! A connection that has not sent a complete request head yet costs the attacker nothing, so
-//! at the total cap the newcomer wins over the longest-waiting connection of the source that
-//! holds the most waiting connections. A scraper that sends its request right after connecting
+//! at the total cap the newcomer wins over a waiting connection: first from sources that have
+//! not had a request admitted in the last 10 minutes, then from the source holding the most
+//! waiting connections, then the oldest. A scraper that sends its request right after connecting
 //! (Prometheus does) therefore cannot be locked out by any number of idle or slow connections,
 //! and one source can never hold more than its share of the slots.
 
@@ -10,6 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -47,6 +49,8 @@ struct Slot {
     /// Still waiting for its request head (and TLS handshake): evictable.
     waiting: bool,
     scraping: bool,
+    /// Holds one of the scrape permits, and since when its response has been ready to send.
+    permit: Option<Option<Instant>>,
     evict: Arc<Notify>,
 }
 
@@ -57,12 +61,20 @@ struct Source {
     scraping: usize,
 }
 
+/// Sources remembered as having sent a complete, admitted request recently.
+const MAX_TRUSTED_SOURCES: usize = 256;
+const TRUST_WINDOW: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Default)]
 struct Table {
     next_id: u64,
     /// Ordered by id, so by age.
     slots: BTreeMap<u64, Slot>,
     sources: HashMap<IpAddr, Source>,
+    /// When each source last had a request admitted (auth passed): its connections are
+    /// evicted only after those of sources that never completed one, such as a flood of
+    /// half-open connections or half-sent TLS handshakes.
+    trusted: HashMap<IpAddr, Instant>,
 }
 
 impl Table {
@@ -79,18 +91,43 @@ impl Table {
         Some(slot)
     }
 
-    /// The waiting connection to give up for a newcomer: the oldest one of the source with the
-    /// most waiting connections.
+    fn is_trusted(&self, source: &IpAddr) -> bool {
+        self.trusted
+            .get(source)
+            .is_some_and(|since| since.elapsed() < TRUST_WINDOW)
+    }
+
+    /// The waiting connection to give up for a newcomer: one from a source without a recent
+    /// admitted request if there is any, then from the source with the most waiting
+    /// connections, then the oldest.
     fn victim(&self) -> Option<u64> {
         self.slots
             .iter()
             .filter(|(_, slot)| slot.waiting)
             .map(|(&id, slot)| {
                 let waiting = self.sources.get(&slot.source).map_or(0, |s| s.waiting);
-                (waiting, std::cmp::Reverse(id))
+                (
+                    !self.is_trusted(&slot.source),
+                    waiting,
+                    std::cmp::Reverse(id),
+                )
             })
             .max()
-            .map(|(_, std::cmp::Reverse(id))| id)
+            .map(|(_, _, std::cmp::Reverse(id))| id)
+    }
+
+    fn trust(&mut self, source: IpAddr) {
+        self.trusted.insert(source, Instant::now());
+        if self.trusted.len() > MAX_TRUSTED_SOURCES {
+            if let Some(oldest) = self
+                .trusted
+                .iter()
+                .min_by_key(|(_, since)| **since)
+                .map(|(source, _)| *source)
+            {
+                self.trusted.remove(&oldest);
+            }
+        }
     }
 }
 
@@ -152,6 +189,7 @@ impl Admission {
                 source,
                 waiting: true,
                 scraping: false,
+                permit: None,
                 evict: evict.clone(),
             },
         );
@@ -209,6 +247,14 @@ impl Ticket {
         true
     }
 
+    /// The request passed authentication: its source's connections are evicted last.
+    pub fn admitted_request(&self) {
+        let mut table = self.admission.table();
+        if let Some(source) = table.slots.get(&self.id).map(|slot| slot.source) {
+            table.trust(source);
+        }
+    }
+
     /// Claims the one scrape a source may have in flight; false if its source already has one
     /// (so a source that never reads its responses holds at most one encoded body).
     pub fn start_scrape(&self) -> bool {
@@ -233,11 +279,45 @@ impl Ticket {
         true
     }
 
+    /// Keeps a scrape permit until the connection ends.
     pub fn hold(&self, permit: Arc<OwnedSemaphorePermit>) {
         *self
             .scrape_permit
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(permit);
+        if let Some(slot) = self.admission.table().slots.get_mut(&self.id) {
+            slot.permit = Some(None);
+        }
+    }
+
+    /// The response is encoded and being written: from now on a client that does not take it
+    /// can lose its permit to a waiting scrape.
+    pub fn response_ready(&self) {
+        if let Some(slot) = self.admission.table().slots.get_mut(&self.id) {
+            if slot.permit.is_some() {
+                slot.permit = Some(Some(Instant::now()));
+            }
+        }
+    }
+
+    /// Closes the connection that has held a scrape permit with a ready response for longest,
+    /// if that is over `grace`: its client is not reading, and this one waits for the permit.
+    pub fn preempt_stalled_scrape(&self, grace: Duration) -> bool {
+        let mut table = self.admission.table();
+        let victim = table
+            .slots
+            .iter()
+            .filter_map(|(&id, slot)| Some((slot.permit??, id)))
+            .filter(|(ready, _)| ready.elapsed() > grace)
+            .min()
+            .map(|(_, id)| id);
+        match victim.and_then(|id| table.remove(id)) {
+            Some(slot) => {
+                slot.evict.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -299,6 +379,41 @@ mod tests {
     }
 
     #[test]
+    fn sources_with_admitted_requests_are_evicted_last() {
+        let admission = admission(3, 3);
+        let scraper = admission.admit(ip(1)).unwrap().ticket;
+        assert!(scraper.head_complete());
+        scraper.admitted_request();
+        drop(scraper);
+        // The scraper's next connection is the oldest waiting one, from the least busy source.
+        let scraper = admission.admit(ip(1)).unwrap().ticket;
+        let flood: Vec<_> = (2..4)
+            .map(|last| admission.admit(ip(last)).unwrap().ticket)
+            .collect();
+        let mut newcomers = Vec::new();
+        for last in 10..20 {
+            let admitted = admission.admit(ip(last)).unwrap();
+            assert!(admitted.evicted);
+            newcomers.push(admitted.ticket);
+        }
+        assert!(scraper.head_complete(), "the trusted source was evicted");
+        assert!(flood.iter().all(|ticket| !ticket.head_complete()));
+    }
+
+    #[test]
+    fn trust_is_remembered_for_a_bounded_number_of_sources() {
+        let admission = admission(1, 1);
+        for n in 0..(MAX_TRUSTED_SOURCES as u32 + 10) {
+            let ticket = admission
+                .admit(IpAddr::from(n.to_be_bytes()))
+                .unwrap()
+                .ticket;
+            ticket.admitted_request();
+        }
+        assert_eq!(admission.table().trusted.len(), MAX_TRUSTED_SOURCES);
+    }
+
+    #[test]
     fn connections_being_answered_are_never_evicted() {
         let admission = admission(2, 2);
         let a = admission.admit(ip(2)).unwrap().ticket;
@@ -325,6 +440,31 @@ mod tests {
         assert!(other.start_scrape());
         drop(a);
         assert!(b.start_scrape(), "the slot is released with its connection");
+    }
+
+    #[test]
+    fn a_permit_holder_that_does_not_take_its_response_is_preempted() {
+        let admission = admission(8, 4);
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(2));
+        let slow = admission.admit(ip(2)).unwrap().ticket;
+        let encoding = admission.admit(ip(3)).unwrap().ticket;
+        let waiting = admission.admit(ip(1)).unwrap().ticket;
+        slow.hold(Arc::new(semaphore.clone().try_acquire_owned().unwrap()));
+        encoding.hold(Arc::new(semaphore.clone().try_acquire_owned().unwrap()));
+        slow.response_ready();
+        assert!(
+            !waiting.preempt_stalled_scrape(Duration::from_millis(50)),
+            "within its grace the writer keeps its permit"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(waiting.preempt_stalled_scrape(Duration::from_millis(50)));
+        assert!(poll_once(slow.evicted()));
+        assert!(
+            !waiting.preempt_stalled_scrape(Duration::from_millis(50)),
+            "a connection still encoding is never preempted"
+        );
+        drop(slow);
+        assert!(semaphore.try_acquire().is_ok());
     }
 
     #[test]
