@@ -58,6 +58,9 @@ pub struct Limits {
     pub key_stats_exact_per_second: u32,
     /// Sampling ratio of the key statistics above `key_stats_exact_per_second` (1 = all).
     pub key_stats_sample_every: u32,
+    /// /metrics connections one source address may hold at once (of 32 in all), so one
+    /// client cannot starve Prometheus.
+    pub http_connections_per_source: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +75,8 @@ impl Default for Limits {
             capture_records_per_second: 25_000,
             key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
             key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
+            http_connections_per_source: crate::http::admission::ConnectionLimits::default()
+                .max_per_source,
         }
     }
 }
@@ -325,6 +330,13 @@ impl Config {
                 "limits.key_stats_sample_every must be at least 1".to_string(),
             ));
         }
+        let max_connections = crate::http::admission::ConnectionLimits::default().max_connections;
+        if !(1..=max_connections).contains(&limits.http_connections_per_source) {
+            return Err(invalid(format!(
+                "limits.http_connections_per_source = {} must be in 1-{max_connections}",
+                limits.http_connections_per_source
+            )));
+        }
         if limits.max_comms == 0 {
             return Err(invalid("limits.max_comms must be at least 1".to_string()));
         }
@@ -453,6 +465,18 @@ capture = false
         );
         let config = parse("[limits]\npayload_ring_buffer_bytes = 2097152\n").unwrap();
         assert_eq!(config.limits.payload_ring_buffer_bytes, 2 << 20);
+        for bad in ["0", "33"] {
+            let err = parse(&format!("[limits]\nhttp_connections_per_source = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must be in 1-32"), "{err}");
+        }
+        let config = parse("[limits]\nhttp_connections_per_source = 2\n").unwrap();
+        assert_eq!(config.limits.http_connections_per_source, 2);
+        assert_eq!(
+            parse("").map(|c| c.limits.http_connections_per_source).ok(),
+            Some(8)
+        );
     }
 
     #[test]

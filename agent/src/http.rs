@@ -1,28 +1,116 @@
-//! A deliberately small HTTP/1.1 server for `/metrics`. It reads at most one bounded request per
-//! connection, answers and closes, so a slow or hostile scraper can hold at most one slot for at
-//! most [`REQUEST_TIMEOUT`], and never more than [`MAX_CONCURRENT`] slots at once. Encoding runs
-//! off the event loop, and at most [`MAX_CONCURRENT_SCRAPES`] encoded bodies exist at a time, so
-//! a registry at the cardinality ceiling (tens of MB of text) neither stalls the ring buffers nor
-//! multiplies memory by the number of scrapers.
+//! Serves `/metrics` and `/healthz` over hyper's HTTP/1.1, optionally behind TLS and basic auth, within bounds that keep hostile clients from starving Prometheus.
+//!
+//! Every connection answers one request and closes. Its request head (TLS handshake included)
+//! must arrive within [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD_BYTES`]; until its first byte
+//! arrives a connection holds no buffer, only a task and a socket. [`admission`] caps
+//! connections in total and per source address, and lets a newcomer take the slot of a
+//! connection still waiting for its head, so idle or slow clients cannot lock Prometheus out.
+//! Encoding runs off the event loop, and at most [`MAX_CONCURRENT_SCRAPES`] encoded bodies exist
+//! at a time (at most one per source), so a registry at the cardinality ceiling (tens of MB of
+//! text) neither stalls the ring buffers nor multiplies memory by the number of scrapers; a
+//! client that leaves its response unread loses its permit to a waiting scrape after
+//! [`STALL_GRACE`].
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+pub mod admission;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use prometheus_client::registry::Registry;
-
-use crate::metrics::Format;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use subtle::ConstantTimeEq as _;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
-    sync::Semaphore,
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, TryAcquireError},
+    time::Instant,
 };
 use tokio_rustls::{rustls, TlsAcceptor};
 
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONCURRENT: usize = 32;
+use crate::metrics::{Format, HttpClosedLabels};
+use admission::{Admission, ConnectionLimits, Refusal, Ticket};
+
+/// Request line and headers.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// From accept to a complete request head, TLS handshake included.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// From a complete head to the last byte of the response handed to the kernel.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Two: a Prometheus HA pair scraping at the same moment is not kept waiting.
-const MAX_CONCURRENT_SCRAPES: usize = 2;
+pub const MAX_CONCURRENT_SCRAPES: usize = 2;
+/// How long a connection may hold a scrape permit with its response ready but not taken
+/// while another scrape waits: a client that does not read must not starve Prometheus.
+pub const STALL_GRACE: Duration = Duration::from_millis(500);
+/// Base64 of a `user:password` longer than this is not ours.
+const MAX_CREDENTIALS_BASE64: usize = 1024;
+
+/// Why a connection was closed before (or instead of) a normal answer: the `reason` label of
+/// `cacheprobe_http_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Refused at accept: its source already held `limits.http_connections_per_source`.
+    PerSourceLimit,
+    /// Refused at accept: every slot was taken by a connection already being answered.
+    ConnectionLimit,
+    /// Closed while waiting for its head, to make room for a newcomer at the connection cap.
+    Evicted,
+    /// No complete request head (or TLS handshake) within [`HEAD_TIMEOUT`].
+    HeadTimeout,
+    /// Request head over [`MAX_HEAD_BYTES`] (answered 431).
+    HeadTooLarge,
+    /// Not HTTP/1.x (answered 400 where possible).
+    BadRequest,
+    /// The TLS handshake failed.
+    TlsHandshake,
+    /// A second /metrics request while its source had one in flight (answered 503).
+    ConcurrentScrape,
+    /// The response was not taken within [`RESPONSE_TIMEOUT`] (a client that does not read).
+    ResponseTimeout,
+    /// Held a scrape permit with its response unsent for over [`STALL_GRACE`] while another
+    /// scrape waited for the permit.
+    ResponseStalled,
+}
+
+impl Closed {
+    pub const ALL: [Closed; 10] = [
+        Closed::PerSourceLimit,
+        Closed::ConnectionLimit,
+        Closed::Evicted,
+        Closed::HeadTimeout,
+        Closed::HeadTooLarge,
+        Closed::BadRequest,
+        Closed::TlsHandshake,
+        Closed::ConcurrentScrape,
+        Closed::ResponseTimeout,
+        Closed::ResponseStalled,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Closed::PerSourceLimit => "per_source_limit",
+            Closed::ConnectionLimit => "connection_limit",
+            Closed::Evicted => "evicted",
+            Closed::HeadTimeout => "head_timeout",
+            Closed::HeadTooLarge => "head_too_large",
+            Closed::BadRequest => "bad_request",
+            Closed::TlsHandshake => "tls_handshake",
+            Closed::ConcurrentScrape => "concurrent_scrape",
+            Closed::ResponseTimeout => "response_timeout",
+            Closed::ResponseStalled => "response_stalled",
+        }
+    }
+}
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -39,61 +127,26 @@ pub struct BasicAuth {
 }
 
 impl BasicAuth {
-    /// Whether the request head carries these credentials.
-    pub fn admits(&self, head: &[u8]) -> bool {
-        let Some(value) = header(head, "authorization") else {
+    /// Whether an `Authorization` header value carries these credentials.
+    pub fn admits(&self, authorization: Option<&HeaderValue>) -> bool {
+        use base64::Engine as _;
+        let Some(value) = authorization.and_then(|value| value.to_str().ok()) else {
             return false;
         };
-        let Some(encoded) = value
-            .strip_prefix("Basic ")
-            .or_else(|| value.strip_prefix("basic "))
-        else {
+        let Some((scheme, encoded)) = value.trim().split_once(' ') else {
             return false;
         };
-        let Some(decoded) = base64_decode(encoded.trim()) else {
+        let encoded = encoded.trim();
+        if !scheme.eq_ignore_ascii_case("basic") || encoded.len() > MAX_CREDENTIALS_BASE64 {
+            return false;
+        }
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
             return false;
         };
         let expected = format!("{}:{}", self.username, self.password);
-        // Compare in constant time so the password cannot be guessed byte by byte.
-        decoded.len() == expected.len()
-            && decoded
-                .iter()
-                .zip(expected.as_bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        // Constant time, so the password cannot be guessed byte by byte from response times.
+        decoded.ct_eq(expected.as_bytes()).into()
     }
-}
-
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes = text.trim_end_matches('=').as_bytes();
-    if bytes.len() > 1024 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= value(c)? << (18 - 6 * i);
-        }
-        let produced = match chunk.len() {
-            4 => 3,
-            3 => 2,
-            2 => 1,
-            _ => return None,
-        };
-        out.extend_from_slice(&acc.to_be_bytes()[1..1 + produced]);
-    }
-    Some(out)
 }
 
 /// TLS for /metrics: PEM certificate chain and private key.
@@ -131,15 +184,43 @@ impl TlsFiles {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
+/// Everything the server needs; built once at start.
+pub struct Server {
+    pub registry: Arc<Registry>,
+    pub auth: Option<BasicAuth>,
+    pub tls: Option<TlsAcceptor>,
+    pub limits: ConnectionLimits,
+    /// `cacheprobe_http_connections_rejected_total`.
+    pub closed: Family<HttpClosedLabels, Counter>,
+}
+
+struct Shared {
     registry: Arc<Registry>,
     auth: Option<BasicAuth>,
     tls: Option<TlsAcceptor>,
-) {
-    let auth = Arc::new(auth);
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    let scrapes = Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES));
+    scrapes: Arc<Semaphore>,
+    closed: Family<HttpClosedLabels, Counter>,
+}
+
+impl Shared {
+    fn count(&self, closed: Closed) {
+        self.closed
+            .get_or_create(&HttpClosedLabels {
+                reason: closed.label(),
+            })
+            .inc();
+    }
+}
+
+pub async fn serve(listener: TcpListener, server: Server) {
+    let admission = Admission::new(server.limits);
+    let shared = Arc::new(Shared {
+        registry: server.registry,
+        auth: server.auth,
+        tls: server.tls,
+        scrapes: Arc::new(Semaphore::new(MAX_CONCURRENT_SCRAPES)),
+        closed: server.closed,
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -150,286 +231,442 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many concurrent metrics requests, dropping one");
-            continue;
-        };
-        let registry = registry.clone();
-        let scrapes = scrapes.clone();
-        let auth = auth.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let served = async {
-                match &tls {
-                    // The handshake counts against the same deadline as the request.
-                    Some(acceptor) => {
-                        handle(acceptor.accept(stream).await?, &registry, &scrapes, &auth).await
-                    }
-                    None => handle(stream, &registry, &scrapes, &auth).await,
+        match admission.admit(peer.ip()) {
+            Ok(admitted) => {
+                if admitted.evicted {
+                    shared.count(Closed::Evicted);
                 }
-            };
-            match tokio::time::timeout(REQUEST_TIMEOUT, served).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics request failed"),
-                Err(_) => tracing::debug!(%peer, "metrics request timed out"),
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    Arc::new(admitted.ticket),
+                    shared.clone(),
+                ));
             }
-        });
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Request {
-    Metrics,
-    Health,
-    NotFound,
-    MethodNotAllowed,
-    Bad,
-}
-
-/// Parses the request head. Pure so it can be tested without sockets.
-pub fn route(head: &[u8]) -> Request {
-    let Some(line_end) = head.iter().position(|&b| b == b'\n') else {
-        return Request::Bad;
-    };
-    let line = String::from_utf8_lossy(&head[..line_end]);
-    let mut parts = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Request::Bad;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Request::Bad;
-    }
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => Request::Metrics,
-        ("GET" | "HEAD", "/healthz") => Request::Health,
-        ("GET" | "HEAD", _) => Request::NotFound,
-        _ => Request::MethodNotAllowed,
-    }
-}
-
-/// Value of a request header (case-insensitive name), if present.
-pub fn header(head: &[u8], name: &str) -> Option<String> {
-    String::from_utf8_lossy(head)
-        .lines()
-        .skip(1)
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| value.trim().to_string())
-        })
-}
-
-async fn handle(
-    mut stream: impl AsyncRead + AsyncWrite + Unpin,
-    registry: &Arc<Registry>,
-    scrapes: &Arc<Semaphore>,
-    auth: &Option<BasicAuth>,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break;
-        }
-        if head.len() > MAX_REQUEST_BYTES {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                b"request too large\n",
-                true,
-            )
-            .await;
-        }
-    }
-    if let Some(auth) = auth {
-        if !auth.admits(&head) {
-            let body = b"authentication required\n";
-            let response = format!(
-                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cacheprobe\"\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            stream.write_all(response.as_bytes()).await?;
-            stream.write_all(body).await?;
-            return stream.shutdown().await;
-        }
-    }
-    let is_head = head.starts_with(b"HEAD ");
-    let with_body = !is_head;
-    match route(&head) {
-        Request::Metrics => {
-            let format = Format::from_accept(header(&head, "accept").as_deref());
-            // Held until the body is written: it bounds how many bodies exist, not just encodes.
-            let Ok(_scrape) = scrapes.clone().acquire_owned().await else {
-                return Ok(());
-            };
-            let registry = registry.clone();
-            let encoded =
-                tokio::task::spawn_blocking(move || crate::metrics::encode(&registry, format))
-                    .await;
-            let Ok(Ok(text)) = encoded else {
-                return respond(
-                    &mut stream,
-                    "500 Internal Server Error",
-                    "text/plain",
-                    b"encoding failed\n",
-                    with_body,
-                )
-                .await;
-            };
-            respond(
-                &mut stream,
-                "200 OK",
-                format.content_type(),
-                text.as_bytes(),
-                with_body,
-            )
-            .await
-        }
-        Request::Health => respond(&mut stream, "200 OK", "text/plain", b"ok\n", with_body).await,
-        Request::NotFound => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                b"try /metrics\n",
-                with_body,
-            )
-            .await
-        }
-        Request::MethodNotAllowed => {
-            respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                b"GET only\n",
-                true,
-            )
-            .await
-        }
-        Request::Bad => {
-            respond(
-                &mut stream,
-                "400 Bad Request",
-                "text/plain",
-                b"bad request\n",
-                true,
-            )
-            .await
+            Err(refusal) => {
+                let closed = match refusal {
+                    Refusal::PerSource => Closed::PerSourceLimit,
+                    Refusal::Full => Closed::ConnectionLimit,
+                };
+                shared.count(closed);
+                tracing::debug!(%peer, reason = closed.label(), "metrics connection refused");
+            }
         }
     }
 }
 
-async fn respond(
-    stream: &mut (impl AsyncWrite + Unpin),
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-    with_body: bool,
-) -> std::io::Result<()> {
-    let header = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+async fn connection(stream: TcpStream, peer: SocketAddr, ticket: Arc<Ticket>, shared: Arc<Shared>) {
+    let served = tokio::time::timeout(
+        HEAD_TIMEOUT + RESPONSE_TIMEOUT,
+        serve_connection(stream, &ticket, &shared),
     );
-    stream.write_all(header.as_bytes()).await?;
-    if with_body {
-        stream.write_all(body).await?;
+    let outcome = tokio::select! {
+        // Counted when the newcomer took the slot.
+        () = ticket.evicted() => {
+            tracing::debug!(%peer, "metrics connection evicted while waiting for its request");
+            return;
+        }
+        outcome = served => outcome.unwrap_or(Err(Closed::ResponseTimeout)),
+    };
+    if let Err(closed) = outcome {
+        shared.count(closed);
+        tracing::debug!(%peer, reason = closed.label(), "metrics connection closed early");
     }
-    stream.shutdown().await
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    ticket: &Arc<Ticket>,
+    shared: &Arc<Shared>,
+) -> Result<(), Closed> {
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    // No read buffer (hyper's or rustls') exists until the client sends something.
+    match tokio::time::timeout_at(deadline, stream.readable()).await {
+        Err(_) => return Err(Closed::HeadTimeout),
+        Ok(Err(_)) => return Ok(()),
+        Ok(Ok(())) => {}
+    }
+    match &shared.tls {
+        None => http(TokioIo::new(stream), deadline, ticket, shared).await,
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Err(_) => Err(Closed::HeadTimeout),
+            Ok(Err(_)) => Err(Closed::TlsHandshake),
+            Ok(Ok(tls)) => http(TokioIo::new(tls), deadline, ticket, shared).await,
+        },
+    }
+}
+
+async fn http<I>(
+    io: I,
+    deadline: Instant,
+    ticket: &Arc<Ticket>,
+    shared: &Arc<Shared>,
+) -> Result<(), Closed>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = {
+        let ticket = ticket.clone();
+        let shared = shared.clone();
+        service_fn(move |request| {
+            let ticket = ticket.clone();
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(answer(request, &ticket, &shared).await) }
+        })
+    };
+    let head_left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_left)
+        .max_header_size(MAX_HEAD_BYTES)
+        // The smallest hyper allows; a GET carries no body to buffer.
+        .max_buf_size(MAX_HEAD_BYTES)
+        // One request per connection: an idle keep-alive connection would hold a slot.
+        .keep_alive(false)
+        .serve_connection(io, service)
+        .await;
+    match served {
+        Ok(()) => Ok(()),
+        Err(err) if err.is_timeout() => Err(Closed::HeadTimeout),
+        Err(err) if err.is_parse_too_large() => Err(Closed::HeadTooLarge),
+        Err(err) if err.is_parse() => Err(Closed::BadRequest),
+        Err(err) => {
+            // The client went away mid-response and the like: nothing to count.
+            tracing::debug!(%err, "metrics connection ended");
+            Ok(())
+        }
+    }
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: &'static str) -> Answer {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn answer(request: Request<Incoming>, ticket: &Ticket, shared: &Shared) -> Answer {
+    if !ticket.head_complete() {
+        // Evicted in the instant the head arrived; the connection is being dropped.
+        return text(StatusCode::SERVICE_UNAVAILABLE, "try again\n");
+    }
+    if let Some(auth) = &shared.auth {
+        if !auth.admits(request.headers().get(header::AUTHORIZATION)) {
+            let mut response = text(StatusCode::UNAUTHORIZED, "authentication required\n");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"cacheprobe\""),
+            );
+            return response;
+        }
+    }
+    ticket.admitted_request();
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match request.uri().path() {
+        "/metrics" => scrape(&request, ticket, shared).await,
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => text(StatusCode::NOT_FOUND, "try /metrics\n"),
+    }
+}
+
+async fn scrape(request: &Request<Incoming>, ticket: &Ticket, shared: &Shared) -> Answer {
+    if !ticket.start_scrape() {
+        shared.count(Closed::ConcurrentScrape);
+        let mut response = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "one scrape at a time per address\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    let permit = loop {
+        match shared.scrapes.clone().try_acquire_owned() {
+            Ok(permit) => break permit,
+            Err(TryAcquireError::Closed) => {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        if ticket.preempt_stalled_scrape(STALL_GRACE) {
+            shared.count(Closed::ResponseStalled);
+        }
+        // Wait for a permit, looking again for stalled holders now and then.
+        if let Ok(Ok(permit)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            shared.scrapes.clone().acquire_owned(),
+        )
+        .await
+        {
+            break permit;
+        }
+    };
+    // Shared by the connection (until the body is written) and the encode (until it ends,
+    // even if the client has gone): either alone keeps the slot.
+    let permit = Arc::new(permit);
+    ticket.hold(permit.clone());
+    let format = Format::from_accept(
+        request
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let registry = shared.registry.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        crate::metrics::encode(&registry, format)
+    })
+    .await;
+    ticket.response_ready();
+    match encoded {
+        Ok(Ok(body)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            );
+            response
+        }
+        _ => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn decodes_base64() {
-        assert_eq!(base64_decode("cHJvbTpzM2NyZXQ=").unwrap(), b"prom:s3cret");
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert_eq!(base64_decode("YWI=").unwrap(), b"ab");
-        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
-        assert!(base64_decode("Y").is_none());
-        assert!(base64_decode("!!!!").is_none());
+    fn auth() -> BasicAuth {
+        BasicAuth {
+            username: "prom".into(),
+            password: "s3cret".into(),
+        }
     }
 
     #[test]
-    fn routes_requests() {
-        assert_eq!(
-            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Request::Metrics
+    fn basic_auth_admits_only_its_credentials() {
+        let auth = auth();
+        let admits = |value: &'static str| auth.admits(Some(&HeaderValue::from_static(value)));
+        // base64("prom:s3cret")
+        assert!(admits("Basic cHJvbTpzM2NyZXQ="));
+        assert!(admits("basic cHJvbTpzM2NyZXQ="));
+        assert!(admits("  BASIC   cHJvbTpzM2NyZXQ=  "));
+        // base64("prom:wrong"), base64("prom:s3cre"), base64("prom:s3cret2")
+        assert!(!admits("Basic cHJvbTp3cm9uZw=="));
+        assert!(!admits("Basic cHJvbTpzM2NyZQ=="));
+        assert!(!admits("Basic cHJvbTpzM2NyZXQy"));
+        assert!(!admits("Bearer cHJvbTpzM2NyZXQ="));
+        assert!(!admits("Basic"));
+        assert!(!admits("Basic !!!!"));
+        assert!(
+            !admits("Basic cHJvbTpzM2NyZXQ"),
+            "unpadded base64 is refused"
         );
-        assert_eq!(
-            route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(route(b"HEAD /healthz HTTP/1.1\r\n\r\n"), Request::Health);
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(
-            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Request::MethodNotAllowed
-        );
-        assert_eq!(route(b"\x16\x03\x01garbage\n"), Request::Bad);
-        assert_eq!(route(b"GET"), Request::Bad);
-        let head = b"GET /metrics HTTP/1.1\r\nACCEPT: application/openmetrics-text\r\n\r\n";
-        assert_eq!(
-            header(head, "accept").as_deref(),
-            Some("application/openmetrics-text")
-        );
-        assert_eq!(header(head, "host"), None);
+        assert!(!auth.admits(None));
+        let long = format!("Basic {}", "A".repeat(MAX_CREDENTIALS_BASE64 + 4));
+        assert!(!auth.admits(Some(&HeaderValue::from_str(&long).unwrap())));
+        let not_utf8 = HeaderValue::from_bytes(b"Basic \xff\xfe").unwrap();
+        assert!(!auth.admits(Some(&not_utf8)));
+    }
+
+    #[test]
+    fn every_closing_reason_has_a_distinct_label() {
+        let labels: std::collections::HashSet<_> = Closed::ALL.iter().map(|c| c.label()).collect();
+        assert_eq!(labels.len(), Closed::ALL.len());
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        closed: Family<HttpClosedLabels, Counter>,
+    }
+
+    impl Running {
+        fn closed(&self, reason: Closed) -> u64 {
+            self.closed
+                .get_or_create(&HttpClosedLabels {
+                    reason: reason.label(),
+                })
+                .get()
+        }
+    }
+
+    async fn start(
+        registry: Registry,
+        auth: Option<BasicAuth>,
+        limits: ConnectionLimits,
+    ) -> Running {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Family::<HttpClosedLabels, Counter>::default();
+        tokio::spawn(serve(
+            listener,
+            Server {
+                registry: Arc::new(registry),
+                auth,
+                tls: None,
+                limits,
+                closed: closed.clone(),
+            },
+        ));
+        Running { addr, closed }
+    }
+
+    async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    async fn exchange(mut stream: TcpStream, request: &[u8]) -> String {
+        let _ = stream.write_all(request).await;
+        let mut response = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+            .await
+            .expect("server neither answered nor closed");
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    fn counter_registry() -> Registry {
+        let mut registry = Registry::with_prefix("cacheprobe");
+        let counter: Counter = Default::default();
+        counter.inc();
+        registry.register("test_things", "things", counter);
+        registry
     }
 
     #[tokio::test]
-    async fn serves_metrics_and_rejects_oversized_requests() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut registry = Registry::with_prefix("cacheprobe");
-        let counter: prometheus_client::metrics::counter::Counter = Default::default();
-        counter.inc();
-        registry.register("test_things", "things", counter);
-        let auth = BasicAuth {
-            username: "prom".into(),
-            password: "s3cret".into(),
-        };
-        tokio::spawn(serve(listener, Arc::new(registry), Some(auth), None));
-
+    async fn serves_metrics_with_auth_and_rejects_oversized_heads() {
+        let server = start(
+            counter_registry(),
+            Some(auth()),
+            ConnectionLimits::default(),
+        )
+        .await;
         let get = |request: &'static [u8]| async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream.write_all(request).await.unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.unwrap();
-            response
+            exchange(TcpStream::connect(server.addr).await.unwrap(), request).await
         };
         let response = get(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        // base64("prom:wrong")
+        assert!(
+            response.contains("www-authenticate: Basic realm=\"cacheprobe\""),
+            "{response}"
+        );
         let response =
             get(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTp3cm9uZw==\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        // base64("prom:s3cret")
         let response =
             get(b"GET /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTpzM2NyZXQ=\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("connection: close"), "{response}");
         assert!(
             response.contains("cacheprobe_test_things_total 1"),
             "{response}"
         );
+        let response = get(
+            b"GET /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTpzM2NyZXQ=\r\n\
+              Accept: application/openmetrics-text\r\n\r\n",
+        )
+        .await;
+        assert!(
+            response.contains("content-type: application/openmetrics-text"),
+            "{response}"
+        );
+        assert!(response.ends_with("# EOF\n"), "{response}");
+        let response =
+            get(b"POST /metrics HTTP/1.1\r\nAuthorization: Basic cHJvbTpzM2NyZXQ=\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+        let response =
+            get(b"GET /nope HTTP/1.1\r\nAuthorization: Basic cHJvbTpzM2NyZXQ=\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let junk = vec![b'a'; MAX_REQUEST_BYTES + 2048];
-        let _ = stream.write_all(&junk).await;
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response).await;
+        let mut junk = b"GET /metrics HTTP/1.1\r\nX-Junk: ".to_vec();
+        junk.resize(MAX_HEAD_BYTES + 2048, b'a');
+        let response = get(junk.leak()).await;
         assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+        assert_eq!(server.closed(Closed::HeadTooLarge), 1);
+
+        let response = get(b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+        assert_eq!(server.closed(Closed::BadRequest), 1);
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_head_is_closed_at_the_deadline() {
+        let server = start(Registry::default(), None, ConnectionLimits::default()).await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(b"GET /metrics HT").await.unwrap();
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await.unwrap();
+        let _ = idle.read_to_end(&mut buf).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= HEAD_TIMEOUT - Duration::from_millis(50)
+                && waited <= HEAD_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(server.closed(Closed::HeadTimeout), 2);
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_take_every_slot() {
+        let limits = ConnectionLimits {
+            max_connections: 32,
+            max_per_source: 2,
+        };
+        let server = start(counter_registry(), None, limits).await;
+        let _held = [
+            connect_from([127, 0, 0, 2], server.addr).await,
+            connect_from([127, 0, 0, 2], server.addr).await,
+        ];
+        let refused = connect_from([127, 0, 0, 2], server.addr).await;
+        let response = exchange(refused, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert_eq!(
+            response, "",
+            "the third connection from one address is closed unanswered"
+        );
+        assert_eq!(server.closed(Closed::PerSourceLimit), 1);
+        let scraper = connect_from([127, 0, 0, 1], server.addr).await;
+        let response = exchange(scraper, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn at_the_connection_cap_a_waiting_connection_makes_room() {
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            max_per_source: 4,
+        };
+        let server = start(counter_registry(), None, limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(connect_from([127, 0, 0, 2], server.addr).await);
+        }
+        // Let the server accept them all before the scraper arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let scraper = connect_from([127, 0, 0, 1], server.addr).await;
+        let response = exchange(scraper, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert_eq!(server.closed(Closed::Evicted), 1);
+        // The oldest idle connection was the one closed.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
     }
 
     /// A collector as slow as encoding a registry at the cardinality ceiling.
@@ -446,15 +683,41 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_source_gets_one_scrape_at_a_time() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SlowCollector));
+        let server = start(registry, None, ConnectionLimits::default()).await;
+        let first = tokio::spawn(exchange(
+            connect_from([127, 0, 0, 2], server.addr).await,
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = exchange(
+            connect_from([127, 0, 0, 2], server.addr).await,
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+        assert!(second.contains("retry-after: 1"), "{second}");
+        let other = exchange(
+            connect_from([127, 0, 0, 3], server.addr).await,
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+        let first = first.await.unwrap();
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert_eq!(server.closed(Closed::ConcurrentScrape), 1);
+    }
+
     /// The agent runs on a current-thread runtime that also drains the ring buffers: a slow
     /// scrape must not stop other tasks from running.
     #[tokio::test(flavor = "current_thread")]
     async fn a_slow_scrape_does_not_stall_the_event_loop() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(SlowCollector));
-        tokio::spawn(serve(listener, Arc::new(registry), None, None));
+        let server = start(registry, None, ConnectionLimits::default()).await;
 
         let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let ticker = {
@@ -467,13 +730,11 @@ mod tests {
             })
         };
         let started = std::time::Instant::now();
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let response = exchange(
+            TcpStream::connect(server.addr).await.unwrap(),
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        )
+        .await;
         let elapsed = started.elapsed();
         ticker.abort();
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");

@@ -143,6 +143,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpClosedLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
@@ -252,6 +257,7 @@ pub struct Metrics {
     pub capture_sample_ratio: Gauge<f64, AtomicU64>,
     pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Counter>,
+    pub http_connections_rejected: Family<HttpClosedLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -302,6 +308,7 @@ impl Metrics {
             capture_sample_ratio: Gauge::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
+            http_connections_rejected: Family::default(),
         };
         registry.register(
             "connections_opened",
@@ -504,6 +511,21 @@ impl Metrics {
             "Runs of the agent's kernel programs (needs sysctl kernel.bpf_stats_enabled=1)",
             metrics.bpf_runs.clone(),
         );
+        registry.register(
+            "http_connections_rejected",
+            "/metrics connections closed before or instead of a normal answer, by reason \
+             (per-source or total connection limit, evicted for a newcomer, head timeout or too \
+             large, bad request, TLS handshake, concurrent scrape, response not read in time or \
+             stalled while another scrape waited)",
+            metrics.http_connections_rejected.clone(),
+        );
+        for closed in crate::http::Closed::ALL {
+            let _ = metrics
+                .http_connections_rejected
+                .get_or_create(&HttpClosedLabels {
+                    reason: closed.label(),
+                });
+        }
         metrics
             .build_info
             .get_or_create(&VersionLabels {

@@ -338,9 +338,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .transpose()?;
     tokio::spawn(crate::http::serve(
         listener,
-        registry.clone(),
-        config.basic_auth.clone(),
-        tls,
+        crate::http::Server {
+            registry: registry.clone(),
+            auth: config.basic_auth.clone(),
+            tls,
+            limits: crate::http::admission::ConnectionLimits {
+                max_per_source: config.limits.http_connections_per_source,
+                ..Default::default()
+            },
+            closed: metrics.http_connections_rejected.clone(),
+        },
     ));
 
     let mut pipeline = Pipeline::new(&config, metrics.clone());

@@ -1,0 +1,674 @@
+//! Hostile clients against /metrics while a real Prometheus scrapes the agent every second: every scrape in each window must succeed and the agent's RSS must stay bounded.
+//!
+//! Scenarios: 1,000 idle connections (reconnecting when closed), slow senders (a byte per
+//! second), clients that never read their response, oversized request heads, and, with TLS on,
+//! a handshake flood. Hostile clients come from their own loopback addresses (127.0.x.y), as
+//! they would from other hosts; Prometheus scrapes from 127.0.0.1.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use cacheprobe_tests::*;
+use socket2::{Domain, Socket, Type};
+
+/// Each scenario's measured window, after a few seconds for the attack to build up.
+const WINDOW: Duration = Duration::from_secs(20);
+const WARM_UP: Duration = Duration::from_secs(3);
+/// The agent's RSS may grow at most this much over its idle figure under any attack: two
+/// bodies of this small registry, 32 connections' buffers and allocator slack (measured growth
+/// is about 1 MiB; BENCHMARKS.md).
+const RSS_GROWTH_CEILING_KB: u64 = 8 * 1024;
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max.min(65536);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    assert!(
+        limit.rlim_cur >= 4096,
+        "need at least 4096 fds for 1,000 connections and their churn, have {}",
+        limit.rlim_cur
+    );
+}
+
+fn connect_from(
+    source: Ipv4Addr,
+    target: SocketAddr,
+    receive_buffer: Option<usize>,
+) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if let Some(size) = receive_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
+    Ok(socket.into())
+}
+
+/// Whether the server has closed (or reset) a connection we never read from.
+fn closed_by_server(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    stream.set_nonblocking(true).ok();
+    let closed = match stream.peek(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(err) => err.kind() != ErrorKind::WouldBlock,
+    };
+    stream.set_nonblocking(false).ok();
+    closed
+}
+
+/// `count` addresses 127.0.`net`.1, 127.0.`net`.2, ...
+fn sources(net: u8, count: u8) -> Vec<Ipv4Addr> {
+    (1..=count)
+        .map(|host| Ipv4Addr::new(127, 0, net, host))
+        .collect()
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Prometheus {
+    port: u16,
+    _server: Guard,
+}
+
+impl Prometheus {
+    fn start(name: &str, agent_port: u16, tls: bool) -> Prometheus {
+        let dir = scratch_dir(name);
+        let scheme = if tls {
+            "    scheme: https\n    tls_config:\n      insecure_skip_verify: true\n"
+        } else {
+            ""
+        };
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: cacheprobe\n{scheme}    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
+            ),
+        )
+        .unwrap();
+        let port = unique_port();
+        let server = Guard(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+                .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
+                .spawn()
+                .expect("prometheus (Debian package prometheus) is installed by cargo xtask setup"),
+        );
+        let prometheus = Prometheus {
+            port,
+            _server: server,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while prometheus.value("sum(up{job=\"cacheprobe\"})", now_unix()) != Some(1.0) {
+            assert!(
+                Instant::now() < deadline,
+                "prometheus never scraped the agent successfully"
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
+        prometheus
+    }
+
+    /// The value of a query returning one series at `at`, if any.
+    fn value(&self, promql: &str, at: f64) -> Option<f64> {
+        let body = http_get(
+            self.port,
+            &format!("/api/v1/query?query={}&time={at:.3}", url_encode(promql)),
+        )
+        .ok()?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = json["data"]["result"].as_array()?;
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    fn rejected(&self, reason: &str) -> f64 {
+        self.value(
+            &format!("sum(cacheprobe_http_connections_rejected_total{{reason=\"{reason}\"}})"),
+            now_unix(),
+        )
+        .unwrap_or(0.0)
+    }
+}
+
+#[derive(Debug)]
+struct Outcome {
+    scenario: &'static str,
+    scrapes: f64,
+    successful: f64,
+    rss_before_kb: u64,
+    rss_peak_kb: u64,
+    /// Share of one core the agent used during the window.
+    agent_cpu: f64,
+    rejected: Vec<(&'static str, f64)>,
+    clients: String,
+}
+
+impl Outcome {
+    fn report(&self) -> String {
+        format!(
+            "{}: {}/{} scrapes up, RSS {} -> peak {} KiB, agent CPU {:.1}% of a core, closed early {:?}, clients: {}",
+            self.scenario,
+            self.successful,
+            self.scrapes,
+            self.rss_before_kb,
+            self.rss_peak_kb,
+            self.agent_cpu * 100.0,
+            self.rejected,
+            self.clients
+        )
+    }
+
+    fn check(&self) {
+        let expected = WINDOW.as_secs_f64() - 2.0;
+        assert!(
+            self.scrapes >= expected,
+            "{}: only {} scrapes in the window",
+            self.scenario,
+            self.scrapes
+        );
+        assert_eq!(
+            self.successful,
+            self.scrapes,
+            "{}: some scrapes failed",
+            self.report()
+        );
+        assert!(
+            self.rss_peak_kb <= self.rss_before_kb + RSS_GROWTH_CEILING_KB,
+            "{}: RSS grew beyond the ceiling",
+            self.report()
+        );
+        assert!(
+            self.rejected.iter().any(|(_, count)| *count > 0.0),
+            "{}: the attack never hit a bound, so it tested nothing",
+            self.report()
+        );
+    }
+}
+
+/// Runs `attack` (which returns a summary of what it did once `stop` is set) through the
+/// warm-up and window, sampling the agent's RSS, then reads the window from Prometheus.
+fn scenario(
+    scenario: &'static str,
+    agent_pid: u32,
+    prometheus: &Prometheus,
+    reasons: &[&'static str],
+    attack: impl FnOnce(Arc<AtomicBool>) -> String + Send + 'static,
+) -> Outcome {
+    let before: Vec<f64> = reasons.iter().map(|r| prometheus.rejected(r)).collect();
+    let rss_before_kb = rss_kb(agent_pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        thread::spawn(move || attack(stop))
+    };
+    thread::sleep(WARM_UP);
+    let start = now_unix();
+    let cpu_start = cpu_seconds(agent_pid);
+    let mut rss_peak_kb = rss_kb(agent_pid);
+    while now_unix() - start < WINDOW.as_secs_f64() {
+        rss_peak_kb = rss_peak_kb.max(rss_kb(agent_pid));
+        thread::sleep(Duration::from_millis(200));
+    }
+    let end = now_unix();
+    let agent_cpu = (cpu_seconds(agent_pid) - cpu_start) / (end - start);
+    // The scrape in flight at the end of the window lands (or fails) within its 1 s timeout.
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let clients = attacker.join().expect("attack thread panicked");
+    let range = format!("[{}s]", (end - start).round() as u64);
+    let up = format!("up{{job=\"cacheprobe\"}}{range}");
+    let scrapes = prometheus
+        .value(&format!("count_over_time({up})"), end)
+        .unwrap_or(0.0);
+    let successful = prometheus
+        .value(&format!("sum_over_time({up})"), end)
+        .unwrap_or(0.0);
+    // The counters as of the last scrape, which now includes the whole attack.
+    thread::sleep(Duration::from_millis(1500));
+    let rejected = reasons
+        .iter()
+        .zip(before)
+        .map(|(reason, before)| (*reason, prometheus.rejected(reason) - before))
+        .collect();
+    let outcome = Outcome {
+        scenario,
+        scrapes,
+        successful,
+        rss_before_kb,
+        rss_peak_kb,
+        agent_cpu,
+        rejected,
+        clients,
+    };
+    eprintln!("{}", outcome.report());
+    outcome
+}
+
+/// Holds `total` connections spread over `sources` open without sending a byte, reconnecting
+/// (at most 500 a second) those the server closes.
+fn idle_connections(
+    target: SocketAddr,
+    sources: Vec<Ipv4Addr>,
+    total: usize,
+    stop: Arc<AtomicBool>,
+) -> String {
+    let source_of = |i: usize| sources[i % sources.len()];
+    let mut connections: Vec<Option<TcpStream>> = (0..total)
+        .map(|i| connect_from(source_of(i), target, None).ok())
+        .collect();
+    let opened_at_start = connections.iter().flatten().count();
+    let mut reconnects = 0u64;
+    let mut most_open = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let mut budget = 100;
+        for (i, slot) in connections.iter_mut().enumerate() {
+            if slot.as_ref().is_none_or(closed_by_server) && budget > 0 {
+                budget -= 1;
+                *slot = connect_from(source_of(i), target, None).ok();
+                reconnects += 1;
+            }
+        }
+        most_open = most_open.max(connections.iter().flatten().count());
+        thread::sleep(Duration::from_millis(200));
+    }
+    format!(
+        "{opened_at_start} connected at once, {reconnects} reconnects after server closes, \
+         up to {most_open} open on the client side"
+    )
+}
+
+/// `count` clients sending a request head one byte a second; those closed reconnect.
+fn slow_senders(
+    target: SocketAddr,
+    sources: Vec<Ipv4Addr>,
+    count: usize,
+    stop: Arc<AtomicBool>,
+) -> String {
+    const HEAD: &[u8] =
+        b"GET /metrics HTTP/1.1\r\nHost: slow\r\nUser-Agent: a-byte-a-second\r\n\r\n";
+    let source_of = |i: usize| sources[i % sources.len()];
+    let mut clients: Vec<(Option<TcpStream>, usize)> = (0..count)
+        .map(|i| (connect_from(source_of(i), target, None).ok(), 0))
+        .collect();
+    let (mut bytes, mut closed) = (0u64, 0u64);
+    while !stop.load(Ordering::SeqCst) {
+        for (i, (stream, sent)) in clients.iter_mut().enumerate() {
+            let alive = match stream {
+                Some(s) if !closed_by_server(s) && *sent < HEAD.len() => {
+                    s.write_all(&HEAD[*sent..*sent + 1]).is_ok()
+                }
+                _ => false,
+            };
+            if alive {
+                *sent += 1;
+                bytes += 1;
+            } else {
+                closed += 1;
+                *stream = connect_from(source_of(i), target, None).ok();
+                *sent = 0;
+            }
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+    format!("{count} slow senders wrote {bytes} bytes; the server closed {closed} of them")
+}
+
+/// `count` clients that send a complete /metrics request with a 4 KiB receive buffer and
+/// never read; each is replaced after 12 s (longer than the agent's response deadline).
+fn never_readers(
+    target: SocketAddr,
+    sources: Vec<Ipv4Addr>,
+    count: usize,
+    stop: Arc<AtomicBool>,
+) -> String {
+    let source_of = |i: usize| sources[i % sources.len()];
+    let open = |i: usize| {
+        let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: never-reads\r\n\r\n")
+            .ok()?;
+        Some((stream, Instant::now()))
+    };
+    let mut clients: Vec<_> = (0..count).map(open).collect();
+    let mut requests = count as u64;
+    while !stop.load(Ordering::SeqCst) {
+        for (i, client) in clients.iter_mut().enumerate() {
+            if client
+                .as_ref()
+                .is_none_or(|(_, since)| since.elapsed() > Duration::from_secs(12))
+            {
+                *client = open(i);
+                requests += 1;
+            }
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    format!("{count} clients sent {requests} requests and read none of the responses")
+}
+
+/// Two clients sending 64 KiB request heads back to back, each expecting a 431.
+fn oversized_heads(target: SocketAddr, sources: Vec<Ipv4Addr>, stop: Arc<AtomicBool>) -> String {
+    let mut head = b"GET /metrics HTTP/1.1\r\nHost: big\r\n".to_vec();
+    while head.len() < 64 * 1024 {
+        head.extend_from_slice(
+            b"X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+        );
+    }
+    head.extend_from_slice(b"\r\n");
+    let head = Arc::new(head);
+    let workers: Vec<_> = sources
+        .into_iter()
+        .map(|source| {
+            let (head, stop) = (head.clone(), stop.clone());
+            thread::spawn(move || {
+                let (mut sent, mut answered_431) = (0u64, 0u64);
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(mut stream) = connect_from(source, target, None) else {
+                        continue;
+                    };
+                    stream.set_read_timeout(Some(Duration::from_secs(6))).ok();
+                    // The server answers and closes before taking it all: a write error is
+                    // expected.
+                    let _ = stream.write_all(&head);
+                    sent += 1;
+                    let mut response = Vec::new();
+                    let _ = stream.read_to_end(&mut response);
+                    if response.starts_with(b"HTTP/1.1 431") {
+                        answered_431 += 1;
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                (sent, answered_431)
+            })
+        })
+        .collect();
+    let (mut sent, mut answered_431) = (0, 0);
+    for worker in workers {
+        let (s, a) = worker.join().unwrap();
+        sent += s;
+        answered_431 += a;
+    }
+    format!("{sent} oversized heads sent, {answered_431} answered 431")
+}
+
+#[test]
+fn prometheus_keeps_scraping_through_hostile_clients() {
+    require_root();
+    raise_fd_limit();
+    let agent = Agent::start("http-hostile", &[("memcached", unique_port(), "memcache")]).unwrap();
+    let target: SocketAddr = ([127, 0, 0, 1], agent.metrics_port).into();
+    let prometheus = Prometheus::start("http-hostile-prometheus", agent.metrics_port, false);
+    let pid = agent.pid();
+    // Let the agent settle (first samples, first scrapes) before its idle RSS is taken.
+    thread::sleep(Duration::from_secs(3));
+
+    let outcomes = [
+        scenario(
+            "1,000 idle connections from 50 addresses",
+            pid,
+            &prometheus,
+            &[
+                "per_source_limit",
+                "evicted",
+                "connection_limit",
+                "head_timeout",
+            ],
+            move |stop| idle_connections(target, sources(11, 50), 1000, stop),
+        ),
+        // The measured failure of the hand-written server: 40 half-sent heads refused every
+        // scrape. Five addresses at their per-source limit, more than the 32 slots.
+        scenario(
+            "40 slow senders (a byte per second) from 5 addresses",
+            pid,
+            &prometheus,
+            &["head_timeout", "evicted", "per_source_limit"],
+            move |stop| slow_senders(target, sources(12, 5), 40, stop),
+        ),
+        scenario(
+            "200 slow senders (a byte per second) from 20 addresses",
+            pid,
+            &prometheus,
+            &["head_timeout", "evicted", "per_source_limit"],
+            move |stop| slow_senders(target, sources(17, 20), 200, stop),
+        ),
+        scenario(
+            "64 clients that never read, from 8 addresses",
+            pid,
+            &prometheus,
+            &[
+                "concurrent_scrape",
+                "response_stalled",
+                "response_timeout",
+                "per_source_limit",
+            ],
+            move |stop| never_readers(target, sources(13, 8), 64, stop),
+        ),
+        scenario(
+            "64 KiB request heads from 2 clients back to back",
+            pid,
+            &prometheus,
+            &["head_too_large"],
+            move |stop| oversized_heads(target, sources(14, 2), stop),
+        ),
+    ];
+    for outcome in &outcomes {
+        outcome.check();
+    }
+    let rss_end = rss_kb(pid);
+    eprintln!("agent RSS after all scenarios: {rss_end} KiB");
+    agent.stop().unwrap();
+}
+
+/// A TLS handshake flood from a Python client (full handshakes back to back from several
+/// threads, and connections that send half a ClientHello and wait).
+const TLS_FLOOD: &str = r#"
+import json, socket, ssl, sys, threading, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+full_sources = ["127.0.15.%d" % i for i in range(1, 9)]
+half_sources = ["127.0.16.%d" % i for i in range(1, 26)]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+end = time.time() + seconds
+counts = {"handshakes": 0, "failed": 0, "half_open": 0}
+lock = threading.Lock()
+
+def connect(source):
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(6)
+    s.connect((host, port))
+    return s
+
+def full(source):
+    while time.time() < end:
+        try:
+            with ctx.wrap_socket(connect(source)):
+                with lock: counts["handshakes"] += 1
+        except Exception:
+            with lock: counts["failed"] += 1
+            time.sleep(0.01)
+
+def hello():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+half_hello = hello()[:100]
+
+def half(source):
+    while time.time() < end:
+        try:
+            s = connect(source)
+            s.sendall(half_hello)
+            with lock: counts["half_open"] += 1
+            s.recv(1)  # returns when the server gives up on us
+            s.close()
+        except Exception:
+            time.sleep(0.05)
+
+threads = [threading.Thread(target=full, args=(src,)) for src in full_sources for _ in range(2)]
+threads += [threading.Thread(target=half, args=(half_sources[i % len(half_sources)],)) for i in range(200)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(counts))
+"#;
+
+#[test]
+fn prometheus_keeps_scraping_through_a_tls_handshake_flood() {
+    require_root();
+    raise_fd_limit();
+    let dir = scratch_dir("http-hostile-tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success(), "openssl could not make a test certificate");
+    let metrics_port = unique_port();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sample_interval_seconds = 1\n\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n\
+             [[services]]\nname = \"memcached\"\nport = {}\nprotocol = \"memcache\"\n",
+            cert.display(),
+            key.display(),
+            unique_port()
+        ),
+    )
+    .unwrap();
+    let agent = Guard(
+        Command::new(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"))
+            .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
+            .stdout(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .stderr(std::fs::File::create(dir.join("agent.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = agent.0.id();
+    if let Err(err) = wait_for_port(None, "127.0.0.1", metrics_port) {
+        panic!(
+            "agent with TLS did not listen: {err}: {}",
+            std::fs::read_to_string(dir.join("agent.err")).unwrap_or_default()
+        );
+    }
+    let prometheus = Prometheus::start("http-hostile-tls-prometheus", metrics_port, true);
+    thread::sleep(Duration::from_secs(3));
+
+    let seconds = (WARM_UP + WINDOW).as_secs_f64() + 1.0;
+    let outcome = scenario(
+        "TLS handshake flood: 16 full-handshake loops from 8 addresses, 200 half ClientHellos from 25",
+        pid,
+        &prometheus,
+        &["head_timeout", "tls_handshake", "per_source_limit", "evicted", "connection_limit"],
+        move |_stop| {
+            let output = Command::new(PYTHON)
+                .args(["-c", TLS_FLOOD, "127.0.0.1", &metrics_port.to_string()])
+                .arg(seconds.to_string())
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "TLS flood failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        },
+    );
+    outcome.check();
+    let counts: serde_json::Value = serde_json::from_str(&outcome.clients).unwrap();
+    assert!(
+        counts["handshakes"].as_u64().unwrap() > 100,
+        "the flood completed few handshakes: {counts}"
+    );
+    signal_term(pid);
+}
+
+fn signal_term(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    thread::sleep(Duration::from_secs(1));
+}
