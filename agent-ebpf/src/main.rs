@@ -75,8 +75,10 @@ struct CaptureWalk {
     /// Call offset where the open segment ends: a piece starting there extends it.
     segment_end: u64,
     flags: u64,
-    /// Record data offset of the piece being scanned.
+    /// Record data offset of the piece being scanned, how far the scan is into it, its length.
     scan_at: u64,
+    scan_pos: u64,
+    scan_len: u64,
     iov: u64,
     iov_count: u64,
     iov_index: u64,
@@ -1007,15 +1009,31 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
         walk.frames.mode = framing::mode::LOST;
         return 1;
     }
-    // Scan the piece: headers byte by byte, bodies and binary keys passed over, in a loop of
-    // its own so the verifier checks the state machine once instead of once per byte.
+    // Scan the piece: header bytes one by one in a loop of their own (so the verifier checks
+    // the state machine once), bodies and binary keys inside the piece passed over at once.
+    // Every round consumes at least one byte, so CAPTURE_PIECE rounds always finish the piece.
     walk.scan_at = at;
-    bpf_loop(
-        piece as u32,
-        scan_byte as *mut core::ffi::c_void,
-        core::ptr::null_mut(),
-        0,
-    );
+    walk.scan_pos = 0;
+    walk.scan_len = piece;
+    for _ in 0..CAPTURE_PIECE {
+        if walk.scan_pos >= piece {
+            break;
+        }
+        match walk.frames.mode {
+            framing::mode::SKIP | framing::mode::KEEP => {
+                walk.scan_pos += walk.frames.pass(piece - walk.scan_pos);
+            }
+            framing::mode::LOST => break,
+            _ => {
+                bpf_loop(
+                    (piece - walk.scan_pos) as u32,
+                    scan_byte as *mut core::ffi::c_void,
+                    core::ptr::null_mut(),
+                    0,
+                );
+            }
+        }
+    }
     let segment = walk
         .data
         .as_mut_ptr()
@@ -1030,24 +1048,24 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
     0
 }
 
-/// Feeds byte `index` of the piece just copied (at `scan_at` in the record) to the frame state.
+/// Feeds the next header byte of the piece just copied (at `scan_at` in the record) to the
+/// frame state; stops where a body or binary key starts.
 #[inline(never)]
-unsafe extern "C" fn scan_byte(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+unsafe extern "C" fn scan_byte(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
         return 1;
     };
     let walk = &mut *scratch;
-    match walk.frames.mode {
-        framing::mode::SKIP | framing::mode::KEEP => {
-            walk.frames.pass(1);
-        }
-        framing::mode::LOST => return 1,
-        _ => {
-            let at = (walk.scan_at + index) as usize & (2 * RECORD_DATA_MAX - 1);
-            walk.frames.step(walk.data[at]);
-        }
+    if walk.scan_pos >= walk.scan_len {
+        return 1;
     }
-    0
+    let at = (walk.scan_at + walk.scan_pos) as usize & (2 * RECORD_DATA_MAX - 1);
+    walk.frames.step(walk.data[at]);
+    walk.scan_pos += 1;
+    match walk.frames.mode {
+        framing::mode::SKIP | framing::mode::KEEP | framing::mode::LOST => 1,
+        _ => 0,
+    }
 }
 
 #[inline(always)]
