@@ -365,7 +365,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match control::bind(&args.control_socket) {
         Ok(listener) => {
             tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
-            tokio::spawn(control::serve(listener, history.clone()));
+            tokio::spawn(control::serve_with_metrics(
+                listener,
+                history.clone(),
+                Some(registry.clone()),
+            ));
         }
         Err(err) => {
             tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
