@@ -6,8 +6,8 @@
 //! [`MAX_REQUEST_BYTES`], e.g. `{"version":1,"op":"history","since":1700000000}`, answered by
 //! one JSON line `{"version":1,"ok":true,"history":{...}}` or `{"version":1,"ok":false,
 //! "error":"..."}`. Ops: `history` (optional `since`, unix seconds: `cacheprobe top` asks for
-//! the last few seconds every refresh), `keys`, `metrics` (the daemon's exposition text, for the
-//! gauges and byte counters the history does not keep) and `ping`.
+//! the last few seconds every refresh), `keys`, `counters` (OpenMetrics text of the gauges and
+//! counters the history does not keep: connections, bytes, queues, process fds) and `ping`.
 //!
 //! Sharing: the daemon keeps its [`History`] in an `Arc<Mutex<_>>`; the pipeline locks it to
 //! record each batch of facts, and this server locks it only to copy a snapshot (a few ms for
@@ -63,9 +63,9 @@ pub struct Response {
     pub history: Option<HistorySnapshot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<crate::keys::KeysReport>,
-    /// For `metrics`: the OpenMetrics text /metrics would serve.
+    /// For `counters`: OpenMetrics text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<String>,
+    pub counters: Option<String>,
 }
 
 impl Response {
@@ -76,7 +76,7 @@ impl Response {
             error: Some(message.into()),
             history: None,
             keys: None,
-            metrics: None,
+            counters: None,
         }
     }
 
@@ -87,7 +87,7 @@ impl Response {
             error: None,
             history: None,
             keys: None,
-            metrics: None,
+            counters: None,
         }
     }
 }
@@ -162,11 +162,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serves requests until the listener fails. Spawn it as a task next to the pipeline.
 pub async fn serve(listener: UnixListener, history: Arc<Mutex<History>>) {
-    serve_with_metrics(listener, history, None).await
+    serve_with_counters(listener, history, None).await
 }
 
-/// [`serve`], also answering `metrics` from `registry`.
-pub async fn serve_with_metrics(
+/// [`serve`], also answering `counters` from `registry` (`Metrics::top_registry`).
+pub async fn serve_with_counters(
     listener: UnixListener,
     history: Arc<Mutex<History>>,
     registry: Option<Arc<prometheus_client::registry::Registry>>,
@@ -256,9 +256,9 @@ async fn answer(
     } else {
         match request.op.as_str() {
             "ping" => Response::ok(),
-            "metrics" => {
+            "counters" => {
                 let Some(registry) = registry else {
-                    return encode(&Response::error("this daemon serves no metrics here"))
+                    return encode(&Response::error("this daemon serves no counters here"))
                         .unwrap_or_default();
                 };
                 let text = tokio::task::spawn_blocking(move || {
@@ -267,10 +267,10 @@ async fn answer(
                 .await;
                 match text {
                     Ok(Ok(text)) => Response {
-                        metrics: Some(text),
+                        counters: Some(text),
                         ..Response::ok()
                     },
-                    _ => Response::error("cannot encode the metrics"),
+                    _ => Response::error("cannot encode the counters"),
                 }
             }
             "keys" => Response {
@@ -306,7 +306,7 @@ async fn answer(
                 };
             }
             other => Response::error(format!(
-                "unknown op {other:?} (known: history, keys, metrics, ping)"
+                "unknown op {other:?} (known: history, keys, counters, ping)"
             )),
         }
     };
@@ -356,20 +356,20 @@ pub fn fetch_keys(path: &Path, timeout: Duration) -> Result<crate::keys::KeysRep
     Ok(response.keys.unwrap_or_default())
 }
 
-/// Asks a running daemon for its metrics as OpenMetrics text.
-pub fn fetch_metrics(path: &Path, timeout: Duration) -> Result<String, ControlError> {
+/// Asks a running daemon for the counters `top` shows, as OpenMetrics text.
+pub fn fetch_counters(path: &Path, timeout: Duration) -> Result<String, ControlError> {
     let response = call(
         path,
         &Request {
             version: PROTOCOL_VERSION,
-            op: "metrics".to_string(),
+            op: "counters".to_string(),
             since: None,
         },
         timeout,
     )?;
     response
-        .metrics
-        .ok_or_else(|| ControlError::Protocol("the answer has no metrics".to_string()))
+        .counters
+        .ok_or_else(|| ControlError::Protocol("the answer has no counters".to_string()))
 }
 
 /// Asks the daemon at `path` for its history from `since` on. Blocking, bounded by `timeout`
@@ -577,7 +577,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn serves_metrics_when_given_a_registry() {
+    async fn serves_counters_when_given_a_registry() {
         let dir = TempDir::new();
         let with = dir.0.join("with.sock");
         let without = dir.0.join("without.sock");
@@ -586,7 +586,7 @@ mod tests {
         counter.inc_by(7);
         registry.register("cacheprobe_top_test", "a test counter", counter);
         let servers = [
-            tokio::spawn(serve_with_metrics(
+            tokio::spawn(serve_with_counters(
                 bind(&with).unwrap(),
                 history_with_traffic(),
                 Some(Arc::new(registry)),
@@ -595,8 +595,8 @@ mod tests {
         ];
         let (text, refused) = tokio::task::spawn_blocking(move || {
             (
-                fetch_metrics(&with, Duration::from_secs(10)),
-                fetch_metrics(&without, Duration::from_secs(10)),
+                fetch_counters(&with, Duration::from_secs(10)),
+                fetch_counters(&without, Duration::from_secs(10)),
             )
         })
         .await
@@ -606,7 +606,7 @@ mod tests {
             "the registry's text"
         );
         assert!(
-            matches!(refused, Err(ControlError::Daemon(ref m)) if m.contains("no metrics")),
+            matches!(refused, Err(ControlError::Daemon(ref m)) if m.contains("no counters")),
             "{refused:?}"
         );
         for server in servers {

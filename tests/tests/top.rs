@@ -71,8 +71,8 @@ fn setup(name: &str) -> Setup {
         name,
         &format!(
             "sample_interval_seconds = 1\n\n\
-             [[services]]\nname = \"mc-a\"\nport = {port_a}\n\n\
-             [[services]]\nname = \"mc-b\"\nport = {port_b}\n"
+             [[services]]\nname = \"mc-a\"\nport = {port_a}\nprotocol = \"memcache\"\n\n\
+             [[services]]\nname = \"mc-b\"\nport = {port_b}\nprotocol = \"memcache\"\n"
         ),
     )
     .unwrap();
@@ -275,7 +275,7 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
 
     // Space pauses: the clock in the header stops.
     tmux.keys(&["Space"]);
-    let paused = tmux.wait_for("paused", Duration::from_secs(5), |s| s.contains("[PAUSED]"));
+    let paused = tmux.wait_for("paused", Duration::from_secs(5), |s| s.contains("PAUSED"));
     std::thread::sleep(Duration::from_millis(2500));
     let header = |s: &str| s.lines().next().unwrap_or("").to_string();
     assert_eq!(
@@ -440,7 +440,7 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
             assert!(snapshot.contains(heading), "{snapshot}");
         }
         let fields = row(snapshot, &a, "client").expect("A's client row");
-        assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?}");
+        assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?} in\n{text}");
     }
     // --service keeps one service.
     let (only_b, _) = batch(&[
@@ -458,12 +458,34 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
         "{only_b}"
     );
 
-    // Without a daemon: top attaches the probes itself and sees the same traffic.
-    let (local, _) = batch(&[
-        "--local", "--batch", "-n", "4", "-d", "1", "--config", &config,
-    ]);
-    let last = local.rsplit("cacheprobe top  ").next().unwrap();
+    // Without a daemon: top attaches the probes itself. The running client's connection
+    // (opened before) is listed; a client that connects once the probes are up is decoded.
+    // Requests on connections opened before the probes are not decoded (a capture limitation
+    // shared with `run`), so the rates are asserted on the new client.
+    let local = Command::new(agent_binary())
+        .args([
+            "top", "--local", "--batch", "-n", "8", "-d", "1", "--config", &config,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _fresh = start_load(setup.port_a, setup.port_b, 15);
+    let output = local.wait_with_output().unwrap();
+    let local = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{local}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(local.matches("cacheprobe top  ").count(), 8, "{local}");
     assert!(local.contains("local probes"), "{local}");
+    let last = local.rsplit("cacheprobe top  ").next().unwrap();
     let fields = row(last, &a, "client").expect("A's client row from local probes");
-    assert!(number(fields[3]) > RATE_A * 0.5, "{fields:?}");
+    assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?} in\n{last}");
+    assert!(
+        number(fields[11]) >= 2.0,
+        "both clients' connections: {fields:?}"
+    );
 }

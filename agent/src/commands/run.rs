@@ -365,10 +365,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match control::bind(&args.control_socket) {
         Ok(listener) => {
             tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
-            tokio::spawn(control::serve_with_metrics(
+            tokio::spawn(control::serve_with_counters(
                 listener,
                 history.clone(),
-                Some(registry.clone()),
+                Some(Arc::new(metrics.top_registry())),
             ));
         }
         Err(err) => {

@@ -86,7 +86,7 @@ struct Feed {
     history: Option<HistorySnapshot>,
     counters: Option<(Counters, Instant)>,
     previous_counters: Option<(Counters, Instant)>,
-    metrics_supported: bool,
+    counters_supported: bool,
     keys: Option<(KeysReport, Instant)>,
     previous_keys: Option<(KeysReport, Instant)>,
     thresholds: DiagnoseThresholds,
@@ -128,15 +128,15 @@ impl Feed {
                 return;
             }
         }
-        if self.metrics_supported {
-            match control::fetch_metrics(&self.socket, FETCH_TIMEOUT) {
+        if self.counters_supported {
+            match control::fetch_counters(&self.socket, FETCH_TIMEOUT) {
                 Ok(text) => {
                     self.previous_counters = self.counters.take();
                     self.counters = Some((Counters::parse(&text), Instant::now()));
                 }
                 Err(ControlError::Daemon(message)) => {
                     // An older daemon: the history still gives most columns.
-                    self.metrics_supported = false;
+                    self.counters_supported = false;
                     self.status.note = Some(format!(
                         "no connection, byte, queue or fd counters: {message}"
                     ));
@@ -156,7 +156,7 @@ impl Feed {
     fn model(&self, window_s: u64) -> Model {
         let Some(history) = &self.history else {
             return Model {
-                end_s: unix_now().saturating_sub(1),
+                end_s: last_complete_second(),
                 window_s,
                 ..Model::default()
             };
@@ -176,9 +176,19 @@ impl Feed {
             },
             thresholds: Some(&self.thresholds),
         };
-        // The current second is still being filled: show complete seconds only.
-        model::build(history, unix_now().saturating_sub(1), window_s, &inputs)
+        model::build(history, last_complete_second(), window_s, &inputs)
     }
+}
+
+/// The latest second the daemon has finished recording. The current one is still being
+/// filled, and the daemon drains its rings every 20 ms, so just after a second turns over the
+/// previous one may still miss its last facts: keep a margin.
+fn last_complete_second() -> u64 {
+    let now = std::time::SystemTime::now()
+        .checked_sub(Duration::from_millis(250))
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    now.saturating_sub(1)
 }
 
 fn connect(args: &TopArgs, thresholds: DiagnoseThresholds) -> anyhow::Result<Feed> {
@@ -229,7 +239,7 @@ fn connect(args: &TopArgs, thresholds: DiagnoseThresholds) -> anyhow::Result<Fee
         history: None,
         counters: None,
         previous_counters: None,
-        metrics_supported: true,
+        counters_supported: true,
         keys: None,
         previous_keys: None,
         thresholds,

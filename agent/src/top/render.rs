@@ -157,19 +157,18 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     ])
     .areas(area);
 
-    let mut head = format!(
-        "cacheprobe top  {} UTC  {}  refresh {} s  rates over {} s",
-        clock(model.end_s),
-        status.source,
-        status.refresh_s,
-        model.window_s
-    );
+    // What changes what is shown comes first: a long socket path may be cut at 80 columns.
+    let mut head = format!("cacheprobe top  {} UTC", clock(model.end_s));
     if state.paused {
-        head.push_str("  [PAUSED]");
+        head.push_str("  PAUSED");
     }
     if let Some(service) = &state.service {
         head.push_str(&format!("  service={service}"));
     }
+    head.push_str(&format!(
+        "  refresh {} s  rates over {} s  {}",
+        status.refresh_s, model.window_s, status.source
+    ));
     frame.render_widget(Paragraph::new(head).style(palette.header()), header);
 
     let (line, style) = match (&status.error, model.findings.first()) {

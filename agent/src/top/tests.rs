@@ -505,3 +505,92 @@ fn column_fitting_keeps_the_important_columns() {
     assert!(used <= 80, "{used}");
     assert_eq!(render::fit_columns(columns, 500).len(), columns.len());
 }
+
+#[test]
+fn the_daemons_counter_registry_parses_whole() {
+    use crate::metrics::{
+        encode, BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Format,
+        Metrics, QueueLabels,
+    };
+    let (metrics, _) = Metrics::new();
+    let endpoint = EndpointLabels {
+        service: "memcached".into(),
+        server: A.into(),
+        role: "client",
+    };
+    metrics.connections_active.get_or_create(&endpoint).set(3);
+    metrics
+        .memcache_bytes
+        .get_or_create(&BytesLabels {
+            service: "memcached".into(),
+            server: A.into(),
+            role: "client",
+            direction: "received",
+        })
+        .inc_by(1234);
+    metrics
+        .queue_operations
+        .get_or_create(&QueueLabels {
+            service: "kestrel".into(),
+            server: "127.0.0.1:22133".into(),
+            queue: "a \"quoted\" \\ queue".into(),
+            op: "dequeue",
+        })
+        .inc_by(5);
+    let comm = CommLabels {
+        comm: "php-fpm".into(),
+    };
+    metrics.process_open_fds.get_or_create(&comm).set(10);
+    metrics.process_fd_limit.get_or_create(&comm).set(20);
+    metrics
+        .process_connections
+        .get_or_create(&CommServiceLabels {
+            comm: "php-fpm".into(),
+            service: "memcached".into(),
+        })
+        .set(2);
+    metrics
+        .fd_exhaustion_errors
+        .get_or_create(&FdErrorLabels {
+            comm: "php-fpm".into(),
+            errno: "EMFILE",
+        })
+        .inc();
+    // A family top does not read stays out of its registry.
+    metrics
+        .memcache_duration
+        .get_or_create(&crate::metrics::CommandLabels {
+            service: "memcached".into(),
+            server: A.into(),
+            role: "client",
+            command: "get",
+        })
+        .observe(0.001);
+    let text = encode(&metrics.top_registry(), Format::OpenMetrics).unwrap();
+    assert!(!text.contains("request_duration"), "{text}");
+    let counters = Counters::parse(&text);
+    assert_eq!(counters.malformed_lines, 0, "{text}");
+    assert_eq!(
+        counters.connections_active("memcached", A, Role::Client),
+        Some(3)
+    );
+    assert_eq!(
+        counters.bytes("memcached", A, Role::Client, "received"),
+        Some(1234.0)
+    );
+    assert_eq!(
+        counters.queue_ops(
+            "kestrel",
+            "127.0.0.1:22133",
+            "a \"quoted\" \\ queue",
+            "dequeue"
+        ),
+        Some(5.0)
+    );
+    assert_eq!(counters.fds("php-fpm"), Some((10, 20)));
+    assert_eq!(
+        counters.process_connections("php-fpm"),
+        [("memcached".to_string(), 2)]
+    );
+    assert_eq!(counters.fd_errors("php-fpm"), 1);
+}
