@@ -43,7 +43,7 @@ window() { # $1: label, $2: pid of top or empty
     [[ -n $2 ]] && t1=$(cpu_ticks "$2")
     wait "$load" || true
     local tps
-    tps=$(grep -m1 -oE 'TPS: [0-9]+' "$DIR/load.txt" | tail -1 | awk '{print $2}')
+    tps=$(grep -oE 'TPS: [0-9]+' "$DIR/load.txt" | tail -1 | awk '{print $2}')
     awk -v l="$1" -v a="$((a1 - a0))" -v t="$((t1 - t0))" -v s="$MEASURE_S" -v hz="$TICKS" -v tps="${tps:-?}" \
         'BEGIN { printf "%-8s ops/s %-8s daemon %5.2f%% of a core   top %5.2f%%\n", l, tps, 100*a/hz/s, 100*t/hz/s }'
 }

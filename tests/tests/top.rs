@@ -171,7 +171,7 @@ impl Drop for Tmux {
 fn row<'a>(text: &'a str, server: &str, role: &str) -> Option<Vec<&'a str>> {
     text.lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .find(|fields| fields.len() > 8 && fields[1] == server && fields[2] == role)
+        .find(|fields| fields.len() > 5 && fields[1] == server && fields[2] == role)
 }
 
 fn number(field: &str) -> f64 {

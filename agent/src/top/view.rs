@@ -83,10 +83,10 @@ const fn col(title: &'static str, letter: char, width: u16, right: bool, priorit
 pub const SERVER_COLUMNS: &[Column] = &[
     col("SERVICE", 'n', 10, false, 1),
     col("SERVER", ' ', 21, false, 0),
-    col("ROLE", ' ', 6, false, 2),
+    col("ROLE", ' ', 6, false, 1),
     col("REQ/S", 'r', 8, true, 0),
     col("HIT%", 'h', 6, true, 0),
-    col("P50", ' ', 7, true, 1),
+    col("P50", ' ', 7, true, 2),
     col("P99", 'p', 7, true, 0),
     col("ERR/S", 'e', 6, true, 0),
     col("TMO/m", 't', 5, true, 2),
