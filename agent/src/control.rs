@@ -5,7 +5,9 @@
 //! credentials are checked. One request per connection: a single JSON line of at most
 //! [`MAX_REQUEST_BYTES`], e.g. `{"version":1,"op":"history","since":1700000000}`, answered by
 //! one JSON line `{"version":1,"ok":true,"history":{...}}` or `{"version":1,"ok":false,
-//! "error":"..."}`. Ops: `history` (optional `since`, unix seconds) and `ping`.
+//! "error":"..."}`. Ops: `history` (optional `since`, unix seconds: `cacheprobe top` asks for
+//! the last few seconds every refresh), `keys`, `counters` (OpenMetrics text of the gauges and
+//! counters the history does not keep: connections, bytes, queues, process fds) and `ping`.
 //!
 //! Sharing: the daemon keeps its [`History`] in an `Arc<Mutex<_>>`; the pipeline locks it to
 //! record each batch of facts, and this server locks it only to copy a snapshot (a few ms for
@@ -61,6 +63,9 @@ pub struct Response {
     pub history: Option<HistorySnapshot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<crate::keys::KeysReport>,
+    /// For `counters`: OpenMetrics text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<String>,
 }
 
 impl Response {
@@ -71,6 +76,18 @@ impl Response {
             error: Some(message.into()),
             history: None,
             keys: None,
+            counters: None,
+        }
+    }
+
+    fn ok() -> Response {
+        Response {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            error: None,
+            history: None,
+            keys: None,
+            counters: None,
         }
     }
 }
@@ -145,6 +162,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serves requests until the listener fails. Spawn it as a task next to the pipeline.
 pub async fn serve(listener: UnixListener, history: Arc<Mutex<History>>) {
+    serve_with_counters(listener, history, None).await
+}
+
+/// [`serve`], also answering `counters` from `registry` (`Metrics::top_registry`).
+pub async fn serve_with_counters(
+    listener: UnixListener,
+    history: Arc<Mutex<History>>,
+    registry: Option<Arc<prometheus_client::registry::Registry>>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let stream = match listener.accept().await {
@@ -163,8 +189,9 @@ pub async fn serve(listener: UnixListener, history: Arc<Mutex<History>>) {
             continue;
         };
         let history = history.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
-            handle(stream, history).await;
+            handle(stream, history, registry).await;
             drop(permit);
         });
     }
@@ -178,7 +205,11 @@ fn peer_allowed(stream: &UnixStream) -> bool {
         .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own_uid)
 }
 
-async fn handle(mut stream: UnixStream, history: Arc<Mutex<History>>) {
+async fn handle(
+    mut stream: UnixStream,
+    history: Arc<Mutex<History>>,
+    registry: Option<Arc<prometheus_client::registry::Registry>>,
+) {
     if !peer_allowed(&stream) {
         let _ = respond(&mut stream, &Response::error("permission denied")).await;
         return;
@@ -194,7 +225,7 @@ async fn handle(mut stream: UnixStream, history: Arc<Mutex<History>>) {
             return;
         }
     };
-    let answer = answer(request, history).await;
+    let answer = answer(request, history, registry).await;
     let _ = respond_raw(&mut stream, answer).await;
 }
 
@@ -212,7 +243,11 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, String> {
 }
 
 /// The serialised response line for a request.
-async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
+async fn answer(
+    request: Request,
+    history: Arc<Mutex<History>>,
+    registry: Option<Arc<prometheus_client::registry::Registry>>,
+) -> Vec<u8> {
     let response = if request.version != PROTOCOL_VERSION {
         Response::error(format!(
             "protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION})",
@@ -220,18 +255,25 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
         ))
     } else {
         match request.op.as_str() {
-            "ping" => Response {
-                version: PROTOCOL_VERSION,
-                ok: true,
-                error: None,
-                history: None,
-                keys: None,
-            },
+            "ping" => Response::ok(),
+            "counters" => {
+                let Some(registry) = registry else {
+                    return encode(&Response::error("this daemon serves no counters here"))
+                        .unwrap_or_default();
+                };
+                let text = tokio::task::spawn_blocking(move || {
+                    crate::metrics::encode(&registry, crate::metrics::Format::OpenMetrics)
+                })
+                .await;
+                match text {
+                    Ok(Ok(text)) => Response {
+                        counters: Some(text),
+                        ..Response::ok()
+                    },
+                    _ => Response::error("cannot encode the counters"),
+                }
+            }
             "keys" => Response {
-                version: PROTOCOL_VERSION,
-                ok: true,
-                error: None,
-                history: None,
                 keys: Some(
                     history
                         .lock()
@@ -239,6 +281,7 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                         .keys()
                         .clone(),
                 ),
+                ..Response::ok()
             },
             "history" => {
                 let since = request.since.unwrap_or(0);
@@ -248,11 +291,8 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .snapshot(since);
                     encode(&Response {
-                        version: PROTOCOL_VERSION,
-                        ok: true,
-                        error: None,
                         history: Some(snapshot),
-                        keys: None,
+                        ..Response::ok()
                     })
                 })
                 .await;
@@ -265,7 +305,9 @@ async fn answer(request: Request, history: Arc<Mutex<History>>) -> Vec<u8> {
                     _ => encode(&Response::error("cannot encode the history")).unwrap_or_default(),
                 };
             }
-            other => Response::error(format!("unknown op {other:?} (known: history, keys, ping)")),
+            other => Response::error(format!(
+                "unknown op {other:?} (known: history, keys, counters, ping)"
+            )),
         }
     };
     encode(&response).unwrap_or_default()
@@ -300,8 +342,6 @@ async fn respond_raw(stream: &mut UnixStream, bytes: Vec<u8>) -> std::io::Result
     Ok(())
 }
 
-/// Asks the daemon at `path` for its history from `since` on. Blocking, bounded by `timeout`
-/// overall and by [`MAX_RESPONSE_BYTES`].
 /// Asks a running daemon for its hot keys and key splits.
 pub fn fetch_keys(path: &Path, timeout: Duration) -> Result<crate::keys::KeysReport, ControlError> {
     let response = call(
@@ -316,6 +356,24 @@ pub fn fetch_keys(path: &Path, timeout: Duration) -> Result<crate::keys::KeysRep
     Ok(response.keys.unwrap_or_default())
 }
 
+/// Asks a running daemon for the counters `top` shows, as OpenMetrics text.
+pub fn fetch_counters(path: &Path, timeout: Duration) -> Result<String, ControlError> {
+    let response = call(
+        path,
+        &Request {
+            version: PROTOCOL_VERSION,
+            op: "counters".to_string(),
+            since: None,
+        },
+        timeout,
+    )?;
+    response
+        .counters
+        .ok_or_else(|| ControlError::Protocol("the answer has no counters".to_string()))
+}
+
+/// Asks the daemon at `path` for its history from `since` on. Blocking, bounded by `timeout`
+/// overall and by [`MAX_RESPONSE_BYTES`].
 pub fn fetch_history(
     path: &Path,
     since: u64,
@@ -516,6 +574,44 @@ mod tests {
         // A second daemon must not steal the socket of a live one.
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
         server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_counters_when_given_a_registry() {
+        let dir = TempDir::new();
+        let with = dir.0.join("with.sock");
+        let without = dir.0.join("without.sock");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counter: prometheus_client::metrics::counter::Counter = Default::default();
+        counter.inc_by(7);
+        registry.register("cacheprobe_top_test", "a test counter", counter);
+        let servers = [
+            tokio::spawn(serve_with_counters(
+                bind(&with).unwrap(),
+                history_with_traffic(),
+                Some(Arc::new(registry)),
+            )),
+            tokio::spawn(serve(bind(&without).unwrap(), history_with_traffic())),
+        ];
+        let (text, refused) = tokio::task::spawn_blocking(move || {
+            (
+                fetch_counters(&with, Duration::from_secs(10)),
+                fetch_counters(&without, Duration::from_secs(10)),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            text.unwrap().contains("cacheprobe_top_test_total 7"),
+            "the registry's text"
+        );
+        assert!(
+            matches!(refused, Err(ControlError::Daemon(ref m)) if m.contains("no counters")),
+            "{refused:?}"
+        );
+        for server in servers {
+            server.abort();
+        }
     }
 
     #[tokio::test]

@@ -37,6 +37,35 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = cacheprobe::control::DEFAULT_SOCKET_PATH)]
         socket: PathBuf,
     },
+    /// A live view of servers, processes, hot keys and queues, refreshed every second.
+    ///
+    /// Reads the running daemon's history (without a daemon, attaches the probes itself).
+    /// Keys: letters sort (shown in the footer), / filters, space pauses, Tab switches panes,
+    /// Enter shows a row's detail, q / Esc / Ctrl-C quit.
+    Top {
+        /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Configuration file (detector thresholds; services for local probes).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Refresh interval in seconds.
+        #[arg(short = 'd', long = "delay", value_name = "SECONDS", default_value = "1",
+              value_parser = commands::top::parse_interval)]
+        interval: Duration,
+        /// Show only this service's rows.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// Print plain-text snapshots instead of the interactive view (like `top -b`).
+        #[arg(short = 'b', long)]
+        batch: bool,
+        /// With --batch: print this many snapshots, then exit (default: until interrupted).
+        #[arg(short = 'n', long = "iterations", value_name = "N", requires = "batch")]
+        iterations: Option<u64>,
+        /// Attach the probes here even if a daemon is running.
+        #[arg(long, conflicts_with = "socket")]
+        local: bool,
+    },
     /// Write the man page and shell completions into DIR (used to build packages).
     #[command(hide = true)]
     GenerateAssets {
@@ -162,6 +191,27 @@ fn main() -> ExitCode {
                     println!("{json}");
                     ExitCode::SUCCESS
                 })
+        }
+        Command::Top {
+            socket,
+            config,
+            interval,
+            service,
+            batch,
+            iterations,
+            local,
+        } => {
+            let (config_path, config_explicit) = config_arg(config);
+            commands::top::top(&commands::top::TopArgs {
+                config_path,
+                config_explicit,
+                socket,
+                local,
+                interval,
+                service,
+                batch,
+                iterations,
+            })
         }
         Command::GenerateAssets { out } => generate_assets(&out).map(|()| ExitCode::SUCCESS),
         Command::Check { json, config } => {

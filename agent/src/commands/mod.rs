@@ -2,3 +2,4 @@ pub mod check;
 pub mod diagnose;
 pub mod record;
 pub mod run;
+pub mod top;

@@ -1,9 +1,10 @@
 //! Local recording for `diagnose` when no daemon runs: start this same binary as a short-lived
 //! `run` with a private control socket, let it watch for the duration, then take its history.
-//! The pipeline, probes and history are exactly the daemon's.
+//! The pipeline, probes and history are exactly the daemon's. `cacheprobe top` without a daemon
+//! runs the same child ([`PrivateDaemon`]) for as long as it shows.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -20,12 +21,16 @@ pub struct ChildRecorder {
     pub config_path: Option<PathBuf>,
 }
 
-struct Cleanup {
+/// A `cacheprobe run` child with a private control socket in a temporary directory; dropping
+/// it stops the child (SIGTERM, so the probes detach) and removes the directory.
+pub struct PrivateDaemon {
     child: Child,
     dir: PathBuf,
+    socket: PathBuf,
+    log_path: PathBuf,
 }
 
-impl Drop for Cleanup {
+impl Drop for PrivateDaemon {
     fn drop(&mut self) {
         // SAFETY: kill has no memory-safety preconditions; SIGTERM detaches the probes cleanly.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -42,14 +47,11 @@ impl Drop for Cleanup {
     }
 }
 
-impl LocalRecorder for ChildRecorder {
-    fn record_for(
-        &self,
-        duration: Duration,
-        _config: &Config,
-        progress: &mut dyn FnMut(Duration),
-    ) -> anyhow::Result<HistorySnapshot> {
-        let dir = std::env::temp_dir().join(format!("cacheprobe-diagnose-{}", std::process::id()));
+impl PrivateDaemon {
+    /// Starts the child and waits (up to 15 s) until its control socket answers. `purpose`
+    /// names the temporary directory ("diagnose", "top").
+    pub fn start(config_path: Option<&Path>, purpose: &str) -> anyhow::Result<PrivateDaemon> {
+        let dir = std::env::temp_dir().join(format!("cacheprobe-{purpose}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -65,30 +67,55 @@ impl LocalRecorder for ChildRecorder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(path) = &self.config_path {
+        if let Some(path) = config_path {
             command.arg("--config").arg(path);
         }
         let child = command.spawn().context("cannot start the probes")?;
-        let mut guard = Cleanup { child, dir };
-
+        let mut daemon = PrivateDaemon {
+            child,
+            dir,
+            socket,
+            log_path,
+        };
         let started = Instant::now();
         loop {
-            if let Some(status) = guard.child.try_wait()? {
-                bail!(
-                    "the probes could not start ({status}): {}",
-                    std::fs::read_to_string(&log_path)
-                        .unwrap_or_default()
-                        .trim()
-                );
-            }
-            if control::fetch_history(&socket, unix_now(), Duration::from_secs(2)).is_ok() {
-                break;
+            daemon.check_alive()?;
+            if control::fetch_history(&daemon.socket, unix_now(), Duration::from_secs(2)).is_ok() {
+                return Ok(daemon);
             }
             if started.elapsed() > Duration::from_secs(15) {
                 bail!("the probes did not come up within 15 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// An error with the child's log when it has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "the probes could not start ({status}): {}",
+                std::fs::read_to_string(&self.log_path)
+                    .unwrap_or_default()
+                    .trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl LocalRecorder for ChildRecorder {
+    fn record_for(
+        &self,
+        duration: Duration,
+        _config: &Config,
+        progress: &mut dyn FnMut(Duration),
+    ) -> anyhow::Result<HistorySnapshot> {
+        let daemon = PrivateDaemon::start(self.config_path.as_deref(), "diagnose")?;
         let since = unix_now();
         let watch_start = Instant::now();
         while watch_start.elapsed() < duration {
@@ -98,9 +125,9 @@ impl LocalRecorder for ChildRecorder {
             );
         }
         progress(duration);
-        let snapshot = control::fetch_history(&socket, since, Duration::from_secs(30))
+        let snapshot = control::fetch_history(daemon.socket(), since, Duration::from_secs(30))
             .context("cannot read the recorded history")?;
-        drop(guard);
+        drop(daemon);
         Ok(snapshot)
     }
 }

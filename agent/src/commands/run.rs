@@ -372,7 +372,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match control::bind(&args.control_socket) {
         Ok(listener) => {
             tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
-            tokio::spawn(control::serve(listener, history.clone()));
+            tokio::spawn(control::serve_with_counters(
+                listener,
+                history.clone(),
+                Some(Arc::new(metrics.top_registry())),
+            ));
         }
         Err(err) => {
             tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")

@@ -1,0 +1,417 @@
+//! `cacheprobe top`: refreshes a live view of servers, processes, hot keys and queues from the
+//! daemon's control socket (or from a private `run` child when no daemon runs), in the terminal
+//! or as `--batch` text snapshots.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+
+use crate::{
+    clock::unix_now,
+    commands::record::PrivateDaemon,
+    config::Config,
+    control::{self, ControlError, DEFAULT_SOCKET_PATH},
+    diagnose::DiagnoseThresholds,
+    history::HistorySnapshot,
+    keys::KeysReport,
+    top::{
+        counters::Counters,
+        model::{self, Inputs, Model},
+        render::{self, Status},
+        view::{Action, Key, ViewState},
+    },
+};
+
+/// Seconds of history kept in memory: the sparkline minute plus room for late seconds.
+const KEEP_S: u64 = 120;
+/// Merged snapshots accumulate label strings; past this many, start over from a fresh fetch.
+const MAX_LABELS: usize = 8192;
+/// How long one control request may take before the refresh counts as failed.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shortest and longest refresh interval.
+const MIN_INTERVAL: Duration = Duration::from_millis(200);
+const MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct TopArgs {
+    pub config_path: PathBuf,
+    pub config_explicit: bool,
+    /// `--socket`; None means the default path, where no daemon means attaching locally.
+    pub socket: Option<PathBuf>,
+    /// `--local`: attach the probes here even if a daemon runs.
+    pub local: bool,
+    /// `-d`: refresh interval.
+    pub interval: Duration,
+    pub service: Option<String>,
+    pub batch: bool,
+    /// `-n`: snapshots to print in batch mode (None: until interrupted).
+    pub iterations: Option<u64>,
+}
+
+/// Parses `-d`: seconds, fractions allowed ("1", "0.5").
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !seconds.is_finite() {
+        return Err(format!("{text:?} is not a number of seconds"));
+    }
+    let interval = Duration::from_secs_f64(seconds.max(0.0));
+    if interval < MIN_INTERVAL || interval > MAX_INTERVAL {
+        return Err(format!(
+            "the refresh interval must be between {} and {} s",
+            MIN_INTERVAL.as_secs_f64(),
+            MAX_INTERVAL.as_secs()
+        ));
+    }
+    Ok(interval)
+}
+
+/// The data of the last refreshes.
+struct Feed {
+    socket: PathBuf,
+    /// Keeps a private daemon alive while top runs.
+    local: Option<PrivateDaemon>,
+    history: Option<HistorySnapshot>,
+    counters: Option<(Counters, Instant)>,
+    previous_counters: Option<(Counters, Instant)>,
+    counters_supported: bool,
+    keys: Option<(KeysReport, Instant)>,
+    previous_keys: Option<(KeysReport, Instant)>,
+    thresholds: DiagnoseThresholds,
+    status: Status,
+}
+
+impl Feed {
+    fn refresh(&mut self) {
+        if let Some(local) = &mut self.local {
+            if let Err(err) = local.check_alive() {
+                self.status.error = Some(format!("{err:#}"));
+                return;
+            }
+        }
+        let now = unix_now();
+        let since = match &self.history {
+            // The last seconds may have received late facts since: fetch them again.
+            Some(history) if history.labels.len() <= MAX_LABELS => history.end_s.saturating_sub(2),
+            _ => now.saturating_sub(KEEP_S),
+        };
+        match control::fetch_history(&self.socket, since, FETCH_TIMEOUT) {
+            Ok(newer) => {
+                let merged = match self.history.take() {
+                    Some(history) if history.labels.len() <= MAX_LABELS => {
+                        history.merge_newer(newer)
+                    }
+                    _ => newer,
+                };
+                let end = merged.end_s.max(now);
+                self.history = Some(model::trimmed(
+                    &merged,
+                    end.saturating_sub(KEEP_S),
+                    merged.end_s,
+                ));
+                self.status.error = None;
+            }
+            Err(err) => {
+                self.status.error = Some(err.to_string());
+                return;
+            }
+        }
+        if self.counters_supported {
+            match control::fetch_counters(&self.socket, FETCH_TIMEOUT) {
+                Ok(text) => {
+                    self.previous_counters = self.counters.take();
+                    self.counters = Some((Counters::parse(&text), Instant::now()));
+                }
+                Err(ControlError::Daemon(message)) => {
+                    // An older daemon: the history still gives most columns.
+                    self.counters_supported = false;
+                    self.status.note = Some(format!(
+                        "no connection, byte, queue or fd counters: {message}"
+                    ));
+                }
+                Err(err) => self.status.error = Some(err.to_string()),
+            }
+        }
+        match control::fetch_keys(&self.socket, FETCH_TIMEOUT) {
+            Ok(keys) => {
+                self.previous_keys = self.keys.take();
+                self.keys = Some((keys, Instant::now()));
+            }
+            Err(err) => self.status.error = Some(err.to_string()),
+        }
+    }
+
+    fn model(&self, window_s: u64) -> Model {
+        let Some(history) = &self.history else {
+            return Model {
+                end_s: last_complete_second(),
+                window_s,
+                ..Model::default()
+            };
+        };
+        let between =
+            |now: &Instant, before: &Instant| now.saturating_duration_since(*before).as_secs_f64();
+        let inputs = Inputs {
+            counters: self.counters.as_ref().map(|(c, _)| c),
+            previous_counters: match (&self.counters, &self.previous_counters) {
+                (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
+                _ => None,
+            },
+            keys: self.keys.as_ref().map(|(k, _)| k),
+            previous_keys: match (&self.keys, &self.previous_keys) {
+                (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
+                _ => None,
+            },
+            thresholds: Some(&self.thresholds),
+        };
+        model::build(history, last_complete_second(), window_s, &inputs)
+    }
+}
+
+/// The latest second the daemon has finished recording. The current one is still being
+/// filled, and the daemon drains its rings every 20 ms, so just after a second turns over the
+/// previous one may still miss its last facts: keep a margin.
+fn last_complete_second() -> u64 {
+    let now = std::time::SystemTime::now()
+        .checked_sub(Duration::from_millis(250))
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    now.saturating_sub(1)
+}
+
+fn connect(args: &TopArgs, thresholds: DiagnoseThresholds) -> anyhow::Result<Feed> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+    let daemon = if args.local {
+        Err(ControlError::NoDaemon(socket.clone()))
+    } else {
+        control::call(
+            &socket,
+            &control::Request {
+                version: control::PROTOCOL_VERSION,
+                op: "ping".to_string(),
+                since: None,
+            },
+            FETCH_TIMEOUT,
+        )
+    };
+    let (socket, local, source) = match daemon {
+        Ok(_) => (socket.clone(), None, format!("daemon {}", socket.display())),
+        Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
+            if !args.batch {
+                eprintln!("cacheprobe top: no daemon; attaching the probes here...");
+            }
+            let config = args.config_explicit.then_some(args.config_path.as_path());
+            let local = PrivateDaemon::start(config, "top")
+                .context("no cacheprobe daemon runs and the probes cannot be attached here")?;
+            (
+                local.socket().to_path_buf(),
+                Some(local),
+                "local probes".to_string(),
+            )
+        }
+        Err(err) => {
+            return Err(err).with_context(|| {
+                format!(
+                    "cannot reach the daemon at {} (top needs root)",
+                    socket.display()
+                )
+            })
+        }
+    };
+    Ok(Feed {
+        socket,
+        local,
+        history: None,
+        counters: None,
+        previous_counters: None,
+        counters_supported: true,
+        keys: None,
+        previous_keys: None,
+        thresholds,
+        status: Status {
+            source,
+            refresh_s: args.interval.as_secs_f64(),
+            error: None,
+            note: None,
+        },
+    })
+}
+
+/// SIGINT, SIGTERM and SIGHUP as a flag: in raw mode the terminal sends no SIGINT for Ctrl-C
+/// (it arrives as a key), but `kill` and a closed terminal still do, and the default action
+/// would leave the terminal raw.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, flag.clone())
+            .context("cannot install the signal handlers")?;
+    }
+    Ok(flag)
+}
+
+pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config_path, args.config_explicit)?;
+    if !args.batch && !std::io::stdout().is_terminal() {
+        anyhow::bail!("the output is not a terminal; use --batch for text snapshots");
+    }
+    let stop = stop_flag()?;
+    let mut feed = connect(args, config.diagnose.clone())?;
+    let window_s = args.interval.as_secs_f64().ceil().max(1.0) as u64;
+    let state = ViewState::new(args.service.clone());
+    if args.batch {
+        batch(args, &mut feed, &state, window_s, &stop)?;
+    } else {
+        interactive(args, &mut feed, state, window_s, &stop)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn batch(
+    args: &TopArgs,
+    feed: &mut Feed,
+    state: &ViewState,
+    window_s: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut printed = 0u64;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        feed.refresh();
+        let text = render::text(&feed.model(window_s), state, &feed.status);
+        let mut out = stdout.lock();
+        let written = if printed > 0 {
+            out.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+        .and_then(|()| out.write_all(text.as_bytes()))
+        .and_then(|()| out.flush());
+        if let Err(err) = written {
+            // A closed pipe (`| head`) is the reader being done, not a failure.
+            if err.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(err).context("cannot write the snapshot");
+        }
+        printed += 1;
+        if args.iterations.is_some_and(|n| printed >= n) {
+            break;
+        }
+        next += args.interval;
+        while !stop.load(Ordering::Relaxed) {
+            let left = next.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+    Ok(())
+}
+
+/// Restores the terminal however the loop ends (error, return); a panic is covered by the hook
+/// ratatui installs.
+struct TerminalGuard;
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        ratatui::restore();
+        let _ = ratatui::crossterm::execute!(std::io::stdout(), ratatui::crossterm::cursor::Show);
+    }
+}
+
+fn key_of(event: &event::KeyEvent) -> Option<Key> {
+    if event.kind == KeyEventKind::Release {
+        return None;
+    }
+    Some(match event.code {
+        KeyCode::Char('c') if event.modifiers.contains(KeyModifiers::CONTROL) => Key::CtrlC,
+        KeyCode::Char(c) => Key::Char(c),
+        KeyCode::Enter => Key::Enter,
+        KeyCode::Esc => Key::Esc,
+        KeyCode::Tab => Key::Tab,
+        KeyCode::BackTab => Key::BackTab,
+        KeyCode::Backspace => Key::Backspace,
+        KeyCode::Up => Key::Up,
+        KeyCode::Down => Key::Down,
+        KeyCode::PageUp => Key::PageUp,
+        KeyCode::PageDown => Key::PageDown,
+        KeyCode::Home => Key::Home,
+        KeyCode::End => Key::End,
+        _ => return None,
+    })
+}
+
+fn interactive(
+    args: &TopArgs,
+    feed: &mut Feed,
+    mut state: ViewState,
+    window_s: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let mut terminal = ratatui::try_init().context("cannot set up the terminal")?;
+    let _guard = TerminalGuard;
+    feed.refresh();
+    let mut model = feed.model(window_s);
+    let mut next = Instant::now() + args.interval;
+    let mut dirty = true;
+    while !stop.load(Ordering::Relaxed) {
+        if dirty {
+            terminal
+                .draw(|frame| render::draw(frame, &model, &state, &feed.status, colour))
+                .context("cannot draw")?;
+            dirty = false;
+        }
+        // Short polls so a signal is noticed quickly even when no key comes.
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        if event::poll(wait).context("cannot read the terminal")? {
+            match event::read().context("cannot read the terminal")? {
+                Event::Key(key) => {
+                    if let Some(key) = key_of(&key) {
+                        let count = state.arranged(&model).len();
+                        match state.key(key, count) {
+                            Action::Quit => break,
+                            Action::Redraw => dirty = true,
+                            Action::None => {}
+                        }
+                    }
+                }
+                Event::Resize(_, _) => dirty = true,
+                _ => {}
+            }
+        }
+        if Instant::now() >= next {
+            next = Instant::now() + args.interval;
+            if !state.paused {
+                feed.refresh();
+                model = feed.model(window_s);
+                dirty = true;
+            }
+        }
+    }
+    drop(terminal);
+    Ok(())
+}

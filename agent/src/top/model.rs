@@ -1,0 +1,483 @@
+//! The rows `cacheprobe top` shows, computed from a history snapshot, the daemon's counters and
+//! its hot keys: pure functions, so rates, ratios and windows are unit-tested.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    diagnose::{DiagnoseThresholds, Severity},
+    history::{latency::LatencyHistogram, HistorySnapshot, Role},
+    keys::KeysReport,
+};
+
+use super::counters::Counters;
+
+/// Seconds of the sparklines and of the "last minute" counts.
+pub const MINUTE_S: u64 = 60;
+
+/// One row per (service, server, role).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerRow {
+    pub service: String,
+    pub server: String,
+    pub role: Role,
+    pub requests_per_s: f64,
+    /// Hits over hits and misses in the rate window; None without lookups.
+    pub hit_ratio: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Failed requests (error replies, timeouts, no answer) per second in the rate window.
+    pub errors_per_s: f64,
+    /// Requests that got no answer in the last minute.
+    pub timeouts: u64,
+    /// Writes onto connections the peer had closed, in the last minute.
+    pub dead_writes: u64,
+    /// TCP retransmits in the last minute.
+    pub retransmits: u64,
+    /// Open connections (the daemon's gauge), when known.
+    pub connections: Option<u64>,
+    pub bytes_in_per_s: Option<f64>,
+    pub bytes_out_per_s: Option<f64>,
+    /// Requests in each of the last [`MINUTE_S`] seconds, oldest first.
+    pub requests_spark: Vec<u64>,
+    /// p99 latency in microseconds in each of the last [`MINUTE_S`] seconds (0: no requests).
+    pub p99_spark: Vec<u64>,
+}
+
+/// One row per process name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProcessRow {
+    pub comm: String,
+    pub open_fds: Option<u64>,
+    pub fd_limit: Option<u64>,
+    /// Watched connections held, per service.
+    pub connections: BTreeMap<String, u64>,
+    /// Distinct servers this process sent requests to in the last minute.
+    pub servers_reached: u64,
+    /// Services it holds connections to or sent requests to.
+    pub services: std::collections::BTreeSet<String>,
+    pub requests_per_s: f64,
+    /// Dead writes in the last minute.
+    pub dead_writes: u64,
+    /// EMFILE/ENFILE errors in the last minute (history) or since the daemon started
+    /// (counters), whichever is larger.
+    pub fd_errors: u64,
+}
+
+impl ProcessRow {
+    pub fn fd_ratio(&self) -> Option<f64> {
+        match (self.open_fds, self.fd_limit) {
+            (Some(open), Some(limit)) if limit > 0 => Some(open as f64 / limit as f64),
+            _ => None,
+        }
+    }
+
+    pub fn total_connections(&self) -> u64 {
+        self.connections.values().sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotKeyKind {
+    Requests,
+    Bytes,
+}
+
+impl HotKeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HotKeyKind::Requests => "requests",
+            HotKeyKind::Bytes => "bytes",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HotKeyRow {
+    pub service: String,
+    pub server: String,
+    pub kind: HotKeyKind,
+    pub key: String,
+    /// Space-saving estimate since the daemon started.
+    pub total: u64,
+    /// Change of `total` per second since the previous refresh; None on the first.
+    pub per_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueRow {
+    pub service: String,
+    pub server: String,
+    pub queue: String,
+    pub enqueue_per_s: f64,
+    pub dequeue_per_s: f64,
+    pub empty_polls_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FindingLine {
+    pub severity: Severity,
+    pub title: String,
+}
+
+/// Everything one refresh shows.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Model {
+    /// The last complete second shown (unix).
+    pub end_s: u64,
+    /// Seconds the rates are averaged over.
+    pub window_s: u64,
+    pub servers: Vec<ServerRow>,
+    pub processes: Vec<ProcessRow>,
+    pub hot_keys: Vec<HotKeyRow>,
+    pub queues: Vec<QueueRow>,
+    pub findings: Vec<FindingLine>,
+}
+
+/// What a refresh has to work with besides the history.
+#[derive(Debug, Default)]
+pub struct Inputs<'a> {
+    /// The daemon's counters now and at the previous refresh, with the seconds between them.
+    pub counters: Option<&'a Counters>,
+    pub previous_counters: Option<(&'a Counters, f64)>,
+    pub keys: Option<&'a KeysReport>,
+    pub previous_keys: Option<(&'a KeysReport, f64)>,
+    /// Runs the detectors when given.
+    pub thresholds: Option<&'a DiagnoseThresholds>,
+}
+
+#[derive(Default)]
+struct ServerAcc {
+    requests: u64,
+    hits: u64,
+    lookups: u64,
+    errors: u64,
+    hist: LatencyHistogram,
+    timeouts: u64,
+    dead_writes: u64,
+    retransmits: u64,
+    spark: Vec<u64>,
+    p99_spark: Vec<LatencyHistogram>,
+}
+
+#[derive(Default)]
+struct ProcessAcc {
+    fds: Option<(u64, u32, u64)>,
+    connections: BTreeMap<String, u64>,
+    servers: std::collections::BTreeSet<(String, String)>,
+    requests: u64,
+    dead_writes: u64,
+    fd_errors: u64,
+}
+
+type ServerKey = (String, String, Role);
+
+fn server_entry(servers: &mut BTreeMap<ServerKey, ServerAcc>, key: ServerKey) -> &mut ServerAcc {
+    let acc = servers.entry(key).or_default();
+    if acc.spark.is_empty() {
+        acc.spark = vec![0; MINUTE_S as usize];
+        acc.p99_spark = vec![LatencyHistogram::default(); MINUTE_S as usize];
+    }
+    acc
+}
+
+/// Builds the model for the complete seconds up to `end_s`: rates over the last `window_s`
+/// seconds, counts and sparklines over the last minute.
+pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inputs) -> Model {
+    let window_s = window_s.clamp(1, MINUTE_S);
+    let rate_start = end_s + 1 - window_s.min(end_s + 1);
+    let minute_start = end_s + 1 - MINUTE_S.min(end_s + 1);
+    let in_rate = |t: u64| t >= rate_start && t <= end_s;
+    let label = |id: u32| snapshot.label(id).to_string();
+    let comm_label = |id: u32| match snapshot.label(id) {
+        "" => "?".to_string(),
+        c => c.to_string(),
+    };
+
+    let mut servers: BTreeMap<ServerKey, ServerAcc> = BTreeMap::new();
+    let mut processes: BTreeMap<String, ProcessAcc> = BTreeMap::new();
+    for second in snapshot
+        .seconds
+        .iter()
+        .filter(|s| s.t >= minute_start && s.t <= end_s)
+    {
+        let slot = (second.t - minute_start) as usize;
+        let rate = in_rate(second.t);
+        for row in &second.requests {
+            let key = (label(row.service), label(row.server), row.role);
+            let acc = server_entry(&mut servers, key);
+            let count = row.count as u64;
+            acc.spark[slot] += count;
+            if row.status.is_no_answer() {
+                acc.timeouts += count;
+            }
+            if rate {
+                acc.requests += count;
+                if row.status.is_lookup() {
+                    acc.lookups += count;
+                    if row.status == crate::history::RequestStatus::Hit {
+                        acc.hits += count;
+                    }
+                }
+                if row.status.is_failure() {
+                    acc.errors += count;
+                }
+            }
+            let process = processes.entry(comm_label(row.comm)).or_default();
+            process
+                .servers
+                .insert((label(row.service), label(row.server)));
+            if rate {
+                process.requests += count;
+            }
+        }
+        for row in &second.latency {
+            let key = (label(row.service), label(row.server), row.role);
+            let acc = server_entry(&mut servers, key);
+            acc.p99_spark[slot].add_cells(&row.cells);
+            if rate {
+                acc.hist.add_cells(&row.cells);
+            }
+        }
+        for row in &second.dead_writes {
+            let key = (label(row.service), label(row.server), row.role);
+            let acc = server_entry(&mut servers, key);
+            acc.dead_writes += row.count as u64;
+            processes
+                .entry(comm_label(row.comm))
+                .or_default()
+                .dead_writes += row.count as u64;
+        }
+        for row in second.tcp.iter().filter(|r| r.event.is_retransmit()) {
+            let key = (label(row.service), label(row.server), row.role);
+            let acc = server_entry(&mut servers, key);
+            acc.retransmits += row.count as u64;
+        }
+        for row in &second.fds {
+            let acc = processes.entry(comm_label(row.comm)).or_default();
+            // The latest sample wins.
+            acc.fds = Some((row.open_fds as u64, row.pid, row.limit as u64));
+        }
+        for row in &second.process_connections {
+            processes
+                .entry(comm_label(row.comm))
+                .or_default()
+                .connections
+                .insert(label(row.service), row.connections as u64);
+        }
+        for row in &second.fd_errors {
+            processes.entry(comm_label(row.comm)).or_default().fd_errors += row.count as u64;
+        }
+    }
+
+    let counter_rate = |value: &dyn Fn(&Counters) -> Option<f64>| -> Option<f64> {
+        let now = value(inputs.counters?)?;
+        let (before, elapsed) = inputs.previous_counters?;
+        let before = value(before).unwrap_or(0.0);
+        (elapsed > 0.0).then(|| (now - before).max(0.0) / elapsed)
+    };
+
+    if let Some(counters) = inputs.counters {
+        for (service, server, role) in counters.endpoints() {
+            server_entry(&mut servers, (service, server, role));
+        }
+        for comm in counters.comms() {
+            processes.entry(comm).or_default();
+        }
+    }
+
+    let span = window_s as f64;
+    let server_rows = servers
+        .into_iter()
+        .map(|((service, server, role), acc)| {
+            let connections = inputs
+                .counters
+                .and_then(|c| c.connections_active(&service, &server, role));
+            let bytes = |direction: &'static str| {
+                counter_rate(&|c: &Counters| c.bytes(&service, &server, role, direction))
+            };
+            ServerRow {
+                requests_per_s: acc.requests as f64 / span,
+                hit_ratio: (acc.lookups > 0).then(|| acc.hits as f64 / acc.lookups as f64),
+                p50_ms: acc.hist.quantile_us(0.5).map(|us| us / 1000.0),
+                p99_ms: acc.hist.quantile_us(0.99).map(|us| us / 1000.0),
+                errors_per_s: acc.errors as f64 / span,
+                timeouts: acc.timeouts,
+                dead_writes: acc.dead_writes,
+                retransmits: acc.retransmits,
+                connections,
+                bytes_in_per_s: bytes("received"),
+                bytes_out_per_s: bytes("sent"),
+                requests_spark: acc.spark,
+                p99_spark: acc
+                    .p99_spark
+                    .iter()
+                    .map(|h| h.quantile_us(0.99).map_or(0, |us| us.round() as u64))
+                    .collect(),
+                service,
+                server,
+                role,
+            }
+        })
+        .collect();
+
+    let process_rows = processes
+        .into_iter()
+        .map(|(comm, acc)| {
+            let counters = inputs.counters;
+            let (mut open_fds, mut fd_limit) = match acc.fds {
+                Some((open, _, limit)) => (Some(open), Some(limit)),
+                None => (None, None),
+            };
+            let mut connections = acc.connections;
+            let mut fd_errors = acc.fd_errors;
+            if let Some(counters) = counters {
+                if let Some((open, limit)) = counters.fds(&comm) {
+                    (open_fds, fd_limit) = (Some(open), Some(limit));
+                }
+                for (service, count) in counters.process_connections(&comm) {
+                    connections.insert(service, count);
+                }
+                fd_errors = fd_errors.max(counters.fd_errors(&comm));
+            }
+            let services = acc
+                .servers
+                .iter()
+                .map(|(service, _)| service.clone())
+                .chain(connections.keys().cloned())
+                .collect();
+            ProcessRow {
+                open_fds,
+                fd_limit,
+                services,
+                connections,
+                servers_reached: acc.servers.len() as u64,
+                requests_per_s: acc.requests as f64 / span,
+                dead_writes: acc.dead_writes,
+                fd_errors,
+                comm,
+            }
+        })
+        .collect();
+
+    let queues = inputs
+        .counters
+        .map(|counters| {
+            counters
+                .queues()
+                .into_iter()
+                .map(|(service, server, queue)| {
+                    let op_rate = |op: &'static str| {
+                        counter_rate(&|c: &Counters| c.queue_ops(&service, &server, &queue, op))
+                            .unwrap_or(0.0)
+                    };
+                    QueueRow {
+                        enqueue_per_s: op_rate("enqueue"),
+                        dequeue_per_s: op_rate("dequeue"),
+                        empty_polls_per_s: op_rate("empty_poll"),
+                        service: service.clone(),
+                        server: server.clone(),
+                        queue: queue.clone(),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let findings = inputs
+        .thresholds
+        .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
+        .unwrap_or_default();
+
+    Model {
+        end_s,
+        window_s,
+        servers: server_rows,
+        processes: process_rows,
+        hot_keys: inputs
+            .keys
+            .map(|keys| hot_keys(keys, inputs.previous_keys))
+            .unwrap_or_default(),
+        queues,
+        findings,
+    }
+}
+
+/// The detectors over [start_s, end_s] only: top shows what is wrong now, not 15 minutes ago.
+fn findings(
+    snapshot: &HistorySnapshot,
+    start_s: u64,
+    end_s: u64,
+    thresholds: &DiagnoseThresholds,
+) -> Vec<FindingLine> {
+    let recent = trimmed(snapshot, start_s, end_s);
+    crate::diagnose::diagnose(&recent, thresholds)
+        .into_iter()
+        .map(|finding| FindingLine {
+            severity: finding.severity,
+            title: finding.title,
+        })
+        .collect()
+}
+
+/// A copy of `snapshot` restricted to [start_s, end_s].
+pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistorySnapshot {
+    HistorySnapshot {
+        version: snapshot.version,
+        start_s: start_s.max(snapshot.start_s),
+        end_s: end_s.min(snapshot.end_s),
+        labels: snapshot.labels.clone(),
+        seconds: snapshot
+            .seconds
+            .iter()
+            .filter(|s| s.t >= start_s && s.t <= end_s)
+            .cloned()
+            .collect(),
+        stats: snapshot.stats,
+    }
+}
+
+fn hot_keys(keys: &KeysReport, previous: Option<(&KeysReport, f64)>) -> Vec<HotKeyRow> {
+    let earlier = |service: &str, server: &str, role: &str, kind: HotKeyKind, key: &str| {
+        let (report, elapsed) = previous?;
+        let entry = report
+            .servers
+            .iter()
+            .find(|s| s.service == service && s.server == server && s.role == role)?;
+        let list = match kind {
+            HotKeyKind::Requests => &entry.by_requests,
+            HotKeyKind::Bytes => &entry.by_bytes,
+        };
+        // A key absent before had at most the table's smallest count; 0 keeps the rate an
+        // upper bound, as the space-saving counts themselves are.
+        let before = list.iter().find(|k| k.key == key).map_or(0, |k| k.count);
+        Some((before, elapsed))
+    };
+    let mut rows = Vec::new();
+    for server in &keys.servers {
+        for (kind, list) in [
+            (HotKeyKind::Requests, &server.by_requests),
+            (HotKeyKind::Bytes, &server.by_bytes),
+        ] {
+            for key in list {
+                let per_s = earlier(
+                    &server.service,
+                    &server.server,
+                    &server.role,
+                    kind,
+                    &key.key,
+                )
+                .filter(|(_, elapsed)| *elapsed > 0.0)
+                .map(|(before, elapsed)| key.count.saturating_sub(before) as f64 / elapsed);
+                rows.push(HotKeyRow {
+                    service: server.service.clone(),
+                    server: server.server.clone(),
+                    kind,
+                    key: key.key.clone(),
+                    total: key.count,
+                    per_s,
+                });
+            }
+        }
+    }
+    rows
+}

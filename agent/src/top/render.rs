@@ -1,0 +1,457 @@
+//! Drawing: the ratatui screen (header, findings line, pane tabs, the table with sparklines,
+//! footer of keys, detail popup) and the plain-text snapshot of `--batch`.
+
+use ratatui::{
+    layout::{Constraint, Layout, Rect},
+    style::{Color, Modifier, Style},
+    text::{Line, Span},
+    widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap},
+    Frame,
+};
+
+use super::{
+    model::{FindingLine, Model},
+    view::{arrange, rows, Column, Pane, TableRow, ViewState},
+};
+use crate::diagnose::Severity;
+
+/// Smallest terminal drawn; below it a message says so.
+pub const MIN_WIDTH: u16 = 80;
+pub const MIN_HEIGHT: u16 = 24;
+/// Narrowest useful sparkline.
+const MIN_SPARK: u16 = 12;
+
+/// Where the data comes from and how fresh it is, for the header.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// "daemon /run/cacheprobe/cacheprobe.sock" or "local probes".
+    pub source: String,
+    pub refresh_s: f64,
+    /// The last refresh failed with this.
+    pub error: Option<String>,
+    /// Data that is missing and why (an older daemon without `metrics`).
+    pub note: Option<String>,
+}
+
+/// "14:03:07" UTC.
+pub fn clock(unix_s: u64) -> String {
+    let day_s = unix_s % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}",
+        day_s / 3600,
+        day_s / 60 % 60,
+        day_s % 60
+    )
+}
+
+/// Block characters for a sparkline scaled to its own peak; a second with nothing is a space,
+/// so a micro-outage shows as a gap however busy the rest of the minute was.
+pub fn sparkline(values: &[u64], width: usize) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let shown = &values[values.len().saturating_sub(width)..];
+    let peak = shown.iter().copied().max().unwrap_or(0);
+    shown
+        .iter()
+        .map(|&v| {
+            if v == 0 || peak == 0 {
+                ' '
+            } else {
+                let level = ((v as f64 / peak as f64) * (BARS.len() - 1) as f64).round() as usize;
+                BARS[level.min(BARS.len() - 1)]
+            }
+        })
+        .collect()
+}
+
+/// The columns that fit `width`: everything of the lowest priorities that fits, in the pane's
+/// order, always at least the priority-0 ones.
+pub fn fit_columns(columns: &[Column], width: u16) -> Vec<usize> {
+    let mut chosen: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.priority == 0)
+        .map(|(i, _)| i)
+        .collect();
+    for priority in 1..=u8::MAX {
+        let candidate: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.priority <= priority)
+            .map(|(i, _)| i)
+            .collect();
+        let needed: u16 = candidate.iter().map(|&i| columns[i].width + 1).sum();
+        if needed > width {
+            break;
+        }
+        let done = candidate.len() == columns.len();
+        chosen = candidate;
+        if done {
+            break;
+        }
+    }
+    chosen
+}
+
+fn severity_word(severity: Severity) -> &'static str {
+    match severity {
+        Severity::Critical => "CRITICAL",
+        Severity::Warning => "WARNING",
+        Severity::Info => "INFO",
+    }
+}
+
+/// The one-line findings summary.
+pub fn findings_line(findings: &[FindingLine]) -> String {
+    match findings.first() {
+        None => "findings: none in the last 60 s".to_string(),
+        Some(first) => {
+            let more = match findings.len() - 1 {
+                0 => String::new(),
+                n => format!(" (+{n} more)"),
+            };
+            format!(
+                "findings: {} {}{more}",
+                severity_word(first.severity),
+                first.title
+            )
+        }
+    }
+}
+
+struct Palette {
+    colour: bool,
+}
+
+impl Palette {
+    fn fg(&self, colour: Color) -> Style {
+        if self.colour {
+            Style::default().fg(colour)
+        } else {
+            Style::default()
+        }
+    }
+
+    fn header(&self) -> Style {
+        Style::default().add_modifier(Modifier::REVERSED)
+    }
+}
+
+/// Draws the whole screen.
+pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status, colour: bool) {
+    let area = frame.area();
+    let palette = Palette { colour };
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        let text = format!(
+            "terminal too small ({}x{}): cacheprobe top needs {MIN_WIDTH}x{MIN_HEIGHT}. q quits.",
+            area.width, area.height
+        );
+        frame.render_widget(Paragraph::new(text).wrap(Wrap { trim: true }), area);
+        return;
+    }
+    let [header, findings, tabs, table, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(5),
+        Constraint::Length(2),
+    ])
+    .areas(area);
+
+    // What changes what is shown comes first: a long socket path may be cut at 80 columns.
+    let mut head = format!("cacheprobe top  {} UTC", clock(model.end_s));
+    if state.paused {
+        head.push_str("  PAUSED");
+    }
+    if let Some(service) = &state.service {
+        head.push_str(&format!("  service={service}"));
+    }
+    head.push_str(&format!(
+        "  refresh {} s  rates over {} s  {}",
+        status.refresh_s, model.window_s, status.source
+    ));
+    frame.render_widget(Paragraph::new(head).style(palette.header()), header);
+
+    let (line, style) = match (&status.error, model.findings.first()) {
+        (Some(error), _) => (
+            format!("daemon not answering: {error} (showing the last data)"),
+            palette.fg(Color::Red),
+        ),
+        (None, Some(first)) => (
+            findings_line(&model.findings),
+            match first.severity {
+                Severity::Critical => palette.fg(Color::Red).add_modifier(Modifier::BOLD),
+                Severity::Warning => palette.fg(Color::Yellow),
+                Severity::Info => palette.fg(Color::Cyan),
+            },
+        ),
+        (None, None) => (findings_line(&model.findings), palette.fg(Color::Green)),
+    };
+    frame.render_widget(Paragraph::new(line).style(style), findings);
+
+    let mut spans = Vec::new();
+    for pane in Pane::ALL {
+        let style = if pane == state.pane {
+            palette.header().add_modifier(Modifier::BOLD)
+        } else {
+            Style::default()
+        };
+        spans.push(Span::styled(format!(" {} ", pane.title()), style));
+        spans.push(Span::raw(" "));
+    }
+    if let Some(note) = &status.note {
+        spans.push(Span::styled(format!(" {note}"), palette.fg(Color::Yellow)));
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)), tabs);
+
+    let shown = state.arranged(model);
+    draw_table(frame, table, &shown, state, &palette);
+
+    let columns = state.pane.columns();
+    let sort: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let letter = c.letter?;
+            let mark = if i == state.sort_column() { "*" } else { "" };
+            Some(format!("{letter}:{}{mark}", c.title.to_lowercase()))
+        })
+        .collect();
+    let filter = if state.editing_filter {
+        format!("  filter: {}_", state.filter)
+    } else if !state.filter.is_empty() {
+        format!("  filter: {}", state.filter)
+    } else {
+        String::new()
+    };
+    let keys =
+        format!("Tab pane  / filter  Enter detail  space pause  arrows move  q quit{filter}");
+    frame.render_widget(
+        Paragraph::new(vec![
+            Line::from(format!("sort {}", sort.join(" "))),
+            Line::from(keys),
+        ]),
+        footer,
+    );
+
+    if state.detail {
+        if let Some(row) = shown.get(state.selected.min(shown.len().saturating_sub(1))) {
+            draw_detail(frame, area, row, model);
+        }
+    }
+}
+
+fn draw_table(
+    frame: &mut Frame,
+    area: Rect,
+    shown: &[TableRow],
+    state: &ViewState,
+    palette: &Palette,
+) {
+    let columns = state.pane.columns();
+    let mut chosen = fit_columns(columns, area.width);
+    let used: u16 = chosen.iter().map(|&i| columns[i].width + 1).sum();
+    let spark_width = if state.pane == Pane::Servers {
+        area.width.saturating_sub(used).min(60)
+    } else {
+        0
+    };
+    let spark_width = if spark_width >= MIN_SPARK {
+        spark_width
+    } else {
+        0
+    };
+    chosen.sort_unstable();
+    let mut widths: Vec<Constraint> = chosen
+        .iter()
+        .map(|&i| Constraint::Length(columns[i].width))
+        .collect();
+    let mut titles: Vec<Cell> = chosen
+        .iter()
+        .map(|&i| {
+            let c = &columns[i];
+            let title = if i == state.sort_column() {
+                format!("{}*", c.title)
+            } else {
+                c.title.to_string()
+            };
+            Cell::from(align(&title, c.width, c.right))
+        })
+        .collect();
+    if spark_width > 0 {
+        widths.push(Constraint::Length(spark_width));
+        titles.push(Cell::from(format!("REQ/S LAST {spark_width} S")));
+    }
+    let body: Vec<Row> = shown
+        .iter()
+        .map(|row| {
+            let mut cells: Vec<Cell> = chosen
+                .iter()
+                .map(|&i| {
+                    let c = &columns[i];
+                    let text = row.cells.get(i).map(String::as_str).unwrap_or("");
+                    Cell::from(align(text, c.width, c.right))
+                })
+                .collect();
+            if spark_width > 0 {
+                let spark = row
+                    .spark
+                    .as_deref()
+                    .map(|s| sparkline(s, spark_width as usize))
+                    .unwrap_or_default();
+                cells.push(Cell::from(spark).style(palette.fg(Color::Cyan)));
+            }
+            let style = if row.alert {
+                palette.fg(Color::Red)
+            } else {
+                Style::default()
+            };
+            Row::new(cells).style(style)
+        })
+        .collect();
+    let empty = shown.is_empty();
+    let table = Table::new(body, widths)
+        .header(Row::new(titles).style(Style::default().add_modifier(Modifier::BOLD)))
+        .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
+        .column_spacing(1);
+    let mut table_state =
+        TableState::default().with_selected((!empty).then(|| state.selected.min(shown.len() - 1)));
+    frame.render_stateful_widget(table, area, &mut table_state);
+    if empty {
+        let message = if state.filter.is_empty() {
+            match state.pane {
+                Pane::Queues => "no queue traffic seen (memcache-queue services)",
+                Pane::HotKeys => "no hot keys yet (decoded requests on this host only)",
+                _ => "no traffic to watched services yet",
+            }
+            .to_string()
+        } else {
+            format!("no rows match the filter {:?}", state.filter)
+        };
+        let inner = Rect {
+            y: area.y + 2,
+            height: 1,
+            ..area
+        };
+        if inner.y < area.y + area.height {
+            frame.render_widget(Paragraph::new(message), inner);
+        }
+    }
+}
+
+fn draw_detail(frame: &mut Frame, area: Rect, row: &TableRow, model: &Model) {
+    let mut lines: Vec<Line> = row.detail.iter().map(|l| Line::from(l.as_str())).collect();
+    if let Some(spark) = &row.spark {
+        lines.push(Line::from(""));
+        lines.push(Line::from(format!(
+            "requests/s, last 60 s to {} UTC:",
+            clock(model.end_s)
+        )));
+        lines.push(Line::from(sparkline(spark, 60)));
+    }
+    let width = (area.width - 4).min(100);
+    let height = (lines.len() as u16 + 2).min(area.height - 2);
+    let popup = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + (area.height - height) / 2,
+        width,
+        height,
+    };
+    frame.render_widget(Clear, popup);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title(" detail (Esc closes) "),
+        ),
+        popup,
+    );
+}
+
+fn align(text: &str, width: u16, right: bool) -> String {
+    let width = width as usize;
+    let count = text.chars().count();
+    let text: String = if count > width {
+        // Keep the end of long keys and addresses: ports and key suffixes tell them apart.
+        let skip = count - width + 1;
+        format!("~{}", text.chars().skip(skip).collect::<String>())
+    } else {
+        text.to_string()
+    };
+    if right {
+        format!("{text:>width$}")
+    } else {
+        text
+    }
+}
+
+/// One `--batch` snapshot: every pane with every column, as plain text.
+pub fn text(model: &Model, state: &ViewState, status: &Status) -> String {
+    let mut out = format!(
+        "cacheprobe top  {} UTC  {}  rates over {} s\n{}\n",
+        clock(model.end_s),
+        status.source,
+        model.window_s,
+        findings_line(&model.findings)
+    );
+    for finding in model.findings.iter().skip(1) {
+        out.push_str(&format!(
+            "  also: {} {}\n",
+            severity_word(finding.severity),
+            finding.title
+        ));
+    }
+    if let Some(error) = &status.error {
+        out.push_str(&format!("daemon not answering: {error}\n"));
+    }
+    if let Some(note) = &status.note {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    for pane in Pane::ALL {
+        let sort = state.sort[Pane::ALL.iter().position(|p| *p == pane).unwrap_or(0)];
+        let shown = arrange(
+            rows(model, pane),
+            sort,
+            &state.filter,
+            state.service.as_deref(),
+        );
+        out.push('\n');
+        out.push_str(&format!("{}\n", pane.title().to_uppercase()));
+        if shown.is_empty() {
+            out.push_str("  (none)\n");
+            continue;
+        }
+        let columns = pane.columns();
+        let widths: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                shown
+                    .iter()
+                    .map(|r| r.cells.get(i).map_or(0, |s| s.chars().count()))
+                    .chain([c.title.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: Vec<&str>| {
+            let parts: Vec<String> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, cell)| {
+                    let width = widths[i];
+                    if columns[i].right {
+                        format!("{cell:>width$}")
+                    } else {
+                        format!("{cell:<width$}")
+                    }
+                })
+                .collect();
+            format!("{}\n", parts.join("  ").trim_end())
+        };
+        out.push_str(&line(columns.iter().map(|c| c.title).collect()));
+        for row in &shown {
+            out.push_str(&line(row.cells.iter().map(String::as_str).collect()));
+        }
+    }
+    out
+}

@@ -1,0 +1,637 @@
+//! The panes as tables of text cells with sort values, and the interactive state (pane, sort
+//! column, filter, selection, pause): what the keys change, kept apart from drawing so sorting
+//! and filtering are unit-tested without a terminal.
+
+use std::cmp::Ordering;
+
+use super::model::{HotKeyRow, Model, ProcessRow, QueueRow, ServerRow};
+use crate::history::Role;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pane {
+    Servers,
+    Processes,
+    HotKeys,
+    Queues,
+}
+
+impl Pane {
+    pub const ALL: [Pane; 4] = [Pane::Servers, Pane::Processes, Pane::HotKeys, Pane::Queues];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Pane::Servers => "Servers",
+            Pane::Processes => "Processes",
+            Pane::HotKeys => "Hot keys",
+            Pane::Queues => "Queues",
+        }
+    }
+
+    fn index(self) -> usize {
+        Pane::ALL.iter().position(|p| *p == self).unwrap_or(0)
+    }
+
+    pub fn next(self) -> Pane {
+        Pane::ALL[(self.index() + 1) % Pane::ALL.len()]
+    }
+
+    pub fn previous(self) -> Pane {
+        Pane::ALL[(self.index() + Pane::ALL.len() - 1) % Pane::ALL.len()]
+    }
+
+    pub fn columns(self) -> &'static [Column] {
+        match self {
+            Pane::Servers => SERVER_COLUMNS,
+            Pane::Processes => PROCESS_COLUMNS,
+            Pane::HotKeys => HOT_KEY_COLUMNS,
+            Pane::Queues => QUEUE_COLUMNS,
+        }
+    }
+
+    /// The column sorted on when the pane is first shown.
+    pub fn default_sort(self) -> usize {
+        match self {
+            Pane::Servers => 3,
+            Pane::Processes => 3,
+            Pane::HotKeys => 4,
+            Pane::Queues => 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub title: &'static str,
+    /// The key that sorts by this column (mctop style), shown in the footer.
+    pub letter: Option<char>,
+    pub width: u16,
+    pub right: bool,
+    /// Lower is kept longer when the terminal is narrow.
+    pub priority: u8,
+}
+
+const fn col(title: &'static str, letter: char, width: u16, right: bool, priority: u8) -> Column {
+    Column {
+        title,
+        letter: if letter == ' ' { None } else { Some(letter) },
+        width,
+        right,
+        priority,
+    }
+}
+
+pub const SERVER_COLUMNS: &[Column] = &[
+    col("SERVICE", 'n', 10, false, 1),
+    col("SERVER", ' ', 21, false, 0),
+    col("ROLE", ' ', 6, false, 1),
+    col("REQ/S", 'r', 8, true, 0),
+    col("HIT%", 'h', 6, true, 0),
+    col("P50", ' ', 7, true, 2),
+    col("P99", 'p', 7, true, 0),
+    col("ERR/S", 'e', 6, true, 0),
+    col("TMO/m", 't', 5, true, 2),
+    col("DEAD/m", 'd', 6, true, 2),
+    col("RETX/m", 'x', 6, true, 3),
+    col("CONN", 'c', 5, true, 1),
+    col("IN/S", 'b', 7, true, 3),
+    col("OUT/S", ' ', 7, true, 3),
+];
+
+pub const PROCESS_COLUMNS: &[Column] = &[
+    col("PROCESS", 'n', 16, false, 0),
+    col("FDS", ' ', 13, true, 0),
+    col("FD%", 'f', 5, true, 0),
+    col("CONN", 'c', 6, true, 0),
+    col("SERVERS", 's', 7, true, 1),
+    col("REQ/S", 'r', 8, true, 0),
+    col("DEAD/m", 'd', 6, true, 1),
+    col("EMFILE", 'e', 6, true, 1),
+    col("CONNECTIONS BY SERVICE", ' ', 30, false, 2),
+];
+
+pub const HOT_KEY_COLUMNS: &[Column] = &[
+    col("SERVICE", ' ', 10, false, 2),
+    col("SERVER", 's', 21, false, 0),
+    col("BY", ' ', 8, false, 0),
+    col("KEY", 'n', 28, false, 0),
+    col("PER S", 'r', 9, true, 0),
+    col("TOTAL", 't', 10, true, 1),
+];
+
+pub const QUEUE_COLUMNS: &[Column] = &[
+    col("SERVICE", ' ', 10, false, 1),
+    col("SERVER", 's', 21, false, 0),
+    col("QUEUE", 'n', 20, false, 0),
+    col("ENQ/S", 'e', 9, true, 0),
+    col("DEQ/S", 'd', 9, true, 0),
+    col("EMPTY/S", 'p', 9, true, 0),
+];
+
+/// How a cell sorts: numbers largest first, text alphabetically; missing values last.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortValue {
+    Number(Option<f64>),
+    Text(String),
+}
+
+fn compare(a: &SortValue, b: &SortValue) -> Ordering {
+    match (a, b) {
+        (SortValue::Number(a), SortValue::Number(b)) => match (a, b) {
+            (Some(a), Some(b)) => b.total_cmp(a),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        },
+        (SortValue::Text(a), SortValue::Text(b)) => a.cmp(b),
+        (SortValue::Number(_), SortValue::Text(_)) => Ordering::Less,
+        (SortValue::Text(_), SortValue::Number(_)) => Ordering::Greater,
+    }
+}
+
+/// One row of a pane, ready to draw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRow {
+    pub cells: Vec<String>,
+    pub sort: Vec<SortValue>,
+    /// Requests per second over the last minute (servers only).
+    pub spark: Option<Vec<u64>>,
+    /// Lines shown by Enter.
+    pub detail: Vec<String>,
+    /// Alerting cells (errors, dead writes, fd pressure) for colour.
+    pub alert: bool,
+    /// The service the row belongs to, for `--service`; None matches every service.
+    pub services: Vec<String>,
+}
+
+pub fn rate(value: f64) -> String {
+    if value == 0.0 {
+        "0".to_string()
+    } else if value < 10.0 {
+        format!("{value:.1}")
+    } else if value < 100_000.0 {
+        format!("{value:.0}")
+    } else if value < 100_000_000.0 {
+        format!("{:.0}k", value / 1000.0)
+    } else {
+        format!("{:.0}M", value / 1e6)
+    }
+}
+
+pub fn bytes_rate(value: f64) -> String {
+    if value < 1024.0 {
+        format!("{value:.0}")
+    } else if value < 1024.0 * 1024.0 {
+        format!("{:.1}K", value / 1024.0)
+    } else if value < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1}M", value / 1024.0 / 1024.0)
+    } else {
+        format!("{:.1}G", value / 1024.0 / 1024.0 / 1024.0)
+    }
+}
+
+pub fn millis(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{:.0}us", ms * 1000.0)
+    } else if ms < 10.0 {
+        format!("{ms:.1}ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", ms / 1000.0)
+    }
+}
+
+pub fn percent(ratio: f64) -> String {
+    let p = ratio * 100.0;
+    if p > 99.0 && p < 100.0 {
+        format!("{p:.1}")
+    } else {
+        format!("{p:.0}")
+    }
+}
+
+fn or_dash(value: Option<String>) -> String {
+    value.unwrap_or_else(|| "-".to_string())
+}
+
+fn role(role: Role) -> &'static str {
+    match role {
+        Role::Client => "client",
+        Role::Server => "server",
+    }
+}
+
+fn server_row(row: &ServerRow) -> TableRow {
+    let bytes_total = match (row.bytes_in_per_s, row.bytes_out_per_s) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+    };
+    let cells = vec![
+        row.service.clone(),
+        row.server.clone(),
+        role(row.role).to_string(),
+        rate(row.requests_per_s),
+        or_dash(row.hit_ratio.map(percent)),
+        or_dash(row.p50_ms.map(millis)),
+        or_dash(row.p99_ms.map(millis)),
+        rate(row.errors_per_s),
+        row.timeouts.to_string(),
+        row.dead_writes.to_string(),
+        row.retransmits.to_string(),
+        or_dash(row.connections.map(|c| c.to_string())),
+        or_dash(row.bytes_in_per_s.map(bytes_rate)),
+        or_dash(row.bytes_out_per_s.map(bytes_rate)),
+    ];
+    let sort = vec![
+        SortValue::Text(format!("{}/{}", row.service, row.server)),
+        SortValue::Text(row.server.clone()),
+        SortValue::Text(role(row.role).to_string()),
+        SortValue::Number(Some(row.requests_per_s)),
+        SortValue::Number(row.hit_ratio),
+        SortValue::Number(row.p50_ms),
+        SortValue::Number(row.p99_ms),
+        SortValue::Number(Some(row.errors_per_s)),
+        SortValue::Number(Some(row.timeouts as f64)),
+        SortValue::Number(Some(row.dead_writes as f64)),
+        SortValue::Number(Some(row.retransmits as f64)),
+        SortValue::Number(row.connections.map(|c| c as f64)),
+        SortValue::Number(bytes_total),
+        SortValue::Number(row.bytes_out_per_s),
+    ];
+    let peak = row.requests_spark.iter().max().copied().unwrap_or(0);
+    let low = row.requests_spark.iter().min().copied().unwrap_or(0);
+    let p99_peak = row.p99_spark.iter().max().copied().unwrap_or(0);
+    let detail = vec![
+        format!("{} {} ({})", row.service, row.server, role(row.role)),
+        format!(
+            "requests/s {}   hit ratio {}   errors/s {}",
+            rate(row.requests_per_s),
+            or_dash(row.hit_ratio.map(|r| format!("{}%", percent(r)))),
+            rate(row.errors_per_s)
+        ),
+        format!(
+            "latency p50 {}   p99 {}   worst 1 s p99 in the last minute {}",
+            or_dash(row.p50_ms.map(millis)),
+            or_dash(row.p99_ms.map(millis)),
+            if p99_peak == 0 {
+                "-".to_string()
+            } else {
+                millis(p99_peak as f64 / 1000.0)
+            }
+        ),
+        format!(
+            "last minute: {} timeouts, {} dead writes, {} retransmits; requests per second {}-{}",
+            row.timeouts, row.dead_writes, row.retransmits, low, peak
+        ),
+        format!(
+            "connections {}   bytes/s in {}   out {}",
+            or_dash(row.connections.map(|c| c.to_string())),
+            or_dash(row.bytes_in_per_s.map(bytes_rate)),
+            or_dash(row.bytes_out_per_s.map(bytes_rate))
+        ),
+    ];
+    TableRow {
+        alert: row.errors_per_s > 0.0 || row.timeouts > 0 || row.dead_writes > 0,
+        services: vec![row.service.clone()],
+        cells,
+        sort,
+        spark: Some(row.requests_spark.clone()),
+        detail,
+    }
+}
+
+fn process_row(row: &ProcessRow) -> TableRow {
+    let fds = match (row.open_fds, row.fd_limit) {
+        (Some(open), Some(limit)) => format!("{open}/{limit}"),
+        (Some(open), None) => open.to_string(),
+        _ => "-".to_string(),
+    };
+    let by_service = row
+        .connections
+        .iter()
+        .map(|(service, count)| format!("{service}:{count}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let connections = (!row.connections.is_empty()).then(|| row.total_connections());
+    let cells = vec![
+        row.comm.clone(),
+        fds.clone(),
+        or_dash(row.fd_ratio().map(percent)),
+        or_dash(connections.map(|c| c.to_string())),
+        row.servers_reached.to_string(),
+        rate(row.requests_per_s),
+        row.dead_writes.to_string(),
+        row.fd_errors.to_string(),
+        by_service.clone(),
+    ];
+    let sort = vec![
+        SortValue::Text(row.comm.clone()),
+        SortValue::Number(row.open_fds.map(|v| v as f64)),
+        SortValue::Number(row.fd_ratio()),
+        SortValue::Number(connections.map(|c| c as f64)),
+        SortValue::Number(Some(row.servers_reached as f64)),
+        SortValue::Number(Some(row.requests_per_s)),
+        SortValue::Number(Some(row.dead_writes as f64)),
+        SortValue::Number(Some(row.fd_errors as f64)),
+        SortValue::Text(by_service.clone()),
+    ];
+    TableRow {
+        alert: row.fd_ratio().is_some_and(|r| r >= 0.8) || row.fd_errors > 0 || row.dead_writes > 0,
+        services: row.services.iter().cloned().collect(),
+        cells,
+        sort,
+        spark: None,
+        detail: vec![
+            format!("process {}", row.comm),
+            format!(
+                "file descriptors {fds} ({})",
+                or_dash(
+                    row.fd_ratio()
+                        .map(|r| format!("{}% of the limit", percent(r)))
+                )
+            ),
+            format!(
+                "connections by service: {}",
+                if by_service.is_empty() {
+                    "-"
+                } else {
+                    &by_service
+                }
+            ),
+            format!(
+                "servers sent requests in the last minute: {}   requests/s {}",
+                row.servers_reached,
+                rate(row.requests_per_s)
+            ),
+            format!(
+                "dead writes in the last minute: {}   EMFILE/ENFILE: {}",
+                row.dead_writes, row.fd_errors
+            ),
+        ],
+    }
+}
+
+fn hot_key_row(row: &HotKeyRow) -> TableRow {
+    let shown_total = match row.kind {
+        super::model::HotKeyKind::Requests => row.total.to_string(),
+        super::model::HotKeyKind::Bytes => bytes_rate(row.total as f64),
+    };
+    let shown_rate = row.per_s.map(|r| match row.kind {
+        super::model::HotKeyKind::Requests => rate(r),
+        super::model::HotKeyKind::Bytes => bytes_rate(r),
+    });
+    TableRow {
+        cells: vec![
+            row.service.clone(),
+            row.server.clone(),
+            row.kind.as_str().to_string(),
+            row.key.clone(),
+            or_dash(shown_rate),
+            shown_total,
+        ],
+        sort: vec![
+            SortValue::Text(row.service.clone()),
+            SortValue::Text(row.server.clone()),
+            SortValue::Text(row.kind.as_str().to_string()),
+            SortValue::Text(row.key.clone()),
+            SortValue::Number(row.per_s),
+            SortValue::Number(Some(row.total as f64)),
+        ],
+        spark: None,
+        detail: vec![
+            format!("key {}", row.key),
+            format!(
+                "{} {} (hot by {})",
+                row.service,
+                row.server,
+                row.kind.as_str()
+            ),
+            format!(
+                "{} since the daemon started (space-saving estimate), {}/s now",
+                row.total,
+                or_dash(row.per_s.map(rate))
+            ),
+        ],
+        alert: false,
+        services: vec![row.service.clone()],
+    }
+}
+
+fn queue_row(row: &QueueRow) -> TableRow {
+    TableRow {
+        cells: vec![
+            row.service.clone(),
+            row.server.clone(),
+            row.queue.clone(),
+            rate(row.enqueue_per_s),
+            rate(row.dequeue_per_s),
+            rate(row.empty_polls_per_s),
+        ],
+        sort: vec![
+            SortValue::Text(row.service.clone()),
+            SortValue::Text(row.server.clone()),
+            SortValue::Text(row.queue.clone()),
+            SortValue::Number(Some(row.enqueue_per_s)),
+            SortValue::Number(Some(row.dequeue_per_s)),
+            SortValue::Number(Some(row.empty_polls_per_s)),
+        ],
+        spark: None,
+        detail: vec![
+            format!("queue {} on {} {}", row.queue, row.service, row.server),
+            format!(
+                "enqueue/s {}   dequeue/s {}   empty polls/s {}",
+                rate(row.enqueue_per_s),
+                rate(row.dequeue_per_s),
+                rate(row.empty_polls_per_s)
+            ),
+        ],
+        alert: row.enqueue_per_s > row.dequeue_per_s * 2.0 && row.enqueue_per_s > 1.0,
+        services: vec![row.service.clone()],
+    }
+}
+
+/// The unsorted, unfiltered rows of a pane.
+pub fn rows(model: &Model, pane: Pane) -> Vec<TableRow> {
+    match pane {
+        Pane::Servers => model.servers.iter().map(server_row).collect(),
+        Pane::Processes => model.processes.iter().map(process_row).collect(),
+        Pane::HotKeys => model.hot_keys.iter().map(hot_key_row).collect(),
+        Pane::Queues => model.queues.iter().map(queue_row).collect(),
+    }
+}
+
+/// Keeps rows whose cells contain `filter` (case-insensitive) and, with `service`, rows of that
+/// service; then sorts by column `sort` (ties by the first cells, so the order is stable).
+pub fn arrange(
+    mut rows: Vec<TableRow>,
+    sort: usize,
+    filter: &str,
+    service: Option<&str>,
+) -> Vec<TableRow> {
+    let needle = filter.to_lowercase();
+    rows.retain(|row| {
+        let text_ok = needle.is_empty()
+            || row
+                .cells
+                .iter()
+                .any(|cell| cell.to_lowercase().contains(&needle));
+        let service_ok = service.is_none_or(|s| row.services.iter().any(|r| r == s));
+        text_ok && service_ok
+    });
+    rows.sort_by(|a, b| {
+        let by = |row: &TableRow, i: usize| row.sort.get(i).cloned();
+        match (by(a, sort), by(b, sort)) {
+            (Some(x), Some(y)) => compare(&x, &y),
+            _ => Ordering::Equal,
+        }
+        .then_with(|| a.cells.cmp(&b.cells))
+    });
+    rows
+}
+
+/// What the keys change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewState {
+    pub pane: Pane,
+    /// Sort column per pane, by [`Pane::ALL`] order.
+    pub sort: [usize; 4],
+    pub filter: String,
+    /// Typing a filter after `/`.
+    pub editing_filter: bool,
+    pub paused: bool,
+    /// Selected row index in the current pane's arranged rows.
+    pub selected: usize,
+    pub detail: bool,
+    pub service: Option<String>,
+}
+
+/// What a key press asks of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    Redraw,
+    Quit,
+}
+
+/// A key, reduced to what top handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    Char(char),
+    Enter,
+    Esc,
+    Tab,
+    BackTab,
+    Backspace,
+    Up,
+    Down,
+    PageUp,
+    PageDown,
+    Home,
+    End,
+    CtrlC,
+}
+
+impl ViewState {
+    pub fn new(service: Option<String>) -> ViewState {
+        ViewState {
+            pane: Pane::Servers,
+            sort: Pane::ALL.map(Pane::default_sort),
+            filter: String::new(),
+            editing_filter: false,
+            paused: false,
+            selected: 0,
+            detail: false,
+            service,
+        }
+    }
+
+    pub fn sort_column(&self) -> usize {
+        self.sort[self.pane.index()]
+    }
+
+    /// The rows of the current pane as shown.
+    pub fn arranged(&self, model: &Model) -> Vec<TableRow> {
+        arrange(
+            rows(model, self.pane),
+            self.sort_column(),
+            &self.filter,
+            self.service.as_deref(),
+        )
+    }
+
+    /// Applies a key; `row_count` is the number of rows the current pane shows.
+    pub fn key(&mut self, key: Key, row_count: usize) -> Action {
+        if key == Key::CtrlC {
+            return Action::Quit;
+        }
+        if self.editing_filter {
+            match key {
+                Key::Enter => self.editing_filter = false,
+                Key::Esc => {
+                    self.editing_filter = false;
+                    self.filter.clear();
+                }
+                Key::Backspace => {
+                    self.filter.pop();
+                }
+                // Bounded: a filter is a word or two, not a paste of a log.
+                Key::Char(c) if !c.is_control() && self.filter.chars().count() < 64 => {
+                    self.filter.push(c)
+                }
+                _ => return Action::None,
+            }
+            self.selected = 0;
+            return Action::Redraw;
+        }
+        if self.detail {
+            return match key {
+                Key::Char('q') => Action::Quit,
+                Key::Esc | Key::Enter => {
+                    self.detail = false;
+                    Action::Redraw
+                }
+                _ => Action::None,
+            };
+        }
+        let last = row_count.saturating_sub(1);
+        match key {
+            Key::Char('q') => return Action::Quit,
+            Key::Esc if self.filter.is_empty() => return Action::Quit,
+            Key::Esc => self.filter.clear(),
+            Key::Char('/') => {
+                self.editing_filter = true;
+                self.filter.clear();
+            }
+            Key::Char(' ') => self.paused = !self.paused,
+            Key::Tab => {
+                self.pane = self.pane.next();
+                self.selected = 0;
+            }
+            Key::BackTab => {
+                self.pane = self.pane.previous();
+                self.selected = 0;
+            }
+            Key::Enter if row_count > 0 => self.detail = true,
+            Key::Up | Key::Char('k') => self.selected = self.selected.saturating_sub(1),
+            Key::Down | Key::Char('j') => self.selected = (self.selected + 1).min(last),
+            Key::PageUp => self.selected = self.selected.saturating_sub(10),
+            Key::PageDown => self.selected = (self.selected + 10).min(last),
+            Key::Home => self.selected = 0,
+            Key::End => self.selected = last,
+            Key::Char(c) => {
+                let Some(column) = self
+                    .pane
+                    .columns()
+                    .iter()
+                    .position(|col| col.letter == Some(c))
+                else {
+                    return Action::None;
+                };
+                self.sort[self.pane.index()] = column;
+                self.selected = 0;
+            }
+            _ => return Action::None,
+        }
+        Action::Redraw
+    }
+}
