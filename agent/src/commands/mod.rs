@@ -1,4 +1,5 @@
 pub mod check;
 pub mod diagnose;
+pub mod fleet;
 pub mod record;
 pub mod run;
