@@ -145,7 +145,7 @@ impl Collector<'_> {
         if Instant::now() >= self.deadline {
             return Err(PromError::Timeout {
                 url: self.client.url().to_string(),
-                timeout_s: 0,
+                timeout_s: RUN_DEADLINE.as_secs(),
             });
         }
         Ok(())

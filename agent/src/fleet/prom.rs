@@ -315,8 +315,15 @@ impl Client {
             }
             Err(ureq::Error::Transport(transport)) => {
                 let detail = transport.to_string();
-                let timed_out = matches!(transport.kind(), ureq::ErrorKind::Io)
-                    && (detail.contains("timed out") || detail.contains("Timeout"));
+                let io_timeout = std::error::Error::source(&transport)
+                    .and_then(|e| e.downcast_ref::<std::io::Error>())
+                    .is_some_and(|e| {
+                        matches!(
+                            e.kind(),
+                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                        )
+                    });
+                let timed_out = io_timeout || detail.contains("timed out");
                 return Err(if timed_out {
                     PromError::Timeout {
                         url: self.base.clone(),
