@@ -605,6 +605,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     let text = diagnose(&["--prometheus", &prom.url(), "--since", "30m", "--at", &at]);
     assert_eq!(text.status.code(), Some(1));
     let text = String::from_utf8(text.stdout).unwrap();
+    eprintln!("{text}");
     assert!(
         text.contains("CRITICAL 10.0.2.3:11211 (memcached) does not answer"),
         "{text}"

@@ -104,8 +104,9 @@ pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutp
             .collect();
         for ((fingerprint, n), group) in ranked[1..].iter() {
             let names: Vec<String> = group.iter().map(|h| hosts.describe(h)).collect();
+            let verb = if group.len() == 1 { "uses" } else { "use" };
             let mut line = format!(
-                "{} use {n} servers (fingerprint {fingerprint})",
+                "{} {verb} {n} servers (fingerprint {fingerprint})",
                 super::list(&names, 5)
             );
             if let Some(theirs) = group.first().and_then(|h| used.get(&(service, *h))) {
@@ -188,7 +189,7 @@ mod tests {
         assert_eq!(f.evidence[0], "3 hosts use 3 servers (fingerprint aaaa)");
         assert_eq!(
             f.evidence[1],
-            "web-4 (h4:19150) use 2 servers (fingerprint bbbb); missing s3:11211"
+            "web-4 (h4:19150) uses 2 servers (fingerprint bbbb); missing s3:11211"
         );
         assert_eq!(f.values["disagreeing_hosts"], 1.0);
     }
