@@ -105,6 +105,41 @@ enum Command {
         /// Attach the probes here for --duration even if a daemon is running.
         #[arg(long, conflicts_with = "socket")]
         local: bool,
+        /// Diagnose the whole fleet from a Prometheus-compatible query API (Prometheus, Thanos,
+        /// Mimir, VictoriaMetrics) that scrapes every host's agent, instead of this host.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["graph", "socket", "local", "config"])]
+        prometheus: Option<String>,
+        /// With --prometheus: how far back to look, e.g. 30m, 2h.
+        #[arg(long, value_name = "DURATION", default_value = "30m", requires = "prometheus",
+              value_parser = parse_since)]
+        since: Duration,
+        /// With --prometheus: evaluate as of this unix time instead of now (a past incident).
+        #[arg(long, value_name = "UNIX_SECONDS", requires = "prometheus")]
+        at: Option<u64>,
+        /// With --prometheus: only this service (its `service` label).
+        #[arg(long, value_name = "NAME", requires = "prometheus")]
+        service: Option<String>,
+        /// With --prometheus: basic-auth user; the password comes from
+        /// --basic-auth-password-file or $CACHEPROBE_PROMETHEUS_PASSWORD.
+        #[arg(long, value_name = "USER", requires = "prometheus")]
+        basic_auth_user: Option<String>,
+        #[arg(long, value_name = "FILE", requires = "basic_auth_user")]
+        basic_auth_password_file: Option<PathBuf>,
+        /// With --prometheus: a file holding a bearer token.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "prometheus",
+            conflicts_with = "basic_auth_user"
+        )]
+        bearer_token_file: Option<PathBuf>,
+        /// With --prometheus: PEM CA certificate(s) to verify an https:// URL with.
+        #[arg(long, value_name = "FILE", requires = "prometheus")]
+        ca_file: Option<PathBuf>,
+        /// With --prometheus: timeout of each query.
+        #[arg(long, value_name = "DURATION", default_value = "15s", requires = "prometheus",
+              value_parser = commands::diagnose::parse_duration)]
+        query_timeout: Duration,
     },
 }
 
@@ -112,6 +147,33 @@ enum Command {
 enum GraphFormat {
     /// Graphviz: pipe into `dot -Tsvg`.
     Dot,
+}
+
+/// `--since`: like --duration but up to 31 days (a fleet window, not a live watch).
+fn parse_since(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30m, 2h or 1d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    if !(60..=31 * 86_400).contains(&seconds) {
+        return Err(format!("{text:?}: --since must be between 1m and 31d"));
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -225,7 +287,37 @@ fn main() -> ExitCode {
             config,
             socket,
             local,
+            prometheus,
+            since,
+            at,
+            service,
+            basic_auth_user,
+            basic_auth_password_file,
+            bearer_token_file,
+            ca_file,
+            query_timeout,
         } => {
+            if let Some(url) = prometheus {
+                let args = commands::fleet::FleetArgs {
+                    url,
+                    since,
+                    at,
+                    service,
+                    json,
+                    basic_auth_user,
+                    basic_auth_password_file,
+                    bearer_token_file,
+                    ca_file,
+                    query_timeout: query_timeout.max(Duration::from_secs(1)),
+                };
+                return match commands::fleet::fleet(&args) {
+                    Ok(code) => code,
+                    Err(err) => {
+                        eprintln!("error: {err:#}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             let recorder = commands::record::ChildRecorder {
                 config_path: config.clone(),
             };

@@ -13,7 +13,10 @@ use prometheus_client::{
 
 use crate::{
     capture::MemcacheEvent,
+    clock::unix_now,
+    events::Role,
     memcache::{Command, Status},
+    ring_view::RingView,
     tracking::{Endpoint, Observation},
 };
 
@@ -152,6 +155,19 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabels {
+    pub hostname: String,
+    pub kernel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RingViewLabels {
+    pub service: String,
+    pub fingerprint: String,
+    pub servers: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Idle times that separate the usual server idle timeouts (memcached, Kestrel, load balancers).
@@ -226,6 +242,8 @@ pub struct Metrics {
     pub probe_up: Family<ProbeLabels, Gauge>,
     pub events_lost: Family<SourceLabels, Counter>,
     pub build_info: Family<VersionLabels, Gauge>,
+    pub host_info: Family<HostLabels, Gauge>,
+    pub service_servers_info: Family<RingViewLabels, Gauge>,
     pub dead_socket_writes: Family<DeadWriteLabels, Counter>,
     pub tcp_retransmits: Family<RetransmitLabels, Counter>,
     pub tcp_resets: Family<ResetLabels, Counter>,
@@ -320,6 +338,8 @@ impl Metrics {
             probe_up: Family::default(),
             events_lost: Family::default(),
             build_info: Family::default(),
+            host_info: Family::default(),
+            service_servers_info: Family::default(),
             dead_socket_writes: Family::default(),
             tcp_retransmits: Family::default(),
             tcp_resets: Family::default(),
@@ -392,6 +412,18 @@ impl Metrics {
             "build_info",
             "Build information of the running agent",
             metrics.build_info.clone(),
+        );
+        registry.register(
+            "host_info",
+            "This host's name and kernel release, always 1 (fleet views join on instance)",
+            metrics.host_info.clone(),
+        );
+        registry.register(
+            "service_servers_info",
+            "Servers this host's clients used in the last 10 minutes, per service: a stable \
+             fingerprint of the sorted set and its size, always 1 (hosts whose fingerprints \
+             differ send the same key to different servers)",
+            metrics.service_servers_info.clone(),
         );
         registry.register(
             "dead_socket_writes",
@@ -575,6 +607,7 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
+        metrics.host_info.get_or_create(&host_labels()).set(1);
         for source in [
             "ringbuf",
             "socket_map",
@@ -588,6 +621,22 @@ impl Metrics {
             let _ = metrics.events_lost.get_or_create(&SourceLabels { source });
         }
         (metrics, registry)
+    }
+}
+
+/// The kernel's own names, read once: `hostname` as the UTS namespace sees it, `kernel` the release.
+fn host_labels() -> HostLabels {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_string())
+            .unwrap_or_else(|err| {
+                tracing::warn!(%err, path, "cannot read host identity for host_info");
+                "unknown".to_string()
+            })
+    };
+    HostLabels {
+        hostname: read("/proc/sys/kernel/hostname"),
+        kernel: read("/proc/sys/kernel/osrelease"),
     }
 }
 
@@ -605,6 +654,9 @@ pub struct ObservationRecorder {
     request_counters: HashMap<(Endpoint, Command, Status), Counter>,
     duration_histograms: HashMap<(Endpoint, Command), Histogram>,
     byte_counters: HashMap<(Endpoint, bool), Counter>,
+    ring_view: RingView,
+    /// The info series currently exported per service, to remove when the view changes.
+    ring_series: HashMap<usize, RingViewLabels>,
 }
 
 /// Cached series handles beyond this many are dropped and re-created on demand.
@@ -627,6 +679,42 @@ impl ObservationRecorder {
             duration_histograms: HashMap::new(),
             byte_counters: HashMap::new(),
             server_labels: HashMap::new(),
+            ring_view: RingView::default(),
+            ring_series: HashMap::new(),
+        }
+    }
+
+    /// Re-publishes `service_servers_info` from the servers clients used recently: one series
+    /// per service, replaced when the set changes.
+    pub fn publish_ring_views(&mut self, now_s: u64) {
+        let views = self.ring_view.views(now_s);
+        let stale: Vec<usize> = self
+            .ring_series
+            .keys()
+            .filter(|service| !views.contains_key(service))
+            .copied()
+            .collect();
+        for service in stale {
+            if let Some(labels) = self.ring_series.remove(&service) {
+                self.metrics.service_servers_info.remove(&labels);
+            }
+        }
+        for (service, view) in views {
+            let labels = RingViewLabels {
+                service: self.service_name(service),
+                fingerprint: view.fingerprint,
+                servers: view.servers.to_string(),
+            };
+            if self.ring_series.get(&service) == Some(&labels) {
+                continue;
+            }
+            if let Some(old) = self.ring_series.insert(service, labels.clone()) {
+                self.metrics.service_servers_info.remove(&old);
+            }
+            self.metrics
+                .service_servers_info
+                .get_or_create(&labels)
+                .set(1);
         }
     }
 
@@ -808,11 +896,19 @@ impl ObservationRecorder {
     pub fn record(&mut self, observation: &Observation) {
         match observation {
             Observation::ConnectionOpened { endpoint, .. } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .opened(endpoint.service, endpoint.server, unix_now());
+                }
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics.connections_opened.get_or_create(&labels).inc();
                 self.metrics.connections_active.get_or_create(&labels).inc();
             }
             Observation::ConnectionAdopted { endpoint } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .opened(endpoint.service, endpoint.server, unix_now());
+                }
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics.connections_active.get_or_create(&labels).inc();
                 // Make the opened counter exist for this endpoint so rates start at 0.
@@ -825,6 +921,10 @@ impl ObservationRecorder {
                 idle_before_close_ns,
                 ..
             } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .closed(endpoint.service, endpoint.server, unix_now());
+                }
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics.connections_active.get_or_create(&labels).dec();
                 let closed = ClosedLabels {

@@ -29,6 +29,8 @@ use crate::{
 const REQUEST_TIMEOUT_NS: u64 = 5_000_000_000;
 const KEY_SPLIT_WINDOW_NS: u64 = 60_000_000_000;
 const HOT_KEYS_PER_SERVER: usize = 32;
+/// Ring views change when pools connect or age out, minutes apart: no need to look every tick.
+const RING_VIEW_INTERVAL_S: u64 = 10;
 
 /// Something that wants every observation as it happens (history for diagnose, tests).
 pub trait ObservationSink {
@@ -76,6 +78,8 @@ pub struct Pipeline {
     pending_capture_shift: Option<u32>,
     /// When the kernel was last told a new sample (monotonic ns).
     capture_shift_applied_ns: u64,
+    /// When `service_servers_info` was last re-published (unix seconds).
+    ring_views_published_s: u64,
 }
 
 fn key_sampling(config: &Config) -> KeySampling {
@@ -135,6 +139,7 @@ impl Pipeline {
             last_budget_check_ns: 0,
             pending_capture_shift: None,
             capture_shift_applied_ns: 0,
+            ring_views_published_s: 0,
         }
     }
 
@@ -355,6 +360,11 @@ impl Pipeline {
             }
         }
         self.check_capture_budget(now_ns);
+        let now_s = unix_now();
+        if now_s >= self.ring_views_published_s + RING_VIEW_INTERVAL_S {
+            self.recorder.publish_ring_views(now_s);
+            self.ring_views_published_s = now_s;
+        }
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
             .expire(now_ns, REQUEST_TIMEOUT_NS, &mut self.memcache_events);

@@ -135,6 +135,9 @@ pub fn diagnose_to(
                 Source {
                     kind: SourceKind::Daemon,
                     watched_s: watched.as_secs(),
+                    prometheus: None,
+                    hosts: None,
+                    partial: false,
                 },
             )
         }
@@ -154,6 +157,9 @@ pub fn diagnose_to(
                 Source {
                     kind: SourceKind::Local,
                     watched_s: started.elapsed().as_secs_f64().round() as u64,
+                    prometheus: None,
+                    hosts: None,
+                    partial: false,
                 },
             )
         }

@@ -25,6 +25,14 @@ pub struct Edge {
     /// Open connections (largest sample in the window), when the sampler reported them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// The client host (fleet reports: Prometheus `instance` or its hostname); `process` is
+    /// then "*", all processes of that host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// p99 measured at the server's own socket (fleet reports, when its host runs an agent):
+    /// the rest of `p99_ms` is spent between the boxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_p99_ms: Option<f64>,
 }
 
 #[derive(Default)]
@@ -94,6 +102,8 @@ pub fn edge_table(snap: &HistorySnapshot, start_s: u64, end_s: u64) -> Vec<Edge>
             p99_ms: acc.hist.quantile_us(0.99).map(|us| us / 1000.0),
             errors: acc.errors,
             connections: acc.connections,
+            host: None,
+            server_p99_ms: None,
         })
         .collect();
     table.sort_by(|a, b| {

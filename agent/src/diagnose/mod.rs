@@ -13,7 +13,7 @@ mod slow;
 mod spikes;
 mod tcp;
 mod thresholds;
-mod util;
+pub(crate) mod util;
 
 #[cfg(test)]
 mod testkit;
@@ -55,6 +55,9 @@ pub struct Subjects {
     /// Process names (comm).
     pub processes: Vec<String>,
     pub commands: Vec<String>,
+    /// Prometheus `instance`s of the hosts concerned (fleet reports only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// A time range in unix seconds, inclusive.
@@ -147,6 +150,8 @@ pub enum SourceKind {
     Daemon,
     /// Probes attached by `diagnose` itself for the watch duration.
     Local,
+    /// `diagnose --prometheus`: the fleet's metrics in a Prometheus-compatible query API.
+    Prometheus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +159,15 @@ pub struct Source {
     pub kind: SourceKind,
     /// Seconds watched live by this run.
     pub watched_s: u64,
+    /// The query API's URL (fleet reports only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<String>,
+    /// Agents that reported in the window (fleet reports only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<u64>,
+    /// Some queries failed or came back partial: findings may be missing (see notes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// The whole `diagnose` answer; this is what `--json` prints (docs/diagnose-schema.json).

@@ -661,6 +661,9 @@ fn timing_over_a_full_history() {
         Source {
             kind: SourceKind::Daemon,
             watched_s: 30,
+            prometheus: None,
+            hosts: None,
+            partial: false,
         },
         T0 + 900,
         30,

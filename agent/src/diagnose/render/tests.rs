@@ -84,6 +84,9 @@ fn incident_report() -> Report {
         Source {
             kind: SourceKind::Daemon,
             watched_s: 30,
+            prometheus: None,
+            hosts: None,
+            partial: false,
         },
         T0 + 301,
         30,
@@ -146,6 +149,9 @@ fn healthy_report_says_nothing_found() {
         Source {
             kind: SourceKind::Local,
             watched_s: 120,
+            prometheus: None,
+            hosts: None,
+            partial: false,
         },
         T0 + 121,
         120,

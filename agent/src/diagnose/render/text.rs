@@ -29,6 +29,16 @@ pub fn text(report: &Report, options: TextOptions) -> String {
             ),
             SourceKind::Local =>
                 format!("{} watched", util::seconds(report.source.watched_s as f64)),
+            SourceKind::Prometheus => format!(
+                "{} agents in Prometheus at {}{}",
+                report.source.hosts.unwrap_or(0),
+                report.source.prometheus.as_deref().unwrap_or("?"),
+                if report.source.partial {
+                    "; PARTIAL"
+                } else {
+                    ""
+                }
+            ),
         }
     );
     let headline = match report.findings.len() {
@@ -96,6 +106,9 @@ fn finding_lines(finding: &Finding, options: TextOptions, out: &mut Vec<String>)
 }
 
 fn edge_lines(edges: &[Edge], report: &Report, out: &mut Vec<String>) {
+    if report.source.kind == SourceKind::Prometheus {
+        return fleet_edge_lines(edges, report, out);
+    }
     let watched = report.source.watched_s.max(1);
     out.extend(wrap(
         &format!(
@@ -118,6 +131,39 @@ fn edge_lines(edges: &[Edge], report: &Report, out: &mut Vec<String>) {
             &ms(edge.p99_ms),
             &edge.errors.to_string(),
             &edge.connections.map_or("-".to_string(), |c| c.to_string()),
+        ]));
+    }
+    if edges.len() > MAX_EDGES {
+        out.push(format!(
+            "... and {} more (see --json)",
+            edges.len() - MAX_EDGES
+        ));
+    }
+}
+
+/// The fleet table: client host -> server, p99 at the client beside p99 at the server, so
+/// the difference (time between the boxes) reads across a row.
+fn fleet_edge_lines(edges: &[Edge], report: &Report, out: &mut Vec<String>) {
+    out.extend(wrap(
+        &format!(
+            "Client host -> server over {} (P99 at the client, SRV P99 at the server's socket):",
+            util::seconds((report.window.end_s.saturating_sub(report.window.start_s)) as f64)
+        ),
+        "",
+        "",
+    ));
+    out.push(row(&[
+        "HOST", "SERVER", "REQ/S", "P99", "SRV P99", "ERRORS",
+    ]));
+    for edge in edges.iter().take(MAX_EDGES) {
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |ms| util::latency(ms * 1000.0));
+        out.push(row(&[
+            edge.host.as_deref().unwrap_or("?"),
+            &edge.server,
+            &rate(edge.requests_per_s),
+            &ms(edge.p99_ms),
+            &ms(edge.server_p99_ms),
+            &edge.errors.to_string(),
         ]));
     }
     if edges.len() > MAX_EDGES {

@@ -1,0 +1,445 @@
+//! Time between the boxes: each client host's latency to a server against the latency measured at that server's own socket, naming slow paths (one client slow, others fine) apart from servers slow for everyone.
+
+use std::collections::BTreeMap;
+
+use super::{
+    finite, ms, new_finding,
+    prom::{PromError, Sample},
+    set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
+};
+use crate::diagnose::{util, Edge, Severity};
+
+pub const SLOW_PATH_ID: &str = "fleet-slow-path";
+pub const SLOW_SERVER_ID: &str = "fleet-slow-server";
+
+/// Per-(instance, service, server) client-side and per-(service, server) server-side numbers.
+#[derive(Debug, Default)]
+pub struct Input {
+    pub client_rate: Vec<Sample>,
+    pub client_mean: Vec<Sample>,
+    pub client_p50: Vec<Sample>,
+    pub client_p99: Vec<Sample>,
+    pub client_errors: Vec<Sample>,
+    pub client_retransmits: Vec<Sample>,
+    /// Server side, by (instance, service, server): `instance` is the server's host.
+    pub server_mean: Vec<Sample>,
+    pub server_p99: Vec<Sample>,
+}
+
+const HIST: &str = "cacheprobe_memcache_request_duration_seconds";
+
+pub fn collect(c: &Collector) -> Result<Input, PromError> {
+    let (w, svc) = (c.scope.range(), c.scope.service_matcher());
+    let by = "instance, service, server";
+    let sel = |role: &str| format!("{{role=\"{role}\"{svc}}}");
+    Ok(Input {
+        client_rate: c.instant(&format!(
+            "sum by ({by}) (rate({HIST}_count{}[{w}]))",
+            sel("client")
+        ))?,
+        client_mean: finite(c.instant(&format!(
+            "sum by ({by}) (rate({HIST}_sum{s}[{w}])) / sum by ({by}) (rate({HIST}_count{s}[{w}]))",
+            s = sel("client")
+        ))?),
+        client_p50: finite(c.instant(&format!(
+            "histogram_quantile(0.5, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
+            sel("client")
+        ))?),
+        client_p99: finite(c.instant(&format!(
+            "histogram_quantile(0.99, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
+            sel("client")
+        ))?),
+        client_errors: c.instant(&format!(
+            "sum by ({by}) (increase(cacheprobe_memcache_requests_total{{role=\"client\",status=~\"timeout|unanswered|server_error|error\"{svc}}}[{w}]))"
+        ))?,
+        client_retransmits: c.instant(&format!(
+            "sum by ({by}) (increase(cacheprobe_tcp_retransmits_total{{role=\"client\",kind=\"data\"{svc}}}[{w}]))"
+        ))?,
+        server_mean: finite(c.instant(&format!(
+            "sum by ({by}) (rate({HIST}_sum{s}[{w}])) / sum by ({by}) (rate({HIST}_count{s}[{w}]))",
+            s = sel("server")
+        ))?),
+        server_p99: finite(c.instant(&format!(
+            "histogram_quantile(0.99, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
+            sel("server")
+        ))?),
+    })
+}
+
+type Key = (String, String); // (service, server)
+
+#[derive(Debug, Default, Clone)]
+struct ClientPath {
+    rate: f64,
+    mean: Option<f64>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    errors: f64,
+    retransmits: f64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ServerSide {
+    instance: String,
+    mean: Option<f64>,
+    p99: Option<f64>,
+}
+
+fn key(s: &Sample) -> Key {
+    (
+        s.label("service").to_string(),
+        s.label("server").to_string(),
+    )
+}
+
+pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutput {
+    let mut out = DetectorOutput::default();
+    let mut clients: BTreeMap<Key, BTreeMap<String, ClientPath>> = BTreeMap::new();
+    type Clients = BTreeMap<Key, BTreeMap<String, ClientPath>>;
+    fn path<'a>(clients: &'a mut Clients, s: &Sample) -> &'a mut ClientPath {
+        clients
+            .entry(key(s))
+            .or_default()
+            .entry(s.label("instance").to_string())
+            .or_default()
+    }
+    for s in &input.client_rate {
+        path(&mut clients, s).rate = s.value;
+    }
+    for s in &input.client_mean {
+        path(&mut clients, s).mean = Some(s.value);
+    }
+    for s in &input.client_p50 {
+        path(&mut clients, s).p50 = Some(s.value);
+    }
+    for s in &input.client_p99 {
+        path(&mut clients, s).p99 = Some(s.value);
+    }
+    for s in &input.client_errors {
+        path(&mut clients, s).errors = s.value;
+    }
+    for s in &input.client_retransmits {
+        path(&mut clients, s).retransmits = s.value;
+    }
+    let mut servers: BTreeMap<Key, ServerSide> = BTreeMap::new();
+    for s in &input.server_mean {
+        let side = servers.entry(key(s)).or_default();
+        side.instance = s.label("instance").to_string();
+        side.mean = Some(s.value);
+    }
+    for s in &input.server_p99 {
+        let side = servers.entry(key(s)).or_default();
+        side.instance = s.label("instance").to_string();
+        side.p99 = Some(s.value);
+    }
+
+    // The table: every client host -> server path, with the server's own view beside it.
+    for ((service, server), paths) in &clients {
+        let side = servers.get(&(service.clone(), server.clone()));
+        for (instance, p) in paths {
+            if p.rate <= 0.0 {
+                continue;
+            }
+            out.edges.push(Edge {
+                process: "*".to_string(),
+                service: service.clone(),
+                server: server.clone(),
+                requests: 0,
+                requests_per_s: p.rate,
+                p50_ms: p.p50.map(|v| v * 1e3),
+                p99_ms: p.p99.map(|v| v * 1e3),
+                errors: p.errors.round().max(0.0) as u64,
+                connections: None,
+                host: Some(hosts.short(instance)),
+                server_p99_ms: side.and_then(|s| s.p99).map(|v| v * 1e3),
+            });
+        }
+    }
+
+    // Slow paths: one client's p99 far above the server's other clients and above what the
+    // server itself measured.
+    for ((service, server), paths) in &clients {
+        let side = servers.get(&(service.clone(), server.clone()));
+        let judged: Vec<(&String, &ClientPath, f64)> = paths
+            .iter()
+            .filter(|(_, p)| p.rate >= t.min_requests_per_s)
+            .filter_map(|(i, p)| p.p99.map(|p99| (i, p, p99)))
+            .collect();
+        if judged.len() < 2 {
+            continue;
+        }
+        for (instance, p, p99) in &judged {
+            let others: Vec<f64> = judged
+                .iter()
+                .filter(|(i, _, _)| i != instance)
+                .map(|(_, _, v)| *v)
+                .collect();
+            let others_p99 = util::median(&others).unwrap_or(0.0);
+            let server_p99 = side.and_then(|s| s.p99);
+            let slow = *p99 * 1e3 >= t.slow_path_min_ms
+                && *p99 >= t.slow_path_factor * others_p99
+                && server_p99.is_none_or(|s| *p99 >= t.slow_path_factor * s);
+            if !slow {
+                continue;
+            }
+            let host = hosts.describe(instance);
+            let between = server_p99.map(|s| (*p99 - s).max(0.0));
+            let mut finding = new_finding(
+                SLOW_PATH_ID,
+                Severity::Warning,
+                format!(
+                    "{host} -> {server} ({service}) is slow: p99 {} from this client while the server's {} other clients see {}",
+                    ms(*p99),
+                    others.len(),
+                    ms(others_p99)
+                ),
+            );
+            match (server_p99, between) {
+                (Some(s), Some(b)) => finding.evidence.push(format!(
+                    "p99 at the server's own socket: {}; {} of this client's p99 is spent between the boxes (network, retransmits, kernel queues)",
+                    ms(s),
+                    ms(b)
+                )),
+                _ => finding.evidence.push(
+                    "the server's host runs no agent, so its own latency is unknown; the other clients being fast points at this path".to_string(),
+                ),
+            }
+            if let (Some(mean), Some(server_mean)) = (p.mean, side.and_then(|s| s.mean)) {
+                finding.evidence.push(format!(
+                    "mean: {} at this client, {} at the server, {} between",
+                    ms(mean),
+                    ms(server_mean),
+                    ms((mean - server_mean).max(0.0))
+                ));
+            }
+            if p.retransmits > 0.0 {
+                finding.evidence.push(format!(
+                    "{} data retransmits on this host's connections to the server in the window",
+                    p.retransmits.round()
+                ));
+            }
+            finding
+                .evidence
+                .push(format!("{:.1} requests/s from this host", p.rate));
+            finding.advice = format!(
+                "The server answers quickly and its other clients are fine: look at the path from {} (interface errors and drops with `ip -s link`, `ethtool -S`, its switch port, a saturated link, CPU or softirq load on the client host) rather than at the server.",
+                hosts.short(instance)
+            );
+            finding.subjects.services = vec![service.clone()];
+            finding.subjects.servers = vec![server.clone()];
+            finding.subjects.hosts = vec![instance.to_string()];
+            set_value(&mut finding, "p99_ms", *p99 * 1e3);
+            set_value(&mut finding, "others_p99_ms", others_p99 * 1e3);
+            if let Some(s) = server_p99 {
+                set_value(&mut finding, "server_p99_ms", s * 1e3);
+            }
+            if let Some(b) = between {
+                set_value(&mut finding, "between_p99_ms", b * 1e3);
+            }
+            set_value(&mut finding, "retransmits", p.retransmits);
+            finding.magnitude = *p99;
+            out.findings.push(finding);
+        }
+    }
+
+    // Slow servers: measured slow at their own socket, so slow for every client.
+    let mut by_service: BTreeMap<&str, Vec<(&str, &ServerSide, f64)>> = BTreeMap::new();
+    for ((service, server), side) in &servers {
+        if let Some(p99) = side.p99 {
+            by_service
+                .entry(service.as_str())
+                .or_default()
+                .push((server.as_str(), side, p99));
+        }
+    }
+    for (service, list) in by_service {
+        for (server, side, p99) in &list {
+            let peers: Vec<f64> = list
+                .iter()
+                .filter(|(s, _, _)| s != server)
+                .map(|(_, _, v)| *v)
+                .collect();
+            let peer_p99 = util::median(&peers);
+            let slow = *p99 * 1e3 >= t.slow_server_min_ms
+                && peer_p99.is_none_or(|peer| *p99 >= t.slow_server_factor * peer);
+            if !slow {
+                continue;
+            }
+            let paths = clients.get(&(service.to_string(), server.to_string()));
+            let client_p99s: Vec<f64> = paths
+                .map(|p| p.values().filter_map(|c| c.p99).collect())
+                .unwrap_or_default();
+            let mut finding = new_finding(
+                SLOW_SERVER_ID,
+                Severity::Warning,
+                format!(
+                    "{server} ({service}) on {} is slow for everyone: p99 {} measured at the server itself",
+                    hosts.describe(&side.instance),
+                    ms(*p99)
+                ),
+            );
+            if let Some(peer) = peer_p99 {
+                finding.evidence.push(format!(
+                    "the other {} servers of {service} answer with p99 {} (median)",
+                    peers.len(),
+                    ms(peer)
+                ));
+            }
+            if let Some(median) = util::median(&client_p99s) {
+                finding.evidence.push(format!(
+                    "its {} client hosts see p99 {} (median): the time is spent in the server, not between the boxes",
+                    client_p99s.len(),
+                    ms(median)
+                ));
+            }
+            finding.advice = "The server itself is slow: check its CPU, swap, eviction and \
+                slab pressure, and large multi-gets or values; the network is not the cause."
+                .to_string();
+            finding.subjects.services = vec![service.to_string()];
+            finding.subjects.servers = vec![server.to_string()];
+            finding.subjects.hosts = vec![side.instance.clone()];
+            set_value(&mut finding, "server_p99_ms", p99 * 1e3);
+            if let Some(peer) = peer_p99 {
+                set_value(&mut finding, "peer_p99_ms", peer * 1e3);
+            }
+            finding.magnitude = *p99;
+            out.findings.push(finding);
+        }
+    }
+    out
+}
+
+pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {
+    Ok(judge(&collect(c)?, hosts, t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::testkit::sample;
+
+    fn client(instance: &str, server: &str, p99: f64, mean: f64) -> [Sample; 3] {
+        let l = [
+            ("instance", instance),
+            ("service", "memcached"),
+            ("server", server),
+        ];
+        [sample(&l, 50.0), sample(&l, p99), sample(&l, mean)]
+    }
+
+    fn input(clients: &[(&str, &str, f64, f64)], servers: &[(&str, &str, f64)]) -> Input {
+        let mut input = Input::default();
+        for (instance, server, p99, mean) in clients {
+            let [rate, p99, mean] = client(instance, server, *p99, *mean);
+            input.client_rate.push(rate);
+            input.client_p99.push(p99);
+            input.client_mean.push(mean);
+        }
+        for (instance, server, p99) in servers {
+            let l = [
+                ("instance", *instance),
+                ("service", "memcached"),
+                ("server", *server),
+            ];
+            input.server_p99.push(sample(&l, *p99));
+            input.server_mean.push(sample(&l, p99 / 4.0));
+        }
+        input
+    }
+
+    #[test]
+    fn one_slow_client_path_is_named_with_the_split() {
+        let mut hosts = Hosts::default();
+        hosts.names.insert("10.0.1.3:19150".into(), "web-3".into());
+        let mut input = input(
+            &[
+                ("10.0.1.1:19150", "10.0.2.1:11211", 0.0009, 0.0003),
+                ("10.0.1.2:19150", "10.0.2.1:11211", 0.0010, 0.0003),
+                ("10.0.1.3:19150", "10.0.2.1:11211", 0.2400, 0.0120),
+                ("10.0.1.4:19150", "10.0.2.1:11211", 0.0008, 0.0003),
+            ],
+            &[("10.0.2.1:19150", "10.0.2.1:11211", 0.0004)],
+        );
+        input.client_retransmits.push(sample(
+            &[
+                ("instance", "10.0.1.3:19150"),
+                ("service", "memcached"),
+                ("server", "10.0.2.1:11211"),
+            ],
+            42.0,
+        ));
+        let out = judge(&input, &hosts, &FleetThresholds::default());
+        assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
+        let f = &out.findings[0];
+        assert_eq!(f.id, SLOW_PATH_ID);
+        assert_eq!(f.subjects.hosts, vec!["10.0.1.3:19150".to_string()]);
+        assert!(
+            f.title
+                .starts_with("web-3 (10.0.1.3:19150) -> 10.0.2.1:11211"),
+            "{}",
+            f.title
+        );
+        assert_eq!(f.values["p99_ms"], 240.0);
+        assert!((f.values["between_p99_ms"] - 239.6).abs() < 1e-9);
+        assert_eq!(f.values["others_p99_ms"], 0.9);
+        assert_eq!(f.values["retransmits"], 42.0);
+        assert!(f.evidence.iter().any(|e| e.contains("42 data retransmits")));
+        // Every path is in the table, with the server's own p99 beside it.
+        assert_eq!(out.edges.len(), 4);
+        assert!(out.edges.iter().all(|e| e.server_p99_ms == Some(0.4)));
+    }
+
+    #[test]
+    fn a_server_slow_at_its_own_socket_is_slow_for_everyone_not_a_path() {
+        let input = input(
+            &[
+                ("10.0.1.1:19150", "10.0.2.2:11211", 0.300, 0.08),
+                ("10.0.1.2:19150", "10.0.2.2:11211", 0.310, 0.08),
+                ("10.0.1.1:19150", "10.0.2.1:11211", 0.001, 0.0003),
+                ("10.0.1.2:19150", "10.0.2.1:11211", 0.001, 0.0003),
+            ],
+            &[
+                ("10.0.2.1:19150", "10.0.2.1:11211", 0.0005),
+                ("10.0.2.2:19150", "10.0.2.2:11211", 0.2900),
+            ],
+        );
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
+        let f = &out.findings[0];
+        assert_eq!(f.id, SLOW_SERVER_ID);
+        assert_eq!(f.subjects.servers, vec!["10.0.2.2:11211".to_string()]);
+        assert_eq!(f.values["server_p99_ms"], 290.0);
+        assert_eq!(f.values["peer_p99_ms"], 0.5);
+    }
+
+    #[test]
+    fn uniformly_fast_or_idle_paths_are_quiet() {
+        let mut input = input(
+            &[
+                ("a", "s:1", 0.002, 0.001),
+                ("b", "s:1", 0.003, 0.001),
+                ("c", "s:1", 0.004, 0.001),
+            ],
+            &[],
+        );
+        // A slow host that sent almost nothing is not judged.
+        input.client_rate.push(sample(
+            &[
+                ("instance", "d"),
+                ("service", "memcached"),
+                ("server", "s:1"),
+            ],
+            0.01,
+        ));
+        input.client_p99.push(sample(
+            &[
+                ("instance", "d"),
+                ("service", "memcached"),
+                ("server", "s:1"),
+            ],
+            0.9,
+        ));
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        assert!(out.findings.is_empty(), "{:#?}", out.findings);
+    }
+}
