@@ -19,4 +19,5 @@ pub mod pipeline;
 pub mod probes;
 pub mod sampler;
 pub mod sampling;
+pub mod services;
 pub mod tracking;

@@ -14,6 +14,7 @@ use prometheus_client::{
 use crate::{
     capture::MemcacheEvent,
     memcache::{Command, Status},
+    services::SharedServices,
     tracking::{Endpoint, Observation},
 };
 
@@ -528,7 +529,7 @@ impl Metrics {
 /// `server` label per service.
 pub struct ObservationRecorder {
     metrics: Metrics,
-    service_names: Vec<String>,
+    services: SharedServices,
     servers: LabelBudget,
     comms: LabelBudget,
     queues: LabelBudget,
@@ -546,13 +547,13 @@ const MAX_CACHED_SERIES: usize = 100_000;
 impl ObservationRecorder {
     pub fn new(
         metrics: Metrics,
-        service_names: Vec<String>,
+        services: SharedServices,
         max_servers_per_service: usize,
         max_comms: usize,
     ) -> Self {
         ObservationRecorder {
             metrics,
-            service_names,
+            services,
             servers: LabelBudget::new(max_servers_per_service),
             comms: LabelBudget::new(max_comms),
             queues: LabelBudget::new(64),
@@ -567,19 +568,12 @@ impl ObservationRecorder {
         &self.metrics
     }
 
-    pub fn set_service_names(&mut self, names: Vec<String>) {
-        self.service_names = names;
-        self.server_labels.clear();
-        self.request_counters.clear();
-        self.duration_histograms.clear();
-        self.byte_counters.clear();
-    }
-
     pub fn service_name(&self, service: usize) -> String {
-        self.service_names
-            .get(service)
-            .cloned()
-            .unwrap_or_else(|| OVERFLOW_LABEL.to_string())
+        self.services
+            .load()
+            .name(service)
+            .unwrap_or(OVERFLOW_LABEL)
+            .to_string()
     }
 
     /// Process names are bounded like servers: the first `max_comms` keep their own series.
@@ -971,7 +965,12 @@ mod tests {
     #[test]
     fn close_is_recorded_with_all_contract_labels() {
         let (metrics, registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10, 10);
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
         recorder.record(&Observation::ConnectionOpened {
             endpoint: endpoint("127.0.0.1:11211"),
             ts_ns: 0,

@@ -11,6 +11,7 @@ use agent_common::tcp_state;
 use crate::{
     dead_writes::{DeadWrite, DeadWriteTracker},
     events::{EventKind, Role, SockEventRecord, TcpTrouble},
+    services::SharedServices,
 };
 
 /// How long a closed socket's endpoint is remembered for sends that race its close.
@@ -262,39 +263,8 @@ struct FirstClose {
     idle_ns: Option<u64>,
 }
 
-/// Maps ports to configured services.
-#[derive(Debug, Clone, Default)]
-pub struct ServicePorts {
-    ports: HashMap<u16, usize>,
-}
-
-impl ServicePorts {
-    pub fn new(ports: impl IntoIterator<Item = (u16, usize)>) -> Self {
-        ServicePorts {
-            ports: ports.into_iter().collect(),
-        }
-    }
-
-    /// A socket belongs to a service when the service port is its local port (this host is the
-    /// server) or its remote port (this host is a client). Local wins: a server is a server.
-    pub fn endpoint(&self, local: SocketAddr, remote: SocketAddr) -> Option<Endpoint> {
-        if let Some(&service) = self.ports.get(&local.port()) {
-            return Some(Endpoint {
-                service,
-                server: local,
-                role: Role::Server,
-            });
-        }
-        self.ports.get(&remote.port()).map(|&service| Endpoint {
-            service,
-            server: remote,
-            role: Role::Client,
-        })
-    }
-}
-
 pub struct Tracker {
-    services: ServicePorts,
+    services: SharedServices,
     connections: HashMap<u64, Connection>,
     /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
     seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
@@ -310,7 +280,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(services: ServicePorts, max_connections: usize) -> Self {
+    pub fn new(services: SharedServices, max_connections: usize) -> Self {
         Tracker {
             services,
             connections: HashMap::new(),
@@ -351,10 +321,6 @@ impl Tracker {
         release_slack(&mut self.idle_at_first_close);
     }
 
-    pub fn set_services(&mut self, services: ServicePorts) {
-        self.services = services;
-    }
-
     pub fn active_connections(&self) -> usize {
         self.connections.values().filter(|c| c.counted).count()
             + self.seeded.values().filter(|c| c.counted).count()
@@ -369,7 +335,7 @@ impl Tracker {
         state: u8,
         out: &mut Vec<Observation>,
     ) {
-        let Some(endpoint) = self.services.endpoint(local, remote) else {
+        let Some(endpoint) = self.services.load().endpoint(local, remote) else {
             return;
         };
         if !is_open_state(state) || self.seeded.contains_key(&(local, remote)) {
@@ -440,7 +406,7 @@ impl Tracker {
                 let (Some(local), Some(remote)) = (event.local, event.remote) else {
                     return;
                 };
-                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
                     return;
                 };
                 out.push(match trouble {
@@ -488,7 +454,7 @@ impl Tracker {
             self.connections.insert(event.sk, seed);
             return true;
         }
-        let Some(endpoint) = self.services.endpoint(local, remote) else {
+        let Some(endpoint) = self.services.load().endpoint(local, remote) else {
             return false;
         };
         if !is_open_state(state) {
@@ -534,7 +500,7 @@ impl Tracker {
                 let server = event
                     .local
                     .zip(event.remote)
-                    .and_then(|(local, remote)| self.services.endpoint(local, remote))
+                    .and_then(|(local, remote)| self.services.load().endpoint(local, remote))
                     .filter(|endpoint| endpoint.role == Role::Server);
                 if let Some(endpoint) = server {
                     out.push(Observation::HandshakeCompleted {
@@ -553,7 +519,7 @@ impl Tracker {
                 let (Some(local), Some(remote)) = (event.local, event.remote) else {
                     return;
                 };
-                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
                     return;
                 };
                 if old_state == tcp_state::CLOSE
@@ -714,7 +680,10 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     fn tracker() -> Tracker {
-        Tracker::new(ServicePorts::new([(11211, 0), (22133, 1)]), 100)
+        Tracker::new(
+            SharedServices::watching(&[("memcached", 11211), ("kestrel", 22133)]),
+            100,
+        )
     }
 
     fn client_addrs() -> (SocketAddr, SocketAddr) {
@@ -837,7 +806,8 @@ mod tests {
 
     #[test]
     fn server_role_uses_local_address_so_clients_aggregate() {
-        let services = ServicePorts::new([(11211, 0)]);
+        let services = SharedServices::watching(&[("memcached", 11211)]);
+        let services = services.load();
         let endpoint = services
             .endpoint(
                 "10.0.0.1:11211".parse().unwrap(),
@@ -1085,7 +1055,7 @@ mod tests {
 
     #[test]
     fn table_memory_is_released_after_a_burst() {
-        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 100_000);
+        let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 100_000);
         let burst = 20_000;
         let mut out = Vec::new();
         for sk in 0..burst {
@@ -1116,7 +1086,7 @@ mod tests {
 
     #[test]
     fn table_is_bounded() {
-        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 2);
+        let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 2);
         let events: Vec<_> = (0..3)
             .map(|i| state(100 + i, SEC, SYN_SENT, ESTABLISHED, 0))
             .collect();

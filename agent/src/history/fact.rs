@@ -351,15 +351,15 @@ impl From<crate::tracking::ConnectFailure> for ConnectFailureReason {
     }
 }
 
-/// Converts a tracking observation into a fact, naming services by index into `service_names`.
-/// Observations without a fact (adoptions, table-full notices) and unknown service indexes give
+/// Converts a tracking observation into a fact, naming services by their id in `services`.
+/// Observations without a fact (adoptions, table-full notices) and unknown service ids give
 /// `None`. Connection observations carry no process, so `comm` is `None` there.
 pub fn fact_from_observation(
     observation: &crate::tracking::Observation,
-    service_names: &[String],
+    services: &crate::services::Services,
 ) -> Option<Fact> {
     use crate::tracking::Observation;
-    let name = |index: usize| service_names.get(index).cloned();
+    let name = |id: usize| services.name(id).map(str::to_string);
     let seconds = |ns: u64| ns as f64 / 1e9;
     Some(match observation {
         Observation::ConnectionOpened { endpoint, .. } => Fact::ConnectionOpened {

@@ -13,7 +13,8 @@ use foldhash::{HashMap, HashMapExt};
 
 use super::{fact_from_observation, Fact, History, RequestRecord, RequestStatus};
 use crate::{
-    capture::MemcacheEvent, memcache::Status, pipeline::ObservationSink, tracking::Observation,
+    capture::MemcacheEvent, memcache::Status, pipeline::ObservationSink, services::SharedServices,
+    tracking::Observation,
 };
 
 /// Server addresses formatted once; cleared when it grows past this (endpoints are few).
@@ -23,7 +24,7 @@ const CLOCK_OFFSET_REUSE_NS: u64 = 1_000_000_000;
 
 pub struct HistorySink {
     history: Arc<Mutex<History>>,
-    service_names: Vec<String>,
+    services: SharedServices,
     /// Per decoded request nothing is allocated: server labels are formatted once per address
     /// and the wall-clock offset is measured at most once a second of event time.
     server_labels: HashMap<SocketAddr, String>,
@@ -31,10 +32,10 @@ pub struct HistorySink {
 }
 
 impl HistorySink {
-    pub fn new(history: Arc<Mutex<History>>, service_names: Vec<String>) -> HistorySink {
+    pub fn new(history: Arc<Mutex<History>>, services: SharedServices) -> HistorySink {
         HistorySink {
             history,
-            service_names,
+            services,
             server_labels: HashMap::new(),
             clock: MonotonicToUnix::default(),
         }
@@ -123,7 +124,7 @@ fn observation_ts_ns(observation: &Observation) -> u64 {
 
 impl ObservationSink for HistorySink {
     fn observation(&mut self, observation: &Observation) {
-        if let Some(fact) = fact_from_observation(observation, &self.service_names) {
+        if let Some(fact) = fact_from_observation(observation, &self.services.load()) {
             self.record(
                 unix_second_of_monotonic(observation_ts_ns(observation)),
                 fact,
@@ -135,7 +136,8 @@ impl ObservationSink for HistorySink {
         let MemcacheEvent::Request { endpoint, request } = event else {
             return;
         };
-        let Some(service) = self.service_names.get(endpoint.service) else {
+        let services = self.services.load();
+        let Some(service) = services.name(endpoint.service) else {
             return;
         };
         if self.server_labels.len() >= MAX_CACHED_SERVERS
@@ -182,7 +184,10 @@ mod tests {
     #[test]
     fn records_decoded_requests_and_observations() {
         let history = Arc::new(Mutex::new(History::new(900, HistoryLimits::default())));
-        let mut sink = HistorySink::new(history.clone(), vec!["memcached".into()]);
+        let mut sink = HistorySink::new(
+            history.clone(),
+            SharedServices::watching(&[("memcached", 11211)]),
+        );
         let endpoint = Endpoint {
             service: 0,
             server: "10.0.0.1:11211".parse().unwrap(),

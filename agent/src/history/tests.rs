@@ -406,6 +406,8 @@ fn realistic_memory() {
 #[test]
 fn converts_tracking_observations() {
     use crate::tracking::{Endpoint, Observation};
+    let services = crate::services::SharedServices::watching(&[("memcached", 11211)]);
+    let services = services.load();
     let endpoint = Endpoint {
         service: 0,
         server: "10.0.0.1:11211".parse().unwrap(),
@@ -419,7 +421,7 @@ fn converts_tracking_observations() {
             duration_ns: Some(2_000_000_000),
             idle_before_close_ns: Some(60_000_000_000),
         },
-        &["memcached".to_string()],
+        &services,
     )
     .unwrap();
     assert_eq!(
@@ -434,6 +436,6 @@ fn converts_tracking_observations() {
             duration_s: Some(2.0),
         }
     );
-    assert!(fact_from_observation(&Observation::TrackingDropped, &[]).is_none());
-    assert!(fact_from_observation(&Observation::SynSent { service: 3 }, &[]).is_none());
+    assert!(fact_from_observation(&Observation::TrackingDropped, &services).is_none());
+    assert!(fact_from_observation(&Observation::SynSent { service: 3 }, &services).is_none());
 }
