@@ -408,7 +408,9 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::history::{Fact, HistoryLimits, RequestStatus, Role};
+    use crate::history::{Fact, HistoryLimits};
+
+    use crate::model::{Role, Status};
 
     struct TempDir(PathBuf);
 
@@ -442,7 +444,7 @@ mod tests {
                     role: Role::Client,
                     comm: Some("php".into()),
                     command: "get".into(),
-                    status: RequestStatus::Hit,
+                    status: Status::Hit,
                     latency_us: Some(200),
                 },
             );

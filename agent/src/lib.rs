@@ -15,6 +15,7 @@ pub mod http;
 pub mod keys;
 pub mod memcache;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod probes;
 pub mod sampler;

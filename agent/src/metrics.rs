@@ -13,7 +13,8 @@ use prometheus_client::{
 
 use crate::{
     capture::MemcacheEvent,
-    memcache::{Command, Status},
+    memcache::Command,
+    model::{Status, SynDirection},
     services::SharedServices,
     tracking::{Endpoint, Observation},
 };
@@ -704,11 +705,14 @@ impl ObservationRecorder {
             .inc();
     }
 
-    fn count_syn(&mut self, service: usize, direction: &'static str) {
+    fn count_syn(&mut self, service: usize, direction: SynDirection) {
         let service = self.service_name(service);
         self.metrics
             .syn
-            .get_or_create(&SynLabels { service, direction })
+            .get_or_create(&SynLabels {
+                service,
+                direction: direction.as_str(),
+            })
             .inc();
     }
 
@@ -827,8 +831,10 @@ impl ObservationRecorder {
                     })
                     .inc();
             }
-            Observation::SynSent { service } => self.count_syn(*service, "out"),
-            Observation::HandshakeCompleted { service } => self.count_syn(*service, "in"),
+            Observation::SynSent { service } => self.count_syn(*service, SynDirection::Out),
+            Observation::HandshakeCompleted { service } => {
+                self.count_syn(*service, SynDirection::In)
+            }
             Observation::FdExhausted { comm, errno, .. } => {
                 let comm = self.comm_label(comm);
                 let errno = match errno {
@@ -952,7 +958,7 @@ pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{events::Role, tracking::ClosedBy};
+    use crate::model::{ClosedBy, Role};
 
     fn endpoint(server: &str) -> Endpoint {
         Endpoint {

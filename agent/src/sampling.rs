@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::{
     metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels, SynLabels},
+    model::SynDirection,
     sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
 };
 
@@ -99,7 +100,7 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
             .syn
             .get_or_create(&SynLabels {
                 service: service.clone(),
-                direction: "in",
+                direction: SynDirection::In.as_str(),
             })
             .inc_by(dropped);
     }

@@ -13,7 +13,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     config::{Config, Protocol, Service},
-    events::Role,
+    model::Role,
     tracking::Endpoint,
 };
 

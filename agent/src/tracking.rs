@@ -10,7 +10,8 @@ use agent_common::tcp_state;
 
 use crate::{
     dead_writes::{DeadWrite, DeadWriteTracker},
-    events::{EventKind, Role, SockEventRecord, TcpTrouble},
+    events::{EventKind, SockEventRecord, TcpTrouble},
+    model::{ClosedBy, ConnectFailureReason, ResetDirection, RetransmitKind, Role},
     services::SharedServices,
 };
 
@@ -24,26 +25,6 @@ pub struct Endpoint {
     pub service: usize,
     pub server: SocketAddr,
     pub role: Role,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClosedBy {
-    /// This side sent FIN first.
-    Local,
-    /// The other side closed first (ESTABLISHED -> CLOSE_WAIT).
-    Peer,
-    /// The connection ended with a reset, without an orderly close first.
-    Reset,
-}
-
-impl ClosedBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClosedBy::Local => "local",
-            ClosedBy::Peer => "peer",
-            ClosedBy::Reset => "reset",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,7 +54,7 @@ pub enum Observation {
     /// A client connect that never reached ESTABLISHED.
     ConnectFailed {
         endpoint: Endpoint,
-        reason: ConnectFailure,
+        reason: ConnectFailureReason,
     },
     Retransmit {
         endpoint: Endpoint,
@@ -100,63 +81,12 @@ pub enum Observation {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnectFailure {
-    /// The SYN was answered with a reset (nothing listening, or a REJECT rule).
-    Refused,
-    /// No answer: the kernel gave up retrying the SYN, or the application stopped waiting.
-    Timeout,
-}
-
-impl ConnectFailure {
-    /// A SYN answered by a reset was refused; one that never got an answer timed out.
-    fn of(facts: &crate::events::SocketFacts) -> ConnectFailure {
-        if facts.reset_received_ns != 0 {
-            ConnectFailure::Refused
-        } else {
-            ConnectFailure::Timeout
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Timeout => "timeout",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RetransmitKind {
-    Data,
-    /// A client's SYN was retransmitted (no answer to the connection attempt yet).
-    Syn,
-    /// A listener's SYN-ACK was retransmitted (the client's final ACK did not arrive).
-    SynAck,
-}
-
-impl RetransmitKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetransmitKind::Data => "data",
-            RetransmitKind::Syn => "syn",
-            RetransmitKind::SynAck => "synack",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResetDirection {
-    Sent,
-    Received,
-}
-
-impl ResetDirection {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResetDirection::Sent => "sent",
-            ResetDirection::Received => "received",
-        }
+/// A SYN answered by a reset was refused; one that never got an answer timed out.
+fn connect_failure_reason(facts: &crate::events::SocketFacts) -> ConnectFailureReason {
+    if facts.reset_received_ns != 0 {
+        ConnectFailureReason::Refused
+    } else {
+        ConnectFailureReason::Timeout
     }
 }
 
@@ -535,7 +465,7 @@ impl Tracker {
                     if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
                         out.push(Observation::ConnectFailed {
                             endpoint,
-                            reason: ConnectFailure::of(&event.facts),
+                            reason: connect_failure_reason(&event.facts),
                         });
                     }
                     return;
@@ -598,7 +528,7 @@ impl Tracker {
                 {
                     out.push(Observation::ConnectFailed {
                         endpoint,
-                        reason: ConnectFailure::of(&event.facts),
+                        reason: connect_failure_reason(&event.facts),
                     });
                 }
                 if event.facts.peer_closed_ns != 0 {
@@ -837,7 +767,7 @@ mod tests {
                 Observation::SynSent { service: 0 },
                 Observation::ConnectFailed {
                     endpoint: client_endpoint(),
-                    reason: ConnectFailure::Timeout
+                    reason: ConnectFailureReason::Timeout
                 }
             ]
         );
@@ -851,7 +781,7 @@ mod tests {
             out[1],
             Observation::ConnectFailed {
                 endpoint: client_endpoint(),
-                reason: ConnectFailure::Refused
+                reason: ConnectFailureReason::Refused
             }
         );
         assert_eq!(tracker.active_connections(), 0);
@@ -888,7 +818,7 @@ mod tests {
             })
             .collect();
         assert_eq!(writes.len(), 1, "{out:?}");
-        assert_eq!(writes[0].outcome, crate::dead_writes::Outcome::Eof);
+        assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Eof);
         assert_eq!(writes[0].comm, "python3");
         assert_eq!(writes[0].endpoint, client_endpoint());
     }

@@ -2,9 +2,11 @@
 //! detector names the right server, process, command and numbers; and the healthy case alone.
 
 use super::{testkit::*, *};
-use crate::history::{
-    ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus, ResetDirection,
-    RetransmitKind, Role, SynDirection,
+use crate::history::Fact;
+
+use crate::model::{
+    ClosedBy, ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind, Role, Status,
+    SynDirection,
 };
 
 fn run(sim: &mut Sim, end: u64) -> Vec<Finding> {
@@ -160,14 +162,7 @@ fn one_slow_server_among_peers() {
                 } else {
                     sim.healthy_latency()
                 };
-                sim.request(
-                    t,
-                    SERVERS[2],
-                    comm,
-                    "get",
-                    RequestStatus::Hit,
-                    Some(latency),
-                );
+                sim.request(t, SERVERS[2], comm, "get", Status::Hit, Some(latency));
             }
         }
     }
@@ -190,7 +185,7 @@ fn a_briefly_stopped_server_shows_as_stalled() {
             SERVERS[2],
             comm,
             "get",
-            RequestStatus::Hit,
+            Status::Hit,
             Some(1_500_000),
         );
     }
@@ -542,7 +537,7 @@ fn micro_outages_aligned_to_the_minute() {
                     SERVERS[1],
                     comm,
                     "get",
-                    RequestStatus::ServerError,
+                    Status::ServerError,
                     Some(45_000),
                 );
             }
@@ -585,7 +580,7 @@ fn scattered_slow_requests_are_not_a_stall() {
         SERVERS[0],
         "ruby",
         "get",
-        RequestStatus::Hit,
+        Status::Hit,
         Some(300_000),
     );
     sim.request(
@@ -593,7 +588,7 @@ fn scattered_slow_requests_are_not_a_stall() {
         SERVERS[0],
         "ruby",
         "get",
-        RequestStatus::Hit,
+        Status::Hit,
         Some(300_000),
     );
     let findings = run(&mut sim, T0 + 700);
@@ -610,7 +605,7 @@ fn a_single_slow_request_is_not_a_micro_outage() {
             SERVERS[1],
             "php-fpm",
             "get",
-            RequestStatus::Hit,
+            Status::Hit,
             Some(80_000),
         );
     }
@@ -629,7 +624,7 @@ fn timing_over_a_full_history() {
         for server in 0..10 {
             for comm in COMMS {
                 for command in ["get", "set", "delete", "gets", "incr"] {
-                    for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                    for status in [Status::Hit, Status::Miss] {
                         let latency = sim.healthy_latency();
                         history.record(
                             t,

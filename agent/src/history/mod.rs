@@ -35,10 +35,11 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-pub use fact::{
-    fact_from_observation, ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus,
-    ResetDirection, RetransmitKind, Role, SynDirection,
+use crate::model::{
+    ClosedBy, ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind, Role, Status,
+    SynDirection,
 };
+pub use fact::{fact_from_observation, Fact};
 use interner::{Interner, LabelId, OTHER, UNKNOWN};
 use latency::SecondHistogram;
 pub use sample::{facts_from_sample, listener_drop_facts};
@@ -119,7 +120,7 @@ pub struct RequestRecord<'a> {
     pub role: Role,
     pub comm: Option<&'a str>,
     pub command: &'a str,
-    pub status: RequestStatus,
+    pub status: Status,
     pub latency_us: Option<u32>,
 }
 
@@ -132,7 +133,7 @@ struct RequestKey {
     comm: LabelId,
     command: LabelId,
     role: Role,
-    status: RequestStatus,
+    status: Status,
 }
 
 impl RowKey for RequestKey {
@@ -849,7 +850,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
             ..
         } => request(bucket, limits, id, role, status, latency_us),
         Fact::RequestTimeout { role, .. } => {
-            request(bucket, limits, id, role, RequestStatus::Timeout, None)
+            request(bucket, limits, id, role, Status::Timeout, None)
         }
         Fact::HostListenDrops {
             overflows,
@@ -913,7 +914,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                     let event = match kind {
                         RetransmitKind::Data => TcpEvent::RetransmitData,
                         RetransmitKind::Syn => TcpEvent::RetransmitSyn,
-                        RetransmitKind::Synack => TcpEvent::RetransmitSynack,
+                        RetransmitKind::SynAck => TcpEvent::RetransmitSynack,
                     };
                     tcp(rare, rows, limits, id, role, event)
                 }
@@ -1092,7 +1093,7 @@ fn request(
     limits: &HistoryLimits,
     id: impl Fn(usize) -> LabelId,
     role: Role,
-    status: RequestStatus,
+    status: Status,
     latency_us: Option<u32>,
 ) -> bool {
     let key = RequestKey {

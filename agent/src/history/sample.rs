@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Fact, Role, SynDirection};
+use super::Fact;
+
+use crate::model::{Role, SynDirection};
 use crate::sampler::{parse::TcpExtCounters, Snapshot, WatchedConnection};
 
 /// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
@@ -36,7 +38,7 @@ pub fn facts_from_sample(
     let mut edges: BTreeMap<(&str, std::net::SocketAddr, &str), u32> = BTreeMap::new();
     for connection in connections
         .iter()
-        .filter(|c| c.role == crate::events::Role::Client)
+        .filter(|c| c.role == crate::model::Role::Client)
     {
         let Some(owner) = &connection.owner else {
             continue;
@@ -170,7 +172,7 @@ mod tests {
             state: 1,
             inode: 5,
             service: "memcached".into(),
-            role: crate::events::Role::Client,
+            role: crate::model::Role::Client,
             owner: Some(SocketOwner {
                 pid,
                 comm: comm.into(),

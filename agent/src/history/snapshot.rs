@@ -9,11 +9,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    fact::{DeadWriteOutcome, RequestStatus, Role, SynDirection},
-    latency::LatencyHistogram,
-    ClosedBy,
-};
+use super::latency::LatencyHistogram;
+use crate::model::{ClosedBy, DeadWriteOutcome, Role, Status, SynDirection};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -91,7 +88,7 @@ fn is_zero(value: &u64) -> bool {
     *value == 0
 }
 
-type RequestTuple = (Label, Label, Role, Label, Label, RequestStatus, u32);
+type RequestTuple = (Label, Label, Role, Label, Label, Status, u32);
 
 /// Requests of one (service, server, role, process, command, status) in one second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +99,7 @@ pub struct RequestRow {
     pub role: Role,
     pub comm: Label,
     pub command: Label,
-    pub status: RequestStatus,
+    pub status: Status,
     pub count: u32,
 }
 

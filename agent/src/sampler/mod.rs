@@ -66,7 +66,7 @@ pub use aggregate::{
 };
 pub use parse::{FileHandles, TcpExtCounters};
 
-use crate::events::Role;
+use crate::model::Role;
 use aggregate::{CounterAccumulator, ListenerDrops};
 use parse::{tcp_state, ParseError, TcpRow};
 use scan::{classify, Failure, ProcFs};
