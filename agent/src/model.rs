@@ -175,9 +175,43 @@ impl Status {
     }
 }
 
+/// RLIMIT_NOFILE's "no limit" (`RLIM_INFINITY` on Linux), as /proc and the sampler report it.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// How much of a descriptor limit is used, the one rule behind the exported
+/// `process_fd_usage_ratio`, the history and diagnose, and the EMFILE probe arming:
+/// - no limit ([`UNLIMITED`]) cannot run out: 0;
+/// - nothing open: 0;
+/// - a zero limit with descriptors open is full (1): not one more can be opened;
+/// - otherwise open / limit, above 1 when a limit was lowered below what is already open.
+///
+/// Always finite, so it exports as a plain gauge value.
+pub fn fd_usage_ratio(open: u64, limit: u64) -> f64 {
+    match (open, limit) {
+        (_, UNLIMITED) | (0, _) => 0.0,
+        (_, 0) => 1.0,
+        (open, limit) => open as f64 / limit as f64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fd_usage_ratio_at_zero_unlimited_and_normal_limits() {
+        assert_eq!(UNLIMITED, libc::RLIM_INFINITY);
+        assert_eq!(fd_usage_ratio(0, 0), 0.0);
+        assert_eq!(fd_usage_ratio(5, 0), 1.0);
+        assert_eq!(fd_usage_ratio(0, UNLIMITED), 0.0);
+        assert_eq!(fd_usage_ratio(1_000_000, UNLIMITED), 0.0);
+        assert_eq!(fd_usage_ratio(512, 1024), 0.5);
+        assert_eq!(fd_usage_ratio(1024, 1024), 1.0);
+        assert_eq!(fd_usage_ratio(1500, 1000), 1.5);
+        assert_eq!(fd_usage_ratio(0, 1024), 0.0);
+        // The largest finite limit is a limit, not "unlimited".
+        assert!(fd_usage_ratio(1, UNLIMITED - 1) > 0.0);
+    }
 
     /// The label and the JSON word of every value are the same string, and `ALL` lists each
     /// value once.

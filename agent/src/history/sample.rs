@@ -21,8 +21,8 @@ pub fn facts_from_sample(
 ) -> Vec<Fact> {
     let mut facts = Vec::new();
     for process in &snapshot.processes {
-        // Unlimited descriptors cannot run out; a ratio against u64::MAX would be noise.
-        if process.soft_nofile != u64::MAX && process.soft_nofile > 0 {
+        // Unlimited descriptors cannot run out (their ratio is 0): nothing to remember.
+        if process.soft_nofile != crate::model::UNLIMITED {
             facts.push(Fact::ProcessFds {
                 comm: process.comm.clone(),
                 pid: process.pid,

@@ -284,11 +284,7 @@ pub struct FdRow {
 
 impl FdRow {
     pub fn ratio(&self) -> f64 {
-        if self.limit == 0 {
-            0.0
-        } else {
-            self.open_fds as f64 / self.limit as f64
-        }
+        crate::model::fd_usage_ratio(u64::from(self.open_fds), u64::from(self.limit))
     }
 }
 
