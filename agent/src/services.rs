@@ -83,7 +83,9 @@ impl Services {
             };
             entries[id].protocol = service.protocol;
             entries[id].configured = true;
-            ports.insert(service.port, id);
+            for &port in &service.ports {
+                ports.insert(port, id);
+            }
         }
         Ok(Services { entries, ports })
     }
@@ -151,7 +153,7 @@ impl SharedServices {
             .iter()
             .map(|&(name, port)| Service {
                 name: name.to_string(),
-                port,
+                ports: vec![port],
                 protocol: Protocol::Memcache,
                 capture: true,
             })
@@ -179,7 +181,7 @@ mod tests {
     fn service(name: &str, port: u16, protocol: Protocol) -> Service {
         Service {
             name: name.to_string(),
-            port,
+            ports: vec![port],
             protocol,
             capture: true,
         }
