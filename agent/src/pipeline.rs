@@ -17,7 +17,8 @@ use crate::{
     events::{self, EventKind, SockEventRecord},
     history::{Fact, History},
     keys::{
-        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, ServerHotKeys, TopK,
+        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, Routing,
+        ServerHotKeys, TopK,
     },
     memcache::RequestObservation,
     metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
@@ -442,8 +443,8 @@ impl Pipeline {
             return;
         }
         let id = key_id(key);
-        if endpoint.role == Role::Client
-            && self.routing.observe_with_id(
+        let routing = if endpoint.role == Role::Client {
+            self.routing.observe_with_id(
                 endpoint.service,
                 id,
                 key,
@@ -451,7 +452,10 @@ impl Pipeline {
                 request.request_ts_ns,
                 self.key_display,
             )
-        {
+        } else {
+            Routing::Consistent
+        };
+        if let Routing::Split { new_key } = routing {
             self.recorder.record_key_split(endpoint.service);
             let services = self.services.load();
             if let (Some(example), Some(service)) = (
@@ -461,6 +465,7 @@ impl Pipeline {
                 self.record_fact(Fact::KeySplit {
                     service: service.to_string(),
                     key_hash: crate::keys::key_hash(key),
+                    new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [None, comm.map(str::to_string)],
                 });

@@ -10,27 +10,6 @@ use cacheprobe_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// `clients` connections (process "cronjob") each set a key, idle past memcached's 2 s idle
-/// timeout, and set again onto the connection the server has closed.
-fn dead_write_script(port: u16, clients: usize) -> String {
-    format!(
-        "import ctypes, time, threading\n\
-         from pymemcache.client.base import Client\n\
-         ctypes.CDLL(None).prctl(15, b'cronjob', 0, 0, 0)\n\
-         def work(i):\n\
-         \x20   c = Client(('127.0.0.1', {port}))\n\
-         \x20   c.set('job%d' % i, 'queued', noreply=False)\n\
-         \x20   time.sleep(6.5)\n\
-         \x20   try:\n\
-         \x20       c.set('job%d' % i, 'done', noreply=False)\n\
-         \x20   except Exception:\n\
-         \x20       pass\n\
-         ts = [threading.Thread(target=work, args=(i,)) for i in range({clients})]\n\
-         [t.start() for t in ts]\n\
-         [t.join() for t in ts]\n"
-    )
-}
-
 /// Healthy traffic from a process named "webapp".
 fn healthy_script(port: u16) -> String {
     format!(
@@ -79,7 +58,7 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     let _new = start_memcached(None, "127.0.0.1", new_port, &[]).unwrap();
 
     // One connection opened before the reload, written onto after the server closed it.
-    let before = std::thread::spawn(move || python(None, &dead_write_script(old_port, 1)));
+    let before = std::thread::spawn(move || python(None, &idle_then_write_script(old_port, 1)));
     std::thread::sleep(Duration::from_millis(1500));
 
     // The new service goes first: every position in the service list changes meaning.
@@ -95,7 +74,7 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let after = std::thread::spawn(move || python(None, &dead_write_script(old_port, 3)));
+    let after = std::thread::spawn(move || python(None, &idle_then_write_script(old_port, 3)));
     python(None, &healthy_script(new_port)).unwrap();
     before.join().unwrap().unwrap();
     after.join().unwrap().unwrap();

@@ -273,6 +273,34 @@ fn miss_storm_after_a_restart() {
     assert_eq!(ids(&findings), vec!["miss-storm"]);
 }
 
+/// One key sent 8,815 times, alternating between two servers, is one split key.
+#[test]
+fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for i in 0..8815u64 {
+        sim.record(
+            T0 + 30 + i % 60,
+            Fact::KeySplit {
+                service: SERVICE.into(),
+                key_hash: 0xabc0,
+                new_key: i == 0,
+                servers: [SERVERS[0].into(), SERVERS[2].into()],
+                comms: [Some("php-fpm".into()), Some("php-fpm".into())],
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "key-routing");
+    assert_eq!(finding.values["split_keys"], 1.0);
+    assert_eq!(finding.values["split_requests"], 8815.0);
+    assert!(
+        finding.title.starts_with("1 key of ") && finding.title.contains("(8815 requests)"),
+        "{}",
+        finding.title
+    );
+}
+
 #[test]
 fn keys_sent_to_two_servers() {
     let mut sim = Sim::new();
@@ -283,6 +311,7 @@ fn keys_sent_to_two_servers() {
             Fact::KeySplit {
                 service: SERVICE.into(),
                 key_hash: 0xabc0 + i,
+                new_key: true,
                 servers: [SERVERS[0].into(), SERVERS[2].into()],
                 comms: [Some("php-fpm".into()), Some("ruby".into())],
             },
@@ -291,6 +320,7 @@ fn keys_sent_to_two_servers() {
     let findings = run(&mut sim, T0 + 120);
     let finding = only(&findings, "key-routing");
     assert_eq!(finding.values["split_keys"], 12.0);
+    assert_eq!(finding.values["split_requests"], 12.0);
     assert_eq!(finding.subjects.servers, vec![SERVERS[0], SERVERS[2]]);
     assert_eq!(finding.subjects.processes, vec!["php-fpm", "ruby"]);
     assert!(

@@ -130,6 +130,8 @@ pub enum Fact {
     KeySplit {
         service: String,
         key_hash: u64,
+        /// The key's first split in the routing window: what counts distinct split keys.
+        new_key: bool,
         servers: [String; 2],
         /// The processes that sent the key to each server, when known.
         comms: [Option<String>; 2],

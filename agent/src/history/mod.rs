@@ -327,6 +327,8 @@ impl Gauge {
 #[derive(Debug, Default, Clone, Copy)]
 struct KeySplitAgg {
     count: u32,
+    /// Splits that were their key's first: distinct split keys.
+    keys: u32,
     examples_len: u8,
     examples: [u64; KEY_SPLIT_EXAMPLES],
 }
@@ -1015,7 +1017,9 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                     };
                     bump(rare.fd_errors.row(key, budget(rows, limits)), 1)
                 }
-                Fact::KeySplit { key_hash, .. } => {
+                Fact::KeySplit {
+                    key_hash, new_key, ..
+                } => {
                     let key = KeySplitKey {
                         service: id(0),
                         servers: [id(1), id(2)],
@@ -1025,6 +1029,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                         return false;
                     };
                     agg.count = agg.count.saturating_add(1);
+                    agg.keys = agg.keys.saturating_add(u32::from(new_key));
                     if (agg.examples_len as usize) < KEY_SPLIT_EXAMPLES
                         && !agg.examples[..agg.examples_len as usize].contains(&key_hash)
                     {
@@ -1261,6 +1266,7 @@ fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> SecondSnapsho
             servers: [table.id(k.servers[0]), table.id(k.servers[1])],
             comms: [table.id(k.comms[0]), table.id(k.comms[1])],
             count: agg.count,
+            keys: agg.keys,
             examples: agg.examples[..agg.examples_len as usize].to_vec(),
         });
     }

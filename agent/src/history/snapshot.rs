@@ -322,7 +322,11 @@ pub struct KeySplitRow {
     pub service: Label,
     pub servers: [Label; 2],
     pub comms: [Label; 2],
+    /// Requests that went to the other server.
     pub count: u32,
+    /// Of those, the first split of their key: distinct split keys.
+    #[serde(default)]
+    pub keys: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<u64>,
 }

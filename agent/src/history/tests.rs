@@ -170,6 +170,7 @@ fn keeps_every_fact_kind() {
         Fact::KeySplit {
             service: "memcached".into(),
             key_hash: 0xfeed,
+            new_key: true,
             servers: ["10.0.0.1:11211".into(), "10.0.0.2:11211".into()],
             comms: [Some("php".into()), Some("ruby".into())],
         },
