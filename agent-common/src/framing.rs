@@ -236,9 +236,7 @@ impl FrameState {
         if self.token == 0 && self.flags & WORD_LONG == 0 {
             self.length_token = length_token(self.word);
         }
-        if self.token < u8::MAX {
-            self.token += 1;
-        }
+        self.token = self.token.saturating_add(1);
     }
 
     #[inline(always)]

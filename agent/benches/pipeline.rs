@@ -22,6 +22,7 @@ use cacheprobe::{
     history::{History, HistoryLimits, HistorySink},
     metrics::Metrics,
     pipeline::Pipeline,
+    services::SharedServices,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -86,15 +87,13 @@ fn pipeline(start_ns: u64) -> Pipeline {
     )
     .expect("bench config");
     let (metrics, _registry) = Metrics::new();
-    let mut pipeline = Pipeline::new(&config, metrics);
+    let services = SharedServices::from_config(&config).expect("bench services");
+    let mut pipeline = Pipeline::new(&config, services.clone(), metrics);
     let history = Arc::new(Mutex::new(History::new(
         HistoryLimits::default().capacity_seconds,
         HistoryLimits::default(),
     )));
-    pipeline.add_sink(Box::new(HistorySink::new(
-        history.clone(),
-        vec!["bench".to_string()],
-    )));
+    pipeline.add_sink(Box::new(HistorySink::new(history.clone(), services)));
     pipeline.set_history(history);
     let server: SocketAddr = format!("127.0.0.1:{PORT}").parse().expect("address");
     for connection in 0..CONNECTIONS {

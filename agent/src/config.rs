@@ -11,10 +11,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/cacheprobe/config.toml";
 /// Outside Prometheus' fully allocated 9100-9999 exporter range, as its guide asks.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:19150";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
-    /// memcached and twemproxy: text, meta and binary memcache protocol.
+    /// memcached and twemproxy: text, meta and binary memcache protocol. The default.
+    #[default]
     Memcache,
     /// Starling/Kestrel-style queues speaking the memcache protocol (set = enqueue, get = dequeue).
     MemcacheQueue,
@@ -23,7 +24,9 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
-    pub port: u16,
+    /// One or more ports (several instances on one host); never empty, never shared with
+    /// another service.
+    pub ports: Vec<u16>,
     pub protocol: Protocol,
     /// Capture and decode payloads (memcache metrics); off keeps only socket-level metrics.
     pub capture: bool,
@@ -125,7 +128,7 @@ fn default_services() -> Vec<Service> {
     .into_iter()
     .map(|(name, port, protocol)| Service {
         name: name.to_string(),
-        port,
+        ports: vec![port],
         protocol,
         capture: true,
     })
@@ -163,7 +166,9 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: Spanned<String>,
-    port: Spanned<i64>,
+    port: Option<Spanned<i64>>,
+    ports: Option<Spanned<Vec<Spanned<i64>>>>,
+    #[serde(default)]
     protocol: Protocol,
     #[serde(default = "default_true")]
     capture: bool,
@@ -253,23 +258,57 @@ impl Config {
                             format!("service name {name:?} is used twice"),
                         ));
                     }
-                    let port_span = raw_service.port.span();
-                    let port = *raw_service.port.get_ref();
-                    let port = u16::try_from(port)
-                        .ok()
-                        .filter(|port| *port != 0)
-                        .ok_or_else(|| {
-                            at(port_span.clone(), format!("port {port} is not in 1-65535"))
-                        })?;
-                    if !ports.insert(port) {
-                        return Err(at(
-                            port_span,
-                            format!("port {port} is watched by two services"),
-                        ));
+                    let raw_ports = match (raw_service.port, raw_service.ports) {
+                        (Some(port), None) => vec![port],
+                        (None, Some(ports)) if ports.get_ref().is_empty() => {
+                            return Err(at(
+                                ports.span(),
+                                format!("service {name:?}: `ports` is empty"),
+                            ));
+                        }
+                        (None, Some(ports)) => ports.into_inner(),
+                        (Some(port), Some(_)) => {
+                            return Err(at(
+                                port.span(),
+                                format!(
+                                    "service {name:?} has both `port` and `ports`: give one of them"
+                                ),
+                            ));
+                        }
+                        (None, None) => {
+                            return Err(at(
+                                name_span,
+                                format!("service {name:?} needs a `port` (or `ports = [...]`)"),
+                            ));
+                        }
+                    };
+                    let mut service_ports = Vec::with_capacity(raw_ports.len());
+                    for raw_port in raw_ports {
+                        let port_span = raw_port.span();
+                        let port = *raw_port.get_ref();
+                        let port = u16::try_from(port)
+                            .ok()
+                            .filter(|port| *port != 0)
+                            .ok_or_else(|| {
+                                at(port_span.clone(), format!("port {port} is not in 1-65535"))
+                            })?;
+                        if service_ports.contains(&port) {
+                            return Err(at(
+                                port_span,
+                                format!("port {port} is listed twice for service {name:?}"),
+                            ));
+                        }
+                        if !ports.insert(port) {
+                            return Err(at(
+                                port_span,
+                                format!("port {port} is watched by two services"),
+                            ));
+                        }
+                        service_ports.push(port);
                     }
                     services.push(Service {
                         name,
-                        port,
+                        ports: service_ports,
                         protocol: raw_service.protocol,
                         capture: raw_service.capture,
                     });
@@ -360,7 +399,7 @@ impl Config {
     pub fn service_for_port(&self, port: u16) -> Option<usize> {
         self.services
             .iter()
-            .position(|service| service.port == port)
+            .position(|service| service.ports.contains(&port))
     }
 }
 
@@ -376,7 +415,11 @@ mod tests {
     fn empty_file_means_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config, Config::default());
-        let ports: Vec<u16> = config.services.iter().map(|s| s.port).collect();
+        let ports: Vec<u16> = config
+            .services
+            .iter()
+            .flat_map(|s| s.ports.clone())
+            .collect();
         assert_eq!(ports, vec![11211, 22121, 22122, 22133]);
         assert_eq!(config.listen.to_string(), "0.0.0.0:19150");
         assert_eq!(config.services[3].protocol, Protocol::MemcacheQueue);
@@ -446,6 +489,72 @@ capture = false
             err.contains("line 7") && err.contains("two services"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn protocol_defaults_to_memcache() {
+        let config = parse("[[services]]\nname = \"a\"\nport = 11211\n").unwrap();
+        assert_eq!(config.services[0].protocol, Protocol::Memcache);
+        assert!(config.services[0].capture);
+    }
+
+    #[test]
+    fn a_service_can_list_several_ports() {
+        let config = parse(
+            "[[services]]\nname = \"cache\"\nports = [11211, 11212]\n\
+             [[services]]\nname = \"jobs\"\nport = 22133\nprotocol = \"memcache-queue\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.services[0].ports, [11211, 11212]);
+        assert_eq!(config.service_for_port(11212), Some(0));
+        assert_eq!(config.service_for_port(22133), Some(1));
+        let services = crate::services::Services::from_config(&config).unwrap();
+        let client = |port: u16| {
+            services
+                .endpoint(
+                    "127.0.0.1:40000".parse().unwrap(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                )
+                .map(|endpoint| services.name(endpoint.service).unwrap().to_string())
+        };
+        assert_eq!(client(11211).as_deref(), Some("cache"));
+        assert_eq!(client(11212).as_deref(), Some("cache"));
+        let sampler = crate::sampler::SamplerConfig::from_services(&config.services, 10);
+        let watched: Vec<(u16, &str)> = sampler
+            .watched_ports
+            .iter()
+            .map(|(port, name)| (*port, name.as_str()))
+            .collect();
+        assert_eq!(
+            watched,
+            [(11211, "cache"), (11212, "cache"), (22133, "jobs")]
+        );
+    }
+
+    #[test]
+    fn port_and_ports_mistakes_name_the_line() {
+        let cases = [
+            // Both.
+            ("[[services]]\nname = \"a\"\nport = 1\nports = [2]\n", "line 3", "both"),
+            // Neither.
+            ("\n[[services]]\nname = \"a\"\nprotocol = \"memcache\"\n", "line 3", "needs a `port`"),
+            // Empty list.
+            ("[[services]]\nname = \"a\"\nports = []\n", "line 3", "empty"),
+            // Twice in one service.
+            ("[[services]]\nname = \"a\"\nports = [1, 2,\n 1]\n", "line 4", "listed twice"),
+            // Shared with another service.
+            (
+                "[[services]]\nname = \"a\"\nports = [1, 2]\n[[services]]\nname = \"b\"\nports = [3,\n2]\n",
+                "line 7",
+                "two services",
+            ),
+            // Out of range inside the list.
+            ("[[services]]\nname = \"a\"\nports = [1, 0]\n", "line 3", "not in 1-65535"),
+        ];
+        for (text, line, words) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(line) && err.contains(words), "{text:?}: {err}");
+        }
     }
 
     #[test]

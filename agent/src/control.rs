@@ -466,7 +466,9 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
-    use crate::history::{Fact, HistoryLimits, RequestStatus, Role};
+    use crate::history::{Fact, HistoryLimits};
+
+    use crate::model::{Role, Status};
 
     struct TempDir(PathBuf);
 
@@ -500,7 +502,7 @@ mod tests {
                     role: Role::Client,
                     comm: Some("php".into()),
                     command: "get".into(),
-                    status: RequestStatus::Hit,
+                    status: Status::Hit,
                     latency_us: Some(200),
                 },
             );

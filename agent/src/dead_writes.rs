@@ -5,32 +5,12 @@
 
 use foldhash::{HashMap, HashMapExt};
 
-use crate::tracking::Endpoint;
+use crate::{model::DeadWriteOutcome, tracking::Endpoint};
 
 pub const OUTCOME_WINDOW_NS: u64 = 5_000_000_000;
 
 const EAGAIN: i64 = 11;
 const EINTR: i64 = 4;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    /// The next read returned end-of-file.
-    Eof,
-    /// The next read or write failed (ECONNRESET, EPIPE, ...).
-    Reset,
-    /// Nothing within the window: the application never found out.
-    Unnoticed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Eof => "eof",
-            Outcome::Reset => "reset",
-            Outcome::Unnoticed => "unnoticed",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadWrite {
@@ -43,7 +23,7 @@ pub struct DeadWrite {
     pub bytes: u64,
     /// The memcache command written, when the decoder saw it.
     pub command: Option<&'static str>,
-    pub outcome: Outcome,
+    pub outcome: DeadWriteOutcome,
 }
 
 #[derive(Debug)]
@@ -105,18 +85,20 @@ impl DeadWriteTracker {
                 ts_ns,
                 bytes: ret as u64,
                 command: None,
-                outcome: Outcome::Unnoticed,
+                outcome: DeadWriteOutcome::Unnoticed,
             });
         } else if ret < 0 && -ret != EAGAIN && -ret != EINTR {
-            self.resolve(sk, Outcome::Reset, out);
+            self.resolve(sk, DeadWriteOutcome::Reset, out);
         }
     }
 
     /// A receive returned `ret` on a socket whose peer had closed.
     pub fn on_recv(&mut self, sk: u64, ret: i64, out: &mut Vec<DeadWrite>) {
         match ret {
-            0 => self.resolve(sk, Outcome::Eof, out),
-            r if r < 0 && -r != EAGAIN && -r != EINTR => self.resolve(sk, Outcome::Reset, out),
+            0 => self.resolve(sk, DeadWriteOutcome::Eof, out),
+            r if r < 0 && -r != EAGAIN && -r != EINTR => {
+                self.resolve(sk, DeadWriteOutcome::Reset, out)
+            }
             // Data still buffered from before the close, or nothing yet: keep waiting.
             _ => {}
         }
@@ -129,7 +111,7 @@ impl DeadWriteTracker {
         }
     }
 
-    fn resolve(&mut self, sk: u64, outcome: Outcome, out: &mut Vec<DeadWrite>) {
+    fn resolve(&mut self, sk: u64, outcome: DeadWriteOutcome, out: &mut Vec<DeadWrite>) {
         if let Some(pending) = self.pending.remove(&sk) {
             out.extend(pending.writes.into_iter().map(|mut write| {
                 write.outcome = outcome;
@@ -152,7 +134,7 @@ impl DeadWriteTracker {
             .map(|(&sk, _)| sk)
             .collect();
         for sk in expired {
-            self.resolve(sk, Outcome::Unnoticed, out);
+            self.resolve(sk, DeadWriteOutcome::Unnoticed, out);
         }
     }
 
@@ -164,7 +146,7 @@ impl DeadWriteTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Role;
+    use crate::model::Role;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -185,7 +167,7 @@ mod tests {
         assert!(out.is_empty());
         tracker.on_recv(1, 0, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].outcome, Outcome::Eof);
+        assert_eq!(out[0].outcome, DeadWriteOutcome::Eof);
         assert_eq!(out[0].comm, "python3");
         assert_eq!(out[0].command, Some("set"));
         assert_eq!(out[0].bytes, 16);
@@ -201,11 +183,11 @@ mod tests {
         assert!(out.is_empty());
         tracker.on_send(1, endpoint(), SEC, -32, "ruby", 1, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].outcome, Outcome::Reset);
+        assert_eq!(out[0].outcome, DeadWriteOutcome::Reset);
 
         tracker.on_send(2, endpoint(), SEC, 10, "ruby", 1, &mut out);
         tracker.on_recv(2, -104, &mut out);
-        assert_eq!(out[1].outcome, Outcome::Reset);
+        assert_eq!(out[1].outcome, DeadWriteOutcome::Reset);
     }
 
     #[test]
@@ -227,7 +209,7 @@ mod tests {
         assert!(out.is_empty());
         tracker.expire(6 * SEC, &mut out);
         assert_eq!(out.len(), 2);
-        assert!(out.iter().all(|w| w.outcome == Outcome::Unnoticed));
+        assert!(out.iter().all(|w| w.outcome == DeadWriteOutcome::Unnoticed));
     }
 
     #[test]

@@ -5,21 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{event_kind, fd_syscall, tcp_trouble, SockEvent, AF_INET, AF_INET6, COMM_LEN};
 
-/// Which side of the connection this host is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Client,
-    Server,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Client => "client",
-            Role::Server => "server",
-        }
-    }
-}
+// Re-exported for the capture path, which names it from here.
+pub use crate::model::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketFacts {

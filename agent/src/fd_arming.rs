@@ -17,8 +17,8 @@ pub const DISARM_BELOW_USAGE: f64 = 0.4;
 pub const CALM_SAMPLES_TO_DISARM: u32 = 12;
 
 /// The highest descriptor usage in a sample: of every process holding watched sockets (against
-/// its soft RLIMIT_NOFILE) and of the host (open file handles against fs.file-max). A process
-/// with descriptors open under a zero limit is past it (infinite usage).
+/// its soft RLIMIT_NOFILE) and of the host (open file handles against fs.file-max), each by
+/// [`crate::model::fd_usage_ratio`], the rule the exported ratio uses too.
 pub fn peak_fd_usage(snapshot: &Snapshot) -> f64 {
     let processes = snapshot
         .processes
@@ -27,12 +27,8 @@ pub fn peak_fd_usage(snapshot: &Snapshot) -> f64 {
     let host = snapshot
         .file_handles
         .iter()
-        .filter(|files| files.max != 0 && files.max != u64::MAX)
-        .map(|files| files.open as f64 / files.max as f64);
-    processes
-        .chain(host)
-        .filter(|ratio| !ratio.is_nan())
-        .fold(0.0, f64::max)
+        .map(|files| crate::model::fd_usage_ratio(files.open, files.max));
+    processes.chain(host).fold(0.0, f64::max)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,8 +144,12 @@ mod tests {
             max: u64::MAX,
         });
         assert_eq!(peak_fd_usage(&snapshot), 600.0 / 1024.0);
+        // A zero limit with descriptors open is full, and arms the probes.
         snapshot.processes = vec![process(3, 0)];
         snapshot.file_handles = None;
-        assert_eq!(peak_fd_usage(&snapshot), f64::INFINITY);
+        assert_eq!(peak_fd_usage(&snapshot), 1.0);
+        let mut arming = FdProbeArming::new();
+        assert_eq!(arming.observe(peak_fd_usage(&snapshot)), None);
+        assert!(arming.is_armed());
     }
 }

@@ -173,9 +173,27 @@ pub struct KeySplit {
 pub struct KeyRouting {
     window_ns: u64,
     max_keys: usize,
-    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64)>,
+    /// Per (service, key): the last server, when, and whether the key has split since it
+    /// was last quiet for a window (so a key bouncing between servers counts once as a key).
+    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool)>,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
+}
+
+/// What one request says about its key's routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The key's server as before, or its first request within the window.
+    Consistent,
+    /// Another server than the key's previous request within the window. `new_key` is true
+    /// for the key's first split (again once the key has been quiet for a window).
+    Split { new_key: bool },
+}
+
+impl Routing {
+    pub fn is_split(self) -> bool {
+        matches!(self, Routing::Split { .. })
+    }
 }
 
 impl KeyRouting {
@@ -189,7 +207,7 @@ impl KeyRouting {
         }
     }
 
-    /// Returns true when this request splits the key across servers.
+    /// Whether this request splits the key across servers.
     pub fn observe(
         &mut self,
         service: usize,
@@ -197,7 +215,7 @@ impl KeyRouting {
         server: std::net::SocketAddr,
         ts_ns: u64,
         display: KeyDisplay,
-    ) -> bool {
+    ) -> Routing {
         self.observe_with_id(service, key_id(key), key, server, ts_ns, display)
     }
 
@@ -210,12 +228,15 @@ impl KeyRouting {
         server: std::net::SocketAddr,
         ts_ns: u64,
         display: KeyDisplay,
-    ) -> bool {
+    ) -> Routing {
         let id = (service, key_id);
         // The common case, a key seen before: one lookup.
-        if let Some((previous, seen)) = self.last_server.get_mut(&id) {
+        if let Some((previous, seen, split_before)) = self.last_server.get_mut(&id) {
             let first_server = *previous;
-            let split = first_server != server && ts_ns.saturating_sub(*seen) <= self.window_ns;
+            let in_window = ts_ns.saturating_sub(*seen) <= self.window_ns;
+            let split = first_server != server && in_window;
+            let new_key = split && !(*split_before && in_window);
+            *split_before = split || (*split_before && in_window);
             *previous = server;
             *seen = ts_ns;
             if split {
@@ -228,20 +249,21 @@ impl KeyRouting {
                     second_server: server.to_string(),
                     ts_unix_s: crate::clock::unix_now(),
                 });
+                return Routing::Split { new_key };
             }
-            return split;
+            return Routing::Consistent;
         }
         if self.last_server.len() >= self.max_keys {
             // Forget everything older than the window; if the window itself is full, start over.
             let window = self.window_ns;
             self.last_server
-                .retain(|_, (_, seen)| ts_ns.saturating_sub(*seen) <= window);
+                .retain(|_, (_, seen, _)| ts_ns.saturating_sub(*seen) <= window);
             if self.last_server.len() >= self.max_keys {
                 self.last_server.clear();
             }
         }
-        self.last_server.insert(id, (server, ts_ns));
-        false
+        self.last_server.insert(id, (server, ts_ns, false));
+        Routing::Consistent
     }
 }
 
@@ -350,15 +372,60 @@ mod tests {
         let a = "10.0.0.1:11211".parse().unwrap();
         let b = "10.0.0.2:11211".parse().unwrap();
         let mut routing = KeyRouting::new(60_000_000_000, 100);
-        assert!(!routing.observe(0, b"user:1", a, 0, KeyDisplay::Plain));
-        assert!(!routing.observe(0, b"user:1", a, 1, KeyDisplay::Plain));
-        assert!(routing.observe(0, b"user:1", b, 2, KeyDisplay::Plain));
+        assert!(!routing
+            .observe(0, b"user:1", a, 0, KeyDisplay::Plain)
+            .is_split());
+        assert!(!routing
+            .observe(0, b"user:1", a, 1, KeyDisplay::Plain)
+            .is_split());
+        assert!(routing
+            .observe(0, b"user:1", b, 2, KeyDisplay::Plain)
+            .is_split());
         // Another service with the same key is independent.
-        assert!(!routing.observe(1, b"user:1", a, 3, KeyDisplay::Plain));
+        assert!(!routing
+            .observe(1, b"user:1", a, 3, KeyDisplay::Plain)
+            .is_split());
         // Outside the window a move is a re-shard, not a split.
-        assert!(!routing.observe(0, b"user:1", a, 120_000_000_000, KeyDisplay::Plain));
+        assert!(!routing
+            .observe(0, b"user:1", a, 120_000_000_000, KeyDisplay::Plain)
+            .is_split());
         assert_eq!(routing.examples.len(), 1);
         assert_eq!(routing.examples[0].first_server, "10.0.0.1:11211");
+    }
+
+    /// One key bouncing between two servers splits on every request but is one split key,
+    /// until it has been quiet for a window.
+    #[test]
+    fn a_bouncing_key_is_a_new_split_key_once_per_window() {
+        let a = "10.0.0.1:11211".parse().unwrap();
+        let b = "10.0.0.2:11211".parse().unwrap();
+        let window = 60_000_000_000;
+        let mut routing = KeyRouting::new(window, 100);
+        routing.observe(0, b"k", a, 0, KeyDisplay::Plain);
+        let outcomes: Vec<Routing> = (1..=6)
+            .map(|i| {
+                routing.observe(
+                    0,
+                    b"k",
+                    if i % 2 == 0 { a } else { b },
+                    i,
+                    KeyDisplay::Plain,
+                )
+            })
+            .collect();
+        assert_eq!(outcomes[0], Routing::Split { new_key: true });
+        assert!(outcomes[1..]
+            .iter()
+            .all(|o| *o == Routing::Split { new_key: false }));
+        // Quiet for longer than the window: the next request starts over, its next split is new.
+        assert_eq!(
+            routing.observe(0, b"k", a, 10 + window, KeyDisplay::Plain),
+            Routing::Consistent
+        );
+        assert_eq!(
+            routing.observe(0, b"k", b, 11 + window, KeyDisplay::Plain),
+            Routing::Split { new_key: true }
+        );
     }
 
     #[test]

@@ -14,9 +14,10 @@ use prometheus_client::{
 use crate::{
     capture::MemcacheEvent,
     clock::unix_now,
-    events::Role,
-    memcache::{Command, Status},
+    memcache::Command,
+    model::{Role, Status, SynDirection},
     ring_view::RingView,
+    services::SharedServices,
     tracking::{Endpoint, Observation},
 };
 
@@ -644,7 +645,7 @@ fn host_labels() -> HostLabels {
 /// `server` label per service.
 pub struct ObservationRecorder {
     metrics: Metrics,
-    service_names: Vec<String>,
+    services: SharedServices,
     servers: LabelBudget,
     comms: LabelBudget,
     queues: LabelBudget,
@@ -665,13 +666,13 @@ const MAX_CACHED_SERIES: usize = 100_000;
 impl ObservationRecorder {
     pub fn new(
         metrics: Metrics,
-        service_names: Vec<String>,
+        services: SharedServices,
         max_servers_per_service: usize,
         max_comms: usize,
     ) -> Self {
         ObservationRecorder {
             metrics,
-            service_names,
+            services,
             servers: LabelBudget::new(max_servers_per_service),
             comms: LabelBudget::new(max_comms),
             queues: LabelBudget::new(64),
@@ -722,19 +723,12 @@ impl ObservationRecorder {
         &self.metrics
     }
 
-    pub fn set_service_names(&mut self, names: Vec<String>) {
-        self.service_names = names;
-        self.server_labels.clear();
-        self.request_counters.clear();
-        self.duration_histograms.clear();
-        self.byte_counters.clear();
-    }
-
     pub fn service_name(&self, service: usize) -> String {
-        self.service_names
-            .get(service)
-            .cloned()
-            .unwrap_or_else(|| OVERFLOW_LABEL.to_string())
+        self.services
+            .load()
+            .name(service)
+            .unwrap_or(OVERFLOW_LABEL)
+            .to_string()
     }
 
     /// Process names are bounded like servers: the first `max_comms` keep their own series.
@@ -865,11 +859,14 @@ impl ObservationRecorder {
             .inc();
     }
 
-    fn count_syn(&mut self, service: usize, direction: &'static str) {
+    fn count_syn(&mut self, service: usize, direction: SynDirection) {
         let service = self.service_name(service);
         self.metrics
             .syn
-            .get_or_create(&SynLabels { service, direction })
+            .get_or_create(&SynLabels {
+                service,
+                direction: direction.as_str(),
+            })
             .inc();
     }
 
@@ -1000,8 +997,10 @@ impl ObservationRecorder {
                     })
                     .inc();
             }
-            Observation::SynSent { service } => self.count_syn(*service, "out"),
-            Observation::HandshakeCompleted { service } => self.count_syn(*service, "in"),
+            Observation::SynSent { service } => self.count_syn(*service, SynDirection::Out),
+            Observation::HandshakeCompleted { service } => {
+                self.count_syn(*service, SynDirection::In)
+            }
             Observation::FdExhausted { comm, errno, .. } => {
                 let comm = self.comm_label(comm);
                 let errno = match errno {
@@ -1125,7 +1124,7 @@ pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{events::Role, tracking::ClosedBy};
+    use crate::model::{ClosedBy, Role};
 
     fn endpoint(server: &str) -> Endpoint {
         Endpoint {
@@ -1138,7 +1137,12 @@ mod tests {
     #[test]
     fn close_is_recorded_with_all_contract_labels() {
         let (metrics, registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(metrics, vec!["memcached".into()], 10, 10);
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
         recorder.record(&Observation::ConnectionOpened {
             endpoint: endpoint("127.0.0.1:11211"),
             ts_ns: 0,

@@ -12,17 +12,20 @@ use agent_common::{capture_sample, tcp_state};
 use crate::{
     capture::{parse_payload, Decoders, MemcacheEvent},
     capture_budget::CaptureBudget,
-    config::{Config, Protocol},
+    config::Config,
     dead_writes::DeadWrite,
-    events::{self, EventKind, Role, SockEventRecord},
+    events::{self, EventKind, SockEventRecord},
     history::{Fact, History},
     keys::{
-        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, ServerHotKeys, TopK,
+        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, Routing,
+        ServerHotKeys, TopK,
     },
     memcache::RequestObservation,
     metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
+    model::Role,
     probes::loader::Probes,
-    tracking::{Endpoint, Observation, ServicePorts, Tracker},
+    services::SharedServices,
+    tracking::{Endpoint, Observation, Tracker},
 };
 
 /// Requests unanswered this long finish as timeouts.
@@ -51,7 +54,7 @@ fn bpf_stats_enabled() -> bool {
 }
 
 pub struct Pipeline {
-    queue_mode: Vec<bool>,
+    services: SharedServices,
     tracker: Tracker,
     recorder: ObservationRecorder,
     decoders: Decoders,
@@ -68,7 +71,6 @@ pub struct Pipeline {
     pub undecodable_records: u64,
     program_stats_seen: HashMap<String, (u64, u64)>,
     history: Option<Arc<Mutex<History>>>,
-    service_names: Vec<String>,
     sinks: Vec<Box<dyn ObservationSink + Send>>,
     capture_budget: CaptureBudget,
     /// Payload records handled since the budget was last checked, and when that was.
@@ -89,33 +91,19 @@ fn key_sampling(config: &Config) -> KeySampling {
     }
 }
 
-fn service_ports(config: &Config) -> ServicePorts {
-    ServicePorts::new(
-        config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(index, service)| (service.port, index)),
-    )
-}
-
 /// Payload records between looks at the decoding budget while they stream in.
 const BUDGET_CHECK_RECORDS: u64 = 1024;
 
 impl Pipeline {
-    pub fn new(config: &Config, metrics: Metrics) -> Self {
+    /// `services` is the snapshot every consumer reads; the caller swaps it on reload.
+    pub fn new(config: &Config, services: SharedServices, metrics: Metrics) -> Self {
         let max = config.limits.max_sockets as usize;
         metrics.capture_sample_ratio.set(1.0);
         Pipeline {
-            queue_mode: config
-                .services
-                .iter()
-                .map(|s| s.protocol == Protocol::MemcacheQueue)
-                .collect(),
-            tracker: Tracker::new(service_ports(config), max),
+            tracker: Tracker::new(services.clone(), max),
             recorder: ObservationRecorder::new(
                 metrics,
-                config.services.iter().map(|s| s.name.clone()).collect(),
+                services.clone(),
                 config.limits.max_servers_per_service,
                 config.limits.max_comms,
             ),
@@ -132,7 +120,7 @@ impl Pipeline {
             undecodable_records: 0,
             program_stats_seen: HashMap::new(),
             history: None,
-            service_names: config.services.iter().map(|s| s.name.clone()).collect(),
+            services,
             sinks: Vec::new(),
             capture_budget: CaptureBudget::new(u64::from(config.limits.capture_records_per_second)),
             records_since_check: 0,
@@ -234,17 +222,14 @@ impl Pipeline {
         &mut self.tracker
     }
 
-    /// A config reload: new services and names; existing connections keep their endpoints.
+    /// The services snapshot this pipeline reads, for sinks that must name services the same way.
+    pub fn services(&self) -> &SharedServices {
+        &self.services
+    }
+
+    /// A config reload. Services change through the shared snapshot, which the caller swaps;
+    /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
-        self.tracker.set_services(service_ports(config));
-        self.recorder
-            .set_service_names(config.services.iter().map(|s| s.name.clone()).collect());
-        self.service_names = config.services.iter().map(|s| s.name.clone()).collect();
-        self.queue_mode = config
-            .services
-            .iter()
-            .map(|s| s.protocol == Protocol::MemcacheQueue)
-            .collect();
         self.key_display = config.keys;
     }
 
@@ -320,11 +305,7 @@ impl Pipeline {
         {
             return PayloadOutcome::Handled;
         }
-        let queue_mode = self
-            .queue_mode
-            .get(endpoint.service)
-            .copied()
-            .unwrap_or(false);
+        let queue_mode = self.services.load().is_queue(endpoint.service);
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_str(payload.comm);
@@ -472,8 +453,8 @@ impl Pipeline {
             return;
         }
         let id = key_id(key);
-        if endpoint.role == Role::Client
-            && self.routing.observe_with_id(
+        let routing = if endpoint.role == Role::Client {
+            self.routing.observe_with_id(
                 endpoint.service,
                 id,
                 key,
@@ -481,15 +462,20 @@ impl Pipeline {
                 request.request_ts_ns,
                 self.key_display,
             )
-        {
+        } else {
+            Routing::Consistent
+        };
+        if let Routing::Split { new_key } = routing {
             self.recorder.record_key_split(endpoint.service);
+            let services = self.services.load();
             if let (Some(example), Some(service)) = (
                 self.routing.examples.last(),
-                self.service_names.get(endpoint.service),
+                services.name(endpoint.service),
             ) {
                 self.record_fact(Fact::KeySplit {
-                    service: service.clone(),
+                    service: service.to_string(),
                     key_hash: crate::keys::key_hash(key),
+                    new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [None, comm.map(str::to_string)],
                 });
@@ -517,15 +503,15 @@ impl Pipeline {
 
     /// The hottest keys per server (top 10 by requests and by bytes) and recent key splits.
     pub fn keys_report(&self) -> KeysReport {
+        let services = self.services.load();
         let mut servers: Vec<ServerHotKeys> = self
             .hot_keys
             .iter()
             .map(|(endpoint, (by_requests, by_bytes))| ServerHotKeys {
-                service: self
-                    .service_names
-                    .get(endpoint.service)
-                    .cloned()
-                    .unwrap_or_default(),
+                service: services
+                    .name(endpoint.service)
+                    .unwrap_or_default()
+                    .to_string(),
                 server: endpoint.server.to_string(),
                 role: endpoint.role.as_str().to_string(),
                 by_requests: by_requests.top(10, self.key_display),
@@ -577,7 +563,8 @@ mod tests {
         )
         .expect("test config");
         let (metrics, _registry) = Metrics::new();
-        (Pipeline::new(&config, metrics.clone()), metrics)
+        let services = SharedServices::from_config(&config).expect("one service");
+        (Pipeline::new(&config, services, metrics.clone()), metrics)
     }
 
     /// A client socket at `sk` connected to the service, as met on its first send.
@@ -756,6 +743,50 @@ mod tests {
             })
             .sum();
         assert!(lost >= 1, "the cut exchange is counted");
+    }
+
+    /// A reload that puts a new service first: a connection opened before it and one opened
+    /// after it are both counted, in metrics and history, under the service they belong to.
+    #[test]
+    fn a_reload_that_reorders_services_keeps_names_in_metrics_and_history() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let history = Arc::new(Mutex::new(History::new(
+            900,
+            crate::history::HistoryLimits::default(),
+        )));
+        pipeline.add_sink(Box::new(crate::history::HistorySink::new(
+            history.clone(),
+            pipeline.services().clone(),
+        )));
+        learn_client(&mut pipeline, 0x1000, 40_001);
+        let reload = Config::parse(
+            &format!(
+                "[[services]]\nname = \"queue\"\nport = 22133\nprotocol = \"memcache-queue\"\n\
+                 [[services]]\nname = \"mc\"\nport = {PORT}\nprotocol = \"memcache\"\n"
+            ),
+            "reload.toml",
+        )
+        .unwrap();
+        pipeline
+            .services()
+            .reconfigure(&reload.services)
+            .expect("two services");
+        pipeline.reconfigure(&reload);
+        learn_client(&mut pipeline, 0x2000, 40_002);
+        let now = crate::clock::monotonic_ns();
+        get_hit(&mut pipeline, 0x1000, now);
+        get_hit(&mut pipeline, 0x2000, now + 10_000);
+        assert_eq!(gets(&metrics, "hit"), 2);
+
+        let snapshot = history.lock().unwrap().snapshot(0);
+        let mut services: Vec<&str> = snapshot
+            .seconds
+            .iter()
+            .flat_map(|second| &second.requests)
+            .flat_map(|row| std::iter::repeat_n(snapshot.label(row.service), row.count as usize))
+            .collect();
+        services.sort();
+        assert_eq!(services, ["mc", "mc"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::{
     metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels, SynLabels},
+    model::SynDirection,
     sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
 };
 
@@ -32,15 +33,10 @@ pub fn fd_pressure_by_comm(snapshot: &Snapshot) -> BTreeMap<String, FdPressure> 
         } else {
             OTHER_COMM.to_string()
         };
-        let ratio = if process.soft_nofile == 0 || process.soft_nofile == u64::MAX {
-            0.0
-        } else {
-            process.open_fds as f64 / process.soft_nofile as f64
-        };
         let candidate = FdPressure {
             open_fds: process.open_fds,
             limit: process.soft_nofile,
-            ratio,
+            ratio: process.fd_usage_ratio(),
         };
         let entry = by_comm.entry(comm).or_insert_with(|| candidate.clone());
         if candidate.ratio > entry.ratio {
@@ -99,7 +95,7 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
             .syn
             .get_or_create(&SynLabels {
                 service: service.clone(),
-                direction: "in",
+                direction: SynDirection::In.as_str(),
             })
             .inc_by(dropped);
     }
@@ -186,6 +182,41 @@ mod tests {
             "cacheprobe_sampler_socket_table_namespaces{source=\"reused\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    /// The exported ratio and the EMFILE probe arming read the same number for every kind of
+    /// limit: zero, unlimited and normal.
+    #[test]
+    fn exported_fd_ratio_is_the_one_arming_reads() {
+        use crate::sampler::aggregate::ProcessUsage;
+        let process = |pid: u32, comm: &str, open_fds: u64, soft_nofile: u64| ProcessUsage {
+            pid,
+            comm: comm.to_string(),
+            netns: 1,
+            open_fds,
+            soft_nofile,
+            connections: Default::default(),
+            listening_sockets: Default::default(),
+        };
+        let (metrics, registry) = Metrics::new();
+        for (comm, open, limit, ratio) in [
+            ("zero", 3, 0, "1.0"),
+            ("unlimited", 70_000, crate::model::UNLIMITED, "0.0"),
+            ("normal", 256, 1024, "0.25"),
+        ] {
+            let mut snapshot = Snapshot::default();
+            snapshot.processes = vec![process(7, comm, open, limit)];
+            snapshot.comms = crate::sampler::aggregate::aggregate_by_comm(&snapshot.processes, 10);
+            apply(&metrics, &snapshot, &mut TcpExtCounters::default());
+            let text = encode(&registry, Format::PrometheusText).unwrap();
+            let line = format!("cacheprobe_process_fd_usage_ratio{{comm=\"{comm}\"}} {ratio}");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+            assert_eq!(
+                crate::fd_arming::peak_fd_usage(&snapshot),
+                fd_pressure_by_comm(&snapshot)[comm].ratio,
+                "{comm}"
+            );
         }
     }
 }

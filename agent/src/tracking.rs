@@ -10,7 +10,9 @@ use agent_common::tcp_state;
 
 use crate::{
     dead_writes::{DeadWrite, DeadWriteTracker},
-    events::{EventKind, Role, SockEventRecord, TcpTrouble},
+    events::{EventKind, SockEventRecord, TcpTrouble},
+    model::{ClosedBy, ConnectFailureReason, ResetDirection, RetransmitKind, Role},
+    services::SharedServices,
 };
 
 /// How long a closed socket's endpoint is remembered for sends that race its close.
@@ -23,26 +25,6 @@ pub struct Endpoint {
     pub service: usize,
     pub server: SocketAddr,
     pub role: Role,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClosedBy {
-    /// This side sent FIN first.
-    Local,
-    /// The other side closed first (ESTABLISHED -> CLOSE_WAIT).
-    Peer,
-    /// The connection ended with a reset, without an orderly close first.
-    Reset,
-}
-
-impl ClosedBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClosedBy::Local => "local",
-            ClosedBy::Peer => "peer",
-            ClosedBy::Reset => "reset",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +54,7 @@ pub enum Observation {
     /// A client connect that never reached ESTABLISHED.
     ConnectFailed {
         endpoint: Endpoint,
-        reason: ConnectFailure,
+        reason: ConnectFailureReason,
     },
     Retransmit {
         endpoint: Endpoint,
@@ -99,63 +81,12 @@ pub enum Observation {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnectFailure {
-    /// The SYN was answered with a reset (nothing listening, or a REJECT rule).
-    Refused,
-    /// No answer: the kernel gave up retrying the SYN, or the application stopped waiting.
-    Timeout,
-}
-
-impl ConnectFailure {
-    /// A SYN answered by a reset was refused; one that never got an answer timed out.
-    fn of(facts: &crate::events::SocketFacts) -> ConnectFailure {
-        if facts.reset_received_ns != 0 {
-            ConnectFailure::Refused
-        } else {
-            ConnectFailure::Timeout
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Timeout => "timeout",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RetransmitKind {
-    Data,
-    /// A client's SYN was retransmitted (no answer to the connection attempt yet).
-    Syn,
-    /// A listener's SYN-ACK was retransmitted (the client's final ACK did not arrive).
-    SynAck,
-}
-
-impl RetransmitKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetransmitKind::Data => "data",
-            RetransmitKind::Syn => "syn",
-            RetransmitKind::SynAck => "synack",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResetDirection {
-    Sent,
-    Received,
-}
-
-impl ResetDirection {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResetDirection::Sent => "sent",
-            ResetDirection::Received => "received",
-        }
+/// A SYN answered by a reset was refused; one that never got an answer timed out.
+fn connect_failure_reason(facts: &crate::events::SocketFacts) -> ConnectFailureReason {
+    if facts.reset_received_ns != 0 {
+        ConnectFailureReason::Refused
+    } else {
+        ConnectFailureReason::Timeout
     }
 }
 
@@ -262,39 +193,8 @@ struct FirstClose {
     idle_ns: Option<u64>,
 }
 
-/// Maps ports to configured services.
-#[derive(Debug, Clone, Default)]
-pub struct ServicePorts {
-    ports: HashMap<u16, usize>,
-}
-
-impl ServicePorts {
-    pub fn new(ports: impl IntoIterator<Item = (u16, usize)>) -> Self {
-        ServicePorts {
-            ports: ports.into_iter().collect(),
-        }
-    }
-
-    /// A socket belongs to a service when the service port is its local port (this host is the
-    /// server) or its remote port (this host is a client). Local wins: a server is a server.
-    pub fn endpoint(&self, local: SocketAddr, remote: SocketAddr) -> Option<Endpoint> {
-        if let Some(&service) = self.ports.get(&local.port()) {
-            return Some(Endpoint {
-                service,
-                server: local,
-                role: Role::Server,
-            });
-        }
-        self.ports.get(&remote.port()).map(|&service| Endpoint {
-            service,
-            server: remote,
-            role: Role::Client,
-        })
-    }
-}
-
 pub struct Tracker {
-    services: ServicePorts,
+    services: SharedServices,
     connections: HashMap<u64, Connection>,
     /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
     seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
@@ -310,7 +210,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(services: ServicePorts, max_connections: usize) -> Self {
+    pub fn new(services: SharedServices, max_connections: usize) -> Self {
         Tracker {
             services,
             connections: HashMap::new(),
@@ -351,10 +251,6 @@ impl Tracker {
         release_slack(&mut self.idle_at_first_close);
     }
 
-    pub fn set_services(&mut self, services: ServicePorts) {
-        self.services = services;
-    }
-
     pub fn active_connections(&self) -> usize {
         self.connections.values().filter(|c| c.counted).count()
             + self.seeded.values().filter(|c| c.counted).count()
@@ -369,7 +265,7 @@ impl Tracker {
         state: u8,
         out: &mut Vec<Observation>,
     ) {
-        let Some(endpoint) = self.services.endpoint(local, remote) else {
+        let Some(endpoint) = self.services.load().endpoint(local, remote) else {
             return;
         };
         if !is_open_state(state) || self.seeded.contains_key(&(local, remote)) {
@@ -440,7 +336,7 @@ impl Tracker {
                 let (Some(local), Some(remote)) = (event.local, event.remote) else {
                     return;
                 };
-                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
                     return;
                 };
                 out.push(match trouble {
@@ -488,7 +384,7 @@ impl Tracker {
             self.connections.insert(event.sk, seed);
             return true;
         }
-        let Some(endpoint) = self.services.endpoint(local, remote) else {
+        let Some(endpoint) = self.services.load().endpoint(local, remote) else {
             return false;
         };
         if !is_open_state(state) {
@@ -534,7 +430,7 @@ impl Tracker {
                 let server = event
                     .local
                     .zip(event.remote)
-                    .and_then(|(local, remote)| self.services.endpoint(local, remote))
+                    .and_then(|(local, remote)| self.services.load().endpoint(local, remote))
                     .filter(|endpoint| endpoint.role == Role::Server);
                 if let Some(endpoint) = server {
                     out.push(Observation::HandshakeCompleted {
@@ -553,7 +449,7 @@ impl Tracker {
                 let (Some(local), Some(remote)) = (event.local, event.remote) else {
                     return;
                 };
-                let Some(endpoint) = self.services.endpoint(local, remote) else {
+                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
                     return;
                 };
                 if old_state == tcp_state::CLOSE
@@ -569,7 +465,7 @@ impl Tracker {
                     if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
                         out.push(Observation::ConnectFailed {
                             endpoint,
-                            reason: ConnectFailure::of(&event.facts),
+                            reason: connect_failure_reason(&event.facts),
                         });
                     }
                     return;
@@ -632,7 +528,7 @@ impl Tracker {
                 {
                     out.push(Observation::ConnectFailed {
                         endpoint,
-                        reason: ConnectFailure::of(&event.facts),
+                        reason: connect_failure_reason(&event.facts),
                     });
                 }
                 if event.facts.peer_closed_ns != 0 {
@@ -714,7 +610,10 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     fn tracker() -> Tracker {
-        Tracker::new(ServicePorts::new([(11211, 0), (22133, 1)]), 100)
+        Tracker::new(
+            SharedServices::watching(&[("memcached", 11211), ("kestrel", 22133)]),
+            100,
+        )
     }
 
     fn client_addrs() -> (SocketAddr, SocketAddr) {
@@ -837,7 +736,8 @@ mod tests {
 
     #[test]
     fn server_role_uses_local_address_so_clients_aggregate() {
-        let services = ServicePorts::new([(11211, 0)]);
+        let services = SharedServices::watching(&[("memcached", 11211)]);
+        let services = services.load();
         let endpoint = services
             .endpoint(
                 "10.0.0.1:11211".parse().unwrap(),
@@ -867,7 +767,7 @@ mod tests {
                 Observation::SynSent { service: 0 },
                 Observation::ConnectFailed {
                     endpoint: client_endpoint(),
-                    reason: ConnectFailure::Timeout
+                    reason: ConnectFailureReason::Timeout
                 }
             ]
         );
@@ -881,7 +781,7 @@ mod tests {
             out[1],
             Observation::ConnectFailed {
                 endpoint: client_endpoint(),
-                reason: ConnectFailure::Refused
+                reason: ConnectFailureReason::Refused
             }
         );
         assert_eq!(tracker.active_connections(), 0);
@@ -918,7 +818,7 @@ mod tests {
             })
             .collect();
         assert_eq!(writes.len(), 1, "{out:?}");
-        assert_eq!(writes[0].outcome, crate::dead_writes::Outcome::Eof);
+        assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Eof);
         assert_eq!(writes[0].comm, "python3");
         assert_eq!(writes[0].endpoint, client_endpoint());
     }
@@ -1085,7 +985,7 @@ mod tests {
 
     #[test]
     fn table_memory_is_released_after_a_burst() {
-        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 100_000);
+        let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 100_000);
         let burst = 20_000;
         let mut out = Vec::new();
         for sk in 0..burst {
@@ -1116,7 +1016,7 @@ mod tests {
 
     #[test]
     fn table_is_bounded() {
-        let mut tracker = Tracker::new(ServicePorts::new([(11211, 0)]), 2);
+        let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 2);
         let events: Vec<_> = (0..3)
             .map(|i| state(100 + i, SEC, SYN_SENT, ESTABLISHED, 0))
             .collect();

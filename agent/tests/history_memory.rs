@@ -6,7 +6,9 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use cacheprobe::history::{Fact, History, HistoryLimits, RequestStatus, Role, OPEN_SECONDS};
+use cacheprobe::history::{Fact, History, HistoryLimits, OPEN_SECONDS};
+
+use cacheprobe::model::{Role, Status};
 
 struct Counting;
 
@@ -32,7 +34,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn request(server: usize, comm: &str, command: &str, status: RequestStatus, us: u32) -> Fact {
+fn request(server: usize, comm: &str, command: &str, status: Status, us: u32) -> Fact {
     Fact::Request {
         service: "memcached".into(),
         server: format!("10.0.0.{server}:11211"),
@@ -63,7 +65,7 @@ fn realistic_and_flood_footprints() {
                 for server in 0..10 {
                     for comm in ["php-fpm", "ruby", "python3"] {
                         for command in ["get", "set", "delete", "gets", "incr"] {
-                            for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                            for status in [Status::Hit, Status::Miss] {
                                 let us = 80 + ((t as u32 * 7 + server as u32 * 13) % 2000);
                                 history.record(T0 + t, request(server, comm, command, status, us));
                             }
@@ -97,7 +99,7 @@ fn realistic_and_flood_footprints() {
                             role: Role::Client,
                             comm: Some(format!("p{n}")),
                             command: format!("c{}", n % 50),
-                            status: RequestStatus::Hit,
+                            status: Status::Hit,
                             latency_us: Some((n % 100_000) as u32),
                         },
                     );

@@ -380,6 +380,28 @@ pub fn python(netns: Option<&str>, script: &str) -> anyhow::Result<Output> {
     Ok(output)
 }
 
+/// A Python script: `clients` connections from a process named "cronjob" each set a key, stay
+/// idle for 6.5 s (past a memcached `-o idle_timeout=2`, which closes them) and set again onto
+/// the closed connection: idle disconnects followed by dead writes.
+pub fn idle_then_write_script(port: u16, clients: usize) -> String {
+    format!(
+        "import ctypes, time, threading\n\
+         from pymemcache.client.base import Client\n\
+         ctypes.CDLL(None).prctl(15, b'cronjob', 0, 0, 0)\n\
+         def work(i):\n\
+         \x20   c = Client(('127.0.0.1', {port}))\n\
+         \x20   c.set('job%d' % i, 'queued', noreply=False)\n\
+         \x20   time.sleep(6.5)\n\
+         \x20   try:\n\
+         \x20       c.set('job%d' % i, 'done', noreply=False)\n\
+         \x20   except Exception:\n\
+         \x20       pass\n\
+         ts = [threading.Thread(target=work, args=(i,)) for i in range({clients})]\n\
+         [t.start() for t in ts]\n\
+         [t.join() for t in ts]\n"
+    )
+}
+
 /// Two network namespaces joined by a veth pair: `server_ns` holds `server_addr`, `client_ns`
 /// holds `client_addr`. Removed on drop, on every exit path.
 pub struct NetnsPair {

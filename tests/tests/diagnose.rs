@@ -56,27 +56,6 @@ fn subjects(finding: &serde_json::Value, kind: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Three clients (process "cronjob") set a key, go idle past memcached's 2 s idle timeout, and
-/// set again onto the dead connection.
-fn idle_clients_script(port: u16) -> String {
-    format!(
-        "import ctypes, time, threading\n\
-         from pymemcache.client.base import Client\n\
-         ctypes.CDLL(None).prctl(15, b'cronjob', 0, 0, 0)\n\
-         def work(i):\n\
-         \x20   c = Client(('127.0.0.1', {port}))\n\
-         \x20   c.set('job%d' % i, 'queued', noreply=False)\n\
-         \x20   time.sleep(6.5)\n\
-         \x20   try:\n\
-         \x20       c.set('job%d' % i, 'done', noreply=False)\n\
-         \x20   except Exception:\n\
-         \x20       pass\n\
-         ts = [threading.Thread(target=work, args=(i,)) for i in range(3)]\n\
-         [t.start() for t in ts]\n\
-         [t.join() for t in ts]\n"
-    )
-}
-
 fn assert_idle_incident(report: &serde_json::Value, port: u16) {
     let server = format!("127.0.0.1:{port}");
     let idle = finding(report, "idle-disconnects")
@@ -107,7 +86,7 @@ fn names_idle_disconnects_and_dead_writes_from_the_daemon() {
     let port = unique_port();
     let agent = Agent::start("diag-idle", &[("memcached", port, "memcache")]).unwrap();
     let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
-    python(None, &idle_clients_script(port)).unwrap();
+    python(None, &idle_then_write_script(port, 3)).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let (output, report) = diagnose(Some(&agent), None, "1s");
     assert_eq!(output.status.code(), Some(1), "{report:#}");
@@ -138,7 +117,7 @@ fn names_the_incident_without_a_daemon() {
         format!("[[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"),
     )
     .unwrap();
-    let script = idle_clients_script(port);
+    let script = idle_then_write_script(port, 3);
     let clients = std::thread::spawn(move || {
         // Let diagnose attach first.
         std::thread::sleep(Duration::from_secs(2));

@@ -327,7 +327,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::history::{Fact, History, HistoryLimits, RequestStatus, Role};
+    use crate::history::{Fact, History, HistoryLimits};
+
+    use crate::model::{Role, Status};
 
     #[test]
     fn durations() {
@@ -377,11 +379,7 @@ mod tests {
                         role: Role::Client,
                         comm: Some("php-fpm".into()),
                         command: "get".into(),
-                        status: if hung {
-                            RequestStatus::Timeout
-                        } else {
-                            RequestStatus::Hit
-                        },
+                        status: if hung { Status::Timeout } else { Status::Hit },
                         latency_us: (!hung).then_some(250),
                     },
                 );

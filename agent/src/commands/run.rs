@@ -34,6 +34,7 @@ use crate::{
     },
     sampler::{parse::TcpExtCounters, Sampler, SamplerConfig},
     sampling,
+    services::SharedServices,
 };
 
 /// After draining the rings, let records gather this long before the next wake-up: one
@@ -57,6 +58,7 @@ fn reload(
     args: &RunArgs,
     running: &Config,
     probes: &mut Probes,
+    services: &SharedServices,
     pipeline: &mut Pipeline,
 ) -> anyhow::Result<Config> {
     let mut config = Config::load(&args.config_path, args.config_explicit)?;
@@ -71,7 +73,10 @@ fn reload(
         tracing::warn!("[limits] changes need a restart; keeping the running limits");
         config.limits = running.limits.clone();
     }
+    // Checked before the kernel is told, so a refused reload leaves everything as it was.
+    let next = services.load().reconfigured(&config.services)?;
     probes.set_watched_ports(&config)?;
+    services.store(next);
     pipeline.reconfigure(&config);
     tracing::info!(
         services = config.services.len(),
@@ -350,7 +355,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     ));
 
-    let mut pipeline = Pipeline::new(&config, metrics.clone());
+    let services = SharedServices::from_config(&config)?;
+    let mut pipeline = Pipeline::new(&config, services.clone(), metrics.clone());
     if !Probes::can_sample_capture(&resolution.offsets) {
         tracing::warn!(
             "this kernel does not let the programs tell healthy connections apart: payload \
@@ -366,8 +372,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         HistoryLimits::default().capacity_seconds,
         HistoryLimits::default(),
     )));
-    let service_names: Vec<String> = config.services.iter().map(|s| s.name.clone()).collect();
-    pipeline.add_sink(Box::new(HistorySink::new(history.clone(), service_names)));
+    pipeline.add_sink(Box::new(HistorySink::new(
+        history.clone(),
+        services.clone(),
+    )));
     pipeline.set_history(history.clone());
     match control::bind(&args.control_socket) {
         Ok(listener) => {
@@ -477,7 +485,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&probes));
             }
             _ = sighup.recv() => {
-                match reload(&args, &config, &mut probes, &mut pipeline) {
+                match reload(&args, &config, &mut probes, &services, &mut pipeline) {
                     Ok(new_config) => {
                         config = new_config;
                         let _ = sampler_config_tx.send(config.clone());

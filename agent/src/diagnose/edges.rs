@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::history::{latency::LatencyHistogram, HistorySnapshot, Role};
+use crate::history::{latency::LatencyHistogram, HistorySnapshot};
+
+use crate::model::Role;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Edge {

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{snapshot::Label, ClosedBy, DeadWriteOutcome, HistorySnapshot, Role};
+use crate::history::{snapshot::Label, HistorySnapshot};
+
+use crate::model::{ClosedBy, DeadWriteOutcome, Role};
 
 #[derive(Default)]
 struct Closes {

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{HistorySnapshot, Role, SynDirection};
+use crate::history::HistorySnapshot;
+
+use crate::model::{Role, SynDirection};
 
 #[derive(Default)]
 struct Syns {

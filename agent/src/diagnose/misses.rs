@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{ClosedBy, HistorySnapshot, RequestStatus, Role, TcpEvent};
+use crate::history::{HistorySnapshot, TcpEvent};
+
+use crate::model::{ClosedBy, Role, Status};
 
 #[derive(Default)]
 struct Lookups {
@@ -29,7 +31,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 ))
                 .or_default();
             let slot = lookups.per_second.entry(second.t).or_default();
-            if row.status == RequestStatus::Hit {
+            if row.status == Status::Hit {
                 slot.0 += row.count as u64;
             } else {
                 slot.1 += row.count as u64;

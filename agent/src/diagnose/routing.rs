@@ -8,8 +8,11 @@ use crate::history::HistorySnapshot;
 
 #[derive(Default)]
 struct Pair {
+    /// Requests sent to the other server.
     count: u64,
-    /// (comm sending to the first server, comm sending to the second) -> keys
+    /// Distinct keys among them.
+    keys: u64,
+    /// (comm sending to the first server, comm sending to the second) -> requests
     senders: BTreeMap<(String, String), u64>,
     examples: BTreeSet<u64>,
 }
@@ -33,6 +36,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 .entry((ends[0].0.to_string(), ends[1].0.to_string()))
                 .or_default();
             pair.count += row.count as u64;
+            pair.keys += row.keys as u64;
             *pair
                 .senders
                 .entry((ends[0].1.to_string(), ends[1].1.to_string()))
@@ -54,12 +58,15 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
         if total < th.key_split_min {
             continue;
         }
+        let keys: u64 = pairs.values().map(|p| p.keys).sum();
         let mut finding = Finding::new(
             "key-routing",
             Severity::Warning,
             format!(
-                "{} of {service} went to two different servers: clients disagree on routing",
-                util::plural(total, "key")
+                "{} of {service} went to two different servers ({}): clients disagree on \
+                 routing",
+                util::plural(keys, "key"),
+                util::plural(total, "request")
             ),
         );
         let mut ordered: Vec<_> = pairs.iter().collect();
@@ -68,8 +75,9 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             let examples: Vec<String> =
                 pair.examples.iter().map(|h| format!("#{h:016x}")).collect();
             finding.evidence.push(format!(
-                "{a} and {b}: {} (key hashes {})",
-                util::plural(pair.count, "key"),
+                "{a} and {b}: {} in {} (key hashes {})",
+                util::plural(pair.keys, "key"),
+                util::plural(pair.count, "request"),
                 examples.join(", ")
             ));
             for ((comm_a, comm_b), n) in &pair.senders {
@@ -108,7 +116,8 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             them through one proxy such as twemproxy."
             .to_string();
         finding.subjects.services.push(service);
-        finding.value("split_keys", total as f64);
+        finding.value("split_keys", keys as f64);
+        finding.value("split_requests", total as f64);
         finding.magnitude = total as f64;
         out.push(finding);
     }

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, HistorySnapshot, Role, TcpEvent};
+use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
+
+use crate::model::Role;
 
 #[derive(Default)]
 struct ServerStats {

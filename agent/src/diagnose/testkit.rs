@@ -2,7 +2,9 @@
 //! client programs with a ~90% hit ratio and sub-millisecond latencies, plus the periodic
 //! samples the daemon records (fds, connections per process and edge).
 
-use crate::history::{Fact, History, HistoryLimits, HistorySnapshot, RequestStatus, Role};
+use crate::history::{Fact, History, HistoryLimits, HistorySnapshot};
+
+use crate::model::{Role, Status};
 
 /// 2023-11-14 22:13:00 UTC: a minute boundary, so `T0 + 60k` is second :00.
 pub const T0: u64 = 1_699_999_980;
@@ -40,7 +42,7 @@ impl Sim {
         server: &str,
         comm: &str,
         command: &str,
-        status: RequestStatus,
+        status: Status,
         latency_us: Option<u32>,
     ) {
         self.record(
@@ -71,16 +73,16 @@ impl Sim {
         for comm in COMMS {
             for _ in 0..20 {
                 let status = if self.random(1000) < hit_per_mille {
-                    RequestStatus::Hit
+                    Status::Hit
                 } else {
-                    RequestStatus::Miss
+                    Status::Miss
                 };
                 let latency = self.healthy_latency();
                 self.request(t, server, comm, "get", status, Some(latency));
             }
             for _ in 0..3 {
                 let latency = self.healthy_latency();
-                self.request(t, server, comm, "set", RequestStatus::Stored, Some(latency));
+                self.request(t, server, comm, "set", Status::Stored, Some(latency));
             }
         }
     }
@@ -119,7 +121,7 @@ impl Sim {
             t,
             Fact::Syns {
                 service: SERVICE.into(),
-                direction: crate::history::SynDirection::Out,
+                direction: crate::model::SynDirection::Out,
                 count: 9,
             },
         );

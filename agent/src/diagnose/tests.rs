@@ -2,9 +2,11 @@
 //! detector names the right server, process, command and numbers; and the healthy case alone.
 
 use super::{testkit::*, *};
-use crate::history::{
-    ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus, ResetDirection,
-    RetransmitKind, Role, SynDirection,
+use crate::history::Fact;
+
+use crate::model::{
+    ClosedBy, ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind, Role, Status,
+    SynDirection,
 };
 
 fn run(sim: &mut Sim, end: u64) -> Vec<Finding> {
@@ -160,14 +162,7 @@ fn one_slow_server_among_peers() {
                 } else {
                     sim.healthy_latency()
                 };
-                sim.request(
-                    t,
-                    SERVERS[2],
-                    comm,
-                    "get",
-                    RequestStatus::Hit,
-                    Some(latency),
-                );
+                sim.request(t, SERVERS[2], comm, "get", Status::Hit, Some(latency));
             }
         }
     }
@@ -190,7 +185,7 @@ fn a_briefly_stopped_server_shows_as_stalled() {
             SERVERS[2],
             comm,
             "get",
-            RequestStatus::Hit,
+            Status::Hit,
             Some(1_500_000),
         );
     }
@@ -278,6 +273,34 @@ fn miss_storm_after_a_restart() {
     assert_eq!(ids(&findings), vec!["miss-storm"]);
 }
 
+/// One key sent 8,815 times, alternating between two servers, is one split key.
+#[test]
+fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for i in 0..8815u64 {
+        sim.record(
+            T0 + 30 + i % 60,
+            Fact::KeySplit {
+                service: SERVICE.into(),
+                key_hash: 0xabc0,
+                new_key: i == 0,
+                servers: [SERVERS[0].into(), SERVERS[2].into()],
+                comms: [Some("php-fpm".into()), Some("php-fpm".into())],
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "key-routing");
+    assert_eq!(finding.values["split_keys"], 1.0);
+    assert_eq!(finding.values["split_requests"], 8815.0);
+    assert!(
+        finding.title.starts_with("1 key of ") && finding.title.contains("(8815 requests)"),
+        "{}",
+        finding.title
+    );
+}
+
 #[test]
 fn keys_sent_to_two_servers() {
     let mut sim = Sim::new();
@@ -288,6 +311,7 @@ fn keys_sent_to_two_servers() {
             Fact::KeySplit {
                 service: SERVICE.into(),
                 key_hash: 0xabc0 + i,
+                new_key: true,
                 servers: [SERVERS[0].into(), SERVERS[2].into()],
                 comms: [Some("php-fpm".into()), Some("ruby".into())],
             },
@@ -296,6 +320,7 @@ fn keys_sent_to_two_servers() {
     let findings = run(&mut sim, T0 + 120);
     let finding = only(&findings, "key-routing");
     assert_eq!(finding.values["split_keys"], 12.0);
+    assert_eq!(finding.values["split_requests"], 12.0);
     assert_eq!(finding.subjects.servers, vec![SERVERS[0], SERVERS[2]]);
     assert_eq!(finding.subjects.processes, vec!["php-fpm", "ruby"]);
     assert!(
@@ -542,7 +567,7 @@ fn micro_outages_aligned_to_the_minute() {
                     SERVERS[1],
                     comm,
                     "get",
-                    RequestStatus::ServerError,
+                    Status::ServerError,
                     Some(45_000),
                 );
             }
@@ -585,7 +610,7 @@ fn scattered_slow_requests_are_not_a_stall() {
         SERVERS[0],
         "ruby",
         "get",
-        RequestStatus::Hit,
+        Status::Hit,
         Some(300_000),
     );
     sim.request(
@@ -593,7 +618,7 @@ fn scattered_slow_requests_are_not_a_stall() {
         SERVERS[0],
         "ruby",
         "get",
-        RequestStatus::Hit,
+        Status::Hit,
         Some(300_000),
     );
     let findings = run(&mut sim, T0 + 700);
@@ -610,7 +635,7 @@ fn a_single_slow_request_is_not_a_micro_outage() {
             SERVERS[1],
             "php-fpm",
             "get",
-            RequestStatus::Hit,
+            Status::Hit,
             Some(80_000),
         );
     }
@@ -629,7 +654,7 @@ fn timing_over_a_full_history() {
         for server in 0..10 {
             for comm in COMMS {
                 for command in ["get", "set", "delete", "gets", "incr"] {
-                    for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                    for status in [Status::Hit, Status::Miss] {
                         let latency = sim.healthy_latency();
                         history.record(
                             t,

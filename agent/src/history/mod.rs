@@ -35,10 +35,11 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-pub use fact::{
-    fact_from_observation, ClosedBy, ConnectFailureReason, DeadWriteOutcome, Fact, RequestStatus,
-    ResetDirection, RetransmitKind, Role, SynDirection,
+use crate::model::{
+    ClosedBy, ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind, Role, Status,
+    SynDirection,
 };
+pub use fact::{fact_from_observation, Fact};
 use interner::{Interner, LabelId, OTHER, UNKNOWN};
 use latency::SecondHistogram;
 pub use sample::{facts_from_sample, listener_drop_facts};
@@ -119,7 +120,7 @@ pub struct RequestRecord<'a> {
     pub role: Role,
     pub comm: Option<&'a str>,
     pub command: &'a str,
-    pub status: RequestStatus,
+    pub status: Status,
     pub latency_us: Option<u32>,
 }
 
@@ -132,7 +133,7 @@ struct RequestKey {
     comm: LabelId,
     command: LabelId,
     role: Role,
-    status: RequestStatus,
+    status: Status,
 }
 
 impl RowKey for RequestKey {
@@ -326,6 +327,8 @@ impl Gauge {
 #[derive(Debug, Default, Clone, Copy)]
 struct KeySplitAgg {
     count: u32,
+    /// Splits that were their key's first: distinct split keys.
+    keys: u32,
     examples_len: u8,
     examples: [u64; KEY_SPLIT_EXAMPLES],
 }
@@ -849,7 +852,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
             ..
         } => request(bucket, limits, id, role, status, latency_us),
         Fact::RequestTimeout { role, .. } => {
-            request(bucket, limits, id, role, RequestStatus::Timeout, None)
+            request(bucket, limits, id, role, Status::Timeout, None)
         }
         Fact::HostListenDrops {
             overflows,
@@ -913,7 +916,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                     let event = match kind {
                         RetransmitKind::Data => TcpEvent::RetransmitData,
                         RetransmitKind::Syn => TcpEvent::RetransmitSyn,
-                        RetransmitKind::Synack => TcpEvent::RetransmitSynack,
+                        RetransmitKind::SynAck => TcpEvent::RetransmitSynack,
                     };
                     tcp(rare, rows, limits, id, role, event)
                 }
@@ -1014,7 +1017,9 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                     };
                     bump(rare.fd_errors.row(key, budget(rows, limits)), 1)
                 }
-                Fact::KeySplit { key_hash, .. } => {
+                Fact::KeySplit {
+                    key_hash, new_key, ..
+                } => {
                     let key = KeySplitKey {
                         service: id(0),
                         servers: [id(1), id(2)],
@@ -1024,6 +1029,7 @@ fn apply(bucket: &mut Bucket, limits: &HistoryLimits, fact: Fact, ids: &[LabelId
                         return false;
                     };
                     agg.count = agg.count.saturating_add(1);
+                    agg.keys = agg.keys.saturating_add(u32::from(new_key));
                     if (agg.examples_len as usize) < KEY_SPLIT_EXAMPLES
                         && !agg.examples[..agg.examples_len as usize].contains(&key_hash)
                     {
@@ -1092,7 +1098,7 @@ fn request(
     limits: &HistoryLimits,
     id: impl Fn(usize) -> LabelId,
     role: Role,
-    status: RequestStatus,
+    status: Status,
     latency_us: Option<u32>,
 ) -> bool {
     let key = RequestKey {
@@ -1260,6 +1266,7 @@ fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> SecondSnapsho
             servers: [table.id(k.servers[0]), table.id(k.servers[1])],
             comms: [table.id(k.comms[0]), table.id(k.comms[1])],
             count: agg.count,
+            keys: agg.keys,
             examples: agg.examples[..agg.examples_len as usize].to_vec(),
         });
     }

@@ -5,7 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Fact, Role, SynDirection};
+use super::Fact;
+
+use crate::model::{Role, SynDirection};
 use crate::sampler::{parse::TcpExtCounters, Snapshot, WatchedConnection};
 
 /// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
@@ -19,8 +21,8 @@ pub fn facts_from_sample(
 ) -> Vec<Fact> {
     let mut facts = Vec::new();
     for process in &snapshot.processes {
-        // Unlimited descriptors cannot run out; a ratio against u64::MAX would be noise.
-        if process.soft_nofile != u64::MAX && process.soft_nofile > 0 {
+        // Unlimited descriptors cannot run out (their ratio is 0): nothing to remember.
+        if process.soft_nofile != crate::model::UNLIMITED {
             facts.push(Fact::ProcessFds {
                 comm: process.comm.clone(),
                 pid: process.pid,
@@ -36,7 +38,7 @@ pub fn facts_from_sample(
     let mut edges: BTreeMap<(&str, std::net::SocketAddr, &str), u32> = BTreeMap::new();
     for connection in connections
         .iter()
-        .filter(|c| c.role == crate::events::Role::Client)
+        .filter(|c| c.role == crate::model::Role::Client)
     {
         let Some(owner) = &connection.owner else {
             continue;
@@ -170,7 +172,7 @@ mod tests {
             state: 1,
             inode: 5,
             service: "memcached".into(),
-            role: crate::events::Role::Client,
+            role: crate::model::Role::Client,
             owner: Some(SocketOwner {
                 pid,
                 comm: comm.into(),

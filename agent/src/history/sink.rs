@@ -11,9 +11,11 @@ use std::{
 
 use foldhash::{HashMap, HashMapExt};
 
-use super::{fact_from_observation, Fact, History, RequestRecord, RequestStatus};
+use super::{fact_from_observation, Fact, History, RequestRecord};
+
 use crate::{
-    capture::MemcacheEvent, memcache::Status, pipeline::ObservationSink, tracking::Observation,
+    capture::MemcacheEvent, pipeline::ObservationSink, services::SharedServices,
+    tracking::Observation,
 };
 
 /// Server addresses formatted once; cleared when it grows past this (endpoints are few).
@@ -23,7 +25,7 @@ const CLOCK_OFFSET_REUSE_NS: u64 = 1_000_000_000;
 
 pub struct HistorySink {
     history: Arc<Mutex<History>>,
-    service_names: Vec<String>,
+    services: SharedServices,
     /// Per decoded request nothing is allocated: server labels are formatted once per address
     /// and the wall-clock offset is measured at most once a second of event time.
     server_labels: HashMap<SocketAddr, String>,
@@ -31,10 +33,10 @@ pub struct HistorySink {
 }
 
 impl HistorySink {
-    pub fn new(history: Arc<Mutex<History>>, service_names: Vec<String>) -> HistorySink {
+    pub fn new(history: Arc<Mutex<History>>, services: SharedServices) -> HistorySink {
         HistorySink {
             history,
-            service_names,
+            services,
             server_labels: HashMap::new(),
             clock: MonotonicToUnix::default(),
         }
@@ -78,28 +80,6 @@ impl MonotonicToUnix {
     }
 }
 
-/// The history's status for a decoder status (same words).
-fn request_status(status: Status) -> RequestStatus {
-    match status {
-        Status::Hit => RequestStatus::Hit,
-        Status::Miss => RequestStatus::Miss,
-        Status::Stored => RequestStatus::Stored,
-        Status::NotStored => RequestStatus::NotStored,
-        Status::Exists => RequestStatus::Exists,
-        Status::NotFound => RequestStatus::NotFound,
-        Status::Deleted => RequestStatus::Deleted,
-        Status::Touched => RequestStatus::Touched,
-        Status::Ok => RequestStatus::Ok,
-        Status::Error => RequestStatus::Error,
-        Status::ClientError => RequestStatus::ClientError,
-        Status::ServerError => RequestStatus::ServerError,
-        Status::Noreply => RequestStatus::Noreply,
-        Status::Timeout => RequestStatus::Timeout,
-        Status::Unknown => RequestStatus::Unknown,
-        Status::Unanswered => RequestStatus::Unanswered,
-    }
-}
-
 /// The unix second of a CLOCK_MONOTONIC timestamp (0 means "now").
 pub fn unix_second_of_monotonic(ts_ns: u64) -> u64 {
     let now_unix_ns = std::time::SystemTime::now()
@@ -123,7 +103,7 @@ fn observation_ts_ns(observation: &Observation) -> u64 {
 
 impl ObservationSink for HistorySink {
     fn observation(&mut self, observation: &Observation) {
-        if let Some(fact) = fact_from_observation(observation, &self.service_names) {
+        if let Some(fact) = fact_from_observation(observation, &self.services.load()) {
             self.record(
                 unix_second_of_monotonic(observation_ts_ns(observation)),
                 fact,
@@ -135,7 +115,8 @@ impl ObservationSink for HistorySink {
         let MemcacheEvent::Request { endpoint, request } = event else {
             return;
         };
-        let Some(service) = self.service_names.get(endpoint.service) else {
+        let services = self.services.load();
+        let Some(service) = services.name(endpoint.service) else {
             return;
         };
         if self.server_labels.len() >= MAX_CACHED_SERVERS
@@ -155,10 +136,10 @@ impl ObservationSink for HistorySink {
         let record = RequestRecord {
             service,
             server,
-            role: endpoint.role.into(),
+            role: endpoint.role,
             comm,
             command: request.command.as_str(),
-            status: request_status(request.status),
+            status: request.status,
             latency_us: request
                 .latency_ns
                 .map(|ns| u32::try_from(ns / 1000).unwrap_or(u32::MAX)),
@@ -182,11 +163,14 @@ mod tests {
     #[test]
     fn records_decoded_requests_and_observations() {
         let history = Arc::new(Mutex::new(History::new(900, HistoryLimits::default())));
-        let mut sink = HistorySink::new(history.clone(), vec!["memcached".into()]);
+        let mut sink = HistorySink::new(
+            history.clone(),
+            SharedServices::watching(&[("memcached", 11211)]),
+        );
         let endpoint = Endpoint {
             service: 0,
             server: "10.0.0.1:11211".parse().unwrap(),
-            role: crate::events::Role::Client,
+            role: crate::model::Role::Client,
         };
         let now = crate::clock::monotonic_ns();
         sink.memcache(
@@ -207,13 +191,13 @@ mod tests {
         );
         sink.observation(&Observation::Retransmit {
             endpoint,
-            kind: crate::tracking::RetransmitKind::Data,
+            kind: crate::model::RetransmitKind::Data,
         });
         sink.observation(&Observation::TrackingDropped);
         let snapshot = history.lock().unwrap().snapshot(0);
         let rows: Vec<_> = snapshot.seconds.iter().flat_map(|s| &s.requests).collect();
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].status, RequestStatus::Stored);
+        assert_eq!(rows[0].status, Status::Stored);
         assert_eq!(snapshot.label(rows[0].command), "set");
         assert_eq!(snapshot.label(rows[0].comm), "php-fpm");
         let latency = snapshot
@@ -236,31 +220,21 @@ mod tests {
     }
 
     #[test]
-    fn decoder_statuses_map_to_the_same_history_words() {
-        for &status in Status::ALL {
-            assert_eq!(
-                request_status(status),
-                RequestStatus::from_label(status.as_str())
-            );
-        }
-    }
-
-    #[test]
     fn borrowed_requests_record_like_owned_facts() {
         let limits = HistoryLimits::default();
         let mut owned = History::new(900, limits.clone());
         let mut borrowed = History::new(900, limits);
         for (second, comm, status, latency_us) in [
-            (100, Some("php"), RequestStatus::Hit, Some(120)),
-            (100, None, RequestStatus::Miss, None),
-            (101, Some("php"), RequestStatus::Hit, Some(900)),
+            (100, Some("php"), Status::Hit, Some(120)),
+            (100, None, Status::Miss, None),
+            (101, Some("php"), Status::Hit, Some(900)),
         ] {
             owned.record(
                 second,
                 Fact::Request {
                     service: "memcached".into(),
                     server: "10.0.0.1:11211".into(),
-                    role: super::super::Role::Client,
+                    role: crate::model::Role::Client,
                     comm: comm.map(str::to_string),
                     command: "get".into(),
                     status,
@@ -272,7 +246,7 @@ mod tests {
                 &RequestRecord {
                     service: "memcached",
                     server: "10.0.0.1:11211",
-                    role: super::super::Role::Client,
+                    role: crate::model::Role::Client,
                     comm,
                     command: "get",
                     status,

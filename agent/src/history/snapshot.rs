@@ -9,11 +9,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    fact::{DeadWriteOutcome, RequestStatus, Role, SynDirection},
-    latency::LatencyHistogram,
-    ClosedBy,
-};
+use super::latency::LatencyHistogram;
+use crate::model::{ClosedBy, DeadWriteOutcome, Role, Status, SynDirection};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -91,7 +88,7 @@ fn is_zero(value: &u64) -> bool {
     *value == 0
 }
 
-type RequestTuple = (Label, Label, Role, Label, Label, RequestStatus, u32);
+type RequestTuple = (Label, Label, Role, Label, Label, Status, u32);
 
 /// Requests of one (service, server, role, process, command, status) in one second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,7 +99,7 @@ pub struct RequestRow {
     pub role: Role,
     pub comm: Label,
     pub command: Label,
-    pub status: RequestStatus,
+    pub status: Status,
     pub count: u32,
 }
 
@@ -287,11 +284,7 @@ pub struct FdRow {
 
 impl FdRow {
     pub fn ratio(&self) -> f64 {
-        if self.limit == 0 {
-            0.0
-        } else {
-            self.open_fds as f64 / self.limit as f64
-        }
+        crate::model::fd_usage_ratio(u64::from(self.open_fds), u64::from(self.limit))
     }
 }
 
@@ -329,7 +322,11 @@ pub struct KeySplitRow {
     pub service: Label,
     pub servers: [Label; 2],
     pub comms: [Label; 2],
+    /// Requests that went to the other server.
     pub count: u32,
+    /// Of those, the first split of their key: distinct split keys.
+    #[serde(default)]
+    pub keys: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub examples: Vec<u64>,
 }

@@ -2,7 +2,7 @@ use super::*;
 
 const T0: u64 = 1_700_000_000;
 
-fn request(server: &str, comm: &str, command: &str, status: RequestStatus, us: u32) -> Fact {
+fn request(server: &str, comm: &str, command: &str, status: Status, us: u32) -> Fact {
     Fact::Request {
         service: "memcached".into(),
         server: server.into(),
@@ -29,16 +29,16 @@ fn aggregates_requests_and_latency_per_second() {
     for i in 0..100 {
         history.record(
             T0,
-            request("10.0.0.1:11211", "php", "get", RequestStatus::Hit, 100 + i),
+            request("10.0.0.1:11211", "php", "get", Status::Hit, 100 + i),
         );
     }
     history.record(
         T0,
-        request("10.0.0.1:11211", "php", "get", RequestStatus::Miss, 150),
+        request("10.0.0.1:11211", "php", "get", Status::Miss, 150),
     );
     history.record(
         T0 + 1,
-        request("10.0.0.2:11211", "php", "set", RequestStatus::Stored, 300),
+        request("10.0.0.2:11211", "php", "set", Status::Stored, 300),
     );
     let snapshot = history.snapshot(0);
     assert_eq!((snapshot.start_s, snapshot.end_s), (T0, T0 + 1));
@@ -48,7 +48,7 @@ fn aggregates_requests_and_latency_per_second() {
     let hits = first
         .requests
         .iter()
-        .find(|r| r.status == RequestStatus::Hit)
+        .find(|r| r.status == Status::Hit)
         .unwrap();
     assert_eq!(hits.count, 100);
     assert_eq!(snapshot.label(hits.server), "10.0.0.1:11211");
@@ -170,6 +170,7 @@ fn keeps_every_fact_kind() {
         Fact::KeySplit {
             service: "memcached".into(),
             key_hash: 0xfeed,
+            new_key: true,
             servers: ["10.0.0.1:11211".into(), "10.0.0.2:11211".into()],
             comms: [Some("php".into()), Some("ruby".into())],
         },
@@ -186,7 +187,7 @@ fn keeps_every_fact_kind() {
     assert_eq!(snapshot.label(s.closed[0].comm), "", "unknown process");
     assert_eq!(s.dead_writes[0].outcome, DeadWriteOutcome::Unnoticed);
     assert_eq!(snapshot.label(s.dead_writes[0].command), "set");
-    assert_eq!(s.requests[0].status, RequestStatus::Timeout);
+    assert_eq!(s.requests[0].status, Status::Timeout);
     assert_eq!(s.tcp.len(), 3);
     assert!(s.tcp.iter().any(
         |r| r.event == TcpEvent::ConnectRefused && snapshot.label(r.server) == "10.0.0.9:11211"
@@ -219,20 +220,14 @@ fn keeps_every_fact_kind() {
 fn evicts_old_seconds_and_counts_late_facts() {
     let mut history = History::new(60, HistoryLimits::default());
     for t in 0..200 {
-        history.record(
-            T0 + t,
-            request("a:1", "php", "get", RequestStatus::Hit, 100),
-        );
+        history.record(T0 + t, request("a:1", "php", "get", Status::Hit, 100));
     }
     let snapshot = history.snapshot(0);
     assert_eq!(snapshot.start_s, T0 + 140);
     assert_eq!(snapshot.end_s, T0 + 199);
     assert_eq!(snapshot.seconds.len(), 60);
     assert_eq!(total_requests(&snapshot), 60);
-    history.record(
-        T0 + 10,
-        request("a:1", "php", "get", RequestStatus::Hit, 100),
-    );
+    history.record(T0 + 10, request("a:1", "php", "get", Status::Hit, 100));
     assert_eq!(history.stats().late_facts, 1);
     let recent = history.snapshot(T0 + 190);
     assert_eq!(recent.seconds.len(), 10);
@@ -241,11 +236,11 @@ fn evicts_old_seconds_and_counts_late_facts() {
 #[test]
 fn late_facts_reopen_frozen_seconds() {
     let mut history = History::new(900, HistoryLimits::default());
-    history.record(T0, request("a:1", "php", "get", RequestStatus::Hit, 100));
+    history.record(T0, request("a:1", "php", "get", Status::Hit, 100));
     history.advance_to(T0 + 30);
     assert!(history.buckets[0].frozen);
-    history.record(T0, request("a:1", "php", "get", RequestStatus::Hit, 100));
-    history.record(T0, request("a:1", "php", "get", RequestStatus::Miss, 100));
+    history.record(T0, request("a:1", "php", "get", Status::Hit, 100));
+    history.record(T0, request("a:1", "php", "get", Status::Miss, 100));
     let snapshot = history.snapshot(0);
     assert_eq!(snapshot.seconds.len(), 1);
     assert_eq!(total_requests(&snapshot), 3);
@@ -273,20 +268,11 @@ fn advance_marks_idle_seconds_as_observed() {
 #[test]
 fn merge_newer_replaces_overlap_and_keeps_older_seconds() {
     let mut history = History::new(900, HistoryLimits::default());
-    history.record(T0, request("a:1", "php", "get", RequestStatus::Hit, 100));
-    history.record(
-        T0 + 1,
-        request("a:1", "php", "get", RequestStatus::Hit, 100),
-    );
+    history.record(T0, request("a:1", "php", "get", Status::Hit, 100));
+    history.record(T0 + 1, request("a:1", "php", "get", Status::Hit, 100));
     let older = history.snapshot(0);
-    history.record(
-        T0 + 1,
-        request("b:1", "ruby", "set", RequestStatus::Stored, 100),
-    );
-    history.record(
-        T0 + 2,
-        request("b:1", "ruby", "set", RequestStatus::Stored, 100),
-    );
+    history.record(T0 + 1, request("b:1", "ruby", "set", Status::Stored, 100));
+    history.record(T0 + 2, request("b:1", "ruby", "set", Status::Stored, 100));
     let newer = history.snapshot(T0 + 1);
     let merged = older.merge_newer(newer);
     assert_eq!((merged.start_s, merged.end_s), (T0, T0 + 2));
@@ -326,7 +312,7 @@ fn memory_stays_bounded_under_a_label_flood() {
                     &format!("10.{}.{}.{}:11211", n % 251, n % 241, n % 239),
                     &format!("proc{n}"),
                     &format!("cmd{}", n % 97),
-                    RequestStatus::Hit,
+                    Status::Hit,
                     (n % 5000) as u32,
                 ),
             );
@@ -369,7 +355,7 @@ fn realistic_memory() {
         for server in 0..10 {
             for comm in ["php-fpm", "ruby", "python3"] {
                 for command in commands {
-                    for status in [RequestStatus::Hit, RequestStatus::Miss] {
+                    for status in [Status::Hit, Status::Miss] {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
@@ -406,20 +392,22 @@ fn realistic_memory() {
 #[test]
 fn converts_tracking_observations() {
     use crate::tracking::{Endpoint, Observation};
+    let services = crate::services::SharedServices::watching(&[("memcached", 11211)]);
+    let services = services.load();
     let endpoint = Endpoint {
         service: 0,
         server: "10.0.0.1:11211".parse().unwrap(),
-        role: crate::events::Role::Client,
+        role: crate::model::Role::Client,
     };
     let fact = fact_from_observation(
         &Observation::ConnectionClosed {
             endpoint,
-            closed_by: crate::tracking::ClosedBy::Peer,
+            closed_by: crate::model::ClosedBy::Peer,
             ts_ns: 5,
             duration_ns: Some(2_000_000_000),
             idle_before_close_ns: Some(60_000_000_000),
         },
-        &["memcached".to_string()],
+        &services,
     )
     .unwrap();
     assert_eq!(
@@ -434,6 +422,6 @@ fn converts_tracking_observations() {
             duration_s: Some(2.0),
         }
     );
-    assert!(fact_from_observation(&Observation::TrackingDropped, &[]).is_none());
-    assert!(fact_from_observation(&Observation::SynSent { service: 3 }, &[]).is_none());
+    assert!(fact_from_observation(&Observation::TrackingDropped, &services).is_none());
+    assert!(fact_from_observation(&Observation::SynSent { service: 3 }, &services).is_none());
 }

@@ -380,9 +380,11 @@ fn watched_port_bits(config: &Config) -> Vec<(u16, u8)> {
     let mut bits: Vec<(u16, u8)> = Vec::new();
     for service in &config.services {
         let value = watch::WATCHED | if service.capture { watch::CAPTURE } else { 0 };
-        match bits.iter_mut().find(|(port, _)| *port == service.port) {
-            Some((_, existing)) => *existing |= value,
-            None => bits.push((service.port, value)),
+        for &service_port in &service.ports {
+            match bits.iter_mut().find(|(port, _)| *port == service_port) {
+                Some((_, existing)) => *existing |= value,
+                None => bits.push((service_port, value)),
+            }
         }
     }
     bits

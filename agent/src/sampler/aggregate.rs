@@ -149,16 +149,7 @@ pub struct ProcessUsage {
 
 impl ProcessUsage {
     pub fn fd_usage_ratio(&self) -> f64 {
-        fd_usage_ratio(self.open_fds, self.soft_nofile)
-    }
-}
-
-/// open / limit; a zero limit with open descriptors is over the limit without bound.
-pub fn fd_usage_ratio(open: u64, limit: u64) -> f64 {
-    match (open, limit) {
-        (0, _) => 0.0,
-        (_, 0) => f64::INFINITY,
-        (open, limit) => open as f64 / limit as f64,
+        crate::model::fd_usage_ratio(self.open_fds, self.soft_nofile)
     }
 }
 
@@ -412,14 +403,6 @@ mod tests {
         let names: Vec<&str> = aggregate.comms.iter().map(|c| c.comm.as_str()).collect();
         assert_eq!(names, ["b", OTHER_COMM], "no duplicate 'other' label");
         assert_eq!(aggregate.comms[1].processes, 2);
-    }
-
-    #[test]
-    fn fd_ratio_edge_cases() {
-        assert_eq!(fd_usage_ratio(0, 0), 0.0);
-        assert_eq!(fd_usage_ratio(5, 0), f64::INFINITY);
-        assert_eq!(fd_usage_ratio(512, 1024), 0.5);
-        assert!(fd_usage_ratio(1_000_000, u64::MAX) < 1e-12);
     }
 
     fn queue(service: &str, queue_len: u32, limit: Option<u32>) -> ListenerQueue {

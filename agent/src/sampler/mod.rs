@@ -66,7 +66,7 @@ pub use aggregate::{
 };
 pub use parse::{FileHandles, TcpExtCounters};
 
-use crate::events::Role;
+use crate::model::Role;
 use aggregate::{CounterAccumulator, ListenerDrops};
 use parse::{tcp_state, ParseError, TcpRow};
 use scan::{classify, Failure, ProcFs};
@@ -90,12 +90,17 @@ impl SamplerConfig {
         }
     }
 
-    /// Watches every configured service's port under the service's name.
+    /// Watches every configured service's ports under the service's name.
     pub fn from_services(services: &[crate::config::Service], max_comms: usize) -> Self {
         SamplerConfig::new(
             services
                 .iter()
-                .map(|service| (service.port, service.name.clone()))
+                .flat_map(|service| {
+                    service
+                        .ports
+                        .iter()
+                        .map(|&port| (port, service.name.clone()))
+                })
                 .collect(),
             max_comms,
         )

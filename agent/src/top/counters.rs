@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::history::Role;
+use crate::model::Role;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use crate::{
     diagnose::{DiagnoseThresholds, Severity},
-    history::{latency::LatencyHistogram, HistorySnapshot, Role},
+    history::{latency::LatencyHistogram, HistorySnapshot},
     keys::KeysReport,
+    model::Role,
 };
 
 use super::counters::Counters;
@@ -214,7 +215,7 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
                 acc.requests += count;
                 if row.status.is_lookup() {
                     acc.lookups += count;
-                    if row.status == crate::history::RequestStatus::Hit {
+                    if row.status == crate::model::Status::Hit {
                         acc.hits += count;
                     }
                 }

@@ -11,11 +11,9 @@ use super::{
 };
 use crate::{
     diagnose::DiagnoseThresholds,
-    history::{
-        DeadWriteOutcome, Fact, History, HistoryLimits, HistorySnapshot, RequestStatus,
-        RetransmitKind, Role,
-    },
+    history::{Fact, History, HistoryLimits, HistorySnapshot},
     keys::{HotKey, KeysReport, ServerHotKeys},
+    model::{DeadWriteOutcome, RetransmitKind, Role, Status as RequestStatus},
 };
 
 const NOW: u64 = 1_700_000_000;

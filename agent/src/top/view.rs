@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 
 use super::model::{HotKeyRow, Model, ProcessRow, QueueRow, ServerRow};
-use crate::history::Role;
+use crate::model::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pane {

@@ -2,7 +2,9 @@ use super::*;
 use crate::diagnose::{
     testkit::*, DiagnoseThresholds, Report, Severity, Source, SourceKind, REPORT_VERSION,
 };
-use crate::history::{ClosedBy, DeadWriteOutcome, Fact, RequestStatus, Role, SynDirection};
+use crate::history::Fact;
+
+use crate::model::{ClosedBy, DeadWriteOutcome, Role, Status, SynDirection};
 
 const LONG_COMM: &str = "a-very-long-process-name-that-is-not-a-comm";
 const IPV6_SERVER: &str = "[2001:db8:1234:5678:9abc:def0:1234:5678]:11211";
@@ -40,14 +42,7 @@ fn incident_report() -> Report {
     for t in T0 + 100..T0 + 300 {
         for _ in 0..30 {
             let latency = 100 + sim.random(400) as u32;
-            sim.request(
-                t,
-                IPV6_SERVER,
-                LONG_COMM,
-                "get",
-                RequestStatus::Hit,
-                Some(latency),
-            );
+            sim.request(t, IPV6_SERVER, LONG_COMM, "get", Status::Hit, Some(latency));
         }
     }
     for t in T0 + 200..T0 + 205 {

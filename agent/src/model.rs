@@ -1,0 +1,273 @@
+//! The agent's shared vocabulary, defined once: tracking, the decoder, metrics, history and
+//! diagnose all speak these types. Each word has one spelling, `as_str`, used for metric labels
+//! and (through serde) in history and diagnose JSON. Pure: no I/O, so the decoder may use it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Declares a field-less enum with serde's snake_case names, an `ALL` list in declaration order
+/// and `as_str` returning exactly the serde name, so a label and its JSON never disagree.
+macro_rules! vocabulary {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$variant_meta:meta])* $variant:ident => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name {
+            $( $(#[$variant_meta])* #[serde(rename = $label)] $variant, )+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+vocabulary! {
+    /// Which side of the connection this host is.
+    pub enum Role {
+        Client => "client",
+        Server => "server",
+    }
+}
+
+vocabulary! {
+    /// Which side closed a connection first.
+    pub enum ClosedBy {
+        /// This side sent FIN first.
+        Local => "local",
+        /// The other side closed first (ESTABLISHED -> CLOSE_WAIT).
+        Peer => "peer",
+        /// The connection ended with a reset, without an orderly close first.
+        Reset => "reset",
+    }
+}
+
+vocabulary! {
+    /// What the application saw after writing onto a connection its peer had closed.
+    pub enum DeadWriteOutcome {
+        /// The next read returned end-of-file.
+        Eof => "eof",
+        /// The next read or write failed (ECONNRESET, EPIPE, ...).
+        Reset => "reset",
+        /// Nothing within the window: the application never found out.
+        Unnoticed => "unnoticed",
+    }
+}
+
+vocabulary! {
+    pub enum RetransmitKind {
+        Data => "data",
+        /// A client's SYN was retransmitted (no answer to the connection attempt yet).
+        Syn => "syn",
+        /// A listener's SYN-ACK was retransmitted (the client's final ACK did not arrive).
+        SynAck => "synack",
+    }
+}
+
+vocabulary! {
+    pub enum ResetDirection {
+        Sent => "sent",
+        Received => "received",
+    }
+}
+
+vocabulary! {
+    /// Why a client connect never reached ESTABLISHED.
+    pub enum ConnectFailureReason {
+        /// The SYN was answered with a reset (nothing listening, or a REJECT rule).
+        Refused => "refused",
+        /// No answer: the kernel gave up retrying the SYN, or the application stopped waiting.
+        Timeout => "timeout",
+        /// Reset during the handshake. The tracker reports a reset SYN as `Refused`; history
+        /// from elsewhere (or an older agent) may still carry this word.
+        Reset => "reset",
+    }
+}
+
+vocabulary! {
+    pub enum SynDirection {
+        /// Connection attempts from this host.
+        Out => "out",
+        /// Connection attempts at a local watched listener: handshakes it completed, and SYNs
+        /// and handshakes it refused because a queue was full.
+        In => "in",
+    }
+}
+
+vocabulary! {
+    /// The outcome of one memcache request (one key of a multi-key get).
+    pub enum Status {
+        /// A retrieval found the item (text VALUE, meta VA/HD for mg, binary get success, ME).
+        Hit => "hit",
+        /// A retrieval did not find the item (absent from the VALUE list, EN, binary
+        /// KEY_ENOENT).
+        Miss => "miss",
+        Stored => "stored",
+        NotStored => "not_stored",
+        Exists => "exists",
+        NotFound => "not_found",
+        Deleted => "deleted",
+        Touched => "touched",
+        /// Success for commands without a more specific word (incr/decr, stats, version, mn).
+        Ok => "ok",
+        /// The server did not know the command (ERROR, binary UNKNOWN_COMMAND / NOT_SUPPORTED).
+        Error => "error",
+        ClientError => "client_error",
+        ServerError => "server_error",
+        /// The request asked for no reply (text `noreply`, `quit`, binary QuitQ); outcome
+        /// unknown.
+        Noreply => "noreply",
+        /// No response arrived within the caller's timeout (see `ConnectionDecoder::expire`).
+        Timeout => "timeout",
+        /// The response was lost to a capture gap or truncation, or was skipped over when a
+        /// later response proved the stream had moved on; the outcome is not known.
+        Unknown => "unknown",
+        /// The connection ended (`ConnectionDecoder::finish`) before the response arrived.
+        Unanswered => "unanswered",
+    }
+}
+
+impl Status {
+    /// Whether the server reported a failure of the request itself (not a miss or a conflict).
+    pub fn is_error(self) -> bool {
+        matches!(
+            self,
+            Status::Error | Status::ClientError | Status::ServerError
+        )
+    }
+
+    /// A lookup that found or missed its key: the denominator of the hit ratio.
+    pub fn is_lookup(self) -> bool {
+        matches!(self, Status::Hit | Status::Miss)
+    }
+
+    /// The server never answered: what a hung or unreachable server looks like.
+    pub fn is_no_answer(self) -> bool {
+        matches!(self, Status::Timeout | Status::Unanswered)
+    }
+
+    /// The request failed (server error or no answer); client errors are the client's bug and
+    /// count too, since the application saw a failure.
+    pub fn is_failure(self) -> bool {
+        self.is_no_answer() || self.is_error()
+    }
+
+    /// The server produced a response (anything but no answer, noreply or unknown).
+    pub fn is_answer(self) -> bool {
+        !self.is_no_answer() && !matches!(self, Status::Noreply | Status::Unknown)
+    }
+}
+
+/// RLIMIT_NOFILE's "no limit" (`RLIM_INFINITY` on Linux), as /proc and the sampler report it.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// How much of a descriptor limit is used, the one rule behind the exported
+/// `process_fd_usage_ratio`, the history and diagnose, and the EMFILE probe arming:
+/// - no limit ([`UNLIMITED`]) cannot run out: 0;
+/// - nothing open: 0;
+/// - a zero limit with descriptors open is full (1): not one more can be opened;
+/// - otherwise open / limit, above 1 when a limit was lowered below what is already open.
+///
+/// Always finite, so it exports as a plain gauge value.
+pub fn fd_usage_ratio(open: u64, limit: u64) -> f64 {
+    match (open, limit) {
+        (_, UNLIMITED) | (0, _) => 0.0,
+        (_, 0) => 1.0,
+        (open, limit) => open as f64 / limit as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_usage_ratio_at_zero_unlimited_and_normal_limits() {
+        assert_eq!(UNLIMITED, libc::RLIM_INFINITY);
+        assert_eq!(fd_usage_ratio(0, 0), 0.0);
+        assert_eq!(fd_usage_ratio(5, 0), 1.0);
+        assert_eq!(fd_usage_ratio(0, UNLIMITED), 0.0);
+        assert_eq!(fd_usage_ratio(1_000_000, UNLIMITED), 0.0);
+        assert_eq!(fd_usage_ratio(512, 1024), 0.5);
+        assert_eq!(fd_usage_ratio(1024, 1024), 1.0);
+        assert_eq!(fd_usage_ratio(1500, 1000), 1.5);
+        assert_eq!(fd_usage_ratio(0, 1024), 0.0);
+        // The largest finite limit is a limit, not "unlimited".
+        assert!(fd_usage_ratio(1, UNLIMITED - 1) > 0.0);
+    }
+
+    /// The label and the JSON word of every value are the same string, and `ALL` lists each
+    /// value once.
+    fn labels_are_the_json_words<T>(all: &[T])
+    where
+        T: Serialize + for<'de> Deserialize<'de> + Copy + PartialEq + fmt::Debug + fmt::Display,
+    {
+        let mut seen = std::collections::HashSet::new();
+        for &value in all {
+            let label = value.to_string();
+            assert!(seen.insert(label.clone()), "{label} twice");
+            assert_eq!(
+                serde_json::to_string(&value).unwrap(),
+                format!("\"{label}\"")
+            );
+            assert_eq!(
+                serde_json::from_str::<T>(&format!("\"{label}\"")).unwrap(),
+                value
+            );
+        }
+    }
+
+    #[test]
+    fn every_word_is_one_string_in_labels_and_json() {
+        labels_are_the_json_words(Role::ALL);
+        labels_are_the_json_words(ClosedBy::ALL);
+        labels_are_the_json_words(DeadWriteOutcome::ALL);
+        labels_are_the_json_words(RetransmitKind::ALL);
+        labels_are_the_json_words(ResetDirection::ALL);
+        labels_are_the_json_words(ConnectFailureReason::ALL);
+        labels_are_the_json_words(SynDirection::ALL);
+        labels_are_the_json_words(Status::ALL);
+        assert_eq!(Status::ALL.len(), 16);
+    }
+
+    /// The words the metric contract, the history JSON and docs/diagnose-schema.json spell.
+    #[test]
+    fn words_are_the_published_ones() {
+        let words = |all: &[&str]| all.join(",");
+        assert_eq!(
+            words(&Status::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()),
+            "hit,miss,stored,not_stored,exists,not_found,deleted,touched,ok,error,\
+             client_error,server_error,noreply,timeout,unknown,unanswered"
+        );
+        assert_eq!(RetransmitKind::SynAck.as_str(), "synack");
+        assert_eq!(DeadWriteOutcome::Unnoticed.as_str(), "unnoticed");
+        assert_eq!(ConnectFailureReason::Refused.as_str(), "refused");
+        assert_eq!(SynDirection::In.as_str(), "in");
+    }
+
+    #[test]
+    fn status_classes() {
+        assert!(Status::Hit.is_lookup() && Status::Miss.is_lookup());
+        assert!(Status::Timeout.is_failure() && Status::ClientError.is_failure());
+        assert!(!Status::Miss.is_failure());
+        assert!(!Status::Noreply.is_answer() && Status::NotFound.is_answer());
+        assert!(Status::ServerError.is_error() && !Status::Timeout.is_error());
+    }
+}
