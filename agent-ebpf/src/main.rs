@@ -1015,25 +1015,12 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
     walk.scan_at = at;
     walk.scan_pos = 0;
     walk.scan_len = piece;
-    for _ in 0..CAPTURE_PIECE {
-        if walk.scan_pos >= piece {
-            break;
-        }
-        match walk.frames.mode {
-            framing::mode::SKIP | framing::mode::KEEP => {
-                walk.scan_pos += walk.frames.pass(piece - walk.scan_pos);
-            }
-            framing::mode::LOST => break,
-            _ => {
-                bpf_loop(
-                    (piece - walk.scan_pos) as u32,
-                    scan_byte as *mut core::ffi::c_void,
-                    core::ptr::null_mut(),
-                    0,
-                );
-            }
-        }
-    }
+    bpf_loop(
+        CAPTURE_PIECE as u32,
+        scan_round as *mut core::ffi::c_void,
+        core::ptr::null_mut(),
+        0,
+    );
     let segment = walk
         .data
         .as_mut_ptr()
@@ -1045,6 +1032,34 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
     walk.pos += piece;
     walk.iov_off += piece;
     walk.segment_end = walk.pos;
+    0
+}
+
+/// One round of scanning the piece just copied: pass over a body or binary key, or scan
+/// header bytes until one starts. Returns 1 when the piece is done.
+#[inline(never)]
+unsafe extern "C" fn scan_round(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+        return 1;
+    };
+    let walk = &mut *scratch;
+    if walk.scan_pos >= walk.scan_len {
+        return 1;
+    }
+    match walk.frames.mode {
+        framing::mode::SKIP | framing::mode::KEEP => {
+            walk.scan_pos += walk.frames.pass(walk.scan_len - walk.scan_pos);
+        }
+        framing::mode::LOST => return 1,
+        _ => {
+            bpf_loop(
+                (walk.scan_len - walk.scan_pos) as u32,
+                scan_byte as *mut core::ffi::c_void,
+                core::ptr::null_mut(),
+                0,
+            );
+        }
+    }
     0
 }
 
