@@ -5,7 +5,7 @@
 //!
 //! Modes compared in one invocation, alternating: agent off, agent with socket probes only
 //! (capture off, capture_bytes = 0), agent with payload capture and decoding (capture on,
-//! capture_bytes = 256). Nothing is pinned: on a 2-core machine memcached's two threads, the
+//! capture_bytes = 16384). Nothing is pinned: on a 2-core machine memcached's two threads, the
 //! single-threaded load generator and the agent share both cores, as they would on a small host.
 
 mod idle;
@@ -1652,7 +1652,7 @@ impl Bench {
              runs and percentiles come from the xtask generator.\n\
              * Modes: `off` (no agent), `sockets only` (service `capture = false`, \
              `limits.capture_bytes = 0`: the send/receive probes copy no payload) and `capture + \
-             decoding` (`capture = true`, `capture_bytes = 256`, the default decoding budget of \
+             decoding` (`capture = true`, `capture_bytes = 16384`, the default decoding budget of \
              `limits.capture_records_per_second = 25000`: above it the agent decodes one \
              connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \
              says which), and `decoding, no budget` (the same with `capture_records_per_second = 0`: \

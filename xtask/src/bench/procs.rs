@@ -403,7 +403,8 @@ impl Mode {
 /// The agent config the bench uses: one memcache service per port.
 pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     let (capture, capture_bytes) = match mode {
-        Mode::Capture | Mode::CaptureAll => (true, 256),
+        // The agent's default per-call header budget.
+        Mode::Capture | Mode::CaptureAll => (true, 16384),
         Mode::Off | Mode::SocketsOnly => (false, 0),
     };
     let mut config = String::new();
@@ -813,7 +814,7 @@ mod tests {
     #[test]
     fn config_per_mode() {
         let capture = agent_config(&[17211], Mode::Capture, 65536);
-        assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 256"));
+        assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 16384"));
         assert!(!capture.contains("capture_records_per_second"));
         let everything = agent_config(&[17211], Mode::CaptureAll, 65536);
         assert!(everything.contains("capture = true"));
