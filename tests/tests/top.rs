@@ -616,12 +616,11 @@ fn top_exits_when_its_terminal_goes_away() {
         );
         let (before, _) = cpu_ticks(top).unwrap();
         tmux.tmux(&["kill-session", "-t", &tmux.name]);
-        let (took, ticks) = wait_gone(top, before, Duration::from_secs(5), case);
+        let (took, ticks) = wait_gone(top, before, Duration::from_secs(10), case);
         eprintln!("{case}: top exited {took:?} after the hangup, {ticks} ticks of CPU");
-        assert!(
-            took < Duration::from_secs(3),
-            "{case}: top took {took:?} to exit"
-        );
+        // With local probes top first stops its private daemon (SIGTERM, probes detached).
+        let limit = Duration::from_secs(if private_daemon.is_some() { 6 } else { 3 });
+        assert!(took < limit, "{case}: top took {took:?} to exit");
         // 100 ticks a second: a spinning loop would burn its whole share of a core.
         assert!(ticks <= 30, "{case}: {ticks} ticks of CPU while exiting");
         if let Some(daemon) = private_daemon {
