@@ -48,7 +48,7 @@ enum Task {
         /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
-        /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder (comma-separated).
+        /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder, scrape, fleet, top (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
