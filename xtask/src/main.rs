@@ -156,10 +156,16 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     let deb = package::package()?;
     package::install_test(&deb)?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
+    // The unit-test step's package set, so cargo reuses its build (another set unifies
+    // features differently and rebuilds the agent, eBPF object included).
     util::cargo(&[
         "test",
         "--package",
         "cacheprobe",
+        "--package",
+        "agent-common",
+        "--package",
+        "cacheprobe-tests",
         "--lib",
         "--",
         "--ignored",

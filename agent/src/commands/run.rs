@@ -290,9 +290,10 @@ fn pump(
         }
     }
     queue.apply_all(&mut RingEvents {
-        pipeline,
+        pipeline: &mut *pipeline,
         ring: events,
     });
+    pipeline.settle(crate::clock::monotonic_ns());
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {

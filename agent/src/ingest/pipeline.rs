@@ -16,7 +16,7 @@ use crate::{
     export::metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     history::{Fact, History},
     ingest::capture_budget::CaptureBudget,
-    kernel::capture::{parse_payload, Decoders, MemcacheEvent},
+    kernel::capture::{parse_payload, Decoders, MemcacheEvent, CLOSE_GRACE_NS},
     kernel::events::{self, EventKind, SockEventRecord},
     kernel::loader::Probes,
     keystats::{
@@ -261,13 +261,13 @@ impl Pipeline {
             new_state,
         } = event.kind
         {
-            // A socket that closes, or a new one (connect, or a child cloned from a listener) at
-            // an address an old one used: the old byte stream is over.
-            if new_state == tcp_state::CLOSE
-                || old_state == tcp_state::CLOSE
-                || old_state == tcp_state::LISTEN
-            {
+            // A new socket (connect, or a child cloned from a listener) at an address an old
+            // one used: the old byte stream is over. A socket that closes: its stream ends
+            // after a grace for sends that returned after the close (see CLOSE_GRACE_NS).
+            if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
+            } else if new_state == tcp_state::CLOSE {
+                self.decoders.close_after_grace(event.sk, event.ts_ns);
             }
         }
         self.tracker.handle(event, &mut self.observations);
@@ -320,8 +320,18 @@ impl Pipeline {
         PayloadOutcome::Handled
     }
 
+    /// After each ring drain: streams of sockets closed longer than the grace ago finish.
+    pub fn settle(&mut self, now_ns: u64) {
+        self.decoders.finish_closed(
+            now_ns.saturating_sub(CLOSE_GRACE_NS),
+            &mut self.memcache_events,
+        );
+        self.flush();
+    }
+
     /// Once a second: timeouts, dead-write outcomes, kernel counters.
     pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>) {
+        self.settle(now_ns);
         // Writes held since the last tick have had their payload: name the command, report.
         for mut write in std::mem::take(&mut self.held_dead_writes) {
             if write.command.is_none() {

@@ -2,6 +2,8 @@
 //! order, with the direction taken from the connection's role. Bounded in connections; a
 //! connection's decoder goes when the connection closes.
 
+use std::collections::VecDeque;
+
 use foldhash::{HashMap, HashMapExt};
 
 use agent_common::{
@@ -374,12 +376,21 @@ struct ConnectionState {
     decoder: ConnectionDecoder,
     recent: [(u64, Option<&'static str>); RECENT_COMMANDS],
     next: usize,
+    /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
+    closed_ns: Option<u64>,
 }
+
+/// How long a closed socket's stream keeps taking payload records. A send that straddles the
+/// close (a large reply still being copied when the peer's reset arrives) returns, and so is
+/// recorded, after the state change: its bytes are the stream's last, not a new stream's first.
+pub const CLOSE_GRACE_NS: u64 = 300_000_000;
 
 pub struct Decoders {
     connections: HashMap<u64, ConnectionState>,
     max_connections: usize,
     scratch: Vec<Observation>,
+    /// Streams of closed sockets in close order, finished once [`CLOSE_GRACE_NS`] has passed.
+    closing: VecDeque<(u64, u64)>,
     /// Connections not decoded because the table was full.
     pub dropped: u64,
 }
@@ -390,6 +401,7 @@ impl Decoders {
             connections: HashMap::new(),
             max_connections,
             scratch: Vec::with_capacity(64),
+            closing: VecDeque::new(),
             dropped: 0,
         }
     }
@@ -480,6 +492,7 @@ impl Decoders {
                 }),
                 recent: [(0, None); RECENT_COMMANDS],
                 next: 0,
+                closed_ns: None,
             },
         );
         true
@@ -494,6 +507,34 @@ impl Decoders {
             .filter(|(ts, _)| *ts >= ts_ns)
             .min_by_key(|(ts, _)| *ts)
             .and_then(|(_, command)| *command)
+    }
+
+    /// The socket reached CLOSE at `ts_ns`: its stream finishes in [`Decoders::finish_closed`]
+    /// once the grace has passed, so payloads recorded just after the close still count.
+    pub fn close_after_grace(&mut self, sk: u64, ts_ns: u64) {
+        if let Some(state) = self.connections.get_mut(&sk) {
+            if state.closed_ns.is_none() {
+                state.closed_ns = Some(ts_ns);
+                self.closing.push_back((sk, ts_ns));
+            }
+        }
+    }
+
+    /// Finishes the streams of sockets that closed at or before `before_ns`.
+    pub fn finish_closed(&mut self, before_ns: u64, out: &mut Vec<MemcacheEvent>) {
+        while let Some(&(sk, closed_ns)) = self.closing.front() {
+            if closed_ns > before_ns {
+                break;
+            }
+            self.closing.pop_front();
+            // A stream that started since at the same address has no close time (or another).
+            if self.connections.get(&sk).and_then(|s| s.closed_ns) == Some(closed_ns) {
+                self.on_close(sk, out);
+            }
+        }
+        if self.closing.is_empty() && self.closing.capacity() > 1024 {
+            self.closing.shrink_to(64);
+        }
     }
 
     /// The connection closed: outstanding requests finish (unanswered) and the decoder goes.
@@ -637,6 +678,62 @@ mod tests {
         decoders.on_close(9, &mut out);
         assert!(decoders.is_empty());
         assert!(out.iter().any(|e| matches!(e, MemcacheEvent::Request { request, .. } if request.command.as_str() == "set")), "{out:?}");
+    }
+
+    /// memcached still copying a large reply when the client's reset arrives: the send returns
+    /// (and is recorded) after the close, and its VALUE line still answers the get.
+    #[test]
+    fn a_reply_recorded_just_after_the_close_still_answers() {
+        let statuses = |out: &[MemcacheEvent]| -> Vec<Status> {
+            out.iter()
+                .filter_map(|e| match e {
+                    MemcacheEvent::Request { request, .. } => Some(request.status),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let request = record(1_000, 9, false, b"get large\r\n", 11);
+        decoders.on_payload(
+            &parse_payload(&request).unwrap(),
+            endpoint(Role::Server),
+            false,
+            &mut out,
+        );
+        decoders.close_after_grace(9, 2_000);
+        decoders.finish_closed(1_999, &mut out);
+        assert!(statuses(&out).is_empty(), "{out:?}");
+        let reply = record(3_000, 9, true, b"VALUE large 0 500000\r\n", 200_000);
+        decoders.on_payload(
+            &parse_payload(&reply).unwrap(),
+            endpoint(Role::Server),
+            false,
+            &mut out,
+        );
+        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, &mut out);
+        assert!(decoders.is_empty());
+        assert_eq!(statuses(&out), vec![Status::Hit], "{out:?}");
+        // Without a reply the request finishes unanswered once the grace is over, and a stale
+        // close time never finishes a stream that has started since at the address.
+        let mut out = Vec::new();
+        decoders.on_payload(
+            &parse_payload(&request).unwrap(),
+            endpoint(Role::Server),
+            false,
+            &mut out,
+        );
+        decoders.close_after_grace(9, 5_000);
+        let reused = record(6_000, 9, true, b"get b\r\n", 7);
+        decoders.on_payload(
+            &parse_payload(&reused).unwrap(),
+            endpoint(Role::Client),
+            false,
+            &mut out,
+        );
+        assert_eq!(statuses(&out), vec![Status::Unanswered], "{out:?}");
+        decoders.finish_closed(u64::MAX, &mut out);
+        assert_eq!(decoders.len(), 1, "the new stream stays");
     }
 
     #[test]
