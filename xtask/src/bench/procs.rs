@@ -346,6 +346,51 @@ impl Memcached {
         })
     }
 
+    /// memcached inside the bench's namespace (see [`super::paired::Netns`]), listening on its
+    /// `served` port.
+    pub fn start_in(netns: &super::paired::Netns) -> anyhow::Result<Memcached> {
+        let mut args: Vec<String> = MEMCACHED_BASE_ARGS.iter().map(|s| s.to_string()).collect();
+        args.extend(["-p".to_string(), netns.served.to_string()]);
+        let command_line = format!(
+            "ip netns exec {} memcached {}   # iptables -t nat -A OUTPUT -p tcp -d 127.0.0.1 --dport {} -j REDIRECT --to-ports {}",
+            netns.name,
+            args.join(" "),
+            netns.watched,
+            netns.served
+        );
+        let mut command = Command::new("ip");
+        command
+            .args(netns.exec_prefix())
+            .arg("memcached")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut guard = ChildGuard::spawn("memcached", &mut command)?;
+        // Clients reach it through the NAT rule, on the watched port.
+        let addr: SocketAddr = ([127, 0, 0, 1], netns.watched).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            guard.check_running()?;
+            if netns
+                .run(|| Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()))?
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "memcached did not answer on {addr} in netns {} within 10 s",
+                    netns.name
+                );
+            }
+            sleep(Duration::from_millis(50))?;
+        }
+        Ok(Memcached {
+            _process: guard,
+            addr,
+            command_line,
+        })
+    }
+
     /// One value of memcached's `stats` (e.g. curr_connections).
     pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
         let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
