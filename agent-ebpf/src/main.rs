@@ -916,20 +916,18 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) 
     header.syscall = syscall as u8;
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.span_start = 0;
-    // SAFETY: the callback is a BPF subprogram taking (index, ctx); its context is unused (it
-    // finds this CPU's scratch slot itself).
+    let mut loop_ctx = LoopCtx { walk: scratch };
+    // SAFETY: the callback is a BPF subprogram taking (index, ctx); ctx is this frame's
+    // LoopCtx, which outlives the loop.
     unsafe {
         bpf_loop(
             CAPTURE_MAX_STEPS,
             capture_step as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
+            (&mut loop_ctx as *mut LoopCtx).cast(),
             0,
         );
     }
-    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
-        return;
-    };
-    let walk = unsafe { &mut *scratch };
+    // The scratch slot is still this CPU's: no second lookup.
     if walk.pos < walk.total {
         walk.flags |= payload_flags::INCOMPLETE as u64;
         walk.frames.mode = framing::mode::LOST;
@@ -942,14 +940,39 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) 
 
 const NO_SEGMENT: u64 = u64::MAX;
 
+/// What the capture loops' callbacks share: the walk, found once per call instead of by a
+/// per-CPU lookup in every callback. Lives on the caller's stack (bpf_loop's context must).
+#[repr(C)]
+struct LoopCtx {
+    walk: *mut CaptureWalk,
+}
+
+/// Header bytes fed to the frame state per scan callback: one callback per byte cost a call
+/// and its bookkeeping per byte; a stride of 8 pays them once per 8 (the state machine is
+/// still checked by the verifier once, in one callback, unrolled 8 times).
+const SCAN_STRIDE: u64 = 8;
+
+/// The walk behind a loop callback's context.
+#[inline(always)]
+unsafe fn walk_of<'a>(ctx: *mut core::ffi::c_void) -> Option<&'a mut CaptureWalk> {
+    let ctx = ctx as *mut LoopCtx;
+    if ctx.is_null() {
+        return None;
+    }
+    let walk = (*ctx).walk;
+    if walk.is_null() {
+        return None;
+    }
+    Some(&mut *walk)
+}
+
 /// One step of following a call's frames: read the next iovec entry, skip a stretch of value
 /// body, or copy and scan one piece of headers. Returns 1 to stop.
 #[inline(never)]
-unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(walk) = walk_of(ctx) else {
         return 1;
     };
-    let walk = &mut *scratch;
     if walk.pos >= walk.total || walk.frames.mode == framing::mode::LOST {
         return 1;
     }
@@ -1015,10 +1038,13 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
     walk.scan_at = at;
     walk.scan_pos = 0;
     walk.scan_len = piece;
+    let mut loop_ctx = LoopCtx {
+        walk: walk as *mut CaptureWalk,
+    };
     bpf_loop(
         CAPTURE_PIECE as u32,
         scan_round as *mut core::ffi::c_void,
-        core::ptr::null_mut(),
+        (&mut loop_ctx as *mut LoopCtx).cast(),
         0,
     );
     let segment = walk
@@ -1038,11 +1064,10 @@ unsafe extern "C" fn capture_step(_index: u64, _ctx: *mut core::ffi::c_void) -> 
 /// One round of scanning the piece just copied: pass over a body or binary key, or scan
 /// header bytes until one starts. Returns 1 when the piece is done.
 #[inline(never)]
-unsafe extern "C" fn scan_round(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+unsafe extern "C" fn scan_round(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(walk) = walk_of(ctx) else {
         return 1;
     };
-    let walk = &mut *scratch;
     if walk.scan_pos >= walk.scan_len {
         return 1;
     }
@@ -1052,10 +1077,14 @@ unsafe extern "C" fn scan_round(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         }
         framing::mode::LOST => return 1,
         _ => {
+            let rounds = (walk.scan_len - walk.scan_pos).div_ceil(SCAN_STRIDE);
+            let mut loop_ctx = LoopCtx {
+                walk: walk as *mut CaptureWalk,
+            };
             bpf_loop(
-                (walk.scan_len - walk.scan_pos) as u32,
-                scan_byte as *mut core::ffi::c_void,
-                core::ptr::null_mut(),
+                rounds as u32,
+                scan_bytes as *mut core::ffi::c_void,
+                (&mut loop_ctx as *mut LoopCtx).cast(),
                 0,
             );
         }
@@ -1063,24 +1092,28 @@ unsafe extern "C" fn scan_round(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
     0
 }
 
-/// Feeds the next header byte of the piece just copied (at `scan_at` in the record) to the
-/// frame state; stops where a body or binary key starts.
+/// Feeds the next [`SCAN_STRIDE`] header bytes of the piece just copied (at `scan_at` in the
+/// record) to the frame state; stops where a body or binary key starts.
 #[inline(never)]
-unsafe extern "C" fn scan_byte(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(scratch) = CAPTURE.get_ptr_mut(0) else {
+unsafe extern "C" fn scan_bytes(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(walk) = walk_of(ctx) else {
         return 1;
     };
-    let walk = &mut *scratch;
-    if walk.scan_pos >= walk.scan_len {
-        return 1;
+    let mut i = 0;
+    while i < SCAN_STRIDE {
+        if walk.scan_pos >= walk.scan_len {
+            return 1;
+        }
+        let at = (walk.scan_at + walk.scan_pos) as usize & (2 * RECORD_DATA_MAX - 1);
+        walk.frames.step(walk.data[at]);
+        walk.scan_pos += 1;
+        match walk.frames.mode {
+            framing::mode::SKIP | framing::mode::KEEP | framing::mode::LOST => return 1,
+            _ => {}
+        }
+        i += 1;
     }
-    let at = (walk.scan_at + walk.scan_pos) as usize & (2 * RECORD_DATA_MAX - 1);
-    walk.frames.step(walk.data[at]);
-    walk.scan_pos += 1;
-    match walk.frames.mode {
-        framing::mode::SKIP | framing::mode::KEEP | framing::mode::LOST => 1,
-        _ => 0,
-    }
+    0
 }
 
 #[inline(always)]

@@ -38,6 +38,8 @@ pub struct ScenarioResult {
     pub loss: Option<Interval>,
     /// Lowest and highest single-round loss.
     pub range: Option<(f64, f64)>,
+    /// Standard deviation of a single round's loss: what noise does to one comparison.
+    pub round_sd: Option<f64>,
     /// BPF ns per program run (all of the agent's programs), over the rounds' stats windows.
     pub ns_per_run: Option<Interval>,
     pub ns_per_op: Option<f64>,
@@ -286,10 +288,17 @@ impl Bench {
                     .fold(None, |acc: Option<(f64, f64)>, l| {
                         Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
                     });
+                let round_sd = (losses.len() >= 2).then(|| {
+                    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+                    let var = losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
+                        / (losses.len() - 1) as f64;
+                    var.sqrt()
+                });
                 results.push(ScenarioResult {
                     ends,
                     mode,
                     rounds: losses.len(),
+                    round_sd,
                     loss: paired::median_ci(&losses),
                     range,
                     ns_per_run: paired::median_ci(&per_run),
@@ -327,6 +336,7 @@ impl Bench {
             "median loss",
             "95% CI",
             "single rounds",
+            "single-round sd",
             "BPF ns per program run (median, 95% CI)",
             "BPF ns per op",
         ]);
@@ -343,6 +353,9 @@ impl Bench {
                 result.range.map_or("n/a".into(), |(lo, hi)| {
                     format!("{:.1}% .. {:.1}%", 100.0 * lo, 100.0 * hi)
                 }),
+                result
+                    .round_sd
+                    .map_or("n/a".into(), |sd| format!("{:.1} points", 100.0 * sd)),
                 result.ns_per_run.map_or("n/a".into(), |i| {
                     format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
                 }),
@@ -350,6 +363,16 @@ impl Bench {
             ]);
         }
         section.table("", summary);
+        let noisiest = results
+            .iter()
+            .filter_map(|r| r.round_sd)
+            .fold(f64::NAN, f64::max);
+        if noisiest.is_finite() {
+            section.say(format!(
+                "What noise does to a single round: its loss scatters with a standard deviation                  of up to {:.1} points here (column `single-round sd`), so one round cannot tell                  a 1% loss from none or from 3%; a goal is called met or missed only when the                  whole 95% interval of the median lies on one side of it.",
+                100.0 * noisiest
+            ));
+        }
         section.table("Every run, in the order run:", raw);
         self.targets.paired = results;
         self.finish(section);
