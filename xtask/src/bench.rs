@@ -557,6 +557,8 @@ impl Bench {
             Mode::SocketsOnly => "agent-sockets.toml",
             Mode::Capture => "agent-capture.toml",
             Mode::CaptureAll => "agent-capture-all.toml",
+            Mode::SocketsOnlyPortCheck => "agent-sockets-port-check.toml",
+            Mode::CapturePortCheck => "agent-capture-port-check.toml",
         })
     }
 
@@ -943,7 +945,8 @@ impl Bench {
                         self.targets.capture_all_loss = Some(loss);
                         self.targets.capture_all_agent_us_per_op = cpu_sat;
                     }
-                    Mode::Off => {}
+                    // Only in the interleaved rounds, which report them themselves.
+                    Mode::Off | Mode::SocketsOnlyPortCheck | Mode::CapturePortCheck => {}
                 }
             }
             summary.row(vec![

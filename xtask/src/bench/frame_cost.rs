@@ -35,7 +35,7 @@ const QUICK_GRID: &[(usize, usize)] = &[(1, 100), (10, 100), (1, 500_000)];
 /// Reply bytes a scenario moves at most (so 100 x 500 KB gets stay a few seconds).
 const BYTES_PER_SCENARIO: usize = 512 << 20;
 
-fn read_until(stream: &mut TcpStream, end: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+fn read_until(stream: &mut TcpStream, end: &[u8], buf: &mut [u8]) -> anyhow::Result<usize> {
     // Values are all b'v', so `end` can only appear at the end of the reply.
     let mut total = 0usize;
     let mut tail: Vec<u8> = Vec::with_capacity(end.len() * 2);

@@ -425,6 +425,11 @@ pub enum Mode {
     Capture,
     /// Capture with no budget: every connection decoded, whatever it costs.
     CaptureAll,
+    /// `SocketsOnly` / `Capture` with `limits.socket_storage = false`: the send/receive probes
+    /// as raw tracepoints that read each socket's ports per call (the path before issue 19,
+    /// and the one kernels without tp_btf sock_send_length keep), measured beside the default.
+    SocketsOnlyPortCheck,
+    CapturePortCheck,
 }
 
 impl Mode {
@@ -441,6 +446,8 @@ impl Mode {
             Mode::SocketsOnly => "sockets only",
             Mode::Capture => "capture + decoding",
             Mode::CaptureAll => "decoding, no budget",
+            Mode::SocketsOnlyPortCheck => "sockets only, port check per call",
+            Mode::CapturePortCheck => "capture + decoding, port check per call",
         }
     }
 }
@@ -449,8 +456,8 @@ impl Mode {
 pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     let (capture, capture_bytes) = match mode {
         // The agent's default per-call header budget.
-        Mode::Capture | Mode::CaptureAll => (true, 16384),
-        Mode::Off | Mode::SocketsOnly => (false, 0),
+        Mode::Capture | Mode::CaptureAll | Mode::CapturePortCheck => (true, 16384),
+        Mode::Off | Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => (false, 0),
     };
     let mut config = String::new();
     for (index, port) in ports.iter().enumerate() {
@@ -468,6 +475,9 @@ pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     ));
     if mode == Mode::CaptureAll {
         config.push_str("capture_records_per_second = 0\n");
+    }
+    if matches!(mode, Mode::SocketsOnlyPortCheck | Mode::CapturePortCheck) {
+        config.push_str("socket_storage = false\n");
     }
     config
 }

@@ -160,7 +160,15 @@ impl Bench {
             self.load_once(&warm, ns, &[server.pid()])?;
         }
         let started = Instant::now();
-        let modes = [Mode::Off, Mode::SocketsOnly, Mode::Capture];
+        // Each agent mode beside its port-check twin (socket_storage = false): the path before
+        // socket-local storage, measured in the same rounds.
+        let modes = [
+            Mode::Off,
+            Mode::SocketsOnly,
+            Mode::SocketsOnlyPortCheck,
+            Mode::Capture,
+            Mode::CapturePortCheck,
+        ];
         let mut runs: Vec<RoundRun> = Vec::new();
         for round in 0..rounds {
             let setups = if round % 2 == 0 {
@@ -258,7 +266,12 @@ impl Bench {
             ]);
         }
         for ends in [Ends::Both, Ends::OneEnd] {
-            for mode in [Mode::SocketsOnly, Mode::Capture] {
+            for mode in [
+                Mode::SocketsOnly,
+                Mode::SocketsOnlyPortCheck,
+                Mode::Capture,
+                Mode::CapturePortCheck,
+            ] {
                 let mine: Vec<&RoundRun> = runs
                     .iter()
                     .filter(|r| r.ends == ends && r.mode == mode)
@@ -390,7 +403,7 @@ pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
     for result in results {
         let label = result.label();
         let limits: &[(f64, &str)] = match result.mode {
-            Mode::SocketsOnly => &[(0.01, "<= 1% loss (issue 19)")],
+            Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => &[(0.01, "<= 1% loss (issue 19)")],
             _ => &[
                 (0.03, "<= 3% loss (issue 19)"),
                 (0.05, "<= 5% loss (issue 17, default budget)"),
@@ -414,7 +427,7 @@ pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
                     .map_or("not measured".into(), |i| verdict(i.against(*limit))),
             ]);
         }
-        if result.mode == Mode::SocketsOnly {
+        if matches!(result.mode, Mode::SocketsOnly | Mode::SocketsOnlyPortCheck) {
             table.row(vec![
                 format!("BPF per program run, {label}"),
                 "<= 45 ns (issue 19)".into(),
