@@ -136,7 +136,8 @@ impl Bench {
     pub(super) fn paired_rounds(&mut self, memcached: &Memcached) -> anyhow::Result<()> {
         let rounds = self.plan.rounds;
         util_step(&format!(
-            "overhead rounds: {rounds} x (off, sockets only, capture) x (both ends, one end)"
+            "overhead rounds: {rounds} x (off, sockets only, capture; each also with the port \
+             check per call) x (both ends, one end)"
         ));
         let watched = procs::free_port(17600)?;
         let served = procs::free_port(watched + 1)?;
@@ -324,7 +325,9 @@ impl Bench {
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \
-             every round, and the setups alternate which goes first; each agent-on run starts a \
+             every round (each agent mode also as `port check per call`: `limits.socket_storage \
+             = false`, the raw-tracepoint path before socket-local storage, in the same rounds), \
+             and the setups alternate which goes first; each agent-on run starts a \
              fresh agent. A run is the xtask load generator at saturation for {} s ({} \
              connections, {}). A round's loss is 1 - on/off against the `off` run of the same \
              round and setup, seconds away, so the machine's drift (other engineers' builds on \
