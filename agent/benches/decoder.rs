@@ -339,6 +339,89 @@ fn bench_decoder(c: &mut Criterion) {
         b.iter(|| black_box(decode_all(&payloads, &mut out)))
     });
     group.finish();
+
+    // Issue 17: a multi-get of 100 keys and its reply of 100 VALUE items, as the framing-aware
+    // capture delivers them: one chunk per frame header, the value body after it uncaptured.
+    let (items, many) = many_items_workload(100, 100, 200);
+    let (observations, errors) = decode_chunks(&many, &mut out);
+    assert_eq!(errors, 0, "the many-items workload must decode cleanly");
+    assert_eq!(observations, items, "one observation per key");
+    let mut group = c.benchmark_group("decoder");
+    group.throughput(Throughput::Elements(items));
+    group.bench_function("get_100_keys_many_items", |b| {
+        b.iter(|| black_box(decode_chunks(&many, &mut out)))
+    });
+    group.finish();
+}
+
+/// One send or receive as the kernel's framing-aware capture reports it: (captured header
+/// bytes, bytes of the call they stand for) per segment.
+struct Framed {
+    direction: Direction,
+    ts_ns: u64,
+    chunks: Vec<(Vec<u8>, usize)>,
+}
+
+/// `gets` multi-gets of `keys` keys with `value_len`-byte values on one text connection.
+/// Returns (items, calls).
+fn many_items_workload(keys: usize, value_len: usize, gets: usize) -> (u64, Vec<Framed>) {
+    let mut calls = Vec::new();
+    let mut ts = 1_000_000u64;
+    for get in 0..gets {
+        let names: Vec<String> = (0..keys).map(|k| format!("item:{get}:{k}")).collect();
+        let request = format!("get {}\r\n", names.join(" ")).into_bytes();
+        let request_len = request.len();
+        let mut reply = Vec::new();
+        for name in &names {
+            let header = format!("VALUE {name} 0 {value_len}\r\n").into_bytes();
+            let len = header.len() + value_len + 2;
+            reply.push((header, len));
+        }
+        reply.push((b"END\r\n".to_vec(), 5));
+        ts += 20_000;
+        calls.push(Framed {
+            direction: Direction::ClientToServer,
+            ts_ns: ts,
+            chunks: vec![(request, request_len)],
+        });
+        ts += 150_000;
+        calls.push(Framed {
+            direction: Direction::ServerToClient,
+            ts_ns: ts,
+            chunks: reply,
+        });
+    }
+    ((keys * gets) as u64, calls)
+}
+
+/// Decodes framed calls on one connection; returns (request observations, decode errors).
+fn decode_chunks(calls: &[Framed], out: &mut Vec<Observation>) -> (u64, u64) {
+    let mut decoder = ConnectionDecoder::new(DecoderConfig::default());
+    let (mut requests, mut errors) = (0, 0);
+    for call in calls {
+        for (captured, total_len) in &call.chunks {
+            decoder.feed(
+                Chunk {
+                    direction: call.direction,
+                    ts_ns: call.ts_ns,
+                    captured,
+                    total_len: *total_len,
+                },
+                out,
+            );
+        }
+        for observation in out.iter() {
+            match observation {
+                Observation::Request(r) => {
+                    black_box(r);
+                    requests += 1;
+                }
+                Observation::DecodeError(_) => errors += 1,
+            }
+        }
+        out.clear();
+    }
+    (requests, errors)
 }
 
 criterion_group!(benches, bench_decoder);

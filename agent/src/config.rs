@@ -64,6 +64,10 @@ pub struct Limits {
     /// /metrics connections one source address may hold at once (of 32 in all), so one
     /// client cannot starve Prometheus.
     pub http_connections_per_source: usize,
+    /// Keep per-socket state in socket-local storage where the kernel allows it (tp_btf
+    /// send/receive programs, one storage lookup per call); false keeps the raw/classic
+    /// tracepoints, which read the socket's ports on every call (for side-by-side measurement).
+    pub socket_storage: bool,
 }
 
 impl Default for Limits {
@@ -81,6 +85,7 @@ impl Default for Limits {
             http_connections_per_source: crate::export::http::admission::ConnectionLimits::default(
             )
             .max_per_source,
+            socket_storage: true,
         }
     }
 }

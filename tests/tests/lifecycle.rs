@@ -599,6 +599,12 @@ fn check_reports_every_probe_on_this_kernel() {
         "{json}"
     );
     assert!(json.contains("\"usable\": true"), "{json}");
+    // This kernel (6.18) has tp_btf sock_send_length / sock_recv_length and bpf_sk_storage_get
+    // for them: the send/receive probes run on the socket-local-storage path (issue 19).
+    assert!(
+        json.contains("socket-local storage (tp_btf): one storage lookup"),
+        "{json}"
+    );
 }
 
 /// /metrics over TLS with basic auth: the right credentials get metrics, wrong or missing ones

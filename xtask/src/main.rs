@@ -48,9 +48,13 @@ enum Task {
         /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
-        /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder, scrape, fleet, top (comma-separated).
+        /// Run only these measures: attach, ab, modes, bpf, frame-cost, loss, tshark, idle,
+        /// decoder, scrape, fleet, top (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Internal to `bench`: hold idle connections open until stdin closes.
     #[command(hide = true)]
@@ -84,11 +88,13 @@ fn main() -> ExitCode {
             quick,
             output,
             only,
+            rounds,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
             bench::bench(bench::BenchOptions {
                 quick,
                 output,
                 only,
+                rounds,
             })
         }),
         Task::BenchHold {
@@ -219,6 +225,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         quick: true,
         output: None,
         only: Vec::new(),
+        rounds: None,
     })?;
     Ok(())
 }

@@ -9,8 +9,8 @@ use crate::{
     config::Config,
     kernel::{
         loader::{
-            missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT,
-            PROBES,
+            self, missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE,
+            PAYLOAD_CAPTURE_IMPACT, PROBES,
         },
         offsets::{resolve_offsets, SystemLayout},
     },
@@ -167,7 +167,12 @@ pub fn run_checks(config: &Config) -> CheckReport {
                         if spec.program == "inet_sock_set_state" {
                             usable = true;
                         }
-                        let how = if probes.raw.contains(&spec.program) {
+                        let storage = loader::STORAGE_PROGRAMS
+                            .iter()
+                            .any(|&(p, _)| p == spec.program);
+                        let how = if storage && probes.socket_storage.is_ok() {
+                            "attached (tp_btf; per-socket state in socket-local storage)"
+                        } else if probes.raw.contains(&spec.program) {
                             "attached (raw tracepoint)"
                         } else {
                             "attached"
@@ -209,6 +214,35 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     ),
                 },
             ));
+            // Which per-call path the send/receive probes take: degradation as data.
+            if length_probes_attached {
+                items.push(match &probes.socket_storage {
+                    Ok(()) => item(
+                        "per-socket state",
+                        Status::Ok,
+                        "socket-local storage (tp_btf): one storage lookup per send/receive, \
+                         unwatched sockets stop there; existing connections adopted by a tcp \
+                         iterator at start",
+                        "",
+                    ),
+                    // Nothing is lost on the older path, it only costs more per call: ok, with
+                    // the path and the reason in the detail.
+                    Err(reason) => item(
+                        "per-socket state",
+                        Status::Ok,
+                        format!(
+                            "{}: every send/receive reads its socket's ports (more BPF time per \
+                             call); socket-local storage not used: {reason}",
+                            if probes.raw.is_empty() {
+                                "classic tracepoints"
+                            } else {
+                                "raw tracepoints"
+                            }
+                        ),
+                        "",
+                    ),
+                });
+            }
             items.push(if offsets.can_learn_sockets() {
                 item(
                     "existing connections",

@@ -8,8 +8,8 @@ use agent_common::{counter, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNK
 use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{trace_point::TracePointLinkId, RawTracePoint, TracePoint},
-    Ebpf, EbpfLoader,
+    programs::{trace_point::TracePointLinkId, BtfTracePoint, Iter, RawTracePoint, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 
 use crate::config::Config;
@@ -140,6 +140,9 @@ pub struct Probes {
     watched_ports: Vec<u16>,
     /// Probes (by classic program name) running as their raw-tracepoint variant.
     pub raw: Vec<&'static str>,
+    /// Whether the send/receive probes keep per-socket state in socket-local storage (tp_btf),
+    /// or why not (then they run as raw or classic tracepoints).
+    pub socket_storage: Result<(), String>,
     /// EMFILE/ENFILE probes while attached, and those loaded but detached (see
     /// [`Probes::set_fd_exhaustion_armed`]).
     fd_links: Vec<(&'static ProbeSpec, TracePointLinkId)>,
@@ -182,7 +185,27 @@ impl Probes {
         let mut status = BTreeMap::new();
         let mut raw = Vec::new();
         let mut fd_links = Vec::new();
+        let socket_storage = if config.limits.socket_storage {
+            match attach_socket_storage(&mut ebpf, offsets) {
+                Ok(()) => Ok(()),
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    tracing::info!(
+                        reason = reason.as_str(),
+                        "socket-local storage path not available; the send/receive probes \
+                         read each socket's ports on every call"
+                    );
+                    Err(reason)
+                }
+            }
+        } else {
+            Err("off in the config (limits.socket_storage = false)".into())
+        };
         for spec in PROBES {
+            if socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
+                status.insert(spec.program, ProbeStatus::Attached);
+                continue;
+            }
             if let Some(raw_program) = spec.raw_program {
                 if offsets.sock_protocol != OFFSET_UNKNOWN {
                     match attach_raw(&mut ebpf, raw_program, spec.event) {
@@ -248,6 +271,7 @@ impl Probes {
             counters,
             watched_ports: Vec::new(),
             raw,
+            socket_storage,
             fd_links,
             fd_detached: Vec::new(),
         };
@@ -288,6 +312,33 @@ impl Probes {
                 .with_context(|| format!("cannot watch port {port}"))?;
         }
         self.watched_ports = wanted.into_iter().map(|(port, _)| port).collect();
+        if self.socket_storage.is_ok() {
+            // Connections to newly watched ports that already exist get their storage now;
+            // those opened from here on get it at their first state change.
+            if let Err(err) = self.adopt_existing() {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    impact = "connections opened before now are not seen until they reconnect",
+                    "adopting existing connections into socket-local storage failed"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the `adopt_tcp` iterator once over every TCP socket (see agent-ebpf).
+    fn adopt_existing(&mut self) -> anyhow::Result<()> {
+        let iter: &mut Iter = self
+            .ebpf
+            .program_mut("adopt_tcp")
+            .context("kernel object has no program adopt_tcp")?
+            .try_into()?;
+        let link_id = iter.attach().context("cannot attach the tcp iterator")?;
+        let link = iter.take_link(link_id)?;
+        let mut file = link.into_file()?;
+        // The program writes nothing; reading to the end is what walks the sockets.
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut sink).context("tcp iterator read failed")?;
         Ok(())
     }
 
@@ -432,6 +483,84 @@ fn ns_per_jiffy() -> u64 {
     } else {
         0
     }
+}
+
+/// The send/receive probes (by classic program name) that the socket-storage path replaces,
+/// with their tp_btf programs.
+pub const STORAGE_PROGRAMS: &[(&str, &str)] = &[
+    ("sock_send_length", "btf_sock_send_length"),
+    ("sock_recv_length", "btf_sock_recv_length"),
+];
+
+/// Attaches the socket-local-storage path (issue 19): the tp_btf keeper of the storage on
+/// `inet_sock_set_state` first, so no connection opened from then on lacks storage, then the
+/// send/receive programs; loads the adoption iterator. All or nothing: on any error what was
+/// attached is unloaded and the error (the verifier's or the kernel's) says why.
+fn attach_socket_storage(ebpf: &mut Ebpf, offsets: &ProbeOffsets) -> anyhow::Result<()> {
+    let layout = &offsets.sock_common;
+    if [
+        offsets.sock_protocol,
+        layout.dport,
+        layout.num,
+        layout.state,
+    ]
+    .contains(&OFFSET_UNKNOWN)
+    {
+        anyhow::bail!(
+            "kernel BTF does not give sock.sk_protocol and sock_common's ports and state"
+        );
+    }
+    let btf = Btf::from_sys_fs().context("no kernel BTF (/sys/kernel/btf/vmlinux)")?;
+    let programs = [
+        ("btf_inet_sock_set_state", "inet_sock_set_state"),
+        (STORAGE_PROGRAMS[0].1, "sock_send_length"),
+        (STORAGE_PROGRAMS[1].1, "sock_recv_length"),
+    ];
+    let mut result = Ok(());
+    let mut attached = Vec::new();
+    for (program, event) in programs {
+        result = attach_btf(ebpf, program, event, &btf);
+        if result.is_err() {
+            break;
+        }
+        attached.push(program);
+    }
+    if result.is_ok() {
+        result = (|| -> anyhow::Result<()> {
+            let iter: &mut Iter = ebpf
+                .program_mut("adopt_tcp")
+                .context("kernel object has no program adopt_tcp")?
+                .try_into()?;
+            iter.load("tcp", &btf)
+                .context("verifier rejected the tcp iterator adopt_tcp")?;
+            Ok(())
+        })();
+    }
+    if result.is_err() {
+        for program in attached {
+            if let Some(program) = ebpf.program_mut(program) {
+                let program: Result<&mut BtfTracePoint, _> = program.try_into();
+                if let Ok(program) = program {
+                    let _ = program.unload();
+                }
+            }
+        }
+    }
+    result
+}
+
+fn attach_btf(ebpf: &mut Ebpf, program: &str, event: &str, btf: &Btf) -> anyhow::Result<()> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()?;
+    program
+        .load(event, btf)
+        .with_context(|| format!("tp_btf {event}: not loaded (verifier or kernel BTF)"))?;
+    program
+        .attach()
+        .with_context(|| format!("cannot attach tp_btf {event}"))?;
+    Ok(())
 }
 
 fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()> {

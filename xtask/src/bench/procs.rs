@@ -346,6 +346,51 @@ impl Memcached {
         })
     }
 
+    /// memcached inside the bench's namespace (see [`super::paired::Netns`]), listening on its
+    /// `served` port.
+    pub fn start_in(netns: &super::paired::Netns) -> anyhow::Result<Memcached> {
+        let mut args: Vec<String> = MEMCACHED_BASE_ARGS.iter().map(|s| s.to_string()).collect();
+        args.extend(["-p".to_string(), netns.served.to_string()]);
+        let command_line = format!(
+            "ip netns exec {} memcached {}   # iptables -t nat -A OUTPUT -p tcp -d 127.0.0.1 --dport {} -j REDIRECT --to-ports {}",
+            netns.name,
+            args.join(" "),
+            netns.watched,
+            netns.served
+        );
+        let mut command = Command::new("ip");
+        command
+            .args(netns.exec_prefix())
+            .arg("memcached")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut guard = ChildGuard::spawn("memcached", &mut command)?;
+        // Clients reach it through the NAT rule, on the watched port.
+        let addr: SocketAddr = ([127, 0, 0, 1], netns.watched).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            guard.check_running()?;
+            if netns
+                .run(|| Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()))?
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "memcached did not answer on {addr} in netns {} within 10 s",
+                    netns.name
+                );
+            }
+            sleep(Duration::from_millis(50))?;
+        }
+        Ok(Memcached {
+            _process: guard,
+            addr,
+            command_line,
+        })
+    }
+
     /// One value of memcached's `stats` (e.g. curr_connections).
     pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
         let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
@@ -380,6 +425,11 @@ pub enum Mode {
     Capture,
     /// Capture with no budget: every connection decoded, whatever it costs.
     CaptureAll,
+    /// `SocketsOnly` / `Capture` with `limits.socket_storage = false`: the send/receive probes
+    /// as raw tracepoints that read each socket's ports per call (the path before issue 19,
+    /// and the one kernels without tp_btf sock_send_length keep), measured beside the default.
+    SocketsOnlyPortCheck,
+    CapturePortCheck,
 }
 
 impl Mode {
@@ -396,6 +446,8 @@ impl Mode {
             Mode::SocketsOnly => "sockets only",
             Mode::Capture => "capture + decoding",
             Mode::CaptureAll => "decoding, no budget",
+            Mode::SocketsOnlyPortCheck => "sockets only, port check per call",
+            Mode::CapturePortCheck => "capture + decoding, port check per call",
         }
     }
 }
@@ -404,8 +456,8 @@ impl Mode {
 pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     let (capture, capture_bytes) = match mode {
         // The agent's default per-call header budget.
-        Mode::Capture | Mode::CaptureAll => (true, 16384),
-        Mode::Off | Mode::SocketsOnly => (false, 0),
+        Mode::Capture | Mode::CaptureAll | Mode::CapturePortCheck => (true, 16384),
+        Mode::Off | Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => (false, 0),
     };
     let mut config = String::new();
     for (index, port) in ports.iter().enumerate() {
@@ -423,6 +475,9 @@ pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     ));
     if mode == Mode::CaptureAll {
         config.push_str("capture_records_per_second = 0\n");
+    }
+    if matches!(mode, Mode::SocketsOnlyPortCheck | Mode::CapturePortCheck) {
+        config.push_str("socket_storage = false\n");
     }
     config
 }

@@ -1,0 +1,450 @@
+//! The overhead goals of issue 19: interleaved off/on rounds per scenario, loss as a median with
+//! a bootstrap 95% interval, and the BPF time per program run of every agent-on run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::{
+    loadgen::{self, LoadSpec, WORKLOAD},
+    observe,
+    paired::{self, Interval, Netns, Verdict},
+    procs::{self, Agent, Memcached, Mode, SysctlGuard},
+    report::{median, thousands, Section, Table},
+    Bench, DEFAULT_MAX_SOCKETS,
+};
+
+/// Where the load runs: both ends watched on loopback, or only the client end (see [`Netns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    Both,
+    OneEnd,
+}
+
+impl Ends {
+    fn label(self) -> &'static str {
+        match self {
+            Ends::Both => "both ends watched",
+            Ends::OneEnd => "one end watched (client only)",
+        }
+    }
+}
+
+/// One scenario's outcome over all rounds.
+pub struct ScenarioResult {
+    pub ends: Ends,
+    pub mode: Mode,
+    pub rounds: usize,
+    pub loss: Option<Interval>,
+    /// Lowest and highest single-round loss.
+    pub range: Option<(f64, f64)>,
+    /// Standard deviation of a single round's loss: what noise does to one comparison.
+    pub round_sd: Option<f64>,
+    /// BPF ns per program run (all of the agent's programs), over the rounds' stats windows.
+    pub ns_per_run: Option<Interval>,
+    pub ns_per_op: Option<f64>,
+}
+
+impl ScenarioResult {
+    pub fn label(&self) -> String {
+        format!("{}, {}", self.mode.label(), self.ends.label())
+    }
+}
+
+/// One load run of a round.
+struct RoundRun {
+    round: usize,
+    ends: Ends,
+    mode: Mode,
+    ops_per_sec: f64,
+    other_cores: f64,
+    /// (BPF ns, program runs, memcache ops) of the stats window after an agent-on run.
+    stats: Option<(u64, u64, u64)>,
+}
+
+impl Bench {
+    /// Saturation load, in `netns` when given; returns the report and how many cores other
+    /// processes kept busy meanwhile.
+    fn load_once(
+        &self,
+        spec: &LoadSpec,
+        netns: Option<&Netns>,
+        pids: &[u32],
+    ) -> anyhow::Result<(loadgen::LoadReport, f64)> {
+        let ours = || -> anyhow::Result<f64> {
+            let mut total = procs::user_seconds(std::process::id())?;
+            for pid in pids {
+                total += procs::user_seconds(*pid)?;
+            }
+            Ok(total)
+        };
+        let (machine_before, ours_before) = (procs::machine_user_seconds()?, ours()?);
+        let report = match netns {
+            Some(netns) => netns.run(|| loadgen::run(spec))?,
+            None => loadgen::run(spec)?,
+        };
+        let (machine_after, ours_after) = (procs::machine_user_seconds()?, ours()?);
+        if report.ops == 0 {
+            anyhow::bail!(
+                "the load generator completed no operation against {}",
+                spec.target
+            );
+        }
+        let others = ((machine_after - machine_before) - (ours_after - ours_before)).max(0.0);
+        let cores = others / report.elapsed.as_secs_f64().max(1e-3);
+        Ok((report, cores))
+    }
+
+    /// The agent-on half of a pair: the measured run with bpf_stats off, then a short window
+    /// with bpf_stats on (two clock reads per program run would otherwise count as loss).
+    fn on_run(
+        &self,
+        memcached: &Memcached,
+        netns: Option<&Netns>,
+        mode: Mode,
+        spec: &LoadSpec,
+    ) -> anyhow::Result<(f64, f64, (u64, u64, u64))> {
+        let mut agent: Agent =
+            self.start_agent(memcached.addr.port(), mode, DEFAULT_MAX_SOCKETS)?;
+        let pids = [memcached.pid(), agent.pid()];
+        let (report, others) = self.load_once(spec, netns, &pids)?;
+        agent.check_running()?;
+        let (programs, _) = procs::bpf_object_ids(agent.pid())?;
+        let stats_spec = LoadSpec {
+            duration: self.plan.stats_run,
+            ..spec.clone()
+        };
+        let (before, after, stats_load) = {
+            let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+            let before = observe::program_stats(&programs)?;
+            let (load, _) = self.load_once(&stats_spec, netns, &pids)?;
+            (before, observe::program_stats(&programs)?, load)
+        };
+        agent.check_running()?;
+        agent.stop()?;
+        let (mut ns, mut runs) = (0u64, 0u64);
+        for (id, stats) in &after {
+            let (ns0, runs0) = before
+                .get(id)
+                .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
+            ns += stats.run_time_ns.saturating_sub(ns0);
+            runs += stats.run_cnt.saturating_sub(runs0);
+        }
+        Ok((report.ops_per_sec(), others, (ns, runs, stats_load.ops)))
+    }
+
+    pub(super) fn paired_rounds(&mut self, memcached: &Memcached) -> anyhow::Result<()> {
+        let rounds = self.plan.rounds;
+        util_step(&format!(
+            "overhead rounds: {rounds} x (off, sockets only, capture; each also with the port \
+             check per call) x (both ends, one end)"
+        ));
+        let watched = procs::free_port(17600)?;
+        let served = procs::free_port(watched + 1)?;
+        let netns = Netns::create(watched, served)?;
+        let far = Memcached::start_in(&netns)?;
+        self.memcached_lines.push(far.command_line.clone());
+        netns.run(|| loadgen::populate(far.addr, &WORKLOAD))?;
+        let spec = |server: &Memcached| LoadSpec {
+            target: server.addr,
+            connections: self.plan.saturation_connections,
+            duration: self.plan.paired_run,
+            rate: None,
+            workload: WORKLOAD,
+        };
+        // Warm both servers so the first measured run is not penalised.
+        for (server, ns) in [(memcached, None), (&far, Some(&netns))] {
+            let warm = LoadSpec {
+                duration: Duration::from_secs(1),
+                ..spec(server)
+            };
+            self.load_once(&warm, ns, &[server.pid()])?;
+        }
+        let started = Instant::now();
+        // Each agent mode beside its port-check twin (socket_storage = false): the path before
+        // socket-local storage, measured in the same rounds.
+        let modes = [
+            Mode::Off,
+            Mode::SocketsOnly,
+            Mode::SocketsOnlyPortCheck,
+            Mode::Capture,
+            Mode::CapturePortCheck,
+        ];
+        let mut runs: Vec<RoundRun> = Vec::new();
+        for round in 0..rounds {
+            let setups = if round % 2 == 0 {
+                [Ends::Both, Ends::OneEnd]
+            } else {
+                [Ends::OneEnd, Ends::Both]
+            };
+            for ends in setups {
+                let (server, ns) = match ends {
+                    Ends::Both => (memcached, None),
+                    Ends::OneEnd => (&far, Some(&netns)),
+                };
+                let spec = spec(server);
+                // Rotate so `off` is first, middle and last in turn.
+                for i in 0..modes.len() {
+                    let mode = modes[(i + round) % modes.len()];
+                    eprintln!(
+                        "xtask: round {}/{rounds}, {}, {} ({:.0} s in)",
+                        round + 1,
+                        ends.label(),
+                        mode.label(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    if !self.plan.paired_quiet.is_zero() {
+                        procs::wait_for_quiet(super::QUIET_CORES, &[], self.plan.paired_quiet)?;
+                    }
+                    let run = if mode == Mode::Off {
+                        let (report, others) = self.load_once(&spec, ns, &[server.pid()])?;
+                        RoundRun {
+                            round,
+                            ends,
+                            mode,
+                            ops_per_sec: report.ops_per_sec(),
+                            other_cores: others,
+                            stats: None,
+                        }
+                    } else {
+                        let (ops, others, stats) = self
+                            .on_run(server, ns, mode, &spec)
+                            .with_context(|| format!("{} {}", mode.label(), ends.label()))?;
+                        RoundRun {
+                            round,
+                            ends,
+                            mode,
+                            ops_per_sec: ops,
+                            other_cores: others,
+                            stats: Some(stats),
+                        }
+                    };
+                    runs.push(run);
+                }
+            }
+        }
+        drop(far);
+        drop(netns);
+
+        let mut results = Vec::new();
+        let mut raw = Table::new(&[
+            "round",
+            "ends",
+            "mode",
+            "ops/s",
+            "loss vs off of this round",
+            "BPF ns per program run",
+            "program runs per op",
+            "BPF ns per op",
+            "other processes, cores",
+        ]);
+        for run in &runs {
+            let off = runs
+                .iter()
+                .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends);
+            let loss = off.map(|off| 1.0 - run.ops_per_sec / off.ops_per_sec);
+            let (per_run, runs_per_op, per_op) = match run.stats {
+                Some((ns, count, ops)) => (
+                    format!("{:.1}", ns as f64 / count.max(1) as f64),
+                    format!("{:.2}", count as f64 / ops.max(1) as f64),
+                    format!("{:.0}", ns as f64 / ops.max(1) as f64),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            raw.row(vec![
+                (run.round + 1).to_string(),
+                run.ends.label().into(),
+                run.mode.label().into(),
+                thousands(run.ops_per_sec),
+                match (run.mode, loss) {
+                    (Mode::Off, _) | (_, None) => "-".into(),
+                    (_, Some(loss)) => format!("{:+.2}%", 100.0 * loss),
+                },
+                per_run,
+                runs_per_op,
+                per_op,
+                format!("{:.2}", run.other_cores),
+            ]);
+        }
+        for ends in [Ends::Both, Ends::OneEnd] {
+            for mode in [
+                Mode::SocketsOnly,
+                Mode::SocketsOnlyPortCheck,
+                Mode::Capture,
+                Mode::CapturePortCheck,
+            ] {
+                let mine: Vec<&RoundRun> = runs
+                    .iter()
+                    .filter(|r| r.ends == ends && r.mode == mode)
+                    .collect();
+                let losses: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| {
+                        let off = runs.iter().find(|o| {
+                            o.mode == Mode::Off && o.round == r.round && o.ends == ends
+                        })?;
+                        Some(1.0 - r.ops_per_sec / off.ops_per_sec)
+                    })
+                    .collect();
+                let per_run: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| r.stats)
+                    .map(|(ns, count, _)| ns as f64 / count.max(1) as f64)
+                    .collect();
+                let per_op: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| r.stats)
+                    .map(|(ns, _, ops)| ns as f64 / ops.max(1) as f64)
+                    .collect();
+                let range = losses
+                    .iter()
+                    .copied()
+                    .fold(None, |acc: Option<(f64, f64)>, l| {
+                        Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
+                    });
+                let round_sd = (losses.len() >= 2).then(|| {
+                    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+                    let var = losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
+                        / (losses.len() - 1) as f64;
+                    var.sqrt()
+                });
+                results.push(ScenarioResult {
+                    ends,
+                    mode,
+                    rounds: losses.len(),
+                    round_sd,
+                    loss: paired::median_ci(&losses),
+                    range,
+                    ns_per_run: paired::median_ci(&per_run),
+                    ns_per_op: median(&per_op),
+                });
+            }
+        }
+
+        let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
+        section.say(format!(
+            "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
+             and `capture + decoding` (default decoding budget) back to back, in an order rotated \
+             every round (each agent mode also as `port check per call`: `limits.socket_storage \
+             = false`, the raw-tracepoint path before socket-local storage, in the same rounds), \
+             and the setups alternate which goes first; each agent-on run starts a \
+             fresh agent. A run is the xtask load generator at saturation for {} s ({} \
+             connections, {}). A round's loss is 1 - on/off against the `off` run of the same \
+             round and setup, seconds away, so the machine's drift (other engineers' builds on \
+             this 2-core host) cancels within the pair; the median over rounds is given with a \
+             95% percentile-bootstrap interval ({} resamples of whole rounds). After each \
+             agent-on run the agent keeps running for a {} s window with \
+             `kernel.bpf_stats_enabled=1` (off during the measured run, since stats add two clock \
+             reads per program run): its BPF ns per program run over all the agent's programs, \
+             and per memcache op. `one end watched`: memcached in a network namespace of the \
+             bench listens on an unwatched port, the client connects to the watched port and a \
+             NAT rule in that namespace forwards it, so only the client's socket is watched \
+             (the off runs pay for the NAT as well).",
+            self.plan.paired_run.as_secs(),
+            self.plan.saturation_connections,
+            WORKLOAD.describe(),
+            paired::RESAMPLES,
+            self.plan.stats_run.as_secs(),
+        ));
+        let mut summary = Table::new(&[
+            "scenario",
+            "rounds",
+            "median loss",
+            "95% CI",
+            "single rounds",
+            "single-round sd",
+            "BPF ns per program run (median, 95% CI)",
+            "BPF ns per op",
+        ]);
+        for result in &results {
+            summary.row(vec![
+                result.label(),
+                result.rounds.to_string(),
+                result
+                    .loss
+                    .map_or("n/a".into(), |i| format!("{:.2}%", 100.0 * i.median)),
+                result.loss.map_or("n/a".into(), |i| {
+                    format!("{:.2}% .. {:.2}%", 100.0 * i.low, 100.0 * i.high)
+                }),
+                result.range.map_or("n/a".into(), |(lo, hi)| {
+                    format!("{:.1}% .. {:.1}%", 100.0 * lo, 100.0 * hi)
+                }),
+                result
+                    .round_sd
+                    .map_or("n/a".into(), |sd| format!("{:.1} points", 100.0 * sd)),
+                result.ns_per_run.map_or("n/a".into(), |i| {
+                    format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
+                }),
+                result.ns_per_op.map_or("n/a".into(), |v| format!("{v:.0}")),
+            ]);
+        }
+        section.table("", summary);
+        let noisiest = results
+            .iter()
+            .filter_map(|r| r.round_sd)
+            .fold(f64::NAN, f64::max);
+        if noisiest.is_finite() {
+            section.say(format!(
+                "What noise does to a single round: its loss scatters with a standard deviation                  of up to {:.1} points here (column `single-round sd`), so one round cannot tell                  a 1% loss from none or from 3%; a goal is called met or missed only when the                  whole 95% interval of the median lies on one side of it.",
+                100.0 * noisiest
+            ));
+        }
+        section.table("Every run, in the order run:", raw);
+        self.targets.paired = results;
+        self.finish(section);
+        Ok(())
+    }
+}
+
+/// Goal rows of issue 19 (and #17's default-budget loss) for the targets table.
+pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
+    let verdict = |v: Verdict| match v {
+        Verdict::Met => "met".to_string(),
+        Verdict::Missed => "**missed**".to_string(),
+        Verdict::Undecided => "**not shown** (the interval straddles the goal)".to_string(),
+    };
+    for result in results {
+        let label = result.label();
+        let limits: &[(f64, &str)] = match result.mode {
+            Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => &[(0.01, "<= 1% loss (issue 19)")],
+            _ => &[
+                (0.03, "<= 3% loss (issue 19)"),
+                (0.05, "<= 5% loss (issue 17, default budget)"),
+            ],
+        };
+        for (limit, goal) in limits {
+            table.row(vec![
+                format!("throughput at saturation, {label}"),
+                goal.to_string(),
+                result.loss.map_or("n/a".into(), |i| {
+                    format!(
+                        "{:.2}% loss (95% CI {:.2}% .. {:.2}%, {} rounds)",
+                        100.0 * i.median,
+                        100.0 * i.low,
+                        100.0 * i.high,
+                        result.rounds
+                    )
+                }),
+                result
+                    .loss
+                    .map_or("not measured".into(), |i| verdict(i.against(*limit))),
+            ]);
+        }
+        if matches!(result.mode, Mode::SocketsOnly | Mode::SocketsOnlyPortCheck) {
+            table.row(vec![
+                format!("BPF per program run, {label}"),
+                "<= 45 ns (issue 19)".into(),
+                result.ns_per_run.map_or("n/a".into(), |i| {
+                    format!("{:.1} ns (95% CI {:.1} .. {:.1})", i.median, i.low, i.high)
+                }),
+                result
+                    .ns_per_run
+                    .map_or("not measured".into(), |i| verdict(i.against(45.0))),
+            ]);
+        }
+    }
+}
+
+fn util_step(text: &str) {
+    crate::util::step(text);
+}
