@@ -8,7 +8,7 @@ use serde::Deserialize;
 /// a selector matched far more than cacheprobe exports.
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PromError {
     #[error("cannot reach Prometheus at {url}: {detail}")]
     Unreachable { url: String, detail: String },
