@@ -1626,12 +1626,17 @@ impl Bench {
                     .map(|(_, t)| t.to_string())
             })
             .unwrap_or_else(|| "?".into());
+        // "prometheus used 4.27 s of CPU at load average 15.0": the load-independent part.
+        let cpu = stderr
+            .lines()
+            .find_map(|l| l.split_once("FLEET-BENCH 500 hosts: prometheus used ").map(|(_, t)| t))
+            .unwrap_or("? s of CPU");
         section.say(format!(
             "500 hosts, each a client of a pool of 10 memcached servers (25 pools): about 100k \
              series over 35 minutes at 60 s, written as OpenMetrics and backfilled with \
              `promtool tsdb create-blocks-from openmetrics` ({backfill}), served by `prometheus` \
              on loopback. `cacheprobe diagnose --prometheus URL --since 30m --json` answered in \
-             **{seconds:.2} s** (goal: 10 s). Command: `{command}`."
+             **{seconds:.2} s** (goal: 10 s); Prometheus used {cpu}. Command: `{command}`."
         ));
         self.finish(section);
         Ok(())
