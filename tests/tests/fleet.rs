@@ -886,41 +886,63 @@ fn fleet_500_hosts_answers_within_10_s() {
     // Prometheus' CPU time for the run: the part of the cost that does not depend on how busy
     // the machine is (wall time on a loaded 2-core machine mostly measures the others).
     let prometheus_cpu = || process_cpu_s(prom._server.0.id());
-    let cpu_before = prometheus_cpu();
-    let started = Instant::now();
-    let out = diagnose(&[
-        "--prometheus",
-        &prom.url(),
-        "--since",
-        "30m",
-        "--at",
-        &at,
-        "--json",
-    ]);
-    let took = started.elapsed();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!(
-        "FLEET-BENCH 500 hosts: prometheus used {:.2} s of CPU at load average {}",
-        prometheus_cpu() - cpu_before,
-        load.split_whitespace().next().unwrap_or("?")
-    );
+    // CACHEPROBE_FLEET_BENCH_ROUNDS=N runs diagnose N times against the same Prometheus (the
+    // first one against cold blocks when they were just backfilled or reused): the spread
+    // says how much of a number is the machine's load.
+    let rounds: usize = std::env::var("CACHEPROBE_FLEET_BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut walls = Vec::new();
+    for round in 1..=rounds {
+        let cpu_before = prometheus_cpu();
+        let started = Instant::now();
+        let out = diagnose(&[
+            "--prometheus",
+            &prom.url(),
+            "--since",
+            "30m",
+            "--at",
+            &at,
+            "--json",
+        ]);
+        let took = started.elapsed();
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        eprintln!(
+            "FLEET-BENCH 500 hosts: round {round}: {:.2} s wall, prometheus used {:.2} s of CPU \
+             at load average {}",
+            took.as_secs_f64(),
+            prometheus_cpu() - cpu_before,
+            load.split_whitespace().next().unwrap_or("?")
+        );
+        assert!(
+            out.status.code() == Some(0) || out.status.code() == Some(1),
+            "{}",
+            stderr(&out)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["source"]["hosts"], 500);
+        assert!(
+            report["source"].get("partial").is_none(),
+            "{}",
+            report["notes"]
+        );
+        walls.push(took);
+    }
+    walls.sort();
+    let median = walls[walls.len() / 2];
     eprintln!(
         "FLEET-BENCH 500 hosts: diagnose answered in {:.2} s",
-        took.as_secs_f64()
+        median.as_secs_f64()
     );
-    assert!(
-        out.status.code() == Some(0) || out.status.code() == Some(1),
-        "{}",
-        stderr(&out)
+    eprintln!(
+        "FLEET-BENCH 500 hosts: {rounds} rounds, min {:.2} s, median {:.2} s, max {:.2} s",
+        walls[0].as_secs_f64(),
+        median.as_secs_f64(),
+        walls[walls.len() - 1].as_secs_f64()
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["source"]["hosts"], 500);
-    assert!(
-        report["source"].get("partial").is_none(),
-        "{}",
-        report["notes"]
-    );
-    assert!(took <= Duration::from_secs(10), "took {took:?}");
+    assert!(median <= Duration::from_secs(10), "median {median:?}");
 }
 
 /// The benchmark's fleet: 500 client hosts, 25 pools of 10 servers, 35 minutes at 60 s.
