@@ -64,6 +64,11 @@ pub struct Limits {
     /// /metrics connections one source address may hold at once (of 32 in all), so one
     /// client cannot starve Prometheus.
     pub http_connections_per_source: usize,
+    /// Requests at least this slow (microseconds) carry their request id as an OpenMetrics
+    /// exemplar on the latency histogram (0: any request may).
+    pub exemplar_min_latency_us: u64,
+    /// Exemplars set per second at most (0 turns them off).
+    pub exemplars_per_second: u32,
 }
 
 impl Default for Limits {
@@ -81,6 +86,8 @@ impl Default for Limits {
             http_connections_per_source: crate::export::http::admission::ConnectionLimits::default(
             )
             .max_per_source,
+            exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
+            exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,
         }
     }
 }
