@@ -1,6 +1,7 @@
 //! `cacheprobe diagnose --prometheus`: fleet detectors over PromQL. Each detector collects a few query results, a pure judge turns them into findings, rendered like the per-host report.
 
 pub mod bad_server;
+pub mod both_ends;
 pub mod coverage;
 pub mod edge_time;
 pub mod idle;
@@ -221,6 +222,13 @@ impl<'a> Collector<'a> {
         Ok(self.keep_warnings(answer))
     }
 
+    pub fn exemplars(&self, query: &str) -> Result<Vec<prom::ExemplarSeries>, PromError> {
+        self.check_deadline()?;
+        let start = self.scope.at.saturating_sub(self.scope.window_s);
+        let answer = self.with_slot(|| self.client.query_exemplars(query, start, self.scope.at))?;
+        Ok(self.keep_warnings(answer))
+    }
+
     pub fn range(&self, query: &str, step_s: u64) -> Result<Vec<Series>, PromError> {
         self.check_deadline()?;
         let start = self.scope.at.saturating_sub(self.scope.window_s);
@@ -255,6 +263,7 @@ const DETECTORS: &[(&str, Detector)] = &[
     ("ring disagreement", ring::run),
     ("connection mesh", mesh::run),
     ("synchronous spikes", spikes::run),
+    ("requests seen from both ends", both_ends::run),
 ];
 
 /// The outcome of a fleet run: the report, and whether some detectors could not run.
