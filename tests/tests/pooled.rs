@@ -231,9 +231,11 @@ impl LocalDiagnose {
 }
 
 /// The daemon's history through `diagnose --socket` (1 s live on top).
+/// The daemon's report of its history so far. `--duration 0` (no live watch): the traffic is
+/// over by now, and the edge table then covers the last minute instead of a quiet live second.
 fn daemon_report(agent: &Agent) -> serde_json::Value {
     let output = Command::new(agent_binary())
-        .args(["diagnose", "--json", "--duration", "1s", "--socket"])
+        .args(["diagnose", "--json", "--duration", "0s", "--socket"])
         .arg(&agent.control_socket)
         .arg("--config")
         .arg(&agent.config_path)

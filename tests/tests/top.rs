@@ -96,13 +96,22 @@ impl Tmux {
         let _ = Command::new("tmux")
             .args(["kill-session", "-t", &name])
             .output();
-        let status = Command::new("tmux")
-            .args(["new-session", "-d", "-s", &name, "-x", "120", "-y", "40"])
-            .arg(command)
-            .status()
-            .expect("tmux is installed (cargo xtask setup)");
-        assert!(status.success(), "tmux new-session failed");
-        Tmux { name }
+        // Tests run in parallel, and two tmux clients that both find no server each start one:
+        // the loser fails ("server exited unexpectedly"). Retrying then finds the winner's.
+        let mut errors = Vec::new();
+        for _ in 0..5 {
+            let output = Command::new("tmux")
+                .args(["new-session", "-d", "-s", &name, "-x", "120", "-y", "40"])
+                .arg(command)
+                .output()
+                .expect("tmux is installed (cargo xtask setup)");
+            if output.status.success() {
+                return Tmux { name };
+            }
+            errors.push(String::from_utf8_lossy(&output.stderr).trim().to_string());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("tmux new-session failed 5 times: {errors:?}");
     }
 
     fn tmux(&self, args: &[&str]) -> String {
@@ -339,7 +348,10 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
 
     // q quits; the terminal is back in cooked mode with echo.
     tmux.keys(&["q"]);
-    let screen = tmux.wait_for("exit", Duration::from_secs(5), |s| s.contains("top exited"));
+    // Wait for stty's line too: it comes a moment after top's exit line.
+    let screen = tmux.wait_for("exit", Duration::from_secs(5), |s| {
+        s.contains("top exited") && s.contains("icanon")
+    });
     assert!(screen.contains("top exited 0"), "{screen}");
     assert!(
         !screen.contains("REQ/S"),
@@ -383,7 +395,10 @@ fn sigterm_and_sigint_restore_the_terminal() {
         };
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's child.
         assert_eq!(unsafe { libc::kill(top, number) }, 0, "signal sent");
-        let screen = tmux.wait_for("exit", Duration::from_secs(5), |s| s.contains("top exited"));
+        // Wait for stty's line too: it comes a moment after top's exit line.
+        let screen = tmux.wait_for("exit", Duration::from_secs(5), |s| {
+            s.contains("top exited") && s.contains("icanon")
+        });
         assert!(screen.contains("top exited 0"), "SIG{signal}: {screen}");
         let modes = screen
             .lines()
