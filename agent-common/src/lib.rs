@@ -132,6 +132,12 @@ pub struct ProbeOffsets {
     /// from the kernel when its state changes instead of being stamped on every send/receive.
     pub tcp_lsndtime: u16,
     pub tcp_lrcvtime: u16,
+    /// `struct tcp_sock` members `write_seq` and `copied_seq` (u32 TCP sequence numbers: the
+    /// next byte the application will write, the next byte it will read), from BTF. Payload
+    /// records carry the sequence number of their call's first byte, which both ends of a
+    /// connection agree on: the request id of issue 18.
+    pub tcp_write_seq: u16,
+    pub tcp_copied_seq: u16,
     /// How to find the running syscall and its buffer in the task's saved user registers.
     pub syscall_regs: SyscallRegs,
 }
@@ -196,6 +202,8 @@ impl ProbeOffsets {
         sock_protocol: OFFSET_UNKNOWN,
         tcp_lsndtime: OFFSET_UNKNOWN,
         tcp_lrcvtime: OFFSET_UNKNOWN,
+        tcp_write_seq: OFFSET_UNKNOWN,
+        tcp_copied_seq: OFFSET_UNKNOWN,
         syscall_regs: SyscallRegs {
             number: OFFSET_UNKNOWN,
             second_arg: OFFSET_UNKNOWN,
@@ -335,6 +343,8 @@ pub mod payload_flags {
     /// follow): the bytes after the last segment were not looked at, and the next call starts
     /// afresh at a frame boundary.
     pub const INCOMPLETE: u8 = 1;
+    /// [`super::PayloadHeader::seq`] holds the TCP sequence number of the call's first byte.
+    pub const SEQ: u8 = 2;
 }
 
 /// One payload record: this header, then `data_len` bytes of segments. A segment is a
@@ -358,13 +368,17 @@ pub struct PayloadHeader {
     pub is_send: u8,
     pub syscall: u8,
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// TCP sequence number of the call's first byte (`write_seq` after a send, `copied_seq`
+    /// after a receive, minus the bytes the call moved), valid with [`payload_flags::SEQ`].
+    pub seq: u32,
     pub comm: [u8; COMM_LEN],
 }
 
 /// Bytes of [`PayloadHeader`]: the smallest valid payload record.
 pub const PAYLOAD_HEADER_LEN: usize = 64;
 const _: () = assert!(core::mem::size_of::<PayloadHeader>() == PAYLOAD_HEADER_LEN);
+const _: () = assert!(core::mem::offset_of!(PayloadHeader, seq) == 44);
 
 /// Where one segment of captured bytes lies in its call.
 #[repr(C)]

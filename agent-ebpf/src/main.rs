@@ -1089,7 +1089,22 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) 
     }
     walk.iov_index = 0;
     walk.iov_off = 0;
+    // The call has already moved the socket's sequence number past its bytes: step back to
+    // its first byte, the number both ends of the connection know it by.
+    let seq_offset = if is_send {
+        offsets().tcp_write_seq
+    } else {
+        offsets().tcp_copied_seq
+    };
+    let seq = match read_kernel_field::<u32>(sk, seq_offset) {
+        Some(next) => {
+            walk.flags |= payload_flags::SEQ as u64;
+            next.wrapping_sub(ret as u32)
+        }
+        None => 0,
+    };
     let header = &mut walk.header;
+    header.seq = seq;
     header.ts_ns = unsafe { bpf_ktime_get_ns() };
     header.sk = sk;
     header.total_len = ret as u64;

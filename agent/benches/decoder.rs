@@ -300,6 +300,7 @@ fn decode_all(payloads: &[Payload], out: &mut Vec<Observation>) -> (u64, u64) {
             ts_ns: payload.ts_ns,
             captured: &payload.bytes[..payload.bytes.len().min(CAPTURE)],
             total_len: payload.bytes.len(),
+            seq: None,
         };
         decoders[payload.connection].feed(chunk, out);
         // The agent reads observations after every chunk and clears the vector, which keeps

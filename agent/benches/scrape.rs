@@ -80,7 +80,7 @@ fn populate(fleet: &Fleet) -> Registry {
                     metrics
                         .memcache_duration
                         .get_or_create(&labels)
-                        .observe(0.0003);
+                        .observe(0.0003, None);
                     for status in STATUSES {
                         metrics
                             .memcache_requests

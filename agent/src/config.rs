@@ -68,6 +68,11 @@ pub struct Limits {
     /// send/receive programs, one storage lookup per call); false keeps the raw/classic
     /// tracepoints, which read the socket's ports on every call (for side-by-side measurement).
     pub socket_storage: bool,
+    /// Requests at least this slow (microseconds) carry their request id as an OpenMetrics
+    /// exemplar on the latency histogram (0: any request may).
+    pub exemplar_min_latency_us: u64,
+    /// Exemplars set per second at most (0 turns them off).
+    pub exemplars_per_second: u32,
 }
 
 impl Default for Limits {
@@ -86,6 +91,8 @@ impl Default for Limits {
             )
             .max_per_source,
             socket_storage: true,
+            exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
+            exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,
         }
     }
 }

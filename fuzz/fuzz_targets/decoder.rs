@@ -54,6 +54,8 @@ fuzz_target!(|data: &[u8]| {
                         ts_ns: ts,
                         captured: &payload[..captured_len],
                         total_len: len + extra,
+                        // Some chunks carry a TCP sequence number (arbitrary, wrapping).
+                        seq: (header & 2 != 0).then(|| (ts as u32).wrapping_mul(0x9e37_79b9)),
                     },
                     &mut out,
                 );

@@ -7,7 +7,10 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter, exemplar::HistogramWithExemplars, family::Family, gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -171,6 +174,23 @@ pub struct RingViewLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The exemplar a slow request leaves on its latency bucket: the id both ends of the
+/// connection derive for it (see [`crate::model::request_id`]), as 16 hex digits.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestIdLabel {
+    pub request_id: String,
+}
+
+pub type LatencyHistogram = HistogramWithExemplars<RequestIdLabel>;
+type LatencyFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
+
+/// Requests at least this slow carry their id as an exemplar (memcached answers in tens of
+/// microseconds; a millisecond is slow for a cache).
+pub const EXEMPLAR_MIN_LATENCY_NS: u64 = 1_000_000;
+/// At most this many exemplars are set per second, whatever the rate of slow requests: each
+/// costs a hash and a string, and Prometheus keeps only the last one per bucket per scrape.
+pub const EXEMPLARS_PER_SECOND: u32 = 20;
+
 /// Idle times that separate the usual server idle timeouts (memcached, Kestrel, load balancers).
 const IDLE_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0,
@@ -186,8 +206,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS.iter().copied())
+fn latency_histogram() -> LatencyHistogram {
+    HistogramWithExemplars::new(LATENCY_BUCKETS.iter().copied())
 }
 
 fn idle_histogram() -> Histogram {
@@ -252,7 +272,7 @@ pub struct Metrics {
     pub syn: Family<SynLabels, Counter>,
     pub fd_exhaustion_errors: Family<FdErrorLabels, Counter>,
     pub memcache_requests: Family<RequestLabels, Counter>,
-    pub memcache_duration: HistogramFamily<CommandLabels>,
+    pub memcache_duration: LatencyFamily<CommandLabels>,
     pub memcache_bytes: Family<BytesLabels, Counter>,
     pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
     pub queue_operations: Family<QueueLabels, Counter>,
@@ -653,7 +673,11 @@ pub struct ObservationRecorder {
     // Handles to series already created: the per-request path then costs one hash lookup and
     // an atomic add, no label allocation.
     request_counters: HashMap<(Endpoint, Command, Status), Counter>,
-    duration_histograms: HashMap<(Endpoint, Command), Histogram>,
+    duration_histograms: HashMap<(Endpoint, Command), LatencyHistogram>,
+    /// Exemplars set in the current second (by request timestamp) and which second that is.
+    exemplars_in_second: (u64, u32),
+    exemplar_min_latency_ns: u64,
+    exemplars_per_second: u32,
     byte_counters: HashMap<(Endpoint, bool), Counter>,
     ring_view: RingView,
     /// The info series currently exported per service, to remove when the view changes.
@@ -678,6 +702,9 @@ impl ObservationRecorder {
             queues: LabelBudget::new(64),
             request_counters: HashMap::new(),
             duration_histograms: HashMap::new(),
+            exemplars_in_second: (0, 0),
+            exemplar_min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
+            exemplars_per_second: EXEMPLARS_PER_SECOND,
             byte_counters: HashMap::new(),
             server_labels: HashMap::new(),
             ring_view: RingView::default(),
@@ -736,6 +763,39 @@ impl ObservationRecorder {
         self.comms.admit(0, comm.to_string())
     }
 
+    /// Which requests carry their id as an exemplar: at least `min_latency_ns` slow, at most
+    /// `per_second` of them (0: none).
+    pub fn set_exemplars(&mut self, min_latency_ns: u64, per_second: u32) {
+        self.exemplar_min_latency_ns = min_latency_ns;
+        self.exemplars_per_second = per_second;
+    }
+
+    /// The exemplar for a request that took `latency_ns`: its id when it is slow, its sequence
+    /// number is known and this second's exemplar budget is not spent.
+    fn exemplar(
+        &mut self,
+        endpoint: &Endpoint,
+        request: &crate::memcache::RequestObservation,
+        latency_ns: u64,
+    ) -> Option<RequestIdLabel> {
+        if latency_ns < self.exemplar_min_latency_ns || self.exemplars_per_second == 0 {
+            return None;
+        }
+        let seq = request.seq?;
+        let second = request.request_ts_ns / 1_000_000_000;
+        let (current, used) = &mut self.exemplars_in_second;
+        if *current != second {
+            (*current, *used) = (second, 0);
+        }
+        if *used >= self.exemplars_per_second {
+            return None;
+        }
+        *used += 1;
+        Some(RequestIdLabel {
+            request_id: format!("{:016x}", crate::model::request_id(endpoint.server, seq)),
+        })
+    }
+
     /// `weight`: how many requests (and bytes) each decoded one stands for while capture
     /// samples connections (1 otherwise).
     pub fn record_memcache(&mut self, event: &MemcacheEvent, weight: u64) {
@@ -770,9 +830,10 @@ impl ObservationRecorder {
                 }
                 if let Some(latency) = request.latency_ns {
                     let seconds = latency as f64 / 1e9;
+                    let exemplar = self.exemplar(endpoint, request, latency);
                     let key = (*endpoint, request.command);
                     match self.duration_histograms.get(&key) {
-                        Some(histogram) => histogram.observe(seconds),
+                        Some(histogram) => histogram.observe(seconds, exemplar),
                         None => {
                             if self.duration_histograms.len() >= MAX_CACHED_SERIES {
                                 self.duration_histograms.clear();
@@ -788,7 +849,7 @@ impl ObservationRecorder {
                                     command: request.command.as_str(),
                                 })
                                 .clone();
-                            histogram.observe(seconds);
+                            histogram.observe(seconds, exemplar);
                             self.duration_histograms.insert(key, histogram);
                         }
                     }
@@ -1071,6 +1132,40 @@ fn next_comment_line(text: &str) -> usize {
     text.len()
 }
 
+/// Appends sample lines, dropping OpenMetrics exemplars (` # {labels} value` after a sample),
+/// which text format 0.0.4 does not have. Lines without a '#' (nearly all) are copied as one run.
+fn push_without_exemplars(out: &mut String, samples: &str) {
+    if !samples.contains('#') {
+        out.push_str(samples);
+        return;
+    }
+    for line in samples.split_inclusive('\n') {
+        match exemplar_start(line) {
+            Some(at) => {
+                out.push_str(&line[..at]);
+                out.push('\n');
+            }
+            None => out.push_str(line),
+        }
+    }
+}
+
+/// Where a sample line's exemplar (" # {") begins: the first '#' outside quoted label values.
+fn exemplar_start(line: &str) -> Option<usize> {
+    let bytes = line.as_bytes();
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &byte) in bytes.iter().enumerate() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'#' if !quoted && i > 0 && bytes[i - 1] == b' ' => return Some(i - 1),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Rewrites OpenMetrics text as Prometheus text format 0.0.4: counters are announced under their
 /// `_total` sample name, `unknown` becomes `untyped`, and UNIT/EOF lines go.
 pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
@@ -1082,7 +1177,7 @@ pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
             // Sample lines pass through unchanged: copy the whole run up to the next comment
             // line at once (a scrape at the cardinality ceiling is ~350k of them).
             let end = next_comment_line(rest);
-            out.push_str(&rest[..end]);
+            push_without_exemplars(&mut out, &rest[..end]);
             if !out.ends_with('\n') {
                 out.push('\n');
             }
@@ -1211,6 +1306,84 @@ mod tests {
             "# TYPE g gauge\ng{comm=\"#x\"} 1\n"
         );
         assert_eq!(openmetrics_to_prometheus_text(""), "");
+    }
+
+    /// A slow request with a known sequence number leaves its id on its latency bucket (as
+    /// OpenMetrics exemplar, dropped from text format 0.0.4); fast ones and ones without a
+    /// number leave none; no more than the budget per second.
+    #[test]
+    fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
+        let (metrics, registry) = Metrics::new();
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
+        let server = "10.0.0.2:11211";
+        let request = |latency_ns: u64, seq: Option<u32>, ts: u64| MemcacheEvent::Request {
+            endpoint: endpoint(server),
+            request: crate::memcache::RequestObservation {
+                command: Command::Get,
+                status: Status::Hit,
+                key: None,
+                latency_ns: Some(latency_ns),
+                request_ts_ns: ts,
+                request_bytes: 7,
+                response_bytes: 20,
+                queue: None,
+                seq,
+            },
+        };
+        let second = 1_000_000_000;
+        recorder.record_memcache(&request(30_000, Some(1), 7 * second), 1);
+        recorder.record_memcache(&request(40_000_000, None, 7 * second), 1);
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        assert!(!text.contains("request_id"), "{text}");
+        recorder.record_memcache(&request(30_000_000, Some(123_456), 7 * second), 1);
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        let id = crate::model::request_id(server.parse().unwrap(), 123_456);
+        let bucket = text
+            .lines()
+            .find(|line| line.contains("request_id"))
+            .expect("an exemplar");
+        assert!(
+            bucket.starts_with("cacheprobe_memcache_request_duration_seconds_bucket{")
+                && bucket.contains("le=\"0.05\"")
+                && bucket.ends_with(&format!(" # {{request_id=\"{id:016x}\"}} 0.03")),
+            "{bucket}"
+        );
+        let plain = encode(&registry, Format::PrometheusText).unwrap();
+        assert!(!plain.contains("request_id"), "{plain}");
+        assert!(
+            plain.contains(&bucket[..bucket.find(" # ").unwrap()]),
+            "the sample stays: {plain}"
+        );
+
+        // The budget: one exemplar already spent in second 7, the rest up to the limit, then
+        // none until the next second.
+        let slow = |seq: u32, ts: u64| match request(5_000_000, Some(seq), ts) {
+            MemcacheEvent::Request { endpoint, request } => (endpoint, request),
+            _ => unreachable!(),
+        };
+        let given = (0..2 * EXEMPLARS_PER_SECOND)
+            .filter(|&i| {
+                let (endpoint, request) = slow(i, 7 * second + u64::from(i));
+                recorder.exemplar(&endpoint, &request, 5_000_000).is_some()
+            })
+            .count();
+        assert_eq!(given, EXEMPLARS_PER_SECOND as usize - 1);
+        let (endpoint, request) = slow(9, 8 * second);
+        assert!(recorder.exemplar(&endpoint, &request, 5_000_000).is_some());
+    }
+
+    #[test]
+    fn prometheus_text_drops_exemplars_but_not_hashes_in_label_values() {
+        let om = "# TYPE h histogram\nh_bucket{a=\"x # {y}\",le=\"1\"} 1 # {request_id=\"ab\"} 0.5\nh_bucket{le=\"+Inf\"} 2\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# TYPE h histogram\nh_bucket{a=\"x # {y}\",le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\n"
+        );
     }
 
     #[test]

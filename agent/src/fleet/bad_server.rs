@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 
 use super::{
-    finite, ms, new_finding,
+    ms, new_finding,
     prom::{PromError, Sample},
-    set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
+    set_value,
+    shared::By,
+    Collector, DetectorOutput, FleetThresholds, Hosts,
 };
 use crate::diagnose::{util, Severity};
 
@@ -23,27 +25,19 @@ pub struct Input {
     pub failing_hosts: Vec<Sample>,
 }
 
-const FAILED: &str = "status=~\"timeout|unanswered\"";
+fn failed(status: &str) -> bool {
+    matches!(status, "timeout" | "unanswered")
+}
 
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
-    let (w, svc) = (c.scope.range(), c.scope.service_matcher());
-    let req = "cacheprobe_memcache_requests_total";
+    let requests = c.requests()?;
+    let any = |_: &str| true;
     Ok(Input {
-        requests: c.instant(&format!(
-            "sum by (service, server) (increase({req}{{role=\"client\"{svc}}}[{w}]))"
-        ))?,
-        failed: c.instant(&format!(
-            "sum by (service, server) (increase({req}{{role=\"client\",{FAILED}{svc}}}[{w}]))"
-        ))?,
-        p99: finite(c.instant(&format!(
-            "histogram_quantile(0.99, sum by (le, service, server) (rate(cacheprobe_memcache_request_duration_seconds_bucket{{role=\"client\"{svc}}}[{w}])))"
-        ))?),
-        client_hosts: c.instant(&format!(
-            "count by (service, server) (sum by (instance, service, server) (increase({req}{{role=\"client\"{svc}}}[{w}])) > 0)"
-        ))?,
-        failing_hosts: c.instant(&format!(
-            "count by (service, server) (sum by (instance, service, server) (increase({req}{{role=\"client\",{FAILED}{svc}}}[{w}])) >= 1)"
-        ))?,
+        requests: requests.sum(By::ServiceServer, any, |_| true),
+        failed: requests.sum(By::ServiceServer, failed, |_| true),
+        p99: c.latency()?.quantile(0.99, "client", By::ServiceServer),
+        client_hosts: requests.count_hosts(any, |total| total > 0.0),
+        failing_hosts: requests.count_hosts(failed, |total| total >= 1.0),
     })
 }
 

@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 
 use super::{
-    finite, ms, new_finding,
+    ms, new_finding,
     prom::{PromError, Sample},
-    set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
+    set_value,
+    shared::By,
+    Collector, DetectorOutput, FleetThresholds, Hosts,
 };
 use crate::diagnose::{util, Edge, Severity};
 
@@ -26,43 +28,26 @@ pub struct Input {
     pub server_p99: Vec<Sample>,
 }
 
-const HIST: &str = "cacheprobe_memcache_request_duration_seconds";
-
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
     let (w, svc) = (c.scope.range(), c.scope.service_matcher());
     let by = "instance, service, server";
-    let sel = |role: &str| format!("{{role=\"{role}\"{svc}}}");
+    let latency = c.latency()?;
+    let per_host = By::InstanceServiceServer;
     Ok(Input {
-        client_rate: c.instant(&format!(
-            "sum by ({by}) (rate({HIST}_count{}[{w}]))",
-            sel("client")
-        ))?,
-        client_mean: finite(c.instant(&format!(
-            "sum by ({by}) (rate({HIST}_sum{s}[{w}])) / sum by ({by}) (rate({HIST}_count{s}[{w}]))",
-            s = sel("client")
-        ))?),
-        client_p50: finite(c.instant(&format!(
-            "histogram_quantile(0.5, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
-            sel("client")
-        ))?),
-        client_p99: finite(c.instant(&format!(
-            "histogram_quantile(0.99, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
-            sel("client")
-        ))?),
-        client_errors: c.instant(&format!(
-            "sum by ({by}) (increase(cacheprobe_memcache_requests_total{{role=\"client\",status=~\"timeout|unanswered|server_error|error\"{svc}}}[{w}]))"
-        ))?,
+        client_rate: latency.rate("client", per_host),
+        client_mean: latency.mean("client", per_host),
+        client_p50: latency.quantile(0.5, "client", per_host),
+        client_p99: latency.quantile(0.99, "client", per_host),
+        client_errors: c.requests()?.sum(
+            per_host,
+            |status| matches!(status, "timeout" | "unanswered" | "server_error" | "error"),
+            |_| true,
+        ),
         client_retransmits: c.instant(&format!(
             "sum by ({by}) (increase(cacheprobe_tcp_retransmits_total{{role=\"client\",kind=\"data\"{svc}}}[{w}]))"
         ))?,
-        server_mean: finite(c.instant(&format!(
-            "sum by ({by}) (rate({HIST}_sum{s}[{w}])) / sum by ({by}) (rate({HIST}_count{s}[{w}]))",
-            s = sel("server")
-        ))?),
-        server_p99: finite(c.instant(&format!(
-            "histogram_quantile(0.99, sum by (le, {by}) (rate({HIST}_bucket{}[{w}])))",
-            sel("server")
-        ))?),
+        server_mean: latency.mean("server", per_host),
+        server_p99: latency.quantile(0.99, "server", per_host),
     })
 }
 

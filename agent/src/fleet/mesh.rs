@@ -23,13 +23,35 @@ pub struct Input {
 
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
     let svc = c.scope.service_matcher();
+    // One read of the connection gauges serves both views.
+    let active = c.instant(&format!(
+        "sum by (instance, service, server) (cacheprobe_connections_active{{role=\"client\"{svc}}})"
+    ))?;
+    let mut per_server: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let mut fan_out: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for s in active.iter().filter(|s| s.value.is_finite()) {
+        let service = s.label("service").to_string();
+        *per_server
+            .entry((service.clone(), s.label("server").to_string()))
+            .or_default() += s.value;
+        if s.value > 0.0 {
+            *fan_out
+                .entry((s.label("instance").to_string(), service))
+                .or_default() += 1.0;
+        }
+    }
+    let labelled =
+        |map: BTreeMap<(String, String), f64>, first: &str, second: &str| -> Vec<Sample> {
+            map.into_iter()
+                .map(|((a, b), value)| Sample {
+                    labels: BTreeMap::from([(first.to_string(), a), (second.to_string(), b)]),
+                    value,
+                })
+                .collect()
+        };
     Ok(Input {
-        per_server: c.instant(&format!(
-            "sum by (service, server) (cacheprobe_connections_active{{role=\"client\"{svc}}})"
-        ))?,
-        fan_out: c.instant(&format!(
-            "count by (instance, service) (cacheprobe_connections_active{{role=\"client\"{svc}}} > 0)"
-        ))?,
+        per_server: labelled(per_server, "service", "server"),
+        fan_out: labelled(fan_out, "instance", "service"),
         processes: c.instant(&format!(
             "max by (instance, comm, service) (cacheprobe_process_connections{{{}}}) > 0",
             svc.trim_start_matches(',')

@@ -1,12 +1,14 @@
 //! `cacheprobe diagnose --prometheus`: fleet detectors over PromQL. Each detector collects a few query results, a pure judge turns them into findings, rendered like the per-host report.
 
 pub mod bad_server;
+pub mod both_ends;
 pub mod coverage;
 pub mod edge_time;
 pub mod idle;
 pub mod mesh;
 pub mod prom;
 pub mod ring;
+pub mod shared;
 pub mod spikes;
 
 #[cfg(test)]
@@ -14,7 +16,7 @@ mod testkit;
 
 use std::{
     collections::BTreeMap,
-    sync::Mutex,
+    sync::{Arc, Condvar, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -138,9 +140,62 @@ pub struct Collector<'a> {
     pub scope: Scope,
     problems: Mutex<Vec<String>>,
     deadline: Instant,
+    /// Queries in flight: detectors run side by side, but more queries at once than this only
+    /// make each slower on the Prometheus side.
+    in_flight: Mutex<usize>,
+    slot_freed: Condvar,
+    latency: OnceLock<Result<Arc<shared::Latency>, PromError>>,
+    requests: OnceLock<Result<Arc<shared::Requests>, PromError>>,
 }
 
-impl Collector<'_> {
+/// Queries one run keeps in flight at once.
+pub const MAX_IN_FLIGHT: usize = 4;
+
+impl<'a> Collector<'a> {
+    pub fn new(client: &'a Client, scope: Scope) -> Collector<'a> {
+        Collector {
+            client,
+            scope,
+            problems: Mutex::new(Vec::new()),
+            deadline: Instant::now() + RUN_DEADLINE,
+            in_flight: Mutex::new(0),
+            slot_freed: Condvar::new(),
+            latency: OnceLock::new(),
+            requests: OnceLock::new(),
+        }
+    }
+
+    /// Both roles' latency histograms, fetched by the first detector that asks.
+    pub fn latency(&self) -> Result<Arc<shared::Latency>, PromError> {
+        self.latency
+            .get_or_init(|| shared::fetch_latency(self).map(Arc::new))
+            .clone()
+    }
+
+    /// Client-side request counts by status, fetched by the first detector that asks.
+    pub fn requests(&self) -> Result<Arc<shared::Requests>, PromError> {
+        self.requests
+            .get_or_init(|| shared::fetch_requests(self).map(Arc::new))
+            .clone()
+    }
+
+    fn with_slot<T>(&self, query: impl FnOnce() -> T) -> T {
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            while *in_flight >= MAX_IN_FLIGHT {
+                in_flight = self
+                    .slot_freed
+                    .wait(in_flight)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            *in_flight += 1;
+        }
+        let result = query();
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.slot_freed.notify_one();
+        result
+    }
+
     fn check_deadline(&self) -> Result<(), PromError> {
         if Instant::now() >= self.deadline {
             return Err(PromError::Timeout {
@@ -163,16 +218,22 @@ impl Collector<'_> {
 
     pub fn instant(&self, query: &str) -> Result<Vec<Sample>, PromError> {
         self.check_deadline()?;
-        let answer = self.client.query(query, self.scope.at)?;
+        let answer = self.with_slot(|| self.client.query(query, self.scope.at))?;
+        Ok(self.keep_warnings(answer))
+    }
+
+    pub fn exemplars(&self, query: &str) -> Result<Vec<prom::ExemplarSeries>, PromError> {
+        self.check_deadline()?;
+        let start = self.scope.at.saturating_sub(self.scope.window_s);
+        let answer = self.with_slot(|| self.client.query_exemplars(query, start, self.scope.at))?;
         Ok(self.keep_warnings(answer))
     }
 
     pub fn range(&self, query: &str, step_s: u64) -> Result<Vec<Series>, PromError> {
         self.check_deadline()?;
         let start = self.scope.at.saturating_sub(self.scope.window_s);
-        let answer = self
-            .client
-            .query_range(query, start, self.scope.at, step_s)?;
+        let answer =
+            self.with_slot(|| self.client.query_range(query, start, self.scope.at, step_s))?;
         Ok(self.keep_warnings(answer))
     }
 
@@ -202,6 +263,7 @@ const DETECTORS: &[(&str, Detector)] = &[
     ("ring disagreement", ring::run),
     ("connection mesh", mesh::run),
     ("synchronous spikes", spikes::run),
+    ("requests seen from both ends", both_ends::run),
 ];
 
 /// The outcome of a fleet run: the report, and whether some detectors could not run.
@@ -222,12 +284,7 @@ pub fn run(
     thresholds: &FleetThresholds,
     generated_at_s: u64,
 ) -> anyhow::Result<FleetOutcome> {
-    let collector = Collector {
-        client,
-        scope: scope.clone(),
-        problems: Mutex::new(Vec::new()),
-        deadline: Instant::now() + RUN_DEADLINE,
-    };
+    let collector = Collector::new(client, scope.clone());
     // One cheap query first: an unreachable server, refused credentials or a non-Prometheus
     // endpoint end the run here with one clear message, before seven detectors fail alike.
     let range = scope.range();

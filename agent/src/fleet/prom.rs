@@ -8,7 +8,7 @@ use serde::Deserialize;
 /// a selector matched far more than cacheprobe exports.
 const MAX_ANSWER_BYTES: u64 = 64 << 20;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PromError {
     #[error("cannot reach Prometheus at {url}: {detail}")]
     Unreachable { url: String, detail: String },
@@ -191,6 +191,100 @@ pub fn parse_matrix(url: &str, query: &str, body: &str) -> Result<Answer<Vec<Ser
     })
 }
 
+/// Exemplars of one series, from /api/v1/query_exemplars.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExemplarSeries {
+    pub labels: BTreeMap<String, String>,
+    pub exemplars: Vec<Exemplar>,
+}
+
+impl ExemplarSeries {
+    pub fn label(&self, name: &str) -> &str {
+        self.labels.get(name).map_or("", String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exemplar {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+    /// Unix seconds.
+    pub timestamp: f64,
+}
+
+#[derive(Deserialize)]
+struct ExemplarEnvelope {
+    status: String,
+    #[serde(default)]
+    data: Option<Vec<RawExemplarSeries>>,
+    #[serde(default, rename = "errorType")]
+    error_type: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawExemplarSeries {
+    #[serde(rename = "seriesLabels")]
+    series_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    exemplars: Vec<RawExemplar>,
+}
+
+#[derive(Deserialize)]
+struct RawExemplar {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    value: String,
+    timestamp: f64,
+}
+
+/// Parses a /api/v1/query_exemplars answer body.
+pub fn parse_exemplars(
+    url: &str,
+    query: &str,
+    body: &str,
+) -> Result<Answer<Vec<ExemplarSeries>>, PromError> {
+    let envelope: ExemplarEnvelope =
+        serde_json::from_str(body).map_err(|_| PromError::NotPrometheus {
+            url: url.to_string(),
+            detail: format!("the answer is not Prometheus JSON: {:?}", excerpt(body)),
+        })?;
+    match envelope.status.as_str() {
+        "success" => Ok(Answer {
+            data: envelope
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|raw| ExemplarSeries {
+                    labels: raw.series_labels,
+                    exemplars: raw
+                        .exemplars
+                        .into_iter()
+                        .map(|e| Exemplar {
+                            labels: e.labels,
+                            value: number(&e.value),
+                            timestamp: e.timestamp,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            warnings: envelope.warnings,
+        }),
+        "error" => Err(PromError::Query {
+            query: query.to_string(),
+            error_type: envelope.error_type.unwrap_or_default(),
+            error: envelope.error.unwrap_or_default(),
+        }),
+        status => Err(PromError::NotPrometheus {
+            url: url.to_string(),
+            detail: format!("status {status:?} without data"),
+        }),
+    }
+}
+
 fn not_prom(url: &str, err: impl std::fmt::Display) -> PromError {
     PromError::NotPrometheus {
         url: url.to_string(),
@@ -369,6 +463,23 @@ impl Client {
         tracing::debug!(query, bytes = body.len(), "prometheus range query");
         parse_matrix(&self.base, query, &body)
     }
+
+    /// The exemplars of the series `query` selects over [start, end] (Prometheus keeps them
+    /// only with `--enable-feature=exemplar-storage`; without it the answer is empty).
+    pub fn query_exemplars(
+        &self,
+        query: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Answer<Vec<ExemplarSeries>>, PromError> {
+        let (start, end) = (start.to_string(), end.to_string());
+        let body = self.post(
+            "/api/v1/query_exemplars",
+            &[("query", query), ("start", &start), ("end", &end)],
+        )?;
+        tracing::debug!(query, bytes = body.len(), "prometheus exemplar query");
+        parse_exemplars(&self.base, query, &body)
+    }
 }
 
 fn read_body(response: ureq::Response) -> Result<String, PromError> {
@@ -391,6 +502,31 @@ fn read_body(response: ureq::Response) -> Result<String, PromError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_exemplars() {
+        let body = r#"{"status":"success","data":[{"seriesLabels":{"__name__":"x_bucket","instance":"h1:19150","le":"0.25"},"exemplars":[{"labels":{"request_id":"00ff"},"value":"0.2","timestamp":1700000000.5}]}]}"#;
+        let answer = parse_exemplars("u", "q", body).unwrap();
+        assert_eq!(answer.data.len(), 1);
+        assert_eq!(answer.data[0].label("instance"), "h1:19150");
+        let exemplar = &answer.data[0].exemplars[0];
+        assert_eq!(exemplar.labels["request_id"], "00ff");
+        assert_eq!((exemplar.value, exemplar.timestamp), (0.2, 1_700_000_000.5));
+        let empty = parse_exemplars("u", "q", r#"{"status":"success","data":[]}"#).unwrap();
+        assert!(empty.data.is_empty());
+        assert!(matches!(
+            parse_exemplars(
+                "u",
+                "q",
+                r#"{"status":"error","errorType":"bad_data","error":"x"}"#
+            ),
+            Err(PromError::Query { .. })
+        ));
+        assert!(matches!(
+            parse_exemplars("u", "q", "404 page not found"),
+            Err(PromError::NotPrometheus { .. })
+        ));
+    }
 
     #[test]
     fn parses_vectors_matrices_and_errors() {

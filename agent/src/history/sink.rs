@@ -185,6 +185,7 @@ mod tests {
                     request_bytes: 30,
                     response_bytes: 8,
                     queue: None,
+                    seq: None,
                 },
             },
             Some("php-fpm"),

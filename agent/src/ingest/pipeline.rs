@@ -99,14 +99,19 @@ impl Pipeline {
     pub fn new(config: &Config, services: SharedServices, metrics: Metrics) -> Self {
         let max = config.limits.max_sockets as usize;
         metrics.capture_sample_ratio.set(1.0);
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            services.clone(),
+            config.limits.max_servers_per_service,
+            config.limits.max_comms,
+        );
+        recorder.set_exemplars(
+            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
+            config.limits.exemplars_per_second,
+        );
         Pipeline {
             tracker: Tracker::new(services.clone(), max),
-            recorder: ObservationRecorder::new(
-                metrics,
-                services.clone(),
-                config.limits.max_servers_per_service,
-                config.limits.max_comms,
-            ),
+            recorder,
             decoders: Decoders::new(max),
             routing: KeyRouting::new(KEY_SPLIT_WINDOW_NS, 100_000),
             hot_keys: foldhash::HashMap::default(),
@@ -231,6 +236,10 @@ impl Pipeline {
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
         self.key_display = config.keys;
+        self.recorder.set_exemplars(
+            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
+            config.limits.exemplars_per_second,
+        );
     }
 
     /// One record from the socket event ring buffer.

@@ -34,6 +34,9 @@ pub struct PayloadView<'a> {
     pub is_send: bool,
     /// The kernel stopped following frames before the end of the call.
     pub incomplete: bool,
+    /// TCP sequence number of the call's first byte, when the kernel could read it: a byte at
+    /// call offset `o` has sequence number `seq + o` at both ends of the connection.
+    pub seq: Option<u32>,
     pub comm: &'a [u8; COMM_LEN],
     /// The segment area, validated by [`parse_payload`].
     segments: &'a [u8],
@@ -188,6 +191,7 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         pid: u32_at(32),
         is_send: bytes[38] != 0,
         incomplete: bytes[40] & payload_flags::INCOMPLETE != 0,
+        seq: (bytes[40] & payload_flags::SEQ != 0).then(|| u32_at(44)),
         comm: bytes[48..HEADER].try_into().expect("16 bytes"),
         segments,
     })
@@ -447,6 +451,7 @@ impl Decoders {
                 (payload.ts_ns, sniff_command(payload.leading_bytes()));
             state.next = state.next.wrapping_add(1);
         }
+        let mut offset = payload.span_start;
         for (captured, total_len) in payload.chunks() {
             state.decoder.feed(
                 Chunk {
@@ -454,9 +459,11 @@ impl Decoders {
                     ts_ns: payload.ts_ns,
                     captured,
                     total_len,
+                    seq: payload.seq.map(|seq| seq.wrapping_add(offset as u32)),
                 },
                 &mut self.scratch,
             );
+            offset += total_len as u64;
         }
         if payload.incomplete {
             // The kernel stopped following frames: what comes next starts afresh.
@@ -626,7 +633,13 @@ mod tests {
         assert_eq!(std::mem::offset_of!(PayloadHeader, data_len), 36);
         assert_eq!(std::mem::offset_of!(PayloadHeader, is_send), 38);
         assert_eq!(std::mem::offset_of!(PayloadHeader, flags), 40);
+        assert_eq!(std::mem::offset_of!(PayloadHeader, seq), 44);
         assert_eq!(std::mem::offset_of!(PayloadHeader, comm), 48);
+        let mut bytes = record(1, 2, true, b"get k\r\n", 7);
+        assert_eq!(parse_payload(&bytes).unwrap().seq, None);
+        bytes[40] |= payload_flags::SEQ;
+        bytes[44..48].copy_from_slice(&0xfffffff0u32.to_ne_bytes());
+        assert_eq!(parse_payload(&bytes).unwrap().seq, Some(0xfffffff0));
     }
 
     #[test]

@@ -70,6 +70,9 @@ const fn wanted(name: &'static str, size: u32, slot: Slot, impact: &'static str)
     }
 }
 
+const TCP_SEQUENCE_LOST: &str = "kernel BTF has no 4-byte tcp_sock write_seq and copied_seq: \
+    requests carry no id, so client and server exemplars of one request cannot be joined";
+
 const LIFECYCLE_LOST: &str =
     "connection lifecycle (opened/closed, closed_by, durations) unavailable";
 
@@ -323,6 +326,7 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
     if send.is_some() && recv.is_some() {
         resolver.take_raw_length_arguments(source);
         resolver.take_tcp_activity(source);
+        resolver.take_tcp_sequence(source);
         resolver.take_syscall_regs(source);
     }
     Resolution {
@@ -588,6 +592,35 @@ impl Resolver {
                          activity is stamped on every send and receive instead, which costs more \
                          per call"
                     .into(),
+            }),
+        }
+    }
+
+    /// Where the kernel keeps a TCP socket's next sequence numbers to write and to read: payload
+    /// records then carry the sequence number of their first byte, which the client's and the
+    /// server's agents agree on (the request id that joins one request seen from both ends).
+    fn take_tcp_sequence(&mut self, source: &impl LayoutSource) {
+        let Some(btf) = source.btf() else {
+            return;
+        };
+        let u32_at = |name: &str| {
+            btf.member_path("tcp_sock", &[name])
+                .filter(|location| {
+                    location.bitfield_bits == 0
+                        && location.bit_offset.is_multiple_of(8)
+                        && location.size == Some(4)
+                        && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+                })
+                .map(|location| (location.bit_offset / 8) as u16)
+        };
+        match (u32_at("write_seq"), u32_at("copied_seq")) {
+            (Some(write_seq), Some(copied_seq)) => {
+                self.offsets.tcp_write_seq = write_seq;
+                self.offsets.tcp_copied_seq = copied_seq;
+            }
+            _ => self.missing.push(MissingFeature {
+                subject: "struct tcp_sock members write_seq, copied_seq".into(),
+                reason: TCP_SEQUENCE_LOST.into(),
             }),
         }
     }
@@ -968,6 +1001,8 @@ mod tests {
             &[
                 M("inet_conn", icsk, 0, 0),
                 M("lsndtime", u32_type, 1500 * 8, 0),
+                M("copied_seq", u32_type, 1508 * 8, 0),
+                M("write_seq", u32_type, 1600 * 8, 0),
             ],
         );
         pt_regs_into(&mut blob);
@@ -980,6 +1015,8 @@ mod tests {
         assert_eq!(resolution.offsets.sock_protocol, 516);
         assert_eq!(resolution.offsets.tcp_lsndtime, 1500);
         assert_eq!(resolution.offsets.tcp_lrcvtime, 1004);
+        assert_eq!(resolution.offsets.tcp_write_seq, 1600);
+        assert_eq!(resolution.offsets.tcp_copied_seq, 1508);
         assert_eq!(resolution.offsets.syscall_regs, host_syscall_regs());
     }
 
@@ -1282,6 +1319,7 @@ mod tests {
                  agent started are only seen when they change state",
                 RAW_UNDESCRIBED,
                 NO_TCP_ACTIVITY,
+                TCP_SEQUENCE_LOST,
                 NO_PT_REGS,
             ]
         );
@@ -1309,6 +1347,7 @@ mod tests {
               started are only seen when they change state",
                 RAW_UNDESCRIBED,
                 NO_TCP_ACTIVITY,
+                TCP_SEQUENCE_LOST,
                 NO_PT_REGS,
             ]
         );
@@ -1361,6 +1400,8 @@ mod tests {
             assert_ne!(resolution.offsets.sock_protocol, OFFSET_UNKNOWN);
             assert_ne!(resolution.offsets.tcp_lsndtime, OFFSET_UNKNOWN);
             assert_ne!(resolution.offsets.tcp_lrcvtime, OFFSET_UNKNOWN);
+            assert_ne!(resolution.offsets.tcp_write_seq, OFFSET_UNKNOWN);
+            assert_ne!(resolution.offsets.tcp_copied_seq, OFFSET_UNKNOWN);
             assert_eq!(
                 resolution.offsets,
                 resolve_offsets(&Fixture::new("kernel-6.18", layout.btf().cloned())).offsets

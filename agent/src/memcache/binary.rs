@@ -108,6 +108,9 @@ pub(crate) trait PacketSink {
     /// A header could not be read because it was not captured: framing is lost.
     fn lost(&mut self, ts: u64);
     fn garbage(&mut self, ts: u64);
+    /// The packet handed over next starts at this offset of the direction's byte stream
+    /// ([`BinFramer::fed`] counts it).
+    fn packet_starts_at(&mut self, _stream_offset: u64) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +128,10 @@ pub(crate) struct BinFramer {
     header_buf: [u8; HEADER_LEN],
     header_have: usize,
     header_ts: u64,
+    /// Stream offset of the current header's first byte.
+    header_start: u64,
+    /// Bytes of the stream fed before the current chunk.
+    fed: u64,
     header: Option<Header>,
     body_pos: u64,
     key: [u8; KEY_CAPACITY],
@@ -141,12 +148,19 @@ impl BinFramer {
             header_buf: [0; HEADER_LEN],
             header_have: 0,
             header_ts: 0,
+            header_start: 0,
+            fed: 0,
             header: None,
             body_pos: 0,
             key: [0; KEY_CAPACITY],
             key_have: 0,
             key_truncated: false,
         }
+    }
+
+    /// Bytes of the stream fed so far (every chunk's full length, captured or not).
+    pub fn fed(&self) -> u64 {
+        self.fed
     }
 
     pub fn reset_to_resync(&mut self) {
@@ -175,6 +189,18 @@ impl BinFramer {
         ts: u64,
         sink: &mut S,
     ) -> u64 {
+        let skipped = self.feed_chunk(captured, total, ts, sink);
+        self.fed += total as u64;
+        skipped
+    }
+
+    fn feed_chunk<S: PacketSink>(
+        &mut self,
+        captured: &[u8],
+        total: usize,
+        ts: u64,
+        sink: &mut S,
+    ) -> u64 {
         let cap = captured.len().min(total);
         let captured = &captured[..cap];
         let mut skipped = 0u64;
@@ -196,6 +222,7 @@ impl BinFramer {
                     }
                     if self.header_have == 0 {
                         self.header_ts = ts;
+                        self.header_start = self.fed + pos as u64;
                     }
                     let header_start = pos;
                     let take = (HEADER_LEN - self.header_have).min(cap - pos);
@@ -280,6 +307,7 @@ impl BinFramer {
         self.state = State::Header;
         if let Some(header) = self.header.take() {
             let truncated = self.key_truncated || usize::from(header.key_len) > self.key_have;
+            sink.packet_starts_at(self.header_start);
             sink.packet(
                 &header,
                 &self.key[..self.key_have],
@@ -306,9 +334,19 @@ fn has_item_key(opcode: u8) -> bool {
 pub(crate) struct RequestSink<'a> {
     pub pairing: &'a mut Pairing,
     pub out: &'a mut Vec<Observation>,
+    /// TCP sequence number of stream offset 0, when known.
+    pub seq_base: Option<u32>,
+    /// TCP sequence number of the next packet's first byte.
+    pub seq: Option<u32>,
 }
 
 impl PacketSink for RequestSink<'_> {
+    fn packet_starts_at(&mut self, stream_offset: u64) {
+        self.seq = self
+            .seq_base
+            .map(|base| base.wrapping_add(stream_offset as u32));
+    }
+
     fn unknown_tail(&mut self, _header_prefix: &[u8], _rest: u64, _ts: u64) -> bool {
         false
     }
@@ -335,6 +373,7 @@ impl PacketSink for RequestSink<'_> {
         // QuitQ closes the connection without a word.
         req.noreply = header.opcode == 0x17;
         req.opaque = Some(u64::from(header.opaque));
+        req.seq = self.seq.take();
         self.pairing.submit(req, self.out);
     }
 

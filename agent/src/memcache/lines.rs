@@ -37,6 +37,9 @@ pub(crate) trait LineSink {
     fn garbage(&mut self, ts: u64);
     /// Whether `bytes` starts with a command (or response) this side may begin a line with.
     fn is_resync_point(bytes: &[u8]) -> bool;
+    /// The line handed over next (complete, truncated or oversized) starts at this offset of
+    /// the direction's byte stream ([`TextFramer::fed`] counts it).
+    fn line_starts_at(&mut self, _stream_offset: u64) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +59,10 @@ pub(crate) struct TextFramer {
     /// A line that started in an earlier, fully captured chunk. Never longer than `max_line`.
     partial: Vec<u8>,
     partial_ts: u64,
+    /// Stream offset of the held partial line's first byte.
+    partial_start: u64,
+    /// Bytes of the stream fed before the current chunk.
+    fed: u64,
     max_line: usize,
 }
 
@@ -95,7 +102,23 @@ impl TextFramer {
             state: State::Line,
             partial: Vec::new(),
             partial_ts: 0,
+            partial_start: 0,
+            fed: 0,
             max_line,
+        }
+    }
+
+    /// Bytes of the stream fed so far (every chunk's full length, captured or not).
+    pub fn fed(&self) -> u64 {
+        self.fed
+    }
+
+    /// Stream offset of the first byte of a line that continues at `pos` of the current chunk.
+    fn line_start(&self, pos: usize) -> u64 {
+        if self.partial.is_empty() {
+            self.fed + pos as u64
+        } else {
+            self.partial_start
         }
     }
 
@@ -108,6 +131,18 @@ impl TextFramer {
     /// Feeds one chunk; returns how many bytes could not be decoded (skipped while
     /// resynchronising or lost after a truncated line).
     pub fn feed<S: LineSink>(
+        &mut self,
+        captured: &[u8],
+        total: usize,
+        ts: u64,
+        sink: &mut S,
+    ) -> u64 {
+        let skipped = self.feed_chunk(captured, total, ts, sink);
+        self.fed += total as u64;
+        skipped
+    }
+
+    fn feed_chunk<S: LineSink>(
         &mut self,
         captured: &[u8],
         total: usize,
@@ -147,6 +182,7 @@ impl TextFramer {
                     if pos >= cap {
                         let rest = (total - pos) as u64;
                         if !self.partial.is_empty() {
+                            sink.line_starts_at(self.partial_start);
                             let prefix = std::mem::take(&mut self.partial);
                             let explained = sink.truncated_line(&prefix, rest, self.partial_ts, ts);
                             self.partial = prefix;
@@ -163,8 +199,10 @@ impl TextFramer {
                         continue;
                     }
                     let window = &captured[pos..];
+                    let line_start = self.line_start(pos);
                     match find_newline(window) {
                         Some(i) => {
+                            sink.line_starts_at(line_start);
                             let held = self.partial.len();
                             let outcome = self.complete_line(&window[..=i], ts, sink);
                             pos += i + 1;
@@ -181,6 +219,7 @@ impl TextFramer {
                         None if cap == total => {
                             // The line continues in the next chunk.
                             if self.partial.len() + window.len() > self.max_line {
+                                sink.line_starts_at(line_start);
                                 let start_ts = self.start_ts(ts);
                                 let mut prefix = std::mem::take(&mut self.partial);
                                 let room = self.max_line - prefix.len();
@@ -192,6 +231,7 @@ impl TextFramer {
                             } else {
                                 if self.partial.is_empty() {
                                     self.partial_ts = ts;
+                                    self.partial_start = line_start;
                                 }
                                 self.partial.extend_from_slice(window);
                             }
@@ -199,6 +239,7 @@ impl TextFramer {
                         }
                         None => {
                             // The capture ends inside this line.
+                            sink.line_starts_at(line_start);
                             let start_ts = self.start_ts(ts);
                             let mut prefix = std::mem::take(&mut self.partial);
                             let room = self.max_line - prefix.len();

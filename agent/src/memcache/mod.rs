@@ -73,6 +73,11 @@ pub struct Chunk<'a> {
     pub captured: &'a [u8],
     /// The payload's full length. Bytes past `captured` were sent but not captured.
     pub total_len: usize,
+    /// TCP sequence number of the chunk's first byte, when known. Both ends of a connection
+    /// number its bytes alike, so requests carry the number of their first byte
+    /// ([`RequestObservation::seq`]): the client's and the server's view of one request meet on
+    /// it.
+    pub seq: Option<u32>,
 }
 
 /// Which encoding to expect; `Auto` decides per connection from the first captured byte
@@ -143,6 +148,10 @@ pub struct ConnectionDecoder {
     pairing: Pairing,
     last_ts: u64,
     stats: DecoderStats,
+    /// TCP sequence number of the client's byte at stream offset 0 as the client framers count
+    /// (wrapping), from the last client chunk that carried one; None after lost bytes until
+    /// the next.
+    client_seq_base: Option<u32>,
 }
 
 impl ConnectionDecoder {
@@ -174,6 +183,7 @@ impl ConnectionDecoder {
             wire,
             last_ts: 0,
             stats: DecoderStats::default(),
+            client_seq_base: None,
             config,
         }
     }
@@ -223,6 +233,16 @@ impl ConnectionDecoder {
                 }
             },
         };
+        if chunk.direction == Direction::ClientToServer {
+            if let Some(seq) = chunk.seq {
+                let fed = match wire {
+                    WireProtocol::Text => self.client_text.fed(),
+                    WireProtocol::Binary => self.client_binary.fed(),
+                };
+                self.client_seq_base = Some(seq.wrapping_sub(fed as u32));
+            }
+        }
+        let seq_base = self.client_seq_base;
         let undecoded = match (wire, chunk.direction) {
             (WireProtocol::Text, Direction::ClientToServer) => {
                 let mut sink = text::RequestSink {
@@ -230,6 +250,8 @@ impl ConnectionDecoder {
                     inflight: &mut self.inflight,
                     config: &self.config,
                     out,
+                    seq_base,
+                    seq: None,
                 };
                 self.client_text.feed(captured, total, ts, &mut sink)
             }
@@ -244,6 +266,8 @@ impl ConnectionDecoder {
                 let mut sink = binary::RequestSink {
                     pairing: &mut self.pairing,
                     out,
+                    seq_base,
+                    seq: None,
                 };
                 self.client_binary.feed(captured, total, ts, &mut sink)
             }
@@ -270,6 +294,8 @@ impl ConnectionDecoder {
             Direction::ClientToServer => {
                 self.client_text.reset_to_resync();
                 self.client_binary.reset_to_resync();
+                // The framers' offsets no longer count the client's bytes one for one.
+                self.client_seq_base = None;
                 // The server has the whole storage command even if we lost its tail.
                 if let Some(req) = self.inflight.take() {
                     self.pairing.submit(req, out);

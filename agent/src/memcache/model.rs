@@ -392,6 +392,9 @@ pub struct RequestObservation {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub queue: Option<QueueOp>,
+    /// TCP sequence number of the request's first byte, when the kernel reported it: the
+    /// client's and the server's agent see the same number for one request.
+    pub seq: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -151,6 +151,8 @@ pub(crate) struct RequestInfo {
     pub bytes: u64,
     pub opaque: Option<u64>,
     pub queue: Option<QueueIntent>,
+    /// TCP sequence number of the request's first byte, when known.
+    pub seq: Option<u32>,
 }
 
 impl RequestInfo {
@@ -164,6 +166,7 @@ impl RequestInfo {
             bytes,
             opaque: None,
             queue: None,
+            seq: None,
         }
     }
 }
@@ -276,6 +279,7 @@ struct Pending {
     items: u32,
     opaque: Option<u64>,
     queue: Option<QueueIntent>,
+    seq: Option<u32>,
 }
 
 impl Pending {
@@ -296,6 +300,7 @@ impl Pending {
             items: 0,
             opaque: None,
             queue: None,
+            seq: None,
         }
     }
 
@@ -418,6 +423,7 @@ impl Pairing {
                     req.bytes,
                     0,
                     queue,
+                    req.seq,
                 );
             }
             for i in 0..nkeys {
@@ -436,6 +442,7 @@ impl Pairing {
                     if i == 0 { req.bytes } else { 0 },
                     0,
                     queue,
+                    req.seq,
                 );
             }
             self.slots.truncate(start);
@@ -469,6 +476,7 @@ impl Pairing {
             items: 0,
             opaque: req.opaque,
             queue: req.queue,
+            seq: req.seq,
         });
     }
 
@@ -790,6 +798,7 @@ impl Pairing {
                 entry.req_bytes,
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
+                entry.seq,
             );
             return;
         }
@@ -813,6 +822,7 @@ impl Pairing {
                 req_bytes,
                 resp_bytes,
                 queue_op(entry.queue, status),
+                entry.seq,
             );
         }
         self.slots.reclaim();
@@ -862,6 +872,7 @@ fn push_request(
     request_bytes: u64,
     response_bytes: u64,
     queue: Option<QueueOp>,
+    seq: Option<u32>,
 ) {
     out.push(Observation::Request(RequestObservation {
         command,
@@ -872,6 +883,7 @@ fn push_request(
         request_bytes,
         response_bytes,
         queue,
+        seq,
     }));
     if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
         request.key.insert(Key::EMPTY).assign(bytes, truncated);

@@ -397,6 +397,7 @@ fn feed(
             ts_ns: *ts,
             captured: bytes,
             total_len: bytes.len(),
+            seq: None,
         },
         out,
     );
@@ -530,7 +531,7 @@ proptest! {
                     // Claim more bytes than were captured half the time.
                     let total = if action % 2 == 0 { bytes.len() + capture } else { bytes.len() };
                     let captured = &bytes[..(*capture).min(bytes.len())];
-                    decoder.feed(Chunk { direction, ts_ns: ts, captured, total_len: total }, &mut out);
+                    decoder.feed(Chunk { direction, ts_ns: ts, captured, total_len: total, seq: None }, &mut out);
                 }
             }
             prop_assert!(decoder.pending() <= max_pending);
@@ -563,7 +564,7 @@ proptest! {
             let direction = if i % 3 == 0 { Direction::ServerToClient } else { Direction::ClientToServer };
             ts += 1000;
             let captured = &chunk[..capture.max(1).min(chunk.len())];
-            decoder.feed(Chunk { direction, ts_ns: ts, captured, total_len: chunk.len() }, &mut out);
+            decoder.feed(Chunk { direction, ts_ns: ts, captured, total_len: chunk.len(), seq: None }, &mut out);
         }
         // After lost events on both sides, a clean exchange decodes again.
         decoder.note_gap(Direction::ClientToServer, &mut out);

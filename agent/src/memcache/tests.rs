@@ -40,6 +40,7 @@ impl Conn {
             ts_ns: self.ts,
             captured: &bytes[..capture.min(bytes.len())],
             total_len: bytes.len(),
+            seq: None,
         };
         self.decoder.feed(chunk, &mut self.out);
     }
@@ -1332,6 +1333,7 @@ fn decode_transcript(capture: usize) -> (Vec<Vec<Summary>>, Vec<&'static str>) {
                 ts_ns: fields[2].parse().unwrap(),
                 captured: &bytes[..capture.min(bytes.len())],
                 total_len: bytes.len(),
+                seq: None,
             },
             &mut conn.out,
         );
@@ -1433,4 +1435,182 @@ fn quiet_meta_mutation_prefers_the_nominal_reading() {
         exchange(b"md k q\r\nmd k\r\n", b"NF\r\n"),
         vec![s("md", "deleted", "k"), s("md", "not_found", "k")]
     );
+}
+
+/// Feeds one chunk whose first byte has TCP sequence number `seq`.
+fn feed_at(conn: &mut Conn, direction: Direction, bytes: &[u8], capture: usize, seq: Option<u32>) {
+    conn.ts += 10_000;
+    let chunk = Chunk {
+        direction,
+        ts_ns: conn.ts,
+        captured: &bytes[..capture.min(bytes.len())],
+        total_len: bytes.len(),
+        seq,
+    };
+    conn.decoder.feed(chunk, &mut conn.out);
+}
+
+/// The sequence numbers of finished requests, in completion order.
+fn seqs(conn: &mut Conn) -> Vec<Option<u32>> {
+    conn.requests().iter().map(|r| r.seq).collect()
+}
+
+/// Each request carries the sequence number of its own first byte: pipelined requests in one
+/// send, a storage command whose value block is skipped, a line split over two sends, a send
+/// that wraps the 32-bit sequence space, and after a gap only once a chunk re-anchors it.
+#[test]
+fn text_requests_carry_the_sequence_number_of_their_first_byte() {
+    let mut conn = Conn::new();
+    let base = u32::MAX - 20;
+    // "get a\r\n" (7 bytes) then "set b 0 0 3\r\nxyz\r\n" (18) in one send: 25 bytes that wrap.
+    let first = b"get a\r\nset b 0 0 3\r\nxyz\r\n";
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        first,
+        usize::MAX,
+        Some(base),
+    );
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        b"END\r\nSTORED\r\n",
+        usize::MAX,
+        None,
+    );
+    assert_eq!(seqs(&mut conn), [Some(base), Some(base.wrapping_add(7))]);
+
+    // A line cut over two sends; the second send's own number is not needed.
+    let next = base.wrapping_add(first.len() as u32);
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        b"get lo",
+        usize::MAX,
+        Some(next),
+    );
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        b"ng\r\n",
+        usize::MAX,
+        None,
+    );
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        b"END\r\n",
+        usize::MAX,
+        None,
+    );
+    assert_eq!(seqs(&mut conn), [Some(next)]);
+
+    // A value block mostly not captured still counts its bytes.
+    let set = b"set c 0 0 100\r\n";
+    let mut call = set.to_vec();
+    call.extend_from_slice(&[b'v'; 100]);
+    call.extend_from_slice(b"\r\nget d\r\n");
+    let at = next.wrapping_add(10);
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        &call,
+        set.len(),
+        Some(at),
+    );
+    // The tail ("get d") was not captured: its request is lost, but the set keeps its number.
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        b"STORED\r\n",
+        usize::MAX,
+        None,
+    );
+    let requests = conn.requests();
+    assert_eq!(requests.first().map(|r| r.seq), Some(Some(at)));
+
+    // After lost bytes the old anchor is void; the next numbered chunk sets a new one.
+    conn.decoder
+        .note_gap(Direction::ClientToServer, &mut conn.out);
+    conn.out.clear();
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        b"get e\r\n",
+        usize::MAX,
+        None,
+    );
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        b"END\r\n",
+        usize::MAX,
+        None,
+    );
+    assert_eq!(seqs(&mut conn), [None]);
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        b"get f\r\n",
+        usize::MAX,
+        Some(5),
+    );
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        b"END\r\n",
+        usize::MAX,
+        None,
+    );
+    assert_eq!(seqs(&mut conn), [Some(5)]);
+}
+
+/// Binary packets carry the number of their header's first byte, also when the header is
+/// split over two sends.
+#[test]
+fn binary_requests_carry_the_sequence_number_of_their_first_byte() {
+    let packet = |opcode: u8, key: &[u8], opaque: u32| {
+        let mut p = vec![0x80, opcode, 0, key.len() as u8, 0, 0, 0, 0];
+        p.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        p.extend_from_slice(&opaque.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p.extend_from_slice(key);
+        p
+    };
+    let response = |opcode: u8, status: u16, opaque: u32| {
+        let mut p = vec![0x81, opcode, 0, 0, 0, 0];
+        p.extend_from_slice(&status.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&opaque.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p
+    };
+    let mut conn = Conn::new();
+    let mut call = packet(0x00, b"k1", 1);
+    let second = call.len() as u32;
+    call.extend_from_slice(&packet(0x00, b"k2", 2));
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        &call[..30],
+        usize::MAX,
+        Some(1_000),
+    );
+    feed_at(
+        &mut conn,
+        Direction::ClientToServer,
+        &call[30..],
+        usize::MAX,
+        Some(1_030),
+    );
+    let mut answers = response(0x00, 1, 1);
+    answers.extend_from_slice(&response(0x00, 1, 2));
+    feed_at(
+        &mut conn,
+        Direction::ServerToClient,
+        &answers,
+        usize::MAX,
+        None,
+    );
+    assert_eq!(seqs(&mut conn), [Some(1_000), Some(1_000 + second)]);
 }

@@ -165,6 +165,10 @@ pub(crate) struct RequestSink<'a> {
     pub inflight: &'a mut Option<RequestInfo>,
     pub config: &'a DecoderConfig,
     pub out: &'a mut Vec<Observation>,
+    /// TCP sequence number of stream offset 0, when known.
+    pub seq_base: Option<u32>,
+    /// TCP sequence number of the current line's first byte.
+    pub seq: Option<u32>,
 }
 
 /// How a request line was understood.
@@ -219,6 +223,7 @@ impl RequestSink<'_> {
             _ => return Parsed::NotACommand,
         };
         let mut req = RequestInfo::new(command, ts, wire_len);
+        req.seq = self.seq;
         match command {
             Command::Get | Command::Gets | Command::Gat | Command::Gats => {
                 if matches!(command, Command::Gat | Command::Gats) {
@@ -315,6 +320,7 @@ impl RequestSink<'_> {
     ) -> Parsed {
         let request = meta::parse_request(word, words, complete_tail);
         let mut req = RequestInfo::new(request.command, ts, wire_len);
+        req.seq = self.seq;
         req.quiet = request.quiet;
         req.opaque = request.opaque;
         if let Some(key) = request.key {
@@ -345,6 +351,12 @@ impl RequestSink<'_> {
 }
 
 impl LineSink for RequestSink<'_> {
+    fn line_starts_at(&mut self, stream_offset: u64) {
+        self.seq = self
+            .seq_base
+            .map(|base| base.wrapping_add(stream_offset as u32));
+    }
+
     fn line(&mut self, line: &[u8], wire_len: usize, _start_ts: u64, end_ts: u64) -> LineOutcome {
         match self.parse(line, wire_len as u64, end_ts, false) {
             Parsed::Done(outcome) => outcome,

@@ -645,7 +645,7 @@ fn the_daemons_counter_registry_parses_whole() {
             role: "client",
             command: "get",
         })
-        .observe(0.001);
+        .observe(0.001, None);
     let text = encode(&metrics.top_registry(), Format::OpenMetrics).unwrap();
     assert!(!text.contains("request_duration"), "{text}");
     let counters = Counters::parse(&text);
