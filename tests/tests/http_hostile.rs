@@ -20,8 +20,10 @@ use std::{
 use cacheprobe_tests::*;
 use socket2::{Domain, Socket, Type};
 
-/// Each scenario's measured window, after a few seconds for the attack to build up.
-const WINDOW: Duration = Duration::from_secs(20);
+/// Each scenario's measured window, after a few seconds for the attack to build up. Long enough
+/// for every bound to fire within warm-up + window (the response deadline, 10 s, is the
+/// longest), and about 12 scrapes at 1 s.
+const WINDOW: Duration = Duration::from_secs(12);
 const WARM_UP: Duration = Duration::from_secs(3);
 /// The agent's RSS may grow at most this much over its idle figure under any attack: two
 /// bodies of this small registry, 32 connections' buffers and allocator slack (measured growth

@@ -516,7 +516,7 @@ impl Pipeline {
                     .unwrap_or_default()
                     .to_string(),
                 server: endpoint.server.to_string(),
-                role: endpoint.role.as_str().to_string(),
+                role: endpoint.role,
                 by_requests: by_requests.top(10, self.key_display),
                 by_bytes: by_bytes.top(10, self.key_display),
             })

@@ -49,7 +49,7 @@ pub struct HotKey {
 pub struct ServerHotKeys {
     pub service: String,
     pub server: String,
-    pub role: String,
+    pub role: crate::model::Role,
     pub by_requests: Vec<HotKey>,
     pub by_bytes: Vec<HotKey>,
 }
