@@ -223,50 +223,174 @@ impl LabelBudget {
     }
 }
 
-#[derive(Clone)]
-pub struct Metrics {
-    pub connections_opened: Family<EndpointLabels, Counter>,
-    pub connections_closed: Family<ClosedLabels, Counter>,
-    pub connections_active: Family<EndpointLabels, Gauge>,
-    pub idle_before_close: HistogramFamily<ClosedLabels>,
-    pub connection_duration: HistogramFamily<EndpointLabels>,
-    pub probe_up: Family<ProbeLabels, Gauge>,
-    pub events_lost: Family<SourceLabels, Counter>,
-    pub build_info: Family<VersionLabels, Gauge>,
-    pub host_info: Family<HostLabels, Gauge>,
-    pub service_servers_info: Family<RingViewLabels, Gauge>,
-    pub dead_socket_writes: Family<DeadWriteLabels, Counter>,
-    pub tcp_retransmits: Family<RetransmitLabels, Counter>,
-    pub tcp_resets: Family<ResetLabels, Counter>,
-    pub connect_failures: Family<ConnectFailureLabels, Counter>,
-    pub syn: Family<SynLabels, Counter>,
-    pub fd_exhaustion_errors: Family<FdErrorLabels, Counter>,
-    pub memcache_requests: Family<RequestLabels, Counter>,
-    pub memcache_duration: HistogramFamily<CommandLabels>,
-    pub memcache_bytes: Family<BytesLabels, Counter>,
-    pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
-    pub queue_operations: Family<QueueLabels, Counter>,
-    pub key_splits: Family<ServiceLabels, Counter>,
-    pub listen_queue_length: Family<ServiceLabels, Gauge>,
-    pub listen_queue_limit: Family<ServiceLabels, Gauge>,
-    pub listen_overflows: Counter,
-    pub listen_drops: Counter,
-    pub syncookies_sent: Counter,
-    pub process_open_fds: Family<CommLabels, Gauge>,
-    pub process_fd_limit: Family<CommLabels, Gauge>,
-    pub process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>,
-    pub sampler_namespaces: Family<SourceLabels, Gauge>,
-    pub sampler_samples: Counter,
-    pub sampler_seconds: Counter<f64, AtomicU64>,
-    pub sampler_processes_deferred: Gauge,
-    pub process_connections: Family<CommServiceLabels, Gauge>,
-    pub host_open_files: Gauge,
-    pub host_file_limit: Gauge,
-    pub fd_exhaustion_probes_armed: Gauge,
-    pub capture_sample_ratio: Gauge<f64, AtomicU64>,
-    pub bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>,
-    pub bpf_runs: Family<ProgramLabels, Counter>,
-    pub http_connections_rejected: Family<HttpClosedLabels, Counter>,
+/// Declares every metric once: a row is a field of [`Metrics`], its initial value (the type's
+/// default unless `= value` is given) and the name and help it is registered under. Rows are in
+/// registration order, which is the order of the exposition.
+macro_rules! declare_metrics {
+    ($( $field:ident: $ty:ty $(= $init:expr)? => $name:literal, $help:literal; )+) => {
+        #[derive(Clone)]
+        pub struct Metrics {
+            $( pub $field: $ty, )+
+        }
+
+        impl Metrics {
+            /// Every metric's name (without the `cacheprobe_` prefix) and help, in registration
+            /// order.
+            pub const DECLARED: &'static [(&'static str, &'static str)] = &[$(($name, $help)),+];
+
+            fn unregistered() -> Metrics {
+                Metrics {
+                    $( $field: declare_metrics!(@init $($init)?), )+
+                }
+            }
+
+            fn register(&self, registry: &mut Registry) {
+                $( registry.register($name, $help, self.$field.clone()); )+
+            }
+        }
+    };
+    (@init) => { Default::default() };
+    (@init $init:expr) => { $init };
+}
+
+declare_metrics! {
+    connections_opened: Family<EndpointLabels, Counter>
+        => "connections_opened",
+        "Watched TCP connections that reached ESTABLISHED";
+    connections_closed: Family<ClosedLabels, Counter>
+        => "connections_closed",
+        "Watched TCP connections that closed, by which side closed first (local, peer, reset)";
+    connections_active: Family<EndpointLabels, Gauge>
+        => "connections_active",
+        "Watched TCP connections currently open";
+    idle_before_close: HistogramFamily<ClosedLabels> = Family::new_with_constructor(idle_histogram)
+        => "connection_idle_before_close_seconds",
+        "Time from a connection's last send or receive to its close";
+    connection_duration: HistogramFamily<EndpointLabels> = Family::new_with_constructor(duration_histogram)
+        => "connection_duration_seconds",
+        "Lifetime of watched connections opened while the agent ran";
+    probe_up: Family<ProbeLabels, Gauge>
+        => "probe_up",
+        "Whether a kernel probe is attached (1) or unavailable (0)";
+    events_lost: Family<SourceLabels, Counter>
+        => "events_lost",
+        "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), capture_incomplete: a send/receive whose frames capture could not all follow (per-call budget, step bound or an endless line), frame_map: the kernel's frame-state map was full, tracker: connection table full)";
+    build_info: Family<VersionLabels, Gauge>
+        => "build_info",
+        "Build information of the running agent";
+    host_info: Family<HostLabels, Gauge>
+        => "host_info",
+        "This host's name and kernel release, always 1 (fleet views join on instance)";
+    service_servers_info: Family<RingViewLabels, Gauge>
+        => "service_servers_info",
+        "Servers this host's clients used in the last 10 minutes, per service: a stable \
+             fingerprint of the sorted set and its size, always 1 (hosts whose fingerprints \
+             differ send the same key to different servers)";
+    dead_socket_writes: Family<DeadWriteLabels, Counter>
+        => "dead_socket_writes",
+        "Sends onto connections the peer had already closed, by what the application saw next (eof, reset, unnoticed within 5 s)";
+    tcp_retransmits: Family<RetransmitLabels, Counter>
+        => "tcp_retransmits",
+        "TCP retransmissions on watched connections (kind: data, syn, synack)";
+    tcp_resets: Family<ResetLabels, Counter>
+        => "tcp_resets",
+        "TCP resets on watched ports, sent or received";
+    connect_failures: Family<ConnectFailureLabels, Counter>
+        => "connect_failures",
+        "Connection attempts to watched services that never reached ESTABLISHED (refused, timeout)";
+    syn: Family<SynLabels, Counter>
+        => "syn",
+        "Connection attempts: out = SYNs sent by this host, in = attempts at local listeners (handshakes completed plus SYNs and handshakes refused with a full queue)";
+    fd_exhaustion_errors: Family<FdErrorLabels, Counter>
+        => "fd_exhaustion_errors",
+        "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE \
+             while the probes were armed (see fd_exhaustion_probes_armed)";
+    memcache_requests: Family<RequestLabels, Counter>
+        => "memcache_requests",
+        "Memcache requests decoded from watched connections, by command and outcome";
+    memcache_duration: HistogramFamily<CommandLabels> = Family::new_with_constructor(latency_histogram)
+        => "memcache_request_duration_seconds",
+        "Time from a request's send to the first byte of its response";
+    memcache_bytes: Family<BytesLabels, Counter>
+        => "memcache_bytes",
+        "Payload bytes on watched connections, as sent or received by this host";
+    memcache_decode_errors: Family<DecodeErrorLabels, Counter>
+        => "memcache_decode_errors",
+        "Stretches of traffic the decoder could not decode (garbage, gaps, truncated captures, ...)";
+    queue_operations: Family<QueueLabels, Counter>
+        => "queue_operations",
+        "Queue operations on memcache-protocol queues (Starling, Kestrel)";
+    key_splits: Family<ServiceLabels, Counter>
+        => "memcache_key_split",
+        "Keys this host sent to two different servers of a service within a minute";
+    listen_queue_length: Family<ServiceLabels, Gauge>
+        => "listen_queue_length",
+        "Connections waiting in accept queues of local listeners on the service port (sum over listeners)";
+    listen_queue_limit: Family<ServiceLabels, Gauge>
+        => "listen_queue_limit",
+        "Accept backlog limits of local listeners on the service port (sum over listeners whose limit is readable)";
+    listen_overflows: Counter
+        => "listen_overflows",
+        "TcpExt ListenOverflows summed over network namespaces: SYNs dropped because an accept queue was full";
+    listen_drops: Counter
+        => "listen_drops",
+        "TcpExt ListenDrops summed over network namespaces: all drops at listeners";
+    syncookies_sent: Counter
+        => "syncookies_sent",
+        "TcpExt SyncookiesSent summed over network namespaces";
+    process_open_fds: Family<CommLabels, Gauge>
+        => "process_open_fds",
+        "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)";
+    process_fd_limit: Family<CommLabels, Gauge>
+        => "process_fd_limit",
+        "Soft RLIMIT_NOFILE of that same process, read live";
+    process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>
+        => "process_fd_usage_ratio",
+        "Open fds over the soft fd limit, max over processes of this name";
+    sampler_namespaces: Family<SourceLabels, Gauge>
+        => "sampler_socket_table_namespaces",
+        "Network namespaces whose socket table the last /proc sample read, by how (sock_diag: kernel dump; proc_text: /proc/<pid>/net/tcp fallback, logged, costs CPU per socket of the namespace; reused: no connection came or went since the last dump)";
+    sampler_samples: Counter
+        => "sampler_samples",
+        "/proc samples completed (the one at start-up included)";
+    sampler_seconds: Counter<f64, AtomicU64>
+        => "sampler_seconds",
+        "Wall time spent in /proc samples (listing sockets, walking process fds), on a blocking thread";
+    sampler_processes_deferred: Gauge
+        => "sampler_processes_deferred",
+        "Processes whose fd walk the last sample postponed to a later one (per-sample budget); their previous owners are used meanwhile";
+    process_connections: Family<CommServiceLabels, Gauge>
+        => "process_connections",
+        "Watched connections held by processes of this name, per service";
+    host_open_files: Gauge
+        => "host_open_files",
+        "Open file handles on the host (fs.file-nr)";
+    host_file_limit: Gauge
+        => "host_file_limit",
+        "Host file handle limit (fs.file-max)";
+    fd_exhaustion_probes_armed: Gauge
+        => "fd_exhaustion_probes_armed",
+        "1 while the EMFILE/ENFILE syscall probes are attached: a process holding watched \
+             sockets, or the host, uses at least half its descriptor limit (they tax every \
+             syscall on the host, so they are detached after a calm minute)";
+    capture_sample_ratio: Gauge<f64, AtomicU64>
+        => "capture_sample_ratio",
+        "Share of healthy watched connections whose payloads are decoded: 1 until captured \
+             records exceed limits.capture_records_per_second, then 1/2, 1/4, ... Request and \
+             byte counters are scaled up by its inverse; latency histograms hold the decoded \
+             requests only";
+    bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>
+        => "bpf_program_run_seconds",
+        "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)";
+    bpf_runs: Family<ProgramLabels, Counter>
+        => "bpf_program_runs",
+        "Runs of the agent's kernel programs (needs sysctl kernel.bpf_stats_enabled=1)";
+    http_connections_rejected: Family<HttpClosedLabels, Counter>
+        => "http_connections_rejected",
+        "/metrics connections closed before or instead of a normal answer, by reason \
+             (per-source or total connection limit, evicted for a newcomer, head timeout or too \
+             large, bad request, TLS handshake, concurrent scrape, response not read in time or \
+             stalled while another scrape waited)";
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -320,271 +444,8 @@ impl Metrics {
 
     pub fn new() -> (Metrics, Registry) {
         let mut registry = Registry::with_prefix("cacheprobe");
-        let metrics = Metrics {
-            connections_opened: Family::default(),
-            connections_closed: Family::default(),
-            connections_active: Family::default(),
-            idle_before_close: Family::new_with_constructor(idle_histogram),
-            connection_duration: Family::new_with_constructor(duration_histogram),
-            probe_up: Family::default(),
-            events_lost: Family::default(),
-            build_info: Family::default(),
-            host_info: Family::default(),
-            service_servers_info: Family::default(),
-            dead_socket_writes: Family::default(),
-            tcp_retransmits: Family::default(),
-            tcp_resets: Family::default(),
-            connect_failures: Family::default(),
-            syn: Family::default(),
-            fd_exhaustion_errors: Family::default(),
-            memcache_requests: Family::default(),
-            memcache_duration: Family::new_with_constructor(latency_histogram),
-            memcache_bytes: Family::default(),
-            memcache_decode_errors: Family::default(),
-            queue_operations: Family::default(),
-            key_splits: Family::default(),
-            listen_queue_length: Family::default(),
-            listen_queue_limit: Family::default(),
-            listen_overflows: Counter::default(),
-            listen_drops: Counter::default(),
-            syncookies_sent: Counter::default(),
-            process_open_fds: Family::default(),
-            process_fd_limit: Family::default(),
-            process_fd_usage_ratio: Family::default(),
-            sampler_namespaces: Family::default(),
-            sampler_samples: Counter::default(),
-            sampler_seconds: Counter::default(),
-            sampler_processes_deferred: Gauge::default(),
-            process_connections: Family::default(),
-            host_open_files: Gauge::default(),
-            host_file_limit: Gauge::default(),
-            fd_exhaustion_probes_armed: Gauge::default(),
-            capture_sample_ratio: Gauge::default(),
-            bpf_run_seconds: Family::default(),
-            bpf_runs: Family::default(),
-            http_connections_rejected: Family::default(),
-        };
-        registry.register(
-            "connections_opened",
-            "Watched TCP connections that reached ESTABLISHED",
-            metrics.connections_opened.clone(),
-        );
-        registry.register(
-            "connections_closed",
-            "Watched TCP connections that closed, by which side closed first (local, peer, reset)",
-            metrics.connections_closed.clone(),
-        );
-        registry.register(
-            "connections_active",
-            "Watched TCP connections currently open",
-            metrics.connections_active.clone(),
-        );
-        registry.register(
-            "connection_idle_before_close_seconds",
-            "Time from a connection's last send or receive to its close",
-            metrics.idle_before_close.clone(),
-        );
-        registry.register(
-            "connection_duration_seconds",
-            "Lifetime of watched connections opened while the agent ran",
-            metrics.connection_duration.clone(),
-        );
-        registry.register(
-            "probe_up",
-            "Whether a kernel probe is attached (1) or unavailable (0)",
-            metrics.probe_up.clone(),
-        );
-        registry.register(
-            "events_lost",
-            "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), capture_incomplete: a send/receive whose frames capture could not all follow (per-call budget, step bound or an endless line), frame_map: the kernel's frame-state map was full, tracker: connection table full)",
-            metrics.events_lost.clone(),
-        );
-        registry.register(
-            "build_info",
-            "Build information of the running agent",
-            metrics.build_info.clone(),
-        );
-        registry.register(
-            "host_info",
-            "This host's name and kernel release, always 1 (fleet views join on instance)",
-            metrics.host_info.clone(),
-        );
-        registry.register(
-            "service_servers_info",
-            "Servers this host's clients used in the last 10 minutes, per service: a stable \
-             fingerprint of the sorted set and its size, always 1 (hosts whose fingerprints \
-             differ send the same key to different servers)",
-            metrics.service_servers_info.clone(),
-        );
-        registry.register(
-            "dead_socket_writes",
-            "Sends onto connections the peer had already closed, by what the application saw next (eof, reset, unnoticed within 5 s)",
-            metrics.dead_socket_writes.clone(),
-        );
-        registry.register(
-            "tcp_retransmits",
-            "TCP retransmissions on watched connections (kind: data, syn, synack)",
-            metrics.tcp_retransmits.clone(),
-        );
-        registry.register(
-            "tcp_resets",
-            "TCP resets on watched ports, sent or received",
-            metrics.tcp_resets.clone(),
-        );
-        registry.register(
-            "connect_failures",
-            "Connection attempts to watched services that never reached ESTABLISHED (refused, timeout)",
-            metrics.connect_failures.clone(),
-        );
-        registry.register(
-            "syn",
-            "Connection attempts: out = SYNs sent by this host, in = attempts at local listeners (handshakes completed plus SYNs and handshakes refused with a full queue)",
-            metrics.syn.clone(),
-        );
-        registry.register(
-            "fd_exhaustion_errors",
-            "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE \
-             while the probes were armed (see fd_exhaustion_probes_armed)",
-            metrics.fd_exhaustion_errors.clone(),
-        );
-        registry.register(
-            "memcache_requests",
-            "Memcache requests decoded from watched connections, by command and outcome",
-            metrics.memcache_requests.clone(),
-        );
-        registry.register(
-            "memcache_request_duration_seconds",
-            "Time from a request's send to the first byte of its response",
-            metrics.memcache_duration.clone(),
-        );
-        registry.register(
-            "memcache_bytes",
-            "Payload bytes on watched connections, as sent or received by this host",
-            metrics.memcache_bytes.clone(),
-        );
-        registry.register(
-            "memcache_decode_errors",
-            "Stretches of traffic the decoder could not decode (garbage, gaps, truncated captures, ...)",
-            metrics.memcache_decode_errors.clone(),
-        );
-        registry.register(
-            "queue_operations",
-            "Queue operations on memcache-protocol queues (Starling, Kestrel)",
-            metrics.queue_operations.clone(),
-        );
-        registry.register(
-            "memcache_key_split",
-            "Keys this host sent to two different servers of a service within a minute",
-            metrics.key_splits.clone(),
-        );
-        registry.register(
-            "listen_queue_length",
-            "Connections waiting in accept queues of local listeners on the service port (sum over listeners)",
-            metrics.listen_queue_length.clone(),
-        );
-        registry.register(
-            "listen_queue_limit",
-            "Accept backlog limits of local listeners on the service port (sum over listeners whose limit is readable)",
-            metrics.listen_queue_limit.clone(),
-        );
-        registry.register(
-            "listen_overflows",
-            "TcpExt ListenOverflows summed over network namespaces: SYNs dropped because an accept queue was full",
-            metrics.listen_overflows.clone(),
-        );
-        registry.register(
-            "listen_drops",
-            "TcpExt ListenDrops summed over network namespaces: all drops at listeners",
-            metrics.listen_drops.clone(),
-        );
-        registry.register(
-            "syncookies_sent",
-            "TcpExt SyncookiesSent summed over network namespaces",
-            metrics.syncookies_sent.clone(),
-        );
-        registry.register(
-            "process_open_fds",
-            "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)",
-            metrics.process_open_fds.clone(),
-        );
-        registry.register(
-            "process_fd_limit",
-            "Soft RLIMIT_NOFILE of that same process, read live",
-            metrics.process_fd_limit.clone(),
-        );
-        registry.register(
-            "process_fd_usage_ratio",
-            "Open fds over the soft fd limit, max over processes of this name",
-            metrics.process_fd_usage_ratio.clone(),
-        );
-        registry.register(
-            "sampler_socket_table_namespaces",
-            "Network namespaces whose socket table the last /proc sample read, by how (sock_diag: kernel dump; proc_text: /proc/<pid>/net/tcp fallback, logged, costs CPU per socket of the namespace; reused: no connection came or went since the last dump)",
-            metrics.sampler_namespaces.clone(),
-        );
-        registry.register(
-            "sampler_samples",
-            "/proc samples completed (the one at start-up included)",
-            metrics.sampler_samples.clone(),
-        );
-        registry.register(
-            "sampler_seconds",
-            "Wall time spent in /proc samples (listing sockets, walking process fds), on a blocking thread",
-            metrics.sampler_seconds.clone(),
-        );
-        registry.register(
-            "sampler_processes_deferred",
-            "Processes whose fd walk the last sample postponed to a later one (per-sample budget); their previous owners are used meanwhile",
-            metrics.sampler_processes_deferred.clone(),
-        );
-        registry.register(
-            "process_connections",
-            "Watched connections held by processes of this name, per service",
-            metrics.process_connections.clone(),
-        );
-        registry.register(
-            "host_open_files",
-            "Open file handles on the host (fs.file-nr)",
-            metrics.host_open_files.clone(),
-        );
-        registry.register(
-            "host_file_limit",
-            "Host file handle limit (fs.file-max)",
-            metrics.host_file_limit.clone(),
-        );
-        registry.register(
-            "fd_exhaustion_probes_armed",
-            "1 while the EMFILE/ENFILE syscall probes are attached: a process holding watched \
-             sockets, or the host, uses at least half its descriptor limit (they tax every \
-             syscall on the host, so they are detached after a calm minute)",
-            metrics.fd_exhaustion_probes_armed.clone(),
-        );
-        registry.register(
-            "capture_sample_ratio",
-            "Share of healthy watched connections whose payloads are decoded: 1 until captured \
-             records exceed limits.capture_records_per_second, then 1/2, 1/4, ... Request and \
-             byte counters are scaled up by its inverse; latency histograms hold the decoded \
-             requests only",
-            metrics.capture_sample_ratio.clone(),
-        );
-        registry.register(
-            "bpf_program_run_seconds",
-            "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)",
-            metrics.bpf_run_seconds.clone(),
-        );
-        registry.register(
-            "bpf_program_runs",
-            "Runs of the agent's kernel programs (needs sysctl kernel.bpf_stats_enabled=1)",
-            metrics.bpf_runs.clone(),
-        );
-        registry.register(
-            "http_connections_rejected",
-            "/metrics connections closed before or instead of a normal answer, by reason \
-             (per-source or total connection limit, evicted for a newcomer, head timeout or too \
-             large, bad request, TLS handshake, concurrent scrape, response not read in time or \
-             stalled while another scrape waited)",
-            metrics.http_connections_rejected.clone(),
-        );
+        let metrics = Metrics::unregistered();
+        metrics.register(&mut registry);
         for closed in crate::export::http::Closed::ALL {
             let _ = metrics
                 .http_connections_rejected
@@ -628,5 +489,26 @@ fn host_labels() -> HostLabels {
     HostLabels {
         hostname: read("/proc/sys/kernel/hostname"),
         kernel: read("/proc/sys/kernel/osrelease"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::encode::{encode, Format};
+
+    /// Each declared metric is registered once, under its declared name and help.
+    #[test]
+    fn every_declared_metric_is_registered_once() {
+        let (_, registry) = Metrics::new();
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
+        assert_eq!(Metrics::DECLARED.len(), 42);
+        for (name, help) in Metrics::DECLARED {
+            // prometheus-client ends every help with a full stop.
+            let line = format!("# HELP cacheprobe_{name} {help}.");
+            assert_eq!(helps.iter().filter(|l| **l == line).count(), 1, "{line}");
+        }
     }
 }
