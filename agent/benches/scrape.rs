@@ -11,9 +11,12 @@
 
 use std::hint::black_box;
 
-use cacheprobe::export::metrics::{
-    encode, BytesLabels, ClosedLabels, CommLabels, CommandLabels, EndpointLabels, Format, Metrics,
-    RequestLabels, RetransmitLabels,
+use cacheprobe::export::{
+    encode::{encode, Format},
+    metrics::{
+        BytesLabels, ClosedLabels, CommLabels, CommandLabels, EndpointLabels, Metrics,
+        RequestLabels, RetransmitLabels,
+    },
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prometheus_client::registry::Registry;

@@ -262,9 +262,9 @@ async fn answer(
                         .unwrap_or_default();
                 };
                 let text = tokio::task::spawn_blocking(move || {
-                    crate::export::metrics::encode(
+                    crate::export::encode::encode(
                         &registry,
-                        crate::export::metrics::Format::OpenMetrics,
+                        crate::export::encode::Format::OpenMetrics,
                     )
                 })
                 .await;

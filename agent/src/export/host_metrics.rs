@@ -167,7 +167,7 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::metrics::{encode, Format};
+    use crate::export::encode::{encode, Format};
 
     /// A sampler fallback is logged once; the gauge keeps it visible on every scrape.
     #[test]

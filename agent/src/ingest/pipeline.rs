@@ -13,7 +13,10 @@ use crate::{
     config::Config,
     conn::dead_writes::DeadWrite,
     conn::tracking::{Endpoint, Observation, Tracker},
-    export::metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
+    export::{
+        metrics::{Metrics, ProgramLabels, SourceLabels},
+        recorder::ObservationRecorder,
+    },
     history::{Fact, History},
     ingest::capture_budget::CaptureBudget,
     kernel::capture::{parse_payload, Decoders, MemcacheEvent, CLOSE_GRACE_NS},

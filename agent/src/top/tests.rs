@@ -585,9 +585,12 @@ fn column_fitting_keeps_the_important_columns() {
 
 #[test]
 fn the_daemons_counter_registry_parses_whole() {
-    use crate::export::metrics::{
-        encode, BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Format,
-        Metrics, QueueLabels,
+    use crate::export::{
+        encode::{encode, Format},
+        metrics::{
+            BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Metrics,
+            QueueLabels,
+        },
     };
     let (metrics, _) = Metrics::new();
     let endpoint = EndpointLabels {

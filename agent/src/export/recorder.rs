@@ -1,0 +1,583 @@
+//! Applies observations to the metrics: service ids resolved to names, label values bounded, series handles cached.
+
+use foldhash::{HashMap, HashMapExt};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{
+    clock::unix_now,
+    conn::tracking::{Endpoint, Observation},
+    export::metrics::*,
+    kernel::capture::MemcacheEvent,
+    keystats::ring_view::RingView,
+    memcache::Command,
+    model::{Role, Status, SynDirection},
+    services::SharedServices,
+};
+
+/// Applies observations to the metrics, resolving service indices to names and bounding the
+/// `server` label per service.
+pub struct ObservationRecorder {
+    metrics: Metrics,
+    services: SharedServices,
+    servers: LabelBudget,
+    comms: LabelBudget,
+    queues: LabelBudget,
+    server_labels: HashMap<Endpoint, EndpointLabels>,
+    // Handles to series already created: the per-request path then costs one hash lookup and
+    // an atomic add, no label allocation.
+    request_counters: HashMap<(Endpoint, Command, Status), Counter>,
+    duration_histograms: HashMap<(Endpoint, Command), LatencyHistogram>,
+    /// Exemplars set in the current second (by request timestamp) and which second that is.
+    exemplars_in_second: (u64, u32),
+    exemplar_min_latency_ns: u64,
+    exemplars_per_second: u32,
+    byte_counters: HashMap<(Endpoint, bool), Counter>,
+    ring_view: RingView,
+    /// The info series currently exported per service, to remove when the view changes.
+    ring_series: HashMap<usize, RingViewLabels>,
+}
+
+/// Cached series handles beyond this many are dropped and re-created on demand.
+const MAX_CACHED_SERIES: usize = 100_000;
+
+impl ObservationRecorder {
+    pub fn new(
+        metrics: Metrics,
+        services: SharedServices,
+        max_servers_per_service: usize,
+        max_comms: usize,
+    ) -> Self {
+        ObservationRecorder {
+            metrics,
+            services,
+            servers: LabelBudget::new(max_servers_per_service),
+            comms: LabelBudget::new(max_comms),
+            queues: LabelBudget::new(64),
+            request_counters: HashMap::new(),
+            duration_histograms: HashMap::new(),
+            exemplars_in_second: (0, 0),
+            exemplar_min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
+            exemplars_per_second: EXEMPLARS_PER_SECOND,
+            byte_counters: HashMap::new(),
+            server_labels: HashMap::new(),
+            ring_view: RingView::default(),
+            ring_series: HashMap::new(),
+        }
+    }
+
+    /// Re-publishes `service_servers_info` from the servers clients used recently: one series
+    /// per service, replaced when the set changes.
+    pub fn publish_ring_views(&mut self, now_s: u64) {
+        let views = self.ring_view.views(now_s);
+        let stale: Vec<usize> = self
+            .ring_series
+            .keys()
+            .filter(|service| !views.contains_key(service))
+            .copied()
+            .collect();
+        for service in stale {
+            if let Some(labels) = self.ring_series.remove(&service) {
+                self.metrics.service_servers_info.remove(&labels);
+            }
+        }
+        for (service, view) in views {
+            let labels = RingViewLabels {
+                service: self.service_name(service),
+                fingerprint: view.fingerprint,
+                servers: view.servers.to_string(),
+            };
+            if self.ring_series.get(&service) == Some(&labels) {
+                continue;
+            }
+            if let Some(old) = self.ring_series.insert(service, labels.clone()) {
+                self.metrics.service_servers_info.remove(&old);
+            }
+            self.metrics
+                .service_servers_info
+                .get_or_create(&labels)
+                .set(1);
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn service_name(&self, service: usize) -> String {
+        self.services
+            .load()
+            .name(service)
+            .unwrap_or(OVERFLOW_LABEL)
+            .to_string()
+    }
+
+    /// Process names are bounded like servers: the first `max_comms` keep their own series.
+    pub fn comm_label(&mut self, comm: &str) -> String {
+        self.comms.admit(0, comm.to_string())
+    }
+
+    /// Which requests carry their id as an exemplar: at least `min_latency_ns` slow, at most
+    /// `per_second` of them (0: none).
+    pub fn set_exemplars(&mut self, min_latency_ns: u64, per_second: u32) {
+        self.exemplar_min_latency_ns = min_latency_ns;
+        self.exemplars_per_second = per_second;
+    }
+
+    /// The exemplar for a request that took `latency_ns`: its id when it is slow, its sequence
+    /// number is known and this second's exemplar budget is not spent.
+    fn exemplar(
+        &mut self,
+        endpoint: &Endpoint,
+        request: &crate::memcache::RequestObservation,
+        latency_ns: u64,
+    ) -> Option<RequestIdLabel> {
+        if latency_ns < self.exemplar_min_latency_ns || self.exemplars_per_second == 0 {
+            return None;
+        }
+        let seq = request.seq?;
+        let second = request.request_ts_ns / 1_000_000_000;
+        let (current, used) = &mut self.exemplars_in_second;
+        if *current != second {
+            (*current, *used) = (second, 0);
+        }
+        if *used >= self.exemplars_per_second {
+            return None;
+        }
+        *used += 1;
+        Some(RequestIdLabel {
+            request_id: format!("{:016x}", crate::model::request_id(endpoint.server, seq)),
+        })
+    }
+
+    /// `weight`: how many requests (and bytes) each decoded one stands for while capture
+    /// samples connections (1 otherwise).
+    pub fn record_memcache(&mut self, event: &MemcacheEvent, weight: u64) {
+        match event {
+            MemcacheEvent::Request { endpoint, request } => {
+                // Per request: one lookup when the series handle is cached, as it almost
+                // always is.
+                let key = (*endpoint, request.command, request.status);
+                match self.request_counters.get(&key) {
+                    Some(counter) => {
+                        counter.inc_by(weight);
+                    }
+                    None => {
+                        if self.request_counters.len() >= MAX_CACHED_SERIES {
+                            self.request_counters.clear();
+                        }
+                        let labels = self.endpoint_labels(endpoint);
+                        let counter = self
+                            .metrics
+                            .memcache_requests
+                            .get_or_create(&RequestLabels {
+                                service: labels.service,
+                                server: labels.server,
+                                role: labels.role,
+                                command: request.command.as_str(),
+                                status: request.status.as_str(),
+                            })
+                            .clone();
+                        counter.inc_by(weight);
+                        self.request_counters.insert(key, counter);
+                    }
+                }
+                if let Some(latency) = request.latency_ns {
+                    let seconds = latency as f64 / 1e9;
+                    let exemplar = self.exemplar(endpoint, request, latency);
+                    let key = (*endpoint, request.command);
+                    match self.duration_histograms.get(&key) {
+                        Some(histogram) => histogram.observe(seconds, exemplar),
+                        None => {
+                            if self.duration_histograms.len() >= MAX_CACHED_SERIES {
+                                self.duration_histograms.clear();
+                            }
+                            let labels = self.endpoint_labels(endpoint);
+                            let histogram = self
+                                .metrics
+                                .memcache_duration
+                                .get_or_create(&CommandLabels {
+                                    service: labels.service,
+                                    server: labels.server,
+                                    role: labels.role,
+                                    command: request.command.as_str(),
+                                })
+                                .clone();
+                            histogram.observe(seconds, exemplar);
+                            self.duration_histograms.insert(key, histogram);
+                        }
+                    }
+                }
+                if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
+                    let labels = self.endpoint_labels(endpoint);
+                    let name = String::from_utf8_lossy(key.as_bytes()).into_owned();
+                    let queue_label = self.queues.admit(endpoint.service, name);
+                    self.metrics
+                        .queue_operations
+                        .get_or_create(&QueueLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            queue: queue_label,
+                            op: queue.op.as_str(),
+                        })
+                        .inc_by(weight);
+                }
+            }
+            MemcacheEvent::DecodeError { service, reason } => {
+                let service = self.service_name(*service);
+                self.metrics
+                    .memcache_decode_errors
+                    .get_or_create(&DecodeErrorLabels {
+                        service,
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+            MemcacheEvent::Bytes {
+                endpoint,
+                sent,
+                bytes,
+            } => {
+                let key = (*endpoint, *sent);
+                match self.byte_counters.get(&key) {
+                    Some(counter) => {
+                        counter.inc_by(bytes.saturating_mul(weight));
+                    }
+                    None => {
+                        if self.byte_counters.len() >= MAX_CACHED_SERIES {
+                            self.byte_counters.clear();
+                        }
+                        let labels = self.endpoint_labels(endpoint);
+                        let counter = self
+                            .metrics
+                            .memcache_bytes
+                            .get_or_create(&BytesLabels {
+                                service: labels.service,
+                                server: labels.server,
+                                role: labels.role,
+                                direction: if *sent { "sent" } else { "received" },
+                            })
+                            .clone();
+                        counter.inc_by(bytes.saturating_mul(weight));
+                        self.byte_counters.insert(key, counter);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn record_key_split(&mut self, service: usize) {
+        let service = self.service_name(service);
+        self.metrics
+            .key_splits
+            .get_or_create(&ServiceLabels { service })
+            .inc();
+    }
+
+    fn count_syn(&mut self, service: usize, direction: SynDirection) {
+        let service = self.service_name(service);
+        self.metrics
+            .syn
+            .get_or_create(&SynLabels {
+                service,
+                direction: direction.as_str(),
+            })
+            .inc();
+    }
+
+    fn endpoint_labels(&mut self, endpoint: &Endpoint) -> EndpointLabels {
+        if let Some(labels) = self.server_labels.get(endpoint) {
+            return labels.clone();
+        }
+        let service = self.service_name(endpoint.service);
+        let server = self
+            .servers
+            .admit(endpoint.service, endpoint.server.to_string());
+        let labels = EndpointLabels {
+            service,
+            server,
+            role: endpoint.role.as_str(),
+        };
+        // Bounded by the label budget times roles: folded endpoints are not cached individually.
+        if labels.server != OVERFLOW_LABEL {
+            self.server_labels.insert(*endpoint, labels.clone());
+        }
+        labels
+    }
+
+    pub fn record(&mut self, observation: &Observation) {
+        match observation {
+            Observation::ConnectionOpened { endpoint, .. } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .opened(endpoint.service, endpoint.server, unix_now());
+                }
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_opened.get_or_create(&labels).inc();
+                self.metrics.connections_active.get_or_create(&labels).inc();
+            }
+            Observation::ConnectionAdopted { endpoint } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .opened(endpoint.service, endpoint.server, unix_now());
+                }
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_active.get_or_create(&labels).inc();
+                // Make the opened counter exist for this endpoint so rates start at 0.
+                let _ = self.metrics.connections_opened.get_or_create(&labels);
+            }
+            Observation::ConnectionClosed {
+                endpoint,
+                closed_by,
+                duration_ns,
+                idle_before_close_ns,
+                ..
+            } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .closed(endpoint.service, endpoint.server, unix_now());
+                }
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_active.get_or_create(&labels).dec();
+                let closed = ClosedLabels {
+                    service: labels.service.clone(),
+                    server: labels.server.clone(),
+                    role: labels.role,
+                    closed_by: closed_by.as_str(),
+                };
+                self.metrics.connections_closed.get_or_create(&closed).inc();
+                if let Some(idle) = idle_before_close_ns {
+                    self.metrics
+                        .idle_before_close
+                        .get_or_create(&closed)
+                        .observe(*idle as f64 / 1e9);
+                }
+                if let Some(duration) = duration_ns {
+                    self.metrics
+                        .connection_duration
+                        .get_or_create(&labels)
+                        .observe(*duration as f64 / 1e9);
+                }
+            }
+            Observation::DeadSocketWrite(write) => {
+                let labels = self.endpoint_labels(&write.endpoint);
+                let comm = self.comm_label(&write.comm);
+                self.metrics
+                    .dead_socket_writes
+                    .get_or_create(&DeadWriteLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        comm,
+                        outcome: write.outcome.as_str(),
+                        command: write.command.unwrap_or("unknown"),
+                    })
+                    .inc();
+            }
+            Observation::ConnectFailed { endpoint, reason } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .connect_failures
+                    .get_or_create(&ConnectFailureLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::Retransmit { endpoint, kind } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .tcp_retransmits
+                    .get_or_create(&RetransmitLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::Reset {
+                endpoint,
+                direction,
+            } => {
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics
+                    .tcp_resets
+                    .get_or_create(&ResetLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        role: labels.role,
+                        direction: direction.as_str(),
+                    })
+                    .inc();
+            }
+            Observation::SynSent { service } => self.count_syn(*service, SynDirection::Out),
+            Observation::HandshakeCompleted { service } => {
+                self.count_syn(*service, SynDirection::In)
+            }
+            Observation::FdExhausted { comm, errno, .. } => {
+                let comm = self.comm_label(comm);
+                let errno = match errno {
+                    24 => "EMFILE",
+                    23 => "ENFILE",
+                    _ => "other",
+                };
+                self.metrics
+                    .fd_exhaustion_errors
+                    .get_or_create(&FdErrorLabels { comm, errno })
+                    .inc();
+            }
+            Observation::TrackingDropped => {
+                self.metrics
+                    .events_lost
+                    .get_or_create(&SourceLabels { source: "tracker" })
+                    .inc();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        export::encode::{encode, Format},
+        model::{ClosedBy, Role},
+    };
+
+    fn endpoint(server: &str) -> Endpoint {
+        Endpoint {
+            service: 0,
+            server: server.parse().unwrap(),
+            role: Role::Client,
+        }
+    }
+
+    /// A slow request with a known sequence number leaves its id on its latency bucket (as
+    /// OpenMetrics exemplar, dropped from text format 0.0.4); fast ones and ones without a
+    /// number leave none; no more than the budget per second.
+    #[test]
+    fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
+        let (metrics, registry) = Metrics::new();
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
+        let server = "10.0.0.2:11211";
+        let request = |latency_ns: u64, seq: Option<u32>, ts: u64| MemcacheEvent::Request {
+            endpoint: endpoint(server),
+            request: crate::memcache::RequestObservation {
+                command: Command::Get,
+                status: Status::Hit,
+                key: None,
+                latency_ns: Some(latency_ns),
+                request_ts_ns: ts,
+                request_bytes: 7,
+                response_bytes: 20,
+                queue: None,
+                seq,
+            },
+        };
+        let second = 1_000_000_000;
+        recorder.record_memcache(&request(30_000, Some(1), 7 * second), 1);
+        recorder.record_memcache(&request(40_000_000, None, 7 * second), 1);
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        assert!(!text.contains("request_id"), "{text}");
+        recorder.record_memcache(&request(30_000_000, Some(123_456), 7 * second), 1);
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        let id = crate::model::request_id(server.parse().unwrap(), 123_456);
+        let bucket = text
+            .lines()
+            .find(|line| line.contains("request_id"))
+            .expect("an exemplar");
+        assert!(
+            bucket.starts_with("cacheprobe_memcache_request_duration_seconds_bucket{")
+                && bucket.contains("le=\"0.05\"")
+                && bucket.ends_with(&format!(" # {{request_id=\"{id:016x}\"}} 0.03")),
+            "{bucket}"
+        );
+        let plain = encode(&registry, Format::PrometheusText).unwrap();
+        assert!(!plain.contains("request_id"), "{plain}");
+        assert!(
+            plain.contains(&bucket[..bucket.find(" # ").unwrap()]),
+            "the sample stays: {plain}"
+        );
+
+        // The budget: one exemplar already spent in second 7, the rest up to the limit, then
+        // none until the next second.
+        let slow = |seq: u32, ts: u64| match request(5_000_000, Some(seq), ts) {
+            MemcacheEvent::Request { endpoint, request } => (endpoint, request),
+            _ => unreachable!(),
+        };
+        let given = (0..2 * EXEMPLARS_PER_SECOND)
+            .filter(|&i| {
+                let (endpoint, request) = slow(i, 7 * second + u64::from(i));
+                recorder.exemplar(&endpoint, &request, 5_000_000).is_some()
+            })
+            .count();
+        assert_eq!(given, EXEMPLARS_PER_SECOND as usize - 1);
+        let (endpoint, request) = slow(9, 8 * second);
+        assert!(recorder.exemplar(&endpoint, &request, 5_000_000).is_some());
+    }
+
+
+    #[test]
+    fn close_is_recorded_with_all_contract_labels() {
+        let (metrics, registry) = Metrics::new();
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
+        recorder.record(&Observation::ConnectionOpened {
+            endpoint: endpoint("127.0.0.1:11211"),
+            ts_ns: 0,
+        });
+        recorder.record(&Observation::ConnectionClosed {
+            endpoint: endpoint("127.0.0.1:11211"),
+            closed_by: ClosedBy::Peer,
+            ts_ns: 0,
+            duration_ns: Some(3_000_000_000),
+            idle_before_close_ns: Some(2_500_000_000),
+        });
+        let text = encode(&registry, Format::OpenMetrics).unwrap();
+        let labels = r#"service="memcached",server="127.0.0.1:11211",role="client""#;
+        assert!(
+            text.contains(&format!(
+                "cacheprobe_connections_opened_total{{{labels}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("cacheprobe_connections_active{{{labels}}} 0")),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "cacheprobe_connections_closed_total{{{labels},closed_by=\"peer\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "cacheprobe_connection_idle_before_close_seconds_bucket{{le=\"5.0\",{labels},closed_by=\"peer\"}} 1"
+        )) || text.contains(&format!(
+            "cacheprobe_connection_idle_before_close_seconds_bucket{{{labels},closed_by=\"peer\",le=\"5.0\"}} 1"
+        )), "{text}");
+        assert!(text.contains("cacheprobe_build_info{version=\""), "{text}");
+        assert!(
+            text.contains("cacheprobe_events_lost_total{source=\"ringbuf\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn server_labels_are_bounded_per_service() {
+        let mut budget = LabelBudget::new(2);
+        assert_eq!(budget.admit(0, "a".into()), "a");
+        assert_eq!(budget.admit(0, "b".into()), "b");
+        assert_eq!(budget.admit(0, "c".into()), OVERFLOW_LABEL);
+        assert_eq!(budget.admit(0, "a".into()), "a");
+        assert_eq!(budget.admit(1, "c".into()), "c");
+        assert_eq!(budget.folded, 1);
+    }
+}
