@@ -57,6 +57,9 @@ pub struct ServerHotKeys {
 pub struct KeysReport {
     pub servers: Vec<ServerHotKeys>,
     pub splits: Vec<KeySplit>,
+    /// Largest values and slowest requests per server, last 15 minutes.
+    #[serde(default)]
+    pub extremes: Vec<crate::extremes::ServerExtremes>,
 }
 
 /// The in-memory identity of a key: a fast hash (foldhash) with a per-process random seed, so

@@ -253,6 +253,8 @@ pub struct Metrics {
     pub fd_exhaustion_errors: Family<FdErrorLabels, Counter>,
     pub memcache_requests: Family<RequestLabels, Counter>,
     pub memcache_duration: HistogramFamily<CommandLabels>,
+    pub memcache_value_size: HistogramFamily<CommandLabels>,
+    pub memcache_keys_per_request: HistogramFamily<CommandLabels>,
     pub memcache_bytes: Family<BytesLabels, Counter>,
     pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
     pub queue_operations: Family<QueueLabels, Counter>,
@@ -349,6 +351,10 @@ impl Metrics {
             fd_exhaustion_errors: Family::default(),
             memcache_requests: Family::default(),
             memcache_duration: Family::new_with_constructor(latency_histogram),
+            memcache_value_size: Family::new_with_constructor(crate::sizes::value_size_histogram),
+            memcache_keys_per_request: Family::new_with_constructor(
+                crate::sizes::keys_per_request_histogram,
+            ),
             memcache_bytes: Family::default(),
             memcache_decode_errors: Family::default(),
             queue_operations: Family::default(),
@@ -466,6 +472,16 @@ impl Metrics {
             "memcache_request_duration_seconds",
             "Time from a request's send to the first byte of its response",
             metrics.memcache_duration.clone(),
+        );
+        registry.register(
+            "memcache_value_size_bytes",
+            "Value sizes of stores and of hits (bucket bounds are every second chunk size of memcached's default slab classes)",
+            metrics.memcache_value_size.clone(),
+        );
+        registry.register(
+            "memcache_keys_per_request",
+            "Keys named per request (multi-key get batch sizes)",
+            metrics.memcache_keys_per_request.clone(),
         );
         registry.register(
             "memcache_bytes",
@@ -655,6 +671,7 @@ pub struct ObservationRecorder {
     request_counters: HashMap<(Endpoint, Command, Status), Counter>,
     duration_histograms: HashMap<(Endpoint, Command), Histogram>,
     byte_counters: HashMap<(Endpoint, bool), Counter>,
+    sizes: crate::sizes::SizeHandles,
     ring_view: RingView,
     /// The info series currently exported per service, to remove when the view changes.
     ring_series: HashMap<usize, RingViewLabels>,
@@ -679,6 +696,7 @@ impl ObservationRecorder {
             request_counters: HashMap::new(),
             duration_histograms: HashMap::new(),
             byte_counters: HashMap::new(),
+            sizes: crate::sizes::SizeHandles::default(),
             server_labels: HashMap::new(),
             ring_view: RingView::default(),
             ring_series: HashMap::new(),
@@ -792,6 +810,24 @@ impl ObservationRecorder {
                             self.duration_histograms.insert(key, histogram);
                         }
                     }
+                }
+                for (kind, sample) in self.sizes.observe_cached(endpoint, request) {
+                    let labels = self.endpoint_labels(endpoint);
+                    let family = match kind {
+                        crate::sizes::SizeKind::Value => &self.metrics.memcache_value_size,
+                        crate::sizes::SizeKind::Keys => &self.metrics.memcache_keys_per_request,
+                    };
+                    let histogram = family
+                        .get_or_create(&CommandLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            role: labels.role,
+                            command: request.command.as_str(),
+                        })
+                        .clone();
+                    histogram.observe(sample);
+                    self.sizes
+                        .insert(endpoint, request.command, kind, histogram);
                 }
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
                     let labels = self.endpoint_labels(endpoint);

@@ -82,6 +82,10 @@ pub struct Pipeline {
     capture_shift_applied_ns: u64,
     /// When `service_servers_info` was last re-published (unix seconds).
     ring_views_published_s: u64,
+    extremes: crate::extremes::Extremes,
+    slab_fit: crate::slab::SlabFitTracker,
+    /// Local memcached processes and when /proc was last read for them (unix seconds).
+    local_memcacheds: (Vec<crate::slab::LocalMemcached>, u64),
 }
 
 fn key_sampling(config: &Config) -> KeySampling {
@@ -128,6 +132,9 @@ impl Pipeline {
             pending_capture_shift: None,
             capture_shift_applied_ns: 0,
             ring_views_published_s: 0,
+            extremes: crate::extremes::Extremes::new(config.limits.max_servers_per_service * 2),
+            slab_fit: crate::slab::SlabFitTracker::default(),
+            local_memcacheds: (Vec::new(), 0),
         }
     }
 
@@ -345,6 +352,7 @@ impl Pipeline {
         if now_s >= self.ring_views_published_s + RING_VIEW_INTERVAL_S {
             self.recorder.publish_ring_views(now_s);
             self.ring_views_published_s = now_s;
+            self.publish_slab_fit(now_s);
         }
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
@@ -423,11 +431,13 @@ impl Pipeline {
     /// `weight`: how many requests each decoded one stands for (see [`CaptureBudget`]).
     fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
         let events = std::mem::take(&mut self.memcache_events);
+        let now_s = if events.is_empty() { 0 } else { unix_now() };
         for event in &events {
             self.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
                     self.observe_key(endpoint, request, key.as_bytes(), comm, weight);
+                    self.observe_sizes(endpoint, request, key.as_bytes(), comm, weight, now_s);
                 }
             }
             for sink in &mut self.sinks {
@@ -437,6 +447,64 @@ impl Pipeline {
         let mut events = events;
         events.clear();
         self.memcache_events = events;
+    }
+
+    /// Largest values, slowest requests and (for local memcached) stored item sizes.
+    fn observe_sizes(
+        &mut self,
+        endpoint: &Endpoint,
+        request: &RequestObservation,
+        key: &[u8],
+        comm: Option<&str>,
+        weight: u64,
+        now_s: u64,
+    ) {
+        self.extremes.observe(
+            endpoint,
+            &crate::extremes::Seen {
+                key,
+                command: request.command.as_str(),
+                process: comm,
+                value_len: request.value_len,
+                latency_ns: request.latency_ns,
+                unix_s: now_s,
+            },
+            self.key_display,
+        );
+        if let (Role::Server, None, Some(value_len)) =
+            (endpoint.role, request.queue, request.value_len)
+        {
+            if crate::slab::stores_item(request.command, request.status) {
+                self.slab_fit.stored(
+                    endpoint.service,
+                    endpoint.server,
+                    key.len() as u64,
+                    u64::from(value_len),
+                    weight,
+                );
+            }
+        }
+    }
+
+    /// Re-estimates slab fit for local servers and hands it to history (for diagnose).
+    fn publish_slab_fit(&mut self, now_s: u64) {
+        if self.slab_fit.is_empty() {
+            return;
+        }
+        let Some(history) = &self.history else { return };
+        if now_s >= self.local_memcacheds.1 + 60 || self.local_memcacheds.0.is_empty() {
+            self.local_memcacheds = (
+                crate::slab::local_memcacheds(std::path::Path::new("/proc")),
+                now_s,
+            );
+        }
+        let services = self.services.load();
+        let reports = self.slab_fit.reports(&self.local_memcacheds.0, |service| {
+            services.name(service).map(str::to_string)
+        });
+        if let Ok(mut history) = history.lock() {
+            history.set_slab_fit(reports);
+        }
     }
 
     /// Feeds one request's key to the key statistics (hot keys, routing), if sampled.
@@ -521,9 +589,17 @@ impl Pipeline {
         servers.sort_by(|a, b| {
             (&a.service, &a.server, &a.role).cmp(&(&b.service, &b.server, &b.role))
         });
+        let extremes = self.extremes.report(unix_now(), |endpoint| {
+            Some((
+                services.name(endpoint.service)?.to_string(),
+                endpoint.server.to_string(),
+                endpoint.role.as_str().to_string(),
+            ))
+        });
         KeysReport {
             servers,
             splits: self.routing.examples.clone(),
+            extremes,
         }
     }
 

@@ -9,6 +9,7 @@ mod listen;
 mod misses;
 pub mod render;
 mod routing;
+mod slab_fit;
 mod slow;
 mod spikes;
 mod tcp;
@@ -124,6 +125,7 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     listen::detect(snapshot, thresholds, &mut findings);
     tcp::detect(snapshot, thresholds, &mut findings);
     spikes::detect(snapshot, thresholds, &mut findings);
+    slab_fit::detect(snapshot, thresholds, &mut findings);
     rank(&mut findings);
     findings
 }

@@ -481,6 +481,7 @@ pub struct History {
     last_reclaim: Option<u64>,
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
     keys: crate::keys::KeysReport,
+    slab_fit: Vec<crate::slab::SlabFitReport>,
 }
 
 impl History {
@@ -500,6 +501,7 @@ impl History {
             stats: HistoryStats::default(),
             last_reclaim: None,
             keys: crate::keys::KeysReport::default(),
+            slab_fit: Vec::new(),
         }
     }
 
@@ -721,6 +723,11 @@ impl History {
         self.keys = keys;
     }
 
+    /// Replaces the published slab-fit estimates (see [`crate::slab`]).
+    pub fn set_slab_fit(&mut self, reports: Vec<crate::slab::SlabFitReport>) {
+        self.slab_fit = reports;
+    }
+
     pub fn keys(&self) -> &crate::keys::KeysReport {
         &self.keys
     }
@@ -746,6 +753,7 @@ impl History {
             labels: table.labels,
             seconds,
             stats: self.stats(),
+            slab_fit: self.slab_fit.clone(),
         }
     }
 }

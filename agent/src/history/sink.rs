@@ -185,6 +185,8 @@ mod tests {
                     request_bytes: 30,
                     response_bytes: 8,
                     queue: None,
+                    value_len: Some(12),
+                    keys_in_request: 1,
                 },
             },
             Some("php-fpm"),

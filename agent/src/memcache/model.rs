@@ -392,6 +392,12 @@ pub struct RequestObservation {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub queue: Option<QueueOp>,
+    /// The value's length in bytes (without its "\r\n"): what a storage command sent or a
+    /// hit returned. None for commands without a value, misses and values not seen.
+    pub value_len: Option<u32>,
+    /// How many keys the request named, on the first observation of a request that named
+    /// any (multi-key gets report one observation per key); 0 on the others.
+    pub keys_in_request: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -129,6 +129,8 @@ pub(crate) struct Response<'a> {
     pub key_truncated: bool,
     /// Binary opaque, or a hash of the meta `O` token.
     pub opaque: Option<u64>,
+    /// Length of the value this response carries (a hit), if any.
+    pub value_len: Option<u32>,
 }
 
 /// What a queue-mode request asked of its queue; the outcome is decided by the response.
@@ -151,6 +153,8 @@ pub(crate) struct RequestInfo {
     pub bytes: u64,
     pub opaque: Option<u64>,
     pub queue: Option<QueueIntent>,
+    /// Length of the value a storage command sends.
+    pub value_len: Option<u32>,
 }
 
 impl RequestInfo {
@@ -164,8 +168,14 @@ impl RequestInfo {
             bytes,
             opaque: None,
             queue: None,
+            value_len: None,
         }
     }
+}
+
+/// A value length as kept per request: values beyond 4 GiB cannot be framed anyway.
+pub(crate) fn value_len(n: u64) -> Option<u32> {
+    u32::try_from(n).ok()
 }
 
 /// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
@@ -176,6 +186,7 @@ struct KeySlot {
     truncated: bool,
     status: Option<Status>,
     resp_bytes: u64,
+    value_len: Option<u32>,
 }
 
 /// Keys of outstanding requests, in request order. Small slots point into one byte arena so
@@ -203,6 +214,7 @@ impl KeyStore {
             truncated,
             status: None,
             resp_bytes: 0,
+            value_len: None,
         });
         self.bytes
             .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
@@ -276,6 +288,8 @@ struct Pending {
     items: u32,
     opaque: Option<u64>,
     queue: Option<QueueIntent>,
+    /// The stored value's length, or a hit's when the answer is not per key.
+    value_len: Option<u32>,
 }
 
 impl Pending {
@@ -296,6 +310,7 @@ impl Pending {
             items: 0,
             opaque: None,
             queue: None,
+            value_len: None,
         }
     }
 
@@ -418,6 +433,10 @@ impl Pairing {
                     req.bytes,
                     0,
                     queue,
+                    Sizes {
+                        value_len: req.value_len,
+                        keys: 0,
+                    },
                 );
             }
             for i in 0..nkeys {
@@ -436,6 +455,10 @@ impl Pairing {
                     if i == 0 { req.bytes } else { 0 },
                     0,
                     queue,
+                    Sizes {
+                        value_len: req.value_len.filter(|_| nkeys == 1),
+                        keys: if i == 0 { nkeys as u16 } else { 0 },
+                    },
                 );
             }
             self.slots.truncate(start);
@@ -469,6 +492,7 @@ impl Pairing {
             items: 0,
             opaque: req.opaque,
             queue: req.queue,
+            value_len: req.value_len,
         });
     }
 
@@ -566,14 +590,21 @@ impl Pairing {
                     Some((i, slot)) => {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
+                        slot.value_len = resp.value_len;
                         head.cursor = (i + 1) as u16;
                     }
-                    None => head.resp_bytes += resp.bytes,
+                    None => {
+                        head.resp_bytes += resp.bytes;
+                        head.value_len = resp.value_len.or(head.value_len);
+                    }
                 }
             }
             Fit::Part => head.resp_bytes += resp.bytes,
             Fit::Done(status) => {
                 head.resp_bytes += resp.bytes;
+                if resp.value_len.is_some() {
+                    head.value_len = resp.value_len;
+                }
                 if let Some(done) = self.pending.pop_front() {
                     let latency = done.latency();
                     self.finish_entry(done, status, latency, out);
@@ -790,6 +821,10 @@ impl Pairing {
                 entry.req_bytes,
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
+                Sizes {
+                    value_len: entry.value_len,
+                    keys: 0,
+                },
             );
             return;
         }
@@ -813,6 +848,10 @@ impl Pairing {
                 req_bytes,
                 resp_bytes,
                 queue_op(entry.queue, status),
+                Sizes {
+                    value_len: slot.value_len.or(entry.value_len.filter(|_| nkeys == 1)),
+                    keys: if i == 0 { entry.nkeys } else { 0 },
+                },
             );
         }
         self.slots.reclaim();
@@ -848,6 +887,13 @@ fn value_slot(
     None
 }
 
+/// What an observation says about sizes (see [`RequestObservation::value_len`]).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    value_len: Option<u32>,
+    keys: u16,
+}
+
 /// Appends a request observation. The key is copied straight into the observation in the
 /// output vector: building it elsewhere and moving it in costs several copies of the whole
 /// fixed-size key buffer, which dominated the hot path.
@@ -862,6 +908,7 @@ fn push_request(
     request_bytes: u64,
     response_bytes: u64,
     queue: Option<QueueOp>,
+    sizes: Sizes,
 ) {
     out.push(Observation::Request(RequestObservation {
         command,
@@ -872,6 +919,8 @@ fn push_request(
         request_bytes,
         response_bytes,
         queue,
+        value_len: sizes.value_len,
+        keys_in_request: sizes.keys,
     }));
     if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
         request.key.insert(Key::EMPTY).assign(bytes, truncated);

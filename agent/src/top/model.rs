@@ -434,6 +434,7 @@ pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistoryS
             .cloned()
             .collect(),
         stats: snapshot.stats,
+        slab_fit: snapshot.slab_fit.clone(),
     }
 }
 

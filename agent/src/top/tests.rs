@@ -253,6 +253,7 @@ fn keys(count: u64) -> KeysReport {
             }],
         }],
         splits: Vec::new(),
+        extremes: Vec::new(),
     }
 }
 
