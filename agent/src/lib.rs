@@ -19,6 +19,7 @@ pub mod memcache;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod queue_flow;
 pub mod probes;
 pub mod ring_view;
 pub mod sampler;

@@ -121,6 +121,19 @@ pub struct QueueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueNameLabels {
+    pub service: String,
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLostLabels {
+    pub service: String,
+    pub queue: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
 }
@@ -185,6 +198,15 @@ const DURATION_BUCKETS: &[f64] = &[
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
+
+/// Time in queue: a busy consumer takes messages within milliseconds, a stalled one hours.
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+fn queue_wait_histogram() -> Histogram {
+    Histogram::new(QUEUE_WAIT_BUCKETS.iter().copied())
+}
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS.iter().copied())
@@ -258,6 +280,9 @@ pub struct Metrics {
     pub memcache_bytes: Family<BytesLabels, Counter>,
     pub memcache_decode_errors: Family<DecodeErrorLabels, Counter>,
     pub queue_operations: Family<QueueLabels, Counter>,
+    pub queue_messages_lost: Family<QueueLostLabels, Counter>,
+    pub queue_wait: HistogramFamily<QueueNameLabels>,
+    pub queue_depth: Family<QueueNameLabels, Gauge>,
     pub key_splits: Family<ServiceLabels, Counter>,
     pub listen_queue_length: Family<ServiceLabels, Gauge>,
     pub listen_queue_limit: Family<ServiceLabels, Gauge>,
@@ -358,6 +383,9 @@ impl Metrics {
             memcache_bytes: Family::default(),
             memcache_decode_errors: Family::default(),
             queue_operations: Family::default(),
+            queue_messages_lost: Family::default(),
+            queue_wait: Family::new_with_constructor(queue_wait_histogram),
+            queue_depth: Family::default(),
             key_splits: Family::default(),
             listen_queue_length: Family::default(),
             listen_queue_limit: Family::default(),
@@ -497,6 +525,21 @@ impl Metrics {
             "queue_operations",
             "Queue operations on memcache-protocol queues (Starling, Kestrel)",
             metrics.queue_operations.clone(),
+        );
+        registry.register(
+            "queue_messages_lost",
+            "Enqueues written onto queue connections the server had already closed, by what the producer saw next (eof, reset: it could retry; unnoticed: silently lost)",
+            metrics.queue_messages_lost.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time messages spent in the queue, seen on the queue server's host (each dequeue matched to its enqueue in FIFO order by length)",
+            metrics.queue_wait.clone(),
+        );
+        registry.register(
+            "queue_depth_relative",
+            "Messages enqueued minus dequeued on this host's queue servers since the agent started (relative: messages already queued then are not counted)",
+            metrics.queue_depth.clone(),
         );
         registry.register(
             "memcache_key_split",

@@ -84,6 +84,7 @@ pub struct Pipeline {
     ring_views_published_s: u64,
     extremes: crate::extremes::Extremes,
     slab_fit: crate::slab::SlabFitTracker,
+    queue_flow: crate::queue_flow::QueueFlow,
     /// Local memcached processes and when /proc was last read for them (unix seconds).
     local_memcacheds: (Vec<crate::slab::LocalMemcached>, u64),
 }
@@ -135,6 +136,7 @@ impl Pipeline {
             extremes: crate::extremes::Extremes::new(config.limits.max_servers_per_service * 2),
             slab_fit: crate::slab::SlabFitTracker::default(),
             local_memcacheds: (Vec::new(), 0),
+            queue_flow: crate::queue_flow::QueueFlow::default(),
         }
     }
 
@@ -275,6 +277,7 @@ impl Pipeline {
                 || old_state == tcp_state::LISTEN
             {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
+                self.queue_flow.closed(event.sk);
             }
         }
         self.tracker.handle(event, &mut self.observations);
@@ -313,6 +316,12 @@ impl Pipeline {
             return PayloadOutcome::Handled;
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
+        if queue_mode && payload.is_send && endpoint.role == Role::Client {
+            if let Some(queue) = crate::queue_flow::enqueue_target(payload.leading_bytes()) {
+                self.queue_flow
+                    .sent_enqueue(payload.sk, endpoint.service, queue);
+            }
+        }
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_str(payload.comm);
@@ -334,6 +343,7 @@ impl Pipeline {
             if write.command.is_none() {
                 write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
             }
+            self.count_lost_message(&write);
             let observation = Observation::DeadSocketWrite(write);
             self.recorder.record(&observation);
             for sink in &mut self.sinks {
@@ -405,6 +415,15 @@ impl Pipeline {
                 *seen = (run_ns.max(seen.0), runs.max(seen.1));
             }
         }
+        if self.queue_flow.overflow > 0 {
+            self.recorder
+                .metrics()
+                .events_lost
+                .get_or_create(&SourceLabels {
+                    source: "queue_flow",
+                })
+                .inc_by(std::mem::take(&mut self.queue_flow.overflow));
+        }
         if self.decoders.dropped > 0 {
             self.recorder
                 .metrics()
@@ -438,6 +457,9 @@ impl Pipeline {
                 if let Some(key) = &request.key {
                     self.observe_key(endpoint, request, key.as_bytes(), comm, weight);
                     self.observe_sizes(endpoint, request, key.as_bytes(), comm, weight, now_s);
+                    if request.queue.is_some() {
+                        self.observe_queue(endpoint, request, key.as_bytes());
+                    }
                 }
             }
             for sink in &mut self.sinks {
@@ -447,6 +469,79 @@ impl Pipeline {
         let mut events = events;
         events.clear();
         self.memcache_events = events;
+    }
+
+    /// A dead write that enqueued to a queue lost that message.
+    fn count_lost_message(&mut self, write: &DeadWrite) {
+        let services = self.services.load();
+        if write.command != Some("set") || !services.is_queue(write.endpoint.service) {
+            return;
+        }
+        let queue = self.queue_flow.queue_of(write.sk).unwrap_or("unknown");
+        self.recorder
+            .metrics()
+            .queue_messages_lost
+            .get_or_create(&crate::metrics::QueueLostLabels {
+                service: services
+                    .name(write.endpoint.service)
+                    .unwrap_or_default()
+                    .to_string(),
+                queue: queue.to_string(),
+                outcome: write.outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// Server-side queue flow: time in queue and relative depth.
+    fn observe_queue(&mut self, endpoint: &Endpoint, request: &RequestObservation, queue: &[u8]) {
+        use crate::memcache::QueueOpKind;
+        let (Some(op), Role::Server) = (request.queue, endpoint.role) else {
+            return;
+        };
+        let name = String::from_utf8_lossy(queue);
+        let len = request.value_len.unwrap_or(0);
+        let delta = match (op.op, request.status) {
+            (QueueOpKind::Enqueue, crate::model::Status::Stored) => {
+                self.queue_flow
+                    .enqueued(endpoint.service, &name, len, request.request_ts_ns);
+                1
+            }
+            (QueueOpKind::Dequeue | QueueOpKind::Open, crate::model::Status::Hit) => {
+                let waited = self.queue_flow.dequeued(
+                    endpoint.service,
+                    &name,
+                    len,
+                    request.request_ts_ns,
+                );
+                if let crate::queue_flow::Dequeued::Waited(seconds) = waited {
+                    self.queue_metric_labels(endpoint, &name, |m, l| {
+                        m.queue_wait.get_or_create(l).observe(seconds)
+                    });
+                }
+                -1
+            }
+            _ => return,
+        };
+        self.queue_metric_labels(endpoint, &name, |m, l| {
+            m.queue_depth.get_or_create(l).inc_by(delta);
+        });
+    }
+
+    fn queue_metric_labels(
+        &self,
+        endpoint: &Endpoint,
+        name: &str,
+        apply: impl FnOnce(&crate::metrics::Metrics, &crate::metrics::QueueNameLabels),
+    ) {
+        let services = self.services.load();
+        let labels = crate::metrics::QueueNameLabels {
+            service: services
+                .name(endpoint.service)
+                .unwrap_or_default()
+                .to_string(),
+            queue: self.queue_flow.label(endpoint.service, name),
+        };
+        apply(self.recorder.metrics(), &labels);
     }
 
     /// Largest values, slowest requests and (for local memcached) stored item sizes.
