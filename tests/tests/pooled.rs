@@ -183,3 +183,301 @@ fn diagnose_local_shows_traffic_of_pooled_connections() {
     }
     assert_eq!(edge["errors"], 0, "{edge:#}");
 }
+
+/// `cacheprobe diagnose --local --json` running in the background: its private daemon's
+/// probes are up once its control socket exists, and its window starts then.
+struct LocalDiagnose {
+    child: Child,
+}
+
+impl LocalDiagnose {
+    fn start(config: &std::path::Path, duration: &str) -> LocalDiagnose {
+        let child = Command::new(agent_binary())
+            .args(["diagnose", "--local", "--json", "--duration", duration])
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let socket = std::env::temp_dir()
+            .join(format!("cacheprobe-diagnose-{}", child.id()))
+            .join("control.sock");
+        let mut diagnose = LocalDiagnose { child };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Ok(Some(status)) = diagnose.child.try_wait() {
+                panic!("diagnose --local exited early: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "diagnose --local did not attach within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        diagnose
+    }
+
+    fn report(self) -> serde_json::Value {
+        let output = self.child.wait_with_output().unwrap();
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+            panic!(
+                "diagnose printed no JSON ({err}): {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+}
+
+/// The daemon's history through `diagnose --socket` (1 s live on top).
+fn daemon_report(agent: &Agent) -> serde_json::Value {
+    let output = Command::new(agent_binary())
+        .args(["diagnose", "--json", "--duration", "1s", "--socket"])
+        .arg(&agent.control_socket)
+        .arg("--config")
+        .arg(&agent.config_path)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "diagnose printed no JSON ({err}): {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn findings<'a>(report: &'a serde_json::Value, ids: &[&str]) -> Vec<&'a serde_json::Value> {
+    report["findings"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|f| ids.iter().any(|id| f["id"] == *id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn subjects(finding: &serde_json::Value, kind: &str) -> Vec<String> {
+    finding["subjects"][kind]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn value(finding: &serde_json::Value, name: &str) -> f64 {
+    finding["values"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no value {name}: {finding:#}"))
+}
+
+/// A Python client whose pool is connected and used before any probe runs; it prints `ready`,
+/// runs `idle` (Python, may use `pool`) until a line arrives on stdin, then runs `work`.
+fn pool_script(
+    name: &str,
+    pool: &str,
+    idle: &str,
+    work: &str,
+) -> (Guard, ChildStdin, BufReader<std::process::ChildStdout>) {
+    let script = format!(
+        "import ctypes, select, sys, threading, time\n\
+         from pymemcache.client.base import Client\n\
+         ctypes.CDLL(None).prctl(15, b'{name}', 0, 0, 0)\n\
+         {pool}\n\
+         for i, c in enumerate(pool):\n\
+         \x20   assert c.set('warm%d' % i, b'w', noreply=False)\n\
+         print('ready', flush=True)\n\
+         while not select.select([sys.stdin], [], [], 0.5)[0]:\n\
+         \x20   {idle}\n\
+         sys.stdin.readline()\n\
+         {work}\n\
+         print('done', flush=True)\n"
+    );
+    let mut child: Child = Command::new(PYTHON)
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the pooled client did not start");
+    (Guard(child), stdin, stdout)
+}
+
+fn config_for(name: &str, port: u16) -> std::path::PathBuf {
+    let config = scratch_dir(name).join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// One of two memcached servers hangs (SIGSTOP, 3 s) while a pool whose four connections
+/// (two per server) predate both `cacheprobe run` and `diagnose --local` keeps requesting:
+/// both name that server alone, with the unanswered requests and the pool's process.
+#[test]
+fn a_hung_server_among_a_pool_that_predates_the_probes_is_named() {
+    require_root();
+    let port = unique_port();
+    let servers = [
+        start_memcached(None, "127.0.0.1", port, &[]).unwrap(),
+        start_memcached(None, "127.0.0.2", port, &[]).unwrap(),
+    ];
+    let (_client, mut go, mut out) = pool_script(
+        "poolworker",
+        &format!(
+            "pool = [Client((h, {port}), timeout=1, connect_timeout=1) \
+             for h in ('127.0.0.1', '127.0.0.2') for _ in range(2)]"
+        ),
+        "pass",
+        "stop = time.monotonic() + 8\n\
+         def work(c):\n\
+         \x20   while time.monotonic() < stop:\n\
+         \x20       try:\n\
+         \x20           c.get('warm0')\n\
+         \x20       except Exception:\n\
+         \x20           pass\n\
+         \x20       time.sleep(0.01)\n\
+         ts = [threading.Thread(target=work, args=(c,)) for c in pool]\n\
+         [t.start() for t in ts]\n\
+         [t.join() for t in ts]",
+    );
+    let config = config_for("pooled-hung", port);
+    let agent = Agent::start_with_config(
+        "pooled-hung-run",
+        &std::fs::read_to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let local = LocalDiagnose::start(&config, "11s");
+    writeln!(go, "go").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let hung = servers[1].0.id() as i32;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our memcached.
+    unsafe { libc::kill(hung, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(3));
+    unsafe { libc::kill(hung, libc::SIGCONT) };
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let (healthy, hung) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    for (source, report) in [("local", local.report()), ("daemon", daemon_report(&agent))] {
+        assert_eq!(report["source"]["kind"], source, "{report:#}");
+        let named = findings(&report, &["slow-server", "server-not-answering"]);
+        let finding = named
+            .iter()
+            .find(|f| subjects(f, "servers") == [hung.clone()])
+            .unwrap_or_else(|| panic!("{source}: {hung} not named alone: {report:#}"));
+        assert!(
+            !named
+                .iter()
+                .any(|f| subjects(f, "servers").contains(&healthy)),
+            "{source}: the healthy server is named too: {report:#}"
+        );
+        assert_eq!(finding["severity"], "critical", "{finding:#}");
+        assert!(
+            subjects(finding, "processes").contains(&"poolworker".to_string()),
+            "{source}: the pool's process: {finding:#}"
+        );
+        // Two threads hit the hung server, each giving up after 1 s: a few unanswered
+        // requests per second of the hang.
+        let unanswered = value(finding, "unanswered");
+        assert!(
+            (2.0..=20.0).contains(&unanswered),
+            "{source}: {unanswered} unanswered: {finding:#}"
+        );
+        // The healthy server's traffic went on, decoded on the pooled connections.
+        let edge = report["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["process"] == "poolworker" && e["server"] == healthy)
+            .unwrap_or_else(|| panic!("{source}: no poolworker -> {healthy} edge: {report:#}"));
+        assert!(
+            edge["requests"].as_u64().unwrap() >= 500,
+            "{source}: {edge:#}"
+        );
+        eprintln!(
+            "{source}: {} {unanswered} unanswered; healthy edge {} requests",
+            finding["id"], edge["requests"]
+        );
+    }
+}
+
+/// memcached closes connections idle for 2 s. A pool of three connections, made before both
+/// `cacheprobe run` and `diagnose --local` started and kept alive until they are up, goes idle;
+/// memcached closes it and the client then sets onto the dead connections. Both report the idle
+/// disconnects with the inferred timeout, and the dead writes by process and command.
+#[test]
+fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
+    let (_client, mut go, mut out) = pool_script(
+        "cronjob",
+        &format!("pool = [Client(('127.0.0.1', {port})) for _ in range(3)]"),
+        // memcached would close the pool before the probes are up: keep it busy until then.
+        "[c.version() for c in pool]",
+        "time.sleep(6.5)\n\
+         for i, c in enumerate(pool):\n\
+         \x20   try:\n\
+         \x20       c.set('job%d' % i, b'done', noreply=False)\n\
+         \x20   except Exception:\n\
+         \x20       pass",
+    );
+    let config = config_for("pooled-idle", port);
+    let agent = Agent::start_with_config(
+        "pooled-idle-run",
+        &std::fs::read_to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let local = LocalDiagnose::start(&config, "10s");
+    // Let the keep-alive run on the adopted connections once more, then go idle.
+    std::thread::sleep(Duration::from_secs(1));
+    writeln!(go, "go").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let server = format!("127.0.0.1:{port}");
+    for (source, report) in [("local", local.report()), ("daemon", daemon_report(&agent))] {
+        assert_eq!(report["source"]["kind"], source, "{report:#}");
+        let idle = findings(&report, &["idle-disconnects"]);
+        // The client side's view: memcached closed our three pooled connections.
+        let finding = idle
+            .iter()
+            .find(|f| {
+                subjects(f, "servers").contains(&server)
+                    && subjects(f, "processes").contains(&"cronjob".to_string())
+            })
+            .unwrap_or_else(|| panic!("{source}: no idle disconnects naming cronjob: {report:#}"));
+        let timeout = value(finding, "idle_timeout_s");
+        assert!(
+            (2.0..=5.0).contains(&timeout),
+            "{source}: inferred idle timeout {timeout}: {finding:#}"
+        );
+        assert_eq!(value(finding, "closes"), 3.0, "{source}: {finding:#}");
+        assert_eq!(value(finding, "dead_writes"), 3.0, "{source}: {finding:#}");
+        assert!(
+            subjects(finding, "commands").contains(&"set".to_string()),
+            "{source}: the dead writes were sets: {finding:#}"
+        );
+        eprintln!(
+            "{source}: idle timeout {timeout} s, {} closes, {} dead writes",
+            value(finding, "closes"),
+            value(finding, "dead_writes")
+        );
+    }
+}

@@ -60,7 +60,8 @@ struct Setup {
     _servers: [Guard; 2],
 }
 
-fn setup(name: &str) -> Setup {
+/// The daemon watches both servers; `extra` goes at the top of its config.
+fn setup(name: &str, extra: &str) -> Setup {
     require_root();
     let (port_a, port_b) = (unique_port(), unique_port());
     let servers = [
@@ -70,7 +71,7 @@ fn setup(name: &str) -> Setup {
     let agent = Agent::start_with_config(
         name,
         &format!(
-            "sample_interval_seconds = 1\n\n\
+            "{extra}sample_interval_seconds = 1\n\n\
              [[services]]\nname = \"mc-a\"\nport = {port_a}\nprotocol = \"memcache\"\n\n\
              [[services]]\nname = \"mc-b\"\nport = {port_b}\nprotocol = \"memcache\"\n"
         ),
@@ -199,7 +200,7 @@ fn line_of(screen: &str, server: &str, role: &str) -> Option<usize> {
 #[test]
 fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = setup("top-tmux");
+    let setup = setup("top-tmux", "");
     let _load = start_load(setup.port_a, setup.port_b, 90);
     let (a, b) = (
         format!("127.0.0.1:{}", setup.port_a),
@@ -301,10 +302,21 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
         loadgen.contains("mc-a:"),
         "connections by service: {screen}"
     );
+    // Hot keys: the key on each side of this host, client and memcached's socket, by requests.
     tmux.keys(&["Tab"]);
-    tmux.wait_for("hot keys pane", Duration::from_secs(5), |s| {
-        s.contains("top-hot-key") && s.contains("requests")
+    let hot_key = |s: &str, role: &str| {
+        s.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 5 && fields[1..5] == [a.as_str(), role, "requests", "top-hot-key"]
+        })
+    };
+    let screen = tmux.wait_for("hot keys pane", Duration::from_secs(5), |s| {
+        hot_key(s, "client") && hot_key(s, "server")
     });
+    assert!(
+        screen.contains("ROLE") && screen.contains("KEY"),
+        "{screen}"
+    );
     tmux.keys(&["Tab", "Tab"]);
     tmux.wait_for("back on servers", Duration::from_secs(5), |s| {
         row(s, &a, "client").is_some()
@@ -347,7 +359,7 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
 #[test]
 fn sigterm_and_sigint_restore_the_terminal() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = setup("top-signals");
+    let setup = setup("top-signals", "");
     for signal in ["TERM", "INT"] {
         let command = format!(
             "{} top --socket {}; echo \"top exited $?\"; stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon -e echo -e -echo | tr '\\n' ' '; echo; sleep 60",
@@ -419,7 +431,7 @@ fn batch(args: &[&str]) -> (String, Duration) {
 #[test]
 fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = setup("top-batch");
+    let setup = setup("top-batch", "keys = \"hash\"\n");
     let _load = start_load(setup.port_a, setup.port_b, 60);
     let a = format!("127.0.0.1:{}", setup.port_a);
     // Let a few seconds of traffic into the daemon's history.
@@ -435,9 +447,27 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
         "two intervals: {elapsed:?}"
     );
     assert!(!text.contains('\u{1b}'), "plain text");
+    // `keys = "hash"`: the hot key appears as the daemon's hash, on both sides, never plain.
+    let hashed = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        b"top-hot-key".as_slice().hash(&mut hasher);
+        format!("#{:016x}", hasher.finish())
+    };
+    assert!(!text.contains("top-hot-key"), "{text}");
     for snapshot in text.split("\ncacheprobe top  ").skip(1) {
         for heading in ["SERVERS", "PROCESSES", "HOT KEYS", "QUEUES"] {
             assert!(snapshot.contains(heading), "{snapshot}");
+        }
+        let hot_keys = snapshot.split("HOT KEYS").nth(1).unwrap();
+        for role in ["client", "server"] {
+            assert!(
+                hot_keys.lines().any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.len() > 5 && fields[1..5] == [a.as_str(), role, "requests", &hashed]
+                }),
+                "{role} row of {hashed}: {snapshot}"
+            );
         }
         let fields = row(snapshot, &a, "client").expect("A's client row");
         assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?} in\n{text}");
@@ -490,4 +520,112 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
         number(fields[11]) >= 2.0,
         "both clients' connections: {fields:?}"
     );
+}
+
+/// Clock ticks of CPU (user + system) a process has used, and whether it is still running (a
+/// zombie has exited); None once it is gone.
+fn cpu_ticks(pid: i32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may itself hold spaces and parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((ticks, fields[0] != "Z"))
+}
+
+/// The process under `root` (itself included) whose command line is `cacheprobe <command> ...`.
+fn find_cacheprobe(root: i32, command: &str) -> Option<i32> {
+    let cmdline = std::fs::read(format!("/proc/{root}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let binary = agent_binary();
+    let name = binary.file_name().unwrap().as_encoded_bytes();
+    if args.len() > 1 && args[0].ends_with(name) && args[1] == command.as_bytes() {
+        return Some(root);
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{root}/task/{root}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .find_map(|child| find_cacheprobe(child, command))
+}
+
+/// Waits until `pid` has exited; returns how long that took and the CPU ticks it used from
+/// `since_ticks` to its last sample. Panics if it still runs after `timeout`.
+fn wait_gone(pid: i32, since_ticks: u64, timeout: Duration, what: &str) -> (Duration, u64) {
+    let started = Instant::now();
+    let mut last = since_ticks;
+    loop {
+        match cpu_ticks(pid) {
+            Some((ticks, true)) => last = ticks,
+            Some((ticks, false)) => return (started.elapsed(), ticks - since_ticks),
+            None => return (started.elapsed(), last - since_ticks),
+        }
+        if started.elapsed() > timeout {
+            // SAFETY: kill has no memory-safety preconditions; the pid is this test's process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!(
+                "{what}: pid {pid} still ran {timeout:?} later (killed now), {} ticks of CPU since",
+                last - since_ticks
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The terminal disappears under top: with the pane's SIGHUP (top is the pane's process) and
+/// without it (top in a session of its own, so only its reads see the hangup, with local probes
+/// whose private daemon must go too). Top must exit within seconds without spinning: the
+/// crossterm reader used to loop forever on the hung-up tty, ignoring SIGTERM.
+#[test]
+fn top_exits_when_its_terminal_goes_away() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = setup("top-hangup", "");
+    let binary = agent_binary().display().to_string();
+    let cases = [
+        (
+            "pane",
+            format!(
+                "exec {binary} top --socket {}",
+                setup.agent.control_socket.display()
+            ),
+        ),
+        (
+            "setsid-local",
+            format!(
+                "setsid -w {binary} top --local --config {}",
+                setup.agent.config_path.display()
+            ),
+        ),
+    ];
+    for (case, command) in cases {
+        let tmux = Tmux::start(&format!("top-hangup-{case}"), &command);
+        tmux.wait_for("top running", Duration::from_secs(30), |s| {
+            s.contains("findings:")
+        });
+        let pane: i32 = tmux
+            .tmux(&["display-message", "-p", "-t", &tmux.name, "#{pane_pid}"])
+            .trim()
+            .parse()
+            .unwrap();
+        let top = find_cacheprobe(pane, "top").expect("top's pid");
+        let private_daemon = find_cacheprobe(top, "run");
+        assert_eq!(
+            private_daemon.is_some(),
+            case.ends_with("local"),
+            "{case}: a private daemon only with --local"
+        );
+        let (before, _) = cpu_ticks(top).unwrap();
+        tmux.tmux(&["kill-session", "-t", &tmux.name]);
+        let (took, ticks) = wait_gone(top, before, Duration::from_secs(10), case);
+        eprintln!("{case}: top exited {took:?} after the hangup, {ticks} ticks of CPU");
+        // With local probes top first stops its private daemon (SIGTERM, probes detached).
+        let limit = Duration::from_secs(if private_daemon.is_some() { 6 } else { 3 });
+        assert!(took < limit, "{case}: top took {took:?} to exit");
+        // 100 ticks a second: a spinning loop would burn its whole share of a core.
+        assert!(ticks <= 30, "{case}: {ticks} ticks of CPU while exiting");
+        if let Some(daemon) = private_daemon {
+            let (took, _) = wait_gone(daemon, 0, Duration::from_secs(10), "private daemon");
+            eprintln!("{case}: the private daemon exited {took:?} after top");
+        }
+    }
 }

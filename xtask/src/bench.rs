@@ -13,6 +13,7 @@ mod loadgen;
 mod observe;
 mod procs;
 mod report;
+mod top;
 
 use std::{
     collections::BTreeMap,
@@ -47,7 +48,7 @@ pub struct BenchOptions {
 
 /// The measures, in the order they run; `--only` picks from these.
 pub const PHASES: &[&str] = &[
-    "attach", "ab", "bpf", "loss", "tshark", "idle", "decoder", "scrape", "fleet",
+    "attach", "ab", "bpf", "loss", "tshark", "idle", "decoder", "scrape", "fleet", "top",
 ];
 
 /// Durations, repeats and steps of one bench invocation.
@@ -304,7 +305,10 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     if wanted("attach") {
         bench.attach_time()?;
     }
-    if ["ab", "bpf", "loss", "tshark"].iter().any(|p| wanted(p)) {
+    if ["ab", "bpf", "loss", "tshark", "top"]
+        .iter()
+        .any(|p| wanted(p))
+    {
         let memcached = Memcached::start(procs::free_port(17211)?, None)?;
         bench.memcached_lines.push(memcached.command_line.clone());
         loadgen::populate(memcached.addr, &WORKLOAD)?;
@@ -319,6 +323,9 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         }
         if wanted("tshark") {
             bench.tshark_capture(&memcached)?;
+        }
+        if wanted("top") {
+            bench.top_cost(&memcached)?;
         }
     }
     if wanted("idle") {

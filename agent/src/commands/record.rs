@@ -4,6 +4,7 @@
 //! runs the same child ([`PrivateDaemon`]) for as long as it shows.
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -70,6 +71,25 @@ impl PrivateDaemon {
         if let Some(path) = config_path {
             command.arg("--config").arg(path);
         }
+        // Its own process group: a terminal's Ctrl-C or hangup is for the parent, which stops
+        // the child itself (the daemon would take SIGHUP as "reload" and live on). If the parent
+        // dies without doing so (SIGKILL), the kernel sends the SIGTERM instead.
+        command.process_group(0);
+        let parent = std::process::id();
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect (no allocation here).
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            })
+        };
         let child = command.spawn().context("cannot start the probes")?;
         let mut daemon = PrivateDaemon {
             child,

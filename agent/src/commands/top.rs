@@ -23,11 +23,12 @@ use crate::{
     control::{self, ControlError, DEFAULT_SOCKET_PATH},
     diagnose::DiagnoseThresholds,
     history::HistorySnapshot,
-    keys::KeysReport,
+    keystats::{KeyDisplay, KeysReport},
     top::{
         counters::Counters,
         model::{self, Inputs, Model},
         render::{self, Status},
+        tty::{TtyWait, Wake},
         view::{Action, Key, ViewState},
     },
 };
@@ -90,6 +91,7 @@ struct Feed {
     keys: Option<(KeysReport, Instant)>,
     previous_keys: Option<(KeysReport, Instant)>,
     thresholds: DiagnoseThresholds,
+    key_display: KeyDisplay,
     status: Status,
 }
 
@@ -174,6 +176,7 @@ impl Feed {
                 (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
                 _ => None,
             },
+            key_display: self.key_display,
             thresholds: Some(&self.thresholds),
         };
         model::build(history, last_complete_second(), window_s, &inputs)
@@ -191,7 +194,7 @@ fn last_complete_second() -> u64 {
     now.saturating_sub(1)
 }
 
-fn connect(args: &TopArgs, thresholds: DiagnoseThresholds) -> anyhow::Result<Feed> {
+fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
     let socket = args
         .socket
         .clone()
@@ -242,7 +245,8 @@ fn connect(args: &TopArgs, thresholds: DiagnoseThresholds) -> anyhow::Result<Fee
         counters_supported: true,
         keys: None,
         previous_keys: None,
-        thresholds,
+        thresholds: config.diagnose.clone(),
+        key_display: config.keys,
         status: Status {
             source,
             refresh_s: args.interval.as_secs_f64(),
@@ -274,7 +278,7 @@ pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the output is not a terminal; use --batch for text snapshots");
     }
     let stop = stop_flag()?;
-    let mut feed = connect(args, config.diagnose.clone())?;
+    let mut feed = connect(args, &config)?;
     let window_s = args.interval.as_secs_f64().ceil().max(1.0) as u64;
     let state = ViewState::new(args.service.clone());
     if args.batch {
@@ -330,13 +334,19 @@ fn batch(
 }
 
 /// Restores the terminal however the loop ends (error, return); a panic is covered by the hook
-/// ratatui installs.
+/// ratatui installs. Each step on its own, errors ignored: after a hangup none of them can
+/// succeed, and reporting that would only write to the dead terminal.
 struct TerminalGuard;
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        ratatui::restore();
-        let _ = ratatui::crossterm::execute!(std::io::stdout(), ratatui::crossterm::cursor::Show);
+        use ratatui::crossterm::{cursor, execute, terminal};
+        let _ = terminal::disable_raw_mode();
+        let _ = execute!(
+            std::io::stdout(),
+            terminal::LeaveAlternateScreen,
+            cursor::Show
+        );
     }
 }
 
@@ -370,6 +380,13 @@ fn interactive(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let mut tty = TtyWait::new(&[
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGWINCH,
+    ])
+    .context("cannot watch the terminal")?;
     let mut terminal = ratatui::try_init().context("cannot set up the terminal")?;
     let _guard = TerminalGuard;
     feed.refresh();
@@ -378,30 +395,35 @@ fn interactive(
     let mut dirty = true;
     while !stop.load(Ordering::Relaxed) {
         if dirty {
-            terminal
-                .draw(|frame| render::draw(frame, &model, &state, &feed.status, colour))
-                .context("cannot draw")?;
+            let drawn =
+                terminal.draw(|frame| render::draw(frame, &model, &state, &feed.status, colour));
+            if let Err(err) = drawn {
+                if tty.gone() {
+                    tracing::debug!("the terminal hung up");
+                    break;
+                }
+                return Err(err).context("cannot draw");
+            }
             dirty = false;
         }
-        // Short polls so a signal is noticed quickly even when no key comes.
-        let wait = next
-            .saturating_duration_since(Instant::now())
-            .min(Duration::from_millis(100));
-        if event::poll(wait).context("cannot read the terminal")? {
-            match event::read().context("cannot read the terminal")? {
-                Event::Key(key) => {
-                    if let Some(key) = key_of(&key) {
-                        let count = state.arranged(&model).len();
-                        match state.key(key, count) {
-                            Action::Quit => break,
-                            Action::Redraw => dirty = true,
-                            Action::None => {}
-                        }
-                    }
-                }
-                Event::Resize(_, _) => dirty = true,
-                _ => {}
+        match tty
+            .wait(next.saturating_duration_since(Instant::now()))
+            .context("cannot wait for the terminal")?
+        {
+            Wake::Gone => {
+                tracing::debug!("the terminal hung up");
+                break;
             }
+            // A stop flag is looked at by the loop; a resize only needs the redraw.
+            Wake::Signal => dirty = true,
+            Wake::Timeout => {}
+            Wake::Input => match read_keys(&mut state, &model, &mut tty) {
+                Ok(Action::Quit) => break,
+                Ok(Action::Redraw) => dirty = true,
+                Ok(Action::None) => {}
+                Err(_) if tty.gone() => break,
+                Err(err) => return Err(err).context("cannot read the terminal"),
+            },
         }
         if Instant::now() >= next {
             next = Instant::now() + args.interval;
@@ -414,4 +436,31 @@ fn interactive(
     }
     drop(terminal);
     Ok(())
+}
+
+/// Applies the keys waiting on the terminal: the strongest action wins (quit over redraw).
+fn read_keys(state: &mut ViewState, model: &Model, tty: &mut TtyWait) -> std::io::Result<Action> {
+    let mut action = Action::None;
+    // The wait said input is there; the short timeout only bounds a hangup racing it (a
+    // zero timeout would make crossterm's tty reader skip reading altogether).
+    while event::poll(Duration::from_millis(5))? {
+        match event::read()? {
+            Event::Key(key) => {
+                if let Some(key) = key_of(&key) {
+                    let count = state.arranged(model).len();
+                    match state.key(key, count) {
+                        Action::Quit => return Ok(Action::Quit),
+                        Action::Redraw => action = Action::Redraw,
+                        Action::None => {}
+                    }
+                }
+            }
+            Event::Resize(_, _) => action = Action::Redraw,
+            _ => {}
+        }
+        if tty.gone() {
+            break;
+        }
+    }
+    Ok(action)
 }

@@ -94,7 +94,7 @@ pub fn detect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slab::{estimate, MemcachedSettings, SizeCounts, SlabFitReport};
+    use crate::sizes::slab::{estimate, MemcachedSettings, SizeCounts, SlabFitReport};
 
     fn snapshot(item_size: u64, items: u64) -> HistorySnapshot {
         let mut sizes = SizeCounts::default();

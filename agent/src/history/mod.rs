@@ -480,8 +480,8 @@ pub struct History {
     /// Second of the last label reclamation, so floods do not rescan the history per fact.
     last_reclaim: Option<u64>,
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
-    keys: crate::keys::KeysReport,
-    slab_fit: Vec<crate::slab::SlabFitReport>,
+    keys: crate::keystats::KeysReport,
+    slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
 }
 
 impl History {
@@ -500,7 +500,7 @@ impl History {
             latest: None,
             stats: HistoryStats::default(),
             last_reclaim: None,
-            keys: crate::keys::KeysReport::default(),
+            keys: crate::keystats::KeysReport::default(),
             slab_fit: Vec::new(),
         }
     }
@@ -719,16 +719,16 @@ impl History {
 
     /// Copies every second from `since_unix_s` on (clamped to what the history covers).
     /// Replaces the published hot keys and key splits.
-    pub fn set_keys(&mut self, keys: crate::keys::KeysReport) {
+    pub fn set_keys(&mut self, keys: crate::keystats::KeysReport) {
         self.keys = keys;
     }
 
-    /// Replaces the published slab-fit estimates (see [`crate::slab`]).
-    pub fn set_slab_fit(&mut self, reports: Vec<crate::slab::SlabFitReport>) {
+    /// Replaces the published slab-fit estimates (see [`crate::sizes::slab`]).
+    pub fn set_slab_fit(&mut self, reports: Vec<crate::sizes::slab::SlabFitReport>) {
         self.slab_fit = reports;
     }
 
-    pub fn keys(&self) -> &crate::keys::KeysReport {
+    pub fn keys(&self) -> &crate::keystats::KeysReport {
         &self.keys
     }
 

@@ -30,7 +30,7 @@ pub struct HistorySnapshot {
     pub stats: HistoryStats,
     /// The latest slab-fit estimate per local memcached (not per second).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub slab_fit: Vec<crate::slab::SlabFitReport>,
+    pub slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
 }
 
 /// What the history could not keep (cumulative since it was created).

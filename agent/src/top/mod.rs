@@ -4,6 +4,7 @@
 pub mod counters;
 pub mod model;
 pub mod render;
+pub mod tty;
 pub mod view;
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::{
     diagnose::{DiagnoseThresholds, Severity},
     history::{latency::LatencyHistogram, HistorySnapshot},
-    keys::KeysReport,
+    keystats::{KeyDisplay, KeysReport},
     model::Role,
 };
 
@@ -96,6 +96,8 @@ impl HotKeyKind {
 pub struct HotKeyRow {
     pub service: String,
     pub server: String,
+    /// Which side of this host's connections the key was seen on.
+    pub role: Role,
     pub kind: HotKeyKind,
     pub key: String,
     /// Space-saving estimate since the daemon started.
@@ -142,6 +144,9 @@ pub struct Inputs<'a> {
     pub previous_counters: Option<(&'a Counters, f64)>,
     pub keys: Option<&'a KeysReport>,
     pub previous_keys: Option<(&'a KeysReport, f64)>,
+    /// How top's own config wants keys shown: with `hash`, a daemon configured otherwise
+    /// still gets no plain key onto this screen.
+    pub key_display: KeyDisplay,
     /// Runs the detectors when given.
     pub thresholds: Option<&'a DiagnoseThresholds>,
 }
@@ -396,7 +401,7 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
         processes: process_rows,
         hot_keys: inputs
             .keys
-            .map(|keys| hot_keys(keys, inputs.previous_keys))
+            .map(|keys| hot_keys(keys, inputs.previous_keys, inputs.key_display))
             .unwrap_or_default(),
         queues,
         findings,
@@ -438,8 +443,24 @@ pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistoryS
     }
 }
 
-fn hot_keys(keys: &KeysReport, previous: Option<(&KeysReport, f64)>) -> Vec<HotKeyRow> {
-    let earlier = |service: &str, server: &str, role: &str, kind: HotKeyKind, key: &str| {
+/// `key` as `display` allows. The daemon hashes the raw bytes; for a key it sent in plain, the
+/// hash of the shown text is the same hash whenever the key is printable ASCII, as memcache
+/// keys are.
+fn shown_key(key: &str, display: KeyDisplay) -> String {
+    let hashed =
+        key.len() == 17 && key.starts_with('#') && key[1..].bytes().all(|b| b.is_ascii_hexdigit());
+    match display {
+        KeyDisplay::Hash if !hashed => display.show(key.as_bytes()),
+        _ => key.to_string(),
+    }
+}
+
+fn hot_keys(
+    keys: &KeysReport,
+    previous: Option<(&KeysReport, f64)>,
+    display: KeyDisplay,
+) -> Vec<HotKeyRow> {
+    let earlier = |service: &str, server: &str, role: Role, kind: HotKeyKind, key: &str| {
         let (report, elapsed) = previous?;
         let entry = report
             .servers
@@ -461,20 +482,15 @@ fn hot_keys(keys: &KeysReport, previous: Option<(&KeysReport, f64)>) -> Vec<HotK
             (HotKeyKind::Bytes, &server.by_bytes),
         ] {
             for key in list {
-                let per_s = earlier(
-                    &server.service,
-                    &server.server,
-                    &server.role,
-                    kind,
-                    &key.key,
-                )
-                .filter(|(_, elapsed)| *elapsed > 0.0)
-                .map(|(before, elapsed)| key.count.saturating_sub(before) as f64 / elapsed);
+                let per_s = earlier(&server.service, &server.server, server.role, kind, &key.key)
+                    .filter(|(_, elapsed)| *elapsed > 0.0)
+                    .map(|(before, elapsed)| key.count.saturating_sub(before) as f64 / elapsed);
                 rows.push(HotKeyRow {
                     service: server.service.clone(),
                     server: server.server.clone(),
+                    role: server.role,
                     kind,
-                    key: key.key.clone(),
+                    key: shown_key(&key.key, display),
                     total: key.count,
                     per_s,
                 });

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     diagnose::DiagnoseThresholds,
     history::{Fact, History, HistoryLimits, HistorySnapshot},
-    keys::{HotKey, KeysReport, ServerHotKeys},
+    keystats::{HotKey, KeyDisplay, KeysReport, ServerHotKeys},
     model::{DeadWriteOutcome, RetransmitKind, Role, Status as RequestStatus},
 };
 
@@ -228,30 +228,31 @@ fn counters_give_connections_bytes_queues_and_fds() {
     assert_eq!((a.connections, a.bytes_in_per_s), (Some(8), None));
 }
 
+/// Hot keys of server A as seen from both sides of this host: its clients (`user:1` hot, at
+/// `count`) and memcached's own socket (the same key, a tenth as often).
 fn keys(count: u64) -> KeysReport {
+    let hot = |key: &str, count: u64| HotKey {
+        key: key.into(),
+        count,
+        error: 0,
+    };
     KeysReport {
-        servers: vec![ServerHotKeys {
-            service: "memcached".into(),
-            server: A.into(),
-            role: "client".into(),
-            by_requests: vec![
-                HotKey {
-                    key: "user:1".into(),
-                    count,
-                    error: 0,
-                },
-                HotKey {
-                    key: "user:2".into(),
-                    count: 5,
-                    error: 0,
-                },
-            ],
-            by_bytes: vec![HotKey {
-                key: "blob".into(),
-                count: 4096,
-                error: 0,
-            }],
-        }],
+        servers: vec![
+            ServerHotKeys {
+                service: "memcached".into(),
+                server: A.into(),
+                role: Role::Client,
+                by_requests: vec![hot("user:1", count), hot("user:2", 5)],
+                by_bytes: vec![hot("blob", 4096)],
+            },
+            ServerHotKeys {
+                service: "memcached".into(),
+                server: A.into(),
+                role: Role::Server,
+                by_requests: vec![hot("user:1", count / 10)],
+                by_bytes: Vec::new(),
+            },
+        ],
         splits: Vec::new(),
         extremes: Vec::new(),
     }
@@ -266,18 +267,96 @@ fn hot_key_rates_come_from_successive_reports() {
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
-    assert_eq!(model.hot_keys.len(), 3);
+    assert_eq!(model.hot_keys.len(), 4);
     let hot = &model.hot_keys[0];
     assert_eq!(
-        (hot.key.as_str(), hot.total, hot.per_s),
-        ("user:1", 400, Some(100.0))
+        (hot.key.as_str(), hot.role, hot.total, hot.per_s),
+        ("user:1", Role::Client, 400, Some(100.0))
     );
     assert_eq!(model.hot_keys[1].per_s, Some(0.0), "unchanged");
-    let state = ViewState::new(None);
-    let mut state = state;
+    // The same key on the server's side is a row of its own with its own rate: the sides are
+    // never mixed up when finding the previous count.
+    let server_side = model
+        .hot_keys
+        .iter()
+        .find(|h| h.role == Role::Server)
+        .unwrap();
+    assert_eq!(
+        (
+            server_side.key.as_str(),
+            server_side.total,
+            server_side.per_s
+        ),
+        ("user:1", 40, Some(10.0))
+    );
+    let mut state = ViewState::new(None);
     state.pane = Pane::HotKeys;
     let shown = state.arranged(&model);
-    assert_eq!(shown[0].cells[3], "user:1", "sorted by rate");
+    assert_eq!(
+        shown
+            .iter()
+            .map(|r| (
+                r.cells[2].as_str(),
+                r.cells[3].as_str(),
+                r.cells[4].as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("client", "requests", "user:1"),
+            ("server", "requests", "user:1"),
+            ("client", "bytes", "blob"),
+            ("client", "requests", "user:2"),
+        ],
+        "ROLE, BY and KEY columns, sorted by rate (ties by the cells)"
+    );
+    // `/server` keeps the server side's row only.
+    state.filter = "server".into();
+    let filtered = state.arranged(&model);
+    assert_eq!(filtered.len(), 1);
+    assert_eq!(filtered[0].cells[2], "server");
+    let text = render::text(&model, &ViewState::new(None), &render::Status::default());
+    let header = text
+        .lines()
+        .find(|l| l.contains("KEY") && l.contains("BY"))
+        .unwrap();
+    assert!(header.contains("ROLE"), "{header}");
+}
+
+#[test]
+fn keys_hash_keeps_plain_keys_off_the_screen() {
+    let report = keys(400);
+    let inputs = Inputs {
+        keys: Some(&report),
+        key_display: KeyDisplay::Hash,
+        ..Inputs::default()
+    };
+    let model = build(&history(), NOW, 1, &inputs);
+    let hashed = KeyDisplay::Hash.show(b"user:1");
+    assert!(model.hot_keys.iter().all(|h| h.key.starts_with('#')));
+    assert_eq!(
+        model.hot_keys[0].key, hashed,
+        "the daemon's own hash of the key"
+    );
+    // Keys the daemon already hashed are kept as they are, not hashed twice.
+    let mut daemon_hashed = keys(400);
+    for server in &mut daemon_hashed.servers {
+        for key in server.by_requests.iter_mut().chain(&mut server.by_bytes) {
+            key.key = KeyDisplay::Hash.show(key.key.as_bytes());
+        }
+    }
+    let model_of_hashed = build(
+        &history(),
+        NOW,
+        1,
+        &Inputs {
+            keys: Some(&daemon_hashed),
+            key_display: KeyDisplay::Hash,
+            ..Inputs::default()
+        },
+    );
+    assert_eq!(model_of_hashed.hot_keys, model.hot_keys);
+    let text = render::text(&model, &ViewState::new(None), &render::Status::default());
+    assert!(!text.contains("user:1") && text.contains(&hashed), "{text}");
 }
 
 #[test]
@@ -507,7 +586,7 @@ fn column_fitting_keeps_the_important_columns() {
 
 #[test]
 fn the_daemons_counter_registry_parses_whole() {
-    use crate::metrics::{
+    use crate::export::metrics::{
         encode, BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Format,
         Metrics, QueueLabels,
     };
@@ -561,7 +640,7 @@ fn the_daemons_counter_registry_parses_whole() {
     // A family top does not read stays out of its registry.
     metrics
         .memcache_duration
-        .get_or_create(&crate::metrics::CommandLabels {
+        .get_or_create(&crate::export::metrics::CommandLabels {
             service: "memcached".into(),
             server: A.into(),
             role: "client",

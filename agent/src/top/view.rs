@@ -53,7 +53,7 @@ impl Pane {
         match self {
             Pane::Servers => 3,
             Pane::Processes => 3,
-            Pane::HotKeys => 4,
+            Pane::HotKeys => 5,
             Pane::Queues => 3,
         }
     }
@@ -112,6 +112,7 @@ pub const PROCESS_COLUMNS: &[Column] = &[
 pub const HOT_KEY_COLUMNS: &[Column] = &[
     col("SERVICE", ' ', 10, false, 2),
     col("SERVER", 's', 21, false, 0),
+    col("ROLE", ' ', 6, false, 1),
     col("BY", ' ', 8, false, 0),
     col("KEY", 'n', 28, false, 0),
     col("PER S", 'r', 9, true, 0),
@@ -384,6 +385,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
         cells: vec![
             row.service.clone(),
             row.server.clone(),
+            row.role.as_str().to_string(),
             row.kind.as_str().to_string(),
             row.key.clone(),
             or_dash(shown_rate),
@@ -392,6 +394,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
         sort: vec![
             SortValue::Text(row.service.clone()),
             SortValue::Text(row.server.clone()),
+            SortValue::Text(row.role.as_str().to_string()),
             SortValue::Text(row.kind.as_str().to_string()),
             SortValue::Text(row.key.clone()),
             SortValue::Number(row.per_s),
@@ -401,9 +404,10 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
         detail: vec![
             format!("key {}", row.key),
             format!(
-                "{} {} (hot by {})",
+                "{} {} as {} (hot by {})",
                 row.service,
                 row.server,
+                row.role,
                 row.kind.as_str()
             ),
             format!(

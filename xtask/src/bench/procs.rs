@@ -443,12 +443,26 @@ pub const AGENT_SETTLE: Duration = Duration::from_secs(1);
 
 impl Agent {
     pub fn start(binary: &Path, config: &Path, metrics_addr: SocketAddr) -> anyhow::Result<Agent> {
+        Agent::start_with_control(binary, config, metrics_addr, None)
+    }
+
+    /// [`Agent::start`] serving its history on `control` (None: the default socket).
+    pub fn start_with_control(
+        binary: &Path,
+        config: &Path,
+        metrics_addr: SocketAddr,
+        control: Option<&Path>,
+    ) -> anyhow::Result<Agent> {
         let mut command = Command::new(binary);
         command
             .args(["--log", "info", "run", "--config"])
             .arg(config)
             .arg("--listen")
-            .arg(metrics_addr.to_string())
+            .arg(metrics_addr.to_string());
+        if let Some(control) = control {
+            command.arg("--control-socket").arg(control);
+        }
+        command
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,6 +1,10 @@
 //! What keys tell us, kept bounded: the hottest keys per server (space-saving top-k, by requests
 //! and by bytes) and keys that this host sends to more than one server (inconsistent hashing
-//! rings between clients). Keys never become metric labels; they are shown only locally.
+//! rings between clients), and per server the largest values and slowest requests
+//! ([`extremes`]). Keys never become metric labels; they are shown only locally.
+
+pub mod extremes;
+pub mod ring_view;
 
 use std::{
     hash::{BuildHasher, Hash, Hasher},
@@ -47,7 +51,7 @@ pub struct HotKey {
 pub struct ServerHotKeys {
     pub service: String,
     pub server: String,
-    pub role: String,
+    pub role: crate::model::Role,
     pub by_requests: Vec<HotKey>,
     pub by_bytes: Vec<HotKey>,
 }
@@ -59,7 +63,7 @@ pub struct KeysReport {
     pub splits: Vec<KeySplit>,
     /// Largest values and slowest requests per server, last 15 minutes.
     #[serde(default)]
-    pub extremes: Vec<crate::extremes::ServerExtremes>,
+    pub extremes: Vec<crate::keystats::extremes::ServerExtremes>,
 }
 
 /// The in-memory identity of a key: a fast hash (foldhash) with a per-process random seed, so

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{keys::KeyDisplay, tracking::Endpoint};
+use crate::{conn::tracking::Endpoint, keystats::KeyDisplay};
 
 /// Minutes kept (the report covers the last 15).
 const MINUTES: usize = 15;

@@ -51,7 +51,7 @@ impl QueueFlow {
         if known || count < MAX_QUEUES {
             name.to_string()
         } else {
-            crate::metrics::OVERFLOW_LABEL.to_string()
+            crate::export::metrics::OVERFLOW_LABEL.to_string()
         }
     }
 

@@ -1,11 +1,14 @@
 //! Value-size and keys-per-request histograms: bucket bounds a person can map to memcached's
-//! slab classes, and the per-series handle cache that keeps the per-request cost to a lookup.
+//! slab classes, and the per-series handle cache that keeps the per-request cost to a lookup;
+//! [`slab`] turns the item sizes stored on a local memcached into its slab fit.
+
+pub mod slab;
 
 use std::collections::HashMap;
 
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::{memcache::Command, memcache::RequestObservation, tracking::Endpoint};
+use crate::{conn::tracking::Endpoint, memcache::Command, memcache::RequestObservation};
 
 /// Upper bounds of `cacheprobe_memcache_value_size_bytes`. From 96 B on these are every second
 /// chunk size of memcached 1.6's default slab classes (`-f 1.25 -n 48`: 96, 120, 152, 192, ...
@@ -101,7 +104,8 @@ mod tests {
 
     #[test]
     fn value_buckets_are_every_second_default_slab_class() {
-        let classes = crate::slab::chunk_sizes(&crate::slab::MemcachedSettings::default());
+        let classes =
+            crate::sizes::slab::chunk_sizes(&crate::sizes::slab::MemcachedSettings::default());
         let expected: Vec<f64> = classes.iter().step_by(2).map(|&c| c as f64).collect();
         let ours: Vec<f64> = VALUE_SIZE_BUCKETS
             .iter()

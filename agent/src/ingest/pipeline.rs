@@ -10,22 +10,22 @@ use std::{
 use agent_common::{capture_sample, tcp_state};
 
 use crate::{
-    capture::{parse_payload, Decoders, MemcacheEvent},
-    capture_budget::CaptureBudget,
     config::Config,
-    dead_writes::DeadWrite,
-    events::{self, EventKind, SockEventRecord},
+    conn::dead_writes::DeadWrite,
+    conn::tracking::{Endpoint, Observation, Tracker},
+    export::metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     history::{Fact, History},
-    keys::{
+    ingest::capture_budget::CaptureBudget,
+    kernel::capture::{parse_payload, Decoders, MemcacheEvent},
+    kernel::events::{self, EventKind, SockEventRecord},
+    kernel::loader::Probes,
+    keystats::{
         key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, Routing,
         ServerHotKeys, TopK,
     },
     memcache::RequestObservation,
-    metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     model::Role,
-    probes::loader::Probes,
     services::SharedServices,
-    tracking::{Endpoint, Observation, Tracker},
 };
 
 /// Requests unanswered this long finish as timeouts.
@@ -82,11 +82,11 @@ pub struct Pipeline {
     capture_shift_applied_ns: u64,
     /// When `service_servers_info` was last re-published (unix seconds).
     ring_views_published_s: u64,
-    extremes: crate::extremes::Extremes,
-    slab_fit: crate::slab::SlabFitTracker,
-    queue_flow: crate::queue_flow::QueueFlow,
+    extremes: crate::keystats::extremes::Extremes,
+    slab_fit: crate::sizes::slab::SlabFitTracker,
+    queue_flow: crate::queues::flow::QueueFlow,
     /// Local memcached processes and when /proc was last read for them (unix seconds).
-    local_memcacheds: (Vec<crate::slab::LocalMemcached>, u64),
+    local_memcacheds: (Vec<crate::sizes::slab::LocalMemcached>, u64),
 }
 
 fn key_sampling(config: &Config) -> KeySampling {
@@ -133,10 +133,10 @@ impl Pipeline {
             pending_capture_shift: None,
             capture_shift_applied_ns: 0,
             ring_views_published_s: 0,
-            extremes: crate::extremes::Extremes::new(config.limits.max_servers_per_service * 2),
-            slab_fit: crate::slab::SlabFitTracker::default(),
+            extremes: crate::keystats::extremes::Extremes::new(config.limits.max_servers_per_service * 2),
+            slab_fit: crate::sizes::slab::SlabFitTracker::default(),
             local_memcacheds: (Vec::new(), 0),
-            queue_flow: crate::queue_flow::QueueFlow::default(),
+            queue_flow: crate::queues::flow::QueueFlow::default(),
         }
     }
 
@@ -317,7 +317,7 @@ impl Pipeline {
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
         if queue_mode && payload.is_send && endpoint.role == Role::Client {
-            if let Some(queue) = crate::queue_flow::enqueue_target(payload.leading_bytes()) {
+            if let Some(queue) = crate::queues::flow::enqueue_target(payload.leading_bytes()) {
                 self.queue_flow
                     .sent_enqueue(payload.sk, endpoint.service, queue);
             }
@@ -481,7 +481,7 @@ impl Pipeline {
         self.recorder
             .metrics()
             .queue_messages_lost
-            .get_or_create(&crate::metrics::QueueLostLabels {
+            .get_or_create(&crate::export::metrics::QueueLostLabels {
                 service: services
                     .name(write.endpoint.service)
                     .unwrap_or_default()
@@ -513,7 +513,7 @@ impl Pipeline {
                     len,
                     request.request_ts_ns,
                 );
-                if let crate::queue_flow::Dequeued::Waited(seconds) = waited {
+                if let crate::queues::flow::Dequeued::Waited(seconds) = waited {
                     self.queue_metric_labels(endpoint, &name, |m, l| {
                         m.queue_wait.get_or_create(l).observe(seconds)
                     });
@@ -531,10 +531,10 @@ impl Pipeline {
         &self,
         endpoint: &Endpoint,
         name: &str,
-        apply: impl FnOnce(&crate::metrics::Metrics, &crate::metrics::QueueNameLabels),
+        apply: impl FnOnce(&crate::export::metrics::Metrics, &crate::export::metrics::QueueNameLabels),
     ) {
         let services = self.services.load();
-        let labels = crate::metrics::QueueNameLabels {
+        let labels = crate::export::metrics::QueueNameLabels {
             service: services
                 .name(endpoint.service)
                 .unwrap_or_default()
@@ -556,7 +556,7 @@ impl Pipeline {
     ) {
         self.extremes.observe(
             endpoint,
-            &crate::extremes::Seen {
+            &crate::keystats::extremes::Seen {
                 key,
                 command: request.command.as_str(),
                 process: comm,
@@ -569,7 +569,7 @@ impl Pipeline {
         if let (Role::Server, None, Some(value_len)) =
             (endpoint.role, request.queue, request.value_len)
         {
-            if crate::slab::stores_item(request.command, request.status) {
+            if crate::sizes::slab::stores_item(request.command, request.status) {
                 self.slab_fit.stored(
                     endpoint.service,
                     endpoint.server,
@@ -589,7 +589,7 @@ impl Pipeline {
         let Some(history) = &self.history else { return };
         if now_s >= self.local_memcacheds.1 + 60 || self.local_memcacheds.0.is_empty() {
             self.local_memcacheds = (
-                crate::slab::local_memcacheds(std::path::Path::new("/proc")),
+                crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc")),
                 now_s,
             );
         }
@@ -637,7 +637,7 @@ impl Pipeline {
             ) {
                 self.record_fact(Fact::KeySplit {
                     service: service.to_string(),
-                    key_hash: crate::keys::key_hash(key),
+                    key_hash: crate::keystats::key_hash(key),
                     new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [None, comm.map(str::to_string)],
@@ -676,7 +676,7 @@ impl Pipeline {
                     .unwrap_or_default()
                     .to_string(),
                 server: endpoint.server.to_string(),
-                role: endpoint.role.as_str().to_string(),
+                role: endpoint.role,
                 by_requests: by_requests.top(10, self.key_display),
                 by_bytes: by_bytes.top(10, self.key_display),
             })
@@ -717,8 +717,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        capture::encode_payload_record,
-        events::{EventKind, SockEventRecord, SocketFacts},
+        kernel::capture::encode_payload_record,
+        kernel::events::{EventKind, SockEventRecord, SocketFacts},
     };
 
     const PORT: u16 = 11211;
@@ -779,7 +779,7 @@ mod tests {
 
     /// Client-side gets with `status` counted so far.
     fn gets(metrics: &Metrics, status: &'static str) -> u64 {
-        let labels = crate::metrics::RequestLabels {
+        let labels = crate::export::metrics::RequestLabels {
             service: "mc".into(),
             server: format!("127.0.0.1:{PORT}"),
             role: "client",
@@ -906,7 +906,7 @@ mod tests {
             .map(|reason| {
                 metrics
                     .memcache_decode_errors
-                    .get_or_create(&crate::metrics::DecodeErrorLabels {
+                    .get_or_create(&crate::export::metrics::DecodeErrorLabels {
                         service: "mc".into(),
                         reason,
                     })
