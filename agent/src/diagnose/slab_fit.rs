@@ -83,6 +83,8 @@ pub fn detect(
         };
         finding.value("waste_ratio", fit.waste_ratio);
         finding.value("items", fit.items as f64);
+        finding.value("item_bytes", fit.item_bytes as f64);
+        finding.value("chunk_bytes", fit.chunk_bytes as f64);
         finding.subjects.services.push(report.service.clone());
         finding.subjects.servers.push(report.server.clone());
         finding.subjects.processes.push("memcached".to_string());

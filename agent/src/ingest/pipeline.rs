@@ -587,7 +587,15 @@ impl Pipeline {
             return;
         }
         let Some(history) = &self.history else { return };
-        if now_s >= self.local_memcacheds.1 + 60 || self.local_memcacheds.0.is_empty() {
+        // Re-read /proc every minute, and sooner (at most every 5 s) when a server seen has no
+        // local memcached yet: one started after the agent, or after the last read.
+        let unmatched = self
+            .slab_fit
+            .ports()
+            .any(|port| !self.local_memcacheds.0.iter().any(|m| m.port == port));
+        if now_s >= self.local_memcacheds.1 + 60
+            || (unmatched && now_s >= self.local_memcacheds.1 + 5)
+        {
             self.local_memcacheds = (
                 crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc")),
                 now_s,

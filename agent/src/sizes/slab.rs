@@ -511,6 +511,9 @@ pub struct SlabFitTracker {
 }
 
 const MAX_SERVERS: usize = 64;
+/// An item's bytes besides key and value (header, key terminator, "\r\n", CAS id) modulo
+/// the chunk alignment: 51 or 59 bytes, both 3 mod 8.
+const OVERHEAD_REMAINDER: u64 = (ITEM_HEADER + 1 + 2) % CHUNK_ALIGN;
 
 impl SlabFitTracker {
     /// An item of this key and value length was stored on `server` (`weight` stores).
@@ -532,12 +535,19 @@ impl SlabFitTracker {
             }
         };
         // The item size is computed with the server's settings at report time (CAS may be off),
-        // so keep key + value and add the header then.
-        counts.add(key_len + value_len, weight);
+        // so keep key + value and add the header then. Counts are kept per 8 bytes: store
+        // key + value with the overhead's remainder mod 8 (the same with or without CAS), so
+        // adding the rest of the overhead (a multiple of 8) later gives the item's exact step.
+        counts.add(key_len + value_len + OVERHEAD_REMAINDER, weight);
     }
 
     pub fn is_empty(&self) -> bool {
         self.servers.is_empty()
+    }
+
+    /// Ports of the servers seen.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.servers.keys().map(|(_, server)| server.port())
     }
 
     /// Estimates per server with the settings of the local memcached on its port.
@@ -552,7 +562,7 @@ impl SlabFitTracker {
             .filter_map(|(&(service, server), payloads)| {
                 let local = locals.iter().find(|m| m.port == server.port());
                 let settings = local.map(|m| m.settings.clone()).unwrap_or_default();
-                let overhead = settings.item_size(0, 0);
+                let overhead = settings.item_size(0, 0) - OVERHEAD_REMAINDER;
                 let mut items = SizeCounts::default();
                 for (size, count) in payloads.iter() {
                     items.add(size + overhead, count);
@@ -657,6 +667,29 @@ mod tests {
         });
         assert!(suggested.contains(&200), "{better:?}: {suggested:?}");
         assert!(better.waste_ratio < 0.01);
+    }
+
+    #[test]
+    fn the_tracker_puts_an_item_in_the_class_memcached_does() {
+        // key 10 + value 27: 48 + 10 + 1 + 27 + 2 + 8 = 96 bytes, exactly the first default
+        // class; without CAS 88. Rounding key + value to 8 first would push it to 120.
+        let mut tracker = SlabFitTracker::default();
+        let server: std::net::SocketAddr = "127.0.0.1:11211".parse().unwrap();
+        tracker.stored(0, server, 10, 27, 3);
+        let name = |_| Some("memcached".to_string());
+        for (cas, chunk) in [(true, 96), (false, 96)] {
+            let local = LocalMemcached {
+                pid: 1,
+                port: 11211,
+                settings: MemcachedSettings {
+                    cas,
+                    ..MemcachedSettings::default()
+                },
+            };
+            let fit = &tracker.reports(&[local], name)[0].estimate;
+            assert_eq!((fit.items, fit.chunk_bytes), (3, 3 * chunk), "cas {cas}");
+            assert_eq!(fit.item_bytes, 3 * if cas { 96 } else { 88 });
+        }
     }
 
     #[test]
