@@ -7,6 +7,7 @@ mod fds;
 mod idle;
 mod listen;
 mod misses;
+mod queues;
 pub mod render;
 mod routing;
 mod slab_fit;
@@ -126,6 +127,7 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     tcp::detect(snapshot, thresholds, &mut findings);
     spikes::detect(snapshot, thresholds, &mut findings);
     slab_fit::detect(snapshot, thresholds, &mut findings);
+    queues::detect(snapshot, thresholds, &mut findings);
     rank(&mut findings);
     findings
 }

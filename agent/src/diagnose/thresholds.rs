@@ -104,6 +104,11 @@ pub struct DiagnoseThresholds {
     pub slab_waste_ratio: f64,
     /// ...once this many stores have been seen on it.
     pub slab_min_items: u64,
+
+    // --- memcache queues ------------------------------------------------------------------
+    /// A queue whose oldest message not yet dequeued has waited this long (seconds) has
+    /// consumers that fell behind.
+    pub queue_backlog_s: f64,
 }
 
 impl Default for DiagnoseThresholds {
@@ -145,6 +150,7 @@ impl Default for DiagnoseThresholds {
             spike_max_len_s: 5,
             slab_waste_ratio: 0.15,
             slab_min_items: 1000,
+            queue_backlog_s: 60.0,
         }
     }
 }
@@ -176,6 +182,7 @@ impl DiagnoseThresholds {
             ("hotspot_peer_ratio", self.hotspot_peer_ratio),
             ("spike_latency_ratio", self.spike_latency_ratio),
             ("spike_min_latency_ms", self.spike_min_latency_ms),
+            ("queue_backlog_s", self.queue_backlog_s),
         ];
         for (name, value) in positives {
             if !(value.is_finite() && value > 0.0) {

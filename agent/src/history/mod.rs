@@ -482,6 +482,7 @@ pub struct History {
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
     keys: crate::keystats::KeysReport,
     slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
+    queues: Vec<crate::queues::flow::QueueReport>,
 }
 
 impl History {
@@ -502,6 +503,7 @@ impl History {
             last_reclaim: None,
             keys: crate::keystats::KeysReport::default(),
             slab_fit: Vec::new(),
+            queues: Vec::new(),
         }
     }
 
@@ -728,6 +730,11 @@ impl History {
         self.slab_fit = reports;
     }
 
+    /// Replaces the published queue flow (see [`crate::queues::flow`]).
+    pub fn set_queues(&mut self, reports: Vec<crate::queues::flow::QueueReport>) {
+        self.queues = reports;
+    }
+
     pub fn keys(&self) -> &crate::keystats::KeysReport {
         &self.keys
     }
@@ -754,6 +761,7 @@ impl History {
             seconds,
             stats: self.stats(),
             slab_fit: self.slab_fit.clone(),
+            queues: self.queues.clone(),
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct HistorySnapshot {
     /// The latest slab-fit estimate per local memcached (not per second).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
+    /// Memcache-queue flow per queue since the agent started (not per second).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<crate::queues::flow::QueueReport>,
 }
 
 /// What the history could not keep (cumulative since it was created).
@@ -344,6 +347,7 @@ impl HistorySnapshot {
             seconds: Vec::new(),
             stats: HistoryStats::default(),
             slab_fit: Vec::new(),
+            queues: Vec::new(),
         }
     }
 
@@ -405,6 +409,7 @@ impl HistorySnapshot {
             seconds: seconds.into_values().collect(),
             stats: newer.stats,
             slab_fit: newer.slab_fit,
+            queues: newer.queues,
         }
     }
 }

@@ -133,7 +133,9 @@ impl Pipeline {
             pending_capture_shift: None,
             capture_shift_applied_ns: 0,
             ring_views_published_s: 0,
-            extremes: crate::keystats::extremes::Extremes::new(config.limits.max_servers_per_service * 2),
+            extremes: crate::keystats::extremes::Extremes::new(
+                config.limits.max_servers_per_service * 2,
+            ),
             slab_fit: crate::sizes::slab::SlabFitTracker::default(),
             local_memcacheds: (Vec::new(), 0),
             queue_flow: crate::queues::flow::QueueFlow::default(),
@@ -277,7 +279,6 @@ impl Pipeline {
                 || old_state == tcp_state::LISTEN
             {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
-                self.queue_flow.closed(event.sk);
             }
         }
         self.tracker.handle(event, &mut self.observations);
@@ -317,9 +318,14 @@ impl Pipeline {
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
         if queue_mode && payload.is_send && endpoint.role == Role::Client {
-            if let Some(queue) = crate::queues::flow::enqueue_target(payload.leading_bytes()) {
-                self.queue_flow
-                    .sent_enqueue(payload.sk, endpoint.service, queue);
+            // Sends that start mid-value have no leading bytes: they change nothing.
+            let leading = payload.leading_bytes();
+            match crate::queues::flow::enqueue_target(leading) {
+                Some(queue) => self
+                    .queue_flow
+                    .sent_enqueue(payload.sk, endpoint.service, queue),
+                None if !leading.is_empty() => self.queue_flow.sent_other(payload.sk),
+                None => {}
             }
         }
         self.decoders
@@ -352,9 +358,17 @@ impl Pipeline {
         }
         if let Some(history) = &self.history {
             let keys = self.keys_report();
+            let queues = (!self.queue_flow.is_empty()).then(|| {
+                let services = self.services.load();
+                self.queue_flow
+                    .reports(now_ns, |service| services.name(service).map(str::to_string))
+            });
             if let Ok(mut history) = history.lock() {
                 history.advance_to(unix_now());
                 history.set_keys(keys);
+                if let Some(queues) = queues {
+                    history.set_queues(queues);
+                }
             }
         }
         self.check_capture_budget(now_ns);
@@ -474,10 +488,26 @@ impl Pipeline {
     /// A dead write that enqueued to a queue lost that message.
     fn count_lost_message(&mut self, write: &DeadWrite) {
         let services = self.services.load();
-        if write.command != Some("set") || !services.is_queue(write.endpoint.service) {
+        // The decoder may have let go of the stream (the close comes before the write is
+        // judged): then the queue flow's own note of the last send decides.
+        let enqueue = match write.command {
+            Some(command) => command == "set",
+            None => self.queue_flow.last_send_enqueued(write.sk),
+        };
+        if !enqueue || !services.is_queue(write.endpoint.service) {
             return;
         }
-        let queue = self.queue_flow.queue_of(write.sk).unwrap_or("unknown");
+        let queue = self
+            .queue_flow
+            .queue_of(write.sk)
+            .unwrap_or("unknown")
+            .to_string();
+        let queue = self.queue_flow.lost(
+            write.endpoint.service,
+            &queue,
+            &write.comm,
+            write.outcome.as_str(),
+        );
         self.recorder
             .metrics()
             .queue_messages_lost
@@ -486,7 +516,7 @@ impl Pipeline {
                     .name(write.endpoint.service)
                     .unwrap_or_default()
                     .to_string(),
-                queue: queue.to_string(),
+                queue,
                 outcome: write.outcome.as_str(),
             })
             .inc();
@@ -507,12 +537,9 @@ impl Pipeline {
                 1
             }
             (QueueOpKind::Dequeue | QueueOpKind::Open, crate::model::Status::Hit) => {
-                let waited = self.queue_flow.dequeued(
-                    endpoint.service,
-                    &name,
-                    len,
-                    request.request_ts_ns,
-                );
+                let waited =
+                    self.queue_flow
+                        .dequeued(endpoint.service, &name, len, request.request_ts_ns);
                 if let crate::queues::flow::Dequeued::Waited(seconds) = waited {
                     self.queue_metric_labels(endpoint, &name, |m, l| {
                         m.queue_wait.get_or_create(l).observe(seconds)

@@ -9,7 +9,9 @@
 //! the agent started (no enqueue seen) do not shift later matches. Bounded per queue and in
 //! queues; what does not fit is counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
 
 /// Enqueues remembered per queue.
 const MAX_PENDING: usize = 10_000;
@@ -20,10 +22,39 @@ const LOOKAHEAD: usize = 8;
 pub const MAX_QUEUES: usize = 64;
 /// Sockets whose last enqueued queue is remembered.
 const MAX_SOCKETS: usize = 65_536;
+/// (queue, producer process, outcome) rows of lost messages kept for diagnose.
+const MAX_LOST_ROWS: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Queue {
     pending: VecDeque<(u32, u64)>,
+    /// Acknowledged enqueues and dequeues that returned an item, since the agent started.
+    enqueued: u64,
+    dequeued: u64,
+}
+
+/// Messages one producer process lost on one queue, by what it saw next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostMessages {
+    pub process: String,
+    /// `eof` or `reset` (the producer could have retried) or `unnoticed`.
+    pub outcome: String,
+    pub count: u64,
+}
+
+/// One queue as published to history for `diagnose`: totals since the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueReport {
+    pub service: String,
+    pub queue: String,
+    /// Enqueues the server acknowledged and dequeues that returned an item (server side).
+    pub enqueued: u64,
+    pub dequeued: u64,
+    /// How long the oldest enqueue seen and not yet matched by a dequeue has waited, when
+    /// the report was made.
+    pub oldest_waiting_s: Option<f64>,
+    /// Enqueues written onto connections the server had already closed (client side).
+    pub lost: Vec<LostMessages>,
 }
 
 /// What one dequeue matched.
@@ -38,8 +69,14 @@ pub enum Dequeued {
 #[derive(Debug, Default)]
 pub struct QueueFlow {
     queues: HashMap<(usize, String), Queue>,
-    last_queue: HashMap<u64, (usize, String)>,
-    /// Enqueues not remembered because a queue's table was full.
+    /// Per client socket: the queue it last enqueued to, and whether its last send (that
+    /// started a request) was that enqueue. Kept after the socket closes: a write onto a dead
+    /// connection is judged after the close.
+    last_queue: HashMap<u64, (usize, String, bool)>,
+    /// Lost messages by (service, queue label, producer process, outcome).
+    lost: BTreeMap<(usize, String, String, &'static str), u64>,
+    /// Enqueues not remembered because a queue's table was full, and lost-message rows not
+    /// kept because [`MAX_LOST_ROWS`] were.
     pub overflow: u64,
 }
 
@@ -59,6 +96,7 @@ impl QueueFlow {
     pub fn enqueued(&mut self, service: usize, queue: &str, len: u32, ts_ns: u64) {
         let label = self.label(service, queue);
         let state = self.queues.entry((service, label)).or_default();
+        state.enqueued += 1;
         if state.pending.len() >= MAX_PENDING {
             self.overflow += 1;
             return;
@@ -69,9 +107,8 @@ impl QueueFlow {
     /// A dequeue that returned an item of `len` bytes at `ts_ns`, seen on the server's side.
     pub fn dequeued(&mut self, service: usize, queue: &str, len: u32, ts_ns: u64) -> Dequeued {
         let label = self.label(service, queue);
-        let Some(state) = self.queues.get_mut(&(service, label)) else {
-            return Dequeued::Unmatched;
-        };
+        let state = self.queues.entry((service, label)).or_default();
+        state.dequeued += 1;
         let Some(index) = state
             .pending
             .iter()
@@ -95,16 +132,101 @@ impl QueueFlow {
         }
         let name = String::from_utf8_lossy(queue);
         let label = self.label(service, &name);
-        self.last_queue.insert(sk, (service, label));
+        self.last_queue.insert(sk, (service, label, true));
+    }
+
+    /// A client socket sent a request other than an enqueue.
+    pub fn sent_other(&mut self, sk: u64) {
+        if let Some(entry) = self.last_queue.get_mut(&sk) {
+            entry.2 = false;
+        }
     }
 
     /// The queue the socket last enqueued to.
     pub fn queue_of(&self, sk: u64) -> Option<&str> {
-        self.last_queue.get(&sk).map(|(_, q)| q.as_str())
+        self.last_queue.get(&sk).map(|(_, q, _)| q.as_str())
     }
 
-    pub fn closed(&mut self, sk: u64) {
-        self.last_queue.remove(&sk);
+    /// Whether the socket's last request sent was an enqueue (for a write onto a closed
+    /// connection whose command the decoder no longer knows).
+    pub fn last_send_enqueued(&self, sk: u64) -> bool {
+        self.last_queue
+            .get(&sk)
+            .is_some_and(|&(_, _, enqueue)| enqueue)
+    }
+
+    /// A message `process` wrote to `queue` onto a closed connection; `outcome` is what it
+    /// saw next. Returns the queue's label.
+    pub fn lost(
+        &mut self,
+        service: usize,
+        queue: &str,
+        process: &str,
+        outcome: &'static str,
+    ) -> String {
+        let label = self.label(service, queue);
+        let key = (service, label.clone(), process.to_string(), outcome);
+        let full = self.lost.len() >= MAX_LOST_ROWS;
+        match self.lost.get_mut(&key) {
+            Some(count) => *count += 1,
+            None if !full => {
+                self.lost.insert(key, 1);
+            }
+            None => self.overflow += 1,
+        }
+        label
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty() && self.lost.is_empty()
+    }
+
+    /// Every queue seen, for `diagnose`, at monotonic time `now_ns`.
+    pub fn reports(
+        &self,
+        now_ns: u64,
+        service_name: impl Fn(usize) -> Option<String>,
+    ) -> Vec<QueueReport> {
+        let mut reports: BTreeMap<(usize, &str), QueueReport> = BTreeMap::new();
+        let entry = |service: usize, queue: &str| {
+            service_name(service).map(|name| QueueReport {
+                service: name,
+                queue: queue.to_string(),
+                enqueued: 0,
+                dequeued: 0,
+                oldest_waiting_s: None,
+                lost: Vec::new(),
+            })
+        };
+        for ((service, queue), state) in &self.queues {
+            let Some(mut report) = entry(*service, queue) else {
+                continue;
+            };
+            report.enqueued = state.enqueued;
+            report.dequeued = state.dequeued;
+            report.oldest_waiting_s = state
+                .pending
+                .front()
+                .map(|&(_, ts)| now_ns.saturating_sub(ts) as f64 / 1e9);
+            reports.insert((*service, queue), report);
+        }
+        for ((service, queue, process, outcome), &count) in &self.lost {
+            let report = match reports.get_mut(&(*service, queue.as_str())) {
+                Some(report) => report,
+                None => match entry(*service, queue) {
+                    Some(report) => reports.entry((*service, queue.as_str())).or_insert(report),
+                    None => continue,
+                },
+            };
+            report.lost.push(LostMessages {
+                process: process.clone(),
+                outcome: outcome.to_string(),
+                count,
+            });
+        }
+        let mut reports: Vec<QueueReport> = reports.into_values().collect();
+        reports.sort_by(|a, b| (&a.service, &a.queue).cmp(&(&b.service, &b.queue)));
+        reports
     }
 }
 
@@ -157,12 +279,60 @@ mod tests {
         }
         assert!(flow.last_queue.len() <= MAX_SOCKETS);
         assert_eq!(flow.queue_of(MAX_SOCKETS as u64 + 9), Some("q3"));
+        assert!(flow.last_send_enqueued(MAX_SOCKETS as u64 + 9));
+        flow.sent_other(MAX_SOCKETS as u64 + 9);
+        assert!(!flow.last_send_enqueued(MAX_SOCKETS as u64 + 9));
+        assert_eq!(flow.queue_of(MAX_SOCKETS as u64 + 9), Some("q3"));
+        assert!(!flow.last_send_enqueued(1 << 40));
+    }
+
+    #[test]
+    fn reports_totals_oldest_waiting_and_lost_messages_per_queue() {
+        let mut flow = QueueFlow::default();
+        flow.enqueued(0, "jobs", 10, S);
+        flow.enqueued(0, "jobs", 11, 2 * S);
+        flow.enqueued(0, "jobs", 12, 3 * S);
+        assert_eq!(flow.dequeued(0, "jobs", 10, 4 * S), Dequeued::Waited(3.0));
+        assert_eq!(flow.lost(0, "mail", "producer", "unnoticed"), "mail");
+        flow.lost(0, "mail", "producer", "unnoticed");
+        flow.lost(0, "mail", "cron", "eof");
+        flow.lost(7, "mail", "cron", "eof");
+        // Service 7 has no name (removed on reload): left out.
+        let reports = flow.reports(10 * S, |s| (s == 0).then(|| "starling".to_string()));
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        let jobs = &reports[0];
+        assert_eq!(
+            (jobs.queue.as_str(), jobs.enqueued, jobs.dequeued),
+            ("jobs", 3, 1)
+        );
+        // The oldest not yet dequeued was enqueued at 2 s.
+        assert_eq!(jobs.oldest_waiting_s, Some(8.0));
+        assert!(jobs.lost.is_empty());
+        let mail = &reports[1];
+        assert_eq!((mail.enqueued, mail.oldest_waiting_s), (0, None));
+        let lost: Vec<(&str, &str, u64)> = mail
+            .lost
+            .iter()
+            .map(|l| (l.process.as_str(), l.outcome.as_str(), l.count))
+            .collect();
+        assert_eq!(lost, [("cron", "eof", 1), ("producer", "unnoticed", 2)]);
+        for i in 0..MAX_LOST_ROWS + 3 {
+            flow.lost(0, "mail", &format!("p{i}"), "eof");
+        }
+        assert!(flow.lost.len() <= MAX_LOST_ROWS);
+        assert!(flow.overflow >= 3);
     }
 
     #[test]
     fn the_queue_of_an_enqueue_is_read_from_its_line() {
-        assert_eq!(enqueue_target(b"set jobs 0 0 5\r\nhello"), Some(&b"jobs"[..]));
-        assert_eq!(enqueue_target(b"set jobs/t=10 0 0 5\r\n"), Some(&b"jobs"[..]));
+        assert_eq!(
+            enqueue_target(b"set jobs 0 0 5\r\nhello"),
+            Some(&b"jobs"[..])
+        );
+        assert_eq!(
+            enqueue_target(b"set jobs/t=10 0 0 5\r\n"),
+            Some(&b"jobs"[..])
+        );
         assert_eq!(enqueue_target(b"get jobs\r\n"), None);
         assert_eq!(enqueue_target(b"set "), None);
     }

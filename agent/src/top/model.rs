@@ -440,6 +440,7 @@ pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistoryS
             .collect(),
         stats: snapshot.stats,
         slab_fit: snapshot.slab_fit.clone(),
+        queues: snapshot.queues.clone(),
     }
 }
 
