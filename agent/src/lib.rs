@@ -15,5 +15,7 @@ pub mod kernel;
 pub mod keystats;
 pub mod memcache;
 pub mod model;
+pub mod queues;
 pub mod services;
+pub mod sizes;
 pub mod top;

@@ -426,7 +426,7 @@ fn exact_against_memcached(
     memcached_args: &[&str],
     min_requests: f64,
     client: impl FnOnce(u16),
-) {
+) -> Scrape {
     require_root();
     let memcached = Memcached::start(memcached_args);
     let agent = agent(name, &[("memcached", memcached.port)]);
@@ -453,6 +453,7 @@ fn exact_against_memcached(
         &["client", "server"],
         min_requests,
     ));
+    scrape
 }
 
 /// Compares one service's decoded view with memcached's stats deltas; prints the tables and
@@ -509,7 +510,7 @@ fn assert_exact(failures: Vec<String>) {
 /// before multi-key and large-value work; if this fails the harness or the basics are broken.
 #[test]
 fn pymemcache_single_keys_small_values() {
-    exact_against_memcached("x-control", &[], 57.0, |port| {
+    let _ = exact_against_memcached("x-control", &[], 57.0, |port| {
         let script = format!(
             "from pymemcache.client.base import Client\n\
              c = Client(('127.0.0.1', {port}))\n\
@@ -530,7 +531,7 @@ fn pymemcache_single_keys_small_values() {
 #[test]
 fn pymemcache_get_many_set_many_100_keys() {
     // 100 sets, 169 keys in five multi-gets, 20 + 1 gets and 20 other commands.
-    exact_against_memcached("x-pymemcache", &[], 310.0, |port| {
+    let scrape = exact_against_memcached("x-pymemcache", &[], 310.0, |port| {
         let script = format!(
             "{values}\
              from pymemcache.client.base import Client\n\
@@ -564,6 +565,31 @@ fn pymemcache_get_many_set_many_100_keys() {
         );
         python(None, &script).unwrap();
     });
+    // Sizes from the same traffic, both views: 26 `get` requests naming 190 keys (five
+    // multi-gets of n + n/10 + 1 keys, 21 single gets); 101 `set` values (100 of val(i), the
+    // `n` counter) and 170 get hits.
+    // SIZES_PY cycles over the 100 keys: ten of each size.
+    let expected_value_bytes = 10.0 * (1.0 + 5.0 + 13.0 + 100.0 + 1000.0 + 4096.0 + 65536.0)
+        + 10.0 * (300_000.0 + 1_000_000.0);
+    for role in ["client", "server"] {
+        let labels = |command| [("role", role), ("command", command)];
+        let keys = |suffix: &str| {
+            scrape.sum(
+                &format!("cacheprobe_memcache_keys_per_request_{suffix}"),
+                &labels("get"),
+            )
+        };
+        assert_eq!((keys("count"), keys("sum")), (26.0, 190.0), "{role}");
+        let values = |command, suffix: &str| {
+            scrape.sum(
+                &format!("cacheprobe_memcache_value_size_bytes_{suffix}"),
+                &labels(command),
+            )
+        };
+        assert_eq!(values("set", "count"), 101.0, "{role}");
+        assert_eq!(values("set", "sum"), expected_value_bytes + 2.0, "{role}");
+        assert_eq!(values("get", "count"), 170.0, "{role}");
+    }
 }
 
 #[test]

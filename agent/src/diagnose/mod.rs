@@ -7,8 +7,10 @@ mod fds;
 mod idle;
 mod listen;
 mod misses;
+mod queues;
 pub mod render;
 mod routing;
+mod slab_fit;
 mod slow;
 mod spikes;
 mod tcp;
@@ -124,6 +126,8 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     listen::detect(snapshot, thresholds, &mut findings);
     tcp::detect(snapshot, thresholds, &mut findings);
     spikes::detect(snapshot, thresholds, &mut findings);
+    slab_fit::detect(snapshot, thresholds, &mut findings);
+    queues::detect(snapshot, thresholds, &mut findings);
     rank(&mut findings);
     findings
 }

@@ -97,6 +97,18 @@ pub struct DiagnoseThresholds {
     pub spike_min_slow_requests: u64,
     /// Longer runs of bad seconds are outages, reported by the other detectors, not spikes.
     pub spike_max_len_s: u64,
+
+    // --- memcached slab fit ---------------------------------------------------------------
+    /// A local memcached whose stored items would lose at least this share of their chunk
+    /// memory to rounding up to slab chunk sizes (0-1) is reported...
+    pub slab_waste_ratio: f64,
+    /// ...once this many stores have been seen on it.
+    pub slab_min_items: u64,
+
+    // --- memcache queues ------------------------------------------------------------------
+    /// A queue whose oldest message not yet dequeued has waited this long (seconds) has
+    /// consumers that fell behind.
+    pub queue_backlog_s: f64,
 }
 
 impl Default for DiagnoseThresholds {
@@ -136,6 +148,9 @@ impl Default for DiagnoseThresholds {
             spike_min_latency_ms: 10.0,
             spike_min_slow_requests: 3,
             spike_max_len_s: 5,
+            slab_waste_ratio: 0.15,
+            slab_min_items: 1000,
+            queue_backlog_s: 60.0,
         }
     }
 }
@@ -150,6 +165,7 @@ impl DiagnoseThresholds {
             ("fd_critical_ratio", self.fd_critical_ratio),
             ("listen_queue_full_ratio", self.listen_queue_full_ratio),
             ("spike_error_ratio", self.spike_error_ratio),
+            ("slab_waste_ratio", self.slab_waste_ratio),
         ];
         for (name, value) in ratios {
             if !(value.is_finite() && value > 0.0 && value <= 1.0) {
@@ -166,6 +182,7 @@ impl DiagnoseThresholds {
             ("hotspot_peer_ratio", self.hotspot_peer_ratio),
             ("spike_latency_ratio", self.spike_latency_ratio),
             ("spike_min_latency_ms", self.spike_min_latency_ms),
+            ("queue_backlog_s", self.queue_backlog_s),
         ];
         for (name, value) in positives {
             if !(value.is_finite() && value > 0.0) {

@@ -114,6 +114,19 @@ pub struct QueueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueNameLabels {
+    pub service: String,
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLostLabels {
+    pub service: String,
+    pub queue: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
 }
@@ -195,6 +208,15 @@ const DURATION_BUCKETS: &[f64] = &[
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
+
+/// Time in queue: a busy consumer takes messages within milliseconds, a stalled one hours.
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+fn queue_wait_histogram() -> Histogram {
+    Histogram::new(QUEUE_WAIT_BUCKETS.iter().copied())
+}
 
 fn latency_histogram() -> LatencyHistogram {
     HistogramWithExemplars::new(LATENCY_BUCKETS.iter().copied())
@@ -331,6 +353,12 @@ declare_metrics! {
     memcache_duration: LatencyFamily<CommandLabels> = Family::new_with_constructor(latency_histogram)
         => "memcache_request_duration_seconds",
         "Time from a request's send to the first byte of its response";
+    memcache_value_size: HistogramFamily<CommandLabels> = Family::new_with_constructor(crate::sizes::value_size_histogram)
+        => "memcache_value_size_bytes",
+        "Value sizes of stores and of hits (bucket bounds are every second chunk size of memcached's default slab classes)";
+    memcache_keys_per_request: HistogramFamily<CommandLabels> = Family::new_with_constructor(crate::sizes::keys_per_request_histogram)
+        => "memcache_keys_per_request",
+        "Keys named per request (multi-key get batch sizes)";
     memcache_bytes: Family<BytesLabels, Counter>
         => "memcache_bytes",
         "Payload bytes on watched connections, as sent or received by this host";
@@ -340,6 +368,15 @@ declare_metrics! {
     queue_operations: Family<QueueLabels, Counter>
         => "queue_operations",
         "Queue operations on memcache-protocol queues (Starling, Kestrel)";
+    queue_messages_lost: Family<QueueLostLabels, Counter>
+        => "queue_messages_lost",
+        "Enqueues written onto queue connections the server had already closed, by what the producer saw next (eof, reset: it could retry; unnoticed: silently lost)";
+    queue_wait: HistogramFamily<QueueNameLabels> = Family::new_with_constructor(queue_wait_histogram)
+        => "queue_wait_seconds",
+        "Time messages spent in the queue, seen on the queue server's host (each dequeue matched to its enqueue in FIFO order by length)";
+    queue_depth: Family<QueueNameLabels, Gauge>
+        => "queue_depth_relative",
+        "Messages enqueued minus dequeued on this host's queue servers since the agent started (relative: messages already queued then are not counted)";
     key_splits: Family<ServiceLabels, Counter>
         => "memcache_key_split",
         "Keys this host sent to two different servers of a service within a minute";
@@ -524,7 +561,7 @@ mod tests {
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
-        assert_eq!(Metrics::DECLARED.len(), 42);
+        assert_eq!(Metrics::DECLARED.len(), 47);
         for (name, help) in Metrics::DECLARED {
             // prometheus-client ends every help with a full stop.
             let line = format!("# HELP cacheprobe_{name} {help}.");

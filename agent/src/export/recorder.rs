@@ -32,6 +32,7 @@ pub struct ObservationRecorder {
     exemplar_min_latency_ns: u64,
     exemplars_per_second: u32,
     byte_counters: HashMap<(Endpoint, bool), Counter>,
+    sizes: crate::sizes::SizeHandles,
     ring_view: RingView,
     /// The info series currently exported per service, to remove when the view changes.
     ring_series: HashMap<usize, RingViewLabels>,
@@ -59,6 +60,7 @@ impl ObservationRecorder {
             exemplar_min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
             exemplars_per_second: EXEMPLARS_PER_SECOND,
             byte_counters: HashMap::new(),
+            sizes: crate::sizes::SizeHandles::default(),
             server_labels: HashMap::new(),
             ring_view: RingView::default(),
             ring_series: HashMap::new(),
@@ -206,6 +208,24 @@ impl ObservationRecorder {
                             self.duration_histograms.insert(key, histogram);
                         }
                     }
+                }
+                for (kind, sample) in self.sizes.observe_cached(endpoint, request) {
+                    let labels = self.endpoint_labels(endpoint);
+                    let family = match kind {
+                        crate::sizes::SizeKind::Value => &self.metrics.memcache_value_size,
+                        crate::sizes::SizeKind::Keys => &self.metrics.memcache_keys_per_request,
+                    };
+                    let histogram = family
+                        .get_or_create(&CommandLabels {
+                            service: labels.service,
+                            server: labels.server,
+                            role: labels.role,
+                            command: request.command.as_str(),
+                        })
+                        .clone();
+                    histogram.observe(sample);
+                    self.sizes
+                        .insert(endpoint, request.command, kind, histogram);
                 }
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
                     let labels = self.endpoint_labels(endpoint);
@@ -478,6 +498,8 @@ mod tests {
                 response_bytes: 20,
                 queue: None,
                 seq,
+                value_len: Some(10),
+                keys_in_request: 1,
             },
         };
         let second = 1_000_000_000;

@@ -481,6 +481,8 @@ pub struct History {
     last_reclaim: Option<u64>,
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
     keys: crate::keystats::KeysReport,
+    slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
+    queues: Vec<crate::queues::flow::QueueReport>,
 }
 
 impl History {
@@ -500,6 +502,8 @@ impl History {
             stats: HistoryStats::default(),
             last_reclaim: None,
             keys: crate::keystats::KeysReport::default(),
+            slab_fit: Vec::new(),
+            queues: Vec::new(),
         }
     }
 
@@ -721,6 +725,16 @@ impl History {
         self.keys = keys;
     }
 
+    /// Replaces the published slab-fit estimates (see [`crate::sizes::slab`]).
+    pub fn set_slab_fit(&mut self, reports: Vec<crate::sizes::slab::SlabFitReport>) {
+        self.slab_fit = reports;
+    }
+
+    /// Replaces the published queue flow (see [`crate::queues::flow`]).
+    pub fn set_queues(&mut self, reports: Vec<crate::queues::flow::QueueReport>) {
+        self.queues = reports;
+    }
+
     pub fn keys(&self) -> &crate::keystats::KeysReport {
         &self.keys
     }
@@ -746,6 +760,8 @@ impl History {
             labels: table.labels,
             seconds,
             stats: self.stats(),
+            slab_fit: self.slab_fit.clone(),
+            queues: self.queues.clone(),
         }
     }
 }

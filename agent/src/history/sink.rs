@@ -186,6 +186,8 @@ mod tests {
                     response_bytes: 8,
                     queue: None,
                     seq: None,
+                    value_len: Some(12),
+                    keys_in_request: 1,
                 },
             },
             Some("php-fpm"),

@@ -28,6 +28,12 @@ pub struct HistorySnapshot {
     /// Seconds that had facts, ascending.
     pub seconds: Vec<SecondSnapshot>,
     pub stats: HistoryStats,
+    /// The latest slab-fit estimate per local memcached (not per second).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
+    /// Memcache-queue flow per queue since the agent started (not per second).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<crate::queues::flow::QueueReport>,
 }
 
 /// What the history could not keep (cumulative since it was created).
@@ -340,6 +346,8 @@ impl HistorySnapshot {
             labels: vec![String::new(), super::interner::OTHER_LABEL.to_string()],
             seconds: Vec::new(),
             stats: HistoryStats::default(),
+            slab_fit: Vec::new(),
+            queues: Vec::new(),
         }
     }
 
@@ -400,6 +408,8 @@ impl HistorySnapshot {
             labels: self.labels,
             seconds: seconds.into_values().collect(),
             stats: newer.stats,
+            slab_fit: newer.slab_fit,
+            queues: newer.queues,
         }
     }
 }

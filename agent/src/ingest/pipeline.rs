@@ -85,6 +85,11 @@ pub struct Pipeline {
     capture_shift_applied_ns: u64,
     /// When `service_servers_info` was last re-published (unix seconds).
     ring_views_published_s: u64,
+    extremes: crate::keystats::extremes::Extremes,
+    slab_fit: crate::sizes::slab::SlabFitTracker,
+    queue_flow: crate::queues::flow::QueueFlow,
+    /// Local memcached processes and when /proc was last read for them (unix seconds).
+    local_memcacheds: (Vec<crate::sizes::slab::LocalMemcached>, u64),
 }
 
 fn key_sampling(config: &Config) -> KeySampling {
@@ -136,6 +141,12 @@ impl Pipeline {
             pending_capture_shift: None,
             capture_shift_applied_ns: 0,
             ring_views_published_s: 0,
+            extremes: crate::keystats::extremes::Extremes::new(
+                config.limits.max_servers_per_service * 2,
+            ),
+            slab_fit: crate::sizes::slab::SlabFitTracker::default(),
+            local_memcacheds: (Vec::new(), 0),
+            queue_flow: crate::queues::flow::QueueFlow::default(),
         }
     }
 
@@ -318,6 +329,17 @@ impl Pipeline {
             return PayloadOutcome::Handled;
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
+        if queue_mode && payload.is_send && endpoint.role == Role::Client {
+            // Sends that start mid-value have no leading bytes: they change nothing.
+            let leading = payload.leading_bytes();
+            match crate::queues::flow::enqueue_target(leading) {
+                Some(queue) => self
+                    .queue_flow
+                    .sent_enqueue(payload.sk, endpoint.service, queue),
+                None if !leading.is_empty() => self.queue_flow.sent_other(payload.sk),
+                None => {}
+            }
+        }
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_str(payload.comm);
@@ -349,6 +371,7 @@ impl Pipeline {
             if write.command.is_none() {
                 write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
             }
+            self.count_lost_message(&write);
             let observation = Observation::DeadSocketWrite(write);
             self.recorder.record(&observation);
             for sink in &mut self.sinks {
@@ -357,9 +380,17 @@ impl Pipeline {
         }
         if let Some(history) = &self.history {
             let keys = self.keys_report();
+            let queues = (!self.queue_flow.is_empty()).then(|| {
+                let services = self.services.load();
+                self.queue_flow
+                    .reports(now_ns, |service| services.name(service).map(str::to_string))
+            });
             if let Ok(mut history) = history.lock() {
                 history.advance_to(unix_now());
                 history.set_keys(keys);
+                if let Some(queues) = queues {
+                    history.set_queues(queues);
+                }
             }
         }
         self.check_capture_budget(now_ns);
@@ -367,6 +398,7 @@ impl Pipeline {
         if now_s >= self.ring_views_published_s + RING_VIEW_INTERVAL_S {
             self.recorder.publish_ring_views(now_s);
             self.ring_views_published_s = now_s;
+            self.publish_slab_fit(now_s);
         }
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
@@ -419,6 +451,15 @@ impl Pipeline {
                 *seen = (run_ns.max(seen.0), runs.max(seen.1));
             }
         }
+        if self.queue_flow.overflow > 0 {
+            self.recorder
+                .metrics()
+                .events_lost
+                .get_or_create(&SourceLabels {
+                    source: "queue_flow",
+                })
+                .inc_by(std::mem::take(&mut self.queue_flow.overflow));
+        }
         if self.decoders.dropped > 0 {
             self.recorder
                 .metrics()
@@ -445,11 +486,16 @@ impl Pipeline {
     /// `weight`: how many requests each decoded one stands for (see [`CaptureBudget`]).
     fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
         let events = std::mem::take(&mut self.memcache_events);
+        let now_s = if events.is_empty() { 0 } else { unix_now() };
         for event in &events {
             self.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
                     self.observe_key(endpoint, request, key.as_bytes(), comm, weight);
+                    self.observe_sizes(endpoint, request, key.as_bytes(), comm, weight, now_s);
+                    if request.queue.is_some() {
+                        self.observe_queue(endpoint, request, key.as_bytes());
+                    }
                 }
             }
             for sink in &mut self.sinks {
@@ -459,6 +505,158 @@ impl Pipeline {
         let mut events = events;
         events.clear();
         self.memcache_events = events;
+    }
+
+    /// A dead write that enqueued to a queue lost that message.
+    fn count_lost_message(&mut self, write: &DeadWrite) {
+        let services = self.services.load();
+        // The decoder may have let go of the stream (the close comes before the write is
+        // judged): then the queue flow's own note of the last send decides.
+        let enqueue = match write.command {
+            Some(command) => command == "set",
+            None => self.queue_flow.last_send_enqueued(write.sk),
+        };
+        if !enqueue || !services.is_queue(write.endpoint.service) {
+            return;
+        }
+        let queue = self
+            .queue_flow
+            .queue_of(write.sk)
+            .unwrap_or("unknown")
+            .to_string();
+        let queue = self.queue_flow.lost(
+            write.endpoint.service,
+            &queue,
+            &write.comm,
+            write.outcome.as_str(),
+        );
+        self.recorder
+            .metrics()
+            .queue_messages_lost
+            .get_or_create(&crate::export::metrics::QueueLostLabels {
+                service: services
+                    .name(write.endpoint.service)
+                    .unwrap_or_default()
+                    .to_string(),
+                queue,
+                outcome: write.outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// Server-side queue flow: time in queue and relative depth.
+    fn observe_queue(&mut self, endpoint: &Endpoint, request: &RequestObservation, queue: &[u8]) {
+        use crate::memcache::QueueOpKind;
+        let (Some(op), Role::Server) = (request.queue, endpoint.role) else {
+            return;
+        };
+        let name = String::from_utf8_lossy(queue);
+        let len = request.value_len.unwrap_or(0);
+        let delta = match (op.op, request.status) {
+            (QueueOpKind::Enqueue, crate::model::Status::Stored) => {
+                self.queue_flow
+                    .enqueued(endpoint.service, &name, len, request.request_ts_ns);
+                1
+            }
+            (QueueOpKind::Dequeue | QueueOpKind::Open, crate::model::Status::Hit) => {
+                let waited =
+                    self.queue_flow
+                        .dequeued(endpoint.service, &name, len, request.request_ts_ns);
+                if let crate::queues::flow::Dequeued::Waited(seconds) = waited {
+                    self.queue_metric_labels(endpoint, &name, |m, l| {
+                        m.queue_wait.get_or_create(l).observe(seconds)
+                    });
+                }
+                -1
+            }
+            _ => return,
+        };
+        self.queue_metric_labels(endpoint, &name, |m, l| {
+            m.queue_depth.get_or_create(l).inc_by(delta);
+        });
+    }
+
+    fn queue_metric_labels(
+        &self,
+        endpoint: &Endpoint,
+        name: &str,
+        apply: impl FnOnce(&crate::export::metrics::Metrics, &crate::export::metrics::QueueNameLabels),
+    ) {
+        let services = self.services.load();
+        let labels = crate::export::metrics::QueueNameLabels {
+            service: services
+                .name(endpoint.service)
+                .unwrap_or_default()
+                .to_string(),
+            queue: self.queue_flow.label(endpoint.service, name),
+        };
+        apply(self.recorder.metrics(), &labels);
+    }
+
+    /// Largest values, slowest requests and (for local memcached) stored item sizes.
+    fn observe_sizes(
+        &mut self,
+        endpoint: &Endpoint,
+        request: &RequestObservation,
+        key: &[u8],
+        comm: Option<&str>,
+        weight: u64,
+        now_s: u64,
+    ) {
+        self.extremes.observe(
+            endpoint,
+            &crate::keystats::extremes::Seen {
+                key,
+                command: request.command.as_str(),
+                process: comm,
+                value_len: request.value_len,
+                latency_ns: request.latency_ns,
+                unix_s: now_s,
+            },
+            self.key_display,
+        );
+        if let (Role::Server, None, Some(value_len)) =
+            (endpoint.role, request.queue, request.value_len)
+        {
+            if crate::sizes::slab::stores_item(request.command, request.status) {
+                self.slab_fit.stored(
+                    endpoint.service,
+                    endpoint.server,
+                    key.len() as u64,
+                    u64::from(value_len),
+                    weight,
+                );
+            }
+        }
+    }
+
+    /// Re-estimates slab fit for local servers and hands it to history (for diagnose).
+    fn publish_slab_fit(&mut self, now_s: u64) {
+        if self.slab_fit.is_empty() {
+            return;
+        }
+        let Some(history) = &self.history else { return };
+        // Re-read /proc every minute, and sooner (at most every 5 s) when a server seen has no
+        // local memcached yet: one started after the agent, or after the last read.
+        let unmatched = self
+            .slab_fit
+            .ports()
+            .any(|port| !self.local_memcacheds.0.iter().any(|m| m.port == port));
+        if now_s >= self.local_memcacheds.1 + 60
+            || (unmatched && now_s >= self.local_memcacheds.1 + 5)
+        {
+            self.local_memcacheds = (
+                crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc")),
+                now_s,
+            );
+        }
+        let services = self.services.load();
+        let reports = self.slab_fit.reports(&self.local_memcacheds.0, |service| {
+            services.name(service).map(str::to_string)
+        });
+        if let Ok(mut history) = history.lock() {
+            history.set_slab_fit(reports);
+        }
     }
 
     /// Feeds one request's key to the key statistics (hot keys, routing), if sampled.
@@ -543,9 +741,17 @@ impl Pipeline {
         servers.sort_by(|a, b| {
             (&a.service, &a.server, &a.role).cmp(&(&b.service, &b.server, &b.role))
         });
+        let extremes = self.extremes.report(unix_now(), |endpoint| {
+            Some((
+                services.name(endpoint.service)?.to_string(),
+                endpoint.server.to_string(),
+                endpoint.role.as_str().to_string(),
+            ))
+        });
         KeysReport {
             servers,
             splits: self.routing.examples.clone(),
+            extremes,
         }
     }
 

@@ -1,7 +1,9 @@
 //! What keys tell us, kept bounded: the hottest keys per server (space-saving top-k, by requests
 //! and by bytes) and keys that this host sends to more than one server (inconsistent hashing
-//! rings between clients). Keys never become metric labels; they are shown only locally.
+//! rings between clients), and per server the largest values and slowest requests
+//! ([`extremes`]). Keys never become metric labels; they are shown only locally.
 
+pub mod extremes;
 pub mod ring_view;
 
 use std::{
@@ -59,6 +61,9 @@ pub struct ServerHotKeys {
 pub struct KeysReport {
     pub servers: Vec<ServerHotKeys>,
     pub splits: Vec<KeySplit>,
+    /// Largest values and slowest requests per server, last 15 minutes.
+    #[serde(default)]
+    pub extremes: Vec<crate::keystats::extremes::ServerExtremes>,
 }
 
 /// The in-memory identity of a key: a fast hash (foldhash) with a per-process random seed, so

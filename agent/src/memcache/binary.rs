@@ -2,7 +2,7 @@
 //! by their declared length, quiet opcodes and opaque values for pairing.
 
 use super::model::{Command, DecodeErrorReason, Direction, Observation, KEY_CAPACITY};
-use super::pairing::{push_error, Family, Pairing, RequestInfo, RespKind, Response};
+use super::pairing::{push_error, value_len, Family, Pairing, RequestInfo, RespKind, Response};
 
 pub(crate) const HEADER_LEN: usize = 24;
 pub(crate) const REQUEST_MAGIC: u8 = 0x80;
@@ -36,6 +36,12 @@ impl Header {
             body_len: u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
             opaque: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
         }
+    }
+
+    /// The body after extras and key: the value, for frames that carry one.
+    pub fn value_len(&self) -> u64 {
+        u64::from(self.body_len)
+            .saturating_sub(u64::from(self.extras_len) + u64::from(self.key_len))
     }
 
     fn key_range(&self) -> (u64, u64) {
@@ -331,6 +337,20 @@ fn has_item_key(opcode: u8) -> bool {
     )
 }
 
+/// Storage opcodes (set/add/replace/append/prepend and quiet forms): the body after extras and
+/// key is the value.
+fn carries_value(opcode: u8) -> bool {
+    matches!(opcode, 0x01..=0x03 | 0x0e | 0x0f | 0x11..=0x13 | 0x19 | 0x1a)
+}
+
+/// Get and get-and-touch opcodes, whose successful answers carry the value.
+fn is_retrieval_opcode(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        0x00 | 0x09 | 0x0c | 0x0d | 0x1d | 0x1e | 0x23 | 0x24
+    )
+}
+
 pub(crate) struct RequestSink<'a> {
     pub pairing: &'a mut Pairing,
     pub out: &'a mut Vec<Observation>,
@@ -374,6 +394,9 @@ impl PacketSink for RequestSink<'_> {
         req.noreply = header.opcode == 0x17;
         req.opaque = Some(u64::from(header.opaque));
         req.seq = self.seq.take();
+        if carries_value(header.opcode) {
+            req.value_len = value_len(header.value_len());
+        }
         self.pairing.submit(req, self.out);
     }
 
@@ -439,6 +462,7 @@ impl PacketSink for ResponseSink<'_> {
             key: None,
             key_truncated: false,
             opaque,
+            value_len: None,
         };
         self.pairing.respond(&resp, self.out);
         true
@@ -463,6 +487,10 @@ impl PacketSink for ResponseSink<'_> {
             key: (header.key_len > 0).then_some(key),
             key_truncated,
             opaque: Some(u64::from(header.opaque)),
+            // Only a successful get carries a value; failures carry a message.
+            value_len: (header.status == 0 && is_retrieval_opcode(header.opcode))
+                .then(|| value_len(header.value_len()))
+                .flatten(),
         };
         self.pairing.respond(&resp, self.out);
     }

@@ -395,6 +395,12 @@ pub struct RequestObservation {
     /// TCP sequence number of the request's first byte, when the kernel reported it: the
     /// client's and the server's agent see the same number for one request.
     pub seq: Option<u32>,
+    /// The value's length in bytes (without its "\r\n"): what a storage command sent or a
+    /// hit returned. None for commands without a value, misses and values not seen.
+    pub value_len: Option<u32>,
+    /// How many keys the request named, on the first observation of a request that named
+    /// any (multi-key gets report one observation per key); 0 on the others.
+    pub keys_in_request: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

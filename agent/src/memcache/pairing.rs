@@ -129,6 +129,8 @@ pub(crate) struct Response<'a> {
     pub key_truncated: bool,
     /// Binary opaque, or a hash of the meta `O` token.
     pub opaque: Option<u64>,
+    /// Length of the value this response carries (a hit), if any.
+    pub value_len: Option<u32>,
 }
 
 /// What a queue-mode request asked of its queue; the outcome is decided by the response.
@@ -153,6 +155,8 @@ pub(crate) struct RequestInfo {
     pub queue: Option<QueueIntent>,
     /// TCP sequence number of the request's first byte, when known.
     pub seq: Option<u32>,
+    /// Length of the value a storage command sends.
+    pub value_len: Option<u32>,
 }
 
 impl RequestInfo {
@@ -167,8 +171,14 @@ impl RequestInfo {
             opaque: None,
             queue: None,
             seq: None,
+            value_len: None,
         }
     }
+}
+
+/// A value length as kept per request: values beyond 4 GiB cannot be framed anyway.
+pub(crate) fn value_len(n: u64) -> Option<u32> {
+    u32::try_from(n).ok()
 }
 
 /// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
@@ -179,6 +189,7 @@ struct KeySlot {
     truncated: bool,
     status: Option<Status>,
     resp_bytes: u64,
+    value_len: Option<u32>,
 }
 
 /// Keys of outstanding requests, in request order. Small slots point into one byte arena so
@@ -206,6 +217,7 @@ impl KeyStore {
             truncated,
             status: None,
             resp_bytes: 0,
+            value_len: None,
         });
         self.bytes
             .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
@@ -280,6 +292,8 @@ struct Pending {
     opaque: Option<u64>,
     queue: Option<QueueIntent>,
     seq: Option<u32>,
+    /// The stored value's length, or a hit's when the answer is not per key.
+    value_len: Option<u32>,
 }
 
 impl Pending {
@@ -301,6 +315,7 @@ impl Pending {
             opaque: None,
             queue: None,
             seq: None,
+            value_len: None,
         }
     }
 
@@ -424,6 +439,10 @@ impl Pairing {
                     0,
                     queue,
                     req.seq,
+                    Sizes {
+                        value_len: req.value_len,
+                        keys: 0,
+                    },
                 );
             }
             for i in 0..nkeys {
@@ -443,6 +462,10 @@ impl Pairing {
                     0,
                     queue,
                     req.seq,
+                    Sizes {
+                        value_len: req.value_len.filter(|_| nkeys == 1),
+                        keys: if i == 0 { nkeys as u16 } else { 0 },
+                    },
                 );
             }
             self.slots.truncate(start);
@@ -477,6 +500,7 @@ impl Pairing {
             opaque: req.opaque,
             queue: req.queue,
             seq: req.seq,
+            value_len: req.value_len,
         });
     }
 
@@ -574,14 +598,21 @@ impl Pairing {
                     Some((i, slot)) => {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
+                        slot.value_len = resp.value_len;
                         head.cursor = (i + 1) as u16;
                     }
-                    None => head.resp_bytes += resp.bytes,
+                    None => {
+                        head.resp_bytes += resp.bytes;
+                        head.value_len = resp.value_len.or(head.value_len);
+                    }
                 }
             }
             Fit::Part => head.resp_bytes += resp.bytes,
             Fit::Done(status) => {
                 head.resp_bytes += resp.bytes;
+                if resp.value_len.is_some() {
+                    head.value_len = resp.value_len;
+                }
                 if let Some(done) = self.pending.pop_front() {
                     let latency = done.latency();
                     self.finish_entry(done, status, latency, out);
@@ -799,6 +830,10 @@ impl Pairing {
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
                 entry.seq,
+                Sizes {
+                    value_len: entry.value_len,
+                    keys: 0,
+                },
             );
             return;
         }
@@ -823,6 +858,10 @@ impl Pairing {
                 resp_bytes,
                 queue_op(entry.queue, status),
                 entry.seq,
+                Sizes {
+                    value_len: slot.value_len.or(entry.value_len.filter(|_| nkeys == 1)),
+                    keys: if i == 0 { entry.nkeys } else { 0 },
+                },
             );
         }
         self.slots.reclaim();
@@ -858,6 +897,13 @@ fn value_slot(
     None
 }
 
+/// What an observation says about sizes (see [`RequestObservation::value_len`]).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    value_len: Option<u32>,
+    keys: u16,
+}
+
 /// Appends a request observation. The key is copied straight into the observation in the
 /// output vector: building it elsewhere and moving it in costs several copies of the whole
 /// fixed-size key buffer, which dominated the hot path.
@@ -873,6 +919,7 @@ fn push_request(
     response_bytes: u64,
     queue: Option<QueueOp>,
     seq: Option<u32>,
+    sizes: Sizes,
 ) {
     out.push(Observation::Request(RequestObservation {
         command,
@@ -884,6 +931,8 @@ fn push_request(
         response_bytes,
         queue,
         seq,
+        value_len: sizes.value_len,
+        keys_in_request: sizes.keys,
     }));
     if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
         request.key.insert(Key::EMPTY).assign(bytes, truncated);

@@ -8,7 +8,8 @@ use super::model::{
     Command, DecodeErrorReason, Direction, KestrelOptions, Observation, KEY_CAPACITY,
 };
 use super::pairing::{
-    push_error, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind, Response,
+    push_error, value_len, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind,
+    Response,
 };
 use super::DecoderConfig;
 
@@ -271,6 +272,7 @@ impl RequestSink<'_> {
                 } else {
                     None
                 };
+                req.value_len = data_len.and_then(value_len);
                 match data_len {
                     Some(n) if !truncated => {
                         req.bytes = wire_len + n + 2;
@@ -327,6 +329,7 @@ impl RequestSink<'_> {
             self.pairing.stage_key(key.as_bytes(), key.is_truncated());
         }
         if request.command == Command::MetaSet {
+            req.value_len = request.data_len.and_then(value_len);
             match request.data_len.filter(|&n| n <= self.config.max_value_len) {
                 Some(n) if !truncated => {
                     req.bytes = wire_len + n + 2;
@@ -429,6 +432,7 @@ impl ResponseSink<'_> {
             key: None,
             key_truncated: false,
             opaque: None,
+            value_len: None,
         };
         self.pairing.respond(&resp, self.out);
     }
@@ -463,6 +467,7 @@ impl ResponseSink<'_> {
                     key: Some(key),
                     key_truncated: key_cut,
                     opaque: None,
+                    value_len: data_len.and_then(value_len),
                 };
                 self.pairing.respond(&resp, self.out);
                 return outcome;
@@ -503,6 +508,7 @@ impl ResponseSink<'_> {
                     key: key.map(|(k, _)| k),
                     key_truncated: key.is_some_and(|(_, cut)| cut),
                     opaque: parsed.opaque,
+                    value_len: parsed.data_len.and_then(value_len),
                 };
                 self.pairing.respond(&resp, self.out);
                 return match data_len {

