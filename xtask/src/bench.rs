@@ -13,6 +13,7 @@ mod loadgen;
 mod observe;
 mod procs;
 mod report;
+mod soak;
 
 use std::{
     collections::BTreeMap,
@@ -256,6 +257,17 @@ fn target_dir() -> PathBuf {
         }
         None => util::workspace_root().join("target"),
     }
+}
+
+/// `bench --soak MINUTES`: the soak alone (see soak.rs).
+pub fn soak(minutes: f64) -> anyhow::Result<()> {
+    util::require_root("the soak loads eBPF programs")?;
+    procs::install_interrupt_handler();
+    let binary = target_dir().join("release/cacheprobe");
+    if !binary.exists() {
+        bail!("{} is missing: build it first", binary.display());
+    }
+    soak::soak(&binary, &target_dir().join("bench"), minutes)
 }
 
 pub fn bench(options: BenchOptions) -> anyhow::Result<()> {

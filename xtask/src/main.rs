@@ -6,6 +6,7 @@ mod package;
 mod setup;
 mod util;
 mod vm;
+mod vm_systemd;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,11 @@ enum Task {
         /// Run only these measures: attach, ab, bpf, loss, tshark, idle, decoder (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
+        /// idle timeouts and dead writes; fails if memory or fds grow, events are lost or its
+        /// counters disagree with the load generator's.
+        #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "30")]
+        soak: Option<f64>,
     },
     /// Internal to `bench`: hold idle connections open until stdin closes.
     #[command(hide = true)]
@@ -66,9 +72,14 @@ enum Task {
     Package,
     /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
     VmTest {
-        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
-        #[arg(long, value_enum, default_value = "all")]
-        kernel: vm::KernelChoice,
+        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all
+        /// (the default; with --systemd the default is 6.12 and `all` means 6.12 and 6.1).
+        #[arg(long, value_enum)]
+        kernel: Option<vm::KernelChoice>,
+        /// Instead: install the .deb on a Debian 12 VM booted with systemd and prove start,
+        /// crash restart, reload, upgrade, purge and logs through systemctl, dpkg and apt.
+        #[arg(long)]
+        systemd: bool,
     },
 }
 
@@ -83,7 +94,11 @@ fn main() -> ExitCode {
             quick,
             output,
             only,
+            soak,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
+            if let Some(minutes) = soak {
+                return bench::soak(minutes);
+            }
             bench::bench(bench::BenchOptions {
                 quick,
                 output,
@@ -99,9 +114,15 @@ fn main() -> ExitCode {
             .and_then(|()| build(true))
             .and_then(|()| package::package())
             .and_then(|deb| package::install_test(&deb)),
-        Task::VmTest { kernel } => setup::setup_build_tools()
+        Task::VmTest { kernel, systemd } => setup::setup_build_tools()
             .and_then(|()| build(true))
-            .and_then(|()| vm::vm_test(&kernel.kernels())),
+            .and_then(|()| {
+                if systemd {
+                    vm_systemd::vm_test_systemd(&vm_systemd::kernels(kernel)?)
+                } else {
+                    vm::vm_test(&kernel.unwrap_or(vm::KernelChoice::All).kernels())
+                }
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
