@@ -212,6 +212,8 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
+    util::step("soak, 2 minutes (cargo xtask bench --soak 2): flat RSS and fds, no losses, counters = load");
+    bench::soak(2.0)?;
     util::step("benchmark smoke test (cargo xtask bench --quick; no timing assertions)");
     bench::bench(bench::BenchOptions {
         quick: true,

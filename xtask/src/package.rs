@@ -112,7 +112,7 @@ pub fn package_as(version_override: Option<&str>) -> anyhow::Result<PathBuf> {
     install_file(&root.join("README.md"), &docs.join("README.md"), 0o644)?;
     gzip(&docs.join("README.md"))?;
 
-    for script in ["postinst", "prerm"] {
+    for script in ["postinst", "prerm", "postrm"] {
         install_file(
             &root.join("packaging/debian").join(script),
             &stage.join("DEBIAN").join(script),

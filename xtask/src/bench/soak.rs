@@ -147,9 +147,14 @@ fn idle(target: SocketAddrV4, stop: &AtomicBool, counts: &Counts) -> anyhow::Res
             match stream.read(&mut buf) {
                 Ok(0) => {
                     counts.idle_closed_by_peer.fetch_add(1, Ordering::Relaxed);
-                    // The application has not noticed the close and writes again.
+                    // The application has not noticed the close and writes again, then reads
+                    // its answer and meets the reset (the agent reports the write's outcome
+                    // with that read, or after 5 s without one).
                     if stream.write(b"version\r\n").is_ok() {
                         counts.dead_writes.fetch_add(1, Ordering::Relaxed);
+                        stream.set_nonblocking(false)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                        let _ = stream.read(&mut buf);
                     }
                     waiting.swap_remove(index);
                     continue;
@@ -263,8 +268,9 @@ pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
     }
     churn_result.context("churn generator")?;
     idle_result.context("idle generator")?;
-    // The agent sees the last closes and writes a little after the generators do.
-    procs::sleep(Duration::from_secs(3))?;
+    // The agent sees the last closes a little after the generators do, and reports a dead
+    // write whose fate it did not see after 5 s (dead_writes::OUTCOME_WINDOW_NS).
+    procs::sleep(Duration::from_secs(7))?;
     let after = observe::parse_samples(&observe::scrape(metrics)?);
     let elapsed = started.elapsed();
     agent.check_running()?;
