@@ -16,12 +16,12 @@ use std::{
 };
 
 use cacheprobe::{
-    capture::encode_payload_record,
     config::Config,
-    events::{EventKind, SockEventRecord, SocketFacts},
+    export::metrics::Metrics,
     history::{History, HistoryLimits, HistorySink},
-    metrics::Metrics,
-    pipeline::Pipeline,
+    ingest::pipeline::Pipeline,
+    kernel::capture::encode_payload_record,
+    kernel::events::{EventKind, SockEventRecord, SocketFacts},
     services::SharedServices,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -11,7 +11,7 @@
 
 use std::hint::black_box;
 
-use cacheprobe::metrics::{
+use cacheprobe::export::metrics::{
     encode, BytesLabels, ClosedLabels, CommLabels, CommandLabels, EndpointLabels, Format, Metrics,
     RequestLabels, RetransmitLabels,
 };

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use cacheprobe::sampler::{Sampler, SamplerConfig};
+use cacheprobe::host::{Sampler, SamplerConfig};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -76,10 +76,11 @@ impl Default for Limits {
             max_comms: 100,
             capture_bytes: agent_common::CAPTURE_BUDGET_DEFAULT,
             capture_records_per_second: 25_000,
-            key_stats_exact_per_second: crate::keys::KeySampling::default().exact_per_second,
-            key_stats_sample_every: crate::keys::KeySampling::default().sample_every,
-            http_connections_per_source: crate::http::admission::ConnectionLimits::default()
-                .max_per_source,
+            key_stats_exact_per_second: crate::keystats::KeySampling::default().exact_per_second,
+            key_stats_sample_every: crate::keystats::KeySampling::default().sample_every,
+            http_connections_per_source: crate::export::http::admission::ConnectionLimits::default(
+            )
+            .max_per_source,
         }
     }
 }
@@ -90,13 +91,13 @@ pub struct Config {
     pub services: Vec<Service>,
     pub limits: Limits,
     /// How keys appear in diagnose output and the local API (never in metrics).
-    pub keys: crate::keys::KeyDisplay,
+    pub keys: crate::keystats::KeyDisplay,
     /// Seconds between /proc samples (listen queues, fds, existing connections).
     pub sample_interval_seconds: u64,
     /// Require HTTP basic authentication on /metrics.
-    pub basic_auth: Option<crate::http::BasicAuth>,
+    pub basic_auth: Option<crate::export::http::BasicAuth>,
     /// Serve /metrics over TLS.
-    pub tls: Option<crate::http::TlsFiles>,
+    pub tls: Option<crate::export::http::TlsFiles>,
     /// Detector thresholds for `cacheprobe diagnose` (`[diagnose]` table).
     pub diagnose: crate::diagnose::DiagnoseThresholds,
 }
@@ -109,7 +110,7 @@ impl Default for Config {
                 .expect("default listen address is valid"),
             services: default_services(),
             limits: Limits::default(),
-            keys: crate::keys::KeyDisplay::Plain,
+            keys: crate::keystats::KeyDisplay::Plain,
             sample_interval_seconds: 5,
             basic_auth: None,
             tls: None,
@@ -154,10 +155,10 @@ struct RawConfig {
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
-    keys: crate::keys::KeyDisplay,
+    keys: crate::keystats::KeyDisplay,
     sample_interval_seconds: Option<u64>,
-    basic_auth: Option<crate::http::BasicAuth>,
-    tls: Option<crate::http::TlsFiles>,
+    basic_auth: Option<crate::export::http::BasicAuth>,
+    tls: Option<crate::export::http::TlsFiles>,
     #[serde(default)]
     diagnose: crate::diagnose::DiagnoseThresholds,
 }
@@ -369,7 +370,8 @@ impl Config {
                 "limits.key_stats_sample_every must be at least 1".to_string(),
             ));
         }
-        let max_connections = crate::http::admission::ConnectionLimits::default().max_connections;
+        let max_connections =
+            crate::export::http::admission::ConnectionLimits::default().max_connections;
         if !(1..=max_connections).contains(&limits.http_connections_per_source) {
             return Err(invalid(format!(
                 "limits.http_connections_per_source = {} must be in 1-{max_connections}",
@@ -519,7 +521,7 @@ capture = false
         };
         assert_eq!(client(11211).as_deref(), Some("cache"));
         assert_eq!(client(11212).as_deref(), Some("cache"));
-        let sampler = crate::sampler::SamplerConfig::from_services(&config.services, 10);
+        let sampler = crate::host::SamplerConfig::from_services(&config.services, 10);
         let watched: Vec<(u16, &str)> = sampler
             .watched_ports
             .iter()

@@ -62,7 +62,7 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySnapshot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys: Option<crate::keys::KeysReport>,
+    pub keys: Option<crate::keystats::KeysReport>,
     /// For `counters`: OpenMetrics text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<String>,
@@ -262,7 +262,10 @@ async fn answer(
                         .unwrap_or_default();
                 };
                 let text = tokio::task::spawn_blocking(move || {
-                    crate::metrics::encode(&registry, crate::metrics::Format::OpenMetrics)
+                    crate::export::metrics::encode(
+                        &registry,
+                        crate::export::metrics::Format::OpenMetrics,
+                    )
                 })
                 .await;
                 match text {
@@ -343,7 +346,10 @@ async fn respond_raw(stream: &mut UnixStream, bytes: Vec<u8>) -> std::io::Result
 }
 
 /// Asks a running daemon for its hot keys and key splits.
-pub fn fetch_keys(path: &Path, timeout: Duration) -> Result<crate::keys::KeysReport, ControlError> {
+pub fn fetch_keys(
+    path: &Path,
+    timeout: Duration,
+) -> Result<crate::keystats::KeysReport, ControlError> {
     let response = call(
         path,
         &Request {

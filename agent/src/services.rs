@@ -13,8 +13,8 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     config::{Config, Protocol, Service},
+    conn::tracking::Endpoint,
     model::Role,
-    tracking::Endpoint,
 };
 
 /// Distinct service names one agent may have seen across reloads. Endpoints pack the id into a

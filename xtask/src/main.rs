@@ -10,6 +10,7 @@ mod vm_systemd;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -124,6 +125,7 @@ fn main() -> ExitCode {
                 }
             }),
     };
+    util::print_step_times();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -145,11 +147,13 @@ fn build(release: bool) -> anyhow::Result<()> {
 }
 
 fn test(unit_only: bool) -> anyhow::Result<()> {
+    util::step("setup (installs what is missing)");
     if unit_only {
         setup::setup_build_tools()?;
     } else {
         setup::setup()?;
     }
+    util::step("release build");
     build(true)?;
     util::step("unit tests");
     util::cargo(&[
@@ -182,19 +186,32 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         "--ignored",
         "host_",
     ])?;
-    util::step("integration tests (root, real memcached and clients)");
     let binary = vm::target_dir().join("release/cacheprobe");
-    util::cargo_with_env(
-        &[
-            "test",
-            "--package",
-            "cacheprobe-tests",
-            "--tests",
-            "--",
-            "--test-threads=4",
-        ],
-        &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
-    )?;
+    util::step("integration tests: build");
+    util::cargo(&[
+        "test",
+        "--package",
+        "cacheprobe-tests",
+        "--tests",
+        "--no-run",
+    ])?;
+    // One step per file (cargo runs the files one after another anyway), so the step times say
+    // which file costs what.
+    for file in integration_test_files()? {
+        util::step(&format!("integration tests (root, real peers): {file}"));
+        util::cargo_with_env(
+            &[
+                "test",
+                "--package",
+                "cacheprobe-tests",
+                "--test",
+                &file,
+                "--",
+                "--test-threads=4",
+            ],
+            &[("CACHEPROBE_BIN", binary.to_str().unwrap_or_default())],
+        )?;
+    }
     util::step("fuzz the memcache decoder (bounded)");
     setup::ensure_cargo_fuzz()?;
     util::run_command(
@@ -221,6 +238,24 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         only: Vec::new(),
     })?;
     Ok(())
+}
+
+/// The root integration test files under tests/tests, by name, sorted.
+fn integration_test_files() -> anyhow::Result<Vec<String>> {
+    let dir = util::workspace_root().join("tests/tests");
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|extension| extension == "rs") {
+            if let Some(stem) = path.file_stem().and_then(|stem| stem.to_str()) {
+                files.push(stem.to_string());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// promtool validates the rules and runs their unit tests; every metric the rules and the

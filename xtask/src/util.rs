@@ -1,6 +1,8 @@
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
@@ -12,8 +14,44 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Steps started so far, with their start times: CI must stay under 40 minutes, so every run
+/// says where its time went.
+static STEPS: Mutex<Vec<(String, Instant)>> = Mutex::new(Vec::new());
+
 pub fn step(what: &str) {
+    let now = Instant::now();
+    let mut steps = STEPS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((previous, started)) = steps.last() {
+        eprintln!(
+            "xtask: <== {previous}: {:.0} s",
+            now.duration_since(*started).as_secs_f64()
+        );
+    }
+    steps.push((what.to_string(), now));
     eprintln!("\nxtask: ==> {what}");
+}
+
+/// Prints how long each step took (the last one ends now), with the total since the first.
+pub fn print_step_times() {
+    let now = Instant::now();
+    let steps = STEPS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some((_, first)) = steps.first() else {
+        return;
+    };
+    eprintln!("\nxtask: time per step");
+    for (index, (name, started)) in steps.iter().enumerate() {
+        let ended = steps.get(index + 1).map_or(now, |(_, next)| *next);
+        eprintln!(
+            "  {:>6.0} s  {name}",
+            ended.duration_since(*started).as_secs_f64()
+        );
+    }
+    let total: Duration = now.duration_since(*first);
+    eprintln!("  {:>6.0} s  total", total.as_secs_f64());
 }
 
 pub fn run_command(command: &mut Command) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     config::Config,
-    probes::{
+    kernel::{
         loader::{
             missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT,
             PROBES,

@@ -20,20 +20,20 @@ use aya::maps::{MapData, RingBuf};
 use std::sync::Mutex;
 
 use crate::{
-    capture::payload_ts,
     config::Config,
     control,
-    events::SockEventRecord,
-    fd_arming::{self, FdProbeArming},
+    export::host_metrics,
+    export::metrics::{Metrics, ProbeLabels},
     history::{facts_from_sample, listener_drop_facts, History, HistoryLimits, HistorySink},
-    metrics::{Metrics, ProbeLabels},
-    pipeline::{PayloadOutcome, Pipeline},
-    probes::{
+    host::fd_arming::{self, FdProbeArming},
+    host::{parse::TcpExtCounters, Sampler, SamplerConfig},
+    ingest::pipeline::{PayloadOutcome, Pipeline},
+    kernel::capture::payload_ts,
+    kernel::events::SockEventRecord,
+    kernel::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
     },
-    sampler::{parse::TcpExtCounters, Sampler, SamplerConfig},
-    sampling,
     services::SharedServices,
 };
 
@@ -158,7 +158,7 @@ async fn sample_periodically(
         sampler = returned;
         match result {
             Ok(snapshot) => {
-                sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+                host_metrics::apply(&metrics, &snapshot, &mut last_tcp_ext);
                 let facts = facts_from_sample(&snapshot, &[], &mut previous_tcp_ext);
                 let now = unix_now();
                 let covered = config.borrow().sample_interval_seconds;
@@ -334,20 +334,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .set(up as i64);
     }
     let registry = Arc::new(registry);
-    let listener = crate::http::bind(config.listen).await?;
+    let listener = crate::export::http::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving metrics on /metrics");
     let tls = config
         .tls
         .as_ref()
         .map(|files| files.acceptor())
         .transpose()?;
-    tokio::spawn(crate::http::serve(
+    tokio::spawn(crate::export::http::serve(
         listener,
-        crate::http::Server {
+        crate::export::http::Server {
             registry: registry.clone(),
             auth: config.basic_auth.clone(),
             tls,
-            limits: crate::http::admission::ConnectionLimits {
+            limits: crate::export::http::admission::ConnectionLimits {
                 max_per_source: config.limits.http_connections_per_source,
                 ..Default::default()
             },
@@ -415,7 +415,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 );
             }
             pipeline.record_observations(seeded);
-            sampling::apply(&metrics, &snapshot, &mut last_tcp_ext);
+            host_metrics::apply(&metrics, &snapshot, &mut last_tcp_ext);
             let peak = fd_arming::peak_fd_usage(&snapshot);
             arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, peak);
             tracing::info!(
@@ -509,7 +509,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
-    use crate::events::{EventKind, SocketFacts};
+    use crate::kernel::events::{EventKind, SocketFacts};
 
     fn event(ts_ns: u64) -> SockEventRecord {
         SockEventRecord {

@@ -23,7 +23,7 @@ use crate::{
     control::{self, ControlError, DEFAULT_SOCKET_PATH},
     diagnose::DiagnoseThresholds,
     history::HistorySnapshot,
-    keys::KeysReport,
+    keystats::KeysReport,
     top::{
         counters::Counters,
         model::{self, Inputs, Model},

@@ -144,10 +144,10 @@ pub enum Fact {
 /// Observations without a fact (adoptions, table-full notices) and unknown service ids give
 /// `None`. Connection observations carry no process, so `comm` is `None` there.
 pub fn fact_from_observation(
-    observation: &crate::tracking::Observation,
+    observation: &crate::conn::tracking::Observation,
     services: &crate::services::Services,
 ) -> Option<Fact> {
-    use crate::tracking::Observation;
+    use crate::conn::tracking::Observation;
     let name = |id: usize| services.name(id).map(str::to_string);
     let seconds = |ns: u64| ns as f64 / 1e9;
     Some(match observation {

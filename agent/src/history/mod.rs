@@ -480,7 +480,7 @@ pub struct History {
     /// Second of the last label reclamation, so floods do not rescan the history per fact.
     last_reclaim: Option<u64>,
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
-    keys: crate::keys::KeysReport,
+    keys: crate::keystats::KeysReport,
 }
 
 impl History {
@@ -499,7 +499,7 @@ impl History {
             latest: None,
             stats: HistoryStats::default(),
             last_reclaim: None,
-            keys: crate::keys::KeysReport::default(),
+            keys: crate::keystats::KeysReport::default(),
         }
     }
 
@@ -717,11 +717,11 @@ impl History {
 
     /// Copies every second from `since_unix_s` on (clamped to what the history covers).
     /// Replaces the published hot keys and key splits.
-    pub fn set_keys(&mut self, keys: crate::keys::KeysReport) {
+    pub fn set_keys(&mut self, keys: crate::keystats::KeysReport) {
         self.keys = keys;
     }
 
-    pub fn keys(&self) -> &crate::keys::KeysReport {
+    pub fn keys(&self) -> &crate::keystats::KeysReport {
         &self.keys
     }
 

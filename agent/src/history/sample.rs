@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Fact;
 
+use crate::host::{parse::TcpExtCounters, Snapshot, WatchedConnection};
 use crate::model::{Role, SynDirection};
-use crate::sampler::{parse::TcpExtCounters, Snapshot, WatchedConnection};
 
 /// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
 /// gives the distinct servers each process talks to and the per-server edge counts;
@@ -150,7 +150,7 @@ fn clamp(value: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::{aggregate::ProcessUsage, ListenerQueue, SocketOwner};
+    use crate::host::{aggregate::ProcessUsage, ListenerQueue, SocketOwner};
 
     fn process(pid: u32, comm: &str, open: u64, limit: u64) -> ProcessUsage {
         ProcessUsage {

@@ -14,8 +14,8 @@ use foldhash::{HashMap, HashMapExt};
 use super::{fact_from_observation, Fact, History, RequestRecord};
 
 use crate::{
-    capture::MemcacheEvent, pipeline::ObservationSink, services::SharedServices,
-    tracking::Observation,
+    conn::tracking::Observation, ingest::pipeline::ObservationSink, kernel::capture::MemcacheEvent,
+    services::SharedServices,
 };
 
 /// Server addresses formatted once; cleared when it grows past this (endpoints are few).
@@ -155,9 +155,9 @@ impl ObservationSink for HistorySink {
 mod tests {
     use super::*;
     use crate::{
+        conn::tracking::Endpoint,
         history::HistoryLimits,
         memcache::{Command, RequestObservation, Status},
-        tracking::Endpoint,
     };
 
     #[test]

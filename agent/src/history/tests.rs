@@ -391,7 +391,7 @@ fn realistic_memory() {
 
 #[test]
 fn converts_tracking_observations() {
-    use crate::tracking::{Endpoint, Observation};
+    use crate::conn::tracking::{Endpoint, Observation};
     let services = crate::services::SharedServices::watching(&[("memcached", 11211)]);
     let services = services.load();
     let endpoint = Endpoint {

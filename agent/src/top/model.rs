@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::{
     diagnose::{DiagnoseThresholds, Severity},
     history::{latency::LatencyHistogram, HistorySnapshot},
-    keys::KeysReport,
+    keystats::KeysReport,
     model::Role,
 };
 

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     diagnose::DiagnoseThresholds,
     history::{Fact, History, HistoryLimits, HistorySnapshot},
-    keys::{HotKey, KeysReport, ServerHotKeys},
+    keystats::{HotKey, KeysReport, ServerHotKeys},
     model::{DeadWriteOutcome, RetransmitKind, Role, Status as RequestStatus},
 };
 
@@ -506,7 +506,7 @@ fn column_fitting_keeps_the_important_columns() {
 
 #[test]
 fn the_daemons_counter_registry_parses_whole() {
-    use crate::metrics::{
+    use crate::export::metrics::{
         encode, BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Format,
         Metrics, QueueLabels,
     };
@@ -560,7 +560,7 @@ fn the_daemons_counter_registry_parses_whole() {
     // A family top does not read stays out of its registry.
     metrics
         .memcache_duration
-        .get_or_create(&crate::metrics::CommandLabels {
+        .get_or_create(&crate::export::metrics::CommandLabels {
             service: "memcached".into(),
             server: A.into(),
             role: "client",

@@ -5,7 +5,7 @@
 //! while the sampler sees a process holding watched sockets, or the host, using a good share of
 //! its limit, and detached again once usage has stayed low for a while.
 
-use crate::sampler::Snapshot;
+use crate::host::Snapshot;
 
 /// Usage (open / limit) at which the probes are attached. Half the limit leaves headroom for
 /// usage that grows between two samples.
@@ -83,7 +83,7 @@ impl Default for FdProbeArming {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::{aggregate::ProcessUsage, parse::FileHandles};
+    use crate::host::{aggregate::ProcessUsage, parse::FileHandles};
 
     #[test]
     fn a_calm_first_sample_detaches_at_once() {

@@ -2,6 +2,8 @@
 //! and by bytes) and keys that this host sends to more than one server (inconsistent hashing
 //! rings between clients). Keys never become metric labels; they are shown only locally.
 
+pub mod ring_view;
+
 use std::{
     hash::{BuildHasher, Hash, Hasher},
     sync::OnceLock,

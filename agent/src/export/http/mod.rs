@@ -38,7 +38,7 @@ use tokio::{
 };
 use tokio_rustls::{rustls, TlsAcceptor};
 
-use crate::metrics::{Format, HttpClosedLabels};
+use crate::export::metrics::{Format, HttpClosedLabels};
 use admission::{Admission, ConnectionLimits, Refusal, Ticket};
 
 /// Request line and headers.
@@ -428,7 +428,7 @@ async fn scrape(request: &Request<Incoming>, ticket: &Ticket, shared: &Shared) -
     let registry = shared.registry.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        crate::metrics::encode(&registry, format)
+        crate::export::metrics::encode(&registry, format)
     })
     .await;
     ticket.response_ready();

@@ -10,22 +10,22 @@ use std::{
 use agent_common::{capture_sample, tcp_state};
 
 use crate::{
-    capture::{parse_payload, Decoders, MemcacheEvent},
-    capture_budget::CaptureBudget,
     config::Config,
-    dead_writes::DeadWrite,
-    events::{self, EventKind, SockEventRecord},
+    conn::dead_writes::DeadWrite,
+    conn::tracking::{Endpoint, Observation, Tracker},
+    export::metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     history::{Fact, History},
-    keys::{
+    ingest::capture_budget::CaptureBudget,
+    kernel::capture::{parse_payload, Decoders, MemcacheEvent},
+    kernel::events::{self, EventKind, SockEventRecord},
+    kernel::loader::Probes,
+    keystats::{
         key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, Routing,
         ServerHotKeys, TopK,
     },
     memcache::RequestObservation,
-    metrics::{Metrics, ObservationRecorder, ProgramLabels, SourceLabels},
     model::Role,
-    probes::loader::Probes,
     services::SharedServices,
-    tracking::{Endpoint, Observation, Tracker},
 };
 
 /// Requests unanswered this long finish as timeouts.
@@ -474,7 +474,7 @@ impl Pipeline {
             ) {
                 self.record_fact(Fact::KeySplit {
                     service: service.to_string(),
-                    key_hash: crate::keys::key_hash(key),
+                    key_hash: crate::keystats::key_hash(key),
                     new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [None, comm.map(str::to_string)],
@@ -546,8 +546,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        capture::encode_payload_record,
-        events::{EventKind, SockEventRecord, SocketFacts},
+        kernel::capture::encode_payload_record,
+        kernel::events::{EventKind, SockEventRecord, SocketFacts},
     };
 
     const PORT: u16 = 11211;
@@ -608,7 +608,7 @@ mod tests {
 
     /// Client-side gets with `status` counted so far.
     fn gets(metrics: &Metrics, status: &'static str) -> u64 {
-        let labels = crate::metrics::RequestLabels {
+        let labels = crate::export::metrics::RequestLabels {
             service: "mc".into(),
             server: format!("127.0.0.1:{PORT}"),
             role: "client",
@@ -735,7 +735,7 @@ mod tests {
             .map(|reason| {
                 metrics
                     .memcache_decode_errors
-                    .get_or_create(&crate::metrics::DecodeErrorLabels {
+                    .get_or_create(&crate::export::metrics::DecodeErrorLabels {
                         service: "mc".into(),
                         reason,
                     })

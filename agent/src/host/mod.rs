@@ -50,6 +50,7 @@
 
 pub mod aggregate;
 pub mod diag;
+pub mod fd_arming;
 pub mod parse;
 pub mod scan;
 

@@ -409,7 +409,7 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec) -> anyhow::Result<TracePointLinkId>
 }
 
 /// The EMFILE/ENFILE probes: attached only while descriptors run short (see
-/// [`crate::fd_arming`]).
+/// [`crate::host::fd_arming`]).
 fn is_fd_exhaustion_probe(spec: &ProbeSpec) -> bool {
     spec.category == "syscalls"
 }

@@ -12,13 +12,13 @@ use prometheus_client::{
 };
 
 use crate::{
-    capture::MemcacheEvent,
     clock::unix_now,
+    conn::tracking::{Endpoint, Observation},
+    kernel::capture::MemcacheEvent,
+    keystats::ring_view::RingView,
     memcache::Command,
     model::{Role, Status, SynDirection},
-    ring_view::RingView,
     services::SharedServices,
-    tracking::{Endpoint, Observation},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -595,7 +595,7 @@ impl Metrics {
              stalled while another scrape waited)",
             metrics.http_connections_rejected.clone(),
         );
-        for closed in crate::http::Closed::ALL {
+        for closed in crate::export::http::Closed::ALL {
             let _ = metrics
                 .http_connections_rejected
                 .get_or_create(&HttpClosedLabels {

@@ -9,8 +9,8 @@ use foldhash::{HashMap, HashMapExt};
 use agent_common::tcp_state;
 
 use crate::{
-    dead_writes::{DeadWrite, DeadWriteTracker},
-    events::{EventKind, SockEventRecord, TcpTrouble},
+    conn::dead_writes::{DeadWrite, DeadWriteTracker},
+    kernel::events::{EventKind, SockEventRecord, TcpTrouble},
     model::{ClosedBy, ConnectFailureReason, ResetDirection, RetransmitKind, Role},
     services::SharedServices,
 };
@@ -82,7 +82,7 @@ pub enum Observation {
 }
 
 /// A SYN answered by a reset was refused; one that never got an answer timed out.
-fn connect_failure_reason(facts: &crate::events::SocketFacts) -> ConnectFailureReason {
+fn connect_failure_reason(facts: &crate::kernel::events::SocketFacts) -> ConnectFailureReason {
     if facts.reset_received_ns != 0 {
         ConnectFailureReason::Refused
     } else {
@@ -603,7 +603,7 @@ fn is_open_state(state: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::SocketFacts;
+    use crate::kernel::events::SocketFacts;
     use agent_common::tcp_state::*;
 
     const SK: u64 = 0xffff_0000_0000_1000;

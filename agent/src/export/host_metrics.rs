@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::{
-    metrics::{CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels, SynLabels},
+    export::metrics::{
+        CommLabels, CommServiceLabels, Metrics, ServiceLabels, SourceLabels, SynLabels,
+    },
+    host::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
     model::SynDirection,
-    sampler::{aggregate::OTHER_COMM, parse::TcpExtCounters, Snapshot},
 };
 
 /// Per process name: the process with the highest fd usage, so open fds, limit and ratio
@@ -165,7 +167,7 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{encode, Format};
+    use crate::export::metrics::{encode, Format};
 
     /// A sampler fallback is logged once; the gauge keeps it visible on every scrape.
     #[test]
@@ -189,7 +191,7 @@ mod tests {
     /// limit: zero, unlimited and normal.
     #[test]
     fn exported_fd_ratio_is_the_one_arming_reads() {
-        use crate::sampler::aggregate::ProcessUsage;
+        use crate::host::aggregate::ProcessUsage;
         let process = |pid: u32, comm: &str, open_fds: u64, soft_nofile: u64| ProcessUsage {
             pid,
             comm: comm.to_string(),
@@ -207,13 +209,13 @@ mod tests {
         ] {
             let mut snapshot = Snapshot::default();
             snapshot.processes = vec![process(7, comm, open, limit)];
-            snapshot.comms = crate::sampler::aggregate::aggregate_by_comm(&snapshot.processes, 10);
+            snapshot.comms = crate::host::aggregate::aggregate_by_comm(&snapshot.processes, 10);
             apply(&metrics, &snapshot, &mut TcpExtCounters::default());
             let text = encode(&registry, Format::PrometheusText).unwrap();
             let line = format!("cacheprobe_process_fd_usage_ratio{{comm=\"{comm}\"}} {ratio}");
             assert!(text.contains(&line), "{line} missing from:\n{text}");
             assert_eq!(
-                crate::fd_arming::peak_fd_usage(&snapshot),
+                crate::host::fd_arming::peak_fd_usage(&snapshot),
                 fd_pressure_by_comm(&snapshot)[comm].ratio,
                 "{comm}"
             );

@@ -10,12 +10,12 @@ use agent_common::{
 };
 
 use crate::{
-    events::Role,
+    conn::tracking::Endpoint,
+    kernel::events::Role,
     memcache::{
         Chunk, Command, ConnectionDecoder, DecodeErrorReason, DecoderConfig, Direction,
         Observation, RequestObservation,
     },
-    tracking::Endpoint,
 };
 
 /// A payload record borrowed from the ring buffer: no copy of the data. It covers

@@ -5,7 +5,7 @@
 
 use foldhash::{HashMap, HashMapExt};
 
-use crate::{model::DeadWriteOutcome, tracking::Endpoint};
+use crate::{conn::tracking::Endpoint, model::DeadWriteOutcome};
 
 pub const OUTCOME_WINDOW_NS: u64 = 5_000_000_000;
 

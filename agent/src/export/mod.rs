@@ -1,0 +1,5 @@
+//! What leaves the agent for Prometheus: the metric definitions and recorder, the host gauges, and the HTTP endpoint.
+
+pub mod host_metrics;
+pub mod http;
+pub mod metrics;
