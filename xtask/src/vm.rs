@@ -671,6 +671,10 @@ pub struct BootOptions {
     pub append: &'static str,
     /// KVM when /dev/kvm can be opened, else TCG; the kernel matrix always emulates.
     pub kvm_if_available: bool,
+    /// TCG on one host thread for all vCPUs. Multi-threaded TCG sometimes runs a stale
+    /// translation of kernel text that another vCPU is patching, and the kernel dies of an
+    /// `Oops: int3` early in boot (seen booting Debian's 6.12 with systemd).
+    pub tcg_single_thread: bool,
 }
 
 impl BootOptions {
@@ -679,15 +683,53 @@ impl BootOptions {
         timeout: VM_TIMEOUT,
         append: "console=ttyS0 panic=-1 quiet",
         kvm_if_available: false,
+        tcg_single_thread: false,
     };
 }
 
-fn kvm_usable() -> bool {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// Whether KVM really runs this kernel. Opening /dev/kvm is not enough: under some nested
+/// hypervisors `-cpu host` aborts (an MSR it cannot set) and other CPU models hang in the BIOS.
+/// So the kernel is booted once without a root filesystem: it panics, and with `panic=-1` and
+/// `-no-reboot` QEMU exits, which takes a few seconds under working KVM. Asked once a run.
+fn kvm_usable(vmlinuz: &Path) -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        if fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            return false;
+        }
+        let probe = Command::new("timeout")
+            .args([
+                "20",
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
+            .arg(vmlinuz)
+            .args(["-append", "console=ttyS0 panic=-1"])
+            .stdin(Stdio::null())
+            .output();
+        let usable = match probe {
+            Ok(out) => {
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).contains("Kernel panic")
+            }
+            Err(_) => false,
+        };
+        if !usable {
+            eprintln!("xtask: /dev/kvm is there but cannot boot a kernel here; using TCG");
+        }
+        usable
+    })
 }
 
 pub fn boot(
@@ -696,9 +738,11 @@ pub fn boot(
     log: &Path,
     options: &BootOptions,
 ) -> anyhow::Result<VmEnd> {
-    let kvm = options.kvm_if_available && kvm_usable();
+    let kvm = options.kvm_if_available && kvm_usable(&prepared.vmlinuz);
     let accel: &[&str] = if kvm {
         &["-accel", "kvm", "-cpu", "host"]
+    } else if options.tcg_single_thread {
+        &["-accel", "tcg,thread=single"]
     } else {
         &["-accel", "tcg"]
     };

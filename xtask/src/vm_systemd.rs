@@ -59,6 +59,7 @@ const BOOT: BootOptions = BootOptions {
     append: "console=ttyS0 panic=-1 quiet rdinit=/lib/systemd/systemd \
              systemd.show_status=error systemd.journald.forward_to_console=0",
     kvm_if_available: true,
+    tcg_single_thread: true,
 };
 
 const CPTEST_UNIT: &str = "\

@@ -32,6 +32,21 @@ wait_metrics() {
   return 1
 }
 
+# wait_sum WANT FILE METRIC [label=value ...]: scrapes into FILE until the sum of METRIC over the
+# matching samples is WANT, for up to 20 s (events reach the counters after the agent's next
+# ring-buffer poll, which an emulated CPU under load delays); prints the last sum.
+wait_sum() {
+  local want=$1 file=$2 got tries=100
+  shift 2
+  while :; do
+    scrape "$file" && got=$(msum "$file" "$@")
+    if num_eq "${got:-0}" "$want" || [ "$tries" = 0 ]; then break; fi
+    sleep 0.2
+    tries=$((tries - 1))
+  done
+  echo "${got:-0}"
+}
+
 # The BPF program ids a process holds (fdinfo of its bpf-prog fds).
 prog_ids() { grep -h '^prog_id:' /proc/"$1"/fdinfo/* 2>/dev/null | awk '{ print $2 }' | sort -un; }
 loaded_prog_ids() { bpftool prog show 2>/dev/null | awk -F: '/^[0-9]+:/ { print $1 }' | sort -un; }
@@ -119,16 +134,19 @@ scenario_start() {
   [ "$probes" -gt 0 ] || bad="$bad; check reported no tracepoints"
   local hits requests
   hits=$(memcache_client start 100)
-  sleep 1
-  scrape "$WORK/start2.prom"
-  requests=$(msum "$WORK/start2.prom" cacheprobe_memcache_requests_total role=client command=get)
+  requests=$(wait_sum 100 "$WORK/start2.prom" cacheprobe_memcache_requests_total role=client command=get)
   num_eq "$requests" 100 || bad="$bad; requests_total{client,get}=$requests after 100 gets ($hits hits)"
   if [ -z "$bad" ]; then
     result start PASS "/metrics after ${up_after}s; uid=$uid CapEff=$cap NoNewPrivs=1 Seccomp=2;" \
       "probe_up as check predicted for $probes tracepoints ($up up, $down down); 100 gets -> requests_total{client,get}=$requests"
   else
     dump check.json "$WORK/check.json"
-    result start FAIL "${bad#; }"
+    dump journal <(journalctl -u cacheprobe -o cat --no-pager | head -n 40)
+    # The agent's own reason for the first probe it could not attach, e.g. EACCES from
+    # perf_event_open under Debian's kernel.perf_event_paranoid=3.
+    local reason
+    reason=$(journalctl -u cacheprobe -o cat --no-pager | grep -m 1 'probe not attached' | sed -n 's/.* reason="\([^"]*\)".*/\1/p' | cut -c 1-160)
+    result start FAIL "${reason:+the agent says: $reason; }${bad#; }"
   fi
 }
 
@@ -142,6 +160,8 @@ scenario_crash() {
   while [ ! -e "$WORK/crash-go.ready" ] && [ "$tries" -gt 0 ]; do sleep 0.1; tries=$((tries - 1)); done
   old_pid=$(main_pid)
   old_ids=$(prog_ids "$old_pid" | tr '\n' ' ')
+  local cursor
+  cursor=$(journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
   killed=$(uptime_s)
   kill -9 "$old_pid"
   new_pid=$old_pid
@@ -177,16 +197,27 @@ scenario_crash() {
   new_ids=$(prog_ids "$new_pid" | wc -l)
   touch "$WORK/crash-go"
   wait "$client"
-  sleep 1
-  scrape "$WORK/crash2.prom"
   local requests restarts hits
   hits=$(tail -n 1 "$WORK/crash-client.out")
-  requests=$(msum "$WORK/crash2.prom" cacheprobe_memcache_requests_total role=client command=get)
+  requests=$(wait_sum 400 "$WORK/crash2.prom" cacheprobe_memcache_requests_total role=client command=get)
   restarts=$(systemctl show -P NRestarts cacheprobe.service)
   [ "$new_pid" != "$old_pid" ] && [ "$new_pid" != 0 ] || bad="$bad; not restarted (MainPID $old_pid -> $new_pid)"
-  # RestartSec plus the 0.1 s poll and the fork: a restart later than that is not systemd's.
-  awk -v r="$restarted" -v s="${restart_sec%s}" 'BEGIN { exit !(r + 0 >= s - 0.5 && r + 0 <= s + 2) }' ||
-    bad="$bad; restarted ${restarted}s after the kill, RestartSec=$restart_sec"
+  # systemd's own account of the delay: from the kill (SIGKILL ends the process at once) to the
+  # new main process's start as systemd stamped it (CLOCK_MONOTONIC, which /proc/uptime equals
+  # in a VM that never suspends). The poll above adds systemctl's own latency, which on an
+  # emulated CPU is seconds, so it is only reported.
+  local delay start_us
+  start_us=$(systemctl show -P ExecMainStartTimestampMonotonic cacheprobe.service)
+  delay=$(awk -v s="$start_us" -v k="$killed" 'BEGIN { if (s + 0 > 0) printf "%.2f", s / 1e6 - k }')
+  if [ -z "$delay" ]; then
+    bad="$bad; systemd reports no start time for the new main process"
+  else
+    awk -v d="$delay" -v s="${restart_sec%s}" 'BEGIN { exit !(d + 0 >= s - 0.05 && d + 0 <= s + 2) }' || {
+      journalctl -u cacheprobe.service -o short-monotonic --no-pager --after-cursor "$cursor" >"$WORK/crash.journal"
+      dump crash.journal "$WORK/crash.journal"
+      bad="$bad; systemd started the new agent ${delay}s after the kill, RestartSec=$restart_sec"
+    }
+  fi
   [ "$restarts" = 1 ] || bad="$bad; NRestarts=$restarts, want 1"
   [ -n "$old_ids" ] || bad="$bad; the killed agent held no BPF programs"
   [ -z "$leftover" ] || bad="$bad; programs of the killed agent still loaded:$leftover"
@@ -194,7 +225,8 @@ scenario_crash() {
   [ "$hits" = 400 ] || bad="$bad; client: $(tail -n 2 "$WORK/crash-client.out" | tr '\n' ' ')"
   num_eq "$requests" 400 || bad="$bad; requests_total{client,get}=$requests after 400 gets on 4 pooled connections opened before the kill, want 400"
   if [ -z "$bad" ]; then
-    result crash PASS "MainPID $old_pid -> $new_pid ${restarted}s after kill -9 (RestartSec=$restart_sec), /metrics after ${serving}s, NRestarts=1;" \
+    result crash PASS "systemd started the new agent ${delay}s after kill -9 (RestartSec=$restart_sec);" \
+      "MainPID $old_pid -> $new_pid seen ${restarted}s after kill -9, /metrics after ${serving}s, NRestarts=1;" \
       "$(echo $old_ids | wc -w) programs of the killed agent all unloaded, new agent holds $new_ids;" \
       "400 gets on 4 connections opened before the kill -> requests_total{client,get}=$requests"
   else
@@ -212,9 +244,7 @@ scenario_reload() {
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload failed"
   sleep 1
   hits=$(memcache_client reload 50)
-  sleep 1
-  scrape "$WORK/reload.prom"
-  requests=$(msum "$WORK/reload.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
+  requests=$(wait_sum 50 "$WORK/reload.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
   num_eq "$requests" 50 || bad="$bad; after the reload 50 gets -> requests_total{service=cache-reloaded,client,get}=$requests ($hits hits)"
 
   cursor=$(journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
@@ -234,10 +264,8 @@ scenario_reload() {
     *) bad="$bad; journal does not name line $line: $journal" ;;
   esac
   hits=$(memcache_client kept 50)
-  sleep 1
-  scrape "$WORK/reload2.prom"
-  kept=$(msum "$WORK/reload2.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
-  num_eq "$kept" 100 || bad="$bad; after the refused reload 50 more gets -> requests_total{service=cache-reloaded,client,get}=$kept, want 100"
+  kept=$(wait_sum 100 "$WORK/reload2.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
+  num_eq "$kept" 100 || bad="$bad; after the refused reload 50 more gets ($hits hits) -> requests_total{service=cache-reloaded,client,get}=$kept, want 100 (all services: $(msum "$WORK/reload2.prom" cacheprobe_memcache_requests_total role=client command=get))"
   [ "$(main_pid)" = "$pid" ] || bad="$bad; MainPID changed $pid -> $(main_pid)"
   systemctl is-active -q cacheprobe.service || bad="$bad; not active after the broken reload"
   cp "$WORK/config.orig" "$CONFIG"
