@@ -186,6 +186,9 @@ pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
     let memcached = Memcached::start_with(port, Some(8192), &["-o", MEMCACHED_IDLE_TIMEOUT])?;
     std::fs::create_dir_all(work)?;
     let config = work.join("soak.toml");
+    // The default capture limits, as users run it. Decoding everything instead
+    // (capture_records_per_second = 0) lost 130,409 payload records to a full ring buffer in a
+    // 2-minute soak on the shared 2-core machine.
     std::fs::write(&config, agent_config(&[port], Mode::Capture, 65_536))?;
     let metrics: SocketAddr = ([127, 0, 0, 1], procs::free_port(29_150)?).into();
     let mut agent = Agent::start(binary, &config, metrics)?;
@@ -214,6 +217,8 @@ pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
     let mut steady_errors = 0u64;
     let mut steady_connections = 0u64;
     let mut failure = None;
+    // The lowest capture_sample_ratio seen: below 1 the request counters are scaled estimates.
+    let mut lowest_ratio = 1.0f64;
     for slice in 0..slices {
         let spec = LoadSpec {
             target: SocketAddr::V4(target),
@@ -235,6 +240,20 @@ pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
         if let Err(err) = agent.check_running() {
             failure = Some(err);
             break;
+        }
+        match observe::scrape(metrics) {
+            Ok(text) => {
+                let ratio = sum(
+                    &observe::parse_samples(&text),
+                    "cacheprobe_capture_sample_ratio",
+                    &[],
+                );
+                lowest_ratio = lowest_ratio.min(ratio);
+            }
+            Err(err) => {
+                failure = Some(err.context(format!("scrape after slice {slice}")));
+                break;
+            }
         }
         let point = Point {
             at: started.elapsed(),
@@ -351,20 +370,29 @@ pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
         &[client, ("command", "set")],
     );
     let generated_requests = steady_ops + load(&counts.churn_gets) + load(&counts.idle_sets);
-    let ratio = sum(&after, "cacheprobe_capture_sample_ratio", &[]);
-    // Decoding all of it is exact; above capture_records_per_second the agent decodes one
-    // connection in N and scales, which is an estimate.
-    let tolerance = if ratio >= 1.0 { 0.0 } else { 0.05 };
-    let deviation = (requests - generated_requests as f64).abs() / generated_requests.max(1) as f64;
+    // The steady generator stops at each slice's deadline with up to one request per connection
+    // sent but unanswered; the agent counts those requests, the generator does not. Once the
+    // agent has sampled (ratio below 1) the counter is a scaled estimate: within 5%.
+    let extra = requests - generated_requests as f64;
+    let (ok, allowed) = if lowest_ratio >= 1.0 {
+        (
+            (0.0..=steady_connections as f64).contains(&extra),
+            format!("exact: 0..{steady_connections} sent unanswered at slice ends"),
+        )
+    } else {
+        (
+            extra.abs() <= 0.05 * generated_requests as f64 + steady_connections as f64,
+            format!("a scaled estimate, as the sample ratio fell to {lowest_ratio}: within 5%"),
+        )
+    };
     checks.push((
-        deviation <= tolerance + 1e-9,
+        ok,
         format!(
             "memcache_requests_total{{role=client,command=get|set}} {requests:.0} vs generator {generated_requests} \
-             ({steady_ops} steady + {} churn gets + {} idle sets): off by {:.2}% (allowed {:.0}%, sample ratio at the end {ratio})",
+             ({steady_ops} steady + {} churn gets + {} idle sets): {extra:+.0} ({:+.2}%), allowed {allowed}",
             load(&counts.churn_gets),
             load(&counts.idle_sets),
-            deviation * 100.0,
-            tolerance * 100.0
+            100.0 * extra / generated_requests.max(1) as f64,
         ),
     ));
     checks.push((
