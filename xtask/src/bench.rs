@@ -17,6 +17,7 @@ mod procs;
 mod report;
 mod rounds;
 mod top;
+mod soak;
 
 use std::{
     collections::BTreeMap,
@@ -299,6 +300,17 @@ fn target_dir() -> PathBuf {
         }
         None => util::workspace_root().join("target"),
     }
+}
+
+/// `bench --soak MINUTES`: the soak alone (see soak.rs).
+pub fn soak(minutes: f64) -> anyhow::Result<()> {
+    util::require_root("the soak loads eBPF programs")?;
+    procs::install_interrupt_handler();
+    let binary = target_dir().join("release/cacheprobe");
+    if !binary.exists() {
+        bail!("{} is missing: build it first", binary.display());
+    }
+    soak::soak(&binary, &target_dir().join("bench"), minutes)
 }
 
 pub fn bench(options: BenchOptions) -> anyhow::Result<()> {

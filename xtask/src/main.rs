@@ -6,6 +6,7 @@ mod package;
 mod setup;
 mod util;
 mod vm;
+mod vm_systemd;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,11 @@ enum Task {
         /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
+        /// idle timeouts and dead writes; fails if memory or fds grow, events are lost or its
+        /// counters disagree with the load generator's.
+        #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "30")]
+        soak: Option<f64>,
     },
     /// Internal to `bench`: hold idle connections open until stdin closes.
     #[command(hide = true)]
@@ -71,9 +77,14 @@ enum Task {
     Package,
     /// Build, then boot each kernel under QEMU and run the agent's scenarios inside it.
     VmTest {
-        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all.
-        #[arg(long, value_enum, default_value = "all")]
-        kernel: vm::KernelChoice,
+        /// Which kernel: Debian's 6.1 or 6.12, this machine's (if its vmlinuz is readable), or all
+        /// (the default; with --systemd the default is 6.12 and `all` means 6.12 and 6.1).
+        #[arg(long, value_enum)]
+        kernel: Option<vm::KernelChoice>,
+        /// Instead: install the .deb on a Debian 12 VM booted with systemd and prove start,
+        /// crash restart, reload, upgrade, purge and logs through systemctl, dpkg and apt.
+        #[arg(long)]
+        systemd: bool,
     },
 }
 
@@ -89,7 +100,11 @@ fn main() -> ExitCode {
             output,
             only,
             rounds,
+            soak,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
+            if let Some(minutes) = soak {
+                return bench::soak(minutes);
+            }
             bench::bench(bench::BenchOptions {
                 quick,
                 output,
@@ -106,9 +121,15 @@ fn main() -> ExitCode {
             .and_then(|()| build(true))
             .and_then(|()| package::package())
             .and_then(|deb| package::install_test(&deb)),
-        Task::VmTest { kernel } => setup::setup_build_tools()
+        Task::VmTest { kernel, systemd } => setup::setup_build_tools()
             .and_then(|()| build(true))
-            .and_then(|()| vm::vm_test(&kernel.kernels())),
+            .and_then(|()| {
+                if systemd {
+                    vm_systemd::vm_test_systemd(&vm_systemd::kernels(kernel)?)
+                } else {
+                    vm::vm_test(&kernel.unwrap_or(vm::KernelChoice::All).kernels())
+                }
+            }),
     };
     util::print_step_times();
     match result {
@@ -220,6 +241,9 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
+    // The 2-minute soak (`cargo xtask bench --soak 2`, about 2.8 min) is not a CI step yet: its
+    // counter checks fail today (BENCHMARKS.md, "Soak"), and a step known to fail would only
+    // hide new failures behind it.
     util::step("benchmark smoke test (cargo xtask bench --quick; no timing assertions)");
     bench::bench(bench::BenchOptions {
         quick: true,

@@ -14,7 +14,7 @@ use crate::{util, vm};
 
 const PACKAGE: &str = "cacheprobe";
 
-fn version() -> anyhow::Result<String> {
+pub fn version() -> anyhow::Result<String> {
     let manifest = fs::read_to_string(util::workspace_root().join("Cargo.toml"))?;
     manifest
         .lines()
@@ -42,9 +42,17 @@ fn gzip(path: &Path) -> anyhow::Result<()> {
 
 /// Builds the .deb and returns its path.
 pub fn package() -> anyhow::Result<PathBuf> {
+    package_as(None)
+}
+
+/// The workspace version, or the version an upgrade test needs (the contents are the same).
+pub fn package_as(version_override: Option<&str>) -> anyhow::Result<PathBuf> {
     let root = util::workspace_root();
     let binary = vm::target_dir().join("release/cacheprobe");
-    let version = version()?;
+    let version = match version_override {
+        Some(version) => version.to_string(),
+        None => version()?,
+    };
     let arch = util::output("dpkg", &["--print-architecture"])
         .context("dpkg not found")?
         .trim()
@@ -104,7 +112,7 @@ pub fn package() -> anyhow::Result<PathBuf> {
     install_file(&root.join("README.md"), &docs.join("README.md"), 0o644)?;
     gzip(&docs.join("README.md"))?;
 
-    for script in ["postinst", "prerm"] {
+    for script in ["postinst", "prerm", "postrm"] {
         install_file(
             &root.join("packaging/debian").join(script),
             &stage.join("DEBIAN").join(script),

@@ -30,6 +30,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // `dot -Tsvg` checks diagnose's --graph dot output.
     "graphviz",
+    // `vm-test --systemd` builds its Debian root filesystem with it.
+    "mmdebstrap",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

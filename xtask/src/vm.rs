@@ -63,7 +63,7 @@ pub enum Kernel {
 impl Kernel {
     pub const ALL: [Kernel; 3] = [Kernel::Debian6_1, Kernel::Debian6_12, Kernel::Host];
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Kernel::Debian6_1 => "6.1",
             Kernel::Debian6_12 => "6.12",
@@ -137,13 +137,13 @@ struct Timing {
 }
 
 /// A kernel ready to boot.
-struct PreparedKernel {
+pub struct PreparedKernel {
     /// `uname -r` of the kernel.
-    release: String,
-    vmlinuz: PathBuf,
+    pub release: String,
+    pub vmlinuz: PathBuf,
 }
 
-enum Preparation {
+pub enum Preparation {
     Ready(PreparedKernel),
     Skipped { kernel: String, reason: String },
 }
@@ -208,7 +208,7 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
             .join("logs")
             .join(format!("{}-console.log", kernel.label()));
         let vm_started = Instant::now();
-        let outcome = boot(&prepared, &initrd, &log);
+        let outcome = boot(&prepared, &initrd, &log, &BootOptions::INITRAMFS);
         let vm = vm_started.elapsed();
         timings.push(Timing {
             kernel: prepared.release.clone(),
@@ -221,7 +221,7 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
                 // Firmware and kernel output is not guaranteed to be UTF-8.
                 let console =
                     String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
-                rows.extend(parse_console(&prepared.release, &console, end));
+                rows.extend(parse_console(&prepared.release, &console, end, SCENARIOS));
             }
             Err(err) => rows.push(Row {
                 kernel: prepared.release.clone(),
@@ -342,7 +342,7 @@ fn search_packages(series: &str) -> Option<String> {
     newest_package(series, &listing)
 }
 
-fn prepare_debian(kernel: Kernel, cache: &Path) -> anyhow::Result<Preparation> {
+pub fn prepare_debian(kernel: Kernel, cache: &Path) -> anyhow::Result<Preparation> {
     let series = kernel.debian_series().context("not a Debian kernel")?;
     let kernels = cache.join("kernels");
     fs::create_dir_all(&kernels)?;
@@ -476,7 +476,7 @@ fn major_minor(release: &str) -> Option<String> {
 
 /// The /cptest/expect file for a release: one `missing <event> <since|->` line per tracepoint
 /// its fixture records as absent.
-fn expectations(release: &str) -> anyhow::Result<String> {
+pub fn expectations(release: &str) -> anyhow::Result<String> {
     let series = major_minor(release)
         .with_context(|| format!("cannot tell the version of kernel {release}"))?;
     let fixture = util::workspace_root()
@@ -563,7 +563,7 @@ fn copy_into(root: &Path, source: &Path, at: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_file(root: &Path, at: &str, contents: &str, mode: u32) -> anyhow::Result<()> {
+pub fn write_file(root: &Path, at: &str, contents: &str, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let target = root.join(at.trim_start_matches('/'));
     if let Some(parent) = target.parent() {
@@ -664,21 +664,106 @@ pub enum VmEnd {
     TimedOut(Duration),
 }
 
-fn boot(prepared: &PreparedKernel, initrd: &Path, log: &Path) -> anyhow::Result<VmEnd> {
+/// How to boot a VM: the busybox initramfs of the kernel matrix, or `--systemd`'s Debian.
+pub struct BootOptions {
+    pub memory_mb: &'static str,
+    pub timeout: Duration,
+    pub append: &'static str,
+    /// KVM when /dev/kvm can be opened, else TCG; the kernel matrix always emulates.
+    pub kvm_if_available: bool,
+    /// TCG on one host thread for all vCPUs. Multi-threaded TCG sometimes runs a stale
+    /// translation of kernel text that another vCPU is patching, and the kernel dies of an
+    /// `Oops: int3` early in boot (seen booting Debian's 6.12 with systemd).
+    pub tcg_single_thread: bool,
+}
+
+impl BootOptions {
+    const INITRAMFS: BootOptions = BootOptions {
+        memory_mb: VM_MEMORY_MB,
+        timeout: VM_TIMEOUT,
+        append: "console=ttyS0 panic=-1 quiet",
+        kvm_if_available: false,
+        tcg_single_thread: false,
+    };
+}
+
+/// Whether KVM really runs this kernel. Opening /dev/kvm is not enough: under some nested
+/// hypervisors `-cpu host` aborts (an MSR it cannot set) and other CPU models hang in the BIOS.
+/// So the kernel is booted once without a root filesystem: it panics, and with `panic=-1` and
+/// `-no-reboot` QEMU exits, which takes a few seconds under working KVM. Asked once a run.
+fn kvm_usable(vmlinuz: &Path) -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        if fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            return false;
+        }
+        let probe = Command::new("timeout")
+            .args([
+                "20",
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
+            .arg(vmlinuz)
+            .args(["-append", "console=ttyS0 panic=-1"])
+            .stdin(Stdio::null())
+            .output();
+        let usable = match probe {
+            Ok(out) => {
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).contains("Kernel panic")
+            }
+            Err(_) => false,
+        };
+        if !usable {
+            eprintln!("xtask: /dev/kvm is there but cannot boot a kernel here; using TCG");
+        }
+        usable
+    })
+}
+
+pub fn boot(
+    prepared: &PreparedKernel,
+    initrd: &Path,
+    log: &Path,
+    options: &BootOptions,
+) -> anyhow::Result<VmEnd> {
+    let kvm = options.kvm_if_available && kvm_usable(&prepared.vmlinuz);
+    let accel: &[&str] = if kvm {
+        &["-accel", "kvm", "-cpu", "host"]
+    } else if options.tcg_single_thread {
+        &["-accel", "tcg,thread=single"]
+    } else {
+        &["-accel", "tcg"]
+    };
+    let timeout = options.timeout;
     eprintln!(
-        "xtask: booting {} under QEMU (TCG, {VM_CPUS} vCPUs, {VM_MEMORY_MB} MB, timeout {} s); console: {}",
+        "xtask: booting {} under QEMU ({}, {VM_CPUS} vCPUs, {} MB, timeout {} s); console: {}",
         prepared.release,
-        VM_TIMEOUT.as_secs(),
+        if kvm { "KVM" } else { "TCG" },
+        options.memory_mb,
+        timeout.as_secs(),
         log.display()
     );
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", VM_MEMORY_MB, "-smp", VM_CPUS])
+        .args(accel)
+        .args(["-m", options.memory_mb, "-smp", VM_CPUS])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(&prepared.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args(["-append", options.append])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -706,7 +791,7 @@ fn boot(prepared: &PreparedKernel, initrd: &Path, log: &Path) -> anyhow::Result<
         text
     });
 
-    let deadline = Instant::now() + VM_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let end = loop {
         let exited = match child.try_wait() {
             Ok(exited) => exited,
@@ -729,7 +814,7 @@ fn boot(prepared: &PreparedKernel, initrd: &Path, log: &Path) -> anyhow::Result<
             let _ = child.wait();
             let _ = console.join();
             let _ = errors.join();
-            break VmEnd::TimedOut(VM_TIMEOUT);
+            break VmEnd::TimedOut(timeout);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -739,7 +824,7 @@ fn boot(prepared: &PreparedKernel, initrd: &Path, log: &Path) -> anyhow::Result<
 /// Turns a console log into one row per scenario, plus a failure row when the VM did not reach
 /// the end of the scenarios. Kernel messages may share the console, so markers are found
 /// anywhere in a line.
-pub fn parse_console(release: &str, console: &str, end: VmEnd) -> Vec<Row> {
+pub fn parse_console(release: &str, console: &str, end: VmEnd, scenarios: &[&str]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     let mut done = false;
     for line in console.lines() {
@@ -773,7 +858,7 @@ pub fn parse_console(release: &str, console: &str, end: VmEnd) -> Vec<Row> {
             detail,
         });
     }
-    for scenario in SCENARIOS {
+    for scenario in scenarios {
         if !rows.iter().any(|row| row.scenario == *scenario) {
             rows.push(Row {
                 kernel: release.to_string(),
@@ -938,7 +1023,7 @@ CPTEST dead-socket-write FAIL dead_socket_writes_total=2, want 1
 CPTEST shutdown MAYBE x
 CPTEST-DONE 6.1.0-56-cloud-amd64
 ";
-        let rows = parse_console("6.1.0-56", console, VmEnd::Exited);
+        let rows = parse_console("6.1.0-56", console, VmEnd::Exited, SCENARIOS);
         let summary: Vec<(&str, Verdict, &str)> = rows
             .iter()
             .map(|r| (r.scenario.as_str(), r.verdict, r.detail.as_str()))
@@ -971,7 +1056,7 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
     #[test]
     fn unfinished_vm_fails_every_missing_scenario() {
         let console = "CPTEST-START 6.12\nCPTEST check PASS 26 ok, nothing missing\n";
-        let rows = parse_console("6.12", console, VmEnd::TimedOut(VM_TIMEOUT));
+        let rows = parse_console("6.12", console, VmEnd::TimedOut(VM_TIMEOUT), SCENARIOS);
         assert_eq!(rows.len(), SCENARIOS.len() + 1);
         assert_eq!(rows[0].verdict, Verdict::Pass);
         assert!(rows[1..].iter().all(|r| r.verdict == Verdict::Fail));
@@ -980,7 +1065,7 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
         assert_eq!(last.scenario, "vm");
         assert_eq!(last.detail, "did not finish: killed after 240 s");
 
-        let rows = parse_console("6.12", "", VmEnd::Exited);
+        let rows = parse_console("6.12", "", VmEnd::Exited, SCENARIOS);
         assert_eq!(
             rows.last().unwrap().detail,
             "VM stopped before the scenarios finished"
@@ -990,7 +1075,7 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
     #[test]
     fn long_details_are_cut_on_a_character_boundary() {
         let console = format!("CPTEST check FAIL {}\nCPTEST-DONE\n", "é".repeat(700));
-        let rows = parse_console("6.1", &console, VmEnd::Exited);
+        let rows = parse_console("6.1", &console, VmEnd::Exited, SCENARIOS);
         assert_eq!(
             rows[0].detail,
             format!(

@@ -45,7 +45,7 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
 
 /// One blocking connect from `source` (port chosen by connect), bounded by a 5 s send timeout,
 /// which Linux applies to connect().
-fn connect_from(source: Ipv4Addr, target: SocketAddrV4) -> anyhow::Result<TcpStream> {
+pub fn connect_from(source: Ipv4Addr, target: SocketAddrV4) -> anyhow::Result<TcpStream> {
     // SAFETY: plain socket syscall; the fd is owned immediately after the check.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     check(fd, "socket()")?;

@@ -309,7 +309,17 @@ impl Memcached {
     }
 
     pub fn start(port: u16, max_connections: Option<u32>) -> anyhow::Result<Memcached> {
+        Memcached::start_with(port, max_connections, &[])
+    }
+
+    /// `start` with more memcached options (the soak's idle timeout).
+    pub fn start_with(
+        port: u16,
+        max_connections: Option<u32>,
+        extra: &[&str],
+    ) -> anyhow::Result<Memcached> {
         let mut args: Vec<String> = MEMCACHED_BASE_ARGS.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(["-p".to_string(), port.to_string()]);
         if let Some(max) = max_connections {
             // The listen backlog must absorb connection bursts of the idle-connection test.

@@ -1,0 +1,443 @@
+//! `cargo xtask bench --soak MINUTES`: the agent under hours-like load, checked for leaks, losses
+//! and counters that disagree with what the load generator itself did.
+//!
+//! Three generators run at once against one memcached (`-o idle_timeout=2`): steady traffic at
+//! a fixed rate on pooled connections (re-opened every 10 s slice), churn (connections opened,
+//! used once and closed, 500 a second, from rotating loopback sources so TIME_WAIT does not run
+//! out of ports), and idle connections that memcached times out, each followed by one write onto
+//! the closed connection (a dead write). Every slice the agent's RSS and open fds are sampled.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use super::{
+    idle::{connect_from, source_address},
+    loadgen::{self, LoadSpec, WORKLOAD},
+    observe::{self, Sample},
+    procs::{self, agent_config, Agent, Memcached, Mode},
+};
+
+/// Requests per second of the steady generator.
+pub const RATE: u64 = 50_000;
+const STEADY_CONNECTIONS: usize = 64;
+pub const CHURN_PER_SECOND: u64 = 500;
+/// Connections a second left idle until memcached's idle timeout closes them.
+const IDLE_PER_SECOND: u64 = 5;
+const MEMCACHED_IDLE_TIMEOUT: &str = "idle_timeout=2";
+const SLICE: Duration = Duration::from_secs(10);
+/// Allowed growth after warm-up.
+const RSS_SLACK_KB: u64 = 5 * 1024;
+const FD_SLACK: u64 = 10;
+/// Loopback sources the churn and idle connections rotate through.
+const SOURCES: usize = 16;
+
+/// What the churn and idle generators did, counted by themselves.
+#[derive(Default)]
+struct Counts {
+    churn_connections: AtomicU64,
+    churn_gets: AtomicU64,
+    idle_connections: AtomicU64,
+    idle_sets: AtomicU64,
+    /// Idle connections memcached closed (seen as EOF).
+    idle_closed_by_peer: AtomicU64,
+    dead_writes: AtomicU64,
+}
+
+struct Point {
+    at: Duration,
+    rss_kb: u64,
+    fds: u64,
+    ops_per_sec: f64,
+}
+
+fn open_fds(pid: u32) -> anyhow::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("agent {pid} is gone"))?
+        .count() as u64)
+}
+
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+fn churn(target: SocketAddrV4, stop: &AtomicBool, counts: &Counts) -> anyhow::Result<()> {
+    let mut next = 0usize;
+    let mut reply = [0u8; 64];
+    let mut tick = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..CHURN_PER_SECOND {
+            let source = source_address(1 + next % SOURCES);
+            next += 1;
+            let mut stream = connect_from(source, target)?;
+            counts.churn_connections.fetch_add(1, Ordering::Relaxed);
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"get churn\r\n")?;
+            // A miss is exactly "END\r\n".
+            let mut got = 0;
+            while got < 5 {
+                let n = stream.read(&mut reply[got..])?;
+                if n == 0 {
+                    bail!("memcached closed a churn connection before answering");
+                }
+                got += n;
+            }
+            counts.churn_gets.fetch_add(1, Ordering::Relaxed);
+        }
+        tick += Duration::from_secs(1);
+        if let Some(wait) = tick.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+    }
+    Ok(())
+}
+
+/// Opens IDLE_PER_SECOND connections a second, stores one value on each and waits for memcached
+/// to close it; then writes once more (the dead write) and closes. After `stop` it still waits
+/// for the open ones, so every connection it counts ends the same way.
+fn idle(target: SocketAddrV4, stop: &AtomicBool, counts: &Counts) -> anyhow::Result<()> {
+    let mut waiting: Vec<(TcpStream, Instant)> = Vec::new();
+    let mut next = 0usize;
+    let mut last_open = Instant::now() - Duration::from_secs(1);
+    let mut buf = [0u8; 64];
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && waiting.is_empty() {
+            return Ok(());
+        }
+        if !stopping && last_open.elapsed() >= Duration::from_secs(1) {
+            last_open = Instant::now();
+            for _ in 0..IDLE_PER_SECOND {
+                let mut stream = connect_from(source_address(1 + next % SOURCES), target)?;
+                next += 1;
+                counts.idle_connections.fetch_add(1, Ordering::Relaxed);
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(b"set idle 0 0 1\r\nv\r\n")?;
+                let n = stream.read(&mut buf)?;
+                if !buf[..n].starts_with(b"STORED") {
+                    bail!("idle set answered {:?}", String::from_utf8_lossy(&buf[..n]));
+                }
+                counts.idle_sets.fetch_add(1, Ordering::Relaxed);
+                stream.set_nonblocking(true)?;
+                waiting.push((stream, Instant::now()));
+            }
+        }
+        let mut index = 0;
+        while index < waiting.len() {
+            let (stream, since) = &mut waiting[index];
+            match stream.read(&mut buf) {
+                Ok(0) => {
+                    counts.idle_closed_by_peer.fetch_add(1, Ordering::Relaxed);
+                    // The application has not noticed the close and writes again, then reads
+                    // its answer and meets the reset (the agent reports the write's outcome
+                    // with that read, or after 5 s without one).
+                    if stream.write(b"version\r\n").is_ok() {
+                        counts.dead_writes.fetch_add(1, Ordering::Relaxed);
+                        stream.set_nonblocking(false)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                        let _ = stream.read(&mut buf);
+                    }
+                    waiting.swap_remove(index);
+                    continue;
+                }
+                Ok(_) => bail!("memcached sent an idle connection unasked bytes"),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if since.elapsed() > Duration::from_secs(30) {
+                        bail!("memcached did not close an idle connection within 30 s");
+                    }
+                }
+                Err(err) => return Err(err).context("idle connection"),
+            }
+            index += 1;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the soak for `minutes` and fails on any violated bound.
+pub fn soak(binary: &Path, work: &Path, minutes: f64) -> anyhow::Result<()> {
+    if !(0.5..=24.0 * 60.0).contains(&minutes) {
+        bail!("--soak takes 0.5 to 1440 minutes, not {minutes}");
+    }
+    let slices = ((minutes * 60.0) / SLICE.as_secs_f64()).ceil() as usize;
+    // Warm-up: the first fifth, at least 30 s (allocator arenas, label sets, maps fill up).
+    let warmup_slices = (slices / 5).max(3).min(slices.saturating_sub(2));
+    procs::raise_nofile(65_536)?;
+    let port = procs::free_port(23_211)?;
+    let memcached = Memcached::start_with(port, Some(8192), &["-o", MEMCACHED_IDLE_TIMEOUT])?;
+    std::fs::create_dir_all(work)?;
+    let config = work.join("soak.toml");
+    // The default capture limits, as users run it. Decoding everything instead
+    // (capture_records_per_second = 0) lost 130,409 payload records to a full ring buffer in a
+    // 2-minute soak on the shared 2-core machine.
+    std::fs::write(&config, agent_config(&[port], Mode::Capture, 65_536))?;
+    let metrics: SocketAddr = ([127, 0, 0, 1], procs::free_port(29_150)?).into();
+    let mut agent = Agent::start(binary, &config, metrics)?;
+    let pid = agent.pid();
+    let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    eprintln!(
+        "xtask: soak {minutes} min: {RATE} ops/s on {STEADY_CONNECTIONS} connections, {CHURN_PER_SECOND} connections/s churn, \
+         {IDLE_PER_SECOND} idle timeouts + dead writes/s, memcached -o {MEMCACHED_IDLE_TIMEOUT}; agent pid {pid}"
+    );
+    let before = observe::parse_samples(&observe::scrape(metrics)?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
+    let churn_thread = {
+        let (stop, counts) = (Arc::clone(&stop), Arc::clone(&counts));
+        thread::spawn(move || churn(target, &stop, &counts))
+    };
+    let idle_thread = {
+        let (stop, counts) = (Arc::clone(&stop), Arc::clone(&counts));
+        thread::spawn(move || idle(target, &stop, &counts))
+    };
+
+    let started = Instant::now();
+    let mut points = Vec::new();
+    let mut steady_ops = 0u64;
+    let mut steady_errors = 0u64;
+    let mut steady_connections = 0u64;
+    let mut failure = None;
+    // The lowest capture_sample_ratio seen: below 1 the request counters are scaled estimates.
+    let mut lowest_ratio = 1.0f64;
+    for slice in 0..slices {
+        let spec = LoadSpec {
+            target: SocketAddr::V4(target),
+            connections: STEADY_CONNECTIONS,
+            duration: SLICE,
+            rate: Some(RATE),
+            workload: WORKLOAD,
+        };
+        steady_connections += STEADY_CONNECTIONS as u64;
+        let report = match loadgen::run(&spec) {
+            Ok(report) => report,
+            Err(err) => {
+                failure = Some(err.context(format!("steady load, slice {slice}")));
+                break;
+            }
+        };
+        steady_ops += report.ops;
+        steady_errors += report.errors;
+        if let Err(err) = agent.check_running() {
+            failure = Some(err);
+            break;
+        }
+        match observe::scrape(metrics) {
+            Ok(text) => {
+                let ratio = sum(
+                    &observe::parse_samples(&text),
+                    "cacheprobe_capture_sample_ratio",
+                    &[],
+                );
+                lowest_ratio = lowest_ratio.min(ratio);
+            }
+            Err(err) => {
+                failure = Some(err.context(format!("scrape after slice {slice}")));
+                break;
+            }
+        }
+        let point = Point {
+            at: started.elapsed(),
+            rss_kb: procs::memory(pid)?.rss_kb,
+            fds: open_fds(pid)?,
+            ops_per_sec: report.ops_per_sec(),
+        };
+        eprintln!(
+            "  {:>6.0} s  rss {:>6.1} MB  fds {:>4}  steady {:>7.0} ops/s  churn {:>7}  idle {:>5}",
+            point.at.as_secs_f64(),
+            point.rss_kb as f64 / 1024.0,
+            point.fds,
+            point.ops_per_sec,
+            counts.churn_connections.load(Ordering::Relaxed),
+            counts.idle_connections.load(Ordering::Relaxed),
+        );
+        points.push(point);
+        if churn_thread.is_finished() || idle_thread.is_finished() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churn_result = churn_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("churn thread panicked"))?;
+    let idle_result = idle_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("idle thread panicked"))?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    churn_result.context("churn generator")?;
+    idle_result.context("idle generator")?;
+    // The agent sees the last closes a little after the generators do, and reports a dead
+    // write whose fate it did not see after 5 s (dead_writes::OUTCOME_WINDOW_NS).
+    procs::sleep(Duration::from_secs(7))?;
+    let after = observe::parse_samples(&observe::scrape(metrics)?);
+    let elapsed = started.elapsed();
+    agent.check_running()?;
+    drop(memcached);
+
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut checks: Vec<(bool, String)> = Vec::new();
+    let steady_after = &points[warmup_slices.min(points.len().saturating_sub(1))..];
+    let spread = |f: &dyn Fn(&Point) -> u64| {
+        let max = steady_after.iter().map(f).max().unwrap_or(0);
+        let min = steady_after.iter().map(f).min().unwrap_or(0);
+        (min, max)
+    };
+    let (rss_min, rss_max) = spread(&|p| p.rss_kb);
+    let (fd_min, fd_max) = spread(&|p| p.fds);
+    checks.push((
+        rss_max - rss_min <= RSS_SLACK_KB,
+        format!(
+            "RSS after warm-up ({} samples from {:.0} s): {:.1}..{:.1} MB, spread {:.1} MB (limit {:.0})",
+            steady_after.len(),
+            steady_after.first().map_or(0.0, |p| p.at.as_secs_f64()),
+            rss_min as f64 / 1024.0,
+            rss_max as f64 / 1024.0,
+            (rss_max - rss_min) as f64 / 1024.0,
+            RSS_SLACK_KB as f64 / 1024.0
+        ),
+    ));
+    checks.push((
+        fd_max - fd_min <= FD_SLACK,
+        format!("open fds after warm-up: {fd_min}..{fd_max} (limit spread {FD_SLACK})"),
+    ));
+    let losses = observe::lost_between(&before, &after);
+    checks.push((
+        losses.is_empty(),
+        format!("events lost: {}", observe::format_losses(&losses)),
+    ));
+    let client = ("role", "client");
+    let opened = sum(&after, "cacheprobe_connections_opened_total", &[client])
+        - sum(&before, "cacheprobe_connections_opened_total", &[client]);
+    let generated_connections =
+        steady_connections + load(&counts.churn_connections) + load(&counts.idle_connections);
+    checks.push((
+        opened as u64 == generated_connections,
+        format!(
+            "connections_opened_total{{role=client}} {opened} = generator {generated_connections} \
+             ({steady_connections} steady + {} churn + {} idle)",
+            load(&counts.churn_connections),
+            load(&counts.idle_connections)
+        ),
+    ));
+    let peer_closed = sum(
+        &after,
+        "cacheprobe_connections_closed_total",
+        &[client, ("closed_by", "peer")],
+    );
+    checks.push((
+        peer_closed as u64 == load(&counts.idle_closed_by_peer),
+        format!(
+            "connections_closed_total{{role=client,closed_by=peer}} {peer_closed} = idle timeouts seen by the generator {}",
+            load(&counts.idle_closed_by_peer)
+        ),
+    ));
+    let dead = sum(&after, "cacheprobe_dead_socket_writes_total", &[client]);
+    checks.push((
+        dead as u64 == load(&counts.dead_writes),
+        format!(
+            "dead_socket_writes_total{{role=client}} {dead} = generator's writes after the close {}",
+            load(&counts.dead_writes)
+        ),
+    ));
+    let requests = sum(
+        &after,
+        "cacheprobe_memcache_requests_total",
+        &[client, ("command", "get")],
+    ) + sum(
+        &after,
+        "cacheprobe_memcache_requests_total",
+        &[client, ("command", "set")],
+    );
+    let generated_requests = steady_ops + load(&counts.churn_gets) + load(&counts.idle_sets);
+    // The steady generator stops at each slice's deadline with up to one request per connection
+    // sent but unanswered; the agent counts those requests, the generator does not. Once the
+    // agent has sampled (ratio below 1) the counter is a scaled estimate: within 5%.
+    let extra = requests - generated_requests as f64;
+    let (ok, allowed) = if lowest_ratio >= 1.0 {
+        (
+            (0.0..=steady_connections as f64).contains(&extra),
+            format!("exact: 0..{steady_connections} sent unanswered at slice ends"),
+        )
+    } else {
+        (
+            extra.abs() <= 0.05 * generated_requests as f64 + steady_connections as f64,
+            format!("a scaled estimate, as the sample ratio fell to {lowest_ratio}: within 5%"),
+        )
+    };
+    checks.push((
+        ok,
+        format!(
+            "memcache_requests_total{{role=client,command=get|set}} {requests:.0} vs generator {generated_requests} \
+             ({steady_ops} steady + {} churn gets + {} idle sets): {extra:+.0} ({:+.2}%), allowed {allowed}",
+            load(&counts.churn_gets),
+            load(&counts.idle_sets),
+            100.0 * extra / generated_requests.max(1) as f64,
+        ),
+    ));
+    checks.push((
+        steady_errors == 0,
+        format!("memcached errors seen by the steady generator: {steady_errors}"),
+    ));
+
+    let achieved = steady_ops as f64 / elapsed.as_secs_f64();
+    println!(
+        "\nsoak: {:.1} min, agent pid {pid}",
+        elapsed.as_secs_f64() / 60.0
+    );
+    println!(
+        "load: steady {:.0} ops/s achieved (target {RATE}) on {STEADY_CONNECTIONS} connections, churn {:.0} connections/s, \
+         idle timeouts {:.1}/s, dead writes {:.1}/s",
+        achieved,
+        load(&counts.churn_connections) as f64 / elapsed.as_secs_f64(),
+        load(&counts.idle_closed_by_peer) as f64 / elapsed.as_secs_f64(),
+        load(&counts.dead_writes) as f64 / elapsed.as_secs_f64(),
+    );
+    println!(
+        "samples (every {} s): RSS MB {}",
+        SLICE.as_secs(),
+        points
+            .iter()
+            .map(|p| format!("{:.1}", p.rss_kb as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "samples: fds {}",
+        points
+            .iter()
+            .map(|p| p.fds.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut failed = 0;
+    for (ok, line) in &checks {
+        println!("{} {line}", if *ok { "PASS" } else { "FAIL" });
+        failed += usize::from(!ok);
+    }
+    agent.stop()?;
+    if failed > 0 {
+        bail!("soak: {failed} check(s) failed");
+    }
+    Ok(())
+}
