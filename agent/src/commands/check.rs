@@ -9,8 +9,9 @@ use crate::{
     config::Config,
     kernel::{
         loader::{
-            self, missing_length_probes, ProbeStatus, Probes, PAYLOAD_CAPTURE,
-            PAYLOAD_CAPTURE_IMPACT, PROBES,
+            self, missing_length_probes, perf_event_paranoid, perf_event_refused, AttachKind,
+            ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PERF_PARANOID_FIX,
+            PROBES,
         },
         offsets::{resolve_offsets, SystemLayout},
     },
@@ -95,8 +96,50 @@ pub fn privileges_item(caps: Option<u64>) -> CheckItem {
     }
 }
 
+/// The `perf_event_paranoid` line, only when the kernel refuses `perf_event_open` without
+/// CAP_SYS_ADMIN (Debian's 3): `classic` are the probes that attach through it. Failed when this
+/// run itself was refused, missing when it has CAP_SYS_ADMIN (so its probes attached) but the
+/// shipped unit, which lacks it, would not.
+pub fn paranoid_item(
+    paranoid: Option<i64>,
+    has_sys_admin: bool,
+    classic: &[&str],
+) -> Option<CheckItem> {
+    let value = paranoid?;
+    // Asked for a process without CAP_SYS_ADMIN, e.g. the unit.
+    if classic.is_empty() || !perf_event_refused(paranoid, false, AttachKind::Classic) {
+        return None;
+    }
+    let who = if has_sys_admin {
+        "this run has CAP_SYS_ADMIN, so they attached above; processes without it (e.g. the \
+         shipped systemd unit) cannot attach"
+    } else {
+        "this run lacks CAP_SYS_ADMIN, so these cannot attach (the shipped systemd unit lacks it \
+         too)"
+    };
+    let status = if perf_event_refused(paranoid, has_sys_admin, AttachKind::Classic) {
+        Status::Failed
+    } else {
+        Status::Missing
+    };
+    Some(CheckItem {
+        name: "perf_event_paranoid".into(),
+        status,
+        detail: format!(
+            "{value}: this kernel refuses perf_event_open (classic tracepoints) without \
+             CAP_SYS_ADMIN (Debian patch; upstream treats >2 as 2); {who}: {}; fix: {PERF_PARANOID_FIX}",
+            classic.join(", ")
+        ),
+        impact: "every classic-tracepoint probe's metrics (see each probe's line); raw \
+                 tracepoints and tp_btf are not affected"
+            .into(),
+    })
+}
+
 pub fn run_checks(config: &Config) -> CheckReport {
-    let mut items = vec![privileges_item(effective_capabilities())];
+    let caps = effective_capabilities();
+    let has_sys_admin = caps.is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+    let mut items = vec![privileges_item(caps)];
 
     let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .into_iter()
@@ -188,6 +231,22 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     None => item(name, Status::Failed, "not attempted", spec.impact),
                 });
             }
+            let classic: Vec<&str> = PROBES
+                .iter()
+                .filter(|spec| {
+                    probes.attach_kind(spec) == AttachKind::Classic
+                        && !matches!(
+                            probes.status.get(spec.program),
+                            Some(ProbeStatus::Unavailable(_)) | None
+                        )
+                })
+                .map(|spec| spec.event)
+                .collect();
+            items.extend(paranoid_item(
+                perf_event_paranoid(),
+                has_sys_admin,
+                &classic,
+            ));
             // Without the send/receive probes there is no capture either; their own lines say
             // so, with what it costs.
             let length_probes_attached = missing_length_probes(&probes.status).is_empty();
@@ -327,6 +386,30 @@ mod tests {
             Status::Ok
         );
         assert_eq!(privileges_item(Some(1 << CAP_SYS_ADMIN)).status, Status::Ok);
+    }
+
+    #[test]
+    fn paranoid_line_only_when_the_kernel_refuses_perf_events() {
+        let classic = ["inet_sock_set_state", "tcp_send_reset"];
+        // Upstream values (and unreadable): no line, whatever the caps.
+        for paranoid in [None, Some(-1), Some(0), Some(1), Some(2)] {
+            for sys_admin in [false, true] {
+                assert!(paranoid_item(paranoid, sys_admin, &classic).is_none());
+            }
+        }
+        // Nothing attaches classically: nothing to warn about.
+        assert!(paranoid_item(Some(3), false, &[]).is_none());
+        // Root predicts the unit's failure; without CAP_SYS_ADMIN this run itself failed.
+        let root = paranoid_item(Some(3), true, &classic).unwrap();
+        assert_eq!(root.status, Status::Missing);
+        let unit = paranoid_item(Some(4), false, &classic).unwrap();
+        assert_eq!(unit.status, Status::Failed);
+        for line in [&root, &unit] {
+            assert!(line.detail.contains("inet_sock_set_state, tcp_send_reset"));
+            assert!(line.detail.contains("kernel.perf_event_paranoid = 2"));
+            assert!(line.detail.contains("CAP_SYS_ADMIN"));
+            assert!(!line.impact.is_empty());
+        }
     }
 
     #[test]

@@ -122,6 +122,53 @@ pub enum ProbeStatus {
     Failed(String),
 }
 
+/// How a probe reaches its event. Classic tracepoints attach through `perf_event_open`; raw
+/// tracepoints and tp_btf through `bpf()` links, which `kernel.perf_event_paranoid` does not gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachKind {
+    Classic,
+    Raw,
+    Btf,
+}
+
+/// `kernel.perf_event_paranoid`, if readable.
+pub fn perf_event_paranoid() -> Option<i64> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether the kernel refuses `perf_event_open` to a classic-tracepoint attach. Upstream treats
+/// values above 2 like 2 (CAP_PERFMON suffices), but Debian's kernel (its
+/// "perf_event_paranoid=3" patch, also in Android) makes 3, its default, refuse
+/// `perf_event_open` to every process without CAP_SYS_ADMIN, CAP_PERFMON or not.
+pub fn perf_event_refused(paranoid: Option<i64>, has_sys_admin: bool, kind: AttachKind) -> bool {
+    kind == AttachKind::Classic && !has_sys_admin && paranoid.is_some_and(|p| p >= 3)
+}
+
+/// What an operator can do about [`perf_event_refused`], with what each choice costs.
+pub const PERF_PARANOID_FIX: &str = "either a sysctl.d drop-in `kernel.perf_event_paranoid = 2` \
+     (upstream's default: processes with CAP_PERFMON may then open perf events, and unprivileged \
+     users may profile their own processes in user space), or CAP_SYS_ADMIN added to the unit \
+     with a drop-in (`AmbientCapabilities=`/`CapabilityBoundingSet=` += CAP_SYS_ADMIN: only this \
+     agent gains it, but CAP_SYS_ADMIN is close to full root)";
+
+/// Whether an attach error is `perf_event_open` refused with EACCES/EPERM (not, say, an
+/// unreadable tracefs, which fails with EACCES too but earlier).
+fn is_perf_event_refusal(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<aya::programs::ProgramError>(),
+            Some(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "perf_event_open_trace_point",
+                io_error,
+            })) if matches!(io_error.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+        )
+    })
+}
+
 impl ProbeStatus {
     pub fn is_attached(&self) -> bool {
         matches!(self, ProbeStatus::Attached)
@@ -185,6 +232,8 @@ impl Probes {
         let mut status = BTreeMap::new();
         let mut raw = Vec::new();
         let mut fd_links = Vec::new();
+        // Classic tracepoints refused with EACCES/EPERM: summarised once after the loop.
+        let mut refused = Vec::new();
         let socket_storage = if config.limits.socket_storage {
             match attach_socket_storage(&mut ebpf, offsets) {
                 Ok(()) => Ok(()),
@@ -233,7 +282,12 @@ impl Probes {
                         }
                         ProbeStatus::Attached
                     }
-                    Err(err) => ProbeStatus::Failed(format!("{err:#}")),
+                    Err(err) => {
+                        if is_perf_event_refusal(&err) {
+                            refused.push(spec.event);
+                        }
+                        ProbeStatus::Failed(format!("{err:#}"))
+                    }
                 },
             };
             match &outcome {
@@ -246,6 +300,19 @@ impl Probes {
                 ),
             }
             status.insert(spec.program, outcome);
+        }
+
+        let paranoid = perf_event_paranoid();
+        // Refused at all means this process lacks what the check needs, whatever its caps say.
+        if !refused.is_empty() && perf_event_refused(paranoid, false, AttachKind::Classic) {
+            tracing::error!(
+                perf_event_paranoid = paranoid,
+                probes = refused.join(", "),
+                fix = PERF_PARANOID_FIX,
+                "classic tracepoints refused: this kernel's perf_event_paranoid >= 3 (a Debian \
+                 patch) refuses perf_event_open to processes without CAP_SYS_ADMIN, which the \
+                 shipped unit does not grant"
+            );
         }
 
         let capture_status = capture_status(capture_len, offsets, &status);
@@ -277,6 +344,17 @@ impl Probes {
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
+    }
+
+    /// How `spec` was attached (or, if it failed, was attempted) by this load.
+    pub fn attach_kind(&self, spec: &ProbeSpec) -> AttachKind {
+        if self.socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
+            AttachKind::Btf
+        } else if self.raw.contains(&spec.program) {
+            AttachKind::Raw
+        } else {
+            AttachKind::Classic
+        }
     }
 
     /// The ring buffer of socket events; taken once by whoever reads it.
@@ -650,6 +728,45 @@ fn missing_offsets(spec: &ProbeSpec, offsets: &ProbeOffsets) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_classic_tracepoints_without_sys_admin_are_refused_at_paranoid_3() {
+        use AttachKind::*;
+        for kind in [Classic, Raw, Btf] {
+            for sys_admin in [false, true] {
+                for paranoid in [None, Some(-1), Some(0), Some(1), Some(2)] {
+                    assert!(!perf_event_refused(paranoid, sys_admin, kind));
+                }
+                for paranoid in [Some(3), Some(4)] {
+                    assert_eq!(
+                        perf_event_refused(paranoid, sys_admin, kind),
+                        kind == Classic && !sys_admin,
+                        "{paranoid:?} {sys_admin} {kind:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_perf_event_open_refusals_count() {
+        let refusal = |errno: i32| {
+            anyhow::Error::new(aya::programs::ProgramError::SyscallError(
+                aya::sys::SyscallError {
+                    call: "perf_event_open_trace_point",
+                    io_error: std::io::Error::from_raw_os_error(errno),
+                },
+            ))
+            .context("cannot attach to tracepoint sock/inet_sock_set_state")
+        };
+        assert!(is_perf_event_refusal(&refusal(libc::EACCES)));
+        assert!(is_perf_event_refusal(&refusal(libc::EPERM)));
+        assert!(!is_perf_event_refusal(&refusal(libc::ENOENT)));
+        // An unreadable tracefs is EACCES too, but not this cause.
+        let tracefs = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EACCES))
+            .context("cannot attach to tracepoint sock/inet_sock_set_state");
+        assert!(!is_perf_event_refusal(&tracefs));
+    }
     use agent_common::io_syscall;
 
     fn config(services: &str) -> Config {
