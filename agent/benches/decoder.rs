@@ -407,6 +407,7 @@ fn decode_chunks(calls: &[Framed], out: &mut Vec<Observation>) -> (u64, u64) {
                     ts_ns: call.ts_ns,
                     captured,
                     total_len: *total_len,
+                    seq: None,
                 },
                 out,
             );

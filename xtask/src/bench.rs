@@ -16,8 +16,8 @@ mod paired;
 mod procs;
 mod report;
 mod rounds;
-mod top;
 mod soak;
+mod top;
 
 use std::{
     collections::BTreeMap,

@@ -147,7 +147,6 @@ mod tests {
         );
     }
 
-
     #[test]
     fn prometheus_text_names_counters_by_their_samples() {
         let om = "# HELP x_things Things.\n# TYPE x_things counter\nx_things_total{a=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# TYPE u unknown\nu 3\n# UNIT h seconds\n# EOF\n";

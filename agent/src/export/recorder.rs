@@ -544,7 +544,6 @@ mod tests {
         assert!(recorder.exemplar(&endpoint, &request, 5_000_000).is_some());
     }
 
-
     #[test]
     fn close_is_recorded_with_all_contract_labels() {
         let (metrics, registry) = Metrics::new();
