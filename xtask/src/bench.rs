@@ -2127,7 +2127,10 @@ decoder/short           time:   [1.0 us 1.1 us 1.2 us]\n\
         assert_eq!(quick.idle_counts, &[1_000]);
         assert!(!quick.criterion);
         let full = Plan::new(false);
-        assert_eq!(full.repeats, 5);
+        // The goals come from at least 10 interleaved off/on rounds; the descriptive four-mode
+        // table runs 3 repeats.
+        assert!(full.rounds >= 10);
+        assert_eq!(full.repeats, 3);
         assert!(full.idle_counts.contains(&100_000));
         assert!(full.loss_rates.contains(&Some(100_000)));
     }
