@@ -356,8 +356,12 @@ impl Pipeline {
 
     /// After each ring drain: streams of sockets closed longer than the grace ago finish.
     pub fn settle(&mut self, now_ns: u64) {
+        // A dead write is named at the next tick from its socket's recent commands: the socket
+        // usually closes first (the application reads EOF and closes), so its stream waits.
+        let held = &self.held_dead_writes;
         self.decoders.finish_closed(
             now_ns.saturating_sub(CLOSE_GRACE_NS),
+            |sk| held.iter().any(|w| w.sk == sk),
             &mut self.memcache_events,
         );
         self.flush();
@@ -365,8 +369,8 @@ impl Pipeline {
 
     /// Once a second: timeouts, dead-write outcomes, kernel counters.
     pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>) {
-        self.settle(now_ns);
         // Writes held since the last tick have had their payload: name the command, report.
+        // (Before `settle`, which may then finish the streams they were waiting for.)
         for mut write in std::mem::take(&mut self.held_dead_writes) {
             if write.command.is_none() {
                 write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
@@ -378,6 +382,7 @@ impl Pipeline {
                 sink.observation(&observation);
             }
         }
+        self.settle(now_ns);
         if let Some(history) = &self.history {
             let keys = self.keys_report();
             let queues = (!self.queue_flow.is_empty()).then(|| {

@@ -527,10 +527,16 @@ impl Decoders {
         }
     }
 
-    /// Finishes the streams of sockets that closed at or before `before_ns`.
-    pub fn finish_closed(&mut self, before_ns: u64, out: &mut Vec<MemcacheEvent>) {
+    /// Finishes the streams of sockets that closed at or before `before_ns`, in close order,
+    /// stopping at the first that `keep` still needs (it is retried next time).
+    pub fn finish_closed(
+        &mut self,
+        before_ns: u64,
+        keep: impl Fn(u64) -> bool,
+        out: &mut Vec<MemcacheEvent>,
+    ) {
         while let Some(&(sk, closed_ns)) = self.closing.front() {
-            if closed_ns > before_ns {
+            if closed_ns > before_ns || keep(sk) {
                 break;
             }
             self.closing.pop_front();
@@ -715,7 +721,7 @@ mod tests {
             &mut out,
         );
         decoders.close_after_grace(9, 2_000);
-        decoders.finish_closed(1_999, &mut out);
+        decoders.finish_closed(1_999, |_| false, &mut out);
         assert!(statuses(&out).is_empty(), "{out:?}");
         let reply = record(3_000, 9, true, b"VALUE large 0 500000\r\n", 200_000);
         decoders.on_payload(
@@ -724,7 +730,10 @@ mod tests {
             false,
             &mut out,
         );
-        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, &mut out);
+        // A socket someone still needs (a dead write waiting for its command) stays.
+        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, |sk| sk == 9, &mut out);
+        assert_eq!(decoders.len(), 1);
+        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, |_| false, &mut out);
         assert!(decoders.is_empty());
         assert_eq!(statuses(&out), vec![Status::Hit], "{out:?}");
         // Without a reply the request finishes unanswered once the grace is over, and a stale
@@ -745,7 +754,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(statuses(&out), vec![Status::Unanswered], "{out:?}");
-        decoders.finish_closed(u64::MAX, &mut out);
+        decoders.finish_closed(u64::MAX, |_| false, &mut out);
         assert_eq!(decoders.len(), 1, "the new stream stays");
     }
 
