@@ -1,7 +1,7 @@
 //! Applies observations to the metrics: service ids resolved to names, label values bounded, series handles cached.
 
 use foldhash::{HashMap, HashMapExt};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 
 use crate::{
     clock::unix_now,
@@ -12,6 +12,7 @@ use crate::{
     memcache::Command,
     model::{Role, Status, SynDirection},
     services::SharedServices,
+    sizes::{size_samples, SizeKind},
 };
 
 /// Applies observations to the metrics, resolving service indices to names and bounding the
@@ -25,14 +26,14 @@ pub struct ObservationRecorder {
     server_labels: HashMap<Endpoint, EndpointLabels>,
     // Handles to series already created: the per-request path then costs one hash lookup and
     // an atomic add, no label allocation.
-    request_counters: HashMap<(Endpoint, Command, Status), Counter>,
-    duration_histograms: HashMap<(Endpoint, Command), LatencyHistogram>,
+    request_counters: HandleCache<(Endpoint, Command, Status), Counter>,
+    duration_histograms: HandleCache<(Endpoint, Command), LatencyHistogram>,
     /// Exemplars set in the current second (by request timestamp) and which second that is.
     exemplars_in_second: (u64, u32),
     exemplar_min_latency_ns: u64,
     exemplars_per_second: u32,
-    byte_counters: HashMap<(Endpoint, bool), Counter>,
-    sizes: crate::sizes::SizeHandles,
+    byte_counters: HandleCache<(Endpoint, bool), Counter>,
+    size_histograms: HandleCache<(Endpoint, Command, SizeKind), Histogram>,
     ring_view: RingView,
     /// The info series currently exported per service, to remove when the view changes.
     ring_series: HashMap<usize, RingViewLabels>,
@@ -40,6 +41,27 @@ pub struct ObservationRecorder {
 
 /// Cached series handles beyond this many are dropped and re-created on demand.
 const MAX_CACHED_SERIES: usize = 100_000;
+
+/// Handles to series already created, bounded by [`MAX_CACHED_SERIES`]: past it the cache starts
+/// afresh (the series stay in the registry; only their handles are looked up again).
+struct HandleCache<K, V>(HashMap<K, V>);
+
+impl<K: std::hash::Hash + Eq, V> HandleCache<K, V> {
+    fn new() -> Self {
+        HandleCache(HashMap::new())
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.0.get(key)
+    }
+
+    fn insert(&mut self, key: K, handle: V) {
+        if self.0.len() >= MAX_CACHED_SERIES {
+            self.0.clear();
+        }
+        self.0.insert(key, handle);
+    }
+}
 
 impl ObservationRecorder {
     pub fn new(
@@ -54,13 +76,13 @@ impl ObservationRecorder {
             servers: LabelBudget::new(max_servers_per_service),
             comms: LabelBudget::new(max_comms),
             queues: LabelBudget::new(64),
-            request_counters: HashMap::new(),
-            duration_histograms: HashMap::new(),
+            request_counters: HandleCache::new(),
+            duration_histograms: HandleCache::new(),
             exemplars_in_second: (0, 0),
             exemplar_min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
             exemplars_per_second: EXEMPLARS_PER_SECOND,
-            byte_counters: HashMap::new(),
-            sizes: crate::sizes::SizeHandles::default(),
+            byte_counters: HandleCache::new(),
+            size_histograms: HandleCache::new(),
             server_labels: HashMap::new(),
             ring_view: RingView::default(),
             ring_series: HashMap::new(),
@@ -164,9 +186,6 @@ impl ObservationRecorder {
                         counter.inc_by(weight);
                     }
                     None => {
-                        if self.request_counters.len() >= MAX_CACHED_SERIES {
-                            self.request_counters.clear();
-                        }
                         let labels = self.endpoint_labels(endpoint);
                         let counter = self
                             .metrics
@@ -190,9 +209,6 @@ impl ObservationRecorder {
                     match self.duration_histograms.get(&key) {
                         Some(histogram) => histogram.observe(seconds, exemplar),
                         None => {
-                            if self.duration_histograms.len() >= MAX_CACHED_SERIES {
-                                self.duration_histograms.clear();
-                            }
                             let labels = self.endpoint_labels(endpoint);
                             let histogram = self
                                 .metrics
@@ -209,11 +225,17 @@ impl ObservationRecorder {
                         }
                     }
                 }
-                for (kind, sample) in self.sizes.observe_cached(endpoint, request) {
+                for (kind, sample) in size_samples(request) {
+                    let Some(sample) = sample else { continue };
+                    let key = (*endpoint, request.command, kind);
+                    if let Some(histogram) = self.size_histograms.get(&key) {
+                        histogram.observe(sample);
+                        continue;
+                    }
                     let labels = self.endpoint_labels(endpoint);
                     let family = match kind {
-                        crate::sizes::SizeKind::Value => &self.metrics.memcache_value_size,
-                        crate::sizes::SizeKind::Keys => &self.metrics.memcache_keys_per_request,
+                        SizeKind::Value => &self.metrics.memcache_value_size,
+                        SizeKind::Keys => &self.metrics.memcache_keys_per_request,
                     };
                     let histogram = family
                         .get_or_create(&CommandLabels {
@@ -224,8 +246,7 @@ impl ObservationRecorder {
                         })
                         .clone();
                     histogram.observe(sample);
-                    self.sizes
-                        .insert(endpoint, request.command, kind, histogram);
+                    self.size_histograms.insert(key, histogram);
                 }
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
                     let labels = self.endpoint_labels(endpoint);
@@ -263,9 +284,6 @@ impl ObservationRecorder {
                         counter.inc_by(bytes.saturating_mul(weight));
                     }
                     None => {
-                        if self.byte_counters.len() >= MAX_CACHED_SERIES {
-                            self.byte_counters.clear();
-                        }
                         let labels = self.endpoint_labels(endpoint);
                         let counter = self
                             .metrics

@@ -1,14 +1,11 @@
 //! Value-size and keys-per-request histograms: bucket bounds a person can map to memcached's
-//! slab classes, and the per-series handle cache that keeps the per-request cost to a lookup;
-//! [`slab`] turns the item sizes stored on a local memcached into its slab fit.
+//! slab classes and the samples a request gives; [`slab`] turns the item sizes stored on a local memcached into its slab fit.
 
 pub mod slab;
 
-use std::collections::HashMap;
-
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::{conn::tracking::Endpoint, memcache::Command, memcache::RequestObservation};
+use crate::memcache::RequestObservation;
 
 /// Upper bounds of `cacheprobe_memcache_value_size_bytes`. From 96 B on these are every second
 /// chunk size of memcached 1.6's default slab classes (`-f 1.25 -n 48`: 96, 120, 152, 192, ...
@@ -36,7 +33,7 @@ pub fn keys_per_request_histogram() -> Histogram {
     Histogram::new(KEYS_PER_REQUEST_BUCKETS.iter().copied())
 }
 
-/// Which size histogram a cached handle belongs to.
+/// Which size histogram a sample belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SizeKind {
     Value,
@@ -54,48 +51,6 @@ pub fn size_samples(request: &RequestObservation) -> [(SizeKind, Option<f64>); 2
             (request.keys_in_request > 0).then_some(f64::from(request.keys_in_request)),
         ),
     ]
-}
-
-/// Histogram handles per (endpoint, command, kind); `create` makes a missing one.
-#[derive(Default)]
-pub struct SizeHandles {
-    handles: HashMap<(Endpoint, Command, SizeKind), Histogram>,
-}
-
-/// Cached handles beyond this many are dropped and re-created on demand.
-const MAX_CACHED: usize = 100_000;
-
-impl SizeHandles {
-    /// Observes what `request` says into series already cached; returns the samples whose
-    /// series must be created first (see [`SizeHandles::insert`]).
-    pub fn observe_cached(
-        &mut self,
-        endpoint: &Endpoint,
-        request: &RequestObservation,
-    ) -> impl Iterator<Item = (SizeKind, f64)> {
-        let mut missing = [None, None];
-        for (i, (kind, sample)) in size_samples(request).into_iter().enumerate() {
-            let Some(sample) = sample else { continue };
-            match self.handles.get(&(*endpoint, request.command, kind)) {
-                Some(histogram) => histogram.observe(sample),
-                None => missing[i] = Some((kind, sample)),
-            }
-        }
-        missing.into_iter().flatten()
-    }
-
-    pub fn insert(
-        &mut self,
-        endpoint: &Endpoint,
-        command: Command,
-        kind: SizeKind,
-        histogram: Histogram,
-    ) {
-        if self.handles.len() >= MAX_CACHED {
-            self.handles.clear();
-        }
-        self.handles.insert((*endpoint, command, kind), histogram);
-    }
 }
 
 #[cfg(test)]
