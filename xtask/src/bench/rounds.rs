@@ -55,6 +55,15 @@ impl ScenarioResult {
     }
 }
 
+/// What an agent-on run measured: its throughput, other processes' cores, the stats window's
+/// (BPF ns, program runs, memcache ops) and the empty program's ns per run in that window.
+struct OnRun {
+    ops_per_sec: f64,
+    others: f64,
+    stats: (u64, u64, u64),
+    floor_per_run: Option<f64>,
+}
+
 /// One load run of a round.
 struct RoundRun {
     round: usize,
@@ -108,7 +117,7 @@ impl Bench {
         netns: Option<&Netns>,
         mode: Mode,
         spec: &LoadSpec,
-    ) -> anyhow::Result<(f64, f64, (u64, u64, u64), Option<f64>)> {
+    ) -> anyhow::Result<OnRun> {
         let mut agent: Agent =
             self.start_agent(memcached.addr.port(), mode, DEFAULT_MAX_SOCKETS)?;
         let pids = [memcached.pid(), agent.pid()];
@@ -159,12 +168,12 @@ impl Bench {
             ns += stats.run_time_ns.saturating_sub(ns0);
             runs += stats.run_cnt.saturating_sub(runs0);
         }
-        Ok((
-            report.ops_per_sec(),
+        Ok(OnRun {
+            ops_per_sec: report.ops_per_sec(),
             others,
-            (ns, runs, stats_load.ops),
+            stats: (ns, runs, stats_load.ops),
             floor_per_run,
-        ))
+        })
     }
 
     pub(super) fn paired_rounds(&mut self, memcached: &Memcached) -> anyhow::Result<()> {
@@ -242,7 +251,12 @@ impl Bench {
                             floor_per_run: None,
                         }
                     } else {
-                        let (ops, others, stats, floor_per_run) = self
+                        let OnRun {
+                            ops_per_sec: ops,
+                            others,
+                            stats,
+                            floor_per_run,
+                        } = self
                             .on_run(server, ns, mode, &spec)
                             .with_context(|| format!("{} {}", mode.label(), ends.label()))?;
                         RoundRun {
