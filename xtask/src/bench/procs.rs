@@ -661,6 +661,39 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .with_context(|| format!("cannot parse /proc/{pid}/stat"))
 }
 
+/// CPU ns of all of a process's threads so far (scheduler run time, user and kernel, with ns
+/// precision: /proc/PID/task/*/schedstat). Threads that exited meanwhile are not counted, so
+/// compare only across windows in which the process keeps its threads.
+pub fn task_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("process {pid} is gone"))? {
+        let path = entry?.path().join("schedstat");
+        // A thread may exit between listing and reading.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            total += parse_schedstat_ns(&text)
+                .with_context(|| format!("cannot parse {}", path.display()))?;
+        }
+    }
+    Ok(total)
+}
+
+fn parse_schedstat_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU ns of the calling thread so far (user and kernel, including BPF programs its syscalls
+/// ran).
+pub fn thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer; this clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// User-mode CPU seconds of a process (all threads).
 pub fn user_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -853,6 +886,14 @@ pub fn bpf_object_ids(pid: u32) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn schedstat_run_time_is_its_first_field() {
+        assert_eq!(parse_schedstat_ns("123456789 2000 17\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat_ns(""), None);
+        assert_eq!(parse_schedstat_ns("x 1 2"), None);
+    }
+
     use super::*;
 
     #[test]

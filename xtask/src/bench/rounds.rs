@@ -46,6 +46,10 @@ pub struct ScenarioResult {
     /// An empty program's ns per run on the send/receive tracepoints in the same windows: the
     /// part of `ns_per_run` any program pays here (clock reads, dispatch).
     pub floor_per_run: Option<Interval>,
+    /// Saturation loss estimated from CPU per op (1 - off/on of the load generator's, memcached's
+    /// and the agent's CPU ns per op, paired by round): what the agent's added work costs a
+    /// CPU-bound host, far less disturbed by other processes than throughput is.
+    pub cpu_loss: Option<Interval>,
     pub ns_per_op: Option<f64>,
 }
 
@@ -59,6 +63,7 @@ impl ScenarioResult {
 /// (BPF ns, program runs, memcache ops) and the empty program's ns per run in that window.
 struct OnRun {
     ops_per_sec: f64,
+    cpu_ns_per_op: f64,
     others: f64,
     stats: (u64, u64, u64),
     floor_per_run: Option<f64>,
@@ -70,6 +75,8 @@ struct RoundRun {
     ends: Ends,
     mode: Mode,
     ops_per_sec: f64,
+    /// CPU ns per op of the load generator, memcached and the agent together.
+    cpu_ns_per_op: f64,
     other_cores: f64,
     floor_per_run: Option<f64>,
     /// (BPF ns, program runs, memcache ops) of the stats window after an agent-on run.
@@ -77,14 +84,25 @@ struct RoundRun {
 }
 
 impl Bench {
-    /// Saturation load, in `netns` when given; returns the report and how many cores other
-    /// processes kept busy meanwhile.
+    /// Saturation load, in `netns` when given; returns the report, how many cores other
+    /// processes kept busy meanwhile, and the CPU ns the work itself took: the load
+    /// generator's thread plus every thread of `pids` (memcached, the agent).
     fn load_once(
         &self,
         spec: &LoadSpec,
         netns: Option<&Netns>,
         pids: &[u32],
-    ) -> anyhow::Result<(loadgen::LoadReport, f64)> {
+    ) -> anyhow::Result<(loadgen::LoadReport, f64, u64)> {
+        let tasks = || -> anyhow::Result<u64> {
+            pids.iter()
+                .try_fold(0u64, |sum, pid| Ok(sum + procs::task_cpu_ns(*pid)?))
+        };
+        // Measured in the generator's own thread (a netns run spawns one).
+        let measured = || -> anyhow::Result<(loadgen::LoadReport, u64)> {
+            let before = procs::thread_cpu_ns();
+            let report = loadgen::run(spec)?;
+            Ok((report, procs::thread_cpu_ns().saturating_sub(before)))
+        };
         let ours = || -> anyhow::Result<f64> {
             let mut total = procs::user_seconds(std::process::id())?;
             for pid in pids {
@@ -93,10 +111,12 @@ impl Bench {
             Ok(total)
         };
         let (machine_before, ours_before) = (procs::machine_user_seconds()?, ours()?);
-        let report = match netns {
-            Some(netns) => netns.run(|| loadgen::run(spec))?,
-            None => loadgen::run(spec)?,
+        let tasks_before = tasks()?;
+        let (report, generator_ns) = match netns {
+            Some(netns) => netns.run(measured)?,
+            None => measured()?,
         };
+        let cpu_ns = generator_ns + tasks()?.saturating_sub(tasks_before);
         let (machine_after, ours_after) = (procs::machine_user_seconds()?, ours()?);
         if report.ops == 0 {
             anyhow::bail!(
@@ -106,7 +126,7 @@ impl Bench {
         }
         let others = ((machine_after - machine_before) - (ours_after - ours_before)).max(0.0);
         let cores = others / report.elapsed.as_secs_f64().max(1e-3);
-        Ok((report, cores))
+        Ok((report, cores, cpu_ns))
     }
 
     /// The agent-on half of a pair: the measured run with bpf_stats off, then a short window
@@ -121,7 +141,7 @@ impl Bench {
         let mut agent: Agent =
             self.start_agent(memcached.addr.port(), mode, DEFAULT_MAX_SOCKETS)?;
         let pids = [memcached.pid(), agent.pid()];
-        let (report, others) = self.load_once(spec, netns, &pids)?;
+        let (report, others, cpu_ns) = self.load_once(spec, netns, &pids)?;
         agent.check_running()?;
         let (programs, _) = procs::bpf_object_ids(agent.pid())?;
         let stats_spec = LoadSpec {
@@ -136,7 +156,7 @@ impl Bench {
             let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
             let floor_before = observe::program_stats(floor_ids)?;
             let before = observe::program_stats(&programs)?;
-            let (load, _) = self.load_once(&stats_spec, netns, &pids)?;
+            let (load, _, _) = self.load_once(&stats_spec, netns, &pids)?;
             let after = observe::program_stats(&programs)?;
             (
                 before,
@@ -170,6 +190,7 @@ impl Bench {
         }
         Ok(OnRun {
             ops_per_sec: report.ops_per_sec(),
+            cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
             others,
             stats: (ns, runs, stats_load.ops),
             floor_per_run,
@@ -240,12 +261,14 @@ impl Bench {
                         procs::wait_for_quiet(super::QUIET_CORES, &[], self.plan.paired_quiet)?;
                     }
                     let run = if mode == Mode::Off {
-                        let (report, others) = self.load_once(&spec, ns, &[server.pid()])?;
+                        let (report, others, cpu_ns) =
+                            self.load_once(&spec, ns, &[server.pid()])?;
                         RoundRun {
                             round,
                             ends,
                             mode,
                             ops_per_sec: report.ops_per_sec(),
+                            cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
                             other_cores: others,
                             stats: None,
                             floor_per_run: None,
@@ -253,6 +276,7 @@ impl Bench {
                     } else {
                         let OnRun {
                             ops_per_sec: ops,
+                            cpu_ns_per_op,
                             others,
                             stats,
                             floor_per_run,
@@ -264,6 +288,7 @@ impl Bench {
                             ends,
                             mode,
                             ops_per_sec: ops,
+                            cpu_ns_per_op,
                             other_cores: others,
                             stats: Some(stats),
                             floor_per_run,
@@ -286,6 +311,7 @@ impl Bench {
             "BPF ns per program run",
             "program runs per op",
             "BPF ns per op",
+            "CPU ns per op (generator + memcached + agent)",
             "other processes, cores",
         ]);
         for run in &runs {
@@ -313,6 +339,7 @@ impl Bench {
                 per_run,
                 runs_per_op,
                 per_op,
+                format!("{:.0}", run.cpu_ns_per_op),
                 format!("{:.2}", run.other_cores),
             ]);
         }
@@ -341,6 +368,15 @@ impl Bench {
                     .filter_map(|r| r.stats)
                     .map(|(ns, count, _)| ns as f64 / count.max(1) as f64)
                     .collect();
+                let cpu_losses: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| {
+                        let off = runs.iter().find(|o| {
+                            o.mode == Mode::Off && o.round == r.round && o.ends == ends
+                        })?;
+                        Some(1.0 - off.cpu_ns_per_op / r.cpu_ns_per_op.max(1e-9))
+                    })
+                    .collect();
                 let floors: Vec<f64> = mine.iter().filter_map(|r| r.floor_per_run).collect();
                 let per_op: Vec<f64> = mine
                     .iter()
@@ -368,6 +404,7 @@ impl Bench {
                     range,
                     ns_per_run: paired::median_ci(&per_run),
                     floor_per_run: paired::median_ci(&floors),
+                    cpu_loss: paired::median_ci(&cpu_losses),
                     ns_per_op: median(&per_op),
                 });
             }
@@ -393,7 +430,12 @@ impl Bench {
              (clock reads, dispatch). `one end watched`: memcached in a network namespace of the \
              bench listens on an unwatched port, the client connects to the watched port and a \
              NAT rule in that namespace forwards it, so only the client's socket is watched \
-             (the off runs pay for the NAT as well).",
+             (the off runs pay for the NAT as well). A second estimate of the loss does not \
+             depend on how much CPU other processes leave: the CPU ns per op of the load \
+             generator's thread, memcached and the agent together (scheduler run time, user and \
+             kernel, so BPF programs and loopback softirqs count where they run), 1 - off/on \
+             paired by round: what the agent adds to a CPU-bound host's cost per op, which is its \
+             throughput loss at saturation when nothing else runs.",
             self.plan.paired_run.as_secs(),
             self.plan.saturation_connections,
             WORKLOAD.describe(),
@@ -407,6 +449,7 @@ impl Bench {
             "95% CI",
             "single rounds",
             "single-round sd",
+            "loss from CPU per op (median, 95% CI)",
             "BPF ns per program run (median, 95% CI)",
             "empty program, ns per run",
             "BPF ns per op",
@@ -427,6 +470,14 @@ impl Bench {
                 result
                     .round_sd
                     .map_or("n/a".into(), |sd| format!("{:.1} points", 100.0 * sd)),
+                result.cpu_loss.map_or("n/a".into(), |i| {
+                    format!(
+                        "{:.2}% ({:.2}% .. {:.2}%)",
+                        100.0 * i.median,
+                        100.0 * i.low,
+                        100.0 * i.high
+                    )
+                }),
                 result.ns_per_run.map_or("n/a".into(), |i| {
                     format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
                 }),
@@ -485,6 +536,22 @@ pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
                 }),
                 result
                     .loss
+                    .map_or("not measured".into(), |i| verdict(i.against(*limit))),
+            ]);
+            table.row(vec![
+                format!("the same, estimated from CPU per op, {label}"),
+                goal.to_string(),
+                result.cpu_loss.map_or("n/a".into(), |i| {
+                    format!(
+                        "{:.2}% (95% CI {:.2}% .. {:.2}%, {} rounds)",
+                        100.0 * i.median,
+                        100.0 * i.low,
+                        100.0 * i.high,
+                        result.rounds
+                    )
+                }),
+                result
+                    .cpu_loss
                     .map_or("not measured".into(), |i| verdict(i.against(*limit))),
             ]);
         }
