@@ -10,7 +10,7 @@
 
 use std::hint::black_box;
 
-use cacheprobe::memcache::{Chunk, ConnectionDecoder, DecoderConfig, Direction, Observation};
+use cacheprobe::memcache::{Chunk, ConnectionDecoder, Decoded, DecoderConfig, Direction};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const CAPTURE: usize = 256;
@@ -289,7 +289,7 @@ fn workload() -> (Vec<Payload>, u64) {
 }
 
 /// Decodes the whole workload; returns (request observations, decode errors).
-fn decode_all(payloads: &[Payload], out: &mut Vec<Observation>) -> (u64, u64) {
+fn decode_all(payloads: &[Payload], out: &mut Vec<Decoded>) -> (u64, u64) {
     let mut decoders: Vec<ConnectionDecoder> = (0..3)
         .map(|_| ConnectionDecoder::new(DecoderConfig::default()))
         .collect();
@@ -307,11 +307,11 @@ fn decode_all(payloads: &[Payload], out: &mut Vec<Observation>) -> (u64, u64) {
         // its capacity.
         for observation in out.iter() {
             match observation {
-                Observation::Request(r) => {
+                Decoded::Request(r) => {
                     black_box(r);
                     requests += 1;
                 }
-                Observation::DecodeError(_) => errors += 1,
+                Decoded::DecodeError(_) => errors += 1,
             }
         }
         out.clear();
@@ -396,7 +396,7 @@ fn many_items_workload(keys: usize, value_len: usize, gets: usize) -> (u64, Vec<
 }
 
 /// Decodes framed calls on one connection; returns (request observations, decode errors).
-fn decode_chunks(calls: &[Framed], out: &mut Vec<Observation>) -> (u64, u64) {
+fn decode_chunks(calls: &[Framed], out: &mut Vec<Decoded>) -> (u64, u64) {
     let mut decoder = ConnectionDecoder::new(DecoderConfig::default());
     let (mut requests, mut errors) = (0, 0);
     for call in calls {
@@ -414,11 +414,11 @@ fn decode_chunks(calls: &[Framed], out: &mut Vec<Observation>) -> (u64, u64) {
         }
         for observation in out.iter() {
             match observation {
-                Observation::Request(r) => {
+                Decoded::Request(r) => {
                     black_box(r);
                     requests += 1;
                 }
-                Observation::DecodeError(_) => errors += 1,
+                Decoded::DecodeError(_) => errors += 1,
             }
         }
         out.clear();

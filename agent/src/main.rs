@@ -1,3 +1,5 @@
+//! The command line: parses arguments, sets up logging and hands over to `commands`.
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cacheprobe::{commands, config::DEFAULT_CONFIG_PATH};

@@ -13,10 +13,6 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use std::collections::VecDeque;
-
-use aya::maps::{MapData, RingBuf};
-
 use std::sync::Mutex;
 
 use crate::{
@@ -27,12 +23,14 @@ use crate::{
     history::{facts_from_sample, listener_drop_facts, History, HistoryLimits, HistorySink},
     host::fd_arming::{self, FdProbeArming},
     host::{parse::TcpExtCounters, Sampler, SamplerConfig},
-    ingest::pipeline::{PayloadOutcome, Pipeline},
-    kernel::capture::payload_ts,
-    kernel::events::SockEventRecord,
+    ingest::{
+        merge::{pump, EventQueue},
+        pipeline::Pipeline,
+    },
     kernel::{
         loader::{Probes, PROBES},
         offsets::{resolve_offsets, SystemLayout},
+        readings::KernelReadings,
     },
     services::SharedServices,
 };
@@ -177,123 +175,6 @@ async fn sample_periodically(
             Err(err) => tracing::warn!(%err, "/proc sample failed"),
         }
     }
-}
-
-/// At most this many decoded events wait in memory for the payload ring to catch up. A burst
-/// of 100k connection opens otherwise queued every one of them (about 48 MB) before handling
-/// any.
-const PENDING_EVENTS_MAX: usize = 1024;
-
-/// Where [`EventQueue`] reads socket events from and hands them to.
-trait EventFlow {
-    /// The next event from the ring, None when it is empty.
-    fn next_event(&mut self) -> Option<SockEventRecord>;
-    fn apply(&mut self, event: &SockEventRecord);
-}
-
-/// Socket events read from their ring but not applied yet because a payload recorded before
-/// them has not been seen. Never holds more than [`PENDING_EVENTS_MAX`]; the buffer is kept
-/// between pumps so steady traffic does not allocate.
-struct EventQueue {
-    pending: VecDeque<SockEventRecord>,
-}
-
-impl EventQueue {
-    fn new() -> Self {
-        EventQueue {
-            pending: VecDeque::with_capacity(PENDING_EVENTS_MAX),
-        }
-    }
-
-    /// Applies, in ring order, every event recorded at or before `ts_ns`. Reads more only
-    /// when everything read so far has been applied: the ring may still hold earlier events.
-    fn apply_until(&mut self, ts_ns: u64, flow: &mut impl EventFlow) {
-        loop {
-            while self
-                .pending
-                .front()
-                .is_some_and(|event| event.ts_ns <= ts_ns)
-            {
-                if let Some(event) = self.pending.pop_front() {
-                    flow.apply(&event);
-                }
-            }
-            if !self.pending.is_empty() || !self.refill(flow) {
-                return;
-            }
-        }
-    }
-
-    /// Applies everything pending and everything left in the ring, a bounded batch at a time.
-    fn apply_all(&mut self, flow: &mut impl EventFlow) {
-        self.apply_until(u64::MAX, flow);
-    }
-
-    /// Reads up to the cap; false when the ring had nothing.
-    fn refill(&mut self, flow: &mut impl EventFlow) -> bool {
-        let before = self.pending.len();
-        while self.pending.len() < PENDING_EVENTS_MAX {
-            match flow.next_event() {
-                Some(event) => self.pending.push_back(event),
-                None => break,
-            }
-        }
-        self.pending.len() > before
-    }
-}
-
-struct RingEvents<'a> {
-    pipeline: &'a mut Pipeline,
-    ring: &'a mut RingBuf<MapData>,
-}
-
-impl EventFlow for RingEvents<'_> {
-    fn next_event(&mut self) -> Option<SockEventRecord> {
-        // Records that do not decode are skipped (and counted by the pipeline), not an end.
-        while let Some(item) = self.ring.next() {
-            if let Some(event) = self.pipeline.decode_socket_record(&item) {
-                return Some(event);
-            }
-        }
-        None
-    }
-
-    fn apply(&mut self, event: &SockEventRecord) {
-        self.pipeline.handle_socket_event(event);
-    }
-}
-
-/// Processes both rings in timestamp order. They are separate so payload floods cannot crowd
-/// out lifecycle events, but a connection's bytes and its state changes must be seen in the
-/// order they happened: its opening before its first payload, its last response before its
-/// close. Each ring is in recording order, so this is a merge; only the events side is
-/// buffered, and only up to [`PENDING_EVENTS_MAX`].
-fn pump(
-    queue: &mut EventQueue,
-    pipeline: &mut Pipeline,
-    events: &mut RingBuf<MapData>,
-    payloads: &mut RingBuf<MapData>,
-) {
-    while let Some(item) = payloads.next() {
-        let ts = payload_ts(&item).unwrap_or(u64::MAX);
-        queue.apply_until(
-            ts,
-            &mut RingEvents {
-                pipeline: &mut *pipeline,
-                ring: &mut *events,
-            },
-        );
-        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
-            // Not known even with every earlier event applied: not a watched connection we
-            // track (e.g. the table was full); the payload is dropped.
-            tracing::trace!("payload for an unknown socket");
-        }
-    }
-    queue.apply_all(&mut RingEvents {
-        pipeline: &mut *pipeline,
-        ring: events,
-    });
-    pipeline.settle(crate::clock::monotonic_ns());
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -466,24 +347,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                pump(&mut event_queue, &mut pipeline, guard.get_inner_mut(), payload_ring.get_mut());
+                pump(&mut event_queue, &mut pipeline, guard.get_inner_mut(), payload_ring.get_mut(), crate::clock::monotonic_ns);
                 guard.clear_ready();
                 tokio::time::sleep(RING_BATCH_DELAY).await;
             }
             guard = payload_ring.readable_mut() => {
                 let mut guard = guard?;
-                pump(&mut event_queue, &mut pipeline, ring.get_mut(), guard.get_inner_mut());
+                pump(&mut event_queue, &mut pipeline, ring.get_mut(), guard.get_inner_mut(), crate::clock::monotonic_ns);
                 guard.clear_ready();
                 tokio::time::sleep(RING_BATCH_DELAY).await;
             }
             _ = drain.tick() => {
-                pump(&mut event_queue, &mut pipeline, ring.get_mut(), payload_ring.get_mut());
+                pump(&mut event_queue, &mut pipeline, ring.get_mut(), payload_ring.get_mut(), crate::clock::monotonic_ns);
             }
             Some(news) = news_rx.recv() => {
                 arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, news.peak_fd_usage);
             }
             _ = tick.tick() => {
-                pipeline.tick(crate::clock::monotonic_ns(), Some(&probes));
+                let kernel = KernelReadings::read(&probes);
+                pipeline.tick(crate::clock::monotonic_ns(), Some(&kernel), &mut || {
+                    crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc"))
+                });
             }
             _ = sighup.recv() => {
                 match reload(&args, &config, &mut probes, &services, &mut pipeline) {
@@ -503,98 +387,4 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(ring);
     drop(probes);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use super::*;
-    use crate::kernel::events::{EventKind, SocketFacts};
-
-    fn event(ts_ns: u64) -> SockEventRecord {
-        SockEventRecord {
-            kind: EventKind::StateChange {
-                old_state: 0,
-                new_state: 0,
-            },
-            ts_ns,
-            sk: ts_ns,
-            local: None,
-            remote: None,
-            pid: 1,
-            comm: String::new(),
-            facts: SocketFacts {
-                last_activity_ns: 0,
-                bytes_sent: 0,
-                bytes_received: 0,
-                peer_closed_ns: 0,
-                reset_received_ns: 0,
-            },
-        }
-    }
-
-    /// A ring that holds `ring` and records what was applied.
-    struct Recorder {
-        ring: VecDeque<SockEventRecord>,
-        applied: Vec<u64>,
-    }
-
-    impl Recorder {
-        fn new(timestamps: impl IntoIterator<Item = u64>) -> Self {
-            Recorder {
-                ring: timestamps.into_iter().map(event).collect(),
-                applied: Vec::new(),
-            }
-        }
-    }
-
-    impl EventFlow for Recorder {
-        fn next_event(&mut self) -> Option<SockEventRecord> {
-            self.ring.pop_front()
-        }
-
-        fn apply(&mut self, event: &SockEventRecord) {
-            self.applied.push(event.ts_ns);
-        }
-    }
-
-    #[test]
-    fn events_are_applied_up_to_each_payload_and_no_further() {
-        let mut queue = EventQueue::new();
-        let mut flow = Recorder::new([1, 2, 5, 7]);
-        queue.apply_until(4, &mut flow);
-        assert_eq!(flow.applied, [1, 2]);
-        queue.apply_until(5, &mut flow);
-        assert_eq!(
-            flow.applied,
-            [1, 2, 5],
-            "an event at the payload's time goes first"
-        );
-        queue.apply_all(&mut flow);
-        assert_eq!(flow.applied, [1, 2, 5, 7]);
-        assert!(queue.pending.is_empty());
-    }
-
-    #[test]
-    fn a_burst_is_read_in_bounded_batches_and_applied_in_order() {
-        let burst = 10 * PENDING_EVENTS_MAX as u64;
-        let mut queue = EventQueue::new();
-        let capacity = queue.pending.capacity();
-        // Every event is later than the payload: only one batch may be read ahead.
-        let mut flow = Recorder::new(100..100 + burst);
-        queue.apply_until(50, &mut flow);
-        assert!(flow.applied.is_empty());
-        assert_eq!(queue.pending.len(), PENDING_EVENTS_MAX);
-        assert_eq!(flow.ring.len() as u64, burst - PENDING_EVENTS_MAX as u64);
-        // Every event is earlier than the next payload: all of them, in order, batch by batch.
-        queue.apply_until(u64::MAX - 1, &mut flow);
-        assert_eq!(flow.applied, (100..100 + burst).collect::<Vec<_>>());
-        assert!(flow.ring.is_empty());
-        assert_eq!(
-            queue.pending.capacity(),
-            capacity,
-            "the buffer never grows past its cap"
-        );
-    }
 }

@@ -269,7 +269,7 @@ impl LabelBudget {
 /// default unless `= value` is given) and the name and help it is registered under. Rows are in
 /// registration order, which is the order of the exposition.
 macro_rules! declare_metrics {
-    ($( $field:ident: $ty:ty $(= $init:expr)? => $name:literal, $help:literal; )+) => {
+    ($( $field:ident: $ty:ty $(= $init:expr)? => $name:literal, $help:literal $(, $top:ident)?; )+) => {
         #[derive(Clone)]
         pub struct Metrics {
             $( pub $field: $ty, )+
@@ -289,8 +289,23 @@ macro_rules! declare_metrics {
             fn register(&self, registry: &mut Registry) {
                 $( registry.register($name, $help, self.$field.clone()); )+
             }
+
+            /// The families `cacheprobe top` reads over the control socket (rows marked `top`), in
+            /// a registry of their own that shares their values: encoding it every second costs
+            /// a small part of a full scrape, whose latency histograms top does not need.
+            pub fn top_registry(&self) -> Registry {
+                let mut registry = Registry::with_prefix("cacheprobe");
+                $(
+                    if declare_metrics!(@top $($top)?) {
+                        registry.register($name, $help, self.$field.clone());
+                    }
+                )+
+                registry
+            }
         }
     };
+    (@top) => { false };
+    (@top top) => { true };
     (@init) => { Default::default() };
     (@init $init:expr) => { $init };
 }
@@ -304,7 +319,7 @@ declare_metrics! {
         "Watched TCP connections that closed, by which side closed first (local, peer, reset)";
     connections_active: Family<EndpointLabels, Gauge>
         => "connections_active",
-        "Watched TCP connections currently open";
+        "Watched TCP connections currently open", top;
     idle_before_close: HistogramFamily<ClosedLabels> = Family::new_with_constructor(idle_histogram)
         => "connection_idle_before_close_seconds",
         "Time from a connection's last send or receive to its close";
@@ -346,7 +361,7 @@ declare_metrics! {
     fd_exhaustion_errors: Family<FdErrorLabels, Counter>
         => "fd_exhaustion_errors",
         "Syscalls (socket, accept, accept4, open, openat, dup) that failed with EMFILE or ENFILE \
-             while the probes were armed (see fd_exhaustion_probes_armed)";
+             while the probes were armed (see fd_exhaustion_probes_armed)", top;
     memcache_requests: Family<RequestLabels, Counter>
         => "memcache_requests",
         "Memcache requests decoded from watched connections, by command and outcome";
@@ -361,13 +376,13 @@ declare_metrics! {
         "Keys named per request (multi-key get batch sizes)";
     memcache_bytes: Family<BytesLabels, Counter>
         => "memcache_bytes",
-        "Payload bytes on watched connections, as sent or received by this host";
+        "Payload bytes on watched connections, as sent or received by this host", top;
     memcache_decode_errors: Family<DecodeErrorLabels, Counter>
         => "memcache_decode_errors",
         "Stretches of traffic the decoder could not decode (garbage, gaps, truncated captures, ...)";
     queue_operations: Family<QueueLabels, Counter>
         => "queue_operations",
-        "Queue operations on memcache-protocol queues (Starling, Kestrel)";
+        "Queue operations on memcache-protocol queues (Starling, Kestrel)", top;
     queue_messages_lost: Family<QueueLostLabels, Counter>
         => "queue_messages_lost",
         "Enqueues written onto queue connections the server had already closed, by what the producer saw next (eof, reset: it could retry; unnoticed: silently lost)";
@@ -397,10 +412,10 @@ declare_metrics! {
         "TcpExt SyncookiesSent summed over network namespaces";
     process_open_fds: Family<CommLabels, Gauge>
         => "process_open_fds",
-        "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)";
+        "Open file descriptors of the process of this name with the highest fd usage (processes holding watched sockets)", top;
     process_fd_limit: Family<CommLabels, Gauge>
         => "process_fd_limit",
-        "Soft RLIMIT_NOFILE of that same process, read live";
+        "Soft RLIMIT_NOFILE of that same process, read live", top;
     process_fd_usage_ratio: Family<CommLabels, Gauge<f64, AtomicU64>>
         => "process_fd_usage_ratio",
         "Open fds over the soft fd limit, max over processes of this name";
@@ -418,7 +433,7 @@ declare_metrics! {
         "Processes whose fd walk the last sample postponed to a later one (per-sample budget); their previous owners are used meanwhile";
     process_connections: Family<CommServiceLabels, Gauge>
         => "process_connections",
-        "Watched connections held by processes of this name, per service";
+        "Watched connections held by processes of this name, per service", top;
     host_open_files: Gauge
         => "host_open_files",
         "Open file handles on the host (fs.file-nr)";
@@ -456,49 +471,6 @@ pub struct ProgramLabels {
 }
 
 impl Metrics {
-    /// The families `cacheprobe top` reads over the control socket, in a registry of their own
-    /// that shares their values: encoding it every second costs a small part of a full scrape,
-    /// whose latency histograms top does not need.
-    pub fn top_registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("cacheprobe");
-        registry.register(
-            "connections_active",
-            "Watched TCP connections currently open",
-            self.connections_active.clone(),
-        );
-        registry.register(
-            "memcache_bytes",
-            "Payload bytes on watched connections",
-            self.memcache_bytes.clone(),
-        );
-        registry.register(
-            "queue_operations",
-            "Queue operations",
-            self.queue_operations.clone(),
-        );
-        registry.register(
-            "process_open_fds",
-            "Open file descriptors",
-            self.process_open_fds.clone(),
-        );
-        registry.register(
-            "process_fd_limit",
-            "Soft RLIMIT_NOFILE",
-            self.process_fd_limit.clone(),
-        );
-        registry.register(
-            "process_connections",
-            "Watched connections per process name and service",
-            self.process_connections.clone(),
-        );
-        registry.register(
-            "fd_exhaustion_errors",
-            "EMFILE/ENFILE errors",
-            self.fd_exhaustion_errors.clone(),
-        );
-        registry
-    }
-
     pub fn new() -> (Metrics, Registry) {
         let mut registry = Registry::with_prefix("cacheprobe");
         let metrics = Metrics::unregistered();
@@ -567,5 +539,39 @@ mod tests {
             let line = format!("# HELP cacheprobe_{name} {help}.");
             assert_eq!(helps.iter().filter(|l| **l == line).count(), 1, "{line}");
         }
+    }
+
+    /// `top`'s registry holds the families top reads, each under its declared name and help.
+    #[test]
+    fn the_top_registry_holds_the_rows_marked_top() {
+        let (metrics, _) = Metrics::new();
+        let text = encode(&metrics.top_registry(), Format::OpenMetrics).unwrap();
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP cacheprobe_"))
+            .map(|l| {
+                let name = l.split(' ').next().unwrap();
+                let help = Metrics::DECLARED
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap()
+                    .1;
+                assert_eq!(l, format!("{name} {help}."));
+                name
+            })
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "connections_active",
+                "fd_exhaustion_errors",
+                "memcache_bytes",
+                "process_connections",
+                "process_fd_limit",
+                "process_open_fds",
+                "queue_operations",
+            ]
+        );
     }
 }

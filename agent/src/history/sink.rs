@@ -14,7 +14,7 @@ use foldhash::{HashMap, HashMapExt};
 use super::{fact_from_observation, Fact, History, RequestRecord};
 
 use crate::{
-    conn::tracking::Observation, ingest::pipeline::ObservationSink, kernel::capture::MemcacheEvent,
+    conn::tracking::Observation, ingest::outputs::ObservationSink, kernel::capture::MemcacheEvent,
     services::SharedServices,
 };
 

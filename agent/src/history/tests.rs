@@ -1,3 +1,5 @@
+//! Unit tests of the history: recording facts, second buckets, limits and snapshots.
+
 use super::*;
 
 const T0: u64 = 1_700_000_000;

@@ -6,7 +6,7 @@
 //! histograms and hit ratios come from the followed connections as they are. Connections in
 //! trouble (peer closed, reset) are always captured.
 
-use agent_common::capture_sample::MAX_SHIFT;
+use agent_common::capture_sample::{self, MAX_SHIFT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureBudget {
@@ -64,6 +64,131 @@ impl CaptureBudget {
     }
 }
 
+/// Payload records between looks at the decoding budget while they stream in.
+const BUDGET_CHECK_RECORDS: u64 = 1024;
+
+/// The budget at work on the record stream, and the handshake with the kernel that follows a
+/// new sample: the pipeline counts records here, is told when the sample changes, hands the
+/// new shift to the caller (which tells the kernel) and hears back when the kernel follows it.
+#[derive(Debug)]
+pub struct CaptureSampling {
+    budget: CaptureBudget,
+    /// Payload records handled since the budget was last checked, and when that was.
+    records_since_check: u64,
+    last_check_ns: u64,
+    /// A sample shift the kernel has yet to be told (see [`CaptureSampling::take_shift`]).
+    pending_shift: Option<u32>,
+    /// When the kernel was last told a new sample (monotonic ns).
+    shift_applied_ns: u64,
+}
+
+impl CaptureSampling {
+    pub fn new(records_per_second: u64) -> Self {
+        CaptureSampling {
+            budget: CaptureBudget::new(records_per_second),
+            records_since_check: 0,
+            last_check_ns: 0,
+            pending_shift: None,
+            shift_applied_ns: 0,
+        }
+    }
+
+    /// Decodes every connection whatever the rate (the kernel cannot sample).
+    pub fn disable(&mut self) {
+        self.budget.set_budget(0);
+    }
+
+    /// The current sample shift: one followed connection in 2^shift.
+    pub fn shift(&self) -> u32 {
+        self.budget.shift()
+    }
+
+    /// How many requests each request decoded from a followed connection stands for.
+    pub fn weight(&self) -> u64 {
+        self.budget.weight()
+    }
+
+    /// How many requests each request decoded from `sk` stands for. A connection outside the
+    /// sample was captured for its trouble, not as a sample of others: what it says counts
+    /// once.
+    pub fn weight_of(&self, sk: u64) -> u64 {
+        if capture_sample::is_followed(sk, self.budget.shift()) {
+            self.budget.weight()
+        } else {
+            1
+        }
+    }
+
+    /// A new sample shift for the kernel, once, after the look that chose it.
+    pub fn take_shift(&mut self) -> Option<u32> {
+        self.pending_shift.take()
+    }
+
+    /// The kernel follows the sample from [`CaptureSampling::take_shift`] since `now_ns`.
+    pub fn shift_applied(&mut self, now_ns: u64) {
+        self.shift_applied_ns = now_ns;
+        // The next budget window starts now: records written under the old sample, still in
+        // the ring, would make the new sample look too busy and narrow it again at once.
+        self.last_check_ns = now_ns;
+        self.records_since_check = 0;
+    }
+
+    /// Counts one payload record written at `ts_ns`, looking at the budget every
+    /// [`BUDGET_CHECK_RECORDS`]; returns the new shift when that look changed the sample.
+    pub fn count_record(&mut self, ts_ns: u64) -> Option<u32> {
+        if ts_ns <= self.shift_applied_ns {
+            return None;
+        }
+        self.records_since_check += 1;
+        if self
+            .records_since_check
+            .is_multiple_of(BUDGET_CHECK_RECORDS)
+        {
+            self.check(ts_ns)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a record of `sk` written at `ts_ns` is dropped: the sample has let go of its
+    /// stream, and the kernel captured it before it was told (or before it will be). Its
+    /// stream's other half will never come, so decoding it would invent timeouts.
+    pub fn drops(&self, sk: u64, ts_ns: u64) -> bool {
+        (self.pending_shift.is_some() || ts_ns <= self.shift_applied_ns)
+            && !capture_sample::is_followed(sk, self.budget.shift())
+    }
+
+    /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
+    /// shows the rate over budget (the payload ring must not fill while the agent waits).
+    /// Returns the new shift when the sample changes; the caller then drops the streams no
+    /// longer followed at once, so their open requests never read as timeouts.
+    pub fn check(&mut self, now_ns: u64) -> Option<u32> {
+        if self.last_check_ns == 0 {
+            self.last_check_ns = now_ns;
+            self.records_since_check = 0;
+            return None;
+        }
+        // Records are stamped when the kernel wrote them, ticks when they run: a record older
+        // than the last look just counts towards the window that started then.
+        let elapsed_ns = now_ns.checked_sub(self.last_check_ns)?;
+        let interval_s = elapsed_ns as f64 / 1e9;
+        let over_budget = self.budget.is_over(self.records_since_check, interval_s);
+        if interval_s < 1.0 && !(interval_s >= 0.1 && over_budget) {
+            return None;
+        }
+        let records = std::mem::take(&mut self.records_since_check);
+        self.last_check_ns = now_ns;
+        let shift = self.budget.observe(records, interval_s)?;
+        tracing::info!(
+            records_per_second = (records as f64 / interval_s) as u64,
+            followed = format!("1/{}", 1u64 << shift),
+            "payload decoding budget: capture sample changed"
+        );
+        self.pending_shift = Some(shift);
+        Some(shift)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +234,55 @@ mod tests {
         assert!(!budget.is_over(1_000, 0.1));
         assert!(budget.is_over(1_001, 0.1));
         assert!(!CaptureBudget::new(0).is_over(u64::MAX, 0.1));
+    }
+
+    /// Over budget the sample narrows once, is handed over once, and records the kernel wrote
+    /// before it followed the new sample are dropped for released streams only.
+    #[test]
+    fn the_handshake_hands_a_new_sample_over_once() {
+        const SECOND: u64 = 1_000_000_000;
+        let mut sampling = CaptureSampling::new(500);
+        assert_eq!(
+            sampling.check(SECOND),
+            None,
+            "the first look starts a window"
+        );
+        for i in 0..1_000 {
+            assert_eq!(sampling.count_record(SECOND + 1 + i), None);
+        }
+        assert_eq!(sampling.check(2 * SECOND), Some(1));
+        let followed = (1..)
+            .find(|&sk| capture_sample::is_followed(sk, 1))
+            .unwrap();
+        let released = (1..)
+            .find(|&sk| !capture_sample::is_followed(sk, 1))
+            .unwrap();
+        assert!(
+            sampling.drops(released, 2 * SECOND + 5),
+            "told to the kernel soon"
+        );
+        assert!(!sampling.drops(followed, 2 * SECOND + 5));
+        assert_eq!(sampling.take_shift(), Some(1));
+        assert_eq!(sampling.take_shift(), None);
+        sampling.shift_applied(2 * SECOND + 10);
+        assert!(sampling.drops(released, 2 * SECOND + 10));
+        assert!(
+            !sampling.drops(released, 2 * SECOND + 11),
+            "captured for its trouble"
+        );
+        assert_eq!(
+            (sampling.weight_of(followed), sampling.weight_of(released)),
+            (2, 1)
+        );
+        // Records from before the switch do not count towards the new window.
+        for i in 0..2_048 {
+            assert_eq!(sampling.count_record(SECOND + i), None);
+        }
+        assert_eq!(
+            sampling.check(3 * SECOND + 10),
+            Some(0),
+            "an idle second widens it"
+        );
     }
 
     #[test]

@@ -1,48 +1,41 @@
-//! The agent's event pipeline, independent of I/O: kernel records in, metrics (and anything
-//! else that listens) out. `run` feeds it from the ring buffers; `diagnose` can drive the same
-//! pipeline for a bounded time.
+//! The agent's event pipeline, free of I/O: kernel records in, metrics (and anything else that
+//! listens) out. `run` feeds it from the ring buffers (see [`crate::ingest::merge`]) and hands
+//! each tick what the kernel and /proc say; tests drive it with records built in memory.
+//!
+//! It owns the connection side (the tracker, and dead writes held until their command is
+//! known) and the decoders, and composes the other sides: the capture budget
+//! ([`CaptureSampling`]), keys ([`KeyStats`]), queues ([`QueueSide`]), kernel counter deltas
+//! ([`KernelStats`]) and the outputs ([`Outputs`]).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use agent_common::{capture_sample, tcp_state};
 
 use crate::{
+    clock::unix_now,
     config::Config,
     conn::dead_writes::DeadWrite,
     conn::tracking::{Endpoint, Observation, Tracker},
-    export::{
-        metrics::{Metrics, ProgramLabels, SourceLabels},
-        recorder::ObservationRecorder,
+    export::{metrics::Metrics, recorder::ObservationRecorder},
+    history::History,
+    ingest::{
+        capture_budget::CaptureSampling,
+        kernel_stats::{self, KernelStats},
+        keys::KeyStats,
+        outputs::{ObservationSink, Outputs},
+        queues::QueueSide,
     },
-    history::{Fact, History},
-    ingest::capture_budget::CaptureBudget,
     kernel::capture::{parse_payload, Decoders, MemcacheEvent, CLOSE_GRACE_NS},
     kernel::events::{self, EventKind, SockEventRecord},
-    kernel::loader::Probes,
-    keystats::{
-        key_id, KeyDisplay, KeyRouting, KeySampler, KeySampling, KeysReport, Routing,
-        ServerHotKeys, TopK,
-    },
-    memcache::RequestObservation,
+    kernel::readings::KernelReadings,
+    keystats::{KeyDisplay, KeyRouting, KeysReport, TopK},
     model::Role,
     services::SharedServices,
+    sizes::slab::LocalMemcached,
 };
 
 /// Requests unanswered this long finish as timeouts.
 const REQUEST_TIMEOUT_NS: u64 = 5_000_000_000;
-const KEY_SPLIT_WINDOW_NS: u64 = 60_000_000_000;
-const HOT_KEYS_PER_SERVER: usize = 32;
-/// Ring views change when pools connect or age out, minutes apart: no need to look every tick.
-const RING_VIEW_INTERVAL_S: u64 = 10;
-
-/// Something that wants every observation as it happens (history for diagnose, tests).
-pub trait ObservationSink {
-    fn observation(&mut self, observation: &Observation);
-    fn memcache(&mut self, event: &MemcacheEvent, comm: Option<&str>);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadOutcome {
@@ -50,57 +43,21 @@ pub enum PayloadOutcome {
     UnknownSocket,
 }
 
-use crate::clock::unix_now;
-
-fn bpf_stats_enabled() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
-}
-
 pub struct Pipeline {
     services: SharedServices,
     tracker: Tracker,
-    recorder: ObservationRecorder,
     decoders: Decoders,
-    routing: KeyRouting,
-    hot_keys: foldhash::HashMap<Endpoint, (TopK, TopK)>,
-    max_hot_key_endpoints: usize,
-    key_sampler: KeySampler,
-    key_display: KeyDisplay,
     /// Dead writes wait one tick for the payload that names their command.
     held_dead_writes: Vec<DeadWrite>,
     observations: Vec<Observation>,
     memcache_events: Vec<MemcacheEvent>,
-    losses_seen: HashMap<&'static str, u64>,
     pub undecodable_records: u64,
-    program_stats_seen: HashMap<String, (u64, u64)>,
-    history: Option<Arc<Mutex<History>>>,
-    sinks: Vec<Box<dyn ObservationSink + Send>>,
-    capture_budget: CaptureBudget,
-    /// Payload records handled since the budget was last checked, and when that was.
-    records_since_check: u64,
-    last_budget_check_ns: u64,
-    /// A sample shift the kernel has yet to be told (see [`Pipeline::take_capture_shift`]).
-    pending_capture_shift: Option<u32>,
-    /// When the kernel was last told a new sample (monotonic ns).
-    capture_shift_applied_ns: u64,
-    /// When `service_servers_info` was last re-published (unix seconds).
-    ring_views_published_s: u64,
-    extremes: crate::keystats::extremes::Extremes,
-    slab_fit: crate::sizes::slab::SlabFitTracker,
-    queue_flow: crate::queues::flow::QueueFlow,
-    /// Local memcached processes and when /proc was last read for them (unix seconds).
-    local_memcacheds: (Vec<crate::sizes::slab::LocalMemcached>, u64),
+    capture: CaptureSampling,
+    keys: KeyStats,
+    queues: QueueSide,
+    kernel_stats: KernelStats,
+    outputs: Outputs,
 }
-
-fn key_sampling(config: &Config) -> KeySampling {
-    KeySampling {
-        exact_per_second: config.limits.key_stats_exact_per_second,
-        sample_every: config.limits.key_stats_sample_every,
-    }
-}
-
-/// Payload records between looks at the decoding budget while they stream in.
-const BUDGET_CHECK_RECORDS: u64 = 1024;
 
 impl Pipeline {
     /// `services` is the snapshot every consumer reads; the caller swaps it on reload.
@@ -119,115 +76,63 @@ impl Pipeline {
         );
         Pipeline {
             tracker: Tracker::new(services.clone(), max),
-            recorder,
             decoders: Decoders::new(max),
-            routing: KeyRouting::new(KEY_SPLIT_WINDOW_NS, 100_000),
-            hot_keys: foldhash::HashMap::default(),
-            max_hot_key_endpoints: config.limits.max_servers_per_service * 2,
-            key_sampler: KeySampler::new(key_sampling(config)),
-            key_display: config.keys,
             held_dead_writes: Vec::new(),
             observations: Vec::with_capacity(64),
             memcache_events: Vec::with_capacity(256),
-            losses_seen: HashMap::new(),
             undecodable_records: 0,
-            program_stats_seen: HashMap::new(),
-            history: None,
+            capture: CaptureSampling::new(u64::from(config.limits.capture_records_per_second)),
+            keys: KeyStats::new(config),
+            queues: QueueSide::default(),
+            kernel_stats: KernelStats::default(),
+            outputs: Outputs::new(recorder),
             services,
-            sinks: Vec::new(),
-            capture_budget: CaptureBudget::new(u64::from(config.limits.capture_records_per_second)),
-            records_since_check: 0,
-            last_budget_check_ns: 0,
-            pending_capture_shift: None,
-            capture_shift_applied_ns: 0,
-            ring_views_published_s: 0,
-            extremes: crate::keystats::extremes::Extremes::new(
-                config.limits.max_servers_per_service * 2,
-            ),
-            slab_fit: crate::sizes::slab::SlabFitTracker::default(),
-            local_memcacheds: (Vec::new(), 0),
-            queue_flow: crate::queues::flow::QueueFlow::default(),
         }
     }
 
     /// Decodes every connection whatever the rate (the kernel cannot sample).
     pub fn disable_capture_budget(&mut self) {
-        self.capture_budget.set_budget(0);
+        self.capture.disable();
     }
 
     /// A new capture sample shift for the kernel, once, after the tick that chose it.
     pub fn take_capture_shift(&mut self) -> Option<u32> {
-        self.pending_capture_shift.take()
+        self.capture.take_shift()
     }
 
     /// The kernel follows the sample from [`Pipeline::take_capture_shift`] since `now_ns`.
     /// Records it captured before then from connections the sample has let go are dropped:
     /// their stream's other half will never come, so decoding them would invent timeouts.
     pub fn capture_shift_applied(&mut self, now_ns: u64) {
-        self.capture_shift_applied_ns = now_ns;
-        // The next budget window starts now: records written under the old sample, still in
-        // the ring, would make the new sample look too busy and narrow it again at once.
-        self.last_budget_check_ns = now_ns;
-        self.records_since_check = 0;
+        self.capture.shift_applied(now_ns);
     }
 
-    /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
-    /// shows the rate over budget (the payload ring must not fill while the agent waits).
-    /// When the sample changes, streams no longer followed are dropped here at once, so their
-    /// open requests never read as timeouts.
+    /// Checks the decoding budget (see [`CaptureSampling::check`]). When the sample changes,
+    /// streams no longer followed are dropped here at once, so their open requests never read
+    /// as timeouts.
     fn check_capture_budget(&mut self, now_ns: u64) {
-        if self.last_budget_check_ns == 0 {
-            self.last_budget_check_ns = now_ns;
-            self.records_since_check = 0;
-            return;
+        if let Some(shift) = self.capture.check(now_ns) {
+            self.capture_sample_changed(shift);
         }
-        // Records are stamped when the kernel wrote them, ticks when they run: a record older
-        // than the last look just counts towards the window that started then.
-        let Some(elapsed_ns) = now_ns.checked_sub(self.last_budget_check_ns) else {
-            return;
-        };
-        let interval_s = elapsed_ns as f64 / 1e9;
-        let over_budget = self
-            .capture_budget
-            .is_over(self.records_since_check, interval_s);
-        if interval_s < 1.0 && !(interval_s >= 0.1 && over_budget) {
-            return;
-        }
-        let records = std::mem::take(&mut self.records_since_check);
-        self.last_budget_check_ns = now_ns;
-        let Some(shift) = self.capture_budget.observe(records, interval_s) else {
-            return;
-        };
-        tracing::info!(
-            records_per_second = (records as f64 / interval_s) as u64,
-            followed = format!("1/{}", 1u64 << shift),
-            "payload decoding budget: capture sample changed"
-        );
+    }
+
+    fn capture_sample_changed(&mut self, shift: u32) {
         self.decoders
             .forget_unfollowed(|sk| capture_sample::is_followed(sk, shift));
-        self.recorder
+        self.outputs
             .metrics()
             .capture_sample_ratio
             .set(1.0 / (1u64 << shift) as f64);
-        self.pending_capture_shift = Some(shift);
     }
 
     /// Facts that do not flow through observations (incoming SYNs, key splits, losses) also go
     /// to this history.
     pub fn set_history(&mut self, history: Arc<Mutex<History>>) {
-        self.history = Some(history);
-    }
-
-    fn record_fact(&self, fact: Fact) {
-        if let Some(history) = &self.history {
-            if let Ok(mut history) = history.lock() {
-                history.record(unix_now(), fact);
-            }
-        }
+        self.outputs.set_history(history);
     }
 
     pub fn add_sink(&mut self, sink: Box<dyn ObservationSink + Send>) {
-        self.sinks.push(sink);
+        self.outputs.add_sink(sink);
     }
 
     /// Records observations produced outside the event stream (e.g. connections seeded from
@@ -249,8 +154,8 @@ impl Pipeline {
     /// A config reload. Services change through the shared snapshot, which the caller swaps;
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
-        self.key_display = config.keys;
-        self.recorder.set_exemplars(
+        self.keys.set_display(config.keys);
+        self.outputs.recorder.set_exemplars(
             config.limits.exemplar_min_latency_us.saturating_mul(1_000),
             config.limits.exemplars_per_second,
         );
@@ -314,42 +219,21 @@ impl Pipeline {
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
-        if payload.ts_ns > self.capture_shift_applied_ns {
-            self.records_since_check += 1;
-            if self
-                .records_since_check
-                .is_multiple_of(BUDGET_CHECK_RECORDS)
-            {
-                self.check_capture_budget(payload.ts_ns);
-            }
+        if let Some(shift) = self.capture.count_record(payload.ts_ns) {
+            self.capture_sample_changed(shift);
         }
-        if (self.pending_capture_shift.is_some() || payload.ts_ns <= self.capture_shift_applied_ns)
-            && !capture_sample::is_followed(payload.sk, self.capture_budget.shift())
-        {
+        if self.capture.drops(payload.sk, payload.ts_ns) {
             return PayloadOutcome::Handled;
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
         if queue_mode && payload.is_send && endpoint.role == Role::Client {
-            // Sends that start mid-value have no leading bytes: they change nothing.
-            let leading = payload.leading_bytes();
-            match crate::queues::flow::enqueue_target(leading) {
-                Some(queue) => self
-                    .queue_flow
-                    .sent_enqueue(payload.sk, endpoint.service, queue),
-                None if !leading.is_empty() => self.queue_flow.sent_other(payload.sk),
-                None => {}
-            }
+            self.queues
+                .sent(payload.sk, endpoint.service, payload.leading_bytes());
         }
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
         let comm = events::comm_str(payload.comm);
-        // A connection outside the sample was captured for its trouble, not as a sample of
-        // others: what it says counts once.
-        let weight = if capture_sample::is_followed(payload.sk, self.capture_budget.shift()) {
-            self.capture_budget.weight()
-        } else {
-            1
-        };
+        let weight = self.capture.weight_of(payload.sk);
         self.flush_memcache(Some(&comm), weight);
         PayloadOutcome::Handled
     }
@@ -367,43 +251,50 @@ impl Pipeline {
         self.flush();
     }
 
-    /// Once a second: timeouts, dead-write outcomes, kernel counters.
-    pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>) {
+    /// Once a second: timeouts, dead-write outcomes, reports to history, kernel counters.
+    /// `kernel` is what the caller read from the kernel for this tick (None without probes);
+    /// `read_local_memcacheds` reads the local memcached processes, called only when the slab
+    /// fit needs a fresh look (about once a minute).
+    pub fn tick(
+        &mut self,
+        now_ns: u64,
+        kernel: Option<&KernelReadings>,
+        read_local_memcacheds: &mut dyn FnMut() -> Vec<LocalMemcached>,
+    ) {
         // Writes held since the last tick have had their payload: name the command, report.
         // (Before `settle`, which may then finish the streams they were waiting for.)
         for mut write in std::mem::take(&mut self.held_dead_writes) {
             if write.command.is_none() {
                 write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
             }
-            self.count_lost_message(&write);
-            let observation = Observation::DeadSocketWrite(write);
-            self.recorder.record(&observation);
-            for sink in &mut self.sinks {
-                sink.observation(&observation);
-            }
+            self.queues
+                .count_lost(&write, &self.services, self.outputs.metrics());
+            self.outputs
+                .observation(&Observation::DeadSocketWrite(write));
         }
         self.settle(now_ns);
-        if let Some(history) = &self.history {
+        if self.outputs.has_history() {
             let keys = self.keys_report();
-            let queues = (!self.queue_flow.is_empty()).then(|| {
-                let services = self.services.load();
-                self.queue_flow
-                    .reports(now_ns, |service| services.name(service).map(str::to_string))
-            });
-            if let Ok(mut history) = history.lock() {
+            let queues = self.queues.reports(now_ns, &self.services);
+            self.outputs.with_history(|history| {
                 history.advance_to(unix_now());
                 history.set_keys(keys);
                 if let Some(queues) = queues {
                     history.set_queues(queues);
                 }
-            }
+            });
         }
         self.check_capture_budget(now_ns);
         let now_s = unix_now();
-        if now_s >= self.ring_views_published_s + RING_VIEW_INTERVAL_S {
-            self.recorder.publish_ring_views(now_s);
-            self.ring_views_published_s = now_s;
-            self.publish_slab_fit(now_s);
+        if self.outputs.publish_ring_views_if_due(now_s) && self.outputs.has_history() {
+            // Slab fit goes to history (for diagnose) with the ring views' cadence.
+            if let Some(reports) =
+                self.keys
+                    .slab_fit_reports(now_s, read_local_memcacheds, &self.services)
+            {
+                self.outputs
+                    .with_history(|history| history.set_slab_fit(reports));
+            }
         }
         self.tracker.tick(now_ns, &mut self.observations);
         self.decoders
@@ -415,63 +306,15 @@ impl Pipeline {
         );
         self.flush();
 
-        let Some(probes) = probes else { return };
-        match probes.kernel_losses() {
-            Ok(totals) => {
-                for (source, total) in totals {
-                    let seen = self.losses_seen.entry(source).or_insert(0);
-                    if total > *seen {
-                        self.recorder
-                            .metrics()
-                            .events_lost
-                            .get_or_create(&SourceLabels { source })
-                            .inc_by(total - *seen);
-                        *seen = total;
-                    }
-                }
-            }
-            Err(err) => tracing::debug!(%err, "cannot read kernel loss counters"),
-        }
-        if bpf_stats_enabled() {
-            let metrics = self.recorder.metrics().clone();
-            for (program, run_time, runs) in probes.program_stats() {
-                let seen = self
-                    .program_stats_seen
-                    .entry(program.clone())
-                    .or_insert((0, 0));
-                let labels = ProgramLabels { program };
-                let run_ns = run_time.as_nanos() as u64;
-                if run_ns > seen.0 {
-                    metrics
-                        .bpf_run_seconds
-                        .get_or_create(&labels)
-                        .inc_by((run_ns - seen.0) as f64 / 1e9);
-                }
-                if runs > seen.1 {
-                    metrics
-                        .bpf_runs
-                        .get_or_create(&labels)
-                        .inc_by(runs - seen.1);
-                }
-                *seen = (run_ns.max(seen.0), runs.max(seen.1));
-            }
-        }
-        if self.queue_flow.overflow > 0 {
-            self.recorder
-                .metrics()
-                .events_lost
-                .get_or_create(&SourceLabels {
-                    source: "queue_flow",
-                })
-                .inc_by(std::mem::take(&mut self.queue_flow.overflow));
-        }
-        if self.decoders.dropped > 0 {
-            self.recorder
-                .metrics()
-                .events_lost
-                .get_or_create(&SourceLabels { source: "decoder" })
-                .inc_by(std::mem::take(&mut self.decoders.dropped));
-        }
+        let Some(kernel) = kernel else { return };
+        let metrics = self.outputs.metrics();
+        self.kernel_stats.apply(kernel, metrics);
+        kernel_stats::count_lost(metrics, "queue_flow", self.queues.take_overflow());
+        kernel_stats::count_lost(
+            metrics,
+            "decoder",
+            std::mem::take(&mut self.decoders.dropped),
+        );
     }
 
     fn flush(&mut self) {
@@ -480,296 +323,64 @@ impl Pipeline {
                 self.held_dead_writes.push(write);
                 continue;
             }
-            self.recorder.record(&observation);
-            for sink in &mut self.sinks {
-                sink.observation(&observation);
-            }
+            self.outputs.observation(&observation);
         }
-        self.flush_memcache(None, self.capture_budget.weight());
+        self.flush_memcache(None, self.capture.weight());
     }
 
-    /// `weight`: how many requests each decoded one stands for (see [`CaptureBudget`]).
+    /// `weight`: how many requests each decoded one stands for (see [`CaptureSampling`]).
     fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
         let events = std::mem::take(&mut self.memcache_events);
         let now_s = if events.is_empty() { 0 } else { unix_now() };
         for event in &events {
-            self.recorder.record_memcache(event, weight);
+            self.outputs.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request { endpoint, request } = event {
                 if let Some(key) = &request.key {
-                    self.observe_key(endpoint, request, key.as_bytes(), comm, weight);
-                    self.observe_sizes(endpoint, request, key.as_bytes(), comm, weight, now_s);
+                    let key = key.as_bytes();
+                    if let Some(split) =
+                        self.keys
+                            .observe_key(endpoint, request, key, comm, weight, &self.services)
+                    {
+                        self.outputs.recorder.record_key_split(split.service);
+                        if let Some(fact) = split.fact {
+                            self.outputs.fact(fact);
+                        }
+                    }
+                    self.keys
+                        .observe_sizes(endpoint, request, key, comm, weight, now_s);
                     if request.queue.is_some() {
-                        self.observe_queue(endpoint, request, key.as_bytes());
+                        self.queues.observe(
+                            endpoint,
+                            request,
+                            key,
+                            &self.services,
+                            self.outputs.metrics(),
+                        );
                     }
                 }
             }
-            for sink in &mut self.sinks {
-                sink.memcache(event, comm);
-            }
+            self.outputs.memcache_to_sinks(event, comm);
         }
         let mut events = events;
         events.clear();
         self.memcache_events = events;
     }
 
-    /// A dead write that enqueued to a queue lost that message.
-    fn count_lost_message(&mut self, write: &DeadWrite) {
-        let services = self.services.load();
-        // The decoder may have let go of the stream (the close comes before the write is
-        // judged): then the queue flow's own note of the last send decides.
-        let enqueue = match write.command {
-            Some(command) => command == "set",
-            None => self.queue_flow.last_send_enqueued(write.sk),
-        };
-        if !enqueue || !services.is_queue(write.endpoint.service) {
-            return;
-        }
-        let queue = self
-            .queue_flow
-            .queue_of(write.sk)
-            .unwrap_or("unknown")
-            .to_string();
-        let queue = self.queue_flow.lost(
-            write.endpoint.service,
-            &queue,
-            &write.comm,
-            write.outcome.as_str(),
-        );
-        self.recorder
-            .metrics()
-            .queue_messages_lost
-            .get_or_create(&crate::export::metrics::QueueLostLabels {
-                service: services
-                    .name(write.endpoint.service)
-                    .unwrap_or_default()
-                    .to_string(),
-                queue,
-                outcome: write.outcome.as_str(),
-            })
-            .inc();
-    }
-
-    /// Server-side queue flow: time in queue and relative depth.
-    fn observe_queue(&mut self, endpoint: &Endpoint, request: &RequestObservation, queue: &[u8]) {
-        use crate::memcache::QueueOpKind;
-        let (Some(op), Role::Server) = (request.queue, endpoint.role) else {
-            return;
-        };
-        let name = String::from_utf8_lossy(queue);
-        let len = request.value_len.unwrap_or(0);
-        let delta = match (op.op, request.status) {
-            (QueueOpKind::Enqueue, crate::model::Status::Stored) => {
-                self.queue_flow
-                    .enqueued(endpoint.service, &name, len, request.request_ts_ns);
-                1
-            }
-            (QueueOpKind::Dequeue | QueueOpKind::Open, crate::model::Status::Hit) => {
-                let waited =
-                    self.queue_flow
-                        .dequeued(endpoint.service, &name, len, request.request_ts_ns);
-                if let crate::queues::flow::Dequeued::Waited(seconds) = waited {
-                    self.queue_metric_labels(endpoint, &name, |m, l| {
-                        m.queue_wait.get_or_create(l).observe(seconds)
-                    });
-                }
-                -1
-            }
-            _ => return,
-        };
-        self.queue_metric_labels(endpoint, &name, |m, l| {
-            m.queue_depth.get_or_create(l).inc_by(delta);
-        });
-    }
-
-    fn queue_metric_labels(
-        &self,
-        endpoint: &Endpoint,
-        name: &str,
-        apply: impl FnOnce(&crate::export::metrics::Metrics, &crate::export::metrics::QueueNameLabels),
-    ) {
-        let services = self.services.load();
-        let labels = crate::export::metrics::QueueNameLabels {
-            service: services
-                .name(endpoint.service)
-                .unwrap_or_default()
-                .to_string(),
-            queue: self.queue_flow.label(endpoint.service, name),
-        };
-        apply(self.recorder.metrics(), &labels);
-    }
-
-    /// Largest values, slowest requests and (for local memcached) stored item sizes.
-    fn observe_sizes(
-        &mut self,
-        endpoint: &Endpoint,
-        request: &RequestObservation,
-        key: &[u8],
-        comm: Option<&str>,
-        weight: u64,
-        now_s: u64,
-    ) {
-        self.extremes.observe(
-            endpoint,
-            &crate::keystats::extremes::Seen {
-                key,
-                command: request.command.as_str(),
-                process: comm,
-                value_len: request.value_len,
-                latency_ns: request.latency_ns,
-                unix_s: now_s,
-            },
-            self.key_display,
-        );
-        if let (Role::Server, None, Some(value_len)) =
-            (endpoint.role, request.queue, request.value_len)
-        {
-            if crate::sizes::slab::stores_item(request.command, request.status) {
-                self.slab_fit.stored(
-                    endpoint.service,
-                    endpoint.server,
-                    key.len() as u64,
-                    u64::from(value_len),
-                    weight,
-                );
-            }
-        }
-    }
-
-    /// Re-estimates slab fit for local servers and hands it to history (for diagnose).
-    fn publish_slab_fit(&mut self, now_s: u64) {
-        if self.slab_fit.is_empty() {
-            return;
-        }
-        let Some(history) = &self.history else { return };
-        // Re-read /proc every minute, and sooner (at most every 5 s) when a server seen has no
-        // local memcached yet: one started after the agent, or after the last read.
-        let unmatched = self
-            .slab_fit
-            .ports()
-            .any(|port| !self.local_memcacheds.0.iter().any(|m| m.port == port));
-        if now_s >= self.local_memcacheds.1 + 60
-            || (unmatched && now_s >= self.local_memcacheds.1 + 5)
-        {
-            self.local_memcacheds = (
-                crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc")),
-                now_s,
-            );
-        }
-        let services = self.services.load();
-        let reports = self.slab_fit.reports(&self.local_memcacheds.0, |service| {
-            services.name(service).map(str::to_string)
-        });
-        if let Ok(mut history) = history.lock() {
-            history.set_slab_fit(reports);
-        }
-    }
-
-    /// Feeds one request's key to the key statistics (hot keys, routing), if sampled.
-    fn observe_key(
-        &mut self,
-        endpoint: &Endpoint,
-        request: &RequestObservation,
-        key: &[u8],
-        comm: Option<&str>,
-        capture_weight: u64,
-    ) {
-        let weight = self.key_sampler.weight(request.request_ts_ns) * capture_weight;
-        if weight == 0 {
-            return;
-        }
-        let id = key_id(key);
-        let routing = if endpoint.role == Role::Client {
-            self.routing.observe_with_id(
-                endpoint.service,
-                id,
-                key,
-                endpoint.server,
-                request.request_ts_ns,
-                self.key_display,
-            )
-        } else {
-            Routing::Consistent
-        };
-        if let Routing::Split { new_key } = routing {
-            self.recorder.record_key_split(endpoint.service);
-            let services = self.services.load();
-            if let (Some(example), Some(service)) = (
-                self.routing.examples.last(),
-                services.name(endpoint.service),
-            ) {
-                self.record_fact(Fact::KeySplit {
-                    service: service.to_string(),
-                    key_hash: crate::keystats::key_hash(key),
-                    new_key,
-                    servers: [example.first_server.clone(), example.second_server.clone()],
-                    comms: [None, comm.map(str::to_string)],
-                });
-            }
-        }
-        if let Some((by_requests, by_bytes)) = self.hot_keys.get_mut(endpoint) {
-            by_requests.add_with_id(id, key, weight);
-            by_bytes.add_with_id(
-                id,
-                key,
-                (request.request_bytes + request.response_bytes).saturating_mul(weight),
-            );
-        } else if self.hot_keys.len() < self.max_hot_key_endpoints {
-            let mut by_requests = TopK::new(HOT_KEYS_PER_SERVER);
-            let mut by_bytes = TopK::new(HOT_KEYS_PER_SERVER);
-            by_requests.add_with_id(id, key, weight);
-            by_bytes.add_with_id(
-                id,
-                key,
-                (request.request_bytes + request.response_bytes).saturating_mul(weight),
-            );
-            self.hot_keys.insert(*endpoint, (by_requests, by_bytes));
-        }
-    }
-
     /// The hottest keys per server (top 10 by requests and by bytes) and recent key splits.
     pub fn keys_report(&self) -> KeysReport {
-        let services = self.services.load();
-        let mut servers: Vec<ServerHotKeys> = self
-            .hot_keys
-            .iter()
-            .map(|(endpoint, (by_requests, by_bytes))| ServerHotKeys {
-                service: services
-                    .name(endpoint.service)
-                    .unwrap_or_default()
-                    .to_string(),
-                server: endpoint.server.to_string(),
-                role: endpoint.role,
-                by_requests: by_requests.top(10, self.key_display),
-                by_bytes: by_bytes.top(10, self.key_display),
-            })
-            .collect();
-        servers.sort_by(|a, b| {
-            (&a.service, &a.server, &a.role).cmp(&(&b.service, &b.server, &b.role))
-        });
-        let extremes = self.extremes.report(unix_now(), |endpoint| {
-            Some((
-                services.name(endpoint.service)?.to_string(),
-                endpoint.server.to_string(),
-                endpoint.role.as_str().to_string(),
-            ))
-        });
-        KeysReport {
-            servers,
-            splits: self.routing.examples.clone(),
-            extremes,
-        }
+        self.keys.report(&self.services, unix_now())
     }
 
     pub fn key_routing(&self) -> &KeyRouting {
-        &self.routing
+        self.keys.routing()
     }
 
     pub fn hot_keys(&self) -> &foldhash::HashMap<Endpoint, (TopK, TopK)> {
-        &self.hot_keys
+        self.keys.hot_keys()
     }
 
     pub fn key_display(&self) -> KeyDisplay {
-        self.key_display
+        self.keys.display()
     }
 }
 
@@ -858,7 +469,7 @@ mod tests {
         let (followed, released) = followed_and_released();
         learn_client(&mut pipeline, followed, 40_001);
         learn_client(&mut pipeline, released, 40_002);
-        pipeline.tick(SECOND, None);
+        pipeline.tick(SECOND, None, &mut Vec::new);
         (pipeline, metrics, followed, released)
     }
 
@@ -890,7 +501,7 @@ mod tests {
         // The released stream has a request in flight when the sample narrows.
         let request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
         pipeline.on_payload_record(&request);
-        pipeline.tick(2 * SECOND + 10, None);
+        pipeline.tick(2 * SECOND + 10, None, &mut Vec::new);
         assert_eq!(pipeline.take_capture_shift(), Some(1));
         assert_eq!(metrics.capture_sample_ratio.get(), 0.5);
         pipeline.capture_shift_applied(2 * SECOND + 30);
@@ -919,7 +530,7 @@ mod tests {
         assert_eq!(gets(&metrics, "hit"), 483);
 
         // Nothing reads as a timeout, however long it waits.
-        pipeline.tick(2 * SECOND + 60 * SECOND, None);
+        pipeline.tick(2 * SECOND + 60 * SECOND, None, &mut Vec::new);
         assert_eq!(gets(&metrics, "timeout"), 0);
         assert_eq!(gets(&metrics, "unanswered"), 0);
     }
@@ -933,7 +544,7 @@ mod tests {
             get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
             get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
         }
-        pipeline.tick(2 * SECOND, None);
+        pipeline.tick(2 * SECOND, None, &mut Vec::new);
         assert_eq!(pipeline.take_capture_shift(), Some(1));
         pipeline.capture_shift_applied(2 * SECOND + 10);
         // A backlog twice the budget, all of it written before the switch.
@@ -945,7 +556,7 @@ mod tests {
         for i in 0..150 {
             get_hit(&mut pipeline, followed, 2 * SECOND + 100 + i * 6_000_000);
         }
-        pipeline.tick(3 * SECOND + 20, None);
+        pipeline.tick(3 * SECOND + 20, None, &mut Vec::new);
         assert_eq!(pipeline.take_capture_shift(), None);
     }
 
@@ -1022,13 +633,78 @@ mod tests {
         assert_eq!(services, ["mc", "mc"]);
     }
 
+    /// The tick does no I/O: kernel totals come in as readings and become increments, and the
+    /// local memcached processes are read through the caller's reader only when the slab fit
+    /// is due (first at the ring views' cadence, then every minute, or every 5 s while a
+    /// server seen has no local memcached).
+    #[test]
+    fn a_tick_takes_kernel_readings_and_reads_local_memcacheds_only_when_due() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let history = Arc::new(Mutex::new(History::new(
+            900,
+            crate::history::HistoryLimits::default(),
+        )));
+        pipeline.set_history(history.clone());
+        // A server-side socket of the service stores an item: the slab fit has a server.
+        let sk = 0xffff_8880_0000_2000;
+        let local: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+        let remote: SocketAddr = "127.0.0.1:40009".parse().unwrap();
+        pipeline.handle_socket_event(&SockEventRecord {
+            kind: EventKind::Learned {
+                state: tcp_state::ESTABLISHED,
+            },
+            ts_ns: 1,
+            sk,
+            local: Some(local),
+            remote: Some(remote),
+            pid: 8,
+            comm: "memcached".to_string(),
+            facts: SocketFacts {
+                last_activity_ns: 1,
+                bytes_sent: 0,
+                bytes_received: 0,
+                peer_closed_ns: 0,
+                reset_received_ns: 0,
+            },
+        });
+        for (ts, is_send, data) in [
+            (SECOND, false, &b"set k 0 0 1\r\nv\r\n"[..]),
+            (SECOND + 1_000, true, &b"STORED\r\n"[..]),
+        ] {
+            let record = encode_payload_record(ts, sk, data.len() as u64, is_send, b"m", data);
+            assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
+        }
+
+        let reads = std::cell::Cell::new(0);
+        let mut read_locals = || {
+            reads.set(reads.get() + 1);
+            Vec::<LocalMemcached>::new()
+        };
+        let readings = |ringbuf: u64| KernelReadings {
+            losses: Some(vec![("ringbuf", ringbuf)]),
+            program_stats: None,
+        };
+        pipeline.tick(2 * SECOND, Some(&readings(4)), &mut read_locals);
+        assert_eq!(reads.get(), 1, "the first tick publishes the slab fit");
+        pipeline.tick(3 * SECOND, Some(&readings(6)), &mut read_locals);
+        pipeline.tick(4 * SECOND, None, &mut read_locals);
+        assert_eq!(reads.get(), 1, "not again within the ring views' interval");
+        let lost = metrics
+            .events_lost
+            .get_or_create(&crate::export::metrics::SourceLabels { source: "ringbuf" })
+            .get();
+        assert_eq!(lost, 6);
+        let snapshot = history.lock().unwrap().snapshot(0);
+        assert_eq!(snapshot.slab_fit.len(), 1, "{:?}", snapshot.slab_fit);
+    }
+
     #[test]
     fn without_a_budget_nothing_is_sampled() {
         let (mut pipeline, metrics, _, released) = two_clients(0);
         for i in 0..5_000 {
             get_hit(&mut pipeline, released, SECOND + 1 + i * 100_000);
         }
-        pipeline.tick(2 * SECOND, None);
+        pipeline.tick(2 * SECOND, None, &mut Vec::new);
         assert_eq!(pipeline.take_capture_shift(), None);
         assert_eq!(gets(&metrics, "hit"), 5_000);
         assert_eq!(metrics.capture_sample_ratio.get(), 1.0);

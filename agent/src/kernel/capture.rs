@@ -15,8 +15,8 @@ use crate::{
     conn::tracking::Endpoint,
     kernel::events::Role,
     memcache::{
-        Chunk, Command, ConnectionDecoder, DecodeErrorReason, DecoderConfig, Direction,
-        Observation, RequestObservation,
+        Chunk, Command, ConnectionDecoder, DecodeErrorReason, Decoded, DecoderConfig, Direction,
+        RequestObservation,
     },
 };
 
@@ -352,7 +352,8 @@ pub fn kernel_capture(
     records
 }
 
-/// What decoding produced, tied to the connection's endpoint.
+/// What decoding produced ([`crate::memcache::Decoded`]) tied to the connection's endpoint, plus
+/// the connection's payload bytes: what the pipeline hands to metrics, keys and history.
 // Boxing the request (its key is inline) would cost an allocation per decoded request.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
@@ -392,7 +393,7 @@ pub const CLOSE_GRACE_NS: u64 = 300_000_000;
 pub struct Decoders {
     connections: HashMap<u64, ConnectionState>,
     max_connections: usize,
-    scratch: Vec<Observation>,
+    scratch: Vec<Decoded>,
     /// Streams of closed sockets in close order, finished once [`CLOSE_GRACE_NS`] has passed.
     closing: VecDeque<(u64, u64)>,
     /// Connections not decoded because the table was full.
@@ -586,10 +587,10 @@ impl Decoders {
     }
 }
 
-fn drain(scratch: &mut Vec<Observation>, endpoint: Endpoint, out: &mut Vec<MemcacheEvent>) {
+fn drain(scratch: &mut Vec<Decoded>, endpoint: Endpoint, out: &mut Vec<MemcacheEvent>) {
     out.extend(scratch.drain(..).map(|observation| match observation {
-        Observation::Request(request) => MemcacheEvent::Request { endpoint, request },
-        Observation::DecodeError(error) => MemcacheEvent::DecodeError {
+        Decoded::Request(request) => MemcacheEvent::Request { endpoint, request },
+        Decoded::DecodeError(error) => MemcacheEvent::DecodeError {
             service: endpoint.service,
             reason: error.reason,
         },

@@ -1,7 +1,7 @@
 //! The binary protocol: 24-byte headers (magic 0x80 request / 0x81 response), bodies framed
 //! by their declared length, quiet opcodes and opaque values for pairing.
 
-use super::model::{Command, DecodeErrorReason, Direction, Observation, KEY_CAPACITY};
+use super::model::{Command, DecodeErrorReason, Decoded, Direction, KEY_CAPACITY};
 use super::pairing::{push_error, value_len, Family, Pairing, RequestInfo, RespKind, Response};
 
 pub(crate) const HEADER_LEN: usize = 24;
@@ -353,7 +353,7 @@ fn is_retrieval_opcode(opcode: u8) -> bool {
 
 pub(crate) struct RequestSink<'a> {
     pub pairing: &'a mut Pairing,
-    pub out: &'a mut Vec<Observation>,
+    pub out: &'a mut Vec<Decoded>,
     /// TCP sequence number of stream offset 0, when known.
     pub seq_base: Option<u32>,
     /// TCP sequence number of the next packet's first byte.
@@ -423,7 +423,7 @@ impl PacketSink for RequestSink<'_> {
 
 pub(crate) struct ResponseSink<'a> {
     pub pairing: &'a mut Pairing,
-    pub out: &'a mut Vec<Observation>,
+    pub out: &'a mut Vec<Decoded>,
 }
 
 /// Opcodes whose success response is a bare header and whose failures carry a message, so a

@@ -5,7 +5,7 @@
 //! [`Chunk`]s that may hold only a prefix of each send/receive. It decodes the text protocol
 //! (classic and meta commands) and the binary protocol, detected per connection, pairs
 //! requests with responses (pipelining, `noreply`, binary quiet opcodes, meta `q`/`mn`,
-//! multi-key gets) and reports each finished request as an [`Observation`].
+//! multi-key gets) and reports each finished request as a [`Decoded`].
 //!
 //! Framing uses the full byte count of every payload: value blocks are skipped by their
 //! declared length, never scanned, so a payload whose capture ends early is still framed
@@ -56,8 +56,9 @@ mod proptests;
 mod tests;
 
 pub use model::{
-    Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
-    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol, KEY_CAPACITY,
+    Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction,
+    KestrelOptions, Key, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol,
+    KEY_CAPACITY,
 };
 
 use binary::BinFramer;
@@ -203,7 +204,7 @@ impl ConnectionDecoder {
     }
 
     /// Decodes one chunk, appending what finished to `out`.
-    pub fn feed(&mut self, chunk: Chunk<'_>, out: &mut Vec<Observation>) {
+    pub fn feed(&mut self, chunk: Chunk<'_>, out: &mut Vec<Decoded>) {
         let total = chunk.total_len;
         if total == 0 {
             return;
@@ -287,7 +288,7 @@ impl ConnectionDecoder {
     /// Client side: requests may be missing, so responses must prove which request they
     /// answer. Server side: the responses to everything outstanding may be gone, so those
     /// requests finish as [`Status::Unknown`].
-    pub fn note_gap(&mut self, direction: Direction, out: &mut Vec<Observation>) {
+    pub fn note_gap(&mut self, direction: Direction, out: &mut Vec<Decoded>) {
         let ts = self.last_ts;
         push_error(out, DecodeErrorReason::Gap, direction, ts);
         match direction {
@@ -312,13 +313,13 @@ impl ConnectionDecoder {
 
     /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response:
     /// as [`Status::Timeout`], or for quiet requests with the result their silence implies.
-    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Observation>) {
+    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
         self.pairing.expire(now_ns, timeout_ns, out);
     }
 
     /// The connection closed: everything outstanding finishes ([`Status::Unanswered`], or the
     /// implied result for quiet requests).
-    pub fn finish(&mut self, out: &mut Vec<Observation>) {
+    pub fn finish(&mut self, out: &mut Vec<Decoded>) {
         if let Some(req) = self.inflight.take() {
             self.pairing.submit(req, out);
         }

@@ -411,12 +411,14 @@ pub struct DecodeErrorObservation {
     pub ts_ns: u64,
 }
 
-/// What the decoder reports. Requests are reported when they complete (response seen, no
-/// response expected, timed out, or lost), not when they are sent.
+/// What the pure decoder reports about one byte stream, knowing nothing of sockets or services
+/// (the decoder table ties it to a connection as a [`crate::kernel::capture::MemcacheEvent`]).
+/// Requests are reported when they complete (response seen, no response expected, timed out,
+/// or lost), not when they are sent.
 // Boxing the large variant would cost an allocation per command on the hot path.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Observation {
+pub enum Decoded {
     Request(RequestObservation),
     DecodeError(DecodeErrorObservation),
 }

@@ -388,7 +388,7 @@ fn feed(
     direction: Direction,
     ts: &mut u64,
     bytes: &[u8],
-    out: &mut Vec<Observation>,
+    out: &mut Vec<Decoded>,
 ) {
     *ts += 1000;
     decoder.feed(
@@ -463,12 +463,12 @@ fn run(
     let mut errors = Vec::new();
     for observation in out {
         match observation {
-            Observation::Request(r) => summaries.push((
+            Decoded::Request(r) => summaries.push((
                 r.command.as_str(),
                 r.status.as_str(),
                 r.key.map(|k| k.as_bytes().to_vec()).unwrap_or_default(),
             )),
-            Observation::DecodeError(e) => errors.push(e.reason),
+            Decoded::DecodeError(e) => errors.push(e.reason),
         }
     }
     summaries.sort();
@@ -573,8 +573,8 @@ proptest! {
         feed(&mut decoder, Direction::ClientToServer, &mut ts, b"get zz\r\n", &mut out);
         feed(&mut decoder, Direction::ServerToClient, &mut ts, b"END\r\n", &mut out);
         let requests: Vec<_> = out.iter().filter_map(|o| match o {
-            Observation::Request(r) => Some((r.command, r.status, r.key.map(|k| k.as_bytes().to_vec()))),
-            Observation::DecodeError(_) => None,
+            Decoded::Request(r) => Some((r.command, r.status, r.key.map(|k| k.as_bytes().to_vec()))),
+            Decoded::DecodeError(_) => None,
         }).collect();
         prop_assert_eq!(requests, vec![(Command::Get, Status::Miss, Some(b"zz".to_vec()))]);
     }

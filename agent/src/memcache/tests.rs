@@ -6,7 +6,7 @@ use super::*;
 /// Drives one decoder with a clock that advances 10 µs per chunk.
 struct Conn {
     decoder: ConnectionDecoder,
-    out: Vec<Observation>,
+    out: Vec<Decoded>,
     ts: u64,
 }
 
@@ -56,11 +56,11 @@ impl Conn {
     fn requests(&mut self) -> Vec<RequestObservation> {
         let mut requests = Vec::new();
         self.out.retain(|o| match o {
-            Observation::Request(r) => {
+            Decoded::Request(r) => {
                 requests.push(r.clone());
                 false
             }
-            Observation::DecodeError(_) => true,
+            Decoded::DecodeError(_) => true,
         });
         requests
     }
@@ -72,11 +72,11 @@ impl Conn {
     fn errors(&mut self) -> Vec<&'static str> {
         let mut errors = Vec::new();
         self.out.retain(|o| match o {
-            Observation::DecodeError(e) => {
+            Decoded::DecodeError(e) => {
                 errors.push(e.reason.as_str());
                 false
             }
-            Observation::Request(_) => true,
+            Decoded::Request(_) => true,
         });
         errors
     }

@@ -4,9 +4,7 @@
 
 use super::lines::{LineOutcome, LineSink};
 use super::meta;
-use super::model::{
-    Command, DecodeErrorReason, Direction, KestrelOptions, Observation, KEY_CAPACITY,
-};
+use super::model::{Command, DecodeErrorReason, Decoded, Direction, KestrelOptions, KEY_CAPACITY};
 use super::pairing::{
     push_error, value_len, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind,
     Response,
@@ -165,7 +163,7 @@ pub(crate) struct RequestSink<'a> {
     /// A storage request waiting for the end of its data block.
     pub inflight: &'a mut Option<RequestInfo>,
     pub config: &'a DecoderConfig,
-    pub out: &'a mut Vec<Observation>,
+    pub out: &'a mut Vec<Decoded>,
     /// TCP sequence number of stream offset 0, when known.
     pub seq_base: Option<u32>,
     /// TCP sequence number of the current line's first byte.
@@ -416,7 +414,7 @@ impl LineSink for RequestSink<'_> {
 /// Feeds the server's byte stream (responses) into pairing.
 pub(crate) struct ResponseSink<'a> {
     pub pairing: &'a mut Pairing,
-    pub out: &'a mut Vec<Observation>,
+    pub out: &'a mut Vec<Decoded>,
 }
 
 impl ResponseSink<'_> {

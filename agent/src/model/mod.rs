@@ -29,6 +29,14 @@ macro_rules! vocabulary {
                     $($name::$variant => $label,)+
                 }
             }
+
+            /// The value a label spells, None for any other text.
+            pub fn from_label(label: &str) -> Option<$name> {
+                match label {
+                    $($label => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
         }
 
         impl fmt::Display for $name {
@@ -245,6 +253,31 @@ mod tests {
         labels_are_the_json_words(SynDirection::ALL);
         labels_are_the_json_words(Status::ALL);
         assert_eq!(Status::ALL.len(), 16);
+    }
+
+    /// Each label reads back as its value; any other text is no value.
+    #[test]
+    fn labels_read_back_as_their_values() {
+        macro_rules! round_trip {
+            ($($word:ident),+) => {$(
+                for &value in $word::ALL {
+                    assert_eq!($word::from_label(value.as_str()), Some(value));
+                }
+                assert_eq!($word::from_label("moon"), None);
+                assert_eq!($word::from_label(""), None);
+            )+};
+        }
+        round_trip!(
+            Role,
+            ClosedBy,
+            DeadWriteOutcome,
+            RetransmitKind,
+            ResetDirection,
+            ConnectFailureReason,
+            SynDirection,
+            Status
+        );
+        assert_eq!(Role::from_label("Client"), None, "labels are lower case");
     }
 
     /// The words the metric contract, the history JSON and docs/diagnose-schema.json spell.

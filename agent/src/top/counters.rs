@@ -32,14 +32,6 @@ const WANTED: [&str; 7] = [
     "cacheprobe_fd_exhaustion_errors_total",
 ];
 
-fn role(text: &str) -> Option<Role> {
-    match text {
-        "client" => Some(Role::Client),
-        "server" => Some(Role::Server),
-        _ => None,
-    }
-}
-
 impl Counters {
     /// Parses Prometheus or OpenMetrics text, keeping the families top shows.
     pub fn parse(text: &str) -> Counters {
@@ -63,7 +55,13 @@ impl Counters {
 
     fn add(&mut self, name: &str, labels: &BTreeMap<String, String>, value: f64) -> bool {
         let get = |key: &str| labels.get(key).cloned();
-        let endpoint = || Some((get("service")?, get("server")?, role(labels.get("role")?)?));
+        let endpoint = || {
+            Some((
+                get("service")?,
+                get("server")?,
+                Role::from_label(labels.get("role")?)?,
+            ))
+        };
         match name {
             "cacheprobe_connections_active" => {
                 let Some(key) = endpoint() else { return false };

@@ -1,3 +1,5 @@
+//! Unit tests of the text report: layout, truncation and wording of findings.
+
 use super::*;
 use crate::diagnose::{
     testkit::*, DiagnoseThresholds, Report, Severity, Source, SourceKind, REPORT_VERSION,

@@ -13,261 +13,20 @@
 
 use std::collections::VecDeque;
 
-use super::model::{
-    key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
-    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status,
+mod exchange;
+mod keys;
+mod outcome;
+
+pub(crate) use exchange::{
+    family, value_len, Family, LineCode, MetaCode, QueueIntent, RequestInfo, RespKind, Response,
 };
 
-/// How a request is answered, which decides which responses fit it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Family {
-    /// `VALUE ...` items, then `END`.
-    Retrieval,
-    /// STORED / NOT_STORED / EXISTS / NOT_FOUND.
-    Storage,
-    /// DELETED / NOT_FOUND.
-    Delete,
-    /// A number / NOT_FOUND.
-    Arith,
-    /// TOUCHED / NOT_FOUND.
-    Touch,
-    /// Any lines, then END (or a single RESET / OK).
-    Stats,
-    Version,
-    /// A single OK (flush_all, verbosity).
-    OkLine,
-    /// One line of any kind (admin commands modelled as "other").
-    AnyLine,
-    MetaGet,
-    MetaSet,
-    MetaDelete,
-    MetaArith,
-    MetaNoop,
-    MetaDebug,
-    /// A binary response with the request's opcode.
-    Binary,
-}
-
-pub(crate) fn family(command: Command) -> Family {
-    use Command::*;
-    match command {
-        Get | Gets | Gat | Gats => Family::Retrieval,
-        Set | Add | Replace | Append | Prepend | Cas => Family::Storage,
-        Delete => Family::Delete,
-        Incr | Decr => Family::Arith,
-        Touch => Family::Touch,
-        Stats => Family::Stats,
-        Version => Family::Version,
-        Verbosity | FlushAll => Family::OkLine,
-        Quit | Other => Family::AnyLine,
-        MetaGet => Family::MetaGet,
-        MetaSet => Family::MetaSet,
-        MetaDelete => Family::MetaDelete,
-        MetaArithmetic => Family::MetaArith,
-        MetaNoop => Family::MetaNoop,
-        MetaDebug => Family::MetaDebug,
-        _ => Family::Binary,
-    }
-}
-
-/// Text response lines that stand alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LineCode {
-    Stored,
-    NotStored,
-    Exists,
-    NotFound,
-    Deleted,
-    Touched,
-    Ok,
-    Reset,
-    Number,
-    Version,
-    Error,
-    ClientError,
-    ServerError,
-    /// A line starting with a word this decoder does not model (stats sub-listings, BUSY...).
-    Unknown,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MetaCode {
-    Hd,
-    Va,
-    En,
-    Nf,
-    Ns,
-    Ex,
-    Mn,
-    Me,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RespKind {
-    /// A text `VALUE` item (line and data block).
-    Value,
-    End,
-    Stat,
-    Line(LineCode),
-    Meta(MetaCode),
-    /// `more` is set for binary Stat responses that carry a stat (the list ends with an empty
-    /// key).
-    Binary {
-        opcode: u8,
-        status: u16,
-        more: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Response<'a> {
-    pub kind: RespKind,
-    /// Timestamp of the chunk holding the response's first byte.
-    pub ts_ns: u64,
-    pub bytes: u64,
-    pub key: Option<&'a [u8]>,
-    pub key_truncated: bool,
-    /// Binary opaque, or a hash of the meta `O` token.
-    pub opaque: Option<u64>,
-    /// Length of the value this response carries (a hit), if any.
-    pub value_len: Option<u32>,
-}
-
-/// What a queue-mode request asked of its queue; the outcome is decided by the response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum QueueIntent {
-    Enqueue,
-    Fetch(KestrelOptions),
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RequestInfo {
-    pub command: Command,
-    /// Binary opcode (responses echo it); 0 for text.
-    pub opcode: u8,
-    /// The server answers only some outcomes (binary quiet opcodes, meta `q`).
-    pub quiet: bool,
-    /// The server answers nothing (text `noreply`, `quit`, binary QuitQ).
-    pub noreply: bool,
-    pub ts_ns: u64,
-    pub bytes: u64,
-    pub opaque: Option<u64>,
-    pub queue: Option<QueueIntent>,
-    /// TCP sequence number of the request's first byte, when known.
-    pub seq: Option<u32>,
-    /// Length of the value a storage command sends.
-    pub value_len: Option<u32>,
-}
-
-impl RequestInfo {
-    pub fn new(command: Command, ts_ns: u64, bytes: u64) -> RequestInfo {
-        RequestInfo {
-            command,
-            opcode: 0,
-            quiet: false,
-            noreply: false,
-            ts_ns,
-            bytes,
-            opaque: None,
-            queue: None,
-            seq: None,
-            value_len: None,
-        }
-    }
-}
-
-/// A value length as kept per request: values beyond 4 GiB cannot be framed anyway.
-pub(crate) fn value_len(n: u64) -> Option<u32> {
-    u32::try_from(n).ok()
-}
-
-/// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
-#[derive(Debug, Clone, Copy)]
-struct KeySlot {
-    start: usize,
-    len: u8,
-    truncated: bool,
-    status: Option<Status>,
-    resp_bytes: u64,
-    value_len: Option<u32>,
-}
-
-/// Keys of outstanding requests, in request order. Small slots point into one byte arena so
-/// the hot path moves a few bytes per key instead of whole fixed-size key buffers. Requests
-/// finish from the front, so dead bytes accumulate at the arena's start: it is cleared when
-/// no key is outstanding and compacted when dead bytes outnumber live ones, which bounds it
-/// to twice the live keys.
-#[derive(Debug, Default)]
-struct KeyStore {
-    slots: VecDeque<KeySlot>,
-    bytes: Vec<u8>,
-}
-
-const ARENA_COMPACT_MIN: usize = 16 * 1024;
-
-impl KeyStore {
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn push(&mut self, key: &[u8], truncated: bool) {
-        self.slots.push_back(KeySlot {
-            start: self.bytes.len(),
-            len: key.len().min(usize::from(u8::MAX)) as u8,
-            truncated,
-            status: None,
-            resp_bytes: 0,
-            value_len: None,
-        });
-        self.bytes
-            .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
-    }
-
-    fn bytes_of(&self, slot: &KeySlot) -> &[u8] {
-        self.bytes
-            .get(slot.start..slot.start + usize::from(slot.len))
-            .unwrap_or_default()
-    }
-
-    /// Whether the key at `index` is unanswered (when `unanswered_only`) and could be `other`.
-    fn could_be(
-        &self,
-        index: usize,
-        other: &[u8],
-        other_truncated: bool,
-        unanswered_only: bool,
-    ) -> bool {
-        self.slots.get(index).is_some_and(|slot| {
-            (!unanswered_only || slot.status.is_none())
-                && key_could_be(self.bytes_of(slot), slot.truncated, other, other_truncated)
-        })
-    }
-
-    /// Drops the last slots so that `keep` remain.
-    fn truncate(&mut self, keep: usize) {
-        if let Some(first_dropped) = self.slots.get(keep) {
-            self.bytes.truncate(first_dropped.start);
-        }
-        self.slots.truncate(keep);
-        self.reclaim();
-    }
-
-    fn reclaim(&mut self) {
-        match self.slots.front() {
-            None => self.bytes.clear(),
-            Some(front)
-                if self.bytes.len() >= ARENA_COMPACT_MIN && front.start > self.bytes.len() / 2 =>
-            {
-                let dead = front.start;
-                self.bytes.drain(..dead);
-                for slot in &mut self.slots {
-                    slot.start -= dead;
-                }
-            }
-            Some(_) => {}
-        }
-    }
-}
+use super::model::{
+    Command, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction, Key, QueueOp,
+    RequestObservation, Status,
+};
+use keys::KeyStore;
+use outcome::{binary_status, implied_status, line_status, queue_op};
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -361,12 +120,12 @@ impl std::fmt::Debug for Pairing {
 }
 
 pub(crate) fn push_error(
-    out: &mut Vec<Observation>,
+    out: &mut Vec<Decoded>,
     reason: DecodeErrorReason,
     direction: Direction,
     ts_ns: u64,
 ) {
-    out.push(Observation::DecodeError(DecodeErrorObservation {
+    out.push(Decoded::DecodeError(DecodeErrorObservation {
         reason,
         direction,
         ts_ns,
@@ -411,7 +170,7 @@ impl Pairing {
 
     /// Adds a complete request (with the keys staged for it) to the outstanding queue, or
     /// reports it at once when no response will come.
-    pub fn submit(&mut self, req: RequestInfo, out: &mut Vec<Observation>) {
+    pub fn submit(&mut self, req: RequestInfo, out: &mut Vec<Decoded>) {
         let nkeys = self.staged;
         let keys_complete = !self.staged_dropped;
         self.staged = 0;
@@ -528,7 +287,7 @@ impl Pairing {
         None
     }
 
-    pub fn respond(&mut self, resp: &Response<'_>, out: &mut Vec<Observation>) {
+    pub fn respond(&mut self, resp: &Response<'_>, out: &mut Vec<Decoded>) {
         let mut offset = 0usize;
         let mut found = None;
         for i in 0..self.pending.len() {
@@ -660,7 +419,7 @@ impl Pairing {
 
     /// The responses to everything outstanding may have been lost: report it all as unknown
     /// and make later responses prove they belong to a later request.
-    pub fn lose_responses(&mut self, ts_ns: u64, out: &mut Vec<Observation>) {
+    pub fn lose_responses(&mut self, ts_ns: u64, out: &mut Vec<Decoded>) {
         while let Some(entry) = self.pending.pop_front() {
             let latency = entry.latency();
             self.finish_entry(entry, Status::Unknown, latency, out);
@@ -668,7 +427,7 @@ impl Pairing {
         self.push_marker(ts_ns);
     }
 
-    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Observation>) {
+    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
         while let Some(front) = self.pending.front() {
             if front.ts_ns.saturating_add(timeout_ns) > now_ns {
                 break;
@@ -686,7 +445,7 @@ impl Pairing {
         }
     }
 
-    pub fn finish(&mut self, out: &mut Vec<Observation>) {
+    pub fn finish(&mut self, out: &mut Vec<Decoded>) {
         while let Some(entry) = self.pending.pop_front() {
             if entry.quiet {
                 self.finish_entry(entry, implied_status(entry.command), None, out);
@@ -804,7 +563,7 @@ impl Pairing {
         entry: Pending,
         unresolved: Status,
         latency: Option<u64>,
-        out: &mut Vec<Observation>,
+        out: &mut Vec<Decoded>,
     ) {
         if entry.marker {
             return;
@@ -909,7 +668,7 @@ struct Sizes {
 /// fixed-size key buffer, which dominated the hot path.
 #[allow(clippy::too_many_arguments)]
 fn push_request(
-    out: &mut Vec<Observation>,
+    out: &mut Vec<Decoded>,
     command: Command,
     status: Status,
     key: Option<(&[u8], bool)>,
@@ -921,7 +680,7 @@ fn push_request(
     seq: Option<u32>,
     sizes: Sizes,
 ) {
-    out.push(Observation::Request(RequestObservation {
+    out.push(Decoded::Request(RequestObservation {
         command,
         status,
         key: None,
@@ -934,98 +693,7 @@ fn push_request(
         value_len: sizes.value_len,
         keys_in_request: sizes.keys,
     }));
-    if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {
+    if let (Some((bytes, truncated)), Some(Decoded::Request(request))) = (key, out.last_mut()) {
         request.key.insert(Key::EMPTY).assign(bytes, truncated);
     }
-}
-
-fn line_status(code: LineCode) -> Status {
-    match code {
-        LineCode::Stored => Status::Stored,
-        LineCode::NotStored => Status::NotStored,
-        LineCode::Exists => Status::Exists,
-        LineCode::NotFound => Status::NotFound,
-        LineCode::Deleted => Status::Deleted,
-        LineCode::Touched => Status::Touched,
-        LineCode::Error => Status::Error,
-        LineCode::ClientError => Status::ClientError,
-        LineCode::ServerError => Status::ServerError,
-        LineCode::Ok
-        | LineCode::Reset
-        | LineCode::Number
-        | LineCode::Version
-        | LineCode::Unknown => Status::Ok,
-    }
-}
-
-fn is_binary_retrieval(command: Command) -> bool {
-    use Command::*;
-    matches!(
-        command,
-        BinGet | BinGetQ | BinGetK | BinGetKQ | BinGat | BinGatQ | BinGatK | BinGatKQ
-    )
-}
-
-fn binary_success(command: Command) -> Status {
-    use Command::*;
-    match command {
-        _ if is_binary_retrieval(command) => Status::Hit,
-        BinSet | BinAdd | BinReplace | BinAppend | BinPrepend | BinSetQ | BinAddQ | BinReplaceQ
-        | BinAppendQ | BinPrependQ => Status::Stored,
-        BinDelete | BinDeleteQ => Status::Deleted,
-        BinTouch => Status::Touched,
-        _ => Status::Ok,
-    }
-}
-
-/// Binary status codes (memcached's protocol_binary.h plus the common extensions).
-fn binary_status(command: Command, status: u16) -> Status {
-    match status {
-        0x00 => binary_success(command),
-        0x01 if is_binary_retrieval(command) => Status::Miss,
-        0x01 => Status::NotFound,
-        0x02 => Status::Exists,
-        0x05 => Status::NotStored,
-        0x04 | 0x06 | 0x20 => Status::ClientError,
-        0x21 => Status::Ok,
-        0x81 | 0x83 => Status::Error,
-        _ => Status::ServerError,
-    }
-}
-
-/// The result a quiet request's silence stands for.
-fn implied_status(command: Command) -> Status {
-    match command {
-        Command::MetaGet => Status::Miss,
-        Command::MetaSet => Status::Stored,
-        Command::MetaDelete => Status::Deleted,
-        Command::MetaArithmetic => Status::Ok,
-        _ if is_binary_retrieval(command) => Status::Miss,
-        _ => binary_success(command),
-    }
-}
-
-fn queue_op(intent: Option<QueueIntent>, status: Status) -> Option<QueueOp> {
-    let intent = intent?;
-    let (op, options) = match intent {
-        QueueIntent::Enqueue => (QueueOpKind::Enqueue, KestrelOptions::default()),
-        QueueIntent::Fetch(o) => {
-            let fetches = o.open || o.peek || !(o.close || o.abort);
-            let op = match status {
-                Status::Hit if o.peek => QueueOpKind::Peek,
-                Status::Hit if o.open => QueueOpKind::Open,
-                Status::Hit => QueueOpKind::Dequeue,
-                Status::Miss if fetches => QueueOpKind::EmptyPoll,
-                // No item was asked for (close/abort alone), or the outcome is unknown: report
-                // what the request meant to do.
-                _ if o.peek => QueueOpKind::Peek,
-                _ if o.open => QueueOpKind::Open,
-                _ if o.abort => QueueOpKind::Abort,
-                _ if o.close => QueueOpKind::Close,
-                _ => QueueOpKind::Dequeue,
-            };
-            (op, o)
-        }
-    };
-    Some(QueueOp { op, options })
 }

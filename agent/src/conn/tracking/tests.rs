@@ -1,0 +1,424 @@
+//! Unit tests of the connection tracker: opens, closes, adoption, dead writes and bounds.
+
+use super::*;
+use crate::kernel::events::SocketFacts;
+use agent_common::tcp_state::*;
+
+const SK: u64 = 0xffff_0000_0000_1000;
+const SEC: u64 = 1_000_000_000;
+
+fn tracker() -> Tracker {
+    Tracker::new(
+        SharedServices::watching(&[("memcached", 11211), ("kestrel", 22133)]),
+        100,
+    )
+}
+
+fn client_addrs() -> (SocketAddr, SocketAddr) {
+    (
+        "127.0.0.1:40000".parse().unwrap(),
+        "127.0.0.1:11211".parse().unwrap(),
+    )
+}
+
+fn state(sk: u64, ts: u64, old: u8, new: u8, last_activity: u64) -> SockEventRecord {
+    let (local, remote) = client_addrs();
+    SockEventRecord {
+        kind: EventKind::StateChange {
+            old_state: old,
+            new_state: new,
+        },
+        ts_ns: ts,
+        sk,
+        local: Some(local),
+        remote: Some(remote),
+        pid: 1,
+        comm: "python3".into(),
+        facts: SocketFacts {
+            last_activity_ns: last_activity,
+            bytes_sent: 0,
+            bytes_received: 0,
+            peer_closed_ns: 0,
+            reset_received_ns: 0,
+        },
+    }
+}
+
+fn run(tracker: &mut Tracker, events: &[SockEventRecord]) -> Vec<Observation> {
+    let mut out = Vec::new();
+    for event in events {
+        tracker.handle(event, &mut out);
+    }
+    out
+}
+
+fn client_endpoint() -> Endpoint {
+    Endpoint {
+        service: 0,
+        server: "127.0.0.1:11211".parse().unwrap(),
+        role: Role::Client,
+    }
+}
+
+#[test]
+fn peer_closes_idle_client() {
+    let mut tracker = tracker();
+    let out = run(
+        &mut tracker,
+        &[
+            state(SK, SEC, CLOSE, SYN_SENT, 0),
+            state(SK, SEC + 100, SYN_SENT, ESTABLISHED, 0),
+            state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
+            state(SK, 11 * SEC, CLOSE_WAIT, LAST_ACK, 2 * SEC),
+            state(SK, 11 * SEC + 5, LAST_ACK, CLOSE, 2 * SEC),
+        ],
+    );
+    assert_eq!(
+        out,
+        vec![
+            Observation::SynSent { service: 0 },
+            Observation::ConnectionOpened {
+                endpoint: client_endpoint(),
+                ts_ns: SEC + 100
+            },
+            Observation::ConnectionClosed {
+                endpoint: client_endpoint(),
+                closed_by: ClosedBy::Peer,
+                ts_ns: 11 * SEC + 5,
+                duration_ns: Some(10 * SEC - 95),
+                idle_before_close_ns: Some(8 * SEC),
+            }
+        ]
+    );
+    assert_eq!(tracker.active_connections(), 0);
+    assert!(
+        tracker.idle_at_first_close.is_empty(),
+        "the idle time leaves with its connection"
+    );
+}
+
+#[test]
+fn local_close_and_reset_are_distinguished() {
+    let mut tracker = tracker();
+    let out = run(
+        &mut tracker,
+        &[
+            state(1, SEC, SYN_SENT, ESTABLISHED, 0),
+            state(1, 3 * SEC, ESTABLISHED, FIN_WAIT1, 0),
+            state(1, 3 * SEC, FIN_WAIT1, FIN_WAIT2, 0),
+            state(1, 4 * SEC, FIN_WAIT2, CLOSE, 0),
+            state(2, SEC, SYN_SENT, ESTABLISHED, 0),
+            state(2, 5 * SEC, ESTABLISHED, CLOSE, 4 * SEC),
+        ],
+    );
+    let closes: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Observation::ConnectionClosed {
+                closed_by,
+                idle_before_close_ns,
+                ..
+            } => Some((*closed_by, *idle_before_close_ns)),
+            _ => None,
+        })
+        .collect();
+    // With no activity seen, idle counts from the open.
+    assert_eq!(
+        closes,
+        vec![
+            (ClosedBy::Local, Some(2 * SEC)),
+            (ClosedBy::Reset, Some(SEC))
+        ]
+    );
+}
+
+#[test]
+fn server_role_uses_local_address_so_clients_aggregate() {
+    let services = SharedServices::watching(&[("memcached", 11211)]);
+    let services = services.load();
+    let endpoint = services
+        .endpoint(
+            "10.0.0.1:11211".parse().unwrap(),
+            "10.0.0.9:51234".parse().unwrap(),
+        )
+        .unwrap();
+    assert_eq!(endpoint.role, Role::Server);
+    assert_eq!(endpoint.server.to_string(), "10.0.0.1:11211");
+    assert!(services
+        .endpoint("10.0.0.1:1".parse().unwrap(), "10.0.0.9:2".parse().unwrap())
+        .is_none());
+}
+
+#[test]
+fn failed_connect_is_a_connect_failure_not_a_connection() {
+    let mut tracker = tracker();
+    let out = run(
+        &mut tracker,
+        &[
+            state(SK, SEC, CLOSE, SYN_SENT, 0),
+            state(SK, 2 * SEC, SYN_SENT, CLOSE, 0),
+        ],
+    );
+    assert_eq!(
+        out,
+        vec![
+            Observation::SynSent { service: 0 },
+            Observation::ConnectFailed {
+                endpoint: client_endpoint(),
+                reason: ConnectFailureReason::Timeout
+            }
+        ]
+    );
+    let mut refused = state(SK, 3 * SEC, SYN_SENT, CLOSE, 0);
+    refused.facts.reset_received_ns = 3 * SEC;
+    let out = run(
+        &mut tracker,
+        &[state(SK, 3 * SEC, CLOSE, SYN_SENT, 0), refused],
+    );
+    assert_eq!(
+        out[1],
+        Observation::ConnectFailed {
+            endpoint: client_endpoint(),
+            reason: ConnectFailureReason::Refused
+        }
+    );
+    assert_eq!(tracker.active_connections(), 0);
+}
+
+/// The loopback sequence measured on 6.18: the peer closes (CLOSE_WAIT), a late SET's RST
+/// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
+#[test]
+fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
+    let mut tracker = tracker();
+    let mut close = state(SK, 5 * SEC, CLOSE_WAIT, CLOSE, 2 * SEC);
+    close.facts.peer_closed_ns = 4 * SEC;
+    let mut send = state(SK, 5 * SEC, 0, 0, 0);
+    send.kind = EventKind::SendAfterPeerClose { ret: 16 };
+    send.local = None;
+    send.remote = None;
+    let mut recv = send.clone();
+    recv.kind = EventKind::RecvAfterPeerClose { ret: 0 };
+    let out = run(
+        &mut tracker,
+        &[
+            state(SK, SEC, SYN_SENT, ESTABLISHED, 0),
+            state(SK, 4 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
+            close,
+            send,
+            recv,
+        ],
+    );
+    let writes: Vec<_> = out
+        .iter()
+        .filter_map(|o| match o {
+            Observation::DeadSocketWrite(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes.len(), 1, "{out:?}");
+    assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Eof);
+    assert_eq!(writes[0].comm, "python3");
+    assert_eq!(writes[0].endpoint, client_endpoint());
+}
+
+#[test]
+fn retransmits_and_resets_are_attributed_to_the_endpoint() {
+    let mut tracker = tracker();
+    let mut syn = state(0, SEC, 0, 0, 0);
+    syn.kind = EventKind::TcpTrouble {
+        trouble: TcpTrouble::Retransmit,
+        state: SYN_SENT,
+    };
+    let mut data = syn.clone();
+    data.kind = EventKind::TcpTrouble {
+        trouble: TcpTrouble::Retransmit,
+        state: ESTABLISHED,
+    };
+    let mut reset = syn.clone();
+    reset.kind = EventKind::TcpTrouble {
+        trouble: TcpTrouble::ResetSent,
+        state: 0,
+    };
+    let out = run(&mut tracker, &[syn, data, reset]);
+    assert_eq!(
+        out,
+        vec![
+            Observation::Retransmit {
+                endpoint: client_endpoint(),
+                kind: RetransmitKind::Syn
+            },
+            Observation::Retransmit {
+                endpoint: client_endpoint(),
+                kind: RetransmitKind::Data
+            },
+            Observation::Reset {
+                endpoint: client_endpoint(),
+                direction: ResetDirection::Sent
+            },
+        ]
+    );
+}
+
+#[test]
+fn connection_from_before_start_is_adopted_on_its_first_state_change() {
+    let mut tracker = tracker();
+    let out = run(
+        &mut tracker,
+        &[
+            state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 7 * SEC),
+            state(SK, 11 * SEC, CLOSE_WAIT, CLOSE, 7 * SEC),
+        ],
+    );
+    assert_eq!(out.len(), 2);
+    assert_eq!(
+        out[0],
+        Observation::ConnectionAdopted {
+            endpoint: client_endpoint()
+        }
+    );
+    assert_eq!(
+        out[1],
+        Observation::ConnectionClosed {
+            endpoint: client_endpoint(),
+            closed_by: ClosedBy::Peer,
+            ts_ns: 11 * SEC,
+            duration_ns: None,
+            idle_before_close_ns: Some(3 * SEC),
+        }
+    );
+}
+
+#[test]
+fn seeded_connection_is_matched_not_double_counted() {
+    let mut tracker = tracker();
+    let (local, remote) = client_addrs();
+    let mut out = Vec::new();
+    tracker.seed(local, remote, ESTABLISHED, &mut out);
+    assert_eq!(tracker.active_connections(), 1);
+    let mut learned = state(SK, 5 * SEC, 0, 0, 5 * SEC);
+    learned.kind = EventKind::Learned { state: ESTABLISHED };
+    tracker.handle(&learned, &mut out);
+    assert_eq!(
+        out.len(),
+        1,
+        "learning a seeded socket adds nothing: {out:?}"
+    );
+    assert_eq!(tracker.active_connections(), 1);
+    tracker.handle(
+        &state(SK, 6 * SEC, ESTABLISHED, FIN_WAIT1, 5 * SEC),
+        &mut out,
+    );
+    tracker.handle(&state(SK, 7 * SEC, FIN_WAIT2, CLOSE, 5 * SEC), &mut out);
+    assert!(matches!(
+        out.last(),
+        Some(Observation::ConnectionClosed {
+            closed_by: ClosedBy::Local,
+            idle_before_close_ns: Some(idle),
+            ..
+        }) if *idle == SEC
+    ));
+    assert_eq!(tracker.active_connections(), 0);
+}
+
+#[test]
+fn listeners_and_unwatched_ports_are_ignored() {
+    let mut tracker = tracker();
+    let mut listen = state(SK, SEC, CLOSE, LISTEN, 0);
+    listen.local = Some("0.0.0.0:11211".parse().unwrap());
+    let mut other = state(SK + 1, SEC, SYN_SENT, ESTABLISHED, 0);
+    other.remote = Some("127.0.0.1:80".parse().unwrap());
+    assert!(run(&mut tracker, &[listen, other]).is_empty());
+}
+
+#[test]
+fn a_child_cloned_from_a_watched_listener_is_a_completed_handshake() {
+    let mut tracker = tracker();
+    // At clone time the child still has the listener's addresses: no peer yet.
+    let mut child = state(SK, SEC, LISTEN, SYN_RECV, 0);
+    child.local = Some("0.0.0.0:11211".parse().unwrap());
+    child.remote = Some("0.0.0.0:0".parse().unwrap());
+    let mut unwatched = child.clone();
+    unwatched.sk = SK + 1;
+    unwatched.local = Some("0.0.0.0:80".parse().unwrap());
+    assert_eq!(
+        run(&mut tracker, &[child, unwatched]),
+        [Observation::HandshakeCompleted { service: 0 }]
+    );
+    // Only the clone counts; the child's own handshake states are a connection's.
+    assert!(tracker.connections.is_empty());
+}
+
+/// The table holds one entry per watched socket; at 100k connections every byte here is
+/// 100-200 kB of resident memory (the map keeps up to twice the slots it uses).
+#[test]
+fn connection_entry_is_compact() {
+    assert_eq!(std::mem::size_of::<Connection>(), 32);
+    assert!(std::mem::size_of::<(u64, Connection)>() <= 40);
+}
+
+#[test]
+fn packed_endpoints_round_trip() {
+    for (server, role) in [
+        ("127.0.0.1:11211", Role::Client),
+        ("10.1.2.3:22133", Role::Server),
+        ("[::1]:11211", Role::Server),
+        ("[2001:db8::7]:65535", Role::Client),
+        // A genuine IPv6 address whose last 4 bytes look like IPv4 stays IPv6.
+        ("[2001:db8::a00:1]:1", Role::Client),
+    ] {
+        let endpoint = Endpoint {
+            service: 65_535,
+            server: server.parse().unwrap(),
+            role,
+        };
+        let packed = PackedEndpoint::pack(endpoint).unwrap();
+        assert_eq!(packed.unpack(), endpoint);
+    }
+    let too_many_services = Endpoint {
+        service: 65_536,
+        ..client_endpoint()
+    };
+    assert!(PackedEndpoint::pack(too_many_services).is_none());
+}
+
+#[test]
+fn table_memory_is_released_after_a_burst() {
+    let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 100_000);
+    let burst = 20_000;
+    let mut out = Vec::new();
+    for sk in 0..burst {
+        tracker.handle(&state(sk, SEC, SYN_SENT, ESTABLISHED, 0), &mut out);
+    }
+    assert_eq!(tracker.active_connections(), burst as usize);
+    let grown = tracker.connections.capacity();
+    // Nothing to release while the sockets are open.
+    tracker.tick(2 * SEC, &mut out);
+    assert_eq!(tracker.connections.capacity(), grown);
+    for sk in 10..burst {
+        tracker.handle(&state(sk, 3 * SEC, ESTABLISHED, CLOSE, 0), &mut out);
+    }
+    tracker.tick(4 * SEC, &mut out);
+    assert_eq!(tracker.active_connections(), 10);
+    assert!(
+        tracker.connections.capacity() <= 2 * RETAINED_CAPACITY,
+        "{} slots kept for 10 sockets",
+        tracker.connections.capacity()
+    );
+    // The survivors are intact.
+    let closed = run(&mut tracker, &[state(3, 5 * SEC, ESTABLISHED, CLOSE, 0)]);
+    assert!(matches!(
+        closed[..],
+        [Observation::ConnectionClosed { duration_ns: Some(d), .. }] if d == 4 * SEC
+    ));
+}
+
+#[test]
+fn table_is_bounded() {
+    let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 2);
+    let events: Vec<_> = (0..3)
+        .map(|i| state(100 + i, SEC, SYN_SENT, ESTABLISHED, 0))
+        .collect();
+    let out = run(&mut tracker, &events);
+    assert_eq!(out.last(), Some(&Observation::TrackingDropped));
+    assert_eq!(tracker.active_connections(), 2);
+}

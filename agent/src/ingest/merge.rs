@@ -1,0 +1,169 @@
+//! Reads the two kernel rings (socket events, payload captures) into the pipeline as one
+//! stream in recording order.
+//!
+//! The rings are separate so payload floods cannot crowd out lifecycle events, but a
+//! connection's bytes and its state changes must be seen in the order they happened: its
+//! opening before its first payload, its last response before its close. Each ring is in
+//! recording order, so this is a merge; only the events side is buffered, and only up to
+//! [`PENDING_EVENTS_MAX`].
+
+use std::collections::VecDeque;
+
+use aya::maps::{ring_buf::RingBufItem, MapData, RingBuf};
+
+use crate::{
+    ingest::pipeline::{PayloadOutcome, Pipeline},
+    kernel::{capture::payload_ts, events::SockEventRecord},
+};
+
+/// At most this many decoded events wait in memory for the payload ring to catch up. A burst
+/// of 100k connection opens otherwise queued every one of them (about 48 MB) before handling
+/// any.
+pub const PENDING_EVENTS_MAX: usize = 1024;
+
+/// A ring of records, read in the order the kernel wrote them: the kernel's ring buffers, or
+/// records held in memory (tests, replays).
+pub trait RecordRing {
+    type Record<'a>: std::ops::Deref<Target = [u8]>
+    where
+        Self: 'a;
+
+    /// The next record, None when the ring is empty.
+    fn next_record(&mut self) -> Option<Self::Record<'_>>;
+}
+
+impl RecordRing for RingBuf<MapData> {
+    type Record<'a> = RingBufItem<'a>;
+
+    fn next_record(&mut self) -> Option<RingBufItem<'_>> {
+        self.next()
+    }
+}
+
+impl RecordRing for VecDeque<Vec<u8>> {
+    type Record<'a> = Vec<u8>;
+
+    fn next_record(&mut self) -> Option<Vec<u8>> {
+        self.pop_front()
+    }
+}
+
+/// Where [`EventQueue`] reads socket events from and hands them to.
+pub trait EventFlow {
+    /// The next event from the ring, None when it is empty.
+    fn next_event(&mut self) -> Option<SockEventRecord>;
+    fn apply(&mut self, event: &SockEventRecord);
+}
+
+/// Socket events read from their ring but not applied yet because a payload recorded before
+/// them has not been seen. Never holds more than [`PENDING_EVENTS_MAX`]; the buffer is kept
+/// between pumps so steady traffic does not allocate.
+pub struct EventQueue {
+    pending: VecDeque<SockEventRecord>,
+}
+
+impl Default for EventQueue {
+    fn default() -> Self {
+        EventQueue::new()
+    }
+}
+
+impl EventQueue {
+    pub fn new() -> Self {
+        EventQueue {
+            pending: VecDeque::with_capacity(PENDING_EVENTS_MAX),
+        }
+    }
+
+    /// Applies, in ring order, every event recorded at or before `ts_ns`. Reads more only
+    /// when everything read so far has been applied: the ring may still hold earlier events.
+    pub fn apply_until(&mut self, ts_ns: u64, flow: &mut impl EventFlow) {
+        loop {
+            while self
+                .pending
+                .front()
+                .is_some_and(|event| event.ts_ns <= ts_ns)
+            {
+                if let Some(event) = self.pending.pop_front() {
+                    flow.apply(&event);
+                }
+            }
+            if !self.pending.is_empty() || !self.refill(flow) {
+                return;
+            }
+        }
+    }
+
+    /// Applies everything pending and everything left in the ring, a bounded batch at a time.
+    pub fn apply_all(&mut self, flow: &mut impl EventFlow) {
+        self.apply_until(u64::MAX, flow);
+    }
+
+    /// Reads up to the cap; false when the ring had nothing.
+    fn refill(&mut self, flow: &mut impl EventFlow) -> bool {
+        let before = self.pending.len();
+        while self.pending.len() < PENDING_EVENTS_MAX {
+            match flow.next_event() {
+                Some(event) => self.pending.push_back(event),
+                None => break,
+            }
+        }
+        self.pending.len() > before
+    }
+}
+
+/// The events ring as an [`EventFlow`] into the pipeline.
+struct RingEvents<'a, R> {
+    pipeline: &'a mut Pipeline,
+    ring: &'a mut R,
+}
+
+impl<R: RecordRing> EventFlow for RingEvents<'_, R> {
+    fn next_event(&mut self) -> Option<SockEventRecord> {
+        // Records that do not decode are skipped (and counted by the pipeline), not an end.
+        while let Some(item) = self.ring.next_record() {
+            if let Some(event) = self.pipeline.decode_socket_record(&item) {
+                return Some(event);
+            }
+        }
+        None
+    }
+
+    fn apply(&mut self, event: &SockEventRecord) {
+        self.pipeline.handle_socket_event(event);
+    }
+}
+
+/// Processes both rings in timestamp order (see the module comment), then lets streams of
+/// sockets closed longer than the grace ago finish as of `clock()` (read after the drain).
+pub fn pump(
+    queue: &mut EventQueue,
+    pipeline: &mut Pipeline,
+    events: &mut impl RecordRing,
+    payloads: &mut impl RecordRing,
+    clock: impl FnOnce() -> u64,
+) {
+    while let Some(item) = payloads.next_record() {
+        let ts = payload_ts(&item).unwrap_or(u64::MAX);
+        queue.apply_until(
+            ts,
+            &mut RingEvents {
+                pipeline: &mut *pipeline,
+                ring: &mut *events,
+            },
+        );
+        if pipeline.on_payload_record(&item) == PayloadOutcome::UnknownSocket {
+            // Not known even with every earlier event applied: not a watched connection we
+            // track (e.g. the table was full); the payload is dropped.
+            tracing::trace!("payload for an unknown socket");
+        }
+    }
+    queue.apply_all(&mut RingEvents {
+        pipeline: &mut *pipeline,
+        ring: events,
+    });
+    pipeline.settle(clock());
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! Unit tests of the ring merge: the ordering rules on an event queue, and on a real pipeline
+//! fed from in-memory rings.
+
+use std::collections::VecDeque;
+
+use agent_common::{event_kind, tcp_state, SockEvent, AF_INET};
+
+use super::*;
+use crate::{
+    config::Config,
+    export::metrics::{Metrics, RequestLabels},
+    kernel::capture::encode_payload_record,
+    kernel::events::{EventKind, SocketFacts},
+    services::SharedServices,
+};
+
+fn event(ts_ns: u64) -> SockEventRecord {
+    SockEventRecord {
+        kind: EventKind::StateChange {
+            old_state: 0,
+            new_state: 0,
+        },
+        ts_ns,
+        sk: ts_ns,
+        local: None,
+        remote: None,
+        pid: 1,
+        comm: String::new(),
+        facts: SocketFacts {
+            last_activity_ns: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            peer_closed_ns: 0,
+            reset_received_ns: 0,
+        },
+    }
+}
+
+/// A ring that holds `ring` and records what was applied.
+struct Recorder {
+    ring: VecDeque<SockEventRecord>,
+    applied: Vec<u64>,
+}
+
+impl Recorder {
+    fn new(timestamps: impl IntoIterator<Item = u64>) -> Self {
+        Recorder {
+            ring: timestamps.into_iter().map(event).collect(),
+            applied: Vec::new(),
+        }
+    }
+}
+
+impl EventFlow for Recorder {
+    fn next_event(&mut self) -> Option<SockEventRecord> {
+        self.ring.pop_front()
+    }
+
+    fn apply(&mut self, event: &SockEventRecord) {
+        self.applied.push(event.ts_ns);
+    }
+}
+
+#[test]
+fn events_are_applied_up_to_each_payload_and_no_further() {
+    let mut queue = EventQueue::new();
+    let mut flow = Recorder::new([1, 2, 5, 7]);
+    queue.apply_until(4, &mut flow);
+    assert_eq!(flow.applied, [1, 2]);
+    queue.apply_until(5, &mut flow);
+    assert_eq!(
+        flow.applied,
+        [1, 2, 5],
+        "an event at the payload's time goes first"
+    );
+    queue.apply_all(&mut flow);
+    assert_eq!(flow.applied, [1, 2, 5, 7]);
+    assert!(queue.pending.is_empty());
+}
+
+#[test]
+fn a_burst_is_read_in_bounded_batches_and_applied_in_order() {
+    let burst = 10 * PENDING_EVENTS_MAX as u64;
+    let mut queue = EventQueue::new();
+    let capacity = queue.pending.capacity();
+    // Every event is later than the payload: only one batch may be read ahead.
+    let mut flow = Recorder::new(100..100 + burst);
+    queue.apply_until(50, &mut flow);
+    assert!(flow.applied.is_empty());
+    assert_eq!(queue.pending.len(), PENDING_EVENTS_MAX);
+    assert_eq!(flow.ring.len() as u64, burst - PENDING_EVENTS_MAX as u64);
+    // Every event is earlier than the next payload: all of them, in order, batch by batch.
+    queue.apply_until(u64::MAX - 1, &mut flow);
+    assert_eq!(flow.applied, (100..100 + burst).collect::<Vec<_>>());
+    assert!(flow.ring.is_empty());
+    assert_eq!(
+        queue.pending.capacity(),
+        capacity,
+        "the buffer never grows past its cap"
+    );
+}
+
+const PORT: u16 = 11211;
+const SK: u64 = 0xffff_8880_0000_4000;
+
+fn pipeline() -> (Pipeline, Metrics) {
+    let config = Config::parse(
+        &format!(
+            "[[services]]\nname = \"mc\"\nport = {PORT}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 0\n"
+        ),
+        "test.toml",
+    )
+    .expect("test config");
+    let (metrics, _registry) = Metrics::new();
+    let services = SharedServices::from_config(&config).expect("one service");
+    (Pipeline::new(&config, services, metrics.clone()), metrics)
+}
+
+/// The kernel's record of a client socket to the service, first met at `ts_ns`.
+fn learned_record(ts_ns: u64) -> Vec<u8> {
+    // SAFETY: SockEvent is repr(C) plain old data, valid for any bit pattern.
+    let mut raw: SockEvent = unsafe { std::mem::zeroed() };
+    raw.kind = event_kind::LEARNED;
+    raw.new_state = tcp_state::ESTABLISHED;
+    raw.family = AF_INET;
+    raw.local_port = 40_000;
+    raw.remote_port = PORT;
+    raw.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    raw.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    raw.ts_ns = ts_ns;
+    raw.sk = SK;
+    // SAFETY: reading a repr(C) plain old data value as its bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            (&raw as *const SockEvent).cast::<u8>(),
+            std::mem::size_of::<SockEvent>(),
+        )
+    }
+    .to_vec()
+}
+
+/// A get of `k` sent at `ts_ns` and its hit a microsecond later.
+fn get_hit(ts_ns: u64) -> [Vec<u8>; 2] {
+    let (request, response) = (&b"get k\r\n"[..], &b"VALUE k 0 1\r\nv\r\nEND\r\n"[..]);
+    [
+        encode_payload_record(ts_ns, SK, request.len() as u64, true, b"c", request),
+        encode_payload_record(
+            ts_ns + 1_000,
+            SK,
+            response.len() as u64,
+            false,
+            b"c",
+            response,
+        ),
+    ]
+}
+
+fn hits(metrics: &Metrics) -> u64 {
+    let labels = RequestLabels {
+        service: "mc".into(),
+        server: format!("127.0.0.1:{PORT}"),
+        role: "client",
+        command: "get",
+        status: "hit",
+    };
+    metrics.memcache_requests.get_or_create(&labels).get()
+}
+
+/// Both rings read in one pump: the socket's first event, recorded before its payloads (or at
+/// the same time), is applied before them, so they are decoded.
+#[test]
+fn a_payload_comes_after_the_events_recorded_before_it() {
+    for learned_at in [5, 10] {
+        let (mut pipeline, metrics) = pipeline();
+        let mut events = VecDeque::from([learned_record(learned_at)]);
+        let mut payloads = VecDeque::from(get_hit(10).to_vec());
+        pump(
+            &mut EventQueue::new(),
+            &mut pipeline,
+            &mut events,
+            &mut payloads,
+            || 20,
+        );
+        assert_eq!(hits(&metrics), 1, "learned at {learned_at}");
+        assert!(events.is_empty() && payloads.is_empty());
+    }
+}
+
+/// An event recorded after a payload is not applied before it, even when it sits in the ring
+/// already: the payload of a socket not known yet is dropped, and the event still applied.
+#[test]
+fn an_event_recorded_after_a_payload_is_applied_after_it() {
+    let (mut pipeline, metrics) = pipeline();
+    let mut events = VecDeque::from([learned_record(15)]);
+    let mut payloads = VecDeque::from(get_hit(10).to_vec());
+    payloads.extend(get_hit(5_000));
+    pump(
+        &mut EventQueue::new(),
+        &mut pipeline,
+        &mut events,
+        &mut payloads,
+        || 10_000,
+    );
+    assert_eq!(
+        hits(&metrics),
+        1,
+        "only the exchange after the socket was learned"
+    );
+}
+
+/// A record that does not decode is counted and skipped; the events after it still apply.
+#[test]
+fn an_undecodable_event_is_skipped_not_an_end() {
+    let (mut pipeline, metrics) = pipeline();
+    let mut events = VecDeque::from([vec![0u8; 7], learned_record(5)]);
+    let mut payloads = VecDeque::from(get_hit(10).to_vec());
+    pump(
+        &mut EventQueue::new(),
+        &mut pipeline,
+        &mut events,
+        &mut payloads,
+        || 20,
+    );
+    assert_eq!(pipeline.undecodable_records, 1);
+    assert_eq!(hits(&metrics), 1);
+}
+
+/// Events left after the last payload are applied by the same pump, not the next one.
+#[test]
+fn events_after_the_last_payload_are_applied_in_the_same_pump() {
+    let (mut pipeline, _metrics) = pipeline();
+    let mut events = VecDeque::from([learned_record(50)]);
+    pump(
+        &mut EventQueue::new(),
+        &mut pipeline,
+        &mut events,
+        &mut VecDeque::new(),
+        || 60,
+    );
+    assert!(events.is_empty());
+    assert!(pipeline.tracker_mut().endpoint_of(SK).is_some());
+}
