@@ -225,6 +225,7 @@ impl EventQueue {
     }
 
     /// Applies everything pending and everything left in the ring, a bounded batch at a time.
+    #[cfg(test)]
     fn apply_all(&mut self, flow: &mut impl EventFlow) {
         self.apply_until(u64::MAX, flow);
     }
@@ -274,7 +275,16 @@ fn pump(
     events: &mut RingBuf<MapData>,
     payloads: &mut RingBuf<MapData>,
 ) {
-    while let Some(item) = payloads.next() {
+    // Events are applied only up to when the payload ring was last found empty. A thread's
+    // payload record is in the ring before anything it does after that send, so an event
+    // stamped before then has every payload it follows already handled: a dead write's
+    // payload (which names it) comes before the EOF that resolves it, whichever ring is read
+    // first. Later events wait for the next pump.
+    let drained_at = loop {
+        let looked_at = crate::clock::monotonic_ns();
+        let Some(item) = payloads.next() else {
+            break looked_at;
+        };
         let ts = payload_ts(&item).unwrap_or(u64::MAX);
         queue.apply_until(
             ts,
@@ -288,11 +298,14 @@ fn pump(
             // track (e.g. the table was full); the payload is dropped.
             tracing::trace!("payload for an unknown socket");
         }
-    }
-    queue.apply_all(&mut RingEvents {
-        pipeline: &mut *pipeline,
-        ring: events,
-    });
+    };
+    queue.apply_until(
+        drained_at,
+        &mut RingEvents {
+            pipeline: &mut *pipeline,
+            ring: events,
+        },
+    );
     pipeline.settle(crate::clock::monotonic_ns());
 }
 

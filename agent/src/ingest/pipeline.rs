@@ -66,8 +66,6 @@ pub struct Pipeline {
     max_hot_key_endpoints: usize,
     key_sampler: KeySampler,
     key_display: KeyDisplay,
-    /// Dead writes wait one tick for the payload that names their command.
-    held_dead_writes: Vec<DeadWrite>,
     observations: Vec<Observation>,
     memcache_events: Vec<MemcacheEvent>,
     losses_seen: HashMap<&'static str, u64>,
@@ -126,7 +124,6 @@ impl Pipeline {
             max_hot_key_endpoints: config.limits.max_servers_per_service * 2,
             key_sampler: KeySampler::new(key_sampling(config)),
             key_display: config.keys,
-            held_dead_writes: Vec::new(),
             observations: Vec::with_capacity(64),
             memcache_events: Vec::with_capacity(256),
             losses_seen: HashMap::new(),
@@ -314,6 +311,24 @@ impl Pipeline {
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
+        let queue_mode = self.services.load().is_queue(endpoint.service);
+        if payload.is_send && endpoint.role == Role::Client && payload.span_start == 0 {
+            // A request's first bytes name what a dead write carried (a send that starts
+            // mid-value has none). `run` applies a send's dead-write event before its payload
+            // and the payload before anything the application did after the send.
+            let leading = payload.leading_bytes();
+            if !leading.is_empty() {
+                let queue = queue_mode
+                    .then(|| crate::queues::flow::enqueue_target(leading))
+                    .flatten();
+                self.tracker.dead_writes_mut().name(
+                    payload.sk,
+                    payload.ts_ns,
+                    crate::kernel::capture::sniff_command(leading),
+                    queue,
+                );
+            }
+        }
         if payload.ts_ns > self.capture_shift_applied_ns {
             self.records_since_check += 1;
             if self
@@ -327,18 +342,6 @@ impl Pipeline {
             && !capture_sample::is_followed(payload.sk, self.capture_budget.shift())
         {
             return PayloadOutcome::Handled;
-        }
-        let queue_mode = self.services.load().is_queue(endpoint.service);
-        if queue_mode && payload.is_send && endpoint.role == Role::Client {
-            // Sends that start mid-value have no leading bytes: they change nothing.
-            let leading = payload.leading_bytes();
-            match crate::queues::flow::enqueue_target(leading) {
-                Some(queue) => self
-                    .queue_flow
-                    .sent_enqueue(payload.sk, endpoint.service, queue),
-                None if !leading.is_empty() => self.queue_flow.sent_other(payload.sk),
-                None => {}
-            }
         }
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
@@ -356,12 +359,8 @@ impl Pipeline {
 
     /// After each ring drain: streams of sockets closed longer than the grace ago finish.
     pub fn settle(&mut self, now_ns: u64) {
-        // A dead write is named at the next tick from its socket's recent commands: the socket
-        // usually closes first (the application reads EOF and closes), so its stream waits.
-        let held = &self.held_dead_writes;
         self.decoders.finish_closed(
             now_ns.saturating_sub(CLOSE_GRACE_NS),
-            |sk| held.iter().any(|w| w.sk == sk),
             &mut self.memcache_events,
         );
         self.flush();
@@ -369,19 +368,6 @@ impl Pipeline {
 
     /// Once a second: timeouts, dead-write outcomes, kernel counters.
     pub fn tick(&mut self, now_ns: u64, probes: Option<&Probes>) {
-        // Writes held since the last tick have had their payload: name the command, report.
-        // (Before `settle`, which may then finish the streams they were waiting for.)
-        for mut write in std::mem::take(&mut self.held_dead_writes) {
-            if write.command.is_none() {
-                write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
-            }
-            self.count_lost_message(&write);
-            let observation = Observation::DeadSocketWrite(write);
-            self.recorder.record(&observation);
-            for sink in &mut self.sinks {
-                sink.observation(&observation);
-            }
-        }
         self.settle(now_ns);
         if let Some(history) = &self.history {
             let keys = self.keys_report();
@@ -475,16 +461,19 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        for observation in self.observations.drain(..) {
-            if let Observation::DeadSocketWrite(write) = observation {
-                self.held_dead_writes.push(write);
-                continue;
+        // Taken and put back: the vector keeps its capacity.
+        let mut observations = std::mem::take(&mut self.observations);
+        for observation in observations.drain(..) {
+            // Named from its own payload while still pending (see `on_payload_record`).
+            if let Observation::DeadSocketWrite(write) = &observation {
+                self.count_lost_message(write);
             }
             self.recorder.record(&observation);
             for sink in &mut self.sinks {
                 sink.observation(&observation);
             }
         }
+        self.observations = observations;
         self.flush_memcache(None, self.capture_budget.weight());
     }
 
@@ -515,20 +504,10 @@ impl Pipeline {
     /// A dead write that enqueued to a queue lost that message.
     fn count_lost_message(&mut self, write: &DeadWrite) {
         let services = self.services.load();
-        // The decoder may have let go of the stream (the close comes before the write is
-        // judged): then the queue flow's own note of the last send decides.
-        let enqueue = match write.command {
-            Some(command) => command == "set",
-            None => self.queue_flow.last_send_enqueued(write.sk),
-        };
-        if !enqueue || !services.is_queue(write.endpoint.service) {
+        if write.command != Some("set") || !services.is_queue(write.endpoint.service) {
             return;
         }
-        let queue = self
-            .queue_flow
-            .queue_of(write.sk)
-            .unwrap_or("unknown")
-            .to_string();
+        let queue = write.queue.as_deref().unwrap_or("unknown").to_string();
         let queue = self.queue_flow.lost(
             write.endpoint.service,
             &queue,
@@ -556,17 +535,27 @@ impl Pipeline {
             return;
         };
         let name = String::from_utf8_lossy(queue);
-        let len = request.value_len.unwrap_or(0);
+        let fingerprint = crate::queues::flow::Fingerprint {
+            len: request.value_len.unwrap_or(0),
+            head: request.value_head,
+        };
         let delta = match (op.op, request.status) {
             (QueueOpKind::Enqueue, crate::model::Status::Stored) => {
-                self.queue_flow
-                    .enqueued(endpoint.service, &name, len, request.request_ts_ns);
+                self.queue_flow.enqueued(
+                    endpoint.service,
+                    &name,
+                    fingerprint,
+                    request.request_ts_ns,
+                );
                 1
             }
             (QueueOpKind::Dequeue | QueueOpKind::Open, crate::model::Status::Hit) => {
-                let waited =
-                    self.queue_flow
-                        .dequeued(endpoint.service, &name, len, request.request_ts_ns);
+                let waited = self.queue_flow.dequeued(
+                    endpoint.service,
+                    &name,
+                    fingerprint,
+                    request.request_ts_ns,
+                );
                 if let crate::queues::flow::Dequeued::Waited(seconds) = waited {
                     self.queue_metric_labels(endpoint, &name, |m, l| {
                         m.queue_wait.get_or_create(l).observe(seconds)
@@ -1020,6 +1009,104 @@ mod tests {
             .collect();
         services.sort();
         assert_eq!(services, ["mc", "mc"]);
+    }
+
+    /// Issue 21's lost enqueue, in the order a failing run recorded it: the idle-dropped
+    /// producer's socket is reset during its dead write (loopback), reads EOF, and a new socket
+    /// (the next client's) takes its address before the next tick. The write is named by its
+    /// own bytes, `set` to `lostq`, not by whatever the address sends next (it used to be
+    /// named `stats`, and the lost message went uncounted).
+    #[test]
+    fn a_lost_enqueue_is_named_by_its_own_bytes_when_a_new_socket_takes_the_address() {
+        let config = Config::parse(
+            "[[services]]\nname = \"starling\"\nport = 22133\nprotocol = \"memcache-queue\"\n\
+             [limits]\ncapture_records_per_second = 0\n",
+            "test.toml",
+        )
+        .expect("test config");
+        let (metrics, _registry) = Metrics::new();
+        let services = SharedServices::from_config(&config).expect("one service");
+        let mut pipeline = Pipeline::new(&config, services, metrics.clone());
+        let sk = 0xffff_8880_0000_3000u64;
+        let local: SocketAddr = "127.0.0.1:40007".parse().unwrap();
+        let remote: SocketAddr = "127.0.0.1:22133".parse().unwrap();
+        let event = |kind: EventKind, ts_ns: u64, peer_closed_ns: u64| SockEventRecord {
+            kind,
+            ts_ns,
+            sk,
+            local: Some(local),
+            remote: Some(remote),
+            pid: 7,
+            comm: "python3".to_string(),
+            facts: SocketFacts {
+                last_activity_ns: 1,
+                bytes_sent: 0,
+                bytes_received: 0,
+                peer_closed_ns,
+                reset_received_ns: 0,
+            },
+        };
+        let state = |old_state, new_state| EventKind::StateChange {
+            old_state,
+            new_state,
+        };
+        let payload = |pipeline: &mut Pipeline, ts: u64, is_send: bool, data: &[u8]| {
+            let record =
+                encode_payload_record(ts, sk, data.len() as u64, is_send, b"python3", data);
+            assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
+        };
+        use tcp_state::{CLOSE, CLOSE_WAIT, ESTABLISHED, SYN_SENT};
+        pipeline.handle_socket_event(&event(EventKind::Learned { state: ESTABLISHED }, 1_000, 0));
+        payload(&mut pipeline, 2_000, true, b"set lostq 0 0 5\r\nfirst\r\n");
+        payload(&mut pipeline, 3_000, false, b"STORED\r\n");
+        // The queue server drops the idle producer; its next enqueue resets the connection
+        // while it is being sent, and the producer reads EOF.
+        pipeline.handle_socket_event(&event(state(ESTABLISHED, CLOSE_WAIT), SECOND, SECOND));
+        pipeline.handle_socket_event(&event(state(CLOSE_WAIT, CLOSE), 2 * SECOND, SECOND));
+        pipeline.handle_socket_event(&event(
+            EventKind::SendAfterPeerClose { ret: 33 },
+            2 * SECOND + 10,
+            SECOND,
+        ));
+        payload(
+            &mut pipeline,
+            2 * SECOND + 20,
+            true,
+            b"set lostq 0 0 13\r\nnever arrives\r\n",
+        );
+        pipeline.handle_socket_event(&event(
+            EventKind::RecvAfterPeerClose { ret: 0 },
+            2 * SECOND + 30,
+            SECOND,
+        ));
+        // A new socket at the same address asks for stats.
+        pipeline.handle_socket_event(&event(state(CLOSE, SYN_SENT), 2 * SECOND + 40, 0));
+        pipeline.handle_socket_event(&event(state(SYN_SENT, ESTABLISHED), 2 * SECOND + 50, 0));
+        payload(&mut pipeline, 2 * SECOND + 60, true, b"stats\r\n");
+        pipeline.tick(3 * SECOND, None);
+        let lost = metrics
+            .queue_messages_lost
+            .get_or_create(&crate::export::metrics::QueueLostLabels {
+                service: "starling".into(),
+                queue: "lostq".into(),
+                outcome: "eof",
+            })
+            .get();
+        assert_eq!(lost, 1);
+        let written = |command: &'static str| {
+            metrics
+                .dead_socket_writes
+                .get_or_create(&crate::export::metrics::DeadWriteLabels {
+                    service: "starling".into(),
+                    server: "127.0.0.1:22133".into(),
+                    role: "client",
+                    comm: "python3".into(),
+                    outcome: "eof",
+                    command,
+                })
+                .get()
+        };
+        assert_eq!((written("set"), written("stats")), (1, 0));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use super::model::{
     key_could_be, Command, DecodeErrorObservation, DecodeErrorReason, Direction, KestrelOptions,
-    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status,
+    Key, Observation, QueueOp, QueueOpKind, RequestObservation, Status, ValueHead,
 };
 
 /// How a request is answered, which decides which responses fit it.
@@ -157,6 +157,8 @@ pub(crate) struct RequestInfo {
     pub seq: Option<u32>,
     /// Length of the value a storage command sends.
     pub value_len: Option<u32>,
+    /// That value's first bytes, when seen.
+    pub value_head: Option<ValueHead>,
 }
 
 impl RequestInfo {
@@ -172,6 +174,7 @@ impl RequestInfo {
             queue: None,
             seq: None,
             value_len: None,
+            value_head: None,
         }
     }
 }
@@ -190,6 +193,7 @@ struct KeySlot {
     status: Option<Status>,
     resp_bytes: u64,
     value_len: Option<u32>,
+    value_head: Option<ValueHead>,
 }
 
 /// Keys of outstanding requests, in request order. Small slots point into one byte arena so
@@ -218,6 +222,7 @@ impl KeyStore {
             status: None,
             resp_bytes: 0,
             value_len: None,
+            value_head: None,
         });
         self.bytes
             .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);
@@ -294,6 +299,7 @@ struct Pending {
     seq: Option<u32>,
     /// The stored value's length, or a hit's when the answer is not per key.
     value_len: Option<u32>,
+    value_head: Option<ValueHead>,
 }
 
 impl Pending {
@@ -316,6 +322,7 @@ impl Pending {
             queue: None,
             seq: None,
             value_len: None,
+            value_head: None,
         }
     }
 
@@ -349,6 +356,16 @@ pub(crate) struct Pairing {
     max_pending: usize,
     max_slots: usize,
     max_key_len: usize,
+    /// Where the value of the last response goes, until its body's head arrives: a text
+    /// response names its value's length in a line that comes before the value itself.
+    last_value: Option<ValueTarget>,
+}
+
+/// The holder of a hit's value: a key slot (by index), or the head entry itself.
+#[derive(Debug, Clone, Copy)]
+enum ValueTarget {
+    Slot(usize),
+    Entry,
 }
 
 impl std::fmt::Debug for Pairing {
@@ -383,6 +400,24 @@ impl Pairing {
             max_pending,
             max_slots,
             max_key_len,
+            last_value: None,
+        }
+    }
+
+    /// The first bytes of the value announced by the last response (see [`ValueHead`]).
+    pub fn value_head(&mut self, head: ValueHead) {
+        match self.last_value.take() {
+            Some(ValueTarget::Slot(i)) => {
+                if let Some(slot) = self.slots.slots.get_mut(i) {
+                    slot.value_head = Some(head);
+                }
+            }
+            Some(ValueTarget::Entry) => {
+                if let Some(entry) = self.pending.front_mut() {
+                    entry.value_head = Some(head);
+                }
+            }
+            None => {}
         }
     }
 
@@ -441,6 +476,7 @@ impl Pairing {
                     req.seq,
                     Sizes {
                         value_len: req.value_len,
+                        value_head: req.value_head,
                         keys: 0,
                     },
                 );
@@ -464,6 +500,7 @@ impl Pairing {
                     req.seq,
                     Sizes {
                         value_len: req.value_len.filter(|_| nkeys == 1),
+                        value_head: req.value_head.filter(|_| nkeys == 1),
                         keys: if i == 0 { nkeys as u16 } else { 0 },
                     },
                 );
@@ -501,6 +538,7 @@ impl Pairing {
             queue: req.queue,
             seq: req.seq,
             value_len: req.value_len,
+            value_head: req.value_head,
         });
     }
 
@@ -529,6 +567,7 @@ impl Pairing {
     }
 
     pub fn respond(&mut self, resp: &Response<'_>, out: &mut Vec<Observation>) {
+        self.last_value = None;
         let mut offset = 0usize;
         let mut found = None;
         for i in 0..self.pending.len() {
@@ -599,11 +638,17 @@ impl Pairing {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
                         slot.value_len = resp.value_len;
+                        slot.value_head = None;
                         head.cursor = (i + 1) as u16;
+                        self.last_value = Some(ValueTarget::Slot(i));
                     }
                     None => {
                         head.resp_bytes += resp.bytes;
-                        head.value_len = resp.value_len.or(head.value_len);
+                        if resp.value_len.is_some() {
+                            head.value_len = resp.value_len;
+                            head.value_head = None;
+                            self.last_value = Some(ValueTarget::Entry);
+                        }
                     }
                 }
             }
@@ -806,6 +851,8 @@ impl Pairing {
         latency: Option<u64>,
         out: &mut Vec<Observation>,
     ) {
+        // Slot indexes shift when an entry's keys go.
+        self.last_value = None;
         if entry.marker {
             return;
         }
@@ -832,6 +879,7 @@ impl Pairing {
                 entry.seq,
                 Sizes {
                     value_len: entry.value_len,
+                    value_head: entry.value_head,
                     keys: 0,
                 },
             );
@@ -842,6 +890,14 @@ impl Pairing {
                 break;
             };
             let status = slot.status.unwrap_or(unresolved);
+            // A hit's value, or (one key) the value the request itself sent.
+            let (value_len, value_head) = if slot.value_len.is_some() {
+                (slot.value_len, slot.value_head)
+            } else if nkeys == 1 {
+                (entry.value_len, entry.value_head)
+            } else {
+                (None, None)
+            };
             let (req_bytes, resp_bytes) = if i == 0 {
                 (entry.req_bytes, entry.resp_bytes + slot.resp_bytes)
             } else {
@@ -859,7 +915,8 @@ impl Pairing {
                 queue_op(entry.queue, status),
                 entry.seq,
                 Sizes {
-                    value_len: slot.value_len.or(entry.value_len.filter(|_| nkeys == 1)),
+                    value_len,
+                    value_head,
                     keys: if i == 0 { entry.nkeys } else { 0 },
                 },
             );
@@ -901,6 +958,7 @@ fn value_slot(
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
     value_len: Option<u32>,
+    value_head: Option<ValueHead>,
     keys: u16,
 }
 
@@ -932,6 +990,7 @@ fn push_request(
         queue,
         seq,
         value_len: sizes.value_len,
+        value_head: sizes.value_head,
         keys_in_request: sizes.keys,
     }));
     if let (Some((bytes, truncated)), Some(Observation::Request(request))) = (key, out.last_mut()) {

@@ -5,7 +5,7 @@
 use super::lines::{LineOutcome, LineSink};
 use super::meta;
 use super::model::{
-    Command, DecodeErrorReason, Direction, KestrelOptions, Observation, KEY_CAPACITY,
+    Command, DecodeErrorReason, Direction, KestrelOptions, Observation, ValueHead, KEY_CAPACITY,
 };
 use super::pairing::{
     push_error, value_len, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind,
@@ -394,6 +394,12 @@ impl LineSink for RequestSink<'_> {
         self.error(DecodeErrorReason::TruncatedCapture, ts);
     }
 
+    fn data_head(&mut self, head: ValueHead) {
+        if let Some(req) = self.inflight.as_mut() {
+            req.value_head = Some(head);
+        }
+    }
+
     fn data_done(&mut self, ts: u64) {
         if let Some(mut req) = self.inflight.take() {
             req.ts_ns = ts;
@@ -622,6 +628,10 @@ impl LineSink for ResponseSink<'_> {
     }
 
     fn data_done(&mut self, _ts: u64) {}
+
+    fn data_head(&mut self, head: ValueHead) {
+        self.pairing.value_head(head);
+    }
 
     fn garbage(&mut self, ts: u64) {
         self.error(DecodeErrorReason::Garbage, ts);
