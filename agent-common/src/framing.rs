@@ -3,9 +3,11 @@
 //! the host.
 //!
 //! It records facts only: which bytes are frame headers (text and meta lines, binary 24-byte
-//! headers with their extras and key) and how many body bytes follow each. Headers are copied;
-//! bodies are jumped over by their declared length, so capture cost grows with the number of
-//! frames, never with value sizes. Meaning (commands, statuses, pairing) is decided in user space.
+//! headers with their extras and key) and how many body bytes follow each. Headers are copied,
+//! and so are the first [`VALUE_HEAD`] bytes of each body (a value's fingerprint, e.g. to match
+//! a queue message's enqueue with its dequeue); the rest of a body is jumped over by its
+//! declared length, so capture cost grows with the number of frames, never with value sizes.
+//! Meaning (commands, statuses, pairing) is decided in user space.
 //!
 //! Text lines need no knowledge of the direction: the lines that announce a body are told apart
 //! by their first word (`set`/`add`/`replace`/`append`/`prepend`/`cas` and `ms` from clients,
@@ -21,7 +23,8 @@ pub mod mode {
     pub const BINARY_HEADER: u8 = 2;
     /// `remaining` bytes of a binary frame's extras and key follow: they are captured.
     pub const KEEP: u8 = 3;
-    /// `remaining` bytes of a value body follow: they are skipped.
+    /// `remaining` bytes of a value body follow: the first `head` are captured, the rest
+    /// skipped.
     pub const SKIP: u8 = 4;
     /// Framing was lost (a line longer than [`super::MAX_LINE`]): nothing more is captured in
     /// this call, and the next call starts afresh at a frame start.
@@ -34,6 +37,9 @@ pub const MAX_LINE: u32 = 16384;
 /// Largest declared body followed (memcached's item ceiling is 1 GiB). A larger claim is
 /// treated as no body: the line is passed to user space, which calls it garbage.
 pub const MAX_BODY: u64 = 1 << 30;
+/// Leading bytes of each value body that are captured: with the body's length, a fingerprint
+/// of the value. Bounded and fixed, so the cost per frame stays constant.
+pub const VALUE_HEAD: u16 = 8;
 
 const REQUEST_MAGIC: u8 = 0x80;
 const RESPONSE_MAGIC: u8 = 0x81;
@@ -54,7 +60,10 @@ pub struct FrameState {
     pub word: u64,
     /// The declared body length being read from its token.
     pub number: u64,
-    pub line_len: u32,
+    /// Bytes of the current text line so far (at most [`MAX_LINE`] + 1).
+    pub line_len: u16,
+    /// [`mode::SKIP`]: leading body bytes still to capture (at most [`VALUE_HEAD`]).
+    pub head: u16,
     /// Binary: body bytes after the extras and key.
     pub binary_rest: u32,
     pub mode: u8,
@@ -115,10 +124,28 @@ fn length_token(first: u64) -> u8 {
 }
 
 impl FrameState {
-    /// Whether the bytes at the current position are copied (everything but value bodies).
+    /// Whether the bytes at the current position are copied (everything but value bodies past
+    /// their first [`VALUE_HEAD`] bytes).
     #[inline(always)]
     pub fn captures(&self) -> bool {
-        self.mode != mode::SKIP && self.mode != mode::LOST
+        match self.mode {
+            mode::SKIP => self.head > 0,
+            mode::LOST => false,
+            _ => true,
+        }
+    }
+
+    /// Enters [`mode::SKIP`] for a body of `len` bytes (`extra` more belong to the frame, such
+    /// as a text body's "\r\n"): its head is captured first.
+    #[inline(always)]
+    fn start_body(&mut self, len: u64, extra: u64) {
+        self.mode = mode::SKIP;
+        self.remaining = len + extra;
+        self.head = if len < VALUE_HEAD as u64 {
+            len as u16
+        } else {
+            VALUE_HEAD
+        };
     }
 
     /// After a call that lost framing, the next call is assumed to start a frame.
@@ -139,10 +166,16 @@ impl FrameState {
             available
         };
         self.remaining -= n;
+        if self.mode == mode::SKIP {
+            self.head = if (self.head as u64) < n {
+                0
+            } else {
+                self.head - n as u16
+            };
+        }
         if self.remaining == 0 {
             if self.mode == mode::KEEP && self.binary_rest > 0 {
-                self.mode = mode::SKIP;
-                self.remaining = self.binary_rest as u64;
+                self.start_body(self.binary_rest as u64, 0);
             } else {
                 self.mode = mode::FRAME_START;
             }
@@ -190,15 +223,14 @@ impl FrameState {
                 && self.flags & NUMBER_BAD == 0
                 && self.number <= MAX_BODY;
             if announces_body {
-                self.mode = mode::SKIP;
                 // The body's own "\r\n" belongs to the frame.
-                self.remaining = self.number + 2;
+                self.start_body(self.number, 2);
             } else {
                 self.mode = mode::FRAME_START;
             }
             return;
         }
-        if self.line_len > MAX_LINE {
+        if self.line_len as u32 > MAX_LINE {
             self.mode = mode::LOST;
             return;
         }
@@ -265,8 +297,7 @@ impl FrameState {
             self.mode = mode::KEEP;
             self.remaining = keep as u64;
         } else if self.binary_rest > 0 {
-            self.mode = mode::SKIP;
-            self.remaining = self.binary_rest as u64;
+            self.start_body(self.binary_rest as u64, 0);
             self.binary_rest = 0;
         } else {
             self.mode = mode::FRAME_START;
@@ -290,8 +321,14 @@ mod tests {
             while i < call.len() {
                 match state.mode {
                     mode::SKIP | mode::KEEP => {
-                        let keep = state.mode == mode::KEEP;
-                        let n = state.pass((call.len() - i) as u64) as usize;
+                        // As the kernel does: a body's head is copied (and passed) on its own.
+                        let keep = state.captures();
+                        let available = (call.len() - i) as u64;
+                        let n = if state.mode == mode::SKIP && keep {
+                            state.pass(available.min(state.head as u64))
+                        } else {
+                            state.pass(available)
+                        } as usize;
                         kept.extend(core::iter::repeat_n(keep, n));
                         i += n;
                     }
@@ -320,12 +357,12 @@ mod tests {
     }
 
     #[test]
-    fn text_bodies_are_skipped_whatever_the_split() {
-        let stream = b"set k 0 0 5\r\nhello\r\nget a b\r\nVALUE a 0 3\r\nEND\r\nVALUE b 1 2 77\r\nxy\r\nEND\r\nms k 4 T0\r\nabcd\r\nVA 2 f1\r\nhi\r\n";
+    fn text_bodies_are_skipped_past_their_head_whatever_the_split() {
+        let stream = b"set k 0 0 5\r\nhello\r\nget a b\r\nVALUE a 0 3\r\nEND\r\nVALUE b 1 2 77\r\nxy\r\nEND\r\nms k 4 T0\r\nabcd\r\nVA 2 f1\r\nhi\r\nset q 0 0 20\r\n0123456789abcdefghij\r\nVALUE q 0 0\r\n\r\nEND\r\n";
         for split in 1..stream.len() {
             assert_eq!(
                 kept_text(stream, split),
-                b"set k 0 0 5\r\nget a b\r\nVALUE a 0 3\r\nVALUE b 1 2 77\r\nEND\r\nms k 4 T0\r\nVA 2 f1\r\n",
+                b"set k 0 0 5\r\nhelloget a b\r\nVALUE a 0 3\r\nENDVALUE b 1 2 77\r\nxyEND\r\nms k 4 T0\r\nabcdVA 2 f1\r\nhiset q 0 0 20\r\n01234567VALUE q 0 0\r\nEND\r\n",
                 "split {split}"
             );
         }
@@ -350,16 +387,16 @@ mod tests {
 
     #[test]
     fn binary_keeps_header_extras_and_key() {
-        // A set: extras 8, key "key", value "value".
+        // A set: extras 8, key "key", value "value-longer" (its first 8 bytes kept).
         let mut set = std::vec![0u8; 24];
         set[0] = 0x80;
         set[1] = 0x01;
         set[3] = 3;
         set[4] = 8;
-        set[11] = 8 + 3 + 5;
+        set[11] = 8 + 3 + 12;
         set.extend_from_slice(&[0; 8]);
         set.extend_from_slice(b"key");
-        set.extend_from_slice(b"value");
+        set.extend_from_slice(b"value-longer");
         let mut noop = std::vec![0u8; 24];
         noop[0] = 0x80;
         noop[1] = 0x0a;
@@ -368,7 +405,7 @@ mod tests {
         for split in 1..stream.len() {
             let kept = captured(&stream, split);
             let skipped: Vec<usize> = (0..stream.len()).filter(|&i| !kept[i]).collect();
-            assert_eq!(skipped, (35..40).collect::<Vec<_>>(), "split {split}");
+            assert_eq!(skipped, (43..47).collect::<Vec<_>>(), "split {split}");
         }
     }
 

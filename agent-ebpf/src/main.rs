@@ -1206,7 +1206,11 @@ unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i
         walk.header.span_start = walk.pos as u32;
         return 0;
     }
-    let piece = min(min(in_buffer, CAPTURE_PIECE as u64), walk.budget);
+    let mut piece = min(min(in_buffer, CAPTURE_PIECE as u64), walk.budget);
+    if walk.frames.mode == framing::mode::SKIP {
+        // A value body's head (its fingerprint): only its own bytes, at most VALUE_HEAD.
+        piece = min(piece, walk.frames.head as u64);
+    }
     if walk.segment == NO_SEGMENT || walk.segment_end != walk.pos {
         // A new segment, 8-byte aligned.
         let at = ((walk.data_len + 7) & !7) & (RECORD_DATA_MAX as u64 - 1);

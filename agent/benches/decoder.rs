@@ -7,8 +7,13 @@
 //! values beyond the prefix are framed by length.
 //!
 //! Run: `cargo bench -p cacheprobe --bench decoder`
+//!
+//! Before criterion's groups, the mixed workload is also decoded with value heads (issue 21's
+//! fingerprints, [`DecoderConfig::value_heads`]) on and off in interleaved rounds, and the
+//! change in commands/s is printed with a bootstrap 95% confidence interval: the two sides run
+//! side by side, so load from other processes hits both alike.
 
-use std::hint::black_box;
+use std::{hint::black_box, time::Instant};
 
 use cacheprobe::memcache::{Chunk, ConnectionDecoder, Decoded, DecoderConfig, Direction};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -290,8 +295,17 @@ fn workload() -> (Vec<Payload>, u64) {
 
 /// Decodes the whole workload; returns (request observations, decode errors).
 fn decode_all(payloads: &[Payload], out: &mut Vec<Decoded>) -> (u64, u64) {
+    decode_all_with(payloads, out, true)
+}
+
+fn decode_all_with(payloads: &[Payload], out: &mut Vec<Decoded>, value_heads: bool) -> (u64, u64) {
     let mut decoders: Vec<ConnectionDecoder> = (0..3)
-        .map(|_| ConnectionDecoder::new(DecoderConfig::default()))
+        .map(|_| {
+            ConnectionDecoder::new(DecoderConfig {
+                value_heads,
+                ..DecoderConfig::default()
+            })
+        })
         .collect();
     let (mut requests, mut errors) = (0, 0);
     for payload in payloads {
@@ -334,6 +348,7 @@ fn bench_decoder(c: &mut Criterion) {
         "workload: {requests} requests, {observations} observations, {} payloads, {bytes} bytes on the wire",
         payloads.len()
     );
+    value_heads_side_by_side(&payloads, requests, &mut out);
     let mut group = c.benchmark_group("decoder");
     group.throughput(Throughput::Elements(requests));
     group.bench_function("mixed_text_meta_binary", |b| {
@@ -342,7 +357,8 @@ fn bench_decoder(c: &mut Criterion) {
     group.finish();
 
     // Issue 17: a multi-get of 100 keys and its reply of 100 VALUE items, as the framing-aware
-    // capture delivers them: one chunk per frame header, the value body after it uncaptured.
+    // capture delivers them: one chunk per frame header and its value's first 8 bytes, the
+    // rest of the body uncaptured.
     let (items, many) = many_items_workload(100, 100, 200);
     let (observations, errors) = decode_chunks(&many, &mut out);
     assert_eq!(errors, 0, "the many-items workload must decode cleanly");
@@ -353,6 +369,65 @@ fn bench_decoder(c: &mut Criterion) {
         b.iter(|| black_box(decode_chunks(&many, &mut out)))
     });
     group.finish();
+}
+
+/// Rounds of the value-heads comparison, and workload passes per side per round.
+const AB_ROUNDS: usize = 30;
+const AB_PASSES: usize = 5;
+
+/// Commands/s with value heads on and off, interleaved round by round (the side that goes
+/// first alternates); prints the median change and a percentile-bootstrap 95% CI of it.
+fn value_heads_side_by_side(payloads: &[Payload], requests: u64, out: &mut Vec<Observation>) {
+    let rate = |on: bool, out: &mut Vec<Observation>| {
+        let start = Instant::now();
+        for _ in 0..AB_PASSES {
+            black_box(decode_all_with(payloads, out, on));
+        }
+        (requests * AB_PASSES as u64) as f64 / start.elapsed().as_secs_f64()
+    };
+    // Warm-up, both sides.
+    rate(true, out);
+    rate(false, out);
+    let mut on = Vec::new();
+    let mut changes = Vec::new();
+    let mut off = Vec::new();
+    for round in 0..AB_ROUNDS {
+        let (a, b) = if round % 2 == 0 {
+            let a = rate(true, out);
+            (a, rate(false, out))
+        } else {
+            let b = rate(false, out);
+            (rate(true, out), b)
+        };
+        on.push(a);
+        off.push(b);
+        changes.push(a / b - 1.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rng = Lcg(0xb007);
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| {
+            let mut sample: Vec<f64> = (0..changes.len())
+                .map(|_| changes[rng.below(changes.len() as u64) as usize])
+                .collect();
+            median(&mut sample)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    let (low, high) = (medians[50], medians[1949]);
+    eprintln!(
+        "value heads side by side ({AB_ROUNDS} interleaved rounds of {AB_PASSES} passes): \
+         on {:.0} commands/s, off {:.0} commands/s (medians); change with heads on {:+.2}% \
+         (95% CI {:+.2}% .. {:+.2}%)",
+        median(&mut on),
+        median(&mut off),
+        100.0 * median(&mut changes.clone()),
+        100.0 * low,
+        100.0 * high
+    );
 }
 
 /// One send or receive as the kernel's framing-aware capture reports it: (captured header
@@ -374,8 +449,10 @@ fn many_items_workload(keys: usize, value_len: usize, gets: usize) -> (u64, Vec<
         let request_len = request.len();
         let mut reply = Vec::new();
         for name in &names {
-            let header = format!("VALUE {name} 0 {value_len}\r\n").into_bytes();
+            // The header and the value's head (its first 8 bytes), as the capture copies them.
+            let mut header = format!("VALUE {name} 0 {value_len}\r\n").into_bytes();
             let len = header.len() + value_len + 2;
+            header.extend(std::iter::repeat_n(b'v', value_len.min(8)));
             reply.push((header, len));
         }
         reply.push((b"END\r\n".to_vec(), 5));

@@ -21,8 +21,10 @@ pub struct DeadWrite {
     pub pid: u32,
     pub ts_ns: u64,
     pub bytes: u64,
-    /// The memcache command written, when the decoder saw it.
+    /// The memcache command written, read from the write's own captured bytes.
     pub command: Option<&'static str>,
+    /// The queue the write enqueued to (memcache-queue services), read from the same bytes.
+    pub queue: Option<String>,
     pub outcome: DeadWriteOutcome,
 }
 
@@ -85,6 +87,7 @@ impl DeadWriteTracker {
                 ts_ns,
                 bytes: ret as u64,
                 command: None,
+                queue: None,
                 outcome: DeadWriteOutcome::Unnoticed,
             });
         } else if ret < 0 && -ret != EAGAIN && -ret != EINTR {
@@ -104,10 +107,27 @@ impl DeadWriteTracker {
         }
     }
 
-    /// Labels the most recent pending write on `sk` with the command the decoder saw in it.
-    pub fn set_command(&mut self, sk: u64, command: &'static str) {
-        if let Some(write) = self.pending.get_mut(&sk).and_then(|p| p.writes.last_mut()) {
-            write.command.get_or_insert(command);
+    /// The bytes a send on `sk` stamped `ts_ns` started with name what it carried: the kernel
+    /// reports a dead write before that same send's payload, so the latest pending write on
+    /// the socket at or before `ts_ns`, not named yet, is that send. Named here, while the
+    /// socket address still means this socket (a new socket may take it once it closes).
+    pub fn name(
+        &mut self,
+        sk: u64,
+        ts_ns: u64,
+        command: Option<&'static str>,
+        queue: Option<&[u8]>,
+    ) {
+        let Some(write) = self
+            .pending
+            .get_mut(&sk)
+            .and_then(|p| p.writes.iter_mut().rev().find(|w| w.ts_ns <= ts_ns))
+        else {
+            return;
+        };
+        if write.command.is_none() {
+            write.command = command;
+            write.queue = queue.map(|q| String::from_utf8_lossy(q).into_owned());
         }
     }
 
@@ -163,13 +183,17 @@ mod tests {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
         tracker.on_send(1, endpoint(), SEC, 16, "python3", 7, &mut out);
-        tracker.set_command(1, "set");
+        // A send stamped before the write is not its payload.
+        tracker.name(1, SEC - 1, Some("get"), None);
+        tracker.name(1, SEC + 5, Some("set"), Some(b"jobs"));
+        tracker.name(1, SEC + 9, Some("get"), None);
         assert!(out.is_empty());
         tracker.on_recv(1, 0, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, DeadWriteOutcome::Eof);
         assert_eq!(out[0].comm, "python3");
         assert_eq!(out[0].command, Some("set"));
+        assert_eq!(out[0].queue.as_deref(), Some("jobs"));
         assert_eq!(out[0].bytes, 16);
     }
 

@@ -144,11 +144,12 @@ mod tests {
 
     #[test]
     fn reports_a_queue_whose_oldest_message_waits_too_long() {
+        let fp5 = || crate::queues::flow::Fingerprint { len: 5, head: None };
         let mut flow = QueueFlow::default();
-        flow.enqueued(0, "mail", 5, S);
-        flow.enqueued(0, "mail", 5, 2 * S);
-        flow.enqueued(0, "fast", 5, 2 * S);
-        flow.dequeued(0, "fast", 5, 3 * S);
+        flow.enqueued(0, "mail", fp5(), S);
+        flow.enqueued(0, "mail", fp5(), 2 * S);
+        flow.enqueued(0, "fast", fp5(), 2 * S);
+        flow.dequeued(0, "fast", fp5(), 3 * S);
         let th = DiagnoseThresholds::default();
         let mut findings = Vec::new();
         // 30 s after the first enqueue: below the default 60 s.

@@ -517,6 +517,7 @@ mod tests {
                 queue: None,
                 seq,
                 value_len: Some(10),
+                value_head: None,
                 keys_in_request: 1,
             },
         };

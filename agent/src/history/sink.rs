@@ -187,6 +187,7 @@ mod tests {
                     queue: None,
                     seq: None,
                     value_len: Some(12),
+                    value_head: None,
                     keys_in_request: 1,
                 },
             },

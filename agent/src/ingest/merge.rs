@@ -95,6 +95,7 @@ impl EventQueue {
     }
 
     /// Applies everything pending and everything left in the ring, a bounded batch at a time.
+    #[cfg(test)]
     pub fn apply_all(&mut self, flow: &mut impl EventFlow) {
         self.apply_until(u64::MAX, flow);
     }
@@ -136,14 +137,24 @@ impl<R: RecordRing> EventFlow for RingEvents<'_, R> {
 
 /// Processes both rings in timestamp order (see the module comment), then lets streams of
 /// sockets closed longer than the grace ago finish as of `clock()` (read after the drain).
+///
+/// Events are applied only up to when the payload ring was last found empty. A thread's
+/// payload record is in the ring before anything it does after that send, so an event stamped
+/// before then has every payload it follows already handled: a dead write's payload (which
+/// names it) comes before the EOF that resolves it, whichever ring is read first. Later events
+/// wait for the next pump.
 pub fn pump(
     queue: &mut EventQueue,
     pipeline: &mut Pipeline,
     events: &mut impl RecordRing,
     payloads: &mut impl RecordRing,
-    clock: impl FnOnce() -> u64,
+    mut clock: impl FnMut() -> u64,
 ) {
-    while let Some(item) = payloads.next_record() {
+    let drained_at = loop {
+        let looked_at = clock();
+        let Some(item) = payloads.next_record() else {
+            break looked_at;
+        };
         let ts = payload_ts(&item).unwrap_or(u64::MAX);
         queue.apply_until(
             ts,
@@ -157,11 +168,14 @@ pub fn pump(
             // track (e.g. the table was full); the payload is dropped.
             tracing::trace!("payload for an unknown socket");
         }
-    }
-    queue.apply_all(&mut RingEvents {
-        pipeline: &mut *pipeline,
-        ring: events,
-    });
+    };
+    queue.apply_until(
+        drained_at,
+        &mut RingEvents {
+            pipeline: &mut *pipeline,
+            ring: events,
+        },
+    );
     pipeline.settle(clock());
 }
 

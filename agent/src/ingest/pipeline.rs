@@ -14,7 +14,6 @@ use agent_common::{capture_sample, tcp_state};
 use crate::{
     clock::unix_now,
     config::Config,
-    conn::dead_writes::DeadWrite,
     conn::tracking::{Endpoint, Observation, Tracker},
     export::{metrics::Metrics, recorder::ObservationRecorder},
     history::History,
@@ -48,7 +47,6 @@ pub struct Pipeline {
     tracker: Tracker,
     decoders: Decoders,
     /// Dead writes wait one tick for the payload that names their command.
-    held_dead_writes: Vec<DeadWrite>,
     observations: Vec<Observation>,
     memcache_events: Vec<MemcacheEvent>,
     pub undecodable_records: u64,
@@ -77,7 +75,6 @@ impl Pipeline {
         Pipeline {
             tracker: Tracker::new(services.clone(), max),
             decoders: Decoders::new(max),
-            held_dead_writes: Vec::new(),
             observations: Vec::with_capacity(64),
             memcache_events: Vec::with_capacity(256),
             undecodable_records: 0,
@@ -219,16 +216,29 @@ impl Pipeline {
         let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
+        let queue_mode = self.services.load().is_queue(endpoint.service);
+        if payload.is_send && endpoint.role == Role::Client && payload.span_start == 0 {
+            // A request's first bytes name what a dead write carried (a send that starts
+            // mid-value has none). `pump` applies a send's dead-write event before its payload
+            // and the payload before anything the application did after the send.
+            let leading = payload.leading_bytes();
+            if !leading.is_empty() {
+                let queue = queue_mode
+                    .then(|| crate::queues::flow::enqueue_target(leading))
+                    .flatten();
+                self.tracker.dead_writes_mut().name(
+                    payload.sk,
+                    payload.ts_ns,
+                    crate::kernel::capture::sniff_command(leading),
+                    queue,
+                );
+            }
+        }
         if let Some(shift) = self.capture.count_record(payload.ts_ns) {
             self.capture_sample_changed(shift);
         }
         if self.capture.drops(payload.sk, payload.ts_ns) {
             return PayloadOutcome::Handled;
-        }
-        let queue_mode = self.services.load().is_queue(endpoint.service);
-        if queue_mode && payload.is_send && endpoint.role == Role::Client {
-            self.queues
-                .sent(payload.sk, endpoint.service, payload.leading_bytes());
         }
         self.decoders
             .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
@@ -240,12 +250,8 @@ impl Pipeline {
 
     /// After each ring drain: streams of sockets closed longer than the grace ago finish.
     pub fn settle(&mut self, now_ns: u64) {
-        // A dead write is named at the next tick from its socket's recent commands: the socket
-        // usually closes first (the application reads EOF and closes), so its stream waits.
-        let held = &self.held_dead_writes;
         self.decoders.finish_closed(
             now_ns.saturating_sub(CLOSE_GRACE_NS),
-            |sk| held.iter().any(|w| w.sk == sk),
             &mut self.memcache_events,
         );
         self.flush();
@@ -263,15 +269,6 @@ impl Pipeline {
     ) {
         // Writes held since the last tick have had their payload: name the command, report.
         // (Before `settle`, which may then finish the streams they were waiting for.)
-        for mut write in std::mem::take(&mut self.held_dead_writes) {
-            if write.command.is_none() {
-                write.command = self.decoders.command_sent_at(write.sk, write.ts_ns);
-            }
-            self.queues
-                .count_lost(&write, &self.services, self.outputs.metrics());
-            self.outputs
-                .observation(&Observation::DeadSocketWrite(write));
-        }
         self.settle(now_ns);
         if self.outputs.has_history() {
             let keys = self.keys_report();
@@ -319,9 +316,10 @@ impl Pipeline {
 
     fn flush(&mut self) {
         for observation in self.observations.drain(..) {
-            if let Observation::DeadSocketWrite(write) = observation {
-                self.held_dead_writes.push(write);
-                continue;
+            // Named from its own payload while still pending (see `on_payload_record`).
+            if let Observation::DeadSocketWrite(write) = &observation {
+                self.queues
+                    .count_lost(write, &self.services, self.outputs.metrics());
             }
             self.outputs.observation(&observation);
         }
@@ -696,6 +694,104 @@ mod tests {
         assert_eq!(lost, 6);
         let snapshot = history.lock().unwrap().snapshot(0);
         assert_eq!(snapshot.slab_fit.len(), 1, "{:?}", snapshot.slab_fit);
+    }
+
+    /// Issue 21's lost enqueue, in the order a failing run recorded it: the idle-dropped
+    /// producer's socket is reset during its dead write (loopback), reads EOF, and a new socket
+    /// (the next client's) takes its address before the next tick. The write is named by its
+    /// own bytes, `set` to `lostq`, not by whatever the address sends next (it used to be
+    /// named `stats`, and the lost message went uncounted).
+    #[test]
+    fn a_lost_enqueue_is_named_by_its_own_bytes_when_a_new_socket_takes_the_address() {
+        let config = Config::parse(
+            "[[services]]\nname = \"starling\"\nport = 22133\nprotocol = \"memcache-queue\"\n\
+             [limits]\ncapture_records_per_second = 0\n",
+            "test.toml",
+        )
+        .expect("test config");
+        let (metrics, _registry) = Metrics::new();
+        let services = SharedServices::from_config(&config).expect("one service");
+        let mut pipeline = Pipeline::new(&config, services, metrics.clone());
+        let sk = 0xffff_8880_0000_3000u64;
+        let local: SocketAddr = "127.0.0.1:40007".parse().unwrap();
+        let remote: SocketAddr = "127.0.0.1:22133".parse().unwrap();
+        let event = |kind: EventKind, ts_ns: u64, peer_closed_ns: u64| SockEventRecord {
+            kind,
+            ts_ns,
+            sk,
+            local: Some(local),
+            remote: Some(remote),
+            pid: 7,
+            comm: "python3".to_string(),
+            facts: SocketFacts {
+                last_activity_ns: 1,
+                bytes_sent: 0,
+                bytes_received: 0,
+                peer_closed_ns,
+                reset_received_ns: 0,
+            },
+        };
+        let state = |old_state, new_state| EventKind::StateChange {
+            old_state,
+            new_state,
+        };
+        let payload = |pipeline: &mut Pipeline, ts: u64, is_send: bool, data: &[u8]| {
+            let record =
+                encode_payload_record(ts, sk, data.len() as u64, is_send, b"python3", data);
+            assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
+        };
+        use tcp_state::{CLOSE, CLOSE_WAIT, ESTABLISHED, SYN_SENT};
+        pipeline.handle_socket_event(&event(EventKind::Learned { state: ESTABLISHED }, 1_000, 0));
+        payload(&mut pipeline, 2_000, true, b"set lostq 0 0 5\r\nfirst\r\n");
+        payload(&mut pipeline, 3_000, false, b"STORED\r\n");
+        // The queue server drops the idle producer; its next enqueue resets the connection
+        // while it is being sent, and the producer reads EOF.
+        pipeline.handle_socket_event(&event(state(ESTABLISHED, CLOSE_WAIT), SECOND, SECOND));
+        pipeline.handle_socket_event(&event(state(CLOSE_WAIT, CLOSE), 2 * SECOND, SECOND));
+        pipeline.handle_socket_event(&event(
+            EventKind::SendAfterPeerClose { ret: 33 },
+            2 * SECOND + 10,
+            SECOND,
+        ));
+        payload(
+            &mut pipeline,
+            2 * SECOND + 20,
+            true,
+            b"set lostq 0 0 13\r\nnever arrives\r\n",
+        );
+        pipeline.handle_socket_event(&event(
+            EventKind::RecvAfterPeerClose { ret: 0 },
+            2 * SECOND + 30,
+            SECOND,
+        ));
+        // A new socket at the same address asks for stats.
+        pipeline.handle_socket_event(&event(state(CLOSE, SYN_SENT), 2 * SECOND + 40, 0));
+        pipeline.handle_socket_event(&event(state(SYN_SENT, ESTABLISHED), 2 * SECOND + 50, 0));
+        payload(&mut pipeline, 2 * SECOND + 60, true, b"stats\r\n");
+        pipeline.tick(3 * SECOND, None, &mut Vec::new);
+        let lost = metrics
+            .queue_messages_lost
+            .get_or_create(&crate::export::metrics::QueueLostLabels {
+                service: "starling".into(),
+                queue: "lostq".into(),
+                outcome: "eof",
+            })
+            .get();
+        assert_eq!(lost, 1);
+        let written = |command: &'static str| {
+            metrics
+                .dead_socket_writes
+                .get_or_create(&crate::export::metrics::DeadWriteLabels {
+                    service: "starling".into(),
+                    server: "127.0.0.1:22133".into(),
+                    role: "client",
+                    comm: "python3".into(),
+                    outcome: "eof",
+                    command,
+                })
+                .get()
+        };
+        assert_eq!((written("set"), written("stats")), (1, 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::{
     export::metrics::{Metrics, QueueLostLabels, QueueNameLabels},
     memcache::{QueueOpKind, RequestObservation},
     model::{Role, Status},
-    queues::flow::{enqueue_target, Dequeued, QueueFlow, QueueReport},
+    queues::flow::{Dequeued, Fingerprint, QueueFlow, QueueReport},
     services::SharedServices,
 };
 
@@ -16,33 +16,13 @@ pub struct QueueSide {
 }
 
 impl QueueSide {
-    /// A client's send to a queue service, from its leading bytes. Sends that start mid-value
-    /// have no leading bytes: they change nothing.
-    pub fn sent(&mut self, sk: u64, service: usize, leading: &[u8]) {
-        match enqueue_target(leading) {
-            Some(queue) => self.flow.sent_enqueue(sk, service, queue),
-            None if !leading.is_empty() => self.flow.sent_other(sk),
-            None => {}
-        }
-    }
-
     /// A dead write that enqueued to a queue lost that message.
     pub fn count_lost(&mut self, write: &DeadWrite, services: &SharedServices, metrics: &Metrics) {
         let services = services.load();
-        // The decoder may have let go of the stream (the close comes before the write is
-        // judged): then the queue flow's own note of the last send decides.
-        let enqueue = match write.command {
-            Some(command) => command == "set",
-            None => self.flow.last_send_enqueued(write.sk),
-        };
-        if !enqueue || !services.is_queue(write.endpoint.service) {
+        if write.command != Some("set") || !services.is_queue(write.endpoint.service) {
             return;
         }
-        let queue = self
-            .flow
-            .queue_of(write.sk)
-            .unwrap_or("unknown")
-            .to_string();
+        let queue = write.queue.as_deref().unwrap_or("unknown").to_string();
         let queue = self.flow.lost(
             write.endpoint.service,
             &queue,
@@ -75,17 +55,20 @@ impl QueueSide {
             return;
         };
         let name = String::from_utf8_lossy(queue);
-        let len = request.value_len.unwrap_or(0);
+        let fingerprint = Fingerprint {
+            len: request.value_len.unwrap_or(0),
+            head: request.value_head,
+        };
         let delta = match (op.op, request.status) {
             (QueueOpKind::Enqueue, Status::Stored) => {
                 self.flow
-                    .enqueued(endpoint.service, &name, len, request.request_ts_ns);
+                    .enqueued(endpoint.service, &name, fingerprint, request.request_ts_ns);
                 1
             }
             (QueueOpKind::Dequeue | QueueOpKind::Open, Status::Hit) => {
                 let waited =
                     self.flow
-                        .dequeued(endpoint.service, &name, len, request.request_ts_ns);
+                        .dequeued(endpoint.service, &name, fingerprint, request.request_ts_ns);
                 if let Dequeued::Waited(seconds) = waited {
                     metrics
                         .queue_wait

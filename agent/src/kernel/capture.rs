@@ -318,7 +318,11 @@ pub fn kernel_capture(
             span_start = pos;
             continue;
         }
-        let piece = (total - pos).min(CAPTURE_PIECE as u64).min(budget);
+        let mut piece = (total - pos).min(CAPTURE_PIECE as u64).min(budget);
+        if state.mode == framing::mode::SKIP {
+            // A body's head: only its own bytes.
+            piece = piece.min(state.head as u64);
+        }
         let bytes = &call[pos as usize..(pos + piece) as usize];
         match segments.last_mut() {
             Some((offset, run)) if *offset + run.len() as u64 == pos => {
@@ -373,14 +377,9 @@ pub enum MemcacheEvent {
     },
 }
 
-/// Recent client-to-server commands per connection, to name what a dead write carried.
-const RECENT_COMMANDS: usize = 4;
-
 struct ConnectionState {
     endpoint: Endpoint,
     decoder: ConnectionDecoder,
-    recent: [(u64, Option<&'static str>); RECENT_COMMANDS],
-    next: usize,
     /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
     closed_ns: Option<u64>,
 }
@@ -447,11 +446,6 @@ impl Decoders {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
             _ => Direction::ServerToClient,
         };
-        if direction == Direction::ClientToServer && payload.is_send && payload.span_start == 0 {
-            state.recent[state.next % RECENT_COMMANDS] =
-                (payload.ts_ns, sniff_command(payload.leading_bytes()));
-            state.next = state.next.wrapping_add(1);
-        }
         let mut offset = payload.span_start;
         for (captured, total_len) in payload.chunks() {
             state.decoder.feed(
@@ -498,23 +492,10 @@ impl Decoders {
                     queue_mode,
                     ..DecoderConfig::default()
                 }),
-                recent: [(0, None); RECENT_COMMANDS],
-                next: 0,
                 closed_ns: None,
             },
         );
         true
-    }
-
-    /// The command in the first send on `sk` at or after `ts_ns` (the send a dead write made).
-    pub fn command_sent_at(&self, sk: u64, ts_ns: u64) -> Option<&'static str> {
-        let state = self.connections.get(&sk)?;
-        state
-            .recent
-            .iter()
-            .filter(|(ts, _)| *ts >= ts_ns)
-            .min_by_key(|(ts, _)| *ts)
-            .and_then(|(_, command)| *command)
     }
 
     /// The socket reached CLOSE at `ts_ns`: its stream finishes in [`Decoders::finish_closed`]
@@ -528,16 +509,10 @@ impl Decoders {
         }
     }
 
-    /// Finishes the streams of sockets that closed at or before `before_ns`, in close order,
-    /// stopping at the first that `keep` still needs (it is retried next time).
-    pub fn finish_closed(
-        &mut self,
-        before_ns: u64,
-        keep: impl Fn(u64) -> bool,
-        out: &mut Vec<MemcacheEvent>,
-    ) {
+    /// Finishes the streams of sockets that closed at or before `before_ns`, in close order.
+    pub fn finish_closed(&mut self, before_ns: u64, out: &mut Vec<MemcacheEvent>) {
         while let Some(&(sk, closed_ns)) = self.closing.front() {
-            if closed_ns > before_ns || keep(sk) {
+            if closed_ns > before_ns {
                 break;
             }
             self.closing.pop_front();
@@ -680,8 +655,6 @@ mod tests {
             })
             .sum();
         assert_eq!(sent, 7);
-        assert_eq!(decoders.command_sent_at(5, 900), Some("get"));
-        assert_eq!(decoders.command_sent_at(5, 2_000), None);
     }
 
     #[test]
@@ -722,7 +695,7 @@ mod tests {
             &mut out,
         );
         decoders.close_after_grace(9, 2_000);
-        decoders.finish_closed(1_999, |_| false, &mut out);
+        decoders.finish_closed(1_999, &mut out);
         assert!(statuses(&out).is_empty(), "{out:?}");
         let reply = record(3_000, 9, true, b"VALUE large 0 500000\r\n", 200_000);
         decoders.on_payload(
@@ -731,10 +704,7 @@ mod tests {
             false,
             &mut out,
         );
-        // A socket someone still needs (a dead write waiting for its command) stays.
-        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, |sk| sk == 9, &mut out);
-        assert_eq!(decoders.len(), 1);
-        decoders.finish_closed(2_000 + CLOSE_GRACE_NS, |_| false, &mut out);
+        decoders.finish_closed(2_000, &mut out);
         assert!(decoders.is_empty());
         assert_eq!(statuses(&out), vec![Status::Hit], "{out:?}");
         // Without a reply the request finishes unanswered once the grace is over, and a stale
@@ -755,7 +725,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(statuses(&out), vec![Status::Unanswered], "{out:?}");
-        decoders.finish_closed(u64::MAX, |_| false, &mut out);
+        decoders.finish_closed(u64::MAX, &mut out);
         assert_eq!(decoders.len(), 1, "the new stream stays");
     }
 
@@ -929,6 +899,81 @@ mod tests {
             assert_eq!(count("get", Status::Hit), 40, "{role:?}: {counts:?}");
             assert_eq!(count("get", Status::Miss), 62, "{role:?}: {counts:?}");
             assert_eq!(counts.values().sum::<u64>(), 202, "{role:?}: {counts:?}");
+        }
+    }
+
+    /// The first bytes of every value reach the observation through the kernel's capture,
+    /// wherever the calls split the stream: a body starting in a later call than its line, a
+    /// head split over two reads, values shorter than the head, large values.
+    #[test]
+    fn value_heads_reach_observations_through_capture_whatever_the_split() {
+        let values: Vec<Vec<u8>> = vec![
+            b"job:0001-payload".to_vec(),
+            b"ab".to_vec(),
+            Vec::new(),
+            b"big:"
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b'x', 70_000))
+                .collect(),
+        ];
+        let mut sets = Vec::new();
+        let mut stored = Vec::new();
+        let mut gets = Vec::new();
+        let mut replies = Vec::new();
+        for v in &values {
+            sets.extend_from_slice(format!("set q 0 0 {}\r\n", v.len()).as_bytes());
+            sets.extend_from_slice(v);
+            sets.extend_from_slice(b"\r\n");
+            stored.extend_from_slice(b"STORED\r\n");
+            gets.extend_from_slice(b"get q\r\n");
+            replies.extend_from_slice(format!("VALUE q 0 {}\r\n", v.len()).as_bytes());
+            replies.extend_from_slice(v);
+            replies.extend_from_slice(b"\r\nEND\r\n");
+        }
+        let expected: Vec<Vec<u8>> = values
+            .iter()
+            .map(|v| v[..v.len().min(8)].to_vec())
+            .collect();
+        for split in [1usize, 3, 7, 15, 16, 17, 18, 19, 20, 21, 64, 1500, 1 << 20] {
+            for role in [Role::Client, Role::Server] {
+                let mut decoders = Decoders::new(10);
+                let mut out = Vec::new();
+                let mut send = FrameState::default();
+                let mut recv = FrameState::default();
+                let mut ts = 0;
+                for (client_sends, stream) in [
+                    (true, &sets),
+                    (false, &stored),
+                    (true, &gets),
+                    (false, &replies),
+                ] {
+                    let is_send = client_sends == (role == Role::Client);
+                    let state = if is_send { &mut send } else { &mut recv };
+                    for call in stream.chunks(split) {
+                        ts += 1_000;
+                        for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
+                            let view = parse_payload(&record).unwrap();
+                            decoders.on_payload(&view, endpoint(role), true, &mut out);
+                        }
+                    }
+                }
+                decoders.on_close(7, &mut out);
+                let heads = |command: &str| -> Vec<Vec<u8>> {
+                    out.iter()
+                        .filter_map(|e| match e {
+                            MemcacheEvent::Request { request, .. }
+                                if request.command.as_str() == command =>
+                            {
+                                Some(request.value_head?.as_bytes().to_vec())
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                };
+                assert_eq!(heads("set"), expected, "{role:?} split {split}: {out:?}");
+                assert_eq!(heads("get"), expected, "{role:?} split {split}: {out:?}");
+            }
         }
     }
 

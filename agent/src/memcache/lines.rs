@@ -5,6 +5,12 @@
 //! value that happens to contain "\r\nEND\r\n" cannot derail the decoder. Only a line itself
 //! must be visible; when it is not, the rest of that payload is unknown and the framer
 //! resynchronises on a later payload.
+//!
+//! The first bytes of each data block ([`VALUE_HEAD_LEN`], which the kernel's capture copies)
+//! are handed to the sink as the value's [`ValueHead`], also when the block starts in a later
+//! chunk than its line or is split over chunks; a head with any byte not captured is not.
+
+use super::model::{ValueHead, VALUE_HEAD_LEN};
 
 /// What the sink wants after a complete line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +39,9 @@ pub(crate) trait LineSink {
     fn lost(&mut self, ts: u64);
     /// The data block announced by the last `LineOutcome::Data` ended.
     fn data_done(&mut self, ts: u64);
+    /// The first bytes of the data block announced by the last `LineOutcome::Data` (all of
+    /// them when it is shorter than [`VALUE_HEAD_LEN`]), once all were seen.
+    fn data_head(&mut self, _head: ValueHead) {}
     /// Entering resynchronisation because of garbage.
     fn garbage(&mut self, ts: u64);
     /// Whether `bytes` starts with a command (or response) this side may begin a line with.
@@ -64,6 +73,11 @@ pub(crate) struct TextFramer {
     /// Bytes of the stream fed before the current chunk.
     fed: u64,
     max_line: usize,
+    /// The head of the data block being skipped, and how many of its bytes are still wanted
+    /// (0: complete and handed over, or given up because a byte was not captured).
+    head: ValueHead,
+    head_wanted: u8,
+    value_heads: bool,
 }
 
 /// Position of the first '\n'. Protocol lines are short, and for short haystacks a plain scan
@@ -97,7 +111,7 @@ fn find_resync(captured: &[u8], from: usize, is_point: fn(&[u8]) -> bool) -> Opt
 }
 
 impl TextFramer {
-    pub fn new(max_line: usize) -> TextFramer {
+    pub fn new(max_line: usize, value_heads: bool) -> TextFramer {
         TextFramer {
             state: State::Line,
             partial: Vec::new(),
@@ -105,6 +119,45 @@ impl TextFramer {
             partial_start: 0,
             fed: 0,
             max_line,
+            head: ValueHead::default(),
+            head_wanted: 0,
+            value_heads,
+        }
+    }
+
+    /// A data block of `n` bytes (its "\r\n" included) follows the line just handed over.
+    fn start_data<S: LineSink>(&mut self, n: u64, sink: &mut S) {
+        self.state = State::Skip { remaining: n };
+        if !self.value_heads {
+            return;
+        }
+        self.head = ValueHead::default();
+        self.head_wanted = n.saturating_sub(2).min(VALUE_HEAD_LEN as u64) as u8;
+        if self.head_wanted == 0 {
+            sink.data_head(self.head);
+        }
+    }
+
+    /// Collects the data block's head from the bytes at `pos` of the chunk (`cap` of them
+    /// captured, `total` in all).
+    fn collect_head<S: LineSink>(
+        &mut self,
+        captured: &[u8],
+        pos: usize,
+        total: usize,
+        sink: &mut S,
+    ) {
+        let want = usize::from(self.head_wanted).min(total - pos);
+        let seen = captured.len().saturating_sub(pos).min(want);
+        if seen < want {
+            // A byte of the head was not captured: no fingerprint for this value.
+            self.head_wanted = 0;
+            return;
+        }
+        self.head.extend(&captured[pos..pos + want]);
+        self.head_wanted -= want as u8;
+        if self.head_wanted == 0 {
+            sink.data_head(self.head);
         }
     }
 
@@ -125,6 +178,7 @@ impl TextFramer {
     /// After lost events nothing about the current position is known.
     pub fn reset_to_resync(&mut self) {
         self.partial.clear();
+        self.head_wanted = 0;
         self.state = State::Resync;
     }
 
@@ -156,6 +210,9 @@ impl TextFramer {
         while pos < total {
             match self.state {
                 State::Skip { remaining } => {
+                    if self.head_wanted > 0 {
+                        self.collect_head(captured, pos, total, sink);
+                    }
                     let available = (total - pos) as u64;
                     if remaining > available {
                         self.state = State::Skip {
@@ -208,7 +265,7 @@ impl TextFramer {
                             pos += i + 1;
                             match outcome {
                                 LineOutcome::Continue => {}
-                                LineOutcome::Data(n) => self.state = State::Skip { remaining: n },
+                                LineOutcome::Data(n) => self.start_data(n, sink),
                                 LineOutcome::Garbage => {
                                     sink.garbage(ts);
                                     skipped += (held + i + 1) as u64;

@@ -57,8 +57,8 @@ mod tests;
 
 pub use model::{
     Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction,
-    KestrelOptions, Key, QueueOp, QueueOpKind, RequestObservation, Status, WireProtocol,
-    KEY_CAPACITY,
+    KestrelOptions, Key, QueueOp, QueueOpKind, RequestObservation, Status, ValueHead, WireProtocol,
+    KEY_CAPACITY, VALUE_HEAD_LEN,
 };
 
 use binary::BinFramer;
@@ -111,6 +111,9 @@ pub struct DecoderConfig {
     pub max_line_len: usize,
     /// Largest declared value length accepted when framing (memcached's ceiling is 1 GiB).
     pub max_value_len: u64,
+    /// Report each text value's first bytes ([`RequestObservation::value_head`]). Off only to
+    /// measure what it costs.
+    pub value_heads: bool,
 }
 
 impl Default for DecoderConfig {
@@ -123,6 +126,7 @@ impl Default for DecoderConfig {
             max_pending_keys: 1024,
             max_line_len: 2048,
             max_value_len: 1 << 30,
+            value_heads: true,
         }
     }
 }
@@ -171,8 +175,8 @@ impl ConnectionDecoder {
             ProtocolHint::Binary => Some(WireProtocol::Binary),
         };
         ConnectionDecoder {
-            client_text: TextFramer::new(config.max_line_len),
-            server_text: TextFramer::new(config.max_line_len),
+            client_text: TextFramer::new(config.max_line_len, config.value_heads),
+            server_text: TextFramer::new(config.max_line_len, config.value_heads),
             client_binary: BinFramer::new(binary::REQUEST_MAGIC, config.max_value_len),
             server_binary: BinFramer::new(binary::RESPONSE_MAGIC, config.max_value_len),
             inflight: None,

@@ -6,6 +6,48 @@ use std::fmt;
 /// The longest key memcached accepts; also the most this crate ever keeps of a key.
 pub const KEY_CAPACITY: usize = 250;
 
+/// How many leading bytes of a value the capture keeps ([`ValueHead`]).
+pub const VALUE_HEAD_LEN: usize = agent_common::framing::VALUE_HEAD as usize;
+
+/// The first bytes of a value (all of it when shorter than [`VALUE_HEAD_LEN`]): with the
+/// value's length, a fingerprint of it. Only a head whose every byte was seen is reported.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueHead {
+    bytes: [u8; VALUE_HEAD_LEN],
+    len: u8,
+}
+
+impl ValueHead {
+    /// The head of a value that starts with `bytes` (cut at [`VALUE_HEAD_LEN`]).
+    pub fn new(bytes: &[u8]) -> ValueHead {
+        let mut head = ValueHead::default();
+        head.extend(bytes);
+        head
+    }
+
+    /// Appends bytes, up to [`VALUE_HEAD_LEN`] in all.
+    pub(crate) fn extend(&mut self, bytes: &[u8]) {
+        let at = usize::from(self.len);
+        let n = bytes.len().min(VALUE_HEAD_LEN - at);
+        self.bytes[at..at + n].copy_from_slice(&bytes[..n]);
+        self.len += n as u8;
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for ValueHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ValueHead({:?})",
+            String::from_utf8_lossy(self.as_bytes())
+        )
+    }
+}
+
 /// Which way a chunk of bytes travelled on the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -398,6 +440,9 @@ pub struct RequestObservation {
     /// The value's length in bytes (without its "\r\n"): what a storage command sent or a
     /// hit returned. None for commands without a value, misses and values not seen.
     pub value_len: Option<u32>,
+    /// The value's first bytes ([`ValueHead`]), when every one of them was captured (text
+    /// protocol; a meta `VA` answer's value is reported before its body and has none).
+    pub value_head: Option<ValueHead>,
     /// How many keys the request named, on the first observation of a request that named
     /// any (multi-key gets report one observation per key); 0 on the others.
     pub keys_in_request: u16,

@@ -4,7 +4,9 @@
 
 use super::lines::{LineOutcome, LineSink};
 use super::meta;
-use super::model::{Command, DecodeErrorReason, Decoded, Direction, KestrelOptions, KEY_CAPACITY};
+use super::model::{
+    Command, DecodeErrorReason, Decoded, Direction, KestrelOptions, ValueHead, KEY_CAPACITY,
+};
 use super::pairing::{
     push_error, value_len, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind,
     Response,
@@ -392,6 +394,12 @@ impl LineSink for RequestSink<'_> {
         self.error(DecodeErrorReason::TruncatedCapture, ts);
     }
 
+    fn data_head(&mut self, head: ValueHead) {
+        if let Some(req) = self.inflight.as_mut() {
+            req.value_head = Some(head);
+        }
+    }
+
     fn data_done(&mut self, ts: u64) {
         if let Some(mut req) = self.inflight.take() {
             req.ts_ns = ts;
@@ -620,6 +628,10 @@ impl LineSink for ResponseSink<'_> {
     }
 
     fn data_done(&mut self, _ts: u64) {}
+
+    fn data_head(&mut self, head: ValueHead) {
+        self.pairing.value_head(head);
+    }
 
     fn garbage(&mut self, ts: u64) {
         self.error(DecodeErrorReason::Garbage, ts);

@@ -1,17 +1,23 @@
 //! Message flow through memcache-protocol queues (Starling, Kestrel): time in queue from
-//! matching each dequeue with its enqueue, a relative depth, and which queue a write onto a
-//! closed connection was enqueuing to (a lost message).
+//! matching each dequeue with its enqueue, a relative depth, and messages lost by writes onto
+//! closed connections (named from the write's own bytes, see `conn::dead_writes`).
 //!
-//! Matching: queues are FIFO, so on the server's host the n-th enqueue of a queue is the n-th
-//! dequeue. Each enqueue is remembered with a short fingerprint (its length; value bodies are
-//! not captured, so no content bytes); a dequeue takes the oldest remembered enqueue with the
-//! same fingerprint among the first [`LOOKAHEAD`], so messages that were in the queue before
-//! the agent started (no enqueue seen) do not shift later matches. Bounded per queue and in
-//! queues; what does not fit is counted.
+//! Matching: each enqueue is remembered with a short fingerprint, the message's length and its
+//! first bytes ([`ValueHead`], which the capture copies from every value body); a dequeue
+//! takes the oldest remembered enqueue with the same fingerprint among the first
+//! [`LOOKAHEAD`]. Queues are FIFO, so among equal fingerprints the order decides; the content
+//! decides when messages of one length leave in another order than they came (queues sharing
+//! the overflow label, Kestrel aborts) and keeps messages that were in the queue before the
+//! agent started (no enqueue seen) from taking a later message's enqueue. A fingerprint whose
+//! head was not captured matches on its length alone. Enqueues passed over [`LOOKAHEAD`]
+//! times were dequeued unseen and are forgotten. Bounded per queue and in queues; what does
+//! not fit is counted.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use crate::memcache::ValueHead;
 
 /// Enqueues remembered per queue.
 const MAX_PENDING: usize = 10_000;
@@ -20,14 +26,39 @@ const MAX_PENDING: usize = 10_000;
 const LOOKAHEAD: usize = 8;
 /// Queue names per service with their own label; later ones are "other".
 pub const MAX_QUEUES: usize = 64;
-/// Sockets whose last enqueued queue is remembered.
-const MAX_SOCKETS: usize = 65_536;
 /// (queue, producer process, outcome) rows of lost messages kept for diagnose.
 const MAX_LOST_ROWS: usize = 1024;
 
+/// A message's fingerprint: its length and, when captured, its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub len: u32,
+    pub head: Option<ValueHead>,
+}
+
+impl Fingerprint {
+    /// Both heads known and equal (and the lengths).
+    fn same(&self, other: &Fingerprint) -> bool {
+        self.len == other.len && self.head.is_some() && self.head == other.head
+    }
+
+    /// Equal lengths, and a head is missing on one side: the length is all there is to go by.
+    fn may_be(&self, other: &Fingerprint) -> bool {
+        self.len == other.len && (self.head.is_none() || other.head.is_none())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Enqueued {
+    fingerprint: Fingerprint,
+    ts_ns: u64,
+    /// Dequeues that matched an enqueue behind this one.
+    passed: u8,
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    pending: VecDeque<(u32, u64)>,
+    pending: VecDeque<Enqueued>,
     /// Acknowledged enqueues and dequeues that returned an item, since the agent started.
     enqueued: u64,
     dequeued: u64,
@@ -69,10 +100,6 @@ pub enum Dequeued {
 #[derive(Debug, Default)]
 pub struct QueueFlow {
     queues: HashMap<(usize, String), Queue>,
-    /// Per client socket: the queue it last enqueued to, and whether its last send (that
-    /// started a request) was that enqueue. Kept after the socket closes: a write onto a dead
-    /// connection is judged after the close.
-    last_queue: HashMap<u64, (usize, String, bool)>,
     /// Lost messages by (service, queue label, producer process, outcome).
     lost: BTreeMap<(usize, String, String, &'static str), u64>,
     /// Enqueues not remembered because a queue's table was full, and lost-message rows not
@@ -93,7 +120,7 @@ impl QueueFlow {
     }
 
     /// An enqueue the server acknowledged, seen on the server's side.
-    pub fn enqueued(&mut self, service: usize, queue: &str, len: u32, ts_ns: u64) {
+    pub fn enqueued(&mut self, service: usize, queue: &str, fingerprint: Fingerprint, ts_ns: u64) {
         let label = self.label(service, queue);
         let state = self.queues.entry((service, label)).or_default();
         state.enqueued += 1;
@@ -101,58 +128,47 @@ impl QueueFlow {
             self.overflow += 1;
             return;
         }
-        state.pending.push_back((len, ts_ns));
+        state.pending.push_back(Enqueued {
+            fingerprint,
+            ts_ns,
+            passed: 0,
+        });
     }
 
-    /// A dequeue that returned an item of `len` bytes at `ts_ns`, seen on the server's side.
-    pub fn dequeued(&mut self, service: usize, queue: &str, len: u32, ts_ns: u64) -> Dequeued {
+    /// A dequeue that returned an item with `fingerprint` at `ts_ns`, seen on the server's
+    /// side.
+    pub fn dequeued(
+        &mut self,
+        service: usize,
+        queue: &str,
+        fingerprint: Fingerprint,
+        ts_ns: u64,
+    ) -> Dequeued {
         let label = self.label(service, queue);
         let state = self.queues.entry((service, label)).or_default();
         state.dequeued += 1;
-        let Some(index) = state
-            .pending
-            .iter()
-            .take(LOOKAHEAD)
-            .position(|&(l, _)| l == len)
+        let window = || state.pending.iter().take(LOOKAHEAD);
+        let Some(index) = window()
+            .position(|e| e.fingerprint.same(&fingerprint))
+            .or_else(|| window().position(|e| e.fingerprint.may_be(&fingerprint)))
         else {
             return Dequeued::Unmatched;
         };
-        // Enqueues passed over were dequeued unseen: forget them.
-        state.pending.drain(..index);
-        match state.pending.pop_front() {
-            Some((_, enqueued)) => Dequeued::Waited(ts_ns.saturating_sub(enqueued) as f64 / 1e9),
-            None => Dequeued::Unmatched,
+        let Some(matched) = state.pending.remove(index) else {
+            return Dequeued::Unmatched;
+        };
+        // Enqueues passed over again and again were dequeued unseen: forget them.
+        for earlier in state.pending.range_mut(..index) {
+            earlier.passed = earlier.passed.saturating_add(1);
         }
-    }
-
-    /// A client socket sent an enqueue to `queue` (remembered to name a lost message).
-    pub fn sent_enqueue(&mut self, sk: u64, service: usize, queue: &[u8]) {
-        if self.last_queue.len() >= MAX_SOCKETS && !self.last_queue.contains_key(&sk) {
-            self.last_queue.clear();
+        while state
+            .pending
+            .front()
+            .is_some_and(|e| usize::from(e.passed) >= LOOKAHEAD)
+        {
+            state.pending.pop_front();
         }
-        let name = String::from_utf8_lossy(queue);
-        let label = self.label(service, &name);
-        self.last_queue.insert(sk, (service, label, true));
-    }
-
-    /// A client socket sent a request other than an enqueue.
-    pub fn sent_other(&mut self, sk: u64) {
-        if let Some(entry) = self.last_queue.get_mut(&sk) {
-            entry.2 = false;
-        }
-    }
-
-    /// The queue the socket last enqueued to.
-    pub fn queue_of(&self, sk: u64) -> Option<&str> {
-        self.last_queue.get(&sk).map(|(_, q, _)| q.as_str())
-    }
-
-    /// Whether the socket's last request sent was an enqueue (for a write onto a closed
-    /// connection whose command the decoder no longer knows).
-    pub fn last_send_enqueued(&self, sk: u64) -> bool {
-        self.last_queue
-            .get(&sk)
-            .is_some_and(|&(_, _, enqueue)| enqueue)
+        Dequeued::Waited(ts_ns.saturating_sub(matched.ts_ns) as f64 / 1e9)
     }
 
     /// A message `process` wrote to `queue` onto a closed connection; `outcome` is what it
@@ -207,7 +223,7 @@ impl QueueFlow {
             report.oldest_waiting_s = state
                 .pending
                 .front()
-                .map(|&(_, ts)| now_ns.saturating_sub(ts) as f64 / 1e9);
+                .map(|e| now_ns.saturating_sub(e.ts_ns) as f64 / 1e9);
             reports.insert((*service, queue), report);
         }
         for ((service, queue, process, outcome), &count) in &self.lost {
@@ -246,53 +262,164 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    #[test]
-    fn dequeues_match_their_enqueues_in_order_by_length() {
-        let mut flow = QueueFlow::default();
-        flow.enqueued(0, "jobs", 10, S);
-        flow.enqueued(0, "jobs", 12, 2 * S);
-        flow.enqueued(0, "jobs", 10, 3 * S);
-        // A message from before the agent started: no remembered enqueue of that length.
-        assert_eq!(flow.dequeued(0, "jobs", 99, 4 * S), Dequeued::Unmatched);
-        assert_eq!(flow.dequeued(0, "jobs", 10, 5 * S), Dequeued::Waited(4.0));
-        assert_eq!(flow.dequeued(0, "jobs", 12, 5 * S), Dequeued::Waited(3.0));
-        assert_eq!(flow.dequeued(0, "jobs", 10, 9 * S), Dequeued::Waited(6.0));
-        assert_eq!(flow.dequeued(0, "jobs", 10, 9 * S), Dequeued::Unmatched);
-        assert_eq!(flow.dequeued(0, "other-q", 10, 9 * S), Dequeued::Unmatched);
+    /// A fingerprint whose head was not captured: the length alone.
+    fn fp(len: u32) -> Fingerprint {
+        Fingerprint { len, head: None }
+    }
+
+    fn with_head(head: &[u8], len: u32) -> Fingerprint {
+        Fingerprint {
+            len,
+            head: Some(ValueHead::new(head)),
+        }
     }
 
     #[test]
-    fn bounded_in_queues_messages_and_sockets() {
+    fn dequeues_match_their_enqueues_in_order_by_length() {
+        let mut flow = QueueFlow::default();
+        flow.enqueued(0, "jobs", fp(10), S);
+        flow.enqueued(0, "jobs", fp(12), 2 * S);
+        flow.enqueued(0, "jobs", fp(10), 3 * S);
+        // A message from before the agent started: no remembered enqueue of that length.
+        assert_eq!(flow.dequeued(0, "jobs", fp(99), 4 * S), Dequeued::Unmatched);
+        assert_eq!(
+            flow.dequeued(0, "jobs", fp(10), 5 * S),
+            Dequeued::Waited(4.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "jobs", fp(12), 5 * S),
+            Dequeued::Waited(3.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "jobs", fp(10), 9 * S),
+            Dequeued::Waited(6.0)
+        );
+        assert_eq!(flow.dequeued(0, "jobs", fp(10), 9 * S), Dequeued::Unmatched);
+        assert_eq!(
+            flow.dequeued(0, "other-q", fp(10), 9 * S),
+            Dequeued::Unmatched
+        );
+    }
+
+    /// Messages of one length that leave in another order than they came (here: queues past
+    /// the label bound share the overflow label's list) are told apart by their first bytes.
+    #[test]
+    fn equal_lengths_consumed_out_of_order_match_by_their_first_bytes() {
+        let mut flow = QueueFlow::default();
+        for i in 0..MAX_QUEUES {
+            flow.enqueued(0, &format!("q{i}"), fp(1), 0);
+        }
+        flow.enqueued(0, "late-a", with_head(b"aaaaaaaa", 100), S);
+        flow.enqueued(0, "late-b", with_head(b"bbbbbbbb", 100), 3 * S);
+        assert_eq!(flow.label(0, "late-b"), "other");
+        // b leaves first: by length alone it would take a's enqueue (4 s instead of 2 s).
+        assert_eq!(
+            flow.dequeued(0, "late-b", with_head(b"bbbbbbbb", 100), 5 * S),
+            Dequeued::Waited(2.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "late-a", with_head(b"aaaaaaaa", 100), 6 * S),
+            Dequeued::Waited(5.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "late-a", with_head(b"aaaaaaaa", 100), 6 * S),
+            Dequeued::Unmatched
+        );
+    }
+
+    /// Equal fingerprints go first in, first out; a message from before the agent (its
+    /// enqueue never seen) does not take a later message's enqueue.
+    #[test]
+    fn equal_fingerprints_are_fifo_and_unseen_messages_stay_unmatched() {
+        let mut flow = QueueFlow::default();
+        flow.enqueued(0, "jobs", with_head(b"job:0001", 20), S);
+        flow.enqueued(0, "jobs", with_head(b"job:0001", 20), 2 * S);
+        // Same length, other content: enqueued before the agent started.
+        assert_eq!(
+            flow.dequeued(0, "jobs", with_head(b"old:0000", 20), 3 * S),
+            Dequeued::Unmatched
+        );
+        assert_eq!(
+            flow.dequeued(0, "jobs", with_head(b"job:0001", 20), 4 * S),
+            Dequeued::Waited(3.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "jobs", with_head(b"job:0001", 20), 4 * S),
+            Dequeued::Waited(2.0)
+        );
+    }
+
+    /// A body shorter than the head is all head: its length still takes part; a head not
+    /// captured on one side leaves the length alone to decide.
+    #[test]
+    fn short_bodies_and_missing_heads() {
+        let mut flow = QueueFlow::default();
+        flow.enqueued(0, "q", with_head(b"ab", 2), S);
+        flow.enqueued(0, "q", with_head(b"ab", 3), 2 * S);
+        flow.enqueued(0, "q", with_head(b"", 0), 3 * S);
+        flow.enqueued(0, "q", fp(9), 4 * S);
+        assert_eq!(
+            flow.dequeued(0, "q", with_head(b"", 0), 5 * S),
+            Dequeued::Waited(2.0)
+        );
+        // "ab" of 3 bytes is not "ab" of 2 bytes.
+        assert_eq!(
+            flow.dequeued(0, "q", with_head(b"ab", 3), 5 * S),
+            Dequeued::Waited(3.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "q", with_head(b"ab", 2), 5 * S),
+            Dequeued::Waited(4.0)
+        );
+        assert_eq!(
+            flow.dequeued(0, "q", with_head(b"whatever", 9), 5 * S),
+            Dequeued::Waited(1.0)
+        );
+    }
+
+    /// An enqueue whose dequeue was never seen is passed over by later matches, and forgotten
+    /// after [`LOOKAHEAD`] of them, so it cannot block matching for good.
+    #[test]
+    fn enqueues_dequeued_unseen_are_forgotten() {
+        let mut flow = QueueFlow::default();
+        flow.enqueued(0, "q", with_head(b"unseen", 6), 0);
+        for i in 0..(2 * LOOKAHEAD as u64) {
+            flow.enqueued(0, "q", with_head(b"seen", 4), i * S);
+            assert_eq!(
+                flow.dequeued(0, "q", with_head(b"seen", 4), i * S + S / 2),
+                Dequeued::Waited(0.5),
+                "{i}"
+            );
+        }
+        let queue = &flow.queues[&(0, "q".to_string())];
+        assert!(queue.pending.is_empty(), "{:?}", queue.pending);
+    }
+
+    #[test]
+    fn bounded_in_queues_and_messages() {
         let mut flow = QueueFlow::default();
         for i in 0..200 {
-            flow.enqueued(0, &format!("q{i}"), 1, S);
+            flow.enqueued(0, &format!("q{i}"), fp(1), S);
         }
         assert_eq!(flow.label(0, "q199"), "other");
         assert_eq!(flow.label(0, "q3"), "q3");
         assert_eq!(flow.label(1, "q199"), "q199");
         for _ in 0..MAX_PENDING + 5 {
-            flow.enqueued(0, "q3", 1, S);
+            flow.enqueued(0, "q3", fp(1), S);
         }
         assert_eq!(flow.overflow, 6);
-        for sk in 0..(MAX_SOCKETS as u64 + 10) {
-            flow.sent_enqueue(sk, 0, b"q3");
-        }
-        assert!(flow.last_queue.len() <= MAX_SOCKETS);
-        assert_eq!(flow.queue_of(MAX_SOCKETS as u64 + 9), Some("q3"));
-        assert!(flow.last_send_enqueued(MAX_SOCKETS as u64 + 9));
-        flow.sent_other(MAX_SOCKETS as u64 + 9);
-        assert!(!flow.last_send_enqueued(MAX_SOCKETS as u64 + 9));
-        assert_eq!(flow.queue_of(MAX_SOCKETS as u64 + 9), Some("q3"));
-        assert!(!flow.last_send_enqueued(1 << 40));
     }
 
     #[test]
     fn reports_totals_oldest_waiting_and_lost_messages_per_queue() {
         let mut flow = QueueFlow::default();
-        flow.enqueued(0, "jobs", 10, S);
-        flow.enqueued(0, "jobs", 11, 2 * S);
-        flow.enqueued(0, "jobs", 12, 3 * S);
-        assert_eq!(flow.dequeued(0, "jobs", 10, 4 * S), Dequeued::Waited(3.0));
+        flow.enqueued(0, "jobs", fp(10), S);
+        flow.enqueued(0, "jobs", fp(11), 2 * S);
+        flow.enqueued(0, "jobs", fp(12), 3 * S);
+        assert_eq!(
+            flow.dequeued(0, "jobs", fp(10), 4 * S),
+            Dequeued::Waited(3.0)
+        );
         assert_eq!(flow.lost(0, "mail", "producer", "unnoticed"), "mail");
         flow.lost(0, "mail", "producer", "unnoticed");
         flow.lost(0, "mail", "cron", "eof");

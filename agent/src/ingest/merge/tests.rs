@@ -241,3 +241,29 @@ fn events_after_the_last_payload_are_applied_in_the_same_pump() {
     assert!(events.is_empty());
     assert!(pipeline.tracker_mut().endpoint_of(SK).is_some());
 }
+
+/// An event stamped after the payload ring was found empty waits for the next pump: a payload
+/// recorded before it may not have been read yet (a dead write's, which names it).
+#[test]
+fn an_event_after_the_drain_waits_for_the_next_pump() {
+    let (mut pipeline, _metrics) = pipeline();
+    let mut events = VecDeque::from([learned_record(50)]);
+    // One queue across pumps, as `run` keeps it: the event read early waits in it.
+    let mut queue = EventQueue::new();
+    pump(
+        &mut queue,
+        &mut pipeline,
+        &mut events,
+        &mut VecDeque::new(),
+        || 40,
+    );
+    assert!(pipeline.tracker_mut().endpoint_of(SK).is_none());
+    pump(
+        &mut queue,
+        &mut pipeline,
+        &mut events,
+        &mut VecDeque::new(),
+        || 60,
+    );
+    assert!(pipeline.tracker_mut().endpoint_of(SK).is_some());
+}

@@ -1,7 +1,7 @@
 //! How the text, meta and binary parsers describe requests and responses to the pairing: the
 //! family of answers a command expects, response kinds and codes, and what a request carried.
 
-use super::super::model::{Command, KestrelOptions};
+use super::super::model::{Command, KestrelOptions, ValueHead};
 
 /// How a request is answered, which decides which responses fit it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +142,8 @@ pub(crate) struct RequestInfo {
     pub seq: Option<u32>,
     /// Length of the value a storage command sends.
     pub value_len: Option<u32>,
+    /// That value's first bytes, when seen.
+    pub value_head: Option<ValueHead>,
 }
 
 impl RequestInfo {
@@ -157,6 +159,7 @@ impl RequestInfo {
             queue: None,
             seq: None,
             value_len: None,
+            value_head: None,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use super::super::model::{key_could_be, Status};
+use super::super::model::{key_could_be, Status, ValueHead};
 
 /// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
 #[derive(Debug, Clone, Copy)]
@@ -13,6 +13,7 @@ pub(super) struct KeySlot {
     pub(super) status: Option<Status>,
     pub(super) resp_bytes: u64,
     pub(super) value_len: Option<u32>,
+    pub(super) value_head: Option<ValueHead>,
 }
 
 /// Keys of outstanding requests, in request order. Small slots point into one byte arena so
@@ -41,6 +42,7 @@ impl KeyStore {
             status: None,
             resp_bytes: 0,
             value_len: None,
+            value_head: None,
         });
         self.bytes
             .extend_from_slice(&key[..key.len().min(usize::from(u8::MAX))]);

@@ -23,7 +23,7 @@ pub(crate) use exchange::{
 
 use super::model::{
     Command, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction, Key, QueueOp,
-    RequestObservation, Status,
+    RequestObservation, Status, ValueHead,
 };
 use keys::KeyStore;
 use outcome::{binary_status, implied_status, line_status, queue_op};
@@ -53,6 +53,7 @@ struct Pending {
     seq: Option<u32>,
     /// The stored value's length, or a hit's when the answer is not per key.
     value_len: Option<u32>,
+    value_head: Option<ValueHead>,
 }
 
 impl Pending {
@@ -75,6 +76,7 @@ impl Pending {
             queue: None,
             seq: None,
             value_len: None,
+            value_head: None,
         }
     }
 
@@ -108,6 +110,16 @@ pub(crate) struct Pairing {
     max_pending: usize,
     max_slots: usize,
     max_key_len: usize,
+    /// Where the value of the last response goes, until its body's head arrives: a text
+    /// response names its value's length in a line that comes before the value itself.
+    last_value: Option<ValueTarget>,
+}
+
+/// The holder of a hit's value: a key slot (by index), or the head entry itself.
+#[derive(Debug, Clone, Copy)]
+enum ValueTarget {
+    Slot(usize),
+    Entry,
 }
 
 impl std::fmt::Debug for Pairing {
@@ -142,6 +154,24 @@ impl Pairing {
             max_pending,
             max_slots,
             max_key_len,
+            last_value: None,
+        }
+    }
+
+    /// The first bytes of the value announced by the last response (see [`ValueHead`]).
+    pub fn value_head(&mut self, head: ValueHead) {
+        match self.last_value.take() {
+            Some(ValueTarget::Slot(i)) => {
+                if let Some(slot) = self.slots.slots.get_mut(i) {
+                    slot.value_head = Some(head);
+                }
+            }
+            Some(ValueTarget::Entry) => {
+                if let Some(entry) = self.pending.front_mut() {
+                    entry.value_head = Some(head);
+                }
+            }
+            None => {}
         }
     }
 
@@ -200,6 +230,7 @@ impl Pairing {
                     req.seq,
                     Sizes {
                         value_len: req.value_len,
+                        value_head: req.value_head,
                         keys: 0,
                     },
                 );
@@ -223,6 +254,7 @@ impl Pairing {
                     req.seq,
                     Sizes {
                         value_len: req.value_len.filter(|_| nkeys == 1),
+                        value_head: req.value_head.filter(|_| nkeys == 1),
                         keys: if i == 0 { nkeys as u16 } else { 0 },
                     },
                 );
@@ -260,6 +292,7 @@ impl Pairing {
             queue: req.queue,
             seq: req.seq,
             value_len: req.value_len,
+            value_head: req.value_head,
         });
     }
 
@@ -288,6 +321,7 @@ impl Pairing {
     }
 
     pub fn respond(&mut self, resp: &Response<'_>, out: &mut Vec<Decoded>) {
+        self.last_value = None;
         let mut offset = 0usize;
         let mut found = None;
         for i in 0..self.pending.len() {
@@ -358,11 +392,17 @@ impl Pairing {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
                         slot.value_len = resp.value_len;
+                        slot.value_head = None;
                         head.cursor = (i + 1) as u16;
+                        self.last_value = Some(ValueTarget::Slot(i));
                     }
                     None => {
                         head.resp_bytes += resp.bytes;
-                        head.value_len = resp.value_len.or(head.value_len);
+                        if resp.value_len.is_some() {
+                            head.value_len = resp.value_len;
+                            head.value_head = None;
+                            self.last_value = Some(ValueTarget::Entry);
+                        }
                     }
                 }
             }
@@ -565,6 +605,8 @@ impl Pairing {
         latency: Option<u64>,
         out: &mut Vec<Decoded>,
     ) {
+        // Slot indexes shift when an entry's keys go.
+        self.last_value = None;
         if entry.marker {
             return;
         }
@@ -591,6 +633,7 @@ impl Pairing {
                 entry.seq,
                 Sizes {
                     value_len: entry.value_len,
+                    value_head: entry.value_head,
                     keys: 0,
                 },
             );
@@ -601,6 +644,14 @@ impl Pairing {
                 break;
             };
             let status = slot.status.unwrap_or(unresolved);
+            // A hit's value, or (one key) the value the request itself sent.
+            let (value_len, value_head) = if slot.value_len.is_some() {
+                (slot.value_len, slot.value_head)
+            } else if nkeys == 1 {
+                (entry.value_len, entry.value_head)
+            } else {
+                (None, None)
+            };
             let (req_bytes, resp_bytes) = if i == 0 {
                 (entry.req_bytes, entry.resp_bytes + slot.resp_bytes)
             } else {
@@ -618,7 +669,8 @@ impl Pairing {
                 queue_op(entry.queue, status),
                 entry.seq,
                 Sizes {
-                    value_len: slot.value_len.or(entry.value_len.filter(|_| nkeys == 1)),
+                    value_len,
+                    value_head,
                     keys: if i == 0 { entry.nkeys } else { 0 },
                 },
             );
@@ -660,6 +712,7 @@ fn value_slot(
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
     value_len: Option<u32>,
+    value_head: Option<ValueHead>,
     keys: u16,
 }
 
@@ -691,6 +744,7 @@ fn push_request(
         queue,
         seq,
         value_len: sizes.value_len,
+        value_head: sizes.value_head,
         keys_in_request: sizes.keys,
     }));
     if let (Some((bytes, truncated)), Some(Decoded::Request(request))) = (key, out.last_mut()) {
