@@ -377,8 +377,8 @@ const AB_PASSES: usize = 5;
 
 /// Commands/s with value heads on and off, interleaved round by round (the side that goes
 /// first alternates); prints the median change and a percentile-bootstrap 95% CI of it.
-fn value_heads_side_by_side(payloads: &[Payload], requests: u64, out: &mut Vec<Observation>) {
-    let rate = |on: bool, out: &mut Vec<Observation>| {
+fn value_heads_side_by_side(payloads: &[Payload], requests: u64, out: &mut Vec<Decoded>) {
+    let rate = |on: bool, out: &mut Vec<Decoded>| {
         let start = Instant::now();
         for _ in 0..AB_PASSES {
             black_box(decode_all_with(payloads, out, on));
