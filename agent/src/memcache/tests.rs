@@ -100,9 +100,16 @@ fn s(command: &'static str, status: &'static str, key: &str) -> Summary {
     (command, status, key.to_string())
 }
 
+/// A request, its response, and the (command, status, key) of each request they hold.
+type ExchangeCase<'a> = (
+    &'a [u8],
+    &'a [u8],
+    &'a [(&'static str, &'static str, &'a str)],
+);
+
 /// Each (request, response, expected (command, status, key)s) as an exchange on a fresh text
 /// connection, without decode errors.
-fn assert_exchanges(cases: &[(&[u8], &[u8], &[(&'static str, &'static str, &str)])]) {
+fn assert_exchanges(cases: &[ExchangeCase]) {
     for (request, response, expected) in cases {
         let expected: Vec<Summary> = expected.iter().map(|(c, st, k)| s(c, st, k)).collect();
         assert_eq!(
