@@ -13,6 +13,16 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+mod process;
+mod prometheus;
+mod report;
+mod servers;
+
+pub use process::*;
+pub use prometheus::*;
+pub use report::*;
+pub use servers::*;
+
 /// Debian's python3, which sees the python3-* client packages (the pyenv one on PATH does not).
 pub const PYTHON: &str = "/usr/bin/python3";
 
@@ -51,6 +61,18 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// An agent config watching `services` (name, port, protocol), sampling /proc every second so
+/// fd and listen-queue assertions need not wait long. Sections such as `[limits]` may follow.
+pub fn services_config(services: &[(&str, u16, &str)]) -> String {
+    let mut config = String::from("sample_interval_seconds = 1\n\n");
+    for (service, port, protocol) in services {
+        config.push_str(&format!(
+            "[[services]]\nname = \"{service}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n"
+        ));
+    }
+    config
+}
+
 /// A running `cacheprobe run`, stopped with SIGTERM on drop.
 pub struct Agent {
     child: Child,
@@ -64,14 +86,7 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent watching `services` (name, port, protocol) and waits until /metrics answers.
     pub fn start(name: &str, services: &[(&str, u16, &str)]) -> anyhow::Result<Agent> {
-        // Sample /proc every second so fd and listen-queue assertions need not wait long.
-        let mut config = String::from("sample_interval_seconds = 1\n\n");
-        for (service, port, protocol) in services {
-            config.push_str(&format!(
-                "[[services]]\nname = \"{service}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n"
-            ));
-        }
-        Agent::start_with_config(name, &config)
+        Agent::start_with_config(name, &services_config(services))
     }
 
     pub fn start_with_config(name: &str, config: &str) -> anyhow::Result<Agent> {
@@ -241,6 +256,11 @@ impl Scrape {
     /// Sum of every sample of `name` whose labels include all of `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    /// `cacheprobe_memcache_requests_total` summed over the series matching `labels`.
+    pub fn requests(&self, labels: &[(&str, &str)]) -> f64 {
+        self.sum("cacheprobe_memcache_requests_total", labels)
     }
 
     pub fn matching<'a>(
@@ -509,6 +529,29 @@ impl NetnsPair {
             }
         }
         Ok(pair)
+    }
+
+    /// `iptables <action> INPUT -p tcp --dport <port> <matches...> -j DROP` inside the server
+    /// namespace: drops (some of) the packets to the server's port; `-D` removes the rule.
+    pub fn drop_to_server_port(
+        &self,
+        action: &str,
+        port: u16,
+        matches: &[&str],
+    ) -> std::process::ExitStatus {
+        let port = port.to_string();
+        let head = [action, "INPUT", "-p", "tcp", "--dport", &port];
+        self.server_iptables(&[&head[..], matches, &["-j", "DROP"]].concat())
+    }
+
+    /// Runs `iptables args...` inside the server namespace (rules that drop or delay the
+    /// server's packets); the caller checks the status.
+    pub fn server_iptables(&self, args: &[&str]) -> std::process::ExitStatus {
+        Command::new("ip")
+            .args(["netns", "exec", &self.server_ns, "iptables"])
+            .args(args)
+            .status()
+            .unwrap()
     }
 }
 

@@ -8,20 +8,6 @@ use cacheprobe_tests::*;
 
 const WAIT: Duration = Duration::from_secs(8);
 
-/// The agent's resident memory in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
-fn requests(scrape: &Scrape, labels: &[(&str, &str)]) -> f64 {
-    scrape.sum("cacheprobe_memcache_requests_total", labels)
-}
-
 /// Python: `conn()` opens a connection to memcached, `good(tag)` runs one good exchange on a
 /// fresh connection (a set and a get hit of key `good<tag>`) and checks memcached's answers.
 fn prelude(port: u16) -> String {
@@ -64,18 +50,19 @@ fn run_bad_input(name: &str, script: &str, good_exchanges: f64) -> (Scrape, i64)
         ),
     )
     .unwrap();
-    let rss_before = rss_kib(agent.pid());
+    let rss_before = rss_kib(agent.pid()).expect("VmRSS in /proc/<pid>/status");
     python(None, &format!("{}{script}", prelude(port))).unwrap();
     agent.wait_for(WAIT, |s| {
         ["client", "server"].iter().all(|role| {
-            requests(s, &[("role", role), ("command", "get"), ("status", "hit")]) >= good_exchanges
+            s.requests(&[("role", role), ("command", "get"), ("status", "hit")]) >= good_exchanges
         })
     });
     // A closed connection's requests finish (unanswered) once the agent's close grace (300 ms,
     // for replies recorded just after the close) has passed: scrape after it.
     std::thread::sleep(Duration::from_millis(800));
     let scrape = agent.wait_for(WAIT, |_| true);
-    let growth = rss_kib(agent.pid()) as i64 - rss_before as i64;
+    let growth =
+        rss_kib(agent.pid()).expect("VmRSS in /proc/<pid>/status") as i64 - rss_before as i64;
     let table: Vec<String> = scrape
         .text
         .lines()
@@ -96,10 +83,7 @@ fn run_bad_input(name: &str, script: &str, good_exchanges: f64) -> (Scrape, i64)
 fn assert_good_exchanges(name: &str, scrape: &Scrape, good: f64) {
     for role in ["client", "server"] {
         let count = |command: &str, status: &str| {
-            requests(
-                scrape,
-                &[("role", role), ("command", command), ("status", status)],
-            )
+            scrape.requests(&[("role", role), ("command", command), ("status", status)])
         };
         assert_eq!(
             (count("set", "stored"), count("get", "hit")),
@@ -122,7 +106,7 @@ fn counted_trouble(scrape: &Scrape) -> f64 {
             "unanswered",
         ]
         .iter()
-        .map(|status| requests(scrape, &[("status", status)]))
+        .map(|status| scrape.requests(&[("status", status)]))
         .sum::<f64>()
 }
 
@@ -266,19 +250,13 @@ fn clients_closing_mid_value_are_counted() {
     // The get of `large` was answered (a hit) though the client left mid-value.
     for role in ["client", "server"] {
         assert_eq!(
-            requests(
-                &scrape,
-                &[("role", role), ("command", "get"), ("status", "hit")]
-            ),
+            scrape.requests(&[("role", role), ("command", "get"), ("status", "hit")]),
             2.0,
             "{role}\n{}",
             scrape.text
         );
         assert_eq!(
-            requests(
-                &scrape,
-                &[("role", role), ("command", "set"), ("status", "stored")]
-            ),
+            scrape.requests(&[("role", role), ("command", "set"), ("status", "stored")]),
             2.0,
             "{role}\n{}",
             scrape.text

@@ -2,59 +2,13 @@
 //! command, inferred timeout) with a daemon and without one, and report nothing on healthy
 //! traffic. JSON output is checked against its schema by the unit tests; here we read it.
 
-use std::{
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use cacheprobe_tests::*;
-
-fn diagnose(
-    agent: Option<&Agent>,
-    config: Option<&std::path::Path>,
-    duration: &str,
-) -> (Output, serde_json::Value) {
-    let mut command = Command::new(agent_binary());
-    command.args(["diagnose", "--json", "--duration", duration]);
-    if let Some(agent) = agent {
-        command.arg("--socket").arg(&agent.control_socket);
-        command.arg("--config").arg(&agent.config_path);
-    } else if let Some(config) = config {
-        // --local: a daemon installed on the host must not answer for this test.
-        command.arg("--local").arg("--config").arg(config);
-    }
-    let output = command.output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "diagnose printed no JSON ({err}): {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (output, report)
-}
 
 /// Listen overflows and EMFILE errors are host-wide: the SYN burst and the fd-pressure case must
 /// not run while the healthy case is being judged.
 static HOST_WIDE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn finding<'a>(report: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
-    report["findings"]
-        .as_array()?
-        .iter()
-        .find(|f| f["id"] == id)
-}
-
-fn subjects(finding: &serde_json::Value, kind: &str) -> Vec<String> {
-    finding["subjects"][kind]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn assert_idle_incident(report: &serde_json::Value, port: u16) {
     let server = format!("127.0.0.1:{port}");

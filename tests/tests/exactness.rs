@@ -3,8 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
     path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
@@ -89,26 +87,9 @@ impl Memcached {
         }
     }
 
+    /// memcached's `stats`, read on the listener the agent does not watch.
     fn stats(&self) -> BTreeMap<String, f64> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.stats_port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream.write_all(b"stats\r\n").unwrap();
-        let mut data = Vec::new();
-        let mut buf = [0u8; 8192];
-        while !data.ends_with(b"END\r\n") {
-            let n = stream.read(&mut buf).unwrap();
-            assert!(n > 0, "memcached closed the stats connection");
-            data.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&data)
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.strip_prefix("STAT ")?.split(' ');
-                Some((words.next()?.to_string(), words.next()?.parse().ok()?))
-            })
-            .collect()
+        server_stats(self.stats_port, "stats")
     }
 }
 
@@ -407,13 +388,11 @@ fn decode_errors(scrape: &Scrape) -> BTreeMap<String, f64> {
 
 /// An agent that decodes every connection (no decoding budget) of the given services.
 fn agent(name: &str, services: &[(&str, u16)]) -> Agent {
-    let mut config = String::from("sample_interval_seconds = 1\n\n");
-    for (service, port) in services {
-        config.push_str(&format!(
-            "[[services]]\nname = \"{service}\"\nport = {port}\nprotocol = \"memcache\"\n\n"
-        ));
-    }
-    config.push_str("[limits]\ncapture_records_per_second = 0\n");
+    let services: Vec<(&str, u16, &str)> = services
+        .iter()
+        .map(|(service, port)| (*service, *port, "memcache"))
+        .collect();
+    let config = services_config(&services) + "[limits]\ncapture_records_per_second = 0\n";
     Agent::start_with_config(name, &config).unwrap()
 }
 

@@ -68,20 +68,16 @@ fn one_request_has_one_id_at_both_ends() {
          [[services]]\nname = \"cache\"\nport = {port}\nprotocol = \"memcache\"\n"
     );
     let agent = Agent::start_with_config("exemplars", &config).unwrap();
-    let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server_ns,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-        ])
-        .args(["--dport", &port.to_string()])
-        .args(["-m", "string", "--string", "get slowkey", "--algo", "bm"])
-        .args([
+    let status = pair.drop_to_server_port(
+        "-A",
+        port,
+        &[
+            "-m",
+            "string",
+            "--string",
+            "get slowkey",
+            "--algo",
+            "bm",
             "-m",
             "statistic",
             "--mode",
@@ -90,10 +86,8 @@ fn one_request_has_one_id_at_both_ends() {
             "2",
             "--packet",
             "0",
-        ])
-        .args(["-j", "DROP"])
-        .status()
-        .unwrap();
+        ],
+    );
     assert!(
         status.success(),
         "iptables rule dropping the first transmission"
@@ -147,7 +141,12 @@ fn one_request_has_one_id_at_both_ends() {
 
     // A real Prometheus keeping exemplars scrapes the agent; `diagnose --prometheus` joins the
     // two sightings through its exemplar API and names the time between the boxes.
-    let prometheus = Prometheus::scraping(agent.metrics_port);
+    let prometheus = Prometheus::start(
+        scratch_dir("exemplars-prometheus"),
+        &agent_scrape_config(agent.metrics_port, "", ""),
+        &["--enable-feature=exemplar-storage"],
+    );
+    prometheus.wait_ready(Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(60);
     let finding = loop {
         let out = diagnose_fleet(&prometheus.url());
@@ -189,55 +188,6 @@ fn one_request_has_one_id_at_both_ends() {
             .starts_with(&format!("request {client_id} ")),
         "{finding:#}"
     );
-}
-
-/// `prometheus` with exemplar storage, scraping one agent every second; killed on drop.
-struct Prometheus {
-    _server: Guard,
-    port: u16,
-}
-
-impl Prometheus {
-    fn scraping(metrics_port: u16) -> Prometheus {
-        let dir = scratch_dir("exemplars-prometheus");
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: cacheprobe\n    \
-                 static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-            ),
-        )
-        .unwrap();
-        let port = unique_port();
-        let server = Guard(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--enable-feature=exemplar-storage")
-                .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-                .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
-                .spawn()
-                .expect("prometheus is installed (cargo xtask setup)"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(port, "/-/ready").is_err() {
-            assert!(Instant::now() < deadline, "prometheus never became ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Prometheus {
-            _server: server,
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
 }
 
 fn diagnose_fleet(url: &str) -> Output {

@@ -140,9 +140,7 @@ fn now() -> u64 {
 
 /// A Prometheus serving backfilled data on loopback.
 struct Prom {
-    _server: Guard,
-    port: u16,
-    dir: PathBuf,
+    prometheus: Prometheus,
     keep: bool,
 }
 
@@ -181,36 +179,17 @@ impl Prom {
 
     /// Serves `dir/data`; a kept directory survives the test, for benchmarks rerun on it.
     fn serve(dir: PathBuf, keep: bool) -> Prom {
-        let tsdb = dir.join("data");
-        let config = dir.join("prometheus.yml");
-        std::fs::write(&config, "global:\n  scrape_interval: 15s\n").unwrap();
-        let port = unique_port();
-        let server = Guard(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!("--storage.tsdb.path={}", tsdb.display()))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .arg("--storage.tsdb.retention.time=30d")
-                .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-                .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
-                .spawn()
-                .expect("prometheus is installed"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(port, "/-/ready").is_err() {
-            assert!(Instant::now() < deadline, "prometheus never became ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Prom {
-            _server: server,
-            port,
+        let prometheus = Prometheus::start(
             dir,
-            keep,
-        }
+            "global:\n  scrape_interval: 15s\n",
+            &["--storage.tsdb.retention.time=30d"],
+        );
+        prometheus.wait_ready(Duration::from_secs(60));
+        Prom { prometheus, keep }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.prometheus.url()
     }
 }
 
@@ -219,11 +198,11 @@ impl Drop for Prom {
         if self.keep {
             return;
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.prometheus.dir);
     }
 }
 
-fn diagnose(args: &[&str]) -> Output {
+fn diagnose_prometheus(args: &[&str]) -> Output {
     let started = Instant::now();
     let output = Command::new(agent_binary())
         .arg("diagnose")
@@ -238,6 +217,19 @@ fn diagnose(args: &[&str]) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// `diagnose --prometheus` over the last 30 minutes before `at`, as JSON.
+fn diagnose_json_30m(prom: &Prom, at: &str) -> Output {
+    diagnose_prometheus(&[
+        "--prometheus",
+        &prom.url(),
+        "--since",
+        "30m",
+        "--at",
+        at,
+        "--json",
+    ])
 }
 
 struct Host {
@@ -456,15 +448,6 @@ fn scenario(end: u64) -> Gen {
     g
 }
 
-fn finding<'a>(report: &'a serde_json::Value, id: &str) -> Vec<&'a serde_json::Value> {
-    report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["id"] == id)
-        .collect()
-}
-
 fn close(value: &serde_json::Value, expected: f64, tolerance: f64) -> bool {
     value
         .as_f64()
@@ -476,15 +459,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     let end = now() - 30;
     let prom = Prom::start("fleet-scenarios", &scenario(end));
     let at = end.to_string();
-    let output = diagnose(&[
-        "--prometheus",
-        &prom.url(),
-        "--since",
-        "30m",
-        "--at",
-        &at,
-        "--json",
-    ]);
+    let output = diagnose_json_30m(&prom, &at);
     assert_eq!(output.status.code(), Some(1), "findings mean exit 1");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["source"]["kind"], "prometheus");
@@ -496,7 +471,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     );
 
     // The slow client link: web-3 -> cache-1, named as time between the boxes, not a slow server.
-    let slow = finding(&report, "fleet-slow-path");
+    let slow = findings(&report, &["fleet-slow-path"]);
     assert_eq!(slow.len(), 1, "{report:#}");
     assert_eq!(slow[0]["subjects"]["hosts"][0], "10.0.1.3:19150");
     assert_eq!(slow[0]["subjects"]["servers"][0], "10.0.2.1:11211");
@@ -527,12 +502,12 @@ fn fleet_scenarios_are_named_with_their_numbers() {
         slow[0]
     );
     assert!(
-        finding(&report, "fleet-slow-server").is_empty(),
+        findings(&report, &["fleet-slow-server"]).is_empty(),
         "{report:#}"
     );
 
     // The hung server: cache-3, critical, seen by all four of its client hosts.
-    let bad = finding(&report, "fleet-bad-server");
+    let bad = findings(&report, &["fleet-bad-server"]);
     assert_eq!(
         bad.len(),
         1,
@@ -549,7 +524,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     assert_eq!(bad[0]["values"]["client_hosts"], 4.0);
 
     // Idle timeouts with dead writes: cache-2 at 30 s, php-fpm on web-1 and cron on web-2.
-    let idle = finding(&report, "fleet-idle-timeouts");
+    let idle = findings(&report, &["fleet-idle-timeouts"]);
     assert_eq!(idle.len(), 1, "{report:#}");
     assert_eq!(idle[0]["subjects"]["servers"][0], "10.0.2.2:11211");
     assert_eq!(idle[0]["values"]["idle_timeout_s"], 30.0);
@@ -581,7 +556,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     );
 
     // The host with another ring: web-5, which lacks cache-3.
-    let ring = finding(&report, "fleet-ring-disagreement");
+    let ring = findings(&report, &["fleet-ring-disagreement"]);
     assert_eq!(ring.len(), 1, "{report:#}");
     assert_eq!(
         ring[0]["subjects"]["hosts"],
@@ -598,7 +573,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     assert_eq!(ring[0]["values"]["hosts"], 5.0);
 
     // The down agent: web-6, named with its hostname.
-    let coverage = finding(&report, "fleet-coverage");
+    let coverage = findings(&report, &["fleet-coverage"]);
     assert_eq!(coverage.len(), 1, "{report:#}");
     assert_eq!(
         coverage[0]["subjects"]["hosts"],
@@ -618,7 +593,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     );
 
     // The text report names the same, and --service narrows to one service.
-    let text = diagnose(&["--prometheus", &prom.url(), "--since", "30m", "--at", &at]);
+    let text = diagnose_prometheus(&["--prometheus", &prom.url(), "--since", "30m", "--at", &at]);
     assert_eq!(text.status.code(), Some(1));
     let text = String::from_utf8(text.stdout).unwrap();
     eprintln!("{text}");
@@ -628,7 +603,7 @@ fn fleet_scenarios_are_named_with_their_numbers() {
     );
     assert!(text.contains("web-3"), "{text}");
     assert!(text.lines().all(|l| l.len() <= 80), "{text}");
-    let other = diagnose(&[
+    let other = diagnose_prometheus(&[
         "--prometheus",
         &prom.url(),
         "--at",
@@ -638,7 +613,10 @@ fn fleet_scenarios_are_named_with_their_numbers() {
         "--json",
     ]);
     let other: serde_json::Value = serde_json::from_slice(&other.stdout).unwrap();
-    assert!(finding(&other, "fleet-bad-server").is_empty(), "{other:#}");
+    assert!(
+        other["findings"].is_array() && findings(&other, &["fleet-bad-server"]).is_empty(),
+        "{other:#}"
+    );
 }
 
 /// Answers every connection with `respond(request head)`; with `forward`, requests it accepts
@@ -718,7 +696,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
         .local_addr()
         .unwrap()
         .port();
-    let out = diagnose(&["--prometheus", &format!("http://127.0.0.1:{free}")]);
+    let out = diagnose_prometheus(&["--prometheus", &format!("http://127.0.0.1:{free}")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains(&format!(
@@ -736,7 +714,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
         },
         None,
     );
-    let out = diagnose(&["--prometheus", &format!("http://127.0.0.1:{html}")]);
+    let out = diagnose_prometheus(&["--prometheus", &format!("http://127.0.0.1:{html}")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("does not look like a Prometheus query API"),
@@ -747,7 +725,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
     // A server that never answers: the query timeout ends it.
     let silent = tiny_server(|_| None, None);
     let started = Instant::now();
-    let out = diagnose(&[
+    let out = diagnose_prometheus(&[
         "--prometheus",
         &format!("http://127.0.0.1:{silent}"),
         "--query-timeout",
@@ -776,7 +754,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
         });
         (!ok).then(|| "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string())
     }
-    let proxy = tiny_server(check, Some(prom.port));
+    let proxy = tiny_server(check, Some(prom.prometheus.port));
     let url = format!("http://127.0.0.1:{proxy}");
     let dir = scratch_dir("fleet-secrets");
     let (good, bad, password) = (dir.join("good"), dir.join("bad"), dir.join("password"));
@@ -785,14 +763,14 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
     std::fs::write(&password, "secret\n").unwrap();
     let at = end.to_string();
 
-    let out = diagnose(&["--prometheus", &url, "--at", &at]);
+    let out = diagnose_prometheus(&["--prometheus", &url, "--at", &at]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("refused the credentials (HTTP 401)"),
         "{}",
         stderr(&out)
     );
-    let out = diagnose(&[
+    let out = diagnose_prometheus(&[
         "--prometheus",
         &url,
         "--at",
@@ -807,7 +785,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
         stderr(&out)
     );
 
-    let out = diagnose(&[
+    let out = diagnose_prometheus(&[
         "--prometheus",
         &url,
         "--at",
@@ -818,8 +796,8 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(finding(&report, "fleet-bad-server").len(), 1);
-    let out = diagnose(&[
+    assert_eq!(findings(&report, &["fleet-bad-server"]).len(), 1);
+    let out = diagnose_prometheus(&[
         "--prometheus",
         &url,
         "--at",
@@ -833,7 +811,7 @@ fn bad_input_exits_2_with_a_clear_message_and_never_hangs() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 
     // Missing series: a window with no cacheprobe data at all.
-    let out = diagnose(&[
+    let out = diagnose_prometheus(&[
         "--prometheus",
         &prom.url(),
         "--at",
@@ -885,7 +863,7 @@ fn fleet_500_hosts_answers_within_10_s() {
     let at = end.to_string();
     // Prometheus' CPU time for the run: the part of the cost that does not depend on how busy
     // the machine is (wall time on a loaded 2-core machine mostly measures the others).
-    let prometheus_cpu = || process_cpu_s(prom._server.0.id());
+    let prometheus_cpu = || cpu_seconds(prom.prometheus.server.0.id());
     // CACHEPROBE_FLEET_BENCH_ROUNDS=N runs diagnose N times against the same Prometheus (the
     // first one against cold blocks when they were just backfilled or reused): the spread
     // says how much of a number is the machine's load.
@@ -898,15 +876,7 @@ fn fleet_500_hosts_answers_within_10_s() {
     for round in 1..=rounds {
         let cpu_before = prometheus_cpu();
         let started = Instant::now();
-        let out = diagnose(&[
-            "--prometheus",
-            &prom.url(),
-            "--since",
-            "30m",
-            "--at",
-            &at,
-            "--json",
-        ]);
+        let out = diagnose_json_30m(&prom, &at);
         let took = started.elapsed();
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         eprintln!(
@@ -982,19 +952,4 @@ fn fleet_500(end: u64) -> Gen {
         );
     }
     g
-}
-
-/// User plus system CPU seconds of a process so far, from /proc/PID/stat.
-fn process_cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: f64 = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|t| t.parse::<f64>().ok())
-        .sum();
-    // USER_HZ is 100 on every Linux architecture the agent supports.
-    ticks / 100.0
 }

@@ -14,7 +14,7 @@ use std::{
         Arc,
     },
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use cacheprobe_tests::*;
@@ -82,116 +82,38 @@ fn sources(net: u8, count: u8) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// User plus system CPU seconds the process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-struct Prometheus {
-    port: u16,
-    _server: Guard,
-}
-
-impl Prometheus {
-    fn start(name: &str, agent_port: u16, tls: bool) -> Prometheus {
-        let dir = scratch_dir(name);
-        let scheme = if tls {
-            "    scheme: https\n    tls_config:\n      insecure_skip_verify: true\n"
-        } else {
-            ""
-        };
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: cacheprobe\n{scheme}    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"
-            ),
-        )
-        .unwrap();
-        let port = unique_port();
-        let server = Guard(
-            Command::new("prometheus")
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.join("data").display()
-                ))
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-                .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
-                .spawn()
-                .expect("prometheus (Debian package prometheus) is installed by cargo xtask setup"),
+/// Prometheus scraping the agent every second with a 1 s timeout (over HTTPS when `tls`);
+/// returns once a scrape succeeded.
+fn start_prometheus(name: &str, agent_port: u16, tls: bool) -> Prometheus {
+    let scheme = if tls {
+        "    scheme: https\n    tls_config:\n      insecure_skip_verify: true\n"
+    } else {
+        ""
+    };
+    let prometheus = Prometheus::start(
+        scratch_dir(name),
+        &agent_scrape_config(agent_port, "  scrape_timeout: 1s\n", scheme),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prometheus.value("sum(up{job=\"cacheprobe\"})", now_unix()) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped the agent successfully"
         );
-        let prometheus = Prometheus {
-            port,
-            _server: server,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while prometheus.value("sum(up{job=\"cacheprobe\"})", now_unix()) != Some(1.0) {
-            assert!(
-                Instant::now() < deadline,
-                "prometheus never scraped the agent successfully"
-            );
-            thread::sleep(Duration::from_millis(250));
-        }
-        prometheus
+        thread::sleep(Duration::from_millis(250));
     }
+    prometheus
+}
 
-    /// The value of a query returning one series at `at`, if any.
-    fn value(&self, promql: &str, at: f64) -> Option<f64> {
-        let body = http_get(
-            self.port,
-            &format!("/api/v1/query?query={}&time={at:.3}", url_encode(promql)),
-        )
-        .ok()?;
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let result = json["data"]["result"].as_array()?;
-        result.first()?["value"][1].as_str()?.parse().ok()
-    }
-
-    fn rejected(&self, reason: &str) -> f64 {
-        self.value(
+/// The agent's rejected connections for `reason`, as Prometheus has them now.
+fn rejected(prometheus: &Prometheus, reason: &str) -> f64 {
+    prometheus
+        .value(
             &format!("sum(cacheprobe_http_connections_rejected_total{{reason=\"{reason}\"}})"),
             now_unix(),
         )
         .unwrap_or(0.0)
-    }
 }
 
 #[derive(Debug)]
@@ -258,8 +180,8 @@ fn scenario(
     reasons: &[&'static str],
     attack: impl FnOnce(Arc<AtomicBool>) -> String + Send + 'static,
 ) -> Outcome {
-    let before: Vec<f64> = reasons.iter().map(|r| prometheus.rejected(r)).collect();
-    let rss_before_kb = rss_kb(agent_pid);
+    let before: Vec<f64> = reasons.iter().map(|r| rejected(prometheus, r)).collect();
+    let rss_before_kb = rss_kib(agent_pid).unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
     let attacker = {
         let stop = stop.clone();
@@ -268,9 +190,9 @@ fn scenario(
     thread::sleep(WARM_UP);
     let start = now_unix();
     let cpu_start = cpu_seconds(agent_pid);
-    let mut rss_peak_kb = rss_kb(agent_pid);
+    let mut rss_peak_kb = rss_kib(agent_pid).unwrap_or(0);
     while now_unix() - start < WINDOW.as_secs_f64() {
-        rss_peak_kb = rss_peak_kb.max(rss_kb(agent_pid));
+        rss_peak_kb = rss_peak_kb.max(rss_kib(agent_pid).unwrap_or(0));
         thread::sleep(Duration::from_millis(200));
     }
     let end = now_unix();
@@ -292,7 +214,7 @@ fn scenario(
     let rejected = reasons
         .iter()
         .zip(before)
-        .map(|(reason, before)| (*reason, prometheus.rejected(reason) - before))
+        .map(|(reason, before)| (*reason, rejected(prometheus, reason) - before))
         .collect();
     let outcome = Outcome {
         scenario,
@@ -461,7 +383,7 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
     raise_fd_limit();
     let agent = Agent::start("http-hostile", &[("memcached", unique_port(), "memcache")]).unwrap();
     let target: SocketAddr = ([127, 0, 0, 1], agent.metrics_port).into();
-    let prometheus = Prometheus::start("http-hostile-prometheus", agent.metrics_port, false);
+    let prometheus = start_prometheus("http-hostile-prometheus", agent.metrics_port, false);
     let pid = agent.pid();
     // Let the agent settle (first samples, first scrapes) before its idle RSS is taken.
     thread::sleep(Duration::from_secs(3));
@@ -518,7 +440,7 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
     for outcome in &outcomes {
         outcome.check();
     }
-    let rss_end = rss_kb(pid);
+    let rss_end = rss_kib(pid).unwrap_or(0);
     eprintln!("agent RSS after all scenarios: {rss_end} KiB");
     agent.stop().unwrap();
 }
@@ -637,7 +559,7 @@ fn prometheus_keeps_scraping_through_a_tls_handshake_flood() {
             std::fs::read_to_string(dir.join("agent.err")).unwrap_or_default()
         );
     }
-    let prometheus = Prometheus::start("http-hostile-tls-prometheus", metrics_port, true);
+    let prometheus = start_prometheus("http-hostile-tls-prometheus", metrics_port, true);
     thread::sleep(Duration::from_secs(3));
 
     let seconds = (WARM_UP + WINDOW).as_secs_f64() + 1.0;

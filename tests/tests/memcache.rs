@@ -8,10 +8,6 @@ use cacheprobe_tests::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn requests(scrape: &Scrape, labels: &[(&str, &str)]) -> f64 {
-    scrape.sum("cacheprobe_memcache_requests_total", labels)
-}
-
 /// A pymemcache + python-memcache script whose exact outcome is known.
 fn scripted_text_workload(port: u16) -> String {
     format!(
@@ -38,10 +34,7 @@ fn scripted_text_workload(port: u16) -> String {
 
 fn assert_text_workload(scrape: &Scrape, role: &str) {
     let count = |command: &str, status: &str| {
-        requests(
-            scrape,
-            &[("role", role), ("command", command), ("status", status)],
-        )
+        scrape.requests(&[("role", role), ("command", command), ("status", status)])
     };
     assert_eq!(count("set", "stored"), 6.0, "{role}: {}", scrape.text);
     // 3 single hits + 3 multi-get hits + python-memcache's hit.
@@ -51,7 +44,7 @@ fn assert_text_workload(scrape: &Scrape, role: &str) {
     assert_eq!(count("delete", "not_found"), 1.0, "{role}");
     assert_eq!(count("touch", "touched"), 1.0, "{role}");
     assert_eq!(
-        requests(scrape, &[("role", role)]),
+        scrape.requests(&[("role", role)]),
         20.0,
         "{role}: {}",
         scrape.text
@@ -68,7 +61,7 @@ fn text_protocol_workload_is_counted_exactly_on_both_sides() {
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
     python(None, &scripted_text_workload(port)).unwrap();
     let scrape = agent.wait_for(WAIT, |s| {
-        requests(s, &[("role", "server")]) >= 20.0 && requests(s, &[("role", "client")]) >= 20.0
+        s.requests(&[("role", "server")]) >= 20.0 && s.requests(&[("role", "client")]) >= 20.0
     });
     assert_text_workload(&scrape, "client");
     assert_text_workload(&scrape, "server");
@@ -99,17 +92,7 @@ fn text_protocol_workload_is_counted_exactly_on_both_sides() {
 
     // The local API shows the hottest key (k0: set, get, multi-get and touch) for the server.
     std::thread::sleep(Duration::from_millis(1500));
-    let keys = Command::new(agent_binary())
-        .args(["keys", "--socket"])
-        .arg(&agent.control_socket)
-        .output()
-        .unwrap();
-    assert!(
-        keys.status.success(),
-        "{}",
-        String::from_utf8_lossy(&keys.stderr)
-    );
-    let keys: serde_json::Value = serde_json::from_slice(&keys.stdout).unwrap();
+    let keys = keys_report(&agent);
     let client = keys["servers"]
         .as_array()
         .unwrap()
@@ -148,13 +131,10 @@ fn binary_protocol_with_dalli_matches_memcached_stats() {
         String::from_utf8_lossy(&dalli.stderr)
     );
     let scrape = agent.wait_for(WAIT, |s| {
-        requests(s, &[("role", "client"), ("command", "bin_delete")]) >= 1.0
+        s.requests(&[("role", "client"), ("command", "bin_delete")]) >= 1.0
     });
     let count = |command: &str, status: &str| {
-        requests(
-            &scrape,
-            &[("role", "client"), ("command", command), ("status", status)],
-        )
+        scrape.requests(&[("role", "client"), ("command", command), ("status", status)])
     };
     assert_eq!(count("bin_set", "stored"), 4.0, "{}", scrape.text);
     assert_eq!(count("bin_get", "hit"), 3.0, "{}", scrape.text);
@@ -186,13 +166,10 @@ fn binary_protocol_with_dalli_matches_memcached_stats() {
         })
         .collect();
     let server = agent.wait_for(WAIT, |s| {
-        requests(s, &[("role", "server"), ("command", "bin_delete")]) >= 1.0
+        s.requests(&[("role", "server"), ("command", "bin_delete")]) >= 1.0
     });
     let server_count = |command: &str, status: &str| {
-        requests(
-            &server,
-            &[("role", "server"), ("command", command), ("status", status)],
-        )
+        server.requests(&[("role", "server"), ("command", command), ("status", status)])
     };
     assert_eq!(
         server_count("bin_get", "hit"),
@@ -266,39 +243,30 @@ fn requests_through_twemproxy_are_seen_on_both_hops() {
     )
     .unwrap();
     let scrape = agent.wait_for(WAIT, |s| {
-        requests(
-            s,
-            &[
-                ("service", "memcached"),
-                ("role", "client"),
-                ("command", "get"),
-            ],
-        ) >= 6.0
+        s.requests(&[
+            ("service", "memcached"),
+            ("role", "client"),
+            ("command", "get"),
+        ]) >= 6.0
     });
     let app = |command: &str, status: &str| {
-        requests(
-            &scrape,
-            &[
-                ("service", "twemproxy"),
-                ("role", "client"),
-                ("command", command),
-                ("status", status),
-            ],
-        )
+        scrape.requests(&[
+            ("service", "twemproxy"),
+            ("role", "client"),
+            ("command", command),
+            ("status", status),
+        ])
     };
     assert_eq!(app("set", "stored"), 4.0, "{}", scrape.text);
     assert_eq!(app("get", "hit"), 4.0, "{}", scrape.text);
     assert_eq!(app("get", "miss"), 2.0, "{}", scrape.text);
     let hop = |command: &str, status: &str| {
-        requests(
-            &scrape,
-            &[
-                ("service", "memcached"),
-                ("role", "client"),
-                ("command", command),
-                ("status", status),
-            ],
-        )
+        scrape.requests(&[
+            ("service", "memcached"),
+            ("role", "client"),
+            ("command", command),
+            ("status", status),
+        ])
     };
     assert_eq!(hop("set", "stored"), 4.0, "{}", scrape.text);
     assert_eq!(
@@ -308,31 +276,6 @@ fn requests_through_twemproxy_are_seen_on_both_hops() {
         scrape.text
     );
     assert_eq!(hop("get", "hit"), 4.0, "{}", scrape.text);
-}
-
-/// memcached's own `stats`, by name.
-fn memcached_stats(port: u16) -> BTreeMap<String, f64> {
-    let stats = python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'stats\\r\\n')\n\
-             data = b''\n\
-             while not data.endswith(b'END\\r\\n'):\n\
-             \x20   data += s.recv(65536)\n\
-             print(data.decode())\n"
-        ),
-    )
-    .unwrap();
-    String::from_utf8_lossy(&stats.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next()? == "STAT").then_some(())?;
-            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
-        })
-        .collect()
 }
 
 /// memcaslap (libmemcached) load, decoded in full (no budget): the agent's server-side get/set
@@ -369,28 +312,25 @@ fn memcaslap_load_matches_memcached_stats() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let stats = memcached_stats(port);
+    let stats = server_stats(port, "stats");
     let expected = stats["cmd_get"] + stats["cmd_set"];
     let scrape = agent.wait_for(WAIT, |s| {
-        requests(s, &[("role", "server"), ("command", "get")])
-            + requests(s, &[("role", "server"), ("command", "set")])
+        s.requests(&[("role", "server"), ("command", "get")])
+            + s.requests(&[("role", "server"), ("command", "set")])
             >= expected
     });
     assert_eq!(
-        requests(&scrape, &[("role", "server"), ("command", "get")]),
+        scrape.requests(&[("role", "server"), ("command", "get")]),
         stats["cmd_get"],
         "{stats:?}"
     );
     assert_eq!(
-        requests(&scrape, &[("role", "server"), ("command", "set")]),
+        scrape.requests(&[("role", "server"), ("command", "set")]),
         stats["cmd_set"],
         "{stats:?}"
     );
     assert_eq!(
-        requests(
-            &scrape,
-            &[("role", "server"), ("command", "get"), ("status", "hit")]
-        ),
+        scrape.requests(&[("role", "server"), ("command", "get"), ("status", "hit")]),
         stats["get_hits"],
         "{stats:?}"
     );
@@ -453,13 +393,13 @@ fn decoding_above_its_budget_samples_connections_and_scales_counts() {
         agent.log()
     );
 
-    let stats = memcached_stats(port);
+    let stats = server_stats(port, "stats");
     let served = stats["cmd_get"] + stats["cmd_set"];
     // Once the load stops the sample widens again, a step per second.
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_capture_sample_ratio", &[]) == 1.0
     });
-    let counted = requests(&scrape, &[("role", "server")]);
+    let counted = scrape.requests(&[("role", "server")]);
     eprintln!(
         "estimate/served = {:.2} at sample ratio {ratio}",
         counted / served
@@ -471,12 +411,12 @@ fn decoding_above_its_budget_samples_connections_and_scales_counts() {
     // memcaslap stops with requests in flight: those few are truly unanswered. Streams the
     // sample let go must not add to them, nor time out.
     assert_eq!(
-        requests(&scrape, &[("status", "timeout")]),
+        scrape.requests(&[("status", "timeout")]),
         0.0,
         "{}",
         scrape.text
     );
-    let unanswered = requests(&scrape, &[("status", "unanswered")]);
+    let unanswered = scrape.requests(&[("status", "unanswered")]);
     assert!(
         unanswered < counted * 0.01,
         "{unanswered} unanswered: {}",
@@ -536,13 +476,13 @@ fn request_counts_agree_with_tshark() {
         }
     }
     assert!(!oracle.is_empty(), "tshark decoded nothing");
-    let scrape = agent.wait_for(WAIT, |s| requests(s, &[("role", "client")]) >= 20.0);
+    let scrape = agent.wait_for(WAIT, |s| s.requests(&[("role", "client")]) >= 20.0);
     for (command, tshark_count) in &oracle {
         // The agent counts a multi-get once per key; tshark once per request line.
         let agent_count = if command == "get" {
-            requests(&scrape, &[("role", "client"), ("command", "get")]) - 3.0
+            scrape.requests(&[("role", "client"), ("command", "get")]) - 3.0
         } else {
-            requests(&scrape, &[("role", "client"), ("command", command)])
+            scrape.requests(&[("role", "client"), ("command", command)])
         };
         assert_eq!(
             agent_count, *tshark_count,

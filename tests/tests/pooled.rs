@@ -11,26 +11,13 @@ use cacheprobe_tests::*;
 
 const POOL: usize = 4;
 
-/// A pymemcache pool of `POOL` connections, each used once, that then waits for a line on
-/// stdin before running `work` (Python using `pool` and `port`).
-fn pooled_client(
-    port: u16,
-    work: &str,
-) -> (Guard, ChildStdin, BufReader<std::process::ChildStdout>) {
-    let script = format!(
-        "import sys\n\
-         from pymemcache.client.base import Client\n\
-         port = {port}\n\
-         pool = [Client(('127.0.0.1', port)) for _ in range({POOL})]\n\
-         for i, c in enumerate(pool):\n\
-         \x20   assert c.set('warm%d' % i, b'w', noreply=False)\n\
-         print('ready', flush=True)\n\
-         sys.stdin.readline()\n\
-         {work}\n\
-         print('done', flush=True)\n"
-    );
+/// A client that reads stdin and writes stdout.
+type PoolClient = (Guard, ChildStdin, BufReader<std::process::ChildStdout>);
+
+/// Runs the Python `script` and waits for its `ready` line: its pool is connected and used.
+fn start_ready(script: &str) -> PoolClient {
     let mut child: Child = Command::new(PYTHON)
-        .args(["-c", &script])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -44,8 +31,22 @@ fn pooled_client(
     (Guard(child), stdin, stdout)
 }
 
-fn requests(scrape: &Scrape, labels: &[(&str, &str)]) -> f64 {
-    scrape.sum("cacheprobe_memcache_requests_total", labels)
+/// A pymemcache pool of `POOL` connections, each used once, that then waits for a line on
+/// stdin before running `work` (Python using `pool` and `port`).
+fn pooled_client(port: u16, work: &str) -> PoolClient {
+    let script = format!(
+        "import sys\n\
+         from pymemcache.client.base import Client\n\
+         port = {port}\n\
+         pool = [Client(('127.0.0.1', port)) for _ in range({POOL})]\n\
+         for i, c in enumerate(pool):\n\
+         \x20   assert c.set('warm%d' % i, b'w', noreply=False)\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         {work}\n\
+         print('done', flush=True)\n"
+    );
+    start_ready(&script)
 }
 
 /// The pool exists (connected and used) before `cacheprobe run` starts; then 1,000 sets and
@@ -87,14 +88,11 @@ fn pooled_connections_opened_before_run_are_decoded() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "done");
     let scrape = agent.wait_for(Duration::from_secs(10), |s| {
-        requests(s, &[("role", "client")]) >= 2000.0 && requests(s, &[("role", "server")]) >= 2000.0
+        s.requests(&[("role", "client")]) >= 2000.0 && s.requests(&[("role", "server")]) >= 2000.0
     });
     for role in ["client", "server"] {
         let count = |command: &str, status: &str| {
-            requests(
-                &scrape,
-                &[("role", role), ("command", command), ("status", status)],
-            )
+            scrape.requests(&[("role", role), ("command", command), ("status", status)])
         };
         assert_eq!(
             (count("set", "stored"), count("get", "hit")),
@@ -103,7 +101,7 @@ fn pooled_connections_opened_before_run_are_decoded() {
             scrape.text
         );
         assert_eq!(
-            requests(&scrape, &[("role", role)]),
+            scrape.requests(&[("role", role)]),
             2000.0,
             "{role}: {}",
             scrape.text
@@ -230,62 +228,9 @@ impl LocalDiagnose {
     }
 }
 
-/// The daemon's history through `diagnose --socket` (1 s live on top).
-/// The daemon's report of its history so far. `--duration 0` (no live watch): the traffic is
-/// over by now, and the edge table then covers the last minute instead of a quiet live second.
-fn daemon_report(agent: &Agent) -> serde_json::Value {
-    let output = Command::new(agent_binary())
-        .args(["diagnose", "--json", "--duration", "0s", "--socket"])
-        .arg(&agent.control_socket)
-        .arg("--config")
-        .arg(&agent.config_path)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "diagnose printed no JSON ({err}): {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-fn findings<'a>(report: &'a serde_json::Value, ids: &[&str]) -> Vec<&'a serde_json::Value> {
-    report["findings"]
-        .as_array()
-        .map(|all| {
-            all.iter()
-                .filter(|f| ids.iter().any(|id| f["id"] == *id))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn subjects(finding: &serde_json::Value, kind: &str) -> Vec<String> {
-    finding["subjects"][kind]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn value(finding: &serde_json::Value, name: &str) -> f64 {
-    finding["values"][name]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no value {name}: {finding:#}"))
-}
-
 /// A Python client whose pool is connected and used before any probe runs; it prints `ready`,
 /// runs `idle` (Python, may use `pool`) until a line arrives on stdin, then runs `work`.
-fn pool_script(
-    name: &str,
-    pool: &str,
-    idle: &str,
-    work: &str,
-) -> (Guard, ChildStdin, BufReader<std::process::ChildStdout>) {
+fn pool_script(name: &str, pool: &str, idle: &str, work: &str) -> PoolClient {
     let script = format!(
         "import ctypes, select, sys, threading, time\n\
          from pymemcache.client.base import Client\n\
@@ -300,31 +245,12 @@ fn pool_script(
          {work}\n\
          print('done', flush=True)\n"
     );
-    let mut child: Child = Command::new(PYTHON)
-        .args(["-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "the pooled client did not start");
-    (Guard(child), stdin, stdout)
+    start_ready(&script)
 }
 
 fn config_for(name: &str, port: u16) -> std::path::PathBuf {
     let config = scratch_dir(name).join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "sample_interval_seconds = 1\n\
-             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, services_config(&[("memcached", port, "memcache")])).unwrap();
     config
 }
 
@@ -376,7 +302,10 @@ fn a_hung_server_among_a_pool_that_predates_the_probes_is_named() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "done");
     let (healthy, hung) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
-    for (source, report) in [("local", local.report()), ("daemon", daemon_report(&agent))] {
+    for (source, report) in [
+        ("local", local.report()),
+        ("daemon", daemon_report(&agent).1),
+    ] {
         assert_eq!(report["source"]["kind"], source, "{report:#}");
         let named = findings(&report, &["slow-server", "server-not-answering"]);
         let finding = named
@@ -396,7 +325,7 @@ fn a_hung_server_among_a_pool_that_predates_the_probes_is_named() {
         );
         // Two threads hit the hung server, each giving up after 1 s: a few unanswered
         // requests per second of the hang.
-        let unanswered = value(finding, "unanswered");
+        let unanswered = finding_value(finding, "unanswered");
         assert!(
             (2.0..=20.0).contains(&unanswered),
             "{source}: {unanswered} unanswered: {finding:#}"
@@ -454,7 +383,10 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "done");
     let server = format!("127.0.0.1:{port}");
-    for (source, report) in [("local", local.report()), ("daemon", daemon_report(&agent))] {
+    for (source, report) in [
+        ("local", local.report()),
+        ("daemon", daemon_report(&agent).1),
+    ] {
         assert_eq!(report["source"]["kind"], source, "{report:#}");
         let idle = findings(&report, &["idle-disconnects"]);
         // The client side's view: memcached closed our three pooled connections.
@@ -465,21 +397,29 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
                     && subjects(f, "processes").contains(&"cronjob".to_string())
             })
             .unwrap_or_else(|| panic!("{source}: no idle disconnects naming cronjob: {report:#}"));
-        let timeout = value(finding, "idle_timeout_s");
+        let timeout = finding_value(finding, "idle_timeout_s");
         assert!(
             (2.0..=5.0).contains(&timeout),
             "{source}: inferred idle timeout {timeout}: {finding:#}"
         );
-        assert_eq!(value(finding, "closes"), 3.0, "{source}: {finding:#}");
-        assert_eq!(value(finding, "dead_writes"), 3.0, "{source}: {finding:#}");
+        assert_eq!(
+            finding_value(finding, "closes"),
+            3.0,
+            "{source}: {finding:#}"
+        );
+        assert_eq!(
+            finding_value(finding, "dead_writes"),
+            3.0,
+            "{source}: {finding:#}"
+        );
         assert!(
             subjects(finding, "commands").contains(&"set".to_string()),
             "{source}: the dead writes were sets: {finding:#}"
         );
         eprintln!(
             "{source}: idle timeout {timeout} s, {} closes, {} dead writes",
-            value(finding, "closes"),
-            value(finding, "dead_writes")
+            finding_value(finding, "closes"),
+            finding_value(finding, "dead_writes")
         );
     }
 }

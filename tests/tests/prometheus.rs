@@ -1,16 +1,14 @@
 //! A real Prometheus server scrapes the agent on loopback with the shipped alert rules: series
 //! arrive, and the dead-socket-write alert fires on a real incident.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use cacheprobe_tests::*;
 
-fn query(port: u16, path: &str) -> serde_json::Value {
-    let body = http_get(port, path).unwrap_or_else(|err| panic!("prometheus {path}: {err}"));
-    serde_json::from_str(&body).unwrap()
+fn query(prometheus: &Prometheus, path: &str) -> serde_json::Value {
+    prometheus
+        .api(path)
+        .unwrap_or_else(|err| panic!("prometheus {path}: {err}"))
 }
 
 #[test]
@@ -20,44 +18,29 @@ fn prometheus_scrapes_the_agent_and_the_dead_write_alert_fires() {
     let agent = Agent::start("prometheus", &[("memcached", port, "memcache")]).unwrap();
     let _memcached = start_memcached(None, "127.0.0.1", port, &["-o", "idle_timeout=2"]).unwrap();
 
-    let dir = scratch_dir("prometheus-server");
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../packaging/prometheus/cacheprobe.rules.yml")
         .canonicalize()
         .unwrap();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: cacheprobe\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
-            rules.display(),
-            agent.metrics_port
+    let prometheus = Prometheus::start(
+        scratch_dir("prometheus-server"),
+        &agent_scrape_config(
+            agent.metrics_port,
+            &format!(
+                "  evaluation_interval: 1s\nrule_files:\n  - {}\n",
+                rules.display()
+            ),
+            "",
         ),
-    )
-    .unwrap();
-    let prometheus_port = unique_port();
-    let _prometheus = Guard(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
-            .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
-            .spawn()
-            .expect("prometheus (Debian package prometheus) is installed by cargo xtask setup"),
+        &[],
     );
 
     // Series arrive.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let up = http_get(prometheus_port, "/api/v1/query?query=cacheprobe_build_info")
-            .ok()
-            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok());
+        let up = prometheus
+            .api("/api/v1/query?query=cacheprobe_build_info")
+            .ok();
         if up.as_ref().is_some_and(|v| {
             v["data"]["result"]
                 .as_array()
@@ -71,7 +54,7 @@ fn prometheus_scrapes_the_agent_and_the_dead_write_alert_fires() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let probes = query(prometheus_port, "/api/v1/query?query=cacheprobe_probe_up");
+    let probes = query(&prometheus, "/api/v1/query?query=cacheprobe_probe_up");
     assert!(
         probes["data"]["result"].as_array().unwrap().len() >= 3,
         "{probes}"
@@ -95,7 +78,7 @@ fn prometheus_scrapes_the_agent_and_the_dead_write_alert_fires() {
     }
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
-        let alerts = query(prometheus_port, "/api/v1/alerts");
+        let alerts = query(&prometheus, "/api/v1/alerts");
         let firing = alerts["data"]["alerts"]
             .as_array()
             .unwrap()

@@ -4,9 +4,6 @@
 //! and a producer dropped for idling loses its next message where the agent can see it.
 
 use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -28,23 +25,25 @@ fn start_peer(port: u16, idle_s: f64) -> Guard {
     guard
 }
 
-/// The peer's own counters.
-fn peer_stats(port: u16) -> BTreeMap<String, f64> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("the queue peer");
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    conn.write_all(b"stats\r\n").unwrap();
-    let mut text = String::new();
-    let mut buf = [0u8; 4096];
-    while !text.ends_with("END\r\n") {
-        let n = conn.read(&mut buf).expect("stats");
-        assert!(n > 0, "peer closed during stats: {text}");
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    text.lines()
-        .filter_map(|l| l.strip_prefix("STAT "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.trim().parse().unwrap_or(0.0)))
-        .collect()
+/// An agent watching the peer as a queue, decoding every connection (no budget).
+fn queue_agent(name: &str, port: u16) -> Agent {
+    let config = services_config(&[("starling", port, "memcache-queue")])
+        + "[limits]\ncapture_records_per_second = 0\n";
+    Agent::start_with_config(name, &config).unwrap()
+}
+
+/// Prints the queue, decode-error and dead-write series, so a run shows its numbers.
+fn print_queue_series(scrape: &Scrape) {
+    let lines: Vec<&str> = scrape
+        .text
+        .lines()
+        .filter(|l| {
+            l.starts_with("cacheprobe_queue")
+                || l.contains("decode_errors")
+                || l.starts_with("cacheprobe_dead_socket")
+        })
+        .collect();
+    eprintln!("{}", lines.join("\n"));
 }
 
 /// queue_operations has no role label: on loopback both views add to one series.
@@ -53,10 +52,7 @@ fn ops(scrape: &Scrape, op: &str) -> f64 {
 }
 
 fn requests(scrape: &Scrape, role: &str, command: &str, status: &str) -> f64 {
-    scrape.sum(
-        "cacheprobe_memcache_requests_total",
-        &[("role", role), ("command", command), ("status", status)],
-    )
+    scrape.requests(&[("role", role), ("command", command), ("status", status)])
 }
 
 /// ~4 s: 40 pipelined enqueues (pymemcache set_many, one write), 30 single dequeues with
@@ -71,14 +67,7 @@ fn queue_counts_wait_depth_and_lost_messages() {
     require_root();
     let port = unique_port();
     let _peer = start_peer(port, 1.0);
-    let agent = Agent::start_with_config(
-        "queue-flow",
-        &format!(
-            "sample_interval_seconds = 1\n\n[[services]]\nname = \"starling\"\nport = {port}\n\
-             protocol = \"memcache-queue\"\n\n[limits]\ncapture_records_per_second = 0\n"
-        ),
-    )
-    .unwrap();
+    let agent = queue_agent("queue-flow", port);
     let script = format!(
         "from pymemcache.client.base import Client\n\
          import socket, time\n\
@@ -108,7 +97,7 @@ fn queue_counts_wait_depth_and_lost_messages() {
          \x20   print('producer saw', type(e).__name__)\n"
     );
     python(None, &script).unwrap();
-    let stats = peer_stats(port);
+    let stats = server_stats(port, "stats");
     eprintln!("peer stats: {stats:?}");
     let scrape = agent.wait_for(Duration::from_secs(10), |s| {
         s.sum("cacheprobe_queue_messages_lost_total", &[]) >= 1.0
@@ -117,19 +106,7 @@ fn queue_counts_wait_depth_and_lost_messages() {
     std::thread::sleep(Duration::from_millis(500));
     let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
     let errors = scrape.sum("cacheprobe_memcache_decode_errors_total", &[]);
-    eprintln!(
-        "{}",
-        scrape
-            .text
-            .lines()
-            .filter(|l| {
-                l.starts_with("cacheprobe_queue")
-                    || l.contains("decode_errors")
-                    || l.starts_with("cacheprobe_dead_socket")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    print_queue_series(&scrape);
     // Enqueues: 40 + the first of the dropped producer (its second never reached the queue).
     assert_eq!(stats["total_items"], 41.0);
     for role in ["client", "server"] {
@@ -190,14 +167,7 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
     require_root();
     let port = unique_port();
     let _peer = start_peer(port, 3600.0);
-    let agent = Agent::start_with_config(
-        "queue-exact",
-        &format!(
-            "sample_interval_seconds = 1\n\n[[services]]\nname = \"starling\"\nport = {port}\n\
-             protocol = \"memcache-queue\"\n\n[limits]\ncapture_records_per_second = 0\n"
-        ),
-    )
-    .unwrap();
+    let agent = queue_agent("queue-exact", port);
     // The raw socket is only the pipeline of 100 in one write (no client library pipelines
     // repeated sets to one key); everything else goes through the libraries.
     let script = format!(
@@ -244,7 +214,7 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
          \x20   c.set('left', val(i), noreply=False)\n"
     );
     python(None, &script).unwrap();
-    let stats = peer_stats(port);
+    let stats = server_stats(port, "stats");
     eprintln!("peer stats: {stats:?}");
     // 16 + 100 + 20 + 1 + 7 enqueues; 16 + 100 + 20 + 1 dequeues.
     assert_eq!(
@@ -259,19 +229,7 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
-    eprintln!(
-        "{}",
-        scrape
-            .text
-            .lines()
-            .filter(|l| {
-                l.starts_with("cacheprobe_queue")
-                    || l.contains("decode_errors")
-                    || l.starts_with("cacheprobe_dead_socket")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    print_queue_series(&scrape);
     for role in ["client", "server"] {
         let view = (
             requests(&scrape, role, "set", "stored"),

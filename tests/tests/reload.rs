@@ -1,10 +1,7 @@
 //! A SIGHUP that adds and reorders services: metrics and `diagnose` must keep naming every
 //! connection's service, those opened before the reload and those opened after it.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use cacheprobe_tests::*;
 
@@ -24,27 +21,6 @@ fn healthy_script(port: u16) -> String {
     )
 }
 
-fn service_config(services: &[(&str, u16)]) -> String {
-    let mut config = String::from("sample_interval_seconds = 1\n");
-    for (name, port) in services {
-        config.push_str(&format!(
-            "[[services]]\nname = \"{name}\"\nport = {port}\nprotocol = \"memcache\"\n"
-        ));
-    }
-    config
-}
-
-fn strings(value: &serde_json::Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     require_root();
@@ -52,8 +28,7 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     let new_port = unique_port();
     let old_server = format!("127.0.0.1:{old_port}");
     let new_server = format!("127.0.0.1:{new_port}");
-    let agent =
-        Agent::start_with_config("reload-order", &service_config(&[("old", old_port)])).unwrap();
+    let agent = Agent::start("reload-order", &[("old", old_port, "memcache")]).unwrap();
     let _old = start_memcached(None, "127.0.0.1", old_port, &["-o", "idle_timeout=2"]).unwrap();
     let _new = start_memcached(None, "127.0.0.1", new_port, &[]).unwrap();
 
@@ -64,7 +39,7 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     // The new service goes first: every position in the service list changes meaning.
     std::fs::write(
         &agent.config_path,
-        service_config(&[("new", new_port), ("old", old_port)]),
+        services_config(&[("new", new_port, "memcache"), ("old", old_port, "memcache")]),
     )
     .unwrap();
     agent.signal(libc::SIGHUP);
@@ -112,25 +87,12 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
         );
     }
 
-    let output = Command::new(agent_binary())
-        .args(["diagnose", "--json", "--duration", "0s", "--socket"])
-        .arg(&agent.control_socket)
-        .arg("--config")
-        .arg(&agent.config_path)
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
-        panic!(
-            "diagnose printed no JSON ({err}): {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
+    let (output, report) = daemon_report(&agent);
     assert_eq!(output.status.code(), Some(1), "{report:#}");
     let findings = report["findings"].as_array().unwrap();
     for finding in findings {
-        let servers = strings(&finding["subjects"]["servers"]);
-        let services = strings(&finding["subjects"]["services"]);
+        let servers = subjects(finding, "servers");
+        let services = subjects(finding, "services");
         if servers.contains(&old_server) {
             assert_eq!(services, ["old"], "{finding:#}");
         }
@@ -143,7 +105,7 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
         .iter()
         .find(|f| {
             (f["id"] == "dead-writes" || f["id"] == "idle-disconnects")
-                && strings(&f["subjects"]["services"]) == ["old"]
+                && subjects(f, "services") == ["old"]
                 && f["values"]["dead_writes"].as_f64().is_some()
         })
         .unwrap_or_else(|| panic!("no dead-write finding on the old service: {report:#}"));
@@ -153,11 +115,11 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
         "{dead_write_finding:#}"
     );
     assert_eq!(
-        strings(&dead_write_finding["subjects"]["servers"]),
+        subjects(dead_write_finding, "servers"),
         std::slice::from_ref(&old_server)
     );
-    assert!(strings(&dead_write_finding["subjects"]["processes"]).contains(&"cronjob".into()));
-    assert!(strings(&dead_write_finding["subjects"]["commands"]).contains(&"set".into()));
+    assert!(subjects(dead_write_finding, "processes").contains(&"cronjob".into()));
+    assert!(subjects(dead_write_finding, "commands").contains(&"set".into()));
     // The per-edge table names each process's service by its server.
     let edges = report["edges"].as_array().unwrap();
     let edge = |process: &str, server: &str| {

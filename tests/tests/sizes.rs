@@ -3,34 +3,9 @@
 //! 1 MB that memcached writes back as many iovecs), and the slab fit `diagnose` reports against
 //! `stats slabs` of a memcached started with non-default `-f`/`-n`, read from its command line.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::TcpStream,
-    process::Command,
-    time::Duration,
-};
+use std::time::Duration;
 
 use cacheprobe_tests::*;
-
-/// memcached's counters (`stats` or `stats slabs`), by name.
-fn stats(port: u16, which: &str) -> BTreeMap<String, f64> {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("memcached");
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    conn.write_all(format!("{which}\r\n").as_bytes()).unwrap();
-    let mut text = String::new();
-    let mut buf = [0u8; 8192];
-    while !text.ends_with("END\r\n") {
-        let n = conn.read(&mut buf).expect("stats");
-        assert!(n > 0, "memcached closed during {which}: {text}");
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    text.lines()
-        .filter_map(|l| l.strip_prefix("STAT "))
-        .filter_map(|l| l.split_once(' '))
-        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-        .collect()
-}
 
 /// memcached's per-item overhead in its `bytes` stat for the keys below: the 48-byte item
 /// header, the 4-byte key and its terminator, "\r\n" after the value and the 8-byte CAS id
@@ -67,7 +42,7 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
         ),
     )
     .unwrap();
-    let before = stats(sizes_port, "stats");
+    let before = server_stats(sizes_port, "stats");
     let script = format!(
         "from pymemcache.client.base import Client\n\
          SIZES = [0, 10, 100, 1000, 5000, 40000, 100000, 200000, 400000, 1000000]\n\
@@ -87,7 +62,7 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
          \x20   assert not b.set_many(items, noreply=False)\n"
     );
     python(None, &script).unwrap();
-    let after = stats(sizes_port, "stats");
+    let after = server_stats(sizes_port, "stats");
     let delta = |name: &str| after[name] - before[name];
     let scrape = agent.wait_for(Duration::from_secs(10), |s| {
         ["client", "server"].iter().all(|role| {
@@ -183,17 +158,7 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
     // The pipeline publishes the keys report once a tick: ask until both views are in it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let keys = loop {
-        let output = Command::new(agent_binary())
-            .args(["keys", "--socket"])
-            .arg(&agent.control_socket)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let keys: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let keys = keys_report(&agent);
         let views = keys["extremes"].as_array().map_or(0, |all| {
             all.iter().filter(|s| s["service"] == "sizes").count()
         });
@@ -230,7 +195,7 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
     }
 
     // Slab fit against memcached's own slab accounting, with its settings read from /proc.
-    let slabs = stats(slabs_port, "stats slabs");
+    let slabs = server_stats(slabs_port, "stats slabs");
     let used_chunks: f64 = slabs
         .iter()
         .filter(|(k, _)| k.ends_with(":used_chunks"))
@@ -248,15 +213,7 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
     let server = format!("127.0.0.1:{slabs_port}");
     let deadline = std::time::Instant::now() + Duration::from_secs(25);
     let finding = loop {
-        let output = Command::new(agent_binary())
-            .args(["diagnose", "--json", "--duration", "0s", "--socket"])
-            .arg(&agent.control_socket)
-            .arg("--config")
-            .arg(&agent.config_path)
-            .output()
-            .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|err| panic!("diagnose printed no JSON ({err}): {output:?}"));
+        let (_, report) = daemon_report(&agent);
         let found = report["findings"].as_array().and_then(|all| {
             all.iter()
                 .find(|f| f["id"] == "slab-waste" && f["subjects"]["servers"][0] == server.as_str())

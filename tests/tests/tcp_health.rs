@@ -144,31 +144,18 @@ fn retransmits_are_counted_per_server() {
     let _memcached = start_memcached(Some(&pair.server_ns), &pair.server_addr, port, &[]).unwrap();
     let agent = Agent::start("retransmit", &[("cache", port, "memcache")]).unwrap();
     let drop_rule = |action: &str| {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &pair.server_ns,
-                "iptables",
-                action,
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                &port.to_string(),
-            ])
-            .args([
+        pair.drop_to_server_port(
+            action,
+            port,
+            &[
                 "-m",
                 "statistic",
                 "--mode",
                 "random",
                 "--probability",
                 "0.4",
-                "-j",
-                "DROP",
-            ])
-            .status()
-            .unwrap()
+            ],
+        )
     };
     assert!(drop_rule("-A").success(), "iptables statistic rule");
     let server = pair.server_addr.clone();
@@ -246,23 +233,7 @@ fn connect_failures_are_classified() {
         ],
     )
     .unwrap();
-    let status = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server_ns,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            &blackhole_port.to_string(),
-            "-j",
-            "DROP",
-        ])
-        .status()
-        .unwrap();
+    let status = pair.drop_to_server_port("-A", blackhole_port, &[]);
     assert!(status.success());
     let server = pair.server_addr.clone();
     python(

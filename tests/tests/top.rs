@@ -540,9 +540,7 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
 /// Clock ticks of CPU (user + system) a process has used, and whether it is still running (a
 /// zombie has exited); None once it is gone.
 fn cpu_ticks(pid: i32) -> Option<(u64, bool)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which may itself hold spaces and parentheses.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let fields = stat_fields(pid as u32)?;
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some((ticks, fields[0] != "Z"))
 }

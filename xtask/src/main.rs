@@ -152,6 +152,19 @@ fn build(release: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The unit-test step's package set. The host-layout step reuses it, so cargo reuses that build
+/// (another set unifies features differently and rebuilds the agent, eBPF object included).
+const UNIT_TESTS: [&str; 8] = [
+    "test",
+    "--package",
+    "cacheprobe",
+    "--package",
+    "agent-common",
+    "--package",
+    "cacheprobe-tests",
+    "--lib",
+];
+
 fn test(unit_only: bool) -> anyhow::Result<()> {
     util::step("setup (installs what is missing)");
     if unit_only {
@@ -162,16 +175,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     util::step("release build");
     build(true)?;
     util::step("unit tests");
-    util::cargo(&[
-        "test",
-        "--package",
-        "cacheprobe",
-        "--package",
-        "agent-common",
-        "--package",
-        "cacheprobe-tests",
-        "--lib",
-    ])?;
+    util::cargo(&UNIT_TESTS)?;
     util::cargo(&["test", "--package", "xtask"])?;
     if unit_only {
         return Ok(());
@@ -183,21 +187,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     let deb = package::package()?;
     package::install_test(&deb)?;
     util::step("host layout tests (this kernel's tracefs and BTF)");
-    // The unit-test step's package set, so cargo reuses its build (another set unifies
-    // features differently and rebuilds the agent, eBPF object included).
-    util::cargo(&[
-        "test",
-        "--package",
-        "cacheprobe",
-        "--package",
-        "agent-common",
-        "--package",
-        "cacheprobe-tests",
-        "--lib",
-        "--",
-        "--ignored",
-        "host_",
-    ])?;
+    util::cargo(&[&UNIT_TESTS[..], &["--", "--ignored", "host_"]].concat())?;
     let binary = vm::target_dir().join("release/cacheprobe");
     util::step("integration tests: build");
     util::cargo(&[

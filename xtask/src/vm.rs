@@ -148,6 +148,34 @@ pub enum Preparation {
     Skipped { kernel: String, reason: String },
 }
 
+/// The prepared kernel, or the table row that says why it cannot boot: a kernel not to be had
+/// here gets `skipped` (a SKIP where the matrix allows it, a FAIL where it must run), a failed
+/// preparation a FAIL.
+pub fn ready_or_row(
+    kernel: Kernel,
+    prepared: anyhow::Result<Preparation>,
+    skipped: Verdict,
+) -> Result<PreparedKernel, Row> {
+    match prepared {
+        Ok(Preparation::Ready(prepared)) => Ok(prepared),
+        Ok(Preparation::Skipped { kernel, reason }) => {
+            eprintln!("xtask: {kernel}: {reason}");
+            Err(Row {
+                kernel,
+                scenario: "-".into(),
+                verdict: skipped,
+                detail: reason,
+            })
+        }
+        Err(err) => Err(Row {
+            kernel: kernel.label().into(),
+            scenario: "prepare".into(),
+            verdict: Verdict::Fail,
+            detail: format!("{err:#}"),
+        }),
+    }
+}
+
 /// Boots each kernel, runs the scenarios in it and prints the table; fails on any FAIL or on a
 /// VM that did not finish. Needs target/release/cacheprobe (`cargo xtask build`).
 pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
@@ -171,25 +199,10 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
             Kernel::Host => prepare_host(),
             _ => prepare_debian(kernel, &cache),
         };
-        let prepared = match prepared {
-            Ok(Preparation::Ready(prepared)) => prepared,
-            Ok(Preparation::Skipped { kernel, reason }) => {
-                eprintln!("xtask: {kernel}: {reason}");
-                rows.push(Row {
-                    kernel,
-                    scenario: "-".into(),
-                    verdict: Verdict::Skip,
-                    detail: reason,
-                });
-                continue;
-            }
-            Err(err) => {
-                rows.push(Row {
-                    kernel: kernel.label().into(),
-                    scenario: "prepare".into(),
-                    verdict: Verdict::Fail,
-                    detail: format!("{err:#}"),
-                });
+        let prepared = match ready_or_row(kernel, prepared, Verdict::Skip) {
+            Ok(prepared) => prepared,
+            Err(row) => {
+                rows.push(row);
                 continue;
             }
         };

@@ -21,7 +21,7 @@ use crate::{
     package,
     setup::install_debian_packages,
     util::{self, run_command, step},
-    vm::{self, BootOptions, Kernel, Preparation, Row, Verdict},
+    vm::{self, BootOptions, Kernel, Row, Verdict},
 };
 
 /// The scenarios systemd-scenarios.sh reports, in order; a missing line is a failure.
@@ -227,24 +227,12 @@ pub fn vm_test_systemd(kernels: &[Kernel]) -> anyhow::Result<()> {
     let mut timings = Vec::new();
     for &kernel in kernels {
         step(&format!("vm-test --systemd: kernel {}", kernel.label()));
-        let prepared = match vm::prepare_debian(kernel, &vm::target_dir().join("vm-cache")) {
-            Ok(Preparation::Ready(prepared)) => prepared,
-            Ok(Preparation::Skipped { kernel, reason }) => {
-                rows.push(Row {
-                    kernel,
-                    scenario: "-".into(),
-                    verdict: Verdict::Fail,
-                    detail: reason,
-                });
-                continue;
-            }
-            Err(err) => {
-                rows.push(Row {
-                    kernel: kernel.label().into(),
-                    scenario: "prepare".into(),
-                    verdict: Verdict::Fail,
-                    detail: format!("{err:#}"),
-                });
+        // The systemd matrix has no optional kernel: one that cannot be had fails.
+        let prepared = vm::prepare_debian(kernel, &vm::target_dir().join("vm-cache"));
+        let prepared = match vm::ready_or_row(kernel, prepared, Verdict::Fail) {
+            Ok(prepared) => prepared,
+            Err(row) => {
+                rows.push(row);
                 continue;
             }
         };

@@ -34,13 +34,19 @@ impl Conn {
     }
 
     fn feed(&mut self, direction: Direction, bytes: &[u8], capture: usize) {
+        self.feed_seq(direction, bytes, capture, None);
+    }
+
+    /// Feeds one chunk of which `capture` bytes were captured; `seq` is the TCP sequence
+    /// number of its first byte, when known.
+    fn feed_seq(&mut self, direction: Direction, bytes: &[u8], capture: usize, seq: Option<u32>) {
         self.ts += 10_000;
         let chunk = Chunk {
             direction,
             ts_ns: self.ts,
             captured: &bytes[..capture.min(bytes.len())],
             total_len: bytes.len(),
-            seq: None,
+            seq,
         };
         self.decoder.feed(chunk, &mut self.out);
     }
@@ -92,6 +98,27 @@ fn summarize(r: &RequestObservation) -> Summary {
 
 fn s(command: &'static str, status: &'static str, key: &str) -> Summary {
     (command, status, key.to_string())
+}
+
+/// A request, its response, and the (command, status, key) of each request they hold.
+type ExchangeCase<'a> = (
+    &'a [u8],
+    &'a [u8],
+    &'a [(&'static str, &'static str, &'a str)],
+);
+
+/// Each (request, response, expected (command, status, key)s) as an exchange on a fresh text
+/// connection, without decode errors.
+fn assert_exchanges(cases: &[ExchangeCase]) {
+    for (request, response, expected) in cases {
+        let expected: Vec<Summary> = expected.iter().map(|(c, st, k)| s(c, st, k)).collect();
+        assert_eq!(
+            exchange(request, response),
+            expected,
+            "request {:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
 }
 
 /// A request/response exchange on a fresh text connection.
@@ -170,14 +197,18 @@ fn multi_get_with_repeated_key() {
 
 #[test]
 fn gat_and_gats_skip_the_exptime() {
-    assert_eq!(
-        exchange(b"gat 300 a b\r\n", b"VALUE b 0 1\r\nx\r\nEND\r\n"),
-        vec![s("gat", "miss", "a"), s("gat", "hit", "b")]
-    );
-    assert_eq!(
-        exchange(b"gats 0 a\r\n", b"VALUE a 0 1 7\r\nx\r\nEND\r\n"),
-        vec![s("gats", "hit", "a")]
-    );
+    assert_exchanges(&[
+        (
+            b"gat 300 a b\r\n",
+            b"VALUE b 0 1\r\nx\r\nEND\r\n",
+            &[("gat", "miss", "a"), ("gat", "hit", "b")],
+        ),
+        (
+            b"gats 0 a\r\n",
+            b"VALUE a 0 1 7\r\nx\r\nEND\r\n",
+            &[("gats", "hit", "a")],
+        ),
+    ]);
 }
 
 #[test]
@@ -236,14 +267,18 @@ fn storage_commands_and_their_statuses() {
 
 #[test]
 fn value_containing_protocol_text_is_skipped_by_length() {
-    assert_eq!(
-        exchange(b"set k 0 0 13\r\nEND\r\nSTORED\r\n\r\n", b"STORED\r\n"),
-        vec![s("set", "stored", "k")]
-    );
-    assert_eq!(
-        exchange(b"get k\r\n", b"VALUE k 0 7\r\nEND\r\n\r\n\r\nEND\r\n"),
-        vec![s("get", "hit", "k")]
-    );
+    assert_exchanges(&[
+        (
+            b"set k 0 0 13\r\nEND\r\nSTORED\r\n\r\n",
+            b"STORED\r\n",
+            &[("set", "stored", "k")],
+        ),
+        (
+            b"get k\r\n",
+            b"VALUE k 0 7\r\nEND\r\n\r\n\r\nEND\r\n",
+            &[("get", "hit", "k")],
+        ),
+    ]);
 }
 
 #[test]
@@ -705,30 +740,18 @@ fn multi_get_keys_are_bounded() {
 
 #[test]
 fn meta_get_forms() {
-    assert_eq!(
-        exchange(b"mg foo v\r\n", b"VA 3\r\nbar\r\n"),
-        vec![s("mg", "hit", "foo")]
-    );
-    assert_eq!(
-        exchange(b"mg foo t\r\n", b"HD t-1\r\n"),
-        vec![s("mg", "hit", "foo")]
-    );
-    assert_eq!(
-        exchange(b"mg foo v\r\n", b"EN\r\n"),
-        vec![s("mg", "miss", "foo")]
-    );
-    assert_eq!(
-        exchange(
+    assert_exchanges(&[
+        (b"mg foo v\r\n", b"VA 3\r\nbar\r\n", &[("mg", "hit", "foo")]),
+        (b"mg foo t\r\n", b"HD t-1\r\n", &[("mg", "hit", "foo")]),
+        (b"mg foo v\r\n", b"EN\r\n", &[("mg", "miss", "foo")]),
+        (
             b"me foo\r\n",
-            b"ME foo exp=-1 la=3 cas=2 fetch=no cls=1 size=63\r\n"
+            b"ME foo exp=-1 la=3 cas=2 fetch=no cls=1 size=63\r\n",
+            &[("me", "hit", "foo")],
         ),
-        vec![s("me", "hit", "foo")]
-    );
-    assert_eq!(
-        exchange(b"me foo\r\n", b"EN\r\n"),
-        vec![s("me", "miss", "foo")]
-    );
-    assert_eq!(exchange(b"mn\r\n", b"MN\r\n"), vec![s("mn", "ok", "")]);
+        (b"me foo\r\n", b"EN\r\n", &[("me", "miss", "foo")]),
+        (b"mn\r\n", b"MN\r\n", &[("mn", "ok", "")]),
+    ]);
 }
 
 #[test]
@@ -1438,18 +1461,6 @@ fn quiet_meta_mutation_prefers_the_nominal_reading() {
 }
 
 /// Feeds one chunk whose first byte has TCP sequence number `seq`.
-fn feed_at(conn: &mut Conn, direction: Direction, bytes: &[u8], capture: usize, seq: Option<u32>) {
-    conn.ts += 10_000;
-    let chunk = Chunk {
-        direction,
-        ts_ns: conn.ts,
-        captured: &bytes[..capture.min(bytes.len())],
-        total_len: bytes.len(),
-        seq,
-    };
-    conn.decoder.feed(chunk, &mut conn.out);
-}
-
 /// The sequence numbers of finished requests, in completion order.
 fn seqs(conn: &mut Conn) -> Vec<Option<u32>> {
     conn.requests().iter().map(|r| r.seq).collect()
@@ -1464,45 +1475,15 @@ fn text_requests_carry_the_sequence_number_of_their_first_byte() {
     let base = u32::MAX - 20;
     // "get a\r\n" (7 bytes) then "set b 0 0 3\r\nxyz\r\n" (18) in one send: 25 bytes that wrap.
     let first = b"get a\r\nset b 0 0 3\r\nxyz\r\n";
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        first,
-        usize::MAX,
-        Some(base),
-    );
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        b"END\r\nSTORED\r\n",
-        usize::MAX,
-        None,
-    );
+    conn.feed_seq(Direction::ClientToServer, first, usize::MAX, Some(base));
+    conn.server(b"END\r\nSTORED\r\n");
     assert_eq!(seqs(&mut conn), [Some(base), Some(base.wrapping_add(7))]);
 
     // A line cut over two sends; the second send's own number is not needed.
     let next = base.wrapping_add(first.len() as u32);
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        b"get lo",
-        usize::MAX,
-        Some(next),
-    );
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        b"ng\r\n",
-        usize::MAX,
-        None,
-    );
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        b"END\r\n",
-        usize::MAX,
-        None,
-    );
+    conn.feed_seq(Direction::ClientToServer, b"get lo", usize::MAX, Some(next));
+    conn.client(b"ng\r\n");
+    conn.server(b"END\r\n");
     assert_eq!(seqs(&mut conn), [Some(next)]);
 
     // A value block mostly not captured still counts its bytes.
@@ -1511,21 +1492,9 @@ fn text_requests_carry_the_sequence_number_of_their_first_byte() {
     call.extend_from_slice(&[b'v'; 100]);
     call.extend_from_slice(b"\r\nget d\r\n");
     let at = next.wrapping_add(10);
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        &call,
-        set.len(),
-        Some(at),
-    );
+    conn.feed_seq(Direction::ClientToServer, &call, set.len(), Some(at));
     // The tail ("get d") was not captured: its request is lost, but the set keeps its number.
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        b"STORED\r\n",
-        usize::MAX,
-        None,
-    );
+    conn.server(b"STORED\r\n");
     let requests = conn.requests();
     assert_eq!(requests.first().map(|r| r.seq), Some(Some(at)));
 
@@ -1533,35 +1502,11 @@ fn text_requests_carry_the_sequence_number_of_their_first_byte() {
     conn.decoder
         .note_gap(Direction::ClientToServer, &mut conn.out);
     conn.out.clear();
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        b"get e\r\n",
-        usize::MAX,
-        None,
-    );
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        b"END\r\n",
-        usize::MAX,
-        None,
-    );
+    conn.client(b"get e\r\n");
+    conn.server(b"END\r\n");
     assert_eq!(seqs(&mut conn), [None]);
-    feed_at(
-        &mut conn,
-        Direction::ClientToServer,
-        b"get f\r\n",
-        usize::MAX,
-        Some(5),
-    );
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        b"END\r\n",
-        usize::MAX,
-        None,
-    );
+    conn.feed_seq(Direction::ClientToServer, b"get f\r\n", usize::MAX, Some(5));
+    conn.server(b"END\r\n");
     assert_eq!(seqs(&mut conn), [Some(5)]);
 }
 
@@ -1589,15 +1534,13 @@ fn binary_requests_carry_the_sequence_number_of_their_first_byte() {
     let mut call = packet(0x00, b"k1", 1);
     let second = call.len() as u32;
     call.extend_from_slice(&packet(0x00, b"k2", 2));
-    feed_at(
-        &mut conn,
+    conn.feed_seq(
         Direction::ClientToServer,
         &call[..30],
         usize::MAX,
         Some(1_000),
     );
-    feed_at(
-        &mut conn,
+    conn.feed_seq(
         Direction::ClientToServer,
         &call[30..],
         usize::MAX,
@@ -1605,13 +1548,7 @@ fn binary_requests_carry_the_sequence_number_of_their_first_byte() {
     );
     let mut answers = response(0x00, 1, 1);
     answers.extend_from_slice(&response(0x00, 1, 2));
-    feed_at(
-        &mut conn,
-        Direction::ServerToClient,
-        &answers,
-        usize::MAX,
-        None,
-    );
+    conn.server(&answers);
     assert_eq!(seqs(&mut conn), [Some(1_000), Some(1_000 + second)]);
 }
 
