@@ -4,6 +4,7 @@
 //! and a producer dropped for idling loses its next message where the agent can see it.
 
 use std::{
+    collections::BTreeMap,
     process::{Command, Stdio},
     time::Duration,
 };
