@@ -15,7 +15,7 @@ use crate::{
     conn::tracking::{Endpoint, Observation, Tracker},
     export::{
         metrics::{Metrics, ProgramLabels, SourceLabels},
-        recorder::ObservationRecorder,
+        recorder::{ExemplarPolicy, ObservationRecorder},
     },
     history::{Fact, History},
     ingest::capture_budget::CaptureBudget,
@@ -113,10 +113,7 @@ impl Pipeline {
             config.limits.max_servers_per_service,
             config.limits.max_comms,
         );
-        recorder.set_exemplars(
-            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
-            config.limits.exemplars_per_second,
-        );
+        recorder.set_exemplars(ExemplarPolicy::from_limits(&config.limits));
         Pipeline {
             tracker: Tracker::new(services.clone(), max),
             recorder,
@@ -250,10 +247,8 @@ impl Pipeline {
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
         self.key_display = config.keys;
-        self.recorder.set_exemplars(
-            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
-            config.limits.exemplars_per_second,
-        );
+        self.recorder
+            .set_exemplars(ExemplarPolicy::from_limits(&config.limits));
     }
 
     /// One record from the socket event ring buffer.
@@ -311,7 +306,7 @@ impl Pipeline {
                 return PayloadOutcome::Handled;
             }
         };
-        let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
+        let Some((endpoint, flow)) = self.tracker.endpoint_and_flow_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
         if payload.ts_ns > self.capture_shift_applied_ns {
@@ -340,8 +335,13 @@ impl Pipeline {
                 None => {}
             }
         }
-        self.decoders
-            .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
+        self.decoders.on_payload(
+            &payload,
+            endpoint,
+            flow,
+            queue_mode,
+            &mut self.memcache_events,
+        );
         let comm = events::comm_str(payload.comm);
         // A connection outside the sample was captured for its trouble, not as a sample of
         // others: what it says counts once.

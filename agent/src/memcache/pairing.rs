@@ -931,6 +931,7 @@ fn push_request(
         response_bytes,
         queue,
         seq,
+        request_id: None,
         value_len: sizes.value_len,
         keys_in_request: sizes.keys,
     }));
