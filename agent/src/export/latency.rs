@@ -76,9 +76,8 @@ impl LatencyHistogram {
         }
     }
 
-    /// Sum, count, (upper bound, count) per bucket as the crate's encoder takes them (+Inf as
-    /// `f64::MAX`), and the exemplars.
-    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>, [Option<Exemplar>; BUCKET_LINES]) {
+    /// The counts as the crate's encoder takes them, and the exemplars.
+    fn snapshot(&self) -> Snapshot {
         let inner = self.lock();
         let buckets = LATENCY_BUCKETS
             .iter()
@@ -86,8 +85,21 @@ impl LatencyHistogram {
             .chain(std::iter::once(f64::MAX))
             .zip(inner.buckets)
             .collect();
-        (inner.sum, inner.count, buckets, inner.exemplars)
+        Snapshot {
+            sum: inner.sum,
+            count: inner.count,
+            buckets,
+            exemplars: inner.exemplars,
+        }
     }
+}
+
+struct Snapshot {
+    sum: f64,
+    count: u64,
+    /// (upper bound, count) per bucket, not cumulative, +Inf as `f64::MAX`.
+    buckets: Vec<(f64, u64)>,
+    exemplars: [Option<Exemplar>; BUCKET_LINES],
 }
 
 impl TypedMetric for LatencyHistogram {
@@ -102,7 +114,12 @@ struct ExemplarMarker {
 
 impl EncodeMetric for LatencyHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let (sum, count, buckets, exemplars) = self.snapshot();
+        let Snapshot {
+            sum,
+            count,
+            buckets,
+            exemplars,
+        } = self.snapshot();
         encoder.encode_histogram::<()>(sum, count, &buckets, None)?;
         if exemplars.iter().all(Option::is_none) {
             return Ok(());
@@ -166,7 +183,12 @@ mod tests {
         histogram.observe(0.03, Some(0xab));
         histogram.observe(0.04, None);
         histogram.observe(5.0, Some(0xcd));
-        let (sum, count, buckets, exemplars) = histogram.snapshot();
+        let Snapshot {
+            sum,
+            count,
+            buckets,
+            exemplars,
+        } = histogram.snapshot();
         assert_eq!(count, 4);
         assert!((sum - 5.07004).abs() < 1e-9);
         assert_eq!(buckets.len(), BUCKET_LINES);
