@@ -7,6 +7,11 @@
 //! this host, so each operation is four records: the client's send, memcached's receive,
 //! memcached's send and the client's receive, each captured to a 256-byte prefix.
 //!
+//! Records carry the TCP sequence number of their first byte, as the kernel reports it where it
+//! can read `tcp_sock`, so each request has its request id (issue 18). The group runs the same
+//! records with request-id exemplars off, at their defaults, and on every request (no budget),
+//! side by side; the `latency_histogram` group isolates the histogram's observation.
+//!
 //! Run: `cargo bench -p cacheprobe --bench pipeline`
 
 use std::{
@@ -76,12 +81,13 @@ fn learned(sk: u64, local: SocketAddr, remote: SocketAddr, ts_ns: u64) -> SockEv
 }
 
 /// A pipeline wired as `cacheprobe run` wires it, with both ends of every connection known. No
-/// decoding budget: this measures what every decoded operation costs.
-fn pipeline(start_ns: u64) -> Pipeline {
+/// decoding budget: this measures what every decoded operation costs. `limits`: more lines of
+/// the config's `[limits]` table.
+fn pipeline(start_ns: u64, limits: &str) -> Pipeline {
     let config = Config::parse(
         &format!(
             "[[services]]\nname = \"bench\"\nport = {PORT}\nprotocol = \"memcache\"\n\
-             [limits]\ncapture_bytes = {CAPTURE}\ncapture_records_per_second = 0\n"
+             [limits]\ncapture_bytes = {CAPTURE}\ncapture_records_per_second = 0\n{limits}"
         ),
         "bench.toml",
     )
@@ -111,6 +117,10 @@ fn records(start_ns: u64) -> Vec<Vec<u8>> {
     let mut rng = Lcg(7);
     let value = vec![b'v'; 256];
     let mut out = Vec::with_capacity(OPERATIONS * 4);
+    // Per connection, the next sequence number of each direction (random starts, as ISNs).
+    let mut seqs: Vec<(u32, u32)> = (0..CONNECTIONS)
+        .map(|_| (rng.below(1 << 32) as u32, rng.below(1 << 32) as u32))
+        .collect();
     for op in 0..OPERATIONS {
         let ts = start_ns + op as u64 * OP_INTERVAL_NS;
         let connection = op as u64 % CONNECTIONS;
@@ -128,36 +138,120 @@ fn records(start_ns: u64) -> Vec<Vec<u8>> {
         };
         let client = client_sk(connection);
         let server = server_sk(connection);
-        for (offset, sk, is_send, comm, bytes) in [
-            (0, client, true, &b"loadgen"[..], &request),
-            (1_000, server, false, &b"memcached"[..], &request),
-            (4_000, server, true, &b"memcached"[..], &response),
-            (5_000, client, false, &b"loadgen"[..], &response),
+        let (request_seq, response_seq) = &mut seqs[connection as usize];
+        for (offset, sk, is_send, comm, bytes, seq) in [
+            (0, client, true, &b"loadgen"[..], &request, *request_seq),
+            (
+                1_000,
+                server,
+                false,
+                &b"memcached"[..],
+                &request,
+                *request_seq,
+            ),
+            (
+                4_000,
+                server,
+                true,
+                &b"memcached"[..],
+                &response,
+                *response_seq,
+            ),
+            (
+                5_000,
+                client,
+                false,
+                &b"loadgen"[..],
+                &response,
+                *response_seq,
+            ),
         ] {
-            out.push(encode_payload_record(
+            let mut record = encode_payload_record(
                 ts + offset,
                 sk,
                 bytes.len() as u64,
                 is_send,
                 comm,
                 &bytes[..bytes.len().min(CAPTURE)],
-            ));
+            );
+            with_seq(&mut record, seq);
+            out.push(record);
         }
+        *request_seq = request_seq.wrapping_add(request.len() as u32);
+        *response_seq = response_seq.wrapping_add(response.len() as u32);
     }
     out
+}
+
+/// Marks a record as carrying the sequence number of its call's first byte, where the kernel
+/// puts it (`PayloadHeader::seq`, flag `payload_flags::SEQ`).
+fn with_seq(record: &mut [u8], seq: u32) {
+    record[40] |= agent_common::payload_flags::SEQ;
+    record[44..48].copy_from_slice(&seq.to_ne_bytes());
 }
 
 fn bench(c: &mut Criterion) {
     let start_ns = cacheprobe::clock::monotonic_ns();
     let records = records(start_ns);
-    let mut pipeline = pipeline(start_ns);
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(OPERATIONS as u64));
-    group.bench_function("memcache_ops_both_ends_decoded", |b| {
+    // Requests here take 3-4 us: at the defaults only the 1-in-1000 slice has exemplars, 20 per
+    // second of request time at most. "every_request" sets one on each (no budget): the bound.
+    for (name, limits) in [
+        ("memcache_ops_both_ends_decoded", ""),
+        (
+            "memcache_ops_both_ends_decoded_exemplars_off",
+            "exemplars_per_second = 0\n",
+        ),
+        (
+            "memcache_ops_both_ends_decoded_exemplar_every_request",
+            "exemplar_sample_one_in = 1\nexemplars_per_second = 4294967295\n",
+        ),
+    ] {
+        let mut pipeline = pipeline(start_ns, limits);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for record in &records {
+                    black_box(pipeline.on_payload_record(black_box(record)));
+                }
+            })
+        });
+    }
+    group.finish();
+
+    // The histogram alone: prometheus-client's plain `Histogram` (the type before exemplars),
+    // its `HistogramWithExemplars` (two locks; the type of 3e030f3) and the agent's
+    // `LatencyHistogram` (one lock), without and with an exemplar.
+    use prometheus_client::metrics::{exemplar::HistogramWithExemplars, histogram::Histogram};
+    let values: Vec<f64> = (0..1024u32).map(|i| f64::from(i % 97 + 1) * 1e-5).collect();
+    let bounds = cacheprobe::export::latency::LATENCY_BUCKETS;
+    let mut group = c.benchmark_group("latency_histogram");
+    group.throughput(Throughput::Elements(values.len() as u64));
+    let plain = Histogram::new(bounds.iter().copied());
+    group.bench_function("prometheus_client_histogram", |b| {
+        b.iter(|| values.iter().for_each(|v| plain.observe(black_box(*v))))
+    });
+    let two_locks = HistogramWithExemplars::<Vec<(String, String)>>::new(bounds.iter().copied());
+    group.bench_function("prometheus_client_histogram_with_exemplars_none", |b| {
         b.iter(|| {
-            for record in &records {
-                black_box(pipeline.on_payload_record(black_box(record)));
-            }
+            values
+                .iter()
+                .for_each(|v| two_locks.observe(black_box(*v), None))
+        })
+    });
+    let one_lock = cacheprobe::export::latency::LatencyHistogram::default();
+    group.bench_function("latency_histogram_none", |b| {
+        b.iter(|| {
+            values
+                .iter()
+                .for_each(|v| one_lock.observe(black_box(*v), None))
+        })
+    });
+    group.bench_function("latency_histogram_exemplar_every_observation", |b| {
+        b.iter(|| {
+            values
+                .iter()
+                .for_each(|v| one_lock.observe(black_box(*v), Some(black_box(0xab))))
         })
     });
     group.finish();

@@ -71,8 +71,12 @@ pub struct Limits {
     /// Requests at least this slow (microseconds) carry their request id as an OpenMetrics
     /// exemplar on the latency histogram (0: any request may).
     pub exemplar_min_latency_us: u64,
-    /// Exemplars set per second at most (0 turns them off).
+    /// Exemplars set per second at most, for slow requests and again for the sampled slice
+    /// (0 turns them off).
     pub exemplars_per_second: u32,
+    /// One request id in this many carries its exemplar whatever its latency, at both ends
+    /// alike (0: only slow requests do).
+    pub exemplar_sample_one_in: u32,
 }
 
 impl Default for Limits {
@@ -93,6 +97,7 @@ impl Default for Limits {
             socket_storage: true,
             exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
             exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,
+            exemplar_sample_one_in: crate::export::metrics::EXEMPLAR_SAMPLE_ONE_IN,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! One request seen from both ends (issue 18): the client's and the server's view of one request
 //! carry the same request id as OpenMetrics exemplars on the latency histogram, derived by each
-//! end from the server's address and the TCP sequence number of the request's first byte.
-//! Real memcached in one network namespace, pymemcache in another, one agent watching both.
+//! end from the connection's 4-tuple (client and server address) and the TCP sequence number of
+//! the request's first byte. Real memcached in one network namespace, pymemcache in another, one
+//! agent watching both.
 
 use std::{
     io::{Read, Write},
@@ -56,15 +57,21 @@ fn exemplars(text: &str, role: &str) -> Vec<(String, f64, String)> {
 /// The request's first transmission is dropped on its way in: the client's agent sees the
 /// request wait for the retransmit, the server's agent sees it only once it arrives. Both name
 /// it by the same id, so the difference of the two times is the time between the boxes.
+///
+/// The request is slow only on the network: at the server it is fast, below any latency
+/// threshold. Its exemplars come from the coordinated slice (`exemplar_sample_one_in`, here
+/// every id, so the one request is in it), which both ends pick alike whatever the latency: the
+/// threshold is set above both times (2 s), so the slice is the only way either end could have
+/// an exemplar, and the join proves both ends chose the same request.
 #[test]
 fn one_request_has_one_id_at_both_ends() {
     require_root();
     let port = unique_port();
     let pair = NetnsPair::create("x", 21).unwrap();
     let _memcached = start_memcached(Some(&pair.server_ns), &pair.server_addr, port, &[]).unwrap();
-    // Every request may carry an exemplar, so the fast server side of the request has one too.
     let config = format!(
-        "sample_interval_seconds = 1\n\n[limits]\nexemplar_min_latency_us = 0\n\n\
+        "sample_interval_seconds = 1\n\n[limits]\nexemplar_sample_one_in = 1\n\
+         exemplar_min_latency_us = 2000000\n\n\
          [[services]]\nname = \"cache\"\nport = {port}\nprotocol = \"memcache\"\n"
     );
     let agent = Agent::start_with_config("exemplars", &config).unwrap();

@@ -104,7 +104,13 @@ struct Connection {
     first_close_by: Option<ClosedBy>,
     /// Counted in the active gauge (opened or adopted), so its close must be reported.
     counted: bool,
+    /// The connection's [`crate::model::flow_id`] (from its 4-tuple in client/server order),
+    /// `NO_FLOW` until both ports are known: request ids of its requests start from it.
+    flow: u64,
 }
+
+/// Stands for "no flow id yet" (a real id is 0 once in 2^64).
+const NO_FLOW: u64 = 0;
 
 /// Stands for "unknown" in packed timestamps; kernel clocks never reach it.
 const NO_TIME: u64 = u64::MAX;
@@ -121,7 +127,21 @@ impl Connection {
             endpoint: PackedEndpoint::pack(endpoint)?,
             first_close_by,
             counted,
+            flow: NO_FLOW,
         })
+    }
+
+    /// Learns the flow id from an event's addresses, once both ports are bound.
+    fn learn_flow(&mut self, local: Option<SocketAddr>, remote: Option<SocketAddr>) {
+        if self.flow == NO_FLOW {
+            if let (Some(local), Some(remote)) = (local, remote) {
+                self.flow = flow_of(self.endpoint(), local, remote).unwrap_or(NO_FLOW);
+            }
+        }
+    }
+
+    fn flow(&self) -> Option<u64> {
+        (self.flow != NO_FLOW).then_some(self.flow)
     }
 
     fn endpoint(&self) -> Endpoint {
@@ -190,6 +210,15 @@ impl PackedEndpoint {
     }
 }
 
+/// A connection's flow id from its local and remote address: the client is the local end of a
+/// client-role socket and the remote end of a server-role one.
+fn flow_of(endpoint: Endpoint, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    match endpoint.role {
+        Role::Client => crate::model::flow_id(local, remote),
+        Role::Server => crate::model::flow_id(remote, local),
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct FirstClose {
     by: ClosedBy,
@@ -202,7 +231,7 @@ pub struct Tracker {
     /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
     seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
     /// Endpoints of sockets that closed after their peer did, for sends racing the close.
-    recently_closed: HashMap<u64, (Endpoint, u64)>,
+    recently_closed: HashMap<u64, (Endpoint, u64, Option<u64>)>,
     /// Idle time at the first close of connections that have begun closing (and whose idle
     /// time is known). Kept out of [`Connection`] because few connections are closing at any
     /// moment: 8 bytes less for every open one.
@@ -230,7 +259,19 @@ impl Tracker {
         self.connections
             .get(&sk)
             .map(Connection::endpoint)
-            .or_else(|| self.recently_closed.get(&sk).map(|(e, _)| *e))
+            .or_else(|| self.recently_closed.get(&sk).map(|(e, _, _)| *e))
+    }
+
+    /// The endpoint and, once known, the flow id of a socket (one lookup: the payload path).
+    pub fn endpoint_and_flow_of(&self, sk: u64) -> Option<(Endpoint, Option<u64>)> {
+        self.connections
+            .get(&sk)
+            .map(|c| (c.endpoint(), c.flow()))
+            .or_else(|| {
+                self.recently_closed
+                    .get(&sk)
+                    .map(|(e, _, flow)| (*e, *flow))
+            })
     }
 
     pub fn dead_writes_mut(&mut self) -> &mut DeadWriteTracker {
@@ -247,7 +288,7 @@ impl Tracker {
                 .map(Observation::DeadSocketWrite),
         );
         self.recently_closed
-            .retain(|_, (_, closed_ns)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
+            .retain(|_, (_, closed_ns, _)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
         release_slack(&mut self.connections);
         release_slack(&mut self.seeded);
         release_slack(&mut self.recently_closed);
@@ -282,11 +323,13 @@ impl Tracker {
             by: ClosedBy::Peer,
             idle_ns: None,
         });
-        let Some(connection) = Connection::new(endpoint, true, first_close.map(|close| close.by))
+        let Some(mut connection) =
+            Connection::new(endpoint, true, first_close.map(|close| close.by))
         else {
             out.push(Observation::TrackingDropped);
             return;
         };
+        connection.learn_flow(Some(local), Some(remote));
         self.seeded.insert((local, remote), connection);
         out.push(Observation::ConnectionAdopted { endpoint });
     }
@@ -405,11 +448,13 @@ impl Tracker {
                 None,
             ),
         });
-        let Some(connection) = Connection::new(endpoint, true, first_close.map(|close| close.by))
+        let Some(mut connection) =
+            Connection::new(endpoint, true, first_close.map(|close| close.by))
         else {
             out.push(Observation::TrackingDropped);
             return false;
         };
+        connection.learn_flow(Some(local), Some(remote));
         self.connections.insert(event.sk, connection);
         if let Some(idle_ns) = first_close.and_then(|close| close.idle_ns) {
             self.idle_at_first_close.insert(event.sk, idle_ns);
@@ -489,6 +534,9 @@ impl Tracker {
         let Some(connection) = self.connections.get_mut(&event.sk) else {
             return;
         };
+        // A connecting client's source port is bound after its SYN_SENT state change: the
+        // flow is learned from the first event that has both ports.
+        connection.learn_flow(event.local, event.remote);
 
         if new_state == tcp_state::ESTABLISHED
             && matches!(old_state, tcp_state::SYN_SENT | tcp_state::SYN_RECV)
@@ -539,7 +587,7 @@ impl Tracker {
                         self.recently_closed.clear();
                     }
                     self.recently_closed
-                        .insert(event.sk, (endpoint, event.ts_ns));
+                        .insert(event.sk, (endpoint, event.ts_ns, connection.flow()));
                 }
                 if connection.counted {
                     let first_close = connection.first_close_by.map_or(

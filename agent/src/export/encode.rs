@@ -29,10 +29,93 @@ impl Format {
 pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
     let mut text = String::with_capacity(64 * 1024);
     prometheus_client::encoding::text::encode(&mut text, registry)?;
+    let text = apply_exemplar_markers(text, format == Format::OpenMetrics);
     Ok(match format {
         Format::OpenMetrics => text,
         Format::PrometheusText => openmetrics_to_prometheus_text(&text),
     })
+}
+
+/// Replaces the exemplar marker lines of [`crate::export::latency::LatencyHistogram`] (written
+/// right after a series' bucket lines) by exemplars on those bucket lines (`keep`), or just
+/// removes them. A marker whose bucket lines are not where it says (never, unless the encoder
+/// changes) is dropped with its exemplars and counted in the log.
+fn apply_exemplar_markers(text: String, keep: bool) -> String {
+    use crate::export::latency::{parse_marker, MARKER_LABEL};
+    let needle = format!("_info{{{MARKER_LABEL}=\"");
+    if !text.contains(&needle) {
+        return text;
+    }
+    // (byte offset, text to insert there) and (start, end) of marker lines, in text order.
+    let mut inserts: Vec<(usize, String)> = Vec::new();
+    let mut removals: Vec<(usize, usize)> = Vec::new();
+    let mut misplaced = 0u64;
+    let mut from = 0;
+    while let Some(found) = text[from..].find(&needle) {
+        let at = from + found;
+        let line_start = text[..at].rfind('\n').map_or(0, |newline| newline + 1);
+        let line_end = text[at..]
+            .find('\n')
+            .map_or(text.len(), |newline| at + newline + 1);
+        from = line_end;
+        removals.push((line_start, line_end));
+        let value_start = at + needle.len();
+        let Some(value) = text[value_start..line_end]
+            .split_once('"')
+            .map(|(value, _)| value)
+        else {
+            misplaced += 1;
+            continue;
+        };
+        let Some((lines, exemplars)) = parse_marker(value) else {
+            misplaced += 1;
+            continue;
+        };
+        if !keep {
+            continue;
+        }
+        // The `lines` lines before the marker are the series' buckets: where each one ends.
+        let mut ends = Vec::with_capacity(lines);
+        let mut cursor = line_start;
+        while ends.len() < lines && cursor > 0 {
+            let end = cursor - 1; // the '\n' ending the line before
+            let start = text[..end].rfind('\n').map_or(0, |newline| newline + 1);
+            if !text[start..end].contains("_bucket{") {
+                break;
+            }
+            ends.push(end);
+            cursor = start;
+        }
+        if ends.len() < lines {
+            misplaced += 1;
+            continue;
+        }
+        ends.reverse();
+        for exemplar in exemplars {
+            inserts.push((ends[exemplar.bucket], exemplar.suffix));
+        }
+    }
+    if misplaced > 0 {
+        tracing::warn!(
+            misplaced,
+            "exemplar markers without their bucket lines: exemplars dropped"
+        );
+    }
+    inserts.sort_by_key(|(at, _)| *at);
+    let mut out = String::with_capacity(text.len() + inserts.len() * 48);
+    let mut copied = 0;
+    let mut inserts = inserts.into_iter().peekable();
+    for (start, end) in removals {
+        while let Some((at, suffix)) = inserts.next_if(|(at, _)| *at < start) {
+            out.push_str(&text[copied..at]);
+            out.push_str(&suffix);
+            copied = at;
+        }
+        out.push_str(&text[copied..start]);
+        copied = end;
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// Where the next line starting with '#' begins (or the end). Searches for the byte '#' (a
@@ -144,6 +227,51 @@ mod tests {
         assert_eq!(
             openmetrics_to_prometheus_text(om),
             "# TYPE h histogram\nh_bucket{a=\"x # {y}\",le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\n"
+        );
+    }
+
+    /// Two series of the latency histogram, one with exemplars: they land on that series'
+    /// bucket lines in OpenMetrics, nowhere in text 0.0.4, and no marker line is left; a marker
+    /// without its bucket lines is dropped.
+    #[test]
+    fn exemplar_markers_become_exemplars_on_their_own_series() {
+        use crate::export::latency::{LatencyHistogram, BUCKET_LINES};
+        use prometheus_client::metrics::family::Family;
+        let mut registry = Registry::with_prefix("cacheprobe");
+        let family: Family<Vec<(String, String)>, LatencyHistogram> = Family::default();
+        registry.register("lat", "Latency", family.clone());
+        let labels = |server: &str| vec![("server".to_string(), server.to_string())];
+        family.get_or_create(&labels("a")).observe(0.0001, None);
+        let b = family.get_or_create(&labels("b")).clone();
+        b.observe(0.03, Some(0x1234));
+        b.observe(7.0, Some(0xabcd));
+        let om = encode(&registry, Format::OpenMetrics).unwrap();
+        assert!(
+            !om.contains("cacheprobe_exemplars") && !om.contains("_info"),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let with: Vec<&str> = om.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(
+            with,
+            vec![
+                "cacheprobe_lat_bucket{le=\"0.05\",server=\"b\"} 1 # {request_id=\"0000000000001234\"} 0.03",
+                "cacheprobe_lat_bucket{le=\"+Inf\",server=\"b\"} 2 # {request_id=\"000000000000abcd\"} 7",
+            ],
+            "{om}"
+        );
+        assert_eq!(om.matches("_bucket{").count(), 2 * BUCKET_LINES);
+        let plain = encode(&registry, Format::PrometheusText).unwrap();
+        assert!(
+            !plain.contains("request_id") && !plain.contains("_info"),
+            "{plain}"
+        );
+        assert_eq!(plain.matches("_bucket{").count(), 2 * BUCKET_LINES);
+
+        let orphan = "# TYPE x gauge\nx 1\nx_info{cacheprobe_exemplars=\"15 1:0000000000001234:0.1\"} 1\n# EOF\n";
+        assert_eq!(
+            apply_exemplar_markers(orphan.to_string(), true),
+            "# TYPE x gauge\nx 1\n# EOF\n"
         );
     }
 

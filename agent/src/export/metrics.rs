@@ -7,10 +7,7 @@ use foldhash::{HashMap, HashMapExt, HashSet};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter, exemplar::HistogramWithExemplars, family::Family, gauge::Gauge,
-        histogram::Histogram,
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -177,22 +174,20 @@ pub struct RingViewLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// The exemplar a slow request leaves on its latency bucket: the id both ends of the
-/// connection derive for it (see [`crate::model::request_id`]), as 16 hex digits.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestIdLabel {
-    pub request_id: String,
-}
-
-pub type LatencyHistogram = HistogramWithExemplars<RequestIdLabel>;
+pub use crate::export::latency::LatencyHistogram;
 type LatencyFamily<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
 
 /// Requests at least this slow carry their id as an exemplar (memcached answers in tens of
 /// microseconds; a millisecond is slow for a cache).
 pub const EXEMPLAR_MIN_LATENCY_NS: u64 = 1_000_000;
-/// At most this many exemplars are set per second, whatever the rate of slow requests: each
-/// costs a hash and a string, and Prometheus keeps only the last one per bucket per scrape.
+/// At most this many exemplars are set per second for slow requests, and as many again for the
+/// sampled slice, whatever the request rate: Prometheus keeps only the last one per bucket per
+/// scrape.
 pub const EXEMPLARS_PER_SECOND: u32 = 20;
+/// One request id in this many is an exemplar at both ends whatever its latency, so a request
+/// slow only between the boxes (fast at the server) is seen at both ends: 1 in 1000 is 10 per
+/// second at 10k requests per second, within the budget above.
+pub const EXEMPLAR_SAMPLE_ONE_IN: u32 = 1000;
 
 /// Idle times that separate the usual server idle timeouts (memcached, Kestrel, load balancers).
 const IDLE_BUCKETS: &[f64] = &[
@@ -202,11 +197,6 @@ const IDLE_BUCKETS: &[f64] = &[
 /// Cache connections live from milliseconds (churn) to days (pools).
 const DURATION_BUCKETS: &[f64] = &[
     0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0, 604800.0,
-];
-
-/// Resolves 50 us (a fast local hit) to 1 s (a timeout in all but name).
-const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// Time in queue: a busy consumer takes messages within milliseconds, a stalled one hours.
@@ -219,7 +209,7 @@ fn queue_wait_histogram() -> Histogram {
 }
 
 fn latency_histogram() -> LatencyHistogram {
-    HistogramWithExemplars::new(LATENCY_BUCKETS.iter().copied())
+    LatencyHistogram::default()
 }
 
 fn idle_histogram() -> Histogram {

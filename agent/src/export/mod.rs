@@ -3,5 +3,6 @@
 pub mod encode;
 pub mod host_metrics;
 pub mod http;
+pub mod latency;
 pub mod metrics;
 pub mod recorder;

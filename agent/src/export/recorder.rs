@@ -28,15 +28,47 @@ pub struct ObservationRecorder {
     // an atomic add, no label allocation.
     request_counters: HandleCache<(Endpoint, Command, Status), Counter>,
     duration_histograms: HandleCache<(Endpoint, Command), LatencyHistogram>,
-    /// Exemplars set in the current second (by request timestamp) and which second that is.
-    exemplars_in_second: (u64, u32),
-    exemplar_min_latency_ns: u64,
-    exemplars_per_second: u32,
+    exemplar_policy: ExemplarPolicy,
+    /// Which second (by request timestamp) the budgets below count, and the exemplars set in
+    /// it for slow requests and for the sampled slice.
+    exemplars_in_second: (u64, u32, u32),
     byte_counters: HandleCache<(Endpoint, bool), Counter>,
     size_histograms: HandleCache<(Endpoint, Command, SizeKind), Histogram>,
     ring_view: RingView,
     /// The info series currently exported per service, to remove when the view changes.
     ring_series: HashMap<usize, RingViewLabels>,
+}
+
+/// Which requests leave their id as an exemplar on the latency histogram (issue 18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExemplarPolicy {
+    /// Requests at least this slow do.
+    pub min_latency_ns: u64,
+    /// So does the fixed slice of request ids [`crate::model::in_exemplar_slice`] picks, at
+    /// both ends alike whatever the latency (0: no slice).
+    pub sample_one_in: u32,
+    /// At most this many per second for slow requests, and again for the slice (0: none).
+    pub per_second: u32,
+}
+
+impl Default for ExemplarPolicy {
+    fn default() -> Self {
+        ExemplarPolicy {
+            min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
+            sample_one_in: EXEMPLAR_SAMPLE_ONE_IN,
+            per_second: EXEMPLARS_PER_SECOND,
+        }
+    }
+}
+
+impl ExemplarPolicy {
+    pub fn from_limits(limits: &crate::config::Limits) -> Self {
+        ExemplarPolicy {
+            min_latency_ns: limits.exemplar_min_latency_us.saturating_mul(1_000),
+            sample_one_in: limits.exemplar_sample_one_in,
+            per_second: limits.exemplars_per_second,
+        }
+    }
 }
 
 /// Cached series handles beyond this many are dropped and re-created on demand.
@@ -78,9 +110,8 @@ impl ObservationRecorder {
             queues: LabelBudget::new(64),
             request_counters: HandleCache::new(),
             duration_histograms: HandleCache::new(),
-            exemplars_in_second: (0, 0),
-            exemplar_min_latency_ns: EXEMPLAR_MIN_LATENCY_NS,
-            exemplars_per_second: EXEMPLARS_PER_SECOND,
+            exemplar_policy: ExemplarPolicy::default(),
+            exemplars_in_second: (0, 0, 0),
             byte_counters: HandleCache::new(),
             size_histograms: HandleCache::new(),
             server_labels: HashMap::new(),
@@ -140,37 +171,39 @@ impl ObservationRecorder {
         self.comms.admit(0, comm.to_string())
     }
 
-    /// Which requests carry their id as an exemplar: at least `min_latency_ns` slow, at most
-    /// `per_second` of them (0: none).
-    pub fn set_exemplars(&mut self, min_latency_ns: u64, per_second: u32) {
-        self.exemplar_min_latency_ns = min_latency_ns;
-        self.exemplars_per_second = per_second;
+    /// Which requests carry their id as an exemplar.
+    pub fn set_exemplars(&mut self, policy: ExemplarPolicy) {
+        self.exemplar_policy = policy;
     }
 
-    /// The exemplar for a request that took `latency_ns`: its id when it is slow, its sequence
-    /// number is known and this second's exemplar budget is not spent.
+    /// The exemplar for a request that took `latency_ns`: its id when the id is known and the
+    /// request is slow or in the sampled slice, while that kind's budget for this second lasts.
+    /// A slow request in the slice counts as slow.
     fn exemplar(
         &mut self,
-        endpoint: &Endpoint,
         request: &crate::memcache::RequestObservation,
         latency_ns: u64,
-    ) -> Option<RequestIdLabel> {
-        if latency_ns < self.exemplar_min_latency_ns || self.exemplars_per_second == 0 {
+    ) -> Option<u64> {
+        let policy = self.exemplar_policy;
+        if policy.per_second == 0 {
             return None;
         }
-        let seq = request.seq?;
-        let second = request.request_ts_ns / 1_000_000_000;
-        let (current, used) = &mut self.exemplars_in_second;
-        if *current != second {
-            (*current, *used) = (second, 0);
+        let id = request.request_id?;
+        let slow = latency_ns >= policy.min_latency_ns;
+        if !slow && !crate::model::in_exemplar_slice(id, policy.sample_one_in) {
+            return None;
         }
-        if *used >= self.exemplars_per_second {
+        let second = request.request_ts_ns / 1_000_000_000;
+        let (current, slow_used, sampled_used) = &mut self.exemplars_in_second;
+        if *current != second {
+            (*current, *slow_used, *sampled_used) = (second, 0, 0);
+        }
+        let used = if slow { slow_used } else { sampled_used };
+        if *used >= policy.per_second {
             return None;
         }
         *used += 1;
-        Some(RequestIdLabel {
-            request_id: format!("{:016x}", crate::model::request_id(endpoint.server, seq)),
-        })
+        Some(id)
     }
 
     /// `weight`: how many requests (and bytes) each decoded one stands for while capture
@@ -204,7 +237,7 @@ impl ObservationRecorder {
                 }
                 if let Some(latency) = request.latency_ns {
                     let seconds = latency as f64 / 1e9;
-                    let exemplar = self.exemplar(endpoint, request, latency);
+                    let exemplar = self.exemplar(request, latency);
                     let key = (*endpoint, request.command);
                     match self.duration_histograms.get(&key) {
                         Some(histogram) => histogram.observe(seconds, exemplar),
@@ -504,6 +537,9 @@ mod tests {
             10,
         );
         let server = "10.0.0.2:11211";
+        let flow =
+            crate::model::flow_id("10.0.0.1:40000".parse().unwrap(), server.parse().unwrap())
+                .unwrap();
         let request = |latency_ns: u64, seq: Option<u32>, ts: u64| MemcacheEvent::Request {
             endpoint: endpoint(server),
             request: crate::memcache::RequestObservation {
@@ -516,19 +552,30 @@ mod tests {
                 response_bytes: 20,
                 queue: None,
                 seq,
+                request_id: seq.map(|seq| crate::model::request_id(flow, seq)),
                 value_len: Some(10),
                 value_head: None,
                 keys_in_request: 1,
             },
         };
+        // No slice here: only slow requests.
+        recorder.set_exemplars(ExemplarPolicy {
+            sample_one_in: 0,
+            ..ExemplarPolicy::default()
+        });
         let second = 1_000_000_000;
         recorder.record_memcache(&request(30_000, Some(1), 7 * second), 1);
         recorder.record_memcache(&request(40_000_000, None, 7 * second), 1);
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         assert!(!text.contains("request_id"), "{text}");
+        assert!(!text.contains("cacheprobe_exemplars"), "{text}");
         recorder.record_memcache(&request(30_000_000, Some(123_456), 7 * second), 1);
         let text = encode(&registry, Format::OpenMetrics).unwrap();
-        let id = crate::model::request_id(server.parse().unwrap(), 123_456);
+        assert!(
+            !text.contains("cacheprobe_exemplars"),
+            "no marker leaves: {text}"
+        );
+        let id = crate::model::request_id(flow, 123_456);
         let bucket = text
             .lines()
             .find(|line| line.contains("request_id"))
@@ -539,8 +586,10 @@ mod tests {
                 && bucket.ends_with(&format!(" # {{request_id=\"{id:016x}\"}} 0.03")),
             "{bucket}"
         );
+        assert_eq!(text.matches("request_id").count(), 1, "{text}");
         let plain = encode(&registry, Format::PrometheusText).unwrap();
         assert!(!plain.contains("request_id"), "{plain}");
+        assert!(!plain.contains("cacheprobe_exemplars"), "{plain}");
         assert!(
             plain.contains(&bucket[..bucket.find(" # ").unwrap()]),
             "the sample stays: {plain}"
@@ -549,18 +598,87 @@ mod tests {
         // The budget: one exemplar already spent in second 7, the rest up to the limit, then
         // none until the next second.
         let slow = |seq: u32, ts: u64| match request(5_000_000, Some(seq), ts) {
-            MemcacheEvent::Request { endpoint, request } => (endpoint, request),
+            MemcacheEvent::Request { request, .. } => request,
             _ => unreachable!(),
         };
         let given = (0..2 * EXEMPLARS_PER_SECOND)
             .filter(|&i| {
-                let (endpoint, request) = slow(i, 7 * second + u64::from(i));
-                recorder.exemplar(&endpoint, &request, 5_000_000).is_some()
+                let request = slow(i, 7 * second + u64::from(i));
+                recorder.exemplar(&request, 5_000_000).is_some()
             })
             .count();
         assert_eq!(given, EXEMPLARS_PER_SECOND as usize - 1);
-        let (endpoint, request) = slow(9, 8 * second);
-        assert!(recorder.exemplar(&endpoint, &request, 5_000_000).is_some());
+        let request = slow(9, 8 * second);
+        assert!(recorder.exemplar(&request, 5_000_000).is_some());
+    }
+
+    /// Fast requests whose id falls in the fixed slice carry it too (the server's fast side of
+    /// a request slow only on the network), on a budget of their own; others do not.
+    #[test]
+    fn the_sampled_slice_leaves_exemplars_whatever_the_latency() {
+        let (metrics, _registry) = Metrics::new();
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211)]),
+            10,
+            10,
+        );
+        recorder.set_exemplars(ExemplarPolicy {
+            sample_one_in: 10,
+            ..ExemplarPolicy::default()
+        });
+        let flow = crate::model::flow_id(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:11211".parse().unwrap(),
+        )
+        .unwrap();
+        let request = |seq: u32, ts: u64| crate::memcache::RequestObservation {
+            command: Command::Get,
+            status: Status::Hit,
+            key: None,
+            latency_ns: Some(30_000),
+            request_ts_ns: ts,
+            request_bytes: 7,
+            response_bytes: 20,
+            queue: None,
+            seq: Some(seq),
+            request_id: Some(crate::model::request_id(flow, seq)),
+            value_len: Some(10),
+            value_head: None,
+            keys_in_request: 1,
+        };
+        let second = 1_000_000_000;
+        // 100 fast requests in one second: about 10 are in the slice, each has its exemplar.
+        let mut in_slice = 0;
+        for seq in 0..100u32 {
+            let request = request(seq * 7, 3 * second);
+            let sliced = crate::model::in_exemplar_slice(request.request_id.unwrap(), 10);
+            in_slice += usize::from(sliced);
+            assert_eq!(
+                recorder.exemplar(&request, 30_000).is_some(),
+                sliced,
+                "{seq}"
+            );
+        }
+        assert!((3..=20).contains(&in_slice), "{in_slice}");
+        // The slice's own budget: past EXEMPLARS_PER_SECOND sampled ones, none this second,
+        // while slow ones still have theirs.
+        let sampled: Vec<u32> = (0..100_000u32)
+            .filter(|seq| crate::model::in_exemplar_slice(crate::model::request_id(flow, *seq), 10))
+            .take(2 * EXEMPLARS_PER_SECOND as usize)
+            .collect();
+        let given = sampled
+            .iter()
+            .filter(|seq| {
+                recorder
+                    .exemplar(&request(**seq, 4 * second), 30_000)
+                    .is_some()
+            })
+            .count();
+        assert_eq!(given, EXEMPLARS_PER_SECOND as usize);
+        assert!(recorder
+            .exemplar(&request(1, 4 * second), 5_000_000)
+            .is_some());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! One request seen from both ends: client and server exemplars of the latency histogram joined on their request id (the server's address and the TCP sequence number of the request's first byte), so the slowest requests show the client's time, the server's time and the time between the boxes.
+//! One request seen from both ends: client and server exemplars of the latency histogram joined on their request id (from the connection's 4-tuple and the TCP sequence number of the request's first byte), so the slowest requests show the client's time, the server's time and the time between the boxes.
 
 use std::collections::BTreeMap;
 
@@ -149,8 +149,9 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
     let Some(slowest) = joined.first() else {
         out.notes.push(format!(
             "{clients} requests seen by clients and {servers} by servers, none by both: the \
-             servers are not watched, or NAT or a proxy (twemproxy) stands between the boxes \
-             (their requests cannot be joined)"
+             servers are not watched, NAT or a proxy (twemproxy) stands between the boxes \
+             (their requests cannot be joined), or the requests were slow at one end only and \
+             outside the sampled slice (limits.exemplar_sample_one_in)"
         ));
         return out;
     };

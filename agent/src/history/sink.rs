@@ -186,6 +186,7 @@ mod tests {
                     response_bytes: 8,
                     queue: None,
                     seq: None,
+                    request_id: None,
                     value_len: Some(12),
                     value_head: None,
                     keys_in_request: 1,

@@ -15,7 +15,10 @@ use crate::{
     clock::unix_now,
     config::Config,
     conn::tracking::{Endpoint, Observation, Tracker},
-    export::{metrics::Metrics, recorder::ObservationRecorder},
+    export::{
+        metrics::Metrics,
+        recorder::{ExemplarPolicy, ObservationRecorder},
+    },
     history::History,
     ingest::{
         capture_budget::CaptureSampling,
@@ -68,10 +71,7 @@ impl Pipeline {
             config.limits.max_servers_per_service,
             config.limits.max_comms,
         );
-        recorder.set_exemplars(
-            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
-            config.limits.exemplars_per_second,
-        );
+        recorder.set_exemplars(ExemplarPolicy::from_limits(&config.limits));
         Pipeline {
             tracker: Tracker::new(services.clone(), max),
             decoders: Decoders::new(max),
@@ -152,10 +152,9 @@ impl Pipeline {
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
         self.keys.set_display(config.keys);
-        self.outputs.recorder.set_exemplars(
-            config.limits.exemplar_min_latency_us.saturating_mul(1_000),
-            config.limits.exemplars_per_second,
-        );
+        self.outputs
+            .recorder
+            .set_exemplars(ExemplarPolicy::from_limits(&config.limits));
     }
 
     /// One record from the socket event ring buffer.
@@ -213,7 +212,7 @@ impl Pipeline {
                 return PayloadOutcome::Handled;
             }
         };
-        let Some(endpoint) = self.tracker.endpoint_of(payload.sk) else {
+        let Some((endpoint, flow)) = self.tracker.endpoint_and_flow_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
         let queue_mode = self.services.load().is_queue(endpoint.service);
@@ -240,8 +239,13 @@ impl Pipeline {
         if self.capture.drops(payload.sk, payload.ts_ns) {
             return PayloadOutcome::Handled;
         }
-        self.decoders
-            .on_payload(&payload, endpoint, queue_mode, &mut self.memcache_events);
+        self.decoders.on_payload(
+            &payload,
+            endpoint,
+            flow,
+            queue_mode,
+            &mut self.memcache_events,
+        );
         let comm = events::comm_str(payload.comm);
         let weight = self.capture.weight_of(payload.sk);
         self.flush_memcache(Some(&comm), weight);

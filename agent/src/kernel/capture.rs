@@ -379,6 +379,8 @@ pub enum MemcacheEvent {
 
 struct ConnectionState {
     endpoint: Endpoint,
+    /// The connection's [`crate::model::flow_id`], once the tracker knows it.
+    flow: Option<u64>,
     decoder: ConnectionDecoder,
     /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
     closed_ns: Option<u64>,
@@ -418,10 +420,13 @@ impl Decoders {
         self.connections.is_empty()
     }
 
+    /// `flow`: the connection's [`crate::model::flow_id`] when known (requests then carry
+    /// their [`crate::model::request_id`]).
     pub fn on_payload(
         &mut self,
         payload: &PayloadView<'_>,
         endpoint: Endpoint,
+        flow: Option<u64>,
         queue_mode: bool,
         out: &mut Vec<MemcacheEvent>,
     ) {
@@ -441,6 +446,7 @@ impl Decoders {
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
         };
+        state.flow = state.flow.or(flow);
         // A client sends requests; a server receives them.
         let direction = match (endpoint.role, payload.is_send) {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
@@ -464,7 +470,7 @@ impl Decoders {
             // The kernel stopped following frames: what comes next starts afresh.
             state.decoder.note_gap(direction, &mut self.scratch);
         }
-        drain(&mut self.scratch, state.endpoint, out);
+        drain(&mut self.scratch, state, out);
     }
 
     /// Starts decoding a stream on `sk`, ending any other stream that had the address; false
@@ -492,6 +498,7 @@ impl Decoders {
                     queue_mode,
                     ..DecoderConfig::default()
                 }),
+                flow: None,
                 closed_ns: None,
             },
         );
@@ -530,7 +537,7 @@ impl Decoders {
     pub fn on_close(&mut self, sk: u64, out: &mut Vec<MemcacheEvent>) {
         if let Some(mut state) = self.connections.remove(&sk) {
             state.decoder.finish(&mut self.scratch);
-            drain(&mut self.scratch, state.endpoint, out);
+            drain(&mut self.scratch, &state, out);
         }
     }
 
@@ -557,14 +564,21 @@ impl Decoders {
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<MemcacheEvent>) {
         for state in self.connections.values_mut() {
             state.decoder.expire(now_ns, timeout_ns, &mut self.scratch);
-            drain(&mut self.scratch, state.endpoint, out);
+            drain(&mut self.scratch, state, out);
         }
     }
 }
 
-fn drain(scratch: &mut Vec<Decoded>, endpoint: Endpoint, out: &mut Vec<MemcacheEvent>) {
+fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<MemcacheEvent>) {
+    let endpoint = state.endpoint;
     out.extend(scratch.drain(..).map(|observation| match observation {
-        Decoded::Request(request) => MemcacheEvent::Request { endpoint, request },
+        Decoded::Request(mut request) => {
+            request.request_id = state
+                .flow
+                .zip(request.seq)
+                .map(|(flow, seq)| crate::model::request_id(flow, seq));
+            MemcacheEvent::Request { endpoint, request }
+        }
         Decoded::DecodeError(error) => MemcacheEvent::DecodeError {
             service: endpoint.service,
             reason: error.reason,
@@ -624,6 +638,56 @@ mod tests {
         assert_eq!(parse_payload(&bytes).unwrap().seq, Some(0xfffffff0));
     }
 
+    /// Requests carry the id of their connection's flow and first byte's sequence number; a
+    /// stream whose flow is not known yet takes it from a later payload.
+    #[test]
+    fn requests_carry_the_request_id_of_their_flow_and_sequence_number() {
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let flow = crate::model::flow_id(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:11211".parse().unwrap(),
+        );
+        let with_seq = |mut bytes: Vec<u8>, seq: u32| {
+            bytes[40] |= payload_flags::SEQ;
+            bytes[44..48].copy_from_slice(&seq.to_ne_bytes());
+            bytes
+        };
+        let calls = [
+            (
+                None,
+                with_seq(record(1_000, 5, true, b"get a\r\nget b\r\n", 14), 100),
+            ),
+            (
+                flow,
+                with_seq(record(2_000, 5, false, b"END\r\nEND\r\n", 10), 900),
+            ),
+            (flow, record(3_000, 5, true, b"get c\r\n", 7)),
+            (flow, record(4_000, 5, false, b"END\r\n", 5)),
+        ];
+        for (flow, bytes) in &calls {
+            let view = parse_payload(bytes).unwrap();
+            decoders.on_payload(&view, endpoint(Role::Client), *flow, false, &mut out);
+        }
+        let ids: Vec<Option<u64>> = out
+            .iter()
+            .filter_map(|e| match e {
+                MemcacheEvent::Request { request, .. } => Some(request.request_id),
+                _ => None,
+            })
+            .collect();
+        let flow = flow.unwrap();
+        assert_eq!(
+            ids,
+            vec![
+                Some(crate::model::request_id(flow, 100)),
+                Some(crate::model::request_id(flow, 107)),
+                // Unnumbered, but the decoder counts on from the last number (no gap).
+                Some(crate::model::request_id(flow, 114)),
+            ]
+        );
+    }
+
     #[test]
     fn client_get_hit_is_decoded_with_latency_and_bytes() {
         let mut decoders = Decoders::new(10);
@@ -632,7 +696,7 @@ mod tests {
         let response = record(51_000, 5, false, b"VALUE k 0 1\r\nv\r\nEND\r\n", 21);
         for bytes in [&request, &response] {
             let view = parse_payload(bytes).unwrap();
-            decoders.on_payload(&view, endpoint(Role::Client), false, &mut out);
+            decoders.on_payload(&view, endpoint(Role::Client), None, false, &mut out);
         }
         let requests: Vec<_> = out
             .iter()
@@ -665,6 +729,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&request).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -691,6 +756,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&request).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -701,6 +767,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&reply).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -713,6 +780,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&request).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -721,6 +789,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&reused).unwrap(),
             endpoint(Role::Client),
+            None,
             false,
             &mut out,
         );
@@ -737,6 +806,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&request).unwrap(),
             endpoint(Role::Client),
+            None,
             false,
             &mut out,
         );
@@ -745,6 +815,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&request).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -752,6 +823,7 @@ mod tests {
         decoders.on_payload(
             &parse_payload(&response).unwrap(),
             endpoint(Role::Server),
+            None,
             false,
             &mut out,
         );
@@ -829,7 +901,7 @@ mod tests {
             let state = if is_send { &mut send } else { &mut recv };
             for record in kernel_capture(1_000 * (i as u64 + 1), 7, is_send, call, state, budget) {
                 let view = parse_payload(&record).unwrap();
-                decoders.on_payload(&view, endpoint(role), false, &mut out);
+                decoders.on_payload(&view, endpoint(role), None, false, &mut out);
             }
         }
         decoders.on_close(7, &mut out);
@@ -954,7 +1026,7 @@ mod tests {
                         ts += 1_000;
                         for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
                             let view = parse_payload(&record).unwrap();
-                            decoders.on_payload(&view, endpoint(role), true, &mut out);
+                            decoders.on_payload(&view, endpoint(role), None, true, &mut out);
                         }
                     }
                 }
@@ -1081,6 +1153,7 @@ mod tests {
             decoders.on_payload(
                 &parse_payload(&bytes).unwrap(),
                 endpoint(Role::Client),
+                None,
                 false,
                 &mut out,
             );

@@ -437,6 +437,9 @@ pub struct RequestObservation {
     /// TCP sequence number of the request's first byte, when the kernel reported it: the
     /// client's and the server's agent see the same number for one request.
     pub seq: Option<u32>,
+    /// The request's id at both ends ([`crate::model::request_id`]), set where the connection's
+    /// 4-tuple is known (the capture's per-connection state) when `seq` is.
+    pub request_id: Option<u64>,
     /// The value's length in bytes (without its "\r\n"): what a storage command sent or a
     /// hit returned. None for commands without a value, misses and values not seen.
     pub value_len: Option<u32>,

@@ -305,53 +305,123 @@ mod tests {
     }
 }
 
-/// One request's id, the same in the client's agent and in the server's (issue 18): FNV-1a 64
-/// over the server's address (the `server` label at both ends: what the client connected to)
-/// and the TCP sequence number of the request's first byte, which both ends number alike. FNV
-/// because the id must not depend on the host, version or architecture that computed it.
-///
-/// The client's address is left out: the agent keeps no per-connection peer address (its
-/// connection table is packed), and sequence numbers start at a random point per connection,
-/// so two connections to one server meet on one number about once in 2^32 requests; a join
-/// also wants the two sightings close in time. NAT and proxies (twemproxy) change the server
-/// address or the byte stream between the boxes: ids of requests through them do not join.
-pub fn request_id(server: std::net::SocketAddr, seq: u32) -> u64 {
-    // IPv4-mapped IPv6 and IPv4 name the same endpoint: both are hashed as IPv6.
-    let ip = match server.ip() {
+/// FNV-1a 64 offset basis and prime: the ids below must not depend on the host, version or
+/// architecture that computed them, so no std hasher (randomly seeded) will do.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+/// IPv4-mapped IPv6 and IPv4 name the same endpoint: both are hashed as IPv6.
+fn fnv_addr(hash: u64, addr: std::net::SocketAddr) -> u64 {
+    let ip = match addr.ip() {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         std::net::IpAddr::V6(v6) => v6,
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &byte in bytes {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(&ip.octets());
-    eat(&server.port().to_be_bytes());
-    eat(&seq.to_be_bytes());
-    hash
+    fnv1a(fnv1a(hash, &ip.octets()), &addr.port().to_be_bytes())
+}
+
+/// A connection's id from its 4-tuple, in client/server order (not local/remote), so the
+/// client's agent and the server's agent compute the same number for one connection: FNV-1a 64
+/// over the server's address and port, then the client's. Port 0 (not yet bound: the
+/// CLOSE->SYN_SENT state change comes before the kernel picks the source port) gives None.
+/// NAT and proxies (twemproxy) change the tuple between the boxes: their ends do not agree.
+pub fn flow_id(client: std::net::SocketAddr, server: std::net::SocketAddr) -> Option<u64> {
+    if client.port() == 0 || server.port() == 0 {
+        return None;
+    }
+    Some(fnv_addr(fnv_addr(FNV_OFFSET, server), client))
+}
+
+/// One request's id, the same in the client's agent and in the server's (issue 18): the
+/// connection's [`flow_id`] continued (FNV-1a 64) over the TCP sequence number of the request's
+/// first byte, which both ends number alike.
+pub fn request_id(flow: u64, seq: u32) -> u64 {
+    fnv1a(flow, &seq.to_be_bytes())
+}
+
+/// Whether a request belongs to the fixed 1-in-`one_in` slice of request ids that both ends
+/// keep as exemplars whatever their latency (0: no slice). The id is mixed first (the
+/// splitmix64 finaliser) because FNV's low bits follow the last byte hashed too closely for a
+/// modulus.
+pub fn in_exemplar_slice(request_id: u64, one_in: u32) -> bool {
+    if one_in == 0 {
+        return false;
+    }
+    let mut z = request_id;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    z.is_multiple_of(u64::from(one_in))
 }
 
 #[cfg(test)]
 mod request_id_tests {
-    use super::request_id;
+    use super::{flow_id, in_exemplar_slice, request_id};
+    use std::net::SocketAddr;
 
-    /// Both ends name the server alike (IPv4 or IPv4-mapped IPv6); another byte or another
-    /// server gives another id.
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// Both ends name the connection alike (IPv4 or IPv4-mapped IPv6); another client port,
+    /// client address, server port or byte gives another id.
     #[test]
     fn both_ends_agree() {
-        let server: std::net::SocketAddr = "10.0.0.2:11211".parse().unwrap();
-        let id = request_id(server, 123_456);
-        let mapped: std::net::SocketAddr = "[::ffff:10.0.0.2]:11211".parse().unwrap();
-        assert_eq!(id, request_id(mapped, 123_456));
-        assert_ne!(id, request_id(server, 123_457));
-        let other: std::net::SocketAddr = "10.0.0.2:11212".parse().unwrap();
-        assert_ne!(id, request_id(other, 123_456));
+        let (client, server) = (addr("10.0.0.1:40000"), addr("10.0.0.2:11211"));
+        let flow = flow_id(client, server).unwrap();
+        let mapped = flow_id(
+            addr("[::ffff:10.0.0.1]:40000"),
+            addr("[::ffff:10.0.0.2]:11211"),
+        );
+        assert_eq!(Some(flow), mapped);
+        let id = request_id(flow, 123_456);
+        assert_ne!(id, request_id(flow, 123_457));
+        for (other_client, other_server) in [
+            ("10.0.0.1:40001", "10.0.0.2:11211"),
+            ("10.0.0.3:40000", "10.0.0.2:11211"),
+            ("10.0.0.1:40000", "10.0.0.2:11212"),
+        ] {
+            let other = flow_id(addr(other_client), addr(other_server)).unwrap();
+            assert_ne!(
+                id,
+                request_id(other, 123_456),
+                "{other_client} {other_server}"
+            );
+        }
+        // Client and server are not interchangeable: the order is by role, not by address.
+        assert_ne!(Some(flow), flow_id(server, client));
         // Pinned: another build or host must compute the same number.
         assert_eq!(id, PINNED);
     }
 
-    const PINNED: u64 = 0xcfe3_eec1_0bf9_7de4;
+    // Computed independently (Python, the same bytes) when the 4-tuple replaced the server
+    // address alone.
+    const PINNED: u64 = 0x6747_d6eb_feca_6893;
+
+    #[test]
+    fn an_unbound_port_has_no_flow() {
+        assert_eq!(flow_id(addr("10.0.0.1:0"), addr("10.0.0.2:11211")), None);
+        assert_eq!(flow_id(addr("10.0.0.1:40000"), addr("10.0.0.2:0")), None);
+    }
+
+    /// The slice is a fixed fraction of ids (so both ends pick the same requests), about
+    /// 1/one_in of consecutive requests on one connection, and empty when off.
+    #[test]
+    fn the_exemplar_slice_is_about_one_in_n() {
+        let flow = flow_id(addr("10.0.0.1:40000"), addr("10.0.0.2:11211")).unwrap();
+        let ids: Vec<u64> = (0..100_000u32)
+            .map(|i| request_id(flow, 1_000_000u32.wrapping_add(i * 7)))
+            .collect();
+        let picked = ids.iter().filter(|id| in_exemplar_slice(**id, 100)).count();
+        assert!((800..=1200).contains(&picked), "{picked} of 100000");
+        assert!(ids.iter().all(|id| in_exemplar_slice(*id, 1)));
+        assert!(!ids.iter().any(|id| in_exemplar_slice(*id, 0)));
+    }
 }

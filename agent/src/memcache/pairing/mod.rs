@@ -743,6 +743,7 @@ fn push_request(
         response_bytes,
         queue,
         seq,
+        request_id: None,
         value_len: sizes.value_len,
         value_head: sizes.value_head,
         keys_in_request: sizes.keys,
