@@ -700,9 +700,12 @@ fn length_on_watched(
     if healthy {
         // No hash lookup, no clock read: only the capture itself, of the connections followed.
         // (A connection in trouble is always captured below, whatever the sample.)
+        // Sampled by connection (address and ports), not by address: see capture_sample.
         let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
-        if capture_sample::is_followed(sk, shift) {
-            capture_payload(sk, ret, is_send, Some(ports));
+        let key = capture_sample::key(sk, ports.local, ports.remote);
+        if capture_sample::is_followed(key, shift) {
+            let sample = (shift as u8, capture_sample::depth(key) as u8);
+            capture_payload(sk, ret, is_send, Some(ports), sample);
         }
         return Some(());
     }
@@ -720,7 +723,7 @@ fn length_on_watched(
                     // After the event: the agent names a dead write's command from the first
                     // send stamped at or after it.
                     if snapshot.flags & sock_flags::CAPTURE != 0 {
-                        capture_payload(sk, ret, is_send, None);
+                        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
                     }
                     return Some(());
                 }
@@ -745,12 +748,15 @@ fn length_on_watched(
     }
     // After any event, as above.
     if state.flags & sock_flags::CAPTURE != 0 {
-        capture_payload(sk, ret, is_send, None);
+        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
     }
     Some(())
 }
 
 /// A socket's ports, host order, read from `struct sock_common`.
+/// `capture_payload`'s `sample` for a connection captured for its trouble, not as a sample.
+const NOT_A_SAMPLE: (u8, u8) = (capture_sample::NOT_SAMPLED, 0);
+
 struct SockPorts {
     local: u16,
     remote: u16,
@@ -992,7 +998,9 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
 /// captured there that the programs do not know yet existed before the agent and is adopted
 /// here (the agent must know its endpoint before its payloads can be decoded).
 #[inline(always)]
-fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) {
+/// `sample`: (shift, depth) of a record captured as a sample of healthy connections, or
+/// [`NOT_A_SAMPLE`].
+fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>, sample: (u8, u8)) {
     if ret <= 0 {
         return;
     }
@@ -1113,6 +1121,7 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) 
     header.syscall = syscall as u8;
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.span_start = 0;
+    (header.sample_shift, header.sample_depth) = sample;
     let mut loop_ctx = LoopCtx { walk: scratch };
     // SAFETY: the callback is a BPF subprogram taking (index, ctx); ctx is this frame's
     // LoopCtx, which outlives the loop.

@@ -2,9 +2,11 @@
 //! pays a bounded cost for decoding however many operations it serves.
 //!
 //! Above the budget the kernel follows one healthy connection in 2^shift (see
-//! [`agent_common::capture_sample`]); request counters are then scaled by 2^shift, while latency
-//! histograms and hit ratios come from the followed connections as they are. Connections in
-//! trouble (peer closed, reset) are always captured.
+//! [`agent_common::capture_sample`]: a connection is its socket address and ports, so each new
+//! connection is a fresh draw) and marks each record with the shift it was captured under;
+//! request counters then count each decoded request 2^shift times (an unbiased estimate),
+//! while latency histograms and hit ratios come from the followed connections as they are.
+//! Connections in trouble (peer closed, reset) are always captured and count once.
 
 use agent_common::capture_sample::MAX_SHIFT;
 
