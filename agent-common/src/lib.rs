@@ -138,6 +138,13 @@ pub struct ProbeOffsets {
     /// connection agree on: the request id of issue 18.
     pub tcp_write_seq: u16,
     pub tcp_copied_seq: u16,
+    /// `struct sock` member `sk_txhash` (u32), from BTF: a random number the kernel draws for
+    /// each connection (at connect, and for an accepted one from its request), so capture
+    /// samples connections by it ([`capture_sample::key`]). The kernel draws it again only
+    /// after a retransmission timeout.
+    pub sock_txhash: u16,
+    /// Keeps `syscall_regs` 8-byte aligned without padding (the struct is copied as bytes).
+    pub _pad_txhash: [u16; 3],
     /// How to find the running syscall and its buffer in the task's saved user registers.
     pub syscall_regs: SyscallRegs,
 }
@@ -204,6 +211,8 @@ impl ProbeOffsets {
         tcp_lrcvtime: OFFSET_UNKNOWN,
         tcp_write_seq: OFFSET_UNKNOWN,
         tcp_copied_seq: OFFSET_UNKNOWN,
+        sock_txhash: OFFSET_UNKNOWN,
+        _pad_txhash: [0; 3],
         syscall_regs: SyscallRegs {
             number: OFFSET_UNKNOWN,
             second_arg: OFFSET_UNKNOWN,
@@ -245,13 +254,14 @@ pub struct SockState {
 /// `k + 1` are a subset of those at `k`, so raising the shift only drops streams and lowering it
 /// only adds them.
 ///
-/// The unit sampled is the connection, named by its socket address *and* its port pair. The
-/// address alone is not a connection: the kernel reuses a freed `tcp_sock` for the next
-/// connection at once, so a client that reconnects (a pool re-opened, short connections one
-/// after another) lands on the same few addresses, and a sample by address followed all of
-/// them or none: a fixed, biased choice rather than a random one (a soak saw request counts
-/// scaled from 1/16 come out 37% low). Each new connection gets a new ephemeral port, so the
-/// pair makes every connection a fresh draw.
+/// The unit sampled is the connection. The socket address alone is not one: the kernel reuses
+/// a freed `tcp_sock` for the next connection at once, so a client that reconnects (a pool
+/// re-opened, short connections one after another) lands on the same few addresses, and a
+/// sample by address followed all of them or none: a fixed choice rather than a random one (a
+/// soak saw request counts scaled from 1/16 come out 37% low). Ports do not fix it: clients
+/// on several source addresses reuse the same ports, and any client reuses them after
+/// TIME_WAIT. The key therefore includes `sk_txhash`, which the kernel draws at random for
+/// every connection.
 pub mod capture_sample {
     /// Largest shift: one connection in 1024.
     pub const MAX_SHIFT: u32 = 10;
@@ -259,10 +269,11 @@ pub mod capture_sample {
     /// trouble (or the kernel cannot tell healthy ones), not as a sample: it stands for itself.
     pub const NOT_SAMPLED: u8 = 0xff;
 
-    /// The key a connection is sampled by: its socket address with its (local, remote) ports.
+    /// The key a connection is sampled by: its socket address, its (local, remote) ports and
+    /// the kernel's random per-connection `sk_txhash` (0 when its offset is unknown).
     #[inline(always)]
-    pub fn key(sk: u64, local_port: u16, remote_port: u16) -> u64 {
-        sk ^ (u64::from(local_port) << 48 | u64::from(remote_port) << 32)
+    pub fn key(sk: u64, local_port: u16, remote_port: u16, txhash: u32) -> u64 {
+        mix(sk) ^ (u64::from(txhash) << 32 | u64::from(local_port) << 16 | u64::from(remote_port))
     }
 
     /// Mixes every bit of `key` into every bit of the result. Socket addresses are slab
@@ -592,16 +603,30 @@ mod tests {
     }
 
     #[test]
+    fn probe_offsets_have_no_padding() {
+        // The struct is copied into the kernel object as bytes (aya::Pod): padding would be
+        // uninitialised memory.
+        let regs = core::mem::offset_of!(super::ProbeOffsets, syscall_regs);
+        assert_eq!(regs % 8, 0);
+        assert_eq!(
+            core::mem::offset_of!(super::ProbeOffsets, _pad_txhash) + 6,
+            regs,
+            "padding before syscall_regs"
+        );
+    }
+
+    #[test]
     fn connections_reusing_one_socket_address_are_fresh_draws() {
         // A client reconnecting one connection at a time: the kernel hands it the same freed
-        // tcp_sock every time, with the next ephemeral port.
+        // tcp_sock every time, with the next ephemeral port and a random txhash.
         let sk = 0xffff_8880_1234_5000u64;
+        let txhash = |i: u32| i.wrapping_mul(0x9e37_79b9).rotate_left(13);
         let connections = 32_768u32;
         for shift in [1, 4, 8] {
             let followed = (0..connections)
                 .filter(|i| {
                     let port = 32_768 + (*i % 28_000) as u16;
-                    is_followed(key(sk, port, 11211), shift)
+                    is_followed(key(sk, port, 11211, txhash(*i)), shift)
                 })
                 .count();
             let expected = (connections >> shift) as usize;
@@ -611,9 +636,10 @@ mod tests {
                 "shift {shift}: {followed} of {connections} followed, expected ~{expected}"
             );
         }
-        // The server's end of the same connections: local port fixed, remote port varying.
+        // The server's end of the same connections, on a kernel without the txhash offset:
+        // local port fixed, remote port varying.
         let followed = (0..connections)
-            .filter(|i| is_followed(key(sk, 11211, 40_000 + (*i % 20_000) as u16), 4))
+            .filter(|i| is_followed(key(sk, 11211, 40_000 + (*i % 20_000) as u16, 0), 4))
             .count();
         assert!(
             followed.abs_diff(2048) <= 4 * 45 + 2,

@@ -702,7 +702,9 @@ fn length_on_watched(
         // (A connection in trouble is always captured below, whatever the sample.)
         // Sampled by connection (address and ports), not by address: see capture_sample.
         let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
-        let key = capture_sample::key(sk, ports.local, ports.remote);
+        // (An unknown offset reads as no txhash: address and ports alone.)
+        let txhash = read_kernel_field::<u32>(sk, offsets().sock_txhash).unwrap_or(0);
+        let key = capture_sample::key(sk, ports.local, ports.remote, txhash);
         if capture_sample::is_followed(key, shift) {
             let sample = (shift as u8, capture_sample::depth(key) as u8);
             capture_payload(sk, ret, is_send, Some(ports), sample);

@@ -1082,7 +1082,9 @@ mod tests {
         for (i, &sk) in pool.iter().chain(&short).enumerate() {
             learn_client(&mut pipeline, sk, 30_000 + i as u16);
         }
-        // Every connection: its address, its ephemeral port, its requests.
+        // Every connection: its address, its ephemeral port (and the kernel's random txhash),
+        // its requests.
+        let txhash = |port: u16| u32::from(port).wrapping_mul(0x9e37_79b9).rotate_left(7);
         let mut port = 32_768u16;
         let mut connections = Vec::new();
         for _ in 0..REOPENS {
@@ -1105,7 +1107,7 @@ mod tests {
 
         let mut ts = SECOND;
         for &(sk, port, gets) in &connections {
-            let key = capture_sample::key(sk, port, PORT);
+            let key = capture_sample::key(sk, port, PORT, txhash(port));
             if !capture_sample::is_followed(key, SHIFT) {
                 continue;
             }
