@@ -138,6 +138,13 @@ pub struct ProbeOffsets {
     /// connection agree on: the request id of issue 18.
     pub tcp_write_seq: u16,
     pub tcp_copied_seq: u16,
+    /// `struct sock` member `sk_txhash` (u32), from BTF: a random number the kernel draws for
+    /// each connection (at connect, and for an accepted one from its request), so capture
+    /// samples connections by it ([`capture_sample::key`]). The kernel draws it again only
+    /// after a retransmission timeout.
+    pub sock_txhash: u16,
+    /// Keeps `syscall_regs` 8-byte aligned without padding (the struct is copied as bytes).
+    pub _pad_txhash: [u16; 3],
     /// How to find the running syscall and its buffer in the task's saved user registers.
     pub syscall_regs: SyscallRegs,
 }
@@ -204,6 +211,8 @@ impl ProbeOffsets {
         tcp_lrcvtime: OFFSET_UNKNOWN,
         tcp_write_seq: OFFSET_UNKNOWN,
         tcp_copied_seq: OFFSET_UNKNOWN,
+        sock_txhash: OFFSET_UNKNOWN,
+        _pad_txhash: [0; 3],
         syscall_regs: SyscallRegs {
             number: OFFSET_UNKNOWN,
             second_arg: OFFSET_UNKNOWN,
@@ -241,27 +250,68 @@ pub struct SockState {
 
 /// Which connections payload capture follows once the agent has to sample (a healthy
 /// connection is followed or not as a whole, so each followed stream decodes from its start to
-/// its end). At sample shift `k` one socket in 2^k is followed; the sockets followed at `k + 1`
-/// are a subset of those at `k`, so raising the shift only drops streams and lowering it only
-/// adds them. Shared so the agent knows exactly which streams it stopped receiving.
+/// its end). At sample shift `k` one connection in 2^k is followed; the connections followed at
+/// `k + 1` are a subset of those at `k`, so raising the shift only drops streams and lowering it
+/// only adds them.
+///
+/// The unit sampled is the connection. The socket address alone is not one: the kernel reuses
+/// a freed `tcp_sock` for the next connection at once, so a client that reconnects (a pool
+/// re-opened, short connections one after another) lands on the same few addresses, and a
+/// sample by address followed all of them or none: a fixed choice rather than a random one (a
+/// soak saw request counts scaled from 1/16 come out 37% low). Ports do not fix it: clients
+/// on several source addresses reuse the same ports, and any client reuses them after
+/// TIME_WAIT. The key therefore includes `sk_txhash`, which the kernel draws at random for
+/// every connection.
 pub mod capture_sample {
     /// Largest shift: one connection in 1024.
     pub const MAX_SHIFT: u32 = 10;
+    /// [`super::PayloadHeader::sample_shift`] of a record captured because its connection is in
+    /// trouble (or the kernel cannot tell healthy ones), not as a sample: it stands for itself.
+    pub const NOT_SAMPLED: u8 = 0xff;
 
-    /// Whether the socket at kernel address `sk` is followed at sample shift `shift`.
+    /// The key a connection is sampled by: its socket address, its (local, remote) ports and
+    /// the kernel's random per-connection `sk_txhash` (0 when its offset is unknown).
     #[inline(always)]
-    pub fn is_followed(sk: u64, shift: u32) -> bool {
-        // Socket addresses are slab objects in arithmetic progression; a lone multiply maps
-        // such a run onto long runs of equal low bits (whole batches of connections followed or
-        // not). MurmurHash3's finaliser mixes every input bit into every output bit.
-        let mut mixed = sk;
+    pub fn key(sk: u64, local_port: u16, remote_port: u16, txhash: u32) -> u64 {
+        mix(sk) ^ (u64::from(txhash) << 32 | u64::from(local_port) << 16 | u64::from(remote_port))
+    }
+
+    /// Mixes every bit of `key` into every bit of the result. Socket addresses are slab
+    /// objects in arithmetic progression; a lone multiply maps such a run onto long runs of
+    /// equal low bits (whole batches of connections followed or not). This is MurmurHash3's
+    /// finaliser.
+    #[inline(always)]
+    fn mix(key: u64) -> u64 {
+        let mut mixed = key;
         mixed ^= mixed >> 33;
         mixed = mixed.wrapping_mul(0xff51_afd7_ed55_8ccd);
         mixed ^= mixed >> 33;
         mixed = mixed.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
         mixed ^= mixed >> 33;
+        mixed
+    }
+
+    /// Whether the connection with `key` is followed at sample shift `shift`.
+    #[inline(always)]
+    pub fn is_followed(key: u64, shift: u32) -> bool {
         let mask = (1u64 << (shift & 15)) - 1;
-        mixed & mask == 0
+        mix(key) & mask == 0
+    }
+
+    /// The largest shift at which the connection with `key` is still followed, at most
+    /// [`MAX_SHIFT`]: `is_followed(key, k)` exactly when `k <= depth(key)`. (Counted with a
+    /// fixed number of shifts, no trailing-zeros instruction: eBPF has none.)
+    #[inline(always)]
+    pub fn depth(key: u64) -> u32 {
+        let mixed = mix(key) | 1 << MAX_SHIFT;
+        let lowest = mixed & mixed.wrapping_neg();
+        let mut depth = 0;
+        let mut k = 1;
+        while k <= MAX_SHIFT {
+            depth += u32::from(lowest >> k != 0);
+            k += 1;
+        }
+        depth
     }
 }
 
@@ -368,7 +418,13 @@ pub struct PayloadHeader {
     pub is_send: u8,
     pub syscall: u8,
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// The sample shift the kernel captured this record under as a sample of healthy
+    /// connections (it stands for 2^shift records), or [`capture_sample::NOT_SAMPLED`].
+    pub sample_shift: u8,
+    /// [`capture_sample::depth`] of the connection's key (0 when not sampled): the agent
+    /// knows from it which streams a higher shift lets go.
+    pub sample_depth: u8,
+    pub _pad: u8,
     /// TCP sequence number of the call's first byte (`write_seq` after a send, `copied_seq`
     /// after a receive, minus the bytes the call moved), valid with [`payload_flags::SEQ`].
     pub seq: u32,
@@ -502,7 +558,7 @@ mod user {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::capture_sample::{is_followed, MAX_SHIFT};
+    use super::capture_sample::{depth, is_followed, key, MAX_SHIFT};
     use std::vec::Vec;
 
     #[test]
@@ -527,9 +583,15 @@ mod tests {
                         "shift {shift} does not contain {sk:#x}"
                     );
                 }
+                assert_eq!(
+                    is_followed(sk, shift),
+                    shift <= depth(sk),
+                    "depth disagrees at shift {shift} for {sk:#x}"
+                );
             }
         }
         assert!(sockets.iter().all(|&sk| is_followed(sk, 0)));
+        assert!(sockets.iter().all(|&sk| depth(sk) <= MAX_SHIFT));
         // Any run of 256 consecutive slab objects gets its fair share at one in 8.
         for run in sockets.chunks_exact(256) {
             let followed = run.iter().filter(|&&sk| is_followed(sk, 3)).count();
@@ -538,5 +600,50 @@ mod tests {
                 "{followed} of 256 followed at 1/8"
             );
         }
+    }
+
+    #[test]
+    fn probe_offsets_have_no_padding() {
+        // The struct is copied into the kernel object as bytes (aya::Pod): padding would be
+        // uninitialised memory.
+        let regs = core::mem::offset_of!(super::ProbeOffsets, syscall_regs);
+        assert_eq!(regs % 8, 0);
+        assert_eq!(
+            core::mem::offset_of!(super::ProbeOffsets, _pad_txhash) + 6,
+            regs,
+            "padding before syscall_regs"
+        );
+    }
+
+    #[test]
+    fn connections_reusing_one_socket_address_are_fresh_draws() {
+        // A client reconnecting one connection at a time: the kernel hands it the same freed
+        // tcp_sock every time, with the next ephemeral port and a random txhash.
+        let sk = 0xffff_8880_1234_5000u64;
+        let txhash = |i: u32| i.wrapping_mul(0x9e37_79b9).rotate_left(13);
+        let connections = 32_768u32;
+        for shift in [1, 4, 8] {
+            let followed = (0..connections)
+                .filter(|i| {
+                    let port = 32_768 + (*i % 28_000) as u16;
+                    is_followed(key(sk, port, 11211, txhash(*i)), shift)
+                })
+                .count();
+            let expected = (connections >> shift) as usize;
+            let tolerance = 4 * (expected as f64).sqrt() as usize + 2;
+            assert!(
+                followed.abs_diff(expected) <= tolerance,
+                "shift {shift}: {followed} of {connections} followed, expected ~{expected}"
+            );
+        }
+        // The server's end of the same connections, on a kernel without the txhash offset:
+        // local port fixed, remote port varying.
+        let followed = (0..connections)
+            .filter(|i| is_followed(key(sk, 11211, 40_000 + (*i % 20_000) as u16, 0), 4))
+            .count();
+        assert!(
+            followed.abs_diff(2048) <= 4 * 45 + 2,
+            "{followed} of 32768 at 1/16"
+        );
     }
 }

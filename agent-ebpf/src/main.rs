@@ -324,8 +324,9 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
     let new_state = read_tp::<i32>(ctx, layout.newstate)? as u8;
 
     let now = unsafe { bpf_ktime_get_ns() };
-    if old_state == tcp_state::CLOSE {
-        // A new socket at this address: whatever an earlier one left behind is not its history.
+    if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
+        // A new socket at this address (a connect, or a listener's child): whatever an earlier
+        // one left behind is not its history.
         let _ = CLOSED_SOCKETS.remove(sk);
     }
     let mut snapshot = match unsafe { SOCKETS.get(sk) } {
@@ -700,9 +701,14 @@ fn length_on_watched(
     if healthy {
         // No hash lookup, no clock read: only the capture itself, of the connections followed.
         // (A connection in trouble is always captured below, whatever the sample.)
+        // Sampled by connection (address and ports), not by address: see capture_sample.
         let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
-        if capture_sample::is_followed(sk, shift) {
-            capture_payload(sk, ret, is_send, Some(ports));
+        // (An unknown offset reads as no txhash: address and ports alone.)
+        let txhash = read_kernel_field::<u32>(sk, offsets().sock_txhash).unwrap_or(0);
+        let key = capture_sample::key(sk, ports.local, ports.remote, txhash);
+        if capture_sample::is_followed(key, shift) {
+            let sample = (shift as u8, capture_sample::depth(key) as u8);
+            capture_payload(sk, ret, is_send, Some(ports), sample);
         }
         return Some(());
     }
@@ -720,7 +726,7 @@ fn length_on_watched(
                     // After the event: the agent names a dead write's command from the first
                     // send stamped at or after it.
                     if snapshot.flags & sock_flags::CAPTURE != 0 {
-                        capture_payload(sk, ret, is_send, None);
+                        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
                     }
                     return Some(());
                 }
@@ -745,12 +751,15 @@ fn length_on_watched(
     }
     // After any event, as above.
     if state.flags & sock_flags::CAPTURE != 0 {
-        capture_payload(sk, ret, is_send, None);
+        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
     }
     Some(())
 }
 
 /// A socket's ports, host order, read from `struct sock_common`.
+/// `capture_payload`'s `sample` for a connection captured for its trouble, not as a sample.
+const NOT_A_SAMPLE: (u8, u8) = (capture_sample::NOT_SAMPLED, 0);
+
 struct SockPorts {
     local: u16,
     remote: u16,
@@ -826,6 +835,14 @@ fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u64) -> Optio
     let remote_port = ports.remote;
     let tcp_state_now: u8 = read_kernel_field(sk, layout.state)?;
     if tcp_state_now == tcp_state::LISTEN || tcp_state_now == tcp_state::CLOSE {
+        return None;
+    }
+    // A socket whose move to CLOSE was seen and which no new socket has taken over since: the
+    // tracepoint runs before the kernel stores the new state, so a send or receive on another
+    // CPU can still read the old one here. Learned now, it would come after its own close and
+    // stay in the agent's table, where the next connection at this address is taken for it
+    // (a soak missed 1 of 924,365 connection opens, the close counted for the stale entry).
+    if unsafe { CLOSED_SOCKETS.get(sk) }.is_some() {
         return None;
     }
     let family: u16 = read_kernel_field(sk, layout.family)?;
@@ -992,7 +1009,9 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
 /// captured there that the programs do not know yet existed before the agent and is adopted
 /// here (the agent must know its endpoint before its payloads can be decoded).
 #[inline(always)]
-fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) {
+/// `sample`: (shift, depth) of a record captured as a sample of healthy connections, or
+/// [`NOT_A_SAMPLE`].
+fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>, sample: (u8, u8)) {
     if ret <= 0 {
         return;
     }
@@ -1113,6 +1132,7 @@ fn capture_payload(sk: u64, ret: i32, is_send: bool, ports: Option<&SockPorts>) 
     header.syscall = syscall as u8;
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.span_start = 0;
+    (header.sample_shift, header.sample_depth) = sample;
     let mut loop_ctx = LoopCtx { walk: scratch };
     // SAFETY: the callback is a BPF subprogram taking (index, ctx); ctx is this frame's
     // LoopCtx, which outlives the loop.

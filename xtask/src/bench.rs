@@ -305,14 +305,14 @@ fn target_dir() -> PathBuf {
 }
 
 /// `bench --soak MINUTES`: the soak alone (see soak.rs).
-pub fn soak(minutes: f64) -> anyhow::Result<()> {
+pub fn soak(minutes: f64, decode_all: bool) -> anyhow::Result<()> {
     util::require_root("the soak loads eBPF programs")?;
     procs::install_interrupt_handler();
     let binary = target_dir().join("release/cacheprobe");
     if !binary.exists() {
         bail!("{} is missing: build it first", binary.display());
     }
-    soak::soak(&binary, &target_dir().join("bench"), minutes)
+    soak::soak(&binary, &target_dir().join("bench"), minutes, decode_all)
 }
 
 pub fn bench(options: BenchOptions) -> anyhow::Result<()> {

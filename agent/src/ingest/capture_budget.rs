@@ -2,11 +2,13 @@
 //! pays a bounded cost for decoding however many operations it serves.
 //!
 //! Above the budget the kernel follows one healthy connection in 2^shift (see
-//! [`agent_common::capture_sample`]); request counters are then scaled by 2^shift, while latency
-//! histograms and hit ratios come from the followed connections as they are. Connections in
-//! trouble (peer closed, reset) are always captured.
+//! [`agent_common::capture_sample`]: a connection is its socket address and ports, so each new
+//! connection is a fresh draw) and marks each record with the shift it was captured under;
+//! request counters then count each decoded request 2^shift times (an unbiased estimate),
+//! while latency histograms and hit ratios come from the followed connections as they are.
+//! Connections in trouble (peer closed, reset) are always captured and count once.
 
-use agent_common::capture_sample::{self, MAX_SHIFT};
+use agent_common::capture_sample::MAX_SHIFT;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureBudget {
@@ -108,14 +110,36 @@ impl CaptureSampling {
         self.budget.weight()
     }
 
-    /// How many requests each request decoded from `sk` stands for. A connection outside the
-    /// sample was captured for its trouble, not as a sample of others: what it says counts
-    /// once.
-    pub fn weight_of(&self, sk: u64) -> u64 {
-        if capture_sample::is_followed(sk, self.budget.shift()) {
-            self.budget.weight()
+    /// How many calls a record stands for, from the sample the kernel marked it with
+    /// (`sample_shift`, None when captured for its connection's trouble, and the connection's
+    /// `sample_depth`); None when the record is dropped.
+    ///
+    /// A sampled call was followed with probability 2^-shift, so it counts 2^shift (each
+    /// request's expected count is then its true one, whichever connections the sample drew).
+    /// The shift is the kernel's when it wrote the record, or the agent's if that is narrower
+    /// already: a call written before the kernel heard of a narrower sample, from a stream that
+    /// sample lets go, is dropped (its stream's other half will never come, so decoding it would
+    /// invent timeouts), and the calls kept from the streams it keeps stand for as many as the
+    /// new ones. A call captured for its connection's trouble (or by a kernel that cannot tell
+    /// healthy connections) was not sampled: it counts once.
+    pub fn weight_of_record(&self, sample_shift: Option<u32>, sample_depth: u32) -> Option<u64> {
+        match sample_shift {
+            Some(recorded) => {
+                let shift = recorded.max(self.budget.shift()).min(MAX_SHIFT);
+                (sample_depth >= shift).then_some(1u64 << shift)
+            }
+            None => Some(1),
+        }
+    }
+
+    /// The shift the kernel marks a record written at `ts_ns` with in tests that start at
+    /// shift 0: the current one once the kernel was told it, 0 before.
+    #[cfg(test)]
+    pub fn kernel_shift_at(&self, ts_ns: u64) -> u32 {
+        if self.pending_shift.is_none() && ts_ns > self.shift_applied_ns {
+            self.budget.shift()
         } else {
-            1
+            0
         }
     }
 
@@ -148,14 +172,6 @@ impl CaptureSampling {
         } else {
             None
         }
-    }
-
-    /// Whether a record of `sk` written at `ts_ns` is dropped: the sample has let go of its
-    /// stream, and the kernel captured it before it was told (or before it will be). Its
-    /// stream's other half will never come, so decoding it would invent timeouts.
-    pub fn drops(&self, sk: u64, ts_ns: u64) -> bool {
-        (self.pending_shift.is_some() || ts_ns <= self.shift_applied_ns)
-            && !capture_sample::is_followed(sk, self.budget.shift())
     }
 
     /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
@@ -251,28 +267,18 @@ mod tests {
             assert_eq!(sampling.count_record(SECOND + 1 + i), None);
         }
         assert_eq!(sampling.check(2 * SECOND), Some(1));
-        let followed = (1..)
-            .find(|&sk| capture_sample::is_followed(sk, 1))
-            .unwrap();
-        let released = (1..)
-            .find(|&sk| !capture_sample::is_followed(sk, 1))
-            .unwrap();
-        assert!(
-            sampling.drops(released, 2 * SECOND + 5),
-            "told to the kernel soon"
-        );
-        assert!(!sampling.drops(followed, 2 * SECOND + 5));
+        // A record the kernel wrote under the old sample (shift 0), of a stream the new one
+        // lets go (depth 0): dropped; of a stream it keeps (depth 1): counts for the new 2.
+        assert_eq!(sampling.weight_of_record(Some(0), 0), None);
+        assert_eq!(sampling.weight_of_record(Some(0), 1), Some(2));
         assert_eq!(sampling.take_shift(), Some(1));
         assert_eq!(sampling.take_shift(), None);
         sampling.shift_applied(2 * SECOND + 10);
-        assert!(sampling.drops(released, 2 * SECOND + 10));
-        assert!(
-            !sampling.drops(released, 2 * SECOND + 11),
-            "captured for its trouble"
-        );
+        assert_eq!(sampling.weight_of_record(Some(1), 3), Some(2));
         assert_eq!(
-            (sampling.weight_of(followed), sampling.weight_of(released)),
-            (2, 1)
+            sampling.weight_of_record(None, 0),
+            Some(1),
+            "captured for its trouble"
         );
         // Records from before the switch do not count towards the new window.
         for i in 0..2_048 {

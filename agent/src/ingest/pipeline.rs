@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use agent_common::{capture_sample, tcp_state};
+use agent_common::tcp_state;
 
 use crate::{
     clock::unix_now,
@@ -114,8 +114,7 @@ impl Pipeline {
     }
 
     fn capture_sample_changed(&mut self, shift: u32) {
-        self.decoders
-            .forget_unfollowed(|sk| capture_sample::is_followed(sk, shift));
+        self.decoders.forget_unfollowed(shift);
         self.outputs
             .metrics()
             .capture_sample_ratio
@@ -236,9 +235,12 @@ impl Pipeline {
         if let Some(shift) = self.capture.count_record(payload.ts_ns) {
             self.capture_sample_changed(shift);
         }
-        if self.capture.drops(payload.sk, payload.ts_ns) {
+        let Some(weight) = self
+            .capture
+            .weight_of_record(payload.sample_shift, payload.sample_depth)
+        else {
             return PayloadOutcome::Handled;
-        }
+        };
         self.decoders.on_payload(
             &payload,
             endpoint,
@@ -247,7 +249,6 @@ impl Pipeline {
             &mut self.memcache_events,
         );
         let comm = events::comm_str(payload.comm);
-        let weight = self.capture.weight_of(payload.sk);
         self.flush_memcache(Some(&comm), weight);
         PayloadOutcome::Handled
     }
@@ -388,11 +389,12 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
+    use agent_common::capture_sample;
     use std::net::SocketAddr;
 
     use super::*;
     use crate::{
-        kernel::capture::encode_payload_record,
+        kernel::capture::{encode_payload_record, mark_sample},
         kernel::events::{EventKind, SockEventRecord, SocketFacts},
     };
 
@@ -437,14 +439,24 @@ mod tests {
         });
     }
 
-    /// One get and its hit on `sk` at `ts`.
+    /// One get and its hit on `sk` at `ts`, marked as the kernel marks a sampled call: the
+    /// shift the kernel was told (the agent's once applied), `sk` itself as the key.
     fn get_hit(pipeline: &mut Pipeline, sk: u64, ts: u64) {
+        let shift = pipeline.capture.kernel_shift_at(ts);
+        let sample = Some((shift as u8, capture_sample::depth(sk) as u8));
+        get_hit_marked(pipeline, sk, ts, sample);
+    }
+
+    /// One get and its hit on `sk` at `ts`, captured as a sample (shift, depth) or, with None,
+    /// for the connection's trouble.
+    fn get_hit_marked(pipeline: &mut Pipeline, sk: u64, ts: u64, sample: Option<(u8, u8)>) {
         for (offset, is_send, data) in [
             (0, true, &b"get k\r\n"[..]),
             (1_000, false, &b"VALUE k 0 1\r\nv\r\nEND\r\n"[..]),
         ] {
-            let record =
+            let mut record =
                 encode_payload_record(ts + offset, sk, data.len() as u64, is_send, b"c", data);
+            mark_sample(&mut record, sample);
             assert!(matches!(
                 pipeline.on_payload_record(&record),
                 PayloadOutcome::Handled
@@ -501,7 +513,8 @@ mod tests {
         }
         assert_eq!(gets(&metrics, "hit"), 480);
         // The released stream has a request in flight when the sample narrows.
-        let request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
+        let mut request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
+        mark_sample(&mut request, Some((0, 0)));
         pipeline.on_payload_record(&request);
         pipeline.tick(2 * SECOND + 10, None, &mut Vec::new);
         assert_eq!(pipeline.take_capture_shift(), Some(1));
@@ -509,7 +522,7 @@ mod tests {
         pipeline.capture_shift_applied(2 * SECOND + 30);
         // Records the kernel wrote before it heard of the new sample, read only now, are
         // dropped for the released stream: its answer never starts a stream of its own.
-        let answer = encode_payload_record(
+        let mut answer = encode_payload_record(
             2 * SECOND + 20,
             released,
             20,
@@ -517,6 +530,7 @@ mod tests {
             b"c",
             b"VALUE k 0 1\r\nv\r\nEND\r\n",
         );
+        mark_sample(&mut answer, Some((0, 0)));
         pipeline.on_payload_record(&answer);
         assert_eq!(
             pipeline.decoders.len(),
@@ -528,7 +542,7 @@ mod tests {
         get_hit(&mut pipeline, followed, 2 * SECOND + 100);
         assert_eq!(gets(&metrics, "hit"), 482);
         // A released connection still captured (it is in trouble) counts once.
-        get_hit(&mut pipeline, released, 2 * SECOND + 200);
+        get_hit_marked(&mut pipeline, released, 2 * SECOND + 200, None);
         assert_eq!(gets(&metrics, "hit"), 483);
 
         // Nothing reads as a timeout, however long it waits.
@@ -808,5 +822,80 @@ mod tests {
         assert_eq!(pipeline.take_capture_shift(), None);
         assert_eq!(gets(&metrics, "hit"), 5_000);
         assert_eq!(metrics.capture_sample_ratio.get(), 1.0);
+    }
+
+    /// Pooled connections re-opened again and again, and short connections one after
+    /// another: the kernel hands each new connection one of the same few freed socket
+    /// addresses, with a new port. Sampled at 1/16, the scaled request count is the true one
+    /// within four standard deviations of the estimator (each connection drawn with
+    /// probability p and counted 1/p, so the variance is the sum over connections of
+    /// (1/p - 1) * requests^2). Sampled by socket address alone, the same traffic would be a
+    /// fixed draw of those few addresses, off by far more (the soak saw 37% low).
+    #[test]
+    fn scaled_request_counts_are_unbiased_whatever_addresses_the_kernel_reuses() {
+        let (mut pipeline, metrics) = pipeline(0);
+        const SHIFT: u32 = 4;
+        const POOL: u64 = 64;
+        const REOPENS: u64 = 200;
+        const GETS_PER_CONNECTION: u64 = 50;
+        const SHORT: u64 = 5_000;
+        let pool: Vec<u64> = (0..POOL)
+            .map(|i| 0xffff_8880_4000_0000 + i * 2368)
+            .collect();
+        let short = [0xffff_8880_7000_0000u64, 0xffff_8880_7000_0940];
+        for (i, &sk) in pool.iter().chain(&short).enumerate() {
+            learn_client(&mut pipeline, sk, 30_000 + i as u16);
+        }
+        // Every connection: its address, its ephemeral port (and the kernel's random txhash),
+        // its requests.
+        let txhash = |port: u16| u32::from(port).wrapping_mul(0x9e37_79b9).rotate_left(7);
+        let mut port = 32_768u16;
+        let mut connections = Vec::new();
+        for _ in 0..REOPENS {
+            for &sk in &pool {
+                connections.push((sk, port, GETS_PER_CONNECTION));
+                port = port.wrapping_add(1).max(32_768);
+            }
+        }
+        for i in 0..SHORT {
+            connections.push((short[(i % 2) as usize], port, 1));
+            port = port.wrapping_add(1).max(32_768);
+        }
+        let truth: u64 = connections.iter().map(|c| c.2).sum();
+        let weight = (1u64 << SHIFT) as f64;
+        let variance: f64 = connections
+            .iter()
+            .map(|c| (weight - 1.0) * (c.2 * c.2) as f64)
+            .sum();
+        let tolerance = 4.0 * variance.sqrt();
+
+        let mut ts = SECOND;
+        for &(sk, port, gets) in &connections {
+            let key = capture_sample::key(sk, port, PORT, txhash(port));
+            if !capture_sample::is_followed(key, SHIFT) {
+                continue;
+            }
+            let sample = Some((SHIFT as u8, capture_sample::depth(key) as u8));
+            for _ in 0..gets {
+                get_hit_marked(&mut pipeline, sk, ts, sample);
+                ts += 10_000;
+            }
+        }
+        let estimate = gets(&metrics, "hit") as f64;
+        assert!(
+            (estimate - truth as f64).abs() <= tolerance,
+            "estimate {estimate} vs {truth}, tolerance {tolerance:.0}"
+        );
+
+        // The same traffic sampled by address alone.
+        let by_address: u64 = connections
+            .iter()
+            .filter(|c| capture_sample::is_followed(c.0, SHIFT))
+            .map(|c| c.2 << SHIFT)
+            .sum();
+        assert!(
+            (by_address as f64 - truth as f64).abs() > tolerance,
+            "by address {by_address} vs {truth}: the old sample would pass too"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use foldhash::{HashMap, HashMapExt};
 
 use agent_common::{
+    capture_sample,
     framing::{self, FrameState},
     payload_flags, CAPTURE_PIECE, COMM_LEN, RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
 };
@@ -37,6 +38,12 @@ pub struct PayloadView<'a> {
     /// TCP sequence number of the call's first byte, when the kernel could read it: a byte at
     /// call offset `o` has sequence number `seq + o` at both ends of the connection.
     pub seq: Option<u32>,
+    /// The sample shift the kernel captured this call under as a sample of healthy
+    /// connections (the call stands for 2^shift), or None: captured for the connection's
+    /// trouble, it stands for itself.
+    pub sample_shift: Option<u32>,
+    /// The highest shift at which the connection stays followed ([`capture_sample::depth`]).
+    pub sample_depth: u32,
     pub comm: &'a [u8; COMM_LEN],
     /// The segment area, validated by [`parse_payload`].
     segments: &'a [u8],
@@ -192,6 +199,8 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         is_send: bytes[38] != 0,
         incomplete: bytes[40] & payload_flags::INCOMPLETE != 0,
         seq: (bytes[40] & payload_flags::SEQ != 0).then(|| u32_at(44)),
+        sample_shift: (bytes[41] != capture_sample::NOT_SAMPLED).then_some(u32::from(bytes[41])),
+        sample_depth: u32::from(bytes[42]),
         comm: bytes[48..HEADER].try_into().expect("16 bytes"),
         segments,
     })
@@ -261,6 +270,14 @@ fn encode_record(header: RecordHeader<'_>, segments: &[(u64, &[u8])]) -> Vec<u8>
     record[48..48 + comm.len()].copy_from_slice(comm);
     record.extend_from_slice(&data);
     record
+}
+
+/// Marks a record built by [`encode_payload_record`] as the kernel marks a call it captured as
+/// a sample at `shift` of a connection of `depth`, or (None) for the connection's trouble.
+pub fn mark_sample(record: &mut [u8], sample: Option<(u8, u8)>) {
+    let (shift, depth) = sample.unwrap_or((capture_sample::NOT_SAMPLED, 0));
+    record[41] = shift;
+    record[42] = depth;
 }
 
 /// What the kernel's capture sends for one call of `call` bytes on a direction whose frames
@@ -384,6 +401,9 @@ struct ConnectionState {
     decoder: ConnectionDecoder,
     /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
     closed_ns: Option<u64>,
+    /// The highest sample shift that still follows this stream, from its last record
+    /// (`u32::MAX` for a connection captured for its trouble: no sample lets it go).
+    sample_depth: u32,
 }
 
 /// How long a closed socket's stream keeps taking payload records. A send that straddles the
@@ -447,6 +467,10 @@ impl Decoders {
             return;
         };
         state.flow = state.flow.or(flow);
+        state.sample_depth = match payload.sample_shift {
+            Some(_) => payload.sample_depth,
+            None => u32::MAX,
+        };
         // A client sends requests; a server receives them.
         let direction = match (endpoint.role, payload.is_send) {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
@@ -500,6 +524,7 @@ impl Decoders {
                 }),
                 flow: None,
                 closed_ns: None,
+                sample_depth: u32::MAX,
             },
         );
         true
@@ -541,10 +566,12 @@ impl Decoders {
         }
     }
 
-    /// Drops the decoders of sockets capture no longer follows, without finishing them: their
-    /// requests were answered, just not seen (counting them unanswered would invent timeouts).
-    pub fn forget_unfollowed(&mut self, followed: impl Fn(u64) -> bool) {
-        self.connections.retain(|sk, _| followed(*sk));
+    /// Drops the decoders of streams a sample at `shift` no longer follows, without finishing
+    /// them: their requests were answered, just not seen (counting them unanswered would invent
+    /// timeouts).
+    pub fn forget_unfollowed(&mut self, shift: u32) {
+        self.connections
+            .retain(|_, state| state.sample_depth >= shift);
     }
 
     /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).
