@@ -712,7 +712,7 @@ fn every_probe_attaches_without_perf_event_open() {
     assert!(!json.contains("perf_event_paranoid"), "{json}");
 
     let port = unique_port();
-    let memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
     let config = format!(
         "sample_interval_seconds = 1\n\n[[services]]\nname = \"cache\"\nport = {port}\n\
          protocol = \"memcache\"\n"
