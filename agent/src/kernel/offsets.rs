@@ -605,20 +605,22 @@ impl Resolver {
         let Some(btf) = source.btf() else {
             return;
         };
-        let at = |name: &str, size: u32| {
+        // BTF gives a pointer member no size (`head` is `unsigned char *`): None stands for it,
+        // and the program reads it as the 8 bytes of a 64-bit kernel's pointer.
+        let at = |name: &str, size: Option<u32>| {
             btf.member("sk_buff", name)
                 .filter(|location| {
                     location.bitfield_bits == 0
                         && location.bit_offset.is_multiple_of(8)
-                        && location.size == Some(size)
+                        && location.size == size
                         && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
                 })
                 .map(|location| (location.bit_offset / 8) as u16)
         };
         if let (Some(head), Some(network), Some(transport)) = (
-            at("head", 8),
-            at("network_header", 2),
-            at("transport_header", 2),
+            at("head", None),
+            at("network_header", Some(2)),
+            at("transport_header", Some(2)),
         ) {
             self.offsets.skb_head = head;
             self.offsets.skb_network_header = network;
