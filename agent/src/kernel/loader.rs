@@ -453,9 +453,9 @@ impl Probes {
 
     /// How `spec` was attached (or, if it failed, was attempted) by this load.
     pub fn attach_kind(&self, spec: &ProbeSpec) -> AttachKind {
-        if self.socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
-            AttachKind::Btf
-        } else if self.btf.contains(&spec.program) {
+        let storage =
+            self.socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program);
+        if storage || self.btf.contains(&spec.program) {
             AttachKind::Btf
         } else if self.raw.contains(&spec.program) {
             AttachKind::Raw
