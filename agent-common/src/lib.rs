@@ -147,6 +147,48 @@ pub struct ProbeOffsets {
     pub _pad_txhash: [u16; 3],
     /// How to find the running syscall and its buffer in the task's saved user registers.
     pub syscall_regs: SyscallRegs,
+    /// `struct sock` member `sk_protocol` from BTF, whatever the send/receive tracepoints: the
+    /// tp_btf programs of the lifecycle and TCP-trouble probes read their socket's protocol
+    /// here. ([`ProbeOffsets::sock_protocol`] is the same member, but set only when BTF also
+    /// confirms the raw send/receive arguments, which it gates.)
+    pub sk_protocol: u16,
+    /// `struct sk_buff` members `head` (pointer), `network_header` and `transport_header` (u16
+    /// offsets from head), from BTF: a reset sent for no socket (`tcp_send_reset` with `sk`
+    /// NULL, 6.10+) is located by the segment it answers.
+    pub skb_head: u16,
+    pub skb_network_header: u16,
+    pub skb_transport_header: u16,
+    /// `struct inet_sock` member `inet_sport` (network order), from BTF: the tp_btf programs'
+    /// local port of a full socket. `skc_num` will not do: a closing socket gives its port back
+    /// (`inet_put_port` zeroes it) before the CLOSE state change is traced, and the classic
+    /// record reads `inet_sport` too.
+    pub inet_sport: u16,
+    pub _pad: [u16; 3],
+    /// How the raw `sys_exit` program tells the EMFILE/ENFILE syscalls apart.
+    pub fd_syscalls: FdSyscalls,
+}
+
+/// The raw `sys_exit` tracepoint passes `(struct pt_regs *regs, long ret)`: the syscall's number
+/// is read from the registers and looked up among the [`fd_syscall`]s'.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdSyscalls {
+    /// `struct pt_regs` member holding the syscall number (x86-64 `orig_ax`).
+    pub number: u16,
+    pub _pad: [u16; 3],
+    /// This architecture's number of each [`fd_syscall`], by index; u64::MAX when it has none
+    /// (arm64 has no open(2)).
+    pub numbers: [u64; fd_syscall::COUNT],
+}
+
+// No implicit padding: the whole struct is copied into the object's read-only data.
+const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 304);
+const _: () = assert!(core::mem::offset_of!(ProbeOffsets, fd_syscalls) == 248);
+
+impl FdSyscalls {
+    pub fn is_known(&self) -> bool {
+        self.number != OFFSET_UNKNOWN
+    }
 }
 
 /// Payload capture reads the user buffer of the syscall that is sending or receiving from the
@@ -219,6 +261,17 @@ impl ProbeOffsets {
             third_arg: OFFSET_UNKNOWN,
             _pad: 0,
             numbers: [u64::MAX; io_syscall::COUNT],
+        },
+        sk_protocol: OFFSET_UNKNOWN,
+        skb_head: OFFSET_UNKNOWN,
+        skb_network_header: OFFSET_UNKNOWN,
+        skb_transport_header: OFFSET_UNKNOWN,
+        inet_sport: OFFSET_UNKNOWN,
+        _pad: [0; 3],
+        fd_syscalls: FdSyscalls {
+            number: OFFSET_UNKNOWN,
+            _pad: [0; 3],
+            numbers: [u64::MAX; fd_syscall::COUNT],
         },
     };
 
@@ -479,7 +532,8 @@ pub mod fd_syscall {
     pub const OPEN: u8 = 3;
     pub const OPENAT: u8 = 4;
     pub const DUP: u8 = 5;
-    pub const NAMES: [&str; 6] = ["socket", "accept", "accept4", "open", "openat", "dup"];
+    pub const COUNT: usize = 6;
+    pub const NAMES: [&str; COUNT] = ["socket", "accept", "accept4", "open", "openat", "dup"];
 }
 
 pub const COMM_LEN: usize = 16;

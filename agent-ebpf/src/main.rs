@@ -306,6 +306,9 @@ fn fill_tuple(event: &mut SockEvent, tuple: &Tuple) {
     event.remote_addr = tuple.remote_addr;
 }
 
+/// The classic tracepoint: the fallback where kernel BTF cannot confirm the tp_btf program's
+/// arguments (it attaches through perf_event_open, which Debian's perf_event_paranoid=3 refuses
+/// without CAP_SYS_ADMIN).
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
@@ -319,10 +322,75 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let tuple = read_watched_tuple(ctx, &layout.tuple)?;
-    let sk = tuple.sk;
     let old_state = read_tp::<i32>(ctx, layout.oldstate)? as u8;
     let new_state = read_tp::<i32>(ctx, layout.newstate)? as u8;
+    set_state(&tuple, old_state, new_state)
+}
 
+/// The same hook through a bpf() link (tp_btf: `const struct sock *sk, int oldstate, int
+/// newstate`), preferred wherever kernel BTF confirms those arguments: the connection's
+/// identity is read from `struct sock_common` at offsets from BTF, as the classic tracepoint's
+/// record would give it.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_set_state_events(ctx: BtfTracePointContext) -> u32 {
+    let sk = scalar_arg(ctx.as_ptr(), 0);
+    let old_state = ctx.arg::<u64>(1) as u8;
+    let new_state = ctx.arg::<u64>(2) as u8;
+    let _ = try_btf_set_state(sk, old_state, new_state);
+    0
+}
+
+#[inline(always)]
+fn try_btf_set_state(sk: u64, old_state: u8, new_state: u8) -> Option<()> {
+    let tuple = read_sock_tuple(sk, true)?;
+    if read_kernel_field::<u16>(sk, offsets().sk_protocol)? != IPPROTO_TCP {
+        return None;
+    }
+    set_state(&tuple, old_state, new_state)
+}
+
+/// A socket's identity read from `struct sock_common` (also the head of a `struct
+/// request_sock`): ports first, and nothing more unless one of them is watched. A full socket
+/// (`inet_sock`) gives its local port from `inet_sport`, which stays set while the socket
+/// closes (see [`ProbeOffsets::inet_sport`]); a request socket from `skc_num`.
+#[inline(always)]
+fn read_sock_tuple(sk: u64, full_socket: bool) -> Option<Tuple> {
+    if sk == 0 {
+        return None;
+    }
+    let (mut ports, state) = read_sock_ports_and_state(sk)?;
+    if full_socket {
+        ports.local = u16::from_be(read_kernel_field::<u16>(sk, offsets().inet_sport)?);
+    }
+    if !is_watched(ports.local) && !is_watched(ports.remote) {
+        return None;
+    }
+    let layout = &offsets().sock_common;
+    let mut tuple = Tuple {
+        sk,
+        state,
+        family: read_kernel_field(sk, layout.family)?,
+        local_port: ports.local,
+        remote_port: ports.remote,
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if tuple.family == AF_INET {
+        let saddr: [u8; 4] = read_kernel_field(sk, layout.rcv_saddr)?;
+        let daddr: [u8; 4] = read_kernel_field(sk, layout.daddr)?;
+        tuple.local_addr[..4].copy_from_slice(&saddr);
+        tuple.remote_addr[..4].copy_from_slice(&daddr);
+    } else if tuple.family == AF_INET6 {
+        tuple.local_addr = read_kernel_field(sk, layout.v6_rcv_saddr)?;
+        tuple.remote_addr = read_kernel_field(sk, layout.v6_daddr)?;
+    }
+    Some(tuple)
+}
+
+/// A state change of a watched TCP socket, however it was read.
+#[inline(always)]
+fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
+    let sk = tuple.sk;
     let now = unsafe { bpf_ktime_get_ns() };
     if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
         // A new socket at this address (a connect, or a listener's child): whatever an earlier
@@ -359,7 +427,7 @@ fn try_set_state(ctx: &TracePointContext) -> Option<()> {
         event.kind = event_kind::STATE;
         event.old_state = old_state;
         event.new_state = new_state;
-        fill_tuple(event, &tuple);
+        fill_tuple(event, tuple);
         event.state = snapshot;
     });
     Some(())
@@ -897,6 +965,11 @@ fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u64) -> Optio
 #[inline(always)]
 fn trouble(ctx: &TracePointContext, layout: &TupleLayout, kind: u8) -> Option<()> {
     let tuple = read_watched_tuple(ctx, layout)?;
+    trouble_event(&tuple, kind)
+}
+
+#[inline(always)]
+fn trouble_event(tuple: &Tuple, kind: u8) -> Option<()> {
     if kind == tcp_trouble::RESET_RECEIVED && tuple.sk != 0 {
         // Fires before the kernel moves the socket to CLOSE, so the close sees the reset.
         if let Some(state) = SOCKETS.get_ptr_mut(tuple.sk) {
@@ -913,9 +986,106 @@ fn trouble(ctx: &TracePointContext, layout: &TupleLayout, kind: u8) -> Option<()
         event.kind = event_kind::TCP_TROUBLE;
         event.new_state = kind;
         event.old_state = tuple.state;
-        fill_tuple(event, &tuple);
+        fill_tuple(event, tuple);
     });
     Some(())
+}
+
+/// TCP trouble through bpf() links (tp_btf), preferred wherever kernel BTF confirms the
+/// arguments; the classic tracepoints below are the fallback. The socket's identity comes from
+/// `struct sock_common`. Only TCP sockets reach these hooks.
+#[inline(always)]
+fn btf_trouble(sk: u64, kind: u8) -> Option<()> {
+    let tuple = read_sock_tuple(sk, true)?;
+    trouble_event(&tuple, kind)
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn btf_tcp_retransmit_skb(ctx: BtfTracePointContext) -> u32 {
+    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), tcp_trouble::RETRANSMIT);
+    0
+}
+
+/// `(const struct sock *sk, const struct request_sock *req)`: the listener and the request,
+/// whose `sock_common` head holds the connection's addresses (the classic record's too).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> u32 {
+    if let Some(mut tuple) = read_sock_tuple(scalar_arg(ctx.as_ptr(), 1), false) {
+        tuple.sk = scalar_arg(ctx.as_ptr(), 0);
+        // The classic record has no state; a request's (NEW_SYN_RECV) says nothing more.
+        tuple.state = 0;
+        let _ = trouble_event(&tuple, tcp_trouble::RETRANSMIT_SYNACK);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
+    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), tcp_trouble::RESET_RECEIVED);
+    0
+}
+
+/// `(const struct sock *sk, const struct sk_buff *skb, ...)`. From 6.10 on it also fires with
+/// `sk` NULL, for a reset answering a segment no socket took (e.g. a SYN to a closed port):
+/// then, as in the classic record, the addresses are the segment's, reversed.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
+    let sk = scalar_arg(ctx.as_ptr(), 0);
+    if sk != 0 {
+        let _ = btf_trouble(sk, tcp_trouble::RESET_SENT);
+    } else {
+        let _ = reset_for_segment(scalar_arg(ctx.as_ptr(), 1));
+    }
+    0
+}
+
+/// Where a transport or network header offset is not set (`skb->transport_header` etc.).
+const SKB_HEADER_UNSET: u16 = 0xffff;
+
+#[inline(always)]
+fn reset_for_segment(skb: u64) -> Option<()> {
+    let layout = offsets();
+    if skb == 0 {
+        return None;
+    }
+    let head: u64 = read_kernel_field(skb, layout.skb_head)?;
+    let network: u16 = read_kernel_field(skb, layout.skb_network_header)?;
+    let transport: u16 = read_kernel_field(skb, layout.skb_transport_header)?;
+    if head == 0 || network == SKB_HEADER_UNSET || transport == SKB_HEADER_UNSET {
+        return None;
+    }
+    // struct tcphdr: source, then dest port (network order). The segment came from the remote.
+    let [s0, s1, d0, d1]: [u8; 4] =
+        unsafe { bpf_probe_read_kernel((head + transport as u64) as *const [u8; 4]) }.ok()?;
+    let mut tuple = Tuple {
+        sk: 0,
+        state: 0,
+        family: 0,
+        local_port: u16::from_be_bytes([d0, d1]),
+        remote_port: u16::from_be_bytes([s0, s1]),
+        local_addr: [0; 16],
+        remote_addr: [0; 16],
+    };
+    if !is_watched(tuple.local_port) && !is_watched(tuple.remote_port) {
+        return None;
+    }
+    let ip = head + network as u64;
+    let version = unsafe { bpf_probe_read_kernel(ip as *const u8) }.ok()? >> 4;
+    if version == 4 {
+        // struct iphdr: saddr at 12, daddr at 16.
+        let addrs: [u8; 8] = unsafe { bpf_probe_read_kernel((ip + 12) as *const [u8; 8]) }.ok()?;
+        tuple.family = AF_INET;
+        tuple.remote_addr[..4].copy_from_slice(&addrs[..4]);
+        tuple.local_addr[..4].copy_from_slice(&addrs[4..]);
+    } else if version == 6 {
+        // struct ipv6hdr: saddr at 8, daddr at 24.
+        tuple.family = AF_INET6;
+        tuple.remote_addr = unsafe { bpf_probe_read_kernel((ip + 8) as *const [u8; 16]) }.ok()?;
+        tuple.local_addr = unsafe { bpf_probe_read_kernel((ip + 24) as *const [u8; 16]) }.ok()?;
+    } else {
+        return None;
+    }
+    trouble_event(&tuple, tcp_trouble::RESET_SENT)
 }
 
 #[tracepoint]
@@ -955,6 +1125,30 @@ fn fd_exit(ctx: &TracePointContext, syscall: u8) -> u32 {
         emit(|event| {
             event.kind = event_kind::FD_EXHAUSTED;
             event.new_state = syscall;
+            event.ret = ret;
+        });
+    }
+    0
+}
+
+/// The EMFILE/ENFILE probes through one bpf() link: the raw `sys_exit` tracepoint, `(struct
+/// pt_regs *regs, long ret)`. Per-syscall exit events are no raw tracepoints, so this fires for
+/// every syscall exit while attached; it is attached only under descriptor pressure (see the
+/// agent's fd arming) and leaves at the first compare for every return but -EMFILE/-ENFILE.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_fd(ctx: RawTracePointContext) -> u32 {
+    let ret = ctx.arg::<u64>(1) as i64;
+    if ret != -EMFILE && ret != -ENFILE {
+        return 0;
+    }
+    let layout = &offsets().fd_syscalls;
+    let Some(number) = read_kernel_field::<u64>(ctx.arg::<u64>(0), layout.number) else {
+        return 0;
+    };
+    if let Some(syscall) = (0..fd_syscall::COUNT).find(|&index| layout.numbers[index] == number) {
+        emit(|event| {
+            event.kind = event_kind::FD_EXHAUSTED;
+            event.new_state = syscall as u8;
             event.ret = ret;
         });
     }

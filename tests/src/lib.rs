@@ -90,6 +90,16 @@ impl Agent {
     }
 
     pub fn start_with_config(name: &str, config: &str) -> anyhow::Result<Agent> {
+        Agent::start_prepared(name, config, |_| {})
+    }
+
+    /// As [`Agent::start_with_config`], with `prepare` applied to the agent's command first
+    /// (e.g. a seccomp filter installed before exec).
+    pub fn start_prepared(
+        name: &str,
+        config: &str,
+        prepare: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Agent> {
         let dir = scratch_dir(name);
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config)?;
@@ -97,7 +107,9 @@ impl Agent {
         let log_path = dir.join("agent.log");
         let log = std::fs::File::create(&log_path)?;
         let control_socket = dir.join("control.sock");
-        let child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        prepare(&mut command);
+        let child = command
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--control-socket")

@@ -607,6 +607,169 @@ fn check_reports_every_probe_on_this_kernel() {
     );
 }
 
+/// Makes `perf_event_open` fail with EACCES in the started process, as Debian's
+/// `kernel.perf_event_paranoid=3` does to a process without CAP_SYS_ADMIN (the shipped systemd
+/// unit). This host's upstream kernel treats 3 like 2, so a seccomp filter stands in for it.
+#[cfg(target_arch = "x86_64")]
+fn refuse_perf_event_open(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // Classic BPF opcodes (linux/filter.h) and seccomp return values (linux/seccomp.h).
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        // seccomp_data: nr at 0, arch at 4.
+        op(LD_W_ABS, 0, 0, 4),
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, RET_ALLOW),
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 1, libc::SYS_perf_event_open as u32),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EACCES as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ];
+    // SAFETY: between fork and exec only prctl runs, on a filter that lives in this closure.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// One counter of memcached's own `stats` (read over a connection of its own).
+#[cfg(target_arch = "x86_64")]
+fn memcached_stat(port: u16, name: &str) -> f64 {
+    let output = python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'stats\\r\\n')\n\
+             data = b''\n\
+             while not data.endswith(b'END\\r\\n'):\n\
+             \x20   data += s.recv(65536)\n\
+             s.close()\n\
+             print(data.decode())\n"
+        ),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("STAT {name} ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("memcached has no stat {name}"))
+}
+
+/// Issue 22: with `perf_event_open` refused (Debian's perf_event_paranoid=3 under the unit),
+/// every probe still attaches, through bpf() links (tp_btf, raw tracepoints), and works:
+/// `check` under the same refusal reports every probe ok by a bpf() link, and the agent counts
+/// a connection's lifecycle and its requests exactly against memcached's own `stats`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn every_probe_attaches_without_perf_event_open() {
+    require_root();
+    let mut check = Command::new(agent_binary());
+    check.args(["check", "--json"]);
+    refuse_perf_event_open(&mut check);
+    let output = check.output().unwrap();
+    let json = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{json} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let tracepoints: Vec<&serde_json::Value> = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["name"].as_str().unwrap().starts_with("tracepoint "))
+        .collect();
+    assert_eq!(tracepoints.len(), 13, "{json}");
+    for item in &tracepoints {
+        assert_eq!(item["status"], "ok", "{item}");
+        assert!(
+            item["detail"].as_str().unwrap().contains("a bpf() link"),
+            "{item}"
+        );
+    }
+    assert!(!json.contains("perf_event_paranoid"), "{json}");
+
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let config = format!(
+        "sample_interval_seconds = 1\n\n[[services]]\nname = \"cache\"\nport = {port}\n\
+         protocol = \"memcache\"\n"
+    );
+    let agent = Agent::start_prepared("no-perf-events", &config, refuse_perf_event_open).unwrap();
+    let scrape = agent.wait_for(WAIT, |s| s.text.contains("cacheprobe_probe_up"));
+    let probes: Vec<_> = scrape.matching("cacheprobe_probe_up", &[]).collect();
+    assert!(probes.len() >= 13, "{}", scrape.text);
+    for probe in probes {
+        assert_eq!(probe.value, 1.0, "{probe:?}: {}", agent.log());
+    }
+    let before = memcached_stat(port, "cmd_get");
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.base import Client\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             c.set('k', 'v', noreply=False)\n\
+             for i in range(40):\n\
+             \x20   c.get('k')\n\
+             c.close()\n"
+        ),
+    )
+    .unwrap();
+    let gets = memcached_stat(port, "cmd_get") - before;
+    assert_eq!(gets, 40.0);
+    // Three client connections: two reading `stats`, one doing the gets.
+    let client = [("service", "cache"), ("role", "client")];
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &client) >= 3.0
+            && s.sum(
+                "cacheprobe_memcache_requests_total",
+                &[("command", "get"), ("role", "client")],
+            ) >= gets
+    });
+    for metric in [
+        "cacheprobe_connections_opened_total",
+        "cacheprobe_connections_closed_total",
+    ] {
+        assert_eq!(
+            scrape.sum(metric, &client),
+            3.0,
+            "{metric}: {}",
+            scrape.text
+        );
+    }
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("service", "cache"), ("command", "get"), ("role", "client")]
+        ),
+        gets,
+        "{}",
+        scrape.text
+    );
+}
+
 /// /metrics over TLS with basic auth: the right credentials get metrics, wrong or missing ones
 /// a 401, and plain HTTP gets nothing.
 #[test]

@@ -1,5 +1,5 @@
-//! A SIGHUP that adds and reorders services: metrics and `diagnose` must keep naming every
-//! connection's service, those opened before the reload and those opened after it.
+//! Config reloads on SIGHUP: one that adds and reorders services (metrics and `diagnose` must
+//! keep naming every connection's service, before and after it), and one that is refused.
 
 use std::time::{Duration, Instant};
 
@@ -130,4 +130,133 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     };
     assert_eq!(edge("webapp", &new_server)["service"], "new");
     assert_eq!(edge("cronjob", &old_server)["service"], "old");
+}
+
+/// `gets` gets of one key on each of `connections` new connections (the key is set first on
+/// the first one).
+fn gets_script(port: u16, connections: u32, gets: u32) -> String {
+    format!(
+        "from pymemcache.client.base import Client\n\
+         for n in range({connections}):\n\
+         \x20   c = Client(('127.0.0.1', {port}))\n\
+         \x20   if n == 0:\n\
+         \x20       c.set('k', 'v', noreply=False)\n\
+         \x20   for i in range({gets}):\n\
+         \x20       assert c.get('k') == b'v'\n\
+         \x20   c.close()\n"
+    )
+}
+
+/// memcached's `cmd_get`, over a connection of its own (on the watched port, so it is counted
+/// as a connection, but it sends no get).
+fn memcached_gets(port: u16) -> f64 {
+    let output = python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'stats\\r\\n')\n\
+             data = b''\n\
+             while not data.endswith(b'END\\r\\n'):\n\
+             \x20   data += s.recv(65536)\n\
+             s.close()\n\
+             print(data.decode())\n"
+        ),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("STAT cmd_get "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("memcached stats has cmd_get")
+}
+
+/// Issue 22's vm-test reload scenario as a root test: a good reload renames the service, then a
+/// broken config on SIGHUP is refused (the log names its line, the agent keeps running the old
+/// config), and gets on connections opened after the refusal are still counted exactly against
+/// memcached's own `stats`.
+#[test]
+fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start_with_config(
+        "reload-refused",
+        &services_config(&[("cache", port, "memcache")]),
+    )
+    .unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let wait_log = |text: &str, count: usize| {
+        let deadline = Instant::now() + WAIT;
+        while agent.log().matches(text).count() < count {
+            assert!(Instant::now() < deadline, "no {text:?}: {}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let get_requests = |s: &Scrape, service: &str| {
+        s.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("service", service), ("role", "client"), ("command", "get")],
+        )
+    };
+
+    std::fs::write(
+        &agent.config_path,
+        services_config(&[("renamed", port, "memcache")]),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_log("config reloaded", 1);
+    let first = memcached_gets(port);
+    python(None, &gets_script(port, 1, 50)).unwrap();
+    assert_eq!(memcached_gets(port) - first, 50.0);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s, "renamed") >= 50.0);
+    assert_eq!(get_requests(&scrape, "renamed"), 50.0, "{}", scrape.text);
+
+    // Line 2 is broken: the whole file is refused.
+    let broken = format!(
+        "# refused\nsample_interval_seconds = \"often\"\n{}",
+        services_config(&[("broken", port, "memcache")])
+            .replace("sample_interval_seconds = 1\n", "")
+    );
+    std::fs::write(&agent.config_path, broken).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_log("config reload rejected", 1);
+    let refusal = agent
+        .log()
+        .lines()
+        .find(|line| line.contains("config reload rejected"))
+        .unwrap()
+        .to_owned();
+    assert!(refusal.contains("line 2"), "{refusal}");
+    assert_eq!(agent.log().matches("config reloaded").count(), 1);
+
+    // New connections after the refusal: still watched, still decoded, under the kept name.
+    let second = memcached_gets(port);
+    python(None, &gets_script(port, 5, 10)).unwrap();
+    let gets = memcached_gets(port) - second;
+    assert_eq!(gets, 50.0);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s, "renamed") >= 100.0);
+    assert_eq!(get_requests(&scrape, "renamed"), 100.0, "{}", scrape.text);
+    assert_eq!(get_requests(&scrape, "broken"), 0.0, "{}", scrape.text);
+    // 6 workload connections plus 4 reading stats, every one seen opened and closed.
+    let client = [("service", "renamed"), ("role", "client")];
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &client) >= 10.0
+    });
+    for metric in [
+        "cacheprobe_connections_opened_total",
+        "cacheprobe_connections_closed_total",
+    ] {
+        assert_eq!(
+            scrape.sum(metric, &client),
+            10.0,
+            "{metric}: {}",
+            scrape.text
+        );
+    }
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", agent.pid())).exists(),
+        "the agent exited: {}",
+        agent.log()
+    );
 }

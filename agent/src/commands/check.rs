@@ -96,18 +96,24 @@ pub fn privileges_item(caps: Option<u64>) -> CheckItem {
     }
 }
 
-/// The `perf_event_paranoid` line, only when the kernel refuses `perf_event_open` without
-/// CAP_SYS_ADMIN (Debian's 3): `classic` are the probes that attach through it. Failed when this
-/// run itself was refused, missing when it has CAP_SYS_ADMIN (so its probes attached) but the
-/// shipped unit, which lacks it, would not.
+/// The `perf_event_paranoid` line, only when the kernel would refuse one of `probes` (those
+/// attempted, with how each attaches) to a process without CAP_SYS_ADMIN: only classic
+/// tracepoints go through `perf_event_open`, which Debian's 3 gates; tp_btf and raw tracepoints
+/// are bpf() links it does not. Failed when this run itself was refused, missing when it has
+/// CAP_SYS_ADMIN (so its probes attached) but the shipped unit, which lacks it, would not.
 pub fn paranoid_item(
     paranoid: Option<i64>,
     has_sys_admin: bool,
-    classic: &[&str],
+    probes: &[(&str, AttachKind)],
 ) -> Option<CheckItem> {
     let value = paranoid?;
     // Asked for a process without CAP_SYS_ADMIN, e.g. the unit.
-    if classic.is_empty() || !perf_event_refused(paranoid, false, AttachKind::Classic) {
+    let classic: Vec<&str> = probes
+        .iter()
+        .filter(|&&(_, kind)| perf_event_refused(paranoid, false, kind))
+        .map(|&(name, _)| name)
+        .collect();
+    if classic.is_empty() {
         return None;
     }
     let who = if has_sys_admin {
@@ -200,7 +206,7 @@ pub fn run_checks(config: &Config) -> CheckReport {
         });
     }
     let mut usable = false;
-    match Probes::load(config, &offsets) {
+    match Probes::load(config, &resolution) {
         Ok(probes) => {
             for spec in PROBES {
                 let name = format!("tracepoint {}/{}", spec.category, spec.event);
@@ -214,11 +220,29 @@ pub fn run_checks(config: &Config) -> CheckReport {
                             .iter()
                             .any(|&(p, _)| p == spec.program);
                         let how = if storage && probes.socket_storage.is_ok() {
-                            "attached (tp_btf; per-socket state in socket-local storage)"
+                            "attached (tp_btf, a bpf() link; per-socket state in socket-local \
+                             storage)"
+                                .to_owned()
+                        } else if probes.btf.contains(&spec.program) {
+                            "attached (tp_btf, a bpf() link: no perf_event_open)".to_owned()
+                        } else if probes.raw.contains(&spec.program)
+                            && spec.link_program == Some(loader::FD_RAW_PROGRAM)
+                        {
+                            "attached (raw tracepoint sys_exit, a bpf() link: no \
+                             perf_event_open; one program for the six fd syscalls, attached \
+                             only under descriptor pressure)"
+                                .to_owned()
                         } else if probes.raw.contains(&spec.program) {
-                            "attached (raw tracepoint)"
+                            "attached (raw tracepoint, a bpf() link: no perf_event_open)".to_owned()
                         } else {
-                            "attached"
+                            match probes.link_fallback.get(spec.program) {
+                                Some(reason) => format!(
+                                    "attached (classic tracepoint through perf_event_open; \
+                                     bpf() link variant not used: {reason})"
+                                ),
+                                None => "attached (classic tracepoint through perf_event_open)"
+                                    .to_owned(),
+                            }
                         };
                         item(name, Status::Ok, how, spec.impact)
                     }
@@ -231,21 +255,20 @@ pub fn run_checks(config: &Config) -> CheckReport {
                     None => item(name, Status::Failed, "not attempted", spec.impact),
                 });
             }
-            let classic: Vec<&str> = PROBES
+            let attempted: Vec<(&str, AttachKind)> = PROBES
                 .iter()
                 .filter(|spec| {
-                    probes.attach_kind(spec) == AttachKind::Classic
-                        && !matches!(
-                            probes.status.get(spec.program),
-                            Some(ProbeStatus::Unavailable(_)) | None
-                        )
+                    !matches!(
+                        probes.status.get(spec.program),
+                        Some(ProbeStatus::Unavailable(_)) | None
+                    )
                 })
-                .map(|spec| spec.event)
+                .map(|spec| (spec.event, probes.attach_kind(spec)))
                 .collect();
             items.extend(paranoid_item(
                 perf_event_paranoid(),
                 has_sys_admin,
-                &classic,
+                &attempted,
             ));
             // Without the send/receive probes there is no capture either; their own lines say
             // so, with what it costs.
@@ -390,7 +413,13 @@ mod tests {
 
     #[test]
     fn paranoid_line_only_when_the_kernel_refuses_perf_events() {
-        let classic = ["inet_sock_set_state", "tcp_send_reset"];
+        use AttachKind::*;
+        let classic = [
+            ("inet_sock_set_state", Classic),
+            ("sock_send_length", Btf),
+            ("tcp_send_reset", Classic),
+            ("sys_exit_socket", Raw),
+        ];
         // Upstream values (and unreadable): no line, whatever the caps.
         for paranoid in [None, Some(-1), Some(0), Some(1), Some(2)] {
             for sys_admin in [false, true] {
@@ -399,13 +428,29 @@ mod tests {
         }
         // Nothing attaches classically: nothing to warn about.
         assert!(paranoid_item(Some(3), false, &[]).is_none());
+        // A kernel with BTF: every probe through a bpf() link (tp_btf or raw), which
+        // perf_event_paranoid does not gate, so no refusal is predicted, as root or not.
+        let links = [
+            ("inet_sock_set_state", Btf),
+            ("sock_send_length", Btf),
+            ("tcp_send_reset", Btf),
+            ("sys_exit_socket", Raw),
+        ];
+        for sys_admin in [false, true] {
+            for paranoid in [Some(3), Some(4)] {
+                assert!(paranoid_item(paranoid, sys_admin, &links).is_none());
+            }
+        }
         // Root predicts the unit's failure; without CAP_SYS_ADMIN this run itself failed.
         let root = paranoid_item(Some(3), true, &classic).unwrap();
         assert_eq!(root.status, Status::Missing);
         let unit = paranoid_item(Some(4), false, &classic).unwrap();
         assert_eq!(unit.status, Status::Failed);
         for line in [&root, &unit] {
-            assert!(line.detail.contains("inet_sock_set_state, tcp_send_reset"));
+            // Only the classic ones are named.
+            assert!(line
+                .detail
+                .contains(": inet_sock_set_state, tcp_send_reset; fix"));
             assert!(line.detail.contains("kernel.perf_event_paranoid = 2"));
             assert!(line.detail.contains("CAP_SYS_ADMIN"));
             assert!(!line.impact.is_empty());

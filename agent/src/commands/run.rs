@@ -192,7 +192,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for missing in &resolution.missing {
         tracing::warn!(what = missing.subject.as_str(), "{}", missing.reason);
     }
-    let probes = Probes::load(&config, &resolution.offsets)?;
+    let probes = Probes::load(&config, &resolution)?;
     if !probes.any_attached() {
         anyhow::bail!("no probe could be attached; run `cacheprobe check` to see why");
     }

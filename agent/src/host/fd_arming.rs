@@ -1,7 +1,9 @@
-//! When to attach the EMFILE/ENFILE probes. They are syscall tracepoints, and while any syscall
-//! tracepoint is attached the kernel sends every syscall of every process on the host through
-//! its slow tracing path: a tax of a few percent on syscall-heavy servers, paid all the time for
-//! an error that can only happen near a descriptor limit. So they are attached ("armed") only
+//! When to attach the EMFILE/ENFILE probes. They are syscall tracepoints (the raw `sys_exit`
+//! one where kernel BTF allows, which also runs its program on every syscall exit; else the six
+//! `sys_exit_*`), and while any syscall tracepoint is attached the kernel sends every syscall of
+//! every process on the host through its slow tracing path: a tax of a few percent on
+//! syscall-heavy servers, paid all the time for an error that can only happen near a
+//! descriptor limit. So they are attached ("armed") only
 //! while the sampler sees a process holding watched sockets, or the host, using a good share of
 //! its limit, and detached again once usage has stayed low for a while.
 

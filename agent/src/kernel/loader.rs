@@ -8,11 +8,16 @@ use agent_common::{counter, wakeup, watch, ProbeOffsets, TupleLayout, OFFSET_UNK
 use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{trace_point::TracePointLinkId, BtfTracePoint, Iter, RawTracePoint, TracePoint},
+    programs::{
+        raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId, BtfTracePoint, Iter,
+        RawTracePoint, TracePoint,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 
 use crate::config::Config;
+
+use super::offsets::Resolution;
 
 /// Size of the payload ring (the kernel object's default; not configurable yet). At the default
 /// capture length a memcache request/response pair takes about 900 bytes of it, so 16 MiB holds
@@ -35,7 +40,17 @@ pub struct ProbeSpec {
     /// A raw-tracepoint program for the same event, tried first when the offsets say it can
     /// run (it skips the trace record the classic one reads).
     pub raw_program: Option<&'static str>,
+    /// The program that follows the same event through a bpf() link instead of
+    /// perf_event_open, tried before anything else when kernel BTF confirms its arguments
+    /// ([`Resolution::links`]): a tp_btf program on `event`, or for the fd probes the one raw
+    /// `sys_exit` program [`FD_RAW_PROGRAM`].
+    pub link_program: Option<&'static str>,
 }
+
+/// The EMFILE/ENFILE probes' bpf()-link program: one raw `sys_exit` tracepoint for all six
+/// (per-syscall exit events are no raw tracepoints).
+pub const FD_RAW_PROGRAM: &str = "raw_sys_exit_fd";
+const FD_RAW_TRACEPOINT: &str = "sys_exit";
 
 macro_rules! fd_exit_probe {
     ($name:literal) => {
@@ -45,6 +60,7 @@ macro_rules! fd_exit_probe {
             event: concat!("sys_exit_", $name),
             impact: concat!("EMFILE/ENFILE from ", $name, "() not counted"),
             raw_program: None,
+            link_program: Some(FD_RAW_PROGRAM),
         }
     };
 }
@@ -56,6 +72,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "inet_sock_set_state",
         impact: "no connection lifecycle: opened/closed/active, closed_by, durations, connect failures, SYNs sent, handshakes completed at listeners",
         raw_program: None,
+        link_program: Some("btf_set_state_events"),
     },
     ProbeSpec {
         program: "sock_send_length",
@@ -63,6 +80,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "sock_send_length",
         impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen; no payload capture, so no memcache decoding",
         raw_program: Some("raw_sock_send_length"),
+        link_program: None,
     },
     ProbeSpec {
         program: "sock_recv_length",
@@ -70,6 +88,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "sock_recv_length",
         impact: "no receive activity stamps; dead-socket write outcomes (eof/reset) not seen; no payload capture, so no memcache decoding",
         raw_program: Some("raw_sock_recv_length"),
+        link_program: None,
     },
     ProbeSpec {
         program: "tcp_retransmit_skb",
@@ -77,6 +96,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "tcp_retransmit_skb",
         impact: "data and SYN retransmits not counted",
         raw_program: None,
+        link_program: Some("btf_tcp_retransmit_skb"),
     },
     ProbeSpec {
         program: "tcp_retransmit_synack",
@@ -84,6 +104,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "tcp_retransmit_synack",
         impact: "SYN-ACK retransmits not counted",
         raw_program: None,
+        link_program: Some("btf_tcp_retransmit_synack"),
     },
     ProbeSpec {
         program: "tcp_receive_reset",
@@ -91,6 +112,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "tcp_receive_reset",
         impact: "received resets not counted; refused connects counted as timeouts",
         raw_program: None,
+        link_program: Some("btf_tcp_receive_reset"),
     },
     ProbeSpec {
         program: "tcp_send_reset",
@@ -98,6 +120,7 @@ pub const PROBES: &[ProbeSpec] = &[
         event: "tcp_send_reset",
         impact: "sent resets not counted",
         raw_program: None,
+        link_program: Some("btf_tcp_send_reset"),
     },
     fd_exit_probe!("socket"),
     fd_exit_probe!("accept"),
@@ -187,17 +210,33 @@ pub struct Probes {
     watched_ports: Vec<u16>,
     /// Probes (by classic program name) running as their raw-tracepoint variant.
     pub raw: Vec<&'static str>,
+    /// Probes (by classic program name) running as their tp_btf variant (not counting the
+    /// send/receive probes of the socket-storage path).
+    pub btf: Vec<&'static str>,
+    /// Probes (by classic program name) with a bpf()-link variant that is not used here, and
+    /// why: they fall back to their classic tracepoint, which perf_event_paranoid may refuse.
+    pub link_fallback: BTreeMap<&'static str, String>,
     /// Whether the send/receive probes keep per-socket state in socket-local storage (tp_btf),
     /// or why not (then they run as raw or classic tracepoints).
     pub socket_storage: Result<(), String>,
-    /// EMFILE/ENFILE probes while attached, and those loaded but detached (see
-    /// [`Probes::set_fd_exhaustion_armed`]).
-    fd_links: Vec<(&'static ProbeSpec, TracePointLinkId)>,
-    fd_detached: Vec<&'static ProbeSpec>,
+    /// The EMFILE/ENFILE probes' links (see [`Probes::set_fd_exhaustion_armed`]).
+    fd: FdProbes,
+}
+
+/// How the EMFILE/ENFILE probes are attached, and which links are up now.
+enum FdProbes {
+    /// One raw `sys_exit` program ([`FD_RAW_PROGRAM`]) for all of them; its link while armed.
+    Raw(Option<RawTracePointLinkId>),
+    /// Their classic tracepoints: the links of those attached, and those loaded but detached.
+    Classic {
+        attached: Vec<(&'static ProbeSpec, TracePointLinkId)>,
+        detached: Vec<&'static ProbeSpec>,
+    },
 }
 
 impl Probes {
-    pub fn load(config: &Config, offsets: &ProbeOffsets) -> anyhow::Result<Probes> {
+    pub fn load(config: &Config, resolution: &Resolution) -> anyhow::Result<Probes> {
+        let offsets = &resolution.offsets;
         let capture_len = if config.services.iter().any(|s| s.capture) {
             config.limits.capture_bytes
         } else {
@@ -231,6 +270,8 @@ impl Probes {
 
         let mut status = BTreeMap::new();
         let mut raw = Vec::new();
+        let mut btf_attached = Vec::new();
+        let mut link_fallback = BTreeMap::new();
         let mut fd_links = Vec::new();
         // Classic tracepoints refused with EACCES/EPERM: summarised once after the loop.
         let mut refused = Vec::new();
@@ -250,15 +291,67 @@ impl Probes {
         } else {
             Err("off in the config (limits.socket_storage = false)".into())
         };
+        // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
+        let kernel_btf = resolution
+            .links
+            .values()
+            .any(Result::is_ok)
+            .then(|| Btf::from_sys_fs().map_err(|err| format!("kernel BTF unreadable: {err}")));
+        // The fd probes' raw sys_exit program: attached once here, for all of them.
+        let fd_raw = match resolution.links.get(FD_RAW_TRACEPOINT) {
+            Some(Ok(())) => attach_raw(&mut ebpf, FD_RAW_PROGRAM, FD_RAW_TRACEPOINT)
+                .map_err(|err| format!("raw tracepoint {FD_RAW_TRACEPOINT}: {err:#}")),
+            Some(Err(reason)) => Err(reason.clone()),
+            None => Err("not resolved".to_owned()),
+        };
         for spec in PROBES {
             if socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
                 status.insert(spec.program, ProbeStatus::Attached);
                 continue;
             }
+            if let Some(link_program) = spec.link_program {
+                let attached = if is_fd_exhaustion_probe(spec) {
+                    fd_raw.as_ref().map(|_| ()).map_err(Clone::clone)
+                } else {
+                    match (resolution.links.get(spec.event), &kernel_btf) {
+                        (Some(Ok(())), Some(Ok(btf))) => {
+                            attach_btf(&mut ebpf, link_program, spec.event, btf)
+                                .map_err(|err| format!("{err:#}"))
+                        }
+                        (Some(Ok(())), Some(Err(reason))) => Err(reason.clone()),
+                        (Some(Err(reason)), _) => Err(reason.clone()),
+                        _ => Err("not resolved".to_owned()),
+                    }
+                };
+                match attached {
+                    Ok(()) => {
+                        tracing::debug!(
+                            probe = spec.event,
+                            "attached through a bpf() link (no perf_event_open)"
+                        );
+                        if is_fd_exhaustion_probe(spec) {
+                            raw.push(spec.program);
+                        } else {
+                            btf_attached.push(spec.program);
+                        }
+                        status.insert(spec.program, ProbeStatus::Attached);
+                        continue;
+                    }
+                    Err(reason) => {
+                        tracing::info!(
+                            probe = spec.event,
+                            reason = reason.as_str(),
+                            "bpf() link variant not used; trying the classic tracepoint \
+                             (perf_event_open)"
+                        );
+                        link_fallback.insert(spec.program, reason);
+                    }
+                }
+            }
             if let Some(raw_program) = spec.raw_program {
                 if offsets.sock_protocol != OFFSET_UNKNOWN {
                     match attach_raw(&mut ebpf, raw_program, spec.event) {
-                        Ok(()) => {
+                        Ok(_) => {
                             tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
                             raw.push(spec.program);
                             status.insert(spec.program, ProbeStatus::Attached);
@@ -286,7 +379,12 @@ impl Probes {
                         if is_perf_event_refusal(&err) {
                             refused.push(spec.event);
                         }
-                        ProbeStatus::Failed(format!("{err:#}"))
+                        match link_fallback.get(spec.program) {
+                            Some(reason) => ProbeStatus::Failed(format!(
+                                "{err:#} (bpf() link variant not used: {reason})"
+                            )),
+                            None => ProbeStatus::Failed(format!("{err:#}")),
+                        }
                     }
                 },
             };
@@ -338,9 +436,16 @@ impl Probes {
             counters,
             watched_ports: Vec::new(),
             raw,
+            btf: btf_attached,
+            link_fallback,
             socket_storage,
-            fd_links,
-            fd_detached: Vec::new(),
+            fd: match fd_raw {
+                Ok(link) => FdProbes::Raw(Some(link)),
+                Err(_) => FdProbes::Classic {
+                    attached: fd_links,
+                    detached: Vec::new(),
+                },
+            },
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
@@ -348,7 +453,9 @@ impl Probes {
 
     /// How `spec` was attached (or, if it failed, was attempted) by this load.
     pub fn attach_kind(&self, spec: &ProbeSpec) -> AttachKind {
-        if self.socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
+        let storage =
+            self.socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program);
+        if storage || self.btf.contains(&spec.program) {
             AttachKind::Btf
         } else if self.raw.contains(&spec.program) {
             AttachKind::Raw
@@ -423,18 +530,40 @@ impl Probes {
     /// Attaches (armed) or detaches the EMFILE/ENFILE syscall probes. Only probes that
     /// attached at load take part; they stay loaded, so re-attaching needs no verifier run.
     pub fn set_fd_exhaustion_armed(&mut self, armed: bool) -> anyhow::Result<()> {
+        let (fd_links, fd_detached) = match &mut self.fd {
+            FdProbes::Raw(link) => {
+                let program: &mut RawTracePoint = self
+                    .ebpf
+                    .program_mut(FD_RAW_PROGRAM)
+                    .with_context(|| format!("kernel object has no program {FD_RAW_PROGRAM}"))?
+                    .try_into()?;
+                match (armed, link.take()) {
+                    (true, None) => {
+                        *link = Some(program.attach(FD_RAW_TRACEPOINT).with_context(|| {
+                            format!("cannot attach to raw tracepoint {FD_RAW_TRACEPOINT}")
+                        })?)
+                    }
+                    (false, Some(up)) => program
+                        .detach(up)
+                        .with_context(|| format!("cannot detach {FD_RAW_PROGRAM}"))?,
+                    (_, unchanged) => *link = unchanged,
+                }
+                return Ok(());
+            }
+            FdProbes::Classic { attached, detached } => (attached, detached),
+        };
         if armed {
-            while let Some(spec) = self.fd_detached.pop() {
+            while let Some(spec) = fd_detached.pop() {
                 match attach(&mut self.ebpf, spec) {
-                    Ok(link) => self.fd_links.push((spec, link)),
+                    Ok(link) => fd_links.push((spec, link)),
                     Err(err) => {
-                        self.fd_detached.push(spec);
+                        fd_detached.push(spec);
                         return Err(err);
                     }
                 }
             }
         } else {
-            while let Some((spec, link)) = self.fd_links.pop() {
+            while let Some((spec, link)) = fd_links.pop() {
                 let program: &mut TracePoint = self
                     .ebpf
                     .program_mut(spec.program)
@@ -443,7 +572,7 @@ impl Probes {
                 program
                     .detach(link)
                     .with_context(|| format!("cannot detach {}", spec.program))?;
-                self.fd_detached.push(spec);
+                fd_detached.push(spec);
             }
         }
         Ok(())
@@ -451,7 +580,10 @@ impl Probes {
 
     /// Whether the EMFILE/ENFILE probes are attached now.
     pub fn fd_exhaustion_armed(&self) -> bool {
-        !self.fd_links.is_empty()
+        match &self.fd {
+            FdProbes::Raw(link) => link.is_some(),
+            FdProbes::Classic { attached, .. } => !attached.is_empty(),
+        }
     }
 
     /// Whether the capture sample can take effect: the programs tell a healthy connection (the
@@ -641,7 +773,7 @@ fn attach_btf(ebpf: &mut Ebpf, program: &str, event: &str, btf: &Btf) -> anyhow:
     Ok(())
 }
 
-fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()> {
+fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<RawTracePointLinkId> {
     let program: &mut RawTracePoint = ebpf
         .program_mut(program)
         .with_context(|| format!("kernel object has no program {program}"))?
@@ -651,8 +783,7 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<()>
         .context("verifier rejected the raw tracepoint program")?;
     program
         .attach(event)
-        .with_context(|| format!("cannot attach to raw tracepoint {event}"))?;
-    Ok(())
+        .with_context(|| format!("cannot attach to raw tracepoint {event}"))
 }
 
 /// The send/receive probes (by classic program name) not attached: payload capture runs inside

@@ -5,10 +5,11 @@
 //! [`OFFSET_UNKNOWN`] and reported in [`Resolution::missing`] with what the user loses, so the
 //! agent degrades per feature instead of reading garbage or refusing to start.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use agent_common::{io_syscall, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
+use agent_common::{fd_syscall, io_syscall, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 
 use super::btf::Btf;
 use super::format::{parse_format, TracepointFormat};
@@ -33,7 +34,26 @@ pub trait LayoutSource {
 pub struct Resolution {
     pub offsets: ProbeOffsets,
     pub missing: Vec<MissingFeature>,
+    /// By tracepoint ([`LINK_TRACEPOINTS`]): whether its bpf()-link program (tp_btf, or raw
+    /// for `sys_exit`) can run on this kernel, or why not. Not a missing feature: without it the
+    /// classic tracepoint serves, through perf_event_open (which Debian's
+    /// perf_event_paranoid=3 refuses to processes without CAP_SYS_ADMIN).
+    pub links: BTreeMap<&'static str, Result<(), String>>,
 }
+
+/// The tracepoints whose programs have a bpf()-link variant, with the leading arguments that
+/// variant reads (BTF spellings, qualifiers dropped). Later kernels may append arguments.
+pub const LINK_TRACEPOINTS: &[(&str, &[&str])] = &[
+    ("inet_sock_set_state", &["struct sock *", "int", "int"]),
+    ("tcp_retransmit_skb", &["struct sock *", "struct sk_buff *"]),
+    (
+        "tcp_retransmit_synack",
+        &["struct sock *", "struct request_sock *"],
+    ),
+    ("tcp_receive_reset", &["struct sock *"]),
+    ("tcp_send_reset", &["struct sock *", "struct sk_buff *"]),
+    ("sys_exit", &["struct pt_regs *", "long int"]),
+];
 
 /// One layout the kernel did not provide, and what that costs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +289,23 @@ fn io_syscall_numbers() -> [u64; io_syscall::COUNT] {
     .map(|number| number as u64)
 }
 
+/// This architecture's numbers of the [`fd_syscall`]s, in their order; u64::MAX where it has
+/// no such syscall.
+fn fd_syscall_numbers() -> [u64; fd_syscall::COUNT] {
+    #[cfg(target_arch = "x86_64")]
+    let open = libc::SYS_open as u64;
+    #[cfg(not(target_arch = "x86_64"))]
+    let open = u64::MAX;
+    [
+        libc::SYS_socket as u64,
+        libc::SYS_accept as u64,
+        libc::SYS_accept4 as u64,
+        open,
+        libc::SYS_openat as u64,
+        libc::SYS_dup as u64,
+    ]
+}
+
 const SYS_EXIT: Tracepoint = Tracepoint {
     category: "syscalls",
     event: "sys_exit_socket",
@@ -323,6 +360,11 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
     }
 
     resolver.take_sock_common(source);
+    resolver.take_sk_protocol(source);
+    resolver.take_skb_headers(source);
+    resolver.take_inet_sport(source);
+    resolver.take_fd_syscalls(source);
+    let links = link_readiness(source, &resolver.offsets);
     if send.is_some() && recv.is_some() {
         resolver.take_raw_length_arguments(source);
         resolver.take_tcp_activity(source);
@@ -333,7 +375,60 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
     Resolution {
         offsets: resolver.offsets,
         missing: resolver.missing,
+        links,
     }
+}
+
+/// Whether each of [`LINK_TRACEPOINTS`] can be followed through a bpf() link: kernel BTF must
+/// describe its arguments as the program reads them, and give the layouts the program reads
+/// through them.
+fn link_readiness(
+    source: &impl LayoutSource,
+    offsets: &ProbeOffsets,
+) -> BTreeMap<&'static str, Result<(), String>> {
+    let sock = &offsets.sock_common;
+    let sock_known = [
+        sock.dport,
+        sock.num,
+        sock.family,
+        sock.daddr,
+        sock.rcv_saddr,
+    ]
+    .iter()
+    .all(|&offset| offset != OFFSET_UNKNOWN);
+    LINK_TRACEPOINTS
+        .iter()
+        .map(|&(event, expected)| {
+            let ready = (|| {
+                let btf = source.btf().ok_or("no kernel BTF")?;
+                let args = btf
+                    .raw_tracepoint_args(event)
+                    .ok_or_else(|| format!("kernel BTF does not describe {event}'s arguments"))?;
+                if args.len() < expected.len()
+                    || !args.iter().zip(expected.iter()).all(|(a, b)| a == b)
+                {
+                    return Err(format!(
+                        "{event} takes ({}), not ({}, ...)",
+                        args.join(", "),
+                        expected.join(", ")
+                    ));
+                }
+                if event == "sys_exit" {
+                    if !offsets.fd_syscalls.is_known() {
+                        return Err("kernel BTF gives no struct pt_regs syscall number".into());
+                    }
+                } else if !sock_known {
+                    return Err("kernel BTF gives no struct sock_common ports and addresses".into());
+                } else if offsets.inet_sport == OFFSET_UNKNOWN && event != "tcp_retransmit_synack" {
+                    return Err("kernel BTF gives no 2-byte struct inet_sock inet_sport".into());
+                } else if event == "inet_sock_set_state" && offsets.sk_protocol == OFFSET_UNKNOWN {
+                    return Err("kernel BTF gives no 2-byte struct sock sk_protocol".into());
+                }
+                Ok(())
+            })();
+            (event, ready)
+        })
+        .collect()
 }
 
 struct Resolver {
@@ -467,6 +562,91 @@ impl Resolver {
                     .then_some((location.bit_offset / 8, location.size))
             });
             self.place("struct sock_common", "member", member, found);
+        }
+    }
+
+    /// `struct sock` member `sk_protocol` for the tp_btf lifecycle program. Not a missing
+    /// feature of its own: without it the classic tracepoint serves (see [`Resolution::links`]).
+    fn take_sk_protocol(&mut self, source: &impl LayoutSource) {
+        if let Some(location) = source
+            .btf()
+            .and_then(|btf| btf.member("sock", "sk_protocol"))
+        {
+            if location.bitfield_bits == 0
+                && location.bit_offset.is_multiple_of(8)
+                && location.size == Some(2)
+                && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+            {
+                self.offsets.sk_protocol = (location.bit_offset / 8) as u16;
+            }
+        }
+    }
+
+    /// `struct inet_sock` member `inet_sport`, the tp_btf programs' local port of a full socket
+    /// (see [`ProbeOffsets::inet_sport`]). Without it those programs do not run.
+    fn take_inet_sport(&mut self, source: &impl LayoutSource) {
+        if let Some(location) = source
+            .btf()
+            .and_then(|btf| btf.member("inet_sock", "inet_sport"))
+        {
+            if location.bitfield_bits == 0
+                && location.bit_offset.is_multiple_of(8)
+                && location.size == Some(2)
+                && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+            {
+                self.offsets.inet_sport = (location.bit_offset / 8) as u16;
+            }
+        }
+    }
+
+    /// Where a `struct sk_buff` keeps its buffer and its network and transport header offsets,
+    /// for resets sent for no socket. Not a missing feature of its own: without them the tp_btf
+    /// `tcp_send_reset` program counts only resets sent on a socket.
+    fn take_skb_headers(&mut self, source: &impl LayoutSource) {
+        let Some(btf) = source.btf() else {
+            return;
+        };
+        // BTF gives a pointer member no size (`head` is `unsigned char *`): None stands for it,
+        // and the program reads it as the 8 bytes of a 64-bit kernel's pointer.
+        let at = |name: &str, size: Option<u32>| {
+            btf.member("sk_buff", name)
+                .filter(|location| {
+                    location.bitfield_bits == 0
+                        && location.bit_offset.is_multiple_of(8)
+                        && location.size == size
+                        && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+                })
+                .map(|location| (location.bit_offset / 8) as u16)
+        };
+        if let (Some(head), Some(network), Some(transport)) = (
+            at("head", None),
+            at("network_header", Some(2)),
+            at("transport_header", Some(2)),
+        ) {
+            self.offsets.skb_head = head;
+            self.offsets.skb_network_header = network;
+            self.offsets.skb_transport_header = transport;
+        }
+    }
+
+    /// Where the raw `sys_exit` program finds the syscall number (the same `struct pt_regs`
+    /// member capture reads), and this architecture's numbers of the fd syscalls.
+    fn take_fd_syscalls(&mut self, source: &impl LayoutSource) {
+        let (number_path, _, _) = SYSCALL_REGS;
+        let Some(location) = source
+            .btf()
+            .and_then(|btf| btf.member_path("pt_regs", number_path))
+        else {
+            return;
+        };
+        // Read as 8 bytes, so only an 8-byte member will do (see take_syscall_regs).
+        if location.bitfield_bits == 0
+            && location.bit_offset.is_multiple_of(8)
+            && location.size.is_some_and(|size| size >= 8)
+            && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
+        {
+            self.offsets.fd_syscalls.number = (location.bit_offset / 8) as u16;
+            self.offsets.fd_syscalls.numbers = fd_syscall_numbers();
         }
     }
 

@@ -146,6 +146,45 @@ fn kernel_6_1_fixture_with_its_real_btf() {
     );
 }
 
+/// Debian's 6.1 (the paranoid=3 kernel without send/receive tracepoints): every probe with a
+/// bpf()-link variant can take it, so none needs perf_event_open.
+#[test]
+fn real_6_1_btf_confirms_every_bpf_link_program() {
+    let resolution = resolve_offsets(&Fixture::new("kernel-6.1", Some(real_6_1_btf())));
+    for (event, ready) in &resolution.links {
+        assert_eq!(ready, &Ok(()), "{event}");
+    }
+    assert_eq!(resolution.links.len(), LINK_TRACEPOINTS.len());
+    assert_eq!(resolution.offsets.sk_protocol, 516);
+    for offset in [
+        resolution.offsets.inet_sport,
+        resolution.offsets.skb_head,
+        resolution.offsets.skb_network_header,
+        resolution.offsets.skb_transport_header,
+    ] {
+        assert_ne!(offset, OFFSET_UNKNOWN);
+    }
+    // Capture's syscall registers are resolved only with the send/receive tracepoints;
+    // the fd program's syscall number does not depend on them.
+    assert_eq!(resolution.offsets.syscall_regs.number, OFFSET_UNKNOWN);
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        resolution.offsets.fd_syscalls.numbers,
+        [41, 43, 288, 2, 257, 32]
+    );
+    assert_ne!(resolution.offsets.fd_syscalls.number, OFFSET_UNKNOWN);
+}
+
+#[test]
+fn without_btf_every_probe_keeps_its_classic_tracepoint_and_says_why() {
+    let resolution = resolve_offsets(&Fixture::new("kernel-6.18", None));
+    for (event, ready) in &resolution.links {
+        assert_eq!(ready, &Err("no kernel BTF".to_owned()), "{event}");
+    }
+    assert_eq!(resolution.offsets.sk_protocol, OFFSET_UNKNOWN);
+    assert!(!resolution.offsets.fd_syscalls.is_known());
+}
+
 /// 6.12's BTF is not stored; 6.1's stands in (bpftool recorded the same sock_common
 /// offsets for both), so everything resolves.
 #[test]
