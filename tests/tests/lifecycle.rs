@@ -652,30 +652,6 @@ fn refuse_perf_event_open(command: &mut Command) {
     }
 }
 
-/// One counter of memcached's own `stats` (read over a connection of its own).
-#[cfg(target_arch = "x86_64")]
-fn memcached_stat(port: u16, name: &str) -> f64 {
-    let output = python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'stats\\r\\n')\n\
-             data = b''\n\
-             while not data.endswith(b'END\\r\\n'):\n\
-             \x20   data += s.recv(65536)\n\
-             s.close()\n\
-             print(data.decode())\n"
-        ),
-    )
-    .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("STAT {name} ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("memcached has no stat {name}"))
-}
-
 /// Issue 22: with `perf_event_open` refused (Debian's perf_event_paranoid=3 under the unit),
 /// every probe still attaches, through bpf() links (tp_btf, raw tracepoints), and works:
 /// `check` under the same refusal reports every probe ok by a bpf() link, and the agent counts
@@ -724,7 +700,7 @@ fn every_probe_attaches_without_perf_event_open() {
     for probe in probes {
         assert_eq!(probe.value, 1.0, "{probe:?}: {}", agent.log());
     }
-    let before = memcached_stat(port, "cmd_get");
+    let before = server_stats(port, "stats")["cmd_get"];
     python(
         None,
         &format!(
@@ -737,7 +713,7 @@ fn every_probe_attaches_without_perf_event_open() {
         ),
     )
     .unwrap();
-    let gets = memcached_stat(port, "cmd_get") - before;
+    let gets = server_stats(port, "stats")["cmd_get"] - before;
     assert_eq!(gets, 40.0);
     // Three client connections: two reading `stats`, one doing the gets.
     let client = [("service", "cache"), ("role", "client")];

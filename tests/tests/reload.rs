@@ -147,30 +147,6 @@ fn gets_script(port: u16, connections: u32, gets: u32) -> String {
     )
 }
 
-/// memcached's `cmd_get`, over a connection of its own (on the watched port, so it is counted
-/// as a connection, but it sends no get).
-fn memcached_gets(port: u16) -> f64 {
-    let output = python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'stats\\r\\n')\n\
-             data = b''\n\
-             while not data.endswith(b'END\\r\\n'):\n\
-             \x20   data += s.recv(65536)\n\
-             s.close()\n\
-             print(data.decode())\n"
-        ),
-    )
-    .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix("STAT cmd_get "))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("memcached stats has cmd_get")
-}
-
 /// Issue 22's vm-test reload scenario as a root test: a good reload renames the service, then a
 /// broken config on SIGHUP is refused (the log names its line, the agent keeps running the old
 /// config), and gets on connections opened after the refusal are still counted exactly against
@@ -206,9 +182,9 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
     .unwrap();
     agent.signal(libc::SIGHUP);
     wait_log("config reloaded", 1);
-    let first = memcached_gets(port);
+    let first = server_stats(port, "stats")["cmd_get"];
     python(None, &gets_script(port, 1, 50)).unwrap();
-    assert_eq!(memcached_gets(port) - first, 50.0);
+    assert_eq!(server_stats(port, "stats")["cmd_get"] - first, 50.0);
     let scrape = agent.wait_for(WAIT, |s| get_requests(s, "renamed") >= 50.0);
     assert_eq!(get_requests(&scrape, "renamed"), 50.0, "{}", scrape.text);
 
@@ -231,9 +207,9 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
     assert_eq!(agent.log().matches("config reloaded").count(), 1);
 
     // New connections after the refusal: still watched, still decoded, under the kept name.
-    let second = memcached_gets(port);
+    let second = server_stats(port, "stats")["cmd_get"];
     python(None, &gets_script(port, 5, 10)).unwrap();
-    let gets = memcached_gets(port) - second;
+    let gets = server_stats(port, "stats")["cmd_get"] - second;
     assert_eq!(gets, 50.0);
     let scrape = agent.wait_for(WAIT, |s| get_requests(s, "renamed") >= 100.0);
     assert_eq!(get_requests(&scrape, "renamed"), 100.0, "{}", scrape.text);
