@@ -415,20 +415,18 @@ mod tests {
         (Pipeline::new(&config, services, metrics.clone()), metrics)
     }
 
-    /// A client socket at `sk` connected to the service, as met on its first send.
-    fn learn_client(pipeline: &mut Pipeline, sk: u64, client_port: u16) {
-        let local: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
-        let remote: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
+    /// A socket at `sk` from `local` to `remote`, as met on its first send (adoption).
+    fn learn(pipeline: &mut Pipeline, sk: u64, local: &str, remote: &str, pid: u32, comm: &str) {
         pipeline.handle_socket_event(&SockEventRecord {
             kind: EventKind::Learned {
                 state: tcp_state::ESTABLISHED,
             },
             ts_ns: 1,
             sk,
-            local: Some(local),
-            remote: Some(remote),
-            pid: 7,
-            comm: "client".to_string(),
+            local: Some(local.parse().unwrap()),
+            remote: Some(remote.parse().unwrap()),
+            pid,
+            comm: comm.to_string(),
             facts: SocketFacts {
                 last_activity_ns: 1,
                 bytes_sent: 0,
@@ -437,6 +435,19 @@ mod tests {
                 reset_received_ns: 0,
             },
         });
+    }
+
+    /// A client socket at `sk` connected to the service, as met on its first send.
+    fn learn_client(pipeline: &mut Pipeline, sk: u64, client_port: u16) {
+        let local = format!("127.0.0.1:{client_port}");
+        learn(
+            pipeline,
+            sk,
+            &local,
+            &format!("127.0.0.1:{PORT}"),
+            7,
+            "client",
+        );
     }
 
     /// One get and its hit on `sk` at `ts`, marked as the kernel marks a sampled call: the
@@ -663,26 +674,14 @@ mod tests {
         pipeline.set_history(history.clone());
         // A server-side socket of the service stores an item: the slab fit has a server.
         let sk = 0xffff_8880_0000_2000;
-        let local: SocketAddr = format!("127.0.0.1:{PORT}").parse().unwrap();
-        let remote: SocketAddr = "127.0.0.1:40009".parse().unwrap();
-        pipeline.handle_socket_event(&SockEventRecord {
-            kind: EventKind::Learned {
-                state: tcp_state::ESTABLISHED,
-            },
-            ts_ns: 1,
+        learn(
+            &mut pipeline,
             sk,
-            local: Some(local),
-            remote: Some(remote),
-            pid: 8,
-            comm: "memcached".to_string(),
-            facts: SocketFacts {
-                last_activity_ns: 1,
-                bytes_sent: 0,
-                bytes_received: 0,
-                peer_closed_ns: 0,
-                reset_received_ns: 0,
-            },
-        });
+            &format!("127.0.0.1:{PORT}"),
+            "127.0.0.1:40009",
+            8,
+            "memcached",
+        );
         for (ts, is_send, data) in [
             (SECOND, false, &b"set k 0 0 1\r\nv\r\n"[..]),
             (SECOND + 1_000, true, &b"STORED\r\n"[..]),
