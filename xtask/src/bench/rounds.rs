@@ -302,6 +302,11 @@ impl Bench {
         drop(netns);
 
         let mut results = Vec::new();
+        // The `off` run a run is paired with: same round, same setup.
+        let off_of = |run: &RoundRun| {
+            runs.iter()
+                .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends)
+        };
         let mut raw = Table::new(&[
             "round",
             "ends",
@@ -315,10 +320,7 @@ impl Bench {
             "other processes, cores",
         ]);
         for run in &runs {
-            let off = runs
-                .iter()
-                .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends);
-            let loss = off.map(|off| 1.0 - run.ops_per_sec / off.ops_per_sec);
+            let loss = off_of(run).map(|off| 1.0 - run.ops_per_sec / off.ops_per_sec);
             let (per_run, runs_per_op, per_op) = match run.stats {
                 Some((ns, count, ops)) => (
                     format!("{:.1}", ns as f64 / count.max(1) as f64),
@@ -356,12 +358,7 @@ impl Bench {
                     .collect();
                 let losses: Vec<f64> = mine
                     .iter()
-                    .filter_map(|r| {
-                        let off = runs.iter().find(|o| {
-                            o.mode == Mode::Off && o.round == r.round && o.ends == ends
-                        })?;
-                        Some(1.0 - r.ops_per_sec / off.ops_per_sec)
-                    })
+                    .filter_map(|r| Some(1.0 - r.ops_per_sec / off_of(r)?.ops_per_sec))
                     .collect();
                 let per_run: Vec<f64> = mine
                     .iter()
@@ -371,10 +368,7 @@ impl Bench {
                 let cpu_losses: Vec<f64> = mine
                     .iter()
                     .filter_map(|r| {
-                        let off = runs.iter().find(|o| {
-                            o.mode == Mode::Off && o.round == r.round && o.ends == ends
-                        })?;
-                        Some(1.0 - off.cpu_ns_per_op / r.cpu_ns_per_op.max(1e-9))
+                        Some(1.0 - off_of(r)?.cpu_ns_per_op / r.cpu_ns_per_op.max(1e-9))
                     })
                     .collect();
                 let floors: Vec<f64> = mine.iter().filter_map(|r| r.floor_per_run).collect();
