@@ -237,6 +237,9 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     )?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
+    // The package as users run it: real systemd, the unit's own sandbox, crash/reload/upgrade/
+    // purge (issue #22). About 1.5 min warm, 5 min more when the Debian root filesystem is built.
+    vm_systemd::vm_test_systemd(&vm_systemd::kernels(None)?)?;
     // About 2.5 minutes: leaks, losses and counters against the load generators (BENCHMARKS.md,
     // "Soak"); the 30-minute soak stays a bench.
     util::step("soak (cargo xtask bench --soak 2)");
