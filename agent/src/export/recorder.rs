@@ -29,9 +29,8 @@ pub struct ObservationRecorder {
     request_counters: HandleCache<(Endpoint, Command, Status), Counter>,
     duration_histograms: HandleCache<(Endpoint, Command), LatencyHistogram>,
     exemplar_policy: ExemplarPolicy,
-    /// Which second (by request timestamp) the budgets below count, and the exemplars set in
-    /// it for slow requests and for the sampled slice.
-    exemplars_in_second: (u64, u32, u32),
+    /// The exemplars given this second (by request timestamp), and the slice's width.
+    exemplar_budget: super::exemplar_budget::ExemplarBudget,
     byte_counters: HandleCache<(Endpoint, bool), Counter>,
     size_histograms: HandleCache<(Endpoint, Command, SizeKind), Histogram>,
     ring_view: RingView,
@@ -111,7 +110,7 @@ impl ObservationRecorder {
             request_counters: HandleCache::new(),
             duration_histograms: HandleCache::new(),
             exemplar_policy: ExemplarPolicy::default(),
-            exemplars_in_second: (0, 0, 0),
+            exemplar_budget: Default::default(),
             byte_counters: HandleCache::new(),
             size_histograms: HandleCache::new(),
             server_labels: HashMap::new(),
@@ -190,20 +189,15 @@ impl ObservationRecorder {
         }
         let id = request.request_id?;
         let slow = latency_ns >= policy.min_latency_ns;
-        if !slow && !crate::model::in_exemplar_slice(id, policy.sample_one_in) {
-            return None;
-        }
-        let second = request.request_ts_ns / 1_000_000_000;
-        let (current, slow_used, sampled_used) = &mut self.exemplars_in_second;
-        if *current != second {
-            (*current, *slow_used, *sampled_used) = (second, 0, 0);
-        }
-        let used = if slow { slow_used } else { sampled_used };
-        if *used >= policy.per_second {
-            return None;
-        }
-        *used += 1;
-        Some(id)
+        self.exemplar_budget
+            .admit(
+                id,
+                slow,
+                request.request_ts_ns,
+                policy.sample_one_in,
+                policy.per_second,
+            )
+            .then_some(id)
     }
 
     /// `weight`: how many requests (and bytes) each decoded one stands for while capture

@@ -351,14 +351,21 @@ pub fn request_id(flow: u64, seq: u32) -> u64 {
 /// splitmix64 finaliser) because FNV's low bits follow the last byte hashed too closely for a
 /// modulus.
 pub fn in_exemplar_slice(request_id: u64, one_in: u32) -> bool {
-    if one_in == 0 {
+    in_narrowed_exemplar_slice(request_id, one_in, 0)
+}
+
+/// The slice narrowed to 1 in `one_in << shift`. Narrower slices are subsets of wider ones
+/// (multiples of `one_in << k` are multiples of `one_in`), so two ends that narrowed by
+/// different steps still share every id the narrower one keeps.
+pub fn in_narrowed_exemplar_slice(request_id: u64, one_in: u32, shift: u32) -> bool {
+    if one_in == 0 || shift >= 32 {
         return false;
     }
     let mut z = request_id;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    z.is_multiple_of(u64::from(one_in))
+    z.is_multiple_of(u64::from(one_in) << shift)
 }
 
 #[cfg(test)]
