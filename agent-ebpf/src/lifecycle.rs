@@ -1,0 +1,163 @@
+//! TCP state changes of watched sockets (`inet_sock_set_state`, classic and tp_btf): the
+//! per-socket facts kept in SOCKETS and the STATE events.
+
+use crate::maps::{bump, offsets, CLOSED_SOCKETS, FRAMES, NS_PER_JIFFY, SOCKETS};
+use crate::ring::emit;
+use crate::sock::{
+    capture_flags, fill_tuple, read_kernel_field, read_sock_tuple, read_tp, read_watched_tuple,
+    scalar_arg, Tuple,
+};
+use agent_common::{counter, event_kind, tcp_state, SockState, IPPROTO_TCP, OFFSET_UNKNOWN};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns, helpers::generated::bpf_jiffies64, macros::btf_tracepoint,
+    macros::tracepoint, programs::BtfTracePointContext, programs::TracePointContext, EbpfContext,
+};
+
+/// The classic tracepoint: the fallback where kernel BTF cannot confirm the tp_btf program's
+/// arguments (it attaches through perf_event_open, which Debian's perf_event_paranoid=3 refuses
+/// without CAP_SYS_ADMIN).
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Option<()> {
+    let layout = &offsets().set_state;
+    let protocol: u16 = read_tp(ctx, layout.protocol)?;
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let tuple = read_watched_tuple(ctx, &layout.tuple)?;
+    let old_state = read_tp::<i32>(ctx, layout.oldstate)? as u8;
+    let new_state = read_tp::<i32>(ctx, layout.newstate)? as u8;
+    set_state(&tuple, old_state, new_state)
+}
+
+/// The same hook through a bpf() link (tp_btf: `const struct sock *sk, int oldstate, int
+/// newstate`), preferred wherever kernel BTF confirms those arguments: the connection's
+/// identity is read from `struct sock_common` at offsets from BTF, as the classic tracepoint's
+/// record would give it.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_set_state_events(ctx: BtfTracePointContext) -> u32 {
+    let sk = scalar_arg(ctx.as_ptr(), 0);
+    let old_state = ctx.arg::<u64>(1) as u8;
+    let new_state = ctx.arg::<u64>(2) as u8;
+    let _ = try_btf_set_state(sk, old_state, new_state);
+    0
+}
+
+#[inline(always)]
+fn try_btf_set_state(sk: u64, old_state: u8, new_state: u8) -> Option<()> {
+    let tuple = read_sock_tuple(sk, true)?;
+    if read_kernel_field::<u16>(sk, offsets().sk_protocol)? != IPPROTO_TCP {
+        return None;
+    }
+    set_state(&tuple, old_state, new_state)
+}
+
+/// A state change of a watched TCP socket, however it was read.
+#[inline(always)]
+fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
+    let sk = tuple.sk;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
+        // A new socket at this address (a connect, or a listener's child): whatever an earlier
+        // one left behind is not its history.
+        let _ = CLOSED_SOCKETS.remove(sk);
+    }
+    let mut snapshot = match unsafe { SOCKETS.get(sk) } {
+        Some(state) => *state,
+        None => SockState {
+            flags: capture_flags(tuple.local_port, tuple.remote_port),
+            ..SockState::default()
+        },
+    };
+    if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
+        snapshot.peer_closed_ns = now;
+    }
+    if was_connected(old_state) {
+        if let Some(last) = kernel_last_activity_ns(sk, now) {
+            snapshot.last_activity_ns = core::cmp::max(snapshot.last_activity_ns, last);
+        }
+    }
+    if new_state == tcp_state::ESTABLISHED || new_state == tcp_state::CLOSE {
+        // A stream starts or ends here: no frame position carries over to whatever socket
+        // gets this address next.
+        let _ = FRAMES.remove(sk);
+    }
+    if new_state == tcp_state::CLOSE {
+        let _ = SOCKETS.remove(sk);
+        let _ = CLOSED_SOCKETS.insert(sk, snapshot, 0);
+    } else if SOCKETS.insert(sk, snapshot, 0).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+    }
+    emit(|event| {
+        event.kind = event_kind::STATE;
+        event.old_state = old_state;
+        event.new_state = new_state;
+        fill_tuple(event, tuple);
+        event.state = snapshot;
+    });
+    Some(())
+}
+
+/// States a socket leaves only after its handshake completed, so the kernel's data send and
+/// receive stamps in `struct tcp_sock` are set (before, they are 0 or stale).
+#[inline(always)]
+fn was_connected(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+    )
+}
+
+/// Whether last activity comes from `struct tcp_sock` (see [`kernel_last_activity_ns`]) rather
+/// than from stamps taken on every send and receive.
+#[inline(always)]
+pub(crate) fn kernel_stamps_activity() -> bool {
+    let layout = offsets();
+    layout.tcp_lsndtime != OFFSET_UNKNOWN
+        && layout.tcp_lrcvtime != OFFSET_UNKNOWN
+        && unsafe { core::ptr::read_volatile(&NS_PER_JIFFY) } != 0
+}
+
+/// Monotonic ns of the socket's last data sent or received, from the kernel's own jiffy stamps
+/// (`lsndtime`, `icsk_ack.lrcvtime`): exact to a tick, and free on the send/receive path.
+#[inline(always)]
+fn kernel_last_activity_ns(sk: u64, now: u64) -> Option<u64> {
+    if !kernel_stamps_activity() {
+        return None;
+    }
+    let layout = offsets();
+    let sent: u32 = read_kernel_field(sk, layout.tcp_lsndtime)?;
+    let received: u32 = read_kernel_field(sk, layout.tcp_lrcvtime)?;
+    let jiffies = unsafe { bpf_jiffies64() } as u32;
+    // u32 jiffies wrap: the later stamp is the one fewer ticks ago.
+    let ticks_ago = core::cmp::min(jiffies.wrapping_sub(sent), jiffies.wrapping_sub(received));
+    // At most 2^32 ticks of at most 10 ms (the agent's bound): no overflow.
+    let ago_ns = (ticks_ago as u64) * unsafe { core::ptr::read_volatile(&NS_PER_JIFFY) };
+    if ago_ns >= now {
+        return None;
+    }
+    Some(now - ago_ns)
+}
+
+/// Before the peer closes, a send or receive on a watched socket tells nothing the kernel does
+/// not already keep (see [`kernel_last_activity_ns`]).
+#[inline(always)]
+pub(crate) fn peer_still_open(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::SYN_SENT
+            | tcp_state::SYN_RECV
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+    )
+}
