@@ -728,6 +728,140 @@ mod tests {
         );
     }
 
+    /// Every family the recorder writes, fed one of each observation, encoded: label names, their
+    /// order and their values must stay byte for byte what alert rules and dashboards match
+    /// (packaging/). The expected text was taken from the recorder before its label sets were
+    /// given one home each; `CACHEPROBE_BLESS=1` rewrites it after a deliberate change.
+    #[test]
+    fn exposition_keeps_every_family_label_order() {
+        use crate::{
+            conn::dead_writes::DeadWrite,
+            memcache::{DecodeErrorReason, Key, QueueOp, QueueOpKind, RequestObservation},
+            model::{ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind},
+        };
+        let (metrics, registry) = Metrics::new();
+        let mut recorder = ObservationRecorder::new(
+            metrics,
+            SharedServices::watching(&[("memcached", 11211), ("starling", 22133)]),
+            10,
+            10,
+        );
+        let client = endpoint("127.0.0.1:11211");
+        let server = Endpoint {
+            service: 1,
+            server: "10.0.0.9:22133".parse().unwrap(),
+            role: Role::Server,
+        };
+        recorder.record(&Observation::ConnectionOpened {
+            endpoint: client,
+            ts_ns: 0,
+        });
+        recorder.record(&Observation::ConnectionAdopted { endpoint: server });
+        recorder.record(&Observation::ConnectionClosed {
+            endpoint: client,
+            closed_by: ClosedBy::Peer,
+            ts_ns: 0,
+            duration_ns: Some(3_000_000_000),
+            idle_before_close_ns: Some(2_500_000_000),
+        });
+        recorder.record(&Observation::DeadSocketWrite(DeadWrite {
+            sk: 1,
+            endpoint: client,
+            comm: "python3".into(),
+            pid: 7,
+            ts_ns: 0,
+            bytes: 30,
+            command: Some("set"),
+            queue: None,
+            outcome: DeadWriteOutcome::Eof,
+        }));
+        recorder.record(&Observation::ConnectFailed {
+            endpoint: client,
+            reason: ConnectFailureReason::Refused,
+        });
+        recorder.record(&Observation::Retransmit {
+            endpoint: server,
+            kind: RetransmitKind::Syn,
+        });
+        recorder.record(&Observation::Reset {
+            endpoint: client,
+            direction: ResetDirection::Received,
+        });
+        recorder.record(&Observation::SynSent { service: 0 });
+        recorder.record(&Observation::HandshakeCompleted { service: 1 });
+        recorder.record(&Observation::FdExhausted {
+            comm: "nutcracker".into(),
+            syscall: "accept4",
+            errno: 24,
+        });
+        recorder.record(&Observation::TrackingDropped);
+        let request =
+            |endpoint: Endpoint, command, status, queue: Option<QueueOp>| MemcacheEvent::Request {
+                endpoint,
+                request: RequestObservation {
+                    command,
+                    status,
+                    key: Some(Key::new(b"jobs", 250, false)),
+                    latency_ns: Some(2_000_000),
+                    request_ts_ns: 0,
+                    request_bytes: 7,
+                    response_bytes: 20,
+                    queue,
+                    seq: None,
+                    request_id: None,
+                    value_len: Some(10),
+                    value_head: None,
+                    keys_in_request: 1,
+                },
+            };
+        recorder.record_memcache(&request(client, Command::Get, Status::Hit, None), 1);
+        let enqueue = QueueOp {
+            op: QueueOpKind::Enqueue,
+            options: Default::default(),
+        };
+        recorder.record_memcache(
+            &request(server, Command::Set, Status::Stored, Some(enqueue)),
+            2,
+        );
+        recorder.record_memcache(
+            &MemcacheEvent::DecodeError {
+                service: 0,
+                reason: DecodeErrorReason::Garbage,
+            },
+            1,
+        );
+        for sent in [true, false] {
+            recorder.record_memcache(
+                &MemcacheEvent::Bytes {
+                    endpoint: client,
+                    sent,
+                    bytes: 100,
+                },
+                1,
+            );
+        }
+        recorder.record_key_split(0);
+        recorder.publish_ring_views(unix_now());
+
+        // Series order within a family is a hash map's; host_info names this machine.
+        let text = encode(&registry, Format::PrometheusText).unwrap();
+        let mut lines: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with("cacheprobe_host_info{"))
+            .collect();
+        lines.sort_unstable();
+        let actual = lines.join("\n") + "\n";
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/export/testdata/recorder_exposition.txt"
+        );
+        if std::env::var_os("CACHEPROBE_BLESS").is_some() {
+            std::fs::write(path, &actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(path).unwrap();
+        assert_eq!(actual, expected);
+    }
+
     #[test]
     fn server_labels_are_bounded_per_service() {
         let mut budget = LabelBudget::new(2);
