@@ -13,10 +13,7 @@ use std::hint::black_box;
 
 use cacheprobe::export::{
     encode::{encode, Format},
-    metrics::{
-        BytesLabels, ClosedLabels, CommLabels, CommandLabels, EndpointLabels, Metrics,
-        RequestLabels, RetransmitLabels,
-    },
+    metrics::{CommLabels, EndpointLabels, Metrics},
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prometheus_client::registry::Registry;
@@ -58,12 +55,7 @@ fn populate(fleet: &Fleet) -> Registry {
                     .get_or_create(&endpoint)
                     .observe(120.0);
                 for closed_by in ["peer", "local"] {
-                    let closed = ClosedLabels {
-                        service: service.clone(),
-                        server: server.clone(),
-                        role,
-                        closed_by,
-                    };
+                    let closed = endpoint.clone().closed(closed_by);
                     metrics
                         .connections_closed
                         .get_or_create(&closed)
@@ -74,12 +66,7 @@ fn populate(fleet: &Fleet) -> Registry {
                         .observe(61.0);
                 }
                 for command in COMMANDS {
-                    let labels = CommandLabels {
-                        service: service.clone(),
-                        server: server.clone(),
-                        role,
-                        command,
-                    };
+                    let labels = endpoint.clone().command(command);
                     metrics
                         .memcache_duration
                         .get_or_create(&labels)
@@ -87,35 +74,19 @@ fn populate(fleet: &Fleet) -> Registry {
                     for status in STATUSES {
                         metrics
                             .memcache_requests
-                            .get_or_create(&RequestLabels {
-                                service: service.clone(),
-                                server: server.clone(),
-                                role,
-                                command,
-                                status,
-                            })
+                            .get_or_create(&endpoint.clone().request(command, status))
                             .inc_by(123_456);
                     }
                 }
                 for direction in ["sent", "received"] {
                     metrics
                         .memcache_bytes
-                        .get_or_create(&BytesLabels {
-                            service: service.clone(),
-                            server: server.clone(),
-                            role,
-                            direction,
-                        })
+                        .get_or_create(&endpoint.clone().bytes(direction))
                         .inc_by(98_765_432);
                 }
                 metrics
                     .tcp_retransmits
-                    .get_or_create(&RetransmitLabels {
-                        service: service.clone(),
-                        server: server.clone(),
-                        role,
-                        kind: "data",
-                    })
+                    .get_or_create(&endpoint.clone().retransmit("data"))
                     .inc_by(3);
             }
         }

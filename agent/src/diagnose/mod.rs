@@ -132,7 +132,9 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     findings
 }
 
-fn rank(findings: &mut [Finding]) {
+/// Most severe first, then the largest magnitude; id and title make the order total, so a
+/// report reads the same every time. `fleet` ranks its findings the same way.
+pub(crate) fn rank(findings: &mut [Finding]) {
     findings.sort_by(|a, b| {
         b.severity
             .cmp(&a.severity)

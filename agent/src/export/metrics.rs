@@ -6,50 +6,151 @@ use std::sync::atomic::AtomicU64;
 use foldhash::{HashMap, HashMapExt, HashSet};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// `service`, `server` and `role` of one endpoint: the labels every per-endpoint family starts
+/// with. The family's own labels follow them ([`OnEndpoint`]); build those sets with the
+/// constructors here, so the three are never copied by hand.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct EndpointLabels {
     pub service: String,
     pub server: String,
     pub role: &'static str,
 }
 
+impl EndpointLabels {
+    /// Writes the three labels into a label set being encoded, in the contract's order.
+    fn encode_into(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("service", self.service.as_str()).encode(encoder.encode_label())?;
+        ("server", self.server.as_str()).encode(encoder.encode_label())?;
+        ("role", self.role).encode(encoder.encode_label())
+    }
+
+    fn with<T>(self, own: T) -> OnEndpoint<T> {
+        OnEndpoint {
+            endpoint: self,
+            own,
+        }
+    }
+
+    pub fn closed(self, closed_by: &'static str) -> ClosedLabels {
+        self.with(ClosedByLabel { closed_by })
+    }
+
+    pub fn dead_write(
+        self,
+        comm: String,
+        outcome: &'static str,
+        command: &'static str,
+    ) -> DeadWriteLabels {
+        self.with(DeadWriteLabel {
+            comm,
+            outcome,
+            command,
+        })
+    }
+
+    pub fn retransmit(self, kind: &'static str) -> RetransmitLabels {
+        self.with(KindLabel { kind })
+    }
+
+    pub fn reset(self, direction: &'static str) -> ResetLabels {
+        self.with(DirectionLabel { direction })
+    }
+
+    pub fn request(self, command: &'static str, status: &'static str) -> RequestLabels {
+        self.with(RequestLabel { command, status })
+    }
+
+    pub fn command(self, command: &'static str) -> CommandLabels {
+        self.with(CommandLabel { command })
+    }
+
+    pub fn bytes(self, direction: &'static str) -> BytesLabels {
+        self.with(DirectionLabel { direction })
+    }
+
+    /// Connect failures carry no role: only clients connect.
+    pub fn connect_failure(self, reason: &'static str) -> ConnectFailureLabels {
+        ConnectFailureLabels {
+            service: self.service,
+            server: self.server,
+            reason,
+        }
+    }
+}
+
+impl EncodeLabelSet for EndpointLabels {
+    fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_into(&mut encoder)
+    }
+}
+
+/// A per-endpoint family's label set: the endpoint's labels, then the family's own (`T`). Written
+/// out by hand because prometheus-client 0.22's `#[prometheus(flatten)]` works only on the last
+/// field, which would put the endpoint's labels after the family's and change the exposition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct OnEndpoint<T> {
+    pub endpoint: EndpointLabels,
+    pub own: T,
+}
+
+impl<T: EncodeLabelSet> EncodeLabelSet for OnEndpoint<T> {
+    fn encode(&self, mut encoder: LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.endpoint.encode_into(&mut encoder)?;
+        self.own.encode(encoder)
+    }
+}
+
+/// `cacheprobe_connections_closed_total`, `cacheprobe_connection_idle_before_close_seconds`.
+pub type ClosedLabels = OnEndpoint<ClosedByLabel>;
+/// `cacheprobe_dead_socket_writes_total`.
+pub type DeadWriteLabels = OnEndpoint<DeadWriteLabel>;
+/// `cacheprobe_tcp_retransmits_total`.
+pub type RetransmitLabels = OnEndpoint<KindLabel>;
+/// `cacheprobe_tcp_resets_total`.
+pub type ResetLabels = OnEndpoint<DirectionLabel>;
+/// `cacheprobe_memcache_requests_total`.
+pub type RequestLabels = OnEndpoint<RequestLabel>;
+/// The per-command histograms: request duration, value size, keys per request.
+pub type CommandLabels = OnEndpoint<CommandLabel>;
+/// `cacheprobe_memcache_bytes_total`.
+pub type BytesLabels = OnEndpoint<DirectionLabel>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClosedLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
+pub struct ClosedByLabel {
     pub closed_by: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DeadWriteLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
+pub struct DeadWriteLabel {
     pub comm: String,
     pub outcome: &'static str,
     pub command: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RetransmitLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
+pub struct KindLabel {
     pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResetLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
+pub struct DirectionLabel {
     pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    pub command: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabel {
+    pub command: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,31 +170,6 @@ pub struct SynLabels {
 pub struct FdErrorLabels {
     pub comm: String,
     pub errno: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
-    pub command: &'static str,
-    pub status: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CommandLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
-    pub command: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BytesLabels {
-    pub service: String,
-    pub server: String,
-    pub role: &'static str,
-    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -360,7 +360,7 @@ pub fn run(
         );
     }
     merge_server_findings(&mut findings);
-    rank(&mut findings);
+    crate::diagnose::rank(&mut findings);
     let problems = collector
         .problems
         .into_inner()
@@ -444,16 +444,6 @@ fn merge_server_findings(findings: &mut Vec<Finding>) {
     findings.retain(|_| {
         index += 1;
         !drop.iter().any(|(from, _)| *from == index - 1) && !explained.contains(&(index - 1))
-    });
-}
-
-fn rank(findings: &mut [Finding]) {
-    findings.sort_by(|a, b| {
-        b.severity
-            .cmp(&a.severity)
-            .then(b.magnitude.total_cmp(&a.magnitude))
-            .then_with(|| a.id.cmp(&b.id))
-            .then_with(|| a.title.cmp(&b.title))
     });
 }
 

@@ -11,7 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{testing::listen_loopback, *};
+use super::{
+    found::*,
+    parse::{tcp_state, TcpRow},
+    tables::*,
+    testing::listen_loopback,
+    *,
+};
 
 /// Held by tests that read or change this process's RLIMIT_NOFILE, which all tests share.
 static NOFILE_LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());

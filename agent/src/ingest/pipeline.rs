@@ -477,13 +477,12 @@ mod tests {
 
     /// Client-side gets with `status` counted so far.
     fn gets(metrics: &Metrics, status: &'static str) -> u64 {
-        let labels = crate::export::metrics::RequestLabels {
+        let labels = crate::export::metrics::EndpointLabels {
             service: "mc".into(),
             server: format!("127.0.0.1:{PORT}"),
             role: "client",
-            command: "get",
-            status,
-        };
+        }
+        .request("get", status);
         metrics.memcache_requests.get_or_create(&labels).get()
     }
 
@@ -798,14 +797,14 @@ mod tests {
         let written = |command: &'static str| {
             metrics
                 .dead_socket_writes
-                .get_or_create(&crate::export::metrics::DeadWriteLabels {
-                    service: "starling".into(),
-                    server: "127.0.0.1:22133".into(),
-                    role: "client",
-                    comm: "python3".into(),
-                    outcome: "eof",
-                    command,
-                })
+                .get_or_create(
+                    &crate::export::metrics::EndpointLabels {
+                        service: "starling".into(),
+                        server: "127.0.0.1:22133".into(),
+                        role: "client",
+                    }
+                    .dead_write("python3".into(), "eof", command),
+                )
                 .get()
         };
         assert_eq!((written("set"), written("stats")), (1, 0));

@@ -13,7 +13,7 @@ use super::{
     model::{FindingLine, Model},
     view::{arrange, rows, Column, Pane, TableRow, ViewState},
 };
-use crate::diagnose::Severity;
+use crate::diagnose::{util::clock, Severity};
 
 /// Smallest terminal drawn; below it a message says so.
 pub const MIN_WIDTH: u16 = 80;
@@ -31,17 +31,6 @@ pub struct Status {
     pub error: Option<String>,
     /// Data that is missing and why (an older daemon without `metrics`).
     pub note: Option<String>,
-}
-
-/// "14:03:07" UTC.
-pub fn clock(unix_s: u64) -> String {
-    let day_s = unix_s % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}",
-        day_s / 3600,
-        day_s / 60 % 60,
-        day_s % 60
-    )
 }
 
 /// Block characters for a sparkline scaled to its own peak; a second with nothing is a space,

@@ -589,8 +589,7 @@ fn the_daemons_counter_registry_parses_whole() {
     use crate::export::{
         encode::{encode, Format},
         metrics::{
-            BytesLabels, CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Metrics,
-            QueueLabels,
+            CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Metrics, QueueLabels,
         },
     };
     let (metrics, _) = Metrics::new();
@@ -602,12 +601,7 @@ fn the_daemons_counter_registry_parses_whole() {
     metrics.connections_active.get_or_create(&endpoint).set(3);
     metrics
         .memcache_bytes
-        .get_or_create(&BytesLabels {
-            service: "memcached".into(),
-            server: A.into(),
-            role: "client",
-            direction: "received",
-        })
+        .get_or_create(&endpoint.clone().bytes("received"))
         .inc_by(1234);
     metrics
         .queue_operations
@@ -643,12 +637,7 @@ fn the_daemons_counter_registry_parses_whole() {
     // A family top does not read stays out of its registry.
     metrics
         .memcache_duration
-        .get_or_create(&crate::export::metrics::CommandLabels {
-            service: "memcached".into(),
-            server: A.into(),
-            role: "client",
-            command: "get",
-        })
+        .get_or_create(&endpoint.clone().command("get"))
         .observe(0.001, None);
     let text = encode(&metrics.top_registry(), Format::OpenMetrics).unwrap();
     assert!(!text.contains("request_duration"), "{text}");

@@ -8,7 +8,7 @@ use agent_common::{event_kind, tcp_state, SockEvent, AF_INET};
 use super::*;
 use crate::{
     config::Config,
-    export::metrics::{Metrics, RequestLabels},
+    export::metrics::{EndpointLabels, Metrics},
     kernel::capture::encode_payload_record,
     kernel::events::{EventKind, SocketFacts},
     services::SharedServices,
@@ -157,13 +157,12 @@ fn get_hit(ts_ns: u64) -> [Vec<u8>; 2] {
 }
 
 fn hits(metrics: &Metrics) -> u64 {
-    let labels = RequestLabels {
+    let labels = EndpointLabels {
         service: "mc".into(),
         server: format!("127.0.0.1:{PORT}"),
         role: "client",
-        command: "get",
-        status: "hit",
-    };
+    }
+    .request("get", "hit");
     metrics.memcache_requests.get_or_create(&labels).get()
 }
 

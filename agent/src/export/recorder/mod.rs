@@ -217,13 +217,9 @@ impl ObservationRecorder {
                         let counter = self
                             .metrics
                             .memcache_requests
-                            .get_or_create(&RequestLabels {
-                                service: labels.service,
-                                server: labels.server,
-                                role: labels.role,
-                                command: request.command.as_str(),
-                                status: request.status.as_str(),
-                            })
+                            .get_or_create(
+                                &labels.request(request.command.as_str(), request.status.as_str()),
+                            )
                             .clone();
                         counter.inc_by(weight);
                         self.request_counters.insert(key, counter);
@@ -240,12 +236,7 @@ impl ObservationRecorder {
                             let histogram = self
                                 .metrics
                                 .memcache_duration
-                                .get_or_create(&CommandLabels {
-                                    service: labels.service,
-                                    server: labels.server,
-                                    role: labels.role,
-                                    command: request.command.as_str(),
-                                })
+                                .get_or_create(&labels.command(request.command.as_str()))
                                 .clone();
                             histogram.observe(seconds, exemplar);
                             self.duration_histograms.insert(key, histogram);
@@ -265,12 +256,7 @@ impl ObservationRecorder {
                         SizeKind::Keys => &self.metrics.memcache_keys_per_request,
                     };
                     let histogram = family
-                        .get_or_create(&CommandLabels {
-                            service: labels.service,
-                            server: labels.server,
-                            role: labels.role,
-                            command: request.command.as_str(),
-                        })
+                        .get_or_create(&labels.command(request.command.as_str()))
                         .clone();
                     histogram.observe(sample);
                     self.size_histograms.insert(key, histogram);
@@ -315,12 +301,7 @@ impl ObservationRecorder {
                         let counter = self
                             .metrics
                             .memcache_bytes
-                            .get_or_create(&BytesLabels {
-                                service: labels.service,
-                                server: labels.server,
-                                role: labels.role,
-                                direction: if *sent { "sent" } else { "received" },
-                            })
+                            .get_or_create(&labels.bytes(if *sent { "sent" } else { "received" }))
                             .clone();
                         counter.inc_by(bytes.saturating_mul(weight));
                         self.byte_counters.insert(key, counter);
@@ -403,12 +384,7 @@ impl ObservationRecorder {
                 }
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics.connections_active.get_or_create(&labels).dec();
-                let closed = ClosedLabels {
-                    service: labels.service.clone(),
-                    server: labels.server.clone(),
-                    role: labels.role,
-                    closed_by: closed_by.as_str(),
-                };
+                let closed = labels.clone().closed(closed_by.as_str());
                 self.metrics.connections_closed.get_or_create(&closed).inc();
                 if let Some(idle) = idle_before_close_ns {
                     self.metrics
@@ -428,37 +404,25 @@ impl ObservationRecorder {
                 let comm = self.comm_label(&write.comm);
                 self.metrics
                     .dead_socket_writes
-                    .get_or_create(&DeadWriteLabels {
-                        service: labels.service,
-                        server: labels.server,
-                        role: labels.role,
+                    .get_or_create(&labels.dead_write(
                         comm,
-                        outcome: write.outcome.as_str(),
-                        command: write.command.unwrap_or("unknown"),
-                    })
+                        write.outcome.as_str(),
+                        write.command.unwrap_or("unknown"),
+                    ))
                     .inc();
             }
             Observation::ConnectFailed { endpoint, reason } => {
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics
                     .connect_failures
-                    .get_or_create(&ConnectFailureLabels {
-                        service: labels.service,
-                        server: labels.server,
-                        reason: reason.as_str(),
-                    })
+                    .get_or_create(&labels.connect_failure(reason.as_str()))
                     .inc();
             }
             Observation::Retransmit { endpoint, kind } => {
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics
                     .tcp_retransmits
-                    .get_or_create(&RetransmitLabels {
-                        service: labels.service,
-                        server: labels.server,
-                        role: labels.role,
-                        kind: kind.as_str(),
-                    })
+                    .get_or_create(&labels.retransmit(kind.as_str()))
                     .inc();
             }
             Observation::Reset {
@@ -468,12 +432,7 @@ impl ObservationRecorder {
                 let labels = self.endpoint_labels(endpoint);
                 self.metrics
                     .tcp_resets
-                    .get_or_create(&ResetLabels {
-                        service: labels.service,
-                        server: labels.server,
-                        role: labels.role,
-                        direction: direction.as_str(),
-                    })
+                    .get_or_create(&labels.reset(direction.as_str()))
                     .inc();
             }
             Observation::SynSent { service } => self.count_syn(*service, SynDirection::Out),
@@ -503,233 +462,4 @@ impl ObservationRecorder {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        export::encode::{encode, Format},
-        model::{ClosedBy, Role},
-    };
-
-    fn endpoint(server: &str) -> Endpoint {
-        Endpoint {
-            service: 0,
-            server: server.parse().unwrap(),
-            role: Role::Client,
-        }
-    }
-
-    /// A slow request with a known sequence number leaves its id on its latency bucket (as
-    /// OpenMetrics exemplar, dropped from text format 0.0.4); fast ones and ones without a
-    /// number leave none; no more than the budget per second.
-    #[test]
-    fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
-        let (metrics, registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(
-            metrics,
-            SharedServices::watching(&[("memcached", 11211)]),
-            10,
-            10,
-        );
-        let server = "10.0.0.2:11211";
-        let flow =
-            crate::model::flow_id("10.0.0.1:40000".parse().unwrap(), server.parse().unwrap())
-                .unwrap();
-        let request = |latency_ns: u64, seq: Option<u32>, ts: u64| MemcacheEvent::Request {
-            endpoint: endpoint(server),
-            request: crate::memcache::RequestObservation {
-                command: Command::Get,
-                status: Status::Hit,
-                key: None,
-                latency_ns: Some(latency_ns),
-                request_ts_ns: ts,
-                request_bytes: 7,
-                response_bytes: 20,
-                queue: None,
-                seq,
-                request_id: seq.map(|seq| crate::model::request_id(flow, seq)),
-                value_len: Some(10),
-                value_head: None,
-                keys_in_request: 1,
-            },
-        };
-        // No slice here: only slow requests.
-        recorder.set_exemplars(ExemplarPolicy {
-            sample_one_in: 0,
-            ..ExemplarPolicy::default()
-        });
-        let second = 1_000_000_000;
-        recorder.record_memcache(&request(30_000, Some(1), 7 * second), 1);
-        recorder.record_memcache(&request(40_000_000, None, 7 * second), 1);
-        let text = encode(&registry, Format::OpenMetrics).unwrap();
-        assert!(!text.contains("request_id"), "{text}");
-        assert!(!text.contains("cacheprobe_exemplars"), "{text}");
-        recorder.record_memcache(&request(30_000_000, Some(123_456), 7 * second), 1);
-        let text = encode(&registry, Format::OpenMetrics).unwrap();
-        assert!(
-            !text.contains("cacheprobe_exemplars"),
-            "no marker leaves: {text}"
-        );
-        let id = crate::model::request_id(flow, 123_456);
-        let bucket = text
-            .lines()
-            .find(|line| line.contains("request_id"))
-            .expect("an exemplar");
-        assert!(
-            bucket.starts_with("cacheprobe_memcache_request_duration_seconds_bucket{")
-                && bucket.contains("le=\"0.05\"")
-                && bucket.ends_with(&format!(" # {{request_id=\"{id:016x}\"}} 0.03")),
-            "{bucket}"
-        );
-        assert_eq!(text.matches("request_id").count(), 1, "{text}");
-        let plain = encode(&registry, Format::PrometheusText).unwrap();
-        assert!(!plain.contains("request_id"), "{plain}");
-        assert!(!plain.contains("cacheprobe_exemplars"), "{plain}");
-        assert!(
-            plain.contains(&bucket[..bucket.find(" # ").unwrap()]),
-            "the sample stays: {plain}"
-        );
-
-        // The budget: one exemplar already spent in second 7, the rest up to the limit, then
-        // none until the next second.
-        let slow = |seq: u32, ts: u64| match request(5_000_000, Some(seq), ts) {
-            MemcacheEvent::Request { request, .. } => request,
-            _ => unreachable!(),
-        };
-        let given = (0..2 * EXEMPLARS_PER_SECOND)
-            .filter(|&i| {
-                let request = slow(i, 7 * second + u64::from(i));
-                recorder.exemplar(&request, 5_000_000).is_some()
-            })
-            .count();
-        assert_eq!(given, EXEMPLARS_PER_SECOND as usize - 1);
-        let request = slow(9, 8 * second);
-        assert!(recorder.exemplar(&request, 5_000_000).is_some());
-    }
-
-    /// Fast requests whose id falls in the fixed slice carry it too (the server's fast side of
-    /// a request slow only on the network), on a budget of their own; others do not.
-    #[test]
-    fn the_sampled_slice_leaves_exemplars_whatever_the_latency() {
-        let (metrics, _registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(
-            metrics,
-            SharedServices::watching(&[("memcached", 11211)]),
-            10,
-            10,
-        );
-        recorder.set_exemplars(ExemplarPolicy {
-            sample_one_in: 10,
-            ..ExemplarPolicy::default()
-        });
-        let flow = crate::model::flow_id(
-            "10.0.0.1:40000".parse().unwrap(),
-            "10.0.0.2:11211".parse().unwrap(),
-        )
-        .unwrap();
-        let request = |seq: u32, ts: u64| crate::memcache::RequestObservation {
-            command: Command::Get,
-            status: Status::Hit,
-            key: None,
-            latency_ns: Some(30_000),
-            request_ts_ns: ts,
-            request_bytes: 7,
-            response_bytes: 20,
-            queue: None,
-            seq: Some(seq),
-            request_id: Some(crate::model::request_id(flow, seq)),
-            value_len: Some(10),
-            value_head: None,
-            keys_in_request: 1,
-        };
-        let second = 1_000_000_000;
-        // 100 fast requests in one second: about 10 are in the slice, each has its exemplar.
-        let mut in_slice = 0;
-        for seq in 0..100u32 {
-            let request = request(seq * 7, 3 * second);
-            let sliced = crate::model::in_exemplar_slice(request.request_id.unwrap(), 10);
-            in_slice += usize::from(sliced);
-            assert_eq!(
-                recorder.exemplar(&request, 30_000).is_some(),
-                sliced,
-                "{seq}"
-            );
-        }
-        assert!((3..=20).contains(&in_slice), "{in_slice}");
-        // The slice's own budget: past EXEMPLARS_PER_SECOND sampled ones, none this second,
-        // while slow ones still have theirs.
-        let sampled: Vec<u32> = (0..100_000u32)
-            .filter(|seq| crate::model::in_exemplar_slice(crate::model::request_id(flow, *seq), 10))
-            .take(2 * EXEMPLARS_PER_SECOND as usize)
-            .collect();
-        let given = sampled
-            .iter()
-            .filter(|seq| {
-                recorder
-                    .exemplar(&request(**seq, 4 * second), 30_000)
-                    .is_some()
-            })
-            .count();
-        assert_eq!(given, EXEMPLARS_PER_SECOND as usize);
-        assert!(recorder
-            .exemplar(&request(1, 4 * second), 5_000_000)
-            .is_some());
-    }
-
-    #[test]
-    fn close_is_recorded_with_all_contract_labels() {
-        let (metrics, registry) = Metrics::new();
-        let mut recorder = ObservationRecorder::new(
-            metrics,
-            SharedServices::watching(&[("memcached", 11211)]),
-            10,
-            10,
-        );
-        recorder.record(&Observation::ConnectionOpened {
-            endpoint: endpoint("127.0.0.1:11211"),
-            ts_ns: 0,
-        });
-        recorder.record(&Observation::ConnectionClosed {
-            endpoint: endpoint("127.0.0.1:11211"),
-            closed_by: ClosedBy::Peer,
-            ts_ns: 0,
-            duration_ns: Some(3_000_000_000),
-            idle_before_close_ns: Some(2_500_000_000),
-        });
-        let text = encode(&registry, Format::OpenMetrics).unwrap();
-        let labels = r#"service="memcached",server="127.0.0.1:11211",role="client""#;
-        assert!(
-            text.contains(&format!(
-                "cacheprobe_connections_opened_total{{{labels}}} 1"
-            )),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("cacheprobe_connections_active{{{labels}}} 0")),
-            "{text}"
-        );
-        assert!(text.contains(&format!(
-            "cacheprobe_connections_closed_total{{{labels},closed_by=\"peer\"}} 1"
-        )));
-        assert!(text.contains(&format!(
-            "cacheprobe_connection_idle_before_close_seconds_bucket{{le=\"5.0\",{labels},closed_by=\"peer\"}} 1"
-        )) || text.contains(&format!(
-            "cacheprobe_connection_idle_before_close_seconds_bucket{{{labels},closed_by=\"peer\",le=\"5.0\"}} 1"
-        )), "{text}");
-        assert!(text.contains("cacheprobe_build_info{version=\""), "{text}");
-        assert!(
-            text.contains("cacheprobe_events_lost_total{source=\"ringbuf\"} 0"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn server_labels_are_bounded_per_service() {
-        let mut budget = LabelBudget::new(2);
-        assert_eq!(budget.admit(0, "a".into()), "a");
-        assert_eq!(budget.admit(0, "b".into()), "b");
-        assert_eq!(budget.admit(0, "c".into()), OVERFLOW_LABEL);
-        assert_eq!(budget.admit(0, "a".into()), "a");
-        assert_eq!(budget.admit(1, "c".into()), "c");
-        assert_eq!(budget.folded, 1);
-    }
-}
+mod tests;

@@ -1,0 +1,379 @@
+//! The fd walk (sample step 3): which processes hold the watched sockets, found by matching
+//! `socket:[inode]` links in `/proc/<pid>/fd`, walking again only the processes whose descriptors
+//! may have changed, within a per-sample budget; owners get comm and limits read.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    aggregate::ProcessUsage,
+    found::{find_watched, socket_inode, WatchedSocket},
+    Namespace, Sampler, ScanErrors, SocketOwner, WatchedConnection,
+};
+
+/// What the fd walk last found in one process. Kept between samples so a process whose
+/// descriptors did not change is not walked again (see [`Sampler::scan_processes`]).
+#[derive(Debug, Clone)]
+pub(super) struct CachedProcess {
+    pub(super) netns: u64,
+    /// Descriptor count at the last walk (or, without `fd_count`, as counted by it).
+    pub(super) open_fds: u64,
+    /// Inodes of the watched sockets held at the last walk, sorted; 4 bytes a socket.
+    /// Refilled in place by the next walk.
+    pub(super) sockets: Vec<u32>,
+    /// (inode, fd) of the listeners among them, sorted by inode, one fd each: the descriptor
+    /// a listener's backlog can be read through (see [`diag::backlog_via_owner`]). Connections
+    /// need none, and a socket listed as a connection does not turn into a listener (listen(2)
+    /// needs an unconnected socket, which the tables do not list).
+    pub(super) listener_fds: Vec<(u32, i32)>,
+    /// Sample number of the last walk.
+    pub(super) walked_at: u64,
+    /// Sample number in which the process was last seen in a namespace with watched sockets.
+    pub(super) seen_at: u64,
+}
+
+/// Work of the fd walk in one sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FdWalkStats {
+    /// Processes whose `/proc/<pid>/fd` was listed this sample.
+    pub processes_walked: usize,
+    /// Descriptors listed (each a readlink).
+    pub descriptors_walked: u64,
+    /// Processes whose walk was due but postponed by the per-sample budget; their previous
+    /// result is used meanwhile.
+    pub processes_deferred: usize,
+    /// Processes whose previous result was reused because nothing suggested a change.
+    pub processes_cached: usize,
+}
+
+/// Descriptors one periodic sample may walk (readlink each) before postponing the remaining
+/// processes to the next sample: bounds the sampler's CPU on a host with very many sockets
+/// (about 2-3 µs each, so ~0.15 s). At least one due process is walked per sample whatever
+/// its size, so none starves. The start-up sample (listing connections) is not bounded.
+const MAX_FDS_WALKED_PER_SAMPLE: u64 = 50_000;
+
+/// A process whose descriptors look unchanged is still walked again after this many samples
+/// (one minute at the default 5 s interval), to notice what the cheap checks cannot: a watched
+/// socket received or inherited while an unrelated descriptor closed.
+pub(super) const REWALK_AFTER_SAMPLES: u64 = 12;
+
+impl Sampler {
+    /// The descriptor count of every process, sorted by pid; empty where the kernel cannot
+    /// count without a walk.
+    pub(super) fn fd_counts(
+        &self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        errors: &mut ScanErrors,
+    ) -> Vec<(u32, u64)> {
+        if !self.fd_count_supported {
+            return Vec::new();
+        }
+        let mut counts = Vec::new();
+        for namespace in namespaces.values() {
+            for &pid in &namespace.members {
+                match self.procfs.fd_count(pid) {
+                    Ok(count) => counts.push((pid, count)),
+                    Err(err) => errors.io(&format!("pid {pid} fd"), &err),
+                }
+            }
+        }
+        counts.sort_unstable();
+        counts
+    }
+
+    /// Which processes hold watched sockets, walking `/proc/<pid>/fd` only where something may
+    /// have changed since the last walk. A process's previous result is reused when its
+    /// descriptor count is unchanged (a stat of its fd directory, Linux 6.2+), every watched
+    /// socket it held still exists, and it was walked less than [`REWALK_AFTER_SAMPLES`] ago.
+    /// A process without watched sockets is walked again when its count changed only if some
+    /// watched socket has no known owner. The walks due are done most urgent first, within
+    /// [`MAX_FDS_WALKED_PER_SAMPLE`] descriptors (unbounded when listing connections).
+    pub(super) fn scan_processes(
+        &mut self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        fd_counts: &[(u32, u64)],
+        watched: &mut [WatchedSocket],
+        mut listed: ListedConnections,
+        unbounded: bool,
+        errors: &mut ScanErrors,
+    ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>, FdWalkStats) {
+        let mut processes = Vec::new();
+        let mut listener_owners = HashMap::new();
+        let mut stats = FdWalkStats::default();
+        if watched.is_empty() {
+            self.processes.clear();
+            return (processes, listener_owners, stats);
+        }
+        let sample = self.samples;
+
+        // Pass 1: the descriptor count of every candidate process and whether its cached
+        // result still holds; sockets of holding results are claimed.
+        struct Candidate {
+            pid: u32,
+            netns: u64,
+            /// From stat, when supported.
+            open_fds: Option<u64>,
+            /// 0 = never walked or its result is void, 1 = an owner that changed, 2 = a
+            /// non-owner that changed, 3 = due for the periodic walk, 4 = cached result holds.
+            urgency: u8,
+        }
+        let mut candidates = Vec::new();
+        for (&netns, namespace) in namespaces {
+            if !namespace.has_watched_sockets {
+                continue;
+            }
+            for &pid in &namespace.members {
+                let open_fds = if self.fd_count_supported {
+                    match fd_counts.binary_search_by_key(&pid, |(pid, _)| *pid) {
+                        Ok(index) => Some(fd_counts[index].1),
+                        // Its stat failed (counted then): gone or unreadable.
+                        Err(_) => {
+                            self.processes.remove(&pid);
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let urgency = match self.processes.get_mut(&pid) {
+                    Some(cached) if cached.netns == netns => {
+                        cached.seen_at = sample;
+                        let unchanged = open_fds == Some(cached.open_fds);
+                        let sockets_present = cached
+                            .sockets
+                            .iter()
+                            .all(|inode| find_watched(watched, *inode).is_some());
+                        if !sockets_present || (!unchanged && !cached.sockets.is_empty()) {
+                            1
+                        } else {
+                            for inode in &cached.sockets {
+                                if let Some(index) = find_watched(watched, *inode) {
+                                    watched[index].claimed = true;
+                                }
+                            }
+                            if !unchanged {
+                                2
+                            } else if sample.saturating_sub(cached.walked_at)
+                                >= REWALK_AFTER_SAMPLES
+                            {
+                                3
+                            } else {
+                                4
+                            }
+                        }
+                    }
+                    _ => 0,
+                };
+                candidates.push(Candidate {
+                    pid,
+                    netns,
+                    open_fds,
+                    urgency,
+                });
+            }
+        }
+        let unclaimed = watched.iter().any(|socket| !socket.claimed);
+
+        // Pass 2: walk what is due, most urgent (then least recently walked) first.
+        let mut due: Vec<usize> = (0..candidates.len())
+            .filter(|&index| match candidates[index].urgency {
+                0 | 1 | 3 => true,
+                2 => unclaimed,
+                _ => false,
+            })
+            .collect();
+        due.sort_by_key(|&index| {
+            let candidate = &candidates[index];
+            let walked_at = self
+                .processes
+                .get(&candidate.pid)
+                .map_or(0, |cached| cached.walked_at);
+            (candidate.urgency, walked_at, candidate.pid)
+        });
+        let mut budget_left = if unbounded {
+            u64::MAX
+        } else {
+            MAX_FDS_WALKED_PER_SAMPLE
+        };
+        for index in due {
+            let candidate = &candidates[index];
+            if budget_left == 0 {
+                stats.processes_deferred += 1;
+                continue;
+            }
+            // The walk refills the process's previous lists in place.
+            let (mut sockets, mut listener_fds) = self
+                .processes
+                .get_mut(&candidate.pid)
+                .map(|cached| {
+                    (
+                        std::mem::take(&mut cached.sockets),
+                        std::mem::take(&mut cached.listener_fds),
+                    )
+                })
+                .unwrap_or_default();
+            sockets.clear();
+            listener_fds.clear();
+            let watched_view: &[WatchedSocket] = watched;
+            let lookup = |inode: u64| {
+                socket_inode(inode).and_then(|inode| find_watched(watched_view, inode))
+            };
+            let open_fds = match self.procfs.scan_fds(
+                candidate.pid,
+                |inode| lookup(inode).is_some(),
+                |found| {
+                    let Some(socket) = lookup(found.inode).map(|index| watched_view[index]) else {
+                        return;
+                    };
+                    sockets.push(socket.inode);
+                    if socket.listening {
+                        listener_fds.push((socket.inode, found.fd));
+                    }
+                },
+            ) {
+                Ok(open) => open,
+                Err(err) => {
+                    errors.io(&format!("pid {} fd", candidate.pid), &err);
+                    self.processes.remove(&candidate.pid);
+                    continue;
+                }
+            };
+            stats.processes_walked += 1;
+            stats.descriptors_walked += open_fds;
+            budget_left = budget_left.saturating_sub(open_fds.max(1));
+            // A process can hold the same socket in several fds (dup); count sockets once.
+            sockets.sort_unstable();
+            sockets.dedup();
+            listener_fds.sort_unstable_by_key(|(inode, _)| *inode);
+            listener_fds.dedup_by_key(|(inode, _)| *inode);
+            // Kept as they are until the next walk, which may be minutes away: no spare room
+            // (growth during a walk doubles). A no-op when the count did not change.
+            sockets.shrink_to_fit();
+            listener_fds.shrink_to_fit();
+            self.processes.insert(
+                candidate.pid,
+                CachedProcess {
+                    netns: candidate.netns,
+                    // The stat count when known: the walk's own count can be off by the
+                    // descriptors opened or closed while it ran, and would then look changed
+                    // at the next sample.
+                    open_fds: candidate.open_fds.unwrap_or(open_fds),
+                    sockets,
+                    listener_fds,
+                    walked_at: sample,
+                    seen_at: sample,
+                },
+            );
+        }
+        stats.processes_cached = candidates
+            .iter()
+            .filter(|candidate| candidate.urgency == 4 || (candidate.urgency == 2 && !unclaimed))
+            .count();
+        self.processes.retain(|_, cached| cached.seen_at == sample);
+
+        // Pass 3: usage of every process holding watched sockets, in pid order per namespace
+        // (the first owner of a connection is its lowest pid).
+        for candidate in &candidates {
+            let Some(cached) = self.processes.get(&candidate.pid) else {
+                continue;
+            };
+            let pid = candidate.pid;
+            let mut held = cached
+                .sockets
+                .iter()
+                .filter_map(|inode| Some((find_watched(watched, *inode)?, *inode)))
+                .peekable();
+            if held.peek().is_none() {
+                continue;
+            }
+            let comm = match self.procfs.read_comm(pid) {
+                Ok(comm) => comm,
+                Err(err) => {
+                    errors.io(&format!("pid {pid} comm"), &err);
+                    continue;
+                }
+            };
+            let soft_nofile = match self.procfs.read_soft_nofile(pid) {
+                Ok(Ok(limit)) => limit,
+                Ok(Err(err)) => {
+                    errors.parse(&format!("pid {pid} limits"), &err);
+                    continue;
+                }
+                Err(err) => {
+                    errors.io(&format!("pid {pid} limits"), &err);
+                    continue;
+                }
+            };
+            let mut usage = ProcessUsage {
+                pid,
+                comm,
+                netns: candidate.netns,
+                open_fds: candidate.open_fds.unwrap_or(cached.open_fds),
+                soft_nofile,
+                connections: BTreeMap::new(),
+                listening_sockets: BTreeMap::new(),
+            };
+            let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
+            for (index, inode) in held {
+                let socket = watched[index];
+                let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
+                    continue;
+                };
+                if socket.listening {
+                    counts.1 += 1;
+                    let fd = cached
+                        .listener_fds
+                        .binary_search_by_key(&inode, |(inode, _)| *inode)
+                        .ok()
+                        .map(|at| cached.listener_fds[at].1);
+                    if let Some(fd) = fd {
+                        listener_owners
+                            .entry(u64::from(inode))
+                            .or_insert(ListenerOwner { pid, fd });
+                    }
+                } else {
+                    counts.0 += 1;
+                }
+                if let Some(connection) = listed.by_socket(inode) {
+                    connection.owner.get_or_insert_with(|| SocketOwner {
+                        pid,
+                        comm: usage.comm.clone(),
+                    });
+                }
+            }
+            for (name, (connected, listening)) in self.service_names.iter().zip(per_service) {
+                if connected > 0 {
+                    usage.connections.insert(name.clone(), connected);
+                }
+                if listening > 0 {
+                    usage.listening_sockets.insert(name.clone(), listening);
+                }
+            }
+            processes.push(usage);
+        }
+        (processes, listener_owners, stats)
+    }
+}
+
+/// The start-up listing of connections, for noting their owners.
+pub(super) struct ListedConnections<'a> {
+    pub(super) connections: &'a mut [WatchedConnection],
+    /// (inode, index in `connections`), sorted by inode ([`Found::connection_of`]).
+    pub(super) by_inode: &'a [(u32, u32)],
+}
+
+impl ListedConnections<'_> {
+    pub(super) fn by_socket(&mut self, inode: u32) -> Option<&mut WatchedConnection> {
+        let at = self
+            .by_inode
+            .binary_search_by_key(&inode, |(inode, _)| *inode)
+            .ok()?;
+        self.connections.get_mut(self.by_inode[at].1 as usize)
+    }
+}
+
+/// Which process descriptor holds a watched listener, for reading its backlog through it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ListenerOwner {
+    pub(super) pid: u32,
+    pub(super) fd: i32,
+}

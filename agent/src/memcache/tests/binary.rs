@@ -1,0 +1,196 @@
+//! The binary protocol: statuses, quiet gets, opaque pairing, multi-packet stats, resync, every
+//! split point, and telling text from binary.
+
+use super::*;
+
+#[test]
+fn binary_get_set_delete_and_statuses() {
+    let mut conn = Conn::new();
+    let mut requests = Vec::new();
+    requests.extend(bin_request(0x01, 1, b"k", b"value"));
+    requests.extend(bin_request(0x00, 2, b"k", b""));
+    requests.extend(bin_request(0x00, 3, b"missing", b""));
+    requests.extend(bin_request(0x02, 4, b"k", b"v"));
+    requests.extend(bin_request(0x04, 5, b"k", b""));
+    requests.extend(bin_request(0x05, 6, b"n", b""));
+    requests.extend(bin_request(0x1c, 7, b"k", b""));
+    requests.extend(bin_request(0x0b, 8, b"", b""));
+    requests.extend(bin_request(0x3f, 9, b"", b""));
+    conn.client(&requests);
+    assert_eq!(conn.decoder.wire_protocol(), Some(WireProtocol::Binary));
+    let mut responses = Vec::new();
+    responses.extend(bin_response(0x01, 0, 1, b"", b""));
+    responses.extend(bin_response(0x00, 0, 2, b"", b"value"));
+    responses.extend(bin_response(0x00, 1, 3, b"", b"Not found"));
+    responses.extend(bin_response(0x02, 2, 4, b"", b"Data exists for key."));
+    responses.extend(bin_response(0x04, 1, 5, b"", b"Not found"));
+    responses.extend(bin_response(
+        0x05,
+        6,
+        6,
+        b"",
+        b"Non-numeric server-side value for incr or decr",
+    ));
+    responses.extend(bin_response(0x1c, 0, 7, b"", b""));
+    responses.extend(bin_response(0x0b, 0, 8, b"", b"1.6.18"));
+    responses.extend(bin_response(0x3f, 0x81, 9, b"", b"Unknown command"));
+    conn.server(&responses);
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_set", "stored", "k"),
+            s("bin_get", "hit", "k"),
+            s("bin_get", "miss", "missing"),
+            s("bin_add", "exists", "k"),
+            s("bin_delete", "not_found", "k"),
+            s("bin_incr", "client_error", "n"),
+            s("bin_touch", "touched", "k"),
+            s("bin_version", "ok", ""),
+            s("bin_other", "error", ""),
+        ]
+    );
+    assert!(conn.errors().is_empty());
+}
+
+#[test]
+fn binary_quiet_multi_get_flushed_by_noop() {
+    let mut conn = Conn::new();
+    let mut requests = Vec::new();
+    for (i, key) in [b"a", b"b", b"c"].iter().enumerate() {
+        requests.extend(bin_request(0x0d, i as u32, *key, b""));
+    }
+    requests.extend(bin_request(0x11, 10, b"s", b"v")); // SetQ
+    requests.extend(bin_request(0x11, 11, b"t", b"v")); // SetQ that fails
+    requests.extend(bin_request(0x0a, 12, b"", b""));
+    conn.client(&requests);
+    let mut responses = Vec::new();
+    responses.extend(bin_response(0x0d, 0, 1, b"b", b"value-b"));
+    responses.extend(bin_response(0x11, 0x05, 11, b"", b"Not stored."));
+    responses.extend(bin_response(0x0a, 0, 12, b"", b""));
+    conn.server(&responses);
+    let requests = conn.requests();
+    assert_eq!(
+        requests.iter().map(summarize).collect::<Vec<_>>(),
+        vec![
+            s("bin_getkq", "miss", "a"),
+            s("bin_getkq", "hit", "b"),
+            s("bin_getkq", "miss", "c"),
+            s("bin_setq", "stored", "s"),
+            s("bin_setq", "not_stored", "t"),
+            s("bin_noop", "ok", ""),
+        ]
+    );
+    assert!(requests.iter().all(|r| r.latency_ns == Some(10_000)));
+    assert!(conn.errors().is_empty());
+}
+
+#[test]
+fn binary_opaque_decides_pairing() {
+    let mut conn = Conn::new();
+    let mut requests = bin_request(0x00, 1, b"a", b"");
+    requests.extend(bin_request(0x00, 2, b"b", b""));
+    conn.client(&requests);
+    // The response to opaque 1 was lost; opaque 2 proves it.
+    conn.server(&bin_response(0x00, 0, 2, b"", b"x"));
+    assert_eq!(
+        conn.summary(),
+        vec![s("bin_get", "unknown", "a"), s("bin_get", "hit", "b")]
+    );
+    conn.server(&bin_response(0x00, 0, 7, b"", b"x"));
+    assert_eq!(conn.errors(), vec!["unexpected_response"]);
+}
+
+#[test]
+fn binary_stat_is_a_multi_packet_response() {
+    let mut conn = Conn::new();
+    conn.client(&bin_request(0x10, 1, b"", b""));
+    let mut responses = bin_response(0x10, 0, 1, b"pid", b"42");
+    responses.extend(bin_response(0x10, 0, 1, b"uptime", b"7"));
+    responses.extend(bin_response(0x10, 0, 1, b"", b""));
+    conn.server(&responses);
+    let requests = conn.requests();
+    assert_eq!(
+        requests.iter().map(summarize).collect::<Vec<_>>(),
+        vec![s("bin_stat", "ok", "")]
+    );
+    assert_eq!(requests[0].response_bytes, responses.len() as u64);
+}
+
+#[test]
+fn binary_quitq_and_large_value_prefix() {
+    let mut conn = Conn::new();
+    let value = vec![7u8; 5000];
+    let set = bin_request(0x01, 1, b"big", &value);
+    conn.feed(Direction::ClientToServer, &set, 64);
+    conn.server(&bin_response(0x01, 0, 1, b"", b""));
+    conn.client(&bin_request(0x00, 2, b"big", b""));
+    let hit = bin_response(0x00, 0, 2, b"", &value);
+    conn.feed(Direction::ServerToClient, &hit, 64);
+    conn.client(&bin_request(0x17, 3, b"", b""));
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_set", "stored", "big"),
+            s("bin_get", "hit", "big"),
+            s("bin_quitq", "noreply", "")
+        ]
+    );
+    assert!(conn.errors().is_empty());
+}
+
+#[test]
+fn binary_resync_after_garbage() {
+    let mut conn = Conn::with(DecoderConfig {
+        protocol_hint: ProtocolHint::Binary,
+        ..DecoderConfig::default()
+    });
+    let mut stream = vec![0x80, 0xff, 0xff, 0xff, 0x12, 0x34];
+    stream.extend_from_slice(&[0x55; 40]);
+    stream.extend(bin_request(0x00, 9, b"key", b""));
+    conn.client(&stream);
+    assert_eq!(conn.errors(), vec!["garbage"]);
+    conn.server(&bin_response(0x00, 1, 9, b"", b""));
+    assert_eq!(conn.summary(), vec![s("bin_get", "miss", "key")]);
+}
+
+#[test]
+fn binary_split_at_every_point() {
+    let mut requests = bin_request(0x0c, 1, b"kk", b"");
+    requests.extend(bin_request(0x01, 2, b"s", b"abc"));
+    let mut responses = bin_response(0x0c, 0, 1, b"kk", b"vv");
+    responses.extend(bin_response(0x01, 0, 2, b"", b""));
+    for split_request in 0..=requests.len() {
+        for split_response in (0..=responses.len()).step_by(3) {
+            let mut conn = Conn::new();
+            conn.client(&requests[..split_request]);
+            conn.client(&requests[split_request..]);
+            conn.server(&responses[..split_response]);
+            conn.server(&responses[split_response..]);
+            assert_eq!(
+                conn.summary(),
+                vec![s("bin_getk", "hit", "kk"), s("bin_set", "stored", "s")],
+                "split at {split_request}/{split_response}"
+            );
+        }
+    }
+}
+
+#[test]
+fn auto_detection_and_hints() {
+    let mut conn = Conn::new();
+    assert_eq!(conn.decoder.wire_protocol(), None);
+    conn.client(b"get a\r\n");
+    assert_eq!(conn.decoder.wire_protocol(), Some(WireProtocol::Text));
+    let mut conn = Conn::new();
+    conn.server(&bin_response(0x0a, 0, 0, b"", b""));
+    assert_eq!(conn.decoder.wire_protocol(), Some(WireProtocol::Binary));
+    let mut conn = Conn::with(DecoderConfig {
+        protocol_hint: ProtocolHint::Text,
+        ..DecoderConfig::default()
+    });
+    let mut request = bin_request(0x00, 1, b"k", b"");
+    request.extend_from_slice(b"\r\n");
+    conn.client(&request);
+    assert_eq!(conn.decoder.wire_protocol(), Some(WireProtocol::Text));
+    assert_eq!(conn.errors(), vec!["garbage"]);
+}
