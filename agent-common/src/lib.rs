@@ -169,16 +169,16 @@ pub struct ProbeOffsets {
 }
 
 /// The raw `sys_exit` tracepoint passes `(struct pt_regs *regs, long ret)`: the syscall's number
-/// is read from the registers and looked up among the [`fd_syscall`]s'.
+/// is read from the registers and looked up among the [`FdSyscall`]s'.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdSyscalls {
     /// `struct pt_regs` member holding the syscall number (x86-64 `orig_ax`).
     pub number: u16,
     pub _pad: [u16; 3],
-    /// This architecture's number of each [`fd_syscall`], by index; u64::MAX when it has none
+    /// This architecture's number of each [`FdSyscall`], by index; u64::MAX when it has none
     /// (arm64 has no open(2)).
-    pub numbers: [u64; fd_syscall::COUNT],
+    pub numbers: [u64; FdSyscall::COUNT],
 }
 
 // No implicit padding: the whole struct is copied into the object's read-only data.
@@ -271,7 +271,7 @@ impl ProbeOffsets {
         fd_syscalls: FdSyscalls {
             number: OFFSET_UNKNOWN,
             _pad: [0; 3],
-            numbers: [u64::MAX; fd_syscall::COUNT],
+            numbers: [u64::MAX; FdSyscall::COUNT],
         },
     };
 
@@ -499,41 +499,109 @@ pub struct SegmentHeader {
 pub const SEGMENT_HEADER_LEN: usize = 8;
 const _: () = assert!(core::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_LEN);
 
-/// Event kinds in [`SockEvent::kind`].
-pub mod event_kind {
-    /// A TCP state transition on a watched socket.
-    pub const STATE: u8 = 1;
-    /// A watched socket first seen through a send/receive (it existed before the agent).
-    pub const LEARNED: u8 = 2;
-    /// A send on a socket whose peer had already closed.
-    pub const SEND_AFTER_PEER_CLOSE: u8 = 3;
-    /// A receive on a socket whose peer had already closed.
-    pub const RECV_AFTER_PEER_CLOSE: u8 = 4;
-    /// TCP trouble on a watched port; [`SockEvent::new_state`] holds a [`tcp_trouble`] value and
-    /// [`SockEvent::old_state`] the socket state where the tracepoint has it.
-    pub const TCP_TROUBLE: u8 = 5;
-    /// A syscall returned EMFILE or ENFILE; [`SockEvent::new_state`] holds a [`fd_syscall`] value
-    /// and [`SockEvent::ret`] the negative errno.
-    pub const FD_EXHAUSTED: u8 = 6;
+/// An ABI enum: `#[repr(u8)]` (or the given repr), its wire value written by the kernel half
+/// with `as`, read back by the user half with `TryFrom`, where a byte naming no variant is an
+/// [`UnknownValue`] (the agent counts the record as undecodable; it never panics on it).
+/// Records keep the plain integer: an enum field read from kernel bytes could hold an invalid
+/// value.
+macro_rules! abi_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $repr:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($repr)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            /// Number of variants.
+            pub const COUNT: usize = [$($value),+].len();
+            /// Every variant, in wire-value order.
+            pub const ALL: [$name; Self::COUNT] = [$($name::$variant),+];
+        }
+
+        impl TryFrom<$repr> for $name {
+            type Error = UnknownValue;
+            fn try_from(value: $repr) -> Result<Self, UnknownValue> {
+                match value {
+                    $($value => Ok($name::$variant),)+
+                    _ => Err(UnknownValue(value as u64)),
+                }
+            }
+        }
+    };
 }
 
-pub mod tcp_trouble {
-    pub const RETRANSMIT: u8 = 1;
-    pub const RETRANSMIT_SYNACK: u8 = 2;
-    pub const RESET_RECEIVED: u8 = 3;
-    pub const RESET_SENT: u8 = 4;
+/// A value from the kernel that names no variant of an ABI enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownValue(pub u64);
+
+abi_enum! {
+    /// What a [`SockEvent`] reports, in [`SockEvent::kind`].
+    pub enum SockEventKind: u8 {
+        /// A TCP state transition on a watched socket ([`SockEvent::old_state`] to
+        /// [`SockEvent::new_state`]).
+        State = 1,
+        /// A watched socket first seen through a send/receive (it existed before the agent);
+        /// [`SockEvent::new_state`] is its state when seen.
+        Learned = 2,
+        /// A send on a socket whose peer had already closed.
+        SendAfterPeerClose = 3,
+        /// A receive on a socket whose peer had already closed.
+        RecvAfterPeerClose = 4,
+        /// TCP trouble on a watched port: [`SockEvent::trouble`] says which, and
+        /// [`SockEvent::old_state`] is the socket state where the tracepoint has it.
+        TcpTrouble = 5,
+        /// A syscall returned EMFILE or ENFILE: [`SockEvent::fd_syscall`] says which, and
+        /// [`SockEvent::ret`] holds the negative errno.
+        FdExhausted = 6,
+    }
 }
 
-/// Syscalls whose EMFILE/ENFILE failures are recorded, in the order the programs number them.
-pub mod fd_syscall {
-    pub const SOCKET: u8 = 0;
-    pub const ACCEPT: u8 = 1;
-    pub const ACCEPT4: u8 = 2;
-    pub const OPEN: u8 = 3;
-    pub const OPENAT: u8 = 4;
-    pub const DUP: u8 = 5;
-    pub const COUNT: usize = 6;
-    pub const NAMES: [&str; COUNT] = ["socket", "accept", "accept4", "open", "openat", "dup"];
+abi_enum! {
+    /// Which TCP trouble a [`SockEventKind::TcpTrouble`] event reports, in [`SockEvent::trouble`].
+    pub enum TcpTrouble: u8 {
+        /// A data segment was retransmitted (`tcp_retransmit_skb`).
+        Retransmit = 1,
+        /// A listener retransmitted a SYN-ACK (`tcp_retransmit_synack`).
+        RetransmitSynAck = 2,
+        /// A reset arrived (`tcp_receive_reset`).
+        ResetReceived = 3,
+        /// A reset was sent (`tcp_send_reset`).
+        ResetSent = 4,
+    }
+}
+
+abi_enum! {
+    /// Syscalls whose EMFILE/ENFILE failures are recorded, in the order the programs number them
+    /// ([`FdSyscalls::numbers`]), in [`SockEvent::fd_syscall`].
+    pub enum FdSyscall: u8 {
+        Socket = 0,
+        Accept = 1,
+        Accept4 = 2,
+        Open = 3,
+        Openat = 4,
+        Dup = 5,
+    }
+}
+
+impl FdSyscall {
+    /// The syscall's name, as the metrics and the history name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FdSyscall::Socket => "socket",
+            FdSyscall::Accept => "accept",
+            FdSyscall::Accept4 => "accept4",
+            FdSyscall::Open => "open",
+            FdSyscall::Openat => "openat",
+            FdSyscall::Dup => "dup",
+        }
+    }
 }
 
 pub const COMM_LEN: usize = 16;
@@ -542,16 +610,21 @@ pub const COMM_LEN: usize = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SockEvent {
+    /// A [`SockEventKind`].
     pub kind: u8,
+    /// TCP states (include/net/tcp_states.h, [`tcp_state`]) where the kind has them.
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad0: u8,
+    /// A [`TcpTrouble`] for [`SockEventKind::TcpTrouble`], else 0.
+    pub trouble: u8,
     pub family: u16,
     /// Local port, host order.
     pub local_port: u16,
     /// Remote port, host order.
     pub remote_port: u16,
-    pub _pad1: u16,
+    /// A [`FdSyscall`] for [`SockEventKind::FdExhausted`], else 0.
+    pub fd_syscall: u8,
+    pub _pad1: u8,
     /// Thread group id of the task that was running; only meaningful in syscall context.
     pub pid: u32,
     /// Monotonic (CLOCK_MONOTONIC) ns when the event happened.
@@ -566,6 +639,13 @@ pub struct SockEvent {
     pub ret: i64,
     pub comm: [u8; COMM_LEN],
 }
+
+// The ring record's size and the fields that carry a kind's detail are fixed: both halves
+// must agree on every byte.
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 136);
+const _: () = assert!(core::mem::offset_of!(SockEvent, trouble) == 3);
+const _: () = assert!(core::mem::offset_of!(SockEvent, fd_syscall) == 10);
+const _: () = assert!(core::mem::offset_of!(SockEvent, pid) == 12);
 
 /// Indices into the per-CPU `COUNTERS` array: things the kernel side could not record.
 pub mod counter {
@@ -654,6 +734,39 @@ mod tests {
                 "{followed} of 256 followed at 1/8"
             );
         }
+    }
+
+    #[test]
+    fn abi_enums_read_back_every_value_they_write_and_reject_every_other_byte() {
+        use super::{FdSyscall, SockEventKind, TcpTrouble, UnknownValue};
+        fn check<E: Copy + PartialEq + core::fmt::Debug + TryFrom<u8, Error = UnknownValue>>(
+            all: &[E],
+            wire: impl Fn(E) -> u8,
+        ) {
+            for byte in 0..=u8::MAX {
+                match all.iter().find(|&&variant| wire(variant) == byte) {
+                    Some(&variant) => assert_eq!(E::try_from(byte), Ok(variant)),
+                    None => assert_eq!(E::try_from(byte), Err(UnknownValue(byte.into()))),
+                }
+            }
+        }
+        check(&SockEventKind::ALL, |kind| kind as u8);
+        check(&TcpTrouble::ALL, |trouble| trouble as u8);
+        check(&FdSyscall::ALL, |syscall| syscall as u8);
+        // The wire values are the ABI: the kernel object and older agents agree on them.
+        assert_eq!(
+            SockEventKind::ALL.map(|kind| kind as u8),
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(TcpTrouble::ALL.map(|trouble| trouble as u8), [1, 2, 3, 4]);
+        assert_eq!(
+            FdSyscall::ALL.map(|syscall| syscall as u8),
+            [0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            FdSyscall::ALL.map(FdSyscall::name),
+            ["socket", "accept", "accept4", "open", "openat", "dup"]
+        );
     }
 
     #[test]

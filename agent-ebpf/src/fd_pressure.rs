@@ -4,7 +4,7 @@
 use crate::maps::offsets;
 use crate::ring::emit;
 use crate::sock::{read_kernel_field, read_tp};
-use agent_common::{event_kind, fd_syscall};
+use agent_common::{FdSyscall, SockEventKind};
 use aya_ebpf::{
     macros::raw_tracepoint, macros::tracepoint, programs::RawTracePointContext,
     programs::TracePointContext,
@@ -14,14 +14,14 @@ const EMFILE: i64 = 24;
 const ENFILE: i64 = 23;
 
 #[inline(always)]
-fn fd_exit(ctx: &TracePointContext, syscall: u8) -> u32 {
+fn fd_exit(ctx: &TracePointContext, syscall: FdSyscall) -> u32 {
     let Some(ret) = read_tp::<i64>(ctx, offsets().sys_exit_ret) else {
         return 0;
     };
     if ret == -EMFILE || ret == -ENFILE {
         emit(|event| {
-            event.kind = event_kind::FD_EXHAUSTED;
-            event.new_state = syscall;
+            event.kind = SockEventKind::FdExhausted as u8;
+            event.fd_syscall = syscall as u8;
             event.ret = ret;
         });
     }
@@ -42,10 +42,10 @@ pub fn raw_sys_exit_fd(ctx: RawTracePointContext) -> u32 {
     let Some(number) = read_kernel_field::<u64>(ctx.arg::<u64>(0), layout.number) else {
         return 0;
     };
-    if let Some(syscall) = (0..fd_syscall::COUNT).find(|&index| layout.numbers[index] == number) {
+    if let Some(syscall) = (0..FdSyscall::COUNT).find(|&index| layout.numbers[index] == number) {
         emit(|event| {
-            event.kind = event_kind::FD_EXHAUSTED;
-            event.new_state = syscall as u8;
+            event.kind = SockEventKind::FdExhausted as u8;
+            event.fd_syscall = syscall as u8;
             event.ret = ret;
         });
     }
@@ -54,30 +54,30 @@ pub fn raw_sys_exit_fd(ctx: RawTracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::SOCKET)
+    fd_exit(&ctx, FdSyscall::Socket)
 }
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::ACCEPT)
+    fd_exit(&ctx, FdSyscall::Accept)
 }
 
 #[tracepoint]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::ACCEPT4)
+    fd_exit(&ctx, FdSyscall::Accept4)
 }
 
 #[tracepoint]
 pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::OPEN)
+    fd_exit(&ctx, FdSyscall::Open)
 }
 
 #[tracepoint]
 pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::OPENAT)
+    fd_exit(&ctx, FdSyscall::Openat)
 }
 
 #[tracepoint]
 pub fn sys_exit_dup(ctx: TracePointContext) -> u32 {
-    fd_exit(&ctx, fd_syscall::DUP)
+    fd_exit(&ctx, FdSyscall::Dup)
 }

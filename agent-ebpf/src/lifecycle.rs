@@ -7,7 +7,7 @@ use crate::sock::{
     capture_flags, fill_tuple, read_kernel_field, read_sock_tuple, read_tp, read_watched_tuple,
     scalar_arg, Tuple,
 };
-use agent_common::{counter, event_kind, tcp_state, SockState, IPPROTO_TCP, OFFSET_UNKNOWN};
+use agent_common::{counter, tcp_state, SockEventKind, SockState, IPPROTO_TCP, OFFSET_UNKNOWN};
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, helpers::generated::bpf_jiffies64, macros::btf_tracepoint,
     macros::tracepoint, programs::BtfTracePointContext, programs::TracePointContext, EbpfContext,
@@ -93,7 +93,7 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
         bump(counter::SOCKET_MAP_FULL);
     }
     emit(|event| {
-        event.kind = event_kind::STATE;
+        event.kind = SockEventKind::State as u8;
         event.old_state = old_state;
         event.new_state = new_state;
         fill_tuple(event, tuple);

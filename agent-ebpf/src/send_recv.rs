@@ -10,7 +10,7 @@ use crate::sock::{
     SockPorts,
 };
 use agent_common::{
-    capture_sample, counter, event_kind, sock_flags, tcp_state, SockState, AF_INET, AF_INET6,
+    capture_sample, counter, sock_flags, tcp_state, SockEventKind, SockState, AF_INET, AF_INET6,
     IPPROTO_TCP,
 };
 use aya_ebpf::{
@@ -191,9 +191,9 @@ pub(crate) fn length_on_watched(
 fn emit_after_peer_close(sk: u64, ret: i32, is_send: bool, snapshot: &SockState) {
     emit(|event| {
         event.kind = if is_send {
-            event_kind::SEND_AFTER_PEER_CLOSE
+            SockEventKind::SendAfterPeerClose as u8
         } else {
-            event_kind::RECV_AFTER_PEER_CLOSE
+            SockEventKind::RecvAfterPeerClose as u8
         };
         event.sk = sk;
         event.ret = ret as i64;
@@ -254,7 +254,7 @@ pub(crate) fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u6
         return None;
     }
     emit(|event| {
-        event.kind = event_kind::LEARNED;
+        event.kind = SockEventKind::Learned as u8;
         event.new_state = tcp_state_now;
         event.family = family;
         event.local_port = local_port;

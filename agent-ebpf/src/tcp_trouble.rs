@@ -7,21 +7,21 @@ use crate::sock::{
     fill_tuple, is_watched, read_kernel_field, read_sock_tuple, read_watched_tuple, scalar_arg,
     Tuple,
 };
-use agent_common::{event_kind, tcp_trouble, TupleLayout, AF_INET, AF_INET6};
+use agent_common::{SockEventKind, TcpTrouble, TupleLayout, AF_INET, AF_INET6};
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, helpers::bpf_probe_read_kernel, macros::btf_tracepoint,
     macros::tracepoint, programs::BtfTracePointContext, programs::TracePointContext, EbpfContext,
 };
 
 #[inline(always)]
-fn trouble(ctx: &TracePointContext, layout: &TupleLayout, kind: u8) -> Option<()> {
+fn trouble(ctx: &TracePointContext, layout: &TupleLayout, kind: TcpTrouble) -> Option<()> {
     let tuple = read_watched_tuple(ctx, layout)?;
     trouble_event(&tuple, kind)
 }
 
 #[inline(always)]
-fn trouble_event(tuple: &Tuple, kind: u8) -> Option<()> {
-    if kind == tcp_trouble::RESET_RECEIVED && tuple.sk != 0 {
+fn trouble_event(tuple: &Tuple, kind: TcpTrouble) -> Option<()> {
+    if kind == TcpTrouble::ResetReceived && tuple.sk != 0 {
         // Fires before the kernel moves the socket to CLOSE, so the close sees the reset.
         if let Some(state) = SOCKETS.get_ptr_mut(tuple.sk) {
             let now = unsafe { bpf_ktime_get_ns() };
@@ -34,8 +34,8 @@ fn trouble_event(tuple: &Tuple, kind: u8) -> Option<()> {
         }
     }
     emit(|event| {
-        event.kind = event_kind::TCP_TROUBLE;
-        event.new_state = kind;
+        event.kind = SockEventKind::TcpTrouble as u8;
+        event.trouble = kind as u8;
         event.old_state = tuple.state;
         fill_tuple(event, tuple);
     });
@@ -46,14 +46,14 @@ fn trouble_event(tuple: &Tuple, kind: u8) -> Option<()> {
 /// arguments; the classic tracepoints below are the fallback. The socket's identity comes from
 /// `struct sock_common`. Only TCP sockets reach these hooks.
 #[inline(always)]
-fn btf_trouble(sk: u64, kind: u8) -> Option<()> {
+fn btf_trouble(sk: u64, kind: TcpTrouble) -> Option<()> {
     let tuple = read_sock_tuple(sk, true)?;
     trouble_event(&tuple, kind)
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn btf_tcp_retransmit_skb(ctx: BtfTracePointContext) -> u32 {
-    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), tcp_trouble::RETRANSMIT);
+    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), TcpTrouble::Retransmit);
     0
 }
 
@@ -65,14 +65,14 @@ pub fn btf_tcp_retransmit_synack(ctx: BtfTracePointContext) -> u32 {
         tuple.sk = scalar_arg(ctx.as_ptr(), 0);
         // The classic record has no state; a request's (NEW_SYN_RECV) says nothing more.
         tuple.state = 0;
-        let _ = trouble_event(&tuple, tcp_trouble::RETRANSMIT_SYNACK);
+        let _ = trouble_event(&tuple, TcpTrouble::RetransmitSynAck);
     }
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
-    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), tcp_trouble::RESET_RECEIVED);
+    let _ = btf_trouble(scalar_arg(ctx.as_ptr(), 0), TcpTrouble::ResetReceived);
     0
 }
 
@@ -83,7 +83,7 @@ pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> u32 {
 pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
     let sk = scalar_arg(ctx.as_ptr(), 0);
     if sk != 0 {
-        let _ = btf_trouble(sk, tcp_trouble::RESET_SENT);
+        let _ = btf_trouble(sk, TcpTrouble::ResetSent);
     } else {
         let _ = reset_for_segment(scalar_arg(ctx.as_ptr(), 1));
     }
@@ -136,12 +136,12 @@ fn reset_for_segment(skb: u64) -> Option<()> {
     } else {
         return None;
     }
-    trouble_event(&tuple, tcp_trouble::RESET_SENT)
+    trouble_event(&tuple, TcpTrouble::ResetSent)
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let _ = trouble(&ctx, &offsets().retransmit_skb, tcp_trouble::RETRANSMIT);
+    let _ = trouble(&ctx, &offsets().retransmit_skb, TcpTrouble::Retransmit);
     0
 }
 
@@ -150,19 +150,19 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     let _ = trouble(
         &ctx,
         &offsets().retransmit_synack,
-        tcp_trouble::RETRANSMIT_SYNACK,
+        TcpTrouble::RetransmitSynAck,
     );
     0
 }
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let _ = trouble(&ctx, &offsets().receive_reset, tcp_trouble::RESET_RECEIVED);
+    let _ = trouble(&ctx, &offsets().receive_reset, TcpTrouble::ResetReceived);
     0
 }
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    let _ = trouble(&ctx, &offsets().send_reset, tcp_trouble::RESET_SENT);
+    let _ = trouble(&ctx, &offsets().send_reset, TcpTrouble::ResetSent);
     0
 }

@@ -8,12 +8,12 @@ use serde::Serialize;
 use crate::{
     config::Config,
     kernel::{
-        loader::{
-            self, missing_length_probes, perf_event_paranoid, perf_event_refused, AttachKind,
-            ProbeStatus, Probes, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PERF_PARANOID_FIX,
-            PROBES,
-        },
+        loader::Probes,
         offsets::{resolve_offsets, SystemLayout},
+        probes::{
+            self, missing_length_probes, perf_event_paranoid, perf_event_refused, AttachKind,
+            ProbeStatus, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PERF_PARANOID_FIX, PROBES,
+        },
     },
 };
 
@@ -216,7 +216,7 @@ pub fn run_checks(config: &Config) -> CheckReport {
                         if spec.program == "inet_sock_set_state" {
                             usable = true;
                         }
-                        let storage = loader::STORAGE_PROGRAMS
+                        let storage = probes::STORAGE_PROGRAMS
                             .iter()
                             .any(|&(p, _)| p == spec.program);
                         let how = if storage && probes.socket_storage.is_ok() {
@@ -226,7 +226,7 @@ pub fn run_checks(config: &Config) -> CheckReport {
                         } else if probes.btf.contains(&spec.program) {
                             "attached (tp_btf, a bpf() link: no perf_event_open)".to_owned()
                         } else if probes.raw.contains(&spec.program)
-                            && spec.link_program == Some(loader::FD_RAW_PROGRAM)
+                            && spec.link_program == Some(probes::FD_RAW_PROGRAM)
                         {
                             "attached (raw tracepoint sys_exit, a bpf() link: no \
                              perf_event_open; one program for the six fd syscalls, attached \

@@ -28,8 +28,9 @@ use crate::{
         pipeline::Pipeline,
     },
     kernel::{
-        loader::{Probes, PROBES},
+        loader::Probes,
         offsets::{resolve_offsets, SystemLayout},
+        probes::PROBES,
         readings::KernelReadings,
     },
     services::SharedServices,

@@ -29,7 +29,7 @@ pub struct Endpoint {
 
 /// What the connection tracker concludes from socket events: connections opened and closed,
 /// dead writes, TCP trouble, descriptor exhaustion. (What the bytes on a connection say is a
-/// [`crate::kernel::capture::MemcacheEvent`].)
+/// [`crate::memcache::decoders::MemcacheEvent`].)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
     ConnectionOpened {

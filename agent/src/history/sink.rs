@@ -14,8 +14,8 @@ use foldhash::{HashMap, HashMapExt};
 use super::{fact_from_observation, Fact, History, RequestRecord};
 
 use crate::{
-    conn::tracking::Observation, ingest::outputs::ObservationSink, kernel::capture::MemcacheEvent,
-    services::SharedServices,
+    conn::tracking::Observation, ingest::outputs::ObservationSink,
+    memcache::decoders::MemcacheEvent, services::SharedServices,
 };
 
 /// Server addresses formatted once; cleared when it grows past this (endpoints are few).

@@ -8,7 +8,7 @@ use crate::{
     conn::tracking::Observation,
     export::{metrics::Metrics, recorder::ObservationRecorder},
     history::{Fact, History},
-    kernel::capture::MemcacheEvent,
+    memcache::decoders::MemcacheEvent,
 };
 
 /// Ring views change when pools connect or age out, minutes apart: no need to look every tick.

@@ -27,10 +27,11 @@ use crate::{
         outputs::{ObservationSink, Outputs},
         queues::QueueSide,
     },
-    kernel::capture::{parse_payload, Decoders, MemcacheEvent, CLOSE_GRACE_NS},
+    kernel::capture::parse_payload,
     kernel::events::{self, EventKind, SockEventRecord},
     kernel::readings::KernelReadings,
     keystats::{KeyDisplay, KeyRouting, KeysReport, TopK},
+    memcache::decoders::{Decoders, MemcacheEvent, CLOSE_GRACE_NS},
     model::Role,
     services::SharedServices,
     sizes::slab::LocalMemcached,
@@ -227,7 +228,7 @@ impl Pipeline {
                 self.tracker.dead_writes_mut().name(
                     payload.sk,
                     payload.ts_ns,
-                    crate::kernel::capture::sniff_command(leading),
+                    crate::memcache::decoders::sniff_command(leading),
                     queue,
                 );
             }

@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use agent_common::{event_kind, fd_syscall, tcp_trouble, SockEvent, AF_INET, AF_INET6, COMM_LEN};
+use agent_common::{FdSyscall, SockEvent, SockEventKind, AF_INET, AF_INET6, COMM_LEN};
+
+// The kernel half of the trouble code is the user half too.
+pub use agent_common::TcpTrouble;
 
 // Re-exported for the capture path, which names it from here.
 pub use crate::model::Role;
@@ -45,14 +48,6 @@ pub enum EventKind {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcpTrouble {
-    Retransmit,
-    RetransmitSynAck,
-    ResetReceived,
-    ResetSent,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SockEventRecord {
     pub kind: EventKind,
@@ -90,34 +85,28 @@ pub fn decode(bytes: &[u8]) -> Result<SockEventRecord, DecodeError> {
 }
 
 pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
-    let kind = match raw.kind {
-        event_kind::STATE => EventKind::StateChange {
+    let kind = SockEventKind::try_from(raw.kind).map_err(|_| DecodeError::Kind(raw.kind))?;
+    let kind = match kind {
+        SockEventKind::State => EventKind::StateChange {
             old_state: raw.old_state,
             new_state: raw.new_state,
         },
-        event_kind::LEARNED => EventKind::Learned {
+        SockEventKind::Learned => EventKind::Learned {
             state: raw.new_state,
         },
-        event_kind::SEND_AFTER_PEER_CLOSE => EventKind::SendAfterPeerClose { ret: raw.ret },
-        event_kind::RECV_AFTER_PEER_CLOSE => EventKind::RecvAfterPeerClose { ret: raw.ret },
-        event_kind::TCP_TROUBLE => EventKind::TcpTrouble {
-            trouble: match raw.new_state {
-                tcp_trouble::RETRANSMIT => TcpTrouble::Retransmit,
-                tcp_trouble::RETRANSMIT_SYNACK => TcpTrouble::RetransmitSynAck,
-                tcp_trouble::RESET_RECEIVED => TcpTrouble::ResetReceived,
-                tcp_trouble::RESET_SENT => TcpTrouble::ResetSent,
-                other => return Err(DecodeError::Trouble(other)),
-            },
+        SockEventKind::SendAfterPeerClose => EventKind::SendAfterPeerClose { ret: raw.ret },
+        SockEventKind::RecvAfterPeerClose => EventKind::RecvAfterPeerClose { ret: raw.ret },
+        SockEventKind::TcpTrouble => EventKind::TcpTrouble {
+            trouble: TcpTrouble::try_from(raw.trouble)
+                .map_err(|_| DecodeError::Trouble(raw.trouble))?,
             state: raw.old_state,
         },
-        event_kind::FD_EXHAUSTED => EventKind::FdExhausted {
-            syscall: fd_syscall::NAMES
-                .get(raw.new_state as usize)
-                .copied()
-                .ok_or(DecodeError::Syscall(raw.new_state))?,
+        SockEventKind::FdExhausted => EventKind::FdExhausted {
+            syscall: FdSyscall::try_from(raw.fd_syscall)
+                .map_err(|_| DecodeError::Syscall(raw.fd_syscall))?
+                .name(),
             errno: -raw.ret,
         },
-        other => return Err(DecodeError::Kind(other)),
     };
     let has_addresses = matches!(
         kind,
@@ -190,13 +179,14 @@ mod tests {
         let mut comm = [0u8; COMM_LEN];
         comm[..7].copy_from_slice(b"python3");
         SockEvent {
-            kind: event_kind::STATE,
+            kind: SockEventKind::State as u8,
             old_state: 1,
             new_state: 8,
-            _pad0: 0,
+            trouble: 0,
             family: AF_INET,
             local_port: 40000,
             remote_port: 11211,
+            fd_syscall: 0,
             _pad1: 0,
             pid: 42,
             ts_ns: 5_000,
@@ -265,8 +255,8 @@ mod tests {
     #[test]
     fn decodes_trouble_and_fd_exhaustion() {
         let mut raw = raw_state_event();
-        raw.kind = event_kind::TCP_TROUBLE;
-        raw.new_state = tcp_trouble::RETRANSMIT_SYNACK;
+        raw.kind = SockEventKind::TcpTrouble as u8;
+        raw.trouble = TcpTrouble::RetransmitSynAck as u8;
         raw.old_state = 3;
         let record = from_raw(&raw).unwrap();
         assert_eq!(
@@ -277,11 +267,11 @@ mod tests {
             }
         );
         assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
-        raw.new_state = 77;
+        raw.trouble = 77;
         assert_eq!(from_raw(&raw), Err(DecodeError::Trouble(77)));
 
-        raw.kind = event_kind::FD_EXHAUSTED;
-        raw.new_state = fd_syscall::ACCEPT4;
+        raw.kind = SockEventKind::FdExhausted as u8;
+        raw.fd_syscall = FdSyscall::Accept4 as u8;
         raw.ret = -24;
         let record = from_raw(&raw).unwrap();
         assert_eq!(
@@ -292,7 +282,7 @@ mod tests {
             }
         );
         assert_eq!(record.local, None);
-        raw.new_state = 200;
+        raw.fd_syscall = 200;
         assert_eq!(from_raw(&raw), Err(DecodeError::Syscall(200)));
     }
 

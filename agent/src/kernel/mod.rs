@@ -8,4 +8,5 @@ pub mod events;
 pub mod format;
 pub mod loader;
 pub mod offsets;
+pub mod probes;
 pub mod readings;

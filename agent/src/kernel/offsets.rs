@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use agent_common::{fd_syscall, io_syscall, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
+use agent_common::{io_syscall, FdSyscall, ProbeOffsets, TupleLayout, OFFSET_UNKNOWN};
 
 use super::btf::Btf;
 use super::format::{parse_format, TracepointFormat};
@@ -289,9 +289,9 @@ fn io_syscall_numbers() -> [u64; io_syscall::COUNT] {
     .map(|number| number as u64)
 }
 
-/// This architecture's numbers of the [`fd_syscall`]s, in their order; u64::MAX where it has
+/// This architecture's numbers of the [`FdSyscall`]s, in their order; u64::MAX where it has
 /// no such syscall.
-fn fd_syscall_numbers() -> [u64; fd_syscall::COUNT] {
+fn fd_syscall_numbers() -> [u64; FdSyscall::COUNT] {
     #[cfg(target_arch = "x86_64")]
     let open = libc::SYS_open as u64;
     #[cfg(not(target_arch = "x86_64"))]

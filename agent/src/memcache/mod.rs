@@ -42,8 +42,13 @@
 //! Label scheme: [`Command::as_str`] (`command` label), [`Status::as_str`] (`status`),
 //! [`QueueOpKind::as_str`] (queue `op`), [`DecodeErrorReason::as_str`] (`reason`); each enum has
 //! an `ALL` list with every value.
+//!
+//! The one part that knows about connections is [`decoders`]: the per-socket table that feeds
+//! captured payload records to a `ConnectionDecoder` each and ties what they decode to the
+//! connection's endpoint ([`decoders::MemcacheEvent`]).
 
 mod binary;
+pub mod decoders;
 mod lines;
 mod meta;
 mod model;

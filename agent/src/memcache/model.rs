@@ -460,7 +460,7 @@ pub struct DecodeErrorObservation {
 }
 
 /// What the pure decoder reports about one byte stream, knowing nothing of sockets or services
-/// (the decoder table ties it to a connection as a [`crate::kernel::capture::MemcacheEvent`]).
+/// (the decoder table ties it to a connection as a [`crate::memcache::decoders::MemcacheEvent`]).
 /// Requests are reported when they complete (response seen, no response expected, timed out,
 /// or lost), not when they are sent.
 // Boxing the large variant would cost an allocation per command on the hot path.

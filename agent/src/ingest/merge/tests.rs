@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use agent_common::{event_kind, tcp_state, SockEvent, AF_INET};
+use agent_common::{tcp_state, SockEvent, SockEventKind, AF_INET};
 
 use super::*;
 use crate::{
@@ -121,7 +121,7 @@ fn pipeline() -> (Pipeline, Metrics) {
 fn learned_record(ts_ns: u64) -> Vec<u8> {
     // SAFETY: SockEvent is repr(C) plain old data, valid for any bit pattern.
     let mut raw: SockEvent = unsafe { std::mem::zeroed() };
-    raw.kind = event_kind::LEARNED;
+    raw.kind = SockEventKind::Learned as u8;
     raw.new_state = tcp_state::ESTABLISHED;
     raw.family = AF_INET;
     raw.local_port = 40_000;

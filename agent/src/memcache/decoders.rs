@@ -1,0 +1,277 @@
+//! From captured payloads to memcache observations: one decoder per watched connection, fed in
+//! order, with the direction taken from the connection's role. Bounded in connections; a
+//! connection's decoder goes when the connection closes.
+
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
+
+use crate::{
+    conn::tracking::Endpoint,
+    kernel::capture::PayloadView,
+    memcache::{
+        Chunk, Command, ConnectionDecoder, DecodeErrorReason, Decoded, DecoderConfig, Direction,
+        RequestObservation,
+    },
+    model::Role,
+};
+
+/// What decoding produced ([`crate::memcache::Decoded`]) tied to the connection's endpoint, plus
+/// the connection's payload bytes: what the pipeline hands to metrics, keys and history.
+// Boxing the request (its key is inline) would cost an allocation per decoded request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemcacheEvent {
+    Request {
+        endpoint: Endpoint,
+        request: RequestObservation,
+    },
+    DecodeError {
+        service: usize,
+        reason: DecodeErrorReason,
+    },
+    Bytes {
+        endpoint: Endpoint,
+        sent: bool,
+        bytes: u64,
+    },
+}
+
+struct ConnectionState {
+    endpoint: Endpoint,
+    /// The connection's [`crate::model::flow_id`], once the tracker knows it.
+    flow: Option<u64>,
+    decoder: ConnectionDecoder,
+    /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
+    closed_ns: Option<u64>,
+    /// The highest sample shift that still follows this stream, from its last record
+    /// (`u32::MAX` for a connection captured for its trouble: no sample lets it go).
+    sample_depth: u32,
+}
+
+/// How long a closed socket's stream keeps taking payload records. A send that straddles the
+/// close (a large reply still being copied when the peer's reset arrives) returns, and so is
+/// recorded, after the state change: its bytes are the stream's last, not a new stream's first.
+pub const CLOSE_GRACE_NS: u64 = 300_000_000;
+
+pub struct Decoders {
+    connections: HashMap<u64, ConnectionState>,
+    max_connections: usize,
+    scratch: Vec<Decoded>,
+    /// Streams of closed sockets in close order, finished once [`CLOSE_GRACE_NS`] has passed.
+    closing: VecDeque<(u64, u64)>,
+    /// Connections not decoded because the table was full.
+    pub dropped: u64,
+}
+
+impl Decoders {
+    pub fn new(max_connections: usize) -> Self {
+        Decoders {
+            connections: HashMap::new(),
+            max_connections,
+            scratch: Vec::with_capacity(64),
+            closing: VecDeque::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// `flow`: the connection's [`crate::model::flow_id`] when known (requests then carry
+    /// their [`crate::model::request_id`]).
+    pub fn on_payload(
+        &mut self,
+        payload: &PayloadView<'_>,
+        endpoint: Endpoint,
+        flow: Option<u64>,
+        queue_mode: bool,
+        out: &mut Vec<MemcacheEvent>,
+    ) {
+        out.push(MemcacheEvent::Bytes {
+            endpoint,
+            sent: payload.is_send,
+            bytes: payload.span_end - payload.span_start,
+        });
+        // Per payload: the usual case (a known stream) costs this one lookup and the next.
+        let known = self
+            .connections
+            .get(&payload.sk)
+            .is_some_and(|state| state.endpoint == endpoint);
+        if !known && !self.open_stream(payload.sk, endpoint, queue_mode, out) {
+            return;
+        }
+        let Some(state) = self.connections.get_mut(&payload.sk) else {
+            return;
+        };
+        state.flow = state.flow.or(flow);
+        state.sample_depth = match payload.sample_shift {
+            Some(_) => payload.sample_depth,
+            None => u32::MAX,
+        };
+        // A client sends requests; a server receives them.
+        let direction = match (endpoint.role, payload.is_send) {
+            (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
+            _ => Direction::ServerToClient,
+        };
+        let mut offset = payload.span_start;
+        for (captured, total_len) in payload.chunks() {
+            state.decoder.feed(
+                Chunk {
+                    direction,
+                    ts_ns: payload.ts_ns,
+                    captured,
+                    total_len,
+                    seq: payload.seq.map(|seq| seq.wrapping_add(offset as u32)),
+                },
+                &mut self.scratch,
+            );
+            offset += total_len as u64;
+        }
+        if payload.incomplete {
+            // The kernel stopped following frames: what comes next starts afresh.
+            state.decoder.note_gap(direction, &mut self.scratch);
+        }
+        drain(&mut self.scratch, state, out);
+    }
+
+    /// Starts decoding a stream on `sk`, ending any other stream that had the address; false
+    /// when the table is full.
+    fn open_stream(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        queue_mode: bool,
+        out: &mut Vec<MemcacheEvent>,
+    ) -> bool {
+        if self.connections.contains_key(&sk) {
+            // The address now belongs to another connection: never mix two byte streams.
+            self.on_close(sk, out);
+        }
+        if self.connections.len() >= self.max_connections {
+            self.dropped += 1;
+            return false;
+        }
+        self.connections.insert(
+            sk,
+            ConnectionState {
+                endpoint,
+                decoder: ConnectionDecoder::new(DecoderConfig {
+                    queue_mode,
+                    ..DecoderConfig::default()
+                }),
+                flow: None,
+                closed_ns: None,
+                sample_depth: u32::MAX,
+            },
+        );
+        true
+    }
+
+    /// The socket reached CLOSE at `ts_ns`: its stream finishes in [`Decoders::finish_closed`]
+    /// once the grace has passed, so payloads recorded just after the close still count.
+    pub fn close_after_grace(&mut self, sk: u64, ts_ns: u64) {
+        if let Some(state) = self.connections.get_mut(&sk) {
+            if state.closed_ns.is_none() {
+                state.closed_ns = Some(ts_ns);
+                self.closing.push_back((sk, ts_ns));
+            }
+        }
+    }
+
+    /// Finishes the streams of sockets that closed at or before `before_ns`, in close order.
+    pub fn finish_closed(&mut self, before_ns: u64, out: &mut Vec<MemcacheEvent>) {
+        while let Some(&(sk, closed_ns)) = self.closing.front() {
+            if closed_ns > before_ns {
+                break;
+            }
+            self.closing.pop_front();
+            // A stream that started since at the same address has no close time (or another).
+            if self.connections.get(&sk).and_then(|s| s.closed_ns) == Some(closed_ns) {
+                self.on_close(sk, out);
+            }
+        }
+        if self.closing.is_empty() && self.closing.capacity() > 1024 {
+            self.closing.shrink_to(64);
+        }
+    }
+
+    /// The connection closed: outstanding requests finish (unanswered) and the decoder goes.
+    pub fn on_close(&mut self, sk: u64, out: &mut Vec<MemcacheEvent>) {
+        if let Some(mut state) = self.connections.remove(&sk) {
+            state.decoder.finish(&mut self.scratch);
+            drain(&mut self.scratch, &state, out);
+        }
+    }
+
+    /// Drops the decoders of streams a sample at `shift` no longer follows, without finishing
+    /// them: their requests were answered, just not seen (counting them unanswered would invent
+    /// timeouts).
+    pub fn forget_unfollowed(&mut self, shift: u32) {
+        self.connections
+            .retain(|_, state| state.sample_depth >= shift);
+    }
+
+    /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).
+    pub fn retain_known(&mut self, known: impl Fn(u64) -> bool, out: &mut Vec<MemcacheEvent>) {
+        let gone: Vec<u64> = self
+            .connections
+            .keys()
+            .copied()
+            .filter(|sk| !known(*sk))
+            .collect();
+        for sk in gone {
+            self.on_close(sk, out);
+        }
+    }
+
+    /// Requests without an answer for `timeout_ns` finish as timeouts.
+    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<MemcacheEvent>) {
+        for state in self.connections.values_mut() {
+            state.decoder.expire(now_ns, timeout_ns, &mut self.scratch);
+            drain(&mut self.scratch, state, out);
+        }
+    }
+}
+
+fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<MemcacheEvent>) {
+    let endpoint = state.endpoint;
+    out.extend(scratch.drain(..).map(|observation| match observation {
+        Decoded::Request(mut request) => {
+            request.request_id = state
+                .flow
+                .zip(request.seq)
+                .map(|(flow, seq)| crate::model::request_id(flow, seq));
+            MemcacheEvent::Request { endpoint, request }
+        }
+        Decoded::DecodeError(error) => MemcacheEvent::DecodeError {
+            service: endpoint.service,
+            reason: error.reason,
+        },
+    }));
+}
+
+/// The command word of a text request, or `binary` for the binary protocol; None when the bytes
+/// do not start with a known command.
+pub fn sniff_command(data: &[u8]) -> Option<&'static str> {
+    if data.first() == Some(&0x80) {
+        return Some("binary");
+    }
+    let end = data
+        .iter()
+        .position(|b| *b == b' ' || *b == b'\r' || *b == b'\n')
+        .unwrap_or(data.len());
+    let word = &data[..end];
+    Command::ALL
+        .iter()
+        .map(|command| command.as_str())
+        .find(|name| name.as_bytes() == word)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,493 @@
+//! The per-connection decoder table fed with payload records, some built by the kernel's
+//! capture walk (`kernel_capture`).
+
+use agent_common::{
+    framing::{self, FrameState},
+    payload_flags,
+};
+
+use super::*;
+use crate::{
+    kernel::capture::{encode_payload_record, kernel_capture, parse_payload},
+    memcache::Status,
+};
+
+fn endpoint(role: Role) -> Endpoint {
+    Endpoint {
+        service: 0,
+        server: "127.0.0.1:11211".parse().unwrap(),
+        role,
+    }
+}
+
+fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
+    encode_payload_record(ts, sk, total, is_send, b"python3", data)
+}
+
+/// Requests carry the id of their connection's flow and first byte's sequence number; a
+/// stream whose flow is not known yet takes it from a later payload.
+#[test]
+fn requests_carry_the_request_id_of_their_flow_and_sequence_number() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let flow = crate::model::flow_id(
+        "10.0.0.1:40000".parse().unwrap(),
+        "10.0.0.2:11211".parse().unwrap(),
+    );
+    let with_seq = |mut bytes: Vec<u8>, seq: u32| {
+        bytes[40] |= payload_flags::SEQ;
+        bytes[44..48].copy_from_slice(&seq.to_ne_bytes());
+        bytes
+    };
+    let calls = [
+        (
+            None,
+            with_seq(record(1_000, 5, true, b"get a\r\nget b\r\n", 14), 100),
+        ),
+        (
+            flow,
+            with_seq(record(2_000, 5, false, b"END\r\nEND\r\n", 10), 900),
+        ),
+        (flow, record(3_000, 5, true, b"get c\r\n", 7)),
+        (flow, record(4_000, 5, false, b"END\r\n", 5)),
+    ];
+    for (flow, bytes) in &calls {
+        let view = parse_payload(bytes).unwrap();
+        decoders.on_payload(&view, endpoint(Role::Client), *flow, false, &mut out);
+    }
+    let ids: Vec<Option<u64>> = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { request, .. } => Some(request.request_id),
+            _ => None,
+        })
+        .collect();
+    let flow = flow.unwrap();
+    assert_eq!(
+        ids,
+        vec![
+            Some(crate::model::request_id(flow, 100)),
+            Some(crate::model::request_id(flow, 107)),
+            // Unnumbered, but the decoder counts on from the last number (no gap).
+            Some(crate::model::request_id(flow, 114)),
+        ]
+    );
+}
+
+#[test]
+fn client_get_hit_is_decoded_with_latency_and_bytes() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let request = record(1_000, 5, true, b"get k\r\n", 7);
+    let response = record(51_000, 5, false, b"VALUE k 0 1\r\nv\r\nEND\r\n", 21);
+    for bytes in [&request, &response] {
+        let view = parse_payload(bytes).unwrap();
+        decoders.on_payload(&view, endpoint(Role::Client), None, false, &mut out);
+    }
+    let requests: Vec<_> = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { request, .. } => Some(request),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(requests.len(), 1, "{out:?}");
+    assert_eq!(requests[0].command.as_str(), "get");
+    assert_eq!(requests[0].status, Status::Hit);
+    assert_eq!(requests[0].latency_ns, Some(50_000));
+    let sent: u64 = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Bytes {
+                sent: true, bytes, ..
+            } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(sent, 7);
+}
+
+#[test]
+fn server_side_direction_is_flipped_and_close_finishes_requests() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let request = record(1_000, 9, false, b"set k 0 0 1\r\nv\r\n", 16);
+    decoders.on_payload(
+        &parse_payload(&request).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    decoders.on_close(9, &mut out);
+    assert!(decoders.is_empty());
+    assert!(out.iter().any(|e| matches!(e, MemcacheEvent::Request { request, .. } if request.command.as_str() == "set")), "{out:?}");
+}
+
+/// memcached still copying a large reply when the client's reset arrives: the send returns
+/// (and is recorded) after the close, and its VALUE line still answers the get.
+#[test]
+fn a_reply_recorded_just_after_the_close_still_answers() {
+    let statuses = |out: &[MemcacheEvent]| -> Vec<Status> {
+        out.iter()
+            .filter_map(|e| match e {
+                MemcacheEvent::Request { request, .. } => Some(request.status),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let request = record(1_000, 9, false, b"get large\r\n", 11);
+    decoders.on_payload(
+        &parse_payload(&request).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    decoders.close_after_grace(9, 2_000);
+    decoders.finish_closed(1_999, &mut out);
+    assert!(statuses(&out).is_empty(), "{out:?}");
+    let reply = record(3_000, 9, true, b"VALUE large 0 500000\r\n", 200_000);
+    decoders.on_payload(
+        &parse_payload(&reply).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    decoders.finish_closed(2_000, &mut out);
+    assert!(decoders.is_empty());
+    assert_eq!(statuses(&out), vec![Status::Hit], "{out:?}");
+    // Without a reply the request finishes unanswered once the grace is over, and a stale
+    // close time never finishes a stream that has started since at the address.
+    let mut out = Vec::new();
+    decoders.on_payload(
+        &parse_payload(&request).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    decoders.close_after_grace(9, 5_000);
+    let reused = record(6_000, 9, true, b"get b\r\n", 7);
+    decoders.on_payload(
+        &parse_payload(&reused).unwrap(),
+        endpoint(Role::Client),
+        None,
+        false,
+        &mut out,
+    );
+    assert_eq!(statuses(&out), vec![Status::Unanswered], "{out:?}");
+    decoders.finish_closed(u64::MAX, &mut out);
+    assert_eq!(decoders.len(), 1, "the new stream stays");
+}
+
+#[test]
+fn a_reused_socket_address_starts_a_new_stream() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let request = record(1_000, 9, true, b"get a\r\n", 7);
+    decoders.on_payload(
+        &parse_payload(&request).unwrap(),
+        endpoint(Role::Client),
+        None,
+        false,
+        &mut out,
+    );
+    // Same address, now a server-side socket receiving a request.
+    let request = record(2_000, 9, false, b"get b\r\n", 7);
+    decoders.on_payload(
+        &parse_payload(&request).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    let response = record(3_000, 9, true, b"END\r\n", 5);
+    decoders.on_payload(
+        &parse_payload(&response).unwrap(),
+        endpoint(Role::Server),
+        None,
+        false,
+        &mut out,
+    );
+    let served: Vec<_> = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { endpoint, request } => Some((endpoint.role, request.status)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        served,
+        vec![
+            (Role::Client, Status::Unanswered),
+            (Role::Server, Status::Miss)
+        ]
+    );
+}
+
+/// Feeds `calls` (direction from the client's view: true = client sends) through the
+/// kernel's capture walk and the decoders, as both ends would see them; returns the
+/// (status, count) of every decoded request and the decode errors.
+fn decode_through_capture(
+    role: Role,
+    calls: &[(bool, Vec<u8>)],
+    budget: u64,
+) -> (std::collections::BTreeMap<(String, &'static str), u64>, u64) {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let mut send = FrameState::default();
+    let mut recv = FrameState::default();
+    for (i, (client_sends, call)) in calls.iter().enumerate() {
+        let is_send = match role {
+            Role::Client => *client_sends,
+            Role::Server => !*client_sends,
+        };
+        let state = if is_send { &mut send } else { &mut recv };
+        for record in kernel_capture(1_000 * (i as u64 + 1), 7, is_send, call, state, budget) {
+            let view = parse_payload(&record).unwrap();
+            decoders.on_payload(&view, endpoint(role), None, false, &mut out);
+        }
+    }
+    decoders.on_close(7, &mut out);
+    let mut counts = std::collections::BTreeMap::new();
+    let mut errors = 0;
+    for event in out {
+        match event {
+            MemcacheEvent::Request { request, .. } => {
+                *counts
+                    .entry((
+                        request.command.as_str().to_string(),
+                        request.status.as_str(),
+                    ))
+                    .or_insert(0) += 1;
+            }
+            MemcacheEvent::DecodeError { .. } => errors += 1,
+            MemcacheEvent::Bytes { .. } => {}
+        }
+    }
+    (counts, errors)
+}
+
+/// Values with protocol-looking bytes, sizes from 0 to 300 KB.
+fn value(i: usize) -> Vec<u8> {
+    let pattern = b"END\r\nVALUE x 0 5\r\n\x80\x81 get k\r\n";
+    let len = [0, 1, 10, 100, 2000, 70_000, 300_000][i % 7];
+    pattern.iter().copied().cycle().take(len).collect()
+}
+
+#[test]
+fn multi_gets_pipelines_and_large_values_decode_exactly_through_capture() {
+    let keys: Vec<String> = (0..100).map(|i| format!("key:{i}")).collect();
+    // 100 sets pipelined in one write, then a 100-key get answered by memcached's reply
+    // (40 hits: header, value and CRLF per item), then the reply read in 1500-byte pieces
+    // as a client's recv would, then a get of misses.
+    let mut sets = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let v = value(i);
+        sets.extend_from_slice(format!("set {key} 0 0 {}\r\n", v.len()).as_bytes());
+        sets.extend_from_slice(&v);
+        sets.extend_from_slice(b"\r\n");
+    }
+    let stored = b"STORED\r\n".repeat(100);
+    let get = format!("get {}\r\n", keys.join(" ")).into_bytes();
+    let mut reply = Vec::new();
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 5 < 2) {
+        let v = value(i);
+        reply.extend_from_slice(format!("VALUE {key} 0 {}\r\n", v.len()).as_bytes());
+        reply.extend_from_slice(&v);
+        reply.extend_from_slice(b"\r\n");
+    }
+    reply.extend_from_slice(b"END\r\n");
+    let mut calls = vec![(true, sets), (false, stored), (true, get.clone())];
+    calls.extend(reply.chunks(1500).map(|piece| (false, piece.to_vec())));
+    calls.push((true, b"get nope1 nope2\r\n".to_vec()));
+    calls.push((false, b"END\r\n".to_vec()));
+    for role in [Role::Client, Role::Server] {
+        let (counts, errors) = decode_through_capture(role, &calls, 65536);
+        assert_eq!(errors, 0, "{role:?}: {counts:?}");
+        let count = |command: &str, status: Status| {
+            counts
+                .get(&(command.to_string(), status.as_str()))
+                .copied()
+                .unwrap_or(0)
+        };
+        assert_eq!(count("set", Status::Stored), 100, "{role:?}: {counts:?}");
+        assert_eq!(count("get", Status::Hit), 40, "{role:?}: {counts:?}");
+        assert_eq!(count("get", Status::Miss), 62, "{role:?}: {counts:?}");
+        assert_eq!(counts.values().sum::<u64>(), 202, "{role:?}: {counts:?}");
+    }
+}
+
+/// The first bytes of every value reach the observation through the kernel's capture,
+/// wherever the calls split the stream: a body starting in a later call than its line, a
+/// head split over two reads, values shorter than the head, large values.
+#[test]
+fn value_heads_reach_observations_through_capture_whatever_the_split() {
+    let values: Vec<Vec<u8>> = vec![
+        b"job:0001-payload".to_vec(),
+        b"ab".to_vec(),
+        Vec::new(),
+        b"big:"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(b'x', 70_000))
+            .collect(),
+    ];
+    let mut sets = Vec::new();
+    let mut stored = Vec::new();
+    let mut gets = Vec::new();
+    let mut replies = Vec::new();
+    for v in &values {
+        sets.extend_from_slice(format!("set q 0 0 {}\r\n", v.len()).as_bytes());
+        sets.extend_from_slice(v);
+        sets.extend_from_slice(b"\r\n");
+        stored.extend_from_slice(b"STORED\r\n");
+        gets.extend_from_slice(b"get q\r\n");
+        replies.extend_from_slice(format!("VALUE q 0 {}\r\n", v.len()).as_bytes());
+        replies.extend_from_slice(v);
+        replies.extend_from_slice(b"\r\nEND\r\n");
+    }
+    let expected: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| v[..v.len().min(8)].to_vec())
+        .collect();
+    for split in [1usize, 3, 7, 15, 16, 17, 18, 19, 20, 21, 64, 1500, 1 << 20] {
+        for role in [Role::Client, Role::Server] {
+            let mut decoders = Decoders::new(10);
+            let mut out = Vec::new();
+            let mut send = FrameState::default();
+            let mut recv = FrameState::default();
+            let mut ts = 0;
+            for (client_sends, stream) in [
+                (true, &sets),
+                (false, &stored),
+                (true, &gets),
+                (false, &replies),
+            ] {
+                let is_send = client_sends == (role == Role::Client);
+                let state = if is_send { &mut send } else { &mut recv };
+                for call in stream.chunks(split) {
+                    ts += 1_000;
+                    for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
+                        let view = parse_payload(&record).unwrap();
+                        decoders.on_payload(&view, endpoint(role), None, true, &mut out);
+                    }
+                }
+            }
+            decoders.on_close(7, &mut out);
+            let heads = |command: &str| -> Vec<Vec<u8>> {
+                out.iter()
+                    .filter_map(|e| match e {
+                        MemcacheEvent::Request { request, .. }
+                            if request.command.as_str() == command =>
+                        {
+                            Some(request.value_head?.as_bytes().to_vec())
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
+            assert_eq!(heads("set"), expected, "{role:?} split {split}: {out:?}");
+            assert_eq!(heads("get"), expected, "{role:?} split {split}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn binary_quiet_multi_get_decodes_exactly_through_capture() {
+    fn frame(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; 24];
+        bytes[0] = magic;
+        bytes[1] = opcode;
+        bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
+        bytes[4] = extras.len() as u8;
+        let body = (extras.len() + key.len() + value.len()) as u32;
+        bytes[8..12].copy_from_slice(&body.to_be_bytes());
+        bytes.extend_from_slice(extras);
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+        bytes
+    }
+    // getkq x 30 + noop in one write; hits for every third key (with 2 KB values), noop.
+    let mut request = Vec::new();
+    let mut reply = Vec::new();
+    for i in 0..30 {
+        let key = format!("k{i}");
+        request.extend(frame(0x80, 0x0d, key.as_bytes(), &[], &[]));
+        if i % 3 == 0 {
+            reply.extend(frame(0x81, 0x0d, key.as_bytes(), &[0; 4], &value(4)));
+        }
+    }
+    request.extend(frame(0x80, 0x0a, b"", &[], &[]));
+    reply.extend(frame(0x81, 0x0a, b"", &[], &[]));
+    let calls = vec![(true, request), (false, reply)];
+    for role in [Role::Client, Role::Server] {
+        let (counts, errors) = decode_through_capture(role, &calls, 65536);
+        assert_eq!(errors, 0, "{role:?}: {counts:?}");
+        let hits: u64 = counts
+            .iter()
+            .filter(|((_, status), _)| *status == Status::Hit.as_str())
+            .map(|(_, n)| n)
+            .sum();
+        let misses: u64 = counts
+            .iter()
+            .filter(|((_, status), _)| *status == Status::Miss.as_str())
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!((hits, misses), (10, 20), "{role:?}: {counts:?}");
+    }
+}
+
+#[test]
+fn a_call_past_the_budget_is_incomplete_and_resynchronises() {
+    let get = format!("get {}\r\n", vec!["k"; 200].join(" ")).into_bytes();
+    let mut state = FrameState::default();
+    let records = kernel_capture(1, 1, true, &get, &mut state, 128);
+    let view = parse_payload(records.last().unwrap()).unwrap();
+    assert!(view.incomplete);
+    assert_eq!(state.mode, framing::mode::LOST);
+    // The next call starts afresh and decodes.
+    let (counts, errors) = decode_through_capture(
+        Role::Client,
+        &[
+            (true, get),
+            (true, b"get a\r\n".to_vec()),
+            (false, b"END\r\n".to_vec()),
+        ],
+        128,
+    );
+    assert!(errors > 0);
+    assert!(
+        counts.contains_key(&("get".to_string(), Status::Miss.as_str())),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn sniffs_text_and_binary_commands() {
+    assert_eq!(sniff_command(b"set k 0 0 1\r\n"), Some("set"));
+    assert_eq!(sniff_command(b"\x80\x01"), Some("binary"));
+    assert_eq!(sniff_command(b"HELLO"), None);
+}
+
+#[test]
+fn connection_table_is_bounded() {
+    let mut decoders = Decoders::new(1);
+    let mut out = Vec::new();
+    for sk in 1..=3 {
+        let bytes = record(1, sk, true, b"get a\r\n", 7);
+        decoders.on_payload(
+            &parse_payload(&bytes).unwrap(),
+            endpoint(Role::Client),
+            None,
+            false,
+            &mut out,
+        );
+    }
+    assert_eq!(decoders.len(), 1);
+    assert_eq!(decoders.dropped, 2);
+}
