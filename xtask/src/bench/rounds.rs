@@ -460,12 +460,21 @@ impl Bench {
             }
         }
 
+        let twins_text = match &self.baseline {
+            Some(baseline) => format!(
+                "each agent mode also as run by the baseline build `{}`, in the same rounds",
+                baseline.display()
+            ),
+            None => "each agent mode also as `port check per call`: `limits.socket_storage = \
+                     false`, the raw-tracepoint path before socket-local storage, in the same \
+                     rounds"
+                .to_string(),
+        };
         let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \
-             every round (each agent mode also as `port check per call`: `limits.socket_storage \
-             = false`, the raw-tracepoint path before socket-local storage, in the same rounds), \
+             every round ({twins_text}), \
              and the setups alternate which goes first; each agent-on run starts a \
              fresh agent. A run is the xtask load generator at saturation for {} s ({} \
              connections, {}). A round's loss is 1 - on/off against the `off` run of the same \
@@ -491,6 +500,7 @@ impl Bench {
             WORKLOAD.describe(),
             paired::RESAMPLES,
             self.plan.stats_run.as_secs(),
+            twins_text = twins_text,
         ));
         let mut summary = Table::new(&[
             "scenario",
