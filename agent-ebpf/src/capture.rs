@@ -119,6 +119,7 @@ pub(crate) fn capture_payload(
         if watch.captured == 0 {
             if let Some(ports) = ports {
                 if unsafe { SOCKETS.get(sk) }.is_none() {
+                    // Before the record: the adoption event's timestamp must come first.
                     learn(sk, ports, ret, is_send, unsafe { bpf_ktime_get_ns() });
                 }
             }
