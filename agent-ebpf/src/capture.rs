@@ -8,6 +8,7 @@ use crate::maps::{
 use crate::ring::wakeup_flags;
 use crate::send_recv::learn;
 use crate::sock::{read_kernel_field, SockPorts};
+use crate::storage::SkWatch;
 use agent_common::{
     capture_sample, counter,
     framing::{self, FrameState, SocketFrames},
@@ -71,7 +72,8 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
 /// captured there that the programs do not know yet existed before the agent and is adopted
 /// here (the agent must know its endpoint before its payloads can be decoded).
 /// `sample`: (shift, depth) of a record captured as a sample of healthy connections, or
-/// [`NOT_A_SAMPLE`].
+/// [`NOT_A_SAMPLE`]. `storage`: the socket's storage on the tp_btf path, which holds its frame
+/// positions (NULL: they are in FRAMES).
 #[inline(always)]
 pub(crate) fn capture_payload(
     sk: u64,
@@ -79,6 +81,7 @@ pub(crate) fn capture_payload(
     is_send: bool,
     ports: Option<&SockPorts>,
     sample: (u8, u8),
+    storage: *mut SkWatch,
 ) {
     if ret <= 0 {
         return;
@@ -110,22 +113,37 @@ pub(crate) fn capture_payload(
     let Some(buffer) = read_kernel_field::<u64>(regs, layout.second_arg) else {
         return;
     };
-    let frames = match FRAMES.get_ptr_mut(sk) {
-        Some(frames) => frames,
-        None => {
+    let frames = if !storage.is_null() {
+        // SAFETY: this socket's storage, valid for this program run.
+        let watch = unsafe { &mut *storage };
+        if watch.captured == 0 {
             if let Some(ports) = ports {
                 if unsafe { SOCKETS.get(sk) }.is_none() {
                     // Before the record: the adoption event's timestamp must come first.
                     learn(sk, ports, ret, is_send, unsafe { bpf_ktime_get_ns() });
                 }
             }
-            if FRAMES.insert(sk, SocketFrames::default(), 0).is_err() {
-                bump(counter::FRAME_MAP_FULL);
-                return;
-            }
-            match FRAMES.get_ptr_mut(sk) {
-                Some(frames) => frames,
-                None => return,
+            watch.captured = 1;
+        }
+        &mut watch.frames as *mut SocketFrames
+    } else {
+        match FRAMES.get_ptr_mut(sk) {
+            Some(frames) => frames,
+            None => {
+                if let Some(ports) = ports {
+                    if unsafe { SOCKETS.get(sk) }.is_none() {
+                        // Before the record: the adoption event's timestamp must come first.
+                        learn(sk, ports, ret, is_send, unsafe { bpf_ktime_get_ns() });
+                    }
+                }
+                if FRAMES.insert(sk, SocketFrames::default(), 0).is_err() {
+                    bump(counter::FRAME_MAP_FULL);
+                    return;
+                }
+                match FRAMES.get_ptr_mut(sk) {
+                    Some(frames) => frames,
+                    None => return,
+                }
             }
         }
     };

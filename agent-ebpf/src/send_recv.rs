@@ -9,6 +9,7 @@ use crate::sock::{
     capture_flags, is_closed, is_watched, read_kernel_field, read_sock_ports_and_state, read_tp,
     SockPorts,
 };
+use crate::storage::SkWatch;
 use agent_common::{
     capture_sample, counter, sock_flags, tcp_state, SockEventKind, SockState, AF_INET, AF_INET6,
     IPPROTO_TCP,
@@ -105,12 +106,23 @@ fn try_length(
         return None;
     }
     let capture = capture_flags(ports.local, ports.remote);
-    length_on_watched(sk, ret, is_send, &ports, tcp_state_now, capture, protocol)
+    length_on_watched(
+        sk,
+        ret,
+        is_send,
+        &ports,
+        tcp_state_now,
+        capture,
+        protocol,
+        core::ptr::null_mut(),
+    )
 }
 
 /// A send or receive on a watched socket, its ports, TCP state and capture flag known (from
-/// `struct sock_common`, or from socket-local storage on the tp_btf path).
+/// `struct sock_common`, or from socket-local storage on the tp_btf path, when `storage` is
+/// that socket's storage; NULL on the other paths).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn length_on_watched(
     sk: u64,
     ret: i32,
@@ -119,6 +131,7 @@ pub(crate) fn length_on_watched(
     tcp_state_now: u8,
     capture: u64,
     protocol: impl FnOnce() -> Option<u16>,
+    storage: *mut SkWatch,
 ) -> Option<()> {
     let healthy = peer_still_open(tcp_state_now) && kernel_stamps_activity();
     if healthy && capture == 0 {
@@ -134,12 +147,21 @@ pub(crate) fn length_on_watched(
         // (A connection in trouble is always captured below, whatever the sample.)
         // Sampled by connection (address and ports), not by address: see capture_sample.
         let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
-        // (An unknown offset reads as no txhash: address and ports alone.)
-        let txhash = read_kernel_field::<u32>(sk, offsets().sock_txhash).unwrap_or(0);
-        let key = capture_sample::key(sk, ports.local, ports.remote, txhash);
-        if capture_sample::is_followed(key, shift) {
-            let sample = (shift as u8, capture_sample::depth(key) as u8);
-            capture_payload(sk, ret, is_send, Some(ports), sample);
+        let depth = if storage.is_null() {
+            sample_depth(sk, ports)
+        } else {
+            // SAFETY: this socket's storage, valid for this program run.
+            let cached = unsafe { &mut (*storage).sample_depth };
+            if *cached == 0 {
+                *cached = sample_depth(sk, ports) as u8 + 1;
+            }
+            (*cached - 1) as u32
+        };
+        // `is_followed(key, shift)` exactly when `shift <= depth(key)` (the agent's shift
+        // never exceeds MAX_SHIFT).
+        if shift <= depth {
+            let sample = (shift as u8, depth as u8);
+            capture_payload(sk, ret, is_send, Some(ports), sample, storage);
         }
         return Some(());
     }
@@ -157,7 +179,7 @@ pub(crate) fn length_on_watched(
                     // After the event: the agent names a dead write's command from the first
                     // send stamped at or after it.
                     if snapshot.flags & sock_flags::CAPTURE != 0 {
-                        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
+                        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE, storage);
                     }
                     return Some(());
                 }
@@ -182,9 +204,17 @@ pub(crate) fn length_on_watched(
     }
     // After any event, as above.
     if state.flags & sock_flags::CAPTURE != 0 {
-        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE);
+        capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE, storage);
     }
     Some(())
+}
+
+/// [`capture_sample::depth`] of the connection's sample key (address, ports, `sk_txhash`).
+#[inline(always)]
+fn sample_depth(sk: u64, ports: &SockPorts) -> u32 {
+    // (An unknown offset reads as no txhash: address and ports alone.)
+    let txhash = read_kernel_field::<u32>(sk, offsets().sock_txhash).unwrap_or(0);
+    capture_sample::depth(capture_sample::key(sk, ports.local, ports.remote, txhash))
 }
 
 #[inline(always)]

@@ -33,7 +33,7 @@ pub(crate) fn scalar_arg(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
 }
 
 #[inline(always)]
-fn watch_bits(port: u16) -> u8 {
+pub(crate) fn watch_bits(port: u16) -> u8 {
     WATCHED_PORTS.get(port as u32).copied().unwrap_or(0)
 }
 

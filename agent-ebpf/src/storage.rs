@@ -9,9 +9,9 @@ use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
 use crate::maps::{bump, offsets, SK_WATCH};
 use crate::send_recv::length_on_watched;
 use crate::sock::{
-    capture_flags, is_watched, read_kernel_field, read_sock_ports, scalar_arg, SockPorts,
+    is_watched, read_kernel_field, read_sock_ports, scalar_arg, watch_bits, SockPorts,
 };
-use agent_common::{counter, tcp_state, IPPROTO_TCP};
+use agent_common::{counter, framing::SocketFrames, sock_flags, tcp_state, watch, IPPROTO_TCP};
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get,
     helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint,
@@ -21,13 +21,34 @@ use aya_ebpf::{
 /// What a watched socket's storage holds: its ports (host order), so the per-op program can
 /// ask WATCHED_PORTS whether it is still watched and captured (the config can change), and its
 /// TCP state as of the last state change (the per-op programs do not read `struct sock`).
+/// Capture keeps its per-connection facts here too, so a captured call does no hash lookup:
+/// where the send and receive stand in their frames (FRAMES on the other paths) and the
+/// connection's sample depth, worked out once instead of per call.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SkWatch {
     local_port: u16,
     remote_port: u16,
     state: u8,
-    _reserved: [u8; 3],
+    /// [`capture_sample::depth`] of the connection's key plus 1; 0 until capture first needs it.
+    /// The key is read once per connection (its `sk_txhash` is set by then: the first data
+    /// moves after the handshake), so a connection stays in or out of the sample for good.
+    pub(crate) sample_depth: u8,
+    /// 1 once capture has met this connection since it was (re)established: the first meeting
+    /// adopts a connection the agent does not know yet (FRAMES' missing entry on other paths).
+    pub(crate) captured: u8,
+    _reserved: u8,
+    pub(crate) frames: SocketFrames,
+}
+
+impl SkWatch {
+    /// A stream starts or ends: nothing of capture carries over (FRAMES' reset elsewhere).
+    #[inline(always)]
+    fn reset_capture(&mut self) {
+        self.sample_depth = 0;
+        self.captured = 0;
+        self.frames = SocketFrames::default();
+    }
 }
 
 #[inline(always)]
@@ -71,7 +92,10 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
         local_port: ports.local,
         remote_port: ports.remote,
         state,
-        _reserved: [0; 3],
+        sample_depth: 0,
+        captured: 0,
+        _reserved: 0,
+        frames: SocketFrames::default(),
     };
     if sk_watch(sk, Some(&mut init)).is_null() {
         bump(counter::SOCKET_MAP_FULL);
@@ -88,7 +112,11 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let watch = sk_watch(sk, None);
     if !watch.is_null() {
         // SAFETY: this socket's storage, valid for this program run.
-        unsafe { (*watch).state = new_state };
+        let watch = unsafe { &mut *watch };
+        watch.state = new_state;
+        if new_state == tcp_state::ESTABLISHED || new_state == tcp_state::CLOSE {
+            watch.reset_capture();
+        }
         return 0;
     }
     let _ = watch_socket(sk, scalar_arg(ctx.as_ptr(), 0), new_state);
@@ -107,31 +135,56 @@ pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
-    let watch = sk_watch(ctx.arg(0), None);
-    if watch.is_null() {
+    let storage = sk_watch(ctx.arg(0), None);
+    if storage.is_null() {
         // Not a watched TCP connection: the common case on a busy host, one lookup.
         return 0;
     }
     // SAFETY: this socket's storage, valid for this program run.
-    let watch = unsafe { *watch };
-    if !is_watched(watch.local_port) && !is_watched(watch.remote_port) {
+    let (local_port, remote_port, state) = unsafe {
+        (
+            (*storage).local_port,
+            (*storage).remote_port,
+            (*storage).state,
+        )
+    };
+    // Each port's bits read once: whether it is watched and whether it is captured (the
+    // service is the local port when that is watched, as in `capture_flags`).
+    let (local_bits, remote_bits) = (watch_bits(local_port), watch_bits(remote_port));
+    if (local_bits | remote_bits) & watch::WATCHED == 0 {
         return 0;
     }
-    let capture = capture_flags(watch.local_port, watch.remote_port);
-    if capture == 0 && peer_still_open(watch.state) && kernel_stamps_activity() {
+    let service_bits = if local_bits != 0 {
+        local_bits
+    } else {
+        remote_bits
+    };
+    let capture = if service_bits & watch::CAPTURE != 0 {
+        sock_flags::CAPTURE
+    } else {
+        0
+    };
+    if capture == 0 && peer_still_open(state) && kernel_stamps_activity() {
         return 0;
     }
     let sk = scalar_arg(ctx.as_ptr(), 0);
     // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
     let ret = ctx.arg::<u64>(1) as u32 as i32;
     let ports = SockPorts {
-        local: watch.local_port,
-        remote: watch.remote_port,
+        local: local_port,
+        remote: remote_port,
     };
     // Storage exists only on TCP sockets.
-    let _ = length_on_watched(sk, ret, is_send, &ports, watch.state, capture, || {
-        Some(IPPROTO_TCP)
-    });
+    let _ = length_on_watched(
+        sk,
+        ret,
+        is_send,
+        &ports,
+        state,
+        capture,
+        || Some(IPPROTO_TCP),
+        storage,
+    );
     0
 }
 

@@ -23,7 +23,7 @@ mod top;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -51,6 +51,9 @@ pub struct BenchOptions {
     pub only: Vec<String>,
     /// Interleaved off/on rounds of the `ab` measure (default 10, 2 with `--quick`).
     pub rounds: Option<usize>,
+    /// An earlier build of the agent whose modes `ab` runs in the same rounds instead of the
+    /// port-check twins: before and after a change, side by side.
+    pub baseline: Option<PathBuf>,
 }
 
 /// The measures, in the order they run; `--only` picks from these.
@@ -288,6 +291,8 @@ struct Bench {
     tshark_rate: Option<f64>,
     /// RLIMIT_NOFILE in force: bounds connections per process in the idle-connection test.
     nofile: u64,
+    /// `--baseline`: the earlier build `ab` compares this one with.
+    baseline: Option<PathBuf>,
 }
 
 fn target_dir() -> PathBuf {
@@ -354,6 +359,14 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         memcached_lines: Vec::new(),
         tshark_rate: None,
         nofile,
+        baseline: match options.baseline.clone() {
+            Some(path) if !path.exists() => bail!("--baseline {}: no such file", path.display()),
+            Some(path) => Some(
+                path.canonicalize()
+                    .with_context(|| format!("cannot resolve --baseline {}", path.display()))?,
+            ),
+            None => None,
+        },
     };
 
     for name in &options.only {
@@ -419,6 +432,9 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     }
     if let Some(rounds) = options.rounds {
         command.push_str(&format!(" --rounds {rounds}"));
+    }
+    if let Some(baseline) = &options.baseline {
+        command.push_str(&format!(" --baseline {}", baseline.display()));
     }
     if !options.only.is_empty() {
         command.push_str(&format!(" --only {}", options.only.join(",")));
@@ -586,9 +602,20 @@ impl Bench {
     }
 
     fn start_agent_on(&self, ports: &[u16], mode: Mode, max_sockets: u32) -> anyhow::Result<Agent> {
+        self.start_binary_on(&self.binary, ports, mode, max_sockets)
+    }
+
+    /// [`Bench::start_agent_on`] with another build of the agent (`--baseline`).
+    fn start_binary_on(
+        &self,
+        binary: &Path,
+        ports: &[u16],
+        mode: Mode,
+        max_sockets: u32,
+    ) -> anyhow::Result<Agent> {
         let path = self.config_path(mode);
         std::fs::write(&path, procs::agent_config(ports, mode, max_sockets))?;
-        Agent::start(&self.binary, &path, self.metrics_addr)
+        Agent::start(binary, &path, self.metrics_addr)
     }
 
     fn agent_command(&self, mode: Mode) -> String {

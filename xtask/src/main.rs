@@ -56,6 +56,11 @@ enum Task {
         /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+        /// An earlier build of the agent (a copy of target/release/cacheprobe): `ab` runs its
+        /// modes in the same interleaved rounds instead of the port-check twins, and reports
+        /// this build against it per round (before and after a change, side by side).
+        #[arg(long, value_name = "BINARY")]
+        baseline: Option<std::path::PathBuf>,
         /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
         /// idle timeouts and dead writes; fails if memory or fds grow, events are lost or its
         /// counters disagree with the load generator's.
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             output,
             only,
             rounds,
+            baseline,
             soak,
             decode_all,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
                 output,
                 only,
                 rounds,
+                baseline,
             })
         }),
         Task::BenchHold {
@@ -250,6 +257,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         output: None,
         only: Vec::new(),
         rounds: None,
+        baseline: None,
     })?;
     Ok(())
 }

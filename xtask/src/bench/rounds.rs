@@ -31,10 +31,29 @@ impl Ends {
     }
 }
 
+/// An agent mode as one build of the agent runs it: this build, or `--baseline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Arm {
+    mode: Mode,
+    baseline: bool,
+}
+
+impl Arm {
+    fn label(self) -> String {
+        if self.baseline {
+            format!("{}, baseline build", self.mode.label())
+        } else {
+            self.mode.label().to_string()
+        }
+    }
+}
+
 /// One scenario's outcome over all rounds.
 pub struct ScenarioResult {
     pub ends: Ends,
     pub mode: Mode,
+    /// Run by the `--baseline` build, not this one.
+    pub baseline: bool,
     pub rounds: usize,
     pub loss: Option<Interval>,
     /// Lowest and highest single-round loss.
@@ -55,7 +74,15 @@ pub struct ScenarioResult {
 
 impl ScenarioResult {
     pub fn label(&self) -> String {
-        format!("{}, {}", self.mode.label(), self.ends.label())
+        format!(
+            "{}, {}",
+            Arm {
+                mode: self.mode,
+                baseline: self.baseline
+            }
+            .label(),
+            self.ends.label()
+        )
     }
 }
 
@@ -74,6 +101,7 @@ struct RoundRun {
     round: usize,
     ends: Ends,
     mode: Mode,
+    baseline: bool,
     ops_per_sec: f64,
     /// CPU ns per op of the load generator, memcached and the agent together.
     cpu_ns_per_op: f64,
@@ -135,11 +163,19 @@ impl Bench {
         &self,
         memcached: &Memcached,
         netns: Option<&Netns>,
-        mode: Mode,
+        arm: Arm,
         spec: &LoadSpec,
     ) -> anyhow::Result<OnRun> {
-        let mut agent: Agent =
-            self.start_agent(memcached.addr.port(), mode, DEFAULT_MAX_SOCKETS)?;
+        let binary = match (&self.baseline, arm.baseline) {
+            (Some(baseline), true) => baseline.clone(),
+            _ => self.binary.clone(),
+        };
+        let mut agent: Agent = self.start_binary_on(
+            &binary,
+            &[memcached.addr.port()],
+            arm.mode,
+            DEFAULT_MAX_SOCKETS,
+        )?;
         let pids = [memcached.pid(), agent.pid()];
         let (report, others, cpu_ns) = self.load_once(spec, netns, &pids)?;
         agent.check_running()?;
@@ -199,9 +235,14 @@ impl Bench {
 
     pub(super) fn paired_rounds(&mut self, memcached: &Memcached) -> anyhow::Result<()> {
         let rounds = self.plan.rounds;
+        let twins = if self.baseline.is_some() {
+            "the baseline build"
+        } else {
+            "the port check per call"
+        };
         util_step(&format!(
-            "overhead rounds: {rounds} x (off, sockets only, capture; each also with the port \
-             check per call) x (both ends, one end)"
+            "overhead rounds: {rounds} x (off, sockets only, capture; each also with {twins}) x \
+             (both ends, one end)"
         ));
         let watched = procs::free_port(17600)?;
         let served = procs::free_port(watched + 1)?;
@@ -225,15 +266,27 @@ impl Bench {
             self.load_once(&warm, ns, &[server.pid()])?;
         }
         let started = Instant::now();
-        // Each agent mode beside its port-check twin (socket_storage = false): the path before
-        // socket-local storage, measured in the same rounds.
-        let modes = [
-            Mode::Off,
-            Mode::SocketsOnly,
-            Mode::SocketsOnlyPortCheck,
-            Mode::Capture,
-            Mode::CapturePortCheck,
-        ];
+        // Each agent mode beside its twin, measured in the same rounds: the baseline build's
+        // same mode when one is given (before and after a change), else the port-check mode
+        // (socket_storage = false: the path before socket-local storage).
+        let arm = |mode, baseline| Arm { mode, baseline };
+        let modes = if self.baseline.is_some() {
+            [
+                arm(Mode::Off, false),
+                arm(Mode::SocketsOnly, false),
+                arm(Mode::SocketsOnly, true),
+                arm(Mode::Capture, false),
+                arm(Mode::Capture, true),
+            ]
+        } else {
+            [
+                arm(Mode::Off, false),
+                arm(Mode::SocketsOnly, false),
+                arm(Mode::SocketsOnlyPortCheck, false),
+                arm(Mode::Capture, false),
+                arm(Mode::CapturePortCheck, false),
+            ]
+        };
         let mut runs: Vec<RoundRun> = Vec::new();
         for round in 0..rounds {
             let setups = if round % 2 == 0 {
@@ -249,12 +302,13 @@ impl Bench {
                 let spec = spec(server);
                 // Rotate so `off` is first, middle and last in turn.
                 for i in 0..modes.len() {
-                    let mode = modes[(i + round) % modes.len()];
+                    let arm = modes[(i + round) % modes.len()];
+                    let mode = arm.mode;
                     eprintln!(
                         "xtask: round {}/{rounds}, {}, {} ({:.0} s in)",
                         round + 1,
                         ends.label(),
-                        mode.label(),
+                        arm.label(),
                         started.elapsed().as_secs_f64()
                     );
                     if !self.plan.paired_quiet.is_zero() {
@@ -267,6 +321,7 @@ impl Bench {
                             round,
                             ends,
                             mode,
+                            baseline: false,
                             ops_per_sec: report.ops_per_sec(),
                             cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
                             other_cores: others,
@@ -281,12 +336,13 @@ impl Bench {
                             stats,
                             floor_per_run,
                         } = self
-                            .on_run(server, ns, mode, &spec)
-                            .with_context(|| format!("{} {}", mode.label(), ends.label()))?;
+                            .on_run(server, ns, arm, &spec)
+                            .with_context(|| format!("{} {}", arm.label(), ends.label()))?;
                         RoundRun {
                             round,
                             ends,
                             mode,
+                            baseline: arm.baseline,
                             ops_per_sec: ops,
                             cpu_ns_per_op,
                             other_cores: others,
@@ -332,7 +388,11 @@ impl Bench {
             raw.row(vec![
                 (run.round + 1).to_string(),
                 run.ends.label().into(),
-                run.mode.label().into(),
+                Arm {
+                    mode: run.mode,
+                    baseline: run.baseline,
+                }
+                .label(),
                 thousands(run.ops_per_sec),
                 match (run.mode, loss) {
                     (Mode::Off, _) | (_, None) => "-".into(),
@@ -346,15 +406,10 @@ impl Bench {
             ]);
         }
         for ends in [Ends::Both, Ends::OneEnd] {
-            for mode in [
-                Mode::SocketsOnly,
-                Mode::SocketsOnlyPortCheck,
-                Mode::Capture,
-                Mode::CapturePortCheck,
-            ] {
+            for Arm { mode, baseline } in modes.iter().copied().filter(|a| a.mode != Mode::Off) {
                 let mine: Vec<&RoundRun> = runs
                     .iter()
-                    .filter(|r| r.ends == ends && r.mode == mode)
+                    .filter(|r| r.ends == ends && r.mode == mode && r.baseline == baseline)
                     .collect();
                 let losses: Vec<f64> = mine
                     .iter()
@@ -392,6 +447,7 @@ impl Bench {
                 results.push(ScenarioResult {
                     ends,
                     mode,
+                    baseline,
                     rounds: losses.len(),
                     round_sd,
                     loss: paired::median_ci(&losses),
@@ -404,12 +460,21 @@ impl Bench {
             }
         }
 
+        let twins_text = match &self.baseline {
+            Some(baseline) => format!(
+                "each agent mode also as run by the baseline build `{}`, in the same rounds",
+                baseline.display()
+            ),
+            None => "each agent mode also as `port check per call`: `limits.socket_storage = \
+                     false`, the raw-tracepoint path before socket-local storage, in the same \
+                     rounds"
+                .to_string(),
+        };
         let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \
-             every round (each agent mode also as `port check per call`: `limits.socket_storage \
-             = false`, the raw-tracepoint path before socket-local storage, in the same rounds), \
+             every round ({twins_text}), \
              and the setups alternate which goes first; each agent-on run starts a \
              fresh agent. A run is the xtask load generator at saturation for {} s ({} \
              connections, {}). A round's loss is 1 - on/off against the `off` run of the same \
@@ -435,6 +500,7 @@ impl Bench {
             WORKLOAD.describe(),
             paired::RESAMPLES,
             self.plan.stats_run.as_secs(),
+            twins_text = twins_text,
         ));
         let mut summary = Table::new(&[
             "scenario",
@@ -492,11 +558,71 @@ impl Bench {
                 100.0 * noisiest
             ));
         }
+        if self.baseline.is_some() {
+            section.table(
+                "This build against the baseline build, paired by round and setup (a round's \
+                 change is this build's figure over the baseline's, minus 1; median and 95% \
+                 bootstrap interval over rounds):",
+                against_baseline(&runs),
+            );
+        }
         section.table("Every run, in the order run:", raw);
         self.targets.paired = results;
         self.finish(section);
         Ok(())
     }
+}
+
+/// Per scenario, this build's CPU ns per op, BPF ns per op and throughput against the baseline
+/// build's run of the same mode, round and setup.
+fn against_baseline(runs: &[RoundRun]) -> Table {
+    let mut table = Table::new(&[
+        "scenario",
+        "rounds",
+        "CPU ns per op (generator + memcached + agent)",
+        "BPF ns per op",
+        "throughput",
+    ]);
+    let format = |changes: &[f64]| {
+        paired::median_ci(changes).map_or("n/a".into(), |i| {
+            format!(
+                "{:+.1}% ({:+.1}% .. {:+.1}%)",
+                100.0 * i.median,
+                100.0 * i.low,
+                100.0 * i.high
+            )
+        })
+    };
+    for ends in [Ends::Both, Ends::OneEnd] {
+        for mode in [Mode::SocketsOnly, Mode::Capture] {
+            let pairs: Vec<(&RoundRun, &RoundRun)> = runs
+                .iter()
+                .filter(|r| r.ends == ends && r.mode == mode && !r.baseline)
+                .filter_map(|new| {
+                    let old = runs.iter().find(|o| {
+                        o.baseline && o.mode == mode && o.ends == ends && o.round == new.round
+                    })?;
+                    Some((new, old))
+                })
+                .collect();
+            let change = |of: &dyn Fn(&RoundRun) -> Option<f64>| -> Vec<f64> {
+                pairs
+                    .iter()
+                    .filter_map(|(new, old)| Some(of(new)? / of(old)?.max(1e-9) - 1.0))
+                    .collect()
+            };
+            let bpf_per_op =
+                |r: &RoundRun| r.stats.map(|(ns, _, ops)| ns as f64 / ops.max(1) as f64);
+            table.row(vec![
+                format!("{}, {}", mode.label(), ends.label()),
+                pairs.len().to_string(),
+                format(&change(&|r: &RoundRun| Some(r.cpu_ns_per_op))),
+                format(&change(&bpf_per_op)),
+                format(&change(&|r: &RoundRun| Some(r.ops_per_sec))),
+            ]);
+        }
+    }
+    table
 }
 
 /// Goal rows of issue 19 (and #17's default-budget loss) for the targets table.
@@ -506,7 +632,8 @@ pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
         Verdict::Missed => "**missed**".to_string(),
         Verdict::Undecided => "**not shown** (the interval straddles the goal)".to_string(),
     };
-    for result in results {
+    // The baseline build's goals are not this build's.
+    for result in results.iter().filter(|r| !r.baseline) {
         let label = result.label();
         let limits: &[(f64, &str)] = match result.mode {
             Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => &[(0.01, "<= 1% loss (issue 19)")],
