@@ -274,7 +274,7 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
     assert_eq!(slow_within_1s, 0.0);
 }
 
-/// ~9 s. Pipelined enqueues as client libraries make them, across 40 queues: pymemcache
+/// ~3 s. Pipelined enqueues as client libraries make them, across 40 queues: pymemcache
 /// `set_many` and python-memcache `set_multi` each write all their sets in one send (8 rounds
 /// of 40, which Starling and Kestrel process line by line like any pipeline). Dequeues are one
 /// `get` per queue from both libraries, as consumers of real queue servers make them: Starling
