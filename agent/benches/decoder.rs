@@ -592,12 +592,14 @@ fn many_items_side_by_side(rounds: usize, out: &mut Vec<Decoded>) {
     }
 }
 
-/// One send or receive as the kernel's framing-aware capture reports it: (captured header
-/// bytes, bytes of the call they stand for) per segment.
+/// (captured header bytes, bytes of the call they stand for) per segment of one call.
+type Segments = Vec<(Vec<u8>, usize)>;
+
+/// One send or receive as the kernel's framing-aware capture reports it.
 struct Framed {
     direction: Direction,
     ts_ns: u64,
-    chunks: Vec<(Vec<u8>, usize)>,
+    chunks: Segments,
 }
 
 #[derive(Clone, Copy)]
@@ -674,7 +676,7 @@ impl Shape {
         std::iter::repeat_n(b'v', self.value_len.min(8))
     }
 
-    fn text_exchange(&self, names: &[String]) -> (Vec<(Vec<u8>, usize)>, Vec<(Vec<u8>, usize)>) {
+    fn text_exchange(&self, names: &[String]) -> (Segments, Segments) {
         let request = format!("get {}\r\n", names.join(" ")).into_bytes();
         let request_len = request.len();
         let mut reply = Vec::new();
@@ -688,11 +690,7 @@ impl Shape {
         (vec![(request, request_len)], reply)
     }
 
-    fn binary_exchange(
-        &self,
-        names: &[String],
-        get: u32,
-    ) -> (Vec<(Vec<u8>, usize)>, Vec<(Vec<u8>, usize)>) {
+    fn binary_exchange(&self, names: &[String], get: u32) -> (Segments, Segments) {
         let opaque = get * 128;
         let mut request = Vec::new();
         let mut reply = Vec::new();
