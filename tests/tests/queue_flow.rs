@@ -274,6 +274,92 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
     assert_eq!(slow_within_1s, 0.0);
 }
 
+/// ~3 s. Pipelined enqueues as client libraries make them, across 40 queues: pymemcache
+/// `set_many` and python-memcache `set_multi` each write all their sets in one send (8 rounds
+/// of 40, which Starling and Kestrel process line by line like any pipeline). Dequeues are one
+/// `get` per queue from both libraries, as consumers of real queue servers make them: Starling
+/// reads `get a b` as one queue named "a b" and Kestrel dequeues from the first name only, so
+/// `get_many` is not a way to consume them. A last round finds every queue empty. Decoded
+/// enqueues, dequeues and empty polls equal the peer's own counters in both views, every
+/// dequeue is matched with its own enqueue, and nothing is left.
+#[test]
+fn pipelined_library_enqueues_and_dequeues_match_the_queue_server() {
+    require_root();
+    let port = unique_port();
+    let _peer = start_peer(port, 3600.0);
+    let agent = queue_agent("queue-pipelined", port);
+    let script = format!(
+        "import memcache\n\
+         from pymemcache.client.base import Client\n\
+         NAMES = ['q%02d' % i for i in range(40)]\n\
+         def msg(r, name):\n\
+         \x20   return b'r%d-%s:' % (r, name.encode()) + b'p' * (r * 37 % 300)\n\
+         p = Client(('127.0.0.1', {port}))\n\
+         m = memcache.Client(['127.0.0.1:{port}'])\n\
+         for r in range(8):\n\
+         \x20   batch = {{n: msg(r, n) for n in NAMES}}\n\
+         \x20   if r % 2 == 0:\n\
+         \x20       assert not p.set_many(batch, noreply=False), r\n\
+         \x20   else:\n\
+         \x20       assert m.set_multi(batch) == [], r\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         n = memcache.Client(['127.0.0.1:{port}'])\n\
+         for r in range(8):\n\
+         \x20   for k in NAMES:\n\
+         \x20       got = c.get(k) if r % 2 == 0 else n.get(k)\n\
+         \x20       got = bytes(got, 'latin-1') if isinstance(got, str) else got\n\
+         \x20       assert got == msg(r, k), (r, k, got)\n\
+         assert all(c.get(k) is None for k in NAMES)\n"
+    );
+    python(None, &script).unwrap();
+    let stats = server_stats(port, "stats");
+    eprintln!("peer stats: {stats:?}");
+    assert_eq!(
+        (
+            stats["total_items"],
+            stats["get_hits"],
+            stats["get_misses"],
+            stats["curr_items"]
+        ),
+        (320.0, 320.0, 40.0, 0.0)
+    );
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        ["client", "server"].iter().all(|role| {
+            requests(s, role, "get", "miss") >= stats["get_misses"]
+                && requests(s, role, "get", "hit") >= stats["get_hits"]
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
+    print_queue_series(&scrape);
+    for role in ["client", "server"] {
+        let view = (
+            requests(&scrape, role, "set", "stored"),
+            requests(&scrape, role, "get", "hit"),
+            requests(&scrape, role, "get", "miss"),
+        );
+        eprintln!("{role}: set/stored, get/hit, get/miss = {view:?}");
+        assert_eq!(
+            view,
+            (stats["total_items"], stats["get_hits"], stats["get_misses"]),
+            "{role}"
+        );
+    }
+    assert_eq!(ops(&scrape, "enqueue"), 2.0 * stats["total_items"]);
+    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
+    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
+    assert_eq!(
+        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
+        0.0,
+        "decode errors"
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
+        stats["get_hits"]
+    );
+    assert_eq!(scrape.sum("cacheprobe_queue_depth_relative", &[]), 0.0);
+}
+
 /// ~6 s. Time in queue matches each dequeue with its own enqueue by the message's first bytes
 /// and length, for messages of one length (24 bytes) with different content: one in the queue
 /// before the agent started (by length alone it would take the next message's enqueue), and

@@ -1,7 +1,9 @@
 //! The binary protocol: 24-byte headers (magic 0x80 request / 0x81 response), bodies framed
 //! by their declared length, quiet opcodes and opaque values for pairing.
 
-use super::model::{Command, DecodeErrorReason, Decoded, Direction, KEY_CAPACITY};
+use super::model::{
+    Command, DecodeErrorReason, Decoded, Direction, ValueHead, KEY_CAPACITY, VALUE_HEAD_LEN,
+};
 use super::pairing::{push_error, value_len, Family, Pairing, RequestInfo, RespKind, Response};
 
 pub(crate) const HEADER_LEN: usize = 24;
@@ -47,6 +49,13 @@ impl Header {
     fn key_range(&self) -> (u64, u64) {
         let start = u64::from(self.extras_len);
         (start, start + u64::from(self.key_len))
+    }
+
+    /// Where the value's head lies in the body: (start, end).
+    fn head_range(&self) -> (u64, u64) {
+        let start = u64::from(self.extras_len) + u64::from(self.key_len);
+        let len = self.value_len().min(VALUE_HEAD_LEN as u64);
+        (start, start + len)
     }
 
     /// Good enough to frame by: the right magic and a consistent, bounded body.
@@ -99,12 +108,15 @@ impl Header {
 
 pub(crate) trait PacketSink {
     /// One complete packet. `key` is what was captured of the key (`key_truncated` if not all
-    /// of it); `start_ts`/`end_ts` are the timestamps of its first and last bytes' chunks.
+    /// of it); `value_head` the first bytes of the body after extras and key, when every one
+    /// was captured (and heads are wanted); `start_ts`/`end_ts` are the timestamps of its
+    /// first and last bytes' chunks.
     fn packet(
         &mut self,
         header: &Header,
         key: &[u8],
         key_truncated: bool,
+        value_head: Option<ValueHead>,
         start_ts: u64,
         end_ts: u64,
     );
@@ -143,10 +155,14 @@ pub(crate) struct BinFramer {
     key: [u8; KEY_CAPACITY],
     key_have: usize,
     key_truncated: bool,
+    /// The value's first bytes as far as seen, and false once one of them was not captured.
+    head: ValueHead,
+    head_seen: bool,
+    value_heads: bool,
 }
 
 impl BinFramer {
-    pub fn new(magic: u8, max_value_len: u64) -> BinFramer {
+    pub fn new(magic: u8, max_value_len: u64, value_heads: bool) -> BinFramer {
         BinFramer {
             magic,
             max_value_len,
@@ -161,6 +177,9 @@ impl BinFramer {
             key: [0; KEY_CAPACITY],
             key_have: 0,
             key_truncated: false,
+            head: ValueHead::default(),
+            head_seen: true,
+            value_heads,
         }
     }
 
@@ -254,6 +273,8 @@ impl BinFramer {
                     self.body_pos = 0;
                     self.key_have = 0;
                     self.key_truncated = false;
+                    self.head = ValueHead::default();
+                    self.head_seen = true;
                     self.state = State::Body;
                     if header.body_len == 0 {
                         self.finish_packet(ts, sink);
@@ -286,6 +307,9 @@ impl BinFramer {
                             self.key_truncated = true;
                         }
                     }
+                    if self.value_heads {
+                        self.collect_head(&header, captured, pos, n);
+                    }
                     self.body_pos += n;
                     pos += n as usize;
                     if self.body_pos == body_len {
@@ -309,15 +333,37 @@ impl BinFramer {
         skipped
     }
 
+    /// Keeps what the `n` body bytes at `pos` of this chunk hold of the value's head.
+    fn collect_head(&mut self, header: &Header, captured: &[u8], pos: usize, n: u64) {
+        let (head_start, head_end) = header.head_range();
+        let from = self.body_pos.max(head_start);
+        let to = (self.body_pos + n).min(head_end);
+        if from >= to {
+            return;
+        }
+        let chunk_from = pos + (from - self.body_pos) as usize;
+        let chunk_to = pos + (to - self.body_pos) as usize;
+        match captured.get(chunk_from..chunk_to) {
+            Some(piece) if self.head_seen => self.head.extend(piece),
+            _ => self.head_seen = false,
+        }
+    }
+
     fn finish_packet<S: PacketSink>(&mut self, ts: u64, sink: &mut S) {
         self.state = State::Header;
         if let Some(header) = self.header.take() {
             let truncated = self.key_truncated || usize::from(header.key_len) > self.key_have;
+            let (head_start, head_end) = header.head_range();
+            let value_head = (self.value_heads
+                && self.head_seen
+                && self.head.as_bytes().len() as u64 == head_end - head_start)
+                .then_some(self.head);
             sink.packet_starts_at(self.header_start);
             sink.packet(
                 &header,
                 &self.key[..self.key_have],
                 truncated,
+                value_head,
                 self.header_ts,
                 ts,
             );
@@ -376,6 +422,7 @@ impl PacketSink for RequestSink<'_> {
         header: &Header,
         key: &[u8],
         key_truncated: bool,
+        value_head: Option<ValueHead>,
         _start_ts: u64,
         end_ts: u64,
     ) {
@@ -396,6 +443,7 @@ impl PacketSink for RequestSink<'_> {
         req.seq = self.seq.take();
         if carries_value(header.opcode) {
             req.value_len = value_len(header.value_len());
+            req.value_head = value_head;
         }
         self.pairing.submit(req, self.out);
     }
@@ -463,6 +511,8 @@ impl PacketSink for ResponseSink<'_> {
             key_truncated: false,
             opaque,
             value_len: None,
+            value_head: None,
+            head_follows: false,
         };
         self.pairing.respond(&resp, self.out);
         true
@@ -473,9 +523,12 @@ impl PacketSink for ResponseSink<'_> {
         header: &Header,
         key: &[u8],
         key_truncated: bool,
+        value_head: Option<ValueHead>,
         start_ts: u64,
         _end_ts: u64,
     ) {
+        // Only a successful get carries a value; failures carry a message.
+        let hit = header.status == 0 && is_retrieval_opcode(header.opcode);
         let resp = Response {
             kind: RespKind::Binary {
                 opcode: header.opcode,
@@ -487,10 +540,9 @@ impl PacketSink for ResponseSink<'_> {
             key: (header.key_len > 0).then_some(key),
             key_truncated,
             opaque: Some(u64::from(header.opaque)),
-            // Only a successful get carries a value; failures carry a message.
-            value_len: (header.status == 0 && is_retrieval_opcode(header.opcode))
-                .then(|| value_len(header.value_len()))
-                .flatten(),
+            value_len: hit.then(|| value_len(header.value_len())).flatten(),
+            value_head: value_head.filter(|_| hit),
+            head_follows: false,
         };
         self.pairing.respond(&resp, self.out);
     }

@@ -116,9 +116,13 @@ pub struct DecoderConfig {
     pub max_line_len: usize,
     /// Largest declared value length accepted when framing (memcached's ceiling is 1 GiB).
     pub max_value_len: u64,
-    /// Report each text value's first bytes ([`RequestObservation::value_head`]). Off only to
+    /// Report each value's first bytes ([`RequestObservation::value_head`]). Off only to
     /// measure what it costs.
     pub value_heads: bool,
+    /// Report value sizes and keys per request ([`RequestObservation::value_len`],
+    /// [`RequestObservation::keys_in_request`]). Off only to measure what they cost: lengths
+    /// are still parsed, since framing needs them, but observations carry none.
+    pub sizes: bool,
 }
 
 impl Default for DecoderConfig {
@@ -132,6 +136,7 @@ impl Default for DecoderConfig {
             max_line_len: 2048,
             max_value_len: 1 << 30,
             value_heads: true,
+            sizes: true,
         }
     }
 }
@@ -182,13 +187,22 @@ impl ConnectionDecoder {
         ConnectionDecoder {
             client_text: TextFramer::new(config.max_line_len, config.value_heads),
             server_text: TextFramer::new(config.max_line_len, config.value_heads),
-            client_binary: BinFramer::new(binary::REQUEST_MAGIC, config.max_value_len),
-            server_binary: BinFramer::new(binary::RESPONSE_MAGIC, config.max_value_len),
+            client_binary: BinFramer::new(
+                binary::REQUEST_MAGIC,
+                config.max_value_len,
+                config.value_heads,
+            ),
+            server_binary: BinFramer::new(
+                binary::RESPONSE_MAGIC,
+                config.max_value_len,
+                config.value_heads,
+            ),
             inflight: None,
             pairing: Pairing::new(
                 config.max_pending,
                 config.max_pending_keys,
                 config.max_key_len,
+                config.sizes,
             ),
             wire,
             last_ts: 0,
@@ -269,6 +283,7 @@ impl ConnectionDecoder {
                 let mut sink = text::ResponseSink {
                     pairing: &mut self.pairing,
                     out,
+                    value_heads: self.config.value_heads,
                 };
                 self.server_text.feed(captured, total, ts, &mut sink)
             }

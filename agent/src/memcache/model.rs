@@ -443,8 +443,8 @@ pub struct RequestObservation {
     /// The value's length in bytes (without its "\r\n"): what a storage command sent or a
     /// hit returned. None for commands without a value, misses and values not seen.
     pub value_len: Option<u32>,
-    /// The value's first bytes ([`ValueHead`]), when every one of them was captured (text
-    /// protocol; a meta `VA` answer's value is reported before its body and has none).
+    /// The value's first bytes ([`ValueHead`]), when every one of them was captured: text,
+    /// meta and binary values alike, sent by a storage command or returned by a hit.
     pub value_head: Option<ValueHead>,
     /// How many keys the request named, on the first observation of a request that named
     /// any (multi-key gets report one observation per key); 0 on the others.

@@ -1,12 +1,14 @@
-//! Property tests: a generated conversation decodes to the same requests however its bytes are
-//! cut into chunks, and arbitrary input never panics or grows state without bound.
+//! Property tests: a generated conversation decodes to the same requests (and values' first
+//! bytes) however its bytes are cut into chunks, and arbitrary input never panics or grows
+//! state without bound.
 
 use proptest::prelude::*;
 
 use super::tests::{bin_request, bin_response};
 use super::*;
 
-type Summary = (&'static str, &'static str, Vec<u8>);
+/// (command, status, key, value head) of one observation.
+type Summary = (&'static str, &'static str, Vec<u8>, Option<Vec<u8>>);
 
 /// One request/response exchange: its bytes and what the decoder must report for it.
 #[derive(Debug, Clone)]
@@ -25,7 +27,13 @@ fn value(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn summary(command: &'static str, status: &'static str, key: &[u8]) -> Summary {
-    (command, status, key.to_vec())
+    (command, status, key.to_vec(), None)
+}
+
+/// An observation that carries `value`: its head is the value's first bytes.
+fn with_head(summary: Summary, value: &[u8]) -> Summary {
+    let head = value[..value.len().min(VALUE_HEAD_LEN)].to_vec();
+    (summary.0, summary.1, summary.2, Some(head))
 }
 
 #[derive(Debug, Clone)]
@@ -109,12 +117,13 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
                     response.extend_from_slice(format!("VALUE {key} 0 {len} 77\r\n").as_bytes());
                     response.extend(value(*len, i as u8));
                     response.extend_from_slice(b"\r\n");
+                    expected.push(with_head(
+                        summary(command, "hit", key.as_bytes()),
+                        &value(*len, i as u8),
+                    ));
+                } else {
+                    expected.push(summary(command, "miss", key.as_bytes()));
                 }
-                expected.push(summary(
-                    command,
-                    if *hit { "hit" } else { "miss" },
-                    key.as_bytes(),
-                ));
             }
             request.extend_from_slice(b"\r\n");
             response.extend_from_slice(b"END\r\n");
@@ -137,11 +146,12 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
                 ("EXISTS", "exists"),
                 ("NOT_FOUND", "not_found"),
             ][*outcome];
+            let sent = value(*len, 3);
             if *noreply {
-                expected.push(summary(name, "noreply", &key));
+                expected.push(with_head(summary(name, "noreply", &key), &sent));
             } else {
                 response.extend_from_slice(format!("{line}\r\n").as_bytes());
-                expected.push(summary(name, status, &key));
+                expected.push(with_head(summary(name, status, &key), &sent));
             }
         }
         TextOp::Delete { found, noreply } => {
@@ -206,7 +216,11 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
             } else if !quiet {
                 response.extend_from_slice(b"EN\r\n");
             }
-            expected.push(summary("mg", if *hit { "hit" } else { "miss" }, &key));
+            expected.push(if *hit {
+                with_head(summary("mg", "hit", &key), &value(*len, 5))
+            } else {
+                summary("mg", "miss", &key)
+            });
         }
         TextOp::MetaSet {
             len,
@@ -226,7 +240,7 @@ fn text_exchange(op: &TextOp, index: usize) -> Exchange {
             if !(*quiet && code == "HD") {
                 response.extend_from_slice(format!("{code} k{k}\r\n").as_bytes());
             }
-            expected.push(summary("ms", status, &key));
+            expected.push(with_head(summary("ms", status, &key), &value(*len, 9)));
         }
         TextOp::MetaDelete { found, quiet } => {
             let q = if *quiet { " q" } else { "" };
@@ -298,12 +312,12 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
             } else {
                 bin_response(opcode, 1, opaque, echo_key, b"Not found")
             };
-            let status = if hit { "hit" } else { "miss" };
-            (
-                bin_request(opcode, opaque, &key, b""),
-                response,
-                summary(label(opcode), status, &key),
-            )
+            let expected = if hit {
+                with_head(summary(label(opcode), "hit", &key), &value(len, 1))
+            } else {
+                summary(label(opcode), "miss", &key)
+            };
+            (bin_request(opcode, opaque, &key, b""), response, expected)
         }
         BinOp::Store {
             opcode,
@@ -320,7 +334,7 @@ fn bin_exchange(op: &BinOp, index: usize) -> Exchange {
             (
                 bin_request(opcode, opaque, &key, &value(len, 2)),
                 response,
-                summary(label(opcode), status, &key),
+                with_head(summary(label(opcode), status, &key), &value(len, 2)),
             )
         }
         BinOp::Delete { quiet: q, found } => {
@@ -467,6 +481,7 @@ fn run(
                 r.command.as_str(),
                 r.status.as_str(),
                 r.key.map(|k| k.as_bytes().to_vec()).unwrap_or_default(),
+                r.value_head.map(|h| h.as_bytes().to_vec()),
             )),
             Decoded::DecodeError(e) => errors.push(e.reason),
         }

@@ -423,6 +423,8 @@ impl LineSink for RequestSink<'_> {
 pub(crate) struct ResponseSink<'a> {
     pub pairing: &'a mut Pairing,
     pub out: &'a mut Vec<Decoded>,
+    /// Whether the framer reports values' first bytes ([`DecoderConfig::value_heads`]).
+    pub value_heads: bool,
 }
 
 impl ResponseSink<'_> {
@@ -439,6 +441,8 @@ impl ResponseSink<'_> {
             key_truncated: false,
             opaque: None,
             value_len: None,
+            value_head: None,
+            head_follows: false,
         };
         self.pairing.respond(&resp, self.out);
     }
@@ -474,6 +478,9 @@ impl ResponseSink<'_> {
                     key_truncated: key_cut,
                     opaque: None,
                     value_len: data_len.and_then(value_len),
+                    // The item stays open until END: its head is attached when it comes.
+                    value_head: None,
+                    head_follows: false,
                 };
                 self.pairing.respond(&resp, self.out);
                 return outcome;
@@ -515,6 +522,9 @@ impl ResponseSink<'_> {
                     key_truncated: key.is_some_and(|(_, cut)| cut),
                     opaque: parsed.opaque,
                     value_len: parsed.data_len.and_then(value_len),
+                    value_head: None,
+                    // The answer is complete, but its value's first bytes come next.
+                    head_follows: self.value_heads && data_len.is_some(),
                 };
                 self.pairing.respond(&resp, self.out);
                 return match data_len {
@@ -627,10 +637,12 @@ impl LineSink for ResponseSink<'_> {
         self.error(DecodeErrorReason::TruncatedCapture, ts);
     }
 
-    fn data_done(&mut self, _ts: u64) {}
+    fn data_done(&mut self, _ts: u64) {
+        self.pairing.value_done(self.out);
+    }
 
     fn data_head(&mut self, head: ValueHead) {
-        self.pairing.value_head(head);
+        self.pairing.value_head(head, self.out);
     }
 
     fn garbage(&mut self, ts: u64) {

@@ -397,6 +397,110 @@ fn value_heads_reach_observations_through_capture_whatever_the_split() {
     }
 }
 
+/// Binary and meta values' first bytes reach observations through the capture too (the
+/// frame follower copies every body's head, whatever the protocol), at any split.
+#[test]
+fn binary_and_meta_value_heads_reach_observations_through_capture() {
+    fn bin(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; 24];
+        bytes[0] = magic;
+        bytes[1] = opcode;
+        bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
+        bytes[4] = extras.len() as u8;
+        let body = (extras.len() + key.len() + value.len()) as u32;
+        bytes[8..12].copy_from_slice(&body.to_be_bytes());
+        bytes.extend_from_slice(extras);
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+        bytes
+    }
+    let values: Vec<Vec<u8>> = vec![
+        b"job:0001-payload".to_vec(),
+        b"ab".to_vec(),
+        Vec::new(),
+        b"big:"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(b'x', 70_000))
+            .collect(),
+    ];
+    let expected: Vec<Vec<u8>> = values
+        .iter()
+        .map(|v| v[..v.len().min(8)].to_vec())
+        .collect();
+    // Per protocol: sets, their answers, gets, their answers (every get a hit).
+    let mut binary = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut meta = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for (i, v) in values.iter().enumerate() {
+        let opaque = i as u8;
+        let mut set = bin(0x80, 0x01, b"q", &[0; 8], v);
+        set[15] = opaque;
+        binary[0].extend(set);
+        let mut stored = bin(0x81, 0x01, b"", &[], &[]);
+        stored[15] = opaque;
+        binary[1].extend(stored);
+        let mut get = bin(0x80, 0x00, b"q", &[], &[]);
+        get[15] = opaque;
+        binary[2].extend(get);
+        let mut hit = bin(0x81, 0x00, b"", &[0; 4], v);
+        hit[15] = opaque;
+        binary[3].extend(hit);
+        meta[0].extend_from_slice(format!("ms q {} T0\r\n", v.len()).as_bytes());
+        meta[0].extend_from_slice(v);
+        meta[0].extend_from_slice(b"\r\n");
+        meta[1].extend_from_slice(b"HD\r\n");
+        meta[2].extend_from_slice(b"mg q v\r\n");
+        meta[3].extend_from_slice(format!("VA {}\r\n", v.len()).as_bytes());
+        meta[3].extend_from_slice(v);
+        meta[3].extend_from_slice(b"\r\n");
+    }
+    for (streams, set, get) in [(&binary, "bin_set", "bin_get"), (&meta, "ms", "mg")] {
+        for split in [1usize, 3, 7, 16, 17, 24, 25, 29, 33, 64, 1500, 1 << 20] {
+            for role in [Role::Client, Role::Server] {
+                let mut decoders = Decoders::new(10);
+                let mut out = Vec::new();
+                let mut send = FrameState::default();
+                let mut recv = FrameState::default();
+                let mut ts = 0;
+                for (client_sends, stream) in [true, false, true, false].iter().zip(streams) {
+                    let is_send = *client_sends == (role == Role::Client);
+                    let state = if is_send { &mut send } else { &mut recv };
+                    for call in stream.chunks(split) {
+                        ts += 1_000;
+                        for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
+                            let view = parse_payload(&record).unwrap();
+                            decoders.on_payload(&view, endpoint(role), None, true, &mut out);
+                        }
+                    }
+                }
+                decoders.on_close(7, &mut out);
+                let heads = |command: &str| -> Vec<Vec<u8>> {
+                    out.iter()
+                        .filter_map(|e| match e {
+                            MemcacheEvent::Request { request, .. }
+                                if request.command.as_str() == command =>
+                            {
+                                Some(request.value_head?.as_bytes().to_vec())
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    heads(set),
+                    expected,
+                    "{set} {role:?} split {split}: {out:?}"
+                );
+                assert_eq!(
+                    heads(get),
+                    expected,
+                    "{get} {role:?} split {split}: {out:?}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn binary_quiet_multi_get_decodes_exactly_through_capture() {
     fn frame(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {

@@ -116,6 +116,12 @@ pub(crate) struct Response<'a> {
     pub opaque: Option<u64>,
     /// Length of the value this response carries (a hit), if any.
     pub value_len: Option<u32>,
+    /// That value's first bytes, when they came with the response (binary).
+    pub value_head: Option<ValueHead>,
+    /// The value's first bytes follow the response line and arrive later, through
+    /// [`super::Pairing::value_head`] or not at all ([`super::Pairing::value_done`]): the
+    /// request is finished only then (meta `VA`).
+    pub head_follows: bool,
 }
 
 /// What a queue-mode request asked of its queue; the outcome is decided by the response.

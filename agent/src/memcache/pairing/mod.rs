@@ -54,6 +54,9 @@ struct Pending {
     /// The stored value's length, or a hit's when the answer is not per key.
     value_len: Option<u32>,
     value_head: Option<ValueHead>,
+    /// Answered with this status by a line that announced a value (meta `VA`), but the value's
+    /// first bytes come after that line: the entry stays at the front until they do.
+    value_due: Option<Status>,
 }
 
 impl Pending {
@@ -77,6 +80,7 @@ impl Pending {
             seq: None,
             value_len: None,
             value_head: None,
+            value_due: None,
         }
     }
 
@@ -113,6 +117,8 @@ pub(crate) struct Pairing {
     /// Where the value of the last response goes, until its body's head arrives: a text
     /// response names its value's length in a line that comes before the value itself.
     last_value: Option<ValueTarget>,
+    /// Whether observations report sizes ([`super::DecoderConfig::sizes`]).
+    sizes: bool,
 }
 
 /// The holder of a hit's value: a key slot (by index), or the head entry itself.
@@ -145,7 +151,7 @@ pub(crate) fn push_error(
 }
 
 impl Pairing {
-    pub fn new(max_pending: usize, max_slots: usize, max_key_len: usize) -> Pairing {
+    pub fn new(max_pending: usize, max_slots: usize, max_key_len: usize, sizes: bool) -> Pairing {
         Pairing {
             pending: VecDeque::new(),
             slots: KeyStore::default(),
@@ -155,11 +161,17 @@ impl Pairing {
             max_slots,
             max_key_len,
             last_value: None,
+            sizes,
         }
     }
 
     /// The first bytes of the value announced by the last response (see [`ValueHead`]).
-    pub fn value_head(&mut self, head: ValueHead) {
+    pub fn value_head(&mut self, head: ValueHead, out: &mut Vec<Decoded>) {
+        if let Some(entry) = self.pending.front_mut().filter(|p| p.value_due.is_some()) {
+            entry.value_head = Some(head);
+            self.release_due(out);
+            return;
+        }
         match self.last_value.take() {
             Some(ValueTarget::Slot(i)) => {
                 if let Some(slot) = self.slots.slots.get_mut(i) {
@@ -172,6 +184,34 @@ impl Pairing {
                 }
             }
             None => {}
+        }
+    }
+
+    /// The value announced by the last response has been passed (its head seen or not).
+    pub fn value_done(&mut self, out: &mut Vec<Decoded>) {
+        self.release_due(out);
+    }
+
+    /// Finishes the front entry if it only waited for its value's first bytes.
+    fn release_due(&mut self, out: &mut Vec<Decoded>) {
+        if let Some(status) = self.pending.front().and_then(|p| p.value_due) {
+            if let Some(done) = self.pending.pop_front() {
+                let latency = done.latency();
+                self.finish_entry(done, status, latency, out);
+            }
+        }
+    }
+
+    /// Sizes as observations report them: none when sizes are off.
+    fn sized(&self, sizes: Sizes) -> Sizes {
+        if self.sizes {
+            sizes
+        } else {
+            Sizes {
+                value_len: None,
+                keys: 0,
+                ..sizes
+            }
         }
     }
 
@@ -228,11 +268,11 @@ impl Pairing {
                     0,
                     queue,
                     req.seq,
-                    Sizes {
+                    self.sized(Sizes {
                         value_len: req.value_len,
                         value_head: req.value_head,
                         keys: 0,
-                    },
+                    }),
                 );
             }
             for i in 0..nkeys {
@@ -252,11 +292,11 @@ impl Pairing {
                     0,
                     queue,
                     req.seq,
-                    Sizes {
+                    self.sized(Sizes {
                         value_len: req.value_len.filter(|_| nkeys == 1),
                         value_head: req.value_head.filter(|_| nkeys == 1),
                         keys: if i == 0 { nkeys as u16 } else { 0 },
-                    },
+                    }),
                 );
             }
             self.slots.truncate(start);
@@ -293,6 +333,7 @@ impl Pairing {
             seq: req.seq,
             value_len: req.value_len,
             value_head: req.value_head,
+            value_due: None,
         });
     }
 
@@ -313,7 +354,7 @@ impl Pairing {
             if p.marker {
                 return None;
             }
-            if !p.quiet {
+            if !p.quiet && p.value_due.is_none() {
                 return Some((p.family, p.opcode, p.opaque));
             }
         }
@@ -321,6 +362,8 @@ impl Pairing {
     }
 
     pub fn respond(&mut self, resp: &Response<'_>, out: &mut Vec<Decoded>) {
+        // A value still due was cut short: its answer stands without a head.
+        self.release_due(out);
         self.last_value = None;
         let mut offset = 0usize;
         let mut found = None;
@@ -392,7 +435,7 @@ impl Pairing {
                         slot.status = Some(Status::Hit);
                         slot.resp_bytes += resp.bytes;
                         slot.value_len = resp.value_len;
-                        slot.value_head = None;
+                        slot.value_head = resp.value_head;
                         head.cursor = (i + 1) as u16;
                         self.last_value = Some(ValueTarget::Slot(i));
                     }
@@ -400,7 +443,7 @@ impl Pairing {
                         head.resp_bytes += resp.bytes;
                         if resp.value_len.is_some() {
                             head.value_len = resp.value_len;
-                            head.value_head = None;
+                            head.value_head = resp.value_head;
                             self.last_value = Some(ValueTarget::Entry);
                         }
                     }
@@ -411,6 +454,11 @@ impl Pairing {
                 head.resp_bytes += resp.bytes;
                 if resp.value_len.is_some() {
                     head.value_len = resp.value_len;
+                    head.value_head = resp.value_head;
+                    if resp.head_follows {
+                        head.value_due = Some(status);
+                        return;
+                    }
                 }
                 if let Some(done) = self.pending.pop_front() {
                     let latency = done.latency();
@@ -460,6 +508,7 @@ impl Pairing {
     /// The responses to everything outstanding may have been lost: report it all as unknown
     /// and make later responses prove they belong to a later request.
     pub fn lose_responses(&mut self, ts_ns: u64, out: &mut Vec<Decoded>) {
+        self.release_due(out);
         while let Some(entry) = self.pending.pop_front() {
             let latency = entry.latency();
             self.finish_entry(entry, Status::Unknown, latency, out);
@@ -468,6 +517,7 @@ impl Pairing {
     }
 
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
+        self.release_due(out);
         while let Some(front) = self.pending.front() {
             if front.ts_ns.saturating_add(timeout_ns) > now_ns {
                 break;
@@ -486,6 +536,7 @@ impl Pairing {
     }
 
     pub fn finish(&mut self, out: &mut Vec<Decoded>) {
+        self.release_due(out);
         while let Some(entry) = self.pending.pop_front() {
             if entry.quiet {
                 self.finish_entry(entry, implied_status(entry.command), None, out);
@@ -631,11 +682,11 @@ impl Pairing {
                 entry.resp_bytes,
                 queue_op(entry.queue, status),
                 entry.seq,
-                Sizes {
+                self.sized(Sizes {
                     value_len: entry.value_len,
                     value_head: entry.value_head,
                     keys: 0,
-                },
+                }),
             );
             return;
         }
@@ -668,11 +719,11 @@ impl Pairing {
                 resp_bytes,
                 queue_op(entry.queue, status),
                 entry.seq,
-                Sizes {
+                self.sized(Sizes {
                     value_len,
                     value_head,
                     keys: if i == 0 { entry.nkeys } else { 0 },
-                },
+                }),
             );
         }
         self.slots.reclaim();
