@@ -6,6 +6,7 @@ mod package;
 mod setup;
 mod util;
 mod vm;
+mod vm_fleet;
 mod vm_systemd;
 
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ enum Task {
         #[arg(long)]
         systemd: bool,
     },
+    /// Build, then boot a fleet of three VMs (a memcached pool host and two client hosts) on a
+    /// private network with a real Prometheus, and assert what `cacheprobe diagnose
+    /// --prometheus` names: idle timeouts, ring disagreement, a hung server, a lossy link.
+    FleetTest,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +141,9 @@ fn main() -> ExitCode {
                     vm::vm_test(&kernel.unwrap_or(vm::KernelChoice::All).kernels())
                 }
             }),
+        Task::FleetTest => setup::setup_build_tools()
+            .and_then(|()| build(true))
+            .and_then(|()| vm_fleet::fleet_test()),
     };
     util::print_step_times();
     match result {
