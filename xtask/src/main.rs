@@ -92,7 +92,7 @@ enum Task {
         #[arg(long)]
         systemd: bool,
     },
-    /// Build, then boot a fleet of three VMs (a memcached pool host and two client hosts) on a
+    /// Build, then boot a fleet of four VMs (a memcached pool host and three client hosts) on a
     /// private network with a real Prometheus, and assert what `cacheprobe diagnose
     /// --prometheus` names: idle timeouts, ring disagreement, a hung server, a lossy link.
     FleetTest,

@@ -45,6 +45,7 @@ pub const SCENARIOS: &[&str] = &[
     "ring-disagreement",
     "hung-server",
     "lossy-link",
+    "coverage",
 ];
 
 const BRIDGE: &str = "cpfleet0";
@@ -82,10 +83,13 @@ struct Host {
 const SERVER: usize = 0;
 const CLIENT: usize = 1;
 const ODD_CLIENT: usize = 2;
+const LEGACY: usize = 3;
 
 /// The server host runs a client of the pool too (as many cache hosts do: a cron job, a
-/// warmer), so two of three hosts agree on the server list and the third is the odd one.
-const HOSTS: [Host; 3] = [
+/// warmer), so the hosts listing the pool outnumber the odd one. legacy-1 runs Debian 12's
+/// own 6.1, which lacks sock_send_length/sock_recv_length (Linux 6.4+): its agent would see
+/// connections but decode no requests, and the coverage detector must name it.
+const HOSTS: [Host; 4] = [
     Host {
         name: "cache-1",
         ip: "10.77.0.11",
@@ -108,12 +112,38 @@ const HOSTS: [Host; 3] = [
         name: "app-2",
         ip: "10.77.0.13",
         mac: "52:54:00:77:00:13",
-        kernel: Kernel::Debian6_1,
+        kernel: Kernel::Debian6_12,
         memcached: &[],
         idle_timeout: &[],
         servers: &[POOL[0], POOL[1], POOL[2], EXTRA],
     },
+    Host {
+        name: "legacy-1",
+        ip: "10.77.0.14",
+        mac: "52:54:00:77:00:14",
+        kernel: Kernel::Debian6_1,
+        memcached: &[],
+        idle_timeout: &[],
+        // No client load: a fourth busy emulated VM on this 2-core machine made every path
+        // slow and the pool's healthy servers time out too (the hung-server and lossy-link
+        // scenarios then found nothing). Its agent still runs and is scraped.
+        servers: &[],
+    },
 ];
+
+/// Hosts running a client of the pool whose agent decodes requests (not on 6.1): the client
+/// hosts request-level findings can count.
+fn decoding_hosts() -> usize {
+    HOSTS
+        .iter()
+        .filter(|h| h.kernel != Kernel::Debian6_1 && !h.servers.is_empty())
+        .count()
+}
+
+/// Hosts running a client of the pool: the ones with a ring view.
+fn client_hosts() -> usize {
+    HOSTS.iter().filter(|h| !h.servers.is_empty()).count()
+}
 
 impl Host {
     fn instance(&self) -> String {
@@ -640,7 +670,7 @@ fn start_load(fleet: &Fleet) -> anyhow::Result<u64> {
         ),
         Duration::from_secs(20),
     )?;
-    for host in &HOSTS {
+    for host in HOSTS.iter().filter(|h| !h.servers.is_empty()) {
         fleet.run(
             host,
             &format!(
@@ -687,8 +717,16 @@ fn idle_timeouts(fleet: &Fleet, agent: &Path, start: u64) -> anyhow::Result<Outc
             seen: seen + &format!("findings: {}", ids(&report)),
         });
     };
-    if value(finding, "idle_timeout_s") != f64::from(IDLE_TIMEOUT_S) {
-        problems.push(format!("inferred timeout is not {IDLE_TIMEOUT_S} s"));
+    // memcached's sweep closes a connection 1-2 s after its idle_timeout (whole seconds, then
+    // sleeps until the oldest could expire, plus 1 s), and emulation adds to that: the mean idle
+    // time seen was 5.6-7.0 s for a 5 s timeout, which the inference rounds to 5 or 7 s.
+    let inferred = value(finding, "idle_timeout_s");
+    let configured = f64::from(IDLE_TIMEOUT_S);
+    if !(configured..=configured + 2.0).contains(&inferred) {
+        problems.push(format!(
+            "inferred timeout {inferred} s is not {IDLE_TIMEOUT_S}-{} s",
+            IDLE_TIMEOUT_S + 2
+        ));
     }
     if strings(finding, "hosts") != [client.instance()] {
         problems.push(format!("client hosts are not [{}]", client.instance()));
@@ -721,7 +759,7 @@ fn ring_disagreement(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     wait_for(
         fleet,
         "cacheprobe_service_servers_info{service=\"cache\"}",
-        HOSTS.len(),
+        client_hosts(),
         Duration::from_secs(60),
     )?;
     let end = now_s();
@@ -737,8 +775,10 @@ fn ring_disagreement(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     if strings(finding, "hosts") != [odd.instance()] {
         problems.push(format!("odd hosts are not [{}]", odd.instance()));
     }
-    if value(finding, "hosts") != HOSTS.len() as f64 || value(finding, "disagreeing_hosts") != 1.0 {
-        problems.push("not 1 of 3 hosts".into());
+    if value(finding, "hosts") != client_hosts() as f64
+        || value(finding, "disagreeing_hosts") != 1.0
+    {
+        problems.push(format!("not 1 of {} hosts", client_hosts()));
     }
     let extra = format!("{}:{EXTRA}", HOSTS[SERVER].ip);
     let names_extra = finding["evidence"].as_array().is_some_and(|e| {
@@ -803,9 +843,11 @@ fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     if found.len() != 1 {
         problems.push(format!("{} bad servers, want 1", found.len()));
     }
-    let hosts = HOSTS.len() as f64;
+    let hosts = decoding_hosts() as f64;
     if value(finding, "client_hosts") != hosts || value(finding, "failing_client_hosts") != hosts {
-        problems.push("not seen failing by all 3 client hosts".into());
+        problems.push(format!(
+            "not seen failing by all {hosts} decoding client hosts"
+        ));
     }
     // The detector's own bar is 5% against peers under 1%.
     if value(finding, "failed_ratio") < 0.2 || value(finding, "peer_failed_ratio") > 0.01 {
@@ -820,7 +862,7 @@ fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// 4. app-1 drops 10% of the pool's packets in both directions (iptables `statistic` inside
+/// 4. app-1 drops 30% of the pool's packets in both directions (iptables `statistic` inside
 ///    the VM): its path to the pool is slow, the servers are not.
 fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     const LOSSY_S: u64 = 60;
@@ -833,7 +875,7 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     let mut add = String::new();
     let mut delete = String::new();
     for rule in &rules {
-        let rule = format!("{rule} -m statistic --mode random --probability 0.1 -j DROP");
+        let rule = format!("{rule} -m statistic --mode random --probability 0.3 -j DROP");
         let _ = writeln!(add, "iptables -A {rule} || echo FAILED");
         let _ = writeln!(delete, "iptables -D {rule}");
     }
@@ -909,6 +951,42 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
+/// 5. The 6.1 host runs with its send/receive probes missing: a clean request-level report
+///    must not read as silence from it, so coverage names it (and only it).
+fn coverage(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
+    let legacy = &HOSTS[LEGACY];
+    let end = now_s();
+    let report = fleet.diagnose(agent, end - 60, end)?;
+    let found = findings(&report, "fleet-coverage");
+    let Some(finding) = found
+        .iter()
+        .find(|f| !value(f, "agents_probes_missing").is_nan())
+    else {
+        return Ok(Outcome {
+            problems: vec!["no fleet-coverage finding about missing probes".into()],
+            seen: format!("findings: {}", ids(&report)),
+        });
+    };
+    let mut problems = Vec::new();
+    if strings(finding, "hosts") != [legacy.instance()] {
+        problems.push(format!(
+            "hosts with probes missing are not [{}]",
+            legacy.instance()
+        ));
+    }
+    let down = found
+        .iter()
+        .filter(|f| value(f, "agents_down") > 0.0 || value(f, "agents_not_scraped") > 0.0)
+        .count();
+    if down > 0 {
+        problems.push("agents reported down or not scraped".into());
+    }
+    Ok(Outcome {
+        problems,
+        seen: format!("{} evidence={}", summary(finding), finding["evidence"]),
+    })
+}
+
 pub fn fleet_test() -> anyhow::Result<()> {
     let started = Instant::now();
     install_debian_packages(PACKAGES)?;
@@ -941,7 +1019,10 @@ pub fn fleet_test() -> anyhow::Result<()> {
     }
     let prepare = started.elapsed();
 
-    step("fleet-test: network namespace, Prometheus, 3 VMs");
+    step(&format!(
+        "fleet-test: network namespace, Prometheus, {} VMs",
+        HOSTS.len()
+    ));
     let mut fleet = Fleet::create()?;
     fleet.start_prometheus(&work)?;
     let boot_started = Instant::now();
@@ -957,7 +1038,7 @@ pub fn fleet_test() -> anyhow::Result<()> {
         let options = BootOptions {
             memory_mb: "768",
             timeout: VM_TIMEOUT,
-            // no_timer_check: three emulated VMs on a loaded 2-core host are slow enough for
+            // no_timer_check: four emulated VMs on a loaded 2-core host are slow enough for
             // the kernel's IO-APIC timer check to fail and panic (seen with 6.1).
             append: "console=ttyS0 panic=-1 quiet no_timer_check",
             kvm_if_available: false,
@@ -988,11 +1069,12 @@ pub fn fleet_test() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let idle = move |fleet: &Fleet, agent: &Path| idle_timeouts(fleet, agent, idle_started);
-    let scenarios: [(&str, &Scenario); 4] = [
+    let scenarios: [(&str, &Scenario); 5] = [
         ("idle-timeouts", &idle),
         ("ring-disagreement", &ring_disagreement),
         ("hung-server", &hung_server),
         ("lossy-link", &lossy_link),
+        ("coverage", &coverage),
     ];
     let mut timings = Vec::new();
     for (name, scenario) in scenarios {

@@ -2,7 +2,7 @@
 
   fleet_client.py load SECONDS RATE SERVER...   HashClient over the pool: sets and gets spread
       over the servers by the client's hashing, at about RATE requests per second; a server
-      that stops answering times out (timeout 0.5 s) and is retried after a short dead time.
+      that stops answering times out (timeout 3 s) and is retried after a short dead time.
   fleet_client.py idle ROUNDS SLEEP CONNECTIONS SERVER   CONNECTIONS pooled clients each set a
       key, idle for SLEEP seconds (longer than the server's idle timeout), then set again:
       writes onto connections the server has closed.
@@ -25,7 +25,7 @@ def load(seconds, rate, servers):
     client = HashClient(
         [address(s) for s in servers],
         connect_timeout=1.0,
-        timeout=0.5,
+        timeout=3.0,
         use_pooling=False,
         retry_attempts=1,
         retry_timeout=0,
