@@ -95,7 +95,11 @@ enum Task {
     /// Build, then boot a fleet of four VMs (a memcached pool host and three client hosts) on a
     /// private network with a real Prometheus, and assert what `cacheprobe diagnose
     /// --prometheus` names: idle timeouts, ring disagreement, a hung server, a lossy link.
-    FleetTest,
+    FleetTest {
+        /// Use target/release/cacheprobe as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -141,8 +145,8 @@ fn main() -> ExitCode {
                     vm::vm_test(&kernel.unwrap_or(vm::KernelChoice::All).kernels())
                 }
             }),
-        Task::FleetTest => setup::setup_build_tools()
-            .and_then(|()| build(true))
+        Task::FleetTest { no_build } => setup::setup_build_tools()
+            .and_then(|()| if no_build { Ok(()) } else { build(true) })
             .and_then(|()| vm_fleet::fleet_test()),
     };
     util::print_step_times();
