@@ -841,7 +841,12 @@ fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     };
     let mut problems = Vec::new();
     if found.len() != 1 {
-        problems.push(format!("{} bad servers, want 1", found.len()));
+        let all: Vec<String> = found.iter().map(|f| summary(f)).collect();
+        problems.push(format!(
+            "{} bad servers, want 1: {}",
+            found.len(),
+            all.join(" | ")
+        ));
     }
     let hosts = decoding_hosts() as f64;
     if value(finding, "client_hosts") != hosts || value(finding, "failing_client_hosts") != hosts {
