@@ -710,7 +710,12 @@ fn idle_timeouts(fleet: &Fleet, agent: &Path, start: u64) -> anyhow::Result<Outc
     let finding = found
         .iter()
         .find(|f| strings(f, "servers") == [server.clone()]);
-    let seen = format!("client said: {}; ", out.trim());
+    let said: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let seen = format!("client said: {}; ", said.join(" / "));
     let Some(finding) = finding else {
         return Ok(Outcome {
             problems: vec![format!("no fleet-idle-timeouts finding for {server}")],
