@@ -953,3 +953,69 @@ fn fleet_500(end: u64) -> Gen {
     }
     g
 }
+
+/// The agent creates a labelled series at its first event, so the series of a rare event (the
+/// first idle closes and dead writes of a process to a server) is born with a value above zero.
+/// `increase()` alone counts only growth between samples and would miss those first events
+/// entirely (the fleet VM test, `cargo xtask fleet-test`, showed it: a first burst of dead
+/// writes was invisible); the fleet view counts them from the series' first value.
+#[test]
+fn counters_born_inside_the_window_count_from_their_first_value() {
+    let end = now() - 30;
+    let mut g = Gen::new(end, 30, 15);
+    let web = host("web-1", "10.0.1.1");
+    agent_series(&mut g, &web, None);
+    let born = end - 10 * 60;
+    let client = [
+        ("job", "cacheprobe"),
+        ("instance", web.instance.as_str()),
+        ("service", "memcached"),
+        ("server", "10.0.2.2:11211"),
+        ("role", "client"),
+    ];
+    let mut closed = client.to_vec();
+    closed.push(("closed_by", "peer"));
+    // Three closes after 30.6 s idle, all before the series' first scrape.
+    g.series(
+        "cacheprobe_connections_closed",
+        "counter",
+        "cacheprobe_connections_closed_total",
+        &closed,
+        |_, t| (t >= born).then_some(3.0),
+    );
+    let idle = "cacheprobe_connection_idle_before_close_seconds";
+    let mut inf = closed.clone();
+    inf.push(("le", "+Inf"));
+    for (sample, labels, value) in [
+        (format!("{idle}_bucket"), &inf, 3.0),
+        (format!("{idle}_sum"), &closed, 91.8),
+        (format!("{idle}_count"), &closed, 3.0),
+    ] {
+        g.series(idle, "histogram", &sample, labels, move |_, t| {
+            (t >= born).then_some(value)
+        });
+    }
+    // Three dead writes in the first scrape, two more five minutes later.
+    let mut dead = client.to_vec();
+    dead.extend_from_slice(&[("comm", "php-fpm"), ("outcome", "eof"), ("command", "set")]);
+    g.series(
+        "cacheprobe_dead_socket_writes",
+        "counter",
+        "cacheprobe_dead_socket_writes_total",
+        &dead,
+        |_, t| (t >= born).then_some(if t >= born + 300 { 5.0 } else { 3.0 }),
+    );
+    let prom = Prom::start("fleet-born-in-window", &g);
+    let output = diagnose_json_30m(&prom, &end.to_string());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let idle = findings(&report, &["fleet-idle-timeouts"]);
+    assert_eq!(idle.len(), 1, "{report:#}");
+    assert_eq!(idle[0]["values"]["closes"], 3.0, "{}", idle[0]);
+    assert_eq!(idle[0]["values"]["idle_timeout_s"], 30.0, "{}", idle[0]);
+    // 3 at birth + 2 of growth (extrapolated by increase(): give or take a little).
+    assert!(
+        close(&idle[0]["values"]["dead_writes"], 5.0, 0.5),
+        "{}",
+        idle[0]
+    );
+}

@@ -6,6 +6,7 @@ mod package;
 mod setup;
 mod util;
 mod vm;
+mod vm_fleet;
 mod vm_systemd;
 
 use std::process::ExitCode;
@@ -96,6 +97,14 @@ enum Task {
         #[arg(long)]
         systemd: bool,
     },
+    /// Build, then boot a fleet of four VMs (a memcached pool host and three client hosts) on a
+    /// private network with a real Prometheus, and assert what `cacheprobe diagnose
+    /// --prometheus` names: idle timeouts, ring disagreement, a hung server, a lossy link.
+    FleetTest {
+        /// Use target/release/cacheprobe as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -143,6 +152,9 @@ fn main() -> ExitCode {
                     vm::vm_test(&kernel.unwrap_or(vm::KernelChoice::All).kernels())
                 }
             }),
+        Task::FleetTest { no_build } => setup::setup_build_tools()
+            .and_then(|()| if no_build { Ok(()) } else { build(true) })
+            .and_then(|()| vm_fleet::fleet_test()),
     };
     util::print_step_times();
     match result {

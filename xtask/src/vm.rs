@@ -137,11 +137,35 @@ struct Timing {
 }
 
 /// A kernel ready to boot.
+#[derive(Debug, Clone)]
 pub struct PreparedKernel {
     /// `uname -r` of the kernel.
     pub release: String,
     pub vmlinuz: PathBuf,
+    /// [`KEPT_MODULES`] from the kernel's package, uncompressed (Debian kernels only).
+    pub modules: Option<PathBuf>,
 }
+
+/// Modules kept from a Debian kernel package, in an order `insmod` can load them (each after
+/// what it needs): the virtio NIC and iptables' `statistic` match, for `cargo xtask fleet-test`.
+/// The package has no modules.dep for modprobe; what a kernel builds in (6.12 builds in the
+/// virtio core, 6.1 does not) is skipped: `modules/ORDER` lists what was kept, `modules/BUILTIN`
+/// the rest.
+pub const KEPT_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "x_tables",
+    "xt_tcpudp",
+    "ip_tables",
+    "iptable_filter",
+    "xt_statistic",
+];
 
 pub enum Preparation {
     Ready(PreparedKernel),
@@ -291,7 +315,11 @@ fn prepare_host() -> anyhow::Result<Preparation> {
             ),
         });
     }
-    Ok(Preparation::Ready(PreparedKernel { release, vmlinuz }))
+    Ok(Preparation::Ready(PreparedKernel {
+        release,
+        vmlinuz,
+        modules: None,
+    }))
 }
 
 /// `apt-cache search` pattern for a series' cloud kernel image; the dot after the series keeps
@@ -385,7 +413,8 @@ pub fn prepare_debian(kernel: Kernel, cache: &Path) -> anyhow::Result<Preparatio
         }
     };
     let dir = kernels.join(&package);
-    if !dir.join("READY").is_file() {
+    // A cache entry from before modules were kept is fetched again.
+    if !dir.join("READY").is_file() || !modules_complete(&dir) {
         if let Err(err) = download_kernel(&package, &dir) {
             match cached_package(&kernels, series)? {
                 Some(cached) if cached != package => {
@@ -405,7 +434,7 @@ pub fn prepare_debian(kernel: Kernel, cache: &Path) -> anyhow::Result<Preparatio
 fn cached_package(kernels: &Path, series: &str) -> anyhow::Result<Option<String>> {
     let mut names = String::new();
     for entry in fs::read_dir(kernels)?.filter_map(Result::ok) {
-        if entry.path().join("READY").is_file() {
+        if entry.path().join("READY").is_file() && modules_complete(&entry.path()) {
             names.push_str(&entry.file_name().to_string_lossy());
             names.push('\n');
         }
@@ -421,10 +450,11 @@ fn load_cached(dir: &Path) -> anyhow::Result<Preparation> {
     Ok(Preparation::Ready(PreparedKernel {
         release,
         vmlinuz: dir.join("vmlinuz"),
+        modules: Some(dir.join("modules")),
     }))
 }
 
-/// Downloads and unpacks a kernel package, keeping only the vmlinuz. Works in a .partial
+/// Downloads and unpacks a kernel package, keeping only the vmlinuz and [`KEPT_MODULES`]. Works in a .partial
 /// directory renamed into place at the end, so an interrupted fetch is redone.
 fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
     step(&format!("fetching {package}"));
@@ -466,6 +496,10 @@ fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
         .context("vmlinuz name is not UTF-8")?
         .to_string();
     fs::rename(&vmlinuz, partial.join("vmlinuz"))?;
+    keep_modules(
+        &unpacked.join("lib/modules").join(&release),
+        &partial.join("modules"),
+    )?;
     fs::write(partial.join("RELEASE"), format!("{release}\n"))?;
     fs::remove_dir_all(&unpacked)?;
     fs::remove_file(&deb)?;
@@ -475,6 +509,90 @@ fn download_kernel(package: &str, dir: &Path) -> anyhow::Result<()> {
     }
     fs::rename(&partial, dir)?;
     Ok(())
+}
+
+/// Copies [`KEPT_MODULES`] out of an unpacked `lib/modules/<release>` as plain `.ko` files
+/// (Debian's 6.12 packages compress them with xz, 6.1's do not), skipping those the kernel
+/// has built in, and writes their load order to `ORDER`.
+fn keep_modules(tree: &Path, into: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(into)?;
+    let builtin = fs::read_to_string(tree.join("modules.builtin")).unwrap_or_default();
+    let is_builtin = |module: &str| {
+        builtin
+            .lines()
+            .any(|line| line.rsplit('/').next() == Some(&format!("{module}.ko")))
+    };
+    let mut order = String::new();
+    let mut builtin_ones = String::new();
+    let mut found = std::collections::BTreeMap::new();
+    let mut pending = vec![tree.join("kernel")];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let (stem, compressed) = match name.strip_suffix(".ko.xz") {
+                Some(stem) => (stem.to_string(), true),
+                None => match name.strip_suffix(".ko") {
+                    Some(stem) => (stem.to_string(), false),
+                    None => continue,
+                },
+            };
+            if KEPT_MODULES.contains(&stem.as_str()) {
+                found.insert(stem, (path, compressed));
+            }
+        }
+    }
+    for module in KEPT_MODULES {
+        let Some((path, compressed)) = found.get(*module) else {
+            if is_builtin(module) {
+                builtin_ones.push_str(module);
+                builtin_ones.push('\n');
+                continue;
+            }
+            bail!("{} has no module {module}", tree.display());
+        };
+        order.push_str(module);
+        order.push('\n');
+        let target = into.join(format!("{module}.ko"));
+        if *compressed {
+            let plain = Command::new("xz")
+                .arg("-dc")
+                .arg(path)
+                .output()
+                .context("cannot run xz")?;
+            if !plain.status.success() {
+                bail!("xz -dc {} failed", path.display());
+            }
+            fs::write(&target, plain.stdout)?;
+        } else {
+            fs::copy(path, &target)?;
+        }
+    }
+    fs::write(into.join("ORDER"), order)?;
+    fs::write(into.join("BUILTIN"), builtin_ones)?;
+    Ok(())
+}
+
+/// Whether a cached kernel has every module of [`KEPT_MODULES`] kept or known built in (an
+/// entry from before a module was added to the list is fetched again).
+fn modules_complete(dir: &Path) -> bool {
+    let read = |name: &str| fs::read_to_string(dir.join("modules").join(name)).ok();
+    let (Some(order), Some(builtin)) = (read("ORDER"), read("BUILTIN")) else {
+        return false;
+    };
+    KEPT_MODULES.iter().all(|module| {
+        order
+            .lines()
+            .chain(builtin.lines())
+            .any(|line| line == *module)
+    })
 }
 
 // --- expectations --------------------------------------------------------------------------------
@@ -548,7 +666,7 @@ fn parse_ldd(listing: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let listing = Command::new("ldd")
         .arg(binary)
         .output()
@@ -570,7 +688,7 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Copies `source` to the same absolute path under `root` (following symlinks).
-fn copy_into(root: &Path, source: &Path, at: &Path) -> anyhow::Result<()> {
+pub fn copy_into(root: &Path, source: &Path, at: &Path) -> anyhow::Result<()> {
     let relative = at.strip_prefix("/").unwrap_or(at);
     let target = root.join(relative);
     if let Some(parent) = target.parent() {
@@ -592,7 +710,7 @@ pub fn write_file(root: &Path, at: &str, contents: &str, mode: u32) -> anyhow::R
     Ok(())
 }
 
-fn which(program: &str) -> anyhow::Result<PathBuf> {
+pub fn which(program: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
@@ -601,16 +719,20 @@ fn which(program: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{program} not found in PATH"))
 }
 
-fn build_initramfs(
-    cache: &Path,
-    kernel: Kernel,
-    prepared: &PreparedKernel,
-    agent: &Path,
-    out: &Path,
-) -> anyhow::Result<()> {
-    let root = cache.join("initramfs").join(kernel.label());
+/// Copies `binary` to `at` under `root`, with the shared libraries it needs at their own paths.
+pub fn copy_binary(root: &Path, binary: &Path, at: &Path) -> anyhow::Result<()> {
+    copy_into(root, binary, at)?;
+    for library in shared_libraries(binary)? {
+        copy_into(root, &library, &library)?;
+    }
+    Ok(())
+}
+
+/// A fresh initramfs tree at `root` with what every VM of this crate runs: busybox, the agent,
+/// memcached and a root user. The caller adds its /init and scenarios.
+pub fn initramfs_base(root: &Path, agent: &Path) -> anyhow::Result<()> {
     if root.exists() {
-        fs::remove_dir_all(&root)?;
+        fs::remove_dir_all(root)?;
     }
     for dir in [
         "bin", "usr/bin", "proc", "sys", "dev", "tmp", "etc", "cptest",
@@ -619,34 +741,17 @@ fn build_initramfs(
     }
     // Debian's busybox-static is the statically linked one; the dynamic `busybox` package would
     // have replaced it.
-    copy_into(&root, Path::new("/bin/busybox"), Path::new("/bin/busybox"))?;
-    let memcached = which("memcached")?;
-    for (binary, at) in [
-        (agent.to_path_buf(), "/usr/bin/cacheprobe"),
-        (memcached, "/usr/bin/memcached"),
-    ] {
-        copy_into(&root, &binary, Path::new(at))?;
-        for library in shared_libraries(&binary)? {
-            copy_into(&root, &library, &library)?;
-        }
-    }
-    write_file(&root, "/init", include_str!("../vm/init.sh"), 0o755)?;
-    write_file(
-        &root,
-        "/cptest/scenarios.sh",
-        include_str!("../vm/scenarios.sh"),
-        0o755,
-    )?;
-    write_file(
-        &root,
-        "/cptest/expect",
-        &expectations(&prepared.release)?,
-        0o644,
-    )?;
+    copy_into(root, Path::new("/bin/busybox"), Path::new("/bin/busybox"))?;
+    copy_binary(root, agent, Path::new("/usr/bin/cacheprobe"))?;
+    copy_binary(root, &which("memcached")?, Path::new("/usr/bin/memcached"))?;
     // memcached -u root looks root up.
-    write_file(&root, "/etc/passwd", "root:x:0:0:root:/:/bin/sh\n", 0o644)?;
-    write_file(&root, "/etc/group", "root:x:0:\n", 0o644)?;
+    write_file(root, "/etc/passwd", "root:x:0:0:root:/:/bin/sh\n", 0o644)?;
+    write_file(root, "/etc/group", "root:x:0:\n", 0o644)?;
+    Ok(())
+}
 
+/// `root` as a gzip'd newc cpio owned by root, which the kernel unpacks as its root filesystem.
+pub fn write_cpio_gz(root: &Path, out: &Path) -> anyhow::Result<()> {
     let archive = fs::File::create(out)?;
     let status = Command::new("bash")
         .args([
@@ -655,7 +760,7 @@ fn build_initramfs(
             "-c",
             "find . -print0 | sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -1",
         ])
-        .current_dir(&root)
+        .current_dir(root)
         .stdout(archive)
         .status()
         .context("cannot run find | cpio | gzip")?;
@@ -669,6 +774,31 @@ fn build_initramfs(
         size as f64 / 1e6
     );
     Ok(())
+}
+
+fn build_initramfs(
+    cache: &Path,
+    kernel: Kernel,
+    prepared: &PreparedKernel,
+    agent: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let root = cache.join("initramfs").join(kernel.label());
+    initramfs_base(&root, agent)?;
+    write_file(&root, "/init", include_str!("../vm/init.sh"), 0o755)?;
+    write_file(
+        &root,
+        "/cptest/scenarios.sh",
+        include_str!("../vm/scenarios.sh"),
+        0o755,
+    )?;
+    write_file(
+        &root,
+        "/cptest/expect",
+        &expectations(&prepared.release)?,
+        0o644,
+    )?;
+    write_cpio_gz(&root, out)
 }
 
 // --- boot ----------------------------------------------------------------------------------------
@@ -693,6 +823,17 @@ pub struct BootOptions {
     /// translation of kernel text that another vCPU is patching, and the kernel dies of an
     /// `Oops: int3` early in boot (seen booting Debian's 6.12 with systemd).
     pub tcg_single_thread: bool,
+    /// A virtio NIC on a tap device of a network namespace (QEMU then runs inside it); without
+    /// one the VM has no network beyond its loopback.
+    pub network: Option<Network>,
+}
+
+/// Where a VM's NIC is plugged: `tap` (already created, in `netns`), with this MAC address.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub netns: String,
+    pub tap: String,
+    pub mac: String,
 }
 
 impl BootOptions {
@@ -704,6 +845,7 @@ impl BootOptions {
         // Attaching and detaching probes patches kernel text (tracepoint static keys) while the
         // other vCPU runs: a CI run lost the 6.12 VM during the second agent start that way.
         tcg_single_thread: true,
+        network: None,
     };
 }
 
@@ -775,10 +917,31 @@ pub fn boot(
         timeout.as_secs(),
         log.display()
     );
-    let mut child = Command::new("qemu-system-x86_64")
+    // `ip netns exec` execs QEMU in place, so killing the child kills QEMU.
+    let mut command = match &options.network {
+        Some(network) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", &network.netns, "qemu-system-x86_64"]);
+            command
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    command
         .args(accel)
         .args(["-m", options.memory_mb, "-smp", VM_CPUS])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-nographic", "-no-reboot"]);
+    match &options.network {
+        Some(network) => command
+            .arg("-netdev")
+            .arg(format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                network.tap
+            ))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=net0,mac={}", network.mac)),
+        None => command.args(["-nic", "none"]),
+    };
+    let mut child = command
         .arg("-kernel")
         .arg(&prepared.vmlinuz)
         .arg("-initrd")

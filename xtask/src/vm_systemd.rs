@@ -60,6 +60,7 @@ const BOOT: BootOptions = BootOptions {
              systemd.show_status=error systemd.journald.forward_to_console=0",
     kvm_if_available: true,
     tcg_single_thread: true,
+    network: None,
 };
 
 const CPTEST_UNIT: &str = "\

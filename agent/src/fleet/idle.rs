@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    finite, new_finding,
+    finite, increase_with_new, new_finding,
     prom::{PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
@@ -28,19 +28,26 @@ const IDLE: &str = "cacheprobe_connection_idle_before_close_seconds";
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
     let (w, svc) = (c.scope.range(), c.scope.service_matcher());
     let peer = format!("{{role=\"client\",closed_by=\"peer\"{svc}}}");
+    // These events are rare, so a series is often born inside the window with its first
+    // events in it: counted with `increase_with_new`, not `increase` alone.
+    let closes = increase_with_new(&format!("cacheprobe_connections_closed_total{peer}"), &w);
+    let idle_sum = increase_with_new(&format!("{IDLE}_sum{peer}"), &w);
+    let idle_count = increase_with_new(&format!("{IDLE}_count{peer}"), &w);
+    let dead = increase_with_new(
+        &format!("cacheprobe_dead_socket_writes_total{{role=\"client\"{svc}}}"),
+        &w,
+    );
     Ok(Input {
         peer_closes: c.instant(&format!(
-            "sum by (instance, service, server) (increase(cacheprobe_connections_closed_total{peer}[{w}])) > 0"
+            "sum by (instance, service, server) ({closes}) > 0"
         ))?,
         idle_mean: finite(c.instant(&format!(
-            "sum by (service, server) (increase({IDLE}_sum{peer}[{w}])) / sum by (service, server) (increase({IDLE}_count{peer}[{w}]))"
+            "sum by (service, server) ({idle_sum}) / sum by (service, server) ({idle_count})"
         ))?),
         dead_writes: c.instant(&format!(
-            "sum by (instance, service, server, comm, command) (increase(cacheprobe_dead_socket_writes_total{{role=\"client\"{svc}}}[{w}])) > 0"
+            "sum by (instance, service, server, comm, command) ({dead}) > 0"
         ))?,
-        outcomes: c.instant(&format!(
-            "sum by (service, server, outcome) (increase(cacheprobe_dead_socket_writes_total{{role=\"client\"{svc}}}[{w}])) > 0"
-        ))?,
+        outcomes: c.instant(&format!("sum by (service, server, outcome) ({dead}) > 0"))?,
     })
 }
 

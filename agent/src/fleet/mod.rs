@@ -447,6 +447,21 @@ fn merge_server_findings(findings: &mut Vec<Finding>) {
     });
 }
 
+/// PromQL for what counter `selector` (a metric with its matchers) counted in the window `w`,
+/// including what a series held at its first sample when it first appeared inside the
+/// window. The agent creates a labelled series at its first event, so the series of a rare
+/// event (the first dead write of a process to a server, the first idle close) is born with
+/// a value above zero, which `increase()` alone cannot see: it only counts growth between
+/// samples. A series with a sample before the window (`offset`, with the usual 5-minute
+/// lookback) is counted by `increase()` only; one born inside the window also gets its first
+/// value (`min_over_time`, the first for a counter), and one with a single sample there is
+/// counted by that value alone.
+pub fn increase_with_new(selector: &str, w: &str) -> String {
+    let grown = format!("increase({selector}[{w}])");
+    let born = format!("(min_over_time({selector}[{w}]) unless {selector} offset {w})");
+    format!("(({grown} + {born}) or {grown} or {born})")
+}
+
 /// Finite values only: PromQL divisions by zero give NaN, which no judge should see.
 pub fn finite(samples: Vec<Sample>) -> Vec<Sample> {
     samples
