@@ -210,7 +210,9 @@ impl ObservationRecorder {
     /// samples connections (1 otherwise).
     pub fn record_memcache(&mut self, event: &MemcacheEvent, weight: u64) {
         match event {
-            MemcacheEvent::Request { endpoint, request } => {
+            MemcacheEvent::Request {
+                endpoint, request, ..
+            } => {
                 // Per request: one lookup when the series handle is cached, as it almost
                 // always is.
                 let key = (*endpoint, request.command, request.status);
@@ -557,6 +559,7 @@ mod tests {
                 value_head: None,
                 keys_in_request: 1,
             },
+            sample: crate::kernel::capture::StreamSample::UNSAMPLED,
         };
         // No slice here: only slow requests.
         recorder.set_exemplars(ExemplarPolicy {
