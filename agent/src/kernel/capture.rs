@@ -766,8 +766,9 @@ mod tests {
 
     /// A client reads a hit in two parts and the record of the first is lost: the second starts
     /// mid-value, past where the last record of that direction ended. Its `END` is not taken
-    /// for a miss: the gap is reported and the request finishes as unknown. The next exchange
-    /// decodes as usual.
+    /// for a miss: the gap is reported and the request finishes as unknown. The exchanges
+    /// before and after decode as usual. (A lost record that would have been its direction's
+    /// first in the stream leaves nothing to compare with: not detected.)
     #[test]
     fn a_record_lost_mid_response_is_a_gap_not_a_miss() {
         let mut decoders = Decoders::new(10);
@@ -784,6 +785,8 @@ mod tests {
         tail.extend_from_slice(b"\r\nEND\r\n");
         let response_seq = 5_000u32;
         let records = [
+            with_seq(record(500, 5, true, b"get k\r\n", 7), 93),
+            with_seq(record(600, 5, false, b"END\r\n", 5), response_seq - 5),
             with_seq(record(1_000, 5, true, b"get k\r\n", 7), 100),
             // `head`, at `response_seq`, is lost.
             with_seq(
@@ -807,7 +810,11 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(statuses, [Status::Unknown, Status::Miss], "{out:?}");
+        assert_eq!(
+            statuses,
+            [Status::Miss, Status::Unknown, Status::Miss],
+            "{out:?}"
+        );
         assert!(out.iter().any(|e| matches!(
             e,
             MemcacheEvent::DecodeError {
