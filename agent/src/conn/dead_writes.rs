@@ -32,6 +32,9 @@ pub struct DeadWrite {
 struct Pending {
     endpoint: Endpoint,
     writes: Vec<DeadWrite>,
+    /// When a new socket took the address (0: not yet): writes stamped before were made on the
+    /// old one, and the new socket's sends do not name them.
+    reused_ns: u64,
 }
 
 /// Pending dead writes per socket, bounded in sockets and in writes per socket.
@@ -74,6 +77,7 @@ impl DeadWriteTracker {
             let pending = self.pending.entry(sk).or_insert_with(|| Pending {
                 endpoint,
                 writes: Vec::new(),
+                reused_ns: 0,
             });
             if pending.writes.len() >= self.max_writes_per_socket {
                 self.dropped += 1;
@@ -118,16 +122,29 @@ impl DeadWriteTracker {
         command: Option<&'static str>,
         queue: Option<&[u8]>,
     ) {
-        let Some(write) = self
-            .pending
-            .get_mut(&sk)
-            .and_then(|p| p.writes.iter_mut().rev().find(|w| w.ts_ns <= ts_ns))
-        else {
+        let Some(pending) = self.pending.get_mut(&sk) else {
             return;
         };
+        let reused_ns = pending.reused_ns;
+        let Some(write) = pending.writes.iter_mut().rev().find(|w| w.ts_ns <= ts_ns) else {
+            return;
+        };
+        // A write of the socket that had the address before: its own payload never named it
+        // (not captured), and the new socket's first request is not what it carried.
+        if write.ts_ns < reused_ns {
+            return;
+        }
         if write.command.is_none() {
             write.command = command;
             write.queue = queue.map(|q| String::from_utf8_lossy(q).into_owned());
+        }
+    }
+
+    /// A new socket took the address `sk` at `ts_ns`: writes still pending there belong to the
+    /// old one, whose sends can no longer name them.
+    pub fn socket_reused(&mut self, sk: u64, ts_ns: u64) {
+        if let Some(pending) = self.pending.get_mut(&sk) {
+            pending.reused_ns = ts_ns;
         }
     }
 
@@ -195,6 +212,24 @@ mod tests {
         assert_eq!(out[0].command, Some("set"));
         assert_eq!(out[0].queue.as_deref(), Some("jobs"));
         assert_eq!(out[0].bytes, 16);
+    }
+
+    /// An idle connection's dead write whose own bytes were never seen, still pending when a
+    /// new socket takes the address and sends `gets`: it stays unnamed (it was named `gets` by
+    /// the new socket's request).
+    #[test]
+    fn a_new_socket_at_the_address_does_not_name_the_old_sockets_write() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 9, "python3", 7, &mut out);
+        tracker.socket_reused(1, SEC + 10);
+        tracker.name(1, SEC + 20, Some("gets"), None);
+        // The new socket's own dead write is still named by its bytes.
+        tracker.on_send(1, endpoint(), SEC + 30, 12, "python3", 7, &mut out);
+        tracker.name(1, SEC + 40, Some("gets"), None);
+        tracker.on_recv(1, -104, &mut out);
+        let commands: Vec<_> = out.iter().map(|w| w.command).collect();
+        assert_eq!(commands, [None, Some("gets")]);
     }
 
     #[test]

@@ -470,6 +470,16 @@ impl Tracker {
         new_state: u8,
         out: &mut Vec<Observation>,
     ) {
+        if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
+            // A new socket at this address (a connect, or a listener's child): an entry still
+            // there is stale, a socket adopted from a send that raced its own close (the
+            // kernel's `learn` can read the old state in the instant the close tracepoint
+            // runs). Kept, it took the new connection for itself: not born, so neither its SYN
+            // nor its open was counted (1 of 64,667 in a soak; its close still was).
+            if self.connections.remove(&event.sk).is_some() {
+                self.idle_at_first_close.remove(&event.sk);
+            }
+        }
         if old_state == tcp_state::LISTEN || new_state == tcp_state::LISTEN {
             // The kernel clones a listener into a SYN_RECV child when the handshake's last
             // ACK (or a Fast Open SYN, or a valid SYN cookie) arrives, before the child gets

@@ -397,7 +397,7 @@ declare_metrics! {
         "Whether a kernel probe is attached (1) or unavailable (0)";
     events_lost: Family<SourceLabels, Counter>
         => "events_lost",
-        "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), capture_incomplete: a send/receive whose frames capture could not all follow (per-call budget, step bound or an endless line), frame_map: the kernel's frame-state map was full, tracker: connection table full)";
+        "Events the agent could not record (ringbuf: socket event ring buffer full, socket_map: kernel socket map full, payload_ringbuf: payload ring buffer full, uncaptured_syscall: a captured socket's send/receive came from a syscall capture cannot read (sendfile, sendmmsg, io_uring), capture_incomplete: a send/receive whose frames capture could not all follow (per-call budget, step bound or an endless line), frame_map: the kernel's frame-state map was full, tracker: connection table full, payload_unknown_socket: a captured send/receive of a socket the agent did not know)";
     build_info: Family<VersionLabels, Gauge>
         => "build_info",
         "Build information of the running agent";
@@ -563,6 +563,7 @@ impl Metrics {
             "capture_incomplete",
             "frame_map",
             "tracker",
+            "payload_unknown_socket",
         ] {
             // Exported from the start so "no loss" reads as 0, not as a missing series.
             let _ = metrics.events_lost.get_or_create(&SourceLabels { source });

@@ -112,7 +112,10 @@ impl ObservationSink for HistorySink {
     }
 
     fn memcache(&mut self, event: &MemcacheEvent, comm: Option<&str>) {
-        let MemcacheEvent::Request { endpoint, request } = event else {
+        let MemcacheEvent::Request {
+            endpoint, request, ..
+        } = event
+        else {
             return;
         };
         let services = self.services.load();
@@ -191,6 +194,7 @@ mod tests {
                     value_head: None,
                     keys_in_request: 1,
                 },
+                sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
             },
             Some("php-fpm"),
         );

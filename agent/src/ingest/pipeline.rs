@@ -54,6 +54,8 @@ pub struct Pipeline {
     observations: Vec<Observation>,
     memcache_events: Vec<MemcacheEvent>,
     pub undecodable_records: u64,
+    /// Payload records dropped since the last tick because no event had told of their socket.
+    unknown_socket_payloads: u64,
     capture: CaptureSampling,
     keys: KeyStats,
     queues: QueueSide,
@@ -79,6 +81,7 @@ impl Pipeline {
             observations: Vec::with_capacity(64),
             memcache_events: Vec::with_capacity(256),
             undecodable_records: 0,
+            unknown_socket_payloads: 0,
             capture: CaptureSampling::new(u64::from(config.limits.capture_records_per_second)),
             keys: KeyStats::new(config),
             queues: QueueSide::default(),
@@ -190,6 +193,9 @@ impl Pipeline {
             // after a grace for sends that returned after the close (see CLOSE_GRACE_NS).
             if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
+                self.tracker
+                    .dead_writes_mut()
+                    .socket_reused(event.sk, event.ts_ns);
             } else if new_state == tcp_state::CLOSE {
                 self.decoders.close_after_grace(event.sk, event.ts_ns);
             }
@@ -252,6 +258,12 @@ impl Pipeline {
         let comm = events::comm_str(payload.comm);
         self.flush_memcache(Some(&comm), weight);
         PayloadOutcome::Handled
+    }
+
+    /// A payload record [`Pipeline::on_payload_record`] could not place even with every earlier
+    /// event applied: dropped, counted in `events_lost_total{source="payload_unknown_socket"}`.
+    pub fn payload_of_unknown_socket(&mut self) {
+        self.unknown_socket_payloads += 1;
     }
 
     /// After each ring drain: streams of sockets closed longer than the grace ago finish.
@@ -318,6 +330,11 @@ impl Pipeline {
             "decoder",
             std::mem::take(&mut self.decoders.dropped),
         );
+        kernel_stats::count_lost(
+            metrics,
+            "payload_unknown_socket",
+            std::mem::take(&mut self.unknown_socket_payloads),
+        );
     }
 
     fn flush(&mut self) {
@@ -329,16 +346,34 @@ impl Pipeline {
             }
             self.outputs.observation(&observation);
         }
-        self.flush_memcache(None, self.capture.weight());
+        // Requests finished here (close, timeout) weigh what their own stream was captured
+        // under; nothing else comes out of a flush with a weight.
+        self.flush_memcache(None, 1);
     }
 
-    /// `weight`: how many requests each decoded one stands for (see [`CaptureSampling`]).
+    /// `weight`: how many bytes each decoded one stands for (see [`CaptureSampling`]). A
+    /// request weighs what the sample its stream was captured under makes it, whenever it
+    /// finishes: a timeout on a stream captured for its trouble counts once, whatever the
+    /// sample of healthy connections is by then.
     fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
         let events = std::mem::take(&mut self.memcache_events);
         let now_s = if events.is_empty() { 0 } else { unix_now() };
         for event in &events {
+            let weight = match event {
+                MemcacheEvent::Request { sample, .. } => {
+                    match self.capture.weight_of_record(sample.shift, sample.depth) {
+                        Some(weight) => weight,
+                        // Its stream is no longer followed: dropped like its records.
+                        None => continue,
+                    }
+                }
+                _ => weight,
+            };
             self.outputs.recorder.record_memcache(event, weight);
-            if let MemcacheEvent::Request { endpoint, request } = event {
+            if let MemcacheEvent::Request {
+                endpoint, request, ..
+            } = event
+            {
                 if let Some(key) = &request.key {
                     let key = key.as_bytes();
                     if let Some(split) =
@@ -560,6 +595,54 @@ mod tests {
         pipeline.tick(2 * SECOND + 60 * SECOND, None, &mut Vec::new);
         assert_eq!(gets(&metrics, "timeout"), 0);
         assert_eq!(gets(&metrics, "unanswered"), 0);
+    }
+
+    /// Requests that finish by close (or timeout) weigh what their own stream was captured
+    /// under, not the sample of the moment: at one in two, an unanswered request on a stream
+    /// captured for its trouble (the soak's idle connections: a `version` written after
+    /// memcached closed them) counts once, one on a sampled stream twice. (Both used to count
+    /// as the current sample: trouble was over-counted 8 times in a soak at 1/8.)
+    #[test]
+    fn requests_finished_by_close_weigh_what_their_stream_was_captured_under() {
+        let (mut pipeline, metrics, followed, released) = two_clients(500);
+        for i in 0..240 {
+            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
+            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
+        }
+        pipeline.tick(2 * SECOND, None, &mut Vec::new);
+        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        pipeline.capture_shift_applied(2 * SECOND + 10);
+        let ask = |pipeline: &mut Pipeline, sk: u64, ts: u64, sample: Option<(u8, u8)>| {
+            let mut record = encode_payload_record(ts, sk, 7, true, b"c", b"get k\r\n");
+            mark_sample(&mut record, sample);
+            assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
+        };
+        ask(&mut pipeline, released, 2 * SECOND + 100, None);
+        let depth = capture_sample::depth(followed) as u8;
+        ask(&mut pipeline, followed, 2 * SECOND + 200, Some((1, depth)));
+        for (i, sk) in [released, followed].into_iter().enumerate() {
+            pipeline.handle_socket_event(&SockEventRecord {
+                kind: EventKind::StateChange {
+                    old_state: tcp_state::ESTABLISHED,
+                    new_state: tcp_state::CLOSE,
+                },
+                ts_ns: 2 * SECOND + 300 + i as u64,
+                sk,
+                local: None,
+                remote: None,
+                pid: 7,
+                comm: "client".to_string(),
+                facts: SocketFacts {
+                    last_activity_ns: 1,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    peer_closed_ns: 0,
+                    reset_received_ns: 0,
+                },
+            });
+        }
+        pipeline.settle(3 * SECOND + CLOSE_GRACE_NS);
+        assert_eq!(gets(&metrics, "unanswered"), 1 + 2);
     }
 
     /// Records the kernel wrote under the old sample, read after the switch, say nothing about

@@ -25,6 +25,8 @@ pub enum MemcacheEvent {
     Request {
         endpoint: Endpoint,
         request: RequestObservation,
+        /// The sample its stream was captured under: what the request counts for.
+        sample: StreamSample,
     },
     DecodeError {
         service: usize,
@@ -37,6 +39,26 @@ pub enum MemcacheEvent {
     },
 }
 
+/// The sample a stream's records were captured under, from its last record: how many requests
+/// each of its requests stands for, also when it finishes later by close or timeout (see
+/// `CaptureSampling::weight_of_record`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSample {
+    /// The record's sample shift, None when captured for the connection's trouble.
+    pub shift: Option<u32>,
+    /// The highest sample shift that still follows the stream (`u32::MAX` for trouble: no
+    /// sample lets it go).
+    pub depth: u32,
+}
+
+impl StreamSample {
+    /// Not sampled: captured for the connection's trouble, or with no budget; counts once.
+    pub const UNSAMPLED: StreamSample = StreamSample {
+        shift: None,
+        depth: u32::MAX,
+    };
+}
+
 struct ConnectionState {
     endpoint: Endpoint,
     /// The connection's [`crate::model::flow_id`], once the tracker knows it.
@@ -44,9 +66,11 @@ struct ConnectionState {
     decoder: ConnectionDecoder,
     /// When the socket reached CLOSE, if it has: the stream stays open a moment longer.
     closed_ns: Option<u64>,
-    /// The highest sample shift that still follows this stream, from its last record
-    /// (`u32::MAX` for a connection captured for its trouble: no sample lets it go).
-    sample_depth: u32,
+    /// The sample of its last record.
+    sample: StreamSample,
+    /// TCP sequence number the next record of each direction (client to server, then server
+    /// to client) starts at, when known: a record starting elsewhere follows a lost one.
+    next_seq: [Option<u32>; 2],
 }
 
 /// How long a closed socket's stream keeps taking payload records. A send that straddles the
@@ -110,15 +134,35 @@ impl Decoders {
             return;
         };
         state.flow = state.flow.or(flow);
-        state.sample_depth = match payload.sample_shift {
-            Some(_) => payload.sample_depth,
-            None => u32::MAX,
+        state.sample = match payload.sample_shift {
+            Some(shift) => StreamSample {
+                shift: Some(shift),
+                depth: payload.sample_depth,
+            },
+            None => StreamSample::UNSAMPLED,
         };
         // A client sends requests; a server receives them.
         let direction = match (endpoint.role, payload.is_send) {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
             _ => Direction::ServerToClient,
         };
+        // A record lost to a full ring (or never written) leaves a hole in the stream: the next
+        // record of the direction starts past where the last one ended. Decoding on as if it
+        // followed would read the tail of a lost value as framing (a lost `VALUE` line leaves
+        // `END`: a hit read as a miss, 8,185 of them in a soak that lost payload records), so
+        // the decoder is told of the gap and resynchronises.
+        let lane = usize::from(direction == Direction::ServerToClient);
+        let first_seq = payload
+            .seq
+            .map(|seq| seq.wrapping_add(payload.span_start as u32));
+        if let (Some(expected), Some(first)) = (state.next_seq[lane], first_seq) {
+            if expected != first {
+                state.decoder.note_gap(direction, &mut self.scratch);
+            }
+        }
+        state.next_seq[lane] = payload
+            .seq
+            .map(|seq| seq.wrapping_add(payload.span_end as u32));
         let mut offset = payload.span_start;
         for (captured, total_len) in payload.chunks() {
             state.decoder.feed(
@@ -167,7 +211,8 @@ impl Decoders {
                 }),
                 flow: None,
                 closed_ns: None,
-                sample_depth: u32::MAX,
+                sample: StreamSample::UNSAMPLED,
+                next_seq: [None; 2],
             },
         );
         true
@@ -214,7 +259,7 @@ impl Decoders {
     /// timeouts).
     pub fn forget_unfollowed(&mut self, shift: u32) {
         self.connections
-            .retain(|_, state| state.sample_depth >= shift);
+            .retain(|_, state| state.sample.depth >= shift);
     }
 
     /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).
@@ -247,7 +292,11 @@ fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<Memc
                 .flow
                 .zip(request.seq)
                 .map(|(flow, seq)| crate::model::request_id(flow, seq));
-            MemcacheEvent::Request { endpoint, request }
+            MemcacheEvent::Request {
+                endpoint,
+                request,
+                sample: state.sample,
+            }
         }
         Decoded::DecodeError(error) => MemcacheEvent::DecodeError {
             service: endpoint.service,

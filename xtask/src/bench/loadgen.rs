@@ -4,6 +4,7 @@
 //! power-of-two buckets, so the fixed-rate runs and every p99 come from here.
 
 use std::{
+    collections::VecDeque,
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
@@ -72,6 +73,25 @@ pub struct LoadReport {
     pub errors: u64,
     pub elapsed: Duration,
     pub latency: Histogram,
+    /// Answered requests per connection of the pool, by index.
+    pub ops_per_connection: Vec<u64>,
+    /// Connections memcached closed under the generator, each re-opened ([`Pool::RoundRobin`]).
+    pub server_closes: u64,
+    /// Requests in flight on those connections when memcached's close arrived: sent, never
+    /// answered (sent after the close, they were dead writes).
+    pub lost_in_flight: u64,
+}
+
+/// How the generator hands requests to its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// The connection answered last goes next, so a light load keeps to a few connections; a
+    /// connection memcached closes ends the run with an error.
+    Stack,
+    /// Round robin, as a client pool spreads requests: no connection idles while the others
+    /// work, and each carries the same share. A connection memcached closes anyway (its idle
+    /// timeout during a stall of the generator) is re-opened and counted.
+    RoundRobin,
 }
 
 impl LoadReport {
@@ -343,7 +363,9 @@ struct Generator<'a> {
     spec: &'a LoadSpec,
     epoll: Epoll,
     connections: Vec<Connection>,
-    idle: Vec<usize>,
+    /// Connections without a request in flight: a stack or a queue ([`Pool`]).
+    idle: VecDeque<usize>,
+    pool: Pool,
     rng: Rng,
     value: Vec<u8>,
     report: LoadReport,
@@ -368,6 +390,42 @@ impl Generator<'_> {
         self.flush(index)
     }
 
+    fn next_idle(&mut self) -> Option<usize> {
+        match self.pool {
+            Pool::Stack => self.idle.pop_back(),
+            Pool::RoundRobin => self.idle.pop_front(),
+        }
+    }
+
+    /// Memcached closed connection `index` (EOF, or a reset): fatal for [`Pool::Stack`];
+    /// otherwise counted, and the connection re-opened in its place.
+    fn closed_by_server(&mut self, index: usize, why: &str) -> anyhow::Result<()> {
+        if self.pool == Pool::Stack {
+            bail!("memcached closed connection {index} ({why})");
+        }
+        self.report.server_closes += 1;
+        let stream = connect(self.spec.target)?;
+        stream.set_nonblocking(true)?;
+        self.epoll.control(
+            libc::EPOLL_CTL_ADD,
+            stream.as_raw_fd(),
+            index as u64,
+            libc::EPOLLIN as u32,
+        )?;
+        let connection = &mut self.connections[index];
+        // Dropping the old stream closes it, which also takes it out of the epoll set.
+        connection.stream = stream;
+        connection.out.clear();
+        connection.written = 0;
+        connection.inbuf.clear();
+        connection.waiting_to_write = false;
+        if connection.in_flight.take().is_some() {
+            self.report.lost_in_flight += 1;
+            self.idle.push_back(index);
+        }
+        Ok(())
+    }
+
     fn flush(&mut self, index: usize) -> anyhow::Result<()> {
         let connection = &mut self.connections[index];
         while connection.written < connection.out.len() {
@@ -375,10 +433,11 @@ impl Generator<'_> {
                 .stream
                 .write(&connection.out[connection.written..])
             {
-                Ok(0) => bail!("memcached closed connection {index}"),
+                Ok(0) => return self.closed_by_server(index, "write returned 0"),
                 Ok(n) => connection.written += n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) if is_reset(&err) => return self.closed_by_server(index, "reset"),
                 Err(err) => return Err(err).context("write to memcached"),
             }
         }
@@ -401,7 +460,7 @@ impl Generator<'_> {
     fn receive(&mut self, index: usize, scratch: &mut [u8]) -> anyhow::Result<bool> {
         let connection = &mut self.connections[index];
         match connection.stream.read(scratch) {
-            Ok(0) => bail!("memcached closed connection {index}"),
+            Ok(0) => return self.closed_by_server(index, "EOF").map(|()| false),
             Ok(n) => connection.inbuf.extend_from_slice(&scratch[..n]),
             Err(err)
                 if matches!(
@@ -410,6 +469,9 @@ impl Generator<'_> {
                 ) =>
             {
                 return Ok(false)
+            }
+            Err(err) if is_reset(&err) => {
+                return self.closed_by_server(index, "reset").map(|()| false)
             }
             Err(err) => return Err(err).context("read from memcached"),
         }
@@ -428,6 +490,7 @@ impl Generator<'_> {
                 connection.in_flight = None;
                 self.report.latency.record(sent.elapsed().as_nanos() as u64);
                 self.report.ops += 1;
+                self.report.ops_per_connection[index] += 1;
                 if !ok {
                     self.report.errors += 1;
                 }
@@ -444,8 +507,20 @@ fn connect(target: SocketAddr) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
+fn is_reset(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
 /// Runs one bounded load against `spec.target`; connection setup is not timed.
 pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
+    run_pool(spec, Pool::Stack)
+}
+
+/// [`run`], with the connections used as `pool` says.
+pub fn run_pool(spec: &LoadSpec, pool: Pool) -> anyhow::Result<LoadReport> {
     let epoll = Epoll::new().context("epoll_create1")?;
     let mut connections = Vec::with_capacity(spec.connections);
     for index in 0..spec.connections {
@@ -470,6 +545,7 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
         spec,
         epoll,
         idle: (0..connections.len()).rev().collect(),
+        pool,
         connections,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
         value: vec![b'v'; spec.workload.value_len],
@@ -478,6 +554,9 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
             errors: 0,
             elapsed: Duration::ZERO,
             latency: Histogram::default(),
+            ops_per_connection: vec![0; spec.connections],
+            server_closes: 0,
+            lost_in_flight: 0,
         },
         issued: 0,
     };
@@ -499,7 +578,7 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
         };
         let mut sent = 0;
         while sent < due {
-            let Some(index) = generator.idle.pop() else {
+            let Some(index) = generator.next_idle() else {
                 break;
             };
             generator.send(index)?;
@@ -520,7 +599,7 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
                 if spec.rate.is_none() && Instant::now() < deadline {
                     generator.send(index)?;
                 } else {
-                    generator.idle.push(index);
+                    generator.idle.push_back(index);
                 }
             }
         }
@@ -709,5 +788,40 @@ mod tests {
         assert!((99_000..=100_600).contains(&p99), "{p99}");
         assert!(histogram.quantile(1.0).unwrap() >= 100_000);
         assert_eq!(histogram.total, 100);
+    }
+
+    /// Memcached's idle timeout against a pool: used as a stack at a light rate, the pool keeps
+    /// to one connection and memcached closes the others, which ended the soak at 891 s; round
+    /// robin uses every connection in turn, and a connection closed anyway (a rate too low for
+    /// the timeout) is re-opened and counted, and the run goes on.
+    #[test]
+    fn round_robin_keeps_the_pool_busy_and_reopens_what_memcached_closes() -> anyhow::Result<()> {
+        let port = super::super::procs::free_port(17_950)?;
+        let memcached =
+            super::super::procs::Memcached::start_with(port, None, &["-o", "idle_timeout=1"])?;
+        let spec = |rate| LoadSpec {
+            target: memcached.addr,
+            connections: 8,
+            duration: Duration::from_secs(4),
+            rate: Some(rate),
+            workload: WORKLOAD,
+        };
+        let busy = run_pool(&spec(40), Pool::RoundRobin)?;
+        assert_eq!(busy.server_closes, 0, "{busy:?}");
+        assert!(
+            busy.ops_per_connection.iter().all(|&ops| ops >= 15),
+            "{:?}",
+            busy.ops_per_connection
+        );
+        let stack = run_pool(&spec(40), Pool::Stack).expect_err("memcached closes idle ones");
+        assert!(
+            format!("{stack:#}").contains("memcached closed connection"),
+            "{stack:#}"
+        );
+        let sparse = run_pool(&spec(2), Pool::RoundRobin)?;
+        assert!(sparse.server_closes > 0, "{sparse:?}");
+        assert_eq!((sparse.errors, sparse.lost_in_flight), (0, 0));
+        assert_eq!(sparse.ops, sparse.ops_per_connection.iter().sum::<u64>());
+        Ok(())
     }
 }

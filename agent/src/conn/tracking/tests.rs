@@ -315,6 +315,45 @@ fn connection_from_before_start_is_adopted_on_its_first_state_change() {
     );
 }
 
+/// A socket adopted from a send that raced its own close stays in the table after it: the next
+/// connection at its address is still born, its SYN and open counted, and its close counted
+/// once.
+#[test]
+fn a_stale_entry_does_not_swallow_the_next_connection_at_its_address() {
+    let mut tracker = tracker();
+    let mut learned = state(SK, 5 * SEC, ESTABLISHED, ESTABLISHED, 4 * SEC);
+    learned.kind = EventKind::Learned { state: ESTABLISHED };
+    let out = run(
+        &mut tracker,
+        &[
+            state(SK, SEC, CLOSE, SYN_SENT, 0),
+            state(SK, SEC + 1, SYN_SENT, ESTABLISHED, 0),
+            state(SK, 4 * SEC, ESTABLISHED, CLOSE, 4 * SEC),
+            // The race: learned after its close.
+            learned,
+            state(SK, 6 * SEC, CLOSE, SYN_SENT, 0),
+            state(SK, 6 * SEC + 1, SYN_SENT, ESTABLISHED, 0),
+            state(SK, 7 * SEC, ESTABLISHED, FIN_WAIT1, 7 * SEC),
+            state(SK, 8 * SEC, FIN_WAIT1, CLOSE, 7 * SEC),
+        ],
+    );
+    let count = |f: &dyn Fn(&Observation) -> bool| out.iter().filter(|o| f(o)).count();
+    assert_eq!(
+        count(&|o| matches!(o, Observation::SynSent { .. })),
+        2,
+        "{out:?}"
+    );
+    assert_eq!(
+        count(&|o| matches!(o, Observation::ConnectionOpened { .. })),
+        2
+    );
+    assert_eq!(
+        count(&|o| matches!(o, Observation::ConnectionClosed { .. })),
+        2
+    );
+    assert!(tracker.connections.is_empty());
+}
+
 #[test]
 fn seeded_connection_is_matched_not_double_counted() {
     let mut tracker = tracker();

@@ -204,7 +204,9 @@ impl ObservationRecorder {
     /// samples connections (1 otherwise).
     pub fn record_memcache(&mut self, event: &MemcacheEvent, weight: u64) {
         match event {
-            MemcacheEvent::Request { endpoint, request } => {
+            MemcacheEvent::Request {
+                endpoint, request, ..
+            } => {
                 // Per request: one lookup when the series handle is cached, as it almost
                 // always is.
                 let key = (*endpoint, request.command, request.status);

@@ -51,6 +51,7 @@ fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
             value_head: None,
             keys_in_request: 1,
         },
+        sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
     };
     // No slice here: only slow requests.
     recorder.set_exemplars(ExemplarPolicy {
@@ -292,6 +293,7 @@ fn exposition_keeps_every_family_label_order() {
                 value_head: None,
                 keys_in_request: 1,
             },
+            sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
         };
     recorder.record_memcache(&request(client, Command::Get, Status::Hit, None), 1);
     let enqueue = QueueOp {

@@ -100,6 +100,19 @@ fn a_burst_is_read_in_bounded_batches_and_applied_in_order() {
     );
 }
 
+/// The ring is in reservation order: a record stamped late (its program was interrupted
+/// between reserving and reading the clock) may come before one stamped earlier. Events still
+/// apply in timestamp order, the earlier one first.
+#[test]
+fn an_event_stamped_late_does_not_hold_back_earlier_ones_behind_it() {
+    let mut queue = EventQueue::new();
+    let mut flow = Recorder::new([1, 5, 3, 7, 4]);
+    queue.apply_until(4, &mut flow);
+    assert_eq!(flow.applied, [1, 3, 4]);
+    queue.apply_all(&mut flow);
+    assert_eq!(flow.applied, [1, 3, 4, 5, 7]);
+}
+
 const PORT: u16 = 11211;
 const SK: u64 = 0xffff_8880_0000_4000;
 
@@ -119,17 +132,22 @@ fn pipeline() -> (Pipeline, Metrics) {
 
 /// The kernel's record of a client socket to the service, first met at `ts_ns`.
 fn learned_record(ts_ns: u64) -> Vec<u8> {
+    learned_record_of(SK, 40_000, ts_ns)
+}
+
+/// The kernel's record of the client socket at `sk` (source port `port`), first met at `ts_ns`.
+fn learned_record_of(sk: u64, port: u16, ts_ns: u64) -> Vec<u8> {
     // SAFETY: SockEvent is repr(C) plain old data, valid for any bit pattern.
     let mut raw: SockEvent = unsafe { std::mem::zeroed() };
     raw.kind = SockEventKind::Learned as u8;
     raw.new_state = tcp_state::ESTABLISHED;
     raw.family = AF_INET;
-    raw.local_port = 40_000;
+    raw.local_port = port;
     raw.remote_port = PORT;
     raw.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
     raw.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
     raw.ts_ns = ts_ns;
-    raw.sk = SK;
+    raw.sk = sk;
     // SAFETY: reading a repr(C) plain old data value as its bytes.
     unsafe {
         std::slice::from_raw_parts(
@@ -206,6 +224,46 @@ fn an_event_recorded_after_a_payload_is_applied_after_it() {
         1,
         "only the exchange after the socket was learned"
     );
+}
+
+/// A churn connection's first event sits in the ring behind another socket's event stamped
+/// later: its payloads, stamped in between, are still decoded (they used to be dropped as of
+/// an unknown socket, uncounted). A payload whose socket no event ever names is counted.
+#[test]
+fn a_payload_after_its_sockets_event_is_decoded_when_the_ring_has_them_out_of_order() {
+    let (mut pipeline, metrics) = pipeline();
+    let other = SK + 0x940;
+    let mut events = VecDeque::from([learned_record_of(other, 40_001, 300), learned_record(5)]);
+    let mut payloads = VecDeque::from(get_hit(10).to_vec());
+    // A payload of a socket never seen: dropped, counted at the next tick.
+    payloads.push_back(encode_payload_record(
+        400,
+        SK + 0x1280,
+        7,
+        true,
+        b"c",
+        b"get k\r\n",
+    ));
+    pump(
+        &mut EventQueue::new(),
+        &mut pipeline,
+        &mut events,
+        &mut payloads,
+        || 1_000,
+    );
+    assert_eq!(hits(&metrics), 1);
+    let readings = crate::kernel::readings::KernelReadings {
+        losses: None,
+        program_stats: None,
+    };
+    pipeline.tick(2_000, Some(&readings), &mut Vec::new);
+    let unknown = metrics
+        .events_lost
+        .get_or_create(&crate::export::metrics::SourceLabels {
+            source: "payload_unknown_socket",
+        })
+        .get();
+    assert_eq!(unknown, 1);
 }
 
 /// A record that does not decode is counted and skipped; the events after it still apply.

@@ -74,6 +74,66 @@ fn requests_carry_the_request_id_of_their_flow_and_sequence_number() {
     );
 }
 
+/// A client reads a hit in two parts and the record of the first is lost: the second starts
+/// mid-value, past where the last record of that direction ended. Its `END` is not taken
+/// for a miss: the gap is reported and the request finishes as unknown. The exchanges
+/// before and after decode as usual. (A lost record that would have been its direction's
+/// first in the stream leaves nothing to compare with: not detected.)
+#[test]
+fn a_record_lost_mid_response_is_a_gap_not_a_miss() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let with_seq = |mut bytes: Vec<u8>, seq: u32| {
+        bytes[40] |= payload_flags::SEQ;
+        bytes[44..48].copy_from_slice(&seq.to_ne_bytes());
+        bytes
+    };
+    let value = [b'v'; 300];
+    let mut head = b"VALUE k 0 300\r\n".to_vec();
+    head.extend_from_slice(&value[..100]);
+    let mut tail = value[100..].to_vec();
+    tail.extend_from_slice(b"\r\nEND\r\n");
+    let response_seq = 5_000u32;
+    let records = [
+        with_seq(record(500, 5, true, b"get k\r\n", 7), 93),
+        with_seq(record(600, 5, false, b"END\r\n", 5), response_seq - 5),
+        with_seq(record(1_000, 5, true, b"get k\r\n", 7), 100),
+        // `head`, at `response_seq`, is lost.
+        with_seq(
+            record(3_000, 5, false, &tail, tail.len() as u64),
+            response_seq + head.len() as u32,
+        ),
+        with_seq(record(4_000, 5, true, b"get k\r\n", 7), 107),
+        with_seq(
+            record(5_000, 5, false, b"END\r\n", 5),
+            response_seq + (head.len() + tail.len()) as u32,
+        ),
+    ];
+    for bytes in &records {
+        let view = parse_payload(bytes).unwrap();
+        decoders.on_payload(&view, endpoint(Role::Client), None, false, &mut out);
+    }
+    let statuses: Vec<Status> = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { request, .. } => Some(request.status),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [Status::Miss, Status::Unknown, Status::Miss],
+        "{out:?}"
+    );
+    assert!(out.iter().any(|e| matches!(
+        e,
+        MemcacheEvent::DecodeError {
+            reason: DecodeErrorReason::Gap,
+            ..
+        }
+    )));
+}
+
 #[test]
 fn client_get_hit_is_decoded_with_latency_and_bytes() {
     let mut decoders = Decoders::new(10);
@@ -216,7 +276,9 @@ fn a_reused_socket_address_starts_a_new_stream() {
     let served: Vec<_> = out
         .iter()
         .filter_map(|e| match e {
-            MemcacheEvent::Request { endpoint, request } => Some((endpoint.role, request.status)),
+            MemcacheEvent::Request {
+                endpoint, request, ..
+            } => Some((endpoint.role, request.status)),
             _ => None,
         })
         .collect();
