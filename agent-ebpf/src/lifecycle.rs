@@ -61,12 +61,20 @@ fn try_btf_set_state(sk: u64, old_state: u8, new_state: u8) -> Option<()> {
 fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
     let sk = tuple.sk;
     let now = unsafe { bpf_ktime_get_ns() };
-    if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
-        // A new socket at this address (a connect, or a listener's child): whatever an earlier
-        // one left behind is not its history.
+    // A new socket at this address (a connect, or a listener's child): whatever an earlier one
+    // left behind is not its history, neither its closed record nor a SOCKETS entry a racing
+    // send re-learned after its close (whose `peer_closed_ns` would make this connection's
+    // sends look like dead writes).
+    let new_socket = old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN;
+    if new_socket {
         let _ = CLOSED_SOCKETS.remove(sk);
     }
-    let mut snapshot = match unsafe { SOCKETS.get(sk) } {
+    let known = if new_socket {
+        None
+    } else {
+        unsafe { SOCKETS.get(sk) }
+    };
+    let mut snapshot = match known {
         Some(state) => *state,
         None => SockState {
             flags: capture_flags(tuple.local_port, tuple.remote_port),
@@ -87,8 +95,10 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
         let _ = FRAMES.remove(sk);
     }
     if new_state == tcp_state::CLOSE {
-        let _ = SOCKETS.remove(sk);
+        // Closed first, then out of SOCKETS: a send or receive on another CPU in between finds
+        // the socket in one of the two maps, and so does not learn the dead socket again.
         let _ = CLOSED_SOCKETS.insert(sk, snapshot, 0);
+        let _ = SOCKETS.remove(sk);
     } else if SOCKETS.insert(sk, snapshot, 0).is_err() {
         bump(counter::SOCKET_MAP_FULL);
     }
