@@ -384,12 +384,25 @@ fn multi_gets_pipelines_and_large_values_decode_exactly_through_capture() {
     }
 }
 
-/// The first bytes of every value reach the observation through the kernel's capture,
-/// wherever the calls split the stream: a body starting in a later call than its line, a
-/// head split over two reads, values shorter than the head, large values.
-#[test]
-fn value_heads_reach_observations_through_capture_whatever_the_split() {
-    let values: Vec<Vec<u8>> = vec![
+/// A 24-byte binary-protocol header with its body (opaque 0).
+fn bin_frame(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0u8; 24];
+    bytes[0] = magic;
+    bytes[1] = opcode;
+    bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
+    bytes[4] = extras.len() as u8;
+    let body = (extras.len() + key.len() + value.len()) as u32;
+    bytes[8..12].copy_from_slice(&body.to_be_bytes());
+    bytes.extend_from_slice(extras);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(value);
+    bytes
+}
+
+/// Values whose heads the capture tests follow: longer and shorter than the 8-byte head,
+/// empty, and large.
+fn head_test_values() -> Vec<Vec<u8>> {
+    vec![
         b"job:0001-payload".to_vec(),
         b"ab".to_vec(),
         Vec::new(),
@@ -398,115 +411,80 @@ fn value_heads_reach_observations_through_capture_whatever_the_split() {
             .copied()
             .chain(std::iter::repeat_n(b'x', 70_000))
             .collect(),
-    ];
-    let mut sets = Vec::new();
-    let mut stored = Vec::new();
-    let mut gets = Vec::new();
-    let mut replies = Vec::new();
-    for v in &values {
-        sets.extend_from_slice(format!("set q 0 0 {}\r\n", v.len()).as_bytes());
-        sets.extend_from_slice(v);
-        sets.extend_from_slice(b"\r\n");
-        stored.extend_from_slice(b"STORED\r\n");
-        gets.extend_from_slice(b"get q\r\n");
-        replies.extend_from_slice(format!("VALUE q 0 {}\r\n", v.len()).as_bytes());
-        replies.extend_from_slice(v);
-        replies.extend_from_slice(b"\r\nEND\r\n");
-    }
-    let expected: Vec<Vec<u8>> = values
-        .iter()
-        .map(|v| v[..v.len().min(8)].to_vec())
-        .collect();
-    for split in [1usize, 3, 7, 15, 16, 17, 18, 19, 20, 21, 64, 1500, 1 << 20] {
-        for role in [Role::Client, Role::Server] {
-            let mut decoders = Decoders::new(10);
-            let mut out = Vec::new();
-            let mut send = FrameState::default();
-            let mut recv = FrameState::default();
-            let mut ts = 0;
-            for (client_sends, stream) in [
-                (true, &sets),
-                (false, &stored),
-                (true, &gets),
-                (false, &replies),
-            ] {
-                let is_send = client_sends == (role == Role::Client);
-                let state = if is_send { &mut send } else { &mut recv };
-                for call in stream.chunks(split) {
-                    ts += 1_000;
-                    for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
-                        let view = parse_payload(&record).unwrap();
-                        decoders.on_payload(&view, endpoint(role), None, true, &mut out);
-                    }
-                }
+    ]
+}
+
+/// Feeds stores, their answers, gets and their answers (`streams`, in that order) through the
+/// kernel's capture walk in calls of `split` bytes and the decoders, as `role` sees them, and
+/// returns the value heads of each finished request of `command`.
+fn heads_through_capture(
+    streams: &[Vec<u8>; 4],
+    role: Role,
+    split: usize,
+) -> impl Fn(&str) -> Vec<Vec<u8>> {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let mut send = FrameState::default();
+    let mut recv = FrameState::default();
+    let mut ts = 0;
+    for (client_sends, stream) in [true, false, true, false].iter().zip(streams) {
+        let is_send = *client_sends == (role == Role::Client);
+        let state = if is_send { &mut send } else { &mut recv };
+        for call in stream.chunks(split) {
+            ts += 1_000;
+            for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
+                let view = parse_payload(&record).unwrap();
+                decoders.on_payload(&view, endpoint(role), None, true, &mut out);
             }
-            decoders.on_close(7, &mut out);
-            let heads = |command: &str| -> Vec<Vec<u8>> {
-                out.iter()
-                    .filter_map(|e| match e {
-                        MemcacheEvent::Request { request, .. }
-                            if request.command.as_str() == command =>
-                        {
-                            Some(request.value_head?.as_bytes().to_vec())
-                        }
-                        _ => None,
-                    })
-                    .collect()
-            };
-            assert_eq!(heads("set"), expected, "{role:?} split {split}: {out:?}");
-            assert_eq!(heads("get"), expected, "{role:?} split {split}: {out:?}");
         }
+    }
+    decoders.on_close(7, &mut out);
+    move |command: &str| {
+        out.iter()
+            .filter_map(|e| match e {
+                MemcacheEvent::Request { request, .. } if request.command.as_str() == command => {
+                    Some(request.value_head?.as_bytes().to_vec())
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
-/// Binary and meta values' first bytes reach observations through the capture too (the
-/// frame follower copies every body's head, whatever the protocol), at any split.
+/// The first bytes of every value reach the observation through the kernel's capture,
+/// wherever the calls split the stream: a body starting in a later call than its line, a
+/// head split over two reads, values shorter than the head, large values. Text, binary and
+/// meta alike (the frame follower copies every body's head, whatever the protocol).
 #[test]
-fn binary_and_meta_value_heads_reach_observations_through_capture() {
-    fn bin(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
-        let mut bytes = vec![0u8; 24];
-        bytes[0] = magic;
-        bytes[1] = opcode;
-        bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
-        bytes[4] = extras.len() as u8;
-        let body = (extras.len() + key.len() + value.len()) as u32;
-        bytes[8..12].copy_from_slice(&body.to_be_bytes());
-        bytes.extend_from_slice(extras);
-        bytes.extend_from_slice(key);
-        bytes.extend_from_slice(value);
-        bytes
-    }
-    let values: Vec<Vec<u8>> = vec![
-        b"job:0001-payload".to_vec(),
-        b"ab".to_vec(),
-        Vec::new(),
-        b"big:"
-            .iter()
-            .copied()
-            .chain(std::iter::repeat_n(b'x', 70_000))
-            .collect(),
-    ];
+fn value_heads_reach_observations_through_capture_whatever_the_split() {
+    let values = head_test_values();
     let expected: Vec<Vec<u8>> = values
         .iter()
         .map(|v| v[..v.len().min(8)].to_vec())
         .collect();
-    // Per protocol: sets, their answers, gets, their answers (every get a hit).
+    // Per protocol: stores, their answers, gets, their answers (every get a hit).
+    let mut text = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let mut binary = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let mut meta = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     for (i, v) in values.iter().enumerate() {
+        text[0].extend_from_slice(format!("set q 0 0 {}\r\n", v.len()).as_bytes());
+        text[0].extend_from_slice(v);
+        text[0].extend_from_slice(b"\r\n");
+        text[1].extend_from_slice(b"STORED\r\n");
+        text[2].extend_from_slice(b"get q\r\n");
+        text[3].extend_from_slice(format!("VALUE q 0 {}\r\n", v.len()).as_bytes());
+        text[3].extend_from_slice(v);
+        text[3].extend_from_slice(b"\r\nEND\r\n");
         let opaque = i as u8;
-        let mut set = bin(0x80, 0x01, b"q", &[0; 8], v);
-        set[15] = opaque;
-        binary[0].extend(set);
-        let mut stored = bin(0x81, 0x01, b"", &[], &[]);
-        stored[15] = opaque;
-        binary[1].extend(stored);
-        let mut get = bin(0x80, 0x00, b"q", &[], &[]);
-        get[15] = opaque;
-        binary[2].extend(get);
-        let mut hit = bin(0x81, 0x00, b"", &[0; 4], v);
-        hit[15] = opaque;
-        binary[3].extend(hit);
+        for (stream, mut frame) in binary.iter_mut().zip([
+            bin_frame(0x80, 0x01, b"q", &[0; 8], v),
+            bin_frame(0x81, 0x01, b"", &[], &[]),
+            bin_frame(0x80, 0x00, b"q", &[], &[]),
+            bin_frame(0x81, 0x00, b"", &[0; 4], v),
+        ]) {
+            frame[15] = opaque;
+            stream.extend(frame);
+        }
         meta[0].extend_from_slice(format!("ms q {} T0\r\n", v.len()).as_bytes());
         meta[0].extend_from_slice(v);
         meta[0].extend_from_slice(b"\r\n");
@@ -516,48 +494,35 @@ fn binary_and_meta_value_heads_reach_observations_through_capture() {
         meta[3].extend_from_slice(v);
         meta[3].extend_from_slice(b"\r\n");
     }
-    for (streams, set, get) in [(&binary, "bin_set", "bin_get"), (&meta, "ms", "mg")] {
-        for split in [1usize, 3, 7, 16, 17, 24, 25, 29, 33, 64, 1500, 1 << 20] {
+    let splits = [
+        1usize,
+        3,
+        7,
+        15,
+        16,
+        17,
+        18,
+        19,
+        20,
+        21,
+        24,
+        25,
+        29,
+        33,
+        64,
+        1500,
+        1 << 20,
+    ];
+    for (streams, set, get) in [
+        (&text, "set", "get"),
+        (&binary, "bin_set", "bin_get"),
+        (&meta, "ms", "mg"),
+    ] {
+        for split in splits {
             for role in [Role::Client, Role::Server] {
-                let mut decoders = Decoders::new(10);
-                let mut out = Vec::new();
-                let mut send = FrameState::default();
-                let mut recv = FrameState::default();
-                let mut ts = 0;
-                for (client_sends, stream) in [true, false, true, false].iter().zip(streams) {
-                    let is_send = *client_sends == (role == Role::Client);
-                    let state = if is_send { &mut send } else { &mut recv };
-                    for call in stream.chunks(split) {
-                        ts += 1_000;
-                        for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
-                            let view = parse_payload(&record).unwrap();
-                            decoders.on_payload(&view, endpoint(role), None, true, &mut out);
-                        }
-                    }
-                }
-                decoders.on_close(7, &mut out);
-                let heads = |command: &str| -> Vec<Vec<u8>> {
-                    out.iter()
-                        .filter_map(|e| match e {
-                            MemcacheEvent::Request { request, .. }
-                                if request.command.as_str() == command =>
-                            {
-                                Some(request.value_head?.as_bytes().to_vec())
-                            }
-                            _ => None,
-                        })
-                        .collect()
-                };
-                assert_eq!(
-                    heads(set),
-                    expected,
-                    "{set} {role:?} split {split}: {out:?}"
-                );
-                assert_eq!(
-                    heads(get),
-                    expected,
-                    "{get} {role:?} split {split}: {out:?}"
-                );
+                let heads = heads_through_capture(streams, role, split);
+                assert_eq!(heads(set), expected, "{set} {role:?} split {split}");
+                assert_eq!(heads(get), expected, "{get} {role:?} split {split}");
             }
         }
     }
@@ -565,19 +530,7 @@ fn binary_and_meta_value_heads_reach_observations_through_capture() {
 
 #[test]
 fn binary_quiet_multi_get_decodes_exactly_through_capture() {
-    fn frame(magic: u8, opcode: u8, key: &[u8], extras: &[u8], value: &[u8]) -> Vec<u8> {
-        let mut bytes = vec![0u8; 24];
-        bytes[0] = magic;
-        bytes[1] = opcode;
-        bytes[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
-        bytes[4] = extras.len() as u8;
-        let body = (extras.len() + key.len() + value.len()) as u32;
-        bytes[8..12].copy_from_slice(&body.to_be_bytes());
-        bytes.extend_from_slice(extras);
-        bytes.extend_from_slice(key);
-        bytes.extend_from_slice(value);
-        bytes
-    }
+    let frame = bin_frame;
     // getkq x 30 + noop in one write; hits for every third key (with 2 KB values), noop.
     let mut request = Vec::new();
     let mut reply = Vec::new();
