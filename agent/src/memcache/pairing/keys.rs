@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 
 use super::super::model::{key_could_be, Status, ValueHead};
+use super::Pending;
 
 /// A key of an outstanding request; its bytes live in [`KeyStore::bytes`].
 #[derive(Debug, Clone, Copy)]
@@ -92,4 +93,33 @@ impl KeyStore {
             Some(_) => {}
         }
     }
+}
+
+/// The key (index among the entry's keys) a VALUE item for `key` answers: the first key not
+/// yet answered that could be `key`, looking from the entry's cursor first because servers
+/// answer in request order. Queue servers may echo the queue name with or without Kestrel
+/// options, so the part of the key before the first '/' is tried too.
+pub(super) fn value_slot(
+    slots: &KeyStore,
+    entry: &Pending,
+    offset: usize,
+    key: &[u8],
+    key_truncated: bool,
+) -> Option<usize> {
+    let n = usize::from(entry.nkeys);
+    let cursor = usize::from(entry.cursor).min(n);
+    let queue_name = key
+        .iter()
+        .position(|&b| b == b'/')
+        .map(|slash| &key[..slash]);
+    for candidate in [Some(key), queue_name].into_iter().flatten() {
+        let truncated = key_truncated && candidate.len() == key.len();
+        if let Some(i) = (cursor..n)
+            .chain(0..cursor)
+            .find(|&i| slots.could_be(offset + i, candidate, truncated, true))
+        {
+            return Some(i);
+        }
+    }
+    None
 }

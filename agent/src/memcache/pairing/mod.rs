@@ -25,7 +25,7 @@ use super::model::{
     Command, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction, Key, QueueOp,
     RequestObservation, Status, ValueHead,
 };
-use keys::KeyStore;
+use keys::{value_slot, KeyStore};
 use outcome::{binary_status, implied_status, line_status, queue_op};
 
 #[derive(Debug, Clone, Copy)]
@@ -728,35 +728,6 @@ impl Pairing {
         }
         self.slots.reclaim();
     }
-}
-
-/// The key (index among the entry's keys) a VALUE item for `key` answers: the first key not
-/// yet answered that could be `key`, looking from the entry's cursor first because servers
-/// answer in request order. Queue servers may echo the queue name with or without Kestrel
-/// options, so the part of the key before the first '/' is tried too.
-fn value_slot(
-    slots: &KeyStore,
-    entry: &Pending,
-    offset: usize,
-    key: &[u8],
-    key_truncated: bool,
-) -> Option<usize> {
-    let n = usize::from(entry.nkeys);
-    let cursor = usize::from(entry.cursor).min(n);
-    let queue_name = key
-        .iter()
-        .position(|&b| b == b'/')
-        .map(|slash| &key[..slash]);
-    for candidate in [Some(key), queue_name].into_iter().flatten() {
-        let truncated = key_truncated && candidate.len() == key.len();
-        if let Some(i) = (cursor..n)
-            .chain(0..cursor)
-            .find(|&i| slots.could_be(offset + i, candidate, truncated, true))
-        {
-            return Some(i);
-        }
-    }
-    None
 }
 
 /// What an observation says about sizes (see [`RequestObservation::value_len`]).
