@@ -56,6 +56,51 @@ fn requests(scrape: &Scrape, role: &str, command: &str, status: &str) -> f64 {
     scrape.requests(&[("role", role), ("command", command), ("status", status)])
 }
 
+/// Waits until both ends have counted what the queue server's `stats` say, then asserts that
+/// each end's view (stores, hits, misses) and the queue operations equal them exactly, with no
+/// decode errors and every dequeue matched to its enqueue. Returns the final scrape.
+fn assert_views_match_the_queue_server(
+    agent: &Agent,
+    stats: &std::collections::BTreeMap<String, f64>,
+) -> Scrape {
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        ["client", "server"].iter().all(|role| {
+            requests(s, role, "get", "hit") >= stats["get_hits"]
+                && requests(s, role, "get", "miss") >= stats["get_misses"]
+                && requests(s, role, "set", "stored") >= stats["total_items"]
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
+    print_queue_series(&scrape);
+    for role in ["client", "server"] {
+        let view = (
+            requests(&scrape, role, "set", "stored"),
+            requests(&scrape, role, "get", "hit"),
+            requests(&scrape, role, "get", "miss"),
+        );
+        eprintln!("{role}: set/stored, get/hit, get/miss = {view:?}");
+        assert_eq!(
+            view,
+            (stats["total_items"], stats["get_hits"], stats["get_misses"]),
+            "{role}"
+        );
+    }
+    assert_eq!(ops(&scrape, "enqueue"), 2.0 * stats["total_items"]);
+    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
+    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
+    assert_eq!(
+        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
+        0.0,
+        "decode errors"
+    );
+    assert_eq!(
+        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
+        stats["get_hits"]
+    );
+    scrape
+}
+
 /// ~4 s: 40 pipelined enqueues (pymemcache set_many, one write), 30 single dequeues with
 /// pymemcache, a raw write of 20 pipelined dequeues, empty polls; then an idle-dropped
 /// producer whose next enqueue is lost.
@@ -222,41 +267,8 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
         (stats["total_items"], stats["get_hits"], stats["curr_items"]),
         (144.0, 137.0, 7.0)
     );
-    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
-        ["client", "server"].iter().all(|role| {
-            requests(s, role, "get", "hit") >= stats["get_hits"]
-                && requests(s, role, "set", "stored") >= stats["total_items"]
-        })
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
-    print_queue_series(&scrape);
-    for role in ["client", "server"] {
-        let view = (
-            requests(&scrape, role, "set", "stored"),
-            requests(&scrape, role, "get", "hit"),
-            requests(&scrape, role, "get", "miss"),
-        );
-        eprintln!("{role}: set/stored, get/hit, get/miss = {view:?}");
-        assert_eq!(
-            view,
-            (stats["total_items"], stats["get_hits"], stats["get_misses"]),
-            "{role}"
-        );
-    }
-    assert_eq!(ops(&scrape, "enqueue"), 2.0 * stats["total_items"]);
-    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
-    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
-    assert_eq!(
-        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
-        0.0,
-        "decode errors"
-    );
-    // Every dequeue matched its enqueue; the relative depth is what the peer still holds.
-    assert_eq!(
-        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
-        stats["get_hits"]
-    );
+    let scrape = assert_views_match_the_queue_server(&agent, &stats);
+    // The relative depth is what the peer still holds.
     for (queue, held) in [("big", 0.0), ("pipe", 0.0), ("a", 0.0), ("left", 7.0)] {
         assert_eq!(
             scrape.sum("cacheprobe_queue_depth_relative", &[("queue", queue)]),
@@ -323,40 +335,7 @@ fn pipelined_library_enqueues_and_dequeues_match_the_queue_server() {
         ),
         (320.0, 320.0, 40.0, 0.0)
     );
-    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
-        ["client", "server"].iter().all(|role| {
-            requests(s, role, "get", "miss") >= stats["get_misses"]
-                && requests(s, role, "get", "hit") >= stats["get_hits"]
-        })
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
-    print_queue_series(&scrape);
-    for role in ["client", "server"] {
-        let view = (
-            requests(&scrape, role, "set", "stored"),
-            requests(&scrape, role, "get", "hit"),
-            requests(&scrape, role, "get", "miss"),
-        );
-        eprintln!("{role}: set/stored, get/hit, get/miss = {view:?}");
-        assert_eq!(
-            view,
-            (stats["total_items"], stats["get_hits"], stats["get_misses"]),
-            "{role}"
-        );
-    }
-    assert_eq!(ops(&scrape, "enqueue"), 2.0 * stats["total_items"]);
-    assert_eq!(ops(&scrape, "dequeue"), 2.0 * stats["get_hits"]);
-    assert_eq!(ops(&scrape, "empty_poll"), 2.0 * stats["get_misses"]);
-    assert_eq!(
-        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
-        0.0,
-        "decode errors"
-    );
-    assert_eq!(
-        scrape.sum("cacheprobe_queue_wait_seconds_count", &[]),
-        stats["get_hits"]
-    );
+    let scrape = assert_views_match_the_queue_server(&agent, &stats);
     assert_eq!(scrape.sum("cacheprobe_queue_depth_relative", &[]), 0.0);
 }
 
