@@ -451,18 +451,16 @@ mod tests {
         (Pipeline::new(&config, services, metrics.clone()), metrics)
     }
 
-    /// A socket at `sk` from `local` to `remote`, as met on its first send (adoption).
-    fn learn(pipeline: &mut Pipeline, sk: u64, local: &str, remote: &str, pid: u32, comm: &str) {
-        pipeline.handle_socket_event(&SockEventRecord {
-            kind: EventKind::Learned {
-                state: tcp_state::ESTABLISHED,
-            },
-            ts_ns: 1,
+    /// A socket event of `sk` with no addresses and no activity beyond its first stamp.
+    fn sock_event(kind: EventKind, ts_ns: u64, sk: u64) -> SockEventRecord {
+        SockEventRecord {
+            kind,
+            ts_ns,
             sk,
-            local: Some(local.parse().unwrap()),
-            remote: Some(remote.parse().unwrap()),
-            pid,
-            comm: comm.to_string(),
+            local: None,
+            remote: None,
+            pid: 7,
+            comm: "client".to_string(),
             facts: SocketFacts {
                 last_activity_ns: 1,
                 bytes_sent: 0,
@@ -470,6 +468,20 @@ mod tests {
                 peer_closed_ns: 0,
                 reset_received_ns: 0,
             },
+        }
+    }
+
+    /// A socket at `sk` from `local` to `remote`, as met on its first send (adoption).
+    fn learn(pipeline: &mut Pipeline, sk: u64, local: &str, remote: &str, pid: u32, comm: &str) {
+        let kind = EventKind::Learned {
+            state: tcp_state::ESTABLISHED,
+        };
+        pipeline.handle_socket_event(&SockEventRecord {
+            local: Some(local.parse().unwrap()),
+            remote: Some(remote.parse().unwrap()),
+            pid,
+            comm: comm.to_string(),
+            ..sock_event(kind, 1, sk)
         });
     }
 
@@ -621,25 +633,11 @@ mod tests {
         let depth = capture_sample::depth(followed) as u8;
         ask(&mut pipeline, followed, 2 * SECOND + 200, Some((1, depth)));
         for (i, sk) in [released, followed].into_iter().enumerate() {
-            pipeline.handle_socket_event(&SockEventRecord {
-                kind: EventKind::StateChange {
-                    old_state: tcp_state::ESTABLISHED,
-                    new_state: tcp_state::CLOSE,
-                },
-                ts_ns: 2 * SECOND + 300 + i as u64,
-                sk,
-                local: None,
-                remote: None,
-                pid: 7,
-                comm: "client".to_string(),
-                facts: SocketFacts {
-                    last_activity_ns: 1,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    peer_closed_ns: 0,
-                    reset_received_ns: 0,
-                },
-            });
+            let closed = EventKind::StateChange {
+                old_state: tcp_state::ESTABLISHED,
+                new_state: tcp_state::CLOSE,
+            };
+            pipeline.handle_socket_event(&sock_event(closed, 2 * SECOND + 300 + i as u64, sk));
         }
         pipeline.settle(3 * SECOND + CLOSE_GRACE_NS);
         assert_eq!(gets(&metrics, "unanswered"), 1 + 2);
