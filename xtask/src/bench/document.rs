@@ -1,0 +1,115 @@
+//! BENCHMARKS.md as a whole: the machine's facts, how the numbers are taken, then the sections.
+
+use std::process::Command;
+
+use super::{report::Section, Bench};
+use crate::util;
+
+pub(super) fn first_line(text: Option<String>) -> String {
+    text.unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("unknown")
+        .trim()
+        .to_string()
+}
+
+pub(super) fn machine_facts() -> Vec<(&'static str, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or("unknown".into(), |kb| {
+            format!("{:.1} GiB", kb as f64 / 1048576.0)
+        });
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(util::workspace_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    vec![
+        (
+            "date (UTC)",
+            first_line(util::output("date", &["-u", "+%Y-%m-%d %H:%M:%S"])),
+        ),
+        ("kernel", first_line(util::output("uname", &["-srm"]))),
+        ("CPU model", cpu),
+        ("cores", cores.to_string()),
+        ("memory", memory),
+        (
+            "cacheprobe commit",
+            format!(
+                "{commit}{}",
+                if dirty {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        ("memcached", first_line(util::output("memcached", &["-V"]))),
+        ("memcaslap", first_line(util::output("memcaslap", &["-V"]))),
+        ("tshark", first_line(util::output("tshark", &["-v"]))),
+        ("bpftool", first_line(util::output("bpftool", &["version"]))),
+        (
+            "load average before",
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+    ]
+}
+
+impl Bench {
+    pub(super) fn method_section(&self) -> Section {
+        let mut section = Section::new("How these numbers are taken");
+        section.say(
+            "* Everything runs on loopback on this machine: memcached, the load generators, the \
+             agent and (for the capture) tshark share the same cores; nothing is pinned. On a \
+             2-core machine the single-threaded load generator and memcached's two worker threads \
+             compete for CPU, so an agent that takes CPU away from either shows up directly as lost \
+             throughput: this is a pessimistic setup for the agent.\n\
+             * Load: `xtask/src/bench/loadgen.rs`, one thread with epoll, one request in flight per \
+             connection, text protocol, latency per request with 1.6% bucket precision. memcaslap \
+             (libmemcached-tools) is run as well at saturation; its `--tps` option is ignored by \
+             the Debian build and it reports latency only in power-of-two buckets, so fixed-rate \
+             runs and percentiles come from the xtask generator.\n\
+             * Modes: `off` (no agent), `sockets only` (service `capture = false`, \
+             `limits.capture_bytes = 0`: the send/receive probes copy no payload) and `capture + \
+             decoding` (`capture = true`, `capture_bytes = 16384`, the default decoding budget of \
+             `limits.capture_records_per_second = 25000`: above it the agent decodes one \
+             connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \
+             says which), and `decoding, no budget` (the same with `capture_records_per_second = 0`: \
+             every connection decoded). Everything else is the agent as built at this commit.\n\
+             * The machine may be shared with other work; the load average before and after is in \
+             the facts table. Alternating modes within one invocation keeps such drift out of the \
+             ratios as far as possible.",
+        );
+        let mut commands = String::from("# memcached instances used\n");
+        for line in &self.memcached_lines {
+            commands.push_str(line);
+            commands.push('\n');
+        }
+        section.command(commands);
+        section
+    }
+}

@@ -1,0 +1,139 @@
+//! tshark decoding a dumpcap capture of the same traffic: the reference rate the decoder's
+//! throughput is compared with.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use super::{
+    loadgen::{self, LoadSpec},
+    procs::{self, Memcached},
+    report::{thousands, Section, Table},
+    Bench,
+};
+use crate::util;
+
+impl Bench {
+    pub(super) fn tshark_capture(&mut self, memcached: &Memcached) -> anyhow::Result<()> {
+        util::step("tshark decoding a capture of the same traffic");
+        let port = memcached.addr.port();
+        let pcap = self.scratch.join("memcache.pcapng");
+        let _ = std::fs::remove_file(&pcap);
+        let filter = format!("tcp port {port}");
+        let mut dumpcap_command = Command::new("dumpcap");
+        dumpcap_command
+            .args(["-i", "lo", "-q", "-f", &filter, "-w"])
+            .arg(&pcap)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut dumpcap = procs::ChildGuard::spawn("dumpcap", &mut dumpcap_command)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // dumpcap writes the pcapng header once it is capturing.
+        while std::fs::metadata(&pcap).map_or(true, |m| m.len() == 0) {
+            dumpcap.check_running()?;
+            if Instant::now() >= deadline {
+                bail!("dumpcap did not start capturing within 10 s");
+            }
+            procs::sleep(Duration::from_millis(50))?;
+        }
+        procs::sleep(Duration::from_millis(500))?;
+        let spec = LoadSpec {
+            connections: 16,
+            ..self.spec(
+                memcached.addr,
+                Some(self.plan.capture_rate),
+                self.plan.capture_run,
+            )
+        };
+        let load = loadgen::run(&spec)?;
+        procs::sleep(Duration::from_millis(500))?;
+        dumpcap.stop()?;
+        let decode_as = format!("tcp.port=={port},memcache");
+        let tshark_args = |limit: Option<&str>| {
+            let mut args = vec!["-r".to_string(), pcap.display().to_string()];
+            if let Some(limit) = limit {
+                args.extend(["-c".to_string(), limit.to_string()]);
+            }
+            args.extend(
+                [
+                    "-d",
+                    &decode_as,
+                    "-Y",
+                    "memcache.command",
+                    "-T",
+                    "fields",
+                    "-e",
+                    "memcache.command",
+                    "-E",
+                    "occurrence=a",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            args
+        };
+        let startup_started = Instant::now();
+        procs::run_checked(
+            "tshark",
+            Command::new("tshark").args(tshark_args(Some("1"))),
+            Duration::from_secs(120),
+        )?;
+        let startup = startup_started.elapsed().as_secs_f64();
+        let decode_started = Instant::now();
+        let output = procs::run_checked(
+            "tshark",
+            Command::new("tshark").args(tshark_args(None)),
+            Duration::from_secs(600),
+        )?;
+        let wall = decode_started.elapsed().as_secs_f64();
+        let commands: u64 = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| line.split(',').filter(|c| !c.trim().is_empty()).count() as u64)
+            .sum();
+        if commands == 0 {
+            bail!("tshark decoded no memcache command from {}", pcap.display());
+        }
+        let size = std::fs::metadata(&pcap).map_or(0, |m| m.len());
+        let per_second = commands as f64 / wall;
+        let per_second_net = commands as f64 / (wall - startup).max(1e-3);
+        let mut section = Section::new("tshark decoding the same traffic");
+        section.say(format!(
+            "dumpcap captures loopback traffic to memcached while the xtask generator runs at {} \
+             ops/s for {:.0} s over 16 connections (agent not running); the generator completed {} \
+             requests, the capture holds {:.1} MB. tshark then decodes it once, single-threaded; \
+             its startup (dissector registration, timed by decoding just the first packet) is \
+             shown separately.",
+            thousands(self.plan.capture_rate as f64),
+            self.plan.capture_run.as_secs_f64(),
+            thousands(load.ops as f64),
+            size as f64 / 1048576.0
+        ));
+        section.command(format!(
+            "dumpcap -i lo -q -f '{filter}' -w {}\ntime tshark {}",
+            pcap.display(),
+            tshark_args(None).join(" ")
+        ));
+        let mut table = Table::new(&[
+            "commands decoded",
+            "wall s",
+            "startup s",
+            "commands/s (wall)",
+            "commands/s (without startup)",
+        ]);
+        table.row(vec![
+            thousands(commands as f64),
+            format!("{wall:.2}"),
+            format!("{startup:.2}"),
+            thousands(per_second),
+            thousands(per_second_net),
+        ]);
+        section.table("", table);
+        self.tshark_rate = Some(per_second_net);
+        self.finish(section);
+        Ok(())
+    }
+}
