@@ -1,11 +1,16 @@
 //! BENCHMARKS.md as a whole: the machine's facts, how the numbers are taken, then the sections.
 
-use std::process::Command;
+use std::{path::Path, process::Command, time::Instant};
 
-use super::{report::Section, Bench};
+use anyhow::Context as _;
+
+use super::{
+    report::{Section, Table},
+    Bench, BenchOptions,
+};
 use crate::util;
 
-pub(super) fn first_line(text: Option<String>) -> String {
+fn first_line(text: Option<String>) -> String {
     text.unwrap_or_default()
         .lines()
         .next()
@@ -80,7 +85,63 @@ pub(super) fn machine_facts() -> Vec<(&'static str, String)> {
 }
 
 impl Bench {
-    pub(super) fn method_section(&self) -> Section {
+    /// Writes the whole document to `output`: the command, the machine's facts (with the load
+    /// average now and the bench's duration), the targets, the method, then every section.
+    pub(super) fn write_document(
+        &self,
+        options: &BenchOptions,
+        facts: &[(&'static str, String)],
+        started: Instant,
+        output: &Path,
+    ) -> anyhow::Result<()> {
+        let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+        let mut command = String::from("cargo xtask bench");
+        if options.quick {
+            command.push_str(" --quick");
+        }
+        if let Some(rounds) = options.rounds {
+            command.push_str(&format!(" --rounds {rounds}"));
+        }
+        if let Some(baseline) = &options.baseline {
+            command.push_str(&format!(" --baseline {}", baseline.display()));
+        }
+        if !options.only.is_empty() {
+            command.push_str(&format!(" --only {}", options.only.join(",")));
+        }
+        let mut text = String::from("# cacheprobe benchmarks\n\n");
+        text.push_str(
+            "Written by `cargo xtask bench` (xtask/src/bench/); every number below comes from one \
+             invocation on the machine described here. Rerun the command to reproduce.\n\n",
+        );
+        text.push_str(&format!("Command: `{command}` (as root)\n\n"));
+        let mut facts_table = Table::new(&["fact", "value"]);
+        for (name, value) in facts {
+            facts_table.row(vec![name.to_string(), value.clone()]);
+        }
+        facts_table.row(vec![
+            "load average after".into(),
+            load_after
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+        facts_table.row(vec![
+            "bench duration".into(),
+            format!("{:.0} s", started.elapsed().as_secs_f64()),
+        ]);
+        text.push_str(&facts_table.markdown());
+        text.push('\n');
+        text.push_str(&self.targets_section().markdown());
+        text.push_str(&self.method_section().markdown());
+        for section in &self.sections {
+            text.push_str(&section.markdown());
+        }
+        std::fs::write(output, text).with_context(|| format!("cannot write {}", output.display()))
+    }
+
+    fn method_section(&self) -> Section {
         let mut section = Section::new("How these numbers are taken");
         section.say(
             "* Everything runs on loopback on this machine: memcached, the load generators, the \

@@ -43,7 +43,7 @@ use crate::util;
 use document::machine_facts;
 use loadgen::WORKLOAD;
 use procs::Memcached;
-use report::{Section, Table};
+use report::Section;
 use targets::Targets;
 
 /// `xtask bench-hold`: the helper process that holds idle connections open.
@@ -236,34 +236,7 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         }
     });
     let facts = machine_facts();
-    let mut plan = Plan::new(options.quick);
-    if let Some(rounds) = options.rounds {
-        if rounds < 2 {
-            bail!("--rounds must be at least 2 (a single round has no interval)");
-        }
-        plan.rounds = rounds;
-    }
-    let mut bench = Bench {
-        plan,
-        quick: options.quick,
-        binary,
-        scratch,
-        metrics_addr: ([127, 0, 0, 1], procs::free_port(17950)?).into(),
-        sections: Vec::new(),
-        targets: Targets::default(),
-        memcached_lines: Vec::new(),
-        tshark_rate: None,
-        nofile,
-        baseline: match options.baseline.clone() {
-            Some(path) if !path.exists() => bail!("--baseline {}: no such file", path.display()),
-            Some(path) => Some(
-                path.canonicalize()
-                    .with_context(|| format!("cannot resolve --baseline {}", path.display()))?,
-            ),
-            None => None,
-        },
-    };
-
+    let mut bench = Bench::new(&options, binary, scratch, nofile)?;
     for name in &options.only {
         if !PHASES.contains(&name.as_str()) {
             bail!(
@@ -272,98 +245,8 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
             );
         }
     }
-    let wanted = |phase: &str| options.only.is_empty() || options.only.iter().any(|o| o == phase);
-    if wanted("attach") {
-        bench.attach_time()?;
-    }
-    if ["ab", "modes", "bpf", "frame-cost", "loss", "tshark", "top"]
-        .iter()
-        .any(|p| wanted(p))
-    {
-        let memcached = Memcached::start(procs::free_port(17211)?, None)?;
-        bench.memcached_lines.push(memcached.command_line.clone());
-        loadgen::populate(memcached.addr, &WORKLOAD)?;
-        if wanted("ab") {
-            bench.paired_rounds(&memcached)?;
-        }
-        // The descriptive four-mode table takes a minute even in one repeat: a smoke run
-        // has the interleaved rounds instead, unless asked for it.
-        if wanted("modes") && !(options.quick && options.only.is_empty()) {
-            bench.overhead_ab(&memcached)?;
-        }
-        if wanted("bpf") {
-            bench.bpf_program_cost(&memcached)?;
-        }
-        if wanted("frame-cost") {
-            bench.frame_cost()?;
-        }
-        if wanted("loss") {
-            bench.event_loss(&memcached)?;
-        }
-        if wanted("tshark") {
-            bench.tshark_capture(&memcached)?;
-        }
-        if wanted("top") {
-            bench.top_cost(&memcached)?;
-        }
-    }
-    if wanted("idle") {
-        bench.idle_connections()?;
-    }
-    if wanted("decoder") {
-        bench.decoder_throughput()?;
-    }
-    if wanted("scrape") {
-        bench.scrape_cost()?;
-    }
-    if wanted("fleet") {
-        bench.fleet_diagnose()?;
-    }
-    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-
-    let mut command = String::from("cargo xtask bench");
-    if options.quick {
-        command.push_str(" --quick");
-    }
-    if let Some(rounds) = options.rounds {
-        command.push_str(&format!(" --rounds {rounds}"));
-    }
-    if let Some(baseline) = &options.baseline {
-        command.push_str(&format!(" --baseline {}", baseline.display()));
-    }
-    if !options.only.is_empty() {
-        command.push_str(&format!(" --only {}", options.only.join(",")));
-    }
-    let mut text = String::from("# cacheprobe benchmarks\n\n");
-    text.push_str(
-        "Written by `cargo xtask bench` (xtask/src/bench/); every number below comes from one \
-         invocation on the machine described here. Rerun the command to reproduce.\n\n",
-    );
-    text.push_str(&format!("Command: `{command}` (as root)\n\n"));
-    let mut facts_table = Table::new(&["fact", "value"]);
-    for (name, value) in &facts {
-        facts_table.row(vec![name.to_string(), value.clone()]);
-    }
-    facts_table.row(vec![
-        "load average after".into(),
-        load_after
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-    ]);
-    facts_table.row(vec![
-        "bench duration".into(),
-        format!("{:.0} s", started.elapsed().as_secs_f64()),
-    ]);
-    text.push_str(&facts_table.markdown());
-    text.push('\n');
-    text.push_str(&bench.targets_section().markdown());
-    text.push_str(&bench.method_section().markdown());
-    for section in &bench.sections {
-        text.push_str(&section.markdown());
-    }
-    std::fs::write(&output, text).with_context(|| format!("cannot write {}", output.display()))?;
+    bench.run_measures(&options)?;
+    bench.write_document(&options, &facts, started, &output)?;
     println!("{}", bench.targets_section().markdown());
     eprintln!(
         "xtask: bench finished in {:.0} s; results in {}",
@@ -371,6 +254,98 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         output.display()
     );
     Ok(())
+}
+
+impl Bench {
+    fn new(
+        options: &BenchOptions,
+        binary: PathBuf,
+        scratch: PathBuf,
+        nofile: u64,
+    ) -> anyhow::Result<Bench> {
+        let mut plan = Plan::new(options.quick);
+        if let Some(rounds) = options.rounds {
+            if rounds < 2 {
+                bail!("--rounds must be at least 2 (a single round has no interval)");
+            }
+            plan.rounds = rounds;
+        }
+        Ok(Bench {
+            plan,
+            quick: options.quick,
+            binary,
+            scratch,
+            metrics_addr: ([127, 0, 0, 1], procs::free_port(17950)?).into(),
+            sections: Vec::new(),
+            targets: Targets::default(),
+            memcached_lines: Vec::new(),
+            tshark_rate: None,
+            nofile,
+            baseline: match options.baseline.clone() {
+                Some(path) if !path.exists() => {
+                    bail!("--baseline {}: no such file", path.display())
+                }
+                Some(path) => Some(
+                    path.canonicalize()
+                        .with_context(|| format!("cannot resolve --baseline {}", path.display()))?,
+                ),
+                None => None,
+            },
+        })
+    }
+
+    /// Runs the measures `--only` asks for (all without it), in the order of [`PHASES`].
+    fn run_measures(&mut self, options: &BenchOptions) -> anyhow::Result<()> {
+        let wanted =
+            |phase: &str| options.only.is_empty() || options.only.iter().any(|o| o == phase);
+        if wanted("attach") {
+            self.attach_time()?;
+        }
+        if ["ab", "modes", "bpf", "frame-cost", "loss", "tshark", "top"]
+            .iter()
+            .any(|p| wanted(p))
+        {
+            let memcached = Memcached::start(procs::free_port(17211)?, None)?;
+            self.memcached_lines.push(memcached.command_line.clone());
+            loadgen::populate(memcached.addr, &WORKLOAD)?;
+            if wanted("ab") {
+                self.paired_rounds(&memcached)?;
+            }
+            // The descriptive four-mode table takes a minute even in one repeat: a smoke run
+            // has the interleaved rounds instead, unless asked for it.
+            if wanted("modes") && !(options.quick && options.only.is_empty()) {
+                self.overhead_ab(&memcached)?;
+            }
+            if wanted("bpf") {
+                self.bpf_program_cost(&memcached)?;
+            }
+            if wanted("frame-cost") {
+                self.frame_cost()?;
+            }
+            if wanted("loss") {
+                self.event_loss(&memcached)?;
+            }
+            if wanted("tshark") {
+                self.tshark_capture(&memcached)?;
+            }
+            if wanted("top") {
+                self.top_cost(&memcached)?;
+            }
+        }
+        if wanted("idle") {
+            self.idle_connections()?;
+        }
+        if wanted("decoder") {
+            self.decoder_throughput()?;
+        }
+        if wanted("scrape") {
+            self.scrape_cost()?;
+        }
+        if wanted("fleet") {
+            self.fleet_diagnose()?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

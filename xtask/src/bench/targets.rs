@@ -66,117 +66,13 @@ impl Bench {
     pub(super) fn targets_section(&self) -> Section {
         let targets = &self.targets;
         let mut table = Table::new(&["target", "goal", "measured", "status"]);
-        let status = |met: Option<bool>| match met {
-            Some(true) => "met".to_string(),
-            Some(false) => "**missed**".to_string(),
-            None => "not measured".to_string(),
-        };
-        let percent = |loss: Option<f64>, rounds: Option<(f64, f64)>| {
-            let Some(loss) = loss else {
-                return "n/a".to_string();
-            };
-            match rounds {
-                Some((low, high)) if low < high => format!(
-                    "{:.1}% loss (single rounds: {:.1}% to {:.1}%)",
-                    100.0 * loss,
-                    100.0 * low,
-                    100.0 * high
-                ),
-                _ => format!("{:.1}% loss", 100.0 * loss),
-            }
-        };
         if targets.paired.is_empty() {
-            // Without the interleaved rounds only the four-mode table's medians are at hand.
-            table.row(vec![
-                "throughput, sockets only, saturation (four-mode medians)".into(),
-                "<= 1% loss".into(),
-                percent(targets.sockets_loss, targets.sockets_loss_rounds),
-                status(targets.sockets_loss.map(|l| l <= 0.01)),
-            ]);
-            table.row(vec![
-                "throughput, capture + decoding, saturation (four-mode medians)".into(),
-                "<= 3% loss".into(),
-                percent(targets.capture_loss, targets.capture_loss_rounds),
-                status(targets.capture_loss.map(|l| l <= 0.03)),
-            ]);
+            targets.four_mode_rows(&mut table);
         } else {
             rounds::goal_rows(&targets.paired, &mut table);
         }
-        table.row(vec![
-            "lost events at 100k ops/s (capture on)".into(),
-            "0".into(),
-            targets
-                .loss_at_100k
-                .map_or("n/a".into(), |(achieved, lost)| {
-                    format!(
-                        "{} lost at {} ops/s achieved",
-                        thousands(lost as f64),
-                        thousands(achieved)
-                    )
-                }),
-            match targets.loss_at_100k {
-                Some((achieved, 0)) if achieved < 95_000.0 => format!(
-                    "unproven: no loss, but this machine drove only {} ops/s",
-                    thousands(achieved)
-                ),
-                other => status(other.map(|(_, lost)| lost == 0)),
-            },
-        ]);
-        table.row(vec![
-            "agent RSS with 100k open connections".into(),
-            "<= 50 MB".into(),
-            targets.rss_at_100k.map_or("n/a".into(), |m| {
-                format!(
-                    "{} MB VmRSS (private/anon {} MB)",
-                    megabytes(m.rss_kb),
-                    megabytes(m.anon_kb)
-                )
-            }),
-            status(targets.rss_at_100k.map(|m| m.rss_kb <= 50 * 1024)),
-        ]);
-        table.row(vec![
-            "start to probes attached (median of 5)".into(),
-            "<= 1 s".into(),
-            targets.attach_median.map_or("n/a".into(), |d| {
-                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-            }),
-            status(targets.attach_median.map(|d| d <= Duration::from_secs(1))),
-        ]);
-        table.row(vec![
-            "decoder throughput".into(),
-            ">= 5M commands/s/core".into(),
-            targets
-                .decoder_per_core
-                .map_or("n/a".into(), |v| format!("{} commands/s", thousands(v))),
-            status(targets.decoder_per_core.map(|v| v >= 5e6)),
-        ]);
-        for (keys, ratio, empty) in &targets.frame_flatness {
-            table.row(vec![
-                format!("BPF ns per get, {keys} keys per get: 500 KB values over 100 B (issue 17)"),
-                "flat (<= 1.5x)".into(),
-                format!("{ratio:.2}x"),
-                status(Some(*ratio <= 1.5)),
-            ]);
-            // The same growth for a program that does nothing: what more calls per get and
-            // caches the kernel's copy of the values left cold add to any program.
-            let relative = ratio / empty.max(1e-9);
-            table.row(vec![
-                format!(
-                    "the same, over an empty program's growth on the same tracepoints ({empty:.2}x)"
-                ),
-                "<= 1.5x".into(),
-                format!("{relative:.2}x"),
-                status(Some(relative <= 1.5)),
-            ]);
-        }
-        if let Some(items) = targets.decoder_many_items {
-            table.row(vec![
-                "decoder on replies of 100 items (issue 17)".into(),
-                "recorded".into(),
-                format!("{} items/s", thousands(items)),
-                "recorded".into(),
-            ]);
-        }
+        targets.host_rows(&mut table);
+        targets.issue_17_rows(&mut table);
         let mut section = Section::new("Targets");
         if self.quick {
             section.say(
@@ -195,92 +91,230 @@ impl Bench {
     /// Where the cost comes from, stated from this run's own numbers.
     fn findings(&self) -> Vec<String> {
         let targets = &self.targets;
-        let mut out = Vec::new();
-        if let (Some(bpf_ns), Some(off_ops)) =
-            (targets.sockets_bpf_ns_per_op, targets.off_ops_per_sec)
-        {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let cpu_ns_per_op = cores as f64 * 1e9 / off_ops.max(1.0);
-            let spread = targets
-                .sockets_loss_rounds
-                .map_or(String::new(), |(low, high)| {
-                    format!(
-                        " Single rounds of the A/B scatter from {:.1}% to {:.1}%: that spread is \
-                         the machine's, since every round compares runs seconds apart.",
-                        100.0 * low,
-                        100.0 * high
-                    )
-                });
-            out.push(format!(
-                "* Socket probes only (bpf_stats run): {bpf_ns:.0} ns of BPF per memcache op. With \
-                 the agent off, memcached and the load generator keep the {cores} cores busy at {} \
-                 ops/s, {:.1} µs of CPU per op, so the programs take {:.1}% of it. That is the \
-                 floor of the sockets-only throughput loss; the tracepoint dispatch around each \
-                 run, which bpf_stats does not count, comes on top.{spread}",
-                thousands(off_ops),
-                cpu_ns_per_op / 1000.0,
-                100.0 * bpf_ns / cpu_ns_per_op
-            ));
-        }
-        if let Some(bpf) = &targets.bpf {
-            out.push(format!(
-                "* Kernel side (bpf_stats run, capture on): the programs cost {:.0} ns of BPF per \
-                 memcache op, payload copies included (they happen inside the send/receive \
-                 programs, for the connections the decoding budget follows); the costliest \
-                 program is `{}` ({:.0}% of BPF time, {:.0} ns per run). These numbers exclude the \
-                 tracepoint machinery around each run, which the A/B ratios include.",
-                bpf.ns_per_op,
-                bpf.top.0,
-                100.0 * bpf.top.1,
-                bpf.top.2
-            ));
-        }
-        if let Some(us) = targets.capture_agent_us_per_op {
-            let decoder = targets
-                .decoder_per_core
-                .map_or(String::new(), |per_second| {
-                    format!(
-                    "; the criterion decoder alone needs {:.2} µs per command, so the rest is the \
-                     pipeline around it (ring reading, tracking, metrics, history, key statistics)",
-                    1e6 / per_second
+        [
+            targets.sockets_finding(),
+            targets.kernel_finding(),
+            targets.user_finding(),
+            targets.no_budget_finding(),
+            targets.idle_finding(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+fn status(met: Option<bool>) -> String {
+    match met {
+        Some(true) => "met".to_string(),
+        Some(false) => "**missed**".to_string(),
+        None => "not measured".to_string(),
+    }
+}
+
+fn percent(loss: Option<f64>, rounds: Option<(f64, f64)>) -> String {
+    let Some(loss) = loss else {
+        return "n/a".to_string();
+    };
+    match rounds {
+        Some((low, high)) if low < high => format!(
+            "{:.1}% loss (single rounds: {:.1}% to {:.1}%)",
+            100.0 * loss,
+            100.0 * low,
+            100.0 * high
+        ),
+        _ => format!("{:.1}% loss", 100.0 * loss),
+    }
+}
+
+impl Targets {
+    /// Without the interleaved rounds only the four-mode table's medians are at hand.
+    fn four_mode_rows(&self, table: &mut Table) {
+        table.row(vec![
+            "throughput, sockets only, saturation (four-mode medians)".into(),
+            "<= 1% loss".into(),
+            percent(self.sockets_loss, self.sockets_loss_rounds),
+            status(self.sockets_loss.map(|l| l <= 0.01)),
+        ]);
+        table.row(vec![
+            "throughput, capture + decoding, saturation (four-mode medians)".into(),
+            "<= 3% loss".into(),
+            percent(self.capture_loss, self.capture_loss_rounds),
+            status(self.capture_loss.map(|l| l <= 0.03)),
+        ]);
+    }
+
+    /// Losses at 100k ops/s, RSS at 100k connections, start-up time and decoder speed.
+    fn host_rows(&self, table: &mut Table) {
+        table.row(vec![
+            "lost events at 100k ops/s (capture on)".into(),
+            "0".into(),
+            self.loss_at_100k.map_or("n/a".into(), |(achieved, lost)| {
+                format!(
+                    "{} lost at {} ops/s achieved",
+                    thousands(lost as f64),
+                    thousands(achieved)
                 )
-                });
-            out.push(format!(
-                "* User side: with capture (default decoding budget) the agent process spends \
-                 {us:.2} µs of CPU per memcache op (median at saturation), i.e. {:.0}% of one core \
-                 per 100k ops/s{decoder}.",
-                us * 10.0
-            ));
+            }),
+            match self.loss_at_100k {
+                Some((achieved, 0)) if achieved < 95_000.0 => format!(
+                    "unproven: no loss, but this machine drove only {} ops/s",
+                    thousands(achieved)
+                ),
+                other => status(other.map(|(_, lost)| lost == 0)),
+            },
+        ]);
+        table.row(vec![
+            "agent RSS with 100k open connections".into(),
+            "<= 50 MB".into(),
+            self.rss_at_100k.map_or("n/a".into(), |m| {
+                format!(
+                    "{} MB VmRSS (private/anon {} MB)",
+                    megabytes(m.rss_kb),
+                    megabytes(m.anon_kb)
+                )
+            }),
+            status(self.rss_at_100k.map(|m| m.rss_kb <= 50 * 1024)),
+        ]);
+        table.row(vec![
+            "start to probes attached (median of 5)".into(),
+            "<= 1 s".into(),
+            self.attach_median.map_or("n/a".into(), |d| {
+                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+            }),
+            status(self.attach_median.map(|d| d <= Duration::from_secs(1))),
+        ]);
+        table.row(vec![
+            "decoder throughput".into(),
+            ">= 5M commands/s/core".into(),
+            self.decoder_per_core
+                .map_or("n/a".into(), |v| format!("{} commands/s", thousands(v))),
+            status(self.decoder_per_core.map(|v| v >= 5e6)),
+        ]);
+    }
+
+    /// Framing-aware capture's flatness in value size and the decoder on many items.
+    fn issue_17_rows(&self, table: &mut Table) {
+        for (keys, ratio, empty) in &self.frame_flatness {
+            table.row(vec![
+                format!("BPF ns per get, {keys} keys per get: 500 KB values over 100 B (issue 17)"),
+                "flat (<= 1.5x)".into(),
+                format!("{ratio:.2}x"),
+                status(Some(*ratio <= 1.5)),
+            ]);
+            // The same growth for a program that does nothing: what more calls per get and
+            // caches the kernel's copy of the values left cold add to any program.
+            let relative = ratio / empty.max(1e-9);
+            table.row(vec![
+                format!(
+                "the same, over an empty program's growth on the same tracepoints ({empty:.2}x)"
+            ),
+                "<= 1.5x".into(),
+                format!("{relative:.2}x"),
+                status(Some(relative <= 1.5)),
+            ]);
         }
-        if let (Some(loss), Some(us)) = (
-            targets.capture_all_loss,
-            targets.capture_all_agent_us_per_op,
-        ) {
-            out.push(format!(
-                "* Without a decoding budget (`capture_records_per_second = 0`, every connection \
-                 decoded) throughput loss at saturation is {:.1}% and the agent spends {us:.2} µs \
-                 of CPU per op: the budget is what keeps capture's cost near that of socket probes \
-                 alone.",
-                100.0 * loss
-            ));
+        if let Some(items) = self.decoder_many_items {
+            table.row(vec![
+                "decoder on replies of 100 items (issue 17)".into(),
+                "recorded".into(),
+                format!("{} items/s", thousands(items)),
+                "recorded".into(),
+            ]);
         }
-        if let Some(idle) = &targets.idle {
-            out.push(format!(
-                "* At {} open connections the idle agent uses {:.1}% of a core ({:.1}% over the \
-                 {:.0} s its samples took to catch up after they opened); its RSS is {} MB of \
-                 which {} MB private (the rest is mostly the mapped ring buffers); it counts {} of {} \
-                 watched sockets and lost events while they opened: {}.",
-                thousands(idle.connections as f64),
-                idle.idle_cpu_percent,
-                idle.settling_cpu_percent,
-                idle.catch_up_seconds,
-                megabytes(idle.memory.rss_kb),
-                megabytes(idle.memory.anon_kb),
-                thousands(idle.active),
-                thousands(2.0 * idle.connections as f64),
-                idle.lost
-            ));
-        }
-        out
+    }
+
+    fn sockets_finding(&self) -> Option<String> {
+        let (Some(bpf_ns), Some(off_ops)) = (self.sockets_bpf_ns_per_op, self.off_ops_per_sec)
+        else {
+            return None;
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu_ns_per_op = cores as f64 * 1e9 / off_ops.max(1.0);
+        let spread = self
+            .sockets_loss_rounds
+            .map_or(String::new(), |(low, high)| {
+                format!(
+                    " Single rounds of the A/B scatter from {:.1}% to {:.1}%: that spread is \
+                     the machine's, since every round compares runs seconds apart.",
+                    100.0 * low,
+                    100.0 * high
+                )
+            });
+        Some(format!(
+            "* Socket probes only (bpf_stats run): {bpf_ns:.0} ns of BPF per memcache op. With \
+             the agent off, memcached and the load generator keep the {cores} cores busy at {} \
+             ops/s, {:.1} µs of CPU per op, so the programs take {:.1}% of it. That is the \
+             floor of the sockets-only throughput loss; the tracepoint dispatch around each \
+             run, which bpf_stats does not count, comes on top.{spread}",
+            thousands(off_ops),
+            cpu_ns_per_op / 1000.0,
+            100.0 * bpf_ns / cpu_ns_per_op
+        ))
+    }
+
+    fn kernel_finding(&self) -> Option<String> {
+        let bpf = self.bpf.as_ref()?;
+        Some(format!(
+            "* Kernel side (bpf_stats run, capture on): the programs cost {:.0} ns of BPF per \
+             memcache op, payload copies included (they happen inside the send/receive \
+             programs, for the connections the decoding budget follows); the costliest \
+             program is `{}` ({:.0}% of BPF time, {:.0} ns per run). These numbers exclude the \
+             tracepoint machinery around each run, which the A/B ratios include.",
+            bpf.ns_per_op,
+            bpf.top.0,
+            100.0 * bpf.top.1,
+            bpf.top.2
+        ))
+    }
+
+    fn user_finding(&self) -> Option<String> {
+        let us = self.capture_agent_us_per_op?;
+        let decoder = self.decoder_per_core.map_or(String::new(), |per_second| {
+            format!(
+                "; the criterion decoder alone needs {:.2} µs per command, so the rest is the \
+                 pipeline around it (ring reading, tracking, metrics, history, key statistics)",
+                1e6 / per_second
+            )
+        });
+        Some(format!(
+            "* User side: with capture (default decoding budget) the agent process spends \
+             {us:.2} µs of CPU per memcache op (median at saturation), i.e. {:.0}% of one core \
+             per 100k ops/s{decoder}.",
+            us * 10.0
+        ))
+    }
+
+    fn no_budget_finding(&self) -> Option<String> {
+        let (Some(loss), Some(us)) = (self.capture_all_loss, self.capture_all_agent_us_per_op)
+        else {
+            return None;
+        };
+        Some(format!(
+            "* Without a decoding budget (`capture_records_per_second = 0`, every connection \
+             decoded) throughput loss at saturation is {:.1}% and the agent spends {us:.2} µs \
+             of CPU per op: the budget is what keeps capture's cost near that of socket probes \
+             alone.",
+            100.0 * loss
+        ))
+    }
+
+    fn idle_finding(&self) -> Option<String> {
+        let idle = self.idle.as_ref()?;
+        Some(format!(
+            "* At {} open connections the idle agent uses {:.1}% of a core ({:.1}% over the \
+             {:.0} s its samples took to catch up after they opened); its RSS is {} MB of \
+             which {} MB private (the rest is mostly the mapped ring buffers); it counts {} of {} \
+             watched sockets and lost events while they opened: {}.",
+            thousands(idle.connections as f64),
+            idle.idle_cpu_percent,
+            idle.settling_cpu_percent,
+            idle.catch_up_seconds,
+            megabytes(idle.memory.rss_kb),
+            megabytes(idle.memory.anon_kb),
+            thousands(idle.active),
+            thousands(2.0 * idle.connections as f64),
+            idle.lost
+        ))
     }
 }
