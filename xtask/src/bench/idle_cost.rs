@@ -23,6 +23,14 @@ const IDLE_WINDOW: Duration = Duration::from_secs(10);
 /// bench measures it idle anyway (and says so).
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(120);
 
+/// How the agent caught up after the connections opened.
+struct CatchUp {
+    /// Whether a sample begun after the burst postponed nothing within [`CATCH_UP_LIMIT`].
+    caught_up: bool,
+    seconds: f64,
+    cpu_percent: f64,
+}
+
 impl Bench {
     pub(super) fn idle_connections(&mut self) -> anyhow::Result<()> {
         util::step("agent cost with many open watched connections");
@@ -37,8 +45,7 @@ impl Bench {
             port = procs::free_port(port + 1)?;
             instances.push(Memcached::start(port, Some(per_process as u32 + 1_000))?);
         }
-        let load_target = instances[0].addr;
-        loadgen::populate(load_target, &WORKLOAD)?;
+        loadgen::populate(instances[0].addr, &WORKLOAD)?;
         let mut table = Table::new(&[
             "open connections",
             "memcached instances",
@@ -57,103 +64,7 @@ impl Bench {
             "max_sockets",
         ]);
         for &count in self.plan.idle_counts {
-            let used = count.div_ceil(per_process).max(1);
-            let per_instance = count.div_ceil(used);
-            let ports: Vec<u16> = instances[..used].iter().map(|m| m.addr.port()).collect();
-            let targets: Vec<std::net::SocketAddrV4> = ports
-                .iter()
-                .map(|port| std::net::SocketAddrV4::new([127, 0, 0, 1].into(), *port))
-                .collect();
-            eprintln!("xtask: {count} idle connections over {used} memcached instance(s)");
-            // Both ends of every connection are watched sockets, plus room for the load's own.
-            let max_sockets = ((2 * count + 16_384) as u32)
-                .next_power_of_two()
-                .max(DEFAULT_MAX_SOCKETS);
-            let mut agent = self.start_agent_on(&ports, Mode::Capture, max_sockets)?;
-            let before = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
-            let opening = Instant::now();
-            let holders = idle::Holders::open(&targets, per_instance, Duration::from_secs(300))?;
-            let open_seconds = opening.elapsed().as_secs_f64();
-            // Let the agent drain the burst of state changes. Its samples then list every new
-            // socket and walk the fds of every process that changed, at most
-            // MAX_FDS_WALKED_PER_SAMPLE descriptors per sample: CPU while catching up is
-            // measured until a sample begun after the burst postponed nothing, idle CPU after.
-            procs::sleep(Duration::from_secs(2))?;
-            let sampler_state = |agent: &Agent| -> anyhow::Result<(f64, f64)> {
-                let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
-                Ok((
-                    observe::total(&samples, "cacheprobe_sampler_samples_total"),
-                    observe::total(&samples, "cacheprobe_sampler_processes_deferred"),
-                ))
-            };
-            let catch_up_start = Instant::now();
-            let cpu_start = procs::cpu_seconds(agent.pid())?;
-            let (samples_at_start, _) = sampler_state(&agent)?;
-            let caught_up = loop {
-                let (samples, deferred) = sampler_state(&agent)?;
-                if samples >= samples_at_start + 2.0 && deferred == 0.0 {
-                    break true;
-                }
-                if catch_up_start.elapsed() > CATCH_UP_LIMIT {
-                    break false;
-                }
-                procs::sleep(Duration::from_millis(500))?;
-            };
-            let catch_up_seconds = catch_up_start.elapsed().as_secs_f64();
-            let settling_percent =
-                100.0 * (procs::cpu_seconds(agent.pid())? - cpu_start) / catch_up_seconds;
-            let cpu_idle_start = procs::cpu_seconds(agent.pid())?;
-            procs::sleep(IDLE_WINDOW)?;
-            let idle_percent = 100.0 * (procs::cpu_seconds(agent.pid())? - cpu_idle_start)
-                / IDLE_WINDOW.as_secs_f64();
-            let idle_memory = procs::memory(agent.pid())?;
-            let mut server_connections = 0;
-            for memcached in &instances[..used] {
-                server_connections += memcached.stat("curr_connections")?;
-            }
-            let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
-            let active = observe::total(&samples, "cacheprobe_connections_active");
-            let spec = self.spec(load_target, Some(self.plan.fixed_rate), self.plan.run);
-            let measured = self.measure(&spec, Some(&mut agent), &instances[0])?;
-            procs::sleep(Duration::from_millis(1500))?;
-            let after = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
-            let memory = procs::memory(agent.pid())?;
-            if count == 100_000 {
-                self.targets.rss_at_100k = Some(memory);
-            }
-            let lost = observe::format_losses(&observe::lost_between(&before, &after));
-            self.targets.idle = Some(IdleFinding {
-                connections: per_instance * used,
-                settling_cpu_percent: settling_percent,
-                catch_up_seconds,
-                idle_cpu_percent: idle_percent,
-                memory,
-                active,
-                lost: lost.clone(),
-            });
-            agent.stop()?;
-            drop(holders);
-            table.row(vec![
-                thousands((per_instance * used) as f64),
-                used.to_string(),
-                format!("{open_seconds:.1}"),
-                thousands(server_connections as f64),
-                thousands(active),
-                idle_memory.describe(),
-                if caught_up {
-                    format!("{catch_up_seconds:.0}")
-                } else {
-                    format!("not within {} s", CATCH_UP_LIMIT.as_secs())
-                },
-                format!("{settling_percent:.1}"),
-                format!("{idle_percent:.1}"),
-                thousands(measured.load.ops_per_sec()),
-                format_cpu(measured.cpu_per_million()),
-                memory.describe(),
-                megabytes(memory.hwm_kb),
-                lost,
-                max_sockets.to_string(),
-            ]);
+            table.row(self.idle_row(&instances, per_process, count)?);
             // Give the memcached instances a moment to close their ends.
             procs::sleep(Duration::from_secs(1))?;
         }
@@ -201,4 +112,131 @@ impl Bench {
         self.finish(section);
         Ok(())
     }
+
+    /// One count of connections: a fresh agent watches them open, catch up and idle, then a
+    /// fixed-rate load runs on top; records the idle finding (and the RSS at 100k).
+    fn idle_row(
+        &mut self,
+        instances: &[Memcached],
+        per_process: usize,
+        count: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let load_target = instances[0].addr;
+        let used = count.div_ceil(per_process).max(1);
+        let per_instance = count.div_ceil(used);
+        let ports: Vec<u16> = instances[..used].iter().map(|m| m.addr.port()).collect();
+        eprintln!("xtask: {count} idle connections over {used} memcached instance(s)");
+        let max_sockets = max_sockets_for(count);
+        let mut agent = self.start_agent_on(&ports, Mode::Capture, max_sockets)?;
+        let before = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+        let opening = Instant::now();
+        let holders =
+            idle::Holders::open(&loopback(&ports), per_instance, Duration::from_secs(300))?;
+        let open_seconds = opening.elapsed().as_secs_f64();
+        // Let the agent drain the burst of state changes. Its samples then list every new
+        // socket and walk the fds of every process that changed, at most
+        // MAX_FDS_WALKED_PER_SAMPLE descriptors per sample: CPU while catching up is
+        // measured until a sample begun after the burst postponed nothing, idle CPU after.
+        procs::sleep(Duration::from_secs(2))?;
+        let catch_up = catch_up(&agent)?;
+        let cpu_idle_start = procs::cpu_seconds(agent.pid())?;
+        procs::sleep(IDLE_WINDOW)?;
+        let idle_percent =
+            100.0 * (procs::cpu_seconds(agent.pid())? - cpu_idle_start) / IDLE_WINDOW.as_secs_f64();
+        let idle_memory = procs::memory(agent.pid())?;
+        let mut server_connections = 0;
+        for memcached in &instances[..used] {
+            server_connections += memcached.stat("curr_connections")?;
+        }
+        let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+        let active = observe::total(&samples, "cacheprobe_connections_active");
+        let spec = self.spec(load_target, Some(self.plan.fixed_rate), self.plan.run);
+        let measured = self.measure(&spec, Some(&mut agent), &instances[0])?;
+        procs::sleep(Duration::from_millis(1500))?;
+        let after = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+        let memory = procs::memory(agent.pid())?;
+        if count == 100_000 {
+            self.targets.rss_at_100k = Some(memory);
+        }
+        let lost = observe::format_losses(&observe::lost_between(&before, &after));
+        self.targets.idle = Some(IdleFinding {
+            connections: per_instance * used,
+            settling_cpu_percent: catch_up.cpu_percent,
+            catch_up_seconds: catch_up.seconds,
+            idle_cpu_percent: idle_percent,
+            memory,
+            active,
+            lost: lost.clone(),
+        });
+        agent.stop()?;
+        drop(holders);
+        Ok(vec![
+            thousands((per_instance * used) as f64),
+            used.to_string(),
+            format!("{open_seconds:.1}"),
+            thousands(server_connections as f64),
+            thousands(active),
+            idle_memory.describe(),
+            if catch_up.caught_up {
+                format!("{:.0}", catch_up.seconds)
+            } else {
+                format!("not within {} s", CATCH_UP_LIMIT.as_secs())
+            },
+            format!("{:.1}", catch_up.cpu_percent),
+            format!("{idle_percent:.1}"),
+            thousands(measured.load.ops_per_sec()),
+            format_cpu(measured.cpu_per_million()),
+            memory.describe(),
+            megabytes(memory.hwm_kb),
+            lost,
+            max_sockets.to_string(),
+        ])
+    }
+}
+
+/// Both ends of every connection are watched sockets, plus room for the load's own.
+fn max_sockets_for(count: usize) -> u32 {
+    ((2 * count + 16_384) as u32)
+        .next_power_of_two()
+        .max(DEFAULT_MAX_SOCKETS)
+}
+
+fn loopback(ports: &[u16]) -> Vec<std::net::SocketAddrV4> {
+    ports
+        .iter()
+        .map(|port| std::net::SocketAddrV4::new([127, 0, 0, 1].into(), *port))
+        .collect()
+}
+
+/// Waits until a sample begun after the burst postponed nothing (at most [`CATCH_UP_LIMIT`]),
+/// measuring the agent's CPU meanwhile.
+fn catch_up(agent: &Agent) -> anyhow::Result<CatchUp> {
+    let sampler_state = |agent: &Agent| -> anyhow::Result<(f64, f64)> {
+        let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+        Ok((
+            observe::total(&samples, "cacheprobe_sampler_samples_total"),
+            observe::total(&samples, "cacheprobe_sampler_processes_deferred"),
+        ))
+    };
+    let catch_up_start = Instant::now();
+    let cpu_start = procs::cpu_seconds(agent.pid())?;
+    let (samples_at_start, _) = sampler_state(agent)?;
+    let caught_up = loop {
+        let (samples, deferred) = sampler_state(agent)?;
+        if samples >= samples_at_start + 2.0 && deferred == 0.0 {
+            break true;
+        }
+        if catch_up_start.elapsed() > CATCH_UP_LIMIT {
+            break false;
+        }
+        procs::sleep(Duration::from_millis(500))?;
+    };
+    let catch_up_seconds = catch_up_start.elapsed().as_secs_f64();
+    let settling_percent =
+        100.0 * (procs::cpu_seconds(agent.pid())? - cpu_start) / catch_up_seconds;
+    Ok(CatchUp {
+        caught_up,
+        seconds: catch_up_seconds,
+        cpu_percent: settling_percent,
+    })
 }
