@@ -250,27 +250,64 @@ impl Bench {
         let far = Memcached::start_in(&netns)?;
         self.memcached_lines.push(far.command_line.clone());
         netns.run(|| loadgen::populate(far.addr, &WORKLOAD))?;
-        let spec = |server: &Memcached| LoadSpec {
+        // Warm both servers so the first measured run is not penalised.
+        for (server, ns) in [(memcached, None), (&far, Some(&netns))] {
+            let warm = LoadSpec {
+                duration: Duration::from_secs(1),
+                ..self.paired_spec(server)
+            };
+            self.load_once(&warm, ns, &[server.pid()])?;
+        }
+        let arms = self.arms();
+        let runs = self.run_rounds(memcached, &far, &netns, &arms)?;
+        drop(far);
+        drop(netns);
+
+        let results = summarise(&runs, &arms);
+        let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
+        self.describe_rounds(&mut section);
+        section.table("", summary_table(&results));
+        let noisiest = results
+            .iter()
+            .filter_map(|r| r.round_sd)
+            .fold(f64::NAN, f64::max);
+        if noisiest.is_finite() {
+            section.say(format!(
+                "What noise does to a single round: its loss scatters with a standard deviation                  of up to {:.1} points here (column `single-round sd`), so one round cannot tell                  a 1% loss from none or from 3%; a goal is called met or missed only when the                  whole 95% interval of the median lies on one side of it.",
+                100.0 * noisiest
+            ));
+        }
+        if self.baseline.is_some() {
+            section.table(
+                "This build against the baseline build, paired by round and setup (a round's \
+                 change is this build's figure over the baseline's, minus 1; median and 95% \
+                 bootstrap interval over rounds):",
+                against_baseline(&runs),
+            );
+        }
+        section.table("Every run, in the order run:", raw_table(&runs));
+        self.targets.paired = results;
+        self.finish(section);
+        Ok(())
+    }
+
+    /// A saturation run of one round against `server`.
+    fn paired_spec(&self, server: &Memcached) -> LoadSpec {
+        LoadSpec {
             target: server.addr,
             connections: self.plan.saturation_connections,
             duration: self.plan.paired_run,
             rate: None,
             workload: WORKLOAD,
-        };
-        // Warm both servers so the first measured run is not penalised.
-        for (server, ns) in [(memcached, None), (&far, Some(&netns))] {
-            let warm = LoadSpec {
-                duration: Duration::from_secs(1),
-                ..spec(server)
-            };
-            self.load_once(&warm, ns, &[server.pid()])?;
         }
-        let started = Instant::now();
-        // Each agent mode beside its twin, measured in the same rounds: the baseline build's
-        // same mode when one is given (before and after a change), else the port-check mode
-        // (socket_storage = false: the path before socket-local storage).
+    }
+
+    /// Each agent mode beside its twin, measured in the same rounds: the baseline build's
+    /// same mode when one is given (before and after a change), else the port-check mode
+    /// (socket_storage = false: the path before socket-local storage).
+    fn arms(&self) -> [Arm; 5] {
         let arm = |mode, baseline| Arm { mode, baseline };
-        let modes = if self.baseline.is_some() {
+        if self.baseline.is_some() {
             [
                 arm(Mode::Off, false),
                 arm(Mode::SocketsOnly, false),
@@ -286,7 +323,20 @@ impl Bench {
                 arm(Mode::Capture, false),
                 arm(Mode::CapturePortCheck, false),
             ]
-        };
+        }
+    }
+
+    /// Every round: both setups (alternating which goes first), each running every arm in an
+    /// order rotated by round.
+    fn run_rounds(
+        &self,
+        memcached: &Memcached,
+        far: &Memcached,
+        netns: &Netns,
+        modes: &[Arm],
+    ) -> anyhow::Result<Vec<RoundRun>> {
+        let rounds = self.plan.rounds;
+        let started = Instant::now();
         let mut runs: Vec<RoundRun> = Vec::new();
         for round in 0..rounds {
             let setups = if round % 2 == 0 {
@@ -297,13 +347,12 @@ impl Bench {
             for ends in setups {
                 let (server, ns) = match ends {
                     Ends::Both => (memcached, None),
-                    Ends::OneEnd => (&far, Some(&netns)),
+                    Ends::OneEnd => (far, Some(netns)),
                 };
-                let spec = spec(server);
+                let spec = self.paired_spec(server);
                 // Rotate so `off` is first, middle and last in turn.
                 for i in 0..modes.len() {
                     let arm = modes[(i + round) % modes.len()];
-                    let mode = arm.mode;
                     eprintln!(
                         "xtask: round {}/{rounds}, {}, {} ({:.0} s in)",
                         round + 1,
@@ -314,152 +363,64 @@ impl Bench {
                     if !self.plan.paired_quiet.is_zero() {
                         procs::wait_for_quiet(super::QUIET_CORES, &[], self.plan.paired_quiet)?;
                     }
-                    let run = if mode == Mode::Off {
-                        let (report, others, cpu_ns) =
-                            self.load_once(&spec, ns, &[server.pid()])?;
-                        RoundRun {
-                            round,
-                            ends,
-                            mode,
-                            baseline: false,
-                            ops_per_sec: report.ops_per_sec(),
-                            cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
-                            other_cores: others,
-                            stats: None,
-                            floor_per_run: None,
-                        }
-                    } else {
-                        let OnRun {
-                            ops_per_sec: ops,
-                            cpu_ns_per_op,
-                            others,
-                            stats,
-                            floor_per_run,
-                        } = self
-                            .on_run(server, ns, arm, &spec)
-                            .with_context(|| format!("{} {}", arm.label(), ends.label()))?;
-                        RoundRun {
-                            round,
-                            ends,
-                            mode,
-                            baseline: arm.baseline,
-                            ops_per_sec: ops,
-                            cpu_ns_per_op,
-                            other_cores: others,
-                            stats: Some(stats),
-                            floor_per_run,
-                        }
-                    };
-                    runs.push(run);
+                    runs.push(self.round_run(round, ends, arm, server, ns, &spec)?);
                 }
             }
         }
-        drop(far);
-        drop(netns);
+        Ok(runs)
+    }
 
-        let mut results = Vec::new();
-        // The `off` run a run is paired with: same round, same setup.
-        let off_of = |run: &RoundRun| {
-            runs.iter()
-                .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends)
-        };
-        let mut raw = Table::new(&[
-            "round",
-            "ends",
-            "mode",
-            "ops/s",
-            "loss vs off of this round",
-            "BPF ns per program run",
-            "program runs per op",
-            "BPF ns per op",
-            "CPU ns per op (generator + memcached + agent)",
-            "other processes, cores",
-        ]);
-        for run in &runs {
-            let loss = off_of(run).map(|off| 1.0 - run.ops_per_sec / off.ops_per_sec);
-            let (per_run, runs_per_op, per_op) = match run.stats {
-                Some((ns, count, ops)) => (
-                    format!("{:.1}", ns as f64 / count.max(1) as f64),
-                    format!("{:.2}", count as f64 / ops.max(1) as f64),
-                    format!("{:.0}", ns as f64 / ops.max(1) as f64),
-                ),
-                None => ("-".into(), "-".into(), "-".into()),
-            };
-            raw.row(vec![
-                (run.round + 1).to_string(),
-                run.ends.label().into(),
-                Arm {
-                    mode: run.mode,
-                    baseline: run.baseline,
-                }
-                .label(),
-                thousands(run.ops_per_sec),
-                match (run.mode, loss) {
-                    (Mode::Off, _) | (_, None) => "-".into(),
-                    (_, Some(loss)) => format!("{:+.2}%", 100.0 * loss),
-                },
-                per_run,
-                runs_per_op,
-                per_op,
-                format!("{:.0}", run.cpu_ns_per_op),
-                format!("{:.2}", run.other_cores),
-            ]);
-        }
-        for ends in [Ends::Both, Ends::OneEnd] {
-            for Arm { mode, baseline } in modes.iter().copied().filter(|a| a.mode != Mode::Off) {
-                let mine: Vec<&RoundRun> = runs
-                    .iter()
-                    .filter(|r| r.ends == ends && r.mode == mode && r.baseline == baseline)
-                    .collect();
-                let losses: Vec<f64> = mine
-                    .iter()
-                    .filter_map(|r| Some(1.0 - r.ops_per_sec / off_of(r)?.ops_per_sec))
-                    .collect();
-                let per_run: Vec<f64> = mine
-                    .iter()
-                    .filter_map(|r| r.stats)
-                    .map(|(ns, count, _)| ns as f64 / count.max(1) as f64)
-                    .collect();
-                let cpu_losses: Vec<f64> = mine
-                    .iter()
-                    .filter_map(|r| {
-                        Some(1.0 - off_of(r)?.cpu_ns_per_op / r.cpu_ns_per_op.max(1e-9))
-                    })
-                    .collect();
-                let floors: Vec<f64> = mine.iter().filter_map(|r| r.floor_per_run).collect();
-                let per_op: Vec<f64> = mine
-                    .iter()
-                    .filter_map(|r| r.stats)
-                    .map(|(ns, _, ops)| ns as f64 / ops.max(1) as f64)
-                    .collect();
-                let range = losses
-                    .iter()
-                    .copied()
-                    .fold(None, |acc: Option<(f64, f64)>, l| {
-                        Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
-                    });
-                let round_sd = (losses.len() >= 2).then(|| {
-                    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-                    let var = losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
-                        / (losses.len() - 1) as f64;
-                    var.sqrt()
-                });
-                results.push(ScenarioResult {
-                    ends,
-                    mode,
-                    baseline,
-                    rounds: losses.len(),
-                    round_sd,
-                    loss: paired::median_ci(&losses),
-                    range,
-                    ns_per_run: paired::median_ci(&per_run),
-                    floor_per_run: paired::median_ci(&floors),
-                    cpu_loss: paired::median_ci(&cpu_losses),
-                    ns_per_op: median(&per_op),
-                });
+    /// One run of a round: the load alone for `off`, else [`Bench::on_run`].
+    fn round_run(
+        &self,
+        round: usize,
+        ends: Ends,
+        arm: Arm,
+        server: &Memcached,
+        ns: Option<&Netns>,
+        spec: &LoadSpec,
+    ) -> anyhow::Result<RoundRun> {
+        let mode = arm.mode;
+        Ok(if mode == Mode::Off {
+            let (report, others, cpu_ns) = self.load_once(spec, ns, &[server.pid()])?;
+            RoundRun {
+                round,
+                ends,
+                mode,
+                baseline: false,
+                ops_per_sec: report.ops_per_sec(),
+                cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
+                other_cores: others,
+                stats: None,
+                floor_per_run: None,
             }
-        }
+        } else {
+            let OnRun {
+                ops_per_sec: ops,
+                cpu_ns_per_op,
+                others,
+                stats,
+                floor_per_run,
+            } = self
+                .on_run(server, ns, arm, spec)
+                .with_context(|| format!("{} {}", arm.label(), ends.label()))?;
+            RoundRun {
+                round,
+                ends,
+                mode,
+                baseline: arm.baseline,
+                ops_per_sec: ops,
+                cpu_ns_per_op,
+                other_cores: others,
+                stats: Some(stats),
+                floor_per_run,
+            }
+        })
+    }
 
+    /// The section's method paragraph.
+    fn describe_rounds(&self, section: &mut Section) {
+        let rounds = self.plan.rounds;
         let twins_text = match &self.baseline {
             Some(baseline) => format!(
                 "each agent mode also as run by the baseline build `{}`, in the same rounds",
@@ -470,7 +431,6 @@ impl Bench {
                      rounds"
                 .to_string(),
         };
-        let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \
@@ -502,75 +462,172 @@ impl Bench {
             self.plan.stats_run.as_secs(),
             twins_text = twins_text,
         ));
-        let mut summary = Table::new(&[
-            "scenario",
-            "rounds",
-            "median loss",
-            "95% CI",
-            "single rounds",
-            "single-round sd",
-            "loss from CPU per op (median, 95% CI)",
-            "BPF ns per program run (median, 95% CI)",
-            "empty program, ns per run",
-            "BPF ns per op",
-        ]);
-        for result in &results {
-            summary.row(vec![
-                result.label(),
-                result.rounds.to_string(),
-                result
-                    .loss
-                    .map_or("n/a".into(), |i| format!("{:.2}%", 100.0 * i.median)),
-                result.loss.map_or("n/a".into(), |i| {
-                    format!("{:.2}% .. {:.2}%", 100.0 * i.low, 100.0 * i.high)
-                }),
-                result.range.map_or("n/a".into(), |(lo, hi)| {
-                    format!("{:.1}% .. {:.1}%", 100.0 * lo, 100.0 * hi)
-                }),
-                result
-                    .round_sd
-                    .map_or("n/a".into(), |sd| format!("{:.1} points", 100.0 * sd)),
-                result.cpu_loss.map_or("n/a".into(), |i| {
-                    format!(
-                        "{:.2}% ({:.2}% .. {:.2}%)",
-                        100.0 * i.median,
-                        100.0 * i.low,
-                        100.0 * i.high
-                    )
-                }),
-                result.ns_per_run.map_or("n/a".into(), |i| {
-                    format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
-                }),
-                result.floor_per_run.map_or("n/a".into(), |i| {
-                    format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
-                }),
-                result.ns_per_op.map_or("n/a".into(), |v| format!("{v:.0}")),
-            ]);
-        }
-        section.table("", summary);
-        let noisiest = results
-            .iter()
-            .filter_map(|r| r.round_sd)
-            .fold(f64::NAN, f64::max);
-        if noisiest.is_finite() {
-            section.say(format!(
-                "What noise does to a single round: its loss scatters with a standard deviation                  of up to {:.1} points here (column `single-round sd`), so one round cannot tell                  a 1% loss from none or from 3%; a goal is called met or missed only when the                  whole 95% interval of the median lies on one side of it.",
-                100.0 * noisiest
-            ));
-        }
-        if self.baseline.is_some() {
-            section.table(
-                "This build against the baseline build, paired by round and setup (a round's \
-                 change is this build's figure over the baseline's, minus 1; median and 95% \
-                 bootstrap interval over rounds):",
-                against_baseline(&runs),
-            );
-        }
-        section.table("Every run, in the order run:", raw);
-        self.targets.paired = results;
-        self.finish(section);
-        Ok(())
     }
+}
+
+/// The `off` run a run is paired with: same round, same setup.
+fn off_of<'a>(runs: &'a [RoundRun], run: &RoundRun) -> Option<&'a RoundRun> {
+    runs.iter()
+        .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends)
+}
+
+/// Every run, in the order run.
+fn raw_table(runs: &[RoundRun]) -> Table {
+    let mut raw = Table::new(&[
+        "round",
+        "ends",
+        "mode",
+        "ops/s",
+        "loss vs off of this round",
+        "BPF ns per program run",
+        "program runs per op",
+        "BPF ns per op",
+        "CPU ns per op (generator + memcached + agent)",
+        "other processes, cores",
+    ]);
+    for run in runs {
+        let loss = off_of(runs, run).map(|off| 1.0 - run.ops_per_sec / off.ops_per_sec);
+        let (per_run, runs_per_op, per_op) = match run.stats {
+            Some((ns, count, ops)) => (
+                format!("{:.1}", ns as f64 / count.max(1) as f64),
+                format!("{:.2}", count as f64 / ops.max(1) as f64),
+                format!("{:.0}", ns as f64 / ops.max(1) as f64),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        raw.row(vec![
+            (run.round + 1).to_string(),
+            run.ends.label().into(),
+            Arm {
+                mode: run.mode,
+                baseline: run.baseline,
+            }
+            .label(),
+            thousands(run.ops_per_sec),
+            match (run.mode, loss) {
+                (Mode::Off, _) | (_, None) => "-".into(),
+                (_, Some(loss)) => format!("{:+.2}%", 100.0 * loss),
+            },
+            per_run,
+            runs_per_op,
+            per_op,
+            format!("{:.0}", run.cpu_ns_per_op),
+            format!("{:.2}", run.other_cores),
+        ]);
+    }
+    raw
+}
+
+/// Per setup and agent arm: the loss over rounds, its spread, BPF ns per run and per op.
+fn summarise(runs: &[RoundRun], modes: &[Arm]) -> Vec<ScenarioResult> {
+    let mut results = Vec::new();
+    for ends in [Ends::Both, Ends::OneEnd] {
+        for Arm { mode, baseline } in modes.iter().copied().filter(|a| a.mode != Mode::Off) {
+            results.push(scenario(runs, ends, mode, baseline));
+        }
+    }
+    results
+}
+
+fn scenario(runs: &[RoundRun], ends: Ends, mode: Mode, baseline: bool) -> ScenarioResult {
+    let mine: Vec<&RoundRun> = runs
+        .iter()
+        .filter(|r| r.ends == ends && r.mode == mode && r.baseline == baseline)
+        .collect();
+    let losses: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| Some(1.0 - r.ops_per_sec / off_of(runs, r)?.ops_per_sec))
+        .collect();
+    let per_run: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| r.stats)
+        .map(|(ns, count, _)| ns as f64 / count.max(1) as f64)
+        .collect();
+    let cpu_losses: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| Some(1.0 - off_of(runs, r)?.cpu_ns_per_op / r.cpu_ns_per_op.max(1e-9)))
+        .collect();
+    let floors: Vec<f64> = mine.iter().filter_map(|r| r.floor_per_run).collect();
+    let per_op: Vec<f64> = mine
+        .iter()
+        .filter_map(|r| r.stats)
+        .map(|(ns, _, ops)| ns as f64 / ops.max(1) as f64)
+        .collect();
+    let range = losses
+        .iter()
+        .copied()
+        .fold(None, |acc: Option<(f64, f64)>, l| {
+            Some(acc.map_or((l, l), |(lo, hi)| (lo.min(l), hi.max(l))))
+        });
+    let round_sd = (losses.len() >= 2).then(|| {
+        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        let var =
+            losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (losses.len() - 1) as f64;
+        var.sqrt()
+    });
+    ScenarioResult {
+        ends,
+        mode,
+        baseline,
+        rounds: losses.len(),
+        round_sd,
+        loss: paired::median_ci(&losses),
+        range,
+        ns_per_run: paired::median_ci(&per_run),
+        floor_per_run: paired::median_ci(&floors),
+        cpu_loss: paired::median_ci(&cpu_losses),
+        ns_per_op: median(&per_op),
+    }
+}
+
+/// One row per scenario: loss (median, interval, single rounds), CPU-per-op loss, BPF cost.
+fn summary_table(results: &[ScenarioResult]) -> Table {
+    let mut summary = Table::new(&[
+        "scenario",
+        "rounds",
+        "median loss",
+        "95% CI",
+        "single rounds",
+        "single-round sd",
+        "loss from CPU per op (median, 95% CI)",
+        "BPF ns per program run (median, 95% CI)",
+        "empty program, ns per run",
+        "BPF ns per op",
+    ]);
+    for result in results {
+        summary.row(vec![
+            result.label(),
+            result.rounds.to_string(),
+            result
+                .loss
+                .map_or("n/a".into(), |i| format!("{:.2}%", 100.0 * i.median)),
+            result.loss.map_or("n/a".into(), |i| {
+                format!("{:.2}% .. {:.2}%", 100.0 * i.low, 100.0 * i.high)
+            }),
+            result.range.map_or("n/a".into(), |(lo, hi)| {
+                format!("{:.1}% .. {:.1}%", 100.0 * lo, 100.0 * hi)
+            }),
+            result
+                .round_sd
+                .map_or("n/a".into(), |sd| format!("{:.1} points", 100.0 * sd)),
+            result.cpu_loss.map_or("n/a".into(), |i| {
+                format!(
+                    "{:.2}% ({:.2}% .. {:.2}%)",
+                    100.0 * i.median,
+                    100.0 * i.low,
+                    100.0 * i.high
+                )
+            }),
+            result.ns_per_run.map_or("n/a".into(), |i| {
+                format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
+            }),
+            result.floor_per_run.map_or("n/a".into(), |i| {
+                format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
+            }),
+            result.ns_per_op.map_or("n/a".into(), |v| format!("{v:.0}")),
+        ]);
+    }
+    summary
 }
 
 /// Per scenario, this build's CPU ns per op, BPF ns per op and throughput against the baseline

@@ -273,7 +273,7 @@ impl Targets {
         let decoder = self.decoder_per_core.map_or(String::new(), |per_second| {
             format!(
                 "; the criterion decoder alone needs {:.2} µs per command, so the rest is the \
-                 pipeline around it (ring reading, tracking, metrics, history, key statistics)",
+                     pipeline around it (ring reading, tracking, metrics, history, key statistics)",
                 1e6 / per_second
             )
         });
