@@ -6,6 +6,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{bail, Context as _};
 
 use super::{
+    loadgen::LoadSpec,
     procs,
     procs::{Agent, Memcached, Mode},
     report::{median, thousands, Section, Table},
@@ -130,73 +131,10 @@ impl Bench {
                 [true, false]
             };
             for with_top in order {
-                let pane = if with_top {
-                    Some(TopPane::start(&self.binary, &socket)?)
-                } else {
-                    None
-                };
-                let top_before = pane
-                    .as_ref()
-                    .map(|p| procs::cpu_seconds(p.top_pid))
-                    .transpose()?;
-                let tmux_before = pane
-                    .as_ref()
-                    .map(|p| procs::cpu_seconds(p.tmux_pid))
-                    .transpose()?;
-                let measured = self.measure(&spec, Some(&mut agent), memcached)?;
-                let elapsed = measured.load.elapsed.as_secs_f64().max(1e-3);
-                let cores = |pid: u32, before: Option<f64>| -> anyhow::Result<Option<f64>> {
-                    before
-                        .map(|b| Ok((procs::cpu_seconds(pid)? - b) / elapsed))
-                        .transpose()
-                };
-                let run = TopRun {
-                    with_top,
-                    ops_per_s: measured.load.ops_per_sec(),
-                    daemon_cores: measured.agent_cpu.unwrap_or(f64::NAN) / elapsed,
-                    top_cores: match &pane {
-                        Some(p) => cores(p.top_pid, top_before)?,
-                        None => None,
-                    },
-                    tmux_cores: match &pane {
-                        Some(p) => cores(p.tmux_pid, tmux_before)?,
-                        None => None,
-                    },
-                };
-                eprintln!(
-                    "xtask: round {} {}: {} ops/s, daemon {:.1}% of a core{}",
-                    round + 1,
-                    if with_top { "with top" } else { "without top" },
-                    thousands(run.ops_per_s),
-                    run.daemon_cores * 100.0,
-                    run.top_cores
-                        .map_or(String::new(), |c| format!(", top {:.2}%", c * 100.0))
-                );
-                runs.push(run);
-                drop(pane);
+                runs.push(self.top_run(&spec, &mut agent, memcached, &socket, round, with_top)?);
             }
         }
         agent.stop()?;
-
-        let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0));
-        let mut table = Table::new(&[
-            "round",
-            "top attached",
-            "ops/s reached",
-            "daemon CPU (% of a core)",
-            "top CPU (% of a core)",
-            "tmux server CPU (% of a core)",
-        ]);
-        for (index, run) in runs.iter().enumerate() {
-            table.row(vec![
-                (index / 2 + 1).to_string(),
-                if run.with_top { "yes" } else { "no" }.into(),
-                thousands(run.ops_per_s),
-                percent(Some(run.daemon_cores)),
-                percent(run.top_cores),
-                percent(run.tmux_cores),
-            ]);
-        }
         let daemon = |with: bool| -> Vec<f64> {
             runs.iter()
                 .filter(|r| r.with_top == with)
@@ -219,6 +157,89 @@ impl Bench {
         let daemon_more = median(&differences);
         let top_median = median(&top_cores);
         let reached = median(&ops).unwrap_or(0.0);
+        self.describe_top(&mut section, &spec, reached, &socket, command);
+        section.say(format!(
+            "**Daemon: {} % of a core more with top attached** (median of the per-round \
+             differences; target <= 1 %). Without top: median {} %, with: {} %. **top itself: \
+             {} % of a core** (median; target <= 5 %). The machine is shared: other engineers' \
+             builds and tests ran during the bench, so single runs move by more than the \
+             difference measured; read the per-round rows.",
+            hundredths(daemon_more.map(|d| d * 100.0)),
+            hundredths(median(&daemon(false)).map(|d| d * 100.0)),
+            hundredths(median(&daemon(true)).map(|d| d * 100.0)),
+            hundredths(top_median.map(|d| d * 100.0)),
+        ));
+        section.table("", top_table(&runs));
+        self.finish(section);
+        Ok(())
+    }
+
+    /// One run at the fixed rate, with an interactive top attached or without; the daemon's,
+    /// top's and tmux's CPU over it.
+    fn top_run(
+        &self,
+        spec: &LoadSpec,
+        agent: &mut Agent,
+        memcached: &Memcached,
+        socket: &Path,
+        round: usize,
+        with_top: bool,
+    ) -> anyhow::Result<TopRun> {
+        let pane = if with_top {
+            Some(TopPane::start(&self.binary, socket)?)
+        } else {
+            None
+        };
+        let top_before = pane
+            .as_ref()
+            .map(|p| procs::cpu_seconds(p.top_pid))
+            .transpose()?;
+        let tmux_before = pane
+            .as_ref()
+            .map(|p| procs::cpu_seconds(p.tmux_pid))
+            .transpose()?;
+        let measured = self.measure(spec, Some(agent), memcached)?;
+        let elapsed = measured.load.elapsed.as_secs_f64().max(1e-3);
+        let cores = |pid: u32, before: Option<f64>| -> anyhow::Result<Option<f64>> {
+            before
+                .map(|b| Ok((procs::cpu_seconds(pid)? - b) / elapsed))
+                .transpose()
+        };
+        let run = TopRun {
+            with_top,
+            ops_per_s: measured.load.ops_per_sec(),
+            daemon_cores: measured.agent_cpu.unwrap_or(f64::NAN) / elapsed,
+            top_cores: match &pane {
+                Some(p) => cores(p.top_pid, top_before)?,
+                None => None,
+            },
+            tmux_cores: match &pane {
+                Some(p) => cores(p.tmux_pid, tmux_before)?,
+                None => None,
+            },
+        };
+        eprintln!(
+            "xtask: round {} {}: {} ops/s, daemon {:.1}% of a core{}",
+            round + 1,
+            if with_top { "with top" } else { "without top" },
+            thousands(run.ops_per_s),
+            run.daemon_cores * 100.0,
+            run.top_cores
+                .map_or(String::new(), |c| format!(", top {:.2}%", c * 100.0))
+        );
+        drop(pane);
+        Ok(run)
+    }
+
+    /// The method paragraph and the command.
+    fn describe_top(
+        &self,
+        section: &mut Section,
+        spec: &LoadSpec,
+        reached: f64,
+        socket: &Path,
+        command: &str,
+    ) {
         section.say(format!(
             "The daemon (`run`, capture + decoding as shipped) watches memcached while the bench's \
              load generator drives {} ({}). In each of {TOP_ROUNDS} rounds it runs once without \
@@ -245,19 +266,29 @@ impl Bench {
             self.binary.display(),
             socket.display()
         ));
-        section.say(format!(
-            "**Daemon: {} % of a core more with top attached** (median of the per-round \
-             differences; target <= 1 %). Without top: median {} %, with: {} %. **top itself: \
-             {} % of a core** (median; target <= 5 %). The machine is shared: other engineers' \
-             builds and tests ran during the bench, so single runs move by more than the \
-             difference measured; read the per-round rows.",
-            hundredths(daemon_more.map(|d| d * 100.0)),
-            hundredths(median(&daemon(false)).map(|d| d * 100.0)),
-            hundredths(median(&daemon(true)).map(|d| d * 100.0)),
-            hundredths(top_median.map(|d| d * 100.0)),
-        ));
-        section.table("", table);
-        self.finish(section);
-        Ok(())
     }
+}
+
+/// Every run, in the order run.
+fn top_table(runs: &[TopRun]) -> Table {
+    let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0));
+    let mut table = Table::new(&[
+        "round",
+        "top attached",
+        "ops/s reached",
+        "daemon CPU (% of a core)",
+        "top CPU (% of a core)",
+        "tmux server CPU (% of a core)",
+    ]);
+    for (index, run) in runs.iter().enumerate() {
+        table.row(vec![
+            (index / 2 + 1).to_string(),
+            if run.with_top { "yes" } else { "no" }.into(),
+            thousands(run.ops_per_s),
+            percent(Some(run.daemon_cores)),
+            percent(run.top_cores),
+            percent(run.tmux_cores),
+        ]);
+    }
+    table
 }

@@ -29,11 +29,7 @@ pub(super) struct Counts {
     pub(super) dead_writes: AtomicU64,
 }
 
-fn churn(
-    target: SocketAddrV4,
-    stop: &AtomicBool,
-    counts: &Counts,
-) -> anyhow::Result<()> {
+fn churn(target: SocketAddrV4, stop: &AtomicBool, counts: &Counts) -> anyhow::Result<()> {
     let mut next = 0usize;
     let mut reply = [0u8; 64];
     let mut tick = Instant::now();
