@@ -56,6 +56,12 @@ fn read_until(stream: &mut TcpStream, end: &[u8], buf: &mut [u8]) -> anyhow::Res
     }
 }
 
+/// A connection to memcached and its reply buffer.
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
 impl Bench {
     pub(super) fn frame_cost(&mut self) -> anyhow::Result<()> {
         crate::util::step("frame cost: BPF ns per get by keys per get and value size");
@@ -68,10 +74,13 @@ impl Bench {
             self.start_agent(memcached.addr.port(), Mode::CaptureAll, DEFAULT_MAX_SOCKETS)?;
         let (programs, _) = procs::bpf_object_ids(agent.pid())?;
         let measured: Vec<u32> = programs.iter().chain(&floor.ids).copied().collect();
-        let mut stream = TcpStream::connect(memcached.addr)?;
+        let stream = TcpStream::connect(memcached.addr)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut client = Client {
+            stream,
+            buf: vec![0u8; 1 << 20],
+        };
         let gets_cap = if self.quick { 50 } else { 2_000 };
         let mut table = Table::new(&[
             "keys per get",
@@ -87,96 +96,13 @@ impl Bench {
         let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
         let grid = if self.quick { QUICK_GRID } else { GRID };
         for &(keys, size) in grid {
-            let value = vec![b'v'; size];
-            let names: Vec<String> = (0..keys).map(|i| format!("fc{i}")).collect();
-            for name in &names {
-                let mut set = format!("set {name} 0 0 {size}\r\n").into_bytes();
-                set.extend_from_slice(&value);
-                set.extend_from_slice(b"\r\n");
-                stream.write_all(&set)?;
-                read_until(&mut stream, b"STORED\r\n", &mut buf)?;
-            }
-            let request = format!("get {}\r\n", names.join(" ")).into_bytes();
-            let reply_bytes = keys * (size + 20);
-            let gets = (BYTES_PER_SCENARIO / reply_bytes).clamp(20, gets_cap);
-            let before = observe::program_stats(&measured)?;
-            let started = Instant::now();
-            let mut received = 0;
-            for _ in 0..gets {
-                stream.write_all(&request)?;
-                received += read_until(&mut stream, b"END\r\n", &mut buf)?;
-            }
-            let elapsed = started.elapsed();
-            let after = observe::program_stats(&measured)?;
-            let (mut ns, mut runs, mut floor_ns) = (0u64, 0u64, 0u64);
-            for (id, stats) in &after {
-                if floor.ids.contains(id) {
-                    let ns0 = before.get(id).map_or(0, |b| b.run_time_ns);
-                    floor_ns += stats.run_time_ns.saturating_sub(ns0);
-                    continue;
-                }
-                if !stats.name.ends_with("sock_send_length")
-                    && !stats.name.ends_with("sock_recv_length")
-                {
-                    continue;
-                }
-                let (ns0, runs0) = before
-                    .get(id)
-                    .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
-                ns += stats.run_time_ns.saturating_sub(ns0);
-                runs += stats.run_cnt.saturating_sub(runs0);
-            }
-            let ns_per_get = ns as f64 / gets as f64;
-            let floor_per_get = floor_ns as f64 / gets as f64;
-            per_get.push((keys, size, ns_per_get, floor_per_get));
-            eprintln!(
-                "xtask: {keys} keys x {size} B: {gets} gets in {:.1} s, {ns_per_get:.0} BPF ns per get",
-                elapsed.as_secs_f64()
-            );
-            table.row(vec![
-                keys.to_string(),
-                thousands(size as f64),
-                gets.to_string(),
-                thousands(ns_per_get),
-                format!("{:.1}", runs as f64 / gets as f64),
-                format!("{:.0}", ns as f64 / runs.max(1) as f64),
-                thousands(floor_per_get),
-                thousands(received as f64 / gets as f64),
-            ]);
+            let row = client.grid_row(&measured, &floor.ids, keys, size, gets_cap, &mut per_get)?;
+            table.row(row);
         }
         agent.check_running()?;
         agent.stop()?;
 
-        let mut flat = Table::new(&[
-            "keys per get",
-            "ns per get at 100 B",
-            "at 500 KB",
-            "500 KB / 100 B",
-            "empty program: 500 KB / 100 B",
-        ]);
-        for keys in [1, 10, 100] {
-            let at = |size| {
-                per_get
-                    .iter()
-                    .find(|(k, s, _, _)| *k == keys && *s == size)
-                    .map(|(_, _, ns, floor)| (*ns, *floor))
-            };
-            if let (Some((small, small_floor)), Some((large, large_floor))) = (at(100), at(500_000))
-            {
-                flat.row(vec![
-                    keys.to_string(),
-                    thousands(small),
-                    thousands(large),
-                    format!("{:.2}", large / small.max(1.0)),
-                    format!("{:.2}", large_floor / small_floor.max(1.0)),
-                ]);
-                self.targets.frame_flatness.push((
-                    keys,
-                    large / small.max(1.0),
-                    large_floor / small_floor.max(1.0),
-                ));
-            }
-        }
+        let flat = self.flatness(&per_get);
         let mut section =
             Section::new("Framing-aware capture: BPF time per get by keys and value size");
         section.say(format!(
@@ -207,5 +133,114 @@ impl Bench {
         );
         self.finish(section);
         Ok(())
+    }
+
+    /// The second table: BPF ns per get at 500 KB over 100 B values, per keys per get, and
+    /// the same for the empty program; records the ratios for the targets.
+    fn flatness(&mut self, per_get: &[(usize, usize, f64, f64)]) -> Table {
+        let mut flat = Table::new(&[
+            "keys per get",
+            "ns per get at 100 B",
+            "at 500 KB",
+            "500 KB / 100 B",
+            "empty program: 500 KB / 100 B",
+        ]);
+        for keys in [1, 10, 100] {
+            let at = |size| {
+                per_get
+                    .iter()
+                    .find(|(k, s, _, _)| *k == keys && *s == size)
+                    .map(|(_, _, ns, floor)| (*ns, *floor))
+            };
+            if let (Some((small, small_floor)), Some((large, large_floor))) = (at(100), at(500_000))
+            {
+                flat.row(vec![
+                    keys.to_string(),
+                    thousands(small),
+                    thousands(large),
+                    format!("{:.2}", large / small.max(1.0)),
+                    format!("{:.2}", large_floor / small_floor.max(1.0)),
+                ]);
+                self.targets.frame_flatness.push((
+                    keys,
+                    large / small.max(1.0),
+                    large_floor / small_floor.max(1.0),
+                ));
+            }
+        }
+        flat
+    }
+}
+
+impl Client {
+    /// Stores `keys` values of `size` bytes, then sends the same get of all of them back to
+    /// back; pushes (keys, size, BPF ns per get, empty program's ns per get) to `per_get` and
+    /// returns the table row.
+    fn grid_row(
+        &mut self,
+        measured: &[u32],
+        floor_ids: &[u32],
+        keys: usize,
+        size: usize,
+        gets_cap: usize,
+        per_get: &mut Vec<(usize, usize, f64, f64)>,
+    ) -> anyhow::Result<Vec<String>> {
+        let Client { stream, buf } = self;
+        let value = vec![b'v'; size];
+        let names: Vec<String> = (0..keys).map(|i| format!("fc{i}")).collect();
+        for name in &names {
+            let mut set = format!("set {name} 0 0 {size}\r\n").into_bytes();
+            set.extend_from_slice(&value);
+            set.extend_from_slice(b"\r\n");
+            stream.write_all(&set)?;
+            read_until(stream, b"STORED\r\n", buf)?;
+        }
+        let request = format!("get {}\r\n", names.join(" ")).into_bytes();
+        let reply_bytes = keys * (size + 20);
+        let gets = (BYTES_PER_SCENARIO / reply_bytes).clamp(20, gets_cap);
+        let before = observe::program_stats(measured)?;
+        let started = Instant::now();
+        let mut received = 0;
+        for _ in 0..gets {
+            stream.write_all(&request)?;
+            received += read_until(stream, b"END\r\n", buf)?;
+        }
+        let elapsed = started.elapsed();
+        let after = observe::program_stats(measured)?;
+        let (mut ns, mut runs, mut floor_ns) = (0u64, 0u64, 0u64);
+        for (id, stats) in &after {
+            if floor_ids.contains(id) {
+                let ns0 = before.get(id).map_or(0, |b| b.run_time_ns);
+                floor_ns += stats.run_time_ns.saturating_sub(ns0);
+                continue;
+            }
+            if !stats.name.ends_with("sock_send_length")
+                && !stats.name.ends_with("sock_recv_length")
+            {
+                continue;
+            }
+            let (ns0, runs0) = before
+                .get(id)
+                .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
+            ns += stats.run_time_ns.saturating_sub(ns0);
+            runs += stats.run_cnt.saturating_sub(runs0);
+        }
+        let ns_per_get = ns as f64 / gets as f64;
+        let floor_per_get = floor_ns as f64 / gets as f64;
+        per_get.push((keys, size, ns_per_get, floor_per_get));
+        eprintln!(
+            "xtask: {keys} keys x {size} B: {gets} gets in {:.1} s, {ns_per_get:.0} BPF ns per get",
+            elapsed.as_secs_f64()
+        );
+        Ok(vec![
+            keys.to_string(),
+            thousands(size as f64),
+            gets.to_string(),
+            thousands(ns_per_get),
+            format!("{:.1}", runs as f64 / gets as f64),
+            format!("{:.0}", ns as f64 / runs.max(1) as f64),
+            thousands(floor_per_get),
+            thousands(received as f64 / gets as f64),
+        ])
     }
 }
