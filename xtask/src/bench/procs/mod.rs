@@ -546,23 +546,7 @@ impl Agent {
             .and_then(|c| c.stderr.take())
             .context("no stderr pipe")?;
         let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let (attached_tx, attached_rx) = mpsc::channel();
-        let tail = Arc::clone(&log);
-        // Drains stderr for the agent's whole life so its logging can never block it.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("probes attached") {
-                    let _ = attached_tx.send((Instant::now(), line.clone()));
-                }
-                if let Ok(mut tail) = tail.lock() {
-                    if tail.len() == LOG_TAIL {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line);
-                }
-            }
-        });
+        let attached_rx = drain_stderr(stderr, Arc::clone(&log));
         let mut agent = Agent {
             guard,
             metrics_addr,
@@ -570,30 +554,7 @@ impl Agent {
             attach_reported_ms: None,
             log,
         };
-        let deadline = spawned + Duration::from_secs(30);
-        let (at, line) = loop {
-            match attached_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(found) => break found,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = agent.guard.check_running();
-                    bail!(
-                        "the agent exited before attaching its probes:\n{}",
-                        agent.log_tail()
-                    );
-                }
-            }
-            if let Err(err) = agent.guard.check_running() {
-                bail!("{err:#}:\n{}", agent.log_tail());
-            }
-            check_interrupted()?;
-            if Instant::now() >= deadline {
-                bail!(
-                    "the agent did not attach its probes within 30 s:\n{}",
-                    agent.log_tail()
-                );
-            }
-        };
+        let (at, line) = agent.wait_attached(spawned, &attached_rx)?;
         agent.attach_wall = at - spawned;
         agent.attach_reported_ms = parse_elapsed_ms(&line);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -609,6 +570,39 @@ impl Agent {
         sleep(AGENT_SETTLE)?;
         agent.check_running()?;
         Ok(agent)
+    }
+
+    /// Waits (at most 30 s from `spawned`) for the agent's `probes attached` line; returns
+    /// when it was read, and the line.
+    fn wait_attached(
+        &mut self,
+        spawned: Instant,
+        attached_rx: &mpsc::Receiver<(Instant, String)>,
+    ) -> anyhow::Result<(Instant, String)> {
+        let deadline = spawned + Duration::from_secs(30);
+        loop {
+            match attached_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(found) => return Ok(found),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = self.guard.check_running();
+                    bail!(
+                        "the agent exited before attaching its probes:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            if let Err(err) = self.guard.check_running() {
+                bail!("{err:#}:\n{}", self.log_tail());
+            }
+            check_interrupted()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent did not attach its probes within 30 s:\n{}",
+                    self.log_tail()
+                );
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -648,6 +642,30 @@ impl Agent {
             _ => Ok(()),
         }
     }
+}
+
+/// Drains the agent's stderr for its whole life, so its logging can never block it, keeping
+/// the last [`LOG_TAIL`] lines in `tail`; sends the `probes attached` line when it comes.
+fn drain_stderr(
+    stderr: std::process::ChildStderr,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) -> mpsc::Receiver<(Instant, String)> {
+    let (attached_tx, attached_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("probes attached") {
+                let _ = attached_tx.send((Instant::now(), line.clone()));
+            }
+            if let Ok(mut tail) = tail.lock() {
+                if tail.len() == LOG_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+    });
+    attached_rx
 }
 
 fn parse_elapsed_ms(line: &str) -> Option<u64> {
