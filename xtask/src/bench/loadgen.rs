@@ -519,47 +519,55 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
     run_pool(spec, Pool::Stack)
 }
 
+impl<'a> Generator<'a> {
+    /// Opens `spec.connections` connections (non-blocking, registered with a new epoll), all
+    /// idle.
+    fn open(spec: &'a LoadSpec, pool: Pool) -> anyhow::Result<Generator<'a>> {
+        let epoll = Epoll::new().context("epoll_create1")?;
+        let mut connections = Vec::with_capacity(spec.connections);
+        for index in 0..spec.connections {
+            let stream = connect(spec.target)?;
+            stream.set_nonblocking(true)?;
+            epoll.control(
+                libc::EPOLL_CTL_ADD,
+                stream.as_raw_fd(),
+                index as u64,
+                libc::EPOLLIN as u32,
+            )?;
+            connections.push(Connection {
+                stream,
+                out: Vec::with_capacity(spec.workload.value_len + 64),
+                written: 0,
+                inbuf: Vec::with_capacity(spec.workload.value_len + 64),
+                in_flight: None,
+                waiting_to_write: false,
+            });
+        }
+        Ok(Generator {
+            spec,
+            epoll,
+            idle: (0..connections.len()).rev().collect(),
+            pool,
+            connections,
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            value: vec![b'v'; spec.workload.value_len],
+            report: LoadReport {
+                ops: 0,
+                errors: 0,
+                elapsed: Duration::ZERO,
+                latency: Histogram::default(),
+                ops_per_connection: vec![0; spec.connections],
+                server_closes: 0,
+                lost_in_flight: 0,
+            },
+            issued: 0,
+        })
+    }
+}
+
 /// [`run`], with the connections used as `pool` says.
 pub fn run_pool(spec: &LoadSpec, pool: Pool) -> anyhow::Result<LoadReport> {
-    let epoll = Epoll::new().context("epoll_create1")?;
-    let mut connections = Vec::with_capacity(spec.connections);
-    for index in 0..spec.connections {
-        let stream = connect(spec.target)?;
-        stream.set_nonblocking(true)?;
-        epoll.control(
-            libc::EPOLL_CTL_ADD,
-            stream.as_raw_fd(),
-            index as u64,
-            libc::EPOLLIN as u32,
-        )?;
-        connections.push(Connection {
-            stream,
-            out: Vec::with_capacity(spec.workload.value_len + 64),
-            written: 0,
-            inbuf: Vec::with_capacity(spec.workload.value_len + 64),
-            in_flight: None,
-            waiting_to_write: false,
-        });
-    }
-    let mut generator = Generator {
-        spec,
-        epoll,
-        idle: (0..connections.len()).rev().collect(),
-        pool,
-        connections,
-        rng: Rng(0x9e37_79b9_7f4a_7c15),
-        value: vec![b'v'; spec.workload.value_len],
-        report: LoadReport {
-            ops: 0,
-            errors: 0,
-            elapsed: Duration::ZERO,
-            latency: Histogram::default(),
-            ops_per_connection: vec![0; spec.connections],
-            server_closes: 0,
-            lost_in_flight: 0,
-        },
-        issued: 0,
-    };
+    let mut generator = Generator::open(spec, pool)?;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut scratch = vec![0u8; 64 * 1024];
     let start = Instant::now();
