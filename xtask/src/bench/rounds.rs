@@ -273,7 +273,10 @@ impl Bench {
             .fold(f64::NAN, f64::max);
         if noisiest.is_finite() {
             section.say(format!(
-                "What noise does to a single round: its loss scatters with a standard deviation                  of up to {:.1} points here (column `single-round sd`), so one round cannot tell                  a 1% loss from none or from 3%; a goal is called met or missed only when the                  whole 95% interval of the median lies on one side of it.",
+                "What noise does to a single round: its loss scatters with a standard deviation \
+                 of up to {:.1} points here (column `single-round sd`), so one round cannot tell \
+                 a 1% loss from none or from 3%; a goal is called met or missed only when the \
+                 whole 95% interval of the median lies on one side of it.",
                 100.0 * noisiest
             ));
         }
