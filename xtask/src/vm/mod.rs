@@ -16,7 +16,7 @@ mod qemu;
 
 use std::{
     fmt, fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -227,56 +227,7 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut timings = Vec::new();
     for &kernel in kernels {
-        step(&format!("vm-test: kernel {}", kernel.label()));
-        let started = Instant::now();
-        let prepared = match kernel {
-            Kernel::Host => prepare_host(),
-            _ => prepare_debian(kernel, &cache),
-        };
-        let prepared = match ready_or_row(kernel, prepared, Verdict::Skip) {
-            Ok(prepared) => prepared,
-            Err(row) => {
-                rows.push(row);
-                continue;
-            }
-        };
-        let initrd = cache.join(format!("initramfs-{}.cpio.gz", kernel.label()));
-        if let Err(err) = build_initramfs(&cache, kernel, &prepared, &agent, &initrd) {
-            rows.push(Row {
-                kernel: prepared.release.clone(),
-                scenario: "initramfs".into(),
-                verdict: Verdict::Fail,
-                detail: format!("{err:#}"),
-            });
-            continue;
-        }
-        let prepare = started.elapsed();
-        let log = cache
-            .join("logs")
-            .join(format!("{}-console.log", kernel.label()));
-        let vm_started = Instant::now();
-        let outcome = boot(&prepared, &initrd, &log, &BootOptions::INITRAMFS);
-        let vm = vm_started.elapsed();
-        timings.push(Timing {
-            kernel: prepared.release.clone(),
-            prepare,
-            vm,
-            console_log: log.clone(),
-        });
-        match outcome {
-            Ok(end) => {
-                // Firmware and kernel output is not guaranteed to be UTF-8.
-                let console =
-                    String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
-                rows.extend(parse_console(&prepared.release, &console, end, SCENARIOS));
-            }
-            Err(err) => rows.push(Row {
-                kernel: prepared.release.clone(),
-                scenario: "boot".into(),
-                verdict: Verdict::Fail,
-                detail: format!("{err:#}"),
-            }),
-        }
+        test_kernel(kernel, &cache, &agent, &mut rows, &mut timings);
     }
 
     println!("\n{}", render_table(&rows));
@@ -297,6 +248,66 @@ pub fn vm_test(kernels: &[Kernel]) -> anyhow::Result<()> {
         bail!("vm-test: {failed} failure(s)");
     }
     Ok(())
+}
+
+/// One kernel of the matrix: prepare it, build its initramfs, boot it and read its console;
+/// adds its rows (a failed step is a row) and, once it booted, its timing.
+fn test_kernel(
+    kernel: Kernel,
+    cache: &Path,
+    agent: &Path,
+    rows: &mut Vec<Row>,
+    timings: &mut Vec<Timing>,
+) {
+    step(&format!("vm-test: kernel {}", kernel.label()));
+    let started = Instant::now();
+    let prepared = match kernel {
+        Kernel::Host => prepare_host(),
+        _ => prepare_debian(kernel, cache),
+    };
+    let prepared = match ready_or_row(kernel, prepared, Verdict::Skip) {
+        Ok(prepared) => prepared,
+        Err(row) => {
+            rows.push(row);
+            return;
+        }
+    };
+    let initrd = cache.join(format!("initramfs-{}.cpio.gz", kernel.label()));
+    if let Err(err) = build_initramfs(cache, kernel, &prepared, agent, &initrd) {
+        rows.push(Row {
+            kernel: prepared.release.clone(),
+            scenario: "initramfs".into(),
+            verdict: Verdict::Fail,
+            detail: format!("{err:#}"),
+        });
+        return;
+    }
+    let prepare = started.elapsed();
+    let log = cache
+        .join("logs")
+        .join(format!("{}-console.log", kernel.label()));
+    let vm_started = Instant::now();
+    let outcome = boot(&prepared, &initrd, &log, &BootOptions::INITRAMFS);
+    let vm = vm_started.elapsed();
+    timings.push(Timing {
+        kernel: prepared.release.clone(),
+        prepare,
+        vm,
+        console_log: log.clone(),
+    });
+    match outcome {
+        Ok(end) => {
+            // Firmware and kernel output is not guaranteed to be UTF-8.
+            let console = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
+            rows.extend(parse_console(&prepared.release, &console, end, SCENARIOS));
+        }
+        Err(err) => rows.push(Row {
+            kernel: prepared.release.clone(),
+            scenario: "boot".into(),
+            verdict: Verdict::Fail,
+            detail: format!("{err:#}"),
+        }),
+    }
 }
 
 /// The cargo target directory, honouring CARGO_TARGET_DIR like cargo does.

@@ -128,62 +128,11 @@ pub fn boot(
         timeout.as_secs(),
         log.display()
     );
-    // `ip netns exec` execs QEMU in place, so killing the child kills QEMU.
-    let mut command = match &options.network {
-        Some(network) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", &network.netns, "qemu-system-x86_64"]);
-            command
-        }
-        None => Command::new("qemu-system-x86_64"),
-    };
-    command
-        .args(accel)
-        .args(["-m", options.memory_mb, "-smp", VM_CPUS])
-        .args(["-nographic", "-no-reboot"]);
-    match &options.network {
-        Some(network) => command
-            .arg("-netdev")
-            .arg(format!(
-                "tap,id=net0,ifname={},script=no,downscript=no",
-                network.tap
-            ))
-            .arg("-device")
-            .arg(format!("virtio-net-pci,netdev=net0,mac={}", network.mac)),
-        None => command.args(["-nic", "none"]),
-    };
-    let mut child = command
-        .arg("-kernel")
-        .arg(&prepared.vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", options.append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = qemu_command(prepared, initrd, options, accel)
         .spawn()
         .context("cannot start qemu-system-x86_64")?;
 
-    let stdout = child.stdout.take().context("no QEMU stdout")?;
-    let stderr = child.stderr.take().context("no QEMU stderr")?;
-    let mut log_file = fs::File::create(log)?;
-    let release = prepared.release.clone();
-    // Copies the console to the log and shows result lines as they come.
-    let console = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let _ = log_file.write_all(&line);
-            let _ = log_file.write_all(b"\n");
-            let text = String::from_utf8_lossy(&line);
-            if let Some(at) = text.find("CPTEST") {
-                eprintln!("  [{release}] {}", text[at..].trim_end());
-            }
-        }
-    });
-    let errors = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
-        text
-    });
+    let (console, errors) = read_console(&mut child, log, prepared.release.clone())?;
 
     let deadline = Instant::now() + timeout;
     let end = loop {
@@ -213,4 +162,76 @@ pub fn boot(
         std::thread::sleep(Duration::from_millis(200));
     };
     Ok(end)
+}
+
+/// The QEMU command line for `options` (inside the network namespace when the VM has a NIC).
+fn qemu_command(
+    prepared: &PreparedKernel,
+    initrd: &Path,
+    options: &BootOptions,
+    accel: &[&str],
+) -> Command {
+    // `ip netns exec` execs QEMU in place, so killing the child kills QEMU.
+    let mut command = match &options.network {
+        Some(network) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", &network.netns, "qemu-system-x86_64"]);
+            command
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    command
+        .args(accel)
+        .args(["-m", options.memory_mb, "-smp", VM_CPUS])
+        .args(["-nographic", "-no-reboot"]);
+    match &options.network {
+        Some(network) => command
+            .arg("-netdev")
+            .arg(format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                network.tap
+            ))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=net0,mac={}", network.mac)),
+        None => command.args(["-nic", "none"]),
+    };
+    command
+        .arg("-kernel")
+        .arg(&prepared.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", options.append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Copies QEMU's console to `log` (showing result lines as they come) and collects its
+/// stderr, each on a thread of its own.
+fn read_console(
+    child: &mut std::process::Child,
+    log: &Path,
+    release: String,
+) -> anyhow::Result<(std::thread::JoinHandle<()>, std::thread::JoinHandle<String>)> {
+    let stdout = child.stdout.take().context("no QEMU stdout")?;
+    let stderr = child.stderr.take().context("no QEMU stderr")?;
+    let mut log_file = fs::File::create(log)?;
+    // Copies the console to the log and shows result lines as they come.
+    let console = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            let _ = log_file.write_all(&line);
+            let _ = log_file.write_all(b"\n");
+            let text = String::from_utf8_lossy(&line);
+            if let Some(at) = text.find("CPTEST") {
+                eprintln!("  [{release}] {}", text[at..].trim_end());
+            }
+        }
+    });
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    Ok((console, errors))
 }
