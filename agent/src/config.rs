@@ -213,14 +213,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            message,
-        };
-        let at = |span: std::ops::Range<usize>, message: String| {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            invalid(format!("line {line}: {message}"))
-        };
+        let origin = Origin { text, path: origin };
         let raw: RawConfig = toml::from_str(text).map_err(|err| {
             let message = match err.span() {
                 Some(span) => {
@@ -229,180 +222,34 @@ impl Config {
                 }
                 None => err.message().to_string(),
             };
-            invalid(message)
+            origin.invalid(message)
         })?;
 
-        let listen = match raw.listen {
-            None => DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address is valid"),
-            Some(spanned) => {
-                let span = spanned.span();
-                let value = spanned.into_inner();
-                value.parse().map_err(|_| {
-                    at(
-                        span,
-                        format!("listen = {value:?} is not an address like \"0.0.0.0:19150\""),
-                    )
-                })?
-            }
-        };
-
+        let listen = parse_listen(raw.listen, &origin)?;
         let services = match raw.services {
             None => default_services(),
-            Some(raw_services) => {
-                let mut names = HashSet::new();
-                let mut ports = HashSet::new();
-                let mut services = Vec::with_capacity(raw_services.len());
-                for raw_service in raw_services {
-                    let name_span = raw_service.name.span();
-                    let name = raw_service.name.into_inner();
-                    if name.is_empty()
-                        || name.len() > 64
-                        || !name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-                    {
-                        return Err(at(
-                            name_span,
-                            format!(
-                                "service name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
-                            ),
-                        ));
-                    }
-                    if !names.insert(name.clone()) {
-                        return Err(at(
-                            name_span,
-                            format!("service name {name:?} is used twice"),
-                        ));
-                    }
-                    let raw_ports = match (raw_service.port, raw_service.ports) {
-                        (Some(port), None) => vec![port],
-                        (None, Some(ports)) if ports.get_ref().is_empty() => {
-                            return Err(at(
-                                ports.span(),
-                                format!("service {name:?}: `ports` is empty"),
-                            ));
-                        }
-                        (None, Some(ports)) => ports.into_inner(),
-                        (Some(port), Some(_)) => {
-                            return Err(at(
-                                port.span(),
-                                format!(
-                                    "service {name:?} has both `port` and `ports`: give one of them"
-                                ),
-                            ));
-                        }
-                        (None, None) => {
-                            return Err(at(
-                                name_span,
-                                format!("service {name:?} needs a `port` (or `ports = [...]`)"),
-                            ));
-                        }
-                    };
-                    let mut service_ports = Vec::with_capacity(raw_ports.len());
-                    for raw_port in raw_ports {
-                        let port_span = raw_port.span();
-                        let port = *raw_port.get_ref();
-                        let port = u16::try_from(port)
-                            .ok()
-                            .filter(|port| *port != 0)
-                            .ok_or_else(|| {
-                                at(port_span.clone(), format!("port {port} is not in 1-65535"))
-                            })?;
-                        if service_ports.contains(&port) {
-                            return Err(at(
-                                port_span,
-                                format!("port {port} is listed twice for service {name:?}"),
-                            ));
-                        }
-                        if !ports.insert(port) {
-                            return Err(at(
-                                port_span,
-                                format!("port {port} is watched by two services"),
-                            ));
-                        }
-                        service_ports.push(port);
-                    }
-                    services.push(Service {
-                        name,
-                        ports: service_ports,
-                        protocol: raw_service.protocol,
-                        capture: raw_service.capture,
-                    });
-                }
-                if services.is_empty() {
-                    return Err(invalid("`services` is empty: nothing to watch".to_string()));
-                }
-                services
-            }
+            Some(raw_services) => parse_services(raw_services, &origin)?,
         };
 
         let sample_interval_seconds = raw.sample_interval_seconds.unwrap_or(5);
         if !(1..=3600).contains(&sample_interval_seconds) {
-            return Err(invalid(format!(
+            return Err(origin.invalid(format!(
                 "sample_interval_seconds = {sample_interval_seconds} must be in 1-3600"
             )));
         }
         raw.diagnose
             .validate()
-            .map_err(|message| invalid(format!("[diagnose]: {message}")))?;
+            .map_err(|message| origin.invalid(format!("[diagnose]: {message}")))?;
         let basic_auth = raw.basic_auth;
         if let Some(auth) = &basic_auth {
             if auth.username.is_empty() || auth.password.is_empty() || auth.username.contains(':') {
-                return Err(invalid(
+                return Err(origin.invalid(
                     "basic_auth needs a non-empty username (without ':') and password".to_string(),
                 ));
             }
         }
         let limits = raw.limits;
-        if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
-            return Err(invalid(format!(
-                "limits.max_sockets = {} must be in 1-4000000",
-                limits.max_sockets
-            )));
-        }
-        for (name, ring) in [
-            ("ring_buffer_bytes", limits.ring_buffer_bytes),
-            (
-                "payload_ring_buffer_bytes",
-                limits.payload_ring_buffer_bytes,
-            ),
-        ] {
-            if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
-                return Err(invalid(format!(
-                    "limits.{name} = {ring} must be a power of two between 65536 and 1073741824"
-                )));
-            }
-        }
-        if limits.capture_bytes > agent_common::CAPTURE_BUDGET_MAX {
-            return Err(invalid(format!(
-                "limits.capture_bytes = {} must be at most {}",
-                limits.capture_bytes,
-                agent_common::CAPTURE_BUDGET_MAX
-            )));
-        }
-        if limits.key_stats_sample_every == 0 {
-            return Err(invalid(
-                "limits.key_stats_sample_every must be at least 1".to_string(),
-            ));
-        }
-        let max_connections =
-            crate::export::http::admission::ConnectionLimits::default().max_connections;
-        if !(1..=max_connections).contains(&limits.http_connections_per_source) {
-            return Err(invalid(format!(
-                "limits.http_connections_per_source = {} must be in 1-{max_connections}",
-                limits.http_connections_per_source
-            )));
-        }
-        if limits.max_comms == 0 {
-            return Err(invalid("limits.max_comms must be at least 1".to_string()));
-        }
-        if limits.max_servers_per_service == 0 {
-            return Err(invalid(
-                "limits.max_servers_per_service must be at least 1".to_string(),
-            ));
-        }
+        check_limits(&limits).map_err(|message| origin.invalid(message))?;
         Ok(Config {
             listen,
             services,
@@ -420,6 +267,187 @@ impl Config {
             .iter()
             .position(|service| service.ports.contains(&port))
     }
+}
+
+/// The text being parsed and where it came from, for errors that name the file and line.
+struct Origin<'a> {
+    text: &'a str,
+    path: &'a str,
+}
+
+impl Origin<'_> {
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_string(),
+            message,
+        }
+    }
+
+    /// An error about the value at `span`, named by its line.
+    fn at(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
+        let line = self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        self.invalid(format!("line {line}: {message}"))
+    }
+}
+
+fn parse_listen(raw: Option<Spanned<String>>, origin: &Origin) -> Result<SocketAddr, ConfigError> {
+    Ok(match raw {
+        None => DEFAULT_LISTEN
+            .parse()
+            .expect("default listen address is valid"),
+        Some(spanned) => {
+            let span = spanned.span();
+            let value = spanned.into_inner();
+            value.parse().map_err(|_| {
+                origin.at(
+                    span,
+                    format!("listen = {value:?} is not an address like \"0.0.0.0:19150\""),
+                )
+            })?
+        }
+    })
+}
+
+/// The `[[services]]` entries: names unique, ports unique across services, at least one.
+fn parse_services(
+    raw_services: Vec<RawService>,
+    origin: &Origin,
+) -> Result<Vec<Service>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut ports = HashSet::new();
+    let mut services = Vec::with_capacity(raw_services.len());
+    for raw_service in raw_services {
+        let name_span = raw_service.name.span();
+        let name = raw_service.name.into_inner();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(origin.at(
+                name_span,
+                format!(
+                    "service name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+                ),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(origin.at(name_span, format!("service name {name:?} is used twice")));
+        }
+        let raw_ports = match (raw_service.port, raw_service.ports) {
+            (Some(port), None) => vec![port],
+            (None, Some(ports)) if ports.get_ref().is_empty() => {
+                return Err(origin.at(ports.span(), format!("service {name:?}: `ports` is empty")));
+            }
+            (None, Some(ports)) => ports.into_inner(),
+            (Some(port), Some(_)) => {
+                return Err(origin.at(
+                    port.span(),
+                    format!("service {name:?} has both `port` and `ports`: give one of them"),
+                ));
+            }
+            (None, None) => {
+                return Err(origin.at(
+                    name_span,
+                    format!("service {name:?} needs a `port` (or `ports = [...]`)"),
+                ));
+            }
+        };
+        services.push(Service {
+            ports: service_ports(&name, raw_ports, &mut ports, origin)?,
+            name,
+            protocol: raw_service.protocol,
+            capture: raw_service.capture,
+        });
+    }
+    if services.is_empty() {
+        return Err(origin.invalid("`services` is empty: nothing to watch".to_string()));
+    }
+    Ok(services)
+}
+
+/// One service's ports: each in 1-65535, listed once, and not watched by an earlier service
+/// (`taken` holds their ports and receives these).
+fn service_ports(
+    name: &str,
+    raw_ports: Vec<Spanned<i64>>,
+    taken: &mut HashSet<u16>,
+    origin: &Origin,
+) -> Result<Vec<u16>, ConfigError> {
+    let mut service_ports = Vec::with_capacity(raw_ports.len());
+    for raw_port in raw_ports {
+        let port_span = raw_port.span();
+        let port = *raw_port.get_ref();
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| {
+                origin.at(port_span.clone(), format!("port {port} is not in 1-65535"))
+            })?;
+        if service_ports.contains(&port) {
+            return Err(origin.at(
+                port_span,
+                format!("port {port} is listed twice for service {name:?}"),
+            ));
+        }
+        if !taken.insert(port) {
+            return Err(origin.at(port_span, format!("port {port} is watched by two services")));
+        }
+        service_ports.push(port);
+    }
+    Ok(service_ports)
+}
+
+/// The `[limits]` bounds, checked in this order; the message names the first one broken.
+fn check_limits(limits: &Limits) -> Result<(), String> {
+    if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
+        return Err(format!(
+            "limits.max_sockets = {} must be in 1-4000000",
+            limits.max_sockets
+        ));
+    }
+    for (name, ring) in [
+        ("ring_buffer_bytes", limits.ring_buffer_bytes),
+        (
+            "payload_ring_buffer_bytes",
+            limits.payload_ring_buffer_bytes,
+        ),
+    ] {
+        if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
+            return Err(format!(
+                "limits.{name} = {ring} must be a power of two between 65536 and 1073741824"
+            ));
+        }
+    }
+    if limits.capture_bytes > agent_common::CAPTURE_BUDGET_MAX {
+        return Err(format!(
+            "limits.capture_bytes = {} must be at most {}",
+            limits.capture_bytes,
+            agent_common::CAPTURE_BUDGET_MAX
+        ));
+    }
+    if limits.key_stats_sample_every == 0 {
+        return Err("limits.key_stats_sample_every must be at least 1".to_string());
+    }
+    let max_connections =
+        crate::export::http::admission::ConnectionLimits::default().max_connections;
+    if !(1..=max_connections).contains(&limits.http_connections_per_source) {
+        return Err(format!(
+            "limits.http_connections_per_source = {} must be in 1-{max_connections}",
+            limits.http_connections_per_source
+        ));
+    }
+    if limits.max_comms == 0 {
+        return Err("limits.max_comms must be at least 1".to_string());
+    }
+    if limits.max_servers_per_service == 0 {
+        return Err("limits.max_servers_per_service must be at least 1".to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

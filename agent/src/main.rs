@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use cacheprobe::{commands, config::DEFAULT_CONFIG_PATH};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Watches memcache and queue sockets from the kernel and explains what goes wrong between hosts.
 #[derive(Parser)]
@@ -87,62 +87,67 @@ enum Command {
     /// Reads a running daemon's recent history and watches live for --duration (without a
     /// daemon, attaches the probes itself). Exit code: 0 nothing found, 1 findings, 2 could
     /// not run.
-    Diagnose {
-        /// How long to watch live, e.g. 30s, 2m, 1m30s (0 with a daemon: history only).
-        #[arg(long, value_name = "DURATION", default_value = "30s",
-              value_parser = commands::diagnose::parse_duration)]
-        duration: Duration,
-        /// Print the report as JSON (schema: docs/diagnose-schema.json).
-        #[arg(long, conflicts_with = "graph")]
-        json: bool,
-        /// Print the process -> server graph instead of the report.
-        #[arg(long, value_name = "FORMAT", value_enum)]
-        graph: Option<GraphFormat>,
-        /// Configuration file (a missing default file means built-in defaults).
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// Attach the probes here for --duration even if a daemon is running.
-        #[arg(long, conflicts_with = "socket")]
-        local: bool,
-        /// Diagnose the whole fleet from a Prometheus-compatible query API (Prometheus, Thanos,
-        /// Mimir, VictoriaMetrics) that scrapes every host's agent, instead of this host.
-        #[arg(long, value_name = "URL", conflicts_with_all = ["graph", "socket", "local", "config"])]
-        prometheus: Option<String>,
-        /// With --prometheus: how far back to look, e.g. 30m, 2h.
-        #[arg(long, value_name = "DURATION", default_value = "30m", requires = "prometheus",
-              value_parser = parse_since)]
-        since: Duration,
-        /// With --prometheus: evaluate as of this unix time instead of now (a past incident).
-        #[arg(long, value_name = "UNIX_SECONDS", requires = "prometheus")]
-        at: Option<u64>,
-        /// With --prometheus: only this service (its `service` label).
-        #[arg(long, value_name = "NAME", requires = "prometheus")]
-        service: Option<String>,
-        /// With --prometheus: basic-auth user; the password comes from
-        /// --basic-auth-password-file or $CACHEPROBE_PROMETHEUS_PASSWORD.
-        #[arg(long, value_name = "USER", requires = "prometheus")]
-        basic_auth_user: Option<String>,
-        #[arg(long, value_name = "FILE", requires = "basic_auth_user")]
-        basic_auth_password_file: Option<PathBuf>,
-        /// With --prometheus: a file holding a bearer token.
-        #[arg(
-            long,
-            value_name = "FILE",
-            requires = "prometheus",
-            conflicts_with = "basic_auth_user"
-        )]
-        bearer_token_file: Option<PathBuf>,
-        /// With --prometheus: PEM CA certificate(s) to verify an https:// URL with.
-        #[arg(long, value_name = "FILE", requires = "prometheus")]
-        ca_file: Option<PathBuf>,
-        /// With --prometheus: timeout of each query.
-        #[arg(long, value_name = "DURATION", default_value = "15s", requires = "prometheus",
-              value_parser = commands::diagnose::parse_duration)]
-        query_timeout: Duration,
-    },
+    Diagnose(DiagnoseArgs),
+}
+
+// `cacheprobe diagnose`'s arguments. A plain comment: a doc comment here would become the
+// command's help, which is its variant's.
+#[derive(Args)]
+struct DiagnoseArgs {
+    /// How long to watch live, e.g. 30s, 2m, 1m30s (0 with a daemon: history only).
+    #[arg(long, value_name = "DURATION", default_value = "30s",
+          value_parser = commands::diagnose::parse_duration)]
+    duration: Duration,
+    /// Print the report as JSON (schema: docs/diagnose-schema.json).
+    #[arg(long, conflicts_with = "graph")]
+    json: bool,
+    /// Print the process -> server graph instead of the report.
+    #[arg(long, value_name = "FORMAT", value_enum)]
+    graph: Option<GraphFormat>,
+    /// Configuration file (a missing default file means built-in defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The daemon's control socket [default: /run/cacheprobe/cacheprobe.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Attach the probes here for --duration even if a daemon is running.
+    #[arg(long, conflicts_with = "socket")]
+    local: bool,
+    /// Diagnose the whole fleet from a Prometheus-compatible query API (Prometheus, Thanos,
+    /// Mimir, VictoriaMetrics) that scrapes every host's agent, instead of this host.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["graph", "socket", "local", "config"])]
+    prometheus: Option<String>,
+    /// With --prometheus: how far back to look, e.g. 30m, 2h.
+    #[arg(long, value_name = "DURATION", default_value = "30m", requires = "prometheus",
+          value_parser = parse_since)]
+    since: Duration,
+    /// With --prometheus: evaluate as of this unix time instead of now (a past incident).
+    #[arg(long, value_name = "UNIX_SECONDS", requires = "prometheus")]
+    at: Option<u64>,
+    /// With --prometheus: only this service (its `service` label).
+    #[arg(long, value_name = "NAME", requires = "prometheus")]
+    service: Option<String>,
+    /// With --prometheus: basic-auth user; the password comes from
+    /// --basic-auth-password-file or $CACHEPROBE_PROMETHEUS_PASSWORD.
+    #[arg(long, value_name = "USER", requires = "prometheus")]
+    basic_auth_user: Option<String>,
+    #[arg(long, value_name = "FILE", requires = "basic_auth_user")]
+    basic_auth_password_file: Option<PathBuf>,
+    /// With --prometheus: a file holding a bearer token.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "prometheus",
+        conflicts_with = "basic_auth_user"
+    )]
+    bearer_token_file: Option<PathBuf>,
+    /// With --prometheus: PEM CA certificate(s) to verify an https:// URL with.
+    #[arg(long, value_name = "FILE", requires = "prometheus")]
+    ca_file: Option<PathBuf>,
+    /// With --prometheus: timeout of each query.
+    #[arg(long, value_name = "DURATION", default_value = "15s", requires = "prometheus",
+          value_parser = commands::diagnose::parse_duration)]
+    query_timeout: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +236,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
+    match execute(cli.command, &runtime) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one command; an error is printed by `main` with exit code 2.
+fn execute(command: Command, runtime: &tokio::runtime::Runtime) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Run {
             config,
             listen,
@@ -282,71 +298,44 @@ fn main() -> ExitCode {
             let (config_path, config_explicit) = config_arg(config);
             commands::check::check(&config_path, config_explicit, json)
         }
-        Command::Diagnose {
-            duration,
-            json,
-            graph,
-            config,
-            socket,
-            local,
-            prometheus,
-            since,
-            at,
-            service,
-            basic_auth_user,
-            basic_auth_password_file,
-            bearer_token_file,
-            ca_file,
-            query_timeout,
-        } => {
-            if let Some(url) = prometheus {
-                let args = commands::fleet::FleetArgs {
-                    url,
-                    since,
-                    at,
-                    service,
-                    json,
-                    basic_auth_user,
-                    basic_auth_password_file,
-                    bearer_token_file,
-                    ca_file,
-                    query_timeout: query_timeout.max(Duration::from_secs(1)),
-                };
-                return match commands::fleet::fleet(&args) {
-                    Ok(code) => code,
-                    Err(err) => {
-                        eprintln!("error: {err:#}");
-                        ExitCode::from(2)
-                    }
-                };
-            }
-            let recorder = commands::record::ChildRecorder {
-                config_path: config.clone(),
-            };
-            let (config_path, config_explicit) = config_arg(config);
-            let output = match (json, graph) {
-                (true, _) => commands::diagnose::Output::Json,
-                (false, Some(GraphFormat::Dot)) => commands::diagnose::Output::GraphDot,
-                (false, None) => commands::diagnose::Output::Text,
-            };
-            commands::diagnose::diagnose(
-                &commands::diagnose::DiagnoseArgs {
-                    config_path,
-                    config_explicit,
-                    duration,
-                    output,
-                    socket,
-                    local,
-                },
-                &recorder,
-            )
-        }
-    };
-    match result {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::from(2)
-        }
+        Command::Diagnose(args) => diagnose(args),
     }
+}
+
+/// `diagnose`: of the fleet through Prometheus with `--prometheus`, else of this host.
+fn diagnose(args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = args.prometheus {
+        return commands::fleet::fleet(&commands::fleet::FleetArgs {
+            url,
+            since: args.since,
+            at: args.at,
+            service: args.service,
+            json: args.json,
+            basic_auth_user: args.basic_auth_user,
+            basic_auth_password_file: args.basic_auth_password_file,
+            bearer_token_file: args.bearer_token_file,
+            ca_file: args.ca_file,
+            query_timeout: args.query_timeout.max(Duration::from_secs(1)),
+        });
+    }
+    let recorder = commands::record::ChildRecorder {
+        config_path: args.config.clone(),
+    };
+    let (config_path, config_explicit) = config_arg(args.config);
+    let output = match (args.json, args.graph) {
+        (true, _) => commands::diagnose::Output::Json,
+        (false, Some(GraphFormat::Dot)) => commands::diagnose::Output::GraphDot,
+        (false, None) => commands::diagnose::Output::Text,
+    };
+    commands::diagnose::diagnose(
+        &commands::diagnose::DiagnoseArgs {
+            config_path,
+            config_explicit,
+            duration: args.duration,
+            output,
+            socket: args.socket,
+            local: args.local,
+        },
+        &recorder,
+    )
 }

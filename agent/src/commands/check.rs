@@ -5,6 +5,8 @@ use std::{path::Path, process::ExitCode};
 
 use serde::Serialize;
 
+use agent_common::ProbeOffsets;
+
 use crate::{
     config::Config,
     kernel::{
@@ -12,7 +14,8 @@ use crate::{
         offsets::{resolve_offsets, SystemLayout},
         probes::{
             self, missing_length_probes, perf_event_paranoid, perf_event_refused, AttachKind,
-            ProbeStatus, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PERF_PARANOID_FIX, PROBES,
+            ProbeSpec, ProbeStatus, PAYLOAD_CAPTURE, PAYLOAD_CAPTURE_IMPACT, PERF_PARANOID_FIX,
+            PROBES,
         },
     },
 };
@@ -145,58 +148,14 @@ pub fn paranoid_item(
 pub fn run_checks(config: &Config) -> CheckReport {
     let caps = effective_capabilities();
     let has_sys_admin = caps.is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
-    let mut items = vec![privileges_item(caps)];
-
-    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .find(|dir| Path::new(dir).join("events").is_dir());
-    items.push(match tracefs {
-        Some(dir) => item("tracefs", Status::Ok, format!("mounted at {dir}"), ""),
-        None => item(
-            "tracefs",
-            Status::Missing,
-            "not mounted: run `mount -t tracefs nodev /sys/kernel/tracing`",
-            "tracepoint field offsets cannot be read: no probe can attach",
-        ),
-    });
-
-    let btf = Path::new("/sys/kernel/btf/vmlinux");
-    items.push(if btf.exists() {
-        item("btf", Status::Ok, "/sys/kernel/btf/vmlinux present", "")
-    } else {
-        item(
-            "btf",
-            Status::Missing,
-            "/sys/kernel/btf/vmlinux not found (kernel built without CONFIG_DEBUG_INFO_BTF)",
-            "connections opened before the agent started are only seen when they change state",
-        )
-    });
-
-    items.push(
-        match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
-            Ok(true) => item(
-                "ring buffer",
-                Status::Ok,
-                "BPF_MAP_TYPE_RINGBUF supported",
-                "",
-            ),
-            Ok(false) => item(
-                "ring buffer",
-                Status::Missing,
-                "BPF_MAP_TYPE_RINGBUF not supported (needs Linux 5.8+)",
-                "no events can reach the agent",
-            ),
-            Err(err) => item(
-                "ring buffer",
-                Status::Failed,
-                format!("cannot probe map support: {err}"),
-                "no events can reach the agent",
-            ),
-        },
-    );
+    let mut items = vec![
+        privileges_item(caps),
+        tracefs_item(),
+        btf_item(),
+        ring_buffer_item(),
+    ];
 
     let resolution = resolve_offsets(&SystemLayout::discover());
-    let offsets = resolution.offsets;
     for missing in &resolution.missing {
         items.push(CheckItem {
             name: missing.subject.clone(),
@@ -208,138 +167,11 @@ pub fn run_checks(config: &Config) -> CheckReport {
     let mut usable = false;
     match Probes::load(config, &resolution) {
         Ok(probes) => {
-            for spec in PROBES {
-                let name = format!("tracepoint {}/{}", spec.category, spec.event);
-                let status = probes.status.get(spec.program);
-                items.push(match status {
-                    Some(ProbeStatus::Attached) => {
-                        if spec.program == "inet_sock_set_state" {
-                            usable = true;
-                        }
-                        let storage = probes::STORAGE_PROGRAMS
-                            .iter()
-                            .any(|&(p, _)| p == spec.program);
-                        let how = if storage && probes.socket_storage.is_ok() {
-                            "attached (tp_btf, a bpf() link; per-socket state in socket-local \
-                             storage)"
-                                .to_owned()
-                        } else if probes.btf.contains(&spec.program) {
-                            "attached (tp_btf, a bpf() link: no perf_event_open)".to_owned()
-                        } else if probes.raw.contains(&spec.program)
-                            && spec.link_program == Some(probes::FD_RAW_PROGRAM)
-                        {
-                            "attached (raw tracepoint sys_exit, a bpf() link: no \
-                             perf_event_open; one program for the six fd syscalls, attached \
-                             only under descriptor pressure)"
-                                .to_owned()
-                        } else if probes.raw.contains(&spec.program) {
-                            "attached (raw tracepoint, a bpf() link: no perf_event_open)".to_owned()
-                        } else {
-                            match probes.link_fallback.get(spec.program) {
-                                Some(reason) => format!(
-                                    "attached (classic tracepoint through perf_event_open; \
-                                     bpf() link variant not used: {reason})"
-                                ),
-                                None => "attached (classic tracepoint through perf_event_open)"
-                                    .to_owned(),
-                            }
-                        };
-                        item(name, Status::Ok, how, spec.impact)
-                    }
-                    Some(ProbeStatus::Unavailable(reason)) => {
-                        item(name, Status::Missing, reason.clone(), spec.impact)
-                    }
-                    Some(ProbeStatus::Failed(error)) => {
-                        item(name, Status::Failed, error.clone(), spec.impact)
-                    }
-                    None => item(name, Status::Failed, "not attempted", spec.impact),
-                });
-            }
-            let attempted: Vec<(&str, AttachKind)> = PROBES
-                .iter()
-                .filter(|spec| {
-                    !matches!(
-                        probes.status.get(spec.program),
-                        Some(ProbeStatus::Unavailable(_)) | None
-                    )
-                })
-                .map(|spec| (spec.event, probes.attach_kind(spec)))
-                .collect();
-            items.extend(paranoid_item(
-                perf_event_paranoid(),
-                has_sys_admin,
-                &attempted,
-            ));
-            // Without the send/receive probes there is no capture either; their own lines say
-            // so, with what it costs.
-            let length_probes_attached = missing_length_probes(&probes.status).is_empty();
-            items.extend(length_probes_attached.then(
-                || match probes.status.get(PAYLOAD_CAPTURE) {
-                    Some(ProbeStatus::Attached) => item(
-                        "payload capture",
-                        Status::Ok,
-                        "copied inside the send/receive probes from the running syscall's buffer \
-                     (no syscall tracepoints)",
-                        PAYLOAD_CAPTURE_IMPACT,
-                    ),
-                    Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
-                        "payload capture",
-                        Status::Missing,
-                        reason.clone(),
-                        PAYLOAD_CAPTURE_IMPACT,
-                    ),
-                    None => item(
-                        "payload capture",
-                        Status::Failed,
-                        "not attempted",
-                        PAYLOAD_CAPTURE_IMPACT,
-                    ),
-                },
-            ));
-            // Which per-call path the send/receive probes take: degradation as data.
-            if length_probes_attached {
-                items.push(match &probes.socket_storage {
-                    Ok(()) => item(
-                        "per-socket state",
-                        Status::Ok,
-                        "socket-local storage (tp_btf): one storage lookup per send/receive, \
-                         unwatched sockets stop there; existing connections adopted by a tcp \
-                         iterator at start",
-                        "",
-                    ),
-                    // Nothing is lost on the older path, it only costs more per call: ok, with
-                    // the path and the reason in the detail.
-                    Err(reason) => item(
-                        "per-socket state",
-                        Status::Ok,
-                        format!(
-                            "{}: every send/receive reads its socket's ports (more BPF time per \
-                             call); socket-local storage not used: {reason}",
-                            if probes.raw.is_empty() {
-                                "classic tracepoints"
-                            } else {
-                                "raw tracepoints"
-                            }
-                        ),
-                        "",
-                    ),
-                });
-            }
-            items.push(if offsets.can_learn_sockets() {
-                item(
-                    "existing connections",
-                    Status::Ok,
-                    "struct sock_common layout known: connections from before start are adopted from the start-up socket dump or their first send or receive",
-                    "",
-                )
-            } else {
-                item(
-                    "existing connections",
-                    Status::Missing,
-                    "struct sock_common layout unknown",
-                    "connections opened before the agent started are only seen when they change state",
-                )
+            usable = PROBES.iter().any(|spec| {
+                spec.program == "inet_sock_set_state"
+                    && matches!(probes.status.get(spec.program), Some(ProbeStatus::Attached))
             });
+            items.extend(loaded_items(&probes, &resolution.offsets, has_sys_admin));
         }
         Err(err) => items.push(item(
             "kernel programs",
@@ -356,6 +188,201 @@ pub fn run_checks(config: &Config) -> CheckReport {
             .unwrap_or_else(|_| "unknown".to_string()),
         items,
         usable,
+    }
+}
+
+fn tracefs_item() -> CheckItem {
+    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .find(|dir| Path::new(dir).join("events").is_dir());
+    match tracefs {
+        Some(dir) => item("tracefs", Status::Ok, format!("mounted at {dir}"), ""),
+        None => item(
+            "tracefs",
+            Status::Missing,
+            "not mounted: run `mount -t tracefs nodev /sys/kernel/tracing`",
+            "tracepoint field offsets cannot be read: no probe can attach",
+        ),
+    }
+}
+
+fn btf_item() -> CheckItem {
+    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    if btf.exists() {
+        item("btf", Status::Ok, "/sys/kernel/btf/vmlinux present", "")
+    } else {
+        item(
+            "btf",
+            Status::Missing,
+            "/sys/kernel/btf/vmlinux not found (kernel built without CONFIG_DEBUG_INFO_BTF)",
+            "connections opened before the agent started are only seen when they change state",
+        )
+    }
+}
+
+fn ring_buffer_item() -> CheckItem {
+    match aya::sys::is_map_supported(aya::maps::MapType::RingBuf) {
+        Ok(true) => item(
+            "ring buffer",
+            Status::Ok,
+            "BPF_MAP_TYPE_RINGBUF supported",
+            "",
+        ),
+        Ok(false) => item(
+            "ring buffer",
+            Status::Missing,
+            "BPF_MAP_TYPE_RINGBUF not supported (needs Linux 5.8+)",
+            "no events can reach the agent",
+        ),
+        Err(err) => item(
+            "ring buffer",
+            Status::Failed,
+            format!("cannot probe map support: {err}"),
+            "no events can reach the agent",
+        ),
+    }
+}
+
+/// The lines about loaded programs: one per probe, then perf_event_paranoid, payload capture,
+/// the per-socket state path and the adoption of existing connections.
+fn loaded_items(probes: &Probes, offsets: &ProbeOffsets, has_sys_admin: bool) -> Vec<CheckItem> {
+    let mut items: Vec<CheckItem> = PROBES.iter().map(|spec| probe_item(probes, spec)).collect();
+    let attempted: Vec<(&str, AttachKind)> = PROBES
+        .iter()
+        .filter(|spec| {
+            !matches!(
+                probes.status.get(spec.program),
+                Some(ProbeStatus::Unavailable(_)) | None
+            )
+        })
+        .map(|spec| (spec.event, probes.attach_kind(spec)))
+        .collect();
+    items.extend(paranoid_item(
+        perf_event_paranoid(),
+        has_sys_admin,
+        &attempted,
+    ));
+    // Without the send/receive probes there is no capture either; their own lines say
+    // so, with what it costs.
+    if missing_length_probes(&probes.status).is_empty() {
+        items.push(capture_item(probes));
+        // Which per-call path the send/receive probes take: degradation as data.
+        items.push(socket_state_item(probes));
+    }
+    items.push(if offsets.can_learn_sockets() {
+        item(
+            "existing connections",
+            Status::Ok,
+            "struct sock_common layout known: connections from before start are adopted from the start-up socket dump or their first send or receive",
+            "",
+        )
+    } else {
+        item(
+            "existing connections",
+            Status::Missing,
+            "struct sock_common layout unknown",
+            "connections opened before the agent started are only seen when they change state",
+        )
+    });
+    items
+}
+
+/// One probe's line: how it attached, or why it did not.
+fn probe_item(probes: &Probes, spec: &ProbeSpec) -> CheckItem {
+    let name = format!("tracepoint {}/{}", spec.category, spec.event);
+    match probes.status.get(spec.program) {
+        Some(ProbeStatus::Attached) => {
+            item(name, Status::Ok, attached_how(probes, spec), spec.impact)
+        }
+        Some(ProbeStatus::Unavailable(reason)) => {
+            item(name, Status::Missing, reason.clone(), spec.impact)
+        }
+        Some(ProbeStatus::Failed(error)) => item(name, Status::Failed, error.clone(), spec.impact),
+        None => item(name, Status::Failed, "not attempted", spec.impact),
+    }
+}
+
+/// Through which kind of attachment an attached probe runs, and why not a cheaper one.
+fn attached_how(probes: &Probes, spec: &ProbeSpec) -> String {
+    let storage = probes::STORAGE_PROGRAMS
+        .iter()
+        .any(|&(p, _)| p == spec.program);
+    if storage && probes.socket_storage.is_ok() {
+        "attached (tp_btf, a bpf() link; per-socket state in socket-local \
+         storage)"
+            .to_owned()
+    } else if probes.btf.contains(&spec.program) {
+        "attached (tp_btf, a bpf() link: no perf_event_open)".to_owned()
+    } else if probes.raw.contains(&spec.program)
+        && spec.link_program == Some(probes::FD_RAW_PROGRAM)
+    {
+        "attached (raw tracepoint sys_exit, a bpf() link: no \
+         perf_event_open; one program for the six fd syscalls, attached \
+         only under descriptor pressure)"
+            .to_owned()
+    } else if probes.raw.contains(&spec.program) {
+        "attached (raw tracepoint, a bpf() link: no perf_event_open)".to_owned()
+    } else {
+        match probes.link_fallback.get(spec.program) {
+            Some(reason) => format!(
+                "attached (classic tracepoint through perf_event_open; \
+                 bpf() link variant not used: {reason})"
+            ),
+            None => "attached (classic tracepoint through perf_event_open)".to_owned(),
+        }
+    }
+}
+
+fn capture_item(probes: &Probes) -> CheckItem {
+    match probes.status.get(PAYLOAD_CAPTURE) {
+        Some(ProbeStatus::Attached) => item(
+            "payload capture",
+            Status::Ok,
+            "copied inside the send/receive probes from the running syscall's buffer \
+                     (no syscall tracepoints)",
+            PAYLOAD_CAPTURE_IMPACT,
+        ),
+        Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(
+            "payload capture",
+            Status::Missing,
+            reason.clone(),
+            PAYLOAD_CAPTURE_IMPACT,
+        ),
+        None => item(
+            "payload capture",
+            Status::Failed,
+            "not attempted",
+            PAYLOAD_CAPTURE_IMPACT,
+        ),
+    }
+}
+
+fn socket_state_item(probes: &Probes) -> CheckItem {
+    match &probes.socket_storage {
+        Ok(()) => item(
+            "per-socket state",
+            Status::Ok,
+            "socket-local storage (tp_btf): one storage lookup per send/receive, \
+             unwatched sockets stop there; existing connections adopted by a tcp \
+             iterator at start",
+            "",
+        ),
+        // Nothing is lost on the older path, it only costs more per call: ok, with
+        // the path and the reason in the detail.
+        Err(reason) => item(
+            "per-socket state",
+            Status::Ok,
+            format!(
+                "{}: every send/receive reads its socket's ports (more BPF time per \
+                 call); socket-local storage not used: {reason}",
+                if probes.raw.is_empty() {
+                    "classic tracepoints"
+                } else {
+                    "raw tracepoints"
+                }
+            ),
+            "",
+        ),
     }
 }
 

@@ -107,71 +107,7 @@ pub fn diagnose_to(
 ) -> anyhow::Result<Verdict> {
     let config = Config::load(&args.config_path, args.config_explicit)?;
     let thresholds = config.diagnose.clone();
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
-
-    let daemon = if args.local {
-        Err(ControlError::NoDaemon(socket.clone()))
-    } else {
-        control::fetch_history(&socket, 0, FETCH_TIMEOUT)
-    };
-    let (snapshot, source) = match daemon {
-        Ok(first) => {
-            let watched = watch(args.duration, first.span_seconds(), progress);
-            let snapshot = match control::fetch_history(&socket, first.start_s, FETCH_TIMEOUT) {
-                Ok(second) => first.merge_newer(second),
-                Err(err) => {
-                    progress.clear();
-                    eprintln!(
-                        "warning: the daemon stopped answering ({err}); using the history fetched at the start"
-                    );
-                    first
-                }
-            };
-            (
-                snapshot,
-                Source {
-                    kind: SourceKind::Daemon,
-                    watched_s: watched.as_secs(),
-                    prometheus: None,
-                    hosts: None,
-                    partial: false,
-                },
-            )
-        }
-        Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
-            if args.duration.is_zero() {
-                anyhow::bail!(
-                    "no cacheprobe daemon at {}: give a --duration to watch locally",
-                    socket.display()
-                );
-            }
-            let started = Instant::now();
-            let mut report_progress =
-                |elapsed: Duration| progress.show(elapsed, args.duration, None);
-            let snapshot = recorder.record_for(args.duration, &config, &mut report_progress)?;
-            (
-                snapshot,
-                Source {
-                    kind: SourceKind::Local,
-                    watched_s: started.elapsed().as_secs_f64().round() as u64,
-                    prometheus: None,
-                    hosts: None,
-                    partial: false,
-                },
-            )
-        }
-        Err(err) => {
-            return Err(err).with_context(|| {
-                format!(
-                    "cannot read the daemon's history at {} (diagnose needs root)",
-                    socket.display()
-                )
-            })
-        }
-    };
+    let (snapshot, source) = gather(args, recorder, &config, progress)?;
     progress.clear();
 
     let edge_window_s = match args.duration.as_secs() {
@@ -196,6 +132,75 @@ pub fn diagnose_to(
     } else {
         Verdict::Findings
     })
+}
+
+/// The history to judge and where it came from: the daemon's (fetched at the start and again
+/// after watching for the duration) or, without a daemon, one recorded here for the duration.
+fn gather(
+    args: &DiagnoseArgs,
+    recorder: &dyn LocalRecorder,
+    config: &Config,
+    progress: &mut Progress,
+) -> anyhow::Result<(HistorySnapshot, Source)> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+
+    let daemon = if args.local {
+        Err(ControlError::NoDaemon(socket.clone()))
+    } else {
+        control::fetch_history(&socket, 0, FETCH_TIMEOUT)
+    };
+    Ok(match daemon {
+        Ok(first) => {
+            let watched = watch(args.duration, first.span_seconds(), progress);
+            let snapshot = match control::fetch_history(&socket, first.start_s, FETCH_TIMEOUT) {
+                Ok(second) => first.merge_newer(second),
+                Err(err) => {
+                    progress.clear();
+                    eprintln!(
+                        "warning: the daemon stopped answering ({err}); using the history fetched at the start"
+                    );
+                    first
+                }
+            };
+            (snapshot, source(SourceKind::Daemon, watched.as_secs()))
+        }
+        Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
+            if args.duration.is_zero() {
+                anyhow::bail!(
+                    "no cacheprobe daemon at {}: give a --duration to watch locally",
+                    socket.display()
+                );
+            }
+            let started = Instant::now();
+            let mut report_progress =
+                |elapsed: Duration| progress.show(elapsed, args.duration, None);
+            let snapshot = recorder.record_for(args.duration, config, &mut report_progress)?;
+            let watched_s = started.elapsed().as_secs_f64().round() as u64;
+            (snapshot, source(SourceKind::Local, watched_s))
+        }
+        Err(err) => {
+            return Err(err).with_context(|| {
+                format!(
+                    "cannot read the daemon's history at {} (diagnose needs root)",
+                    socket.display()
+                )
+            })
+        }
+    })
+}
+
+/// A source of this host's history (not the fleet's).
+fn source(kind: SourceKind, watched_s: u64) -> Source {
+    Source {
+        kind,
+        watched_s,
+        prometheus: None,
+        hosts: None,
+        partial: false,
+    }
 }
 
 /// Sleeps through the live watch, updating the progress line; returns the time watched.

@@ -189,129 +189,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
 
-    let resolution = resolve_offsets(&SystemLayout::discover());
-    for missing in &resolution.missing {
-        tracing::warn!(what = missing.subject.as_str(), "{}", missing.reason);
-    }
-    let probes = Probes::load(&config, &resolution)?;
-    if !probes.any_attached() {
-        anyhow::bail!("no probe could be attached; run `cacheprobe check` to see why");
-    }
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        attached = probes.status.values().filter(|s| s.is_attached()).count(),
-        "probes attached"
-    );
-
-    let (metrics, registry) = Metrics::new();
-    for spec in PROBES {
-        let up = probes
-            .status
-            .get(spec.program)
-            .is_some_and(|s| s.is_attached());
-        metrics
-            .probe_up
-            .get_or_create(&ProbeLabels {
-                probe: format!("{}/{}", spec.category, spec.event),
-            })
-            .set(up as i64);
-    }
-    let registry = Arc::new(registry);
-    let listener = crate::export::http::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, "serving metrics on /metrics");
-    let tls = config
-        .tls
-        .as_ref()
-        .map(|files| files.acceptor())
-        .transpose()?;
-    tokio::spawn(crate::export::http::serve(
-        listener,
-        crate::export::http::Server {
-            registry: registry.clone(),
-            auth: config.basic_auth.clone(),
-            tls,
-            limits: crate::export::http::admission::ConnectionLimits {
-                max_per_source: config.limits.http_connections_per_source,
-                ..Default::default()
-            },
-            closed: metrics.http_connections_rejected.clone(),
-        },
-    ));
+    let (mut probes, can_sample_capture) = attach_probes(&config, started)?;
+    let metrics = serve_metrics(&config, &probes).await?;
 
     let services = SharedServices::from_config(&config)?;
-    let mut pipeline = Pipeline::new(&config, services.clone(), metrics.clone());
-    if !Probes::can_sample_capture(&resolution.offsets) {
-        tracing::warn!(
-            "this kernel does not let the programs tell healthy connections apart: payload \
-             decoding has no budget and decodes every connection"
-        );
-        pipeline.disable_capture_budget();
-    }
-    let mut probes = probes;
+    let mut pipeline = new_pipeline(&config, &services, &metrics, can_sample_capture);
     let mut fd_probe_arming = FdProbeArming::new();
+    let history = serve_history(&args, &services, &mut pipeline, &metrics);
 
-    // Recent history for `cacheprobe diagnose`, served on a root-only Unix socket.
-    let history = Arc::new(Mutex::new(History::new(
-        HistoryLimits::default().capacity_seconds,
-        HistoryLimits::default(),
-    )));
-    pipeline.add_sink(Box::new(HistorySink::new(
-        history.clone(),
-        services.clone(),
-    )));
-    pipeline.set_history(history.clone());
-    match control::bind(&args.control_socket) {
-        Ok(listener) => {
-            tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
-            tokio::spawn(control::serve_with_counters(
-                listener,
-                history.clone(),
-                Some(Arc::new(metrics.top_registry())),
-            ));
-        }
-        Err(err) => {
-            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
-        }
-    }
-
-    // Connections and processes that existed before we started: seed the tracker (so the
-    // active gauge is right from the first scrape) and the capture process set.
-    let mut sampler = Sampler::new(SamplerConfig::from_services(
-        &config.services,
-        config.limits.max_comms,
-    ));
-    let (initial, sampler) = tokio::task::spawn_blocking(move || {
-        let result = sampler.sample_with_connections();
-        (result, sampler)
-    })
+    let (sampler, last_tcp_ext) = adopt_existing(
+        &config,
+        &mut pipeline,
+        &metrics,
+        &mut probes,
+        &mut fd_probe_arming,
+    )
     .await?;
-    let mut last_tcp_ext = Default::default();
-    match initial {
-        Ok((snapshot, connections)) => {
-            let mut seeded = Vec::new();
-            for connection in &connections {
-                pipeline.tracker_mut().seed(
-                    connection.local,
-                    connection.remote,
-                    connection.state,
-                    &mut seeded,
-                );
-            }
-            pipeline.record_observations(seeded);
-            host_metrics::apply(&metrics, &snapshot, &mut last_tcp_ext);
-            let peak = fd_arming::peak_fd_usage(&snapshot);
-            arm_fd_probes(&mut probes, &mut fd_probe_arming, &metrics, peak);
-            tracing::info!(
-                connections = connections.len(),
-                processes = snapshot.processes.len(),
-                namespaces = snapshot.network_namespaces,
-                "existing watched connections adopted"
-            );
-        }
-        Err(err) => {
-            tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
-        }
-    }
     let (news_tx, mut news_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
     let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
     tokio::spawn(sample_periodically(
@@ -323,27 +216,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         history.clone(),
     ));
 
-    let events = probes
-        .take_events()
-        .context("event ring buffer already taken")?;
-    let payloads = probes
-        .take_payloads()
-        .context("payload ring buffer already taken")?;
-    // SAFETY: each AsyncFd takes ownership of its ring buffer, which owns its fd, so the fd
-    // stays open and unchanged for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|err| anyhow::anyhow!("cannot poll the event ring buffer: {err}"))?;
-    let mut payload_ring = unsafe { AsyncFd::register_with_interest(payloads, Interest::READABLE) }
-        .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
-
+    let (mut ring, mut payload_ring) = poll_rings(&mut probes)?;
     let mut event_queue = EventQueue::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The kernel wakes us only when a ring passes its threshold (one wake-up per batch, not per
-    // record); this timer reads whatever arrived more slowly, so no record waits longer.
-    let mut drain = tokio::time::interval(Duration::from_millis(
-        agent_common::wakeup::DRAIN_INTERVAL_MS,
-    ));
-    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain = drain_timer();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -389,3 +265,193 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(probes);
     Ok(())
 }
+
+/// The pipeline, without a capture budget where the kernel cannot tell healthy connections
+/// apart.
+fn new_pipeline(
+    config: &Config,
+    services: &SharedServices,
+    metrics: &Metrics,
+    can_sample_capture: bool,
+) -> Pipeline {
+    let mut pipeline = Pipeline::new(config, services.clone(), metrics.clone());
+    if !can_sample_capture {
+        tracing::warn!(
+            "this kernel does not let the programs tell healthy connections apart: payload \
+             decoding has no budget and decodes every connection"
+        );
+        pipeline.disable_capture_budget();
+    }
+    pipeline
+}
+
+/// The kernel wakes us only when a ring passes its threshold (one wake-up per batch, not per
+/// record); this timer reads whatever arrived more slowly, so no record waits longer.
+fn drain_timer() -> tokio::time::Interval {
+    let mut drain = tokio::time::interval(Duration::from_millis(
+        agent_common::wakeup::DRAIN_INTERVAL_MS,
+    ));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    drain
+}
+
+/// Loads and attaches the kernel programs for this kernel's layouts; also whether the programs
+/// can sample payload capture by connection health here. Fails when nothing attached.
+/// `started` is when the agent started, for the log line.
+fn attach_probes(config: &Config, started: Instant) -> anyhow::Result<(Probes, bool)> {
+    let resolution = resolve_offsets(&SystemLayout::discover());
+    for missing in &resolution.missing {
+        tracing::warn!(what = missing.subject.as_str(), "{}", missing.reason);
+    }
+    let probes = Probes::load(config, &resolution)?;
+    if !probes.any_attached() {
+        anyhow::bail!("no probe could be attached; run `cacheprobe check` to see why");
+    }
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        attached = probes.status.values().filter(|s| s.is_attached()).count(),
+        "probes attached"
+    );
+    Ok((probes, Probes::can_sample_capture(&resolution.offsets)))
+}
+
+/// Creates the metrics (with each probe's `probe_up`) and serves them on the listen address.
+async fn serve_metrics(config: &Config, probes: &Probes) -> anyhow::Result<Metrics> {
+    let (metrics, registry) = Metrics::new();
+    for spec in PROBES {
+        let up = probes
+            .status
+            .get(spec.program)
+            .is_some_and(|s| s.is_attached());
+        metrics
+            .probe_up
+            .get_or_create(&ProbeLabels {
+                probe: format!("{}/{}", spec.category, spec.event),
+            })
+            .set(up as i64);
+    }
+    let registry = Arc::new(registry);
+    let listener = crate::export::http::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, "serving metrics on /metrics");
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| files.acceptor())
+        .transpose()?;
+    tokio::spawn(crate::export::http::serve(
+        listener,
+        crate::export::http::Server {
+            registry: registry.clone(),
+            auth: config.basic_auth.clone(),
+            tls,
+            limits: crate::export::http::admission::ConnectionLimits {
+                max_per_source: config.limits.http_connections_per_source,
+                ..Default::default()
+            },
+            closed: metrics.http_connections_rejected.clone(),
+        },
+    ));
+    Ok(metrics)
+}
+
+/// Recent history for `cacheprobe diagnose`, fed by the pipeline and served on a root-only
+/// Unix socket (without the socket, diagnose attaches its own probes).
+fn serve_history(
+    args: &RunArgs,
+    services: &SharedServices,
+    pipeline: &mut Pipeline,
+    metrics: &Metrics,
+) -> Arc<Mutex<History>> {
+    let history = Arc::new(Mutex::new(History::new(
+        HistoryLimits::default().capacity_seconds,
+        HistoryLimits::default(),
+    )));
+    pipeline.add_sink(Box::new(HistorySink::new(
+        history.clone(),
+        services.clone(),
+    )));
+    pipeline.set_history(history.clone());
+    match control::bind(&args.control_socket) {
+        Ok(listener) => {
+            tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
+            tokio::spawn(control::serve_with_counters(
+                listener,
+                history.clone(),
+                Some(Arc::new(metrics.top_registry())),
+            ));
+        }
+        Err(err) => {
+            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
+        }
+    }
+    history
+}
+
+/// Connections and processes that existed before we started: seeds the tracker (so the
+/// active gauge is right from the first scrape), the host metrics and the fd-probe arming.
+/// Returns the sampler and the TcpExt totals for the periodic samples.
+async fn adopt_existing(
+    config: &Config,
+    pipeline: &mut Pipeline,
+    metrics: &Metrics,
+    probes: &mut Probes,
+    fd_probe_arming: &mut FdProbeArming,
+) -> anyhow::Result<(Sampler, TcpExtCounters)> {
+    let mut sampler = Sampler::new(SamplerConfig::from_services(
+        &config.services,
+        config.limits.max_comms,
+    ));
+    let (initial, sampler) = tokio::task::spawn_blocking(move || {
+        let result = sampler.sample_with_connections();
+        (result, sampler)
+    })
+    .await?;
+    let mut last_tcp_ext = Default::default();
+    match initial {
+        Ok((snapshot, connections)) => {
+            let mut seeded = Vec::new();
+            for connection in &connections {
+                pipeline.tracker_mut().seed(
+                    connection.local,
+                    connection.remote,
+                    connection.state,
+                    &mut seeded,
+                );
+            }
+            pipeline.record_observations(seeded);
+            host_metrics::apply(metrics, &snapshot, &mut last_tcp_ext);
+            let peak = fd_arming::peak_fd_usage(&snapshot);
+            arm_fd_probes(probes, fd_probe_arming, metrics, peak);
+            tracing::info!(
+                connections = connections.len(),
+                processes = snapshot.processes.len(),
+                namespaces = snapshot.network_namespaces,
+                "existing watched connections adopted"
+            );
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot read /proc: existing connections are learned on first use")
+        }
+    }
+    Ok((sampler, last_tcp_ext))
+}
+
+/// The event and payload rings, registered with the runtime for readiness.
+fn poll_rings(probes: &mut Probes) -> anyhow::Result<(AsyncFd<Ring>, AsyncFd<Ring>)> {
+    let events = probes
+        .take_events()
+        .context("event ring buffer already taken")?;
+    let payloads = probes
+        .take_payloads()
+        .context("payload ring buffer already taken")?;
+    // SAFETY: each AsyncFd takes ownership of its ring buffer, which owns its fd, so the fd
+    // stays open and unchanged for as long as it is registered.
+    let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the event ring buffer: {err}"))?;
+    let payload_ring = unsafe { AsyncFd::register_with_interest(payloads, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("cannot poll the payload ring buffer: {err}"))?;
+    Ok((ring, payload_ring))
+}
+
+/// A ring buffer of the kernel programs, as the agent holds it.
+type Ring = aya::maps::RingBuf<aya::maps::MapData>;

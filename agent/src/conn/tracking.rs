@@ -340,24 +340,7 @@ impl Tracker {
                 old_state,
                 new_state,
             } => self.state_change(event, old_state, new_state, out),
-            EventKind::Learned { state } => {
-                if !self.connections.contains_key(&event.sk) && self.adopt(event, state, out) {
-                    // First seen sending into a connection the peer already closed.
-                    if state == tcp_state::CLOSE_WAIT && event.facts.bytes_sent > 0 {
-                        if let Some(endpoint) = self.endpoint_of(event.sk) {
-                            self.dead_writes.on_send(
-                                event.sk,
-                                endpoint,
-                                event.ts_ns,
-                                event.facts.bytes_sent as i64,
-                                &event.comm,
-                                event.pid,
-                                &mut self.dead_write_scratch,
-                            );
-                        }
-                    }
-                }
-            }
+            EventKind::Learned { state } => self.learned(event, state, out),
             EventKind::SendAfterPeerClose { ret } => {
                 let endpoint = self
                     .endpoint_of(event.sk)
@@ -379,34 +362,10 @@ impl Tracker {
                     .on_recv(event.sk, ret, &mut self.dead_write_scratch);
             }
             EventKind::TcpTrouble { trouble, state } => {
-                let (Some(local), Some(remote)) = (event.local, event.remote) else {
+                let Some(observation) = self.tcp_trouble(event, trouble, state) else {
                     return;
                 };
-                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
-                    return;
-                };
-                out.push(match trouble {
-                    TcpTrouble::Retransmit => Observation::Retransmit {
-                        endpoint,
-                        kind: if state == tcp_state::SYN_SENT {
-                            RetransmitKind::Syn
-                        } else {
-                            RetransmitKind::Data
-                        },
-                    },
-                    TcpTrouble::RetransmitSynAck => Observation::Retransmit {
-                        endpoint,
-                        kind: RetransmitKind::SynAck,
-                    },
-                    TcpTrouble::ResetReceived => Observation::Reset {
-                        endpoint,
-                        direction: ResetDirection::Received,
-                    },
-                    TcpTrouble::ResetSent => Observation::Reset {
-                        endpoint,
-                        direction: ResetDirection::Sent,
-                    },
-                });
+                out.push(observation);
             }
             EventKind::FdExhausted { syscall, errno } => out.push(Observation::FdExhausted {
                 comm: event.comm.clone(),
@@ -463,6 +422,62 @@ impl Tracker {
         true
     }
 
+    /// A socket first seen in a send or receive (it predates the agent): adopted if watched.
+    fn learned(&mut self, event: &SockEventRecord, state: u8, out: &mut Vec<Observation>) {
+        if !self.connections.contains_key(&event.sk) && self.adopt(event, state, out) {
+            // First seen sending into a connection the peer already closed.
+            if state == tcp_state::CLOSE_WAIT && event.facts.bytes_sent > 0 {
+                if let Some(endpoint) = self.endpoint_of(event.sk) {
+                    self.dead_writes.on_send(
+                        event.sk,
+                        endpoint,
+                        event.ts_ns,
+                        event.facts.bytes_sent as i64,
+                        &event.comm,
+                        event.pid,
+                        &mut self.dead_write_scratch,
+                    );
+                }
+            }
+        }
+    }
+
+    /// A retransmission or reset on a watched connection; `state` is the socket's state where
+    /// the tracepoint has it.
+    fn tcp_trouble(
+        &self,
+        event: &SockEventRecord,
+        trouble: TcpTrouble,
+        state: u8,
+    ) -> Option<Observation> {
+        let (Some(local), Some(remote)) = (event.local, event.remote) else {
+            return None;
+        };
+        let endpoint = self.services.load().endpoint(local, remote)?;
+        Some(match trouble {
+            TcpTrouble::Retransmit => Observation::Retransmit {
+                endpoint,
+                kind: if state == tcp_state::SYN_SENT {
+                    RetransmitKind::Syn
+                } else {
+                    RetransmitKind::Data
+                },
+            },
+            TcpTrouble::RetransmitSynAck => Observation::Retransmit {
+                endpoint,
+                kind: RetransmitKind::SynAck,
+            },
+            TcpTrouble::ResetReceived => Observation::Reset {
+                endpoint,
+                direction: ResetDirection::Received,
+            },
+            TcpTrouble::ResetSent => Observation::Reset {
+                endpoint,
+                direction: ResetDirection::Sent,
+            },
+        })
+    }
+
     fn state_change(
         &mut self,
         event: &SockEventRecord,
@@ -481,65 +496,13 @@ impl Tracker {
             }
         }
         if old_state == tcp_state::LISTEN || new_state == tcp_state::LISTEN {
-            // The kernel clones a listener into a SYN_RECV child when the handshake's last
-            // ACK (or a Fast Open SYN, or a valid SYN cookie) arrives, before the child gets
-            // its peer's address: only the local port is known here.
-            if old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV {
-                let server = event
-                    .local
-                    .zip(event.remote)
-                    .and_then(|(local, remote)| self.services.load().endpoint(local, remote))
-                    .filter(|endpoint| endpoint.role == Role::Server);
-                if let Some(endpoint) = server {
-                    out.push(Observation::HandshakeCompleted {
-                        service: endpoint.service,
-                    });
-                }
-            }
+            self.listener_change(event, old_state, new_state, out);
             return;
         }
-        if !self.connections.contains_key(&event.sk) {
-            let newborn = matches!(
-                old_state,
-                tcp_state::CLOSE | tcp_state::SYN_SENT | tcp_state::SYN_RECV
-            );
-            if newborn {
-                let (Some(local), Some(remote)) = (event.local, event.remote) else {
-                    return;
-                };
-                let Some(endpoint) = self.services.load().endpoint(local, remote) else {
-                    return;
-                };
-                if old_state == tcp_state::CLOSE
-                    && new_state == tcp_state::SYN_SENT
-                    && endpoint.role == Role::Client
-                {
-                    out.push(Observation::SynSent {
-                        service: endpoint.service,
-                    });
-                }
-                if new_state == tcp_state::CLOSE {
-                    // Never established: a failed connect (or an aborted handshake).
-                    if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
-                        out.push(Observation::ConnectFailed {
-                            endpoint,
-                            reason: connect_failure_reason(&event.facts),
-                        });
-                    }
-                    return;
-                }
-                if self.connections.len() + self.seeded.len() >= self.max_connections {
-                    out.push(Observation::TrackingDropped);
-                    return;
-                }
-                let Some(connection) = Connection::new(endpoint, false, None) else {
-                    out.push(Observation::TrackingDropped);
-                    return;
-                };
-                self.connections.insert(event.sk, connection);
-            } else if !self.adopt(event, old_state, out) {
-                return;
-            }
+        if !self.connections.contains_key(&event.sk)
+            && !self.start_tracking(event, old_state, new_state, out)
+        {
+            return;
         }
         let Some(connection) = self.connections.get_mut(&event.sk) else {
             return;
@@ -580,47 +543,131 @@ impl Tracker {
         }
 
         if new_state == tcp_state::CLOSE {
-            if let Some(connection) = self.connections.remove(&event.sk) {
-                let endpoint = connection.endpoint();
-                let idle_at_first_close = self.idle_at_first_close.remove(&event.sk);
-                if !connection.counted
-                    && old_state == tcp_state::SYN_SENT
-                    && endpoint.role == Role::Client
-                {
-                    out.push(Observation::ConnectFailed {
-                        endpoint,
-                        reason: connect_failure_reason(&event.facts),
-                    });
-                }
-                if event.facts.peer_closed_ns != 0 {
-                    if self.recently_closed.len() >= self.max_connections {
-                        self.recently_closed.clear();
-                    }
-                    self.recently_closed
-                        .insert(event.sk, (endpoint, event.ts_ns, connection.flow()));
-                }
-                if connection.counted {
-                    let first_close = connection.first_close_by.map_or(
-                        FirstClose {
-                            by: ClosedBy::Reset,
-                            idle_ns: None,
-                        },
-                        |by| FirstClose {
-                            by,
-                            idle_ns: idle_at_first_close,
-                        },
-                    );
-                    out.push(Observation::ConnectionClosed {
-                        endpoint,
-                        closed_by: first_close.by,
-                        ts_ns: event.ts_ns,
-                        duration_ns: connection
-                            .opened_ns()
-                            .map(|opened| event.ts_ns.saturating_sub(opened)),
-                        idle_before_close_ns: first_close.idle_ns,
-                    });
-                }
+            self.closed(event, old_state, out);
+        }
+    }
+
+    /// A listener's own change, or one of its children taking shape. The kernel clones a
+    /// listener into a SYN_RECV child when the handshake's last ACK (or a Fast Open SYN, or a
+    /// valid SYN cookie) arrives, before the child gets its peer's address: only the local
+    /// port is known here.
+    fn listener_change(
+        &self,
+        event: &SockEventRecord,
+        old_state: u8,
+        new_state: u8,
+        out: &mut Vec<Observation>,
+    ) {
+        if old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV {
+            let server = event
+                .local
+                .zip(event.remote)
+                .and_then(|(local, remote)| self.services.load().endpoint(local, remote))
+                .filter(|endpoint| endpoint.role == Role::Server);
+            if let Some(endpoint) = server {
+                out.push(Observation::HandshakeCompleted {
+                    service: endpoint.service,
+                });
             }
+        }
+    }
+
+    /// The first state change seen on a socket not tracked yet: a connection being born (its
+    /// SYN or its failed connect noted) or one that predates the agent (adopted). False when
+    /// it is not tracked after all (unwatched, failed, or the table full).
+    fn start_tracking(
+        &mut self,
+        event: &SockEventRecord,
+        old_state: u8,
+        new_state: u8,
+        out: &mut Vec<Observation>,
+    ) -> bool {
+        let newborn = matches!(
+            old_state,
+            tcp_state::CLOSE | tcp_state::SYN_SENT | tcp_state::SYN_RECV
+        );
+        if !newborn {
+            return self.adopt(event, old_state, out);
+        }
+        let (Some(local), Some(remote)) = (event.local, event.remote) else {
+            return false;
+        };
+        let Some(endpoint) = self.services.load().endpoint(local, remote) else {
+            return false;
+        };
+        if old_state == tcp_state::CLOSE
+            && new_state == tcp_state::SYN_SENT
+            && endpoint.role == Role::Client
+        {
+            out.push(Observation::SynSent {
+                service: endpoint.service,
+            });
+        }
+        if new_state == tcp_state::CLOSE {
+            // Never established: a failed connect (or an aborted handshake).
+            if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
+                out.push(Observation::ConnectFailed {
+                    endpoint,
+                    reason: connect_failure_reason(&event.facts),
+                });
+            }
+            return false;
+        }
+        if self.connections.len() + self.seeded.len() >= self.max_connections {
+            out.push(Observation::TrackingDropped);
+            return false;
+        }
+        let Some(connection) = Connection::new(endpoint, false, None) else {
+            out.push(Observation::TrackingDropped);
+            return false;
+        };
+        self.connections.insert(event.sk, connection);
+        true
+    }
+
+    /// The socket reached CLOSE: its connection is forgotten (kept briefly among the recently
+    /// closed when its peer had closed first, for dead writes that arrive after) and its close,
+    /// or its failed connect, reported.
+    fn closed(&mut self, event: &SockEventRecord, old_state: u8, out: &mut Vec<Observation>) {
+        let Some(connection) = self.connections.remove(&event.sk) else {
+            return;
+        };
+        let endpoint = connection.endpoint();
+        let idle_at_first_close = self.idle_at_first_close.remove(&event.sk);
+        if !connection.counted && old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client
+        {
+            out.push(Observation::ConnectFailed {
+                endpoint,
+                reason: connect_failure_reason(&event.facts),
+            });
+        }
+        if event.facts.peer_closed_ns != 0 {
+            if self.recently_closed.len() >= self.max_connections {
+                self.recently_closed.clear();
+            }
+            self.recently_closed
+                .insert(event.sk, (endpoint, event.ts_ns, connection.flow()));
+        }
+        if connection.counted {
+            let first_close = connection.first_close_by.map_or(
+                FirstClose {
+                    by: ClosedBy::Reset,
+                    idle_ns: None,
+                },
+                |by| FirstClose {
+                    by,
+                    idle_ns: idle_at_first_close,
+                },
+            );
+            out.push(Observation::ConnectionClosed {
+                endpoint,
+                closed_by: first_close.by,
+                ts_ns: event.ts_ns,
+                duration_ns: connection
+                    .opened_ns()
+                    .map(|opened| event.ts_ns.saturating_sub(opened)),
+                idle_before_close_ns: first_close.idle_ns,
+            });
         }
     }
 }

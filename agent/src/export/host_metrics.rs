@@ -51,6 +51,20 @@ pub fn fd_pressure_by_comm(snapshot: &Snapshot) -> BTreeMap<String, FdPressure> 
 /// Applies one sample. Gauges are replaced wholesale so processes that went away stop
 /// reporting; counters advance by the sampler's monotonic totals.
 pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCounters) {
+    apply_sampler_work(metrics, snapshot);
+    apply_listen_queues(metrics, snapshot);
+    apply_tcp_ext(metrics, snapshot, last_tcp_ext);
+    if let Some(files) = &snapshot.file_handles {
+        metrics.host_open_files.set(files.open as i64);
+        metrics
+            .host_file_limit
+            .set(files.max.min(i64::MAX as u64) as i64);
+    }
+    apply_processes(metrics, snapshot);
+}
+
+/// What the sample cost: namespaces per table source, samples, seconds, deferred walks.
+fn apply_sampler_work(metrics: &Metrics, snapshot: &Snapshot) {
     let sources = snapshot.table_sources;
     for (source, namespaces) in [
         ("sock_diag", sources.sock_diag),
@@ -69,6 +83,10 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
     metrics
         .sampler_processes_deferred
         .set(snapshot.fd_walk.processes_deferred as i64);
+}
+
+/// Listen queues per service, and the SYNs their listeners dropped.
+fn apply_listen_queues(metrics: &Metrics, snapshot: &Snapshot) {
     metrics.listen_queue_length.clear();
     metrics.listen_queue_limit.clear();
     for (service, summary) in &snapshot.listen_queues {
@@ -101,7 +119,10 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
             })
             .inc_by(dropped);
     }
+}
 
+/// The host's TcpExt counters, advanced by what they grew since the last sample.
+fn apply_tcp_ext(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCounters) {
     let advance =
         |counter: &prometheus_client::metrics::counter::Counter, now: u64, last: &mut u64| {
             if now > *last {
@@ -124,14 +145,10 @@ pub fn apply(metrics: &Metrics, snapshot: &Snapshot, last_tcp_ext: &mut TcpExtCo
         snapshot.tcp_ext.syncookies_sent,
         &mut last_tcp_ext.syncookies_sent,
     );
+}
 
-    if let Some(files) = &snapshot.file_handles {
-        metrics.host_open_files.set(files.open as i64);
-        metrics
-            .host_file_limit
-            .set(files.max.min(i64::MAX as u64) as i64);
-    }
-
+/// Descriptor pressure per process name, and connections held per process name and service.
+fn apply_processes(metrics: &Metrics, snapshot: &Snapshot) {
     metrics.process_open_fds.clear();
     metrics.process_fd_limit.clear();
     metrics.process_fd_usage_ratio.clear();

@@ -107,15 +107,50 @@ impl Sampler {
 
         // Pass 1: the descriptor count of every candidate process and whether its cached
         // result still holds; sockets of holding results are claimed.
-        struct Candidate {
-            pid: u32,
-            netns: u64,
-            /// From stat, when supported.
-            open_fds: Option<u64>,
-            /// 0 = never walked or its result is void, 1 = an owner that changed, 2 = a
-            /// non-owner that changed, 3 = due for the periodic walk, 4 = cached result holds.
-            urgency: u8,
+        let candidates = self.candidates(namespaces, fd_counts, watched);
+        let unclaimed = watched.iter().any(|socket| !socket.claimed);
+
+        // Pass 2: walk what is due, most urgent (then least recently walked) first.
+        self.walk_due(
+            &candidates,
+            unclaimed,
+            watched,
+            unbounded,
+            &mut stats,
+            errors,
+        );
+        stats.processes_cached = candidates
+            .iter()
+            .filter(|candidate| candidate.urgency == 4 || (candidate.urgency == 2 && !unclaimed))
+            .count();
+        self.processes.retain(|_, cached| cached.seen_at == sample);
+
+        // Pass 3: usage of every process holding watched sockets, in pid order per namespace
+        // (the first owner of a connection is its lowest pid).
+        for candidate in &candidates {
+            let usage = self.usage_of(
+                candidate,
+                watched,
+                &mut listed,
+                &mut listener_owners,
+                errors,
+            );
+            processes.extend(usage);
         }
+        (processes, listener_owners, stats)
+    }
+
+    /// Pass 1 of [`Sampler::scan_processes`]: every process of a namespace with watched
+    /// sockets, with its descriptor count and how urgently it needs a walk. Sockets of cached
+    /// results that still hold are claimed; processes whose count could not be read are
+    /// forgotten.
+    fn candidates(
+        &mut self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        fd_counts: &[(u32, u64)],
+        watched: &mut [WatchedSocket],
+    ) -> Vec<Candidate> {
+        let sample = self.samples;
         let mut candidates = Vec::new();
         for (&netns, namespace) in namespaces {
             if !namespace.has_watched_sockets {
@@ -136,30 +171,7 @@ impl Sampler {
                 };
                 let urgency = match self.processes.get_mut(&pid) {
                     Some(cached) if cached.netns == netns => {
-                        cached.seen_at = sample;
-                        let unchanged = open_fds == Some(cached.open_fds);
-                        let sockets_present = cached
-                            .sockets
-                            .iter()
-                            .all(|inode| find_watched(watched, *inode).is_some());
-                        if !sockets_present || (!unchanged && !cached.sockets.is_empty()) {
-                            1
-                        } else {
-                            for inode in &cached.sockets {
-                                if let Some(index) = find_watched(watched, *inode) {
-                                    watched[index].claimed = true;
-                                }
-                            }
-                            if !unchanged {
-                                2
-                            } else if sample.saturating_sub(cached.walked_at)
-                                >= REWALK_AFTER_SAMPLES
-                            {
-                                3
-                            } else {
-                                4
-                            }
-                        }
+                        urgency(cached, open_fds, watched, sample)
                     }
                     _ => 0,
                 };
@@ -171,9 +183,20 @@ impl Sampler {
                 });
             }
         }
-        let unclaimed = watched.iter().any(|socket| !socket.claimed);
+        candidates
+    }
 
-        // Pass 2: walk what is due, most urgent (then least recently walked) first.
+    /// Pass 2 of [`Sampler::scan_processes`]: walks the candidates that are due, most urgent
+    /// (then least recently walked) first, until the budget is spent; the rest are deferred.
+    fn walk_due(
+        &mut self,
+        candidates: &[Candidate],
+        unclaimed: bool,
+        watched: &[WatchedSocket],
+        unbounded: bool,
+        stats: &mut FdWalkStats,
+        errors: &mut ScanErrors,
+    ) {
         let mut due: Vec<usize> = (0..candidates.len())
             .filter(|&index| match candidates[index].urgency {
                 0 | 1 | 3 => true,
@@ -195,162 +218,220 @@ impl Sampler {
             MAX_FDS_WALKED_PER_SAMPLE
         };
         for index in due {
-            let candidate = &candidates[index];
             if budget_left == 0 {
                 stats.processes_deferred += 1;
                 continue;
             }
-            // The walk refills the process's previous lists in place.
-            let (mut sockets, mut listener_fds) = self
-                .processes
-                .get_mut(&candidate.pid)
-                .map(|cached| {
-                    (
-                        std::mem::take(&mut cached.sockets),
-                        std::mem::take(&mut cached.listener_fds),
-                    )
-                })
-                .unwrap_or_default();
-            sockets.clear();
-            listener_fds.clear();
-            let watched_view: &[WatchedSocket] = watched;
-            let lookup = |inode: u64| {
-                socket_inode(inode).and_then(|inode| find_watched(watched_view, inode))
-            };
-            let open_fds = match self.procfs.scan_fds(
-                candidate.pid,
-                |inode| lookup(inode).is_some(),
-                |found| {
-                    let Some(socket) = lookup(found.inode).map(|index| watched_view[index]) else {
-                        return;
-                    };
-                    sockets.push(socket.inode);
-                    if socket.listening {
-                        listener_fds.push((socket.inode, found.fd));
-                    }
-                },
-            ) {
-                Ok(open) => open,
-                Err(err) => {
-                    errors.io(&format!("pid {} fd", candidate.pid), &err);
-                    self.processes.remove(&candidate.pid);
-                    continue;
-                }
+            let Some(open_fds) = self.walk(&candidates[index], watched, errors) else {
+                continue;
             };
             stats.processes_walked += 1;
             stats.descriptors_walked += open_fds;
             budget_left = budget_left.saturating_sub(open_fds.max(1));
-            // A process can hold the same socket in several fds (dup); count sockets once.
-            sockets.sort_unstable();
-            sockets.dedup();
-            listener_fds.sort_unstable_by_key(|(inode, _)| *inode);
-            listener_fds.dedup_by_key(|(inode, _)| *inode);
-            // Kept as they are until the next walk, which may be minutes away: no spare room
-            // (growth during a walk doubles). A no-op when the count did not change.
-            sockets.shrink_to_fit();
-            listener_fds.shrink_to_fit();
-            self.processes.insert(
-                candidate.pid,
-                CachedProcess {
-                    netns: candidate.netns,
-                    // The stat count when known: the walk's own count can be off by the
-                    // descriptors opened or closed while it ran, and would then look changed
-                    // at the next sample.
-                    open_fds: candidate.open_fds.unwrap_or(open_fds),
-                    sockets,
-                    listener_fds,
-                    walked_at: sample,
-                    seen_at: sample,
-                },
-            );
         }
-        stats.processes_cached = candidates
-            .iter()
-            .filter(|candidate| candidate.urgency == 4 || (candidate.urgency == 2 && !unclaimed))
-            .count();
-        self.processes.retain(|_, cached| cached.seen_at == sample);
+    }
 
-        // Pass 3: usage of every process holding watched sockets, in pid order per namespace
-        // (the first owner of a connection is its lowest pid).
-        for candidate in &candidates {
-            let Some(cached) = self.processes.get(&candidate.pid) else {
-                continue;
-            };
-            let pid = candidate.pid;
-            let mut held = cached
-                .sockets
-                .iter()
-                .filter_map(|inode| Some((find_watched(watched, *inode)?, *inode)))
-                .peekable();
-            if held.peek().is_none() {
-                continue;
-            }
-            let comm = match self.procfs.read_comm(pid) {
-                Ok(comm) => comm,
-                Err(err) => {
-                    errors.io(&format!("pid {pid} comm"), &err);
-                    continue;
-                }
-            };
-            let soft_nofile = match self.procfs.read_soft_nofile(pid) {
-                Ok(Ok(limit)) => limit,
-                Ok(Err(err)) => {
-                    errors.parse(&format!("pid {pid} limits"), &err);
-                    continue;
-                }
-                Err(err) => {
-                    errors.io(&format!("pid {pid} limits"), &err);
-                    continue;
-                }
-            };
-            let mut usage = ProcessUsage {
-                pid,
-                comm,
-                netns: candidate.netns,
-                open_fds: candidate.open_fds.unwrap_or(cached.open_fds),
-                soft_nofile,
-                connections: BTreeMap::new(),
-                listening_sockets: BTreeMap::new(),
-            };
-            let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
-            for (index, inode) in held {
-                let socket = watched[index];
-                let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
-                    continue;
+    /// Walks one process's descriptors and caches which watched sockets it holds; the number of
+    /// descriptors walked, or `None` (counted, and the process forgotten) when it could not be.
+    fn walk(
+        &mut self,
+        candidate: &Candidate,
+        watched: &[WatchedSocket],
+        errors: &mut ScanErrors,
+    ) -> Option<u64> {
+        let sample = self.samples;
+        // The walk refills the process's previous lists in place.
+        let (mut sockets, mut listener_fds) = self
+            .processes
+            .get_mut(&candidate.pid)
+            .map(|cached| {
+                (
+                    std::mem::take(&mut cached.sockets),
+                    std::mem::take(&mut cached.listener_fds),
+                )
+            })
+            .unwrap_or_default();
+        sockets.clear();
+        listener_fds.clear();
+        let lookup =
+            |inode: u64| socket_inode(inode).and_then(|inode| find_watched(watched, inode));
+        let open_fds = match self.procfs.scan_fds(
+            candidate.pid,
+            |inode| lookup(inode).is_some(),
+            |found| {
+                let Some(socket) = lookup(found.inode).map(|index| watched[index]) else {
+                    return;
                 };
+                sockets.push(socket.inode);
                 if socket.listening {
-                    counts.1 += 1;
-                    let fd = cached
-                        .listener_fds
-                        .binary_search_by_key(&inode, |(inode, _)| *inode)
-                        .ok()
-                        .map(|at| cached.listener_fds[at].1);
-                    if let Some(fd) = fd {
-                        listener_owners
-                            .entry(u64::from(inode))
-                            .or_insert(ListenerOwner { pid, fd });
-                    }
-                } else {
-                    counts.0 += 1;
+                    listener_fds.push((socket.inode, found.fd));
                 }
-                if let Some(connection) = listed.by_socket(inode) {
-                    connection.owner.get_or_insert_with(|| SocketOwner {
-                        pid,
-                        comm: usage.comm.clone(),
-                    });
-                }
+            },
+        ) {
+            Ok(open) => open,
+            Err(err) => {
+                errors.io(&format!("pid {} fd", candidate.pid), &err);
+                self.processes.remove(&candidate.pid);
+                return None;
             }
-            for (name, (connected, listening)) in self.service_names.iter().zip(per_service) {
-                if connected > 0 {
-                    usage.connections.insert(name.clone(), connected);
+        };
+        // A process can hold the same socket in several fds (dup); count sockets once.
+        sockets.sort_unstable();
+        sockets.dedup();
+        listener_fds.sort_unstable_by_key(|(inode, _)| *inode);
+        listener_fds.dedup_by_key(|(inode, _)| *inode);
+        // Kept as they are until the next walk, which may be minutes away: no spare room
+        // (growth during a walk doubles). A no-op when the count did not change.
+        sockets.shrink_to_fit();
+        listener_fds.shrink_to_fit();
+        self.processes.insert(
+            candidate.pid,
+            CachedProcess {
+                netns: candidate.netns,
+                // The stat count when known: the walk's own count can be off by the
+                // descriptors opened or closed while it ran, and would then look changed
+                // at the next sample.
+                open_fds: candidate.open_fds.unwrap_or(open_fds),
+                sockets,
+                listener_fds,
+                walked_at: sample,
+                seen_at: sample,
+            },
+        );
+        Some(open_fds)
+    }
+
+    /// Pass 3 of [`Sampler::scan_processes`] for one process: its usage if it holds watched
+    /// sockets and its comm and limits could be read. Notes it as the owner of the listed
+    /// connections it holds (unless a lower pid was first) and of its listeners' descriptors.
+    fn usage_of(
+        &self,
+        candidate: &Candidate,
+        watched: &[WatchedSocket],
+        listed: &mut ListedConnections,
+        listener_owners: &mut HashMap<u64, ListenerOwner>,
+        errors: &mut ScanErrors,
+    ) -> Option<ProcessUsage> {
+        let cached = self.processes.get(&candidate.pid)?;
+        let pid = candidate.pid;
+        let mut held = cached
+            .sockets
+            .iter()
+            .filter_map(|inode| Some((find_watched(watched, *inode)?, *inode)))
+            .peekable();
+        held.peek()?;
+        let (comm, soft_nofile) = self.comm_and_limit(pid, errors)?;
+        let mut usage = ProcessUsage {
+            pid,
+            comm,
+            netns: candidate.netns,
+            open_fds: candidate.open_fds.unwrap_or(cached.open_fds),
+            soft_nofile,
+            connections: BTreeMap::new(),
+            listening_sockets: BTreeMap::new(),
+        };
+        let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
+        for (index, inode) in held {
+            let socket = watched[index];
+            let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
+                continue;
+            };
+            if socket.listening {
+                counts.1 += 1;
+                let fd = cached
+                    .listener_fds
+                    .binary_search_by_key(&inode, |(inode, _)| *inode)
+                    .ok()
+                    .map(|at| cached.listener_fds[at].1);
+                if let Some(fd) = fd {
+                    listener_owners
+                        .entry(u64::from(inode))
+                        .or_insert(ListenerOwner { pid, fd });
                 }
-                if listening > 0 {
-                    usage.listening_sockets.insert(name.clone(), listening);
-                }
+            } else {
+                counts.0 += 1;
             }
-            processes.push(usage);
+            if let Some(connection) = listed.by_socket(inode) {
+                connection.owner.get_or_insert_with(|| SocketOwner {
+                    pid,
+                    comm: usage.comm.clone(),
+                });
+            }
         }
-        (processes, listener_owners, stats)
+        for (name, (connected, listening)) in self.service_names.iter().zip(per_service) {
+            if connected > 0 {
+                usage.connections.insert(name.clone(), connected);
+            }
+            if listening > 0 {
+                usage.listening_sockets.insert(name.clone(), listening);
+            }
+        }
+        Some(usage)
+    }
+
+    /// A process's comm and soft RLIMIT_NOFILE, or `None` (counted) when either is unreadable.
+    fn comm_and_limit(&self, pid: u32, errors: &mut ScanErrors) -> Option<(String, u64)> {
+        let comm = match self.procfs.read_comm(pid) {
+            Ok(comm) => comm,
+            Err(err) => {
+                errors.io(&format!("pid {pid} comm"), &err);
+                return None;
+            }
+        };
+        let soft_nofile = match self.procfs.read_soft_nofile(pid) {
+            Ok(Ok(limit)) => limit,
+            Ok(Err(err)) => {
+                errors.parse(&format!("pid {pid} limits"), &err);
+                return None;
+            }
+            Err(err) => {
+                errors.io(&format!("pid {pid} limits"), &err);
+                return None;
+            }
+        };
+        Some((comm, soft_nofile))
+    }
+}
+
+/// A process that may hold watched sockets, as pass 1 of [`Sampler::scan_processes`] found it.
+struct Candidate {
+    pid: u32,
+    netns: u64,
+    /// From stat, when supported.
+    open_fds: Option<u64>,
+    /// 0 = never walked or its result is void, 1 = an owner that changed, 2 = a
+    /// non-owner that changed, 3 = due for the periodic walk, 4 = cached result holds.
+    urgency: u8,
+}
+
+/// How urgently a process walked before (in the same namespace) needs walking again (see
+/// [`Candidate::urgency`]); claims its sockets when its cached result still holds.
+fn urgency(
+    cached: &mut CachedProcess,
+    open_fds: Option<u64>,
+    watched: &mut [WatchedSocket],
+    sample: u64,
+) -> u8 {
+    cached.seen_at = sample;
+    let unchanged = open_fds == Some(cached.open_fds);
+    let sockets_present = cached
+        .sockets
+        .iter()
+        .all(|inode| find_watched(watched, *inode).is_some());
+    if !sockets_present || (!unchanged && !cached.sockets.is_empty()) {
+        return 1;
+    }
+    for inode in &cached.sockets {
+        if let Some(index) = find_watched(watched, *inode) {
+            watched[index].claimed = true;
+        }
+    }
+    if !unchanged {
+        2
+    } else if sample.saturating_sub(cached.walked_at) >= REWALK_AFTER_SAMPLES {
+        3
+    } else {
+        4
     }
 }
 

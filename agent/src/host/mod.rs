@@ -78,11 +78,11 @@ pub use tables::TableSources;
 
 use crate::model::Role;
 use aggregate::{CounterAccumulator, ListenerDrops};
-use fd_walk::{CachedProcess, ListedConnections, REWALK_AFTER_SAMPLES};
-use found::{Found, WatchedSocket};
+use fd_walk::{CachedProcess, ListedConnections};
+use found::WatchedSocket;
 use parse::ParseError;
 use scan::{classify, Failure, ProcFs};
-use tables::{keep_reused_connections, uncount_repeated_rows, NamespaceDump};
+use tables::NamespaceDump;
 
 #[derive(Debug, Clone)]
 pub struct SamplerConfig {
@@ -350,154 +350,39 @@ impl Sampler {
                 path: self.procfs.root().display().to_string(),
                 source,
             })?;
-
-        let mut namespaces: BTreeMap<u64, Namespace> = BTreeMap::new();
-        for &pid in &pids {
-            match self.procfs.netns_of(pid) {
-                Ok(netns) => namespaces.entry(netns).or_default().members.push(pid),
-                Err(err) => errors.io(&format!("pid {pid} ns/net"), &err),
-            }
-        }
-
+        let mut namespaces = self.group_by_namespace(&pids, &mut errors);
         let fd_counts = self.fd_counts(&namespaces, &mut errors);
         let namespaces_done = started.elapsed();
 
-        // Which namespaces reuse their last full dump: no TCP connection opened or closed in
-        // them since (and that is recent), so their watched connections still hold and only
-        // listeners are dumped. Decided for every namespace before any is read, so the last
-        // sample's list can be cut down to their connections in one pass.
-        let mut plans = Vec::with_capacity(namespaces.len());
-        for (&netns, namespace) in &namespaces {
-            let counters = self.connection_counters(namespace);
-            let reusable = self.namespace_dumps.remove(&netns).filter(|last| {
-                !list_connections
-                    && counters == Some(last.counters)
-                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
-            });
-            plans.push((counters, reusable));
-        }
-        let mut watched = std::mem::take(&mut self.watched_buffer);
-        keep_reused_connections(
-            &mut watched,
-            plans.iter().map(|(_, reusable)| reusable.as_ref()),
-        );
-        let mut found = Found::new(self.service_names.len(), list_connections, watched);
-        let own_netns = self.procfs.own_netns().ok();
-        for (position, ((&netns, namespace), (counters, reusable))) in
-            namespaces.iter_mut().zip(plans).enumerate()
-        {
-            // Each namespace has a process in it: far fewer than 2^32.
-            found.namespace = u32::try_from(position).unwrap_or(u32::MAX);
-            let first = found.watched.len();
-            // Only a fresh dump needs the counts before it, to tell its own.
-            let counts_before = reusable
-                .is_none()
-                .then(|| found.connections_by_service.clone());
-            let diag_before = found.sources.sock_diag;
-            // A reusable namespace is read for its listeners only.
-            found.listeners_only = reusable.is_some();
-            self.read_namespace(
-                netns,
-                own_netns == Some(netns),
-                namespace,
-                &mut found,
-                &mut errors,
-            );
-            found.listeners_only = false;
-            if let Some(mut last) = reusable {
-                for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
-                    *total += count;
-                }
-                namespace.has_watched_sockets |= last.has_sockets;
-                found.sources.reused_namespaces += 1;
-                last.namespace = found.namespace;
-                self.namespace_dumps.insert(netns, last);
-                continue;
-            }
-            let counts_before = counts_before.unwrap_or_default();
-            if let Some(counters) = counters.filter(|_| found.sources.sock_diag > diag_before) {
-                let counts = found
-                    .connections_by_service
-                    .iter()
-                    .zip(&counts_before)
-                    .map(|(after, before)| after - before)
-                    .collect();
-                self.namespace_dumps.insert(
-                    netns,
-                    NamespaceDump {
-                        counters,
-                        sample: self.samples,
-                        namespace: found.namespace,
-                        has_sockets: found.watched[first..]
-                            .iter()
-                            .any(|socket| !socket.listening),
-                        counts,
-                    },
-                );
-            }
-        }
-        self.namespace_dumps
-            .retain(|netns, _| namespaces.contains_key(netns));
-        found.finish();
-        uncount_repeated_rows(
-            &mut self.namespace_dumps,
-            namespaces.keys().copied(),
-            &found.repeated_connections,
-        );
-        let Found {
-            mut watched,
-            mut listeners,
-            mut connections,
-            connection_of,
-            connections_by_service,
-            netstat_readings,
-            duplicate_connections,
-            sources,
-            ..
-        } = found;
-
+        let mut found = self.read_tables(&mut namespaces, list_connections, &mut errors);
         let tables_done = started.elapsed();
+
         let (processes, listener_owners, fd_walk) = self.scan_processes(
             &namespaces,
             &fd_counts,
-            &mut watched,
+            &mut found.watched,
             ListedConnections {
-                connections: &mut connections,
-                by_inode: &connection_of,
+                connections: &mut found.connections,
+                by_inode: &found.connection_of,
             },
             list_connections,
             &mut errors,
         );
-        if !duplicate_connections.is_empty() {
-            let mut index = 0;
-            connections.retain(|_| {
-                let keep = duplicate_connections.binary_search(&index).is_err();
-                index += 1;
-                keep
-            });
-        }
+        let mut connections = found.connections;
+        drop_duplicates(&mut connections, &found.duplicate_connections);
         let fds_done = started.elapsed();
+        let mut listeners = found.listeners;
         self.fill_backlog_limits(&namespaces, &listener_owners, &mut listeners, &mut errors);
         let backlog_done = started.elapsed();
 
-        let file_handles = match self.procfs.read_file_nr() {
-            Ok(Ok(handles)) => Some(handles),
-            Ok(Err(err)) => {
-                errors.parse("sys/fs/file-nr", &err);
-                None
-            }
-            Err(err) => {
-                errors.io("sys/fs/file-nr", &err);
-                None
-            }
-        };
-
+        let file_handles = self.file_handles(&mut errors);
+        let mut watched = found.watched;
         shrink_after_spike(&mut watched);
         self.watched_buffer = watched;
         release_freed_memory();
 
         let alive: BTreeSet<u64> = namespaces.keys().copied().collect();
-        let tcp_ext = self.counters.update(&netstat_readings, &alive);
+        let tcp_ext = self.counters.update(&found.netstat_readings, &alive);
         let listen_queues = aggregate::summarize_listen_queues(&self.service_names, &listeners);
         let listener_drops = self.listener_drops.update(&listeners);
         let comms = aggregate::aggregate_by_comm(&processes, self.max_comms);
@@ -511,10 +396,10 @@ impl Sampler {
             },
             processes_seen: pids.len(),
             network_namespaces: namespaces.len(),
-            table_sources: sources,
+            table_sources: found.sources,
             fd_walk,
             tcp_ext,
-            tcp_ext_by_netns: netstat_readings.into_iter().collect(),
+            tcp_ext_by_netns: found.netstat_readings.into_iter().collect(),
             file_handles,
             listeners,
             listen_queues,
@@ -523,7 +408,7 @@ impl Sampler {
                 .service_names
                 .iter()
                 .cloned()
-                .zip(connections_by_service)
+                .zip(found.connections_by_service)
                 .collect(),
             processes,
             comms,
@@ -531,6 +416,50 @@ impl Sampler {
         };
         Ok((snapshot, connections))
     }
+
+    /// Step 1: the pids grouped by network namespace inode.
+    fn group_by_namespace(
+        &self,
+        pids: &[u32],
+        errors: &mut ScanErrors,
+    ) -> BTreeMap<u64, Namespace> {
+        let mut namespaces: BTreeMap<u64, Namespace> = BTreeMap::new();
+        for &pid in pids {
+            match self.procfs.netns_of(pid) {
+                Ok(netns) => namespaces.entry(netns).or_default().members.push(pid),
+                Err(err) => errors.io(&format!("pid {pid} ns/net"), &err),
+            }
+        }
+        namespaces
+    }
+
+    /// The host's file handles (`/proc/sys/fs/file-nr`), `None` (counted) when unreadable.
+    fn file_handles(&self, errors: &mut ScanErrors) -> Option<FileHandles> {
+        match self.procfs.read_file_nr() {
+            Ok(Ok(handles)) => Some(handles),
+            Ok(Err(err)) => {
+                errors.parse("sys/fs/file-nr", &err);
+                None
+            }
+            Err(err) => {
+                errors.io("sys/fs/file-nr", &err);
+                None
+            }
+        }
+    }
+}
+
+/// Drops the listed connections at the (sorted) positions the tables found twice.
+fn drop_duplicates(connections: &mut Vec<WatchedConnection>, duplicates: &[u32]) {
+    if duplicates.is_empty() {
+        return;
+    }
+    let mut index: u32 = 0;
+    connections.retain(|_| {
+        let keep = duplicates.binary_search(&index).is_err();
+        index += 1;
+        keep
+    });
 }
 
 /// Hands memory freed by this sample back to the kernel. glibc keeps freed memory in the

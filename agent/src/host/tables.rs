@@ -5,13 +5,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fs::File,
     io,
+    ops::ControlFlow,
 };
 
 use super::{
     aggregate::ListenerQueue,
     diag,
     fd_walk::ListenerOwner,
+    fd_walk::REWALK_AFTER_SAMPLES,
     found::{Found, ListenerCounts, WatchedSocket},
     parse::{self, tcp_state, ParseError, TcpRow},
     scan::{classify, Failure},
@@ -79,6 +82,99 @@ pub(super) struct NamespaceDump {
 const REPRESENTATIVE_ATTEMPTS: usize = 4;
 
 impl Sampler {
+    /// Step 2 for every namespace: its watched sockets and TcpExt counters. A namespace whose
+    /// last full dump is reused is read for its listeners only; a fresh full dump is kept for
+    /// reuse by the next samples.
+    pub(super) fn read_tables(
+        &mut self,
+        namespaces: &mut BTreeMap<u64, Namespace>,
+        list_connections: bool,
+        errors: &mut ScanErrors,
+    ) -> Found {
+        let plans = self.reuse_plans(namespaces, list_connections);
+        let mut watched = std::mem::take(&mut self.watched_buffer);
+        keep_reused_connections(
+            &mut watched,
+            plans.iter().map(|(_, reusable)| reusable.as_ref()),
+        );
+        let mut found = Found::new(self.service_names.len(), list_connections, watched);
+        let own_netns = self.procfs.own_netns().ok();
+        for (position, ((&netns, namespace), (counters, reusable))) in
+            namespaces.iter_mut().zip(plans).enumerate()
+        {
+            // Each namespace has a process in it: far fewer than 2^32.
+            found.namespace = u32::try_from(position).unwrap_or(u32::MAX);
+            let first = found.watched.len();
+            // Only a fresh dump needs the counts before it, to tell its own.
+            let counts_before = reusable
+                .is_none()
+                .then(|| found.connections_by_service.clone());
+            let diag_before = found.sources.sock_diag;
+            // A reusable namespace is read for its listeners only.
+            found.listeners_only = reusable.is_some();
+            self.read_namespace(
+                netns,
+                own_netns == Some(netns),
+                namespace,
+                &mut found,
+                errors,
+            );
+            found.listeners_only = false;
+            if let Some(mut last) = reusable {
+                for (total, count) in found.connections_by_service.iter_mut().zip(&last.counts) {
+                    *total += count;
+                }
+                namespace.has_watched_sockets |= last.has_sockets;
+                found.sources.reused_namespaces += 1;
+                last.namespace = found.namespace;
+                self.namespace_dumps.insert(netns, last);
+                continue;
+            }
+            if let Some(counters) = counters.filter(|_| found.sources.sock_diag > diag_before) {
+                let dump = fresh_dump(
+                    counters,
+                    self.samples,
+                    &found,
+                    first,
+                    &counts_before.unwrap_or_default(),
+                );
+                self.namespace_dumps.insert(netns, dump);
+            }
+        }
+        self.namespace_dumps
+            .retain(|netns, _| namespaces.contains_key(netns));
+        found.finish();
+        uncount_repeated_rows(
+            &mut self.namespace_dumps,
+            namespaces.keys().copied(),
+            &found.repeated_connections,
+        );
+        found
+    }
+
+    /// Which namespaces reuse their last full dump: no TCP connection opened or closed in
+    /// them since (and that is recent), so their watched connections still hold and only
+    /// listeners are dumped. Decided for every namespace before any is read, so the last
+    /// sample's list can be cut down to their connections in one pass. One entry per
+    /// namespace, in order: its connection counters now and the dump to reuse.
+    fn reuse_plans(
+        &mut self,
+        namespaces: &BTreeMap<u64, Namespace>,
+        list_connections: bool,
+    ) -> Vec<(Option<parse::TcpConnectionCounters>, Option<NamespaceDump>)> {
+        let mut plans = Vec::with_capacity(namespaces.len());
+        for (&netns, namespace) in namespaces {
+            let counters = self.connection_counters(namespace);
+            let reusable = self.namespace_dumps.remove(&netns).filter(|last| {
+                !list_connections
+                    && counters == Some(last.counters)
+                    && self.samples - last.sample < REWALK_AFTER_SAMPLES
+            });
+            plans.push((counters, reusable));
+        }
+        plans
+    }
+
     /// Reads one namespace's sockets, with sock_diag when possible and from its /proc text
     /// otherwise, and its TcpExt counters, recording its watched sockets in `found`.
     pub(super) fn read_namespace(
@@ -123,25 +219,9 @@ impl Sampler {
         let handle = if own {
             None
         } else {
-            let mut opened = None;
-            for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
-                match self.procfs.open_netns(pid) {
-                    Ok(handle) => {
-                        namespace.representative = Some(pid);
-                        opened = Some(handle);
-                        break;
-                    }
-                    Err(err) if classify(&err) == Failure::Vanished => continue,
-                    Err(err) => {
-                        errors.io(&format!("netns {netns} open"), &err);
-                        return false;
-                    }
-                }
-            }
-            match opened {
-                Some(handle) => Some(handle),
-                // Every member tried has exited: the namespace is going away.
-                None => return true,
+            match self.open_member_netns(netns, namespace, errors) {
+                ControlFlow::Continue(handle) => Some(handle),
+                ControlFlow::Break(done) => return done,
             }
         };
         let states = if found.listeners_only {
@@ -156,60 +236,111 @@ impl Sampler {
                 self.port_filter.as_deref()
             };
             let mark = found.mark();
-            let ports = &self.ports;
-            let names = &self.service_names;
-            let result = {
-                let mut visit = |socket: diag::DiagSocket| {
-                    let row = TcpRow {
-                        local: socket.local,
-                        remote: socket.remote,
-                        state: socket.state,
-                        tx_queue: socket.wqueue,
-                        rx_queue: socket.rqueue,
-                        inode: socket.inode,
-                    };
-                    if let Some((service, role)) = service_of(ports, &row) {
-                        // sock_diag reports a listener's accept-queue limit as its wqueue.
-                        let counts = ListenerCounts {
-                            limit: (row.state == tcp_state::LISTEN).then_some(socket.wqueue),
-                            drops: socket.drops,
-                        };
-                        found.record(names, netns, row, service, role, counts);
-                    }
-                };
-                diag::dump_sockets(handle.as_ref(), states, filter, &mut visit)
-            };
-            match result {
+            match self.dump_namespace(netns, handle.as_ref(), states, filter, found) {
                 Ok(()) => {
                     found.commit_namespace(namespace);
                     return true;
                 }
                 Err(err) => {
                     found.rollback(mark);
-                    match &err {
-                        diag::DiagError::Kernel(errno)
-                            if *errno == libc::EINVAL && filter.is_some() =>
-                        {
-                            tracing::warn!(%err, "sock_diag refused the port filter; dumping all TCP sockets and filtering here");
-                            self.port_filter_refused = true;
-                            continue;
-                        }
-                        diag::DiagError::Unavailable(_) => {
-                            tracing::warn!(%err, "sock_diag unavailable; reading /proc/<pid>/net/tcp text instead (costs CPU per socket on the host)");
-                            self.sock_diag_unavailable = true;
-                        }
-                        diag::DiagError::Setns(io)
-                            if !own && matches!(io.raw_os_error(), Some(libc::EPERM)) =>
-                        {
-                            tracing::info!("setns refused (no CAP_SYS_ADMIN): other network namespaces are read from /proc text");
-                            self.setns_refused = true;
-                        }
-                        _ => errors.diag(&format!("netns {netns} sock_diag"), &err),
+                    let filtered = filter.is_some();
+                    if !self.dump_failed(&err, netns, own, filtered, errors) {
+                        return false;
                     }
-                    return false;
                 }
             }
         }
+    }
+
+    /// Opens another namespace through one of its first members: the handle, or what
+    /// [`Sampler::read_namespace_diag`] returns without one (true when every member tried has
+    /// exited, false, counted, when the open failed).
+    fn open_member_netns(
+        &self,
+        netns: u64,
+        namespace: &mut Namespace,
+        errors: &mut ScanErrors,
+    ) -> ControlFlow<bool, File> {
+        for &pid in namespace.members.iter().take(REPRESENTATIVE_ATTEMPTS) {
+            match self.procfs.open_netns(pid) {
+                Ok(handle) => {
+                    namespace.representative = Some(pid);
+                    return ControlFlow::Continue(handle);
+                }
+                Err(err) if classify(&err) == Failure::Vanished => continue,
+                Err(err) => {
+                    errors.io(&format!("netns {netns} open"), &err);
+                    return ControlFlow::Break(false);
+                }
+            }
+        }
+        // Every member tried has exited: the namespace is going away.
+        ControlFlow::Break(true)
+    }
+
+    /// One sock_diag dump of the namespace (ours when `handle` is `None`), recording the
+    /// watched sockets in `found`.
+    fn dump_namespace(
+        &self,
+        netns: u64,
+        handle: Option<&File>,
+        states: u32,
+        filter: Option<&[u8]>,
+        found: &mut Found,
+    ) -> Result<(), diag::DiagError> {
+        let ports = &self.ports;
+        let names = &self.service_names;
+        let mut visit = |socket: diag::DiagSocket| {
+            let row = TcpRow {
+                local: socket.local,
+                remote: socket.remote,
+                state: socket.state,
+                tx_queue: socket.wqueue,
+                rx_queue: socket.rqueue,
+                inode: socket.inode,
+            };
+            if let Some((service, role)) = service_of(ports, &row) {
+                // sock_diag reports a listener's accept-queue limit as its wqueue.
+                let counts = ListenerCounts {
+                    limit: (row.state == tcp_state::LISTEN).then_some(socket.wqueue),
+                    drops: socket.drops,
+                };
+                found.record(names, netns, row, service, role, counts);
+            }
+        };
+        diag::dump_sockets(handle, states, filter, &mut visit)
+    }
+
+    /// Notes why a dump failed: true when it is worth retrying at once (the kernel refused the
+    /// port filter, so the next dump goes without it), false when the namespace is read from
+    /// /proc text instead (the reason logged once and remembered, or counted).
+    fn dump_failed(
+        &mut self,
+        err: &diag::DiagError,
+        netns: u64,
+        own: bool,
+        filtered: bool,
+        errors: &mut ScanErrors,
+    ) -> bool {
+        match err {
+            diag::DiagError::Kernel(errno) if *errno == libc::EINVAL && filtered => {
+                tracing::warn!(%err, "sock_diag refused the port filter; dumping all TCP sockets and filtering here");
+                self.port_filter_refused = true;
+                return true;
+            }
+            diag::DiagError::Unavailable(_) => {
+                tracing::warn!(%err, "sock_diag unavailable; reading /proc/<pid>/net/tcp text instead (costs CPU per socket on the host)");
+                self.sock_diag_unavailable = true;
+            }
+            diag::DiagError::Setns(io)
+                if !own && matches!(io.raw_os_error(), Some(libc::EPERM)) =>
+            {
+                tracing::info!("setns refused (no CAP_SYS_ADMIN): other network namespaces are read from /proc text");
+                self.setns_refused = true;
+            }
+            _ => errors.diag(&format!("netns {netns} sock_diag"), err),
+        }
+        false
     }
 
     /// The /proc text path: the namespace's tables and counters through its first member that
@@ -454,5 +585,31 @@ pub(super) fn uncount_repeated_rows(
         if let Some(count) = dump.and_then(|dump| dump.counts.get_mut(usize::from(service))) {
             *count = count.saturating_sub(1);
         }
+    }
+}
+
+/// The dump just read for the namespace at `found.namespace`, whose watched sockets start at
+/// `first` in `found.watched`; `counts_before` are the per-service counts before it was read.
+fn fresh_dump(
+    counters: parse::TcpConnectionCounters,
+    sample: u64,
+    found: &Found,
+    first: usize,
+    counts_before: &[u64],
+) -> NamespaceDump {
+    let counts = found
+        .connections_by_service
+        .iter()
+        .zip(counts_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    NamespaceDump {
+        counters,
+        sample,
+        namespace: found.namespace,
+        has_sockets: found.watched[first..]
+            .iter()
+            .any(|socket| !socket.listening),
+        counts,
     }
 }

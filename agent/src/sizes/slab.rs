@@ -94,17 +94,7 @@ impl MemcachedSettings {
         while i < args.len() {
             let arg = args[i].as_ref();
             i += 1;
-            // (option name, inline value) for `-f1.1`, `--slab-growth-factor=1.1`.
-            let (name, inline) = if let Some(long) = arg.strip_prefix("--") {
-                match long.split_once('=') {
-                    Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
-                    None => (arg.to_string(), None),
-                }
-            } else if arg.len() > 2 && arg.starts_with('-') && "fnIo".contains(&arg[1..2]) {
-                (arg[..2].to_string(), Some(arg[2..].to_string()))
-            } else {
-                (arg.to_string(), None)
-            };
+            let (name, inline) = split_option(arg);
             let takes_value = matches!(
                 name.as_str(),
                 "-f" | "--slab-growth-factor"
@@ -149,31 +139,40 @@ impl MemcachedSettings {
                     settings.min_size = parse_number::<u64>(&name, &value)?.max(1)
                 }
                 "-I" | "--max-item-size" => settings.item_size_max = parse_size(&name, &value)?,
-                _ => {
-                    for option in value.split(',') {
-                        let (key, val) = option.split_once('=').unwrap_or((option, ""));
-                        match key.trim() {
-                            "slab_chunk_max" => {
-                                settings.slab_chunk_max = parse_size(key, val)?;
-                                chunk_max_set = true;
-                            }
-                            "slab_sizes" => {
-                                let sizes = val
-                                    .split('-')
-                                    .map(|s| parse_number::<u64>(key, s))
-                                    .collect::<Result<Vec<_>, _>>()?;
-                                settings.slab_sizes = Some(sizes);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
+                _ => settings.apply_extended(&value, &mut chunk_max_set)?,
             }
         }
         if !chunk_max_set {
             settings.slab_chunk_max = SLAB_PAGE / 2;
         }
         Ok(settings)
+    }
+
+    /// `-o` / `--extended` options: the slab ones, the rest ignored. `chunk_max_set` notes an
+    /// explicit `slab_chunk_max`.
+    fn apply_extended(
+        &mut self,
+        value: &str,
+        chunk_max_set: &mut bool,
+    ) -> Result<(), SettingsError> {
+        for option in value.split(',') {
+            let (key, val) = option.split_once('=').unwrap_or((option, ""));
+            match key.trim() {
+                "slab_chunk_max" => {
+                    self.slab_chunk_max = parse_size(key, val)?;
+                    *chunk_max_set = true;
+                }
+                "slab_sizes" => {
+                    let sizes = val
+                        .split('-')
+                        .map(|s| parse_number::<u64>(key, s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.slab_sizes = Some(sizes);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The bytes an item takes before rounding to a chunk: header, key, the key's terminator,
@@ -579,6 +578,21 @@ impl SlabFitTracker {
             .collect();
         reports.sort_by(|a, b| (&a.service, &a.server).cmp(&(&b.service, &b.server)));
         reports
+    }
+}
+
+/// (option name, inline value) of one argument: `-f1.1` and `--slab-growth-factor=1.1` carry
+/// their value, `-f` and `--slab-growth-factor` take the next argument.
+fn split_option(arg: &str) -> (String, Option<String>) {
+    if let Some(long) = arg.strip_prefix("--") {
+        match long.split_once('=') {
+            Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
+            None => (arg.to_string(), None),
+        }
+    } else if arg.len() > 2 && arg.starts_with('-') && "fnIo".contains(&arg[1..2]) {
+        (arg[..2].to_string(), Some(arg[2..].to_string()))
+    } else {
+        (arg.to_string(), None)
     }
 }
 

@@ -9,8 +9,8 @@ use crate::{
     export::metrics::*,
     keystats::ring_view::RingView,
     memcache::decoders::MemcacheEvent,
-    memcache::Command,
-    model::{Role, Status, SynDirection},
+    memcache::{Command, RequestObservation},
+    model::{ClosedBy, Role, Status, SynDirection},
     services::SharedServices,
     sizes::{size_samples, SizeKind},
 };
@@ -207,62 +207,11 @@ impl ObservationRecorder {
             MemcacheEvent::Request {
                 endpoint, request, ..
             } => {
-                // Per request: one lookup when the series handle is cached, as it almost
-                // always is.
-                let key = (*endpoint, request.command, request.status);
-                match self.request_counters.get(&key) {
-                    Some(counter) => {
-                        counter.inc_by(weight);
-                    }
-                    None => {
-                        let labels = self.endpoint_labels(endpoint);
-                        let counter = self
-                            .metrics
-                            .memcache_requests
-                            .get_or_create(
-                                &labels.request(request.command.as_str(), request.status.as_str()),
-                            )
-                            .clone();
-                        counter.inc_by(weight);
-                        self.request_counters.insert(key, counter);
-                    }
-                }
+                self.count_request(endpoint, request, weight);
                 if let Some(latency) = request.latency_ns {
-                    let seconds = latency as f64 / 1e9;
-                    let exemplar = self.exemplar(request, latency);
-                    let key = (*endpoint, request.command);
-                    match self.duration_histograms.get(&key) {
-                        Some(histogram) => histogram.observe(seconds, exemplar),
-                        None => {
-                            let labels = self.endpoint_labels(endpoint);
-                            let histogram = self
-                                .metrics
-                                .memcache_duration
-                                .get_or_create(&labels.command(request.command.as_str()))
-                                .clone();
-                            histogram.observe(seconds, exemplar);
-                            self.duration_histograms.insert(key, histogram);
-                        }
-                    }
+                    self.observe_latency(endpoint, request, latency);
                 }
-                for (kind, sample) in size_samples(request) {
-                    let Some(sample) = sample else { continue };
-                    let key = (*endpoint, request.command, kind);
-                    if let Some(histogram) = self.size_histograms.get(&key) {
-                        histogram.observe(sample);
-                        continue;
-                    }
-                    let labels = self.endpoint_labels(endpoint);
-                    let family = match kind {
-                        SizeKind::Value => &self.metrics.memcache_value_size,
-                        SizeKind::Keys => &self.metrics.memcache_keys_per_request,
-                    };
-                    let histogram = family
-                        .get_or_create(&labels.command(request.command.as_str()))
-                        .clone();
-                    histogram.observe(sample);
-                    self.size_histograms.insert(key, histogram);
-                }
+                self.observe_sizes(endpoint, request);
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
                     let labels = self.endpoint_labels(endpoint);
                     let name = String::from_utf8_lossy(key.as_bytes()).into_owned();
@@ -313,6 +262,69 @@ impl ObservationRecorder {
         }
     }
 
+    /// Per request: one lookup when the series handle is cached, as it almost always is.
+    fn count_request(&mut self, endpoint: &Endpoint, request: &RequestObservation, weight: u64) {
+        let key = (*endpoint, request.command, request.status);
+        match self.request_counters.get(&key) {
+            Some(counter) => {
+                counter.inc_by(weight);
+            }
+            None => {
+                let labels = self.endpoint_labels(endpoint);
+                let counter = self
+                    .metrics
+                    .memcache_requests
+                    .get_or_create(
+                        &labels.request(request.command.as_str(), request.status.as_str()),
+                    )
+                    .clone();
+                counter.inc_by(weight);
+                self.request_counters.insert(key, counter);
+            }
+        }
+    }
+
+    fn observe_latency(&mut self, endpoint: &Endpoint, request: &RequestObservation, latency: u64) {
+        let seconds = latency as f64 / 1e9;
+        let exemplar = self.exemplar(request, latency);
+        let key = (*endpoint, request.command);
+        match self.duration_histograms.get(&key) {
+            Some(histogram) => histogram.observe(seconds, exemplar),
+            None => {
+                let labels = self.endpoint_labels(endpoint);
+                let histogram = self
+                    .metrics
+                    .memcache_duration
+                    .get_or_create(&labels.command(request.command.as_str()))
+                    .clone();
+                histogram.observe(seconds, exemplar);
+                self.duration_histograms.insert(key, histogram);
+            }
+        }
+    }
+
+    /// Value sizes and keys per request, where the request has them.
+    fn observe_sizes(&mut self, endpoint: &Endpoint, request: &RequestObservation) {
+        for (kind, sample) in size_samples(request) {
+            let Some(sample) = sample else { continue };
+            let key = (*endpoint, request.command, kind);
+            if let Some(histogram) = self.size_histograms.get(&key) {
+                histogram.observe(sample);
+                continue;
+            }
+            let labels = self.endpoint_labels(endpoint);
+            let family = match kind {
+                SizeKind::Value => &self.metrics.memcache_value_size,
+                SizeKind::Keys => &self.metrics.memcache_keys_per_request,
+            };
+            let histogram = family
+                .get_or_create(&labels.command(request.command.as_str()))
+                .clone();
+            histogram.observe(sample);
+            self.size_histograms.insert(key, histogram);
+        }
+    }
+
     pub fn record_key_split(&mut self, service: usize) {
         let service = self.service_name(service);
         self.metrics
@@ -354,53 +366,15 @@ impl ObservationRecorder {
 
     pub fn record(&mut self, observation: &Observation) {
         match observation {
-            Observation::ConnectionOpened { endpoint, .. } => {
-                if endpoint.role == Role::Client {
-                    self.ring_view
-                        .opened(endpoint.service, endpoint.server, unix_now());
-                }
-                let labels = self.endpoint_labels(endpoint);
-                self.metrics.connections_opened.get_or_create(&labels).inc();
-                self.metrics.connections_active.get_or_create(&labels).inc();
-            }
-            Observation::ConnectionAdopted { endpoint } => {
-                if endpoint.role == Role::Client {
-                    self.ring_view
-                        .opened(endpoint.service, endpoint.server, unix_now());
-                }
-                let labels = self.endpoint_labels(endpoint);
-                self.metrics.connections_active.get_or_create(&labels).inc();
-                // Make the opened counter exist for this endpoint so rates start at 0.
-                let _ = self.metrics.connections_opened.get_or_create(&labels);
-            }
+            Observation::ConnectionOpened { endpoint, .. } => self.record_open(endpoint, false),
+            Observation::ConnectionAdopted { endpoint } => self.record_open(endpoint, true),
             Observation::ConnectionClosed {
                 endpoint,
                 closed_by,
                 duration_ns,
                 idle_before_close_ns,
                 ..
-            } => {
-                if endpoint.role == Role::Client {
-                    self.ring_view
-                        .closed(endpoint.service, endpoint.server, unix_now());
-                }
-                let labels = self.endpoint_labels(endpoint);
-                self.metrics.connections_active.get_or_create(&labels).dec();
-                let closed = labels.clone().closed(closed_by.as_str());
-                self.metrics.connections_closed.get_or_create(&closed).inc();
-                if let Some(idle) = idle_before_close_ns {
-                    self.metrics
-                        .idle_before_close
-                        .get_or_create(&closed)
-                        .observe(*idle as f64 / 1e9);
-                }
-                if let Some(duration) = duration_ns {
-                    self.metrics
-                        .connection_duration
-                        .get_or_create(&labels)
-                        .observe(*duration as f64 / 1e9);
-                }
-            }
+            } => self.record_close(endpoint, *closed_by, *duration_ns, *idle_before_close_ns),
             Observation::DeadSocketWrite(write) => {
                 let labels = self.endpoint_labels(&write.endpoint);
                 let comm = self.comm_label(&write.comm);
@@ -459,6 +433,52 @@ impl ObservationRecorder {
                     .get_or_create(&SourceLabels { source: "tracker" })
                     .inc();
             }
+        }
+    }
+
+    /// A connection opened, or `adopted` (open before the agent started: active, not opened).
+    fn record_open(&mut self, endpoint: &Endpoint, adopted: bool) {
+        if endpoint.role == Role::Client {
+            self.ring_view
+                .opened(endpoint.service, endpoint.server, unix_now());
+        }
+        let labels = self.endpoint_labels(endpoint);
+        if adopted {
+            self.metrics.connections_active.get_or_create(&labels).inc();
+            // Make the opened counter exist for this endpoint so rates start at 0.
+            let _ = self.metrics.connections_opened.get_or_create(&labels);
+        } else {
+            self.metrics.connections_opened.get_or_create(&labels).inc();
+            self.metrics.connections_active.get_or_create(&labels).inc();
+        }
+    }
+
+    fn record_close(
+        &mut self,
+        endpoint: &Endpoint,
+        closed_by: ClosedBy,
+        duration_ns: Option<u64>,
+        idle_before_close_ns: Option<u64>,
+    ) {
+        if endpoint.role == Role::Client {
+            self.ring_view
+                .closed(endpoint.service, endpoint.server, unix_now());
+        }
+        let labels = self.endpoint_labels(endpoint);
+        self.metrics.connections_active.get_or_create(&labels).dec();
+        let closed = labels.clone().closed(closed_by.as_str());
+        self.metrics.connections_closed.get_or_create(&closed).inc();
+        if let Some(idle) = idle_before_close_ns {
+            self.metrics
+                .idle_before_close
+                .get_or_create(&closed)
+                .observe(idle as f64 / 1e9);
+        }
+        if let Some(duration) = duration_ns {
+            self.metrics
+                .connection_duration
+                .get_or_create(&labels)
+                .observe(duration as f64 / 1e9);
         }
     }
 }

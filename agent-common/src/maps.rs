@@ -1,0 +1,53 @@
+//! Key and value layouts of the maps both halves use: per-socket state, watched ports and
+//! the kernel's loss counters.
+
+/// Per-socket facts kept in the `SOCKETS` hash map, keyed by the kernel socket address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    /// Monotonic ns of the last successful send or receive (0: none seen yet).
+    pub last_activity_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Monotonic ns at which the peer closed (ESTABLISHED -> CLOSE_WAIT) or reset it; 0 while open.
+    pub peer_closed_ns: u64,
+    /// Monotonic ns of the last RST received on this socket (0: none).
+    pub reset_received_ns: u64,
+    /// [`sock_flags`] bits, set when the socket is first tracked.
+    pub flags: u64,
+}
+
+pub mod sock_flags {
+    /// Payload capture is on for this socket's service.
+    pub const CAPTURE: u64 = 1;
+}
+
+/// Value bits in `WATCHED_PORTS`, an array indexed by port (an inlined array lookup is far
+/// cheaper than a hash lookup on paths that run for every packet or send).
+pub mod watch {
+    /// The port belongs to a configured service.
+    pub const WATCHED: u8 = 1;
+    /// Capture payloads of this service's sockets.
+    pub const CAPTURE: u8 = 2;
+    /// Entries in `WATCHED_PORTS`: one per possible port.
+    pub const PORTS: u32 = 1 << 16;
+}
+
+/// Indices into the per-CPU `COUNTERS` array: things the kernel side could not record.
+pub mod counter {
+    /// The ring buffer was full; an event was dropped.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The socket map was full; a watched socket is not tracked.
+    pub const SOCKET_MAP_FULL: u32 = 1;
+    /// The payload ring buffer was full; a capture was dropped (the decoder sees a gap).
+    pub const PAYLOAD_RINGBUF_FULL: u32 = 2;
+    /// A send or receive on a captured socket came from a syscall capture cannot read (sendfile,
+    /// sendmmsg, io_uring, a kernel thread): the decoder sees a gap.
+    pub const UNCAPTURED_SYSCALL: u32 = 3;
+    /// A call's frames could not all be followed (per-call budget or step bound, or a line
+    /// longer than the framing follows): the decoder resynchronises.
+    pub const CAPTURE_INCOMPLETE: u32 = 4;
+    /// The frame-state map was full: a captured socket's call was not followed.
+    pub const FRAME_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
