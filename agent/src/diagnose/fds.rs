@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::HistorySnapshot;
+use crate::history::{snapshot::SecondSnapshot, HistorySnapshot};
 
 #[derive(Default, Clone, Copy)]
 struct Fullest {
@@ -31,14 +31,76 @@ struct Mesh {
     connections: u32,
 }
 
+/// Everything this detector reads from the history, per process name (comm).
+struct FdFacts {
+    fullest: BTreeMap<String, Fullest>,
+    errors: BTreeMap<String, Errors>,
+    /// (comm, service) -> the process spread over the most servers.
+    meshes: BTreeMap<(String, String), Mesh>,
+    known_servers: BTreeMap<String, BTreeSet<String>>,
+}
+
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
-    let mut fullest: BTreeMap<String, Fullest> = BTreeMap::new();
-    let mut errors: BTreeMap<String, Errors> = BTreeMap::new();
-    let mut meshes: BTreeMap<(String, String), Mesh> = BTreeMap::new();
-    let mut known_servers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for second in &snap.seconds {
+    let facts = FdFacts::collect(snap);
+    let mut reported = BTreeSet::new();
+    for comm in facts.pressured(th) {
+        let full = facts.fullest.get(comm).copied();
+        let errs = facts.errors.get(comm);
+        let error_count: u64 = errs.map_or(0, |e| e.by_kind.values().sum());
+        let Some((severity, title)) = verdict(comm, full, error_count, th) else {
+            continue;
+        };
+        let mut finding = Finding::new("fd-pressure", severity, title);
+        let mut span = full.map(|f| usage_evidence(&mut finding, f));
+        let mut host_table_full = false;
+        if let Some(e) = errs {
+            host_table_full = error_evidence(&mut finding, e, error_count);
+            span = Some(Span::widened(span, e.first_t, e.last_t));
+        }
+        let mesh_services = facts.mesh_evidence(&mut finding, comm, full, &mut reported);
+        finding.advice = pressure_advice(comm, &mesh_services, host_table_full);
+        finding.subjects.processes.push(comm.clone());
+        finding.subjects.services.extend(mesh_services);
+        finding.span = span;
+        finding.magnitude = full.map_or(0.0, |f| f.ratio) * 100.0 + error_count as f64;
+        out.push(finding);
+    }
+
+    // A full mesh without fd pressure yet, big enough to matter as the tier grows.
+    for ((comm, service), mesh) in &facts.meshes {
+        if reported.contains(&(comm.clone(), service.clone())) {
+            continue;
+        }
+        let total = facts.servers_of(service, mesh.distinct);
+        if mesh.distinct < th.full_mesh_min_servers || (mesh.distinct as f64) < 0.9 * total as f64 {
+            continue;
+        }
+        out.push(full_mesh(comm, service, mesh, total));
+    }
+}
+
+impl FdFacts {
+    fn collect(snap: &HistorySnapshot) -> FdFacts {
+        let mut facts = FdFacts {
+            fullest: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            meshes: BTreeMap::new(),
+            known_servers: util::servers_by_service(snap, true),
+        };
+        for second in &snap.seconds {
+            facts.add_fds(snap, second);
+            facts.add_errors(snap, second);
+            facts.add_meshes(snap, second);
+        }
+        facts
+    }
+
+    fn add_fds(&mut self, snap: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.fds {
-            let entry = fullest.entry(snap.label(row.comm).to_string()).or_default();
+            let entry = self
+                .fullest
+                .entry(snap.label(row.comm).to_string())
+                .or_default();
             if row.ratio() >= entry.ratio {
                 *entry = Fullest {
                     ratio: row.ratio(),
@@ -49,8 +111,14 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 };
             }
         }
+    }
+
+    fn add_errors(&mut self, snap: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.fd_errors {
-            let entry = errors.entry(snap.label(row.comm).to_string()).or_default();
+            let entry = self
+                .errors
+                .entry(snap.label(row.comm).to_string())
+                .or_default();
             if entry.by_kind.is_empty() {
                 entry.first_t = second.t;
             }
@@ -63,6 +131,9 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 ))
                 .or_default() += row.count as u64;
         }
+    }
+
+    fn add_meshes(&mut self, snap: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.process_connections {
             let key = (
                 snap.label(row.comm).to_string(),
@@ -73,7 +144,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 distinct: row.distinct_servers,
                 connections: row.connections,
             };
-            meshes
+            self.meshes
                 .entry(key)
                 .and_modify(|m| {
                     if mesh.distinct >= m.distinct {
@@ -82,106 +153,40 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 })
                 .or_insert(mesh);
         }
-        let servers = second
-            .requests
-            .iter()
-            .map(|r| (r.service, r.server))
-            .chain(second.opened.iter().map(|r| (r.service, r.server)))
-            .chain(
-                second
-                    .edge_connections
-                    .iter()
-                    .map(|r| (r.service, r.server)),
-            );
-        for (service, server) in servers {
-            known_servers
-                .entry(snap.label(service).to_string())
-                .or_default()
-                .insert(snap.label(server).to_string());
-        }
     }
-    let servers_of = |service: &str, seen: u32| {
-        (known_servers.get(service).map_or(0, |s| s.len()) as u32).max(seen)
-    };
 
-    let mut comms: BTreeSet<&String> = fullest
-        .iter()
-        .filter(|(_, f)| f.ratio >= th.fd_warn_ratio)
-        .map(|(c, _)| c)
-        .collect();
-    comms.extend(errors.keys());
-    let mut reported = BTreeSet::new();
-    for comm in comms {
-        let full = fullest.get(comm).copied();
-        let errs = errors.get(comm);
-        let error_count: u64 = errs.map_or(0, |e| e.by_kind.values().sum());
-        let severity = if error_count > 0 || full.is_some_and(|f| f.ratio >= th.fd_critical_ratio) {
-            Severity::Critical
-        } else {
-            Severity::Warning
-        };
-        let title = match (full, error_count) {
-            (_, n) if n > 0 => format!(
-                "{comm} ran out of file descriptors: {} failed with EMFILE/ENFILE",
-                util::plural(n, "call")
-            ),
-            (Some(f), _) => format!(
-                "{comm} is near its file descriptor limit: {}/{} open ({})",
-                f.open,
-                f.limit,
-                util::percent(f.ratio)
-            ),
-            (None, _) => continue,
-        };
-        let mut finding = Finding::new("fd-pressure", severity, title);
-        let mut span: Option<Span> = None;
-        if let Some(f) = full {
-            finding.evidence.push(format!(
-                "pid {} had {} of {} descriptors open ({}) at {}",
-                f.pid,
-                f.open,
-                f.limit,
-                util::percent(f.ratio),
-                util::clock(f.t)
-            ));
-            finding.value("fd_usage_ratio", f.ratio);
-            finding.value("fd_limit", f.limit as f64);
-            span = Some(Span {
-                start_s: f.t,
-                end_s: f.t,
-            });
-        }
-        let mut host_table_full = false;
-        if let Some(e) = errs {
-            let kinds: Vec<String> = e
-                .by_kind
-                .iter()
-                .map(|((syscall, errno), n)| format!("{syscall} {errno} x{n}"))
-                .collect();
-            host_table_full = e.by_kind.keys().any(|(_, errno)| errno == "ENFILE");
-            finding.evidence.push(format!(
-                "failed calls {}: {}",
-                util::clock_span(e.first_t, e.last_t),
-                kinds.join(", ")
-            ));
-            finding.value("fd_errors", error_count as f64);
-            span = Some(match span {
-                Some(s) => Span {
-                    start_s: s.start_s.min(e.first_t),
-                    end_s: s.end_s.max(e.last_t),
-                },
-                None => Span {
-                    start_s: e.first_t,
-                    end_s: e.last_t,
-                },
-            });
-        }
+    /// Processes near their limit or with failed calls: the candidates for a finding.
+    fn pressured(&self, th: &DiagnoseThresholds) -> BTreeSet<&String> {
+        let mut comms: BTreeSet<&String> = self
+            .fullest
+            .iter()
+            .filter(|(_, f)| f.ratio >= th.fd_warn_ratio)
+            .map(|(c, _)| c)
+            .collect();
+        comms.extend(self.errors.keys());
+        comms
+    }
+
+    /// How many servers `service` has, at least the `seen` one process connects to.
+    fn servers_of(&self, service: &str, seen: u32) -> u32 {
+        (self.known_servers.get(service).map_or(0, |s| s.len()) as u32).max(seen)
+    }
+
+    /// Adds a line per service `comm` connects to, marks those meshes reported, and returns
+    /// the services whose connections explain the pressure (a full mesh, or a large share).
+    fn mesh_evidence(
+        &self,
+        finding: &mut Finding,
+        comm: &str,
+        full: Option<Fullest>,
+        reported: &mut BTreeSet<(String, String)>,
+    ) -> Vec<String> {
         let mut mesh_services = Vec::new();
-        for ((mesh_comm, service), mesh) in &meshes {
+        for ((mesh_comm, service), mesh) in &self.meshes {
             if mesh_comm != comm || mesh.distinct == 0 {
                 continue;
             }
-            let total = servers_of(service, mesh.distinct);
+            let total = self.servers_of(service, mesh.distinct);
             finding.evidence.push(format!(
                 "pid {} holds {} to {} of the {} {service} servers",
                 mesh.pid,
@@ -196,66 +201,119 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             }
             reported.insert((mesh_comm.clone(), service.clone()));
         }
-        let mut advice = format!(
-            "Raise {comm}'s descriptor limit (LimitNOFILE= in its systemd unit, ulimit -n, or \
-             live with prlimit --nofile) and check it does not leak descriptors."
-        );
-        if !mesh_services.is_empty() {
-            advice.push_str(&format!(
-                " Its cache connections are a large share: every process connecting to every \
-                 {} server multiplies descriptors by the number of servers. Share connections \
-                 through a per-host pool, or put a proxy such as twemproxy (nutcracker) in front \
-                 so each process needs one connection.",
-                mesh_services.join("/")
-            ));
-        }
-        if host_table_full {
-            advice.push_str(
-                " ENFILE means the whole host's file table is full: raise fs.file-max and find \
-                 which processes hold the most files.",
-            );
-        }
-        finding.advice = advice;
-        finding.subjects.processes.push(comm.clone());
-        finding.subjects.services.extend(mesh_services);
-        finding.span = span;
-        finding.magnitude = full.map_or(0.0, |f| f.ratio) * 100.0 + error_count as f64;
-        out.push(finding);
+        mesh_services
     }
+}
 
-    // A full mesh without fd pressure yet, big enough to matter as the tier grows.
-    for ((comm, service), mesh) in &meshes {
-        if reported.contains(&(comm.clone(), service.clone())) {
-            continue;
-        }
-        let total = servers_of(service, mesh.distinct);
-        if mesh.distinct < th.full_mesh_min_servers || (mesh.distinct as f64) < 0.9 * total as f64 {
-            continue;
-        }
-        let mut finding = Finding::new(
-            "full-mesh",
-            Severity::Info,
-            format!(
-                "{comm} connects to all {} {service} servers from every process",
-                mesh.distinct
-            ),
-        );
-        finding.evidence.push(format!(
-            "pid {} holds {} to {} of {} servers",
-            mesh.pid,
-            util::plural(mesh.connections as u64, "connection"),
-            mesh.distinct,
-            total
-        ));
-        finding.advice = "Each process of this program holds a connection to every server, so \
-            connections grow with processes x servers and eventually exhaust descriptors on \
-            clients and connection slots on servers. Consider a per-host proxy such as \
-            twemproxy (nutcracker) or a shared connection pool."
-            .to_string();
-        finding.subjects.processes.push(comm.clone());
-        finding.subjects.services.push(service.clone());
-        finding.value("distinct_servers", mesh.distinct as f64);
-        finding.magnitude = mesh.distinct as f64;
-        out.push(finding);
+/// Severity and title of a process's fd pressure: failed calls first, then how full it is.
+fn verdict(
+    comm: &str,
+    full: Option<Fullest>,
+    error_count: u64,
+    th: &DiagnoseThresholds,
+) -> Option<(Severity, String)> {
+    let severity = if error_count > 0 || full.is_some_and(|f| f.ratio >= th.fd_critical_ratio) {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let title = match (full, error_count) {
+        (_, n) if n > 0 => format!(
+            "{comm} ran out of file descriptors: {} failed with EMFILE/ENFILE",
+            util::plural(n, "call")
+        ),
+        (Some(f), _) => format!(
+            "{comm} is near its file descriptor limit: {}/{} open ({})",
+            f.open,
+            f.limit,
+            util::percent(f.ratio)
+        ),
+        (None, _) => return None,
+    };
+    Some((severity, title))
+}
+
+/// The fullest moment's line and values; returns that moment as a span.
+fn usage_evidence(finding: &mut Finding, f: Fullest) -> Span {
+    finding.evidence.push(format!(
+        "pid {} had {} of {} descriptors open ({}) at {}",
+        f.pid,
+        f.open,
+        f.limit,
+        util::percent(f.ratio),
+        util::clock(f.t)
+    ));
+    finding.value("fd_usage_ratio", f.ratio);
+    finding.value("fd_limit", f.limit as f64);
+    Span {
+        start_s: f.t,
+        end_s: f.t,
     }
+}
+
+/// The failed calls' line and count; returns whether the host's file table was full (ENFILE).
+fn error_evidence(finding: &mut Finding, e: &Errors, error_count: u64) -> bool {
+    let kinds: Vec<String> = e
+        .by_kind
+        .iter()
+        .map(|((syscall, errno), n)| format!("{syscall} {errno} x{n}"))
+        .collect();
+    finding.evidence.push(format!(
+        "failed calls {}: {}",
+        util::clock_span(e.first_t, e.last_t),
+        kinds.join(", ")
+    ));
+    finding.value("fd_errors", error_count as f64);
+    e.by_kind.keys().any(|(_, errno)| errno == "ENFILE")
+}
+
+fn pressure_advice(comm: &str, mesh_services: &[String], host_table_full: bool) -> String {
+    let mut advice = format!(
+        "Raise {comm}'s descriptor limit (LimitNOFILE= in its systemd unit, ulimit -n, or \
+         live with prlimit --nofile) and check it does not leak descriptors."
+    );
+    if !mesh_services.is_empty() {
+        advice.push_str(&format!(
+            " Its cache connections are a large share: every process connecting to every \
+             {} server multiplies descriptors by the number of servers. Share connections \
+             through a per-host pool, or put a proxy such as twemproxy (nutcracker) in front \
+             so each process needs one connection.",
+            mesh_services.join("/")
+        ));
+    }
+    if host_table_full {
+        advice.push_str(
+            " ENFILE means the whole host's file table is full: raise fs.file-max and find \
+             which processes hold the most files.",
+        );
+    }
+    advice
+}
+
+fn full_mesh(comm: &str, service: &str, mesh: &Mesh, total: u32) -> Finding {
+    let mut finding = Finding::new(
+        "full-mesh",
+        Severity::Info,
+        format!(
+            "{comm} connects to all {} {service} servers from every process",
+            mesh.distinct
+        ),
+    );
+    finding.evidence.push(format!(
+        "pid {} holds {} to {} of {} servers",
+        mesh.pid,
+        util::plural(mesh.connections as u64, "connection"),
+        mesh.distinct,
+        total
+    ));
+    finding.advice = "Each process of this program holds a connection to every server, so \
+        connections grow with processes x servers and eventually exhaust descriptors on \
+        clients and connection slots on servers. Consider a per-host proxy such as \
+        twemproxy (nutcracker) or a shared connection pool."
+        .to_string();
+    finding.subjects.processes.push(comm.to_string());
+    finding.subjects.services.push(service.to_string());
+    finding.value("distinct_servers", mesh.distinct as f64);
+    finding.magnitude = mesh.distinct as f64;
+    finding
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::HistorySnapshot;
+use crate::history::{snapshot::SecondSnapshot, HistorySnapshot};
 
 use crate::model::{Role, SynDirection};
 
@@ -66,18 +66,67 @@ impl Churn {
     }
 }
 
+/// The host's own listen counters, summed over the window (all listeners, not per service).
+#[derive(Default)]
+struct HostCounters {
+    overflows: u64,
+    drops: u64,
+    cookies: u64,
+    span: Option<Span>,
+}
+
+impl HostCounters {
+    fn lost(&self) -> u64 {
+        self.overflows + self.drops
+    }
+}
+
+/// Everything this detector reads from the history, per service.
+#[derive(Default)]
+struct Pressure {
+    syns_in: BTreeMap<String, Syns>,
+    queues: BTreeMap<String, Queue>,
+    churn: BTreeMap<(String, Role), Churn>,
+    host: HostCounters,
+}
+
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
-    let mut syns_in: BTreeMap<String, Syns> = BTreeMap::new();
-    let mut queues: BTreeMap<String, Queue> = BTreeMap::new();
-    let mut churn: BTreeMap<(String, Role), Churn> = BTreeMap::new();
-    let (mut overflows, mut drops, mut cookies) = (0u64, 0u64, 0u64);
-    let mut host_span: Option<Span> = None;
-    for second in &snap.seconds {
+    let pressure = Pressure::collect(snap, th);
+    for (service, s) in &pressure.syns_in {
+        if s.peak >= th.syn_storm_per_s {
+            out.push(syn_storm(service, s, pressure.host.cookies));
+        }
+    }
+    if let Some(full) = overflowing(&pressure.queues, &pressure.host, th) {
+        out.push(accept_queue_overflow(&full, &pressure.host, th));
+    }
+    let span_s = snap.span_seconds().max(1) as f64;
+    for ((service, role), c) in &pressure.churn {
+        let (rate, busiest_t) = c.peak_rate();
+        if rate >= th.churn_opens_per_s {
+            out.push(connection_churn(service, *role, c, rate, busiest_t, span_s));
+        }
+    }
+}
+
+impl Pressure {
+    fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> Pressure {
+        let mut pressure = Pressure::default();
+        for second in &snap.seconds {
+            pressure.add_syns(snap, second);
+            pressure.add_queues(snap, second, th);
+            pressure.add_host(second);
+            pressure.add_connections(snap, second);
+        }
+        pressure
+    }
+
+    fn add_syns(&mut self, snap: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.syns {
             let service = snap.label(row.service).to_string();
             match row.direction {
                 SynDirection::In => {
-                    let s = syns_in.entry(service).or_default();
+                    let s = self.syns_in.entry(service).or_default();
                     if s.total == 0 {
                         s.first_t = second.t;
                     }
@@ -89,7 +138,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                     }
                 }
                 SynDirection::Out => {
-                    churn
+                    self.churn
                         .entry((service, Role::Client))
                         .or_default()
                         .attempts_by_t
@@ -99,8 +148,17 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 }
             }
         }
+    }
+
+    fn add_queues(
+        &mut self,
+        snap: &HistorySnapshot,
+        second: &SecondSnapshot,
+        th: &DiagnoseThresholds,
+    ) {
         for row in &second.listen_queues {
-            let q = queues
+            let q = self
+                .queues
                 .entry(snap.label(row.service).to_string())
                 .or_default();
             q.limit = q.limit.max(row.limit);
@@ -113,19 +171,26 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 q.last_full_t = second.t;
             }
         }
+    }
+
+    fn add_host(&mut self, second: &SecondSnapshot) {
         let host = second.host_listen;
         if !host.is_zero() {
-            overflows += host.overflows;
-            drops += host.drops;
-            cookies += host.syncookies_sent;
-            let span = host_span.get_or_insert(Span {
+            self.host.overflows += host.overflows;
+            self.host.drops += host.drops;
+            self.host.cookies += host.syncookies_sent;
+            let span = self.host.span.get_or_insert(Span {
                 start_s: second.t,
                 end_s: second.t,
             });
             span.end_s = second.t;
         }
+    }
+
+    fn add_connections(&mut self, snap: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.opened {
-            let c = churn
+            let c = self
+                .churn
                 .entry((snap.label(row.service).to_string(), row.role))
                 .or_default();
             c.opened += row.count as u64;
@@ -135,165 +200,177 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 .or_default() += row.count as u64;
         }
         for row in &second.closed {
-            let c = churn
+            let c = self
+                .churn
                 .entry((snap.label(row.service).to_string(), row.role))
                 .or_default();
             c.closed += row.count as u64;
             c.short_lived += row.short_lived as u64;
         }
         for row in &second.requests {
-            if let Some(c) = churn.get_mut(&(snap.label(row.service).to_string(), row.role)) {
+            let key = (snap.label(row.service).to_string(), row.role);
+            if let Some(c) = self.churn.get_mut(&key) {
                 c.requests += row.count as u64;
             }
         }
     }
+}
 
-    for (service, s) in &syns_in {
-        if s.peak < th.syn_storm_per_s {
-            continue;
-        }
-        let mut finding = Finding::new(
-            "syn-storm",
-            Severity::Warning,
-            format!(
-                "SYN storm at {service}: {} connection attempts in one second",
-                s.peak
-            ),
-        );
+fn syn_storm(service: &str, s: &Syns, cookies: u64) -> Finding {
+    let mut finding = Finding::new(
+        "syn-storm",
+        Severity::Warning,
+        format!(
+            "SYN storm at {service}: {} connection attempts in one second",
+            s.peak
+        ),
+    );
+    finding.evidence.push(format!(
+        "{} connection attempts arrived {}, peak {}/s at {}",
+        s.total,
+        util::clock_span(s.first_t, s.last_t),
+        s.peak,
+        util::clock(s.peak_t)
+    ));
+    if cookies > 0 {
         finding.evidence.push(format!(
-            "{} connection attempts arrived {}, peak {}/s at {}",
-            s.total,
-            util::clock_span(s.first_t, s.last_t),
-            s.peak,
-            util::clock(s.peak_t)
+            "the host sent {cookies} SYN cookies (SYN queue full)"
         ));
-        if cookies > 0 {
-            finding.evidence.push(format!(
-                "the host sent {cookies} SYN cookies (SYN queue full)"
-            ));
-        }
-        finding.advice = "Something opens connections to this server in bursts: a client \
-            without connection reuse, a restart stampede, or a flood. Find the sources (ss -tn \
-            state syn-recv), make clients pool connections, and keep tcp_syncookies on."
-            .to_string();
-        finding.subjects.services.push(service.clone());
-        finding.value("syn_peak_per_s", s.peak as f64);
-        finding.span = Some(Span {
-            start_s: s.first_t,
-            end_s: s.last_t,
-        });
-        finding.magnitude = s.peak as f64;
-        out.push(finding);
     }
+    finding.advice = "Something opens connections to this server in bursts: a client \
+        without connection reuse, a restart stampede, or a flood. Find the sources (ss -tn \
+        state syn-recv), make clients pool connections, and keep tcp_syncookies on."
+        .to_string();
+    finding.subjects.services.push(service.to_string());
+    finding.value("syn_peak_per_s", s.peak as f64);
+    finding.span = Some(Span {
+        start_s: s.first_t,
+        end_s: s.last_t,
+    });
+    finding.magnitude = s.peak as f64;
+    finding
+}
 
+/// The services whose accept queue was full, when any was or the host's listen overflows and
+/// drops reach the threshold; None when neither happened.
+fn overflowing<'a>(
+    queues: &'a BTreeMap<String, Queue>,
+    host: &HostCounters,
+    th: &DiagnoseThresholds,
+) -> Option<Vec<(&'a String, &'a Queue)>> {
     let full: Vec<(&String, &Queue)> = queues.iter().filter(|(_, q)| q.full_seconds > 0).collect();
-    let host_lost = overflows + drops;
-    if !full.is_empty() || host_lost >= th.listen_overflow_min.max(1) {
-        let title = match full.first() {
-            Some((service, q)) => format!(
-                "{service}'s accept queue was full ({}/{}) for {}",
-                q.max_length,
-                q.limit,
-                util::plural(q.full_seconds, "second")
-            ),
-            None => format!(
-                "The kernel dropped {} incoming connections (listen queue overflows)",
-                host_lost
-            ),
-        };
-        let mut finding = Finding::new("accept-queue-overflow", Severity::Critical, title);
-        let mut span = host_span;
-        for (service, q) in &full {
-            finding.evidence.push(format!(
-                "{service}: accept queue at {} or more of its limit (peak {}/{}), {}",
-                util::percent(th.listen_queue_full_ratio),
-                q.max_length,
-                q.limit,
-                util::clock_span(q.first_full_t, q.last_full_t)
-            ));
-            finding.subjects.services.push(service.to_string());
-            span = Some(match span {
-                Some(s) => Span {
-                    start_s: s.start_s.min(q.first_full_t),
-                    end_s: s.end_s.max(q.last_full_t),
-                },
-                None => Span {
-                    start_s: q.first_full_t,
-                    end_s: q.last_full_t,
-                },
-            });
-            finding.value("queue_limit", q.limit as f64);
-        }
-        if host_lost > 0 || cookies > 0 {
-            finding.evidence.push(format!(
-                "host-wide: {overflows} listen overflows, {drops} listen drops, {cookies} SYN cookies sent"
-            ));
-        }
-        finding.advice = "Connections arrive faster than the server accepts them, or its \
-            backlog is tiny. Raise the listen backlog (memcached -b, capped by \
-            net.core.somaxconn), check the server is not stalled (slow-server findings), and \
-            reduce connection churn from clients."
-            .to_string();
-        finding.value("listen_overflows", overflows as f64);
-        finding.value("listen_drops", drops as f64);
-        finding.span = span;
-        finding.magnitude =
-            host_lost as f64 + full.iter().map(|(_, q)| q.full_seconds).sum::<u64>() as f64;
-        out.push(finding);
-    }
+    (!full.is_empty() || host.lost() >= th.listen_overflow_min.max(1)).then_some(full)
+}
 
-    let span_s = snap.span_seconds().max(1) as f64;
-    for ((service, role), c) in &churn {
-        let (rate, busiest_t) = c.peak_rate();
-        if rate < th.churn_opens_per_s {
-            continue;
-        }
-        let who = match role {
-            Role::Client => {
-                format!("Clients on this host open {rate:.0} connections/s to {service}")
-            }
-            Role::Server => format!("This host's {service} accepts {rate:.0} new connections/s"),
-        };
-        let mut finding = Finding::new("connection-churn", Severity::Warning, who);
+fn accept_queue_overflow(
+    full: &[(&String, &Queue)],
+    host: &HostCounters,
+    th: &DiagnoseThresholds,
+) -> Finding {
+    let HostCounters {
+        overflows,
+        drops,
+        cookies,
+        ..
+    } = *host;
+    let host_lost = host.lost();
+    let title = match full.first() {
+        Some((service, q)) => format!(
+            "{service}'s accept queue was full ({}/{}) for {}",
+            q.max_length,
+            q.limit,
+            util::plural(q.full_seconds, "second")
+        ),
+        None => format!(
+            "The kernel dropped {} incoming connections (listen queue overflows)",
+            host_lost
+        ),
+    };
+    let mut finding = Finding::new("accept-queue-overflow", Severity::Critical, title);
+    let mut span = host.span;
+    for (service, q) in full {
         finding.evidence.push(format!(
-            "busiest {}: {}; whole window: {} opened, {} closed in {}, {} lived under a second",
-            util::seconds(CHURN_WINDOW_S as f64),
-            util::clock_span(busiest_t, busiest_t + CHURN_WINDOW_S - 1),
-            c.opened,
-            c.closed,
-            util::seconds(span_s),
-            c.short_lived
+            "{service}: accept queue at {} or more of its limit (peak {}/{}), {}",
+            util::percent(th.listen_queue_full_ratio),
+            q.max_length,
+            q.limit,
+            util::clock_span(q.first_full_t, q.last_full_t)
         ));
-        if c.requests > 0 && c.opened > 0 {
-            finding.evidence.push(format!(
-                "{:.1} requests per new connection",
-                c.requests as f64 / c.opened as f64
-            ));
-        }
-        // Name the programs behind the churn, not every program that opened a connection.
-        let mut comms: Vec<(&String, &u64)> = c
-            .opened_by_comm
-            .iter()
-            .filter(|(k, n)| !k.is_empty() && **n * 10 >= c.opened)
-            .collect();
-        comms.sort_by(|a, b| b.1.cmp(a.1));
-        if !comms.is_empty() {
-            let listed: Vec<String> = comms.iter().map(|(k, n)| format!("{k} ({n})")).collect();
-            finding
-                .evidence
-                .push(format!("opened by: {}", util::truncated(&listed, 4)));
-            finding
-                .subjects
-                .processes
-                .extend(comms.iter().map(|(k, _)| k.to_string()));
-        }
-        finding.advice = "Connections are opened and closed instead of reused: each costs a \
-            handshake, a TIME_WAIT socket and an accept on the server, and bursts of them fill \
-            accept queues. Use persistent connections or a pool (or a local twemproxy)."
-            .to_string();
-        finding.subjects.services.push(service.clone());
-        finding.value("opens_per_s", rate);
-        finding.magnitude = rate;
-        out.push(finding);
+        finding.subjects.services.push(service.to_string());
+        span = Some(Span::widened(span, q.first_full_t, q.last_full_t));
+        finding.value("queue_limit", q.limit as f64);
     }
+    if host_lost > 0 || cookies > 0 {
+        finding.evidence.push(format!(
+            "host-wide: {overflows} listen overflows, {drops} listen drops, {cookies} SYN cookies sent"
+        ));
+    }
+    finding.advice = "Connections arrive faster than the server accepts them, or its \
+        backlog is tiny. Raise the listen backlog (memcached -b, capped by \
+        net.core.somaxconn), check the server is not stalled (slow-server findings), and \
+        reduce connection churn from clients."
+        .to_string();
+    finding.value("listen_overflows", overflows as f64);
+    finding.value("listen_drops", drops as f64);
+    finding.span = span;
+    finding.magnitude =
+        host_lost as f64 + full.iter().map(|(_, q)| q.full_seconds).sum::<u64>() as f64;
+    finding
+}
+
+fn connection_churn(
+    service: &str,
+    role: Role,
+    c: &Churn,
+    rate: f64,
+    busiest_t: u64,
+    span_s: f64,
+) -> Finding {
+    let who = match role {
+        Role::Client => {
+            format!("Clients on this host open {rate:.0} connections/s to {service}")
+        }
+        Role::Server => format!("This host's {service} accepts {rate:.0} new connections/s"),
+    };
+    let mut finding = Finding::new("connection-churn", Severity::Warning, who);
+    finding.evidence.push(format!(
+        "busiest {}: {}; whole window: {} opened, {} closed in {}, {} lived under a second",
+        util::seconds(CHURN_WINDOW_S as f64),
+        util::clock_span(busiest_t, busiest_t + CHURN_WINDOW_S - 1),
+        c.opened,
+        c.closed,
+        util::seconds(span_s),
+        c.short_lived
+    ));
+    if c.requests > 0 && c.opened > 0 {
+        finding.evidence.push(format!(
+            "{:.1} requests per new connection",
+            c.requests as f64 / c.opened as f64
+        ));
+    }
+    // Name the programs behind the churn, not every program that opened a connection.
+    let mut comms: Vec<(&String, &u64)> = c
+        .opened_by_comm
+        .iter()
+        .filter(|(k, n)| !k.is_empty() && **n * 10 >= c.opened)
+        .collect();
+    comms.sort_by(|a, b| b.1.cmp(a.1));
+    if !comms.is_empty() {
+        let listed: Vec<String> = comms.iter().map(|(k, n)| format!("{k} ({n})")).collect();
+        finding
+            .evidence
+            .push(format!("opened by: {}", util::truncated(&listed, 4)));
+        finding
+            .subjects
+            .processes
+            .extend(comms.iter().map(|(k, _)| k.to_string()));
+    }
+    finding.advice = "Connections are opened and closed instead of reused: each costs a \
+        handshake, a TIME_WAIT socket and an accept on the server, and bursts of them fill \
+        accept queues. Use persistent connections or a pool (or a local twemproxy)."
+        .to_string();
+    finding.subjects.services.push(service.to_string());
+    finding.value("opens_per_s", rate);
+    finding.magnitude = rate;
+    finding
 }

@@ -69,6 +69,19 @@ pub struct Span {
     pub end_s: u64,
 }
 
+impl Span {
+    /// `span` widened to cover `start_s..=end_s` too; that range alone when there is none.
+    pub(crate) fn widened(span: Option<Span>, start_s: u64, end_s: u64) -> Span {
+        match span {
+            Some(s) => Span {
+                start_s: s.start_s.min(start_s),
+                end_s: s.end_s.max(end_s),
+            },
+            None => Span { start_s, end_s },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     /// Stable slug of the detector that produced it, e.g. "idle-disconnects". Several findings

@@ -19,9 +19,26 @@ struct Pair {
 
 const EXAMPLES: usize = 3;
 
+/// Server pairs per service, and when splits were seen.
+#[derive(Default)]
+struct Splits {
+    services: BTreeMap<String, BTreeMap<(String, String), Pair>>,
+    spans: BTreeMap<String, Span>,
+}
+
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
-    let mut services: BTreeMap<String, BTreeMap<(String, String), Pair>> = BTreeMap::new();
-    let mut spans: BTreeMap<String, Span> = BTreeMap::new();
+    let Splits { services, spans } = collect(snap);
+    for (service, pairs) in services {
+        let total: u64 = pairs.values().map(|p| p.count).sum();
+        if total >= th.key_split_min {
+            let span = spans.get(&service).copied();
+            out.push(key_routing(service, &pairs, total, span));
+        }
+    }
+}
+
+fn collect(snap: &HistorySnapshot) -> Splits {
+    let mut splits = Splits::default();
     for second in &snap.seconds {
         for row in &second.key_splits {
             let service = snap.label(row.service).to_string();
@@ -30,7 +47,8 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 (snap.label(row.servers[1]), snap.label(row.comms[1])),
             ];
             ends.sort();
-            let pair = services
+            let pair = splits
+                .services
                 .entry(service.clone())
                 .or_default()
                 .entry((ends[0].0.to_string(), ends[1].0.to_string()))
@@ -46,79 +64,86 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                     pair.examples.insert(hash);
                 }
             }
-            let span = spans.entry(service).or_insert(Span {
+            let span = splits.spans.entry(service).or_insert(Span {
                 start_s: second.t,
                 end_s: second.t,
             });
             span.end_s = second.t;
         }
     }
-    for (service, pairs) in services {
-        let total: u64 = pairs.values().map(|p| p.count).sum();
-        if total < th.key_split_min {
+    splits
+}
+
+fn key_routing(
+    service: String,
+    pairs: &BTreeMap<(String, String), Pair>,
+    total: u64,
+    span: Option<Span>,
+) -> Finding {
+    let keys: u64 = pairs.values().map(|p| p.keys).sum();
+    let mut finding = Finding::new(
+        "key-routing",
+        Severity::Warning,
+        format!(
+            "{} of {service} went to two different servers ({}): clients disagree on \
+             routing",
+            util::plural(keys, "key"),
+            util::plural(total, "request")
+        ),
+    );
+    let mut ordered: Vec<_> = pairs.iter().collect();
+    ordered.sort_by_key(|(_, pair)| std::cmp::Reverse(pair.count));
+    for ((a, b), pair) in ordered.iter().take(5) {
+        pair_evidence(&mut finding, a, b, pair);
+    }
+    if let Some(span) = span {
+        finding.evidence.push(format!(
+            "seen {}",
+            util::clock_span(span.start_s, span.end_s)
+        ));
+        finding.span = Some(span);
+    }
+    finding.advice = "Clients use different server lists or hashing settings (order, \
+        weights, hash or distribution function, or one client ejected a server), so a key \
+        is cached twice and reads can return stale data. Give every client the identical \
+        server list and hashing options (e.g. ketama consistent hashing), or route all of \
+        them through one proxy such as twemproxy."
+        .to_string();
+    finding.subjects.services.push(service);
+    finding.value("split_keys", keys as f64);
+    finding.value("split_requests", total as f64);
+    finding.magnitude = total as f64;
+    finding
+}
+
+/// The lines for one pair of servers: its keys, and which programs sent them where.
+fn pair_evidence(finding: &mut Finding, a: &String, b: &String, pair: &Pair) {
+    let examples: Vec<String> = pair.examples.iter().map(|h| format!("#{h:016x}")).collect();
+    finding.evidence.push(format!(
+        "{a} and {b}: {} in {} (key hashes {})",
+        util::plural(pair.keys, "key"),
+        util::plural(pair.count, "request"),
+        examples.join(", ")
+    ));
+    for ((comm_a, comm_b), n) in &pair.senders {
+        if comm_a.is_empty() && comm_b.is_empty() {
             continue;
         }
-        let keys: u64 = pairs.values().map(|p| p.keys).sum();
-        let mut finding = Finding::new(
-            "key-routing",
-            Severity::Warning,
-            format!(
-                "{} of {service} went to two different servers ({}): clients disagree on \
-                 routing",
-                util::plural(keys, "key"),
-                util::plural(total, "request")
-            ),
-        );
-        let mut ordered: Vec<_> = pairs.iter().collect();
-        ordered.sort_by_key(|(_, pair)| std::cmp::Reverse(pair.count));
-        for ((a, b), pair) in ordered.iter().take(5) {
-            let examples: Vec<String> =
-                pair.examples.iter().map(|h| format!("#{h:016x}")).collect();
-            finding.evidence.push(format!(
-                "{a} and {b}: {} in {} (key hashes {})",
-                util::plural(pair.keys, "key"),
-                util::plural(pair.count, "request"),
-                examples.join(", ")
-            ));
-            for ((comm_a, comm_b), n) in &pair.senders {
-                if comm_a.is_empty() && comm_b.is_empty() {
-                    continue;
-                }
-                let who = |c: &str| if c.is_empty() { "?" } else { c }.to_string();
-                finding.evidence.push(format!(
-                    "  {} sent them to {a}, {} to {b} ({n})",
-                    who(comm_a),
-                    who(comm_b)
-                ));
-                for comm in [comm_a, comm_b] {
-                    if !comm.is_empty() && !finding.subjects.processes.contains(comm) {
-                        finding.subjects.processes.push(comm.clone());
-                    }
-                }
-            }
-            for server in [a, b] {
-                if !finding.subjects.servers.contains(server) {
-                    finding.subjects.servers.push(server.clone());
-                }
+        let who = |c: &str| if c.is_empty() { "?" } else { c }.to_string();
+        finding.evidence.push(format!(
+            "  {} sent them to {a}, {} to {b} ({n})",
+            who(comm_a),
+            who(comm_b)
+        ));
+        for comm in [comm_a, comm_b] {
+            if !comm.is_empty() && !finding.subjects.processes.contains(comm) {
+                finding.subjects.processes.push(comm.clone());
             }
         }
-        if let Some(span) = spans.get(&service) {
-            finding.evidence.push(format!(
-                "seen {}",
-                util::clock_span(span.start_s, span.end_s)
-            ));
-            finding.span = Some(*span);
+    }
+    for server in [a, b] {
+        if !finding.subjects.servers.contains(server) {
+            finding.subjects.servers.push(server.clone());
         }
-        finding.advice = "Clients use different server lists or hashing settings (order, \
-            weights, hash or distribution function, or one client ejected a server), so a key \
-            is cached twice and reads can return stale data. Give every client the identical \
-            server list and hashing options (e.g. ketama consistent hashing), or route all of \
-            them through one proxy such as twemproxy."
-            .to_string();
-        finding.subjects.services.push(service);
-        finding.value("split_keys", keys as f64);
-        finding.value("split_requests", total as f64);
-        finding.magnitude = total as f64;
-        out.push(finding);
     }
 }

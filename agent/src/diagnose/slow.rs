@@ -49,6 +49,35 @@ impl ServerStats {
 }
 
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
+    let services = collect(snap, th);
+    for (service, servers) in &services {
+        for (server, stats) in servers {
+            let peers: Vec<&ServerStats> = servers
+                .iter()
+                .filter(|(name, s)| *name != server && s.requests > 0)
+                .map(|(_, s)| s)
+                .collect();
+            if let Some(finding) = stopped(service, server, stats, snap, th) {
+                out.push(finding);
+            } else if let Some(verdict) = slow(stats, &peers, th) {
+                out.push(slow_server(
+                    service,
+                    server,
+                    stats,
+                    &verdict,
+                    peers.len(),
+                    th,
+                ));
+            }
+        }
+    }
+}
+
+/// Client-side request outcomes and latency per service and server.
+fn collect(
+    snap: &HistorySnapshot,
+    th: &DiagnoseThresholds,
+) -> BTreeMap<String, BTreeMap<String, ServerStats>> {
     let stall_us = th.slow_stall_ms * 1000.0;
     let mut services: BTreeMap<String, BTreeMap<String, ServerStats>> = BTreeMap::new();
     for second in &snap.seconds {
@@ -99,21 +128,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             }
         }
     }
-
-    for (service, servers) in &services {
-        for (server, stats) in servers {
-            let peers: Vec<&ServerStats> = servers
-                .iter()
-                .filter(|(name, s)| *name != server && s.requests > 0)
-                .map(|(_, s)| s)
-                .collect();
-            if let Some(finding) = stopped(service, server, stats, snap, th) {
-                out.push(finding);
-            } else if let Some(finding) = slow(service, server, stats, &peers, th) {
-                out.push(finding);
-            }
-        }
-    }
+    services
 }
 
 fn stopped(
@@ -172,13 +187,17 @@ fn stopped(
     Some(finding)
 }
 
-fn slow(
-    service: &str,
-    server: &str,
-    stats: &ServerStats,
-    peers: &[&ServerStats],
-    th: &DiagnoseThresholds,
-) -> Option<Finding> {
+/// How a server compares with its peers, when it is slower or stalls more.
+struct Slow {
+    p99: Option<f64>,
+    peer_p99: Option<f64>,
+    /// Its p99 is far above the peers' (otherwise it stalled).
+    slow_p99: bool,
+    stalled: u64,
+    peer_stalled: u64,
+}
+
+fn slow(stats: &ServerStats, peers: &[&ServerStats], th: &DiagnoseThresholds) -> Option<Slow> {
     if peers.is_empty() {
         return None;
     }
@@ -195,24 +214,38 @@ fn slow(
         }
         _ => false,
     };
-    let stalled = stats.stalled();
     let burst = stats.stalled_burst();
-    let peer_stalled = peers.iter().map(|p| p.stalled()).max().unwrap_or(0);
     let peer_burst = peers.iter().map(|p| p.stalled_burst()).max().unwrap_or(0);
     let stalls =
         burst >= th.slow_min_stalled && burst as f64 >= th.slow_p99_ratio * peer_burst as f64;
-    if !slow_p99 && !stalls {
-        return None;
-    }
+    (slow_p99 || stalls).then(|| Slow {
+        p99,
+        peer_p99,
+        slow_p99,
+        stalled: stats.stalled(),
+        peer_stalled: peers.iter().map(|p| p.stalled()).max().unwrap_or(0),
+    })
+}
+
+fn slow_server(
+    service: &str,
+    server: &str,
+    stats: &ServerStats,
+    v: &Slow,
+    peers: usize,
+    th: &DiagnoseThresholds,
+) -> Finding {
+    let (p99, peer_p99, stalled) = (v.p99, v.peer_p99, v.stalled);
     let p99_text = p99.map_or("-".to_string(), util::latency);
     let peer_text = peer_p99.map_or("-".to_string(), util::latency);
-    let title = if slow_p99 {
+    let title = if v.slow_p99 {
         format!("{server} ({service}) is slow: p99 {p99_text} while its peers' is {peer_text}")
     } else {
         format!(
-            "{server} ({service}) stalled: {} over {} or unanswered (peers: {peer_stalled})",
+            "{server} ({service}) stalled: {} over {} or unanswered (peers: {})",
             util::plural(stalled, "request"),
-            util::latency(th.slow_stall_ms * 1000.0)
+            util::latency(th.slow_stall_ms * 1000.0),
+            v.peer_stalled
         )
     };
     let severity = if stats.no_answer >= th.slow_min_stalled {
@@ -229,27 +262,10 @@ fn slow(
             .quantile_us(0.5)
             .map_or("-".to_string(), util::latency),
         p99_text,
-        peers.len(),
+        peers,
         peer_text,
     ));
-    if stalled > 0 {
-        let (&first, _) = stats.stalled_by_t.iter().next()?;
-        let (&last, _) = stats.stalled_by_t.iter().next_back()?;
-        let (&worst_t, &worst) = stats.stalled_by_t.iter().max_by_key(|(_, c)| **c)?;
-        finding.evidence.push(format!(
-            "{} over {} or unanswered, {} (worst second {}: {}); peers at most {}",
-            util::plural(stalled, "request"),
-            util::latency(th.slow_stall_ms * 1000.0),
-            util::clock_span(first, last),
-            util::clock(worst_t),
-            worst,
-            peer_stalled
-        ));
-        finding.span = Some(Span {
-            start_s: first,
-            end_s: last,
-        });
-    }
+    stall_evidence(&mut finding, stats, v.peer_stalled, th);
     if let Some(max) = stats.hist.max_us() {
         finding
             .evidence
@@ -282,7 +298,39 @@ fn slow(
         (Some(p99), Some(peer)) if peer > 0.0 => p99 / peer,
         _ => 0.0,
     } + stalled as f64;
-    Some(finding)
+    finding
+}
+
+/// The stalled requests' line and span, when there were any.
+fn stall_evidence(
+    finding: &mut Finding,
+    stats: &ServerStats,
+    peer_stalled: u64,
+    th: &DiagnoseThresholds,
+) {
+    if stats.stalled() == 0 {
+        return;
+    }
+    let (Some((&first, _)), Some((&last, _)), Some((&worst_t, &worst))) = (
+        stats.stalled_by_t.iter().next(),
+        stats.stalled_by_t.iter().next_back(),
+        stats.stalled_by_t.iter().max_by_key(|(_, c)| **c),
+    ) else {
+        return;
+    };
+    finding.evidence.push(format!(
+        "{} over {} or unanswered, {} (worst second {}: {}); peers at most {}",
+        util::plural(stats.stalled(), "request"),
+        util::latency(th.slow_stall_ms * 1000.0),
+        util::clock_span(first, last),
+        util::clock(worst_t),
+        worst,
+        peer_stalled
+    ));
+    finding.span = Some(Span {
+        start_s: first,
+        end_s: last,
+    });
 }
 
 fn affected_processes(stats: &ServerStats, finding: &mut Finding) {

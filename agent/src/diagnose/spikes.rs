@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
+use crate::history::{latency::LatencyHistogram, snapshot::Label, HistorySnapshot, TcpEvent};
 
 use crate::model::Role;
 
@@ -29,16 +29,28 @@ struct Episode {
     culprit: Option<(String, f64)>,
 }
 
+/// What an ordinary second of a service looks like, to judge each second against.
+struct Typical {
+    p99_us: Option<f64>,
+    error_ratio: f64,
+}
+
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
-    let mut services: BTreeMap<String, BTreeMap<u64, Second>> = BTreeMap::new();
+    for (service, seconds) in &collect(snap, th) {
+        if let Some(finding) = detect_service(service, seconds, th) {
+            out.push(finding);
+        }
+    }
+}
+
+/// Client-side requests, failures and latency per service and second.
+fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> BTreeMap<String, Seconds> {
+    let mut services: BTreeMap<String, Seconds> = BTreeMap::new();
     let slow_us = th.spike_min_latency_ms * 1000.0;
     for second in &snap.seconds {
+        let t = second.t;
         for row in second.requests.iter().filter(|r| r.role == Role::Client) {
-            let s = services
-                .entry(snap.label(row.service).to_string())
-                .or_default()
-                .entry(second.t)
-                .or_default();
+            let s = at(&mut services, snap, row.service, t);
             s.requests += row.count as u64;
             if row.status.is_failure() {
                 s.failures += row.count as u64;
@@ -49,11 +61,7 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
         }
         for row in second.latency.iter().filter(|r| r.role == Role::Client) {
             let hist = row.histogram();
-            let s = services
-                .entry(snap.label(row.service).to_string())
-                .or_default()
-                .entry(second.t)
-                .or_default();
+            let s = at(&mut services, snap, row.service, t);
             let slow = hist.count_at_least(slow_us);
             if slow > 0 {
                 *s.trouble_by_server
@@ -67,20 +75,26 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
                 row.event,
                 TcpEvent::ConnectRefused | TcpEvent::ConnectTimeout | TcpEvent::ConnectReset
             ) {
-                let s = services
-                    .entry(snap.label(row.service).to_string())
-                    .or_default()
-                    .entry(second.t)
-                    .or_default();
-                s.failures += row.count as u64;
+                at(&mut services, snap, row.service, t).failures += row.count as u64;
             }
         }
     }
-    for (service, seconds) in &services {
-        if let Some(finding) = detect_service(service, seconds, th) {
-            out.push(finding);
-        }
-    }
+    services
+}
+
+type Seconds = BTreeMap<u64, Second>;
+
+fn at<'a>(
+    services: &'a mut BTreeMap<String, Seconds>,
+    snap: &HistorySnapshot,
+    service: Label,
+    t: u64,
+) -> &'a mut Second {
+    services
+        .entry(snap.label(service).to_string())
+        .or_default()
+        .entry(t)
+        .or_default()
 }
 
 fn detect_service(
@@ -88,18 +102,29 @@ fn detect_service(
     seconds: &BTreeMap<u64, Second>,
     th: &DiagnoseThresholds,
 ) -> Option<Finding> {
+    let typical = typical(seconds, th)?;
+    let episodes = episodes(seconds, &typical, th);
+    if episodes.is_empty() {
+        return None;
+    }
+    micro_outage(service, &episodes, typical.p99_us)
+}
+
+/// The median p99 and error ratio over the service's seconds; None when it was active too
+/// few seconds to call anything typical.
+fn typical(seconds: &BTreeMap<u64, Second>, th: &DiagnoseThresholds) -> Option<Typical> {
     let active = seconds.values().filter(|s| s.requests > 0).count() as u64;
     if active < th.spike_min_active_s {
         return None;
     }
-    let typical_p99 = util::median(
+    let p99_us = util::median(
         &seconds
             .values()
             .filter(|s| s.requests >= th.spike_min_requests)
             .filter_map(|s| s.hist.quantile_us(0.99))
             .collect::<Vec<_>>(),
     );
-    let typical_error_ratio = util::median(
+    let error_ratio = util::median(
         &seconds
             .values()
             .filter(|s| s.requests > 0)
@@ -107,47 +132,53 @@ fn detect_service(
             .collect::<Vec<_>>(),
     )
     .unwrap_or(0.0);
+    Some(Typical {
+        p99_us,
+        error_ratio,
+    })
+}
 
-    let bad = |s: &Second| -> (bool, bool) {
-        let ratio = s.failures as f64 / s.requests.max(1) as f64;
-        let errors = s.failures >= th.spike_min_errors
-            && ratio >= th.spike_error_ratio
-            && ratio > 5.0 * typical_error_ratio;
-        let latency = match (typical_p99, s.hist.quantile_us(0.99)) {
-            (Some(typical), Some(p99)) => {
-                let slow_us =
-                    (th.spike_latency_ratio * typical).max(th.spike_min_latency_ms * 1000.0);
-                s.requests >= th.spike_min_requests
-                    && p99 >= slow_us
-                    && s.hist.count_at_least(slow_us) >= th.spike_min_slow_requests
-            }
-            _ => false,
-        };
-        (errors, latency)
+/// Whether a second is an error spike and whether it is a latency spike.
+fn spiking(s: &Second, typical: &Typical, th: &DiagnoseThresholds) -> (bool, bool) {
+    let ratio = s.failures as f64 / s.requests.max(1) as f64;
+    let errors = s.failures >= th.spike_min_errors
+        && ratio >= th.spike_error_ratio
+        && ratio > 5.0 * typical.error_ratio;
+    let latency = match (typical.p99_us, s.hist.quantile_us(0.99)) {
+        (Some(typical), Some(p99)) => {
+            let slow_us = (th.spike_latency_ratio * typical).max(th.spike_min_latency_ms * 1000.0);
+            s.requests >= th.spike_min_requests
+                && p99 >= slow_us
+                && s.hist.count_at_least(slow_us) >= th.spike_min_slow_requests
+        }
+        _ => false,
     };
+    (errors, latency)
+}
 
+/// Runs of contiguous spiking seconds shorter than `spike_max_len_s` (longer ones are
+/// outages, not micro-outages), each with the server most of its trouble came from.
+fn episodes(
+    seconds: &BTreeMap<u64, Second>,
+    typical: &Typical,
+    th: &DiagnoseThresholds,
+) -> Vec<Episode> {
     let mut episodes: Vec<Episode> = Vec::new();
-    let mut too_long = 0u64;
     let mut current: Option<Episode> = None;
-    let close = |episode: Episode, episodes: &mut Vec<Episode>, too_long: &mut u64| {
-        if episode.end - episode.start < th.spike_max_len_s {
-            episodes.push(episode);
-        } else {
-            *too_long += 1;
+    let mut close = |done: Option<Episode>| {
+        if let Some(episode) = done {
+            if episode.end - episode.start < th.spike_max_len_s {
+                episodes.push(episode);
+            }
         }
     };
     for (&t, s) in seconds {
-        let (errors, latency) = bad(s);
+        let (errors, latency) = spiking(s, typical, th);
         let contiguous = current.as_ref().is_some_and(|e| e.end + 1 == t);
-        if !contiguous {
-            if let Some(done) = current.take() {
-                close(done, &mut episodes, &mut too_long);
-            }
+        if !contiguous || !(errors || latency) {
+            close(current.take());
         }
         if !(errors || latency) {
-            if let Some(done) = current.take() {
-                close(done, &mut episodes, &mut too_long);
-            }
             continue;
         }
         let episode = current.get_or_insert(Episode {
@@ -169,72 +200,35 @@ fn detect_service(
         episode.latency |= latency;
         episode.errors |= errors;
     }
-    if let Some(done) = current.take() {
-        close(done, &mut episodes, &mut too_long);
-    }
-    if episodes.is_empty() {
-        return None;
-    }
+    close(current.take());
     for episode in &mut episodes {
-        let mut by_server: BTreeMap<&String, u64> = BTreeMap::new();
-        for (_, s) in seconds.range(episode.start..=episode.end) {
-            for (server, n) in &s.trouble_by_server {
-                *by_server.entry(server).or_default() += n;
-            }
-        }
-        let total: u64 = by_server.values().sum();
-        if let Some((server, n)) = by_server.into_iter().max_by_key(|(_, n)| *n) {
-            if total > 0 {
-                episode.culprit = Some((server.clone(), n as f64 / total as f64));
-            }
-        }
+        episode.culprit = culprit(seconds, episode.start, episode.end);
     }
+    episodes
+}
 
-    let alignment = aligned_second(&episodes);
-    let kinds = match (
-        episodes.iter().any(|e| e.errors),
-        episodes.iter().any(|e| e.latency),
-    ) {
-        (true, true) => "error and latency",
-        (true, false) => "error",
-        _ => "latency",
-    };
-    let longest = episodes
-        .iter()
-        .map(|e| e.end - e.start + 1)
-        .max()
-        .unwrap_or(1);
-    let mut title = format!(
-        "{} short {kinds} {} on {service} (up to {} each)",
-        episodes.len(),
-        if episodes.len() == 1 {
-            "spike"
-        } else {
-            "spikes"
-        },
-        util::seconds(longest as f64)
-    );
-    if let Some(second) = alignment {
-        title.push_str(&format!(", at :{second:02} of the minute"));
-    }
-    let mut finding = Finding::new("micro-outage", Severity::Warning, title);
-    for e in episodes.iter().take(6) {
-        let mut line = format!(
-            "{}: {} of {} requests failed, p99 {} (typical {})",
-            util::clock_span(e.start, e.end),
-            e.failures,
-            e.requests,
-            util::latency(e.worst_p99_us),
-            typical_p99.map_or("-".to_string(), util::latency)
-        );
-        if let Some((server, share)) = &e.culprit {
-            if *share >= 0.6 {
-                line.push_str(&format!(", mostly {server}"));
-                if !finding.subjects.servers.contains(server) {
-                    finding.subjects.servers.push(server.clone());
-                }
-            }
+/// The server with the most trouble in `start..=end`, with its share of it.
+fn culprit(seconds: &BTreeMap<u64, Second>, start: u64, end: u64) -> Option<(String, f64)> {
+    let mut by_server: BTreeMap<&String, u64> = BTreeMap::new();
+    for (_, s) in seconds.range(start..=end) {
+        for (server, n) in &s.trouble_by_server {
+            *by_server.entry(server).or_default() += n;
         }
+    }
+    let total: u64 = by_server.values().sum();
+    let (server, n) = by_server.into_iter().max_by_key(|(_, n)| *n)?;
+    (total > 0).then(|| (server.clone(), n as f64 / total as f64))
+}
+
+fn micro_outage(service: &str, episodes: &[Episode], typical_p99: Option<f64>) -> Option<Finding> {
+    let alignment = aligned_second(episodes);
+    let mut finding = Finding::new(
+        "micro-outage",
+        Severity::Warning,
+        spikes_title(service, episodes, alignment),
+    );
+    for e in episodes.iter().take(6) {
+        let line = episode_line(e, typical_p99, &mut finding);
         finding.evidence.push(line);
     }
     if episodes.len() > 6 {
@@ -267,6 +261,57 @@ fn detect_service(
     });
     finding.magnitude = episodes.len() as f64;
     Some(finding)
+}
+
+fn spikes_title(service: &str, episodes: &[Episode], alignment: Option<u64>) -> String {
+    let kinds = match (
+        episodes.iter().any(|e| e.errors),
+        episodes.iter().any(|e| e.latency),
+    ) {
+        (true, true) => "error and latency",
+        (true, false) => "error",
+        _ => "latency",
+    };
+    let longest = episodes
+        .iter()
+        .map(|e| e.end - e.start + 1)
+        .max()
+        .unwrap_or(1);
+    let mut title = format!(
+        "{} short {kinds} {} on {service} (up to {} each)",
+        episodes.len(),
+        if episodes.len() == 1 {
+            "spike"
+        } else {
+            "spikes"
+        },
+        util::seconds(longest as f64)
+    );
+    if let Some(second) = alignment {
+        title.push_str(&format!(", at :{second:02} of the minute"));
+    }
+    title
+}
+
+/// One episode's evidence line; names the server behind most of it as a subject.
+fn episode_line(e: &Episode, typical_p99: Option<f64>, finding: &mut Finding) -> String {
+    let mut line = format!(
+        "{}: {} of {} requests failed, p99 {} (typical {})",
+        util::clock_span(e.start, e.end),
+        e.failures,
+        e.requests,
+        util::latency(e.worst_p99_us),
+        typical_p99.map_or("-".to_string(), util::latency)
+    );
+    if let Some((server, share)) = &e.culprit {
+        if *share >= 0.6 {
+            line.push_str(&format!(", mostly {server}"));
+            if !finding.subjects.servers.contains(server) {
+                finding.subjects.servers.push(server.clone());
+            }
+        }
+    }
+    line
 }
 
 /// The second of the minute most spikes start at (within one second either way), when at

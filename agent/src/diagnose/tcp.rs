@@ -42,13 +42,82 @@ fn class(event: TcpEvent) -> &'static str {
     }
 }
 
+/// A kind of trouble judged against the server's peers: retransmits or resets.
+struct HotSpot {
+    /// Starts the finding with its id (also the name of its count in `values`) and severity.
+    start: fn(String) -> Finding,
+    /// What is counted, for the title.
+    what: &'static str,
+    class: &'static str,
+    pick: fn(TcpEvent) -> bool,
+    min: fn(&DiagnoseThresholds) -> u64,
+    /// The count broken down by event, for the evidence.
+    breakdown: fn(&Trouble) -> String,
+    advice: &'static str,
+}
+
+const RETRANSMITS: HotSpot = HotSpot {
+    start: |title| Finding::new("retransmits", Severity::Warning, title),
+    what: "TCP retransmits",
+    class: "retransmit",
+    pick: TcpEvent::is_retransmit,
+    min: |th| th.retransmit_min,
+    breakdown: |trouble| {
+        format!(
+            "{} data, {} SYN, {} SYN-ACK retransmits",
+            trouble.get(TcpEvent::RetransmitData),
+            trouble.get(TcpEvent::RetransmitSyn),
+            trouble.get(TcpEvent::RetransmitSynack),
+        )
+    },
+    advice: "Packets to or from this server are being lost: every \
+        retransmit adds at least 200 ms to a request. Check interface errors \
+        and drops on both hosts (ip -s link, ethtool -S), the switch ports and \
+        any firewall or traffic shaping on the path.",
+};
+
+const RESETS: HotSpot = HotSpot {
+    start: |title| Finding::new("resets", Severity::Warning, title),
+    what: "TCP resets",
+    class: "reset",
+    pick: TcpEvent::is_reset,
+    min: |th| th.reset_min,
+    breakdown: |trouble| {
+        format!(
+            "{} received, {} sent",
+            trouble.get(TcpEvent::ResetReceived),
+            trouble.get(TcpEvent::ResetSent),
+        )
+    },
+    advice: "Connections to this server are being torn down: a \
+        restarting or crashing server, a connection limit (memcached -c), a \
+        load balancer or firewall timing out idle flows, or clients closing \
+        with unread data. Check the server's logs and connection counts.",
+};
+
 pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut Vec<Finding>) {
-    let mut servers: BTreeMap<String, BTreeMap<String, Trouble>> = BTreeMap::new();
+    let services = collect(snap);
     // Every server with traffic is a peer, even with zero trouble.
-    let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let known = util::servers_by_service(snap, false);
+    for (service, troubles) in &services {
+        let known = known.get(service);
+        for (server, trouble) in troubles {
+            for kind in [&RETRANSMITS, &RESETS] {
+                out.extend(hot_spot(
+                    kind, service, server, trouble, troubles, known, th,
+                ));
+            }
+            out.extend(connect_failures(service, server, trouble, th));
+        }
+    }
+}
+
+/// Trouble per service and server.
+fn collect(snap: &HistorySnapshot) -> BTreeMap<String, BTreeMap<String, Trouble>> {
+    let mut services: BTreeMap<String, BTreeMap<String, Trouble>> = BTreeMap::new();
     for second in &snap.seconds {
         for row in &second.tcp {
-            let trouble = servers
+            let trouble = services
                 .entry(snap.label(row.service).to_string())
                 .or_default()
                 .entry(snap.label(row.server).to_string())
@@ -58,162 +127,128 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             trouble.first_t.entry(class).or_insert(second.t);
             trouble.last_t.insert(class, second.t);
         }
-        for (service, server) in second
-            .requests
-            .iter()
-            .map(|r| (r.service, r.server))
-            .chain(second.opened.iter().map(|r| (r.service, r.server)))
-        {
-            known
-                .entry(snap.label(service).to_string())
-                .or_default()
-                .insert(snap.label(server).to_string());
-        }
     }
+    services
+}
 
-    for (service, troubles) in &servers {
-        let peers_of = |server: &str, pick: &dyn Fn(TcpEvent) -> bool| -> Vec<f64> {
-            let mut names: BTreeSet<&String> = troubles.keys().collect();
-            if let Some(k) = known.get(service) {
-                names.extend(k.iter());
-            }
-            names
-                .into_iter()
-                .filter(|n| n.as_str() != server)
-                .map(|n| troubles.get(n).map_or(0, |t| t.sum(pick)) as f64)
-                .collect()
-        };
-        for (server, trouble) in troubles {
-            let retransmits = trouble.sum(TcpEvent::is_retransmit);
-            if retransmits >= th.retransmit_min {
-                let peers = peers_of(server, &TcpEvent::is_retransmit);
-                if let Some(peer) = hot(retransmits, &peers, th) {
-                    let mut finding = Finding::new(
-                        "retransmits",
-                        Severity::Warning,
-                        format!(
-                            "{server} ({service}): {} TCP retransmits{}",
-                            retransmits,
-                            versus(peer, peers.len())
-                        ),
-                    );
-                    finding.evidence.push(format!(
-                        "{} data, {} SYN, {} SYN-ACK retransmits, {}",
-                        trouble.get(TcpEvent::RetransmitData),
-                        trouble.get(TcpEvent::RetransmitSyn),
-                        trouble.get(TcpEvent::RetransmitSynack),
-                        trouble
-                            .span("retransmit")
-                            .map_or(String::new(), |s| util::clock_span(s.start_s, s.end_s))
-                    ));
-                    finding.advice = "Packets to or from this server are being lost: every \
-                        retransmit adds at least 200 ms to a request. Check interface errors \
-                        and drops on both hosts (ip -s link, ethtool -S), the switch ports and \
-                        any firewall or traffic shaping on the path."
-                        .to_string();
-                    finish(
-                        &mut finding,
-                        service,
-                        server,
-                        retransmits,
-                        peer,
-                        trouble.span("retransmit"),
-                    );
-                    finding.value("retransmits", retransmits as f64);
-                    out.push(finding);
-                }
-            }
-            let resets = trouble.sum(TcpEvent::is_reset);
-            if resets >= th.reset_min {
-                let peers = peers_of(server, &TcpEvent::is_reset);
-                if let Some(peer) = hot(resets, &peers, th) {
-                    let mut finding = Finding::new(
-                        "resets",
-                        Severity::Warning,
-                        format!(
-                            "{server} ({service}): {} TCP resets{}",
-                            resets,
-                            versus(peer, peers.len())
-                        ),
-                    );
-                    finding.evidence.push(format!(
-                        "{} received, {} sent, {}",
-                        trouble.get(TcpEvent::ResetReceived),
-                        trouble.get(TcpEvent::ResetSent),
-                        trouble
-                            .span("reset")
-                            .map_or(String::new(), |s| util::clock_span(s.start_s, s.end_s))
-                    ));
-                    finding.advice = "Connections to this server are being torn down: a \
-                        restarting or crashing server, a connection limit (memcached -c), a \
-                        load balancer or firewall timing out idle flows, or clients closing \
-                        with unread data. Check the server's logs and connection counts."
-                        .to_string();
-                    finish(
-                        &mut finding,
-                        service,
-                        server,
-                        resets,
-                        peer,
-                        trouble.span("reset"),
-                    );
-                    finding.value("resets", resets as f64);
-                    out.push(finding);
-                }
-            }
-            let failures = trouble.sum(TcpEvent::is_connect_failure);
-            if failures >= th.connect_failure_min {
-                let refused = trouble.get(TcpEvent::ConnectRefused);
-                let timeout = trouble.get(TcpEvent::ConnectTimeout);
-                // Refusals and timeouts mean requests to this server fail outright.
-                let severity = if refused + timeout > 0 {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                };
-                let mut finding = Finding::new(
-                    "connect-failures",
-                    severity,
-                    format!(
-                        "{} to {server} ({service}) failed",
-                        util::plural(failures, "connection attempt")
-                    ),
-                );
-                finding.evidence.push(format!(
-                    "{refused} refused, {timeout} timed out, {} reset, {}",
-                    trouble.get(TcpEvent::ConnectReset),
-                    trouble
-                        .span("connect")
-                        .map_or(String::new(), |s| util::clock_span(s.start_s, s.end_s))
-                ));
-                let mut advice = Vec::new();
-                if refused > 0 {
-                    advice.push(
-                        "Refused means nothing listens on that port: the server is down, \
-                         restarting, or the clients have a wrong address.",
-                    );
-                }
-                if timeout > 0 {
-                    advice.push(
-                        "Timed out means SYNs got no answer: the host is down or unreachable, \
-                         or a firewall drops the traffic.",
-                    );
-                }
-                advice.push("Remove dead servers from the clients' lists until they are back.");
-                finding.advice = advice.join(" ");
-                finish(
-                    &mut finding,
-                    service,
-                    server,
-                    failures,
-                    None,
-                    trouble.span("connect"),
-                );
-                finding.value("connect_failures", failures as f64);
-                out.push(finding);
-            }
-        }
+/// The counts of `pick` events at every other server of the service, trouble-free ones as 0.
+fn peer_counts(
+    server: &str,
+    troubles: &BTreeMap<String, Trouble>,
+    known: Option<&BTreeSet<String>>,
+    pick: fn(TcpEvent) -> bool,
+) -> Vec<f64> {
+    let mut names: BTreeSet<&String> = troubles.keys().collect();
+    if let Some(k) = known {
+        names.extend(k.iter());
     }
+    names
+        .into_iter()
+        .filter(|n| n.as_str() != server)
+        .map(|n| troubles.get(n).map_or(0, |t| t.sum(pick)) as f64)
+        .collect()
+}
+
+fn hot_spot(
+    kind: &HotSpot,
+    service: &str,
+    server: &str,
+    trouble: &Trouble,
+    troubles: &BTreeMap<String, Trouble>,
+    known: Option<&BTreeSet<String>>,
+    th: &DiagnoseThresholds,
+) -> Option<Finding> {
+    let count = trouble.sum(kind.pick);
+    if count < (kind.min)(th) {
+        return None;
+    }
+    let peers = peer_counts(server, troubles, known, kind.pick);
+    let peer = hot(count, &peers, th)?;
+    let mut finding = (kind.start)(format!(
+        "{server} ({service}): {} {}{}",
+        count,
+        kind.what,
+        versus(peer, peers.len())
+    ));
+    finding.evidence.push(format!(
+        "{}, {}",
+        (kind.breakdown)(trouble),
+        clock_span_of(trouble.span(kind.class))
+    ));
+    finding.advice = kind.advice.to_string();
+    finish(
+        &mut finding,
+        service,
+        server,
+        count,
+        peer,
+        trouble.span(kind.class),
+    );
+    let id = finding.id.clone();
+    finding.value(&id, count as f64);
+    Some(finding)
+}
+
+fn connect_failures(
+    service: &str,
+    server: &str,
+    trouble: &Trouble,
+    th: &DiagnoseThresholds,
+) -> Option<Finding> {
+    let failures = trouble.sum(TcpEvent::is_connect_failure);
+    if failures < th.connect_failure_min {
+        return None;
+    }
+    let refused = trouble.get(TcpEvent::ConnectRefused);
+    let timeout = trouble.get(TcpEvent::ConnectTimeout);
+    // Refusals and timeouts mean requests to this server fail outright.
+    let severity = if refused + timeout > 0 {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    };
+    let mut finding = Finding::new(
+        "connect-failures",
+        severity,
+        format!(
+            "{} to {server} ({service}) failed",
+            util::plural(failures, "connection attempt")
+        ),
+    );
+    finding.evidence.push(format!(
+        "{refused} refused, {timeout} timed out, {} reset, {}",
+        trouble.get(TcpEvent::ConnectReset),
+        clock_span_of(trouble.span("connect"))
+    ));
+    let mut advice = Vec::new();
+    if refused > 0 {
+        advice.push(
+            "Refused means nothing listens on that port: the server is down, \
+             restarting, or the clients have a wrong address.",
+        );
+    }
+    if timeout > 0 {
+        advice.push(
+            "Timed out means SYNs got no answer: the host is down or unreachable, \
+             or a firewall drops the traffic.",
+        );
+    }
+    advice.push("Remove dead servers from the clients' lists until they are back.");
+    finding.advice = advice.join(" ");
+    finish(
+        &mut finding,
+        service,
+        server,
+        failures,
+        None,
+        trouble.span("connect"),
+    );
+    finding.value("connect_failures", failures as f64);
+    Some(finding)
+}
+
+fn clock_span_of(span: Option<Span>) -> String {
+    span.map_or(String::new(), |s| util::clock_span(s.start_s, s.end_s))
 }
 
 /// Whether `count` stands out from its peers; returns the peer median when it does (None when

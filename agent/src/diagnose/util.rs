@@ -1,6 +1,10 @@
 //! Formatting and small statistics shared by the detectors. Times are UTC (servers usually
 //! run in UTC, and the text report says so), so findings are reproducible in tests.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::history::HistorySnapshot;
+
 /// "14:03:07" for a unix second, UTC.
 pub fn clock(unix_s: u64) -> String {
     let day_s = unix_s % 86_400;
@@ -115,6 +119,31 @@ pub fn truncated<T: AsRef<str>>(items: &[T], max: usize) -> String {
         text.push_str(&format!(" and {} more", items.len() - max));
     }
     text
+}
+
+/// Every server seen with traffic (requests or opened connections, and with `edges` also the
+/// sampled edge connections) per service: a server's peers include those without trouble.
+pub fn servers_by_service(
+    snap: &HistorySnapshot,
+    edges: bool,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut known: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for second in &snap.seconds {
+        let edge_rows = second.edge_connections.iter().filter(|_| edges);
+        let servers = second
+            .requests
+            .iter()
+            .map(|r| (r.service, r.server))
+            .chain(second.opened.iter().map(|r| (r.service, r.server)))
+            .chain(edge_rows.map(|r| (r.service, r.server)));
+        for (service, server) in servers {
+            known
+                .entry(snap.label(service).to_string())
+                .or_default()
+                .insert(snap.label(server).to_string());
+        }
+    }
+    known
 }
 
 #[cfg(test)]
