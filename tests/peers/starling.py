@@ -2,7 +2,7 @@
 """A Starling/Kestrel-protocol queue server kept as a test peer (neither server is packaged).
 
 `set <queue> <flags> <exptime> <bytes>` enqueues, `get <queue>[/options]` dequeues (`END` alone
-is an empty poll), `stats` reports the server's own counters (STAT total_items, get_hits,
+is an empty poll; like Kestrel, a get naming several queues dequeues from the first only), `stats` reports the server's own counters (STAT total_items, get_hits,
 get_misses, cmd_set, cmd_get, curr_items, queue_<name>_items, queue_<name>_total_items).
 Like the event-driven Starling, it closes clients idle longer than --idle-timeout seconds.
 Pipelined commands in one write are answered in order.
@@ -43,16 +43,19 @@ async def handle(reader, writer, idle):
                 counters["total_items"] += 1
                 writer.write(b"STORED\r\n")
             elif cmd == b"get" and len(words) >= 2:
-                # One item per named queue, in order (Kestrel answers multi-key gets too).
-                for key in words[1:]:
-                    counters["cmd_get"] += 1
-                    name = key.split(b"/")[0]
-                    if queues[name]:
-                        flags, data = queues[name].popleft()
-                        counters["get_hits"] += 1
-                        writer.write(b"VALUE %s %s %d\r\n%s\r\n" % (key, flags, len(data), data))
-                    else:
-                        counters["get_misses"] += 1
+                # A get dequeues from its first queue name only, as Kestrel does
+                # (MemcacheHandler.scala: `case "get" => get(request.line(1))`); any further
+                # names are ignored. No queue server answers one item per name: Starling
+                # even reads "a b" as one queue name (handler.rb's GET_COMMAND).
+                key = words[1]
+                counters["cmd_get"] += 1
+                name = key.split(b"/")[0]
+                if queues[name]:
+                    flags, data = queues[name].popleft()
+                    counters["get_hits"] += 1
+                    writer.write(b"VALUE %s %s %d\r\n%s\r\n" % (key, flags, len(data), data))
+                else:
+                    counters["get_misses"] += 1
                 writer.write(b"END\r\n")
             elif cmd == b"stats":
                 stats = dict(counters)

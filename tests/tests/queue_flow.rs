@@ -225,6 +225,8 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
          \x20   n = SIZES[i % len(SIZES)]\n\
          \x20   p = PATTERNS[i % len(PATTERNS)]\n\
          \x20   return (p * (n // len(p) + 1))[:n]\n\
+         def raw(v):\n\
+         \x20   return bytes(v, 'latin-1') if isinstance(v, str) else v\n\
          mc = memcache.Client(['127.0.0.1:{port}'])\n\
          for i in range(16):\n\
          \x20   assert mc.set('big', val(i)), i\n\
@@ -248,11 +250,12 @@ fn queue_exact_with_real_clients_pipelines_and_large_values() {
          \x20   assert mc.get('big') == val(i), i\n\
          assert mc.get('big') is None\n\
          c = Client(('127.0.0.1', {port}))\n\
+         # One message per get, as queue servers answer (a get naming several queues dequeues\n\
+         # from the first only): queue a through pymemcache, b through python-memcache.\n\
          for batch in range(10):\n\
-         \x20   # One multi-key get takes one item from each queue (Kestrel answers these too).\n\
-         \x20   got = c.get_many(['a', 'b'])\n\
-         \x20   assert got == {{'a': val(batch), 'b': val(batch + 3)}}, batch\n\
-         assert mc.get_multi(['a', 'b']) == {{}}\n\
+         \x20   assert c.get('a') == val(batch), batch\n\
+         \x20   assert raw(mc.get('b')) == val(batch + 3), batch\n\
+         assert c.get('a') is None and mc.get('b') is None\n\
          time.sleep(1.2)\n\
          assert c.get('slow') == b'waits'\n\
          # Left in the queue: depth.\n\
