@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# PID 1 of the vm-test initramfs (built by xtask/src/vm.rs): mounts what the agent needs, runs
+# PID 1 of the vm-test initramfs (built by xtask/src/vm/initramfs.rs): mounts what the agent needs, runs
 # the scenarios and powers off. Everything goes to the serial console, which the host parses.
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin

@@ -204,7 +204,7 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// `bench --soak MINUTES`: the soak alone (see soak.rs).
+/// `bench --soak MINUTES`: the soak alone (see soak/).
 pub fn soak(minutes: f64, decode_all: bool) -> anyhow::Result<()> {
     util::require_root("the soak loads eBPF programs")?;
     procs::install_interrupt_handler();
