@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{counter, wakeup, watch, ProbeOffsets, OFFSET_UNKNOWN};
+use agent_common::{wakeup, watch, KernelCounter, ProbeOffsets, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -461,15 +461,16 @@ impl Probes {
 
     /// Totals of the kernel's loss counters since load, by `events_lost_total` source.
     pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 6]> {
-        let sum =
-            |index: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&index, 0)?.iter().sum()) };
+        let sum = |counter: KernelCounter| -> anyhow::Result<u64> {
+            Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+        };
         Ok([
-            ("ringbuf", sum(counter::RINGBUF_FULL)?),
-            ("socket_map", sum(counter::SOCKET_MAP_FULL)?),
-            ("payload_ringbuf", sum(counter::PAYLOAD_RINGBUF_FULL)?),
-            ("uncaptured_syscall", sum(counter::UNCAPTURED_SYSCALL)?),
-            ("capture_incomplete", sum(counter::CAPTURE_INCOMPLETE)?),
-            ("frame_map", sum(counter::FRAME_MAP_FULL)?),
+            ("ringbuf", sum(KernelCounter::RingbufFull)?),
+            ("socket_map", sum(KernelCounter::SocketMapFull)?),
+            ("payload_ringbuf", sum(KernelCounter::PayloadRingbufFull)?),
+            ("uncaptured_syscall", sum(KernelCounter::UncapturedSyscall)?),
+            ("capture_incomplete", sum(KernelCounter::CaptureIncomplete)?),
+            ("frame_map", sum(KernelCounter::FrameMapFull)?),
         ])
     }
 }
