@@ -5,22 +5,6 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// TCP states as the kernel numbers them (include/net/tcp_states.h).
-pub mod tcp_state {
-    pub const ESTABLISHED: u8 = 1;
-    pub const SYN_SENT: u8 = 2;
-    pub const SYN_RECV: u8 = 3;
-    pub const FIN_WAIT1: u8 = 4;
-    pub const FIN_WAIT2: u8 = 5;
-    pub const TIME_WAIT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const CLOSE_WAIT: u8 = 8;
-    pub const LAST_ACK: u8 = 9;
-    pub const LISTEN: u8 = 10;
-    pub const CLOSING: u8 = 11;
-    pub const NEW_SYN_RECV: u8 = 12;
-}
-
 /// An ABI enum: `#[repr(u8)]` (or the given repr), its wire value written by the kernel half
 /// with `as`, read back by the user half with `TryFrom`, where a byte naming no variant is an
 /// [`UnknownValue`] (the agent counts the record as undecodable; it never panics on it).
@@ -48,11 +32,11 @@ macro_rules! abi_enum {
         }
 
         impl TryFrom<$repr> for $name {
-            type Error = UnknownValue;
-            fn try_from(value: $repr) -> Result<Self, UnknownValue> {
+            type Error = $crate::UnknownValue;
+            fn try_from(value: $repr) -> Result<Self, $crate::UnknownValue> {
                 match value {
                     $($value => Ok($name::$variant),)+
-                    _ => Err(UnknownValue(value as u64)),
+                    _ => Err($crate::UnknownValue(value as u64)),
                 }
             }
         }
@@ -62,6 +46,27 @@ macro_rules! abi_enum {
 /// A value from the kernel that names no variant of an ABI enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnknownValue(pub u64);
+
+abi_enum! {
+    /// TCP states as the kernel numbers them (include/net/tcp_states.h): in
+    /// [`SockEvent::old_state`] and [`SockEvent::new_state`], the `st` column of /proc/net/tcp
+    /// and sock_diag's `idiag_state`. Those keep the plain byte (a newer kernel may add a
+    /// state); compare with `TcpState::X as u8` or read back with `TryFrom`.
+    pub enum TcpState: u8 {
+        Established = 1,
+        SynSent = 2,
+        SynRecv = 3,
+        FinWait1 = 4,
+        FinWait2 = 5,
+        TimeWait = 6,
+        Close = 7,
+        CloseWait = 8,
+        LastAck = 9,
+        Listen = 10,
+        Closing = 11,
+        NewSynRecv = 12,
+    }
+}
 
 abi_enum! {
     /// What a [`SockEvent`] reports, in [`SockEvent::kind`].
@@ -129,7 +134,8 @@ impl FdSyscall {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::{FdSyscall, SockEventKind, TcpTrouble, UnknownValue};
+    use super::{FdSyscall, SockEventKind, TcpState, TcpTrouble, UnknownValue};
+    use crate::KernelCounter;
 
     #[test]
     fn abi_enums_read_back_every_value_they_write_and_reject_every_other_byte() {
@@ -147,12 +153,33 @@ mod tests {
         check(&SockEventKind::ALL, |kind| kind as u8);
         check(&TcpTrouble::ALL, |trouble| trouble as u8);
         check(&FdSyscall::ALL, |syscall| syscall as u8);
+        check(&TcpState::ALL, |state| state as u8);
+        for index in 0..=u32::from(u8::MAX) {
+            match KernelCounter::ALL
+                .iter()
+                .find(|&&counter| counter as u32 == index)
+            {
+                Some(&counter) => assert_eq!(KernelCounter::try_from(index), Ok(counter)),
+                None => assert_eq!(
+                    KernelCounter::try_from(index),
+                    Err(UnknownValue(index.into()))
+                ),
+            }
+        }
         // The wire values are the ABI: the kernel object and older agents agree on them.
         assert_eq!(
             SockEventKind::ALL.map(|kind| kind as u8),
             [1, 2, 3, 4, 5, 6]
         );
         assert_eq!(TcpTrouble::ALL.map(|trouble| trouble as u8), [1, 2, 3, 4]);
+        assert_eq!(
+            TcpState::ALL.map(|state| state as u8),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        assert_eq!(
+            KernelCounter::ALL.map(|counter| counter as u32),
+            [0, 1, 2, 3, 4, 5]
+        );
         assert_eq!(
             FdSyscall::ALL.map(|syscall| syscall as u8),
             [0, 1, 2, 3, 4, 5]

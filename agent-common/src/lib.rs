@@ -6,6 +6,7 @@
 //! [`ProbeOffsets`], because they differ between kernels.
 #![no_std]
 
+#[macro_use]
 mod abi;
 mod capture;
 pub mod framing;

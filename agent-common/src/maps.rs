@@ -33,21 +33,22 @@ pub mod watch {
     pub const PORTS: u32 = 1 << 16;
 }
 
-/// Indices into the per-CPU `COUNTERS` array: things the kernel side could not record.
-pub mod counter {
-    /// The ring buffer was full; an event was dropped.
-    pub const RINGBUF_FULL: u32 = 0;
-    /// The socket map was full; a watched socket is not tracked.
-    pub const SOCKET_MAP_FULL: u32 = 1;
-    /// The payload ring buffer was full; a capture was dropped (the decoder sees a gap).
-    pub const PAYLOAD_RINGBUF_FULL: u32 = 2;
-    /// A send or receive on a captured socket came from a syscall capture cannot read (sendfile,
-    /// sendmmsg, io_uring, a kernel thread): the decoder sees a gap.
-    pub const UNCAPTURED_SYSCALL: u32 = 3;
-    /// A call's frames could not all be followed (per-call budget or step bound, or a line
-    /// longer than the framing follows): the decoder resynchronises.
-    pub const CAPTURE_INCOMPLETE: u32 = 4;
-    /// The frame-state map was full: a captured socket's call was not followed.
-    pub const FRAME_MAP_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+abi_enum! {
+    /// Indices into the per-CPU `COUNTERS` array: things the kernel side could not record.
+    pub enum KernelCounter: u32 {
+        /// The ring buffer was full; an event was dropped.
+        RingbufFull = 0,
+        /// The socket map was full; a watched socket is not tracked.
+        SocketMapFull = 1,
+        /// The payload ring buffer was full; a capture was dropped (the decoder sees a gap).
+        PayloadRingbufFull = 2,
+        /// A send or receive on a captured socket came from a syscall capture cannot read
+        /// (sendfile, sendmmsg, io_uring, a kernel thread): the decoder sees a gap.
+        UncapturedSyscall = 3,
+        /// A call's frames could not all be followed (per-call budget or step bound, or a line
+        /// longer than the framing follows): the decoder resynchronises.
+        CaptureIncomplete = 4,
+        /// The frame-state map was full: a captured socket's call was not followed.
+        FrameMapFull = 5,
+    }
 }

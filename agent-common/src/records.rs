@@ -10,7 +10,7 @@ pub const COMM_LEN: usize = 16;
 pub struct SockEvent {
     /// A [`SockEventKind`].
     pub kind: u8,
-    /// TCP states (include/net/tcp_states.h, [`tcp_state`]) where the kind has them.
+    /// TCP states (include/net/tcp_states.h, [`TcpState`]) where the kind has them.
     pub old_state: u8,
     pub new_state: u8,
     /// A [`TcpTrouble`] for [`SockEventKind::TcpTrouble`], else 0.

@@ -10,10 +10,10 @@ use crate::send_recv::learn;
 use crate::sock::{read_kernel_field, SockPorts};
 use crate::storage::SkWatch;
 use agent_common::{
-    capture_sample, counter,
+    capture_sample,
     framing::{self, FrameState, SocketFrames},
-    io_syscall, payload_flags, PayloadHeader, SegmentHeader, CAPTURE_MAX_STEPS, CAPTURE_PIECE,
-    PAYLOAD_HEADER_LEN, RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
+    io_syscall, payload_flags, KernelCounter, PayloadHeader, SegmentHeader, CAPTURE_MAX_STEPS,
+    CAPTURE_PIECE, PAYLOAD_HEADER_LEN, RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::BPF_RB_AVAIL_DATA, helpers::bpf_get_current_comm, helpers::bpf_get_current_pid_tgid,
@@ -95,7 +95,7 @@ pub(crate) fn capture_payload(
     // this syscall. A kernel thread has none and yields 0.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
     if regs == 0 {
-        bump(counter::UNCAPTURED_SYSCALL);
+        bump(KernelCounter::UncapturedSyscall);
         return;
     }
     let Some(number) = read_kernel_field::<u64>(regs, layout.number) else {
@@ -106,7 +106,7 @@ pub(crate) fn capture_payload(
         // buffer would be wrong).
         Some(syscall) if (syscall % 2 == 1) == is_send => syscall,
         _ => {
-            bump(counter::UNCAPTURED_SYSCALL);
+            bump(KernelCounter::UncapturedSyscall);
             return;
         }
     };
@@ -137,7 +137,7 @@ pub(crate) fn capture_payload(
                     }
                 }
                 if FRAMES.insert(sk, SocketFrames::default(), 0).is_err() {
-                    bump(counter::FRAME_MAP_FULL);
+                    bump(KernelCounter::FrameMapFull);
                     return;
                 }
                 match FRAMES.get_ptr_mut(sk) {
@@ -234,7 +234,7 @@ pub(crate) fn capture_payload(
     if walk.pos < walk.total {
         walk.flags |= payload_flags::INCOMPLETE as u64;
         walk.frames.mode = framing::mode::LOST;
-        bump(counter::CAPTURE_INCOMPLETE);
+        bump(KernelCounter::CaptureIncomplete);
     }
     *state = walk.frames;
     walk.pos = walk.total;
@@ -454,7 +454,7 @@ fn flush_record(walk: &mut CaptureWalk) {
         )
     };
     if status != 0 {
-        bump(counter::PAYLOAD_RINGBUF_FULL);
+        bump(KernelCounter::PayloadRingbufFull);
     }
     walk.data_len = 0;
     walk.segment = NO_SEGMENT;

@@ -7,7 +7,9 @@ use crate::sock::{
     capture_flags, fill_tuple, read_kernel_field, read_sock_tuple, read_tp, read_watched_tuple,
     scalar_arg, Tuple,
 };
-use agent_common::{counter, tcp_state, SockEventKind, SockState, IPPROTO_TCP, OFFSET_UNKNOWN};
+use agent_common::{
+    KernelCounter, SockEventKind, SockState, TcpState, IPPROTO_TCP, OFFSET_UNKNOWN,
+};
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, helpers::generated::bpf_jiffies64, macros::btf_tracepoint,
     macros::tracepoint, programs::BtfTracePointContext, programs::TracePointContext, EbpfContext,
@@ -65,7 +67,7 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
     // left behind is not its history, neither its closed record nor a SOCKETS entry a racing
     // send re-learned after its close (whose `peer_closed_ns` would make this connection's
     // sends look like dead writes).
-    let new_socket = old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN;
+    let new_socket = old_state == TcpState::Close as u8 || old_state == TcpState::Listen as u8;
     if new_socket {
         let _ = CLOSED_SOCKETS.remove(sk);
     }
@@ -81,7 +83,7 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
             ..SockState::default()
         },
     };
-    if new_state == tcp_state::CLOSE_WAIT && snapshot.peer_closed_ns == 0 {
+    if new_state == TcpState::CloseWait as u8 && snapshot.peer_closed_ns == 0 {
         snapshot.peer_closed_ns = now;
     }
     if was_connected(old_state) {
@@ -89,18 +91,18 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
             snapshot.last_activity_ns = core::cmp::max(snapshot.last_activity_ns, last);
         }
     }
-    if new_state == tcp_state::ESTABLISHED || new_state == tcp_state::CLOSE {
+    if new_state == TcpState::Established as u8 || new_state == TcpState::Close as u8 {
         // A stream starts or ends here: no frame position carries over to whatever socket
         // gets this address next.
         let _ = FRAMES.remove(sk);
     }
-    if new_state == tcp_state::CLOSE {
+    if new_state == TcpState::Close as u8 {
         // Closed first, then out of SOCKETS: a send or receive on another CPU in between finds
         // the socket in one of the two maps, and so does not learn the dead socket again.
         let _ = CLOSED_SOCKETS.insert(sk, snapshot, 0);
         let _ = SOCKETS.remove(sk);
     } else if SOCKETS.insert(sk, snapshot, 0).is_err() {
-        bump(counter::SOCKET_MAP_FULL);
+        bump(KernelCounter::SocketMapFull);
     }
     emit(|event| {
         event.kind = SockEventKind::State as u8;
@@ -117,13 +119,13 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
 #[inline(always)]
 fn was_connected(state: u8) -> bool {
     matches!(
-        state,
-        tcp_state::ESTABLISHED
-            | tcp_state::FIN_WAIT1
-            | tcp_state::FIN_WAIT2
-            | tcp_state::CLOSE_WAIT
-            | tcp_state::LAST_ACK
-            | tcp_state::CLOSING
+        TcpState::try_from(state),
+        Ok(TcpState::Established
+            | TcpState::FinWait1
+            | TcpState::FinWait2
+            | TcpState::CloseWait
+            | TcpState::LastAck
+            | TcpState::Closing)
     )
 }
 
@@ -163,11 +165,11 @@ fn kernel_last_activity_ns(sk: u64, now: u64) -> Option<u64> {
 #[inline(always)]
 pub(crate) fn peer_still_open(state: u8) -> bool {
     matches!(
-        state,
-        tcp_state::ESTABLISHED
-            | tcp_state::SYN_SENT
-            | tcp_state::SYN_RECV
-            | tcp_state::FIN_WAIT1
-            | tcp_state::FIN_WAIT2
+        TcpState::try_from(state),
+        Ok(TcpState::Established
+            | TcpState::SynSent
+            | TcpState::SynRecv
+            | TcpState::FinWait1
+            | TcpState::FinWait2)
     )
 }

@@ -3,7 +3,7 @@
 
 use crate::capture::CaptureWalk;
 use crate::storage::SkWatch;
-use agent_common::{counter, framing::SocketFrames, watch, ProbeOffsets, SockState};
+use agent_common::{framing::SocketFrames, watch, KernelCounter, ProbeOffsets, SockState};
 use aya_ebpf::{
     btf_maps::SkStorage, macros::btf_map, macros::map, maps::Array, maps::HashMap,
     maps::LruHashMap, maps::PerCpuArray, maps::RingBuf,
@@ -29,7 +29,7 @@ pub(crate) static CLOSED_SOCKETS: LruHashMap<u64, SockState> =
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KernelCounter::COUNT as u32, 0);
 
 /// Payload bytes captured from watched sockets. Separate from EVENTS so a flood of payloads can
 /// never crowd out connection lifecycle events. Sized at load (`limits.payload_ring_buffer_bytes`).
@@ -78,8 +78,8 @@ pub(crate) fn offsets() -> &'static ProbeOffsets {
 }
 
 #[inline(always)]
-pub(crate) fn bump(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+pub(crate) fn bump(counter: KernelCounter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         unsafe { *slot += 1 };
     }
 }

@@ -1,7 +1,7 @@
 //! Records to the rings: the event emitter and the wake-up policy shared with payload records.
 
 use crate::maps::{bump, EVENTS, EVENTS_WAKEUP_BYTES};
-use agent_common::{counter, SockEvent};
+use agent_common::{KernelCounter, SockEvent};
 use aya_ebpf::{
     bindings::BPF_RB_AVAIL_DATA, bindings::BPF_RB_FORCE_WAKEUP, bindings::BPF_RB_NO_WAKEUP,
     helpers::bpf_get_current_comm, helpers::bpf_get_current_pid_tgid, helpers::bpf_ktime_get_ns,
@@ -51,6 +51,6 @@ pub(crate) fn emit(fill: impl FnOnce(&mut SockEvent)) {
                 .saturating_sub(ring_footprint(len));
             entry.submit(wakeup_flags(unread, len, threshold));
         }
-        None => bump(counter::RINGBUF_FULL),
+        None => bump(KernelCounter::RingbufFull),
     }
 }

@@ -11,8 +11,8 @@ use crate::sock::{
 };
 use crate::storage::SkWatch;
 use agent_common::{
-    capture_sample, counter, sock_flags, tcp_state, SockEventKind, SockState, AF_INET, AF_INET6,
-    IPPROTO_TCP,
+    capture_sample, sock_flags, KernelCounter, SockEventKind, SockState, TcpState, AF_INET,
+    AF_INET6, IPPROTO_TCP,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::raw_tracepoint, macros::tracepoint,
@@ -238,7 +238,7 @@ pub(crate) fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u6
     let local_port = ports.local;
     let remote_port = ports.remote;
     let tcp_state_now: u8 = read_kernel_field(sk, layout.state)?;
-    if tcp_state_now == tcp_state::LISTEN || tcp_state_now == tcp_state::CLOSE {
+    if tcp_state_now == TcpState::Listen as u8 || tcp_state_now == TcpState::Close as u8 {
         return None;
     }
     // A socket whose move to CLOSE was seen and which no new socket has taken over since: the
@@ -275,12 +275,12 @@ pub(crate) fn learn(sk: u64, ports: &SockPorts, ret: i32, is_send: bool, now: u6
             state.bytes_received = ret as u64;
         }
     }
-    if tcp_state_now == tcp_state::CLOSE_WAIT {
+    if tcp_state_now == TcpState::CloseWait as u8 {
         // The peer closed before we met the socket; when is unknown, so date it now.
         state.peer_closed_ns = now;
     }
     if SOCKETS.insert(sk, state, 0).is_err() {
-        bump(counter::SOCKET_MAP_FULL);
+        bump(KernelCounter::SocketMapFull);
         return None;
     }
     emit(|event| {

@@ -3,7 +3,7 @@
 
 use crate::maps::{offsets, WATCHED_PORTS};
 use agent_common::{
-    sock_flags, tcp_state, watch, SockEvent, TupleLayout, AF_INET, AF_INET6, OFFSET_UNKNOWN,
+    sock_flags, watch, SockEvent, TcpState, TupleLayout, AF_INET, AF_INET6, OFFSET_UNKNOWN,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TracePointContext};
 
@@ -221,5 +221,5 @@ pub(crate) fn read_sock_ports_and_state(sk: u64) -> Option<(SockPorts, u8)> {
 
 #[inline(always)]
 pub(crate) fn is_closed(sk: u64) -> bool {
-    read_kernel_field::<u8>(sk, offsets().sock_common.state) == Some(tcp_state::CLOSE)
+    read_kernel_field::<u8>(sk, offsets().sock_common.state) == Some(TcpState::Close as u8)
 }

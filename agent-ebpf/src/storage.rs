@@ -11,7 +11,9 @@ use crate::send_recv::length_on_watched;
 use crate::sock::{
     is_watched, read_kernel_field, read_sock_ports, scalar_arg, watch_bits, SockPorts,
 };
-use agent_common::{counter, framing::SocketFrames, sock_flags, tcp_state, watch, IPPROTO_TCP};
+use agent_common::{
+    framing::SocketFrames, sock_flags, watch, KernelCounter, TcpState, IPPROTO_TCP,
+};
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get,
     helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint,
@@ -76,8 +78,8 @@ fn sk_watch(sk: *mut core::ffi::c_void, init: Option<&mut SkWatch>) -> *mut SkWa
 #[inline(always)]
 fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option<()> {
     if matches!(
-        state,
-        tcp_state::LISTEN | tcp_state::CLOSE | tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV
+        TcpState::try_from(state),
+        Ok(TcpState::Listen | TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv)
     ) {
         return None;
     }
@@ -98,7 +100,7 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
         frames: SocketFrames::default(),
     };
     if sk_watch(sk, Some(&mut init)).is_null() {
-        bump(counter::SOCKET_MAP_FULL);
+        bump(KernelCounter::SocketMapFull);
     }
     Some(())
 }
@@ -114,7 +116,7 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         // SAFETY: this socket's storage, valid for this program run.
         let watch = unsafe { &mut *watch };
         watch.state = new_state;
-        if new_state == tcp_state::ESTABLISHED || new_state == tcp_state::CLOSE {
+        if new_state == TcpState::Established as u8 || new_state == TcpState::Close as u8 {
             watch.reset_capture();
         }
         return 0;

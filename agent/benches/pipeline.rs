@@ -62,7 +62,7 @@ fn server_sk(connection: u64) -> u64 {
 fn learned(sk: u64, local: SocketAddr, remote: SocketAddr, ts_ns: u64) -> SockEventRecord {
     SockEventRecord {
         kind: EventKind::Learned {
-            state: agent_common::tcp_state::ESTABLISHED,
+            state: agent_common::TcpState::Established as u8,
         },
         ts_ns,
         sk,

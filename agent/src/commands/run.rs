@@ -205,16 +205,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         &mut fd_probe_arming,
     )
     .await?;
-    let (news_tx, mut news_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
-    let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
-    tokio::spawn(sample_periodically(
-        sampler,
-        metrics.clone(),
-        last_tcp_ext,
-        sampler_config_rx,
-        news_tx,
-        history.clone(),
-    ));
+    let (mut news_rx, sampler_config_tx) =
+        spawn_sampler(sampler, &metrics, last_tcp_ext, &config, &history);
 
     let (mut ring, mut payload_ring) = poll_rings(&mut probes)?;
     let mut event_queue = EventQueue::new();
@@ -434,6 +426,31 @@ async fn adopt_existing(
         }
     }
     Ok((sampler, last_tcp_ext))
+}
+
+/// Starts the periodic /proc samples: their news for the event loop, and where a reload
+/// sends them the new config.
+fn spawn_sampler(
+    sampler: Sampler,
+    metrics: &Metrics,
+    last_tcp_ext: TcpExtCounters,
+    config: &Config,
+    history: &Arc<Mutex<History>>,
+) -> (
+    tokio::sync::mpsc::Receiver<SampleNews>,
+    tokio::sync::watch::Sender<Config>,
+) {
+    let (news_tx, news_rx) = tokio::sync::mpsc::channel::<SampleNews>(4);
+    let (sampler_config_tx, sampler_config_rx) = tokio::sync::watch::channel(config.clone());
+    tokio::spawn(sample_periodically(
+        sampler,
+        metrics.clone(),
+        last_tcp_ext,
+        sampler_config_rx,
+        news_tx,
+        history.clone(),
+    ));
+    (news_rx, sampler_config_tx)
 }
 
 /// The event and payload rings, registered with the runtime for readiness.

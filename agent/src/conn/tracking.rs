@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use foldhash::{HashMap, HashMapExt};
 
-use agent_common::tcp_state;
+use agent_common::TcpState;
 
 use crate::{
     conn::dead_writes::{DeadWrite, DeadWriteTracker},
@@ -319,7 +319,7 @@ impl Tracker {
             out.push(Observation::TrackingDropped);
             return;
         }
-        let first_close = (state == tcp_state::CLOSE_WAIT).then_some(FirstClose {
+        let first_close = (state == TcpState::CloseWait as u8).then_some(FirstClose {
             by: ClosedBy::Peer,
             idle_ns: None,
         });
@@ -399,7 +399,7 @@ impl Tracker {
             out.push(Observation::TrackingDropped);
             return false;
         }
-        let first_close = (state == tcp_state::CLOSE_WAIT).then(|| FirstClose {
+        let first_close = (state == TcpState::CloseWait as u8).then(|| FirstClose {
             by: ClosedBy::Peer,
             idle_ns: idle(
                 event.facts.peer_closed_ns,
@@ -426,7 +426,7 @@ impl Tracker {
     fn learned(&mut self, event: &SockEventRecord, state: u8, out: &mut Vec<Observation>) {
         if !self.connections.contains_key(&event.sk) && self.adopt(event, state, out) {
             // First seen sending into a connection the peer already closed.
-            if state == tcp_state::CLOSE_WAIT && event.facts.bytes_sent > 0 {
+            if state == TcpState::CloseWait as u8 && event.facts.bytes_sent > 0 {
                 if let Some(endpoint) = self.endpoint_of(event.sk) {
                     self.dead_writes.on_send(
                         event.sk,
@@ -457,7 +457,7 @@ impl Tracker {
         Some(match trouble {
             TcpTrouble::Retransmit => Observation::Retransmit {
                 endpoint,
-                kind: if state == tcp_state::SYN_SENT {
+                kind: if state == TcpState::SynSent as u8 {
                     RetransmitKind::Syn
                 } else {
                     RetransmitKind::Data
@@ -485,7 +485,7 @@ impl Tracker {
         new_state: u8,
         out: &mut Vec<Observation>,
     ) {
-        if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
+        if old_state == TcpState::Close as u8 || old_state == TcpState::Listen as u8 {
             // A new socket at this address (a connect, or a listener's child): an entry still
             // there is stale, a socket adopted from a send that raced its own close (the
             // kernel's `learn` can read the old state in the instant the close tracepoint
@@ -495,7 +495,7 @@ impl Tracker {
                 self.idle_at_first_close.remove(&event.sk);
             }
         }
-        if old_state == tcp_state::LISTEN || new_state == tcp_state::LISTEN {
+        if old_state == TcpState::Listen as u8 || new_state == TcpState::Listen as u8 {
             self.listener_change(event, old_state, new_state, out);
             return;
         }
@@ -511,8 +511,11 @@ impl Tracker {
         // flow is learned from the first event that has both ports.
         connection.learn_flow(event.local, event.remote);
 
-        if new_state == tcp_state::ESTABLISHED
-            && matches!(old_state, tcp_state::SYN_SENT | tcp_state::SYN_RECV)
+        if new_state == TcpState::Established as u8
+            && matches!(
+                TcpState::try_from(old_state),
+                Ok(TcpState::SynSent | TcpState::SynRecv)
+            )
             && !connection.counted
         {
             connection.opened_ns = event.ts_ns;
@@ -524,10 +527,10 @@ impl Tracker {
         }
 
         if connection.first_close_by.is_none() && connection.counted {
-            let by = match new_state {
-                tcp_state::FIN_WAIT1 => Some(ClosedBy::Local),
-                tcp_state::CLOSE_WAIT => Some(ClosedBy::Peer),
-                tcp_state::CLOSE => Some(ClosedBy::Reset),
+            let by = match TcpState::try_from(new_state) {
+                Ok(TcpState::FinWait1) => Some(ClosedBy::Local),
+                Ok(TcpState::CloseWait) => Some(ClosedBy::Peer),
+                Ok(TcpState::Close) => Some(ClosedBy::Reset),
                 _ => None,
             };
             if let Some(by) = by {
@@ -542,7 +545,7 @@ impl Tracker {
             }
         }
 
-        if new_state == tcp_state::CLOSE {
+        if new_state == TcpState::Close as u8 {
             self.closed(event, old_state, out);
         }
     }
@@ -558,7 +561,7 @@ impl Tracker {
         new_state: u8,
         out: &mut Vec<Observation>,
     ) {
-        if old_state == tcp_state::LISTEN && new_state == tcp_state::SYN_RECV {
+        if old_state == TcpState::Listen as u8 && new_state == TcpState::SynRecv as u8 {
             let server = event
                 .local
                 .zip(event.remote)
@@ -583,8 +586,8 @@ impl Tracker {
         out: &mut Vec<Observation>,
     ) -> bool {
         let newborn = matches!(
-            old_state,
-            tcp_state::CLOSE | tcp_state::SYN_SENT | tcp_state::SYN_RECV
+            TcpState::try_from(old_state),
+            Ok(TcpState::Close | TcpState::SynSent | TcpState::SynRecv)
         );
         if !newborn {
             return self.adopt(event, old_state, out);
@@ -595,17 +598,17 @@ impl Tracker {
         let Some(endpoint) = self.services.load().endpoint(local, remote) else {
             return false;
         };
-        if old_state == tcp_state::CLOSE
-            && new_state == tcp_state::SYN_SENT
+        if old_state == TcpState::Close as u8
+            && new_state == TcpState::SynSent as u8
             && endpoint.role == Role::Client
         {
             out.push(Observation::SynSent {
                 service: endpoint.service,
             });
         }
-        if new_state == tcp_state::CLOSE {
+        if new_state == TcpState::Close as u8 {
             // Never established: a failed connect (or an aborted handshake).
-            if old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client {
+            if old_state == TcpState::SynSent as u8 && endpoint.role == Role::Client {
                 out.push(Observation::ConnectFailed {
                     endpoint,
                     reason: connect_failure_reason(&event.facts),
@@ -634,7 +637,9 @@ impl Tracker {
         };
         let endpoint = connection.endpoint();
         let idle_at_first_close = self.idle_at_first_close.remove(&event.sk);
-        if !connection.counted && old_state == tcp_state::SYN_SENT && endpoint.role == Role::Client
+        if !connection.counted
+            && old_state == TcpState::SynSent as u8
+            && endpoint.role == Role::Client
         {
             out.push(Observation::ConnectFailed {
                 endpoint,
@@ -698,13 +703,13 @@ fn idle(now: u64, last_activity_ns: u64, opened_ns: Option<u64>) -> Option<u64> 
 
 fn is_open_state(state: u8) -> bool {
     matches!(
-        state,
-        tcp_state::ESTABLISHED
-            | tcp_state::CLOSE_WAIT
-            | tcp_state::FIN_WAIT1
-            | tcp_state::FIN_WAIT2
-            | tcp_state::LAST_ACK
-            | tcp_state::CLOSING
+        TcpState::try_from(state),
+        Ok(TcpState::Established
+            | TcpState::CloseWait
+            | TcpState::FinWait1
+            | TcpState::FinWait2
+            | TcpState::LastAck
+            | TcpState::Closing)
     )
 }
 

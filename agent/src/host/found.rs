@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use super::{
-    aggregate::ListenerQueue, parse::tcp_state, parse::TcpRow, Namespace, TableSources,
+    aggregate::ListenerQueue, parse::TcpRow, parse::TcpState, Namespace, TableSources,
     TcpExtCounters, WatchedConnection,
 };
 use crate::model::Role;
@@ -16,8 +16,8 @@ use crate::model::Role;
 /// no data flows on; adopting them would only produce connections that never close.
 fn is_listed_connection_state(state: u8) -> bool {
     !matches!(
-        state,
-        tcp_state::LISTEN | tcp_state::TIME_WAIT | tcp_state::SYN_RECV | tcp_state::NEW_SYN_RECV
+        TcpState::try_from(state),
+        Ok(TcpState::Listen | TcpState::TimeWait | TcpState::SynRecv | TcpState::NewSynRecv)
     )
 }
 
@@ -174,7 +174,7 @@ impl Found {
         role: Role,
         counts: ListenerCounts,
     ) {
-        let listening = row.state == tcp_state::LISTEN;
+        let listening = row.state == TcpState::Listen as u8;
         if !listening && (self.listeners_only || !is_listed_connection_state(row.state)) {
             return;
         }

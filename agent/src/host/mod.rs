@@ -237,7 +237,7 @@ pub struct WatchedConnection {
     pub netns: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// Kernel TCP state number (`parse::tcp_state`).
+    /// Kernel TCP state number ([`parse::TcpState`]).
     pub state: u8,
     /// 0 for sockets no process holds (orphans after close, children still in an accept queue).
     pub inode: u64,

@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Kernel TCP state numbers as printed in the `st` column (include/net/tcp_states.h).
-pub use agent_common::tcp_state;
+pub use agent_common::TcpState;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(rows.len(), 15);
         let listener = rows
             .iter()
-            .find(|row| row.state == tcp_state::LISTEN && row.local.port() == 11211)
+            .find(|row| row.state == TcpState::Listen as u8 && row.local.port() == 11211)
             .expect("listener row");
         assert_eq!(listener.local, "127.0.0.1:11211".parse().unwrap());
         assert_eq!(listener.remote, "0.0.0.0:0".parse().unwrap());
@@ -313,7 +313,7 @@ mod tests {
         let rows = rows(NET_TCP);
         let close_wait = rows
             .iter()
-            .find(|row| row.state == tcp_state::CLOSE_WAIT)
+            .find(|row| row.state == TcpState::CloseWait as u8)
             .expect("close-wait row");
         assert_eq!(close_wait.local, "127.0.0.1:42186".parse().unwrap());
         assert_eq!(close_wait.remote, "127.0.0.1:11211".parse().unwrap());
@@ -326,17 +326,17 @@ mod tests {
             .unwrap();
         assert_eq!(
             (queued_child.state, queued_child.inode),
-            (tcp_state::ESTABLISHED, 0)
+            (TcpState::Established as u8, 0)
         );
         assert!(rows
             .iter()
-            .any(|row| row.state == tcp_state::TIME_WAIT && row.inode == 0));
+            .any(|row| row.state == TcpState::TimeWait as u8 && row.inode == 0));
         assert!(rows
             .iter()
-            .any(|row| row.state == tcp_state::SYN_RECV && row.inode == 0));
+            .any(|row| row.state == TcpState::SynRecv as u8 && row.inode == 0));
         assert!(rows
             .iter()
-            .any(|row| row.state == tcp_state::FIN_WAIT2 && row.inode == 0));
+            .any(|row| row.state == TcpState::FinWait2 as u8 && row.inode == 0));
     }
 
     #[test]
@@ -344,7 +344,7 @@ mod tests {
         let rows = rows(NET_TCP6);
         assert_eq!(rows.len(), 4);
         assert_eq!(rows[0].local, "[::]:22122".parse().unwrap());
-        assert_eq!(rows[0].state, tcp_state::LISTEN);
+        assert_eq!(rows[0].state, TcpState::Listen as u8);
         assert_eq!(rows[1].local, "[::1]:45254".parse().unwrap());
         assert_eq!(rows[1].remote, "[::1]:22122".parse().unwrap());
         assert_eq!(rows[3].local, "[::ffff:127.0.0.1]:22122".parse().unwrap());

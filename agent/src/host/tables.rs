@@ -16,7 +16,7 @@ use super::{
     fd_walk::ListenerOwner,
     fd_walk::REWALK_AFTER_SAMPLES,
     found::{Found, ListenerCounts, WatchedSocket},
-    parse::{self, tcp_state, ParseError, TcpRow},
+    parse::{self, ParseError, TcpRow, TcpState},
     scan::{classify, Failure},
     Namespace, Sampler, ScanErrors,
 };
@@ -39,17 +39,16 @@ pub struct TableSources {
 /// TCP states the sock_diag dump asks for: listeners, plus every connection state
 /// [`is_listed_connection_state`] keeps.
 fn dumped_states() -> u32 {
-    use tcp_state::*;
     diag::state_mask(&[
-        ESTABLISHED,
-        SYN_SENT,
-        FIN_WAIT1,
-        FIN_WAIT2,
-        CLOSE,
-        CLOSE_WAIT,
-        LAST_ACK,
-        LISTEN,
-        CLOSING,
+        TcpState::Established as u8,
+        TcpState::SynSent as u8,
+        TcpState::FinWait1 as u8,
+        TcpState::FinWait2 as u8,
+        TcpState::Close as u8,
+        TcpState::CloseWait as u8,
+        TcpState::LastAck as u8,
+        TcpState::Listen as u8,
+        TcpState::Closing as u8,
     ])
 }
 
@@ -225,7 +224,7 @@ impl Sampler {
             }
         };
         let states = if found.listeners_only {
-            diag::state_mask(&[tcp_state::LISTEN])
+            diag::state_mask(&[TcpState::Listen as u8])
         } else {
             dumped_states()
         };
@@ -302,7 +301,7 @@ impl Sampler {
             if let Some((service, role)) = service_of(ports, &row) {
                 // sock_diag reports a listener's accept-queue limit as its wqueue.
                 let counts = ListenerCounts {
-                    limit: (row.state == tcp_state::LISTEN).then_some(socket.wqueue),
+                    limit: (row.state == TcpState::Listen as u8).then_some(socket.wqueue),
                     drops: socket.drops,
                 };
                 found.record(names, netns, row, service, role, counts);
@@ -515,7 +514,7 @@ fn service_of(ports: &HashMap<u16, u16>, row: &TcpRow) -> Option<(u16, Role)> {
     if let Some(&service) = ports.get(&row.local.port()) {
         return Some((service, Role::Server));
     }
-    if row.state == tcp_state::LISTEN {
+    if row.state == TcpState::Listen as u8 {
         return None;
     }
     ports

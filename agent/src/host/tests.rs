@@ -13,7 +13,7 @@ use std::{
 
 use super::{
     found::*,
-    parse::{tcp_state, TcpRow},
+    parse::{TcpRow, TcpState},
     tables::*,
     testing::listen_loopback,
     *,
@@ -146,7 +146,7 @@ fn finds_own_listener_queue_process_and_connections() {
     let client_ends: Vec<_> = ours.iter().filter(|c| c.role == Role::Client).collect();
     assert_eq!(client_ends.len(), 3);
     for client in &client_ends {
-        assert_eq!(client.state, tcp_state::ESTABLISHED);
+        assert_eq!(client.state, TcpState::Established as u8);
         assert_eq!(client.remote, address);
         assert_eq!(
             client.owner.as_ref().map(|o| o.pid),
@@ -163,7 +163,7 @@ fn finds_own_listener_queue_process_and_connections() {
     assert!(server_ends
         .iter()
         .filter(|c| c.owner.is_none())
-        .all(|c| c.inode == 0 && c.state == tcp_state::ESTABLISHED));
+        .all(|c| c.inode == 0 && c.state == TcpState::Established as u8));
 
     assert!(snapshot.network_namespaces >= 1);
     assert!(snapshot.tcp_ext_by_netns.contains_key(&own_netns()));
@@ -409,15 +409,15 @@ fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
     // The walk printed an inode-0 child, a connection with a file and a listener twice.
     let child = *rows
         .iter()
-        .find(|row| row.inode == 0 && row.state == tcp_state::ESTABLISHED)
+        .find(|row| row.inode == 0 && row.state == TcpState::Established as u8)
         .unwrap();
     let owned = *rows
         .iter()
-        .find(|row| row.inode != 0 && row.state == tcp_state::CLOSE_WAIT)
+        .find(|row| row.inode != 0 && row.state == TcpState::CloseWait as u8)
         .unwrap();
     let listener = *rows
         .iter()
-        .find(|row| row.state == tcp_state::LISTEN)
+        .find(|row| row.state == TcpState::Listen as u8)
         .unwrap();
     rows.push(child);
     rows.push(owned);

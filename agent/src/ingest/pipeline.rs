@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use agent_common::tcp_state;
+use agent_common::TcpState;
 
 use crate::{
     clock::unix_now,
@@ -191,12 +191,12 @@ impl Pipeline {
             // A new socket (connect, or a child cloned from a listener) at an address an old
             // one used: the old byte stream is over. A socket that closes: its stream ends
             // after a grace for sends that returned after the close (see CLOSE_GRACE_NS).
-            if old_state == tcp_state::CLOSE || old_state == tcp_state::LISTEN {
+            if old_state == TcpState::Close as u8 || old_state == TcpState::Listen as u8 {
                 self.decoders.on_close(event.sk, &mut self.memcache_events);
                 self.tracker
                     .dead_writes_mut()
                     .socket_reused(event.sk, event.ts_ns);
-            } else if new_state == tcp_state::CLOSE {
+            } else if new_state == TcpState::Close as u8 {
                 self.decoders.close_after_grace(event.sk, event.ts_ns);
             }
         }
@@ -474,7 +474,7 @@ mod tests {
     /// A socket at `sk` from `local` to `remote`, as met on its first send (adoption).
     fn learn(pipeline: &mut Pipeline, sk: u64, local: &str, remote: &str, pid: u32, comm: &str) {
         let kind = EventKind::Learned {
-            state: tcp_state::ESTABLISHED,
+            state: TcpState::Established as u8,
         };
         pipeline.handle_socket_event(&SockEventRecord {
             local: Some(local.parse().unwrap()),
@@ -634,8 +634,8 @@ mod tests {
         ask(&mut pipeline, followed, 2 * SECOND + 200, Some((1, depth)));
         for (i, sk) in [released, followed].into_iter().enumerate() {
             let closed = EventKind::StateChange {
-                old_state: tcp_state::ESTABLISHED,
-                new_state: tcp_state::CLOSE,
+                old_state: TcpState::Established as u8,
+                new_state: TcpState::Close as u8,
             };
             pipeline.handle_socket_event(&sock_event(closed, 2 * SECOND + 300 + i as u64, sk));
         }
@@ -838,14 +838,27 @@ mod tests {
                 encode_payload_record(ts, sk, data.len() as u64, is_send, b"python3", data);
             assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
         };
-        use tcp_state::{CLOSE, CLOSE_WAIT, ESTABLISHED, SYN_SENT};
-        pipeline.handle_socket_event(&event(EventKind::Learned { state: ESTABLISHED }, 1_000, 0));
+        pipeline.handle_socket_event(&event(
+            EventKind::Learned {
+                state: TcpState::Established as u8,
+            },
+            1_000,
+            0,
+        ));
         payload(&mut pipeline, 2_000, true, b"set lostq 0 0 5\r\nfirst\r\n");
         payload(&mut pipeline, 3_000, false, b"STORED\r\n");
         // The queue server drops the idle producer; its next enqueue resets the connection
         // while it is being sent, and the producer reads EOF.
-        pipeline.handle_socket_event(&event(state(ESTABLISHED, CLOSE_WAIT), SECOND, SECOND));
-        pipeline.handle_socket_event(&event(state(CLOSE_WAIT, CLOSE), 2 * SECOND, SECOND));
+        pipeline.handle_socket_event(&event(
+            state(TcpState::Established as u8, TcpState::CloseWait as u8),
+            SECOND,
+            SECOND,
+        ));
+        pipeline.handle_socket_event(&event(
+            state(TcpState::CloseWait as u8, TcpState::Close as u8),
+            2 * SECOND,
+            SECOND,
+        ));
         pipeline.handle_socket_event(&event(
             EventKind::SendAfterPeerClose { ret: 33 },
             2 * SECOND + 10,
@@ -863,8 +876,16 @@ mod tests {
             SECOND,
         ));
         // A new socket at the same address asks for stats.
-        pipeline.handle_socket_event(&event(state(CLOSE, SYN_SENT), 2 * SECOND + 40, 0));
-        pipeline.handle_socket_event(&event(state(SYN_SENT, ESTABLISHED), 2 * SECOND + 50, 0));
+        pipeline.handle_socket_event(&event(
+            state(TcpState::Close as u8, TcpState::SynSent as u8),
+            2 * SECOND + 40,
+            0,
+        ));
+        pipeline.handle_socket_event(&event(
+            state(TcpState::SynSent as u8, TcpState::Established as u8),
+            2 * SECOND + 50,
+            0,
+        ));
         payload(&mut pipeline, 2 * SECOND + 60, true, b"stats\r\n");
         pipeline.tick(3 * SECOND, None, &mut Vec::new);
         let lost = metrics

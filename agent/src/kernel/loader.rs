@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{counter, wakeup, watch, ProbeOffsets, OFFSET_UNKNOWN};
+use agent_common::{wakeup, watch, KernelCounter, ProbeOffsets, OFFSET_UNKNOWN};
 use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -81,55 +81,9 @@ impl Probes {
         } else {
             0
         };
-        // Socket events are 136-byte records (144 with the ring header), so the default 4 MiB
-        // ring holds ~29,000: about 6 s of a 100k-connection burst at the ~5,000 connections/s
-        // loopback manages (~5 events each). A bigger ring only buys time if the reader keeps up
-        // on average, and its data pages count twice in the agent's RSS (they are mapped twice),
-        // so the default stays and `limits.ring_buffer_bytes` raises it.
-        let events_wakeup_bytes =
-            u64::from(config.limits.ring_buffer_bytes) >> wakeup::THRESHOLD_SHIFT;
-        let payload_ring_bytes = if capture_len == 0 {
-            IDLE_PAYLOAD_RING_BYTES
-        } else {
-            config.limits.payload_ring_buffer_bytes
-        };
-        let payloads_wakeup_bytes = u64::from(payload_ring_bytes) >> wakeup::THRESHOLD_SHIFT;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", offsets, true)
-            .override_global("CAPTURE_LEN", &capture_len, true)
-            .override_global("EVENTS_WAKEUP_BYTES", &events_wakeup_bytes, true)
-            .override_global("NS_PER_JIFFY", &ns_per_jiffy(), true)
-            .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
-            .map_max_entries("SOCKETS", config.limits.max_sockets)
-            .map_max_entries("FRAMES", config.limits.max_sockets)
-            .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
-            .map_max_entries("PAYLOADS", payload_ring_bytes)
-            .load(KERNEL_OBJECT)
-            .context("loading the kernel programs failed (is this root, or does it have CAP_BPF and CAP_PERFMON?)")?;
+        let mut ebpf = load_object(config, offsets, capture_len)?;
 
-        let mut status = BTreeMap::new();
-        let mut raw = Vec::new();
-        let mut btf_attached = Vec::new();
-        let mut link_fallback = BTreeMap::new();
-        let mut fd_links = Vec::new();
-        // Classic tracepoints refused with EACCES/EPERM: summarised once after the loop.
-        let mut refused = Vec::new();
-        let socket_storage = if config.limits.socket_storage {
-            match attach_socket_storage(&mut ebpf, offsets) {
-                Ok(()) => Ok(()),
-                Err(err) => {
-                    let reason = format!("{err:#}");
-                    tracing::info!(
-                        reason = reason.as_str(),
-                        "socket-local storage path not available; the send/receive probes \
-                         read each socket's ports on every call"
-                    );
-                    Err(reason)
-                }
-            }
-        } else {
-            Err("off in the config (limits.socket_storage = false)".into())
-        };
+        let socket_storage = socket_storage_path(config, &mut ebpf, offsets);
         // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
         let kernel_btf = resolution
             .links
@@ -143,115 +97,19 @@ impl Probes {
             Some(Err(reason)) => Err(reason.clone()),
             None => Err("not resolved".to_owned()),
         };
+        let context = AttachContext {
+            resolution,
+            kernel_btf,
+            fd_raw: fd_raw.as_ref().map(|_| ()).map_err(Clone::clone),
+            socket_storage: socket_storage.is_ok(),
+        };
+        let mut attached = Attachments::default();
         for spec in PROBES {
-            if socket_storage.is_ok() && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
-                status.insert(spec.program, ProbeStatus::Attached);
-                continue;
-            }
-            if let Some(link_program) = spec.link_program {
-                let attached = if is_fd_exhaustion_probe(spec) {
-                    fd_raw.as_ref().map(|_| ()).map_err(Clone::clone)
-                } else {
-                    match (resolution.links.get(spec.event), &kernel_btf) {
-                        (Some(Ok(())), Some(Ok(btf))) => {
-                            attach_btf(&mut ebpf, link_program, spec.event, btf)
-                                .map_err(|err| format!("{err:#}"))
-                        }
-                        (Some(Ok(())), Some(Err(reason))) => Err(reason.clone()),
-                        (Some(Err(reason)), _) => Err(reason.clone()),
-                        _ => Err("not resolved".to_owned()),
-                    }
-                };
-                match attached {
-                    Ok(()) => {
-                        tracing::debug!(
-                            probe = spec.event,
-                            "attached through a bpf() link (no perf_event_open)"
-                        );
-                        if is_fd_exhaustion_probe(spec) {
-                            raw.push(spec.program);
-                        } else {
-                            btf_attached.push(spec.program);
-                        }
-                        status.insert(spec.program, ProbeStatus::Attached);
-                        continue;
-                    }
-                    Err(reason) => {
-                        tracing::info!(
-                            probe = spec.event,
-                            reason = reason.as_str(),
-                            "bpf() link variant not used; trying the classic tracepoint \
-                             (perf_event_open)"
-                        );
-                        link_fallback.insert(spec.program, reason);
-                    }
-                }
-            }
-            if let Some(raw_program) = spec.raw_program {
-                if offsets.sock_protocol != OFFSET_UNKNOWN {
-                    match attach_raw(&mut ebpf, raw_program, spec.event) {
-                        Ok(_) => {
-                            tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
-                            raw.push(spec.program);
-                            status.insert(spec.program, ProbeStatus::Attached);
-                            continue;
-                        }
-                        Err(err) => tracing::warn!(
-                            probe = spec.event,
-                            error = format!("{err:#}"),
-                            "raw tracepoint not attached; using the classic tracepoint, which \
-                             costs more per call"
-                        ),
-                    }
-                }
-            }
-            let outcome = match missing_offsets(spec, offsets) {
-                Some(reason) => ProbeStatus::Unavailable(reason),
-                None => match attach(&mut ebpf, spec) {
-                    Ok(link) => {
-                        if is_fd_exhaustion_probe(spec) {
-                            fd_links.push((spec, link));
-                        }
-                        ProbeStatus::Attached
-                    }
-                    Err(err) => {
-                        if is_perf_event_refusal(&err) {
-                            refused.push(spec.event);
-                        }
-                        match link_fallback.get(spec.program) {
-                            Some(reason) => ProbeStatus::Failed(format!(
-                                "{err:#} (bpf() link variant not used: {reason})"
-                            )),
-                            None => ProbeStatus::Failed(format!("{err:#}")),
-                        }
-                    }
-                },
-            };
-            match &outcome {
-                ProbeStatus::Attached => tracing::debug!(probe = spec.event, "attached"),
-                ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason) => tracing::warn!(
-                    probe = spec.event,
-                    reason = reason.as_str(),
-                    impact = spec.impact,
-                    "probe not attached"
-                ),
-            }
-            status.insert(spec.program, outcome);
+            attached.attach(&mut ebpf, spec, &context);
         }
+        warn_if_perf_events_refused(&attached.refused);
 
-        let paranoid = perf_event_paranoid();
-        // Refused at all means this process lacks what the check needs, whatever its caps say.
-        if !refused.is_empty() && perf_event_refused(paranoid, false, AttachKind::Classic) {
-            tracing::error!(
-                perf_event_paranoid = paranoid,
-                probes = refused.join(", "),
-                fix = PERF_PARANOID_FIX,
-                "classic tracepoints refused: this kernel's perf_event_paranoid >= 3 (a Debian \
-                 patch) refuses perf_event_open to processes without CAP_SYS_ADMIN, which the \
-                 shipped unit does not grant"
-            );
-        }
-
+        let mut status = attached.status;
         let capture_status = capture_status(capture_len, offsets, &status);
         status.insert(PAYLOAD_CAPTURE, capture_status);
 
@@ -274,14 +132,14 @@ impl Probes {
             payloads: Some(payloads),
             counters,
             watched_ports: Vec::new(),
-            raw,
-            btf: btf_attached,
-            link_fallback,
+            raw: attached.raw,
+            btf: attached.btf,
+            link_fallback: attached.link_fallback,
             socket_storage,
             fd: match fd_raw {
                 Ok(link) => FdProbes::Raw(Some(link)),
                 Err(_) => FdProbes::Classic {
-                    attached: fd_links,
+                    attached: attached.fd_links,
                     detached: Vec::new(),
                 },
             },
@@ -461,15 +319,16 @@ impl Probes {
 
     /// Totals of the kernel's loss counters since load, by `events_lost_total` source.
     pub fn kernel_losses(&self) -> anyhow::Result<[(&'static str, u64); 6]> {
-        let sum =
-            |index: u32| -> anyhow::Result<u64> { Ok(self.counters.get(&index, 0)?.iter().sum()) };
+        let sum = |counter: KernelCounter| -> anyhow::Result<u64> {
+            Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+        };
         Ok([
-            ("ringbuf", sum(counter::RINGBUF_FULL)?),
-            ("socket_map", sum(counter::SOCKET_MAP_FULL)?),
-            ("payload_ringbuf", sum(counter::PAYLOAD_RINGBUF_FULL)?),
-            ("uncaptured_syscall", sum(counter::UNCAPTURED_SYSCALL)?),
-            ("capture_incomplete", sum(counter::CAPTURE_INCOMPLETE)?),
-            ("frame_map", sum(counter::FRAME_MAP_FULL)?),
+            ("ringbuf", sum(KernelCounter::RingbufFull)?),
+            ("socket_map", sum(KernelCounter::SocketMapFull)?),
+            ("payload_ringbuf", sum(KernelCounter::PayloadRingbufFull)?),
+            ("uncaptured_syscall", sum(KernelCounter::UncapturedSyscall)?),
+            ("capture_incomplete", sum(KernelCounter::CaptureIncomplete)?),
+            ("frame_map", sum(KernelCounter::FrameMapFull)?),
         ])
     }
 }
@@ -610,6 +469,230 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<Raw
     program
         .attach(event)
         .with_context(|| format!("cannot attach to raw tracepoint {event}"))
+}
+
+/// Loads the kernel object with this kernel's layouts, the capture length, the rings' sizes
+/// and wake-up thresholds and the map sizes from the config.
+fn load_object(config: &Config, offsets: &ProbeOffsets, capture_len: u32) -> anyhow::Result<Ebpf> {
+    // Socket events are 136-byte records (144 with the ring header), so the default 4 MiB
+    // ring holds ~29,000: about 6 s of a 100k-connection burst at the ~5,000 connections/s
+    // loopback manages (~5 events each). A bigger ring only buys time if the reader keeps up
+    // on average, and its data pages count twice in the agent's RSS (they are mapped twice),
+    // so the default stays and `limits.ring_buffer_bytes` raises it.
+    let events_wakeup_bytes = u64::from(config.limits.ring_buffer_bytes) >> wakeup::THRESHOLD_SHIFT;
+    let payload_ring_bytes = if capture_len == 0 {
+        IDLE_PAYLOAD_RING_BYTES
+    } else {
+        config.limits.payload_ring_buffer_bytes
+    };
+    let payloads_wakeup_bytes = u64::from(payload_ring_bytes) >> wakeup::THRESHOLD_SHIFT;
+    EbpfLoader::new()
+        .override_global("OFFSETS", offsets, true)
+        .override_global("CAPTURE_LEN", &capture_len, true)
+        .override_global("EVENTS_WAKEUP_BYTES", &events_wakeup_bytes, true)
+        .override_global("NS_PER_JIFFY", &ns_per_jiffy(), true)
+        .override_global("PAYLOADS_WAKEUP_BYTES", &payloads_wakeup_bytes, true)
+        .map_max_entries("SOCKETS", config.limits.max_sockets)
+        .map_max_entries("FRAMES", config.limits.max_sockets)
+        .map_max_entries("EVENTS", config.limits.ring_buffer_bytes)
+        .map_max_entries("PAYLOADS", payload_ring_bytes)
+        .load(KERNEL_OBJECT)
+        .context("loading the kernel programs failed (is this root, or does it have CAP_BPF and CAP_PERFMON?)")
+}
+
+/// The send/receive probes' socket-local storage path, attached unless the config turns it
+/// off; why not otherwise (then they run as raw or classic tracepoints).
+fn socket_storage_path(
+    config: &Config,
+    ebpf: &mut Ebpf,
+    offsets: &ProbeOffsets,
+) -> Result<(), String> {
+    if !config.limits.socket_storage {
+        return Err("off in the config (limits.socket_storage = false)".into());
+    }
+    match attach_socket_storage(ebpf, offsets) {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            let reason = format!("{err:#}");
+            tracing::info!(
+                reason = reason.as_str(),
+                "socket-local storage path not available; the send/receive probes \
+                 read each socket's ports on every call"
+            );
+            Err(reason)
+        }
+    }
+}
+
+/// What every probe's attachment may need, found once before the probes are attached.
+struct AttachContext<'a> {
+    resolution: &'a Resolution,
+    /// The kernel's BTF for the tp_btf programs; `None` when no link variant can run.
+    kernel_btf: Option<Result<Btf, String>>,
+    /// Whether the fd probes' raw `sys_exit` program is attached, or why not.
+    fd_raw: Result<(), String>,
+    /// Whether the send/receive probes run on the socket-local storage path.
+    socket_storage: bool,
+}
+
+/// The probes' attachment as [`Probes::load`] goes through them: each one's status and how
+/// it runs.
+#[derive(Default)]
+struct Attachments {
+    status: BTreeMap<&'static str, ProbeStatus>,
+    /// See [`Probes::raw`], [`Probes::btf`] and [`Probes::link_fallback`].
+    raw: Vec<&'static str>,
+    btf: Vec<&'static str>,
+    link_fallback: BTreeMap<&'static str, String>,
+    /// Links of the fd probes attached as classic tracepoints.
+    fd_links: Vec<(&'static ProbeSpec, TracePointLinkId)>,
+    /// Classic tracepoints refused with EACCES/EPERM: summarised once after the loop.
+    refused: Vec<&'static str>,
+}
+
+impl Attachments {
+    /// Attaches one probe by its cheapest variant this kernel supports: the socket-storage
+    /// path, a bpf() link (tp_btf, or the fd probes' raw sys_exit), a raw tracepoint, then the
+    /// classic tracepoint.
+    fn attach(&mut self, ebpf: &mut Ebpf, spec: &'static ProbeSpec, context: &AttachContext) {
+        if context.socket_storage && STORAGE_PROGRAMS.iter().any(|&(p, _)| p == spec.program) {
+            self.status.insert(spec.program, ProbeStatus::Attached);
+            return;
+        }
+        if let Some(link_program) = spec.link_program {
+            if self.attach_link(ebpf, spec, link_program, context) {
+                return;
+            }
+        }
+        if let Some(raw_program) = spec.raw_program {
+            if context.resolution.offsets.sock_protocol != OFFSET_UNKNOWN {
+                match attach_raw(ebpf, raw_program, spec.event) {
+                    Ok(_) => {
+                        tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
+                        self.raw.push(spec.program);
+                        self.status.insert(spec.program, ProbeStatus::Attached);
+                        return;
+                    }
+                    Err(err) => tracing::warn!(
+                        probe = spec.event,
+                        error = format!("{err:#}"),
+                        "raw tracepoint not attached; using the classic tracepoint, which \
+                         costs more per call"
+                    ),
+                }
+            }
+        }
+        self.attach_classic(ebpf, spec, &context.resolution.offsets);
+    }
+
+    /// The probe's bpf()-link variant: true when it runs; otherwise why not is noted for the
+    /// classic fallback.
+    fn attach_link(
+        &mut self,
+        ebpf: &mut Ebpf,
+        spec: &'static ProbeSpec,
+        link_program: &str,
+        context: &AttachContext,
+    ) -> bool {
+        let attached = if is_fd_exhaustion_probe(spec) {
+            context.fd_raw.clone()
+        } else {
+            match (
+                context.resolution.links.get(spec.event),
+                &context.kernel_btf,
+            ) {
+                (Some(Ok(())), Some(Ok(btf))) => attach_btf(ebpf, link_program, spec.event, btf)
+                    .map_err(|err| format!("{err:#}")),
+                (Some(Ok(())), Some(Err(reason))) => Err(reason.clone()),
+                (Some(Err(reason)), _) => Err(reason.clone()),
+                _ => Err("not resolved".to_owned()),
+            }
+        };
+        match attached {
+            Ok(()) => {
+                tracing::debug!(
+                    probe = spec.event,
+                    "attached through a bpf() link (no perf_event_open)"
+                );
+                if is_fd_exhaustion_probe(spec) {
+                    self.raw.push(spec.program);
+                } else {
+                    self.btf.push(spec.program);
+                }
+                self.status.insert(spec.program, ProbeStatus::Attached);
+                true
+            }
+            Err(reason) => {
+                tracing::info!(
+                    probe = spec.event,
+                    reason = reason.as_str(),
+                    "bpf() link variant not used; trying the classic tracepoint \
+                     (perf_event_open)"
+                );
+                self.link_fallback.insert(spec.program, reason);
+                false
+            }
+        }
+    }
+
+    /// The probe's classic tracepoint (perf_event_open), unless this kernel lacks the fields
+    /// it needs.
+    fn attach_classic(
+        &mut self,
+        ebpf: &mut Ebpf,
+        spec: &'static ProbeSpec,
+        offsets: &ProbeOffsets,
+    ) {
+        let outcome = match missing_offsets(spec, offsets) {
+            Some(reason) => ProbeStatus::Unavailable(reason),
+            None => match attach(ebpf, spec) {
+                Ok(link) => {
+                    if is_fd_exhaustion_probe(spec) {
+                        self.fd_links.push((spec, link));
+                    }
+                    ProbeStatus::Attached
+                }
+                Err(err) => {
+                    if is_perf_event_refusal(&err) {
+                        self.refused.push(spec.event);
+                    }
+                    match self.link_fallback.get(spec.program) {
+                        Some(reason) => ProbeStatus::Failed(format!(
+                            "{err:#} (bpf() link variant not used: {reason})"
+                        )),
+                        None => ProbeStatus::Failed(format!("{err:#}")),
+                    }
+                }
+            },
+        };
+        match &outcome {
+            ProbeStatus::Attached => tracing::debug!(probe = spec.event, "attached"),
+            ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason) => tracing::warn!(
+                probe = spec.event,
+                reason = reason.as_str(),
+                impact = spec.impact,
+                "probe not attached"
+            ),
+        }
+        self.status.insert(spec.program, outcome);
+    }
+}
+
+/// Says once, with the fix, when classic tracepoints were refused because of
+/// perf_event_paranoid.
+fn warn_if_perf_events_refused(refused: &[&str]) {
+    let paranoid = perf_event_paranoid();
+    // Refused at all means this process lacks what the check needs, whatever its caps say.
+    if !refused.is_empty() && perf_event_refused(paranoid, false, AttachKind::Classic) {
+        tracing::error!(
+            perf_event_paranoid = paranoid,
+            probes = refused.join(", "),
+            fix = PERF_PARANOID_FIX,
+            "classic tracepoints refused: this kernel's perf_event_paranoid >= 3 (a Debian \
+             patch) refuses perf_event_open to processes without CAP_SYS_ADMIN, which the \
+             shipped unit does not grant"
+        );
+    }
 }
 
 #[cfg(test)]

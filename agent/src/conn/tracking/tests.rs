@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::kernel::events::SocketFacts;
-use agent_common::tcp_state::*;
+use agent_common::TcpState;
 
 const SK: u64 = 0xffff_0000_0000_1000;
 const SEC: u64 = 1_000_000_000;
@@ -60,26 +60,38 @@ fn client_endpoint() -> Endpoint {
     }
 }
 
-/// The kernel reports CLOSE->SYN_SENT before it binds the client's source port: the flow
+/// The kernel reports TcpState::Close as u8->TcpState::SynSent as u8 before it binds the client's source port: the flow
 /// id comes from the next event, and the server's view of the same connection (the client
 /// as its remote end) gives the same id.
 #[test]
 fn flow_id_is_learned_once_both_ports_are_known() {
     let mut tracker = tracker();
-    let mut connect = state(SK, SEC, CLOSE, SYN_SENT, 0);
+    let mut connect = state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0);
     connect.local = Some("127.0.0.1:0".parse().unwrap());
     run(&mut tracker, &[connect]);
     assert_eq!(tracker.endpoint_and_flow_of(SK).unwrap().1, None);
     run(
         &mut tracker,
-        &[state(SK, SEC + 100, SYN_SENT, ESTABLISHED, 0)],
+        &[state(
+            SK,
+            SEC + 100,
+            TcpState::SynSent as u8,
+            TcpState::Established as u8,
+            0,
+        )],
     );
     let (endpoint, flow) = tracker.endpoint_and_flow_of(SK).unwrap();
     assert_eq!(endpoint, client_endpoint());
     let (client, server) = client_addrs();
     assert_eq!(flow, crate::model::flow_id(client, server));
 
-    let mut accepted = state(SK + 1, SEC, SYN_RECV, ESTABLISHED, 0);
+    let mut accepted = state(
+        SK + 1,
+        SEC,
+        TcpState::SynRecv as u8,
+        TcpState::Established as u8,
+        0,
+    );
     (accepted.local, accepted.remote) = (Some(server), Some(client));
     run(&mut tracker, &[accepted]);
     let (endpoint, server_flow) = tracker.endpoint_and_flow_of(SK + 1).unwrap();
@@ -93,11 +105,35 @@ fn peer_closes_idle_client() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, CLOSE, SYN_SENT, 0),
-            state(SK, SEC + 100, SYN_SENT, ESTABLISHED, 0),
-            state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
-            state(SK, 11 * SEC, CLOSE_WAIT, LAST_ACK, 2 * SEC),
-            state(SK, 11 * SEC + 5, LAST_ACK, CLOSE, 2 * SEC),
+            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
+            state(
+                SK,
+                SEC + 100,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                SK,
+                10 * SEC,
+                TcpState::Established as u8,
+                TcpState::CloseWait as u8,
+                2 * SEC,
+            ),
+            state(
+                SK,
+                11 * SEC,
+                TcpState::CloseWait as u8,
+                TcpState::LastAck as u8,
+                2 * SEC,
+            ),
+            state(
+                SK,
+                11 * SEC + 5,
+                TcpState::LastAck as u8,
+                TcpState::Close as u8,
+                2 * SEC,
+            ),
         ],
     );
     assert_eq!(
@@ -130,12 +166,48 @@ fn local_close_and_reset_are_distinguished() {
     let out = run(
         &mut tracker,
         &[
-            state(1, SEC, SYN_SENT, ESTABLISHED, 0),
-            state(1, 3 * SEC, ESTABLISHED, FIN_WAIT1, 0),
-            state(1, 3 * SEC, FIN_WAIT1, FIN_WAIT2, 0),
-            state(1, 4 * SEC, FIN_WAIT2, CLOSE, 0),
-            state(2, SEC, SYN_SENT, ESTABLISHED, 0),
-            state(2, 5 * SEC, ESTABLISHED, CLOSE, 4 * SEC),
+            state(
+                1,
+                SEC,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                1,
+                3 * SEC,
+                TcpState::Established as u8,
+                TcpState::FinWait1 as u8,
+                0,
+            ),
+            state(
+                1,
+                3 * SEC,
+                TcpState::FinWait1 as u8,
+                TcpState::FinWait2 as u8,
+                0,
+            ),
+            state(
+                1,
+                4 * SEC,
+                TcpState::FinWait2 as u8,
+                TcpState::Close as u8,
+                0,
+            ),
+            state(
+                2,
+                SEC,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                2,
+                5 * SEC,
+                TcpState::Established as u8,
+                TcpState::Close as u8,
+                4 * SEC,
+            ),
         ],
     );
     let closes: Vec<_> = out
@@ -182,8 +254,14 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, CLOSE, SYN_SENT, 0),
-            state(SK, 2 * SEC, SYN_SENT, CLOSE, 0),
+            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
+            state(
+                SK,
+                2 * SEC,
+                TcpState::SynSent as u8,
+                TcpState::Close as u8,
+                0,
+            ),
         ],
     );
     assert_eq!(
@@ -196,11 +274,26 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
             }
         ]
     );
-    let mut refused = state(SK, 3 * SEC, SYN_SENT, CLOSE, 0);
+    let mut refused = state(
+        SK,
+        3 * SEC,
+        TcpState::SynSent as u8,
+        TcpState::Close as u8,
+        0,
+    );
     refused.facts.reset_received_ns = 3 * SEC;
     let out = run(
         &mut tracker,
-        &[state(SK, 3 * SEC, CLOSE, SYN_SENT, 0), refused],
+        &[
+            state(
+                SK,
+                3 * SEC,
+                TcpState::Close as u8,
+                TcpState::SynSent as u8,
+                0,
+            ),
+            refused,
+        ],
     );
     assert_eq!(
         out[1],
@@ -212,12 +305,18 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
     assert_eq!(tracker.active_connections(), 0);
 }
 
-/// The loopback sequence measured on 6.18: the peer closes (CLOSE_WAIT), a late SET's RST
+/// The loopback sequence measured on 6.18: the peer closes (TcpState::CloseWait as u8), a late SET's RST
 /// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
 #[test]
 fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let mut tracker = tracker();
-    let mut close = state(SK, 5 * SEC, CLOSE_WAIT, CLOSE, 2 * SEC);
+    let mut close = state(
+        SK,
+        5 * SEC,
+        TcpState::CloseWait as u8,
+        TcpState::Close as u8,
+        2 * SEC,
+    );
     close.facts.peer_closed_ns = 4 * SEC;
     let mut send = state(SK, 5 * SEC, 0, 0, 0);
     send.kind = EventKind::SendAfterPeerClose { ret: 16 };
@@ -228,8 +327,20 @@ fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, SYN_SENT, ESTABLISHED, 0),
-            state(SK, 4 * SEC, ESTABLISHED, CLOSE_WAIT, 2 * SEC),
+            state(
+                SK,
+                SEC,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                SK,
+                4 * SEC,
+                TcpState::Established as u8,
+                TcpState::CloseWait as u8,
+                2 * SEC,
+            ),
             close,
             send,
             recv,
@@ -254,12 +365,12 @@ fn retransmits_and_resets_are_attributed_to_the_endpoint() {
     let mut syn = state(0, SEC, 0, 0, 0);
     syn.kind = EventKind::TcpTrouble {
         trouble: TcpTrouble::Retransmit,
-        state: SYN_SENT,
+        state: TcpState::SynSent as u8,
     };
     let mut data = syn.clone();
     data.kind = EventKind::TcpTrouble {
         trouble: TcpTrouble::Retransmit,
-        state: ESTABLISHED,
+        state: TcpState::Established as u8,
     };
     let mut reset = syn.clone();
     reset.kind = EventKind::TcpTrouble {
@@ -292,8 +403,20 @@ fn connection_from_before_start_is_adopted_on_its_first_state_change() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, 10 * SEC, ESTABLISHED, CLOSE_WAIT, 7 * SEC),
-            state(SK, 11 * SEC, CLOSE_WAIT, CLOSE, 7 * SEC),
+            state(
+                SK,
+                10 * SEC,
+                TcpState::Established as u8,
+                TcpState::CloseWait as u8,
+                7 * SEC,
+            ),
+            state(
+                SK,
+                11 * SEC,
+                TcpState::CloseWait as u8,
+                TcpState::Close as u8,
+                7 * SEC,
+            ),
         ],
     );
     assert_eq!(out.len(), 2);
@@ -321,20 +444,64 @@ fn connection_from_before_start_is_adopted_on_its_first_state_change() {
 #[test]
 fn a_stale_entry_does_not_swallow_the_next_connection_at_its_address() {
     let mut tracker = tracker();
-    let mut learned = state(SK, 5 * SEC, ESTABLISHED, ESTABLISHED, 4 * SEC);
-    learned.kind = EventKind::Learned { state: ESTABLISHED };
+    let mut learned = state(
+        SK,
+        5 * SEC,
+        TcpState::Established as u8,
+        TcpState::Established as u8,
+        4 * SEC,
+    );
+    learned.kind = EventKind::Learned {
+        state: TcpState::Established as u8,
+    };
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, CLOSE, SYN_SENT, 0),
-            state(SK, SEC + 1, SYN_SENT, ESTABLISHED, 0),
-            state(SK, 4 * SEC, ESTABLISHED, CLOSE, 4 * SEC),
+            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
+            state(
+                SK,
+                SEC + 1,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                SK,
+                4 * SEC,
+                TcpState::Established as u8,
+                TcpState::Close as u8,
+                4 * SEC,
+            ),
             // The race: learned after its close.
             learned,
-            state(SK, 6 * SEC, CLOSE, SYN_SENT, 0),
-            state(SK, 6 * SEC + 1, SYN_SENT, ESTABLISHED, 0),
-            state(SK, 7 * SEC, ESTABLISHED, FIN_WAIT1, 7 * SEC),
-            state(SK, 8 * SEC, FIN_WAIT1, CLOSE, 7 * SEC),
+            state(
+                SK,
+                6 * SEC,
+                TcpState::Close as u8,
+                TcpState::SynSent as u8,
+                0,
+            ),
+            state(
+                SK,
+                6 * SEC + 1,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            state(
+                SK,
+                7 * SEC,
+                TcpState::Established as u8,
+                TcpState::FinWait1 as u8,
+                7 * SEC,
+            ),
+            state(
+                SK,
+                8 * SEC,
+                TcpState::FinWait1 as u8,
+                TcpState::Close as u8,
+                7 * SEC,
+            ),
         ],
     );
     let count = |f: &dyn Fn(&Observation) -> bool| out.iter().filter(|o| f(o)).count();
@@ -359,10 +526,12 @@ fn seeded_connection_is_matched_not_double_counted() {
     let mut tracker = tracker();
     let (local, remote) = client_addrs();
     let mut out = Vec::new();
-    tracker.seed(local, remote, ESTABLISHED, &mut out);
+    tracker.seed(local, remote, TcpState::Established as u8, &mut out);
     assert_eq!(tracker.active_connections(), 1);
     let mut learned = state(SK, 5 * SEC, 0, 0, 5 * SEC);
-    learned.kind = EventKind::Learned { state: ESTABLISHED };
+    learned.kind = EventKind::Learned {
+        state: TcpState::Established as u8,
+    };
     tracker.handle(&learned, &mut out);
     assert_eq!(
         out.len(),
@@ -371,10 +540,25 @@ fn seeded_connection_is_matched_not_double_counted() {
     );
     assert_eq!(tracker.active_connections(), 1);
     tracker.handle(
-        &state(SK, 6 * SEC, ESTABLISHED, FIN_WAIT1, 5 * SEC),
+        &state(
+            SK,
+            6 * SEC,
+            TcpState::Established as u8,
+            TcpState::FinWait1 as u8,
+            5 * SEC,
+        ),
         &mut out,
     );
-    tracker.handle(&state(SK, 7 * SEC, FIN_WAIT2, CLOSE, 5 * SEC), &mut out);
+    tracker.handle(
+        &state(
+            SK,
+            7 * SEC,
+            TcpState::FinWait2 as u8,
+            TcpState::Close as u8,
+            5 * SEC,
+        ),
+        &mut out,
+    );
     assert!(matches!(
         out.last(),
         Some(Observation::ConnectionClosed {
@@ -389,9 +573,15 @@ fn seeded_connection_is_matched_not_double_counted() {
 #[test]
 fn listeners_and_unwatched_ports_are_ignored() {
     let mut tracker = tracker();
-    let mut listen = state(SK, SEC, CLOSE, LISTEN, 0);
+    let mut listen = state(SK, SEC, TcpState::Close as u8, TcpState::Listen as u8, 0);
     listen.local = Some("0.0.0.0:11211".parse().unwrap());
-    let mut other = state(SK + 1, SEC, SYN_SENT, ESTABLISHED, 0);
+    let mut other = state(
+        SK + 1,
+        SEC,
+        TcpState::SynSent as u8,
+        TcpState::Established as u8,
+        0,
+    );
     other.remote = Some("127.0.0.1:80".parse().unwrap());
     assert!(run(&mut tracker, &[listen, other]).is_empty());
 }
@@ -400,7 +590,7 @@ fn listeners_and_unwatched_ports_are_ignored() {
 fn a_child_cloned_from_a_watched_listener_is_a_completed_handshake() {
     let mut tracker = tracker();
     // At clone time the child still has the listener's addresses: no peer yet.
-    let mut child = state(SK, SEC, LISTEN, SYN_RECV, 0);
+    let mut child = state(SK, SEC, TcpState::Listen as u8, TcpState::SynRecv as u8, 0);
     child.local = Some("0.0.0.0:11211".parse().unwrap());
     child.remote = Some("0.0.0.0:0".parse().unwrap());
     let mut unwatched = child.clone();
@@ -454,7 +644,16 @@ fn table_memory_is_released_after_a_burst() {
     let burst = 20_000;
     let mut out = Vec::new();
     for sk in 0..burst {
-        tracker.handle(&state(sk, SEC, SYN_SENT, ESTABLISHED, 0), &mut out);
+        tracker.handle(
+            &state(
+                sk,
+                SEC,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            ),
+            &mut out,
+        );
     }
     assert_eq!(tracker.active_connections(), burst as usize);
     let grown = tracker.connections.capacity();
@@ -462,7 +661,16 @@ fn table_memory_is_released_after_a_burst() {
     tracker.tick(2 * SEC, &mut out);
     assert_eq!(tracker.connections.capacity(), grown);
     for sk in 10..burst {
-        tracker.handle(&state(sk, 3 * SEC, ESTABLISHED, CLOSE, 0), &mut out);
+        tracker.handle(
+            &state(
+                sk,
+                3 * SEC,
+                TcpState::Established as u8,
+                TcpState::Close as u8,
+                0,
+            ),
+            &mut out,
+        );
     }
     tracker.tick(4 * SEC, &mut out);
     assert_eq!(tracker.active_connections(), 10);
@@ -472,7 +680,16 @@ fn table_memory_is_released_after_a_burst() {
         tracker.connections.capacity()
     );
     // The survivors are intact.
-    let closed = run(&mut tracker, &[state(3, 5 * SEC, ESTABLISHED, CLOSE, 0)]);
+    let closed = run(
+        &mut tracker,
+        &[state(
+            3,
+            5 * SEC,
+            TcpState::Established as u8,
+            TcpState::Close as u8,
+            0,
+        )],
+    );
     assert!(matches!(
         closed[..],
         [Observation::ConnectionClosed { duration_ns: Some(d), .. }] if d == 4 * SEC
@@ -483,7 +700,15 @@ fn table_memory_is_released_after_a_burst() {
 fn table_is_bounded() {
     let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 2);
     let events: Vec<_> = (0..3)
-        .map(|i| state(100 + i, SEC, SYN_SENT, ESTABLISHED, 0))
+        .map(|i| {
+            state(
+                100 + i,
+                SEC,
+                TcpState::SynSent as u8,
+                TcpState::Established as u8,
+                0,
+            )
+        })
         .collect();
     let out = run(&mut tracker, &events);
     assert_eq!(out.last(), Some(&Observation::TrackingDropped));

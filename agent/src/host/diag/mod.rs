@@ -86,7 +86,7 @@ impl DiagError {
 /// One TCP socket as sock_diag reports it (`struct inet_diag_msg`), without attributes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiagSocket {
-    /// Kernel TCP state number (`agent_common::tcp_state`).
+    /// Kernel TCP state number ([`agent_common::TcpState`]).
     pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,

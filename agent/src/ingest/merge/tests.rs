@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use agent_common::{tcp_state, SockEvent, SockEventKind, AF_INET};
+use agent_common::{SockEvent, SockEventKind, TcpState, AF_INET};
 
 use super::*;
 use crate::{
@@ -140,7 +140,7 @@ fn learned_record_of(sk: u64, port: u16, ts_ns: u64) -> Vec<u8> {
     // SAFETY: SockEvent is repr(C) plain old data, valid for any bit pattern.
     let mut raw: SockEvent = unsafe { std::mem::zeroed() };
     raw.kind = SockEventKind::Learned as u8;
-    raw.new_state = tcp_state::ESTABLISHED;
+    raw.new_state = TcpState::Established as u8;
     raw.family = AF_INET;
     raw.local_port = port;
     raw.remote_port = PORT;
