@@ -1019,3 +1019,76 @@ fn counters_born_inside_the_window_count_from_their_first_value() {
         idle[0]
     );
 }
+
+/// A server that starts failing inside the window: each client's timeout series is born at
+/// its first timeouts with a value above zero, and the clients then eject the server (no more
+/// requests to it). With `increase()` alone the pool detector saw no failure at all; counting
+/// the series from its first value, it names the server, with every timeout.
+#[test]
+fn timeouts_born_inside_the_window_name_the_failing_server() {
+    let end = now() - 30;
+    let step = 15;
+    let mut g = Gen::new(end, 20, step);
+    let start = end - 20 * 60;
+    let failed_at = end - 150;
+    let failing = "10.0.2.3:11211";
+    for i in 1..=3 {
+        let h = host(&format!("web-{i}"), &format!("10.0.1.{i}"));
+        agent_series(&mut g, &h, None);
+        for server in ["10.0.2.1:11211", "10.0.2.2:11211", failing] {
+            let l = [
+                ("job", "cacheprobe"),
+                ("instance", h.instance.as_str()),
+                ("service", "memcached"),
+                ("server", server),
+                ("role", "client"),
+                ("command", "get"),
+            ];
+            let mut hit = l.to_vec();
+            hit.push(("status", "hit"));
+            // 10 hits a step; to the failing server only until it fails.
+            let stop = if server == failing { failed_at } else { end };
+            g.series(
+                "cacheprobe_memcache_requests",
+                "counter",
+                "cacheprobe_memcache_requests_total",
+                &hit,
+                move |_, t| Some(10.0 * ((t.min(stop) - start) / step) as f64),
+            );
+            if server == failing {
+                // 20 timeouts, all before the series' first scrape; then the client ejects it.
+                let mut timeout = l.to_vec();
+                timeout.push(("status", "timeout"));
+                g.series(
+                    "cacheprobe_memcache_requests",
+                    "counter",
+                    "cacheprobe_memcache_requests_total",
+                    &timeout,
+                    move |_, t| (t >= failed_at).then_some(20.0),
+                );
+            }
+        }
+    }
+    let prom = Prom::start("fleet-timeouts-born-in-window", &g);
+    let output = diagnose_prometheus(&[
+        "--prometheus",
+        &prom.url(),
+        "--since",
+        "5m",
+        "--at",
+        &end.to_string(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let bad = findings(&report, &["fleet-bad-server"]);
+    assert_eq!(bad.len(), 1, "{report:#}");
+    assert_eq!(bad[0]["severity"], "critical", "{}", bad[0]);
+    assert_eq!(bad[0]["subjects"]["servers"][0], failing);
+    // 3 hosts x 20 timeouts, every one from the series' first values.
+    assert_eq!(bad[0]["values"]["failed"], 60.0, "{}", bad[0]);
+    assert_eq!(bad[0]["values"]["client_hosts"], 3.0, "{}", bad[0]);
+    assert_eq!(bad[0]["values"]["failing_client_hosts"], 3.0, "{}", bad[0]);
+    // About 100 hits before it failed (150 s of the 5 minutes) and 20 timeouts per host.
+    let ratio = bad[0]["values"]["failed_ratio"].as_f64().unwrap();
+    assert!((0.12..=0.22).contains(&ratio), "{}", bad[0]);
+}

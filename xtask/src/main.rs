@@ -259,6 +259,10 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     // The package as users run it: real systemd, the unit's own sandbox, crash/reload/upgrade/
     // purge (issue #22). About 1.5 min warm, 5 min more when the Debian root filesystem is built.
     vm_systemd::vm_test_systemd(&vm_systemd::kernels(None)?)?;
+    // The fleet view end to end (issue #18): four VMs on a private bridge, a real Prometheus,
+    // `diagnose --prometheus` naming idle timeouts, ring disagreement, a hung server, a lossy
+    // link with the request seen from both ends, and coverage. 4-6 minutes.
+    vm_fleet::fleet_test()?;
     // About 2.5 minutes: leaks, losses and counters against the load generators (BENCHMARKS.md,
     // "Soak"); the 30-minute soak stays a bench.
     util::step("soak (cargo xtask bench --soak 2)");

@@ -6,6 +6,7 @@
 //! bridge (xtask/vm/fleet-init.sh) and asserts the names and numbers of the fleet findings.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     io::{Read as _, Write as _},
@@ -43,8 +44,8 @@ const PACKAGES: &[&str] = &[
 pub const SCENARIOS: &[&str] = &[
     "idle-timeouts",
     "ring-disagreement",
-    "hung-server",
     "lossy-link",
+    "hung-server",
     "coverage",
 ];
 
@@ -66,6 +67,10 @@ const LOAD_RATE: u32 = 5;
 const VM_TIMEOUT: Duration = Duration::from_secs(1500);
 /// From QEMU's start to the agent serving /metrics on every VM (TCG loads the probes slowly).
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Boot to every agent ready on a quiet machine (25-30 s; 47 s at a load average of 14, 67 s
+/// at 16). The ratio of a run's own boot time to this is its slowness: the harness's waits
+/// scale with it instead of assuming a quiet machine.
+const QUIET_READY_S: f64 = 30.0;
 
 /// One VM of the fleet.
 struct Host {
@@ -313,6 +318,8 @@ fn host_initrd(work: &Path, base: &Path, host: &Host) -> anyhow::Result<PathBuf>
 /// the namespace.
 struct Fleet {
     netns: String,
+    /// How much slower than on a quiet machine these VMs run (>= 1), measured at boot.
+    slowness: f64,
     prometheus: Option<Child>,
     vms: Vec<(usize, JoinHandle<anyhow::Result<VmEnd>>)>,
     logs: Vec<PathBuf>,
@@ -328,6 +335,7 @@ impl Fleet {
         ip(&["netns", "add", &netns])?;
         let fleet = Fleet {
             netns,
+            slowness: 1.0,
             prometheus: None,
             vms: Vec::new(),
             logs: Vec::new(),
@@ -373,6 +381,11 @@ impl Fleet {
             .context("cannot start prometheus")?;
         self.prometheus = Some(child);
         Ok(())
+    }
+
+    /// `seconds` of a quiet machine, on this run's VMs.
+    fn patience(&self, seconds: u64) -> Duration {
+        Duration::from_secs_f64(seconds as f64 * self.slowness)
     }
 
     /// A TCP connection made from inside the namespace (the socket stays in it).
@@ -565,6 +578,56 @@ fn wait_for(fleet: &Fleet, expr: &str, want: usize, timeout: Duration) -> anyhow
     }
 }
 
+/// Waits until Prometheus has scraped every agent at or after `t` (unix seconds).
+fn wait_scraped_since(fleet: &Fleet, t: u64) -> anyhow::Result<()> {
+    wait_for(
+        fleet,
+        &format!("timestamp(up{{job=\"cacheprobe\"}}) >= {t}"),
+        HOSTS.len(),
+        fleet.patience(30),
+    )
+}
+
+/// The sum of `selector`'s series by `instance`, now.
+fn by_instance(fleet: &Fleet, selector: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    Ok(fleet
+        .query(&format!("sum by (instance) ({selector})"))?
+        .into_iter()
+        .map(|(labels, v)| (labels["instance"].as_str().unwrap_or("?").to_string(), v))
+        .collect())
+}
+
+/// Keeps a scenario's fault on for at least `min_s` and until `enough` holds for what the
+/// agents counted since `before` (checked every 2 s), for at most `min_s` plus `min_s` scaled
+/// by the fleet's slowness: a slow machine's clients send fewer requests a second, so a fixed
+/// window would judge fewer of them. Returns how long the fault was on.
+fn hold_until(
+    fleet: &Fleet,
+    min_s: u64,
+    selector: &str,
+    enough: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    let before = by_instance(fleet, selector)?;
+    let deadline = started + Duration::from_secs(min_s) + fleet.patience(min_s);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = by_instance(fleet, selector)?;
+        let since: BTreeMap<String, f64> = now
+            .iter()
+            .map(|(i, v)| (i.clone(), v - before.get(i).copied().unwrap_or(0.0)))
+            .collect();
+        let held = started.elapsed();
+        if (held.as_secs() >= min_s && enough(&since)) || Instant::now() >= deadline {
+            eprintln!(
+                "xtask: held {:.0} s (at least {min_s}); counted since: {since:?}",
+                held.as_secs_f64()
+            );
+            return Ok(held.as_secs());
+        }
+    }
+}
+
 // --- findings ------------------------------------------------------------------------------------
 
 fn findings<'a>(report: &'a Value, id: &str) -> Vec<&'a Value> {
@@ -668,7 +731,7 @@ fn start_load(fleet: &Fleet) -> anyhow::Result<u64> {
             "python3 /cptest/fleet_client.py idle {IDLE_ROUNDS} {IDLE_SLEEP_S} {IDLE_CONNECTIONS} {}:{SESSIONS} </dev/null >/tmp/idle.log 2>&1 &",
             HOSTS[SERVER].ip
         ),
-        Duration::from_secs(20),
+        fleet.patience(20),
     )?;
     for host in HOSTS.iter().filter(|h| !h.servers.is_empty()) {
         fleet.run(
@@ -677,7 +740,7 @@ fn start_load(fleet: &Fleet) -> anyhow::Result<u64> {
                 "python3 /cptest/fleet_client.py load 100000 {LOAD_RATE} {} </dev/null >/tmp/load.log 2>&1 &",
                 host.server_list()
             ),
-            Duration::from_secs(20),
+            fleet.patience(20),
         )?;
     }
     Ok(idle_started)
@@ -693,18 +756,18 @@ fn start_load(fleet: &Fleet) -> anyhow::Result<u64> {
 fn idle_timeouts(fleet: &Fleet, agent: &Path, start: u64) -> anyhow::Result<Outcome> {
     let client = &HOSTS[CLIENT];
     let server = format!("{}:{SESSIONS}", HOSTS[SERVER].ip);
-    let deadline =
-        Instant::now() + Duration::from_secs(u64::from(IDLE_ROUNDS * IDLE_SLEEP_S) + 120);
+    let deadline = Instant::now() + fleet.patience(u64::from(IDLE_ROUNDS * IDLE_SLEEP_S) + 120);
     let out = loop {
-        let out = fleet.run(client, "cat /tmp/idle.log", Duration::from_secs(20))?;
+        let out = fleet.run(client, "cat /tmp/idle.log", fleet.patience(20))?;
         if out.contains("idle ") || Instant::now() >= deadline {
             break out;
         }
         std::thread::sleep(Duration::from_secs(2));
     };
     // Two scrapes after the last write.
-    std::thread::sleep(Duration::from_secs(6));
-    let report = fleet.diagnose(agent, start, now_s())?;
+    let end = now_s();
+    wait_scraped_since(fleet, end + 2)?;
+    let report = fleet.diagnose(agent, start, end + 2)?;
     let mut problems = Vec::new();
     let found = findings(&report, "fleet-idle-timeouts");
     let finding = found
@@ -765,7 +828,7 @@ fn ring_disagreement(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         fleet,
         "cacheprobe_service_servers_info{service=\"cache\"}",
         client_hosts(),
-        Duration::from_secs(60),
+        fleet.patience(60),
     )?;
     let end = now_s();
     let report = fleet.diagnose(agent, end - 60, end)?;
@@ -799,7 +862,7 @@ fn ring_disagreement(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// 3. One memcached of the pool stops (SIGSTOP) for HUNG_S: every client host times out on it.
+/// 4. One memcached of the pool stops (SIGSTOP) for HUNG_S: every client host times out on it.
 fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     const HUNG_S: u64 = 60;
     let server_host = &HOSTS[SERVER];
@@ -808,20 +871,30 @@ fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     fleet.run(
         server_host,
         &format!("kill -STOP $(cat /tmp/memcached-{hung}.pid)"),
-        Duration::from_secs(20),
+        fleet.patience(20),
     )?;
-    std::thread::sleep(Duration::from_secs(HUNG_S));
+    // Until every decoding client host has seen a few failures of its own (each costs it a
+    // 3 s timeout, so a starved client gets few).
+    let held = hold_until(
+        fleet,
+        HUNG_S,
+        &format!(
+            "cacheprobe_memcache_requests_total{{role=\"client\",server=\"{}:{hung}\",status=~\"timeout|unanswered\"}}",
+            server_host.ip
+        ),
+        |failed| failed.values().filter(|n| **n >= 5.0).count() >= decoding_hosts(),
+    )?;
     let end = now_s();
     fleet.run(
         server_host,
         &format!("kill -CONT $(cat /tmp/memcached-{hung}.pid)"),
-        Duration::from_secs(20),
+        fleet.patience(20),
     )?;
     let server = format!("{}:{hung}", server_host.ip);
     // Each client host's view of the hung server, for the result line.
     let per_host = fleet
         .query(&format!(
-            "sum by (instance, status) (increase(cacheprobe_memcache_requests_total{{role=\"client\",server=\"{server}\"}}[{HUNG_S}s]))"
+            "sum by (instance, status) (increase(cacheprobe_memcache_requests_total{{role=\"client\",server=\"{server}\"}}[{held}s]))"
         ))?
         .iter()
         .map(|(labels, v)| {
@@ -872,7 +945,7 @@ fn hung_server(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// 4. app-1 drops 30% of the pool's packets in both directions (iptables `statistic` inside
+/// 3. app-1 drops 30% of the pool's packets in both directions (iptables `statistic` inside
 ///    the VM): its path to the pool is slow, the servers are not.
 fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
     const LOSSY_S: u64 = 60;
@@ -889,7 +962,7 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         let _ = writeln!(add, "iptables -A {rule} || echo FAILED");
         let _ = writeln!(delete, "iptables -D {rule}");
     }
-    let added = fleet.run(client, &add, Duration::from_secs(30))?;
+    let added = fleet.run(client, &add, fleet.patience(30))?;
     if added.contains("FAILED") {
         return Ok(Outcome {
             problems: vec![format!(
@@ -901,14 +974,23 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         });
     }
     let start = now_s();
-    std::thread::sleep(Duration::from_secs(LOSSY_S));
+    // Until the lossy client sent enough requests for its p99s to mean something.
+    hold_until(
+        fleet,
+        LOSSY_S,
+        &format!(
+            "cacheprobe_memcache_requests_total{{role=\"client\",instance=\"{}\"}}",
+            client.instance()
+        ),
+        |sent| sent.get(&client.instance()).is_some_and(|n| *n >= 150.0),
+    )?;
     let end = now_s();
     let counters = fleet.run(
         client,
         "iptables -L -v -n -x | grep statistic",
-        Duration::from_secs(30),
+        fleet.patience(30),
     )?;
-    fleet.run(client, &delete, Duration::from_secs(30))?;
+    fleet.run(client, &delete, fleet.patience(30))?;
     let report = fleet.diagnose(agent, start, end)?;
     let dropped: u64 = counters
         .lines()
@@ -950,6 +1032,7 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
             problems.push("no retransmits counted".into());
         }
     }
+    let joined = both_ends(&report, client, &mut problems);
     let seen = ours
         .iter()
         .map(|f| format!("{} servers={:?}", summary(f), strings(f, "servers")))
@@ -957,8 +1040,50 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         .join(" | ");
     Ok(Outcome {
         problems,
-        seen: seen_drop + &seen + &format!("; findings: {}", ids(&report)),
+        seen: seen_drop + &seen + "; " + &joined + &format!("; findings: {}", ids(&report)),
     })
+}
+
+/// The slowest request both ends reported in the lossy window (exemplars with one request id
+/// from the client VM's agent and the server VM's, joined through Prometheus' exemplar API):
+/// the lossy client's, with the server's own time small and the rest between the boxes.
+fn both_ends(report: &Value, client: &Host, problems: &mut Vec<String>) -> String {
+    let Some(finding) = findings(report, "fleet-request-both-ends")
+        .into_iter()
+        .next()
+    else {
+        problems
+            .push("no fleet-request-both-ends finding: no request joined across the VMs".into());
+        return String::new();
+    };
+    let want = [client.instance(), HOSTS[SERVER].instance()];
+    if strings(finding, "hosts") != want {
+        problems.push(format!(
+            "slowest joined request is not {} -> {}",
+            want[0], want[1]
+        ));
+    }
+    let (client_ms, server_ms, between_ms) = (
+        value(finding, "client_ms"),
+        value(finding, "server_ms"),
+        value(finding, "between_ms"),
+    );
+    // A lost segment costs at least the minimum RTO (200 ms); the server's own time is its
+    // socket's, which no drop on the client's link delays.
+    if !(between_ms >= 100.0 && server_ms < between_ms) {
+        problems.push(format!(
+            "joined request: {between_ms} ms between the boxes, {server_ms} ms in the server"
+        ));
+    }
+    if (client_ms - server_ms - between_ms).abs() > 0.01 {
+        problems.push("joined request: client time is not server time plus between".into());
+    }
+    let retransmits = value(finding, "retransmits");
+    if retransmits.is_nan() || retransmits < 1.0 {
+        problems.push("joined request: no retransmits on its path".into());
+    }
+    let first = finding["evidence"][0].as_str().unwrap_or("");
+    format!("both ends: {} [{first}]", summary(finding))
 }
 
 /// 5. The 6.1 host runs with its send/receive probes missing: a clean request-level report
@@ -1069,11 +1194,18 @@ pub fn fleet_test() -> anyhow::Result<()> {
     }
     wait_ready(&fleet)?;
     let ready = boot_started.elapsed();
+    fleet.slowness = (ready.as_secs_f64() / QUIET_READY_S).clamp(1.0, 10.0);
+    eprintln!(
+        "xtask: every agent ready {:.1} s after boot: these VMs run {:.1}x slower than on a quiet \
+         machine, and the waits below scale by that",
+        ready.as_secs_f64(),
+        fleet.slowness
+    );
     wait_for(
         &fleet,
         "up{job=\"cacheprobe\"} == 1",
         HOSTS.len(),
-        Duration::from_secs(60),
+        fleet.patience(60),
     )?;
     let idle_started = start_load(&fleet)?;
 
@@ -1082,8 +1214,11 @@ pub fn fleet_test() -> anyhow::Result<()> {
     let scenarios: [(&str, &Scenario); 5] = [
         ("idle-timeouts", &idle),
         ("ring-disagreement", &ring_disagreement),
-        ("hung-server", &hung_server),
+        // The lossy link before the hung server: a SIGCONTed memcached answers the requests
+        // queued while it was stopped late, and its own socket then reads slow for a while
+        // (seen: p99 262 ms in the next window, named a slow server).
         ("lossy-link", &lossy_link),
+        ("hung-server", &hung_server),
         ("coverage", &coverage),
     ];
     let mut timings = Vec::new();
@@ -1108,7 +1243,7 @@ pub fn fleet_test() -> anyhow::Result<()> {
         if let Err(err) = fleet.run(
             host,
             "tail -n 1 /tmp/load.log; touch /tmp/poweroff",
-            Duration::from_secs(20),
+            fleet.patience(20),
         ) {
             eprintln!("xtask: {}: {err:#}", host.name);
         }

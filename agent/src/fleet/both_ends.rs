@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ms, new_finding,
+    increase_with_new, ms, new_finding,
     prom::{ExemplarSeries, PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
@@ -33,7 +33,11 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
             svc.trim_start_matches(',')
         ))?,
         retransmits: c.instant(&format!(
-            "sum by (instance, server) (increase(cacheprobe_tcp_retransmits_total{{role=\"client\"{svc}}}[{w}])) > 0"
+            "sum by (instance, server) ({}) > 0",
+            increase_with_new(
+                &format!("cacheprobe_tcp_retransmits_total{{role=\"client\"{svc}}}"),
+                &w
+            )
         ))?,
     })
 }

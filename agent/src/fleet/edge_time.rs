@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ms, new_finding,
+    increase_with_new, ms, new_finding,
     prom::{PromError, Sample},
     set_value,
     shared::By,
     Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::{util, Edge, Severity};
+use crate::diagnose::{util, Edge, Finding, Severity};
 
 pub const SLOW_PATH_ID: &str = "fleet-slow-path";
 pub const SLOW_SERVER_ID: &str = "fleet-slow-server";
@@ -43,8 +43,13 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
             |status| matches!(status, "timeout" | "unanswered" | "server_error" | "error"),
             |_| true,
         ),
+        // A path's retransmit series is born at its first retransmit, often inside the window.
         client_retransmits: c.instant(&format!(
-            "sum by ({by}) (increase(cacheprobe_tcp_retransmits_total{{role=\"client\",kind=\"data\"{svc}}}[{w}]))"
+            "sum by ({by}) ({})",
+            increase_with_new(
+                &format!("cacheprobe_tcp_retransmits_total{{role=\"client\",kind=\"data\"{svc}}}"),
+                &w
+            )
         ))?,
         server_mean: latency.mean("server", per_host),
         server_p99: latency.quantile(0.99, "server", per_host),
@@ -77,10 +82,26 @@ fn key(s: &Sample) -> Key {
     )
 }
 
+type Clients = BTreeMap<Key, BTreeMap<String, ClientPath>>;
+type Servers = BTreeMap<Key, ServerSide>;
+
 pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutput {
-    let mut out = DetectorOutput::default();
-    let mut clients: BTreeMap<Key, BTreeMap<String, ClientPath>> = BTreeMap::new();
-    type Clients = BTreeMap<Key, BTreeMap<String, ClientPath>>;
+    let clients = client_paths(input);
+    let servers = server_sides(input);
+    let mut out = DetectorOutput {
+        edges: edges(&clients, &servers, hosts),
+        ..DetectorOutput::default()
+    };
+    out.findings
+        .extend(slow_paths(&clients, &servers, hosts, t));
+    out.findings
+        .extend(slow_servers(&clients, &servers, hosts, t));
+    out
+}
+
+/// Each client host's numbers per server.
+fn client_paths(input: &Input) -> Clients {
+    let mut clients = Clients::new();
     fn path<'a>(clients: &'a mut Clients, s: &Sample) -> &'a mut ClientPath {
         clients
             .entry(key(s))
@@ -106,7 +127,12 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
     for s in &input.client_retransmits {
         path(&mut clients, s).retransmits = s.value;
     }
-    let mut servers: BTreeMap<Key, ServerSide> = BTreeMap::new();
+    clients
+}
+
+/// Each server's latency at its own socket.
+fn server_sides(input: &Input) -> Servers {
+    let mut servers = Servers::new();
     for s in &input.server_mean {
         let side = servers.entry(key(s)).or_default();
         side.instance = s.label("instance").to_string();
@@ -117,15 +143,19 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         side.instance = s.label("instance").to_string();
         side.p99 = Some(s.value);
     }
+    servers
+}
 
-    // The table: every client host -> server path, with the server's own view beside it.
-    for ((service, server), paths) in &clients {
+/// The table: every client host -> server path, with the server's own view beside it.
+fn edges(clients: &Clients, servers: &Servers, hosts: &Hosts) -> Vec<Edge> {
+    let mut edges = Vec::new();
+    for ((service, server), paths) in clients {
         let side = servers.get(&(service.clone(), server.clone()));
         for (instance, p) in paths {
             if p.rate <= 0.0 {
                 continue;
             }
-            out.edges.push(Edge {
+            edges.push(Edge {
                 process: "*".to_string(),
                 service: service.clone(),
                 server: server.clone(),
@@ -140,10 +170,19 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
             });
         }
     }
+    edges
+}
 
-    // Slow paths: one client's p99 far above the server's other clients and above what the
-    // server itself measured.
-    for ((service, server), paths) in &clients {
+/// Slow paths: one client's p99 far above the server's other clients and above what the
+/// server itself measured.
+fn slow_paths(
+    clients: &Clients,
+    servers: &Servers,
+    hosts: &Hosts,
+    t: &FleetThresholds,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for ((service, server), paths) in clients {
         let side = servers.get(&(service.clone(), server.clone()));
         let judged: Vec<(&String, &ClientPath, f64)> = paths
             .iter()
@@ -167,69 +206,116 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
             if !slow {
                 continue;
             }
-            let host = hosts.describe(instance);
-            let between = server_p99.map(|s| (*p99 - s).max(0.0));
-            let mut finding = new_finding(
-                SLOW_PATH_ID,
-                Severity::Warning,
-                format!(
-                    "{host} -> {server} ({service}) is slow: p99 {} from this client while the server's {} other clients see {}",
-                    ms(*p99),
-                    others.len(),
-                    ms(others_p99)
-                ),
-            );
-            match (server_p99, between) {
-                (Some(s), Some(b)) => finding.evidence.push(format!(
-                    "p99 at the server's own socket: {}; {} of this client's p99 is spent between the boxes (network, retransmits, kernel queues)",
-                    ms(s),
-                    ms(b)
-                )),
-                _ => finding.evidence.push(
-                    "the server's host runs no agent, so its own latency is unknown; the other clients being fast points at this path".to_string(),
-                ),
-            }
-            if let (Some(mean), Some(server_mean)) = (p.mean, side.and_then(|s| s.mean)) {
-                finding.evidence.push(format!(
-                    "mean: {} at this client, {} at the server, {} between",
-                    ms(mean),
-                    ms(server_mean),
-                    ms((mean - server_mean).max(0.0))
-                ));
-            }
-            if p.retransmits > 0.0 {
-                finding.evidence.push(format!(
-                    "{} data retransmits on this host's connections to the server in the window",
-                    p.retransmits.round()
-                ));
-            }
-            finding
-                .evidence
-                .push(format!("{:.1} requests/s from this host", p.rate));
-            finding.advice = format!(
-                "The server answers quickly and its other clients are fine: look at the path from {} (interface errors and drops with `ip -s link`, `ethtool -S`, its switch port, a saturated link, CPU or softirq load on the client host) rather than at the server.",
-                hosts.short(instance)
-            );
-            finding.subjects.services = vec![service.clone()];
-            finding.subjects.servers = vec![server.clone()];
-            finding.subjects.hosts = vec![instance.to_string()];
-            set_value(&mut finding, "p99_ms", *p99 * 1e3);
-            set_value(&mut finding, "others_p99_ms", others_p99 * 1e3);
-            if let Some(s) = server_p99 {
-                set_value(&mut finding, "server_p99_ms", s * 1e3);
-            }
-            if let Some(b) = between {
-                set_value(&mut finding, "between_p99_ms", b * 1e3);
-            }
-            set_value(&mut finding, "retransmits", p.retransmits);
-            finding.magnitude = *p99;
-            out.findings.push(finding);
+            let path = SlowPath {
+                service,
+                server,
+                instance,
+                p,
+                p99: *p99,
+                others: others.len(),
+                others_p99,
+                server_p99,
+                server_mean: side.and_then(|s| s.mean),
+            };
+            findings.push(slow_path_finding(&path, hosts));
         }
     }
+    findings
+}
 
-    // Slow servers: measured slow at their own socket, so slow for every client.
+/// One client path judged slow, with what it is compared against.
+struct SlowPath<'a> {
+    service: &'a str,
+    server: &'a str,
+    instance: &'a str,
+    p: &'a ClientPath,
+    p99: f64,
+    others: usize,
+    others_p99: f64,
+    server_p99: Option<f64>,
+    server_mean: Option<f64>,
+}
+
+fn slow_path_finding(path: &SlowPath, hosts: &Hosts) -> Finding {
+    let SlowPath {
+        service,
+        server,
+        instance,
+        p,
+        p99,
+        others_p99,
+        server_p99,
+        ..
+    } = *path;
+    let host = hosts.describe(instance);
+    let between = server_p99.map(|s| (p99 - s).max(0.0));
+    let mut finding = new_finding(
+        SLOW_PATH_ID,
+        Severity::Warning,
+        format!(
+            "{host} -> {server} ({service}) is slow: p99 {} from this client while the server's {} other clients see {}",
+            ms(p99),
+            path.others,
+            ms(others_p99)
+        ),
+    );
+    match (server_p99, between) {
+        (Some(s), Some(b)) => finding.evidence.push(format!(
+            "p99 at the server's own socket: {}; {} of this client's p99 is spent between the boxes (network, retransmits, kernel queues)",
+            ms(s),
+            ms(b)
+        )),
+        _ => finding.evidence.push(
+            "the server's host runs no agent, so its own latency is unknown; the other clients being fast points at this path".to_string(),
+        ),
+    }
+    if let (Some(mean), Some(server_mean)) = (p.mean, path.server_mean) {
+        finding.evidence.push(format!(
+            "mean: {} at this client, {} at the server, {} between",
+            ms(mean),
+            ms(server_mean),
+            ms((mean - server_mean).max(0.0))
+        ));
+    }
+    if p.retransmits > 0.0 {
+        finding.evidence.push(format!(
+            "{} data retransmits on this host's connections to the server in the window",
+            p.retransmits.round()
+        ));
+    }
+    finding
+        .evidence
+        .push(format!("{:.1} requests/s from this host", p.rate));
+    finding.advice = format!(
+        "The server answers quickly and its other clients are fine: look at the path from {} (interface errors and drops with `ip -s link`, `ethtool -S`, its switch port, a saturated link, CPU or softirq load on the client host) rather than at the server.",
+        hosts.short(instance)
+    );
+    finding.subjects.services = vec![service.to_string()];
+    finding.subjects.servers = vec![server.to_string()];
+    finding.subjects.hosts = vec![instance.to_string()];
+    set_value(&mut finding, "p99_ms", p99 * 1e3);
+    set_value(&mut finding, "others_p99_ms", others_p99 * 1e3);
+    if let Some(s) = server_p99 {
+        set_value(&mut finding, "server_p99_ms", s * 1e3);
+    }
+    if let Some(b) = between {
+        set_value(&mut finding, "between_p99_ms", b * 1e3);
+    }
+    set_value(&mut finding, "retransmits", p.retransmits);
+    finding.magnitude = p99;
+    finding
+}
+
+/// Slow servers: measured slow at their own socket, so slow for every client.
+fn slow_servers(
+    clients: &Clients,
+    servers: &Servers,
+    hosts: &Hosts,
+    t: &FleetThresholds,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
     let mut by_service: BTreeMap<&str, Vec<(&str, &ServerSide, f64)>> = BTreeMap::new();
-    for ((service, server), side) in &servers {
+    for ((service, server), side) in servers {
         if let Some(p99) = side.p99 {
             by_service
                 .entry(service.as_str())
@@ -254,44 +340,64 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
             let client_p99s: Vec<f64> = paths
                 .map(|p| p.values().filter_map(|c| c.p99).collect())
                 .unwrap_or_default();
-            let mut finding = new_finding(
-                SLOW_SERVER_ID,
-                Severity::Warning,
-                format!(
-                    "{server} ({service}) on {} is slow for everyone: p99 {} measured at the server itself",
-                    hosts.describe(&side.instance),
-                    ms(*p99)
-                ),
-            );
-            if let Some(peer) = peer_p99 {
-                finding.evidence.push(format!(
-                    "the other {} servers of {service} answer with p99 {} (median)",
-                    peers.len(),
-                    ms(peer)
-                ));
-            }
-            if let Some(median) = util::median(&client_p99s) {
-                finding.evidence.push(format!(
-                    "its {} client hosts see p99 {} (median): the time is spent in the server, not between the boxes",
-                    client_p99s.len(),
-                    ms(median)
-                ));
-            }
-            finding.advice = "The server itself is slow: check its CPU, swap, eviction and \
-                slab pressure, and large multi-gets or values; the network is not the cause."
-                .to_string();
-            finding.subjects.services = vec![service.to_string()];
-            finding.subjects.servers = vec![server.to_string()];
-            finding.subjects.hosts = vec![side.instance.clone()];
-            set_value(&mut finding, "server_p99_ms", p99 * 1e3);
-            if let Some(peer) = peer_p99 {
-                set_value(&mut finding, "peer_p99_ms", peer * 1e3);
-            }
-            finding.magnitude = *p99;
-            out.findings.push(finding);
+            let peers = (peers.len(), peer_p99);
+            findings.push(slow_server_finding(
+                (service, server),
+                side,
+                *p99,
+                peers,
+                &client_p99s,
+                hosts,
+            ));
         }
     }
-    out
+    findings
+}
+
+/// A server slow at its own socket, with its peers' median and what its clients see.
+fn slow_server_finding(
+    (service, server): (&str, &str),
+    side: &ServerSide,
+    p99: f64,
+    (peer_count, peer_p99): (usize, Option<f64>),
+    client_p99s: &[f64],
+    hosts: &Hosts,
+) -> Finding {
+    let mut finding = new_finding(
+        SLOW_SERVER_ID,
+        Severity::Warning,
+        format!(
+            "{server} ({service}) on {} is slow for everyone: p99 {} measured at the server itself",
+            hosts.describe(&side.instance),
+            ms(p99)
+        ),
+    );
+    if let Some(peer) = peer_p99 {
+        finding.evidence.push(format!(
+            "the other {} servers of {service} answer with p99 {} (median)",
+            peer_count,
+            ms(peer)
+        ));
+    }
+    if let Some(median) = util::median(client_p99s) {
+        finding.evidence.push(format!(
+            "its {} client hosts see p99 {} (median): the time is spent in the server, not between the boxes",
+            client_p99s.len(),
+            ms(median)
+        ));
+    }
+    finding.advice = "The server itself is slow: check its CPU, swap, eviction and \
+        slab pressure, and large multi-gets or values; the network is not the cause."
+        .to_string();
+    finding.subjects.services = vec![service.to_string()];
+    finding.subjects.servers = vec![server.to_string()];
+    finding.subjects.hosts = vec![side.instance.clone()];
+    set_value(&mut finding, "server_p99_ms", p99 * 1e3);
+    if let Some(peer) = peer_p99 {
+        set_value(&mut finding, "peer_p99_ms", peer * 1e3);
+    }
+    finding.magnitude = p99;
+    finding
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

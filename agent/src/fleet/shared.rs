@@ -311,8 +311,11 @@ fn panicked() -> PromError {
 /// Fetches client-side request counts by status: one read of every request counter.
 pub fn fetch_requests(c: &Collector) -> Result<Requests, PromError> {
     let (w, svc) = (c.scope.range(), c.scope.service_matcher());
+    // A status's series is born at its first request of that status: the first timeouts of a
+    // server that hangs inside the window are in its first value, which increase() misses.
+    let counted = super::increase_with_new(&format!("{REQUESTS}{{role=\"client\"{svc}}}"), &w);
     let samples = c.instant(&format!(
-        "sum by (instance, service, server, status) (increase({REQUESTS}{{role=\"client\"{svc}}}[{w}]))"
+        "sum by (instance, service, server, status) ({counted})"
     ))?;
     Ok(Requests { samples })
 }
