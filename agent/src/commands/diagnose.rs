@@ -6,7 +6,7 @@
 
 use std::{
     io::{IsTerminal, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -118,29 +118,7 @@ pub fn diagnose_to(
         control::fetch_history(&socket, 0, FETCH_TIMEOUT)
     };
     let (snapshot, source) = match daemon {
-        Ok(first) => {
-            let watched = watch(args.duration, first.span_seconds(), progress);
-            let snapshot = match control::fetch_history(&socket, first.start_s, FETCH_TIMEOUT) {
-                Ok(second) => first.merge_newer(second),
-                Err(err) => {
-                    progress.clear();
-                    eprintln!(
-                        "warning: the daemon stopped answering ({err}); using the history fetched at the start"
-                    );
-                    first
-                }
-            };
-            (
-                snapshot,
-                Source {
-                    kind: SourceKind::Daemon,
-                    watched_s: watched.as_secs(),
-                    prometheus: None,
-                    hosts: None,
-                    partial: false,
-                },
-            )
-        }
+        Ok(first) => from_daemon(first, &socket, args, progress),
         Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
             if args.duration.is_zero() {
                 anyhow::bail!(
@@ -148,20 +126,7 @@ pub fn diagnose_to(
                     socket.display()
                 );
             }
-            let started = Instant::now();
-            let mut report_progress =
-                |elapsed: Duration| progress.show(elapsed, args.duration, None);
-            let snapshot = recorder.record_for(args.duration, &config, &mut report_progress)?;
-            (
-                snapshot,
-                Source {
-                    kind: SourceKind::Local,
-                    watched_s: started.elapsed().as_secs_f64().round() as u64,
-                    prometheus: None,
-                    hosts: None,
-                    partial: false,
-                },
-            )
+            record_locally(args, recorder, &config, progress)?
         }
         Err(err) => {
             return Err(err).with_context(|| {
@@ -179,16 +144,7 @@ pub fn diagnose_to(
         s => s,
     };
     let report = Report::build(&snapshot, &thresholds, source, unix_now(), edge_window_s);
-    let rendered = match args.output {
-        Output::Json => {
-            let mut json = render::json(&report);
-            json.push('\n');
-            json
-        }
-        Output::GraphDot => render::dot(&report),
-        Output::Text => render::text(&report, render::TextOptions { colour }),
-    };
-    out.write_all(rendered.as_bytes())
+    out.write_all(rendered(&report, args.output, colour).as_bytes())
         .and_then(|()| out.flush())
         .context("cannot write the report")?;
     Ok(if report.findings.is_empty() {
@@ -196,6 +152,66 @@ pub fn diagnose_to(
     } else {
         Verdict::Findings
     })
+}
+
+/// The daemon's history, watched for `--duration` and fetched again for what came in since.
+fn from_daemon(
+    first: HistorySnapshot,
+    socket: &Path,
+    args: &DiagnoseArgs,
+    progress: &mut Progress,
+) -> (HistorySnapshot, Source) {
+    let watched = watch(args.duration, first.span_seconds(), progress);
+    let snapshot = match control::fetch_history(socket, first.start_s, FETCH_TIMEOUT) {
+        Ok(second) => first.merge_newer(second),
+        Err(err) => {
+            progress.clear();
+            eprintln!(
+                "warning: the daemon stopped answering ({err}); using the history fetched at the start"
+            );
+            first
+        }
+    };
+    let source = Source {
+        kind: SourceKind::Daemon,
+        watched_s: watched.as_secs(),
+        prometheus: None,
+        hosts: None,
+        partial: false,
+    };
+    (snapshot, source)
+}
+
+/// No daemon: attach probes here for `--duration` and record a history of our own.
+fn record_locally(
+    args: &DiagnoseArgs,
+    recorder: &dyn LocalRecorder,
+    config: &Config,
+    progress: &mut Progress,
+) -> anyhow::Result<(HistorySnapshot, Source)> {
+    let started = Instant::now();
+    let mut report_progress = |elapsed: Duration| progress.show(elapsed, args.duration, None);
+    let snapshot = recorder.record_for(args.duration, config, &mut report_progress)?;
+    let source = Source {
+        kind: SourceKind::Local,
+        watched_s: started.elapsed().as_secs_f64().round() as u64,
+        prometheus: None,
+        hosts: None,
+        partial: false,
+    };
+    Ok((snapshot, source))
+}
+
+fn rendered(report: &Report, output: Output, colour: bool) -> String {
+    match output {
+        Output::Json => {
+            let mut json = render::json(report);
+            json.push('\n');
+            json
+        }
+        Output::GraphDot => render::dot(report),
+        Output::Text => render::text(report, render::TextOptions { colour }),
+    }
 }
 
 /// Sleeps through the live watch, updating the progress line; returns the time watched.
