@@ -6,7 +6,7 @@
 
 use std::{
     io::{IsTerminal, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -107,41 +107,6 @@ pub fn diagnose_to(
 ) -> anyhow::Result<Verdict> {
     let config = Config::load(&args.config_path, args.config_explicit)?;
     let thresholds = config.diagnose.clone();
-    let (snapshot, source) = gather(args, recorder, &config, progress)?;
-    progress.clear();
-
-    let edge_window_s = match args.duration.as_secs() {
-        0 => DEFAULT_EDGE_WINDOW_S,
-        s => s,
-    };
-    let report = Report::build(&snapshot, &thresholds, source, unix_now(), edge_window_s);
-    let rendered = match args.output {
-        Output::Json => {
-            let mut json = render::json(&report);
-            json.push('\n');
-            json
-        }
-        Output::GraphDot => render::dot(&report),
-        Output::Text => render::text(&report, render::TextOptions { colour }),
-    };
-    out.write_all(rendered.as_bytes())
-        .and_then(|()| out.flush())
-        .context("cannot write the report")?;
-    Ok(if report.findings.is_empty() {
-        Verdict::Clean
-    } else {
-        Verdict::Findings
-    })
-}
-
-/// The history to judge and where it came from: the daemon's (fetched at the start and again
-/// after watching for the duration) or, without a daemon, one recorded here for the duration.
-fn gather(
-    args: &DiagnoseArgs,
-    recorder: &dyn LocalRecorder,
-    config: &Config,
-    progress: &mut Progress,
-) -> anyhow::Result<(HistorySnapshot, Source)> {
     let socket = args
         .socket
         .clone()
@@ -152,21 +117,8 @@ fn gather(
     } else {
         control::fetch_history(&socket, 0, FETCH_TIMEOUT)
     };
-    Ok(match daemon {
-        Ok(first) => {
-            let watched = watch(args.duration, first.span_seconds(), progress);
-            let snapshot = match control::fetch_history(&socket, first.start_s, FETCH_TIMEOUT) {
-                Ok(second) => first.merge_newer(second),
-                Err(err) => {
-                    progress.clear();
-                    eprintln!(
-                        "warning: the daemon stopped answering ({err}); using the history fetched at the start"
-                    );
-                    first
-                }
-            };
-            (snapshot, source(SourceKind::Daemon, watched.as_secs()))
-        }
+    let (snapshot, source) = match daemon {
+        Ok(first) => from_daemon(first, &socket, args, progress),
         Err(ControlError::NoDaemon(_)) if args.socket.is_none() || args.local => {
             if args.duration.is_zero() {
                 anyhow::bail!(
@@ -174,12 +126,7 @@ fn gather(
                     socket.display()
                 );
             }
-            let started = Instant::now();
-            let mut report_progress =
-                |elapsed: Duration| progress.show(elapsed, args.duration, None);
-            let snapshot = recorder.record_for(args.duration, config, &mut report_progress)?;
-            let watched_s = started.elapsed().as_secs_f64().round() as u64;
-            (snapshot, source(SourceKind::Local, watched_s))
+            record_locally(args, recorder, &config, progress)?
         }
         Err(err) => {
             return Err(err).with_context(|| {
@@ -189,17 +136,81 @@ fn gather(
                 )
             })
         }
+    };
+    progress.clear();
+
+    let edge_window_s = match args.duration.as_secs() {
+        0 => DEFAULT_EDGE_WINDOW_S,
+        s => s,
+    };
+    let report = Report::build(&snapshot, &thresholds, source, unix_now(), edge_window_s);
+    out.write_all(rendered(&report, args.output, colour).as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write the report")?;
+    Ok(if report.findings.is_empty() {
+        Verdict::Clean
+    } else {
+        Verdict::Findings
     })
 }
 
-/// A source of this host's history (not the fleet's).
-fn source(kind: SourceKind, watched_s: u64) -> Source {
-    Source {
-        kind,
-        watched_s,
+/// The daemon's history, watched for `--duration` and fetched again for what came in since.
+fn from_daemon(
+    first: HistorySnapshot,
+    socket: &Path,
+    args: &DiagnoseArgs,
+    progress: &mut Progress,
+) -> (HistorySnapshot, Source) {
+    let watched = watch(args.duration, first.span_seconds(), progress);
+    let snapshot = match control::fetch_history(socket, first.start_s, FETCH_TIMEOUT) {
+        Ok(second) => first.merge_newer(second),
+        Err(err) => {
+            progress.clear();
+            eprintln!(
+                "warning: the daemon stopped answering ({err}); using the history fetched at the start"
+            );
+            first
+        }
+    };
+    let source = Source {
+        kind: SourceKind::Daemon,
+        watched_s: watched.as_secs(),
         prometheus: None,
         hosts: None,
         partial: false,
+    };
+    (snapshot, source)
+}
+
+/// No daemon: attach probes here for `--duration` and record a history of our own.
+fn record_locally(
+    args: &DiagnoseArgs,
+    recorder: &dyn LocalRecorder,
+    config: &Config,
+    progress: &mut Progress,
+) -> anyhow::Result<(HistorySnapshot, Source)> {
+    let started = Instant::now();
+    let mut report_progress = |elapsed: Duration| progress.show(elapsed, args.duration, None);
+    let snapshot = recorder.record_for(args.duration, config, &mut report_progress)?;
+    let source = Source {
+        kind: SourceKind::Local,
+        watched_s: started.elapsed().as_secs_f64().round() as u64,
+        prometheus: None,
+        hosts: None,
+        partial: false,
+    };
+    Ok((snapshot, source))
+}
+
+fn rendered(report: &Report, output: Output, colour: bool) -> String {
+    match output {
+        Output::Json => {
+            let mut json = render::json(report);
+            json.push('\n');
+            json
+        }
+        Output::GraphDot => render::dot(report),
+        Output::Text => render::text(report, render::TextOptions { colour }),
     }
 }
 

@@ -89,19 +89,6 @@ pub(super) fn apply(
     ids: &[LabelId],
 ) -> bool {
     let id = |i: usize| ids.get(i).copied().unwrap_or(OTHER);
-    fn budget<'a>(used: &'a mut u32, limits: &HistoryLimits) -> RowBudget<'a> {
-        RowBudget {
-            used,
-            cap: limits.max_rows_per_second,
-            reserve: limits.fold_reserve,
-        }
-    }
-    let edge = |role: Role| EdgeKey {
-        service: id(0),
-        server: id(1),
-        comm: id(2),
-        role,
-    };
     match fact {
         Fact::Request {
             role,
@@ -129,179 +116,240 @@ pub(super) fn apply(
             true
         }
         fact => {
-            let rows = &mut bucket.rows;
-            let rare = bucket.rare.get_or_insert_with(Default::default);
-            match fact {
-                Fact::ConnectionOpened { role, .. } => {
-                    bump(rare.opened.row(edge(role), budget(rows, limits)), 1)
-                }
-                Fact::ConnectionClosed {
-                    role,
-                    closed_by,
-                    idle_before_close_s,
-                    duration_s,
-                    ..
-                } => {
-                    let key = CloseKey {
-                        edge: edge(role),
-                        closed_by,
-                    };
-                    let Some(agg) = rare.closed.row(key, budget(rows, limits)) else {
-                        return false;
-                    };
-                    agg.count = agg.count.saturating_add(1);
-                    if duration_s.is_some_and(|d| d < SHORT_LIVED_S) {
-                        agg.short_lived = agg.short_lived.saturating_add(1);
-                    }
-                    if let Some(idle) = idle_before_close_s.filter(|i| i.is_finite() && *i >= 0.0) {
-                        if (agg.idle_len as usize) < IDLE_SAMPLES {
-                            agg.idle_ms[agg.idle_len as usize] =
-                                (idle * 1000.0).round().min(u32::MAX as f64) as u32;
-                            agg.idle_len += 1;
-                        }
-                    }
-                    true
-                }
-                Fact::DeadWrite { role, outcome, .. } => {
-                    let key = DeadWriteKey {
-                        edge: edge(role),
-                        command: id(3),
-                        outcome,
-                    };
-                    bump(rare.dead_writes.row(key, budget(rows, limits)), 1)
-                }
-                Fact::Retransmit { role, kind, .. } => {
-                    let event = match kind {
-                        RetransmitKind::Data => TcpEvent::RetransmitData,
-                        RetransmitKind::Syn => TcpEvent::RetransmitSyn,
-                        RetransmitKind::SynAck => TcpEvent::RetransmitSynack,
-                    };
-                    tcp(rare, rows, limits, id, role, event)
-                }
-                Fact::Reset {
-                    role, direction, ..
-                } => {
-                    let event = match direction {
-                        ResetDirection::Sent => TcpEvent::ResetSent,
-                        ResetDirection::Received => TcpEvent::ResetReceived,
-                    };
-                    tcp(rare, rows, limits, id, role, event)
-                }
-                Fact::ConnectFailure { reason, .. } => {
-                    let event = match reason {
-                        ConnectFailureReason::Refused => TcpEvent::ConnectRefused,
-                        ConnectFailureReason::Timeout => TcpEvent::ConnectTimeout,
-                        ConnectFailureReason::Reset => TcpEvent::ConnectReset,
-                    };
-                    tcp(rare, rows, limits, id, Role::Client, event)
-                }
-                Fact::Syns {
-                    direction, count, ..
-                } => {
-                    let key = LabelsKey {
-                        labels: [id(0), UNKNOWN, UNKNOWN],
-                        tag: match direction {
-                            SynDirection::Out => TAG_SYN_OUT,
-                            SynDirection::In => TAG_SYN_IN,
-                        },
-                    };
-                    bump(rare.syns.row(key, budget(rows, limits)), count)
-                }
-                Fact::ListenQueue { length, limit, .. } => {
-                    let key = LabelsKey {
-                        labels: [id(0), UNKNOWN, UNKNOWN],
-                        tag: 0,
-                    };
-                    gauge(
-                        rare.listen_queues.row(key, budget(rows, limits)),
-                        length as u64,
-                        length,
-                        limit,
-                        0,
-                    )
-                }
-                Fact::ProcessFds {
-                    pid,
-                    open_fds,
-                    limit,
-                    ..
-                } => {
-                    let key = LabelsKey {
-                        labels: [id(0), UNKNOWN, UNKNOWN],
-                        tag: 0,
-                    };
-                    let ppm = if limit == 0 {
-                        0
-                    } else {
-                        open_fds as u64 * 1_000_000 / limit as u64
-                    };
-                    gauge(
-                        rare.fds.row(key, budget(rows, limits)),
-                        ppm,
-                        pid,
-                        open_fds,
-                        limit,
-                    )
-                }
-                Fact::ProcessConnections {
-                    pid,
-                    distinct_servers,
-                    connections,
-                    ..
-                } => {
-                    let key = LabelsKey {
-                        labels: [id(0), id(1), UNKNOWN],
-                        tag: 0,
-                    };
-                    gauge(
-                        rare.process_connections.row(key, budget(rows, limits)),
-                        distinct_servers as u64,
-                        pid,
-                        distinct_servers,
-                        connections,
-                    )
-                }
-                Fact::EdgeConnections { role, open, .. } => gauge(
-                    rare.edge_connections.row(edge(role), budget(rows, limits)),
-                    open as u64,
-                    open,
-                    0,
-                    0,
-                ),
-                Fact::FdExhausted { .. } => {
-                    let key = LabelsKey {
-                        labels: [id(0), id(1), id(2)],
-                        tag: 0,
-                    };
-                    bump(rare.fd_errors.row(key, budget(rows, limits)), 1)
-                }
-                Fact::KeySplit {
-                    key_hash, new_key, ..
-                } => {
-                    let key = KeySplitKey {
-                        service: id(0),
-                        servers: [id(1), id(2)],
-                        comms: [id(3), id(4)],
-                    };
-                    let Some(agg) = rare.key_splits.row(key, budget(rows, limits)) else {
-                        return false;
-                    };
-                    agg.count = agg.count.saturating_add(1);
-                    agg.keys = agg.keys.saturating_add(u32::from(new_key));
-                    if (agg.examples_len as usize) < KEY_SPLIT_EXAMPLES
-                        && !agg.examples[..agg.examples_len as usize].contains(&key_hash)
-                    {
-                        agg.examples[agg.examples_len as usize] = key_hash;
-                        agg.examples_len += 1;
-                    }
-                    true
-                }
-                Fact::Request { .. }
-                | Fact::RequestTimeout { .. }
-                | Fact::HostListenDrops { .. }
-                | Fact::EventsLost { .. } => unreachable!("handled above"),
+            let mut rare = RareRow {
+                families: bucket.rare.get_or_insert_with(Default::default),
+                room: Room {
+                    rows: &mut bucket.rows,
+                    limits,
+                },
+                ids,
+            };
+            rare.apply(fact)
+        }
+    }
+}
+
+/// Where a fact of a rare family goes: the bucket's rare families and its row count under the
+/// limits, with the fact's interned label ids.
+struct RareRow<'a> {
+    families: &'a mut RareFamilies,
+    room: Room<'a>,
+    ids: &'a [LabelId],
+}
+
+/// The bucket's row count and the limits it is held to.
+struct Room<'a> {
+    rows: &'a mut u32,
+    limits: &'a HistoryLimits,
+}
+
+impl Room<'_> {
+    fn budget(&mut self) -> RowBudget<'_> {
+        RowBudget {
+            used: self.rows,
+            cap: self.limits.max_rows_per_second,
+            reserve: self.limits.fold_reserve,
+        }
+    }
+}
+
+impl RareRow<'_> {
+    fn id(&self, i: usize) -> LabelId {
+        self.ids.get(i).copied().unwrap_or(OTHER)
+    }
+
+    fn edge(&self, role: Role) -> EdgeKey {
+        EdgeKey {
+            service: self.id(0),
+            server: self.id(1),
+            comm: self.id(2),
+            role,
+        }
+    }
+
+    /// The key of a family labelled by up to three of the fact's strings.
+    fn labels(&self, count: usize, tag: u8) -> LabelsKey {
+        let label = |i: usize| if i < count { self.id(i) } else { UNKNOWN };
+        LabelsKey {
+            labels: [label(0), label(1), label(2)],
+            tag,
+        }
+    }
+
+    /// One small step per fact kind; the kinds kept outside the rare families are not here.
+    fn apply(&mut self, fact: Fact) -> bool {
+        match fact {
+            Fact::ConnectionOpened { role, .. } => {
+                let key = self.edge(role);
+                bump(self.families.opened.row(key, self.room.budget()), 1)
+            }
+            Fact::ConnectionClosed {
+                role,
+                closed_by,
+                idle_before_close_s,
+                duration_s,
+                ..
+            } => self.closed(role, closed_by, idle_before_close_s, duration_s),
+            Fact::DeadWrite { role, outcome, .. } => self.dead_write(role, outcome),
+            Fact::Retransmit { role, kind, .. } => self.tcp(role, retransmit_event(kind)),
+            Fact::Reset {
+                role, direction, ..
+            } => self.tcp(role, reset_event(direction)),
+            Fact::ConnectFailure { reason, .. } => self.tcp(Role::Client, connect_event(reason)),
+            Fact::Syns {
+                direction, count, ..
+            } => self.syns(direction, count),
+            Fact::ListenQueue { length, limit, .. } => {
+                let key = self.labels(1, 0);
+                let row = self.families.listen_queues.row(key, self.room.budget());
+                gauge(row, length as u64, length, limit, 0)
+            }
+            Fact::ProcessFds {
+                pid,
+                open_fds,
+                limit,
+                ..
+            } => self.process_fds(pid, open_fds, limit),
+            Fact::ProcessConnections {
+                pid,
+                distinct_servers: servers,
+                connections,
+                ..
+            } => {
+                let key = self.labels(2, 0);
+                let row = self
+                    .families
+                    .process_connections
+                    .row(key, self.room.budget());
+                gauge(row, servers as u64, pid, servers, connections)
+            }
+            Fact::EdgeConnections { role, open, .. } => {
+                let key = self.edge(role);
+                let row = self.families.edge_connections.row(key, self.room.budget());
+                gauge(row, open as u64, open, 0, 0)
+            }
+            Fact::FdExhausted { .. } => {
+                let key = self.labels(3, 0);
+                bump(self.families.fd_errors.row(key, self.room.budget()), 1)
+            }
+            Fact::KeySplit {
+                key_hash, new_key, ..
+            } => self.key_split(key_hash, new_key),
+            Fact::Request { .. }
+            | Fact::RequestTimeout { .. }
+            | Fact::HostListenDrops { .. }
+            | Fact::EventsLost { .. } => unreachable!("handled by apply"),
+        }
+    }
+
+    fn dead_write(&mut self, role: Role, outcome: DeadWriteOutcome) -> bool {
+        let key = DeadWriteKey {
+            edge: self.edge(role),
+            command: self.id(3),
+            outcome,
+        };
+        bump(self.families.dead_writes.row(key, self.room.budget()), 1)
+    }
+
+    fn syns(&mut self, direction: SynDirection, count: u32) -> bool {
+        let tag = match direction {
+            SynDirection::Out => TAG_SYN_OUT,
+            SynDirection::In => TAG_SYN_IN,
+        };
+        let key = self.labels(1, tag);
+        bump(self.families.syns.row(key, self.room.budget()), count)
+    }
+
+    fn closed(
+        &mut self,
+        role: Role,
+        closed_by: ClosedBy,
+        idle_before_close_s: Option<f64>,
+        duration_s: Option<f64>,
+    ) -> bool {
+        let key = CloseKey {
+            edge: self.edge(role),
+            closed_by,
+        };
+        let Some(agg) = self.families.closed.row(key, self.room.budget()) else {
+            return false;
+        };
+        agg.count = agg.count.saturating_add(1);
+        if duration_s.is_some_and(|d| d < SHORT_LIVED_S) {
+            agg.short_lived = agg.short_lived.saturating_add(1);
+        }
+        if let Some(idle) = idle_before_close_s.filter(|i| i.is_finite() && *i >= 0.0) {
+            if (agg.idle_len as usize) < IDLE_SAMPLES {
+                agg.idle_ms[agg.idle_len as usize] =
+                    (idle * 1000.0).round().min(u32::MAX as f64) as u32;
+                agg.idle_len += 1;
             }
         }
+        true
+    }
+
+    fn process_fds(&mut self, pid: u32, open_fds: u32, limit: u32) -> bool {
+        let key = self.labels(1, 0);
+        let ppm = if limit == 0 {
+            0
+        } else {
+            open_fds as u64 * 1_000_000 / limit as u64
+        };
+        let row = self.families.fds.row(key, self.room.budget());
+        gauge(row, ppm, pid, open_fds, limit)
+    }
+
+    fn key_split(&mut self, key_hash: u64, new_key: bool) -> bool {
+        let key = KeySplitKey {
+            service: self.id(0),
+            servers: [self.id(1), self.id(2)],
+            comms: [self.id(3), self.id(4)],
+        };
+        let Some(agg) = self.families.key_splits.row(key, self.room.budget()) else {
+            return false;
+        };
+        agg.count = agg.count.saturating_add(1);
+        agg.keys = agg.keys.saturating_add(u32::from(new_key));
+        if (agg.examples_len as usize) < KEY_SPLIT_EXAMPLES
+            && !agg.examples[..agg.examples_len as usize].contains(&key_hash)
+        {
+            agg.examples[agg.examples_len as usize] = key_hash;
+            agg.examples_len += 1;
+        }
+        true
+    }
+
+    fn tcp(&mut self, role: Role, event: TcpEvent) -> bool {
+        let key = TcpKey {
+            service: self.id(0),
+            server: self.id(1),
+            role,
+            event,
+        };
+        bump(self.families.tcp.row(key, self.room.budget()), 1)
+    }
+}
+
+fn retransmit_event(kind: RetransmitKind) -> TcpEvent {
+    match kind {
+        RetransmitKind::Data => TcpEvent::RetransmitData,
+        RetransmitKind::Syn => TcpEvent::RetransmitSyn,
+        RetransmitKind::SynAck => TcpEvent::RetransmitSynack,
+    }
+}
+
+fn reset_event(direction: ResetDirection) -> TcpEvent {
+    match direction {
+        ResetDirection::Sent => TcpEvent::ResetSent,
+        ResetDirection::Received => TcpEvent::ResetReceived,
+    }
+}
+
+fn connect_event(reason: ConnectFailureReason) -> TcpEvent {
+    match reason {
+        ConnectFailureReason::Refused => TcpEvent::ConnectRefused,
+        ConnectFailureReason::Timeout => TcpEvent::ConnectTimeout,
+        ConnectFailureReason::Reset => TcpEvent::ConnectReset,
     }
 }
 
@@ -327,28 +375,6 @@ fn gauge(row: Option<&mut Gauge>, rank: u64, a: u32, b: u32, c: u32) -> bool {
         }
         None => false,
     }
-}
-
-fn tcp(
-    rare: &mut RareFamilies,
-    rows: &mut u32,
-    limits: &HistoryLimits,
-    id: impl Fn(usize) -> LabelId,
-    role: Role,
-    event: TcpEvent,
-) -> bool {
-    let key = TcpKey {
-        service: id(0),
-        server: id(1),
-        role,
-        event,
-    };
-    let budget = RowBudget {
-        used: rows,
-        cap: limits.max_rows_per_second,
-        reserve: limits.fold_reserve,
-    };
-    bump(rare.tcp.row(key, budget), 1)
 }
 
 pub(super) fn request(

@@ -20,6 +20,15 @@ pub fn facts_from_sample(
     last_tcp_ext: &mut Option<TcpExtCounters>,
 ) -> Vec<Fact> {
     let mut facts = Vec::new();
+    process_fds(snapshot, &mut facts);
+    process_connections(connections, &mut facts);
+    listen_queues(snapshot, &mut facts);
+    facts.extend(host_listen_drops(snapshot.tcp_ext, last_tcp_ext));
+    facts
+}
+
+/// Each process's descriptors and limit.
+fn process_fds(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
     for process in &snapshot.processes {
         // Unlimited descriptors cannot run out (their ratio is 0): nothing to remember.
         if process.soft_nofile != crate::model::UNLIMITED {
@@ -31,8 +40,11 @@ pub fn facts_from_sample(
             });
         }
     }
+}
 
-    // Per (pid, service): distinct servers and connections, client side only.
+/// Per (pid, service): distinct servers and connections; per (service, server, comm): open
+/// connections. Client side only.
+fn process_connections(connections: &[WatchedConnection], facts: &mut Vec<Fact>) {
     let mut per_process: BTreeMap<(u32, &str), (String, BTreeSet<std::net::SocketAddr>, u64)> =
         BTreeMap::new();
     let mut edges: BTreeMap<(&str, std::net::SocketAddr, &str), u32> = BTreeMap::new();
@@ -74,8 +86,10 @@ pub fn facts_from_sample(
             open,
         });
     }
+}
 
-    // The fullest listener per service: that is the one refusing connections.
+/// The fullest listener per service: that is the one refusing connections.
+fn listen_queues(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
     let mut queues: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     for listener in &snapshot.listeners {
         let Some(limit) = listener.limit.filter(|l| *l > 0) else {
@@ -95,24 +109,26 @@ pub fn facts_from_sample(
             limit,
         });
     }
+}
 
-    let now = snapshot.tcp_ext;
-    if let Some(last) = last_tcp_ext.replace(now) {
-        let delta = |now: u64, last: u64| now.saturating_sub(last);
-        let (overflows, drops, syncookies_sent) = (
-            delta(now.listen_overflows, last.listen_overflows),
-            delta(now.listen_drops, last.listen_drops),
-            delta(now.syncookies_sent, last.syncookies_sent),
-        );
-        if overflows + drops + syncookies_sent > 0 {
-            facts.push(Fact::HostListenDrops {
-                overflows,
-                drops,
-                syncookies_sent,
-            });
-        }
-    }
-    facts
+/// The host's listen overflows, drops and SYN cookies since the previous sample; None on the
+/// first sample (which sets the baseline) and when nothing happened.
+fn host_listen_drops(
+    now: TcpExtCounters,
+    last_tcp_ext: &mut Option<TcpExtCounters>,
+) -> Option<Fact> {
+    let last = last_tcp_ext.replace(now)?;
+    let delta = |now: u64, last: u64| now.saturating_sub(last);
+    let (overflows, drops, syncookies_sent) = (
+        delta(now.listen_overflows, last.listen_overflows),
+        delta(now.listen_drops, last.listen_drops),
+        delta(now.syncookies_sent, last.syncookies_sent),
+    );
+    (overflows + drops + syncookies_sent > 0).then_some(Fact::HostListenDrops {
+        overflows,
+        drops,
+        syncookies_sent,
+    })
 }
 
 /// The SYNs and handshakes each service's listeners dropped since the previous sample, as

@@ -9,6 +9,21 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
         overflow: bucket.overflow,
         ..Default::default()
     };
+    requests(bucket, table, &mut second);
+    let Some(rare) = bucket.rare.as_deref() else {
+        return second;
+    };
+    connections(rare, table, &mut second);
+    tcp(rare, table, &mut second);
+    processes(rare, table, &mut second);
+    key_splits(rare, table, &mut second);
+    second.host_listen = rare.host_listen;
+    second.events_lost = rare.events_lost;
+    second
+}
+
+/// Request counts and latency histograms: the families every busy second has.
+fn requests(bucket: &Bucket, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
     for (k, &count) in bucket.requests.iter() {
         second.requests.push(RequestRow {
             service: table.id(k.service),
@@ -29,9 +44,10 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
             cells: hist.cells(),
         });
     }
-    let Some(rare) = bucket.rare.as_deref() else {
-        return second;
-    };
+}
+
+/// Connections opened and closed, and writes that went to dead connections.
+fn connections(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
     for (k, &count) in rare.opened.iter() {
         second.opened.push(OpenedRow {
             service: table.id(k.service),
@@ -64,6 +80,10 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
             count,
         });
     }
+}
+
+/// TCP trouble, SYNs and accept queues.
+fn tcp(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
     for (k, &count) in rare.tcp.iter() {
         second.tcp.push(TcpRow {
             service: table.id(k.service),
@@ -91,6 +111,10 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
             limit: g.b,
         });
     }
+}
+
+/// Per-process facts: fd usage, connections per service and server, failed fd calls.
+fn processes(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
     for (k, g) in rare.fds.iter() {
         second.fds.push(FdRow {
             comm: table.id(k.labels[0]),
@@ -125,6 +149,10 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
             count,
         });
     }
+}
+
+/// Keys one host sent to two servers.
+fn key_splits(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
     for (k, agg) in rare.key_splits.iter() {
         second.key_splits.push(KeySplitRow {
             service: table.id(k.service),
@@ -135,7 +163,4 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
             examples: agg.examples[..agg.examples_len as usize].to_vec(),
         });
     }
-    second.host_listen = rare.host_listen;
-    second.events_lost = rare.events_lost;
-    second
 }

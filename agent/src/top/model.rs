@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     diagnose::{DiagnoseThresholds, Severity},
-    history::{latency::LatencyHistogram, HistorySnapshot},
+    history::{latency::LatencyHistogram, snapshot::SecondSnapshot, HistorySnapshot},
     keystats::{KeyDisplay, KeysReport},
     model::Role,
 };
@@ -192,31 +192,105 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
     let window_s = window_s.clamp(1, MINUTE_S);
     let rate_start = end_s + 1 - window_s.min(end_s + 1);
     let minute_start = end_s + 1 - MINUTE_S.min(end_s + 1);
-    let in_rate = |t: u64| t >= rate_start && t <= end_s;
-    let label = |id: u32| snapshot.label(id).to_string();
-    let comm_label = |id: u32| match snapshot.label(id) {
-        "" => "?".to_string(),
-        c => c.to_string(),
-    };
-
-    let mut servers: BTreeMap<ServerKey, ServerAcc> = BTreeMap::new();
-    let mut processes: BTreeMap<String, ProcessAcc> = BTreeMap::new();
+    let mut acc = Accumulated::default();
     for second in snapshot
         .seconds
         .iter()
         .filter(|s| s.t >= minute_start && s.t <= end_s)
     {
-        let slot = (second.t - minute_start) as usize;
-        let rate = in_rate(second.t);
+        let at = At {
+            slot: (second.t - minute_start) as usize,
+            rate: second.t >= rate_start && second.t <= end_s,
+        };
+        acc.add_requests(snapshot, second, at);
+        acc.add_server_rows(snapshot, second, at);
+        acc.add_process_rows(snapshot, second);
+    }
+    if let Some(counters) = inputs.counters {
+        acc.add_counted(counters);
+    }
+
+    let span = window_s as f64;
+    Model {
+        end_s,
+        window_s,
+        servers: acc
+            .servers
+            .into_iter()
+            .map(|(key, server)| server_row(key, server, span, inputs))
+            .collect(),
+        processes: acc
+            .processes
+            .into_iter()
+            .map(|(comm, process)| process_row(comm, process, span, inputs.counters))
+            .collect(),
+        hot_keys: inputs
+            .keys
+            .map(|keys| hot_keys(keys, inputs.previous_keys, inputs.key_display))
+            .unwrap_or_default(),
+        queues: inputs
+            .counters
+            .map_or_else(Vec::new, |c| queue_rows(c, inputs)),
+        findings: inputs
+            .thresholds
+            .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
+            .unwrap_or_default(),
+    }
+}
+
+/// Where a second falls: its sparkline slot, and whether it is in the rate window.
+#[derive(Clone, Copy)]
+struct At {
+    slot: usize,
+    rate: bool,
+}
+
+/// The last minute of history, per server and per process.
+#[derive(Default)]
+struct Accumulated {
+    servers: BTreeMap<ServerKey, ServerAcc>,
+    processes: BTreeMap<String, ProcessAcc>,
+}
+
+fn label(snapshot: &HistorySnapshot, id: u32) -> String {
+    snapshot.label(id).to_string()
+}
+
+/// A process name, "?" when unknown.
+fn comm_label(snapshot: &HistorySnapshot, id: u32) -> String {
+    match snapshot.label(id) {
+        "" => "?".to_string(),
+        c => c.to_string(),
+    }
+}
+
+impl Accumulated {
+    fn server(
+        &mut self,
+        snapshot: &HistorySnapshot,
+        service: u32,
+        server: u32,
+        role: Role,
+    ) -> &mut ServerAcc {
+        let key = (label(snapshot, service), label(snapshot, server), role);
+        server_entry(&mut self.servers, key)
+    }
+
+    fn process(&mut self, snapshot: &HistorySnapshot, comm: u32) -> &mut ProcessAcc {
+        self.processes
+            .entry(comm_label(snapshot, comm))
+            .or_default()
+    }
+
+    fn add_requests(&mut self, snapshot: &HistorySnapshot, second: &SecondSnapshot, at: At) {
         for row in &second.requests {
-            let key = (label(row.service), label(row.server), row.role);
-            let acc = server_entry(&mut servers, key);
+            let acc = self.server(snapshot, row.service, row.server, row.role);
             let count = row.count as u64;
-            acc.spark[slot] += count;
+            acc.spark[at.slot] += count;
             if row.status.is_no_answer() {
                 acc.timeouts += count;
             }
-            if rate {
+            if at.rate {
                 acc.requests += count;
                 if row.status.is_lookup() {
                     acc.lookups += count;
@@ -228,184 +302,173 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
                     acc.errors += count;
                 }
             }
-            let process = processes.entry(comm_label(row.comm)).or_default();
+            let process = self.process(snapshot, row.comm);
             process
                 .servers
-                .insert((label(row.service), label(row.server)));
-            if rate {
+                .insert((label(snapshot, row.service), label(snapshot, row.server)));
+            if at.rate {
                 process.requests += count;
             }
         }
+    }
+
+    /// Latency, dead writes and retransmits per server.
+    fn add_server_rows(&mut self, snapshot: &HistorySnapshot, second: &SecondSnapshot, at: At) {
         for row in &second.latency {
-            let key = (label(row.service), label(row.server), row.role);
-            let acc = server_entry(&mut servers, key);
-            acc.p99_spark[slot].add_cells(&row.cells);
-            if rate {
+            let acc = self.server(snapshot, row.service, row.server, row.role);
+            acc.p99_spark[at.slot].add_cells(&row.cells);
+            if at.rate {
                 acc.hist.add_cells(&row.cells);
             }
         }
         for row in &second.dead_writes {
-            let key = (label(row.service), label(row.server), row.role);
-            let acc = server_entry(&mut servers, key);
+            let acc = self.server(snapshot, row.service, row.server, row.role);
             acc.dead_writes += row.count as u64;
-            processes
-                .entry(comm_label(row.comm))
-                .or_default()
-                .dead_writes += row.count as u64;
+            self.process(snapshot, row.comm).dead_writes += row.count as u64;
         }
         for row in second.tcp.iter().filter(|r| r.event.is_retransmit()) {
-            let key = (label(row.service), label(row.server), row.role);
-            let acc = server_entry(&mut servers, key);
+            let acc = self.server(snapshot, row.service, row.server, row.role);
             acc.retransmits += row.count as u64;
         }
+    }
+
+    /// Descriptors, connections and failed fd calls per process.
+    fn add_process_rows(&mut self, snapshot: &HistorySnapshot, second: &SecondSnapshot) {
         for row in &second.fds {
-            let acc = processes.entry(comm_label(row.comm)).or_default();
+            let acc = self.process(snapshot, row.comm);
             // The latest sample wins.
             acc.fds = Some((row.open_fds as u64, row.pid, row.limit as u64));
         }
         for row in &second.process_connections {
-            processes
-                .entry(comm_label(row.comm))
-                .or_default()
+            let service = label(snapshot, row.service);
+            self.process(snapshot, row.comm)
                 .connections
-                .insert(label(row.service), row.connections as u64);
+                .insert(service, row.connections as u64);
         }
         for row in &second.fd_errors {
-            processes.entry(comm_label(row.comm)).or_default().fd_errors += row.count as u64;
+            self.process(snapshot, row.comm).fd_errors += row.count as u64;
         }
     }
 
-    let counter_rate = |value: &dyn Fn(&Counters) -> Option<f64>| -> Option<f64> {
-        let now = value(inputs.counters?)?;
-        let (before, elapsed) = inputs.previous_counters?;
-        let before = value(before).unwrap_or(0.0);
-        (elapsed > 0.0).then(|| (now - before).max(0.0) / elapsed)
-    };
-
-    if let Some(counters) = inputs.counters {
+    /// A row for every endpoint and process the daemon counts, even without history.
+    fn add_counted(&mut self, counters: &Counters) {
         for (service, server, role) in counters.endpoints() {
-            server_entry(&mut servers, (service, server, role));
+            server_entry(&mut self.servers, (service, server, role));
         }
         for comm in counters.comms() {
-            processes.entry(comm).or_default();
+            self.processes.entry(comm).or_default();
         }
     }
+}
 
-    let span = window_s as f64;
-    let server_rows = servers
-        .into_iter()
-        .map(|((service, server, role), acc)| {
-            let connections = inputs
-                .counters
-                .and_then(|c| c.connections_active(&service, &server, role));
-            let bytes = |direction: &'static str| {
-                counter_rate(&|c: &Counters| c.bytes(&service, &server, role, direction))
-            };
-            ServerRow {
-                requests_per_s: acc.requests as f64 / span,
-                hit_ratio: (acc.lookups > 0).then(|| acc.hits as f64 / acc.lookups as f64),
-                p50_ms: acc.hist.quantile_us(0.5).map(|us| us / 1000.0),
-                p99_ms: acc.hist.quantile_us(0.99).map(|us| us / 1000.0),
-                errors_per_s: acc.errors as f64 / span,
-                timeouts: acc.timeouts,
-                dead_writes: acc.dead_writes,
-                retransmits: acc.retransmits,
-                connections,
-                bytes_in_per_s: bytes("received"),
-                bytes_out_per_s: bytes("sent"),
-                requests_spark: acc.spark,
-                p99_spark: acc
-                    .p99_spark
-                    .iter()
-                    .map(|h| h.quantile_us(0.99).map_or(0, |us| us.round() as u64))
-                    .collect(),
-                service,
-                server,
-                role,
-            }
-        })
-        .collect();
+/// The per-second change of a counter between the previous refresh and this one.
+fn counter_rate(inputs: &Inputs, value: &dyn Fn(&Counters) -> Option<f64>) -> Option<f64> {
+    let now = value(inputs.counters?)?;
+    let (before, elapsed) = inputs.previous_counters?;
+    let before = value(before).unwrap_or(0.0);
+    (elapsed > 0.0).then(|| (now - before).max(0.0) / elapsed)
+}
 
-    let process_rows = processes
-        .into_iter()
-        .map(|(comm, acc)| {
-            let counters = inputs.counters;
-            let (mut open_fds, mut fd_limit) = match acc.fds {
-                Some((open, _, limit)) => (Some(open), Some(limit)),
-                None => (None, None),
-            };
-            let mut connections = acc.connections;
-            let mut fd_errors = acc.fd_errors;
-            if let Some(counters) = counters {
-                if let Some((open, limit)) = counters.fds(&comm) {
-                    (open_fds, fd_limit) = (Some(open), Some(limit));
-                }
-                for (service, count) in counters.process_connections(&comm) {
-                    connections.insert(service, count);
-                }
-                fd_errors = fd_errors.max(counters.fd_errors(&comm));
-            }
-            let services = acc
-                .servers
-                .iter()
-                .map(|(service, _)| service.clone())
-                .chain(connections.keys().cloned())
-                .collect();
-            ProcessRow {
-                open_fds,
-                fd_limit,
-                services,
-                connections,
-                servers_reached: acc.servers.len() as u64,
-                requests_per_s: acc.requests as f64 / span,
-                dead_writes: acc.dead_writes,
-                fd_errors,
-                comm,
-            }
-        })
-        .collect();
-
-    let queues = inputs
+fn server_row(
+    (service, server, role): ServerKey,
+    acc: ServerAcc,
+    span: f64,
+    inputs: &Inputs,
+) -> ServerRow {
+    let connections = inputs
         .counters
-        .map(|counters| {
-            counters
-                .queues()
-                .into_iter()
-                .map(|(service, server, queue)| {
-                    let op_rate = |op: &'static str| {
-                        counter_rate(&|c: &Counters| c.queue_ops(&service, &server, &queue, op))
-                            .unwrap_or(0.0)
-                    };
-                    QueueRow {
-                        enqueue_per_s: op_rate("enqueue"),
-                        dequeue_per_s: op_rate("dequeue"),
-                        empty_polls_per_s: op_rate("empty_poll"),
-                        service: service.clone(),
-                        server: server.clone(),
-                        queue: queue.clone(),
-                    }
-                })
-                .collect()
+        .and_then(|c| c.connections_active(&service, &server, role));
+    let bytes = |direction: &'static str| {
+        counter_rate(inputs, &|c: &Counters| {
+            c.bytes(&service, &server, role, direction)
         })
-        .unwrap_or_default();
-
-    let findings = inputs
-        .thresholds
-        .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
-        .unwrap_or_default();
-
-    Model {
-        end_s,
-        window_s,
-        servers: server_rows,
-        processes: process_rows,
-        hot_keys: inputs
-            .keys
-            .map(|keys| hot_keys(keys, inputs.previous_keys, inputs.key_display))
-            .unwrap_or_default(),
-        queues,
-        findings,
+    };
+    ServerRow {
+        requests_per_s: acc.requests as f64 / span,
+        hit_ratio: (acc.lookups > 0).then(|| acc.hits as f64 / acc.lookups as f64),
+        p50_ms: acc.hist.quantile_us(0.5).map(|us| us / 1000.0),
+        p99_ms: acc.hist.quantile_us(0.99).map(|us| us / 1000.0),
+        errors_per_s: acc.errors as f64 / span,
+        timeouts: acc.timeouts,
+        dead_writes: acc.dead_writes,
+        retransmits: acc.retransmits,
+        connections,
+        bytes_in_per_s: bytes("received"),
+        bytes_out_per_s: bytes("sent"),
+        requests_spark: acc.spark,
+        p99_spark: acc
+            .p99_spark
+            .iter()
+            .map(|h| h.quantile_us(0.99).map_or(0, |us| us.round() as u64))
+            .collect(),
+        service,
+        server,
+        role,
     }
+}
+
+/// A process's row: the daemon's counters, when given, are newer than the history's samples.
+fn process_row(
+    comm: String,
+    acc: ProcessAcc,
+    span: f64,
+    counters: Option<&Counters>,
+) -> ProcessRow {
+    let (mut open_fds, mut fd_limit) = match acc.fds {
+        Some((open, _, limit)) => (Some(open), Some(limit)),
+        None => (None, None),
+    };
+    let mut connections = acc.connections;
+    let mut fd_errors = acc.fd_errors;
+    if let Some(counters) = counters {
+        if let Some((open, limit)) = counters.fds(&comm) {
+            (open_fds, fd_limit) = (Some(open), Some(limit));
+        }
+        for (service, count) in counters.process_connections(&comm) {
+            connections.insert(service, count);
+        }
+        fd_errors = fd_errors.max(counters.fd_errors(&comm));
+    }
+    let services = acc
+        .servers
+        .iter()
+        .map(|(service, _)| service.clone())
+        .chain(connections.keys().cloned())
+        .collect();
+    ProcessRow {
+        open_fds,
+        fd_limit,
+        services,
+        connections,
+        servers_reached: acc.servers.len() as u64,
+        requests_per_s: acc.requests as f64 / span,
+        dead_writes: acc.dead_writes,
+        fd_errors,
+        comm,
+    }
+}
+
+fn queue_rows(counters: &Counters, inputs: &Inputs) -> Vec<QueueRow> {
+    counters
+        .queues()
+        .into_iter()
+        .map(|(service, server, queue)| {
+            let op_rate = |op: &'static str| {
+                counter_rate(inputs, &|c: &Counters| {
+                    c.queue_ops(&service, &server, &queue, op)
+                })
+                .unwrap_or(0.0)
+            };
+            QueueRow {
+                enqueue_per_s: op_rate("enqueue"),
+                dequeue_per_s: op_rate("dequeue"),
+                empty_polls_per_s: op_rate("empty_poll"),
+                service: service.clone(),
+                server: server.clone(),
+                queue: queue.clone(),
+            }
+        })
+        .collect()
 }
 
 /// The detectors over [start_s, end_s] only: top shows what is wrong now, not 15 minutes ago.

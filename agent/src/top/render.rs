@@ -146,6 +146,24 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     ])
     .areas(area);
 
+    let head = header_line(model, state, status);
+    frame.render_widget(Paragraph::new(head).style(palette.header()), header);
+    let (line, style) = findings_status(model, status, &palette);
+    frame.render_widget(Paragraph::new(line).style(style), findings);
+    frame.render_widget(Paragraph::new(tabs_line(state, status, &palette)), tabs);
+
+    let shown = state.arranged(model);
+    draw_table(frame, table, &shown, state, &palette);
+    frame.render_widget(Paragraph::new(footer_lines(state)), footer);
+
+    if state.detail {
+        if let Some(row) = shown.get(state.selected.min(shown.len().saturating_sub(1))) {
+            draw_detail(frame, area, row, model);
+        }
+    }
+}
+
+fn header_line(model: &Model, state: &ViewState, status: &Status) -> String {
     // What changes what is shown comes first: a long socket path may be cut at 80 columns.
     let mut head = format!("cacheprobe top  {} UTC", clock(model.end_s));
     if state.paused {
@@ -158,9 +176,12 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
         "  refresh {} s  rates over {} s  {}",
         status.refresh_s, model.window_s, status.source
     ));
-    frame.render_widget(Paragraph::new(head).style(palette.header()), header);
+    head
+}
 
-    let (line, style) = match (&status.error, model.findings.first()) {
+/// The findings line, or the daemon's error, coloured by the worst severity.
+fn findings_status(model: &Model, status: &Status, palette: &Palette) -> (String, Style) {
+    match (&status.error, model.findings.first()) {
         (Some(error), _) => (
             format!("daemon not answering: {error} (showing the last data)"),
             palette.fg(Color::Red),
@@ -174,9 +195,10 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
             },
         ),
         (None, None) => (findings_line(&model.findings), palette.fg(Color::Green)),
-    };
-    frame.render_widget(Paragraph::new(line).style(style), findings);
+    }
+}
 
+fn tabs_line(state: &ViewState, status: &Status, palette: &Palette) -> Line<'static> {
     let mut spans = Vec::new();
     for pane in Pane::ALL {
         let style = if pane == state.pane {
@@ -190,11 +212,11 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     if let Some(note) = &status.note {
         spans.push(Span::styled(format!(" {note}"), palette.fg(Color::Yellow)));
     }
-    frame.render_widget(Paragraph::new(Line::from(spans)), tabs);
+    Line::from(spans)
+}
 
-    let shown = state.arranged(model);
-    draw_table(frame, table, &shown, state, &palette);
-
+/// The sort keys (the current one starred) and the key help with the filter.
+fn footer_lines(state: &ViewState) -> Vec<Line<'static>> {
     let columns = state.pane.columns();
     let sort: Vec<String> = columns
         .iter()
@@ -214,19 +236,10 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     };
     let keys =
         format!("Tab pane  / filter  Enter detail  space pause  arrows move  q quit{filter}");
-    frame.render_widget(
-        Paragraph::new(vec![
-            Line::from(format!("sort {}", sort.join(" "))),
-            Line::from(keys),
-        ]),
-        footer,
-    );
-
-    if state.detail {
-        if let Some(row) = shown.get(state.selected.min(shown.len().saturating_sub(1))) {
-            draw_detail(frame, area, row, model);
-        }
-    }
+    vec![
+        Line::from(format!("sort {}", sort.join(" "))),
+        Line::from(keys),
+    ]
 }
 
 fn draw_table(
@@ -238,17 +251,7 @@ fn draw_table(
 ) {
     let columns = state.pane.columns();
     let mut chosen = fit_columns(columns, area.width);
-    let used: u16 = chosen.iter().map(|&i| columns[i].width + 1).sum();
-    let spark_width = if state.pane == Pane::Servers {
-        area.width.saturating_sub(used).min(60)
-    } else {
-        0
-    };
-    let spark_width = if spark_width >= MIN_SPARK {
-        spark_width
-    } else {
-        0
-    };
+    let spark_width = spark_width(&chosen, state, area.width);
     chosen.sort_unstable();
     let mut widths: Vec<Constraint> = chosen
         .iter()
@@ -272,30 +275,7 @@ fn draw_table(
     }
     let body: Vec<Row> = shown
         .iter()
-        .map(|row| {
-            let mut cells: Vec<Cell> = chosen
-                .iter()
-                .map(|&i| {
-                    let c = &columns[i];
-                    let text = row.cells.get(i).map(String::as_str).unwrap_or("");
-                    Cell::from(align(text, c.width, c.right))
-                })
-                .collect();
-            if spark_width > 0 {
-                let spark = row
-                    .spark
-                    .as_deref()
-                    .map(|s| sparkline(s, spark_width as usize))
-                    .unwrap_or_default();
-                cells.push(Cell::from(spark).style(palette.fg(Color::Cyan)));
-            }
-            let style = if row.alert {
-                palette.fg(Color::Red)
-            } else {
-                Style::default()
-            };
-            Row::new(cells).style(style)
-        })
+        .map(|row| table_row(row, &chosen, columns, spark_width, palette))
         .collect();
     let empty = shown.is_empty();
     let table = Table::new(body, widths)
@@ -306,24 +286,76 @@ fn draw_table(
         TableState::default().with_selected((!empty).then(|| state.selected.min(shown.len() - 1)));
     frame.render_stateful_widget(table, area, &mut table_state);
     if empty {
-        let message = if state.filter.is_empty() {
-            match state.pane {
-                Pane::Queues => "no queue traffic seen (memcache-queue services)",
-                Pane::HotKeys => "no hot keys yet (decoded requests on this host only)",
-                _ => "no traffic to watched services yet",
-            }
-            .to_string()
-        } else {
-            format!("no rows match the filter {:?}", state.filter)
-        };
         let inner = Rect {
             y: area.y + 2,
             height: 1,
             ..area
         };
         if inner.y < area.y + area.height {
-            frame.render_widget(Paragraph::new(message), inner);
+            frame.render_widget(Paragraph::new(empty_message(state)), inner);
         }
+    }
+}
+
+/// The servers pane's sparkline column takes what the chosen columns leave (up to 60), or
+/// nothing when that is too narrow to read.
+fn spark_width(chosen: &[usize], state: &ViewState, width: u16) -> u16 {
+    let columns = state.pane.columns();
+    let used: u16 = chosen.iter().map(|&i| columns[i].width + 1).sum();
+    let spark_width = if state.pane == Pane::Servers {
+        width.saturating_sub(used).min(60)
+    } else {
+        0
+    };
+    if spark_width >= MIN_SPARK {
+        spark_width
+    } else {
+        0
+    }
+}
+
+fn table_row<'a>(
+    row: &'a TableRow,
+    chosen: &[usize],
+    columns: &[Column],
+    spark_width: u16,
+    palette: &Palette,
+) -> Row<'a> {
+    let mut cells: Vec<Cell> = chosen
+        .iter()
+        .map(|&i| {
+            let c = &columns[i];
+            let text = row.cells.get(i).map(String::as_str).unwrap_or("");
+            Cell::from(align(text, c.width, c.right))
+        })
+        .collect();
+    if spark_width > 0 {
+        let spark = row
+            .spark
+            .as_deref()
+            .map(|s| sparkline(s, spark_width as usize))
+            .unwrap_or_default();
+        cells.push(Cell::from(spark).style(palette.fg(Color::Cyan)));
+    }
+    let style = if row.alert {
+        palette.fg(Color::Red)
+    } else {
+        Style::default()
+    };
+    Row::new(cells).style(style)
+}
+
+/// What an empty table says: nothing seen yet, or nothing matching the filter.
+fn empty_message(state: &ViewState) -> String {
+    if state.filter.is_empty() {
+        match state.pane {
+            Pane::Queues => "no queue traffic seen (memcache-queue services)",
+            Pane::HotKeys => "no hot keys yet (decoded requests on this host only)",
+            _ => "no traffic to watched services yet",
+        }
+        .to_string()
+    } else {
+        format!("no rows match the filter {:?}", state.filter)
     }
 }
 
