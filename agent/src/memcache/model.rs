@@ -26,8 +26,18 @@ impl ValueHead {
     }
 
     /// Appends bytes, up to [`VALUE_HEAD_LEN`] in all.
+    #[inline]
     pub(crate) fn extend(&mut self, bytes: &[u8]) {
         let at = usize::from(self.len);
+        // The usual case, a whole head in one piece: one fixed-size copy instead of a
+        // variable-length one (a memcpy call per value item on the decoder's hot path).
+        if at == 0 {
+            if let Some(whole) = bytes.first_chunk::<VALUE_HEAD_LEN>() {
+                self.bytes = *whole;
+                self.len = VALUE_HEAD_LEN as u8;
+                return;
+            }
+        }
         let n = bytes.len().min(VALUE_HEAD_LEN - at);
         self.bytes[at..at + n].copy_from_slice(&bytes[..n]);
         self.len += n as u8;

@@ -167,23 +167,27 @@ impl Pairing {
 
     /// The first bytes of the value announced by the last response (see [`ValueHead`]).
     pub fn value_head(&mut self, head: ValueHead, out: &mut Vec<Decoded>) {
-        if let Some(entry) = self.pending.front_mut().filter(|p| p.value_due.is_some()) {
-            entry.value_head = Some(head);
-            self.release_due(out);
-            return;
-        }
+        // `last_value` first: it is the common case (every VALUE item of a get), and it and a
+        // due value never coexist (`respond` releases any due value and clears `last_value`
+        // before it sets either), so the order does not change the outcome.
         match self.last_value.take() {
             Some(ValueTarget::Slot(i)) => {
                 if let Some(slot) = self.slots.slots.get_mut(i) {
                     slot.value_head = Some(head);
                 }
+                return;
             }
             Some(ValueTarget::Entry) => {
                 if let Some(entry) = self.pending.front_mut() {
                     entry.value_head = Some(head);
                 }
+                return;
             }
             None => {}
+        }
+        if let Some(entry) = self.pending.front_mut().filter(|p| p.value_due.is_some()) {
+            entry.value_head = Some(head);
+            self.release_due(out);
         }
     }
 
