@@ -37,6 +37,9 @@ const IDLE_PAYLOAD_RING_BYTES: u32 = 1 << 16;
 /// The kernel object built by agent/build.rs, embedded so the binary is self-contained.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cacheprobe"));
 
+/// Why a bpf()-link or raw variant was not used when `limits.classic_tracepoints` is set.
+const FORCED_CLASSIC: &str = "off in the config (limits.classic_tracepoints = true)";
+
 pub struct Probes {
     // Dropping `ebpf` detaches every program and frees the maps; nothing is pinned, so a crash
     // leaves nothing behind either.
@@ -114,7 +117,12 @@ impl Probes {
         let mut fd_links = Vec::new();
         // Classic tracepoints refused with EACCES/EPERM: summarised once after the loop.
         let mut refused = Vec::new();
-        let socket_storage = if config.limits.socket_storage {
+        // The reason every bpf()-link and raw variant is skipped, when the config forces the
+        // classic tracepoints (the path of kernels without BTF).
+        let forced_classic = config.limits.classic_tracepoints.then_some(FORCED_CLASSIC);
+        let socket_storage = if let Some(reason) = forced_classic {
+            Err(reason.into())
+        } else if config.limits.socket_storage {
             match attach_socket_storage(&mut ebpf, offsets) {
                 Ok(()) => Ok(()),
                 Err(err) => {
@@ -131,13 +139,11 @@ impl Probes {
             Err("off in the config (limits.socket_storage = false)".into())
         };
         // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
-        let kernel_btf = resolution
-            .links
-            .values()
-            .any(Result::is_ok)
+        let kernel_btf = (forced_classic.is_none() && resolution.links.values().any(Result::is_ok))
             .then(|| Btf::from_sys_fs().map_err(|err| format!("kernel BTF unreadable: {err}")));
         // The fd probes' raw sys_exit program: attached once here, for all of them.
         let fd_raw = match resolution.links.get(FD_RAW_TRACEPOINT) {
+            _ if forced_classic.is_some() => Err(FORCED_CLASSIC.to_owned()),
             Some(Ok(())) => attach_raw(&mut ebpf, FD_RAW_PROGRAM, FD_RAW_TRACEPOINT)
                 .map_err(|err| format!("raw tracepoint {FD_RAW_TRACEPOINT}: {err:#}")),
             Some(Err(reason)) => Err(reason.clone()),
@@ -153,6 +159,7 @@ impl Probes {
                     fd_raw.as_ref().map(|_| ()).map_err(Clone::clone)
                 } else {
                     match (resolution.links.get(spec.event), &kernel_btf) {
+                        _ if forced_classic.is_some() => Err(FORCED_CLASSIC.to_owned()),
                         (Some(Ok(())), Some(Ok(btf))) => {
                             attach_btf(&mut ebpf, link_program, spec.event, btf)
                                 .map_err(|err| format!("{err:#}"))
@@ -187,8 +194,12 @@ impl Probes {
                     }
                 }
             }
+            if let (Some(_), Some(reason)) = (spec.raw_program, forced_classic) {
+                // A raw tracepoint is a bpf() link too: `check` names why it is not used.
+                link_fallback.insert(spec.program, reason.to_owned());
+            }
             if let Some(raw_program) = spec.raw_program {
-                if offsets.sock_protocol != OFFSET_UNKNOWN {
+                if offsets.sock_protocol != OFFSET_UNKNOWN && forced_classic.is_none() {
                     match attach_raw(&mut ebpf, raw_program, spec.event) {
                         Ok(_) => {
                             tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
