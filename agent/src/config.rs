@@ -68,6 +68,11 @@ pub struct Limits {
     /// send/receive programs, one storage lookup per call); false keeps the raw/classic
     /// tracepoints, which read the socket's ports on every call (for side-by-side measurement).
     pub socket_storage: bool,
+    /// Attach every probe as a classic tracepoint (perf_event_open), never through a bpf()
+    /// link (tp_btf, raw tracepoints) nor socket-local storage: the path kernels without BTF
+    /// take, forced on a kernel that has it, to run and test it there. Costs more per call, and
+    /// a Debian kernel at perf_event_paranoid 3 refuses it without CAP_SYS_ADMIN.
+    pub classic_tracepoints: bool,
     /// Requests at least this slow (microseconds) carry their request id as an OpenMetrics
     /// exemplar on the latency histogram (0: any request may).
     pub exemplar_min_latency_us: u64,
@@ -95,6 +100,7 @@ impl Default for Limits {
             )
             .max_per_source,
             socket_storage: true,
+            classic_tracepoints: false,
             exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
             exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,
             exemplar_sample_one_in: crate::export::metrics::EXEMPLAR_SAMPLE_ONE_IN,

@@ -1,9 +1,11 @@
 //! Hostile clients against /metrics while a real Prometheus scrapes the agent every second: every scrape in each window must succeed and the agent's RSS must stay bounded.
 //!
-//! Scenarios: 1,000 idle connections (reconnecting when closed), slow senders (a byte per
-//! second), clients that never read their response, oversized request heads, and, with TLS on,
-//! a handshake flood. Hostile clients come from their own loopback addresses (127.0.x.y), as
-//! they would from other hosts; Prometheus scrapes from 127.0.0.1.
+//! Scenarios: 1,000 idle connections (reconnecting when closed), 100 from one address (its
+//! per-source limit), slow senders (a byte per second), clients that never read their response
+//! (of a small body, and of one bigger than the socket buffers, whose writes stall), oversized
+//! request heads, and, with TLS on, a handshake flood. Hostile clients come from their own
+//! loopback addresses (127.0.x.y), as they would from other hosts; Prometheus scrapes from
+//! 127.0.0.1.
 
 use std::{
     io::{ErrorKind, Read, Write},
@@ -29,6 +31,11 @@ const WARM_UP: Duration = Duration::from_secs(3);
 /// bodies of this small registry, 32 connections' buffers and allocator slack (measured growth
 /// is about 1 MiB; BENCHMARKS.md).
 const RSS_GROWTH_CEILING_KB: u64 = 8 * 1024;
+
+/// Held by the two tests that load the machine most (the TLS flood, the large-body encodes), so
+/// they do not run at once: on a loaded 2-core machine together they starve each other's 1 s
+/// scrapes, which would measure the machine, not the agent.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
@@ -90,9 +97,15 @@ fn start_prometheus(name: &str, agent_port: u16, tls: bool) -> Prometheus {
     } else {
         ""
     };
+    start_prometheus_with(name, agent_port, scheme)
+}
+
+/// Prometheus scraping the agent with `job` lines added to its scrape job (interval, timeout,
+/// scheme); returns once a scrape succeeded.
+fn start_prometheus_with(name: &str, agent_port: u16, job: &str) -> Prometheus {
     let prometheus = Prometheus::start(
         scratch_dir(name),
-        &agent_scrape_config(agent_port, "  scrape_timeout: 1s\n", scheme),
+        &agent_scrape_config(agent_port, "  scrape_timeout: 1s\n", job),
         &[],
     );
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -123,6 +136,9 @@ struct Outcome {
     successful: f64,
     rss_before_kb: u64,
     rss_peak_kb: u64,
+    /// Most bytes the kernel held at once in the send queues of the agent's /metrics sockets
+    /// (orphaned ones included): responses handed over but not taken.
+    send_queue_peak_kb: u64,
     /// Share of one core the agent used during the window.
     agent_cpu: f64,
     rejected: Vec<(&'static str, f64)>,
@@ -132,12 +148,13 @@ struct Outcome {
 impl Outcome {
     fn report(&self) -> String {
         format!(
-            "{}: {}/{} scrapes up, RSS {} -> peak {} KiB, agent CPU {:.1}% of a core, closed early {:?}, clients: {}",
+            "{}: {}/{} scrapes up, RSS {} -> peak {} KiB, send queues peak {} KiB, agent CPU {:.1}% of a core, closed early {:?}, clients: {}",
             self.scenario,
             self.successful,
             self.scrapes,
             self.rss_before_kb,
             self.rss_peak_kb,
+            self.send_queue_peak_kb,
             self.agent_cpu * 100.0,
             self.rejected,
             self.clients
@@ -145,9 +162,14 @@ impl Outcome {
     }
 
     fn check(&self) {
-        let expected = WINDOW.as_secs_f64() - 2.0;
+        self.check_within(WINDOW.as_secs_f64() - 2.0, RSS_GROWTH_CEILING_KB);
+    }
+
+    /// At least `min_scrapes` scrapes in the window, every one up, RSS at most
+    /// `rss_growth_ceiling_kb` over its figure before the attack, and some bound hit.
+    fn check_within(&self, min_scrapes: f64, rss_growth_ceiling_kb: u64) {
         assert!(
-            self.scrapes >= expected,
+            self.scrapes >= min_scrapes,
             "{}: only {} scrapes in the window",
             self.scenario,
             self.scrapes
@@ -159,7 +181,7 @@ impl Outcome {
             self.report()
         );
         assert!(
-            self.rss_peak_kb <= self.rss_before_kb + RSS_GROWTH_CEILING_KB,
+            self.rss_peak_kb <= self.rss_before_kb + rss_growth_ceiling_kb,
             "{}: RSS grew beyond the ceiling",
             self.report()
         );
@@ -169,13 +191,21 @@ impl Outcome {
             self.report()
         );
     }
+
+    /// How many connections the agent closed for `reason` during the attack.
+    fn closed(&self, reason: &str) -> f64 {
+        self.rejected
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0.0, |(_, count)| *count)
+    }
 }
 
 /// Runs `attack` (which returns a summary of what it did once `stop` is set) through the
 /// warm-up and window, sampling the agent's RSS, then reads the window from Prometheus.
 fn scenario(
     scenario: &'static str,
-    agent_pid: u32,
+    (agent_pid, metrics_port): (u32, u16),
     prometheus: &Prometheus,
     reasons: &[&'static str],
     attack: impl FnOnce(Arc<AtomicBool>) -> String + Send + 'static,
@@ -191,8 +221,10 @@ fn scenario(
     let start = now_unix();
     let cpu_start = cpu_seconds(agent_pid);
     let mut rss_peak_kb = rss_kib(agent_pid).unwrap_or(0);
+    let mut send_queue_peak_kb = 0;
     while now_unix() - start < WINDOW.as_secs_f64() {
         rss_peak_kb = rss_peak_kb.max(rss_kib(agent_pid).unwrap_or(0));
+        send_queue_peak_kb = send_queue_peak_kb.max(send_queue_kib(metrics_port));
         thread::sleep(Duration::from_millis(200));
     }
     let end = now_unix();
@@ -222,12 +254,30 @@ fn scenario(
         successful,
         rss_before_kb,
         rss_peak_kb,
+        send_queue_peak_kb,
         agent_cpu,
         rejected,
         clients,
     };
     eprintln!("{}", outcome.report());
     outcome
+}
+
+/// Bytes in the send queues of the IPv4 TCP sockets on local port `port` (/proc/net/tcp's
+/// tx_queue: sent but not acknowledged, or not sent yet), orphaned sockets included.
+fn send_queue_kib(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let bytes: u64 = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.split(':').nth(1)?, 16).ok()?;
+            let tx_queue = u64::from_str_radix(fields.get(4)?.split(':').next()?, 16).ok()?;
+            (local_port == port).then_some(tx_queue)
+        })
+        .sum();
+    bytes / 1024
 }
 
 /// Holds `total` connections spread over `sources` open without sending a byte, reconnecting
@@ -391,7 +441,7 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
     let outcomes = [
         scenario(
             "1,000 idle connections from 50 addresses",
-            pid,
+            (pid, agent.metrics_port),
             &prometheus,
             &[
                 "per_source_limit",
@@ -405,21 +455,21 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
         // scrape. Five addresses at their per-source limit, more than the 32 slots.
         scenario(
             "40 slow senders (a byte per second) from 5 addresses",
-            pid,
+            (pid, agent.metrics_port),
             &prometheus,
             &["head_timeout", "evicted", "per_source_limit"],
             move |stop| slow_senders(target, sources(12, 5), 40, stop),
         ),
         scenario(
             "200 slow senders (a byte per second) from 20 addresses",
-            pid,
+            (pid, agent.metrics_port),
             &prometheus,
             &["head_timeout", "evicted", "per_source_limit"],
             move |stop| slow_senders(target, sources(17, 20), 200, stop),
         ),
         scenario(
             "64 clients that never read, from 8 addresses",
-            pid,
+            (pid, agent.metrics_port),
             &prometheus,
             &[
                 "concurrent_scrape",
@@ -431,15 +481,35 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
         ),
         scenario(
             "64 KiB request heads from 2 clients back to back",
-            pid,
+            (pid, agent.metrics_port),
             &prometheus,
             &["head_too_large"],
             move |stop| oversized_heads(target, sources(14, 2), stop),
+        ),
+        scenario(
+            "100 idle connections from one address",
+            (pid, agent.metrics_port),
+            &prometheus,
+            &[
+                "per_source_limit",
+                "evicted",
+                "connection_limit",
+                "head_timeout",
+            ],
+            move |stop| idle_connections(target, sources(20, 1), 100, stop),
         ),
     ];
     for outcome in &outcomes {
         outcome.check();
     }
+    // 100 connections from one address against its limit of 8 (of 32 slots, so none is
+    // evicted for it): the rest are refused at accept.
+    let one_source = outcomes.last().unwrap();
+    assert!(
+        one_source.closed("per_source_limit") > 0.0,
+        "{}: no connection refused for its source's limit",
+        one_source.report()
+    );
     let rss_end = rss_kib(pid).unwrap_or(0);
     eprintln!("agent RSS after all scenarios: {rss_end} KiB");
     agent.stop().unwrap();
@@ -507,6 +577,7 @@ print(json.dumps(counts))
 #[test]
 fn prometheus_keeps_scraping_through_a_tls_handshake_flood() {
     require_root();
+    let _heavy = HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     raise_fd_limit();
     let dir = scratch_dir("http-hostile-tls");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -565,7 +636,7 @@ fn prometheus_keeps_scraping_through_a_tls_handshake_flood() {
     let seconds = (WARM_UP + WINDOW).as_secs_f64() + 1.0;
     let outcome = scenario(
         "TLS handshake flood: 16 full-handshake loops from 8 addresses, 200 half ClientHellos from 25",
-        pid,
+        (pid, metrics_port),
         &prometheus,
         &["head_timeout", "tls_handshake", "per_source_limit", "evicted", "connection_limit"],
         move |_stop| {
@@ -595,4 +666,194 @@ fn signal_term(pid: u32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     thread::sleep(Duration::from_secs(1));
+}
+
+/// Loopback autotunes a server's send buffer to about 4 MiB, and a client that never reads
+/// leaves its 4 KiB receive buffer full: a /metrics body must be bigger than both together
+/// before the agent's write of it blocks, which is when a connection that never reads can hold
+/// a scrape permit (the `response_stalled` and `response_timeout` paths).
+const LARGE_BODY_BYTES: usize = 6 * 1024 * 1024;
+
+/// Requests from `count` client addresses to as many memcached addresses (127.0.40.1, ...), a
+/// few commands and outcomes each: one `server` label per address at both ends (the agent keeps
+/// up to 256 a service), so the agent's /metrics body grows by a few tens of KiB per address.
+const MANY_SERVERS: &str = r#"
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+for i in range(count):
+    addr = "127.0.%d.%d" % (40 + i // 250, 1 + i % 250)
+    s = socket.socket()
+    s.bind((addr, 0))
+    s.connect((addr, port))
+    for request, answer in ((b"set k%d 0 0 1\r\nv\r\n" % i, b"STORED\r\n"),
+                            (b"get k%d\r\n" % i, b"END\r\n"),
+                            (b"get nokey\r\n", b"END\r\n"),
+                            (b"delete nokey\r\n", b"NOT_FOUND\r\n"),
+                            (b"incr nokey 1\r\n", b"NOT_FOUND\r\n"),
+                            (b"touch k%d 100\r\n" % i, b"TOUCHED\r\n")):
+        s.sendall(request)
+        got = b""
+        while not got.endswith(answer):
+            chunk = s.recv(4096)
+            assert chunk, "memcached closed"
+            got += chunk
+    s.close()
+"#;
+
+/// `count` clients with a 4 KiB receive buffer that send a complete /metrics request and never
+/// read; each holds its connection for `hold` (then closes it and sends a new request). A
+/// client that never reads cannot see the server's close behind the unread body, so it holds
+/// for a fixed time instead.
+fn held_never_readers(
+    target: SocketAddr,
+    sources: Vec<Ipv4Addr>,
+    count: usize,
+    hold: Duration,
+    stop: Arc<AtomicBool>,
+) -> String {
+    let source_of = |i: usize| sources[i % sources.len()];
+    let open = |i: usize| {
+        let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: never-reads\r\n\r\n")
+            .ok()?;
+        Some((stream, Instant::now()))
+    };
+    let mut clients: Vec<_> = (0..count).map(open).collect();
+    let mut requests = clients.iter().flatten().count() as u64;
+    while !stop.load(Ordering::SeqCst) {
+        for (i, client) in clients.iter_mut().enumerate() {
+            if client
+                .as_ref()
+                .is_none_or(|(_, since)| since.elapsed() > hold)
+            {
+                *client = open(i);
+                requests += u64::from(client.is_some());
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Held to the end of their time, so the agent's own deadline can fire before the caller
+    // reads its counters.
+    while clients
+        .iter()
+        .flatten()
+        .any(|(_, since)| since.elapsed() <= hold)
+    {
+        thread::sleep(Duration::from_millis(200));
+    }
+    format!(
+        "{count} clients with a 4 KiB receive buffer sent {requests} requests, read none of \
+         the responses and held each connection {} s",
+        hold.as_secs()
+    )
+}
+
+/// The most a socket's send buffer may grow to (net.ipv4.tcp_wmem's maximum), in KiB.
+fn send_buffer_max_kib() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .unwrap_or(4 * 1024 * 1024)
+        / 1024
+}
+
+/// Clients that never read against a /metrics body bigger than the socket buffers, with a real
+/// Prometheus scraping every 2 s: several of them at once hold both scrape permits with their
+/// writes blocked, and each loses its permit to Prometheus' waiting scrape (`response_stalled`);
+/// one alone keeps its permit until the response deadline (`response_timeout`). Every scrape
+/// succeeds, the agent's RSS grows by at most what its two scrape permits' encodes hold, not a
+/// body per client, and the kernel holds at most the permit holders' send buffers of unread
+/// responses (a connection cut off is reset, its unsent body dropped).
+#[test]
+fn prometheus_keeps_scraping_a_large_body_through_clients_that_never_read() {
+    require_root();
+    let _heavy = HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    raise_fd_limit();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "0.0.0.0", port, &[]).unwrap();
+    let agent = Agent::start("http-hostile-large", &[("memcached", port, "memcache")]).unwrap();
+    let output = Command::new(PYTHON)
+        .args(["-c", MANY_SERVERS, &port.to_string(), "120"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "many-servers traffic failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let body = http_get(agent.metrics_port, "/metrics").unwrap();
+        if body.len() > LARGE_BODY_BYTES || Instant::now() > deadline {
+            break body;
+        }
+        thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        body.len() > LARGE_BODY_BYTES,
+        "the /metrics body is {} bytes, not over {LARGE_BODY_BYTES}: this test would test nothing",
+        body.len()
+    );
+    let body_kb = body.len() as u64 / 1024;
+    drop(body);
+    let target: SocketAddr = ([127, 0, 0, 1], agent.metrics_port).into();
+    let prometheus = start_prometheus_with(
+        "http-hostile-large-prometheus",
+        agent.metrics_port,
+        "    scrape_interval: 2s\n    scrape_timeout: 2s\n",
+    );
+    let pid = agent.pid();
+    thread::sleep(Duration::from_secs(4));
+    let reasons = &[
+        "response_stalled",
+        "response_timeout",
+        "concurrent_scrape",
+        "per_source_limit",
+    ];
+    let stalled = scenario(
+        "16 clients that never read a large body, from 8 addresses",
+        (pid, agent.metrics_port),
+        &prometheus,
+        reasons,
+        move |stop| held_never_readers(target, sources(18, 8), 16, Duration::from_secs(8), stop),
+    );
+    let timed_out = scenario(
+        "1 client that never reads a large body",
+        (pid, agent.metrics_port),
+        &prometheus,
+        reasons,
+        move |stop| held_never_readers(target, sources(19, 1), 1, Duration::from_secs(17), stop),
+    );
+    eprintln!("/metrics body {body_kb} KiB");
+    // The two scrape permits' encodes, each of which holds up to about four bodies at its peak
+    // (the text grown by doubling, the exemplar pass' copy, the Prometheus-text conversion),
+    // and the allocator's slack: 16 clients asking 48 times must not make it 48 bodies.
+    let ceiling_kb = 2 * 4 * body_kb + RSS_GROWTH_CEILING_KB;
+    // Every 2 s in the 12 s window, one lost to the edges.
+    let min_scrapes = WINDOW.as_secs_f64() / 2.0 - 1.0;
+    stalled.check_within(min_scrapes, ceiling_kb);
+    timed_out.check_within(min_scrapes, ceiling_kb);
+    // The kernel holds at most the two permit holders' send buffers and Prometheus' response:
+    // a connection cut off is reset, its unsent body dropped, not left in an orphaned socket
+    // per request.
+    let send_queue_ceiling_kb = 3 * send_buffer_max_kib();
+    for outcome in [&stalled, &timed_out] {
+        assert!(
+            outcome.send_queue_peak_kb <= send_queue_ceiling_kb,
+            "{}: the kernel held more than {send_queue_ceiling_kb} KiB of unread responses",
+            outcome.report()
+        );
+    }
+    assert!(
+        stalled.closed("response_stalled") > 0.0,
+        "{}: no stalled response was closed for Prometheus",
+        stalled.report()
+    );
+    assert!(
+        timed_out.closed("response_timeout") >= 1.0,
+        "{}: the lone client was not closed at the response deadline",
+        timed_out.report()
+    );
+    agent.stop().unwrap();
 }

@@ -37,6 +37,9 @@ const IDLE_PAYLOAD_RING_BYTES: u32 = 1 << 16;
 /// The kernel object built by agent/build.rs, embedded so the binary is self-contained.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cacheprobe"));
 
+/// Why a bpf()-link or raw variant was not used when `limits.classic_tracepoints` is set.
+const FORCED_CLASSIC: &str = "off in the config (limits.classic_tracepoints = true)";
+
 pub struct Probes {
     // Dropping `ebpf` detaches every program and frees the maps; nothing is pinned, so a crash
     // leaves nothing behind either.
@@ -83,15 +86,19 @@ impl Probes {
         };
         let mut ebpf = load_object(config, offsets, capture_len)?;
 
-        let socket_storage = socket_storage_path(config, &mut ebpf, offsets);
+        // The reason every bpf()-link and raw variant is skipped, when the config forces the
+        // classic tracepoints (the path of kernels without BTF).
+        let forced_classic = config.limits.classic_tracepoints.then_some(FORCED_CLASSIC);
+        let socket_storage = match forced_classic {
+            Some(reason) => Err(reason.to_owned()),
+            None => socket_storage_path(config, &mut ebpf, offsets),
+        };
         // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
-        let kernel_btf = resolution
-            .links
-            .values()
-            .any(Result::is_ok)
+        let kernel_btf = (forced_classic.is_none() && resolution.links.values().any(Result::is_ok))
             .then(|| Btf::from_sys_fs().map_err(|err| format!("kernel BTF unreadable: {err}")));
         // The fd probes' raw sys_exit program: attached once here, for all of them.
         let fd_raw = match resolution.links.get(FD_RAW_TRACEPOINT) {
+            _ if forced_classic.is_some() => Err(FORCED_CLASSIC.to_owned()),
             Some(Ok(())) => attach_raw(&mut ebpf, FD_RAW_PROGRAM, FD_RAW_TRACEPOINT)
                 .map_err(|err| format!("raw tracepoint {FD_RAW_TRACEPOINT}: {err:#}")),
             Some(Err(reason)) => Err(reason.clone()),
@@ -102,6 +109,7 @@ impl Probes {
             kernel_btf,
             fd_raw: fd_raw.as_ref().map(|_| ()).map_err(Clone::clone),
             socket_storage: socket_storage.is_ok(),
+            forced_classic,
         };
         let mut attached = Attachments::default();
         for spec in PROBES {
@@ -533,6 +541,8 @@ struct AttachContext<'a> {
     fd_raw: Result<(), String>,
     /// Whether the send/receive probes run on the socket-local storage path.
     socket_storage: bool,
+    /// Why every bpf()-link and raw variant is skipped (`limits.classic_tracepoints`).
+    forced_classic: Option<&'static str>,
 }
 
 /// The probes' attachment as [`Probes::load`] goes through them: each one's status and how
@@ -564,8 +574,14 @@ impl Attachments {
                 return;
             }
         }
+        if let (Some(_), Some(reason)) = (spec.raw_program, context.forced_classic) {
+            // A raw tracepoint is a bpf() link too: `check` names why it is not used.
+            self.link_fallback.insert(spec.program, reason.to_owned());
+        }
         if let Some(raw_program) = spec.raw_program {
-            if context.resolution.offsets.sock_protocol != OFFSET_UNKNOWN {
+            if context.resolution.offsets.sock_protocol != OFFSET_UNKNOWN
+                && context.forced_classic.is_none()
+            {
                 match attach_raw(ebpf, raw_program, spec.event) {
                     Ok(_) => {
                         tracing::debug!(probe = spec.event, "attached as a raw tracepoint");
@@ -601,6 +617,7 @@ impl Attachments {
                 context.resolution.links.get(spec.event),
                 &context.kernel_btf,
             ) {
+                _ if context.forced_classic.is_some() => Err(FORCED_CLASSIC.to_owned()),
                 (Some(Ok(())), Some(Ok(btf))) => attach_btf(ebpf, link_program, spec.event, btf)
                     .map_err(|err| format!("{err:#}")),
                 (Some(Ok(())), Some(Err(reason))) => Err(reason.clone()),

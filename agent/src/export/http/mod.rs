@@ -13,7 +13,13 @@
 
 pub mod admission;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -256,6 +262,13 @@ pub async fn serve(listener: TcpListener, server: Server) {
 }
 
 async fn connection(stream: TcpStream, peer: SocketAddr, ticket: Arc<Ticket>, shared: Arc<Shared>) {
+    // A second handle on the socket, which outlives the one the connection closes: a
+    // connection cut off (evicted, stalled or past its deadline) is reset through it, so the
+    // kernel drops the unsent rest of its response. Closed normally, the kernel would keep
+    // that rest (up to a send buffer, about 4 MiB on loopback) in an orphaned socket for as
+    // long as the client keeps its window shut: host memory a client that never reads could
+    // pile up by asking again and again.
+    let reset_handle = stream.as_fd().try_clone_to_owned().ok();
     let served = tokio::time::timeout(
         HEAD_TIMEOUT + RESPONSE_TIMEOUT,
         serve_connection(stream, &ticket, &shared),
@@ -263,14 +276,40 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ticket: Arc<Ticket>, sh
     let outcome = tokio::select! {
         // Counted when the newcomer took the slot.
         () = ticket.evicted() => {
-            tracing::debug!(%peer, "metrics connection evicted while waiting for its request");
-            return;
+            tracing::debug!(%peer, "metrics connection evicted");
+            Err(None)
         }
-        outcome = served => outcome.unwrap_or(Err(Closed::ResponseTimeout)),
+        outcome = served => outcome.unwrap_or(Err(Closed::ResponseTimeout)).map_err(Some),
     };
     if let Err(closed) = outcome {
-        shared.count(closed);
-        tracing::debug!(%peer, reason = closed.label(), "metrics connection closed early");
+        if let Some(closed) = closed {
+            shared.count(closed);
+            tracing::debug!(%peer, reason = closed.label(), "metrics connection closed early");
+        }
+        if matches!(closed, None | Some(Closed::ResponseTimeout)) {
+            if let Some(handle) = &reset_handle {
+                reset_on_close(handle);
+            }
+        }
+    }
+}
+
+/// Linger 0: the socket's last close resets the connection and discards any unsent data.
+fn reset_on_close(socket: &OwnedFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads size_of::<linger>() bytes from a live struct, on a descriptor
+    // this function borrows.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 

@@ -1,0 +1,219 @@
+//! The classic-tracepoint path (perf_event_open, no bpf() links, no socket-local storage), which
+//! kernels without BTF take, forced on this kernel with `limits.classic_tracepoints = true`:
+//! `check` says every probe attached that way, and the agent still follows connections (one
+//! opened before it included) and decodes every request on both sides.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use cacheprobe_tests::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+const CLASSIC: &str = "\n[limits]\nclassic_tracepoints = true\n";
+
+#[test]
+fn check_reports_every_probe_on_its_classic_tracepoint_when_forced() {
+    require_root();
+    let dir = scratch_dir("classic-check");
+    let config = dir.join("config.toml");
+    let services = services_config(&[("memcached", unique_port(), "memcache")]);
+    std::fs::write(&config, format!("{services}{CLASSIC}")).unwrap();
+    let output = Command::new(agent_binary())
+        .args(["check", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["usable"], true, "{report:#}");
+    let items = report["items"].as_array().unwrap();
+    let probes: Vec<&serde_json::Value> = items
+        .iter()
+        .filter(|item| item["name"].as_str().unwrap().starts_with("tracepoint "))
+        .collect();
+    assert!(probes.len() >= 10, "{report:#}");
+    for probe in probes {
+        assert_eq!(probe["status"], "ok", "{probe:#}");
+        let detail = probe["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("attached (classic tracepoint through perf_event_open")
+                && detail.contains("limits.classic_tracepoints"),
+            "{probe:#}"
+        );
+    }
+    let storage = items
+        .iter()
+        .find(|item| item["name"] == "per-socket state")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    let detail = storage["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("classic tracepoints:") && detail.contains("limits.classic_tracepoints"),
+        "{storage:#}"
+    );
+    let capture = items
+        .iter()
+        .find(|item| item["name"] == "payload capture")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(capture["status"], "ok", "{capture:#}");
+}
+
+/// The lifecycle and memcache root tests' workloads on classic tracepoints: a pooled pymemcache
+/// connection opened before the agent (adopted at its first send), a scripted pymemcache +
+/// python-memcache workload whose every count is known, and a connection memcached closes (a raw
+/// `quit`: the client sees its peer close, memcached closes locally).
+#[test]
+fn classic_tracepoints_follow_connections_and_decode_requests() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let go = scratch_dir("classic-run-client").join("go");
+    // Opened before the agent: its set is not seen, its get after `go` is.
+    let pooled = format!(
+        "from pymemcache.client.base import Client\n\
+         import os, time\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         c.set('pooled', 'v', noreply=False)\n\
+         print('connected', flush=True)\n\
+         while not os.path.exists('{go}'):\n\
+         \x20   time.sleep(0.05)\n\
+         assert c.get('pooled') == b'v'\n\
+         c.close()\n",
+        go = go.display()
+    );
+    let mut client = Command::new(PYTHON)
+        .args(["-c", &pooled])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+
+    let services = services_config(&[("memcached", port, "memcache")]);
+    let agent = Agent::start_with_config("classic-run", &format!("{services}{CLASSIC}")).unwrap();
+    assert!(
+        agent.log().contains("limits.classic_tracepoints"),
+        "the agent does not say it was forced onto classic tracepoints: {}",
+        agent.log()
+    );
+    std::fs::write(&go, "").unwrap();
+    assert!(client.wait().unwrap().success());
+    python(
+        None,
+        &format!(
+            "from pymemcache.client.base import Client\n\
+             import memcache, socket\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             for i in range(5):\n\
+             \x20   assert c.set('k%d' % i, 'v%d' % i, noreply=False)\n\
+             for i in range(3):\n\
+             \x20   assert c.get('k%d' % i) is not None\n\
+             assert c.get('nope1') is None and c.get('nope2') is None\n\
+             got = c.get_many(['k0', 'k1', 'k2', 'nope3'])\n\
+             assert len(got) == 3\n\
+             assert c.delete('k4', noreply=False) and not c.delete('k4', noreply=False)\n\
+             c.close()\n\
+             m = memcache.Client(['127.0.0.1:{port}'])\n\
+             assert m.set('m1', 'x')\n\
+             assert m.get('m1') == 'x'\n\
+             m.disconnect_all()\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'quit\\r\\n')\n\
+             assert s.recv(16) == b''\n\
+             s.close()\n"
+        ),
+    )
+    .unwrap();
+    // 5 sets + 3 gets + 2 misses + a multi-get of 4 keys + 2 deletes + python-memcache's set
+    // and get, the pooled connection's get and the `quit`.
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.requests(&[("role", "server")]) >= 20.0
+            && s.requests(&[("role", "client")]) >= 20.0
+            && s.sum("cacheprobe_connections_closed_total", &[]) >= 8.0
+    });
+    for role in ["client", "server"] {
+        let count = |command: &str, status: &str| {
+            scrape.requests(&[("role", role), ("command", command), ("status", status)])
+        };
+        assert_eq!(count("set", "stored"), 6.0, "{role}: {}", scrape.text);
+        // 3 single hits, 3 multi-get hits, python-memcache's hit and the pooled connection's.
+        assert_eq!(count("get", "hit"), 8.0, "{role}: {}", scrape.text);
+        assert_eq!(count("get", "miss"), 3.0, "{role}: {}", scrape.text);
+        assert_eq!(count("delete", "deleted"), 1.0, "{role}: {}", scrape.text);
+        assert_eq!(count("delete", "not_found"), 1.0, "{role}: {}", scrape.text);
+        // memcached answers the `quit` by closing.
+        assert_eq!(
+            scrape.requests(&[("role", role), ("command", "quit")]),
+            1.0,
+            "{role}: {}",
+            scrape.text
+        );
+        assert_eq!(
+            scrape.requests(&[("role", role)]),
+            20.0,
+            "{role}: {}",
+            scrape.text
+        );
+    }
+    assert_eq!(
+        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    // Three connections opened under the agent (pymemcache's, python-memcache's, the raw one),
+    // seen at both ends; the pooled one predates it and is no open, but its close counts.
+    for role in ["client", "server"] {
+        assert_eq!(
+            scrape.sum("cacheprobe_connections_opened_total", &[("role", role)]),
+            3.0,
+            "{role}: {}",
+            scrape.text
+        );
+        assert_eq!(
+            scrape.sum("cacheprobe_connections_closed_total", &[("role", role)]),
+            4.0,
+            "{role}: {}",
+            scrape.text
+        );
+    }
+    // memcached closed the `quit` connection: the client saw its peer close.
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &[("role", "client"), ("closed_by", "peer")]
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    for probe in [
+        "sock/inet_sock_set_state",
+        "sock/sock_send_length",
+        "sock/sock_recv_length",
+    ] {
+        assert_eq!(
+            scrape.sum("cacheprobe_probe_up", &[("probe", probe)]),
+            1.0,
+            "{probe}: {}",
+            scrape.text
+        );
+    }
+    assert_eq!(
+        scrape.sum("cacheprobe_events_lost_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    let status = agent.stop().unwrap();
+    assert!(status.success(), "agent exit status {status}");
+}
