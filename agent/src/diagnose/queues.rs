@@ -2,7 +2,7 @@
 //! the producer process and queue), and queues whose consumers fell behind.
 
 use super::{DiagnoseThresholds, Finding, Severity};
-use crate::history::HistorySnapshot;
+use crate::{history::HistorySnapshot, queues::flow::QueueReport};
 
 fn outcome_words(outcome: &str) -> &'static str {
     match outcome {
@@ -21,80 +21,88 @@ pub fn detect(
     for queue in &snapshot.queues {
         let lost: u64 = queue.lost.iter().map(|l| l.count).sum();
         if lost > 0 {
-            let unnoticed: u64 = queue
-                .lost
-                .iter()
-                .filter(|l| l.outcome == "unnoticed")
-                .map(|l| l.count)
-                .sum();
-            let mut finding = Finding::new(
-                "queue-messages-lost",
-                if unnoticed > 0 {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                },
-                format!(
-                    "{lost} message(s) to queue {} ({}) were written onto connections the queue \
-                     server had already closed",
-                    queue.queue, queue.service
-                ),
-            );
-            for l in &queue.lost {
-                finding.evidence.push(format!(
-                    "{} enqueue(s) by {}: {}",
-                    l.count,
-                    l.process,
-                    outcome_words(&l.outcome)
-                ));
-                if !finding.subjects.processes.contains(&l.process) {
-                    finding.subjects.processes.push(l.process.clone());
-                }
-            }
-            finding.evidence.push(
-                "counted since the agent started (not only in the diagnosed window)".to_string(),
-            );
-            finding.advice = "The queue server closed these producers' idle connections and \
-                              their next enqueue went nowhere. Make producers reconnect after \
-                              idling (a client idle timeout below the server's) and check the \
-                              reply of every enqueue, retrying on EOF or reset."
-                .to_string();
-            finding.value("lost", lost as f64);
-            finding.value("lost_unnoticed", unnoticed as f64);
-            finding.subjects.services.push(queue.service.clone());
-            finding.magnitude = lost as f64;
-            findings.push(finding);
+            findings.push(messages_lost(queue, lost));
         }
         let backlog = queue.enqueued.saturating_sub(queue.dequeued);
         match queue.oldest_waiting_s {
             Some(age) if age >= thresholds.queue_backlog_s && backlog > 0 => {
-                let mut finding = Finding::new(
-                    "queue-backlog",
-                    Severity::Warning,
-                    format!(
-                        "consumers of queue {} ({}) fell behind: the oldest message has waited \
-                         {age:.0} s",
-                        queue.queue, queue.service
-                    ),
-                );
-                finding.evidence.push(format!(
-                    "{} enqueued and {} dequeued since the agent started ({backlog} more in \
-                     than out; messages queued before the agent started are not counted)",
-                    queue.enqueued, queue.dequeued
-                ));
-                finding.advice = "Check that the queue's consumers run and keep up (their \
-                                  process, their connections to the queue server, their error \
-                                  logs); add consumers if the enqueue rate outgrew them."
-                    .to_string();
-                finding.value("oldest_waiting_s", age);
-                finding.value("depth_relative", backlog as f64);
-                finding.subjects.services.push(queue.service.clone());
-                finding.magnitude = age;
-                findings.push(finding);
+                findings.push(queue_backlog(queue, age, backlog));
             }
             _ => {}
         }
     }
+}
+
+fn messages_lost(queue: &QueueReport, lost: u64) -> Finding {
+    let unnoticed: u64 = queue
+        .lost
+        .iter()
+        .filter(|l| l.outcome == "unnoticed")
+        .map(|l| l.count)
+        .sum();
+    let mut finding = Finding::new(
+        "queue-messages-lost",
+        if unnoticed > 0 {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        },
+        format!(
+            "{lost} message(s) to queue {} ({}) were written onto connections the queue \
+             server had already closed",
+            queue.queue, queue.service
+        ),
+    );
+    for l in &queue.lost {
+        finding.evidence.push(format!(
+            "{} enqueue(s) by {}: {}",
+            l.count,
+            l.process,
+            outcome_words(&l.outcome)
+        ));
+        if !finding.subjects.processes.contains(&l.process) {
+            finding.subjects.processes.push(l.process.clone());
+        }
+    }
+    finding
+        .evidence
+        .push("counted since the agent started (not only in the diagnosed window)".to_string());
+    finding.advice = "The queue server closed these producers' idle connections and \
+                      their next enqueue went nowhere. Make producers reconnect after \
+                      idling (a client idle timeout below the server's) and check the \
+                      reply of every enqueue, retrying on EOF or reset."
+        .to_string();
+    finding.value("lost", lost as f64);
+    finding.value("lost_unnoticed", unnoticed as f64);
+    finding.subjects.services.push(queue.service.clone());
+    finding.magnitude = lost as f64;
+    finding
+}
+
+fn queue_backlog(queue: &QueueReport, age: f64, backlog: u64) -> Finding {
+    let mut finding = Finding::new(
+        "queue-backlog",
+        Severity::Warning,
+        format!(
+            "consumers of queue {} ({}) fell behind: the oldest message has waited \
+             {age:.0} s",
+            queue.queue, queue.service
+        ),
+    );
+    finding.evidence.push(format!(
+        "{} enqueued and {} dequeued since the agent started ({backlog} more in \
+         than out; messages queued before the agent started are not counted)",
+        queue.enqueued, queue.dequeued
+    ));
+    finding.advice = "Check that the queue's consumers run and keep up (their \
+                      process, their connections to the queue server, their error \
+                      logs); add consumers if the enqueue rate outgrew them."
+        .to_string();
+    finding.value("oldest_waiting_s", age);
+    finding.value("depth_relative", backlog as f64);
+    finding.subjects.services.push(queue.service.clone());
+    finding.magnitude = age;
+    finding
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! dominant sizes, the `-f`/`-n` that would waste less and the estimate's assumptions.
 
 use super::{DiagnoseThresholds, Finding, Severity};
-use crate::history::HistorySnapshot;
+use crate::{history::HistorySnapshot, sizes::slab::SlabFitReport};
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
@@ -18,79 +18,84 @@ pub fn detect(
         if fit.items < thresholds.slab_min_items || fit.waste_ratio < thresholds.slab_waste_ratio {
             continue;
         }
-        let percent = fit.waste_ratio * 100.0;
-        let mut finding = Finding::new(
-            "slab-waste",
-            Severity::Info,
-            format!(
-                "{} ({}) would lose about {percent:.0}% of its item memory to slab chunk rounding",
-                report.server, report.service
-            ),
-        );
-        let s = &report.settings;
-        finding.evidence.push(format!(
-            "{} stores seen: items of {} in chunks of {} ({})",
-            fit.items,
-            mib(fit.item_bytes),
-            mib(fit.chunk_bytes),
-            if report.settings_assumed {
-                "memcached's default settings assumed: no local memcached process found on this port"
-                    .to_string()
-            } else {
-                format!(
-                    "pid {}: -f {} -n {} -o slab_chunk_max={}{}",
-                    report.pid,
-                    s.growth_factor,
-                    s.min_size,
-                    s.slab_chunk_max,
-                    if s.cas { "" } else { " -C" }
-                )
-            }
-        ));
-        for class in &fit.dominant {
-            finding.evidence.push(format!(
-                "{} items of typically {} bytes go to {}-byte chunks ({} lost)",
-                class.items,
-                class.typical_item_size,
-                class.chunk_size,
-                mib(class.waste_bytes)
-            ));
-        }
-        finding.evidence.push(
-            "assumptions: item = 48-byte header + key + 1 + value + 2 (+ 8 CAS), client flags 0; \
-             every store counts once (overwrites, expiry and evictions are not subtracted); \
-             chunked items above slab_chunk_max approximated; empty space in partly used slab \
-             pages not counted"
-                .to_string(),
-        );
-        finding.advice = match &fit.suggestion {
-            Some(better) => {
-                finding.value("suggested_growth_factor", better.growth_factor);
-                finding.value("suggested_min_size", better.min_size as f64);
-                finding.value("suggested_waste_ratio", better.waste_ratio);
-                format!(
-                    "Starting memcached with -f {} -n {} would lose about {:.0}% on these sizes \
-                     (a smaller -f makes more, closer classes; -n moves the first class). Check \
-                     `stats slabs` on the server before changing it: a restart empties the cache.",
-                    better.growth_factor,
-                    better.min_size,
-                    better.waste_ratio * 100.0
-                )
-            }
-            None => "No -f/-n tried cuts the waste by a fifth; if one size dominates, \
-                     -o slab_sizes can put a class on it."
-                .to_string(),
-        };
-        finding.value("waste_ratio", fit.waste_ratio);
-        finding.value("items", fit.items as f64);
-        finding.value("item_bytes", fit.item_bytes as f64);
-        finding.value("chunk_bytes", fit.chunk_bytes as f64);
-        finding.subjects.services.push(report.service.clone());
-        finding.subjects.servers.push(report.server.clone());
-        finding.subjects.processes.push("memcached".to_string());
-        finding.magnitude = fit.waste_ratio;
-        findings.push(finding);
+        findings.push(slab_waste(report));
     }
+}
+
+fn slab_waste(report: &SlabFitReport) -> Finding {
+    let fit = &report.estimate;
+    let percent = fit.waste_ratio * 100.0;
+    let mut finding = Finding::new(
+        "slab-waste",
+        Severity::Info,
+        format!(
+            "{} ({}) would lose about {percent:.0}% of its item memory to slab chunk rounding",
+            report.server, report.service
+        ),
+    );
+    let s = &report.settings;
+    finding.evidence.push(format!(
+        "{} stores seen: items of {} in chunks of {} ({})",
+        fit.items,
+        mib(fit.item_bytes),
+        mib(fit.chunk_bytes),
+        if report.settings_assumed {
+            "memcached's default settings assumed: no local memcached process found on this port"
+                .to_string()
+        } else {
+            format!(
+                "pid {}: -f {} -n {} -o slab_chunk_max={}{}",
+                report.pid,
+                s.growth_factor,
+                s.min_size,
+                s.slab_chunk_max,
+                if s.cas { "" } else { " -C" }
+            )
+        }
+    ));
+    for class in &fit.dominant {
+        finding.evidence.push(format!(
+            "{} items of typically {} bytes go to {}-byte chunks ({} lost)",
+            class.items,
+            class.typical_item_size,
+            class.chunk_size,
+            mib(class.waste_bytes)
+        ));
+    }
+    finding.evidence.push(
+        "assumptions: item = 48-byte header + key + 1 + value + 2 (+ 8 CAS), client flags 0; \
+         every store counts once (overwrites, expiry and evictions are not subtracted); \
+         chunked items above slab_chunk_max approximated; empty space in partly used slab \
+         pages not counted"
+            .to_string(),
+    );
+    finding.advice = match &fit.suggestion {
+        Some(better) => {
+            finding.value("suggested_growth_factor", better.growth_factor);
+            finding.value("suggested_min_size", better.min_size as f64);
+            finding.value("suggested_waste_ratio", better.waste_ratio);
+            format!(
+                "Starting memcached with -f {} -n {} would lose about {:.0}% on these sizes \
+                 (a smaller -f makes more, closer classes; -n moves the first class). Check \
+                 `stats slabs` on the server before changing it: a restart empties the cache.",
+                better.growth_factor,
+                better.min_size,
+                better.waste_ratio * 100.0
+            )
+        }
+        None => "No -f/-n tried cuts the waste by a fifth; if one size dominates, \
+                 -o slab_sizes can put a class on it."
+            .to_string(),
+    };
+    finding.value("waste_ratio", fit.waste_ratio);
+    finding.value("items", fit.items as f64);
+    finding.value("item_bytes", fit.item_bytes as f64);
+    finding.value("chunk_bytes", fit.chunk_bytes as f64);
+    finding.subjects.services.push(report.service.clone());
+    finding.subjects.servers.push(report.server.clone());
+    finding.subjects.processes.push("memcached".to_string());
+    finding.magnitude = fit.waste_ratio;
+    finding
 }
 
 #[cfg(test)]
