@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value,
     shared::By,
-    Collector, DetectorOutput, FleetThresholds, Hosts,
+    Collector, DetectorOutput, FleetThresholds, Hosts, MIN_P99_REQUESTS,
 };
 use crate::diagnose::{util, Finding, Severity};
 
@@ -41,10 +41,6 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
 /// a hung server.
 pub const MIN_REQUESTS: f64 = 10.0;
 pub const MIN_FAILED: f64 = 3.0;
-/// Requests a client host must send a server before its p99 counts: the p99 of fewer than
-/// 100 requests is their slowest one, so one stall of the client (a starved VM, a GC pause)
-/// would make the server "slow".
-pub const MIN_P99_REQUESTS: f64 = 100.0;
 
 /// One client host's requests to one server.
 #[derive(Debug, Default, Clone)]

@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value,
     shared::By,
-    Collector, DetectorOutput, FleetThresholds, Hosts,
+    Collector, DetectorOutput, FleetThresholds, Hosts, MIN_P99_REQUESTS,
 };
 use crate::diagnose::{util, Edge, Finding, Severity};
 
@@ -15,7 +15,7 @@ pub const SLOW_PATH_ID: &str = "fleet-slow-path";
 pub const SLOW_SERVER_ID: &str = "fleet-slow-server";
 
 /// Per-(instance, service, server) client-side and per-(service, server) server-side numbers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Input {
     pub client_rate: Vec<Sample>,
     pub client_mean: Vec<Sample>,
@@ -26,6 +26,10 @@ pub struct Input {
     /// Server side, by (instance, service, server): `instance` is the server's host.
     pub server_mean: Vec<Sample>,
     pub server_p99: Vec<Sample>,
+    /// Requests per second measured at the server's socket, and the window's length: a server's
+    /// own p99 is judged over at least `MIN_P99_REQUESTS` requests.
+    pub server_rate: Vec<Sample>,
+    pub window_s: f64,
 }
 
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
@@ -53,6 +57,8 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
         ))?,
         server_mean: latency.mean("server", per_host),
         server_p99: latency.quantile(0.99, "server", per_host),
+        server_rate: latency.rate("server", per_host),
+        window_s: c.scope.window_s.max(60) as f64,
     })
 }
 
@@ -73,6 +79,7 @@ struct ServerSide {
     instance: String,
     mean: Option<f64>,
     p99: Option<f64>,
+    requests: f64,
 }
 
 fn key(s: &Sample) -> Key {
@@ -143,6 +150,11 @@ fn server_sides(input: &Input) -> Servers {
         side.instance = s.label("instance").to_string();
         side.p99 = Some(s.value);
     }
+    for s in &input.server_rate {
+        if let Some(side) = servers.get_mut(&key(s)) {
+            side.requests = s.value * input.window_s;
+        }
+    }
     servers
 }
 
@@ -174,7 +186,9 @@ fn edges(clients: &Clients, servers: &Servers, hosts: &Hosts) -> Vec<Edge> {
 }
 
 /// Slow paths: one client's p99 far above the server's other clients and above what the
-/// server itself measured.
+/// server itself measured, or its p50 so (a starved or loaded fleet pushes every path's p99
+/// into the top latency bucket, where no p99 stands out, while the lossy path's median still
+/// does; the p99 rule stays because a mildly lossy path moves only its tail).
 fn slow_paths(
     clients: &Clients,
     servers: &Servers,
@@ -200,10 +214,11 @@ fn slow_paths(
                 .collect();
             let others_p99 = util::median(&others).unwrap_or(0.0);
             let server_p99 = side.and_then(|s| s.p99);
-            let slow = *p99 * 1e3 >= t.slow_path_min_ms
+            let slow_tail = *p99 * 1e3 >= t.slow_path_min_ms
                 && *p99 >= t.slow_path_factor * others_p99
                 && server_p99.is_none_or(|s| *p99 >= t.slow_path_factor * s);
-            if !slow {
+            let median = slow_median(instance, p, &judged, side, t);
+            if !slow_tail && median.is_none() {
                 continue;
             }
             let path = SlowPath {
@@ -216,11 +231,37 @@ fn slow_paths(
                 others_p99,
                 server_p99,
                 server_mean: side.and_then(|s| s.mean),
+                median: median.filter(|_| !slow_tail),
             };
             findings.push(slow_path_finding(&path, hosts));
         }
     }
     findings
+}
+
+/// The path's p50 and the other clients' median p50 when its median alone is slow: at least
+/// `slow_path_factor` times the other clients' and the server's own mean, and twice
+/// `slow_path_min_ms` (a median that high is no single slow request).
+fn slow_median(
+    instance: &str,
+    p: &ClientPath,
+    judged: &[(&String, &ClientPath, f64)],
+    side: Option<&ServerSide>,
+    t: &FleetThresholds,
+) -> Option<(f64, f64)> {
+    let p50 = p.p50?;
+    let others: Vec<f64> = judged
+        .iter()
+        .filter(|(i, _, _)| i.as_str() != instance)
+        .filter_map(|(_, other, _)| other.p50)
+        .collect();
+    let others_p50 = util::median(&others)?;
+    let slow = p50 * 1e3 >= 2.0 * t.slow_path_min_ms
+        && p50 >= t.slow_path_factor * others_p50
+        && side
+            .and_then(|s| s.mean)
+            .is_none_or(|mean| p50 >= t.slow_path_factor * mean);
+    slow.then_some((p50, others_p50))
 }
 
 /// One client path judged slow, with what it is compared against.
@@ -234,6 +275,8 @@ struct SlowPath<'a> {
     others_p99: f64,
     server_p99: Option<f64>,
     server_mean: Option<f64>,
+    /// (this path's p50, the other clients' median p50) when only the median is slow.
+    median: Option<(f64, f64)>,
 }
 
 fn slow_path_finding(path: &SlowPath, hosts: &Hosts) -> Finding {
@@ -301,6 +344,15 @@ fn slow_path_finding(path: &SlowPath, hosts: &Hosts) -> Finding {
     if let Some(b) = between {
         set_value(&mut finding, "between_p99_ms", b * 1e3);
     }
+    if let Some((p50, others_p50)) = path.median {
+        finding.evidence.push(format!(
+            "judged by the median: p50 {} from this client against {} at the others (every path's p99 is high in this window)",
+            ms(p50),
+            ms(others_p50)
+        ));
+        set_value(&mut finding, "p50_ms", p50 * 1e3);
+        set_value(&mut finding, "others_p50_ms", others_p50 * 1e3);
+    }
     set_value(&mut finding, "retransmits", p.retransmits);
     finding.magnitude = p99;
     finding
@@ -316,6 +368,9 @@ fn slow_servers(
     let mut findings = Vec::new();
     let mut by_service: BTreeMap<&str, Vec<(&str, &ServerSide, f64)>> = BTreeMap::new();
     for ((service, server), side) in servers {
+        if side.requests < MIN_P99_REQUESTS {
+            continue;
+        }
         if let Some(p99) = side.p99 {
             by_service
                 .entry(service.as_str())
@@ -434,7 +489,9 @@ mod tests {
             ];
             input.server_p99.push(sample(&l, *p99));
             input.server_mean.push(sample(&l, p99 / 4.0));
+            input.server_rate.push(sample(&l, 50.0));
         }
+        input.window_s = 1800.0;
         input
     }
 
@@ -478,6 +535,46 @@ mod tests {
         // Every path is in the table, with the server's own p99 beside it.
         assert_eq!(out.edges.len(), 4);
         assert!(out.edges.iter().all(|e| e.server_p99_ms == Some(0.4)));
+    }
+
+    /// Seen in `cargo xtask fleet-test` at load 17-24: every path's p99 sat in the top
+    /// latency bucket, so no p99 stood out, while the lossy client's p50 was 75-375 ms against
+    /// 15 ms or less at the others.
+    #[test]
+    fn a_lossy_path_stands_out_by_its_median_when_every_p99_is_saturated() {
+        let server = "10.0.2.1:11211";
+        let clients = ["10.0.1.1:19150", "10.0.1.2:19150", "10.0.1.3:19150"];
+        let mut input = input(
+            &clients.map(|c| (c, server, 1.0, 0.02)),
+            &[("10.0.2.1:19150", server, 0.005)],
+        );
+        let p50 = |input: &mut Input, instance: &str, v: f64| {
+            let l = [
+                ("instance", instance),
+                ("service", "memcached"),
+                ("server", server),
+            ];
+            input.client_p50.push(sample(&l, v));
+        };
+        p50(&mut input, clients[0], 0.004);
+        p50(&mut input, clients[1], 0.006);
+        let mut loaded = input.clone();
+        p50(&mut loaded, clients[2], 0.010);
+        let out = judge(&loaded, &Hosts::default(), &FleetThresholds::default());
+        assert!(out.findings.is_empty(), "{:#?}", out.findings);
+
+        p50(&mut input, clients[2], 0.150);
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
+        let f = &out.findings[0];
+        assert_eq!(f.id, SLOW_PATH_ID);
+        assert_eq!(f.subjects.hosts, vec![clients[2].to_string()]);
+        assert_eq!(f.values["p50_ms"], 150.0);
+        assert_eq!(f.values["others_p50_ms"], 5.0);
+        assert!(f
+            .evidence
+            .iter()
+            .any(|e| e.contains("judged by the median")));
     }
 
     #[test]
@@ -532,5 +629,31 @@ mod tests {
         ));
         let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
         assert!(out.findings.is_empty(), "{:#?}", out.findings);
+    }
+
+    /// A server's own p99 over a handful of requests is their slowest one: one stall of its
+    /// host (seen under load in `cargo xtask fleet-test`: 161 ms against peers' 25 ms over
+    /// about 40 requests) names no slow server; the same p99 over enough requests does.
+    #[test]
+    fn a_servers_p99_over_few_requests_names_nothing() {
+        let mut input = input(
+            &[],
+            &[
+                ("s1:19150", "10.0.2.1:11211", 0.161),
+                ("s1:19150", "10.0.2.2:11211", 0.025),
+                ("s1:19150", "10.0.2.3:11211", 0.026),
+            ],
+        );
+        // 0.7 requests a second for 60 s.
+        input.window_s = 60.0;
+        for rate in &mut input.server_rate {
+            rate.value = 0.7;
+        }
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        assert!(out.findings.is_empty(), "{:#?}", out.findings);
+        input.window_s = 600.0;
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
+        assert_eq!(out.findings[0].id, SLOW_SERVER_ID);
     }
 }

@@ -68,6 +68,12 @@ impl Default for FleetThresholds {
     }
 }
 
+/// Requests a latency must have been measured over before its p99 is judged: the p99 of fewer
+/// than 100 requests is their slowest one, so one stall (a starved VM, a pause of the process)
+/// would make a server "slow". Seen in `cargo xtask fleet-test` under load: 40 requests a
+/// window, and a healthy server's p99 at its own socket 6 times its peers'.
+pub const MIN_P99_REQUESTS: f64 = 100.0;
+
 /// What a run asks about.
 #[derive(Debug, Clone)]
 pub struct Scope {
