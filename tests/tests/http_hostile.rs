@@ -577,7 +577,9 @@ print(json.dumps(counts))
 #[test]
 fn prometheus_keeps_scraping_through_a_tls_handshake_flood() {
     require_root();
-    let _heavy = HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _heavy = HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     raise_fd_limit();
     let dir = scratch_dir("http-hostile-tls");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -768,7 +770,9 @@ fn send_buffer_max_kib() -> u64 {
 #[test]
 fn prometheus_keeps_scraping_a_large_body_through_clients_that_never_read() {
     require_root();
-    let _heavy = HEAVY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _heavy = HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     raise_fd_limit();
     let port = unique_port();
     let _memcached = start_memcached(None, "0.0.0.0", port, &[]).unwrap();
