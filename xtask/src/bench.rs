@@ -54,6 +54,8 @@ pub struct BenchOptions {
     /// An earlier build of the agent whose modes `ab` runs in the same rounds instead of the
     /// port-check twins: before and after a change, side by side.
     pub baseline: Option<PathBuf>,
+    /// Extra `capture + decoding` arms of `ab` at these capture_records_per_second.
+    pub budgets: Vec<u32>,
 }
 
 /// The measures, in the order they run; `--only` picks from these.
@@ -293,6 +295,8 @@ struct Bench {
     nofile: u64,
     /// `--baseline`: the earlier build `ab` compares this one with.
     baseline: Option<PathBuf>,
+    /// `--budgets`: capture arms of `ab` at other decoding budgets.
+    budgets: Vec<u32>,
 }
 
 fn target_dir() -> PathBuf {
@@ -367,6 +371,7 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
             ),
             None => None,
         },
+        budgets: options.budgets.clone(),
     };
 
     for name in &options.only {
@@ -435,6 +440,10 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     }
     if let Some(baseline) = &options.baseline {
         command.push_str(&format!(" --baseline {}", baseline.display()));
+    }
+    if !options.budgets.is_empty() {
+        let budgets: Vec<String> = options.budgets.iter().map(|b| b.to_string()).collect();
+        command.push_str(&format!(" --budgets {}", budgets.join(",")));
     }
     if !options.only.is_empty() {
         command.push_str(&format!(" --only {}", options.only.join(",")));
