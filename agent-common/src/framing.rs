@@ -465,7 +465,7 @@ mod tests {
             *b = piece
                 .get(at)
                 .copied()
-                .unwrap_or(if at % 2 == 0 { b'\n' } else { b' ' });
+                .unwrap_or(if at.is_multiple_of(2) { b'\n' } else { b' ' });
         }
         u64::from_le_bytes(bytes)
     }
