@@ -12,6 +12,13 @@
 //! Text lines need no knowledge of the direction: the lines that announce a body are told apart
 //! by their first word (`set`/`add`/`replace`/`append`/`prepend`/`cas` and `ms` from clients,
 //! `VALUE` and `VA` from servers), and each names its length in a fixed token.
+//!
+//! [`FrameState::scan_round`] feeds a staged piece a word at a time: runs of bytes whose only
+//! effect is on the line length (keys, flags, the rest of a line after its length token) are
+//! passed over eight at a time by finding the next space or newline with the SWAR zero-byte
+//! trick, a line's first word is taken in one go, and a binary header whose 24 bytes are all
+//! in the piece is read at its fixed offsets. It ends in exactly the state [`FrameState::step`]
+//! byte by byte would reach wherever it matters (mode, lengths, the body and key to come).
 
 /// [`FrameState::mode`] values.
 pub mod mode {
@@ -40,6 +47,30 @@ pub const MAX_BODY: u64 = 1 << 30;
 /// Leading bytes of each value body that are captured: with the body's length, a fingerprint
 /// of the value. Bounded and fixed, so the cost per frame stays constant.
 pub const VALUE_HEAD: u16 = 8;
+
+/// Every byte 0x01 / 0x80: the SWAR constants.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// 0x80 in each byte of `chunk` that equals `byte` (exact up to the first such byte; bytes
+/// after it may be marked falsely, which [`first_marked`] never looks at).
+#[inline(always)]
+const fn bytes_equal(chunk: u64, byte: u8) -> u64 {
+    let x = chunk ^ (ONES * byte as u64);
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// Index (0..8) of the lowest byte marked in `mask` (as [`bytes_equal`] marks), 8 if none.
+/// No loop: the lowest mark, shifted to a 1 at its byte, times a constant whose top byte then
+/// holds that byte's index.
+#[inline(always)]
+const fn first_marked(mask: u64) -> u64 {
+    if mask == 0 {
+        return 8;
+    }
+    let lowest = mask & mask.wrapping_neg();
+    (lowest >> 7).wrapping_mul(0x0001_0203_0405_0607) >> 56
+}
 
 const REQUEST_MAGIC: u8 = 0x80;
 const RESPONSE_MAGIC: u8 = 0x81;
@@ -120,6 +151,15 @@ fn length_token(first: u64) -> u8 {
         // VA <size> <flags>*
         VA => 1,
         _ => 0,
+    }
+}
+
+#[inline(always)]
+const fn min(a: u64, b: u64) -> u64 {
+    if a < b {
+        a
+    } else {
+        b
     }
 }
 
@@ -213,6 +253,100 @@ impl FrameState {
         }
     }
 
+    /// One round of the word-at-a-time scan of a staged piece of `len` bytes at `pos` (in
+    /// [`mode::FRAME_START`], [`mode::TEXT`] or [`mode::BINARY_HEADER`]): `word(i)` is the
+    /// piece's 8 bytes at `i`, little-endian (bytes past `len` may be anything). A round is one
+    /// of: a whole binary header, a run of bytes passed over or a first word, or one byte fed
+    /// to [`FrameState::step`] (alternatives, not a sequence, so the verifier walks each
+    /// once). Consumes at least one byte when `pos < len`; returns how many. Afterwards the
+    /// mode says what follows, as after [`FrameState::step`] on each of those bytes.
+    #[inline(always)]
+    pub fn scan_round(&mut self, pos: u64, len: u64, word: impl Fn(u64) -> u64) -> u64 {
+        if pos >= len {
+            return 0;
+        }
+        let available = len - pos;
+        let chunk = word(pos);
+        let first = chunk as u8;
+        if self.mode == mode::FRAME_START
+            && available >= BINARY_HEADER_LEN as u64
+            && (first == REQUEST_MAGIC || first == RESPONSE_MAGIC)
+        {
+            // A whole binary header: key length at 2 and body length at 8, big-endian.
+            let body = (word(pos + 8) as u32).swap_bytes();
+            self.key_len = ((chunk >> 8) as u16 & 0xff00) | ((chunk >> 24) as u16 & 0xff);
+            self.extras_len = (chunk >> 32) as u8;
+            self.binary_rest = body;
+            self.header_pos = BINARY_HEADER_LEN;
+            self.binary_header_done();
+            return BINARY_HEADER_LEN as u64;
+        }
+        let skipped = self.skip_run(chunk, available);
+        if skipped > 0 {
+            return skipped;
+        }
+        self.step(first);
+        1
+    }
+
+    /// The leading bytes of `chunk` (at most `available`) that [`FrameState::step`] would only
+    /// count into the line length, or take as a line's first word: passed over (first word:
+    /// taken) at once. 0 where the next byte needs `step` (a delimiter, the length token's
+    /// digits, a binary header).
+    #[inline(always)]
+    fn skip_run(&mut self, chunk: u64, available: u64) -> u64 {
+        let first = chunk as u8;
+        let newline = bytes_equal(chunk, b'\n');
+        let space = bytes_equal(chunk, b' ');
+        if self.mode == mode::FRAME_START {
+            if first == REQUEST_MAGIC || first == RESPONSE_MAGIC {
+                return 0;
+            }
+            // A line's first word, up to its first space, '\r' or newline (8 bytes at most,
+            // so never too long for `word`).
+            let n = min(
+                first_marked(newline | space | bytes_equal(chunk, b'\r')),
+                available,
+            );
+            if n == 0 {
+                return 0;
+            }
+            self.mode = mode::TEXT;
+            self.token = 0;
+            self.length_token = 0;
+            self.flags = IN_TOKEN;
+            self.word = chunk.swap_bytes() >> (64 - 8 * n);
+            self.number = 0;
+            self.line_len = n as u16;
+            return n;
+        }
+        if self.mode != mode::TEXT || self.token == 0 {
+            return 0;
+        }
+        let stop = if self.length_token == 0 || self.token > self.length_token {
+            // Only the line's end matters now.
+            newline
+        } else if self.token < self.length_token
+            && (self.flags & IN_TOKEN != 0 || (first != b' ' && first != b'\n' && first != b'\r'))
+        {
+            // Inside (or at the first byte of) a token before the length: up to its end.
+            self.flags |= IN_TOKEN;
+            newline | space
+        } else {
+            return 0;
+        };
+        // Never past the byte that makes the line too long, where `step` loses framing too.
+        let n = min(
+            min(first_marked(stop), available),
+            MAX_LINE as u64 + 1 - self.line_len as u64,
+        );
+        self.line_len += n as u16;
+        if self.line_len as u32 > MAX_LINE {
+            self.mode = mode::LOST;
+        }
+        n
+    }
+
     #[inline(always)]
     fn text_byte(&mut self, byte: u8) {
         self.line_len += 1;
@@ -284,6 +418,12 @@ impl FrameState {
         if self.header_pos < BINARY_HEADER_LEN {
             return;
         }
+        self.binary_header_done();
+    }
+
+    /// All 24 header bytes are in: what follows (extras and key to keep, a body to skip).
+    #[inline(always)]
+    fn binary_header_done(&mut self) {
         let keep = self.extras_len as u32 + self.key_len as u32;
         let body = self.binary_rest;
         if keep > body || body as u64 > MAX_BODY {
@@ -313,9 +453,64 @@ mod tests {
 
     /// Which byte ranges of `stream` the state machine captures, fed in calls of `split` bytes.
     fn captured(stream: &[u8], split: usize) -> Vec<bool> {
+        captured_by(stream, split, false).0
+    }
+
+    /// The piece's 8 bytes at `i`, little-endian: `scan_round`'s `word`. Past the piece's end
+    /// come newlines and spaces, the bytes that would mislead a scan that looked there.
+    fn word_at(piece: &[u8], i: u64) -> u64 {
+        let mut bytes = [0u8; 8];
+        for (k, b) in bytes.iter_mut().enumerate() {
+            let at = i as usize + k;
+            *b = piece
+                .get(at)
+                .copied()
+                .unwrap_or(if at.is_multiple_of(2) { b'\n' } else { b' ' });
+        }
+        u64::from_le_bytes(bytes)
+    }
+
+    /// As `captured`, fed byte by byte (`scan` false) or a word at a time as the kernel does
+    /// (`scan` true); also the mode after each call.
+    fn captured_by(stream: &[u8], split: usize, scan: bool) -> (Vec<bool>, Vec<u8>) {
         let mut state = FrameState::default();
         let mut kept = Vec::new();
+        let mut modes = Vec::new();
         for call in stream.chunks(split) {
+            if scan {
+                state.start_call();
+                let mut i = 0;
+                while i < call.len() {
+                    match state.mode {
+                        mode::SKIP | mode::KEEP => {
+                            let keep = state.captures();
+                            let available = (call.len() - i) as u64;
+                            let n = if state.mode == mode::SKIP && keep {
+                                state.pass(available.min(state.head as u64))
+                            } else {
+                                state.pass(available)
+                            } as usize;
+                            kept.extend(core::iter::repeat_n(keep, n));
+                            i += n;
+                        }
+                        mode::LOST => {
+                            kept.extend(core::iter::repeat_n(false, call.len() - i));
+                            i = call.len();
+                        }
+                        _ => {
+                            // The rest of the call as one staged piece.
+                            let piece = &call[i..];
+                            let n = state.scan_round(0, piece.len() as u64, |at| word_at(piece, at))
+                                as usize;
+                            assert!(n >= 1 && n <= piece.len(), "round of {n}");
+                            kept.extend(core::iter::repeat_n(true, n));
+                            i += n;
+                        }
+                    }
+                }
+                modes.push(state.mode);
+                continue;
+            }
             state.start_call();
             let mut i = 0;
             while i < call.len() {
@@ -343,8 +538,122 @@ mod tests {
                     }
                 }
             }
+            modes.push(state.mode);
         }
-        kept
+        (kept, modes)
+    }
+
+    /// The word-at-a-time scan captures exactly what byte-by-byte steps capture, and ends each
+    /// call in the same mode, whatever the split.
+    fn assert_scan_agrees(stream: &[u8]) {
+        for split in 1..=stream.len() {
+            assert_eq!(
+                captured_by(stream, split, true),
+                captured_by(stream, split, false),
+                "split {split} of {:?}",
+                std::string::String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
+    fn binary(opcode: u8, magic: u8, extras: &[u8], key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut frame = std::vec![0u8; 24];
+        frame[0] = magic;
+        frame[1] = opcode;
+        frame[2..4].copy_from_slice(&(key.len() as u16).to_be_bytes());
+        frame[4] = extras.len() as u8;
+        let body = (extras.len() + key.len() + value.len()) as u32;
+        frame[8..12].copy_from_slice(&body.to_be_bytes());
+        frame.extend_from_slice(extras);
+        frame.extend_from_slice(key);
+        frame.extend_from_slice(value);
+        frame
+    }
+
+    #[test]
+    fn the_word_at_a_time_scan_agrees_with_byte_steps() {
+        let mut streams: Vec<Vec<u8>> = std::vec![
+            b"set k 0 0 5\r\nhello\r\nget a b\r\nVALUE a 0 3\r\nEND\r\nVALUE b 1 2 77\r\nxy\r\nEND\r\nms k 4 T0\r\nabcd\r\nVA 2 f1\r\nhi\r\n".to_vec(),
+            b"get key:0000000001 key:0000000002 key:0000000003\r\nVALUE key:0000000001 0 100 77\r\n".to_vec(),
+            b"set  k\r  0 0   12 noreply\r\n0123456789ab\r\nset k 0 0 1x\r\nset\r\nVALUES k 0 5\r\n\r\n \r\nEND\r\n".to_vec(),
+            b"set k 0 0 99999999999999\r\nappend averyveryverylongkeyname 0 0 3\r\nabc\r\nprependX k 0 0 3\r\n".to_vec(),
+            b"cas k 0 0 2 77\r\nhi\r\nVA 0\r\n\r\nmn\r\nMN\r\nHD\r\nEN\r\n".to_vec(),
+        ];
+        let mut bin = binary(0x01, 0x80, &[0; 8], b"key", b"value-longer");
+        bin.extend(binary(0x0a, 0x80, &[], &[], &[]));
+        bin.extend(binary(0x00, 0x81, &[0, 0, 0, 1], b"", b"v"));
+        bin.extend(binary(0x0d, 0x80, &[], b"k2", &[]));
+        // A header whose lengths cannot be, then text.
+        let mut bad = binary(0x00, 0x81, &[], &[0; 10], &[]);
+        bad[11] = 4;
+        bin.extend(bad);
+        bin.extend_from_slice(b"END\r\n");
+        streams.push(bin);
+        for stream in &streams {
+            assert_scan_agrees(stream);
+        }
+        // Lines at and past the longest followed.
+        for len in [
+            MAX_LINE as usize - 9,
+            MAX_LINE as usize - 1,
+            MAX_LINE as usize + 3,
+        ] {
+            let mut line = b"get ".to_vec();
+            line.resize(len, b'k');
+            line.extend_from_slice(b"\r\nget z\r\n");
+            for split in [1, 5, 64, 4096, line.len()] {
+                assert_eq!(
+                    captured_by(&line, split, true),
+                    captured_by(&line, split, false),
+                    "{len} split {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_word_at_a_time_scan_agrees_on_random_streams() {
+        // Tokens that steer the state machine, glued at random (xorshift, fixed seed).
+        let parts: [&[u8]; 24] = [
+            b"set",
+            b"VALUE",
+            b"VA",
+            b"ms",
+            b"get",
+            b"cas",
+            b"END",
+            b" ",
+            b"  ",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"0",
+            b"5",
+            b"12",
+            b"3 ",
+            b"key:000001",
+            b"x",
+            b"\x80",
+            b"\x81",
+            b"\0",
+            b"\x18",
+            b"appendprepend",
+            b"\xff\x0a\x20",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..1500 {
+            let mut stream = Vec::new();
+            for _ in 0..(next() % 40) {
+                stream.extend_from_slice(parts[(next() % parts.len() as u64) as usize]);
+            }
+            assert_scan_agrees(&stream);
+        }
     }
 
     fn kept_text(stream: &[u8], split: usize) -> Vec<u8> {

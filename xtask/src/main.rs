@@ -62,6 +62,10 @@ enum Task {
         /// this build against it per round (before and after a change, side by side).
         #[arg(long, value_name = "BINARY")]
         baseline: Option<std::path::PathBuf>,
+        /// Extra `capture + decoding` arms of `ab` at these limits.capture_records_per_second
+        /// (e.g. 10000,5000): the loss curve against the default decoding budget.
+        #[arg(long, value_delimiter = ',', value_name = "RECORDS")]
+        budgets: Vec<u32>,
         /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
         /// idle timeouts and dead writes; fails if memory or fds grow, events are lost or its
         /// counters disagree with the load generator's.
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             only,
             rounds,
             baseline,
+            budgets,
             soak,
             decode_all,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
                 only,
                 rounds,
                 baseline,
+                budgets,
             })
         }),
         Task::BenchHold {
@@ -274,6 +280,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         only: Vec::new(),
         rounds: None,
         baseline: None,
+        budgets: Vec::new(),
     })?;
     Ok(())
 }

@@ -517,6 +517,11 @@ declare_metrics! {
              records exceed limits.capture_records_per_second, then 1/2, 1/4, ... Request and \
              byte counters are scaled up by its inverse; latency histograms hold the decoded \
              requests only";
+    capture_calls: Counter
+        => "capture_calls",
+        "Sends and receives on watched connections whose frames the kernel followed and \
+             whose payload reached the agent (one per call, however many records it took): the \
+             kernel's capture work grows with this count, the decoding budget bounds it";
     bpf_run_seconds: Family<ProgramLabels, Counter<f64, AtomicU64>>
         => "bpf_program_run_seconds",
         "Time the agent's kernel programs ran (needs sysctl kernel.bpf_stats_enabled=1)";
@@ -600,7 +605,7 @@ mod tests {
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
-        assert_eq!(Metrics::DECLARED.len(), 47);
+        assert_eq!(Metrics::DECLARED.len(), 48);
         for (name, help) in Metrics::DECLARED {
             // prometheus-client ends every help with a full stop.
             let line = format!("# HELP cacheprobe_{name} {help}.");

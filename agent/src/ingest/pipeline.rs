@@ -221,6 +221,11 @@ impl Pipeline {
         let Some((endpoint, flow)) = self.tracker.endpoint_and_flow_of(payload.sk) else {
             return PayloadOutcome::UnknownSocket;
         };
+        if payload.span_start == 0 {
+            // A call's first record: counted once per followed call, what the kernel's
+            // capture cost scales with (the bench divides its BPF time by this).
+            self.outputs.metrics().capture_calls.inc();
+        }
         let queue_mode = self.services.load().is_queue(endpoint.service);
         if payload.is_send && endpoint.role == Role::Client && payload.span_start == 0 {
             // A request's first bytes name what a dead write carried (a send that starts
@@ -570,6 +575,8 @@ mod tests {
             get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
         }
         assert_eq!(gets(&metrics, "hit"), 480);
+        // Every call the kernel followed, decoded or not: 240 gets and answers on each socket.
+        assert_eq!(metrics.capture_calls.get(), 960);
         // The released stream has a request in flight when the sample narrows.
         let mut request = encode_payload_record(2 * SECOND, released, 7, true, b"c", b"get k\r\n");
         mark_sample(&mut request, Some((0, 0)));

@@ -337,15 +337,20 @@ pub fn kernel_capture(
                 segments.push((pos, bytes.to_vec()));
             }
         }
+        // The kernel's scan: word-at-a-time rounds over the piece (bytes past it read as 0).
+        let word = |at: u64| {
+            let mut le = [0u8; 8];
+            for (k, b) in le.iter_mut().enumerate() {
+                *b = bytes.get(at as usize + k).copied().unwrap_or(0);
+            }
+            u64::from_le_bytes(le)
+        };
         let mut i = 0u64;
         while i < piece {
             match state.mode {
                 framing::mode::SKIP | framing::mode::KEEP => i += state.pass(piece - i),
                 framing::mode::LOST => break,
-                _ => {
-                    state.step(bytes[i as usize]);
-                    i += 1;
-                }
+                _ => i += state.scan_round(i, piece, word),
             }
         }
         data_len += piece;

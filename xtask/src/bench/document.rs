@@ -106,6 +106,10 @@ impl Bench {
         if let Some(baseline) = &options.baseline {
             command.push_str(&format!(" --baseline {}", baseline.display()));
         }
+        if !options.budgets.is_empty() {
+            let budgets: Vec<String> = options.budgets.iter().map(|b| b.to_string()).collect();
+            command.push_str(&format!(" --budgets {}", budgets.join(",")));
+        }
         if !options.only.is_empty() {
             command.push_str(&format!(" --only {}", options.only.join(",")));
         }

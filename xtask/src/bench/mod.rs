@@ -65,6 +65,8 @@ pub struct BenchOptions {
     /// An earlier build of the agent whose modes `ab` runs in the same rounds instead of the
     /// port-check twins: before and after a change, side by side.
     pub baseline: Option<PathBuf>,
+    /// Extra `capture + decoding` arms of `ab` at these capture_records_per_second.
+    pub budgets: Vec<u32>,
 }
 
 /// The measures, in the order they run; `--only` picks from these.
@@ -188,6 +190,8 @@ struct Bench {
     nofile: u64,
     /// `--baseline`: the earlier build `ab` compares this one with.
     baseline: Option<PathBuf>,
+    /// `--budgets`: capture arms of `ab` at other decoding budgets.
+    budgets: Vec<u32>,
 }
 
 fn target_dir() -> PathBuf {
@@ -291,6 +295,7 @@ impl Bench {
                 ),
                 None => None,
             },
+            budgets: options.budgets.clone(),
         })
     }
 

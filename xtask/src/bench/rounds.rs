@@ -31,20 +31,25 @@ impl Ends {
     }
 }
 
-/// An agent mode as one build of the agent runs it: this build, or `--baseline`.
+/// An agent mode as one build of the agent runs it: this build, or `--baseline`; `budget`: a
+/// capture arm at another `capture_records_per_second` than the default (`--budgets`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Arm {
     mode: Mode,
     baseline: bool,
+    budget: Option<u32>,
 }
 
 impl Arm {
     fn label(self) -> String {
-        if self.baseline {
-            format!("{}, baseline build", self.mode.label())
-        } else {
-            self.mode.label().to_string()
+        let mut label = self.mode.label().to_string();
+        if let Some(budget) = self.budget {
+            label.push_str(&format!(", budget {budget} records/s"));
         }
+        if self.baseline {
+            label.push_str(", baseline build");
+        }
+        label
     }
 }
 
@@ -54,6 +59,8 @@ pub struct ScenarioResult {
     pub mode: Mode,
     /// Run by the `--baseline` build, not this one.
     pub baseline: bool,
+    /// `--budgets`: capture at this capture_records_per_second instead of the default.
+    pub budget: Option<u32>,
     pub rounds: usize,
     pub loss: Option<Interval>,
     /// Lowest and highest single-round loss.
@@ -70,6 +77,10 @@ pub struct ScenarioResult {
     /// CPU-bound host, far less disturbed by other processes than throughput is.
     pub cpu_loss: Option<Interval>,
     pub ns_per_op: Option<f64>,
+    /// Capture modes: the BPF ns one captured (followed) call adds, over rounds (see
+    /// [`per_captured_call`]), and the captured calls per second of the stats windows.
+    pub ns_per_captured: Option<Interval>,
+    pub captured_per_sec: Option<f64>,
 }
 
 impl ScenarioResult {
@@ -78,7 +89,8 @@ impl ScenarioResult {
             "{}, {}",
             Arm {
                 mode: self.mode,
-                baseline: self.baseline
+                baseline: self.baseline,
+                budget: self.budget,
             }
             .label(),
             self.ends.label()
@@ -94,6 +106,10 @@ struct OnRun {
     others: f64,
     stats: (u64, u64, u64),
     floor_per_run: Option<f64>,
+    /// Calls the agent says the kernel captured in the stats window (None: a build without
+    /// `cacheprobe_capture_calls_total`), and the window's seconds.
+    captured: Option<u64>,
+    stats_seconds: f64,
 }
 
 /// One load run of a round.
@@ -102,6 +118,7 @@ struct RoundRun {
     ends: Ends,
     mode: Mode,
     baseline: bool,
+    budget: Option<u32>,
     ops_per_sec: f64,
     /// CPU ns per op of the load generator, memcached and the agent together.
     cpu_ns_per_op: f64,
@@ -109,6 +126,32 @@ struct RoundRun {
     floor_per_run: Option<f64>,
     /// (BPF ns, program runs, memcache ops) of the stats window after an agent-on run.
     stats: Option<(u64, u64, u64)>,
+    /// Captured calls in that window, and its seconds (see [`OnRun::captured`]).
+    captured: Option<u64>,
+    stats_seconds: f64,
+}
+
+/// The agent's count of captured calls, or None when its build does not export it.
+fn captured_calls(agent: &Agent) -> anyhow::Result<Option<f64>> {
+    let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+    Ok(samples
+        .iter()
+        .any(|s| s.name == CAPTURE_CALLS)
+        .then(|| observe::total(&samples, CAPTURE_CALLS)))
+}
+
+const CAPTURE_CALLS: &str = "cacheprobe_capture_calls_total";
+
+/// BPF ns one captured call adds: the capture run's BPF time minus its program runs at the
+/// per-run cost of the same build's sockets-only run of the same round and setup, over the
+/// calls the agent says were captured. At a fixed records/s budget the sample follows
+/// throughput, so BPF ns per op cannot compare two builds' capture; this can.
+fn per_captured_call(capture: &RoundRun, sockets: &RoundRun) -> Option<f64> {
+    let (ns, runs, _) = capture.stats?;
+    let (s_ns, s_runs, _) = sockets.stats?;
+    let captured = capture.captured.filter(|&c| c > 0)?;
+    let base = runs as f64 * s_ns as f64 / s_runs.max(1) as f64;
+    Some((ns as f64 - base) / captured as f64)
 }
 
 impl Bench {
@@ -170,12 +213,25 @@ impl Bench {
             (Some(baseline), true) => baseline.clone(),
             _ => self.binary.clone(),
         };
-        let mut agent: Agent = self.start_binary_on(
-            &binary,
-            &[memcached.addr.port()],
-            arm.mode,
-            DEFAULT_MAX_SOCKETS,
-        )?;
+        let mut agent: Agent = match arm.budget {
+            None => self.start_binary_on(
+                &binary,
+                &[memcached.addr.port()],
+                arm.mode,
+                DEFAULT_MAX_SOCKETS,
+            )?,
+            Some(budget) => {
+                let path = self.scratch.join(format!("agent-capture-{budget}.toml"));
+                let config =
+                    procs::agent_config(&[memcached.addr.port()], arm.mode, DEFAULT_MAX_SOCKETS);
+                // agent_config ends in its [limits] table.
+                std::fs::write(
+                    &path,
+                    format!("{config}capture_records_per_second = {budget}\n"),
+                )?;
+                Agent::start(&binary, &path, self.metrics_addr)?
+            }
+        };
         let pids = [memcached.pid(), agent.pid()];
         let (report, others, cpu_ns) = self.load_once(spec, netns, &pids)?;
         agent.check_running()?;
@@ -188,19 +244,21 @@ impl Bench {
         // Without it (a kernel refusing raw tracepoints) the column says n/a.
         let floor = EmptyPrograms::attach(&["sock_send_length", "sock_recv_length"]).ok();
         let floor_ids = floor.as_ref().map_or(&[][..], |f| &f.ids[..]);
-        let (before, after, stats_load, floor_before, floor_after) = {
+        let (before, after, stats_load, floor_before, floor_after, captured) = {
             let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
             let floor_before = observe::program_stats(floor_ids)?;
+            let captured_before = captured_calls(&agent)?;
             let before = observe::program_stats(&programs)?;
             let (load, _, _) = self.load_once(&stats_spec, netns, &pids)?;
             let after = observe::program_stats(&programs)?;
-            (
-                before,
-                after,
-                load,
-                floor_before,
-                observe::program_stats(floor_ids)?,
-            )
+            let floor_after = observe::program_stats(floor_ids)?;
+            // The agent reads the payload ring at least every 20 ms: all of the window's
+            // records are in after this.
+            procs::sleep(Duration::from_millis(200))?;
+            let captured = captured_calls(&agent)?
+                .zip(captured_before)
+                .map(|(after, before)| (after - before).max(0.0) as u64);
+            (before, after, load, floor_before, floor_after, captured)
         };
         drop(floor);
         let floor_per_run = {
@@ -230,6 +288,8 @@ impl Bench {
             others,
             stats: (ns, runs, stats_load.ops),
             floor_per_run,
+            captured,
+            stats_seconds: stats_load.elapsed.as_secs_f64(),
         })
     }
 
@@ -267,6 +327,14 @@ impl Bench {
         let mut section = Section::new("Overhead: interleaved off/on rounds (issue 19)");
         self.describe_rounds(&mut section);
         section.table("", summary_table(&results));
+        section.say(
+            "`BPF ns per captured call`: a capture run's BPF time in its stats window minus its \
+             program runs at the per-run cost of the same build's `sockets only` run of the same \
+             round and setup, divided by the calls the agent counted as captured in that window \
+             (`cacheprobe_capture_calls_total`; n/a for a build without it). At the default \
+             decoding budget the sample follows throughput, so BPF ns per op does not compare \
+             two builds' capture at equal work; this column does.",
+        );
         let noisiest = results
             .iter()
             .filter_map(|r| r.round_sd)
@@ -308,10 +376,14 @@ impl Bench {
     /// Each agent mode beside its twin, measured in the same rounds: the baseline build's
     /// same mode when one is given (before and after a change), else the port-check mode
     /// (socket_storage = false: the path before socket-local storage).
-    fn arms(&self) -> [Arm; 5] {
-        let arm = |mode, baseline| Arm { mode, baseline };
-        if self.baseline.is_some() {
-            [
+    fn arms(&self) -> Vec<Arm> {
+        let arm = |mode, baseline| Arm {
+            mode,
+            baseline,
+            budget: None,
+        };
+        let mut arms = if self.baseline.is_some() {
+            vec![
                 arm(Mode::Off, false),
                 arm(Mode::SocketsOnly, false),
                 arm(Mode::SocketsOnly, true),
@@ -319,14 +391,19 @@ impl Bench {
                 arm(Mode::Capture, true),
             ]
         } else {
-            [
+            vec![
                 arm(Mode::Off, false),
                 arm(Mode::SocketsOnly, false),
                 arm(Mode::SocketsOnlyPortCheck, false),
                 arm(Mode::Capture, false),
                 arm(Mode::CapturePortCheck, false),
             ]
-        }
+        };
+        arms.extend(self.budgets.iter().map(|&budget| Arm {
+            budget: Some(budget),
+            ..arm(Mode::Capture, false)
+        }));
+        arms
     }
 
     /// Every round: both setups (alternating which goes first), each running every arm in an
@@ -391,11 +468,14 @@ impl Bench {
                 ends,
                 mode,
                 baseline: false,
+                budget: None,
                 ops_per_sec: report.ops_per_sec(),
                 cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
                 other_cores: others,
                 stats: None,
                 floor_per_run: None,
+                captured: None,
+                stats_seconds: 0.0,
             }
         } else {
             let OnRun {
@@ -404,6 +484,8 @@ impl Bench {
                 others,
                 stats,
                 floor_per_run,
+                captured,
+                stats_seconds,
             } = self
                 .on_run(server, ns, arm, spec)
                 .with_context(|| format!("{} {}", arm.label(), ends.label()))?;
@@ -412,11 +494,14 @@ impl Bench {
                 ends,
                 mode,
                 baseline: arm.baseline,
+                budget: arm.budget,
                 ops_per_sec: ops,
                 cpu_ns_per_op,
                 other_cores: others,
                 stats: Some(stats),
                 floor_per_run,
+                captured,
+                stats_seconds,
             }
         })
     }
@@ -434,6 +519,17 @@ impl Bench {
                      rounds"
                 .to_string(),
         };
+        let budgets_text = if self.budgets.is_empty() {
+            String::new()
+        } else {
+            let budgets: Vec<String> = self.budgets.iter().map(|b| thousands(*b as f64)).collect();
+            format!(
+                "; also `capture + decoding` at limits.capture_records_per_second = {} instead \
+                 of the default (the loss curve against the decoding budget)",
+                budgets.join(", ")
+            )
+        };
+        let twins_text = format!("{twins_text}{budgets_text}");
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \
@@ -474,6 +570,31 @@ fn off_of<'a>(runs: &'a [RoundRun], run: &RoundRun) -> Option<&'a RoundRun> {
         .find(|o| o.mode == Mode::Off && o.round == run.round && o.ends == run.ends)
 }
 
+/// The same build's sockets-only run of a run's round and setup.
+fn sockets_of<'a>(runs: &'a [RoundRun], run: &RoundRun) -> Option<&'a RoundRun> {
+    runs.iter().find(|s| {
+        s.mode == Mode::SocketsOnly
+            && s.round == run.round
+            && s.ends == run.ends
+            && s.baseline == run.baseline
+    })
+}
+
+/// A capture run's BPF ns per captured call (see [`per_captured_call`]).
+fn captured_cost(runs: &[RoundRun], run: &RoundRun) -> Option<f64> {
+    match run.mode {
+        Mode::Capture | Mode::CaptureAll => per_captured_call(run, sockets_of(runs, run)?),
+        _ => None,
+    }
+}
+
+/// A run's captured calls per second of its stats window.
+fn captured_rate(run: &RoundRun) -> Option<f64> {
+    run.captured
+        .filter(|_| run.mode != Mode::SocketsOnly && run.stats_seconds > 0.0)
+        .map(|c| c as f64 / run.stats_seconds)
+}
+
 /// Every run, in the order run.
 fn raw_table(runs: &[RoundRun]) -> Table {
     let mut raw = Table::new(&[
@@ -485,6 +606,8 @@ fn raw_table(runs: &[RoundRun]) -> Table {
         "BPF ns per program run",
         "program runs per op",
         "BPF ns per op",
+        "captured calls/s",
+        "BPF ns per captured call",
         "CPU ns per op (generator + memcached + agent)",
         "other processes, cores",
     ]);
@@ -504,6 +627,7 @@ fn raw_table(runs: &[RoundRun]) -> Table {
             Arm {
                 mode: run.mode,
                 baseline: run.baseline,
+                budget: run.budget,
             }
             .label(),
             thousands(run.ops_per_sec),
@@ -514,6 +638,8 @@ fn raw_table(runs: &[RoundRun]) -> Table {
             per_run,
             runs_per_op,
             per_op,
+            captured_rate(run).map_or("-".into(), thousands),
+            captured_cost(runs, run).map_or("-".into(), |ns| format!("{ns:.0}")),
             format!("{:.0}", run.cpu_ns_per_op),
             format!("{:.2}", run.other_cores),
         ]);
@@ -525,17 +651,24 @@ fn raw_table(runs: &[RoundRun]) -> Table {
 fn summarise(runs: &[RoundRun], modes: &[Arm]) -> Vec<ScenarioResult> {
     let mut results = Vec::new();
     for ends in [Ends::Both, Ends::OneEnd] {
-        for Arm { mode, baseline } in modes.iter().copied().filter(|a| a.mode != Mode::Off) {
-            results.push(scenario(runs, ends, mode, baseline));
+        for arm in modes.iter().copied().filter(|a| a.mode != Mode::Off) {
+            results.push(scenario(runs, ends, arm));
         }
     }
     results
 }
 
-fn scenario(runs: &[RoundRun], ends: Ends, mode: Mode, baseline: bool) -> ScenarioResult {
+fn scenario(runs: &[RoundRun], ends: Ends, arm: Arm) -> ScenarioResult {
+    let Arm {
+        mode,
+        baseline,
+        budget,
+    } = arm;
     let mine: Vec<&RoundRun> = runs
         .iter()
-        .filter(|r| r.ends == ends && r.mode == mode && r.baseline == baseline)
+        .filter(|r| {
+            r.ends == ends && r.mode == mode && r.baseline == baseline && r.budget == budget
+        })
         .collect();
     let losses: Vec<f64> = mine
         .iter()
@@ -556,6 +689,8 @@ fn scenario(runs: &[RoundRun], ends: Ends, mode: Mode, baseline: bool) -> Scenar
         .filter_map(|r| r.stats)
         .map(|(ns, _, ops)| ns as f64 / ops.max(1) as f64)
         .collect();
+    let per_captured: Vec<f64> = mine.iter().filter_map(|r| captured_cost(runs, r)).collect();
+    let captured_rates: Vec<f64> = mine.iter().filter_map(|r| captured_rate(r)).collect();
     let range = losses
         .iter()
         .copied()
@@ -572,6 +707,7 @@ fn scenario(runs: &[RoundRun], ends: Ends, mode: Mode, baseline: bool) -> Scenar
         ends,
         mode,
         baseline,
+        budget,
         rounds: losses.len(),
         round_sd,
         loss: paired::median_ci(&losses),
@@ -580,6 +716,8 @@ fn scenario(runs: &[RoundRun], ends: Ends, mode: Mode, baseline: bool) -> Scenar
         floor_per_run: paired::median_ci(&floors),
         cpu_loss: paired::median_ci(&cpu_losses),
         ns_per_op: median(&per_op),
+        ns_per_captured: paired::median_ci(&per_captured),
+        captured_per_sec: median(&captured_rates),
     }
 }
 
@@ -596,6 +734,8 @@ fn summary_table(results: &[ScenarioResult]) -> Table {
         "BPF ns per program run (median, 95% CI)",
         "empty program, ns per run",
         "BPF ns per op",
+        "captured calls/s",
+        "BPF ns per captured call (median, 95% CI)",
     ]);
     for result in results {
         summary.row(vec![
@@ -628,6 +768,10 @@ fn summary_table(results: &[ScenarioResult]) -> Table {
                 format!("{:.1} ({:.1} .. {:.1})", i.median, i.low, i.high)
             }),
             result.ns_per_op.map_or("n/a".into(), |v| format!("{v:.0}")),
+            result.captured_per_sec.map_or("n/a".into(), thousands),
+            result.ns_per_captured.map_or("n/a".into(), |i| {
+                format!("{:.0} ({:.0} .. {:.0})", i.median, i.low, i.high)
+            }),
         ]);
     }
     summary
@@ -641,6 +785,7 @@ fn against_baseline(runs: &[RoundRun]) -> Table {
         "rounds",
         "CPU ns per op (generator + memcached + agent)",
         "BPF ns per op",
+        "BPF ns per captured call",
         "throughput",
     ]);
     let format = |changes: &[f64]| {
@@ -657,7 +802,7 @@ fn against_baseline(runs: &[RoundRun]) -> Table {
         for mode in [Mode::SocketsOnly, Mode::Capture] {
             let pairs: Vec<(&RoundRun, &RoundRun)> = runs
                 .iter()
-                .filter(|r| r.ends == ends && r.mode == mode && !r.baseline)
+                .filter(|r| r.ends == ends && r.mode == mode && !r.baseline && r.budget.is_none())
                 .filter_map(|new| {
                     let old = runs.iter().find(|o| {
                         o.baseline && o.mode == mode && o.ends == ends && o.round == new.round
@@ -678,6 +823,13 @@ fn against_baseline(runs: &[RoundRun]) -> Table {
                 pairs.len().to_string(),
                 format(&change(&|r: &RoundRun| Some(r.cpu_ns_per_op))),
                 format(&change(&bpf_per_op)),
+                if mode == Mode::Capture {
+                    format(&change(&|r: &RoundRun| {
+                        per_captured_call(r, sockets_of(runs, r)?)
+                    }))
+                } else {
+                    "-".into()
+                },
                 format(&change(&|r: &RoundRun| Some(r.ops_per_sec))),
             ]);
         }
@@ -692,8 +844,8 @@ pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
         Verdict::Missed => "**missed**".to_string(),
         Verdict::Undecided => "**not shown** (the interval straddles the goal)".to_string(),
     };
-    // The baseline build's goals are not this build's.
-    for result in results.iter().filter(|r| !r.baseline) {
+    // The baseline build's goals are not this build's, nor are other budgets' the default's.
+    for result in results.iter().filter(|r| !r.baseline && r.budget.is_none()) {
         let label = result.label();
         let limits: &[(f64, &str)] = match result.mode {
             Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => &[(0.01, "<= 1% loss (issue 19)")],
