@@ -1,5 +1,7 @@
 //! Writes the registry out as OpenMetrics or, for promtool and most other tools, the classic Prometheus text format.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prometheus_client::registry::Registry;
 
 /// Exposition formats. Prometheus negotiates OpenMetrics; promtool and most other tools read the
@@ -26,9 +28,17 @@ impl Format {
     }
 }
 
+/// The last encode's length: the next one starts at about that capacity instead of growing
+/// by doubling from 64 KiB. Doubling left the allocator holding the outgrown buffers (about one
+/// more body per encode) and up to twice the body in capacity, so a large /metrics body under
+/// concurrent scrapes cost several bodies of RSS per permit.
+static LAST_LEN: AtomicUsize = AtomicUsize::new(64 * 1024);
+
 pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
-    let mut text = String::with_capacity(64 * 1024);
+    let hint = LAST_LEN.load(Ordering::Relaxed);
+    let mut text = String::with_capacity(hint + hint / 16);
     prometheus_client::encoding::text::encode(&mut text, registry)?;
+    LAST_LEN.store(text.len().max(64 * 1024), Ordering::Relaxed);
     let text = apply_exemplar_markers(text, format == Format::OpenMetrics);
     Ok(match format {
         Format::OpenMetrics => text,
