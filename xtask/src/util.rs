@@ -1,3 +1,5 @@
+//! Shared helpers for xtask: the workspace root, timed CI steps, running commands and cargo, and root checks.
+
 use std::{
     path::PathBuf,
     process::{Command, Stdio},

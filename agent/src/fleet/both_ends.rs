@@ -7,7 +7,7 @@ use super::{
     prom::{ExemplarSeries, PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::Severity;
+use crate::diagnose::{Finding, Severity};
 
 pub const ID: &str = "fleet-request-both-ends";
 
@@ -159,11 +159,28 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         ));
         return out;
     };
-    let retransmits: BTreeMap<(&str, &str), f64> = input
+    let retransmits: Retransmits = input
         .retransmits
         .iter()
         .map(|s| ((s.label("instance"), s.label("server")), s.value))
         .collect();
+    out.findings
+        .push(finding(slowest, &joined, &retransmits, hosts, t));
+    out
+}
+
+/// Retransmits in the window by (client instance, server).
+type Retransmits<'a> = BTreeMap<(&'a str, &'a str), f64>;
+
+/// The slowest joined request and the others shown, Warning when the time between the boxes
+/// dominates.
+fn finding(
+    slowest: &Joined,
+    joined: &[Joined],
+    retransmits: &Retransmits,
+    hosts: &Hosts,
+    t: &FleetThresholds,
+) -> Finding {
     let between = slowest.between_s();
     // The slowest request spent most of its time between the boxes, and that is slow.
     let between_dominates = between * 1e3 >= t.slow_path_min_ms && between >= slowest.server_s;
@@ -186,26 +203,9 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         ),
     );
     for request in joined.iter().take(SHOWN) {
-        let mut line = format!(
-            "request {} at {}: {} -> {} on {}, {}: client {}, server {}, between {}",
-            request.request_id,
-            crate::diagnose::util::clock(request.at_s),
-            hosts.describe(&request.client_instance),
-            request.server,
-            hosts.describe(&request.server_instance),
-            request.command,
-            ms(request.client_s),
-            ms(request.server_s),
-            ms(request.between_s())
-        );
-        if let Some(n) =
-            retransmits.get(&(request.client_instance.as_str(), request.server.as_str()))
-        {
-            line.push_str(&format!(
-                "; {n:.0} retransmits on this client's path to the server in the window"
-            ));
-        }
-        finding.evidence.push(line);
+        finding
+            .evidence
+            .push(request_line(request, retransmits, hosts));
     }
     if joined.len() > SHOWN {
         finding.evidence.push(format!(
@@ -239,8 +239,29 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         set_value(&mut finding, "retransmits", *n);
     }
     finding.magnitude = between * 1e3;
-    out.findings.push(finding);
-    out
+    finding
+}
+
+/// One joined request: both ends' times, and its path's retransmits if any.
+fn request_line(request: &Joined, retransmits: &Retransmits, hosts: &Hosts) -> String {
+    let mut line = format!(
+        "request {} at {}: {} -> {} on {}, {}: client {}, server {}, between {}",
+        request.request_id,
+        crate::diagnose::util::clock(request.at_s),
+        hosts.describe(&request.client_instance),
+        request.server,
+        hosts.describe(&request.server_instance),
+        request.command,
+        ms(request.client_s),
+        ms(request.server_s),
+        ms(request.between_s())
+    );
+    if let Some(n) = retransmits.get(&(request.client_instance.as_str(), request.server.as_str())) {
+        line.push_str(&format!(
+            "; {n:.0} retransmits on this client's path to the server in the window"
+        ));
+    }
+    line
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

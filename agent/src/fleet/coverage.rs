@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::Severity;
+use crate::diagnose::{Finding, Severity};
 
 pub const ID: &str = "fleet-coverage";
 
@@ -35,8 +35,39 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
     })
 }
 
+/// The agents by state.
+#[derive(Debug, Default)]
+struct Coverage<'a> {
+    /// Targets of the agents' jobs plus every agent seen in the window.
+    targets: BTreeSet<&'a str>,
+    down: BTreeSet<&'a str>,
+    stale: Vec<&'a str>,
+    /// instance -> probes not attached
+    probes: BTreeMap<&'a str, Vec<String>>,
+}
+
 pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutput {
     let mut out = DetectorOutput::default();
+    let c = gather(input);
+    let reporting = c.targets.len() - c.down.len() - c.stale.len();
+    out.notes.push(format!(
+        "coverage: {reporting} of {} agents reporting now ({} down, {} not scraped, {} with probes missing)",
+        c.targets.len(),
+        c.down.len(),
+        c.stale.len(),
+        c.probes.len()
+    ));
+
+    if !c.down.is_empty() || !c.stale.is_empty() {
+        out.findings.push(not_reporting(&c, hosts));
+    }
+    if !c.probes.is_empty() {
+        out.findings.push(probes_missing(&c, hosts));
+    }
+    out
+}
+
+fn gather(input: &Input) -> Coverage<'_> {
     let jobs: BTreeSet<&str> = input.known.iter().map(|s| s.label("job")).collect();
     let known: BTreeSet<&str> = input.known.iter().map(|s| s.label("instance")).collect();
     let fresh: BTreeSet<&str> = input.fresh.iter().map(|s| s.label("instance")).collect();
@@ -69,84 +100,93 @@ pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutp
             .or_default()
             .push(sample.label("probe").to_string());
     }
-    let reporting = targets.len() - down.len() - stale.len();
-    out.notes.push(format!(
-        "coverage: {reporting} of {} agents reporting now ({} down, {} not scraped, {} with probes missing)",
-        targets.len(),
-        down.len(),
-        stale.len(),
-        probes.len()
-    ));
+    Coverage {
+        targets,
+        down,
+        stale,
+        probes,
+    }
+}
 
-    if !down.is_empty() || !stale.is_empty() {
-        let missing = down.len() + stale.len();
-        let mut finding = new_finding(
-            ID,
-            Severity::Warning,
-            format!(
-                "{missing} of {} cacheprobe agents are not reporting: this report does not cover their hosts",
-                targets.len()
-            ),
-        );
-        if !down.is_empty() {
-            let names: Vec<String> = down.iter().map(|i| hosts.describe(i)).collect();
-            finding.evidence.push(format!(
-                "down (Prometheus cannot scrape them, up == 0): {}",
-                super::list(&names, 10)
-            ));
-        }
-        if !stale.is_empty() {
-            let names: Vec<String> = stale.iter().map(|i| hosts.describe(i)).collect();
-            finding.evidence.push(format!(
-                "not scraped any more (series seen earlier in the window, none in the last 5 minutes): {}",
-                super::list(&names, 10)
-            ));
-        }
-        finding.advice = "Check the agents on those hosts (systemctl status cacheprobe) and \
-            Prometheus' targets page; until they report, problems on their hosts are invisible \
-            here."
-            .to_string();
-        finding.subjects.hosts = down
-            .iter()
-            .chain(stale.iter())
-            .map(|i| i.to_string())
-            .collect();
-        set_value(&mut finding, "agents", targets.len() as f64);
-        set_value(&mut finding, "agents_down", down.len() as f64);
-        set_value(&mut finding, "agents_not_scraped", stale.len() as f64);
-        finding.magnitude = missing as f64;
-        out.findings.push(finding);
+/// Agents down or no longer scraped (at least one of either).
+fn not_reporting(c: &Coverage, hosts: &Hosts) -> Finding {
+    let Coverage {
+        targets,
+        down,
+        stale,
+        ..
+    } = c;
+    let missing = down.len() + stale.len();
+    let mut finding = new_finding(
+        ID,
+        Severity::Warning,
+        format!(
+            "{missing} of {} cacheprobe agents are not reporting: this report does not cover their hosts",
+            targets.len()
+        ),
+    );
+    if !down.is_empty() {
+        let names: Vec<String> = down.iter().map(|i| hosts.describe(i)).collect();
+        finding.evidence.push(format!(
+            "down (Prometheus cannot scrape them, up == 0): {}",
+            super::list(&names, 10)
+        ));
     }
-    if !probes.is_empty() {
-        let mut finding = new_finding(
-            ID,
-            Severity::Info,
-            format!(
-                "{} of {} agents run with kernel probes missing: some of their metrics stay at zero",
-                probes.len(),
-                targets.len()
-            ),
-        );
-        for (instance, missing) in probes.iter().take(10) {
-            finding.evidence.push(format!(
-                "{}: {}",
-                hosts.describe(instance),
-                super::list(missing, 4)
-            ));
-        }
-        if probes.len() > 10 {
-            finding
-                .evidence
-                .push(format!("and {} more hosts", probes.len() - 10));
-        }
-        finding.advice = "Run `sudo cacheprobe check` on those hosts: it says why a probe cannot \
-            attach and what that costs (often an older kernel)."
-            .to_string();
-        finding.subjects.hosts = probes.keys().map(|i| i.to_string()).collect();
-        set_value(&mut finding, "agents_probes_missing", probes.len() as f64);
-        out.findings.push(finding);
+    if !stale.is_empty() {
+        let names: Vec<String> = stale.iter().map(|i| hosts.describe(i)).collect();
+        finding.evidence.push(format!(
+            "not scraped any more (series seen earlier in the window, none in the last 5 minutes): {}",
+            super::list(&names, 10)
+        ));
     }
-    out
+    finding.advice = "Check the agents on those hosts (systemctl status cacheprobe) and \
+        Prometheus' targets page; until they report, problems on their hosts are invisible \
+        here."
+        .to_string();
+    finding.subjects.hosts = down
+        .iter()
+        .chain(stale.iter())
+        .map(|i| i.to_string())
+        .collect();
+    set_value(&mut finding, "agents", targets.len() as f64);
+    set_value(&mut finding, "agents_down", down.len() as f64);
+    set_value(&mut finding, "agents_not_scraped", stale.len() as f64);
+    finding.magnitude = missing as f64;
+    finding
+}
+
+/// Agents running with kernel probes missing (at least one).
+fn probes_missing(c: &Coverage, hosts: &Hosts) -> Finding {
+    let Coverage {
+        targets, probes, ..
+    } = c;
+    let mut finding = new_finding(
+        ID,
+        Severity::Info,
+        format!(
+            "{} of {} agents run with kernel probes missing: some of their metrics stay at zero",
+            probes.len(),
+            targets.len()
+        ),
+    );
+    for (instance, missing) in probes.iter().take(10) {
+        finding.evidence.push(format!(
+            "{}: {}",
+            hosts.describe(instance),
+            super::list(missing, 4)
+        ));
+    }
+    if probes.len() > 10 {
+        finding
+            .evidence
+            .push(format!("and {} more hosts", probes.len() - 10));
+    }
+    finding.advice = "Run `sudo cacheprobe check` on those hosts: it says why a probe cannot \
+        attach and what that costs (often an older kernel)."
+        .to_string();
+    finding.subjects.hosts = probes.keys().map(|i| i.to_string()).collect();
+    set_value(&mut finding, "agents_probes_missing", probes.len() as f64);
+    finding
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::{util, Severity};
+use crate::diagnose::{util, Finding, Severity};
 
 pub const ID: &str = "fleet-idle-timeouts";
 
@@ -60,10 +60,20 @@ fn key(s: &Sample) -> Key {
     )
 }
 
-pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutput {
-    let mut out = DetectorOutput::default();
-    // Per server: host -> process -> command -> writes.
-    type Writers = BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>;
+/// Per server: host -> process -> command -> writes.
+type Writers = BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>;
+
+/// The series keyed by (service, server).
+#[derive(Debug, Default)]
+struct Gathered {
+    writes: BTreeMap<Key, Writers>,
+    /// Closes by the server and how many client hosts saw them.
+    closes: BTreeMap<Key, (f64, usize)>,
+    idle: BTreeMap<Key, f64>,
+    outcomes: BTreeMap<Key, BTreeMap<String, f64>>,
+}
+
+fn gather(input: &Input) -> Gathered {
     let mut writes: BTreeMap<Key, Writers> = BTreeMap::new();
     for s in &input.dead_writes {
         *writes
@@ -91,8 +101,18 @@ pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutp
             .entry(s.label("outcome").to_string())
             .or_default() += s.value;
     }
+    Gathered {
+        writes,
+        closes,
+        idle,
+        outcomes,
+    }
+}
 
-    for ((service, server), writers) in &writes {
+pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutput {
+    let mut out = DetectorOutput::default();
+    let gathered = gather(input);
+    for ((service, server), writers) in &gathered.writes {
         let total: f64 = writers
             .values()
             .flat_map(|comms| comms.values())
@@ -102,109 +122,138 @@ pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutp
         if total < 1.0 {
             continue;
         }
-        let k = (service.clone(), server.clone());
-        let (close_count, close_hosts) = closes.get(&k).copied().unwrap_or_default();
-        let timeout = idle.get(&k).map(|mean| util::infer_timeout(*mean));
-        let title = match timeout {
-            Some(timeout) => format!(
-                "{server} ({service}) closes clients idle for {}; {} client hosts then wrote {} times onto closed connections",
-                util::seconds(timeout),
-                writers.len(),
-                total
-            ),
-            None => format!(
-                "{} client hosts wrote {} times onto connections {server} ({service}) had already closed",
-                writers.len(),
-                total
-            ),
-        };
-        let mut finding = new_finding(ID, Severity::Warning, title);
-        if close_count > 0.0 {
-            let mean = idle.get(&k).map_or(String::new(), |m| {
-                format!(" after {} idle on average", util::seconds(*m))
-            });
-            finding.evidence.push(format!(
-                "{} connections closed by the server{mean}, seen by {} client hosts",
-                close_count.round(),
-                close_hosts
-            ));
-        }
-        // Hosts with the most dead writes first.
-        let mut ranked: Vec<(&String, f64)> = writers
-            .iter()
-            .map(|(host, comms)| (host, comms.values().flat_map(|c| c.values()).sum::<f64>()))
-            .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
-        let mut processes = Vec::new();
-        let mut commands = Vec::new();
-        for (host, _) in ranked.iter().take(10) {
-            let mut parts = Vec::new();
-            for (comm, by_command) in &writers[*host] {
-                let count: f64 = by_command.values().sum();
-                let detail: Vec<String> = by_command
-                    .iter()
-                    .map(|(command, n)| format!("{command} x{}", n.round()))
-                    .collect();
-                parts.push(format!(
-                    "{comm} wrote {} times ({})",
-                    count.round(),
-                    detail.join(", ")
-                ));
-                if !processes.contains(comm) {
-                    processes.push(comm.clone());
-                }
-                for command in by_command.keys() {
-                    if !commands.contains(command) {
-                        commands.push(command.clone());
-                    }
-                }
-            }
-            finding
-                .evidence
-                .push(format!("{}: {}", hosts.describe(host), parts.join("; ")));
-        }
-        if ranked.len() > 10 {
-            finding
-                .evidence
-                .push(format!("and {} more client hosts", ranked.len() - 10));
-        }
-        if let Some(outcome) = outcomes.get(&k) {
-            let parts: Vec<String> = outcome
-                .iter()
-                .map(|(o, n)| format!("{o} {}", n.round()))
-                .collect();
-            finding.evidence.push(format!(
-                "what the applications saw next: {}",
-                parts.join(", ")
-            ));
-        }
-        finding.advice = match timeout {
-            Some(timeout) => format!(
-                "Clients keep connections idle longer than the server allows. Make the clients close, ping or re-validate pooled connections idle for more than {} (pool max idle time; TCP keepalive is not enough), or raise the server's idle timeout (memcached: -o idle_timeout) above the clients' longest idle period.",
-                util::seconds(timeout)
-            ),
-            None => "Clients reuse connections the server already closed: make their pools \
-                evict idle connections before the server does."
-                .to_string(),
-        };
-        finding.subjects.services = vec![service.clone()];
-        finding.subjects.servers = vec![server.clone()];
-        finding.subjects.hosts = ranked.iter().map(|(h, _)| h.to_string()).collect();
-        finding.subjects.processes = processes;
-        finding.subjects.commands = commands;
-        if let Some(timeout) = timeout {
-            set_value(&mut finding, "idle_timeout_s", timeout);
-        }
-        if let Some(mean) = idle.get(&k) {
-            set_value(&mut finding, "idle_mean_s", *mean);
-        }
-        set_value(&mut finding, "closes", close_count.round());
-        set_value(&mut finding, "dead_writes", total);
-        set_value(&mut finding, "hosts", writers.len() as f64);
-        finding.magnitude = total;
-        out.findings.push(finding);
+        out.findings
+            .push(finding(&gathered, service, server, writers, total, hosts));
     }
     out
+}
+
+/// One server's finding: its inferred timeout, the closes, who wrote onto them, what followed.
+fn finding(
+    g: &Gathered,
+    service: &str,
+    server: &str,
+    writers: &Writers,
+    total: f64,
+    hosts: &Hosts,
+) -> Finding {
+    let k = (service.to_string(), server.to_string());
+    let (close_count, close_hosts) = g.closes.get(&k).copied().unwrap_or_default();
+    let timeout = g.idle.get(&k).map(|mean| util::infer_timeout(*mean));
+    let title = match timeout {
+        Some(timeout) => format!(
+            "{server} ({service}) closes clients idle for {}; {} client hosts then wrote {} times onto closed connections",
+            util::seconds(timeout),
+            writers.len(),
+            total
+        ),
+        None => format!(
+            "{} client hosts wrote {} times onto connections {server} ({service}) had already closed",
+            writers.len(),
+            total
+        ),
+    };
+    let mut finding = new_finding(ID, Severity::Warning, title);
+    if close_count > 0.0 {
+        let mean = g.idle.get(&k).map_or(String::new(), |m| {
+            format!(" after {} idle on average", util::seconds(*m))
+        });
+        finding.evidence.push(format!(
+            "{} connections closed by the server{mean}, seen by {} client hosts",
+            close_count.round(),
+            close_hosts
+        ));
+    }
+    let (ranked, processes, commands) = writer_evidence(&mut finding, writers, hosts);
+    if let Some(outcome) = g.outcomes.get(&k) {
+        let parts: Vec<String> = outcome
+            .iter()
+            .map(|(o, n)| format!("{o} {}", n.round()))
+            .collect();
+        finding.evidence.push(format!(
+            "what the applications saw next: {}",
+            parts.join(", ")
+        ));
+    }
+    finding.advice = advice(timeout);
+    finding.subjects.services = vec![service.to_string()];
+    finding.subjects.servers = vec![server.to_string()];
+    finding.subjects.hosts = ranked;
+    finding.subjects.processes = processes;
+    finding.subjects.commands = commands;
+    if let Some(timeout) = timeout {
+        set_value(&mut finding, "idle_timeout_s", timeout);
+    }
+    if let Some(mean) = g.idle.get(&k) {
+        set_value(&mut finding, "idle_mean_s", *mean);
+    }
+    set_value(&mut finding, "closes", close_count.round());
+    set_value(&mut finding, "dead_writes", total);
+    set_value(&mut finding, "hosts", writers.len() as f64);
+    finding.magnitude = total;
+    finding
+}
+
+/// One evidence line per writing host (most dead writes first, ten at most); returns all the
+/// hosts ranked, and the processes and commands of the ten shown, in order of appearance.
+fn writer_evidence(
+    finding: &mut Finding,
+    writers: &Writers,
+    hosts: &Hosts,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    // Hosts with the most dead writes first.
+    let mut ranked: Vec<(&String, f64)> = writers
+        .iter()
+        .map(|(host, comms)| (host, comms.values().flat_map(|c| c.values()).sum::<f64>()))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    let mut processes = Vec::new();
+    let mut commands = Vec::new();
+    for (host, _) in ranked.iter().take(10) {
+        let mut parts = Vec::new();
+        for (comm, by_command) in &writers[*host] {
+            let count: f64 = by_command.values().sum();
+            let detail: Vec<String> = by_command
+                .iter()
+                .map(|(command, n)| format!("{command} x{}", n.round()))
+                .collect();
+            parts.push(format!(
+                "{comm} wrote {} times ({})",
+                count.round(),
+                detail.join(", ")
+            ));
+            if !processes.contains(comm) {
+                processes.push(comm.clone());
+            }
+            for command in by_command.keys() {
+                if !commands.contains(command) {
+                    commands.push(command.clone());
+                }
+            }
+        }
+        finding
+            .evidence
+            .push(format!("{}: {}", hosts.describe(host), parts.join("; ")));
+    }
+    if ranked.len() > 10 {
+        finding
+            .evidence
+            .push(format!("and {} more client hosts", ranked.len() - 10));
+    }
+    let ranked = ranked.iter().map(|(h, _)| h.to_string()).collect();
+    (ranked, processes, commands)
+}
+
+fn advice(timeout: Option<f64>) -> String {
+    match timeout {
+        Some(timeout) => format!(
+            "Clients keep connections idle longer than the server allows. Make the clients close, ping or re-validate pooled connections idle for more than {} (pool max idle time; TCP keepalive is not enough), or raise the server's idle timeout (memcached: -o idle_timeout) above the clients' longest idle period.",
+            util::seconds(timeout)
+        ),
+        None => "Clients reuse connections the server already closed: make their pools \
+            evict idle connections before the server does."
+            .to_string(),
+    }
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

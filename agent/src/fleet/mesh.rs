@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::Severity;
+use crate::diagnose::{Finding, Severity};
 
 pub const ID: &str = "fleet-connection-mesh";
 
@@ -59,8 +59,33 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
     })
 }
 
+/// One pool's connection mesh, as judged.
+struct Mesh<'a> {
+    service: &'a str,
+    pool: usize,
+    busiest: &'a str,
+    most: f64,
+    /// Total client connections to the pool.
+    total: f64,
+    /// Hosts connected to every server of the pool, of `total_hosts` client hosts.
+    full: Vec<&'a str>,
+    total_hosts: usize,
+    /// Processes holding a connection to every server, and the hosts they do it on.
+    processes: BTreeMap<&'a str, Vec<String>>,
+}
+
 pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutput {
     let mut out = DetectorOutput::default();
+    for (service, servers) in pools(input) {
+        if let Some(mesh) = judge_pool(input, hosts, t, service, &servers) {
+            out.findings.push(finding(&mesh));
+        }
+    }
+    out
+}
+
+/// Servers with client connections, per service.
+fn pools(input: &Input) -> BTreeMap<&str, Vec<(&str, f64)>> {
     let mut pools: BTreeMap<&str, Vec<(&str, f64)>> = BTreeMap::new();
     for s in &input.per_server {
         if s.value > 0.0 {
@@ -70,79 +95,109 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
                 .push((s.label("server"), s.value));
         }
     }
-    for (service, servers) in pools {
-        let pool = servers.len();
-        let (busiest, most) = servers
-            .iter()
-            .copied()
-            .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(a.0)))
-            .unwrap_or(("", 0.0));
-        if pool < t.mesh_min_servers || most < t.mesh_connections {
-            continue;
-        }
-        let full: Vec<&str> = input
-            .fan_out
-            .iter()
-            .filter(|s| s.label("service") == service && s.value >= pool as f64)
-            .map(|s| s.label("instance"))
-            .collect();
-        let total_hosts = input
-            .fan_out
-            .iter()
-            .filter(|s| s.label("service") == service)
-            .count();
-        // On those hosts, processes holding at least one connection per server.
-        let mut processes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for s in &input.processes {
-            if s.label("service") == service
-                && s.value >= pool as f64
-                && full.contains(&s.label("instance"))
-            {
-                processes
-                    .entry(s.label("comm"))
-                    .or_default()
-                    .push(hosts.short(s.label("instance")));
-            }
-        }
-        let total: f64 = servers.iter().map(|(_, n)| n).sum();
-        let mut finding = new_finding(
-            ID,
-            Severity::Warning,
-            format!(
-                "{service}: up to {} client connections per server ({} on {busiest}); {} of {total_hosts} client hosts connect to all {pool} servers",
-                most.round(),
-                most.round(),
-                full.len()
-            ),
-        );
-        finding.evidence.push(format!(
-            "{} client connections to {pool} servers in total",
-            total.round()
-        ));
-        for (comm, on) in processes.iter().take(5) {
-            finding.evidence.push(format!(
-                "{comm} holds a connection to every server on {} hosts ({})",
-                on.len(),
-                super::list(on, 5)
-            ));
-        }
-        finding.advice = "Every client process connecting to every server multiplies \
-            connections (processes x servers): servers hit their connection and fd limits and \
-            spend memory per connection. Put a proxy (twemproxy, mcrouter) or a shared pool per \
-            host in between, or cap per-process pools."
-            .to_string();
-        finding.subjects.services = vec![service.to_string()];
-        finding.subjects.servers = vec![busiest.to_string()];
-        finding.subjects.processes = processes.keys().map(|c| c.to_string()).collect();
-        finding.subjects.hosts = full.iter().map(|h| h.to_string()).collect();
-        set_value(&mut finding, "max_connections_per_server", most);
-        set_value(&mut finding, "connections", total);
-        set_value(&mut finding, "servers", pool as f64);
-        set_value(&mut finding, "full_mesh_hosts", full.len() as f64);
-        finding.magnitude = most;
-        out.findings.push(finding);
+    pools
+}
+
+fn judge_pool<'a>(
+    input: &'a Input,
+    hosts: &Hosts,
+    t: &FleetThresholds,
+    service: &'a str,
+    servers: &[(&'a str, f64)],
+) -> Option<Mesh<'a>> {
+    let pool = servers.len();
+    let (busiest, most) = servers
+        .iter()
+        .copied()
+        .max_by(|a, b| a.1.total_cmp(&b.1).then_with(|| b.0.cmp(a.0)))
+        .unwrap_or(("", 0.0));
+    if pool < t.mesh_min_servers || most < t.mesh_connections {
+        return None;
     }
-    out
+    let full: Vec<&str> = input
+        .fan_out
+        .iter()
+        .filter(|s| s.label("service") == service && s.value >= pool as f64)
+        .map(|s| s.label("instance"))
+        .collect();
+    let total_hosts = input
+        .fan_out
+        .iter()
+        .filter(|s| s.label("service") == service)
+        .count();
+    // On those hosts, processes holding at least one connection per server.
+    let mut processes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for s in &input.processes {
+        if s.label("service") == service
+            && s.value >= pool as f64
+            && full.contains(&s.label("instance"))
+        {
+            processes
+                .entry(s.label("comm"))
+                .or_default()
+                .push(hosts.short(s.label("instance")));
+        }
+    }
+    let total: f64 = servers.iter().map(|(_, n)| n).sum();
+    Some(Mesh {
+        service,
+        pool,
+        busiest,
+        most,
+        total,
+        full,
+        total_hosts,
+        processes,
+    })
+}
+
+fn finding(m: &Mesh) -> Finding {
+    let Mesh {
+        service,
+        pool,
+        busiest,
+        most,
+        total,
+        ref full,
+        total_hosts,
+        ref processes,
+    } = *m;
+    let mut finding = new_finding(
+        ID,
+        Severity::Warning,
+        format!(
+            "{service}: up to {} client connections per server ({} on {busiest}); {} of {total_hosts} client hosts connect to all {pool} servers",
+            most.round(),
+            most.round(),
+            full.len()
+        ),
+    );
+    finding.evidence.push(format!(
+        "{} client connections to {pool} servers in total",
+        total.round()
+    ));
+    for (comm, on) in processes.iter().take(5) {
+        finding.evidence.push(format!(
+            "{comm} holds a connection to every server on {} hosts ({})",
+            on.len(),
+            super::list(on, 5)
+        ));
+    }
+    finding.advice = "Every client process connecting to every server multiplies \
+        connections (processes x servers): servers hit their connection and fd limits and \
+        spend memory per connection. Put a proxy (twemproxy, mcrouter) or a shared pool per \
+        host in between, or cap per-process pools."
+        .to_string();
+    finding.subjects.services = vec![service.to_string()];
+    finding.subjects.servers = vec![busiest.to_string()];
+    finding.subjects.processes = processes.keys().map(|c| c.to_string()).collect();
+    finding.subjects.hosts = full.iter().map(|h| h.to_string()).collect();
+    set_value(&mut finding, "max_connections_per_server", most);
+    set_value(&mut finding, "connections", total);
+    set_value(&mut finding, "servers", pool as f64);
+    set_value(&mut finding, "full_mesh_hosts", full.len() as f64);
+    finding.magnitude = most;
+    finding
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

@@ -291,6 +291,46 @@ pub fn run(
     generated_at_s: u64,
 ) -> anyhow::Result<FleetOutcome> {
     let collector = Collector::new(client, scope.clone());
+    let known = agents_seen(&collector, client, &scope)?;
+    let hosts = host_names(&collector, &scope.range());
+    let results = run_detectors(&collector, &hosts, thresholds);
+    let (mut output, failed) = combine(results);
+    if failed.len() == DETECTORS.len() {
+        anyhow::bail!(
+            "every fleet detector failed against {}: {}",
+            client.url(),
+            failed.join("; ")
+        );
+    }
+    merge_server_findings(&mut output.findings);
+    crate::diagnose::rank(&mut output.findings);
+    let problems = collector
+        .problems
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let partial = !failed.is_empty() || !problems.is_empty();
+    for failure in &failed {
+        output.notes.push(format!("PARTIAL: detector {failure}"));
+    }
+    for problem in problems {
+        output.notes.push(format!("PARTIAL: {problem}"));
+    }
+    output.edges.sort_by(|a, b| {
+        b.requests_per_s
+            .total_cmp(&a.requests_per_s)
+            .then_with(|| a.host.cmp(&b.host))
+            .then_with(|| a.server.cmp(&b.server))
+    });
+    let report = report(client, &scope, generated_at_s, known.len(), partial, output);
+    Ok(FleetOutcome { report, partial })
+}
+
+/// The agents with series in the window, by (instance, job); an error when there are none.
+fn agents_seen(
+    collector: &Collector,
+    client: &Client,
+    scope: &Scope,
+) -> anyhow::Result<Vec<Sample>> {
     // One cheap query first: an unreachable server, refused credentials or a non-Prometheus
     // endpoint end the run here with one clear message, before seven detectors fail alike.
     let range = scope.range();
@@ -307,7 +347,12 @@ pub fn run(
         crate::diagnose::util::clock(scope.at.saturating_sub(scope.window_s)),
         crate::diagnose::util::clock(scope.at),
     );
-    let hosts = Hosts::from_samples(
+    Ok(known)
+}
+
+/// Host names and kernels from the agents' host info; none (and a PARTIAL note) if unavailable.
+fn host_names(collector: &Collector, range: &str) -> Hosts {
+    Hosts::from_samples(
         &collector
             .instant(&format!(
                 "max by (instance, hostname, kernel) (last_over_time(cacheprobe_host_info[{range}]))"
@@ -316,9 +361,16 @@ pub fn run(
                 collector.problem(format!("host names unavailable: {err}"));
                 Vec::new()
             }),
-    );
+    )
+}
 
-    let results: Vec<(&str, Result<DetectorOutput, PromError>)> = std::thread::scope(|s| {
+/// Every detector on its own thread; a panicking detector counts as a failed one.
+fn run_detectors<'a>(
+    collector: &Collector,
+    hosts: &Hosts,
+    thresholds: &FleetThresholds,
+) -> Vec<(&'a str, Result<DetectorOutput, PromError>)> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = DETECTORS
             .iter()
             .map(|(name, detector)| {
@@ -342,49 +394,37 @@ pub fn run(
                 (name, result)
             })
             .collect()
-    });
+    })
+}
 
-    let mut findings = Vec::new();
-    let mut edges = Vec::new();
-    let mut notes = Vec::new();
+/// The detectors' outputs in one, in detector order, and "name: error" per failed detector.
+fn combine(
+    results: Vec<(&str, Result<DetectorOutput, PromError>)>,
+) -> (DetectorOutput, Vec<String>) {
+    let mut all = DetectorOutput::default();
     let mut failed = Vec::new();
     for (name, result) in results {
         match result {
             Ok(mut output) => {
-                findings.append(&mut output.findings);
-                edges.append(&mut output.edges);
-                notes.append(&mut output.notes);
+                all.findings.append(&mut output.findings);
+                all.edges.append(&mut output.edges);
+                all.notes.append(&mut output.notes);
             }
             Err(err) => failed.push(format!("{name}: {err}")),
         }
     }
-    if failed.len() == DETECTORS.len() {
-        anyhow::bail!(
-            "every fleet detector failed against {}: {}",
-            client.url(),
-            failed.join("; ")
-        );
-    }
-    merge_server_findings(&mut findings);
-    crate::diagnose::rank(&mut findings);
-    let problems = collector
-        .problems
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
-    let partial = !failed.is_empty() || !problems.is_empty();
-    for failure in &failed {
-        notes.push(format!("PARTIAL: detector {failure}"));
-    }
-    for problem in problems {
-        notes.push(format!("PARTIAL: {problem}"));
-    }
-    edges.sort_by(|a, b| {
-        b.requests_per_s
-            .total_cmp(&a.requests_per_s)
-            .then_with(|| a.host.cmp(&b.host))
-            .then_with(|| a.server.cmp(&b.server))
-    });
-    let report = Report {
+    (all, failed)
+}
+
+fn report(
+    client: &Client,
+    scope: &Scope,
+    generated_at_s: u64,
+    known_hosts: usize,
+    partial: bool,
+    output: DetectorOutput,
+) -> Report {
+    Report {
         schema: crate::diagnose::REPORT_SCHEMA.to_string(),
         version: crate::diagnose::REPORT_VERSION,
         generated_at_s,
@@ -392,18 +432,17 @@ pub fn run(
             kind: SourceKind::Prometheus,
             watched_s: 0,
             prometheus: Some(client.url().to_string()),
-            hosts: Some(known.len() as u64),
+            hosts: Some(known_hosts as u64),
             partial,
         },
         window: Span {
             start_s: scope.at.saturating_sub(scope.window_s),
             end_s: scope.at,
         },
-        findings,
-        edges,
-        notes,
-    };
-    Ok(FleetOutcome { report, partial })
+        findings: output.findings,
+        edges: output.edges,
+        notes: output.notes,
+    }
 }
 
 /// A server named slow by the server-side comparison needs no second finding from the pool

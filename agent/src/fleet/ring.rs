@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::Severity;
+use crate::diagnose::{Finding, Severity};
 
 pub const ID: &str = "fleet-ring-disagreement";
 
@@ -34,10 +34,28 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
     })
 }
 
+/// Hosts sharing one server list: ((fingerprint, servers), instances).
+type Group<'a> = ((&'a str, &'a str), Vec<&'a str>);
+/// service -> instance -> (timestamp, fingerprint, servers)
+type Views<'a> = BTreeMap<&'a str, BTreeMap<&'a str, (f64, &'a str, &'a str)>>;
+/// (service, instance) -> servers it had client connections to.
+type Used<'a> = BTreeMap<(&'a str, &'a str), BTreeSet<&'a str>>;
+
 pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutput {
     let mut out = DetectorOutput::default();
-    // service -> instance -> (timestamp, fingerprint, servers)
-    let mut current: BTreeMap<&str, BTreeMap<&str, (f64, &str, &str)>> = BTreeMap::new();
+    let (current, used) = gather(input);
+    for (service, views) in current {
+        if let Some(ranked) = groups(&views) {
+            out.findings
+                .push(finding(service, views.len(), &ranked, &used, hosts));
+        }
+    }
+    out
+}
+
+/// Each host's current view per service (its newest series), and the servers it used.
+fn gather(input: &Input) -> (Views<'_>, Used<'_>) {
+    let mut current: Views = BTreeMap::new();
     for s in &input.views {
         let slot = current
             .entry(s.label("service"))
@@ -48,101 +66,128 @@ pub fn judge(input: &Input, hosts: &Hosts, _t: &FleetThresholds) -> DetectorOutp
             *slot = (s.value, s.label("fingerprint"), s.label("servers"));
         }
     }
-    let mut used: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    let mut used: Used = BTreeMap::new();
     for s in &input.used {
         used.entry((s.label("service"), s.label("instance")))
             .or_default()
             .insert(s.label("server"));
     }
-    for (service, views) in current {
-        if views.len() < 2 {
-            continue;
-        }
-        let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
-        for (instance, (_, fingerprint, servers)) in &views {
-            groups
-                .entry((fingerprint, servers))
-                .or_default()
-                .push(instance);
-        }
-        if groups.len() < 2 {
-            continue;
-        }
-        let mut ranked: Vec<((&str, &str), Vec<&str>)> = groups.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
-        let ((majority_fp, majority_n), majority_hosts) = &ranked[0];
-        let tie = ranked[1].1.len() == majority_hosts.len();
-        let odd: Vec<&str> = ranked[1..]
-            .iter()
-            .flat_map(|(_, hosts)| hosts.iter().copied())
-            .collect();
-        let mut finding = new_finding(
-            ID,
-            Severity::Warning,
-            if tie {
-                format!(
-                    "hosts disagree about the {service} servers: {} different server lists, none used by a majority",
-                    ranked.len()
-                )
-            } else {
-                format!(
-                    "{} of {} hosts use a different {service} server list than the rest: the same key goes to different servers",
-                    odd.len(),
-                    views.len()
-                )
-            },
-        );
-        finding.evidence.push(format!(
-            "{} hosts use {majority_n} servers (fingerprint {majority_fp})",
-            majority_hosts.len()
-        ));
-        // The servers the majority uses, from the hosts' connections.
-        let majority_servers: BTreeSet<&str> = majority_hosts
-            .iter()
-            .filter_map(|h| used.get(&(service, *h)))
-            .flat_map(|s| s.iter().copied())
-            .collect();
-        for ((fingerprint, n), group) in ranked[1..].iter() {
-            let names: Vec<String> = group.iter().map(|h| hosts.describe(h)).collect();
-            let verb = if group.len() == 1 { "uses" } else { "use" };
-            let mut line = format!(
-                "{} {verb} {n} servers (fingerprint {fingerprint})",
-                super::list(&names, 5)
-            );
-            if let Some(theirs) = group.first().and_then(|h| used.get(&(service, *h))) {
-                let lacks: Vec<String> = majority_servers
-                    .difference(theirs)
-                    .map(|s| s.to_string())
-                    .collect();
-                let extra: Vec<String> = theirs
-                    .difference(&majority_servers)
-                    .map(|s| s.to_string())
-                    .collect();
-                if !lacks.is_empty() {
-                    line.push_str(&format!("; missing {}", super::list(&lacks, 4)));
-                }
-                if !extra.is_empty() {
-                    line.push_str(&format!("; extra {}", super::list(&extra, 4)));
-                }
-            }
-            finding.evidence.push(line);
-        }
-        finding.advice = format!(
-            "Clients with different {service} server lists hash keys to different servers: \
-             stale values, misses and double writes. Deploy one server list to every client \
-             (config management, service discovery), then restart or reload the odd hosts' \
-             clients. A host that serves a different pool under the same service name is \
-             expected to differ: give that pool its own service name."
-        );
-        finding.subjects.services = vec![service.to_string()];
-        finding.subjects.hosts = odd.iter().map(|h| h.to_string()).collect();
-        set_value(&mut finding, "hosts", views.len() as f64);
-        set_value(&mut finding, "disagreeing_hosts", odd.len() as f64);
-        set_value(&mut finding, "server_lists", ranked.len() as f64);
-        finding.magnitude = odd.len() as f64;
-        out.findings.push(finding);
+    (current, used)
+}
+
+/// The service's hosts grouped by server list, largest group first; `None` unless at least two
+/// hosts hold at least two different lists.
+fn groups<'a>(views: &BTreeMap<&'a str, (f64, &'a str, &'a str)>) -> Option<Vec<Group<'a>>> {
+    if views.len() < 2 {
+        return None;
     }
-    out
+    let mut groups: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for (instance, (_, fingerprint, servers)) in views {
+        groups
+            .entry((fingerprint, servers))
+            .or_default()
+            .push(instance);
+    }
+    if groups.len() < 2 {
+        return None;
+    }
+    let mut ranked: Vec<Group> = groups.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    Some(ranked)
+}
+
+fn finding(
+    service: &str,
+    view_count: usize,
+    ranked: &[Group],
+    used: &Used,
+    hosts: &Hosts,
+) -> Finding {
+    let ((majority_fp, majority_n), majority_hosts) = &ranked[0];
+    let tie = ranked[1].1.len() == majority_hosts.len();
+    let odd: Vec<&str> = ranked[1..]
+        .iter()
+        .flat_map(|(_, hosts)| hosts.iter().copied())
+        .collect();
+    let mut finding = new_finding(
+        ID,
+        Severity::Warning,
+        if tie {
+            format!(
+                "hosts disagree about the {service} servers: {} different server lists, none used by a majority",
+                ranked.len()
+            )
+        } else {
+            format!(
+                "{} of {} hosts use a different {service} server list than the rest: the same key goes to different servers",
+                odd.len(),
+                view_count
+            )
+        },
+    );
+    finding.evidence.push(format!(
+        "{} hosts use {majority_n} servers (fingerprint {majority_fp})",
+        majority_hosts.len()
+    ));
+    // The servers the majority uses, from the hosts' connections.
+    let majority_servers: BTreeSet<&str> = majority_hosts
+        .iter()
+        .filter_map(|h| used.get(&(service, *h)))
+        .flat_map(|s| s.iter().copied())
+        .collect();
+    for group in ranked[1..].iter() {
+        finding
+            .evidence
+            .push(group_line(service, group, &majority_servers, used, hosts));
+    }
+    finding.advice = format!(
+        "Clients with different {service} server lists hash keys to different servers: \
+         stale values, misses and double writes. Deploy one server list to every client \
+         (config management, service discovery), then restart or reload the odd hosts' \
+         clients. A host that serves a different pool under the same service name is \
+         expected to differ: give that pool its own service name."
+    );
+    finding.subjects.services = vec![service.to_string()];
+    finding.subjects.hosts = odd.iter().map(|h| h.to_string()).collect();
+    set_value(&mut finding, "hosts", view_count as f64);
+    set_value(&mut finding, "disagreeing_hosts", odd.len() as f64);
+    set_value(&mut finding, "server_lists", ranked.len() as f64);
+    finding.magnitude = odd.len() as f64;
+    finding
+}
+
+/// A minority group's evidence line: its hosts, its list, and the servers its first host
+/// lacks or adds against the majority's.
+fn group_line(
+    service: &str,
+    ((fingerprint, n), group): &Group,
+    majority_servers: &BTreeSet<&str>,
+    used: &Used,
+    hosts: &Hosts,
+) -> String {
+    let names: Vec<String> = group.iter().map(|h| hosts.describe(h)).collect();
+    let verb = if group.len() == 1 { "uses" } else { "use" };
+    let mut line = format!(
+        "{} {verb} {n} servers (fingerprint {fingerprint})",
+        super::list(&names, 5)
+    );
+    if let Some(theirs) = group.first().and_then(|h| used.get(&(service, *h))) {
+        let lacks: Vec<String> = majority_servers
+            .difference(theirs)
+            .map(|s| s.to_string())
+            .collect();
+        let extra: Vec<String> = theirs
+            .difference(majority_servers)
+            .map(|s| s.to_string())
+            .collect();
+        if !lacks.is_empty() {
+            line.push_str(&format!("; missing {}", super::list(&lacks, 4)));
+        }
+        if !extra.is_empty() {
+            line.push_str(&format!("; extra {}", super::list(&extra, 4)));
+        }
+    }
+    line
 }
 
 pub fn run(c: &Collector, hosts: &Hosts, t: &FleetThresholds) -> Result<DetectorOutput, PromError> {

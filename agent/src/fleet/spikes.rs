@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Series},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
-use crate::diagnose::{util, Severity};
+use crate::diagnose::{util, Finding, Severity};
 
 pub const ID: &str = "fleet-synchronous-spikes";
 /// One point per minute: Prometheus' resolution is the scrape interval, and cron's is a minute.
@@ -31,12 +31,35 @@ pub fn collect(c: &Collector) -> Result<Input, PromError> {
     })
 }
 
+/// Per minute, the hosts whose attempts spiked then and their summed attempts.
+#[derive(Debug, Default)]
+struct Spikes<'a> {
+    /// minute -> hosts spiking then
+    spiking: BTreeMap<u64, Vec<&'a str>>,
+    peak: BTreeMap<u64, f64>,
+    hosts_with_data: usize,
+}
+
 pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutput {
     let mut out = DetectorOutput::default();
-    // minute -> hosts spiking then
-    let mut spiking: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
-    let mut peak: BTreeMap<u64, f64> = BTreeMap::new();
-    let mut hosts_with_data = 0;
+    let spikes = gather(input, t);
+    let needed = ((spikes.hosts_with_data as f64 * t.spike_host_share).ceil() as usize).max(3);
+    let minutes: Vec<(u64, usize)> = spikes
+        .spiking
+        .iter()
+        .filter(|(_, h)| h.len() >= needed)
+        .map(|(t, h)| (*t, h.len()))
+        .collect();
+    if minutes.is_empty() {
+        return out;
+    }
+    out.findings.push(finding(&spikes, &minutes, hosts));
+    out
+}
+
+/// Each host's minutes at or above `spike_factor` x its own median (and `spike_min`).
+fn gather<'a>(input: &'a Input, t: &FleetThresholds) -> Spikes<'a> {
+    let mut spikes = Spikes::default();
     for series in &input.attempts {
         let values: Vec<f64> = series
             .points
@@ -47,27 +70,29 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         if values.len() < 5 {
             continue;
         }
-        hosts_with_data += 1;
+        spikes.hosts_with_data += 1;
         let baseline = util::median(&values).unwrap_or(0.0);
         for (time, value) in &series.points {
             if value.is_finite() && *value >= t.spike_min && *value >= t.spike_factor * baseline {
-                spiking
+                spikes
+                    .spiking
                     .entry(*time)
                     .or_default()
                     .push(series.label("instance"));
-                *peak.entry(*time).or_default() += value;
+                *spikes.peak.entry(*time).or_default() += value;
             }
         }
     }
-    let needed = ((hosts_with_data as f64 * t.spike_host_share).ceil() as usize).max(3);
-    let minutes: Vec<(u64, usize)> = spiking
-        .iter()
-        .filter(|(_, h)| h.len() >= needed)
-        .map(|(t, h)| (*t, h.len()))
-        .collect();
-    if minutes.is_empty() {
-        return out;
-    }
+    spikes
+}
+
+/// The finding over the minutes where enough hosts spiked together (not empty).
+fn finding(spikes: &Spikes, minutes: &[(u64, usize)], hosts: &Hosts) -> Finding {
+    let Spikes {
+        spiking,
+        peak,
+        hosts_with_data,
+    } = spikes;
     let most = minutes.iter().map(|(_, n)| *n).max().unwrap_or(0);
     let times: Vec<String> = minutes
         .iter()
@@ -113,14 +138,13 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         .unwrap_or_default();
     set_value(&mut finding, "spike_minutes", minutes.len() as f64);
     set_value(&mut finding, "max_hosts", most as f64);
-    set_value(&mut finding, "hosts", hosts_with_data as f64);
+    set_value(&mut finding, "hosts", *hosts_with_data as f64);
     finding.span = Some(crate::diagnose::Span {
         start_s: minutes[0].0,
         end_s: minutes[minutes.len() - 1].0,
     });
     finding.magnitude = most as f64;
-    out.findings.push(finding);
-    out
+    finding
 }
 
 /// "every 15 min, at minutes :00, :15, :30, :45" when the spikes recur evenly.
