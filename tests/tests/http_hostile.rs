@@ -357,6 +357,20 @@ fn never_readers(
     count: usize,
     stop: Arc<AtomicBool>,
 ) -> String {
+    let (_, requests) = hold_never_readers(target, &sources, count, Duration::from_secs(12), &stop);
+    format!("{count} clients sent {requests} requests and read none of the responses")
+}
+
+/// Keeps `count` clients with a 4 KiB receive buffer that sent a complete /metrics request and
+/// never read, each replaced by a new one (a new request) after `hold`, until `stop`. Returns
+/// the clients still held and how many requests were sent.
+fn hold_never_readers(
+    target: SocketAddr,
+    sources: &[Ipv4Addr],
+    count: usize,
+    hold: Duration,
+    stop: &AtomicBool,
+) -> (Vec<Option<(TcpStream, Instant)>>, u64) {
     let source_of = |i: usize| sources[i % sources.len()];
     let open = |i: usize| {
         let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
@@ -366,20 +380,20 @@ fn never_readers(
         Some((stream, Instant::now()))
     };
     let mut clients: Vec<_> = (0..count).map(open).collect();
-    let mut requests = count as u64;
+    let mut requests = clients.iter().flatten().count() as u64;
     while !stop.load(Ordering::SeqCst) {
         for (i, client) in clients.iter_mut().enumerate() {
             if client
                 .as_ref()
-                .is_none_or(|(_, since)| since.elapsed() > Duration::from_secs(12))
+                .is_none_or(|(_, since)| since.elapsed() > hold)
             {
                 *client = open(i);
-                requests += 1;
+                requests += u64::from(client.is_some());
             }
         }
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(Duration::from_millis(200));
     }
-    format!("{count} clients sent {requests} requests and read none of the responses")
+    (clients, requests)
 }
 
 /// Two clients sending 64 KiB request heads back to back, each expecting a 431.
@@ -713,28 +727,7 @@ fn held_never_readers(
     hold: Duration,
     stop: Arc<AtomicBool>,
 ) -> String {
-    let source_of = |i: usize| sources[i % sources.len()];
-    let open = |i: usize| {
-        let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: never-reads\r\n\r\n")
-            .ok()?;
-        Some((stream, Instant::now()))
-    };
-    let mut clients: Vec<_> = (0..count).map(open).collect();
-    let mut requests = clients.iter().flatten().count() as u64;
-    while !stop.load(Ordering::SeqCst) {
-        for (i, client) in clients.iter_mut().enumerate() {
-            if client
-                .as_ref()
-                .is_none_or(|(_, since)| since.elapsed() > hold)
-            {
-                *client = open(i);
-                requests += u64::from(client.is_some());
-            }
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    let (clients, requests) = hold_never_readers(target, &sources, count, hold, &stop);
     // Held to the end of their time, so the agent's own deadline can fire before the caller
     // reads its counters.
     while clients
