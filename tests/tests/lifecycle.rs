@@ -114,18 +114,7 @@ fn idle_timeout_close_on_loopback_is_seen_from_both_sides() {
         ),
         1.0
     );
-    for probe in [
-        "sock/inet_sock_set_state",
-        "sock/sock_send_length",
-        "sock/sock_recv_length",
-    ] {
-        assert_eq!(
-            scrape.sum("cacheprobe_probe_up", &[("probe", probe)]),
-            1.0,
-            "{probe}"
-        );
-    }
-    assert_eq!(scrape.sum("cacheprobe_events_lost_total", &[]), 0.0);
+    scrape.assert_probes_up_and_nothing_lost();
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
 }
