@@ -441,6 +441,17 @@ fn oversized_heads(target: SocketAddr, sources: Vec<Ipv4Addr>, stop: Arc<AtomicB
     format!("{sent} oversized heads sent, {answered_431} answered 431")
 }
 
+/// How the agent may turn away idle connections: at its limits or at the head deadline.
+const IDLE_REASONS: &[&str] = &[
+    "per_source_limit",
+    "evicted",
+    "connection_limit",
+    "head_timeout",
+];
+
+/// How the agent may turn away slow senders.
+const SLOW_REASONS: &[&str] = &["head_timeout", "evicted", "per_source_limit"];
+
 #[test]
 fn prometheus_keeps_scraping_through_hostile_clients() {
     require_root();
@@ -452,38 +463,34 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
     // Let the agent settle (first samples, first scrapes) before its idle RSS is taken.
     thread::sleep(Duration::from_secs(3));
 
+    let at = (pid, agent.metrics_port);
     let outcomes = [
         scenario(
             "1,000 idle connections from 50 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &[
-                "per_source_limit",
-                "evicted",
-                "connection_limit",
-                "head_timeout",
-            ],
+            IDLE_REASONS,
             move |stop| idle_connections(target, sources(11, 50), 1000, stop),
         ),
         // The measured failure of the hand-written server: 40 half-sent heads refused every
         // scrape. Five addresses at their per-source limit, more than the 32 slots.
         scenario(
             "40 slow senders (a byte per second) from 5 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &["head_timeout", "evicted", "per_source_limit"],
+            SLOW_REASONS,
             move |stop| slow_senders(target, sources(12, 5), 40, stop),
         ),
         scenario(
             "200 slow senders (a byte per second) from 20 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &["head_timeout", "evicted", "per_source_limit"],
+            SLOW_REASONS,
             move |stop| slow_senders(target, sources(17, 20), 200, stop),
         ),
         scenario(
             "64 clients that never read, from 8 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
             &[
                 "concurrent_scrape",
@@ -495,21 +502,16 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
         ),
         scenario(
             "64 KiB request heads from 2 clients back to back",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
             &["head_too_large"],
             move |stop| oversized_heads(target, sources(14, 2), stop),
         ),
         scenario(
             "100 idle connections from one address",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &[
-                "per_source_limit",
-                "evicted",
-                "connection_limit",
-                "head_timeout",
-            ],
+            IDLE_REASONS,
             move |stop| idle_connections(target, sources(20, 1), 100, stop),
         ),
     ];
