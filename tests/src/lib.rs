@@ -438,6 +438,22 @@ pub fn python(netns: Option<&str>, script: &str) -> anyhow::Result<Output> {
     Ok(output)
 }
 
+/// Sends `request` to memcached on 127.0.0.1:`port` over a raw socket from python3 (a client
+/// process of its own) and fails unless the answer is `reply` (empty: memcached closed). Both
+/// are the bodies of Python bytes literals, e.g. `r"quit\r\n"`.
+pub fn raw_request(port: u16, request: &str, reply: &str) -> anyhow::Result<Output> {
+    python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'{request}')\n\
+             assert s.recv(100) == b'{reply}'\n\
+             s.close()\n"
+        ),
+    )
+}
+
 /// A Python script: `clients` connections from a process named "cronjob" each set a key, stay
 /// idle for 6.5 s (past a memcached `-o idle_timeout=2`, which closes them) and set again onto
 /// the closed connection: idle disconnects followed by dead writes.

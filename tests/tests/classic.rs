@@ -103,17 +103,7 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
     std::fs::write(&go, "").unwrap();
     assert!(client.wait().unwrap().success());
     python(None, &scripted_text_workload(port)).unwrap();
-    python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'quit\\r\\n')\n\
-             assert s.recv(16) == b''\n\
-             s.close()\n"
-        ),
-    )
-    .unwrap();
+    raw_request(port, r"quit\r\n", "").unwrap();
     // The script's 20 requests, the pooled connection's get and the `quit`.
     let scrape = agent.wait_for(WAIT, |s| {
         s.requests(&[("role", "server")]) >= 22.0

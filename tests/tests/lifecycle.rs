@@ -328,17 +328,7 @@ fn each_real_client_opens_exactly_the_connections_it_makes() {
         "dalli: {}",
         String::from_utf8_lossy(&dalli.stderr)
     );
-    python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'set raw 0 0 1\\r\\nx\\r\\n')\n\
-             assert s.recv(100) == b'STORED\\r\\n'\n\
-             s.close()\n"
-        ),
-    )
-    .unwrap();
+    raw_request(port, r"set raw 0 0 1\r\nx\r\n", r"STORED\r\n").unwrap();
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 2.0
     });
