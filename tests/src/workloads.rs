@@ -1,7 +1,15 @@
-//! Scripted client workloads whose every count is known, and the assertions that check the
-//! agent counted them exactly (shared by the memcache and classic-tracepoint tests).
+//! Scripted client workloads whose every count is known, the assertions that check the agent
+//! counted them exactly, and a client connected before the agent (shared by the memcache,
+//! lifecycle and classic-tracepoint tests).
 
-use crate::Scrape;
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{scratch_dir, Scrape, PYTHON};
 
 /// A pymemcache + python-memcache script whose exact outcome is known.
 pub fn scripted_text_workload(port: u16) -> String {
@@ -52,4 +60,64 @@ pub fn assert_text_workload(scrape: &Scrape, role: &str, extra_hits: f64, extra_
         "{role}: {}",
         scrape.text
     );
+}
+
+/// A pymemcache connection opened (and a set of `key` sent on it) before the agent starts, as a
+/// pooled client's would be. After [`EarlyClient::release`] it gets `key` back, lingers and
+/// closes; dropped early, it is killed.
+pub struct EarlyClient {
+    child: Child,
+    go: PathBuf,
+}
+
+impl EarlyClient {
+    /// Starts the client against 127.0.0.1:`port` and returns once its set is answered;
+    /// `linger` is how long it stays connected after its get.
+    pub fn connect(port: u16, name: &str, key: &str, linger: Duration) -> EarlyClient {
+        let go = scratch_dir(name).join("go");
+        let script = format!(
+            "from pymemcache.client.base import Client\n\
+             import os, time\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             c.set('{key}', 'v', noreply=False)\n\
+             print('connected', flush=True)\n\
+             while not os.path.exists('{go}'):\n\
+             \x20   time.sleep(0.05)\n\
+             assert c.get('{key}') == b'v'\n\
+             time.sleep({linger})\n\
+             c.close()\n",
+            go = go.display(),
+            linger = linger.as_secs_f64()
+        );
+        let mut child = Command::new(PYTHON)
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the early pymemcache client");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "connected");
+        EarlyClient { child, go }
+    }
+
+    /// Lets the client send its get and close.
+    pub fn release(&self) {
+        std::fs::write(&self.go, "").unwrap();
+    }
+
+    /// Waits for the client to finish and asserts its get was answered.
+    pub fn finish(mut self) {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "early client: {status}");
+    }
+}
+
+impl Drop for EarlyClient {
+    fn drop(&mut self) {
+        // Already reaped after finish(); otherwise a failed test must not leave it waiting.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -3,11 +3,7 @@
 //! `check` says every probe attached that way, and the agent still follows connections (one
 //! opened before it included) and decodes every request on both sides.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use cacheprobe_tests::*;
 
@@ -68,30 +64,8 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let go = scratch_dir("classic-run-client").join("go");
-    // Opened before the agent: its set is not seen, its get after `go` is.
-    let pooled = format!(
-        "from pymemcache.client.base import Client\n\
-         import os, time\n\
-         c = Client(('127.0.0.1', {port}))\n\
-         c.set('pooled', 'v', noreply=False)\n\
-         print('connected', flush=True)\n\
-         while not os.path.exists('{go}'):\n\
-         \x20   time.sleep(0.05)\n\
-         assert c.get('pooled') == b'v'\n\
-         c.close()\n",
-        go = go.display()
-    );
-    let mut client = Command::new(PYTHON)
-        .args(["-c", &pooled])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected");
+    // Opened before the agent: its set is not seen, its get after `release` is.
+    let pooled = EarlyClient::connect(port, "classic-run-client", "pooled", Duration::ZERO);
 
     let services = services_config(&[("memcached", port, "memcache")]);
     let agent = Agent::start_with_config("classic-run", &format!("{services}{CLASSIC}")).unwrap();
@@ -100,8 +74,8 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
         "the agent does not say it was forced onto classic tracepoints: {}",
         agent.log()
     );
-    std::fs::write(&go, "").unwrap();
-    assert!(client.wait().unwrap().success());
+    pooled.release();
+    pooled.finish();
     python(None, &scripted_text_workload(port)).unwrap();
     raw_request(port, r"quit\r\n", "").unwrap();
     // The script's 20 requests, the pooled connection's get and the `quit`.

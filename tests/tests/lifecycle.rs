@@ -236,36 +236,11 @@ fn connection_opened_before_the_agent_is_tracked() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let dir = scratch_dir("preexisting");
-    let go = dir.join("go");
-    let script = format!(
-        "from pymemcache.client.base import Client\n\
-         import os, time\n\
-         c = Client(('127.0.0.1', {port}))\n\
-         c.set('k', 'v', noreply=False)\n\
-         print('connected', flush=True)\n\
-         while not os.path.exists('{go}'):\n\
-         \x20   time.sleep(0.05)\n\
-         assert c.get('k') == b'v'\n\
-         time.sleep(1.5)\n\
-         c.close()\n",
-        go = go.display()
-    );
-    let mut client = Command::new(PYTHON)
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "connected");
+    // Its get comes after the agent started; it closes 1.5 s later.
+    let client = EarlyClient::connect(port, "preexisting", "k", Duration::from_millis(1500));
 
     let agent = Agent::start("preexisting", &[("memcached", port, "memcache")]).unwrap();
-    std::fs::write(&go, "").unwrap();
+    client.release();
     let active = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_active", &[("role", "client")]) >= 1.0
     });
@@ -275,7 +250,7 @@ fn connection_opened_before_the_agent_is_tracked() {
         "{}",
         active.text
     );
-    assert!(client.wait().unwrap().success());
+    client.finish();
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 1.0
     });
