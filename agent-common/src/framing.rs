@@ -477,44 +477,11 @@ mod tests {
         let mut kept = Vec::new();
         let mut modes = Vec::new();
         for call in stream.chunks(split) {
-            if scan {
-                state.start_call();
-                let mut i = 0;
-                while i < call.len() {
-                    match state.mode {
-                        mode::SKIP | mode::KEEP => {
-                            let keep = state.captures();
-                            let available = (call.len() - i) as u64;
-                            let n = if state.mode == mode::SKIP && keep {
-                                state.pass(available.min(state.head as u64))
-                            } else {
-                                state.pass(available)
-                            } as usize;
-                            kept.extend(core::iter::repeat_n(keep, n));
-                            i += n;
-                        }
-                        mode::LOST => {
-                            kept.extend(core::iter::repeat_n(false, call.len() - i));
-                            i = call.len();
-                        }
-                        _ => {
-                            // The rest of the call as one staged piece.
-                            let piece = &call[i..];
-                            let n = state.scan_round(0, piece.len() as u64, |at| word_at(piece, at))
-                                as usize;
-                            assert!(n >= 1 && n <= piece.len(), "round of {n}");
-                            kept.extend(core::iter::repeat_n(true, n));
-                            i += n;
-                        }
-                    }
-                }
-                modes.push(state.mode);
-                continue;
-            }
             state.start_call();
             let mut i = 0;
             while i < call.len() {
-                match state.mode {
+                // How many bytes this step takes, and whether they are captured.
+                let (n, keep) = match state.mode {
                     mode::SKIP | mode::KEEP => {
                         // As the kernel does: a body's head is copied (and passed) on its own.
                         let keep = state.captures();
@@ -523,20 +490,25 @@ mod tests {
                             state.pass(available.min(state.head as u64))
                         } else {
                             state.pass(available)
-                        } as usize;
-                        kept.extend(core::iter::repeat_n(keep, n));
-                        i += n;
+                        };
+                        (n as usize, keep)
                     }
-                    mode::LOST => {
-                        kept.extend(core::iter::repeat_n(false, call.len() - i));
-                        i = call.len();
+                    mode::LOST => (call.len() - i, false),
+                    _ if scan => {
+                        // The rest of the call as one staged piece.
+                        let piece = &call[i..];
+                        let n = state.scan_round(0, piece.len() as u64, |at| word_at(piece, at))
+                            as usize;
+                        assert!(n >= 1 && n <= piece.len(), "round of {n}");
+                        (n, true)
                     }
                     _ => {
                         state.step(call[i]);
-                        kept.push(true);
-                        i += 1;
+                        (1, true)
                     }
-                }
+                };
+                kept.extend(core::iter::repeat_n(keep, n));
+                i += n;
             }
             modes.push(state.mode);
         }

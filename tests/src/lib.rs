@@ -17,11 +17,13 @@ mod process;
 mod prometheus;
 mod report;
 mod servers;
+mod workloads;
 
 pub use process::*;
 pub use prometheus::*;
 pub use report::*;
 pub use servers::*;
+pub use workloads::*;
 
 /// Debian's python3, which sees the python3-* client packages (the pyenv one on PATH does not).
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -275,6 +277,28 @@ impl Scrape {
         self.sum("cacheprobe_memcache_requests_total", labels)
     }
 
+    /// Asserts the memcache decoder reported no error, showing the scrape when it did.
+    #[track_caller]
+    pub fn assert_no_decode_errors(&self) {
+        let errors = self.sum("cacheprobe_memcache_decode_errors_total", &[]);
+        assert_eq!(errors, 0.0, "decode errors: {}", self.text);
+    }
+
+    /// Asserts the three socket tracepoints are up and no event was lost on the way.
+    #[track_caller]
+    pub fn assert_probes_up_and_nothing_lost(&self) {
+        for probe in [
+            "sock/inet_sock_set_state",
+            "sock/sock_send_length",
+            "sock/sock_recv_length",
+        ] {
+            let up = self.sum("cacheprobe_probe_up", &[("probe", probe)]);
+            assert_eq!(up, 1.0, "{probe}: {}", self.text);
+        }
+        let lost = self.sum("cacheprobe_events_lost_total", &[]);
+        assert_eq!(lost, 0.0, "events lost: {}", self.text);
+    }
+
     pub fn matching<'a>(
         &'a self,
         name: &'a str,
@@ -412,6 +436,22 @@ pub fn python(netns: Option<&str>, script: &str) -> anyhow::Result<Output> {
         );
     }
     Ok(output)
+}
+
+/// Sends `request` to memcached on 127.0.0.1:`port` over a raw socket from python3 (a client
+/// process of its own) and fails unless the answer is `reply` (empty: memcached closed). Both
+/// are the bodies of Python bytes literals, e.g. `r"quit\r\n"`.
+pub fn raw_request(port: u16, request: &str, reply: &str) -> anyhow::Result<Output> {
+    python(
+        None,
+        &format!(
+            "import socket\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'{request}')\n\
+             assert s.recv(100) == b'{reply}'\n\
+             s.close()\n"
+        ),
+    )
 }
 
 /// A Python script: `clients` connections from a process named "cronjob" each set a key, stay

@@ -19,6 +19,18 @@ pub fn json_output(what: &str, output: &Output) -> serde_json::Value {
     })
 }
 
+/// Runs `command`, asserts it succeeded (showing its stderr when not) and returns the JSON
+/// it printed as `what`.
+pub fn succeeded_json(what: &str, command: &mut Command) -> serde_json::Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    json_output(what, &output)
+}
+
 /// `cacheprobe diagnose --json --duration <duration>`: against `agent`'s daemon (its control
 /// socket and config) or, without one, `--local` with `config`. The exit status says whether
 /// there were findings, so the output comes back with the report.
@@ -49,17 +61,12 @@ pub fn daemon_report(agent: &Agent) -> (Output, serde_json::Value) {
 
 /// `cacheprobe keys --socket`: the daemon's hot keys and extremes.
 pub fn keys_report(agent: &Agent) -> serde_json::Value {
-    let output = Command::new(agent_binary())
-        .args(["keys", "--socket"])
-        .arg(&agent.control_socket)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    succeeded_json(
+        "keys",
+        Command::new(agent_binary())
+            .args(["keys", "--socket"])
+            .arg(&agent.control_socket),
+    )
 }
 
 /// The first finding with this id.

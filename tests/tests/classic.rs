@@ -3,11 +3,7 @@
 //! `check` says every probe attached that way, and the agent still follows connections (one
 //! opened before it included) and decodes every request on both sides.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use cacheprobe_tests::*;
 
@@ -21,17 +17,12 @@ fn check_reports_every_probe_on_its_classic_tracepoint_when_forced() {
     let config = dir.join("config.toml");
     let services = services_config(&[("memcached", unique_port(), "memcache")]);
     std::fs::write(&config, format!("{services}{CLASSIC}")).unwrap();
-    let output = Command::new(agent_binary())
-        .args(["check", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = succeeded_json(
+        "check",
+        Command::new(agent_binary())
+            .args(["check", "--json", "--config"])
+            .arg(&config),
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["usable"], true, "{report:#}");
     let items = report["items"].as_array().unwrap();
     let probes: Vec<&serde_json::Value> = items
@@ -65,38 +56,16 @@ fn check_reports_every_probe_on_its_classic_tracepoint_when_forced() {
 }
 
 /// The lifecycle and memcache root tests' workloads on classic tracepoints: a pooled pymemcache
-/// connection opened before the agent (adopted at its first send), a scripted pymemcache +
-/// python-memcache workload whose every count is known, and a connection memcached closes (a raw
-/// `quit`: the client sees its peer close, memcached closes locally).
+/// connection opened before the agent (adopted at its first send), the memcache tests' scripted
+/// pymemcache + python-memcache workload, and a connection memcached closes (a raw `quit`: the
+/// client sees its peer close, memcached closes locally).
 #[test]
 fn classic_tracepoints_follow_connections_and_decode_requests() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let go = scratch_dir("classic-run-client").join("go");
-    // Opened before the agent: its set is not seen, its get after `go` is.
-    let pooled = format!(
-        "from pymemcache.client.base import Client\n\
-         import os, time\n\
-         c = Client(('127.0.0.1', {port}))\n\
-         c.set('pooled', 'v', noreply=False)\n\
-         print('connected', flush=True)\n\
-         while not os.path.exists('{go}'):\n\
-         \x20   time.sleep(0.05)\n\
-         assert c.get('pooled') == b'v'\n\
-         c.close()\n",
-        go = go.display()
-    );
-    let mut client = Command::new(PYTHON)
-        .args(["-c", &pooled])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected");
+    // Opened before the agent: its set is not seen, its get after `release` is.
+    let pooled = EarlyClient::connect(port, "classic-run-client", "pooled", Duration::ZERO);
 
     let services = services_config(&[("memcached", port, "memcache")]);
     let agent = Agent::start_with_config("classic-run", &format!("{services}{CLASSIC}")).unwrap();
@@ -105,51 +74,18 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
         "the agent does not say it was forced onto classic tracepoints: {}",
         agent.log()
     );
-    std::fs::write(&go, "").unwrap();
-    assert!(client.wait().unwrap().success());
-    python(
-        None,
-        &format!(
-            "from pymemcache.client.base import Client\n\
-             import memcache, socket\n\
-             c = Client(('127.0.0.1', {port}))\n\
-             for i in range(5):\n\
-             \x20   assert c.set('k%d' % i, 'v%d' % i, noreply=False)\n\
-             for i in range(3):\n\
-             \x20   assert c.get('k%d' % i) is not None\n\
-             assert c.get('nope1') is None and c.get('nope2') is None\n\
-             got = c.get_many(['k0', 'k1', 'k2', 'nope3'])\n\
-             assert len(got) == 3\n\
-             assert c.delete('k4', noreply=False) and not c.delete('k4', noreply=False)\n\
-             c.close()\n\
-             m = memcache.Client(['127.0.0.1:{port}'])\n\
-             assert m.set('m1', 'x')\n\
-             assert m.get('m1') == 'x'\n\
-             m.disconnect_all()\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'quit\\r\\n')\n\
-             assert s.recv(16) == b''\n\
-             s.close()\n"
-        ),
-    )
-    .unwrap();
-    // 5 sets + 3 gets + 2 misses + a multi-get of 4 keys + 2 deletes + python-memcache's set
-    // and get, the pooled connection's get and the `quit`.
+    pooled.release();
+    pooled.finish();
+    python(None, &scripted_text_workload(port)).unwrap();
+    raw_request(port, r"quit\r\n", "").unwrap();
+    // The script's 20 requests, the pooled connection's get and the `quit`.
     let scrape = agent.wait_for(WAIT, |s| {
-        s.requests(&[("role", "server")]) >= 20.0
-            && s.requests(&[("role", "client")]) >= 20.0
+        s.requests(&[("role", "server")]) >= 22.0
+            && s.requests(&[("role", "client")]) >= 22.0
             && s.sum("cacheprobe_connections_closed_total", &[]) >= 8.0
     });
     for role in ["client", "server"] {
-        let count = |command: &str, status: &str| {
-            scrape.requests(&[("role", role), ("command", command), ("status", status)])
-        };
-        assert_eq!(count("set", "stored"), 6.0, "{role}: {}", scrape.text);
-        // 3 single hits, 3 multi-get hits, python-memcache's hit and the pooled connection's.
-        assert_eq!(count("get", "hit"), 8.0, "{role}: {}", scrape.text);
-        assert_eq!(count("get", "miss"), 3.0, "{role}: {}", scrape.text);
-        assert_eq!(count("delete", "deleted"), 1.0, "{role}: {}", scrape.text);
-        assert_eq!(count("delete", "not_found"), 1.0, "{role}: {}", scrape.text);
+        assert_text_workload(&scrape, role, 1.0, 2.0);
         // memcached answers the `quit` by closing.
         assert_eq!(
             scrape.requests(&[("role", role), ("command", "quit")]),
@@ -157,19 +93,8 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
             "{role}: {}",
             scrape.text
         );
-        assert_eq!(
-            scrape.requests(&[("role", role)]),
-            20.0,
-            "{role}: {}",
-            scrape.text
-        );
     }
-    assert_eq!(
-        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
-        0.0,
-        "{}",
-        scrape.text
-    );
+    scrape.assert_no_decode_errors();
     // Three connections opened under the agent (pymemcache's, python-memcache's, the raw one),
     // seen at both ends; the pooled one predates it and is no open, but its close counts.
     for role in ["client", "server"] {
@@ -196,24 +121,7 @@ fn classic_tracepoints_follow_connections_and_decode_requests() {
         "{}",
         scrape.text
     );
-    for probe in [
-        "sock/inet_sock_set_state",
-        "sock/sock_send_length",
-        "sock/sock_recv_length",
-    ] {
-        assert_eq!(
-            scrape.sum("cacheprobe_probe_up", &[("probe", probe)]),
-            1.0,
-            "{probe}: {}",
-            scrape.text
-        );
-    }
-    assert_eq!(
-        scrape.sum("cacheprobe_events_lost_total", &[]),
-        0.0,
-        "{}",
-        scrape.text
-    );
+    scrape.assert_probes_up_and_nothing_lost();
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
 }

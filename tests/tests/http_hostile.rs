@@ -357,6 +357,20 @@ fn never_readers(
     count: usize,
     stop: Arc<AtomicBool>,
 ) -> String {
+    let (_, requests) = hold_never_readers(target, &sources, count, Duration::from_secs(12), &stop);
+    format!("{count} clients sent {requests} requests and read none of the responses")
+}
+
+/// Keeps `count` clients with a 4 KiB receive buffer that sent a complete /metrics request and
+/// never read, each replaced by a new one (a new request) after `hold`, until `stop`. Returns
+/// the clients still held and how many requests were sent.
+fn hold_never_readers(
+    target: SocketAddr,
+    sources: &[Ipv4Addr],
+    count: usize,
+    hold: Duration,
+    stop: &AtomicBool,
+) -> (Vec<Option<(TcpStream, Instant)>>, u64) {
     let source_of = |i: usize| sources[i % sources.len()];
     let open = |i: usize| {
         let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
@@ -366,20 +380,20 @@ fn never_readers(
         Some((stream, Instant::now()))
     };
     let mut clients: Vec<_> = (0..count).map(open).collect();
-    let mut requests = count as u64;
+    let mut requests = clients.iter().flatten().count() as u64;
     while !stop.load(Ordering::SeqCst) {
         for (i, client) in clients.iter_mut().enumerate() {
             if client
                 .as_ref()
-                .is_none_or(|(_, since)| since.elapsed() > Duration::from_secs(12))
+                .is_none_or(|(_, since)| since.elapsed() > hold)
             {
                 *client = open(i);
-                requests += 1;
+                requests += u64::from(client.is_some());
             }
         }
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(Duration::from_millis(200));
     }
-    format!("{count} clients sent {requests} requests and read none of the responses")
+    (clients, requests)
 }
 
 /// Two clients sending 64 KiB request heads back to back, each expecting a 431.
@@ -427,6 +441,17 @@ fn oversized_heads(target: SocketAddr, sources: Vec<Ipv4Addr>, stop: Arc<AtomicB
     format!("{sent} oversized heads sent, {answered_431} answered 431")
 }
 
+/// How the agent may turn away idle connections: at its limits or at the head deadline.
+const IDLE_REASONS: &[&str] = &[
+    "per_source_limit",
+    "evicted",
+    "connection_limit",
+    "head_timeout",
+];
+
+/// How the agent may turn away slow senders.
+const SLOW_REASONS: &[&str] = &["head_timeout", "evicted", "per_source_limit"];
+
 #[test]
 fn prometheus_keeps_scraping_through_hostile_clients() {
     require_root();
@@ -438,38 +463,34 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
     // Let the agent settle (first samples, first scrapes) before its idle RSS is taken.
     thread::sleep(Duration::from_secs(3));
 
+    let at = (pid, agent.metrics_port);
     let outcomes = [
         scenario(
             "1,000 idle connections from 50 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &[
-                "per_source_limit",
-                "evicted",
-                "connection_limit",
-                "head_timeout",
-            ],
+            IDLE_REASONS,
             move |stop| idle_connections(target, sources(11, 50), 1000, stop),
         ),
         // The measured failure of the hand-written server: 40 half-sent heads refused every
         // scrape. Five addresses at their per-source limit, more than the 32 slots.
         scenario(
             "40 slow senders (a byte per second) from 5 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &["head_timeout", "evicted", "per_source_limit"],
+            SLOW_REASONS,
             move |stop| slow_senders(target, sources(12, 5), 40, stop),
         ),
         scenario(
             "200 slow senders (a byte per second) from 20 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &["head_timeout", "evicted", "per_source_limit"],
+            SLOW_REASONS,
             move |stop| slow_senders(target, sources(17, 20), 200, stop),
         ),
         scenario(
             "64 clients that never read, from 8 addresses",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
             &[
                 "concurrent_scrape",
@@ -481,21 +502,16 @@ fn prometheus_keeps_scraping_through_hostile_clients() {
         ),
         scenario(
             "64 KiB request heads from 2 clients back to back",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
             &["head_too_large"],
             move |stop| oversized_heads(target, sources(14, 2), stop),
         ),
         scenario(
             "100 idle connections from one address",
-            (pid, agent.metrics_port),
+            at,
             &prometheus,
-            &[
-                "per_source_limit",
-                "evicted",
-                "connection_limit",
-                "head_timeout",
-            ],
+            IDLE_REASONS,
             move |stop| idle_connections(target, sources(20, 1), 100, stop),
         ),
     ];
@@ -713,28 +729,7 @@ fn held_never_readers(
     hold: Duration,
     stop: Arc<AtomicBool>,
 ) -> String {
-    let source_of = |i: usize| sources[i % sources.len()];
-    let open = |i: usize| {
-        let mut stream = connect_from(source_of(i), target, Some(4096)).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: never-reads\r\n\r\n")
-            .ok()?;
-        Some((stream, Instant::now()))
-    };
-    let mut clients: Vec<_> = (0..count).map(open).collect();
-    let mut requests = clients.iter().flatten().count() as u64;
-    while !stop.load(Ordering::SeqCst) {
-        for (i, client) in clients.iter_mut().enumerate() {
-            if client
-                .as_ref()
-                .is_none_or(|(_, since)| since.elapsed() > hold)
-            {
-                *client = open(i);
-                requests += u64::from(client.is_some());
-            }
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
+    let (clients, requests) = hold_never_readers(target, &sources, count, hold, &stop);
     // Held to the end of their time, so the agent's own deadline can fire before the caller
     // reads its counters.
     while clients

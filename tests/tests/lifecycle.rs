@@ -114,18 +114,7 @@ fn idle_timeout_close_on_loopback_is_seen_from_both_sides() {
         ),
         1.0
     );
-    for probe in [
-        "sock/inet_sock_set_state",
-        "sock/sock_send_length",
-        "sock/sock_recv_length",
-    ] {
-        assert_eq!(
-            scrape.sum("cacheprobe_probe_up", &[("probe", probe)]),
-            1.0,
-            "{probe}"
-        );
-    }
-    assert_eq!(scrape.sum("cacheprobe_events_lost_total", &[]), 0.0);
+    scrape.assert_probes_up_and_nothing_lost();
     let status = agent.stop().unwrap();
     assert!(status.success(), "agent exit status {status}");
 }
@@ -247,36 +236,11 @@ fn connection_opened_before_the_agent_is_tracked() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let dir = scratch_dir("preexisting");
-    let go = dir.join("go");
-    let script = format!(
-        "from pymemcache.client.base import Client\n\
-         import os, time\n\
-         c = Client(('127.0.0.1', {port}))\n\
-         c.set('k', 'v', noreply=False)\n\
-         print('connected', flush=True)\n\
-         while not os.path.exists('{go}'):\n\
-         \x20   time.sleep(0.05)\n\
-         assert c.get('k') == b'v'\n\
-         time.sleep(1.5)\n\
-         c.close()\n",
-        go = go.display()
-    );
-    let mut client = Command::new(PYTHON)
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "connected");
+    // Its get comes after the agent started; it closes 1.5 s later.
+    let client = EarlyClient::connect(port, "preexisting", "k", Duration::from_millis(1500));
 
     let agent = Agent::start("preexisting", &[("memcached", port, "memcache")]).unwrap();
-    std::fs::write(&go, "").unwrap();
+    client.release();
     let active = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_active", &[("role", "client")]) >= 1.0
     });
@@ -286,7 +250,7 @@ fn connection_opened_before_the_agent_is_tracked() {
         "{}",
         active.text
     );
-    assert!(client.wait().unwrap().success());
+    client.finish();
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 1.0
     });
@@ -339,17 +303,7 @@ fn each_real_client_opens_exactly_the_connections_it_makes() {
         "dalli: {}",
         String::from_utf8_lossy(&dalli.stderr)
     );
-    python(
-        None,
-        &format!(
-            "import socket\n\
-             s = socket.create_connection(('127.0.0.1', {port}))\n\
-             s.sendall(b'set raw 0 0 1\\r\\nx\\r\\n')\n\
-             assert s.recv(100) == b'STORED\\r\\n'\n\
-             s.close()\n"
-        ),
-    )
-    .unwrap();
+    raw_request(port, r"set raw 0 0 1\r\nx\r\n", r"STORED\r\n").unwrap();
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum("cacheprobe_connections_closed_total", &[("role", "client")]) >= 2.0
     });

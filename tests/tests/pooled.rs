@@ -107,12 +107,7 @@ fn pooled_connections_opened_before_run_are_decoded() {
             scrape.text
         );
     }
-    assert_eq!(
-        scrape.sum("cacheprobe_memcache_decode_errors_total", &[]),
-        0.0,
-        "{}",
-        scrape.text
-    );
+    scrape.assert_no_decode_errors();
 }
 
 /// `diagnose --local` (no daemon) started while a pooled client is busy: the edge table shows

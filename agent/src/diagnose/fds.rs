@@ -187,13 +187,7 @@ impl FdFacts {
                 continue;
             }
             let total = self.servers_of(service, mesh.distinct);
-            finding.evidence.push(format!(
-                "pid {} holds {} to {} of the {} {service} servers",
-                mesh.pid,
-                util::plural(mesh.connections as u64, "connection"),
-                mesh.distinct,
-                total
-            ));
+            finding.evidence.push(mesh_line(mesh, service, total));
             let is_mesh = mesh.distinct >= 2 && mesh.distinct as f64 >= 0.9 * total as f64;
             let dominant = full.is_some_and(|f| mesh.connections as f64 >= 0.3 * f.open as f64);
             if is_mesh || dominant {
@@ -290,6 +284,17 @@ fn pressure_advice(comm: &str, mesh_services: &[String], host_table_full: bool) 
     advice
 }
 
+/// The evidence line for one process's mesh: how many of `service`'s servers it holds
+/// connections to, so mesh-pressure and full-mesh findings word it the same way.
+fn mesh_line(mesh: &Mesh, service: &str, total: u32) -> String {
+    format!(
+        "pid {} holds {} to {} of the {total} {service} servers",
+        mesh.pid,
+        util::plural(mesh.connections as u64, "connection"),
+        mesh.distinct,
+    )
+}
+
 fn full_mesh(comm: &str, service: &str, mesh: &Mesh, total: u32) -> Finding {
     let mut finding = Finding::new(
         "full-mesh",
@@ -299,13 +304,7 @@ fn full_mesh(comm: &str, service: &str, mesh: &Mesh, total: u32) -> Finding {
             mesh.distinct
         ),
     );
-    finding.evidence.push(format!(
-        "pid {} holds {} to {} of {} servers",
-        mesh.pid,
-        util::plural(mesh.connections as u64, "connection"),
-        mesh.distinct,
-        total
-    ));
+    finding.evidence.push(mesh_line(mesh, service, total));
     finding.advice = "Each process of this program holds a connection to every server, so \
         connections grow with processes x servers and eventually exhaust descriptors on \
         clients and connection slots on servers. Consider a per-host proxy such as \

@@ -21,7 +21,13 @@ fn client_addrs() -> (SocketAddr, SocketAddr) {
     )
 }
 
-fn state(sk: u64, ts: u64, old: u8, new: u8, last_activity: u64) -> SockEventRecord {
+/// A state change from `old` to `new`; `last_activity` is the socket's last activity.
+fn state(sk: u64, ts: u64, old: TcpState, new: TcpState, last_activity: u64) -> SockEventRecord {
+    record(sk, ts, old as u8, new as u8, last_activity)
+}
+
+/// An event record with raw state bytes: the base the other event kinds are built from.
+fn record(sk: u64, ts: u64, old: u8, new: u8, last_activity: u64) -> SockEventRecord {
     let (local, remote) = client_addrs();
     SockEventRecord {
         kind: EventKind::StateChange {
@@ -60,13 +66,13 @@ fn client_endpoint() -> Endpoint {
     }
 }
 
-/// The kernel reports TcpState::Close as u8->TcpState::SynSent as u8 before it binds the client's source port: the flow
+/// The kernel reports Close->SynSent before it binds the client's source port: the flow
 /// id comes from the next event, and the server's view of the same connection (the client
 /// as its remote end) gives the same id.
 #[test]
 fn flow_id_is_learned_once_both_ports_are_known() {
     let mut tracker = tracker();
-    let mut connect = state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0);
+    let mut connect = state(SK, SEC, TcpState::Close, TcpState::SynSent, 0);
     connect.local = Some("127.0.0.1:0".parse().unwrap());
     run(&mut tracker, &[connect]);
     assert_eq!(tracker.endpoint_and_flow_of(SK).unwrap().1, None);
@@ -75,8 +81,8 @@ fn flow_id_is_learned_once_both_ports_are_known() {
         &[state(
             SK,
             SEC + 100,
-            TcpState::SynSent as u8,
-            TcpState::Established as u8,
+            TcpState::SynSent,
+            TcpState::Established,
             0,
         )],
     );
@@ -85,13 +91,7 @@ fn flow_id_is_learned_once_both_ports_are_known() {
     let (client, server) = client_addrs();
     assert_eq!(flow, crate::model::flow_id(client, server));
 
-    let mut accepted = state(
-        SK + 1,
-        SEC,
-        TcpState::SynRecv as u8,
-        TcpState::Established as u8,
-        0,
-    );
+    let mut accepted = state(SK + 1, SEC, TcpState::SynRecv, TcpState::Established, 0);
     (accepted.local, accepted.remote) = (Some(server), Some(client));
     run(&mut tracker, &[accepted]);
     let (endpoint, server_flow) = tracker.endpoint_and_flow_of(SK + 1).unwrap();
@@ -105,33 +105,27 @@ fn peer_closes_idle_client() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
-            state(
-                SK,
-                SEC + 100,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
+            state(SK, SEC, TcpState::Close, TcpState::SynSent, 0),
+            state(SK, SEC + 100, TcpState::SynSent, TcpState::Established, 0),
             state(
                 SK,
                 10 * SEC,
-                TcpState::Established as u8,
-                TcpState::CloseWait as u8,
+                TcpState::Established,
+                TcpState::CloseWait,
                 2 * SEC,
             ),
             state(
                 SK,
                 11 * SEC,
-                TcpState::CloseWait as u8,
-                TcpState::LastAck as u8,
+                TcpState::CloseWait,
+                TcpState::LastAck,
                 2 * SEC,
             ),
             state(
                 SK,
                 11 * SEC + 5,
-                TcpState::LastAck as u8,
-                TcpState::Close as u8,
+                TcpState::LastAck,
+                TcpState::Close,
                 2 * SEC,
             ),
         ],
@@ -166,48 +160,12 @@ fn local_close_and_reset_are_distinguished() {
     let out = run(
         &mut tracker,
         &[
-            state(
-                1,
-                SEC,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
-            state(
-                1,
-                3 * SEC,
-                TcpState::Established as u8,
-                TcpState::FinWait1 as u8,
-                0,
-            ),
-            state(
-                1,
-                3 * SEC,
-                TcpState::FinWait1 as u8,
-                TcpState::FinWait2 as u8,
-                0,
-            ),
-            state(
-                1,
-                4 * SEC,
-                TcpState::FinWait2 as u8,
-                TcpState::Close as u8,
-                0,
-            ),
-            state(
-                2,
-                SEC,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
-            state(
-                2,
-                5 * SEC,
-                TcpState::Established as u8,
-                TcpState::Close as u8,
-                4 * SEC,
-            ),
+            state(1, SEC, TcpState::SynSent, TcpState::Established, 0),
+            state(1, 3 * SEC, TcpState::Established, TcpState::FinWait1, 0),
+            state(1, 3 * SEC, TcpState::FinWait1, TcpState::FinWait2, 0),
+            state(1, 4 * SEC, TcpState::FinWait2, TcpState::Close, 0),
+            state(2, SEC, TcpState::SynSent, TcpState::Established, 0),
+            state(2, 5 * SEC, TcpState::Established, TcpState::Close, 4 * SEC),
         ],
     );
     let closes: Vec<_> = out
@@ -254,14 +212,8 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
-            state(
-                SK,
-                2 * SEC,
-                TcpState::SynSent as u8,
-                TcpState::Close as u8,
-                0,
-            ),
+            state(SK, SEC, TcpState::Close, TcpState::SynSent, 0),
+            state(SK, 2 * SEC, TcpState::SynSent, TcpState::Close, 0),
         ],
     );
     assert_eq!(
@@ -274,24 +226,12 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
             }
         ]
     );
-    let mut refused = state(
-        SK,
-        3 * SEC,
-        TcpState::SynSent as u8,
-        TcpState::Close as u8,
-        0,
-    );
+    let mut refused = state(SK, 3 * SEC, TcpState::SynSent, TcpState::Close, 0);
     refused.facts.reset_received_ns = 3 * SEC;
     let out = run(
         &mut tracker,
         &[
-            state(
-                SK,
-                3 * SEC,
-                TcpState::Close as u8,
-                TcpState::SynSent as u8,
-                0,
-            ),
+            state(SK, 3 * SEC, TcpState::Close, TcpState::SynSent, 0),
             refused,
         ],
     );
@@ -305,20 +245,14 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
     assert_eq!(tracker.active_connections(), 0);
 }
 
-/// The loopback sequence measured on 6.18: the peer closes (TcpState::CloseWait as u8), a late SET's RST
+/// The loopback sequence measured on 6.18: the peer closes (CloseWait), a late SET's RST
 /// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
 #[test]
 fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let mut tracker = tracker();
-    let mut close = state(
-        SK,
-        5 * SEC,
-        TcpState::CloseWait as u8,
-        TcpState::Close as u8,
-        2 * SEC,
-    );
+    let mut close = state(SK, 5 * SEC, TcpState::CloseWait, TcpState::Close, 2 * SEC);
     close.facts.peer_closed_ns = 4 * SEC;
-    let mut send = state(SK, 5 * SEC, 0, 0, 0);
+    let mut send = record(SK, 5 * SEC, 0, 0, 0);
     send.kind = EventKind::SendAfterPeerClose { ret: 16 };
     send.local = None;
     send.remote = None;
@@ -327,18 +261,12 @@ fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let out = run(
         &mut tracker,
         &[
-            state(
-                SK,
-                SEC,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
+            state(SK, SEC, TcpState::SynSent, TcpState::Established, 0),
             state(
                 SK,
                 4 * SEC,
-                TcpState::Established as u8,
-                TcpState::CloseWait as u8,
+                TcpState::Established,
+                TcpState::CloseWait,
                 2 * SEC,
             ),
             close,
@@ -362,7 +290,7 @@ fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
 #[test]
 fn retransmits_and_resets_are_attributed_to_the_endpoint() {
     let mut tracker = tracker();
-    let mut syn = state(0, SEC, 0, 0, 0);
+    let mut syn = record(0, SEC, 0, 0, 0);
     syn.kind = EventKind::TcpTrouble {
         trouble: TcpTrouble::Retransmit,
         state: TcpState::SynSent as u8,
@@ -406,17 +334,11 @@ fn connection_from_before_start_is_adopted_on_its_first_state_change() {
             state(
                 SK,
                 10 * SEC,
-                TcpState::Established as u8,
-                TcpState::CloseWait as u8,
+                TcpState::Established,
+                TcpState::CloseWait,
                 7 * SEC,
             ),
-            state(
-                SK,
-                11 * SEC,
-                TcpState::CloseWait as u8,
-                TcpState::Close as u8,
-                7 * SEC,
-            ),
+            state(SK, 11 * SEC, TcpState::CloseWait, TcpState::Close, 7 * SEC),
         ],
     );
     assert_eq!(out.len(), 2);
@@ -447,8 +369,8 @@ fn a_stale_entry_does_not_swallow_the_next_connection_at_its_address() {
     let mut learned = state(
         SK,
         5 * SEC,
-        TcpState::Established as u8,
-        TcpState::Established as u8,
+        TcpState::Established,
+        TcpState::Established,
         4 * SEC,
     );
     learned.kind = EventKind::Learned {
@@ -457,51 +379,21 @@ fn a_stale_entry_does_not_swallow_the_next_connection_at_its_address() {
     let out = run(
         &mut tracker,
         &[
-            state(SK, SEC, TcpState::Close as u8, TcpState::SynSent as u8, 0),
-            state(
-                SK,
-                SEC + 1,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
-            state(
-                SK,
-                4 * SEC,
-                TcpState::Established as u8,
-                TcpState::Close as u8,
-                4 * SEC,
-            ),
+            state(SK, SEC, TcpState::Close, TcpState::SynSent, 0),
+            state(SK, SEC + 1, TcpState::SynSent, TcpState::Established, 0),
+            state(SK, 4 * SEC, TcpState::Established, TcpState::Close, 4 * SEC),
             // The race: learned after its close.
             learned,
-            state(
-                SK,
-                6 * SEC,
-                TcpState::Close as u8,
-                TcpState::SynSent as u8,
-                0,
-            ),
-            state(
-                SK,
-                6 * SEC + 1,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
+            state(SK, 6 * SEC, TcpState::Close, TcpState::SynSent, 0),
+            state(SK, 6 * SEC + 1, TcpState::SynSent, TcpState::Established, 0),
             state(
                 SK,
                 7 * SEC,
-                TcpState::Established as u8,
-                TcpState::FinWait1 as u8,
+                TcpState::Established,
+                TcpState::FinWait1,
                 7 * SEC,
             ),
-            state(
-                SK,
-                8 * SEC,
-                TcpState::FinWait1 as u8,
-                TcpState::Close as u8,
-                7 * SEC,
-            ),
+            state(SK, 8 * SEC, TcpState::FinWait1, TcpState::Close, 7 * SEC),
         ],
     );
     let count = |f: &dyn Fn(&Observation) -> bool| out.iter().filter(|o| f(o)).count();
@@ -528,7 +420,7 @@ fn seeded_connection_is_matched_not_double_counted() {
     let mut out = Vec::new();
     tracker.seed(local, remote, TcpState::Established as u8, &mut out);
     assert_eq!(tracker.active_connections(), 1);
-    let mut learned = state(SK, 5 * SEC, 0, 0, 5 * SEC);
+    let mut learned = record(SK, 5 * SEC, 0, 0, 5 * SEC);
     learned.kind = EventKind::Learned {
         state: TcpState::Established as u8,
     };
@@ -543,20 +435,14 @@ fn seeded_connection_is_matched_not_double_counted() {
         &state(
             SK,
             6 * SEC,
-            TcpState::Established as u8,
-            TcpState::FinWait1 as u8,
+            TcpState::Established,
+            TcpState::FinWait1,
             5 * SEC,
         ),
         &mut out,
     );
     tracker.handle(
-        &state(
-            SK,
-            7 * SEC,
-            TcpState::FinWait2 as u8,
-            TcpState::Close as u8,
-            5 * SEC,
-        ),
+        &state(SK, 7 * SEC, TcpState::FinWait2, TcpState::Close, 5 * SEC),
         &mut out,
     );
     assert!(matches!(
@@ -573,15 +459,9 @@ fn seeded_connection_is_matched_not_double_counted() {
 #[test]
 fn listeners_and_unwatched_ports_are_ignored() {
     let mut tracker = tracker();
-    let mut listen = state(SK, SEC, TcpState::Close as u8, TcpState::Listen as u8, 0);
+    let mut listen = state(SK, SEC, TcpState::Close, TcpState::Listen, 0);
     listen.local = Some("0.0.0.0:11211".parse().unwrap());
-    let mut other = state(
-        SK + 1,
-        SEC,
-        TcpState::SynSent as u8,
-        TcpState::Established as u8,
-        0,
-    );
+    let mut other = state(SK + 1, SEC, TcpState::SynSent, TcpState::Established, 0);
     other.remote = Some("127.0.0.1:80".parse().unwrap());
     assert!(run(&mut tracker, &[listen, other]).is_empty());
 }
@@ -590,7 +470,7 @@ fn listeners_and_unwatched_ports_are_ignored() {
 fn a_child_cloned_from_a_watched_listener_is_a_completed_handshake() {
     let mut tracker = tracker();
     // At clone time the child still has the listener's addresses: no peer yet.
-    let mut child = state(SK, SEC, TcpState::Listen as u8, TcpState::SynRecv as u8, 0);
+    let mut child = state(SK, SEC, TcpState::Listen, TcpState::SynRecv, 0);
     child.local = Some("0.0.0.0:11211".parse().unwrap());
     child.remote = Some("0.0.0.0:0".parse().unwrap());
     let mut unwatched = child.clone();
@@ -645,13 +525,7 @@ fn table_memory_is_released_after_a_burst() {
     let mut out = Vec::new();
     for sk in 0..burst {
         tracker.handle(
-            &state(
-                sk,
-                SEC,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            ),
+            &state(sk, SEC, TcpState::SynSent, TcpState::Established, 0),
             &mut out,
         );
     }
@@ -662,13 +536,7 @@ fn table_memory_is_released_after_a_burst() {
     assert_eq!(tracker.connections.capacity(), grown);
     for sk in 10..burst {
         tracker.handle(
-            &state(
-                sk,
-                3 * SEC,
-                TcpState::Established as u8,
-                TcpState::Close as u8,
-                0,
-            ),
+            &state(sk, 3 * SEC, TcpState::Established, TcpState::Close, 0),
             &mut out,
         );
     }
@@ -682,13 +550,7 @@ fn table_memory_is_released_after_a_burst() {
     // The survivors are intact.
     let closed = run(
         &mut tracker,
-        &[state(
-            3,
-            5 * SEC,
-            TcpState::Established as u8,
-            TcpState::Close as u8,
-            0,
-        )],
+        &[state(3, 5 * SEC, TcpState::Established, TcpState::Close, 0)],
     );
     assert!(matches!(
         closed[..],
@@ -700,15 +562,7 @@ fn table_memory_is_released_after_a_burst() {
 fn table_is_bounded() {
     let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 2);
     let events: Vec<_> = (0..3)
-        .map(|i| {
-            state(
-                100 + i,
-                SEC,
-                TcpState::SynSent as u8,
-                TcpState::Established as u8,
-                0,
-            )
-        })
+        .map(|i| state(100 + i, SEC, TcpState::SynSent, TcpState::Established, 0))
         .collect();
     let out = run(&mut tracker, &events);
     assert_eq!(out.last(), Some(&Observation::TrackingDropped));

@@ -24,6 +24,39 @@ fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
     encode_payload_record(ts, sk, total, is_send, b"python3", data)
 }
 
+/// Decodes encoded payload `records` in order, as seen from the `role` end.
+fn feed(decoders: &mut Decoders, records: &[Vec<u8>], role: Role, out: &mut Vec<MemcacheEvent>) {
+    for bytes in records {
+        let view = parse_payload(bytes).unwrap();
+        decoders.on_payload(&view, endpoint(role), None, false, out);
+    }
+}
+
+/// The status of each finished request in `out`, in order.
+fn statuses(out: &[MemcacheEvent]) -> Vec<Status> {
+    out.iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { request, .. } => Some(request.status),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many gap decode errors `out` has.
+fn gaps(out: &[MemcacheEvent]) -> usize {
+    out.iter()
+        .filter(|e| {
+            matches!(
+                e,
+                MemcacheEvent::DecodeError {
+                    reason: DecodeErrorReason::Gap,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
 /// Requests carry the id of their connection's flow and first byte's sequence number; a
 /// stream whose flow is not known yet takes it from a later payload.
 #[test]
@@ -109,29 +142,13 @@ fn a_record_lost_mid_response_is_a_gap_not_a_miss() {
             response_seq + (head.len() + tail.len()) as u32,
         ),
     ];
-    for bytes in &records {
-        let view = parse_payload(bytes).unwrap();
-        decoders.on_payload(&view, endpoint(Role::Client), None, false, &mut out);
-    }
-    let statuses: Vec<Status> = out
-        .iter()
-        .filter_map(|e| match e {
-            MemcacheEvent::Request { request, .. } => Some(request.status),
-            _ => None,
-        })
-        .collect();
+    feed(&mut decoders, &records, Role::Client, &mut out);
     assert_eq!(
-        statuses,
+        statuses(&out),
         [Status::Miss, Status::Unknown, Status::Miss],
         "{out:?}"
     );
-    assert!(out.iter().any(|e| matches!(
-        e,
-        MemcacheEvent::DecodeError {
-            reason: DecodeErrorReason::Gap,
-            ..
-        }
-    )));
+    assert!(gaps(&out) > 0, "{out:?}");
 }
 
 #[test]
@@ -188,14 +205,6 @@ fn server_side_direction_is_flipped_and_close_finishes_requests() {
 /// (and is recorded) after the close, and its VALUE line still answers the get.
 #[test]
 fn a_reply_recorded_just_after_the_close_still_answers() {
-    let statuses = |out: &[MemcacheEvent]| -> Vec<Status> {
-        out.iter()
-            .filter_map(|e| match e {
-                MemcacheEvent::Request { request, .. } => Some(request.status),
-                _ => None,
-            })
-            .collect()
-    };
     let mut decoders = Decoders::new(10);
     let mut out = Vec::new();
     let request = record(1_000, 9, false, b"get large\r\n", 11);
@@ -639,30 +648,8 @@ fn a_read_that_also_takes_the_peers_fin_is_not_a_gap() {
             ),
             with_seq(record(400, 9, true, b"END\r\n", 5), 5_005, last_sample),
         ];
-        for bytes in &records {
-            let view = parse_payload(bytes).unwrap();
-            decoders.on_payload(&view, endpoint(Role::Server), None, false, &mut out);
-        }
-        let statuses: Vec<Status> = out
-            .iter()
-            .filter_map(|e| match e {
-                MemcacheEvent::Request { request, .. } => Some(request.status),
-                _ => None,
-            })
-            .collect();
-        let gaps = out
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    MemcacheEvent::DecodeError {
-                        reason: DecodeErrorReason::Gap,
-                        ..
-                    }
-                )
-            })
-            .count();
-        (statuses, gaps)
+        feed(&mut decoders, &records, Role::Server, &mut out);
+        (statuses(&out), gaps(&out))
     };
     // The FIN read: captured on the trouble path (the peer has closed), one byte late.
     assert_eq!(run(1, None), (vec![Status::Miss, Status::Miss], 0));
