@@ -541,6 +541,20 @@ mod tests {
 
     /// A pipeline with the given budget that knows two client connections, one the sample keeps
     /// at one in two and one it lets go, one second into its first budget window.
+    /// [`two_clients`] at a budget of 500 records/s after a second of 961 records: the sample
+    /// narrowed to one in two, and the kernel told so at 2 s + 10 ns.
+    fn narrowed_to_one_in_two() -> (Pipeline, Metrics, u64, u64) {
+        let (mut pipeline, metrics, followed, released) = two_clients(500);
+        for i in 0..240 {
+            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
+            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
+        }
+        pipeline.tick(2 * SECOND, None, &mut Vec::new);
+        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        pipeline.capture_shift_applied(2 * SECOND + 10);
+        (pipeline, metrics, followed, released)
+    }
+
     fn two_clients(records_per_second: u32) -> (Pipeline, Metrics, u64, u64) {
         let (mut pipeline, metrics) = pipeline(records_per_second);
         let (followed, released) = followed_and_released();
@@ -623,14 +637,7 @@ mod tests {
     /// as the current sample: trouble was over-counted 8 times in a soak at 1/8.)
     #[test]
     fn requests_finished_by_close_weigh_what_their_stream_was_captured_under() {
-        let (mut pipeline, metrics, followed, released) = two_clients(500);
-        for i in 0..240 {
-            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
-            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
-        }
-        pipeline.tick(2 * SECOND, None, &mut Vec::new);
-        assert_eq!(pipeline.take_capture_shift(), Some(1));
-        pipeline.capture_shift_applied(2 * SECOND + 10);
+        let (mut pipeline, metrics, followed, released) = narrowed_to_one_in_two();
         let ask = |pipeline: &mut Pipeline, sk: u64, ts: u64, sample: Option<(u8, u8)>| {
             let mut record = encode_payload_record(ts, sk, 7, true, b"c", b"get k\r\n");
             mark_sample(&mut record, sample);
@@ -654,14 +661,7 @@ mod tests {
     /// the new one: they must not narrow it again.
     #[test]
     fn records_from_before_a_switch_do_not_count_against_the_new_sample() {
-        let (mut pipeline, _metrics, followed, released) = two_clients(500);
-        for i in 0..240 {
-            get_hit(&mut pipeline, followed, SECOND + 1 + i * 3_000_000);
-            get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
-        }
-        pipeline.tick(2 * SECOND, None, &mut Vec::new);
-        assert_eq!(pipeline.take_capture_shift(), Some(1));
-        pipeline.capture_shift_applied(2 * SECOND + 10);
+        let (mut pipeline, _metrics, followed, released) = narrowed_to_one_in_two();
         // A backlog twice the budget, all of it written before the switch.
         for i in 0..500 {
             get_hit(&mut pipeline, followed, SECOND + 5 + i * 1_000);

@@ -189,11 +189,10 @@ fn server_side_direction_is_flipped_and_close_finishes_requests() {
     let mut decoders = Decoders::new(10);
     let mut out = Vec::new();
     let request = record(1_000, 9, false, b"set k 0 0 1\r\nv\r\n", 16);
-    decoders.on_payload(
-        &parse_payload(&request).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&request),
+        Role::Server,
         &mut out,
     );
     decoders.on_close(9, &mut out);
@@ -208,22 +207,20 @@ fn a_reply_recorded_just_after_the_close_still_answers() {
     let mut decoders = Decoders::new(10);
     let mut out = Vec::new();
     let request = record(1_000, 9, false, b"get large\r\n", 11);
-    decoders.on_payload(
-        &parse_payload(&request).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&request),
+        Role::Server,
         &mut out,
     );
     decoders.close_after_grace(9, 2_000);
     decoders.finish_closed(1_999, &mut out);
     assert!(statuses(&out).is_empty(), "{out:?}");
     let reply = record(3_000, 9, true, b"VALUE large 0 500000\r\n", 200_000);
-    decoders.on_payload(
-        &parse_payload(&reply).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&reply),
+        Role::Server,
         &mut out,
     );
     decoders.finish_closed(2_000, &mut out);
@@ -232,20 +229,18 @@ fn a_reply_recorded_just_after_the_close_still_answers() {
     // Without a reply the request finishes unanswered once the grace is over, and a stale
     // close time never finishes a stream that has started since at the address.
     let mut out = Vec::new();
-    decoders.on_payload(
-        &parse_payload(&request).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&request),
+        Role::Server,
         &mut out,
     );
     decoders.close_after_grace(9, 5_000);
     let reused = record(6_000, 9, true, b"get b\r\n", 7);
-    decoders.on_payload(
-        &parse_payload(&reused).unwrap(),
-        endpoint(Role::Client),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&reused),
+        Role::Client,
         &mut out,
     );
     assert_eq!(statuses(&out), vec![Status::Unanswered], "{out:?}");
@@ -258,28 +253,25 @@ fn a_reused_socket_address_starts_a_new_stream() {
     let mut decoders = Decoders::new(10);
     let mut out = Vec::new();
     let request = record(1_000, 9, true, b"get a\r\n", 7);
-    decoders.on_payload(
-        &parse_payload(&request).unwrap(),
-        endpoint(Role::Client),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&request),
+        Role::Client,
         &mut out,
     );
     // Same address, now a server-side socket receiving a request.
     let request = record(2_000, 9, false, b"get b\r\n", 7);
-    decoders.on_payload(
-        &parse_payload(&request).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&request),
+        Role::Server,
         &mut out,
     );
     let response = record(3_000, 9, true, b"END\r\n", 5);
-    decoders.on_payload(
-        &parse_payload(&response).unwrap(),
-        endpoint(Role::Server),
-        None,
-        false,
+    feed(
+        &mut decoders,
+        std::slice::from_ref(&response),
+        Role::Server,
         &mut out,
     );
     let served: Vec<_> = out
@@ -608,11 +600,10 @@ fn connection_table_is_bounded() {
     let mut out = Vec::new();
     for sk in 1..=3 {
         let bytes = record(1, sk, true, b"get a\r\n", 7);
-        decoders.on_payload(
-            &parse_payload(&bytes).unwrap(),
-            endpoint(Role::Client),
-            None,
-            false,
+        feed(
+            &mut decoders,
+            std::slice::from_ref(&bytes),
+            Role::Client,
             &mut out,
         );
     }
