@@ -661,7 +661,7 @@ mod tests {
     /// the new one: they must not narrow it again.
     #[test]
     fn records_from_before_a_switch_do_not_count_against_the_new_sample() {
-        let (mut pipeline, _metrics, followed, released) = narrowed_to_one_in_two();
+        let (mut pipeline, _metrics, followed, _released) = narrowed_to_one_in_two();
         // A backlog twice the budget, all of it written before the switch.
         for i in 0..500 {
             get_hit(&mut pipeline, followed, SECOND + 5 + i * 1_000);
