@@ -23,6 +23,7 @@ mod loss;
 mod modes;
 mod observe;
 mod paired;
+mod percall;
 mod procs;
 mod report;
 mod rounds;
@@ -76,6 +77,7 @@ pub const PHASES: &[&str] = &[
     "modes",
     "bpf",
     "frame-cost",
+    "percall",
     "loss",
     "tshark",
     "idle",
@@ -336,6 +338,9 @@ impl Bench {
             if wanted("top") {
                 self.top_cost(&memcached)?;
             }
+        }
+        if wanted("percall") {
+            self.per_call_cost()?;
         }
         if wanted("idle") {
             self.idle_connections()?;

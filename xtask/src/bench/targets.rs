@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    procs,
+    percall, procs,
     report::{megabytes, thousands, Section, Table},
     rounds, Bench,
 };
@@ -41,6 +41,8 @@ pub(super) struct Targets {
     pub(super) frame_flatness: Vec<(usize, f64, f64)>,
     /// The decoder on replies of many items (criterion), items per second.
     pub(super) decoder_many_items: Option<f64>,
+    /// What one program run costs without bpf_stats (issue 19).
+    pub(super) per_call: Option<percall::PerCall>,
 }
 
 /// Where the BPF time per memcache op goes, from the bpf_stats run.
@@ -71,6 +73,7 @@ impl Bench {
         } else {
             rounds::goal_rows(&targets.paired, &mut table);
         }
+        targets.per_call_row(&mut table);
         targets.host_rows(&mut table);
         targets.issue_17_rows(&mut table);
         let mut section = Section::new("Targets");
@@ -128,6 +131,24 @@ fn percent(loss: Option<f64>, rounds: Option<(f64, f64)>) -> String {
 }
 
 impl Targets {
+    /// The sockets-only program run timed by its caller, without bpf_stats' clock reads.
+    fn per_call_row(&self, table: &mut Table) {
+        let Some(per_call) = &self.per_call else {
+            return;
+        };
+        table.row(vec![
+            "BPF per program run without bpf_stats, sockets only (idle receive, all in)".into(),
+            format!("<= {} ns (issue 19)", percall::GOAL_NS),
+            format!(
+                "{}; an empty program: {}; bpf_stats says {}",
+                percall::ns(per_call.program),
+                percall::ns(per_call.empty),
+                percall::ns(per_call.stats_reported)
+            ),
+            percall::verdict(per_call.program),
+        ]);
+    }
+
     /// Without the interleaved rounds only the four-mode table's medians are at hand.
     fn four_mode_rows(&self, table: &mut Table) {
         table.row(vec![
