@@ -66,6 +66,11 @@ enum Task {
         /// (e.g. 10000,5000): the loss curve against the default decoding budget.
         #[arg(long, value_delimiter = ',', value_name = "RECORDS")]
         budgets: Vec<u32>,
+        /// `ab` with memcached's threads pinned to the first CPU and the load generator to the
+        /// last (the agent runs anywhere): runs then differ less by where the scheduler put
+        /// which thread.
+        #[arg(long)]
+        pin: bool,
         /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
         /// idle timeouts and dead writes; fails if memory or fds grow, events are lost or its
         /// counters disagree with the load generator's.
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
             rounds,
             baseline,
             budgets,
+            pin,
             soak,
             decode_all,
         } => setup::setup().and_then(|()| build(true)).and_then(|()| {
@@ -138,6 +144,7 @@ fn main() -> ExitCode {
                 rounds,
                 baseline,
                 budgets,
+                pin,
             })
         }),
         Task::BenchHold {
@@ -281,6 +288,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         rounds: None,
         baseline: None,
         budgets: Vec::new(),
+        pin: false,
     })?;
     Ok(())
 }

@@ -68,6 +68,8 @@ pub struct BenchOptions {
     pub baseline: Option<PathBuf>,
     /// Extra `capture + decoding` arms of `ab` at these capture_records_per_second.
     pub budgets: Vec<u32>,
+    /// `ab`: memcached on the first CPU, the load generator on the last, the agent free.
+    pub pin: bool,
 }
 
 /// The measures, in the order they run; `--only` picks from these.
@@ -194,6 +196,8 @@ struct Bench {
     baseline: Option<PathBuf>,
     /// `--budgets`: capture arms of `ab` at other decoding budgets.
     budgets: Vec<u32>,
+    /// `--pin`: see [`BenchOptions::pin`].
+    pin: bool,
 }
 
 fn target_dir() -> PathBuf {
@@ -298,6 +302,7 @@ impl Bench {
                 None => None,
             },
             budgets: options.budgets.clone(),
+            pin: options.pin,
         })
     }
 

@@ -129,43 +129,6 @@ impl Idle {
     }
 }
 
-/// Pins the calling thread to one CPU while it lives, so every arm runs where the last did.
-struct Pinned {
-    previous: libc::cpu_set_t,
-}
-
-impl Pinned {
-    fn to_last_cpu() -> anyhow::Result<Pinned> {
-        // SAFETY: plain libc calls on zeroed cpu sets owned here.
-        unsafe {
-            let mut previous: libc::cpu_set_t = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::cpu_set_t>();
-            if libc::sched_getaffinity(0, size, &mut previous) != 0 {
-                bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
-            }
-            let cpu = (0..libc::CPU_SETSIZE as usize)
-                .rev()
-                .find(|&cpu| libc::CPU_ISSET(cpu, &previous))
-                .context("this thread may run on no CPU")?;
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut one);
-            if libc::sched_setaffinity(0, size, &one) != 0 {
-                bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-            }
-            Ok(Pinned { previous })
-        }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: restores the set read in `to_last_cpu`.
-        unsafe {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.previous);
-        }
-    }
-}
-
 impl Bench {
     pub(super) fn per_call_cost(&mut self) -> anyhow::Result<()> {
         crate::util::step("BPF cost per program run without bpf_stats (idle receives)");
@@ -176,7 +139,7 @@ impl Bench {
         // pooled connection.
         let on_watched = Idle::open(&watched)?;
         let on_unwatched = Idle::open(&unwatched)?;
-        let _pinned = Pinned::to_last_cpu()?;
+        let _pinned = procs::Pinned::thread_to(procs::Cpu::Last)?;
         let rounds = self.plan.rounds;
         let mut results = Vec::with_capacity(rounds);
         for round in 0..rounds {

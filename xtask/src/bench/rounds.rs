@@ -170,6 +170,10 @@ impl Bench {
         };
         // Measured in the generator's own thread (a netns run spawns one).
         let measured = || -> anyhow::Result<(loadgen::LoadReport, u64)> {
+            let _pinned = self
+                .pin
+                .then(|| procs::Pinned::thread_to(procs::Cpu::Last))
+                .transpose()?;
             let before = procs::thread_cpu_ns();
             let report = loadgen::run(spec)?;
             Ok((report, procs::thread_cpu_ns().saturating_sub(before)))
@@ -310,6 +314,11 @@ impl Bench {
         let far = Memcached::start_in(&netns)?;
         self.memcached_lines.push(far.command_line.clone());
         netns.run(|| loadgen::populate(far.addr, &WORKLOAD))?;
+        if self.pin {
+            for server in [memcached, &far] {
+                procs::pin_process(server.pid(), procs::Cpu::First)?;
+            }
+        }
         // Warm both servers so the first measured run is not penalised.
         for (server, ns) in [(memcached, None), (&far, Some(&netns))] {
             let warm = LoadSpec {
@@ -529,7 +538,13 @@ impl Bench {
                 budgets.join(", ")
             )
         };
-        let twins_text = format!("{twins_text}{budgets_text}");
+        let pin_text = if self.pin {
+            "; pinned (`--pin`): memcached's threads on the first CPU, the load generator on the \
+             last, the agent anywhere"
+        } else {
+            ""
+        };
+        let twins_text = format!("{twins_text}{budgets_text}{pin_text}");
         section.say(format!(
             "{rounds} rounds. Every round runs, for each setup, `off` (no agent), `sockets only` \
              and `capture + decoding` (default decoding budget) back to back, in an order rotated \

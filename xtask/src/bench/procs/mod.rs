@@ -702,3 +702,83 @@ mod tests {
         assert_eq!(sockets.matches("[[services]]").count(), 2);
     }
 }
+
+/// Which of this thread's allowed CPUs to pin to.
+#[derive(Debug, Clone, Copy)]
+pub enum Cpu {
+    First,
+    Last,
+}
+
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> anyhow::Result<(libc::cpu_set_t, Vec<usize>)> {
+    // SAFETY: plain libc calls on a zeroed cpu set owned here.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let cpus = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect::<Vec<_>>();
+        if cpus.is_empty() {
+            bail!("this thread may run on no CPU");
+        }
+        Ok((set, cpus))
+    }
+}
+
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: plain libc calls on a zeroed cpu set owned here.
+    unsafe {
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn pick(cpus: &[usize], which: Cpu) -> usize {
+    match which {
+        Cpu::First => cpus[0],
+        Cpu::Last => cpus[cpus.len() - 1],
+    }
+}
+
+/// Pins the calling thread to one CPU while it lives (its old set comes back on drop), so a
+/// timed loop or a load generator runs where the last one did.
+pub struct Pinned {
+    previous: libc::cpu_set_t,
+}
+
+impl Pinned {
+    pub fn thread_to(which: Cpu) -> anyhow::Result<Pinned> {
+        let (previous, cpus) = allowed_cpus()?;
+        set_affinity(0, pick(&cpus, which))
+            .map_err(|e| anyhow::anyhow!("sched_setaffinity: {e}"))?;
+        Ok(Pinned { previous })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: restores the set read in `thread_to`.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.previous);
+        }
+    }
+}
+
+/// Pins every thread of process `pid` (as it is now) to one CPU.
+pub fn pin_process(pid: u32, which: Cpu) -> anyhow::Result<()> {
+    let (_, cpus) = allowed_cpus()?;
+    let cpu = pick(&cpus, which);
+    let tasks = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&tasks).with_context(|| format!("cannot list {tasks}"))? {
+        let tid: libc::pid_t = entry?.file_name().to_string_lossy().parse()?;
+        set_affinity(tid, cpu).with_context(|| format!("pinning thread {tid} of {pid}"))?;
+    }
+    Ok(())
+}
