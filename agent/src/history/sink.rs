@@ -14,8 +14,7 @@ use foldhash::{HashMap, HashMapExt};
 use super::{fact_from_observation, Fact, History, RequestRecord};
 
 use crate::{
-    clock::MonotonicToUnix,
-    conn::tracking::Observation, ingest::outputs::ObservationSink,
+    clock::MonotonicToUnix, conn::tracking::Observation, ingest::outputs::ObservationSink,
     memcache::decoders::MemcacheEvent, services::SharedServices,
 };
 
