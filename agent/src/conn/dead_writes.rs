@@ -111,6 +111,12 @@ impl DeadWriteTracker {
         }
     }
 
+    /// Whether `sk` has dead writes waiting to be named or resolved: only then is a send's
+    /// command worth sniffing for [`DeadWriteTracker::name`] (almost never, per captured send).
+    pub fn has_pending(&self, sk: u64) -> bool {
+        self.pending.contains_key(&sk)
+    }
+
     /// The bytes a send on `sk` stamped `ts_ns` started with name what it carried: the kernel
     /// reports a dead write before that same send's payload, so the latest pending write on
     /// the socket at or before `ts_ns`, not named yet, is that send. Named here, while the

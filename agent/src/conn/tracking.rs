@@ -274,6 +274,10 @@ impl Tracker {
             })
     }
 
+    pub fn dead_writes(&self) -> &DeadWriteTracker {
+        &self.dead_writes
+    }
+
     pub fn dead_writes_mut(&mut self) -> &mut DeadWriteTracker {
         &mut self.dead_writes
     }

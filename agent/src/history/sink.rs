@@ -14,14 +14,12 @@ use foldhash::{HashMap, HashMapExt};
 use super::{fact_from_observation, Fact, History, RequestRecord};
 
 use crate::{
-    conn::tracking::Observation, ingest::outputs::ObservationSink,
+    clock::MonotonicToUnix, conn::tracking::Observation, ingest::outputs::ObservationSink,
     memcache::decoders::MemcacheEvent, services::SharedServices,
 };
 
 /// Server addresses formatted once; cleared when it grows past this (endpoints are few).
 const MAX_CACHED_SERVERS: usize = 4096;
-/// How long a measured offset between the monotonic and the wall clock is reused.
-const CLOCK_OFFSET_REUSE_NS: u64 = 1_000_000_000;
 
 pub struct HistorySink {
     history: Arc<Mutex<History>>,
@@ -47,36 +45,6 @@ impl HistorySink {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .record(unix_second, fact);
-    }
-}
-
-/// [`unix_second_of_monotonic`] with the clock offset cached: two clock reads per second of
-/// event time instead of two per event. Clock steps show up within a second.
-#[derive(Debug, Default)]
-struct MonotonicToUnix {
-    /// The event timestamp the offset was measured for (0: never).
-    measured_at_ns: u64,
-    unix_minus_monotonic_ns: i128,
-}
-
-impl MonotonicToUnix {
-    fn unix_second(&mut self, ts_ns: u64) -> u64 {
-        if ts_ns == 0 {
-            return unix_second_of_monotonic(0);
-        }
-        if self.measured_at_ns == 0 || ts_ns.abs_diff(self.measured_at_ns) >= CLOCK_OFFSET_REUSE_NS
-        {
-            let now_unix_ns = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128);
-            let now_monotonic_ns = crate::clock::monotonic_ns();
-            self.unix_minus_monotonic_ns = now_unix_ns - now_monotonic_ns as i128;
-            // Anchored to event time, not to now: events are processed milliseconds after they
-            // happen, and a backlog (or a replay) must not re-measure on every event.
-            self.measured_at_ns = ts_ns;
-        }
-        let unix_ns = (ts_ns as i128 + self.unix_minus_monotonic_ns).max(0);
-        (unix_ns / 1_000_000_000) as u64
     }
 }
 

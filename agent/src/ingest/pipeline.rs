@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use agent_common::TcpState;
 
 use crate::{
-    clock::unix_now,
+    clock::{unix_now, MonotonicToUnix},
     config::Config,
     conn::tracking::{Endpoint, Observation, Tracker},
     export::{
@@ -61,6 +61,8 @@ pub struct Pipeline {
     queues: QueueSide,
     kernel_stats: KernelStats,
     outputs: Outputs,
+    /// Wall-clock seconds of record timestamps, without a clock read per record.
+    wall: MonotonicToUnix,
 }
 
 impl Pipeline {
@@ -87,6 +89,7 @@ impl Pipeline {
             queues: QueueSide::default(),
             kernel_stats: KernelStats::default(),
             outputs: Outputs::new(recorder),
+            wall: MonotonicToUnix::default(),
             services,
         }
     }
@@ -227,7 +230,11 @@ impl Pipeline {
             self.outputs.metrics().capture_calls.inc();
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
-        if payload.is_send && endpoint.role == Role::Client && payload.span_start == 0 {
+        if payload.is_send
+            && endpoint.role == Role::Client
+            && payload.span_start == 0
+            && self.tracker.dead_writes().has_pending(payload.sk)
+        {
             // A request's first bytes name what a dead write carried (a send that starts
             // mid-value has none). `pump` applies a send's dead-write event before its payload
             // and the payload before anything the application did after the send.
@@ -261,7 +268,7 @@ impl Pipeline {
             &mut self.memcache_events,
         );
         let comm = events::comm_str(payload.comm);
-        self.flush_memcache(Some(&comm), weight);
+        self.flush_memcache(Some(&comm), weight, payload.ts_ns);
         PayloadOutcome::Handled
     }
 
@@ -353,16 +360,21 @@ impl Pipeline {
         }
         // Requests finished here (close, timeout) weigh what their own stream was captured
         // under; nothing else comes out of a flush with a weight.
-        self.flush_memcache(None, 1);
+        self.flush_memcache(None, 1, 0);
     }
 
     /// `weight`: how many bytes each decoded one stands for (see [`CaptureSampling`]). A
     /// request weighs what the sample its stream was captured under makes it, whenever it
     /// finishes: a timeout on a stream captured for its trouble counts once, whatever the
-    /// sample of healthy connections is by then.
-    fn flush_memcache(&mut self, comm: Option<&str>, weight: u64) {
+    /// sample of healthy connections is by then. `record_ns`: the timestamp of the record that
+    /// produced the events (its unix second stamps what keys see), 0 for now.
+    fn flush_memcache(&mut self, comm: Option<&str>, weight: u64, record_ns: u64) {
         let events = std::mem::take(&mut self.memcache_events);
-        let now_s = if events.is_empty() { 0 } else { unix_now() };
+        let now_s = if events.is_empty() {
+            0
+        } else {
+            self.wall.unix_second(record_ns)
+        };
         for event in &events {
             let weight = match event {
                 MemcacheEvent::Request { sample, .. } => {

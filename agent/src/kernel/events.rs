@@ -163,7 +163,11 @@ pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
 /// record, so it must not allocate).
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> std::borrow::Cow<'_, str> {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&comm[..end])
+    // Names are almost always valid UTF-8: the strict check is the cheap path, per record.
+    match std::str::from_utf8(&comm[..end]) {
+        Ok(name) => std::borrow::Cow::Borrowed(name),
+        Err(_) => String::from_utf8_lossy(&comm[..end]),
+    }
 }
 
 #[cfg(test)]

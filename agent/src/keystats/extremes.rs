@@ -2,7 +2,9 @@
 //! `cacheprobe keys` (local only: keys never reach metrics). Bounded: a few entries per server
 //! per minute, for a bounded number of servers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 
 use serde::{Deserialize, Serialize};
 
