@@ -1092,3 +1092,54 @@ fn timeouts_born_inside_the_window_name_the_failing_server() {
     let ratio = bad[0]["values"]["failed_ratio"].as_f64().unwrap();
     assert!((0.12..=0.22).contains(&ratio), "{}", bad[0]);
 }
+
+/// A cron job's first connections to a service, on five of six hosts in the same minute: each
+/// host's `cacheprobe_syn_total{service="sessions"}` series is born then, with every attempt of
+/// the burst in its first sample. Per-minute `increase()` alone saw no attempt at all (a flat
+/// fleet); counting a series born in the minute from its first value, the spike is named, with
+/// its hosts.
+#[test]
+fn a_first_burst_of_connections_on_many_hosts_is_a_synchronous_spike() {
+    let end = now() - 30;
+    let mut g = Gen::new(end, 30, 15);
+    let born = end - 10 * 60 + 20;
+    let mut spiking = Vec::new();
+    for i in 1..=6 {
+        let h = host(&format!("web-{i}"), &format!("10.0.1.{i}"));
+        agent_series(&mut g, &h, None);
+        let base = [("job", "cacheprobe"), ("instance", h.instance.as_str())];
+        // The steady pool: one attempt a step (4 a minute), a series as old as the data.
+        let mut steady = base.to_vec();
+        steady.extend_from_slice(&[("service", "memcached"), ("direction", "out")]);
+        g.counter("cacheprobe_syn", &steady, 1.0);
+        if i <= 5 {
+            // 120 attempts in the burst, all before the new series' first scrape.
+            let mut burst = base.to_vec();
+            burst.extend_from_slice(&[("service", "sessions"), ("direction", "out")]);
+            g.series(
+                "cacheprobe_syn",
+                "counter",
+                "cacheprobe_syn_total",
+                &burst,
+                move |_, t| (t >= born).then_some(120.0),
+            );
+            spiking.push(h.instance.clone());
+        }
+    }
+    let prom = Prom::start("fleet-spike-born-in-window", &g);
+    let output = diagnose_json_30m(&prom, &end.to_string());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let spikes = findings(&report, &["fleet-synchronous-spikes"]);
+    assert_eq!(spikes.len(), 1, "{report:#}");
+    assert_eq!(spikes[0]["values"]["max_hosts"], 5.0, "{}", spikes[0]);
+    assert_eq!(spikes[0]["values"]["spike_minutes"], 1.0, "{}", spikes[0]);
+    assert_eq!(spikes[0]["values"]["hosts"], 6.0, "{}", spikes[0]);
+    let mut named: Vec<String> = spikes[0]["subjects"]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_string())
+        .collect();
+    named.sort();
+    assert_eq!(named, spiking, "{}", spikes[0]);
+}

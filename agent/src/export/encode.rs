@@ -253,8 +253,14 @@ mod tests {
         let labels = |server: &str| vec![("server".to_string(), server.to_string())];
         family.get_or_create(&labels("a")).observe(0.0001, None);
         let b = family.get_or_create(&labels("b")).clone();
-        b.observe(0.03, Some(0x1234));
-        b.observe(7.0, Some(0xabcd));
+        let offer = |request_id| {
+            Some(crate::export::latency::Offer {
+                request_id,
+                rank: 0,
+            })
+        };
+        b.observe(0.03, offer(0x1234));
+        b.observe(7.0, offer(0xabcd));
         let om = encode(&registry, Format::OpenMetrics).unwrap();
         assert!(
             !om.contains("cacheprobe_exemplars") && !om.contains("_info"),

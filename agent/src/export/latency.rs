@@ -1,5 +1,11 @@
 //! The request latency histogram: bucket counts and one request-id exemplar slot per bucket behind one lock, so an exemplar costs no second lock.
 //!
+//! A slot keeps, of the requests offered since the last scrape read it, the one of highest
+//! [`crate::model::exemplar_rank`], not merely the latest: the rank is the same at the client's
+//! and the server's agent, so where one request of a client competes for the server's bucket
+//! with every other client's, the server shows the very id the client shows, and
+//! `diagnose --prometheus` can join them (issue 18). Once read, any newer offer replaces it.
+//!
 //! prometheus-client's `HistogramWithExemplars` wraps its `Histogram` (one lock) in a second
 //! lock, 9 ns more per observation whether or not an exemplar is set (issue 18), and the crate
 //! lets no other type hand exemplars to its encoder (`Exemplar`'s fields are crate-private).
@@ -34,14 +40,36 @@ pub struct Exemplar {
     pub value: f64,
 }
 
+/// A request offered as its bucket's exemplar, with its [`crate::model::exemplar_rank`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    pub request_id: u64,
+    pub rank: u64,
+}
+
+/// One bucket's exemplar and whether a scrape has read it since it was set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
+    exemplar: Exemplar,
+    rank: u64,
+    shown: bool,
+}
+
+/// Whether an offer of `rank` takes a bucket's slot: an empty one or one a scrape already read
+/// (Prometheus keeps one exemplar per bucket per scrape, so each scrape interval gets its own
+/// choice), else only by ranking higher. Both ends apply the same order to the same ids.
+fn takes_slot(slot: Option<&Slot>, rank: u64) -> bool {
+    slot.is_none_or(|slot| slot.shown || rank > slot.rank)
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     sum: f64,
     count: u64,
     /// Per bucket (not cumulative), +Inf last.
     buckets: [u64; BUCKET_LINES],
-    /// The latest exemplar per bucket: Prometheus keeps one per bucket per scrape anyway.
-    exemplars: [Option<Exemplar>; BUCKET_LINES],
+    /// Per bucket, the highest-ranked offer since the last scrape (see [`takes_slot`]).
+    exemplars: [Option<Slot>; BUCKET_LINES],
 }
 
 #[derive(Debug, Clone, Default)]
@@ -57,9 +85,9 @@ impl LatencyHistogram {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds one observation of `seconds`; `request_id` (when given) becomes its bucket's
-    /// exemplar, under the same lock as the count.
-    pub fn observe(&self, seconds: f64, request_id: Option<u64>) {
+    /// Adds one observation of `seconds`; `offer` (when given) becomes its bucket's exemplar if
+    /// it takes the slot ([`takes_slot`]), under the same lock as the count.
+    pub fn observe(&self, seconds: f64, offer: Option<Offer>) {
         let bucket = LATENCY_BUCKETS
             .iter()
             .position(|bound| seconds <= *bound)
@@ -68,17 +96,29 @@ impl LatencyHistogram {
         inner.sum += seconds;
         inner.count += 1;
         inner.buckets[bucket] += 1;
-        if let Some(request_id) = request_id {
-            inner.exemplars[bucket] = Some(Exemplar {
-                request_id,
-                value: seconds,
-            });
+        if let Some(offer) = offer {
+            let slot = &mut inner.exemplars[bucket];
+            if takes_slot(slot.as_ref(), offer.rank) {
+                *slot = Some(Slot {
+                    exemplar: Exemplar {
+                        request_id: offer.request_id,
+                        value: seconds,
+                    },
+                    rank: offer.rank,
+                    shown: false,
+                });
+            }
         }
     }
 
-    /// The counts as the crate's encoder takes them, and the exemplars.
+    /// The counts as the crate's encoder takes them, and the exemplars, which are then marked
+    /// as shown: the next offer in their bucket replaces them whatever its rank.
     fn snapshot(&self) -> Snapshot {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let exemplars = inner.exemplars.map(|slot| slot.map(|slot| slot.exemplar));
+        for slot in inner.exemplars.iter_mut().flatten() {
+            slot.shown = true;
+        }
         let buckets = LATENCY_BUCKETS
             .iter()
             .copied()
@@ -89,7 +129,7 @@ impl LatencyHistogram {
             sum: inner.sum,
             count: inner.count,
             buckets,
-            exemplars: inner.exemplars,
+            exemplars,
         }
     }
 }
@@ -179,10 +219,16 @@ mod tests {
     #[test]
     fn observations_land_in_their_bucket_with_their_exemplar() {
         let histogram = LatencyHistogram::default();
+        let offer = |request_id| {
+            Some(Offer {
+                request_id,
+                rank: 1,
+            })
+        };
         histogram.observe(0.00004, None);
-        histogram.observe(0.03, Some(0xab));
+        histogram.observe(0.03, offer(0xab));
         histogram.observe(0.04, None);
-        histogram.observe(5.0, Some(0xcd));
+        histogram.observe(5.0, offer(0xcd));
         let Snapshot {
             sum,
             count,
@@ -205,6 +251,88 @@ mod tests {
         );
         assert_eq!(exemplars[BUCKET_LINES - 1].unwrap().request_id, 0xcd);
         assert_eq!(exemplars.iter().flatten().count(), 2);
+    }
+
+    /// The slot rule: an empty slot takes any offer; an unread one only a higher rank; once a
+    /// scrape read it, the next offer whatever its rank.
+    #[test]
+    fn a_slot_keeps_the_highest_rank_until_a_scrape_reads_it() {
+        let slot = |rank, shown| Slot {
+            exemplar: Exemplar {
+                request_id: 1,
+                value: 0.1,
+            },
+            rank,
+            shown,
+        };
+        assert!(takes_slot(None, 0));
+        assert!(!takes_slot(Some(&slot(5, false)), 4));
+        assert!(!takes_slot(Some(&slot(5, false)), 5));
+        assert!(takes_slot(Some(&slot(5, false)), 6));
+        assert!(takes_slot(Some(&slot(5, true)), 0));
+
+        let histogram = LatencyHistogram::default();
+        let offer = |request_id, rank| Some(Offer { request_id, rank });
+        histogram.observe(0.0001, offer(1, 10));
+        histogram.observe(0.0001, offer(2, 3));
+        histogram.observe(0.0001, offer(3, 12));
+        histogram.observe(0.0001, offer(4, 11));
+        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 3);
+        // Read: the next, lower-ranked offer replaces it; unread, it stays shown.
+        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 3);
+        histogram.observe(0.0001, offer(5, 1));
+        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 5);
+    }
+
+    /// The lossy-link case of issue 18, with real request ids. Three clients send requests that
+    /// are all fast at the server (one shared bucket there); at client A some of them are slow
+    /// (another bucket: a lost segment). Between two scrapes, whenever the server's exemplar is
+    /// one of A's requests, A shows that same id, in whatever bucket it landed at A: the server
+    /// ranked it first among everyone's requests, so A ranks it first among its own. The
+    /// latest-per-bucket rule it replaces joined only when that request was also the last one.
+    #[test]
+    fn the_server_shows_the_id_its_client_shows_for_that_clients_request() {
+        use crate::model::{exemplar_rank, flow_id, request_id};
+        let server_addr = "10.0.0.2:11211".parse().unwrap();
+        let flows: Vec<u64> = ["10.0.0.1:40000", "10.0.0.3:40001", "10.0.0.4:40002"]
+            .iter()
+            .map(|client| flow_id(client.parse().unwrap(), server_addr).unwrap())
+            .collect();
+        let (server, client_a) = (LatencyHistogram::default(), LatencyHistogram::default());
+        let offer = |id| {
+            Some(Offer {
+                request_id: id,
+                rank: exemplar_rank(id, 1),
+            })
+        };
+        let (mut server_shows_a, mut slow_joined) = (0, 0);
+        let mut seq = [1_000u32, 50_000, 900_000];
+        for round in 0..300u32 {
+            let mut a_ids = Vec::new();
+            for i in 0..12u32 {
+                let client = ((i + round) % 3) as usize;
+                seq[client] = seq[client].wrapping_add(31);
+                let id = request_id(flows[client], seq[client]);
+                server.observe(0.00008, offer(id));
+                if client == 0 {
+                    // One of A's four requests a round met a lost segment: 210 ms at A.
+                    let lost = a_ids.len() as u32 == round % 4;
+                    a_ids.push(id);
+                    client_a.observe(if lost { 0.21 } else { 0.0003 }, offer(id));
+                }
+            }
+            let shown = server.snapshot().exemplars[1].unwrap().request_id;
+            let at_a = client_a.snapshot().exemplars;
+            if a_ids.contains(&shown) {
+                server_shows_a += 1;
+                let same = at_a.iter().flatten().any(|e| e.request_id == shown);
+                assert!(same, "round {round}");
+                // The 0.25 s bucket: slow at A, fast at the server.
+                slow_joined += usize::from(at_a[11].is_some_and(|e| e.request_id == shown));
+            }
+        }
+        assert!((60..=140).contains(&server_shows_a), "{server_shows_a}");
+        assert!(slow_joined >= 10, "{slow_joined} of {server_shows_a}");
     }
 
     #[test]

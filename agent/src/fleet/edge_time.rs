@@ -366,11 +366,13 @@ fn slow_servers(
     t: &FleetThresholds,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
+    // Every server with a p99 is a peer; only those over enough requests are judged. A peer's
+    // p99 over few requests is about its slowest one, so it shows a slow host (every server of
+    // a starved host, seen in `cargo xtask fleet-test` at load 16: 11211 42 ms over 120
+    // requests, its peers 55 and 85 ms over fewer) and keeps its one busy server from being
+    // named slow for want of peers.
     let mut by_service: BTreeMap<&str, Vec<(&str, &ServerSide, f64)>> = BTreeMap::new();
     for ((service, server), side) in servers {
-        if side.requests < MIN_P99_REQUESTS {
-            continue;
-        }
         if let Some(p99) = side.p99 {
             by_service
                 .entry(service.as_str())
@@ -380,6 +382,9 @@ fn slow_servers(
     }
     for (service, list) in by_service {
         for (server, side, p99) in &list {
+            if side.requests < MIN_P99_REQUESTS {
+                continue;
+            }
             let peers: Vec<f64> = list
                 .iter()
                 .filter(|(s, _, _)| s != server)
@@ -629,6 +634,40 @@ mod tests {
         ));
         let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
         assert!(out.findings.is_empty(), "{:#?}", out.findings);
+    }
+
+    /// A starved server host: each server of its pool is slow at its own socket, but only one
+    /// had enough requests to be judged (`cargo xtask fleet-test` at load 16). Its peers' p99s
+    /// over fewer requests still show the whole host slow, so no server is named; with fast
+    /// peers the same server is.
+    #[test]
+    fn the_busiest_server_of_a_starved_host_is_not_slow_for_everyone() {
+        let servers = |peer_p99| {
+            let mut input = input(
+                &[],
+                &[
+                    ("s1:19150", "10.0.2.1:11211", 0.042),
+                    ("s1:19150", "10.0.2.1:11212", peer_p99),
+                    ("s1:19150", "10.0.2.1:11213", peer_p99 * 1.5),
+                ],
+            );
+            // 120 requests in the 60 s window for 11211, 60 for its peers.
+            input.window_s = 60.0;
+            for rate in &mut input.server_rate {
+                rate.value = if rate.label("server").ends_with(":11211") {
+                    2.0
+                } else {
+                    1.0
+                };
+            }
+            judge(&input, &Hosts::default(), &FleetThresholds::default())
+        };
+        let out = servers(0.055);
+        assert!(out.findings.is_empty(), "{:#?}", out.findings);
+        let out = servers(0.003);
+        assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
+        assert_eq!(out.findings[0].id, SLOW_SERVER_ID);
+        assert_eq!(out.findings[0].subjects.servers, ["10.0.2.1:11211"]);
     }
 
     /// A server's own p99 over a handful of requests is their slowest one: one stall of its

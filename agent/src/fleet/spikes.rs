@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    new_finding,
+    increase_with_new, new_finding,
     prom::{PromError, Series},
     set_value, Collector, DetectorOutput, FleetThresholds, Hosts,
 };
@@ -19,13 +19,15 @@ pub struct Input {
     pub attempts: Vec<Series>,
 }
 
+/// Per minute, counting a series born in that minute from its first value: a cron job's first
+/// connections to a service (a new `service` series on every host at once) are exactly the
+/// burst, and `increase()` alone cannot see what a series held at its first sample.
 pub fn collect(c: &Collector) -> Result<Input, PromError> {
     let svc = c.scope.service_matcher();
+    let attempts = format!("cacheprobe_syn_total{{direction=\"out\"{svc}}}");
     Ok(Input {
         attempts: c.range(
-            &format!(
-                "sum by (instance) (increase(cacheprobe_syn_total{{direction=\"out\"{svc}}}[1m]))"
-            ),
+            &format!("sum by (instance) ({})", increase_with_new(&attempts, "1m")),
             STEP_S,
         )?,
     })

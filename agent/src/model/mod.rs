@@ -361,16 +361,40 @@ pub fn in_narrowed_exemplar_slice(request_id: u64, one_in: u32, shift: u32) -> b
     if one_in == 0 || shift >= 32 {
         return false;
     }
+    mix(request_id).is_multiple_of(u64::from(one_in) << shift)
+}
+
+/// Which requests a latency bucket keeps as its exemplar, the same order at both ends: higher
+/// ranks first. An id in a narrower slice ([`in_narrowed_exemplar_slice`]) ranks above every id
+/// only in wider ones (and ids outside the configured slice, exemplars only for being slow, rank
+/// lowest), so where the two ends narrowed differently each prefers the ids the other most
+/// likely kept too; within one slice the mixed id decides. The server's choice among all its
+/// clients' requests is then also that client's choice among its own (issue 18).
+pub fn exemplar_rank(request_id: u64, one_in: u32) -> u64 {
+    let z = mix(request_id);
+    let level = if one_in == 0 || !z.is_multiple_of(u64::from(one_in)) {
+        0
+    } else {
+        // In 1 in `one_in << s` for every s up to the trailing zeros of z / one_in: at most 64.
+        1 + u64::from((z / u64::from(one_in)).trailing_zeros())
+    };
+    (level << 57) | (!z >> 7)
+}
+
+/// The splitmix64 finaliser: FNV's low bits follow the last byte hashed too closely for a
+/// modulus.
+fn mix(request_id: u64) -> u64 {
     let mut z = request_id;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    z.is_multiple_of(u64::from(one_in) << shift)
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
 mod request_id_tests {
-    use super::{flow_id, in_exemplar_slice, request_id};
+    use super::{
+        exemplar_rank, flow_id, in_exemplar_slice, in_narrowed_exemplar_slice, request_id,
+    };
     use std::net::SocketAddr;
 
     fn addr(text: &str) -> SocketAddr {
@@ -430,5 +454,34 @@ mod request_id_tests {
         assert!((800..=1200).contains(&picked), "{picked} of 100000");
         assert!(ids.iter().all(|id| in_exemplar_slice(*id, 1)));
         assert!(!ids.iter().any(|id| in_exemplar_slice(*id, 0)));
+    }
+
+    /// The rank orders ids by the narrowest slice they belong to, as both ends narrow: an id
+    /// in 1 in `one_in << s` outranks every id that is only in wider slices, and ids outside
+    /// the configured slice rank below all of its ids. Off (0): the mixed id alone.
+    #[test]
+    fn exemplar_rank_follows_the_narrowed_slices() {
+        let flow = flow_id(addr("10.0.0.1:40000"), addr("10.0.0.2:11211")).unwrap();
+        let ids: Vec<u64> = (0..50_000u32).map(|i| request_id(flow, i * 13)).collect();
+        for one_in in [1u32, 3, 10, 1000] {
+            // The narrowest shift each id is in (None: not in the slice at all).
+            let narrowest = |id: u64| {
+                (0..32)
+                    .rev()
+                    .find(|s| in_narrowed_exemplar_slice(id, one_in, *s))
+            };
+            let mut seen_levels = std::collections::BTreeSet::new();
+            for pair in ids.windows(2) {
+                let (a, b) = (pair[0], pair[1]);
+                let (ra, rb) = (exemplar_rank(a, one_in), exemplar_rank(b, one_in));
+                assert_ne!(ra, rb);
+                seen_levels.insert(narrowest(a));
+                if narrowest(a) != narrowest(b) {
+                    assert_eq!(ra > rb, narrowest(a) > narrowest(b), "{one_in} {a:x} {b:x}");
+                }
+            }
+            assert!(seen_levels.len() >= 3, "{one_in}: {seen_levels:?}");
+        }
+        assert_ne!(exemplar_rank(ids[0], 0), exemplar_rank(ids[1], 0));
     }
 }

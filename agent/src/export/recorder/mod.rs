@@ -6,7 +6,7 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use crate::{
     clock::unix_now,
     conn::tracking::{Endpoint, Observation},
-    export::metrics::*,
+    export::{latency::Offer, metrics::*},
     keystats::ring_view::RingView,
     memcache::decoders::MemcacheEvent,
     memcache::{Command, RequestObservation},
@@ -43,8 +43,9 @@ pub struct ObservationRecorder {
 pub struct ExemplarPolicy {
     /// Requests at least this slow do.
     pub min_latency_ns: u64,
-    /// So does the fixed slice of request ids [`crate::model::in_exemplar_slice`] picks, at
-    /// both ends alike whatever the latency (0: no slice).
+    /// So does the slice of request ids [`crate::model::in_exemplar_slice`] picks (narrowed to
+    /// the budget, see [`super::exemplar_budget`]), at both ends alike whatever the latency (0:
+    /// no slice).
     pub sample_one_in: u32,
     /// At most this many per second for slow requests, and again for the slice (0: none).
     pub per_second: u32,
@@ -175,14 +176,14 @@ impl ObservationRecorder {
         self.exemplar_policy = policy;
     }
 
-    /// The exemplar for a request that took `latency_ns`: its id when the id is known and the
-    /// request is slow or in the sampled slice, while that kind's budget for this second lasts.
-    /// A slow request in the slice counts as slow.
+    /// The exemplar offered for a request that took `latency_ns`: its id when the id is known
+    /// and the request is slow or in the sampled slice, while that kind's budget for this second
+    /// lasts, with the rank its bucket chooses by. A slow request in the slice counts as slow.
     fn exemplar(
         &mut self,
         request: &crate::memcache::RequestObservation,
         latency_ns: u64,
-    ) -> Option<u64> {
+    ) -> Option<Offer> {
         let policy = self.exemplar_policy;
         if policy.per_second == 0 {
             return None;
@@ -197,7 +198,10 @@ impl ObservationRecorder {
                 policy.sample_one_in,
                 policy.per_second,
             )
-            .then_some(id)
+            .then(|| Offer {
+                request_id: id,
+                rank: crate::model::exemplar_rank(id, policy.sample_one_in),
+            })
     }
 
     /// `weight`: how many requests (and bytes) each decoded one stands for while capture
