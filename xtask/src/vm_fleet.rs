@@ -1048,21 +1048,24 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
 /// from the client VM's agent and the server VM's, joined through Prometheus' exemplar API):
 /// the lossy client's, with the server's own time small and the rest between the boxes.
 fn both_ends(report: &Value, client: &Host, problems: &mut Vec<String>) -> String {
-    let Some(finding) = findings(report, "fleet-request-both-ends")
-        .into_iter()
-        .next()
-    else {
+    let joined = findings(report, "fleet-request-both-ends");
+    if joined.is_empty() {
         problems
             .push("no fleet-request-both-ends finding: no request joined across the VMs".into());
         return String::new();
-    };
-    let want = [client.instance(), HOSTS[SERVER].instance()];
-    if strings(finding, "hosts") != want {
-        problems.push(format!(
-            "slowest joined request is not {} -> {}",
-            want[0], want[1]
-        ));
     }
+    // A VM stall elsewhere can make another host's request the slowest; the lossy client's
+    // path has a finding of its own.
+    let want = [client.instance(), HOSTS[SERVER].instance()];
+    let Some(finding) = joined.iter().find(|f| strings(f, "hosts") == want) else {
+        problems.push(format!(
+            "no joined request of {} -> {} among {} findings",
+            want[0],
+            want[1],
+            joined.len()
+        ));
+        return String::new();
+    };
     let (client_ms, server_ms, between_ms) = (
         value(finding, "client_ms"),
         value(finding, "server_ms"),

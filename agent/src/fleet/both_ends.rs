@@ -11,8 +11,11 @@ use crate::diagnose::{Finding, Severity};
 
 pub const ID: &str = "fleet-request-both-ends";
 
-/// Joined requests shown per report.
+/// Joined requests shown per finding.
 const SHOWN: usize = 5;
+/// Client hosts with a finding of their own: the slowest request's, then others whose time
+/// went between the boxes.
+const SHOWN_HOSTS: usize = 5;
 /// Exemplars carry the scrape time: two sightings of one request more than this apart are
 /// not the same request (a sequence number met again on another connection).
 const JOIN_WINDOW_S: f64 = 300.0;
@@ -166,7 +169,35 @@ pub fn judge(input: &Input, hosts: &Hosts, t: &FleetThresholds) -> DetectorOutpu
         .collect();
     out.findings
         .push(finding(slowest, &joined, &retransmits, hosts, t));
+    // One slow request anywhere (a stalled host, a GC pause) would otherwise hide a lossy path
+    // behind it: each other client host whose own slowest request spent its time between the
+    // boxes gets its finding too, slowest first, a bounded few.
+    let mut by_host: BTreeMap<&str, Vec<Joined>> = BTreeMap::new();
+    for request in &joined {
+        by_host
+            .entry(request.client_instance.as_str())
+            .or_default()
+            .push(request.clone());
+    }
+    let mut others: Vec<&Vec<Joined>> = by_host
+        .iter()
+        .filter(|(host, requests)| {
+            **host != slowest.client_instance && between_dominates(&requests[0], t)
+        })
+        .map(|(_, requests)| requests)
+        .collect();
+    others.sort_by(|a, b| b[0].client_s.total_cmp(&a[0].client_s));
+    for requests in others.into_iter().take(SHOWN_HOSTS - 1) {
+        out.findings
+            .push(finding(&requests[0], requests, &retransmits, hosts, t));
+    }
     out
+}
+
+/// Whether a request's time went mostly between the boxes, and that time is slow.
+fn between_dominates(request: &Joined, t: &FleetThresholds) -> bool {
+    let between = request.between_s();
+    between * 1e3 >= t.slow_path_min_ms && between >= request.server_s
 }
 
 /// Retransmits in the window by (client instance, server).
@@ -182,8 +213,7 @@ fn finding(
     t: &FleetThresholds,
 ) -> Finding {
     let between = slowest.between_s();
-    // The slowest request spent most of its time between the boxes, and that is slow.
-    let between_dominates = between * 1e3 >= t.slow_path_min_ms && between >= slowest.server_s;
+    let between_dominates = between_dominates(slowest, t);
     let mut finding = new_finding(
         ID,
         if between_dominates {
@@ -325,6 +355,45 @@ mod tests {
             finding.evidence
         );
         assert_eq!(finding.subjects.hosts, ["web-3:19150", "cache-1:19150"]);
+    }
+
+    /// A 2.1 s stall on one client host is the slowest request; the lossy path of another
+    /// host still gets its own finding, and a host whose requests were fast gets none.
+    #[test]
+    fn a_stalled_host_does_not_hide_another_hosts_lossy_path() {
+        let body = r#"{"status":"success","data":[
+          {"seriesLabels":{"instance":"cache-1:19150","role":"client","server":"s:1","command":"get"},
+           "exemplars":[{"labels":{"request_id":"01"},"value":"2.1","timestamp":1700000000}]},
+          {"seriesLabels":{"instance":"web-1:19150","role":"client","server":"s:1","command":"get"},
+           "exemplars":[{"labels":{"request_id":"02"},"value":"0.41","timestamp":1700000000},
+                        {"labels":{"request_id":"03"},"value":"0.22","timestamp":1700000001}]},
+          {"seriesLabels":{"instance":"web-2:19150","role":"client","server":"s:1","command":"get"},
+           "exemplars":[{"labels":{"request_id":"04"},"value":"0.002","timestamp":1700000000}]},
+          {"seriesLabels":{"instance":"cache-1:19150","role":"server","server":"s:1","command":"get"},
+           "exemplars":[{"labels":{"request_id":"01"},"value":"0.0005","timestamp":1700000003},
+                        {"labels":{"request_id":"02"},"value":"0.0004","timestamp":1700000003},
+                        {"labels":{"request_id":"03"},"value":"0.0004","timestamp":1700000003},
+                        {"labels":{"request_id":"04"},"value":"0.0004","timestamp":1700000003}]}
+        ]}"#;
+        let input = Input {
+            exemplars: parse_exemplars("u", "q", body).unwrap().data,
+            retransmits: vec![sample(
+                &[("instance", "web-1:19150"), ("server", "s:1")],
+                4.0,
+            )],
+        };
+        let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+        let hosts: Vec<&str> = out
+            .findings
+            .iter()
+            .map(|f| f.subjects.hosts[0].as_str())
+            .collect();
+        assert_eq!(hosts, ["cache-1:19150", "web-1:19150"]);
+        let lossy = &out.findings[1];
+        assert_eq!(lossy.severity, Severity::Warning);
+        assert!((lossy.values["between_ms"] - 409.6).abs() < 1e-6);
+        assert_eq!(lossy.values["retransmits"], 4.0);
+        assert_eq!(lossy.values["requests_joined"], 2.0);
     }
 
     /// A slow server explains its requests: info, not a warning about the path.

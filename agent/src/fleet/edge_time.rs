@@ -7,7 +7,7 @@ use super::{
     prom::{PromError, Sample},
     set_value,
     shared::By,
-    Collector, DetectorOutput, FleetThresholds, Hosts, MIN_P99_REQUESTS,
+    Collector, DetectorOutput, FleetThresholds, Hosts, MIN_SLOW_SERVER_REQUESTS,
 };
 use crate::diagnose::{util, Edge, Finding, Severity};
 
@@ -27,7 +27,7 @@ pub struct Input {
     pub server_mean: Vec<Sample>,
     pub server_p99: Vec<Sample>,
     /// Requests per second measured at the server's socket, and the window's length: a server's
-    /// own p99 is judged over at least `MIN_P99_REQUESTS` requests.
+    /// own p99 is judged over at least `MIN_SLOW_SERVER_REQUESTS` requests.
     pub server_rate: Vec<Sample>,
     pub window_s: f64,
 }
@@ -382,7 +382,7 @@ fn slow_servers(
     }
     for (service, list) in by_service {
         for (server, side, p99) in &list {
-            if side.requests < MIN_P99_REQUESTS {
+            if side.requests < MIN_SLOW_SERVER_REQUESTS {
                 continue;
             }
             let peers: Vec<f64> = list
@@ -651,11 +651,11 @@ mod tests {
                     ("s1:19150", "10.0.2.1:11213", peer_p99 * 1.5),
                 ],
             );
-            // 120 requests in the 60 s window for 11211, 60 for its peers.
+            // 600 requests in the 60 s window for 11211, 60 for its peers.
             input.window_s = 60.0;
             for rate in &mut input.server_rate {
                 rate.value = if rate.label("server").ends_with(":11211") {
-                    2.0
+                    10.0
                 } else {
                     1.0
                 };
@@ -690,7 +690,13 @@ mod tests {
         }
         let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
         assert!(out.findings.is_empty(), "{:#?}", out.findings);
-        input.window_s = 600.0;
+        // 120 and 420 requests: a p99 of one to four requests, still a stall's.
+        for window_s in [171.0, 600.0] {
+            input.window_s = window_s;
+            let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
+            assert!(out.findings.is_empty(), "{window_s}: {:#?}", out.findings);
+        }
+        input.window_s = 1200.0;
         let out = judge(&input, &Hosts::default(), &FleetThresholds::default());
         assert_eq!(out.findings.len(), 1, "{:#?}", out.findings);
         assert_eq!(out.findings[0].id, SLOW_SERVER_ID);

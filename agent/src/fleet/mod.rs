@@ -74,6 +74,12 @@ impl Default for FleetThresholds {
 /// window, and a healthy server's p99 at its own socket 6 times its peers'.
 pub const MIN_P99_REQUESTS: f64 = 100.0;
 
+/// Requests a server's own p99 must rest on before the server is called slow for everyone: at
+/// least 5 in its top 1%. Over 100-200 requests the p99 is one or two requests, and one stall
+/// of the server's host (a VM paused for 70 ms in `cargo xtask fleet-test` at load 11) made
+/// a healthy server "slow for everyone" against peers at 10 ms.
+pub const MIN_SLOW_SERVER_REQUESTS: f64 = 500.0;
+
 /// What a run asks about.
 #[derive(Debug, Clone)]
 pub struct Scope {
