@@ -15,9 +15,11 @@
 //!
 //! [`FrameState::scan_round`] feeds a staged piece a word at a time: runs of bytes whose only
 //! effect is on the line length (keys, flags, the rest of a line after its length token) are
-//! passed over eight at a time by finding the next space or newline with the SWAR zero-byte
-//! trick, a line's first word is taken in one go, and a binary header whose 24 bytes are all
-//! in the piece is read at its fixed offsets. It ends in exactly the state [`FrameState::step`]
+//! passed over up to 32 at a time (four words) by finding the next space or newline with the
+//! SWAR zero-byte trick, together with the space that ends their token; a line's first word and its space are
+//! taken in one go; up to eight digits of the length token are parsed at once (SWAR: a digit
+//! test per byte, then three multiplies); a line's closing "\r\n" is one round; and a binary
+//! header whose 24 bytes are all in the piece is read at its fixed offsets. It ends in exactly the state [`FrameState::step`]
 //! byte by byte would reach wherever it matters (mode, lengths, the body and key to come).
 
 /// [`FrameState::mode`] values.
@@ -58,6 +60,32 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 const fn bytes_equal(chunk: u64, byte: u8) -> u64 {
     let x = chunk ^ (ONES * byte as u64);
     x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// Words of eight bytes one round of token or line bytes may span.
+const RUN_WORDS: u64 = 4;
+
+/// Where a run of token or line bytes at `pos` stops: at the first newline (and with `spaces`
+/// space), looking at up to [`RUN_WORDS`] words while the bytes are `available`; `first` is
+/// its index in the first word (8: not there). At least `available` or 8 * RUN_WORDS when
+/// none was seen.
+#[inline(always)]
+fn run_stop(first: u64, pos: u64, available: u64, spaces: bool, word: &impl Fn(u64) -> u64) -> u64 {
+    let mut stop = first;
+    let mut k = 1;
+    while k < RUN_WORDS {
+        if stop != 8 * k || stop >= available {
+            break;
+        }
+        let chunk = word(pos + stop);
+        let mut mask = bytes_equal(chunk, b'\n');
+        if spaces {
+            mask |= bytes_equal(chunk, b' ');
+        }
+        stop += first_marked(mask);
+        k += 1;
+    }
+    stop
 }
 
 /// Index (0..8) of the lowest byte marked in `mask` (as [`bytes_equal`] marks), 8 if none.
@@ -256,37 +284,63 @@ impl FrameState {
     /// One round of the word-at-a-time scan of a staged piece of `len` bytes at `pos` (in
     /// [`mode::FRAME_START`], [`mode::TEXT`] or [`mode::BINARY_HEADER`]): `word(i)` is the
     /// piece's 8 bytes at `i`, little-endian (bytes past `len` may be anything). A round is one
-    /// of: a whole binary header, a run of bytes passed over or a first word, or one byte fed
-    /// to [`FrameState::step`] (alternatives, not a sequence, so the verifier walks each
-    /// once). Consumes at least one byte when `pos < len`; returns how many. Afterwards the
-    /// mode says what follows, as after [`FrameState::step`] on each of those bytes.
+    /// of: a whole binary header; a first word (and its space), a run of token or line bytes
+    /// (and the space ending the token) or up to eight length digits (and their space); or one
+    /// byte, or a line's "\r\n", fed to [`FrameState::step`] (alternatives, not a sequence, so
+    /// the verifier walks each once). Returns how many bytes it consumed, at least one when
+    /// `pos < len`, with one exception: 0 at a binary header cut by the end of a piece that was
+    /// cut short (`more`: the call has bytes past it in the same buffer), where the caller ends
+    /// the piece so that the next one starts at the header and reads it whole (one round, not
+    /// up to 23). Afterwards the mode says what follows, as after [`FrameState::step`] on each
+    /// of those bytes.
     #[inline(always)]
-    pub fn scan_round(&mut self, pos: u64, len: u64, word: impl Fn(u64) -> u64) -> u64 {
+    pub fn scan_round(&mut self, pos: u64, len: u64, more: bool, word: impl Fn(u64) -> u64) -> u64 {
         if pos >= len {
             return 0;
         }
         let available = len - pos;
         let chunk = word(pos);
         let first = chunk as u8;
-        if self.mode == mode::FRAME_START
-            && available >= BINARY_HEADER_LEN as u64
-            && (first == REQUEST_MAGIC || first == RESPONSE_MAGIC)
-        {
-            // A whole binary header: key length at 2 and body length at 8, big-endian.
-            let body = (word(pos + 8) as u32).swap_bytes();
-            self.key_len = ((chunk >> 8) as u16 & 0xff00) | ((chunk >> 24) as u16 & 0xff);
-            self.extras_len = (chunk >> 32) as u8;
-            self.binary_rest = body;
-            self.header_pos = BINARY_HEADER_LEN;
-            self.binary_header_done();
-            return BINARY_HEADER_LEN as u64;
+        if self.mode == mode::FRAME_START && (first == REQUEST_MAGIC || first == RESPONSE_MAGIC) {
+            if available >= BINARY_HEADER_LEN as u64 {
+                return self.binary_header(chunk, word(pos + 8));
+            }
+            if more && pos > 0 {
+                return 0;
+            }
         }
-        let skipped = self.skip_run(chunk, available);
+        let skipped = self.skip_run(pos, chunk, available, &word);
         if skipped > 0 {
             return skipped;
         }
-        self.step(first);
-        1
+        // A line's closing "\r\n" in one round: the '\r' only counts into the line length
+        // (short of MAX_LINE, where it would lose framing), then the newline is stepped.
+        let mut taken = 1;
+        let mut byte = first;
+        if self.mode == mode::TEXT
+            && first == b'\r'
+            && available >= 2
+            && (chunk >> 8) as u8 == b'\n'
+            && (self.line_len as u32) < MAX_LINE
+        {
+            self.line_len += 1;
+            taken = 2;
+            byte = b'\n';
+        }
+        self.step(byte);
+        taken
+    }
+
+    /// A whole binary header, its first 16 bytes in `chunk` and `second`: key length at 2 and
+    /// body length at 8, big-endian.
+    #[inline(always)]
+    fn binary_header(&mut self, chunk: u64, second: u64) -> u64 {
+        self.key_len = ((chunk >> 8) as u16 & 0xff00) | ((chunk >> 24) as u16 & 0xff);
+        self.extras_len = (chunk >> 32) as u8;
+        self.binary_rest = (second as u32).swap_bytes();
+        self.header_pos = BINARY_HEADER_LEN;
+        self.binary_header_done();
+        BINARY_HEADER_LEN as u64
     }
 
     /// The leading bytes of `chunk` (at most `available`) that [`FrameState::step`] would only
@@ -294,7 +348,13 @@ impl FrameState {
     /// taken) at once. 0 where the next byte needs `step` (a delimiter, the length token's
     /// digits, a binary header).
     #[inline(always)]
-    fn skip_run(&mut self, chunk: u64, available: u64) -> u64 {
+    fn skip_run(
+        &mut self,
+        pos: u64,
+        chunk: u64,
+        available: u64,
+        word: &impl Fn(u64) -> u64,
+    ) -> u64 {
         let first = chunk as u8;
         let newline = bytes_equal(chunk, b'\n');
         let space = bytes_equal(chunk, b' ');
@@ -318,26 +378,83 @@ impl FrameState {
             self.word = chunk.swap_bytes() >> (64 - 8 * n);
             self.number = 0;
             self.line_len = n as u16;
+            // The space that ends the word, when it is in the chunk: the word is complete
+            // (seven bytes at most, so never too long) and says which token is the length.
+            if n < 8 && n < available && (chunk >> (8 * n)) as u8 == b' ' {
+                self.line_len += 1;
+                self.flags = 0;
+                self.token = 1;
+                self.length_token = length_token(self.word);
+                return n + 1;
+            }
             return n;
         }
         if self.mode != mode::TEXT || self.token == 0 {
             return 0;
         }
-        let stop = if self.length_token == 0 || self.token > self.length_token {
+        if self.length_token == 0 || self.token > self.length_token {
             // Only the line's end matters now.
-            newline
-        } else if self.token < self.length_token
-            && (self.flags & IN_TOKEN != 0 || (first != b' ' && first != b'\n' && first != b'\r'))
-        {
+            let stop = run_stop(first_marked(newline), pos, available, false, word);
+            return self.count_run(stop, available);
+        }
+        if self.token < self.length_token {
+            if self.flags & IN_TOKEN == 0 && (first == b' ' || first == b'\n' || first == b'\r') {
+                return 0;
+            }
             // Inside (or at the first byte of) a token before the length: up to its end.
             self.flags |= IN_TOKEN;
-            newline | space
-        } else {
+            let stop = run_stop(first_marked(newline | space), pos, available, true, word);
+            let n = self.count_run(stop, available);
+            return n + self.token_end(n, stop, available, word(pos + stop) as u8);
+        }
+        // The length token's digits, up to eight at once, while the length is still one that
+        // `step` would take (a larger one is no body either way).
+        if self.flags & NUMBER_BAD != 0 || self.number > MAX_BODY {
             return 0;
-        };
-        // Never past the byte that makes the line too long, where `step` loses framing too.
+        }
+        let digits = chunk ^ (ONES * b'0' as u64);
+        // 0x80 in each byte that is not a digit: 10 or more, in its low seven bits or its top.
+        let not_digit = (((digits & !HIGHS) + ONES * (0x80 - 10)) | digits) & HIGHS;
+        let stop = first_marked(not_digit);
+        let n = self.count_run(stop, available);
+        if n == 0 || self.mode == mode::LOST {
+            return n;
+        }
+        // The n digits (1..=8) as the top of eight, behind zeros, then summed in pairs, fours
+        // and eights by multiplies (the first byte is the most significant digit).
+        let mut eight = digits << (8 * (8 - n));
+        eight = eight.wrapping_mul(10).wrapping_add(eight >> 8);
+        eight = ((eight & 0x0000_00ff_0000_00ff)
+            .wrapping_mul(100 + (1_000_000 << 32))
+            .wrapping_add(
+                ((eight >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32)),
+            ))
+            >> 32;
+        let mut scale = 1;
+        let mut i = 0;
+        while i < 8 {
+            if i < n {
+                scale *= 10;
+            }
+            i += 1;
+        }
+        self.number = self.number * scale + eight;
+        self.flags |= IN_TOKEN;
+        n + self.token_end(
+            n,
+            stop,
+            available,
+            chunk.wrapping_shr(8 * stop as u32) as u8,
+        )
+    }
+
+    /// Counts a run of `stop` bytes (capped at `available`) into the line length, never past
+    /// the byte that makes the line too long, where `step` loses framing too; returns its
+    /// length.
+    #[inline(always)]
+    fn count_run(&mut self, stop: u64, available: u64) -> u64 {
         let n = min(
-            min(first_marked(stop), available),
+            min(stop, available),
             MAX_LINE as u64 + 1 - self.line_len as u64,
         );
         self.line_len += n as u16;
@@ -345,6 +462,25 @@ impl FrameState {
             self.mode = mode::LOST;
         }
         n
+    }
+
+    /// After a run of `n` bytes of a token (not the first) that stopped at `stop`: when the
+    /// byte there is the space ending the token, it is taken too (1), as `step` would take it:
+    /// the token is complete. 0 when the run stopped for another reason.
+    #[inline(always)]
+    fn token_end(&mut self, n: u64, stop: u64, available: u64, at_stop: u8) -> u64 {
+        if n != stop
+            || n >= available
+            || self.mode != mode::TEXT
+            || at_stop != b' '
+            || self.line_len as u32 >= MAX_LINE
+        {
+            return 0;
+        }
+        self.line_len += 1;
+        self.flags &= !IN_TOKEN;
+        self.token += 1;
+        1
     }
 
     #[inline(always)]
@@ -453,7 +589,7 @@ mod tests {
 
     /// Which byte ranges of `stream` the state machine captures, fed in calls of `split` bytes.
     fn captured(stream: &[u8], split: usize) -> Vec<bool> {
-        captured_by(stream, split, false).0
+        captured_by(stream, split, 0).0
     }
 
     /// The piece's 8 bytes at `i`, little-endian: `scan_round`'s `word`. Past the piece's end
@@ -470,9 +606,24 @@ mod tests {
         u64::from_le_bytes(bytes)
     }
 
-    /// As `captured`, fed byte by byte (`scan` false) or a word at a time as the kernel does
-    /// (`scan` true); also the mode after each call.
-    fn captured_by(stream: &[u8], split: usize, scan: bool) -> (Vec<bool>, Vec<u8>) {
+    /// How many bytes at `i` of a call a body or binary key passes (`available` of them at
+    /// most), and whether they are captured.
+    fn pass(state: &mut FrameState, available: usize) -> (usize, bool) {
+        // As the kernel does: a body's head is copied (and passed) on its own.
+        let keep = state.captures();
+        let n = if state.mode == mode::SKIP && keep {
+            state.pass((available as u64).min(state.head as u64))
+        } else {
+            state.pass(available as u64)
+        };
+        (n as usize, keep)
+    }
+
+    /// As `captured`, fed byte by byte (`piece` 0) or a word at a time as the kernel does:
+    /// staged in pieces of `piece` bytes, each scanned in rounds (a piece ends early where a
+    /// round declines a binary header it cuts); also the mode and the body or key bytes still
+    /// to come after each call.
+    fn captured_by(stream: &[u8], split: usize, piece: usize) -> (Vec<bool>, Vec<(u8, u64)>) {
         let mut state = FrameState::default();
         let mut kept = Vec::new();
         let mut modes = Vec::new();
@@ -480,51 +631,65 @@ mod tests {
             state.start_call();
             let mut i = 0;
             while i < call.len() {
-                // How many bytes this step takes, and whether they are captured.
-                let (n, keep) = match state.mode {
-                    mode::SKIP | mode::KEEP => {
-                        // As the kernel does: a body's head is copied (and passed) on its own.
-                        let keep = state.captures();
-                        let available = (call.len() - i) as u64;
-                        let n = if state.mode == mode::SKIP && keep {
-                            state.pass(available.min(state.head as u64))
-                        } else {
-                            state.pass(available)
-                        };
-                        (n as usize, keep)
-                    }
-                    mode::LOST => (call.len() - i, false),
-                    _ if scan => {
-                        // The rest of the call as one staged piece.
-                        let piece = &call[i..];
-                        let n = state.scan_round(0, piece.len() as u64, |at| word_at(piece, at))
-                            as usize;
-                        assert!(n >= 1 && n <= piece.len(), "round of {n}");
-                        (n, true)
-                    }
-                    _ => {
+                if state.mode == mode::LOST {
+                    kept.extend(core::iter::repeat_n(false, call.len() - i));
+                    break;
+                }
+                if state.mode == mode::SKIP || state.mode == mode::KEEP || piece == 0 {
+                    let (n, keep) = if state.mode == mode::SKIP || state.mode == mode::KEEP {
+                        pass(&mut state, call.len() - i)
+                    } else {
                         state.step(call[i]);
                         (1, true)
-                    }
-                };
-                kept.extend(core::iter::repeat_n(keep, n));
-                i += n;
+                    };
+                    kept.extend(core::iter::repeat_n(keep, n));
+                    i += n;
+                    continue;
+                }
+                // One staged piece, scanned round by round (bodies and keys in it passed).
+                let len = piece.min(call.len() - i);
+                let more = len < call.len() - i;
+                let staged = &call[i..i + len];
+                let mut at = 0;
+                while at < len && state.mode != mode::LOST {
+                    let (n, keep) = if state.mode == mode::SKIP || state.mode == mode::KEEP {
+                        pass(&mut state, len - at)
+                    } else {
+                        let n = state
+                            .scan_round(at as u64, len as u64, more, |k| word_at(staged, k))
+                            as usize;
+                        assert!(n <= len - at, "round of {n}");
+                        if n == 0 {
+                            break;
+                        }
+                        (n, true)
+                    };
+                    kept.extend(core::iter::repeat_n(keep, n));
+                    at += n;
+                }
+                assert!(at > 0, "a piece at {i} made no progress");
+                i += at;
             }
-            modes.push(state.mode);
+            modes.push((state.mode, state.remaining));
         }
         (kept, modes)
     }
 
     /// The word-at-a-time scan captures exactly what byte-by-byte steps capture, and ends each
-    /// call in the same mode, whatever the split.
+    /// call in the same mode with the same body or key to come, whatever the split: staged as
+    /// the kernel does, in pieces of [`crate::CAPTURE_PIECE`] bytes, in smaller ones, and as
+    /// one piece per call.
     fn assert_scan_agrees(stream: &[u8]) {
         for split in 1..=stream.len() {
-            assert_eq!(
-                captured_by(stream, split, true),
-                captured_by(stream, split, false),
-                "split {split} of {:?}",
-                std::string::String::from_utf8_lossy(stream)
-            );
+            let bytewise = captured_by(stream, split, 0);
+            for piece in [crate::CAPTURE_PIECE, 29, usize::MAX] {
+                assert_eq!(
+                    captured_by(stream, split, piece),
+                    bytewise,
+                    "split {split}, pieces of {piece}, of {:?}",
+                    std::string::String::from_utf8_lossy(stream)
+                );
+            }
         }
     }
 
@@ -561,6 +726,24 @@ mod tests {
         bin.extend(bad);
         bin.extend_from_slice(b"END\r\n");
         streams.push(bin);
+        // A getkq batch and its replies, as dalli sends them: headers fall across piece ends.
+        let mut batch = Vec::new();
+        let mut replies = Vec::new();
+        for k in 0..10usize {
+            let key = std::format!("key:{}", "x".repeat(k * 3));
+            batch.extend(binary(0x0d, 0x80, &[], key.as_bytes(), &[]));
+            replies.extend(binary(
+                0x0c,
+                0x81,
+                &[0, 0, 0, 1],
+                key.as_bytes(),
+                &[b'v'; 11],
+            ));
+        }
+        batch.extend(binary(0x0a, 0x80, &[], &[], &[]));
+        replies.extend(binary(0x0a, 0x81, &[], &[], &[]));
+        streams.push(batch);
+        streams.push(replies);
         for stream in &streams {
             assert_scan_agrees(stream);
         }
@@ -574,11 +757,42 @@ mod tests {
             line.resize(len, b'k');
             line.extend_from_slice(b"\r\nget z\r\n");
             for split in [1, 5, 64, 4096, line.len()] {
-                assert_eq!(
-                    captured_by(&line, split, true),
-                    captured_by(&line, split, false),
-                    "{len} split {split}"
-                );
+                for piece in [crate::CAPTURE_PIECE, usize::MAX] {
+                    assert_eq!(
+                        captured_by(&line, split, piece),
+                        captured_by(&line, split, 0),
+                        "{len} split {split} pieces of {piece}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_length_digits_parsed_eight_at_a_time_agree_with_byte_steps() {
+        // Every digit count 1..=20, at every alignment in the chunk (the key's length moves
+        // the token), with and without a token after it; and lengths around MAX_BODY.
+        let pi = "31415926535897932384";
+        let mut lengths: Vec<std::string::String> = (1..=pi.len())
+            .flat_map(|n| [pi[..n].into(), std::format!("{:0>n$}", &pi[..n / 2])])
+            .collect();
+        for n in [
+            MAX_BODY - 1,
+            MAX_BODY,
+            MAX_BODY + 1,
+            99_999_999,
+            100_000_000,
+            10,
+        ] {
+            lengths.push(std::format!("{n}"));
+        }
+        for length in &lengths {
+            for key in ["k", "kk", "key:0001", "key:00012"] {
+                for tail in ["\r\n", " 77\r\n", "\r\r\n", "x\r\n", " \r\n"] {
+                    let line =
+                        std::format!("VALUE {key} 0 {length}{tail}set {key} 0 0 {length}{tail}");
+                    assert_scan_agrees(line.as_bytes());
+                }
             }
         }
     }
@@ -586,7 +800,10 @@ mod tests {
     #[test]
     fn the_word_at_a_time_scan_agrees_on_random_streams() {
         // Tokens that steer the state machine, glued at random (xorshift, fixed seed).
-        let parts: [&[u8]; 24] = [
+        let parts: [&[u8]; 27] = [
+            b"1234567",
+            b"00000000009",
+            b"set k 0 0 ",
             b"set",
             b"VALUE",
             b"VA",

@@ -41,10 +41,13 @@ pub(crate) struct CaptureWalk {
     /// Call offset where the open segment ends: a piece starting there extends it.
     segment_end: u64,
     flags: u64,
-    /// Record data offset of the piece being scanned, how far the scan is into it, its length.
+    /// Record data offset of the piece being scanned, how far the scan is into it, its length
+    /// (cut back where a round declines a binary header the piece cuts), and whether the piece
+    /// was cut short of the call's bytes in this buffer (1) or not (0).
     scan_at: u64,
     scan_pos: u64,
     scan_len: u64,
+    scan_more: u64,
     iov: u64,
     iov_count: u64,
     iov_index: u64,
@@ -312,6 +315,9 @@ unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i
         // A value body's head (its fingerprint): only its own bytes, at most VALUE_HEAD.
         piece = min(piece, walk.frames.head as u64);
     }
+    // Bytes past the piece in this buffer, within the budget: a binary header the piece cuts
+    // can be read whole by the next one.
+    walk.scan_more = (piece < in_buffer && piece < walk.budget) as u64;
     if walk.segment == NO_SEGMENT || walk.segment_end != walk.pos {
         // A new segment, 8-byte aligned.
         let at = ((walk.data_len + 7) & !7) & (RECORD_DATA_MAX as u64 - 1);
@@ -336,8 +342,8 @@ unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i
         return 1;
     }
     // Scan the piece: header bytes a word at a time, bodies and binary keys inside the piece
-    // passed over at once. Every round consumes at least one byte, so CAPTURE_PIECE rounds
-    // always finish the piece.
+    // passed over at once. Every round consumes at least one byte or ends the piece, so
+    // CAPTURE_PIECE rounds always finish it.
     walk.scan_at = at;
     walk.scan_pos = 0;
     walk.scan_len = piece;
@@ -350,6 +356,9 @@ unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i
         (&mut loop_ctx as *mut LoopCtx).cast(),
         0,
     );
+    // The piece as scanned: shorter when it ended at a binary header it cut (the bytes past
+    // it are copied again as the start of the next piece).
+    let piece = walk.scan_len & (CAPTURE_PIECE as u64 * 2 - 1);
     let segment = walk
         .data
         .as_mut_ptr()
@@ -366,9 +375,10 @@ unsafe extern "C" fn capture_step(_index: u64, ctx: *mut core::ffi::c_void) -> i
 
 /// One round of scanning the piece just copied (at `scan_at` in the record): pass over a body
 /// or binary key, or take the next header bytes a word at a time
-/// ([`FrameState::scan_round`]: a whole binary header, a run of key or line bytes or a first
-/// word, or one byte through the state machine). Returns 1 when the piece is done. Feeding one
-/// byte per callback cost ~60 callbacks per get.
+/// ([`FrameState::scan_round`]: a whole binary header, a run of key or line bytes, a first word
+/// or a length's digits, each with the space after it, or one byte or a "\r\n" through the
+/// state machine). Returns 1 when the piece is done. Feeding one byte per callback cost ~60
+/// callbacks per get.
 ///
 /// [`FrameState::scan_round`]: agent_common::framing::FrameState::scan_round
 #[inline(never)]
@@ -387,9 +397,17 @@ unsafe extern "C" fn scan_round(_index: u64, ctx: *mut core::ffi::c_void) -> i64
         _ => {
             let base = walk.scan_at;
             let data = &walk.data;
-            walk.scan_pos += walk
-                .frames
-                .scan_round(walk.scan_pos, walk.scan_len, |i| word_at(data, base + i));
+            let taken =
+                walk.frames
+                    .scan_round(walk.scan_pos, walk.scan_len, walk.scan_more != 0, |i| {
+                        word_at(data, base + i)
+                    });
+            if taken == 0 {
+                // A binary header cut by the piece's end: the piece ends before it.
+                walk.scan_len = walk.scan_pos;
+                return 1;
+            }
+            walk.scan_pos += taken;
         }
     }
     0

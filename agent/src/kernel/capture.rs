@@ -327,21 +327,13 @@ pub fn kernel_capture(
             // A body's head: only its own bytes.
             piece = piece.min(state.head as u64);
         }
-        let bytes = &call[pos as usize..(pos + piece) as usize];
-        match segments.last_mut() {
-            Some((offset, run)) if *offset + run.len() as u64 == pos => {
-                run.extend_from_slice(bytes)
-            }
-            _ => {
-                data_len = ((data_len + 7) & !7) + SEGMENT_HEADER_LEN as u64;
-                segments.push((pos, bytes.to_vec()));
-            }
-        }
+        let more = piece < total - pos && piece < budget;
+        let staged = &call[pos as usize..(pos + piece) as usize];
         // The kernel's scan: word-at-a-time rounds over the piece (bytes past it read as 0).
         let word = |at: u64| {
             let mut le = [0u8; 8];
             for (k, b) in le.iter_mut().enumerate() {
-                *b = bytes.get(at as usize + k).copied().unwrap_or(0);
+                *b = staged.get(at as usize + k).copied().unwrap_or(0);
             }
             u64::from_le_bytes(le)
         };
@@ -350,7 +342,21 @@ pub fn kernel_capture(
             match state.mode {
                 framing::mode::SKIP | framing::mode::KEEP => i += state.pass(piece - i),
                 framing::mode::LOST => break,
-                _ => i += state.scan_round(i, piece, word),
+                _ => match state.scan_round(i, piece, more, word) {
+                    // A binary header cut by the piece's end: the next piece starts at it.
+                    0 => piece = i,
+                    taken => i += taken,
+                },
+            }
+        }
+        let bytes = &call[pos as usize..(pos + piece) as usize];
+        match segments.last_mut() {
+            Some((offset, run)) if *offset + run.len() as u64 == pos => {
+                run.extend_from_slice(bytes)
+            }
+            _ => {
+                data_len = ((data_len + 7) & !7) + SEGMENT_HEADER_LEN as u64;
+                segments.push((pos, bytes.to_vec()));
             }
         }
         data_len += piece;
