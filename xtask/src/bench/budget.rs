@@ -505,8 +505,20 @@ impl Bench {
         let mut agent = Agent::start(&self.binary, &config, self.metrics_addr)?;
         procs::sleep(settle)?;
         let snapshot = |agent: &Agent| -> anyhow::Result<Snapshot> {
-            let before = [get_stats(busy.addr)?, get_stats(quiet.addr)?];
-            let samples = observe::parse_samples(&observe::scrape(agent.metrics_addr)?);
+            // Decoding everything at saturation on a loaded machine, the agent may take longer
+            // than the scrape's 5 s to answer: try again (the stats are read again around it).
+            let mut attempt = 0;
+            let (before, samples) = loop {
+                let before = [get_stats(busy.addr)?, get_stats(quiet.addr)?];
+                match observe::scrape(agent.metrics_addr) {
+                    Ok(text) => break (before, observe::parse_samples(&text)),
+                    Err(err) if attempt < 2 => {
+                        eprintln!("xtask: /metrics did not answer ({err:#}); trying again");
+                        attempt += 1;
+                    }
+                    Err(err) => return Err(err.context("/metrics failed 3 times")),
+                }
+            };
             let at = Instant::now();
             let after = [get_stats(busy.addr)?, get_stats(quiet.addr)?];
             let mean = |i: usize| -> [f64; 4] {
