@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use super::super::observe::{self, Sample};
 use super::{
-    estimate_variance, load::Counted, losses_account_for, sum, GetStats, Point, Steady, FD_SLACK,
-    PAYLOAD_LOSS, RSS_SLACK_KB,
+    estimate_tolerance, estimate_variance, load::Counted, losses_account_for, sum, GetStats, Point,
+    Steady, FD_SLACK, PAYLOAD_LOSS, RSS_SLACK_KB,
 };
 
 /// A check: whether it passed, and what it compared.
@@ -307,13 +307,14 @@ impl Ledger<'_> {
 /// Four standard deviations of the scaled churn `gets`. The agent weights a sampled request by
 /// its service and role's calls seen / followed (a ratio estimator), and the churn shares its
 /// service with the steady pool, whose calls dominate that ratio: to first order the estimate
-/// is the churn's own draw (one request per connection, [`super::estimate_tolerance`]'s variance)
+/// is the churn's own draw (one request per connection, [`estimate_tolerance`]'s variance)
 /// plus the churn times the ratio's relative error, which is the steady estimate's
 /// (its requests are proportional to its calls): variance
 /// `(1/p - 1) * churn + (churn / steady)^2 * steady variance`.
 fn churn_tolerance(ratio: f64, churn: u64, steady: u64, steady_variance: f64) -> f64 {
     let share = churn as f64 / (steady.max(1) as f64);
-    4.0 * (estimate_variance(ratio, [(churn, 1.0)]) + share * share * steady_variance).sqrt()
+    let own = estimate_tolerance(ratio, [(churn, 1.0)]);
+    (own * own + 16.0 * share * share * steady_variance).sqrt()
 }
 
 #[cfg(test)]
@@ -325,7 +326,7 @@ mod tests {
     #[test]
     fn the_churn_tolerance_carries_the_steady_ratio_error() {
         assert_eq!(churn_tolerance(1.0, 60_000, 6_000_000, 0.0), 0.0);
-        let own = super::super::estimate_tolerance(0.125, [(60_000, 1.0)]);
+        let own = estimate_tolerance(0.125, [(60_000, 1.0)]);
         assert_eq!(churn_tolerance(0.125, 60_000, 6_000_000, 0.0), own);
         // Steady: 256 connections of 23,437 requests at 1/8, sd about 16.5% of 6M.
         let steady_variance = estimate_variance(0.125, [(256, 23_437.5)]);
