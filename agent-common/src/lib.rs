@@ -29,5 +29,6 @@ mod user {
     unsafe impl aya::Pod for PayloadHeader {}
     unsafe impl aya::Pod for framing::SocketFrames {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for SampledCalls {}
     unsafe impl aya::Pod for SockEvent {}
 }

@@ -31,7 +31,54 @@ pub mod watch {
     pub const CAPTURE: u8 = 2;
     /// Entries in `WATCHED_PORTS`: one per possible port.
     pub const PORTS: u32 = 1 << 16;
+    /// The upper bits of a port's value are its service's slot in `SAMPLED_CALLS` (1..=63;
+    /// 0: none, for services past the 63rd). Riding in the byte the send/receive programs
+    /// already read, the slot costs them no extra lookup.
+    pub const SLOT_SHIFT: u8 = 2;
+    /// Service slots: what fits in the byte's upper six bits.
+    pub const SLOTS: u32 = 1 << (8 - SLOT_SHIFT);
+
+    /// The service slot in a port's value.
+    #[inline(always)]
+    pub const fn slot(bits: u8) -> u32 {
+        (bits >> SLOT_SHIFT) as u32
+    }
+
+    /// The slot of the service at `position` in the config: 1..=63 for the first 63 services,
+    /// 0 (not counted; the agent scales those by 2^shift) for the rest.
+    pub const fn slot_of_position(position: usize) -> u32 {
+        if position + 1 < SLOTS as usize {
+            position as u32 + 1
+        } else {
+            0
+        }
+    }
+
+    /// The `SAMPLED_CALLS` index of a service slot and role (the service is the local port:
+    /// server; the remote one: client).
+    #[inline(always)]
+    pub const fn calls_index(slot: u32, client: bool) -> u32 {
+        (slot << 1) | client as u32
+    }
 }
+
+/// Per service slot and role (see [`watch::calls_index`]), per CPU: the send and receive calls
+/// that moved bytes on healthy connections eligible for capture, and how many of them were on
+/// connections the capture sample follows. The agent weights what it decodes by
+/// `seen / followed` of the last interval (a ratio estimator) instead of 2^shift.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampledCalls {
+    pub seen: u64,
+    pub followed: u64,
+}
+
+/// Entries in `SAMPLED_CALLS`: every slot, both roles.
+pub const SAMPLED_CALLS_ENTRIES: u32 = watch::SLOTS * 2;
+
+const _: () = assert!(core::mem::size_of::<SampledCalls>() == 16);
+const _: () = assert!(core::mem::offset_of!(SampledCalls, followed) == 8);
+const _: () = assert!(watch::CAPTURE < 1 << watch::SLOT_SHIFT);
 
 abi_enum! {
     /// Indices into the per-CPU `COUNTERS` array: things the kernel side could not record.

@@ -3,7 +3,10 @@
 
 use crate::capture::CaptureWalk;
 use crate::storage::SkWatch;
-use agent_common::{framing::SocketFrames, watch, KernelCounter, ProbeOffsets, SockState};
+use agent_common::{
+    framing::SocketFrames, watch, KernelCounter, ProbeOffsets, SampledCalls, SockState,
+    SAMPLED_CALLS_ENTRIES,
+};
 use aya_ebpf::{
     btf_maps::SkStorage, macros::btf_map, macros::map, maps::Array, maps::HashMap,
     maps::LruHashMap, maps::PerCpuArray, maps::RingBuf,
@@ -50,6 +53,11 @@ pub(crate) static FRAMES: LruHashMap<u64, SocketFrames> = LruHashMap::with_max_e
 #[map]
 pub(crate) static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(1, 0);
 
+/// [`SampledCalls`] per service slot and role: what the agent scales sampled counts by.
+#[map]
+pub(crate) static SAMPLED_CALLS: PerCpuArray<SampledCalls> =
+    PerCpuArray::with_max_entries(SAMPLED_CALLS_ENTRIES, 0);
+
 /// Filled in by the agent at load time (`EbpfLoader::override_global`).
 #[no_mangle]
 static OFFSETS: ProbeOffsets = ProbeOffsets::UNKNOWN;
@@ -81,6 +89,18 @@ pub(crate) fn offsets() -> &'static ProbeOffsets {
 pub(crate) fn bump(counter: KernelCounter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         unsafe { *slot += 1 };
+    }
+}
+
+/// Counts a healthy capture-eligible call that moved bytes, followed by the sample or not.
+#[inline(always)]
+pub(crate) fn count_sampled_call(index: u32, followed: bool) {
+    if let Some(calls) = SAMPLED_CALLS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for this program run.
+        unsafe {
+            (*calls).seen += 1;
+            (*calls).followed += followed as u64;
+        }
     }
 }
 

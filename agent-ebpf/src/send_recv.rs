@@ -3,15 +3,17 @@
 
 use crate::capture::{capture_payload, NOT_A_SAMPLE};
 use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
-use crate::maps::{bump, offsets, CAPTURE_SAMPLE_SHIFT, CLOSED_SOCKETS, SOCKETS};
+use crate::maps::{
+    bump, count_sampled_call, offsets, CAPTURE_SAMPLE_SHIFT, CLOSED_SOCKETS, SOCKETS,
+};
 use crate::ring::emit;
 use crate::sock::{
     capture_flags, is_closed, is_watched, read_kernel_field, read_sock_ports_and_state, read_tp,
-    SockPorts,
+    watch_bits, SockPorts,
 };
 use crate::storage::SkWatch;
 use agent_common::{
-    capture_sample, sock_flags, KernelCounter, SockEventKind, SockState, TcpState, AF_INET,
+    capture_sample, sock_flags, watch, KernelCounter, SockEventKind, SockState, TcpState, AF_INET,
     AF_INET6, IPPROTO_TCP,
 };
 use aya_ebpf::{
@@ -159,7 +161,19 @@ pub(crate) fn length_on_watched(
         };
         // `is_followed(key, shift)` exactly when `shift <= depth(key)` (the agent's shift
         // never exceeds MAX_SHIFT).
-        if shift <= depth {
+        let followed = shift <= depth;
+        if ret > 0 {
+            // The service is the local port when it is watched (server), else the remote one
+            // (client), as in `capture_flags`.
+            let local = watch_bits(ports.local);
+            let index = if local & watch::WATCHED != 0 {
+                watch::calls_index(watch::slot(local), false)
+            } else {
+                watch::calls_index(watch::slot(watch_bits(ports.remote)), true)
+            };
+            count_sampled_call(index, followed);
+        }
+        if followed {
             let sample = (shift as u8, depth as u8);
             capture_payload(sk, ret, is_send, Some(ports), sample, storage);
         }

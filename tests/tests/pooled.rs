@@ -418,3 +418,193 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
         );
     }
 }
+
+/// Connections in the sampled pool: at a sample of 1/4 each role follows none of them with
+/// probability 0.75^32 = 1e-4.
+const SAMPLED_POOL: usize = 32;
+/// Operations per second the sampled pool is paced to (4 records each, both ends watched), with
+/// no catch-up after a stall: a burst would trip the budget's 0.1 s looks and change the sample.
+const SAMPLED_RATE: u64 = 2_000;
+
+/// Above the decoding budget (forced low: 3,200 records/s against ~8,000, so 1/4 holds with room for
+/// the budget's 0.1 s looks), a pool opened before
+/// the agent is sampled, and the scaled get and set counts of both views agree with memcached's
+/// own `stats` deltas over a 10 s window.
+///
+/// The tolerance is derived, not picked. Every connection carries the same load (round robin,
+/// a round of sets then a round of gets), so seen / followed calls is N / followed exactly but
+/// for the connections one operation ahead of the others at an interval's edge: with k
+/// operations per connection in an interval, the ratio of one interval and the share decoded in
+/// the next are each off by at most 1/k (k taken at half the measured rate, for the intervals
+/// the pauses cut short). Rounding the fractional weight adds at most 1/4 variance per decoded
+/// request (4 sd of that), and each `stats` read adds a few calls of its own (4 per read).
+/// The window's edges are exact: the client pauses, and the edges are read once the agent's
+/// counts stop moving. 2^shift scaling misses this by sqrt((4 - 1) / 32) = 31% (1 sd).
+#[test]
+fn sampled_counts_of_a_pool_match_memcached_stats() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let script = format!(
+        "import sys, threading, time\n\
+         from pymemcache.client.base import Client\n\
+         n = {SAMPLED_POOL}\n\
+         pool = [Client(('127.0.0.1', {port})) for _ in range(n)]\n\
+         for i, c in enumerate(pool):\n\
+         \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
+         run = threading.Event()\n\
+         stop = []\n\
+         def control():\n\
+         \x20   for line in sys.stdin:\n\
+         \x20       cmd = line.strip()\n\
+         \x20       if cmd == 'go':\n\
+         \x20           run.set()\n\
+         \x20       elif cmd == 'pause':\n\
+         \x20           run.clear()\n\
+         \x20       else:\n\
+         \x20           stop.append(1)\n\
+         \x20           run.set()\n\
+         \x20           return\n\
+         threading.Thread(target=control, daemon=True).start()\n\
+         print('ready', flush=True)\n\
+         run.wait()\n\
+         i = 0\n\
+         period = 1.0 / {SAMPLED_RATE}\n\
+         next_at = time.monotonic()\n\
+         while True:\n\
+         \x20   if not run.is_set():\n\
+         \x20       print('paused', flush=True)\n\
+         \x20       run.wait()\n\
+         \x20       next_at = time.monotonic()\n\
+         \x20   if stop:\n\
+         \x20       break\n\
+         \x20   c = pool[i % n]\n\
+         \x20   if (i // n) % 2 == 0:\n\
+         \x20       assert c.set('k%d' % (i % n), b'v' * 100, noreply=False)\n\
+         \x20   else:\n\
+         \x20       assert c.get('k%d' % (i % n)) is not None\n\
+         \x20   i += 1\n\
+         \x20   next_at += period\n\
+         \x20   delay = next_at - time.monotonic()\n\
+         \x20   if delay > 0:\n\
+         \x20       time.sleep(delay)\n\
+         \x20   elif delay < -0.01:\n\
+         \x20       next_at = time.monotonic()\n"
+    );
+    let (_client, mut control, mut out) = start_ready(&script);
+    let mut command = |line: &str| {
+        writeln!(control, "{line}").unwrap();
+        control.flush().unwrap();
+    };
+    let agent = Agent::start_with_config(
+        "pooled-sampled",
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 3200\n"
+        ),
+    )
+    .unwrap();
+    let adopted = agent.wait_for(Duration::from_secs(5), |s| {
+        s.sum("cacheprobe_connections_active", &[]) >= (2 * SAMPLED_POOL) as f64
+    });
+    assert!(
+        adopted.sum("cacheprobe_connections_active", &[]) >= (2 * SAMPLED_POOL) as f64,
+        "{}",
+        adopted.text
+    );
+    command("go");
+    // The sample narrows, then holds for 4 s (a ratio needs a whole interval under it).
+    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut ratio, mut held) = (1.0, 0);
+    while held < 4 {
+        assert!(
+            std::time::Instant::now() < settle_by,
+            "the sample did not narrow and hold (ratio {ratio}): {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let now = agent.scrape().sum("cacheprobe_capture_sample_ratio", &[]);
+        held = if now == ratio && now < 1.0 {
+            held + 1
+        } else {
+            0
+        };
+        ratio = now;
+    }
+
+    let mut edge = |command: &mut dyn FnMut(&str)| {
+        command("pause");
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "paused");
+        // The agent has decoded everything sent once its counts stop moving (it drains its
+        // rings every DRAIN_INTERVAL_MS). The pause stays short: a 1 s look of the budget that
+        // sees the rate below 40% of it widens the sample.
+        let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
+        std::thread::sleep(Duration::from_millis(60));
+        let mut last = agent.scrape();
+        loop {
+            std::thread::sleep(Duration::from_millis(60));
+            let now = agent.scrape();
+            if now.requests(&[]) == last.requests(&[]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < quiet_by,
+                "the agent's counts kept moving 10 s into a pause"
+            );
+            last = now;
+        }
+        let stats = server_stats(port, "stats");
+        command("go");
+        (last, stats)
+    };
+    let changes = || agent.log().matches("capture sample changed").count();
+    let (scrape0, stats0) = edge(&mut command);
+    let changes0 = changes();
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let (scrape1, stats1) = edge(&mut command);
+    let changes1 = changes();
+    let seconds = started.elapsed().as_secs_f64();
+    command("stop");
+    let delta = |name: &str| stats1[name] - stats0[name];
+    let gets = delta("get_hits") + delta("get_misses");
+    let sets = delta("cmd_set");
+    assert!(gets > 0.0 && sets > 0.0);
+    // k at half the measured rate; the ratio and the decoded share each off by 1/k at most.
+    let per_connection = (gets + sets) / seconds / SAMPLED_POOL as f64 / 2.0;
+    let relative = 2.0 / per_connection;
+    let mut failures = Vec::new();
+    for role in ["client", "server"] {
+        let counted = |command: &str| {
+            scrape1.requests(&[("role", role), ("command", command)])
+                - scrape0.requests(&[("role", role), ("command", command)])
+        };
+        for (command, truth) in [("get", gets), ("set", sets)] {
+            let estimate = counted(command);
+            let decoded = truth * ratio;
+            let tolerance = truth * relative + 4.0 * (0.25 * decoded).sqrt() + 2.0 * 4.0;
+            eprintln!(
+                "{role} {command}: estimate {estimate}, memcached {truth} ({:+.2}%), \
+                 tolerance {tolerance:.0} ({:.2}%), sample ratio {ratio}",
+                (estimate / truth - 1.0) * 100.0,
+                tolerance / truth * 100.0
+            );
+            if (estimate - truth).abs() > tolerance {
+                failures.push(format!(
+                    "{role} {command}: estimate {estimate}, memcached {truth}, tolerance {tolerance}"
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        changes0,
+        changes1,
+        "the sample changed during the window: {}",
+        agent.log()
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
+    scrape1.assert_no_decode_errors();
+}

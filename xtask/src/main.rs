@@ -51,7 +51,8 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
         /// Run only these measures: attach, ab, modes, bpf, frame-cost, loss, tshark, idle,
-        /// decoder, scrape, fleet, top (comma-separated).
+        /// decoder, scrape, fleet, top (comma-separated); `budget` (accuracy of the scaled counters
+        /// against memcached's stats per decoding budget, about 10 minutes) runs only when named.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick).
@@ -63,7 +64,8 @@ enum Task {
         #[arg(long, value_name = "BINARY")]
         baseline: Option<std::path::PathBuf>,
         /// Extra `capture + decoding` arms of `ab` at these limits.capture_records_per_second
-        /// (e.g. 10000,5000): the loss curve against the default decoding budget.
+        /// (e.g. 10000,5000): the loss curve against the default decoding budget; for `budget`,
+        /// the budgets measured (default 0,25000,10000,5000,2500).
         #[arg(long, value_delimiter = ',', value_name = "RECORDS")]
         budgets: Vec<u32>,
         /// `ab` with memcached's threads pinned to the first CPU and the load generator to the

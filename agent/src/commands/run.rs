@@ -100,6 +100,26 @@ fn apply_capture_shift(probes: &mut Probes, pipeline: &mut Pipeline) {
     }
 }
 
+/// Hands the pipeline the kernel's sampled-call totals, which weight sampled requests (an
+/// object without them leaves the 2^shift weight, said once).
+fn read_sampled_calls(probes: &Probes, pipeline: &mut Pipeline) {
+    let totals = match probes.sampled_calls() {
+        Ok(totals) => Some(totals),
+        Err(err) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    impact = "sampled request counters scale by 2^shift (rougher)",
+                    "cannot read the kernel's sampled-call counters"
+                )
+            });
+            None
+        }
+    };
+    pipeline.observe_sampled_calls(totals.as_deref(), crate::clock::monotonic_ns());
+}
+
 /// Applies the arming decision for the EMFILE/ENFILE probes after a sample.
 fn arm_fd_probes(probes: &mut Probes, arming: &mut FdProbeArming, metrics: &Metrics, peak: f64) {
     if let Some(armed) = arming.observe(peak) {
@@ -234,6 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 let kernel = KernelReadings::read(&probes);
+                read_sampled_calls(&probes, &mut pipeline);
                 pipeline.tick(crate::clock::monotonic_ns(), Some(&kernel), &mut || {
                     crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc"))
                 });

@@ -77,7 +77,7 @@ impl Pipeline {
             config.limits.max_comms,
         );
         recorder.set_exemplars(ExemplarPolicy::from_limits(&config.limits));
-        Pipeline {
+        let mut pipeline = Pipeline {
             tracker: Tracker::new(services.clone(), max),
             decoders: Decoders::new(max),
             observations: Vec::with_capacity(64),
@@ -91,7 +91,9 @@ impl Pipeline {
             outputs: Outputs::new(recorder),
             wall: MonotonicToUnix::default(),
             services,
-        }
+        };
+        pipeline.set_sampled_call_slots(config);
+        pipeline
     }
 
     /// Decodes every connection whatever the rate (the kernel cannot sample).
@@ -157,10 +159,36 @@ impl Pipeline {
     /// A config reload. Services change through the shared snapshot, which the caller swaps;
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
+        self.set_sampled_call_slots(config);
         self.keys.set_display(config.keys);
         self.outputs
             .recorder
             .set_exemplars(ExemplarPolicy::from_limits(&config.limits));
+    }
+
+    /// Which `SAMPLED_CALLS` slot each service id counts in: the kernel's, by config position.
+    fn set_sampled_call_slots(&mut self, config: &Config) {
+        let services = self.services.load();
+        let mut slots = Vec::new();
+        for (position, service) in config.services.iter().enumerate() {
+            if let Some(id) = services.id_of(&service.name) {
+                if slots.len() <= id {
+                    slots.resize(id + 1, 0);
+                }
+                slots[id] = agent_common::watch::slot_of_position(position);
+            }
+        }
+        self.capture.set_service_slots(slots);
+    }
+
+    /// The kernel's totals of sampled calls (None when unreadable), read once a tick before
+    /// [`Pipeline::tick`]: requests decoded from here on weigh the last interval's ratios.
+    pub fn observe_sampled_calls(
+        &mut self,
+        totals: Option<&[agent_common::SampledCalls]>,
+        now_ns: u64,
+    ) {
+        self.capture.observe_sampled_calls(totals, now_ns);
     }
 
     /// One record from the socket event ring buffer.
@@ -377,8 +405,15 @@ impl Pipeline {
         };
         for event in &events {
             let weight = match event {
-                MemcacheEvent::Request { sample, .. } => {
-                    match self.capture.weight_of_record(sample.shift, sample.depth) {
+                MemcacheEvent::Request {
+                    sample, endpoint, ..
+                } => {
+                    match self.capture.weight_of_request(
+                        sample.shift,
+                        sample.depth,
+                        endpoint.service,
+                        endpoint.role == Role::Client,
+                    ) {
                         Some(weight) => weight,
                         // Its stream is no longer followed: dropped like its records.
                         None => continue,

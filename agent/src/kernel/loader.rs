@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{wakeup, watch, KernelCounter, ProbeOffsets, OFFSET_UNKNOWN};
+use agent_common::{
+    wakeup, watch, KernelCounter, ProbeOffsets, SampledCalls, OFFSET_UNKNOWN, SAMPLED_CALLS_ENTRIES,
+};
 use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -313,6 +315,27 @@ impl Probes {
             .context("cannot set the capture sample")
     }
 
+    /// Totals since load of [`SampledCalls`] by `SAMPLED_CALLS` index (summed over CPUs).
+    /// Errs on an object without the map: the agent then scales by 2^shift.
+    pub fn sampled_calls(&self) -> anyhow::Result<Vec<SampledCalls>> {
+        let calls: PerCpuArray<_, SampledCalls> = PerCpuArray::try_from(
+            self.ebpf
+                .map("SAMPLED_CALLS")
+                .context("kernel object has no SAMPLED_CALLS map")?,
+        )?;
+        (0..SAMPLED_CALLS_ENTRIES)
+            .map(|index| {
+                let per_cpu = calls.get(&index, 0)?;
+                Ok(per_cpu
+                    .iter()
+                    .fold(SampledCalls::default(), |sum, cpu| SampledCalls {
+                        seen: sum.seen.wrapping_add(cpu.seen),
+                        followed: sum.followed.wrapping_add(cpu.followed),
+                    }))
+            })
+            .collect()
+    }
+
     /// Cumulative run time and run count per loaded program (kernel bpf_stats; zero unless
     /// `kernel.bpf_stats_enabled` is 1).
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
@@ -341,16 +364,18 @@ impl Probes {
     }
 }
 
-/// The WATCHED_PORTS value for each configured port. Two services on one port (rejected by the
-/// config, but cheap to be safe about) capture if either does.
+/// The WATCHED_PORTS value for each configured port: watch bits and the service's slot in
+/// SAMPLED_CALLS ([`watch::slot_of_position`]). Two services on one port (rejected by the config,
+/// but cheap to be safe about) capture if either does and keep the first one's slot.
 fn watched_port_bits(config: &Config) -> Vec<(u16, u8)> {
     let mut bits: Vec<(u16, u8)> = Vec::new();
-    for service in &config.services {
-        let value = watch::WATCHED | if service.capture { watch::CAPTURE } else { 0 };
+    for (position, service) in config.services.iter().enumerate() {
+        let flags = watch::WATCHED | if service.capture { watch::CAPTURE } else { 0 };
+        let slot = (watch::slot_of_position(position) << watch::SLOT_SHIFT) as u8;
         for &service_port in &service.ports {
             match bits.iter_mut().find(|(port, _)| *port == service_port) {
-                Some((_, existing)) => *existing |= value,
-                None => bits.push((service_port, value)),
+                Some((_, existing)) => *existing |= flags,
+                None => bits.push((service_port, flags | slot)),
             }
         }
     }
@@ -729,9 +754,24 @@ mod tests {
         assert_eq!(
             watched_port_bits(&config),
             vec![
-                (11211, watch::WATCHED | watch::CAPTURE),
-                (11212, watch::WATCHED)
+                (
+                    11211,
+                    watch::WATCHED | watch::CAPTURE | 1 << watch::SLOT_SHIFT
+                ),
+                (11212, watch::WATCHED | 2 << watch::SLOT_SHIFT)
             ]
+        );
+        assert_eq!(watch::slot(watched_port_bits(&config)[1].1), 2);
+    }
+
+    #[test]
+    fn sampled_calls_slots_fit_the_map_and_run_out_at_63() {
+        assert_eq!(watch::slot_of_position(0), 1);
+        assert_eq!(watch::slot_of_position(62), 63);
+        assert_eq!(watch::slot_of_position(63), 0);
+        assert!(
+            watch::calls_index(watch::slot_of_position(62), true)
+                < agent_common::SAMPLED_CALLS_ENTRIES
         );
     }
 

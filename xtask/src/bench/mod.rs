@@ -10,6 +10,7 @@
 
 mod attach;
 mod bpf_cost;
+mod budget;
 mod criterion;
 mod document;
 mod fleet;
@@ -87,6 +88,7 @@ pub const PHASES: &[&str] = &[
     "scrape",
     "fleet",
     "top",
+    "budget",
 ];
 
 /// Durations, repeats and steps of one bench invocation.
@@ -358,6 +360,10 @@ impl Bench {
         }
         if wanted("fleet") {
             self.fleet_diagnose()?;
+        }
+        // Ten minutes of accuracy figures, not a cost: only when asked for by name.
+        if options.only.iter().any(|o| o == "budget") {
+            self.budget_accuracy()?;
         }
         Ok(())
     }

@@ -182,7 +182,12 @@ impl Ledger<'_> {
             missing,
             degraded,
             steady_tolerance,
-            churn_tolerance: estimate_tolerance(ratio, [(generated_churn, 1.0)]),
+            churn_tolerance: churn_tolerance(
+                ratio,
+                generated_churn,
+                generated_steady,
+                steady.variance,
+            ),
             payload_lost: losses.get(PAYLOAD_LOSS).copied().unwrap_or(0) as f64,
             how: if ratio >= 1.0 {
                 "exact".to_string()
@@ -296,5 +301,37 @@ impl Ledger<'_> {
                 ),
             ));
         }
+    }
+}
+
+/// Four standard deviations of the scaled churn `gets`. The agent weights a sampled request by
+/// its service and role's calls seen / followed (a ratio estimator), and the churn shares its
+/// service with the steady pool, whose calls dominate that ratio: to first order the estimate
+/// is the churn's own draw (one request per connection, [`estimate_tolerance`]'s variance)
+/// plus the churn times the ratio's relative error, which is the steady estimate's
+/// (its requests are proportional to its calls): variance
+/// `(1/p - 1) * churn + (churn / steady)^2 * steady variance`.
+fn churn_tolerance(ratio: f64, churn: u64, steady: u64, steady_variance: f64) -> f64 {
+    let share = churn as f64 / (steady.max(1) as f64);
+    let own = estimate_tolerance(ratio, [(churn, 1.0)]);
+    (own * own + 16.0 * share * share * steady_variance).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decoding everything, no tolerance; sampled, the steady pool's spread carries over to the
+    /// churn in proportion to the churn's share, on top of its own draw.
+    #[test]
+    fn the_churn_tolerance_carries_the_steady_ratio_error() {
+        assert_eq!(churn_tolerance(1.0, 60_000, 6_000_000, 0.0), 0.0);
+        let own = estimate_tolerance(0.125, [(60_000, 1.0)]);
+        assert_eq!(churn_tolerance(0.125, 60_000, 6_000_000, 0.0), own);
+        // Steady: 256 connections of 23,437 requests at 1/8, sd about 16.5% of 6M.
+        let steady_variance = estimate_variance(0.125, [(256, 23_437.5)]);
+        let churn = churn_tolerance(0.125, 60_000, 6_000_000, steady_variance);
+        let relative = churn / 4.0 / 60_000.0;
+        assert!((0.16..0.17).contains(&relative), "{relative}");
     }
 }
