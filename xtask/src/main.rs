@@ -274,10 +274,10 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
     // The package as users run it: real systemd, the unit's own sandbox, crash/reload/upgrade/
     // purge (issue #22). About 1.5 min warm, 5 min more when the Debian root filesystem is built.
     vm_systemd::vm_test_systemd(&vm_systemd::kernels(None)?)?;
-    // The fleet view end to end (issue #18) is not run here yet: its cross-VM exemplar join
-    // failed 1 run in 3 on 2026-12-05 (the server's fast bucket carries one exemplar per scrape,
-    // shared by every client's requests), and a flaky step would make CI lie. Run
-    // `cargo xtask fleet-test` by hand.
+    // The fleet view end to end (issue #18): four VMs on a private bridge, a real Prometheus,
+    // `diagnose --prometheus` naming idle timeouts, ring disagreement, a hung server, a lossy
+    // link with the request seen from both ends, and coverage. 4-6 minutes.
+    vm_fleet::fleet_test()?;
     // About 2.5 minutes: leaks, losses and counters against the load generators (BENCHMARKS.md,
     // "Soak"); the 30-minute soak stays a bench.
     util::step("soak (cargo xtask bench --soak 2)");
