@@ -69,8 +69,8 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_name = "RECORDS")]
         budgets: Vec<u32>,
         /// `ab` with memcached's threads pinned to the first CPU and the load generator to the
-        /// last (the agent runs anywhere): runs then differ less by where the scheduler put
-        /// which thread.
+        /// last (the agent runs anywhere), to take the scheduler's placement out of the rounds'
+        /// scatter. On this machine it did not narrow it (BENCHMARKS.md, 2026-12-05).
         #[arg(long)]
         pin: bool,
         /// Instead: soak the agent for MINUTES (default 30) under steady load, connection churn,
