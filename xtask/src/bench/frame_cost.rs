@@ -207,24 +207,12 @@ impl Client {
         }
         let elapsed = started.elapsed();
         let after = observe::program_stats(measured)?;
-        let (mut ns, mut runs, mut floor_ns) = (0u64, 0u64, 0u64);
-        for (id, stats) in &after {
-            if floor_ids.contains(id) {
-                let ns0 = before.get(id).map_or(0, |b| b.run_time_ns);
-                floor_ns += stats.run_time_ns.saturating_sub(ns0);
-                continue;
-            }
-            if !stats.name.ends_with("sock_send_length")
-                && !stats.name.ends_with("sock_recv_length")
-            {
-                continue;
-            }
-            let (ns0, runs0) = before
-                .get(id)
-                .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
-            ns += stats.run_time_ns.saturating_sub(ns0);
-            runs += stats.run_cnt.saturating_sub(runs0);
-        }
+        let (floor_ns, _) = observe::run_deltas(&before, &after, |id, _| floor_ids.contains(&id));
+        let (ns, runs) = observe::run_deltas(&before, &after, |id, stats| {
+            !floor_ids.contains(&id)
+                && (stats.name.ends_with("sock_send_length")
+                    || stats.name.ends_with("sock_recv_length"))
+        });
         let ns_per_get = ns as f64 / gets as f64;
         let floor_per_get = floor_ns as f64 / gets as f64;
         per_get.push((keys, size, ns_per_get, floor_per_get));

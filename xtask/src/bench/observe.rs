@@ -200,6 +200,27 @@ fn parse_program_stats(
     Ok(out)
 }
 
+/// (run ns, runs) the programs `keep` picks added between two [`program_stats`] readings (a
+/// program missing from `before` counts from zero).
+pub fn run_deltas(
+    before: &BTreeMap<u32, ProgramStats>,
+    after: &BTreeMap<u32, ProgramStats>,
+    keep: impl Fn(u32, &ProgramStats) -> bool,
+) -> (u64, u64) {
+    let (mut ns, mut runs) = (0u64, 0u64);
+    for (id, stats) in after {
+        if !keep(*id, stats) {
+            continue;
+        }
+        let (ns0, runs0) = before
+            .get(id)
+            .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
+        ns += stats.run_time_ns.saturating_sub(ns0);
+        runs += stats.run_cnt.saturating_sub(runs0);
+    }
+    (ns, runs)
+}
+
 /// Tracing programs (tracepoints, kprobes, fentry...) loaded by anyone but `own`: another agent
 /// or tracer running during a measurement adds its own overhead to every syscall.
 pub fn foreign_tracing_programs(own: &[u32]) -> anyhow::Result<usize> {

@@ -211,17 +211,9 @@ fn stats_view(agent_pid: u32, on_watched: &Idle) -> anyhow::Result<(f64, Option<
     let before = observe::program_stats(&programs)?;
     let timed = on_watched.time()?;
     let after = observe::program_stats(&programs)?;
-    let (mut ns, mut runs) = (0u64, 0u64);
-    for (id, stats) in &after {
-        if !stats.name.ends_with("sock_recv_length") {
-            continue;
-        }
-        let (ns0, runs0) = before
-            .get(id)
-            .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
-        ns += stats.run_time_ns.saturating_sub(ns0);
-        runs += stats.run_cnt.saturating_sub(runs0);
-    }
+    let (ns, runs) = observe::run_deltas(&before, &after, |_, stats| {
+        stats.name.ends_with("sock_recv_length")
+    });
     Ok((timed, (runs > 0).then(|| ns as f64 / runs as f64)))
 }
 

@@ -266,26 +266,12 @@ impl Bench {
         };
         drop(floor);
         let floor_per_run = {
-            let (mut ns, mut runs) = (0u64, 0u64);
-            for (id, stats) in &floor_after {
-                let (ns0, runs0) = floor_before
-                    .get(id)
-                    .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
-                ns += stats.run_time_ns.saturating_sub(ns0);
-                runs += stats.run_cnt.saturating_sub(runs0);
-            }
+            let (ns, runs) = observe::run_deltas(&floor_before, &floor_after, |_, _| true);
             (runs > 0).then(|| ns as f64 / runs as f64)
         };
         agent.check_running()?;
         agent.stop()?;
-        let (mut ns, mut runs) = (0u64, 0u64);
-        for (id, stats) in &after {
-            let (ns0, runs0) = before
-                .get(id)
-                .map_or((0, 0), |b| (b.run_time_ns, b.run_cnt));
-            ns += stats.run_time_ns.saturating_sub(ns0);
-            runs += stats.run_cnt.saturating_sub(runs0);
-        }
+        let (ns, runs) = observe::run_deltas(&before, &after, |_, _| true);
         Ok(OnRun {
             ops_per_sec: report.ops_per_sec(),
             cpu_ns_per_op: cpu_ns as f64 / report.ops.max(1) as f64,
