@@ -586,8 +586,6 @@ mod tests {
         metrics.memcache_requests.get_or_create(&labels).get()
     }
 
-    /// A pipeline with the given budget that knows two client connections, one the sample keeps
-    /// at one in two and one it lets go, one second into its first budget window.
     /// [`two_clients`] at a budget of 500 records/s after a second of 961 records: the sample
     /// narrowed to one in two, and the kernel told so at 2 s + 10 ns.
     fn narrowed_to_one_in_two() -> (Pipeline, Metrics, u64, u64) {
@@ -602,6 +600,8 @@ mod tests {
         (pipeline, metrics, followed, released)
     }
 
+    /// A pipeline with the given budget that knows two client connections, one the sample keeps
+    /// at one in two and one it lets go, one second into its first budget window.
     fn two_clients(records_per_second: u32) -> (Pipeline, Metrics, u64, u64) {
         let (mut pipeline, metrics) = pipeline(records_per_second);
         let (followed, released) = followed_and_released();
