@@ -991,6 +991,7 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         fleet.patience(30),
     )?;
     fleet.run(client, &delete, fleet.patience(30))?;
+    let healed = Instant::now();
     let report = fleet.diagnose(agent, start, end)?;
     let dropped: u64 = counters
         .lines()
@@ -1038,6 +1039,14 @@ fn lossy_link(fleet: &Fleet, agent: &Path) -> anyhow::Result<Outcome> {
         .map(|f| format!("{} servers={:?}", summary(f), strings(f, "servers")))
         .collect::<Vec<_>>()
         .join(" | ");
+    // The link's tail before the next scenario: a request sent just before the rules went
+    // retransmits with backoff and fails at the client's 3 s timeout, and Prometheus scrapes
+    // it a scrape later. Seen in CI: such a failure on app-1's healthy servers fell into the
+    // hung-server window and app-1 no longer singled out the hung one.
+    let settle = fleet.patience(3 + 2 * 2);
+    if let Some(left) = settle.checked_sub(healed.elapsed()) {
+        std::thread::sleep(left);
+    }
     Ok(Outcome {
         problems,
         seen: seen_drop + &seen + "; " + &joined + &format!("; findings: {}", ids(&report)),
