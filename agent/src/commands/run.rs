@@ -24,7 +24,7 @@ use crate::{
     host::fd_arming::{self, FdProbeArming},
     host::{parse::TcpExtCounters, Sampler, SamplerConfig},
     ingest::{
-        merge::{pump, EventQueue},
+        merge::{drain_then_tick, pump, EventQueue},
         pipeline::Pipeline,
     },
     kernel::{
@@ -255,9 +255,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 let kernel = KernelReadings::read(&probes);
                 read_sampled_calls(&probes, &mut pipeline);
-                pipeline.tick(crate::clock::monotonic_ns(), Some(&kernel), &mut || {
-                    crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc"))
-                });
+                drain_then_tick(
+                    &mut event_queue,
+                    &mut pipeline,
+                    ring.get_mut(),
+                    payload_ring.get_mut(),
+                    crate::clock::monotonic_ns,
+                    Some(&kernel),
+                    &mut || crate::sizes::slab::local_memcacheds(std::path::Path::new("/proc")),
+                );
             }
             _ = sighup.recv() => {
                 match reload(&args, &config, &mut probes, &services, &mut pipeline) {

@@ -13,7 +13,8 @@ use aya::maps::{ring_buf::RingBufItem, MapData, RingBuf};
 
 use crate::{
     ingest::pipeline::{PayloadOutcome, Pipeline},
-    kernel::{capture::payload_ts, events::SockEventRecord},
+    kernel::{capture::payload_ts, events::SockEventRecord, readings::KernelReadings},
+    sizes::slab::LocalMemcached,
 };
 
 /// At most this many decoded events wait in memory for the payload ring to catch up. A burst
@@ -209,6 +210,24 @@ pub fn pump(
         },
     );
     pipeline.settle(clock());
+}
+
+/// The once-a-second [`Pipeline::tick`] as of `clock()`, after both rings are read up to then:
+/// a request whose answer already waits in the payload ring does not expire. (An agent behind
+/// its rings under load expired such requests as timeouts on the tick's clock, and their
+/// answers, read next, became `unexpected_response` decode errors.)
+pub fn drain_then_tick(
+    queue: &mut EventQueue,
+    pipeline: &mut Pipeline,
+    events: &mut impl RecordRing,
+    payloads: &mut impl RecordRing,
+    mut clock: impl FnMut() -> u64,
+    kernel: Option<&KernelReadings>,
+    read_local_memcacheds: &mut dyn FnMut() -> Vec<LocalMemcached>,
+) {
+    let now = clock();
+    pump(queue, pipeline, events, payloads, &mut clock);
+    pipeline.tick(now, kernel, read_local_memcacheds);
 }
 
 #[cfg(test)]

@@ -324,3 +324,50 @@ fn an_event_after_the_drain_waits_for_the_next_pump() {
     );
     assert!(pipeline.tracker_mut().endpoint_of(SK).is_some());
 }
+
+/// The tick reads the rings up to its own time first: a get whose hit waits in the payload ring
+/// when its 5 s expire is a hit, not a timeout followed by an `unexpected_response`.
+#[test]
+fn a_tick_does_not_expire_a_request_whose_answer_waits_in_the_ring() {
+    const SECOND: u64 = 1_000_000_000;
+    let (mut pipeline, metrics) = pipeline();
+    let mut queue = EventQueue::new();
+    let mut events = VecDeque::from([learned_record(SECOND / 2)]);
+    let [request, _] = get_hit(SECOND);
+    let mut payloads = VecDeque::from([request]);
+    pump(
+        &mut queue,
+        &mut pipeline,
+        &mut events,
+        &mut payloads,
+        || SECOND + 10,
+    );
+    // The answer came 4.9 s later; the agent, behind, ticks 7 s in before reading it.
+    let answer = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let response = encode_payload_record(
+        SECOND + 49 * SECOND / 10,
+        SK,
+        answer.len() as u64,
+        false,
+        b"c",
+        answer,
+    );
+    payloads.push_back(response);
+    drain_then_tick(
+        &mut queue,
+        &mut pipeline,
+        &mut events,
+        &mut payloads,
+        || 7 * SECOND,
+        None,
+        &mut Vec::new,
+    );
+    assert_eq!(hits(&metrics), 1);
+    let labels = EndpointLabels {
+        service: "mc".into(),
+        server: format!("127.0.0.1:{PORT}"),
+        role: "client",
+    }
+    .request("get", "timeout");
+    assert_eq!(metrics.memcache_requests.get_or_create(&labels).get(), 0);
+}
