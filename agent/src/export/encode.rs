@@ -37,7 +37,9 @@ static LAST_LEN: AtomicUsize = AtomicUsize::new(64 * 1024);
 pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
     let hint = LAST_LEN.load(Ordering::Relaxed);
     let mut text = String::with_capacity(hint + hint / 16);
-    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    crate::export::latency::encoding_with_exemplars(format == Format::OpenMetrics, || {
+        prometheus_client::encoding::text::encode(&mut text, registry)
+    })?;
     LAST_LEN.store(text.len().max(64 * 1024), Ordering::Relaxed);
     let text = apply_exemplar_markers(text, format == Format::OpenMetrics);
     Ok(match format {
@@ -289,6 +291,27 @@ mod tests {
             apply_exemplar_markers(orphan.to_string(), true),
             "# TYPE x gauge\nx 1\n# EOF\n"
         );
+    }
+
+    /// A text-format read (an operator's curl) does not use up an exemplar: only a read that
+    /// shows it (OpenMetrics, Prometheus' scrape) lets the next offer replace it.
+    #[test]
+    fn only_a_read_that_shows_exemplars_marks_them_shown() {
+        use crate::export::latency::{LatencyHistogram, Offer};
+        let mut registry = Registry::with_prefix("cacheprobe");
+        let histogram = LatencyHistogram::default();
+        registry.register("lat", "Latency", histogram.clone());
+        let offer = |request_id, rank| Some(Offer { request_id, rank });
+        histogram.observe(0.03, offer(0x1234, 9));
+        encode(&registry, Format::PrometheusText).unwrap();
+        // Unread by Prometheus: a lower-ranked offer does not take the slot.
+        histogram.observe(0.03, offer(0x5678, 1));
+        let om = encode(&registry, Format::OpenMetrics).unwrap();
+        assert!(om.contains("0000000000001234"), "{om}");
+        // Shown: the next offer takes it whatever its rank.
+        histogram.observe(0.03, offer(0x9abc, 1));
+        let om = encode(&registry, Format::OpenMetrics).unwrap();
+        assert!(om.contains("0000000000009abc"), "{om}");
     }
 
     #[test]

@@ -111,13 +111,15 @@ impl LatencyHistogram {
         }
     }
 
-    /// The counts as the crate's encoder takes them, and the exemplars, which are then marked
-    /// as shown: the next offer in their bucket replaces them whatever its rank.
-    fn snapshot(&self) -> Snapshot {
+    /// The counts as the crate's encoder takes them, and the exemplars, which `mark_shown`
+    /// marks as shown: the next offer in their bucket replaces them whatever its rank.
+    fn snapshot(&self, mark_shown: bool) -> Snapshot {
         let mut inner = self.lock();
         let exemplars = inner.exemplars.map(|slot| slot.map(|slot| slot.exemplar));
-        for slot in inner.exemplars.iter_mut().flatten() {
-            slot.shown = true;
+        if mark_shown {
+            for slot in inner.exemplars.iter_mut().flatten() {
+                slot.shown = true;
+            }
         }
         let buckets = LATENCY_BUCKETS
             .iter()
@@ -132,6 +134,21 @@ impl LatencyHistogram {
             exemplars,
         }
     }
+}
+
+thread_local! {
+    /// Whether the encode running on this thread shows exemplars (OpenMetrics, what Prometheus
+    /// asks for). Only such a read marks them shown: an operator's `curl /metrics` gets text
+    /// format without exemplars and must not make Prometheus' next scrape miss them.
+    static SHOWING_EXEMPLARS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `encode` as a read that shows exemplars (`shows`) or not.
+pub fn encoding_with_exemplars<T>(shows: bool, encode: impl FnOnce() -> T) -> T {
+    let before = SHOWING_EXEMPLARS.replace(shows);
+    let out = encode();
+    SHOWING_EXEMPLARS.set(before);
+    out
 }
 
 struct Snapshot {
@@ -159,7 +176,7 @@ impl EncodeMetric for LatencyHistogram {
             count,
             buckets,
             exemplars,
-        } = self.snapshot();
+        } = self.snapshot(SHOWING_EXEMPLARS.get());
         encoder.encode_histogram::<()>(sum, count, &buckets, None)?;
         if exemplars.iter().all(Option::is_none) {
             return Ok(());
@@ -234,7 +251,7 @@ mod tests {
             count,
             buckets,
             exemplars,
-        } = histogram.snapshot();
+        } = histogram.snapshot(true);
         assert_eq!(count, 4);
         assert!((sum - 5.07004).abs() < 1e-9);
         assert_eq!(buckets.len(), BUCKET_LINES);
@@ -277,11 +294,11 @@ mod tests {
         histogram.observe(0.0001, offer(2, 3));
         histogram.observe(0.0001, offer(3, 12));
         histogram.observe(0.0001, offer(4, 11));
-        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 3);
+        assert_eq!(histogram.snapshot(true).exemplars[1].unwrap().request_id, 3);
         // Read: the next, lower-ranked offer replaces it; unread, it stays shown.
-        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 3);
+        assert_eq!(histogram.snapshot(true).exemplars[1].unwrap().request_id, 3);
         histogram.observe(0.0001, offer(5, 1));
-        assert_eq!(histogram.snapshot().exemplars[1].unwrap().request_id, 5);
+        assert_eq!(histogram.snapshot(true).exemplars[1].unwrap().request_id, 5);
     }
 
     /// The lossy-link case of issue 18, with real request ids. Three clients send requests that
@@ -321,8 +338,8 @@ mod tests {
                     client_a.observe(if lost { 0.21 } else { 0.0003 }, offer(id));
                 }
             }
-            let shown = server.snapshot().exemplars[1].unwrap().request_id;
-            let at_a = client_a.snapshot().exemplars;
+            let shown = server.snapshot(true).exemplars[1].unwrap().request_id;
+            let at_a = client_a.snapshot(true).exemplars;
             if a_ids.contains(&shown) {
                 server_shows_a += 1;
                 let same = at_a.iter().flatten().any(|e| e.request_id == shown);
