@@ -179,7 +179,7 @@ pub(crate) struct SockPorts {
 impl SockPorts {
     /// From `skc_portpair`: skc_dport (network order), then skc_num (host order).
     #[inline(always)]
-    fn from_portpair([d0, d1, n0, n1]: [u8; 4]) -> SockPorts {
+    pub(crate) fn from_portpair([d0, d1, n0, n1]: [u8; 4]) -> SockPorts {
         SockPorts {
             local: u16::from_ne_bytes([n0, n1]),
             remote: u16::from_be_bytes([d0, d1]),

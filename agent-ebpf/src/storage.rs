@@ -1,8 +1,10 @@
 //! The socket-local-storage path (tp_btf; issue 19). Watched TCP sockets carry a small
 //! SkWatch in their own storage, made when the connection is first seen: at a state change, or
 //! by the `adopt_tcp` iterator the agent runs once at attach for connections that predate it.
-//! The per-op programs then do one storage lookup and return at the first NULL, with no port
-//! read and no hash lookup; the storage dies with the socket, so nothing is evicted or stale.
+//! The per-op programs first read the socket's ports and state by direct loads (no helper
+//! call) and return when there is nothing to record: unwatched sockets, and healthy watched
+//! ones whose service is not captured. Only captured or unhealthy connections look up their
+//! storage. The storage dies with the socket, so nothing is evicted or stale.
 //! Kernels without these hooks or helpers keep the raw/classic programs of `send_recv`.
 
 use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
@@ -12,7 +14,8 @@ use crate::sock::{
     is_watched, read_kernel_field, read_sock_ports, scalar_arg, watch_bits, SockPorts,
 };
 use agent_common::{
-    framing::SocketFrames, sock_flags, watch, KernelCounter, TcpState, IPPROTO_TCP,
+    framing::SocketFrames, sock_flags, watch, KernelCounter, TcpState, AF_INET, AF_INET6,
+    IPPROTO_TCP,
 };
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get,
@@ -22,7 +25,8 @@ use aya_ebpf::{
 
 /// What a watched socket's storage holds: its ports (host order), so the per-op program can
 /// ask WATCHED_PORTS whether it is still watched and captured (the config can change), and its
-/// TCP state as of the last state change (the per-op programs do not read `struct sock`).
+/// TCP state as of the last state change. (The per-op programs' first test reads both from the
+/// socket itself; what follows it, for captured or unhealthy connections, uses these copies.)
 /// Capture keeps its per-connection facts here too, so a captured call does no hash lookup:
 /// where the send and receive stand in their frames (FRAMES on the other paths) and the
 /// connection's sample depth, worked out once instead of per call.
@@ -135,11 +139,68 @@ pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> u32 {
     btf_length(&ctx, false)
 }
 
+/// A member of the socket behind a tp_btf `struct sock *`, by a direct load: no helper call.
+/// The verifier allows such a load only at a constant offset. OFFSETS lives in `.rodata`, which
+/// aya creates BPF_F_RDONLY_PROG and freezes before any program is loaded, so the verifier
+/// reads the offsets there as known constants (a kernel that did not would reject the program,
+/// and the agent would fall back to the raw path, which `check` reports). One load per member,
+/// of the member's size: the verifier rejects a load that spans two members.
+#[inline(always)]
+fn load_sock<T: Copy>(sk: *const u8, offset: u16) -> T {
+    // SAFETY: the kernel turns a load through a BTF-typed pointer into a fault-safe one (a bad
+    // or NULL pointer reads 0), and the verifier checks it against the member at `offset`.
+    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// Whether a send or receive on `sk` has nothing to record, from the socket itself: its
+/// ports, and its state when one of them is watched (two direct loads, the two inlined
+/// WATCHED_PORTS lookups, no helper call). This is every call on an unwatched socket, and on a
+/// healthy watched one whose service is not captured (sockets only, and every service without
+/// capture). Captured and unhealthy connections go on to their storage.
+#[inline(always)]
+fn nothing_to_record(sk: *const u8) -> bool {
+    let layout = &offsets().sock_common;
+    let ports = if layout.num == layout.dport + 2 {
+        // skc_dport and skc_num share the 32-bit skc_portpair: one load.
+        SockPorts::from_portpair(load_sock::<u32>(sk, layout.dport).to_ne_bytes())
+    } else {
+        SockPorts {
+            local: load_sock(sk, layout.num),
+            remote: u16::from_be(load_sock(sk, layout.dport)),
+        }
+    };
+    let (local_bits, remote_bits) = (watch_bits(ports.local), watch_bits(ports.remote));
+    if (local_bits | remote_bits) & watch::WATCHED == 0 {
+        // A full TCP socket's skc_num is cleared when it gives up its port at close, and a
+        // write or read can still come after that (a dead write on a server's socket): then
+        // only the storage, made while the socket was open, knows its ports.
+        if ports.local != 0 {
+            return true;
+        }
+        let family: u16 = load_sock(sk, layout.family);
+        return family != AF_INET && family != AF_INET6;
+    }
+    // The service is the local port when that is watched, as in `capture_flags`.
+    let service_bits = if local_bits != 0 {
+        local_bits
+    } else {
+        remote_bits
+    };
+    service_bits & watch::CAPTURE == 0
+        && kernel_stamps_activity()
+        && peer_still_open(load_sock(sk, layout.state))
+}
+
 #[inline(always)]
 fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
+    if nothing_to_record(ctx.arg(0)) {
+        return 0;
+    }
+    // Captured or unhealthy (or a socket whose ports are gone): the storage keeps what the
+    // connection's capture and trouble need, and its own copy of the ports and TCP state.
     let storage = sk_watch(ctx.arg(0), None);
     if storage.is_null() {
-        // Not a watched TCP connection: the common case on a busy host, one lookup.
+        // Not a watched TCP connection (or one the agent could not give storage).
         return 0;
     }
     // SAFETY: this socket's storage, valid for this program run.

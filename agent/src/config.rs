@@ -65,7 +65,8 @@ pub struct Limits {
     /// client cannot starve Prometheus.
     pub http_connections_per_source: usize,
     /// Keep per-socket state in socket-local storage where the kernel allows it (tp_btf
-    /// send/receive programs, one storage lookup per call); false keeps the raw/classic
+    /// send/receive programs: direct loads of the socket's ports and state, and a storage
+    /// lookup only for captured or unhealthy connections); false keeps the raw/classic
     /// tracepoints, which read the socket's ports on every call (for side-by-side measurement).
     pub socket_storage: bool,
     /// Attach every probe as a classic tracepoint (perf_event_open), never through a bpf()

@@ -554,10 +554,110 @@ fn check_reports_every_probe_on_this_kernel() {
     );
     assert!(json.contains("\"usable\": true"), "{json}");
     // This kernel (6.18) has tp_btf sock_send_length / sock_recv_length and bpf_sk_storage_get
-    // for them: the send/receive probes run on the socket-local-storage path (issue 19).
+    // for them: the send/receive probes run on the socket-local-storage path (issue 19), whose
+    // programs read the socket's ports and state by direct loads first. That text is given
+    // only when those programs passed the verifier and are attached: the direct loads need
+    // offsets the verifier knows as constants (frozen read-only OFFSETS), and a kernel that
+    // refused them would leave the raw path in place, with the verifier's reason.
     assert!(
-        json.contains("socket-local storage (tp_btf): one storage lookup"),
+        json.contains(
+            "socket-local storage (tp_btf): each send/receive first reads its socket's ports \
+             and state by direct loads, no helper call"
+        ),
         "{json}"
+    );
+}
+
+/// Whether the program `id` (as the verifier left it: `bpftool prog dump xlated`) can reach an
+/// `exit` from its first instruction without passing any call (helper or subprogram).
+fn exit_before_any_call(id: u64) -> bool {
+    let output = Command::new("bpftool")
+        .args(["-j", "prog", "dump", "xlated", "id", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "bpftool: {output:?}");
+    let insns: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // By instruction index: opcode and text, e.g. "(15) if r0 == 0x0 goto pc+1". A 64-bit
+    // immediate load (opcode 0x18) takes two slots.
+    let mut program = std::collections::BTreeMap::new();
+    let mut pc = 0i64;
+    for insn in insns.as_array().unwrap() {
+        let text = insn["disasm"].as_str().unwrap().to_owned();
+        let opcode = u8::from_str_radix(&text[1..3], 16).unwrap();
+        let width = if opcode == 0x18 { 2 } else { 1 };
+        program.insert(pc, (opcode, text, width));
+        pc += width;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![0i64];
+    while let Some(pc) = todo.pop() {
+        let Some((opcode, text, width)) = program.get(&pc) else {
+            continue;
+        };
+        if !seen.insert(pc) {
+            continue;
+        }
+        match opcode {
+            0x95 => return true,
+            0x85 => continue,
+            _ => {}
+        }
+        let next = pc + width;
+        match text.split_once("goto pc") {
+            Some((_, offset)) => {
+                todo.push(next + offset.trim().parse::<i64>().unwrap());
+                // 0x05 and 0x06 (goto, gotol) always jump; the rest are conditional.
+                if *opcode != 0x05 && *opcode != 0x06 {
+                    todo.push(next);
+                }
+            }
+            None => todo.push(next),
+        }
+    }
+    false
+}
+
+/// Issue 19: the send/receive programs the agent attached can return without any helper call
+/// (the direct loads of the socket's ports and state, and the inlined WATCHED_PORTS lookups,
+/// come before any), and still hold the socket-local storage path for the sockets that need
+/// it. The programs are the ones this agent holds, as the verifier rewrote them; the storage
+/// path's program of main (5f15550's parent) called `bpf_sk_storage_get` first and fails this.
+#[test]
+fn the_send_receive_programs_can_return_before_any_helper_call() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start("helper-free", &[("cache", port, "memcache")]).unwrap();
+    let mut checked = Vec::new();
+    for id in program_ids_of(agent.pid()) {
+        let output = Command::new("bpftool")
+            .args(["-j", "prog", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let name = info["name"].as_str().unwrap_or_default().to_owned();
+        if name != "btf_sock_send_length" && name != "btf_sock_recv_length" {
+            continue;
+        }
+        assert!(
+            exit_before_any_call(id),
+            "{name} (id {id}) calls a helper first"
+        );
+        let xlated = Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&xlated.stdout).contains("call bpf_sk_storage_get"),
+            "{name} lost its storage path"
+        );
+        checked.push(name);
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        ["btf_sock_recv_length", "btf_sock_send_length"],
+        "the agent holds no tp_btf send/receive programs: {}",
+        agent.log()
     );
 }
 

@@ -236,3 +236,88 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
         agent.log()
     );
 }
+
+/// One service, its capture switched by `capture`.
+fn capture_config(port: u16, capture: bool) -> String {
+    format!(
+        "sample_interval_seconds = 1\n\n[[services]]\nname = \"cache\"\nport = {port}\n\
+         protocol = \"memcache\"\ncapture = {capture}\n"
+    )
+}
+
+/// `count` gets of `k` on an open text-protocol connection, each answered in full.
+fn gets_on(stream: &mut std::net::TcpStream, count: usize) {
+    use std::io::{Read, Write};
+    for _ in 0..count {
+        stream.write_all(b"get k\r\n").unwrap();
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 256];
+        while !reply.ends_with(b"END\r\n") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "memcached closed the connection");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(reply, b"VALUE k 0 1\r\nv\r\nEND\r\n");
+    }
+}
+
+/// Issue 19: the send/receive programs decide per call, from WATCHED_PORTS, whether a
+/// connection's service is captured (healthy connections of services without capture stop at
+/// their first test, before any storage lookup). So a reload that turns a service's capture off
+/// and on again takes effect on a pooled connection that predates the agent, on its next call:
+/// its gets are counted exactly while capture is on, and not at all while it is off.
+#[test]
+fn a_reload_switches_capture_on_a_pooled_connection() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    {
+        use std::io::{Read, Write};
+        pooled.write_all(b"set k 0 0 1\r\nv\r\n").unwrap();
+        let mut stored = [0u8; 8];
+        pooled.read_exact(&mut stored).unwrap();
+        assert_eq!(&stored, b"STORED\r\n");
+    }
+    let agent = Agent::start_with_config("reload-capture", &capture_config(port, true)).unwrap();
+    let get_requests = |s: &Scrape| {
+        s.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("service", "cache"), ("role", "client"), ("command", "get")],
+        )
+    };
+    let reload = |capture: bool, count: usize| {
+        std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
+        agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + WAIT;
+        while agent.log().matches("config reloaded").count() < count {
+            assert!(Instant::now() < deadline, "no reload: {}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let cmd_get = || server_stats(port, "stats")["cmd_get"];
+
+    // Captured: every get counted.
+    gets_on(&mut pooled, 20);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 20.0);
+    assert_eq!(get_requests(&scrape), 20.0, "{}", scrape.text);
+
+    // Capture off: the same connection's gets reach memcached and are not decoded.
+    reload(false, 1);
+    let before = cmd_get();
+    gets_on(&mut pooled, 20);
+    assert_eq!(cmd_get() - before, 20.0);
+    // Two sample intervals for anything in flight to be read and counted.
+    std::thread::sleep(Duration::from_secs(2));
+    let scrape = agent.scrape();
+    assert_eq!(get_requests(&scrape), 20.0, "{}", scrape.text);
+
+    // Capture on again: counted again, from the next call on.
+    reload(true, 2);
+    gets_on(&mut pooled, 20);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 40.0);
+    assert_eq!(get_requests(&scrape), 40.0, "{}", scrape.text);
+    // Not asserted: the decoder counts the bytes skipped while capture was off as a gap (and
+    // a reply after it as unexpected), 4 of each here, on main (03a81c4) as on this branch;
+    // the counts above are exact all the same. Noted for the issue as the decoder's, not this.
+}

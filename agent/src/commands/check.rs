@@ -362,9 +362,11 @@ fn socket_state_item(probes: &Probes) -> CheckItem {
         Ok(()) => item(
             "per-socket state",
             Status::Ok,
-            "socket-local storage (tp_btf): one storage lookup per send/receive, \
-             unwatched sockets stop there; existing connections adopted by a tcp \
-             iterator at start",
+            "socket-local storage (tp_btf): each send/receive first reads its socket's \
+             ports and state by direct loads, no helper call; unwatched sockets and \
+             healthy ones of services without capture stop there, only captured or \
+             unhealthy connections look up their storage; existing connections adopted \
+             by a tcp iterator at start",
             "",
         ),
         // Nothing is lost on the older path, it only costs more per call: ok, with

@@ -3,7 +3,7 @@
 //! bpf_stats times every run with two clock reads, and on this VM those reads cost more than
 //! the agent's program itself: an empty program already reads about 54 ns per run there. A
 //! receive that finds nothing still fires `sock_recv_length` and takes the agent's whole
-//! sockets-only path (storage lookup, watch bits, TCP state) inside a syscall of a few hundred
+//! sockets-only path (ports and state, watch bits) inside a syscall of a few hundred
 //! ns, so tens of ns show plainly in the difference, timed by the caller's clock rather than by
 //! the kernel around the program. What it leaves out is what a loaded op adds to any program
 //! (colder caches): that is what the empty program's bpf_stats figure in `ab` is for.
@@ -43,6 +43,9 @@ enum Arm {
     Agent,
     /// The agent, sockets only, `socket_storage = false` (the raw path's port check).
     AgentPortCheck,
+    /// The `--baseline` build of the agent, sockets only (its default path): before and after
+    /// a change in the same rounds.
+    Baseline,
 }
 
 const ARMS: [Arm; 4] = [Arm::Nothing, Arm::Empty, Arm::Agent, Arm::AgentPortCheck];
@@ -62,6 +65,7 @@ struct Round {
     empty: Timed,
     agent: Timed,
     port_check: Timed,
+    baseline: Option<Timed>,
     with_stats: Option<f64>,
     stats_ns_per_run: Option<f64>,
 }
@@ -84,6 +88,22 @@ pub(super) struct PerCall {
     pub(super) stats_added: Option<Interval>,
     /// The receive itself with nothing attached.
     pub(super) base: Option<Interval>,
+    /// With `--baseline`: that build's figures from the same rounds.
+    pub(super) baseline: Option<BaselineFigures>,
+}
+
+/// The `--baseline` build's arm, and this build against it paired by round.
+pub(super) struct BaselineFigures {
+    pub(super) path: String,
+    /// Its program, all in, on the watched connection.
+    pub(super) program: Option<Interval>,
+    /// Its program beyond an empty one.
+    pub(super) over_empty: Option<Interval>,
+    /// An unwatched connection's receive with it attached.
+    pub(super) unwatched: Option<Interval>,
+    /// This build minus the baseline, per round: watched and unwatched connection.
+    pub(super) change_watched: Option<Interval>,
+    pub(super) change_unwatched: Option<Interval>,
 }
 
 /// An idle loopback connection: the thread times receives on `client`, which never has data.
@@ -141,18 +161,25 @@ impl Bench {
         let on_unwatched = Idle::open(&unwatched)?;
         let _pinned = procs::Pinned::thread_to(procs::Cpu::Last)?;
         let rounds = self.plan.rounds;
+        let mut arms = ARMS.to_vec();
+        if self.baseline.is_some() {
+            arms.push(Arm::Baseline);
+        }
         let mut results = Vec::with_capacity(rounds);
         for round in 0..rounds {
             let mut this = Round::default();
-            for index in 0..ARMS.len() {
+            for index in 0..arms.len() {
                 // Rotated, so no arm always runs first or right after an agent stopped.
-                let arm = ARMS[(index + round) % ARMS.len()];
+                let arm = arms[(index + round) % arms.len()];
                 eprintln!("xtask: per-call round {}/{rounds}, {arm:?}", round + 1);
                 self.time_arm(arm, port, &on_watched, &on_unwatched, &mut this)?;
             }
             results.push(this);
         }
-        let per_call = summarize(&results);
+        let mut per_call = summarize(&results);
+        if let Some(path) = &self.baseline {
+            per_call.baseline = Some(summarize_baseline(&results, path.display().to_string()));
+        }
         let section = self.per_call_section(&per_call, port);
         self.targets.per_call = Some(per_call);
         self.finish(section);
@@ -178,6 +205,17 @@ impl Bench {
             Arm::Empty => {
                 let _floor = EmptyPrograms::attach(&["sock_send_length", "sock_recv_length"])?;
                 round.empty = both()?;
+            }
+            Arm::Baseline => {
+                let binary = self
+                    .baseline
+                    .as_ref()
+                    .context("a baseline arm without --baseline")?;
+                let mut agent =
+                    self.start_binary_on(binary, &[port], Mode::SocketsOnly, DEFAULT_MAX_SOCKETS)?;
+                round.baseline = Some(both()?);
+                agent.guard.check_running()?;
+                agent.stop()?;
             }
             Arm::Agent | Arm::AgentPortCheck => {
                 let mode = if arm == Arm::Agent {
@@ -232,6 +270,25 @@ fn summarize(rounds: &[Round]) -> PerCall {
         stats_reported: over(&|r| r.stats_ns_per_run),
         stats_added: over(&|r| r.with_stats.map(|with| with - r.agent.watched)),
         base: over(&|r| Some(r.nothing.watched)),
+        baseline: None,
+    }
+}
+
+fn summarize_baseline(rounds: &[Round], path: String) -> BaselineFigures {
+    let over = |f: &dyn Fn(&Round, &Timed) -> f64| -> Option<Interval> {
+        let values: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| r.baseline.as_ref().map(|b| f(r, b)))
+            .collect();
+        paired::median_ci(&values)
+    };
+    BaselineFigures {
+        path,
+        program: over(&|r, b| b.watched - r.nothing.watched),
+        over_empty: over(&|r, b| b.watched - r.empty.watched),
+        unwatched: over(&|r, b| b.unwatched - r.nothing.unwatched),
+        change_watched: over(&|r, b| r.agent.watched - b.watched),
+        change_unwatched: over(&|r, b| r.agent.unwatched - b.unwatched),
     }
 }
 
@@ -259,7 +316,8 @@ impl Bench {
              54 ns per run in `ab`). Here nothing times the program from inside: one thread, \
              pinned to one CPU, makes non-blocking receives on an idle loopback connection \
              (each finds nothing, fires `sock_recv_length` and takes the agent's whole \
-             sockets-only path: storage lookup, watch bits, TCP state) and times them with its \
+             sockets-only path: on the tp_btf path the socket's ports and state by direct loads \
+             and the watch bits) and times them with its \
              own clock, {BATCHES} batches of {CALLS_PER_BATCH} per arm, the lower quartile of the \
              batches (short batches, so most escape preemption on a busy machine). Each of \
              {rounds} rounds times, in an order rotated every round: nothing attached; an empty \
@@ -281,7 +339,7 @@ impl Bench {
                 per_call.empty,
             ),
             (
-                "the agent's program, all in (watched connection, storage path)",
+                "the agent's program, all in (watched connection, tp_btf path)",
                 per_call.program,
             ),
             (
@@ -306,6 +364,36 @@ impl Bench {
             ),
         ] {
             table.row(vec![what.to_string(), ns(value)]);
+        }
+        if let Some(baseline) = &per_call.baseline {
+            let mut rows = Table::new(&[
+                "the --baseline build (sockets only, its default path)",
+                "ns per receive (median over rounds, 95% CI)",
+            ]);
+            for (what, value) in [
+                ("its program, all in (watched connection)", baseline.program),
+                ("its program beyond an empty one", baseline.over_empty),
+                (
+                    "an unwatched connection's receive, it attached",
+                    baseline.unwatched,
+                ),
+                (
+                    "this build minus the baseline, watched (paired by round)",
+                    baseline.change_watched,
+                ),
+                (
+                    "this build minus the baseline, unwatched (paired by round)",
+                    baseline.change_unwatched,
+                ),
+            ] {
+                rows.row(vec![what.to_string(), ns(value)]);
+            }
+            section.say(format!(
+                "With `--baseline {}`: that build, sockets only, is a fifth arm of the same \
+                 rounds (rotated with the others).",
+                baseline.path
+            ));
+            section.table("", rows);
         }
         section.command(format!(
             "{}   # sockets only; and with socket_storage = false\n\
