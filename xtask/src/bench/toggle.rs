@@ -78,6 +78,8 @@ pub struct Sample {
     pub ops: u64,
     /// CPU ns of the generator thread, memcached and the agent (when one runs) so far.
     pub cpu_ns: u64,
+    /// Busy CPU seconds of the whole machine so far (/proc/stat, in clock ticks).
+    pub busy_s: f64,
 }
 
 /// What one window measured, after its trim.
@@ -86,6 +88,9 @@ pub struct Cut {
     pub ops: u64,
     pub seconds: f64,
     pub cpu_ns: u64,
+    /// Cores kept busy by everything but the measured work (other processes, this process's
+    /// other threads): how loaded the machine was in this window.
+    pub other_cores: f64,
 }
 
 impl Cut {
@@ -117,6 +122,10 @@ pub fn cut(samples: &[Sample], from: f64, to: f64) -> Option<Cut> {
         ops: last.ops - first.ops,
         seconds,
         cpu_ns: last.cpu_ns.saturating_sub(first.cpu_ns),
+        other_cores: ((last.busy_s - first.busy_s)
+            - last.cpu_ns.saturating_sub(first.cpu_ns) as f64 / 1e9)
+            .max(0.0)
+            / seconds,
     })
 }
 
@@ -180,6 +189,7 @@ pub struct ArmResult {
     pub pair_sd: Option<f64>,
     pub range: Option<(f64, f64)>,
     pub cpu_loss: Option<Interval>,
+    pub cpu_pair_sd: Option<f64>,
     /// This arm's loss minus the floor arm's of the same cycle: what the program costs beyond
     /// any program on the same tracepoints.
     pub beyond_floor: Option<Interval>,
@@ -219,6 +229,7 @@ pub fn summarise(ends: Ends, pairs: &[Pair]) -> Vec<ArmResult> {
                     Some(acc.map_or((l, l), |(lo, hi): (f64, f64)| (lo.min(l), hi.max(l))))
                 }),
                 cpu_loss: paired::median_ci(&cpu),
+                cpu_pair_sd: sd(&cpu),
                 beyond_floor: matches!(arm, Switch::Agent(_))
                     .then(|| paired::median_ci(&beyond))
                     .flatten(),
@@ -441,6 +452,7 @@ impl Bench {
                     at: ready.elapsed().as_secs_f64(),
                     ops: progress.ops.load(Ordering::Relaxed),
                     cpu_ns,
+                    busy_s: procs::machine_busy_seconds()?,
                 })
             };
             let (from, to) = (
@@ -504,6 +516,7 @@ fn result_table(results: &[ArmResult]) -> Table {
         "single-pair sd, points",
         "single pairs",
         "loss from CPU per op (95% CI)",
+        "its single-pair sd, points",
         "beyond the floor (95% CI)",
         "off ops/s",
         "off CPU ns per op",
@@ -521,6 +534,8 @@ fn result_table(results: &[ArmResult]) -> Table {
                 format!("{:.1}% .. {:.1}%", 100.0 * lo, 100.0 * hi)
             }),
             percent(r.cpu_loss),
+            r.cpu_pair_sd
+                .map_or("n/a".into(), |sd| format!("{:.2}", 100.0 * sd)),
             if matches!(r.arm, Switch::Agent(_)) {
                 percent(r.beyond_floor)
             } else {
@@ -540,6 +555,7 @@ fn window_table(windows: &[Window]) -> Table {
         "switch s",
         "ops/s",
         "CPU ns per op",
+        "other cores busy",
         "loss vs neighbours",
     ]);
     let all = pairs(windows);
@@ -626,15 +642,17 @@ mod tests {
         assert!(schedule(0, &ARMS).is_empty());
     }
 
-    /// 100k ops/s with CPU 10 us per op, sampled every 0.25 s.
+    /// 100k ops/s with CPU 10 us per op (1 core), sampled every 0.25 s.
     fn steady(from: f64, to: f64, slow_until: f64) -> Vec<Sample> {
         let mut samples = Vec::new();
         let (mut ops, mut at) = (0u64, from);
         while at <= to + 1e-9 {
+            // The work takes one core; something else another half.
             samples.push(Sample {
                 at,
                 ops,
-                cpu_ns: ops * 10_000,
+                cpu_ns: (at * 1e9) as u64,
+                busy_s: 1.5 * at,
             });
             // The first second after the switch runs at half speed (an agent starting).
             ops += if at < slow_until { 12_500 } else { 25_000 };
@@ -652,6 +670,7 @@ mod tests {
         assert!((trimmed.rate() - 100_000.0).abs() < 1e-6, "{trimmed:?}");
         assert_eq!(trimmed.seconds, 3.0);
         assert!((trimmed.cpu_per_op() - 10_000.0).abs() < 1e-6);
+        assert!((trimmed.other_cores - 0.5).abs() < 1e-6, "{trimmed:?}");
         // Samples a little late: the cut runs from the first one inside the window to the
         // first one past its end.
         let late = steady(0.1, 4.1, 1.0);
@@ -672,6 +691,7 @@ mod tests {
                 ops,
                 seconds: 1.0,
                 cpu_ns: (ops as f64 * cpu_per_op) as u64,
+                other_cores: 0.0,
             }),
             switch_seconds: 0.0,
         }
