@@ -570,6 +570,8 @@ fn window_table(windows: &[Window]) -> Table {
             w.cut.map_or("n/a".into(), |c| thousands(c.rate())),
             w.cut
                 .map_or("n/a".into(), |c| format!("{:.0}", c.cpu_per_op())),
+            w.cut
+                .map_or("n/a".into(), |c| format!("{:.2}", c.other_cores)),
             pair.map_or("-".into(), |p| format!("{:+.2}%", 100.0 * p.loss)),
         ]);
     }
@@ -742,6 +744,22 @@ mod tests {
         let pairs = pairs(&windows);
         assert_eq!(pairs.len(), ARMS.len() - 2);
         assert!(!pairs.iter().any(|p| p.arm == ARMS[0] || p.arm == ARMS[1]));
+    }
+
+    #[test]
+    fn every_table_row_fills_every_column() {
+        let windows: Vec<Window> = schedule(2, &ARMS)
+            .into_iter()
+            .map(|(cycle, arm)| window(cycle, arm, 100_000.0, 10_000.0))
+            .collect();
+        let results = summarise(Ends::Both, &pairs(&windows));
+        for text in [
+            window_table(&windows).markdown(),
+            result_table(&results).markdown(),
+        ] {
+            let columns: Vec<usize> = text.lines().map(|l| l.matches('|').count()).collect();
+            assert!(columns.iter().all(|&c| c == columns[0]), "{text}");
+        }
     }
 
     #[test]
