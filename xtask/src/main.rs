@@ -50,12 +50,15 @@ enum Task {
         /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
-        /// Run only these measures: attach, ab, modes, bpf, frame-cost, loss, tshark, idle,
-        /// decoder, scrape, fleet, top (comma-separated); `budget` (accuracy of the scaled counters
+        /// Run only these measures: attach, toggle (the overhead goals under continuous load,
+        /// the agent toggled in windows, both ends watched), toggle-one (the same, one end),
+        /// ab, modes, bpf, frame-cost, loss, tshark, idle, decoder, scrape, fleet, top
+        /// (comma-separated); `budget` (accuracy of the scaled counters
         /// against memcached's stats per decoding budget, about 10 minutes) runs only when named.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick).
+        /// Interleaved off/on rounds of `ab` (default 10; 2 with --quick), and cycles of
+        /// `toggle`/`toggle-one` (default 16; 2 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
         /// An earlier build of the agent (a copy of target/release/cacheprobe): `ab` runs its

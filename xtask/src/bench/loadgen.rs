@@ -8,6 +8,7 @@ use std::{
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -519,6 +520,27 @@ pub fn run(spec: &LoadSpec) -> anyhow::Result<LoadReport> {
     run_pool(spec, Pool::Stack)
 }
 
+/// Shared with a generator started by [`run_continuous`]: the ops answered so far (read at any
+/// moment by another thread, so windows can be cut out of one unbroken run), the generator
+/// thread's id (for its CPU time) and the flag that ends the run.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub ops: AtomicU64,
+    /// The generator thread's kernel id (gettid), 0 until it runs.
+    pub tid: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+/// [`run`] without a deadline: the load goes on until `progress.stop` is set (or the
+/// [`MAX_OPS_PER_RUN`] ceiling), counting every answer in `progress.ops` as it comes.
+pub fn run_continuous(spec: &LoadSpec, progress: &Progress) -> anyhow::Result<LoadReport> {
+    // SAFETY: gettid has no preconditions.
+    progress
+        .tid
+        .store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
+    run_with(spec, Pool::Stack, Some(progress))
+}
+
 impl<'a> Generator<'a> {
     /// Opens `spec.connections` connections (non-blocking, registered with a new epoll), all
     /// idle.
@@ -567,6 +589,19 @@ impl<'a> Generator<'a> {
 
 /// [`run`], with the connections used as `pool` says.
 pub fn run_pool(spec: &LoadSpec, pool: Pool) -> anyhow::Result<LoadReport> {
+    run_with(spec, pool, None)
+}
+
+/// The generator loop: until `spec.duration` is over, or with `progress` until its stop flag.
+fn run_with(
+    spec: &LoadSpec,
+    pool: Pool,
+    progress: Option<&Progress>,
+) -> anyhow::Result<LoadReport> {
+    let running = |now: Instant, deadline: Instant| match progress {
+        Some(progress) => !progress.stop.load(Ordering::Relaxed),
+        None => now < deadline,
+    };
     let mut generator = Generator::open(spec, pool)?;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut scratch = vec![0u8; 64 * 1024];
@@ -574,7 +609,7 @@ pub fn run_pool(spec: &LoadSpec, pool: Pool) -> anyhow::Result<LoadReport> {
     let deadline = start + spec.duration;
     loop {
         let now = Instant::now();
-        if now >= deadline || generator.issued >= MAX_OPS_PER_RUN || interrupted() {
+        if !running(now, deadline) || generator.issued >= MAX_OPS_PER_RUN || interrupted() {
             break;
         }
         let due = match spec.rate {
@@ -604,7 +639,10 @@ pub fn run_pool(spec: &LoadSpec, pool: Pool) -> anyhow::Result<LoadReport> {
             if event.events & ((libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32) != 0
                 && generator.receive(index, &mut scratch)?
             {
-                if spec.rate.is_none() && Instant::now() < deadline {
+                if let Some(progress) = progress {
+                    progress.ops.fetch_add(1, Ordering::Relaxed);
+                }
+                if spec.rate.is_none() && running(Instant::now(), deadline) {
                     generator.send(index)?;
                 } else {
                     generator.idle.push_back(index);

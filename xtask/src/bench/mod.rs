@@ -30,6 +30,7 @@ mod report;
 mod rounds;
 mod soak;
 mod targets;
+mod toggle;
 mod top;
 mod tshark;
 
@@ -76,6 +77,8 @@ pub struct BenchOptions {
 /// The measures, in the order they run; `--only` picks from these.
 pub const PHASES: &[&str] = &[
     "attach",
+    "toggle",
+    "toggle-one",
     "ab",
     "modes",
     "bpf",
@@ -114,6 +117,8 @@ struct Plan {
     capture_run: Duration,
     capture_rate: u64,
     criterion: bool,
+    /// The toggled windows under continuous load (`toggle`, `toggle-one`).
+    toggle: toggle::TogglePlan,
     /// How long an A/B run may wait for the machine to go quiet before it starts anyway.
     quiet_wait: Duration,
 }
@@ -138,6 +143,12 @@ impl Plan {
                 capture_run: Duration::from_secs(2),
                 capture_rate: 20_000,
                 criterion: false,
+                toggle: toggle::TogglePlan {
+                    cycles: 2,
+                    trim: Duration::from_millis(500),
+                    window: Duration::from_secs(2),
+                    sample_every: Duration::from_millis(500),
+                },
                 quiet_wait: Duration::ZERO,
             }
         } else {
@@ -169,6 +180,13 @@ impl Plan {
                 capture_run: Duration::from_secs(3),
                 capture_rate: 20_000,
                 criterion: true,
+                // 16 cycles of 4 arms x 2 windows of about 4.5 s: about 10 minutes per setup.
+                toggle: toggle::TogglePlan {
+                    cycles: 16,
+                    trim: Duration::from_secs(1),
+                    window: Duration::from_secs(3),
+                    sample_every: Duration::from_millis(500),
+                },
                 quiet_wait: Duration::from_secs(45),
             }
         }
@@ -281,6 +299,7 @@ impl Bench {
                 bail!("--rounds must be at least 2 (a single round has no interval)");
             }
             plan.rounds = rounds;
+            plan.toggle.cycles = rounds;
         }
         Ok(Bench {
             plan,
@@ -315,13 +334,29 @@ impl Bench {
         if wanted("attach") {
             self.attach_time()?;
         }
-        if ["ab", "modes", "bpf", "frame-cost", "loss", "tshark", "top"]
-            .iter()
-            .any(|p| wanted(p))
+        if [
+            "toggle",
+            "toggle-one",
+            "ab",
+            "modes",
+            "bpf",
+            "frame-cost",
+            "loss",
+            "tshark",
+            "top",
+        ]
+        .iter()
+        .any(|p| wanted(p))
         {
             let memcached = Memcached::start(procs::free_port(17211)?, None)?;
             self.memcached_lines.push(memcached.command_line.clone());
             loadgen::populate(memcached.addr, &WORKLOAD)?;
+            if wanted("toggle") {
+                self.toggle(&memcached, rounds::Ends::Both)?;
+            }
+            if wanted("toggle-one") {
+                self.toggle(&memcached, rounds::Ends::OneEnd)?;
+            }
             if wanted("ab") {
                 self.paired_rounds(&memcached)?;
             }

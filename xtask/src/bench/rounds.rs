@@ -23,7 +23,7 @@ pub enum Ends {
 }
 
 impl Ends {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Ends::Both => "both ends watched",
             Ends::OneEnd => "one end watched (client only)",

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{
     percall, procs,
     report::{megabytes, thousands, Section, Table},
-    rounds, Bench,
+    rounds, toggle, Bench,
 };
 
 /// The measured targets from issue 8, filled in as the measures come in.
@@ -36,6 +36,8 @@ pub(super) struct Targets {
     pub(super) idle: Option<IdleFinding>,
     /// The interleaved off/on rounds (issue 19), by scenario.
     pub(super) paired: Vec<rounds::ScenarioResult>,
+    /// The toggled windows under continuous load (issues 19, 17), by setup and arm.
+    pub(super) toggle: Vec<toggle::ArmResult>,
     /// (keys per get, BPF ns per get at 500 KB values over that at 100 B values, the same
     /// ratio for an empty program on the same tracepoints), issue 17.
     pub(super) frame_flatness: Vec<(usize, f64, f64)>,
@@ -68,11 +70,12 @@ impl Bench {
     pub(super) fn targets_section(&self) -> Section {
         let targets = &self.targets;
         let mut table = Table::new(&["target", "goal", "measured", "status"]);
-        if targets.paired.is_empty() {
-            targets.four_mode_rows(&mut table);
-        } else {
+        if !targets.paired.is_empty() {
             rounds::goal_rows(&targets.paired, &mut table);
+        } else if targets.toggle.is_empty() {
+            targets.four_mode_rows(&mut table);
         }
+        toggle::goal_rows(&targets.toggle, &mut table);
         targets.per_call_row(&mut table);
         targets.host_rows(&mut table);
         targets.issue_17_rows(&mut table);

@@ -22,8 +22,8 @@ use anyhow::{bail, Context as _};
 mod usage;
 
 pub use usage::{
-    bpf_object_ids, cpu_seconds, machine_user_seconds, memory, task_cpu_ns, thread_cpu_ns,
-    user_seconds, wait_for_quiet, Memory, Quiet,
+    bpf_object_ids, cpu_seconds, machine_busy_seconds, machine_user_seconds, memory, task_cpu_ns,
+    thread_cpu_ns, user_seconds, wait_for_quiet, Memory, Quiet,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
