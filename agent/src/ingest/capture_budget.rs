@@ -42,6 +42,8 @@ pub struct SlotLoad {
     pub followed: f64,
     /// Sampled records it produced (records of connections in trouble do not depend on it).
     pub records: f64,
+    /// A role had calls but none on a followed connection: its counts vanish at this shift.
+    pub blind: bool,
 }
 
 /// What the controller knows of one slot.
@@ -200,8 +202,13 @@ impl CaptureBudget {
                 changed = true;
                 continue;
             }
+            // A blind slot (a role with traffic and nothing followed) widens as soon as the
+            // prediction fits its whole share: vanished counts are worse than a tight budget.
+            // (If the wider draw then runs over, it narrows back and the share measured there
+            // keeps it from trying again for REMEMBER_LOOKS.)
+            let limit = if load.blind { 1.0 } else { WIDEN_AT };
             let widest = (0..control.shift)
-                .find(|&wider| control.predict(load, wider, look) <= WIDEN_AT * share);
+                .find(|&wider| control.predict(load, wider, look) <= limit * share);
             match widest {
                 Some(wider) => {
                     control.calm += 1;
@@ -297,6 +304,8 @@ pub struct CaptureSampling {
     look_records: Vec<u64>,
     look_calls: Vec<SampledCalls>,
     look_calls_read: bool,
+    /// Per slot: a reading within the look showed a role with calls and none followed.
+    look_blind: Vec<bool>,
     look_mixed: Vec<bool>,
     last_look_ns: u64,
     /// Whether the kernel has yet to be told the shifts (see [`CaptureSampling::take_shift`]),
@@ -401,6 +410,7 @@ impl CaptureSampling {
             look_records: vec![0; SLOTS],
             look_calls: vec![SampledCalls::default(); SLOTS],
             look_calls_read: false,
+            look_blind: vec![false; SLOTS],
             look_mixed: vec![false; SLOTS],
             last_look_ns: 0,
             pending: false,
@@ -472,6 +482,11 @@ impl CaptureSampling {
                     if let Some(calls) = self.look_calls.get_mut(slot) {
                         calls.seen += seen;
                         calls.followed += followed;
+                    }
+                    if seen > 0 && followed == 0 {
+                        if let Some(blind) = self.look_blind.get_mut(slot) {
+                            *blind = true;
+                        }
                     }
                 }
                 let straddles =
@@ -693,6 +708,7 @@ impl CaptureSampling {
                         seen: calls.seen as f64 / interval_s,
                         followed: calls.followed as f64 / interval_s,
                         records,
+                        blind: self.look_blind[slot],
                     }
                 } else {
                     // No call counts: the records scaled by 2^shift stand for the calls.
@@ -700,6 +716,7 @@ impl CaptureSampling {
                         seen: records * (1u64 << self.budget.shift(slot as u32)) as f64,
                         followed: records,
                         records,
+                        blind: false,
                     }
                 })
             })
@@ -718,6 +735,7 @@ impl CaptureSampling {
         self.look_records.fill(0);
         self.look_calls.fill(SampledCalls::default());
         self.look_mixed.fill(false);
+        self.look_blind.fill(false);
     }
 
     /// A sample changed: said once per change, handed to the kernel next.
@@ -791,6 +809,7 @@ mod tests {
             seen: depths.len() as f64 * calls,
             followed,
             records: followed,
+            blind: followed == 0.0,
         }
     }
 
@@ -864,6 +883,7 @@ mod tests {
             seen: calls,
             followed: calls / (1u64 << shift) as f64,
             records: calls / (1u64 << shift) as f64,
+            blind: false,
         };
         assert!(budget.look(&one_slot(exact(100_000.0, 0))));
         assert_eq!(budget.shift(1), 2);
@@ -914,6 +934,33 @@ mod tests {
         assert!(budget.shift(2) > 0);
         run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 5);
         assert_eq!(budget.shift(2), 0);
+    }
+
+    /// A slot whose sample follows none of a role's connections widens as soon as the wider
+    /// shift is predicted to fit its whole share (not 70% of it); if the wider draw runs over,
+    /// it narrows back and stays there while the share measured at the wider shift is
+    /// remembered, instead of flapping.
+    #[test]
+    fn a_blind_slot_widens_to_fit_its_whole_share() {
+        // 6 connections of 5,000 calls/s; at 1/8 none followed, at 1/4 one (5k), at 1/2 five.
+        let depths = [2, 1, 1, 1, 1, 0];
+        let mut budget = CaptureBudget::new(6_000);
+        budget.slots[1].shift = 3;
+        // 1/4 is predicted at 30k x (1/4 - 1/8) / (1 - 1/8) = 4,286: under 6k, over 70% of it.
+        let at_1_4 = budget.slots[1].predict(&load_at(&depths, 5_000.0, 3), 2, 1);
+        assert!(at_1_4 > 0.7 * 6_000.0 && at_1_4 <= 6_000.0, "{at_1_4}");
+        run_looks(&mut budget, &[(1, &depths, 5_000.0)], 3);
+        assert_eq!(budget.shift(1), 2);
+        // Not blind any more: it holds.
+        assert_eq!(run_looks(&mut budget, &[(1, &depths, 5_000.0)], 30), 0);
+        // A draw that runs over at 1/4 (two connections followed there): back to 1/8 once, and
+        // no second try while the share at 1/4 is remembered.
+        let depths = [2, 2, 1, 1, 1, 0];
+        let mut budget = CaptureBudget::new(6_000);
+        budget.slots[1].shift = 3;
+        let changes = run_looks(&mut budget, &[(1, &depths, 5_000.0)], 40);
+        assert_eq!(budget.shift(1), 3);
+        assert!(changes <= 2, "{changes}");
     }
 
     #[test]
