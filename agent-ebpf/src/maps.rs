@@ -48,10 +48,12 @@ pub(crate) static CAPTURE: PerCpuArray<CaptureWalk> = PerCpuArray::with_max_entr
 #[map]
 pub(crate) static FRAMES: LruHashMap<u64, SocketFrames> = LruHashMap::with_max_entries(65536, 0);
 
-/// Payload capture's sample shift (see [`capture_sample`]), set by the agent while it runs:
-/// above its decoding budget it follows one healthy connection in 2^shift.
+/// Payload capture's sample shift (see [`capture_sample`]) per service slot (the slot in the
+/// upper bits of `WATCHED_PORTS`; entry 0 for services past the 63rd), set by the agent while
+/// it runs: above its share of the decoding budget a service follows one healthy connection
+/// in 2^shift, so a quiet service is decoded whole beside a busy one.
 #[map]
-pub(crate) static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(1, 0);
+pub(crate) static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(watch::SLOTS, 0);
 
 /// [`SampledCalls`] per service slot and role: what the agent scales sampled counts by.
 #[map]

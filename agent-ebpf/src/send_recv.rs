@@ -148,7 +148,15 @@ pub(crate) fn length_on_watched(
         // No hash lookup, no clock read: only the capture itself, of the connections followed.
         // (A connection in trouble is always captured below, whatever the sample.)
         // Sampled by connection (address and ports), not by address: see capture_sample.
-        let shift = CAPTURE_SAMPLE_SHIFT.get(0).copied().unwrap_or(0);
+        // The service is the local port when it is watched (server), else the remote one
+        // (client), as in `capture_flags`; its slot picks its own sample.
+        let local = watch_bits(ports.local);
+        let (slot, client) = if local & watch::WATCHED != 0 {
+            (watch::slot(local), false)
+        } else {
+            (watch::slot(watch_bits(ports.remote)), true)
+        };
+        let shift = CAPTURE_SAMPLE_SHIFT.get(slot).copied().unwrap_or(0);
         let depth = if storage.is_null() {
             sample_depth(sk, ports)
         } else {
@@ -163,15 +171,7 @@ pub(crate) fn length_on_watched(
         // never exceeds MAX_SHIFT).
         let followed = shift <= depth;
         if ret > 0 {
-            // The service is the local port when it is watched (server), else the remote one
-            // (client), as in `capture_flags`.
-            let local = watch_bits(ports.local);
-            let index = if local & watch::WATCHED != 0 {
-                watch::calls_index(watch::slot(local), false)
-            } else {
-                watch::calls_index(watch::slot(watch_bits(ports.remote)), true)
-            };
-            count_sampled_call(index, followed);
+            count_sampled_call(watch::calls_index(slot, client), followed);
         }
         if followed {
             let sample = (shift as u8, depth as u8);

@@ -419,6 +419,59 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
     }
 }
 
+/// A pymemcache pool of `n` connections to `port`, each used once (a set), that then runs
+/// paced at `rate` operations per second (a round of sets, then a round of gets, so every
+/// connection carries the same load; no catch-up after a stall) on `go`, stops on `pause`
+/// (answering `paused` once it has), and quits on any other line.
+fn paced_pool_script(port: u16, n: usize, rate: u64) -> String {
+    format!(
+        "import sys, threading, time\n\
+         from pymemcache.client.base import Client\n\
+         n = {n}\n\
+         pool = [Client(('127.0.0.1', {port})) for _ in range(n)]\n\
+         for i, c in enumerate(pool):\n\
+         \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
+         run = threading.Event()\n\
+         stop = []\n\
+         def control():\n\
+         \x20   for line in sys.stdin:\n\
+         \x20       cmd = line.strip()\n\
+         \x20       if cmd == 'go':\n\
+         \x20           run.set()\n\
+         \x20       elif cmd == 'pause':\n\
+         \x20           run.clear()\n\
+         \x20       else:\n\
+         \x20           stop.append(1)\n\
+         \x20           run.set()\n\
+         \x20           return\n\
+         threading.Thread(target=control, daemon=True).start()\n\
+         print('ready', flush=True)\n\
+         run.wait()\n\
+         i = 0\n\
+         period = 1.0 / {rate}\n\
+         next_at = time.monotonic()\n\
+         while True:\n\
+         \x20   if not run.is_set():\n\
+         \x20       print('paused', flush=True)\n\
+         \x20       run.wait()\n\
+         \x20       next_at = time.monotonic()\n\
+         \x20   if stop:\n\
+         \x20       break\n\
+         \x20   c = pool[i % n]\n\
+         \x20   if (i // n) % 2 == 0:\n\
+         \x20       assert c.set('k%d' % (i % n), b'v' * 100, noreply=False)\n\
+         \x20   else:\n\
+         \x20       assert c.get('k%d' % (i % n)) is not None\n\
+         \x20   i += 1\n\
+         \x20   next_at += period\n\
+         \x20   delay = next_at - time.monotonic()\n\
+         \x20   if delay > 0:\n\
+         \x20       time.sleep(delay)\n\
+         \x20   elif delay < -0.01:\n\
+         \x20       next_at = time.monotonic()\n"
+    )
+}
+
 /// Connections in the sampled pool: at a sample of 1/4 each role follows none of them with
 /// probability 0.75^32 = 1e-4.
 const SAMPLED_POOL: usize = 32;
@@ -445,52 +498,7 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let script = format!(
-        "import sys, threading, time\n\
-         from pymemcache.client.base import Client\n\
-         n = {SAMPLED_POOL}\n\
-         pool = [Client(('127.0.0.1', {port})) for _ in range(n)]\n\
-         for i, c in enumerate(pool):\n\
-         \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
-         run = threading.Event()\n\
-         stop = []\n\
-         def control():\n\
-         \x20   for line in sys.stdin:\n\
-         \x20       cmd = line.strip()\n\
-         \x20       if cmd == 'go':\n\
-         \x20           run.set()\n\
-         \x20       elif cmd == 'pause':\n\
-         \x20           run.clear()\n\
-         \x20       else:\n\
-         \x20           stop.append(1)\n\
-         \x20           run.set()\n\
-         \x20           return\n\
-         threading.Thread(target=control, daemon=True).start()\n\
-         print('ready', flush=True)\n\
-         run.wait()\n\
-         i = 0\n\
-         period = 1.0 / {SAMPLED_RATE}\n\
-         next_at = time.monotonic()\n\
-         while True:\n\
-         \x20   if not run.is_set():\n\
-         \x20       print('paused', flush=True)\n\
-         \x20       run.wait()\n\
-         \x20       next_at = time.monotonic()\n\
-         \x20   if stop:\n\
-         \x20       break\n\
-         \x20   c = pool[i % n]\n\
-         \x20   if (i // n) % 2 == 0:\n\
-         \x20       assert c.set('k%d' % (i % n), b'v' * 100, noreply=False)\n\
-         \x20   else:\n\
-         \x20       assert c.get('k%d' % (i % n)) is not None\n\
-         \x20   i += 1\n\
-         \x20   next_at += period\n\
-         \x20   delay = next_at - time.monotonic()\n\
-         \x20   if delay > 0:\n\
-         \x20       time.sleep(delay)\n\
-         \x20   elif delay < -0.01:\n\
-         \x20       next_at = time.monotonic()\n"
-    );
+    let script = paced_pool_script(port, SAMPLED_POOL, SAMPLED_RATE);
     let (_client, mut control, mut out) = start_ready(&script);
     let mut command = |line: &str| {
         writeln!(control, "{line}").unwrap();
@@ -539,8 +547,8 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "paused");
         // The agent has decoded everything sent once its counts stop moving (it drains its
-        // rings every DRAIN_INTERVAL_MS). The pause stays short: a 1 s look of the budget that
-        // sees the rate below 40% of it widens the sample.
+        // rings every DRAIN_INTERVAL_MS). The pause stays short: two looks of the budget that
+        // predict a wider sample under 70% of the share widen it.
         let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
         std::thread::sleep(Duration::from_millis(60));
         let mut last = agent.scrape();
@@ -604,6 +612,129 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
         changes1,
         "the sample changed during the window: {}",
         agent.log()
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
+    scrape1.assert_no_decode_errors();
+}
+
+/// Operations per second of the quiet service beside the sampled pool.
+const QUIET_RATE: u64 = 25;
+
+/// A quiet service beside a busy one on the same agent is decoded whole: the busy pool (as in
+/// [`sampled_counts_of_a_pool_match_memcached_stats`]: 8,000 records/s against a budget of
+/// 3,200) is sampled, the quiet one (2 connections, 25 operations/s, 100 records/s) keeps its
+/// own sample at 1/1, so its get and set counts of both views equal memcached's `stats` deltas
+/// exactly over a 10 s window whose edges are read with both clients paused. (With one sample
+/// for all, at 1/4 neither of its 2 connections is followed with probability 0.56 per role,
+/// and its counts vanished.) Its slot's sample must never change.
+#[test]
+fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
+    require_root();
+    let (busy_port, quiet_port) = (unique_port(), unique_port());
+    let _busy = start_memcached(None, "127.0.0.1", busy_port, &[]).unwrap();
+    let _quiet = start_memcached(None, "127.0.0.1", quiet_port, &[]).unwrap();
+    let (_busy_client, mut busy_control, mut busy_out) =
+        start_ready(&paced_pool_script(busy_port, SAMPLED_POOL, SAMPLED_RATE));
+    let (_quiet_client, mut quiet_control, mut quiet_out) =
+        start_ready(&paced_pool_script(quiet_port, 2, QUIET_RATE));
+    let mut command = |line: &str| {
+        for control in [&mut busy_control, &mut quiet_control] {
+            writeln!(control, "{line}").unwrap();
+            control.flush().unwrap();
+        }
+    };
+    let agent = Agent::start_with_config(
+        "pooled-quiet",
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"busy\"\nport = {busy_port}\nprotocol = \"memcache\"\n\
+             [[services]]\nname = \"quiet\"\nport = {quiet_port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 3200\n"
+        ),
+    )
+    .unwrap();
+    let pools = (2 * (SAMPLED_POOL + 2)) as f64;
+    let adopted = agent.wait_for(Duration::from_secs(5), |s| {
+        s.sum("cacheprobe_connections_active", &[]) >= pools
+    });
+    assert!(
+        adopted.sum("cacheprobe_connections_active", &[]) >= pools,
+        "{}",
+        adopted.text
+    );
+    command("go");
+    // The busy service's sample narrows and holds.
+    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut ratio, mut held) = (1.0, 0);
+    while held < 4 {
+        assert!(
+            std::time::Instant::now() < settle_by,
+            "the busy sample did not narrow and hold (ratio {ratio}): {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let now = agent.scrape().sum("cacheprobe_capture_sample_ratio", &[]);
+        held = if now == ratio && now < 1.0 {
+            held + 1
+        } else {
+            0
+        };
+        ratio = now;
+    }
+    let mut edge = |command: &mut dyn FnMut(&str)| {
+        command("pause");
+        for out in [&mut busy_out, &mut quiet_out] {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "paused");
+        }
+        let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
+        std::thread::sleep(Duration::from_millis(60));
+        let mut last = agent.scrape();
+        loop {
+            std::thread::sleep(Duration::from_millis(60));
+            let now = agent.scrape();
+            if now.requests(&[]) == last.requests(&[]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < quiet_by,
+                "the agent's counts kept moving 10 s into a pause"
+            );
+            last = now;
+        }
+        let stats = server_stats(quiet_port, "stats");
+        command("go");
+        (last, stats)
+    };
+    let (scrape0, stats0) = edge(&mut command);
+    std::thread::sleep(Duration::from_secs(10));
+    let (scrape1, stats1) = edge(&mut command);
+    command("stop");
+    let delta = |name: &str| stats1[name] - stats0[name];
+    let gets = delta("get_hits") + delta("get_misses");
+    let sets = delta("cmd_set");
+    assert!(gets > 0.0 && sets > 0.0);
+    let mut failures = Vec::new();
+    for role in ["client", "server"] {
+        for (command, truth) in [("get", gets), ("set", sets)] {
+            let labels = [("service", "quiet"), ("role", role), ("command", command)];
+            let estimate = scrape1.requests(&labels) - scrape0.requests(&labels);
+            eprintln!(
+                "quiet {role} {command}: agent {estimate}, memcached {truth}; busy sample ratio {ratio}"
+            );
+            if estimate != truth {
+                failures.push(format!(
+                    "{role} {command}: agent {estimate}, memcached {truth}"
+                ));
+            }
+        }
+    }
+    let log = agent.log();
+    // The quiet service is the second in the config: slot 2 (see `watch::slot_of_position`).
+    assert!(
+        !log.contains("slot 2:"),
+        "the quiet service's sample changed: {log}"
     );
     assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
     scrape1.assert_no_decode_errors();

@@ -64,7 +64,8 @@ enum Task {
         /// An earlier build of the agent (a copy of target/release/cacheprobe): `ab` runs its
         /// modes in the same interleaved rounds instead of the port-check twins, and reports
         /// this build against it per round (before and after a change, side by side); `percall`
-        /// times it, sockets only, as one more arm of its rounds.
+        /// times it, sockets only, as one more arm of its rounds; `budget` pairs each of its
+        /// runs with one of the baseline.
         #[arg(long, value_name = "BINARY")]
         baseline: Option<std::path::PathBuf>,
         /// Extra `capture + decoding` arms of `ab` at these limits.capture_records_per_second

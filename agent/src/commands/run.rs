@@ -92,10 +92,13 @@ struct SampleNews {
 
 /// Tells the kernel a capture sample the pipeline chose while reading records or ticking.
 fn apply_capture_shift(probes: &mut Probes, pipeline: &mut Pipeline) {
-    if let Some(shift) = pipeline.take_capture_shift() {
-        match probes.set_capture_sample_shift(shift) {
+    if let Some(shifts) = pipeline.take_capture_shift() {
+        match probes.set_capture_sample_shifts(&shifts) {
             Ok(()) => pipeline.capture_shift_applied(crate::clock::monotonic_ns()),
-            Err(err) => tracing::warn!(%err, shift, "cannot change the capture sample"),
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot change the capture sample"
+            ),
         }
     }
 }

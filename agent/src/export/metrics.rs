@@ -516,10 +516,10 @@ declare_metrics! {
              syscall on the host, so they are detached after a calm minute)";
     capture_sample_ratio: Gauge<f64, AtomicU64>
         => "capture_sample_ratio",
-        "Share of healthy watched connections whose payloads are decoded: 1 until captured \
-             records exceed limits.capture_records_per_second, then 1/2, 1/4, ... Request and \
-             byte counters are scaled up by its inverse; latency histograms hold the decoded \
-             requests only";
+        "Share of healthy watched connections whose payloads are decoded, of the most sampled \
+             service (each service has its own): 1 until captured records exceed its share of \
+             limits.capture_records_per_second, then 1/2, 1/4, ... Request and byte counters \
+             are scaled up; latency histograms hold the decoded requests only";
     capture_calls: Counter
         => "capture_calls",
         "Sends and receives on watched connections whose frames the kernel followed and \

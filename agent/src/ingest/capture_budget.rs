@@ -1,9 +1,11 @@
 //! Keeps payload decoding within a budget of captured records per second, so a busy cache host
 //! pays a bounded cost for decoding however many operations it serves.
 //!
-//! Above the budget the kernel follows one healthy connection in 2^shift (see
-//! [`agent_common::capture_sample`]: a connection is its socket address and ports, so each new
-//! connection is a fresh draw) and marks each record with the shift it was captured under;
+//! The budget is shared among services (water-filled: see [`CaptureBudget`]), each with a
+//! sample of its own. Above its share the kernel follows one healthy connection of the service
+//! in 2^shift (see [`agent_common::capture_sample`]: a connection is its socket address and
+//! ports, so each new connection is a fresh draw) and marks each record with the shift it was
+//! captured under;
 //! request counters then count each decoded request seen/followed times, the kernel's counts
 //! of calls on all eligible connections of that service and role and on the followed ones in
 //! the last interval (a ratio estimator; 2^shift when the counts are unavailable), while latency
@@ -17,33 +19,116 @@
 
 use agent_common::{capture_sample::MAX_SHIFT, watch, SampledCalls};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Service slots with a sample of their own: the `SAMPLED_CALLS` slots (1..=63 by config
+/// position; 0 for services past the 63rd, which share one sample).
+pub const SLOTS: usize = watch::SLOTS as usize;
+
+/// A slot widens only to a shift whose predicted records use at most this part of its share
+/// (and a quiet service's share is its demand over this): the gap to the 100% that narrows is
+/// what keeps a steady load on one shift.
+const WIDEN_AT: f64 = 0.7;
+/// Looks in a row (one a second) that must allow a widening before it is made.
+const CALM_LOOKS: u32 = 2;
+/// Looks for which the followed share of calls measured at a shift predicts that shift (the
+/// draw is fixed while connections live; after this, connections may have changed).
+const REMEMBER_LOOKS: u64 = 60;
+
+/// One slot over one look, per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SlotLoad {
+    /// Calls that moved bytes on its healthy capture-eligible connections, followed or not.
+    pub seen: f64,
+    /// Of those, the calls on connections its sample follows.
+    pub followed: f64,
+    /// Sampled records it produced (records of connections in trouble do not depend on it).
+    pub records: f64,
+    /// A role had calls but none on a followed connection: its counts vanish at this shift.
+    pub blind: bool,
+}
+
+/// What the controller knows of one slot.
+#[derive(Debug, Clone)]
+struct SlotControl {
+    shift: u32,
+    /// Records per followed call (1 until measured).
+    records_per_call: f64,
+    /// Records/s the slot would make at shift 0, from the last look that could tell.
+    demand: f64,
+    /// Looks in a row that allowed a widening.
+    calm: u32,
+    /// The followed share of calls measured at each shift, and the look it was measured at.
+    followed_share: [Option<(f64, u64)>; MAX_SHIFT as usize + 1],
+}
+
+impl Default for SlotControl {
+    fn default() -> Self {
+        SlotControl {
+            shift: 0,
+            records_per_call: 1.0,
+            demand: 0.0,
+            calm: 0,
+            followed_share: [None; MAX_SHIFT as usize + 1],
+        }
+    }
+}
+
+/// The decoding budget shared among service slots, each with its own sample shift.
+///
+/// Once a second it predicts instead of reacting: the kernel counts every call of a slot
+/// (`seen`, whatever the sample) and the followed ones, so the records a shift would make are
+/// known before it is chosen: records per followed call x calls that shift would follow (the
+/// share measured at that shift within the last [`REMEMBER_LOOKS`], else the calls followed
+/// now plus the expected part of the others). The budget is water-filled: a slot whose demand
+/// at shift 0 (over [`WIDEN_AT`]) fits an equal part of what is left gets it whole, the rest
+/// goes to the busy ones. A slot narrows at once when its records exceed its share, and widens
+/// only when the prediction stays under [`WIDEN_AT`] of it for [`CALM_LOOKS`] looks, so a
+/// steady load keeps a steady shift (session 12's one global shift flapped: a draw's records
+/// fit, the next shift's draw did not, 57 changes in 35 s).
+#[derive(Debug, Clone)]
 pub struct CaptureBudget {
     /// Captured records per second the agent decodes before it samples; 0 = no limit.
     records_per_second: u64,
-    shift: u32,
+    slots: Vec<SlotControl>,
+    looks: u64,
 }
 
 impl CaptureBudget {
     pub fn new(records_per_second: u64) -> Self {
         CaptureBudget {
             records_per_second,
-            shift: 0,
+            slots: vec![SlotControl::default(); SLOTS],
+            looks: 0,
         }
     }
 
-    /// The current sample shift: one followed connection in 2^shift.
-    pub fn shift(&self) -> u32 {
-        self.shift
+    /// The sample shift of `slot`: one followed connection in 2^shift.
+    pub fn shift(&self, slot: u32) -> u32 {
+        self.slots
+            .get(slot as usize)
+            .map_or(0, |control| control.shift)
     }
 
-    /// Weight of a request decoded now: how many requests it stands for.
-    pub fn weight(&self) -> u64 {
-        1 << self.shift
+    /// Every slot's shift, as the kernel's `CAPTURE_SAMPLE_SHIFT` holds them.
+    pub fn shifts(&self) -> Vec<u32> {
+        self.slots.iter().map(|control| control.shift).collect()
+    }
+
+    /// The narrowest sample of any slot.
+    pub fn narrowest(&self) -> u32 {
+        self.slots
+            .iter()
+            .map(|control| control.shift)
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn set_budget(&mut self, records_per_second: u64) {
         self.records_per_second = records_per_second;
+        if records_per_second == 0 {
+            for control in &mut self.slots {
+                control.shift = 0;
+            }
+        }
     }
 
     /// Whether `records` in `interval_s` exceed the budget.
@@ -51,44 +136,187 @@ impl CaptureBudget {
         self.records_per_second != 0 && records as f64 > self.records_per_second as f64 * interval_s
     }
 
-    /// Called once per interval with the records captured in it; returns the new shift when it
-    /// changes. Down at once (as far as needed) when over budget; up one step at a time, and
-    /// only when twice the current rate would still leave a fifth of the budget spare, so a
-    /// steady load does not flip between two shifts.
-    pub fn observe(&mut self, records: u64, interval_s: f64) -> Option<u32> {
-        let before = self.shift;
+    /// Forgets what was learnt of `slot` (its service changed on a reload); its shift stays
+    /// until the next looks judge it.
+    pub fn forget(&mut self, slot: u32) {
+        if let Some(control) = self.slots.get_mut(slot as usize) {
+            *control = SlotControl {
+                shift: control.shift,
+                ..SlotControl::default()
+            };
+        }
+    }
+
+    /// Each slot's share of the budget when slot i would make `demands[i]` records/s at shift 0.
+    fn shares(&self, demands: impl Iterator<Item = f64>) -> Vec<f64> {
+        let wants: Vec<f64> = demands.map(|demand| demand / WIDEN_AT).collect();
+        water_fill(self.records_per_second as f64, &wants)
+    }
+
+    /// The safety between looks: records/s per slot (`records[slot]`) over the budget in total.
+    /// Every slot over its share narrows at once, as far as its rate says. Returns whether a
+    /// shift changed.
+    pub fn narrow_over_share(&mut self, records: &[f64]) -> bool {
         if self.records_per_second == 0 {
-            self.shift = 0;
-        } else if interval_s > 0.0 {
-            let rate = records as f64 / interval_s;
-            let budget = self.records_per_second as f64;
-            if rate > budget {
-                let steps = (rate / budget).log2().ceil().max(1.0) as u32;
-                self.shift = (self.shift + steps).min(MAX_SHIFT);
-            } else if self.shift > 0 && rate * 2.0 <= budget * 0.8 {
-                self.shift -= 1;
+            return false;
+        }
+        // Demand at shift 0: the last look's, or what these records scale to if more.
+        let shares = self.shares(
+            self.slots
+                .iter()
+                .zip(records)
+                .map(|(control, &rate)| control.demand.max(rate * (1u64 << control.shift) as f64)),
+        );
+        let mut changed = false;
+        for ((control, &rate), share) in self.slots.iter_mut().zip(records).zip(shares) {
+            changed |= control.narrow_if_over(rate, share);
+        }
+        changed
+    }
+
+    /// The look once a second: `loads[slot]` over the last look, None for a slot whose sample
+    /// changed within it (it mixes two samples: judged next time). Returns whether a shift
+    /// changed.
+    pub fn look(&mut self, loads: &[Option<SlotLoad>]) -> bool {
+        self.looks += 1;
+        if self.records_per_second == 0 {
+            return false;
+        }
+        let look = self.looks;
+        for (control, load) in self.slots.iter_mut().zip(loads) {
+            let Some(load) = load else { continue };
+            if load.followed > 0.0 && load.records > 0.0 {
+                control.records_per_call = load.records / load.followed;
+            }
+            control.demand = (control.records_per_call * load.seen).max(load.records);
+            if load.seen > 0.0 {
+                control.followed_share[control.shift as usize] =
+                    Some(((load.followed / load.seen).min(1.0), look));
             }
         }
-        (self.shift != before).then_some(self.shift)
+        let shares = self.shares(self.slots.iter().map(|control| control.demand));
+        let mut changed = false;
+        for ((control, load), share) in self.slots.iter_mut().zip(loads).zip(shares) {
+            let Some(load) = load else { continue };
+            if control.narrow_if_over(load.records, share) {
+                changed = true;
+                continue;
+            }
+            // A blind slot (a role with traffic and nothing followed) widens as soon as the
+            // prediction fits its whole share: vanished counts are worse than a tight budget.
+            // (If the wider draw then runs over, it narrows back and the share measured there
+            // keeps it from trying again for REMEMBER_LOOKS.)
+            let limit = if load.blind { 1.0 } else { WIDEN_AT };
+            let widest = (0..control.shift)
+                .find(|&wider| control.predict(load, wider, look) <= limit * share);
+            match widest {
+                Some(wider) => {
+                    control.calm += 1;
+                    if control.calm >= CALM_LOOKS {
+                        control.shift = wider;
+                        control.calm = 0;
+                        changed = true;
+                    }
+                }
+                None => control.calm = 0,
+            }
+        }
+        changed
     }
+}
+
+impl SlotControl {
+    /// Narrows at once, as far as `rate` over `share` says, when the slot's records exceed its
+    /// share.
+    fn narrow_if_over(&mut self, rate: f64, share: f64) -> bool {
+        if rate <= share || self.shift >= MAX_SHIFT {
+            return false;
+        }
+        let steps = if share > 0.0 {
+            ((rate / share).log2().ceil() as u32).max(1)
+        } else {
+            MAX_SHIFT
+        };
+        self.shift = (self.shift + steps).min(MAX_SHIFT);
+        self.calm = 0;
+        true
+    }
+
+    /// Records/s the slot would make at a `wider` shift than its own, under `load`.
+    fn predict(&self, load: &SlotLoad, wider: u32, look: u64) -> f64 {
+        // The connections followed now stay followed at any wider shift (see capture_sample).
+        let now = if load.seen > 0.0 {
+            (load.followed / load.seen).min(1.0)
+        } else {
+            0.0
+        };
+        let share = match self.followed_share[wider as usize] {
+            Some((share, at)) if look - at <= REMEMBER_LOOKS => share.max(now),
+            _ => {
+                // Of the connections not followed at k (depth < k), those of depth in
+                // [wider, k) are followed at `wider`: (2^-wider - 2^-k) / (1 - 2^-k) of them.
+                let at = |k: u32| 1.0 / (1u64 << k) as f64;
+                let k = self.shift;
+                now + (1.0 - now) * (at(wider) - at(k)) / (1.0 - at(k))
+            }
+        };
+        self.records_per_call * load.seen * share
+    }
+}
+
+/// Shares of `budget` for `wants`: the smallest wants are met in full while an equal part of
+/// what is left covers them; the rest share what is left equally.
+pub fn water_fill(budget: f64, wants: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..wants.len()).collect();
+    order.sort_by(|&a, &b| wants[a].total_cmp(&wants[b]));
+    let mut shares = vec![0.0; wants.len()];
+    let mut left = budget;
+    let mut waiting = wants.iter().filter(|&&want| want > 0.0).count();
+    for index in order {
+        let want = wants[index];
+        if want <= 0.0 {
+            continue;
+        }
+        let share = want.min(left / waiting as f64);
+        shares[index] = share;
+        left -= share;
+        waiting -= 1;
+    }
+    shares
 }
 
 /// Payload records between looks at the decoding budget while they stream in.
 const BUDGET_CHECK_RECORDS: u64 = 1024;
 
 /// The budget at work on the record stream, and the handshake with the kernel that follows a
-/// new sample: the pipeline counts records here, is told when the sample changes, hands the
-/// new shift to the caller (which tells the kernel) and hears back when the kernel follows it.
+/// new sample: the pipeline counts records here, is told when a sample changes, hands the new
+/// shifts to the caller (which tells the kernel) and hears back when the kernel follows them.
 #[derive(Debug)]
 pub struct CaptureSampling {
     budget: CaptureBudget,
-    /// Payload records handled since the budget was last checked, and when that was.
+    /// The safety window: payload records handled since the budget was last checked (all, and
+    /// sampled ones per slot), and when that was.
     records_since_check: u64,
+    slot_records_since_check: Vec<u64>,
     last_check_ns: u64,
-    /// A sample shift the kernel has yet to be told (see [`CaptureSampling::take_shift`]).
-    pending_shift: Option<u32>,
-    /// When the kernel was last told a new sample (monotonic ns).
+    /// The look (once a second, from the tick): sampled records and calls per slot since the
+    /// last one, whether the calls were read, whether each slot's sample changed within it.
+    look_records: Vec<u64>,
+    look_calls: Vec<SampledCalls>,
+    look_calls_read: bool,
+    /// Per slot: a reading within the look showed a role with calls and none followed.
+    look_blind: Vec<bool>,
+    look_mixed: Vec<bool>,
+    last_look_ns: u64,
+    /// Whether the kernel has yet to be told the shifts (see [`CaptureSampling::take_shift`]),
+    /// what it was told last, and what it is being told.
+    pending: bool,
+    applied: Vec<u32>,
+    telling: Vec<u32>,
+    /// When the kernel was last told a new sample (monotonic ns), and per slot when its own
+    /// changed.
     shift_applied_ns: u64,
+    slot_applied_ns: Vec<u64>,
     ratios: CallRatios,
 }
 
@@ -177,35 +405,92 @@ impl CaptureSampling {
         CaptureSampling {
             budget: CaptureBudget::new(records_per_second),
             records_since_check: 0,
+            slot_records_since_check: vec![0; SLOTS],
             last_check_ns: 0,
-            pending_shift: None,
+            look_records: vec![0; SLOTS],
+            look_calls: vec![SampledCalls::default(); SLOTS],
+            look_calls_read: false,
+            look_blind: vec![false; SLOTS],
+            look_mixed: vec![false; SLOTS],
+            last_look_ns: 0,
+            pending: false,
+            applied: vec![0; SLOTS],
+            telling: vec![0; SLOTS],
             shift_applied_ns: 0,
+            slot_applied_ns: vec![0; SLOTS],
             ratios: CallRatios::default(),
         }
     }
 
-    /// The `SAMPLED_CALLS` slot of each service id (see [`watch::slot_of_position`]).
+    /// The `SAMPLED_CALLS` slot of each service id (see [`watch::slot_of_position`]). A slot
+    /// whose service changed (a reload that reordered services) starts afresh: its ratios and
+    /// what the budget learnt of it are dropped, its next look is skipped, and it keeps its
+    /// shift until looks at its new service judge it.
     pub fn set_service_slots(&mut self, slots: Vec<u32>) {
+        let owners = |slots: &[u32]| {
+            let mut owner = vec![None; SLOTS];
+            for (service, &slot) in slots.iter().enumerate() {
+                if let Some(entry) = owner.get_mut(slot as usize) {
+                    entry.get_or_insert(service);
+                }
+            }
+            owner
+        };
+        let (before, after) = (owners(&self.ratios.slots), owners(&slots));
+        for slot in 0..SLOTS {
+            if before[slot] != after[slot] {
+                self.budget.forget(slot as u32);
+                self.look_mixed[slot] = true;
+                self.ratios.clear_slot(slot as u32);
+            }
+        }
         self.ratios.slots = slots;
     }
 
+    fn slot_of(&self, service: usize) -> u32 {
+        self.ratios.slots.get(service).copied().unwrap_or(0)
+    }
+
     /// The kernel's totals of sampled calls at `now_ns` (None: unreadable, e.g. an older
-    /// object): the ratios of the interval since the last reading. An interval in which the
-    /// sample changed mixes two samples and gives no ratio (2^shift until the next one).
+    /// object): the ratios of the interval since the last reading, and the calls the next look
+    /// at the budget weighs. An interval in which a slot's sample changed mixes two samples and
+    /// gives that slot no ratio (2^shift until the next one).
     pub fn observe_sampled_calls(&mut self, totals: Option<&[SampledCalls]>, now_ns: u64) {
         let ratios = &mut self.ratios;
         let Some(totals) = totals else {
             ratios.ratio.clear();
             ratios.last.clear();
+            self.look_calls_read = false;
             return;
         };
-        let straddles = ratios.last_ns == 0 || self.shift_applied_ns >= ratios.last_ns;
+        let first = ratios.last_ns == 0;
         let previous = std::mem::take(&mut ratios.ratio);
+        let mut read = !first;
         ratios.ratio = totals
             .iter()
             .enumerate()
             .map(|(index, &now)| {
-                let before = *ratios.last.get(index)?;
+                let Some(&before) = ratios.last.get(index) else {
+                    read = false;
+                    return None;
+                };
+                let slot = index >> 1;
+                if let (Some(seen), Some(followed)) = (
+                    now.seen.checked_sub(before.seen),
+                    now.followed.checked_sub(before.followed),
+                ) {
+                    if let Some(calls) = self.look_calls.get_mut(slot) {
+                        calls.seen += seen;
+                        calls.followed += followed;
+                    }
+                    if seen > 0 && followed == 0 {
+                        if let Some(blind) = self.look_blind.get_mut(slot) {
+                            *blind = true;
+                        }
+                    }
+                }
+                let straddles =
+                    first || self.slot_applied_ns.get(slot).copied().unwrap_or(0) >= ratios.last_ns;
                 if straddles {
                     return None;
                 }
@@ -216,6 +501,7 @@ impl CaptureSampling {
                 }
             })
             .collect();
+        self.look_calls_read = read;
         ratios.last = totals.to_vec();
         ratios.last_ns = now_ns;
     }
@@ -230,15 +516,15 @@ impl CaptureSampling {
         service: usize,
         client: bool,
     ) -> Option<u64> {
-        let weight = self.weight_of_record(sample_shift, sample_depth)?;
+        let weight = self.weight_of_record(sample_shift, sample_depth, service)?;
         if sample_shift.is_none() {
             return Some(weight);
         }
-        let ratios = &mut self.ratios;
-        let slot = ratios.slots.get(service).copied().unwrap_or(0);
+        let slot = self.slot_of(service);
         if slot == 0 {
             return Some(weight);
         }
+        let ratios = &mut self.ratios;
         let index = watch::calls_index(slot, client) as usize;
         match ratios.ratio.get(index).copied().flatten() {
             Some(ratio) => Some(take_weight(ratio, ratios.rounding.next())),
@@ -251,112 +537,245 @@ impl CaptureSampling {
         self.budget.set_budget(0);
     }
 
-    /// The current sample shift: one followed connection in 2^shift.
-    pub fn shift(&self) -> u32 {
-        self.budget.shift()
+    /// The sample shift of `service`'s slot: one followed connection in 2^shift.
+    pub fn shift_of_service(&self, service: usize) -> u32 {
+        self.budget.shift(self.slot_of(service))
     }
 
-    /// How many requests each request decoded from a followed connection stands for.
-    pub fn weight(&self) -> u64 {
-        self.budget.weight()
+    /// The narrowest sample of any service.
+    pub fn narrowest_shift(&self) -> u32 {
+        self.budget.narrowest()
     }
 
-    /// How many calls a record stands for, from the sample the kernel marked it with
-    /// (`sample_shift`, None when captured for its connection's trouble, and the connection's
-    /// `sample_depth`); None when the record is dropped.
+    /// How many calls a record of `service` stands for, from the sample the kernel marked it
+    /// with (`sample_shift`, None when captured for its connection's trouble, and the
+    /// connection's `sample_depth`); None when the record is dropped.
     ///
     /// A sampled call was followed with probability 2^-shift, so it counts 2^shift (each
     /// request's expected count is then its true one, whichever connections the sample drew).
-    /// The shift is the kernel's when it wrote the record, or the agent's if that is narrower
-    /// already: a call written before the kernel heard of a narrower sample, from a stream that
-    /// sample lets go, is dropped (its stream's other half will never come, so decoding it would
-    /// invent timeouts), and the calls kept from the streams it keeps stand for as many as the
-    /// new ones. A call captured for its connection's trouble (or by a kernel that cannot tell
-    /// healthy connections) was not sampled: it counts once.
-    pub fn weight_of_record(&self, sample_shift: Option<u32>, sample_depth: u32) -> Option<u64> {
+    /// The shift is the kernel's when it wrote the record, or the agent's for the service's
+    /// slot if that is narrower already: a call written before the kernel heard of a narrower
+    /// sample, from a stream that sample lets go, is dropped (its stream's other half will
+    /// never come, so decoding it would invent timeouts), and the calls kept from the streams
+    /// it keeps stand for as many as the new ones. A call captured for its connection's
+    /// trouble (or by a kernel that cannot tell healthy connections) was not sampled: it
+    /// counts once.
+    pub fn weight_of_record(
+        &self,
+        sample_shift: Option<u32>,
+        sample_depth: u32,
+        service: usize,
+    ) -> Option<u64> {
         match sample_shift {
             Some(recorded) => {
-                let shift = recorded.max(self.budget.shift()).min(MAX_SHIFT);
+                let shift = recorded.max(self.shift_of_service(service)).min(MAX_SHIFT);
                 (sample_depth >= shift).then_some(1u64 << shift)
             }
             None => Some(1),
         }
     }
 
-    /// The shift the kernel marks a record written at `ts_ns` with in tests that start at
-    /// shift 0: the current one once the kernel was told it, 0 before.
+    /// The shift the kernel marks a record of `service` written at `ts_ns` with in tests that
+    /// start at shift 0: the current one once the kernel was told it, 0 before.
     #[cfg(test)]
-    pub fn kernel_shift_at(&self, ts_ns: u64) -> u32 {
-        if self.pending_shift.is_none() && ts_ns > self.shift_applied_ns {
-            self.budget.shift()
+    pub fn kernel_shift_at(&self, ts_ns: u64, service: usize) -> u32 {
+        if !self.pending && ts_ns > self.shift_applied_ns {
+            self.shift_of_service(service)
         } else {
             0
         }
     }
 
-    /// A new sample shift for the kernel, once, after the look that chose it.
-    pub fn take_shift(&mut self) -> Option<u32> {
-        self.pending_shift.take()
+    /// New sample shifts for the kernel (every slot's), once, after the look that chose them.
+    pub fn take_shift(&mut self) -> Option<Vec<u32>> {
+        if !std::mem::take(&mut self.pending) {
+            return None;
+        }
+        self.telling = self.budget.shifts();
+        Some(self.telling.clone())
     }
 
-    /// The kernel follows the sample from [`CaptureSampling::take_shift`] since `now_ns`.
+    /// The kernel follows the samples from [`CaptureSampling::take_shift`] since `now_ns`.
     pub fn shift_applied(&mut self, now_ns: u64) {
         self.shift_applied_ns = now_ns;
-        // The last interval's ratios are of the old sample: 2^shift until a clean interval.
-        self.ratios.ratio.clear();
+        for slot in 0..SLOTS {
+            if self.applied[slot] != self.telling[slot] {
+                self.slot_applied_ns[slot] = now_ns;
+                // The last interval's ratios are of the old sample: 2^shift until a clean
+                // interval; the look in progress mixes two samples.
+                self.ratios.clear_slot(slot as u32);
+                self.look_mixed[slot] = true;
+            }
+        }
+        self.applied.clone_from(&self.telling);
         // The next budget window starts now: records written under the old sample, still in
         // the ring, would make the new sample look too busy and narrow it again at once.
         self.last_check_ns = now_ns;
         self.records_since_check = 0;
+        self.slot_records_since_check.fill(0);
     }
 
-    /// Counts one payload record written at `ts_ns`, looking at the budget every
-    /// [`BUDGET_CHECK_RECORDS`]; returns the new shift when that look changed the sample.
-    pub fn count_record(&mut self, ts_ns: u64) -> Option<u32> {
+    /// Counts one payload record of `service` written at `ts_ns` (`sampled`: captured as a
+    /// sample, not for its connection's trouble), looking at the budget every
+    /// [`BUDGET_CHECK_RECORDS`]; returns whether that look changed a sample.
+    pub fn count_record(&mut self, ts_ns: u64, service: usize, sampled: bool) -> bool {
+        let slot = self.slot_of(service) as usize;
+        if sampled {
+            // (A record written before a change counts for the look all the same: the look
+            // skips the slots that changed within it.)
+            self.look_records[slot] += 1;
+        }
         if ts_ns <= self.shift_applied_ns {
-            return None;
+            return false;
         }
         self.records_since_check += 1;
-        if self
-            .records_since_check
-            .is_multiple_of(BUDGET_CHECK_RECORDS)
-        {
-            self.check(ts_ns)
-        } else {
-            None
+        if sampled {
+            self.slot_records_since_check[slot] += 1;
         }
+        self.records_since_check
+            .is_multiple_of(BUDGET_CHECK_RECORDS)
+            && self.check_safety(ts_ns)
     }
 
-    /// Checks the decoding budget: about once a second, or as soon as a tenth of a second
-    /// shows the rate over budget (the payload ring must not fill while the agent waits).
-    /// Returns the new shift when the sample changes; the caller then drops the streams no
-    /// longer followed at once, so their open requests never read as timeouts.
-    pub fn check(&mut self, now_ns: u64) -> Option<u32> {
+    /// The safety between looks: as soon as a tenth of a second (or a whole one) shows the
+    /// records over budget, the slots over their share narrow at once (the payload ring must
+    /// not fill while the agent waits). Returns whether a sample changed.
+    fn check_safety(&mut self, now_ns: u64) -> bool {
         if self.last_check_ns == 0 {
             self.last_check_ns = now_ns;
             self.records_since_check = 0;
-            return None;
+            self.slot_records_since_check.fill(0);
+            return false;
         }
         // Records are stamped when the kernel wrote them, ticks when they run: a record older
         // than the last look just counts towards the window that started then.
-        let elapsed_ns = now_ns.checked_sub(self.last_check_ns)?;
+        let Some(elapsed_ns) = now_ns.checked_sub(self.last_check_ns) else {
+            return false;
+        };
         let interval_s = elapsed_ns as f64 / 1e9;
         let over_budget = self.budget.is_over(self.records_since_check, interval_s);
         if interval_s < 1.0 && !(interval_s >= 0.1 && over_budget) {
-            return None;
+            return false;
         }
+        let rates: Vec<f64> = self
+            .slot_records_since_check
+            .iter()
+            .map(|&records| records as f64 / interval_s)
+            .collect();
         let records = std::mem::take(&mut self.records_since_check);
+        self.slot_records_since_check.fill(0);
         self.last_check_ns = now_ns;
-        let shift = self.budget.observe(records, interval_s)?;
+        let before = self.budget.shifts();
+        if !over_budget || !self.budget.narrow_over_share(&rates) {
+            return false;
+        }
+        // The look in progress saw these slots under their old sample.
+        for (slot, shift) in self.budget.shifts().into_iter().enumerate() {
+            if shift != before[slot] {
+                self.look_mixed[slot] = true;
+            }
+        }
+        self.changed((records as f64 / interval_s) as u64, "records over budget");
+        true
+    }
+
+    /// Once a tick: the safety check, and about once a second the look that predicts each
+    /// slot's records at other shifts from the calls read by
+    /// [`CaptureSampling::observe_sampled_calls`]. Returns whether a sample changed; the caller
+    /// then drops the streams no longer followed at once, so their open requests never read as
+    /// timeouts.
+    pub fn check(&mut self, now_ns: u64) -> bool {
+        let narrowed = self.check_safety(now_ns);
+        if self.last_look_ns == 0 {
+            self.last_look_ns = now_ns;
+            self.clear_look();
+            return narrowed;
+        }
+        let elapsed_ns = now_ns.saturating_sub(self.last_look_ns);
+        if elapsed_ns < 900_000_000 {
+            return narrowed;
+        }
+        let interval_s = elapsed_ns as f64 / 1e9;
+        let loads: Vec<Option<SlotLoad>> = (0..SLOTS)
+            .map(|slot| {
+                if self.look_mixed[slot] {
+                    return None;
+                }
+                let records = self.look_records[slot] as f64 / interval_s;
+                Some(if self.look_calls_read {
+                    let calls = self.look_calls[slot];
+                    SlotLoad {
+                        seen: calls.seen as f64 / interval_s,
+                        followed: calls.followed as f64 / interval_s,
+                        records,
+                        blind: self.look_blind[slot],
+                    }
+                } else {
+                    // No call counts: the records scaled by 2^shift stand for the calls.
+                    SlotLoad {
+                        seen: records * (1u64 << self.budget.shift(slot as u32)) as f64,
+                        followed: records,
+                        records,
+                        blind: false,
+                    }
+                })
+            })
+            .collect();
+        let total: u64 = self.look_records.iter().sum();
+        self.last_look_ns = now_ns;
+        self.clear_look();
+        if !self.budget.look(&loads) {
+            return narrowed;
+        }
+        self.changed((total as f64 / interval_s) as u64, "look");
+        true
+    }
+
+    fn clear_look(&mut self) {
+        self.look_records.fill(0);
+        self.look_calls.fill(SampledCalls::default());
+        self.look_mixed.fill(false);
+        self.look_blind.fill(false);
+    }
+
+    /// A sample changed: said once per change, handed to the kernel next.
+    fn changed(&mut self, records_per_second: u64, why: &'static str) {
+        let changed: Vec<String> = self
+            .budget
+            .shifts()
+            .iter()
+            .zip(&self.applied)
+            .enumerate()
+            .filter(|(_, (now, before))| now != before)
+            .map(|(slot, (now, _))| format!("slot {slot}: 1/{}", 1u64 << now))
+            .collect();
         tracing::info!(
-            records_per_second = (records as f64 / interval_s) as u64,
-            followed = format!("1/{}", 1u64 << shift),
+            records_per_second,
+            why,
+            followed = changed.join(", "),
             "payload decoding budget: capture sample changed"
         );
-        self.pending_shift = Some(shift);
+        self.pending = true;
         // Records of the streams kept now weigh the new sample (see `weight_of_record`).
-        self.ratios.ratio.clear();
-        Some(shift)
+        for (slot, (now, before)) in self.budget.shifts().iter().zip(&self.applied).enumerate() {
+            if now != before {
+                self.ratios.clear_slot(slot as u32);
+            }
+        }
+    }
+}
+
+impl CallRatios {
+    /// Drops both roles' ratios of `slot` (2^shift until a clean interval).
+    fn clear_slot(&mut self, slot: u32) {
+        for client in [false, true] {
+            if let Some(ratio) = self
+                .ratio
+                .get_mut(watch::calls_index(slot, client) as usize)
+            {
+                *ratio = None;
+            }
+        }
     }
 }
 
@@ -364,39 +783,210 @@ impl CaptureSampling {
 mod tests {
     use super::*;
 
-    #[test]
-    fn under_budget_nothing_is_sampled() {
-        let mut budget = CaptureBudget::new(25_000);
-        assert_eq!(budget.observe(24_000, 1.0), None);
-        assert_eq!(budget.shift(), 0);
-        assert_eq!(budget.weight(), 1);
+    use agent_common::capture_sample;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    /// Depths of `n` connections as the kernel draws them (fixed while they live).
+    fn drawn_depths(n: u64, salt: u64) -> Vec<u32> {
+        (1..=n)
+            .map(|i| {
+                capture_sample::depth(capture_sample::key(
+                    salt + i * 2368,
+                    11211,
+                    40_000 + i as u16,
+                    0,
+                ))
+            })
+            .collect()
+    }
+
+    /// One second of a slot whose connections (by depth) each make `calls` calls/s and one
+    /// record per followed call, at `shift`.
+    fn load_at(depths: &[u32], calls: f64, shift: u32) -> SlotLoad {
+        let followed = depths.iter().filter(|&&depth| depth >= shift).count() as f64 * calls;
+        SlotLoad {
+            seen: depths.len() as f64 * calls,
+            followed,
+            records: followed,
+            blind: followed == 0.0,
+        }
+    }
+
+    /// Looks of a budget over `services` (slot, depths, calls/s per connection) for `looks`
+    /// seconds; returns the number of looks that changed a shift.
+    fn run_looks(budget: &mut CaptureBudget, services: &[(u32, &[u32], f64)], looks: u32) -> u32 {
+        let mut changes = 0;
+        for _ in 0..looks {
+            let mut loads = vec![None; SLOTS];
+            for &(slot, depths, calls) in services {
+                loads[slot as usize] = Some(load_at(depths, calls, budget.shift(slot)));
+            }
+            changes += u32::from(budget.look(&loads));
+        }
+        changes
     }
 
     #[test]
-    fn over_budget_samples_enough_at_once_and_recovers_step_by_step() {
+    fn under_budget_nothing_is_sampled() {
         let mut budget = CaptureBudget::new(25_000);
-        // 400k records/s is 16x the budget: straight to one in 16.
-        assert_eq!(budget.observe(400_000, 1.0), Some(4));
-        assert_eq!(budget.weight(), 16);
-        // At one in 16 the load shows as ~25k: within budget, no flapping.
-        assert_eq!(budget.observe(25_000, 1.0), None);
-        assert_eq!(budget.observe(12_000, 1.0), None);
-        // The load falls: one step up per interval while doubling stays well within budget.
-        assert_eq!(budget.observe(2_000, 1.0), Some(3));
-        assert_eq!(budget.observe(4_000, 1.0), Some(2));
-        assert_eq!(budget.observe(8_000, 1.0), Some(1));
-        assert_eq!(budget.observe(9_000, 1.0), Some(0));
-        assert_eq!(budget.observe(9_000, 1.0), None);
+        let depths = drawn_depths(48, 1);
+        assert_eq!(run_looks(&mut budget, &[(1, &depths, 500.0)], 10), 0);
+        assert_eq!(budget.shifts(), vec![0; SLOTS]);
+    }
+
+    /// Session 12's flapping case: 48 connections, 384k calls/s, budget 25k. Whatever the
+    /// draw, the shift settles within a few looks and then holds for the rest of the minute,
+    /// within budget.
+    #[test]
+    fn a_steady_load_keeps_its_shift_after_settling() {
+        for salt in 0..64 {
+            let depths = drawn_depths(48, salt * 7_919);
+            let mut budget = CaptureBudget::new(25_000);
+            run_looks(&mut budget, &[(1, &depths, 8_000.0)], 6);
+            let settled = budget.shift(1);
+            assert_eq!(
+                run_looks(&mut budget, &[(1, &depths, 8_000.0)], 50),
+                0,
+                "draw {salt}: {depths:?}"
+            );
+            assert_eq!(budget.shift(1), settled);
+            assert!(load_at(&depths, 8_000.0, settled).records <= 25_000.0);
+        }
+        // The draw of session 12 by hand: 1/16 follows one connection (8k records/s), 1/8
+        // four (32k). It used to widen to 1/8 and narrow within 0.15 s; now 1/16 holds.
+        let depths: Vec<u32> = [4, 3, 3, 3]
+            .into_iter()
+            .chain([0, 1, 2].repeat(14))
+            .chain([0, 0])
+            .collect();
+        assert_eq!(depths.len(), 48);
+        let mut budget = CaptureBudget::new(25_000);
+        assert!(budget.look(&one_slot(load_at(&depths, 8_000.0, 0))));
+        assert_eq!(budget.shift(1), 4);
+        assert_eq!(run_looks(&mut budget, &[(1, &depths, 8_000.0)], 60), 0);
+    }
+
+    fn one_slot(load: SlotLoad) -> Vec<Option<SlotLoad>> {
+        let mut loads = vec![None; SLOTS];
+        loads[1] = Some(load);
+        loads
+    }
+
+    /// A step up narrows in the same look, as far as needed; a step down widens only after
+    /// [`CALM_LOOKS`] looks agree.
+    #[test]
+    fn a_step_up_narrows_at_once_and_a_step_down_widens_after_calm_looks() {
+        // Every connection followed at every shift up to 3 (a load whose records scale exactly).
+        let mut budget = CaptureBudget::new(25_000);
+        let exact = |calls: f64, shift: u32| SlotLoad {
+            seen: calls,
+            followed: calls / (1u64 << shift) as f64,
+            records: calls / (1u64 << shift) as f64,
+            blind: false,
+        };
+        assert!(budget.look(&one_slot(exact(100_000.0, 0))));
+        assert_eq!(budget.shift(1), 2);
+        for _ in 0..5 {
+            assert!(!budget.look(&one_slot(exact(100_000.0, 2))));
+        }
+        // Four times the load: 100k records/s at 1/4, straight to 1/16.
+        assert!(budget.look(&one_slot(exact(400_000.0, 2))));
+        assert_eq!(budget.shift(1), 4);
+        // Back to 100k: 1/4 is predicted at 25k (not under 70%), 1/8 at 12.5k: after two
+        // calm looks, and not before.
+        assert!(!budget.look(&one_slot(exact(100_000.0, 4))));
+        assert!(budget.look(&one_slot(exact(100_000.0, 4))));
+        assert_eq!(budget.shift(1), 3);
+        for _ in 0..10 {
+            assert!(!budget.look(&one_slot(exact(100_000.0, 3))));
+        }
+        // Idle: back to decoding everything.
+        assert!(!budget.look(&one_slot(SlotLoad::default())));
+        assert!(budget.look(&one_slot(SlotLoad::default())));
+        assert_eq!(budget.shift(1), 0);
+    }
+
+    /// A quiet service beside a busy one is decoded whole, and the busy one gets the rest.
+    #[test]
+    fn a_quiet_service_keeps_shift_0_beside_a_busy_one() {
+        let busy = drawn_depths(48, 5);
+        let quiet = drawn_depths(2, 9);
+        let mut budget = CaptureBudget::new(25_000);
+        // The first safety check, everything decoded: only the busy slot is over its share.
+        let mut rates = vec![0.0; SLOTS];
+        rates[1] = 384_000.0;
+        rates[2] = 400.0;
+        assert!(budget.narrow_over_share(&rates));
+        assert_eq!(budget.shift(2), 0);
+        assert!(budget.shift(1) >= 4);
+        run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 5);
+        assert_eq!(
+            run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 30),
+            0
+        );
+        assert_eq!(budget.shift(2), 0);
+        assert!(budget.shift(1) >= 4, "{}", budget.shift(1));
+        // A quiet service narrowed by a start-up burst widens back to 0.
+        let mut budget = CaptureBudget::new(25_000);
+        rates[2] = 100_000.0;
+        budget.narrow_over_share(&rates);
+        assert!(budget.shift(2) > 0);
+        run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 5);
+        assert_eq!(budget.shift(2), 0);
+    }
+
+    /// A slot whose sample follows none of a role's connections widens as soon as the wider
+    /// shift is predicted to fit its whole share (not 70% of it); if the wider draw runs over,
+    /// it narrows back and stays there while the share measured at the wider shift is
+    /// remembered, instead of flapping.
+    #[test]
+    fn a_blind_slot_widens_to_fit_its_whole_share() {
+        // 6 connections of 5,000 calls/s; at 1/8 none followed, at 1/4 one (5k), at 1/2 five.
+        let depths = [2, 1, 1, 1, 1, 0];
+        let mut budget = CaptureBudget::new(6_000);
+        budget.slots[1].shift = 3;
+        // 1/4 is predicted at 30k x (1/4 - 1/8) / (1 - 1/8) = 4,286: under 6k, over 70% of it.
+        let at_1_4 = budget.slots[1].predict(&load_at(&depths, 5_000.0, 3), 2, 1);
+        assert!(at_1_4 > 0.7 * 6_000.0 && at_1_4 <= 6_000.0, "{at_1_4}");
+        run_looks(&mut budget, &[(1, &depths, 5_000.0)], 3);
+        assert_eq!(budget.shift(1), 2);
+        // Not blind any more: it holds.
+        assert_eq!(run_looks(&mut budget, &[(1, &depths, 5_000.0)], 30), 0);
+        // A draw that runs over at 1/4 (two connections followed there): back to 1/8 once, and
+        // no second try while the share at 1/4 is remembered.
+        let depths = [2, 2, 1, 1, 1, 0];
+        let mut budget = CaptureBudget::new(6_000);
+        budget.slots[1].shift = 3;
+        let changes = run_looks(&mut budget, &[(1, &depths, 5_000.0)], 40);
+        assert_eq!(budget.shift(1), 3);
+        assert!(changes <= 2, "{changes}");
+    }
+
+    #[test]
+    fn the_budget_left_by_quiet_services_goes_to_busy_ones() {
+        assert_eq!(
+            water_fill(25_000.0, &[100.0, 0.0, 50_000.0, 30_000.0]),
+            vec![100.0, 0.0, 12_450.0, 12_450.0]
+        );
+        assert_eq!(
+            water_fill(25_000.0, &[100.0, 5_000.0, 50_000.0]),
+            vec![100.0, 5_000.0, 19_900.0]
+        );
+        assert_eq!(water_fill(1_000.0, &[300.0, 200.0]), vec![300.0, 200.0]);
     }
 
     #[test]
     fn the_shift_is_bounded_and_no_budget_means_no_sampling() {
         let mut budget = CaptureBudget::new(1);
-        assert_eq!(budget.observe(u64::MAX, 1.0), Some(MAX_SHIFT));
-        assert_eq!(budget.observe(u64::MAX, 1.0), None);
+        let mut rates = vec![0.0; SLOTS];
+        rates[3] = 1e12;
+        assert!(budget.narrow_over_share(&rates));
+        assert_eq!(budget.shift(3), MAX_SHIFT);
+        assert!(!budget.narrow_over_share(&rates));
         budget.set_budget(0);
-        assert_eq!(budget.observe(u64::MAX, 1.0), Some(0));
-        assert_eq!(budget.observe(0, 0.0), None);
+        assert_eq!(budget.shifts(), vec![0; SLOTS]);
+        assert!(!budget.narrow_over_share(&rates));
     }
 
     #[test]
@@ -407,43 +997,94 @@ mod tests {
         assert!(!CaptureBudget::new(0).is_over(u64::MAX, 0.1));
     }
 
-    /// Over budget the sample narrows once, is handed over once, and records the kernel wrote
-    /// before it followed the new sample are dropped for released streams only.
+    /// Over budget the busy service's sample narrows once, is handed over once as the array
+    /// the kernel reads by slot (the quiet service's entry untouched), and records the kernel
+    /// wrote before it followed the new sample are dropped for released streams only.
     #[test]
-    fn the_handshake_hands_a_new_sample_over_once() {
-        const SECOND: u64 = 1_000_000_000;
+    fn the_handshake_hands_each_slot_its_sample_once() {
         let mut sampling = CaptureSampling::new(500);
-        assert_eq!(
-            sampling.check(SECOND),
-            None,
-            "the first look starts a window"
-        );
-        for i in 0..1_000 {
-            assert_eq!(sampling.count_record(SECOND + 1 + i), None);
+        // Service ids 0 and 1 at config positions 0 and 1.
+        sampling.set_service_slots(vec![watch::slot_of_position(0), watch::slot_of_position(1)]);
+        assert!(!sampling.check(SECOND), "the first look starts a window");
+        // 900 records/s of service 1 (budget 500): one in two.
+        for i in 0..900 {
+            assert!(!sampling.count_record(SECOND + 1 + i, 1, true));
         }
-        assert_eq!(sampling.check(2 * SECOND), Some(1));
+        sampling.count_record(SECOND + 2_000, 0, true);
+        assert!(sampling.check(2 * SECOND));
         // A record the kernel wrote under the old sample (shift 0), of a stream the new one
         // lets go (depth 0): dropped; of a stream it keeps (depth 1): counts for the new 2.
-        assert_eq!(sampling.weight_of_record(Some(0), 0), None);
-        assert_eq!(sampling.weight_of_record(Some(0), 1), Some(2));
-        assert_eq!(sampling.take_shift(), Some(1));
+        assert_eq!(sampling.weight_of_record(Some(0), 0, 1), None);
+        assert_eq!(sampling.weight_of_record(Some(0), 1, 1), Some(2));
+        assert_eq!(
+            sampling.weight_of_record(Some(0), 0, 0),
+            Some(1),
+            "the quiet service"
+        );
+        let shifts = sampling.take_shift().unwrap();
+        assert_eq!(
+            shifts.len(),
+            SLOTS,
+            "one entry per CAPTURE_SAMPLE_SHIFT slot"
+        );
+        assert_eq!(shifts[watch::slot_of_position(1) as usize], 1);
+        assert_eq!(shifts[watch::slot_of_position(0) as usize], 0);
+        assert_eq!(shifts.iter().filter(|&&shift| shift != 0).count(), 1);
         assert_eq!(sampling.take_shift(), None);
         sampling.shift_applied(2 * SECOND + 10);
-        assert_eq!(sampling.weight_of_record(Some(1), 3), Some(2));
+        assert_eq!(sampling.weight_of_record(Some(1), 3, 1), Some(2));
         assert_eq!(
-            sampling.weight_of_record(None, 0),
+            sampling.weight_of_record(None, 0, 1),
             Some(1),
             "captured for its trouble"
         );
         // Records from before the switch do not count towards the new window.
         for i in 0..2_048 {
-            assert_eq!(sampling.count_record(SECOND + i), None);
+            assert!(!sampling.count_record(SECOND + i, 1, true));
         }
+        // Idle looks widen it again (the first look after the change is skipped: it mixed two
+        // samples; then two calm ones).
+        assert!(!sampling.check(3 * SECOND + 10));
+        assert!(!sampling.check(4 * SECOND + 10));
+        assert!(sampling.check(5 * SECOND + 10));
+        assert_eq!(sampling.take_shift(), Some(vec![0; SLOTS]));
+    }
+
+    /// A reload that gives a slot another service: what was learnt of the slot and its ratios
+    /// are dropped (the slot keeps its shift until looks at the new service judge it).
+    #[test]
+    fn a_reload_that_moves_services_forgets_their_slots() {
+        let mut sampling = CaptureSampling::new(500);
+        sampling.set_service_slots(vec![1, 2]);
+        sampling.budget.slots[1].shift = 2;
+        sampling.budget.slots[1].demand = 9_000.0;
+        sampling.budget.slots[2].demand = 100.0;
+        sampling.ratios.ratio = vec![Some(3.0); agent_common::SAMPLED_CALLS_ENTRIES as usize];
+        // Swapped: service 0 now at position 1 (slot 2), service 1 at slot 1.
+        sampling.set_service_slots(vec![2, 1]);
+        assert_eq!(sampling.budget.slots[1].demand, 0.0);
+        assert_eq!(sampling.budget.slots[1].shift, 2);
         assert_eq!(
-            sampling.check(3 * SECOND + 10),
-            Some(0),
-            "an idle second widens it"
+            sampling.shift_of_service(1),
+            2,
+            "the slot's shift, now service 1's"
         );
+        assert_eq!(
+            sampling.ratios.ratio[watch::calls_index(1, true) as usize],
+            None
+        );
+        assert_eq!(
+            sampling.ratios.ratio[watch::calls_index(3, true) as usize],
+            Some(3.0)
+        );
+        // Unchanged slots keep theirs.
+        sampling.set_service_slots(vec![2, 1, 3]);
+        assert_eq!(
+            sampling.ratios.ratio[watch::calls_index(1, false) as usize],
+            None
+        );
+        assert!(sampling.look_mixed[3]);
+        assert!(!sampling.look_mixed[4]);
     }
 
     fn calls(seen: u64, followed: u64) -> SampledCalls {
@@ -498,11 +1139,10 @@ mod tests {
     /// read twice under one sample; before that, and without counters, 2^shift.
     #[test]
     fn sampled_requests_weigh_the_call_ratio_of_their_service_and_role() {
-        const SECOND: u64 = 1_000_000_000;
         let mut sampling = CaptureSampling::new(500);
         // Service id 0 has slot 1, id 1 has none (past the 63rd).
         sampling.set_service_slots(vec![1, 0]);
-        sampling.budget.shift = 2;
+        sampling.budget.slots[1].shift = 2;
         let server = watch::calls_index(1, false) as usize;
         let client = watch::calls_index(1, true) as usize;
         let mut totals =
@@ -534,6 +1174,7 @@ mod tests {
             "let go"
         );
         // The sample changes: the next interval mixes two samples and gives no ratio.
+        sampling.telling = sampling.budget.shifts();
         sampling.shift_applied(2 * SECOND + 5);
         totals[server] = calls(2_000, 150);
         sampling.observe_sampled_calls(Some(&totals), 3 * SECOND);
@@ -550,12 +1191,5 @@ mod tests {
         // Counters gone (an object without them): back to 2^shift.
         sampling.observe_sampled_calls(None, 7 * SECOND);
         assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(4));
-    }
-
-    #[test]
-    fn rates_are_per_second_of_the_interval() {
-        let mut budget = CaptureBudget::new(10_000);
-        assert_eq!(budget.observe(15_000, 2.0), None);
-        assert_eq!(budget.observe(30_000, 2.0), Some(1));
     }
 }

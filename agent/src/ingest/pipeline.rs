@@ -101,8 +101,9 @@ impl Pipeline {
         self.capture.disable();
     }
 
-    /// A new capture sample shift for the kernel, once, after the tick that chose it.
-    pub fn take_capture_shift(&mut self) -> Option<u32> {
+    /// New capture sample shifts for the kernel (one per service slot), once, after the tick
+    /// that chose them.
+    pub fn take_capture_shift(&mut self) -> Option<Vec<u32>> {
         self.capture.take_shift()
     }
 
@@ -117,17 +118,20 @@ impl Pipeline {
     /// streams no longer followed are dropped here at once, so their open requests never read
     /// as timeouts.
     fn check_capture_budget(&mut self, now_ns: u64) {
-        if let Some(shift) = self.capture.check(now_ns) {
-            self.capture_sample_changed(shift);
+        if self.capture.check(now_ns) {
+            self.capture_sample_changed();
         }
     }
 
-    fn capture_sample_changed(&mut self, shift: u32) {
-        self.decoders.forget_unfollowed(shift);
+    /// The gauge shows the narrowest sample of any service.
+    fn capture_sample_changed(&mut self) {
+        let capture = &self.capture;
+        self.decoders
+            .forget_unfollowed(|service| capture.shift_of_service(service));
         self.outputs
             .metrics()
             .capture_sample_ratio
-            .set(1.0 / (1u64 << shift) as f64);
+            .set(1.0 / (1u64 << self.capture.narrowest_shift()) as f64);
     }
 
     /// Facts that do not flow through observations (incoming SYNs, key splits, losses) also go
@@ -279,13 +283,18 @@ impl Pipeline {
                 );
             }
         }
-        if let Some(shift) = self.capture.count_record(payload.ts_ns) {
-            self.capture_sample_changed(shift);
+        if self.capture.count_record(
+            payload.ts_ns,
+            endpoint.service,
+            payload.sample_shift.is_some(),
+        ) {
+            self.capture_sample_changed();
         }
-        let Some(weight) = self
-            .capture
-            .weight_of_record(payload.sample_shift, payload.sample_depth)
-        else {
+        let Some(weight) = self.capture.weight_of_record(
+            payload.sample_shift,
+            payload.sample_depth,
+            endpoint.service,
+        ) else {
             return PayloadOutcome::Handled;
         };
         self.decoders.on_payload(
@@ -553,7 +562,7 @@ mod tests {
     /// One get and its hit on `sk` at `ts`, marked as the kernel marks a sampled call: the
     /// shift the kernel was told (the agent's once applied), `sk` itself as the key.
     fn get_hit(pipeline: &mut Pipeline, sk: u64, ts: u64) {
-        let shift = pipeline.capture.kernel_shift_at(ts);
+        let shift = pipeline.capture.kernel_shift_at(ts, 0);
         let sample = Some((shift as u8, capture_sample::depth(sk) as u8));
         get_hit_marked(pipeline, sk, ts, sample);
     }
@@ -595,7 +604,10 @@ mod tests {
             get_hit(&mut pipeline, released, SECOND + 2 + i * 3_000_000);
         }
         pipeline.tick(2 * SECOND, None, &mut Vec::new);
-        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        assert_eq!(
+            pipeline.take_capture_shift().map(|shifts| shifts[1]),
+            Some(1)
+        );
         pipeline.capture_shift_applied(2 * SECOND + 10);
         (pipeline, metrics, followed, released)
     }
@@ -643,7 +655,10 @@ mod tests {
         mark_sample(&mut request, Some((0, 0)));
         pipeline.on_payload_record(&request);
         pipeline.tick(2 * SECOND + 10, None, &mut Vec::new);
-        assert_eq!(pipeline.take_capture_shift(), Some(1));
+        assert_eq!(
+            pipeline.take_capture_shift().map(|shifts| shifts[1]),
+            Some(1)
+        );
         assert_eq!(metrics.capture_sample_ratio.get(), 0.5);
         pipeline.capture_shift_applied(2 * SECOND + 30);
         // Records the kernel wrote before it heard of the new sample, read only now, are

@@ -302,17 +302,21 @@ impl Probes {
             && ns_per_jiffy() != 0
     }
 
-    /// Follows one healthy captured connection in 2^shift from now on (see
-    /// [`agent_common::capture_sample`]).
-    pub fn set_capture_sample_shift(&mut self, shift: u32) -> anyhow::Result<()> {
+    /// Each service slot follows one healthy captured connection in 2^`shifts[slot]` from now
+    /// on (see [`agent_common::capture_sample`]; slot 0: services past the 63rd). All entries
+    /// are written (64 updates, only when a sample changes): no copy of the kernel's to drift.
+    pub fn set_capture_sample_shifts(&mut self, shifts: &[u32]) -> anyhow::Result<()> {
         let mut sample: Array<_, u32> = Array::try_from(
             self.ebpf
                 .map_mut("CAPTURE_SAMPLE_SHIFT")
                 .context("kernel object has no CAPTURE_SAMPLE_SHIFT map")?,
         )?;
-        sample
-            .set(0, shift, 0)
-            .context("cannot set the capture sample")
+        for (slot, &shift) in shifts.iter().enumerate() {
+            sample
+                .set(slot as u32, shift, 0)
+                .with_context(|| format!("cannot set the capture sample of slot {slot}"))?;
+        }
+        Ok(())
     }
 
     /// Totals since load of [`SampledCalls`] by `SAMPLED_CALLS` index (summed over CPUs).

@@ -254,12 +254,12 @@ impl Decoders {
         }
     }
 
-    /// Drops the decoders of streams a sample at `shift` no longer follows, without finishing
+    /// Drops the decoders of streams their service's sample shift no longer follows, without finishing
     /// them: their requests were answered, just not seen (counting them unanswered would invent
     /// timeouts).
-    pub fn forget_unfollowed(&mut self, shift: u32) {
+    pub fn forget_unfollowed(&mut self, shift_of_service: impl Fn(usize) -> u32) {
         self.connections
-            .retain(|_, state| state.sample.depth >= shift);
+            .retain(|_, state| state.sample.depth >= shift_of_service(state.endpoint.service));
     }
 
     /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).

@@ -334,6 +334,10 @@ const QUIET: &str = "bench-1";
 struct Run {
     workload: Workload,
     budget: u32,
+    /// "this" build, or the `--baseline` one.
+    build: &'static str,
+    /// Times the agent said its capture sample changed: during the windows, and in all.
+    changes: (u64, u64),
     /// Per (service, role): its windows.
     views: BTreeMap<(&'static str, &'static str), Vec<Window>>,
     latency: BTreeMap<(&'static str, &'static str), String>,
@@ -376,24 +380,38 @@ impl Bench {
             &memcaslap_config,
             "key\n25 25 1\nvalue\n100 100 1\ncmd\n0 0.1\n1 0.9\n",
         )?;
+        // With --baseline each run of this build is paired with one of the baseline, right
+        // after or before it (alternating by repeat), so both see the same machine load.
+        let mut builds = vec![("this", self.binary.clone())];
+        if let Some(baseline) = &self.baseline {
+            builds.push(("baseline", baseline.clone()));
+        }
         let mut runs = Vec::new();
         for repeat in 0..repeats {
             for workload in Workload::ALL {
                 for &budget in &budgets {
-                    eprintln!(
-                        "xtask: repeat {}/{repeats}: budget {budget} on {} (load average {})",
-                        repeat + 1,
-                        workload.label(),
-                        load_average()
-                    );
-                    runs.push(self.budget_run(
-                        workload,
-                        budget,
-                        [&busy, &quiet],
-                        &memcaslap_config,
-                        windows,
-                        window,
-                    )?);
+                    let mut order = builds.clone();
+                    if repeat % 2 == 1 {
+                        order.reverse();
+                    }
+                    for (build, binary) in order {
+                        eprintln!(
+                            "xtask: repeat {}/{repeats}: budget {budget} on {}, {build} build \
+                             (load average {})",
+                            repeat + 1,
+                            workload.label(),
+                            load_average()
+                        );
+                        runs.push(self.budget_run(
+                            (build, &binary),
+                            workload,
+                            budget,
+                            [&busy, &quiet],
+                            &memcaslap_config,
+                            windows,
+                            window,
+                        )?);
+                    }
                 }
             }
         }
@@ -440,13 +458,24 @@ impl Bench {
             "memcaslap -s ADDR -t SECONDS -c 48 -T 2 -F CFG (100 B values, 9 gets : 1 set); \
              pooled clients: {PYTHON} with pymemcache, script in xtask/src/bench/budget.rs"
         ));
+        if let Some(baseline) = &self.baseline {
+            section.say(format!(
+                "Side by side: every run of this build is paired with one of the baseline build \
+                 ({}), run right after it (right before it in odd repeats), under the same load. \
+                 Sample changes: the agent's `capture sample changed` log lines during the \
+                 windows / from its start.",
+                baseline.display()
+            ));
+        }
         section.table("", budget_table(&runs));
         self.finish(section);
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn budget_run(
         &self,
+        (build, binary): (&'static str, &std::path::Path),
         workload: Workload,
         budget: u32,
         servers: [&Memcached; 2],
@@ -502,7 +531,7 @@ impl Bench {
         );
         text.push_str(&format!("capture_records_per_second = {budget}\n"));
         std::fs::write(&config, text)?;
-        let mut agent = Agent::start(&self.binary, &config, self.metrics_addr)?;
+        let mut agent = Agent::start(binary, &config, self.metrics_addr)?;
         procs::sleep(settle)?;
         let snapshot = |agent: &Agent| -> anyhow::Result<Snapshot> {
             // Decoding everything at saturation on a loaded machine, the agent may take longer
@@ -532,6 +561,7 @@ impl Bench {
             })
         };
         let mut snapshots = vec![snapshot(&agent)?];
+        let changes_before = agent.sample_changes();
         for _ in 0..windows {
             procs::sleep(window)?;
             for load in &mut loads {
@@ -541,6 +571,8 @@ impl Bench {
             snapshots.push(snapshot(&agent)?);
         }
         let load = load_average();
+        let changes = agent.sample_changes();
+        let changes = (changes - changes_before, changes);
         drop(loads);
         agent.stop()?;
 
@@ -583,6 +615,8 @@ impl Bench {
         Ok(Run {
             workload,
             budget,
+            build,
+            changes,
             views,
             latency,
             ratios: snapshots[1..]
@@ -660,7 +694,9 @@ fn budget_table(runs: &[Run]) -> Table {
         "workload",
         "view",
         "budget",
+        "build",
         "followed",
+        "sample changes (windows / all)",
         "gets err %",
         "sets err %",
         "hits err %",
@@ -676,16 +712,16 @@ fn budget_table(runs: &[Run]) -> Table {
         "lost",
         "load",
     ]);
-    let mut groups: Vec<(Workload, u32)> = Vec::new();
+    let mut groups: Vec<(Workload, u32, &str)> = Vec::new();
     for run in runs {
-        if !groups.contains(&(run.workload, run.budget)) {
-            groups.push((run.workload, run.budget));
+        if !groups.contains(&(run.workload, run.budget, run.build)) {
+            groups.push((run.workload, run.budget, run.build));
         }
     }
-    for (workload, budget) in groups {
+    for (workload, budget, build) in groups {
         let group: Vec<&Run> = runs
             .iter()
-            .filter(|r| r.workload == workload && r.budget == budget)
+            .filter(|r| r.workload == workload && r.budget == budget && r.build == build)
             .collect();
         let mut ratios: Vec<f64> = group
             .iter()
@@ -722,11 +758,17 @@ fn budget_table(runs: &[Run]) -> Table {
                 } else {
                     thousands(f64::from(budget))
                 },
+                build.to_string(),
                 if low == high {
                     format!("1/{:.0}", 1.0 / low)
                 } else {
                     format!("1/{:.0}..1/{:.0}", 1.0 / high, 1.0 / low)
                 },
+                group
+                    .iter()
+                    .map(|r| format!("{} / {}", r.changes.0, r.changes.1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 column(0),
                 column(1),
                 column(2),

@@ -508,6 +508,9 @@ pub struct Agent {
     /// The `elapsed_ms` the agent itself reports in that line.
     pub attach_reported_ms: Option<u64>,
     log: Arc<Mutex<VecDeque<String>>>,
+    /// Lines of the whole log that said the capture sample changed (the budget measure counts
+    /// them; the tail keeps too few).
+    sample_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 const LOG_TAIL: usize = 40;
@@ -546,13 +549,15 @@ impl Agent {
             .and_then(|c| c.stderr.take())
             .context("no stderr pipe")?;
         let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
-        let attached_rx = drain_stderr(stderr, Arc::clone(&log));
+        let sample_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let attached_rx = drain_stderr(stderr, Arc::clone(&log), Arc::clone(&sample_changes));
         let mut agent = Agent {
             guard,
             metrics_addr,
             attach_wall: Duration::ZERO,
             attach_reported_ms: None,
             log,
+            sample_changes,
         };
         let (at, line) = agent.wait_attached(spawned, &attached_rx)?;
         agent.attach_wall = at - spawned;
@@ -609,6 +614,12 @@ impl Agent {
         self.guard.pid()
     }
 
+    /// How many times the agent has said its capture sample changed.
+    pub fn sample_changes(&self) -> u64 {
+        self.sample_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn log_tail(&self) -> String {
         self.log
             .lock()
@@ -649,6 +660,7 @@ impl Agent {
 fn drain_stderr(
     stderr: std::process::ChildStderr,
     tail: Arc<Mutex<VecDeque<String>>>,
+    sample_changes: Arc<std::sync::atomic::AtomicU64>,
 ) -> mpsc::Receiver<(Instant, String)> {
     let (attached_tx, attached_rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -656,6 +668,9 @@ fn drain_stderr(
             let Ok(line) = line else { break };
             if line.contains("probes attached") {
                 let _ = attached_tx.send((Instant::now(), line.clone()));
+            }
+            if line.contains("capture sample changed") {
+                sample_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if let Ok(mut tail) = tail.lock() {
                 if tail.len() == LOG_TAIL {
