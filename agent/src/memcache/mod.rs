@@ -304,6 +304,9 @@ impl ConnectionDecoder {
                 self.server_binary.feed(captured, total, ts, &mut sink)
             }
         };
+        if chunk.direction == Direction::ServerToClient {
+            self.pairing.response_progress(ts);
+        }
         self.count_undecoded(chunk.direction, undecoded);
     }
 
@@ -335,7 +338,8 @@ impl ConnectionDecoder {
         }
     }
 
-    /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response:
+    /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response, or
+    /// whose answer started but made no progress for `timeout_ns`:
     /// as [`Status::Timeout`], or for quiet requests with the result their silence implies.
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
         self.pairing.expire(now_ns, timeout_ns, out);

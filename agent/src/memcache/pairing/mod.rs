@@ -46,6 +46,11 @@ struct Pending {
     /// Response bytes not attributed to one key (END line, errors, untracked items).
     resp_bytes: u64,
     first_resp_ts: Option<u64>,
+    /// When the answer last made progress (a response of it, or response bytes while it was
+    /// being answered); the request's time until its answer starts. The timeout counts from
+    /// here: a multi-get answered with megabytes of values can take longer than the timeout
+    /// to arrive in full, and is not unanswered while its values keep coming.
+    progress_ts: u64,
     /// VALUE items seen; for a marker, responses it rejected while requests waited behind it.
     items: u32,
     opaque: Option<u64>,
@@ -74,6 +79,7 @@ impl Pending {
             req_bytes: 0,
             resp_bytes: 0,
             first_resp_ts: None,
+            progress_ts: ts_ns,
             items: 0,
             opaque: None,
             queue: None,
@@ -331,6 +337,7 @@ impl Pairing {
             req_bytes: req.bytes,
             resp_bytes: 0,
             first_resp_ts: None,
+            progress_ts: req.ts_ns,
             items: 0,
             opaque: req.opaque,
             queue: req.queue,
@@ -429,6 +436,7 @@ impl Pairing {
             return;
         };
         head.first_resp_ts.get_or_insert(resp.ts_ns);
+        head.progress_ts = head.progress_ts.max(resp.ts_ns);
         match fit {
             Fit::No => {}
             Fit::Item(slot) => {
@@ -520,10 +528,23 @@ impl Pairing {
         self.push_marker(ts_ns);
     }
 
+    /// Response bytes arrived at `ts_ns` (e.g. a value body between two VALUE lines): the
+    /// request being answered is making progress, whatever the bytes complete.
+    pub fn response_progress(&mut self, ts_ns: u64) {
+        if let Some(front) = self
+            .pending
+            .front_mut()
+            .filter(|p| p.first_resp_ts.is_some())
+        {
+            front.progress_ts = front.progress_ts.max(ts_ns);
+        }
+    }
+
+    /// Finishes requests whose answer has not started or not progressed for `timeout_ns`.
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
         self.release_due(out);
         while let Some(front) = self.pending.front() {
-            if front.ts_ns.saturating_add(timeout_ns) > now_ns {
+            if front.progress_ts.saturating_add(timeout_ns) > now_ns {
                 break;
             }
             let Some(entry) = self.pending.pop_front() else {

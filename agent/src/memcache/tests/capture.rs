@@ -416,3 +416,43 @@ fn a_marker_does_not_block_pairing_forever() {
     assert_eq!(conn.decoder.pending(), 8);
     assert_eq!(conn.errors().len(), 1 + 8);
 }
+
+/// Issue #17: a multi-get answered with megabytes of values (node's `memcached` getMulti of
+/// 100 keys up to 1 MB each, read slowly under load) was still arriving when the timeout,
+/// counted from the request, expired it: the rest of its VALUE items became
+/// `unexpected_response` and its unanswered keys timeouts. The timeout counts from the
+/// answer's last progress (a response, or value bytes between two).
+#[test]
+fn multi_get_answer_in_progress_does_not_time_out() {
+    let mut conn = Conn::new();
+    let timeout = 25_000;
+    conn.client(b"get a b c\r\n");
+    conn.server(b"VALUE a 0 3\r\nxyz\r\nVALUE b 0 10\r\n0123");
+    conn.server(b"4567");
+    conn.server(b"89");
+    // Longer than the timeout since the request, not since the last value bytes.
+    conn.decoder.expire(conn.ts + 5_000, timeout, &mut conn.out);
+    assert!(conn.summary().is_empty());
+    conn.server(b"\r\nEND\r\n");
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("get", "hit", "a"),
+            s("get", "hit", "b"),
+            s("get", "miss", "c")
+        ]
+    );
+    assert!(conn.errors().is_empty());
+    // An answer that stops coming still times out, counted from its last progress.
+    conn.client(b"get d e\r\n");
+    conn.server(b"VALUE d 0 1\r\nx\r\n");
+    conn.decoder
+        .expire(conn.ts + timeout - 1, timeout, &mut conn.out);
+    assert!(conn.summary().is_empty());
+    conn.decoder
+        .expire(conn.ts + timeout, timeout, &mut conn.out);
+    assert_eq!(
+        conn.summary(),
+        vec![s("get", "hit", "d"), s("get", "timeout", "e")]
+    );
+}
