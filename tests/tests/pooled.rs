@@ -479,6 +479,41 @@ const SAMPLED_POOL: usize = 32;
 /// no catch-up after a stall: a burst would trip the budget's 0.1 s looks and change the sample.
 const SAMPLED_RATE: u64 = 2_000;
 
+/// Waits until the agent has adopted `connections` (both ends of each pooled connection).
+fn wait_adopted(agent: &Agent, connections: usize) {
+    let adopted = agent.wait_for(Duration::from_secs(5), |s| {
+        s.sum("cacheprobe_connections_active", &[]) >= connections as f64
+    });
+    assert!(
+        adopted.sum("cacheprobe_connections_active", &[]) >= connections as f64,
+        "{}",
+        adopted.text
+    );
+}
+
+/// Waits until the (narrowest) capture sample narrows, then holds for 4 s: a ratio needs a
+/// whole interval under it. Returns the sample ratio it held.
+fn narrowed_and_held(agent: &Agent) -> f64 {
+    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut ratio, mut held) = (1.0, 0);
+    while held < 4 {
+        assert!(
+            std::time::Instant::now() < settle_by,
+            "the sample did not narrow and hold (ratio {ratio}): {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let now = agent.scrape().sum("cacheprobe_capture_sample_ratio", &[]);
+        held = if now == ratio && now < 1.0 {
+            held + 1
+        } else {
+            0
+        };
+        ratio = now;
+    }
+    ratio
+}
+
 /// Above the decoding budget (forced low: 3,200 records/s against ~8,000, so 1/4 holds with room for
 /// the budget's 0.1 s looks), a pool opened before
 /// the agent is sampled, and the scaled get and set counts of both views agree with memcached's
@@ -513,33 +548,9 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
         ),
     )
     .unwrap();
-    let adopted = agent.wait_for(Duration::from_secs(5), |s| {
-        s.sum("cacheprobe_connections_active", &[]) >= (2 * SAMPLED_POOL) as f64
-    });
-    assert!(
-        adopted.sum("cacheprobe_connections_active", &[]) >= (2 * SAMPLED_POOL) as f64,
-        "{}",
-        adopted.text
-    );
+    wait_adopted(&agent, 2 * SAMPLED_POOL);
     command("go");
-    // The sample narrows, then holds for 4 s (a ratio needs a whole interval under it).
-    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
-    let (mut ratio, mut held) = (1.0, 0);
-    while held < 4 {
-        assert!(
-            std::time::Instant::now() < settle_by,
-            "the sample did not narrow and hold (ratio {ratio}): {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_secs(1));
-        let now = agent.scrape().sum("cacheprobe_capture_sample_ratio", &[]);
-        held = if now == ratio && now < 1.0 {
-            held + 1
-        } else {
-            0
-        };
-        ratio = now;
-    }
+    let ratio = narrowed_and_held(&agent);
 
     let mut edge = |command: &mut dyn FnMut(&str)| {
         command("pause");
@@ -653,34 +664,10 @@ fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
         ),
     )
     .unwrap();
-    let pools = (2 * (SAMPLED_POOL + 2)) as f64;
-    let adopted = agent.wait_for(Duration::from_secs(5), |s| {
-        s.sum("cacheprobe_connections_active", &[]) >= pools
-    });
-    assert!(
-        adopted.sum("cacheprobe_connections_active", &[]) >= pools,
-        "{}",
-        adopted.text
-    );
+    wait_adopted(&agent, 2 * (SAMPLED_POOL + 2));
     command("go");
-    // The busy service's sample narrows and holds.
-    let settle_by = std::time::Instant::now() + Duration::from_secs(30);
-    let (mut ratio, mut held) = (1.0, 0);
-    while held < 4 {
-        assert!(
-            std::time::Instant::now() < settle_by,
-            "the busy sample did not narrow and hold (ratio {ratio}): {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_secs(1));
-        let now = agent.scrape().sum("cacheprobe_capture_sample_ratio", &[]);
-        held = if now == ratio && now < 1.0 {
-            held + 1
-        } else {
-            0
-        };
-        ratio = now;
-    }
+    // The busy service's sample (the narrowest, which the gauge shows).
+    let ratio = narrowed_and_held(&agent);
     let mut edge = |command: &mut dyn FnMut(&str)| {
         command("pause");
         for out in [&mut busy_out, &mut quiet_out] {
