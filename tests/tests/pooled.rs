@@ -479,6 +479,26 @@ const SAMPLED_POOL: usize = 32;
 /// no catch-up after a stall: a burst would trip the budget's 0.1 s looks and change the sample.
 const SAMPLED_RATE: u64 = 2_000;
 
+/// The agent's scrape once its request counts stop moving: it has then decoded everything the
+/// paused clients sent (it drains its rings every DRAIN_INTERVAL_MS).
+fn settled_scrape(agent: &Agent) -> Scrape {
+    let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(60));
+    let mut last = agent.scrape();
+    loop {
+        std::thread::sleep(Duration::from_millis(60));
+        let now = agent.scrape();
+        if now.requests(&[]) == last.requests(&[]) {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < quiet_by,
+            "the agent's counts kept moving 10 s into a pause"
+        );
+        last = now;
+    }
+}
+
 /// Waits until the agent has adopted `connections` (both ends of each pooled connection).
 fn wait_adopted(agent: &Agent, connections: usize) {
     let adopted = agent.wait_for(Duration::from_secs(5), |s| {
@@ -557,24 +577,9 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "paused");
-        // The agent has decoded everything sent once its counts stop moving (it drains its
-        // rings every DRAIN_INTERVAL_MS). The pause stays short: two looks of the budget that
-        // predict a wider sample under 70% of the share widen it.
-        let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
-        std::thread::sleep(Duration::from_millis(60));
-        let mut last = agent.scrape();
-        loop {
-            std::thread::sleep(Duration::from_millis(60));
-            let now = agent.scrape();
-            if now.requests(&[]) == last.requests(&[]) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < quiet_by,
-                "the agent's counts kept moving 10 s into a pause"
-            );
-            last = now;
-        }
+        // The pause stays short: two looks of the budget that predict a wider sample under
+        // 70% of the share widen it.
+        let last = settled_scrape(&agent);
         let stats = server_stats(port, "stats");
         command("go");
         (last, stats)
@@ -675,21 +680,7 @@ fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
             out.read_line(&mut line).unwrap();
             assert_eq!(line.trim(), "paused");
         }
-        let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
-        std::thread::sleep(Duration::from_millis(60));
-        let mut last = agent.scrape();
-        loop {
-            std::thread::sleep(Duration::from_millis(60));
-            let now = agent.scrape();
-            if now.requests(&[]) == last.requests(&[]) {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < quiet_by,
-                "the agent's counts kept moving 10 s into a pause"
-            );
-            last = now;
-        }
+        let last = settled_scrape(&agent);
         let stats = server_stats(quiet_port, "stats");
         command("go");
         (last, stats)
