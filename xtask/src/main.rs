@@ -47,7 +47,10 @@ enum Task {
         /// Smoke run for CI (about a minute): one repeat, short runs, 1k connections, no criterion.
         #[arg(long)]
         quick: bool,
-        /// Where to write the report (default BENCHMARKS.md; target/bench/BENCHMARKS.quick.md with --quick).
+        /// Where to write the report. Default: a full run replaces the generated part of
+        /// BENCHMARKS.md (its hand-written sections stay); --quick writes
+        /// target/bench/BENCHMARKS.quick.md and --only target/bench/BENCHMARKS.only-<names>.md.
+        /// An existing file's text before its generated part is always kept.
         #[arg(long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
         /// Run only these measures: attach, toggle (the overhead goals under continuous load,

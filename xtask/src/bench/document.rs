@@ -142,6 +142,17 @@ impl Bench {
         for section in &self.sections {
             text.push_str(&section.markdown());
         }
+        let existing = match std::fs::read_to_string(output) {
+            Ok(existing) => Some(existing),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot read {}", output.display()))
+            }
+        };
+        let text = match existing {
+            Some(existing) => splice(&existing, &text),
+            None => text,
+        };
         std::fs::write(output, text).with_context(|| format!("cannot write {}", output.display()))
     }
 
@@ -176,5 +187,55 @@ impl Bench {
         }
         section.command(commands);
         section
+    }
+}
+
+/// The line that opens a generated report; what precedes it in an existing file is written by
+/// hand (status, sections of single measures with their commands) and is kept.
+const GENERATED_OPENING: &str = "Written by `cargo xtask bench`";
+
+/// `generated` (a whole report, title included) put into `existing` in place of the previous
+/// generated part: the hand-written head of `existing` stays, everything from its generated
+/// opening on is replaced. A file without a generated part keeps all of its text and gets the
+/// report appended.
+pub(super) fn splice(existing: &str, generated: &str) -> String {
+    let body = generated
+        .find(GENERATED_OPENING)
+        .map_or(generated, |at| &generated[at..]);
+    let head = match existing.find(GENERATED_OPENING) {
+        Some(at) => &existing[..at],
+        None if existing.trim().is_empty() => return generated.to_string(),
+        None => existing,
+    };
+    let mut text = head.trim_end().to_string();
+    text.push_str("\n\n\n");
+    text.push_str(body);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEW: &str =
+        "# cacheprobe benchmarks\n\nWritten by `cargo xtask bench` (x); new.\n\n## Targets\nnew\n";
+
+    #[test]
+    fn a_full_run_replaces_only_the_previous_generated_part() {
+        let existing = "# cacheprobe benchmarks\n\n> status by hand\n\n## A hand section\nkept\n\n\nWritten by `cargo xtask bench` (x); old.\n\n## Targets\nold\n";
+        let text = splice(existing, NEW);
+        assert!(text.starts_with("# cacheprobe benchmarks\n\n> status by hand"));
+        assert!(text.contains("## A hand section\nkept"));
+        assert!(text.contains("new.\n\n## Targets\nnew"));
+        assert!(!text.contains("old"));
+        assert_eq!(text.matches("# cacheprobe benchmarks").count(), 1);
+    }
+
+    #[test]
+    fn a_file_without_a_generated_part_keeps_its_text() {
+        let text = splice("# notes\n\nby hand\n", NEW);
+        assert!(text.starts_with("# notes\n\nby hand\n"));
+        assert!(text.ends_with("## Targets\nnew\n"));
+        assert_eq!(splice("", NEW), NEW);
     }
 }

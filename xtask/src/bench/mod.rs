@@ -258,13 +258,10 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
     if !binary.exists() {
         bail!("{} is missing: build it first", binary.display());
     }
-    let output = options.output.clone().unwrap_or_else(|| {
-        if options.quick {
-            scratch.join("BENCHMARKS.quick.md")
-        } else {
-            util::workspace_root().join("BENCHMARKS.md")
-        }
-    });
+    let output = options
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&options, &scratch));
     let facts = machine_facts();
     let mut bench = Bench::new(&options, binary, scratch, nofile)?;
     for name in &options.only {
@@ -284,6 +281,20 @@ pub fn bench(options: BenchOptions) -> anyhow::Result<()> {
         output.display()
     );
     Ok(())
+}
+
+/// Where a run's report goes without `--output`. Only a full run belongs in BENCHMARKS.md
+/// (spliced in place of the previous full run's part, see `document::splice`): a quick or
+/// partial run writes a scratch file, to be quoted into a hand-written section, so a
+/// `--only percall` never replaces the document with one table.
+fn default_output(options: &BenchOptions, scratch: &std::path::Path) -> PathBuf {
+    if options.quick {
+        scratch.join("BENCHMARKS.quick.md")
+    } else if !options.only.is_empty() {
+        scratch.join(format!("BENCHMARKS.only-{}.md", options.only.join("-")))
+    } else {
+        util::workspace_root().join("BENCHMARKS.md")
+    }
 }
 
 impl Bench {
