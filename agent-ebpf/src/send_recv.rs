@@ -109,7 +109,7 @@ fn try_length(
     }
     let capture = capture_flags(ports.local, ports.remote);
     length_on_watched(
-        sk,
+        || sk,
         ret,
         is_send,
         &ports,
@@ -122,11 +122,13 @@ fn try_length(
 
 /// A send or receive on a watched socket, its ports, TCP state and capture flag known (from
 /// `struct sock_common`, or from socket-local storage on the tp_btf path, when `storage` is
-/// that socket's storage; NULL on the other paths).
+/// that socket's storage; NULL on the other paths). `sk` gives the socket's address as a
+/// number, which costs a helper call on the tp_btf path: it is asked only where the address
+/// is used, so a captured call that the sample does not follow makes no such call.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn length_on_watched(
-    sk: u64,
+    sk: impl Fn() -> u64,
     ret: i32,
     is_send: bool,
     ports: &SockPorts,
@@ -158,12 +160,12 @@ pub(crate) fn length_on_watched(
         };
         let shift = CAPTURE_SAMPLE_SHIFT.get(slot).copied().unwrap_or(0);
         let depth = if storage.is_null() {
-            sample_depth(sk, ports)
+            sample_depth(sk(), ports)
         } else {
             // SAFETY: this socket's storage, valid for this program run.
             let cached = unsafe { &mut (*storage).sample_depth };
             if *cached == 0 {
-                *cached = sample_depth(sk, ports) as u8 + 1;
+                *cached = sample_depth(sk(), ports) as u8 + 1;
             }
             (*cached - 1) as u32
         };
@@ -175,10 +177,11 @@ pub(crate) fn length_on_watched(
         }
         if followed {
             let sample = (shift as u8, depth as u8);
-            capture_payload(sk, ret, is_send, Some(ports), sample, storage);
+            capture_payload(sk(), ret, is_send, Some(ports), sample, storage);
         }
         return Some(());
     }
+    let sk = sk();
     let now = unsafe { bpf_ktime_get_ns() };
 
     let state_ptr = match SOCKETS.get_ptr_mut(sk) {

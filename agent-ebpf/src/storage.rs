@@ -230,7 +230,9 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
     if capture == 0 && peer_still_open(state) && kernel_stamps_activity() {
         return 0;
     }
-    let sk = scalar_arg(ctx.as_ptr(), 0);
+    // The socket's address as a number (a helper call), read only where it is used: not by a
+    // captured call that the sample does not follow.
+    let sk = || scalar_arg(ctx.as_ptr(), 0);
     // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
     let ret = ctx.arg::<u64>(1) as u32 as i32;
     let ports = SockPorts {

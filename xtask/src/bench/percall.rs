@@ -50,6 +50,43 @@ enum Arm {
 
 const ARMS: [Arm; 4] = [Arm::Nothing, Arm::Empty, Arm::Agent, Arm::AgentPortCheck];
 
+/// Keeps this process multi-threaded for the whole measure. A receive looks its descriptor up
+/// without taking a reference only in a single-threaded process (the kernel's `fdget` fast
+/// path); with a second thread it takes and drops one (two atomics). Starting an agent adds a
+/// thread here (the one that follows its stderr), so without this the agent's arms, and only
+/// they, paid that too: about 40 ns per receive that session 13 read as the program's own
+/// cost. A parked thread puts every arm on the same path, the one a multi-threaded server or
+/// client takes anyway.
+struct Companion {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Companion {
+    fn start() -> anyhow::Result<Companion> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("percall-companion".into())
+            .spawn(move || {
+                let _ = stopped.recv();
+            })
+            .context("cannot start the companion thread")?;
+        Ok(Companion {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Companion {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// One arm of one round: ns per receive on the watched and on the unwatched connection.
 #[derive(Debug, Clone, Copy, Default)]
 struct Timed {
@@ -68,6 +105,8 @@ struct Round {
     baseline: Option<Timed>,
     with_stats: Option<f64>,
     stats_ns_per_run: Option<f64>,
+    /// bpf_stats' ns per run of the empty receive program, timed the same way.
+    empty_stats_ns_per_run: Option<f64>,
 }
 
 /// The figures over rounds, each a median with its 95% interval.
@@ -86,6 +125,9 @@ pub(super) struct PerCall {
     /// bpf_stats' own figure for the same runs, and what turning it on added per call.
     pub(super) stats_reported: Option<Interval>,
     pub(super) stats_added: Option<Interval>,
+    /// bpf_stats' figure for an empty program, and ours minus it (paired by round).
+    pub(super) empty_stats_reported: Option<Interval>,
+    pub(super) stats_over_empty: Option<Interval>,
     /// The receive itself with nothing attached.
     pub(super) base: Option<Interval>,
     /// With `--baseline`: that build's figures from the same rounds.
@@ -160,6 +202,7 @@ impl Bench {
         let on_watched = Idle::open(&watched)?;
         let on_unwatched = Idle::open(&unwatched)?;
         let _pinned = procs::Pinned::thread_to(procs::Cpu::Last)?;
+        let _companion = Companion::start()?;
         let rounds = self.plan.rounds;
         let mut arms = ARMS.to_vec();
         if self.baseline.is_some() {
@@ -203,8 +246,12 @@ impl Bench {
         match arm {
             Arm::Nothing => round.nothing = both()?,
             Arm::Empty => {
-                let _floor = EmptyPrograms::attach(&["sock_send_length", "sock_recv_length"])?;
+                let floor = EmptyPrograms::attach(&["sock_send_length", "sock_recv_length"])?;
                 round.empty = both()?;
+                // The receive program is the second one attached.
+                let receive = floor.ids.get(1).copied();
+                let (_, per_run) = stats_view(&floor.ids, on_watched, |id, _| Some(id) == receive)?;
+                round.empty_stats_ns_per_run = per_run;
             }
             Arm::Baseline => {
                 let binary = self
@@ -227,7 +274,10 @@ impl Bench {
                 let timed = both()?;
                 if arm == Arm::Agent {
                     round.agent = timed;
-                    let (with_stats, per_run) = stats_view(agent.pid(), on_watched)?;
+                    let (programs, _) = procs::bpf_object_ids(agent.pid())?;
+                    let (with_stats, per_run) = stats_view(&programs, on_watched, |_, stats| {
+                        stats.name.ends_with("sock_recv_length")
+                    })?;
                     round.with_stats = Some(with_stats);
                     round.stats_ns_per_run = per_run;
                 } else {
@@ -242,16 +292,17 @@ impl Bench {
 }
 
 /// The watched receives timed again with bpf_stats on, and bpf_stats' ns per run of the
-/// agent's receive program over them.
-fn stats_view(agent_pid: u32, on_watched: &Idle) -> anyhow::Result<(f64, Option<f64>)> {
-    let (programs, _) = procs::bpf_object_ids(agent_pid)?;
+/// receive program (`receive` picks it among `programs`) over them.
+fn stats_view(
+    programs: &[u32],
+    on_watched: &Idle,
+    receive: impl Fn(u32, &observe::ProgramStats) -> bool,
+) -> anyhow::Result<(f64, Option<f64>)> {
     let _stats = SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
-    let before = observe::program_stats(&programs)?;
+    let before = observe::program_stats(programs)?;
     let timed = on_watched.time()?;
-    let after = observe::program_stats(&programs)?;
-    let (ns, runs) = observe::run_deltas(&before, &after, |_, stats| {
-        stats.name.ends_with("sock_recv_length")
-    });
+    let after = observe::program_stats(programs)?;
+    let (ns, runs) = observe::run_deltas(&before, &after, receive);
     Ok((timed, (runs > 0).then(|| ns as f64 / runs as f64)))
 }
 
@@ -269,6 +320,8 @@ fn summarize(rounds: &[Round]) -> PerCall {
         unwatched: over(&|r| Some(r.agent.unwatched - r.nothing.unwatched)),
         stats_reported: over(&|r| r.stats_ns_per_run),
         stats_added: over(&|r| r.with_stats.map(|with| with - r.agent.watched)),
+        empty_stats_reported: over(&|r| r.empty_stats_ns_per_run),
+        stats_over_empty: over(&|r| Some(r.stats_ns_per_run? - r.empty_stats_ns_per_run?)),
         base: over(&|r| Some(r.nothing.watched)),
         baseline: None,
     }
@@ -319,7 +372,12 @@ impl Bench {
              sockets-only path: on the tp_btf path the socket's ports and state by direct loads \
              and the watch bits) and times them with its \
              own clock, {BATCHES} batches of {CALLS_PER_BATCH} per arm, the lower quartile of the \
-             batches (short batches, so most escape preemption on a busy machine). Each of \
+             batches (short batches, so most escape preemption on a busy machine). A second, \
+             parked thread keeps the process multi-threaded in every arm: a single-threaded \
+             process's receive skips the descriptor's reference count, and the thread that \
+             follows a running agent's log would otherwise put the agent's arms alone on the \
+             slower path (about 40 ns per receive, which session 13 counted as the program's). \
+             Each of \
              {rounds} rounds times, in an order rotated every round: nothing attached; an empty \
              program on `sock_send_length`/`sock_recv_length`; the agent, sockets only, on port \
              {port} (a fresh agent each round, which adopts the connection at attach, as it \
@@ -327,7 +385,7 @@ impl Bench {
              port check). Differences are taken within a round, then the median over rounds \
              with a 95% bootstrap interval. A second connection on an unwatched port shows what \
              the rest of a host's sockets pay. In the agent arm the same receives are timed \
-             once more with `kernel.bpf_stats_enabled=1`. Left out: what a loaded op adds to \
+             once more with `kernel.bpf_stats_enabled=1`, and so are the empty program's. Left out: what a loaded op adds to \
              any program (caches the op has cooled), which `ab`'s empty program measures.",
             rounds = per_call.rounds
         ));
@@ -361,6 +419,14 @@ impl Bench {
             (
                 "what turning bpf_stats on adds to one receive",
                 per_call.stats_added,
+            ),
+            (
+                "bpf_stats' figure for one run of the empty program",
+                per_call.empty_stats_reported,
+            ),
+            (
+                "bpf_stats: the agent's program minus the empty one (paired by round)",
+                per_call.stats_over_empty,
             ),
         ] {
             table.row(vec![what.to_string(), ns(value)]);
