@@ -5,7 +5,9 @@
 //! The workload is the one `cargo xtask bench` drives: 90% get (hits) / 10% set, 10000 keys of
 //! 25 bytes, 256-byte values, text protocol, 32 connections, with the client and memcached on
 //! this host, so each operation is four records: the client's send, memcached's receive,
-//! memcached's send and the client's receive, each captured to a 256-byte prefix.
+//! memcached's send and the client's receive, each captured as the kernel's framing walk
+//! captures it (`kernel_capture`: header lines and the first bytes of each value, bodies
+//! skipped by their declared length).
 //!
 //! Records carry the TCP sequence number of their first byte, as the kernel reports it where it
 //! can read `tcp_sock`, so each request has its request id (issue 18). The group runs the same
@@ -20,18 +22,20 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use agent_common::framing::FrameState;
 use cacheprobe::{
     config::Config,
     export::metrics::Metrics,
     history::{History, HistoryLimits, HistorySink},
     ingest::pipeline::Pipeline,
-    kernel::capture::encode_payload_record,
+    kernel::capture::kernel_capture,
     kernel::events::{EventKind, SockEventRecord, SocketFacts},
     services::SharedServices,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-const CAPTURE: usize = 256;
+/// The per-call capture budget (`limits.capture_bytes`, the default).
+const CAPTURE: usize = 16384;
 const CONNECTIONS: u64 = 32;
 const KEYS: u64 = 10_000;
 const OPERATIONS: usize = 20_000;
@@ -121,6 +125,8 @@ fn records(start_ns: u64) -> Vec<Vec<u8>> {
     let mut seqs: Vec<(u32, u32)> = (0..CONNECTIONS)
         .map(|_| (rng.below(1 << 32) as u32, rng.below(1 << 32) as u32))
         .collect();
+    // Per connection, the kernel's frame positions of the four directions it follows.
+    let mut frames = vec![[FrameState::default(); 4]; CONNECTIONS as usize];
     for op in 0..OPERATIONS {
         let ts = start_ns + op as u64 * OP_INTERVAL_NS;
         let connection = op as u64 % CONNECTIONS;
@@ -139,7 +145,8 @@ fn records(start_ns: u64) -> Vec<Vec<u8>> {
         let client = client_sk(connection);
         let server = server_sk(connection);
         let (request_seq, response_seq) = &mut seqs[connection as usize];
-        for (offset, sk, is_send, comm, bytes, seq) in [
+        let states = &mut frames[connection as usize];
+        for (direction, (offset, sk, is_send, comm, bytes, seq)) in [
             (0, client, true, &b"loadgen"[..], &request, *request_seq),
             (
                 1_000,
@@ -165,22 +172,33 @@ fn records(start_ns: u64) -> Vec<Vec<u8>> {
                 &response,
                 *response_seq,
             ),
-        ] {
-            let mut record = encode_payload_record(
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for mut record in kernel_capture(
                 ts + offset,
                 sk,
-                bytes.len() as u64,
                 is_send,
-                comm,
-                &bytes[..bytes.len().min(CAPTURE)],
-            );
-            with_seq(&mut record, seq);
-            out.push(record);
+                bytes,
+                &mut states[direction],
+                CAPTURE as u64,
+            ) {
+                with_comm(&mut record, comm);
+                with_seq(&mut record, seq);
+                out.push(record);
+            }
         }
         *request_seq = request_seq.wrapping_add(request.len() as u32);
         *response_seq = response_seq.wrapping_add(response.len() as u32);
     }
     out
+}
+
+/// The process name the kernel puts in `PayloadHeader::comm`.
+fn with_comm(record: &mut [u8], comm: &[u8]) {
+    record[48..64].fill(0);
+    record[48..48 + comm.len()].copy_from_slice(comm);
 }
 
 /// Marks a record as carrying the sequence number of its call's first byte, where the kernel

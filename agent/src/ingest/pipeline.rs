@@ -63,6 +63,32 @@ pub struct Pipeline {
     outputs: Outputs,
     /// Wall-clock seconds of record timestamps, without a clock read per record.
     wall: MonotonicToUnix,
+    comm_names: CommNames,
+}
+
+/// The process names of the last two distinct `comm`s seen in payload records, by their raw
+/// kernel bytes. Records alternate between few processes (a client and its server), and
+/// turning the bytes into a name for every record showed in the agent's profile.
+#[derive(Default)]
+struct CommNames {
+    raw: [[u8; agent_common::COMM_LEN]; 2],
+    names: [String; 2],
+    next: usize,
+}
+
+impl CommNames {
+    /// The slot holding `raw`'s name, converting it if neither slot has it. (The zeroed
+    /// slots of a new table hold the empty name, which is what zeroes convert to.)
+    fn slot(&mut self, raw: &[u8; agent_common::COMM_LEN]) -> usize {
+        if let Some(slot) = self.raw.iter().position(|known| known == raw) {
+            return slot;
+        }
+        let slot = self.next & 1;
+        self.next = slot ^ 1;
+        self.raw[slot] = *raw;
+        self.names[slot] = events::comm_str(raw).into_owned();
+        slot
+    }
 }
 
 impl Pipeline {
@@ -90,6 +116,7 @@ impl Pipeline {
             kernel_stats: KernelStats::default(),
             outputs: Outputs::new(recorder),
             wall: MonotonicToUnix::default(),
+            comm_names: CommNames::default(),
             services,
         };
         pipeline.set_sampled_call_slots(config);
@@ -304,8 +331,10 @@ impl Pipeline {
             queue_mode,
             &mut self.memcache_events,
         );
-        let comm = events::comm_str(payload.comm);
+        let slot = self.comm_names.slot(payload.comm);
+        let comm = std::mem::take(&mut self.comm_names.names[slot]);
         self.flush_memcache(Some(&comm), weight, payload.ts_ns);
+        self.comm_names.names[slot] = comm;
         PayloadOutcome::Handled
     }
 
@@ -490,6 +519,36 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+
+    #[test]
+    fn comm_names_convert_each_name_once_and_keep_the_last_two() {
+        let raw = |name: &[u8]| {
+            let mut raw = [0u8; agent_common::COMM_LEN];
+            raw[..name.len()].copy_from_slice(name);
+            raw
+        };
+        let mut names = CommNames::default();
+        let name = |names: &mut CommNames, bytes: &[u8; agent_common::COMM_LEN]| {
+            let slot = names.slot(bytes);
+            names.names[slot].clone()
+        };
+        assert_eq!(name(&mut names, &[0; agent_common::COMM_LEN]), "");
+        for _ in 0..3 {
+            assert_eq!(name(&mut names, &raw(b"memcaslap")), "memcaslap");
+            assert_eq!(name(&mut names, &raw(b"mc-worker")), "mc-worker");
+        }
+        // A third name takes the older slot; the other stays.
+        assert_eq!(name(&mut names, &raw(b"python3")), "python3");
+        assert_eq!(name(&mut names, &raw(b"mc-worker")), "mc-worker");
+        assert_eq!(name(&mut names, &raw(b"memcaslap")), "memcaslap");
+        assert_eq!(name(&mut names, &raw(b"python3")), "python3");
+        // Invalid UTF-8 converts as before; a full 16-byte name has no terminator.
+        assert_eq!(name(&mut names, &raw(b"a\xffb")), "a\u{fffd}b");
+        assert_eq!(
+            name(&mut names, &[b'x'; agent_common::COMM_LEN]),
+            "x".repeat(16)
+        );
+    }
     use crate::{
         kernel::capture::{encode_payload_record, mark_sample},
         kernel::events::{EventKind, SockEventRecord, SocketFacts},

@@ -568,3 +568,45 @@ fn table_is_bounded() {
     assert_eq!(out.last(), Some(&Observation::TrackingDropped));
     assert_eq!(tracker.active_connections(), 2);
 }
+
+#[test]
+fn endpoints_that_differ_in_any_field_hash_apart_and_equal_ones_alike() {
+    use std::hash::BuildHasher;
+    let hash = |endpoint: &Endpoint| foldhash::fast::FixedState::with_seed(7).hash_one(endpoint);
+    let base = Endpoint {
+        service: 0,
+        server: "127.0.0.1:11211".parse().unwrap(),
+        role: Role::Client,
+    };
+    let variants = [
+        base,
+        Endpoint { service: 1, ..base },
+        Endpoint {
+            role: Role::Server,
+            ..base
+        },
+        Endpoint {
+            server: "127.0.0.1:11212".parse().unwrap(),
+            ..base
+        },
+        Endpoint {
+            server: "127.0.0.2:11211".parse().unwrap(),
+            ..base
+        },
+        Endpoint {
+            server: "[::1]:11211".parse().unwrap(),
+            ..base
+        },
+        Endpoint {
+            server: "[::ffff:127.0.0.1]:11211".parse().unwrap(),
+            ..base
+        },
+    ];
+    for (i, a) in variants.iter().enumerate() {
+        let equal: Endpoint = *a;
+        assert_eq!(hash(a), hash(&equal), "{a:?}");
+        for b in &variants[i + 1..] {
+            assert_ne!(hash(a), hash(b), "{a:?} {b:?}");
+        }
+    }
+}
