@@ -133,6 +133,15 @@ impl Decoders {
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
         };
+        if known && payload.resumed {
+            // Calls went by that the kernel did not follow (capture off, or outside the
+            // sample): not a loss but a new start, like a connection met mid-stream. Only the
+            // exchange cut by the switch, if any, is counted.
+            state.decoder.resume(&mut self.scratch);
+            state.next_seq = [None; 2];
+            // Under the sample they were captured under.
+            drain(&mut self.scratch, state, out);
+        }
         state.flow = state.flow.or(flow);
         state.sample = match payload.sample_shift {
             Some(shift) => StreamSample {

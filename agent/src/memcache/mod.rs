@@ -19,7 +19,8 @@
 //!
 //! How the caller drives it: [`ConnectionDecoder::feed`] for every payload in time order
 //! (the two directions interleaved), [`ConnectionDecoder::note_gap`] when events of a
-//! direction were lost, [`ConnectionDecoder::expire`] periodically, and
+//! direction were lost, [`ConnectionDecoder::resume`] when the stream is followed again after
+//! a stretch nobody followed, [`ConnectionDecoder::expire`] periodically, and
 //! [`ConnectionDecoder::finish`] when the connection closes. Observations are appended to a
 //! caller-owned vector; read them and `clear()` it to keep its capacity. Requests are reported
 //! when they finish, so observations are in completion order, not send order.
@@ -336,6 +337,30 @@ impl ConnectionDecoder {
                 self.pairing.lose_responses(ts, out);
             }
         }
+    }
+
+    /// The stream went on unfollowed (capture was off, or the sample let the connection go)
+    /// and is followed again from the next chunk, which the kernel starts at a frame boundary
+    /// in both directions. Requests still waiting (and a storage request cut in its data) had
+    /// their answers in the stretch nobody followed: they finish as [`Status::Unknown`] with
+    /// one `gap` error, the one exchange the switch cut. When nothing was waiting nothing was
+    /// lost and nothing is counted. Everything else starts afresh, as for a new connection.
+    pub fn resume(&mut self, out: &mut Vec<Decoded>) {
+        if let Some(req) = self.inflight.take() {
+            self.pairing.submit(req, out);
+        }
+        if self.pairing.pending_len() > 0 {
+            push_error(
+                out,
+                DecodeErrorReason::Gap,
+                Direction::ServerToClient,
+                self.last_ts,
+            );
+            self.pairing.lose_responses(self.last_ts, out);
+        }
+        let stats = self.stats;
+        *self = ConnectionDecoder::new(self.config.clone());
+        self.stats = stats;
     }
 
     /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response, or

@@ -651,3 +651,72 @@ fn a_read_that_also_takes_the_peers_fin_is_not_a_gap() {
     // More than the FIN's one byte is a hole whatever the path.
     assert_eq!(run(2, None).1, 1);
 }
+
+/// A record with the kernel's sequence number and, when `resumed`, its mark for a call that
+/// does not start where it last followed the connection.
+fn with_seq_marked(mut bytes: Vec<u8>, seq: u32, resumed: bool) -> Vec<u8> {
+    bytes[40] |= payload_flags::SEQ;
+    if resumed {
+        bytes[40] |= payload_flags::RESUMED;
+    }
+    bytes[44..48].copy_from_slice(&seq.to_ne_bytes());
+    bytes
+}
+
+/// Every decode error in `out`.
+fn decode_errors(out: &[MemcacheEvent]) -> Vec<DecodeErrorReason> {
+    out.iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::DecodeError { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Capture turned off and on again on a pooled connection (or the sample letting it go and
+/// taking it back): the exchanges in between went by unfollowed, and the kernel marks the
+/// first call it follows again. That is a clean new start from a request boundary, not a
+/// loss: no `gap`, no `unexpected_response`, every exchange after it decoded. (Without the
+/// mark, the jump in sequence numbers read as lost records: one gap per direction, and the
+/// answer to the first new request taken as unexpected.)
+#[test]
+fn a_stream_followed_again_after_an_unfollowed_stretch_starts_clean() {
+    for role in [Role::Client, Role::Server] {
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+        // The client's requests go out, the answers come in: the send of one end is the
+        // receive of the other, so the direction follows the role.
+        let ask = role == Role::Client;
+        let records = [
+            with_seq_marked(record(100, 5, ask, b"get k\r\n", 7), 1_000, false),
+            with_seq_marked(record(200, 5, !ask, hit, 21), 9_000, false),
+            // Twenty exchanges go by unfollowed; the first call followed again is a request.
+            with_seq_marked(record(5_000, 5, ask, b"get k\r\n", 7), 1_147, true),
+            with_seq_marked(record(5_100, 5, !ask, hit, 21), 9_441, false),
+            with_seq_marked(record(5_200, 5, ask, b"get k\r\n", 7), 1_154, false),
+            with_seq_marked(record(5_300, 5, !ask, hit, 21), 9_462, false),
+        ];
+        feed(&mut decoders, &records, role, &mut out);
+        assert_eq!(statuses(&out), [Status::Hit; 3], "{role:?}: {out:?}");
+        assert_eq!(decode_errors(&out), [], "{role:?}: {out:?}");
+    }
+}
+
+/// Capture stops following while a request waits for its answer: that one exchange is cut,
+/// and counted (one gap, the request unknown); the stream after the switch decodes as new.
+#[test]
+fn the_exchange_cut_by_a_switch_is_counted_once() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let records = [
+        with_seq_marked(record(100, 5, true, b"get k\r\n", 7), 1_000, false),
+        // Its answer comes while the connection is not followed.
+        with_seq_marked(record(5_000, 5, true, b"get k\r\n", 7), 1_147, true),
+        with_seq_marked(record(5_100, 5, false, hit, 21), 9_441, false),
+    ];
+    feed(&mut decoders, &records, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}
