@@ -166,6 +166,17 @@ impl Pipeline {
     pub fn reconfigure(&mut self, config: &Config) {
         let services = self.services.load();
         self.set_sampled_call_slots(config, &services);
+        // Services whose capture is now off (or that left the config): their streams pause.
+        let captured: Vec<usize> = config
+            .services
+            .iter()
+            .filter(|service| service.capture)
+            .filter_map(|service| services.id_of(&service.name))
+            .collect();
+        self.decoders.pause_uncaptured(
+            |service| captured.contains(&service),
+            crate::clock::monotonic_ns(),
+        );
         self.keys.set_display(config.keys);
         self.outputs
             .recorder

@@ -720,3 +720,40 @@ fn the_exchange_cut_by_a_switch_is_counted_once() {
     assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
     assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
 }
+
+/// A reload switches the service's capture off while a request waits: its answer goes by
+/// unseen, so it never times out, however long capture stays off; when capture comes back the
+/// request finishes as the one exchange the switch cut (unknown, one gap). A paused stream that
+/// closes first finishes its waiting request the same way, not as unanswered.
+#[test]
+fn a_stream_paused_by_a_reload_does_not_time_out_and_counts_its_cut_exchange_once() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    for sk in [5, 6] {
+        let ask = with_seq_marked(record(100, sk, true, b"get k\r\n", 7), 1_000, false);
+        feed(&mut decoders, &[ask], Role::Client, &mut out);
+    }
+    decoders.pause_uncaptured(|_| false, 200);
+    decoders.expire(60 * SECOND, 5 * SECOND, &mut out);
+    assert_eq!(statuses(&out), [], "{out:?}");
+
+    let again = [
+        with_seq_marked(record(61 * SECOND, 5, true, b"get k\r\n", 7), 1_147, true),
+        with_seq_marked(record(61 * SECOND + 100, 5, false, hit, 21), 9_441, false),
+    ];
+    feed(&mut decoders, &again, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+    // Resumed, the stream times out again like any other.
+    let late = with_seq_marked(record(62 * SECOND, 5, true, b"get k\r\n", 7), 1_154, false);
+    feed(&mut decoders, &[late], Role::Client, &mut out);
+    decoders.expire(70 * SECOND, 5 * SECOND, &mut out);
+    assert_eq!(statuses(&out).last(), Some(&Status::Timeout), "{out:?}");
+
+    out.clear();
+    decoders.on_close(6, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}
