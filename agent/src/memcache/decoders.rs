@@ -74,6 +74,9 @@ struct ConnectionState {
     /// When its service stopped being captured (a reload), until a record written after that
     /// arrives: its waiting requests are answered unseen, so they do not time out.
     paused_ns: Option<u64>,
+    /// When a reload captured its service again after a pause: requests sent since then are
+    /// not among those a resumed record cuts.
+    followed_again_ns: Option<u64>,
 }
 
 /// How long a closed socket's stream keeps taking payload records. A send that straddles the
@@ -144,7 +147,9 @@ impl Decoders {
             // Calls went by that the kernel did not follow (capture off, or outside the
             // sample): not a loss but a new start, like a connection met mid-stream. Only the
             // exchange cut by the switch, if any, is counted.
-            state.decoder.resume(&mut self.scratch);
+            state
+                .decoder
+                .resume(state.followed_again_ns.take(), &mut self.scratch);
             state.next_seq = [None; 2];
             // Under the sample they were captured under.
             drain(&mut self.scratch, state, out);
@@ -167,6 +172,15 @@ impl Decoders {
         // followed would read the tail of a lost value as framing (a lost `VALUE` line leaves
         // `END`: a hit read as a miss, 8,185 of them in a soak that lost payload records), so
         // the decoder is told of the gap and resynchronises.
+        if !payload.resumed
+            && direction == Direction::ServerToClient
+            && state
+                .followed_again_ns
+                .is_some_and(|again| payload.ts_ns > again)
+        {
+            // Answers followed without a skip since capture came back: none went by unseen.
+            state.followed_again_ns = None;
+        }
         let lane = usize::from(direction == Direction::ServerToClient);
         let first_seq = payload
             .seq
@@ -230,6 +244,7 @@ impl Decoders {
                 sample: StreamSample::UNSAMPLED,
                 next_seq: [None; 2],
                 paused_ns: None,
+                followed_again_ns: None,
             },
         );
         true
@@ -269,7 +284,7 @@ impl Decoders {
     pub fn on_close(&mut self, sk: u64, out: &mut Vec<MemcacheEvent>) {
         if let Some(mut state) = self.connections.remove(&sk) {
             if state.paused_ns.is_some() {
-                state.decoder.resume(&mut self.scratch);
+                state.decoder.resume(None, &mut self.scratch);
             }
             state.decoder.finish(&mut self.scratch);
             drain(&mut self.scratch, &state, out);
@@ -302,10 +317,17 @@ impl Decoders {
     /// go by unseen. They do not time out; when capture comes back the kernel marks the stream
     /// resumed and its waiting requests finish as the one exchange the switch cut
     /// ([`ConnectionDecoder::resume`]), as they do if it closes first.
+    /// A paused stream whose service is captured again remembers when (`now_ns`): requests
+    /// it sends from then on are answered where capture follows them.
     pub fn pause_uncaptured(&mut self, captured: impl Fn(usize) -> bool, now_ns: u64) {
         for state in self.connections.values_mut() {
-            if !captured(state.endpoint.service) && state.paused_ns.is_none() {
-                state.paused_ns = Some(now_ns);
+            if !captured(state.endpoint.service) {
+                if state.paused_ns.is_none() {
+                    state.paused_ns = Some(now_ns);
+                }
+                state.followed_again_ns = None;
+            } else if state.paused_ns.is_some() {
+                state.followed_again_ns = Some(now_ns);
             }
         }
     }

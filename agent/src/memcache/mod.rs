@@ -341,26 +341,38 @@ impl ConnectionDecoder {
 
     /// The stream went on unfollowed (capture was off, or the sample let the connection go)
     /// and is followed again from the next chunk, which the kernel starts at a frame boundary
-    /// in both directions. Requests still waiting (and a storage request cut in its data) had
-    /// their answers in the stretch nobody followed: they finish as [`Status::Unknown`] with
-    /// one `gap` error, the one exchange the switch cut. When nothing was waiting nothing was
-    /// lost and nothing is counted. Everything else starts afresh, as for a new connection.
-    pub fn resume(&mut self, out: &mut Vec<Decoded>) {
+    /// in both directions. Requests sent before `followed_again_ns` (all waiting ones when
+    /// None: when the stretch ended is unknown) had their answers in the stretch nobody
+    /// followed: they finish as [`Status::Unknown`] with one `gap` error, the one exchange the
+    /// switch cut; later ones keep waiting (a client's next request can go out before the read
+    /// that shows the skipped answer). When nothing was cut nothing is counted. The framers
+    /// start afresh, as for a new connection.
+    pub fn resume(&mut self, followed_again_ns: Option<u64>, out: &mut Vec<Decoded>) {
         if let Some(req) = self.inflight.take() {
             self.pairing.submit(req, out);
         }
-        if self.pairing.pending_len() > 0 {
+        if self.pairing.lose_responses_before(followed_again_ns, out) {
             push_error(
                 out,
                 DecodeErrorReason::Gap,
                 Direction::ServerToClient,
                 self.last_ts,
             );
-            self.pairing.lose_responses(self.last_ts, out);
         }
-        let stats = self.stats;
-        *self = ConnectionDecoder::new(self.config.clone());
-        self.stats = stats;
+        let config = &self.config;
+        self.client_text = TextFramer::new(config.max_line_len, config.value_heads);
+        self.server_text = TextFramer::new(config.max_line_len, config.value_heads);
+        self.client_binary = BinFramer::new(
+            binary::REQUEST_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        );
+        self.server_binary = BinFramer::new(
+            binary::RESPONSE_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        );
+        self.client_seq_base = None;
     }
 
     /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response, or

@@ -757,3 +757,25 @@ fn a_stream_paused_by_a_reload_does_not_time_out_and_counts_its_cut_exchange_onc
     assert_eq!(statuses(&out), [Status::Unknown], "{out:?}");
     assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
 }
+
+/// Capture comes back by a reload, and the client's next get goes out (its send side skipped
+/// nothing, so it is not marked) before the read that shows the skipped answer: only the get
+/// sent before capture came back is cut (unknown, one gap); the new one is answered (hit).
+#[test]
+fn a_request_sent_after_capture_came_back_is_not_cut_with_the_one_before() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let ask = with_seq_marked(record(100, 5, true, b"get k\r\n", 7), 1_000, false);
+    feed(&mut decoders, &[ask], Role::Client, &mut out);
+    decoders.pause_uncaptured(|_| false, 200);
+    // Its answer is read unseen; then capture comes back.
+    decoders.pause_uncaptured(|_| true, 300);
+    let again = [
+        with_seq_marked(record(400, 5, true, b"get k\r\n", 7), 1_007, false),
+        with_seq_marked(record(500, 5, false, hit, 21), 9_021, true),
+    ];
+    feed(&mut decoders, &again, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}
