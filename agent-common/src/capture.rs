@@ -134,6 +134,10 @@ pub mod payload_flags {
     pub const INCOMPLETE: u8 = 1;
     /// [`super::PayloadHeader::seq`] holds the TCP sequence number of the call's first byte.
     pub const SEQ: u8 = 2;
+    /// The call does not start where the kernel last followed this connection: calls went by
+    /// unfollowed (capture off, or outside the sample), and framing starts afresh here for both
+    /// directions ([`crate::framing::SocketFrames::resume`]). Only on a call's first record.
+    pub const RESUMED: u8 = 4;
 }
 
 /// One payload record: this header, then `data_len` bytes of segments. A segment is a

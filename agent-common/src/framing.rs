@@ -139,12 +139,48 @@ pub struct FrameState {
 
 const _: () = assert!(core::mem::size_of::<FrameState>() == 40);
 
-/// The send and the receive side of one socket.
+/// The send and the receive side of one socket, and where each side's next call should start.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketFrames {
     pub send: FrameState,
     pub recv: FrameState,
+    /// TCP sequence number just past the last call followed, receive then send, valid where
+    /// `seq_known` has the direction's bit ([`SocketFrames::resume`]).
+    pub next_seq: [u32; 2],
+    pub seq_known: u8,
+    pub _pad: [u8; 7],
+}
+
+impl SocketFrames {
+    /// Before following a call of `len` bytes whose first byte has sequence number `first`
+    /// (None: unknown). True when the call does not start where this side's last followed call
+    /// ended: calls went by unfollowed (capture was off, or the sample let the connection go),
+    /// so both sides' frame states are stale. Both start afresh at a frame boundary, as for a
+    /// connection met for the first time, and the other side's next call is taken as it comes
+    /// (its calls went by too). A receive one byte late is not such a skip: `copied_seq` counts
+    /// the peer's FIN once a read consumes it.
+    #[inline(always)]
+    pub fn resume(&mut self, is_send: bool, first: Option<u32>, len: u32) -> bool {
+        let lane = is_send as usize;
+        let bit = 1u8 << lane;
+        let Some(first) = first else {
+            self.seq_known &= !bit;
+            return false;
+        };
+        let expected = self.next_seq[lane & 1];
+        let skipped = self.seq_known & bit != 0
+            && first != expected
+            && (is_send || first != expected.wrapping_add(1));
+        if skipped {
+            self.send = FrameState::default();
+            self.recv = FrameState::default();
+            self.seq_known = 0;
+        }
+        self.next_seq[lane & 1] = first.wrapping_add(len);
+        self.seq_known |= bit;
+        skipped
+    }
 }
 
 const fn word(bytes: &[u8]) -> u64 {
@@ -705,6 +741,34 @@ mod tests {
         frame.extend_from_slice(key);
         frame.extend_from_slice(value);
         frame
+    }
+
+    /// A side's calls followed one after another continue its frames; a call that starts
+    /// elsewhere (calls went by unfollowed) starts both sides afresh, once: the other side's
+    /// next call is taken as it comes. A receive one byte late took the peer's FIN.
+    #[test]
+    fn a_call_past_unfollowed_ones_starts_both_sides_afresh() {
+        let mut frames = SocketFrames::default();
+        assert!(!frames.resume(true, Some(100), 7), "the first call");
+        assert!(!frames.resume(false, Some(900), 21));
+        assert!(!frames.resume(true, Some(107), 7), "continues");
+        frames.recv.mode = mode::SKIP;
+        frames.recv.remaining = 500;
+        frames.send.mode = mode::TEXT;
+        assert!(frames.resume(true, Some(300), 7), "sends went by");
+        assert_eq!((frames.send, frames.recv), Default::default());
+        assert!(
+            !frames.resume(false, Some(5_000), 21),
+            "the receive side is taken as it comes"
+        );
+        assert!(!frames.resume(true, Some(307), 7));
+        assert!(
+            !frames.resume(false, Some(5_022), 0),
+            "one byte late: the FIN"
+        );
+        assert!(frames.resume(true, Some(320), 7), "sends went by");
+        assert!(!frames.resume(true, None, 7), "unknown: nothing to compare");
+        assert!(!frames.resume(true, Some(1), 7), "nor after an unknown");
     }
 
     #[test]

@@ -166,6 +166,19 @@ pub(crate) fn capture_payload(
     // SAFETY: this CPU's scratch slot (nothing else runs on this CPU during this program) and a
     // map value that stays valid for this program run.
     let (walk, frames) = unsafe { (&mut *scratch, &mut *frames) };
+    // The call has already moved the socket's sequence number past its bytes: step back to
+    // its first byte, the number both ends of the connection know it by.
+    let seq_offset = if is_send {
+        offsets().tcp_write_seq
+    } else {
+        offsets().tcp_copied_seq
+    };
+    let first_seq =
+        read_kernel_field::<u32>(sk, seq_offset).map(|next| next.wrapping_sub(ret as u32));
+    walk.flags = 0;
+    if frames.resume(is_send, first_seq, ret as u32) {
+        walk.flags |= payload_flags::RESUMED as u64;
+    }
     let state = if is_send {
         &mut frames.send
     } else {
@@ -179,7 +192,6 @@ pub(crate) fn capture_payload(
     walk.data_len = 0;
     walk.segment = NO_SEGMENT;
     walk.segment_end = 0;
-    walk.flags = 0;
     match io_syscall::kind(syscall) {
         io_syscall::KIND_BUFFER => {
             walk.iov = 0;
@@ -209,17 +221,10 @@ pub(crate) fn capture_payload(
     walk.iov_off = 0;
     walk.iov_batch_start = 0;
     walk.iov_batch_len = 0;
-    // The call has already moved the socket's sequence number past its bytes: step back to
-    // its first byte, the number both ends of the connection know it by.
-    let seq_offset = if is_send {
-        offsets().tcp_write_seq
-    } else {
-        offsets().tcp_copied_seq
-    };
-    let seq = match read_kernel_field::<u32>(sk, seq_offset) {
-        Some(next) => {
+    let seq = match first_seq {
+        Some(seq) => {
             walk.flags |= payload_flags::SEQ as u64;
-            next.wrapping_sub(ret as u32)
+            seq
         }
         None => 0,
     };
@@ -491,4 +496,6 @@ fn flush_record(walk: &mut CaptureWalk) {
     }
     walk.data_len = 0;
     walk.segment = NO_SEGMENT;
+    // The call's later records continue it.
+    walk.flags &= !(payload_flags::RESUMED as u64);
 }

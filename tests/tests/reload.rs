@@ -296,11 +296,18 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
         }
     };
     let cmd_get = || server_stats(port, "stats")["cmd_get"];
+    let server_gets = |s: &Scrape| {
+        s.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("service", "cache"), ("role", "server"), ("command", "get")],
+        )
+    };
 
     // Captured: every get counted.
     gets_on(&mut pooled, 20);
-    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 20.0);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 20.0 && server_gets(s) >= 20.0);
     assert_eq!(get_requests(&scrape), 20.0, "{}", scrape.text);
+    assert_eq!(server_gets(&scrape), 20.0, "{}", scrape.text);
 
     // Capture off: the same connection's gets reach memcached and are not decoded.
     reload(false, 1);
@@ -311,13 +318,93 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
     std::thread::sleep(Duration::from_secs(2));
     let scrape = agent.scrape();
     assert_eq!(get_requests(&scrape), 20.0, "{}", scrape.text);
+    assert_eq!(server_gets(&scrape), 20.0, "{}", scrape.text);
 
-    // Capture on again: counted again, from the next call on.
+    // Capture on again: counted again, from the next call on, at both ends. The calls that
+    // went by unfollowed are no loss: the kernel marks the first call it follows again and
+    // both views start afresh at that request (issue 17; they used to count 4 `gap` and 4
+    // `unexpected_response` here while the counts stayed exact).
     reload(true, 2);
     gets_on(&mut pooled, 20);
-    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 40.0);
+    let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 40.0 && server_gets(s) >= 40.0);
     assert_eq!(get_requests(&scrape), 40.0, "{}", scrape.text);
-    // Not asserted: the decoder counts the bytes skipped while capture was off as a gap (and
-    // a reply after it as unexpected), 4 of each here, on main (03a81c4) as on this branch;
-    // the counts above are exact all the same. Noted for the issue as the decoder's, not this.
+    assert_eq!(server_gets(&scrape), 40.0, "{}", scrape.text);
+    scrape.assert_no_decode_errors();
+}
+
+/// Issue 17: a reload switches capture off while a get waits for its answer on a pooled
+/// connection. memcached answered it while capture was on (the server view counts it), the
+/// client reads the answer only after the switch, unseen. That request must not turn into a
+/// timeout however long capture stays off (6 s here, the timeout is 5 s; main counted one);
+/// when capture comes back it finishes as the one exchange the switch cut (status `unknown`,
+/// one `gap`), although the client's next get goes out before the read that shows the skipped
+/// answer, and every get after it is counted at both ends.
+#[test]
+fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
+    use std::io::{Read, Write};
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    pooled.write_all(b"set k 0 0 1\r\nv\r\n").unwrap();
+    let mut stored = [0u8; 8];
+    pooled.read_exact(&mut stored).unwrap();
+    let agent = Agent::start_with_config("reload-cut", &capture_config(port, true)).unwrap();
+    let gets = |s: &Scrape, role: &str, status: &str| {
+        let mut labels = vec![("service", "cache"), ("role", role), ("command", "get")];
+        if !status.is_empty() {
+            labels.push(("status", status));
+        }
+        s.sum("cacheprobe_memcache_requests_total", &labels)
+    };
+    let reload = |capture: bool, count: usize| {
+        std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
+        agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + WAIT;
+        while agent.log().matches("config reloaded").count() < count {
+            assert!(Instant::now() < deadline, "no reload: {}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    gets_on(&mut pooled, 5);
+    // One more get, its answer left unread until capture is off.
+    pooled.write_all(b"get k\r\n").unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        gets(s, "client", "") >= 5.0 && gets(s, "server", "") >= 6.0
+    });
+    assert_eq!(
+        (gets(&scrape, "client", ""), gets(&scrape, "server", "")),
+        (5.0, 6.0),
+        "{}",
+        scrape.text
+    );
+    reload(false, 1);
+    let mut reply = [0u8; 21];
+    pooled.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"VALUE k 0 1\r\nv\r\nEND\r\n");
+    std::thread::sleep(Duration::from_secs(6));
+    let scrape = agent.scrape();
+    assert_eq!(gets(&scrape, "client", "timeout"), 0.0, "{}", scrape.text);
+
+    reload(true, 2);
+    gets_on(&mut pooled, 5);
+    let scrape = agent.wait_for(WAIT, |s| {
+        gets(s, "client", "") >= 11.0 && gets(s, "server", "") >= 11.0
+    });
+    // Every get counted at both ends, none as a timeout: the one cut is unknown, and it is the
+    // only decode error.
+    assert_eq!(gets(&scrape, "client", "hit"), 10.0, "{}", scrape.text);
+    assert_eq!(gets(&scrape, "client", "unknown"), 1.0, "{}", scrape.text);
+    assert_eq!(gets(&scrape, "client", "timeout"), 0.0, "{}", scrape.text);
+    assert_eq!(gets(&scrape, "server", "hit"), 11.0, "{}", scrape.text);
+    let errors = |reason: &str| {
+        let labels: &[(&str, &str)] = if reason.is_empty() {
+            &[]
+        } else {
+            &[("reason", reason)]
+        };
+        scrape.sum("cacheprobe_memcache_decode_errors_total", labels)
+    };
+    assert_eq!((errors(""), errors("gap")), (1.0, 1.0), "{}", scrape.text);
 }

@@ -74,9 +74,20 @@ fn reload(
     }
     // Checked before the kernel is told, so a refused reload leaves everything as it was.
     let next = services.load().reconfigured(&config.services)?;
+    // Services that move to other slots take their samples along: the kernel gets shifts
+    // that suit both orders before the ports change, and the exact ones right after.
+    if let Some(bridge) = pipeline.reslot_services(&config, &next) {
+        if let Err(err) = probes.set_capture_sample_shifts(&bridge) {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "cannot change the capture sample"
+            );
+        }
+    }
     probes.set_watched_ports(&config)?;
     services.store(next);
     pipeline.reconfigure(&config);
+    apply_capture_shift(probes, pipeline);
     tracing::info!(
         services = config.services.len(),
         path = %args.config_path.display(),

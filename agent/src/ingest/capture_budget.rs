@@ -318,6 +318,11 @@ pub struct CaptureSampling {
     shift_applied_ns: u64,
     slot_applied_ns: Vec<u64>,
     ratios: CallRatios,
+    /// Slots whose service changed on a reload: their next reading mixes two services and
+    /// leaves their (carried) ratio as it is.
+    reslotted: Vec<bool>,
+    /// The kernel's shifts when a reload moved services, until the widened ones are taken.
+    reslot_from: Option<Vec<u32>>,
 }
 
 /// The ratio weights by `SAMPLED_CALLS` index, from the kernel's counters.
@@ -419,13 +424,22 @@ impl CaptureSampling {
             shift_applied_ns: 0,
             slot_applied_ns: vec![0; SLOTS],
             ratios: CallRatios::default(),
+            reslotted: vec![false; SLOTS],
+            reslot_from: None,
         }
     }
 
-    /// The `SAMPLED_CALLS` slot of each service id (see [`watch::slot_of_position`]). A slot
-    /// whose service changed (a reload that reordered services) starts afresh: its ratios and
-    /// what the budget learnt of it are dropped, its next look is skipped, and it keeps its
-    /// shift until looks at its new service judge it.
+    /// The `SAMPLED_CALLS` slot of each service id (see [`watch::slot_of_position`]). A reload
+    /// that reorders services moves them to other slots, and each takes what its slot held to
+    /// its new one: its shift, what the budget learnt of it and its call ratios, so a sampled
+    /// service keeps its sample and weights, and a quiet one stays whole (they used to stay
+    /// in the slot: the quiet service took the busy one's sample, up to 28% of its counts
+    /// gone for a few seconds, and the busy one fell back to 2^shift). A new service (or a
+    /// slot left empty) starts afresh at shift 0, as at the agent's start. The kernel is told
+    /// at once ([`CaptureSampling::take_reslot_shifts`], then [`CaptureSampling::take_shift`]);
+    /// each changed slot skips its next look and keeps its ratio through the next reading,
+    /// whose interval mixes two services. Slot 0 (shared by services past the 63rd) is
+    /// forgotten and keeps its shift.
     pub fn set_service_slots(&mut self, slots: Vec<u32>) {
         let owners = |slots: &[u32]| {
             let mut owner = vec![None; SLOTS];
@@ -437,14 +451,73 @@ impl CaptureSampling {
             owner
         };
         let (before, after) = (owners(&self.ratios.slots), owners(&slots));
+        let controls = self.budget.slots.clone();
+        let ratios = self.ratios.ratio.clone();
+        let (applied, telling) = (self.applied.clone(), self.telling.clone());
+        let mut moved = false;
         for slot in 0..SLOTS {
-            if before[slot] != after[slot] {
-                self.budget.forget(slot as u32);
-                self.look_mixed[slot] = true;
-                self.ratios.clear_slot(slot as u32);
+            if before[slot] == after[slot] {
+                continue;
+            }
+            self.look_mixed[slot] = true;
+            if slot == 0 {
+                self.budget.forget(0);
+                self.ratios.clear_slot(0);
+                continue;
+            }
+            moved = true;
+            self.reslotted[slot] = true;
+            // Where this slot's new service was, if it owned a slot of its own.
+            let from = after[slot]
+                .and_then(|service| self.ratios.slots.get(service).copied())
+                .map(|from| from as usize)
+                .filter(|&from| from != 0 && from < SLOTS && before[from] == after[slot]);
+            match from {
+                Some(from) => {
+                    self.budget.slots[slot] = controls[from].clone();
+                    self.applied[slot] = applied[from];
+                    self.telling[slot] = telling[from];
+                    for client in [false, true] {
+                        let (to, from) = (
+                            watch::calls_index(slot as u32, client) as usize,
+                            watch::calls_index(from as u32, client) as usize,
+                        );
+                        if let Some(ratio) = self.ratios.ratio.get_mut(to) {
+                            *ratio = ratios.get(from).copied().flatten();
+                        }
+                    }
+                }
+                None => {
+                    self.budget.slots[slot] = SlotControl::default();
+                    self.applied[slot] = 0;
+                    self.telling[slot] = 0;
+                    self.ratios.clear_slot(slot as u32);
+                }
             }
         }
         self.ratios.slots = slots;
+        // The kernel must hear of it when a slot's shift is not what it has.
+        let differs = moved && self.budget.shifts() != applied;
+        self.pending |= differs;
+        self.reslot_from = differs.then_some(applied);
+    }
+
+    /// After [`CaptureSampling::set_service_slots`] moved services, before the kernel's
+    /// watched ports change: per slot the wider of the shift the kernel has and the one the
+    /// slot's new service brings, so that calls counted under either layout in between are
+    /// followed at least as widely as their service's sample needs. (Records carry the shift
+    /// they were captured under; those of streams their service's sample lets go are dropped,
+    /// see [`CaptureSampling::weight_of_record`].) The exact shifts follow from
+    /// [`CaptureSampling::take_shift`] once the ports are changed.
+    pub fn take_reslot_shifts(&mut self) -> Option<Vec<u32>> {
+        let before = self.reslot_from.take()?;
+        Some(
+            before
+                .iter()
+                .zip(self.budget.shifts())
+                .map(|(&kernel, new)| kernel.min(new))
+                .collect(),
+        )
     }
 
     fn slot_of(&self, service: usize) -> u32 {
@@ -470,11 +543,19 @@ impl CaptureSampling {
             .iter()
             .enumerate()
             .map(|(index, &now)| {
+                let slot = index >> 1;
+                // A slot whose service changed on a reload: the interval mixes two services'
+                // calls, and the ratio carried from the service's old slot stands.
+                let carried = self
+                    .reslotted
+                    .get(slot)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| previous.get(index).copied().flatten());
                 let Some(&before) = ratios.last.get(index) else {
                     read = false;
-                    return None;
+                    return carried.flatten();
                 };
-                let slot = index >> 1;
                 if let (Some(seen), Some(followed)) = (
                     now.seen.checked_sub(before.seen),
                     now.followed.checked_sub(before.followed),
@@ -488,6 +569,9 @@ impl CaptureSampling {
                             *blind = true;
                         }
                     }
+                }
+                if let Some(carried) = carried {
+                    return carried;
                 }
                 let straddles =
                     first || self.slot_applied_ns.get(slot).copied().unwrap_or(0) >= ratios.last_ns;
@@ -504,6 +588,7 @@ impl CaptureSampling {
         self.look_calls_read = read;
         ratios.last = totals.to_vec();
         ratios.last_ns = now_ns;
+        self.reslotted.fill(false);
     }
 
     /// How many requests a request decoded on a connection of `service` (`client`: the client
@@ -1050,39 +1135,76 @@ mod tests {
         assert_eq!(sampling.take_shift(), Some(vec![0; SLOTS]));
     }
 
-    /// A reload that gives a slot another service: what was learnt of the slot and its ratios
-    /// are dropped (the slot keeps its shift until looks at the new service judge it).
+    /// A reload that swaps two services' places: each takes its sample, what the budget learnt
+    /// of it and its ratios to its new slot, the kernel is told shifts that suit both orders
+    /// before its ports change and the exact ones after, and the reading whose interval mixes
+    /// the two services leaves the carried ratios be. A service new to the config starts at
+    /// shift 0 with nothing learnt; unchanged slots keep everything.
     #[test]
-    fn a_reload_that_moves_services_forgets_their_slots() {
+    fn a_reload_that_moves_services_takes_their_samples_along() {
         let mut sampling = CaptureSampling::new(500);
         sampling.set_service_slots(vec![1, 2]);
+        assert_eq!(
+            sampling.take_reslot_shifts(),
+            None,
+            "the first layout: all at 0"
+        );
         sampling.budget.slots[1].shift = 2;
         sampling.budget.slots[1].demand = 9_000.0;
         sampling.budget.slots[2].demand = 100.0;
-        sampling.ratios.ratio = vec![Some(3.0); agent_common::SAMPLED_CALLS_ENTRIES as usize];
+        sampling.pending = true;
+        assert_eq!(sampling.take_shift().map(|shifts| shifts[1]), Some(2));
+        sampling.shift_applied(SECOND);
+        let entries = agent_common::SAMPLED_CALLS_ENTRIES as usize;
+        sampling.ratios.ratio = (0..entries).map(|index| Some(index as f64)).collect();
+        let ratio = |sampling: &CaptureSampling, slot: u32, client: bool| {
+            sampling.ratios.ratio[watch::calls_index(slot, client) as usize]
+        };
+        let carried = [ratio(&sampling, 1, false), ratio(&sampling, 1, true)];
+        let stayed = ratio(&sampling, 5, true);
+
         // Swapped: service 0 now at position 1 (slot 2), service 1 at slot 1.
         sampling.set_service_slots(vec![2, 1]);
-        assert_eq!(sampling.budget.slots[1].demand, 0.0);
-        assert_eq!(sampling.budget.slots[1].shift, 2);
         assert_eq!(
-            sampling.shift_of_service(1),
-            2,
-            "the slot's shift, now service 1's"
+            (sampling.shift_of_service(0), sampling.shift_of_service(1)),
+            (2, 0)
         );
+        assert_eq!(sampling.budget.slots[2].demand, 9_000.0);
+        assert_eq!(sampling.budget.slots[1].demand, 100.0);
         assert_eq!(
-            sampling.ratios.ratio[watch::calls_index(1, true) as usize],
-            None
+            [ratio(&sampling, 2, false), ratio(&sampling, 2, true)],
+            carried
         );
+        assert_eq!(ratio(&sampling, 5, true), stayed);
+        // In between, slot 1 (the kernel's 2, service 1's 0) and slot 2 (0, service 0's 2)
+        // both follow every connection; then each its own service's sample.
+        let bridge = sampling.take_reslot_shifts().expect("services moved");
+        assert_eq!((bridge[1], bridge[2]), (0, 0));
+        let exact = sampling.take_shift().expect("the kernel is told");
+        assert_eq!((exact[1], exact[2]), (0, 2));
+        sampling.shift_applied(2 * SECOND);
         assert_eq!(
-            sampling.ratios.ratio[watch::calls_index(3, true) as usize],
-            Some(3.0)
+            [ratio(&sampling, 2, false), ratio(&sampling, 2, true)],
+            carried,
+            "the kernel's slot 2 now has the shift its ratios were measured at"
         );
-        // Unchanged slots keep theirs.
-        sampling.set_service_slots(vec![2, 1, 3]);
+        // The reading over the reload mixes both services in slots 1 and 2.
+        let mixed = vec![calls(1_000, 1_000); entries];
+        sampling.observe_sampled_calls(Some(&vec![SampledCalls::default(); entries]), SECOND);
+        sampling.set_service_slots(vec![1, 2]);
+        let _ = sampling.take_reslot_shifts();
+        sampling.observe_sampled_calls(Some(&mixed), 3 * SECOND);
         assert_eq!(
-            sampling.ratios.ratio[watch::calls_index(1, false) as usize],
-            None
+            [ratio(&sampling, 1, false), ratio(&sampling, 1, true)],
+            carried,
+            "back in slot 1, its carried ratios stand over the mixed interval"
         );
+        assert_eq!(ratio(&sampling, 5, true), Some(1.0), "other slots measure");
+
+        // A third service, new: fresh at slot 3; slot 4 untouched.
+        sampling.budget.slots[3].shift = 3;
+        sampling.set_service_slots(vec![1, 2, 3]);
+        assert_eq!(sampling.shift_of_service(2), 0);
         assert!(sampling.look_mixed[3]);
         assert!(!sampling.look_mixed[4]);
     }

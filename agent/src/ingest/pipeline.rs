@@ -33,7 +33,7 @@ use crate::{
     keystats::{KeyDisplay, KeyRouting, KeysReport, TopK},
     memcache::decoders::{Decoders, MemcacheEvent, CLOSE_GRACE_NS},
     model::Role,
-    services::SharedServices,
+    services::{Services, SharedServices},
     sizes::slab::LocalMemcached,
 };
 
@@ -119,7 +119,8 @@ impl Pipeline {
             comm_names: CommNames::default(),
             services,
         };
-        pipeline.set_sampled_call_slots(config);
+        let services = pipeline.services.load();
+        pipeline.set_sampled_call_slots(config, &services);
         pipeline
     }
 
@@ -190,16 +191,36 @@ impl Pipeline {
     /// A config reload. Services change through the shared snapshot, which the caller swaps;
     /// existing connections keep their endpoints, whose service ids keep their names.
     pub fn reconfigure(&mut self, config: &Config) {
-        self.set_sampled_call_slots(config);
+        let services = self.services.load();
+        self.set_sampled_call_slots(config, &services);
+        // Services whose capture is now off (or that left the config): their streams pause.
+        let captured: Vec<usize> = config
+            .services
+            .iter()
+            .filter(|service| service.capture)
+            .filter_map(|service| services.id_of(&service.name))
+            .collect();
+        self.decoders.pause_uncaptured(
+            |service| captured.contains(&service),
+            crate::clock::monotonic_ns(),
+        );
         self.keys.set_display(config.keys);
         self.outputs
             .recorder
             .set_exemplars(ExemplarPolicy::from_limits(&config.limits));
     }
 
+    /// Before a reload's new service order reaches the kernel's watched ports (`services`, the
+    /// snapshot about to be swapped in): services that move take their samples to their new
+    /// slots, and the shifts that bridge the change are returned for the kernel (see
+    /// [`CaptureSampling::take_reslot_shifts`]); None when no service moved.
+    pub fn reslot_services(&mut self, config: &Config, services: &Services) -> Option<Vec<u32>> {
+        self.set_sampled_call_slots(config, services);
+        self.capture.take_reslot_shifts()
+    }
+
     /// Which `SAMPLED_CALLS` slot each service id counts in: the kernel's, by config position.
-    fn set_sampled_call_slots(&mut self, config: &Config) {
-        let services = self.services.load();
+    fn set_sampled_call_slots(&mut self, config: &Config, services: &Services) {
         let mut slots = Vec::new();
         for (position, service) in config.services.iter().enumerate() {
             if let Some(id) = services.id_of(&service.name) {

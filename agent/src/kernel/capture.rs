@@ -22,6 +22,9 @@ pub struct PayloadView<'a> {
     pub is_send: bool,
     /// The kernel stopped following frames before the end of the call.
     pub incomplete: bool,
+    /// The call does not start where the kernel last followed the connection (calls went by
+    /// unfollowed): framing starts afresh here, for both directions.
+    pub resumed: bool,
     /// TCP sequence number of the call's first byte, when the kernel could read it: a byte at
     /// call offset `o` has sequence number `seq + o` at both ends of the connection.
     pub seq: Option<u32>,
@@ -185,6 +188,7 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         pid: u32_at(32),
         is_send: bytes[38] != 0,
         incomplete: bytes[40] & payload_flags::INCOMPLETE != 0,
+        resumed: bytes[40] & payload_flags::RESUMED != 0,
         seq: (bytes[40] & payload_flags::SEQ != 0).then(|| u32_at(44)),
         sample_shift: (bytes[41] != capture_sample::NOT_SAMPLED).then_some(u32::from(bytes[41])),
         sample_depth: u32::from(bytes[42]),

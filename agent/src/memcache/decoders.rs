@@ -71,6 +71,12 @@ struct ConnectionState {
     /// TCP sequence number the next record of each direction (client to server, then server
     /// to client) starts at, when known: a record starting elsewhere follows a lost one.
     next_seq: [Option<u32>; 2],
+    /// When its service stopped being captured (a reload), until a record written after that
+    /// arrives: its waiting requests are answered unseen, so they do not time out.
+    paused_ns: Option<u64>,
+    /// When a reload captured its service again after a pause: requests sent since then are
+    /// not among those a resumed record cuts.
+    followed_again_ns: Option<u64>,
 }
 
 /// How long a closed socket's stream keeps taking payload records. A send that straddles the
@@ -133,6 +139,21 @@ impl Decoders {
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
         };
+        if state.paused_ns.is_some_and(|paused| payload.ts_ns > paused) {
+            // Captured again (a record from before the pause is still the old stretch).
+            state.paused_ns = None;
+        }
+        if known && payload.resumed {
+            // Calls went by that the kernel did not follow (capture off, or outside the
+            // sample): not a loss but a new start, like a connection met mid-stream. Only the
+            // exchange cut by the switch, if any, is counted.
+            state
+                .decoder
+                .resume(state.followed_again_ns.take(), &mut self.scratch);
+            state.next_seq = [None; 2];
+            // Under the sample they were captured under.
+            drain(&mut self.scratch, state, out);
+        }
         state.flow = state.flow.or(flow);
         state.sample = match payload.sample_shift {
             Some(shift) => StreamSample {
@@ -151,6 +172,15 @@ impl Decoders {
         // followed would read the tail of a lost value as framing (a lost `VALUE` line leaves
         // `END`: a hit read as a miss, 8,185 of them in a soak that lost payload records), so
         // the decoder is told of the gap and resynchronises.
+        if !payload.resumed
+            && direction == Direction::ServerToClient
+            && state
+                .followed_again_ns
+                .is_some_and(|again| payload.ts_ns > again)
+        {
+            // Answers followed without a skip since capture came back: none went by unseen.
+            state.followed_again_ns = None;
+        }
         let lane = usize::from(direction == Direction::ServerToClient);
         let first_seq = payload
             .seq
@@ -213,6 +243,8 @@ impl Decoders {
                 closed_ns: None,
                 sample: StreamSample::UNSAMPLED,
                 next_seq: [None; 2],
+                paused_ns: None,
+                followed_again_ns: None,
             },
         );
         true
@@ -247,8 +279,13 @@ impl Decoders {
     }
 
     /// The connection closed: outstanding requests finish (unanswered) and the decoder goes.
+    /// On a paused stream their answers went by unseen: they finish as the exchange a switch
+    /// cut ([`ConnectionDecoder::resume`]).
     pub fn on_close(&mut self, sk: u64, out: &mut Vec<MemcacheEvent>) {
         if let Some(mut state) = self.connections.remove(&sk) {
+            if state.paused_ns.is_some() {
+                state.decoder.resume(None, &mut self.scratch);
+            }
             state.decoder.finish(&mut self.scratch);
             drain(&mut self.scratch, &state, out);
         }
@@ -275,9 +312,32 @@ impl Decoders {
         }
     }
 
-    /// Requests without an answer for `timeout_ns` finish as timeouts.
+    /// Streams of services no longer captured (`captured` says per service id) pause from
+    /// `now_ns`: capture was switched off by a reload, so the answers to their waiting requests
+    /// go by unseen. They do not time out; when capture comes back the kernel marks the stream
+    /// resumed and its waiting requests finish as the one exchange the switch cut
+    /// ([`ConnectionDecoder::resume`]), as they do if it closes first.
+    /// A paused stream whose service is captured again remembers when (`now_ns`): requests
+    /// it sends from then on are answered where capture follows them.
+    pub fn pause_uncaptured(&mut self, captured: impl Fn(usize) -> bool, now_ns: u64) {
+        for state in self.connections.values_mut() {
+            if !captured(state.endpoint.service) {
+                if state.paused_ns.is_none() {
+                    state.paused_ns = Some(now_ns);
+                }
+                state.followed_again_ns = None;
+            } else if state.paused_ns.is_some() {
+                state.followed_again_ns = Some(now_ns);
+            }
+        }
+    }
+
+    /// Requests without an answer for `timeout_ns` finish as timeouts (not on paused streams).
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<MemcacheEvent>) {
         for state in self.connections.values_mut() {
+            if state.paused_ns.is_some() {
+                continue;
+            }
             state.decoder.expire(now_ns, timeout_ns, &mut self.scratch);
             drain(&mut self.scratch, state, out);
         }

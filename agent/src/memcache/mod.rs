@@ -19,7 +19,8 @@
 //!
 //! How the caller drives it: [`ConnectionDecoder::feed`] for every payload in time order
 //! (the two directions interleaved), [`ConnectionDecoder::note_gap`] when events of a
-//! direction were lost, [`ConnectionDecoder::expire`] periodically, and
+//! direction were lost, [`ConnectionDecoder::resume`] when the stream is followed again after
+//! a stretch nobody followed, [`ConnectionDecoder::expire`] periodically, and
 //! [`ConnectionDecoder::finish`] when the connection closes. Observations are appended to a
 //! caller-owned vector; read them and `clear()` it to keep its capacity. Requests are reported
 //! when they finish, so observations are in completion order, not send order.
@@ -336,6 +337,42 @@ impl ConnectionDecoder {
                 self.pairing.lose_responses(ts, out);
             }
         }
+    }
+
+    /// The stream went on unfollowed (capture was off, or the sample let the connection go)
+    /// and is followed again from the next chunk, which the kernel starts at a frame boundary
+    /// in both directions. Requests sent before `followed_again_ns` (all waiting ones when
+    /// None: when the stretch ended is unknown) had their answers in the stretch nobody
+    /// followed: they finish as [`Status::Unknown`] with one `gap` error, the one exchange the
+    /// switch cut; later ones keep waiting (a client's next request can go out before the read
+    /// that shows the skipped answer). When nothing was cut nothing is counted. The framers
+    /// start afresh, as for a new connection.
+    pub fn resume(&mut self, followed_again_ns: Option<u64>, out: &mut Vec<Decoded>) {
+        if let Some(req) = self.inflight.take() {
+            self.pairing.submit(req, out);
+        }
+        if self.pairing.lose_responses_before(followed_again_ns, out) {
+            push_error(
+                out,
+                DecodeErrorReason::Gap,
+                Direction::ServerToClient,
+                self.last_ts,
+            );
+        }
+        let config = &self.config;
+        self.client_text = TextFramer::new(config.max_line_len, config.value_heads);
+        self.server_text = TextFramer::new(config.max_line_len, config.value_heads);
+        self.client_binary = BinFramer::new(
+            binary::REQUEST_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        );
+        self.server_binary = BinFramer::new(
+            binary::RESPONSE_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        );
+        self.client_seq_base = None;
     }
 
     /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response, or

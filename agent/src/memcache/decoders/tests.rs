@@ -651,3 +651,131 @@ fn a_read_that_also_takes_the_peers_fin_is_not_a_gap() {
     // More than the FIN's one byte is a hole whatever the path.
     assert_eq!(run(2, None).1, 1);
 }
+
+/// A record with the kernel's sequence number and, when `resumed`, its mark for a call that
+/// does not start where it last followed the connection.
+fn with_seq_marked(mut bytes: Vec<u8>, seq: u32, resumed: bool) -> Vec<u8> {
+    bytes[40] |= payload_flags::SEQ;
+    if resumed {
+        bytes[40] |= payload_flags::RESUMED;
+    }
+    bytes[44..48].copy_from_slice(&seq.to_ne_bytes());
+    bytes
+}
+
+/// Every decode error in `out`.
+fn decode_errors(out: &[MemcacheEvent]) -> Vec<DecodeErrorReason> {
+    out.iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::DecodeError { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Capture turned off and on again on a pooled connection (or the sample letting it go and
+/// taking it back): the exchanges in between went by unfollowed, and the kernel marks the
+/// first call it follows again. That is a clean new start from a request boundary, not a
+/// loss: no `gap`, no `unexpected_response`, every exchange after it decoded. (Without the
+/// mark, the jump in sequence numbers read as lost records: one gap per direction, and the
+/// answer to the first new request taken as unexpected.)
+#[test]
+fn a_stream_followed_again_after_an_unfollowed_stretch_starts_clean() {
+    for role in [Role::Client, Role::Server] {
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+        // The client's requests go out, the answers come in: the send of one end is the
+        // receive of the other, so the direction follows the role.
+        let ask = role == Role::Client;
+        let records = [
+            with_seq_marked(record(100, 5, ask, b"get k\r\n", 7), 1_000, false),
+            with_seq_marked(record(200, 5, !ask, hit, 21), 9_000, false),
+            // Twenty exchanges go by unfollowed; the first call followed again is a request.
+            with_seq_marked(record(5_000, 5, ask, b"get k\r\n", 7), 1_147, true),
+            with_seq_marked(record(5_100, 5, !ask, hit, 21), 9_441, false),
+            with_seq_marked(record(5_200, 5, ask, b"get k\r\n", 7), 1_154, false),
+            with_seq_marked(record(5_300, 5, !ask, hit, 21), 9_462, false),
+        ];
+        feed(&mut decoders, &records, role, &mut out);
+        assert_eq!(statuses(&out), [Status::Hit; 3], "{role:?}: {out:?}");
+        assert_eq!(decode_errors(&out), [], "{role:?}: {out:?}");
+    }
+}
+
+/// Capture stops following while a request waits for its answer: that one exchange is cut,
+/// and counted (one gap, the request unknown); the stream after the switch decodes as new.
+#[test]
+fn the_exchange_cut_by_a_switch_is_counted_once() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let records = [
+        with_seq_marked(record(100, 5, true, b"get k\r\n", 7), 1_000, false),
+        // Its answer comes while the connection is not followed.
+        with_seq_marked(record(5_000, 5, true, b"get k\r\n", 7), 1_147, true),
+        with_seq_marked(record(5_100, 5, false, hit, 21), 9_441, false),
+    ];
+    feed(&mut decoders, &records, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}
+
+/// A reload switches the service's capture off while a request waits: its answer goes by
+/// unseen, so it never times out, however long capture stays off; when capture comes back the
+/// request finishes as the one exchange the switch cut (unknown, one gap). A paused stream that
+/// closes first finishes its waiting request the same way, not as unanswered.
+#[test]
+fn a_stream_paused_by_a_reload_does_not_time_out_and_counts_its_cut_exchange_once() {
+    const SECOND: u64 = 1_000_000_000;
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    for sk in [5, 6] {
+        let ask = with_seq_marked(record(100, sk, true, b"get k\r\n", 7), 1_000, false);
+        feed(&mut decoders, &[ask], Role::Client, &mut out);
+    }
+    decoders.pause_uncaptured(|_| false, 200);
+    decoders.expire(60 * SECOND, 5 * SECOND, &mut out);
+    assert_eq!(statuses(&out), [], "{out:?}");
+
+    let again = [
+        with_seq_marked(record(61 * SECOND, 5, true, b"get k\r\n", 7), 1_147, true),
+        with_seq_marked(record(61 * SECOND + 100, 5, false, hit, 21), 9_441, false),
+    ];
+    feed(&mut decoders, &again, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+    // Resumed, the stream times out again like any other.
+    let late = with_seq_marked(record(62 * SECOND, 5, true, b"get k\r\n", 7), 1_154, false);
+    feed(&mut decoders, &[late], Role::Client, &mut out);
+    decoders.expire(70 * SECOND, 5 * SECOND, &mut out);
+    assert_eq!(statuses(&out).last(), Some(&Status::Timeout), "{out:?}");
+
+    out.clear();
+    decoders.on_close(6, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}
+
+/// Capture comes back by a reload, and the client's next get goes out (its send side skipped
+/// nothing, so it is not marked) before the read that shows the skipped answer: only the get
+/// sent before capture came back is cut (unknown, one gap); the new one is answered (hit).
+#[test]
+fn a_request_sent_after_capture_came_back_is_not_cut_with_the_one_before() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let ask = with_seq_marked(record(100, 5, true, b"get k\r\n", 7), 1_000, false);
+    feed(&mut decoders, &[ask], Role::Client, &mut out);
+    decoders.pause_uncaptured(|_| false, 200);
+    // Its answer is read unseen; then capture comes back.
+    decoders.pause_uncaptured(|_| true, 300);
+    let again = [
+        with_seq_marked(record(400, 5, true, b"get k\r\n", 7), 1_007, false),
+        with_seq_marked(record(500, 5, false, hit, 21), 9_021, true),
+    ];
+    feed(&mut decoders, &again, Role::Client, &mut out);
+    assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
+    assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
+}

@@ -528,6 +528,30 @@ impl Pairing {
         self.push_marker(ts_ns);
     }
 
+    /// The answers to the requests sent before `before_ns` (all of them with None) went by
+    /// unseen while nobody followed the stream: those finish as unknown, later ones keep
+    /// waiting. No marker: the stream goes on from a frame boundary. Whether any was cut.
+    pub fn lose_responses_before(
+        &mut self,
+        before_ns: Option<u64>,
+        out: &mut Vec<Decoded>,
+    ) -> bool {
+        self.release_due(out);
+        let mut cut = false;
+        while let Some(front) = self.pending.front() {
+            if before_ns.is_some_and(|before| front.ts_ns >= before) {
+                break;
+            }
+            let Some(entry) = self.pending.pop_front() else {
+                break;
+            };
+            cut |= !entry.marker;
+            let latency = entry.latency();
+            self.finish_entry(entry, Status::Unknown, latency, out);
+        }
+        cut
+    }
+
     /// Response bytes arrived at `ts_ns` (e.g. a value body between two VALUE lines): the
     /// request being answered is making progress, whatever the bytes complete.
     pub fn response_progress(&mut self, ts_ns: u64) {
