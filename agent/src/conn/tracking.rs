@@ -189,7 +189,7 @@ impl Endpoints {
     /// grown to more than twice what was held at the last compaction (amortised O(1) per
     /// intern).
     fn compact<'a>(&mut self, held: impl Iterator<Item = &'a mut Connection>) {
-        if self.list.len() <= self.compact_above {
+        if self.len() <= self.compact_above {
             return;
         }
         let mut renumbered = vec![u32::MAX; self.list.len()];
