@@ -2,7 +2,7 @@
 //! and how they end. Pure state machine over kernel events; produces [`Observation`]s that
 //! metrics and history consume.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -113,19 +113,21 @@ fn connect_failure_reason(facts: &crate::kernel::events::SocketFacts) -> Connect
 }
 
 /// One tracked socket. The table holds one per watched socket (hundreds of thousands on a busy
-/// host), so the entry is packed: no `usize` service index, no `SocketAddr` enum, no `Option`
-/// padding. See `connection_entry_is_compact`.
+/// host), so the entry is packed: the endpoint is an index into the tracker's [`Endpoints`]
+/// (few distinct ones, shared by all connections of a service address), no `Option` padding.
+/// See `connection_entry_is_compact`.
 #[derive(Debug, Clone)]
 struct Connection {
     /// `NO_TIME` for adopted connections whose open we never saw.
     opened_ns: u64,
-    endpoint: PackedEndpoint,
-    first_close_by: Option<ClosedBy>,
-    /// Counted in the active gauge (opened or adopted), so its close must be reported.
-    counted: bool,
     /// The connection's [`crate::model::flow_id`] (from its 4-tuple in client/server order),
     /// `NO_FLOW` until both ports are known: request ids of its requests start from it.
     flow: u64,
+    /// Index into [`Endpoints`].
+    endpoint: u32,
+    first_close_by: Option<ClosedBy>,
+    /// Counted in the active gauge (opened or adopted), so its close must be reported.
+    counted: bool,
 }
 
 /// Stands for "no flow id yet" (a real id is 0 once in 2^64).
@@ -139,22 +141,21 @@ fn unpack_time(ns: u64) -> Option<u64> {
 }
 
 impl Connection {
-    /// None when the endpoint cannot be packed (a service index past `u16::MAX`).
-    fn new(endpoint: Endpoint, counted: bool, first_close_by: Option<ClosedBy>) -> Option<Self> {
-        Some(Connection {
+    fn new(endpoint: u32, counted: bool, first_close_by: Option<ClosedBy>) -> Self {
+        Connection {
             opened_ns: NO_TIME,
-            endpoint: PackedEndpoint::pack(endpoint)?,
+            flow: NO_FLOW,
+            endpoint,
             first_close_by,
             counted,
-            flow: NO_FLOW,
-        })
+        }
     }
 
     /// Learns the flow id from an event's addresses, once both ports are bound.
-    fn learn_flow(&mut self, local: Option<SocketAddr>, remote: Option<SocketAddr>) {
+    fn learn_flow(&mut self, role: Role, local: Option<SocketAddr>, remote: Option<SocketAddr>) {
         if self.flow == NO_FLOW {
             if let (Some(local), Some(remote)) = (local, remote) {
-                self.flow = flow_of(self.endpoint(), local, remote).unwrap_or(NO_FLOW);
+                self.flow = flow_of(role, local, remote).unwrap_or(NO_FLOW);
             }
         }
     }
@@ -163,76 +164,77 @@ impl Connection {
         (self.flow != NO_FLOW).then_some(self.flow)
     }
 
-    fn endpoint(&self) -> Endpoint {
-        self.endpoint.unpack()
-    }
-
     fn opened_ns(&self) -> Option<u64> {
         unpack_time(self.opened_ns)
     }
 }
 
-/// An [`Endpoint`] in 21 bytes instead of 48. IPv4 addresses use the first 4 bytes of `ip`.
-/// Flow info and scope id are dropped: every address source here (kernel events, /proc,
-/// sock_diag) leaves them zero.
-#[derive(Debug, Clone, Copy)]
-struct PackedEndpoint {
-    ip: [u8; 16],
-    port: u16,
-    service: u16,
-    flags: u8,
+/// The distinct endpoints of tracked connections, each stored once: a connection keeps a
+/// 4-byte index instead of its own copy (22 bytes packed), 16 bytes less per table slot.
+/// Indexes are never reused while a connection holds them; endpoints nobody holds any more
+/// are dropped by [`Endpoints::compact`], so the table stays bounded by the live ones.
+#[derive(Default)]
+struct Endpoints {
+    list: Vec<Endpoint>,
+    index: HashMap<Endpoint, u32>,
+    /// `compact` runs when the list grows past this.
+    compact_above: usize,
 }
 
-const ENDPOINT_CLIENT: u8 = 1;
-const ENDPOINT_IPV6: u8 = 2;
+/// Endpoints kept without compaction (a handful per service is normal).
+const ENDPOINTS_SLACK: usize = 64;
 
-impl PackedEndpoint {
-    fn pack(endpoint: Endpoint) -> Option<Self> {
-        let service = u16::try_from(endpoint.service).ok()?;
-        let mut ip = [0u8; 16];
-        let mut flags = match endpoint.role {
-            Role::Client => ENDPOINT_CLIENT,
-            Role::Server => 0,
-        };
-        match endpoint.server.ip() {
-            IpAddr::V4(v4) => ip[..4].copy_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => {
-                ip = v6.octets();
-                flags |= ENDPOINT_IPV6;
-            }
+impl Endpoints {
+    /// The endpoint's index; None only past `u32::MAX` distinct endpoints.
+    fn intern(&mut self, endpoint: Endpoint) -> Option<u32> {
+        if let Some(&id) = self.index.get(&endpoint) {
+            return Some(id);
         }
-        Some(PackedEndpoint {
-            ip,
-            port: endpoint.server.port(),
-            service,
-            flags,
-        })
+        let id = u32::try_from(self.list.len()).ok()?;
+        self.list.push(endpoint);
+        self.index.insert(endpoint, id);
+        Some(id)
     }
 
-    fn unpack(&self) -> Endpoint {
-        let ip = if self.flags & ENDPOINT_IPV6 != 0 {
-            IpAddr::V6(Ipv6Addr::from(self.ip))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(
-                self.ip[0], self.ip[1], self.ip[2], self.ip[3],
-            ))
-        };
-        Endpoint {
-            service: usize::from(self.service),
-            server: SocketAddr::new(ip, self.port),
-            role: if self.flags & ENDPOINT_CLIENT != 0 {
-                Role::Client
-            } else {
-                Role::Server
-            },
+    fn get(&self, id: u32) -> Endpoint {
+        self.list[id as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Drops the endpoints no connection holds and renumbers the held ones, when the list has
+    /// grown to more than twice what was held at the last compaction (amortised O(1) per
+    /// intern).
+    fn compact<'a>(&mut self, held: impl Iterator<Item = &'a mut Connection>) {
+        if self.len() <= self.compact_above {
+            return;
         }
+        let mut renumbered = vec![u32::MAX; self.list.len()];
+        let mut list = Vec::new();
+        let mut index = HashMap::new();
+        for connection in held {
+            let old = connection.endpoint as usize;
+            if renumbered[old] == u32::MAX {
+                let endpoint = self.list[old];
+                // Fewer than before, so it fits.
+                renumbered[old] = list.len() as u32;
+                index.insert(endpoint, renumbered[old]);
+                list.push(endpoint);
+            }
+            connection.endpoint = renumbered[old];
+        }
+        self.compact_above = (list.len() * 2).max(ENDPOINTS_SLACK);
+        self.list = list;
+        self.index = index;
     }
 }
 
 /// A connection's flow id from its local and remote address: the client is the local end of a
 /// client-role socket and the remote end of a server-role one.
-fn flow_of(endpoint: Endpoint, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
-    match endpoint.role {
+fn flow_of(role: Role, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    match role {
         Role::Client => crate::model::flow_id(local, remote),
         Role::Server => crate::model::flow_id(remote, local),
     }
@@ -247,6 +249,8 @@ struct FirstClose {
 pub struct Tracker {
     services: SharedServices,
     connections: HashMap<u64, Connection>,
+    /// The endpoints that [`Connection::endpoint`] indexes (of `connections` and `seeded`).
+    endpoints: Endpoints,
     /// Connections found in /proc at start-up, not yet matched to a kernel socket address.
     seeded: HashMap<(SocketAddr, SocketAddr), Connection>,
     /// Endpoints of sockets that closed after their peer did, for sends racing the close.
@@ -265,6 +269,7 @@ impl Tracker {
         Tracker {
             services,
             connections: HashMap::new(),
+            endpoints: Endpoints::default(),
             seeded: HashMap::new(),
             recently_closed: HashMap::new(),
             idle_at_first_close: HashMap::new(),
@@ -277,7 +282,7 @@ impl Tracker {
     pub fn endpoint_of(&self, sk: u64) -> Option<Endpoint> {
         self.connections
             .get(&sk)
-            .map(Connection::endpoint)
+            .map(|c| self.endpoints.get(c.endpoint))
             .or_else(|| self.recently_closed.get(&sk).map(|(e, _, _)| *e))
     }
 
@@ -285,7 +290,7 @@ impl Tracker {
     pub fn endpoint_and_flow_of(&self, sk: u64) -> Option<(Endpoint, Option<u64>)> {
         self.connections
             .get(&sk)
-            .map(|c| (c.endpoint(), c.flow()))
+            .map(|c| (self.endpoints.get(c.endpoint), c.flow()))
             .or_else(|| {
                 self.recently_closed
                     .get(&sk)
@@ -312,6 +317,11 @@ impl Tracker {
         );
         self.recently_closed
             .retain(|_, (_, closed_ns, _)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
+        self.endpoints.compact(
+            self.connections
+                .values_mut()
+                .chain(self.seeded.values_mut()),
+        );
         release_slack(&mut self.connections);
         release_slack(&mut self.seeded);
         release_slack(&mut self.recently_closed);
@@ -346,13 +356,12 @@ impl Tracker {
             by: ClosedBy::Peer,
             idle_ns: None,
         });
-        let Some(mut connection) =
-            Connection::new(endpoint, true, first_close.map(|close| close.by))
-        else {
+        let Some(id) = self.endpoints.intern(endpoint) else {
             out.push(Observation::TrackingDropped);
             return;
         };
-        connection.learn_flow(Some(local), Some(remote));
+        let mut connection = Connection::new(id, true, first_close.map(|close| close.by));
+        connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.seeded.insert((local, remote), connection);
         out.push(Observation::ConnectionAdopted { endpoint });
     }
@@ -430,13 +439,12 @@ impl Tracker {
                 None,
             ),
         });
-        let Some(mut connection) =
-            Connection::new(endpoint, true, first_close.map(|close| close.by))
-        else {
+        let Some(id) = self.endpoints.intern(endpoint) else {
             out.push(Observation::TrackingDropped);
             return false;
         };
-        connection.learn_flow(Some(local), Some(remote));
+        let mut connection = Connection::new(id, true, first_close.map(|close| close.by));
+        connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.connections.insert(event.sk, connection);
         if let Some(idle_ns) = first_close.and_then(|close| close.idle_ns) {
             self.idle_at_first_close.insert(event.sk, idle_ns);
@@ -532,7 +540,8 @@ impl Tracker {
         };
         // A connecting client's source port is bound after its SYN_SENT state change: the
         // flow is learned from the first event that has both ports.
-        connection.learn_flow(event.local, event.remote);
+        let endpoint = self.endpoints.get(connection.endpoint);
+        connection.learn_flow(endpoint.role, event.local, event.remote);
 
         if new_state == TcpState::Established as u8
             && matches!(
@@ -544,7 +553,7 @@ impl Tracker {
             connection.opened_ns = event.ts_ns;
             connection.counted = true;
             out.push(Observation::ConnectionOpened {
-                endpoint: connection.endpoint(),
+                endpoint,
                 ts_ns: event.ts_ns,
             });
         }
@@ -643,10 +652,11 @@ impl Tracker {
             out.push(Observation::TrackingDropped);
             return false;
         }
-        let Some(connection) = Connection::new(endpoint, false, None) else {
+        let Some(id) = self.endpoints.intern(endpoint) else {
             out.push(Observation::TrackingDropped);
             return false;
         };
+        let connection = Connection::new(id, false, None);
         self.connections.insert(event.sk, connection);
         true
     }
@@ -658,7 +668,7 @@ impl Tracker {
         let Some(connection) = self.connections.remove(&event.sk) else {
             return;
         };
-        let endpoint = connection.endpoint();
+        let endpoint = self.endpoints.get(connection.endpoint);
         let idle_at_first_close = self.idle_at_first_close.remove(&event.sk);
         if !connection.counted
             && old_state == TcpState::SynSent as u8

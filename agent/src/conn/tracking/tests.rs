@@ -488,34 +488,65 @@ fn a_child_cloned_from_a_watched_listener_is_a_completed_handshake() {
 /// 100-200 kB of resident memory (the map keeps up to twice the slots it uses).
 #[test]
 fn connection_entry_is_compact() {
-    // 32 bytes before the flow id (issue 18's request ids from the 4-tuple) took 8 more.
-    assert_eq!(std::mem::size_of::<Connection>(), 40);
-    assert!(std::mem::size_of::<(u64, Connection)>() <= 48);
+    // 32 bytes at f93327c; the flow id (issue 18) made it 40; the endpoint as an index into
+    // `Endpoints` instead of a 22-byte packed copy brings it to 24 (a 32-byte table slot).
+    const _: () = assert!(std::mem::size_of::<Connection>() == 24);
+    const _: () = assert!(std::mem::size_of::<(u64, Connection)>() == 32);
+    assert_eq!(std::mem::size_of::<(u64, Connection)>(), 32);
 }
 
 #[test]
-fn packed_endpoints_round_trip() {
+fn endpoints_are_stored_once_and_round_trip() {
+    let mut endpoints = Endpoints::default();
     for (server, role) in [
         ("127.0.0.1:11211", Role::Client),
         ("10.1.2.3:22133", Role::Server),
         ("[::1]:11211", Role::Server),
         ("[2001:db8::7]:65535", Role::Client),
-        // A genuine IPv6 address whose last 4 bytes look like IPv4 stays IPv6.
-        ("[2001:db8::a00:1]:1", Role::Client),
+        ("[::ffff:10.0.0.1]:1", Role::Client),
     ] {
         let endpoint = Endpoint {
-            service: 65_535,
+            service: 70_000,
             server: server.parse().unwrap(),
             role,
         };
-        let packed = PackedEndpoint::pack(endpoint).unwrap();
-        assert_eq!(packed.unpack(), endpoint);
+        let id = endpoints.intern(endpoint).unwrap();
+        assert_eq!(endpoints.intern(endpoint), Some(id), "interned once");
+        assert_eq!(endpoints.get(id), endpoint);
     }
-    let too_many_services = Endpoint {
-        service: 65_536,
-        ..client_endpoint()
-    };
-    assert!(PackedEndpoint::pack(too_many_services).is_none());
+    assert_eq!(endpoints.len(), 5);
+}
+
+/// Endpoints of closed connections are dropped at a tick once there are many, and the live
+/// connections keep theirs (renumbered): the table is bounded by the live endpoints.
+#[test]
+fn endpoints_nobody_holds_are_dropped() {
+    let mut tracker = Tracker::new(SharedServices::watching(&[("memcached", 11211)]), 100_000);
+    let mut out = Vec::new();
+    // Adopted server-role connections to 200 distinct listening addresses, all but one closed.
+    for i in 0..200u32 {
+        let local: SocketAddr = format!("10.0.{}.{}:11211", i / 256, i % 256)
+            .parse()
+            .unwrap();
+        let remote: SocketAddr = "10.9.9.9:40000".parse().unwrap();
+        tracker.seed(local, remote, TcpState::Established as u8, &mut out);
+    }
+    assert_eq!(tracker.endpoints.len(), 200);
+    let kept_local: SocketAddr = "10.0.0.7:11211".parse().unwrap();
+    let kept_remote: SocketAddr = "10.9.9.9:40000".parse().unwrap();
+    let kept = tracker.seeded[&(kept_local, kept_remote)].clone();
+    let kept_endpoint = tracker.endpoints.get(kept.endpoint);
+    tracker.seeded.retain(|(local, _), _| *local == kept_local);
+    tracker.tick(SEC, &mut out);
+    assert_eq!(tracker.endpoints.len(), 1);
+    let after = &tracker.seeded[&(kept_local, kept_remote)];
+    assert_eq!(tracker.endpoints.get(after.endpoint), kept_endpoint);
+    assert_eq!(kept_endpoint.server, kept_local);
+    assert_eq!(after.flow(), kept.flow());
+    // A later connection to a known endpoint reuses its slot.
+    let remote2: SocketAddr = "10.9.9.9:40001".parse().unwrap();
+    tracker.seed(kept_local, remote2, TcpState::Established as u8, &mut out);
+    assert_eq!(tracker.endpoints.len(), 1);
 }
 
 #[test]
