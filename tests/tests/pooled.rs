@@ -643,6 +643,53 @@ fn sampled_tolerance(truth: f64, relative: f64, ratio: f64) -> f64 {
 /// Operations per second of the quiet service beside the sampled pool.
 const QUIET_RATE: u64 = 25;
 
+/// The sampled pool and a quiet service beside it, each on its own memcached, their paced
+/// pymemcache clients connected (before any agent) and waiting for `go`.
+struct BusyAndQuiet {
+    busy_port: u16,
+    quiet_port: u16,
+    _servers: [Guard; 2],
+    clients: [PoolClient; 2],
+}
+
+impl BusyAndQuiet {
+    fn start() -> BusyAndQuiet {
+        let (busy_port, quiet_port) = (unique_port(), unique_port());
+        let _servers = [
+            start_memcached(None, "127.0.0.1", busy_port, &[]).unwrap(),
+            start_memcached(None, "127.0.0.1", quiet_port, &[]).unwrap(),
+        ];
+        let clients = [
+            start_ready(&paced_pool_script(busy_port, SAMPLED_POOL, SAMPLED_RATE)),
+            start_ready(&paced_pool_script(quiet_port, 2, QUIET_RATE)),
+        ];
+        BusyAndQuiet {
+            busy_port,
+            quiet_port,
+            _servers,
+            clients,
+        }
+    }
+
+    /// Sends `line` (`go`, `pause`, `stop`) to both clients.
+    fn command(&mut self, line: &str) {
+        for (_, control, _) in &mut self.clients {
+            writeln!(control, "{line}").unwrap();
+            control.flush().unwrap();
+        }
+    }
+
+    /// Pauses both clients and waits until each says it is paused: no request is in flight.
+    fn pause(&mut self) {
+        self.command("pause");
+        for (_, _, out) in &mut self.clients {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "paused");
+        }
+    }
+}
+
 /// A quiet service beside a busy one on the same agent is decoded whole: the busy pool (as in
 /// [`sampled_counts_of_a_pool_match_memcached_stats`]: 8,000 records/s against a budget of
 /// 3,200) is sampled, the quiet one (2 connections, 25 operations/s, 100 records/s) keeps its
@@ -653,19 +700,8 @@ const QUIET_RATE: u64 = 25;
 #[test]
 fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
     require_root();
-    let (busy_port, quiet_port) = (unique_port(), unique_port());
-    let _busy = start_memcached(None, "127.0.0.1", busy_port, &[]).unwrap();
-    let _quiet = start_memcached(None, "127.0.0.1", quiet_port, &[]).unwrap();
-    let (_busy_client, mut busy_control, mut busy_out) =
-        start_ready(&paced_pool_script(busy_port, SAMPLED_POOL, SAMPLED_RATE));
-    let (_quiet_client, mut quiet_control, mut quiet_out) =
-        start_ready(&paced_pool_script(quiet_port, 2, QUIET_RATE));
-    let mut command = |line: &str| {
-        for control in [&mut busy_control, &mut quiet_control] {
-            writeln!(control, "{line}").unwrap();
-            control.flush().unwrap();
-        }
-    };
+    let mut pair = BusyAndQuiet::start();
+    let (busy_port, quiet_port) = (pair.busy_port, pair.quiet_port);
     let agent = Agent::start_with_config(
         "pooled-quiet",
         &format!(
@@ -677,25 +713,20 @@ fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
     )
     .unwrap();
     wait_adopted(&agent, 2 * (SAMPLED_POOL + 2));
-    command("go");
+    pair.command("go");
     // The busy service's sample (the narrowest, which the gauge shows).
     let ratio = narrowed_and_held(&agent);
-    let mut edge = |command: &mut dyn FnMut(&str)| {
-        command("pause");
-        for out in [&mut busy_out, &mut quiet_out] {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "paused");
-        }
+    let edge = |pair: &mut BusyAndQuiet| {
+        pair.pause();
         let last = settled_scrape(&agent);
         let stats = server_stats(quiet_port, "stats");
-        command("go");
+        pair.command("go");
         (last, stats)
     };
-    let (scrape0, stats0) = edge(&mut command);
+    let (scrape0, stats0) = edge(&mut pair);
     std::thread::sleep(Duration::from_secs(10));
-    let (scrape1, stats1) = edge(&mut command);
-    command("stop");
+    let (scrape1, stats1) = edge(&mut pair);
+    pair.command("stop");
     let delta = |name: &str| stats1[name] - stats0[name];
     let gets = delta("get_hits") + delta("get_misses");
     let sets = delta("cmd_set");
@@ -750,43 +781,27 @@ fn ordered_config(services: &[(&str, u16)]) -> String {
 #[test]
 fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
     require_root();
-    let (busy_port, quiet_port) = (unique_port(), unique_port());
-    let _busy = start_memcached(None, "127.0.0.1", busy_port, &[]).unwrap();
-    let _quiet = start_memcached(None, "127.0.0.1", quiet_port, &[]).unwrap();
-    let (_busy_client, mut busy_control, mut busy_out) =
-        start_ready(&paced_pool_script(busy_port, SAMPLED_POOL, SAMPLED_RATE));
-    let (_quiet_client, mut quiet_control, mut quiet_out) =
-        start_ready(&paced_pool_script(quiet_port, 2, QUIET_RATE));
-    let mut command = |line: &str| {
-        for control in [&mut busy_control, &mut quiet_control] {
-            writeln!(control, "{line}").unwrap();
-            control.flush().unwrap();
-        }
-    };
+    let mut pair = BusyAndQuiet::start();
+    let (busy_port, quiet_port) = (pair.busy_port, pair.quiet_port);
     let agent = Agent::start_with_config(
         "pooled-reorder",
         &ordered_config(&[("busy", busy_port), ("quiet", quiet_port)]),
     )
     .unwrap();
     wait_adopted(&agent, 2 * (SAMPLED_POOL + 2));
-    command("go");
+    pair.command("go");
     let ratio = narrowed_and_held(&agent);
-    let mut edge = |command: &mut dyn FnMut(&str)| {
-        command("pause");
-        for out in [&mut busy_out, &mut quiet_out] {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            assert_eq!(line.trim(), "paused");
-        }
+    let edge = |pair: &mut BusyAndQuiet| {
+        pair.pause();
         let last = settled_scrape(&agent);
         let stats = [
             server_stats(busy_port, "stats"),
             server_stats(quiet_port, "stats"),
         ];
-        command("go");
+        pair.command("go");
         (last, stats)
     };
-    let (scrape0, stats0) = edge(&mut command);
+    let (scrape0, stats0) = edge(&mut pair);
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     std::fs::write(
@@ -801,9 +816,9 @@ fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(7));
-    let (scrape1, stats1) = edge(&mut command);
+    let (scrape1, stats1) = edge(&mut pair);
     let seconds = started.elapsed().as_secs_f64();
-    command("stop");
+    pair.command("stop");
     let mut failures = Vec::new();
     for (index, (service, connections)) in [("busy", SAMPLED_POOL), ("quiet", 2)].iter().enumerate()
     {
