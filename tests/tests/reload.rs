@@ -271,14 +271,7 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    {
-        use std::io::{Read, Write};
-        pooled.write_all(b"set k 0 0 1\r\nv\r\n").unwrap();
-        let mut stored = [0u8; 8];
-        pooled.read_exact(&mut stored).unwrap();
-        assert_eq!(&stored, b"STORED\r\n");
-    }
+    let mut pooled = pooled_connection(port);
     let agent = Agent::start_with_config("reload-capture", &capture_config(port, true)).unwrap();
     let get_requests = |s: &Scrape| {
         s.sum(
@@ -286,15 +279,7 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
             &[("service", "cache"), ("role", "client"), ("command", "get")],
         )
     };
-    let reload = |capture: bool, count: usize| {
-        std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
-        agent.signal(libc::SIGHUP);
-        let deadline = Instant::now() + WAIT;
-        while agent.log().matches("config reloaded").count() < count {
-            assert!(Instant::now() < deadline, "no reload: {}", agent.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let reload = |capture: bool, count: usize| reload_capture(&agent, port, capture, count);
     let cmd_get = || server_stats(port, "stats")["cmd_get"];
     let server_gets = |s: &Scrape| {
         s.sum(
@@ -345,10 +330,7 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    pooled.write_all(b"set k 0 0 1\r\nv\r\n").unwrap();
-    let mut stored = [0u8; 8];
-    pooled.read_exact(&mut stored).unwrap();
+    let mut pooled = pooled_connection(port);
     let agent = Agent::start_with_config("reload-cut", &capture_config(port, true)).unwrap();
     let gets = |s: &Scrape, role: &str, status: &str| {
         let mut labels = vec![("service", "cache"), ("role", role), ("command", "get")];
@@ -357,15 +339,7 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
         }
         s.sum("cacheprobe_memcache_requests_total", &labels)
     };
-    let reload = |capture: bool, count: usize| {
-        std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
-        agent.signal(libc::SIGHUP);
-        let deadline = Instant::now() + WAIT;
-        while agent.log().matches("config reloaded").count() < count {
-            assert!(Instant::now() < deadline, "no reload: {}", agent.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let reload = |capture: bool, count: usize| reload_capture(&agent, port, capture, count);
 
     gets_on(&mut pooled, 5);
     // One more get, its answer left unread until capture is off.
@@ -407,4 +381,28 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
         scrape.sum("cacheprobe_memcache_decode_errors_total", labels)
     };
     assert_eq!((errors(""), errors("gap")), (1.0, 1.0), "{}", scrape.text);
+}
+
+/// A connection to memcached at `port`, opened (and used: `k` is set) before any agent starts,
+/// as a client pool's would be.
+fn pooled_connection(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    pooled.write_all(b"set k 0 0 1\r\nv\r\n").unwrap();
+    let mut stored = [0u8; 8];
+    pooled.read_exact(&mut stored).unwrap();
+    assert_eq!(&stored, b"STORED\r\n");
+    pooled
+}
+
+/// Rewrites the agent's config with the service's capture on or off, sends SIGHUP and waits
+/// until the agent has logged its `count`th reload.
+fn reload_capture(agent: &Agent, port: u16, capture: bool, count: usize) {
+    std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + WAIT;
+    while agent.log().matches("config reloaded").count() < count {
+        assert!(Instant::now() < deadline, "no reload: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
