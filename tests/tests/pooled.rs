@@ -704,12 +704,7 @@ fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
     let (busy_port, quiet_port) = (pair.busy_port, pair.quiet_port);
     let agent = Agent::start_with_config(
         "pooled-quiet",
-        &format!(
-            "sample_interval_seconds = 1\n\
-             [[services]]\nname = \"busy\"\nport = {busy_port}\nprotocol = \"memcache\"\n\
-             [[services]]\nname = \"quiet\"\nport = {quiet_port}\nprotocol = \"memcache\"\n\
-             [limits]\ncapture_records_per_second = 3200\n"
-        ),
+        &ordered_config(&[("busy", busy_port), ("quiet", quiet_port)]),
     )
     .unwrap();
     wait_adopted(&agent, 2 * (SAMPLED_POOL + 2));
@@ -756,8 +751,8 @@ fn a_quiet_service_beside_a_sampled_one_is_decoded_whole() {
     scrape1.assert_no_decode_errors();
 }
 
-/// The config of [`a_reload_that_reorders_services_under_sampling_keeps_both_counted`]:
-/// `services` (name, port) in this order, at the sampled pool's budget.
+/// The config of the busy-and-quiet tests: `services` (name, port) in this order, at the
+/// sampled pool's budget.
 fn ordered_config(services: &[(&str, u16)]) -> String {
     let mut config = String::from("sample_interval_seconds = 1\n");
     for (name, port) in services {
