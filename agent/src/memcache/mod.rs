@@ -170,6 +170,25 @@ pub struct ConnectionDecoder {
     client_seq_base: Option<u32>,
 }
 
+/// The four framers of a stream that starts at a frame boundary (client and server, text and
+/// binary): a new connection's, and a stream's followed again after a stretch nobody followed.
+fn fresh_framers(config: &DecoderConfig) -> (TextFramer, TextFramer, BinFramer, BinFramer) {
+    (
+        TextFramer::new(config.max_line_len, config.value_heads),
+        TextFramer::new(config.max_line_len, config.value_heads),
+        BinFramer::new(
+            binary::REQUEST_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        ),
+        BinFramer::new(
+            binary::RESPONSE_MAGIC,
+            config.max_value_len,
+            config.value_heads,
+        ),
+    )
+}
+
 impl ConnectionDecoder {
     pub fn new(config: DecoderConfig) -> ConnectionDecoder {
         let config = DecoderConfig {
@@ -185,19 +204,12 @@ impl ConnectionDecoder {
             ProtocolHint::Text => Some(WireProtocol::Text),
             ProtocolHint::Binary => Some(WireProtocol::Binary),
         };
+        let (client_text, server_text, client_binary, server_binary) = fresh_framers(&config);
         ConnectionDecoder {
-            client_text: TextFramer::new(config.max_line_len, config.value_heads),
-            server_text: TextFramer::new(config.max_line_len, config.value_heads),
-            client_binary: BinFramer::new(
-                binary::REQUEST_MAGIC,
-                config.max_value_len,
-                config.value_heads,
-            ),
-            server_binary: BinFramer::new(
-                binary::RESPONSE_MAGIC,
-                config.max_value_len,
-                config.value_heads,
-            ),
+            client_text,
+            server_text,
+            client_binary,
+            server_binary,
             inflight: None,
             pairing: Pairing::new(
                 config.max_pending,
@@ -359,19 +371,12 @@ impl ConnectionDecoder {
                 self.last_ts,
             );
         }
-        let config = &self.config;
-        self.client_text = TextFramer::new(config.max_line_len, config.value_heads);
-        self.server_text = TextFramer::new(config.max_line_len, config.value_heads);
-        self.client_binary = BinFramer::new(
-            binary::REQUEST_MAGIC,
-            config.max_value_len,
-            config.value_heads,
-        );
-        self.server_binary = BinFramer::new(
-            binary::RESPONSE_MAGIC,
-            config.max_value_len,
-            config.value_heads,
-        );
+        (
+            self.client_text,
+            self.server_text,
+            self.client_binary,
+            self.server_binary,
+        ) = fresh_framers(&self.config);
         self.client_seq_base = None;
     }
 

@@ -520,11 +520,7 @@ impl Pairing {
     /// The responses to everything outstanding may have been lost: report it all as unknown
     /// and make later responses prove they belong to a later request.
     pub fn lose_responses(&mut self, ts_ns: u64, out: &mut Vec<Decoded>) {
-        self.release_due(out);
-        while let Some(entry) = self.pending.pop_front() {
-            let latency = entry.latency();
-            self.finish_entry(entry, Status::Unknown, latency, out);
-        }
+        self.lose_responses_before(None, out);
         self.push_marker(ts_ns);
     }
 
