@@ -175,7 +175,11 @@ pub(crate) fn capture_payload(
     };
     let first_seq =
         read_kernel_field::<u32>(sk, seq_offset).map(|next| next.wrapping_sub(ret as u32));
-    walk.flags = 0;
+    walk.flags = if first_seq.is_some() {
+        payload_flags::SEQ as u64
+    } else {
+        0
+    };
     if frames.resume(is_send, first_seq, ret as u32) {
         walk.flags |= payload_flags::RESUMED as u64;
     }
@@ -221,15 +225,8 @@ pub(crate) fn capture_payload(
     walk.iov_off = 0;
     walk.iov_batch_start = 0;
     walk.iov_batch_len = 0;
-    let seq = match first_seq {
-        Some(seq) => {
-            walk.flags |= payload_flags::SEQ as u64;
-            seq
-        }
-        None => 0,
-    };
     let header = &mut walk.header;
-    header.seq = seq;
+    header.seq = first_seq.unwrap_or(0);
     header.ts_ns = unsafe { bpf_ktime_get_ns() };
     header.sk = sk;
     header.total_len = ret as u64;

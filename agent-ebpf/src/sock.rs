@@ -44,12 +44,29 @@ pub(crate) fn is_watched(port: u16) -> bool {
 
 #[inline(always)]
 pub(crate) fn capture_flags(local_port: u16, remote_port: u16) -> u64 {
-    // The service is whichever port is watched, the local one first (as a server).
+    // The remote port's bits are looked up only when the local one is not watched.
     let bits = match watch_bits(local_port) {
         0 => watch_bits(remote_port),
         bits => bits,
     };
-    if bits & watch::CAPTURE != 0 {
+    capture_flag(bits)
+}
+
+/// The watch bits of a connection's service, from its two ports' bits: whichever port is
+/// watched, the local one first (as a server).
+#[inline(always)]
+pub(crate) fn service_bits(local_bits: u8, remote_bits: u8) -> u8 {
+    if local_bits != 0 {
+        local_bits
+    } else {
+        remote_bits
+    }
+}
+
+/// `sock_flags::CAPTURE` when the service (its watch bits) is captured.
+#[inline(always)]
+pub(crate) fn capture_flag(service_bits: u8) -> u64 {
+    if service_bits & watch::CAPTURE != 0 {
         sock_flags::CAPTURE
     } else {
         0

@@ -11,11 +11,11 @@ use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
 use crate::maps::{bump, offsets, SK_WATCH};
 use crate::send_recv::length_on_watched;
 use crate::sock::{
-    is_watched, read_kernel_field, read_sock_ports, scalar_arg, watch_bits, SockPorts,
+    capture_flag, is_watched, read_kernel_field, read_sock_ports, scalar_arg, service_bits,
+    watch_bits, SockPorts,
 };
 use agent_common::{
-    framing::SocketFrames, sock_flags, watch, KernelCounter, TcpState, AF_INET, AF_INET6,
-    IPPROTO_TCP,
+    framing::SocketFrames, watch, KernelCounter, TcpState, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get,
@@ -180,13 +180,7 @@ fn nothing_to_record(sk: *const u8) -> bool {
         let family: u16 = load_sock(sk, layout.family);
         return family != AF_INET && family != AF_INET6;
     }
-    // The service is the local port when that is watched, as in `capture_flags`.
-    let service_bits = if local_bits != 0 {
-        local_bits
-    } else {
-        remote_bits
-    };
-    service_bits & watch::CAPTURE == 0
+    service_bits(local_bits, remote_bits) & watch::CAPTURE == 0
         && kernel_stamps_activity()
         && peer_still_open(load_sock(sk, layout.state))
 }
@@ -211,22 +205,12 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
             (*storage).state,
         )
     };
-    // Each port's bits read once: whether it is watched and whether it is captured (the
-    // service is the local port when that is watched, as in `capture_flags`).
+    // Each port's bits read once: whether it is watched and whether it is captured.
     let (local_bits, remote_bits) = (watch_bits(local_port), watch_bits(remote_port));
     if (local_bits | remote_bits) & watch::WATCHED == 0 {
         return 0;
     }
-    let service_bits = if local_bits != 0 {
-        local_bits
-    } else {
-        remote_bits
-    };
-    let capture = if service_bits & watch::CAPTURE != 0 {
-        sock_flags::CAPTURE
-    } else {
-        0
-    };
+    let capture = capture_flag(service_bits(local_bits, remote_bits));
     if capture == 0 && peer_still_open(state) && kernel_stamps_activity() {
         return 0;
     }
