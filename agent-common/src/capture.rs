@@ -4,37 +4,71 @@
 use crate::COMM_LEN;
 
 /// Which connections payload capture follows once the agent has to sample (a healthy
-/// connection is followed or not as a whole, so each followed stream decodes from its start to
-/// its end). At sample shift `k` one connection in 2^k is followed; the connections followed at
-/// `k + 1` are a subset of those at `k`, so raising the shift only drops streams and lowering it
-/// only adds them.
+/// connection is followed or not as a whole between two epochs, so each followed stretch of a
+/// stream decodes from a frame boundary on). At sample shift `k` one connection in 2^k is
+/// followed; for one epoch, the connections followed at `k + 1` are a subset of those at `k`,
+/// so raising the shift only drops streams and lowering it only adds them.
 ///
-/// The unit sampled is the connection. The socket address alone is not one: the kernel reuses
-/// a freed `tcp_sock` for the next connection at once, so a client that reconnects (a pool
-/// re-opened, short connections one after another) lands on the same few addresses, and a
-/// sample by address followed all of them or none: a fixed choice rather than a random one (a
-/// soak saw request counts scaled from 1/16 come out 37% low). Ports do not fix it: clients
-/// on several source addresses reuse the same ports, and any client reuses them after
-/// TIME_WAIT. The key therefore includes `sk_txhash`, which the kernel draws at random for
-/// every connection.
+/// The unit sampled is the connection, keyed by its 4-tuple with the server's end first, so
+/// both ends of one connection (a client host and a server host, or both on loopback) draw the
+/// same: with the same shift and epoch they follow the same connections. (The socket address is
+/// no key: the kernel reuses a freed `tcp_sock` for the next connection at once, and a sample
+/// by address followed a reconnecting client always or never; a soak saw counts scaled from
+/// 1/16 come out 37% low.) The key is made of direct loads on the tp_btf path, so a call the
+/// sample does not follow returns before any helper call.
+///
+/// Rotation: the agent advances each slot's epoch; at epoch `e` a connection is followed when
+/// the low `k` bits of its key equal those of `e`. Over 2^k consecutive epochs every connection
+/// is followed exactly once, so a service with few connections is never blind for long, and
+/// one connection alone over its share is followed in its turn. A followed connection is let
+/// go at the next epoch (shift above 0): the agent knows that without asking the kernel.
 pub mod capture_sample {
     /// Largest shift: one connection in 1024.
     pub const MAX_SHIFT: u32 = 10;
     /// [`super::PayloadHeader::sample_shift`] of a record captured because its connection is in
     /// trouble (or the kernel cannot tell healthy ones), not as a sample: it stands for itself.
     pub const NOT_SAMPLED: u8 = 0xff;
+    /// A CAPTURE_SAMPLE_SHIFT entry holds the slot's shift below this bit and its epoch above.
+    pub const EPOCH_BIT: u32 = 16;
 
-    /// The key a connection is sampled by: its socket address, its (local, remote) ports and
-    /// the kernel's random per-connection `sk_txhash` (0 when its offset is unknown).
+    /// The CAPTURE_SAMPLE_SHIFT entry of a slot sampled at `shift` in `epoch`.
     #[inline(always)]
-    pub fn key(sk: u64, local_port: u16, remote_port: u16, txhash: u32) -> u64 {
-        mix(sk) ^ (u64::from(txhash) << 32 | u64::from(local_port) << 16 | u64::from(remote_port))
+    pub const fn entry(shift: u32, epoch: u32) -> u32 {
+        (shift & ((1 << EPOCH_BIT) - 1)) | epoch << EPOCH_BIT
     }
 
-    /// Mixes every bit of `key` into every bit of the result. Socket addresses are slab
-    /// objects in arithmetic progression; a lone multiply maps such a run onto long runs of
-    /// equal low bits (whole batches of connections followed or not). This is MurmurHash3's
-    /// finaliser.
+    /// The shift of a CAPTURE_SAMPLE_SHIFT entry.
+    #[inline(always)]
+    pub const fn entry_shift(entry: u32) -> u32 {
+        entry & ((1 << EPOCH_BIT) - 1)
+    }
+
+    /// The epoch of a CAPTURE_SAMPLE_SHIFT entry.
+    #[inline(always)]
+    pub const fn entry_epoch(entry: u32) -> u32 {
+        entry >> EPOCH_BIT
+    }
+
+    /// The key a connection is sampled by: its server end (address, port) and its client end.
+    /// Addresses as the kernel stores them (network order, loaded as native words); an IPv4
+    /// address in word 0 with the others 0, and a v4-mapped IPv6 address given as its IPv4
+    /// address, so a dual-stack server's socket keys like its IPv4 client's.
+    #[inline(always)]
+    pub fn key(server: [u32; 4], server_port: u16, client: [u32; 4], client_port: u16) -> u64 {
+        let ports = u64::from(server_port) << 16 | u64::from(client_port);
+        let word = |i: usize| u64::from(server[i]) << 32 | u64::from(client[i]);
+        let mut key = mix(ports ^ word(0));
+        // IPv4 (the usual case) is one round.
+        let (w1, w2, w3) = (word(1), word(2), word(3));
+        if w1 | w2 | w3 != 0 {
+            key = mix(mix(mix(key ^ w1) ^ w2) ^ w3);
+        }
+        key
+    }
+
+    /// Mixes every bit of `key` into every bit of the result: addresses and ports come in
+    /// arithmetic progressions, which a lone multiply maps onto long runs of equal low bits
+    /// (whole batches of connections followed or not). This is MurmurHash3's finaliser.
     #[inline(always)]
     fn mix(key: u64) -> u64 {
         let mut mixed = key;
@@ -46,19 +80,19 @@ pub mod capture_sample {
         mixed
     }
 
-    /// Whether the connection with `key` is followed at sample shift `shift`.
+    /// Whether the connection with `key` is followed at sample shift `shift` in `epoch`.
     #[inline(always)]
-    pub fn is_followed(key: u64, shift: u32) -> bool {
+    pub fn is_followed(key: u64, shift: u32, epoch: u32) -> bool {
         let mask = (1u64 << (shift & 15)) - 1;
-        mix(key) & mask == 0
+        (key ^ u64::from(epoch)) & mask == 0
     }
 
-    /// The largest shift at which the connection with `key` is still followed, at most
-    /// [`MAX_SHIFT`]: `is_followed(key, k)` exactly when `k <= depth(key)`. (Counted with a
-    /// fixed number of shifts, no trailing-zeros instruction: eBPF has none.)
+    /// The largest shift at which the connection with `key` is followed in `epoch`, at most
+    /// [`MAX_SHIFT`]: `is_followed(key, k, epoch)` exactly when `k <= depth(key, epoch)`.
+    /// (Counted with a fixed number of shifts, no trailing-zeros instruction: eBPF has none.)
     #[inline(always)]
-    pub fn depth(key: u64) -> u32 {
-        let mixed = mix(key) | 1 << MAX_SHIFT;
+    pub fn depth(key: u64, epoch: u32) -> u32 {
+        let mixed = (key ^ u64::from(epoch)) | 1 << MAX_SHIFT;
         let lowest = mixed & mixed.wrapping_neg();
         let mut depth = 0;
         let mut k = 1;
@@ -164,10 +198,12 @@ pub struct PayloadHeader {
     /// The sample shift the kernel captured this record under as a sample of healthy
     /// connections (it stands for 2^shift records), or [`capture_sample::NOT_SAMPLED`].
     pub sample_shift: u8,
-    /// [`capture_sample::depth`] of the connection's key (0 when not sampled): the agent
-    /// knows from it which streams a higher shift lets go.
+    /// [`capture_sample::depth`] of the connection's key in `sample_epoch` (0 when not
+    /// sampled): the agent knows from it which streams a higher shift lets go.
     pub sample_depth: u8,
-    pub _pad: u8,
+    /// The low 8 bits of the slot's epoch the record was captured in (0 when not sampled):
+    /// a record read after the agent advanced the epoch still counts under its own.
+    pub sample_epoch: u8,
     /// TCP sequence number of the call's first byte (`write_seq` after a send, `copied_seq`
     /// after a receive, minus the bytes the call moved), valid with [`payload_flags::SEQ`].
     pub seq: u32,
@@ -192,43 +228,59 @@ const _: () = assert!(core::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_LE
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::capture_sample::{depth, is_followed, key, MAX_SHIFT};
+    use super::capture_sample::{
+        depth, entry, entry_epoch, entry_shift, is_followed, key, MAX_SHIFT,
+    };
     use std::vec::Vec;
 
+    fn v4(addr: u32) -> [u32; 4] {
+        [addr, 0, 0, 0]
+    }
+
+    /// Connections of 8 client hosts to one server, with ephemeral ports in sequence.
+    fn connections(count: u32) -> Vec<u64> {
+        (0..count)
+            .map(|i| {
+                let client = 0x0a00_0001u32.wrapping_add(i % 8).to_be();
+                key(
+                    v4(0x0a00_0064u32.to_be()),
+                    11211,
+                    v4(client),
+                    32_768 + (i / 8) as u16,
+                )
+            })
+            .collect()
+    }
+
     #[test]
-    fn sampled_sockets_nest_and_come_in_the_right_proportion() {
-        // tcp_sock objects are ~2.3 KiB apart in their slab.
-        let sockets: Vec<u64> = (0..40_000u64)
-            .map(|i| 0xffff_8880_0000_0000 + i * 2368)
-            .collect();
-        for shift in 0..=MAX_SHIFT {
-            let followed = sockets.iter().filter(|&&sk| is_followed(sk, shift)).count();
-            let expected = sockets.len() >> shift;
-            // Four standard deviations of a fair coin per socket.
-            let tolerance = 4 * (expected as f64).sqrt() as usize + 2;
-            assert!(
-                followed.abs_diff(expected) <= tolerance,
-                "shift {shift}: {followed} followed, expected ~{expected}"
-            );
-            for &sk in &sockets {
-                if is_followed(sk, shift + 1) {
-                    assert!(
-                        is_followed(sk, shift),
-                        "shift {shift} does not contain {sk:#x}"
-                    );
-                }
-                assert_eq!(
-                    is_followed(sk, shift),
-                    shift <= depth(sk),
-                    "depth disagrees at shift {shift} for {sk:#x}"
+    fn sampled_connections_nest_and_come_in_the_right_proportion() {
+        let keys = connections(40_000);
+        for epoch in [0, 1, 77] {
+            for shift in 0..=MAX_SHIFT {
+                let followed = keys
+                    .iter()
+                    .filter(|&&k| is_followed(k, shift, epoch))
+                    .count();
+                let expected = keys.len() >> shift;
+                // Four standard deviations of a fair coin per connection.
+                let tolerance = 4 * (expected as f64).sqrt() as usize + 2;
+                assert!(
+                    followed.abs_diff(expected) <= tolerance,
+                    "shift {shift}: {followed} followed, expected ~{expected}"
                 );
+                for &k in &keys {
+                    if is_followed(k, shift + 1, epoch) {
+                        assert!(is_followed(k, shift, epoch), "shift {shift} does not nest");
+                    }
+                    assert_eq!(is_followed(k, shift, epoch), shift <= depth(k, epoch));
+                }
             }
         }
-        assert!(sockets.iter().all(|&sk| is_followed(sk, 0)));
-        assert!(sockets.iter().all(|&sk| depth(sk) <= MAX_SHIFT));
-        // Any run of 256 consecutive slab objects gets its fair share at one in 8.
-        for run in sockets.chunks_exact(256) {
-            let followed = run.iter().filter(|&&sk| is_followed(sk, 3)).count();
+        assert!(keys.iter().all(|&k| is_followed(k, 0, 5)));
+        assert!(keys.iter().all(|&k| depth(k, 3) <= MAX_SHIFT));
+        // Any run of 256 consecutive connections gets its fair share at one in 8.
+        for run in keys.chunks_exact(256) {
+            let followed = run.iter().filter(|&&k| is_followed(k, 3, 0)).count();
             assert!(
                 (16..=48).contains(&followed),
                 "{followed} of 256 followed at 1/8"
@@ -237,34 +289,40 @@ mod tests {
     }
 
     #[test]
-    fn connections_reusing_one_socket_address_are_fresh_draws() {
-        // A client reconnecting one connection at a time: the kernel hands it the same freed
-        // tcp_sock every time, with the next ephemeral port and a random txhash.
-        let sk = 0xffff_8880_1234_5000u64;
-        let txhash = |i: u32| i.wrapping_mul(0x9e37_79b9).rotate_left(13);
-        let connections = 32_768u32;
-        for shift in [1, 4, 8] {
-            let followed = (0..connections)
-                .filter(|i| {
-                    let port = 32_768 + (*i % 28_000) as u16;
-                    is_followed(key(sk, port, 11211, txhash(*i)), shift)
-                })
-                .count();
-            let expected = (connections >> shift) as usize;
-            let tolerance = 4 * (expected as f64).sqrt() as usize + 2;
-            assert!(
-                followed.abs_diff(expected) <= tolerance,
-                "shift {shift}: {followed} of {connections} followed, expected ~{expected}"
-            );
+    fn every_connection_is_followed_once_in_a_rotation() {
+        let keys = connections(64);
+        for shift in [1, 3, 6] {
+            for &k in &keys {
+                let turns = (0..1u32 << shift)
+                    .filter(|&epoch| is_followed(k, shift, 1000 + epoch))
+                    .count();
+                assert_eq!(turns, 1, "shift {shift}");
+                // Never in two epochs running: the agent lets a stream go at each advance.
+                assert!(!(is_followed(k, shift, 7) && is_followed(k, shift, 8)));
+            }
         }
-        // The server's end of the same connections, on a kernel without the txhash offset:
-        // local port fixed, remote port varying.
-        let followed = (0..connections)
-            .filter(|i| is_followed(key(sk, 11211, 40_000 + (*i % 20_000) as u16, 0), 4))
-            .count();
-        assert!(
-            followed.abs_diff(2048) <= 4 * 45 + 2,
-            "{followed} of 32768 at 1/16"
+    }
+
+    #[test]
+    fn both_ends_and_both_families_key_alike_and_ports_matter() {
+        let server = v4(0x7f00_0001u32.to_be());
+        let a = key(server, 11211, server, 40_000);
+        assert_eq!(a, key(server, 11211, server, 40_000));
+        assert_ne!(a, key(server, 11211, server, 40_001));
+        assert_ne!(a, key(server, 11212, server, 40_000));
+        let v6 = [0x2001_0db8u32.to_be(), 0, 0, 1u32.to_be()];
+        assert_ne!(
+            key(v6, 11211, v6, 40_000),
+            key(server, 11211, server, 40_000)
         );
+    }
+
+    #[test]
+    fn an_entry_holds_shift_and_epoch() {
+        for (shift, epoch) in [(0, 0), (10, 1), (3, 0xffff), (7, 12_345)] {
+            let packed = entry(shift, epoch);
+            assert_eq!((entry_shift(packed), entry_epoch(packed)), (shift, epoch));
+        }
+        assert_eq!(entry(4, 0), 4, "epoch 0 is the bare shift");
     }
 }
