@@ -555,81 +555,170 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
     let script = paced_pool_script(port, SAMPLED_POOL, SAMPLED_RATE);
     let (_client, mut control, mut out) = start_ready(&script);
-    let mut command = |line: &str| {
-        writeln!(control, "{line}").unwrap();
-        control.flush().unwrap();
-    };
-    let agent = Agent::start_with_config(
-        "pooled-sampled",
+    let agent = sampling_agent("pooled-sampled", port, 3200);
+    wait_adopted(&agent, 2 * SAMPLED_POOL);
+    send(&mut control, "go");
+    let ratio = narrowed_and_held(&agent);
+    let window = SampledWindow::measure(&agent, port, SAMPLED_POOL, &mut control, &mut out);
+    send(&mut control, "stop");
+    window.assert_counts_match(&agent, ratio);
+}
+
+/// An agent watching memcached on `port` with a decoding budget of `records` per second.
+fn sampling_agent(name: &str, port: u16, records: u32) -> Agent {
+    Agent::start_with_config(
+        name,
         &format!(
             "sample_interval_seconds = 1\n\
              [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
-             [limits]\ncapture_records_per_second = 3200\n"
+             [limits]\ncapture_records_per_second = {records}\n"
         ),
     )
-    .unwrap();
-    wait_adopted(&agent, 2 * SAMPLED_POOL);
-    command("go");
-    let ratio = narrowed_and_held(&agent);
+    .unwrap()
+}
 
-    let mut edge = |command: &mut dyn FnMut(&str)| {
-        command("pause");
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "paused");
-        // The pause stays short: two looks of the budget that predict a wider sample under
-        // 70% of the share widen it.
-        let last = settled_scrape(&agent);
-        let stats = server_stats(port, "stats");
-        command("go");
-        (last, stats)
-    };
-    let changes = || agent.log().matches("capture sample changed").count();
-    let (scrape0, stats0) = edge(&mut command);
-    let changes0 = changes();
-    let started = std::time::Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
-    let (scrape1, stats1) = edge(&mut command);
-    let changes1 = changes();
-    let seconds = started.elapsed().as_secs_f64();
-    command("stop");
-    let delta = |name: &str| stats1[name] - stats0[name];
-    let gets = delta("get_hits") + delta("get_misses");
-    let sets = delta("cmd_set");
-    assert!(gets > 0.0 && sets > 0.0);
-    // k at half the measured rate; the ratio and the decoded share each off by 1/k at most.
-    let per_connection = (gets + sets) / seconds / SAMPLED_POOL as f64 / 2.0;
-    let relative = 2.0 / per_connection;
-    let mut failures = Vec::new();
-    for role in ["client", "server"] {
-        let counted = |command: &str| {
-            scrape1.requests(&[("role", role), ("command", command)])
-                - scrape0.requests(&[("role", role), ("command", command)])
+/// Sends one control line to a paced pool client.
+fn send(control: &mut ChildStdin, line: &str) {
+    writeln!(control, "{line}").unwrap();
+    control.flush().unwrap();
+}
+
+/// A 10 s window of a paced pool's traffic, its edges read with the client paused once the
+/// agent's counts stop moving: the agent's scrapes, memcached's `stats` and the sample
+/// changes the agent logged at each edge.
+struct SampledWindow {
+    edges: [(Scrape, std::collections::BTreeMap<String, f64>, usize); 2],
+    seconds: f64,
+    pool: usize,
+}
+
+impl SampledWindow {
+    fn measure(
+        agent: &Agent,
+        port: u16,
+        pool: usize,
+        control: &mut ChildStdin,
+        out: &mut BufReader<std::process::ChildStdout>,
+    ) -> SampledWindow {
+        let mut edge = |control: &mut ChildStdin| {
+            send(control, "pause");
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "paused");
+            // The pause stays short: two looks of the budget that predict a wider sample under
+            // 70% of the share widen it.
+            let last = settled_scrape(agent);
+            let stats = server_stats(port, "stats");
+            send(control, "go");
+            let changes = agent.log().matches("capture sample changed").count();
+            (last, stats, changes)
         };
-        for (command, truth) in [("get", gets), ("set", sets)] {
-            let estimate = counted(command);
-            let tolerance = sampled_tolerance(truth, relative, ratio);
-            eprintln!(
-                "{role} {command}: estimate {estimate}, memcached {truth} ({:+.2}%), \
-                 tolerance {tolerance:.0} ({:.2}%), sample ratio {ratio}",
-                (estimate / truth - 1.0) * 100.0,
-                tolerance / truth * 100.0
-            );
-            if (estimate - truth).abs() > tolerance {
-                failures.push(format!(
-                    "{role} {command}: estimate {estimate}, memcached {truth}, tolerance {tolerance}"
-                ));
-            }
+        let first = edge(control);
+        let started = std::time::Instant::now();
+        std::thread::sleep(Duration::from_secs(10));
+        let second = edge(control);
+        SampledWindow {
+            edges: [first, second],
+            seconds: started.elapsed().as_secs_f64(),
+            pool,
         }
     }
-    assert_eq!(
-        changes0,
-        changes1,
-        "the sample changed during the window: {}",
-        agent.log()
-    );
-    assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
-    scrape1.assert_no_decode_errors();
+
+    /// Both roles' scaled get and set counts within [`sampled_tolerance`] of memcached's, the
+    /// sample unchanged through the window, no decode error.
+    fn assert_counts_match(&self, agent: &Agent, ratio: f64) {
+        let [(scrape0, stats0, changes0), (scrape1, stats1, changes1)] = &self.edges;
+        let delta = |name: &str| stats1[name] - stats0[name];
+        let gets = delta("get_hits") + delta("get_misses");
+        let sets = delta("cmd_set");
+        assert!(gets > 0.0 && sets > 0.0);
+        // k at half the measured rate; the ratio and the decoded share each off by 1/k at most.
+        let per_connection = (gets + sets) / self.seconds / self.pool as f64 / 2.0;
+        let relative = 2.0 / per_connection;
+        let mut failures = Vec::new();
+        for role in ["client", "server"] {
+            let counted = |command: &str| {
+                scrape1.requests(&[("role", role), ("command", command)])
+                    - scrape0.requests(&[("role", role), ("command", command)])
+            };
+            for (command, truth) in [("get", gets), ("set", sets)] {
+                let estimate = counted(command);
+                let tolerance = sampled_tolerance(truth, relative, ratio);
+                eprintln!(
+                    "{role} {command}: estimate {estimate}, memcached {truth} ({:+.2}%), \
+                     tolerance {tolerance:.0} ({:.2}%), sample ratio {ratio}",
+                    (estimate / truth - 1.0) * 100.0,
+                    tolerance / truth * 100.0
+                );
+                if (estimate - truth).abs() > tolerance {
+                    failures.push(format!(
+                        "{role} {command}: estimate {estimate}, memcached {truth}, tolerance {tolerance}"
+                    ));
+                }
+            }
+        }
+        assert_eq!(
+            changes0,
+            changes1,
+            "the sample changed during the window: {}",
+            agent.log()
+        );
+        assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
+        scrape1.assert_no_decode_errors();
+    }
+}
+
+/// A pool of 3 connections over its decoding budget: one connection fits the budget, two do
+/// not, so the sample follows one connection or none. A draw that follows none leaves the
+/// service blind (no counts at all, in either view; P = (1 - 2^-shift)^3, 42% at 1/4, 67% at
+/// 1/8, and a draw lasted as long as its connections). The agent turns a blind sample to other
+/// connections until one is followed, and then the window's scaled counts match memcached's
+/// `stats` as a big pool's do. Before the turns, a small pool's view stayed blank: the budget
+/// bench saw 6 pooled connections at 1/8 blank in 3 of 6 windows.
+#[test]
+fn a_small_pool_over_its_budget_is_not_left_blind() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    const SMALL_POOL: usize = 3;
+    let script = paced_pool_script(port, SMALL_POOL, 1_500);
+    let (_client, mut control, mut out) = start_ready(&script);
+    // 1,500 operations/s make 6,000 records/s, 2,000 per connection.
+    let agent = sampling_agent("pooled-small", port, 2_500);
+    wait_adopted(&agent, 2 * SMALL_POOL);
+    send(&mut control, "go");
+    let ratio = narrowed_and_held(&agent);
+    // Turns (one per look at most) until a connection is followed, then none.
+    let turns = || {
+        agent
+            .scrape()
+            .sum("cacheprobe_capture_sample_turns_total", &[])
+    };
+    let settle_by = std::time::Instant::now() + Duration::from_secs(40);
+    let mut last = turns();
+    let mut calm = 0;
+    while calm < 3 {
+        assert!(
+            std::time::Instant::now() < settle_by,
+            "the sample kept turning: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let now = turns();
+        calm = if now == last { calm + 1 } else { 0 };
+        last = now;
+    }
+    eprintln!("{last} turns before the window");
+    let window = SampledWindow::measure(&agent, port, SMALL_POOL, &mut control, &mut out);
+    send(&mut control, "stop");
+    let turned = window.edges[1]
+        .0
+        .sum("cacheprobe_capture_sample_turns_total", &[])
+        - window.edges[0]
+            .0
+            .sum("cacheprobe_capture_sample_turns_total", &[]);
+    assert_eq!(turned, 0.0, "a followed sample turned: {}", agent.log());
+    window.assert_counts_match(&agent, ratio);
 }
 
 /// How far a scaled count of `truth` requests may be from it (see

@@ -520,6 +520,12 @@ declare_metrics! {
              service (each service has its own): 1 until captured records exceed its share of \
              limits.capture_records_per_second, then 1/2, 1/4, ... Request and byte counters \
              are scaled up; latency histograms hold the decoded requests only";
+    capture_sample_turns: Counter
+        => "capture_sample_turns",
+        "Times a service's capture sample turned to other connections because over a whole \
+             second one of its roles had calls and none on a followed connection (a service \
+             with few connections): each turn lets the followed streams go, between requests, \
+             and meets others from their next request";
     capture_calls: Counter
         => "capture_calls",
         "Sends and receives on watched connections whose frames the kernel followed and \

@@ -17,7 +17,11 @@
 //! window at the default budget (BENCHMARKS.md, decoding budget). The ratio corrects for the
 //! draw; it is exact when requests per call are alike across a service's connections.
 
-use agent_common::{capture_sample::MAX_SHIFT, watch, SampledCalls};
+use crate::memcache::decoders::StreamSample;
+use agent_common::{
+    capture_sample::{self, MAX_SHIFT},
+    watch, SampledCalls,
+};
 
 /// Service slots with a sample of their own: the `SAMPLED_CALLS` slots (1..=63 by config
 /// position; 0 for services past the 63rd, which share one sample).
@@ -50,6 +54,9 @@ pub struct SlotLoad {
 #[derive(Debug, Clone)]
 struct SlotControl {
     shift: u32,
+    /// The sample's epoch: which connections the shift follows (see [`capture_sample`]).
+    /// It turns only when the slot is blind; it moves with its service on a reload.
+    epoch: u32,
     /// Records per followed call (1 until measured).
     records_per_call: f64,
     /// Records/s the slot would make at shift 0, from the last look that could tell.
@@ -64,6 +71,7 @@ impl Default for SlotControl {
     fn default() -> Self {
         SlotControl {
             shift: 0,
+            epoch: 0,
             records_per_call: 1.0,
             demand: 0.0,
             calm: 0,
@@ -113,6 +121,21 @@ impl CaptureBudget {
         self.slots.iter().map(|control| control.shift).collect()
     }
 
+    /// Every slot's CAPTURE_SAMPLE_SHIFT entry: its shift and epoch.
+    pub fn entries(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .map(|control| capture_sample::entry(control.shift, control.epoch))
+            .collect()
+    }
+
+    /// The epoch of `slot`'s sample.
+    pub fn epoch(&self, slot: u32) -> u32 {
+        self.slots
+            .get(slot as usize)
+            .map_or(0, |control| control.epoch)
+    }
+
     /// The narrowest sample of any slot.
     pub fn narrowest(&self) -> u32 {
         self.slots
@@ -142,6 +165,7 @@ impl CaptureBudget {
         if let Some(control) = self.slots.get_mut(slot as usize) {
             *control = SlotControl {
                 shift: control.shift,
+                epoch: control.epoch,
                 ..SlotControl::default()
             };
         }
@@ -307,9 +331,14 @@ pub struct CaptureSampling {
     /// Per slot: a reading within the look showed a role with calls and none followed.
     look_blind: Vec<bool>,
     look_mixed: Vec<bool>,
+    /// Calls per `SAMPLED_CALLS` index (slot and role) over the whole look.
+    look_role_calls: Vec<SampledCalls>,
+    /// Slots whose sample should turn to other connections: over a whole look a role had
+    /// calls and none on a followed connection (see [`CaptureSampling::rotations_wanted`]).
+    rotate: Vec<bool>,
     last_look_ns: u64,
-    /// Whether the kernel has yet to be told the shifts (see [`CaptureSampling::take_shift`]),
-    /// what it was told last, and what it is being told.
+    /// Whether the kernel has yet to be told the samples (see [`CaptureSampling::take_shift`]),
+    /// the entries (shift and epoch) it was told last, and what it is being told.
     pending: bool,
     applied: Vec<u32>,
     telling: Vec<u32>,
@@ -417,6 +446,8 @@ impl CaptureSampling {
             look_calls_read: false,
             look_blind: vec![false; SLOTS],
             look_mixed: vec![false; SLOTS],
+            look_role_calls: vec![SampledCalls::default(); 2 * SLOTS],
+            rotate: vec![false; SLOTS],
             last_look_ns: 0,
             pending: false,
             applied: vec![0; SLOTS],
@@ -497,7 +528,7 @@ impl CaptureSampling {
         }
         self.ratios.slots = slots;
         // The kernel must hear of it when a slot's shift is not what it has.
-        let differs = moved && self.budget.shifts() != applied;
+        let differs = moved && self.budget.entries() != applied;
         self.pending |= differs;
         self.reslot_from = differs.then_some(applied);
     }
@@ -509,13 +540,19 @@ impl CaptureSampling {
     /// they were captured under; those of streams their service's sample lets go are dropped,
     /// see [`CaptureSampling::weight_of_record`].) The exact shifts follow from
     /// [`CaptureSampling::take_shift`] once the ports are changed.
+    /// (In the epoch of the slot's new service: the connections it follows are then among
+    /// those followed.)
     pub fn take_reslot_shifts(&mut self) -> Option<Vec<u32>> {
         let before = self.reslot_from.take()?;
         Some(
             before
                 .iter()
-                .zip(self.budget.shifts())
-                .map(|(&kernel, new)| kernel.min(new))
+                .zip(self.budget.entries())
+                .map(|(&kernel, new)| {
+                    let shift =
+                        capture_sample::entry_shift(kernel).min(capture_sample::entry_shift(new));
+                    capture_sample::entry(shift, capture_sample::entry_epoch(new))
+                })
                 .collect(),
         )
     }
@@ -564,6 +601,10 @@ impl CaptureSampling {
                         calls.seen += seen;
                         calls.followed += followed;
                     }
+                    if let Some(calls) = self.look_role_calls.get_mut(index) {
+                        calls.seen += seen;
+                        calls.followed += followed;
+                    }
                     if seen > 0 && followed == 0 {
                         if let Some(blind) = self.look_blind.get_mut(slot) {
                             *blind = true;
@@ -596,12 +637,12 @@ impl CaptureSampling {
     /// the service and role's call ratio when there is one.
     pub fn weight_of_request(
         &mut self,
-        sample_shift: Option<u32>,
-        sample_depth: u32,
+        sample: StreamSample,
         service: usize,
         client: bool,
     ) -> Option<u64> {
-        let weight = self.weight_of_record(sample_shift, sample_depth, service)?;
+        let weight = self.weight_of_record(sample, service)?;
+        let sample_shift = sample.shift;
         if sample_shift.is_none() {
             return Some(weight);
         }
@@ -645,16 +686,19 @@ impl CaptureSampling {
     /// it keeps stand for as many as the new ones. A call captured for its connection's
     /// trouble (or by a kernel that cannot tell healthy connections) was not sampled: it
     /// counts once.
-    pub fn weight_of_record(
-        &self,
-        sample_shift: Option<u32>,
-        sample_depth: u32,
-        service: usize,
-    ) -> Option<u64> {
-        match sample_shift {
+    ///
+    /// A record of another epoch than its slot's (written before the kernel heard that the
+    /// sample turned, or read after) is dropped too: the agent let its stream go when it
+    /// turned the sample ([`CaptureSampling::rotate`]).
+    pub fn weight_of_record(&self, sample: StreamSample, service: usize) -> Option<u64> {
+        match sample.shift {
             Some(recorded) => {
-                let shift = recorded.max(self.shift_of_service(service)).min(MAX_SHIFT);
-                (sample_depth >= shift).then_some(1u64 << shift)
+                let slot = self.slot_of(service);
+                if self.budget.epoch(slot) as u8 != sample.epoch {
+                    return None;
+                }
+                let shift = recorded.max(self.budget.shift(slot)).min(MAX_SHIFT);
+                (sample.depth >= shift).then_some(1u64 << shift)
             }
             None => Some(1),
         }
@@ -676,7 +720,7 @@ impl CaptureSampling {
         if !std::mem::take(&mut self.pending) {
             return None;
         }
-        self.telling = self.budget.shifts();
+        self.telling = self.budget.entries();
         Some(self.telling.clone())
     }
 
@@ -807,6 +851,18 @@ impl CaptureSampling {
             })
             .collect();
         let total: u64 = self.look_records.iter().sum();
+        for slot in 0..SLOTS {
+            // Slot 0 is shared by services past the 63rd: its streams are not told apart.
+            let roles = &self.look_role_calls[2 * slot..2 * slot + 2];
+            let blind = roles
+                .iter()
+                .any(|calls| calls.seen > 0 && calls.followed == 0);
+            self.rotate[slot] = slot != 0
+                && self.look_calls_read
+                && !self.look_mixed[slot]
+                && blind
+                && self.budget.shift(slot as u32) > 0;
+        }
         self.last_look_ns = now_ns;
         self.clear_look();
         if !self.budget.look(&loads) {
@@ -821,6 +877,40 @@ impl CaptureSampling {
         self.look_calls.fill(SampledCalls::default());
         self.look_mixed.fill(false);
         self.look_blind.fill(false);
+        self.look_role_calls.fill(SampledCalls::default());
+    }
+
+    /// Slots whose sample should turn to other connections: over the last whole look one of
+    /// their roles had calls and none on a followed connection (a service with few
+    /// connections whose draw followed none of the busy ones, or one connection alone above
+    /// its share). The caller turns each with [`CaptureSampling::rotate`] once none of its
+    /// followed streams waits for an answer; until then the wish stands.
+    pub fn rotations_wanted(&self) -> Vec<u32> {
+        (0..SLOTS as u32)
+            .filter(|&slot| self.rotate[slot as usize])
+            .collect()
+    }
+
+    /// Turns `slot`'s sample to the next epoch: over 2^shift epochs every connection is
+    /// followed once, and none in two epochs running, so every stream the slot follows now is
+    /// let go (the caller drops them) and others are met afresh. Told to the kernel like a new
+    /// shift; the interval it falls in gives the slot no call ratio (2^shift until a clean one).
+    pub fn rotate(&mut self, slot: u32) {
+        let Some(control) = self.budget.slots.get_mut(slot as usize) else {
+            return;
+        };
+        control.epoch = control.epoch.wrapping_add(1) & 0xffff;
+        // What was measured at each shift was of the old draw.
+        control.followed_share = [None; MAX_SHIFT as usize + 1];
+        self.rotate[slot as usize] = false;
+        self.look_mixed[slot as usize] = true;
+        self.pending = true;
+        tracing::debug!(slot, epoch = control.epoch, "capture sample turned");
+    }
+
+    /// The services (by id) whose sample is `slot`'s.
+    pub fn slot_has_service(&self, slot: u32, service: usize) -> bool {
+        self.slot_of(service) == slot
     }
 
     /// A sample changed: said once per change, handed to the kernel next.
@@ -831,7 +921,7 @@ impl CaptureSampling {
             .iter()
             .zip(&self.applied)
             .enumerate()
-            .filter(|(_, (now, before))| now != before)
+            .filter(|(_, (now, before))| **now != capture_sample::entry_shift(**before))
             .map(|(slot, (now, _))| format!("slot {slot}: 1/{}", 1u64 << now))
             .collect();
         tracing::info!(
@@ -842,7 +932,7 @@ impl CaptureSampling {
         );
         self.pending = true;
         // Records of the streams kept now weigh the new sample (see `weight_of_record`).
-        for (slot, (now, before)) in self.budget.shifts().iter().zip(&self.applied).enumerate() {
+        for (slot, (now, before)) in self.budget.entries().iter().zip(&self.applied).enumerate() {
             if now != before {
                 self.ratios.clear_slot(slot as u32);
             }
@@ -876,12 +966,13 @@ mod tests {
     fn drawn_depths(n: u64, salt: u64) -> Vec<u32> {
         (1..=n)
             .map(|i| {
-                capture_sample::depth(capture_sample::key(
-                    salt + i * 2368,
+                let key = capture_sample::key(
+                    [salt as u32, (salt >> 32) as u32, 0, 0],
                     11211,
+                    [i as u32, 0, 0, 0],
                     40_000 + i as u16,
-                    0,
-                ))
+                );
+                capture_sample::depth(key, 0)
             })
             .collect()
     }
@@ -1099,10 +1190,16 @@ mod tests {
         assert!(sampling.check(2 * SECOND));
         // A record the kernel wrote under the old sample (shift 0), of a stream the new one
         // lets go (depth 0): dropped; of a stream it keeps (depth 1): counts for the new 2.
-        assert_eq!(sampling.weight_of_record(Some(0), 0, 1), None);
-        assert_eq!(sampling.weight_of_record(Some(0), 1, 1), Some(2));
         assert_eq!(
-            sampling.weight_of_record(Some(0), 0, 0),
+            sampling.weight_of_record(StreamSample::of_record(Some(0), 0, 0), 1),
+            None
+        );
+        assert_eq!(
+            sampling.weight_of_record(StreamSample::of_record(Some(0), 1, 0), 1),
+            Some(2)
+        );
+        assert_eq!(
+            sampling.weight_of_record(StreamSample::of_record(Some(0), 0, 0), 0),
             Some(1),
             "the quiet service"
         );
@@ -1117,9 +1214,12 @@ mod tests {
         assert_eq!(shifts.iter().filter(|&&shift| shift != 0).count(), 1);
         assert_eq!(sampling.take_shift(), None);
         sampling.shift_applied(2 * SECOND + 10);
-        assert_eq!(sampling.weight_of_record(Some(1), 3, 1), Some(2));
         assert_eq!(
-            sampling.weight_of_record(None, 0, 1),
+            sampling.weight_of_record(StreamSample::of_record(Some(1), 3, 0), 1),
+            Some(2)
+        );
+        assert_eq!(
+            sampling.weight_of_record(StreamSample::of_record(None, 0, 0), 1),
             Some(1),
             "captured for its trouble"
         );
@@ -1133,6 +1233,76 @@ mod tests {
         assert!(!sampling.check(4 * SECOND + 10));
         assert!(sampling.check(5 * SECOND + 10));
         assert_eq!(sampling.take_shift(), Some(vec![0; SLOTS]));
+    }
+
+    /// A sampled slot whose role had calls and none on a followed connection over a whole
+    /// look wants its sample turned; once turned, records of the old epoch are dropped (the
+    /// agent let their streams go), the new epoch's count, and the kernel hears the entry.
+    #[test]
+    fn a_blind_slot_turns_its_sample_to_other_connections() {
+        let mut sampling = CaptureSampling::new(500);
+        let slot = watch::slot_of_position(0);
+        sampling.set_service_slots(vec![slot]);
+        assert!(!sampling.check(SECOND));
+        for i in 0..900 {
+            sampling.count_record(SECOND + 1 + i, 0, true);
+        }
+        assert!(sampling.check(2 * SECOND));
+        let entries = sampling.take_shift().unwrap();
+        assert_eq!(entries[slot as usize], capture_sample::entry(1, 0));
+        sampling.shift_applied(2 * SECOND + 10);
+        let server = watch::calls_index(slot, false) as usize;
+        let mut totals = vec![SampledCalls::default(); 2 * SLOTS];
+        sampling.observe_sampled_calls(Some(&totals), 2 * SECOND + 20);
+        // The look the shift changed in mixes two samples: no turn, however blind.
+        totals[server] = calls(400, 0);
+        sampling.observe_sampled_calls(Some(&totals), 3 * SECOND + 20);
+        sampling.check(3 * SECOND + 30);
+        assert!(sampling.rotations_wanted().is_empty());
+        // A whole look with calls and none followed.
+        totals[server] = calls(800, 0);
+        sampling.observe_sampled_calls(Some(&totals), 4 * SECOND + 20);
+        sampling.check(4 * SECOND + 30);
+        assert_eq!(sampling.budget.shift(slot), 1, "still sampled");
+        assert_eq!(sampling.rotations_wanted(), vec![slot]);
+        let at = |depth, epoch| StreamSample {
+            shift: Some(1),
+            depth,
+            epoch,
+        };
+        assert_eq!(sampling.weight_of_record(at(1, 0), 0), Some(2));
+        sampling.rotate(slot);
+        assert!(sampling.rotations_wanted().is_empty());
+        assert_eq!(sampling.weight_of_record(at(1, 0), 0), None, "old epoch");
+        assert_eq!(sampling.weight_of_record(at(1, 1), 0), Some(2));
+        assert_eq!(sampling.weight_of_record(at(0, 1), 0), None, "not followed");
+        let entries = sampling.take_shift().unwrap();
+        assert_eq!(entries[slot as usize], capture_sample::entry(1, 1));
+        sampling.shift_applied(4 * SECOND + 40);
+        // Followed calls again: no more turns.
+        totals[server] = calls(1_200, 100);
+        sampling.observe_sampled_calls(Some(&totals), 5 * SECOND + 20);
+        sampling.check(5 * SECOND + 30);
+        totals[server] = calls(1_600, 200);
+        sampling.observe_sampled_calls(Some(&totals), 6 * SECOND + 20);
+        sampling.check(6 * SECOND + 30);
+        assert!(sampling.rotations_wanted().is_empty());
+    }
+
+    /// A slot with calls but none followed at shift 0 (nothing sampled) never turns: every
+    /// connection is followed already. (Such a look means the kernel could not follow.)
+    #[test]
+    fn an_unsampled_slot_never_turns() {
+        let mut sampling = CaptureSampling::new(500);
+        let slot = watch::slot_of_position(0);
+        sampling.set_service_slots(vec![slot]);
+        sampling.check(SECOND);
+        let mut totals = vec![SampledCalls::default(); 2 * SLOTS];
+        sampling.observe_sampled_calls(Some(&totals), SECOND + 20);
+        totals[watch::calls_index(slot, true) as usize] = calls(50, 0);
+        sampling.observe_sampled_calls(Some(&totals), 2 * SECOND + 20);
+        sampling.check(2 * SECOND + 30);
+        assert!(sampling.rotations_wanted().is_empty());
     }
 
     /// A reload that swaps two services' places: each takes its sample, what the budget learnt
@@ -1271,27 +1441,33 @@ mod tests {
             vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
         sampling.observe_sampled_calls(Some(&totals), SECOND);
         assert_eq!(
-            sampling.weight_of_request(Some(2), 5, 0, false),
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
             Some(4),
             "no interval yet"
         );
         totals[server] = calls(1_000, 100);
         totals[client] = calls(1_000, 500);
         sampling.observe_sampled_calls(Some(&totals), 2 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(10));
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, true), Some(2));
         assert_eq!(
-            sampling.weight_of_request(Some(2), 5, 1, false),
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(10)
+        );
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, true),
+            Some(2)
+        );
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 1, false),
             Some(4),
             "no slot"
         );
         assert_eq!(
-            sampling.weight_of_request(None, 0, 0, false),
+            sampling.weight_of_request(StreamSample::of_record(None, 0, 0), 0, false),
             Some(1),
             "trouble"
         );
         assert_eq!(
-            sampling.weight_of_request(Some(2), 1, 0, false),
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 1, 0), 0, false),
             None,
             "let go"
         );
@@ -1300,18 +1476,33 @@ mod tests {
         sampling.shift_applied(2 * SECOND + 5);
         totals[server] = calls(2_000, 150);
         sampling.observe_sampled_calls(Some(&totals), 3 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(4));
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(4)
+        );
         totals[server] = calls(3_000, 250);
         sampling.observe_sampled_calls(Some(&totals), 4 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(10));
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(10)
+        );
         // An idle interval keeps the ratio; calls none of which were followed drop it.
         sampling.observe_sampled_calls(Some(&totals), 5 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(10));
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(10)
+        );
         totals[server] = calls(3_100, 250);
         sampling.observe_sampled_calls(Some(&totals), 6 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(4));
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(4)
+        );
         // Counters gone (an object without them): back to 2^shift.
         sampling.observe_sampled_calls(None, 7 * SECOND);
-        assert_eq!(sampling.weight_of_request(Some(2), 5, 0, false), Some(4));
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(4)
+        );
     }
 }

@@ -31,7 +31,7 @@ use crate::{
     kernel::events::{self, EventKind, SockEventRecord},
     kernel::readings::KernelReadings,
     keystats::{KeyDisplay, KeyRouting, KeysReport, TopK},
-    memcache::decoders::{Decoders, MemcacheEvent, CLOSE_GRACE_NS},
+    memcache::decoders::{Decoders, MemcacheEvent, StreamSample, CLOSE_GRACE_NS},
     model::Role,
     services::{Services, SharedServices},
     sizes::slab::LocalMemcached,
@@ -148,6 +148,23 @@ impl Pipeline {
     fn check_capture_budget(&mut self, now_ns: u64) {
         if self.capture.check(now_ns) {
             self.capture_sample_changed();
+        }
+    }
+
+    /// Turns the samples of slots that went blind (see
+    /// [`CaptureSampling::rotations_wanted`]) to other connections, each once none of its
+    /// followed streams waits for an answer: a stream let go mid-request would lose its
+    /// answer, and a hung server's waiting requests must time out where they are.
+    fn turn_blind_samples(&mut self) {
+        for slot in self.capture.rotations_wanted() {
+            let capture = &self.capture;
+            let in_slot = |service| capture.slot_has_service(slot, service);
+            if self.decoders.sampled_waiting(in_slot) {
+                continue;
+            }
+            self.decoders.forget_sampled(in_slot);
+            self.capture.rotate(slot);
+            self.outputs.metrics().capture_sample_turns.inc();
         }
     }
 
@@ -338,11 +355,12 @@ impl Pipeline {
         ) {
             self.capture_sample_changed();
         }
-        let Some(weight) = self.capture.weight_of_record(
+        let sample = StreamSample::of_record(
             payload.sample_shift,
             payload.sample_depth,
-            endpoint.service,
-        ) else {
+            payload.sample_epoch,
+        );
+        let Some(weight) = self.capture.weight_of_record(sample, endpoint.service) else {
             return PayloadOutcome::Handled;
         };
         self.decoders.on_payload(
@@ -399,6 +417,7 @@ impl Pipeline {
             });
         }
         self.check_capture_budget(now_ns);
+        self.turn_blind_samples();
         let now_s = unix_now();
         if self.outputs.publish_ring_views_if_due(now_s) && self.outputs.has_history() {
             // Slab fit goes to history (for diagnose) with the ring views' cadence.
@@ -468,8 +487,7 @@ impl Pipeline {
                     sample, endpoint, ..
                 } => {
                     match self.capture.weight_of_request(
-                        sample.shift,
-                        sample.depth,
+                        *sample,
                         endpoint.service,
                         endpoint.role == Role::Client,
                     ) {
@@ -643,7 +661,7 @@ mod tests {
     /// shift the kernel was told (the agent's once applied), `sk` itself as the key.
     fn get_hit(pipeline: &mut Pipeline, sk: u64, ts: u64) {
         let shift = pipeline.capture.kernel_shift_at(ts, 0);
-        let sample = Some((shift as u8, capture_sample::depth(sk) as u8));
+        let sample = Some((shift as u8, capture_sample::depth(sk, 0) as u8));
         get_hit_marked(pipeline, sk, ts, sample);
     }
 
@@ -708,10 +726,10 @@ mod tests {
         let mut candidates = (1..).map(|i| 0xffff_8880_0000_0000u64 + i * 2368);
         let followed = candidates
             .by_ref()
-            .find(|&sk| capture_sample::is_followed(sk, 1))
+            .find(|&sk| capture_sample::is_followed(sk, 1, 0))
             .unwrap();
         let released = candidates
-            .find(|&sk| !capture_sample::is_followed(sk, 1))
+            .find(|&sk| !capture_sample::is_followed(sk, 1, 0))
             .unwrap();
         (followed, released)
     }
@@ -786,7 +804,7 @@ mod tests {
             assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
         };
         ask(&mut pipeline, released, 2 * SECOND + 100, None);
-        let depth = capture_sample::depth(followed) as u8;
+        let depth = capture_sample::depth(followed, 0) as u8;
         ask(&mut pipeline, followed, 2 * SECOND + 200, Some((1, depth)));
         for (i, sk) in [released, followed].into_iter().enumerate() {
             let closed = EventKind::StateChange {
@@ -1121,11 +1139,12 @@ mod tests {
 
         let mut ts = SECOND;
         for &(sk, port, gets) in &connections {
-            let key = capture_sample::key(sk, port, PORT, txhash(port));
-            if !capture_sample::is_followed(key, SHIFT) {
+            let key =
+                capture_sample::key([sk as u32, 0, 0, 0], PORT, [txhash(port), 0, 0, 0], port);
+            if !capture_sample::is_followed(key, SHIFT, 0) {
                 continue;
             }
-            let sample = Some((SHIFT as u8, capture_sample::depth(key) as u8));
+            let sample = Some((SHIFT as u8, capture_sample::depth(key, 0) as u8));
             for _ in 0..gets {
                 get_hit_marked(&mut pipeline, sk, ts, sample);
                 ts += 10_000;
@@ -1140,7 +1159,7 @@ mod tests {
         // The same traffic sampled by address alone.
         let by_address: u64 = connections
             .iter()
-            .filter(|c| capture_sample::is_followed(c.0, SHIFT))
+            .filter(|c| capture_sample::is_followed(c.0, SHIFT, 0))
             .map(|c| c.2 << SHIFT)
             .sum();
         assert!(

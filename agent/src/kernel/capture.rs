@@ -34,6 +34,8 @@ pub struct PayloadView<'a> {
     pub sample_shift: Option<u32>,
     /// The highest shift at which the connection stays followed ([`capture_sample::depth`]).
     pub sample_depth: u32,
+    /// The low 8 bits of the sample's epoch ([`capture_sample`]; 0 when not sampled).
+    pub sample_epoch: u8,
     pub comm: &'a [u8; COMM_LEN],
     /// The segment area, validated by [`parse_payload`].
     segments: &'a [u8],
@@ -192,6 +194,7 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         seq: (bytes[40] & payload_flags::SEQ != 0).then(|| u32_at(44)),
         sample_shift: (bytes[41] != capture_sample::NOT_SAMPLED).then_some(u32::from(bytes[41])),
         sample_depth: u32::from(bytes[42]),
+        sample_epoch: bytes[43],
         comm: bytes[48..HEADER].try_into().expect("16 bytes"),
         segments,
     })

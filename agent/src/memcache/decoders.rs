@@ -49,6 +49,8 @@ pub struct StreamSample {
     /// The highest sample shift that still follows the stream (`u32::MAX` for trouble: no
     /// sample lets it go).
     pub depth: u32,
+    /// The low 8 bits of the sample's epoch (see `agent_common::capture_sample`).
+    pub epoch: u8,
 }
 
 impl StreamSample {
@@ -56,7 +58,21 @@ impl StreamSample {
     pub const UNSAMPLED: StreamSample = StreamSample {
         shift: None,
         depth: u32::MAX,
+        epoch: 0,
     };
+
+    /// A record's sample: `shift` (None: captured for its connection's trouble), the
+    /// connection's depth in `epoch`.
+    pub fn of_record(shift: Option<u32>, depth: u32, epoch: u8) -> StreamSample {
+        match shift {
+            Some(_) => StreamSample {
+                shift,
+                depth,
+                epoch,
+            },
+            None => StreamSample::UNSAMPLED,
+        }
+    }
 }
 
 struct ConnectionState {
@@ -77,6 +93,9 @@ struct ConnectionState {
     /// When a reload captured its service again after a pause: requests sent since then are
     /// not among those a resumed record cuts.
     followed_again_ns: Option<u64>,
+    /// Met mid-stream by a sample (its connection newly followed): answers before its first
+    /// request went to requests nobody followed, and are not decoded (not an error either).
+    awaiting_request: bool,
 }
 
 /// How long a closed socket's stream keeps taking payload records. A send that straddles the
@@ -133,8 +152,15 @@ impl Decoders {
             .connections
             .get(&payload.sk)
             .is_some_and(|state| state.endpoint == endpoint);
-        if !known && !self.open_stream(payload.sk, endpoint, queue_mode, out) {
-            return;
+        if !known {
+            if !self.open_stream(payload.sk, endpoint, queue_mode, out) {
+                return;
+            }
+            if payload.sample_shift.is_some_and(|shift| shift > 0) {
+                if let Some(state) = self.connections.get_mut(&payload.sk) {
+                    state.awaiting_request = true;
+                }
+            }
         }
         let Some(state) = self.connections.get_mut(&payload.sk) else {
             return;
@@ -155,18 +181,22 @@ impl Decoders {
             drain(&mut self.scratch, state, out);
         }
         state.flow = state.flow.or(flow);
-        state.sample = match payload.sample_shift {
-            Some(shift) => StreamSample {
-                shift: Some(shift),
-                depth: payload.sample_depth,
-            },
-            None => StreamSample::UNSAMPLED,
-        };
+        state.sample = StreamSample::of_record(
+            payload.sample_shift,
+            payload.sample_depth,
+            payload.sample_epoch,
+        );
         // A client sends requests; a server receives them.
         let direction = match (endpoint.role, payload.is_send) {
             (Role::Client, true) | (Role::Server, false) => Direction::ClientToServer,
             _ => Direction::ServerToClient,
         };
+        if state.awaiting_request {
+            if direction == Direction::ServerToClient {
+                return;
+            }
+            state.awaiting_request = false;
+        }
         // A record lost to a full ring (or never written) leaves a hole in the stream: the next
         // record of the direction starts past where the last one ended. Decoding on as if it
         // followed would read the tail of a lost value as framing (a lost `VALUE` line leaves
@@ -245,6 +275,7 @@ impl Decoders {
                 next_seq: [None; 2],
                 paused_ns: None,
                 followed_again_ns: None,
+                awaiting_request: false,
             },
         );
         true
@@ -297,6 +328,25 @@ impl Decoders {
     pub fn forget_unfollowed(&mut self, shift_of_service: impl Fn(usize) -> u32) {
         self.connections
             .retain(|_, state| state.sample.depth >= shift_of_service(state.endpoint.service));
+    }
+
+    /// Whether a sampled stream of a service `in_slot` waits for an answer: turning the
+    /// sample now would cut it (and a server that stopped answering would go unreported).
+    pub fn sampled_waiting(&self, in_slot: impl Fn(usize) -> bool) -> bool {
+        self.connections.values().any(|state| {
+            state.sample.shift.is_some()
+                && in_slot(state.endpoint.service)
+                && state.decoder.is_waiting()
+        })
+    }
+
+    /// Drops the sampled streams of services `in_slot` without finishing them: their sample
+    /// turned to other connections ([`crate::ingest::capture_budget::CaptureSampling::rotate`]),
+    /// nothing of theirs waits, and their next records, if the sample meets them again, start
+    /// a stream afresh.
+    pub fn forget_sampled(&mut self, in_slot: impl Fn(usize) -> bool) {
+        self.connections
+            .retain(|_, state| state.sample.shift.is_none() || !in_slot(state.endpoint.service));
     }
 
     /// Finishes and drops decoders of sockets that are no longer known (closed a while ago).

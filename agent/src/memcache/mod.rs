@@ -380,6 +380,11 @@ impl ConnectionDecoder {
         self.client_seq_base = None;
     }
 
+    /// Whether a request waits for its answer (or for the rest of its data block).
+    pub fn is_waiting(&self) -> bool {
+        self.inflight.is_some() || self.pairing.pending_len() > 0
+    }
+
     /// Finishes requests sent at least `timeout_ns` before `now_ns` without a response, or
     /// whose answer started but made no progress for `timeout_ns`:
     /// as [`Status::Timeout`], or for quiet requests with the result their silence implies.

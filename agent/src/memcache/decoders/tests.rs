@@ -779,3 +779,90 @@ fn a_request_sent_after_capture_came_back_is_not_cut_with_the_one_before() {
     assert_eq!(statuses(&out), [Status::Unknown, Status::Hit], "{out:?}");
     assert_eq!(decode_errors(&out), [DecodeErrorReason::Gap], "{out:?}");
 }
+
+/// A connection the sample starts following mid-stream (its sample turned, or a wider shift
+/// took it in) may first show an answer to a request sent while nobody followed it: that
+/// answer is not decoded and is no error; the stream decodes from its first request on. At
+/// shift 0 (no sample) the same record is still the counted cut of an adopted connection.
+#[test]
+fn a_stream_met_by_a_sample_skips_answers_before_its_first_request() {
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    for role in [Role::Client, Role::Server] {
+        let ask = role == Role::Client;
+        let sampled = |mut bytes: Vec<u8>| {
+            mark_sample(&mut bytes, Some((2, 3)));
+            bytes
+        };
+        let records = [
+            sampled(record(100, 5, !ask, hit, 21)),
+            sampled(record(200, 5, ask, b"get k\r\n", 7)),
+            sampled(record(300, 5, !ask, hit, 21)),
+        ];
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        feed(&mut decoders, &records, role, &mut out);
+        assert_eq!(statuses(&out), [Status::Hit], "{role:?}: {out:?}");
+        assert_eq!(decode_errors(&out), [], "{role:?}: {out:?}");
+    }
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    let records = [
+        record(100, 5, false, hit, 21),
+        record(200, 5, true, b"get k\r\n", 7),
+    ];
+    feed(&mut decoders, &records, Role::Client, &mut out);
+    assert_eq!(
+        decode_errors(&out),
+        [DecodeErrorReason::UnexpectedResponse],
+        "unsampled: {out:?}"
+    );
+}
+
+/// Turning a slot's sample: a sampled stream with a request waiting holds the turn back (its
+/// answer, or its timeout, must be seen where it is); once answered, the slot's sampled
+/// streams are let go without finishing anything, while streams captured for their trouble
+/// and streams of other slots stay.
+#[test]
+fn a_sample_turns_only_between_requests_and_lets_its_streams_go() {
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    let sampled = |mut bytes: Vec<u8>| {
+        mark_sample(&mut bytes, Some((1, 1)));
+        bytes
+    };
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    feed(
+        &mut decoders,
+        &[
+            sampled(record(100, 5, true, b"get k\r\n", 7)),
+            record(100, 6, true, b"get k\r\n", 7),
+        ],
+        Role::Client,
+        &mut out,
+    );
+    let in_slot = |service: usize| service == 0;
+    assert!(decoders.sampled_waiting(in_slot));
+    assert!(!decoders.sampled_waiting(|_| false), "another slot");
+    feed(
+        &mut decoders,
+        &[sampled(record(200, 5, false, hit, 21))],
+        Role::Client,
+        &mut out,
+    );
+    assert!(
+        !decoders.sampled_waiting(in_slot),
+        "a trouble stream's wait does not hold a turn"
+    );
+    out.clear();
+    decoders.forget_sampled(in_slot);
+    assert_eq!(decoders.len(), 1, "the trouble stream stays");
+    assert!(statuses(&out).is_empty());
+    // The trouble stream still answers.
+    feed(
+        &mut decoders,
+        &[record(300, 6, false, hit, 21)],
+        Role::Client,
+        &mut out,
+    );
+    assert_eq!(statuses(&out), [Status::Hit]);
+}
