@@ -32,8 +32,12 @@ pub struct PayloadView<'a> {
     /// connections (the call stands for 2^shift), or None: captured for the connection's
     /// trouble, it stands for itself.
     pub sample_shift: Option<u32>,
-    /// The highest shift at which the connection stays followed ([`capture_sample::depth`]).
+    /// The highest shift at which the connection stays followed in `sample_epoch`
+    /// ([`capture_sample::depth`]).
     pub sample_depth: u32,
+    /// The low 8 bits of the slot's sample epoch the call was captured in (0 when not
+    /// sampled): a record read after the agent advanced the epoch still counts under its own.
+    pub sample_epoch: u8,
     pub comm: &'a [u8; COMM_LEN],
     /// The segment area, validated by [`parse_payload`].
     segments: &'a [u8],
@@ -192,6 +196,7 @@ pub fn parse_payload(bytes: &[u8]) -> Result<PayloadView<'_>, PayloadError> {
         seq: (bytes[40] & payload_flags::SEQ != 0).then(|| u32_at(44)),
         sample_shift: (bytes[41] != capture_sample::NOT_SAMPLED).then_some(u32::from(bytes[41])),
         sample_depth: u32::from(bytes[42]),
+        sample_epoch: bytes[43],
         comm: bytes[48..HEADER].try_into().expect("16 bytes"),
         segments,
     })
@@ -269,6 +274,12 @@ pub fn mark_sample(record: &mut [u8], sample: Option<(u8, u8)>) {
     let (shift, depth) = sample.unwrap_or((capture_sample::NOT_SAMPLED, 0));
     record[41] = shift;
     record[42] = depth;
+}
+
+/// Marks a record built by [`encode_payload_record`] as captured in the sample epoch whose low
+/// 8 bits are `epoch` (after [`mark_sample`]; unmarked records carry epoch 0).
+pub fn mark_sample_epoch(record: &mut [u8], epoch: u8) {
+    record[43] = epoch;
 }
 
 /// What the kernel's capture sends for one call of `call` bytes on a direction whose frames
