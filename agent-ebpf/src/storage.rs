@@ -4,7 +4,8 @@
 //! The per-op programs first read the socket's ports and state by direct loads (no helper
 //! call) and return when there is nothing to record: unwatched sockets, healthy watched ones
 //! whose service is not captured, and healthy captured ones the capture sample does not follow.
-//! Only followed or unhealthy connections look up their storage. The storage dies with the socket, so nothing is evicted or stale.
+//! Only followed or unhealthy connections look up their storage. The storage dies with the
+//! socket, so nothing is evicted or stale.
 //! Kernels without these hooks or helpers keep the raw/classic programs of `send_recv`.
 
 use crate::capture::{key_addresses, Draw};
@@ -28,7 +29,7 @@ use aya_ebpf::{
 /// What a watched socket's storage holds: its ports (host order), so the per-op program can
 /// ask WATCHED_PORTS whether it is still watched and captured (the config can change), and its
 /// TCP state as of the last state change. (The per-op programs' first test reads both from the
-/// socket itself; what follows it, for captured or unhealthy connections, uses these copies.)
+/// socket itself; what follows it, for followed or unhealthy connections, uses these copies.)
 /// Capture keeps where the send and receive stand in their frames here too (FRAMES on the other
 /// paths), so a captured call does no hash lookup. The sample is no fact of the connection's:
 /// it is drawn per call from the 4-tuple and the slot's epoch, which the agent rotates.
