@@ -149,20 +149,12 @@ pub(crate) fn key_addresses(
         ([local, 0, 0, 0], [remote, 0, 0, 0])
     } else if family == AF_INET6 {
         let (local, remote) = v6();
-        (unmapped(local), unmapped(remote))
+        (
+            capture_sample::unmapped(local),
+            capture_sample::unmapped(remote),
+        )
     } else {
         ([0; 4], [0; 4])
-    }
-}
-
-/// ::ffff:a.b.c.d as a.b.c.d in word 0; any other IPv6 address as it is.
-#[inline(always)]
-fn unmapped(address: [u32; 4]) -> [u32; 4] {
-    const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    if address[0] | address[1] == 0 && address[2] == V4_MAPPED {
-        [address[3], 0, 0, 0]
-    } else {
-        address
     }
 }
 

@@ -424,7 +424,7 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
 /// connection carries the same load; no catch-up after a stall) on `go`, stops on `pause`
 /// (answering `paused` once it has), and quits on any other line.
 fn paced_pool_script(port: u16, n: usize, rate: u64) -> String {
-    paced_pool_script_with(port, n, rate, ROUNDS_OF_SETS_AND_GETS)
+    paced_pool_script_with("127.0.0.1", port, n, rate, ROUNDS_OF_SETS_AND_GETS)
 }
 
 /// [`paced_pool_script`]'s operation: Python run with `c` the next connection in turn, `j` its
@@ -435,13 +435,14 @@ const ROUNDS_OF_SETS_AND_GETS: &str = "\
     \x20   else:\n\
     \x20       assert c.get('k%d' % j) is not None\n";
 
-/// [`paced_pool_script`] with its operation `op` (see [`ROUNDS_OF_SETS_AND_GETS`]).
-fn paced_pool_script_with(port: u16, n: usize, rate: u64, op: &str) -> String {
+/// [`paced_pool_script`] connecting to `host` with its operation `op` (see
+/// [`ROUNDS_OF_SETS_AND_GETS`]).
+fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) -> String {
     format!(
         "import sys, threading, time\n\
          from pymemcache.client.base import Client\n\
          n = {n}\n\
-         pool = [Client(('127.0.0.1', {port})) for _ in range(n)]\n\
+         pool = [Client(('{host}', {port})) for _ in range(n)]\n\
          for i, c in enumerate(pool):\n\
          \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
          run = threading.Event()\n\
@@ -691,17 +692,31 @@ const MARKED_OPERATION: &str = "\
 /// number followed among every command's 4 connections in both views).
 #[test]
 fn both_ends_of_a_sampled_connection_follow_it_alike() {
+    both_ends_follow_alike("pooled-both-ends", "127.0.0.1");
+}
+
+/// [`both_ends_of_a_sampled_connection_follow_it_alike`] with the clients on IPv6 sockets
+/// connected to ::ffff:127.0.0.1 (as a dual-stack client or server holds an IPv4 peer): they
+/// key like memcached's IPv4 sockets.
+#[test]
+fn both_ends_follow_alike_when_one_end_is_v4_mapped() {
+    both_ends_follow_alike("pooled-both-ends-mapped", "::ffff:127.0.0.1");
+}
+
+/// The pool of [`both_ends_of_a_sampled_connection_follow_it_alike`], its clients connecting
+/// to `host`, against a memcached on 127.0.0.1.
+fn both_ends_follow_alike(name: &str, host: &str) {
     require_root();
     let port = unique_port();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let script = paced_pool_script_with(port, SAMPLED_POOL, SAMPLED_RATE, MARKED_OPERATION);
+    let script = paced_pool_script_with(host, port, SAMPLED_POOL, SAMPLED_RATE, MARKED_OPERATION);
     let (_client, mut control, mut out) = start_ready(&script);
     let mut command = |line: &str| {
         writeln!(control, "{line}").unwrap();
         control.flush().unwrap();
     };
     let agent = Agent::start_with_config(
-        "pooled-both-ends",
+        name,
         &format!(
             "sample_interval_seconds = 1\n\
              [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
