@@ -66,6 +66,19 @@ pub mod capture_sample {
         key
     }
 
+    /// An address as [`key`] takes it, from its 16 bytes as the kernel stores an IPv6 one
+    /// (loaded as native words): a v4-mapped address (::ffff:a.b.c.d) becomes its IPv4 address
+    /// in word 0, any other stays as it is.
+    #[inline(always)]
+    pub fn unmapped(address: [u32; 4]) -> [u32; 4] {
+        const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        if address[0] | address[1] == 0 && address[2] == V4_MAPPED {
+            [address[3], 0, 0, 0]
+        } else {
+            address
+        }
+    }
+
     /// Mixes every bit of `key` into every bit of the result: addresses and ports come in
     /// arithmetic progressions, which a lone multiply maps onto long runs of equal low bits
     /// (whole batches of connections followed or not). This is MurmurHash3's finaliser.
@@ -229,7 +242,7 @@ const _: () = assert!(core::mem::size_of::<SegmentHeader>() == SEGMENT_HEADER_LE
 mod tests {
     extern crate std;
     use super::capture_sample::{
-        depth, entry, entry_epoch, entry_shift, is_followed, key, MAX_SHIFT,
+        depth, entry, entry_epoch, entry_shift, is_followed, key, unmapped, MAX_SHIFT,
     };
     use std::vec::Vec;
 
@@ -314,6 +327,21 @@ mod tests {
         assert_ne!(
             key(v6, 11211, v6, 40_000),
             key(server, 11211, server, 40_000)
+        );
+        // A dual-stack server's socket holds its IPv4 client's address v4-mapped.
+        let words = |bytes: [u8; 16]| {
+            let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap());
+            [word(0), word(4), word(8), word(12)]
+        };
+        let mapped = words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
+        assert_eq!(unmapped(mapped), server);
+        assert_eq!(key(unmapped(mapped), 11211, unmapped(mapped), 40_000), a);
+        assert_eq!(unmapped(v6), v6);
+        let compatible = words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 127, 0, 0, 1]);
+        assert_eq!(
+            unmapped(compatible),
+            compatible,
+            "only ::ffff:0:0/96 is mapped"
         );
     }
 

@@ -113,13 +113,6 @@ pub struct ProbeOffsets {
     /// connection agree on: the request id of issue 18.
     pub tcp_write_seq: u16,
     pub tcp_copied_seq: u16,
-    /// `struct sock` member `sk_txhash` (u32), from BTF: a random number the kernel draws for
-    /// each connection (at connect, and for an accepted one from its request), so capture
-    /// samples connections by it ([`capture_sample::key`]). The kernel draws it again only
-    /// after a retransmission timeout.
-    pub sock_txhash: u16,
-    /// Keeps `syscall_regs` 8-byte aligned without padding (the struct is copied as bytes).
-    pub _pad_txhash: [u16; 3],
     /// How to find the running syscall and its buffer in the task's saved user registers.
     pub syscall_regs: SyscallRegs,
     /// `struct sock` member `sk_protocol` from BTF, whatever the send/receive tracepoints: the
@@ -157,8 +150,8 @@ pub struct FdSyscalls {
 }
 
 // No implicit padding: the whole struct is copied into the object's read-only data.
-const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 304);
-const _: () = assert!(core::mem::offset_of!(ProbeOffsets, fd_syscalls) == 248);
+const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 296);
+const _: () = assert!(core::mem::offset_of!(ProbeOffsets, fd_syscalls) == 240);
 
 impl FdSyscalls {
     pub fn is_known(&self) -> bool {
@@ -228,8 +221,6 @@ impl ProbeOffsets {
         tcp_lrcvtime: OFFSET_UNKNOWN,
         tcp_write_seq: OFFSET_UNKNOWN,
         tcp_copied_seq: OFFSET_UNKNOWN,
-        sock_txhash: OFFSET_UNKNOWN,
-        _pad_txhash: [0; 3],
         syscall_regs: SyscallRegs {
             number: OFFSET_UNKNOWN,
             second_arg: OFFSET_UNKNOWN,
@@ -271,7 +262,7 @@ mod tests {
         let regs = core::mem::offset_of!(super::ProbeOffsets, syscall_regs);
         assert_eq!(regs % 8, 0);
         assert_eq!(
-            core::mem::offset_of!(super::ProbeOffsets, _pad_txhash) + 6,
+            core::mem::offset_of!(super::ProbeOffsets, tcp_copied_seq) + 2,
             regs,
             "padding before syscall_regs"
         );

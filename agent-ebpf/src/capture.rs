@@ -3,7 +3,8 @@
 //! syscall tracepoint takes part (see `SyscallRegs`).
 
 use crate::maps::{
-    bump, offsets, CAPTURE, CAPTURE_LEN, FRAMES, PAYLOADS, PAYLOADS_WAKEUP_BYTES, SOCKETS,
+    bump, offsets, CAPTURE, CAPTURE_LEN, CAPTURE_SAMPLE_SHIFT, FRAMES, PAYLOADS,
+    PAYLOADS_WAKEUP_BYTES, SOCKETS,
 };
 use crate::ring::wakeup_flags;
 use crate::send_recv::learn;
@@ -12,8 +13,9 @@ use crate::storage::SkWatch;
 use agent_common::{
     capture_sample,
     framing::{self, FrameState, SocketFrames},
-    io_syscall, payload_flags, KernelCounter, PayloadHeader, SegmentHeader, CAPTURE_MAX_STEPS,
-    CAPTURE_PIECE, PAYLOAD_HEADER_LEN, RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
+    io_syscall, payload_flags, watch, KernelCounter, PayloadHeader, SegmentHeader, AF_INET,
+    AF_INET6, CAPTURE_MAX_STEPS, CAPTURE_PIECE, PAYLOAD_HEADER_LEN, RECORD_DATA_MAX,
+    SEGMENT_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::BPF_RB_AVAIL_DATA, helpers::bpf_get_current_comm, helpers::bpf_get_current_pid_tgid,
@@ -68,8 +70,93 @@ const IOV_MAX: u64 = 1024;
 /// iovec entries read from user memory at once.
 const IOV_BATCH: u64 = 8;
 
+/// A record's place in the capture sample as its header carries it: (shift, depth, epoch).
+pub(crate) type SampleTag = (u8, u8, u8);
+
 /// `capture_payload`'s `sample` for a connection captured for its trouble, not as a sample.
-pub(crate) const NOT_A_SAMPLE: (u8, u8) = (capture_sample::NOT_SAMPLED, 0);
+pub(crate) const NOT_A_SAMPLE: SampleTag = (capture_sample::NOT_SAMPLED, 0, 0);
+
+/// A healthy captured call's draw in the capture sample ([`capture_sample`]): the
+/// SAMPLED_CALLS index of its service's slot and role, the slot's CAPTURE_SAMPLE_SHIFT entry
+/// (shift and epoch from one lookup) and the connection's key.
+pub(crate) struct Draw {
+    pub(crate) calls: u32,
+    entry: u32,
+    key: u64,
+}
+
+impl Draw {
+    /// The service is the local port when it is watched (the server role), else the remote one
+    /// (client role), as in `capture_flags`; its slot picks its own sample. The key puts the
+    /// server's end first, so both ends of a connection draw alike. `addresses` gives the
+    /// connection's (local, remote) addresses as [`key_addresses`] makes them.
+    #[inline(always)]
+    pub(crate) fn new(
+        local_bits: u8,
+        remote_bits: u8,
+        ports: &SockPorts,
+        addresses: impl FnOnce() -> ([u32; 4], [u32; 4]),
+    ) -> Draw {
+        let (local, remote) = addresses();
+        let (slot, client, key) = if local_bits & watch::WATCHED != 0 {
+            let key = capture_sample::key(local, ports.local, remote, ports.remote);
+            (watch::slot(local_bits), false, key)
+        } else {
+            let key = capture_sample::key(remote, ports.remote, local, ports.local);
+            (watch::slot(remote_bits), true, key)
+        };
+        Draw {
+            calls: watch::calls_index(slot, client),
+            entry: CAPTURE_SAMPLE_SHIFT.get(slot).copied().unwrap_or(0),
+            key,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn followed(&self) -> bool {
+        let entry = self.entry;
+        capture_sample::is_followed(
+            self.key,
+            capture_sample::entry_shift(entry),
+            capture_sample::entry_epoch(entry),
+        )
+    }
+
+    /// The tag of a followed call's records; the depth is worked out only here, for them.
+    #[inline(always)]
+    pub(crate) fn tag(&self) -> SampleTag {
+        let epoch = capture_sample::entry_epoch(self.entry);
+        (
+            capture_sample::entry_shift(self.entry) as u8,
+            capture_sample::depth(self.key, epoch) as u8,
+            epoch as u8,
+        )
+    }
+}
+
+/// A connection's (local, remote) addresses as the sample key takes them, from its `family`:
+/// `v4` gives the IPv4 pair (local, remote), `v6` the IPv6 one, each read only for its family.
+/// A v4-mapped IPv6 address counts as its IPv4 address, so a dual-stack server's socket keys
+/// like its IPv4 client's; another family keys by ports alone.
+#[inline(always)]
+pub(crate) fn key_addresses(
+    family: u16,
+    v4: impl FnOnce() -> (u32, u32),
+    v6: impl FnOnce() -> ([u32; 4], [u32; 4]),
+) -> ([u32; 4], [u32; 4]) {
+    if family == AF_INET {
+        let (local, remote) = v4();
+        ([local, 0, 0, 0], [remote, 0, 0, 0])
+    } else if family == AF_INET6 {
+        let (local, remote) = v6();
+        (
+            capture_sample::unmapped(local),
+            capture_sample::unmapped(remote),
+        )
+    } else {
+        ([0; 4], [0; 4])
+    }
+}
 
 /// The [`io_syscall`] index of the syscall whose number is `number`.
 #[inline(always)]
@@ -84,7 +171,7 @@ fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<u
 /// `ports` is given on the healthy fast path, which never looks the socket up: a socket first
 /// captured there that the programs do not know yet existed before the agent and is adopted
 /// here (the agent must know its endpoint before its payloads can be decoded).
-/// `sample`: (shift, depth) of a record captured as a sample of healthy connections, or
+/// `sample`: the tag of a record captured as a sample of healthy connections, or
 /// [`NOT_A_SAMPLE`]. `storage`: the socket's storage on the tp_btf path, which holds its frame
 /// positions (NULL: they are in FRAMES).
 #[inline(always)]
@@ -93,7 +180,7 @@ pub(crate) fn capture_payload(
     ret: i32,
     is_send: bool,
     ports: Option<&SockPorts>,
-    sample: (u8, u8),
+    sample: SampleTag,
     storage: *mut SkWatch,
 ) {
     if ret <= 0 {
@@ -235,7 +322,11 @@ pub(crate) fn capture_payload(
     header.syscall = syscall as u8;
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.span_start = 0;
-    (header.sample_shift, header.sample_depth) = sample;
+    (
+        header.sample_shift,
+        header.sample_depth,
+        header.sample_epoch,
+    ) = sample;
     let mut loop_ctx = LoopCtx { walk: scratch };
     // SAFETY: the callback is a BPF subprogram taking (index, ctx); ctx is this frame's
     // LoopCtx, which outlives the loop.

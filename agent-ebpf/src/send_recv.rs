@@ -1,20 +1,17 @@
 //! Sends and receives on watched sockets (`sock_send_length` / `sock_recv_length`, classic
 //! and raw): activity, writes and reads after the peer closed, adoption of older sockets.
 
-use crate::capture::{capture_payload, NOT_A_SAMPLE};
+use crate::capture::{capture_payload, Draw, NOT_A_SAMPLE};
 use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
-use crate::maps::{
-    bump, count_sampled_call, offsets, CAPTURE_SAMPLE_SHIFT, CLOSED_SOCKETS, SOCKETS,
-};
+use crate::maps::{bump, count_sampled_call, offsets, CLOSED_SOCKETS, SOCKETS};
 use crate::ring::emit;
 use crate::sock::{
-    capture_flags, is_closed, is_watched, read_kernel_field, read_sock_ports_and_state, read_tp,
-    watch_bits, SockPorts,
+    capture_flags, is_closed, is_watched, read_kernel_field, read_key_addresses,
+    read_sock_ports_and_state, read_tp, watch_bits, SockPorts,
 };
 use crate::storage::SkWatch;
 use agent_common::{
-    capture_sample, sock_flags, watch, KernelCounter, SockEventKind, SockState, TcpState, AF_INET,
-    AF_INET6, IPPROTO_TCP,
+    sock_flags, KernelCounter, SockEventKind, SockState, TcpState, AF_INET, AF_INET6, IPPROTO_TCP,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::raw_tracepoint, macros::tracepoint,
@@ -116,6 +113,7 @@ fn try_length(
         tcp_state_now,
         capture,
         protocol,
+        || read_key_addresses(sk),
         core::ptr::null_mut(),
     )
 }
@@ -124,7 +122,8 @@ fn try_length(
 /// `struct sock_common`, or from socket-local storage on the tp_btf path, when `storage` is
 /// that socket's storage; NULL on the other paths). `sk` gives the socket's address as a
 /// number, which costs a helper call on the tp_btf path: it is asked only where the address
-/// is used, so a captured call that the sample does not follow makes no such call.
+/// is used. `addresses` gives the connection's addresses for its sample key
+/// ([`Draw::new`]), read only for a healthy captured call.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn length_on_watched(
@@ -135,6 +134,7 @@ pub(crate) fn length_on_watched(
     tcp_state_now: u8,
     capture: u64,
     protocol: impl FnOnce() -> Option<u16>,
+    addresses: impl FnOnce() -> ([u32; 4], [u32; 4]),
     storage: *mut SkWatch,
 ) -> Option<()> {
     let healthy = peer_still_open(tcp_state_now) && kernel_stamps_activity();
@@ -149,35 +149,18 @@ pub(crate) fn length_on_watched(
     if healthy {
         // No hash lookup, no clock read: only the capture itself, of the connections followed.
         // (A connection in trouble is always captured below, whatever the sample.)
-        // Sampled by connection (address and ports), not by address: see capture_sample.
-        // The service is the local port when it is watched (server), else the remote one
-        // (client), as in `capture_flags`; its slot picks its own sample.
-        let local = watch_bits(ports.local);
-        let (slot, client) = if local & watch::WATCHED != 0 {
-            (watch::slot(local), false)
-        } else {
-            (watch::slot(watch_bits(ports.remote)), true)
-        };
-        let shift = CAPTURE_SAMPLE_SHIFT.get(slot).copied().unwrap_or(0);
-        let depth = if storage.is_null() {
-            sample_depth(sk(), ports)
-        } else {
-            // SAFETY: this socket's storage, valid for this program run.
-            let cached = unsafe { &mut (*storage).sample_depth };
-            if *cached == 0 {
-                *cached = sample_depth(sk(), ports) as u8 + 1;
-            }
-            (*cached - 1) as u32
-        };
-        // `is_followed(key, shift)` exactly when `shift <= depth(key)` (the agent's shift
-        // never exceeds MAX_SHIFT).
-        let followed = shift <= depth;
+        let draw = Draw::new(
+            watch_bits(ports.local),
+            watch_bits(ports.remote),
+            ports,
+            addresses,
+        );
+        let followed = draw.followed();
         if ret > 0 {
-            count_sampled_call(watch::calls_index(slot, client), followed);
+            count_sampled_call(draw.calls, followed);
         }
         if followed {
-            let sample = (shift as u8, depth as u8);
-            capture_payload(sk(), ret, is_send, Some(ports), sample, storage);
+            capture_payload(sk(), ret, is_send, Some(ports), draw.tag(), storage);
         }
         return Some(());
     }
@@ -224,14 +207,6 @@ pub(crate) fn length_on_watched(
         capture_payload(sk, ret, is_send, None, NOT_A_SAMPLE, storage);
     }
     Some(())
-}
-
-/// [`capture_sample::depth`] of the connection's sample key (address, ports, `sk_txhash`).
-#[inline(always)]
-fn sample_depth(sk: u64, ports: &SockPorts) -> u32 {
-    // (An unknown offset reads as no txhash: address and ports alone.)
-    let txhash = read_kernel_field::<u32>(sk, offsets().sock_txhash).unwrap_or(0);
-    capture_sample::depth(capture_sample::key(sk, ports.local, ports.remote, txhash))
 }
 
 #[inline(always)]

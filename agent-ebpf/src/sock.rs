@@ -1,6 +1,7 @@
 //! Reading a connection's identity: from a classic tracepoint's record, or from `struct sock`
 //! at offsets found in kernel BTF; and whether its ports are watched.
 
+use crate::capture::key_addresses;
 use crate::maps::{offsets, WATCHED_PORTS};
 use agent_common::{
     sock_flags, watch, SockEvent, TcpState, TupleLayout, AF_INET, AF_INET6, OFFSET_UNKNOWN,
@@ -234,6 +235,32 @@ pub(crate) fn read_sock_ports_and_state(sk: u64) -> Option<(SockPorts, u8)> {
         read_sock_ports(sk)?,
         read_kernel_field(sk, layout.state).unwrap_or(0),
     ))
+}
+
+/// The socket's (local, remote) addresses as the capture sample's key takes them
+/// ([`key_addresses`]), read from `struct sock_common`; an unknown offset reads as 0.
+#[inline(always)]
+pub(crate) fn read_key_addresses(sk: u64) -> ([u32; 4], [u32; 4]) {
+    let layout = &offsets().sock_common;
+    let family = read_kernel_field::<u16>(sk, layout.family).unwrap_or(0);
+    let v4 = || {
+        if layout.rcv_saddr == layout.daddr + 4 {
+            // skc_daddr and skc_rcv_saddr share the 64-bit skc_addrpair: one read.
+            let [remote, local] = read_kernel_field::<[u32; 2]>(sk, layout.daddr).unwrap_or([0; 2]);
+            return (local, remote);
+        }
+        (
+            read_kernel_field(sk, layout.rcv_saddr).unwrap_or(0),
+            read_kernel_field(sk, layout.daddr).unwrap_or(0),
+        )
+    };
+    let v6 = || {
+        (
+            read_kernel_field(sk, layout.v6_rcv_saddr).unwrap_or([0; 4]),
+            read_kernel_field(sk, layout.v6_daddr).unwrap_or([0; 4]),
+        )
+    };
+    key_addresses(family, v4, v6)
 }
 
 #[inline(always)]

@@ -2,13 +2,15 @@
 //! SkWatch in their own storage, made when the connection is first seen: at a state change, or
 //! by the `adopt_tcp` iterator the agent runs once at attach for connections that predate it.
 //! The per-op programs first read the socket's ports and state by direct loads (no helper
-//! call) and return when there is nothing to record: unwatched sockets, and healthy watched
-//! ones whose service is not captured. Only captured or unhealthy connections look up their
-//! storage. The storage dies with the socket, so nothing is evicted or stale.
+//! call) and return when there is nothing to record: unwatched sockets, healthy watched ones
+//! whose service is not captured, and healthy captured ones the capture sample does not follow.
+//! Only followed or unhealthy connections look up their storage. The storage dies with the
+//! socket, so nothing is evicted or stale.
 //! Kernels without these hooks or helpers keep the raw/classic programs of `send_recv`.
 
+use crate::capture::{key_addresses, Draw};
 use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
-use crate::maps::{bump, offsets, SK_WATCH};
+use crate::maps::{bump, count_sampled_call, offsets, SK_WATCH};
 use crate::send_recv::length_on_watched;
 use crate::sock::{
     capture_flag, is_watched, read_kernel_field, read_sock_ports, scalar_arg, service_bits,
@@ -16,6 +18,7 @@ use crate::sock::{
 };
 use agent_common::{
     framing::SocketFrames, watch, KernelCounter, TcpState, AF_INET, AF_INET6, IPPROTO_TCP,
+    OFFSET_UNKNOWN,
 };
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE, helpers::generated::bpf_sk_storage_get,
@@ -26,32 +29,30 @@ use aya_ebpf::{
 /// What a watched socket's storage holds: its ports (host order), so the per-op program can
 /// ask WATCHED_PORTS whether it is still watched and captured (the config can change), and its
 /// TCP state as of the last state change. (The per-op programs' first test reads both from the
-/// socket itself; what follows it, for captured or unhealthy connections, uses these copies.)
-/// Capture keeps its per-connection facts here too, so a captured call does no hash lookup:
-/// where the send and receive stand in their frames (FRAMES on the other paths) and the
-/// connection's sample depth, worked out once instead of per call.
+/// socket itself; what follows it, for followed or unhealthy connections, uses these copies.)
+/// Capture keeps where the send and receive stand in their frames here too (FRAMES on the other
+/// paths), so a captured call does no hash lookup. The sample is no fact of the connection's:
+/// it is drawn per call from the 4-tuple and the slot's epoch, which the agent rotates.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SkWatch {
     local_port: u16,
     remote_port: u16,
     state: u8,
-    /// [`capture_sample::depth`] of the connection's key plus 1; 0 until capture first needs it.
-    /// The key is read once per connection (its `sk_txhash` is set by then: the first data
-    /// moves after the handshake), so a connection stays in or out of the sample for good.
-    pub(crate) sample_depth: u8,
     /// 1 once capture has met this connection since it was (re)established: the first meeting
     /// adopts a connection the agent does not know yet (FRAMES' missing entry on other paths).
     pub(crate) captured: u8,
-    _reserved: u8,
+    _reserved: [u8; 2],
     pub(crate) frames: SocketFrames,
 }
+
+/// What every watched socket carries: 8 bytes of facts and the 96 of its frames.
+const _: () = assert!(core::mem::size_of::<SkWatch>() == 104);
 
 impl SkWatch {
     /// A stream starts or ends: nothing of capture carries over (FRAMES' reset elsewhere).
     #[inline(always)]
     fn reset_capture(&mut self) {
-        self.sample_depth = 0;
         self.captured = 0;
         self.frames = SocketFrames::default();
     }
@@ -98,9 +99,8 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
         local_port: ports.local,
         remote_port: ports.remote,
         state,
-        sample_depth: 0,
         captured: 0,
-        _reserved: 0,
+        _reserved: [0; 2],
         frames: SocketFrames::default(),
     };
     if sk_watch(sk, Some(&mut init)).is_null() {
@@ -153,12 +153,14 @@ fn load_sock<T: Copy>(sk: *const u8, offset: u16) -> T {
 }
 
 /// Whether a send or receive on `sk` has nothing to record, from the socket itself: its
-/// ports, and its state when one of them is watched (two direct loads, the two inlined
-/// WATCHED_PORTS lookups, no helper call). This is every call on an unwatched socket, and on a
+/// ports, and its state when one of them is watched (direct loads and the inlined
+/// WATCHED_PORTS lookups, no helper call). This is every call on an unwatched socket, on a
 /// healthy watched one whose service is not captured (sockets only, and every service without
-/// capture). Captured and unhealthy connections go on to their storage.
+/// capture), and on a healthy captured one that the sample does not follow: its draw takes the
+/// addresses by direct loads too, and the call is counted here. Followed and unhealthy
+/// connections go on to their storage.
 #[inline(always)]
-fn nothing_to_record(sk: *const u8) -> bool {
+fn nothing_to_record(sk: *const u8, ret: i32) -> bool {
     let layout = &offsets().sock_common;
     let ports = if layout.num == layout.dport + 2 {
         // skc_dport and skc_num share the 32-bit skc_portpair: one load.
@@ -180,17 +182,73 @@ fn nothing_to_record(sk: *const u8) -> bool {
         let family: u16 = load_sock(sk, layout.family);
         return family != AF_INET && family != AF_INET6;
     }
-    service_bits(local_bits, remote_bits) & watch::CAPTURE == 0
-        && kernel_stamps_activity()
-        && peer_still_open(load_sock(sk, layout.state))
+    if !(kernel_stamps_activity() && peer_still_open(load_sock(sk, layout.state))) {
+        return false;
+    }
+    if service_bits(local_bits, remote_bits) & watch::CAPTURE == 0 {
+        return true;
+    }
+    let draw = Draw::new(local_bits, remote_bits, &ports, || load_key_addresses(sk));
+    if draw.followed() {
+        return false;
+    }
+    if ret > 0 {
+        count_sampled_call(draw.calls, false);
+    }
+    true
+}
+
+/// The socket's (local, remote) addresses as the capture sample's key takes them
+/// ([`key_addresses`]), by direct loads. An IPv6 address is two 8-byte loads inside its
+/// `struct in6_addr`.
+#[inline(always)]
+fn load_key_addresses(sk: *const u8) -> ([u32; 4], [u32; 4]) {
+    let layout = &offsets().sock_common;
+    let v4 = || {
+        if layout.rcv_saddr == layout.daddr + 4 {
+            // skc_daddr and skc_rcv_saddr share the 64-bit skc_addrpair: one load.
+            let [r0, r1, r2, r3, l0, l1, l2, l3] = load_sock::<u64>(sk, layout.daddr).to_ne_bytes();
+            return (
+                u32::from_ne_bytes([l0, l1, l2, l3]),
+                u32::from_ne_bytes([r0, r1, r2, r3]),
+            );
+        }
+        (load_sock(sk, layout.rcv_saddr), load_sock(sk, layout.daddr))
+    };
+    let v6 = || {
+        (
+            load_in6(sk, layout.v6_rcv_saddr),
+            load_in6(sk, layout.v6_daddr),
+        )
+    };
+    key_addresses(load_sock(sk, layout.family), v4, v6)
+}
+
+/// A `struct in6_addr` member as four native words; 0 on a kernel without IPv6 (the verifier
+/// drops the branch that would load at the unknown offset: OFFSETS is constant to it).
+#[inline(always)]
+fn load_in6(sk: *const u8, offset: u16) -> [u32; 4] {
+    if offset == OFFSET_UNKNOWN {
+        return [0; 4];
+    }
+    let [a0, a1, a2, a3, b0, b1, b2, b3] = load_sock::<u64>(sk, offset).to_ne_bytes();
+    let [c0, c1, c2, c3, d0, d1, d2, d3] = load_sock::<u64>(sk, offset + 8).to_ne_bytes();
+    [
+        u32::from_ne_bytes([a0, a1, a2, a3]),
+        u32::from_ne_bytes([b0, b1, b2, b3]),
+        u32::from_ne_bytes([c0, c1, c2, c3]),
+        u32::from_ne_bytes([d0, d1, d2, d3]),
+    ]
 }
 
 #[inline(always)]
 fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
-    if nothing_to_record(ctx.arg(0)) {
+    // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
+    let ret = ctx.arg::<u64>(1) as u32 as i32;
+    if nothing_to_record(ctx.arg(0), ret) {
         return 0;
     }
-    // Captured or unhealthy (or a socket whose ports are gone): the storage keeps what the
+    // Followed or unhealthy (or a socket whose ports are gone): the storage keeps what the
     // connection's capture and trouble need, and its own copy of the ports and TCP state.
     let storage = sk_watch(ctx.arg(0), None);
     if storage.is_null() {
@@ -214,11 +272,8 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
     if capture == 0 && peer_still_open(state) && kernel_stamps_activity() {
         return 0;
     }
-    // The socket's address as a number (a helper call), read only where it is used: not by a
-    // captured call that the sample does not follow.
+    // The socket's address as a number (a helper call), read only where it is used.
     let sk = || scalar_arg(ctx.as_ptr(), 0);
-    // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
-    let ret = ctx.arg::<u64>(1) as u32 as i32;
     let ports = SockPorts {
         local: local_port,
         remote: remote_port,
@@ -232,6 +287,7 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
         state,
         capture,
         || Some(IPPROTO_TCP),
+        || load_key_addresses(ctx.arg(0)),
         storage,
     );
     0

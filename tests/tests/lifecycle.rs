@@ -569,8 +569,9 @@ fn check_reports_every_probe_on_this_kernel() {
 }
 
 /// Whether the program `id` (as the verifier left it: `bpftool prog dump xlated`) can reach an
-/// `exit` from its first instruction without passing any call (helper or subprogram).
-fn exit_before_any_call(id: u64) -> bool {
+/// `exit` from its first instruction without passing any call (helper or subprogram), on a
+/// path through an instruction whose text contains `through` when given.
+fn exit_before_any_call(id: u64, through: Option<&str>) -> bool {
     let output = Command::new("bpftool")
         .args(["-j", "prog", "dump", "xlated", "id", &id.to_string()])
         .output()
@@ -588,40 +589,63 @@ fn exit_before_any_call(id: u64) -> bool {
         program.insert(pc, (opcode, text, width));
         pc += width;
     }
+    // (instruction, whether the path has passed `through` yet)
     let mut seen = std::collections::BTreeSet::new();
-    let mut todo = vec![0i64];
-    while let Some(pc) = todo.pop() {
+    let mut todo = vec![(0i64, through.is_none())];
+    while let Some((pc, passed)) = todo.pop() {
         let Some((opcode, text, width)) = program.get(&pc) else {
             continue;
         };
-        if !seen.insert(pc) {
+        if !seen.insert((pc, passed)) {
             continue;
         }
+        let passed = passed || through.is_some_and(|through| text.contains(through));
         match opcode {
-            0x95 => return true,
-            0x85 => continue,
+            0x95 if passed => return true,
+            0x95 | 0x85 => continue,
             _ => {}
         }
         let next = pc + width;
         match text.split_once("goto pc") {
             Some((_, offset)) => {
-                todo.push(next + offset.trim().parse::<i64>().unwrap());
+                todo.push((next + offset.trim().parse::<i64>().unwrap(), passed));
                 // 0x05 and 0x06 (goto, gotol) always jump; the rest are conditional.
                 if *opcode != 0x05 && *opcode != 0x06 {
-                    todo.push(next);
+                    todo.push((next, passed));
                 }
             }
-            None => todo.push(next),
+            None => todo.push((next, passed)),
         }
     }
     false
 }
 
+/// The id of the map named `name` (as the kernel keeps it: 15 bytes at most) among the maps
+/// the program `id` uses.
+fn map_of_program(id: u64, name: &str) -> Option<u64> {
+    let show = |what: &str, id: u64| -> serde_json::Value {
+        let output = Command::new("bpftool")
+            .args(["-j", what, "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let kept = &name[..name.len().min(15)];
+    show("prog", id)["map_ids"]
+        .as_array()?
+        .iter()
+        .filter_map(|map| map.as_u64())
+        .find(|&map| show("map", map)["name"] == kept)
+}
+
 /// Issue 19: the send/receive programs the agent attached can return without any helper call
 /// (the direct loads of the socket's ports and state, and the inlined WATCHED_PORTS lookups,
-/// come before any), and still hold the socket-local storage path for the sockets that need
-/// it. The programs are the ones this agent holds, as the verifier rewrote them; the storage
-/// path's program of main (5f15550's parent) called `bpf_sk_storage_get` first and fails this.
+/// come before any), also after the capture sample's draw (the slot's CAPTURE_SAMPLE_SHIFT
+/// entry, the 4-tuple's key by direct loads: a captured call the sample does not follow), and
+/// still hold the socket-local storage path for the sockets that need it. The programs are the
+/// ones this agent holds, as the verifier rewrote them; the storage path's program of main
+/// (5f15550's parent) called `bpf_sk_storage_get` first and fails this, and 84c5043's read the
+/// sample only after it.
 #[test]
 fn the_send_receive_programs_can_return_before_any_helper_call() {
     require_root();
@@ -639,8 +663,14 @@ fn the_send_receive_programs_can_return_before_any_helper_call() {
             continue;
         }
         assert!(
-            exit_before_any_call(id),
+            exit_before_any_call(id, None),
             "{name} (id {id}) calls a helper first"
+        );
+        let sample = map_of_program(id, "CAPTURE_SAMPLE_SHIFT")
+            .unwrap_or_else(|| panic!("{name} (id {id}) reads no CAPTURE_SAMPLE_SHIFT"));
+        assert!(
+            exit_before_any_call(id, Some(&format!("map[id:{sample}]"))),
+            "{name} (id {id}) calls a helper before or after its sample draw"
         );
         let xlated = Command::new("bpftool")
             .args(["prog", "dump", "xlated", "id", &id.to_string()])

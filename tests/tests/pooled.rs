@@ -424,11 +424,25 @@ fn idle_disconnects_of_a_pool_that_predates_the_probes_are_named() {
 /// connection carries the same load; no catch-up after a stall) on `go`, stops on `pause`
 /// (answering `paused` once it has), and quits on any other line.
 fn paced_pool_script(port: u16, n: usize, rate: u64) -> String {
+    paced_pool_script_with("127.0.0.1", port, n, rate, ROUNDS_OF_SETS_AND_GETS)
+}
+
+/// [`paced_pool_script`]'s operation: Python run with `c` the next connection in turn, `j` its
+/// index in the pool and `i` the operation's number.
+const ROUNDS_OF_SETS_AND_GETS: &str = "\
+    \x20   if (i // n) % 2 == 0:\n\
+    \x20       assert c.set('k%d' % j, b'v' * 100, noreply=False)\n\
+    \x20   else:\n\
+    \x20       assert c.get('k%d' % j) is not None\n";
+
+/// [`paced_pool_script`] connecting to `host` with its operation `op` (see
+/// [`ROUNDS_OF_SETS_AND_GETS`]).
+fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) -> String {
     format!(
         "import sys, threading, time\n\
          from pymemcache.client.base import Client\n\
          n = {n}\n\
-         pool = [Client(('127.0.0.1', {port})) for _ in range(n)]\n\
+         pool = [Client(('{host}', {port})) for _ in range(n)]\n\
          for i, c in enumerate(pool):\n\
          \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
          run = threading.Event()\n\
@@ -445,6 +459,8 @@ fn paced_pool_script(port: u16, n: usize, rate: u64) -> String {
          \x20           run.set()\n\
          \x20           return\n\
          threading.Thread(target=control, daemon=True).start()\n\
+         def op(c, j, i):\n\
+         {op}\
          print('ready', flush=True)\n\
          run.wait()\n\
          i = 0\n\
@@ -457,11 +473,7 @@ fn paced_pool_script(port: u16, n: usize, rate: u64) -> String {
          \x20       next_at = time.monotonic()\n\
          \x20   if stop:\n\
          \x20       break\n\
-         \x20   c = pool[i % n]\n\
-         \x20   if (i // n) % 2 == 0:\n\
-         \x20       assert c.set('k%d' % (i % n), b'v' * 100, noreply=False)\n\
-         \x20   else:\n\
-         \x20       assert c.get('k%d' % (i % n)) is not None\n\
+         \x20   op(pool[i % n], i % n, i)\n\
          \x20   i += 1\n\
          \x20   next_at += period\n\
          \x20   delay = next_at - time.monotonic()\n\
@@ -727,6 +739,145 @@ fn a_small_pool_over_its_budget_is_not_left_blind() {
 /// reads.
 fn sampled_tolerance(truth: f64, relative: f64, ratio: f64) -> f64 {
     truth * relative + 4.0 * (0.25 * truth * ratio).sqrt() + 2.0 * 4.0
+}
+
+/// The command each connection of the marked pool sends, by its index modulo 8: a command's
+/// count is then its own 4 connections' count, and the 8 counts together tell which
+/// connections a view followed.
+const MARKS: [&str; 8] = [
+    "get", "gets", "set", "add", "replace", "touch", "incr", "delete",
+];
+
+/// [`MARKS`] as the marked pool's operation (see [`ROUNDS_OF_SETS_AND_GETS`]).
+const MARKED_OPERATION: &str = "\
+    \x20   k = 'k%d' % j\n\
+    \x20   mark = j % 8\n\
+    \x20   if mark == 0:\n\
+    \x20       c.get(k)\n\
+    \x20   elif mark == 1:\n\
+    \x20       c.gets(k)\n\
+    \x20   elif mark == 2:\n\
+    \x20       c.set(k, b'v' * 100, noreply=False)\n\
+    \x20   elif mark == 3:\n\
+    \x20       c.add(k, b'v', noreply=False)\n\
+    \x20   elif mark == 4:\n\
+    \x20       c.replace(k, b'v' * 100, noreply=False)\n\
+    \x20   elif mark == 5:\n\
+    \x20       c.touch(k, 0, noreply=False)\n\
+    \x20   elif mark == 6:\n\
+    \x20       c.incr('n%d' % j, 1, noreply=False)\n\
+    \x20   else:\n\
+    \x20       c.delete('d%d' % j, noreply=False)\n";
+
+/// Both ends of a sampled connection follow it or neither does: the sample is keyed by the
+/// connection's 4-tuple, server end first, so on loopback the client's socket and memcached's
+/// draw alike. The pool (as in [`sampled_counts_of_a_pool_match_memcached_stats`], held at
+/// 1/4) has each connection send one command only ([`MARKS`], 4 connections each), so each
+/// command's scaled count is the count of the connections followed among its 4. Over a 10 s
+/// window read with the client paused, the client and server views' counts agree per command
+/// within half a connection's requests (rounding of the scaled weights is a few requests).
+/// Drawn independently per end (the key was the socket's address and `sk_txhash` before),
+/// two views at 1/4 pass that with probability about 1e-4 (simulated: it takes the same
+/// number followed among every command's 4 connections in both views).
+#[test]
+fn both_ends_of_a_sampled_connection_follow_it_alike() {
+    both_ends_follow_alike("pooled-both-ends", "127.0.0.1");
+}
+
+/// [`both_ends_of_a_sampled_connection_follow_it_alike`] with the clients on IPv6 sockets
+/// connected to ::ffff:127.0.0.1 (as a dual-stack client or server holds an IPv4 peer): they
+/// key like memcached's IPv4 sockets.
+#[test]
+fn both_ends_follow_alike_when_one_end_is_v4_mapped() {
+    both_ends_follow_alike("pooled-both-ends-mapped", "::ffff:127.0.0.1");
+}
+
+/// The pool of [`both_ends_of_a_sampled_connection_follow_it_alike`], its clients connecting
+/// to `host`, against a memcached on 127.0.0.1.
+fn both_ends_follow_alike(name: &str, host: &str) {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let script = paced_pool_script_with(host, port, SAMPLED_POOL, SAMPLED_RATE, MARKED_OPERATION);
+    let (_client, mut control, mut out) = start_ready(&script);
+    let mut command = |line: &str| {
+        writeln!(control, "{line}").unwrap();
+        control.flush().unwrap();
+    };
+    let agent = Agent::start_with_config(
+        name,
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 3200\n"
+        ),
+    )
+    .unwrap();
+    wait_adopted(&agent, 2 * SAMPLED_POOL);
+    command("go");
+    let ratio = narrowed_and_held(&agent);
+    let mut edge = |command: &mut dyn FnMut(&str)| {
+        command("pause");
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "paused");
+        let last = settled_scrape(&agent);
+        let stats = server_stats(port, "stats");
+        command("go");
+        (last, stats)
+    };
+    let changes = || agent.log().matches("capture sample changed").count();
+    let (scrape0, stats0) = edge(&mut command);
+    let changes0 = changes();
+    std::thread::sleep(Duration::from_secs(10));
+    let (scrape1, stats1) = edge(&mut command);
+    let changes1 = changes();
+    command("stop");
+    let delta = |name: &str| stats1[name] - stats0[name];
+    let truth: f64 = [
+        "cmd_get",
+        "cmd_set",
+        "cmd_touch",
+        "incr_hits",
+        "incr_misses",
+        "delete_hits",
+        "delete_misses",
+    ]
+    .iter()
+    .map(|name| delta(name))
+    .sum();
+    let one_connection = truth / SAMPLED_POOL as f64;
+    assert!(one_connection > 100.0, "too few requests: {truth}");
+    let counted = |role: &str, command: &str| {
+        let labels = [("role", role), ("command", command)];
+        scrape1.requests(&labels) - scrape0.requests(&labels)
+    };
+    let mut failures = Vec::new();
+    for role in ["client", "server"] {
+        let total: f64 = MARKS.iter().map(|command| counted(role, command)).sum();
+        eprintln!("{role}: {total} scaled requests, memcached {truth}, sample ratio {ratio}");
+        // The view follows some connections, and scales them to about the whole.
+        if (total - truth).abs() > 0.1 * truth {
+            failures.push(format!("{role}: {total} requests, memcached {truth}"));
+        }
+    }
+    for command in MARKS {
+        let (client, server) = (counted("client", command), counted("server", command));
+        eprintln!(
+            "{command}: client {client}, server {server}, one connection {one_connection:.0}"
+        );
+        if (client - server).abs() > one_connection / 2.0 {
+            failures.push(format!("{command}: client {client}, server {server}"));
+        }
+    }
+    assert_eq!(
+        changes0,
+        changes1,
+        "the sample changed during the window: {}",
+        agent.log()
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
+    scrape1.assert_no_decode_errors();
 }
 
 /// Operations per second of the quiet service beside the sampled pool.

@@ -966,12 +966,8 @@ mod tests {
     fn drawn_depths(n: u64, salt: u64) -> Vec<u32> {
         (1..=n)
             .map(|i| {
-                let key = capture_sample::key(
-                    [salt as u32, (salt >> 32) as u32, 0, 0],
-                    11211,
-                    [i as u32, 0, 0, 0],
-                    40_000 + i as u16,
-                );
+                let client = [(salt + i) as u32, 0, 0, 0];
+                let key = capture_sample::key([salt as u32, 0, 0, 0], 11211, client, 40_000);
                 capture_sample::depth(key, 0)
             })
             .collect()

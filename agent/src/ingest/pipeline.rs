@@ -644,8 +644,23 @@ mod tests {
         });
     }
 
-    /// A client socket at `sk` connected to the service, as met on its first send.
-    fn learn_client(pipeline: &mut Pipeline, sk: u64, client_port: u16) {
+    const LOOPBACK: [u32; 4] = [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0];
+
+    /// A client socket's address in these tests: its ephemeral port in bits 12 and up, so
+    /// the connection's 4-tuple, and its sample key, follow from it.
+    fn client_sk(client_port: u16) -> u64 {
+        0xffff_8880_0000_0000 | u64::from(client_port) << 12
+    }
+
+    /// The sample key of [`client_sk`]'s connection to the service on loopback.
+    fn client_key(sk: u64) -> u64 {
+        capture_sample::key(LOOPBACK, PORT, LOOPBACK, (sk >> 12) as u16)
+    }
+
+    /// A client socket at `sk` ([`client_sk`]) connected to the service, as met on its first
+    /// send.
+    fn learn_client(pipeline: &mut Pipeline, sk: u64) {
+        let client_port = (sk >> 12) as u16;
         let local = format!("127.0.0.1:{client_port}");
         learn(
             pipeline,
@@ -658,10 +673,10 @@ mod tests {
     }
 
     /// One get and its hit on `sk` at `ts`, marked as the kernel marks a sampled call: the
-    /// shift the kernel was told (the agent's once applied), `sk` itself as the key.
+    /// shift the kernel was told (the agent's once applied), epoch 0.
     fn get_hit(pipeline: &mut Pipeline, sk: u64, ts: u64) {
         let shift = pipeline.capture.kernel_shift_at(ts, 0);
-        let sample = Some((shift as u8, capture_sample::depth(sk, 0) as u8));
+        let sample = Some((shift as u8, capture_sample::depth(client_key(sk), 0) as u8));
         get_hit_marked(pipeline, sk, ts, sample);
     }
 
@@ -715,21 +730,21 @@ mod tests {
     fn two_clients(records_per_second: u32) -> (Pipeline, Metrics, u64, u64) {
         let (mut pipeline, metrics) = pipeline(records_per_second);
         let (followed, released) = followed_and_released();
-        learn_client(&mut pipeline, followed, 40_001);
-        learn_client(&mut pipeline, released, 40_002);
+        learn_client(&mut pipeline, followed);
+        learn_client(&mut pipeline, released);
         pipeline.tick(SECOND, None, &mut Vec::new);
         (pipeline, metrics, followed, released)
     }
 
-    /// Two sockets: one the sample keeps at one in two, one it lets go.
+    /// Two sockets: one the sample keeps at one in two (in epoch 0), one it lets go.
     fn followed_and_released() -> (u64, u64) {
-        let mut candidates = (1..).map(|i| 0xffff_8880_0000_0000u64 + i * 2368);
+        let mut candidates = (40_001..).map(client_sk);
         let followed = candidates
             .by_ref()
-            .find(|&sk| capture_sample::is_followed(sk, 1, 0))
+            .find(|&sk| capture_sample::is_followed(client_key(sk), 1, 0))
             .unwrap();
         let released = candidates
-            .find(|&sk| !capture_sample::is_followed(sk, 1, 0))
+            .find(|&sk| !capture_sample::is_followed(client_key(sk), 1, 0))
             .unwrap();
         (followed, released)
     }
@@ -804,7 +819,7 @@ mod tests {
             assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
         };
         ask(&mut pipeline, released, 2 * SECOND + 100, None);
-        let depth = capture_sample::depth(followed, 0) as u8;
+        let depth = capture_sample::depth(client_key(followed), 0) as u8;
         ask(&mut pipeline, followed, 2 * SECOND + 200, Some((1, depth)));
         for (i, sk) in [released, followed].into_iter().enumerate() {
             let closed = EventKind::StateChange {
@@ -841,8 +856,8 @@ mod tests {
     #[test]
     fn an_adopted_connection_is_decoded_from_its_first_request_and_the_cut_exchange_counted() {
         let (mut pipeline, metrics) = pipeline(0);
-        let sk = 0xffff_8880_0000_1000;
-        learn_client(&mut pipeline, sk, 40_003);
+        let sk = client_sk(40_003);
+        learn_client(&mut pipeline, sk);
         let reply = b"VALUE k 0 1\r\nv\r\nEND\r\n";
         let cut = encode_payload_record(SECOND, sk, reply.len() as u64, false, b"c", reply);
         assert_eq!(pipeline.on_payload_record(&cut), PayloadOutcome::Handled);
@@ -877,7 +892,8 @@ mod tests {
             history.clone(),
             pipeline.services().clone(),
         )));
-        learn_client(&mut pipeline, 0x1000, 40_001);
+        let (first, second) = (client_sk(40_001), client_sk(40_002));
+        learn_client(&mut pipeline, first);
         let reload = Config::parse(
             &format!(
                 "[[services]]\nname = \"queue\"\nport = 22133\nprotocol = \"memcache-queue\"\n\
@@ -891,10 +907,10 @@ mod tests {
             .reconfigure(&reload.services)
             .expect("two services");
         pipeline.reconfigure(&reload);
-        learn_client(&mut pipeline, 0x2000, 40_002);
+        learn_client(&mut pipeline, second);
         let now = crate::clock::monotonic_ns();
-        get_hit(&mut pipeline, 0x1000, now);
-        get_hit(&mut pipeline, 0x2000, now + 10_000);
+        get_hit(&mut pipeline, first, now);
+        get_hit(&mut pipeline, second, now + 10_000);
         assert_eq!(gets(&metrics, "hit"), 2);
 
         let snapshot = history.lock().unwrap().snapshot(0);
@@ -1107,16 +1123,12 @@ mod tests {
         const REOPENS: u64 = 200;
         const GETS_PER_CONNECTION: u64 = 50;
         const SHORT: u64 = 5_000;
-        let pool: Vec<u64> = (0..POOL)
-            .map(|i| 0xffff_8880_4000_0000 + i * 2368)
-            .collect();
-        let short = [0xffff_8880_7000_0000u64, 0xffff_8880_7000_0940];
-        for (i, &sk) in pool.iter().chain(&short).enumerate() {
-            learn_client(&mut pipeline, sk, 30_000 + i as u16);
+        let pool: Vec<u64> = (0..POOL).map(|i| client_sk(30_000 + i as u16)).collect();
+        let short = [client_sk(30_100), client_sk(30_101)];
+        for &sk in pool.iter().chain(&short) {
+            learn_client(&mut pipeline, sk);
         }
-        // Every connection: its address, its ephemeral port (and the kernel's random txhash),
-        // its requests.
-        let txhash = |port: u16| u32::from(port).wrapping_mul(0x9e37_79b9).rotate_left(7);
+        // Every connection: its address, its ephemeral port, its requests.
         let mut port = 32_768u16;
         let mut connections = Vec::new();
         for _ in 0..REOPENS {
@@ -1139,8 +1151,7 @@ mod tests {
 
         let mut ts = SECOND;
         for &(sk, port, gets) in &connections {
-            let key =
-                capture_sample::key([sk as u32, 0, 0, 0], PORT, [txhash(port), 0, 0, 0], port);
+            let key = capture_sample::key(LOOPBACK, PORT, LOOPBACK, port);
             if !capture_sample::is_followed(key, SHIFT, 0) {
                 continue;
             }
@@ -1156,10 +1167,14 @@ mod tests {
             "estimate {estimate} vs {truth}, tolerance {tolerance:.0}"
         );
 
-        // The same traffic sampled by address alone.
+        // The same traffic sampled by socket address alone (the address as the key's only
+        // word).
         let by_address: u64 = connections
             .iter()
-            .filter(|c| capture_sample::is_followed(c.0, SHIFT, 0))
+            .filter(|c| {
+                let address = [c.0 as u32, (c.0 >> 32) as u32, 0, 0];
+                capture_sample::is_followed(capture_sample::key(address, 0, [0; 4], 0), SHIFT, 0)
+            })
             .map(|c| c.2 << SHIFT)
             .sum();
         assert!(

@@ -32,9 +32,11 @@ pub struct PayloadView<'a> {
     /// connections (the call stands for 2^shift), or None: captured for the connection's
     /// trouble, it stands for itself.
     pub sample_shift: Option<u32>,
-    /// The highest shift at which the connection stays followed ([`capture_sample::depth`]).
+    /// The highest shift at which the connection stays followed in `sample_epoch`
+    /// ([`capture_sample::depth`]).
     pub sample_depth: u32,
-    /// The low 8 bits of the sample's epoch ([`capture_sample`]; 0 when not sampled).
+    /// The low 8 bits of the slot's sample epoch the call was captured in (0 when not
+    /// sampled): a record of an epoch the agent has turned from is dropped.
     pub sample_epoch: u8,
     pub comm: &'a [u8; COMM_LEN],
     /// The segment area, validated by [`parse_payload`].
@@ -272,6 +274,12 @@ pub fn mark_sample(record: &mut [u8], sample: Option<(u8, u8)>) {
     let (shift, depth) = sample.unwrap_or((capture_sample::NOT_SAMPLED, 0));
     record[41] = shift;
     record[42] = depth;
+}
+
+/// Marks a record built by [`encode_payload_record`] as captured in the sample epoch whose low
+/// 8 bits are `epoch` (after [`mark_sample`]; unmarked records carry epoch 0).
+pub fn mark_sample_epoch(record: &mut [u8], epoch: u8) {
+    record[43] = epoch;
 }
 
 /// What the kernel's capture sends for one call of `call` bytes on a direction whose frames

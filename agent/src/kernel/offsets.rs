@@ -132,7 +132,6 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
         resolver.take_raw_length_arguments(source);
         resolver.take_tcp_activity(source);
         resolver.take_tcp_sequence(source);
-        resolver.take_sock_txhash(source);
         resolver.take_syscall_regs(source);
     }
     Resolution {
@@ -566,32 +565,6 @@ impl Resolver {
                 subject: "struct tcp_sock members write_seq, copied_seq".into(),
                 reason: TCP_SEQUENCE_LOST.into(),
             }),
-        }
-    }
-
-    /// Where the kernel keeps a socket's random per-connection `sk_txhash`, which capture
-    /// samples connections by. Without it the sample key is the socket address and ports, which
-    /// clients that reconnect reuse (see `agent_common::capture_sample`): scaled request counts
-    /// are then noisier, nothing else changes.
-    fn take_sock_txhash(&mut self, source: &impl LayoutSource) {
-        let Some(btf) = source.btf() else {
-            return;
-        };
-        let found = btf
-            .member_path("sock", &["sk_txhash"])
-            .filter(|location| {
-                location.bitfield_bits == 0
-                    && location.bit_offset.is_multiple_of(8)
-                    && location.size == Some(4)
-                    && location.bit_offset / 8 < u32::from(OFFSET_UNKNOWN)
-            })
-            .map(|location| (location.bit_offset / 8) as u16);
-        match found {
-            Some(offset) => self.offsets.sock_txhash = offset,
-            None => tracing::debug!(
-                "kernel BTF has no 4-byte struct sock member sk_txhash: capture samples \
-                 connections by socket address and ports only"
-            ),
         }
     }
 

@@ -665,7 +665,6 @@ fn host_system_layout_resolves() {
         assert_ne!(resolution.offsets.tcp_lrcvtime, OFFSET_UNKNOWN);
         assert_ne!(resolution.offsets.tcp_write_seq, OFFSET_UNKNOWN);
         assert_ne!(resolution.offsets.tcp_copied_seq, OFFSET_UNKNOWN);
-        assert_ne!(resolution.offsets.sock_txhash, OFFSET_UNKNOWN);
         assert_eq!(
             resolution.offsets,
             resolve_offsets(&Fixture::new("kernel-6.18", layout.btf().cloned())).offsets
