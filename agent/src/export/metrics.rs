@@ -614,7 +614,7 @@ mod tests {
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
-        assert_eq!(Metrics::DECLARED.len(), 48);
+        assert_eq!(Metrics::DECLARED.len(), 49);
         for (name, help) in Metrics::DECLARED {
             // prometheus-client ends every help with a full stop.
             let line = format!("# HELP cacheprobe_{name} {help}.");
