@@ -562,18 +562,64 @@ fn narrowed_and_held(agent: &Agent) -> f64 {
 /// counts stop moving. 2^shift scaling misses this by sqrt((4 - 1) / 32) = 31% (1 sd).
 #[test]
 fn sampled_counts_of_a_pool_match_memcached_stats() {
-    require_root();
-    let port = unique_port();
-    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let script = paced_pool_script(port, SAMPLED_POOL, SAMPLED_RATE);
-    let (_client, mut control, mut out) = start_ready(&script);
-    let agent = sampling_agent("pooled-sampled", port, 3200);
-    wait_adopted(&agent, 2 * SAMPLED_POOL);
-    send(&mut control, "go");
-    let ratio = narrowed_and_held(&agent);
-    let window = SampledWindow::measure(&agent, port, SAMPLED_POOL, &mut control, &mut out);
-    send(&mut control, "stop");
-    window.assert_counts_match(&agent, ratio);
+    let mut pool = SampledPool::start("pooled-sampled", SAMPLED_POOL, 3200, |port| {
+        paced_pool_script(port, SAMPLED_POOL, SAMPLED_RATE)
+    });
+    let window = pool.window();
+    pool.stop();
+    window.assert_counts_match(&pool.agent, pool.ratio);
+}
+
+/// A paced pool client against its own memcached, connected before the agent, and an agent
+/// sampling it at a decoding budget: running, its sample narrowed and held.
+struct SampledPool {
+    port: u16,
+    pool: usize,
+    agent: Agent,
+    ratio: f64,
+    control: ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+    _client: Guard,
+    _memcached: Guard,
+}
+
+impl SampledPool {
+    /// `script` makes the client's Python for memcached's port; the agent decodes `records`
+    /// per second.
+    fn start(name: &str, pool: usize, records: u32, script: impl FnOnce(u16) -> String) -> Self {
+        require_root();
+        let port = unique_port();
+        let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+        let (_client, mut control, out) = start_ready(&script(port));
+        let agent = sampling_agent(name, port, records);
+        wait_adopted(&agent, 2 * pool);
+        send(&mut control, "go");
+        let ratio = narrowed_and_held(&agent);
+        SampledPool {
+            port,
+            pool,
+            agent,
+            ratio,
+            control,
+            out,
+            _client,
+            _memcached,
+        }
+    }
+
+    fn window(&mut self) -> SampledWindow {
+        SampledWindow::measure(
+            &self.agent,
+            self.port,
+            self.pool,
+            &mut self.control,
+            &mut self.out,
+        )
+    }
+
+    fn stop(&mut self) {
+        send(&mut self.control, "stop");
+    }
 }
 
 /// An agent watching memcached on `port` with a decoding budget of `records` per second.
@@ -689,17 +735,12 @@ impl SampledWindow {
 /// bench saw 6 pooled connections at 1/8 blank in 3 of 6 windows.
 #[test]
 fn a_small_pool_over_its_budget_is_not_left_blind() {
-    require_root();
-    let port = unique_port();
-    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
     const SMALL_POOL: usize = 3;
-    let script = paced_pool_script(port, SMALL_POOL, 1_500);
-    let (_client, mut control, mut out) = start_ready(&script);
     // 1,500 operations/s make 6,000 records/s, 2,000 per connection.
-    let agent = sampling_agent("pooled-small", port, 2_500);
-    wait_adopted(&agent, 2 * SMALL_POOL);
-    send(&mut control, "go");
-    let ratio = narrowed_and_held(&agent);
+    let mut pool = SampledPool::start("pooled-small", SMALL_POOL, 2_500, |port| {
+        paced_pool_script(port, SMALL_POOL, 1_500)
+    });
+    let agent = &pool.agent;
     // Turns (one per look at most) until a connection is followed, then none.
     let turns = || {
         agent
@@ -721,16 +762,20 @@ fn a_small_pool_over_its_budget_is_not_left_blind() {
         last = now;
     }
     eprintln!("{last} turns before the window");
-    let window = SampledWindow::measure(&agent, port, SMALL_POOL, &mut control, &mut out);
-    send(&mut control, "stop");
-    let turned = window.edges[1]
-        .0
-        .sum("cacheprobe_capture_sample_turns_total", &[])
-        - window.edges[0]
+    let window = pool.window();
+    pool.stop();
+    let turns_at = |edge: usize| {
+        window.edges[edge]
             .0
-            .sum("cacheprobe_capture_sample_turns_total", &[]);
-    assert_eq!(turned, 0.0, "a followed sample turned: {}", agent.log());
-    window.assert_counts_match(&agent, ratio);
+            .sum("cacheprobe_capture_sample_turns_total", &[])
+    };
+    assert_eq!(
+        turns_at(1) - turns_at(0),
+        0.0,
+        "a followed sample turned: {}",
+        pool.agent.log()
+    );
+    window.assert_counts_match(&pool.agent, pool.ratio);
 }
 
 /// How far a scaled count of `truth` requests may be from it (see
@@ -795,44 +840,13 @@ fn both_ends_follow_alike_when_one_end_is_v4_mapped() {
 /// The pool of [`both_ends_of_a_sampled_connection_follow_it_alike`], its clients connecting
 /// to `host`, against a memcached on 127.0.0.1.
 fn both_ends_follow_alike(name: &str, host: &str) {
-    require_root();
-    let port = unique_port();
-    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let script = paced_pool_script_with(host, port, SAMPLED_POOL, SAMPLED_RATE, MARKED_OPERATION);
-    let (_client, mut control, mut out) = start_ready(&script);
-    let mut command = |line: &str| {
-        writeln!(control, "{line}").unwrap();
-        control.flush().unwrap();
-    };
-    let agent = Agent::start_with_config(
-        name,
-        &format!(
-            "sample_interval_seconds = 1\n\
-             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
-             [limits]\ncapture_records_per_second = 3200\n"
-        ),
-    )
-    .unwrap();
-    wait_adopted(&agent, 2 * SAMPLED_POOL);
-    command("go");
-    let ratio = narrowed_and_held(&agent);
-    let mut edge = |command: &mut dyn FnMut(&str)| {
-        command("pause");
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "paused");
-        let last = settled_scrape(&agent);
-        let stats = server_stats(port, "stats");
-        command("go");
-        (last, stats)
-    };
-    let changes = || agent.log().matches("capture sample changed").count();
-    let (scrape0, stats0) = edge(&mut command);
-    let changes0 = changes();
-    std::thread::sleep(Duration::from_secs(10));
-    let (scrape1, stats1) = edge(&mut command);
-    let changes1 = changes();
-    command("stop");
+    let mut pool = SampledPool::start(name, SAMPLED_POOL, 3200, |port| {
+        paced_pool_script_with(host, port, SAMPLED_POOL, SAMPLED_RATE, MARKED_OPERATION)
+    });
+    let window = pool.window();
+    pool.stop();
+    let [(scrape0, stats0, changes0), (scrape1, stats1, changes1)] = &window.edges;
+    let ratio = pool.ratio;
     let delta = |name: &str| stats1[name] - stats0[name];
     let truth: f64 = [
         "cmd_get",
@@ -874,7 +888,7 @@ fn both_ends_follow_alike(name: &str, host: &str) {
         changes0,
         changes1,
         "the sample changed during the window: {}",
-        agent.log()
+        pool.agent.log()
     );
     assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
     scrape1.assert_no_decode_errors();
