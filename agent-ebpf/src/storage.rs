@@ -120,6 +120,15 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         // SAFETY: this socket's storage, valid for this program run.
         let watch = unsafe { &mut *watch };
         watch.state = new_state;
+        if new_state == TcpState::Established as u8 {
+            // A client's storage is made at SYN_SENT, before connect() gives an unbound
+            // socket its port (skc_num 0 then): the ports as they now are. (The capture
+            // sample's key is the 4-tuple: a stale port would draw this end apart from the
+            // socket's own draw and from the other end's.)
+            let ports = load_ports(sk as *const u8);
+            watch.local_port = ports.local;
+            watch.remote_port = ports.remote;
+        }
         if new_state == TcpState::Established as u8 || new_state == TcpState::Close as u8 {
             watch.reset_capture();
         }
@@ -162,15 +171,7 @@ fn load_sock<T: Copy>(sk: *const u8, offset: u16) -> T {
 #[inline(always)]
 fn nothing_to_record(sk: *const u8, ret: i32) -> bool {
     let layout = &offsets().sock_common;
-    let ports = if layout.num == layout.dport + 2 {
-        // skc_dport and skc_num share the 32-bit skc_portpair: one load.
-        SockPorts::from_portpair(load_sock::<u32>(sk, layout.dport).to_ne_bytes())
-    } else {
-        SockPorts {
-            local: load_sock(sk, layout.num),
-            remote: u16::from_be(load_sock(sk, layout.dport)),
-        }
-    };
+    let ports = load_ports(sk);
     let (local_bits, remote_bits) = (watch_bits(ports.local), watch_bits(ports.remote));
     if (local_bits | remote_bits) & watch::WATCHED == 0 {
         // A full TCP socket's skc_num is cleared when it gives up its port at close, and a
@@ -196,6 +197,21 @@ fn nothing_to_record(sk: *const u8, ret: i32) -> bool {
         count_sampled_call(draw.calls, false);
     }
     true
+}
+
+/// The socket's (local, remote) ports, by direct loads.
+#[inline(always)]
+fn load_ports(sk: *const u8) -> SockPorts {
+    let layout = &offsets().sock_common;
+    if layout.num == layout.dport + 2 {
+        // skc_dport and skc_num share the 32-bit skc_portpair: one load.
+        SockPorts::from_portpair(load_sock::<u32>(sk, layout.dport).to_ne_bytes())
+    } else {
+        SockPorts {
+            local: load_sock(sk, layout.num),
+            remote: u16::from_be(load_sock(sk, layout.dport)),
+        }
+    }
 }
 
 /// The socket's (local, remote) addresses as the capture sample's key takes them
