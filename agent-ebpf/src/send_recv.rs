@@ -113,7 +113,14 @@ fn try_length(
         tcp_state_now,
         capture,
         protocol,
-        || read_key_addresses(sk),
+        |ports: &SockPorts| {
+            Draw::new(
+                watch_bits(ports.local),
+                watch_bits(ports.remote),
+                ports,
+                || read_key_addresses(sk),
+            )
+        },
         core::ptr::null_mut(),
     )
 }
@@ -122,8 +129,8 @@ fn try_length(
 /// `struct sock_common`, or from socket-local storage on the tp_btf path, when `storage` is
 /// that socket's storage; NULL on the other paths). `sk` gives the socket's address as a
 /// number, which costs a helper call on the tp_btf path: it is asked only where the address
-/// is used. `addresses` gives the connection's addresses for its sample key
-/// ([`Draw::new`]), read only for a healthy captured call.
+/// is used. `draw` makes a healthy captured call's draw in the capture sample ([`Draw::new`];
+/// on the tp_btf path the one made before the storage lookup), asked only for such a call.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn length_on_watched(
@@ -134,7 +141,7 @@ pub(crate) fn length_on_watched(
     tcp_state_now: u8,
     capture: u64,
     protocol: impl FnOnce() -> Option<u16>,
-    addresses: impl FnOnce() -> ([u32; 4], [u32; 4]),
+    draw: impl FnOnce(&SockPorts) -> Draw,
     storage: *mut SkWatch,
 ) -> Option<()> {
     let healthy = peer_still_open(tcp_state_now) && kernel_stamps_activity();
@@ -149,12 +156,7 @@ pub(crate) fn length_on_watched(
     if healthy {
         // No hash lookup, no clock read: only the capture itself, of the connections followed.
         // (A connection in trouble is always captured below, whatever the sample.)
-        let draw = Draw::new(
-            watch_bits(ports.local),
-            watch_bits(ports.remote),
-            ports,
-            addresses,
-        );
+        let draw = draw(ports);
         let followed = draw.followed();
         if ret > 0 {
             count_sampled_call(draw.calls, followed);

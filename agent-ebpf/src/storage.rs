@@ -161,15 +161,15 @@ fn load_sock<T: Copy>(sk: *const u8, offset: u16) -> T {
     unsafe { core::ptr::read_volatile(sk.wrapping_add(offset as usize).cast::<T>()) }
 }
 
-/// Whether a send or receive on `sk` has nothing to record, from the socket itself: its
+/// Whether a send or receive on `sk` has anything to record, from the socket itself: its
 /// ports, and its state when one of them is watched (direct loads and the inlined
 /// WATCHED_PORTS lookups, no helper call). This is every call on an unwatched socket, on a
 /// healthy watched one whose service is not captured (sockets only, and every service without
 /// capture), and on a healthy captured one that the sample does not follow: its draw takes the
 /// addresses by direct loads too, and the call is counted here. Followed and unhealthy
-/// connections go on to their storage.
+/// connections go on to their storage; a followed one takes its draw along.
 #[inline(always)]
-fn nothing_to_record(sk: *const u8, ret: i32) -> bool {
+fn first_look(sk: *const u8, ret: i32) -> Next {
     let layout = &offsets().sock_common;
     let ports = load_ports(sk);
     let (local_bits, remote_bits) = (watch_bits(ports.local), watch_bits(ports.remote));
@@ -178,25 +178,38 @@ fn nothing_to_record(sk: *const u8, ret: i32) -> bool {
         // write or read can still come after that (a dead write on a server's socket): then
         // only the storage, made while the socket was open, knows its ports.
         if ports.local != 0 {
-            return true;
+            return Next::Nothing;
         }
         let family: u16 = load_sock(sk, layout.family);
-        return family != AF_INET && family != AF_INET6;
+        return if family != AF_INET && family != AF_INET6 {
+            Next::Nothing
+        } else {
+            Next::Storage(None)
+        };
     }
     if !(kernel_stamps_activity() && peer_still_open(load_sock(sk, layout.state))) {
-        return false;
+        return Next::Storage(None);
     }
     if service_bits(local_bits, remote_bits) & watch::CAPTURE == 0 {
-        return true;
+        return Next::Nothing;
     }
     let draw = Draw::new(local_bits, remote_bits, &ports, || load_key_addresses(sk));
     if draw.followed() {
-        return false;
+        return Next::Storage(Some(draw));
     }
     if ret > 0 {
         count_sampled_call(draw.calls, false);
     }
-    true
+    Next::Nothing
+}
+
+/// What [`first_look`] leaves a send or receive to do.
+enum Next {
+    Nothing,
+    /// Go on to the socket's storage; with the draw of a followed call, drawn from the
+    /// socket's own 4-tuple (the same draw decides it, not a second one from the storage's
+    /// copies).
+    Storage(Option<Draw>),
 }
 
 /// The socket's (local, remote) ports, by direct loads.
@@ -261,9 +274,9 @@ fn load_in6(sk: *const u8, offset: u16) -> [u32; 4] {
 fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
     // An int argument, widened to u64 by the kernel: its low 32 bits are the value.
     let ret = ctx.arg::<u64>(1) as u32 as i32;
-    if nothing_to_record(ctx.arg(0), ret) {
+    let Next::Storage(drawn) = first_look(ctx.arg(0), ret) else {
         return 0;
-    }
+    };
     // Followed or unhealthy (or a socket whose ports are gone): the storage keeps what the
     // connection's capture and trouble need, and its own copy of the ports and TCP state.
     let storage = sk_watch(ctx.arg(0), None);
@@ -303,7 +316,13 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
         state,
         capture,
         || Some(IPPROTO_TCP),
-        || load_key_addresses(ctx.arg(0)),
+        |ports: &SockPorts| {
+            drawn.unwrap_or_else(|| {
+                Draw::new(local_bits, remote_bits, ports, || {
+                    load_key_addresses(ctx.arg(0))
+                })
+            })
+        },
         storage,
     );
     0
