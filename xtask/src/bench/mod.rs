@@ -8,6 +8,7 @@
 //! capture_bytes = 16384). Nothing is pinned: on a 2-core machine memcached's two threads, the
 //! single-threaded load generator and the agent share both cores, as they would on a small host.
 
+mod account;
 mod attach;
 mod bpf_cost;
 mod budget;
@@ -84,6 +85,7 @@ pub const PHASES: &[&str] = &[
     "bpf",
     "frame-cost",
     "percall",
+    "account",
     "loss",
     "tshark",
     "idle",
@@ -119,6 +121,9 @@ struct Plan {
     criterion: bool,
     /// The toggled windows under continuous load (`toggle`, `toggle-one`).
     toggle: toggle::TogglePlan,
+    /// The same windows kept for accounting (`account`): its figures vary little between
+    /// windows, so fewer cycles do.
+    account: toggle::TogglePlan,
     /// How long an A/B run may wait for the machine to go quiet before it starts anyway.
     quiet_wait: Duration,
 }
@@ -145,6 +150,12 @@ impl Plan {
                 criterion: false,
                 toggle: toggle::TogglePlan {
                     cycles: 2,
+                    trim: Duration::from_millis(500),
+                    window: Duration::from_secs(2),
+                    sample_every: Duration::from_millis(500),
+                },
+                account: toggle::TogglePlan {
+                    cycles: 1,
                     trim: Duration::from_millis(500),
                     window: Duration::from_secs(2),
                     sample_every: Duration::from_millis(500),
@@ -183,6 +194,13 @@ impl Plan {
                 // 16 cycles of 4 arms x 2 windows of about 4.5 s: about 10 minutes per setup.
                 toggle: toggle::TogglePlan {
                     cycles: 16,
+                    trim: Duration::from_secs(1),
+                    window: Duration::from_secs(3),
+                    sample_every: Duration::from_millis(500),
+                },
+                // 8 cycles of 3 arms x 2 windows of about 5 s: about 5 minutes per setup.
+                account: toggle::TogglePlan {
+                    cycles: 8,
                     trim: Duration::from_secs(1),
                     window: Duration::from_secs(3),
                     sample_every: Duration::from_millis(500),
@@ -392,8 +410,16 @@ impl Bench {
                 self.top_cost(&memcached)?;
             }
         }
-        if wanted("percall") {
+        if wanted("percall") || wanted("account") {
+            // The accounting takes its dispatch cost from percall, so it runs percall too.
             self.per_call_cost()?;
+        }
+        if wanted("account") {
+            let memcached = Memcached::start(procs::free_port(17211)?, None)?;
+            self.memcached_lines.push(memcached.command_line.clone());
+            loadgen::populate(memcached.addr, &WORKLOAD)?;
+            let plan = self.plan.account;
+            self.account(&memcached, &plan)?;
         }
         if wanted("idle") {
             self.idle_connections()?;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    percall, procs,
+    account, percall, procs,
     report::{megabytes, thousands, Section, Table},
     rounds, toggle, Bench,
 };
@@ -38,6 +38,8 @@ pub(super) struct Targets {
     pub(super) paired: Vec<rounds::ScenarioResult>,
     /// The toggled windows under continuous load (issues 19, 17), by setup and arm.
     pub(super) toggle: Vec<toggle::ArmResult>,
+    /// The same goals by accounting (account.rs), by setup and arm.
+    pub(super) account: Vec<account::ArmAccount>,
     /// (keys per get, BPF ns per get at 500 KB values over that at 100 B values, the same
     /// ratio for an empty program on the same tracepoints), issue 17.
     pub(super) frame_flatness: Vec<(usize, f64, f64)>,
@@ -76,6 +78,7 @@ impl Bench {
             targets.four_mode_rows(&mut table);
         }
         toggle::goal_rows(&targets.toggle, &mut table);
+        account::goal_rows(&targets.account, &mut table);
         targets.per_call_row(&mut table);
         targets.host_rows(&mut table);
         targets.issue_17_rows(&mut table);

@@ -18,8 +18,9 @@ use anyhow::{bail, Context as _};
 use super::{
     floor::EmptyPrograms,
     loadgen::{self, LoadSpec, Progress, WORKLOAD},
+    observe,
     paired::{self, Interval, Netns, Verdict},
-    procs::{self, Agent, Memcached, Mode},
+    procs::{self, Agent, Memcached, Mode, SysctlGuard},
     report::{median, thousands, Section, Table},
     rounds::Ends,
     Bench, DEFAULT_MAX_SOCKETS,
@@ -139,6 +140,44 @@ pub struct Window {
     /// Seconds the switch into this window took (agent start-up until its /metrics answer and
     /// a 1 s settle; its stop).
     pub switch_seconds: f64,
+    /// Where the CPU went over the measured part, when the run keeps accounts (account.rs).
+    pub spent: Option<Spent>,
+}
+
+/// What a window spent between two readings, for the accounting measure: read at the end of
+/// the trim and at the end of the window, with bpf_stats on for the whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Spent {
+    pub ops: u64,
+    /// CPU ns of the measured work: the generator thread and memcached (BPF runs in their
+    /// syscalls and softirqs, so it counts here too).
+    pub work_ns: u64,
+    /// CPU ns of the agent's process (0 when none runs).
+    pub agent_ns: u64,
+    /// bpf_stats of the programs switched on: run ns and runs.
+    pub bpf_ns: u64,
+    pub bpf_runs: u64,
+}
+
+/// The cumulative counters a [`Spent`] is the difference of.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    ops: u64,
+    work_ns: u64,
+    agent_ns: u64,
+    bpf: (u64, u64),
+}
+
+impl Reading {
+    fn since(&self, earlier: &Reading) -> Spent {
+        Spent {
+            ops: self.ops.saturating_sub(earlier.ops),
+            work_ns: self.work_ns.saturating_sub(earlier.work_ns),
+            agent_ns: self.agent_ns.saturating_sub(earlier.agent_ns),
+            bpf_ns: self.bpf.0.saturating_sub(earlier.bpf.0),
+            bpf_runs: self.bpf.1.saturating_sub(earlier.bpf.1),
+        }
+    }
 }
 
 /// An on-window against the mean of the off-windows either side of it.
@@ -241,7 +280,7 @@ pub fn summarise(ends: Ends, pairs: &[Pair]) -> Vec<ArmResult> {
 }
 
 /// The one-minute load average, as /proc/loadavg gives it.
-fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|text| text.split_whitespace().next().map(str::to_string))
@@ -302,15 +341,10 @@ impl Bench {
         let load_before = load_average();
         let started_at = std::time::SystemTime::now();
         let (windows, far_line) = match ends {
-            Ends::Both => (self.toggle_run(memcached, None, &plan)?, None),
+            Ends::Both => (self.toggle_run(memcached, None, &plan, &ARMS, false)?, None),
             Ends::OneEnd => {
-                let watched = procs::free_port(17600)?;
-                let served = procs::free_port(watched + 1)?;
-                let netns = Netns::create(watched, served)?;
-                let far = Memcached::start_in(&netns)?;
-                netns.run(|| loadgen::populate(far.addr, &WORKLOAD))?;
-                let windows = self.toggle_run(&far, Some(&netns), &plan)?;
-                (windows, Some(far.command_line.clone()))
+                let (windows, far) = self.toggle_one_end(&plan, &ARMS, false)?;
+                (windows, Some(far))
             }
         };
         let load_after = load_average();
@@ -366,13 +400,34 @@ impl Bench {
         Ok(())
     }
 
-    /// Runs the schedule against `server` with the generator running throughout (inside
-    /// `netns` when given) and returns every window.
-    fn toggle_run(
+    /// The schedule with one end watched: the client here, its memcached in a network
+    /// namespace on a port the agent does not watch. Returns the windows and that memcached's
+    /// command line.
+    pub(super) fn toggle_one_end(
+        &self,
+        plan: &TogglePlan,
+        arms: &[Switch],
+        accounting: bool,
+    ) -> anyhow::Result<(Vec<Window>, String)> {
+        let watched = procs::free_port(17600)?;
+        let served = procs::free_port(watched + 1)?;
+        let netns = Netns::create(watched, served)?;
+        let far = Memcached::start_in(&netns)?;
+        netns.run(|| loadgen::populate(far.addr, &WORKLOAD))?;
+        let windows = self.toggle_run(&far, Some(&netns), plan, arms, accounting)?;
+        Ok((windows, far.command_line.clone()))
+    }
+
+    /// Runs the schedule of `arms` against `server` with the generator running throughout
+    /// (inside `netns` when given) and returns every window; with `accounting`, bpf_stats is
+    /// on for the whole run and each window says where its CPU went.
+    pub(super) fn toggle_run(
         &self,
         server: &Memcached,
         netns: Option<&Netns>,
         plan: &TogglePlan,
+        arms: &[Switch],
+        accounting: bool,
     ) -> anyhow::Result<Vec<Window>> {
         let spec = LoadSpec {
             target: server.addr,
@@ -388,7 +443,9 @@ impl Bench {
                 Some(netns) => netns.run(|| loadgen::run_continuous(&spec, &progress)),
                 None => loadgen::run_continuous(&spec, &progress),
             });
-            let windows = self.toggle_windows(server, &progress, plan, &|| generator.is_finished());
+            let windows = self.toggle_windows(server, &progress, plan, arms, accounting, &|| {
+                generator.is_finished()
+            });
             progress.stop.store(true, Ordering::Relaxed);
             let load = generator
                 .join()
@@ -407,14 +464,21 @@ impl Bench {
         server: &Memcached,
         progress: &Progress,
         plan: &TogglePlan,
+        arms: &[Switch],
+        accounting: bool,
         generator_done: &dyn Fn() -> bool,
     ) -> anyhow::Result<Vec<Window>> {
         let started = Instant::now();
+        // Two clock reads per program run: on for the whole run or not at all, so every window
+        // of a run pays alike; put back when the run ends, error or not.
+        let _stats = accounting
+            .then(|| SysctlGuard::set("/proc/sys/kernel/bpf_stats_enabled", "1"))
+            .transpose()?;
         // Warm-up: connections open, memcached's threads and the generator settle.
         procs::sleep(Duration::from_secs(2))?;
         let mut running = Running::Nothing;
         let mut windows = Vec::new();
-        let schedule = schedule(plan.cycles, &ARMS);
+        let schedule = schedule(plan.cycles, arms);
         let total = schedule.len();
         for (index, (cycle, arm)) in schedule.into_iter().enumerate() {
             if generator_done() {
@@ -442,6 +506,30 @@ impl Bench {
                 Running::Agent(agent) => Some(agent.pid()),
                 _ => None,
             };
+            let programs: Vec<u32> = match &running {
+                _ if !accounting => Vec::new(),
+                Running::Agent(agent) => procs::bpf_object_ids(agent.pid())?.0,
+                Running::Floor { _programs: empty } => empty.ids.clone(),
+                Running::Nothing => Vec::new(),
+            };
+            let account = || -> anyhow::Result<Reading> {
+                let bpf = if programs.is_empty() {
+                    (0, 0)
+                } else {
+                    observe::run_deltas(
+                        &Default::default(),
+                        &observe::program_stats(&programs)?,
+                        |_, _| true,
+                    )
+                };
+                Ok(Reading {
+                    ops: progress.ops.load(Ordering::Relaxed),
+                    work_ns: thread_ns(progress.tid.load(Ordering::Relaxed))
+                        + procs::task_cpu_ns(server.pid())?,
+                    agent_ns: agent_pid.map(procs::task_cpu_ns).transpose()?.unwrap_or(0),
+                    bpf,
+                })
+            };
             let read = || -> anyhow::Result<Sample> {
                 let mut cpu_ns = thread_ns(progress.tid.load(Ordering::Relaxed))
                     + procs::task_cpu_ns(server.pid())?;
@@ -461,6 +549,7 @@ impl Bench {
             );
             let mut samples = Vec::new();
             procs::sleep(plan.trim)?;
+            let opening = accounting.then(&account).transpose()?;
             loop {
                 let sample = read()?;
                 samples.push(sample);
@@ -472,6 +561,10 @@ impl Bench {
                         .min(Duration::from_secs_f64(to - sample.at)),
                 )?;
             }
+            let spent = match opening {
+                Some(opening) => Some(account()?.since(&opening)),
+                None => None,
+            };
             if let Running::Agent(agent) = &mut running {
                 agent.check_running()?;
             }
@@ -480,6 +573,7 @@ impl Bench {
                 arm,
                 cut: cut(&samples, from, to),
                 switch_seconds: (ready - switch_started).as_secs_f64(),
+                spent,
             };
             eprintln!(
                 "xtask: window {}/{total}, cycle {}, {}: {} ops/s ({:.0} s in)",
@@ -548,7 +642,7 @@ fn result_table(results: &[ArmResult]) -> Table {
     table
 }
 
-fn window_table(windows: &[Window]) -> Table {
+pub(super) fn window_table(windows: &[Window]) -> Table {
     let mut table = Table::new(&[
         "cycle",
         "arm",
@@ -696,6 +790,7 @@ mod tests {
                 other_cores: 0.0,
             }),
             switch_seconds: 0.0,
+            spent: None,
         }
     }
 
