@@ -491,14 +491,18 @@ const SAMPLED_POOL: usize = 32;
 /// no catch-up after a stall: a burst would trip the budget's 0.1 s looks and change the sample.
 const SAMPLED_RATE: u64 = 2_000;
 
+/// The agent drains a quiet ring every `agent_common::wakeup::DRAIN_INTERVAL_MS` (100 ms):
+/// two scrapes further apart than that with the same counts have a drain between them.
+const SETTLE_LOOK: Duration = Duration::from_millis(250);
+
 /// The agent's scrape once its request counts stop moving: it has then decoded everything the
-/// paused clients sent (it drains its rings every DRAIN_INTERVAL_MS).
+/// paused clients sent.
 fn settled_scrape(agent: &Agent) -> Scrape {
     let quiet_by = std::time::Instant::now() + Duration::from_secs(10);
-    std::thread::sleep(Duration::from_millis(60));
+    std::thread::sleep(SETTLE_LOOK);
     let mut last = agent.scrape();
     loop {
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(SETTLE_LOOK);
         let now = agent.scrape();
         if now.requests(&[]) == last.requests(&[]) {
             return last;

@@ -184,8 +184,9 @@ impl Feed {
 }
 
 /// The latest second the daemon has finished recording. The current one is still being
-/// filled, and the daemon drains its rings every 20 ms, so just after a second turns over the
-/// previous one may still miss its last facts: keep a margin.
+/// filled, and the daemon drains a quiet ring every `wakeup::DRAIN_INTERVAL_MS` (100 ms), so
+/// just after a second turns over the previous one may still miss its last facts: keep a
+/// margin.
 fn last_complete_second() -> u64 {
     let now = std::time::SystemTime::now()
         .checked_sub(Duration::from_millis(250))
