@@ -155,6 +155,35 @@ pub fn summarise(ends: Ends, entries: &[Entry]) -> Vec<ArmAccount> {
         .collect()
 }
 
+/// [`summarise`] with D's own uncertainty carried into the intervals of the loss and the added
+/// ns: their low ends come from the windows figured with D's low bound, their high ends with
+/// its high bound (a noisy `percall` widens the verdicts instead of hiding in them).
+pub fn summarise_with(ends: Ends, windows: &[Window], dispatch: Interval) -> Vec<ArmAccount> {
+    let at = |d: f64| summarise(ends, &entries(windows, d));
+    let (low, high) = (at(dispatch.low), at(dispatch.high));
+    at(dispatch.median)
+        .into_iter()
+        .zip(low.into_iter().zip(high))
+        .map(|(mut mid, (low, high))| {
+            mid.loss = widen(mid.loss, low.loss, high.loss);
+            mid.added_ns = widen(mid.added_ns, low.added_ns, high.added_ns);
+            mid
+        })
+        .collect()
+}
+
+fn widen(
+    mid: Option<Interval>,
+    low: Option<Interval>,
+    high: Option<Interval>,
+) -> Option<Interval> {
+    Some(Interval {
+        median: mid?.median,
+        low: low?.low,
+        high: high?.high,
+    })
+}
+
 fn ns(value: Option<f64>) -> String {
     value.map_or("n/a".into(), |v| format!("{v:.0}"))
 }
@@ -272,8 +301,7 @@ impl Bench {
                 ),
                 Ends::OneEnd => self.toggle_one_end(plan, &ARMS, true)?,
             };
-            let entries = entries(&windows, dispatch.median);
-            let results = summarise(ends, &entries);
+            let results = summarise_with(ends, &windows, dispatch);
             let mut section = Section::new(&format!(
                 "Overhead by accounting, {} (issues 19, 17)",
                 ends.label()
@@ -286,7 +314,9 @@ impl Bench {
                  (schedstat), where D = {:.1} ns is an empty program's all-in cost per run \
                  without bpf_stats (`percall` in this invocation, 95% CI {:.1} .. {:.1}) and E \
                  is bpf_stats' ns per run of the empty programs in this cycle's floor window \
-                 (its own clock reads). The loss is that over the off-windows' CPU per op of \
+                 (its own clock reads). D's interval is carried into the loss's and the added \
+                 ns's: their low ends are figured with D's low bound, their high ends with its \
+                 high bound. The loss is that over the off-windows' CPU per op of \
                  the generator thread and memcached plus itself: the agent's share of a \
                  saturated machine's CPU, as toggle's \"loss from CPU per op\". It leaves out \
                  what no counter shows (caches the programs evict, wakeups outside them), which \
@@ -381,6 +411,28 @@ mod tests {
             .unwrap();
         assert_eq!(capture.windows, 3);
         assert!((capture.loss.unwrap().median - 720.0 / 10_720.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_dispatch_costs_uncertainty_widens_the_interval() {
+        let d = Interval {
+            median: 55.0,
+            low: 45.0,
+            high: 65.0,
+        };
+        let results = summarise_with(Ends::Both, &run(3), d);
+        let sockets = results
+            .iter()
+            .find(|r| r.arm == Switch::Agent(Mode::SocketsOnly))
+            .unwrap();
+        let loss = sockets.loss.unwrap();
+        // Every window alike: 4 x D + 40 over 10,000 + that, at D = 45, 55 and 65.
+        for (value, d) in [(loss.low, 45.0), (loss.median, 55.0), (loss.high, 65.0)] {
+            let added = 4.0 * d + 40.0;
+            assert!((value - added / (10_000.0 + added)).abs() < 1e-9, "{loss:?}");
+        }
+        let added = sockets.added_ns.unwrap();
+        assert!((added.low - 220.0).abs() < 1e-6 && (added.high - 300.0).abs() < 1e-6);
     }
 
     #[test]
