@@ -20,7 +20,7 @@
 use anyhow::bail;
 
 use super::{
-    paired::{self, Interval, Verdict},
+    paired::{self, Interval},
     procs::{Memcached, Mode},
     report::{median, Section, Table},
     rounds::Ends,
@@ -78,13 +78,8 @@ fn empty_stats_per_run(windows: &[Window], cycle: usize) -> Option<f64> {
 /// Every on-window with accounts and off-windows with accounts on both sides; `dispatch_ns` is
 /// D (module doc).
 pub fn entries(windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
-    windows
-        .windows(3)
-        .filter_map(|w| {
-            let [before, on, after] = [w[0], w[1], w[2]];
-            if on.arm == Switch::Off || before.arm != Switch::Off || after.arm != Switch::Off {
-                return None;
-            }
+    toggle::between_offs(windows)
+        .filter_map(|[before, on, after]| {
             let (before, spent, after) = (before.spent?, on.spent?, after.spent?);
             if spent.ops == 0 || before.ops == 0 || after.ops == 0 {
                 return None;
@@ -172,11 +167,7 @@ pub fn summarise_with(ends: Ends, windows: &[Window], dispatch: Interval) -> Vec
         .collect()
 }
 
-fn widen(
-    mid: Option<Interval>,
-    low: Option<Interval>,
-    high: Option<Interval>,
-) -> Option<Interval> {
+fn widen(mid: Option<Interval>, low: Option<Interval>, high: Option<Interval>) -> Option<Interval> {
     Some(Interval {
         median: mid?.median,
         low: low?.low,
@@ -232,40 +223,17 @@ fn result_table(results: &[ArmAccount]) -> Table {
 /// Goal rows of issues 19 and 17 from the accounts, for the targets table.
 pub fn goal_rows(results: &[ArmAccount], table: &mut Table) {
     for r in results {
-        let limits: &[(f64, &str)] = match r.arm {
-            Switch::Agent(Mode::SocketsOnly) => &[(0.01, "<= 1% loss (issue 19)")],
-            Switch::Agent(Mode::Capture) => &[
-                (0.03, "<= 3% loss (issue 19)"),
-                (0.05, "<= 5% loss (issue 17, default budget)"),
-            ],
-            _ => &[],
-        };
-        for (limit, goal) in limits {
-            table.row(vec![
+        for &goal in toggle::goals(r.arm) {
+            table.row(toggle::goal_row(
                 format!(
                     "CPU per op by accounting, {}, {}",
                     r.arm.label(),
                     r.ends.label()
                 ),
-                goal.to_string(),
-                r.loss.map_or("n/a".into(), |i| {
-                    format!(
-                        "{:.2}% (95% CI {:.2}% .. {:.2}%, {} windows)",
-                        100.0 * i.median,
-                        100.0 * i.low,
-                        100.0 * i.high,
-                        r.windows
-                    )
-                }),
-                r.loss.map_or("not measured".into(), |i| {
-                    match i.against(*limit) {
-                        Verdict::Met => "met",
-                        Verdict::Missed => "**missed**",
-                        Verdict::Undecided => "**not shown** (the interval straddles the goal)",
-                    }
-                    .into()
-                }),
-            ]);
+                goal,
+                r.loss,
+                &format!("{} windows", r.windows),
+            ));
         }
     }
 }
@@ -429,7 +397,10 @@ mod tests {
         // Every window alike: 4 x D + 40 over 10,000 + that, at D = 45, 55 and 65.
         for (value, d) in [(loss.low, 45.0), (loss.median, 55.0), (loss.high, 65.0)] {
             let added = 4.0 * d + 40.0;
-            assert!((value - added / (10_000.0 + added)).abs() < 1e-9, "{loss:?}");
+            assert!(
+                (value - added / (10_000.0 + added)).abs() < 1e-9,
+                "{loss:?}"
+            );
         }
         let added = sockets.added_ns.unwrap();
         assert!((added.low - 220.0).abs() < 1e-6 && (added.high - 300.0).abs() < 1e-6);
