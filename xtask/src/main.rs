@@ -55,8 +55,9 @@ enum Task {
         output: Option<std::path::PathBuf>,
         /// Run only these measures: attach, toggle (the overhead goals under continuous load,
         /// the agent toggled in windows, both ends watched), toggle-one (the same, one end),
-        /// ab, modes, bpf, frame-cost, loss, tshark, idle, decoder, scrape, fleet, top
-        /// (comma-separated); `budget` (accuracy of the scaled counters
+        /// ab, modes, bpf, frame-cost, percall, account (the same goals by accounting: the
+        /// agent's added CPU per op under the toggled windows' load; runs percall too), loss,
+        /// tshark, idle, decoder, scrape, fleet, top (comma-separated); `budget` (accuracy of the scaled counters
         /// against memcached's stats per decoding budget, about 10 minutes) runs only when named.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
