@@ -28,6 +28,17 @@ pub enum Verdict {
     Undecided,
 }
 
+impl Verdict {
+    /// The status cell of a targets table.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::Missed => "**missed**",
+            Verdict::Undecided => "**not shown** (the interval straddles the goal)",
+        }
+    }
+}
+
 impl Interval {
     pub fn against(&self, limit: f64) -> Verdict {
         if self.high <= limit {

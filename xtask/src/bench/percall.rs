@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _};
 use super::{
     floor::EmptyPrograms,
     observe,
-    paired::{self, Interval, Verdict},
+    paired::{self, Interval},
     procs::{self, Mode, SysctlGuard},
     report::{Section, Table},
     Bench, DEFAULT_MAX_SOCKETS,
@@ -352,12 +352,7 @@ pub(super) fn ns(interval: Option<Interval>) -> String {
 }
 
 pub(super) fn verdict(interval: Option<Interval>) -> String {
-    match interval.map(|i| i.against(GOAL_NS)) {
-        Some(Verdict::Met) => "met".into(),
-        Some(Verdict::Missed) => "**missed**".into(),
-        Some(Verdict::Undecided) => "**not shown** (the interval straddles the goal)".into(),
-        None => "not measured".into(),
-    }
+    interval.map_or("not measured".into(), |i| i.against(GOAL_NS).label().into())
 }
 
 impl Bench {

@@ -840,11 +840,7 @@ fn against_baseline(runs: &[RoundRun]) -> Table {
 
 /// Goal rows of issue 19 (and #17's default-budget loss) for the targets table.
 pub fn goal_rows(results: &[ScenarioResult], table: &mut Table) {
-    let verdict = |v: Verdict| match v {
-        Verdict::Met => "met".to_string(),
-        Verdict::Missed => "**missed**".to_string(),
-        Verdict::Undecided => "**not shown** (the interval straddles the goal)".to_string(),
-    };
+    let verdict = |v: Verdict| v.label().to_string();
     // The baseline build's goals are not this build's, nor are other budgets' the default's.
     for result in results.iter().filter(|r| !r.baseline && r.budget.is_none()) {
         let label = result.label();

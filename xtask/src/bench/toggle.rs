@@ -19,7 +19,7 @@ use super::{
     floor::EmptyPrograms,
     loadgen::{self, LoadSpec, Progress, WORKLOAD},
     observe,
-    paired::{self, Interval, Netns, Verdict},
+    paired::{self, Interval, Netns},
     procs::{self, Agent, Memcached, Mode, SysctlGuard},
     report::{median, thousands, Section, Table},
     rounds::Ends,
@@ -516,6 +516,14 @@ impl Bench {
                 Running::Floor { _programs: empty } => empty.ids.clone(),
                 Running::Nothing => Vec::new(),
             };
+            // The measured work: the generator thread and memcached.
+            let work_ns = || -> anyhow::Result<u64> {
+                Ok(thread_ns(progress.tid.load(Ordering::Relaxed))
+                    + procs::task_cpu_ns(server.pid())?)
+            };
+            let agent_ns = || -> anyhow::Result<u64> {
+                Ok(agent_pid.map(procs::task_cpu_ns).transpose()?.unwrap_or(0))
+            };
             let account = || -> anyhow::Result<Reading> {
                 let bpf = if programs.is_empty() {
                     (0, 0)
@@ -528,22 +536,16 @@ impl Bench {
                 };
                 Ok(Reading {
                     ops: progress.ops.load(Ordering::Relaxed),
-                    work_ns: thread_ns(progress.tid.load(Ordering::Relaxed))
-                        + procs::task_cpu_ns(server.pid())?,
-                    agent_ns: agent_pid.map(procs::task_cpu_ns).transpose()?.unwrap_or(0),
+                    work_ns: work_ns()?,
+                    agent_ns: agent_ns()?,
                     bpf,
                 })
             };
             let read = || -> anyhow::Result<Sample> {
-                let mut cpu_ns = thread_ns(progress.tid.load(Ordering::Relaxed))
-                    + procs::task_cpu_ns(server.pid())?;
-                if let Some(pid) = agent_pid {
-                    cpu_ns += procs::task_cpu_ns(pid)?;
-                }
                 Ok(Sample {
                     at: ready.elapsed().as_secs_f64(),
                     ops: progress.ops.load(Ordering::Relaxed),
-                    cpu_ns,
+                    cpu_ns: work_ns()? + agent_ns()?,
                     busy_s: procs::machine_busy_seconds()?,
                 })
             };
@@ -565,10 +567,9 @@ impl Bench {
                         .min(Duration::from_secs_f64(to - sample.at)),
                 )?;
             }
-            let spent = match opening {
-                Some(opening) => Some(account()?.since(&opening)),
-                None => None,
-            };
+            let spent = opening
+                .map(|opening| account().map(|closing| closing.since(&opening)))
+                .transpose()?;
             if let Running::Agent(agent) = &mut running {
                 agent.check_running()?;
             }
@@ -707,14 +708,7 @@ pub(super) fn goal_row(
                 100.0 * i.high,
             )
         }),
-        interval.map_or("not measured".into(), |i| {
-            match i.against(limit) {
-                Verdict::Met => "met",
-                Verdict::Missed => "**missed**",
-                Verdict::Undecided => "**not shown** (the interval straddles the goal)",
-            }
-            .into()
-        }),
+        interval.map_or("not measured".into(), |i| i.against(limit).label().into()),
     ]
 }
 
