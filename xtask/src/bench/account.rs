@@ -179,14 +179,9 @@ fn ns(value: Option<f64>) -> String {
     value.map_or("n/a".into(), |v| format!("{v:.0}"))
 }
 
-fn interval(value: Option<Interval>, scale: f64, unit: &str, digits: usize) -> String {
+fn ns_interval(value: Option<Interval>) -> String {
     value.map_or("n/a".into(), |i| {
-        format!(
-            "{:.digits$}{unit} ({:.digits$} .. {:.digits$})",
-            scale * i.median,
-            scale * i.low,
-            scale * i.high
-        )
+        format!("{:.0} ({:.0} .. {:.0})", i.median, i.low, i.high)
     })
 }
 
@@ -212,9 +207,9 @@ fn result_table(results: &[ArmAccount]) -> Table {
             ns(r.clock_ns),
             ns(r.dispatch_ns),
             ns(r.agent_ns),
-            interval(r.added_ns, 1.0, "", 0),
+            ns_interval(r.added_ns),
             ns(r.off_work_ns),
-            interval(r.loss, 100.0, "%", 2),
+            toggle::percent(r.loss),
         ]);
     }
     table

@@ -595,7 +595,7 @@ impl Bench {
     }
 }
 
-fn percent(interval: Option<Interval>) -> String {
+pub(super) fn percent(interval: Option<Interval>) -> String {
     interval.map_or("n/a".into(), |i| {
         format!(
             "{:.2}% ({:.2} .. {:.2})",
