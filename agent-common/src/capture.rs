@@ -168,7 +168,7 @@ pub const CAPTURE_BUDGET_MAX: u32 = 65536;
 /// records.
 pub const RECORD_DATA_MAX: usize = 4096;
 /// Bytes copied from user memory at a time while following frames.
-pub const CAPTURE_PIECE: usize = 64;
+pub const CAPTURE_PIECE: usize = 128;
 /// Steps (one copied piece, one skipped body stretch, or one iovec entry read) one call may
 /// take; a call that needs more is marked [`payload_flags::INCOMPLETE`].
 pub const CAPTURE_MAX_STEPS: u32 = 4096;
