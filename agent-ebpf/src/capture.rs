@@ -14,8 +14,8 @@ use agent_common::{
     capture_sample,
     framing::{self, FrameState, SocketFrames},
     io_syscall, payload_flags, watch, KernelCounter, PayloadHeader, SegmentHeader, AF_INET,
-    AF_INET6, CAPTURE_MAX_STEPS, CAPTURE_PIECE, PAYLOAD_HEADER_LEN, RECORD_DATA_MAX,
-    SEGMENT_HEADER_LEN,
+    AF_INET6, CAPTURE_MAX_STEPS, CAPTURE_PIECE, OFFSET_UNKNOWN, PAYLOAD_HEADER_LEN,
+    RECORD_DATA_MAX, SEGMENT_HEADER_LEN,
 };
 use aya_ebpf::{
     bindings::BPF_RB_AVAIL_DATA, helpers::bpf_get_current_comm, helpers::bpf_get_current_pid_tgid,
@@ -158,6 +158,19 @@ pub(crate) fn key_addresses(
     }
 }
 
+/// A saved user register of the current task, at `offset` in the BTF-typed `struct pt_regs`
+/// that `bpf_task_pt_regs` returns: a direct load, not a `bpf_probe_read_kernel` call (three per
+/// followed call). The verifier allows it at a constant offset, which OFFSETS in the frozen
+/// `.rodata` is to it (as for `storage::load_sock`); it checks the offset against pt_regs' members.
+#[inline(always)]
+fn load_reg(regs: *const u8, offset: u16) -> Option<u64> {
+    if offset == OFFSET_UNKNOWN {
+        return None;
+    }
+    // SAFETY: the kernel makes a load through a BTF-typed pointer fault-safe.
+    Some(unsafe { core::ptr::read_volatile(regs.wrapping_add(offset as usize).cast::<u64>()) })
+}
+
 /// The [`io_syscall`] index of the syscall whose number is `number`.
 #[inline(always)]
 fn io_syscall_index(numbers: &[u64; io_syscall::COUNT], number: u64) -> Option<usize> {
@@ -193,12 +206,12 @@ pub(crate) fn capture_payload(
     let layout = &offsets().syscall_regs;
     // SAFETY: helpers on the current task, whose saved user registers stay valid while it runs
     // this syscall. A kernel thread has none and yields 0.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    if regs == 0 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
         bump(KernelCounter::UncapturedSyscall);
         return;
     }
-    let Some(number) = read_kernel_field::<u64>(regs, layout.number) else {
+    let Some(number) = load_reg(regs, layout.number) else {
         return;
     };
     let syscall = match io_syscall_index(&layout.numbers, number) {
@@ -210,7 +223,7 @@ pub(crate) fn capture_payload(
             return;
         }
     };
-    let Some(buffer) = read_kernel_field::<u64>(regs, layout.second_arg) else {
+    let Some(buffer) = load_reg(regs, layout.second_arg) else {
         return;
     };
     let frames = if !storage.is_null() {
@@ -292,7 +305,7 @@ pub(crate) fn capture_payload(
         }
         io_syscall::KIND_IOVEC | io_syscall::KIND_MSGHDR => {
             let (iov, count) = if io_syscall::kind(syscall) == io_syscall::KIND_IOVEC {
-                let count = read_kernel_field::<u64>(regs, layout.third_arg).unwrap_or(0);
+                let count = load_reg(regs, layout.third_arg).unwrap_or(0);
                 (buffer, count)
             } else {
                 // struct user_msghdr is user ABI: msg_iov at 16, msg_iovlen at 24 on 64-bit.
