@@ -63,25 +63,18 @@ fn sk_watch_map() -> *mut core::ffi::c_void {
     core::ptr::addr_of!(SK_WATCH) as *mut core::ffi::c_void
 }
 
-/// The storage of `sk` (a BTF-typed socket pointer), created from `init` when given.
+/// The storage of `sk` (a BTF-typed socket pointer), if it has one.
 #[inline(always)]
-fn sk_watch(sk: *mut core::ffi::c_void, init: Option<&mut SkWatch>) -> *mut SkWatch {
-    let (value, flags) = match init {
-        Some(init) => (
-            (init as *mut SkWatch).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        ),
-        None => (core::ptr::null_mut(), 0),
-    };
+fn sk_watch(sk: *mut core::ffi::c_void) -> *mut SkWatch {
     // SAFETY: the helper checks `sk` against the kernel's socket BTF type; a NULL or foreign
     // socket yields NULL.
-    unsafe { bpf_sk_storage_get(sk_watch_map(), sk, value, flags) }.cast()
+    unsafe { bpf_sk_storage_get(sk_watch_map(), sk, core::ptr::null_mut(), 0) }.cast()
 }
 
 /// Creates the storage of a watched TCP socket found at `sk_scalar` (`sk`, the same socket
-/// BTF-typed), unless it is listening or gone.
+/// BTF-typed), unless it is listening or gone; returns it.
 #[inline(always)]
-fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option<()> {
+fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option<*mut SkWatch> {
     if matches!(
         TcpState::try_from(state),
         Ok(TcpState::Listen | TcpState::Close | TcpState::TimeWait | TcpState::NewSynRecv)
@@ -95,18 +88,31 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
     if !is_watched(ports.local) && !is_watched(ports.remote) {
         return None;
     }
-    let mut init = SkWatch {
-        local_port: ports.local,
-        remote_port: ports.remote,
-        state,
-        captured: 0,
-        _reserved: [0; 2],
-        frames: SocketFrames::default(),
-    };
-    if sk_watch(sk, Some(&mut init)).is_null() {
-        bump(KernelCounter::SocketMapFull);
+    // Created zeroed (no 104-byte initial value on the stack, which the per-op programs
+    // cannot spare: they make storage for connections the agent has not met), then filled in.
+    // A zeroed SkWatch is a fresh one (frames at FRAME_START, not captured): until its ports
+    // are in, a reader on another CPU sees an unwatched socket and passes by.
+    // SAFETY: as `sk_watch`; a NULL value with F_CREATE makes a zeroed storage.
+    let watch: *mut SkWatch = unsafe {
+        bpf_sk_storage_get(
+            sk_watch_map(),
+            sk,
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
     }
-    Some(())
+    .cast();
+    if watch.is_null() {
+        bump(KernelCounter::SocketMapFull);
+        return None;
+    }
+    // SAFETY: this socket's storage, valid for this program run.
+    unsafe {
+        (*watch).local_port = ports.local;
+        (*watch).remote_port = ports.remote;
+        (*watch).state = state;
+    }
+    Some(watch)
 }
 
 /// Keeps the storage's TCP state current and makes the storage of a watched connection when
@@ -115,7 +121,7 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     let new_state = ctx.arg::<u64>(2) as u8;
-    let watch = sk_watch(sk, None);
+    let watch = sk_watch(sk);
     if !watch.is_null() {
         // SAFETY: this socket's storage, valid for this program run.
         let watch = unsafe { &mut *watch };
@@ -279,10 +285,18 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
     };
     // Followed or unhealthy (or a socket whose ports are gone): the storage keeps what the
     // connection's capture and trouble need, and its own copy of the ports and TCP state.
-    let storage = sk_watch(ctx.arg(0), None);
+    let mut storage = sk_watch(ctx.arg(0));
     if storage.is_null() {
-        // Not a watched TCP connection (or one the agent could not give storage).
-        return 0;
+        // A watched connection the agent has not met: `adopt_tcp` walks only the agent's own
+        // network namespace, so a container's pooled connections opened before the agent
+        // reach here first. Give it its storage now (once per connection; not a watched TCP
+        // connection, or a closed one: none).
+        let sk = ctx.arg::<*mut core::ffi::c_void>(0);
+        let state: u8 = load_sock(sk as *const u8, offsets().sock_common.state);
+        match watch_socket(sk, scalar_arg(ctx.as_ptr(), 0), state) {
+            Some(watch) => storage = watch,
+            None => return 0,
+        }
     }
     // SAFETY: this socket's storage, valid for this program run.
     let (local_port, remote_port, state) = unsafe {

@@ -16,7 +16,12 @@ type PoolClient = (Guard, ChildStdin, BufReader<std::process::ChildStdout>);
 
 /// Runs the Python `script` and waits for its `ready` line: its pool is connected and used.
 fn start_ready(script: &str) -> PoolClient {
-    let mut child: Child = Command::new(PYTHON)
+    start_ready_in(None, script)
+}
+
+/// [`start_ready`] inside network namespace `netns` when given.
+fn start_ready_in(netns: Option<&str>, script: &str) -> PoolClient {
+    let mut child: Child = netns_command(netns, PYTHON)
         .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -34,11 +39,16 @@ fn start_ready(script: &str) -> PoolClient {
 /// A pymemcache pool of `POOL` connections, each used once, that then waits for a line on
 /// stdin before running `work` (Python using `pool` and `port`).
 fn pooled_client(port: u16, work: &str) -> PoolClient {
+    pooled_client_in(None, "127.0.0.1", port, work)
+}
+
+/// [`pooled_client`] of the server at `host`, run inside `netns` when given.
+fn pooled_client_in(netns: Option<&str>, host: &str, port: u16, work: &str) -> PoolClient {
     let script = format!(
         "import sys\n\
          from pymemcache.client.base import Client\n\
          port = {port}\n\
-         pool = [Client(('127.0.0.1', port)) for _ in range({POOL})]\n\
+         pool = [Client(('{host}', port)) for _ in range({POOL})]\n\
          for i, c in enumerate(pool):\n\
          \x20   assert c.set('warm%d' % i, b'w', noreply=False)\n\
          print('ready', flush=True)\n\
@@ -46,7 +56,7 @@ fn pooled_client(port: u16, work: &str) -> PoolClient {
          {work}\n\
          print('done', flush=True)\n"
     );
-    start_ready(&script)
+    start_ready_in(netns, &script)
 }
 
 /// The pool exists (connected and used) before `cacheprobe run` starts; then 1,000 sets and
@@ -107,6 +117,87 @@ fn pooled_connections_opened_before_run_are_decoded() {
             scrape.text
         );
     }
+    scrape.assert_no_decode_errors();
+}
+
+/// As above with the client and memcached each in a network namespace of its own (containers
+/// on a host whose agent runs in the host's namespace): the agent's start-up adoption walks only
+/// its own namespace, so these connections get their kernel state at their first send or
+/// receive. Every one of the 2,000 requests must still be decoded on both ends.
+#[test]
+fn pooled_connections_in_other_network_namespaces_are_decoded() {
+    require_root();
+    let port = unique_port();
+    let pair = NetnsPair::create("p", 22).unwrap();
+    let _memcached = start_memcached(Some(&pair.server_ns), &pair.server_addr, port, &[]).unwrap();
+    let (_client, mut go, mut out) = pooled_client_in(
+        Some(&pair.client_ns),
+        &pair.server_addr,
+        port,
+        "for i in range(1000):\n\
+         \x20   assert pool[i % len(pool)].set('k%d' % i, b'v', noreply=False)\n\
+         for i in range(1000):\n\
+         \x20   assert pool[i % len(pool)].get('k%d' % i) == b'v'",
+    );
+    let agent = Agent::start_with_config(
+        "pooled-netns",
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n\
+             [limits]\ncapture_records_per_second = 0\n"
+        ),
+    )
+    .unwrap();
+    writeln!(go, "go").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    // The client exits after its work: both ends of each connection must also be seen closing.
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        s.requests(&[("role", "client")]) >= 2000.0
+            && s.requests(&[("role", "server")]) >= 2000.0
+            && s.sum("cacheprobe_connections_closed_total", &[]) >= (2 * POOL) as f64
+    });
+    let endpoint = format!("{}:{port}", pair.server_addr);
+    for role in ["client", "server"] {
+        let count = |command: &str, status: &str| {
+            scrape.requests(&[
+                ("role", role),
+                ("server", endpoint.as_str()),
+                ("command", command),
+                ("status", status),
+            ])
+        };
+        assert_eq!(
+            (count("set", "stored"), count("get", "hit")),
+            (1000.0, 1000.0),
+            "{role}: sets stored and get hits decoded\n{}",
+            scrape.text
+        );
+        assert_eq!(
+            scrape.requests(&[("role", role)]),
+            2000.0,
+            "{role}: {}",
+            scrape.text
+        );
+    }
+    for (role, closed_by) in [("client", "local"), ("server", "peer")] {
+        assert_eq!(
+            scrape.sum(
+                "cacheprobe_connections_closed_total",
+                &[("role", role), ("closed_by", closed_by)]
+            ),
+            POOL as f64,
+            "{role}: every pooled connection known and seen closing\n{}",
+            scrape.text
+        );
+    }
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_active", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
     scrape.assert_no_decode_errors();
 }
 

@@ -366,7 +366,8 @@ fn socket_state_item(probes: &Probes) -> CheckItem {
              ports and state by direct loads, no helper call; unwatched sockets and \
              healthy ones of services without capture stop there, only captured or \
              unhealthy connections look up their storage; existing connections adopted \
-             by a tcp iterator at start",
+             by a tcp iterator at start (in the agent's network namespace; those of other \
+             namespaces, e.g. containers', at their first send or receive)",
             "",
         ),
         // Nothing is lost on the older path, it only costs more per call: ok, with
