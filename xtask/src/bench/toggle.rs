@@ -157,6 +157,10 @@ pub struct Spent {
     /// bpf_stats of the programs switched on: run ns and runs.
     pub bpf_ns: u64,
     pub bpf_runs: u64,
+    /// Calls the agent says the kernel followed (`cacheprobe_capture_calls_total`; 0 without
+    /// an agent), and its `cacheprobe_capture_sample_ratio` at the window's end (0 when none).
+    pub captured: u64,
+    pub sample_ratio: f64,
 }
 
 /// The cumulative counters a [`Spent`] is the difference of.
@@ -166,6 +170,8 @@ struct Reading {
     work_ns: u64,
     agent_ns: u64,
     bpf: (u64, u64),
+    /// The agent's (followed calls, sample ratio), from its /metrics.
+    capture: (u64, f64),
 }
 
 impl Reading {
@@ -176,6 +182,8 @@ impl Reading {
             agent_ns: self.agent_ns.saturating_sub(earlier.agent_ns),
             bpf_ns: self.bpf.0.saturating_sub(earlier.bpf.0),
             bpf_runs: self.bpf.1.saturating_sub(earlier.bpf.1),
+            captured: self.capture.0.saturating_sub(earlier.capture.0),
+            sample_ratio: self.capture.1,
         }
     }
 }
@@ -506,9 +514,9 @@ impl Bench {
                 ),
             };
             let ready = Instant::now();
-            let agent_pid = match &running {
-                Running::Agent(agent) => Some(agent.pid()),
-                _ => None,
+            let (agent_pid, metrics_addr) = match &running {
+                Running::Agent(agent) => (Some(agent.pid()), Some(agent.metrics_addr)),
+                _ => (None, None),
             };
             let programs: Vec<u32> = match &running {
                 _ if !accounting => Vec::new(),
@@ -534,11 +542,24 @@ impl Bench {
                         |_, _| true,
                     )
                 };
+                // Which connections a fresh agent's sample follows is a draw (the load's
+                // connections are the same all run): the accounts say how many calls it took.
+                let capture = match metrics_addr {
+                    Some(addr) => {
+                        let samples = observe::parse_samples(&observe::scrape(addr)?);
+                        (
+                            observe::total(&samples, "cacheprobe_capture_calls_total") as u64,
+                            observe::total(&samples, "cacheprobe_capture_sample_ratio"),
+                        )
+                    }
+                    None => (0, 0.0),
+                };
                 Ok(Reading {
                     ops: progress.ops.load(Ordering::Relaxed),
                     work_ns: work_ns()?,
                     agent_ns: agent_ns()?,
                     bpf,
+                    capture,
                 })
             };
             let read = || -> anyhow::Result<Sample> {
