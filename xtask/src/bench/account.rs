@@ -290,33 +290,34 @@ pub fn goal_rows(results: &[ArmAccount], table: &mut Table) {
     for r in results {
         // A capture arm that followed no call measured sockets only, whatever it costs.
         let idle_capture = r.arm == Switch::Agent(Mode::Capture) && r.followed == Some(0.0);
-        for &goal in toggle::goals(r.arm) {
-            table.row(toggle::goal_row(
-                format!(
-                    "CPU per op by accounting, {}, {}",
-                    r.arm.label(),
-                    r.ends.label()
-                ),
-                goal,
+        let measures = [
+            (
+                "CPU per op by accounting",
                 if idle_capture { None } else { r.loss },
-                &format!("{} windows", r.windows),
-            ));
-            if r.loss_at_share.is_some() {
-                table.row(toggle::goal_row(
-                    format!(
-                        "CPU per op by accounting at the sample's nominal share, {}, {}",
-                        r.arm.label(),
-                        r.ends.label()
-                    ),
-                    goal,
-                    r.loss_at_share,
-                    &format!(
-                        "{} windows, {} followed calls per op scaled to {}",
-                        r.windows,
-                        r.followed.map_or("n/a".into(), |v| format!("{v:.3}")),
-                        r.nominal.map_or("n/a".into(), |v| format!("{v:.3}")),
-                    ),
-                ));
+                format!("{} windows", r.windows),
+            ),
+            (
+                "CPU per op by accounting at the sample's nominal share",
+                r.loss_at_share,
+                format!(
+                    "{} windows, {} followed calls per op scaled to {}",
+                    r.windows,
+                    r.followed.map_or("n/a".into(), |v| format!("{v:.3}")),
+                    r.nominal.map_or("n/a".into(), |v| format!("{v:.3}")),
+                ),
+            ),
+        ];
+        for &goal in toggle::goals(r.arm) {
+            // The nominal share's row only where there is one (capture with a sockets arm).
+            for (i, (measure, loss, basis)) in measures.iter().enumerate() {
+                if i == 0 || loss.is_some() {
+                    table.row(toggle::goal_row(
+                        format!("{measure}, {}, {}", r.arm.label(), r.ends.label()),
+                        goal,
+                        *loss,
+                        basis,
+                    ));
+                }
             }
         }
     }
