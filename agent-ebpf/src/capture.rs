@@ -8,7 +8,7 @@ use crate::maps::{
 };
 use crate::ring::wakeup_flags;
 use crate::send_recv::learn;
-use crate::sock::{read_kernel_field, SockPorts};
+use crate::sock::{load_btf, read_kernel_field, SockPorts};
 use crate::storage::SkWatch;
 use agent_common::{
     capture_sample,
@@ -159,16 +159,11 @@ pub(crate) fn key_addresses(
 }
 
 /// A saved user register of the current task, at `offset` in the BTF-typed `struct pt_regs`
-/// that `bpf_task_pt_regs` returns: a direct load, not a `bpf_probe_read_kernel` call (three per
-/// followed call). The verifier allows it at a constant offset, which OFFSETS in the frozen
-/// `.rodata` is to it (as for `storage::load_sock`); it checks the offset against pt_regs' members.
+/// that `bpf_task_pt_regs` returns ([`load_btf`]: a direct load, not one of three
+/// `bpf_probe_read_kernel` calls per followed call).
 #[inline(always)]
 fn load_reg(regs: *const u8, offset: u16) -> Option<u64> {
-    if offset == OFFSET_UNKNOWN {
-        return None;
-    }
-    // SAFETY: the kernel makes a load through a BTF-typed pointer fault-safe.
-    Some(unsafe { core::ptr::read_volatile(regs.wrapping_add(offset as usize).cast::<u64>()) })
+    (offset != OFFSET_UNKNOWN).then(|| load_btf(regs, offset))
 }
 
 /// The [`io_syscall`] index of the syscall whose number is `number`.

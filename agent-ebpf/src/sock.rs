@@ -24,6 +24,21 @@ pub(crate) fn read_kernel_field<T>(base: u64, offset: u16) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
+/// A member of the kernel object behind a BTF-typed pointer (a tp_btf `struct sock *`, the
+/// `struct pt_regs` of `bpf_task_pt_regs`), by a direct load: no helper call, unlike
+/// [`read_kernel_field`]. The verifier allows such a load only at a constant offset. OFFSETS
+/// lives in `.rodata`, which aya creates BPF_F_RDONLY_PROG and freezes before any program is
+/// loaded, so the verifier reads the offsets there as known constants (a kernel that did not
+/// would reject the program, and the agent would fall back to the raw path, which `check`
+/// reports). One load per member, of the member's size: the verifier rejects a load that spans
+/// two members.
+#[inline(always)]
+pub(crate) fn load_btf<T: Copy>(base: *const u8, offset: u16) -> T {
+    // SAFETY: the kernel turns a load through a BTF-typed pointer into a fault-safe one (a bad
+    // or NULL pointer reads 0), and the verifier checks it against the member at `offset`.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
 /// The n-th argument slot of a BTF context as a plain number. The verifier types a tp_btf
 /// argument as a kernel pointer and forbids arithmetic on it (hashing, offsets), so the
 /// programs read the slot again through a helper, which yields a scalar.

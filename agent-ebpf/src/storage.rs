@@ -13,8 +13,8 @@ use crate::lifecycle::{kernel_stamps_activity, peer_still_open};
 use crate::maps::{bump, count_sampled_call, offsets, SK_WATCH};
 use crate::send_recv::length_on_watched;
 use crate::sock::{
-    capture_flag, is_watched, read_kernel_field, read_sock_ports, scalar_arg, service_bits,
-    watch_bits, SockPorts,
+    capture_flag, is_watched, load_btf, read_kernel_field, read_sock_ports, scalar_arg,
+    service_bits, watch_bits, SockPorts,
 };
 use agent_common::{
     framing::SocketFrames, watch, KernelCounter, TcpState, AF_INET, AF_INET6, IPPROTO_TCP,
@@ -63,12 +63,18 @@ fn sk_watch_map() -> *mut core::ffi::c_void {
     core::ptr::addr_of!(SK_WATCH) as *mut core::ffi::c_void
 }
 
-/// The storage of `sk` (a BTF-typed socket pointer), if it has one.
+/// The storage of `sk` (a BTF-typed socket pointer), if it has one; with `create`, made zeroed
+/// when it has none.
 #[inline(always)]
-fn sk_watch(sk: *mut core::ffi::c_void) -> *mut SkWatch {
+fn sk_watch(sk: *mut core::ffi::c_void, create: bool) -> *mut SkWatch {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
     // SAFETY: the helper checks `sk` against the kernel's socket BTF type; a NULL or foreign
-    // socket yields NULL.
-    unsafe { bpf_sk_storage_get(sk_watch_map(), sk, core::ptr::null_mut(), 0) }.cast()
+    // socket yields NULL. A NULL value with F_CREATE makes a zeroed storage.
+    unsafe { bpf_sk_storage_get(sk_watch_map(), sk, core::ptr::null_mut(), flags) }.cast()
 }
 
 /// Creates the storage of a watched TCP socket found at `sk_scalar` (`sk`, the same socket
@@ -92,16 +98,7 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
     // cannot spare: they make storage for connections the agent has not met), then filled in.
     // A zeroed SkWatch is a fresh one (frames at FRAME_START, not captured): until its ports
     // are in, a reader on another CPU sees an unwatched socket and passes by.
-    // SAFETY: as `sk_watch`; a NULL value with F_CREATE makes a zeroed storage.
-    let watch: *mut SkWatch = unsafe {
-        bpf_sk_storage_get(
-            sk_watch_map(),
-            sk,
-            core::ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE as u64,
-        )
-    }
-    .cast();
+    let watch = sk_watch(sk, true);
     if watch.is_null() {
         bump(KernelCounter::SocketMapFull);
         return None;
@@ -121,7 +118,7 @@ fn watch_socket(sk: *mut core::ffi::c_void, sk_scalar: u64, state: u8) -> Option
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let sk: *mut core::ffi::c_void = ctx.arg(0);
     let new_state = ctx.arg::<u64>(2) as u8;
-    let watch = sk_watch(sk);
+    let watch = sk_watch(sk, false);
     if !watch.is_null() {
         // SAFETY: this socket's storage, valid for this program run.
         let watch = unsafe { &mut *watch };
@@ -154,19 +151,6 @@ pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> u32 {
     btf_length(&ctx, false)
 }
 
-/// A member of the socket behind a tp_btf `struct sock *`, by a direct load: no helper call.
-/// The verifier allows such a load only at a constant offset. OFFSETS lives in `.rodata`, which
-/// aya creates BPF_F_RDONLY_PROG and freezes before any program is loaded, so the verifier
-/// reads the offsets there as known constants (a kernel that did not would reject the program,
-/// and the agent would fall back to the raw path, which `check` reports). One load per member,
-/// of the member's size: the verifier rejects a load that spans two members.
-#[inline(always)]
-fn load_sock<T: Copy>(sk: *const u8, offset: u16) -> T {
-    // SAFETY: the kernel turns a load through a BTF-typed pointer into a fault-safe one (a bad
-    // or NULL pointer reads 0), and the verifier checks it against the member at `offset`.
-    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset as usize).cast::<T>()) }
-}
-
 /// Whether a send or receive on `sk` has anything to record, from the socket itself: its
 /// ports, and its state when one of them is watched (direct loads and the inlined
 /// WATCHED_PORTS lookups, no helper call). This is every call on an unwatched socket, on a
@@ -186,14 +170,14 @@ fn first_look(sk: *const u8, ret: i32) -> Next {
         if ports.local != 0 {
             return Next::Nothing;
         }
-        let family: u16 = load_sock(sk, layout.family);
+        let family: u16 = load_btf(sk, layout.family);
         return if family != AF_INET && family != AF_INET6 {
             Next::Nothing
         } else {
             Next::Storage(None)
         };
     }
-    if !(kernel_stamps_activity() && peer_still_open(load_sock(sk, layout.state))) {
+    if !(kernel_stamps_activity() && peer_still_open(load_btf(sk, layout.state))) {
         return Next::Storage(None);
     }
     if service_bits(local_bits, remote_bits) & watch::CAPTURE == 0 {
@@ -224,11 +208,11 @@ fn load_ports(sk: *const u8) -> SockPorts {
     let layout = &offsets().sock_common;
     if layout.num == layout.dport + 2 {
         // skc_dport and skc_num share the 32-bit skc_portpair: one load.
-        SockPorts::from_portpair(load_sock::<u32>(sk, layout.dport).to_ne_bytes())
+        SockPorts::from_portpair(load_btf::<u32>(sk, layout.dport).to_ne_bytes())
     } else {
         SockPorts {
-            local: load_sock(sk, layout.num),
-            remote: u16::from_be(load_sock(sk, layout.dport)),
+            local: load_btf(sk, layout.num),
+            remote: u16::from_be(load_btf(sk, layout.dport)),
         }
     }
 }
@@ -242,13 +226,13 @@ fn load_key_addresses(sk: *const u8) -> ([u32; 4], [u32; 4]) {
     let v4 = || {
         if layout.rcv_saddr == layout.daddr + 4 {
             // skc_daddr and skc_rcv_saddr share the 64-bit skc_addrpair: one load.
-            let [r0, r1, r2, r3, l0, l1, l2, l3] = load_sock::<u64>(sk, layout.daddr).to_ne_bytes();
+            let [r0, r1, r2, r3, l0, l1, l2, l3] = load_btf::<u64>(sk, layout.daddr).to_ne_bytes();
             return (
                 u32::from_ne_bytes([l0, l1, l2, l3]),
                 u32::from_ne_bytes([r0, r1, r2, r3]),
             );
         }
-        (load_sock(sk, layout.rcv_saddr), load_sock(sk, layout.daddr))
+        (load_btf(sk, layout.rcv_saddr), load_btf(sk, layout.daddr))
     };
     let v6 = || {
         (
@@ -256,7 +240,7 @@ fn load_key_addresses(sk: *const u8) -> ([u32; 4], [u32; 4]) {
             load_in6(sk, layout.v6_daddr),
         )
     };
-    key_addresses(load_sock(sk, layout.family), v4, v6)
+    key_addresses(load_btf(sk, layout.family), v4, v6)
 }
 
 /// A `struct in6_addr` member as four native words; 0 on a kernel without IPv6 (the verifier
@@ -266,8 +250,8 @@ fn load_in6(sk: *const u8, offset: u16) -> [u32; 4] {
     if offset == OFFSET_UNKNOWN {
         return [0; 4];
     }
-    let [a0, a1, a2, a3, b0, b1, b2, b3] = load_sock::<u64>(sk, offset).to_ne_bytes();
-    let [c0, c1, c2, c3, d0, d1, d2, d3] = load_sock::<u64>(sk, offset + 8).to_ne_bytes();
+    let [a0, a1, a2, a3, b0, b1, b2, b3] = load_btf::<u64>(sk, offset).to_ne_bytes();
+    let [c0, c1, c2, c3, d0, d1, d2, d3] = load_btf::<u64>(sk, offset + 8).to_ne_bytes();
     [
         u32::from_ne_bytes([a0, a1, a2, a3]),
         u32::from_ne_bytes([b0, b1, b2, b3]),
@@ -285,14 +269,14 @@ fn btf_length(ctx: &BtfTracePointContext, is_send: bool) -> u32 {
     };
     // Followed or unhealthy (or a socket whose ports are gone): the storage keeps what the
     // connection's capture and trouble need, and its own copy of the ports and TCP state.
-    let mut storage = sk_watch(ctx.arg(0));
+    let mut storage = sk_watch(ctx.arg(0), false);
     if storage.is_null() {
         // A watched connection the agent has not met: `adopt_tcp` walks only the agent's own
         // network namespace, so a container's pooled connections opened before the agent
         // reach here first. Give it its storage now (once per connection; not a watched TCP
         // connection, or a closed one: none).
         let sk = ctx.arg::<*mut core::ffi::c_void>(0);
-        let state: u8 = load_sock(sk as *const u8, offsets().sock_common.state);
+        let state: u8 = load_btf(sk as *const u8, offsets().sock_common.state);
         match watch_socket(sk, scalar_arg(ctx.as_ptr(), 0), state) {
             Some(watch) => storage = watch,
             None => return 0,
