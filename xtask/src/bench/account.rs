@@ -75,6 +75,11 @@ fn per_op(value: u64, ops: u64) -> f64 {
     value as f64 / ops.max(1) as f64
 }
 
+/// The agent's share of the CPU per op when it adds `added` ns to work of `work` ns.
+fn loss(added: f64, work: f64) -> f64 {
+    added / (work + added).max(1e-9)
+}
+
 /// bpf_stats' ns per run of the empty programs: this cycle's floor window, else the run's
 /// median over floor windows (a property of the machine, so any floor window will do).
 fn empty_stats_per_run(windows: &[Window], cycle: usize) -> Option<f64> {
@@ -131,7 +136,7 @@ pub fn entries(ends: Ends, windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
                 agent_ns,
                 added_ns,
                 off_work_ns,
-                loss: added_ns / (off_work_ns + added_ns).max(1e-9),
+                loss: loss(added_ns, off_work_ns),
                 followed: per_op(spent.captured, spent.ops),
                 nominal: if capture {
                     runs * watched_share(ends) * spent.sample_ratio
@@ -158,7 +163,7 @@ pub fn entries(ends: Ends, windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
             continue;
         }
         let added = base + (e.added_ns - base) * e.nominal / e.followed;
-        e.loss_at_share = Some(added / (e.off_work_ns + added).max(1e-9));
+        e.loss_at_share = Some(loss(added, e.off_work_ns));
     }
     entries
 }

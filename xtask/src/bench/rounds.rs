@@ -140,7 +140,7 @@ fn captured_calls(agent: &Agent) -> anyhow::Result<Option<f64>> {
         .then(|| observe::total(&samples, CAPTURE_CALLS)))
 }
 
-const CAPTURE_CALLS: &str = "cacheprobe_capture_calls_total";
+pub(super) const CAPTURE_CALLS: &str = "cacheprobe_capture_calls_total";
 
 /// BPF ns one captured call adds: the capture run's BPF time minus its program runs at the
 /// per-run cost of the same build's sockets-only run of the same round and setup, over the

@@ -22,7 +22,7 @@ use super::{
     paired::{self, Interval, Netns},
     procs::{self, Agent, Memcached, Mode, SysctlGuard},
     report::{median, thousands, Section, Table},
-    rounds::Ends,
+    rounds::{self, Ends},
     Bench, DEFAULT_MAX_SOCKETS,
 };
 
@@ -548,7 +548,7 @@ impl Bench {
                     Some(addr) => {
                         let samples = observe::parse_samples(&observe::scrape(addr)?);
                         (
-                            observe::total(&samples, "cacheprobe_capture_calls_total") as u64,
+                            observe::total(&samples, rounds::CAPTURE_CALLS) as u64,
                             observe::total(&samples, "cacheprobe_capture_sample_ratio"),
                         )
                     }
