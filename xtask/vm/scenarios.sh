@@ -70,6 +70,15 @@ mselect() {
     END { if (mode == "count") print count + 0; else printf "%.6g\n", sum + 0 }' "$file"
 }
 
+# mnonzero FILE REGEX: the non-zero samples whose metric name matches REGEX, on one line
+# ("name{labels}=value ..."), for a FAIL detail to say where counts went.
+mnonzero() {
+  awk -v re="$2" '/^#/ || NF < 2 { next }
+    { name = $1; sub(/\{.*/, "", name) }
+    name ~ re && $NF + 0 != 0 { series = $0; sub(/[ \t]+[^ \t]+$/, "", series); printf "%s%s=%s", sep, series, $NF; sep = " " }
+    END { print "" }' "$1"
+}
+
 # Numeric comparisons through awk: busybox test only knows integers.
 num_eq() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 == b + 0) }'; }
 num_between() { awk -v a="$1" -v lo="$2" -v hi="$3" 'BEGIN { exit !(a + 0 >= lo && a + 0 < hi) }'; }
