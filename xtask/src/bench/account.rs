@@ -17,13 +17,15 @@
 //! memcached) this is the same quantity as toggle's "loss from CPU per op": the share of a
 //! saturated machine's CPU the agent takes.
 //!
-//! The capture arm's cost follows how many calls the sample follows, and that is a draw: a
-//! fresh agent follows a hashed subset of the load's connections, which stay the same all run,
-//! so one run follows 0.11 calls per op and the next 0.31 at the same 1/16. Each capture window
-//! therefore also reads the calls the agent followed, and the loss is given again at the
-//! sample's nominal share (watched calls per op x the sample ratio the agent chose): what capture
-//! adds beyond the same cycle's sockets-only arm, scaled by nominal over followed calls. That is
-//! the cost the default budget means on a host whose connections are many enough to draw evenly.
+//! The capture arm's cost follows how many calls the sample follows, and that is a draw: an
+//! agent follows a hashed subset of the load's connections, so with connections kept all run
+//! one run followed 0.11 calls per op and the next 0.31 at the same 1/16. The generator now
+//! opens its connections again at each cycle's start (toggle), so the median over cycles is
+//! over draws. Each capture window also reads the calls the agent followed, and the loss is
+//! given again at the sample's nominal share (watched calls per op x the sample ratio the
+//! agent chose): what capture adds beyond the same cycle's sockets-only arm, scaled by nominal
+//! over followed calls. That is the cost the default budget means on a host whose connections
+//! are many enough to draw evenly.
 
 use anyhow::bail;
 

@@ -358,6 +358,8 @@ struct Connection {
     inbuf: Vec<u8>,
     in_flight: Option<(Kind, Instant)>,
     waiting_to_write: bool,
+    /// Re-opened before its next request ([`Progress::redraw`]).
+    redraw: bool,
 }
 
 struct Generator<'a> {
@@ -375,6 +377,9 @@ struct Generator<'a> {
 
 impl Generator<'_> {
     fn send(&mut self, index: usize) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.connections[index].redraw) {
+            self.reopen(index)?;
+        }
         let roll = self.rng.next();
         let kind = if (roll % 100) < self.spec.workload.set_percent as u64 {
             Kind::Set
@@ -405,6 +410,17 @@ impl Generator<'_> {
             bail!("memcached closed connection {index} ({why})");
         }
         self.report.server_closes += 1;
+        self.reopen(index)?;
+        let connection = &mut self.connections[index];
+        if connection.in_flight.take().is_some() {
+            self.report.lost_in_flight += 1;
+            self.idle.push_back(index);
+        }
+        Ok(())
+    }
+
+    /// Connection `index` replaced by a new one to the same server, its buffers cleared.
+    fn reopen(&mut self, index: usize) -> anyhow::Result<()> {
         let stream = connect(self.spec.target)?;
         stream.set_nonblocking(true)?;
         self.epoll.control(
@@ -420,10 +436,6 @@ impl Generator<'_> {
         connection.written = 0;
         connection.inbuf.clear();
         connection.waiting_to_write = false;
-        if connection.in_flight.take().is_some() {
-            self.report.lost_in_flight += 1;
-            self.idle.push_back(index);
-        }
         Ok(())
     }
 
@@ -529,6 +541,9 @@ pub struct Progress {
     /// The generator thread's kernel id (gettid), 0 until it runs.
     pub tid: AtomicU64,
     pub stop: AtomicBool,
+    /// Raised to have every connection re-opened before its next request: a fresh set of
+    /// connections is a fresh draw of the ones an agent's capture sample follows.
+    pub redraw: AtomicU64,
 }
 
 /// [`run`] without a deadline: the load goes on until `progress.stop` is set (or the
@@ -563,6 +578,7 @@ impl<'a> Generator<'a> {
                 inbuf: Vec::with_capacity(spec.workload.value_len + 64),
                 in_flight: None,
                 waiting_to_write: false,
+                redraw: false,
             });
         }
         Ok(Generator {
@@ -607,10 +623,20 @@ fn run_with(
     let mut scratch = vec![0u8; 64 * 1024];
     let start = Instant::now();
     let deadline = start + spec.duration;
+    let mut drawn = 0;
     loop {
         let now = Instant::now();
         if !running(now, deadline) || generator.issued >= MAX_OPS_PER_RUN || interrupted() {
             break;
+        }
+        if let Some(progress) = progress {
+            let redraw = progress.redraw.load(Ordering::Relaxed);
+            if redraw != drawn {
+                drawn = redraw;
+                for connection in &mut generator.connections {
+                    connection.redraw = true;
+                }
+            }
         }
         let due = match spec.rate {
             None => u64::MAX,
@@ -868,6 +894,74 @@ mod tests {
         assert!(sparse.server_closes > 0, "{sparse:?}");
         assert_eq!((sparse.errors, sparse.lost_in_flight), (0, 0));
         assert_eq!(sparse.ops, sparse.ops_per_connection.iter().sum::<u64>());
+        Ok(())
+    }
+
+    /// memcached's count of connections ever opened (`stats` total_connections, which counts
+    /// the connection asking too).
+    fn total_connections(target: SocketAddr) -> anyhow::Result<u64> {
+        let mut stream = connect(target)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"stats\r\n")?;
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !text.ends_with(b"END\r\n") {
+            let n = stream.read(&mut buf)?;
+            anyhow::ensure!(n > 0, "memcached closed the stats connection");
+            text.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8(text)?;
+        let line = text
+            .lines()
+            .find_map(|line| line.strip_prefix("STAT total_connections "))
+            .context("no total_connections in stats")?;
+        Ok(line.trim().parse()?)
+    }
+
+    /// A redraw re-opens every connection of a continuous load once, between requests: none
+    /// lost, no error, and the load goes on.
+    #[test]
+    fn a_redraw_opens_every_connection_again_once() -> anyhow::Result<()> {
+        let port = super::super::procs::free_port(17_960)?;
+        let memcached = super::super::procs::Memcached::start_with(port, None, &[])?;
+        let spec = LoadSpec {
+            target: memcached.addr,
+            connections: 4,
+            duration: Duration::from_secs(60),
+            rate: None,
+            workload: WORKLOAD,
+        };
+        let progress = Progress::default();
+        let after = |ops: u64| -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while progress.ops.load(Ordering::Relaxed) < ops {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the load stalled below {ops} ops"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        };
+        let (opened, report) = std::thread::scope(|scope| -> anyhow::Result<_> {
+            let generator = scope.spawn(|| run_continuous(&spec, &progress));
+            let measured = (|| -> anyhow::Result<u64> {
+                after(200)?;
+                let before = total_connections(memcached.addr)?;
+                progress.redraw.fetch_add(1, Ordering::Relaxed);
+                after(progress.ops.load(Ordering::Relaxed) + 2_000)?;
+                Ok(total_connections(memcached.addr)? - before)
+            })();
+            progress.stop.store(true, Ordering::Relaxed);
+            let report = generator.join().expect("generator thread")?;
+            Ok((measured?, report))
+        })?;
+        // Four re-opened, and the second stats connection.
+        assert_eq!(opened, 4 + 1);
+        assert_eq!(
+            (report.errors, report.lost_in_flight, report.server_closes),
+            (0, 0, 0)
+        );
         Ok(())
     }
 }

@@ -374,7 +374,9 @@ impl Bench {
              stop; its programs detach at once), empty programs on the send/receive tracepoints \
              (the floor any program pays), or nothing at all (A/A: what the method reads when \
              nothing changes). Each cycle runs every arm once, each between two agent-off \
-             windows, in an order rotated by cycle. After each switch is done (an agent start \
+             windows, in an order rotated by cycle; the generator opens its connections again at the \
+             start of each cycle (agent off), so each cycle's capture arm follows a fresh draw \
+             of them. After each switch is done (an agent start \
              includes attach, its /metrics answering and a 1 s settle) {:.1} s are left out, then \
              the generator's own op count is read over {:.1} s (sampled every {} ms). A window's \
              loss is 1 - its ops/s over the mean of the off-windows either side, so a linear \
@@ -498,6 +500,15 @@ impl Bench {
             }
             let switch_started = Instant::now();
             running.stop()?;
+            if index > 0
+                && arm == Switch::Off
+                && cycle != windows.last().map_or(cycle, |w: &Window| w.cycle)
+            {
+                // A new cycle, no agent running: the load's connections are opened again, so
+                // each cycle's capture arm follows a fresh draw of them (during this window's
+                // trim, before anything is measured).
+                progress.redraw.fetch_add(1, Ordering::Relaxed);
+            }
             running = match arm {
                 Switch::Off | Switch::Same => Running::Nothing,
                 Switch::Floor => Running::Floor {
@@ -542,8 +553,8 @@ impl Bench {
                         |_, _| true,
                     )
                 };
-                // Which connections a fresh agent's sample follows is a draw (the load's
-                // connections are the same all run): the accounts say how many calls it took.
+                // Which connections an agent's sample follows is a draw (of the connections
+                // the cycle opened): the accounts say how many calls it took.
                 let capture = match metrics_addr {
                     Some(addr) => {
                         let samples = observe::parse_samples(&observe::scrape(addr)?);
