@@ -72,8 +72,9 @@ enum Task {
         /// runs with one of the baseline.
         #[arg(long, value_name = "BINARY")]
         baseline: Option<std::path::PathBuf>,
-        /// Extra `capture + decoding` arms of `ab` at these limits.capture_records_per_second
-        /// (e.g. 10000,5000): the loss curve against the default decoding budget; for `budget`,
+        /// Extra `capture + decoding` arms of `ab` and `account` at these
+        /// limits.capture_records_per_second (e.g. 10000,5000): the loss curve against the
+        /// default decoding budget; for `budget`,
         /// the budgets measured (default 0,25000,10000,5000,2500).
         #[arg(long, value_delimiter = ',', value_name = "RECORDS")]
         budgets: Vec<u32>,

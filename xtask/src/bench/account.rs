@@ -45,6 +45,13 @@ pub const ARMS: [Switch; 3] = [
     Switch::Agent(Mode::Capture),
 ];
 
+/// [`ARMS`] and a capture arm at each of `budgets` (`--budgets`).
+pub fn arms(budgets: &[u32]) -> Vec<Switch> {
+    let mut arms = ARMS.to_vec();
+    arms.extend(budgets.iter().map(|&budget| Switch::CaptureAt(budget)));
+    arms
+}
+
 /// One on-window's accounts, per op.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Entry {
@@ -68,6 +75,8 @@ pub struct Entry {
     /// per op x its sample ratio; 0 without capture).
     pub followed: f64,
     pub nominal: f64,
+    /// The sample ratio the agent chose (capture arms).
+    pub ratio: Option<f64>,
     /// The loss with capture's share beyond the same cycle's sockets-only arm scaled from the
     /// followed calls to the nominal share (module doc); None off the capture arm.
     pub loss_at_share: Option<f64>,
@@ -127,7 +136,7 @@ pub fn entries(ends: Ends, windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
             let agent_ns = per_op(spent.agent_ns, spent.ops);
             let dispatch_ns = runs * dispatch_ns;
             let added_ns = dispatch_ns + (stats_ns - clock_ns) + agent_ns;
-            let capture = on.arm == Switch::Agent(Mode::Capture);
+            let capture = on.arm.captures();
             Some(Entry {
                 cycle: on.cycle,
                 arm: on.arm,
@@ -145,6 +154,7 @@ pub fn entries(ends: Ends, windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
                 } else {
                     0.0
                 },
+                ratio: (capture && spent.sample_ratio > 0.0).then_some(spent.sample_ratio),
                 loss_at_share: None,
             })
         })
@@ -154,10 +164,7 @@ pub fn entries(ends: Ends, windows: &[Window], dispatch_ns: f64) -> Vec<Entry> {
         .filter(|e| e.arm == Switch::Agent(Mode::SocketsOnly))
         .map(|e| (e.cycle, e.added_ns))
         .collect();
-    for e in entries
-        .iter_mut()
-        .filter(|e| e.arm == Switch::Agent(Mode::Capture))
-    {
+    for e in entries.iter_mut().filter(|e| e.arm.captures()) {
         let Some(&(_, base)) = sockets.iter().find(|(cycle, _)| *cycle == e.cycle) else {
             continue;
         };
@@ -189,8 +196,8 @@ pub struct ArmAccount {
     pub loss_at_share: Option<Interval>,
 }
 
-pub fn summarise(ends: Ends, entries: &[Entry]) -> Vec<ArmAccount> {
-    ARMS.iter()
+pub fn summarise(ends: Ends, arms: &[Switch], entries: &[Entry]) -> Vec<ArmAccount> {
+    arms.iter()
         .map(|&arm| {
             let mine: Vec<&Entry> = entries.iter().filter(|e| e.arm == arm).collect();
             let of = |f: fn(&Entry) -> f64| mine.iter().map(|e| f(e)).collect::<Vec<f64>>();
@@ -222,8 +229,13 @@ pub fn summarise(ends: Ends, entries: &[Entry]) -> Vec<ArmAccount> {
 /// [`summarise`] with D's own uncertainty carried into the intervals of the loss and the added
 /// ns: their low ends come from the windows figured with D's low bound, their high ends with
 /// its high bound (a noisy `percall` widens the verdicts instead of hiding in them).
-pub fn summarise_with(ends: Ends, windows: &[Window], dispatch: Interval) -> Vec<ArmAccount> {
-    let at = |d: f64| summarise(ends, &entries(ends, windows, d));
+pub fn summarise_with(
+    ends: Ends,
+    arms: &[Switch],
+    windows: &[Window],
+    dispatch: Interval,
+) -> Vec<ArmAccount> {
+    let at = |d: f64| summarise(ends, arms, &entries(ends, windows, d));
     let (low, high) = (at(dispatch.low), at(dispatch.high));
     at(dispatch.median)
         .into_iter()
@@ -272,7 +284,7 @@ fn result_table(results: &[ArmAccount]) -> Table {
     ]);
     for r in results {
         table.row(vec![
-            r.arm.label().into(),
+            r.arm.label(),
             r.windows.to_string(),
             r.runs.map_or("n/a".into(), |v| format!("{v:.2}")),
             ns(r.stats_ns),
@@ -292,11 +304,37 @@ fn result_table(results: &[ArmAccount]) -> Table {
     table
 }
 
+/// The capture windows one by one: each cycle's draw (the calls it followed against the
+/// sample's nominal share) beside its loss.
+fn draw_table(entries: &[Entry]) -> Table {
+    let mut table = Table::new(&[
+        "cycle",
+        "arm",
+        "sample ratio",
+        "followed calls per op (nominal)",
+        "loss from CPU per op",
+        "loss at the nominal share",
+    ]);
+    for e in entries.iter().filter(|e| e.arm.captures()) {
+        table.row(vec![
+            (e.cycle + 1).to_string(),
+            e.arm.label(),
+            e.ratio
+                .map_or("n/a".into(), |r| format!("1/{:.0}", 1.0 / r)),
+            format!("{:.3} ({:.3})", e.followed, e.nominal),
+            format!("{:.2}%", 100.0 * e.loss),
+            e.loss_at_share
+                .map_or("n/a".into(), |l| format!("{:.2}%", 100.0 * l)),
+        ]);
+    }
+    table
+}
+
 /// Goal rows of issues 19 and 17 from the accounts, for the targets table.
 pub fn goal_rows(results: &[ArmAccount], table: &mut Table) {
     for r in results {
         // A capture arm that followed no call measured sockets only, whatever it costs.
-        let idle_capture = r.arm == Switch::Agent(Mode::Capture) && r.followed == Some(0.0);
+        let idle_capture = r.arm.captures() && r.followed == Some(0.0);
         let measures = [
             (
                 "CPU per op by accounting",
@@ -345,23 +383,27 @@ impl Bench {
         else {
             bail!("the accounting needs percall's empty-program cost, and percall gave none");
         };
+        let arms = arms(&self.budgets);
         for ends in [Ends::Both, Ends::OneEnd] {
             crate::util::step(&format!(
                 "accounting, {}: {} cycles x ({}) between off-windows, bpf_stats on",
                 ends.label(),
                 plan.cycles,
-                ARMS.map(Switch::label).join(", "),
+                arms.iter()
+                    .map(|arm| arm.label())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ));
             let load_before = toggle::load_average();
             let started = std::time::Instant::now();
             let (windows, server_line) = match ends {
                 Ends::Both => (
-                    self.toggle_run(memcached, None, plan, &ARMS, true)?,
+                    self.toggle_run(memcached, None, plan, &arms, true)?,
                     memcached.command_line.clone(),
                 ),
-                Ends::OneEnd => self.toggle_one_end(plan, &ARMS, true)?,
+                Ends::OneEnd => self.toggle_one_end(plan, &arms, true)?,
             };
-            let results = summarise_with(ends, &windows, dispatch);
+            let results = summarise_with(ends, &arms, &windows, dispatch);
             let mut section = Section::new(&format!(
                 "Overhead by accounting, {} (issues 19, 17)",
                 ends.label()
@@ -381,8 +423,8 @@ impl Bench {
                  saturated machine's CPU, as toggle's \"loss from CPU per op\". It leaves out \
                  what no counter shows (caches the programs evict, wakeups outside them), which \
                  the toggled windows bound. Which connections the capture sample follows is a \
-                 draw, fixed for the run (the load's connections stay open): each capture \
-                 window also reads the calls the agent followed (`cacheprobe_capture_calls_total`) \
+                 draw: the generator opens its connections again at each cycle's start, so the \
+                 medians are over {} draws. Each capture window also reads the calls the agent followed (`cacheprobe_capture_calls_total`) \
                  and its `cacheprobe_capture_sample_ratio`, and the last column gives the loss \
                  with capture's cost beyond the same cycle's sockets-only arm scaled from the \
                  calls followed to the sample's nominal share (watched calls per op x the ratio). \
@@ -394,6 +436,7 @@ impl Bench {
                 dispatch.median,
                 dispatch.low,
                 dispatch.high,
+                plan.cycles,
                 started.elapsed().as_secs_f64(),
                 load_before,
                 toggle::load_average(),
@@ -403,6 +446,10 @@ impl Bench {
                 self.agent_command(Mode::Capture)
             ));
             section.table("", result_table(&results));
+            section.table(
+                "The capture windows' draws (a fresh set of connections each cycle):",
+                draw_table(&entries(ends, &windows, dispatch.median)),
+            );
             section.table(
                 "Every window, in the order run:",
                 toggle::window_table(&windows),
@@ -424,14 +471,19 @@ mod tests {
     /// (sockets) or 150 ns (capture) and its process 100 ns per op with capture, where the
     /// agent follows 0.1 calls per op at a sample ratio of 1/16.
     fn run(cycles: usize) -> Vec<Window> {
-        schedule(cycles, &ARMS)
+        run_arms(cycles, &ARMS)
+    }
+
+    /// [`run`] with `arms`; a capture arm at another budget costs and follows as the default.
+    fn run_arms(cycles: usize, arms: &[Switch]) -> Vec<Window> {
+        schedule(cycles, arms)
             .into_iter()
             .map(|(cycle, arm)| {
                 let ops = 100_000;
                 let (stats_per_run, agent) = match arm {
                     Switch::Floor => (50, 0),
                     Switch::Agent(Mode::SocketsOnly) => (60, 0),
-                    Switch::Agent(_) => (150, 100),
+                    Switch::Agent(_) | Switch::CaptureAt(_) => (150, 100),
                     _ => (0, 0),
                 };
                 let runs = if arm == Switch::Off { 0 } else { 4 * ops };
@@ -447,16 +499,8 @@ mod tests {
                         agent_ns: agent * ops,
                         bpf_ns: stats_per_run * runs,
                         bpf_runs: runs,
-                        captured: if arm == Switch::Agent(Mode::Capture) {
-                            ops / 10
-                        } else {
-                            0
-                        },
-                        sample_ratio: if matches!(arm, Switch::Agent(_)) {
-                            1.0 / 16.0
-                        } else {
-                            0.0
-                        },
+                        captured: if arm.captures() { ops / 10 } else { 0 },
+                        sample_ratio: if arm.is_agent() { 1.0 / 16.0 } else { 0.0 },
                     }),
                 }
             })
@@ -481,13 +525,37 @@ mod tests {
             assert!((e.off_work_ns - 10_000.0).abs() < 1e-6, "{e:?}");
             assert!((e.loss - added / (10_000.0 + added)).abs() < 1e-9, "{e:?}");
         }
-        let results = summarise(Ends::Both, &entries);
+        let results = summarise(Ends::Both, &ARMS, &entries);
         let capture = results
             .iter()
             .find(|r| r.arm == Switch::Agent(Mode::Capture))
             .unwrap();
         assert_eq!(capture.windows, 3);
         assert!((capture.loss.unwrap().median - 720.0 / 10_720.0).abs() < 1e-9);
+    }
+
+    /// `--budgets`: each capture arm at another budget is accounted like the default's, its
+    /// cost beyond the same cycle's sockets-only arm scaled to its own nominal share.
+    #[test]
+    fn capture_arms_at_other_budgets_are_accounted_alike() {
+        let arms = arms(&[12_500]);
+        assert_eq!(arms.len(), ARMS.len() + 1);
+        let results = summarise(
+            Ends::Both,
+            &arms,
+            &entries(Ends::Both, &run_arms(3, &arms), 55.0),
+        );
+        let [default, other] = [Switch::Agent(Mode::Capture), Switch::CaptureAt(12_500)]
+            .map(|arm| results.iter().find(|r| r.arm == arm).unwrap());
+        assert_eq!(other.windows, 3);
+        assert_eq!(
+            other.arm.label(),
+            "capture + decoding, budget 12,500 records/s"
+        );
+        for field in [|r: &ArmAccount| r.loss, |r: &ArmAccount| r.loss_at_share] {
+            let (a, b) = (field(default).unwrap(), field(other).unwrap());
+            assert!((a.median - b.median).abs() < 1e-12, "{a:?} {b:?}");
+        }
     }
 
     #[test]
@@ -519,7 +587,7 @@ mod tests {
         }
         let mut table = Table::new(&["target", "goal", "measured", "status"]);
         goal_rows(
-            &summarise(Ends::Both, &entries(Ends::Both, &windows, 55.0)),
+            &summarise(Ends::Both, &ARMS, &entries(Ends::Both, &windows, 55.0)),
             &mut table,
         );
         let text = table.markdown();
@@ -545,7 +613,7 @@ mod tests {
             low: 45.0,
             high: 65.0,
         };
-        let results = summarise_with(Ends::Both, &run(3), d);
+        let results = summarise_with(Ends::Both, &ARMS, &run(3), d);
         let sockets = results
             .iter()
             .find(|r| r.arm == Switch::Agent(Mode::SocketsOnly))
@@ -589,7 +657,7 @@ mod tests {
 
     #[test]
     fn goals_read_from_the_interval_and_every_row_is_full() {
-        let results = summarise(Ends::OneEnd, &entries(Ends::OneEnd, &run(4), 55.0));
+        let results = summarise(Ends::OneEnd, &ARMS, &entries(Ends::OneEnd, &run(4), 55.0));
         let mut table = Table::new(&["target", "goal", "measured", "status"]);
         goal_rows(&results, &mut table);
         let text = table.markdown();

@@ -14,7 +14,7 @@ use super::{
     observe,
     procs::{self, Agent, Memcached, Mode},
     report::Section,
-    Bench, QUIET_CORES,
+    Bench, DEFAULT_MAX_SOCKETS, QUIET_CORES,
 };
 
 /// One measured load run against a running (or absent) agent.
@@ -95,6 +95,24 @@ impl Bench {
     ) -> anyhow::Result<Agent> {
         let path = self.config_path(mode);
         std::fs::write(&path, procs::agent_config(ports, mode, max_sockets))?;
+        Agent::start(binary, &path, self.metrics_addr)
+    }
+
+    /// [`Bench::start_binary_on`] capturing at `budget` records per second instead of the
+    /// default decoding budget (`--budgets`).
+    pub(super) fn start_capture_at(
+        &self,
+        binary: &Path,
+        ports: &[u16],
+        budget: u32,
+    ) -> anyhow::Result<Agent> {
+        let path = self.scratch.join(format!("agent-capture-{budget}.toml"));
+        let config = procs::agent_config(ports, Mode::Capture, DEFAULT_MAX_SOCKETS);
+        // agent_config ends in its [limits] table.
+        std::fs::write(
+            &path,
+            format!("{config}capture_records_per_second = {budget}\n"),
+        )?;
         Agent::start(binary, &path, self.metrics_addr)
     }
 

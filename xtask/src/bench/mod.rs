@@ -233,7 +233,7 @@ struct Bench {
     nofile: u64,
     /// `--baseline`: the earlier build `ab` compares this one with.
     baseline: Option<PathBuf>,
-    /// `--budgets`: capture arms of `ab` at other decoding budgets.
+    /// `--budgets`: capture arms of `ab` and `account` at other decoding budgets.
     budgets: Vec<u32>,
     /// `--pin`: see [`BenchOptions::pin`].
     pin: bool,

@@ -224,17 +224,7 @@ impl Bench {
                 arm.mode,
                 DEFAULT_MAX_SOCKETS,
             )?,
-            Some(budget) => {
-                let path = self.scratch.join(format!("agent-capture-{budget}.toml"));
-                let config =
-                    procs::agent_config(&[memcached.addr.port()], arm.mode, DEFAULT_MAX_SOCKETS);
-                // agent_config ends in its [limits] table.
-                std::fs::write(
-                    &path,
-                    format!("{config}capture_records_per_second = {budget}\n"),
-                )?;
-                Agent::start(&binary, &path, self.metrics_addr)?
-            }
+            Some(budget) => self.start_capture_at(&binary, &[memcached.addr.port()], budget)?,
         };
         let pids = [memcached.pid(), agent.pid()];
         let (report, others, cpu_ns) = self.load_once(spec, netns, &pids)?;

@@ -35,16 +35,34 @@ pub enum Switch {
     /// Empty programs on the send/receive tracepoints (floor.rs): what any program costs there.
     Floor,
     Agent(Mode),
+    /// Capture + decoding at this `limits.capture_records_per_second` instead of the default
+    /// (`--budgets`): what the default budget's cost would be at another.
+    CaptureAt(u32),
 }
 
 impl Switch {
-    pub fn label(self) -> &'static str {
+    pub fn label(self) -> String {
         match self {
-            Switch::Off => "off",
-            Switch::Same => "A/A: nothing switched",
-            Switch::Floor => "empty programs (floor)",
-            Switch::Agent(mode) => mode.label(),
+            Switch::Off => "off".into(),
+            Switch::Same => "A/A: nothing switched".into(),
+            Switch::Floor => "empty programs (floor)".into(),
+            Switch::Agent(mode) => mode.label().into(),
+            Switch::CaptureAt(budget) => format!(
+                "{}, budget {} records/s",
+                Mode::Capture.label(),
+                thousands(f64::from(budget))
+            ),
         }
+    }
+
+    /// An agent runs in this arm.
+    pub fn is_agent(self) -> bool {
+        matches!(self, Switch::Agent(_) | Switch::CaptureAt(_))
+    }
+
+    /// An agent that captures runs in this arm (at any budget).
+    pub fn captures(self) -> bool {
+        matches!(self, Switch::Agent(Mode::Capture) | Switch::CaptureAt(_))
     }
 }
 
@@ -281,9 +299,7 @@ pub fn summarise(ends: Ends, pairs: &[Pair]) -> Vec<ArmResult> {
                 }),
                 cpu_loss: paired::median_ci(&cpu),
                 cpu_pair_sd: sd(&cpu),
-                beyond_floor: matches!(arm, Switch::Agent(_))
-                    .then(|| paired::median_ci(&beyond))
-                    .flatten(),
+                beyond_floor: arm.is_agent().then(|| paired::median_ci(&beyond)).flatten(),
                 off_rate: median(&mine.iter().map(|p| p.off_rate).collect::<Vec<_>>()),
                 off_cpu_per_op: median(&mine.iter().map(|p| p.off_cpu_per_op).collect::<Vec<_>>()),
             }
@@ -523,6 +539,10 @@ impl Bench {
                     )
                     .with_context(|| format!("starting the agent, {}", mode.label()))?,
                 ),
+                Switch::CaptureAt(budget) => Running::Agent(
+                    self.start_capture_at(&self.binary, &[server.addr.port()], budget)
+                        .with_context(|| format!("starting the agent, {}", arm.label()))?,
+                ),
             };
             let ready = Instant::now();
             let (agent_pid, metrics_addr) = match &running {
@@ -654,7 +674,7 @@ fn result_table(results: &[ArmResult]) -> Table {
     ]);
     for r in results {
         table.row(vec![
-            r.arm.label().into(),
+            r.arm.label(),
             r.pairs.to_string(),
             percent(r.loss),
             r.loss
@@ -667,7 +687,7 @@ fn result_table(results: &[ArmResult]) -> Table {
             percent(r.cpu_loss),
             r.cpu_pair_sd
                 .map_or("n/a".into(), |sd| format!("{:.2}", 100.0 * sd)),
-            if matches!(r.arm, Switch::Agent(_)) {
+            if r.arm.is_agent() {
                 percent(r.beyond_floor)
             } else {
                 "-".into()
@@ -696,7 +716,7 @@ pub(super) fn window_table(windows: &[Window]) -> Table {
             .find(|p| p.cycle == w.cycle && p.arm == w.arm && w.arm != Switch::Off);
         table.row(vec![
             (w.cycle + 1).to_string(),
-            w.arm.label().into(),
+            w.arm.label(),
             format!("{:.2}", w.switch_seconds),
             w.cut.map_or("n/a".into(), |c| thousands(c.rate())),
             w.cut
