@@ -21,11 +21,13 @@
 //! agent follows a hashed subset of the load's connections, so with connections kept all run
 //! one run followed 0.11 calls per op and the next 0.31 at the same 1/16. The generator now
 //! opens its connections again at each cycle's start (toggle), so the median over cycles is
-//! over draws. Each capture window also reads the calls the agent followed, and the loss is
-//! given again at the sample's nominal share (watched calls per op x the sample ratio the
-//! agent chose): what capture adds beyond the same cycle's sockets-only arm, scaled by nominal
-//! over followed calls. That is the cost the default budget means on a host whose connections
-//! are many enough to draw evenly.
+//! over draws, and that is the verdict. Each capture window also reads the calls the agent
+//! followed, and the loss is shown again at the sample's nominal share (watched calls per op x
+//! the sample ratio the agent chose): what capture adds beyond the same cycle's sockets-only
+//! arm, scaled by nominal over followed calls. That is only indicative: with 32 connections
+//! one followed connection is 1/32 of the calls, so at ratios below that the sample follows a
+//! whole connection or none, and the agent's ratio swings with the draw (1/16 .. 1/1024 in one
+//! run).
 
 use anyhow::bail;
 
@@ -333,37 +335,29 @@ fn draw_table(entries: &[Entry]) -> Table {
 /// Goal rows of issues 19 and 17 from the accounts, for the targets table.
 pub fn goal_rows(results: &[ArmAccount], table: &mut Table) {
     for r in results {
-        // A capture arm that followed no call measured sockets only, whatever it costs.
+        // A capture arm that followed no call measured sockets only, whatever it costs. (The
+        // verdict is the loss as drawn, its median over the cycles' fresh draws: the nominal
+        // share is no cost a host pays when its sample cannot follow less than one connection.)
         let idle_capture = r.arm.captures() && r.followed == Some(0.0);
-        let measures = [
-            (
-                "CPU per op by accounting",
-                if idle_capture { None } else { r.loss },
-                format!("{} windows", r.windows),
-            ),
-            (
-                "CPU per op by accounting at the sample's nominal share",
-                r.loss_at_share,
-                format!(
-                    "{} windows, {} followed calls per op scaled to {}",
-                    r.windows,
-                    r.followed.map_or("n/a".into(), |v| format!("{v:.3}")),
-                    r.nominal.map_or("n/a".into(), |v| format!("{v:.3}")),
-                ),
-            ),
-        ];
         for &goal in toggle::goals(r.arm) {
-            // The nominal share's row only where there is one (capture with a sockets arm).
-            for (i, (measure, loss, basis)) in measures.iter().enumerate() {
-                if i == 0 || loss.is_some() {
-                    table.row(toggle::goal_row(
-                        format!("{measure}, {}, {}", r.arm.label(), r.ends.label()),
-                        goal,
-                        *loss,
-                        basis,
-                    ));
-                }
-            }
+            table.row(toggle::goal_row(
+                format!(
+                    "CPU per op by accounting, {}, {}",
+                    r.arm.label(),
+                    r.ends.label()
+                ),
+                goal,
+                if idle_capture { None } else { r.loss },
+                &format!(
+                    "{} windows{}",
+                    r.windows,
+                    r.followed
+                        .filter(|_| r.arm.captures())
+                        .map_or(String::new(), |f| format!(
+                            ", a fresh draw each, median {f:.3} calls followed per op"
+                        ))
+                ),
+            ));
         }
     }
 }
@@ -427,7 +421,9 @@ impl Bench {
                  medians are over {} draws. Each capture window also reads the calls the agent followed (`cacheprobe_capture_calls_total`) \
                  and its `cacheprobe_capture_sample_ratio`, and the last column gives the loss \
                  with capture's cost beyond the same cycle's sockets-only arm scaled from the \
-                 calls followed to the sample's nominal share (watched calls per op x the ratio). \
+                 calls followed to the sample's nominal share (watched calls per op x the ratio): \
+                 indicative only, since the sample cannot follow less than one of the \
+                 connections. The verdicts use the loss as drawn. \
                  Median over windows with a 95% percentile-bootstrap \
                  interval. {:.0} s wall; load average {} at the start, {} at the end.",
                 plan.cycles,
@@ -662,9 +658,15 @@ mod tests {
         goal_rows(&results, &mut table);
         let text = table.markdown();
         // Sockets 260/10,260 = 2.5%: missed against 1%; capture 720/10,720 = 6.7%: missed
-        // against 3% and 5%, as drawn and at the nominal share.
-        assert_eq!(text.matches("**missed**").count(), 5, "{text}");
-        assert_eq!(text.matches("nominal share").count(), 2, "{text}");
+        // against 3% and 5%, as drawn (the median over the cycles' draws).
+        assert_eq!(text.matches("**missed**").count(), 3, "{text}");
+        assert_eq!(text.matches("nominal share").count(), 0, "{text}");
+        assert_eq!(
+            text.matches("a fresh draw each, median 0.100 calls followed per op")
+                .count(),
+            2,
+            "{text}"
+        );
         for text in [text, result_table(&results).markdown()] {
             let columns: Vec<usize> = text.lines().map(|l| l.matches('|').count()).collect();
             assert!(columns.iter().all(|&c| c == columns[0]), "{text}");
