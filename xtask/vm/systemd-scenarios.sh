@@ -241,11 +241,24 @@ scenario_reload() {
   cp "$CONFIG" "$WORK/config.orig"
   sed -i 's/^name = "memcached"$/name = "cache-reloaded"/' "$CONFIG"
   grep -q '^name = "cache-reloaded"$' "$CONFIG" || bad="$bad; the shipped config has no name = \"memcached\" line to edit"
+  cursor=$(journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
+  local sent
+  sent=$(uptime_s)
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload failed"
-  sleep 1
+  # systemctl returns once SIGHUP is sent; the gets wait until the agent says it applied it.
+  local applied="" tries=100
+  while [ "$tries" -gt 0 ]; do
+    applied=$(journalctl -u cacheprobe --after-cursor "$cursor" -o cat --no-pager | grep -m 1 'config reloaded')
+    [ -n "$applied" ] && break
+    sleep 0.2
+    tries=$((tries - 1))
+  done
+  [ -n "$applied" ] || bad="$bad; no 'config reloaded' in the journal 20 s after systemctl reload"
+  local took
+  took=$(elapsed "$sent")
   hits=$(memcache_client reload 50)
   requests=$(wait_sum 50 "$WORK/reload.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
-  num_eq "$requests" 50 || bad="$bad; after the reload 50 gets -> requests_total{service=cache-reloaded,client,get}=$requests ($hits hits)"
+  num_eq "$requests" 50 || bad="$bad; after the reload (in the journal ${took}s after systemctl reload) 50 gets -> requests_total{service=cache-reloaded,client,get}=$requests ($hits hits)"
 
   cursor=$(journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
   echo 'sample_interval_seconds = "often"' >>"$CONFIG"
@@ -272,7 +285,7 @@ scenario_reload() {
   systemctl is-active -q cacheprobe.service || bad="$bad; not active after the broken reload"
   cp "$WORK/config.orig" "$CONFIG"
   if [ -z "$bad" ]; then
-    result reload PASS "renamed service applied: 50 gets -> requests_total{service=cache-reloaded}=$requests;" \
+    result reload PASS "renamed service applied (in the journal ${took}s after systemctl reload): 50 gets -> requests_total{service=cache-reloaded}=$requests;" \
       "broken line $line refused, journal: \"$(echo "$journal" | cut -c 1-160)\"; old config kept ($kept), same MainPID $pid"
   else
     result reload FAIL "${bad#; }"
