@@ -234,6 +234,19 @@ scenario_crash() {
   fi
 }
 
+# journal_line CURSOR TEXT: the agent's first journal line after CURSOR that contains TEXT,
+# polled for up to 20 s; empty when none came.
+journal_line() {
+  local line="" tries=100
+  while [ "$tries" -gt 0 ]; do
+    line=$(journalctl -u cacheprobe --after-cursor "$1" -o cat --no-pager | grep -m 1 "$2")
+    [ -n "$line" ] && break
+    sleep 0.2
+    tries=$((tries - 1))
+  done
+  echo "$line"
+}
+
 # --- reload: a changed config applies, a broken one is refused and named by line ------------------
 scenario_reload() {
   local bad="" pid cursor requests kept line hits
@@ -246,14 +259,8 @@ scenario_reload() {
   sent=$(uptime_s)
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload failed"
   # systemctl returns once SIGHUP is sent; the gets wait until the agent says it applied it.
-  local applied="" tries=100
-  while [ "$tries" -gt 0 ]; do
-    applied=$(journalctl -u cacheprobe --after-cursor "$cursor" -o cat --no-pager | grep -m 1 'config reloaded')
-    [ -n "$applied" ] && break
-    sleep 0.2
-    tries=$((tries - 1))
-  done
-  [ -n "$applied" ] || bad="$bad; no 'config reloaded' in the journal 20 s after systemctl reload"
+  [ -n "$(journal_line "$cursor" 'config reloaded')" ] ||
+    bad="$bad; no 'config reloaded' in the journal 20 s after systemctl reload"
   local took
   took=$(elapsed "$sent")
   hits=$(memcache_client reload 50)
@@ -264,13 +271,8 @@ scenario_reload() {
   echo 'sample_interval_seconds = "often"' >>"$CONFIG"
   line=$(wc -l <"$CONFIG")
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload (broken config) failed"
-  local journal="" tries=50
-  while [ "$tries" -gt 0 ]; do
-    journal=$(journalctl -u cacheprobe --after-cursor "$cursor" -o cat --no-pager | grep -m 1 'reload rejected')
-    [ -n "$journal" ] && break
-    sleep 0.2
-    tries=$((tries - 1))
-  done
+  local journal
+  journal=$(journal_line "$cursor" 'reload rejected')
   case $journal in
     *"line $line"*) ;;
     "") bad="$bad; no 'reload rejected' in the journal" ;;
