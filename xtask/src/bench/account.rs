@@ -418,8 +418,9 @@ impl Bench {
                  what no counter shows (caches the programs evict, wakeups outside them), which \
                  the toggled windows bound. Which connections the capture sample follows is a \
                  draw: the generator opens its connections again at each cycle's start, so the \
-                 medians are over {} draws. Each capture window also reads the calls the agent followed (`cacheprobe_capture_calls_total`) \
-                 and its `cacheprobe_capture_sample_ratio`, and the last column gives the loss \
+                 medians are over {} draws. Each capture window also reads the calls the agent \
+                 followed (`cacheprobe_capture_calls_total`) and its \
+                 `cacheprobe_capture_sample_ratio`, and the last column gives the loss \
                  with capture's cost beyond the same cycle's sockets-only arm scaled from the \
                  calls followed to the sample's nominal share (watched calls per op x the ratio): \
                  indicative only, since the sample cannot follow less than one of the \

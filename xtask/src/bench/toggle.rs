@@ -390,10 +390,10 @@ impl Bench {
              stop; its programs detach at once), empty programs on the send/receive tracepoints \
              (the floor any program pays), or nothing at all (A/A: what the method reads when \
              nothing changes). Each cycle runs every arm once, each between two agent-off \
-             windows, in an order rotated by cycle; the generator opens its connections again at the \
-             start of each cycle (agent off), so each cycle's capture arm follows a fresh draw \
-             of them. After each switch is done (an agent start \
-             includes attach, its /metrics answering and a 1 s settle) {:.1} s are left out, then \
+             windows, in an order rotated by cycle; the generator opens its connections again \
+             at the start of each cycle (agent off), so each cycle's capture arm follows a fresh \
+             draw of them. After each switch is done (an agent start includes attach, its \
+             /metrics answering and a 1 s settle) {:.1} s are left out, then \
              the generator's own op count is read over {:.1} s (sampled every {} ms). A window's \
              loss is 1 - its ops/s over the mean of the off-windows either side, so a linear \
              drift of the machine cancels; shown is the median over cycles with a 95% \
