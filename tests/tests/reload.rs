@@ -398,7 +398,13 @@ fn pooled_connection(port: u16) -> std::net::TcpStream {
 /// Rewrites the agent's config with the service's capture on or off, sends SIGHUP and waits
 /// until the agent has logged its `count`th reload.
 fn reload_capture(agent: &Agent, port: u16, capture: bool, count: usize) {
-    std::fs::write(&agent.config_path, capture_config(port, capture)).unwrap();
+    reload_with(agent, &capture_config(port, capture), count);
+}
+
+/// Rewrites the agent's config as `config`, sends SIGHUP and waits until the agent has logged
+/// its `count`th reload.
+fn reload_with(agent: &Agent, config: &str, count: usize) {
+    std::fs::write(&agent.config_path, config).unwrap();
     agent.signal(libc::SIGHUP);
     let deadline = Instant::now() + WAIT;
     while agent.log().matches("config reloaded").count() < count {
@@ -443,13 +449,7 @@ fn renames_under_traffic_lose_no_request() {
     let client = std::thread::spawn(move || python(None, &script));
     for (reload, name) in names[1..].iter().chain(&names[..1]).enumerate() {
         std::thread::sleep(Duration::from_millis(1000));
-        std::fs::write(&agent.config_path, config(name)).unwrap();
-        agent.signal(libc::SIGHUP);
-        let deadline = Instant::now() + WAIT;
-        while agent.log().matches("config reloaded").count() <= reload {
-            assert!(Instant::now() < deadline, "{}", agent.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        reload_with(&agent, &config(name), reload + 1);
     }
     let output = client.join().unwrap().unwrap();
     let sent: f64 = String::from_utf8_lossy(&output.stdout)

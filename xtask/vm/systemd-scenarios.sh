@@ -234,6 +234,9 @@ scenario_crash() {
   fi
 }
 
+# journal_cursor: where the agent's journal ends now, for journal_line.
+journal_cursor() { journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'; }
+
 # journal_line CURSOR TEXT: the agent's first journal line after CURSOR that contains TEXT,
 # polled for up to 20 s; empty when none came.
 journal_line() {
@@ -254,7 +257,7 @@ scenario_reload() {
   cp "$CONFIG" "$WORK/config.orig"
   sed -i 's/^name = "memcached"$/name = "cache-reloaded"/' "$CONFIG"
   grep -q '^name = "cache-reloaded"$' "$CONFIG" || bad="$bad; the shipped config has no name = \"memcached\" line to edit"
-  cursor=$(journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
+  cursor=$(journal_cursor)
   local sent
   sent=$(uptime_s)
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload failed"
@@ -267,7 +270,7 @@ scenario_reload() {
   requests=$(wait_sum 50 "$WORK/reload.prom" cacheprobe_memcache_requests_total service=cache-reloaded role=client command=get)
   num_eq "$requests" 50 || bad="$bad; after the reload (in the journal ${took}s after systemctl reload) 50 gets -> requests_total{service=cache-reloaded,client,get}=$requests ($hits hits)"
 
-  cursor=$(journalctl -u cacheprobe -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p')
+  cursor=$(journal_cursor)
   echo 'sample_interval_seconds = "often"' >>"$CONFIG"
   line=$(wc -l <"$CONFIG")
   systemctl reload cacheprobe.service || bad="$bad; systemctl reload (broken config) failed"

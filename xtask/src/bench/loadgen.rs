@@ -897,27 +897,6 @@ mod tests {
         Ok(())
     }
 
-    /// memcached's count of connections ever opened (`stats` total_connections, which counts
-    /// the connection asking too).
-    fn total_connections(target: SocketAddr) -> anyhow::Result<u64> {
-        let mut stream = connect(target)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"stats\r\n")?;
-        let mut text = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !text.ends_with(b"END\r\n") {
-            let n = stream.read(&mut buf)?;
-            anyhow::ensure!(n > 0, "memcached closed the stats connection");
-            text.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8(text)?;
-        let line = text
-            .lines()
-            .find_map(|line| line.strip_prefix("STAT total_connections "))
-            .context("no total_connections in stats")?;
-        Ok(line.trim().parse()?)
-    }
-
     /// A redraw re-opens every connection of a continuous load once, between requests: none
     /// lost, no error, and the load goes on.
     #[test]
@@ -947,10 +926,11 @@ mod tests {
             let generator = scope.spawn(|| run_continuous(&spec, &progress));
             let measured = (|| -> anyhow::Result<u64> {
                 after(200)?;
-                let before = total_connections(memcached.addr)?;
+                // memcached's count of connections ever opened (the asking one included).
+                let before = memcached.stat("total_connections")?;
                 progress.redraw.fetch_add(1, Ordering::Relaxed);
                 after(progress.ops.load(Ordering::Relaxed) + 2_000)?;
-                Ok(total_connections(memcached.addr)? - before)
+                Ok(memcached.stat("total_connections")? - before)
             })();
             progress.stop.store(true, Ordering::Relaxed);
             let report = generator.join().expect("generator thread")?;
