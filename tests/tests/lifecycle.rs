@@ -438,17 +438,9 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one() {
         )
         .unwrap();
     };
-    std::fs::write(
-        &agent.config_path,
-        format!("sample_interval_seconds = 1\n[[services]]\nname = \"second\"\nport = {second}\nprotocol = \"memcache\"\n"),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !agent.log().contains("config reloaded") {
-        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.reload(&format!(
+        "sample_interval_seconds = 1\n[[services]]\nname = \"second\"\nport = {second}\nprotocol = \"memcache\"\n"
+    ));
     connect(second);
     let scrape = agent.wait_for(WAIT, |s| {
         s.sum(
@@ -472,11 +464,7 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one() {
     )
     .unwrap();
     agent.signal(libc::SIGHUP);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !agent.log().contains("config reload rejected") {
-        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_log("config reload rejected", 1);
     assert!(agent.log().contains("line 3"), "{}", agent.log());
     connect(second);
     let scrape = agent.wait_for(WAIT, |s| {

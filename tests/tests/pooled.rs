@@ -1173,17 +1173,10 @@ fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
     let (scrape0, stats0) = edge(&mut pair);
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    std::fs::write(
-        &agent.config_path,
-        ordered_config(&[("quiet", quiet_port), ("busy", busy_port)]),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
-    let reloaded_by = std::time::Instant::now() + Duration::from_secs(15);
-    while !agent.log().contains("config reloaded") {
-        assert!(std::time::Instant::now() < reloaded_by, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.reload(&ordered_config(&[
+        ("quiet", quiet_port),
+        ("busy", busy_port),
+    ]));
     std::thread::sleep(Duration::from_secs(7));
     let (scrape1, stats1) = edge(&mut pair);
     let seconds = started.elapsed().as_secs_f64();

@@ -1,7 +1,7 @@
 //! Config reloads on SIGHUP: one that adds and reorders services (metrics and `diagnose` must
 //! keep naming every connection's service, before and after it), and one that is refused.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cacheprobe_tests::*;
 
@@ -37,17 +37,10 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     std::thread::sleep(Duration::from_millis(1500));
 
     // The new service goes first: every position in the service list changes meaning.
-    std::fs::write(
-        &agent.config_path,
-        services_config(&[("new", new_port, "memcache"), ("old", old_port, "memcache")]),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + WAIT;
-    while !agent.log().contains("config reloaded") {
-        assert!(Instant::now() < deadline, "{}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.reload(&services_config(&[
+        ("new", new_port, "memcache"),
+        ("old", old_port, "memcache"),
+    ]));
 
     let after = std::thread::spawn(move || python(None, &idle_then_write_script(old_port, 3)));
     python(None, &healthy_script(new_port)).unwrap();
@@ -161,13 +154,6 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
     )
     .unwrap();
     let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
-    let wait_log = |text: &str, count: usize| {
-        let deadline = Instant::now() + WAIT;
-        while agent.log().matches(text).count() < count {
-            assert!(Instant::now() < deadline, "no {text:?}: {}", agent.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let get_requests = |s: &Scrape, service: &str| {
         s.sum(
             "cacheprobe_memcache_requests_total",
@@ -175,13 +161,7 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
         )
     };
 
-    std::fs::write(
-        &agent.config_path,
-        services_config(&[("renamed", port, "memcache")]),
-    )
-    .unwrap();
-    agent.signal(libc::SIGHUP);
-    wait_log("config reloaded", 1);
+    agent.reload(&services_config(&[("renamed", port, "memcache")]));
     let first = server_stats(port, "stats")["cmd_get"];
     python(None, &gets_script(port, 1, 50)).unwrap();
     assert_eq!(server_stats(port, "stats")["cmd_get"] - first, 50.0);
@@ -196,7 +176,7 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
     );
     std::fs::write(&agent.config_path, broken).unwrap();
     agent.signal(libc::SIGHUP);
-    wait_log("config reload rejected", 1);
+    agent.wait_log("config reload rejected", 1);
     let refusal = agent
         .log()
         .lines()
@@ -204,7 +184,7 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
         .unwrap()
         .to_owned();
     assert!(refusal.contains("line 2"), "{refusal}");
-    assert_eq!(agent.log().matches("config reloaded").count(), 1);
+    assert_eq!(agent.log().matches(RELOADED).count(), 1);
 
     // New connections after the refusal: still watched, still decoded, under the kept name.
     let second = server_stats(port, "stats")["cmd_get"];
@@ -279,7 +259,7 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
             &[("service", "cache"), ("role", "client"), ("command", "get")],
         )
     };
-    let reload = |capture: bool, count: usize| reload_capture(&agent, port, capture, count);
+    let reload = |capture: bool| agent.reload(&capture_config(port, capture));
     let cmd_get = || server_stats(port, "stats")["cmd_get"];
     let server_gets = |s: &Scrape| {
         s.sum(
@@ -295,7 +275,7 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
     assert_eq!(server_gets(&scrape), 20.0, "{}", scrape.text);
 
     // Capture off: the same connection's gets reach memcached and are not decoded.
-    reload(false, 1);
+    reload(false);
     let before = cmd_get();
     gets_on(&mut pooled, 20);
     assert_eq!(cmd_get() - before, 20.0);
@@ -309,7 +289,7 @@ fn a_reload_switches_capture_on_a_pooled_connection() {
     // went by unfollowed are no loss: the kernel marks the first call it follows again and
     // both views start afresh at that request (issue 17; they used to count 4 `gap` and 4
     // `unexpected_response` here while the counts stayed exact).
-    reload(true, 2);
+    reload(true);
     gets_on(&mut pooled, 20);
     let scrape = agent.wait_for(WAIT, |s| get_requests(s) >= 40.0 && server_gets(s) >= 40.0);
     assert_eq!(get_requests(&scrape), 40.0, "{}", scrape.text);
@@ -339,7 +319,7 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
         }
         s.sum("cacheprobe_memcache_requests_total", &labels)
     };
-    let reload = |capture: bool, count: usize| reload_capture(&agent, port, capture, count);
+    let reload = |capture: bool| agent.reload(&capture_config(port, capture));
 
     gets_on(&mut pooled, 5);
     // One more get, its answer left unread until capture is off.
@@ -353,7 +333,7 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
         "{}",
         scrape.text
     );
-    reload(false, 1);
+    reload(false);
     let mut reply = [0u8; 21];
     pooled.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"VALUE k 0 1\r\nv\r\nEND\r\n");
@@ -361,7 +341,7 @@ fn a_get_waiting_when_capture_goes_off_is_the_one_exchange_cut() {
     let scrape = agent.scrape();
     assert_eq!(gets(&scrape, "client", "timeout"), 0.0, "{}", scrape.text);
 
-    reload(true, 2);
+    reload(true);
     gets_on(&mut pooled, 5);
     let scrape = agent.wait_for(WAIT, |s| {
         gets(s, "client", "") >= 11.0 && gets(s, "server", "") >= 11.0
@@ -393,24 +373,6 @@ fn pooled_connection(port: u16) -> std::net::TcpStream {
     pooled.read_exact(&mut stored).unwrap();
     assert_eq!(&stored, b"STORED\r\n");
     pooled
-}
-
-/// Rewrites the agent's config with the service's capture on or off, sends SIGHUP and waits
-/// until the agent has logged its `count`th reload.
-fn reload_capture(agent: &Agent, port: u16, capture: bool, count: usize) {
-    reload_with(agent, &capture_config(port, capture), count);
-}
-
-/// Rewrites the agent's config as `config`, sends SIGHUP and waits until the agent has logged
-/// its `count`th reload.
-fn reload_with(agent: &Agent, config: &str, count: usize) {
-    std::fs::write(&agent.config_path, config).unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + WAIT;
-    while agent.log().matches("config reloaded").count() < count {
-        assert!(Instant::now() < deadline, "no reload: {}", agent.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Renames under traffic: a service renamed twice (and back) while four pooled connections and
@@ -447,9 +409,9 @@ fn renames_under_traffic_lose_no_request() {
          print(gets)\n"
     );
     let client = std::thread::spawn(move || python(None, &script));
-    for (reload, name) in names[1..].iter().chain(&names[..1]).enumerate() {
+    for name in names[1..].iter().chain(&names[..1]) {
         std::thread::sleep(Duration::from_millis(1000));
-        reload_with(&agent, &config(name), reload + 1);
+        agent.reload(&config(name));
     }
     let output = client.join().unwrap().unwrap();
     let sent: f64 = String::from_utf8_lossy(&output.stdout)
