@@ -1,8 +1,10 @@
 //! TCP state changes of watched sockets (`inet_sock_set_state`, classic and tp_btf): the
 //! per-socket facts kept in SOCKETS and the STATE events.
 
-use crate::maps::{bump, offsets, CLOSED_SOCKETS, FRAMES, NS_PER_JIFFY, SOCKETS};
-use crate::ring::emit;
+use crate::maps::{
+    bump, length_probes_detached, offsets, CLOSED_SOCKETS, FRAMES, NS_PER_JIFFY, SOCKETS,
+};
+use crate::ring::emit_with;
 use crate::sock::{
     capture_flags, fill_tuple, read_kernel_field, read_sock_tuple, read_tp, read_watched_tuple,
     scalar_arg, Tuple,
@@ -104,7 +106,12 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
     } else if SOCKETS.insert(sk, snapshot, 0).is_err() {
         bump(KernelCounter::SocketMapFull);
     }
-    emit(|event| {
+    // The peer closed (or reset) while the send/receive programs are off: the agent attaches
+    // them on this event, so it must not wait for the ring's threshold or its timer.
+    let urgent = (new_state == TcpState::CloseWait as u8
+        || (new_state == TcpState::Close as u8 && snapshot.peer_closed_ns != 0))
+        && length_probes_detached();
+    emit_with(urgent, |event| {
         event.kind = SockEventKind::State as u8;
         event.old_state = old_state;
         event.new_state = new_state;

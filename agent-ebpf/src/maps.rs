@@ -60,6 +60,17 @@ pub(crate) static CAPTURE_SAMPLE_SHIFT: Array<u32> = Array::with_max_entries(wat
 pub(crate) static SAMPLED_CALLS: PerCpuArray<SampledCalls> =
     PerCpuArray::with_max_entries(SAMPLED_CALLS_ENTRIES, 0);
 
+/// 1 while the agent has the send/receive programs detached (`limits.socket_probes_on_demand`):
+/// a watched connection's peer closing must then wake the agent at once, so it attaches them
+/// before a dead write follows. Set by the agent.
+#[map]
+pub(crate) static LENGTH_PROBES_DETACHED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn length_probes_detached() -> bool {
+    LENGTH_PROBES_DETACHED.get(0).is_some_and(|&flag| flag != 0)
+}
+
 /// Filled in by the agent at load time (`EbpfLoader::override_global`).
 #[no_mangle]
 static OFFSETS: ProbeOffsets = ProbeOffsets::UNKNOWN;

@@ -28,6 +28,12 @@ pub(crate) fn wakeup_flags(unread_before: u64, len: u64, threshold: u64) -> u64 
 
 #[inline(always)]
 pub(crate) fn emit(fill: impl FnOnce(&mut SockEvent)) {
+    emit_with(false, fill)
+}
+
+/// [`emit`], waking the reader at once when `urgent` (rare events only: each wake-up costs).
+#[inline(always)]
+pub(crate) fn emit_with(urgent: bool, fill: impl FnOnce(&mut SockEvent)) {
     match EVENTS.reserve::<SockEvent>(0) {
         Some(mut entry) => {
             let event = entry.as_mut_ptr();
@@ -49,7 +55,12 @@ pub(crate) fn emit(fill: impl FnOnce(&mut SockEvent)) {
             let unread = EVENTS
                 .query(BPF_RB_AVAIL_DATA as u64)
                 .saturating_sub(ring_footprint(len));
-            entry.submit(wakeup_flags(unread, len, threshold));
+            let flags = if urgent {
+                BPF_RB_FORCE_WAKEUP as u64
+            } else {
+                wakeup_flags(unread, len, threshold)
+            };
+            entry.submit(flags);
         }
         None => bump(KernelCounter::RingbufFull),
     }

@@ -69,6 +69,10 @@ pub struct Limits {
     /// lookup only for captured or unhealthy connections); false keeps the raw/classic
     /// tracepoints, which read the socket's ports on every call (for side-by-side measurement).
     pub socket_storage: bool,
+    /// With no service captured, attach the send/receive programs only while a watched
+    /// connection's peer has closed (their only work then): no per-call cost in steady state.
+    /// Needs the socket-storage path and a kernel that stamps activity; otherwise ignored.
+    pub socket_probes_on_demand: bool,
     /// Attach every probe as a classic tracepoint (perf_event_open), never through a bpf()
     /// link (tp_btf, raw tracepoints) nor socket-local storage: the path kernels without BTF
     /// take, forced on a kernel that has it, to run and test it there. Costs more per call, and
@@ -101,6 +105,7 @@ impl Default for Limits {
             )
             .max_per_source,
             socket_storage: true,
+            socket_probes_on_demand: false,
             classic_tracepoints: false,
             exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
             exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,

@@ -480,6 +480,21 @@ pub fn raw_request(port: u16, request: &str, reply: &str) -> anyhow::Result<Outp
     )
 }
 
+/// `gets` gets of one key on each of `connections` new connections (the key is set first on
+/// the first one).
+pub fn gets_script(port: u16, connections: u32, gets: u32) -> String {
+    format!(
+        "from pymemcache.client.base import Client\n\
+         for n in range({connections}):\n\
+         \x20   c = Client(('127.0.0.1', {port}))\n\
+         \x20   if n == 0:\n\
+         \x20       c.set('k', 'v', noreply=False)\n\
+         \x20   for i in range({gets}):\n\
+         \x20       assert c.get('k') == b'v'\n\
+         \x20   c.close()\n"
+    )
+}
+
 /// A Python script: `clients` connections from a process named "cronjob" each set a key, stay
 /// idle for 6.5 s (past a memcached `-o idle_timeout=2`, which closes them) and set again onto
 /// the closed connection: idle disconnects followed by dead writes.

@@ -125,21 +125,6 @@ fn a_reload_that_adds_and_reorders_services_keeps_every_name_right() {
     assert_eq!(edge("cronjob", &old_server)["service"], "old");
 }
 
-/// `gets` gets of one key on each of `connections` new connections (the key is set first on
-/// the first one).
-fn gets_script(port: u16, connections: u32, gets: u32) -> String {
-    format!(
-        "from pymemcache.client.base import Client\n\
-         for n in range({connections}):\n\
-         \x20   c = Client(('127.0.0.1', {port}))\n\
-         \x20   if n == 0:\n\
-         \x20       c.set('k', 'v', noreply=False)\n\
-         \x20   for i in range({gets}):\n\
-         \x20       assert c.get('k') == b'v'\n\
-         \x20   c.close()\n"
-    )
-}
-
 /// Issue 22's vm-test reload scenario as a root test: a good reload renames the service, then a
 /// broken config on SIGHUP is refused (the log names its line, the agent keeps running the old
 /// config), and gets on connections opened after the refusal are still counted exactly against

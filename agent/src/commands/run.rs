@@ -114,6 +114,70 @@ fn apply_capture_shift(probes: &mut Probes, pipeline: &mut Pipeline) {
     }
 }
 
+/// When the send/receive programs may come off (`limits.socket_probes_on_demand`): they are
+/// attached at once when a watched connection's peer closes, and detached once none has for
+/// [`LengthProbeArming::QUIET`].
+struct LengthProbeArming {
+    /// The kernel lets healthy connections be told apart without the programs' help.
+    kernel_can: bool,
+    /// When the programs were last needed.
+    needed_at: Instant,
+}
+
+impl LengthProbeArming {
+    const QUIET: Duration = Duration::from_secs(2);
+
+    fn apply(
+        &mut self,
+        config: &Config,
+        probes: &mut Probes,
+        pipeline: &Pipeline,
+        metrics: &Metrics,
+    ) {
+        let on_demand = config.limits.socket_probes_on_demand
+            && self.kernel_can
+            && probes.socket_storage.is_ok()
+            && !config.services.iter().any(|s| s.capture);
+        let now = Instant::now();
+        if !on_demand || pipeline.any_peer_closed() {
+            self.needed_at = now;
+        }
+        let armed = now.duration_since(self.needed_at) < Self::QUIET;
+        if armed == probes.length_probes_armed() {
+            return;
+        }
+        self.change(armed, now, probes);
+        metrics
+            .send_receive_probes_attached
+            .set(i64::from(probes.length_probes_armed()));
+    }
+
+    fn change(&mut self, armed: bool, now: Instant, probes: &mut Probes) {
+        match probes.set_length_probes_armed(armed) {
+            Ok(()) => tracing::info!(
+                armed,
+                took_us = now.elapsed().as_micros() as u64,
+                "send/receive probes {}",
+                if armed {
+                    "attached"
+                } else {
+                    "detached: no watched connection needs them"
+                }
+            ),
+            Err(err) => {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    armed,
+                    "cannot change the send/receive probes"
+                );
+                // Given up for this run: the programs go back on and stay on.
+                self.kernel_can = false;
+                let _ = probes.set_length_probes_armed(true);
+            }
+        }
+    }
+}
+
 /// Hands the pipeline the kernel's sampled-call totals, which weight sampled requests (an
 /// object without them leaves the 2^shift weight, said once).
 fn read_sampled_calls(probes: &Probes, pipeline: &mut Pipeline) {
@@ -225,10 +289,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (mut probes, can_sample_capture) = attach_probes(&config, started)?;
     let metrics = serve_metrics(&config, &probes).await?;
+    metrics
+        .send_receive_probes_attached
+        .set(i64::from(probes.length_probes_armed()));
 
     let services = SharedServices::from_config(&config)?;
     let mut pipeline = new_pipeline(&config, &services, &metrics, can_sample_capture);
     let mut fd_probe_arming = FdProbeArming::new();
+    let mut length_probe_arming = LengthProbeArming {
+        kernel_can: can_sample_capture,
+        needed_at: Instant::now(),
+    };
     let history = serve_history(&args, &services, &mut pipeline, &metrics);
 
     let (sampler, last_tcp_ext) = adopt_existing(
@@ -251,6 +322,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 pump(&mut event_queue, &mut pipeline, guard.get_inner_mut(), payload_ring.get_mut(), crate::clock::monotonic_ns);
+                // Before the batch delay: a peer close may be waiting for the probes.
+                length_probe_arming.apply(&config, &mut probes, &pipeline, &metrics);
                 guard.clear_ready();
                 tokio::time::sleep(RING_BATCH_DELAY).await;
             }
@@ -292,6 +365,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching probes"); break; }
         }
         apply_capture_shift(&mut probes, &mut pipeline);
+        length_probe_arming.apply(&config, &mut probes, &pipeline, &metrics);
     }
     drop(payload_ring);
     drop(ring);

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use agent_common::TcpState;
 
@@ -259,6 +259,11 @@ pub struct Tracker {
     /// time is known). Kept out of [`Connection`] because few connections are closing at any
     /// moment: 8 bytes less for every open one.
     idle_at_first_close: HashMap<u64, u64>,
+    /// Open connections whose peer closed first: the send/receive programs' only work when
+    /// nothing is captured (see `limits.socket_probes_on_demand`). Swept in [`Tracker::tick`].
+    peer_closed_open: HashSet<u64>,
+    /// Whether a connection found in /proc, not yet met, is one whose peer closed first.
+    peer_closed_seeded: bool,
     dead_writes: DeadWriteTracker,
     dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
@@ -273,6 +278,8 @@ impl Tracker {
             seeded: HashMap::new(),
             recently_closed: HashMap::new(),
             idle_at_first_close: HashMap::new(),
+            peer_closed_open: HashSet::new(),
+            peer_closed_seeded: false,
             dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
             dead_write_scratch: Vec::new(),
             max_connections,
@@ -317,6 +324,15 @@ impl Tracker {
         );
         self.recently_closed
             .retain(|_, (_, closed_ns, _)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
+        let connections = &self.connections;
+        self.peer_closed_open
+            .retain(|sk| connections.contains_key(sk));
+        // Connections from /proc not yet met by a kernel event: their socket addresses are
+        // unknown, so they are looked at here, once a second, not per call.
+        self.peer_closed_seeded = self
+            .seeded
+            .values()
+            .any(|c| c.first_close_by == Some(ClosedBy::Peer));
         self.endpoints.compact(
             self.connections
                 .values_mut()
@@ -326,6 +342,14 @@ impl Tracker {
         release_slack(&mut self.seeded);
         release_slack(&mut self.recently_closed);
         release_slack(&mut self.idle_at_first_close);
+    }
+
+    /// Whether a watched connection's peer has closed while it is still open here, or one
+    /// closed after its peer did a moment ago: the sends and receives that are dead writes.
+    pub fn any_peer_closed(&self) -> bool {
+        !self.peer_closed_open.is_empty()
+            || !self.recently_closed.is_empty()
+            || self.peer_closed_seeded
     }
 
     pub fn active_connections(&self) -> usize {
@@ -363,6 +387,7 @@ impl Tracker {
         let mut connection = Connection::new(id, true, first_close.map(|close| close.by));
         connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.seeded.insert((local, remote), connection);
+        self.peer_closed_seeded |= first_close.is_some();
         out.push(Observation::ConnectionAdopted { endpoint });
     }
 
@@ -418,6 +443,9 @@ impl Tracker {
             return false;
         };
         if let Some(seed) = self.seeded.remove(&(local, remote)) {
+            if seed.first_close_by == Some(ClosedBy::Peer) {
+                self.peer_closed_open.insert(event.sk);
+            }
             self.connections.insert(event.sk, seed);
             return true;
         }
@@ -446,6 +474,9 @@ impl Tracker {
         let mut connection = Connection::new(id, true, first_close.map(|close| close.by));
         connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.connections.insert(event.sk, connection);
+        if first_close.is_some() {
+            self.peer_closed_open.insert(event.sk);
+        }
         if let Some(idle_ns) = first_close.and_then(|close| close.idle_ns) {
             self.idle_at_first_close.insert(event.sk, idle_ns);
         }
@@ -567,6 +598,9 @@ impl Tracker {
             };
             if let Some(by) = by {
                 connection.first_close_by = Some(by);
+                if by == ClosedBy::Peer {
+                    self.peer_closed_open.insert(event.sk);
+                }
                 if let Some(idle_ns) = idle(
                     event.ts_ns,
                     event.facts.last_activity_ns,

@@ -514,6 +514,11 @@ declare_metrics! {
         "1 while the EMFILE/ENFILE syscall probes are attached: a process holding watched \
              sockets, or the host, uses at least half its descriptor limit (they tax every \
              syscall on the host, so they are detached after a calm minute)";
+    send_receive_probes_attached: Gauge
+        => "send_receive_probes_attached",
+        "1 while the send/receive programs are attached (always, unless \
+             limits.socket_probes_on_demand takes them off while nothing is captured and no \
+             watched connection's peer has closed)";
     capture_sample_ratio: Gauge<f64, AtomicU64>
         => "capture_sample_ratio",
         "Share of healthy watched connections whose payloads are decoded, of the most sampled \
@@ -614,7 +619,7 @@ mod tests {
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
-        assert_eq!(Metrics::DECLARED.len(), 49);
+        assert_eq!(Metrics::DECLARED.len(), 50);
         for (name, help) in Metrics::DECLARED {
             // prometheus-client ends every help with a full stop.
             let line = format!("# HELP cacheprobe_{name} {help}.");

@@ -200,6 +200,11 @@ impl Pipeline {
         &mut self.tracker
     }
 
+    /// See [`Tracker::any_peer_closed`].
+    pub fn any_peer_closed(&self) -> bool {
+        self.tracker.any_peer_closed()
+    }
+
     /// The services snapshot this pipeline reads, for sinks that must name services the same way.
     pub fn services(&self) -> &SharedServices {
         &self.services

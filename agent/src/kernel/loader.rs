@@ -11,8 +11,8 @@ use anyhow::Context as _;
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId, BtfTracePoint, Iter,
-        RawTracePoint, TracePoint,
+        raw_trace_point::RawTracePointLinkId, tp_btf::BtfTracePointLinkId,
+        trace_point::TracePointLinkId, BtfTracePoint, Iter, RawTracePoint, TracePoint,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -65,6 +65,9 @@ pub struct Probes {
     pub socket_storage: Result<(), String>,
     /// The EMFILE/ENFILE probes' links (see [`Probes::set_fd_exhaustion_armed`]).
     fd: FdProbes,
+    /// The socket-storage path's send and receive links while attached (see
+    /// [`Probes::set_length_probes_armed`]); None while detached or off that path.
+    length_links: Option<[BtfTracePointLinkId; 2]>,
 }
 
 /// How the EMFILE/ENFILE probes are attached, and which links are up now.
@@ -91,9 +94,13 @@ impl Probes {
         // The reason every bpf()-link and raw variant is skipped, when the config forces the
         // classic tracepoints (the path of kernels without BTF).
         let forced_classic = config.limits.classic_tracepoints.then_some(FORCED_CLASSIC);
-        let socket_storage = match forced_classic {
+        let storage = match forced_classic {
             Some(reason) => Err(reason.to_owned()),
             None => socket_storage_path(config, &mut ebpf, offsets),
+        };
+        let (socket_storage, length_links) = match storage {
+            Ok(links) => (Ok(()), Some(links)),
+            Err(reason) => (Err(reason), None),
         };
         // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
         let kernel_btf = (forced_classic.is_none() && resolution.links.values().any(Result::is_ok))
@@ -153,6 +160,7 @@ impl Probes {
                     detached: Vec::new(),
                 },
             },
+            length_links,
         };
         probes.set_watched_ports(config)?;
         Ok(probes)
@@ -293,6 +301,74 @@ impl Probes {
         }
     }
 
+    /// Attaches (armed) or detaches the socket-storage path's send and receive programs. They
+    /// stay loaded, so attaching again needs no verifier run. Only on that path: elsewhere the
+    /// programs are always attached, and this says why not.
+    pub fn set_length_probes_armed(&mut self, armed: bool) -> anyhow::Result<()> {
+        if let Err(reason) = &self.socket_storage {
+            anyhow::bail!(
+                "send/receive probes stay attached off the socket-storage path: {reason}"
+            );
+        }
+        if !armed && self.length_links.is_some() {
+            self.mark_length_probes_detached(true)?;
+        }
+        match (armed, self.length_links.take()) {
+            (true, None) => {
+                let mut links = Vec::with_capacity(2);
+                for &(_, name) in STORAGE_PROGRAMS {
+                    let program: &mut BtfTracePoint = self
+                        .ebpf
+                        .program_mut(name)
+                        .with_context(|| format!("kernel object has no program {name}"))?
+                        .try_into()?;
+                    links.push(
+                        program
+                            .attach()
+                            .with_context(|| format!("cannot attach {name} again"))?,
+                    );
+                }
+                let [send, recv]: [BtfTracePointLinkId; 2] =
+                    links.try_into().map_err(|_| anyhow::anyhow!("two links"))?;
+                self.length_links = Some([send, recv]);
+            }
+            (false, Some(links)) => {
+                for (&(_, name), link) in STORAGE_PROGRAMS.iter().zip(links) {
+                    let program: &mut BtfTracePoint = self
+                        .ebpf
+                        .program_mut(name)
+                        .with_context(|| format!("kernel object has no program {name}"))?
+                        .try_into()?;
+                    program
+                        .detach(link)
+                        .with_context(|| format!("cannot detach {name}"))?;
+                }
+            }
+            (_, unchanged) => self.length_links = unchanged,
+        }
+        if armed {
+            self.mark_length_probes_detached(false)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel whether the send/receive programs are off (see LENGTH_PROBES_DETACHED):
+    /// marked before they come off and cleared once they are on, so no peer close in between
+    /// waits for the ring's timer.
+    fn mark_length_probes_detached(&mut self, detached: bool) -> anyhow::Result<()> {
+        let mut flag: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut("LENGTH_PROBES_DETACHED")
+                .context("kernel object has no LENGTH_PROBES_DETACHED map")?,
+        )?;
+        flag.set(0, u32::from(detached), 0)?;
+        Ok(())
+    }
+
+    pub fn length_probes_armed(&self) -> bool {
+        self.socket_storage.is_err() || self.length_links.is_some()
+    }
+
     /// Whether the capture sample can take effect: the programs tell a healthy connection (the
     /// only kind they sample) from one in trouble by the kernel's own activity stamps, which
     /// need the tcp_sock layout and the tick length.
@@ -428,7 +504,10 @@ fn ns_per_jiffy() -> u64 {
 /// `inet_sock_set_state` first, so no connection opened from then on lacks storage, then the
 /// send/receive programs; loads the adoption iterator. All or nothing: on any error what was
 /// attached is unloaded and the error (the verifier's or the kernel's) says why.
-fn attach_socket_storage(ebpf: &mut Ebpf, offsets: &ProbeOffsets) -> anyhow::Result<()> {
+fn attach_socket_storage(
+    ebpf: &mut Ebpf,
+    offsets: &ProbeOffsets,
+) -> anyhow::Result<[BtfTracePointLinkId; 2]> {
     let layout = &offsets.sock_common;
     if [
         offsets.sock_protocol,
@@ -450,10 +529,14 @@ fn attach_socket_storage(ebpf: &mut Ebpf, offsets: &ProbeOffsets) -> anyhow::Res
     ];
     let mut result = Ok(());
     let mut attached = Vec::new();
+    let mut links = Vec::new();
     for (program, event) in programs {
-        result = attach_btf(ebpf, program, event, &btf);
-        if result.is_err() {
-            break;
+        match attach_btf(ebpf, program, event, &btf) {
+            Ok(link) => links.push(link),
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
         }
         attached.push(program);
     }
@@ -478,10 +561,20 @@ fn attach_socket_storage(ebpf: &mut Ebpf, offsets: &ProbeOffsets) -> anyhow::Res
             }
         }
     }
-    result
+    result?;
+    // The keeper's link stays with its program for good; the send/receive ones can be armed.
+    let [_, send, recv]: [BtfTracePointLinkId; 3] = links
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three tp_btf links"))?;
+    Ok([send, recv])
 }
 
-fn attach_btf(ebpf: &mut Ebpf, program: &str, event: &str, btf: &Btf) -> anyhow::Result<()> {
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program: &str,
+    event: &str,
+    btf: &Btf,
+) -> anyhow::Result<BtfTracePointLinkId> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .with_context(|| format!("kernel object has no program {program}"))?
@@ -491,8 +584,7 @@ fn attach_btf(ebpf: &mut Ebpf, program: &str, event: &str, btf: &Btf) -> anyhow:
         .with_context(|| format!("tp_btf {event}: not loaded (verifier or kernel BTF)"))?;
     program
         .attach()
-        .with_context(|| format!("cannot attach tp_btf {event}"))?;
-    Ok(())
+        .with_context(|| format!("cannot attach tp_btf {event}"))
 }
 
 fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<RawTracePointLinkId> {
@@ -543,12 +635,12 @@ fn socket_storage_path(
     config: &Config,
     ebpf: &mut Ebpf,
     offsets: &ProbeOffsets,
-) -> Result<(), String> {
+) -> Result<[BtfTracePointLinkId; 2], String> {
     if !config.limits.socket_storage {
         return Err("off in the config (limits.socket_storage = false)".into());
     }
     match attach_socket_storage(ebpf, offsets) {
-        Ok(()) => Ok(()),
+        Ok(links) => Ok(links),
         Err(err) => {
             let reason = format!("{err:#}");
             tracing::info!(
@@ -648,6 +740,7 @@ impl Attachments {
             ) {
                 _ if context.forced_classic.is_some() => Err(FORCED_CLASSIC.to_owned()),
                 (Some(Ok(())), Some(Ok(btf))) => attach_btf(ebpf, link_program, spec.event, btf)
+                    .map(|_| ())
                     .map_err(|err| format!("{err:#}")),
                 (Some(Ok(())), Some(Err(reason))) => Err(reason.clone()),
                 (Some(Err(reason)), _) => Err(reason.clone()),
