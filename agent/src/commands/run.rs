@@ -296,9 +296,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let services = SharedServices::from_config(&config)?;
     let mut pipeline = new_pipeline(&config, &services, &metrics, can_sample_capture);
     let mut fd_probe_arming = FdProbeArming::new();
+    // Not needed since before the start: the connections found at start are in the tracker
+    // by the first decision (seeded from /proc), so the programs come off at once if none of
+    // them has a closed peer.
     let mut length_probe_arming = LengthProbeArming {
         kernel_can: can_sample_capture,
-        needed_at: Instant::now(),
+        needed_at: Instant::now()
+            .checked_sub(LengthProbeArming::QUIET)
+            .unwrap_or_else(Instant::now),
     };
     let history = serve_history(&args, &services, &mut pipeline, &metrics);
 

@@ -41,9 +41,10 @@ use super::{
 };
 
 /// The arms of every cycle: the floor first, since the agent arms' E comes from it.
-pub const ARMS: [Switch; 3] = [
+pub const ARMS: [Switch; 4] = [
     Switch::Floor,
     Switch::Agent(Mode::SocketsOnly),
+    Switch::SocketsOnDemand,
     Switch::Agent(Mode::Capture),
 ];
 

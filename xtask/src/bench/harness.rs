@@ -116,6 +116,25 @@ impl Bench {
         Agent::start(binary, &path, self.metrics_addr)
     }
 
+    /// [`Bench::start_binary_on`] sockets only, with `limits.socket_probes_on_demand`.
+    pub(super) fn start_sockets_on_demand(
+        &self,
+        binary: &Path,
+        ports: &[u16],
+    ) -> anyhow::Result<Agent> {
+        let path = self.scratch.join("agent-sockets-on-demand.toml");
+        let config = procs::agent_config(ports, Mode::SocketsOnly, DEFAULT_MAX_SOCKETS);
+        // agent_config ends in its [limits] table.
+        std::fs::write(
+            &path,
+            format!(
+                "{config}socket_probes_on_demand = true
+"
+            ),
+        )?;
+        Agent::start(binary, &path, self.metrics_addr)
+    }
+
     pub(super) fn agent_command(&self, mode: Mode) -> String {
         format!(
             "{} run --config {} --listen {}",
