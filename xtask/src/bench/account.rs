@@ -481,10 +481,16 @@ mod tests {
                 let (stats_per_run, agent) = match arm {
                     Switch::Floor => (50, 0),
                     Switch::Agent(Mode::SocketsOnly) => (60, 0),
+                    // The programs are off: only the agent process's own time.
+                    Switch::SocketsOnDemand => (0, 30),
                     Switch::Agent(_) | Switch::CaptureAt(_) => (150, 100),
                     _ => (0, 0),
                 };
-                let runs = if arm == Switch::Off { 0 } else { 4 * ops };
+                let runs = if matches!(arm, Switch::Off | Switch::SocketsOnDemand) {
+                    0
+                } else {
+                    4 * ops
+                };
                 Window {
                     cycle,
                     arm,
@@ -515,6 +521,8 @@ mod tests {
                 Switch::Floor => (220.0, 200.0),
                 // 4 x 55 + 4 x (60 - 50).
                 Switch::Agent(Mode::SocketsOnly) => (260.0, 200.0),
+                // No program run: the agent's 30 alone.
+                Switch::SocketsOnDemand => (30.0, 0.0),
                 // 4 x 55 + 4 x (150 - 50) + 100.
                 _ => (720.0, 200.0),
             };
