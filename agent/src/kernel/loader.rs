@@ -66,8 +66,8 @@ pub struct Probes {
     /// The EMFILE/ENFILE probes' links (see [`Probes::set_fd_exhaustion_armed`]).
     fd: FdProbes,
     /// The socket-storage path's send and receive links while attached (see
-    /// [`Probes::set_length_probes_armed`]); None while detached or off that path.
-    length_links: Option<[BtfTracePointLinkId; 2]>,
+    /// [`Probes::set_length_probes_armed`]), each None while detached or off that path.
+    length_links: [Option<BtfTracePointLinkId>; 2],
 }
 
 /// How the EMFILE/ENFILE probes are attached, and which links are up now.
@@ -99,8 +99,8 @@ impl Probes {
             None => socket_storage_path(config, &mut ebpf, offsets),
         };
         let (socket_storage, length_links) = match storage {
-            Ok(links) => (Ok(()), Some(links)),
-            Err(reason) => (Err(reason), None),
+            Ok([send, recv]) => (Ok(()), [Some(send), Some(recv)]),
+            Err(reason) => (Err(reason), [None, None]),
         };
         // The kernel's BTF as aya reads it, for the tp_btf programs; read once, if any can run.
         let kernel_btf = (forced_classic.is_none() && resolution.links.values().any(Result::is_ok))
@@ -310,41 +310,30 @@ impl Probes {
                 "send/receive probes stay attached off the socket-storage path: {reason}"
             );
         }
-        if !armed && self.length_links.is_some() {
+        if !armed && self.length_links.iter().any(Option::is_some) {
             self.mark_length_probes_detached(true)?;
         }
-        match (armed, self.length_links.take()) {
-            (true, None) => {
-                let mut links = Vec::with_capacity(2);
-                for &(_, name) in STORAGE_PROGRAMS {
-                    let program: &mut BtfTracePoint = self
-                        .ebpf
-                        .program_mut(name)
-                        .with_context(|| format!("kernel object has no program {name}"))?
-                        .try_into()?;
-                    links.push(
+        // One program at a time, each link kept as it is: a failure part way leaves the
+        // state true (never a program attached twice on the next try).
+        for (slot, &(_, name)) in STORAGE_PROGRAMS.iter().enumerate() {
+            let program: &mut BtfTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("kernel object has no program {name}"))?
+                .try_into()?;
+            match (armed, self.length_links[slot].take()) {
+                (true, None) => {
+                    self.length_links[slot] = Some(
                         program
                             .attach()
                             .with_context(|| format!("cannot attach {name} again"))?,
                     );
                 }
-                let [send, recv]: [BtfTracePointLinkId; 2] =
-                    links.try_into().map_err(|_| anyhow::anyhow!("two links"))?;
-                self.length_links = Some([send, recv]);
+                (false, Some(link)) => program
+                    .detach(link)
+                    .with_context(|| format!("cannot detach {name}"))?,
+                (_, unchanged) => self.length_links[slot] = unchanged,
             }
-            (false, Some(links)) => {
-                for (&(_, name), link) in STORAGE_PROGRAMS.iter().zip(links) {
-                    let program: &mut BtfTracePoint = self
-                        .ebpf
-                        .program_mut(name)
-                        .with_context(|| format!("kernel object has no program {name}"))?
-                        .try_into()?;
-                    program
-                        .detach(link)
-                        .with_context(|| format!("cannot detach {name}"))?;
-                }
-            }
-            (_, unchanged) => self.length_links = unchanged,
         }
         if armed {
             self.mark_length_probes_detached(false)?;
@@ -366,7 +355,7 @@ impl Probes {
     }
 
     pub fn length_probes_armed(&self) -> bool {
-        self.socket_storage.is_err() || self.length_links.is_some()
+        self.socket_storage.is_err() || self.length_links.iter().all(Option::is_some)
     }
 
     /// Whether the capture sample can take effect: the programs tell a healthy connection (the
