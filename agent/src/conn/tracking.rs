@@ -262,8 +262,9 @@ pub struct Tracker {
     /// Open connections whose peer closed first: the send/receive programs' only work when
     /// nothing is captured (see `limits.socket_probes_on_demand`). Swept in [`Tracker::tick`].
     peer_closed_open: HashSet<u64>,
-    /// Whether a connection found in /proc, not yet met, is one whose peer closed first.
-    peer_closed_seeded: bool,
+    /// Connections found in /proc, not yet met, whose peer closed first (their socket
+    /// addresses are unknown until met).
+    peer_closed_seeded: usize,
     dead_writes: DeadWriteTracker,
     dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
@@ -279,7 +280,7 @@ impl Tracker {
             recently_closed: HashMap::new(),
             idle_at_first_close: HashMap::new(),
             peer_closed_open: HashSet::new(),
-            peer_closed_seeded: false,
+            peer_closed_seeded: 0,
             dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
             dead_write_scratch: Vec::new(),
             max_connections,
@@ -327,12 +328,6 @@ impl Tracker {
         let connections = &self.connections;
         self.peer_closed_open
             .retain(|sk| connections.contains_key(sk));
-        // Connections from /proc not yet met by a kernel event: their socket addresses are
-        // unknown, so they are looked at here, once a second, not per call.
-        self.peer_closed_seeded = self
-            .seeded
-            .values()
-            .any(|c| c.first_close_by == Some(ClosedBy::Peer));
         self.endpoints.compact(
             self.connections
                 .values_mut()
@@ -349,7 +344,7 @@ impl Tracker {
     pub fn any_peer_closed(&self) -> bool {
         !self.peer_closed_open.is_empty()
             || !self.recently_closed.is_empty()
-            || self.peer_closed_seeded
+            || self.peer_closed_seeded > 0
     }
 
     pub fn active_connections(&self) -> usize {
@@ -387,7 +382,7 @@ impl Tracker {
         let mut connection = Connection::new(id, true, first_close.map(|close| close.by));
         connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.seeded.insert((local, remote), connection);
-        self.peer_closed_seeded |= first_close.is_some();
+        self.peer_closed_seeded += usize::from(first_close.is_some());
         out.push(Observation::ConnectionAdopted { endpoint });
     }
 
@@ -444,6 +439,7 @@ impl Tracker {
         };
         if let Some(seed) = self.seeded.remove(&(local, remote)) {
             if seed.first_close_by == Some(ClosedBy::Peer) {
+                self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(1);
                 self.peer_closed_open.insert(event.sk);
             }
             self.connections.insert(event.sk, seed);
