@@ -106,14 +106,13 @@ impl Bench {
         ports: &[u16],
         budget: u32,
     ) -> anyhow::Result<Agent> {
-        let path = self.scratch.join(format!("agent-capture-{budget}.toml"));
-        let config = procs::agent_config(ports, Mode::Capture, DEFAULT_MAX_SOCKETS);
-        // agent_config ends in its [limits] table.
-        std::fs::write(
-            &path,
-            format!("{config}capture_records_per_second = {budget}\n"),
-        )?;
-        Agent::start(binary, &path, self.metrics_addr)
+        self.start_with_limit(
+            binary,
+            ports,
+            Mode::Capture,
+            &format!("agent-capture-{budget}.toml"),
+            &format!("capture_records_per_second = {budget}"),
+        )
     }
 
     /// [`Bench::start_binary_on`] sockets only, with `limits.socket_probes_on_demand`.
@@ -122,16 +121,28 @@ impl Bench {
         binary: &Path,
         ports: &[u16],
     ) -> anyhow::Result<Agent> {
-        let path = self.scratch.join("agent-sockets-on-demand.toml");
-        let config = procs::agent_config(ports, Mode::SocketsOnly, DEFAULT_MAX_SOCKETS);
+        self.start_with_limit(
+            binary,
+            ports,
+            Mode::SocketsOnly,
+            "agent-sockets-on-demand.toml",
+            "socket_probes_on_demand = true",
+        )
+    }
+
+    /// [`Bench::start_binary_on`] with one more `[limits]` line, the config written to `file`.
+    fn start_with_limit(
+        &self,
+        binary: &Path,
+        ports: &[u16],
+        mode: Mode,
+        file: &str,
+        limit: &str,
+    ) -> anyhow::Result<Agent> {
+        let path = self.scratch.join(file);
+        let config = procs::agent_config(ports, mode, DEFAULT_MAX_SOCKETS);
         // agent_config ends in its [limits] table.
-        std::fs::write(
-            &path,
-            format!(
-                "{config}socket_probes_on_demand = true
-"
-            ),
-        )?;
+        std::fs::write(&path, format!("{config}{limit}\n"))?;
         Agent::start(binary, &path, self.metrics_addr)
     }
 
