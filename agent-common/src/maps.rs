@@ -15,11 +15,24 @@ pub struct SockState {
     pub reset_received_ns: u64,
     /// [`sock_flags`] bits, set when the socket is first tracked.
     pub flags: u64,
+    /// `tcp_sock.write_seq` when the peer closed (entering CLOSE_WAIT) and when this end left
+    /// CLOSE_WAIT (LAST_ACK: the application closed; CLOSE: a reset or an abort). Their
+    /// difference is what the application wrote after the peer had closed, whether or not a
+    /// send program was attached to see it. Valid with [`sock_flags::SEQ_AT_PEER_CLOSE`] and
+    /// [`sock_flags::SEQ_AT_LEAVE`].
+    pub write_seq_at_peer_close: u32,
+    pub write_seq_at_leave: u32,
 }
+
+const _: () = assert!(core::mem::size_of::<SockState>() == 56);
 
 pub mod sock_flags {
     /// Payload capture is on for this socket's service.
     pub const CAPTURE: u64 = 1;
+    /// [`super::SockState::write_seq_at_peer_close`] is set.
+    pub const SEQ_AT_PEER_CLOSE: u64 = 2;
+    /// [`super::SockState::write_seq_at_leave`] is set.
+    pub const SEQ_AT_LEAVE: u64 = 4;
 }
 
 /// Value bits in `WATCHED_PORTS`, an array indexed by port (an inlined array lookup is far

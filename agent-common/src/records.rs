@@ -40,7 +40,7 @@ pub struct SockEvent {
 
 // The ring record's size and the fields that carry a kind's detail are fixed: both halves
 // must agree on every byte.
-const _: () = assert!(core::mem::size_of::<SockEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 144);
 const _: () = assert!(core::mem::offset_of!(SockEvent, trouble) == 3);
 const _: () = assert!(core::mem::offset_of!(SockEvent, fd_syscall) == 10);
 const _: () = assert!(core::mem::offset_of!(SockEvent, pid) == 12);

@@ -10,7 +10,7 @@ use crate::sock::{
     scalar_arg, Tuple,
 };
 use agent_common::{
-    KernelCounter, SockEventKind, SockState, TcpState, IPPROTO_TCP, OFFSET_UNKNOWN,
+    sock_flags, KernelCounter, SockEventKind, SockState, TcpState, IPPROTO_TCP, OFFSET_UNKNOWN,
 };
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, helpers::generated::bpf_jiffies64, macros::btf_tracepoint,
@@ -87,6 +87,20 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
     };
     if new_state == TcpState::CloseWait as u8 && snapshot.peer_closed_ns == 0 {
         snapshot.peer_closed_ns = now;
+        if let Some(seq) = write_seq(sk) {
+            snapshot.write_seq_at_peer_close = seq;
+            snapshot.flags |= sock_flags::SEQ_AT_PEER_CLOSE;
+        }
+    }
+    // Leaving CLOSE_WAIT (the application's close or shutdown, before its FIN is queued; or a
+    // reset): what was written since the peer closed is now final, seen by the send programs
+    // or not (they may be off, see `limits.socket_probes_on_demand`).
+    if old_state == TcpState::CloseWait as u8 && snapshot.flags & sock_flags::SEQ_AT_PEER_CLOSE != 0
+    {
+        if let Some(seq) = write_seq(sk) {
+            snapshot.write_seq_at_leave = seq;
+            snapshot.flags |= sock_flags::SEQ_AT_LEAVE;
+        }
     }
     if was_connected(old_state) {
         if let Some(last) = kernel_last_activity_ns(sk, now) {
@@ -119,6 +133,12 @@ fn set_state(tuple: &Tuple, old_state: u8, new_state: u8) -> Option<()> {
         event.state = snapshot;
     });
     Some(())
+}
+
+/// `tcp_sock.write_seq`: the sequence number of the next byte the application writes.
+#[inline(always)]
+fn write_seq(sk: u64) -> Option<u32> {
+    read_kernel_field(sk, offsets().tcp_write_seq)
 }
 
 /// States a socket leaves only after its handshake completed, so the kernel's data send and

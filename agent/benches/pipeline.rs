@@ -80,6 +80,7 @@ fn learned(sk: u64, local: SocketAddr, remote: SocketAddr, ts_ns: u64) -> SockEv
             bytes_received: 0,
             peer_closed_ns: 0,
             reset_received_ns: 0,
+            written_after_peer_close: None,
         },
     }
 }

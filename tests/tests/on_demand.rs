@@ -49,7 +49,9 @@ fn healthy_traffic_runs_no_program_and_idle_closes_still_show_dead_writes() {
 }
 
 /// A peer that closes a moment before the client writes: the close wakes the agent at once, so
-/// the programs are back before the write. 1 ms and 5 ms after the FIN, five times each.
+/// the programs are back before a write 1 ms or 5 ms after the FIN. One at once after the FIN
+/// beats them; the reset it draws still counts it, from the kernel's sequence numbers. Five
+/// times each.
 #[test]
 fn a_write_just_after_the_peer_closes_is_counted() {
     require_root();
@@ -61,7 +63,7 @@ fn a_write_just_after_the_peer_closes_is_counted() {
          srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          srv.bind(('127.0.0.1', {port}))\n\
          srv.listen(8)\n\
-         for delay in [0.001, 0.005] * 5:\n\
+         for delay in [0, 0.001, 0.005] * 5:\n\
          \x20   c = socket.create_connection(('127.0.0.1', {port}))\n\
          \x20   s, _ = srv.accept()\n\
          \x20   c.sendall(b'get a\\r\\n')\n\
@@ -76,8 +78,8 @@ fn a_write_just_after_the_peer_closes_is_counted() {
     let scrape = agent.wait_for(WAIT, |s| attached(s) == 0.0);
     assert_eq!(attached(&scrape), 0.0, "never detached: {}", agent.log());
     python(None, &script).unwrap();
-    let scrape = agent.wait_for(WAIT, |s| dead_writes(s) >= 10.0);
-    assert_eq!(dead_writes(&scrape), 10.0, "{}", scrape.text);
+    let scrape = agent.wait_for(WAIT, |s| dead_writes(s) >= 15.0);
+    assert_eq!(dead_writes(&scrape), 15.0, "{}", scrape.text);
 }
 
 /// A captured service needs the programs on every call: they stay on.

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt};
 
 use agent_common::TcpState;
 
@@ -17,6 +17,9 @@ use crate::{
 
 /// How long a closed socket's endpoint is remembered for sends that race its close.
 const RECENTLY_CLOSED_NS: u64 = 10_000_000_000;
+
+/// The process of a dead write known only from the kernel's sequence numbers after a reset.
+pub const UNKNOWN_WRITER: &str = "unknown";
 
 /// The service endpoint a connection belongs to. For server-role sockets `server` is this
 /// host's listening address, so clients are aggregated rather than given series of their own.
@@ -261,14 +264,32 @@ pub struct Tracker {
     idle_at_first_close: HashMap<u64, u64>,
     /// Open connections whose peer closed first: the send/receive programs' only work when
     /// nothing is captured (see `limits.socket_probes_on_demand`). Swept in [`Tracker::tick`].
-    peer_closed_open: HashSet<u64>,
+    /// The value is the bytes the send programs saw written since the peer closed, to tell
+    /// what they missed once the kernel's count is known (see [`Tracker::written_unseen`]).
+    peer_closed_open: HashMap<u64, u64>,
     /// Connections found in /proc, not yet met, whose peer closed first (their socket
     /// addresses are unknown until met).
     peer_closed_seeded: usize,
+    /// Bytes written unseen before a reset closed the socket, held until the send that
+    /// caused the reset reports itself (on loopback the reset closes the socket inside that
+    /// send, before the send's own event) or the application's next read tells their fate.
+    unseen_before_reset: HashMap<u64, UnseenWrite>,
     dead_writes: DeadWriteTracker,
     dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
 }
+
+/// See [`Tracker::unseen_before_reset`].
+#[derive(Debug, Clone, Copy)]
+struct UnseenWrite {
+    endpoint: Endpoint,
+    bytes: u64,
+    ts_ns: u64,
+}
+
+/// How long unseen bytes wait for the send that reports them: its event follows the close's
+/// in the same ring within microseconds, so a second is ample.
+const UNSEEN_SETTLE_NS: u64 = 1_000_000_000;
 
 impl Tracker {
     pub fn new(services: SharedServices, max_connections: usize) -> Self {
@@ -279,8 +300,9 @@ impl Tracker {
             seeded: HashMap::new(),
             recently_closed: HashMap::new(),
             idle_at_first_close: HashMap::new(),
-            peer_closed_open: HashSet::new(),
+            peer_closed_open: HashMap::new(),
             peer_closed_seeded: 0,
+            unseen_before_reset: HashMap::new(),
             dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
             dead_write_scratch: Vec::new(),
             max_connections,
@@ -316,6 +338,15 @@ impl Tracker {
 
     /// Periodic work: dead writes whose window passed, and forgetting old closed sockets.
     pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Observation>) {
+        let settled: Vec<u64> = self
+            .unseen_before_reset
+            .iter()
+            .filter(|(_, unseen)| now_ns.saturating_sub(unseen.ts_ns) >= UNSEEN_SETTLE_NS)
+            .map(|(&sk, _)| sk)
+            .collect();
+        for sk in settled {
+            self.settle_unseen(sk);
+        }
         self.dead_writes
             .expire(now_ns, &mut self.dead_write_scratch);
         out.extend(
@@ -327,7 +358,7 @@ impl Tracker {
             .retain(|_, (_, closed_ns, _)| now_ns.saturating_sub(*closed_ns) < RECENTLY_CLOSED_NS);
         let connections = &self.connections;
         self.peer_closed_open
-            .retain(|sk| connections.contains_key(sk));
+            .retain(|sk, _| connections.contains_key(sk));
         self.endpoints.compact(
             self.connections
                 .values_mut()
@@ -337,6 +368,7 @@ impl Tracker {
         release_slack(&mut self.seeded);
         release_slack(&mut self.recently_closed);
         release_slack(&mut self.idle_at_first_close);
+        release_slack(&mut self.unseen_before_reset);
     }
 
     /// Whether a watched connection's peer has closed while it is still open here, or one
@@ -394,6 +426,16 @@ impl Tracker {
             } => self.state_change(event, old_state, new_state, out),
             EventKind::Learned { state } => self.learned(event, state, out),
             EventKind::SendAfterPeerClose { ret } => {
+                let sent = ret.max(0) as u64;
+                if let Some(seen) = self.peer_closed_open.get_mut(&event.sk) {
+                    *seen += sent;
+                }
+                if let Some(unseen) = self.unseen_before_reset.get_mut(&event.sk) {
+                    unseen.bytes = unseen.bytes.saturating_sub(sent);
+                    if unseen.bytes == 0 {
+                        self.unseen_before_reset.remove(&event.sk);
+                    }
+                }
                 let endpoint = self
                     .endpoint_of(event.sk)
                     .or_else(|| self.dead_writes.pending_endpoint(event.sk));
@@ -410,6 +452,7 @@ impl Tracker {
                 }
             }
             EventKind::RecvAfterPeerClose { ret } => {
+                self.settle_unseen(event.sk);
                 self.dead_writes
                     .on_recv(event.sk, ret, &mut self.dead_write_scratch);
             }
@@ -440,7 +483,7 @@ impl Tracker {
         if let Some(seed) = self.seeded.remove(&(local, remote)) {
             if seed.first_close_by == Some(ClosedBy::Peer) {
                 self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(1);
-                self.peer_closed_open.insert(event.sk);
+                self.peer_closed_open.insert(event.sk, 0);
             }
             self.connections.insert(event.sk, seed);
             return true;
@@ -471,7 +514,7 @@ impl Tracker {
         connection.learn_flow(endpoint.role, Some(local), Some(remote));
         self.connections.insert(event.sk, connection);
         if first_close.is_some() {
-            self.peer_closed_open.insert(event.sk);
+            self.peer_closed_open.insert(event.sk, 0);
         }
         if let Some(idle_ns) = first_close.and_then(|close| close.idle_ns) {
             self.idle_at_first_close.insert(event.sk, idle_ns);
@@ -552,6 +595,11 @@ impl Tracker {
             if self.connections.remove(&event.sk).is_some() {
                 self.idle_at_first_close.remove(&event.sk);
             }
+            if self.unseen_before_reset.contains_key(&event.sk) {
+                self.settle_unseen(event.sk);
+                // The old socket's write, settled after the pipeline marked the reuse.
+                self.dead_writes.socket_reused(event.sk, event.ts_ns);
+            }
         }
         if old_state == TcpState::Listen as u8 || new_state == TcpState::Listen as u8 {
             self.listener_change(event, old_state, new_state, out);
@@ -595,7 +643,7 @@ impl Tracker {
             if let Some(by) = by {
                 connection.first_close_by = Some(by);
                 if by == ClosedBy::Peer {
-                    self.peer_closed_open.insert(event.sk);
+                    self.peer_closed_open.insert(event.sk, 0);
                 }
                 if let Some(idle_ns) = idle(
                     event.ts_ns,
@@ -607,9 +655,64 @@ impl Tracker {
             }
         }
 
+        if old_state == TcpState::CloseWait as u8 {
+            self.written_unseen(event, endpoint);
+        }
         if new_state == TcpState::Close as u8 {
             self.closed(event, old_state, out);
         }
+    }
+
+    /// The socket left CLOSE_WAIT: the kernel's sequence numbers now tell how much the
+    /// application wrote after its peer closed. Bytes the send programs did not report (they
+    /// were off for the moment after the close, see `limits.socket_probes_on_demand`, or their
+    /// events were lost) are one more dead write, whose fate the application's next read
+    /// tells as for any other. How many calls wrote them is unknown: counted as one.
+    fn written_unseen(&mut self, event: &SockEventRecord, endpoint: Endpoint) {
+        let Some(written) = event.facts.written_after_peer_close else {
+            return;
+        };
+        let seen = self
+            .peer_closed_open
+            .get_mut(&event.sk)
+            .map_or(0, |seen| std::mem::replace(seen, u64::from(written)));
+        let bytes = u64::from(written).saturating_sub(seen);
+        if bytes == 0 {
+            return;
+        }
+        let unseen = UnseenWrite {
+            endpoint,
+            bytes,
+            ts_ns: event.ts_ns,
+        };
+        if event.facts.reset_received_ns == 0 {
+            // The application's own close or shutdown: its name, and no send still to come.
+            self.record_unseen(event.sk, unseen, &event.comm, event.pid);
+        } else if self.unseen_before_reset.len() < self.max_connections.min(4096) {
+            self.unseen_before_reset.insert(event.sk, unseen);
+        } else {
+            self.record_unseen(event.sk, unseen, UNKNOWN_WRITER, 0);
+        }
+    }
+
+    /// Unseen bytes before a reset that no send has claimed: a dead write from here on. A
+    /// reset is handled wherever the kernel happens to be running, so the writer is unknown.
+    fn settle_unseen(&mut self, sk: u64) {
+        if let Some(unseen) = self.unseen_before_reset.remove(&sk) {
+            self.record_unseen(sk, unseen, UNKNOWN_WRITER, 0);
+        }
+    }
+
+    fn record_unseen(&mut self, sk: u64, unseen: UnseenWrite, comm: &str, pid: u32) {
+        self.dead_writes.on_send(
+            sk,
+            unseen.endpoint,
+            unseen.ts_ns,
+            unseen.bytes as i64,
+            comm,
+            pid,
+            &mut self.dead_write_scratch,
+        );
     }
 
     /// A listener's own change, or one of its children taking shape. The kernel clones a

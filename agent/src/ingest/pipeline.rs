@@ -631,6 +631,7 @@ mod tests {
                 bytes_received: 0,
                 peer_closed_ns: 0,
                 reset_received_ns: 0,
+                written_after_peer_close: None,
             },
         }
     }
@@ -1015,6 +1016,7 @@ mod tests {
                 bytes_received: 0,
                 peer_closed_ns,
                 reset_received_ns: 0,
+                written_after_peer_close: None,
             },
         };
         let state = |old_state, new_state| EventKind::StateChange {

@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use agent_common::{FdSyscall, SockEvent, SockEventKind, AF_INET, AF_INET6, COMM_LEN};
+use agent_common::{
+    sock_flags, FdSyscall, SockEvent, SockEventKind, SockState, AF_INET, AF_INET6, COMM_LEN,
+};
 
 // The kernel half of the trouble code is the user half too.
 pub use agent_common::TcpTrouble;
@@ -18,6 +20,9 @@ pub struct SocketFacts {
     pub bytes_received: u64,
     pub peer_closed_ns: u64,
     pub reset_received_ns: u64,
+    /// Bytes the application wrote after its peer closed, known once the socket leaves
+    /// CLOSE_WAIT (from the kernel's own sequence numbers, so also what no send program saw).
+    pub written_after_peer_close: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +139,19 @@ pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
             bytes_received: raw.state.bytes_received,
             peer_closed_ns: raw.state.peer_closed_ns,
             reset_received_ns: raw.state.reset_received_ns,
+            written_after_peer_close: written_after_peer_close(&raw.state),
         },
+    })
+}
+
+fn written_after_peer_close(state: &SockState) -> Option<u32> {
+    let both = sock_flags::SEQ_AT_PEER_CLOSE | sock_flags::SEQ_AT_LEAVE;
+    // Sequence numbers wrap at 2^32; a CLOSE_WAIT socket cannot write 4 GiB unseen by its peer's
+    // window, so the wrapping difference is the byte count.
+    (state.flags & both == both).then(|| {
+        state
+            .write_seq_at_leave
+            .wrapping_sub(state.write_seq_at_peer_close)
     })
 }
 
@@ -173,7 +190,6 @@ pub fn comm_str(comm: &[u8; COMM_LEN]) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::SockState;
 
     fn raw_state_event() -> SockEvent {
         let mut local_addr = [0u8; 16];
@@ -204,6 +220,8 @@ mod tests {
                 peer_closed_ns: 5_000,
                 reset_received_ns: 0,
                 flags: 0,
+                write_seq_at_peer_close: 0,
+                write_seq_at_leave: 0,
             },
             ret: 0,
             comm,

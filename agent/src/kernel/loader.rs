@@ -592,8 +592,8 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, event: &str) -> anyhow::Result<Raw
 /// Loads the kernel object with this kernel's layouts, the capture length, the rings' sizes
 /// and wake-up thresholds and the map sizes from the config.
 fn load_object(config: &Config, offsets: &ProbeOffsets, capture_len: u32) -> anyhow::Result<Ebpf> {
-    // Socket events are 136-byte records (144 with the ring header), so the default 4 MiB
-    // ring holds ~29,000: about 6 s of a 100k-connection burst at the ~5,000 connections/s
+    // Socket events are 144-byte records (152 with the ring header), so the default 4 MiB
+    // ring holds ~27,500: about 5.5 s of a 100k-connection burst at the ~5,000 connections/s
     // loopback manages (~5 events each). A bigger ring only buys time if the reader keeps up
     // on average, and its data pages count twice in the agent's RSS (they are mapped twice),
     // so the default stays and `limits.ring_buffer_bytes` raises it.

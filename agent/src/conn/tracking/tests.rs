@@ -1,6 +1,7 @@
 //! Unit tests of the connection tracker: opens, closes, adoption, dead writes and bounds.
 
 use super::*;
+use crate::conn::dead_writes::OUTCOME_WINDOW_NS;
 use crate::kernel::events::SocketFacts;
 use agent_common::TcpState;
 
@@ -46,6 +47,7 @@ fn record(sk: u64, ts: u64, old: u8, new: u8, last_activity: u64) -> SockEventRe
             bytes_received: 0,
             peer_closed_ns: 0,
             reset_received_ns: 0,
+            written_after_peer_close: None,
         },
     }
 }
@@ -640,4 +642,144 @@ fn endpoints_that_differ_in_any_field_hash_apart_and_equal_ones_alike() {
             assert_ne!(hash(a), hash(b), "{a:?} {b:?}");
         }
     }
+}
+
+/// Dead writes among `out`.
+fn dead_writes(out: &[Observation]) -> Vec<&DeadWrite> {
+    out.iter()
+        .filter_map(|o| match o {
+            Observation::DeadSocketWrite(w) => Some(w),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An open connection whose peer closed at 4 s, then the event that leaves CLOSE_WAIT: to
+/// `new` at 5 s, after `written` bytes by the kernel's count, with a reset or not.
+fn peer_closed_then_left(new: TcpState, written: u32, reset: bool) -> Vec<SockEventRecord> {
+    let mut leave = state(SK, 5 * SEC, TcpState::CloseWait, new, 2 * SEC);
+    leave.facts.peer_closed_ns = 4 * SEC;
+    leave.facts.reset_received_ns = if reset { 5 * SEC } else { 0 };
+    leave.facts.written_after_peer_close = Some(written);
+    vec![
+        state(SK, SEC, TcpState::SynSent, TcpState::Established, 0),
+        state(
+            SK,
+            4 * SEC,
+            TcpState::Established,
+            TcpState::CloseWait,
+            2 * SEC,
+        ),
+        leave,
+    ]
+}
+
+fn after_peer_close(kind: EventKind, ts: u64) -> SockEventRecord {
+    let mut event = record(SK, ts, 0, 0, 0);
+    event.kind = kind;
+    event.local = None;
+    event.remote = None;
+    event
+}
+
+/// With the send programs off (`socket_probes_on_demand`), a write in the moment after the
+/// peer's FIN is not reported; the reset it drew closes the socket, and the kernel's sequence
+/// numbers still count it: one dead write of its bytes, its fate from the next read.
+#[test]
+fn a_write_no_program_saw_is_counted_from_the_sequence_numbers() {
+    let mut tracker = tracker();
+    let mut events = peer_closed_then_left(TcpState::Close, 17, true);
+    events.push(after_peer_close(
+        EventKind::RecvAfterPeerClose { ret: 0 },
+        5 * SEC + 1,
+    ));
+    let out = run(&mut tracker, &events);
+    let writes = dead_writes(&out);
+    assert_eq!(writes.len(), 1, "{out:?}");
+    assert_eq!(writes[0].bytes, 17);
+    assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Eof);
+    // The reset ran in whatever task the kernel interrupted: not the writer's name.
+    assert_eq!(writes[0].comm, UNKNOWN_WRITER);
+    assert_eq!(writes[0].endpoint, client_endpoint());
+}
+
+/// On loopback the reset closes the socket inside the send that drew it, so the close comes
+/// before that send's own event: the send claims its bytes, and nothing is counted twice.
+#[test]
+fn a_send_reported_after_the_reset_close_is_not_counted_twice() {
+    let mut tracker = tracker();
+    let mut events = peer_closed_then_left(TcpState::Close, 16, true);
+    events.push(after_peer_close(
+        EventKind::SendAfterPeerClose { ret: 16 },
+        5 * SEC,
+    ));
+    events.push(after_peer_close(
+        EventKind::RecvAfterPeerClose { ret: 0 },
+        5 * SEC + 1,
+    ));
+    let mut out = run(&mut tracker, &events);
+    tracker.tick(20 * SEC, &mut out);
+    let writes = dead_writes(&out);
+    assert_eq!(writes.len(), 1, "{out:?}");
+    assert_eq!(writes[0].bytes, 16);
+    assert_eq!(writes[0].comm, "python3");
+}
+
+/// Part seen, part not: only the rest is one more write.
+#[test]
+fn bytes_seen_before_the_close_are_not_counted_again() {
+    let mut tracker = tracker();
+    let mut events = peer_closed_then_left(TcpState::Close, 30, true);
+    let leave = events.pop().unwrap();
+    events.push(after_peer_close(
+        EventKind::SendAfterPeerClose { ret: 10 },
+        4 * SEC + 1,
+    ));
+    events.push(leave);
+    let mut out = run(&mut tracker, &events);
+    // No read follows: the rest settles after a second, then goes unnoticed.
+    tracker.tick(5 * SEC + UNSEEN_SETTLE_NS, &mut out);
+    tracker.tick(5 * SEC + OUTCOME_WINDOW_NS + UNSEEN_SETTLE_NS, &mut out);
+    let mut bytes: Vec<_> = dead_writes(&out).iter().map(|w| w.bytes).collect();
+    bytes.sort();
+    assert_eq!(bytes, [10, 20], "{out:?}");
+    assert!(dead_writes(&out)
+        .iter()
+        .all(|w| w.outcome == crate::model::DeadWriteOutcome::Unnoticed));
+}
+
+/// The application wrote, unseen, then closed: its own close names it, and with no read to
+/// follow the write went unnoticed.
+#[test]
+fn an_unseen_write_before_the_applications_close_is_its_own() {
+    let mut tracker = tracker();
+    let mut out = run(
+        &mut tracker,
+        &peer_closed_then_left(TcpState::LastAck, 9, false),
+    );
+    tracker.tick(5 * SEC + OUTCOME_WINDOW_NS, &mut out);
+    let writes = dead_writes(&out);
+    assert_eq!(writes.len(), 1, "{out:?}");
+    assert_eq!((writes[0].bytes, writes[0].comm.as_str()), (9, "python3"));
+    assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unnoticed);
+}
+
+/// Nothing written after the peer's close, or no sequence numbers from this kernel: nothing.
+#[test]
+fn no_write_after_the_peer_closed_is_no_dead_write() {
+    for (written, reset) in [(0, false), (0, true)] {
+        let mut tracker = tracker();
+        let mut out = run(
+            &mut tracker,
+            &peer_closed_then_left(TcpState::Close, written, reset),
+        );
+        tracker.tick(30 * SEC, &mut out);
+        assert!(dead_writes(&out).is_empty(), "{out:?}");
+    }
+    let mut tracker = tracker();
+    let mut events = peer_closed_then_left(TcpState::LastAck, 0, false);
+    events[2].facts.written_after_peer_close = None;
+    let mut out = run(&mut tracker, &events);
+    tracker.tick(30 * SEC, &mut out);
+    assert!(dead_writes(&out).is_empty(), "{out:?}");
 }

@@ -32,6 +32,7 @@ fn event(ts_ns: u64) -> SockEventRecord {
             bytes_received: 0,
             peer_closed_ns: 0,
             reset_received_ns: 0,
+            written_after_peer_close: None,
         },
     }
 }
