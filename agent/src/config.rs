@@ -72,6 +72,8 @@ pub struct Limits {
     /// With no service captured, attach the send/receive programs only while a watched
     /// connection's peer has closed (their only work then): no per-call cost in steady state.
     /// Needs the socket-storage path and a kernel that stamps activity; otherwise ignored.
+    /// On by default: a write in the moment before the programs are back is still counted, from
+    /// the kernel's sequence numbers (see `conn::tracking`); false keeps them always attached.
     pub socket_probes_on_demand: bool,
     /// Attach every probe as a classic tracepoint (perf_event_open), never through a bpf()
     /// link (tp_btf, raw tracepoints) nor socket-local storage: the path kernels without BTF
@@ -105,7 +107,7 @@ impl Default for Limits {
             )
             .max_per_source,
             socket_storage: true,
-            socket_probes_on_demand: false,
+            socket_probes_on_demand: true,
             classic_tracepoints: false,
             exemplar_min_latency_us: crate::export::metrics::EXEMPLAR_MIN_LATENCY_NS / 1_000,
             exemplars_per_second: crate::export::metrics::EXEMPLARS_PER_SECOND,

@@ -1,4 +1,4 @@
-//! `limits.socket_probes_on_demand`: with nothing captured, the send/receive programs are off
+//! `limits.socket_probes_on_demand` (on by default): with nothing captured, the send/receive programs are off
 //! while every watched connection is healthy, and back on when a peer closes, in time for the
 //! dead writes that follow (memcached's idle timeout, and a peer that closes just before a
 //! write).
@@ -9,9 +9,10 @@ use cacheprobe_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The agent's defaults: on demand unless `[limits]` says otherwise.
 fn on_demand_config(port: u16, capture: bool) -> String {
     format!(
-        "{}\ncapture = {capture}\n\n[limits]\nsocket_probes_on_demand = true\n",
+        "{}\ncapture = {capture}\n",
         services_config(&[("cache", port, "memcache")]).trim_end()
     ) + "\n"
 }
@@ -99,4 +100,20 @@ fn capture_keeps_the_programs_on() {
         &[("role", "client"), ("command", "get")],
     );
     assert_eq!(gets, 20.0, "{}", scrape.text);
+}
+
+/// `socket_probes_on_demand = false` keeps them on with nothing captured.
+#[test]
+fn the_programs_stay_on_when_on_demand_is_turned_off() {
+    require_root();
+    let port = unique_port();
+    let config = on_demand_config(port, false) + "[limits]\nsocket_probes_on_demand = false\n";
+    let agent = Agent::start_with_config("on-demand-off", &config).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(attached(&agent.scrape()), 1.0, "{}", agent.log());
+    assert!(
+        !agent.log().contains("send/receive probes detached"),
+        "{}",
+        agent.log()
+    );
 }

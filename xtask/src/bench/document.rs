@@ -170,7 +170,9 @@ impl Bench {
              the Debian build and it reports latency only in power-of-two buckets, so fixed-rate \
              runs and percentiles come from the xtask generator.\n\
              * Modes: `off` (no agent), `sockets only` (service `capture = false`, \
-             `limits.capture_bytes = 0`: the send/receive probes copy no payload) and `capture + \
+             `limits.capture_bytes = 0`: the send/receive probes copy no payload; \
+             `limits.socket_probes_on_demand = false`: they stay attached, to measure what they \
+             cost) and `capture + \
              decoding` (`capture = true`, `capture_bytes = 16384`, the default decoding budget of \
              `limits.capture_records_per_second = 25000`: above it the agent decodes one \
              connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \

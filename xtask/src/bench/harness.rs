@@ -106,43 +106,31 @@ impl Bench {
         ports: &[u16],
         budget: u32,
     ) -> anyhow::Result<Agent> {
-        self.start_with_limit(
+        let config = procs::agent_config(ports, Mode::Capture, DEFAULT_MAX_SOCKETS);
+        // agent_config ends in its [limits] table.
+        self.start_with(
             binary,
-            ports,
-            Mode::Capture,
             &format!("agent-capture-{budget}.toml"),
-            &format!("capture_records_per_second = {budget}"),
+            &format!("{config}capture_records_per_second = {budget}\n"),
         )
     }
 
-    /// [`Bench::start_binary_on`] sockets only, with `limits.socket_probes_on_demand`.
+    /// [`Bench::start_binary_on`] sockets only, with `limits.socket_probes_on_demand` (the
+    /// agent's default, which the sockets-only arms turn off).
     pub(super) fn start_sockets_on_demand(
         &self,
         binary: &Path,
         ports: &[u16],
     ) -> anyhow::Result<Agent> {
-        self.start_with_limit(
-            binary,
-            ports,
-            Mode::SocketsOnly,
-            "agent-sockets-on-demand.toml",
-            "socket_probes_on_demand = true",
-        )
+        let config = procs::agent_config(ports, Mode::SocketsOnly, DEFAULT_MAX_SOCKETS)
+            .replace(procs::ALWAYS_ATTACHED, "");
+        self.start_with(binary, "agent-sockets-on-demand.toml", &config)
     }
 
-    /// [`Bench::start_binary_on`] with one more `[limits]` line, the config written to `file`.
-    fn start_with_limit(
-        &self,
-        binary: &Path,
-        ports: &[u16],
-        mode: Mode,
-        file: &str,
-        limit: &str,
-    ) -> anyhow::Result<Agent> {
+    /// Starts the agent with `config`, written to `file` in the scratch directory.
+    fn start_with(&self, binary: &Path, file: &str, config: &str) -> anyhow::Result<Agent> {
         let path = self.scratch.join(file);
-        let config = procs::agent_config(ports, mode, DEFAULT_MAX_SOCKETS);
-        // agent_config ends in its [limits] table.
-        std::fs::write(&path, format!("{config}{limit}\n"))?;
+        std::fs::write(&path, config)?;
         Agent::start(binary, &path, self.metrics_addr)
     }
 

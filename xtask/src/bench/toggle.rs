@@ -38,8 +38,9 @@ pub enum Switch {
     /// Capture + decoding at this `limits.capture_records_per_second` instead of the default
     /// (`--budgets`): what the default budget's cost would be at another.
     CaptureAt(u32),
-    /// Sockets only with `limits.socket_probes_on_demand`: the send/receive programs off while
-    /// no watched connection's peer has closed.
+    /// Sockets only with `limits.socket_probes_on_demand` (the agent's default; the other
+    /// sockets-only arms keep the programs attached): off while no watched connection's peer
+    /// has closed.
     SocketsOnDemand,
 }
 

@@ -496,8 +496,15 @@ pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     if matches!(mode, Mode::SocketsOnlyPortCheck | Mode::CapturePortCheck) {
         config.push_str("socket_storage = false\n");
     }
+    if matches!(mode, Mode::SocketsOnly | Mode::SocketsOnlyPortCheck) {
+        // The arms measure what the programs cost attached; the on-demand arm turns this off.
+        config.push_str(ALWAYS_ATTACHED);
+    }
     config
 }
+
+/// The `[limits]` line that keeps the send/receive programs attached with nothing captured.
+pub const ALWAYS_ATTACHED: &str = "socket_probes_on_demand = false\n";
 
 /// A running `cacheprobe run` whose stderr is followed (the last lines are kept for errors).
 pub struct Agent {
