@@ -171,7 +171,12 @@ pub fn run_checks(config: &Config) -> CheckReport {
                 spec.program == "inet_sock_set_state"
                     && matches!(probes.status.get(spec.program), Some(ProbeStatus::Attached))
             });
-            items.extend(loaded_items(&probes, &resolution.offsets, has_sys_admin));
+            items.extend(loaded_items(
+                config,
+                &probes,
+                &resolution.offsets,
+                has_sys_admin,
+            ));
         }
         Err(err) => items.push(item(
             "kernel programs",
@@ -245,7 +250,12 @@ fn ring_buffer_item() -> CheckItem {
 
 /// The lines about loaded programs: one per probe, then perf_event_paranoid, payload capture,
 /// the per-socket state path and the adoption of existing connections.
-fn loaded_items(probes: &Probes, offsets: &ProbeOffsets, has_sys_admin: bool) -> Vec<CheckItem> {
+fn loaded_items(
+    config: &Config,
+    probes: &Probes,
+    offsets: &ProbeOffsets,
+    has_sys_admin: bool,
+) -> Vec<CheckItem> {
     let mut items: Vec<CheckItem> = PROBES.iter().map(|spec| probe_item(probes, spec)).collect();
     let attempted: Vec<(&str, AttachKind)> = PROBES
         .iter()
@@ -268,6 +278,7 @@ fn loaded_items(probes: &Probes, offsets: &ProbeOffsets, has_sys_admin: bool) ->
         items.push(capture_item(probes));
         // Which per-call path the send/receive probes take: degradation as data.
         items.push(socket_state_item(probes));
+        items.push(on_demand_item(config, probes.on_demand_blocker(offsets)));
     }
     items.push(if offsets.can_learn_sockets() {
         item(
@@ -389,6 +400,27 @@ fn socket_state_item(probes: &Probes) -> CheckItem {
     }
 }
 
+/// Whether the send/receive programs may come off while nothing needs them, as `run` decides
+/// (`limits.socket_probes_on_demand`, [`Probes::on_demand_blocker`]). Only what they cost
+/// changes, never what is seen: ok either way, with the reason in the detail.
+fn on_demand_item(config: &Config, blocker: Option<String>) -> CheckItem {
+    const ALWAYS: &str = "the send/receive programs stay attached, a program run on every TCP \
+                          send and receive on the host";
+    let captured = config.services.iter().any(|service| service.capture);
+    let detail = match (config.limits.socket_probes_on_demand, blocker) {
+        (false, _) => format!("off (limits.socket_probes_on_demand = false): {ALWAYS}"),
+        (true, Some(why)) => format!("not on this kernel: {ALWAYS}; {why}"),
+        (true, None) if captured => "possible here, but a service is captured: the \
+                                     send/receive programs stay attached while one is"
+            .to_owned(),
+        (true, None) => "on: with nothing captured, the send/receive programs are attached \
+                         only while a watched connection's peer has closed (its writes are \
+                         dead writes)"
+            .to_owned(),
+    };
+    item("send/receive probes on demand", Status::Ok, detail, "")
+}
+
 pub fn render_text(report: &CheckReport) -> String {
     let mut text = format!("cacheprobe check on Linux {}\n", report.kernel);
     for item in &report.items {
@@ -484,6 +516,33 @@ mod tests {
             assert!(line.detail.contains("kernel.perf_event_paranoid = 2"));
             assert!(line.detail.contains("CAP_SYS_ADMIN"));
             assert!(!line.impact.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_on_demand_line_says_why_the_programs_stay_attached() {
+        let mut config = Config::default();
+        let line = |config: &Config, blocker: Option<&str>| {
+            let item = on_demand_item(config, blocker.map(String::from));
+            assert_eq!(item.status, Status::Ok);
+            item.detail
+        };
+        // The default services capture.
+        assert!(line(&config, None).starts_with("possible here, but a service is captured"));
+        for service in &mut config.services {
+            service.capture = false;
+        }
+        assert!(line(&config, None).starts_with("on: with nothing captured"));
+        let kernel = line(&config, Some("tcp_sock write_seq is unknown"));
+        assert!(kernel.starts_with("not on this kernel: the send/receive programs stay"));
+        assert!(
+            kernel.ends_with("; tcp_sock write_seq is unknown"),
+            "{kernel}"
+        );
+        config.limits.socket_probes_on_demand = false;
+        for blocker in [None, Some("no storage")] {
+            assert!(line(&config, blocker)
+                .starts_with("off (limits.socket_probes_on_demand = false): the send/receive"));
         }
     }
 

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ProbeOffsets;
 use anyhow::Context as _;
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -118,7 +119,7 @@ fn apply_capture_shift(probes: &mut Probes, pipeline: &mut Pipeline) {
 /// attached at once when a watched connection's peer closes, and detached once none has for
 /// [`LengthProbeArming::QUIET`].
 struct LengthProbeArming {
-    /// The kernel lets healthy connections be told apart without the programs' help.
+    /// The kernel allows it ([`Probes::on_demand_blocker`]).
     kernel_can: bool,
     /// When the programs were last needed.
     needed_at: Instant,
@@ -136,7 +137,6 @@ impl LengthProbeArming {
     ) {
         let on_demand = config.limits.socket_probes_on_demand
             && self.kernel_can
-            && probes.socket_storage.is_ok()
             && !config.services.iter().any(|s| s.capture);
         let now = Instant::now();
         if !on_demand || pipeline.any_peer_closed() {
@@ -287,7 +287,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
 
-    let (mut probes, can_sample_capture) = attach_probes(&config, started)?;
+    let (mut probes, offsets) = attach_probes(&config, started)?;
+    let can_sample_capture = Probes::can_sample_capture(&offsets);
+    let on_demand_blocker = probes.on_demand_blocker(&offsets);
+    if let (true, Some(why)) = (config.limits.socket_probes_on_demand, &on_demand_blocker) {
+        tracing::info!("send/receive probes stay attached (no socket probes on demand): {why}");
+    }
     let metrics = serve_metrics(&config, &probes).await?;
     metrics
         .send_receive_probes_attached
@@ -300,7 +305,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // by the first decision (seeded from /proc), so the programs come off at once if none of
     // them has a closed peer.
     let mut length_probe_arming = LengthProbeArming {
-        kernel_can: can_sample_capture,
+        kernel_can: on_demand_blocker.is_none(),
         needed_at: Instant::now()
             .checked_sub(LengthProbeArming::QUIET)
             .unwrap_or_else(Instant::now),
@@ -407,10 +412,9 @@ fn drain_timer() -> tokio::time::Interval {
     drain
 }
 
-/// Loads and attaches the kernel programs for this kernel's layouts; also whether the programs
-/// can sample payload capture by connection health here. Fails when nothing attached.
-/// `started` is when the agent started, for the log line.
-fn attach_probes(config: &Config, started: Instant) -> anyhow::Result<(Probes, bool)> {
+/// Loads and attaches the kernel programs for this kernel's layouts, which it returns too.
+/// Fails when nothing attached. `started` is when the agent started, for the log line.
+fn attach_probes(config: &Config, started: Instant) -> anyhow::Result<(Probes, ProbeOffsets)> {
     let resolution = resolve_offsets(&SystemLayout::discover());
     for missing in &resolution.missing {
         tracing::warn!(what = missing.subject.as_str(), "{}", missing.reason);
@@ -424,7 +428,7 @@ fn attach_probes(config: &Config, started: Instant) -> anyhow::Result<(Probes, b
         attached = probes.status.values().filter(|s| s.is_attached()).count(),
         "probes attached"
     );
-    Ok((probes, Probes::can_sample_capture(&resolution.offsets)))
+    Ok((probes, resolution.offsets))
 }
 
 /// Creates the metrics (with each probe's `probe_up`) and serves them on the listen address.

@@ -367,6 +367,34 @@ impl Probes {
             && ns_per_jiffy() != 0
     }
 
+    /// Why the send/receive programs must stay attached here even with nothing captured
+    /// (`limits.socket_probes_on_demand`); None when they may come off. They may when the
+    /// kernel tells a healthy connection apart without them (socket-local storage and the
+    /// activity stamps) and a write in the moment before they are back is still counted
+    /// (the write sequence number the state-change program notes). `run` applies this and
+    /// `check` reports it.
+    pub fn on_demand_blocker(&self, offsets: &ProbeOffsets) -> Option<String> {
+        if let Err(reason) = &self.socket_storage {
+            return Some(format!("needs socket-local storage ({reason})"));
+        }
+        if !Self::can_sample_capture(offsets) {
+            return Some(
+                "the kernel's activity stamps (tcp_sock lsndtime, icsk_ack.lrcvtime) or its \
+                 tick length are unknown: healthy connections need the programs to tell them \
+                 apart"
+                    .into(),
+            );
+        }
+        if offsets.tcp_write_seq == OFFSET_UNKNOWN {
+            return Some(
+                "tcp_sock write_seq is unknown: a write in the moment before the programs are \
+                 back would go uncounted"
+                    .into(),
+            );
+        }
+        None
+    }
+
     /// Each service slot follows one healthy captured connection in 2^`shifts[slot]` from now
     /// on (see [`agent_common::capture_sample`]; slot 0: services past the 63rd). All entries
     /// are written (64 updates, only when a sample changes): no copy of the kernel's to drift.
