@@ -247,42 +247,61 @@ fn failed_connect_is_a_connect_failure_not_a_connection() {
     assert_eq!(tracker.active_connections(), 0);
 }
 
+/// Dead writes among `out`.
+fn dead_writes(out: &[Observation]) -> Vec<&DeadWrite> {
+    out.iter()
+        .filter_map(|o| match o {
+            Observation::DeadSocketWrite(w) => Some(w),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An open connection whose peer closed at 4 s, then the event that leaves CLOSE_WAIT: to
+/// `new` at 5 s, after `written` bytes by the kernel's count (None: unknown), with a reset or
+/// not.
+fn peer_closed_then_left(new: TcpState, written: Option<u32>, reset: bool) -> Vec<SockEventRecord> {
+    let mut leave = state(SK, 5 * SEC, TcpState::CloseWait, new, 2 * SEC);
+    leave.facts.peer_closed_ns = 4 * SEC;
+    leave.facts.reset_received_ns = if reset { 5 * SEC } else { 0 };
+    leave.facts.written_after_peer_close = written;
+    vec![
+        state(SK, SEC, TcpState::SynSent, TcpState::Established, 0),
+        state(
+            SK,
+            4 * SEC,
+            TcpState::Established,
+            TcpState::CloseWait,
+            2 * SEC,
+        ),
+        leave,
+    ]
+}
+
+fn after_peer_close(kind: EventKind, ts: u64) -> SockEventRecord {
+    let mut event = record(SK, ts, 0, 0, 0);
+    event.kind = kind;
+    event.local = None;
+    event.remote = None;
+    event
+}
+
 /// The loopback sequence measured on 6.18: the peer closes (CloseWait), a late SET's RST
 /// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
 #[test]
 fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let mut tracker = tracker();
-    let mut close = state(SK, 5 * SEC, TcpState::CloseWait, TcpState::Close, 2 * SEC);
-    close.facts.peer_closed_ns = 4 * SEC;
-    let mut send = record(SK, 5 * SEC, 0, 0, 0);
-    send.kind = EventKind::SendAfterPeerClose { ret: 16 };
-    send.local = None;
-    send.remote = None;
-    let mut recv = send.clone();
-    recv.kind = EventKind::RecvAfterPeerClose { ret: 0 };
-    let out = run(
-        &mut tracker,
-        &[
-            state(SK, SEC, TcpState::SynSent, TcpState::Established, 0),
-            state(
-                SK,
-                4 * SEC,
-                TcpState::Established,
-                TcpState::CloseWait,
-                2 * SEC,
-            ),
-            close,
-            send,
-            recv,
-        ],
-    );
-    let writes: Vec<_> = out
-        .iter()
-        .filter_map(|o| match o {
-            Observation::DeadSocketWrite(w) => Some(w),
-            _ => None,
-        })
-        .collect();
+    let mut events = peer_closed_then_left(TcpState::Close, None, false);
+    events.push(after_peer_close(
+        EventKind::SendAfterPeerClose { ret: 16 },
+        5 * SEC,
+    ));
+    events.push(after_peer_close(
+        EventKind::RecvAfterPeerClose { ret: 0 },
+        5 * SEC,
+    ));
+    let out = run(&mut tracker, &events);
+    let writes = dead_writes(&out);
     assert_eq!(writes.len(), 1, "{out:?}");
     assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Eof);
     assert_eq!(writes[0].comm, "python3");
@@ -644,51 +663,13 @@ fn endpoints_that_differ_in_any_field_hash_apart_and_equal_ones_alike() {
     }
 }
 
-/// Dead writes among `out`.
-fn dead_writes(out: &[Observation]) -> Vec<&DeadWrite> {
-    out.iter()
-        .filter_map(|o| match o {
-            Observation::DeadSocketWrite(w) => Some(w),
-            _ => None,
-        })
-        .collect()
-}
-
-/// An open connection whose peer closed at 4 s, then the event that leaves CLOSE_WAIT: to
-/// `new` at 5 s, after `written` bytes by the kernel's count, with a reset or not.
-fn peer_closed_then_left(new: TcpState, written: u32, reset: bool) -> Vec<SockEventRecord> {
-    let mut leave = state(SK, 5 * SEC, TcpState::CloseWait, new, 2 * SEC);
-    leave.facts.peer_closed_ns = 4 * SEC;
-    leave.facts.reset_received_ns = if reset { 5 * SEC } else { 0 };
-    leave.facts.written_after_peer_close = Some(written);
-    vec![
-        state(SK, SEC, TcpState::SynSent, TcpState::Established, 0),
-        state(
-            SK,
-            4 * SEC,
-            TcpState::Established,
-            TcpState::CloseWait,
-            2 * SEC,
-        ),
-        leave,
-    ]
-}
-
-fn after_peer_close(kind: EventKind, ts: u64) -> SockEventRecord {
-    let mut event = record(SK, ts, 0, 0, 0);
-    event.kind = kind;
-    event.local = None;
-    event.remote = None;
-    event
-}
-
 /// With the send programs off (`socket_probes_on_demand`), a write in the moment after the
 /// peer's FIN is not reported; the reset it drew closes the socket, and the kernel's sequence
 /// numbers still count it: one dead write of its bytes, its fate from the next read.
 #[test]
 fn a_write_no_program_saw_is_counted_from_the_sequence_numbers() {
     let mut tracker = tracker();
-    let mut events = peer_closed_then_left(TcpState::Close, 17, true);
+    let mut events = peer_closed_then_left(TcpState::Close, Some(17), true);
     events.push(after_peer_close(
         EventKind::RecvAfterPeerClose { ret: 0 },
         5 * SEC + 1,
@@ -708,7 +689,7 @@ fn a_write_no_program_saw_is_counted_from_the_sequence_numbers() {
 #[test]
 fn a_send_reported_after_the_reset_close_is_not_counted_twice() {
     let mut tracker = tracker();
-    let mut events = peer_closed_then_left(TcpState::Close, 16, true);
+    let mut events = peer_closed_then_left(TcpState::Close, Some(16), true);
     events.push(after_peer_close(
         EventKind::SendAfterPeerClose { ret: 16 },
         5 * SEC,
@@ -729,7 +710,7 @@ fn a_send_reported_after_the_reset_close_is_not_counted_twice() {
 #[test]
 fn bytes_seen_before_the_close_are_not_counted_again() {
     let mut tracker = tracker();
-    let mut events = peer_closed_then_left(TcpState::Close, 30, true);
+    let mut events = peer_closed_then_left(TcpState::Close, Some(30), true);
     let leave = events.pop().unwrap();
     events.push(after_peer_close(
         EventKind::SendAfterPeerClose { ret: 10 },
@@ -755,7 +736,7 @@ fn an_unseen_write_before_the_applications_close_is_its_own() {
     let mut tracker = tracker();
     let mut out = run(
         &mut tracker,
-        &peer_closed_then_left(TcpState::LastAck, 9, false),
+        &peer_closed_then_left(TcpState::LastAck, Some(9), false),
     );
     tracker.tick(5 * SEC + OUTCOME_WINDOW_NS, &mut out);
     let writes = dead_writes(&out);
@@ -771,14 +752,13 @@ fn no_write_after_the_peer_closed_is_no_dead_write() {
         let mut tracker = tracker();
         let mut out = run(
             &mut tracker,
-            &peer_closed_then_left(TcpState::Close, written, reset),
+            &peer_closed_then_left(TcpState::Close, Some(written), reset),
         );
         tracker.tick(30 * SEC, &mut out);
         assert!(dead_writes(&out).is_empty(), "{out:?}");
     }
     let mut tracker = tracker();
-    let mut events = peer_closed_then_left(TcpState::LastAck, 0, false);
-    events[2].facts.written_after_peer_close = None;
+    let events = peer_closed_then_left(TcpState::LastAck, None, false);
     let mut out = run(&mut tracker, &events);
     tracker.tick(30 * SEC, &mut out);
     assert!(dead_writes(&out).is_empty(), "{out:?}");
