@@ -31,7 +31,7 @@ use crate::{
     kernel::{
         loader::Probes,
         offsets::{resolve_offsets, SystemLayout},
-        probes::PROBES,
+        probes::{missing_length_probes, PROBES},
         readings::KernelReadings,
     },
     services::SharedServices,
@@ -300,6 +300,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let services = SharedServices::from_config(&config)?;
     let mut pipeline = new_pipeline(&config, &services, &metrics, can_sample_capture);
+    if !missing_length_probes(&probes.status).is_empty() {
+        pipeline.without_send_receive_probes();
+    }
     let mut fd_probe_arming = FdProbeArming::new();
     // Not needed since before the start: the connections found at start are in the tracker
     // by the first decision (seeded from /proc), so the programs come off at once if none of

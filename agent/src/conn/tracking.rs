@@ -274,6 +274,10 @@ pub struct Tracker {
     /// caused the reset reports itself (on loopback the reset closes the socket inside that
     /// send, before the send's own event) or the application's next read tells their fate.
     unseen_before_reset: HashMap<u64, UnseenWrite>,
+    /// Whether unseen bytes count at all: only where the send/receive programs exist, whose
+    /// reads tell a dead write's fate (without them, as on 6.1, every one would read
+    /// "unnoticed", and dead writes are documented as not seen there).
+    count_unseen: bool,
     dead_writes: DeadWriteTracker,
     dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
@@ -303,6 +307,7 @@ impl Tracker {
             peer_closed_open: HashMap::new(),
             peer_closed_seeded: 0,
             unseen_before_reset: HashMap::new(),
+            count_unseen: true,
             dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
             dead_write_scratch: Vec::new(),
             max_connections,
@@ -326,6 +331,12 @@ impl Tracker {
                     .get(&sk)
                     .map(|(e, _, flow)| (*e, *flow))
             })
+    }
+
+    /// This kernel has no send/receive programs: no dead write is counted from the sequence
+    /// numbers alone (see [`Tracker::count_unseen`]).
+    pub fn without_send_receive_probes(&mut self) {
+        self.count_unseen = false;
     }
 
     pub fn dead_writes(&self) -> &DeadWriteTracker {
@@ -669,7 +680,11 @@ impl Tracker {
     /// events were lost) are one more dead write, whose fate the application's next read
     /// tells as for any other. How many calls wrote them is unknown: counted as one.
     fn written_unseen(&mut self, event: &SockEventRecord, endpoint: Endpoint) {
-        let Some(written) = event.facts.written_after_peer_close else {
+        let Some(written) = event
+            .facts
+            .written_after_peer_close
+            .filter(|_| self.count_unseen)
+        else {
             return;
         };
         let seen = self

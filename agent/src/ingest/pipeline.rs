@@ -129,6 +129,11 @@ impl Pipeline {
         self.capture.disable();
     }
 
+    /// This kernel has no send/receive programs (see `Tracker::without_send_receive_probes`).
+    pub fn without_send_receive_probes(&mut self) {
+        self.tracker.without_send_receive_probes();
+    }
+
     /// New capture sample shifts for the kernel (one per service slot), once, after the tick
     /// that chose them.
     pub fn take_capture_shift(&mut self) -> Option<Vec<u32>> {

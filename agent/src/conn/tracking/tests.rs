@@ -745,6 +745,19 @@ fn an_unseen_write_before_the_applications_close_is_its_own() {
     assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unnoticed);
 }
 
+/// Without send/receive programs (6.1) no read tells a write's fate, and dead writes are
+/// documented as not seen: the sequence numbers alone count none.
+#[test]
+fn no_write_is_counted_from_sequence_numbers_without_the_send_programs() {
+    let mut tracker = tracker();
+    tracker.without_send_receive_probes();
+    for (new, reset) in [(TcpState::Close, true), (TcpState::LastAck, false)] {
+        let mut out = run(&mut tracker, &peer_closed_then_left(new, Some(24), reset));
+        tracker.tick(30 * SEC, &mut out);
+        assert!(dead_writes(&out).is_empty(), "{out:?}");
+    }
+}
+
 /// Nothing written after the peer's close, or no sequence numbers from this kernel: nothing.
 #[test]
 fn no_write_after_the_peer_closed_is_no_dead_write() {
