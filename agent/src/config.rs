@@ -211,6 +211,12 @@ fn default_true() -> bool {
 }
 
 impl Config {
+    /// Whether any service captures payloads: the send/receive programs copy bytes, and
+    /// cannot come off on demand.
+    pub fn any_captured(&self) -> bool {
+        self.services.iter().any(|service| service.capture)
+    }
+
     /// Loads `path`; a missing file at the default path means defaults, anywhere else it is an
     /// error (an explicit `--config` that does not exist is a mistake worth reporting).
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {

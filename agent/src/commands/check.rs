@@ -406,11 +406,10 @@ fn socket_state_item(probes: &Probes) -> CheckItem {
 fn on_demand_item(config: &Config, blocker: Option<String>) -> CheckItem {
     const ALWAYS: &str = "the send/receive programs stay attached, a program run on every TCP \
                           send and receive on the host";
-    let captured = config.services.iter().any(|service| service.capture);
     let detail = match (config.limits.socket_probes_on_demand, blocker) {
         (false, _) => format!("off (limits.socket_probes_on_demand = false): {ALWAYS}"),
         (true, Some(why)) => format!("not on this kernel: {ALWAYS}; {why}"),
-        (true, None) if captured => "possible here, but a service is captured: the \
+        (true, None) if config.any_captured() => "possible here, but a service is captured: the \
                                      send/receive programs stay attached while one is"
             .to_owned(),
         (true, None) => "on: with nothing captured, the send/receive programs are attached \

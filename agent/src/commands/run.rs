@@ -135,9 +135,8 @@ impl LengthProbeArming {
         pipeline: &Pipeline,
         metrics: &Metrics,
     ) {
-        let on_demand = config.limits.socket_probes_on_demand
-            && self.kernel_can
-            && !config.services.iter().any(|s| s.capture);
+        let on_demand =
+            config.limits.socket_probes_on_demand && self.kernel_can && !config.any_captured();
         let now = Instant::now();
         if !on_demand || pipeline.any_peer_closed() {
             self.needed_at = now;

@@ -84,7 +84,7 @@ enum FdProbes {
 impl Probes {
     pub fn load(config: &Config, resolution: &Resolution) -> anyhow::Result<Probes> {
         let offsets = &resolution.offsets;
-        let capture_len = if config.services.iter().any(|s| s.capture) {
+        let capture_len = if config.any_captured() {
             config.limits.capture_bytes
         } else {
             0
