@@ -11,7 +11,9 @@ use agent_common::TcpState;
 use crate::{
     conn::dead_writes::{DeadWrite, DeadWriteTracker},
     kernel::events::{EventKind, SockEventRecord, TcpTrouble},
-    model::{ClosedBy, ConnectFailureReason, ResetDirection, RetransmitKind, Role},
+    model::{
+        ClosedBy, ConnectFailureReason, DeadWriteOutcome, ResetDirection, RetransmitKind, Role,
+    },
     services::SharedServices,
 };
 
@@ -274,10 +276,10 @@ pub struct Tracker {
     /// caused the reset reports itself (on loopback the reset closes the socket inside that
     /// send, before the send's own event) or the application's next read tells their fate.
     unseen_before_reset: HashMap<u64, UnseenWrite>,
-    /// Whether unseen bytes count at all: only where the send/receive programs exist, whose
-    /// reads tell a dead write's fate (without them, as on 6.1, every one would read
-    /// "unnoticed", and dead writes are documented as not seen there).
-    count_unseen: bool,
+    /// Whether the send/receive programs exist (they do not before 6.4): without them no send
+    /// reports a write and no read tells its fate, so the bytes the kernel's sequence numbers
+    /// count are the only dead write there is, with [`DeadWriteOutcome::Unknown`].
+    send_receive_probes: bool,
     dead_writes: DeadWriteTracker,
     dead_write_scratch: Vec<DeadWrite>,
     max_connections: usize,
@@ -307,7 +309,7 @@ impl Tracker {
             peer_closed_open: HashMap::new(),
             peer_closed_seeded: 0,
             unseen_before_reset: HashMap::new(),
-            count_unseen: true,
+            send_receive_probes: true,
             dead_writes: DeadWriteTracker::new(max_connections.min(4096)),
             dead_write_scratch: Vec::new(),
             max_connections,
@@ -333,10 +335,9 @@ impl Tracker {
             })
     }
 
-    /// This kernel has no send/receive programs: no dead write is counted from the sequence
-    /// numbers alone (see [`Tracker::count_unseen`]).
+    /// This kernel has no send/receive programs (see [`Tracker::send_receive_probes`]).
     pub fn without_send_receive_probes(&mut self) {
-        self.count_unseen = false;
+        self.send_receive_probes = false;
     }
 
     pub fn dead_writes(&self) -> &DeadWriteTracker {
@@ -680,13 +681,13 @@ impl Tracker {
     /// events were lost) are one more dead write, whose fate the application's next read
     /// tells as for any other. How many calls wrote them is unknown: counted as one.
     fn written_unseen(&mut self, event: &SockEventRecord, endpoint: Endpoint) {
-        let Some(written) = event
-            .facts
-            .written_after_peer_close
-            .filter(|_| self.count_unseen)
-        else {
+        let Some(written) = event.facts.written_after_peer_close else {
             return;
         };
+        if !self.send_receive_probes {
+            self.written_without_send_receive_probes(event, endpoint, written);
+            return;
+        }
         let seen = self
             .peer_closed_open
             .get_mut(&event.sk)
@@ -708,6 +709,36 @@ impl Tracker {
         } else {
             self.record_unseen(event.sk, unseen, UNKNOWN_WRITER, 0);
         }
+    }
+
+    /// Without send/receive programs the kernel's count is all there is: one dead write now,
+    /// its fate unknown (no read will tell it, no send will claim its bytes).
+    fn written_without_send_receive_probes(
+        &mut self,
+        event: &SockEventRecord,
+        endpoint: Endpoint,
+        written: u32,
+    ) {
+        if written == 0 {
+            return;
+        }
+        // After a reset, the task the kernel interrupted, not the writer (see settle_unseen).
+        let (comm, pid) = if event.facts.reset_received_ns == 0 {
+            (event.comm.as_str(), event.pid)
+        } else {
+            (UNKNOWN_WRITER, 0)
+        };
+        self.dead_write_scratch.push(DeadWrite {
+            sk: event.sk,
+            endpoint,
+            comm: comm.to_owned(),
+            pid,
+            ts_ns: event.ts_ns,
+            bytes: u64::from(written),
+            command: None,
+            queue: None,
+            outcome: DeadWriteOutcome::Unknown,
+        });
     }
 
     /// Unseen bytes before a reset that no send has claimed: a dead write from here on. A

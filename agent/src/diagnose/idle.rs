@@ -271,6 +271,12 @@ fn dead_write_evidence(writes: &DeadWrites, finding: &mut Finding) {
                 DeadWriteOutcome::Unnoticed => format!("{count} unnoticed"),
                 DeadWriteOutcome::Eof => format!("{count} then read EOF"),
                 DeadWriteOutcome::Reset => format!("{count} then got a reset/EPIPE"),
+                DeadWriteOutcome::Unknown => {
+                    format!(
+                        "{count} of unknown fate, each one or more writes before the close \
+                         (no send/receive tracepoints on this kernel)"
+                    )
+                }
             })
             .collect();
         finding.evidence.push(format!(

@@ -133,6 +133,10 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
         resolver.take_tcp_activity(source);
         resolver.take_tcp_sequence(source);
         resolver.take_syscall_regs(source);
+    } else {
+        // The state-change program reads write_seq on every kernel: without send/receive
+        // tracepoints (before 6.4) it is how a dead-socket write is seen at all.
+        resolver.take_tcp_sequence(source);
     }
     Resolution {
         offsets: resolver.offsets,

@@ -55,7 +55,7 @@ pub const PROBES: &[ProbeSpec] = &[
         program: "sock_send_length",
         category: "sock",
         event: "sock_send_length",
-        impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes not seen; no payload capture, so no memcache decoding",
+        impact: "no send activity stamps (idle-before-close counts from the open); dead-socket writes only as the socket leaves CLOSE_WAIT (TCP sequence numbers: one per connection, bytes exact, outcome unknown); no payload capture, so no memcache decoding",
         raw_program: Some("raw_sock_send_length"),
         link_program: None,
     },

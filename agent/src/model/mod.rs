@@ -76,6 +76,11 @@ vocabulary! {
         Reset => "reset",
         /// Nothing within the window: the application never found out.
         Unnoticed => "unnoticed",
+        /// Not knowable here: a kernel without the send/receive tracepoints (before 6.4) tells
+        /// the bytes written after the peer closed, from TCP's sequence numbers when the socket
+        /// leaves CLOSE_WAIT, but not the application's next read. One per connection, however
+        /// many writes made those bytes.
+        Unknown => "unknown",
     }
 }
 

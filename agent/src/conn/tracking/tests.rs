@@ -745,14 +745,36 @@ fn an_unseen_write_before_the_applications_close_is_its_own() {
     assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unnoticed);
 }
 
-/// Without send/receive programs (6.1) no read tells a write's fate, and dead writes are
-/// documented as not seen: the sequence numbers alone count none.
+/// Without send/receive programs (6.1) the kernel's count is the only dead write: reported at
+/// the socket's leaving CLOSE_WAIT, bytes exact, fate unknown (no read will tell it); the
+/// application's name on its own close, "unknown" after a reset. Nothing written: nothing.
 #[test]
-fn no_write_is_counted_from_sequence_numbers_without_the_send_programs() {
-    let mut tracker = tracker();
-    tracker.without_send_receive_probes();
-    for (new, reset) in [(TcpState::Close, true), (TcpState::LastAck, false)] {
+fn without_the_send_programs_a_write_is_counted_from_sequence_numbers_of_unknown_fate() {
+    for (new, reset, comm) in [
+        (TcpState::Close, true, UNKNOWN_WRITER),
+        (TcpState::LastAck, false, "python3"),
+    ] {
+        let mut tracker = tracker();
+        tracker.without_send_receive_probes();
         let mut out = run(&mut tracker, &peer_closed_then_left(new, Some(24), reset));
+        let writes = dead_writes(&out);
+        assert_eq!(writes.len(), 1, "at once, not after a window: {out:?}");
+        assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unknown);
+        assert_eq!(writes[0].bytes, 24);
+        assert_eq!(writes[0].comm, comm);
+        assert_eq!(writes[0].endpoint, client_endpoint());
+        assert_eq!(writes[0].ts_ns, 5 * SEC);
+        out.clear();
+        tracker.tick(30 * SEC, &mut out);
+        assert!(dead_writes(&out).is_empty(), "counted twice: {out:?}");
+    }
+    for written in [Some(0), None] {
+        let mut tracker = tracker();
+        tracker.without_send_receive_probes();
+        let mut out = run(
+            &mut tracker,
+            &peer_closed_then_left(TcpState::LastAck, written, false),
+        );
         tracker.tick(30 * SEC, &mut out);
         assert!(dead_writes(&out).is_empty(), "{out:?}");
     }

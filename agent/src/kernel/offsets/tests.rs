@@ -130,6 +130,8 @@ fn kernel_6_1_fixture_with_its_real_btf() {
         (16, 18, 56, 72)
     );
     assert!(offsets.can_learn_sockets());
+    // Read at state changes, where it is the only way a dead-socket write is seen here.
+    assert_ne!(offsets.tcp_write_seq, OFFSET_UNKNOWN);
     let reasons: Vec<&str> = resolution
         .missing
         .iter()

@@ -27,7 +27,9 @@ pub(super) const fn wanted(
 
 pub(super) const TCP_SEQUENCE_LOST: &str =
     "kernel BTF has no 4-byte tcp_sock write_seq and copied_seq: \
-    requests carry no id, so client and server exemplars of one request cannot be joined";
+    requests carry no id, so client and server exemplars of one request cannot be joined, and \
+    a write after the peer closed is seen only by a send program (on demand, one made before the \
+    programs are back goes uncounted; without them, none is seen)";
 
 pub(super) const LIFECYCLE_LOST: &str =
     "connection lifecycle (opened/closed, closed_by, durations) unavailable";
