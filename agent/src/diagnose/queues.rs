@@ -9,7 +9,9 @@ fn outcome_words(outcome: &str) -> &'static str {
         "unnoticed" => "no error reached the producer: silently lost",
         "eof" => "the producer then read EOF (it could have retried)",
         "reset" => "the producer then got a reset (it could have retried)",
-        "unknown" => "what the producer saw next is not known on this kernel (no send/receive tracepoints)",
+        "unknown" => {
+            "what the producer saw next is not known on this kernel (no send/receive tracepoints)"
+        }
         _ => "outcome unknown",
     }
 }

@@ -118,6 +118,47 @@ fn idle_disconnects_infer_the_timeout_and_name_the_writers() {
     assert!(!ids(&findings).contains(&"dead-writes"));
 }
 
+/// A kernel without send/receive tracepoints (6.1) counts one dead write per connection at its
+/// close, fate and command unknown: still named and counted, never called unnoticed.
+#[test]
+fn dead_writes_of_unknown_fate_are_counted_but_not_called_lost() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 600);
+    for (i, idle) in [60.3, 60.9, 61.4, 60.2].into_iter().enumerate() {
+        let t = T0 + 100 + 70 * i as u64;
+        idle_close(&mut sim, t, SERVERS[1], idle);
+        sim.record(
+            t + 20,
+            Fact::DeadWrite {
+                service: SERVICE.into(),
+                server: SERVERS[1].into(),
+                role: Role::Client,
+                comm: "unknown".into(),
+                command: None,
+                outcome: DeadWriteOutcome::Unknown,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 600);
+    let finding = only(&findings, "idle-disconnects");
+    assert_eq!(finding.values["idle_timeout_s"], 60.0);
+    assert_eq!(finding.values["dead_writes"], 4.0);
+    assert_eq!(finding.values["dead_writes_unnoticed"], 0.0);
+    assert_ne!(
+        finding.severity,
+        Severity::Critical,
+        "nothing is known lost"
+    );
+    assert!(
+        finding
+            .evidence
+            .iter()
+            .any(|e| e.contains("4 of unknown fate") && e.contains("no send/receive tracepoints")),
+        "{:#?}",
+        finding.evidence
+    );
+}
+
 #[test]
 fn memcached_coarse_idle_timeout_is_still_consistent() {
     // memcached -o idle_timeout=2 closes 3-5 s after the last command (coarse clock).

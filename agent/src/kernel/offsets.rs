@@ -134,8 +134,11 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
         resolver.take_tcp_sequence(source);
         resolver.take_syscall_regs(source);
     } else {
-        // The state-change program reads write_seq on every kernel: without send/receive
-        // tracepoints (before 6.4) it is how a dead-socket write is seen at all.
+        // The state-change program reads these on every kernel. Without send/receive
+        // tracepoints (before 6.4) the activity stamps are the only last activity a close can
+        // be measured from (idle before close), and write_seq the only way a dead-socket
+        // write is seen at all.
+        resolver.take_tcp_activity(source);
         resolver.take_tcp_sequence(source);
     }
     Resolution {
@@ -537,7 +540,8 @@ impl Resolver {
                 subject: "struct tcp_sock members lsndtime, inet_conn.icsk_ack.lrcvtime".into(),
                 reason: "kernel BTF has no 4-byte tcp_sock lsndtime and icsk_ack.lrcvtime: last \
                          activity is stamped on every send and receive instead, which costs more \
-                         per call"
+                         per call (without send/receive tracepoints, idle before close counts \
+                         from the open)"
                     .into(),
             }),
         }

@@ -425,7 +425,10 @@ cacheprobe_dead_socket_writes_total{service=\"memcached\",server=\"127.0.0.1:112
                 &[("c.json", json), ("expect", expect)],
             )
         };
-        let degraded = check_json("missing", "dead-socket writes only as the socket leaves CLOSE_WAIT");
+        let degraded = check_json(
+            "missing",
+            "dead-socket writes only as the socket leaves CLOSE_WAIT",
+        );
         assert_eq!(
             verdict(&degraded, "missing sock/sock_send_length 6.4\n", 0),
             "PASS 2 ok, missing as expected: sock/sock_send_length (needs 6.4+)\n"
@@ -443,15 +446,18 @@ cacheprobe_dead_socket_writes_total{service=\"memcached\",server=\"127.0.0.1:112
              usec\\nstack depth 120+0",
             "0: (bf) r6 = r1\\n".repeat(30)
         );
-        let failed_retransmit_probe = check_json("missing", "dead-socket writes only as the socket leaves CLOSE_WAIT")
-            .replace(
-                "\"detail\": \"attached\"",
-                &format!("\"detail\": \"{verifier_log}\""),
-            )
-            .replace(
-                "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"ok\"",
-                "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"failed\"",
-            );
+        let failed_retransmit_probe = check_json(
+            "missing",
+            "dead-socket writes only as the socket leaves CLOSE_WAIT",
+        )
+        .replace(
+            "\"detail\": \"attached\"",
+            &format!("\"detail\": \"{verifier_log}\""),
+        )
+        .replace(
+            "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"ok\"",
+            "\"tracepoint tcp/tcp_retransmit_skb\",\n      \"status\": \"failed\"",
+        );
         let reason_end = verifier_log.find("\\nverification time").unwrap();
         assert_eq!(
             verdict(

@@ -130,8 +130,11 @@ fn kernel_6_1_fixture_with_its_real_btf() {
         (16, 18, 56, 72)
     );
     assert!(offsets.can_learn_sockets());
-    // Read at state changes, where it is the only way a dead-socket write is seen here.
+    // Read at state changes: the only last activity (idle before close) and the only way a
+    // dead-socket write is seen here.
     assert_ne!(offsets.tcp_write_seq, OFFSET_UNKNOWN);
+    assert_ne!(offsets.tcp_lsndtime, OFFSET_UNKNOWN);
+    assert_ne!(offsets.tcp_lrcvtime, OFFSET_UNKNOWN);
     let reasons: Vec<&str> = resolution
         .missing
         .iter()
@@ -212,7 +215,8 @@ const RAW_UNDESCRIBED: &str = "kernel BTF does not describe the arguments of \
         which cost more per call";
 const NO_TCP_ACTIVITY: &str = "kernel BTF has no 4-byte tcp_sock lsndtime and \
         icsk_ack.lrcvtime: last activity is stamped on every send and receive instead, which \
-        costs more per call";
+        costs more per call (without send/receive tracepoints, idle before close counts from \
+        the open)";
 
 const NO_PT_REGS: &str = "kernel BTF has no struct pt_regs with an 8-byte orig_ax, si and dx on \
         this architecture: payloads are not captured: memcache decoding is unavailable";
