@@ -280,10 +280,10 @@ CONFIG
   done
 }
 
-# start_agent LOG: runs the agent in the background and waits until /metrics answers; on
-# failure AGENT_FAILURE says why.
+# start_agent LOG [CONFIG]: runs the agent in the background (with $WORK/cacheprobe.toml unless
+# CONFIG is given) and waits until /metrics answers; on failure AGENT_FAILURE says why.
 start_agent() {
-  "$CACHEPROBE" run --config "$WORK/cacheprobe.toml" --listen "$METRICS" >"$WORK/$1" 2>&1 &
+  "$CACHEPROBE" run --config "${2:-$WORK/cacheprobe.toml}" --listen "$METRICS" >"$WORK/$1" 2>&1 &
   AGENT_PID=$!
   tries=$((AGENT_START_TIMEOUT * 2))
   while [ "$tries" -gt 0 ]; do
@@ -526,6 +526,73 @@ scenario_preexisting() {
   fi
 }
 
+# --- f. socket probes on demand (the default with nothing captured) -----------------------------
+# With capture off the send/receive programs come off while no watched connection's peer has
+# closed, come back on a peer's FIN, and the late write onto the closed connection is counted
+# all the same (by the send program once back, or from write_seq). Without the tracepoints
+# there is nothing to take off: the write is counted from write_seq as in c.
+scenario_on_demand() {
+  awk '{ print } $0 == "protocol = \"memcache\"" { print "capture = false" }' "$WORK/cacheprobe.toml" >"$WORK/on-demand.toml"
+  if ! start_agent agent-3.log "$WORK/on-demand.toml"; then
+    result on-demand FAIL "$AGENT_FAILURE"
+    kill "$AGENT_PID" 2>/dev/null
+    return
+  fi
+  f=$WORK/on-demand.prom
+  bad=""
+  gauge=cacheprobe_send_receive_probes_attached
+  if ! lacks $SEND; then
+    # The connections found at start are in the tracker by the first decision: none here.
+    tries=20
+    until scrape "$f" && num_eq "$(msum "$f" $gauge)" 0 || [ "$tries" -le 0 ]; do
+      sleep 0.5
+      tries=$((tries - 1))
+    done
+    before=$(msum "$f" $gauge)
+    # A missing series would read as 0.
+    [ "$(mcount "$f" $gauge)" = 1 ] || bad="$bad; $gauge has $(mcount "$f" $gauge) series, want 1"
+    num_eq "$before" 0 || bad="$bad; $gauge=$before with every watched connection healthy, want 0"
+  fi
+  nc 127.0.0.1 "$MEMCACHED_PORT" -e "$WORK/client-dead-write"
+  client_saw=$(cat "$WORK/client-dead-write.out" 2>/dev/null)
+  case "$client_saw" in
+    "first=STORED late-write-status=0 then=eof-or-error "*) ;;
+    *) bad="$bad; the client did not write after the close and see it fail: $client_saw" ;;
+  esac
+  wait_for 20 "$f" cacheprobe_dead_socket_writes_total 1
+  sleep 2
+  scrape "$f"
+  total=$(msum "$f" cacheprobe_dead_socket_writes_total)
+  unnoticed=$(msum "$f" cacheprobe_dead_socket_writes_total outcome=unnoticed)
+  outcomes=$(awk '/^cacheprobe_dead_socket_writes_total\{/ { match($0, /outcome="[^"]*"/); printf "%s%s", sep, substr($0, RSTART + 9, RLENGTH - 10); sep = "," }' "$f")
+  num_eq "$total" 1 || bad="$bad; dead_socket_writes_total=$total, want 1"
+  num_eq "$unnoticed" 0 || bad="$bad; outcome unnoticed=$unnoticed, want 0 (the client read eof)"
+  detail="capture off: dead_socket_writes_total=1 outcome=$outcomes"
+  if ! lacks $SEND; then
+    # Off again once the closed connection is forgotten (10 s after its close, for sends that
+    # race it).
+    tries=40
+    until scrape "$f" && num_eq "$(msum "$f" $gauge)" 0 || [ "$tries" -le 0 ]; do
+      sleep 0.5
+      tries=$((tries - 1))
+    done
+    after=$(msum "$f" $gauge)
+    num_eq "$after" 0 || bad="$bad; $gauge=$after after the closed connection was gone, want 0"
+    # Only a receive program back in time sees the client's read of EOF (or its reset).
+    told=$(awk -v eof="$(msum "$f" cacheprobe_dead_socket_writes_total outcome=eof)" \
+      -v reset="$(msum "$f" cacheprobe_dead_socket_writes_total outcome=reset)" 'BEGIN { print eof + reset }')
+    num_eq "$told" 1 || bad="$bad; outcome eof or reset=$told, want 1 (the programs were not back for the client's read)"
+    detail="$detail; send/receive programs attached: $before before the peer's close, $after after"
+  fi
+  dump on-demand.prom "$f"
+  stop_agent
+  if [ -z "$bad" ]; then
+    result on-demand PASS "$detail"
+  else
+    result on-demand FAIL "${bad#; }"
+  fi
+}
+
 # Sourced with CPTEST_FUNCTIONS_ONLY=1 by xtask's unit tests, which exercise the helpers above.
 if [ -n "${CPTEST_FUNCTIONS_ONLY:-}" ]; then
   return 0
@@ -551,5 +618,7 @@ dump agent.log "$WORK/agent.log"
 # A fresh agent, so that only the connection opened before it counts.
 scenario_preexisting
 dump agent-2.log "$WORK/agent-2.log"
+scenario_on_demand
+dump agent-3.log "$WORK/agent-3.log"
 kill "$MEMCACHED_PID" 2>/dev/null
 wait 2>/dev/null

@@ -166,6 +166,7 @@ CPTEST-DONE 6.1.0-56-cloud-amd64
                 ),
                 ("memcache-decoding", Verdict::Fail, "no result"),
                 ("preexisting-connection", Verdict::Fail, "no result"),
+                ("on-demand", Verdict::Fail, "no result"),
             ]
         );
     }

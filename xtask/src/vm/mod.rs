@@ -51,6 +51,7 @@ pub const SCENARIOS: &[&str] = &[
     "memcache-decoding",
     "shutdown",
     "preexisting-connection",
+    "on-demand",
 ];
 
 /// The first mainline release with a tracepoint, for tracepoints a supported kernel may lack:
