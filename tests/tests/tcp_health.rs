@@ -133,6 +133,70 @@ fn no_dead_writes_without_idle_close() {
     );
 }
 
+/// A client that half-closes after its requests (shutdown(SHUT_WR), as `printf 'stats\r\n' |
+/// nc -N` does) still reads memcached's replies: they go out after the client's FIN, but the
+/// client takes them, so they are no dead writes (memcached's server-side sockets used to count
+/// every such reply). Its requests are still decoded, and a client that really closed still
+/// counts (late_writes_after_idle_close_are_dead_writes).
+#[test]
+fn replies_to_a_half_closed_client_are_not_dead_writes() {
+    require_root();
+    let port = unique_port();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let agent = Agent::start("halfclose", &[("memcached", port, "memcache")]).unwrap();
+    python(
+        None,
+        &format!(
+            "import socket\n\
+             for i in range(5):\n\
+             \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+             \x20   s.sendall(b'set k 0 0 1\\r\\nv\\r\\nget k\\r\\nstats\\r\\n')\n\
+             \x20   s.shutdown(socket.SHUT_WR)\n\
+             \x20   reply = b''\n\
+             \x20   while True:\n\
+             \x20       d = s.recv(65536)\n\
+             \x20       if not d:\n\
+             \x20           break\n\
+             \x20       reply += d\n\
+             \x20   assert reply.startswith(b'STORED\\r\\nVALUE k 0 1\\r\\nv\\r\\nEND\\r\\n'), reply\n\
+             \x20   assert reply.endswith(b'END\\r\\n'), reply[-40:]\n\
+             \x20   s.close()\n"
+        ),
+    )
+    .unwrap();
+    let scrape = agent.wait_for(WAIT, |s| {
+        s.sum("cacheprobe_connections_closed_total", &[]) >= 10.0
+            && s.sum(
+                "cacheprobe_memcache_requests_total",
+                &[("role", "server"), ("command", "get")],
+            ) >= 5.0
+    });
+    assert_eq!(
+        scrape.sum("cacheprobe_connections_closed_total", &[]),
+        10.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("role", "server"), ("command", "get"), ("status", "hit")]
+        ),
+        5.0,
+        "{}",
+        scrape.text
+    );
+    // Past the 5 s window in which an unanswered write would still be waiting for a reset.
+    std::thread::sleep(Duration::from_secs(6));
+    let scrape = agent.scrape();
+    assert_eq!(
+        scrape.sum("cacheprobe_dead_socket_writes_total", &[]),
+        0.0,
+        "{}",
+        scrape.text
+    );
+}
+
 /// Random drops inside the server namespace make the client retransmit SYNs and data and the
 /// server retransmit SYN-ACKs; each is counted against the server endpoint. The rule lives in a
 /// namespace the test owns, so it disappears with the namespace on every exit path.

@@ -1,12 +1,15 @@
 //! Dead-socket writes: sends onto a connection whose peer had already closed it. Such a write
-//! can never be answered; old memcache clients lost SETs this way without noticing. Each write is
-//! reported once its fate is known: the application's next read saw EOF, an error (reset), or
-//! nothing happened within [`OUTCOME_WINDOW_NS`] (unnoticed).
+//! can never be answered; old memcache clients lost SETs this way without noticing. A write after
+//! the peer's FIN is dead only once the peer answers it with a reset: a peer that only
+//! half-closed (shutdown(SHUT_WR), `nc -N`) takes the bytes, and the connection then ends
+//! without one. Each dead write is reported once its fate is known too: the application's next
+//! read saw EOF, an error (reset), or nothing happened within [`OUTCOME_WINDOW_NS`] (unnoticed).
 
 use foldhash::{HashMap, HashMapExt};
 
 use crate::{conn::tracking::Endpoint, model::DeadWriteOutcome};
 
+/// How long a write waits for its fate, and for the reset that makes it dead (one round trip).
 pub const OUTCOME_WINDOW_NS: u64 = 5_000_000_000;
 
 const EAGAIN: i64 = 11;
@@ -35,6 +38,10 @@ struct Pending {
     /// When a new socket took the address (0: not yet): writes stamped before were made on the
     /// old one, and the new socket's sends do not name them.
     reused_ns: u64,
+    /// The peer answered with a reset: the writes were not taken.
+    dead: bool,
+    /// What the application saw next, once known.
+    outcome: Option<DeadWriteOutcome>,
 }
 
 /// Pending dead writes per socket, bounded in sockets and in writes per socket.
@@ -44,6 +51,8 @@ pub struct DeadWriteTracker {
     max_sockets: usize,
     max_writes_per_socket: usize,
     pub dropped: u64,
+    /// Writes after a peer's FIN that the peer took: no reset came (it had only half-closed).
+    pub delivered: u64,
 }
 
 impl DeadWriteTracker {
@@ -53,11 +62,13 @@ impl DeadWriteTracker {
             max_sockets,
             max_writes_per_socket: 64,
             dropped: 0,
+            delivered: 0,
         }
     }
 
-    /// A send returned `ret` on socket `sk` after its peer closed. Successful sends start a
-    /// pending dead write; a failed send tells the application of the failure.
+    /// A send returned `ret` on socket `sk` after its peer closed; `reset` when the peer's
+    /// reset had already arrived (on loopback it does inside the send that drew it). A
+    /// successful send starts a pending write; a failed one tells the application of the reset.
     #[allow(clippy::too_many_arguments)]
     pub fn on_send(
         &mut self,
@@ -67,47 +78,151 @@ impl DeadWriteTracker {
         ret: i64,
         comm: &str,
         pid: u32,
+        reset: bool,
         out: &mut Vec<DeadWrite>,
     ) {
         if ret > 0 {
-            if !self.pending.contains_key(&sk) && self.pending.len() >= self.max_sockets {
-                self.dropped += 1;
-                return;
+            self.push(sk, endpoint, ts_ns, ret as u64, comm, pid, None);
+            if reset {
+                self.reset_received(sk, out);
             }
-            let pending = self.pending.entry(sk).or_insert_with(|| Pending {
-                endpoint,
-                writes: Vec::new(),
-                reused_ns: 0,
-            });
-            if pending.writes.len() >= self.max_writes_per_socket {
-                self.dropped += 1;
-                return;
-            }
-            pending.writes.push(DeadWrite {
-                sk,
-                endpoint,
-                comm: comm.to_string(),
-                pid,
-                ts_ns,
-                bytes: ret as u64,
-                command: None,
-                queue: None,
-                outcome: DeadWriteOutcome::Unnoticed,
-            });
         } else if ret < 0 && -ret != EAGAIN && -ret != EINTR {
-            self.resolve(sk, DeadWriteOutcome::Reset, out);
+            // EPIPE or ECONNRESET: the reset came, and the application saw it.
+            self.told(sk, DeadWriteOutcome::Reset, true, out);
         }
     }
 
-    /// A receive returned `ret` on a socket whose peer had closed.
-    pub fn on_recv(&mut self, sk: u64, ret: i64, out: &mut Vec<DeadWrite>) {
+    /// Bytes written after the peer closed whose fate is already settled as `outcome` (the
+    /// sequence numbers' count where no read tells it): dead once a reset comes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_unseen(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        ts_ns: u64,
+        bytes: u64,
+        comm: &str,
+        pid: u32,
+        outcome: Option<DeadWriteOutcome>,
+        reset: bool,
+        out: &mut Vec<DeadWrite>,
+    ) {
+        if bytes == 0 {
+            return;
+        }
+        self.push(sk, endpoint, ts_ns, bytes, comm, pid, outcome);
+        if reset {
+            self.reset_received(sk, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        sk: u64,
+        endpoint: Endpoint,
+        ts_ns: u64,
+        bytes: u64,
+        comm: &str,
+        pid: u32,
+        outcome: Option<DeadWriteOutcome>,
+    ) {
+        if !self.pending.contains_key(&sk) && self.pending.len() >= self.max_sockets {
+            self.dropped += 1;
+            return;
+        }
+        let pending = self.pending.entry(sk).or_insert_with(|| Pending {
+            endpoint,
+            writes: Vec::new(),
+            reused_ns: 0,
+            dead: false,
+            outcome: None,
+        });
+        if pending.writes.len() >= self.max_writes_per_socket {
+            self.dropped += 1;
+            return;
+        }
+        if pending.outcome.is_none() {
+            pending.outcome = outcome;
+        }
+        pending.writes.push(DeadWrite {
+            sk,
+            endpoint,
+            comm: comm.to_string(),
+            pid,
+            ts_ns,
+            bytes,
+            command: None,
+            queue: None,
+            outcome: DeadWriteOutcome::Unnoticed,
+        });
+    }
+
+    /// A receive returned `ret` on a socket whose peer had closed; `reset` as for
+    /// [`DeadWriteTracker::on_send`].
+    pub fn on_recv(&mut self, sk: u64, ret: i64, reset: bool, out: &mut Vec<DeadWrite>) {
         match ret {
-            0 => self.resolve(sk, DeadWriteOutcome::Eof, out),
+            0 => self.told(sk, DeadWriteOutcome::Eof, reset, out),
             r if r < 0 && -r != EAGAIN && -r != EINTR => {
-                self.resolve(sk, DeadWriteOutcome::Reset, out)
+                self.told(sk, DeadWriteOutcome::Reset, true, out)
             }
             // Data still buffered from before the close, or nothing yet: keep waiting.
-            _ => {}
+            _ => {
+                if reset {
+                    self.reset_received(sk, out);
+                }
+            }
+        }
+    }
+
+    /// The peer reset the connection: its pending writes are dead.
+    pub fn reset_received(&mut self, sk: u64, out: &mut Vec<DeadWrite>) {
+        if let Some(pending) = self.pending.get_mut(&sk) {
+            pending.dead = true;
+        }
+        self.settle(sk, out);
+    }
+
+    /// The socket closed, with or without a reset. Without one the peer acknowledged this
+    /// side's FIN, which follows the writes: it took them (it had only half-closed).
+    pub fn closed(&mut self, sk: u64, reset: bool, out: &mut Vec<DeadWrite>) {
+        if reset {
+            self.reset_received(sk, out);
+        } else if self.pending.get(&sk).is_some_and(|p| !p.dead) {
+            self.forget_delivered(sk);
+        }
+    }
+
+    fn told(&mut self, sk: u64, outcome: DeadWriteOutcome, reset: bool, out: &mut Vec<DeadWrite>) {
+        if let Some(pending) = self.pending.get_mut(&sk) {
+            pending.outcome.get_or_insert(outcome);
+            pending.dead |= reset;
+        }
+        self.settle(sk, out);
+    }
+
+    /// Reports the socket's writes once they are dead and their fate is known.
+    fn settle(&mut self, sk: u64, out: &mut Vec<DeadWrite>) {
+        let Some(pending) = self.pending.get(&sk) else {
+            return;
+        };
+        if let (true, Some(outcome)) = (pending.dead, pending.outcome) {
+            self.report(sk, outcome, out);
+        }
+    }
+
+    fn report(&mut self, sk: u64, outcome: DeadWriteOutcome, out: &mut Vec<DeadWrite>) {
+        if let Some(pending) = self.pending.remove(&sk) {
+            out.extend(pending.writes.into_iter().map(|mut write| {
+                write.outcome = outcome;
+                write
+            }));
+        }
+    }
+
+    fn forget_delivered(&mut self, sk: u64) {
+        if let Some(pending) = self.pending.remove(&sk) {
+            self.delivered += pending.writes.len() as u64;
         }
     }
 
@@ -154,18 +269,11 @@ impl DeadWriteTracker {
         }
     }
 
-    fn resolve(&mut self, sk: u64, outcome: DeadWriteOutcome, out: &mut Vec<DeadWrite>) {
-        if let Some(pending) = self.pending.remove(&sk) {
-            out.extend(pending.writes.into_iter().map(|mut write| {
-                write.outcome = outcome;
-                write
-            }));
-        }
-    }
-
-    /// Reports writes whose window passed without the application noticing.
+    /// Past the window: dead writes the application never noticed are reported as such; writes
+    /// no reset answered in a whole window were taken (or the peer is gone without a word,
+    /// which the retransmit counters tell).
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<DeadWrite>) {
-        let expired: Vec<u64> = self
+        let expired: Vec<(u64, bool)> = self
             .pending
             .iter()
             .filter(|(_, pending)| {
@@ -174,10 +282,17 @@ impl DeadWriteTracker {
                     .first()
                     .is_some_and(|w| now_ns.saturating_sub(w.ts_ns) >= OUTCOME_WINDOW_NS)
             })
-            .map(|(&sk, _)| sk)
+            .map(|(&sk, pending)| (sk, pending.dead))
             .collect();
-        for sk in expired {
-            self.resolve(sk, DeadWriteOutcome::Unnoticed, out);
+        for (sk, dead) in expired {
+            if dead {
+                let outcome = self.pending[&sk]
+                    .outcome
+                    .unwrap_or(DeadWriteOutcome::Unnoticed);
+                self.report(sk, outcome, out);
+            } else {
+                self.forget_delivered(sk);
+            }
         }
     }
 
@@ -205,13 +320,15 @@ mod tests {
     fn write_then_eof_is_eof() {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, 16, "python3", 7, &mut out);
+        tracker.on_send(1, endpoint(), SEC, 16, "python3", 7, false, &mut out);
         // A send stamped before the write is not its payload.
         tracker.name(1, SEC - 1, Some("get"), None);
         tracker.name(1, SEC + 5, Some("set"), Some(b"jobs"));
         tracker.name(1, SEC + 9, Some("get"), None);
         assert!(out.is_empty());
-        tracker.on_recv(1, 0, &mut out);
+        tracker.on_recv(1, 0, false, &mut out);
+        assert!(out.is_empty(), "not dead before the peer's reset");
+        tracker.closed(1, true, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, DeadWriteOutcome::Eof);
         assert_eq!(out[0].comm, "python3");
@@ -227,13 +344,13 @@ mod tests {
     fn a_new_socket_at_the_address_does_not_name_the_old_sockets_write() {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, 9, "python3", 7, &mut out);
+        tracker.on_send(1, endpoint(), SEC, 9, "python3", 7, false, &mut out);
         tracker.socket_reused(1, SEC + 10);
         tracker.name(1, SEC + 20, Some("gets"), None);
         // The new socket's own dead write is still named by its bytes.
-        tracker.on_send(1, endpoint(), SEC + 30, 12, "python3", 7, &mut out);
+        tracker.on_send(1, endpoint(), SEC + 30, 12, "python3", 7, false, &mut out);
         tracker.name(1, SEC + 40, Some("gets"), None);
-        tracker.on_recv(1, -104, &mut out);
+        tracker.on_recv(1, -104, false, &mut out);
         let commands: Vec<_> = out.iter().map(|w| w.command).collect();
         assert_eq!(commands, [None, Some("gets")]);
     }
@@ -242,16 +359,16 @@ mod tests {
     fn failed_next_write_or_read_is_reset_and_eagain_is_not_an_answer() {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, 16, "ruby", 1, &mut out);
-        tracker.on_recv(1, -EAGAIN, &mut out);
-        tracker.on_recv(1, 5, &mut out);
+        tracker.on_send(1, endpoint(), SEC, 16, "ruby", 1, false, &mut out);
+        tracker.on_recv(1, -EAGAIN, false, &mut out);
+        tracker.on_recv(1, 5, false, &mut out);
         assert!(out.is_empty());
-        tracker.on_send(1, endpoint(), SEC, -32, "ruby", 1, &mut out);
+        tracker.on_send(1, endpoint(), SEC, -32, "ruby", 1, false, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].outcome, DeadWriteOutcome::Reset);
 
-        tracker.on_send(2, endpoint(), SEC, 10, "ruby", 1, &mut out);
-        tracker.on_recv(2, -104, &mut out);
+        tracker.on_send(2, endpoint(), SEC, 10, "ruby", 1, false, &mut out);
+        tracker.on_recv(2, -104, false, &mut out);
         assert_eq!(out[1].outcome, DeadWriteOutcome::Reset);
     }
 
@@ -259,7 +376,7 @@ mod tests {
     fn failed_write_without_earlier_dead_write_counts_nothing() {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, -32, "x", 1, &mut out);
+        tracker.on_send(1, endpoint(), SEC, -32, "x", 1, false, &mut out);
         tracker.expire(100 * SEC, &mut out);
         assert!(out.is_empty());
     }
@@ -268,8 +385,8 @@ mod tests {
     fn silence_for_the_window_is_unnoticed() {
         let mut tracker = DeadWriteTracker::new(10);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, 16, "x", 1, &mut out);
-        tracker.on_send(1, endpoint(), 2 * SEC, 16, "x", 1, &mut out);
+        tracker.on_send(1, endpoint(), SEC, 16, "x", 1, true, &mut out);
+        tracker.on_send(1, endpoint(), 2 * SEC, 16, "x", 1, false, &mut out);
         tracker.expire(5 * SEC, &mut out);
         assert!(out.is_empty());
         tracker.expire(6 * SEC, &mut out);
@@ -277,15 +394,77 @@ mod tests {
         assert!(out.iter().all(|w| w.outcome == DeadWriteOutcome::Unnoticed));
     }
 
+    /// A peer that only half-closed (shutdown(SHUT_WR), `nc -N`) takes the writes: the
+    /// connection ends without a reset, or no reset comes within the window. Not dead.
+    #[test]
+    fn writes_a_half_closed_peer_takes_are_not_dead() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 31, "memcached", 1, false, &mut out);
+        tracker.on_recv(1, 0, false, &mut out);
+        tracker.closed(1, false, &mut out);
+        tracker.on_send(2, endpoint(), SEC, 8, "memcached", 1, false, &mut out);
+        tracker.expire(7 * SEC, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(tracker.delivered, 2);
+        assert!(!tracker.has_pending(1) && !tracker.has_pending(2));
+    }
+
+    /// The reset may come before the write's own event (loopback), with it, after the read,
+    /// or as the close: any of them makes the pending writes dead.
+    #[test]
+    fn a_reset_however_it_arrives_makes_the_writes_dead() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 16, "a", 1, true, &mut out);
+        tracker.on_recv(1, 0, false, &mut out);
+        tracker.on_send(2, endpoint(), SEC, 16, "b", 1, false, &mut out);
+        tracker.on_recv(2, 0, false, &mut out);
+        tracker.reset_received(2, &mut out);
+        tracker.on_send(3, endpoint(), SEC, 16, "c", 1, false, &mut out);
+        tracker.on_recv(3, 0, true, &mut out);
+        let seen: Vec<_> = out.iter().map(|w| (w.comm.as_str(), w.outcome)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("a", DeadWriteOutcome::Eof),
+                ("b", DeadWriteOutcome::Eof),
+                ("c", DeadWriteOutcome::Eof)
+            ]
+        );
+        // Bytes counted from sequence numbers with a fate known in advance (no receive program).
+        out.clear();
+        tracker.on_unseen(
+            4,
+            endpoint(),
+            SEC,
+            24,
+            "d",
+            1,
+            Some(DeadWriteOutcome::Unknown),
+            false,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        tracker.closed(4, true, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].bytes, out[0].outcome),
+            (24, DeadWriteOutcome::Unknown)
+        );
+        tracker.on_unseen(5, endpoint(), SEC, 0, "e", 1, None, true, &mut out);
+        assert!(!tracker.has_pending(5), "no bytes, no write");
+    }
+
     #[test]
     fn bounded() {
         let mut tracker = DeadWriteTracker::new(1);
         let mut out = Vec::new();
-        tracker.on_send(1, endpoint(), SEC, 1, "x", 1, &mut out);
-        tracker.on_send(2, endpoint(), SEC, 1, "x", 1, &mut out);
+        tracker.on_send(1, endpoint(), SEC, 1, "x", 1, false, &mut out);
+        tracker.on_send(2, endpoint(), SEC, 1, "x", 1, false, &mut out);
         assert_eq!(tracker.dropped, 1);
         for _ in 0..100 {
-            tracker.on_send(1, endpoint(), SEC, 1, "x", 1, &mut out);
+            tracker.on_send(1, endpoint(), SEC, 1, "x", 1, false, &mut out);
         }
         assert_eq!(tracker.dropped, 1 + 100 - 63);
     }

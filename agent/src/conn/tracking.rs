@@ -459,16 +459,25 @@ impl Tracker {
                         ret,
                         &event.comm,
                         event.pid,
+                        event.facts.reset_received_ns != 0,
                         &mut self.dead_write_scratch,
                     );
                 }
             }
             EventKind::RecvAfterPeerClose { ret } => {
                 self.settle_unseen(event.sk);
-                self.dead_writes
-                    .on_recv(event.sk, ret, &mut self.dead_write_scratch);
+                self.dead_writes.on_recv(
+                    event.sk,
+                    ret,
+                    event.facts.reset_received_ns != 0,
+                    &mut self.dead_write_scratch,
+                );
             }
             EventKind::TcpTrouble { trouble, state } => {
+                if trouble == TcpTrouble::ResetReceived {
+                    self.dead_writes
+                        .reset_received(event.sk, &mut self.dead_write_scratch);
+                }
                 let Some(observation) = self.tcp_trouble(event, trouble, state) else {
                     return;
                 };
@@ -548,6 +557,7 @@ impl Tracker {
                         event.facts.bytes_sent as i64,
                         &event.comm,
                         event.pid,
+                        event.facts.reset_received_ns != 0,
                         &mut self.dead_write_scratch,
                     );
                 }
@@ -671,6 +681,12 @@ impl Tracker {
             self.written_unseen(event, endpoint);
         }
         if new_state == TcpState::Close as u8 {
+            // Whether a reset ended it decides whether writes after the peer's FIN were dead.
+            self.dead_writes.closed(
+                event.sk,
+                event.facts.reset_received_ns != 0,
+                &mut self.dead_write_scratch,
+            );
             self.closed(event, old_state, out);
         }
     }
@@ -703,60 +719,63 @@ impl Tracker {
         };
         if event.facts.reset_received_ns == 0 {
             // The application's own close or shutdown: its name, and no send still to come.
-            self.record_unseen(event.sk, unseen, &event.comm, event.pid);
+            // Dead only if the peer's reset answers it (see DeadWriteTracker::closed).
+            self.record_unseen(event.sk, unseen, &event.comm, event.pid, false);
         } else if self.unseen_before_reset.len() < self.max_connections.min(4096) {
             self.unseen_before_reset.insert(event.sk, unseen);
         } else {
-            self.record_unseen(event.sk, unseen, UNKNOWN_WRITER, 0);
+            self.record_unseen(event.sk, unseen, UNKNOWN_WRITER, 0, true);
         }
     }
 
-    /// Without send/receive programs the kernel's count is all there is: one dead write now,
-    /// its fate unknown (no read will tell it, no send will claim its bytes).
+    /// Without send/receive programs the kernel's count is all there is: one write, its fate
+    /// unknown (no read will tell it, no send will claim its bytes), dead once the peer's
+    /// reset answers it (at once when the reset is what ended CLOSE_WAIT).
     fn written_without_send_receive_probes(
         &mut self,
         event: &SockEventRecord,
         endpoint: Endpoint,
         written: u32,
     ) {
-        if written == 0 {
-            return;
-        }
+        let reset = event.facts.reset_received_ns != 0;
         // After a reset, the task the kernel interrupted, not the writer (see settle_unseen).
-        let (comm, pid) = if event.facts.reset_received_ns == 0 {
-            (event.comm.as_str(), event.pid)
-        } else {
+        let (comm, pid) = if reset {
             (UNKNOWN_WRITER, 0)
+        } else {
+            (event.comm.as_str(), event.pid)
         };
-        self.dead_write_scratch.push(DeadWrite {
-            sk: event.sk,
+        self.dead_writes.on_unseen(
+            event.sk,
             endpoint,
-            comm: comm.to_owned(),
+            event.ts_ns,
+            u64::from(written),
+            comm,
             pid,
-            ts_ns: event.ts_ns,
-            bytes: u64::from(written),
-            command: None,
-            queue: None,
-            outcome: DeadWriteOutcome::Unknown,
-        });
+            Some(DeadWriteOutcome::Unknown),
+            reset,
+            &mut self.dead_write_scratch,
+        );
     }
 
     /// Unseen bytes before a reset that no send has claimed: a dead write from here on. A
     /// reset is handled wherever the kernel happens to be running, so the writer is unknown.
     fn settle_unseen(&mut self, sk: u64) {
         if let Some(unseen) = self.unseen_before_reset.remove(&sk) {
-            self.record_unseen(sk, unseen, UNKNOWN_WRITER, 0);
+            self.record_unseen(sk, unseen, UNKNOWN_WRITER, 0, true);
         }
     }
 
-    fn record_unseen(&mut self, sk: u64, unseen: UnseenWrite, comm: &str, pid: u32) {
-        self.dead_writes.on_send(
+    /// `reset`: the peer's reset has come (the write is dead).
+    fn record_unseen(&mut self, sk: u64, unseen: UnseenWrite, comm: &str, pid: u32, reset: bool) {
+        self.dead_writes.on_unseen(
             sk,
             unseen.endpoint,
             unseen.ts_ns,
-            unseen.bytes as i64,
+            unseen.bytes,
             comm,
             pid,
+            None,
+            reset,
             &mut self.dead_write_scratch,
         );
     }

@@ -1007,22 +1007,24 @@ mod tests {
         let sk = 0xffff_8880_0000_3000u64;
         let local: SocketAddr = "127.0.0.1:40007".parse().unwrap();
         let remote: SocketAddr = "127.0.0.1:22133".parse().unwrap();
-        let event = |kind: EventKind, ts_ns: u64, peer_closed_ns: u64| SockEventRecord {
-            kind,
-            ts_ns,
-            sk,
-            local: Some(local),
-            remote: Some(remote),
-            pid: 7,
-            comm: "python3".to_string(),
-            facts: SocketFacts {
-                last_activity_ns: 1,
-                bytes_sent: 0,
-                bytes_received: 0,
-                peer_closed_ns,
-                reset_received_ns: 0,
-                written_after_peer_close: None,
-            },
+        let event = |kind: EventKind, ts_ns: u64, peer_closed_ns: u64, reset_received_ns: u64| {
+            SockEventRecord {
+                kind,
+                ts_ns,
+                sk,
+                local: Some(local),
+                remote: Some(remote),
+                pid: 7,
+                comm: "python3".to_string(),
+                facts: SocketFacts {
+                    last_activity_ns: 1,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    peer_closed_ns,
+                    reset_received_ns,
+                    written_after_peer_close: None,
+                },
+            }
         };
         let state = |old_state, new_state| EventKind::StateChange {
             old_state,
@@ -1039,6 +1041,7 @@ mod tests {
             },
             1_000,
             0,
+            0,
         ));
         payload(&mut pipeline, 2_000, true, b"set lostq 0 0 5\r\nfirst\r\n");
         payload(&mut pipeline, 3_000, false, b"STORED\r\n");
@@ -1048,16 +1051,19 @@ mod tests {
             state(TcpState::Established as u8, TcpState::CloseWait as u8),
             SECOND,
             SECOND,
+            0,
         ));
         pipeline.handle_socket_event(&event(
             state(TcpState::CloseWait as u8, TcpState::Close as u8),
             2 * SECOND,
             SECOND,
+            2 * SECOND,
         ));
         pipeline.handle_socket_event(&event(
             EventKind::SendAfterPeerClose { ret: 33 },
             2 * SECOND + 10,
             SECOND,
+            2 * SECOND,
         ));
         payload(
             &mut pipeline,
@@ -1069,16 +1075,19 @@ mod tests {
             EventKind::RecvAfterPeerClose { ret: 0 },
             2 * SECOND + 30,
             SECOND,
+            2 * SECOND,
         ));
         // A new socket at the same address asks for stats.
         pipeline.handle_socket_event(&event(
             state(TcpState::Close as u8, TcpState::SynSent as u8),
             2 * SECOND + 40,
             0,
+            0,
         ));
         pipeline.handle_socket_event(&event(
             state(TcpState::SynSent as u8, TcpState::Established as u8),
             2 * SECOND + 50,
+            0,
             0,
         ));
         payload(&mut pipeline, 2 * SECOND + 60, true, b"stats\r\n");

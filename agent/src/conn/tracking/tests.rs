@@ -286,17 +286,36 @@ fn after_peer_close(kind: EventKind, ts: u64) -> SockEventRecord {
     event
 }
 
+/// A send or receive after the peer's reset (at 5 s, as in `peer_closed_then_left`): the
+/// kernel's snapshot of the socket carries it.
+fn after_reset(kind: EventKind, ts: u64) -> SockEventRecord {
+    let mut event = after_peer_close(kind, ts);
+    event.facts.peer_closed_ns = 4 * SEC;
+    event.facts.reset_received_ns = 5 * SEC;
+    event
+}
+
+/// LAST_ACK (the application closed after its peer) to CLOSE at `ts`: on the peer's reset
+/// (it had closed, so the writes after its FIN were dead), or on the ACK of this side's FIN (it
+/// had only half-closed, and took them).
+fn last_ack_closed(ts: u64, reset: bool) -> SockEventRecord {
+    let mut close = state(SK, ts, TcpState::LastAck, TcpState::Close, 2 * SEC);
+    close.facts.peer_closed_ns = 4 * SEC;
+    close.facts.reset_received_ns = if reset { ts } else { 0 };
+    close
+}
+
 /// The loopback sequence measured on 6.18: the peer closes (CloseWait), a late SET's RST
 /// closes the socket inside the send, the send reports 16 bytes, the next read sees EOF.
 #[test]
 fn late_write_after_peer_close_is_a_dead_write_with_eof_outcome() {
     let mut tracker = tracker();
-    let mut events = peer_closed_then_left(TcpState::Close, None, false);
-    events.push(after_peer_close(
+    let mut events = peer_closed_then_left(TcpState::Close, None, true);
+    events.push(after_reset(
         EventKind::SendAfterPeerClose { ret: 16 },
         5 * SEC,
     ));
-    events.push(after_peer_close(
+    events.push(after_reset(
         EventKind::RecvAfterPeerClose { ret: 0 },
         5 * SEC,
     ));
@@ -690,11 +709,11 @@ fn a_write_no_program_saw_is_counted_from_the_sequence_numbers() {
 fn a_send_reported_after_the_reset_close_is_not_counted_twice() {
     let mut tracker = tracker();
     let mut events = peer_closed_then_left(TcpState::Close, Some(16), true);
-    events.push(after_peer_close(
+    events.push(after_reset(
         EventKind::SendAfterPeerClose { ret: 16 },
         5 * SEC,
     ));
-    events.push(after_peer_close(
+    events.push(after_reset(
         EventKind::RecvAfterPeerClose { ret: 0 },
         5 * SEC + 1,
     ));
@@ -729,35 +748,78 @@ fn bytes_seen_before_the_close_are_not_counted_again() {
         .all(|w| w.outcome == crate::model::DeadWriteOutcome::Unnoticed));
 }
 
-/// The application wrote, unseen, then closed: its own close names it, and with no read to
-/// follow the write went unnoticed.
+/// The application wrote, unseen, then closed: its own close names it, the peer's reset
+/// makes it dead, and with no read to follow the write went unnoticed. A peer that only
+/// half-closed acknowledges the FIN instead: it took the bytes, no dead write.
 #[test]
 fn an_unseen_write_before_the_applications_close_is_its_own() {
-    let mut tracker = tracker();
-    let mut out = run(
-        &mut tracker,
-        &peer_closed_then_left(TcpState::LastAck, Some(9), false),
-    );
-    tracker.tick(5 * SEC + OUTCOME_WINDOW_NS, &mut out);
-    let writes = dead_writes(&out);
-    assert_eq!(writes.len(), 1, "{out:?}");
-    assert_eq!((writes[0].bytes, writes[0].comm.as_str()), (9, "python3"));
-    assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unnoticed);
+    for reset in [true, false] {
+        let mut tracker = tracker();
+        let mut events = peer_closed_then_left(TcpState::LastAck, Some(9), false);
+        events.push(last_ack_closed(5 * SEC + 1, reset));
+        let mut out = run(&mut tracker, &events);
+        tracker.tick(5 * SEC + OUTCOME_WINDOW_NS, &mut out);
+        let writes = dead_writes(&out);
+        if !reset {
+            assert!(writes.is_empty(), "{out:?}");
+            assert_eq!(tracker.dead_writes().delivered, 1);
+            continue;
+        }
+        assert_eq!(writes.len(), 1, "{out:?}");
+        assert_eq!((writes[0].bytes, writes[0].comm.as_str()), (9, "python3"));
+        assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unnoticed);
+    }
 }
 
-/// Without send/receive programs (6.1) the kernel's count is the only dead write: reported at
-/// the socket's leaving CLOSE_WAIT, bytes exact, fate unknown (no read will tell it); the
-/// application's name on its own close, "unknown" after a reset. Nothing written: nothing.
+/// A server replying to a client that half-closed (`printf 'stats\r\n' | nc -N`): the reply
+/// goes out after the client's FIN, the server reads EOF and closes, the client takes the
+/// reply and acknowledges the FIN. No dead write (the reply was delivered).
+#[test]
+fn a_reply_to_a_half_closed_client_is_no_dead_write() {
+    let mut tracker = tracker();
+    let mut events = peer_closed_then_left(TcpState::LastAck, Some(31), false);
+    let leave = events.pop().unwrap();
+    events.push(after_peer_close(
+        EventKind::SendAfterPeerClose { ret: 31 },
+        4 * SEC + 1,
+    ));
+    events.push(after_peer_close(
+        EventKind::RecvAfterPeerClose { ret: 0 },
+        4 * SEC + 2,
+    ));
+    events.push(leave);
+    events.push(last_ack_closed(5 * SEC + 1, false));
+    let mut out = run(&mut tracker, &events);
+    tracker.tick(30 * SEC, &mut out);
+    assert!(dead_writes(&out).is_empty(), "{out:?}");
+    assert_eq!(tracker.dead_writes().delivered, 1);
+}
+
+/// Without send/receive programs (6.1) the kernel's count is the only dead write: bytes exact,
+/// fate unknown (no read will tell it), reported once the peer's reset makes it dead: at once
+/// when the reset ended CLOSE_WAIT ("unknown" writer: the task the reset interrupted), at the
+/// LAST_ACK's end after the application's own close (its name). A peer that acknowledges that
+/// close's FIN took the bytes: nothing. Nothing written: nothing.
 #[test]
 fn without_the_send_programs_a_write_is_counted_from_sequence_numbers_of_unknown_fate() {
-    for (new, reset, comm) in [
-        (TcpState::Close, true, UNKNOWN_WRITER),
-        (TcpState::LastAck, false, "python3"),
+    for (new, reset, then, comm) in [
+        (TcpState::Close, true, None, Some(UNKNOWN_WRITER)),
+        (TcpState::LastAck, false, Some(true), Some("python3")),
+        (TcpState::LastAck, false, Some(false), None),
     ] {
         let mut tracker = tracker();
         tracker.without_send_receive_probes();
-        let mut out = run(&mut tracker, &peer_closed_then_left(new, Some(24), reset));
+        let mut events = peer_closed_then_left(new, Some(24), reset);
+        events.extend(then.map(|reset| last_ack_closed(5 * SEC + 1, reset)));
+        let mut out = run(&mut tracker, &events);
         let writes = dead_writes(&out);
+        let Some(comm) = comm else {
+            assert!(writes.is_empty(), "{out:?}");
+            out.clear();
+            tracker.tick(30 * SEC, &mut out);
+            assert!(dead_writes(&out).is_empty(), "{out:?}");
+            continue;
+        };
         assert_eq!(writes.len(), 1, "at once, not after a window: {out:?}");
         assert_eq!(writes[0].outcome, crate::model::DeadWriteOutcome::Unknown);
         assert_eq!(writes[0].bytes, 24);
@@ -771,10 +833,9 @@ fn without_the_send_programs_a_write_is_counted_from_sequence_numbers_of_unknown
     for written in [Some(0), None] {
         let mut tracker = tracker();
         tracker.without_send_receive_probes();
-        let mut out = run(
-            &mut tracker,
-            &peer_closed_then_left(TcpState::LastAck, written, false),
-        );
+        let mut events = peer_closed_then_left(TcpState::LastAck, written, false);
+        events.push(last_ack_closed(5 * SEC + 1, true));
+        let mut out = run(&mut tracker, &events);
         tracker.tick(30 * SEC, &mut out);
         assert!(dead_writes(&out).is_empty(), "{out:?}");
     }
