@@ -88,6 +88,16 @@ scrape() {
   timeout 10 wget -q -O "$1.tmp" "http://$METRICS/metrics" && mv "$1.tmp" "$1"
 }
 
+# wait_zero SECONDS FILE METRIC: scrape every half second until the metric's sum is 0 (a missing
+# series reads as 0 too: count its series where that matters).
+wait_zero() {
+  tries=$(($1 * 2))
+  until scrape "$2" && num_eq "$(msum "$2" "$3")" 0 || [ "$tries" -le 0 ]; do
+    sleep 0.5
+    tries=$((tries - 1))
+  done
+}
+
 # wait_for SECONDS FILE METRIC MINIMUM [label=value ...]: scrape every half second until the sum
 # reaches MINIMUM; FILE holds the last scrape either way.
 wait_for() {
@@ -345,6 +355,20 @@ scenario_idle() {
   fi
 }
 
+# one_dead_write FILE: waits for client-dead-write's write to be counted, then (a second,
+# wrongly counted write would show by then) requires exactly one that the client noticed;
+# appends to $bad, sets $outcomes.
+one_dead_write() {
+  wait_for 20 "$1" cacheprobe_dead_socket_writes_total 1
+  sleep 2
+  scrape "$1"
+  total=$(msum "$1" cacheprobe_dead_socket_writes_total)
+  unnoticed=$(msum "$1" cacheprobe_dead_socket_writes_total outcome=unnoticed)
+  outcomes=$(awk '/^cacheprobe_dead_socket_writes_total\{/ { match($0, /outcome="[^"]*"/); printf "%s%s", sep, substr($0, RSTART + 9, RLENGTH - 10); sep = "," }' "$1")
+  num_eq "$total" 1 || bad="$bad; dead_socket_writes_total=$total, want 1"
+  num_eq "$unnoticed" 0 || bad="$bad; outcome unnoticed=$unnoticed, want 0 (the client read eof)"
+}
+
 # --- c. dead-socket write: a late write onto a connection memcached already closed --------------
 scenario_dead_write() {
   nc 127.0.0.1 "$MEMCACHED_PORT" -e "$WORK/client-dead-write"
@@ -373,16 +397,8 @@ scenario_dead_write() {
       bad="$bad; check did not report $SEND missing with \"dead-socket writes only as the socket leaves CLOSE_WAIT\""
     detail="dead_socket_writes_total=1 outcome=unknown from sequence numbers: check reports $SEND missing and why"
   else
-    wait_for 20 "$f" cacheprobe_dead_socket_writes_total 1
-    # A second, wrongly counted write would show up within the outcome window.
-    sleep 1
-    scrape "$f"
+    one_dead_write "$f"
     dump dead.prom "$f"
-    total=$(msum "$f" cacheprobe_dead_socket_writes_total)
-    unnoticed=$(msum "$f" cacheprobe_dead_socket_writes_total outcome=unnoticed)
-    outcomes=$(awk '/^cacheprobe_dead_socket_writes_total\{/ { match($0, /outcome="[^"]*"/); printf "%s%s", sep, substr($0, RSTART + 9, RLENGTH - 10); sep = "," }' "$f")
-    num_eq "$total" 1 || bad="$bad; dead_socket_writes_total=$total, want 1"
-    num_eq "$unnoticed" 0 || bad="$bad; outcome unnoticed=$unnoticed, want 0 (the client read eof)"
     detail="dead_socket_writes_total=1 outcome=$outcomes"
   fi
   if [ -z "$bad" ]; then
@@ -543,13 +559,8 @@ scenario_on_demand() {
   gauge=cacheprobe_send_receive_probes_attached
   if ! lacks $SEND; then
     # The connections found at start are in the tracker by the first decision: none here.
-    tries=20
-    until scrape "$f" && num_eq "$(msum "$f" $gauge)" 0 || [ "$tries" -le 0 ]; do
-      sleep 0.5
-      tries=$((tries - 1))
-    done
+    wait_zero 10 "$f" $gauge
     before=$(msum "$f" $gauge)
-    # A missing series would read as 0.
     [ "$(mcount "$f" $gauge)" = 1 ] || bad="$bad; $gauge has $(mcount "$f" $gauge) series, want 1"
     num_eq "$before" 0 || bad="$bad; $gauge=$before with every watched connection healthy, want 0"
   fi
@@ -559,23 +570,12 @@ scenario_on_demand() {
     "first=STORED late-write-status=0 then=eof-or-error "*) ;;
     *) bad="$bad; the client did not write after the close and see it fail: $client_saw" ;;
   esac
-  wait_for 20 "$f" cacheprobe_dead_socket_writes_total 1
-  sleep 2
-  scrape "$f"
-  total=$(msum "$f" cacheprobe_dead_socket_writes_total)
-  unnoticed=$(msum "$f" cacheprobe_dead_socket_writes_total outcome=unnoticed)
-  outcomes=$(awk '/^cacheprobe_dead_socket_writes_total\{/ { match($0, /outcome="[^"]*"/); printf "%s%s", sep, substr($0, RSTART + 9, RLENGTH - 10); sep = "," }' "$f")
-  num_eq "$total" 1 || bad="$bad; dead_socket_writes_total=$total, want 1"
-  num_eq "$unnoticed" 0 || bad="$bad; outcome unnoticed=$unnoticed, want 0 (the client read eof)"
+  one_dead_write "$f"
   detail="capture off: dead_socket_writes_total=1 outcome=$outcomes"
   if ! lacks $SEND; then
     # Off again once the closed connection is forgotten (10 s after its close, for sends that
     # race it).
-    tries=40
-    until scrape "$f" && num_eq "$(msum "$f" $gauge)" 0 || [ "$tries" -le 0 ]; do
-      sleep 0.5
-      tries=$((tries - 1))
-    done
+    wait_zero 20 "$f" $gauge
     after=$(msum "$f" $gauge)
     num_eq "$after" 0 || bad="$bad; $gauge=$after after the closed connection was gone, want 0"
     # Only a receive program back in time sees the client's read of EOF (or its reset).

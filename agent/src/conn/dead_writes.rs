@@ -82,20 +82,18 @@ impl DeadWriteTracker {
         out: &mut Vec<DeadWrite>,
     ) {
         if ret > 0 {
-            self.push(sk, endpoint, ts_ns, ret as u64, comm, pid, None);
-            if reset {
-                self.reset_received(sk, out);
-            }
+            self.on_written(sk, endpoint, ts_ns, ret as u64, comm, pid, None, reset, out);
         } else if ret < 0 && -ret != EAGAIN && -ret != EINTR {
             // EPIPE or ECONNRESET: the reset came, and the application saw it.
             self.told(sk, DeadWriteOutcome::Reset, true, out);
         }
     }
 
-    /// Bytes written after the peer closed whose fate is already settled as `outcome` (the
-    /// sequence numbers' count where no read tells it): dead once a reset comes.
+    /// `bytes` written after the peer closed, with their fate already settled as `outcome` where
+    /// no read will tell it (the sequence numbers' count without receive programs); `reset` as
+    /// for [`DeadWriteTracker::on_send`].
     #[allow(clippy::too_many_arguments)]
-    pub fn on_unseen(
+    pub fn on_written(
         &mut self,
         sk: u64,
         endpoint: Endpoint,
@@ -110,23 +108,6 @@ impl DeadWriteTracker {
         if bytes == 0 {
             return;
         }
-        self.push(sk, endpoint, ts_ns, bytes, comm, pid, outcome);
-        if reset {
-            self.reset_received(sk, out);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        sk: u64,
-        endpoint: Endpoint,
-        ts_ns: u64,
-        bytes: u64,
-        comm: &str,
-        pid: u32,
-        outcome: Option<DeadWriteOutcome>,
-    ) {
         if !self.pending.contains_key(&sk) && self.pending.len() >= self.max_sockets {
             self.dropped += 1;
             return;
@@ -138,24 +119,28 @@ impl DeadWriteTracker {
             dead: false,
             outcome: None,
         });
-        if pending.writes.len() >= self.max_writes_per_socket {
-            self.dropped += 1;
-            return;
-        }
         if pending.outcome.is_none() {
             pending.outcome = outcome;
         }
-        pending.writes.push(DeadWrite {
-            sk,
-            endpoint,
-            comm: comm.to_string(),
-            pid,
-            ts_ns,
-            bytes,
-            command: None,
-            queue: None,
-            outcome: DeadWriteOutcome::Unnoticed,
-        });
+        if pending.writes.len() < self.max_writes_per_socket {
+            pending.writes.push(DeadWrite {
+                sk,
+                endpoint,
+                comm: comm.to_string(),
+                pid,
+                ts_ns,
+                bytes,
+                command: None,
+                queue: None,
+                outcome: DeadWriteOutcome::Unnoticed,
+            });
+        } else {
+            // Not kept, but its reset still decides the kept ones' fate.
+            self.dropped += 1;
+        }
+        if reset {
+            self.reset_received(sk, out);
+        }
     }
 
     /// A receive returned `ret` on a socket whose peer had closed; `reset` as for
@@ -434,7 +419,7 @@ mod tests {
         );
         // Bytes counted from sequence numbers with a fate known in advance (no receive program).
         out.clear();
-        tracker.on_unseen(
+        tracker.on_written(
             4,
             endpoint(),
             SEC,
@@ -452,7 +437,7 @@ mod tests {
             (out[0].bytes, out[0].outcome),
             (24, DeadWriteOutcome::Unknown)
         );
-        tracker.on_unseen(5, endpoint(), SEC, 0, "e", 1, None, true, &mut out);
+        tracker.on_written(5, endpoint(), SEC, 0, "e", 1, None, true, &mut out);
         assert!(!tracker.has_pending(5), "no bytes, no write");
     }
 

@@ -744,7 +744,7 @@ impl Tracker {
         } else {
             (event.comm.as_str(), event.pid)
         };
-        self.dead_writes.on_unseen(
+        self.dead_writes.on_written(
             event.sk,
             endpoint,
             event.ts_ns,
@@ -767,7 +767,7 @@ impl Tracker {
 
     /// `reset`: the peer's reset has come (the write is dead).
     fn record_unseen(&mut self, sk: u64, unseen: UnseenWrite, comm: &str, pid: u32, reset: bool) {
-        self.dead_writes.on_unseen(
+        self.dead_writes.on_written(
             sk,
             unseen.endpoint,
             unseen.ts_ns,
