@@ -195,6 +195,74 @@ fn assert_no_dead_writes_after_the_window(agent: &Agent) {
     );
 }
 
+/// A peer gone without a word: memcached closes the idle client, then every packet to it is
+/// dropped (a dead host, a firewall forgetting the flow), so the client's late write draws no
+/// reset, only its own retransmits. Still a dead write, at the window's end.
+#[test]
+fn a_late_write_to_a_silent_peer_is_a_dead_write() {
+    require_root();
+    let port = unique_port();
+    let pair = NetnsPair::create("s", 24).unwrap();
+    let _memcached = start_memcached(
+        Some(&pair.server_ns),
+        &pair.server_addr,
+        port,
+        &["-o", "idle_timeout=2"],
+    )
+    .unwrap();
+    let agent = Agent::start("silent", &[("cache", port, "memcache")]).unwrap();
+    let dir = std::env::temp_dir().join(format!("cacheprobe-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ready, go) = (dir.join("ready"), dir.join("go"));
+    let script = format!(
+        "import os, socket, time\n\
+         s = socket.create_connection(('{server}', {port}))\n\
+         s.sendall(b'set k 0 0 1\\r\\nv\\r\\n')\n\
+         assert s.recv(100) == b'STORED\\r\\n'\n\
+         time.sleep(6.5)\n\
+         open('{ready}', 'w').close()\n\
+         while not os.path.exists('{go}'):\n\
+         \x20   time.sleep(0.05)\n\
+         s.sendall(b'set k 0 0 1\\r\\nw\\r\\n')\n\
+         time.sleep(7)\n",
+        server = pair.server_addr,
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let client_ns = pair.client_ns.clone();
+    let client = std::thread::spawn(move || python(Some(&client_ns), &script));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ready.exists(), "the client never got past its idle sleep");
+    assert!(
+        pair.drop_to_server_port("-A", port, &[]).success(),
+        "iptables rule"
+    );
+    std::fs::write(&go, b"").unwrap();
+    let scrape = agent.wait_for(Duration::from_secs(12), |s| {
+        s.sum("cacheprobe_dead_socket_writes_total", &[]) >= 1.0
+    });
+    let _ = pair.drop_to_server_port("-D", port, &[]);
+    client.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        dead_writes(&scrape, "python3", None),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert!(
+        scrape.sum(
+            "cacheprobe_tcp_retransmits_total",
+            &[("role", "client"), ("kind", "data")]
+        ) > 0.0,
+        "{}",
+        scrape.text
+    );
+}
+
 /// Random drops inside the server namespace make the client retransmit SYNs and data and the
 /// server retransmit SYN-ACKs; each is counted against the server endpoint. The rule lives in a
 /// namespace the test owns, so it disappears with the namespace on every exit path.

@@ -40,6 +40,9 @@ struct Pending {
     reused_ns: u64,
     /// The peer answered with a reset: the writes were not taken.
     dead: bool,
+    /// This side retransmitted since: the peer is not acknowledging (gone without a word, or
+    /// a middlebox dropping the flow). Dead unless the connection still ends without a reset.
+    unanswered: bool,
     /// What the application saw next, once known.
     outcome: Option<DeadWriteOutcome>,
 }
@@ -117,6 +120,7 @@ impl DeadWriteTracker {
             writes: Vec::new(),
             reused_ns: 0,
             dead: false,
+            unanswered: false,
             outcome: None,
         });
         if pending.outcome.is_none() {
@@ -166,6 +170,13 @@ impl DeadWriteTracker {
             pending.dead = true;
         }
         self.settle(sk, out);
+    }
+
+    /// This side retransmitted on `sk`: pending writes are unanswered so far.
+    pub fn retransmitted(&mut self, sk: u64) {
+        if let Some(pending) = self.pending.get_mut(&sk) {
+            pending.unanswered = true;
+        }
     }
 
     /// The socket closed, with or without a reset. Without one the peer acknowledged this
@@ -254,9 +265,9 @@ impl DeadWriteTracker {
         }
     }
 
-    /// Past the window: dead writes the application never noticed are reported as such; writes
-    /// no reset answered in a whole window were taken (or the peer is gone without a word,
-    /// which the retransmit counters tell).
+    /// Past the window: dead writes the application never noticed are reported as such, and so
+    /// are writes the peer left unanswered (retransmitted, no reset: it is gone without a
+    /// word); the rest were taken (no reset, nothing retransmitted).
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<DeadWrite>) {
         let expired: Vec<(u64, bool)> = self
             .pending
@@ -267,7 +278,7 @@ impl DeadWriteTracker {
                     .first()
                     .is_some_and(|w| now_ns.saturating_sub(w.ts_ns) >= OUTCOME_WINDOW_NS)
             })
-            .map(|(&sk, pending)| (sk, pending.dead))
+            .map(|(&sk, pending)| (sk, pending.dead || pending.unanswered))
             .collect();
         for (sk, dead) in expired {
             if dead {
@@ -439,6 +450,28 @@ mod tests {
         );
         tracker.on_written(5, endpoint(), SEC, 0, "e", 1, None, true, &mut out);
         assert!(!tracker.has_pending(5), "no bytes, no write");
+    }
+
+    /// A peer gone without a word (host down, a middlebox dropping the flow) sends no reset,
+    /// but this side retransmits the writes: dead at the window's end, unless the connection
+    /// still closes cleanly (its FIN acknowledged after all: the writes were taken).
+    #[test]
+    fn writes_retransmitted_without_an_answer_are_dead() {
+        let mut tracker = DeadWriteTracker::new(10);
+        let mut out = Vec::new();
+        tracker.on_send(1, endpoint(), SEC, 16, "a", 1, false, &mut out);
+        tracker.retransmitted(1);
+        tracker.on_send(2, endpoint(), SEC, 16, "b", 1, false, &mut out);
+        tracker.retransmitted(2);
+        tracker.closed(2, false, &mut out);
+        tracker.retransmitted(3);
+        tracker.expire(7 * SEC, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].comm.as_str(), out[0].outcome),
+            ("a", DeadWriteOutcome::Unnoticed)
+        );
+        assert_eq!(tracker.delivered, 1);
     }
 
     #[test]

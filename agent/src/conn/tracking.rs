@@ -474,9 +474,12 @@ impl Tracker {
                 );
             }
             EventKind::TcpTrouble { trouble, state } => {
-                if trouble == TcpTrouble::ResetReceived {
-                    self.dead_writes
-                        .reset_received(event.sk, &mut self.dead_write_scratch);
+                match trouble {
+                    TcpTrouble::ResetReceived => self
+                        .dead_writes
+                        .reset_received(event.sk, &mut self.dead_write_scratch),
+                    TcpTrouble::Retransmit => self.dead_writes.retransmitted(event.sk),
+                    _ => {}
                 }
                 let Some(observation) = self.tcp_trouble(event, trouble, state) else {
                     return;
@@ -694,8 +697,9 @@ impl Tracker {
     /// The socket left CLOSE_WAIT: the kernel's sequence numbers now tell how much the
     /// application wrote after its peer closed. Bytes the send programs did not report (they
     /// were off for the moment after the close, see `limits.socket_probes_on_demand`, or their
-    /// events were lost) are one more dead write, whose fate the application's next read
-    /// tells as for any other. How many calls wrote them is unknown: counted as one.
+    /// events were lost) are one more write after the peer's close, dead as any other once the
+    /// peer's reset answers it, its fate from the application's next read. How many calls
+    /// wrote them is unknown: counted as one.
     fn written_unseen(&mut self, event: &SockEventRecord, endpoint: Endpoint) {
         let Some(written) = event.facts.written_after_peer_close else {
             return;
