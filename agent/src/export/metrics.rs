@@ -414,7 +414,7 @@ declare_metrics! {
              differ send the same key to different servers)";
     dead_socket_writes: Family<DeadWriteLabels, Counter>
         => "dead_socket_writes",
-        "Sends onto connections the peer had already closed, (after its FIN, and answered by its reset), by what the application saw next (eof, reset, unnoticed within 5 s; unknown where the kernel lacks the send/receive tracepoints: one per connection, at its close)";
+        "Sends onto connections the peer had already closed, (after its FIN, and answered by its reset or never acknowledged), by what the application saw next (eof, reset, unnoticed within 5 s; unknown where the kernel lacks the send/receive tracepoints: one per connection, at its close)";
     tcp_retransmits: Family<RetransmitLabels, Counter>
         => "tcp_retransmits",
         "TCP retransmissions on watched connections (kind: data, syn, synack)";
