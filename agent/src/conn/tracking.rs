@@ -110,7 +110,7 @@ pub enum Observation {
 
 /// A SYN answered by a reset was refused; one that never got an answer timed out.
 fn connect_failure_reason(facts: &crate::kernel::events::SocketFacts) -> ConnectFailureReason {
-    if facts.reset_received_ns != 0 {
+    if facts.reset_received() {
         ConnectFailureReason::Refused
     } else {
         ConnectFailureReason::Timeout
@@ -459,7 +459,7 @@ impl Tracker {
                         ret,
                         &event.comm,
                         event.pid,
-                        event.facts.reset_received_ns != 0,
+                        event.facts.reset_received(),
                         &mut self.dead_write_scratch,
                     );
                 }
@@ -469,7 +469,7 @@ impl Tracker {
                 self.dead_writes.on_recv(
                     event.sk,
                     ret,
-                    event.facts.reset_received_ns != 0,
+                    event.facts.reset_received(),
                     &mut self.dead_write_scratch,
                 );
             }
@@ -560,7 +560,7 @@ impl Tracker {
                         event.facts.bytes_sent as i64,
                         &event.comm,
                         event.pid,
-                        event.facts.reset_received_ns != 0,
+                        event.facts.reset_received(),
                         &mut self.dead_write_scratch,
                     );
                 }
@@ -687,7 +687,7 @@ impl Tracker {
             // Whether a reset ended it decides whether writes after the peer's FIN were dead.
             self.dead_writes.closed(
                 event.sk,
-                event.facts.reset_received_ns != 0,
+                event.facts.reset_received(),
                 &mut self.dead_write_scratch,
             );
             self.closed(event, old_state, out);
@@ -697,17 +697,13 @@ impl Tracker {
     /// The socket left CLOSE_WAIT: the kernel's sequence numbers now tell how much the
     /// application wrote after its peer closed. Bytes the send programs did not report (they
     /// were off for the moment after the close, see `limits.socket_probes_on_demand`, or their
-    /// events were lost) are one more write after the peer's close, dead as any other once the
-    /// peer's reset answers it, its fate from the application's next read. How many calls
-    /// wrote them is unknown: counted as one.
+    /// events were lost, or there are none: 6.1) are one more write after the peer's close,
+    /// dead as any other once the peer's reset answers it, its fate from the application's
+    /// next read. How many calls wrote them is unknown: counted as one.
     fn written_unseen(&mut self, event: &SockEventRecord, endpoint: Endpoint) {
         let Some(written) = event.facts.written_after_peer_close else {
             return;
         };
-        if !self.send_receive_probes {
-            self.written_without_send_receive_probes(event, endpoint, written);
-            return;
-        }
         let seen = self
             .peer_closed_open
             .get_mut(&event.sk)
@@ -721,44 +717,18 @@ impl Tracker {
             bytes,
             ts_ns: event.ts_ns,
         };
-        if event.facts.reset_received_ns == 0 {
+        if !event.facts.reset_received() {
             // The application's own close or shutdown: its name, and no send still to come.
             // Dead only if the peer's reset answers it (see DeadWriteTracker::closed).
             self.record_unseen(event.sk, unseen, &event.comm, event.pid, false);
-        } else if self.unseen_before_reset.len() < self.max_connections.min(4096) {
+        } else if self.send_receive_probes
+            && self.unseen_before_reset.len() < self.max_connections.min(4096)
+        {
+            // Held for the send that drew the reset (none comes without send programs).
             self.unseen_before_reset.insert(event.sk, unseen);
         } else {
             self.record_unseen(event.sk, unseen, UNKNOWN_WRITER, 0, true);
         }
-    }
-
-    /// Without send/receive programs the kernel's count is all there is: one write, its fate
-    /// unknown (no read will tell it, no send will claim its bytes), dead once the peer's
-    /// reset answers it (at once when the reset is what ended CLOSE_WAIT).
-    fn written_without_send_receive_probes(
-        &mut self,
-        event: &SockEventRecord,
-        endpoint: Endpoint,
-        written: u32,
-    ) {
-        let reset = event.facts.reset_received_ns != 0;
-        // After a reset, the task the kernel interrupted, not the writer (see settle_unseen).
-        let (comm, pid) = if reset {
-            (UNKNOWN_WRITER, 0)
-        } else {
-            (event.comm.as_str(), event.pid)
-        };
-        self.dead_writes.on_written(
-            event.sk,
-            endpoint,
-            event.ts_ns,
-            u64::from(written),
-            comm,
-            pid,
-            Some(DeadWriteOutcome::Unknown),
-            reset,
-            &mut self.dead_write_scratch,
-        );
     }
 
     /// Unseen bytes before a reset that no send has claimed: a dead write from here on. A
@@ -769,7 +739,8 @@ impl Tracker {
         }
     }
 
-    /// `reset`: the peer's reset has come (the write is dead).
+    /// `reset`: the peer's reset has come (the write is dead). Without send/receive programs
+    /// no read will tell the write's fate: it is [`DeadWriteOutcome::Unknown`] from the start.
     fn record_unseen(&mut self, sk: u64, unseen: UnseenWrite, comm: &str, pid: u32, reset: bool) {
         self.dead_writes.on_written(
             sk,
@@ -778,7 +749,7 @@ impl Tracker {
             unseen.bytes,
             comm,
             pid,
-            None,
+            (!self.send_receive_probes).then_some(DeadWriteOutcome::Unknown),
             reset,
             &mut self.dead_write_scratch,
         );

@@ -25,6 +25,13 @@ pub struct SocketFacts {
     pub written_after_peer_close: Option<u32>,
 }
 
+impl SocketFacts {
+    /// Whether the peer reset the connection (as of this event).
+    pub fn reset_received(&self) -> bool {
+        self.reset_received_ns != 0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
     StateChange {

@@ -128,18 +128,17 @@ pub fn resolve_offsets(source: &impl LayoutSource) -> Resolution {
     resolver.take_inet_sport(source);
     resolver.take_fd_syscalls(source);
     let links = link_readiness(source, &resolver.offsets);
-    if send.is_some() && recv.is_some() {
+    let length_tracepoints = send.is_some() && recv.is_some();
+    if length_tracepoints {
         resolver.take_raw_length_arguments(source);
-        resolver.take_tcp_activity(source);
-        resolver.take_tcp_sequence(source);
+    }
+    // The state-change program reads these on every kernel. Without send/receive tracepoints
+    // (before 6.4) the activity stamps are the only last activity a close can be measured from
+    // (idle before close), and write_seq the only way a dead-socket write is seen at all.
+    resolver.take_tcp_activity(source);
+    resolver.take_tcp_sequence(source);
+    if length_tracepoints {
         resolver.take_syscall_regs(source);
-    } else {
-        // The state-change program reads these on every kernel. Without send/receive
-        // tracepoints (before 6.4) the activity stamps are the only last activity a close can
-        // be measured from (idle before close), and write_seq the only way a dead-socket
-        // write is seen at all.
-        resolver.take_tcp_activity(source);
-        resolver.take_tcp_sequence(source);
     }
     Resolution {
         offsets: resolver.offsets,
