@@ -120,7 +120,13 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
         let Some(timeout) = consistent_timeout(closes, th) else {
             continue;
         };
-        let writes = dead.remove(endpoint);
+        // This host's server writing onto connections its clients closed is another story
+        // (their timeouts, below), not the writes its idle timeout caused: those are the
+        // clients', on their hosts.
+        let writes = match endpoint.2 {
+            Role::Client => dead.remove(endpoint),
+            Role::Server => None,
+        };
         out.push(idle_finding(endpoint, closes, timeout, writes.as_ref()));
     }
     for (endpoint, writes) in &dead {
@@ -296,26 +302,37 @@ fn dead_write_evidence(writes: &DeadWrites, finding: &mut Finding) {
     ));
 }
 
-fn dead_write_finding((service, server, _role): &Endpoint, writes: &DeadWrites) -> Finding {
-    let severity = if writes.unnoticed > 0 && writes_storage(writes) {
+fn dead_write_finding((service, server, role): &Endpoint, writes: &DeadWrites) -> Finding {
+    // A server's lost writes are replies: no data is lost with them.
+    let severity = if *role == Role::Client && writes.unnoticed > 0 && writes_storage(writes) {
         Severity::Critical
     } else {
         Severity::Warning
     };
-    let mut finding = Finding::new(
-        "dead-writes",
-        severity,
-        format!(
-            "{} went onto connections {server} ({service}) had already closed",
-            util::plural(writes.total, "write")
+    let writes_text = util::plural(writes.total, "write");
+    let (title, advice) = match role {
+        Role::Client => (
+            format!("{writes_text} went onto connections {server} ({service}) had already closed"),
+            "The server closed these connections (restart, idle timeout, connection limit) and \
+             the clients wrote anyway. Make clients detect closed connections before reusing \
+             them (check for EOF, validate pooled connections); writes marked unnoticed were \
+             lost.",
         ),
-    );
+        Role::Server => (
+            format!(
+                "this host's {service} on {server}: {writes_text} went onto connections its \
+                 clients had already closed"
+            ),
+            "The clients closed these connections before the server's replies were written: \
+             they gave up waiting (their request timeout, often after a stall of this server or \
+             its host) or exited. The replies are lost, which is harmless in itself; many of \
+             them mean clients time out on this server: look for slow or unanswered requests \
+             and stalls just before.",
+        ),
+    };
+    let mut finding = Finding::new("dead-writes", severity, title);
     dead_write_evidence(writes, &mut finding);
-    finding.advice = "The server closed these connections (restart, idle timeout, connection \
-        limit) and the clients wrote anyway. Make clients detect closed connections before \
-        reusing them (check for EOF, validate pooled connections); writes marked unnoticed were \
-        lost."
-        .to_string();
+    finding.advice = advice.to_string();
     finding.subjects.services.push(service.clone());
     finding.subjects.servers.push(server.clone());
     finding.value("dead_writes", writes.total as f64);

@@ -16,16 +16,25 @@ struct ServerStats {
     requests: u64,
     no_answer: u64,
     last_answer_t: Option<u64>,
+    /// Requests that got no answer, per second, before dead writes are taken out of them.
+    unanswered_by_t: BTreeMap<u64, u64>,
+    /// This host's writes onto connections the server had already closed, per second.
+    dead_writes_by_t: BTreeMap<u64, u64>,
     /// Unanswered requests and failed connects, per second.
     no_answer_by_t: BTreeMap<u64, u64>,
     /// Requests slower than the stall threshold or unanswered, per second.
     stalled_by_t: BTreeMap<u64, u64>,
-    requests_by_comm: BTreeMap<String, u64>,
+    /// Requests per process, per second.
+    requests_by_comm: BTreeMap<String, BTreeMap<u64, u64>>,
 }
 
 /// Stalls are judged within this many seconds: a hung server stalls many requests at once,
 /// while the odd retransmitted request scattered over 15 minutes is background noise.
 const STALL_WINDOW_S: u64 = 10;
+
+/// How far apart a dead write and the unanswered request it carried may be recorded: the
+/// write's fate is settled within 5 s, the request's at the close or its timeout.
+const DEAD_WRITE_MATCH_S: u64 = 15;
 
 impl ServerStats {
     fn stalled(&self) -> u64 {
@@ -92,11 +101,11 @@ fn collect(
             *stats
                 .requests_by_comm
                 .entry(snap.label(row.comm).to_string())
+                .or_default()
+                .entry(second.t)
                 .or_default() += count;
             if row.status.is_no_answer() {
-                stats.no_answer += count;
-                *stats.no_answer_by_t.entry(second.t).or_default() += count;
-                *stats.stalled_by_t.entry(second.t).or_default() += count;
+                *stats.unanswered_by_t.entry(second.t).or_default() += count;
             } else if row.status.is_answer() {
                 stats.last_answer_t = Some(second.t);
             }
@@ -114,6 +123,14 @@ fn collect(
             }
             stats.hist.merge(&hist);
         }
+        for row in second.dead_writes.iter().filter(|r| r.role == Role::Client) {
+            let stats = services
+                .entry(snap.label(row.service).to_string())
+                .or_default()
+                .entry(snap.label(row.server).to_string())
+                .or_default();
+            *stats.dead_writes_by_t.entry(second.t).or_default() += row.count as u64;
+        }
         for row in &second.tcp {
             if matches!(
                 row.event,
@@ -128,7 +145,45 @@ fn collect(
             }
         }
     }
+    for stats in services
+        .values_mut()
+        .flat_map(|servers| servers.values_mut())
+    {
+        take_out_dead_writes(&mut stats.unanswered_by_t, &stats.dead_writes_by_t);
+        for (&t, &count) in &stats.unanswered_by_t {
+            stats.no_answer += count;
+            *stats.no_answer_by_t.entry(t).or_default() += count;
+            *stats.stalled_by_t.entry(t).or_default() += count;
+        }
+    }
     services
+}
+
+/// A request written onto a connection the server had already closed (an idle timeout, a
+/// restart) ends unanswered too, but the server never got it: that says nothing about the
+/// server answering. Each dead write takes one unanswered request of its server out, the
+/// nearest in time within [`DEAD_WRITE_MATCH_S`]. (A dead write that carried a noreply request
+/// may take out an unrelated one nearby; both need the server to have closed connections.)
+fn take_out_dead_writes(unanswered: &mut BTreeMap<u64, u64>, dead_writes: &BTreeMap<u64, u64>) {
+    for (&t, &writes) in dead_writes {
+        for _ in 0..writes {
+            let window = t.saturating_sub(DEAD_WRITE_MATCH_S)..=t + DEAD_WRITE_MATCH_S;
+            let Some(nearest) = unanswered
+                .range(window)
+                .filter(|(_, count)| **count > 0)
+                .map(|(&second, _)| second)
+                .min_by_key(|&second| second.abs_diff(t))
+            else {
+                break;
+            };
+            if let Some(count) = unanswered.get_mut(&nearest) {
+                *count -= 1;
+                if *count == 0 {
+                    unanswered.remove(&nearest);
+                }
+            }
+        }
+    }
 }
 
 fn stopped(
@@ -168,7 +223,7 @@ fn stopped(
         util::clock(since),
         stats.last_answer_t.map_or("never".to_string(), util::clock),
     ));
-    affected_processes(stats, &mut finding);
+    affected_processes(stats, since, snap.end_s, &mut finding);
     finding.advice = "The server is hung, stopped (SIGSTOP, swapping, a full disk on its host), \
         or unreachable. Check the process and its host; if it does not recover, remove it from \
         the clients' server list so its share of the keys moves to healthy servers."
@@ -277,7 +332,12 @@ fn slow_server(
             util::plural(stats.no_answer, "request")
         ));
     }
-    affected_processes(stats, &mut finding);
+    // Stalls name who waited then; a slow p99 is over the whole window.
+    let (from, to) = match finding.span {
+        Some(span) if !v.slow_p99 => (span.start_s, span.end_s),
+        _ => (0, u64::MAX),
+    };
+    affected_processes(stats, from, to, &mut finding);
     finding.advice = "One server is far slower than its peers. Check its host (CPU steal, swap, \
         NIC errors, a noisy neighbour), the memcached process (stats: evictions, connections, \
         threads) and the network path to it (see retransmit findings). Clients hash 1/N of the \
@@ -333,13 +393,17 @@ fn stall_evidence(
     });
 }
 
-fn affected_processes(stats: &ServerStats, finding: &mut Finding) {
-    let mut comms: Vec<(&String, &u64)> = stats
+/// The processes that sent the server requests in seconds `from..=to` (the finding's span:
+/// the whole history would name whoever used the server in the last 15 minutes).
+fn affected_processes(stats: &ServerStats, from: u64, to: u64, finding: &mut Finding) {
+    let mut comms: Vec<(&String, u64)> = stats
         .requests_by_comm
         .iter()
         .filter(|(c, _)| !c.is_empty())
+        .map(|(comm, by_t)| (comm, by_t.range(from..=to).map(|(_, n)| n).sum::<u64>()))
+        .filter(|(_, count)| *count > 0)
         .collect();
-    comms.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    comms.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     if comms.is_empty() {
         return;
     }

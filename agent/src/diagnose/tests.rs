@@ -267,6 +267,87 @@ fn a_server_that_stopped_answering_is_critical() {
     assert_eq!(findings[0].id, "server-not-answering");
 }
 
+/// An idle timeout: the clients' next writes go onto connections the server had closed, end
+/// unanswered, and the clients then stop using the server (python-memcache marks it dead for
+/// 30 s). The server never got those requests: no "stopped answering".
+#[test]
+fn requests_written_after_the_server_closed_are_not_a_hung_server() {
+    let mut sim = Sim::new();
+    for t in T0..T0 + 60 {
+        sim.healthy_server_second(t, SERVERS[0], 900);
+        sim.healthy_server_second(t, SERVERS[2], 900);
+        if t < T0 + 40 {
+            sim.healthy_server_second(t, SERVERS[1], 900);
+        }
+    }
+    for comm in COMMS {
+        sim.request(T0 + 50, SERVERS[1], comm, "set", Status::Unanswered, None);
+        dead_write(&mut sim, T0 + 51, comm, "set", DeadWriteOutcome::Eof);
+    }
+    let findings = run(&mut sim, T0 + 60);
+    assert!(
+        !ids(&findings).contains(&"server-not-answering"),
+        "{findings:#?}"
+    );
+    assert!(!ids(&findings).contains(&"slow-server"), "{findings:#?}");
+    assert_eq!(only(&findings, "dead-writes").values["dead_writes"], 3.0);
+    // Requests the server did not answer besides the dead writes still count.
+    for comm in COMMS {
+        for _ in 0..3 {
+            sim.request(T0 + 55, SERVERS[1], comm, "get", Status::Timeout, None);
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "server-not-answering");
+    assert_eq!(finding.values["unanswered"], 9.0);
+    // Who waited then, not who used the server in the whole window.
+    assert!(
+        finding
+            .evidence
+            .iter()
+            .any(|e| e.contains("affected processes") && e.contains("php-fpm (4 requests)")),
+        "{:#?}",
+        finding.evidence
+    );
+}
+
+/// This host's server writing replies onto connections its clients had closed (the clients'
+/// own timeouts): the finding says so, is not critical, and is not tied to its idle closes.
+#[test]
+fn a_servers_dead_writes_blame_the_clients_closes() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for _ in 0..5 {
+        sim.record(
+            T0 + 60,
+            Fact::DeadWrite {
+                service: SERVICE.into(),
+                server: "127.0.0.1:11211".into(),
+                role: Role::Server,
+                comm: "mc-worker".into(),
+                command: None,
+                outcome: DeadWriteOutcome::Unnoticed,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "dead-writes");
+    assert_eq!(finding.severity, Severity::Warning);
+    assert!(
+        finding
+            .title
+            .starts_with("this host's memcached on 127.0.0.1:11211: 5 writes")
+            && finding.title.contains("its clients had already closed"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding.advice.contains("clients closed"),
+        "{}",
+        finding.advice
+    );
+}
+
 #[test]
 fn miss_storm_after_a_restart() {
     let mut sim = Sim::new();
