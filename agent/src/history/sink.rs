@@ -163,6 +163,7 @@ mod tests {
                     keys_in_request: 1,
                 },
                 sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+                comm: [0; agent_common::COMM_LEN],
             },
             Some("php-fpm"),
         );

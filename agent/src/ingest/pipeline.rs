@@ -220,6 +220,12 @@ impl Pipeline {
     pub fn reconfigure(&mut self, config: &Config) {
         let services = self.services.load();
         self.set_sampled_call_slots(config, &services);
+        // Connections on ports no longer watched get no close event: forget them now.
+        self.tracker.forget_unwatched(
+            |endpoint| services.still_has(endpoint),
+            &mut self.observations,
+        );
+        self.flush();
         // Services whose capture is now off (or that left the config): their streams pause.
         let captured: Vec<usize> = config
             .services
@@ -492,6 +498,17 @@ impl Pipeline {
             self.wall.unix_second(record_ns)
         };
         for event in &events {
+            // Requests finished by a close or a timeout come without a record: their own
+            // stream names who sent them.
+            let own_comm;
+            let comm = match (comm, event) {
+                (Some(comm), _) => Some(comm),
+                (None, MemcacheEvent::Request { comm: raw, .. }) => {
+                    own_comm = crate::kernel::events::comm_str(raw);
+                    Some(own_comm.as_ref()).filter(|name| !name.is_empty())
+                }
+                (None, _) => None,
+            };
             let weight = match event {
                 MemcacheEvent::Request {
                     sample, endpoint, ..
@@ -519,7 +536,9 @@ impl Pipeline {
                         self.keys
                             .observe_key(endpoint, request, key, comm, weight, &self.services)
                     {
-                        self.outputs.recorder.record_key_split(split.service);
+                        if split.new_key {
+                            self.outputs.recorder.record_key_split(split.service);
+                        }
                         if let Some(fact) = split.fact {
                             self.outputs.fact(fact);
                         }

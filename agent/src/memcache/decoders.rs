@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use agent_common::COMM_LEN;
 use foldhash::{HashMap, HashMapExt};
 
 use crate::{
@@ -27,6 +28,9 @@ pub enum MemcacheEvent {
         request: RequestObservation,
         /// The sample its stream was captured under: what the request counts for.
         sample: StreamSample,
+        /// The process of its stream's last record: who waited for a request that finishes
+        /// by close or timeout, when no record is at hand.
+        comm: [u8; COMM_LEN],
     },
     DecodeError {
         service: usize,
@@ -84,6 +88,8 @@ struct ConnectionState {
     closed_ns: Option<u64>,
     /// The sample of its last record.
     sample: StreamSample,
+    /// The process of its last record.
+    comm: [u8; COMM_LEN],
     /// TCP sequence number the next record of each direction (client to server, then server
     /// to client) starts at, when known: a record starting elsewhere follows a lost one.
     next_seq: [Option<u32>; 2],
@@ -181,6 +187,7 @@ impl Decoders {
             drain(&mut self.scratch, state, out);
         }
         state.flow = state.flow.or(flow);
+        state.comm = *payload.comm;
         state.sample = StreamSample::of_record(
             payload.sample_shift,
             payload.sample_depth,
@@ -272,6 +279,7 @@ impl Decoders {
                 flow: None,
                 closed_ns: None,
                 sample: StreamSample::UNSAMPLED,
+                comm: [0; COMM_LEN],
                 next_seq: [None; 2],
                 paused_ns: None,
                 followed_again_ns: None,
@@ -417,6 +425,7 @@ fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<Memc
                 endpoint,
                 request,
                 sample: state.sample,
+                comm: state.comm,
             }
         }
         Decoded::DecodeError(error) => MemcacheEvent::DecodeError {

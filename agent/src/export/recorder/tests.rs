@@ -52,6 +52,7 @@ fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
             keys_in_request: 1,
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        comm: [0; agent_common::COMM_LEN],
     };
     // No slice here: only slow requests.
     recorder.set_exemplars(ExemplarPolicy {
@@ -294,6 +295,7 @@ fn exposition_keeps_every_family_label_order() {
                 keys_in_request: 1,
             },
             sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+            comm: [0; agent_common::COMM_LEN],
         };
     recorder.record_memcache(&request(client, Command::Get, Status::Hit, None), 1);
     let enqueue = QueueOp {

@@ -873,3 +873,29 @@ fn a_sample_turns_only_between_requests_and_lets_its_streams_go() {
     );
     assert_eq!(statuses(&out), [Status::Hit]);
 }
+
+/// A request that finishes by close (or timeout) comes out without a record at hand: it names
+/// the process of its stream, so diagnose can say who waited on a hung server.
+#[test]
+fn a_request_finished_by_close_names_its_sender() {
+    let mut decoders = Decoders::new(10);
+    let mut out = Vec::new();
+    feed(
+        &mut decoders,
+        &[record(1_000, 9, true, b"get a\r\n", 7)],
+        Role::Client,
+        &mut out,
+    );
+    out.clear();
+    decoders.on_close(9, &mut out);
+    let finished: Vec<_> = out
+        .iter()
+        .filter_map(|e| match e {
+            MemcacheEvent::Request { request, comm, .. } => Some((request.status, *comm)),
+            _ => None,
+        })
+        .collect();
+    let mut python3 = [0; agent_common::COMM_LEN];
+    python3[..7].copy_from_slice(b"python3");
+    assert_eq!(finished, vec![(Status::Unanswered, python3)]);
+}
