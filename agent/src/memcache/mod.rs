@@ -132,9 +132,14 @@ impl Default for DecoderConfig {
             protocol_hint: ProtocolHint::Auto,
             queue_mode: false,
             max_key_len: KEY_CAPACITY,
-            max_pending: 128,
-            max_pending_keys: 1024,
-            max_line_len: 2048,
+            // Real clients' bulk calls put one request per key in flight at once (dalli's
+            // get_multi, pymemcache's set_many, bmemcached's setq batches: 300-1000 is
+            // ordinary); 128 lost most of such a batch, and its misses with it.
+            max_pending: 4096,
+            max_pending_keys: 4096,
+            // What the kernel follows (`framing::MAX_LINE`): a multi-key get of a few hundred
+            // keys is longer than memcached's own 2 KiB line buffer, which it reads past.
+            max_line_len: agent_common::framing::MAX_LINE as usize,
             max_value_len: 1 << 30,
             value_heads: true,
             sizes: true,
