@@ -321,12 +321,20 @@ fn parse_listen(raw: Option<Spanned<String>>, origin: &Origin) -> Result<SocketA
         Some(spanned) => {
             let span = spanned.span();
             let value = spanned.into_inner();
-            value.parse().map_err(|_| {
+            let address: SocketAddr = value.parse().map_err(|_| {
                 origin.at(
-                    span,
+                    span.clone(),
                     format!("listen = {value:?} is not an address like \"0.0.0.0:19150\""),
                 )
-            })?
+            })?;
+            // Port 0 would serve on a port the kernel picks and nobody is told.
+            if address.port() == 0 {
+                return Err(origin.at(
+                    span,
+                    format!("listen = {value:?}: port 0 is not in 1-65535"),
+                ));
+            }
+            address
         }
     })
 }
@@ -626,6 +634,8 @@ capture = false
 
     #[test]
     fn bad_listen_and_limits_are_rejected() {
+        let err = parse("listen = \"127.0.0.1:0\"\n").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("port 0"), "{err}");
         let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("nowhere"), "{err}");
         let err = parse("[limits]\nring_buffer_bytes = 1000\n")

@@ -109,6 +109,12 @@ impl Services {
             .position(|entry| entry.configured && entry.name == name)
     }
 
+    /// Whether `endpoint` is still one of this config's: its server port belongs to the same
+    /// service. (A reload that drops a port or gives it to another service ends it.)
+    pub fn still_has(&self, endpoint: &Endpoint) -> bool {
+        self.ports.get(&endpoint.server.port()) == Some(&endpoint.service)
+    }
+
     /// A socket belongs to a service when the service port is its local port (this host is the
     /// server) or its remote port (this host is a client). Local wins: a server is a server.
     pub fn endpoint(&self, local: SocketAddr, remote: SocketAddr) -> Option<Endpoint> {

@@ -73,6 +73,17 @@ fn reload(
         tracing::warn!("[limits] changes need a restart; keeping the running limits");
         config.limits = running.limits.clone();
     }
+    // /metrics' server took them at start: rotated credentials would otherwise look applied.
+    if config.basic_auth != running.basic_auth || config.tls != running.tls {
+        tracing::warn!(
+            "basic_auth and tls changes need a restart; /metrics still serves with the old ones"
+        );
+        config.basic_auth = running.basic_auth.clone();
+        config.tls = running.tls.clone();
+    }
+    if config.any_captured() && !probes.capture_sized {
+        tracing::warn!("turning capture on needs a restart when no service captured at start (the payload ring is sized then); requests are not decoded until then");
+    }
     // Checked before the kernel is told, so a refused reload leaves everything as it was.
     let next = services.load().reconfigured(&config.services)?;
     // Services that move to other slots take their samples along: the kernel gets shifts

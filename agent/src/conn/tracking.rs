@@ -74,6 +74,12 @@ pub enum Observation {
         /// Time from the last send/receive to the first close; None when no activity is known.
         idle_before_close_ns: Option<u64>,
     },
+    /// A reload took the connection's port out of the watched set (or gave it to another
+    /// service): the kernel reports nothing more of it, so no close will come. It stops
+    /// counting as active; no close is counted.
+    ConnectionForgotten {
+        endpoint: Endpoint,
+    },
     /// The table was full; a connection is not tracked.
     TrackingDropped,
     /// A send onto a connection the peer had closed, with what the application saw next.
@@ -389,6 +395,47 @@ impl Tracker {
         !self.peer_closed_open.is_empty()
             || !self.recently_closed.is_empty()
             || self.peer_closed_seeded > 0
+    }
+
+    /// After a reload: forgets the connections whose endpoint is not `still_watched` (see
+    /// [`Observation::ConnectionForgotten`]), with what they held for dead writes.
+    pub fn forget_unwatched(
+        &mut self,
+        still_watched: impl Fn(&Endpoint) -> bool,
+        out: &mut Vec<Observation>,
+    ) {
+        let endpoints = &self.endpoints;
+        let mut forgotten = Vec::new();
+        self.connections.retain(|&sk, connection| {
+            let endpoint = endpoints.get(connection.endpoint);
+            if still_watched(&endpoint) {
+                return true;
+            }
+            if connection.counted {
+                out.push(Observation::ConnectionForgotten { endpoint });
+            }
+            forgotten.push(sk);
+            false
+        });
+        for sk in forgotten {
+            self.peer_closed_open.remove(&sk);
+            self.idle_at_first_close.remove(&sk);
+            self.unseen_before_reset.remove(&sk);
+            self.recently_closed.remove(&sk);
+        }
+        let mut peer_closed = 0;
+        self.seeded.retain(|_, connection| {
+            let endpoint = endpoints.get(connection.endpoint);
+            if still_watched(&endpoint) {
+                return true;
+            }
+            if connection.counted {
+                out.push(Observation::ConnectionForgotten { endpoint });
+            }
+            peer_closed += usize::from(connection.first_close_by == Some(ClosedBy::Peer));
+            false
+        });
+        self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(peer_closed);
     }
 
     pub fn active_connections(&self) -> usize {

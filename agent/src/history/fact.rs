@@ -219,7 +219,9 @@ pub fn fact_from_observation(
             syscall: (*syscall).to_string(),
             errno: errno_name(*errno),
         },
-        Observation::ConnectionAdopted { .. } | Observation::TrackingDropped => return None,
+        Observation::ConnectionAdopted { .. }
+        | Observation::ConnectionForgotten { .. }
+        | Observation::TrackingDropped => return None,
     })
 }
 

@@ -23,6 +23,9 @@ const HOT_KEYS_PER_SERVER: usize = 32;
 /// A key the clients of a service sent to two servers.
 pub struct Split {
     pub service: usize,
+    /// The key's first split (again once it has been quiet for a window): what the split-key
+    /// counter counts. A key bouncing between two servers splits on every request.
+    pub new_key: bool,
     /// The fact for the history, when the service still has a name.
     pub fact: Option<Fact>,
 }
@@ -117,6 +120,7 @@ impl KeyStats {
             };
             Some(Split {
                 service: endpoint.service,
+                new_key,
                 fact,
             })
         } else {

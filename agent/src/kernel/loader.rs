@@ -47,6 +47,8 @@ pub struct Probes {
     // leaves nothing behind either.
     ebpf: Ebpf,
     pub status: BTreeMap<&'static str, ProbeStatus>,
+    /// Whether the payload ring was sized for capture at load (a service captured then).
+    pub capture_sized: bool,
     events: Option<RingBuf<MapData>>,
     payloads: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
@@ -145,6 +147,7 @@ impl Probes {
         let mut probes = Probes {
             ebpf,
             status,
+            capture_sized: capture_len != 0,
             events: Some(events),
             payloads: Some(payloads),
             counters,

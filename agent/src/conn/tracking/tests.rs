@@ -859,3 +859,49 @@ fn no_write_after_the_peer_closed_is_no_dead_write() {
     tracker.tick(30 * SEC, &mut out);
     assert!(dead_writes(&out).is_empty(), "{out:?}");
 }
+
+/// A reload drops memcached's port: the kernel reports nothing more of its connections, so
+/// they are forgotten at once (active, no close), the open and the seeded one alike, and one
+/// whose peer had closed no longer keeps the send/receive programs wanted.
+#[test]
+fn a_reload_that_drops_a_port_forgets_its_connections() {
+    let mut tracker = tracker();
+    run(
+        &mut tracker,
+        &[state(
+            SK,
+            SEC,
+            TcpState::SynSent,
+            TcpState::Established,
+            SEC,
+        )],
+    );
+    let mut out = Vec::new();
+    tracker.seed(
+        "127.0.0.1:40001".parse().unwrap(),
+        "127.0.0.1:11211".parse().unwrap(),
+        TcpState::CloseWait as u8,
+        &mut out,
+    );
+    assert_eq!(tracker.active_connections(), 2);
+    assert!(tracker.any_peer_closed());
+    let mut out = Vec::new();
+    let kept = SharedServices::watching(&[("memcached", 11211)]);
+    tracker.forget_unwatched(|endpoint| kept.load().still_has(endpoint), &mut out);
+    assert!(out.is_empty(), "still watched: {out:?}");
+    assert_eq!(tracker.active_connections(), 2);
+
+    let gone = SharedServices::watching(&[("kestrel", 22133)]);
+    tracker.forget_unwatched(|endpoint| gone.load().still_has(endpoint), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Observation::ConnectionForgotten {
+                endpoint: client_endpoint()
+            };
+            2
+        ]
+    );
+    assert_eq!(tracker.active_connections(), 0);
+    assert!(!tracker.any_peer_closed());
+}

@@ -431,6 +431,14 @@ impl ObservationRecorder {
                     .get_or_create(&FdErrorLabels { comm, errno })
                     .inc();
             }
+            Observation::ConnectionForgotten { endpoint } => {
+                if endpoint.role == Role::Client {
+                    self.ring_view
+                        .closed(endpoint.service, endpoint.server, unix_now());
+                }
+                let labels = self.endpoint_labels(endpoint);
+                self.metrics.connections_active.get_or_create(&labels).dec();
+            }
             Observation::TrackingDropped => {
                 self.metrics
                     .events_lost
