@@ -571,6 +571,37 @@ fn pymemcache_get_many_set_many_100_keys() {
     }
 }
 
+/// Bulk calls as real clients make them: pymemcache's set_many of 1000 keys (1000 sets in
+/// flight at once), get_many lines of 300 40-byte keys (12 KB, past memcached's own 2 KiB line
+/// buffer), half of them misses, and dalli's get_multi of 500 keys (500 quiet binary gets and
+/// a noop in flight). The decoder kept 128 requests and 2 KiB lines: most of each batch, and
+/// every miss, were lost.
+#[test]
+fn bulk_calls_of_hundreds_of_keys() {
+    exact_against_memcached("x-bulk", &[], 3000.0, |port| {
+        let script = format!(
+            "from pymemcache.client.base import Client\n\
+             c = Client(('127.0.0.1', {port}))\n\
+             assert not c.set_many({{'bulk%04d' % i: b'v%d' % i for i in range(1000)}}, noreply=False)\n\
+             keys = ['%040d' % i for i in range(300)]\n\
+             assert not c.set_many({{k: b'x' for k in keys[::2]}}, noreply=False)\n\
+             for _ in range(3):\n\
+             \x20   assert len(c.get_many(keys)) == 150\n\
+             c.close()\n"
+        );
+        python(None, &script).unwrap();
+        let script = format!(
+            "require 'dalli'\n\
+             c = Dalli::Client.new('127.0.0.1:{port}', compress: false)\n\
+             keys = (0...500).map {{ |i| \"dalli#{{i}}\" }}\n\
+             keys.first(300).each {{ |k| c.set(k, 'v', nil, raw: true) }}\n\
+             2.times {{ raise 'get_multi' unless c.get_multi(*keys).size == 300 }}\n\
+             c.close\n"
+        );
+        run_client("dalli", Command::new("ruby").args(["-e", &script]));
+    });
+}
+
 #[test]
 fn python_memcache_get_multi_set_multi() {
     // 100 sets, 174 keys in four multi-gets, 10 + 1 gets and 8 other commands.

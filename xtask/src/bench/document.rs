@@ -173,7 +173,7 @@ impl Bench {
              `limits.capture_bytes = 0`: the send/receive probes copy no payload; \
              `limits.socket_probes_on_demand = false`: they stay attached, to measure what they \
              cost) and `capture + \
-             decoding` (`capture = true`, `capture_bytes = 16384`, the default decoding budget of \
+             decoding` (`capture = true`, `capture_bytes = 65536`, the default decoding budget of \
              `limits.capture_records_per_second = 25000`: above it the agent decodes one \
              connection in 2, 4, ... and scales its counts; `cacheprobe_capture_sample_ratio` \
              says which), and `decoding, no budget` (the same with `capture_records_per_second = 0`: \

@@ -5,7 +5,7 @@
 //!
 //! Modes compared in one invocation, alternating: agent off, agent with socket probes only
 //! (capture off, capture_bytes = 0), agent with payload capture and decoding (capture on,
-//! capture_bytes = 16384). Nothing is pinned: on a 2-core machine memcached's two threads, the
+//! capture_bytes = 65536). Nothing is pinned: on a 2-core machine memcached's two threads, the
 //! single-threaded load generator and the agent share both cores, as they would on a small host.
 
 mod account;

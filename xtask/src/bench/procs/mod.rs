@@ -473,7 +473,7 @@ impl Mode {
 pub fn agent_config(ports: &[u16], mode: Mode, max_sockets: u32) -> String {
     let (capture, capture_bytes) = match mode {
         // The agent's default per-call header budget.
-        Mode::Capture | Mode::CaptureAll | Mode::CapturePortCheck => (true, 16384),
+        Mode::Capture | Mode::CaptureAll | Mode::CapturePortCheck => (true, 65536),
         Mode::Off | Mode::SocketsOnly | Mode::SocketsOnlyPortCheck => (false, 0),
     };
     let mut config = String::new();
@@ -713,7 +713,7 @@ mod tests {
     #[test]
     fn config_per_mode() {
         let capture = agent_config(&[17211], Mode::Capture, 65536);
-        assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 16384"));
+        assert!(capture.contains("capture = true") && capture.contains("capture_bytes = 65536"));
         assert!(!capture.contains("capture_records_per_second"));
         let everything = agent_config(&[17211], Mode::CaptureAll, 65536);
         assert!(everything.contains("capture = true"));
