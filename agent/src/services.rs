@@ -109,10 +109,11 @@ impl Services {
             .position(|entry| entry.configured && entry.name == name)
     }
 
-    /// Whether `endpoint` is still one of this config's: its server port belongs to the same
-    /// service. (A reload that drops a port or gives it to another service ends it.)
-    pub fn still_has(&self, endpoint: &Endpoint) -> bool {
-        self.ports.get(&endpoint.server.port()) == Some(&endpoint.service)
+    /// Whether the kernel still reports `endpoint`'s connections: its server port is watched.
+    /// (By any service: a connection met under a service that was renamed or moved keeps the
+    /// name it was met under.)
+    pub fn still_watches(&self, endpoint: &Endpoint) -> bool {
+        self.ports.contains_key(&endpoint.server.port())
     }
 
     /// A socket belongs to a service when the service port is its local port (this host is the

@@ -433,3 +433,42 @@ fn renames_under_traffic_lose_no_request() {
     }
     scrape.assert_no_decode_errors();
 }
+
+/// A reload that drops a service: its pooled connections stay open, but the kernel reports
+/// nothing more of them (their port is no longer watched), so no close can come. They stop
+/// counting as active at the reload instead of staying active for good; the service that
+/// stays keeps its own.
+#[test]
+fn a_dropped_service_leaves_no_active_connections_behind() {
+    require_root();
+    let (dropped, kept) = (unique_port(), unique_port());
+    let _memcacheds =
+        [dropped, kept].map(|port| start_memcached(None, "127.0.0.1", port, &[]).unwrap());
+    let both = services_config(&[("dropped", dropped, "memcache"), ("kept", kept, "memcache")]);
+    let agent = Agent::start_with_config("reload-drop", &both).unwrap();
+    let pooled: Vec<_> = [dropped, dropped, kept].map(pooled_connection).into();
+    let active = |s: &Scrape, service: &str| {
+        s.sum(
+            "cacheprobe_connections_active",
+            &[("service", service), ("role", "client")],
+        )
+    };
+    agent.wait_for(WAIT, |s| {
+        active(s, "dropped") == 2.0 && active(s, "kept") == 1.0
+    });
+    agent.reload(&services_config(&[("kept", kept, "memcache")]));
+    let scrape = agent.wait_for(WAIT, |s| active(s, "dropped") == 0.0);
+    assert_eq!(active(&scrape, "dropped"), 0.0, "{}", scrape.text);
+    assert_eq!(active(&scrape, "kept"), 1.0, "{}", scrape.text);
+    // Nothing closed: no close is counted for them.
+    assert_eq!(
+        scrape.sum(
+            "cacheprobe_connections_closed_total",
+            &[("service", "dropped")]
+        ),
+        0.0,
+        "{}",
+        scrape.text
+    );
+    drop(pooled);
+}

@@ -74,9 +74,9 @@ pub enum Observation {
         /// Time from the last send/receive to the first close; None when no activity is known.
         idle_before_close_ns: Option<u64>,
     },
-    /// A reload took the connection's port out of the watched set (or gave it to another
-    /// service): the kernel reports nothing more of it, so no close will come. It stops
-    /// counting as active; no close is counted.
+    /// A reload took the connection's port out of the watched set: the kernel reports
+    /// nothing more of it, so no close will come. It stops counting as active; no close is
+    /// counted.
     ConnectionForgotten {
         endpoint: Endpoint,
     },

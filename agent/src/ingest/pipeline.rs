@@ -222,7 +222,7 @@ impl Pipeline {
         self.set_sampled_call_slots(config, &services);
         // Connections on ports no longer watched get no close event: forget them now.
         self.tracker.forget_unwatched(
-            |endpoint| services.still_has(endpoint),
+            |endpoint| services.still_watches(endpoint),
             &mut self.observations,
         );
         self.flush();

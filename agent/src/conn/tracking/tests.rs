@@ -886,13 +886,14 @@ fn a_reload_that_drops_a_port_forgets_its_connections() {
     assert_eq!(tracker.active_connections(), 2);
     assert!(tracker.any_peer_closed());
     let mut out = Vec::new();
-    let kept = SharedServices::watching(&[("memcached", 11211)]);
-    tracker.forget_unwatched(|endpoint| kept.load().still_has(endpoint), &mut out);
+    // Renamed: the port is still watched, so its connections still report.
+    let kept = SharedServices::watching(&[("renamed", 11211)]);
+    tracker.forget_unwatched(|endpoint| kept.load().still_watches(endpoint), &mut out);
     assert!(out.is_empty(), "still watched: {out:?}");
     assert_eq!(tracker.active_connections(), 2);
 
     let gone = SharedServices::watching(&[("kestrel", 22133)]);
-    tracker.forget_unwatched(|endpoint| gone.load().still_has(endpoint), &mut out);
+    tracker.forget_unwatched(|endpoint| gone.load().still_watches(endpoint), &mut out);
     assert_eq!(
         out,
         vec![
