@@ -379,14 +379,29 @@ fn live_scrape_exports_the_whole_metric_contract() {
     std::fs::write(&path, &scrape).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let contract = std::fs::read_to_string(root.join("packaging/metrics.txt")).unwrap();
-    for line in contract
+    let names: Vec<&str> = contract
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let name = line.split_whitespace().next().unwrap();
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for name in &names {
         assert!(
             scrape.contains(&format!("# TYPE {name} ")),
             "{name} from packaging/metrics.txt is not exported"
+        );
+    }
+    // And the other way: nothing is exported that the contract (and so the rules' checks and
+    // README's table) does not know.
+    for exported in scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(
+            names.contains(&exported)
+                || names.contains(&format!("{exported}_total").as_str())
+                || names.contains(&exported.trim_end_matches("_total")),
+            "{exported} is exported but not in packaging/metrics.txt"
         );
     }
     let output = Command::new("/usr/bin/python3")
