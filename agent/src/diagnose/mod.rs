@@ -199,6 +199,10 @@ pub struct Report {
     pub window: Span,
     pub findings: Vec<Finding>,
     pub edges: Vec<Edge>,
+    /// The seconds `edges` cover, inclusive: the last complete ones of the live watch (None
+    /// for the fleet view, whose edges cover `window`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_window: Option<Span>,
     /// Caveats about the data (events lost, rows folded), not findings.
     pub notes: Vec<String>,
 }
@@ -214,11 +218,17 @@ impl Report {
         edge_window_s: u64,
     ) -> Report {
         let findings = diagnose(snapshot, thresholds);
-        let edge_start = snapshot
-            .end_s
+        // The newest second is still filling (the history's current one): counted into a
+        // rate it read a 2 s watch up to 30% low.
+        let edge_end = if snapshot.end_s > snapshot.start_s {
+            snapshot.end_s - 1
+        } else {
+            snapshot.end_s
+        };
+        let edge_start = edge_end
             .saturating_sub(edge_window_s.max(1) - 1)
             .max(snapshot.start_s);
-        let edges = edge_table(snapshot, edge_start, snapshot.end_s);
+        let edges = edge_table(snapshot, edge_start, edge_end);
         Report {
             schema: REPORT_SCHEMA.to_string(),
             version: REPORT_VERSION,
@@ -230,6 +240,10 @@ impl Report {
             },
             findings,
             edges,
+            edge_window: Some(Span {
+                start_s: edge_start,
+                end_s: edge_end,
+            }),
             notes: data_notes(snapshot),
         }
     }

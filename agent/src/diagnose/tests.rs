@@ -51,6 +51,46 @@ fn healthy_traffic_yields_no_findings() {
     assert_eq!(edge.connections, Some(1));
 }
 
+/// The report's edge table covers the last complete seconds of the watch: the newest second is
+/// still filling, and counted into a rate it read a 2 s watch up to 30% low.
+#[test]
+fn edge_rates_leave_out_the_second_still_filling() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    // The current second, a moment in: one request so far.
+    sim.request(T0 + 60, SERVERS[0], COMMS[0], "get", Status::Hit, Some(200));
+    let snapshot = sim.snapshot(T0 + 60);
+    let source = Source {
+        kind: SourceKind::Daemon,
+        watched_s: 2,
+        prometheus: None,
+        hosts: None,
+        partial: false,
+    };
+    let report = Report::build(
+        &snapshot,
+        &DiagnoseThresholds::default(),
+        source,
+        T0 + 60,
+        2,
+    );
+    assert_eq!(
+        report.edge_window,
+        Some(Span {
+            start_s: T0 + 58,
+            end_s: T0 + 59
+        })
+    );
+    assert!(
+        report
+            .edges
+            .iter()
+            .all(|edge| (edge.requests_per_s - 23.0).abs() < 0.01),
+        "{:#?}",
+        report.edges
+    );
+}
+
 fn idle_close(sim: &mut Sim, t: u64, server: &str, idle_s: f64) {
     sim.record(
         t,

@@ -447,6 +447,7 @@ fn report(
         },
         findings: output.findings,
         edges: output.edges,
+        edge_window: None,
         notes: output.notes,
     }
 }
@@ -600,6 +601,7 @@ mod tests {
             },
             findings: out.findings,
             edges: out.edges,
+            edge_window: None,
             notes: vec!["PARTIAL: detector ring disagreement: timeout".into()],
         };
         let schema: serde_json::Value =

@@ -109,11 +109,15 @@ fn edge_lines(edges: &[Edge], report: &Report, out: &mut Vec<String>) {
     if report.source.kind == SourceKind::Prometheus {
         return fleet_edge_lines(edges, report, out);
     }
-    let watched = report.source.watched_s.max(1);
+    let covered = report
+        .edge_window
+        .map_or(report.source.watched_s.max(1), |window| {
+            window.end_s.saturating_sub(window.start_s) + 1
+        });
     out.extend(wrap(
         &format!(
             "Traffic by process and server (last {}):",
-            util::seconds(watched as f64)
+            util::seconds(covered as f64)
         ),
         "",
         "",
