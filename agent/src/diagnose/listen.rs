@@ -161,8 +161,14 @@ impl Pressure {
                 .queues
                 .entry(snap.label(row.service).to_string())
                 .or_default();
-            q.limit = q.limit.max(row.limit);
-            q.max_length = q.max_length.max(row.length);
+            // The fullest second's length with its own limit: maxima taken apart read a
+            // 2-deep queue of a 1-slot listener as "2/1024" beside a quiet default one.
+            let fuller = row.length as u64 * q.limit.max(1) as u64
+                > q.max_length as u64 * row.limit.max(1) as u64;
+            if fuller || q.limit == 0 {
+                q.max_length = row.length;
+                q.limit = row.limit;
+            }
             if row.limit > 0 && row.length as f64 >= th.listen_queue_full_ratio * row.limit as f64 {
                 if q.full_seconds == 0 {
                     q.first_full_t = second.t;
@@ -373,4 +379,60 @@ fn connection_churn(
     finding.value("opens_per_s", rate);
     finding.magnitude = rate;
     finding
+}
+
+/// How far apart an accept-queue overflow and the SYN trouble it explains may be, in seconds.
+const OVERFLOW_NEAR_S: u64 = 10;
+
+/// Connect timeouts and SYN retransmits towards a service whose accept queue on this host
+/// overflowed at the time are that overflow (the kernel drops SYNs it cannot queue, and the
+/// local clients retry and give up), not the network their advice would blame. Says so.
+pub(super) fn explain_syn_trouble(findings: &mut [Finding]) {
+    let overflows: Vec<(Vec<String>, Option<Span>)> = findings
+        .iter()
+        .filter(|f| f.id == "accept-queue-overflow")
+        .map(|f| (f.subjects.services.clone(), f.span))
+        .collect();
+    for finding in findings
+        .iter_mut()
+        .filter(|f| f.id == "connect-failures" || f.id == "retransmits")
+    {
+        let Some(service) = overflows.iter().find_map(|(services, span)| {
+            let near = match (span, finding.span) {
+                (Some(a), Some(b)) => {
+                    a.start_s <= b.end_s + OVERFLOW_NEAR_S && b.start_s <= a.end_s + OVERFLOW_NEAR_S
+                }
+                _ => true,
+            };
+            services
+                .iter()
+                .find(|s| near && finding.subjects.services.contains(s))
+        }) else {
+            continue;
+        };
+        if finding.id == "retransmits"
+            && finding
+                .values
+                .get("syn_retransmits")
+                .copied()
+                .unwrap_or(0.0)
+                == 0.0
+        {
+            continue;
+        }
+        finding.evidence.insert(
+            0,
+            format!(
+                "{service}'s accept queue on this host overflowed at the same time (see the \
+                 accept-queue finding)"
+            ),
+        );
+        finding.advice = format!(
+            "These are most likely this host's own full accept queue for {service}: the \
+             kernel drops SYNs it cannot queue, and the clients retry and time out. Fix the \
+             accept queue first (see that finding); look at the network only if they go on \
+             after it. {}",
+            finding.advice
+        );
+    }
 }

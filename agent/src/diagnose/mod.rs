@@ -141,6 +141,7 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     spikes::detect(snapshot, thresholds, &mut findings);
     slab_fit::detect(snapshot, thresholds, &mut findings);
     queues::detect(snapshot, thresholds, &mut findings);
+    listen::explain_syn_trouble(&mut findings);
     rank(&mut findings);
     findings
 }

@@ -186,6 +186,13 @@ fn hot_spot(
     );
     let id = finding.id.clone();
     finding.value(&id, count as f64);
+    if id == "retransmits" {
+        // What a full accept queue elsewhere in the report explains (`listen`).
+        finding.value(
+            "syn_retransmits",
+            trouble.get(TcpEvent::RetransmitSyn) as f64,
+        );
+    }
     Some(finding)
 }
 

@@ -605,6 +605,52 @@ fn syn_burst_at_a_small_backlog_listener() {
     assert_eq!(overflow.values["listen_overflows"], 1000.0);
     assert!(overflow.title.contains("8/8"), "{}", overflow.title);
     assert_eq!(findings[0].id, "accept-queue-overflow");
+
+    // Seconds where the fullest listener was a quiet one with a large backlog do not lend
+    // their limit to the full one's length.
+    for t in T0 + 25..T0 + 30 {
+        sim.record(
+            t,
+            Fact::ListenQueue {
+                service: "cache-local".into(),
+                length: 3,
+                limit: 1024,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let overflow = only(&findings, "accept-queue-overflow");
+    assert!(overflow.title.contains("8/8"), "{}", overflow.title);
+    assert_eq!(overflow.values["queue_limit"], 8.0);
+
+    // This host's clients of that listener time out meanwhile: the full queue dropped their
+    // SYNs, which is not the network.
+    for t in T0 + 21..T0 + 24 {
+        for _ in 0..5 {
+            sim.record(
+                t,
+                Fact::ConnectFailure {
+                    service: "cache-local".into(),
+                    server: "127.0.0.1:22005".into(),
+                    reason: ConnectFailureReason::Timeout,
+                },
+            );
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let failures = only(&findings, "connect-failures");
+    assert!(
+        failures.evidence[0].contains("accept queue on this host overflowed"),
+        "{:#?}",
+        failures.evidence
+    );
+    assert!(
+        failures
+            .advice
+            .starts_with("These are most likely this host's own full accept queue"),
+        "{}",
+        failures.advice
+    );
 }
 
 #[test]
