@@ -146,7 +146,9 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
         )
     };
 
+    let reloaded = |s: &Scrape| s.sum("cacheprobe_config_last_reload_successful", &[]);
     agent.reload(&services_config(&[("renamed", port, "memcache")]));
+    assert_eq!(reloaded(&agent.scrape()), 1.0);
     let first = server_stats(port, "stats")["cmd_get"];
     python(None, &gets_script(port, 1, 50)).unwrap();
     assert_eq!(server_stats(port, "stats")["cmd_get"] - first, 50.0);
@@ -170,6 +172,8 @@ fn a_refused_reload_keeps_the_old_config_and_counts_new_connections() {
         .to_owned();
     assert!(refusal.contains("line 2"), "{refusal}");
     assert_eq!(agent.log().matches(RELOADED).count(), 1);
+    // Visible to Prometheus, not only in the journal.
+    assert_eq!(reloaded(&agent.scrape()), 0.0);
 
     // New connections after the refusal: still watched, still decoded, under the kept name.
     let second = server_stats(port, "stats")["cmd_get"];
@@ -453,9 +457,9 @@ fn a_dropped_service_leaves_no_active_connections_behind() {
             &[("service", service), ("role", "client")],
         )
     };
-    agent.wait_for(WAIT, |s| {
-        active(s, "dropped") == 2.0 && active(s, "kept") == 1.0
-    });
+    let before = |s: &Scrape| active(s, "dropped") == 2.0 && active(s, "kept") == 1.0;
+    let scrape = agent.wait_for(WAIT, before);
+    assert!(before(&scrape), "before the reload: {}", scrape.text);
     agent.reload(&services_config(&[("kept", kept, "memcache")]));
     let scrape = agent.wait_for(WAIT, |s| active(s, "dropped") == 0.0);
     assert_eq!(active(&scrape, "dropped"), 0.0, "{}", scrape.text);

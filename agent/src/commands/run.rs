@@ -307,6 +307,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics
         .send_receive_probes_attached
         .set(i64::from(probes.length_probes_armed()));
+    metrics.config_last_reload_successful.set(1);
 
     let services = SharedServices::from_config(&config)?;
     let mut pipeline = new_pipeline(&config, &services, &metrics, can_sample_capture);
@@ -380,8 +381,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Ok(new_config) => {
                         config = new_config;
                         let _ = sampler_config_tx.send(config.clone());
+                        metrics.config_last_reload_successful.set(1);
                     }
-                    Err(err) => tracing::error!("config reload rejected, keeping the running config: {err:#}"),
+                    Err(err) => {
+                        tracing::error!("config reload rejected, keeping the running config: {err:#}");
+                        metrics.config_last_reload_successful.set(0);
+                    }
                 }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching probes"); break; }
@@ -539,14 +544,10 @@ async fn adopt_existing(
     match initial {
         Ok((snapshot, connections)) => {
             let mut seeded = Vec::new();
-            for connection in &connections {
-                pipeline.tracker_mut().seed(
-                    connection.local,
-                    connection.remote,
-                    connection.state,
-                    &mut seeded,
-                );
-            }
+            pipeline.tracker_mut().seed_all(
+                connections.iter().map(|c| (c.local, c.remote, c.state)),
+                &mut seeded,
+            );
             pipeline.record_observations(seeded);
             host_metrics::apply(metrics, &snapshot, &mut last_tcp_ext);
             let peak = fd_arming::peak_fd_usage(&snapshot);

@@ -443,6 +443,34 @@ impl Tracker {
             + self.seeded.values().filter(|c| c.counted).count()
     }
 
+    /// Registers the connections /proc listed at start (local, remote, state) with
+    /// [`Tracker::seed`], except those the programs already reported: a connection opened
+    /// between the probes' attach and the /proc scan is both, and counted twice it stayed
+    /// active after its close.
+    pub fn seed_all(
+        &mut self,
+        existing: impl IntoIterator<Item = (SocketAddr, SocketAddr, u8)>,
+        out: &mut Vec<Observation>,
+    ) {
+        let endpoints = &self.endpoints;
+        // Both ends of a loopback connection share its flow id: the role tells them apart.
+        let reported: std::collections::HashSet<(u64, Role)> = self
+            .connections
+            .values()
+            .filter_map(|c| Some((c.flow()?, endpoints.get(c.endpoint).role)))
+            .collect();
+        for (local, remote, state) in existing {
+            let services = self.services.load();
+            let seen = services.endpoint(local, remote).is_some_and(|endpoint| {
+                flow_of(endpoint.role, local, remote)
+                    .is_some_and(|flow| reported.contains(&(flow, endpoint.role)))
+            });
+            if !seen {
+                self.seed(local, remote, state, out);
+            }
+        }
+    }
+
     /// Registers a connection that existed before the agent started (from /proc), so the active
     /// gauge is right from the first scrape.
     pub fn seed(
@@ -703,6 +731,18 @@ impl Tracker {
                 endpoint,
                 ts_ns: event.ts_ns,
             });
+            // Opened just before the start-up /proc scan, which read it before this event was
+            // handled: the scan's entry is this connection, counted once already.
+            if let (Some(local), Some(remote)) = (event.local, event.remote) {
+                if let Some(seed) = self.seeded.remove(&(local, remote)) {
+                    if seed.first_close_by == Some(ClosedBy::Peer) {
+                        self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(1);
+                    }
+                    out.push(Observation::ConnectionForgotten {
+                        endpoint: self.endpoints.get(seed.endpoint),
+                    });
+                }
+            }
         }
 
         if connection.first_close_by.is_none() && connection.counted {

@@ -906,3 +906,69 @@ fn a_reload_that_drops_a_port_forgets_its_connections() {
     assert_eq!(tracker.active_connections(), 0);
     assert!(!tracker.any_peer_closed());
 }
+
+/// A connection opened between the probes' attach and the start-up /proc scan is reported by
+/// both: the scan must not count it again (it stayed active after its close).
+#[test]
+fn the_start_up_scan_does_not_count_a_reported_connection_again() {
+    let mut tracker = tracker();
+    let opened = run(
+        &mut tracker,
+        &[state(
+            SK,
+            SEC,
+            TcpState::SynSent,
+            TcpState::Established,
+            SEC,
+        )],
+    );
+    assert_eq!(tracker.active_connections(), 1, "{opened:?}");
+    let (local, remote) = client_addrs();
+    let mut out = Vec::new();
+    tracker.seed_all(
+        [
+            (local, remote, TcpState::Established as u8),
+            // The server's end of the same loopback connection is another socket.
+            (remote, local, TcpState::Established as u8),
+            (
+                "127.0.0.1:40001".parse().unwrap(),
+                remote,
+                TcpState::Established as u8,
+            ),
+        ],
+        &mut out,
+    );
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(tracker.active_connections(), 3);
+}
+
+/// The other order: the scan read a connection whose open event was still in the ring. The
+/// open then takes the scan's entry's place: one active connection, opened once.
+#[test]
+fn an_open_event_handled_after_the_start_up_scan_replaces_its_entry() {
+    let mut tracker = tracker();
+    let (local, remote) = client_addrs();
+    let mut out = Vec::new();
+    tracker.seed_all([(local, remote, TcpState::Established as u8)], &mut out);
+    assert_eq!(tracker.active_connections(), 1);
+    out.extend(run(
+        &mut tracker,
+        &[state(
+            SK,
+            SEC,
+            TcpState::SynSent,
+            TcpState::Established,
+            SEC,
+        )],
+    ));
+    assert_eq!(tracker.active_connections(), 1);
+    let net: i64 = out
+        .iter()
+        .map(|o| match o {
+            Observation::ConnectionAdopted { .. } | Observation::ConnectionOpened { .. } => 1,
+            Observation::ConnectionForgotten { .. } => -1,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(net, 1, "{out:?}");
+}
