@@ -961,3 +961,38 @@ fn an_idle_agent_wakes_rarely() {
         agent.log()
     );
 }
+
+/// `check` run by an ordinary user: tracefs is mounted but unreadable to it, which is a matter
+/// of running as root, not of mounting it (it said "not mounted: run `mount -t tracefs ...`").
+#[test]
+fn check_without_root_says_tracefs_is_unreadable_not_unmounted() {
+    require_root();
+    // A copy nobody can run (the build directory may be closed to it).
+    let dir = scratch_dir("check-nonroot");
+    let binary = dir.join("cacheprobe");
+    std::fs::copy(agent_binary(), &binary).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&binary)
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    let json = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|err| panic!("{err}: {json} {}", String::from_utf8_lossy(&output.stderr)));
+    let tracefs = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["name"] == "tracefs")
+        .unwrap_or_else(|| panic!("no tracefs item: {json}"));
+    assert_eq!(tracefs["status"], "missing", "{tracefs}");
+    let detail = tracefs["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("not readable by this user") && !detail.contains("not mounted"),
+        "{tracefs}"
+    );
+    assert_ne!(output.status.code(), Some(0), "{json}");
+}

@@ -200,9 +200,29 @@ fn tracefs_item() -> CheckItem {
     let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .into_iter()
         .find(|dir| Path::new(dir).join("events").is_dir());
-    match tracefs {
-        Some(dir) => item("tracefs", Status::Ok, format!("mounted at {dir}"), ""),
-        None => item(
+    // Without root the directory reads as absent although it is mounted: say which it is.
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|mounts| {
+            mounts
+                .lines()
+                .filter_map(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .zip(line.split_whitespace().nth(2))
+                })
+                .find(|(_, kind)| *kind == "tracefs")
+                .map(|(dir, _)| dir.to_string())
+        });
+    match (tracefs, mounted) {
+        (Some(dir), _) => item("tracefs", Status::Ok, format!("mounted at {dir}"), ""),
+        (None, Some(dir)) => item(
+            "tracefs",
+            Status::Missing,
+            format!("mounted at {dir} but not readable by this user: run as root"),
+            "tracepoint field offsets cannot be read: no probe can attach",
+        ),
+        (None, None) => item(
             "tracefs",
             Status::Missing,
             "not mounted: run `mount -t tracefs nodev /sys/kernel/tracing`",

@@ -514,6 +514,10 @@ declare_metrics! {
         "1 while the EMFILE/ENFILE syscall probes are attached: a process holding watched \
              sockets, or the host, uses at least half its descriptor limit (they tax every \
              syscall on the host, so they are detached after a calm minute)";
+    config_last_reload_successful: Gauge
+        => "config_last_reload_successful",
+        "1 unless the last reload (SIGHUP, systemctl reload) was rejected: the agent then keeps \
+             running the config it had, and systemctl reload exits 0 all the same";
     send_receive_probes_attached: Gauge
         => "send_receive_probes_attached",
         "1 while the send/receive programs are attached (always, unless \
@@ -619,7 +623,7 @@ mod tests {
         let text = encode(&registry, Format::OpenMetrics).unwrap();
         let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
         assert_eq!(helps.len(), Metrics::DECLARED.len(), "{text}");
-        assert_eq!(Metrics::DECLARED.len(), 50);
+        assert_eq!(Metrics::DECLARED.len(), 51);
         for (name, help) in Metrics::DECLARED {
             // prometheus-client ends every help with a full stop.
             let line = format!("# HELP cacheprobe_{name} {help}.");
