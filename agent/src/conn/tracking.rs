@@ -76,7 +76,8 @@ pub enum Observation {
     },
     /// A reload took the connection's port out of the watched set: the kernel reports
     /// nothing more of it, so no close will come. It stops counting as active; no close is
-    /// counted.
+    /// counted. Also a start-up scan entry that turned out to be a connection the programs
+    /// reported (its count moves to that one).
     ConnectionForgotten {
         endpoint: Endpoint,
     },
