@@ -435,11 +435,15 @@ fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<Memc
     }));
 }
 
-/// The command word of a text request, or `binary` for the binary protocol; None when the bytes
-/// do not start with a known command.
+/// The command word of a text request, or a binary request's command by its opcode (`binary`
+/// when the opcode byte was not captured), named as the request metrics name them; None when
+/// the bytes do not start with a known command.
 pub fn sniff_command(data: &[u8]) -> Option<&'static str> {
     if data.first() == Some(&0x80) {
-        return Some("binary");
+        return Some(
+            data.get(1)
+                .map_or("binary", |&opcode| Command::from_opcode(opcode).as_str()),
+        );
     }
     let end = data
         .iter()

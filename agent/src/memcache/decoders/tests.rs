@@ -590,7 +590,9 @@ fn a_call_past_the_budget_is_incomplete_and_resynchronises() {
 #[test]
 fn sniffs_text_and_binary_commands() {
     assert_eq!(sniff_command(b"set k 0 0 1\r\n"), Some("set"));
-    assert_eq!(sniff_command(b"\x80\x01"), Some("binary"));
+    // A binary request is named by its opcode, as the request metrics name it.
+    assert_eq!(sniff_command(b"\x80\x01"), Some("bin_set"));
+    assert_eq!(sniff_command(b"\x80"), Some("binary"));
     assert_eq!(sniff_command(b"HELLO"), None);
 }
 
