@@ -243,6 +243,22 @@ impl Endpoints {
     }
 }
 
+/// Removes the start-up scan's entry for (local, remote) from `seeded`, if any, with its part
+/// of `peer_closed_seeded`. (Free of the tracker, so a caller holding a connection entry can
+/// call it.)
+fn take_seed(
+    seeded: &mut HashMap<(SocketAddr, SocketAddr), Connection>,
+    peer_closed_seeded: &mut usize,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Option<Connection> {
+    let seed = seeded.remove(&(local, remote))?;
+    if seed.first_close_by == Some(ClosedBy::Peer) {
+        *peer_closed_seeded = peer_closed_seeded.saturating_sub(1);
+    }
+    Some(seed)
+}
+
 /// A connection's flow id from its local and remote address: the client is the local end of a
 /// client-role socket and the remote end of a server-role one.
 fn flow_of(role: Role, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
@@ -406,37 +422,36 @@ impl Tracker {
         out: &mut Vec<Observation>,
     ) {
         let endpoints = &self.endpoints;
-        let mut forgotten = Vec::new();
-        self.connections.retain(|&sk, connection| {
+        // Whether a connection stays; one that goes is reported if it was counted.
+        let mut keep = |connection: &Connection| {
             let endpoint = endpoints.get(connection.endpoint);
-            if still_watched(&endpoint) {
-                return true;
-            }
-            if connection.counted {
+            let kept = still_watched(&endpoint);
+            if !kept && connection.counted {
                 out.push(Observation::ConnectionForgotten { endpoint });
             }
-            forgotten.push(sk);
-            false
+            kept
+        };
+        let mut forgotten = Vec::new();
+        self.connections.retain(|&sk, connection| {
+            keep(connection) || {
+                forgotten.push(sk);
+                false
+            }
         });
+        let mut peer_closed = 0;
+        self.seeded.retain(|_, connection| {
+            keep(connection) || {
+                peer_closed += usize::from(connection.first_close_by == Some(ClosedBy::Peer));
+                false
+            }
+        });
+        self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(peer_closed);
         for sk in forgotten {
             self.peer_closed_open.remove(&sk);
             self.idle_at_first_close.remove(&sk);
             self.unseen_before_reset.remove(&sk);
             self.recently_closed.remove(&sk);
         }
-        let mut peer_closed = 0;
-        self.seeded.retain(|_, connection| {
-            let endpoint = endpoints.get(connection.endpoint);
-            if still_watched(&endpoint) {
-                return true;
-            }
-            if connection.counted {
-                out.push(Observation::ConnectionForgotten { endpoint });
-            }
-            peer_closed += usize::from(connection.first_close_by == Some(ClosedBy::Peer));
-            false
-        });
-        self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(peer_closed);
     }
 
     pub fn active_connections(&self) -> usize {
@@ -460,8 +475,8 @@ impl Tracker {
             .values()
             .filter_map(|c| Some((c.flow()?, endpoints.get(c.endpoint).role)))
             .collect();
+        let services = self.services.load();
         for (local, remote, state) in existing {
-            let services = self.services.load();
             let seen = services.endpoint(local, remote).is_some_and(|endpoint| {
                 flow_of(endpoint.role, local, remote)
                     .is_some_and(|flow| reported.contains(&(flow, endpoint.role)))
@@ -580,9 +595,13 @@ impl Tracker {
         let (Some(local), Some(remote)) = (event.local, event.remote) else {
             return false;
         };
-        if let Some(seed) = self.seeded.remove(&(local, remote)) {
+        if let Some(seed) = take_seed(
+            &mut self.seeded,
+            &mut self.peer_closed_seeded,
+            local,
+            remote,
+        ) {
             if seed.first_close_by == Some(ClosedBy::Peer) {
-                self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(1);
                 self.peer_closed_open.insert(event.sk, 0);
             }
             self.connections.insert(event.sk, seed);
@@ -735,10 +754,12 @@ impl Tracker {
             // Opened just before the start-up /proc scan, which read it before this event was
             // handled: the scan's entry is this connection, counted once already.
             if let (Some(local), Some(remote)) = (event.local, event.remote) {
-                if let Some(seed) = self.seeded.remove(&(local, remote)) {
-                    if seed.first_close_by == Some(ClosedBy::Peer) {
-                        self.peer_closed_seeded = self.peer_closed_seeded.saturating_sub(1);
-                    }
+                if let Some(seed) = take_seed(
+                    &mut self.seeded,
+                    &mut self.peer_closed_seeded,
+                    local,
+                    remote,
+                ) {
                     out.push(Observation::ConnectionForgotten {
                         endpoint: self.endpoints.get(seed.endpoint),
                     });

@@ -860,22 +860,18 @@ fn no_write_after_the_peer_closed_is_no_dead_write() {
     assert!(dead_writes(&out).is_empty(), "{out:?}");
 }
 
+/// Socket SK's client connection reaching ESTABLISHED at 1 s.
+fn opened_at_sk() -> SockEventRecord {
+    state(SK, SEC, TcpState::SynSent, TcpState::Established, SEC)
+}
+
 /// A reload drops memcached's port: the kernel reports nothing more of its connections, so
 /// they are forgotten at once (active, no close), the open and the seeded one alike, and one
 /// whose peer had closed no longer keeps the send/receive programs wanted.
 #[test]
 fn a_reload_that_drops_a_port_forgets_its_connections() {
     let mut tracker = tracker();
-    run(
-        &mut tracker,
-        &[state(
-            SK,
-            SEC,
-            TcpState::SynSent,
-            TcpState::Established,
-            SEC,
-        )],
-    );
+    run(&mut tracker, &[opened_at_sk()]);
     let mut out = Vec::new();
     tracker.seed(
         "127.0.0.1:40001".parse().unwrap(),
@@ -912,16 +908,7 @@ fn a_reload_that_drops_a_port_forgets_its_connections() {
 #[test]
 fn the_start_up_scan_does_not_count_a_reported_connection_again() {
     let mut tracker = tracker();
-    let opened = run(
-        &mut tracker,
-        &[state(
-            SK,
-            SEC,
-            TcpState::SynSent,
-            TcpState::Established,
-            SEC,
-        )],
-    );
+    let opened = run(&mut tracker, &[opened_at_sk()]);
     assert_eq!(tracker.active_connections(), 1, "{opened:?}");
     let (local, remote) = client_addrs();
     let mut out = Vec::new();
@@ -951,16 +938,7 @@ fn an_open_event_handled_after_the_start_up_scan_replaces_its_entry() {
     let mut out = Vec::new();
     tracker.seed_all([(local, remote, TcpState::Established as u8)], &mut out);
     assert_eq!(tracker.active_connections(), 1);
-    out.extend(run(
-        &mut tracker,
-        &[state(
-            SK,
-            SEC,
-            TcpState::SynSent,
-            TcpState::Established,
-            SEC,
-        )],
-    ));
+    out.extend(run(&mut tracker, &[opened_at_sk()]));
     assert_eq!(tracker.active_connections(), 1);
     let net: i64 = out
         .iter()
