@@ -517,6 +517,7 @@ fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) 
          \x20   assert c.set('k%d' % i, b'v' * 100, noreply=False)\n\
          run = threading.Event()\n\
          stop = []\n\
+         period = [1.0 / {rate}]\n\
          def control():\n\
          \x20   for line in sys.stdin:\n\
          \x20       cmd = line.strip()\n\
@@ -524,6 +525,8 @@ fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) 
          \x20           run.set()\n\
          \x20       elif cmd == 'pause':\n\
          \x20           run.clear()\n\
+         \x20       elif cmd.startswith('rate '):\n\
+         \x20           period[0] = 1.0 / int(cmd[5:])\n\
          \x20       else:\n\
          \x20           stop.append(1)\n\
          \x20           run.set()\n\
@@ -534,7 +537,6 @@ fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) 
          print('ready', flush=True)\n\
          run.wait()\n\
          i = 0\n\
-         period = 1.0 / {rate}\n\
          next_at = time.monotonic()\n\
          while True:\n\
          \x20   if not run.is_set():\n\
@@ -545,7 +547,7 @@ fn paced_pool_script_with(host: &str, port: u16, n: usize, rate: u64, op: &str) 
          \x20       break\n\
          \x20   op(pool[i % n], i % n, i)\n\
          \x20   i += 1\n\
-         \x20   next_at += period\n\
+         \x20   next_at += period[0]\n\
          \x20   delay = next_at - time.monotonic()\n\
          \x20   if delay > 0:\n\
          \x20       time.sleep(delay)\n\
@@ -644,6 +646,42 @@ fn sampled_counts_of_a_pool_match_memcached_stats() {
     window.assert_counts_match(&pool.agent, pool.ratio);
 }
 
+/// The sampled pool of [`sampled_counts_of_a_pool_match_memcached_stats`] slows to 700
+/// operations/s for 5 s and speeds up to 2,600 within the window: the sample widens (1/4 to
+/// 1/2) and, unless the draw at 1/2 fits the budget, narrows again; the scaled counts of both
+/// views still match memcached's `stats` within the same tolerance. The second after each change has no call ratio of its
+/// own; the last one is carried to the new shift (narrower: by the decoded calls of the
+/// connections it keeps; wider: by the shares followed at both). Weighed by 2^shift instead,
+/// the same seconds were off by the draw (with 32 connections, 31% at 1/4 and 18% at 1/2, 1 sd).
+#[test]
+fn sampled_counts_hold_through_sample_changes() {
+    let mut pool = SampledPool::start("pooled-changes", SAMPLED_POOL, 3200, |port| {
+        paced_pool_script(port, SAMPLED_POOL, SAMPLED_RATE)
+    });
+    let window = pool.window_with(|control| {
+        send(control, "rate 700");
+        std::thread::sleep(Duration::from_secs(5));
+        send(control, "rate 2600");
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    pool.stop();
+    eprintln!("{} sample changes in the window", window.sample_changes());
+    for line in pool
+        .agent
+        .log()
+        .lines()
+        .filter(|line| line.contains("capture sample changed"))
+    {
+        eprintln!("{line}");
+    }
+    assert!(
+        window.sample_changes() >= 1,
+        "the sample did not widen: {}",
+        pool.agent.log()
+    );
+    window.assert_counts_match(&pool.agent, pool.ratio);
+}
+
 /// When a sampled pool's connections open.
 #[derive(Clone, Copy)]
 enum Opened {
@@ -710,12 +748,18 @@ impl SampledPool {
     }
 
     fn window(&mut self) -> SampledWindow {
+        self.window_with(|_| std::thread::sleep(Duration::from_secs(10)))
+    }
+
+    /// A window whose traffic `during` shapes through the client's control (it lasts as long).
+    fn window_with(&mut self, during: impl FnOnce(&mut ChildStdin)) -> SampledWindow {
         SampledWindow::measure(
             &self.agent,
             self.port,
             self.pool,
             &mut self.control,
             &mut self.out,
+            during,
         )
     }
 
@@ -759,6 +803,7 @@ impl SampledWindow {
         pool: usize,
         control: &mut ChildStdin,
         out: &mut BufReader<std::process::ChildStdout>,
+        during: impl FnOnce(&mut ChildStdin),
     ) -> SampledWindow {
         let mut edge = |control: &mut ChildStdin| {
             send(control, "pause");
@@ -775,7 +820,7 @@ impl SampledWindow {
         };
         let first = edge(control);
         let started = std::time::Instant::now();
-        std::thread::sleep(Duration::from_secs(10));
+        during(control);
         let second = edge(control);
         SampledWindow {
             edges: [first, second],
@@ -784,8 +829,8 @@ impl SampledWindow {
         }
     }
 
-    /// Both roles' scaled get and set counts within [`sampled_tolerance`] of memcached's, the
-    /// sample unchanged through the window, no decode error.
+    /// Both roles' scaled get and set counts within [`sampled_tolerance`] of memcached's, no
+    /// decode error.
     fn assert_counts_match(&self, agent: &Agent, ratio: f64) {
         let [(scrape0, stats0, changes0), (scrape1, stats1, changes1)] = &self.edges;
         let delta = |name: &str| stats1[name] - stats0[name];
@@ -817,14 +862,18 @@ impl SampledWindow {
                 }
             }
         }
-        assert_eq!(
-            changes0,
-            changes1,
-            "the sample changed during the window: {}",
-            agent.log()
+        assert!(
+            failures.is_empty(),
+            "{failures:?}\nsample changes in the window: {}\n{}",
+            changes1 - changes0,
+            scrape1.text
         );
-        assert!(failures.is_empty(), "{failures:?}\n{}", scrape1.text);
         scrape1.assert_no_decode_errors();
+    }
+
+    /// Sample changes the agent logged within the window.
+    fn sample_changes(&self) -> usize {
+        self.edges[1].2 - self.edges[0].2
     }
 }
 
@@ -1170,7 +1219,15 @@ fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
         pair.command("go");
         (last, stats)
     };
+    let changes = |agent: &Agent| {
+        let log = agent.log();
+        log.lines()
+            .filter(|line| line.contains("capture sample changed"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
     let (scrape0, stats0) = edge(&mut pair);
+    let changes0 = changes(&agent).len();
     let started = std::time::Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     agent.reload(&ordered_config(&[
@@ -1181,6 +1238,10 @@ fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
     let (scrape1, stats1) = edge(&mut pair);
     let seconds = started.elapsed().as_secs_f64();
     pair.command("stop");
+    // A change within the window is weighed through (see `CaptureSampling::ratio_at`); when the
+    // counts are off, it is the first thing to know.
+    let changed = changes(&agent).split_off(changes0);
+    eprintln!("sample changes in the window: {changed:?}");
     let mut failures = Vec::new();
     for (index, (service, connections)) in [("busy", SAMPLED_POOL), ("quiet", 2)].iter().enumerate()
     {
@@ -1217,7 +1278,7 @@ fn a_reload_that_reorders_services_under_sampling_keeps_both_counted() {
     }
     assert!(
         failures.is_empty(),
-        "{failures:?}\n{}\n{}",
+        "{failures:?}\nsample changes in the window: {changed:?}\n{}\n{}",
         scrape1.text,
         agent.log()
     );

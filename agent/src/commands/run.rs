@@ -340,6 +340,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (mut ring, mut payload_ring) = poll_rings(&mut probes)?;
     let mut event_queue = EventQueue::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // After a stall, one tick: a burst of them would read the kernel's sampled calls over
+    // intervals of a few milliseconds, whose ratios are noise.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain = drain_timer();
     loop {
         tokio::select! {

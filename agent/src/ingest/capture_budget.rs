@@ -136,6 +136,13 @@ impl CaptureBudget {
             .map_or(0, |control| control.epoch)
     }
 
+    /// The followed share of `slot`'s calls measured at `shift` lately, if it was.
+    fn remembered_share(&self, slot: u32, shift: u32) -> Option<f64> {
+        self.slots
+            .get(slot as usize)?
+            .remembered_share(shift, self.looks)
+    }
+
     /// The narrowest sample of any slot.
     pub fn narrowest(&self) -> u32 {
         self.slots
@@ -274,18 +281,32 @@ impl SlotControl {
         } else {
             0.0
         };
-        let share = match self.followed_share[wider as usize] {
-            Some((share, at)) if look - at <= REMEMBER_LOOKS => share.max(now),
-            _ => {
-                // Of the connections not followed at k (depth < k), those of depth in
-                // [wider, k) are followed at `wider`: (2^-wider - 2^-k) / (1 - 2^-k) of them.
-                let at = |k: u32| 1.0 / (1u64 << k) as f64;
-                let k = self.shift;
-                now + (1.0 - now) * (at(wider) - at(k)) / (1.0 - at(k))
-            }
+        let share = match self.remembered_share(wider, look) {
+            Some(share) => share.max(now),
+            None => widened_share(now, self.shift, wider),
         };
         self.records_per_call * load.seen * share
     }
+
+    /// The followed share of calls measured at `shift` within [`REMEMBER_LOOKS`] of `look`.
+    fn remembered_share(&self, shift: u32, look: u64) -> Option<f64> {
+        match self.followed_share.get(shift as usize).copied().flatten() {
+            Some((share, at)) if look - at <= REMEMBER_LOOKS => Some(share),
+            _ => None,
+        }
+    }
+}
+
+/// The share of calls a `wider` shift than `shift` is expected to follow when `share` of them
+/// are followed at `shift`: the connections followed at `shift` stay followed, and of the
+/// others (depth < shift) those of depth in [wider, shift) join, (2^-wider - 2^-shift) /
+/// (1 - 2^-shift) of them (see [`capture_sample::depth`]).
+fn widened_share(share: f64, shift: u32, wider: u32) -> f64 {
+    let at = |k: u32| 1.0 / (1u64 << k) as f64;
+    if shift == 0 {
+        return share;
+    }
+    share + (1.0 - share) * (at(wider) - at(shift)) / (1.0 - at(shift))
 }
 
 /// Shares of `budget` for `wants`: the smallest wants are met in full while an equal part of
@@ -354,14 +375,37 @@ pub struct CaptureSampling {
     reslot_from: Option<Vec<u32>>,
 }
 
+/// The shortest interval between readings of the kernel's sampled calls that gives a ratio:
+/// with round-robin pools a ratio is off by up to one call per connection, so an interval of
+/// a few milliseconds (two ticks after a stall) would weigh the next second by noise.
+const MIN_RATIO_INTERVAL_NS: u64 = 500_000_000;
+
+/// Sample depths a followed call can have (see [`capture_sample::depth`]).
+const DEPTHS: usize = MAX_SHIFT as usize + 1;
+
+/// seen / followed calls of one slot and role over an interval, the slot's sample shift over
+/// it, and the calls decoded in it by their connection's sample depth (what part of them a
+/// narrower sample keeps).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CallRatio {
+    ratio: f64,
+    shift: u32,
+    by_depth: [u64; DEPTHS],
+}
+
 /// The ratio weights by `SAMPLED_CALLS` index, from the kernel's counters.
 #[derive(Debug)]
 struct CallRatios {
     /// Totals at the last reading, and when it was (monotonic ns; 0: none yet).
     last: Vec<SampledCalls>,
     last_ns: u64,
-    /// seen / followed calls of the last interval with traffic; None: fall back to 2^shift.
-    ratio: Vec<Option<f64>>,
+    /// The ratio of the last interval with traffic under one sample; None: fall back to
+    /// 2^shift. A request decoded under another shift weighs it carried to that shift (see
+    /// [`CaptureSampling::ratio_at`]).
+    ratio: Vec<Option<CallRatio>>,
+    /// Decoded calls of followed connections by the connection's sample depth, per index,
+    /// since the last reading.
+    depth_calls: Vec<[u64; DEPTHS]>,
     /// `SAMPLED_CALLS` slot by service id (0: none).
     slots: Vec<u32>,
     /// Draws for rounding fractional weights (see [`take_weight`]).
@@ -374,6 +418,7 @@ impl Default for CallRatios {
             last: Vec::new(),
             last_ns: 0,
             ratio: Vec::new(),
+            depth_calls: Vec::new(),
             slots: Vec::new(),
             rounding: Rounding(0x9e37_79b9_7f4a_7c15),
         }
@@ -563,8 +608,8 @@ impl CaptureSampling {
 
     /// The kernel's totals of sampled calls at `now_ns` (None: unreadable, e.g. an older
     /// object): the ratios of the interval since the last reading, and the calls the next look
-    /// at the budget weighs. An interval in which a slot's sample changed mixes two samples and
-    /// gives that slot no ratio (2^shift until the next one).
+    /// at the budget weighs. An interval in which a slot's sample changed mixes two samples:
+    /// the last clean interval's ratio stands (see [`CaptureSampling::ratio_at`]).
     pub fn observe_sampled_calls(&mut self, totals: Option<&[SampledCalls]>, now_ns: u64) {
         let ratios = &mut self.ratios;
         let Some(totals) = totals else {
@@ -574,7 +619,12 @@ impl CaptureSampling {
             return;
         };
         let first = ratios.last_ns == 0;
+        if !first && now_ns.saturating_sub(ratios.last_ns) < MIN_RATIO_INTERVAL_NS {
+            // Too short to weigh by: its calls count towards the next reading's interval.
+            return;
+        }
         let previous = std::mem::take(&mut ratios.ratio);
+        let by_depth = std::mem::take(&mut ratios.depth_calls);
         let mut read = !first;
         ratios.ratio = totals
             .iter()
@@ -614,13 +664,25 @@ impl CaptureSampling {
                 if let Some(carried) = carried {
                     return carried;
                 }
-                let straddles =
-                    first || self.slot_applied_ns.get(slot).copied().unwrap_or(0) >= ratios.last_ns;
-                if straddles {
+                if first {
                     return None;
                 }
+                // An interval over which the slot's sample changed mixes two samples: the
+                // last clean one's ratio stands, carried to the new shift when weighing.
+                let applied_ns = self.slot_applied_ns.get(slot).copied().unwrap_or(0);
+                if applied_ns >= ratios.last_ns {
+                    return previous.get(index).copied().flatten();
+                }
+                let shift = self
+                    .applied
+                    .get(slot)
+                    .map_or(0, |&entry| capture_sample::entry_shift(entry));
                 match interval_ratio(before, now) {
-                    IntervalRatio::Ratio(ratio) => Some(ratio),
+                    IntervalRatio::Ratio(ratio) => Some(CallRatio {
+                        ratio,
+                        shift,
+                        by_depth: by_depth.get(index).copied().unwrap_or_default(),
+                    }),
                     IntervalRatio::Idle => previous.get(index).copied().flatten(),
                     IntervalRatio::NoRatio => None,
                 }
@@ -642,19 +704,71 @@ impl CaptureSampling {
         client: bool,
     ) -> Option<u64> {
         let weight = self.weight_of_record(sample, service)?;
-        let sample_shift = sample.shift;
-        if sample_shift.is_none() {
+        let Some(recorded) = sample.shift else {
             return Some(weight);
-        }
+        };
         let slot = self.slot_of(service);
         if slot == 0 {
             return Some(weight);
         }
-        let ratios = &mut self.ratios;
         let index = watch::calls_index(slot, client) as usize;
-        match ratios.ratio.get(index).copied().flatten() {
-            Some(ratio) => Some(take_weight(ratio, ratios.rounding.next())),
+        match self.ratio_at(index, slot, self.effective_shift(recorded, slot)) {
+            Some(ratio) => Some(take_weight(ratio, self.ratios.rounding.next())),
             None => Some(weight),
+        }
+    }
+
+    /// The shift a record captured under `recorded` is weighed at: the slot's own when that is
+    /// narrower already (see [`CaptureSampling::weight_of_record`]).
+    fn effective_shift(&self, recorded: u32, slot: u32) -> u32 {
+        recorded.max(self.budget.shift(slot)).min(MAX_SHIFT)
+    }
+
+    /// The call ratio of `index` (of `slot`) at sample `shift`: the last one measured, carried
+    /// to `shift` when it was measured at another (the interval after a sample changes has no
+    /// ratio of its own, and records of the old sample are read after the change). Narrower:
+    /// its connections are those followed of depth `shift` and up, so their share of the
+    /// decoded calls scales the ratio exactly. Wider: the newly followed connections are not
+    /// seen yet, so the followed shares measured lately at both shifts scale it, else the
+    /// share the wider shift is expected to follow ([`widened_share`]). (2^shift instead was
+    /// off by the draw, 25-50% for a second or two at each change.)
+    fn ratio_at(&self, index: usize, slot: u32, shift: u32) -> Option<f64> {
+        let measured = self.ratios.ratio.get(index).copied().flatten()?;
+        if shift == measured.shift {
+            return Some(measured.ratio);
+        }
+        if shift > measured.shift {
+            let calls = &measured.by_depth;
+            let from = |depth: u32| calls[(depth as usize).min(DEPTHS)..].iter().sum::<u64>();
+            let (followed, kept) = (from(measured.shift), from(shift));
+            return (kept > 0).then(|| measured.ratio * followed as f64 / kept as f64);
+        }
+        let share = 1.0 / measured.ratio;
+        let wider = match (
+            self.budget.remembered_share(slot, measured.shift),
+            self.budget.remembered_share(slot, shift),
+        ) {
+            (Some(then), Some(now)) if then > 0.0 => share * now / then,
+            _ => widened_share(share, measured.shift, shift),
+        };
+        (wider > 0.0).then(|| 1.0 / wider.min(1.0))
+    }
+
+    /// Counts a decoded followed call of `service` (`client`: the client role) by its
+    /// connection's sample depth, for [`CaptureSampling::ratio_at`]. Calls of another epoch
+    /// than the slot's are of another draw and left out.
+    pub fn count_followed_call(&mut self, sample: StreamSample, service: usize, client: bool) {
+        let slot = self.slot_of(service);
+        if sample.shift.is_none() || slot == 0 || self.budget.epoch(slot) as u8 != sample.epoch {
+            return;
+        }
+        let index = watch::calls_index(slot, client) as usize;
+        let tally = &mut self.ratios.depth_calls;
+        if tally.len() <= index {
+            tally.resize(agent_common::SAMPLED_CALLS_ENTRIES as usize, [0; DEPTHS]);
+        }
+        if let Some(by_depth) = tally.get_mut(index) {
+            by_depth[(sample.depth as usize).min(DEPTHS - 1)] += 1;
         }
     }
 
@@ -697,7 +811,7 @@ impl CaptureSampling {
                 if self.budget.epoch(slot) as u8 != sample.epoch {
                     return None;
                 }
-                let shift = recorded.max(self.budget.shift(slot)).min(MAX_SHIFT);
+                let shift = self.effective_shift(recorded, slot);
                 (sample.depth >= shift).then_some(1u64 << shift)
             }
             None => Some(1),
@@ -728,11 +842,15 @@ impl CaptureSampling {
     pub fn shift_applied(&mut self, now_ns: u64) {
         self.shift_applied_ns = now_ns;
         for slot in 0..SLOTS {
-            if self.applied[slot] != self.telling[slot] {
+            let (before, now) = (self.applied[slot], self.telling[slot]);
+            if before != now {
                 self.slot_applied_ns[slot] = now_ns;
-                // The last interval's ratios are of the old sample: 2^shift until a clean
-                // interval; the look in progress mixes two samples.
-                self.ratios.clear_slot(slot as u32);
+                // The look in progress mixes two samples. The last interval's ratios stand,
+                // carried to the new shift (see `ratio_at`), unless the sample turned: those
+                // were of another draw (2^shift until a clean interval).
+                if capture_sample::entry_epoch(before) != capture_sample::entry_epoch(now) {
+                    self.ratios.clear_slot(slot as u32);
+                }
                 self.look_mixed[slot] = true;
             }
         }
@@ -930,25 +1048,23 @@ impl CaptureSampling {
             followed = changed.join(", "),
             "payload decoding budget: capture sample changed"
         );
+        // Records of the streams kept now weigh the new sample, at the last ratio carried
+        // to it (see `weight_of_request`).
         self.pending = true;
-        // Records of the streams kept now weigh the new sample (see `weight_of_record`).
-        for (slot, (now, before)) in self.budget.entries().iter().zip(&self.applied).enumerate() {
-            if now != before {
-                self.ratios.clear_slot(slot as u32);
-            }
-        }
     }
 }
 
 impl CallRatios {
-    /// Drops both roles' ratios of `slot` (2^shift until a clean interval).
+    /// Drops both roles' ratios of `slot` and what was counted by depth (2^shift until a
+    /// clean interval).
     fn clear_slot(&mut self, slot: u32) {
         for client in [false, true] {
-            if let Some(ratio) = self
-                .ratio
-                .get_mut(watch::calls_index(slot, client) as usize)
-            {
+            let index = watch::calls_index(slot, client) as usize;
+            if let Some(ratio) = self.ratio.get_mut(index) {
                 *ratio = None;
+            }
+            if let Some(by_depth) = self.depth_calls.get_mut(index) {
+                *by_depth = [0; DEPTHS];
             }
         }
     }
@@ -1322,9 +1438,18 @@ mod tests {
         assert_eq!(sampling.take_shift().map(|shifts| shifts[1]), Some(2));
         sampling.shift_applied(SECOND);
         let entries = agent_common::SAMPLED_CALLS_ENTRIES as usize;
-        sampling.ratios.ratio = (0..entries).map(|index| Some(index as f64)).collect();
+        sampling.ratios.ratio = (0..entries)
+            .map(|index| {
+                Some(CallRatio {
+                    ratio: index as f64,
+                    shift: 2,
+                    by_depth: [0; DEPTHS],
+                })
+            })
+            .collect();
         let ratio = |sampling: &CaptureSampling, slot: u32, client: bool| {
             sampling.ratios.ratio[watch::calls_index(slot, client) as usize]
+                .map(|measured| measured.ratio)
         };
         let carried = [ratio(&sampling, 1, false), ratio(&sampling, 1, true)];
         let stayed = ratio(&sampling, 5, true);
@@ -1431,6 +1556,7 @@ mod tests {
         // Service id 0 has slot 1, id 1 has none (past the 63rd).
         sampling.set_service_slots(vec![1, 0]);
         sampling.budget.slots[1].shift = 2;
+        sampling.applied[1] = capture_sample::entry(2, 0);
         let server = watch::calls_index(1, false) as usize;
         let client = watch::calls_index(1, true) as usize;
         let mut totals =
@@ -1467,37 +1593,124 @@ mod tests {
             None,
             "let go"
         );
-        // The sample changes: the next interval mixes two samples and gives no ratio.
-        sampling.telling = sampling.budget.shifts();
-        sampling.shift_applied(2 * SECOND + 5);
-        totals[server] = calls(2_000, 150);
+        // An idle interval keeps the ratio; calls none of which were followed drop it.
         sampling.observe_sampled_calls(Some(&totals), 3 * SECOND);
         assert_eq!(
             sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
-            Some(4)
+            Some(10)
         );
-        totals[server] = calls(3_000, 250);
+        totals[server] = calls(1_100, 100);
         sampling.observe_sampled_calls(Some(&totals), 4 * SECOND);
-        assert_eq!(
-            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
-            Some(10)
-        );
-        // An idle interval keeps the ratio; calls none of which were followed drop it.
-        sampling.observe_sampled_calls(Some(&totals), 5 * SECOND);
-        assert_eq!(
-            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
-            Some(10)
-        );
-        totals[server] = calls(3_100, 250);
-        sampling.observe_sampled_calls(Some(&totals), 6 * SECOND);
         assert_eq!(
             sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
             Some(4)
         );
         // Counters gone (an object without them): back to 2^shift.
-        sampling.observe_sampled_calls(None, 7 * SECOND);
+        sampling.observe_sampled_calls(None, 5 * SECOND);
         assert_eq!(
             sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false),
+            Some(4)
+        );
+    }
+
+    /// Two readings a few milliseconds apart (ticks bunched after a stall) give no ratio: 3
+    /// calls with 1 followed would weigh the next second by 3 instead of 10. Their calls count
+    /// towards the next interval.
+    #[test]
+    fn a_reading_moments_after_the_last_leaves_the_ratio_be() {
+        let mut sampling = CaptureSampling::new(500);
+        sampling.set_service_slots(vec![1]);
+        sampling.budget.slots[1].shift = 2;
+        sampling.applied[1] = capture_sample::entry(2, 0);
+        let server = watch::calls_index(1, false) as usize;
+        let mut totals =
+            vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
+        sampling.observe_sampled_calls(Some(&totals), SECOND);
+        totals[server] = calls(1_000, 100);
+        sampling.observe_sampled_calls(Some(&totals), 2 * SECOND);
+        totals[server] = calls(1_003, 101);
+        sampling.observe_sampled_calls(Some(&totals), 2 * SECOND + 5_000_000);
+        let weight = |sampling: &mut CaptureSampling| {
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 0), 0, false)
+        };
+        assert_eq!(weight(&mut sampling), Some(10));
+        totals[server] = calls(2_000, 201);
+        sampling.observe_sampled_calls(Some(&totals), 3 * SECOND);
+        assert_eq!(
+            sampling.ratio_at(server, 1, 2),
+            Some(1_000.0 / 101.0),
+            "the bunched reading's calls belong to this interval"
+        );
+    }
+
+    /// When a slot's sample changes, the interval it falls in has no ratio of its own and the
+    /// next has not ended: the last ratio is carried to the new shift. Narrower, exactly, by
+    /// the decoded calls of the connections it keeps; wider, by the followed shares measured
+    /// at both shifts, else by the share the wider one is expected to follow. A turned sample
+    /// (another draw) falls back to 2^shift.
+    #[test]
+    fn a_changed_sample_weighs_the_last_ratio_carried_to_its_shift() {
+        let mut sampling = CaptureSampling::new(500);
+        sampling.set_service_slots(vec![1]);
+        sampling.budget.slots[1].shift = 2;
+        sampling.applied[1] = capture_sample::entry(2, 0);
+        let server = watch::calls_index(1, false) as usize;
+        let mut totals =
+            vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
+        sampling.observe_sampled_calls(Some(&totals), SECOND);
+        // Followed at 1/4: 100 calls decoded, 40 of them on connections of depth 3 and up.
+        for (depth, decoded) in [(2, 60), (3, 30), (5, 10)] {
+            for _ in 0..decoded {
+                sampling.count_followed_call(StreamSample::of_record(Some(2), depth, 0), 0, false);
+            }
+        }
+        totals[server] = calls(1_000, 100);
+        sampling.observe_sampled_calls(Some(&totals), 2 * SECOND);
+        let weight = |sampling: &mut CaptureSampling, shift: u32| {
+            sampling.weight_of_request(StreamSample::of_record(Some(shift), 5, 0), 0, false)
+        };
+        assert_eq!(weight(&mut sampling, 2), Some(10));
+
+        // Narrowed to 1/8: what the kernel wrote at 1/4 and what it writes at 1/8 both weigh
+        // 1,000 / 40, through the interval the change falls in.
+        sampling.budget.slots[1].shift = 3;
+        sampling.pending = true;
+        assert_eq!(
+            weight(&mut sampling, 2),
+            Some(25),
+            "before the kernel hears"
+        );
+        sampling.take_shift();
+        sampling.shift_applied(2 * SECOND + 5);
+        assert_eq!(weight(&mut sampling, 3), Some(25));
+        totals[server] = calls(2_000, 150);
+        sampling.observe_sampled_calls(Some(&totals), 3 * SECOND);
+        assert_eq!(weight(&mut sampling, 3), Some(25), "the mixed interval");
+        totals[server] = calls(3_000, 200);
+        sampling.observe_sampled_calls(Some(&totals), 4 * SECOND);
+        assert_eq!(weight(&mut sampling, 3), Some(20), "measured at 1/8");
+
+        // Widened back to 1/4 with nothing remembered: 1/20 followed, and of the 19/20 others
+        // (depth < 3) one in seven has depth 2.
+        sampling.budget.slots[1].shift = 2;
+        sampling.pending = true;
+        sampling.take_shift();
+        sampling.shift_applied(4 * SECOND + 5);
+        let expected = 1.0 / (0.05 + 0.95 / 7.0);
+        let carried = sampling.ratio_at(server, 1, 2).unwrap();
+        assert!((carried - expected).abs() < 1e-9, "{carried} vs {expected}");
+        // With both shares measured lately (1/4 followed 0.1, 1/8 0.04), they scale it.
+        sampling.budget.looks = 10;
+        sampling.budget.slots[1].followed_share[2] = Some((0.1, 9));
+        sampling.budget.slots[1].followed_share[3] = Some((0.04, 10));
+        assert_eq!(weight(&mut sampling, 2), Some(8));
+
+        // The sample turns to other connections: its ratios were of another draw.
+        sampling.rotate(1);
+        sampling.take_shift();
+        sampling.shift_applied(5 * SECOND);
+        assert_eq!(
+            sampling.weight_of_request(StreamSample::of_record(Some(2), 5, 1), 0, false),
             Some(4)
         );
     }

@@ -376,6 +376,13 @@ impl Pipeline {
             payload.sample_depth,
             payload.sample_epoch,
         );
+        if payload.span_start == 0 {
+            self.capture.count_followed_call(
+                sample,
+                endpoint.service,
+                endpoint.role == Role::Client,
+            );
+        }
         let Some(weight) = self.capture.weight_of_record(sample, endpoint.service) else {
             return PayloadOutcome::Handled;
         };
