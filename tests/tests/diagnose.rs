@@ -374,3 +374,79 @@ fn names_fd_pressure_of_a_process_connected_to_every_server() {
         "{fds:#}"
     );
 }
+
+/// One process holding a connection to each of 16 memcacheds (one port, each on its own
+/// loopback address) is named as a full mesh from the daemon's periodic /proc samples: the
+/// finding counts 16 distinct servers, and the edge table gives each of its 16 edges one open
+/// connection. (Before session 23 the daemon's samples carried no connection spread: this
+/// finding and the edge table's connection column had data in unit tests only.)
+#[test]
+fn names_a_full_mesh_from_the_daemons_samples() {
+    require_root();
+    let port = unique_port();
+    let agent = Agent::start_with_config(
+        "diag-mesh",
+        &format!(
+            "sample_interval_seconds = 1\n\
+             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"
+        ),
+    )
+    .unwrap();
+    let servers: Vec<String> = (1..=16).map(|i| format!("127.0.0.{i}")).collect();
+    let _servers: Vec<Guard> = servers
+        .iter()
+        .map(|host| start_memcached(None, host, port, &[]).unwrap())
+        .collect();
+    let mut client = Command::new(PYTHON)
+        .args([
+            "-c",
+            &format!(
+                "import socket, ctypes, sys\n\
+                 ctypes.CDLL(None).prctl(15, b'meshworker', 0, 0, 0)\n\
+                 socks = [socket.create_connection(('127.0.0.%d' % i, {port})) for i in range(1, 17)]\n\
+                 print('connected', flush=True)\n\
+                 sys.stdin.read()\n"
+            ),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(client.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "connected");
+    let _client = Guard(client);
+    // Samples every second: three of them see the connections.
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, report) = daemon_report(&agent);
+    let mesh = finding(&report, "full-mesh").unwrap_or_else(|| panic!("no full-mesh: {report:#}"));
+    assert!(
+        subjects(mesh, "processes").contains(&"meshworker".to_string()),
+        "{mesh:#}"
+    );
+    assert_eq!(mesh["values"]["distinct_servers"], 16.0, "{mesh:#}");
+    let edges: Vec<&serde_json::Value> = report["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|edge| edge["process"] == "meshworker")
+        .collect();
+    let mut named: Vec<String> = edges
+        .iter()
+        .map(|edge| {
+            assert_eq!(edge["connections"], 1, "{edge:#}");
+            edge["server"].as_str().unwrap().to_string()
+        })
+        .collect();
+    named.sort();
+    let mut expected: Vec<String> = servers
+        .iter()
+        .map(|host| format!("{host}:{port}"))
+        .collect();
+    expected.sort();
+    assert_eq!(named, expected, "{report:#}");
+}

@@ -266,7 +266,7 @@ async fn sample_periodically(
         match result {
             Ok(snapshot) => {
                 host_metrics::apply(&metrics, &snapshot, &mut last_tcp_ext);
-                let facts = facts_from_sample(&snapshot, &[], &mut previous_tcp_ext);
+                let facts = facts_from_sample(&snapshot, &mut previous_tcp_ext);
                 let now = unix_now();
                 let covered = config.borrow().sample_interval_seconds;
                 if let Ok(mut history) = history.lock() {

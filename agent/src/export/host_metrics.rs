@@ -217,6 +217,7 @@ mod tests {
             soft_nofile,
             connections: Default::default(),
             listening_sockets: Default::default(),
+            client_spread: Default::default(),
         };
         let (metrics, registry) = Metrics::new();
         for (comm, open, limit, ratio) in [

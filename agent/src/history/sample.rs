@@ -1,27 +1,24 @@
-//! Facts from one /proc sample (the sampler's `Snapshot`, optionally with its connection list):
+//! Facts from one /proc sample (the sampler's `Snapshot`):
 //! fd usage and connections per process, open connections per process and server, accept
 //! queues of local listeners, and the host's listen overflow/drop counters as deltas; and,
 //! with their own timestamps, the SYNs and handshakes local listeners dropped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::Fact;
 
-use crate::host::{parse::TcpExtCounters, Snapshot, WatchedConnection};
+use crate::host::{parse::TcpExtCounters, Snapshot};
 use crate::model::{Role, SynDirection};
 
-/// Converts one sample. `connections` (from `Sampler::sample_with_connections`, may be empty)
-/// gives the distinct servers each process talks to and the per-server edge counts;
-/// `last_tcp_ext` holds the previous sample's counters (None on the first sample, which only
-/// sets the baseline).
+/// Converts one sample. `last_tcp_ext` holds the previous sample's counters (None on the
+/// first sample, which only sets the baseline).
 pub fn facts_from_sample(
     snapshot: &Snapshot,
-    connections: &[WatchedConnection],
     last_tcp_ext: &mut Option<TcpExtCounters>,
 ) -> Vec<Fact> {
     let mut facts = Vec::new();
     process_fds(snapshot, &mut facts);
-    process_connections(connections, &mut facts);
+    process_connections(snapshot, &mut facts);
     listen_queues(snapshot, &mut facts);
     facts.extend(host_listen_drops(snapshot.tcp_ext, last_tcp_ext));
     facts
@@ -44,46 +41,25 @@ fn process_fds(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
 
 /// Per (pid, service): distinct servers and connections; per (service, server, comm): open
 /// connections. Client side only.
-fn process_connections(connections: &[WatchedConnection], facts: &mut Vec<Fact>) {
-    let mut per_process: BTreeMap<(u32, &str), (String, BTreeSet<std::net::SocketAddr>, u64)> =
-        BTreeMap::new();
-    let mut edges: BTreeMap<(&str, std::net::SocketAddr, &str), u32> = BTreeMap::new();
-    for connection in connections
-        .iter()
-        .filter(|c| c.role == crate::model::Role::Client)
-    {
-        let Some(owner) = &connection.owner else {
-            continue;
-        };
-        let entry = per_process
-            .entry((owner.pid, connection.service.as_str()))
-            .or_insert_with(|| (owner.comm.clone(), BTreeSet::new(), 0));
-        entry.1.insert(connection.remote);
-        entry.2 += 1;
-        *edges
-            .entry((
-                connection.service.as_str(),
-                connection.remote,
-                owner.comm.as_str(),
-            ))
-            .or_default() += 1;
+fn process_connections(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
+    for process in &snapshot.processes {
+        for (service, spread) in &process.client_spread {
+            facts.push(Fact::ProcessConnections {
+                comm: process.comm.clone(),
+                pid: process.pid,
+                service: service.clone(),
+                distinct_servers: clamp(spread.servers),
+                connections: clamp(spread.connections),
+            });
+        }
     }
-    for ((pid, service), (comm, servers, count)) in per_process {
-        facts.push(Fact::ProcessConnections {
-            comm,
-            pid,
-            service: service.to_string(),
-            distinct_servers: clamp(servers.len() as u64),
-            connections: clamp(count),
-        });
-    }
-    for ((service, server, comm), open) in edges {
+    for edge in &snapshot.client_edges {
         facts.push(Fact::EdgeConnections {
-            service: service.to_string(),
-            server: server.to_string(),
+            service: edge.service.clone(),
+            server: edge.server.to_string(),
             role: Role::Client,
-            comm: comm.to_string(),
-            open,
+            comm: edge.comm.clone(),
+            open: clamp(edge.open),
         });
     }
 }
@@ -166,7 +142,10 @@ fn clamp(value: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::{aggregate::ProcessUsage, ListenerQueue, SocketOwner};
+    use crate::host::{
+        aggregate::{ClientEdge, ClientSpread, ProcessUsage},
+        ListenerQueue,
+    };
 
     fn process(pid: u32, comm: &str, open: u64, limit: u64) -> ProcessUsage {
         ProcessUsage {
@@ -177,31 +156,34 @@ mod tests {
             soft_nofile: limit,
             connections: BTreeMap::new(),
             listening_sockets: BTreeMap::new(),
+            client_spread: BTreeMap::new(),
         }
     }
 
-    fn connection(pid: u32, comm: &str, remote: &str) -> WatchedConnection {
-        WatchedConnection {
-            netns: 1,
-            local: "10.0.0.100:40000".parse().unwrap(),
-            remote: remote.parse().unwrap(),
-            state: 1,
-            inode: 5,
+    fn edge(comm: &str, server: &str, open: u64) -> ClientEdge {
+        ClientEdge {
             service: "memcached".into(),
-            role: crate::model::Role::Client,
-            owner: Some(SocketOwner {
-                pid,
-                comm: comm.into(),
-            }),
+            server: server.parse().unwrap(),
+            comm: comm.into(),
+            open,
         }
     }
 
     #[test]
     fn converts_a_sample() {
+        let mut worker = process(10, "worker", 1000, 1024);
+        worker.client_spread.insert(
+            "memcached".into(),
+            ClientSpread {
+                servers: 2,
+                connections: 3,
+            },
+        );
         let snapshot = Snapshot {
-            processes: vec![
-                process(10, "worker", 1000, 1024),
-                process(11, "memcached", 50, u64::MAX),
+            processes: vec![worker, process(11, "memcached", 50, u64::MAX)],
+            client_edges: vec![
+                edge("worker", "10.0.0.1:11211", 1),
+                edge("worker", "10.0.0.2:11211", 2),
             ],
             listeners: vec![
                 ListenerQueue {
@@ -230,13 +212,8 @@ mod tests {
             },
             ..Snapshot::default()
         };
-        let connections = vec![
-            connection(10, "worker", "10.0.0.1:11211"),
-            connection(10, "worker", "10.0.0.2:11211"),
-            connection(10, "worker", "10.0.0.2:11211"),
-        ];
         let mut last = None;
-        let facts = facts_from_sample(&snapshot, &connections, &mut last);
+        let facts = facts_from_sample(&snapshot, &mut last);
         assert!(facts.contains(&Fact::ProcessFds {
             comm: "worker".into(),
             pid: 10,
@@ -277,7 +254,7 @@ mod tests {
         let mut later = snapshot.clone();
         later.tcp_ext.listen_overflows = 15;
         later.tcp_ext.listen_drops = 18;
-        let facts = facts_from_sample(&later, &[], &mut last);
+        let facts = facts_from_sample(&later, &mut last);
         assert!(facts.contains(&Fact::HostListenDrops {
             overflows: 5,
             drops: 6,

@@ -145,6 +145,25 @@ pub struct ProcessUsage {
     pub connections: BTreeMap<String, u64>,
     /// Watched listening sockets held, per service.
     pub listening_sockets: BTreeMap<String, u64>,
+    /// Client-role connections held, per service: to how many servers.
+    pub client_spread: BTreeMap<String, ClientSpread>,
+}
+
+/// One process's client connections to one service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientSpread {
+    /// Distinct servers of the service it is connected to.
+    pub servers: u64,
+    pub connections: u64,
+}
+
+/// Open client connections from the processes named `comm` to one server of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEdge {
+    pub service: String,
+    pub server: std::net::SocketAddr,
+    pub comm: String,
+    pub open: u64,
 }
 
 impl ProcessUsage {
@@ -328,6 +347,7 @@ mod tests {
             soft_nofile,
             connections: BTreeMap::from([("memcached".to_string(), connections)]),
             listening_sockets: BTreeMap::new(),
+            client_spread: BTreeMap::new(),
         }
     }
 

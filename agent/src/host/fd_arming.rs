@@ -127,6 +127,7 @@ mod tests {
             soft_nofile,
             connections: Default::default(),
             listening_sockets: Default::default(),
+            client_spread: Default::default(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{
     aggregate::ProcessUsage,
-    found::{find_watched, socket_inode, WatchedSocket},
+    found::{find_watched, socket_inode, ServerTable, WatchedSocket},
     Namespace, Sampler, ScanErrors, SocketOwner, WatchedConnection,
 };
 
@@ -91,8 +91,9 @@ impl Sampler {
         &mut self,
         namespaces: &BTreeMap<u64, Namespace>,
         fd_counts: &[(u32, u64)],
-        watched: &mut [WatchedSocket],
+        watched: &[WatchedSocket],
         mut listed: ListedConnections,
+        edges: &mut ClientEdgeCounts,
         unbounded: bool,
         errors: &mut ScanErrors,
     ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>, FdWalkStats) {
@@ -107,8 +108,9 @@ impl Sampler {
 
         // Pass 1: the descriptor count of every candidate process and whether its cached
         // result still holds; sockets of holding results are claimed.
-        let candidates = self.candidates(namespaces, fd_counts, watched);
-        let unclaimed = watched.iter().any(|socket| !socket.claimed);
+        let mut claims = Claims::new(watched.len());
+        let candidates = self.candidates(namespaces, fd_counts, watched, &mut claims);
+        let unclaimed = !claims.all();
 
         // Pass 2: walk what is due, most urgent (then least recently walked) first.
         self.walk_due(
@@ -133,6 +135,7 @@ impl Sampler {
                 watched,
                 &mut listed,
                 &mut listener_owners,
+                edges,
                 errors,
             );
             processes.extend(usage);
@@ -148,7 +151,8 @@ impl Sampler {
         &mut self,
         namespaces: &BTreeMap<u64, Namespace>,
         fd_counts: &[(u32, u64)],
-        watched: &mut [WatchedSocket],
+        watched: &[WatchedSocket],
+        claims: &mut Claims,
     ) -> Vec<Candidate> {
         let sample = self.samples;
         let mut candidates = Vec::new();
@@ -171,7 +175,7 @@ impl Sampler {
                 };
                 let urgency = match self.processes.get_mut(&pid) {
                     Some(cached) if cached.netns == netns => {
-                        urgency(cached, open_fds, watched, sample)
+                        urgency(cached, open_fds, watched, claims, sample)
                     }
                     _ => 0,
                 };
@@ -263,7 +267,7 @@ impl Sampler {
                     return;
                 };
                 sockets.push(socket.inode);
-                if socket.listening {
+                if socket.listening() {
                     listener_fds.push((socket.inode, found.fd));
                 }
             },
@@ -310,6 +314,7 @@ impl Sampler {
         watched: &[WatchedSocket],
         listed: &mut ListedConnections,
         listener_owners: &mut HashMap<u64, ListenerOwner>,
+        edges: &mut ClientEdgeCounts,
         errors: &mut ScanErrors,
     ) -> Option<ProcessUsage> {
         let cached = self.processes.get(&candidate.pid)?;
@@ -329,14 +334,20 @@ impl Sampler {
             soft_nofile,
             connections: BTreeMap::new(),
             listening_sockets: BTreeMap::new(),
+            client_spread: BTreeMap::new(),
         };
         let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
+        // (service, server) of each client-role connection, for its spread and the edges.
+        let mut to_servers: Vec<(u16, u16)> = Vec::new();
         for (index, inode) in held {
             let socket = watched[index];
+            if let Some(server) = socket.server() {
+                to_servers.push((socket.service, server));
+            }
             let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
                 continue;
             };
-            if socket.listening {
+            if socket.listening() {
                 counts.1 += 1;
                 let fd = cached
                     .listener_fds
@@ -365,6 +376,17 @@ impl Sampler {
             if listening > 0 {
                 usage.listening_sockets.insert(name.clone(), listening);
             }
+        }
+        to_servers.sort_unstable();
+        for run in to_servers.chunk_by(|a, b| a == b) {
+            let (service, server) = run[0];
+            let Some(name) = self.service_names.get(usize::from(service)) else {
+                continue;
+            };
+            let spread = usage.client_spread.entry(name.clone()).or_default();
+            spread.servers += 1;
+            spread.connections += run.len() as u64;
+            edges.add(service, server, &usage.comm, run.len() as u64);
         }
         Some(usage)
     }
@@ -409,7 +431,8 @@ struct Candidate {
 fn urgency(
     cached: &mut CachedProcess,
     open_fds: Option<u64>,
-    watched: &mut [WatchedSocket],
+    watched: &[WatchedSocket],
+    claims: &mut Claims,
     sample: u64,
 ) -> u8 {
     cached.seen_at = sample;
@@ -423,7 +446,7 @@ fn urgency(
     }
     for inode in &cached.sockets {
         if let Some(index) = find_watched(watched, *inode) {
-            watched[index].claimed = true;
+            claims.set(index);
         }
     }
     if !unchanged {
@@ -457,4 +480,92 @@ impl ListedConnections<'_> {
 pub(super) struct ListenerOwner {
     pub(super) pid: u32,
     pub(super) fd: i32,
+}
+
+/// Open client connections per (service, server, process name) over one sample's processes,
+/// for the edge table's connection column; servers by their [`ServerTable`] index. Bounded by
+/// [`ClientEdgeCounts::MAX`] entries (a tier's servers times the names of its clients).
+#[derive(Debug, Default)]
+pub(super) struct ClientEdgeCounts {
+    /// By process name, then (service, server).
+    counts: HashMap<String, HashMap<(u16, u16), u64>>,
+    edges: usize,
+    /// Connections left out once the bound was reached.
+    pub(super) dropped: u64,
+}
+
+impl ClientEdgeCounts {
+    pub(super) const MAX: usize = 16_384;
+
+    pub(super) fn add(&mut self, service: u16, server: u16, comm: &str, open: u64) {
+        // Looked up by &str: a process name is copied once per sample, not once per edge.
+        if !self.counts.contains_key(comm) {
+            if self.edges >= Self::MAX {
+                self.dropped += open;
+                return;
+            }
+            self.counts.insert(comm.to_string(), HashMap::new());
+        }
+        let Some(by_server) = self.counts.get_mut(comm) else {
+            return;
+        };
+        if let Some(count) = by_server.get_mut(&(service, server)) {
+            *count += open;
+        } else if self.edges < Self::MAX {
+            by_server.insert((service, server), open);
+            self.edges += 1;
+        } else {
+            self.dropped += open;
+        }
+    }
+
+    /// The counts with their service names and server addresses.
+    pub(super) fn resolve(
+        self,
+        service_names: &[String],
+        servers: &ServerTable,
+    ) -> Vec<super::aggregate::ClientEdge> {
+        let mut edges: Vec<_> = self
+            .counts
+            .into_iter()
+            .flat_map(|(comm, by_server)| {
+                by_server
+                    .into_iter()
+                    .filter_map(move |((service, server), open)| {
+                        Some(super::aggregate::ClientEdge {
+                            service: service_names.get(usize::from(service))?.clone(),
+                            server: servers.get(server)?,
+                            comm: comm.clone(),
+                            open,
+                        })
+                    })
+            })
+            .collect();
+        edges.sort_unstable_by(|a, b| {
+            (&a.service, a.server, &a.comm).cmp(&(&b.service, b.server, &b.comm))
+        });
+        edges
+    }
+}
+
+/// Which watched sockets (by index) a cached owner still holds this sample: one bit each.
+struct Claims(Vec<u64>, usize);
+
+impl Claims {
+    fn new(sockets: usize) -> Self {
+        Claims(vec![0; sockets.div_ceil(64)], sockets)
+    }
+
+    fn set(&mut self, index: usize) {
+        if let Some(word) = self.0.get_mut(index / 64) {
+            *word |= 1 << (index % 64);
+        }
+    }
+
+    /// Every socket is claimed.
+    fn all(&self) -> bool {
+        let (full, tail) = (self.1 / 64, self.1 % 64);
+        self.0[..full].iter().all(|&word| word == u64::MAX)
+            && (tail == 0 || self.0[full] == (1u64 << tail) - 1)
+    }
 }

@@ -34,13 +34,83 @@ pub(super) struct WatchedSocket {
     /// [`NamespaceDump`]) without a copy of them.
     pub(super) namespace: u32,
     pub(super) service: u16,
-    pub(super) listening: bool,
-    /// Some cached owner still holds it (see [`Sampler::scan_processes`]).
-    pub(super) claimed: bool,
+    /// A client-role connection's server in the sample's [`ServerTable`] (what tells a process
+    /// holding a connection to every server of a service, a full mesh, from one holding many
+    /// to a few), [`ServerTable::LISTENER`] for a listener, else [`ServerTable::NONE`].
+    pub(super) server: u16,
 }
 
 // The per-socket cost the module documentation states.
 const _: () = assert!(std::mem::size_of::<WatchedSocket>() == 12);
+
+impl WatchedSocket {
+    pub(super) fn listening(&self) -> bool {
+        self.server == ServerTable::LISTENER
+    }
+
+    /// The [`ServerTable`] index of a client-role connection's server.
+    pub(super) fn server(&self) -> Option<u16> {
+        (self.server < ServerTable::LISTENER).then_some(self.server)
+    }
+}
+
+/// The servers that client-role watched sockets connect to, each stored once, by index. Made
+/// afresh every sample from the sockets it keeps ([`ServerTable::carry`]), so it holds only
+/// live servers: a tier's size, not its connections'.
+#[derive(Debug, Default)]
+pub(super) struct ServerTable {
+    list: Vec<SocketAddr>,
+    index: std::collections::HashMap<SocketAddr, u16>,
+}
+
+impl ServerTable {
+    /// No server known: a server-role socket, or a client's past the table's 65,533 servers
+    /// (see [`ServerTable::overflowed`]).
+    pub(super) const NONE: u16 = u16::MAX;
+    /// A listener.
+    pub(super) const LISTENER: u16 = u16::MAX - 1;
+
+    /// The index of `server`, added if new; [`ServerTable::NONE`] once the table is full.
+    pub(super) fn intern(&mut self, server: SocketAddr) -> u16 {
+        if let Some(&index) = self.index.get(&server) {
+            return index;
+        }
+        let index = match u16::try_from(self.list.len()) {
+            Ok(index) if index < Self::LISTENER => index,
+            _ => return Self::NONE,
+        };
+        self.list.push(server);
+        self.index.insert(server, index);
+        index
+    }
+
+    /// Whether a server was left out because the table was full.
+    pub(super) fn overflowed(&self) -> bool {
+        self.list.len() >= usize::from(Self::LISTENER)
+    }
+
+    pub(super) fn get(&self, index: u16) -> Option<SocketAddr> {
+        self.list.get(usize::from(index)).copied()
+    }
+
+    /// A table for the next sample holding the servers of `kept` (sockets reused from this
+    /// sample), whose indexes it rewrites.
+    pub(super) fn carry(&self, kept: &mut [WatchedSocket]) -> ServerTable {
+        let mut next = ServerTable::default();
+        let mut moved = vec![Self::NONE; self.list.len()];
+        for socket in kept {
+            let Some(server) = socket.server().and_then(|index| self.get(index)) else {
+                continue;
+            };
+            let to = &mut moved[usize::from(socket.server)];
+            if *to == Self::NONE {
+                *to = next.intern(server);
+            }
+            socket.server = *to;
+        }
+        next
+    }
+}
 
 /// The 32-bit form of a socket inode, None for a value no socket can have.
 pub(super) fn socket_inode(inode: u64) -> Option<u32> {
@@ -75,6 +145,8 @@ pub(super) struct Found {
     /// and deduplicated by [`Found::finish`]. Empty unless listing connections.
     pub(super) connection_of: Vec<(u32, u32)>,
     pub(super) connections_by_service: Vec<u64>,
+    /// The servers of the client-role sockets in `watched`.
+    pub(super) servers: ServerTable,
     pub(super) netstat_readings: Vec<(u64, TcpExtCounters)>,
     /// Connections listed twice (indexes, sorted), removed at the end of the sample.
     pub(super) duplicate_connections: Vec<u32>,
@@ -103,10 +175,12 @@ pub(super) struct FoundMark {
 }
 
 impl Found {
+    /// `watched` holds the sockets reused from the last sample, their servers in `servers`.
     pub(super) fn new(
         services: usize,
         list_connections: bool,
         watched: Vec<WatchedSocket>,
+        servers: ServerTable,
     ) -> Self {
         Found {
             list_connections,
@@ -116,6 +190,7 @@ impl Found {
             connections: Vec::new(),
             connection_of: Vec::new(),
             connections_by_service: vec![0; services],
+            servers,
             netstat_readings: Vec::new(),
             duplicate_connections: Vec::new(),
             repeated_connections: Vec::new(),
@@ -213,12 +288,18 @@ impl Found {
         // A file-backed socket always has an inode below 2^32 (see `socket_inode`).
         if let Some(inode) = socket_inode(row.inode).filter(|inode| *inode != 0) {
             self.namespace_sockets = true;
+            let server = if listening {
+                ServerTable::LISTENER
+            } else if role == Role::Client {
+                self.servers.intern(row.remote)
+            } else {
+                ServerTable::NONE
+            };
             self.watched.push(WatchedSocket {
                 inode,
                 namespace: self.namespace,
                 service,
-                listening,
-                claimed: false,
+                server,
             });
             if let Some(connection) = connection {
                 self.connection_of.push((inode, connection));
@@ -239,7 +320,7 @@ impl Found {
             if previous.replace(socket.inode) != Some(socket.inode) {
                 return true;
             }
-            if socket.listening {
+            if socket.listening() {
                 duplicate_listeners.push(socket.inode);
             } else {
                 repeated_connections.push((socket.namespace, socket.service));

@@ -222,6 +222,8 @@ pub struct Snapshot {
     pub processes: Vec<ProcessUsage>,
     /// `processes` by comm, bounded by `max_comms`.
     pub comms: CommAggregate,
+    /// Open client connections per service, server and process name.
+    pub client_edges: Vec<aggregate::ClientEdge>,
     pub errors: ScanErrors,
 }
 
@@ -284,6 +286,8 @@ pub struct Sampler {
     /// The last sample's watched-socket list, sorted by inode. Kept so its allocation is
     /// reused and so the connections of namespaces whose dump is reused need no other copy.
     watched_buffer: Vec<WatchedSocket>,
+    /// The servers of client-role sockets in `watched_buffer`.
+    servers: found::ServerTable,
     /// Last full dump per namespace, for reuse while its connections did not change.
     namespace_dumps: HashMap<u64, NamespaceDump>,
 }
@@ -320,6 +324,7 @@ impl Sampler {
             processes: HashMap::new(),
             samples: 0,
             watched_buffer: Vec::new(),
+            servers: found::ServerTable::default(),
             namespace_dumps: HashMap::new(),
         }
     }
@@ -357,17 +362,41 @@ impl Sampler {
         let mut found = self.read_tables(&mut namespaces, list_connections, &mut errors);
         let tables_done = started.elapsed();
 
+        let mut edges = fd_walk::ClientEdgeCounts::default();
         let (processes, listener_owners, fd_walk) = self.scan_processes(
             &namespaces,
             &fd_counts,
-            &mut found.watched,
+            &found.watched,
             ListedConnections {
                 connections: &mut found.connections,
                 by_inode: &found.connection_of,
             },
+            &mut edges,
             list_connections,
             &mut errors,
         );
+        if found.servers.overflowed() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    impact = "processes' spread over servers leaves some servers out",
+                    "more than 65,533 distinct servers of watched services"
+                )
+            });
+        }
+        if edges.dropped > 0 {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    dropped = edges.dropped,
+                    bound = fd_walk::ClientEdgeCounts::MAX,
+                    impact = "the edge table's connection counts leave some out",
+                    "more (service, server, process name) edges than kept"
+                )
+            });
+        }
+        let client_edges = edges.resolve(&self.service_names, &found.servers);
+        self.servers = std::mem::take(&mut found.servers);
         let mut connections = found.connections;
         drop_duplicates(&mut connections, &found.duplicate_connections);
         let fds_done = started.elapsed();
@@ -412,6 +441,7 @@ impl Sampler {
                 .collect(),
             processes,
             comms,
+            client_edges,
             errors,
         };
         Ok((snapshot, connections))

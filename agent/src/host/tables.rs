@@ -96,7 +96,8 @@ impl Sampler {
             &mut watched,
             plans.iter().map(|(_, reusable)| reusable.as_ref()),
         );
-        let mut found = Found::new(self.service_names.len(), list_connections, watched);
+        let servers = self.servers.carry(&mut watched);
+        let mut found = Found::new(self.service_names.len(), list_connections, watched, servers);
         let own_netns = self.procfs.own_netns().ok();
         for (position, ((&netns, namespace), (counters, reusable))) in
             namespaces.iter_mut().zip(plans).enumerate()
@@ -549,11 +550,10 @@ pub(super) fn keep_reused_connections<'a>(
             .get(socket.namespace as usize)
             .copied()
             .unwrap_or(DROPPED);
-        if socket.listening || position == DROPPED {
+        if socket.listening() || position == DROPPED {
             return false;
         }
         socket.namespace = position;
-        socket.claimed = false;
         true
     });
 }
@@ -608,7 +608,7 @@ fn fresh_dump(
         namespace: found.namespace,
         has_sockets: found.watched[first..]
             .iter()
-            .any(|socket| !socket.listening),
+            .any(|socket| !socket.listening()),
         counts,
     }
 }

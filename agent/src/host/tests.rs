@@ -395,7 +395,7 @@ fn duplicate_table_rows_are_dropped_but_reuseport_listeners_kept() {
         .collect();
     let names = vec!["svc".to_string()];
     let record_all = |rows: &[TcpRow]| {
-        let mut found = Found::new(1, true, Vec::new());
+        let mut found = Found::new(1, true, Vec::new(), ServerTable::default());
         let mut namespace = Namespace::default();
         let _ = found.mark();
         for row in rows {
@@ -521,10 +521,30 @@ fn quiet_tcp_reuses_the_connection_list_until_a_connection_opens() {
                 (
                     process.connections.clone(),
                     process.listening_sockets.clone(),
+                    process.client_spread.clone(),
                 )
             })
     };
     assert_eq!(me(&reused), me(&full));
+    // The reused sockets keep their servers: the spread and the edge table hold.
+    let spread = |servers, connections| {
+        BTreeMap::from([(
+            "reuse".to_string(),
+            aggregate::ClientSpread {
+                servers,
+                connections,
+            },
+        )])
+    };
+    assert_eq!(me(&full).unwrap().2, spread(1, 1));
+    let edge = |open| aggregate::ClientEdge {
+        service: "reuse".into(),
+        server: address,
+        comm: own_comm(),
+        open,
+    };
+    assert_eq!(full.client_edges, [edge(1)]);
+    assert_eq!(reused.client_edges, full.client_edges);
     assert_eq!(
         reused.listeners.iter().map(|l| l.inode).collect::<Vec<_>>(),
         full.listeners.iter().map(|l| l.inode).collect::<Vec<_>>()
@@ -537,8 +557,34 @@ fn quiet_tcp_reuses_the_connection_list_until_a_connection_opens() {
     let after = sampler.sample().unwrap();
     assert!(after.table_sources.reused_namespaces < after.network_namespaces);
     assert_eq!(after.connections_by_service["reuse"], 4);
-    let (connections, listening) = me(&after).expect("this process holds watched sockets");
+    let (connections, listening, client) = me(&after).expect("this process holds watched sockets");
     assert_eq!((connections["reuse"], listening["reuse"]), (4, 1));
+    assert_eq!(client, spread(1, 2), "two connections to one server");
+    assert_eq!(after.client_edges, [edge(2)]);
+}
+
+/// The server table a sample hands the next one holds only the servers of the sockets kept,
+/// renumbered; sockets keep pointing at their own server.
+#[test]
+fn the_server_table_carries_only_the_servers_of_kept_sockets() {
+    let mut table = ServerTable::default();
+    let servers: Vec<SocketAddr> = (1..=3)
+        .map(|i| SocketAddr::from(([10, 0, 0, i], 11211)))
+        .collect();
+    let indexes: Vec<u16> = servers.iter().map(|&s| table.intern(s)).collect();
+    assert_eq!(indexes, [0, 1, 2]);
+    assert_eq!(table.intern(servers[1]), 1, "interned once");
+    let mut kept = vec![watched_socket(7, 0, false), watched_socket(8, 0, false)];
+    kept[0].server = indexes[2];
+    kept[1].server = indexes[2];
+    kept.push(watched_socket(9, 0, true));
+    let next = table.carry(&mut kept);
+    assert_eq!(
+        kept.iter().map(|socket| socket.server).collect::<Vec<_>>(),
+        [0, 0, ServerTable::LISTENER]
+    );
+    assert_eq!(next.get(0), Some(servers[2]));
+    assert_eq!(next.get(1), None, "servers no socket kept are gone");
 }
 
 fn watched_socket(inode: u32, namespace: u32, listening: bool) -> WatchedSocket {
@@ -546,8 +592,11 @@ fn watched_socket(inode: u32, namespace: u32, listening: bool) -> WatchedSocket 
         inode,
         namespace,
         service: 0,
-        listening,
-        claimed: true,
+        server: if listening {
+            ServerTable::LISTENER
+        } else {
+            ServerTable::NONE
+        },
     }
 }
 
@@ -577,13 +626,12 @@ fn reused_namespaces_keep_their_connections_from_the_last_list_in_place() {
     let reused_one = dump_at(1, vec![2]);
     let plans = [None, Some(&reused_one), None, None];
     keep_reused_connections(&mut watched, plans.into_iter());
-    // Only namespace 1's connections stay, in inode order, at its new position and unclaimed;
-    // its listener is dumped again by this sample.
-    let unclaimed = |inode| WatchedSocket {
-        claimed: false,
-        ..watched_socket(inode, 1, false)
-    };
-    assert_eq!(watched, [unclaimed(10), unclaimed(14)]);
+    // Only namespace 1's connections stay, in inode order, at its new position; its listener
+    // is dumped again by this sample.
+    assert_eq!(
+        watched,
+        [watched_socket(10, 1, false), watched_socket(14, 1, false)]
+    );
     assert_eq!(watched.as_ptr(), allocation, "trimmed in place, not copied");
 
     keep_reused_connections(&mut watched, [None, None].into_iter());
@@ -715,4 +763,26 @@ fn first_open_fds(snapshot: &Snapshot, pid: u32) -> u64 {
         .find(|process| process.pid == pid)
         .map(|process| process.open_fds)
         .expect("the process holds watched sockets")
+}
+
+/// The edge counts stay within their bound however many (process name, server) pairs a host
+/// has; what does not fit is counted, and the counts resolve to names and addresses.
+#[test]
+fn client_edge_counts_are_bounded() {
+    let mut table = ServerTable::default();
+    let server = table.intern(SocketAddr::from(([10, 0, 0, 1], 11211)));
+    let mut edges = fd_walk::ClientEdgeCounts::default();
+    for i in 0..fd_walk::ClientEdgeCounts::MAX {
+        edges.add(0, server, &format!("worker{i}"), 1);
+    }
+    edges.add(0, server, "worker0", 2);
+    edges.add(0, server, "latecomer", 3);
+    assert_eq!(edges.dropped, 3);
+    let resolved = edges.resolve(&["memcached".to_string()], &table);
+    assert_eq!(resolved.len(), fd_walk::ClientEdgeCounts::MAX);
+    let first = resolved.iter().find(|edge| edge.comm == "worker0").unwrap();
+    assert_eq!(
+        (first.service.as_str(), first.server, first.open),
+        ("memcached", SocketAddr::from(([10, 0, 0, 1], 11211)), 3)
+    );
 }
