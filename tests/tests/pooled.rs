@@ -862,9 +862,14 @@ impl SampledWindow {
                 }
             }
         }
+        let log = agent.log();
+        let changed: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("capture sample changed"))
+            .collect();
         assert!(
             failures.is_empty(),
-            "{failures:?}\nsample changes in the window: {}\n{}",
+            "{failures:?}\n{} sample changes in the window; all: {changed:#?}\n{}",
             changes1 - changes0,
             scrape1.text
         );

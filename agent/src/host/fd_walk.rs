@@ -93,16 +93,21 @@ impl Sampler {
         fd_counts: &[(u32, u64)],
         watched: &[WatchedSocket],
         mut listed: ListedConnections,
-        edges: &mut ClientEdgeCounts,
         unbounded: bool,
         errors: &mut ScanErrors,
-    ) -> (Vec<ProcessUsage>, HashMap<u64, ListenerOwner>, FdWalkStats) {
+    ) -> ProcessScan {
         let mut processes = Vec::new();
         let mut listener_owners = HashMap::new();
         let mut stats = FdWalkStats::default();
+        let mut edges = ClientEdgeCounts::default();
         if watched.is_empty() {
             self.processes.clear();
-            return (processes, listener_owners, stats);
+            return ProcessScan {
+                processes,
+                listener_owners,
+                stats,
+                edges,
+            };
         }
         let sample = self.samples;
 
@@ -135,12 +140,17 @@ impl Sampler {
                 watched,
                 &mut listed,
                 &mut listener_owners,
-                edges,
+                &mut edges,
                 errors,
             );
             processes.extend(usage);
         }
-        (processes, listener_owners, stats)
+        ProcessScan {
+            processes,
+            listener_owners,
+            stats,
+            edges,
+        }
     }
 
     /// Pass 1 of [`Sampler::scan_processes`]: every process of a namespace with watched
@@ -413,6 +423,15 @@ impl Sampler {
         };
         Some((comm, soft_nofile))
     }
+}
+
+/// What [`Sampler::scan_processes`] found: the processes holding watched sockets, the owner of
+/// each listener, the walk's work, and the client connections per edge.
+pub(super) struct ProcessScan {
+    pub(super) processes: Vec<ProcessUsage>,
+    pub(super) listener_owners: HashMap<u64, ListenerOwner>,
+    pub(super) stats: FdWalkStats,
+    pub(super) edges: ClientEdgeCounts,
 }
 
 /// A process that may hold watched sockets, as pass 1 of [`Sampler::scan_processes`] found it.

@@ -362,8 +362,12 @@ impl Sampler {
         let mut found = self.read_tables(&mut namespaces, list_connections, &mut errors);
         let tables_done = started.elapsed();
 
-        let mut edges = fd_walk::ClientEdgeCounts::default();
-        let (processes, listener_owners, fd_walk) = self.scan_processes(
+        let fd_walk::ProcessScan {
+            processes,
+            listener_owners,
+            stats: fd_walk,
+            edges,
+        } = self.scan_processes(
             &namespaces,
             &fd_counts,
             &found.watched,
@@ -371,7 +375,6 @@ impl Sampler {
                 connections: &mut found.connections,
                 by_inode: &found.connection_of,
             },
-            &mut edges,
             list_connections,
             &mut errors,
         );
