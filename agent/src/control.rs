@@ -116,6 +116,20 @@ pub enum ControlError {
     Daemon(String),
 }
 
+/// `err` from reaching the daemon, for a command that needs it (`what` it could not do): said
+/// once, with the fix when it is a missing privilege.
+pub fn unreachable(err: ControlError, what: &str) -> anyhow::Error {
+    let denied = matches!(
+        &err,
+        ControlError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied
+    );
+    if denied {
+        anyhow::anyhow!("{what}: {err} (the control socket is root's: run as root)")
+    } else {
+        anyhow::anyhow!("{what}: {err}")
+    }
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
     move |source| ControlError::Io {
         path: path.to_path_buf(),

@@ -420,6 +420,7 @@ fn live_scrape_exports_the_whole_metric_contract() {
 }
 
 /// Nothing stays loaded in the kernel after a clean stop or a crash: no pinned programs or maps.
+/// A clean stop also removes its control socket (left behind, it reads as a daemon that died).
 #[test]
 fn no_programs_are_left_behind_after_stop_or_crash() {
     require_root();
@@ -428,10 +429,13 @@ fn no_programs_are_left_behind_after_stop_or_crash() {
         let ids = program_ids_of(agent.pid());
         assert!(ids.len() >= 3, "agent holds {ids:?}");
         assert!(ids.iter().all(|id| loaded_program_ids().contains(id)));
+        let socket = agent.control_socket.clone();
+        assert!(socket.exists(), "{}", socket.display());
         agent.signal(signal);
         let status = agent.wait_exit().unwrap();
         if signal == libc::SIGTERM {
             assert!(status.success(), "{status}");
+            assert!(!socket.exists(), "{} left behind", socket.display());
         }
         wait_unloaded(&ids, name, Duration::from_secs(5));
     }
@@ -995,4 +999,56 @@ fn check_without_root_says_tracefs_is_unreadable_not_unmounted() {
         "{tracefs}"
     );
     assert_ne!(output.status.code(), Some(0), "{json}");
+}
+
+/// `diagnose` and `top` run by an ordinary user against the daemon's root-only control socket:
+/// refused, and told to run as root once (they said "needs root" whoever ran them, even root
+/// against a daemon that was not there, and repeated the path).
+#[test]
+fn diagnose_without_root_is_told_to_run_as_root() {
+    require_root();
+    let agent = Agent::start("diag-nonroot", &[("memcached", unique_port(), "memcache")]).unwrap();
+    let dir = scratch_dir("diag-nonroot-bin");
+    let binary = dir.join("cacheprobe");
+    std::fs::copy(agent_binary(), &binary).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The socket's directory is open to all, the socket itself root's alone (0600).
+    let socket_dir = agent.control_socket.parent().unwrap();
+    std::fs::set_permissions(socket_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for command in [&["diagnose"][..], &["top", "--batch"][..]] {
+        let output = Command::new("runuser")
+            .args(["-u", "nobody", "--"])
+            .arg(&binary)
+            .args(command)
+            .arg("--socket")
+            .arg(&agent.control_socket)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_ne!(output.status.code(), Some(0), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("Permission denied") && stderr.contains("run as root"),
+            "{command:?}: {stderr}"
+        );
+        assert_eq!(
+            stderr
+                .matches(&*agent.control_socket.to_string_lossy())
+                .count(),
+            1,
+            "{command:?}: {stderr}"
+        );
+    }
+    // Root, with no daemon at the path: nothing about root.
+    let missing = dir.join("absent.sock");
+    let output = Command::new(agent_binary())
+        .args(["diagnose", "--socket"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no cacheprobe daemon at") && !stderr.contains("as root"),
+        "{stderr}"
+    );
 }

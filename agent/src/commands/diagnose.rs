@@ -129,12 +129,10 @@ pub fn diagnose_to(
             record_locally(args, recorder, &config, progress)?
         }
         Err(err) => {
-            return Err(err).with_context(|| {
-                format!(
-                    "cannot read the daemon's history at {} (diagnose needs root)",
-                    socket.display()
-                )
-            })
+            return Err(control::unreachable(
+                err,
+                "cannot read the daemon's history",
+            ))
         }
     };
     progress.clear();

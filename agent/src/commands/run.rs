@@ -324,7 +324,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .checked_sub(LengthProbeArming::QUIET)
             .unwrap_or_else(Instant::now),
     };
-    let history = serve_history(&args, &services, &mut pipeline, &metrics);
+    let (history, control_socket) = serve_history(&args, &services, &mut pipeline, &metrics);
 
     let (sampler, last_tcp_ext) = adopt_existing(
         &config,
@@ -401,6 +401,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(payload_ring);
     drop(ring);
     drop(probes);
+    // A socket left behind reads as a daemon that died; one another daemon holds stays.
+    if let Some(path) = control_socket {
+        if let Err(err) = std::fs::remove_file(&path) {
+            tracing::warn!(%err, socket = %path.display(), "cannot remove the control socket");
+        }
+    }
     Ok(())
 }
 
@@ -492,13 +498,14 @@ async fn serve_metrics(config: &Config, probes: &Probes) -> anyhow::Result<Metri
 }
 
 /// Recent history for `cacheprobe diagnose`, fed by the pipeline and served on a root-only
-/// Unix socket (without the socket, diagnose attaches its own probes).
+/// Unix socket (without the socket, diagnose attaches its own probes); and the socket's path
+/// when this agent bound it, to remove at exit.
 fn serve_history(
     args: &RunArgs,
     services: &SharedServices,
     pipeline: &mut Pipeline,
     metrics: &Metrics,
-) -> Arc<Mutex<History>> {
+) -> (Arc<Mutex<History>>, Option<PathBuf>) {
     let history = Arc::new(Mutex::new(History::new(
         HistoryLimits::default().capacity_seconds,
         HistoryLimits::default(),
@@ -508,7 +515,7 @@ fn serve_history(
         services.clone(),
     )));
     pipeline.set_history(history.clone());
-    match control::bind(&args.control_socket) {
+    let bound = match control::bind(&args.control_socket) {
         Ok(listener) => {
             tracing::info!(socket = %args.control_socket.display(), "serving history to `cacheprobe diagnose`");
             tokio::spawn(control::serve_with_counters(
@@ -516,12 +523,14 @@ fn serve_history(
                 history.clone(),
                 Some(Arc::new(metrics.top_registry())),
             ));
+            Some(args.control_socket.clone())
         }
         Err(err) => {
-            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes")
+            tracing::warn!(%err, "no control socket: `cacheprobe diagnose` will attach its own probes");
+            None
         }
-    }
-    history
+    };
+    (history, bound)
 }
 
 /// Connections and processes that existed before we started: seeds the tracker (so the

@@ -228,14 +228,7 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
                 "local probes".to_string(),
             )
         }
-        Err(err) => {
-            return Err(err).with_context(|| {
-                format!(
-                    "cannot reach the daemon at {} (top needs root)",
-                    socket.display()
-                )
-            })
-        }
+        Err(err) => return Err(control::unreachable(err, "cannot reach the daemon")),
     };
     Ok(Feed {
         socket,
