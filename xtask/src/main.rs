@@ -2,6 +2,7 @@
 //! missing first, so a fresh machine goes from clone to green with these commands alone.
 
 mod bench;
+mod fuzz;
 mod package;
 mod setup;
 mod util;
@@ -36,6 +37,11 @@ enum Task {
         /// Only unit tests (no root, no kernel).
         #[arg(long)]
         unit: bool,
+    },
+    /// Fuzz the memcache decoder with libFuzzer for a while (`cargo xtask test` runs 60 s).
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
     },
     /// Set up, build and run the agent in the foreground (arguments go to `cacheprobe run`).
     Run {
@@ -135,6 +141,9 @@ fn main() -> ExitCode {
         Task::Build { debug } => setup::setup_build_tools().and_then(|()| build(!debug)),
         Task::Test { unit } => test(unit),
         Task::Run { args } => run(args),
+        Task::Fuzz { seconds } => {
+            setup::setup_build_tools().and_then(|()| fuzz::run_decoder(seconds))
+        }
         Task::Bench {
             quick,
             output,
@@ -265,20 +274,7 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         )?;
     }
     util::step("fuzz the memcache decoder (bounded)");
-    setup::ensure_cargo_fuzz()?;
-    util::run_command(
-        std::process::Command::new("cargo")
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                "decoder",
-                "--",
-                "-max_total_time=60",
-            ])
-            .current_dir(util::workspace_root().join("fuzz"))
-            .env("PATH", util::path_with_cargo_bin()),
-    )?;
+    fuzz::run_decoder(60)?;
     util::step("kernel matrix (QEMU)");
     vm::vm_test(&vm::Kernel::ALL)?;
     // The package as users run it: real systemd, the unit's own sandbox, crash/reload/upgrade/

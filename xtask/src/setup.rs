@@ -56,15 +56,6 @@ pub fn setup_build_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// cargo-fuzz, for the bounded decoder fuzzing run in `cargo xtask test`.
-pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
-    if output("cargo", &["fuzz", "--version"]).is_some() {
-        return Ok(());
-    }
-    step("installing cargo-fuzz");
-    run_command(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
-}
-
 fn ensure_nightly_rust_src() -> anyhow::Result<()> {
     let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
     if !toolchains.lines().any(|line| line.starts_with("nightly")) {
