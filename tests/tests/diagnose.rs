@@ -330,6 +330,18 @@ fn names_key_routing_inconsistency() {
         subjects(routing, "services").contains(&"memcached".to_string()),
         "{routing:#}"
     );
+    // Both senders are named (the first was "?" before).
+    let senders: Vec<&str> = routing["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|line| line.as_str())
+        .filter(|line| line.contains(" sent them to "))
+        .collect();
+    assert!(
+        !senders.is_empty() && senders.iter().all(|line| !line.contains("?")),
+        "{routing:#}"
+    );
 }
 
 /// A client with a low fd limit connects to every server of a service until EMFILE.

@@ -97,6 +97,7 @@ impl KeyStats {
                 id,
                 key,
                 endpoint.server,
+                comm,
                 request.request_ts_ns,
                 self.display,
             )
@@ -114,7 +115,7 @@ impl KeyStats {
                     key_hash: crate::keystats::key_hash(key),
                     new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
-                    comms: [None, comm.map(str::to_string)],
+                    comms: [example.first_comm.clone(), example.second_comm.clone()],
                 }),
                 _ => None,
             };

@@ -171,7 +171,45 @@ pub struct KeySplit {
     pub key: String,
     pub first_server: String,
     pub second_server: String,
+    /// The process names that sent the key to each server, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second_comm: Option<String>,
     pub ts_unix_s: u64,
+}
+
+/// Process names by a 2-byte index, so each remembered key keeps who sent it without a copy
+/// of the name; bounded (names past it are not kept: the split then names no first sender).
+#[derive(Debug, Default)]
+struct CommNames {
+    list: Vec<String>,
+    index: foldhash::HashMap<String, u16>,
+}
+
+impl CommNames {
+    const UNKNOWN: u16 = u16::MAX;
+    const MAX: usize = 4096;
+
+    fn index(&mut self, comm: Option<&str>) -> u16 {
+        let Some(comm) = comm else {
+            return Self::UNKNOWN;
+        };
+        if let Some(&index) = self.index.get(comm) {
+            return index;
+        }
+        if self.list.len() >= Self::MAX {
+            return Self::UNKNOWN;
+        }
+        let index = self.list.len() as u16;
+        self.list.push(comm.to_string());
+        self.index.insert(comm.to_string(), index);
+        index
+    }
+
+    fn name(&self, index: u16) -> Option<String> {
+        self.list.get(usize::from(index)).cloned()
+    }
 }
 
 /// Remembers which server each recently sent key went to, per service; a key seen going to a
@@ -180,9 +218,11 @@ pub struct KeySplit {
 pub struct KeyRouting {
     window_ns: u64,
     max_keys: usize,
-    /// Per (service, key): the last server, when, and whether the key has split since it
-    /// was last quiet for a window (so a key bouncing between servers counts once as a key).
-    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool)>,
+    /// Per (service, key): the last server, when, whether the key has split since it was
+    /// last quiet for a window (so a key bouncing between servers counts once as a key), and
+    /// who sent it there (a [`CommNames`] index; it fits the entry's padding).
+    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool, u16)>,
+    comms: CommNames,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
 }
@@ -209,6 +249,7 @@ impl KeyRouting {
             window_ns,
             max_keys,
             last_server: foldhash::HashMap::default(),
+            comms: CommNames::default(),
             examples: Vec::new(),
             max_examples: 16,
         }
@@ -223,23 +264,29 @@ impl KeyRouting {
         ts_ns: u64,
         display: KeyDisplay,
     ) -> Routing {
-        self.observe_with_id(service, key_id(key), key, server, ts_ns, display)
+        self.observe_with_id(service, key_id(key), key, server, None, ts_ns, display)
     }
 
     /// [`KeyRouting::observe`] with the key's [`key_id`] already computed.
+    /// `comm`: the process that sent it, when known.
+    #[allow(clippy::too_many_arguments)]
     pub fn observe_with_id(
         &mut self,
         service: usize,
         key_id: u64,
         key: &[u8],
         server: std::net::SocketAddr,
+        comm: Option<&str>,
         ts_ns: u64,
         display: KeyDisplay,
     ) -> Routing {
         let id = (service, key_id);
+        let sender = self.comms.index(comm);
         // The common case, a key seen before: one lookup.
-        if let Some((previous, seen, split_before)) = self.last_server.get_mut(&id) {
+        if let Some((previous, seen, split_before, previous_sender)) = self.last_server.get_mut(&id)
+        {
             let first_server = *previous;
+            let first_sender = std::mem::replace(previous_sender, sender);
             let in_window = ts_ns.saturating_sub(*seen) <= self.window_ns;
             let split = first_server != server && in_window;
             let new_key = split && !(*split_before && in_window);
@@ -254,6 +301,8 @@ impl KeyRouting {
                     key: display.show(key),
                     first_server: first_server.to_string(),
                     second_server: server.to_string(),
+                    first_comm: self.comms.name(first_sender),
+                    second_comm: comm.map(str::to_string),
                     ts_unix_s: crate::clock::unix_now(),
                 });
                 return Routing::Split { new_key };
@@ -264,12 +313,12 @@ impl KeyRouting {
             // Forget everything older than the window; if the window itself is full, start over.
             let window = self.window_ns;
             self.last_server
-                .retain(|_, (_, seen, _)| ts_ns.saturating_sub(*seen) <= window);
+                .retain(|_, (_, seen, _, _)| ts_ns.saturating_sub(*seen) <= window);
             if self.last_server.len() >= self.max_keys {
                 self.last_server.clear();
             }
         }
-        self.last_server.insert(id, (server, ts_ns, false));
+        self.last_server.insert(id, (server, ts_ns, false, sender));
         Routing::Consistent
     }
 }
@@ -372,6 +421,28 @@ mod tests {
         assert_eq!(hottest[0].key, "hot");
         assert!(hottest[0].count >= 3334);
         assert_eq!(top.top(1, KeyDisplay::Hash)[0].key.len(), 17);
+    }
+
+    /// A split names both senders: the process that sent the key to its first server is
+    /// remembered with the key (it was "?" before).
+    #[test]
+    fn a_split_names_who_sent_the_key_to_each_server() {
+        let a = "10.0.0.1:11211".parse().unwrap();
+        let b = "10.0.0.2:11211".parse().unwrap();
+        let mut routing = KeyRouting::new(60_000_000_000, 100);
+        let id = key_id(b"user:1");
+        let mut observe = |server, comm, ts| {
+            routing.observe_with_id(0, id, b"user:1", server, comm, ts, KeyDisplay::Plain)
+        };
+        assert!(!observe(a, Some("web"), 0).is_split());
+        assert!(observe(b, Some("cron"), 1).is_split());
+        assert!(observe(a, None, 2).is_split());
+        let names = |split: &KeySplit| (split.first_comm.clone(), split.second_comm.clone());
+        assert_eq!(
+            names(&routing.examples[0]),
+            (Some("web".into()), Some("cron".into()))
+        );
+        assert_eq!(names(&routing.examples[1]), (Some("cron".into()), None));
     }
 
     #[test]
