@@ -269,7 +269,7 @@ impl Config {
             }
         }
         let limits = raw.limits;
-        check_limits(&limits).map_err(|message| origin.invalid(message))?;
+        check_limits(&limits).map_err(|message| origin.limit(message))?;
         Ok(Config {
             listen,
             services,
@@ -301,6 +301,30 @@ impl Origin<'_> {
             path: self.path.to_string(),
             message,
         }
+    }
+
+    /// An error from [`check_limits`] (its message starts with `limits.<key>`), named by the
+    /// line of that key in the `[limits]` table when the file sets it.
+    fn limit(&self, message: String) -> ConfigError {
+        let key = message
+            .strip_prefix("limits.")
+            .and_then(|rest| rest.split([' ', '=']).next())
+            .unwrap_or_default();
+        let mut in_limits = false;
+        for (number, line) in self.text.lines().enumerate() {
+            let line = line.trim();
+            if line.starts_with('[') {
+                in_limits = line.trim_start_matches('[').trim_end_matches(']').trim() == "limits";
+                continue;
+            }
+            let set_here = line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+            if in_limits && !key.is_empty() && set_here {
+                return self.invalid(format!("line {}: {message}", number + 1));
+            }
+        }
+        self.invalid(message)
     }
 
     /// An error about the value at `span`, named by its line.
@@ -642,6 +666,12 @@ capture = false
             .unwrap_err()
             .to_string();
         assert!(err.contains("power of two"), "{err}");
+        // Named by its line in [limits], not by a key of the same name elsewhere.
+        let err =
+            parse("sample_interval_seconds = 5\n[limits]\nmax_comms = 3\n\n  max_sockets  = 0\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("line 5: limits.max_sockets = 0"), "{err}");
         let err = parse("[limits]\npayload_ring_buffer_bytes = 4096\n")
             .unwrap_err()
             .to_string();

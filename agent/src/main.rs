@@ -79,6 +79,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The config to check with: its services and limits, and the TLS files its metrics
+        /// endpoint would load [default: /etc/cacheprobe/config.toml, built-in defaults when
+        /// that is missing].
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
@@ -131,6 +134,7 @@ struct DiagnoseArgs {
     /// --basic-auth-password-file or $CACHEPROBE_PROMETHEUS_PASSWORD.
     #[arg(long, value_name = "USER", requires = "prometheus")]
     basic_auth_user: Option<String>,
+    /// With --basic-auth-user: a file holding the password (trailing newline ignored).
     #[arg(long, value_name = "FILE", requires = "basic_auth_user")]
     basic_auth_password_file: Option<PathBuf>,
     /// With --prometheus: a file holding a bearer token.

@@ -43,7 +43,8 @@ pub struct CheckReport {
     pub schema_version: u32,
     pub kernel: String,
     pub items: Vec<CheckItem>,
-    /// False when nothing useful can run (no connection-lifecycle probe).
+    /// False when nothing useful can run (no connection-lifecycle probe), or `run` would stop
+    /// at start (its metrics endpoint's TLS files do not load).
     pub usable: bool,
 }
 
@@ -185,6 +186,11 @@ pub fn run_checks(config: &Config) -> CheckReport {
             "nothing can be observed",
         )),
     }
+    if let Some(tls) = tls_item(config) {
+        // `run` stops at start when its TLS files do not load.
+        usable &= tls.status == Status::Ok;
+        items.push(tls);
+    }
 
     CheckReport {
         schema_version: 1,
@@ -194,6 +200,29 @@ pub fn run_checks(config: &Config) -> CheckReport {
         items,
         usable,
     }
+}
+
+/// The metrics endpoint's TLS files, loaded as `run` loads them; None without `[tls]`.
+fn tls_item(config: &Config) -> Option<CheckItem> {
+    let files = config.tls.as_ref()?;
+    Some(match files.acceptor() {
+        Ok(_) => item(
+            "metrics TLS",
+            Status::Ok,
+            format!(
+                "{} and {} load",
+                files.cert_file.display(),
+                files.key_file.display()
+            ),
+            "",
+        ),
+        Err(err) => item(
+            "metrics TLS",
+            Status::Failed,
+            format!("{err:#}"),
+            "the agent does not start: `run` loads these files first",
+        ),
+    })
 }
 
 fn tracefs_item() -> CheckItem {
@@ -453,8 +482,14 @@ pub fn render_text(report: &CheckReport) -> String {
             text.push_str(&format!("{:<8} {:<36} costs: {}\n", "", "", item.impact));
         }
     }
+    let tls_failed = report
+        .items
+        .iter()
+        .any(|item| item.name == "metrics TLS" && item.status != Status::Ok);
     text.push_str(if report.usable {
         "result: usable\n"
+    } else if tls_failed {
+        "result: NOT usable: the metrics endpoint's TLS files do not load\n"
     } else {
         "result: NOT usable: the connection-lifecycle probe cannot run\n"
     });
@@ -585,5 +620,36 @@ mod tests {
         );
         assert!(text.contains("costs: no send stamps"), "{text}");
         assert!(text.ends_with("result: usable\n"));
+    }
+
+    /// A `[tls]` whose files do not load fails the check: `run` would stop at start (it said
+    /// "usable"). Without `[tls]` there is no item.
+    #[test]
+    fn tls_files_that_do_not_load_fail_the_check() {
+        assert!(tls_item(&Config::default()).is_none());
+        let config = Config::parse(
+            "[tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n",
+            "test",
+        )
+        .unwrap();
+        let tls = tls_item(&config).unwrap();
+        assert_eq!(tls.status, Status::Failed);
+        assert!(
+            tls.detail.contains("/nonexistent/cert.pem"),
+            "{}",
+            tls.detail
+        );
+        let report = CheckReport {
+            schema_version: 1,
+            kernel: "test".into(),
+            items: vec![tls],
+            usable: false,
+        };
+        assert!(
+            render_text(&report)
+                .contains("NOT usable: the metrics endpoint's TLS files do not load"),
+            "{}",
+            render_text(&report)
+        );
     }
 }
