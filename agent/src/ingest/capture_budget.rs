@@ -1613,19 +1613,25 @@ mod tests {
         );
     }
 
-    /// Two readings a few milliseconds apart (ticks bunched after a stall) give no ratio: 3
-    /// calls with 1 followed would weigh the next second by 3 instead of 10. Their calls count
-    /// towards the next interval.
-    #[test]
-    fn a_reading_moments_after_the_last_leaves_the_ratio_be() {
+    /// One service (slot 1) that the kernel samples at 1/4, its calls read once at 1 s: the
+    /// sampling, the server role's `SAMPLED_CALLS` index, and the totals to move on.
+    fn one_service_sampled_at_a_quarter() -> (CaptureSampling, usize, Vec<SampledCalls>) {
         let mut sampling = CaptureSampling::new(500);
         sampling.set_service_slots(vec![1]);
         sampling.budget.slots[1].shift = 2;
         sampling.applied[1] = capture_sample::entry(2, 0);
         let server = watch::calls_index(1, false) as usize;
-        let mut totals =
-            vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
+        let totals = vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
         sampling.observe_sampled_calls(Some(&totals), SECOND);
+        (sampling, server, totals)
+    }
+
+    /// Two readings a few milliseconds apart (ticks bunched after a stall) give no ratio: 3
+    /// calls with 1 followed would weigh the next second by 3 instead of 10. Their calls count
+    /// towards the next interval.
+    #[test]
+    fn a_reading_moments_after_the_last_leaves_the_ratio_be() {
+        let (mut sampling, server, mut totals) = one_service_sampled_at_a_quarter();
         totals[server] = calls(1_000, 100);
         sampling.observe_sampled_calls(Some(&totals), 2 * SECOND);
         totals[server] = calls(1_003, 101);
@@ -1650,14 +1656,7 @@ mod tests {
     /// (another draw) falls back to 2^shift.
     #[test]
     fn a_changed_sample_weighs_the_last_ratio_carried_to_its_shift() {
-        let mut sampling = CaptureSampling::new(500);
-        sampling.set_service_slots(vec![1]);
-        sampling.budget.slots[1].shift = 2;
-        sampling.applied[1] = capture_sample::entry(2, 0);
-        let server = watch::calls_index(1, false) as usize;
-        let mut totals =
-            vec![SampledCalls::default(); agent_common::SAMPLED_CALLS_ENTRIES as usize];
-        sampling.observe_sampled_calls(Some(&totals), SECOND);
+        let (mut sampling, server, mut totals) = one_service_sampled_at_a_quarter();
         // Followed at 1/4: 100 calls decoded, 40 of them on connections of depth 3 and up.
         for (depth, decoded) in [(2, 60), (3, 30), (5, 10)] {
             for _ in 0..decoded {
