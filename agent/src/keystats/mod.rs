@@ -13,6 +13,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::history::interner::{Interner, LabelId, UNKNOWN};
+
 /// Hash used for key identity (and for display when keys must not be shown).
 pub fn key_hash(key: &[u8]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -179,39 +181,6 @@ pub struct KeySplit {
     pub ts_unix_s: u64,
 }
 
-/// Process names by a 2-byte index, so each remembered key keeps who sent it without a copy
-/// of the name; bounded (names past it are not kept: the split then names no first sender).
-#[derive(Debug, Default)]
-struct CommNames {
-    list: Vec<String>,
-    index: foldhash::HashMap<String, u16>,
-}
-
-impl CommNames {
-    const UNKNOWN: u16 = u16::MAX;
-    const MAX: usize = 4096;
-
-    fn index(&mut self, comm: Option<&str>) -> u16 {
-        let Some(comm) = comm else {
-            return Self::UNKNOWN;
-        };
-        if let Some(&index) = self.index.get(comm) {
-            return index;
-        }
-        if self.list.len() >= Self::MAX {
-            return Self::UNKNOWN;
-        }
-        let index = self.list.len() as u16;
-        self.list.push(comm.to_string());
-        self.index.insert(comm.to_string(), index);
-        index
-    }
-
-    fn name(&self, index: u16) -> Option<String> {
-        self.list.get(usize::from(index)).cloned()
-    }
-}
-
 /// Remembers which server each recently sent key went to, per service; a key seen going to a
 /// different server within the window is a split.
 #[derive(Debug)]
@@ -220,9 +189,10 @@ pub struct KeyRouting {
     max_keys: usize,
     /// Per (service, key): the last server, when, whether the key has split since it was
     /// last quiet for a window (so a key bouncing between servers counts once as a key), and
-    /// who sent it there (a [`CommNames`] index; it fits the entry's padding).
-    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool, u16)>,
-    comms: CommNames,
+    /// who sent it there (an id in `comms`; it fits the entry's padding).
+    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool, LabelId)>,
+    /// The senders' process names. When full, names no remembered key uses are reclaimed.
+    comms: Interner,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
 }
@@ -249,7 +219,7 @@ impl KeyRouting {
             window_ns,
             max_keys,
             last_server: foldhash::HashMap::default(),
-            comms: CommNames::default(),
+            comms: Interner::new(MAX_SENDER_NAMES),
             examples: Vec::new(),
             max_examples: 16,
         }
@@ -281,7 +251,7 @@ impl KeyRouting {
         display: KeyDisplay,
     ) -> Routing {
         let id = (service, key_id);
-        let sender = self.comms.index(comm);
+        let sender = self.sender_id(comm);
         // The common case, a key seen before: one lookup.
         if let Some((previous, seen, split_before, previous_sender)) = self.last_server.get_mut(&id)
         {
@@ -301,7 +271,8 @@ impl KeyRouting {
                     key: display.show(key),
                     first_server: first_server.to_string(),
                     second_server: server.to_string(),
-                    first_comm: self.comms.name(first_sender),
+                    first_comm: (first_sender != UNKNOWN)
+                        .then(|| self.comms.resolve(first_sender).to_string()),
                     second_comm: comm.map(str::to_string),
                     ts_unix_s: crate::clock::unix_now(),
                 });
@@ -322,6 +293,30 @@ impl KeyRouting {
         Routing::Consistent
     }
 }
+
+impl KeyRouting {
+    /// The id of the sending process's name (UNKNOWN when not known, or when every id is in
+    /// use by a remembered key).
+    fn sender_id(&mut self, comm: Option<&str>) -> LabelId {
+        let Some(comm) = comm else {
+            return UNKNOWN;
+        };
+        if let Some(id) = self.comms.try_intern(comm) {
+            return id;
+        }
+        let mut in_use = vec![false; self.comms.slots()];
+        for &(_, _, _, id) in self.last_server.values() {
+            if let Some(used) = in_use.get_mut(usize::from(id)) {
+                *used = true;
+            }
+        }
+        self.comms.retain(&in_use);
+        self.comms.try_intern(comm).unwrap_or(UNKNOWN)
+    }
+}
+
+/// Process names the key routing remembers senders by at once.
+const MAX_SENDER_NAMES: usize = 4096;
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -443,6 +438,37 @@ mod tests {
             (Some("web".into()), Some("cron".into()))
         );
         assert_eq!(names(&routing.examples[1]), (Some("cron".into()), None));
+    }
+
+    /// Sender names are bounded, but names no remembered key uses any more are reclaimed:
+    /// after more distinct senders than the table holds, a new one is still named.
+    #[test]
+    fn sender_names_of_forgotten_keys_are_reclaimed() {
+        let a: std::net::SocketAddr = "10.0.0.1:11211".parse().unwrap();
+        let b: std::net::SocketAddr = "10.0.0.2:11211".parse().unwrap();
+        let mut routing = KeyRouting::new(1_000, 100);
+        for i in 0..2 * MAX_SENDER_NAMES as u64 {
+            let key = format!("k{i}");
+            let comm = format!("worker{i}");
+            routing.observe_with_id(
+                0,
+                key_id(key.as_bytes()),
+                key.as_bytes(),
+                a,
+                Some(&comm),
+                i * 10_000,
+                KeyDisplay::Plain,
+            );
+        }
+        let ts = 2 * MAX_SENDER_NAMES as u64 * 10_000;
+        let id = key_id(b"late");
+        routing.observe_with_id(0, id, b"late", a, Some("late-a"), ts, KeyDisplay::Plain);
+        routing.observe_with_id(0, id, b"late", b, Some("late-b"), ts + 1, KeyDisplay::Plain);
+        let split = routing.examples.last().unwrap();
+        assert_eq!(
+            (split.first_comm.as_deref(), split.second_comm.as_deref()),
+            (Some("late-a"), Some("late-b"))
+        );
     }
 
     #[test]
