@@ -269,7 +269,7 @@ impl Config {
             }
         }
         let limits = raw.limits;
-        check_limits(&limits).map_err(|message| origin.limit(message))?;
+        check_limits(&limits).map_err(|(key, message)| origin.limit(key, message))?;
         Ok(Config {
             listen,
             services,
@@ -303,13 +303,8 @@ impl Origin<'_> {
         }
     }
 
-    /// An error from [`check_limits`] (its message starts with `limits.<key>`), named by the
-    /// line of that key in the `[limits]` table when the file sets it.
-    fn limit(&self, message: String) -> ConfigError {
-        let key = message
-            .strip_prefix("limits.")
-            .and_then(|rest| rest.split([' ', '=']).next())
-            .unwrap_or_default();
+    /// An error about `[limits]`'s `key`, named by the line that sets it when the file does.
+    fn limit(&self, key: &str, message: String) -> ConfigError {
         let mut in_limits = false;
         for (number, line) in self.text.lines().enumerate() {
             let line = line.trim();
@@ -320,7 +315,7 @@ impl Origin<'_> {
             let set_here = line
                 .strip_prefix(key)
                 .is_some_and(|rest| rest.trim_start().starts_with('='));
-            if in_limits && !key.is_empty() && set_here {
+            if in_limits && set_here {
                 return self.invalid(format!("line {}: {message}", number + 1));
             }
         }
@@ -454,13 +449,15 @@ fn service_ports(
     Ok(service_ports)
 }
 
-/// The `[limits]` bounds, checked in this order; the message names the first one broken.
-fn check_limits(limits: &Limits) -> Result<(), String> {
+/// The `[limits]` bounds, checked in this order: the key of the first one broken, and what is
+/// wrong with it.
+fn check_limits(limits: &Limits) -> Result<(), (&'static str, String)> {
+    let broken = |key: &'static str, message: String| Err((key, format!("limits.{key}{message}")));
     if limits.max_sockets == 0 || limits.max_sockets > 4_000_000 {
-        return Err(format!(
-            "limits.max_sockets = {} must be in 1-4000000",
-            limits.max_sockets
-        ));
+        return broken(
+            "max_sockets",
+            format!(" = {} must be in 1-4000000", limits.max_sockets),
+        );
     }
     for (name, ring) in [
         ("ring_buffer_bytes", limits.ring_buffer_bytes),
@@ -470,34 +467,41 @@ fn check_limits(limits: &Limits) -> Result<(), String> {
         ),
     ] {
         if !ring.is_power_of_two() || !(1 << 16..=1 << 30).contains(&ring) {
-            return Err(format!(
-                "limits.{name} = {ring} must be a power of two between 65536 and 1073741824"
-            ));
+            return broken(
+                name,
+                format!(" = {ring} must be a power of two between 65536 and 1073741824"),
+            );
         }
     }
     if limits.capture_bytes > agent_common::CAPTURE_BUDGET_MAX {
-        return Err(format!(
-            "limits.capture_bytes = {} must be at most {}",
-            limits.capture_bytes,
-            agent_common::CAPTURE_BUDGET_MAX
-        ));
+        return broken(
+            "capture_bytes",
+            format!(
+                " = {} must be at most {}",
+                limits.capture_bytes,
+                agent_common::CAPTURE_BUDGET_MAX
+            ),
+        );
     }
     if limits.key_stats_sample_every == 0 {
-        return Err("limits.key_stats_sample_every must be at least 1".to_string());
+        return broken("key_stats_sample_every", " must be at least 1".to_string());
     }
     let max_connections =
         crate::export::http::admission::ConnectionLimits::default().max_connections;
     if !(1..=max_connections).contains(&limits.http_connections_per_source) {
-        return Err(format!(
-            "limits.http_connections_per_source = {} must be in 1-{max_connections}",
-            limits.http_connections_per_source
-        ));
+        return broken(
+            "http_connections_per_source",
+            format!(
+                " = {} must be in 1-{max_connections}",
+                limits.http_connections_per_source
+            ),
+        );
     }
     if limits.max_comms == 0 {
-        return Err("limits.max_comms must be at least 1".to_string());
+        return broken("max_comms", " must be at least 1".to_string());
     }
     if limits.max_servers_per_service == 0 {
-        return Err("limits.max_servers_per_service must be at least 1".to_string());
+        return broken("max_servers_per_service", " must be at least 1".to_string());
     }
     Ok(())
 }
