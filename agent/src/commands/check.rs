@@ -202,12 +202,15 @@ pub fn run_checks(config: &Config) -> CheckReport {
     }
 }
 
+/// The name of [`tls_item`]'s line, which the verdict looks for.
+const TLS_ITEM: &str = "metrics TLS";
+
 /// The metrics endpoint's TLS files, loaded as `run` loads them; None without `[tls]`.
 fn tls_item(config: &Config) -> Option<CheckItem> {
     let files = config.tls.as_ref()?;
     Some(match files.acceptor() {
         Ok(_) => item(
-            "metrics TLS",
+            TLS_ITEM,
             Status::Ok,
             format!(
                 "{} and {} load",
@@ -217,7 +220,7 @@ fn tls_item(config: &Config) -> Option<CheckItem> {
             "",
         ),
         Err(err) => item(
-            "metrics TLS",
+            TLS_ITEM,
             Status::Failed,
             format!("{err:#}"),
             "the agent does not start: `run` loads these files first",
@@ -236,9 +239,8 @@ fn tracefs_item() -> CheckItem {
             mounts
                 .lines()
                 .filter_map(|line| {
-                    line.split_whitespace()
-                        .nth(1)
-                        .zip(line.split_whitespace().nth(2))
+                    let mut fields = line.split_whitespace().skip(1);
+                    fields.next().zip(fields.next())
                 })
                 .find(|(_, kind)| *kind == "tracefs")
                 .map(|(dir, _)| dir.to_string())
@@ -485,7 +487,7 @@ pub fn render_text(report: &CheckReport) -> String {
     let tls_failed = report
         .items
         .iter()
-        .any(|item| item.name == "metrics TLS" && item.status != Status::Ok);
+        .any(|item| item.name == TLS_ITEM && item.status != Status::Ok);
     text.push_str(if report.usable {
         "result: usable\n"
     } else if tls_failed {
