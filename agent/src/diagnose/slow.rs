@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, snapshot::Label, HistorySnapshot, TcpEvent};
+use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
 
 use crate::model::Role;
 
@@ -91,7 +91,7 @@ fn collect(
     let mut services: BTreeMap<String, BTreeMap<String, ServerStats>> = BTreeMap::new();
     for second in &snap.seconds {
         for row in second.requests.iter().filter(|r| r.role == Role::Client) {
-            let stats = server_stats(&mut services, snap, row.service, row.server);
+            let stats = util::by_server(&mut services, snap, row.service, row.server);
             let count = row.count as u64;
             stats.requests += count;
             *stats
@@ -108,7 +108,7 @@ fn collect(
         }
         for row in second.latency.iter().filter(|r| r.role == Role::Client) {
             let hist = row.histogram();
-            let stats = server_stats(&mut services, snap, row.service, row.server);
+            let stats = util::by_server(&mut services, snap, row.service, row.server);
             let stalled = hist.count_at_least(stall_us);
             if stalled > 0 {
                 *stats.stalled_by_t.entry(second.t).or_default() += stalled;
@@ -116,7 +116,7 @@ fn collect(
             stats.hist.merge(&hist);
         }
         for row in second.dead_writes.iter().filter(|r| r.role == Role::Client) {
-            let stats = server_stats(&mut services, snap, row.service, row.server);
+            let stats = util::by_server(&mut services, snap, row.service, row.server);
             *stats.dead_writes_by_t.entry(second.t).or_default() += row.count as u64;
         }
         for row in &second.tcp {
@@ -145,20 +145,6 @@ fn collect(
         }
     }
     services
-}
-
-/// The entry of `service`'s `server`, made empty when new.
-fn server_stats<'a>(
-    services: &'a mut BTreeMap<String, BTreeMap<String, ServerStats>>,
-    snap: &HistorySnapshot,
-    service: Label,
-    server: Label,
-) -> &'a mut ServerStats {
-    services
-        .entry(snap.label(service).to_string())
-        .or_default()
-        .entry(snap.label(server).to_string())
-        .or_default()
 }
 
 /// A request written onto a connection the server had already closed (an idle timeout, a

@@ -117,11 +117,7 @@ fn collect(snap: &HistorySnapshot) -> BTreeMap<String, BTreeMap<String, Trouble>
     let mut services: BTreeMap<String, BTreeMap<String, Trouble>> = BTreeMap::new();
     for second in &snap.seconds {
         for row in &second.tcp {
-            let trouble = services
-                .entry(snap.label(row.service).to_string())
-                .or_default()
-                .entry(snap.label(row.server).to_string())
-                .or_default();
+            let trouble = util::by_server(&mut services, snap, row.service, row.server);
             *trouble.events.entry(row.event).or_default() += row.count as u64;
             let class = class(row.event);
             trouble.first_t.entry(class).or_insert(second.t);

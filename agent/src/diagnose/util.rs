@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::history::HistorySnapshot;
+use crate::history::{snapshot::Label, HistorySnapshot};
 
 /// "14:03:07" for a unix second, UTC.
 pub fn clock(unix_s: u64) -> String {
@@ -144,6 +144,20 @@ pub fn servers_by_service(
         }
     }
     known
+}
+
+/// The entry of `service`'s `server` in a per-service, per-server map, made empty when new.
+pub fn by_server<'a, V: Default>(
+    services: &'a mut BTreeMap<String, BTreeMap<String, V>>,
+    snap: &HistorySnapshot,
+    service: Label,
+    server: Label,
+) -> &'a mut V {
+    services
+        .entry(snap.label(service).to_string())
+        .or_default()
+        .entry(snap.label(server).to_string())
+        .or_default()
 }
 
 #[cfg(test)]
