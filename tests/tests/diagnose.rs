@@ -396,14 +396,8 @@ fn names_fd_pressure_of_a_process_connected_to_every_server() {
 fn names_a_full_mesh_from_the_daemons_samples() {
     require_root();
     let port = unique_port();
-    let agent = Agent::start_with_config(
-        "diag-mesh",
-        &format!(
-            "sample_interval_seconds = 1\n\
-             [[services]]\nname = \"memcached\"\nport = {port}\nprotocol = \"memcache\"\n"
-        ),
-    )
-    .unwrap();
+    // Samples every second (`services_config`).
+    let agent = Agent::start("diag-mesh", &[("memcached", port, "memcache")]).unwrap();
     let servers: Vec<String> = (1..=16).map(|i| format!("127.0.0.{i}")).collect();
     let _servers: Vec<Guard> = servers
         .iter()
