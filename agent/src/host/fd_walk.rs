@@ -133,14 +133,16 @@ impl Sampler {
         self.processes.retain(|_, cached| cached.seen_at == sample);
 
         // Pass 3: usage of every process holding watched sockets, in pid order per namespace
-        // (the first owner of a connection is its lowest pid).
+        // (the first owner of a connection is its lowest pid). A connection shared by forked
+        // processes counts in each one's usage but once, for its first owner, in the edges.
+        let mut on_edge = Claims::new(watched.len());
         for candidate in &candidates {
             let usage = self.usage_of(
                 candidate,
                 watched,
                 &mut listed,
                 &mut listener_owners,
-                &mut edges,
+                (&mut edges, &mut on_edge),
                 errors,
             );
             processes.extend(usage);
@@ -324,7 +326,7 @@ impl Sampler {
         watched: &[WatchedSocket],
         listed: &mut ListedConnections,
         listener_owners: &mut HashMap<u64, ListenerOwner>,
-        edges: &mut ClientEdgeCounts,
+        (edges, on_edge): (&mut ClientEdgeCounts, &mut Claims),
         errors: &mut ScanErrors,
     ) -> Option<ProcessUsage> {
         let cached = self.processes.get(&candidate.pid)?;
@@ -347,12 +349,13 @@ impl Sampler {
             client_spread: BTreeMap::new(),
         };
         let mut per_service: Vec<(u64, u64)> = vec![(0, 0); self.service_names.len()];
-        // (service, server) of each client-role connection, for its spread and the edges.
-        let mut to_servers: Vec<(u16, u16)> = Vec::new();
+        // (service, server, first holder) of each client-role connection, for its spread and
+        // the edges.
+        let mut to_servers: Vec<(u16, u16, bool)> = Vec::new();
         for (index, inode) in held {
             let socket = watched[index];
             if let Some(server) = socket.server() {
-                to_servers.push((socket.service, server));
+                to_servers.push((socket.service, server, !on_edge.test_and_set(index)));
             }
             let Some(counts) = per_service.get_mut(usize::from(socket.service)) else {
                 continue;
@@ -388,15 +391,18 @@ impl Sampler {
             }
         }
         to_servers.sort_unstable();
-        for run in to_servers.chunk_by(|a, b| a == b) {
-            let (service, server) = run[0];
+        for run in to_servers.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (service, server, _) = run[0];
             let Some(name) = self.service_names.get(usize::from(service)) else {
                 continue;
             };
             let spread = usage.client_spread.entry(name.clone()).or_default();
             spread.servers += 1;
             spread.connections += run.len() as u64;
-            edges.add(service, server, &usage.comm, run.len() as u64);
+            let first_held = run.iter().filter(|(_, _, first)| *first).count() as u64;
+            if first_held > 0 {
+                edges.add(service, server, &usage.comm, first_held);
+            }
         }
         Some(usage)
     }
@@ -579,6 +585,17 @@ impl Claims {
         if let Some(word) = self.0.get_mut(index / 64) {
             *word |= 1 << (index % 64);
         }
+    }
+
+    /// Claims the socket; whether it already was.
+    fn test_and_set(&mut self, index: usize) -> bool {
+        let Some(word) = self.0.get_mut(index / 64) else {
+            return true;
+        };
+        let bit = 1 << (index % 64);
+        let was = *word & bit != 0;
+        *word |= bit;
+        was
     }
 
     /// Every socket is claimed.

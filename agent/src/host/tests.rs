@@ -786,3 +786,67 @@ fn client_edge_counts_are_bounded() {
         ("memcached", SocketAddr::from(([10, 0, 0, 1], 11211)), 3)
     );
 }
+
+/// A client connection a forked process also holds (here a child handed it as stdin) is in
+/// both processes' spread, but the edge table counts it once, for its first owner, as the
+/// start-up listing does: CONNS is the connections open on that edge, not their holders.
+#[test]
+fn a_connection_shared_with_a_child_is_one_connection_on_its_edge() {
+    let listener = listen_loopback(8);
+    let port = listener.local_addr().unwrap().port();
+    let mut sampler = sampler_for(port, "shared");
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let client = TcpStream::connect(address).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let mut child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            client.try_clone().unwrap(),
+        )))
+        .spawn()
+        .unwrap();
+    let child_pid = child.id();
+    // The child may still be between fork and exec: sample until it is `sleep`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let snapshot = loop {
+        let snapshot = sampler.sample().unwrap();
+        let held_by_sleep = snapshot
+            .processes
+            .iter()
+            .any(|process| process.pid == child_pid && process.comm == "sleep");
+        if held_by_sleep || Instant::now() > deadline {
+            break snapshot;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let spread_of = |pid: u32| {
+        snapshot
+            .processes
+            .iter()
+            .find(|process| process.pid == pid)
+            .map(|process| process.client_spread.get("shared").copied())
+    };
+    let one = Some(Some(aggregate::ClientSpread {
+        servers: 1,
+        connections: 1,
+    }));
+    assert_eq!(spread_of(child_pid), one, "the child holds it");
+    assert_eq!(spread_of(std::process::id()), one, "so does this process");
+    // The lower pid is its first owner (pids grow, barring a wrap between the two).
+    let comm = if std::process::id() < child_pid {
+        own_comm()
+    } else {
+        "sleep".to_string()
+    };
+    assert_eq!(
+        snapshot.client_edges,
+        [aggregate::ClientEdge {
+            service: "shared".into(),
+            server: address,
+            comm,
+            open: 1,
+        }]
+    );
+}
