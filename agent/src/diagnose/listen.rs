@@ -23,6 +23,8 @@ struct Queue {
     full_seconds: u64,
     max_length: u32,
     limit: u32,
+    /// The address of the listener that was fullest ("" when the history lacks it).
+    listener: String,
     first_full_t: u64,
     last_full_t: u64,
 }
@@ -168,6 +170,7 @@ impl Pressure {
             if fuller || q.limit == 0 {
                 q.max_length = row.length;
                 q.limit = row.limit;
+                snap.label(row.listener).clone_into(&mut q.listener);
             }
             if row.limit > 0 && row.length as f64 >= th.listen_queue_full_ratio * row.limit as f64 {
                 if q.full_seconds == 0 {
@@ -268,6 +271,16 @@ fn overflowing<'a>(
     (!full.is_empty() || host.lost() >= th.listen_overflow_min.max(1)).then_some(full)
 }
 
+/// " at <address>" of the fullest listener, so the finding says which socket to look at
+/// (`ss -ltn`) when a service listens on several.
+fn at_listener(q: &Queue) -> String {
+    if q.listener.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}", q.listener)
+    }
+}
+
 fn accept_queue_overflow(
     full: &[(&String, &Queue)],
     host: &HostCounters,
@@ -282,7 +295,8 @@ fn accept_queue_overflow(
     let host_lost = host.lost();
     let title = match full.first() {
         Some((service, q)) => format!(
-            "{service}'s accept queue was full ({}/{}) for {}",
+            "{service}'s accept queue{} was full ({}/{}) for {}",
+            at_listener(q),
             q.max_length,
             q.limit,
             util::plural(q.full_seconds, "second")
@@ -296,7 +310,8 @@ fn accept_queue_overflow(
     let mut span = host.span;
     for (service, q) in full {
         finding.evidence.push(format!(
-            "{service}: accept queue at {} or more of its limit (peak {}/{}), {}",
+            "{service}: accept queue{} at {} or more of its limit (peak {}/{}), {}",
+            at_listener(q),
             util::percent(th.listen_queue_full_ratio),
             q.max_length,
             q.limit,

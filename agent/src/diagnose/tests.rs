@@ -582,6 +582,7 @@ fn syn_burst_at_a_small_backlog_listener() {
             t,
             Fact::ListenQueue {
                 service: "cache-local".into(),
+                listener: "127.0.0.1:22005".into(),
                 length: 8,
                 limit: 8,
             },
@@ -613,6 +614,7 @@ fn syn_burst_at_a_small_backlog_listener() {
             t,
             Fact::ListenQueue {
                 service: "cache-local".into(),
+                listener: "[::]:22005".into(),
                 length: 3,
                 limit: 1024,
             },
@@ -622,6 +624,14 @@ fn syn_burst_at_a_small_backlog_listener() {
     let overflow = only(&findings, "accept-queue-overflow");
     assert!(overflow.title.contains("8/8"), "{}", overflow.title);
     assert_eq!(overflow.values["queue_limit"], 8.0);
+    // It names the full listener, not the quiet one.
+    assert!(
+        overflow
+            .title
+            .contains("cache-local's accept queue at 127.0.0.1:22005 was full"),
+        "{}",
+        overflow.title
+    );
 
     // This host's clients of that listener time out meanwhile: the full queue dropped their
     // SYNs, which is not the network.

@@ -51,7 +51,10 @@ pub(super) fn fact_strings(fact: &Fact) -> Vec<Option<&str>> {
         | Fact::ConnectFailure {
             service, server, ..
         } => vec![Some(service), Some(server)],
-        Fact::Syns { service, .. } | Fact::ListenQueue { service, .. } => vec![Some(service)],
+        Fact::Syns { service, .. } => vec![Some(service)],
+        Fact::ListenQueue {
+            service, listener, ..
+        } => vec![Some(service), Some(listener)],
         Fact::HostListenDrops { .. } | Fact::EventsLost { .. } => vec![],
         Fact::ProcessFds { comm, .. } => vec![Some(comm)],
         Fact::ProcessConnections { comm, service, .. } => vec![Some(comm), Some(service)],
@@ -200,7 +203,7 @@ impl RareRow<'_> {
                 direction, count, ..
             } => self.syns(direction, count),
             Fact::ListenQueue { length, limit, .. } => {
-                let key = self.labels(1, 0);
+                let key = self.labels(2, 0);
                 let row = self.families.listen_queues.row(key, self.room.budget());
                 gauge(row, length as u64, length, limit, 0)
             }

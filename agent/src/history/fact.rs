@@ -83,9 +83,11 @@ pub enum Fact {
         direction: SynDirection,
         count: u32,
     },
-    /// Accept backlog of a local listener (sampled).
+    /// Accept backlog of a local listener (sampled): the fullest of the service's.
     ListenQueue {
         service: String,
+        /// The listener's local address.
+        listener: String,
         length: u32,
         limit: u32,
     },

@@ -3,7 +3,7 @@
 //! queues of local listeners, and the host's listen overflow/drop counters as deltas; and,
 //! with their own timestamps, the SYNs and handshakes local listeners dropped.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use super::Fact;
 
@@ -66,21 +66,22 @@ fn process_connections(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
 
 /// The fullest listener per service: that is the one refusing connections.
 fn listen_queues(snapshot: &Snapshot, facts: &mut Vec<Fact>) {
-    let mut queues: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    let mut queues: BTreeMap<&str, (u32, u32, SocketAddr)> = BTreeMap::new();
     for listener in &snapshot.listeners {
         let Some(limit) = listener.limit.filter(|l| *l > 0) else {
             continue;
         };
         let entry = queues
             .entry(listener.service.as_str())
-            .or_insert((0, limit));
+            .or_insert((0, limit, listener.local));
         if listener.queue_len as u64 * entry.1 as u64 >= entry.0 as u64 * limit as u64 {
-            *entry = (listener.queue_len, limit);
+            *entry = (listener.queue_len, limit, listener.local);
         }
     }
-    for (service, (length, limit)) in queues {
+    for (service, (length, limit, local)) in queues {
         facts.push(Fact::ListenQueue {
             service: service.to_string(),
+            listener: local.to_string(),
             length,
             limit,
         });
@@ -198,7 +199,7 @@ mod tests {
                 ListenerQueue {
                     service: "memcached".into(),
                     netns: 2,
-                    local: "0.0.0.0:11211".parse().unwrap(),
+                    local: "127.0.0.1:11211".parse().unwrap(),
                     inode: 2,
                     queue_len: 8,
                     limit: Some(8),
@@ -242,6 +243,7 @@ mod tests {
         }));
         assert!(facts.contains(&Fact::ListenQueue {
             service: "memcached".into(),
+            listener: "127.0.0.1:11211".into(),
             length: 8,
             limit: 8
         }));

@@ -107,6 +107,7 @@ fn tcp(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnaps
     for (k, g) in rare.listen_queues.iter() {
         second.listen_queues.push(ListenQueueRow {
             service: table.id(k.labels[0]),
+            listener: table.id(k.labels[1]),
             length: g.a,
             limit: g.b,
         });

@@ -261,6 +261,9 @@ pub struct SynRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenQueueRow {
     pub service: Label,
+    /// The listener's local address ("" from a daemon before it was kept).
+    #[serde(default)]
+    pub listener: Label,
     pub length: u32,
     pub limit: u32,
 }
@@ -459,7 +462,7 @@ impl SecondSnapshot {
             r.service = map(r.service);
         }
         for r in &mut self.listen_queues {
-            r.service = map(r.service);
+            (r.service, r.listener) = (map(r.service), map(r.listener));
         }
         for r in &mut self.fds {
             r.comm = map(r.comm);

@@ -125,11 +125,13 @@ fn keeps_every_fact_kind() {
         },
         Fact::ListenQueue {
             service: "memcached".into(),
+            listener: "0.0.0.0:11211".into(),
             length: 3,
             limit: 128,
         },
         Fact::ListenQueue {
             service: "memcached".into(),
+            listener: "0.0.0.0:11211".into(),
             length: 128,
             limit: 128,
         },
@@ -199,6 +201,7 @@ fn keeps_every_fact_kind() {
         (s.listen_queues[0].length, s.listen_queues[0].limit),
         (128, 128)
     );
+    assert_eq!(snapshot.label(s.listen_queues[0].listener), "0.0.0.0:11211");
     assert_eq!(s.host_listen.overflows, 5);
     assert_eq!(
         (s.fds[0].pid, s.fds[0].open_fds),

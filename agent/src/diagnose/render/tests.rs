@@ -60,6 +60,7 @@ fn incident_report() -> Report {
             t,
             Fact::ListenQueue {
                 service: SERVICE.into(),
+                listener: "0.0.0.0:11211".into(),
                 length: 1024,
                 limit: 1024,
             },
