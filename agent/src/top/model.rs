@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::{
     diagnose::{DiagnoseThresholds, Severity},
     history::{latency::LatencyHistogram, snapshot::SecondSnapshot, HistorySnapshot},
-    keystats::{KeyDisplay, KeysReport},
+    keystats::{HotKey, KeyDisplay, KeysReport},
     model::Role,
 };
 
@@ -100,10 +100,21 @@ pub struct HotKeyRow {
     pub role: Role,
     pub kind: HotKeyKind,
     pub key: String,
-    /// Space-saving estimate since the daemon started.
+    /// Space-saving estimate since the daemon started: an over-estimate by up to `error`.
     pub total: u64,
-    /// Change of `total` per second since the previous refresh; None on the first.
+    /// How much of `total` may belong to the keys this one replaced in the table.
+    pub error: u64,
+    /// Change of `total` per second since the previous refresh; None on the first refresh and
+    /// for a key that was not in the previous report with the same error (new, or evicted and
+    /// back): its count then includes the count it inherited, which no refresh spanned.
     pub per_s: Option<f64>,
+}
+
+impl HotKeyRow {
+    /// The count the key certainly had: `total` less what it may have inherited.
+    pub fn at_least(&self) -> u64 {
+        self.total.saturating_sub(self.error)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -524,7 +535,7 @@ fn hot_keys(
     previous: Option<(&KeysReport, f64)>,
     display: KeyDisplay,
 ) -> Vec<HotKeyRow> {
-    let earlier = |service: &str, server: &str, role: Role, kind: HotKeyKind, key: &str| {
+    let earlier = |service: &str, server: &str, role: Role, kind: HotKeyKind, key: &HotKey| {
         let (report, elapsed) = previous?;
         let entry = report
             .servers
@@ -534,10 +545,13 @@ fn hot_keys(
             HotKeyKind::Requests => &entry.by_requests,
             HotKeyKind::Bytes => &entry.by_bytes,
         };
-        // A key absent before had at most the table's smallest count; 0 keeps the rate an
-        // upper bound, as the space-saving counts themselves are.
-        let before = list.iter().find(|k| k.key == key).map_or(0, |k| k.count);
-        Some((before, elapsed))
+        // Only a key counted all along has a rate: a key new to the table (or evicted and
+        // back) starts from the count of the key it replaced, so count minus nothing would
+        // be that whole inherited count in one refresh. The error changes only on entry.
+        let before = list
+            .iter()
+            .find(|k| k.key == key.key && k.error == key.error)?;
+        Some((before.count, elapsed))
     };
     let mut rows = Vec::new();
     for server in &keys.servers {
@@ -546,7 +560,7 @@ fn hot_keys(
             (HotKeyKind::Bytes, &server.by_bytes),
         ] {
             for key in list {
-                let per_s = earlier(&server.service, &server.server, server.role, kind, &key.key)
+                let per_s = earlier(&server.service, &server.server, server.role, kind, key)
                     .filter(|(_, elapsed)| *elapsed > 0.0)
                     .map(|(before, elapsed)| key.count.saturating_sub(before) as f64 / elapsed);
                 rows.push(HotKeyRow {
@@ -556,6 +570,7 @@ fn hot_keys(
                     kind,
                     key: shown_key(&key.key, display),
                     total: key.count,
+                    error: key.error.min(key.count),
                     per_s,
                 });
             }

@@ -304,10 +304,10 @@ fn hot_key_rates_come_from_successive_reports() {
         [
             ("client", "requests", "user:1"),
             ("server", "requests", "user:1"),
-            ("client", "bytes", "blob"),
             ("client", "requests", "user:2"),
+            ("client", "bytes", "blob"),
         ],
-        "ROLE, BY and KEY columns, sorted by rate (ties by the cells)"
+        "ROLE, BY and KEY columns, sorted by rate within requests and bytes (ties by the cells)"
     );
     // `/server` keeps the server side's row only.
     state.filter = "server".into();
@@ -320,6 +320,85 @@ fn hot_key_rates_come_from_successive_reports() {
         .find(|l| l.contains("KEY") && l.contains("BY"))
         .unwrap();
     assert!(header.contains("ROLE"), "{header}");
+}
+
+/// The audit's screen: a key that entered the space-saving table since the last refresh
+/// inherited the count of the key it replaced (222, of which 221 error). It has no rate yet,
+/// rather than 222 over one refresh, and does not outrank the key that is really hot; its
+/// TOTAL is the guaranteed count, not the over-estimate; and bytes rates, in another unit, do
+/// not push the requests rows down.
+#[test]
+fn a_key_new_to_the_table_has_no_rate_and_no_exact_total() {
+    let hot = |key: &str, count: u64, error: u64| HotKey {
+        key: key.into(),
+        count,
+        error,
+    };
+    let report = |hot_count: u64, newcomer: Option<HotKey>, blob: u64| KeysReport {
+        servers: vec![ServerHotKeys {
+            service: "memcached".into(),
+            server: A.into(),
+            role: Role::Client,
+            by_requests: [hot("user:1", hot_count, 0)]
+                .into_iter()
+                .chain(newcomer)
+                .collect(),
+            by_bytes: vec![hot("blob", blob, 0)],
+        }],
+        ..KeysReport::default()
+    };
+    let before = report(1000, None, 1_000_000);
+    let after = report(1120, Some(hot("rare", 222, 221)), 2_000_000);
+    let inputs = Inputs {
+        keys: Some(&after),
+        previous_keys: Some((&before, 1.0)),
+        ..Inputs::default()
+    };
+    let model = build(&history(), NOW, 1, &inputs);
+    let rare = model.hot_keys.iter().find(|h| h.key == "rare").unwrap();
+    assert_eq!((rare.per_s, rare.total, rare.error), (None, 222, 221));
+    // Evicted and back with another error: no rate either.
+    let again = report(1240, Some(hot("rare", 300, 280)), 3_000_000);
+    let inputs = Inputs {
+        keys: Some(&again),
+        previous_keys: Some((&after, 1.0)),
+        ..Inputs::default()
+    };
+    let later = build(&history(), NOW, 1, &inputs);
+    assert_eq!(
+        later
+            .hot_keys
+            .iter()
+            .find(|h| h.key == "rare")
+            .unwrap()
+            .per_s,
+        None
+    );
+
+    let mut state = ViewState::new(None);
+    state.pane = Pane::HotKeys;
+    let shown = state.arranged(&model);
+    let cells: Vec<(&str, &str, &str, &str)> = shown
+        .iter()
+        .map(|r| {
+            (
+                r.cells[3].as_str(),
+                r.cells[4].as_str(),
+                r.cells[5].as_str(),
+                r.cells[6].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cells,
+        [
+            ("requests", "user:1", "120", "1120"),
+            ("requests", "rare", "-", "1+"),
+            ("bytes", "blob", "976.6K", "1.9M"),
+        ]
+    );
+    let detail = shown[1].detail.join("\n");
+    assert!(detail.contains("between 1 and 222"), "{detail}");
 }
 
 #[test]

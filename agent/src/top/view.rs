@@ -4,7 +4,7 @@
 
 use std::cmp::Ordering;
 
-use super::model::{HotKeyRow, Model, ProcessRow, QueueRow, ServerRow};
+use super::model::{HotKeyKind, HotKeyRow, Model, ProcessRow, QueueRow, ServerRow};
 use crate::model::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +162,9 @@ pub struct TableRow {
     pub alert: bool,
     /// The service the row belongs to, for `--service`; None matches every service.
     pub services: Vec<String>,
+    /// Rows sort within their group first (lower groups first): rows whose sort column holds
+    /// different units.
+    pub group: u8,
 }
 
 pub fn rate(value: f64) -> String {
@@ -292,6 +295,7 @@ fn server_row(row: &ServerRow) -> TableRow {
         ),
     ];
     TableRow {
+        group: 0,
         alert: row.errors_per_s > 0.0 || row.timeouts > 0 || row.dead_writes > 0,
         services: vec![row.service.clone()],
         cells,
@@ -337,6 +341,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
         SortValue::Text(by_service.clone()),
     ];
     TableRow {
+        group: 0,
         alert: row.fd_ratio().is_some_and(|r| r >= 0.8) || row.fd_errors > 0 || row.dead_writes > 0,
         services: row.services.iter().cloned().collect(),
         cells,
@@ -373,14 +378,36 @@ fn process_row(row: &ProcessRow) -> TableRow {
 }
 
 fn hot_key_row(row: &HotKeyRow) -> TableRow {
-    let shown_total = match row.kind {
-        super::model::HotKeyKind::Requests => row.total.to_string(),
-        super::model::HotKeyKind::Bytes => bytes_rate(row.total as f64),
+    let amount = |value: u64| match row.kind {
+        HotKeyKind::Requests => value.to_string(),
+        HotKeyKind::Bytes => bytes_rate(value as f64),
+    };
+    // The guaranteed count, never space-saving's over-estimate; "+" when the key may have had
+    // up to `error` more.
+    let shown_total = if row.error == 0 {
+        amount(row.total)
+    } else {
+        format!("{}+", amount(row.at_least()))
     };
     let shown_rate = row.per_s.map(|r| match row.kind {
-        super::model::HotKeyKind::Requests => rate(r),
-        super::model::HotKeyKind::Bytes => bytes_rate(r),
+        HotKeyKind::Requests => rate(r),
+        HotKeyKind::Bytes => bytes_rate(r),
     });
+    let unit = match row.kind {
+        HotKeyKind::Requests => "requests",
+        HotKeyKind::Bytes => "bytes",
+    };
+    let counted = if row.error == 0 {
+        format!("{} {unit} since the daemon started", amount(row.total))
+    } else {
+        format!(
+            "between {} and {} {unit} since the daemon started (space-saving estimate: up to {} \
+             may belong to keys it replaced)",
+            amount(row.at_least()),
+            amount(row.total),
+            amount(row.error)
+        )
+    };
     TableRow {
         cells: vec![
             row.service.clone(),
@@ -388,7 +415,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
             row.role.as_str().to_string(),
             row.kind.as_str().to_string(),
             row.key.clone(),
-            or_dash(shown_rate),
+            or_dash(shown_rate.clone()),
             shown_total,
         ],
         sort: vec![
@@ -398,8 +425,14 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
             SortValue::Text(row.kind.as_str().to_string()),
             SortValue::Text(row.key.clone()),
             SortValue::Number(row.per_s),
-            SortValue::Number(Some(row.total as f64)),
+            SortValue::Number(Some(row.at_least() as f64)),
         ],
+        // Requests and bytes are different units: sorted in one column, any bytes rate would
+        // outrank every request rate.
+        group: match row.kind {
+            HotKeyKind::Requests => 0,
+            HotKeyKind::Bytes => 1,
+        },
         spark: None,
         detail: vec![
             format!("key {}", row.key),
@@ -410,10 +443,15 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
                 row.role,
                 row.kind.as_str()
             ),
+            counted,
             format!(
-                "{} since the daemon started (space-saving estimate), {}/s now",
-                row.total,
-                or_dash(row.per_s.map(rate))
+                "{}/s now{}",
+                or_dash(shown_rate),
+                if row.per_s.is_none() {
+                    " (new in the table: a rate needs two refreshes)"
+                } else {
+                    ""
+                }
             ),
         ],
         alert: false,
@@ -423,6 +461,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
 
 fn queue_row(row: &QueueRow) -> TableRow {
     TableRow {
+        group: 0,
         cells: vec![
             row.service.clone(),
             row.server.clone(),
@@ -465,7 +504,8 @@ pub fn rows(model: &Model, pane: Pane) -> Vec<TableRow> {
 }
 
 /// Keeps rows whose cells contain `filter` (case-insensitive) and, with `service`, rows of that
-/// service; then sorts by column `sort` (ties by the first cells, so the order is stable).
+/// service; then sorts by group, then by column `sort` (ties by the first cells, so the order
+/// is stable).
 pub fn arrange(
     mut rows: Vec<TableRow>,
     sort: usize,
@@ -484,11 +524,13 @@ pub fn arrange(
     });
     rows.sort_by(|a, b| {
         let by = |row: &TableRow, i: usize| row.sort.get(i).cloned();
-        match (by(a, sort), by(b, sort)) {
-            (Some(x), Some(y)) => compare(&x, &y),
-            _ => Ordering::Equal,
-        }
-        .then_with(|| a.cells.cmp(&b.cells))
+        a.group
+            .cmp(&b.group)
+            .then_with(|| match (by(a, sort), by(b, sort)) {
+                (Some(x), Some(y)) => compare(&x, &y),
+                _ => Ordering::Equal,
+            })
+            .then_with(|| a.cells.cmp(&b.cells))
     });
     rows
 }
