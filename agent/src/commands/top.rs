@@ -441,8 +441,7 @@ fn read_keys(state: &mut ViewState, model: &Model, tty: &mut TtyWait) -> std::io
         match event::read()? {
             Event::Key(key) => {
                 if let Some(key) = key_of(&key) {
-                    let count = state.arranged(model).len();
-                    match state.key(key, count) {
+                    match state.press(key, model) {
                         Action::Quit => return Ok(Action::Quit),
                         Action::Redraw => action = Action::Redraw,
                         Action::None => {}

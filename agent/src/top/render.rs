@@ -157,9 +157,7 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     frame.render_widget(Paragraph::new(footer_lines(state)), footer);
 
     if state.detail {
-        if let Some(row) = shown.get(state.selected.min(shown.len().saturating_sub(1))) {
-            draw_detail(frame, area, row, model);
-        }
+        draw_detail(frame, area, state, &shown, model);
     }
 }
 
@@ -283,7 +281,7 @@ fn draw_table(
         .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
         .column_spacing(1);
     let mut table_state =
-        TableState::default().with_selected((!empty).then(|| state.selected.min(shown.len() - 1)));
+        TableState::default().with_selected((!empty).then(|| state.selected_index(shown)));
     frame.render_stateful_widget(table, area, &mut table_state);
     if empty {
         let inner = Rect {
@@ -359,16 +357,38 @@ fn empty_message(state: &ViewState) -> String {
     }
 }
 
-fn draw_detail(frame: &mut Frame, area: Rect, row: &TableRow, model: &Model) {
-    let mut lines: Vec<Line> = row.detail.iter().map(|l| Line::from(l.as_str())).collect();
+/// The selected row's detail, or, when the row has gone from this refresh, a line saying so.
+pub fn detail_lines(state: &ViewState, shown: &[TableRow], model: &Model) -> Vec<String> {
+    let Some(row) = state.selected_row(shown) else {
+        let what = state.selected_id.as_deref().unwrap_or_default().join(" ");
+        return vec![format!(
+            "{what}: no row in the refresh of {} UTC",
+            clock(model.end_s)
+        )];
+    };
+    let mut lines = row.detail.clone();
     if let Some(spark) = &row.spark {
-        lines.push(Line::from(""));
-        lines.push(Line::from(format!(
+        lines.push(String::new());
+        lines.push(format!(
             "requests/s, last 60 s to {} UTC:",
             clock(model.end_s)
-        )));
-        lines.push(Line::from(sparkline(spark, 60)));
+        ));
+        lines.push(sparkline(spark, 60));
     }
+    lines
+}
+
+fn draw_detail(
+    frame: &mut Frame,
+    area: Rect,
+    state: &ViewState,
+    shown: &[TableRow],
+    model: &Model,
+) {
+    let lines: Vec<Line> = detail_lines(state, shown, model)
+        .into_iter()
+        .map(Line::from)
+        .collect();
     let width = (area.width - 4).min(100);
     let height = (lines.len() as u16 + 2).min(area.height - 2);
     let popup = Rect {

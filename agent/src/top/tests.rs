@@ -563,6 +563,59 @@ fn keys_change_the_view() {
     assert_eq!(ViewState::new(None).key(Key::Esc, 0), Action::Quit);
 }
 
+/// The audit's popup alternated between two servers: the selection was an index into rows that
+/// every refresh re-sorts. It follows the row: across a refresh that swaps the busiest server,
+/// the highlight and Enter's detail stay on the server chosen, and a row that has gone says so
+/// instead of showing whichever row took its place.
+#[test]
+fn the_selection_follows_its_row_across_refreshes() {
+    let first = model(1);
+    let mut state = ViewState::new(None);
+    assert_eq!(state.press(Key::Down, &first), Action::Redraw);
+    assert_eq!(state.press(Key::Enter, &first), Action::Redraw);
+    let shown = state.arranged(&first);
+    assert_eq!(shown[state.selected_index(&shown)].cells[1], B);
+    let detail = render::detail_lines(&state, &shown, &first);
+    assert!(detail[0].contains(B), "{detail:?}");
+
+    // The next refresh: B is now the busiest, first by REQ/S.
+    let mut second = first.clone();
+    for server in &mut second.servers {
+        server.requests_per_s = if server.server == B { 50.0 } else { 1.0 };
+    }
+    let shown = state.arranged(&second);
+    assert_eq!(shown[0].cells[1], B);
+    assert_eq!(
+        state.selected_index(&shown),
+        0,
+        "the highlight moved with B"
+    );
+    let detail = render::detail_lines(&state, &shown, &second);
+    assert!(
+        detail[0].contains(B) && !detail[0].contains(A),
+        "{detail:?}"
+    );
+    assert!(screen(&second, &state, 100, 30).contains(&format!("memcached {B} (client)")));
+
+    // Closing the detail and moving goes from where B is now.
+    state.press(Key::Esc, &second);
+    state.press(Key::Down, &second);
+    let shown = state.arranged(&second);
+    assert_eq!(shown[state.selected_index(&shown)].cells[1], A);
+
+    // The selected row gone: the detail says so.
+    state.press(Key::Enter, &second);
+    let mut third = second.clone();
+    third.servers.retain(|s| s.server != A);
+    let shown = state.arranged(&third);
+    let detail = render::detail_lines(&state, &shown, &third);
+    assert_eq!(detail.len(), 1);
+    assert!(
+        detail[0].contains(A) && detail[0].contains("no row"),
+        "{detail:?}"
+    );
+}
+
 #[test]
 fn filter_length_is_bounded() {
     let mut state = ViewState::new(None);

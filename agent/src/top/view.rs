@@ -165,6 +165,9 @@ pub struct TableRow {
     /// Rows sort within their group first (lower groups first): rows whose sort column holds
     /// different units.
     pub group: u8,
+    /// What the row is about (service, server and role; process; key; queue): the selection
+    /// follows it, since refreshes re-sort the rows.
+    pub id: Vec<String>,
 }
 
 pub fn rate(value: f64) -> String {
@@ -295,6 +298,11 @@ fn server_row(row: &ServerRow) -> TableRow {
         ),
     ];
     TableRow {
+        id: vec![
+            row.service.clone(),
+            row.server.clone(),
+            role(row.role).to_string(),
+        ],
         group: 0,
         alert: row.errors_per_s > 0.0 || row.timeouts > 0 || row.dead_writes > 0,
         services: vec![row.service.clone()],
@@ -341,6 +349,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
         SortValue::Text(by_service.clone()),
     ];
     TableRow {
+        id: vec![row.comm.clone()],
         group: 0,
         alert: row.fd_ratio().is_some_and(|r| r >= 0.8) || row.fd_errors > 0 || row.dead_writes > 0,
         services: row.services.iter().cloned().collect(),
@@ -409,6 +418,13 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
         )
     };
     TableRow {
+        id: vec![
+            row.service.clone(),
+            row.server.clone(),
+            row.role.as_str().to_string(),
+            row.kind.as_str().to_string(),
+            row.key.clone(),
+        ],
         cells: vec![
             row.service.clone(),
             row.server.clone(),
@@ -461,6 +477,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
 
 fn queue_row(row: &QueueRow) -> TableRow {
     TableRow {
+        id: vec![row.service.clone(), row.server.clone(), row.queue.clone()],
         group: 0,
         cells: vec![
             row.service.clone(),
@@ -545,8 +562,12 @@ pub struct ViewState {
     /// Typing a filter after `/`.
     pub editing_filter: bool,
     pub paused: bool,
-    /// Selected row index in the current pane's arranged rows.
+    /// Selected row index in the current pane's arranged rows, as of the last key or
+    /// [`ViewState::follow`].
     pub selected: usize,
+    /// The selected row's [`TableRow::id`]: what Enter's detail shows, wherever refreshes
+    /// move the row. None until a row is chosen.
+    pub selected_id: Option<Vec<String>>,
     pub detail: bool,
     pub service: Option<String>,
 }
@@ -586,6 +607,7 @@ impl ViewState {
             editing_filter: false,
             paused: false,
             selected: 0,
+            selected_id: None,
             detail: false,
             service,
         }
@@ -605,7 +627,47 @@ impl ViewState {
         )
     }
 
-    /// Applies a key; `row_count` is the number of rows the current pane shows.
+    /// Where the selected row is in `rows` (the current pane as arranged): found by its id,
+    /// else (a row gone, or none chosen yet) the last index within the rows.
+    pub fn selected_index(&self, rows: &[TableRow]) -> usize {
+        self.selected_id
+            .as_ref()
+            .and_then(|id| rows.iter().position(|row| &row.id == id))
+            .unwrap_or_else(|| self.selected.min(rows.len().saturating_sub(1)))
+    }
+
+    /// The selected row in `rows`; None when it has no row there (the detail of a row that
+    /// vanished says so rather than showing whichever row took its place).
+    pub fn selected_row<'a>(&self, rows: &'a [TableRow]) -> Option<&'a TableRow> {
+        match &self.selected_id {
+            Some(id) => rows.iter().find(|row| &row.id == id),
+            None => rows.get(self.selected_index(rows)),
+        }
+    }
+
+    /// Moves the selection index to where the selected row now is, after a refresh re-sorted.
+    pub fn follow(&mut self, rows: &[TableRow]) {
+        self.selected = self.selected_index(rows);
+    }
+
+    /// Applies a key to the rows shown from `model` and records which row is selected after.
+    pub fn press(&mut self, key: Key, model: &Model) -> Action {
+        let rows = self.arranged(model);
+        self.follow(&rows);
+        let in_detail = self.detail;
+        let action = self.key(key, rows.len());
+        if action == Action::Redraw && !in_detail {
+            // The key may have moved, re-sorted, filtered, switched panes or opened the
+            // detail: the selection is whatever row now sits at the index. Closing the detail
+            // keeps it, even when its row has gone.
+            let rows = self.arranged(model);
+            self.selected_id = rows.get(self.selected).map(|row| row.id.clone());
+        }
+        action
+    }
+
+    /// Applies a key; `row_count` is the number of rows the current pane shows. Use
+    /// [`ViewState::press`], which keeps the selection on its row.
     pub fn key(&mut self, key: Key, row_count: usize) -> Action {
         if key == Key::CtrlC {
             return Action::Quit;
