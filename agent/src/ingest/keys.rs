@@ -59,7 +59,14 @@ impl KeyStats {
         }
     }
 
+    /// A reload's key display. Hot keys are kept raw and shown at each report; the split
+    /// examples and extremes were kept as shown, so a switch to hash hashes them now rather
+    /// than leaving plain keys in `cacheprobe keys` for up to 15 minutes.
     pub fn set_display(&mut self, display: KeyDisplay) {
+        if display == KeyDisplay::Hash && self.display != KeyDisplay::Hash {
+            self.routing.hash_keys();
+            self.extremes.hash_keys();
+        }
         self.display = display;
     }
 
@@ -239,5 +246,76 @@ impl KeyStats {
         Some(self.slab_fit.reports(&self.local_memcacheds.0, |service| {
             services.name(service).map(str::to_string)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memcache::{Command, Status};
+
+    fn request(ts_ns: u64) -> RequestObservation {
+        RequestObservation {
+            command: Command::Set,
+            status: Status::Stored,
+            key: None,
+            latency_ns: Some(250_000),
+            request_ts_ns: ts_ns,
+            request_bytes: 30,
+            response_bytes: 8,
+            queue: None,
+            seq: None,
+            request_id: None,
+            value_len: Some(12),
+            value_head: None,
+            keys_in_request: 1,
+        }
+    }
+
+    /// The audit's reload: `keys = "hash"` arrives while the extremes and split examples hold
+    /// keys recorded in plain. The report right after the reload has no plain key; a key whose
+    /// shown text was escaped (so its hash cannot be told) is dropped rather than kept plain.
+    #[test]
+    fn a_switch_to_hash_leaves_no_plain_key_in_the_report() {
+        let services = SharedServices::watching(&[("mc", 11211)]);
+        let mut stats = KeyStats::new(&Config::default());
+        assert_eq!(stats.display(), KeyDisplay::Plain);
+        let now_s = crate::clock::unix_now();
+        let [a, b] = ["10.0.0.1:11211", "10.0.0.2:11211"].map(|server| Endpoint {
+            service: 0,
+            server: server.parse().unwrap(),
+            role: Role::Client,
+        });
+        for (i, key) in [&b"user:secret"[..], b"odd\nkey", b"bad\xffkey"]
+            .into_iter()
+            .enumerate()
+        {
+            let ts_ns = 1_000 + i as u64;
+            stats.observe_sizes(&a, &request(ts_ns), key, Some("php"), 1, now_s);
+            stats.observe_key(&a, &request(ts_ns), key, Some("php"), 1, &services);
+            stats.observe_key(&b, &request(ts_ns + 10), key, Some("php"), 1, &services);
+        }
+        let plain = stats.report(&services, now_s);
+        let shown = serde_json::to_string(&plain).unwrap();
+        assert!(shown.contains("user:secret"), "{shown}");
+        assert_eq!(plain.splits.len(), 3);
+
+        stats.set_display(KeyDisplay::Hash);
+        let report = stats.report(&services, now_s);
+        let shown = serde_json::to_string(&report).unwrap();
+        assert!(
+            !shown.contains("user:secret") && !shown.contains("odd") && !shown.contains("bad"),
+            "{shown}"
+        );
+        let hashed = KeyDisplay::Hash.show(b"user:secret");
+        assert!(report.splits.iter().all(|s| s.key == hashed), "{shown}");
+        let largest = &report.extremes[0].largest_values;
+        assert_eq!(largest.len(), 1, "{shown}");
+        assert_eq!(largest[0].key, hashed, "the daemon's own hash of the key");
+        assert!(report
+            .servers
+            .iter()
+            .flat_map(|s| s.by_requests.iter().chain(&s.by_bytes))
+            .all(|k| KeyDisplay::is_hash(&k.key)));
     }
 }

@@ -130,6 +130,24 @@ impl Extremes {
         }
     }
 
+    /// Hashes the keys kept, dropping entries whose hash cannot be told: after a switch to
+    /// `keys = "hash"`, the last 15 minutes must not keep showing plain keys.
+    pub fn hash_keys(&mut self) {
+        let hash = |list: &mut Vec<Extreme>| {
+            list.retain_mut(|entry| match KeyDisplay::hash_shown(&entry.key) {
+                Some(hashed) => {
+                    entry.key = hashed;
+                    true
+                }
+                None => false,
+            })
+        };
+        for minute in self.servers.values_mut().flatten() {
+            hash(&mut minute.largest);
+            hash(&mut minute.slowest);
+        }
+    }
+
     /// Per server, the top entries of the minutes within 15 minutes of `now_s`.
     pub fn report(
         &self,

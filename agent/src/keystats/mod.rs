@@ -38,6 +38,24 @@ impl KeyDisplay {
             KeyDisplay::Hash => format!("#{:016x}", key_hash(key)),
         }
     }
+
+    /// Whether `shown` is a key as [`KeyDisplay::Hash`] shows it.
+    pub fn is_hash(shown: &str) -> bool {
+        shown.len() == 17
+            && shown.starts_with('#')
+            && shown[1..].bytes().all(|b| b.is_ascii_hexdigit())
+    }
+
+    /// A key [`KeyDisplay::Plain`] showed as `shown`, as [`KeyDisplay::Hash`] shows it; kept
+    /// when already a hash. None when the text is not the key byte for byte (escapes start
+    /// with a backslash, bytes that were not UTF-8 became U+FFFD), so its hash is unknown.
+    pub fn hash_shown(shown: &str) -> Option<String> {
+        if KeyDisplay::is_hash(shown) {
+            return Some(shown.to_string());
+        }
+        (!shown.contains(['\\', char::REPLACEMENT_CHARACTER]))
+            .then(|| KeyDisplay::Hash.show(shown.as_bytes()))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -295,6 +313,19 @@ impl KeyRouting {
 }
 
 impl KeyRouting {
+    /// Hashes the keys of the split examples kept, dropping those whose hash cannot be told:
+    /// after a switch to `keys = "hash"`, no plain key remains to be shown.
+    pub fn hash_keys(&mut self) {
+        self.examples
+            .retain_mut(|split| match KeyDisplay::hash_shown(&split.key) {
+                Some(hashed) => {
+                    split.key = hashed;
+                    true
+                }
+                None => false,
+            });
+    }
+
     /// The id of the sending process's name (UNKNOWN when not known, or when every id is in
     /// use by a remembered key).
     fn sender_id(&mut self, comm: Option<&str>) -> LabelId {

@@ -522,10 +522,8 @@ pub fn trimmed(snapshot: &HistorySnapshot, start_s: u64, end_s: u64) -> HistoryS
 /// hash of the shown text is the same hash whenever the key is printable ASCII, as memcache
 /// keys are.
 fn shown_key(key: &str, display: KeyDisplay) -> String {
-    let hashed =
-        key.len() == 17 && key.starts_with('#') && key[1..].bytes().all(|b| b.is_ascii_hexdigit());
     match display {
-        KeyDisplay::Hash if !hashed => display.show(key.as_bytes()),
+        KeyDisplay::Hash if !KeyDisplay::is_hash(key) => display.show(key.as_bytes()),
         _ => key.to_string(),
     }
 }
