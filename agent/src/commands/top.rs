@@ -92,6 +92,10 @@ struct Feed {
     previous_keys: Option<(KeysReport, Instant)>,
     thresholds: DiagnoseThresholds,
     key_display: KeyDisplay,
+    /// The last complete second when the history last came: the model ends there. Built from
+    /// the wall clock instead, a daemon that stopped answering would scroll zeros over a
+    /// history that stopped, the sparklines' gap later passing for a memcached outage.
+    end_s: u64,
     status: Status,
 }
 
@@ -99,7 +103,7 @@ impl Feed {
     fn refresh(&mut self) {
         if let Some(local) = &mut self.local {
             if let Err(err) = local.check_alive() {
-                self.status.error = Some(format!("{err:#}"));
+                self.stale(format!("{err:#}"));
                 return;
             }
         }
@@ -123,10 +127,12 @@ impl Feed {
                     end.saturating_sub(KEEP_S),
                     merged.end_s,
                 ));
+                self.end_s = last_complete_second();
                 self.status.error = None;
+                self.status.stale_since = None;
             }
             Err(err) => {
-                self.status.error = Some(err.to_string());
+                self.stale(err.to_string());
                 return;
             }
         }
@@ -155,10 +161,17 @@ impl Feed {
         }
     }
 
+    /// No history this refresh: the model stays at the last data, and the header says since
+    /// when.
+    fn stale(&mut self, error: String) {
+        self.status.error = Some(error);
+        self.status.stale_since.get_or_insert_with(unix_now);
+    }
+
     fn model(&self, window_s: u64) -> Model {
         let Some(history) = &self.history else {
             return Model {
-                end_s: last_complete_second(),
+                end_s: self.end_s,
                 window_s,
                 ..Model::default()
             };
@@ -179,7 +192,7 @@ impl Feed {
             key_display: self.key_display,
             thresholds: Some(&self.thresholds),
         };
-        model::build(history, last_complete_second(), window_s, &inputs)
+        model::build(history, self.end_s, window_s, &inputs)
     }
 }
 
@@ -241,11 +254,11 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
         previous_keys: None,
         thresholds: config.diagnose.clone(),
         key_display: config.keys,
+        end_s: last_complete_second(),
         status: Status {
             source,
             refresh_s: args.interval.as_secs_f64(),
-            error: None,
-            note: None,
+            ..Status::default()
         },
     })
 }
@@ -456,4 +469,77 @@ fn read_keys(state: &mut ViewState, model: &Model, tty: &mut TtyWait) -> std::io
         }
     }
     Ok(action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Fact, History, HistoryLimits};
+
+    /// The audit's stopped daemon: top kept rebuilding its model from the wall clock over a
+    /// history that had stopped, so it showed zeros with an advancing clock under "showing the
+    /// last data". A failed refresh leaves the model as it was, and the header and the
+    /// findings line say since when the data is stale.
+    #[test]
+    fn a_daemon_that_stops_answering_freezes_the_model() {
+        let end_s = last_complete_second() - 5;
+        let mut history = History::new(900, HistoryLimits::default());
+        for t in end_s - 59..=end_s {
+            for _ in 0..10 {
+                history.record(
+                    t,
+                    Fact::Request {
+                        service: "memcached".into(),
+                        server: "10.0.0.1:11211".into(),
+                        role: crate::model::Role::Client,
+                        comm: Some("php".into()),
+                        command: "get".into(),
+                        status: crate::model::Status::Hit,
+                        latency_us: Some(200),
+                    },
+                );
+            }
+        }
+        let gone = std::env::temp_dir().join(format!("cacheprobe-top-gone-{}", std::process::id()));
+        let mut feed = Feed {
+            socket: gone,
+            local: None,
+            history: Some(history.snapshot(0)),
+            counters: None,
+            previous_counters: None,
+            counters_supported: true,
+            keys: None,
+            previous_keys: None,
+            thresholds: DiagnoseThresholds::default(),
+            key_display: KeyDisplay::Plain,
+            end_s,
+            status: Status::default(),
+        };
+        let before = feed.model(1);
+        assert_eq!(before.servers[0].requests_per_s, 10.0);
+        feed.refresh();
+        let after = feed.model(1);
+        assert_eq!(
+            after, before,
+            "the last data, not zeros at the wall clock's second"
+        );
+        let since = feed.status.stale_since.expect("stale");
+        assert!(since >= end_s);
+        let text = render::text(&after, &ViewState::new(None), &feed.status);
+        let stale = format!("STALE since {} UTC", crate::diagnose::util::clock(since));
+        assert!(text.contains(&stale), "{text}");
+        let mut terminal =
+            ratatui::Terminal::new(ratatui::backend::TestBackend::new(100, 24)).unwrap();
+        terminal
+            .draw(|frame| render::draw(frame, &after, &ViewState::new(None), &feed.status, false))
+            .unwrap();
+        let header: String = (0..100)
+            .map(|x| terminal.backend().buffer()[(x, 0)].symbol().to_string())
+            .collect();
+        assert!(header.contains(&stale), "{header}");
+        // Another failure keeps the first time it went stale.
+        feed.refresh();
+        assert_eq!(feed.status.stale_since, Some(since));
+        assert_eq!(feed.model(1), before);
+    }
 }

@@ -29,6 +29,9 @@ pub struct Status {
     pub refresh_s: f64,
     /// The last refresh failed with this.
     pub error: Option<String>,
+    /// When refreshes began failing to bring history (unix seconds): the model is frozen at
+    /// its last data since.
+    pub stale_since: Option<u64>,
     /// Data that is missing and why (an older daemon without `metrics`).
     pub note: Option<String>,
 }
@@ -164,6 +167,9 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
 fn header_line(model: &Model, state: &ViewState, status: &Status) -> String {
     // What changes what is shown comes first: a long socket path may be cut at 80 columns.
     let mut head = format!("cacheprobe top  {} UTC", clock(model.end_s));
+    if let Some(since) = status.stale_since {
+        head.push_str(&stale(since));
+    }
     if state.paused {
         head.push_str("  PAUSED");
     }
@@ -177,11 +183,19 @@ fn header_line(model: &Model, state: &ViewState, status: &Status) -> String {
     head
 }
 
+/// What the header says while no history comes: the clock before it is the data's last second.
+fn stale(since: u64) -> String {
+    format!("  STALE since {} UTC", clock(since))
+}
+
 /// The findings line, or the daemon's error, coloured by the worst severity.
 fn findings_status(model: &Model, status: &Status, palette: &Palette) -> (String, Style) {
     match (&status.error, model.findings.first()) {
         (Some(error), _) => (
-            format!("daemon not answering: {error} (showing the last data)"),
+            format!(
+                "daemon not answering: {error} (showing the data up to {} UTC)",
+                clock(model.end_s)
+            ),
             palette.fg(Color::Red),
         ),
         (None, Some(first)) => (
@@ -428,8 +442,9 @@ fn align(text: &str, width: u16, right: bool) -> String {
 /// One `--batch` snapshot: every pane with every column, as plain text.
 pub fn text(model: &Model, state: &ViewState, status: &Status) -> String {
     let mut out = format!(
-        "cacheprobe top  {} UTC  {}  rates over {} s\n{}\n",
+        "cacheprobe top  {} UTC{}  {}  rates over {} s\n{}\n",
         clock(model.end_s),
+        status.stale_since.map(stale).unwrap_or_default(),
         status.source,
         model.window_s,
         findings_line(&model.findings)
@@ -442,7 +457,10 @@ pub fn text(model: &Model, state: &ViewState, status: &Status) -> String {
         ));
     }
     if let Some(error) = &status.error {
-        out.push_str(&format!("daemon not answering: {error}\n"));
+        out.push_str(&format!(
+            "daemon not answering: {error} (showing the data up to {} UTC)\n",
+            clock(model.end_s)
+        ));
     }
     if let Some(note) = &status.note {
         out.push_str(&format!("note: {note}\n"));
