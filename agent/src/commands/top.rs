@@ -258,6 +258,7 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
         status: Status {
             source,
             refresh_s: args.interval.as_secs_f64(),
+            configured_services: config.services.iter().map(|s| s.name.clone()).collect(),
             ..Status::default()
         },
     })

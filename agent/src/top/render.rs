@@ -34,6 +34,39 @@ pub struct Status {
     pub stale_since: Option<u64>,
     /// Data that is missing and why (an older daemon without `metrics`).
     pub note: Option<String>,
+    /// The services top's config names: with those the data shows, what `--service` can be.
+    pub configured_services: Vec<String>,
+}
+
+/// When `--service` names a service neither configured nor seen in the data, what to say
+/// instead of an empty screen that reads as "no traffic".
+pub fn unknown_service(model: &Model, state: &ViewState, status: &Status) -> Option<String> {
+    let wanted = state.service.as_deref()?;
+    let mut known: std::collections::BTreeSet<&str> = status
+        .configured_services
+        .iter()
+        .map(String::as_str)
+        .collect();
+    known.extend(model.servers.iter().map(|r| r.service.as_str()));
+    known.extend(model.hot_keys.iter().map(|r| r.service.as_str()));
+    known.extend(model.queues.iter().map(|r| r.service.as_str()));
+    known.extend(
+        model
+            .processes
+            .iter()
+            .flat_map(|r| r.services.iter().map(String::as_str)),
+    );
+    if known.contains(wanted) {
+        return None;
+    }
+    let services = if known.is_empty() {
+        "none configured or seen yet".to_string()
+    } else {
+        known.into_iter().collect::<Vec<_>>().join(", ")
+    };
+    Some(format!(
+        "no service named {wanted:?} (services: {services})"
+    ))
 }
 
 /// Block characters for a sparkline scaled to its own peak; a second with nothing is a space,
@@ -156,7 +189,8 @@ pub fn draw(frame: &mut Frame, model: &Model, state: &ViewState, status: &Status
     frame.render_widget(Paragraph::new(tabs_line(state, status, &palette)), tabs);
 
     let shown = state.arranged(model);
-    draw_table(frame, table, &shown, state, &palette);
+    let empty = unknown_service(model, state, status).unwrap_or_else(|| empty_message(state));
+    draw_table(frame, table, &shown, state, &empty, &palette);
     frame.render_widget(Paragraph::new(footer_lines(state)), footer);
 
     if state.detail {
@@ -259,6 +293,7 @@ fn draw_table(
     area: Rect,
     shown: &[TableRow],
     state: &ViewState,
+    empty_text: &str,
     palette: &Palette,
 ) {
     let columns = state.pane.columns();
@@ -304,7 +339,7 @@ fn draw_table(
             ..area
         };
         if inner.y < area.y + area.height {
-            frame.render_widget(Paragraph::new(empty_message(state)), inner);
+            frame.render_widget(Paragraph::new(empty_text.to_string()), inner);
         }
     }
 }
@@ -464,6 +499,9 @@ pub fn text(model: &Model, state: &ViewState, status: &Status) -> String {
     }
     if let Some(note) = &status.note {
         out.push_str(&format!("note: {note}\n"));
+    }
+    if let Some(unknown) = unknown_service(model, state, status) {
+        out.push_str(&format!("{unknown}\n"));
     }
     for pane in Pane::ALL {
         let sort = state.sort[Pane::ALL.iter().position(|p| *p == pane).unwrap_or(0)];

@@ -616,6 +616,44 @@ fn the_selection_follows_its_row_across_refreshes() {
     );
 }
 
+/// `--service` with a name no service has showed an empty screen that read as "no traffic":
+/// it says there is no such service and which there are, configured or seen.
+#[test]
+fn an_unknown_service_is_named_as_such() {
+    let model = model(1);
+    let status = render::Status {
+        configured_services: vec!["sessions".into()],
+        ..render::Status::default()
+    };
+    let typo = ViewState::new(Some("memcahced".into()));
+    let said = render::unknown_service(&model, &typo, &status);
+    assert_eq!(
+        said.as_deref(),
+        Some("no service named \"memcahced\" (services: memcached, sessions)")
+    );
+    let mut terminal = Terminal::new(TestBackend::new(100, 24)).unwrap();
+    terminal
+        .draw(|frame| render::draw(frame, &model, &typo, &status, false))
+        .unwrap();
+    let buffer = terminal.backend().buffer().clone();
+    let text: String = (0..24)
+        .flat_map(|y| (0..100).map(move |x| (x, y)))
+        .map(|xy| buffer[xy].symbol().to_string())
+        .collect();
+    assert!(text.contains("no service named \"memcahced\""), "{text}");
+    assert!(!text.contains("no traffic"), "{text}");
+    assert!(render::text(&model, &typo, &status).contains("no service named"));
+    // A configured service without traffic yet, and a service seen in the data, are known.
+    for known in ["sessions", "memcached"] {
+        let state = ViewState::new(Some(known.into()));
+        assert_eq!(render::unknown_service(&model, &state, &status), None);
+    }
+    assert_eq!(
+        render::unknown_service(&Model::default(), &typo, &render::Status::default()).as_deref(),
+        Some("no service named \"memcahced\" (services: none configured or seen yet)")
+    );
+}
+
 #[test]
 fn filter_length_is_bounded() {
     let mut state = ViewState::new(None);
