@@ -96,7 +96,19 @@ struct Feed {
     /// the wall clock instead, a daemon that stopped answering would scroll zeros over a
     /// history that stopped, the sparklines' gap later passing for a memcached outage.
     end_s: u64,
+    /// Spans of seconds (inclusive, within [`KEEP_S`]) the daemon has no record of: before it
+    /// (re)started. Drawn as such, not as seconds without requests.
+    unrecorded: Vec<(u64, u64)>,
     status: Status,
+}
+
+/// Spans of unrecorded seconds kept at most (one per daemon restart within [`KEEP_S`]).
+const MAX_UNRECORDED: usize = 16;
+
+/// The seconds between what top has (up to `from - 1`) and the first second the daemon's
+/// answer covers (`newer_start`): a daemon that restarted in between recorded none of them.
+fn unrecorded_span(from: u64, newer_start: u64) -> Option<(u64, u64)> {
+    (newer_start > from).then(|| (from, newer_start - 1))
 }
 
 impl Feed {
@@ -113,8 +125,19 @@ impl Feed {
             Some(history) if history.labels.len() <= MAX_LABELS => history.end_s.saturating_sub(2),
             _ => now.saturating_sub(KEEP_S),
         };
+        // The first second top has no data for.
+        let from = match &self.history {
+            Some(history) if history.labels.len() <= MAX_LABELS => history.end_s + 1,
+            _ => since,
+        };
         match control::fetch_history(&self.socket, since, FETCH_TIMEOUT) {
             Ok(newer) => {
+                if newer.start_s <= newer.end_s {
+                    self.unrecorded.extend(unrecorded_span(from, newer.start_s));
+                }
+                self.unrecorded.retain(|&(_, to)| to + KEEP_S >= now);
+                let excess = self.unrecorded.len().saturating_sub(MAX_UNRECORDED);
+                self.unrecorded.drain(..excess);
                 let merged = match self.history.take() {
                     Some(history) if history.labels.len() <= MAX_LABELS => {
                         history.merge_newer(newer)
@@ -191,6 +214,7 @@ impl Feed {
             },
             key_display: self.key_display,
             thresholds: Some(&self.thresholds),
+            unrecorded: &self.unrecorded,
         };
         model::build(history, self.end_s, window_s, &inputs)
     }
@@ -255,6 +279,7 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
         thresholds: config.diagnose.clone(),
         key_display: config.keys,
         end_s: last_complete_second(),
+        unrecorded: Vec::new(),
         status: Status {
             source,
             refresh_s: args.interval.as_secs_f64(),
@@ -477,6 +502,15 @@ mod tests {
     use super::*;
     use crate::history::{Fact, History, HistoryLimits};
 
+    /// A daemon that restarted answers from its start on: the seconds before it, since the
+    /// last top had, are unrecorded; a daemon that ran all along leaves none.
+    #[test]
+    fn a_restarted_daemon_leaves_its_down_time_unrecorded() {
+        assert_eq!(unrecorded_span(100, 100), None);
+        assert_eq!(unrecorded_span(100, 90), None);
+        assert_eq!(unrecorded_span(100, 108), Some((100, 107)));
+    }
+
     /// The audit's stopped daemon: top kept rebuilding its model from the wall clock over a
     /// history that had stopped, so it showed zeros with an advancing clock under "showing the
     /// last data". A failed refresh leaves the model as it was, and the header and the
@@ -514,6 +548,7 @@ mod tests {
             thresholds: DiagnoseThresholds::default(),
             key_display: KeyDisplay::Plain,
             end_s,
+            unrecorded: Vec::new(),
             status: Status::default(),
         };
         let before = feed.model(1);

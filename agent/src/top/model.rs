@@ -145,6 +145,9 @@ pub struct Model {
     pub hot_keys: Vec<HotKeyRow>,
     pub queues: Vec<QueueRow>,
     pub findings: Vec<FindingLine>,
+    /// Per second of the last minute (oldest first), whether the daemon has no record of it:
+    /// it was not running. Its zeros are not a silence of the servers.
+    pub unrecorded: Vec<bool>,
 }
 
 /// What a refresh has to work with besides the history.
@@ -160,6 +163,8 @@ pub struct Inputs<'a> {
     pub key_display: KeyDisplay,
     /// Runs the detectors when given.
     pub thresholds: Option<&'a DiagnoseThresholds>,
+    /// Spans of seconds (inclusive) the daemon has no record of.
+    pub unrecorded: &'a [(u64, u64)],
 }
 
 #[derive(Default)]
@@ -246,6 +251,15 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
             .thresholds
             .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
             .unwrap_or_default(),
+        unrecorded: (0..MINUTE_S)
+            .map(|slot| {
+                let t = minute_start + slot;
+                inputs
+                    .unrecorded
+                    .iter()
+                    .any(|&(from, to)| from <= t && t <= to)
+            })
+            .collect(),
     }
 }
 

@@ -18,6 +18,8 @@ use crate::diagnose::{util::clock, Severity};
 /// Smallest terminal drawn; below it a message says so.
 pub const MIN_WIDTH: u16 = 80;
 pub const MIN_HEIGHT: u16 = 24;
+/// A sparkline's second the daemon has no record of.
+pub const UNRECORDED: char = '·';
 /// Narrowest useful sparkline.
 const MIN_SPARK: u16 = 12;
 
@@ -70,15 +72,21 @@ pub fn unknown_service(model: &Model, state: &ViewState, status: &Status) -> Opt
 }
 
 /// Block characters for a sparkline scaled to its own peak; a second with nothing is a space,
-/// so a micro-outage shows as a gap however busy the rest of the minute was.
-pub fn sparkline(values: &[u64], width: usize) -> String {
+/// so a micro-outage shows as a gap however busy the rest of the minute was. A second the
+/// daemon has no record of (`unrecorded`, aligned with `values`; empty: none) is
+/// [`UNRECORDED`], not a gap: the daemon was down, not the servers.
+pub fn sparkline(values: &[u64], unrecorded: &[bool], width: usize) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
-    let shown = &values[values.len().saturating_sub(width)..];
+    let skip = values.len().saturating_sub(width);
+    let shown = &values[skip..];
     let peak = shown.iter().copied().max().unwrap_or(0);
     shown
         .iter()
-        .map(|&v| {
-            if v == 0 || peak == 0 {
+        .enumerate()
+        .map(|(i, &v)| {
+            if unrecorded.get(skip + i).copied().unwrap_or(false) {
+                UNRECORDED
+            } else if v == 0 || peak == 0 {
                 ' '
             } else {
                 let level = ((v as f64 / peak as f64) * (BARS.len() - 1) as f64).round() as usize;
@@ -380,7 +388,7 @@ fn table_row<'a>(
         let spark = row
             .spark
             .as_deref()
-            .map(|s| sparkline(s, spark_width as usize))
+            .map(|s| sparkline(s, &row.unrecorded, spark_width as usize))
             .unwrap_or_default();
         cells.push(Cell::from(spark).style(palette.fg(Color::Cyan)));
     }
@@ -422,7 +430,12 @@ pub fn detail_lines(state: &ViewState, shown: &[TableRow], model: &Model) -> Vec
             "requests/s, last 60 s to {} UTC:",
             clock(model.end_s)
         ));
-        lines.push(sparkline(spark, 60));
+        lines.push(sparkline(spark, &row.unrecorded, 60));
+        if row.unrecorded.contains(&true) {
+            lines.push(format!(
+                "{UNRECORDED}: seconds the daemon has no record of (it was not running)"
+            ));
+        }
     }
     lines
 }

@@ -145,11 +145,51 @@ fn a_wider_window_averages_and_the_sparkline_shows_the_gap() {
     assert_eq!(a.requests_spark[MINUTE_S as usize - 1], 30, "newest last");
     let gap = (MINUTE_S - 1 - 30) as usize;
     assert_eq!(a.requests_spark[gap], 0, "the silent second");
-    let line = render::sparkline(&a.requests_spark, 60);
+    let line = render::sparkline(&a.requests_spark, &model.unrecorded, 60);
+    assert!(!model.unrecorded.contains(&true));
     assert_eq!(line.chars().nth(gap), Some(' '));
     assert_eq!(line.chars().filter(|c| *c == '█').count(), 59);
     // p99 per second: about 200 us each busy second.
     assert!(a.p99_spark[gap] == 0 && (150..260).contains(&a.p99_spark[0]));
+}
+
+/// After the daemon was down, the seconds it has no record of read as an outage of the
+/// servers (a gap) in the sparkline; they are drawn as unrecorded instead, and the detail's
+/// low is over the seconds recorded.
+#[test]
+fn seconds_the_daemon_did_not_record_are_not_a_gap() {
+    let down = [(NOW - 35, NOW - 30)];
+    let inputs = Inputs {
+        unrecorded: &down,
+        ..Inputs::default()
+    };
+    let model = build(&history(), NOW, 1, &inputs);
+    let slot = |t: u64| (t - (NOW + 1 - MINUTE_S)) as usize;
+    assert_eq!(
+        model.unrecorded.iter().filter(|u| **u).count(),
+        6,
+        "{:?}",
+        model.unrecorded
+    );
+    assert!(model.unrecorded[slot(NOW - 30)] && !model.unrecorded[slot(NOW - 29)]);
+    let row = &rows(&model, Pane::Servers)[0];
+    assert_eq!(row.cells[1], A);
+    let line = render::sparkline(row.spark.as_ref().unwrap(), &row.unrecorded, 60);
+    let chars: Vec<char> = line.chars().collect();
+    assert_eq!(chars[slot(NOW - 30)], render::UNRECORDED, "{line}");
+    assert_eq!(chars[slot(NOW - 36)], '█', "{line}");
+    assert!(!line.contains(' '), "no gap: {line}");
+    assert!(
+        row.detail
+            .iter()
+            .any(|l| l.contains("requests per second 30-30")),
+        "{:?}",
+        row.detail
+    );
+    let mut state = ViewState::new(None);
+    state.press(Key::Enter, &model);
+    let detail = render::detail_lines(&state, &state.arranged(&model), &model);
+    assert!(detail.iter().any(|l| l.contains("no record")), "{detail:?}");
 }
 
 #[test]

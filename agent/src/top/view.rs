@@ -156,6 +156,8 @@ pub struct TableRow {
     pub sort: Vec<SortValue>,
     /// Requests per second over the last minute (servers only).
     pub spark: Option<Vec<u64>>,
+    /// Which seconds of `spark` the daemon has no record of (empty: all recorded).
+    pub unrecorded: Vec<bool>,
     /// Lines shown by Enter.
     pub detail: Vec<String>,
     /// Alerting cells (errors, dead writes, fd pressure) for colour.
@@ -228,7 +230,7 @@ fn role(role: Role) -> &'static str {
     }
 }
 
-fn server_row(row: &ServerRow) -> TableRow {
+fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let bytes_total = match (row.bytes_in_per_s, row.bytes_out_per_s) {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
@@ -265,8 +267,16 @@ fn server_row(row: &ServerRow) -> TableRow {
         SortValue::Number(bytes_total),
         SortValue::Number(row.bytes_out_per_s),
     ];
-    let peak = row.requests_spark.iter().max().copied().unwrap_or(0);
-    let low = row.requests_spark.iter().min().copied().unwrap_or(0);
+    // Over the seconds recorded: one the daemon missed is no low.
+    let recorded = || {
+        row.requests_spark
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !unrecorded.get(*i).copied().unwrap_or(false))
+            .map(|(_, v)| *v)
+    };
+    let peak = recorded().max().unwrap_or(0);
+    let low = recorded().min().unwrap_or(0);
     let p99_peak = row.p99_spark.iter().max().copied().unwrap_or(0);
     let detail = vec![
         format!("{} {} ({})", row.service, row.server, role(row.role)),
@@ -309,6 +319,7 @@ fn server_row(row: &ServerRow) -> TableRow {
         cells,
         sort,
         spark: Some(row.requests_spark.clone()),
+        unrecorded: unrecorded.to_vec(),
         detail,
     }
 }
@@ -356,6 +367,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
         cells,
         sort,
         spark: None,
+        unrecorded: Vec::new(),
         detail: vec![
             format!("process {}", row.comm),
             format!(
@@ -450,6 +462,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
             HotKeyKind::Bytes => 1,
         },
         spark: None,
+        unrecorded: Vec::new(),
         detail: vec![
             format!("key {}", row.key),
             format!(
@@ -496,6 +509,7 @@ fn queue_row(row: &QueueRow) -> TableRow {
             SortValue::Number(Some(row.empty_polls_per_s)),
         ],
         spark: None,
+        unrecorded: Vec::new(),
         detail: vec![
             format!("queue {} on {} {}", row.queue, row.service, row.server),
             format!(
@@ -513,7 +527,11 @@ fn queue_row(row: &QueueRow) -> TableRow {
 /// The unsorted, unfiltered rows of a pane.
 pub fn rows(model: &Model, pane: Pane) -> Vec<TableRow> {
     match pane {
-        Pane::Servers => model.servers.iter().map(server_row).collect(),
+        Pane::Servers => model
+            .servers
+            .iter()
+            .map(|row| server_row(row, &model.unrecorded))
+            .collect(),
         Pane::Processes => model.processes.iter().map(process_row).collect(),
         Pane::HotKeys => model.hot_keys.iter().map(hot_key_row).collect(),
         Pane::Queues => model.queues.iter().map(queue_row).collect(),
