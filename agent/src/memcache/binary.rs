@@ -428,7 +428,7 @@ impl PacketSink for RequestSink<'_> {
     ) {
         let command = Command::from_opcode(header.opcode);
         if has_item_key(header.opcode) && header.key_len > 0 {
-            self.pairing.stage_key(key, key_truncated);
+            self.pairing.stage_key(key, key_truncated, end_ts, self.out);
         }
         let mut req = RequestInfo::new(
             command,

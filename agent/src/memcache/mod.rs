@@ -32,6 +32,11 @@
 //! - Where requests were lost (gap, truncated capture, garbage, overflow) a marker makes
 //!   later responses prove they belong to a later request; errors prove nothing. A marker gives
 //!   up after 8 rejected answers so a lost answer cannot block pairing for good.
+//! - Quiet requests that succeed are never answered, so when the queue is full the oldest
+//!   quiet one not yet answered gives way to the newer request (a mutation finishes with what
+//!   its silence means, a get as [`Status::Unknown`]; both count as `pending_overflow`): a
+//!   quiet batch longer than the queue cannot leave it full for good. A binary answer that
+//!   fits none of the requests before a marker settles the quiet ones at the front too.
 //! - Quiet meta mutations (`ms`/`md`/`ma` with `q`) answer only on failure, so an answer that
 //!   also fits the next non-quiet request is given to that one. Quiet `mg` hits are given to
 //!   the first quiet `mg` unless the answer carries its key (`k`) or opaque (`O`).
@@ -107,8 +112,8 @@ pub struct DecoderConfig {
     pub queue_mode: bool,
     /// How many bytes of each key to keep (at most [`KEY_CAPACITY`]).
     pub max_key_len: usize,
-    /// Outstanding requests kept for pairing; more are dropped and counted as
-    /// `pending_overflow`.
+    /// Outstanding requests kept for pairing; more are dropped (or, when the oldest is quiet,
+    /// it is finished early) and counted as `pending_overflow`.
     pub max_pending: usize,
     /// Keys of outstanding requests kept (multi-key gets hold one per key).
     pub max_pending_keys: usize,

@@ -237,9 +237,10 @@ impl RequestSink<'_> {
                     if self.config.queue_mode {
                         let (name, options) = split_queue_key(key);
                         first_options.get_or_insert(options);
-                        self.pairing.stage_key(name, cut && name.len() == key.len());
+                        self.pairing
+                            .stage_key(name, cut && name.len() == key.len(), ts, self.out);
                     } else {
-                        self.pairing.stage_key(key, cut);
+                        self.pairing.stage_key(key, cut, ts, self.out);
                     }
                 }
                 if self.config.queue_mode {
@@ -260,7 +261,8 @@ impl RequestSink<'_> {
                 }
                 let key = args[0];
                 if count > 0 {
-                    self.pairing.stage_key(key, count == 1 && !complete_tail);
+                    self.pairing
+                        .stage_key(key, count == 1 && !complete_tail, ts, self.out);
                 }
                 if self.config.queue_mode && command == Command::Set {
                     req.queue = Some(QueueIntent::Enqueue);
@@ -292,8 +294,12 @@ impl RequestSink<'_> {
                 let mut count = 0;
                 for token in words {
                     if count == 0 {
-                        self.pairing
-                            .stage_key(token, !complete_tail && is_last_token(line, token));
+                        self.pairing.stage_key(
+                            token,
+                            !complete_tail && is_last_token(line, token),
+                            ts,
+                            self.out,
+                        );
                     }
                     last = Some(token);
                     count += 1;
@@ -326,7 +332,8 @@ impl RequestSink<'_> {
         req.quiet = request.quiet;
         req.opaque = request.opaque;
         if let Some(key) = request.key {
-            self.pairing.stage_key(key.as_bytes(), key.is_truncated());
+            self.pairing
+                .stage_key(key.as_bytes(), key.is_truncated(), ts, self.out);
         }
         if request.command == Command::MetaSet {
             req.value_len = request.data_len.and_then(value_len);

@@ -229,9 +229,10 @@ impl Pairing {
         self.pending.iter().filter(|p| !p.marker).count()
     }
 
-    /// Records one key of the request being parsed; `submit` or `unstage` consumes them.
-    pub fn stage_key(&mut self, key: &[u8], truncated: bool) {
-        if self.slots.len() >= self.max_slots {
+    /// Records one key of the request being parsed (sent at `ts_ns`); `submit` or `unstage`
+    /// consumes them.
+    pub fn stage_key(&mut self, key: &[u8], truncated: bool, ts_ns: u64, out: &mut Vec<Decoded>) {
+        if self.slots.len() >= self.max_slots && !self.evict_silent(ts_ns, out) {
             self.staged_dropped = true;
             return;
         }
@@ -312,7 +313,7 @@ impl Pairing {
             self.slots.truncate(start);
             return;
         }
-        if self.pending.len() >= self.max_pending {
+        if self.pending.len() >= self.max_pending && !self.evict_silent(req.ts_ns, out) {
             self.slots.truncate(start);
             push_error(
                 out,
@@ -348,6 +349,40 @@ impl Pairing {
         });
     }
 
+    /// Makes room for a newer request by finishing the oldest outstanding one early, if that
+    /// one is quiet and nothing of its answer has come: a quiet request that succeeds is never
+    /// answered, so a batch of more quiet requests than the queue holds (a client's
+    /// `set_multi` of thousands of SetQ) would otherwise fill it until the batch's closing
+    /// NoOp, which could then not be queued, and every later request would overflow behind a
+    /// marker that no answer clears. A quiet mutation finishes with what its silence almost
+    /// always means; a quiet get as unknown, since hits of a batch are common. Its outcome is
+    /// assumed rather than seen, so it counts as an overflow. Whether one was finished.
+    fn evict_silent(&mut self, ts_ns: u64, out: &mut Vec<Decoded>) -> bool {
+        // Markers hold no keys, so the first request's keys still lead the key store.
+        let Some(index) = self.pending.iter().position(|p| !p.marker) else {
+            return false;
+        };
+        let entry = &self.pending[index];
+        if !entry.quiet || entry.first_resp_ts.is_some() || entry.value_due.is_some() {
+            return false;
+        }
+        let Some(entry) = self.pending.remove(index) else {
+            return false;
+        };
+        let status = match implied_status(entry.command) {
+            Status::Miss => Status::Unknown,
+            status => status,
+        };
+        self.finish_entry(entry, status, None, out);
+        push_error(
+            out,
+            DecodeErrorReason::PendingOverflow,
+            Direction::ClientToServer,
+            ts_ns,
+        );
+        true
+    }
+
     /// Notes that requests were lost here: their responses must not be paired with later
     /// requests. Consecutive markers are merged (one marker bounds any number of lost requests),
     /// which also keeps the queue within `max_pending + 1`.
@@ -378,9 +413,11 @@ impl Pairing {
         self.last_value = None;
         let mut offset = 0usize;
         let mut found = None;
+        let mut met_marker = false;
         for i in 0..self.pending.len() {
             let entry = &self.pending[i];
             if entry.marker {
+                met_marker = true;
                 // An error proves nothing: it is what unreadable requests get back.
                 let is_error = matches!(
                     resp.kind,
@@ -412,6 +449,9 @@ impl Pairing {
             offset += usize::from(entry.nkeys);
         }
         let Some((index, fit)) = found else {
+            if met_marker && matches!(resp.kind, RespKind::Binary { .. }) {
+                self.pass_silent_front(resp.ts_ns, out);
+            }
             push_error(
                 out,
                 DecodeErrorReason::UnexpectedResponse,
@@ -477,6 +517,25 @@ impl Pairing {
                     self.finish_entry(done, status, latency, out);
                 }
             }
+        }
+    }
+
+    /// A binary answer that fits none of the requests before a marker answers one sent after
+    /// them (a lost one, such as the NoOp closing a quiet batch that overflowed or fell in a
+    /// gap), and the server answers in order: the quiet requests at the front had their
+    /// chance to fail and did not. They finish with what their silence means instead of
+    /// holding their slots until a later answer fits or they time out. Text and meta answers
+    /// prove less (an error is what unreadable requests get back), so they do not do this.
+    fn pass_silent_front(&mut self, ts_ns: u64, out: &mut Vec<Decoded>) {
+        while let Some(front) = self.pending.front() {
+            if front.marker || !front.quiet || front.first_resp_ts.is_some() {
+                break;
+            }
+            let Some(entry) = self.pending.pop_front() else {
+                break;
+            };
+            let latency = ts_ns.saturating_sub(entry.ts_ns);
+            self.finish_entry(entry, implied_status(entry.command), Some(latency), out);
         }
     }
 

@@ -194,3 +194,88 @@ fn auto_detection_and_hints() {
     assert_eq!(conn.decoder.wire_protocol(), Some(WireProtocol::Text));
     assert_eq!(conn.errors(), vec!["garbage"]);
 }
+
+/// What bmemcached's `set_multi` sends: one SetQ per key (opaque = the key's index) and a
+/// closing NoOp (opaque 0), all in one write.
+fn bmemcached_set_multi(keys: &[String], value: &[u8]) -> Vec<u8> {
+    let mut batch = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        batch.extend(bin_request(0x11, i as u32, key.as_bytes(), value));
+    }
+    batch.extend(bin_request(0x0a, 0, b"", b""));
+    batch
+}
+
+/// Audit 2026-12-07: bmemcached `set_multi` of 5,000 keys, then plain gets on the same
+/// connection (its `wl_overflow_after.py`, server role: memcached reads 16 KiB at a time).
+/// The 904 SetQ past the 4,096-entry queue and the NoOp overflowed behind a marker that no
+/// answer could clear, and every later get overflowed too: 0 hits and 0 misses for good.
+/// Now the oldest silent SetQ give way (counted as overflows) and everything is paired.
+#[test]
+fn quiet_batch_larger_than_the_queue_does_not_blind_the_connection() {
+    let mut conn = Conn::new();
+    let keys: Vec<String> = (0..5000).map(|i| format!("ov{i:06}")).collect();
+    let batch = bmemcached_set_multi(&keys, b"xxxxxxxxxx");
+    for read in batch.chunks(16 * 1024) {
+        conn.client(read);
+    }
+    conn.server(&bin_response(0x0a, 0, 0, b"", b""));
+    for i in 0..100 {
+        // The first half of the keys were stored, the second half never were.
+        let key = if i < 50 {
+            format!("ov{i:06}")
+        } else {
+            format!("ov{:06}", 5000 + i)
+        };
+        conn.client(&bin_request(0x00, 0, key.as_bytes(), b""));
+        if i < 50 {
+            conn.server(&bin_response(0x00, 0, 0, b"", b"xxxxxxxxxx"));
+        } else {
+            conn.server(&bin_response(0x00, 1, 0, b"", b"Not found"));
+        }
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for (command, status, _) in conn.summary() {
+        *counts.entry((command, status)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![
+            (("bin_get", "hit"), 50),
+            (("bin_get", "miss"), 50),
+            (("bin_noop", "ok"), 1),
+            (("bin_setq", "stored"), 5000),
+        ]
+    );
+    // The SetQ finished before their NoOp answered (and the NoOp) are the overflow.
+    assert_eq!(conn.errors(), vec!["pending_overflow"; 5000 - 4096 + 1]);
+    assert_eq!(conn.decoder.pending(), 0);
+}
+
+/// The NoOp closing a quiet batch was lost (a gap on the client side): its answer fits no
+/// request seen, but it proves the SetQ before it succeeded, so they do not wait for a later
+/// answer or the timeout.
+#[test]
+fn an_unexpected_binary_answer_settles_the_quiet_requests_before_the_gap() {
+    let mut conn = Conn::new();
+    let keys: Vec<String> = (0..3).map(|i| format!("k{i}")).collect();
+    let batch = bmemcached_set_multi(&keys, b"v");
+    let noop_at = batch.len() - 24;
+    conn.client(&batch[..noop_at]);
+    conn.decoder
+        .note_gap(Direction::ClientToServer, &mut conn.out);
+    conn.server(&bin_response(0x0a, 0, 0, b"", b""));
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_setq", "stored", "k0"),
+            s("bin_setq", "stored", "k1"),
+            s("bin_setq", "stored", "k2"),
+        ]
+    );
+    assert_eq!(conn.errors(), vec!["gap", "unexpected_response"]);
+    assert_eq!(conn.decoder.pending(), 0);
+    conn.client(&bin_request(0x00, 0, b"k0", b""));
+    conn.server(&bin_response(0x00, 0, 0, b"", b"v"));
+    assert_eq!(conn.summary(), vec![s("bin_get", "hit", "k0")]);
+}

@@ -300,6 +300,37 @@ fn pending_queue_is_bounded() {
     );
 }
 
+/// A quiet get that has to give way to a newer request finishes as unknown, not as the miss
+/// its silence would mean: its hit may still be on the way (and then fits nothing).
+#[test]
+fn quiet_gets_past_the_queue_give_way_as_unknown() {
+    let mut conn = Conn::with(DecoderConfig {
+        max_pending: 2,
+        ..DecoderConfig::default()
+    });
+    let mut batch = Vec::new();
+    for key in [b"a", b"b", b"c"] {
+        batch.extend(bin_request(0x0d, 0, key, b""));
+    }
+    batch.extend(bin_request(0x0a, 0, b"", b""));
+    conn.client(&batch);
+    assert_eq!(conn.errors(), vec!["pending_overflow", "pending_overflow"]);
+    let mut answers = bin_response(0x0d, 0, 0, b"a", b"va");
+    answers.extend(bin_response(0x0d, 0, 0, b"c", b"vc"));
+    answers.extend(bin_response(0x0a, 0, 0, b"", b""));
+    conn.server(&answers);
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_getkq", "unknown", "a"),
+            s("bin_getkq", "unknown", "b"),
+            s("bin_getkq", "hit", "c"),
+            s("bin_noop", "ok", ""),
+        ]
+    );
+    assert_eq!(conn.errors(), vec!["unexpected_response"]);
+}
+
 #[test]
 fn multi_get_keys_are_bounded() {
     let mut conn = Conn::with(DecoderConfig {
