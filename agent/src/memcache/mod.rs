@@ -402,8 +402,9 @@ impl ConnectionDecoder {
         self.pairing.expire(now_ns, timeout_ns, out);
     }
 
-    /// The connection closed: everything outstanding finishes ([`Status::Unanswered`], or the
-    /// implied result for quiet requests).
+    /// The connection closed: everything outstanding finishes ([`Status::Unanswered`], the
+    /// implied result for quiet requests, or [`Status::Ok`] for a binary quit, which the close
+    /// answers).
     pub fn finish(&mut self, out: &mut Vec<Decoded>) {
         if let Some(req) = self.inflight.take() {
             self.pairing.submit(req, out);

@@ -644,6 +644,13 @@ impl Pairing {
         while let Some(entry) = self.pending.pop_front() {
             if entry.quiet {
                 self.finish_entry(entry, implied_status(entry.command), None, out);
+            } else if entry.command == Command::BinQuit {
+                // The server ends the connection after answering a quit, and clients that
+                // sent it need not read the answer (libmemcached closes at once): the close
+                // is the quit done, the normal end of a connection, not a request left
+                // without its answer.
+                let latency = entry.latency();
+                self.finish_entry(entry, Status::Ok, latency, out);
             } else {
                 let latency = entry.latency();
                 self.finish_entry(entry, Status::Unanswered, latency, out);

@@ -279,3 +279,46 @@ fn an_unexpected_binary_answer_settles_the_quiet_requests_before_the_gap() {
     conn.server(&bin_response(0x00, 0, 0, b"", b"v"));
     assert_eq!(conn.summary(), vec![s("bin_get", "hit", "k0")]);
 }
+
+/// Audit 2026-12-07: libmemcached in binary mode (pylibmc, PHP's non-persistent connections)
+/// ends each connection with a Quit and closes without reading its answer; 2,000 such
+/// connections counted 2,000 `bin_quit` as unanswered and diagnose said clients gave up
+/// waiting. The close is what a quit asks for.
+#[test]
+fn binary_quit_then_close_is_not_unanswered() {
+    let mut conn = Conn::new();
+    conn.client(&bin_request(0x01, 0, b"q3", b"v"));
+    conn.server(&bin_response(0x01, 0, 0, b"", b""));
+    conn.client(&bin_request(0x0c, 0, b"q3", b""));
+    conn.server(&bin_response(0x0c, 0, 0, b"q3", b"v"));
+    conn.client(&bin_request(0x07, 0, b"", b""));
+    conn.decoder.finish(&mut conn.out);
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_set", "stored", "q3"),
+            s("bin_getk", "hit", "q3"),
+            s("bin_quit", "ok", ""),
+        ]
+    );
+    assert!(conn.errors().is_empty());
+    // A request before the quit whose answer never came is still unanswered, and a quit
+    // that was answered keeps its latency.
+    let mut conn = Conn::new();
+    let mut requests = bin_request(0x00, 1, b"a", b"");
+    requests.extend(bin_request(0x07, 2, b"", b""));
+    conn.client(&requests);
+    conn.decoder.finish(&mut conn.out);
+    assert_eq!(
+        conn.summary(),
+        vec![s("bin_get", "unanswered", "a"), s("bin_quit", "ok", "")]
+    );
+    let mut conn = Conn::new();
+    conn.client(&bin_request(0x07, 0, b"", b""));
+    conn.server(&bin_response(0x07, 0, 0, b"", b""));
+    conn.decoder.finish(&mut conn.out);
+    let requests = conn.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].status, Status::Ok);
+    assert_eq!(requests[0].latency_ns, Some(10_000));
+}

@@ -110,3 +110,27 @@ fn meta_base64_keys_are_decoded() {
         ]
     );
 }
+
+/// A text or meta session's quit is answered by the close alone (as pylibmc's text mode and
+/// meta clients end it): the quit is noreply, and a quiet meta mutation before it that no
+/// `mn` flushed finishes with what its silence means; nothing is unanswered.
+#[test]
+fn quit_without_mn_then_close_leaves_nothing_unanswered() {
+    let mut conn = Conn::new();
+    conn.client(b"set q3 0 0 1\r\nv\r\n");
+    conn.server(b"STORED\r\n");
+    conn.client(b"get q3\r\n");
+    conn.server(b"VALUE q3 0 1\r\nv\r\nEND\r\n");
+    conn.client(b"ms m 1 q\r\nv\r\nquit\r\n");
+    conn.decoder.finish(&mut conn.out);
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("set", "stored", "q3"),
+            s("get", "hit", "q3"),
+            s("quit", "noreply", ""),
+            s("ms", "stored", "m"),
+        ]
+    );
+    assert!(conn.errors().is_empty());
+}
