@@ -328,7 +328,7 @@ impl ConnectionDecoder {
             }
         };
         if chunk.direction == Direction::ServerToClient {
-            self.pairing.response_progress(ts);
+            self.pairing.response_progress(ts, undecoded < total as u64);
         }
         self.count_undecoded(chunk.direction, undecoded);
     }

@@ -47,7 +47,8 @@ struct Pending {
     resp_bytes: u64,
     first_resp_ts: Option<u64>,
     /// When the answer last made progress (a response of it, or response bytes while it was
-    /// being answered); the request's time until its answer starts. The timeout counts from
+    /// being answered or while the answers before it were still coming); the request's time
+    /// until then. The timeout counts from
     /// here: a multi-get answered with megabytes of values can take longer than the timeout
     /// to arrive in full, and is not unanswered while its values keep coming.
     progress_ts: u64,
@@ -125,6 +126,9 @@ pub(crate) struct Pairing {
     last_value: Option<ValueTarget>,
     /// Whether observations report sizes ([`super::DecoderConfig::sizes`]).
     sizes: bool,
+    /// False since an answer fitted no request, until one fits again: while answers fit, the
+    /// server's bytes are the outstanding requests' answers, in order.
+    answers_fit: bool,
 }
 
 /// The holder of a hit's value: a key slot (by index), or the head entry itself.
@@ -168,6 +172,7 @@ impl Pairing {
             max_key_len,
             last_value: None,
             sizes,
+            answers_fit: true,
         }
     }
 
@@ -449,6 +454,7 @@ impl Pairing {
             offset += usize::from(entry.nkeys);
         }
         let Some((index, fit)) = found else {
+            self.answers_fit = false;
             if met_marker && matches!(resp.kind, RespKind::Binary { .. }) {
                 self.pass_silent_front(resp.ts_ns, out);
             }
@@ -472,6 +478,7 @@ impl Pairing {
                 self.finish_entry(skipped, Status::Unknown, latency, out);
             }
         }
+        self.answers_fit = true;
         let Some(head) = self.pending.front_mut() else {
             return;
         };
@@ -607,13 +614,19 @@ impl Pairing {
         cut
     }
 
-    /// Response bytes arrived at `ts_ns` (e.g. a value body between two VALUE lines): the
-    /// request being answered is making progress, whatever the bytes complete.
-    pub fn response_progress(&mut self, ts_ns: u64) {
+    /// Response bytes arrived at `ts_ns` (e.g. a value body between two VALUE lines), `framed`
+    /// when some of them were framed as answers rather than skipped: the request being
+    /// answered is making progress, whatever the bytes complete. While answers fit, framed
+    /// bytes count for the first request waiting even before a response of its own has
+    /// been paired: they are either its answer on the way (a binary answer is paired only
+    /// once its whole body is in) or the end of the answer before it (the rest of a meta
+    /// `VA` value), which it waits behind.
+    pub fn response_progress(&mut self, ts_ns: u64, framed: bool) {
+        let answers_fit = framed && self.answers_fit;
         if let Some(front) = self
             .pending
             .front_mut()
-            .filter(|p| p.first_resp_ts.is_some())
+            .filter(|p| answers_fit || p.first_resp_ts.is_some())
         {
             front.progress_ts = front.progress_ts.max(ts_ns);
         }

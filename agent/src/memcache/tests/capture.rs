@@ -487,3 +487,80 @@ fn multi_get_answer_in_progress_does_not_time_out() {
         vec![s("get", "hit", "d"), s("get", "timeout", "e")]
     );
 }
+
+/// Audit 2026-12-07 (`slowread.py --pipe`): a client reads a 100 KB value 4 KiB at a time for
+/// longer than the timeout, with two more gets pipelined behind it. Text was right; binary
+/// timed out all three (its answer is paired only once its whole body is in, so its bytes
+/// were no progress) and meta the two behind the value (the rest of the `VA` value after its
+/// head is no answer of theirs). Bytes of an answer on the way count for every protocol.
+#[test]
+fn a_long_answer_that_keeps_coming_is_no_timeout_in_any_protocol() {
+    let value: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let text = {
+        let mut answer = format!("VALUE big 0 {}\r\n", value.len()).into_bytes();
+        answer.extend_from_slice(&value);
+        answer.extend_from_slice(b"\r\nEND\r\nVALUE small 0 10\r\nxxxxxxxxxx\r\nEND\r\nEND\r\n");
+        (
+            b"get big\r\nget small\r\nget nokeyp\r\n".to_vec(),
+            answer,
+            ["get", "get", "get"],
+        )
+    };
+    let meta = {
+        let mut answer = format!("VA {}\r\n", value.len()).into_bytes();
+        answer.extend_from_slice(&value);
+        answer.extend_from_slice(b"\r\nVA 10\r\nxxxxxxxxxx\r\nEN\r\n");
+        (
+            b"mg big v\r\nmg small v\r\nmg nokeyp v\r\n".to_vec(),
+            answer,
+            ["mg", "mg", "mg"],
+        )
+    };
+    let binary = {
+        let mut request = bin_request(0x00, 0, b"big", b"");
+        request.extend(bin_request(0x00, 0, b"small", b""));
+        request.extend(bin_request(0x00, 0, b"nokeyp", b""));
+        let mut answer = bin_response(0x00, 0, 0, b"", &value);
+        answer.extend(bin_response(0x00, 0, 0, b"", b"xxxxxxxxxx"));
+        answer.extend(bin_response(0x00, 1, 0, b"", b"Not found"));
+        (request, answer, ["bin_get", "bin_get", "bin_get"])
+    };
+    // 25 reads 10 µs apart: the answer takes 10 timeouts to arrive, never pausing for one.
+    let timeout = 25_000;
+    for (request, answer, commands) in [binary, meta, text] {
+        let mut conn = Conn::new();
+        conn.client(&request);
+        for read in answer.chunks(4096) {
+            conn.server(read);
+            conn.decoder.expire(conn.ts, timeout, &mut conn.out);
+        }
+        assert_eq!(
+            conn.summary(),
+            vec![
+                s(commands[0], "hit", "big"),
+                s(commands[1], "hit", "small"),
+                s(commands[2], "miss", "nokeyp"),
+            ],
+            "{}",
+            commands[0]
+        );
+        assert!(conn.errors().is_empty(), "{}", commands[0]);
+        // An answer that stops coming still times out, counted from its last bytes.
+        conn.client(&request);
+        conn.server(&answer[..5000]);
+        let last = conn.ts;
+        // What the bytes so far finished (meta's big hit) is not the point here.
+        conn.summary();
+        conn.decoder
+            .expire(last + timeout - 1, timeout, &mut conn.out);
+        assert!(conn.summary().is_empty(), "{}", commands[0]);
+        conn.decoder.expire(last + timeout, timeout, &mut conn.out);
+        assert!(
+            conn.summary()
+                .iter()
+                .any(|(_, status, _)| *status == "timeout"),
+            "{}",
+            commands[0]
+        );
+    }
+}
