@@ -344,7 +344,6 @@ impl Pipeline {
         }
         let queue_mode = self.services.load().is_queue(endpoint.service);
         if payload.is_send
-            && endpoint.role == Role::Client
             && payload.span_start == 0
             && self.tracker.dead_writes().has_pending(payload.sk)
         {
@@ -352,7 +351,13 @@ impl Pipeline {
             // mid-value has none). `pump` applies a send's dead-write event before its payload
             // and the payload before anything the application did after the send.
             let leading = payload.leading_bytes();
-            if !leading.is_empty() {
+            if endpoint.role == Role::Server {
+                if crate::memcache::decoders::is_quit_answer(leading) {
+                    self.tracker
+                        .dead_writes_mut()
+                        .forget_quit_answer(payload.sk, payload.ts_ns);
+                }
+            } else if !leading.is_empty() {
                 let queue = queue_mode
                     .then(|| crate::queues::flow::enqueue_target(leading))
                     .flatten();
@@ -1228,5 +1233,80 @@ mod tests {
             (by_address as f64 - truth as f64).abs() > tolerance,
             "by address {by_address} vs {truth}: the old sample would pass too"
         );
+    }
+
+    /// Audit 2026-12-07: libmemcached's binary clients (pylibmc, PHP) end a connection with a
+    /// Quit and close without reading memcached's answer, which then meets the closed
+    /// connection: 384 of 2,000 such connections read as replies whose clients gave up
+    /// waiting. A server's send that is a Quit's answer is no dead write; another answer
+    /// written the same way still is.
+    #[test]
+    fn a_servers_answer_to_a_quit_after_the_client_closed_is_no_dead_write() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let labels = crate::export::metrics::EndpointLabels {
+            service: "mc".into(),
+            server: format!("127.0.0.1:{PORT}"),
+            role: "server",
+        }
+        .dead_write("mc-worker".into(), "eof", "unknown");
+        let quit_answer = [
+            0x81, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        for (i, answer) in [&quit_answer[..], b"STORED\r\n"].into_iter().enumerate() {
+            let sk = client_sk(40_100 + i as u16);
+            let client = format!("127.0.0.1:{}", 40_100 + i);
+            learn(
+                &mut pipeline,
+                sk,
+                &format!("127.0.0.1:{PORT}"),
+                &client,
+                9,
+                "mc-worker",
+            );
+            let t = (10 + 10 * i as u64) * SECOND;
+            let event = |kind: EventKind, ts: u64, reset: bool| {
+                let mut event = sock_event(kind, ts, sk);
+                event.pid = 9;
+                event.comm = "mc-worker".to_string();
+                event.facts.peer_closed_ns = t;
+                event.facts.reset_received_ns = if reset { t + 2 } else { 0 };
+                event
+            };
+            let state = |old: TcpState, new: TcpState| EventKind::StateChange {
+                old_state: old as u8,
+                new_state: new as u8,
+            };
+            pipeline.handle_socket_event(&event(
+                state(TcpState::Established, TcpState::CloseWait),
+                t,
+                false,
+            ));
+            // On loopback the client's reset comes inside the send that draws it.
+            let sent = answer.len() as i64;
+            pipeline.handle_socket_event(&event(
+                EventKind::SendAfterPeerClose { ret: sent },
+                t + 2,
+                true,
+            ));
+            let record = encode_payload_record(t + 2, sk, sent as u64, true, b"mc-worker", answer);
+            assert_eq!(pipeline.on_payload_record(&record), PayloadOutcome::Handled);
+            pipeline.handle_socket_event(&event(
+                EventKind::RecvAfterPeerClose { ret: 0 },
+                t + 3,
+                true,
+            ));
+            pipeline.handle_socket_event(&event(
+                state(TcpState::CloseWait, TcpState::Close),
+                t + 4,
+                true,
+            ));
+            pipeline.tick(t + 8 * SECOND, None, &mut Vec::new);
+            assert_eq!(
+                metrics.dead_socket_writes.get_or_create(&labels).get(),
+                i as u64,
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
     }
 }

@@ -435,6 +435,14 @@ fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<Memc
     }));
 }
 
+/// Whether a server's send starts with the binary answer to a Quit, after which memcached
+/// closes the connection (a text quit gets no answer).
+pub fn is_quit_answer(data: &[u8]) -> bool {
+    matches!(data, [magic, opcode, ..]
+        if *magic == super::binary::RESPONSE_MAGIC
+            && Command::from_opcode(*opcode) == Command::BinQuit)
+}
+
 /// The command word of a text request, or a binary request's command by its opcode (`binary`
 /// when the opcode byte was not captured), named as the request metrics name them; None when
 /// the bytes do not start with a known command.

@@ -597,6 +597,15 @@ fn sniffs_text_and_binary_commands() {
 }
 
 #[test]
+fn knows_a_quit_answer() {
+    assert!(is_quit_answer(b"\x81\x07\x00\x00"));
+    assert!(!is_quit_answer(b"\x81\x17"));
+    assert!(!is_quit_answer(b"\x80\x07"));
+    assert!(!is_quit_answer(b"\x81"));
+    assert!(!is_quit_answer(b"END\r\n"));
+}
+
+#[test]
 fn connection_table_is_bounded() {
     let mut decoders = Decoders::new(1);
     let mut out = Vec::new();
