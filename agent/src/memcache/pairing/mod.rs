@@ -237,9 +237,12 @@ impl Pairing {
     /// Records one key of the request being parsed (sent at `ts_ns`); `submit` or `unstage`
     /// consumes them.
     pub fn stage_key(&mut self, key: &[u8], truncated: bool, ts_ns: u64, out: &mut Vec<Decoded>) {
-        if self.slots.len() >= self.max_slots && !self.evict_silent(ts_ns, out) {
-            self.staged_dropped = true;
-            return;
+        // A quiet request without keys (FlushQ) gives way without freeing a slot.
+        while self.slots.len() >= self.max_slots {
+            if !self.evict_silent(ts_ns, out) {
+                self.staged_dropped = true;
+                return;
+            }
         }
         let keep = key.len().min(self.max_key_len);
         self.slots.push(&key[..keep], truncated || keep < key.len());

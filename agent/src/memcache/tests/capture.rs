@@ -331,6 +331,32 @@ fn quiet_gets_past_the_queue_give_way_as_unknown() {
     assert_eq!(conn.errors(), vec!["unexpected_response"]);
 }
 
+/// Quiet requests give way to a key only while the key store is full: a keyless one (FlushQ)
+/// frees no slot, so the next quiet one goes too.
+#[test]
+fn quiet_requests_give_way_until_a_key_fits() {
+    let mut conn = Conn::with(DecoderConfig {
+        max_pending_keys: 1,
+        ..DecoderConfig::default()
+    });
+    let mut batch = bin_request(0x18, 1, b"", b"");
+    batch.extend(bin_request(0x11, 2, b"a", b"v"));
+    batch.extend(bin_request(0x11, 3, b"b", b"v"));
+    batch.extend(bin_request(0x0a, 4, b"", b""));
+    conn.client(&batch);
+    conn.server(&bin_response(0x0a, 0, 4, b"", b""));
+    assert_eq!(
+        conn.summary(),
+        vec![
+            s("bin_flushq", "ok", ""),
+            s("bin_setq", "stored", "a"),
+            s("bin_setq", "stored", "b"),
+            s("bin_noop", "ok", ""),
+        ]
+    );
+    assert_eq!(conn.errors(), vec!["pending_overflow", "pending_overflow"]);
+}
+
 #[test]
 fn multi_get_keys_are_bounded() {
     let mut conn = Conn::with(DecoderConfig {
