@@ -78,8 +78,11 @@ struct HostCounters {
 }
 
 impl HostCounters {
+    /// Handshakes the kernel dropped. Linux counts every accept-queue overflow in
+    /// ListenDrops as well (`tcp_listendrop` after the overflow), so drops already include
+    /// the overflows; adding the two reported each lost connection twice.
     fn lost(&self) -> u64 {
-        self.overflows + self.drops
+        self.drops.max(self.overflows)
     }
 }
 
@@ -323,7 +326,8 @@ fn accept_queue_overflow(
     }
     if host_lost > 0 || cookies > 0 {
         finding.evidence.push(format!(
-            "host-wide: {overflows} listen overflows, {drops} listen drops, {cookies} SYN cookies sent"
+            "host-wide: {drops} listen drops ({overflows} of them accept-queue overflows), \
+             {cookies} SYN cookies sent"
         ));
     }
     finding.advice = "Connections arrive faster than the server accepts them, or its \

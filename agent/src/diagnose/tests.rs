@@ -565,6 +565,35 @@ fn a_large_full_mesh_without_pressure_is_info() {
     assert_eq!(finding.subjects.processes, vec!["php-fpm"]);
 }
 
+/// Linux counts an accept-queue overflow in both ListenOverflows and ListenDrops: 88 of each
+/// (what an audit's namespace read for one burst) are 88 connections lost, not 176.
+#[test]
+fn host_listen_drops_count_each_lost_connection_once() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    sim.record(
+        T0 + 20,
+        Fact::HostListenDrops {
+            overflows: 88,
+            drops: 88,
+            syncookies_sent: 0,
+        },
+    );
+    let findings = run(&mut sim, T0 + 60);
+    let overflow = only(&findings, "accept-queue-overflow");
+    assert_eq!(
+        overflow.title,
+        "The kernel dropped 88 incoming connections (listen queue overflows)"
+    );
+    assert!(
+        overflow.evidence.iter().any(
+            |e| e.starts_with("host-wide: 88 listen drops (88 of them accept-queue overflows)")
+        ),
+        "{:?}",
+        overflow.evidence
+    );
+}
+
 #[test]
 fn syn_burst_at_a_small_backlog_listener() {
     let mut sim = Sim::new();

@@ -63,7 +63,7 @@ pub struct DiagnoseThresholds {
     pub syn_storm_per_s: u64,
     /// Accept queue length / limit that counts as full.
     pub listen_queue_full_ratio: f64,
-    /// Host-wide listen overflows + drops in the window worth reporting.
+    /// Host-wide listen drops (overflows included) in the window worth reporting.
     pub listen_overflow_min: u64,
     /// New connections per second to one service (averaged over the seconds with any) that
     /// is churn rather than pooling.
