@@ -28,6 +28,9 @@ pub struct DeadWrite {
     pub command: Option<&'static str>,
     /// The queue the write enqueued to (memcache-queue services), read from the same bytes.
     pub queue: Option<String>,
+    /// The request asked for no answer (text `noreply`, binary quiet opcodes, meta `q`): the
+    /// error the application met next was not this request's, which it never heard of.
+    pub noreply: bool,
     pub outcome: DeadWriteOutcome,
 }
 
@@ -136,6 +139,7 @@ impl DeadWriteTracker {
                 bytes,
                 command: None,
                 queue: None,
+                noreply: false,
                 outcome: DeadWriteOutcome::Unnoticed,
             });
         } else {
@@ -237,6 +241,7 @@ impl DeadWriteTracker {
         sk: u64,
         ts_ns: u64,
         command: Option<&'static str>,
+        noreply: bool,
         queue: Option<&[u8]>,
     ) {
         let Some(pending) = self.pending.get_mut(&sk) else {
@@ -253,6 +258,7 @@ impl DeadWriteTracker {
         }
         if write.command.is_none() {
             write.command = command;
+            write.noreply = noreply;
             write.queue = queue.map(|q| String::from_utf8_lossy(q).into_owned());
         }
     }
@@ -339,9 +345,9 @@ mod tests {
         let mut out = Vec::new();
         tracker.on_send(1, endpoint(), SEC, 16, "python3", 7, false, &mut out);
         // A send stamped before the write is not its payload.
-        tracker.name(1, SEC - 1, Some("get"), None);
-        tracker.name(1, SEC + 5, Some("set"), Some(b"jobs"));
-        tracker.name(1, SEC + 9, Some("get"), None);
+        tracker.name(1, SEC - 1, Some("get"), false, None);
+        tracker.name(1, SEC + 5, Some("set"), false, Some(b"jobs"));
+        tracker.name(1, SEC + 9, Some("get"), false, None);
         assert!(out.is_empty());
         tracker.on_recv(1, 0, false, &mut out);
         assert!(out.is_empty(), "not dead before the peer's reset");
@@ -363,10 +369,10 @@ mod tests {
         let mut out = Vec::new();
         tracker.on_send(1, endpoint(), SEC, 9, "python3", 7, false, &mut out);
         tracker.socket_reused(1, SEC + 10);
-        tracker.name(1, SEC + 20, Some("gets"), None);
+        tracker.name(1, SEC + 20, Some("gets"), false, None);
         // The new socket's own dead write is still named by its bytes.
         tracker.on_send(1, endpoint(), SEC + 30, 12, "python3", 7, false, &mut out);
-        tracker.name(1, SEC + 40, Some("gets"), None);
+        tracker.name(1, SEC + 40, Some("gets"), false, None);
         tracker.on_recv(1, -104, false, &mut out);
         let commands: Vec<_> = out.iter().map(|w| w.command).collect();
         assert_eq!(commands, [None, Some("gets")]);

@@ -6,7 +6,9 @@ use crate::{history::HistorySnapshot, queues::flow::QueueReport};
 
 fn outcome_words(outcome: &str) -> &'static str {
     match outcome {
-        "unnoticed" => "no error reached the producer: silently lost",
+        "unnoticed" => {
+            "no error reached the producer for them (or they were sent noreply): silently lost"
+        }
         "eof" => "the producer then read EOF (it could have retried)",
         "reset" => "the producer then got a reset (it could have retried)",
         "unknown" => {

@@ -365,6 +365,7 @@ impl Pipeline {
                     payload.sk,
                     payload.ts_ns,
                     crate::memcache::decoders::sniff_command(leading),
+                    crate::memcache::decoders::asks_no_reply(leading),
                     queue,
                 );
             }

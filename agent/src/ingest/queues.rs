@@ -5,7 +5,7 @@ use crate::{
     conn::{dead_writes::DeadWrite, tracking::Endpoint},
     export::metrics::{Metrics, QueueLostLabels, QueueNameLabels},
     memcache::{QueueOpKind, RequestObservation},
-    model::{Role, Status},
+    model::{DeadWriteOutcome, Role, Status},
     queues::flow::{Dequeued, Fingerprint, QueueFlow, QueueReport},
     services::SharedServices,
 };
@@ -23,11 +23,18 @@ impl QueueSide {
             return;
         }
         let queue = write.queue.as_deref().unwrap_or("unknown").to_string();
+        // A noreply enqueue was never answered, written onto a live connection or not: the
+        // EOF or reset the producer met next belonged to a later call, and this message's
+        // loss went unnoticed whatever it saw.
+        let outcome = match write.noreply {
+            true => DeadWriteOutcome::Unnoticed,
+            false => write.outcome,
+        };
         let queue = self.flow.lost(
             write.endpoint.service,
             &queue,
             &write.comm,
-            write.outcome.as_str(),
+            outcome.as_str(),
         );
         metrics
             .queue_messages_lost
@@ -37,7 +44,7 @@ impl QueueSide {
                     .unwrap_or_default()
                     .to_string(),
                 queue,
-                outcome: write.outcome.as_str(),
+                outcome: outcome.as_str(),
             })
             .inc();
     }
@@ -113,5 +120,58 @@ impl QueueSide {
     /// What did not fit in the flow's tables since the last call.
     pub fn take_overflow(&mut self) -> u64 {
         std::mem::take(&mut self.flow.overflow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{Protocol, Service},
+        services::Services,
+    };
+
+    /// A fire-and-forget enqueue (pymemcache sets noreply by default) onto a dead connection
+    /// is lost unnoticed even when the producer read EOF next: that EOF answered a later call.
+    /// An enqueue that waited for its answer and met EOF could have been retried.
+    #[test]
+    fn a_noreply_enqueue_lost_is_unnoticed_whatever_came_next() {
+        let services = SharedServices::new(
+            Services::new(&[Service {
+                name: "queue".into(),
+                ports: vec![22133],
+                protocol: Protocol::MemcacheQueue,
+                capture: true,
+            }])
+            .unwrap(),
+        );
+        let (metrics, _) = Metrics::new();
+        let mut side = QueueSide::default();
+        let write = |noreply: bool| DeadWrite {
+            sk: 1,
+            endpoint: Endpoint {
+                service: 0,
+                server: "127.0.0.1:22133".parse().unwrap(),
+                role: Role::Client,
+            },
+            comm: "producer".into(),
+            pid: 7,
+            ts_ns: 0,
+            bytes: 30,
+            command: Some("set"),
+            queue: Some("jobs".into()),
+            noreply,
+            outcome: DeadWriteOutcome::Eof,
+        };
+        side.count_lost(&write(true), &services, &metrics);
+        side.count_lost(&write(false), &services, &metrics);
+        let reports = side.reports(0, &services).unwrap();
+        let mut lost: Vec<(String, u64)> = reports[0]
+            .lost
+            .iter()
+            .map(|l| (l.outcome.clone(), l.count))
+            .collect();
+        lost.sort();
+        assert_eq!(lost, [("eof".to_string(), 1), ("unnoticed".to_string(), 1)]);
     }
 }

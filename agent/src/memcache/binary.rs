@@ -371,7 +371,7 @@ impl BinFramer {
     }
 }
 
-fn is_quiet(opcode: u8) -> bool {
+pub(crate) fn is_quiet(opcode: u8) -> bool {
     matches!(opcode, 0x09 | 0x0d | 0x11..=0x16 | 0x18..=0x1a | 0x1e | 0x24)
 }
 

@@ -464,5 +464,26 @@ pub fn sniff_command(data: &[u8]) -> Option<&'static str> {
         .find(|name| name.as_bytes() == word)
 }
 
+/// Whether the request these bytes start asks for no answer: a text line ending in
+/// `noreply`, a binary quiet opcode, or a meta command with the `q` flag. (Read from a
+/// call's leading bytes: a text line longer than they are reads as one that asks.)
+pub fn asks_no_reply(data: &[u8]) -> bool {
+    if data.first() == Some(&0x80) {
+        return data
+            .get(1)
+            .is_some_and(|&opcode| super::binary::is_quiet(opcode));
+    }
+    let line = data
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .map_or(data, |end| &data[..end]);
+    let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    match words.next() {
+        Some(b"ms" | b"md" | b"ma" | b"mg" | b"me") => words.any(|flag| flag == b"q"),
+        Some(_) => line.split(|&b| b == b' ').next_back() == Some(b"noreply".as_slice()),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -254,6 +254,7 @@ fn exposition_keeps_every_family_label_order() {
         bytes: 30,
         command: Some("set"),
         queue: None,
+        noreply: false,
         outcome: DeadWriteOutcome::Eof,
     }));
     recorder.record(&Observation::ConnectFailed {

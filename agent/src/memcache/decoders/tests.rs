@@ -910,3 +910,14 @@ fn a_request_finished_by_close_names_its_sender() {
     python3[..7].copy_from_slice(b"python3");
     assert_eq!(finished, vec![(Status::Unanswered, python3)]);
 }
+
+#[test]
+fn knows_a_request_that_asks_no_reply() {
+    assert!(asks_no_reply(b"set jobs 0 0 5 noreply\r\nhello\r\n"));
+    assert!(!asks_no_reply(b"set jobs 0 0 5\r\nhello\r\n"));
+    assert!(asks_no_reply(b"ms k 5 T0 q\r\nhello\r\n"));
+    assert!(!asks_no_reply(b"ms k 5 T0\r\nhello\r\n"));
+    assert!(asks_no_reply(b"\x80\x11\x00\x01"), "binary SETQ");
+    assert!(!asks_no_reply(b"\x80\x01\x00\x01"), "binary SET");
+    assert!(!asks_no_reply(b""));
+}
