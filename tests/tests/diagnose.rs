@@ -177,6 +177,15 @@ fn names_the_syn_burst_at_a_full_accept_queue() {
         .filter_map(|id| finding(&report, id))
         .any(|f| subjects(f, "services").contains(&"stuck".to_string()));
     assert!(named, "{report:#}");
+    // The queue stayed full for seconds of 1 s samples: the finding names the listener.
+    let overflow = finding(&report, "accept-queue-overflow").expect("accept-queue-overflow");
+    let title = overflow["title"].as_str().unwrap();
+    assert!(
+        title.starts_with(&format!(
+            "stuck's accept queue at 127.0.0.1:{port} was full"
+        )),
+        "{title}"
+    );
 }
 
 /// One of three memcached servers of one service (same port on 127.0.0.1-3) stops (SIGSTOP)
