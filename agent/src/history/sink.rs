@@ -111,8 +111,10 @@ impl ObservationSink for HistorySink {
             comm,
             command: request.command.as_str(),
             status: request.status,
+            // A blocking queue fetch's wait is the client's choice, not the server's latency:
+            // it stays out of the latency rows the slow-server findings and top read.
             latency_us: request
-                .latency_ns
+                .server_latency_ns()
                 .map(|ns| u32::try_from(ns / 1000).unwrap_or(u32::MAX)),
         };
         self.history
@@ -273,5 +275,101 @@ mod tests {
             let cached = clock.unix_second(ts);
             assert!(cached.abs_diff(unix_second_of_monotonic(ts)) <= 1, "{ts}");
         }
+    }
+
+    /// Idle workers long-polling an empty queue (`get jobs/t=1000`, answered `END` when the
+    /// wait ends) on one queue server, beside a busy peer answering in 2 ms: the waits are the
+    /// clients' choice, so diagnose finds no slow server (the audit's "p99 882 ms while its
+    /// peers' is 4.9 ms ... take it out of the pool").
+    #[test]
+    fn long_poll_fetches_do_not_make_their_queue_server_slow() {
+        use crate::memcache::{KestrelOptions, QueueOp, QueueOpKind};
+        let history = Arc::new(Mutex::new(History::new(900, HistoryLimits::default())));
+        let mut sink = HistorySink::new(
+            history.clone(),
+            SharedServices::watching(&[("kestrel", 22133)]),
+        );
+        let endpoint = |server: &str| Endpoint {
+            service: 0,
+            server: server.parse().unwrap(),
+            role: crate::model::Role::Client,
+        };
+        let fetch = |options: KestrelOptions, status, op, latency_ms: u64, ts| RequestObservation {
+            command: Command::Get,
+            status,
+            key: None,
+            latency_ns: Some(latency_ms * 1_000_000),
+            request_ts_ns: ts,
+            request_bytes: 20,
+            response_bytes: 5,
+            queue: Some(QueueOp { op, options }),
+            seq: None,
+            request_id: None,
+            value_len: None,
+            value_head: None,
+            keys_in_request: 1,
+        };
+        let wait = KestrelOptions {
+            timeout_ms: Some(1000),
+            ..KestrelOptions::default()
+        };
+        let now = crate::clock::monotonic_ns();
+        let second = 1_000_000_000;
+        for s in 1..=40 {
+            let ts = now - s * second;
+            let mut events = Vec::new();
+            for _ in 0..3 {
+                events.push((
+                    "10.0.0.1:22133",
+                    fetch(wait, Status::Miss, QueueOpKind::EmptyPoll, 1000, ts),
+                ));
+            }
+            // Now and then an item comes part way through a worker's wait.
+            if s % 5 == 0 {
+                events.push((
+                    "10.0.0.1:22133",
+                    fetch(wait, Status::Hit, QueueOpKind::Dequeue, 400, ts),
+                ));
+            }
+            for _ in 0..50 {
+                events.push((
+                    "10.0.0.2:22133",
+                    fetch(
+                        KestrelOptions::default(),
+                        Status::Hit,
+                        QueueOpKind::Dequeue,
+                        2,
+                        ts,
+                    ),
+                ));
+            }
+            for (server, request) in events {
+                sink.memcache(
+                    &MemcacheEvent::Request {
+                        endpoint: endpoint(server),
+                        request,
+                        sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+                        comm: [0; agent_common::COMM_LEN],
+                    },
+                    Some("worker"),
+                );
+            }
+        }
+        let snapshot = history.lock().unwrap().snapshot(0);
+        let findings =
+            crate::diagnose::diagnose(&snapshot, &crate::diagnose::DiagnoseThresholds::default());
+        assert!(
+            findings.iter().all(|f| f.id != "slow-server"),
+            "{findings:#?}"
+        );
+        // Their requests are still counted.
+        let polls: u64 = snapshot
+            .seconds
+            .iter()
+            .flat_map(|s| &s.requests)
+            .filter(|r| snapshot.label(r.server) == "10.0.0.1:22133")
+            .map(|r| r.count as u64)
+            .sum();
+        assert_eq!(polls, 40 * 3 + 8);
     }
 }

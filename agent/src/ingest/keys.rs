@@ -165,7 +165,8 @@ impl KeyStats {
                 command: request.command.as_str(),
                 process: comm,
                 value_len: request.value_len,
-                latency_ns: request.latency_ns,
+                // A blocking queue fetch's wait is not a slow key.
+                latency_ns: request.server_latency_ns(),
                 unix_s: now_s,
             },
             self.display,

@@ -362,6 +362,20 @@ pub struct KestrelOptions {
     pub unknown_option: bool,
 }
 
+impl KestrelOptions {
+    /// Whether the request asks for an item: `close` or `abort` alone only end a reliable
+    /// read; beside `open` or `peek` they fetch too.
+    pub fn fetches(&self) -> bool {
+        self.open || self.peek || !(self.close || self.abort)
+    }
+
+    /// How long a fetch lets the server wait for an item (`t=<ms>`, more than 0): until then
+    /// its silence is the client's choice, not the server's slowness.
+    pub fn blocking_wait_ms(&self) -> Option<u32> {
+        self.timeout_ms.filter(|&ms| ms > 0 && self.fetches())
+    }
+}
+
 /// The queue side of a request, present only when the decoder runs in queue mode.
 /// The queue's name is the observation's `key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -459,6 +473,23 @@ pub struct RequestObservation {
     /// How many keys the request named, on the first observation of a request that named
     /// any (multi-key gets report one observation per key); 0 on the others.
     pub keys_in_request: u16,
+}
+
+impl RequestObservation {
+    /// A queue fetch that let the server wait for an item (Kestrel's `get <queue>/t=<ms>`):
+    /// its latency is mostly the wait the client asked for, an empty queue's answer coming
+    /// when the wait ends, and even a hit's latency cannot be told apart from the wait before
+    /// the item came. Latency histograms and the slow-server findings leave such requests
+    /// out (they are counted as requests and as blocking fetches).
+    pub fn is_blocking_fetch(&self) -> bool {
+        self.queue
+            .is_some_and(|queue| queue.options.blocking_wait_ms().is_some())
+    }
+
+    /// The latency that says how fast the server answered: none for a blocking fetch.
+    pub fn server_latency_ns(&self) -> Option<u64> {
+        self.latency_ns.filter(|_| !self.is_blocking_fetch())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -212,7 +212,9 @@ impl ObservationRecorder {
                 endpoint, request, ..
             } => {
                 self.count_request(endpoint, request, weight);
-                if let Some(latency) = request.latency_ns {
+                // A blocking queue fetch's latency is mostly the wait its client asked for:
+                // counted apart below rather than read as the server's slowness.
+                if let Some(latency) = request.server_latency_ns() {
                     self.observe_latency(endpoint, request, latency);
                 }
                 self.observe_sizes(endpoint, request);
@@ -220,14 +222,21 @@ impl ObservationRecorder {
                     let labels = self.endpoint_labels(endpoint);
                     let name = String::from_utf8_lossy(key.as_bytes()).into_owned();
                     let queue_label = self.queues.admit(endpoint.service, name);
+                    let queue_labels = QueueLabels {
+                        service: labels.service,
+                        server: labels.server,
+                        queue: queue_label,
+                        op: queue.op.as_str(),
+                    };
+                    if request.is_blocking_fetch() {
+                        self.metrics
+                            .queue_blocking_fetches
+                            .get_or_create(&queue_labels)
+                            .inc_by(weight);
+                    }
                     self.metrics
                         .queue_operations
-                        .get_or_create(&QueueLabels {
-                            service: labels.service,
-                            server: labels.server,
-                            queue: queue_label,
-                            op: queue.op.as_str(),
-                        })
+                        .get_or_create(&queue_labels)
                         .inc_by(weight);
                 }
             }

@@ -356,3 +356,66 @@ fn server_labels_are_bounded_per_service() {
     assert_eq!(budget.admit(1, "c".into()), "c");
     assert_eq!(budget.folded, 1);
 }
+
+/// A blocking queue fetch (`get jobs/t=1000`) is counted as a request, a queue operation and a
+/// blocking fetch, but its wait stays out of the latency histogram; a plain fetch is observed.
+#[test]
+fn blocking_queue_fetches_stay_out_of_the_latency_histogram() {
+    use crate::memcache::{KestrelOptions, Key, QueueOp, QueueOpKind};
+    let (mut recorder, registry) = new_recorder(SharedServices::watching(&[("kestrel", 22133)]));
+    let fetch = |timeout_ms| MemcacheEvent::Request {
+        endpoint: endpoint("10.0.0.9:22133"),
+        request: RequestObservation {
+            command: Command::Get,
+            status: Status::Miss,
+            key: Some(Key::new(b"jobs", 250, false)),
+            latency_ns: Some(1_000_000_000),
+            request_ts_ns: 0,
+            request_bytes: 17,
+            response_bytes: 5,
+            queue: Some(QueueOp {
+                op: QueueOpKind::EmptyPoll,
+                options: KestrelOptions {
+                    timeout_ms,
+                    ..KestrelOptions::default()
+                },
+            }),
+            seq: None,
+            request_id: None,
+            value_len: None,
+            value_head: None,
+            keys_in_request: 1,
+        },
+        sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        comm: [0; agent_common::COMM_LEN],
+    };
+    for _ in 0..3 {
+        recorder.record_memcache(&fetch(Some(1000)), 1);
+    }
+    recorder.record_memcache(&fetch(None), 1);
+    let text = encode(&registry, Format::PrometheusText).unwrap();
+    let value = |prefix: &str| -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next())
+            .collect()
+    };
+    assert_eq!(
+        value("cacheprobe_memcache_request_duration_seconds_count{"),
+        ["1"],
+        "{text}"
+    );
+    assert_eq!(
+        value("cacheprobe_memcache_requests_total{"),
+        ["4"],
+        "{text}"
+    );
+    assert_eq!(
+        value("cacheprobe_queue_blocking_fetches_total{"),
+        ["3"],
+        "{text}"
+    );
+    assert!(text.contains(
+        "cacheprobe_queue_blocking_fetches_total{service=\"kestrel\",server=\"10.0.0.9:22133\",queue=\"jobs\",op=\"empty_poll\"} 3"
+    ), "{text}");
+}

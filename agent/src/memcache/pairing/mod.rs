@@ -52,6 +52,9 @@ struct Pending {
     /// here: a multi-get answered with megabytes of values can take longer than the timeout
     /// to arrive in full, and is not unanswered while its values keep coming.
     progress_ts: u64,
+    /// How long the server may hold the answer back by request (a queue fetch's `t=<ms>`):
+    /// until the answer starts, the timeout counts only after this wait.
+    wait_ns: u64,
     /// VALUE items seen; for a marker, responses it rejected while requests waited behind it.
     items: u32,
     opaque: Option<u64>,
@@ -81,6 +84,7 @@ impl Pending {
             resp_bytes: 0,
             first_resp_ts: None,
             progress_ts: ts_ns,
+            wait_ns: 0,
             items: 0,
             opaque: None,
             queue: None,
@@ -93,6 +97,19 @@ impl Pending {
 
     fn latency(&self) -> Option<u64> {
         self.first_resp_ts.map(|t| t.saturating_sub(self.ts_ns))
+    }
+
+    /// When the request times out unless its answer progresses: `timeout_ns` after its last
+    /// progress, and before any answer also after the wait it asked the server for.
+    fn deadline(&self, timeout_ns: u64) -> u64 {
+        let wait = if self.first_resp_ts.is_none() {
+            self.wait_ns
+        } else {
+            0
+        };
+        self.progress_ts
+            .saturating_add(wait)
+            .saturating_add(timeout_ns)
     }
 }
 
@@ -347,6 +364,7 @@ impl Pairing {
             resp_bytes: 0,
             first_resp_ts: None,
             progress_ts: req.ts_ns,
+            wait_ns: blocking_wait_ns(req.queue),
             items: 0,
             opaque: req.opaque,
             queue: req.queue,
@@ -635,11 +653,12 @@ impl Pairing {
         }
     }
 
-    /// Finishes requests whose answer has not started or not progressed for `timeout_ns`.
+    /// Finishes requests whose answer has not started or not progressed for `timeout_ns`
+    /// (a blocking queue fetch's answer may start up to its wait later).
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<Decoded>) {
         self.release_due(out);
         while let Some(front) = self.pending.front() {
-            if front.progress_ts.saturating_add(timeout_ns) > now_ns {
+            if front.deadline(timeout_ns) > now_ns {
                 break;
             }
             let Some(entry) = self.pending.pop_front() else {
@@ -863,6 +882,16 @@ struct Sizes {
     value_len: Option<u32>,
     value_head: Option<ValueHead>,
     keys: u16,
+}
+
+/// The wait a blocking queue fetch lets the server take before answering, in ns.
+fn blocking_wait_ns(queue: Option<QueueIntent>) -> u64 {
+    match queue {
+        Some(QueueIntent::Fetch(options)) => options
+            .blocking_wait_ms()
+            .map_or(0, |ms| u64::from(ms) * 1_000_000),
+        _ => 0,
+    }
 }
 
 /// Appends a request observation. The key is copied straight into the observation in the

@@ -75,7 +75,7 @@ pub(super) fn queue_op(intent: Option<QueueIntent>, status: Status) -> Option<Qu
     let (op, options) = match intent {
         QueueIntent::Enqueue => (QueueOpKind::Enqueue, KestrelOptions::default()),
         QueueIntent::Fetch(o) => {
-            let fetches = o.open || o.peek || !(o.close || o.abort);
+            let fetches = o.fetches();
             let op = match status {
                 Status::Hit if o.peek => QueueOpKind::Peek,
                 Status::Hit if o.open => QueueOpKind::Open,

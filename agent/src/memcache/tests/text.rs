@@ -355,3 +355,50 @@ fn queue_mode_kestrel_options() {
     );
     assert!(conn.errors().is_empty());
 }
+
+/// Kestrel's blocking fetch (`t=6000`) lets the server wait 6 s for an item: an empty answer
+/// then is the wait the client asked for, not a timeout, and not the server's latency. Only
+/// silence past the wait plus the usual timeout is one.
+#[test]
+fn queue_blocking_fetch_times_out_only_after_its_wait() {
+    const SEC: u64 = 1_000_000_000;
+    const TIMEOUT: u64 = 5 * SEC;
+    let mut conn = Conn::queue();
+    conn.client(b"get rare/t=6000\r\n");
+    let sent = conn.ts;
+    conn.decoder.expire(sent + 6 * SEC, TIMEOUT, &mut conn.out);
+    assert!(conn.requests().is_empty(), "expired within its wait");
+    conn.ts = sent + 6 * SEC;
+    conn.server(b"END\r\n");
+    let requests = conn.requests();
+    assert_eq!(requests.len(), 1);
+    let r = &requests[0];
+    assert_eq!(r.status, Status::Miss);
+    assert_eq!(r.queue.unwrap().op, QueueOpKind::EmptyPoll);
+    assert!(r.is_blocking_fetch());
+    assert!(r.latency_ns.unwrap() >= 6 * SEC);
+    assert_eq!(r.server_latency_ns(), None);
+
+    conn.client(b"get rare/t=6000\r\n");
+    let sent = conn.ts;
+    conn.decoder
+        .expire(sent + 6 * SEC + TIMEOUT - 1, TIMEOUT, &mut conn.out);
+    assert!(conn.requests().is_empty(), "expired within its wait");
+    conn.decoder
+        .expire(sent + 6 * SEC + TIMEOUT, TIMEOUT, &mut conn.out);
+    let requests = conn.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].status, Status::Timeout);
+
+    // A fetch that does not wait, or only closes an open read, has the usual timeout.
+    for request in [&b"get jobs\r\n"[..], b"get jobs/close/t=6000\r\n"] {
+        conn.client(request);
+        let sent = conn.ts;
+        conn.decoder.expire(sent + TIMEOUT, TIMEOUT, &mut conn.out);
+        let requests = conn.requests();
+        assert_eq!(requests.len(), 1, "{}", request.escape_ascii());
+        assert_eq!(requests[0].status, Status::Timeout);
+        assert!(!requests[0].is_blocking_fetch());
+    }
+    assert!(conn.errors().is_empty());
+}
