@@ -81,12 +81,16 @@ fn key_routing(
     span: Option<Span>,
 ) -> Finding {
     let keys: u64 = pairs.values().map(|p| p.keys).sum();
+    let one_sender = one_sender(pairs);
+    let why = match &one_sender {
+        Some(comm) => format!("{comm} sent them to both"),
+        None => "clients disagree on routing".to_string(),
+    };
     let mut finding = Finding::new(
         "key-routing",
         Severity::Warning,
         format!(
-            "{} of {service} went to two different servers ({}): clients disagree on \
-             routing",
+            "{} of {service} went to two different servers ({}): {why}",
             util::plural(keys, "key"),
             util::plural(total, "request")
         ),
@@ -103,17 +107,37 @@ fn key_routing(
         ));
         finding.span = Some(span);
     }
-    finding.advice = "Clients use different server lists or hashing settings (order, \
+    let general = "Clients use different server lists or hashing settings (order, \
         weights, hash or distribution function, or one client ejected a server), so a key \
         is cached twice and reads can return stale data. Give every client the identical \
         server list and hashing options (e.g. ketama consistent hashing), or route all of \
-        them through one proxy such as twemproxy."
-        .to_string();
+        them through one proxy such as twemproxy.";
+    finding.advice = match one_sender {
+        // A proxy's ejection looks like this, and the advice to route through a proxy would
+        // be wrong for it.
+        Some(comm) => format!(
+            "Only {comm} sent these keys. If it is a proxy or a client that ejects failing \
+             servers (twemproxy with auto_eject_hosts, a client's failover), it moved the \
+             keys off a server that failed or stalled then (see the other findings) and moves \
+             them back when it returns: reads may return stale data meanwhile, so keep \
+             ejection for caches that tolerate it. Otherwise its processes (same name) use \
+             different server lists or hashing settings: {general}"
+        ),
+        None => general.to_string(),
+    };
     finding.subjects.services.push(service);
     finding.value("split_keys", keys as f64);
     finding.value("split_requests", total as f64);
     finding.magnitude = total as f64;
     finding
+}
+
+/// The one program name that sent the split keys to both servers of every pair, if one did.
+fn one_sender(pairs: &BTreeMap<(String, String), Pair>) -> Option<String> {
+    let mut senders = pairs.values().flat_map(|pair| pair.senders.keys());
+    let (first, second) = senders.next()?;
+    let same = |(a, b): &(String, String)| a == first && b == first;
+    (!first.is_empty() && first == second && senders.all(same)).then(|| first.clone())
 }
 
 /// The lines for one pair of servers: its keys, and which programs sent them where.

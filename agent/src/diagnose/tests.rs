@@ -461,6 +461,18 @@ fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {
         "{}",
         finding.title
     );
+    // One program on both sides (a proxy's ejection looks like this): not "clients disagree",
+    // and no advice to route through a proxy alone.
+    assert!(
+        finding.title.ends_with(": php-fpm sent them to both"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding.advice.starts_with("Only php-fpm sent these keys."),
+        "{}",
+        finding.advice
+    );
 }
 
 #[test]
@@ -485,6 +497,11 @@ fn keys_sent_to_two_servers() {
     assert_eq!(finding.values["split_requests"], 12.0);
     assert_eq!(finding.subjects.servers, vec![SERVERS[0], SERVERS[2]]);
     assert_eq!(finding.subjects.processes, vec!["php-fpm", "ruby"]);
+    assert!(
+        finding.title.ends_with(": clients disagree on routing"),
+        "{}",
+        finding.title
+    );
     assert!(
         finding.evidence[0].contains("#000000000000abc0"),
         "{:?}",
