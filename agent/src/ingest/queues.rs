@@ -67,7 +67,9 @@ impl QueueSide {
             head: request.value_head,
         };
         let delta = match (op.op, request.status) {
-            (QueueOpKind::Enqueue, Status::Stored) => {
+            // A noreply enqueue (pymemcache's default) the server took says nothing back; a
+            // refused one is answered with an error even so.
+            (QueueOpKind::Enqueue, Status::Stored | Status::Noreply) => {
                 self.flow
                     .enqueued(endpoint.service, &name, fingerprint, request.request_ts_ns);
                 1
@@ -130,6 +132,52 @@ mod tests {
         config::{Protocol, Service},
         services::Services,
     };
+
+    /// The server's view of a noreply enqueue is `noreply`, not `stored`: it still enters the
+    /// queue (backlog, depth). It was left out, so a producer's unconsumed noreply messages
+    /// showed no backlog and no depth.
+    #[test]
+    fn a_noreply_enqueue_the_server_took_is_in_the_queue() {
+        let services = SharedServices::new(
+            Services::new(&[Service {
+                name: "queue".into(),
+                ports: vec![22133],
+                protocol: Protocol::MemcacheQueue,
+                capture: true,
+            }])
+            .unwrap(),
+        );
+        let (metrics, _) = Metrics::new();
+        let mut side = QueueSide::default();
+        let server = Endpoint {
+            service: 0,
+            server: "127.0.0.1:22133".parse().unwrap(),
+            role: Role::Server,
+        };
+        for status in [Status::Noreply, Status::Stored] {
+            let request = RequestObservation {
+                command: crate::memcache::Command::Set,
+                status,
+                key: None,
+                latency_ns: None,
+                request_ts_ns: 1_000,
+                request_bytes: 30,
+                response_bytes: 0,
+                queue: Some(crate::memcache::QueueOp {
+                    op: QueueOpKind::Enqueue,
+                    options: Default::default(),
+                }),
+                seq: None,
+                request_id: None,
+                value_len: Some(5),
+                value_head: None,
+                keys_in_request: 1,
+            };
+            side.observe(&server, &request, b"jobs", &services, &metrics);
+        }
+        let reports = side.reports(2_000, &services).unwrap();
+        assert_eq!(reports[0].enqueued, 2);
+    }
 
     /// A fire-and-forget enqueue (pymemcache sets noreply by default) onto a dead connection
     /// is lost unnoticed even when the producer read EOF next: that EOF answered a later call.
