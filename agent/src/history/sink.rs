@@ -149,21 +149,7 @@ mod tests {
         sink.memcache(
             &MemcacheEvent::Request {
                 endpoint,
-                request: RequestObservation {
-                    command: Command::Set,
-                    status: Status::Stored,
-                    key: None,
-                    latency_ns: Some(250_000),
-                    request_ts_ns: now,
-                    request_bytes: 30,
-                    response_bytes: 8,
-                    queue: None,
-                    seq: None,
-                    request_id: None,
-                    value_len: Some(12),
-                    value_head: None,
-                    keys_in_request: 1,
-                },
+                request: RequestObservation::stored_set(now),
                 sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
                 comm: [0; agent_common::COMM_LEN],
             },
@@ -297,17 +283,12 @@ mod tests {
         let fetch = |options: KestrelOptions, status, op, latency_ms: u64, ts| RequestObservation {
             command: Command::Get,
             status,
-            key: None,
             latency_ns: Some(latency_ms * 1_000_000),
-            request_ts_ns: ts,
             request_bytes: 20,
             response_bytes: 5,
             queue: Some(QueueOp { op, options }),
-            seq: None,
-            request_id: None,
             value_len: None,
-            value_head: None,
-            keys_in_request: 1,
+            ..RequestObservation::stored_set(ts)
         };
         let wait = KestrelOptions {
             timeout_ms: Some(1000),

@@ -253,25 +253,6 @@ impl KeyStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memcache::{Command, Status};
-
-    fn request(ts_ns: u64) -> RequestObservation {
-        RequestObservation {
-            command: Command::Set,
-            status: Status::Stored,
-            key: None,
-            latency_ns: Some(250_000),
-            request_ts_ns: ts_ns,
-            request_bytes: 30,
-            response_bytes: 8,
-            queue: None,
-            seq: None,
-            request_id: None,
-            value_len: Some(12),
-            value_head: None,
-            keys_in_request: 1,
-        }
-    }
 
     /// The audit's reload: `keys = "hash"` arrives while the extremes and split examples hold
     /// keys recorded in plain. The report right after the reload has no plain key; a key whose
@@ -292,9 +273,30 @@ mod tests {
             .enumerate()
         {
             let ts_ns = 1_000 + i as u64;
-            stats.observe_sizes(&a, &request(ts_ns), key, Some("php"), 1, now_s);
-            stats.observe_key(&a, &request(ts_ns), key, Some("php"), 1, &services);
-            stats.observe_key(&b, &request(ts_ns + 10), key, Some("php"), 1, &services);
+            stats.observe_sizes(
+                &a,
+                &RequestObservation::stored_set(ts_ns),
+                key,
+                Some("php"),
+                1,
+                now_s,
+            );
+            stats.observe_key(
+                &a,
+                &RequestObservation::stored_set(ts_ns),
+                key,
+                Some("php"),
+                1,
+                &services,
+            );
+            stats.observe_key(
+                &b,
+                &RequestObservation::stored_set(ts_ns + 10),
+                key,
+                Some("php"),
+                1,
+                &services,
+            );
         }
         let plain = stats.report(&services, now_s);
         let shown = serde_json::to_string(&plain).unwrap();

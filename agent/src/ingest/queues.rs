@@ -133,12 +133,9 @@ mod tests {
         services::Services,
     };
 
-    /// The server's view of a noreply enqueue is `noreply`, not `stored`: it still enters the
-    /// queue (backlog, depth). It was left out, so a producer's unconsumed noreply messages
-    /// showed no backlog and no depth.
-    #[test]
-    fn a_noreply_enqueue_the_server_took_is_in_the_queue() {
-        let services = SharedServices::new(
+    /// One memcache-queue service on port 22133.
+    fn queue_on_22133() -> SharedServices {
+        SharedServices::new(
             Services::new(&[Service {
                 name: "queue".into(),
                 ports: vec![22133],
@@ -146,7 +143,15 @@ mod tests {
                 capture: true,
             }])
             .unwrap(),
-        );
+        )
+    }
+
+    /// The server's view of a noreply enqueue is `noreply`, not `stored`: it still enters the
+    /// queue (backlog, depth). It was left out, so a producer's unconsumed noreply messages
+    /// showed no backlog and no depth.
+    #[test]
+    fn a_noreply_enqueue_the_server_took_is_in_the_queue() {
+        let services = queue_on_22133();
         let (metrics, _) = Metrics::new();
         let mut side = QueueSide::default();
         let server = Endpoint {
@@ -156,22 +161,15 @@ mod tests {
         };
         for status in [Status::Noreply, Status::Stored] {
             let request = RequestObservation {
-                command: crate::memcache::Command::Set,
                 status,
-                key: None,
                 latency_ns: None,
-                request_ts_ns: 1_000,
-                request_bytes: 30,
                 response_bytes: 0,
                 queue: Some(crate::memcache::QueueOp {
                     op: QueueOpKind::Enqueue,
                     options: Default::default(),
                 }),
-                seq: None,
-                request_id: None,
                 value_len: Some(5),
-                value_head: None,
-                keys_in_request: 1,
+                ..RequestObservation::stored_set(1_000)
             };
             side.observe(&server, &request, b"jobs", &services, &metrics);
         }
@@ -184,15 +182,7 @@ mod tests {
     /// An enqueue that waited for its answer and met EOF could have been retried.
     #[test]
     fn a_noreply_enqueue_lost_is_unnoticed_whatever_came_next() {
-        let services = SharedServices::new(
-            Services::new(&[Service {
-                name: "queue".into(),
-                ports: vec![22133],
-                protocol: Protocol::MemcacheQueue,
-                capture: true,
-            }])
-            .unwrap(),
-        );
+        let services = queue_on_22133();
         let (metrics, _) = Metrics::new();
         let mut side = QueueSide::default();
         let write = |noreply: bool| DeadWrite {

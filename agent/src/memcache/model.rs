@@ -490,6 +490,27 @@ impl RequestObservation {
     pub fn server_latency_ns(&self) -> Option<u64> {
         self.latency_ns.filter(|_| !self.is_blocking_fetch())
     }
+
+    /// For tests: a stored 12-byte set sent at `ts_ns` and answered in 250 us, without key,
+    /// queue or sequence number (struct update syntax changes what a test needs).
+    #[cfg(test)]
+    pub fn stored_set(ts_ns: u64) -> Self {
+        RequestObservation {
+            command: Command::Set,
+            status: Status::Stored,
+            key: None,
+            latency_ns: Some(250_000),
+            request_ts_ns: ts_ns,
+            request_bytes: 30,
+            response_bytes: 8,
+            queue: None,
+            seq: None,
+            request_id: None,
+            value_len: Some(12),
+            value_head: None,
+            keys_in_request: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
