@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, snapshot::Label, HistorySnapshot, TcpEvent};
+use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
 
 use crate::model::Role;
 
@@ -50,7 +50,7 @@ fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> BTreeMap<String, 
     for second in &snap.seconds {
         let t = second.t;
         for row in second.requests.iter().filter(|r| r.role == Role::Client) {
-            let s = at(&mut services, snap, row.service, t);
+            let s = util::by_service(&mut services, snap, row.service, t);
             s.requests += row.count as u64;
             if row.status.is_failure() {
                 s.failures += row.count as u64;
@@ -61,7 +61,7 @@ fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> BTreeMap<String, 
         }
         for row in second.latency.iter().filter(|r| r.role == Role::Client) {
             let hist = row.histogram();
-            let s = at(&mut services, snap, row.service, t);
+            let s = util::by_service(&mut services, snap, row.service, t);
             let slow = hist.count_at_least(slow_us);
             if slow > 0 {
                 *s.trouble_by_server
@@ -75,7 +75,7 @@ fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> BTreeMap<String, 
                 row.event,
                 TcpEvent::ConnectRefused | TcpEvent::ConnectTimeout | TcpEvent::ConnectReset
             ) {
-                at(&mut services, snap, row.service, t).failures += row.count as u64;
+                util::by_service(&mut services, snap, row.service, t).failures += row.count as u64;
             }
         }
     }
@@ -83,19 +83,6 @@ fn collect(snap: &HistorySnapshot, th: &DiagnoseThresholds) -> BTreeMap<String, 
 }
 
 type Seconds = BTreeMap<u64, Second>;
-
-fn at<'a>(
-    services: &'a mut BTreeMap<String, Seconds>,
-    snap: &HistorySnapshot,
-    service: Label,
-    t: u64,
-) -> &'a mut Second {
-    services
-        .entry(snap.label(service).to_string())
-        .or_default()
-        .entry(t)
-        .or_default()
-}
 
 fn detect_service(
     service: &str,

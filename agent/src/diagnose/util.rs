@@ -153,10 +153,21 @@ pub fn by_server<'a, V: Default>(
     service: Label,
     server: Label,
 ) -> &'a mut V {
+    by_service(services, snap, service, snap.label(server).to_string())
+}
+
+/// The entry of `service`'s `key` in a per-service map (by server, second, ...), made empty
+/// when new.
+pub fn by_service<'a, K: Ord, V: Default>(
+    services: &'a mut BTreeMap<String, BTreeMap<K, V>>,
+    snap: &HistorySnapshot,
+    service: Label,
+    key: K,
+) -> &'a mut V {
     services
         .entry(snap.label(service).to_string())
         .or_default()
-        .entry(snap.label(server).to_string())
+        .entry(key)
         .or_default()
 }
 

@@ -429,32 +429,30 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
             amount(row.error)
         )
     };
+    // The row's identity is its first five columns.
+    let id = vec![
+        row.service.clone(),
+        row.server.clone(),
+        row.role.as_str().to_string(),
+        row.kind.as_str().to_string(),
+        row.key.clone(),
+    ];
     TableRow {
-        id: vec![
-            row.service.clone(),
-            row.server.clone(),
-            row.role.as_str().to_string(),
-            row.kind.as_str().to_string(),
-            row.key.clone(),
-        ],
-        cells: vec![
-            row.service.clone(),
-            row.server.clone(),
-            row.role.as_str().to_string(),
-            row.kind.as_str().to_string(),
-            row.key.clone(),
-            or_dash(shown_rate.clone()),
-            shown_total,
-        ],
-        sort: vec![
-            SortValue::Text(row.service.clone()),
-            SortValue::Text(row.server.clone()),
-            SortValue::Text(row.role.as_str().to_string()),
-            SortValue::Text(row.kind.as_str().to_string()),
-            SortValue::Text(row.key.clone()),
-            SortValue::Number(row.per_s),
-            SortValue::Number(Some(row.at_least() as f64)),
-        ],
+        cells: id
+            .iter()
+            .cloned()
+            .chain([or_dash(shown_rate.clone()), shown_total])
+            .collect(),
+        sort: id
+            .iter()
+            .cloned()
+            .map(SortValue::Text)
+            .chain([
+                SortValue::Number(row.per_s),
+                SortValue::Number(Some(row.at_least() as f64)),
+            ])
+            .collect(),
+        id,
         // Requests and bytes are different units: sorted in one column, any bytes rate would
         // outrank every request rate.
         group: match row.kind {
