@@ -73,6 +73,10 @@ impl EndpointLabels {
         self.with(DirectionLabel { direction })
     }
 
+    pub fn queue(self, queue: String, op: &'static str) -> QueueLabels {
+        self.with(QueueLabel { queue, op })
+    }
+
     /// Connect failures carry no role: only clients connect.
     pub fn connect_failure(self, reason: &'static str) -> ConnectFailureLabels {
         ConnectFailureLabels {
@@ -119,6 +123,8 @@ pub type RequestLabels = OnEndpoint<RequestLabel>;
 pub type CommandLabels = OnEndpoint<CommandLabel>;
 /// `cacheprobe_memcache_bytes_total`.
 pub type BytesLabels = OnEndpoint<DirectionLabel>;
+/// `cacheprobe_queue_operations_total`, `cacheprobe_queue_blocking_fetches_total`.
+pub type QueueLabels = OnEndpoint<QueueLabel>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClosedByLabel {
@@ -179,9 +185,7 @@ pub struct DecodeErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QueueLabels {
-    pub service: String,
-    pub server: String,
+pub struct QueueLabel {
     pub queue: String,
     pub op: &'static str,
 }
@@ -451,10 +455,13 @@ declare_metrics! {
         "Stretches of traffic the decoder could not decode (garbage, gaps, truncated captures, ...)";
     queue_operations: Family<QueueLabels, Counter>
         => "queue_operations",
-        "Queue operations on memcache-protocol queues (Starling, Kestrel)", top;
+        "Operations on memcache-protocol queues (Starling, Kestrel) seen at this end (role): \
+             enqueues the server took (stored, or sent noreply), fetches it answered with an \
+             item (dequeue, peek, open) or empty (empty_poll), closes and aborts it answered; \
+             refused and unanswered requests are only in memcache_requests_total", top;
     queue_blocking_fetches: Family<QueueLabels, Counter>
         => "queue_blocking_fetches",
-        "Queue fetches that let the server wait for an item (Kestrel t=<ms>), by queue operation; their latency is left out of memcache_request_duration_seconds";
+        "Queue fetches that let the server wait for an item (Kestrel t=<ms>), answered or not, by queue operation; their latency is left out of memcache_request_duration_seconds";
     queue_messages_lost: Family<QueueLostLabels, Counter>
         => "queue_messages_lost",
         "Enqueues written onto queue connections the server had already closed, by what the producer saw next (eof, reset: it could retry; unnoticed: silently lost)";

@@ -5,7 +5,7 @@ use crate::{
     conn::{dead_writes::DeadWrite, tracking::Endpoint},
     export::metrics::{Metrics, QueueLostLabels, QueueNameLabels},
     memcache::{QueueOpKind, RequestObservation},
-    model::{DeadWriteOutcome, Role, Status},
+    model::{DeadWriteOutcome, Role},
     queues::flow::{Dequeued, Fingerprint, QueueFlow, QueueReport},
     services::SharedServices,
 };
@@ -58,7 +58,7 @@ impl QueueSide {
         services: &SharedServices,
         metrics: &Metrics,
     ) {
-        let (Some(op), Role::Server) = (request.queue, endpoint.role) else {
+        let (Some(op), Role::Server) = (request.queue_operation(), endpoint.role) else {
             return;
         };
         let name = String::from_utf8_lossy(queue);
@@ -66,15 +66,13 @@ impl QueueSide {
             len: request.value_len.unwrap_or(0),
             head: request.value_head,
         };
-        let delta = match (op.op, request.status) {
-            // A noreply enqueue (pymemcache's default) the server took says nothing back; a
-            // refused one is answered with an error even so.
-            (QueueOpKind::Enqueue, Status::Stored | Status::Noreply) => {
+        let delta = match op {
+            QueueOpKind::Enqueue => {
                 self.flow
                     .enqueued(endpoint.service, &name, fingerprint, request.request_ts_ns);
                 1
             }
-            (QueueOpKind::Dequeue | QueueOpKind::Open, Status::Hit) => {
+            QueueOpKind::Dequeue | QueueOpKind::Open => {
                 let waited =
                     self.flow
                         .dequeued(endpoint.service, &name, fingerprint, request.request_ts_ns);
@@ -130,6 +128,7 @@ mod tests {
     use super::*;
     use crate::{
         config::{Protocol, Service},
+        model::Status,
         services::Services,
     };
 

@@ -491,6 +491,22 @@ impl RequestObservation {
         self.latency_ns.filter(|_| !self.is_blocking_fetch())
     }
 
+    /// What this request did to its queue, if anything: an enqueue the server took (stored,
+    /// or sent noreply, which no answer confirms at either end), a fetch it answered with an
+    /// item (dequeue, peek, open) or as empty (empty_poll), a close or abort it answered.
+    /// None outside queue mode and for requests refused (not_stored, errors) or whose answer
+    /// is not known (timeout, unanswered, unknown): those are requests, counted by status in
+    /// `memcache_requests_total`, not operations on the queue.
+    pub fn queue_operation(&self) -> Option<QueueOpKind> {
+        let op = self.queue?.op;
+        let done = match op {
+            QueueOpKind::Enqueue => matches!(self.status, Status::Stored | Status::Noreply),
+            // Fetches, closes and aborts are all `get`s, answered with an item or END.
+            _ => self.status.is_lookup(),
+        };
+        done.then_some(op)
+    }
+
     /// For tests: a stored 12-byte set sent at `ts_ns` and answered in 250 us, without key,
     /// queue or sequence number (struct update syntax changes what a test needs).
     #[cfg(test)]

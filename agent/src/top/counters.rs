@@ -13,7 +13,7 @@ use crate::model::Role;
 pub struct Counters {
     connections_active: BTreeMap<(String, String, Role), f64>,
     bytes: BTreeMap<(String, String, Role, String), f64>,
-    queue_ops: BTreeMap<(String, String, String, String), f64>,
+    queue_ops: BTreeMap<(String, String, Role, String, String), f64>,
     open_fds: BTreeMap<String, f64>,
     fd_limit: BTreeMap<String, f64>,
     process_connections: BTreeMap<(String, String), f64>,
@@ -77,12 +77,13 @@ impl Counters {
                 self.bytes.insert((service, server, role, direction), value);
             }
             "cacheprobe_queue_operations_total" => {
-                let (Some(service), Some(server), Some(queue), Some(op)) =
-                    (get("service"), get("server"), get("queue"), get("op"))
+                let (Some((service, server, role)), Some(queue), Some(op)) =
+                    (endpoint(), get("queue"), get("op"))
                 else {
                     return false;
                 };
-                self.queue_ops.insert((service, server, queue, op), value);
+                self.queue_ops
+                    .insert((service, server, role, queue, op), value);
             }
             "cacheprobe_process_open_fds" | "cacheprobe_process_fd_limit" => {
                 let Some(comm) = get("comm") else {
@@ -155,18 +156,29 @@ impl Counters {
             .copied()
     }
 
-    pub fn queues(&self) -> BTreeSet<(String, String, String)> {
+    /// Every queue with operation counts, per end that counted them.
+    pub fn queues(&self) -> BTreeSet<(String, String, Role, String)> {
         self.queue_ops
             .keys()
-            .map(|(service, server, queue, _)| (service.clone(), server.clone(), queue.clone()))
+            .map(|(service, server, role, queue, _)| {
+                (service.clone(), server.clone(), *role, queue.clone())
+            })
             .collect()
     }
 
-    pub fn queue_ops(&self, service: &str, server: &str, queue: &str, op: &str) -> Option<f64> {
+    pub fn queue_ops(
+        &self,
+        service: &str,
+        server: &str,
+        role: Role,
+        queue: &str,
+        op: &str,
+    ) -> Option<f64> {
         self.queue_ops
             .get(&(
                 service.to_string(),
                 server.to_string(),
+                role,
                 queue.to_string(),
                 op.to_string(),
             ))
@@ -269,7 +281,7 @@ cacheprobe_connections_active{service="memcached",server="127.0.0.1:11211",role=
 cacheprobe_connections_active{service="memcached",server="127.0.0.1:11211",role="server"} 4
 cacheprobe_memcache_bytes_total{service="memcached",server="127.0.0.1:11211",role="client",direction="sent"} 1000
 cacheprobe_memcache_bytes_total{service="memcached",server="127.0.0.1:11211",role="client",direction="received"} 5e3
-cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",queue="jobs \"a\"",op="enqueue"} 7
+cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",role="server",queue="jobs \"a\"",op="enqueue"} 7
 cacheprobe_process_open_fds{comm="php-fpm"} 900
 cacheprobe_process_fd_limit{comm="php-fpm"} 1024
 cacheprobe_process_connections{comm="php-fpm",service="memcached"} 12
@@ -295,7 +307,13 @@ cacheprobe_process_open_fds{comm="x"} NaN
             Some(5000.0)
         );
         assert_eq!(
-            c.queue_ops("kestrel", "127.0.0.1:22133", "jobs \"a\"", "enqueue"),
+            c.queue_ops(
+                "kestrel",
+                "127.0.0.1:22133",
+                Role::Server,
+                "jobs \"a\"",
+                "enqueue"
+            ),
             Some(7.0)
         );
         assert_eq!(c.fds("php-fpm"), Some((900, 1024)));

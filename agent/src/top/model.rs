@@ -7,6 +7,7 @@ use crate::{
     diagnose::{DiagnoseThresholds, Severity},
     history::{latency::LatencyHistogram, snapshot::SecondSnapshot, HistorySnapshot},
     keystats::{HotKey, KeyDisplay, KeysReport},
+    memcache::QueueOpKind,
     model::Role,
 };
 
@@ -121,6 +122,9 @@ impl HotKeyRow {
 pub struct QueueRow {
     pub service: String,
     pub server: String,
+    /// The end that counted: with producer or consumer and queue server on one host, each
+    /// counts the same operations.
+    pub role: Role,
     pub queue: String,
     pub enqueue_per_s: f64,
     pub dequeue_per_s: f64,
@@ -477,19 +481,20 @@ fn queue_rows(counters: &Counters, inputs: &Inputs) -> Vec<QueueRow> {
     counters
         .queues()
         .into_iter()
-        .map(|(service, server, queue)| {
-            let op_rate = |op: &'static str| {
+        .map(|(service, server, role, queue)| {
+            let op_rate = |op: QueueOpKind| {
                 counter_rate(inputs, &|c: &Counters| {
-                    c.queue_ops(&service, &server, &queue, op)
+                    c.queue_ops(&service, &server, role, &queue, op.as_str())
                 })
                 .unwrap_or(0.0)
             };
             QueueRow {
-                enqueue_per_s: op_rate("enqueue"),
-                dequeue_per_s: op_rate("dequeue"),
-                empty_polls_per_s: op_rate("empty_poll"),
+                enqueue_per_s: op_rate(QueueOpKind::Enqueue),
+                dequeue_per_s: op_rate(QueueOpKind::Dequeue),
+                empty_polls_per_s: op_rate(QueueOpKind::EmptyPoll),
                 service: service.clone(),
                 server: server.clone(),
+                role,
                 queue: queue.clone(),
             }
         })

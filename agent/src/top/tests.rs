@@ -214,8 +214,9 @@ fn processes_from_history() {
 const METRICS_BEFORE: &str = r#"cacheprobe_connections_active{service="memcached",server="10.0.0.1:11211",role="client"} 8
 cacheprobe_memcache_bytes_total{service="memcached",server="10.0.0.1:11211",role="client",direction="sent"} 1000
 cacheprobe_memcache_bytes_total{service="memcached",server="10.0.0.1:11211",role="client",direction="received"} 10000
-cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",queue="jobs",op="enqueue"} 100
-cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",queue="jobs",op="empty_poll"} 10
+cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",role="client",queue="jobs",op="enqueue"} 100
+cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",role="server",queue="jobs",op="enqueue"} 100
+cacheprobe_queue_operations_total{service="kestrel",server="127.0.0.1:22133",role="server",queue="jobs",op="empty_poll"} 10
 cacheprobe_process_open_fds{comm="php-fpm"} 50
 cacheprobe_process_fd_limit{comm="php-fpm"} 1024
 cacheprobe_process_connections{comm="php-fpm",service="memcached"} 8
@@ -241,11 +242,28 @@ fn counters_give_connections_bytes_queues_and_fds() {
     assert_eq!(a.connections, Some(9));
     assert_eq!(a.bytes_out_per_s, Some(1000.0));
     assert_eq!(a.bytes_in_per_s, Some(10000.0));
-    let queue = &model.queues[0];
-    assert_eq!(queue.queue, "jobs");
-    assert_eq!(queue.enqueue_per_s, 20.0);
-    assert_eq!(queue.dequeue_per_s, 0.0);
-    assert_eq!(queue.empty_polls_per_s, 0.0);
+    // The producer and the queue server on this host each counted the 40 enqueues: one row
+    // per end, each at 20/s, not one row at 40/s.
+    let queues: Vec<(Role, &str, f64, f64, f64)> = model
+        .queues
+        .iter()
+        .map(|q| {
+            (
+                q.role,
+                q.queue.as_str(),
+                q.enqueue_per_s,
+                q.dequeue_per_s,
+                q.empty_polls_per_s,
+            )
+        })
+        .collect();
+    assert_eq!(
+        queues,
+        [
+            (Role::Client, "jobs", 20.0, 0.0, 0.0),
+            (Role::Server, "jobs", 20.0, 0.0, 0.0)
+        ]
+    );
     let php = model
         .processes
         .iter()
@@ -798,9 +816,7 @@ fn column_fitting_keeps_the_important_columns() {
 fn the_daemons_counter_registry_parses_whole() {
     use crate::export::{
         encode::{encode, Format},
-        metrics::{
-            CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Metrics, QueueLabels,
-        },
+        metrics::{CommLabels, CommServiceLabels, EndpointLabels, FdErrorLabels, Metrics},
     };
     let (metrics, _) = Metrics::new();
     let endpoint = EndpointLabels {
@@ -815,15 +831,17 @@ fn the_daemons_counter_registry_parses_whole() {
         .inc_by(1234);
     metrics
         .queue_operations
-        .get_or_create(&QueueLabels {
-            service: "kestrel".into(),
-            server: "127.0.0.1:22133".into(),
+        .get_or_create(
+            &EndpointLabels {
+                service: "kestrel".into(),
+                server: "127.0.0.1:22133".into(),
+                role: "server",
+            }
             // Not a name with quotes: prometheus-client 0.22 writes label values unescaped
             // (found here; a queue named with '"' breaks the exposition text, also for
             // Prometheus), and the parser rightly skips such a line.
-            queue: "jobs".into(),
-            op: "dequeue",
-        })
+            .queue("jobs".into(), "dequeue"),
+        )
         .inc_by(5);
     let comm = CommLabels {
         comm: "php-fpm".into(),
@@ -862,7 +880,13 @@ fn the_daemons_counter_registry_parses_whole() {
         Some(1234.0)
     );
     assert_eq!(
-        counters.queue_ops("kestrel", "127.0.0.1:22133", "jobs", "dequeue"),
+        counters.queue_ops(
+            "kestrel",
+            "127.0.0.1:22133",
+            Role::Server,
+            "jobs",
+            "dequeue"
+        ),
         Some(5.0)
     );
     assert_eq!(counters.fds("php-fpm"), Some((10, 20)));

@@ -54,7 +54,7 @@ impl Pane {
             Pane::Servers => 3,
             Pane::Processes => 3,
             Pane::HotKeys => 5,
-            Pane::Queues => 3,
+            Pane::Queues => 4,
         }
     }
 }
@@ -122,6 +122,7 @@ pub const HOT_KEY_COLUMNS: &[Column] = &[
 pub const QUEUE_COLUMNS: &[Column] = &[
     col("SERVICE", ' ', 10, false, 1),
     col("SERVER", 's', 21, false, 0),
+    col("ROLE", ' ', 6, false, 1),
     col("QUEUE", 'n', 20, false, 0),
     col("ENQ/S", 'e', 9, true, 0),
     col("DEQ/S", 'd', 9, true, 0),
@@ -488,11 +489,17 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
 
 fn queue_row(row: &QueueRow) -> TableRow {
     TableRow {
-        id: vec![row.service.clone(), row.server.clone(), row.queue.clone()],
+        id: vec![
+            row.service.clone(),
+            row.server.clone(),
+            role(row.role).to_string(),
+            row.queue.clone(),
+        ],
         group: 0,
         cells: vec![
             row.service.clone(),
             row.server.clone(),
+            role(row.role).to_string(),
             row.queue.clone(),
             rate(row.enqueue_per_s),
             rate(row.dequeue_per_s),
@@ -501,6 +508,7 @@ fn queue_row(row: &QueueRow) -> TableRow {
         sort: vec![
             SortValue::Text(row.service.clone()),
             SortValue::Text(row.server.clone()),
+            SortValue::Text(role(row.role).to_string()),
             SortValue::Text(row.queue.clone()),
             SortValue::Number(Some(row.enqueue_per_s)),
             SortValue::Number(Some(row.dequeue_per_s)),
@@ -509,7 +517,13 @@ fn queue_row(row: &QueueRow) -> TableRow {
         spark: None,
         unrecorded: Vec::new(),
         detail: vec![
-            format!("queue {} on {} {}", row.queue, row.service, row.server),
+            format!(
+                "queue {} on {} {}, counted at the {} end",
+                row.queue,
+                row.service,
+                row.server,
+                role(row.role)
+            ),
             format!(
                 "enqueue/s {}   dequeue/s {}   empty polls/s {}",
                 rate(row.enqueue_per_s),

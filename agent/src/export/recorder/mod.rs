@@ -219,25 +219,24 @@ impl ObservationRecorder {
                 }
                 self.observe_sizes(endpoint, request);
                 if let (Some(queue), Some(key)) = (&request.queue, &request.key) {
-                    let labels = self.endpoint_labels(endpoint);
                     let name = String::from_utf8_lossy(key.as_bytes()).into_owned();
                     let queue_label = self.queues.admit(endpoint.service, name);
-                    let queue_labels = QueueLabels {
-                        service: labels.service,
-                        server: labels.server,
-                        queue: queue_label,
-                        op: queue.op.as_str(),
-                    };
+                    let queue_labels = self
+                        .endpoint_labels(endpoint)
+                        .queue(queue_label, queue.op.as_str());
+                    // Every blocking fetch is left out of the latency histogram, answered or not.
                     if request.is_blocking_fetch() {
                         self.metrics
                             .queue_blocking_fetches
                             .get_or_create(&queue_labels)
                             .inc_by(weight);
                     }
-                    self.metrics
-                        .queue_operations
-                        .get_or_create(&queue_labels)
-                        .inc_by(weight);
+                    if request.queue_operation().is_some() {
+                        self.metrics
+                            .queue_operations
+                            .get_or_create(&queue_labels)
+                            .inc_by(weight);
+                    }
                 }
             }
             MemcacheEvent::DecodeError { service, reason } => {

@@ -416,6 +416,82 @@ fn blocking_queue_fetches_stay_out_of_the_latency_histogram() {
         "{text}"
     );
     assert!(text.contains(
-        "cacheprobe_queue_blocking_fetches_total{service=\"kestrel\",server=\"10.0.0.9:22133\",queue=\"jobs\",op=\"empty_poll\"} 3"
+        "cacheprobe_queue_blocking_fetches_total{service=\"kestrel\",server=\"10.0.0.9:22133\",role=\"client\",queue=\"jobs\",op=\"empty_poll\"} 3"
     ), "{text}");
+}
+
+/// A producer and a queue server on one host: each end counts its own operations under its
+/// role (one series for both added up to twice the enqueues), and only what the queue did.
+/// An enqueue refused (not_stored, error) or never answered, or a fetch that timed out, is a
+/// request by status, not an operation; an empty poll and a noreply enqueue are.
+#[test]
+fn queue_operations_are_per_role_and_only_what_the_queue_did() {
+    use crate::memcache::{Key, QueueOp, QueueOpKind};
+    let (mut recorder, registry) = new_recorder(SharedServices::watching(&[("starling", 22133)]));
+    let at = |role| Endpoint {
+        role,
+        ..endpoint("127.0.0.1:22133")
+    };
+    let request = |role, command, status, op| MemcacheEvent::Request {
+        endpoint: at(role),
+        request: RequestObservation {
+            command,
+            status,
+            key: Some(Key::new(b"jobs", 250, false)),
+            queue: Some(QueueOp {
+                op,
+                options: Default::default(),
+            }),
+            ..RequestObservation::stored_set(0)
+        },
+        sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        comm: [0; agent_common::COMM_LEN],
+    };
+    use QueueOpKind::{Dequeue, EmptyPoll, Enqueue};
+    for role in [Role::Client, Role::Server] {
+        for (command, status, op) in [
+            (Command::Set, Status::Stored, Enqueue),
+            (Command::Set, Status::Noreply, Enqueue),
+            (Command::Set, Status::NotStored, Enqueue),
+            (Command::Set, Status::ServerError, Enqueue),
+            (Command::Set, Status::Unanswered, Enqueue),
+            (Command::Get, Status::Hit, Dequeue),
+            (Command::Get, Status::Timeout, Dequeue),
+            (Command::Get, Status::Unknown, Dequeue),
+            (Command::Get, Status::Miss, EmptyPoll),
+        ] {
+            recorder.record_memcache(&request(role, command, status, op), 1);
+        }
+    }
+    let text = encode(&registry, Format::PrometheusText).unwrap();
+    let mut ops: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("cacheprobe_queue_operations_total{"))
+        .collect();
+    ops.sort_unstable();
+    let series = |role: &str, op: &str, n: u32| {
+        format!(
+            "cacheprobe_queue_operations_total{{service=\"starling\",server=\"127.0.0.1:22133\",\
+             role=\"{role}\",queue=\"jobs\",op=\"{op}\"}} {n}"
+        )
+    };
+    assert_eq!(
+        ops,
+        [
+            series("client", "dequeue", 1),
+            series("client", "empty_poll", 1),
+            series("client", "enqueue", 2),
+            series("server", "dequeue", 1),
+            series("server", "empty_poll", 1),
+            series("server", "enqueue", 2),
+        ],
+        "{text}"
+    );
+    // Every request is still counted as one, by its status.
+    let requests: u32 = text
+        .lines()
+        .filter(|l| l.starts_with("cacheprobe_memcache_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u32>().unwrap())
+        .sum();
+    assert_eq!(requests, 18, "{text}");
 }
