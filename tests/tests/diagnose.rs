@@ -465,3 +465,61 @@ fn names_a_full_mesh_from_the_daemons_samples() {
     expected.sort();
     assert_eq!(named, expected, "{report:#}");
 }
+
+/// A client on this host aborting its connections to memcached on this host (SO_LINGER 0): each
+/// reset is sent by the client's socket and received by memcached's, both watched. The metric
+/// counts it at each end under its role and direction; the finding counts each reset once (it
+/// said twice as many).
+#[test]
+fn counts_each_reset_between_two_sockets_of_this_host_once() {
+    require_root();
+    const ABORTED: u32 = 25;
+    let port = unique_port();
+    let agent = Agent::start("diag-resets", &[("memcached", port, "memcache")]).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    python(
+        None,
+        &format!(
+            "import socket, struct\n\
+             for i in range({ABORTED}):\n\
+             \x20   s = socket.create_connection(('127.0.0.1', {port}))\n\
+             \x20   s.sendall(b'set k%d 0 0 1\\r\\nx\\r\\n' % i)\n\
+             \x20   assert s.recv(100) == b'STORED\\r\\n'\n\
+             \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+             \x20   s.close()\n"
+        ),
+    )
+    .unwrap();
+    let resets = |scrape: &Scrape, role, direction| {
+        scrape.sum(
+            "cacheprobe_tcp_resets_total",
+            &[("role", role), ("direction", direction)],
+        )
+    };
+    let scrape = agent.wait_for(Duration::from_secs(10), |s| {
+        resets(s, "server", "received") >= ABORTED as f64
+    });
+    assert_eq!(
+        (
+            resets(&scrape, "client", "sent"),
+            resets(&scrape, "server", "received"),
+            scrape.sum("cacheprobe_tcp_resets_total", &[]),
+        ),
+        (ABORTED as f64, ABORTED as f64, 2.0 * ABORTED as f64),
+        "{}",
+        scrape.text
+    );
+    let (_, report) = daemon_report(&agent);
+    let finding =
+        finding(&report, "resets").unwrap_or_else(|| panic!("no resets finding: {report:#}"));
+    assert_eq!(
+        subjects(finding, "servers"),
+        [format!("127.0.0.1:{port}")],
+        "{finding:#}"
+    );
+    assert_eq!(
+        finding_value(finding, "resets"),
+        ABORTED as f64,
+        "{finding:#}"
+    );
+}

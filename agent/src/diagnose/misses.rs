@@ -206,7 +206,9 @@ fn restart_signs(snap: &HistorySnapshot, service: &str, server: &str, at: u64) -
                 continue;
             }
             match row.event {
-                TcpEvent::ResetReceived => resets += row.count as u64,
+                // Resets the server sent its clients; one its own socket received (watched
+                // when the server is on this host) came from a client, no sign of a restart.
+                TcpEvent::ResetReceived if row.role == Role::Client => resets += row.count as u64,
                 TcpEvent::ConnectRefused => refused += row.count as u64,
                 _ => {}
             }

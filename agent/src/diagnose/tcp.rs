@@ -4,13 +4,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{HistorySnapshot, TcpEvent};
+use crate::{
+    history::{HistorySnapshot, TcpEvent},
+    model::Role,
+};
 
 #[derive(Default)]
 struct Trouble {
     events: BTreeMap<TcpEvent, u64>,
+    /// Resets by the role of the socket that counted them (see [`Trouble::local_resets`]).
+    resets: BTreeMap<(Role, TcpEvent), u64>,
     first_t: BTreeMap<&'static str, u64>,
     last_t: BTreeMap<&'static str, u64>,
+}
+
+/// Resets whose two ends are both sockets of this host, one event each.
+struct LocalResets {
+    /// Sent by a client here, received by the server here.
+    to_server: u64,
+    /// Sent by the server here, received by a client here.
+    to_client: u64,
 }
 
 impl Trouble {
@@ -23,6 +36,37 @@ impl Trouble {
     }
     fn get(&self, event: TcpEvent) -> u64 {
         self.events.get(&event).copied().unwrap_or(0)
+    }
+    fn reset(&self, role: Role, event: TcpEvent) -> u64 {
+        self.resets.get(&(role, event)).copied().unwrap_or(0)
+    }
+
+    /// A reset between a client and its server both on this host (loopback, or namespaces on
+    /// one bridge) is recorded twice: sent by one socket, received by its peer. A client here
+    /// whose server is also here talks to that server's own socket, so what one of them sends
+    /// the other receives: the smaller count of each such pair is the resets the two share;
+    /// the rest came from or went to other hosts.
+    fn local_resets(&self) -> LocalResets {
+        let pair = |sender: Role, receiver: Role| {
+            self.reset(sender, TcpEvent::ResetSent)
+                .min(self.reset(receiver, TcpEvent::ResetReceived))
+        };
+        LocalResets {
+            to_server: pair(Role::Client, Role::Server),
+            to_client: pair(Role::Server, Role::Client),
+        }
+    }
+
+    /// Every reset once, wherever its ends are.
+    fn resets_once(&self) -> u64 {
+        let local = self.local_resets();
+        self.sum(TcpEvent::is_reset) - local.to_server - local.to_client
+    }
+
+    /// Retransmits are counted by the sending socket only, so one per retransmission whether
+    /// or not the receiver is on this host too.
+    fn retransmits(&self) -> u64 {
+        self.sum(TcpEvent::is_retransmit)
     }
     fn span(&self, class: &str) -> Option<Span> {
         Some(Span {
@@ -49,7 +93,8 @@ struct HotSpot {
     /// What is counted, for the title.
     what: &'static str,
     class: &'static str,
-    pick: fn(TcpEvent) -> bool,
+    /// Each event once.
+    count: fn(&Trouble) -> u64,
     min: fn(&DiagnoseThresholds) -> u64,
     /// The count broken down by event, for the evidence.
     breakdown: fn(&Trouble) -> String,
@@ -60,7 +105,7 @@ const RETRANSMITS: HotSpot = HotSpot {
     start: |title| Finding::new("retransmits", Severity::Warning, title),
     what: "TCP retransmits",
     class: "retransmit",
-    pick: TcpEvent::is_retransmit,
+    count: Trouble::retransmits,
     min: |th| th.retransmit_min,
     breakdown: |trouble| {
         format!(
@@ -80,14 +125,34 @@ const RESETS: HotSpot = HotSpot {
     start: |title| Finding::new("resets", Severity::Warning, title),
     what: "TCP resets",
     class: "reset",
-    pick: TcpEvent::is_reset,
+    count: Trouble::resets_once,
     min: |th| th.reset_min,
     breakdown: |trouble| {
-        format!(
-            "{} received, {} sent",
-            trouble.get(TcpEvent::ResetReceived),
-            trouble.get(TcpEvent::ResetSent),
-        )
+        let local = trouble.local_resets();
+        let both = local.to_server + local.to_client;
+        let received = trouble.get(TcpEvent::ResetReceived) - both;
+        let sent = trouble.get(TcpEvent::ResetSent) - both;
+        if both == 0 {
+            return format!("{received} received, {sent} sent");
+        }
+        [
+            (
+                local.to_server,
+                "sent by clients on this host to the server here",
+            ),
+            (
+                local.to_client,
+                "sent by the server here to clients on this host",
+            ),
+            (received, "received from other hosts"),
+            (sent, "sent to other hosts"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+            + " (a reset between two sockets here is seen at both ends, counted once)"
     },
     advice: "Connections to this server are being torn down: a \
         restarting or crashing server, a connection limit (memcached -c), a \
@@ -119,6 +184,9 @@ fn collect(snap: &HistorySnapshot) -> BTreeMap<String, BTreeMap<String, Trouble>
         for row in &second.tcp {
             let trouble = util::by_server(&mut services, snap, row.service, row.server);
             *trouble.events.entry(row.event).or_default() += row.count as u64;
+            if row.event.is_reset() {
+                *trouble.resets.entry((row.role, row.event)).or_default() += row.count as u64;
+            }
             let class = class(row.event);
             trouble.first_t.entry(class).or_insert(second.t);
             trouble.last_t.insert(class, second.t);
@@ -127,12 +195,12 @@ fn collect(snap: &HistorySnapshot) -> BTreeMap<String, BTreeMap<String, Trouble>
     services
 }
 
-/// The counts of `pick` events at every other server of the service, trouble-free ones as 0.
+/// The `count` at every other server of the service, trouble-free ones as 0.
 fn peer_counts(
     server: &str,
     troubles: &BTreeMap<String, Trouble>,
     known: Option<&BTreeSet<String>>,
-    pick: fn(TcpEvent) -> bool,
+    count: fn(&Trouble) -> u64,
 ) -> Vec<f64> {
     let mut names: BTreeSet<&String> = troubles.keys().collect();
     if let Some(k) = known {
@@ -141,7 +209,7 @@ fn peer_counts(
     names
         .into_iter()
         .filter(|n| n.as_str() != server)
-        .map(|n| troubles.get(n).map_or(0, |t| t.sum(pick)) as f64)
+        .map(|n| troubles.get(n).map_or(0, count) as f64)
         .collect()
 }
 
@@ -154,11 +222,11 @@ fn hot_spot(
     known: Option<&BTreeSet<String>>,
     th: &DiagnoseThresholds,
 ) -> Option<Finding> {
-    let count = trouble.sum(kind.pick);
+    let count = (kind.count)(trouble);
     if count < (kind.min)(th) {
         return None;
     }
-    let peers = peer_counts(server, troubles, known, kind.pick);
+    let peers = peer_counts(server, troubles, known, kind.count);
     let peer = hot(count, &peers, th)?;
     let mut finding = (kind.start)(format!(
         "{server} ({service}): {} {}{}",

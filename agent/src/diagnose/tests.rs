@@ -420,6 +420,21 @@ fn miss_storm_after_a_restart() {
             reason: ConnectFailureReason::Refused,
         },
     );
+    // The clients' resets from the dying server are a sign; the server's own socket receiving
+    // resets from clients on this host (counted there too) is none.
+    for (role, count) in [(Role::Client, 2), (Role::Server, 4)] {
+        for _ in 0..count {
+            sim.record(
+                restart - 1,
+                Fact::Reset {
+                    service: SERVICE.into(),
+                    server: SERVERS[2].into(),
+                    role,
+                    direction: ResetDirection::Received,
+                },
+            );
+        }
+    }
     let findings = run(&mut sim, T0 + 300);
     let finding = only(&findings, "miss-storm");
     assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
@@ -427,7 +442,8 @@ fn miss_storm_after_a_restart() {
     assert!(finding.values["hit_ratio_before"] > 0.85);
     assert!(finding.values["hit_ratio_after"] < 0.1);
     assert!(
-        finding.evidence.iter().any(|e| e.contains("restart")),
+        finding.evidence.iter().any(|e| e.contains("restart")
+            && e.contains("3 connections closed by the server, 2 resets received")),
         "{:#?}",
         finding.evidence
     );
@@ -815,6 +831,47 @@ fn retransmit_and_reset_hot_spots_and_connect_failures() {
     assert_eq!(failures.subjects.servers, vec!["10.0.0.9:11211"]);
     assert_eq!(failures.severity, Severity::Critical);
     assert!(failures.advice.contains("Refused"));
+}
+
+/// A client and its server on one host (nutcracker and memcached on loopback): each reset
+/// one sends is recorded twice, sent by one socket and received by the other. The finding
+/// counts it once: 6 such resets stay under the 10 a finding needs (they read as 12), and 12
+/// more with 3 from other hosts' clients are 15 (they read as 27).
+#[test]
+fn a_reset_between_two_sockets_of_this_host_is_counted_once() {
+    let reset = |role, direction| Fact::Reset {
+        service: SERVICE.into(),
+        server: SERVERS[0].into(),
+        role,
+        direction,
+    };
+    let sim_with = |local: u64, remote: u64| {
+        let mut sim = Sim::new();
+        sim.healthy(T0, T0 + 120);
+        for i in 0..local {
+            sim.record(T0 + i, reset(Role::Client, ResetDirection::Sent));
+            sim.record(T0 + i, reset(Role::Server, ResetDirection::Received));
+        }
+        for i in 0..remote {
+            sim.record(T0 + 30 + i, reset(Role::Server, ResetDirection::Received));
+        }
+        sim
+    };
+    let findings = run(&mut sim_with(6, 0), T0 + 120);
+    assert!(!ids(&findings).contains(&"resets"), "{findings:#?}");
+
+    let findings = run(&mut sim_with(12, 3), T0 + 120);
+    let resets = only(&findings, "resets");
+    assert_eq!(resets.subjects.servers, vec![SERVERS[0]]);
+    assert_eq!(resets.values["resets"], 15.0);
+    assert!(resets.title.contains(": 15 TCP resets"), "{}", resets.title);
+    assert!(
+        resets.evidence[0].starts_with(
+            "12 sent by clients on this host to the server here, 3 received from other hosts"
+        ),
+        "{:?}",
+        resets.evidence
+    );
 }
 
 #[test]

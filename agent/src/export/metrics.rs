@@ -424,7 +424,8 @@ declare_metrics! {
         "TCP retransmissions on watched connections (kind: data, syn, synack)";
     tcp_resets: Family<ResetLabels, Counter>
         => "tcp_resets",
-        "TCP resets on watched ports, sent or received";
+        "TCP resets on watched ports, sent or received, at each watched end (a reset between \
+             two sockets of this host is counted sent at one role and received at the other)";
     connect_failures: Family<ConnectFailureLabels, Counter>
         => "connect_failures",
         "Connection attempts to watched services that never reached ESTABLISHED (refused, timeout)";
