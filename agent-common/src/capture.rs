@@ -25,6 +25,11 @@ use crate::COMM_LEN;
 pub mod capture_sample {
     /// Largest shift: one connection in 1024.
     pub const MAX_SHIFT: u32 = 10;
+    /// The shift that follows (next to) no connection: [`is_followed`] masks the low 15 bits,
+    /// so one connection in 32,768 per epoch, and its records (depth at most [`MAX_SHIFT`])
+    /// belong to no sample. The agent sets it for the seconds a time-sampled slot follows
+    /// nothing, with no change to the kernel's programs.
+    pub const FOLLOW_NONE: u32 = 15;
     /// [`super::PayloadHeader::sample_shift`] of a record captured because its connection is in
     /// trouble (or the kernel cannot tell healthy ones), not as a sample: it stands for itself.
     pub const NOT_SAMPLED: u8 = 0xff;

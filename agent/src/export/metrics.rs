@@ -538,8 +538,10 @@ declare_metrics! {
         => "capture_sample_ratio",
         "Share of healthy watched connections whose payloads are decoded, of the most sampled \
              service (each service has its own): 1 until captured records exceed its share of \
-             limits.capture_records_per_second, then 1/2, 1/4, ... Request and byte counters \
-             are scaled up; latency histograms hold the decoded requests only";
+             limits.capture_records_per_second, then 1/2, 1/4, ... (1/c for a service with too \
+             few connections to sample, whose every connection is followed one second in c). \
+             Request and byte counters are scaled up; latency histograms hold the decoded \
+             requests only";
     capture_sample_turns: Counter
         => "capture_sample_turns",
         "Times a service's capture sample turned to other connections because over a whole \

@@ -181,7 +181,7 @@ impl Pipeline {
         self.outputs
             .metrics()
             .capture_sample_ratio
-            .set(1.0 / (1u64 << self.capture.narrowest_shift()) as f64);
+            .set(self.capture.narrowest_ratio());
     }
 
     /// Facts that do not flow through observations (incoming SYNs, key splits, losses) also go
@@ -397,6 +397,7 @@ impl Pipeline {
             endpoint,
             flow,
             queue_mode,
+            self.capture.is_time_sampled(endpoint.service),
             &mut self.memcache_events,
         );
         let slot = self.comm_names.slot(payload.comm);

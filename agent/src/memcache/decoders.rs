@@ -139,13 +139,16 @@ impl Decoders {
     }
 
     /// `flow`: the connection's [`crate::model::flow_id`] when known (requests then carry
-    /// their [`crate::model::request_id`]).
+    /// their [`crate::model::request_id`]). `time_sampled`: the stream's service is followed
+    /// one second in several (`CaptureSampling`), so a stream met by a sampled record is met
+    /// mid-stream even at shift 0.
     pub fn on_payload(
         &mut self,
         payload: &PayloadView<'_>,
         endpoint: Endpoint,
         flow: Option<u64>,
         queue_mode: bool,
+        time_sampled: bool,
         out: &mut Vec<MemcacheEvent>,
     ) {
         out.push(MemcacheEvent::Bytes {
@@ -162,7 +165,10 @@ impl Decoders {
             if !self.open_stream(payload.sk, endpoint, queue_mode, out) {
                 return;
             }
-            if payload.sample_shift.is_some_and(|shift| shift > 0) {
+            if payload
+                .sample_shift
+                .is_some_and(|shift| shift > 0 || time_sampled)
+            {
                 if let Some(state) = self.connections.get_mut(&payload.sk) {
                     state.awaiting_request = true;
                 }

@@ -28,7 +28,7 @@ fn record(ts: u64, sk: u64, is_send: bool, data: &[u8], total: u64) -> Vec<u8> {
 fn feed(decoders: &mut Decoders, records: &[Vec<u8>], role: Role, out: &mut Vec<MemcacheEvent>) {
     for bytes in records {
         let view = parse_payload(bytes).unwrap();
-        decoders.on_payload(&view, endpoint(role), None, false, out);
+        decoders.on_payload(&view, endpoint(role), None, false, false, out);
     }
 }
 
@@ -86,7 +86,7 @@ fn requests_carry_the_request_id_of_their_flow_and_sequence_number() {
     ];
     for (flow, bytes) in &calls {
         let view = parse_payload(bytes).unwrap();
-        decoders.on_payload(&view, endpoint(Role::Client), *flow, false, &mut out);
+        decoders.on_payload(&view, endpoint(Role::Client), *flow, false, false, &mut out);
     }
     let ids: Vec<Option<u64>> = out
         .iter()
@@ -159,7 +159,7 @@ fn client_get_hit_is_decoded_with_latency_and_bytes() {
     let response = record(51_000, 5, false, b"VALUE k 0 1\r\nv\r\nEND\r\n", 21);
     for bytes in [&request, &response] {
         let view = parse_payload(bytes).unwrap();
-        decoders.on_payload(&view, endpoint(Role::Client), None, false, &mut out);
+        decoders.on_payload(&view, endpoint(Role::Client), None, false, false, &mut out);
     }
     let requests: Vec<_> = out
         .iter()
@@ -312,7 +312,7 @@ fn decode_through_capture(
         let state = if is_send { &mut send } else { &mut recv };
         for record in kernel_capture(1_000 * (i as u64 + 1), 7, is_send, call, state, budget) {
             let view = parse_payload(&record).unwrap();
-            decoders.on_payload(&view, endpoint(role), None, false, &mut out);
+            decoders.on_payload(&view, endpoint(role), None, false, false, &mut out);
         }
     }
     decoders.on_close(7, &mut out);
@@ -435,7 +435,7 @@ fn heads_through_capture(
             ts += 1_000;
             for record in kernel_capture(ts, 7, is_send, call, state, 65536) {
                 let view = parse_payload(&record).unwrap();
-                decoders.on_payload(&view, endpoint(role), None, true, &mut out);
+                decoders.on_payload(&view, endpoint(role), None, true, false, &mut out);
             }
         }
     }
@@ -830,6 +830,40 @@ fn a_stream_met_by_a_sample_skips_answers_before_its_first_request() {
                 .all(|e| *e == DecodeErrorReason::UnexpectedResponse),
         "unsampled: {out:?}"
     );
+}
+
+/// A service sampled in time follows its connections again at shift 0 after seconds of
+/// following none: a stream met then may first show the answer to a request sent unfollowed,
+/// which is skipped, not a decode error (each followed second made one, and the root test of a
+/// lone connection failed on them). Not sampled in time, the same shift-0 record stays the
+/// counted cut of an adopted connection.
+#[test]
+fn a_stream_met_by_a_time_sample_skips_answers_before_its_first_request() {
+    let hit = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+    for time_sampled in [true, false] {
+        let at_shift_0 = |mut bytes: Vec<u8>| {
+            mark_sample(&mut bytes, Some((0, 3)));
+            bytes
+        };
+        let records = [
+            at_shift_0(record(100, 5, false, hit, 21)),
+            at_shift_0(record(200, 5, true, b"get k\r\n", 7)),
+            at_shift_0(record(300, 5, false, hit, 21)),
+        ];
+        let mut decoders = Decoders::new(10);
+        let mut out = Vec::new();
+        for bytes in &records {
+            let view = parse_payload(bytes).unwrap();
+            let client = endpoint(Role::Client);
+            decoders.on_payload(&view, client, None, false, time_sampled, &mut out);
+        }
+        assert_eq!(
+            decode_errors(&out).is_empty(),
+            time_sampled,
+            "time sampled: {time_sampled}: {out:?}"
+        );
+        assert_eq!(statuses(&out).last(), Some(&Status::Hit), "{out:?}");
+    }
 }
 
 /// Turning a slot's sample: a sampled stream with a request waiting holds the turn back (its
