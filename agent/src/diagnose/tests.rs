@@ -965,3 +965,147 @@ fn timing_over_a_full_history() {
         report.edges.len()
     );
 }
+
+const PROXY: &str = "127.0.0.1:22121";
+
+/// One request through a twemproxy on this host: webapp's view (client role), nutcracker's
+/// answer (server role) and, unless the proxy answered it alone, nutcracker's request to the
+/// backend (client role).
+fn proxied(sim: &mut Sim, t: u64, status: Status, backend: Option<(&str, Status, Option<u32>)>) {
+    for (role, comm) in [(Role::Client, "webapp"), (Role::Server, "nutcracker")] {
+        sim.record(
+            t,
+            Fact::Request {
+                service: "twemproxy".into(),
+                server: PROXY.into(),
+                role,
+                comm: Some(comm.into()),
+                command: "get".into(),
+                status,
+                latency_us: status.is_answer().then_some(300),
+            },
+        );
+    }
+    if let Some((server, status, latency_us)) = backend {
+        sim.request(t, server, "nutcracker", "get", status, latency_us);
+    }
+}
+
+/// Audit s3: nutcracker's `timeout: 100` against a backend stopped 150 ms of every 200 ms.
+/// webapp gets SERVER_ERROR for 1 request in 30 while nutcracker's requests to that backend
+/// go unanswered (it closes the connection, with resets); the finding names the proxy, the
+/// application, the error count and the backend behind them.
+#[test]
+fn a_proxy_answering_errors_names_the_backend_that_failed_it() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    let mut errors = 0;
+    for t in T0..T0 + 60 {
+        for i in 0..30u64 {
+            let backend = SERVERS[(i % 3) as usize];
+            let stalled = backend == SERVERS[1] && (T0 + 20..T0 + 50).contains(&t) && i == 1;
+            if stalled {
+                errors += 1;
+                proxied(
+                    &mut sim,
+                    t,
+                    Status::ServerError,
+                    Some((backend, Status::Unanswered, None)),
+                );
+                sim.record(
+                    t,
+                    Fact::Reset {
+                        service: SERVICE.into(),
+                        server: SERVERS[1].into(),
+                        role: Role::Client,
+                        direction: ResetDirection::Sent,
+                    },
+                );
+            } else {
+                let latency = sim.healthy_latency();
+                proxied(
+                    &mut sim,
+                    t,
+                    Status::Hit,
+                    Some((backend, Status::Hit, Some(latency))),
+                );
+            }
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "error-replies");
+    assert_eq!(finding.values["errors"], errors as f64);
+    assert_eq!(finding.values["server_error"], errors as f64);
+    assert_eq!(finding.values["requests"], 1800.0);
+    assert!(
+        finding
+            .title
+            .starts_with("twemproxy 127.0.0.1:22121 answered 1.7% of webapp's requests with errors (server_error x30)"),
+        "{}",
+        finding.title
+    );
+    assert!(finding.title.contains(SERVERS[1]), "{}", finding.title);
+    assert_eq!(finding.subjects.servers, vec![PROXY, SERVERS[1]]);
+    assert_eq!(finding.subjects.processes, vec!["webapp", "nutcracker"]);
+    let backend_line = finding
+        .evidence
+        .iter()
+        .find(|line| line.contains(SERVERS[1]))
+        .expect("a line for the failing backend");
+    assert!(
+        backend_line.contains("30 of ") && backend_line.contains("30 TCP resets"),
+        "{backend_line}"
+    );
+    assert!(finding.advice.contains("timeout"), "{}", finding.advice);
+    assert_eq!(finding.span.unwrap().start_s, T0 + 20);
+}
+
+/// Any server answering a notable share with errors is named with its counts by status; a
+/// couple of CLIENT_ERRORs (one bad key) are not.
+#[test]
+fn a_server_answering_errors_is_named_with_counts_by_status() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for t in T0..T0 + 60 {
+        sim.request(
+            t,
+            SERVERS[0],
+            "php-fpm",
+            "set",
+            Status::ServerError,
+            Some(200),
+        );
+        if t % 10 == 0 {
+            sim.request(t, SERVERS[0], "ruby", "get", Status::ClientError, Some(200));
+        }
+    }
+    sim.request(
+        T0 + 5,
+        SERVERS[2],
+        "ruby",
+        "get",
+        Status::ClientError,
+        Some(200),
+    );
+    sim.request(T0 + 6, SERVERS[2], "ruby", "gat", Status::Error, Some(200));
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "error-replies");
+    assert_eq!(finding.subjects.servers, vec![SERVERS[0]]);
+    assert_eq!(finding.values["server_error"], 60.0);
+    assert_eq!(finding.values["client_error"], 6.0);
+    assert_eq!(finding.values["errors"], 66.0);
+    assert!(
+        finding
+            .title
+            .contains("(server_error x60, client_error x6)"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding.title.contains("this host's clients'"),
+        "{}",
+        finding.title
+    );
+    assert_eq!(finding.subjects.processes, vec!["php-fpm", "ruby"]);
+    assert_eq!(finding.severity, Severity::Warning);
+}
