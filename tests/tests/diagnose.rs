@@ -465,3 +465,121 @@ fn names_a_full_mesh_from_the_daemons_samples() {
     expected.sort();
     assert_eq!(named, expected, "{report:#}");
 }
+
+/// Audit s3: nutcracker with `timeout: 100` in front of three memcacheds, one of them stopped
+/// 150 ms of every 200 ms. pymemcache through the proxy gets SERVER_ERROR for requests hashed
+/// to the stalled backend; diagnose names the proxy, about as many errors as the client library
+/// itself saw, and the backend that failed the proxy.
+#[test]
+fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
+    require_root();
+    let backends: Vec<u16> = (0..3).map(|_| unique_port()).collect();
+    let proxy = unique_port();
+    let mut services: Vec<(&str, u16, &str)> = backends
+        .iter()
+        .map(|&port| ("memcached", port, "memcache"))
+        .collect();
+    services.push(("twemproxy", proxy, "memcache"));
+    let agent = Agent::start("diag-proxy-errors", &services).unwrap();
+    let servers: Vec<Guard> = backends
+        .iter()
+        .map(|&port| start_memcached(None, "127.0.0.1", port, &[]).unwrap())
+        .collect();
+    let dir = scratch_dir("diag-proxy-nutcracker");
+    let conf = dir.join("nutcracker.yml");
+    let server_list: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("   - 127.0.0.1:{port}:1 mc{i}\n"))
+        .collect();
+    std::fs::write(
+        &conf,
+        format!(
+            "pool:\n  listen: 127.0.0.1:{proxy}\n  hash: fnv1a_64\n  distribution: ketama\n  \
+             timeout: 100\n  preconnect: true\n  auto_eject_hosts: false\n  \
+             server_connections: 1\n  servers:\n{server_list}"
+        ),
+    )
+    .unwrap();
+    let _nutcracker = Guard(
+        Command::new("nutcracker")
+            .arg("-c")
+            .arg(&conf)
+            .args(["-s", &unique_port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
+    );
+    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    let load = std::thread::spawn(move || {
+        python(
+            None,
+            &format!(
+                "import json, random, time\n\
+                 from pymemcache.client.base import Client\n\
+                 from pymemcache.exceptions import MemcacheServerError\n\
+                 c = Client(('127.0.0.1', {proxy}), timeout=2, connect_timeout=2)\n\
+                 keys = ['pk%d' % i for i in range(300)]\n\
+                 for k in keys:\n\
+                 \x20   c.set(k, b'v' * 100, noreply=False)\n\
+                 requests = server_errors = other = 0\n\
+                 end = time.time() + 9\n\
+                 while time.time() < end:\n\
+                 \x20   requests += 1\n\
+                 \x20   try:\n\
+                 \x20       c.get(random.choice(keys))\n\
+                 \x20   except MemcacheServerError:\n\
+                 \x20       server_errors += 1\n\
+                 \x20   except Exception:\n\
+                 \x20       other += 1\n\
+                 \x20       c.close()\n\
+                 \x20   time.sleep(0.005)\n\
+                 print(json.dumps(dict(requests=requests, server_errors=server_errors, other=other)))\n"
+            ),
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let stalled = servers[1].0.id() as i32;
+    for _ in 0..25 {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(stalled, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(150));
+        unsafe { libc::kill(stalled, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = load.join().unwrap();
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let client_errors = seen["server_errors"].as_f64().unwrap();
+    assert!(client_errors >= 10.0, "too few errors to judge: {seen}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, report) = diagnose(Some(&agent), None, "1s");
+    let errors = finding(&report, "error-replies")
+        .unwrap_or_else(|| panic!("no error-replies finding (client saw {seen}): {report:#}"));
+    let proxy_addr = format!("127.0.0.1:{proxy}");
+    let backend_addr = format!("127.0.0.1:{}", backends[1]);
+    let title = errors["title"].as_str().unwrap();
+    assert!(
+        title.starts_with(&format!("twemproxy {proxy_addr} answered ")),
+        "{title}"
+    );
+    assert!(title.contains(&backend_addr), "{title}");
+    assert_eq!(
+        subjects(errors, "servers"),
+        vec![proxy_addr, backend_addr],
+        "{errors:#}"
+    );
+    assert!(
+        subjects(errors, "processes").contains(&"python3".to_string())
+            && subjects(errors, "processes").contains(&"nutcracker".to_string()),
+        "{errors:#}"
+    );
+    let counted = finding_value(errors, "server_error");
+    assert!(
+        (counted - client_errors).abs() <= (0.05 * client_errors).max(2.0),
+        "diagnose counted {counted} server errors, the client library saw {seen}: {errors:#}"
+    );
+    eprintln!("client saw {seen}; finding: {errors:#}");
+    drop(servers);
+}

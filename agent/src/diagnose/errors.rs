@@ -308,7 +308,7 @@ fn finding(
         finding.value(status.as_str(), *count as f64);
     }
     finding.span = Some(span);
-    finding.magnitude = ratio * 100.0 + errors as f64 / 1000.0;
+    finding.magnitude = errors as f64;
     finding
 }
 

@@ -513,9 +513,16 @@ fn own_evidence(finding: &mut Finding, own: &OwnLatency, client_p99: Option<f64>
         ));
         return;
     }
+    // Only retransmits put the rest on the path; without them it may be the server's own
+    // receive queue.
+    let outside = if own.between {
+        "is spent between the boxes"
+    } else {
+        "passes outside the server's own clock"
+    };
     let between = client_p99.map_or(String::new(), |p99| {
         format!(
-            "; {} of the clients' p99 is spent between the boxes",
+            "; {} of the clients' p99 {outside}",
             util::latency((p99 - own.p99).max(0.0))
         )
     });

@@ -1208,6 +1208,14 @@ fn a_fast_local_server_without_retransmits_stays_a_slow_server() {
         "{:#?}",
         finding.evidence
     );
+    assert!(
+        !finding
+            .evidence
+            .iter()
+            .any(|l| l.contains("between the boxes")),
+        "{:#?}",
+        finding.evidence
+    );
 }
 
 /// Stalls of one retransmit timeout (200-260 ms) fall in the histogram bucket that holds the

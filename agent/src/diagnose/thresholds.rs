@@ -41,9 +41,10 @@ pub struct DiagnoseThresholds {
     /// incident...
     pub error_min_replies: u64,
     /// ...when they are at least this share of its requests (0-1): one request in a hundred
-    /// failing already breaks pages that make tens of cache calls...
+    /// failing already breaks a page making 20 cache calls one time in five...
     pub error_min_ratio: f64,
-    /// ...and critical from this share, where most pages touching that server fail.
+    /// ...and critical from this share (a third of such pages fail), where a healthy server
+    /// answers with no errors at all.
     pub error_critical_ratio: f64,
 
     // --- cold cache / miss storm ----------------------------------------------------------
@@ -137,7 +138,7 @@ impl Default for DiagnoseThresholds {
             slow_stopped_after_s: 5,
             error_min_replies: 10,
             error_min_ratio: 0.01,
-            error_critical_ratio: 0.1,
+            error_critical_ratio: 0.02,
             miss_min_lookups: 100,
             miss_min_drop: 0.3,
             miss_before_s: 60,
