@@ -36,7 +36,10 @@ pub fn bucket_lower_us(bucket: usize) -> f64 {
 /// bucket that holds the threshold (200 ms -> 185 ms). Starting at the next bucket instead
 /// (262 ms) would leave out everything between, e.g. a stall of one 200 ms retransmit timeout.
 pub fn bucket_floor_us(threshold_us: f64) -> f64 {
-    bucket_lower_us(bucket_of(threshold_us.clamp(0.0, u32::MAX as f64) as u32))
+    // Latencies are whole microseconds: a fractional threshold (a bucket bound) rounds up.
+    bucket_lower_us(bucket_of(
+        threshold_us.ceil().clamp(0.0, u32::MAX as f64) as u32
+    ))
 }
 
 /// A representative value for a bucket: its geometric middle (4 us for the first bucket, the
