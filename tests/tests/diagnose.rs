@@ -523,3 +523,218 @@ fn counts_each_reset_between_two_sockets_of_this_host_once() {
         "{finding:#}"
     );
 }
+
+/// Audit s3: nutcracker with `timeout: 100` in front of three memcacheds, one of them stopped
+/// 200 ms of every 250 ms. pymemcache through the proxy gets SERVER_ERROR for requests hashed
+/// to the stalled backend; diagnose names the proxy, about as many errors as the client library
+/// itself saw, and the backend that failed the proxy.
+#[test]
+fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
+    require_root();
+    let backends: Vec<u16> = (0..3).map(|_| unique_port()).collect();
+    let proxy = unique_port();
+    let agent = Agent::start_with_config(
+        "diag-proxy-errors",
+        &format!(
+            "{}[[services]]\nname = \"memcached\"\nports = {backends:?}\n",
+            services_config(&[("twemproxy", proxy, "memcache")])
+        ),
+    )
+    .unwrap();
+    let servers: Vec<Guard> = backends
+        .iter()
+        .map(|&port| start_memcached(None, "127.0.0.1", port, &[]).unwrap())
+        .collect();
+    let dir = scratch_dir("diag-proxy-nutcracker");
+    let conf = dir.join("nutcracker.yml");
+    let server_list: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("   - 127.0.0.1:{port}:1 mc{i}\n"))
+        .collect();
+    std::fs::write(
+        &conf,
+        format!(
+            "pool:\n  listen: 127.0.0.1:{proxy}\n  hash: fnv1a_64\n  distribution: ketama\n  \
+             timeout: 100\n  preconnect: true\n  auto_eject_hosts: false\n  \
+             server_connections: 1\n  servers:\n{server_list}"
+        ),
+    )
+    .unwrap();
+    let _nutcracker = Guard(
+        Command::new("nutcracker")
+            .arg("-c")
+            .arg(&conf)
+            .args(["-s", &unique_port().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
+    );
+    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    let load = std::thread::spawn(move || {
+        python(
+            None,
+            &format!(
+                "import json, random, threading, time\n\
+                 from pymemcache.client.base import Client\n\
+                 from pymemcache.exceptions import MemcacheServerError\n\
+                 keys = ['pk%d' % i for i in range(300)]\n\
+                 c = Client(('127.0.0.1', {proxy}), timeout=2, connect_timeout=2)\n\
+                 for k in keys:\n\
+                 \x20   c.set(k, b'v' * 100, noreply=False)\n\
+                 counts = dict(requests=0, server_errors=0, other=0)\n\
+                 lock = threading.Lock()\n\
+                 def work():\n\
+                 \x20   c = Client(('127.0.0.1', {proxy}), timeout=2, connect_timeout=2)\n\
+                 \x20   mine = dict(requests=0, server_errors=0, other=0)\n\
+                 \x20   end = time.time() + 13\n\
+                 \x20   while time.time() < end:\n\
+                 \x20       mine['requests'] += 1\n\
+                 \x20       try:\n\
+                 \x20           c.get(random.choice(keys))\n\
+                 \x20       except MemcacheServerError:\n\
+                 \x20           mine['server_errors'] += 1\n\
+                 \x20       except Exception:\n\
+                 \x20           mine['other'] += 1\n\
+                 \x20           c.close()\n\
+                 \x20       time.sleep(0.005)\n\
+                 \x20   with lock:\n\
+                 \x20       for k in counts:\n\
+                 \x20           counts[k] += mine[k]\n\
+                 ts = [threading.Thread(target=work) for _ in range(4)]\n\
+                 [t.start() for t in ts]\n\
+                 [t.join() for t in ts]\n\
+                 print(json.dumps(counts))\n"
+            ),
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Ketama spreads 300 keys unevenly: stall the backend holding most of them, so the errors
+    // are a clear share of the requests.
+    let busiest = (0..backends.len())
+        .max_by_key(|&i| server_stats(backends[i], "stats")["curr_items"] as u64)
+        .unwrap();
+    let stalled = servers[busiest].0.id() as i32;
+    // Requests sent in the first 100 ms of a stop outlast the proxy's timeout.
+    for _ in 0..40 {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(stalled, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_millis(200));
+        unsafe { libc::kill(stalled, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = load.join().unwrap();
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let client_errors = seen["server_errors"].as_f64().unwrap();
+    assert!(client_errors >= 10.0, "too few errors to judge: {seen}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, report) = diagnose(Some(&agent), None, "1s");
+    let errors = finding(&report, "error-replies")
+        .unwrap_or_else(|| panic!("no error-replies finding (client saw {seen}): {report:#}"));
+    let proxy_addr = format!("127.0.0.1:{proxy}");
+    let backend_addr = format!("127.0.0.1:{}", backends[busiest]);
+    let title = errors["title"].as_str().unwrap();
+    assert!(
+        title.starts_with(&format!("twemproxy {proxy_addr} answered ")),
+        "{title}"
+    );
+    assert!(title.contains(&backend_addr), "{title}");
+    assert_eq!(
+        subjects(errors, "servers"),
+        vec![proxy_addr, backend_addr],
+        "{errors:#}"
+    );
+    assert!(
+        subjects(errors, "processes").contains(&"python3".to_string())
+            && subjects(errors, "processes").contains(&"nutcracker".to_string()),
+        "{errors:#}"
+    );
+    let counted = finding_value(errors, "server_error");
+    assert!(
+        (counted - client_errors).abs() <= (0.05 * client_errors).max(2.0),
+        "diagnose counted {counted} server errors, the client library saw {seen}: {errors:#}"
+    );
+    eprintln!("client saw {seen}; finding: {errors:#}");
+    drop(servers);
+}
+
+/// Audit s5b: two memcacheds in one namespace, their clients in another, 15% of the packets to
+/// one of them dropped at the server namespace's INPUT. This host sees both ends: the lossy
+/// server's own socket stays fast while its clients wait retransmit timeouts, so diagnose names
+/// time lost between the boxes (slow-path), not a slow server.
+#[test]
+fn names_time_lost_between_the_boxes_not_a_slow_server() {
+    require_root();
+    let (clean, lossy) = (unique_port(), unique_port());
+    let pair = NetnsPair::create("l", 25).unwrap();
+    let _servers: Vec<Guard> = [clean, lossy]
+        .iter()
+        .map(|&port| start_memcached(Some(&pair.server_ns), &pair.server_addr, port, &[]).unwrap())
+        .collect();
+    let agent = Agent::start_with_config(
+        "diag-wireloss",
+        &format!(
+            "sample_interval_seconds = 1\n[[services]]\nname = \"cache\"\nports = [{clean}, {lossy}]\n"
+        ),
+    )
+    .unwrap();
+    let drop_rule = |action: &str| {
+        pair.drop_to_server_port(
+            action,
+            lossy,
+            &[
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                "0.15",
+            ],
+        )
+    };
+    let server = pair.server_addr.clone();
+    let client_ns = pair.client_ns.clone();
+    let load = std::thread::spawn(move || {
+        python(
+            Some(&client_ns),
+            &format!(
+                "import time, threading\n\
+                 from pymemcache.client.base import Client\n\
+                 def work(port):\n\
+                 \x20   c = Client(('{server}', port), timeout=5, connect_timeout=5)\n\
+                 \x20   end = time.time() + 16\n\
+                 \x20   while time.time() < end:\n\
+                 \x20       c.get('k')\n\
+                 \x20       time.sleep(0.01)\n\
+                 ts = [threading.Thread(target=work, args=(p,)) for p in ({clean}, {lossy})]\n\
+                 [t.start() for t in ts]\n\
+                 [t.join() for t in ts]\n"
+            ),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(drop_rule("-A").success(), "iptables statistic rule");
+    let result = load.join().unwrap();
+    let _ = drop_rule("-D");
+    result.unwrap();
+    let (_, report) = diagnose(Some(&agent), None, "1s");
+    let lossy_addr = format!("{}:{lossy}", pair.server_addr);
+    let blamed = findings(&report, &["slow-server"])
+        .into_iter()
+        .any(|f| subjects(f, "servers").contains(&lossy_addr));
+    assert!(
+        !blamed,
+        "the lossy path's server is called slow: {report:#}"
+    );
+    let path =
+        finding(&report, "slow-path").unwrap_or_else(|| panic!("no slow-path finding: {report:#}"));
+    assert_eq!(subjects(path, "servers"), vec![lossy_addr], "{path:#}");
+    assert!(
+        finding_value(path, "server_p99_ms") < 10.0 && finding_value(path, "p99_ms") > 150.0,
+        "{path:#}"
+    );
+    assert!(finding_value(path, "retransmits") > 0.0, "{path:#}");
+    eprintln!("{path:#}");
+}

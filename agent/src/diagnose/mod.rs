@@ -3,6 +3,7 @@
 //! incident class is unit-tested from a synthetic history.
 
 mod edges;
+mod errors;
 mod fds;
 mod idle;
 mod listen;
@@ -133,6 +134,7 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     let mut findings = Vec::new();
     idle::detect(snapshot, thresholds, &mut findings);
     slow::detect(snapshot, thresholds, &mut findings);
+    errors::detect(snapshot, thresholds, &mut findings);
     misses::detect(snapshot, thresholds, &mut findings);
     routing::detect(snapshot, thresholds, &mut findings);
     fds::detect(snapshot, thresholds, &mut findings);

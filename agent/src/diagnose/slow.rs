@@ -1,12 +1,18 @@
 //! One slow or hung server among its peers: with client-side hashing every server owns 1/N of
 //! the keys, so one bad server slows every page that touches its keys while averages over the
 //! tier look fine. Compares each server's p99, stalled requests and unanswered requests with
-//! the other servers of the same service, and notices a server that stopped answering.
+//! the other servers of the same service, and notices a server that stopped answering. When
+//! this host also holds the server's end (a local server, a network namespace), the server's
+//! own latency is known: clients far slower than it, with retransmits on the path, lost the
+//! time between the boxes, and the finding says so instead of calling the server slow.
 
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
+use crate::history::{
+    latency::{self, LatencyHistogram},
+    HistorySnapshot, TcpEvent,
+};
 
 use crate::model::Role;
 
@@ -26,6 +32,11 @@ struct ServerStats {
     stalled_by_t: BTreeMap<u64, u64>,
     /// Requests per process, per second.
     requests_by_comm: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// The server's own latency, measured at its socket (server role), when its end is on this
+    /// host too: from its read of a request to its reply.
+    server_hist: LatencyHistogram,
+    /// Retransmits on this host's connections with the server (either end), per second.
+    retransmits_by_t: BTreeMap<u64, u64>,
 }
 
 /// Stalls are judged within this many seconds: a hung server stalls many requests at once,
@@ -35,6 +46,13 @@ const STALL_WINDOW_S: u64 = 10;
 /// How far apart a dead write and the unanswered request it carried may be recorded: the
 /// write's fate is settled within 5 s, the request's at the close or its timeout.
 const DEAD_WRITE_MATCH_S: u64 = 15;
+
+/// Where the stall count really starts: the histogram counts by bucket, and the bucket holding
+/// `slow_stall_ms` starts below it (185 ms for 200 ms). Counting from the next bucket (262 ms)
+/// left out stalls of one retransmit timeout (200-260 ms); the text names this boundary.
+fn stall_floor_us(th: &DiagnoseThresholds) -> f64 {
+    latency::bucket_floor_us(th.slow_stall_ms * 1000.0)
+}
 
 impl ServerStats {
     fn stalled(&self) -> u64 {
@@ -69,11 +87,13 @@ pub(super) fn detect(snap: &HistorySnapshot, th: &DiagnoseThresholds, out: &mut 
             if let Some(finding) = stopped(service, server, stats, snap, th) {
                 out.push(finding);
             } else if let Some(verdict) = slow(stats, &peers, th) {
+                let own = own_latency(stats, &verdict, th);
                 out.push(slow_server(
                     service,
                     server,
                     stats,
                     &verdict,
+                    own.as_ref(),
                     peers.len(),
                     th,
                 ));
@@ -87,7 +107,7 @@ fn collect(
     snap: &HistorySnapshot,
     th: &DiagnoseThresholds,
 ) -> BTreeMap<String, BTreeMap<String, ServerStats>> {
-    let stall_us = th.slow_stall_ms * 1000.0;
+    let stall_us = stall_floor_us(th);
     let mut services: BTreeMap<String, BTreeMap<String, ServerStats>> = BTreeMap::new();
     for second in &snap.seconds {
         for row in second.requests.iter().filter(|r| r.role == Role::Client) {
@@ -106,9 +126,13 @@ fn collect(
                 stats.last_answer_t = Some(second.t);
             }
         }
-        for row in second.latency.iter().filter(|r| r.role == Role::Client) {
+        for row in &second.latency {
             let hist = row.histogram();
             let stats = util::by_server(&mut services, snap, row.service, row.server);
+            if row.role == Role::Server {
+                stats.server_hist.merge(&hist);
+                continue;
+            }
             let stalled = hist.count_at_least(stall_us);
             if stalled > 0 {
                 *stats.stalled_by_t.entry(second.t).or_default() += stalled;
@@ -120,6 +144,14 @@ fn collect(
             *stats.dead_writes_by_t.entry(second.t).or_default() += row.count as u64;
         }
         for row in &second.tcp {
+            if row.event.is_retransmit() {
+                if let Some(stats) = services
+                    .get_mut(snap.label(row.service))
+                    .and_then(|s| s.get_mut(snap.label(row.server)))
+                {
+                    *stats.retransmits_by_t.entry(second.t).or_default() += row.count as u64;
+                }
+            }
             if matches!(
                 row.event,
                 TcpEvent::ConnectTimeout | TcpEvent::RetransmitSyn
@@ -270,33 +302,107 @@ fn slow(stats: &ServerStats, peers: &[&ServerStats], th: &DiagnoseThresholds) ->
     })
 }
 
+/// The server's own latency beside what its clients saw, when this host holds its end too.
+struct OwnLatency {
+    p99: f64,
+    requests: u64,
+    /// Retransmits on the path in the seconds judged.
+    retransmits: u64,
+    /// The clients' slowness is far above the server's own time.
+    far: bool,
+    /// The clients' slowness is far above the server's own time and the path retransmitted:
+    /// the time was lost between the boxes.
+    between: bool,
+}
+
+/// The server's own p99 (at its socket on this host) against what made its clients slow: the
+/// p99, or for stalls the stall boundary. Far below it, the time went before the server read
+/// the requests or after it replied: the path (loss: retransmits) or, with no retransmits, the
+/// server not reading in time (a stopped or CPU-starved process leaves requests in its receive
+/// queue, which its own clock does not see), so only retransmits make it "between the boxes".
+fn own_latency(stats: &ServerStats, v: &Slow, th: &DiagnoseThresholds) -> Option<OwnLatency> {
+    let requests = stats.server_hist.count();
+    if requests < th.slow_min_requests {
+        return None;
+    }
+    let own_p99 = stats.server_hist.quantile_us(0.99)?;
+    let stall_us = stall_floor_us(th);
+    let seen = if v.slow_p99 { v.p99? } else { stall_us };
+    let far =
+        seen >= th.slow_p99_ratio * own_p99 && seen - own_p99 >= th.slow_min_p99_gap_ms * 1000.0;
+    let own_stalls = stats.server_hist.count_at_least(stall_us);
+    let not_stalled_itself = own_stalls as f64 * th.slow_p99_ratio <= v.stalled as f64;
+    let (from, to) = match (
+        v.slow_p99,
+        stats.stalled_by_t.keys().next(),
+        stats.stalled_by_t.keys().next_back(),
+    ) {
+        (false, Some(&first), Some(&last)) => (first, last),
+        _ => (0, u64::MAX),
+    };
+    let retransmits: u64 = stats
+        .retransmits_by_t
+        .range(from..=to)
+        .map(|(_, n)| n)
+        .sum();
+    // Every request a lost segment holds up waits a retransmit timeout; one retransmit may
+    // hold up a few pipelined requests, so half the stalls is enough to explain them.
+    let explained = retransmits > 0 && retransmits * 2 >= v.stalled;
+    Some(OwnLatency {
+        p99: own_p99,
+        requests,
+        retransmits,
+        far,
+        between: far && not_stalled_itself && explained,
+    })
+}
+
 fn slow_server(
     service: &str,
     server: &str,
     stats: &ServerStats,
     v: &Slow,
+    own: Option<&OwnLatency>,
     peers: usize,
     th: &DiagnoseThresholds,
 ) -> Finding {
     let (p99, peer_p99, stalled) = (v.p99, v.peer_p99, v.stalled);
     let p99_text = p99.map_or("-".to_string(), util::latency);
     let peer_text = peer_p99.map_or("-".to_string(), util::latency);
-    let title = if v.slow_p99 {
-        format!("{server} ({service}) is slow: p99 {p99_text} while its peers' is {peer_text}")
-    } else {
-        format!(
+    let between = own.filter(|o| o.between);
+    let title = match (between, v.slow_p99) {
+        (Some(own), true) => format!(
+            "requests to {server} ({service}) lose time between the boxes: p99 {p99_text} at \
+             this host's clients, {} at the server's own socket",
+            util::latency(own.p99)
+        ),
+        (Some(own), false) => format!(
+            "requests to {server} ({service}) stalled between the boxes: {} over {} at this \
+             host's clients, the server's own p99 {}",
+            util::plural(stalled, "request"),
+            util::latency(stall_floor_us(th)),
+            util::latency(own.p99)
+        ),
+        (None, true) => {
+            format!("{server} ({service}) is slow: p99 {p99_text} while its peers' is {peer_text}")
+        }
+        (None, false) => format!(
             "{server} ({service}) stalled: {} over {} or unanswered (peers: {})",
             util::plural(stalled, "request"),
-            util::latency(th.slow_stall_ms * 1000.0),
+            util::latency(stall_floor_us(th)),
             v.peer_stalled
-        )
+        ),
     };
     let severity = if stats.no_answer >= th.slow_min_stalled {
         Severity::Critical
     } else {
         Severity::Warning
     };
-    let mut finding = Finding::new("slow-server", severity, title);
+    let mut finding = if between.is_some() {
+        Finding::new("slow-path", severity, title)
+    } else {
+        Finding::new("slow-server", severity, title)
+    };
     finding.evidence.push(format!(
         "{} requests: p50 {}, p99 {}; median of {} peers: p99 {}",
         stats.requests,
@@ -320,18 +426,29 @@ fn slow_server(
             util::plural(stats.no_answer, "request")
         ));
     }
+    if let Some(own) = own {
+        own_evidence(&mut finding, own, p99);
+    }
     // Stalls name who waited then; a slow p99 is over the whole window.
     let (from, to) = match finding.span {
         Some(span) if !v.slow_p99 => (span.start_s, span.end_s),
         _ => (0, u64::MAX),
     };
     affected_processes(stats, from, to, &mut finding);
-    finding.advice = "One server is far slower than its peers. Check its host (CPU steal, swap, \
-        NIC errors, a noisy neighbour), the memcached process (stats: evictions, connections, \
-        threads) and the network path to it (see retransmit findings). Clients hash 1/N of the \
-        keys to it, so every request touching those keys waits; if it stays slow, take it out \
-        of the pool."
-        .to_string();
+    finding.advice = if between.is_some() {
+        "The server answers fast once it reads a request: the clients' time is lost on the \
+        path between them and it, with retransmits (see the retransmit findings: every \
+        retransmit costs at least 200 ms). Check packet loss and drops on both ends and between \
+        (ip -s link, nstat, ethtool -S, switch ports, firewall, conntrack or shaping rules, \
+        veth/bridge queues); taking the server out of the pool only moves its keys."
+            .to_string()
+    } else {
+        "One server is far slower than its peers. Check its host (CPU steal, swap, NIC errors, \
+        a noisy neighbour), the memcached process (stats: evictions, connections, threads) and \
+        the network path to it (see retransmit findings). Clients hash 1/N of the keys to it, \
+        so every request touching those keys waits; if it stays slow, take it out of the pool."
+            .to_string()
+    };
     finding.subjects.services.push(service.to_string());
     finding.subjects.servers.push(server.to_string());
     if let Some(p99) = p99 {
@@ -342,6 +459,10 @@ fn slow_server(
     }
     finding.value("stalled", stalled as f64);
     finding.value("unanswered", stats.no_answer as f64);
+    if let Some(own) = own {
+        finding.value("server_p99_ms", own.p99 / 1000.0);
+        finding.value("retransmits", own.retransmits as f64);
+    }
     finding.magnitude = match (p99, peer_p99) {
         (Some(p99), Some(peer)) if peer > 0.0 => p99 / peer,
         _ => 0.0,
@@ -369,7 +490,7 @@ fn stall_evidence(
     finding.evidence.push(format!(
         "{} over {} or unanswered, {} (worst second {}: {}); peers at most {}",
         util::plural(stats.stalled(), "request"),
-        util::latency(th.slow_stall_ms * 1000.0),
+        util::latency(stall_floor_us(th)),
         util::clock_span(first, last),
         util::clock(worst_t),
         worst,
@@ -378,6 +499,47 @@ fn stall_evidence(
     finding.span = Some(Span {
         start_s: first,
         end_s: last,
+    });
+}
+
+/// The server's own latency line: where the clients' time went.
+fn own_evidence(finding: &mut Finding, own: &OwnLatency, client_p99: Option<f64>) {
+    if !own.far {
+        finding.evidence.push(format!(
+            "at the server's own socket on this host: p99 {} over {} requests: the server itself \
+             is slow",
+            util::latency(own.p99),
+            own.requests
+        ));
+        return;
+    }
+    // Only retransmits put the rest on the path; without them it may be the server's own
+    // receive queue.
+    let outside = if own.between {
+        "is spent between the boxes"
+    } else {
+        "passes outside the server's own clock"
+    };
+    let between = client_p99.map_or(String::new(), |p99| {
+        format!(
+            "; {} of the clients' p99 {outside}",
+            util::latency((p99 - own.p99).max(0.0))
+        )
+    });
+    finding.evidence.push(format!(
+        "at the server's own socket on this host: p99 {} over {} requests{between}",
+        util::latency(own.p99),
+        own.requests
+    ));
+    finding.evidence.push(if own.retransmits > 0 {
+        format!(
+            "{} on this host's connections with it in those seconds",
+            util::plural(own.retransmits, "TCP retransmit")
+        )
+    } else {
+        "no TCP retransmits with it: the time went before the server read the requests (its \
+         process stopped or starved of CPU, requests waiting in its receive queue)"
+            .to_string()
     });
 }
 

@@ -35,6 +35,18 @@ pub struct DiagnoseThresholds {
     /// while requests to it went unanswered, has stopped answering.
     pub slow_stopped_after_s: u64,
 
+    // --- error replies ---------------------------------------------------------------------
+    /// Error replies (error, client_error, server_error) from one server in the window needed
+    /// to report it: a handful of CLIENT_ERRORs from one malformed key is a bug report, not an
+    /// incident...
+    pub error_min_replies: u64,
+    /// ...when they are at least this share of its requests (0-1): one request in a hundred
+    /// failing already breaks a page making 20 cache calls one time in five...
+    pub error_min_ratio: f64,
+    /// ...and critical from this share (a third of such pages fail), where a healthy server
+    /// answers with no errors at all.
+    pub error_critical_ratio: f64,
+
     // --- cold cache / miss storm ----------------------------------------------------------
     /// Lookups (hits + misses) needed on each side of a hit-ratio drop.
     pub miss_min_lookups: u64,
@@ -124,6 +136,9 @@ impl Default for DiagnoseThresholds {
             slow_stall_ms: 200.0,
             slow_min_stalled: 2,
             slow_stopped_after_s: 5,
+            error_min_replies: 10,
+            error_min_ratio: 0.01,
+            error_critical_ratio: 0.02,
             miss_min_lookups: 100,
             miss_min_drop: 0.3,
             miss_before_s: 60,
@@ -161,6 +176,8 @@ impl DiagnoseThresholds {
         let ratios = [
             ("idle_max_spread_ratio", self.idle_max_spread_ratio),
             ("miss_min_drop", self.miss_min_drop),
+            ("error_min_ratio", self.error_min_ratio),
+            ("error_critical_ratio", self.error_critical_ratio),
             ("fd_warn_ratio", self.fd_warn_ratio),
             ("fd_critical_ratio", self.fd_critical_ratio),
             ("listen_queue_full_ratio", self.listen_queue_full_ratio),
@@ -190,6 +207,11 @@ impl DiagnoseThresholds {
                     "diagnose.{name} = {value} must be a positive number"
                 ));
             }
+        }
+        if self.error_critical_ratio < self.error_min_ratio {
+            return Err(
+                "diagnose.error_critical_ratio must not be below error_min_ratio".to_string(),
+            );
         }
         if self.fd_critical_ratio < self.fd_warn_ratio {
             return Err("diagnose.fd_critical_ratio must not be below fd_warn_ratio".to_string());

@@ -32,6 +32,16 @@ pub fn bucket_lower_us(bucket: usize) -> f64 {
     }
 }
 
+/// Where counting "at least `threshold_us`" by bucket really starts: the lower bound of the
+/// bucket that holds the threshold (200 ms -> 185 ms). Starting at the next bucket instead
+/// (262 ms) would leave out everything between, e.g. a stall of one 200 ms retransmit timeout.
+pub fn bucket_floor_us(threshold_us: f64) -> f64 {
+    // Latencies are whole microseconds: a fractional threshold (a bucket bound) rounds up.
+    bucket_lower_us(bucket_of(
+        threshold_us.ceil().clamp(0.0, u32::MAX as f64) as u32
+    ))
+}
+
 /// A representative value for a bucket: its geometric middle (4 us for the first bucket, the
 /// lower bound for the open-ended last one).
 pub fn bucket_value_us(bucket: usize) -> f64 {
@@ -220,6 +230,9 @@ mod tests {
         assert_eq!(bucket_of(12), 2); // 8 * sqrt2 = 11.3
         assert_eq!(bucket_of(16), 3);
         assert_eq!(bucket_of(u32::MAX), BUCKETS - 1);
+        let floor = bucket_floor_us(200_000.0);
+        assert!((185_000.0..200_000.0).contains(&floor), "{floor}");
+        assert_eq!(bucket_floor_us(floor), floor);
         for us in [8u32, 100, 1000, 65_000, 1_000_000, 16_000_000] {
             let b = bucket_of(us);
             assert!(bucket_lower_us(b) <= us as f64 + 1e-9, "{us} in {b}");

@@ -206,6 +206,7 @@ fn every_detector_id_is_in_the_schema() {
     let sources = [
         include_str!("../idle.rs"),
         include_str!("../slow.rs"),
+        include_str!("../errors.rs"),
         include_str!("../misses.rs"),
         include_str!("../routing.rs"),
         include_str!("../fds.rs"),
