@@ -79,8 +79,8 @@ fn finding(service: &str, client: &Lookups, server: Option<&Lookups>) -> Finding
         "unread-lookups",
         Severity::Warning,
         format!(
-            "Client-side hit ratio of {service} leaves out {} it could not read",
-            util::plural(unknown, "lookup")
+            "Client-side hit ratio of {service} leaves out lookups it could not read ({unknown} \
+             of unknown outcome)"
         ),
     );
     let counted = match client.ratio() {
@@ -104,8 +104,12 @@ fn finding(service: &str, client: &Lookups, server: Option<&Lookups>) -> Finding
     ));
     if let Some(ratio) = server.and_then(Lookups::ratio) {
         let server = server.unwrap_or(client);
+        let also = match server.unknown() {
+            0 => String::new(),
+            n => format!("; it too has {n} of unknown outcome (a line past 64 KiB): only memcached's stats are exact"),
+        };
         finding.evidence.push(format!(
-            "server side of {service} on this host: {} hits and {} misses (hit ratio {})",
+            "server side of {service} on this host: {} hits and {} misses (hit ratio {}){also}",
             server.hits,
             server.misses,
             util::percent(ratio)
