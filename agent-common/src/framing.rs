@@ -40,9 +40,13 @@ pub mod mode {
     pub const LOST: u8 = 5;
 }
 
-/// The longest text line followed. memcached accepts multi-key gets far longer than its 2 KiB
-/// line buffer, so this is generous; a longer line loses framing until the next call.
-pub const MAX_LINE: u32 = 16384;
+/// The longest text line followed: as much as one call's capture budget
+/// (`CAPTURE_BUDGET_MAX`) can copy, and all that `line_len` (u16) counts with the byte that
+/// overflows it. memcached accepts multi-key gets far longer than its 2 KiB line buffer: a
+/// client's `get_many` of 2,000 keys of 18 bytes is a 38 KB line, which a 16 KiB limit cut
+/// (the keys past the limit went unread and their misses uncounted). A longer line loses
+/// framing until the next call.
+pub const MAX_LINE: u32 = u16::MAX as u32 - 1;
 /// Largest declared body followed (memcached's item ceiling is 1 GiB). A larger claim is
 /// treated as no body: the line is passed to user space, which calls it garbage.
 pub const MAX_BODY: u64 = 1 << 30;

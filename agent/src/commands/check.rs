@@ -401,7 +401,9 @@ fn capture_item(probes: &Probes) -> CheckItem {
             "payload capture",
             Status::Ok,
             "copied inside the send/receive probes from the running syscall's buffer \
-                     (no syscall tracepoints)",
+                     (no syscall tracepoints); up to limits.capture_bytes of request and reply \
+                     headers per call: a multi-get larger than that is read in part, its \
+                     unread keys counted as unknown and named by diagnose (unread-lookups)",
             PAYLOAD_CAPTURE_IMPACT,
         ),
         Some(ProbeStatus::Unavailable(reason) | ProbeStatus::Failed(reason)) => item(

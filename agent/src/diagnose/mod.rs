@@ -16,6 +16,7 @@ mod slow;
 mod spikes;
 mod tcp;
 mod thresholds;
+mod unread;
 pub(crate) mod util;
 
 #[cfg(test)]
@@ -136,6 +137,7 @@ pub fn diagnose(snapshot: &HistorySnapshot, thresholds: &DiagnoseThresholds) -> 
     slow::detect(snapshot, thresholds, &mut findings);
     errors::detect(snapshot, thresholds, &mut findings);
     misses::detect(snapshot, thresholds, &mut findings);
+    unread::detect(snapshot, thresholds, &mut findings);
     routing::detect(snapshot, thresholds, &mut findings);
     fds::detect(snapshot, thresholds, &mut findings);
     listen::detect(snapshot, thresholds, &mut findings);

@@ -451,6 +451,64 @@ fn miss_storm_after_a_restart() {
     assert_eq!(ids(&findings), vec!["miss-storm"]);
 }
 
+/// A client's multi-gets cut by the capture: its hits count, the unread rest is unknown. The
+/// finding names the service and how many, and gives the server side's ratio to read instead.
+#[test]
+fn lookups_the_client_side_could_not_read_are_named_with_the_server_side() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for t in [T0 + 30, T0 + 90] {
+        sim.request(t, SERVERS[0], COMMS[2], "get", Status::Unknown, None);
+        sim.request(t, SERVERS[0], COMMS[2], "bin_getkq", Status::Unknown, None);
+        sim.request(t, SERVERS[0], COMMS[2], "bin_getkq", Status::Hit, Some(300));
+    }
+    // A set of unknown outcome is no lookup.
+    sim.request(T0 + 40, SERVERS[1], COMMS[0], "set", Status::Unknown, None);
+    for (status, count) in [(Status::Hit, 900), (Status::Miss, 100)] {
+        for _ in 0..count {
+            sim.record(
+                T0 + 60,
+                Fact::Request {
+                    service: SERVICE.into(),
+                    server: "127.0.0.1:11211".into(),
+                    role: Role::Server,
+                    comm: Some("memcached".into()),
+                    command: "get".into(),
+                    status,
+                    latency_us: Some(50),
+                },
+            );
+        }
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "unread-lookups");
+    assert_eq!(finding.severity, Severity::Warning);
+    assert_eq!(finding.subjects.services, vec![SERVICE]);
+    assert_eq!(finding.subjects.commands, vec!["bin_getkq", "get"]);
+    assert_eq!(finding.values["unread_lookups"], 4.0);
+    assert!(
+        finding.title.contains("(4 of unknown outcome)"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding
+            .evidence
+            .iter()
+            .any(|e| e.contains("server side") && e.contains("hit ratio 90%")),
+        "{:#?}",
+        finding.evidence
+    );
+    assert!(finding.advice.contains("get_hits"));
+    assert_eq!(
+        finding.span,
+        Some(Span {
+            start_s: T0 + 30,
+            end_s: T0 + 90
+        })
+    );
+}
+
 /// One key sent 8,815 times, alternating between two servers, is one split key.
 #[test]
 fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {

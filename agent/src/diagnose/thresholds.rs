@@ -56,6 +56,9 @@ pub struct DiagnoseThresholds {
     pub miss_before_s: u64,
     /// Seconds after a candidate drop that must stay low.
     pub miss_after_s: u64,
+    /// Client-side lookups of unknown outcome (a multi-key batch the capture cut counts once)
+    /// in the window that make a service's client-side hit ratio worth a warning.
+    pub unread_min_lookups: u64,
 
     // --- key routing ----------------------------------------------------------------------
     /// Keys seen going to two servers of one service before reporting inconsistent routing.
@@ -143,6 +146,7 @@ impl Default for DiagnoseThresholds {
             miss_min_drop: 0.3,
             miss_before_s: 60,
             miss_after_s: 10,
+            unread_min_lookups: 1,
             key_split_min: 5,
             fd_warn_ratio: 0.8,
             fd_critical_ratio: 0.95,

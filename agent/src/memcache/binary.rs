@@ -4,7 +4,9 @@
 use super::model::{
     Command, DecodeErrorReason, Decoded, Direction, ValueHead, KEY_CAPACITY, VALUE_HEAD_LEN,
 };
-use super::pairing::{push_error, value_len, Family, Pairing, RequestInfo, RespKind, Response};
+use super::pairing::{
+    is_lookup, push_error, value_len, Family, Pairing, RequestInfo, RespKind, Response,
+};
 
 pub(crate) const HEADER_LEN: usize = 24;
 pub(crate) const REQUEST_MAGIC: u8 = 0x80;
@@ -404,6 +406,8 @@ pub(crate) struct RequestSink<'a> {
     pub seq_base: Option<u32>,
     /// TCP sequence number of the next packet's first byte.
     pub seq: Option<u32>,
+    /// The lookup whose header the capture cut (its opcode read, the rest not).
+    pub cut_lookup: Option<Command>,
 }
 
 impl PacketSink for RequestSink<'_> {
@@ -413,7 +417,12 @@ impl PacketSink for RequestSink<'_> {
             .map(|base| base.wrapping_add(stream_offset as u32));
     }
 
-    fn unknown_tail(&mut self, _header_prefix: &[u8], _rest: u64, _ts: u64) -> bool {
+    fn unknown_tail(&mut self, header_prefix: &[u8], _rest: u64, _ts: u64) -> bool {
+        // A request is unread past here; when its opcode was captured it may say which.
+        self.cut_lookup = header_prefix
+            .get(1)
+            .map(|&opcode| Command::from_opcode(opcode))
+            .filter(|&command| is_lookup(command));
         false
     }
 
@@ -449,7 +458,8 @@ impl PacketSink for RequestSink<'_> {
     }
 
     fn lost(&mut self, ts: u64) {
-        self.pairing.push_marker(ts);
+        self.pairing
+            .lose_requests(ts, self.cut_lookup.take(), self.out);
         push_error(
             self.out,
             DecodeErrorReason::TruncatedCapture,

@@ -62,6 +62,10 @@ enum State {
     Resync,
 }
 
+/// Largest line buffer a stream keeps between lines: ordinary lines that a record boundary
+/// splits fit, and reuse it without allocating.
+const KEPT_LINE_CAPACITY: usize = 1024;
+
 #[derive(Debug)]
 pub(crate) struct TextFramer {
     state: State,
@@ -161,6 +165,11 @@ impl TextFramer {
         }
     }
 
+    /// Bytes the line buffer holds room for (what a stream keeps between lines).
+    pub fn buffer_capacity(&self) -> usize {
+        self.partial.capacity()
+    }
+
     /// Bytes of the stream fed so far (every chunk's full length, captured or not).
     pub fn fed(&self) -> u64 {
         self.fed
@@ -177,7 +186,8 @@ impl TextFramer {
 
     /// After lost events nothing about the current position is known.
     pub fn reset_to_resync(&mut self) {
-        self.partial.clear();
+        let held = std::mem::take(&mut self.partial);
+        self.keep_buffer(held);
         self.head_wanted = 0;
         self.state = State::Resync;
     }
@@ -242,8 +252,7 @@ impl TextFramer {
                             sink.line_starts_at(self.partial_start);
                             let prefix = std::mem::take(&mut self.partial);
                             let explained = sink.truncated_line(&prefix, rest, self.partial_ts, ts);
-                            self.partial = prefix;
-                            self.partial.clear();
+                            self.keep_buffer(prefix);
                             if !explained {
                                 self.state = State::Resync;
                                 skipped += rest;
@@ -282,8 +291,7 @@ impl TextFramer {
                                 let room = self.max_line - prefix.len();
                                 prefix.extend_from_slice(&window[..room.min(window.len())]);
                                 sink.oversized_line(&prefix, start_ts, ts);
-                                self.partial = prefix;
-                                self.partial.clear();
+                                self.keep_buffer(prefix);
                                 self.state = State::DiscardLine;
                             } else {
                                 if self.partial.is_empty() {
@@ -303,8 +311,7 @@ impl TextFramer {
                             prefix.extend_from_slice(&window[..room.min(window.len())]);
                             let rest = (total - cap) as u64;
                             let explained = sink.truncated_line(&prefix, rest, start_ts, ts);
-                            self.partial = prefix;
-                            self.partial.clear();
+                            self.keep_buffer(prefix);
                             if !explained {
                                 self.state = State::Resync;
                                 skipped += rest;
@@ -374,8 +381,19 @@ impl TextFramer {
             line.extend_from_slice(piece);
             sink.line(strip_terminator(&line), wire_len, start_ts, ts)
         };
-        self.partial = line;
-        self.partial.clear();
+        self.keep_buffer(line);
         outcome
+    }
+
+    /// Takes back the line buffer once its line was handed over, emptied. A buffer that grew
+    /// past [`KEPT_LINE_CAPACITY`] (a multi-key get of thousands of keys) is freed: a stream
+    /// holds a long line's memory only while the line is open, so idle connections cost no
+    /// more than before the limit was raised.
+    fn keep_buffer(&mut self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        if buffer.capacity() > KEPT_LINE_CAPACITY {
+            buffer = Vec::new();
+        }
+        self.partial = buffer;
     }
 }

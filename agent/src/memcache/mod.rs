@@ -249,6 +249,12 @@ impl ConnectionDecoder {
         self.stats
     }
 
+    /// Bytes the two text line buffers hold room for: at most `max_line_len` each while a
+    /// line is open, little between lines.
+    pub fn line_buffer_capacity(&self) -> usize {
+        self.client_text.buffer_capacity() + self.server_text.buffer_capacity()
+    }
+
     /// Decodes one chunk, appending what finished to `out`.
     pub fn feed(&mut self, chunk: Chunk<'_>, out: &mut Vec<Decoded>) {
         let total = chunk.total_len;
@@ -316,6 +322,7 @@ impl ConnectionDecoder {
                     out,
                     seq_base,
                     seq: None,
+                    cut_lookup: None,
                 };
                 self.client_binary.feed(captured, total, ts, &mut sink)
             }

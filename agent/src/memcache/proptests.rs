@@ -550,6 +550,8 @@ proptest! {
                 }
             }
             prop_assert!(decoder.pending() <= max_pending);
+            // A line buffer never outgrows its line limit (Vec growth at most doubles it).
+            prop_assert!(decoder.line_buffer_capacity() <= 2 * 2 * 128);
         }
         decoder.finish(&mut out);
         prop_assert_eq!(decoder.pending(), 0);

@@ -186,8 +186,17 @@ impl RequestSink<'_> {
     }
 
     /// Parses one request line. `truncated` means the line was cut (capture or length limit):
-    /// the last token may be incomplete and framing after it is the caller's concern.
-    fn parse(&mut self, line: &[u8], wire_len: u64, ts: u64, truncated: bool) -> Parsed {
+    /// the last token may be incomplete and framing after it is the caller's concern;
+    /// `unread`: bytes of the line past `line` that went unread (`u64::MAX`: unknown how many);
+    /// a get may have had keys among them.
+    fn parse(
+        &mut self,
+        line: &[u8],
+        wire_len: u64,
+        ts: u64,
+        truncated: bool,
+        unread: u64,
+    ) -> Parsed {
         let mut words = tokens(line);
         let Some(word) = words.next() else {
             return Parsed::NotACommand;
@@ -232,8 +241,14 @@ impl RequestSink<'_> {
                 }
                 let mut first_options = None;
                 let mut keys = words.peekable();
+                // What the unread bytes may hold besides further keys: the terminator, and
+                // the rest of a key the cut went through.
+                let mut tail_room = 2;
                 while let Some(key) = keys.next() {
                     let cut = keys.peek().is_none() && !complete_tail;
+                    if cut {
+                        tail_room += KEY_CAPACITY.saturating_sub(key.len()) as u64;
+                    }
                     if self.config.queue_mode {
                         let (name, options) = split_queue_key(key);
                         first_options.get_or_insert(options);
@@ -242,6 +257,9 @@ impl RequestSink<'_> {
                     } else {
                         self.pairing.stage_key(key, cut, ts, self.out);
                     }
+                }
+                if unread > tail_room {
+                    self.pairing.stage_cut();
                 }
                 if self.config.queue_mode {
                     req.queue = Some(QueueIntent::Fetch(first_options.unwrap_or_default()));
@@ -352,9 +370,10 @@ impl RequestSink<'_> {
     }
 
     /// A request line we could only partly see: decode it, then mark the unknown remainder.
-    fn cut_line(&mut self, prefix: &[u8], wire_len: u64, ts: u64) {
+    /// `unread`: the line's bytes past `prefix` (`u64::MAX`: unknown how many).
+    fn cut_line(&mut self, prefix: &[u8], wire_len: u64, ts: u64, unread: u64) {
         let line = prefix.strip_suffix(b"\r").unwrap_or(prefix);
-        if let Parsed::NotACommand = self.parse(line, wire_len, ts, true) {
+        if let Parsed::NotACommand = self.parse(line, wire_len, ts, true, unread) {
             self.pairing.unstage();
         }
     }
@@ -368,7 +387,7 @@ impl LineSink for RequestSink<'_> {
     }
 
     fn line(&mut self, line: &[u8], wire_len: usize, _start_ts: u64, end_ts: u64) -> LineOutcome {
-        match self.parse(line, wire_len as u64, end_ts, false) {
+        match self.parse(line, wire_len as u64, end_ts, false, 0) {
             Parsed::Done(outcome) => outcome,
             Parsed::NotACommand => {
                 self.pairing.unstage();
@@ -380,14 +399,14 @@ impl LineSink for RequestSink<'_> {
     fn truncated_line(&mut self, prefix: &[u8], rest: u64, _start_ts: u64, end_ts: u64) -> bool {
         // Assume the uncaptured rest belongs to this line (one command per send is the norm);
         // the marker guards against it having held further commands.
-        self.cut_line(prefix, prefix.len() as u64 + rest, end_ts);
+        self.cut_line(prefix, prefix.len() as u64 + rest, end_ts, rest);
         self.pairing.push_marker(end_ts);
         self.error(DecodeErrorReason::TruncatedCapture, end_ts);
         false
     }
 
     fn oversized_line(&mut self, prefix: &[u8], _start_ts: u64, end_ts: u64) {
-        self.cut_line(prefix, prefix.len() as u64, end_ts);
+        self.cut_line(prefix, prefix.len() as u64, end_ts, u64::MAX);
         self.error(DecodeErrorReason::LineTooLong, end_ts);
     }
 

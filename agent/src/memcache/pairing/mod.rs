@@ -26,6 +26,7 @@ use super::model::{
     RequestObservation, Status, ValueHead,
 };
 use keys::{value_slot, KeyStore};
+pub(crate) use outcome::is_lookup;
 use outcome::{binary_status, implied_status, line_status, queue_op};
 
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +37,8 @@ struct Pending {
     family: Family,
     opcode: u8,
     quiet: bool,
-    /// False when some of the request's keys could not be kept (overflow, oversized line).
+    /// False when some of the request's keys could not be kept (overflow) or read (a line cut
+    /// by the capture or the length limit).
     keys_complete: bool,
     nkeys: u16,
     /// Where to start looking for the slot of the next VALUE item (items come in key order).
@@ -66,6 +68,9 @@ struct Pending {
     /// Answered with this status by a line that announced a value (meta `VA`), but the value's
     /// first bytes come after that line: the entry stays at the front until they do.
     value_due: Option<Status>,
+    /// A marker's lost requests include lookups, already counted as one [`Status::Unknown`]
+    /// ([`Pairing::lose_requests`]).
+    unread_counted: bool,
 }
 
 impl Pending {
@@ -92,6 +97,7 @@ impl Pending {
             value_len: None,
             value_head: None,
             value_due: None,
+            unread_counted: false,
         }
     }
 
@@ -135,6 +141,8 @@ pub(crate) struct Pairing {
     slots: KeyStore,
     staged: usize,
     staged_dropped: bool,
+    /// The request being parsed has keys past what could be read.
+    staged_cut: bool,
     max_pending: usize,
     max_slots: usize,
     max_key_len: usize,
@@ -184,6 +192,7 @@ impl Pairing {
             slots: KeyStore::default(),
             staged: 0,
             staged_dropped: false,
+            staged_cut: false,
             max_pending,
             max_slots,
             max_key_len,
@@ -234,6 +243,12 @@ impl Pairing {
         }
     }
 
+    /// A key as much of it as requests keep ([`Pairing::stage_key`]), and whether it was cut.
+    fn kept_key<'k>(&self, key: &'k [u8], truncated: bool) -> (&'k [u8], bool) {
+        let keep = key.len().min(self.max_key_len);
+        (&key[..keep], truncated || keep < key.len())
+    }
+
     /// Sizes as observations report them: none when sizes are off.
     fn sized(&self, sizes: Sizes) -> Sizes {
         if self.sizes {
@@ -266,22 +281,27 @@ impl Pairing {
         self.staged += 1;
     }
 
+    /// The request being parsed has more keys than were read (its line was cut by the capture
+    /// or the line limit).
+    pub fn stage_cut(&mut self) {
+        self.staged_cut = true;
+    }
+
     /// Forgets the staged keys of a request that turned out not to be one.
     pub fn unstage(&mut self) {
         let keep = self.slots.len() - self.staged;
         self.slots.truncate(keep);
         self.staged = 0;
         self.staged_dropped = false;
+        self.staged_cut = false;
     }
 
     /// Adds a complete request (with the keys staged for it) to the outstanding queue, or
     /// reports it at once when no response will come.
     pub fn submit(&mut self, req: RequestInfo, out: &mut Vec<Decoded>) {
         let nkeys = self.staged;
-        let keys_complete = !self.staged_dropped;
-        self.staged = 0;
-        self.staged_dropped = false;
-        if !keys_complete {
+        let keys_complete = !self.staged_dropped && !self.staged_cut;
+        if self.staged_dropped {
             push_error(
                 out,
                 DecodeErrorReason::PendingOverflow,
@@ -289,6 +309,9 @@ impl Pairing {
                 req.ts_ns,
             );
         }
+        self.staged = 0;
+        self.staged_dropped = false;
+        self.staged_cut = false;
         let start = self.slots.len() - nkeys;
         if req.noreply {
             let queue = queue_op(req.queue, Status::Noreply);
@@ -372,6 +395,7 @@ impl Pairing {
             value_len: req.value_len,
             value_head: req.value_head,
             value_due: None,
+            unread_counted: false,
         });
     }
 
@@ -417,6 +441,47 @@ impl Pairing {
             return;
         }
         self.pending.push_back(Pending::marker(ts_ns));
+    }
+
+    /// Requests were lost here (their bytes not captured): a marker stands for them. When the
+    /// first of them was a lookup (`cut`: its opcode was read, its key was not), the misses
+    /// among them will never be answered: one [`Status::Unknown`] observation of it stands
+    /// for however many there were (how many is not known), so the unread part of a batch
+    /// is counted, out of the hit ratio, rather than gone. Its hits still come, as answers
+    /// of their own ([`Pairing::unread_request_hit`]).
+    pub fn lose_requests(&mut self, ts_ns: u64, cut: Option<Command>, out: &mut Vec<Decoded>) {
+        self.push_marker(ts_ns);
+        if let Some(command) = cut {
+            self.count_unread(self.pending.len() - 1, command, ts_ns, out);
+        }
+    }
+
+    /// Counts the lookups lost behind the marker at `index` as one unknown of `command`,
+    /// once per marker.
+    fn count_unread(&mut self, index: usize, command: Command, ts_ns: u64, out: &mut Vec<Decoded>) {
+        let Some(marker) = self.pending.get_mut(index).filter(|p| p.marker) else {
+            return;
+        };
+        if std::mem::replace(&mut marker.unread_counted, true) {
+            return;
+        }
+        push_request(
+            out,
+            command,
+            Status::Unknown,
+            None,
+            None,
+            ts_ns,
+            0,
+            0,
+            None,
+            None,
+            self.sized(Sizes {
+                value_len: None,
+                value_head: None,
+                keys: 0,
+            }),
+        );
     }
 
     /// The request the next response should answer (quiet requests that may be skipped
@@ -478,6 +543,9 @@ impl Pairing {
             self.answers_fit = false;
             if met_marker && matches!(resp.kind, RespKind::Binary { .. }) {
                 self.pass_silent_front(resp.ts_ns, out);
+                if self.unread_request_hit(resp, out) {
+                    return;
+                }
             }
             push_error(
                 out,
@@ -519,6 +587,34 @@ impl Pairing {
                         head.cursor = (i + 1) as u16;
                         self.last_value = Some(ValueTarget::Slot(i));
                     }
+                    None if head.family == Family::Retrieval && !head.keys_complete => {
+                        // A key past those read (the line was cut): its hit is seen all the
+                        // same and counts now, as the entry keeps no slot for it.
+                        let (command, ts_ns, latency, seq, queue) = (
+                            head.command,
+                            head.ts_ns,
+                            head.latency(),
+                            head.seq,
+                            head.queue,
+                        );
+                        push_request(
+                            out,
+                            command,
+                            Status::Hit,
+                            resp.key.map(|key| self.kept_key(key, resp.key_truncated)),
+                            latency,
+                            ts_ns,
+                            0,
+                            resp.bytes,
+                            queue_op(queue, Status::Hit),
+                            seq,
+                            self.sized(Sizes {
+                                value_len: resp.value_len,
+                                value_head: None,
+                                keys: 0,
+                            }),
+                        );
+                    }
                     None => {
                         head.resp_bytes += resp.bytes;
                         if resp.value_len.is_some() {
@@ -546,6 +642,50 @@ impl Pairing {
                 }
             }
         }
+    }
+
+    /// A binary hit that names its key and command (GetK, GetKQ, GatK...) and fits no request
+    /// we read answers one we did not (lost behind the marker): it is counted as the hit it
+    /// is, so a batch cut by the capture does not lose its hits. The misses among the unread
+    /// requests have no answer: unless the cut already did, it proves lookups were lost, and
+    /// they count as one unknown ([`Pairing::lose_requests`]). Whether it was one.
+    fn unread_request_hit(&mut self, resp: &Response<'_>, out: &mut Vec<Decoded>) -> bool {
+        let RespKind::Binary {
+            opcode,
+            status: 0,
+            more: false,
+        } = resp.kind
+        else {
+            return false;
+        };
+        let command = Command::from_opcode(opcode);
+        let Some(key) = resp.key.filter(|k| !k.is_empty()) else {
+            return false;
+        };
+        if binary_status(command, 0) != Status::Hit {
+            return false;
+        }
+        push_request(
+            out,
+            command,
+            Status::Hit,
+            Some(self.kept_key(key, resp.key_truncated)),
+            None,
+            resp.ts_ns,
+            0,
+            resp.bytes,
+            None,
+            None,
+            self.sized(Sizes {
+                value_len: resp.value_len,
+                value_head: resp.value_head,
+                keys: 0,
+            }),
+        );
+        if let Some(marker) = self.pending.iter().position(|p| p.marker) {
+            self.count_unread(marker, command, resp.ts_ns, out);
+        }
+        true
     }
 
     /// A binary answer that fits none of the requests before a marker answers one sent after
@@ -808,6 +948,13 @@ impl Pairing {
             return;
         }
         let nkeys = usize::from(entry.nkeys);
+        // A get whose line was cut: the keys read finish below, its hits past them counted
+        // when they came, and the rest is one observation of what cannot be told.
+        let unread = entry.family == Family::Retrieval && !entry.keys_complete;
+        if unread && nkeys == 0 {
+            self.finish_unread(&entry, unresolved, latency, true, out);
+            return;
+        }
         if nkeys == 0 {
             let status = if entry.family == Family::Retrieval
                 && unresolved == Status::Miss
@@ -873,6 +1020,45 @@ impl Pairing {
             );
         }
         self.slots.reclaim();
+        if unread {
+            self.finish_unread(&entry, unresolved, latency, false, out);
+        }
+    }
+
+    /// The unread keys of a get whose line was cut: [`Status::Unknown`] where the answer
+    /// resolved the keys read (a miss among them cannot be told from no key), else what
+    /// became of the whole request (timeout, unanswered). `alone`: no key was read, so it
+    /// carries the request's bytes.
+    fn finish_unread(
+        &self,
+        entry: &Pending,
+        unresolved: Status,
+        latency: Option<u64>,
+        alone: bool,
+        out: &mut Vec<Decoded>,
+    ) {
+        let status = if unresolved.is_lookup() {
+            Status::Unknown
+        } else {
+            unresolved
+        };
+        push_request(
+            out,
+            entry.command,
+            status,
+            None,
+            latency,
+            entry.ts_ns,
+            if alone { entry.req_bytes } else { 0 },
+            if alone { entry.resp_bytes } else { 0 },
+            queue_op(entry.queue, status),
+            entry.seq,
+            self.sized(Sizes {
+                value_len: None,
+                value_head: None,
+                keys: 0,
+            }),
+        );
     }
 }
 

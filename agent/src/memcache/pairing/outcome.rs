@@ -58,6 +58,12 @@ pub(super) fn binary_status(command: Command, status: u16) -> Status {
     }
 }
 
+/// Whether the command looks a key up and is answered per key, hit or miss (meta and binary
+/// gets; a text get's keys share one answer).
+pub(crate) fn is_lookup(command: Command) -> bool {
+    implied_status(command) == Status::Miss
+}
+
 /// The result a quiet request's silence stands for.
 pub(super) fn implied_status(command: Command) -> Status {
     match command {

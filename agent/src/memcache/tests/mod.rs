@@ -9,6 +9,7 @@ mod binary;
 mod capture;
 mod fields;
 mod meta;
+mod multikey;
 mod real_traffic;
 mod text;
 
