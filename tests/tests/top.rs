@@ -487,6 +487,20 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
         let fields = row(snapshot, &a, "client").expect("A's client row");
         assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?} in\n{text}");
     }
+    // memcached's requests (made by its `mc-worker` threads) and its fds (from /proc) share
+    // one process row: PROCESS FDS FD% CONN SERVERS REQ/S.
+    let last = text.rsplit("cacheprobe top  ").next().unwrap();
+    let processes = last.split("PROCESSES").nth(1).unwrap();
+    let processes = processes.split("HOT KEYS").next().unwrap();
+    assert!(!processes.contains("mc-worker"), "{processes}");
+    let memcached: Vec<Vec<&str>> = processes
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.first() == Some(&"memcached"))
+        .collect();
+    assert_eq!(memcached.len(), 1, "{processes}");
+    assert!(memcached[0][1].contains('/'), "fds: {processes}");
+    assert!(number(memcached[0][5]) > 0.0, "requests: {processes}");
     // --service keeps one service.
     let (only_b, _) = batch(&[
         "--batch",
