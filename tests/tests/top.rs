@@ -331,12 +331,19 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
         row(s, &a, "client").is_some()
     });
 
-    // Resizes: 80x24 still shows the row, a tiny terminal a message, then back.
+    // Resizes: 80x24 still shows the row (SERVICE gives way to the sparkline there), a tiny
+    // terminal a message, then back.
     tmux.resize(80, 24);
     let screen = tmux.wait_for("80x24", Duration::from_secs(5), |s| {
-        s.lines().count() <= 24 && row(s, &a, "client").is_some()
+        s.lines().count() <= 24
+            && s.lines()
+                .any(|line| line.split_whitespace().take(2).eq([a.as_str(), "client"]))
     });
     assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    assert!(
+        screen.contains("REQ/S LAST"),
+        "sparkline at 80 columns: {screen}"
+    );
     tmux.resize(50, 12);
     tmux.wait_for("too small message", Duration::from_secs(5), |s| {
         s.contains("too small")
