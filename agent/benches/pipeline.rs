@@ -100,6 +100,8 @@ fn pipeline(start_ns: u64, limits: &str) -> Pipeline {
     let (metrics, _registry) = Metrics::new();
     let services = SharedServices::from_config(&config).expect("bench services");
     let mut pipeline = Pipeline::new(&config, services.clone(), metrics);
+    // As the daemon names records: by process, from /proc.
+    pipeline.set_process_names(cacheprobe::ingest::process_names::ProcessNames::from_proc());
     let history = Arc::new(Mutex::new(History::new(
         HistoryLimits::default().capacity_seconds,
         HistoryLimits::default(),

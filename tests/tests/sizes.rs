@@ -168,9 +168,8 @@ fn value_sizes_keys_per_request_and_slab_fit_match_memcached() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let big_keys: Vec<String> = (0..6).map(|i| format!("k{:03}", i * 10 + 9)).collect();
-    // The process as the kernel names the thread that made the call: memcached's workers are
-    // "mc-worker".
-    for (role, process) in [("client", "python3"), ("server", "mc-worker")] {
+    // The process that made the call, not its thread: memcached's workers are "mc-worker".
+    for (role, process) in [("client", "python3"), ("server", "memcached")] {
         let server = keys["extremes"]
             .as_array()
             .unwrap()

@@ -331,12 +331,19 @@ fn top_in_tmux_shows_live_rates_and_follows_the_keys() {
         row(s, &a, "client").is_some()
     });
 
-    // Resizes: 80x24 still shows the row, a tiny terminal a message, then back.
+    // Resizes: 80x24 still shows the row (SERVICE gives way to the sparkline there), a tiny
+    // terminal a message, then back.
     tmux.resize(80, 24);
     let screen = tmux.wait_for("80x24", Duration::from_secs(5), |s| {
-        s.lines().count() <= 24 && row(s, &a, "client").is_some()
+        s.lines().count() <= 24
+            && s.lines()
+                .any(|line| line.split_whitespace().take(2).eq([a.as_str(), "client"]))
     });
     assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    assert!(
+        screen.contains("REQ/S LAST"),
+        "sparkline at 80 columns: {screen}"
+    );
     tmux.resize(50, 12);
     tmux.wait_for("too small message", Duration::from_secs(5), |s| {
         s.contains("too small")
@@ -487,6 +494,20 @@ fn batch_mode_prints_n_snapshots_with_a_daemon_and_without() {
         let fields = row(snapshot, &a, "client").expect("A's client row");
         assert!(rates_match(&fields, RATE_A, 75.0), "{fields:?} in\n{text}");
     }
+    // memcached's requests (made by its `mc-worker` threads) and its fds (from /proc) share
+    // one process row: PROCESS FDS FD% CONN SERVERS REQ/S.
+    let last = text.rsplit("cacheprobe top  ").next().unwrap();
+    let processes = last.split("PROCESSES").nth(1).unwrap();
+    let processes = processes.split("HOT KEYS").next().unwrap();
+    assert!(!processes.contains("mc-worker"), "{processes}");
+    let memcached: Vec<Vec<&str>> = processes
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.first() == Some(&"memcached"))
+        .collect();
+    assert_eq!(memcached.len(), 1, "{processes}");
+    assert!(memcached[0][1].contains('/'), "fds: {processes}");
+    assert!(number(memcached[0][5]) > 0.0, "requests: {processes}");
     // --service keeps one service.
     let (only_b, _) = batch(&[
         "--batch",

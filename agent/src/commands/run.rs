@@ -419,6 +419,7 @@ fn new_pipeline(
     can_sample_capture: bool,
 ) -> Pipeline {
     let mut pipeline = Pipeline::new(config, services.clone(), metrics.clone());
+    pipeline.set_process_names(crate::ingest::process_names::ProcessNames::from_proc());
     if !can_sample_capture {
         tracing::warn!(
             "this kernel does not let the programs tell healthy connections apart: payload \

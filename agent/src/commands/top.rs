@@ -3,6 +3,7 @@
 //! or as `--batch` text snapshots.
 
 use std::{
+    collections::VecDeque,
     io::{IsTerminal, Write},
     path::PathBuf,
     process::ExitCode,
@@ -86,7 +87,9 @@ struct Feed {
     local: Option<PrivateDaemon>,
     history: Option<HistorySnapshot>,
     counters: Option<(Counters, Instant)>,
-    previous_counters: Option<(Counters, Instant)>,
+    /// Earlier counters, oldest first: byte and queue rates are taken against the one a
+    /// window before ([`baseline`]), not the last refresh, so they span what the header says.
+    earlier_counters: VecDeque<(Counters, Instant)>,
     counters_supported: bool,
     keys: Option<(KeysReport, Instant)>,
     previous_keys: Option<(KeysReport, Instant)>,
@@ -100,6 +103,35 @@ struct Feed {
     /// (re)started. Drawn as such, not as seconds without requests.
     unrecorded: Vec<(u64, u64)>,
     status: Status,
+}
+
+/// Earlier counter samples kept at most (a minute of them at `-d 1`).
+const MAX_EARLIER_COUNTERS: usize = 64;
+
+/// Drops samples no window needs: all but the newest older than a minute, and the oldest
+/// past [`MAX_EARLIER_COUNTERS`].
+fn trim_earlier<T>(earlier: &mut VecDeque<(T, Instant)>, now: Instant) {
+    let minute = Duration::from_secs(model::MINUTE_S);
+    while earlier.len() > MAX_EARLIER_COUNTERS
+        || (earlier.len() > 1 && now.saturating_duration_since(earlier[1].1) >= minute)
+    {
+        earlier.pop_front();
+    }
+}
+
+/// The sample rates over `window_s` are taken against: the newest at least that old, else
+/// (top started less than a window ago) the oldest.
+fn baseline<T>(
+    earlier: &VecDeque<(T, Instant)>,
+    now: Instant,
+    window_s: u64,
+) -> Option<&(T, Instant)> {
+    let window = Duration::from_secs(window_s);
+    earlier
+        .iter()
+        .rev()
+        .find(|(_, then)| now.saturating_duration_since(*then) >= window)
+        .or_else(|| earlier.front())
 }
 
 /// Spans of unrecorded seconds kept at most (one per daemon restart within [`KEEP_S`]).
@@ -162,8 +194,10 @@ impl Feed {
         if self.counters_supported {
             match control::fetch_counters(&self.socket, FETCH_TIMEOUT) {
                 Ok(text) => {
-                    self.previous_counters = self.counters.take();
-                    self.counters = Some((Counters::parse(&text), Instant::now()));
+                    let now = Instant::now();
+                    self.earlier_counters.extend(self.counters.take());
+                    trim_earlier(&mut self.earlier_counters, now);
+                    self.counters = Some((Counters::parse(&text), now));
                 }
                 Err(ControlError::Daemon(message)) => {
                     // An older daemon: the history still gives most columns.
@@ -203,10 +237,10 @@ impl Feed {
             |now: &Instant, before: &Instant| now.saturating_duration_since(*before).as_secs_f64();
         let inputs = Inputs {
             counters: self.counters.as_ref().map(|(c, _)| c),
-            previous_counters: match (&self.counters, &self.previous_counters) {
-                (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
-                _ => None,
-            },
+            previous_counters: self.counters.as_ref().and_then(|(_, now)| {
+                baseline(&self.earlier_counters, *now, window_s)
+                    .map(|(before, then)| (before, between(now, then)))
+            }),
             keys: self.keys.as_ref().map(|(k, _)| k),
             previous_keys: match (&self.keys, &self.previous_keys) {
                 (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
@@ -272,7 +306,7 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
         local,
         history: None,
         counters: None,
-        previous_counters: None,
+        earlier_counters: VecDeque::new(),
         counters_supported: true,
         keys: None,
         previous_keys: None,
@@ -502,6 +536,35 @@ mod tests {
     use super::*;
     use crate::history::{Fact, History, HistoryLimits};
 
+    /// `-d 0.2` under "rates over 1 s": IN/S and OUT/S were the change since the last refresh
+    /// (0.2 s, often none of the daemon's once-a-second updates, else five times too many).
+    /// They are taken against the counters a window back.
+    #[test]
+    fn counter_rates_span_the_window_not_the_last_refresh() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut earlier = VecDeque::new();
+        for ms in (0..=2_000).step_by(200) {
+            earlier.push_back((ms, at(ms)));
+            trim_earlier(&mut earlier, at(ms));
+        }
+        // Now is 2.2 s: one second back is the sample of 1.2 s, not the last refresh's 2.0 s.
+        assert_eq!(baseline(&earlier, at(2_200), 1).map(|s| s.0), Some(1_200));
+        // A window longer than top has run: as far back as there is.
+        assert_eq!(baseline(&earlier, at(2_200), 10).map(|s| s.0), Some(0));
+        assert_eq!(baseline(&VecDeque::<(u64, Instant)>::new(), at(0), 1), None);
+        // Kept: no more than a minute's worth, nor more than the cap.
+        for ms in (2_200..=200_000).step_by(200) {
+            earlier.push_back((ms, at(ms)));
+            trim_earlier(&mut earlier, at(ms));
+        }
+        assert!(earlier.len() <= MAX_EARLIER_COUNTERS, "{}", earlier.len());
+        assert_eq!(
+            baseline(&earlier, at(200_200), 1).map(|s| s.0),
+            Some(199_200)
+        );
+    }
+
     /// A daemon that restarted answers from its start on: the seconds before it, since the
     /// last top had, are unrecorded; a daemon that ran all along leaves none.
     #[test]
@@ -541,7 +604,7 @@ mod tests {
             local: None,
             history: Some(history.snapshot(0)),
             counters: None,
-            previous_counters: None,
+            earlier_counters: VecDeque::new(),
             counters_supported: true,
             keys: None,
             previous_keys: None,

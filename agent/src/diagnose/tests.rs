@@ -364,7 +364,7 @@ fn a_servers_dead_writes_blame_the_clients_closes() {
                 service: SERVICE.into(),
                 server: "127.0.0.1:11211".into(),
                 role: Role::Server,
-                comm: "mc-worker".into(),
+                comm: "memcached".into(),
                 command: None,
                 outcome: DeadWriteOutcome::Unnoticed,
             },

@@ -7,4 +7,5 @@ pub mod keys;
 pub mod merge;
 pub mod outputs;
 pub mod pipeline;
+pub mod process_names;
 pub mod queues;

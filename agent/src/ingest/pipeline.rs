@@ -25,6 +25,7 @@ use crate::{
         kernel_stats::{self, KernelStats},
         keys::KeyStats,
         outputs::{ObservationSink, Outputs},
+        process_names::ProcessNames,
         queues::QueueSide,
     },
     kernel::capture::parse_payload,
@@ -63,32 +64,8 @@ pub struct Pipeline {
     outputs: Outputs,
     /// Wall-clock seconds of record timestamps, without a clock read per record.
     wall: MonotonicToUnix,
-    comm_names: CommNames,
-}
-
-/// The process names of the last two distinct `comm`s seen in payload records, by their raw
-/// kernel bytes. Records alternate between few processes (a client and its server), and
-/// turning the bytes into a name for every record showed in the agent's profile.
-#[derive(Default)]
-struct CommNames {
-    raw: [[u8; agent_common::COMM_LEN]; 2],
-    names: [String; 2],
-    next: usize,
-}
-
-impl CommNames {
-    /// The slot holding `raw`'s name, converting it if neither slot has it. (The zeroed
-    /// slots of a new table hold the empty name, which is what zeroes convert to.)
-    fn slot(&mut self, raw: &[u8; agent_common::COMM_LEN]) -> usize {
-        if let Some(slot) = self.raw.iter().position(|known| known == raw) {
-            return slot;
-        }
-        let slot = self.next & 1;
-        self.next = slot ^ 1;
-        self.raw[slot] = *raw;
-        self.names[slot] = events::comm_str(raw).into_owned();
-        slot
-    }
+    /// Records carry their thread's name; everything downstream names their process.
+    process_names: ProcessNames,
 }
 
 impl Pipeline {
@@ -116,12 +93,18 @@ impl Pipeline {
             kernel_stats: KernelStats::default(),
             outputs: Outputs::new(recorder),
             wall: MonotonicToUnix::default(),
-            comm_names: CommNames::default(),
+            process_names: ProcessNames::new(None),
             services,
         };
         let services = pipeline.services.load();
         pipeline.set_sampled_call_slots(config, &services);
         pipeline
+    }
+
+    /// Names records by their process as /proc shows it (see [`ProcessNames`]); without
+    /// this, by the thread the kernel saw. Kept out of [`Pipeline::new`], which does no I/O.
+    pub fn set_process_names(&mut self, names: ProcessNames) {
+        self.process_names = names;
     }
 
     /// Decodes every connection whatever the rate (the kernel cannot sample).
@@ -285,7 +268,10 @@ impl Pipeline {
 
     /// Decodes a socket event record, counting (not failing on) bad ones.
     pub fn decode_socket_record(&mut self, bytes: &[u8]) -> Option<SockEventRecord> {
-        match events::decode(bytes) {
+        let names = &mut self.process_names;
+        match events::decode(bytes, &mut |pid, thread, ts_ns| {
+            names.of(pid, thread, ts_ns)
+        }) {
             Ok(event) => Some(event),
             Err(err) => {
                 self.undecodable_records += 1;
@@ -400,10 +386,12 @@ impl Pipeline {
             self.capture.is_time_sampled(endpoint.service),
             &mut self.memcache_events,
         );
-        let slot = self.comm_names.slot(payload.comm);
-        let comm = std::mem::take(&mut self.comm_names.names[slot]);
+        let slot = self
+            .process_names
+            .slot(payload.pid, payload.comm, payload.ts_ns);
+        let comm = self.process_names.take(slot);
         self.flush_memcache(Some(&comm), weight, payload.ts_ns);
-        self.comm_names.names[slot] = comm;
+        self.process_names.put_back(slot, comm);
         PayloadOutcome::Handled
     }
 
@@ -435,6 +423,7 @@ impl Pipeline {
         // Writes held since the last tick have had their payload: name the command, report.
         // (Before `settle`, which may then finish the streams they were waiting for.)
         self.settle(now_ns);
+        self.process_names.tick(now_ns);
         if self.outputs.has_history() {
             let keys = self.keys_report();
             let queues = self.queues.reports(now_ns, &self.services);
@@ -517,9 +506,9 @@ impl Pipeline {
             let own_comm;
             let comm = match (comm, event) {
                 (Some(comm), _) => Some(comm),
-                (None, MemcacheEvent::Request { comm: raw, .. }) => {
-                    own_comm = crate::kernel::events::comm_str(raw);
-                    Some(own_comm.as_ref()).filter(|name| !name.is_empty())
+                (None, MemcacheEvent::Request { pid, comm: raw, .. }) => {
+                    own_comm = self.process_names.of(*pid, raw, record_ns);
+                    Some(own_comm.as_str()).filter(|name| !name.is_empty())
                 }
                 (None, _) => None,
             };
@@ -602,35 +591,6 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn comm_names_convert_each_name_once_and_keep_the_last_two() {
-        let raw = |name: &[u8]| {
-            let mut raw = [0u8; agent_common::COMM_LEN];
-            raw[..name.len()].copy_from_slice(name);
-            raw
-        };
-        let mut names = CommNames::default();
-        let name = |names: &mut CommNames, bytes: &[u8; agent_common::COMM_LEN]| {
-            let slot = names.slot(bytes);
-            names.names[slot].clone()
-        };
-        assert_eq!(name(&mut names, &[0; agent_common::COMM_LEN]), "");
-        for _ in 0..3 {
-            assert_eq!(name(&mut names, &raw(b"memcaslap")), "memcaslap");
-            assert_eq!(name(&mut names, &raw(b"mc-worker")), "mc-worker");
-        }
-        // A third name takes the older slot; the other stays.
-        assert_eq!(name(&mut names, &raw(b"python3")), "python3");
-        assert_eq!(name(&mut names, &raw(b"mc-worker")), "mc-worker");
-        assert_eq!(name(&mut names, &raw(b"memcaslap")), "memcaslap");
-        assert_eq!(name(&mut names, &raw(b"python3")), "python3");
-        // Invalid UTF-8 converts as before; a full 16-byte name has no terminator.
-        assert_eq!(name(&mut names, &raw(b"a\xffb")), "a\u{fffd}b");
-        assert_eq!(
-            name(&mut names, &[b'x'; agent_common::COMM_LEN]),
-            "x".repeat(16)
-        );
-    }
     use crate::{
         kernel::capture::{encode_payload_record, mark_sample},
         kernel::events::{EventKind, SockEventRecord, SocketFacts},
@@ -1310,5 +1270,75 @@ mod tests {
                 String::from_utf8_lossy(answer)
             );
         }
+    }
+
+    /// What sinks were told: the process of each request and of each fd-exhaustion event.
+    #[derive(Clone, Default)]
+    struct Names(Arc<Mutex<Vec<String>>>);
+
+    impl ObservationSink for Names {
+        fn observation(&mut self, observation: &Observation) {
+            if let Observation::FdExhausted { comm, .. } = observation {
+                self.0.lock().unwrap().push(format!("fds {comm}"));
+            }
+        }
+        fn memcache(&mut self, event: &MemcacheEvent, comm: Option<&str>) {
+            if let MemcacheEvent::Request { request, .. } = event {
+                let status = request.status.as_str();
+                self.0.lock().unwrap().push(format!("{status} {comm:?}"));
+            }
+        }
+    }
+
+    /// memcached's requests were counted under its worker threads' name (`mc-worker`) and
+    /// its fds under `memcached`: every record is named by its process, records of a process
+    /// /proc no longer has by their thread.
+    #[test]
+    fn records_are_named_by_their_process_and_gone_processes_by_their_thread() {
+        let (mut pipeline, _metrics) = pipeline(0);
+        pipeline.set_process_names(ProcessNames::new(Some(Box::new(|pid| {
+            (pid == 9).then(|| "memcached".to_string())
+        }))));
+        let names = Names::default();
+        pipeline.add_sink(Box::new(names.clone()));
+        let sk = client_sk(40_200);
+        learn_client(&mut pipeline, sk);
+        let record = |ts: u64, is_send: bool, pid: u32, thread: &[u8], data: &[u8]| {
+            let mut record =
+                encode_payload_record(ts, sk, data.len() as u64, is_send, thread, data);
+            record[32..36].copy_from_slice(&pid.to_ne_bytes());
+            record
+        };
+        for (ts, is_send, pid, thread, data) in [
+            (SECOND, true, 9, &b"mc-worker"[..], &b"get a\r\n"[..]),
+            (SECOND + 10, false, 9, b"mc-worker", b"END\r\n"),
+            // pid 10 has exited by the time its records are read.
+            (SECOND + 20, true, 10, b"short", b"get b\r\n"),
+            (SECOND + 30, false, 10, b"short", b"END\r\n"),
+            // Unanswered: it times out later, named from its stream.
+            (SECOND + 40, true, 9, b"mc-worker", b"get c\r\n"),
+        ] {
+            let outcome = pipeline.on_payload_record(&record(ts, is_send, pid, thread, data));
+            assert_eq!(outcome, PayloadOutcome::Handled);
+        }
+        pipeline.tick(8 * SECOND, None, &mut Vec::new);
+        // SAFETY: SockEvent is repr(C) plain old data, valid all zero.
+        let mut fd_event: agent_common::SockEvent = unsafe { std::mem::zeroed() };
+        fd_event.kind = agent_common::SockEventKind::FdExhausted as u8;
+        fd_event.fd_syscall = agent_common::FdSyscall::Accept4 as u8;
+        fd_event.ret = -24;
+        fd_event.pid = 9;
+        fd_event.ts_ns = 9 * SECOND;
+        fd_event.comm[..9].copy_from_slice(b"mc-worker");
+        pipeline.on_socket_record(&crate::kernel::events::record_bytes(&fd_event));
+        assert_eq!(
+            *names.0.lock().unwrap(),
+            [
+                "miss Some(\"memcached\")",
+                "miss Some(\"short\")",
+                "timeout Some(\"memcached\")",
+                "fds memcached",
+            ]
+        );
     }
 }

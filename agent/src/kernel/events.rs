@@ -85,18 +85,27 @@ pub enum DecodeError {
     Syscall(u8),
 }
 
+/// What names a record's process from its pid (tgid), thread name and timestamp: see
+/// [`crate::ingest::process_names`]. [`thread_name`] keeps the thread's.
+pub type NameProcess<'a> = &'a mut dyn FnMut(u32, &[u8; COMM_LEN], u64) -> String;
+
+/// Names a record by the thread the kernel saw.
+pub fn thread_name(_pid: u32, comm: &[u8; COMM_LEN], _ts_ns: u64) -> String {
+    comm_to_string(comm)
+}
+
 /// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<SockEventRecord, DecodeError> {
+pub fn decode(bytes: &[u8], name: NameProcess) -> Result<SockEventRecord, DecodeError> {
     if bytes.len() != std::mem::size_of::<SockEvent>() {
         return Err(DecodeError::Size(bytes.len()));
     }
     // SAFETY: the length matches, SockEvent is repr(C) plain old data valid for any bit pattern,
     // and read_unaligned does not require the ring buffer's alignment.
     let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    from_raw(&raw)
+    from_raw(&raw, name)
 }
 
-pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
+pub fn from_raw(raw: &SockEvent, name: NameProcess) -> Result<SockEventRecord, DecodeError> {
     let kind = SockEventKind::try_from(raw.kind).map_err(|_| DecodeError::Kind(raw.kind))?;
     let kind = match kind {
         SockEventKind::State => EventKind::StateChange {
@@ -139,7 +148,7 @@ pub fn from_raw(raw: &SockEvent) -> Result<SockEventRecord, DecodeError> {
         local,
         remote,
         pid: raw.pid,
-        comm: comm_to_string(&raw.comm),
+        comm: name(raw.pid, &raw.comm, raw.ts_ns),
         facts: SocketFacts {
             last_activity_ns: raw.state.last_activity_ns,
             bytes_sent: raw.state.bytes_sent,
@@ -194,6 +203,19 @@ pub fn comm_str(comm: &[u8; COMM_LEN]) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A socket event record as the kernel writes it into the ring, for tests.
+#[cfg(test)]
+pub(crate) fn record_bytes(event: &SockEvent) -> Vec<u8> {
+    // SAFETY: reading a repr(C) POD value as bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            (event as *const SockEvent).cast::<u8>(),
+            std::mem::size_of::<SockEvent>(),
+        )
+    }
+    .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,20 +257,11 @@ mod tests {
         }
     }
 
-    fn as_bytes(event: &SockEvent) -> Vec<u8> {
-        // SAFETY: reading a repr(C) POD value as bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                (event as *const SockEvent).cast::<u8>(),
-                std::mem::size_of::<SockEvent>(),
-            )
-        }
-        .to_vec()
-    }
+    use super::record_bytes as as_bytes;
 
     #[test]
     fn decodes_ipv4_state_change() {
-        let record = decode(&as_bytes(&raw_state_event())).unwrap();
+        let record = decode(&as_bytes(&raw_state_event()), &mut thread_name).unwrap();
         assert_eq!(
             record.kind,
             EventKind::StateChange {
@@ -268,17 +281,23 @@ mod tests {
         raw.family = AF_INET6;
         raw.remote_addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x0a01, 0x0203).octets();
         raw.local_addr = Ipv6Addr::LOCALHOST.octets();
-        let record = from_raw(&raw).unwrap();
+        let record = from_raw(&raw, &mut thread_name).unwrap();
         assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
         assert_eq!(record.local.unwrap().to_string(), "[::1]:40000");
     }
 
     #[test]
     fn rejects_wrong_size_and_unknown_kind() {
-        assert_eq!(decode(&[0u8; 7]), Err(DecodeError::Size(7)));
+        assert_eq!(
+            decode(&[0u8; 7], &mut thread_name),
+            Err(DecodeError::Size(7))
+        );
         let mut raw = raw_state_event();
         raw.kind = 99;
-        assert_eq!(decode(&as_bytes(&raw)), Err(DecodeError::Kind(99)));
+        assert_eq!(
+            decode(&as_bytes(&raw), &mut thread_name),
+            Err(DecodeError::Kind(99))
+        );
     }
 
     #[test]
@@ -287,7 +306,7 @@ mod tests {
         raw.kind = SockEventKind::TcpTrouble as u8;
         raw.trouble = TcpTrouble::RetransmitSynAck as u8;
         raw.old_state = 3;
-        let record = from_raw(&raw).unwrap();
+        let record = from_raw(&raw, &mut thread_name).unwrap();
         assert_eq!(
             record.kind,
             EventKind::TcpTrouble {
@@ -297,12 +316,15 @@ mod tests {
         );
         assert_eq!(record.remote.unwrap().to_string(), "10.1.2.3:11211");
         raw.trouble = 77;
-        assert_eq!(from_raw(&raw), Err(DecodeError::Trouble(77)));
+        assert_eq!(
+            from_raw(&raw, &mut thread_name),
+            Err(DecodeError::Trouble(77))
+        );
 
         raw.kind = SockEventKind::FdExhausted as u8;
         raw.fd_syscall = FdSyscall::Accept4 as u8;
         raw.ret = -24;
-        let record = from_raw(&raw).unwrap();
+        let record = from_raw(&raw, &mut thread_name).unwrap();
         assert_eq!(
             record.kind,
             EventKind::FdExhausted {
@@ -312,7 +334,10 @@ mod tests {
         );
         assert_eq!(record.local, None);
         raw.fd_syscall = 200;
-        assert_eq!(from_raw(&raw), Err(DecodeError::Syscall(200)));
+        assert_eq!(
+            from_raw(&raw, &mut thread_name),
+            Err(DecodeError::Syscall(200))
+        );
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub enum MemcacheEvent {
         request: RequestObservation,
         /// The sample its stream was captured under: what the request counts for.
         sample: StreamSample,
-        /// The process of its stream's last record: who waited for a request that finishes
-        /// by close or timeout, when no record is at hand.
+        /// The process (tgid) and thread name of its stream's last record: who waited for a
+        /// request that finishes by close or timeout, when no record is at hand.
+        pid: u32,
         comm: [u8; COMM_LEN],
     },
     DecodeError {
@@ -88,7 +89,8 @@ struct ConnectionState {
     closed_ns: Option<u64>,
     /// The sample of its last record.
     sample: StreamSample,
-    /// The process of its last record.
+    /// The process (tgid) and thread name of its last record.
+    pid: u32,
     comm: [u8; COMM_LEN],
     /// TCP sequence number the next record of each direction (client to server, then server
     /// to client) starts at, when known: a record starting elsewhere follows a lost one.
@@ -193,6 +195,7 @@ impl Decoders {
             drain(&mut self.scratch, state, out);
         }
         state.flow = state.flow.or(flow);
+        state.pid = payload.pid;
         state.comm = *payload.comm;
         state.sample = StreamSample::of_record(
             payload.sample_shift,
@@ -285,6 +288,7 @@ impl Decoders {
                 flow: None,
                 closed_ns: None,
                 sample: StreamSample::UNSAMPLED,
+                pid: 0,
                 comm: [0; COMM_LEN],
                 next_seq: [None; 2],
                 paused_ns: None,
@@ -431,6 +435,7 @@ fn drain(scratch: &mut Vec<Decoded>, state: &ConnectionState, out: &mut Vec<Memc
                 endpoint,
                 request,
                 sample: state.sample,
+                pid: state.pid,
                 comm: state.comm,
             }
         }

@@ -27,6 +27,10 @@ pub struct ServerRow {
     pub hit_ratio: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// With no answer in the rate window (no p99) after answers earlier in the last minute:
+    /// seconds since the last second that had one. A stalled server reads as its stall's age,
+    /// not as a blank. (Requests still waiting are not recorded until they finish.)
+    pub unanswered_for_s: Option<u64>,
     /// Failed requests (error replies, timeouts, no answer) per second in the rate window.
     pub errors_per_s: f64,
     /// Requests that got no answer in the last minute.
@@ -183,6 +187,8 @@ struct ServerAcc {
     retransmits: u64,
     spark: Vec<u64>,
     p99_spark: Vec<LatencyHistogram>,
+    /// The last second with an answered request.
+    last_answer_s: Option<u64>,
 }
 
 #[derive(Default)]
@@ -237,7 +243,7 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
         servers: acc
             .servers
             .into_iter()
-            .map(|(key, server)| server_row(key, server, span, inputs))
+            .map(|(key, server)| server_row(key, server, span, end_s, inputs))
             .collect(),
         processes: acc
             .processes
@@ -346,6 +352,7 @@ impl Accumulated {
         for row in &second.latency {
             let acc = self.server(snapshot, row.service, row.server, row.role);
             acc.p99_spark[at.slot].add_cells(&row.cells);
+            acc.last_answer_s = acc.last_answer_s.max(Some(second.t));
             if at.rate {
                 acc.hist.add_cells(&row.cells);
             }
@@ -402,8 +409,10 @@ fn server_row(
     (service, server, role): ServerKey,
     acc: ServerAcc,
     span: f64,
+    end_s: u64,
     inputs: &Inputs,
 ) -> ServerRow {
+    let p99_ms = acc.hist.quantile_us(0.99).map(|us| us / 1000.0);
     let connections = inputs
         .counters
         .and_then(|c| c.connections_active(&service, &server, role));
@@ -416,7 +425,11 @@ fn server_row(
         requests_per_s: acc.requests as f64 / span,
         hit_ratio: (acc.lookups > 0).then(|| acc.hits as f64 / acc.lookups as f64),
         p50_ms: acc.hist.quantile_us(0.5).map(|us| us / 1000.0),
-        p99_ms: acc.hist.quantile_us(0.99).map(|us| us / 1000.0),
+        p99_ms,
+        unanswered_for_s: match (p99_ms, acc.last_answer_s) {
+            (None, Some(t)) => Some(end_s.saturating_sub(t)),
+            _ => None,
+        },
         errors_per_s: acc.errors as f64 / span,
         timeouts: acc.timeouts,
         dead_writes: acc.dead_writes,

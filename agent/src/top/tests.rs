@@ -5,7 +5,7 @@ use ratatui::{backend::TestBackend, Terminal};
 
 use super::{
     counters::Counters,
-    model::{build, Inputs, Model, MINUTE_S},
+    model::{build, Inputs, Model, ServerRow, MINUTE_S},
     render,
     view::{arrange, rows, Action, Key, Pane, ViewState},
 };
@@ -133,6 +133,36 @@ fn server_rates_ratios_and_latency() {
     assert!((4.0..6.5).contains(&p99), "p99 {p99} ms near 5");
     assert_eq!((b.dead_writes, b.retransmits), (1, 1));
     assert_eq!(b.connections, None, "no counters given");
+}
+
+/// A server that stops answering had p99 `-`, like an idle one: it shows how long it has
+/// been without an answer, and sorts with latencies that long.
+#[test]
+fn a_stalled_servers_p99_shows_how_long_it_has_not_answered() {
+    let model = build(&history(), NOW + 7, 1, &Inputs::default());
+    let a = model.servers.iter().find(|r| r.server == A).unwrap();
+    assert_eq!((a.p99_ms, a.unanswered_for_s), (None, Some(7)));
+    let state = ViewState::new(None);
+    let row = state
+        .arranged(&model)
+        .into_iter()
+        .find(|r| r.cells[1] == A)
+        .unwrap();
+    assert_eq!(row.cells[6], "none 7s");
+    assert!(row.detail.iter().any(|l| l.contains("no answer for 7 s")));
+    // Answering: the p99, no age.
+    let a = model_row(&self::model(1), A);
+    assert_eq!(a.unanswered_for_s, None);
+    assert!(a.p99_ms.is_some());
+}
+
+fn model_row(model: &Model, server: &str) -> ServerRow {
+    model
+        .servers
+        .iter()
+        .find(|r| r.server == server)
+        .unwrap()
+        .clone()
 }
 
 #[test]
@@ -754,6 +784,8 @@ fn draws_at_80x24_and_wider_and_refuses_tiny_terminals() {
     assert!(small.contains("q quit"), "{small}");
     let row = small.lines().find(|l| l.contains(A)).unwrap();
     assert!(row.contains(" 30 ") && row.contains(" 67 "), "{row}");
+    // The sparkline has a place at 80 columns (SERVICE gives way).
+    assert!(small.contains("REQ/S LAST 1"), "{small}");
     let wide = screen(&model, &state, 200, 40);
     assert!(wide.contains("REQ/S LAST 60 S"), "{wide}");
     assert!(wide.contains("RETX/m"), "{wide}");

@@ -81,13 +81,15 @@ const fn col(title: &'static str, letter: char, width: u16, right: bool, priorit
 }
 
 pub const SERVER_COLUMNS: &[Column] = &[
-    col("SERVICE", 'n', 10, false, 1),
+    // SERVICE gives way to the sparkline at 80 columns: the server address already names the
+    // row, and the last seconds' requests show a stall or a spike no other column does.
+    col("SERVICE", 'n', 10, false, 2),
     col("SERVER", ' ', 21, false, 0),
     col("ROLE", ' ', 6, false, 1),
     col("REQ/S", 'r', 8, true, 0),
     col("HIT%", 'h', 6, true, 0),
     col("P50", ' ', 7, true, 2),
-    col("P99", 'p', 7, true, 0),
+    col("P99", 'p', 8, true, 0),
     col("ERR/S", 'e', 6, true, 0),
     col("TMO/m", 't', 5, true, 2),
     col("DEAD/m", 'd', 6, true, 2),
@@ -231,6 +233,16 @@ fn role(role: Role) -> &'static str {
     }
 }
 
+/// The p99, or for a server that stopped answering how long ago its last answer came ("none
+/// 7s"): during a stall there is no latency to show, and a blank would hide it.
+fn p99_cell(row: &ServerRow) -> String {
+    match (row.p99_ms, row.unanswered_for_s) {
+        (Some(p99), _) => millis(p99),
+        (None, Some(s)) => format!("none {s}s"),
+        (None, None) => "-".to_string(),
+    }
+}
+
 fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let bytes_total = match (row.bytes_in_per_s, row.bytes_out_per_s) {
         (None, None) => None,
@@ -243,7 +255,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         rate(row.requests_per_s),
         or_dash(row.hit_ratio.map(percent)),
         or_dash(row.p50_ms.map(millis)),
-        or_dash(row.p99_ms.map(millis)),
+        p99_cell(row),
         rate(row.errors_per_s),
         row.timeouts.to_string(),
         row.dead_writes.to_string(),
@@ -259,7 +271,11 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         SortValue::Number(Some(row.requests_per_s)),
         SortValue::Number(row.hit_ratio),
         SortValue::Number(row.p50_ms),
-        SortValue::Number(row.p99_ms),
+        // A server silent for seconds sorts with latencies that long.
+        SortValue::Number(
+            row.p99_ms
+                .or(row.unanswered_for_s.map(|s| s as f64 * 1000.0)),
+        ),
         SortValue::Number(Some(row.errors_per_s)),
         SortValue::Number(Some(row.timeouts as f64)),
         SortValue::Number(Some(row.dead_writes as f64)),
@@ -290,7 +306,10 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         format!(
             "latency p50 {}   p99 {}   worst 1 s p99 in the last minute {}",
             or_dash(row.p50_ms.map(millis)),
-            or_dash(row.p99_ms.map(millis)),
+            match row.unanswered_for_s {
+                Some(s) => format!("- (no answer for {s} s)"),
+                None => or_dash(row.p99_ms.map(millis)),
+            },
             if p99_peak == 0 {
                 "-".to_string()
             } else {

@@ -52,6 +52,7 @@ fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
             keys_in_request: 1,
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        pid: 0,
         comm: [0; agent_common::COMM_LEN],
     };
     // No slice here: only slow requests.
@@ -296,6 +297,7 @@ fn exposition_keeps_every_family_label_order() {
                 keys_in_request: 1,
             },
             sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+            pid: 0,
             comm: [0; agent_common::COMM_LEN],
         };
     recorder.record_memcache(&request(client, Command::Get, Status::Hit, None), 1);
@@ -387,6 +389,7 @@ fn blocking_queue_fetches_stay_out_of_the_latency_histogram() {
             keys_in_request: 1,
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        pid: 0,
         comm: [0; agent_common::COMM_LEN],
     };
     for _ in 0..3 {
@@ -445,6 +448,7 @@ fn queue_operations_are_per_role_and_only_what_the_queue_did() {
             ..RequestObservation::stored_set(0)
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
+        pid: 0,
         comm: [0; agent_common::COMM_LEN],
     };
     use QueueOpKind::{Dequeue, EmptyPoll, Enqueue};
