@@ -66,6 +66,19 @@ enum State {
 /// splits fit, and reuse it without allocating.
 const KEPT_LINE_CAPACITY: usize = 1024;
 
+/// Longest line a stream holds across chunks unless it is a multi-key get. Only those grow long
+/// (memcached itself closes a connection whose line passes 2 KiB for anything else): holding
+/// every stream's unterminated bytes up to the whole limit would let garbage on a watched port
+/// keep 64 KiB per direction of every connection.
+const HELD_LINE_LIMIT: usize = 16 * 1024;
+
+/// Whether a line starting with `head` may be held up to the whole line limit: the text
+/// commands that carry many keys (`get`, `gets`, `gat`, `gats`).
+fn may_grow_long(head: &[u8]) -> bool {
+    let word_end = head.iter().position(|&b| b == b' ').unwrap_or(head.len());
+    matches!(&head[..word_end], b"get" | b"gets" | b"gat" | b"gats") && word_end < head.len()
+}
+
 #[derive(Debug)]
 pub(crate) struct TextFramer {
     state: State,
@@ -284,11 +297,22 @@ impl TextFramer {
                         }
                         None if cap == total => {
                             // The line continues in the next chunk.
-                            if self.partial.len() + window.len() > self.max_line {
+                            // The line's first bytes, which a chunk boundary may split.
+                            let mut head = [0u8; 8];
+                            let held = self.partial.len().min(head.len());
+                            head[..held].copy_from_slice(&self.partial[..held]);
+                            let more = (head.len() - held).min(window.len());
+                            head[held..held + more].copy_from_slice(&window[..more]);
+                            let limit = if may_grow_long(&head[..held + more]) {
+                                self.max_line
+                            } else {
+                                self.max_line.min(HELD_LINE_LIMIT)
+                            };
+                            if self.partial.len() + window.len() > limit {
                                 sink.line_starts_at(line_start);
                                 let start_ts = self.start_ts(ts);
                                 let mut prefix = std::mem::take(&mut self.partial);
-                                let room = self.max_line - prefix.len();
+                                let room = limit - prefix.len();
                                 prefix.extend_from_slice(&window[..room.min(window.len())]);
                                 sink.oversized_line(&prefix, start_ts, ts);
                                 self.keep_buffer(prefix);

@@ -178,3 +178,31 @@ fn a_binary_getkq_batch_cut_at_64_kib_counts_seen_hits_and_one_unknown() {
         vec!["truncated_capture", "unexpected_response"]
     );
 }
+
+/// Garbage without line ends on a watched port is held only to the old 16 KiB per direction,
+/// not to the 64 KiB a multi-key get may take: every connection of a hostile client would
+/// otherwise keep 64 KiB of the agent's memory per direction. A get line split the same way
+/// (its command word split too) is held whole.
+#[test]
+fn only_a_multi_key_get_is_held_past_16_kib() {
+    let garbage = vec![b'x'; 40 * 1024];
+    let mut conn = Conn::new();
+    for record in garbage.chunks(RECORD) {
+        conn.client(record);
+        assert!(conn.decoder.line_buffer_capacity() <= 2 * 16 * 1024 + 2 * 1024);
+    }
+    assert_eq!(conn.errors(), vec!["line_too_long"]);
+
+    let keys = keys(2000);
+    let line = get_line(&keys);
+    let mut conn = Conn::new();
+    conn.client(&line[..2]);
+    for record in line[2..].chunks(RECORD) {
+        conn.client(record);
+    }
+    conn.server(&even_hits(&keys));
+    assert_eq!(
+        tally(&conn.requests()),
+        BTreeMap::from([("hit", (1000, 0)), ("miss", (1000, 0))])
+    );
+}
