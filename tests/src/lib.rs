@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
@@ -390,6 +390,22 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts nutcracker (twemproxy) with the configuration file `conf` (its stats port a fresh
+/// one) and waits until it listens on `proxy`.
+pub fn start_nutcracker(conf: &Path, proxy: u16) -> anyhow::Result<Guard> {
+    let child = Command::new("nutcracker")
+        .arg("-c")
+        .arg(conf)
+        .args(["-s", &unique_port().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("nutcracker (package nutcracker) is installed by cargo xtask setup")?;
+    let guard = Guard(child);
+    wait_for_port(None, "127.0.0.1", proxy)?;
+    Ok(guard)
 }
 
 /// Starts memcached in the foreground (optionally inside a network namespace) and waits until it

@@ -561,17 +561,7 @@ fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
         ),
     )
     .unwrap();
-    let _nutcracker = Guard(
-        Command::new("nutcracker")
-            .arg("-c")
-            .arg(&conf)
-            .args(["-s", &unique_port().to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
-    );
-    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    let _nutcracker = start_nutcracker(&conf, proxy).unwrap();
     let load = std::thread::spawn(move || {
         python(
             None,

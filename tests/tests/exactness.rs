@@ -911,17 +911,7 @@ fn twemproxy_in_the_middle() {
         ),
     )
     .unwrap();
-    let _nutcracker = Guard(
-        Command::new("nutcracker")
-            .args(["-c"])
-            .arg(&conf)
-            .args(["-s", &unique_port().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
-    );
-    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    let _nutcracker = start_nutcracker(&conf, proxy).unwrap();
     let before = memcached.stats();
     python(
         None,

@@ -170,17 +170,7 @@ fn requests_through_twemproxy_are_seen_on_both_hops() {
         ),
     )
     .unwrap();
-    let _nutcracker = Guard(
-        Command::new("nutcracker")
-            .args(["-c"])
-            .arg(&conf)
-            .args(["-s", &unique_port().to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nutcracker (package nutcracker) is installed by cargo xtask setup"),
-    );
-    wait_for_port(None, "127.0.0.1", proxy).unwrap();
+    let _nutcracker = start_nutcracker(&conf, proxy).unwrap();
     python(
         None,
         &format!(
