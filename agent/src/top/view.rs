@@ -5,7 +5,6 @@
 use std::cmp::Ordering;
 
 use super::model::{HotKeyKind, HotKeyRow, Model, ProcessRow, QueueRow, ServerRow};
-use crate::model::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pane {
@@ -226,13 +225,6 @@ fn or_dash(value: Option<String>) -> String {
     value.unwrap_or_else(|| "-".to_string())
 }
 
-fn role(role: Role) -> &'static str {
-    match role {
-        Role::Client => "client",
-        Role::Server => "server",
-    }
-}
-
 /// The p99, or for a server that stopped answering how long ago its last answer came ("none
 /// 7s"): during a stall there is no latency to show, and a blank would hide it.
 fn p99_cell(row: &ServerRow) -> String {
@@ -251,7 +243,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let cells = vec![
         row.service.clone(),
         row.server.clone(),
-        role(row.role).to_string(),
+        row.role.as_str().to_string(),
         rate(row.requests_per_s),
         or_dash(row.hit_ratio.map(percent)),
         or_dash(row.p50_ms.map(millis)),
@@ -267,7 +259,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let sort = vec![
         SortValue::Text(format!("{}/{}", row.service, row.server)),
         SortValue::Text(row.server.clone()),
-        SortValue::Text(role(row.role).to_string()),
+        SortValue::Text(row.role.as_str().to_string()),
         SortValue::Number(Some(row.requests_per_s)),
         SortValue::Number(row.hit_ratio),
         SortValue::Number(row.p50_ms),
@@ -296,7 +288,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let low = recorded().min().unwrap_or(0);
     let p99_peak = row.p99_spark.iter().max().copied().unwrap_or(0);
     let detail = vec![
-        format!("{} {} ({})", row.service, row.server, role(row.role)),
+        format!("{} {} ({})", row.service, row.server, row.role.as_str()),
         format!(
             "requests/s {}   hit ratio {}   errors/s {}",
             rate(row.requests_per_s),
@@ -331,7 +323,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         id: vec![
             row.service.clone(),
             row.server.clone(),
-            role(row.role).to_string(),
+            row.role.as_str().to_string(),
         ],
         group: 0,
         alert: row.errors_per_s > 0.0 || row.timeouts > 0 || row.dead_writes > 0,
@@ -511,14 +503,14 @@ fn queue_row(row: &QueueRow) -> TableRow {
         id: vec![
             row.service.clone(),
             row.server.clone(),
-            role(row.role).to_string(),
+            row.role.as_str().to_string(),
             row.queue.clone(),
         ],
         group: 0,
         cells: vec![
             row.service.clone(),
             row.server.clone(),
-            role(row.role).to_string(),
+            row.role.as_str().to_string(),
             row.queue.clone(),
             rate(row.enqueue_per_s),
             rate(row.dequeue_per_s),
@@ -527,7 +519,7 @@ fn queue_row(row: &QueueRow) -> TableRow {
         sort: vec![
             SortValue::Text(row.service.clone()),
             SortValue::Text(row.server.clone()),
-            SortValue::Text(role(row.role).to_string()),
+            SortValue::Text(row.role.as_str().to_string()),
             SortValue::Text(row.queue.clone()),
             SortValue::Number(Some(row.enqueue_per_s)),
             SortValue::Number(Some(row.dequeue_per_s)),
@@ -541,7 +533,7 @@ fn queue_row(row: &QueueRow) -> TableRow {
                 row.queue,
                 row.service,
                 row.server,
-                role(row.role)
+                row.role.as_str()
             ),
             format!(
                 "enqueue/s {}   dequeue/s {}   empty polls/s {}",
