@@ -109,9 +109,10 @@ pub struct HotKeyRow {
     pub total: u64,
     /// How much of `total` may belong to the keys this one replaced in the table.
     pub error: u64,
-    /// Change of `total` per second since the previous refresh; None on the first refresh and
-    /// for a key that was not in the previous report with the same error (new, or evicted and
-    /// back): its count then includes the count it inherited, which no refresh spanned.
+    /// Change of `total` per second over the rate window (against the report about a window
+    /// before); None on the first refresh and for a key that was not in that report with the
+    /// same error (new, or evicted and back): its count then includes the count it inherited,
+    /// which the window did not span.
     pub per_s: Option<f64>,
 }
 
@@ -161,11 +162,13 @@ pub struct Model {
 /// What a refresh has to work with besides the history.
 #[derive(Debug, Default)]
 pub struct Inputs<'a> {
-    /// The daemon's counters now and at the previous refresh, with the seconds between them.
+    /// The daemon's counters and hot keys now, and as they were about a window before (the
+    /// newest sample at least `window_s` old), with the seconds between: what their rates
+    /// are taken over.
     pub counters: Option<&'a Counters>,
-    pub previous_counters: Option<(&'a Counters, f64)>,
+    pub counters_before: Option<(&'a Counters, f64)>,
     pub keys: Option<&'a KeysReport>,
-    pub previous_keys: Option<(&'a KeysReport, f64)>,
+    pub keys_before: Option<(&'a KeysReport, f64)>,
     /// How top's own config wants keys shown: with `hash`, a daemon configured otherwise
     /// still gets no plain key onto this screen.
     pub key_display: KeyDisplay,
@@ -252,7 +255,7 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
             .collect(),
         hot_keys: inputs
             .keys
-            .map(|keys| hot_keys(keys, inputs.previous_keys, inputs.key_display))
+            .map(|keys| hot_keys(keys, inputs.keys_before, inputs.key_display))
             .unwrap_or_default(),
         queues: inputs
             .counters
@@ -397,10 +400,10 @@ impl Accumulated {
     }
 }
 
-/// The per-second change of a counter between the previous refresh and this one.
+/// The per-second change of a counter over the window (against `counters_before`).
 fn counter_rate(inputs: &Inputs, value: &dyn Fn(&Counters) -> Option<f64>) -> Option<f64> {
     let now = value(inputs.counters?)?;
-    let (before, elapsed) = inputs.previous_counters?;
+    let (before, elapsed) = inputs.counters_before?;
     let before = value(before).unwrap_or(0.0);
     (elapsed > 0.0).then(|| (now - before).max(0.0) / elapsed)
 }

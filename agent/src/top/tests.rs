@@ -264,7 +264,7 @@ fn counters_give_connections_bytes_queues_and_fds() {
     );
     let inputs = Inputs {
         counters: Some(&after),
-        previous_counters: Some((&before, 2.0)),
+        counters_before: Some((&before, 2.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -351,7 +351,7 @@ fn hot_key_rates_come_from_successive_reports() {
     let (before, after) = (keys(100), keys(400));
     let inputs = Inputs {
         keys: Some(&after),
-        previous_keys: Some((&before, 3.0)),
+        keys_before: Some((&before, 3.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -439,7 +439,7 @@ fn a_key_new_to_the_table_has_no_rate_and_no_exact_total() {
     let after = report(1120, Some(hot("rare", 222, 221)), 2_000_000);
     let inputs = Inputs {
         keys: Some(&after),
-        previous_keys: Some((&before, 1.0)),
+        keys_before: Some((&before, 1.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -449,7 +449,7 @@ fn a_key_new_to_the_table_has_no_rate_and_no_exact_total() {
     let again = report(1240, Some(hot("rare", 300, 280)), 3_000_000);
     let inputs = Inputs {
         keys: Some(&again),
-        previous_keys: Some((&after, 1.0)),
+        keys_before: Some((&after, 1.0)),
         ..Inputs::default()
     };
     let later = build(&history(), NOW, 1, &inputs);

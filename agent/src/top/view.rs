@@ -116,7 +116,8 @@ pub const HOT_KEY_COLUMNS: &[Column] = &[
     col("ROLE", ' ', 6, false, 1),
     col("BY", ' ', 8, false, 0),
     col("KEY", 'n', 28, false, 0),
-    col("PER S", 'r', 9, true, 0),
+    // Per second over the header's window, like every X/S column.
+    col("RATE/S", 'r', 9, true, 0),
     col("TOTAL", 't', 10, true, 1),
 ];
 
@@ -410,7 +411,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
     }
 }
 
-fn hot_key_row(row: &HotKeyRow) -> TableRow {
+fn hot_key_row(row: &HotKeyRow, window_s: u64) -> TableRow {
     let amount = |value: u64| match row.kind {
         HotKeyKind::Requests => value.to_string(),
         HotKeyKind::Bytes => bytes_rate(value as f64),
@@ -483,15 +484,13 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
                 row.kind.as_str()
             ),
             counted,
-            format!(
-                "{}/s now{}",
-                or_dash(shown_rate),
-                if row.per_s.is_none() {
-                    " (new in the table: a rate needs two refreshes)"
-                } else {
-                    ""
-                }
-            ),
+            match row.per_s {
+                Some(_) => format!("{}/s over the last {window_s} s", or_dash(shown_rate)),
+                None => format!(
+                    "-/s: not in the table with this count's error at the window's start (new, \
+                     or evicted and back), so no rate over the last {window_s} s"
+                ),
+            },
         ],
         alert: false,
         services: vec![row.service.clone()],
@@ -556,7 +555,11 @@ pub fn rows(model: &Model, pane: Pane) -> Vec<TableRow> {
             .map(|row| server_row(row, &model.unrecorded))
             .collect(),
         Pane::Processes => model.processes.iter().map(process_row).collect(),
-        Pane::HotKeys => model.hot_keys.iter().map(hot_key_row).collect(),
+        Pane::HotKeys => model
+            .hot_keys
+            .iter()
+            .map(|row| hot_key_row(row, model.window_s))
+            .collect(),
         Pane::Queues => model.queues.iter().map(queue_row).collect(),
     }
 }
