@@ -223,6 +223,7 @@ pub fn fact_from_observation(
         },
         Observation::ConnectionAdopted { .. }
         | Observation::ConnectionForgotten { .. }
+        | Observation::ConnectionMoved { .. }
         | Observation::TrackingDropped => return None,
     })
 }
