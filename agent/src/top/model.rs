@@ -47,6 +47,9 @@ pub struct ServerRow {
     pub requests_spark: Vec<u64>,
     /// p99 latency in microseconds in each of the last [`MINUTE_S`] seconds (0: no requests).
     pub p99_spark: Vec<u64>,
+    /// Per second of `requests_spark`, whether it is a backlog ([`backlog_seconds`]): a server
+    /// end reading at once what its clients sent over the silence before. Empty: none.
+    pub backlog: Vec<bool>,
 }
 
 /// One row per process name.
@@ -240,13 +243,31 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
     }
 
     let span = window_s as f64;
+    let unrecorded: Vec<bool> = (0..MINUTE_S)
+        .map(|slot| {
+            let t = minute_start + slot;
+            inputs
+                .unrecorded
+                .iter()
+                .any(|&(from, to)| from <= t && t <= to)
+        })
+        .collect();
     Model {
         end_s,
         window_s,
         servers: acc
             .servers
             .into_iter()
-            .map(|(key, server)| server_row(key, server, span, end_s, inputs))
+            .map(|(key, server)| {
+                let mut row = server_row(key, server, span, end_s, inputs);
+                // At a server's socket a request counts when the server reads it: after a
+                // stall, all it was sent meanwhile at once. Its clients' sends are timed as
+                // they happened, so their rows need no mark.
+                if row.role == Role::Server {
+                    row.backlog = backlog_seconds(&row.requests_spark, &unrecorded);
+                }
+                row
+            })
             .collect(),
         processes: acc
             .processes
@@ -264,16 +285,50 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
             .thresholds
             .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
             .unwrap_or_default(),
-        unrecorded: (0..MINUTE_S)
-            .map(|slot| {
-                let t = minute_start + slot;
-                inputs
-                    .unrecorded
-                    .iter()
-                    .any(|&(from, to)| from <= t && t <= to)
-            })
-            .collect(),
+        unrecorded,
     }
+}
+
+/// Seconds of traffic read before a silence that a backlog second is measured against.
+const BACKLOG_LEVEL_S: usize = 5;
+
+/// Which seconds of `counts` (requests per second at a server's socket, oldest first) are a
+/// backlog: requests its clients sent during a silence (a stalled server: SIGSTOP, a long GC,
+/// swapping) that it read all at once when it resumed. Such a second follows at least one
+/// recorded second without requests after steady traffic, is over 1.5 times the level before
+/// the silence (the median of up to [`BACKLOG_LEVEL_S`] seconds), and holds no more than that
+/// level over the silence and the second itself could have sent, twice over. A burst larger
+/// than that (a batch job after idle minutes) is traffic, not a backlog.
+pub fn backlog_seconds(counts: &[u64], unrecorded: &[bool]) -> Vec<bool> {
+    let recorded = |i: usize| !unrecorded.get(i).copied().unwrap_or(false);
+    let mut backlog = vec![false; counts.len()];
+    for t in 1..counts.len() {
+        if counts[t] == 0 || !recorded(t) {
+            continue;
+        }
+        let mut start = t;
+        while start > 0 && counts[start - 1] == 0 && recorded(start - 1) {
+            start -= 1;
+        }
+        let silence = t - start;
+        if silence == 0 {
+            continue;
+        }
+        let mut before: Vec<u64> = (0..start)
+            .rev()
+            .take_while(|&i| counts[i] > 0 && recorded(i))
+            .take(BACKLOG_LEVEL_S)
+            .map(|i| counts[i])
+            .collect();
+        if before.is_empty() {
+            continue;
+        }
+        before.sort_unstable();
+        let level = before[before.len() / 2] as f64;
+        let count = counts[t] as f64;
+        backlog[t] = count > 1.5 * level && count <= 2.0 * level * (silence + 1) as f64;
+    }
+    backlog
 }
 
 /// Where a second falls: its sparkline slot, and whether it is in the rate window.
@@ -446,6 +501,7 @@ fn server_row(
             .iter()
             .map(|h| h.quantile_us(0.99).map_or(0, |us| us.round() as u64))
             .collect(),
+        backlog: Vec::new(),
         service,
         server,
         role,
