@@ -90,6 +90,7 @@ impl KeyStats {
         request: &RequestObservation,
         key: &[u8],
         comm: Option<&str>,
+        pid: u32,
         capture_weight: u64,
         services: &SharedServices,
     ) -> Option<Split> {
@@ -105,6 +106,7 @@ impl KeyStats {
                 key,
                 endpoint.server,
                 comm,
+                pid,
                 request.request_ts_ns,
                 self.display,
             )
@@ -123,6 +125,7 @@ impl KeyStats {
                     new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [example.first_comm.clone(), example.second_comm.clone()],
+                    one_process: example.one_process,
                 }),
                 _ => None,
             };
@@ -286,6 +289,7 @@ mod tests {
                 &RequestObservation::stored_set(ts_ns),
                 key,
                 Some("php"),
+                0,
                 1,
                 &services,
             );
@@ -294,6 +298,7 @@ mod tests {
                 &RequestObservation::stored_set(ts_ns + 10),
                 key,
                 Some("php"),
+                0,
                 1,
                 &services,
             );

@@ -545,15 +545,23 @@ impl Pipeline {
             };
             self.outputs.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request {
-                endpoint, request, ..
+                endpoint,
+                request,
+                pid,
+                ..
             } = event
             {
                 if let Some(key) = &request.key {
                     let key = key.as_bytes();
-                    if let Some(split) =
-                        self.keys
-                            .observe_key(endpoint, request, key, comm, weight, &self.services)
-                    {
+                    if let Some(split) = self.keys.observe_key(
+                        endpoint,
+                        request,
+                        key,
+                        comm,
+                        *pid,
+                        weight,
+                        &self.services,
+                    ) {
                         if split.new_key {
                             self.outputs.recorder.record_key_split(split.service);
                         }
