@@ -84,6 +84,7 @@ impl KeyStats {
 
     /// Feeds one request's key to the key statistics (hot keys, routing), if sampled. Returns
     /// the split when the key went to another server than the last time.
+    #[allow(clippy::too_many_arguments)]
     pub fn observe_key(
         &mut self,
         endpoint: &Endpoint,

@@ -210,15 +210,17 @@ pub struct KeySplit {
 pub struct KeyRouting {
     window_ns: u64,
     max_keys: usize,
-    /// Per (service, key): the last server, when, whether the key has split since it was
-    /// last quiet for a window (so a key bouncing between servers counts once as a key), and
-    /// who sent it there (an id in `comms`, and its pid, 0 when unknown).
-    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool, LabelId, u32)>,
+    last_server: foldhash::HashMap<(usize, u64), LastSend>,
     /// The senders' process names. When full, names no remembered key uses are reclaimed.
     comms: Interner,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
 }
+
+/// Per (service, key) in [`KeyRouting`]: the last server, when, whether the key has split
+/// since it was last quiet for a window (so a key bouncing between servers counts once as a
+/// key), and who sent it there (an id in `comms`, and its pid, 0 when unknown).
+type LastSend = (std::net::SocketAddr, u64, bool, LabelId, u32);
 
 /// What one request says about its key's routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
