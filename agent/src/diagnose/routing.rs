@@ -126,8 +126,9 @@ fn key_routing(
              a proxy or a client that ejects failing servers (twemproxy with auto_eject_hosts, \
              a client's failover), it moved the keys off a server that failed or stalled then \
              (see the other findings) and moves them back when it returns: reads may return \
-             stale data meanwhile, so keep ejection for caches that tolerate it. Otherwise it \
-             changed its server list or hashing settings while running: {general}"
+             stale data meanwhile, so keep ejection for caches that tolerate it. Otherwise the \
+             clients it holds (one per library, thread or pool) use different server lists or \
+             hashing settings: {general}"
         ),
         // Workers of one program (php-fpm, gunicorn) share a name, not a ring.
         Some(Sender::SameName(comm)) => format!(
