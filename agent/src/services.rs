@@ -1,10 +1,12 @@
 //! The configured services as every consumer sees them: one snapshot, swapped whole on reload.
 //!
-//! Endpoints carry a service *id*, not a position in the config: a connection, a pending dead
-//! write or a cached metric series recorded before a reload must keep naming the service it
-//! was recorded for, even when the reload reorders, adds or removes services. So an id is given
-//! to a name once and keeps it for the agent's lifetime; a name dropped by a reload keeps its id
-//! (nothing is watched under it any more, but what is in flight still resolves).
+//! Endpoints carry a service *id*, not a position in the config: a cached metric series or a
+//! fact recorded before a reload must keep naming the service it was recorded for, even when
+//! the reload reorders, adds or removes services. So an id is given to a name once and keeps it
+//! for the agent's lifetime; a name dropped by a reload keeps its id (nothing is watched under
+//! it any more, but what is in flight still resolves). Connections still open are another
+//! matter: a reload rebinds them to the service that watches their port now
+//! ([`Services::rebound`]), so a renamed service's pooled connections count under its new name.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -110,10 +112,22 @@ impl Services {
     }
 
     /// Whether the kernel still reports `endpoint`'s connections: its server port is watched.
-    /// (By any service: a connection met under a service that was renamed or moved keeps the
-    /// name it was met under.)
     pub fn still_watches(&self, endpoint: &Endpoint) -> bool {
         self.ports.contains_key(&endpoint.server.port())
+    }
+
+    /// `endpoint` under the service that watches its server port now: after a reload that
+    /// renamed its service (or moved the port to another one), a connection opened before it
+    /// counts under the name new connections get. What was recorded before the reload keeps
+    /// the old id, and so the old name. An unwatched port keeps its endpoint.
+    pub fn rebound(&self, endpoint: Endpoint) -> Endpoint {
+        match self.ports.get(&endpoint.server.port()) {
+            Some(&service) => Endpoint {
+                service,
+                ..endpoint
+            },
+            None => endpoint,
+        }
     }
 
     /// A socket belongs to a service when the service port is its local port (this host is the

@@ -366,8 +366,8 @@ fn pooled_connection(port: u16) -> std::net::TcpStream {
 
 /// Renames under traffic: a service renamed twice (and back) while four pooled connections and
 /// a stream of short-lived ones send gets loses none of them. Every get reaches memcached and is
-/// counted at both ends under one of the names: a pooled connection keeps the name it was met
-/// under, a connection opened after a reload takes the new one. (CI's systemd VM once counted
+/// counted at both ends under one of the names: the name of the reload it came after, on pooled
+/// and new connections alike. (CI's systemd VM once counted
 /// 49 of 50 gets on connections opened around a rename; this runs such openings across three.)
 #[test]
 fn renames_under_traffic_lose_no_request() {
@@ -474,5 +474,83 @@ fn a_dropped_service_leaves_no_active_connections_behind() {
         "{}",
         scrape.text
     );
+    drop(pooled);
+}
+
+/// A renamed service takes its pooled connections along: a connection opened before the reload
+/// counts its gets after it under the new name at both ends, and its open-connection gauge
+/// moves with it (it kept the old name for as long as it lived), in the metrics and in top;
+/// what it sent before the reload stays counted under the old name.
+#[test]
+fn a_renamed_services_pooled_connection_counts_under_the_new_name() {
+    require_root();
+    let port = unique_port();
+    let server = format!("127.0.0.1:{port}");
+    let config = |name: &str| services_config(&[(name, port, "memcache")]);
+    let agent = Agent::start_with_config("reload-rename-pool", &config("before")).unwrap();
+    let _memcached = start_memcached(None, "127.0.0.1", port, &[]).unwrap();
+    let mut pooled = pooled_connection(port);
+    let gets = |s: &Scrape, service: &str, role: &str| {
+        s.sum(
+            "cacheprobe_memcache_requests_total",
+            &[("service", service), ("role", role), ("command", "get")],
+        )
+    };
+    let active = |s: &Scrape, service: &str, role: &str| {
+        s.sum(
+            "cacheprobe_connections_active",
+            &[("service", service), ("role", role)],
+        )
+    };
+    gets_on(&mut pooled, 5);
+    let scrape = agent.wait_for(WAIT, |s| {
+        gets(s, "before", "client") >= 5.0 && gets(s, "before", "server") >= 5.0
+    });
+    assert_eq!(active(&scrape, "before", "client"), 1.0, "{}", scrape.text);
+
+    agent.reload(&config("after"));
+    gets_on(&mut pooled, 7);
+    let scrape = agent.wait_for(WAIT, |s| {
+        gets(s, "after", "client") >= 7.0 && gets(s, "after", "server") >= 7.0
+    });
+    for role in ["client", "server"] {
+        assert_eq!(
+            gets(&scrape, "before", role),
+            5.0,
+            "{role}: {}",
+            scrape.text
+        );
+        assert_eq!(gets(&scrape, "after", role), 7.0, "{role}: {}", scrape.text);
+        assert_eq!(
+            active(&scrape, "before", role),
+            0.0,
+            "{role}: {}",
+            scrape.text
+        );
+        assert_eq!(
+            active(&scrape, "after", role),
+            1.0,
+            "{role}: {}",
+            scrape.text
+        );
+    }
+    scrape.assert_no_decode_errors();
+
+    // top: the connection is the new name's.
+    let output = std::process::Command::new(agent_binary())
+        .args(["top", "--batch", "-n", "1", "--socket"])
+        .arg(&agent.control_socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    let conn = |service: &str| {
+        text.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 11 && f[0] == service && f[1] == server && f[2] == "client")
+            .map(|f| f[11].to_string())
+    };
+    assert_eq!(conn("after").as_deref(), Some("1"), "{text}");
+    assert_ne!(conn("before").as_deref(), Some("1"), "{text}");
     drop(pooled);
 }

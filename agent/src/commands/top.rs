@@ -92,7 +92,9 @@ struct Feed {
     earlier_counters: VecDeque<(Counters, Instant)>,
     counters_supported: bool,
     keys: Option<(KeysReport, Instant)>,
-    previous_keys: Option<(KeysReport, Instant)>,
+    /// Earlier hot-key lists (only `servers`: splits and extremes are not rates), kept and
+    /// chosen like `earlier_counters`: RATE/S spans the window too, not the last refresh.
+    earlier_keys: VecDeque<(KeysReport, Instant)>,
     thresholds: DiagnoseThresholds,
     key_display: KeyDisplay,
     /// The last complete second when the history last came: the model ends there. Built from
@@ -210,12 +212,21 @@ impl Feed {
             }
         }
         match control::fetch_keys(&self.socket, FETCH_TIMEOUT) {
-            Ok(keys) => {
-                self.previous_keys = self.keys.take();
-                self.keys = Some((keys, Instant::now()));
-            }
+            Ok(keys) => self.keys_arrived(keys, Instant::now()),
             Err(err) => self.status.error = Some(err.to_string()),
         }
+    }
+
+    fn keys_arrived(&mut self, keys: KeysReport, now: Instant) {
+        if let Some((before, then)) = self.keys.take() {
+            let servers = KeysReport {
+                servers: before.servers,
+                ..KeysReport::default()
+            };
+            self.earlier_keys.push_back((servers, then));
+        }
+        trim_earlier(&mut self.earlier_keys, now);
+        self.keys = Some((keys, now));
     }
 
     /// No history this refresh: the model stays at the last data, and the header says since
@@ -237,15 +248,15 @@ impl Feed {
             |now: &Instant, before: &Instant| now.saturating_duration_since(*before).as_secs_f64();
         let inputs = Inputs {
             counters: self.counters.as_ref().map(|(c, _)| c),
-            previous_counters: self.counters.as_ref().and_then(|(_, now)| {
+            counters_before: self.counters.as_ref().and_then(|(_, now)| {
                 baseline(&self.earlier_counters, *now, window_s)
                     .map(|(before, then)| (before, between(now, then)))
             }),
             keys: self.keys.as_ref().map(|(k, _)| k),
-            previous_keys: match (&self.keys, &self.previous_keys) {
-                (Some((_, now)), Some((before, then))) => Some((before, between(now, then))),
-                _ => None,
-            },
+            keys_before: self.keys.as_ref().and_then(|(_, now)| {
+                baseline(&self.earlier_keys, *now, window_s)
+                    .map(|(before, then)| (before, between(now, then)))
+            }),
             key_display: self.key_display,
             thresholds: Some(&self.thresholds),
             unrecorded: &self.unrecorded,
@@ -309,7 +320,7 @@ fn connect(args: &TopArgs, config: &Config) -> anyhow::Result<Feed> {
         earlier_counters: VecDeque::new(),
         counters_supported: true,
         keys: None,
-        previous_keys: None,
+        earlier_keys: VecDeque::new(),
         thresholds: config.diagnose.clone(),
         key_display: config.keys,
         end_s: last_complete_second(),
@@ -565,6 +576,63 @@ mod tests {
         );
     }
 
+    /// `-d 0.2` under "rates over 1 s": a hot key's PER S was its count's change since the
+    /// last refresh, over 0.2 s. It is taken against the report a window back, like IN/S.
+    #[test]
+    fn hot_key_rates_span_the_window_not_the_last_refresh() {
+        use crate::keystats::{HotKey, ServerHotKeys};
+        let report = |count: u64| KeysReport {
+            servers: vec![ServerHotKeys {
+                service: "memcached".into(),
+                server: "10.0.0.1:11211".into(),
+                role: crate::model::Role::Client,
+                by_requests: vec![HotKey {
+                    key: "hot".into(),
+                    count,
+                    error: 0,
+                }],
+                by_bytes: Vec::new(),
+            }],
+            ..KeysReport::default()
+        };
+        let end_s = last_complete_second();
+        let mut feed = Feed {
+            socket: PathBuf::from("/nonexistent"),
+            local: None,
+            history: Some(HistorySnapshot::empty(end_s - 60, end_s)),
+            counters: None,
+            earlier_counters: VecDeque::new(),
+            counters_supported: true,
+            keys: None,
+            earlier_keys: VecDeque::new(),
+            thresholds: DiagnoseThresholds::default(),
+            key_display: KeyDisplay::Plain,
+            end_s,
+            unrecorded: Vec::new(),
+            status: Status::default(),
+        };
+        let start = Instant::now();
+        // The daemon's count jumps by 100 once a second (its keys are counted as they come,
+        // but refreshes every 0.2 s catch 0 or 100 of them); top refreshes every 0.2 s.
+        for ms in (0..=2_200).step_by(200) {
+            let count = 1_000 + 100 * (ms / 1_000);
+            feed.keys_arrived(report(count), start + Duration::from_millis(ms));
+        }
+        let per_s = feed.model(1).hot_keys[0].per_s.expect("a rate");
+        // 2.2 s against 1.2 s: 1200 - 1100 over 1 s, not 0 over the last 0.2 s.
+        assert!((per_s - 100.0).abs() < 1e-6, "{per_s}");
+        let rows = crate::top::view::rows(&feed.model(1), crate::top::view::Pane::HotKeys);
+        assert_eq!(rows[0].cells[5], "100");
+        assert!(
+            rows[0]
+                .detail
+                .iter()
+                .any(|l| l == "100/s over the last 1 s"),
+            "{:?}",
+            rows[0].detail
+        );
+    }
+
     /// A daemon that restarted answers from its start on: the seconds before it, since the
     /// last top had, are unrecorded; a daemon that ran all along leaves none.
     #[test]
@@ -607,7 +675,7 @@ mod tests {
             earlier_counters: VecDeque::new(),
             counters_supported: true,
             keys: None,
-            previous_keys: None,
+            earlier_keys: VecDeque::new(),
             thresholds: DiagnoseThresholds::default(),
             key_display: KeyDisplay::Plain,
             end_s,

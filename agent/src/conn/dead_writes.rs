@@ -319,6 +319,17 @@ impl DeadWriteTracker {
         }
     }
 
+    /// After a reload: pending writes take the endpoint `rebound` gives theirs (see
+    /// [`crate::conn::tracking::Tracker::rebind`]); they are reported after it.
+    pub fn rebind(&mut self, rebound: &impl Fn(Endpoint) -> Endpoint) {
+        for pending in self.pending.values_mut() {
+            pending.endpoint = rebound(pending.endpoint);
+            for write in &mut pending.writes {
+                write.endpoint = rebound(write.endpoint);
+            }
+        }
+    }
+
     pub fn pending_endpoint(&self, sk: u64) -> Option<Endpoint> {
         self.pending.get(&sk).map(|p| p.endpoint)
     }

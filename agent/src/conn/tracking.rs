@@ -81,6 +81,12 @@ pub enum Observation {
     ConnectionForgotten {
         endpoint: Endpoint,
     },
+    /// A reload gave the connection's port to another service id (the service was renamed,
+    /// or the port moved): it now counts as active under `to`, not `from`; no open or close.
+    ConnectionMoved {
+        from: Endpoint,
+        to: Endpoint,
+    },
     /// The table was full; a connection is not tracked.
     TrackingDropped,
     /// A send onto a connection the peer had closed, with what the application saw next.
@@ -452,6 +458,46 @@ impl Tracker {
             self.unseen_before_reset.remove(&sk);
             self.recently_closed.remove(&sk);
         }
+    }
+
+    /// After a reload: every tracked connection (and what is held for its dead writes and
+    /// racing sends) takes the endpoint `rebound` gives it; a counted connection whose endpoint
+    /// changes is reported as [`Observation::ConnectionMoved`]. Without this a renamed
+    /// service's pooled connections kept the old name for as long as they lived.
+    pub fn rebind(&mut self, rebound: impl Fn(Endpoint) -> Endpoint, out: &mut Vec<Observation>) {
+        // Few distinct endpoints: each is mapped once, then connections swap indexes.
+        let mut moved: HashMap<u32, (u32, Endpoint, Endpoint)> = HashMap::new();
+        for index in 0..self.endpoints.len() as u32 {
+            let from = self.endpoints.get(index);
+            let to = rebound(from);
+            if to != from {
+                if let Some(to_index) = self.endpoints.intern(to) {
+                    moved.insert(index, (to_index, from, to));
+                }
+            }
+        }
+        if moved.is_empty() {
+            return;
+        }
+        for connection in self
+            .connections
+            .values_mut()
+            .chain(self.seeded.values_mut())
+        {
+            if let Some(&(to_index, from, to)) = moved.get(&connection.endpoint) {
+                connection.endpoint = to_index;
+                if connection.counted {
+                    out.push(Observation::ConnectionMoved { from, to });
+                }
+            }
+        }
+        for (endpoint, _, _) in self.recently_closed.values_mut() {
+            *endpoint = rebound(*endpoint);
+        }
+        for unseen in self.unseen_before_reset.values_mut() {
+            unseen.endpoint = rebound(unseen.endpoint);
+        }
+        self.dead_writes.rebind(&rebound);
     }
 
     pub fn active_connections(&self) -> usize {

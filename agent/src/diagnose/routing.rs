@@ -14,6 +14,8 @@ struct Pair {
     keys: u64,
     /// (comm sending to the first server, comm sending to the second) -> requests
     senders: BTreeMap<(String, String), u64>,
+    /// Requests of `count` whose key one process (one pid) sent to both servers.
+    one_process: u64,
     examples: BTreeSet<u64>,
 }
 
@@ -55,6 +57,9 @@ fn collect(snap: &HistorySnapshot) -> Splits {
                 .or_default();
             pair.count += row.count as u64;
             pair.keys += row.keys as u64;
+            if row.one_process {
+                pair.one_process += row.count as u64;
+            }
             *pair
                 .senders
                 .entry((ends[0].1.to_string(), ends[1].1.to_string()))
@@ -83,7 +88,8 @@ fn key_routing(
     let keys: u64 = pairs.values().map(|p| p.keys).sum();
     let one_sender = one_sender(pairs);
     let why = match &one_sender {
-        Some(comm) => format!("{comm} sent them to both"),
+        Some(Sender::OneProcess(comm)) => format!("{comm} sent them to both"),
+        Some(Sender::SameName(comm)) => format!("{comm} processes disagree on routing"),
         None => "clients disagree on routing".to_string(),
     };
     let mut finding = Finding::new(
@@ -115,13 +121,20 @@ fn key_routing(
     finding.advice = match one_sender {
         // A proxy's ejection looks like this, and the advice to route through a proxy would
         // be wrong for it.
-        Some(comm) => format!(
-            "Only {comm} sent these keys. If it is a proxy or a client that ejects failing \
-             servers (twemproxy with auto_eject_hosts, a client's failover), it moved the \
-             keys off a server that failed or stalled then (see the other findings) and moves \
-             them back when it returns: reads may return stale data meanwhile, so keep \
-             ejection for caches that tolerate it. Otherwise its processes (same name) use \
-             different server lists or hashing settings: {general}"
+        Some(Sender::OneProcess(comm)) => format!(
+            "Only {comm} sent these keys, each key to both servers from one process. If it is \
+             a proxy or a client that ejects failing servers (twemproxy with auto_eject_hosts, \
+             a client's failover), it moved the keys off a server that failed or stalled then \
+             (see the other findings) and moves them back when it returns: reads may return \
+             stale data meanwhile, so keep ejection for caches that tolerate it. Otherwise the \
+             clients it holds (one per library, thread or pool) use different server lists or \
+             hashing settings: {general}"
+        ),
+        // Workers of one program (php-fpm, gunicorn) share a name, not a ring.
+        Some(Sender::SameName(comm)) => format!(
+            "Different {comm} processes sent these keys to different servers: their server \
+             lists or hashing settings differ (processes left running on an old config after \
+             a deploy, or each process ejecting failing servers on its own). {general}"
         ),
         None => general.to_string(),
     };
@@ -132,12 +145,29 @@ fn key_routing(
     finding
 }
 
-/// The one program name that sent the split keys to both servers of every pair, if one did.
-fn one_sender(pairs: &BTreeMap<(String, String), Pair>) -> Option<String> {
+/// Who sent the split keys to both servers of every pair, when one program name did.
+enum Sender {
+    /// Each key from one process (one pid) to both servers.
+    OneProcess(String),
+    /// Processes of one name, not all the same process.
+    SameName(String),
+}
+
+/// The one program name that sent the split keys to both servers of every pair, if one did,
+/// and whether it was one process: names alone cannot tell a proxy's ejection from workers
+/// of one program with different server lists.
+fn one_sender(pairs: &BTreeMap<(String, String), Pair>) -> Option<Sender> {
     let mut senders = pairs.values().flat_map(|pair| pair.senders.keys());
     let (first, second) = senders.next()?;
     let same = |(a, b): &(String, String)| a == first && b == first;
-    (!first.is_empty() && first == second && senders.all(same)).then(|| first.clone())
+    if first.is_empty() || first != second || !senders.all(same) {
+        return None;
+    }
+    let one_process = pairs.values().all(|pair| pair.one_process == pair.count);
+    Some(match one_process {
+        true => Sender::OneProcess(first.clone()),
+        false => Sender::SameName(first.clone()),
+    })
 }
 
 /// The lines for one pair of servers: its keys, and which programs sent them where.

@@ -523,6 +523,7 @@ fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {
                 new_key: i == 0,
                 servers: [SERVERS[0].into(), SERVERS[2].into()],
                 comms: [Some("php-fpm".into()), Some("php-fpm".into())],
+                one_process: true,
             },
         );
     }
@@ -543,7 +544,48 @@ fn one_key_bouncing_between_servers_is_one_key_and_many_requests() {
         finding.title
     );
     assert!(
-        finding.advice.starts_with("Only php-fpm sent these keys."),
+        finding.advice.starts_with(
+            "Only php-fpm sent these keys, each key to both servers from one process."
+        ),
+        "{}",
+        finding.advice
+    );
+}
+
+/// php-fpm workers with two server lists: one name, many processes. The names alone said
+/// "php-fpm sent them to both" and suggested a proxy's ejection; by pid it is clients that
+/// disagree, named as that program's processes.
+#[test]
+fn workers_of_one_name_with_different_rings_are_not_one_sender() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for i in 0..12u64 {
+        sim.record(
+            T0 + 30 + i,
+            Fact::KeySplit {
+                service: SERVICE.into(),
+                key_hash: 0xabc0 + i,
+                new_key: true,
+                servers: [SERVERS[0].into(), SERVERS[2].into()],
+                comms: [Some("php-fpm".into()), Some("php-fpm".into())],
+                // One split of the twelve came from one worker: not all, so not one sender.
+                one_process: i == 0,
+            },
+        );
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "key-routing");
+    assert!(
+        finding
+            .title
+            .ends_with(": php-fpm processes disagree on routing"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding
+            .advice
+            .starts_with("Different php-fpm processes sent these keys to different servers"),
         "{}",
         finding.advice
     );
@@ -562,6 +604,7 @@ fn keys_sent_to_two_servers() {
                 new_key: true,
                 servers: [SERVERS[0].into(), SERVERS[2].into()],
                 comms: [Some("php-fpm".into()), Some("ruby".into())],
+                one_process: false,
             },
         );
     }

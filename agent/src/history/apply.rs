@@ -236,8 +236,11 @@ impl RareRow<'_> {
                 bump(self.families.fd_errors.row(key, self.room.budget()), 1)
             }
             Fact::KeySplit {
-                key_hash, new_key, ..
-            } => self.key_split(key_hash, new_key),
+                key_hash,
+                new_key,
+                one_process,
+                ..
+            } => self.key_split(key_hash, new_key, one_process),
             Fact::Request { .. }
             | Fact::RequestTimeout { .. }
             | Fact::HostListenDrops { .. }
@@ -302,11 +305,12 @@ impl RareRow<'_> {
         gauge(row, ppm, pid, open_fds, limit)
     }
 
-    fn key_split(&mut self, key_hash: u64, new_key: bool) -> bool {
+    fn key_split(&mut self, key_hash: u64, new_key: bool, one_process: bool) -> bool {
         let key = KeySplitKey {
             service: self.id(0),
             servers: [self.id(1), self.id(2)],
             comms: [self.id(3), self.id(4)],
+            one_process,
         };
         let Some(agg) = self.families.key_splits.row(key, self.room.budget()) else {
             return false;

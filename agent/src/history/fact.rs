@@ -137,6 +137,8 @@ pub enum Fact {
         servers: [String; 2],
         /// The processes that sent the key to each server, when known.
         comms: [Option<String>; 2],
+        /// Both were one process (one pid): see [`crate::keystats::KeySplit::one_process`].
+        one_process: bool,
     },
     /// Events the agent lost (ring buffer or map full): the history is incomplete.
     EventsLost { count: u64 },
@@ -223,6 +225,7 @@ pub fn fact_from_observation(
         },
         Observation::ConnectionAdopted { .. }
         | Observation::ConnectionForgotten { .. }
+        | Observation::ConnectionMoved { .. }
         | Observation::TrackingDropped => return None,
     })
 }

@@ -266,6 +266,7 @@ struct KeySplitKey {
     service: LabelId,
     servers: [LabelId; 2],
     comms: [LabelId; 2],
+    one_process: bool,
 }
 
 impl RowKey for KeySplitKey {
@@ -281,6 +282,8 @@ impl RowKey for KeySplitKey {
             service: self.service,
             servers: [OTHER, OTHER],
             comms: [OTHER, OTHER],
+            // Folded rows mix senders: no longer known to be one process.
+            one_process: false,
         }
     }
 }

@@ -159,6 +159,7 @@ fn key_splits(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut Seco
             service: table.id(k.service),
             servers: [table.id(k.servers[0]), table.id(k.servers[1])],
             comms: [table.id(k.comms[0]), table.id(k.comms[1])],
+            one_process: k.one_process,
             count: agg.count,
             keys: agg.keys,
             examples: agg.examples[..agg.examples_len as usize].to_vec(),

@@ -331,6 +331,9 @@ pub struct KeySplitRow {
     pub service: Label,
     pub servers: [Label; 2],
     pub comms: [Label; 2],
+    /// Both sends were one process's (one pid), not two processes of these names.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_process: bool,
     /// Requests that went to the other server.
     pub count: u32,
     /// Of those, the first split of their key: distinct split keys.

@@ -177,6 +177,7 @@ fn keeps_every_fact_kind() {
             new_key: true,
             servers: ["10.0.0.1:11211".into(), "10.0.0.2:11211".into()],
             comms: [Some("php".into()), Some("ruby".into())],
+            one_process: false,
         },
         Fact::EventsLost { count: 3 },
     ];

@@ -84,12 +84,14 @@ impl KeyStats {
 
     /// Feeds one request's key to the key statistics (hot keys, routing), if sampled. Returns
     /// the split when the key went to another server than the last time.
+    #[allow(clippy::too_many_arguments)]
     pub fn observe_key(
         &mut self,
         endpoint: &Endpoint,
         request: &RequestObservation,
         key: &[u8],
         comm: Option<&str>,
+        pid: u32,
         capture_weight: u64,
         services: &SharedServices,
     ) -> Option<Split> {
@@ -105,6 +107,7 @@ impl KeyStats {
                 key,
                 endpoint.server,
                 comm,
+                pid,
                 request.request_ts_ns,
                 self.display,
             )
@@ -123,6 +126,7 @@ impl KeyStats {
                     new_key,
                     servers: [example.first_server.clone(), example.second_server.clone()],
                     comms: [example.first_comm.clone(), example.second_comm.clone()],
+                    one_process: example.one_process,
                 }),
                 _ => None,
             };
@@ -286,6 +290,7 @@ mod tests {
                 &RequestObservation::stored_set(ts_ns),
                 key,
                 Some("php"),
+                0,
                 1,
                 &services,
             );
@@ -294,6 +299,7 @@ mod tests {
                 &RequestObservation::stored_set(ts_ns + 10),
                 key,
                 Some("php"),
+                0,
                 1,
                 &services,
             );

@@ -199,7 +199,9 @@ impl Pipeline {
     }
 
     /// A config reload. Services change through the shared snapshot, which the caller swaps;
-    /// existing connections keep their endpoints, whose service ids keep their names.
+    /// existing connections move to the service that watches their port now (a renamed
+    /// service's pooled connections take its new name), and what was recorded before keeps
+    /// the name it was recorded under.
     pub fn reconfigure(&mut self, config: &Config) {
         let services = self.services.load();
         self.set_sampled_call_slots(config, &services);
@@ -208,6 +210,19 @@ impl Pipeline {
             |endpoint| services.still_watches(endpoint),
             &mut self.observations,
         );
+        self.tracker.rebind(
+            |endpoint| services.rebound(endpoint),
+            &mut self.observations,
+        );
+        self.decoders.rebind(|endpoint| {
+            let rebound = services.rebound(endpoint);
+            // A stream decoded as the other protocol is reopened (see `Decoders::rebind`).
+            if services.is_queue(rebound.service) == services.is_queue(endpoint.service) {
+                rebound
+            } else {
+                endpoint
+            }
+        });
         self.flush();
         // Services whose capture is now off (or that left the config): their streams pause.
         let captured: Vec<usize> = config
@@ -537,15 +552,23 @@ impl Pipeline {
             };
             self.outputs.recorder.record_memcache(event, weight);
             if let MemcacheEvent::Request {
-                endpoint, request, ..
+                endpoint,
+                request,
+                pid,
+                ..
             } = event
             {
                 if let Some(key) = &request.key {
                     let key = key.as_bytes();
-                    if let Some(split) =
-                        self.keys
-                            .observe_key(endpoint, request, key, comm, weight, &self.services)
-                    {
+                    if let Some(split) = self.keys.observe_key(
+                        endpoint,
+                        request,
+                        key,
+                        comm,
+                        *pid,
+                        weight,
+                        &self.services,
+                    ) {
                         if split.new_key {
                             self.outputs.recorder.record_key_split(split.service);
                         }
@@ -933,6 +956,97 @@ mod tests {
             .collect();
         services.sort();
         assert_eq!(services, ["mc", "mc"]);
+    }
+
+    /// A reload that renames the service of a port: a pooled connection opened before it
+    /// counts after it under the new name (requests, the active gauge, history), as new
+    /// connections do; a request in flight across the reload is answered, not cut; what was
+    /// counted before the reload stays under the old name.
+    #[test]
+    fn a_reload_that_renames_a_service_moves_its_open_connections() {
+        let (mut pipeline, metrics) = pipeline(0);
+        let history = Arc::new(Mutex::new(History::new(
+            900,
+            crate::history::HistoryLimits::default(),
+        )));
+        pipeline.add_sink(Box::new(crate::history::HistorySink::new(
+            history.clone(),
+            pipeline.services().clone(),
+        )));
+        let pooled = client_sk(40_003);
+        learn_client(&mut pipeline, pooled);
+        let now = crate::clock::monotonic_ns();
+        get_hit(&mut pipeline, pooled, now);
+        // A get sent before the reload, its answer coming after it.
+        let sample = Some((
+            pipeline.capture.kernel_shift_at(now, 0) as u8,
+            capture_sample::depth(client_key(pooled), 0) as u8,
+        ));
+        let request = b"get k\r\n";
+        let mut send = encode_payload_record(
+            now + 10_000,
+            pooled,
+            request.len() as u64,
+            true,
+            b"c",
+            request,
+        );
+        mark_sample(&mut send, sample);
+        pipeline.on_payload_record(&send);
+        let reload = Config::parse(
+            &format!("[[services]]\nname = \"cache\"\nport = {PORT}\nprotocol = \"memcache\"\n"),
+            "reload.toml",
+        )
+        .unwrap();
+        pipeline
+            .services()
+            .reconfigure(&reload.services)
+            .expect("one service");
+        pipeline.reconfigure(&reload);
+        let answer = b"VALUE k 0 1\r\nv\r\nEND\r\n";
+        let mut recv = encode_payload_record(
+            now + 20_000,
+            pooled,
+            answer.len() as u64,
+            false,
+            b"c",
+            answer,
+        );
+        mark_sample(&mut recv, sample);
+        pipeline.on_payload_record(&recv);
+        get_hit(&mut pipeline, pooled, now + 30_000);
+        pipeline.flush();
+
+        let server = format!("127.0.0.1:{PORT}");
+        let labels = |service: &str| crate::export::metrics::EndpointLabels {
+            service: service.into(),
+            server: server.clone(),
+            role: "client",
+        };
+        let hits = |service: &str| {
+            metrics
+                .memcache_requests
+                .get_or_create(&labels(service).request("get", "hit"))
+                .get()
+        };
+        assert_eq!((hits("mc"), hits("cache")), (1, 2));
+        let active = |service: &str| {
+            metrics
+                .connections_active
+                .get_or_create(&labels(service))
+                .get()
+        };
+        assert_eq!((active("mc"), active("cache")), (0, 1));
+
+        let snapshot = history.lock().unwrap().snapshot(0);
+        let mut services: Vec<&str> = snapshot
+            .seconds
+            .iter()
+            .flat_map(|second| &second.requests)
+            .flat_map(|row| std::iter::repeat_n(snapshot.label(row.service), row.count as usize))
+            .collect();
+        services.sort();
+        assert_eq!(services, ["cache", "cache", "mc"]);
     }
 
     /// The tick does no I/O: kernel totals come in as readings and become increments, and the

@@ -196,6 +196,11 @@ pub struct KeySplit {
     pub first_comm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub second_comm: Option<String>,
+    /// Both requests came from one process (the same pid): the process itself changed the
+    /// key's server (a proxy's or client's ejection, failover), not two clients' differing
+    /// server lists. Names cannot tell: every php-fpm worker is "php-fpm".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_process: bool,
     pub ts_unix_s: u64,
 }
 
@@ -205,15 +210,17 @@ pub struct KeySplit {
 pub struct KeyRouting {
     window_ns: u64,
     max_keys: usize,
-    /// Per (service, key): the last server, when, whether the key has split since it was
-    /// last quiet for a window (so a key bouncing between servers counts once as a key), and
-    /// who sent it there (an id in `comms`; it fits the entry's padding).
-    last_server: foldhash::HashMap<(usize, u64), (std::net::SocketAddr, u64, bool, LabelId)>,
+    last_server: foldhash::HashMap<(usize, u64), LastSend>,
     /// The senders' process names. When full, names no remembered key uses are reclaimed.
     comms: Interner,
     pub examples: Vec<KeySplit>,
     max_examples: usize,
 }
+
+/// Per (service, key) in [`KeyRouting`]: the last server, when, whether the key has split
+/// since it was last quiet for a window (so a key bouncing between servers counts once as a
+/// key), and who sent it there (an id in `comms`, and its pid, 0 when unknown).
+type LastSend = (std::net::SocketAddr, u64, bool, LabelId, u32);
 
 /// What one request says about its key's routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,11 +259,11 @@ impl KeyRouting {
         ts_ns: u64,
         display: KeyDisplay,
     ) -> Routing {
-        self.observe_with_id(service, key_id(key), key, server, None, ts_ns, display)
+        self.observe_with_id(service, key_id(key), key, server, None, 0, ts_ns, display)
     }
 
     /// [`KeyRouting::observe`] with the key's [`key_id`] already computed.
-    /// `comm`: the process that sent it, when known.
+    /// `comm` and `pid`: the process that sent it, when known (pid 0: unknown).
     #[allow(clippy::too_many_arguments)]
     pub fn observe_with_id(
         &mut self,
@@ -265,16 +272,19 @@ impl KeyRouting {
         key: &[u8],
         server: std::net::SocketAddr,
         comm: Option<&str>,
+        pid: u32,
         ts_ns: u64,
         display: KeyDisplay,
     ) -> Routing {
         let id = (service, key_id);
         let sender = self.sender_id(comm);
         // The common case, a key seen before: one lookup.
-        if let Some((previous, seen, split_before, previous_sender)) = self.last_server.get_mut(&id)
+        if let Some((previous, seen, split_before, previous_sender, previous_pid)) =
+            self.last_server.get_mut(&id)
         {
             let first_server = *previous;
             let first_sender = std::mem::replace(previous_sender, sender);
+            let first_pid = std::mem::replace(previous_pid, pid);
             let in_window = ts_ns.saturating_sub(*seen) <= self.window_ns;
             let split = first_server != server && in_window;
             let new_key = split && !(*split_before && in_window);
@@ -292,6 +302,7 @@ impl KeyRouting {
                     first_comm: (first_sender != UNKNOWN)
                         .then(|| self.comms.resolve(first_sender).to_string()),
                     second_comm: comm.map(str::to_string),
+                    one_process: pid != 0 && pid == first_pid,
                     ts_unix_s: crate::clock::unix_now(),
                 });
                 return Routing::Split { new_key };
@@ -302,12 +313,13 @@ impl KeyRouting {
             // Forget everything older than the window; if the window itself is full, start over.
             let window = self.window_ns;
             self.last_server
-                .retain(|_, (_, seen, _, _)| ts_ns.saturating_sub(*seen) <= window);
+                .retain(|_, (_, seen, _, _, _)| ts_ns.saturating_sub(*seen) <= window);
             if self.last_server.len() >= self.max_keys {
                 self.last_server.clear();
             }
         }
-        self.last_server.insert(id, (server, ts_ns, false, sender));
+        self.last_server
+            .insert(id, (server, ts_ns, false, sender, pid));
         Routing::Consistent
     }
 }
@@ -336,7 +348,7 @@ impl KeyRouting {
             return id;
         }
         let mut in_use = vec![false; self.comms.slots()];
-        for &(_, _, _, id) in self.last_server.values() {
+        for &(_, _, _, id, _) in self.last_server.values() {
             if let Some(used) = in_use.get_mut(usize::from(id)) {
                 *used = true;
             }
@@ -458,7 +470,7 @@ mod tests {
         let mut routing = KeyRouting::new(60_000_000_000, 100);
         let id = key_id(b"user:1");
         let mut observe = |server, comm, ts| {
-            routing.observe_with_id(0, id, b"user:1", server, comm, ts, KeyDisplay::Plain)
+            routing.observe_with_id(0, id, b"user:1", server, comm, 0, ts, KeyDisplay::Plain)
         };
         assert!(!observe(a, Some("web"), 0).is_split());
         assert!(observe(b, Some("cron"), 1).is_split());
@@ -469,6 +481,36 @@ mod tests {
             (Some("web".into()), Some("cron".into()))
         );
         assert_eq!(names(&routing.examples[1]), (Some("cron".into()), None));
+    }
+
+    /// Two php-fpm workers (two pids, one name) sending a key to different servers are two
+    /// clients whose server lists differ; one process sending it to both moved it itself
+    /// (ejection, failover). Only the pid tells them apart.
+    #[test]
+    fn a_split_says_whether_one_process_sent_the_key_to_both_servers() {
+        let a = "10.0.0.1:11211".parse().unwrap();
+        let b = "10.0.0.2:11211".parse().unwrap();
+        let mut routing = KeyRouting::new(60_000_000_000, 100);
+        let id = key_id(b"user:1");
+        let mut observe = |server, pid, ts| {
+            routing.observe_with_id(
+                0,
+                id,
+                b"user:1",
+                server,
+                Some("php-fpm"),
+                pid,
+                ts,
+                KeyDisplay::Plain,
+            )
+        };
+        observe(a, 101, 0);
+        assert!(observe(b, 102, 1).is_split());
+        assert!(observe(a, 102, 2).is_split());
+        assert!(observe(b, 0, 3).is_split());
+        let one: Vec<bool> = routing.examples.iter().map(|s| s.one_process).collect();
+        // Two workers; then one worker itself; then an unknown sender is not "the same".
+        assert_eq!(one, [false, true, false]);
     }
 
     /// Sender names are bounded, but names no remembered key uses any more are reclaimed:
@@ -487,14 +529,24 @@ mod tests {
                 key.as_bytes(),
                 a,
                 Some(&comm),
+                0,
                 i * 10_000,
                 KeyDisplay::Plain,
             );
         }
         let ts = 2 * MAX_SENDER_NAMES as u64 * 10_000;
         let id = key_id(b"late");
-        routing.observe_with_id(0, id, b"late", a, Some("late-a"), ts, KeyDisplay::Plain);
-        routing.observe_with_id(0, id, b"late", b, Some("late-b"), ts + 1, KeyDisplay::Plain);
+        routing.observe_with_id(0, id, b"late", a, Some("late-a"), 0, ts, KeyDisplay::Plain);
+        routing.observe_with_id(
+            0,
+            id,
+            b"late",
+            b,
+            Some("late-b"),
+            0,
+            ts + 1,
+            KeyDisplay::Plain,
+        );
         let split = routing.examples.last().unwrap();
         assert_eq!(
             (split.first_comm.as_deref(), split.second_comm.as_deref()),

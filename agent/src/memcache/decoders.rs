@@ -400,6 +400,16 @@ impl Decoders {
         }
     }
 
+    /// After a reload: each stream takes the endpoint `rebound` gives its connection (see
+    /// [`crate::conn::tracking::Tracker::rebind`]). A stream left on its old endpoint is cut
+    /// and reopened by its next record, its requests in flight lost: `rebound` keeps the old
+    /// one only where the decoding itself must change (the port's protocol did).
+    pub fn rebind(&mut self, rebound: impl Fn(Endpoint) -> Endpoint) {
+        for state in self.connections.values_mut() {
+            state.endpoint = rebound(state.endpoint);
+        }
+    }
+
     /// Requests without an answer for `timeout_ns` finish as timeouts (not on paused streams).
     pub fn expire(&mut self, now_ns: u64, timeout_ns: u64, out: &mut Vec<MemcacheEvent>) {
         for state in self.connections.values_mut() {

@@ -47,6 +47,9 @@ pub struct ServerRow {
     pub requests_spark: Vec<u64>,
     /// p99 latency in microseconds in each of the last [`MINUTE_S`] seconds (0: no requests).
     pub p99_spark: Vec<u64>,
+    /// Per second of `requests_spark`, whether it is a backlog ([`backlog_seconds`]): a server
+    /// end reading at once what its clients sent over the silence before. Empty: none.
+    pub backlog: Vec<bool>,
 }
 
 /// One row per process name.
@@ -109,9 +112,10 @@ pub struct HotKeyRow {
     pub total: u64,
     /// How much of `total` may belong to the keys this one replaced in the table.
     pub error: u64,
-    /// Change of `total` per second since the previous refresh; None on the first refresh and
-    /// for a key that was not in the previous report with the same error (new, or evicted and
-    /// back): its count then includes the count it inherited, which no refresh spanned.
+    /// Change of `total` per second over the rate window (against the report about a window
+    /// before); None on the first refresh and for a key that was not in that report with the
+    /// same error (new, or evicted and back): its count then includes the count it inherited,
+    /// which the window did not span.
     pub per_s: Option<f64>,
 }
 
@@ -161,11 +165,13 @@ pub struct Model {
 /// What a refresh has to work with besides the history.
 #[derive(Debug, Default)]
 pub struct Inputs<'a> {
-    /// The daemon's counters now and at the previous refresh, with the seconds between them.
+    /// The daemon's counters and hot keys now, and as they were about a window before (the
+    /// newest sample at least `window_s` old), with the seconds between: what their rates
+    /// are taken over.
     pub counters: Option<&'a Counters>,
-    pub previous_counters: Option<(&'a Counters, f64)>,
+    pub counters_before: Option<(&'a Counters, f64)>,
     pub keys: Option<&'a KeysReport>,
-    pub previous_keys: Option<(&'a KeysReport, f64)>,
+    pub keys_before: Option<(&'a KeysReport, f64)>,
     /// How top's own config wants keys shown: with `hash`, a daemon configured otherwise
     /// still gets no plain key onto this screen.
     pub key_display: KeyDisplay,
@@ -237,13 +243,31 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
     }
 
     let span = window_s as f64;
+    let unrecorded: Vec<bool> = (0..MINUTE_S)
+        .map(|slot| {
+            let t = minute_start + slot;
+            inputs
+                .unrecorded
+                .iter()
+                .any(|&(from, to)| from <= t && t <= to)
+        })
+        .collect();
     Model {
         end_s,
         window_s,
         servers: acc
             .servers
             .into_iter()
-            .map(|(key, server)| server_row(key, server, span, end_s, inputs))
+            .map(|(key, server)| {
+                let mut row = server_row(key, server, span, end_s, inputs);
+                // At a server's socket a request counts when the server reads it: after a
+                // stall, all it was sent meanwhile at once. Its clients' sends are timed as
+                // they happened, so their rows need no mark.
+                if row.role == Role::Server {
+                    row.backlog = backlog_seconds(&row.requests_spark, &unrecorded);
+                }
+                row
+            })
             .collect(),
         processes: acc
             .processes
@@ -252,7 +276,7 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
             .collect(),
         hot_keys: inputs
             .keys
-            .map(|keys| hot_keys(keys, inputs.previous_keys, inputs.key_display))
+            .map(|keys| hot_keys(keys, inputs.keys_before, inputs.key_display))
             .unwrap_or_default(),
         queues: inputs
             .counters
@@ -261,16 +285,50 @@ pub fn build(snapshot: &HistorySnapshot, end_s: u64, window_s: u64, inputs: &Inp
             .thresholds
             .map(|thresholds| findings(snapshot, minute_start, end_s, thresholds))
             .unwrap_or_default(),
-        unrecorded: (0..MINUTE_S)
-            .map(|slot| {
-                let t = minute_start + slot;
-                inputs
-                    .unrecorded
-                    .iter()
-                    .any(|&(from, to)| from <= t && t <= to)
-            })
-            .collect(),
+        unrecorded,
     }
+}
+
+/// Seconds of traffic read before a silence that a backlog second is measured against.
+const BACKLOG_LEVEL_S: usize = 5;
+
+/// Which seconds of `counts` (requests per second at a server's socket, oldest first) are a
+/// backlog: requests its clients sent during a silence (a stalled server: SIGSTOP, a long GC,
+/// swapping) that it read all at once when it resumed. Such a second follows at least one
+/// recorded second without requests after steady traffic, is over 1.5 times the level before
+/// the silence (the median of up to [`BACKLOG_LEVEL_S`] seconds), and holds no more than that
+/// level over the silence and the second itself could have sent, twice over. A burst larger
+/// than that (a batch job after idle minutes) is traffic, not a backlog.
+pub fn backlog_seconds(counts: &[u64], unrecorded: &[bool]) -> Vec<bool> {
+    let recorded = |i: usize| !unrecorded.get(i).copied().unwrap_or(false);
+    let mut backlog = vec![false; counts.len()];
+    for t in 1..counts.len() {
+        if counts[t] == 0 || !recorded(t) {
+            continue;
+        }
+        let mut start = t;
+        while start > 0 && counts[start - 1] == 0 && recorded(start - 1) {
+            start -= 1;
+        }
+        let silence = t - start;
+        if silence == 0 {
+            continue;
+        }
+        let mut before: Vec<u64> = (0..start)
+            .rev()
+            .take_while(|&i| counts[i] > 0 && recorded(i))
+            .take(BACKLOG_LEVEL_S)
+            .map(|i| counts[i])
+            .collect();
+        if before.is_empty() {
+            continue;
+        }
+        before.sort_unstable();
+        let level = before[before.len() / 2] as f64;
+        let count = counts[t] as f64;
+        backlog[t] = count > 1.5 * level && count <= 2.0 * level * (silence + 1) as f64;
+    }
+    backlog
 }
 
 /// Where a second falls: its sparkline slot, and whether it is in the rate window.
@@ -397,10 +455,10 @@ impl Accumulated {
     }
 }
 
-/// The per-second change of a counter between the previous refresh and this one.
+/// The per-second change of a counter over the window (against `counters_before`).
 fn counter_rate(inputs: &Inputs, value: &dyn Fn(&Counters) -> Option<f64>) -> Option<f64> {
     let now = value(inputs.counters?)?;
-    let (before, elapsed) = inputs.previous_counters?;
+    let (before, elapsed) = inputs.counters_before?;
     let before = value(before).unwrap_or(0.0);
     (elapsed > 0.0).then(|| (now - before).max(0.0) / elapsed)
 }
@@ -443,6 +501,7 @@ fn server_row(
             .iter()
             .map(|h| h.quantile_us(0.99).map_or(0, |us| us.round() as u64))
             .collect(),
+        backlog: Vec::new(),
         service,
         server,
         role,

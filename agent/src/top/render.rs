@@ -20,6 +20,9 @@ pub const MIN_WIDTH: u16 = 80;
 pub const MIN_HEIGHT: u16 = 24;
 /// A sparkline's second the daemon has no record of.
 pub const UNRECORDED: char = '·';
+/// A sparkline's backlog second ([`crate::top::model::backlog_seconds`]): drawn as no height,
+/// since the clients did not send that much in it.
+pub const BACKLOG: char = '^';
 /// Narrowest useful sparkline.
 const MIN_SPARK: u16 = 12;
 
@@ -74,18 +77,29 @@ pub fn unknown_service(model: &Model, state: &ViewState, status: &Status) -> Opt
 /// Block characters for a sparkline scaled to its own peak; a second with nothing is a space,
 /// so a micro-outage shows as a gap however busy the rest of the minute was. A second the
 /// daemon has no record of (`unrecorded`, aligned with `values`; empty: none) is
-/// [`UNRECORDED`], not a gap: the daemon was down, not the servers.
-pub fn sparkline(values: &[u64], unrecorded: &[bool], width: usize) -> String {
+/// [`UNRECORDED`], not a gap: the daemon was down, not the servers. A backlog second
+/// (`backlog`, likewise) is [`BACKLOG`] and left out of the scale: a bar for it would be a
+/// spike of traffic that never was, flattening the minute's real bars.
+pub fn sparkline(values: &[u64], unrecorded: &[bool], backlog: &[bool], width: usize) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let skip = values.len().saturating_sub(width);
     let shown = &values[skip..];
-    let peak = shown.iter().copied().max().unwrap_or(0);
+    let is_backlog = |i: usize| backlog.get(skip + i).copied().unwrap_or(false);
+    let peak = shown
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !is_backlog(*i))
+        .map(|(_, v)| *v)
+        .max()
+        .unwrap_or(0);
     shown
         .iter()
         .enumerate()
         .map(|(i, &v)| {
             if unrecorded.get(skip + i).copied().unwrap_or(false) {
                 UNRECORDED
+            } else if is_backlog(i) {
+                BACKLOG
             } else if v == 0 || peak == 0 {
                 ' '
             } else {
@@ -388,7 +402,7 @@ fn table_row<'a>(
         let spark = row
             .spark
             .as_deref()
-            .map(|s| sparkline(s, &row.unrecorded, spark_width as usize))
+            .map(|s| sparkline(s, &row.unrecorded, &row.backlog, spark_width as usize))
             .unwrap_or_default();
         cells.push(Cell::from(spark).style(palette.fg(Color::Cyan)));
     }
@@ -430,10 +444,16 @@ pub fn detail_lines(state: &ViewState, shown: &[TableRow], model: &Model) -> Vec
             "requests/s, last 60 s to {} UTC:",
             clock(model.end_s)
         ));
-        lines.push(sparkline(spark, &row.unrecorded, 60));
+        lines.push(sparkline(spark, &row.unrecorded, &row.backlog, 60));
         if row.unrecorded.contains(&true) {
             lines.push(format!(
                 "{UNRECORDED}: seconds the daemon has no record of (it was not running)"
+            ));
+        }
+        if row.backlog.contains(&true) {
+            lines.push(format!(
+                "{BACKLOG}: a backlog: the server read at once what its clients sent while it \
+                 was silent"
             ));
         }
     }

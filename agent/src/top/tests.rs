@@ -175,7 +175,7 @@ fn a_wider_window_averages_and_the_sparkline_shows_the_gap() {
     assert_eq!(a.requests_spark[MINUTE_S as usize - 1], 30, "newest last");
     let gap = (MINUTE_S - 1 - 30) as usize;
     assert_eq!(a.requests_spark[gap], 0, "the silent second");
-    let line = render::sparkline(&a.requests_spark, &model.unrecorded, 60);
+    let line = render::sparkline(&a.requests_spark, &model.unrecorded, &[], 60);
     assert!(!model.unrecorded.contains(&true));
     assert_eq!(line.chars().nth(gap), Some(' '));
     assert_eq!(line.chars().filter(|c| *c == '█').count(), 59);
@@ -204,7 +204,12 @@ fn seconds_the_daemon_did_not_record_are_not_a_gap() {
     assert!(model.unrecorded[slot(NOW - 30)] && !model.unrecorded[slot(NOW - 29)]);
     let row = &rows(&model, Pane::Servers)[0];
     assert_eq!(row.cells[1], A);
-    let line = render::sparkline(row.spark.as_ref().unwrap(), &row.unrecorded, 60);
+    let line = render::sparkline(
+        row.spark.as_ref().unwrap(),
+        &row.unrecorded,
+        &row.backlog,
+        60,
+    );
     let chars: Vec<char> = line.chars().collect();
     assert_eq!(chars[slot(NOW - 30)], render::UNRECORDED, "{line}");
     assert_eq!(chars[slot(NOW - 36)], '█', "{line}");
@@ -264,7 +269,7 @@ fn counters_give_connections_bytes_queues_and_fds() {
     );
     let inputs = Inputs {
         counters: Some(&after),
-        previous_counters: Some((&before, 2.0)),
+        counters_before: Some((&before, 2.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -351,7 +356,7 @@ fn hot_key_rates_come_from_successive_reports() {
     let (before, after) = (keys(100), keys(400));
     let inputs = Inputs {
         keys: Some(&after),
-        previous_keys: Some((&before, 3.0)),
+        keys_before: Some((&before, 3.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -439,7 +444,7 @@ fn a_key_new_to_the_table_has_no_rate_and_no_exact_total() {
     let after = report(1120, Some(hot("rare", 222, 221)), 2_000_000);
     let inputs = Inputs {
         keys: Some(&after),
-        previous_keys: Some((&before, 1.0)),
+        keys_before: Some((&before, 1.0)),
         ..Inputs::default()
     };
     let model = build(&history(), NOW, 1, &inputs);
@@ -449,7 +454,7 @@ fn a_key_new_to_the_table_has_no_rate_and_no_exact_total() {
     let again = report(1240, Some(hot("rare", 300, 280)), 3_000_000);
     let inputs = Inputs {
         keys: Some(&again),
-        previous_keys: Some((&after, 1.0)),
+        keys_before: Some((&after, 1.0)),
         ..Inputs::default()
     };
     let later = build(&history(), NOW, 1, &inputs);
@@ -927,4 +932,99 @@ fn the_daemons_counter_registry_parses_whole() {
         [("memcached".to_string(), 2)]
     );
     assert_eq!(counters.fd_errors("php-fpm"), 1);
+}
+
+/// The live stall (memcached SIGSTOPped 3 s under noreply sets, 8 clients, ~720/s): at the
+/// server's socket requests count when memcached reads them, so the second it resumed read
+/// 2043, a spike of traffic no client sent (its clients' rows, timed at the send, stayed
+/// flat). That second is a backlog: a '^' in the sparkline, out of its scale and of the
+/// detail's peak, and REQ/S carries the mark while it is in the window. A batch job's burst
+/// after idle seconds is traffic, and the client row is not marked.
+#[test]
+fn a_stalled_servers_backlog_is_marked_not_drawn_as_traffic() {
+    let stored = |server: &str, role| Fact::Request {
+        service: "memcached".into(),
+        server: server.into(),
+        role,
+        comm: Some("memcached".into()),
+        command: "set".into(),
+        status: RequestStatus::Stored,
+        latency_us: Some(20),
+    };
+    let mut history = History::new(900, HistoryLimits::default());
+    let stalled: [u64; 8] = [725, 746, 727, 518, 0, 0, 2043, 697];
+    let start = NOW - stalled.len() as u64 + 1;
+    for (i, &count) in stalled.iter().enumerate() {
+        let t = start + i as u64;
+        for role in [Role::Server, Role::Client] {
+            // The clients sent at their pace all along.
+            let count = if role == Role::Client { 720 } else { count };
+            for _ in 0..count {
+                history.record(t, stored(A, role));
+            }
+        }
+        // A batch job against B: idle, then a burst far past what idleness held back.
+        let batch = [5, 5, 5, 5, 0, 0, 2000, 5][i];
+        for _ in 0..batch {
+            history.record(t, stored(B, Role::Server));
+        }
+    }
+    let slot = |t: u64| (t - (NOW + 1 - MINUTE_S)) as usize;
+    let resumed = slot(start + 6);
+    let at = |end_s: u64| build(&history.snapshot(0), end_s, 1, &Inputs::default());
+    let model = at(start + 6);
+    let row = |model: &Model, server: &str, role: Role| {
+        model
+            .servers
+            .iter()
+            .find(|r| r.server == server && r.role == role)
+            .unwrap()
+            .clone()
+    };
+    let server = row(&model, A, Role::Server);
+    let backlog: Vec<usize> = (0..server.backlog.len())
+        .filter(|&i| server.backlog[i])
+        .collect();
+    // `at(start + 6)` ends at the resumed second: its slot is the last.
+    assert_eq!(
+        backlog,
+        [MINUTE_S as usize - 1],
+        "{:?}",
+        server.requests_spark
+    );
+    assert!(row(&model, A, Role::Client).backlog.iter().all(|b| !b));
+    assert!(row(&model, B, Role::Server).backlog.iter().all(|b| !b));
+
+    let shown = rows(&model, Pane::Servers);
+    let a_server = shown
+        .iter()
+        .find(|r| r.cells[1] == A && r.cells[2] == "server")
+        .unwrap();
+    assert_eq!(a_server.cells[3], format!("2043{}", render::BACKLOG));
+    let line = render::sparkline(
+        a_server.spark.as_ref().unwrap(),
+        &a_server.unrecorded,
+        &a_server.backlog,
+        60,
+    );
+    assert_eq!(line.chars().last(), Some(render::BACKLOG), "{line}");
+    // The seconds before it keep their height: full bars, not squashed under 2043.
+    assert_eq!(line.chars().rev().nth(4), Some('█'), "{line}");
+    assert!(
+        a_server
+            .detail
+            .iter()
+            .any(|l| l.contains("requests per second 0-746")),
+        "{:?}",
+        a_server.detail
+    );
+    // A second later the rate is the resumed traffic's, unmarked; the sparkline keeps the mark.
+    let later = at(start + 7);
+    let next = rows(&later, Pane::Servers);
+    let a_server = next
+        .iter()
+        .find(|r| r.cells[1] == A && r.cells[2] == "server")
+        .unwrap();
+    assert_eq!(a_server.cells[3], "697");
+    assert!(a_server.backlog[resumed], "{:?}", a_server.backlog);
 }

@@ -116,7 +116,8 @@ pub const HOT_KEY_COLUMNS: &[Column] = &[
     col("ROLE", ' ', 6, false, 1),
     col("BY", ' ', 8, false, 0),
     col("KEY", 'n', 28, false, 0),
-    col("PER S", 'r', 9, true, 0),
+    // Per second over the header's window, like every X/S column.
+    col("RATE/S", 'r', 9, true, 0),
     col("TOTAL", 't', 10, true, 1),
 ];
 
@@ -160,6 +161,8 @@ pub struct TableRow {
     pub spark: Option<Vec<u64>>,
     /// Which seconds of `spark` the daemon has no record of (empty: all recorded).
     pub unrecorded: Vec<bool>,
+    /// Which seconds of `spark` are a server's backlog (empty: none).
+    pub backlog: Vec<bool>,
     /// Lines shown by Enter.
     pub detail: Vec<String>,
     /// Alerting cells (errors, dead writes, fd pressure) for colour.
@@ -235,16 +238,22 @@ fn p99_cell(row: &ServerRow) -> String {
     }
 }
 
-fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
+fn server_row(row: &ServerRow, unrecorded: &[bool], window_s: u64) -> TableRow {
     let bytes_total = match (row.bytes_in_per_s, row.bytes_out_per_s) {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+    };
+    let backlog_in_window = row.backlog.iter().rev().take(window_s as usize).any(|b| *b);
+    // Read, not sent, at that rate: the mark says so (the detail spells it out).
+    let requests = match backlog_in_window {
+        true => format!("{}{}", rate(row.requests_per_s), super::render::BACKLOG),
+        false => rate(row.requests_per_s),
     };
     let cells = vec![
         row.service.clone(),
         row.server.clone(),
         row.role.as_str().to_string(),
-        rate(row.requests_per_s),
+        requests.clone(),
         or_dash(row.hit_ratio.map(percent)),
         or_dash(row.p50_ms.map(millis)),
         p99_cell(row),
@@ -276,12 +285,13 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         SortValue::Number(bytes_total),
         SortValue::Number(row.bytes_out_per_s),
     ];
-    // Over the seconds recorded: one the daemon missed is no low.
+    // Over the seconds recorded: one the daemon missed is no low, and a backlog no peak.
     let recorded = || {
         row.requests_spark
             .iter()
             .enumerate()
             .filter(|(i, _)| !unrecorded.get(*i).copied().unwrap_or(false))
+            .filter(|(i, _)| !row.backlog.get(*i).copied().unwrap_or(false))
             .map(|(_, v)| *v)
     };
     let peak = recorded().max().unwrap_or(0);
@@ -290,10 +300,15 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
     let detail = vec![
         format!("{} {} ({})", row.service, row.server, row.role.as_str()),
         format!(
-            "requests/s {}   hit ratio {}   errors/s {}",
-            rate(row.requests_per_s),
+            "requests/s {}   hit ratio {}   errors/s {}{}",
+            requests,
             or_dash(row.hit_ratio.map(|r| format!("{}%", percent(r)))),
-            rate(row.errors_per_s)
+            rate(row.errors_per_s),
+            if backlog_in_window {
+                "   (read at once after a silence: sent by the clients during it)"
+            } else {
+                ""
+            }
         ),
         format!(
             "latency p50 {}   p99 {}   worst 1 s p99 in the last minute {}",
@@ -332,6 +347,7 @@ fn server_row(row: &ServerRow, unrecorded: &[bool]) -> TableRow {
         sort,
         spark: Some(row.requests_spark.clone()),
         unrecorded: unrecorded.to_vec(),
+        backlog: row.backlog.clone(),
         detail,
     }
 }
@@ -380,6 +396,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
         sort,
         spark: None,
         unrecorded: Vec::new(),
+        backlog: Vec::new(),
         detail: vec![
             format!("process {}", row.comm),
             format!(
@@ -410,7 +427,7 @@ fn process_row(row: &ProcessRow) -> TableRow {
     }
 }
 
-fn hot_key_row(row: &HotKeyRow) -> TableRow {
+fn hot_key_row(row: &HotKeyRow, window_s: u64) -> TableRow {
     let amount = |value: u64| match row.kind {
         HotKeyKind::Requests => value.to_string(),
         HotKeyKind::Bytes => bytes_rate(value as f64),
@@ -473,6 +490,7 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
         },
         spark: None,
         unrecorded: Vec::new(),
+        backlog: Vec::new(),
         detail: vec![
             format!("key {}", row.key),
             format!(
@@ -483,15 +501,13 @@ fn hot_key_row(row: &HotKeyRow) -> TableRow {
                 row.kind.as_str()
             ),
             counted,
-            format!(
-                "{}/s now{}",
-                or_dash(shown_rate),
-                if row.per_s.is_none() {
-                    " (new in the table: a rate needs two refreshes)"
-                } else {
-                    ""
-                }
-            ),
+            match row.per_s {
+                Some(_) => format!("{}/s over the last {window_s} s", or_dash(shown_rate)),
+                None => format!(
+                    "-/s: not in the table with this count's error at the window's start (new, \
+                     or evicted and back), so no rate over the last {window_s} s"
+                ),
+            },
         ],
         alert: false,
         services: vec![row.service.clone()],
@@ -527,6 +543,7 @@ fn queue_row(row: &QueueRow) -> TableRow {
         ],
         spark: None,
         unrecorded: Vec::new(),
+        backlog: Vec::new(),
         detail: vec![
             format!(
                 "queue {} on {} {}, counted at the {} end",
@@ -553,10 +570,14 @@ pub fn rows(model: &Model, pane: Pane) -> Vec<TableRow> {
         Pane::Servers => model
             .servers
             .iter()
-            .map(|row| server_row(row, &model.unrecorded))
+            .map(|row| server_row(row, &model.unrecorded, model.window_s))
             .collect(),
         Pane::Processes => model.processes.iter().map(process_row).collect(),
-        Pane::HotKeys => model.hot_keys.iter().map(hot_key_row).collect(),
+        Pane::HotKeys => model
+            .hot_keys
+            .iter()
+            .map(|row| hot_key_row(row, model.window_s))
+            .collect(),
         Pane::Queues => model.queues.iter().map(queue_row).collect(),
     }
 }

@@ -439,13 +439,10 @@ impl ObservationRecorder {
                     .get_or_create(&FdErrorLabels { comm, errno })
                     .inc();
             }
-            Observation::ConnectionForgotten { endpoint } => {
-                if endpoint.role == Role::Client {
-                    self.ring_view
-                        .closed(endpoint.service, endpoint.server, unix_now());
-                }
-                let labels = self.endpoint_labels(endpoint);
-                self.metrics.connections_active.get_or_create(&labels).dec();
+            Observation::ConnectionForgotten { endpoint } => self.record_forgotten(endpoint),
+            Observation::ConnectionMoved { from, to } => {
+                self.record_forgotten(from);
+                self.record_open(to, true);
             }
             Observation::TrackingDropped => {
                 self.metrics
@@ -454,6 +451,17 @@ impl ObservationRecorder {
                     .inc();
             }
         }
+    }
+
+    /// A connection no longer counted as active, with no close: see
+    /// [`Observation::ConnectionForgotten`].
+    fn record_forgotten(&mut self, endpoint: &Endpoint) {
+        if endpoint.role == Role::Client {
+            self.ring_view
+                .closed(endpoint.service, endpoint.server, unix_now());
+        }
+        let labels = self.endpoint_labels(endpoint);
+        self.metrics.connections_active.get_or_create(&labels).dec();
     }
 
     /// A connection opened, or `adopted` (open before the agent started: active, not opened).
