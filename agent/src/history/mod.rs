@@ -8,7 +8,9 @@
 //!   process/server/command are folded into "other"); latency histograms are capped separately
 //!   by `max_latency_series_per_second`; facts beyond that are only counted (`overflow`);
 //! - labels: at most `max_labels` distinct strings of at most 128 bytes; when full, ids no
-//!   bucket uses any more are reclaimed, and only then do new strings fold into "other".
+//!   bucket uses any more are reclaimed, and only then do new strings fold into "other";
+//! - error reply texts: their own table of 64 (never process or server names' room), at most
+//!   4 per (service, server, role, status) and second and 16 rows a second, the rest "other".
 //!
 //! Seconds stay writable for [`OPEN_SECONDS`] (facts such as dead-write outcomes arrive a few
 //! seconds late) and are then frozen into sorted boxed slices without hash-table slack.
@@ -18,7 +20,8 @@
 //! second) take 5.2 MB, and [`History::heap_bytes`] agrees within 0.1%. A flood of distinct
 //! labels (3000 new process/server/command names a second) stays at about 3 MB because rows
 //! fold into "other". The hard bound at the default limits, every second full of the largest
-//! rows and dense histograms, is [`History::worst_case_bytes`]: 77 MB for 900 s.
+//! rows and dense histograms, is [`History::worst_case_bytes`]: 88 MB for 900 s (3.5 MB of it
+//! error-text rows).
 
 mod apply;
 mod fact;
@@ -65,9 +68,11 @@ const MAX_ERROR_TEXTS: usize = 64;
 /// Distinct texts per (service, server, role, status) and second; more count as "other".
 const ERROR_TEXTS_PER_SERVER: usize = 4;
 /// Error-text rows per second, each with its replies' latency histogram.
-const MAX_ERROR_ROWS_PER_SECOND: u32 = 32;
+/// A proxy with a few texts at both its ends takes about 8; each row may hold a dense
+/// histogram, so this bounds the worst case (about 3.5 MB of 900 s).
+const MAX_ERROR_ROWS_PER_SECOND: u32 = 16;
 /// Folded error-text rows (server and text "other") a second may add past that.
-const ERROR_ROWS_RESERVE: u32 = 8;
+const ERROR_ROWS_RESERVE: u32 = 4;
 
 pub const DEFAULT_CAPACITY_SECONDS: u32 = 900;
 
