@@ -527,7 +527,9 @@ fn counts_each_reset_between_two_sockets_of_this_host_once() {
 /// Audit s3: nutcracker with `timeout: 100` in front of three memcacheds, one of them stopped
 /// 200 ms of every 250 ms. pymemcache through the proxy gets SERVER_ERROR for requests hashed
 /// to the stalled backend; diagnose names the proxy, about as many errors as the client library
-/// itself saw, and the backend that failed the proxy.
+/// itself saw, and the backend that failed the proxy. The finding quotes what nutcracker said
+/// ("Connection timed out", as many times as the client library read it) and infers its
+/// timeout from how long those replies took.
 #[test]
 fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
     require_root();
@@ -574,6 +576,7 @@ fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
                  for k in keys:\n\
                  \x20   c.set(k, b'v' * 100, noreply=False)\n\
                  counts = dict(requests=0, server_errors=0, other=0)\n\
+                 texts = {{}}\n\
                  lock = threading.Lock()\n\
                  def work():\n\
                  \x20   c = Client(('127.0.0.1', {proxy}), timeout=2, connect_timeout=2)\n\
@@ -583,8 +586,11 @@ fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
                  \x20       mine['requests'] += 1\n\
                  \x20       try:\n\
                  \x20           c.get(random.choice(keys))\n\
-                 \x20       except MemcacheServerError:\n\
+                 \x20       except MemcacheServerError as e:\n\
                  \x20           mine['server_errors'] += 1\n\
+                 \x20           text = e.args[0].decode() if isinstance(e.args[0], bytes) else str(e.args[0])\n\
+                 \x20           with lock:\n\
+                 \x20               texts[text.strip()] = texts.get(text.strip(), 0) + 1\n\
                  \x20       except Exception:\n\
                  \x20           mine['other'] += 1\n\
                  \x20           c.close()\n\
@@ -595,6 +601,7 @@ fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
                  ts = [threading.Thread(target=work) for _ in range(4)]\n\
                  [t.start() for t in ts]\n\
                  [t.join() for t in ts]\n\
+                 counts['texts'] = texts\n\
                  print(json.dumps(counts))\n"
             ),
         )
@@ -645,6 +652,41 @@ fn names_a_proxy_answering_errors_and_the_backend_behind_them() {
     assert!(
         (counted - client_errors).abs() <= (0.05 * client_errors).max(2.0),
         "diagnose counted {counted} server errors, the client library saw {seen}: {errors:#}"
+    );
+    // What nutcracker said, quoted as often as the client library read it.
+    let quoted: Vec<(String, f64)> = errors["error_texts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no error_texts: {errors:#}"))
+        .iter()
+        .map(|t| {
+            (
+                t["text"].as_str().unwrap().to_string(),
+                t["count"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let read = seen["texts"].as_object().unwrap();
+    let timed_out = read
+        .get("Connection timed out")
+        .and_then(|n| n.as_f64())
+        .unwrap_or_else(|| panic!("the client read no 'Connection timed out': {seen}"));
+    let (_, quoted_timed_out) = quoted
+        .iter()
+        .find(|(text, _)| text == "Connection timed out")
+        .unwrap_or_else(|| panic!("'Connection timed out' not quoted: {errors:#}"));
+    assert!(
+        (quoted_timed_out - timed_out).abs() <= (0.05 * timed_out).max(2.0),
+        "quoted {quoted_timed_out} 'Connection timed out', the client read {seen}: {errors:#}"
+    );
+    // `timeout: 100`: the replies saying so took 100 ms and a little, one histogram bucket.
+    let timeout = finding_value(errors, "proxy_timeout_ms");
+    assert!((90.0..140.0).contains(&timeout), "{errors:#}");
+    assert!(
+        errors["evidence"].as_array().unwrap().iter().any(|l| l
+            .as_str()
+            .unwrap()
+            .starts_with("nutcracker's timeout looks like about")),
+        "{errors:#}"
     );
     eprintln!("client saw {seen}; finding: {errors:#}");
     drop(servers);

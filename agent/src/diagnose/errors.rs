@@ -4,12 +4,31 @@
 //! SERVER_ERROR when a backend fails it or outlasts the proxy's `timeout`, so when the process
 //! serving the errors on this host is itself a client of other servers, the finding names the
 //! backends that failed it in the same seconds: that is the cause, the proxy only relays it.
+//! The finding quotes what the replies said (the history keeps a few texts per server, cut
+//! to plain words) and, for a proxy whose replies say it timed out and took about the same
+//! time each, infers the proxy's timeout from their latency.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, HistorySnapshot};
+use super::{util, DiagnoseThresholds, ErrorText, Finding, Severity, Span};
+use crate::history::{
+    latency::{self, LatencyHistogram},
+    snapshot::ErrorReplyRow,
+    HistorySnapshot,
+};
 use crate::model::{Role, Status};
+
+/// Texts quoted in a finding; the rest are summed.
+const TEXTS_SHOWN: usize = 4;
+/// Replies saying the proxy timed out needed before their latency says what its timeout is.
+const TIMEOUT_MIN_REPLIES: u64 = 10;
+
+/// Error replies that said one thing, and how long they took.
+#[derive(Default)]
+struct Said {
+    count: u64,
+    hist: LatencyHistogram,
+}
 
 /// Requests to one server and the error replies among them, from one side's rows.
 #[derive(Default)]
@@ -19,6 +38,8 @@ struct Replies {
     /// (requests, errors) per process ("" when unknown).
     by_comm: BTreeMap<String, (u64, u64)>,
     errors_by_t: BTreeMap<u64, u64>,
+    /// By (status, text).
+    said: BTreeMap<(Status, String), Said>,
 }
 
 impl Replies {
@@ -31,6 +52,22 @@ impl Replies {
             *self.errors_by_status.entry(status).or_default() += count;
             *self.errors_by_t.entry(t).or_default() += count;
         }
+    }
+
+    fn said(&mut self, snap: &HistorySnapshot, row: &ErrorReplyRow) {
+        let said = self
+            .said
+            .entry((row.status, snap.label(row.text).to_string()))
+            .or_default();
+        said.count += row.count as u64;
+        said.hist.add_cells(&row.cells);
+    }
+
+    /// What the replies said, the most frequent first.
+    fn texts(&self) -> Vec<(&(Status, String), &Said)> {
+        let mut texts: Vec<_> = self.said.iter().collect();
+        texts.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        texts
     }
 
     fn errors(&self) -> u64 {
@@ -122,6 +159,17 @@ fn collect(snap: &HistorySnapshot) -> BTreeMap<(String, String), Server> {
                     seen.server.add(second.t, comm, row.status, count);
                     seen.serving.insert(comm.to_string());
                 }
+            }
+        }
+        for row in &second.error_replies {
+            let key = (
+                snap.label(row.service).to_string(),
+                snap.label(row.server).to_string(),
+            );
+            let seen = servers.entry(key).or_default();
+            match row.role {
+                Role::Client => seen.client.said(snap, row),
+                Role::Server => seen.server.said(snap, row),
             }
         }
     }
@@ -283,6 +331,7 @@ fn finding(
             .processes
             .extend(erring.iter().map(|(comm, _)| comm.to_string()));
     }
+    said_evidence(&mut finding, replies, proxy.map(|(comm, _)| comm.as_str()));
     finding.subjects.services.push(service.to_string());
     finding.subjects.servers.push(server.to_string());
     finding.advice = match proxy {
@@ -350,4 +399,84 @@ fn proxy_evidence(finding: &mut Finding, comm: &str, backends: &[(String, Backen
     if !finding.subjects.processes.iter().any(|p| p == comm) {
         finding.subjects.processes.push(comm.to_string());
     }
+}
+
+/// What the replies said, quoted with counts (and latency where measured), into the evidence
+/// and `error_texts`; for a proxy, its timeout when its replies say it timed out.
+fn said_evidence(finding: &mut Finding, replies: &Replies, proxy: Option<&str>) {
+    let texts = replies.texts();
+    if texts.is_empty() {
+        return;
+    }
+    let ms = |us: Option<f64>| us.map(|us| (us / 100.0).round() / 10.0);
+    let mut quoted = Vec::new();
+    for ((status, text), said) in texts.iter().take(TEXTS_SHOWN) {
+        let words = match text.as_str() {
+            "" => "(no text)".to_string(),
+            other if other == crate::history::interner::OTHER_LABEL => "(other texts)".to_string(),
+            text => format!("\"{text}\""),
+        };
+        let mut line = format!("{} {words} x{}", status.as_str(), said.count);
+        let (p50, p90) = (said.hist.quantile_us(0.5), said.hist.quantile_us(0.9));
+        if let (Some(p50), Some(p90)) = (p50, p90) {
+            line.push_str(&format!(
+                " (p50 {}, p90 {})",
+                util::latency(p50),
+                util::latency(p90)
+            ));
+        }
+        quoted.push(line);
+        finding.error_texts.push(ErrorText {
+            status: status.as_str().to_string(),
+            text: text.clone(),
+            count: said.count,
+            p50_ms: ms(p50),
+            p90_ms: ms(p90),
+        });
+    }
+    let rest: u64 = texts.iter().skip(TEXTS_SHOWN).map(|(_, s)| s.count).sum();
+    if rest > 0 {
+        quoted.push(format!("{rest} more with other texts"));
+    }
+    finding
+        .evidence
+        .push(format!("the replies said: {}", quoted.join(", ")));
+    let Some(comm) = proxy else {
+        return;
+    };
+    if let Some((text, said, (low_us, high_us))) = texts
+        .iter()
+        .find_map(|((_, text), said)| Some((text, said, timeout_band(text, said)?)))
+    {
+        finding.evidence.push(format!(
+            "{comm}'s timeout looks like about {}-{} (inferred: its {} \"{text}\" replies took \
+             that long, p50 {}; check the pool's `timeout:`)",
+            util::latency(low_us),
+            util::latency(high_us),
+            said.count,
+            util::latency(said.hist.quantile_us(0.5).unwrap_or(low_us)),
+        ));
+        finding.value("proxy_timeout_ms", (low_us + high_us) / 2000.0);
+    }
+}
+
+/// Where a proxy's "timed out" replies' latencies cluster: the bounds of the histogram
+/// buckets from their 10th to their 90th percentile, when that is at most two neighbouring
+/// buckets (within about 40%) and there were enough of them. A timeout is a fixed wait, so
+/// spread-out latencies mean something else answered these errors.
+fn timeout_band(text: &str, said: &Said) -> Option<(f64, f64)> {
+    let lower = text.to_ascii_lowercase();
+    if !(lower.contains("timed out") || lower.contains("timeout"))
+        || said.count < TIMEOUT_MIN_REPLIES
+    {
+        return None;
+    }
+    let bucket = |q: f64| Some(latency::bucket_of(said.hist.quantile_us(q)? as u32));
+    let (low, high) = (bucket(0.1)?, bucket(0.9)?);
+    (high <= low + 1 && said.hist.count() >= TIMEOUT_MIN_REPLIES).then(|| {
+        (
+            latency::bucket_lower_us(low),
+            latency::bucket_lower_us(high + 1),
+        )
+    })
 }

@@ -84,6 +84,21 @@ impl Span {
     }
 }
 
+/// What some error replies said (the words after ERROR, CLIENT_ERROR or SERVER_ERROR, cut
+/// to plain words; "other" for texts past the few the history keeps per server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorText {
+    /// The status word (error, client_error, server_error).
+    pub status: String,
+    pub text: String,
+    pub count: u64,
+    /// Latency of these replies, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p90_ms: Option<f64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     /// Stable slug of the detector that produced it, e.g. "idle-disconnects". Several findings
@@ -102,6 +117,9 @@ pub struct Finding {
     pub values: BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span: Option<Span>,
+    /// error-replies: what the error replies said, the most frequent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_texts: Vec<ErrorText>,
     /// How bad it is within its severity, for ranking only.
     #[serde(skip)]
     pub magnitude: f64,
@@ -118,6 +136,7 @@ impl Finding {
             subjects: Subjects::default(),
             values: BTreeMap::new(),
             span: None,
+            error_texts: Vec::new(),
             magnitude: 0.0,
         }
     }

@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 
 use super::{util, DiagnoseThresholds, Finding, Severity, Span};
-use crate::history::{latency::LatencyHistogram, HistorySnapshot, TcpEvent};
+use crate::history::{
+    latency::{self, LatencyHistogram},
+    HistorySnapshot, TcpEvent,
+};
 
 use crate::model::Role;
 
@@ -133,7 +136,11 @@ fn spiking(s: &Second, typical: &Typical, th: &DiagnoseThresholds) -> (bool, boo
         && ratio > 5.0 * typical.error_ratio;
     let latency = match (typical.p99_us, s.hist.quantile_us(0.99)) {
         (Some(typical), Some(p99)) => {
-            let slow_us = (th.spike_latency_ratio * typical).max(th.spike_min_latency_ms * 1000.0);
+            // Judged from the bucket that holds the bound, as stalls are (slow.rs): a p99 in
+            // that bucket reads as its middle, which may sit just below the bound itself.
+            let slow_us = latency::bucket_floor_us(
+                (th.spike_latency_ratio * typical).max(th.spike_min_latency_ms * 1000.0),
+            );
             s.requests >= th.spike_min_requests
                 && p99 >= slow_us
                 && s.hist.count_at_least(slow_us) >= th.spike_min_slow_requests

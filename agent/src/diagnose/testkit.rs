@@ -2,7 +2,7 @@
 //! client programs with a ~90% hit ratio and sub-millisecond latencies, plus the periodic
 //! samples the daemon records (fds, connections per process and edge).
 
-use crate::history::{Fact, History, HistoryLimits, HistorySnapshot};
+use crate::history::{Fact, History, HistoryLimits, HistorySnapshot, RequestRecord};
 
 use crate::model::{Role, Status};
 
@@ -55,6 +55,33 @@ impl Sim {
                 command: command.into(),
                 status,
                 latency_us,
+            },
+        );
+    }
+
+    /// A request answered with an error that said `text`, as the daemon records it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn error_reply(
+        &mut self,
+        t: u64,
+        (service, server): (&str, &str),
+        role: Role,
+        comm: &str,
+        status: Status,
+        text: &str,
+        latency_us: u32,
+    ) {
+        self.history.record_request(
+            t,
+            &RequestRecord {
+                service,
+                server,
+                role,
+                comm: Some(comm),
+                command: "get",
+                status,
+                latency_us: Some(latency_us),
+                error_text: Some(text),
             },
         );
     }

@@ -1065,6 +1065,24 @@ fn a_single_slow_request_is_not_a_micro_outage() {
     assert!(!ids(&findings).contains(&"micro-outage"), "{findings:#?}");
 }
 
+/// A latency spike is judged like a stall (slow.rs): from the histogram bucket that holds the
+/// threshold. Requests of 10.5 ms against the 10 ms floor sit in the bucket 8.2-11.6 ms, which
+/// counting from the next bucket up left out, so the spike went unseen.
+#[test]
+fn a_spike_just_over_the_latency_floor_counts() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 120);
+    for comm in COMMS {
+        for _ in 0..10 {
+            sim.request(T0 + 61, SERVERS[2], comm, "get", Status::Hit, Some(10_500));
+        }
+    }
+    let findings = run(&mut sim, T0 + 120);
+    let finding = only(&findings, "micro-outage");
+    assert_eq!(finding.values["spikes"], 1.0);
+    assert_eq!(finding.subjects.servers, vec![SERVERS[2]]);
+}
+
 /// Measures detectors and rendering over a full 15-minute history of a busy client host.
 /// `cargo test -p cacheprobe --lib diagnose::tests::timing -- --ignored --nocapture`
 #[test]
@@ -1410,4 +1428,133 @@ fn stalls_of_one_retransmit_timeout_count_and_the_label_says_from_where() {
         "{:#?}",
         finding.evidence
     );
+}
+
+/// nutcracker (`timeout: 100`) answers "SERVER_ERROR Connection timed out" about 101-105 ms
+/// after each request a stopped backend sits on, and once "Connection refused" at once: the
+/// finding quotes both with their counts and infers the proxy's timeout from the replies that
+/// say it timed out, which all took about the same time.
+#[test]
+fn a_proxys_error_texts_are_quoted_and_its_timeout_inferred() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for t in T0..T0 + 60 {
+        for i in 0..30u64 {
+            let backend = SERVERS[(i % 3) as usize];
+            if (T0 + 20..T0 + 50).contains(&t) && i == 1 {
+                for (role, comm) in [(Role::Client, "webapp"), (Role::Server, "nutcracker")] {
+                    let text = if t == T0 + 30 {
+                        "Connection refused"
+                    } else {
+                        "Connection timed out"
+                    };
+                    let latency = if t == T0 + 30 {
+                        400
+                    } else {
+                        101_000 + (t % 5) as u32 * 1000
+                    };
+                    sim.error_reply(
+                        t,
+                        ("twemproxy", PROXY),
+                        role,
+                        comm,
+                        Status::ServerError,
+                        text,
+                        latency,
+                    );
+                }
+                sim.request(t, backend, "nutcracker", "get", Status::Unanswered, None);
+            } else {
+                let latency = sim.healthy_latency();
+                proxied(
+                    &mut sim,
+                    t,
+                    Status::Hit,
+                    Some((backend, Status::Hit, Some(latency))),
+                );
+            }
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "error-replies");
+    assert_eq!(finding.values["server_error"], 30.0);
+    let said = finding
+        .evidence
+        .iter()
+        .find(|line| line.starts_with("the replies said: "))
+        .expect("a line quoting the replies");
+    assert!(
+        said.contains("server_error \"Connection timed out\" x29 (p50 110 ms, p90 110 ms)")
+            && said.contains("server_error \"Connection refused\" x1"),
+        "{said}"
+    );
+    let texts: Vec<(&str, u64)> = finding
+        .error_texts
+        .iter()
+        .map(|t| (t.text.as_str(), t.count))
+        .collect();
+    assert_eq!(
+        texts,
+        vec![("Connection timed out", 29), ("Connection refused", 1)]
+    );
+    assert_eq!(finding.error_texts[0].status, "server_error");
+    let timeout = finding.values["proxy_timeout_ms"];
+    assert!((92.0..131.0).contains(&timeout), "{timeout}");
+    assert!(
+        finding
+            .evidence
+            .iter()
+            .any(|line| line
+                .starts_with("nutcracker's timeout looks like about 93 ms-131 ms (inferred")),
+        "{:#?}",
+        finding.evidence
+    );
+}
+
+/// Replies that say "timed out" but took anything from 10 ms to 2 s were not one timeout:
+/// no inference.
+#[test]
+fn scattered_timed_out_replies_infer_no_timeout() {
+    let mut sim = Sim::new();
+    sim.healthy(T0, T0 + 60);
+    for t in T0..T0 + 60 {
+        for i in 0..30u64 {
+            let backend = SERVERS[(i % 3) as usize];
+            if (T0 + 20..T0 + 50).contains(&t) && i == 1 {
+                let latency = 10_000 * (1 + (t % 7) as u32).pow(3);
+                for (role, comm) in [(Role::Client, "webapp"), (Role::Server, "nutcracker")] {
+                    sim.error_reply(
+                        t,
+                        ("twemproxy", PROXY),
+                        role,
+                        comm,
+                        Status::ServerError,
+                        "Connection timed out",
+                        latency,
+                    );
+                }
+                sim.request(t, backend, "nutcracker", "get", Status::Unanswered, None);
+            } else {
+                let latency = sim.healthy_latency();
+                proxied(
+                    &mut sim,
+                    t,
+                    Status::Hit,
+                    Some((backend, Status::Hit, Some(latency))),
+                );
+            }
+        }
+    }
+    let findings = run(&mut sim, T0 + 60);
+    let finding = only(&findings, "error-replies");
+    assert_eq!(finding.error_texts[0].count, 30);
+    assert!(
+        !finding.values.contains_key("proxy_timeout_ms"),
+        "{:?}",
+        finding.values
+    );
+    assert!(!finding
+        .evidence
+        .iter()
+        .any(|l| l.contains("timeout looks like")));
 }

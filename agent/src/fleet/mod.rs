@@ -537,6 +537,7 @@ pub fn new_finding(id: &str, severity: Severity, title: String) -> Finding {
         subjects: Default::default(),
         values: BTreeMap::new(),
         span: None,
+        error_texts: Vec::new(),
         magnitude: 0.0,
     }
 }

@@ -428,3 +428,36 @@ pub(super) fn request(
     }
     true
 }
+
+/// Counts an error reply under what it said: at most [`ERROR_TEXTS_PER_SERVER`] texts per
+/// server and second (the rest count as "other"), within the second's error-row budget. The
+/// request itself is already counted; without room only its text is lost.
+pub(super) fn error_reply(bucket: &mut Bucket, mut key: ErrorReplyKey, latency_us: Option<u32>) {
+    let Bucket {
+        rare,
+        error_rows,
+        overflow,
+        ..
+    } = bucket;
+    let series = &mut rare.get_or_insert_with(Default::default).error_replies;
+    let known = series.iter().any(|(k, _)| *k == key);
+    if !known
+        && series.iter().filter(|(k, _)| k.same_server(&key)).count() >= ERROR_TEXTS_PER_SERVER
+    {
+        key.text = OTHER;
+    }
+    let budget = RowBudget {
+        used: error_rows,
+        cap: MAX_ERROR_ROWS_PER_SECOND,
+        reserve: ERROR_ROWS_RESERVE,
+    };
+    match series.row(key, budget) {
+        Some(agg) => {
+            agg.count = agg.count.saturating_add(1);
+            if let Some(latency_us) = latency_us {
+                agg.latency.record(latency_us);
+            }
+        }
+        None => *overflow += 1,
+    }
+}

@@ -90,12 +90,11 @@ impl LatencyHistogram {
         self.counts.iter().sum()
     }
 
-    /// Requests at or above `threshold_us` (by bucket: buckets whose lower bound reaches it).
+    /// Requests at or above `threshold_us`, by bucket: from the bucket that holds it (see
+    /// [`bucket_floor_us`]), so every detector counts "at least X" by one rule.
     pub fn count_at_least(&self, threshold_us: f64) -> u64 {
-        (0..BUCKETS)
-            .filter(|&b| bucket_lower_us(b) >= threshold_us * 0.999)
-            .map(|b| self.counts[b])
-            .sum()
+        let first = bucket_of(threshold_us.ceil().clamp(0.0, u32::MAX as f64) as u32);
+        self.counts[first..].iter().sum()
     }
 
     /// The `q` quantile (0..=1) in microseconds, or None when empty.
@@ -271,5 +270,19 @@ mod tests {
         hist.add_cells(&second.cells());
         assert_eq!(hist.count(), 6);
         assert_eq!(hist.count_at_least(1_000_000.0), 1);
+    }
+
+    #[test]
+    fn at_least_counts_from_the_bucket_holding_the_threshold() {
+        let mut hist = LatencyHistogram::default();
+        for us in [9_000, 10_500, 12_000, 5_000] {
+            hist.record(us);
+        }
+        // 9 and 10.5 ms share the bucket holding 10 ms (8.2-11.6 ms).
+        assert_eq!(hist.count_at_least(10_000.0), 3);
+        assert_eq!(
+            hist.count_at_least(10_000.0),
+            hist.count_at_least(bucket_floor_us(10_000.0))
+        );
     }
 }

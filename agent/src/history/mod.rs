@@ -8,7 +8,9 @@
 //!   process/server/command are folded into "other"); latency histograms are capped separately
 //!   by `max_latency_series_per_second`; facts beyond that are only counted (`overflow`);
 //! - labels: at most `max_labels` distinct strings of at most 128 bytes; when full, ids no
-//!   bucket uses any more are reclaimed, and only then do new strings fold into "other".
+//!   bucket uses any more are reclaimed, and only then do new strings fold into "other";
+//! - error reply texts: their own table of 64 (never process or server names' room), at most
+//!   4 per (service, server, role, status) and second and 16 rows a second, the rest "other".
 //!
 //! Seconds stay writable for [`OPEN_SECONDS`] (facts such as dead-write outcomes arrive a few
 //! seconds late) and are then frozen into sorted boxed slices without hash-table slack.
@@ -18,7 +20,8 @@
 //! second) take 5.2 MB, and [`History::heap_bytes`] agrees within 0.1%. A flood of distinct
 //! labels (3000 new process/server/command names a second) stays at about 3 MB because rows
 //! fold into "other". The hard bound at the default limits, every second full of the largest
-//! rows and dense histograms, is [`History::worst_case_bytes`]: 77 MB for 900 s.
+//! rows and dense histograms, is [`History::worst_case_bytes`]: 88 MB for 900 s (3.5 MB of it
+//! error-text rows).
 
 mod apply;
 mod fact;
@@ -58,6 +61,18 @@ const IDLE_SAMPLES: usize = 4;
 const KEY_SPLIT_EXAMPLES: usize = 2;
 /// Connections shorter than this count as churn.
 const SHORT_LIVED_S: f64 = 1.0;
+/// Distinct error reply texts the history holds at once (its own small table, so a server
+/// inventing texts cannot crowd process and server names out of the label table); when full
+/// and none can be reclaimed, new texts count as "other".
+const MAX_ERROR_TEXTS: usize = 64;
+/// Distinct texts per (service, server, role, status) and second; more count as "other".
+const ERROR_TEXTS_PER_SERVER: usize = 4;
+/// Error-text rows per second, each with its replies' latency histogram.
+/// A proxy with a few texts at both its ends takes about 8; each row may hold a dense
+/// histogram, so this bounds the worst case (about 3.5 MB of 900 s).
+const MAX_ERROR_ROWS_PER_SECOND: u32 = 16;
+/// Folded error-text rows (server and text "other") a second may add past that.
+const ERROR_ROWS_RESERVE: u32 = 4;
 
 pub const DEFAULT_CAPACITY_SECONDS: u32 = 900;
 
@@ -124,6 +139,8 @@ pub struct RequestRecord<'a> {
     pub command: &'a str,
     pub status: Status,
     pub latency_us: Option<u32>,
+    /// What an error reply said ([`crate::memcache::ErrorText`]), kept for error statuses.
+    pub error_text: Option<&'a str>,
 }
 
 // ---- keys -------------------------------------------------------------------------------
@@ -261,6 +278,38 @@ impl RowKey for LabelsKey {
     }
 }
 
+/// Error replies of one (service, server, role, status) by what they said; `text` is an id in
+/// the history's error-text table, not the label table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct ErrorReplyKey {
+    service: LabelId,
+    server: LabelId,
+    role: Role,
+    status: Status,
+    text: LabelId,
+}
+
+impl ErrorReplyKey {
+    fn same_server(&self, other: &ErrorReplyKey) -> bool {
+        (self.service, self.server, self.role, self.status)
+            == (other.service, other.server, other.role, other.status)
+    }
+}
+
+impl RowKey for ErrorReplyKey {
+    fn label_ids(&self, mark: &mut dyn FnMut(LabelId)) {
+        mark(self.service);
+        mark(self.server);
+    }
+    fn folded(&self) -> Self {
+        ErrorReplyKey {
+            server: OTHER,
+            text: OTHER,
+            ..*self
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct KeySplitKey {
     service: LabelId,
@@ -329,6 +378,25 @@ impl Gauge {
     }
 }
 
+/// Error replies with one text, and how long they took (a proxy's timeout shows there).
+#[derive(Debug, Default)]
+struct ErrorReplyAgg {
+    count: u32,
+    latency: SecondHistogram,
+}
+
+impl RowValue for ErrorReplyAgg {
+    fn freeze(&mut self) {
+        self.latency.freeze()
+    }
+    fn thaw(&mut self) {
+        self.latency.thaw()
+    }
+    fn heap_bytes(&self) -> usize {
+        self.latency.heap_bytes()
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct KeySplitAgg {
     count: u32,
@@ -363,6 +431,7 @@ struct RareFamilies {
     /// [comm, syscall, errno].
     fd_errors: Series<LabelsKey, u32>,
     key_splits: Series<KeySplitKey, KeySplitAgg>,
+    error_replies: Series<ErrorReplyKey, ErrorReplyAgg>,
     host_listen: HostListen,
     events_lost: u64,
 }
@@ -414,6 +483,10 @@ macro_rules! for_each_rare_series {
             let $series = &mut rare.key_splits;
             $body;
         }
+        {
+            let $series = &mut rare.error_replies;
+            $body;
+        }
     }};
 }
 
@@ -423,6 +496,7 @@ struct Bucket {
     frozen: bool,
     rows: u32,
     latency_rows: u32,
+    error_rows: u32,
     overflow: u64,
     requests: Series<RequestKey, u32>,
     latency: Series<EdgeKey, SecondHistogram>,
@@ -436,6 +510,7 @@ impl Bucket {
             frozen: false,
             rows: 0,
             latency_rows: 0,
+            error_rows: 0,
             overflow: 0,
             requests: Series::default(),
             latency: Series::default(),
@@ -484,6 +559,9 @@ pub struct History {
     stats: HistoryStats,
     /// Second of the last label reclamation, so floods do not rescan the history per fact.
     last_reclaim: Option<u64>,
+    /// What error replies said, ids for [`ErrorReplyKey::text`] (bounded apart from labels).
+    error_texts: Interner,
+    last_text_reclaim: Option<u64>,
     /// Hot keys and key splits as last published by the pipeline (bounded top-k).
     keys: crate::keystats::KeysReport,
     slab_fit: Vec<crate::sizes::slab::SlabFitReport>,
@@ -506,6 +584,8 @@ impl History {
             latest: None,
             stats: HistoryStats::default(),
             last_reclaim: None,
+            error_texts: Interner::new(MAX_ERROR_TEXTS + 2),
+            last_text_reclaim: None,
             keys: crate::keystats::KeysReport::default(),
             slab_fit: Vec::new(),
             queues: Vec::new(),
@@ -600,7 +680,43 @@ impl History {
         ) {
             bucket.overflow += 1;
             self.stats.overflow_facts += 1;
+            return;
         }
+        if let Some(text) = request.error_text.filter(|_| request.status.is_error()) {
+            let text = self.intern_error_text(text, unix_second);
+            let key = ErrorReplyKey {
+                service: labels[0],
+                server: labels[1],
+                role: request.role,
+                status: request.status,
+                text,
+            };
+            apply::error_reply(&mut self.buckets[index], key, request.latency_us);
+        }
+    }
+
+    /// The error-text id of `text`; when the table is full, ids no second uses any more are
+    /// reclaimed (at most once a second), else the text counts as "other".
+    fn intern_error_text(&mut self, text: &str, second: u64) -> LabelId {
+        if let Some(id) = self.error_texts.try_intern(text) {
+            return id;
+        }
+        if self.last_text_reclaim != Some(second) {
+            self.last_text_reclaim = Some(second);
+            let mut in_use = vec![false; self.error_texts.slots()];
+            for bucket in &self.buckets {
+                let Some(rare) = bucket.rare.as_deref() else {
+                    continue;
+                };
+                for (key, _) in rare.error_replies.iter() {
+                    if let Some(slot) = in_use.get_mut(key.text as usize) {
+                        *slot = true;
+                    }
+                }
+            }
+            self.error_texts.retain(&in_use);
+        }
+        self.error_texts.try_intern(text).unwrap_or(OTHER)
     }
 
     /// Moves time forward to `unix_second`; false (and counted) when that second was evicted.
@@ -695,6 +811,7 @@ impl History {
         buckets
             + self.buckets.capacity() * std::mem::size_of::<Bucket>()
             + self.interner.heap_bytes()
+            + self.error_texts.heap_bytes()
     }
 
     /// An upper bound of [`History::heap_bytes`] for these limits: every second full of the
@@ -714,13 +831,17 @@ impl History {
         .max()
         .unwrap_or(0);
         // Frozen tables are exact; open ones (OPEN_SECONDS of them) carry hash-table slack.
+        let error_rows = (MAX_ERROR_ROWS_PER_SECOND + ERROR_ROWS_RESERVE) as usize;
         let per_second = rows * largest_row
             + latency * (std::mem::size_of::<(EdgeKey, SecondHistogram)>() + latency::BUCKETS * 4)
+            + error_rows
+                * (std::mem::size_of::<(ErrorReplyKey, ErrorReplyAgg)>() + latency::BUCKETS * 4)
             + std::mem::size_of::<Bucket>()
             + std::mem::size_of::<RareFamilies>();
-        let open_slack = OPEN_SECONDS as usize * 2 * (rows * (largest_row + 1) + latency * 40);
-        let labels =
-            limits.max_labels as usize * (2 * interner::MAX_LABEL_BYTES + 2 * 16 + 24 + 2 + 2);
+        let open_slack =
+            OPEN_SECONDS as usize * 2 * (rows * (largest_row + 1) + (latency + error_rows) * 40);
+        let label_bytes = 2 * interner::MAX_LABEL_BYTES + 2 * 16 + 24 + 2 + 2;
+        let labels = (limits.max_labels as usize + MAX_ERROR_TEXTS + 2) * label_bytes;
         limits.capacity_seconds as usize * per_second + open_slack + labels
     }
 
@@ -750,7 +871,7 @@ impl History {
         };
         let oldest_kept = (latest + 1).saturating_sub(self.capacity());
         let start = since_unix_s.max(first).max(oldest_kept);
-        let mut table = LabelTable::new(&self.interner);
+        let mut table = LabelTable::new(&self.interner, &self.error_texts);
         let mut seconds = Vec::new();
         for bucket in self.buckets.iter().filter(|b| b.second >= start) {
             let second = second::snapshot_second(bucket, &mut table);

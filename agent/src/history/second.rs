@@ -17,6 +17,7 @@ pub(super) fn snapshot_second(bucket: &Bucket, table: &mut LabelTable<'_>) -> Se
     tcp(rare, table, &mut second);
     processes(rare, table, &mut second);
     key_splits(rare, table, &mut second);
+    error_replies(rare, table, &mut second);
     second.host_listen = rare.host_listen;
     second.events_lost = rare.events_lost;
     second
@@ -163,6 +164,21 @@ fn key_splits(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut Seco
             count: agg.count,
             keys: agg.keys,
             examples: agg.examples[..agg.examples_len as usize].to_vec(),
+        });
+    }
+}
+
+/// Error replies by what they said.
+fn error_replies(rare: &RareFamilies, table: &mut LabelTable<'_>, second: &mut SecondSnapshot) {
+    for (k, agg) in rare.error_replies.iter() {
+        second.error_replies.push(ErrorReplyRow {
+            service: table.id(k.service),
+            server: table.id(k.server),
+            role: k.role,
+            status: k.status,
+            text: table.text(k.text),
+            count: agg.count,
+            cells: agg.latency.cells(),
         });
     }
 }

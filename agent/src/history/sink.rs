@@ -116,6 +116,7 @@ impl ObservationSink for HistorySink {
             latency_us: request
                 .server_latency_ns()
                 .map(|ns| u32::try_from(ns / 1000).unwrap_or(u32::MAX)),
+            error_text: request.error_text.as_ref().map(|text| text.as_str()),
         };
         self.history
             .lock()
@@ -218,6 +219,7 @@ mod tests {
                     command: "get",
                     status,
                     latency_us,
+                    error_text: None,
                 },
             );
         }

@@ -83,6 +83,8 @@ pub struct SecondSnapshot {
     pub fd_errors: Vec<FdErrorRow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub key_splits: Vec<KeySplitRow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub error_replies: Vec<ErrorReplyRow>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events_lost: u64,
     /// Facts of this second that were dropped for lack of room.
@@ -205,6 +207,21 @@ pub struct DeadWriteRow {
     pub command: Label,
     pub outcome: DeadWriteOutcome,
     pub count: u32,
+}
+
+/// Error replies of one (service, server, role, status) in one second that said `text` (the
+/// words after the error keyword, cut to plain words; "other" past the few kept per server).
+/// `cells` are their latencies, packed as in [`LatencyRow`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReplyRow {
+    pub service: Label,
+    pub server: Label,
+    pub role: Role,
+    pub status: Status,
+    pub text: Label,
+    pub count: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<u32>,
 }
 
 /// TCP trouble on one endpoint.
@@ -436,6 +453,7 @@ impl SecondSnapshot {
             && self.edge_connections.is_empty()
             && self.fd_errors.is_empty()
             && self.key_splits.is_empty()
+            && self.error_replies.is_empty()
             && self.events_lost == 0
             && self.overflow == 0
     }
@@ -484,6 +502,9 @@ impl SecondSnapshot {
             r.servers = [map(r.servers[0]), map(r.servers[1])];
             r.comms = [map(r.comms[0]), map(r.comms[1])];
         }
+        for r in &mut self.error_replies {
+            (r.service, r.server, r.text) = (map(r.service), map(r.server), map(r.text));
+        }
     }
 }
 
@@ -491,14 +512,22 @@ impl SecondSnapshot {
 pub(crate) struct LabelTable<'a> {
     interner: &'a super::interner::Interner,
     ids: HashMap<super::interner::LabelId, Label>,
+    /// The error-text table and its ids' labels (texts share the snapshot's one label list).
+    texts: &'a super::interner::Interner,
+    text_ids: HashMap<super::interner::LabelId, Label>,
     pub labels: Vec<String>,
 }
 
 impl<'a> LabelTable<'a> {
-    pub(crate) fn new(interner: &'a super::interner::Interner) -> Self {
+    pub(crate) fn new(
+        interner: &'a super::interner::Interner,
+        texts: &'a super::interner::Interner,
+    ) -> Self {
         let mut table = LabelTable {
             interner,
             ids: HashMap::new(),
+            texts,
+            text_ids: HashMap::new(),
             labels: Vec::new(),
         };
         // The reserved ids keep their indexes so "unknown" is 0 and "other" 1 everywhere.
@@ -514,6 +543,20 @@ impl<'a> LabelTable<'a> {
         let label = self.labels.len() as Label;
         self.labels.push(self.interner.resolve(id).to_string());
         self.ids.insert(id, label);
+        label
+    }
+
+    /// The label of an error-text id; the reserved ids are the label table's own.
+    pub(crate) fn text(&mut self, id: super::interner::LabelId) -> Label {
+        if id <= super::interner::OTHER {
+            return self.id(id);
+        }
+        if let Some(&label) = self.text_ids.get(&id) {
+            return label;
+        }
+        let label = self.labels.len() as Label;
+        self.labels.push(self.texts.resolve(id).to_string());
+        self.text_ids.insert(id, label);
         label
     }
 }

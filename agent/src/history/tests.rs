@@ -1,5 +1,7 @@
 //! Unit tests of the history: recording facts, second buckets, limits and snapshots.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 const T0: u64 = 1_700_000_000;
@@ -430,4 +432,108 @@ fn converts_tracking_observations() {
     );
     assert!(fact_from_observation(&Observation::TrackingDropped, &services).is_none());
     assert!(fact_from_observation(&Observation::SynSent { service: 3 }, &services).is_none());
+}
+
+/// An error reply as the daemon records it.
+fn error_reply(server: &str, status: Status, text: &str, us: u32) -> RequestRecord<'static> {
+    RequestRecord {
+        service: "twemproxy",
+        server: Box::leak(server.to_string().into_boxed_str()),
+        role: Role::Client,
+        comm: Some("webapp"),
+        command: "get",
+        status,
+        latency_us: Some(us),
+        error_text: Some(Box::leak(text.to_string().into_boxed_str())),
+    }
+}
+
+#[test]
+fn error_replies_keep_a_few_texts_per_server_with_their_latency() {
+    let mut history = History::new(900, HistoryLimits::default());
+    let proxy = "127.0.0.1:22121";
+    for _ in 0..30 {
+        history.record_request(
+            T0,
+            &error_reply(proxy, Status::ServerError, "Connection timed out", 101_000),
+        );
+    }
+    // Four more texts in one second: the fifth distinct one counts as "other".
+    for text in [
+        "Host is down",
+        "Connection refused",
+        "Broken pipe",
+        "No route to host",
+    ] {
+        history.record_request(T0, &error_reply(proxy, Status::ServerError, text, 300));
+    }
+    // A status that is not an error keeps no text.
+    history.record_request(
+        T0,
+        &RequestRecord {
+            status: Status::Hit,
+            ..error_reply(proxy, Status::Hit, "Connection timed out", 300)
+        },
+    );
+    history.advance_to(T0 + 20);
+    let snapshot = history.snapshot(0);
+    let rows = &snapshot.seconds[0].error_replies;
+    let said: BTreeMap<&str, u32> = rows
+        .iter()
+        .map(|r| (snapshot.label(r.text), r.count))
+        .collect();
+    assert_eq!(
+        said,
+        BTreeMap::from([
+            ("Connection timed out", 30),
+            ("Host is down", 1),
+            ("Connection refused", 1),
+            ("Broken pipe", 1),
+            ("other", 1),
+        ])
+    );
+    let timed_out = rows
+        .iter()
+        .find(|r| snapshot.label(r.text) == "Connection timed out")
+        .unwrap();
+    assert_eq!(snapshot.label(timed_out.server), proxy);
+    let mut hist = latency::LatencyHistogram::default();
+    hist.add_cells(&timed_out.cells);
+    assert_eq!(hist.count(), 30);
+    assert!((92_000.0..131_000.0).contains(&hist.quantile_us(0.5).unwrap()));
+    // Texts live in their own small table, not among the labels.
+    assert!(history.interner.get("Connection timed out").is_none());
+    assert_eq!(total_requests(&snapshot), 35);
+}
+
+#[test]
+fn error_texts_are_bounded_however_many_a_server_invents() {
+    let mut history = History::new(900, HistoryLimits::default());
+    let words = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    ];
+    for second in 0..100u64 {
+        for i in 0..4 {
+            let text = format!(
+                "{} {} {}",
+                words[(second % 10) as usize],
+                words[(second / 10 % 10) as usize],
+                words[i]
+            );
+            history.record_request(
+                T0 + second,
+                &error_reply("10.0.0.9:11211", Status::ClientError, &text, 200),
+            );
+        }
+    }
+    assert!(history.error_texts.len() <= MAX_ERROR_TEXTS + 2);
+    let snapshot = history.snapshot(0);
+    let counted: u64 = snapshot
+        .seconds
+        .iter()
+        .flat_map(|s| &s.error_replies)
+        .map(|r| r.count as u64)
+        .sum();
+    assert_eq!(counted, 400, "texts past the table count as other");
+    assert!(history.heap_bytes() <= History::worst_case_bytes(history.limits()));
 }

@@ -523,6 +523,7 @@ impl PacketSink for ResponseSink<'_> {
             value_len: None,
             value_head: None,
             head_follows: false,
+            error_text: None,
         };
         self.pairing.respond(&resp, self.out);
         true
@@ -553,6 +554,7 @@ impl PacketSink for ResponseSink<'_> {
             value_len: hit.then(|| value_len(header.value_len())).flatten(),
             value_head: value_head.filter(|_| hit),
             head_follows: false,
+            error_text: None,
         };
         self.pairing.respond(&resp, self.out);
     }

@@ -55,6 +55,7 @@
 
 mod binary;
 pub mod decoders;
+mod error_text;
 mod lines;
 mod meta;
 mod model;
@@ -66,6 +67,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use error_text::{ErrorText, ERROR_TEXT_LEN};
 pub use model::{
     Command, CommandProtocol, DecodeErrorObservation, DecodeErrorReason, Decoded, Direction,
     KestrelOptions, Key, QueueOp, QueueOpKind, RequestObservation, Status, ValueHead, WireProtocol,

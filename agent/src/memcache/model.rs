@@ -473,6 +473,9 @@ pub struct RequestObservation {
     /// How many keys the request named, on the first observation of a request that named
     /// any (multi-key gets report one observation per key); 0 on the others.
     pub keys_in_request: u16,
+    /// What an error reply said after its keyword (text and meta protocol), cut to plain
+    /// words ([`super::ErrorText`]); None for other statuses and binary errors.
+    pub error_text: Option<super::ErrorText>,
 }
 
 impl RequestObservation {
@@ -525,6 +528,7 @@ impl RequestObservation {
             value_len: Some(12),
             value_head: None,
             keys_in_request: 1,
+            error_text: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use super::pairing::{
     push_error, value_len, Family, LineCode, MetaCode, Pairing, QueueIntent, RequestInfo, RespKind,
     Response,
 };
-use super::DecoderConfig;
+use super::{DecoderConfig, ErrorText};
 
 /// Space-separated tokens, as memcached splits them.
 pub(crate) fn tokens(line: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -459,6 +459,10 @@ impl ResponseSink<'_> {
     }
 
     fn respond(&mut self, kind: RespKind, ts: u64, bytes: u64) {
+        self.answer(kind, ts, bytes, None);
+    }
+
+    fn answer(&mut self, kind: RespKind, ts: u64, bytes: u64, error_text: Option<ErrorText>) {
         let resp = Response {
             kind,
             ts_ns: ts,
@@ -469,6 +473,7 @@ impl ResponseSink<'_> {
             value_len: None,
             value_head: None,
             head_follows: false,
+            error_text,
         };
         self.pairing.respond(&resp, self.out);
     }
@@ -507,6 +512,7 @@ impl ResponseSink<'_> {
                     // The item stays open until END: its head is attached when it comes.
                     value_head: None,
                     head_follows: false,
+                    error_text: None,
                 };
                 self.pairing.respond(&resp, self.out);
                 return outcome;
@@ -551,6 +557,7 @@ impl ResponseSink<'_> {
                     value_head: None,
                     // The answer is complete, but its value's first bytes come next.
                     head_follows: self.value_heads && data_len.is_some(),
+                    error_text: None,
                 };
                 self.pairing.respond(&resp, self.out);
                 return match data_len {
@@ -560,7 +567,15 @@ impl ResponseSink<'_> {
             }
             _ => return self.unknown_word(word, ts, wire_len),
         };
-        self.respond(RespKind::Line(code), ts, wire_len);
+        let error_text = matches!(
+            code,
+            LineCode::Error | LineCode::ClientError | LineCode::ServerError
+        )
+        .then(|| {
+            let at = line.iter().position(|&b| b != b' ').unwrap_or(0) + word.len();
+            ErrorText::from_words(line.get(at..).unwrap_or_default(), truncated)
+        });
+        self.answer(RespKind::Line(code), ts, wire_len, error_text);
         LineOutcome::Continue
     }
 

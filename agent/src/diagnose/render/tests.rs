@@ -41,6 +41,17 @@ fn incident_report() -> Report {
             },
         );
     }
+    for t in (T0 + 100..T0 + 160).flat_map(|t| [t; 5]) {
+        sim.error_reply(
+            t,
+            (SERVICE, SERVERS[0]),
+            Role::Client,
+            "php-fpm",
+            Status::ServerError,
+            "out of memory storing object",
+            300,
+        );
+    }
     for t in T0 + 100..T0 + 300 {
         for _ in 0..30 {
             let latency = 100 + sim.random(400) as u32;
@@ -184,6 +195,11 @@ fn json_matches_the_documented_schema() {
         .unwrap()
         .iter()
         .any(|f| f["values"]["idle_timeout_s"] == 60.0));
+    assert!(json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["error_texts"][0]["text"] == "out of memory storing object"));
 
     // The schema really constrains: a wrong severity or a missing field is rejected.
     let mut broken = json.clone();

@@ -50,6 +50,7 @@ fn slow_requests_leave_their_id_as_an_exemplar_at_a_bounded_rate() {
             value_len: Some(10),
             value_head: None,
             keys_in_request: 1,
+            error_text: None,
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
         pid: 0,
@@ -137,6 +138,7 @@ fn the_sampled_slice_leaves_exemplars_whatever_the_latency() {
         value_len: Some(10),
         value_head: None,
         keys_in_request: 1,
+        error_text: None,
     };
     let second = 1_000_000_000;
     // 100 fast requests in one second: about 10 are in the slice, each has its exemplar.
@@ -295,6 +297,7 @@ fn exposition_keeps_every_family_label_order() {
                 value_len: Some(10),
                 value_head: None,
                 keys_in_request: 1,
+                error_text: None,
             },
             sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
             pid: 0,
@@ -387,6 +390,7 @@ fn blocking_queue_fetches_stay_out_of_the_latency_histogram() {
             value_len: None,
             value_head: None,
             keys_in_request: 1,
+            error_text: None,
         },
         sample: crate::memcache::decoders::StreamSample::UNSAMPLED,
         pid: 0,

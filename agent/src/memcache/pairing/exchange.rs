@@ -2,6 +2,7 @@
 //! family of answers a command expects, response kinds and codes, and what a request carried.
 
 use super::super::model::{Command, KestrelOptions, ValueHead};
+use super::super::ErrorText;
 
 /// How a request is answered, which decides which responses fit it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,8 @@ pub(crate) struct Response<'a> {
     /// [`super::Pairing::value_head`] or not at all ([`super::Pairing::value_done`]): the
     /// request is finished only then (meta `VA`).
     pub head_follows: bool,
+    /// What an error line (ERROR, CLIENT_ERROR, SERVER_ERROR) said after its keyword.
+    pub error_text: Option<ErrorText>,
 }
 
 /// What a queue-mode request asked of its queue; the outcome is decided by the response.

@@ -638,7 +638,16 @@ impl Pairing {
                 }
                 if let Some(done) = self.pending.pop_front() {
                     let latency = done.latency();
+                    let first = out.len();
                     self.finish_entry(done, status, latency, out);
+                    if let Some(text) = resp.error_text {
+                        // One error line answers every key of the request.
+                        for decoded in out.get_mut(first..).unwrap_or_default() {
+                            if let Decoded::Request(request) = decoded {
+                                request.error_text = Some(text);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -1111,6 +1120,7 @@ fn push_request(
         value_len: sizes.value_len,
         value_head: sizes.value_head,
         keys_in_request: sizes.keys,
+        error_text: None,
     }));
     if let (Some((bytes, truncated)), Some(Decoded::Request(request))) = (key, out.last_mut()) {
         request.key.insert(Key::EMPTY).assign(bytes, truncated);

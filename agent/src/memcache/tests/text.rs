@@ -402,3 +402,39 @@ fn queue_blocking_fetch_times_out_only_after_its_wait() {
     }
     assert!(conn.errors().is_empty());
 }
+
+#[test]
+fn error_replies_keep_their_words_for_every_key() {
+    let mut conn = Conn::new();
+    conn.client(b"set k 0 0 1\r\nx\r\nget a b\r\ntouch k 10\r\nget c\r\n");
+    conn.server(b"SERVER_ERROR out of memory storing object\r\n");
+    conn.server(b"SERVER_ERROR Connection timed out\r\n");
+    conn.server(b"ERROR\r\n");
+    conn.server(b"CLIENT_ERROR bad key c0ffee:1 in get\r\n");
+    let said: Vec<(String, Option<String>)> = conn
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.status.as_str().to_string(),
+                r.error_text.map(|t| t.to_string()),
+            )
+        })
+        .collect();
+    let text = |t: &str| Some(t.to_string());
+    assert_eq!(
+        said,
+        vec![
+            ("server_error".into(), text("out of memory storing object")),
+            ("server_error".into(), text("Connection timed out")),
+            ("server_error".into(), text("Connection timed out")),
+            ("error".into(), text("")),
+            ("client_error".into(), text("bad key ...")),
+        ]
+    );
+    // Other answers carry no text.
+    let mut conn = Conn::new();
+    conn.client(b"get a\r\n");
+    conn.server(b"END\r\n");
+    assert_eq!(conn.requests()[0].error_text, None);
+}
