@@ -518,7 +518,21 @@ unsafe extern "C" fn scan_round(_index: u64, ctx: *mut core::ffi::c_void) -> i64
         return 1;
     }
     match walk.frames.mode {
-        framing::mode::SKIP | framing::mode::KEEP => {
+        framing::mode::SKIP => {
+            let rest = walk.scan_len - walk.scan_pos;
+            let head = walk.frames.head as u64;
+            if walk.frames.remaining > rest && head < rest {
+                // A body that runs past the piece: the piece ends after its head, so the
+                // body's bytes are neither kept in the record nor charged to the budget
+                // (the next step skips them by length). Charged, a pipelined batch of sets
+                // with 100-byte values spent 128 bytes of budget per set instead of ~40.
+                walk.scan_pos += walk.frames.pass(head);
+                walk.scan_len = walk.scan_pos;
+                return 1;
+            }
+            walk.scan_pos += walk.frames.pass(rest);
+        }
+        framing::mode::KEEP => {
             walk.scan_pos += walk.frames.pass(walk.scan_len - walk.scan_pos);
         }
         framing::mode::LOST => return 1,

@@ -620,6 +620,46 @@ fn get_many_of_2000_keys_in_one_38_kb_line() {
     });
 }
 
+/// pymemcache's `set_many` of 2,500 keys with 100-byte values: one `set ... noreply` per key,
+/// 370 KB in one send, past the 64 KiB of headers the kernel follows per call. The server
+/// side reads it in small calls and counts every set; the client side counts the sets it read
+/// and the unread rest as `unknown` (the set the cut went through and one for the rest), so
+/// nothing vanishes unseen.
+#[test]
+fn set_many_past_the_capture_budget_counts_its_unread_rest() {
+    require_root();
+    let memcached = Memcached::start(&[]);
+    let agent = agent("x-setmany", &[("memcached", memcached.port)]);
+    let before = memcached.stats();
+    let port = memcached.port;
+    let script = format!(
+        "from pymemcache.client.base import Client\n\
+         c = Client(('127.0.0.1', {port}))\n\
+         c.set_many({{'setmanykey_%06d' % i: b'v' * 100 for i in range(2500)}})\n\
+         c.version()\n\
+         c.close()\n"
+    );
+    python(None, &script).unwrap();
+    let after = memcached.stats();
+    let sets = delta(&before, &after, "cmd_set");
+    assert_eq!(sets, 2500.0);
+    let scrape = agent.wait_for(WAIT, |s| {
+        let view = View::of(s, "memcached", port);
+        view.count("server", &["set"], None) >= sets
+            && view.count("client", &["version"], None) >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let scrape = Scrape::parse(&agent.scrape_text().unwrap_or(scrape.text));
+    let view = View::of(&scrape, "memcached", port);
+    eprintln!("{}", view.table());
+    assert_eq!(view.count("server", &["set"], Some("noreply")), sets);
+    let read = view.count("client", &["set"], Some("noreply"));
+    let unread = view.count("client", &["set"], Some("unknown"));
+    // 64 KiB of headers of ~53 bytes a set.
+    assert!(read > 1200.0 && read < sets, "{read} read");
+    assert!((1.0..=2.0).contains(&unread), "{unread} unknown");
+}
+
 #[test]
 fn python_memcache_get_multi_set_multi() {
     // 100 sets, 174 keys in four multi-gets, 10 + 1 gets and 8 other commands.

@@ -1,8 +1,9 @@
 //! Hit ratios that leave lookups out: a service whose client side saw lookups it could not
 //! tell hit from miss ([`Status::Unknown`]), most often multi-key batches larger than the
-//! capture follows (64 KiB of headers per call). Their hits count where answers were seen;
-//! the rest is out of the ratio, which may then read high (the misses of an unread batch are
-//! never answered), so the SRE is pointed at the server side, which counts every key.
+//! capture follows (64 KiB of headers per call), text, binary or meta `mg ... q`. Their hits
+//! count where answers were seen; the rest is out of the ratio, which may then read high (the
+//! misses of an unread batch are never answered), so the SRE is pointed at the server side,
+//! which counts every key.
 
 use std::collections::BTreeMap;
 
@@ -120,7 +121,7 @@ fn finding(service: &str, client: &Lookups, server: Option<&Lookups>) -> Finding
          runs beside memcached, or memcached's own `stats` (get_hits, get_misses). The client \
          side follows at most 64 KiB of request headers per call (limits.capture_bytes): a \
          multi-get of thousands of keys in one call (pymemcache get_many, bmemcached or dalli \
-         get_multi) is read in part. Splitting such batches into calls of a few hundred keys \
+         get_multi, a meta `mg ... q` batch) is read in part. Splitting such batches into calls of a few hundred keys \
          makes the client side exact again."
     );
     finding.subjects.services.push(service.to_string());

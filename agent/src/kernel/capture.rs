@@ -355,6 +355,13 @@ pub fn kernel_capture(
         let mut i = 0u64;
         while i < piece {
             match state.mode {
+                // A body running past the piece: the piece ends after the body's head.
+                framing::mode::SKIP
+                    if state.remaining > piece - i && (state.head as u64) < piece - i =>
+                {
+                    i += state.pass(state.head as u64);
+                    piece = i;
+                }
                 framing::mode::SKIP | framing::mode::KEEP => i += state.pass(piece - i),
                 framing::mode::LOST => break,
                 _ => match state.scan_round(i, piece, more, word) {
@@ -446,6 +453,30 @@ mod tests {
         let bytes = record(1, 1, true, b"xy", 10);
         let view = parse_payload(&bytes).unwrap();
         assert_eq!(view.chunks().collect::<Vec<_>>(), vec![(&b"xy"[..], 10)]);
+    }
+
+    /// A pipelined batch of sets with 100-byte values (pymemcache's `set_many`): a piece that
+    /// a value runs past ends after the value's head, so the record and the per-call budget
+    /// hold each set's line and head (53 bytes here), not the whole 128-byte piece.
+    #[test]
+    fn a_batch_of_sets_spends_the_budget_on_headers() {
+        let mut call = Vec::new();
+        for i in 0..400 {
+            call.extend(format!("set storekey_{i:06} 0 0 100 noreply\r\n").into_bytes());
+            call.extend([b'v'; 100]);
+            call.extend(b"\r\n");
+        }
+        let mut state = FrameState::default();
+        let records = kernel_capture(1, 1, true, &call, &mut state, 65536);
+        let captured: usize = records
+            .iter()
+            .map(|r| {
+                let view = parse_payload(r).unwrap();
+                assert!(!view.incomplete);
+                view.segments().map(|s| s.bytes.len()).sum::<usize>()
+            })
+            .sum();
+        assert_eq!(captured, 400 * (37 + 8));
     }
 
     #[test]

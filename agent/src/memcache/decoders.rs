@@ -254,8 +254,19 @@ impl Decoders {
             offset += total_len as u64;
         }
         if payload.incomplete {
-            // The kernel stopped following frames: what comes next starts afresh.
-            state.decoder.note_gap(direction, &mut self.scratch);
+            // The kernel stopped following frames: what comes next starts afresh. The
+            // requests in the bytes it did not follow are counted as unread.
+            let unread = (payload.span_end - offset) as usize;
+            if direction == Direction::ClientToServer && unread > 0 {
+                state.decoder.lose_request_tail(
+                    payload.ts_ns,
+                    payload.seq.map(|seq| seq.wrapping_add(offset as u32)),
+                    unread,
+                    &mut self.scratch,
+                );
+            } else {
+                state.decoder.note_gap(direction, &mut self.scratch);
+            }
         }
         drain(&mut self.scratch, state, out);
     }

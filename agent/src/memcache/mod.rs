@@ -44,6 +44,10 @@
 //!   one fixed answer of that length fits the next request (END, MN, a bare binary NoOp or
 //!   success header), it is taken as that answer; otherwise the outstanding requests finish as
 //!   [`Status::Unknown`] with a `truncated_capture` error.
+//! - When a client payload ends in bytes that were not captured and they hold more than the
+//!   request they cut, the requests lost there count as one [`Status::Unknown`] of the command
+//!   read last (a batch the capture cut); answers of theirs that say what they are (`STORED`,
+//!   a binary GetKQ hit, a meta `VA`) still count as such.
 //!
 //! Label scheme: [`Command::as_str`] (`command` label), [`Status::as_str`] (`status`),
 //! [`QueueOpKind::as_str`] (queue `op`), [`DecodeErrorReason::as_str`] (`reason`); each enum has
@@ -307,6 +311,7 @@ impl ConnectionDecoder {
                     out,
                     seq_base,
                     seq: None,
+                    cut_claim: 0,
                 };
                 self.client_text.feed(captured, total, ts, &mut sink)
             }
@@ -368,6 +373,31 @@ impl ConnectionDecoder {
                 self.pairing.lose_responses(ts, out);
             }
         }
+    }
+
+    /// The capture of a client call stopped `unread` bytes before its end (the kernel's
+    /// per-call budget: a batch of thousands of requests in one send). Those bytes are fed as
+    /// not captured, as a prefix capture's are: a request line they cut decodes from what was
+    /// read, and the requests after it count as one [`Status::Unknown`] rather than vanish
+    /// (how many they were is not known). The kernel follows the next call afresh; the framer
+    /// resynchronises there.
+    pub fn lose_request_tail(
+        &mut self,
+        ts_ns: u64,
+        seq: Option<u32>,
+        unread: usize,
+        out: &mut Vec<Decoded>,
+    ) {
+        self.feed(
+            Chunk {
+                direction: Direction::ClientToServer,
+                ts_ns,
+                captured: &[],
+                total_len: unread,
+                seq,
+            },
+            out,
+        );
     }
 
     /// The stream went on unfollowed (capture was off, or the sample let the connection go)

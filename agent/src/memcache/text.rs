@@ -170,7 +170,14 @@ pub(crate) struct RequestSink<'a> {
     pub seq_base: Option<u32>,
     /// TCP sequence number of the current line's first byte.
     pub seq: Option<u32>,
+    /// Of the bytes past a cut request line, how many the cut request itself may still hold
+    /// (the rest of its line, a storage command's data block): more than that were requests
+    /// after it, lost with the capture.
+    pub cut_claim: u64,
 }
+
+/// What may follow the cut in a cut request line: the rest of a key and a few more tokens.
+const CUT_LINE_ROOM: u64 = KEY_CAPACITY as u64 + 64;
 
 /// How a request line was understood.
 enum Parsed {
@@ -261,6 +268,7 @@ impl RequestSink<'_> {
                 if unread > tail_room {
                     self.pairing.stage_cut();
                 }
+                self.cut_claim = tail_room;
                 if self.config.queue_mode {
                     req.queue = Some(QueueIntent::Fetch(first_options.unwrap_or_default()));
                 }
@@ -287,12 +295,19 @@ impl RequestSink<'_> {
                 }
                 let base = if command == Command::Cas { 5 } else { 4 };
                 req.noreply = count > base && args[base] == b"noreply";
+                // Cut before its `noreply` would have been complete.
+                req.maybe_silent = truncated
+                    && !req.noreply
+                    && (count <= base || (count == base + 1 && !complete_tail));
                 let data_len = if count >= base && (count > 4 || complete_tail) {
                     parse_u64(args[3]).filter(|&n| n <= self.config.max_value_len)
                 } else {
                     None
                 };
                 req.value_len = data_len.and_then(value_len);
+                // A line cut before its length: its value is taken to be small, as in the
+                // batches of sets the capture cuts.
+                self.cut_claim = CUT_LINE_ROOM + data_len.map_or(0, |n| n + 2);
                 match data_len {
                     Some(n) if !truncated => {
                         req.bytes = wire_len + n + 2;
@@ -355,6 +370,7 @@ impl RequestSink<'_> {
         }
         if request.command == Command::MetaSet {
             req.value_len = request.data_len.and_then(value_len);
+            self.cut_claim = CUT_LINE_ROOM + request.data_len.map_or(0, |n| n + 2);
             match request.data_len.filter(|&n| n <= self.config.max_value_len) {
                 Some(n) if !truncated => {
                     req.bytes = wire_len + n + 2;
@@ -372,6 +388,7 @@ impl RequestSink<'_> {
     /// A request line we could only partly see: decode it, then mark the unknown remainder.
     /// `unread`: the line's bytes past `prefix` (`u64::MAX`: unknown how many).
     fn cut_line(&mut self, prefix: &[u8], wire_len: u64, ts: u64, unread: u64) {
+        self.cut_claim = CUT_LINE_ROOM;
         let line = prefix.strip_suffix(b"\r").unwrap_or(prefix);
         if let Parsed::NotACommand = self.parse(line, wire_len, ts, true, unread) {
             self.pairing.unstage();
@@ -397,10 +414,15 @@ impl LineSink for RequestSink<'_> {
     }
 
     fn truncated_line(&mut self, prefix: &[u8], rest: u64, _start_ts: u64, end_ts: u64) -> bool {
-        // Assume the uncaptured rest belongs to this line (one command per send is the norm);
-        // the marker guards against it having held further commands.
+        // The uncaptured rest belongs to this line as far as it can (one command per send is
+        // the norm); the marker guards against it having held further commands, and more than
+        // the cut request can hold did.
         self.cut_line(prefix, prefix.len() as u64 + rest, end_ts, rest);
-        self.pairing.push_marker(end_ts);
+        if rest > self.cut_claim {
+            self.pairing.lose_requests(end_ts, None, self.out);
+        } else {
+            self.pairing.push_marker(end_ts);
+        }
         self.error(DecodeErrorReason::TruncatedCapture, end_ts);
         false
     }
@@ -416,7 +438,7 @@ impl LineSink for RequestSink<'_> {
     }
 
     fn lost(&mut self, ts: u64) {
-        self.pairing.push_marker(ts);
+        self.pairing.lose_requests(ts, None, self.out);
         self.error(DecodeErrorReason::TruncatedCapture, ts);
     }
 

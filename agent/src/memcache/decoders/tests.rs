@@ -955,3 +955,31 @@ fn knows_a_request_that_asks_no_reply() {
     assert!(!asks_no_reply(b"\x80\x01\x00\x01"), "binary SET");
     assert!(!asks_no_reply(b""));
 }
+
+/// pymemcache's `set_many` of 2,500 keys with 100-byte values: every `set ... noreply` in one
+/// send of 367 KB. The kernel follows 64 KiB of headers of it: a value's bytes past its head
+/// must not be charged to that budget (they were: 128 bytes a set, so 512 sets read), and the
+/// sets in the part not followed count as unread instead of vanishing.
+#[test]
+fn a_set_many_past_the_capture_budget_reads_headers_and_counts_the_rest_as_unread() {
+    let mut call = Vec::new();
+    for i in 0..2500 {
+        call.extend(format!("set storekey_{i:06} 0 0 100 noreply\r\n").into_bytes());
+        call.extend([b'v'; 100]);
+        call.extend(b"\r\n");
+    }
+    let calls = vec![
+        (true, call),
+        (true, b"version\r\n".to_vec()),
+        (false, b"VERSION 1.6.21\r\n".to_vec()),
+    ];
+    let (counts, errors) = decode_through_capture(Role::Client, &calls, 65536);
+    let count = |status: Status| counts.get(&("set".to_string(), status.as_str())).copied();
+    // 41 bytes of line and 8 of value head a set.
+    let read = count(Status::Noreply).unwrap_or(0);
+    assert!(read >= 65536 / 49 - 1, "{counts:?}");
+    // The set the budget cut (its noreply unread) and the rest: unknown, not lost.
+    assert_eq!(count(Status::Unknown), Some(2), "{counts:?}");
+    assert_eq!(counts.get(&("version".to_string(), "ok")), Some(&1));
+    assert_eq!(errors, 1, "the cut, once");
+}

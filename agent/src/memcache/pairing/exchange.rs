@@ -143,6 +143,9 @@ pub(crate) struct RequestInfo {
     pub quiet: bool,
     /// The server answers nothing (text `noreply`, `quit`, binary QuitQ).
     pub noreply: bool,
+    /// Whether the server answers is not known: a storage line cut by the capture before the
+    /// place of its `noreply`. Unanswered, its outcome is unknown, not a timeout.
+    pub maybe_silent: bool,
     pub ts_ns: u64,
     pub bytes: u64,
     pub opaque: Option<u64>,
@@ -162,6 +165,7 @@ impl RequestInfo {
             opcode: 0,
             quiet: false,
             noreply: false,
+            maybe_silent: false,
             ts_ns,
             bytes,
             opaque: None,

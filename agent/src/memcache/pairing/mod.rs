@@ -37,6 +37,8 @@ struct Pending {
     family: Family,
     opcode: u8,
     quiet: bool,
+    /// [`RequestInfo::maybe_silent`].
+    maybe_silent: bool,
     /// False when some of the request's keys could not be kept (overflow) or read (a line cut
     /// by the capture or the length limit).
     keys_complete: bool,
@@ -68,8 +70,8 @@ struct Pending {
     /// Answered with this status by a line that announced a value (meta `VA`), but the value's
     /// first bytes come after that line: the entry stays at the front until they do.
     value_due: Option<Status>,
-    /// A marker's lost requests include lookups, already counted as one [`Status::Unknown`]
-    /// ([`Pairing::lose_requests`]).
+    /// A marker's lost requests are counted, as one [`Status::Unknown`] of the marker's
+    /// `command` ([`Pairing::lose_requests`]).
     unread_counted: bool,
 }
 
@@ -81,6 +83,7 @@ impl Pending {
             family: Family::AnyLine,
             opcode: 0,
             quiet: false,
+            maybe_silent: false,
             keys_complete: true,
             nkeys: 0,
             cursor: 0,
@@ -154,6 +157,10 @@ pub(crate) struct Pairing {
     /// False since an answer fitted no request, until one fits again: while answers fit, the
     /// server's bytes are the outstanding requests' answers, in order.
     answers_fit: bool,
+    /// The command of the last request submitted, unless its own unread rest is already
+    /// counted (a multi-key get cut by the capture): what requests lost right after it most
+    /// likely were ([`Pairing::lose_requests`]).
+    last_command: Option<Command>,
 }
 
 /// The holder of a hit's value: a key slot (by index), or the head entry itself.
@@ -199,6 +206,7 @@ impl Pairing {
             last_value: None,
             sizes,
             answers_fit: true,
+            last_command: None,
         }
     }
 
@@ -301,6 +309,8 @@ impl Pairing {
     pub fn submit(&mut self, req: RequestInfo, out: &mut Vec<Decoded>) {
         let nkeys = self.staged;
         let keys_complete = !self.staged_dropped && !self.staged_cut;
+        self.last_command =
+            (!self.staged_cut || family(req.command) != Family::Retrieval).then_some(req.command);
         if self.staged_dropped {
             push_error(
                 out,
@@ -379,6 +389,7 @@ impl Pairing {
             family: family(req.command),
             opcode: req.opcode,
             quiet: req.quiet,
+            maybe_silent: req.maybe_silent,
             keys_complete,
             nkeys: nkeys as u16,
             cursor: 0,
@@ -443,20 +454,24 @@ impl Pairing {
         self.pending.push_back(Pending::marker(ts_ns));
     }
 
-    /// Requests were lost here (their bytes not captured): a marker stands for them. When the
-    /// first of them was a lookup (`cut`: its opcode was read, its key was not), the misses
-    /// among them will never be answered: one [`Status::Unknown`] observation of it stands
-    /// for however many there were (how many is not known), so the unread part of a batch
-    /// is counted, out of the hit ratio, rather than gone. Its hits still come, as answers
-    /// of their own ([`Pairing::unread_request_hit`]).
+    /// Requests were lost here (their bytes not captured: the capture stopped before the end
+    /// of the call that held them): a marker stands for them, and one [`Status::Unknown`]
+    /// observation for however many there were (how many is not known; a noreply batch gets
+    /// no answer that could tell), so the unread part of a batch is counted rather than gone.
+    /// Its command is the one whose header was cut (`cut`: its opcode read, its key not),
+    /// else the last one read before them: what the capture cuts is a batch of one command
+    /// (pymemcache's `set_many`, bmemcached's SetQ run, a meta `mg ... q` batch). None when
+    /// that was a multi-key get whose own unread keys are counted already. Lookups among them
+    /// stay out of the hit ratio; their hits still come, as answers of their own
+    /// ([`Pairing::unread_request_hit`]).
     pub fn lose_requests(&mut self, ts_ns: u64, cut: Option<Command>, out: &mut Vec<Decoded>) {
         self.push_marker(ts_ns);
-        if let Some(command) = cut {
+        if let Some(command) = cut.or(self.last_command) {
             self.count_unread(self.pending.len() - 1, command, ts_ns, out);
         }
     }
 
-    /// Counts the lookups lost behind the marker at `index` as one unknown of `command`,
+    /// Counts the requests lost behind the marker at `index` as one unknown of `command`,
     /// once per marker.
     fn count_unread(&mut self, index: usize, command: Command, ts_ns: u64, out: &mut Vec<Decoded>) {
         let Some(marker) = self.pending.get_mut(index).filter(|p| p.marker) else {
@@ -465,6 +480,7 @@ impl Pairing {
         if std::mem::replace(&mut marker.unread_counted, true) {
             return;
         }
+        marker.command = command;
         push_request(
             out,
             command,
@@ -505,6 +521,8 @@ impl Pairing {
         let mut offset = 0usize;
         let mut found = None;
         let mut met_marker = false;
+        // A marker that rejected the answer while requests wait behind it.
+        let mut rejected_at = None;
         for i in 0..self.pending.len() {
             let entry = &self.pending[i];
             if entry.marker {
@@ -521,14 +539,7 @@ impl Pairing {
                     }
                 }
                 if found.is_none() && i + 1 < self.pending.len() {
-                    // A marker that keeps rejecting answers while requests wait behind it has
-                    // most likely outlived its lost responses (or the next request's answer
-                    // was lost too): give up on it rather than block pairing for good.
-                    let marker = &mut self.pending[i];
-                    marker.items += 1;
-                    if marker.items >= MARKER_PATIENCE {
-                        self.pending.remove(i);
-                    }
+                    rejected_at = Some(i);
                 }
                 break;
             }
@@ -541,6 +552,20 @@ impl Pairing {
         }
         let Some((index, fit)) = found else {
             self.answers_fit = false;
+            // An answer of the lost requests themselves is no rejection.
+            if met_marker && self.unread_line_answer(resp, out) {
+                return;
+            }
+            if let Some(i) = rejected_at {
+                // A marker that keeps rejecting answers while requests wait behind it has
+                // most likely outlived its lost responses (or the next request's answer
+                // was lost too): give up on it rather than block pairing for good.
+                let marker = &mut self.pending[i];
+                marker.items += 1;
+                if marker.items >= MARKER_PATIENCE {
+                    self.pending.remove(i);
+                }
+            }
             if met_marker && matches!(resp.kind, RespKind::Binary { .. }) {
                 self.pass_silent_front(resp.ts_ns, out);
                 if self.unread_request_hit(resp, out) {
@@ -555,13 +580,19 @@ impl Pairing {
             );
             return;
         };
+        let lookups_lost = self
+            .pending
+            .iter()
+            .take(index)
+            .any(|p| p.marker && p.unread_counted && is_lookup(p.command));
         for _ in 0..index {
             let Some(skipped) = self.pending.pop_front() else {
                 break;
             };
             if skipped.quiet {
                 let latency = resp.ts_ns.saturating_sub(skipped.ts_ns);
-                self.finish_entry(skipped, implied_status(skipped.command), Some(latency), out);
+                let status = silent_status(skipped.command, lookups_lost);
+                self.finish_entry(skipped, status, Some(latency), out);
             } else {
                 let latency = skipped.latency();
                 self.finish_entry(skipped, Status::Unknown, latency, out);
@@ -697,6 +728,90 @@ impl Pairing {
         true
     }
 
+    /// A text or meta answer that fits none of the requests before a marker, which stands for
+    /// lost requests counted as one unknown of their command ([`Pairing::lose_requests`]):
+    /// the answer of one of them, when it is one that command gets. It counts as what it
+    /// says (a `STORED` of an unread set, a hit of an unread `mg`), so a batch cut by the
+    /// capture keeps every answered outcome; the `MN` closing a meta batch settles the quiet
+    /// requests before the marker and the marker itself. Errors prove nothing (they are what
+    /// unreadable requests get back), nor do multi-line answers. Whether it was one.
+    fn unread_line_answer(&mut self, resp: &Response<'_>, out: &mut Vec<Decoded>) -> bool {
+        let Some(marker) = self
+            .pending
+            .iter()
+            .position(|p| p.marker)
+            .filter(|&i| self.pending[i].unread_counted)
+        else {
+            return false;
+        };
+        let lost = self.pending[marker].command;
+        match resp.kind {
+            RespKind::Meta(MetaCode::Mn) => {
+                let lookups_lost = is_lookup(lost);
+                for _ in 0..marker {
+                    let Some(entry) = self.pending.pop_front() else {
+                        break;
+                    };
+                    let latency = entry.latency();
+                    let status = if entry.quiet {
+                        silent_status(entry.command, lookups_lost)
+                    } else {
+                        Status::Unknown
+                    };
+                    self.finish_entry(entry, status, latency, out);
+                }
+                self.pending.pop_front();
+                true
+            }
+            RespKind::Line(LineCode::Error | LineCode::ClientError | LineCode::ServerError) => {
+                false
+            }
+            RespKind::Line(_) | RespKind::Meta(_) => {
+                let single_line = matches!(
+                    family(lost),
+                    Family::Storage
+                        | Family::Delete
+                        | Family::Arith
+                        | Family::Touch
+                        | Family::MetaGet
+                        | Family::MetaSet
+                        | Family::MetaDelete
+                        | Family::MetaArith
+                );
+                if !single_line {
+                    return false;
+                }
+                // As the lost request's own answer: no keys to match, not quiet.
+                let mut probe = Pending::marker(resp.ts_ns);
+                probe.marker = false;
+                probe.command = lost;
+                probe.family = family(lost);
+                let Fit::Done(status) = self.fit(&probe, 0, resp) else {
+                    return false;
+                };
+                push_request(
+                    out,
+                    lost,
+                    status,
+                    resp.key.map(|key| self.kept_key(key, resp.key_truncated)),
+                    None,
+                    resp.ts_ns,
+                    0,
+                    resp.bytes,
+                    None,
+                    None,
+                    self.sized(Sizes {
+                        value_len: resp.value_len,
+                        value_head: None,
+                        keys: 0,
+                    }),
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A binary answer that fits none of the requests before a marker answers one sent after
     /// them (a lost one, such as the NoOp closing a quiet batch that overflowed or fell in a
     /// gap), and the server answers in order: the quiet requests at the front had their
@@ -816,6 +931,8 @@ impl Pairing {
             if entry.quiet {
                 // A quiet request that failed would have been answered by now.
                 self.finish_entry(entry, implied_status(entry.command), None, out);
+            } else if entry.maybe_silent {
+                self.finish_entry(entry, Status::Unknown, None, out);
             } else {
                 let latency = entry.latency();
                 self.finish_entry(entry, Status::Timeout, latency, out);
@@ -835,6 +952,8 @@ impl Pairing {
                 // without its answer.
                 let latency = entry.latency();
                 self.finish_entry(entry, Status::Ok, latency, out);
+            } else if entry.maybe_silent {
+                self.finish_entry(entry, Status::Unknown, None, out);
             } else {
                 let latency = entry.latency();
                 self.finish_entry(entry, Status::Unanswered, latency, out);
@@ -1068,6 +1187,18 @@ impl Pairing {
                 keys: 0,
             }),
         );
+    }
+}
+
+/// What a quiet request's silence means once the answer after it came: its implied result,
+/// unless lookups were lost between it and that answer (`lookups_lost`) and it is a meta
+/// `mg`, whose hits need not name their key: a hit taken for its own may then have been
+/// a lost lookup's, and its silence says nothing.
+fn silent_status(command: Command, lookups_lost: bool) -> Status {
+    if lookups_lost && command == Command::MetaGet {
+        Status::Unknown
+    } else {
+        implied_status(command)
     }
 }
 

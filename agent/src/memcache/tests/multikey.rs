@@ -1,7 +1,8 @@
 //! Multi-key batches larger than the kernel's 16 KiB line or 64 KiB per-call capture, as
-//! pymemcache's `get_many` and bmemcached's `get_multi` send them: keys that were read decode
-//! exactly, hits that arrive for keys that were not count as hits, and the unread rest counts
-//! as unknown (out of the hit ratio) instead of vanishing.
+//! pymemcache's `get_many`/`set_many`, bmemcached's `get_multi` and meta `mg ... q` batches
+//! send them: requests that were read decode exactly, answers that arrive for requests that
+//! were not count as what they say, and the unread rest counts as unknown (out of the hit
+//! ratio) instead of vanishing.
 
 use std::collections::BTreeMap;
 
@@ -205,4 +206,166 @@ fn only_a_multi_key_get_is_held_past_16_kib() {
         tally(&conn.requests()),
         BTreeMap::from([("hit", (1000, 0)), ("miss", (1000, 0))])
     );
+}
+
+/// Per (command, status), how many observations.
+fn by_command(requests: &[RequestObservation]) -> BTreeMap<(&'static str, &'static str), usize> {
+    let mut tally = BTreeMap::new();
+    for r in requests {
+        *tally
+            .entry((r.command.as_str(), r.status.as_str()))
+            .or_insert(0) += 1;
+    }
+    tally
+}
+
+/// pymemcache's `set_many`: `set <key> 0 0 <len> noreply` per key, all in one send.
+fn set_many(keys: &[String], value_len: usize) -> Vec<u8> {
+    let mut batch = Vec::new();
+    for key in keys {
+        batch.extend(format!("set {key} 0 0 {value_len} noreply\r\n").into_bytes());
+        batch.extend(std::iter::repeat_n(b'v', value_len));
+        batch.extend(b"\r\n");
+    }
+    batch
+}
+
+/// A noreply batch of sets of which only the first part was read: nothing answers, so the
+/// unread sets can only be counted as such: one unknown stands for them (how many is not
+/// known). The sets read count once each, and the one the cut went through is unknown when its
+/// `noreply` went unread, not a timeout or unanswered.
+#[test]
+fn a_noreply_set_batch_cut_by_the_capture_counts_its_unread_rest() {
+    let keys = keys(2500);
+    let batch = set_many(&keys, 100);
+    // The cut goes through the 465th line, before its noreply.
+    let per_set = batch.len() / keys.len();
+    let cut = 464 * per_set + 20;
+    let mut conn = Conn::new();
+    conn.feed(Direction::ClientToServer, &batch, cut);
+    conn.decoder.expire(u64::MAX, 1, &mut conn.out);
+    conn.decoder.finish(&mut conn.out);
+    let requests = conn.requests();
+    assert_eq!(
+        by_command(&requests),
+        BTreeMap::from([(("set", "noreply"), 464), (("set", "unknown"), 2)])
+    );
+    // The set the cut went through keeps its key's first bytes; the rest has no key.
+    assert_eq!(tally(&requests)["unknown"], (2, 1));
+    assert_eq!(conn.errors(), vec!["truncated_capture"]);
+
+    // Cut at a line boundary: the sets read and one unknown.
+    let mut conn = Conn::new();
+    conn.feed(Direction::ClientToServer, &batch, 464 * per_set);
+    conn.decoder.finish(&mut conn.out);
+    assert_eq!(
+        by_command(&conn.requests()),
+        BTreeMap::from([(("set", "noreply"), 464), (("set", "unknown"), 1)])
+    );
+}
+
+/// A cut that leaves no room for more requests than the one it cuts counts nothing more: the
+/// rest of a set's line and its value are that set's.
+#[test]
+fn a_single_cut_set_is_not_counted_twice() {
+    let mut conn = Conn::new();
+    let set = b"set k 0 0 100 noreply\r\n".to_vec();
+    let mut call = set.clone();
+    call.extend([b'v'; 100]);
+    call.extend(b"\r\n");
+    conn.feed(Direction::ClientToServer, &call, 12);
+    conn.decoder.finish(&mut conn.out);
+    assert_eq!(
+        by_command(&conn.requests()),
+        BTreeMap::from([(("set", "unknown"), 1)])
+    );
+}
+
+/// A meta quiet batch (`mg <key> v q` per key, `mn` last) of 4,000 keys, of which the capture
+/// read the first 64 KiB. memcached answers the hits (even keys) and `MN`; the misses are
+/// silent. Every hit counts and the unread rest is one unknown. With `k` each hit names its
+/// request, so the read ones it passes over missed; without, hits are taken in order, so once
+/// hits of unread ones come too, which read `mg` missed cannot be told: those left without an
+/// answer when `MN` comes are unknown, not misses.
+#[test]
+fn a_meta_quiet_batch_cut_by_the_capture_counts_every_hit_and_its_unread_rest() {
+    let keys = keys(4000);
+    for with_key in [false, true] {
+        let flags = if with_key { "v k q" } else { "v q" };
+        let mut batch = Vec::new();
+        for key in &keys {
+            batch.extend(format!("mg {key} {flags}\r\n").into_bytes());
+        }
+        batch.extend(b"mn\r\n");
+        let mut answers = Vec::new();
+        for key in keys.iter().step_by(2) {
+            let named = if with_key {
+                format!(" k{key}")
+            } else {
+                String::new()
+            };
+            answers.extend(format!("VA 2{named}\r\nhi\r\n").into_bytes());
+        }
+        answers.extend(b"MN\r\n");
+        let line = 3 + 18 + 1 + flags.len() + 2;
+        let read = 64 * 1024 / line;
+        let mut conn = Conn::new();
+        conn.feed(Direction::ClientToServer, &batch, read * line);
+        for record in answers.chunks(RECORD) {
+            conn.server(record);
+        }
+        let requests = conn.requests();
+        let tally = by_command(&requests);
+        let expected = if with_key {
+            // The odd keys read missed.
+            BTreeMap::from([
+                (("mg", "hit"), 2000),
+                (("mg", "miss"), read / 2),
+                (("mg", "unknown"), 1),
+            ])
+        } else {
+            // The first 2,000 read took the hits; the rest read and the unread are unknown.
+            BTreeMap::from([(("mg", "hit"), 2000), (("mg", "unknown"), 1 + read - 2000)])
+        };
+        assert_eq!(tally, expected, "{with_key}");
+        // The MN closes the batch: nothing is left waiting, and nothing was unexpected.
+        assert_eq!(conn.decoder.pending(), 0);
+        assert_eq!(conn.errors(), vec!["truncated_capture"]);
+        // Pairing goes on.
+        conn.client(b"mg z v\r\n");
+        conn.server(b"EN\r\n");
+        assert_eq!(conn.summary(), vec![s("mg", "miss", "z")]);
+    }
+}
+
+/// pymemcache's `set_many(..., noreply=False)`: the same batch without noreply, cut by the
+/// capture. memcached answers every set; the answers of the unread ones count as what they
+/// say, not as unexpected, beside the one unknown that marks the cut.
+#[test]
+fn answers_of_unread_sets_count_as_their_outcome() {
+    let keys = keys(2500);
+    let mut batch = Vec::new();
+    for key in &keys {
+        batch.extend(format!("set {key} 0 0 100\r\n").into_bytes());
+        batch.extend([b'v'; 100]);
+        batch.extend(b"\r\n");
+    }
+    let per_set = batch.len() / keys.len();
+    let mut conn = Conn::new();
+    conn.feed(Direction::ClientToServer, &batch, 464 * per_set);
+    for record in b"STORED\r\n".repeat(2500).chunks(RECORD) {
+        conn.server(record);
+    }
+    // Requests after the cut pair as before.
+    conn.client(b"get z\r\n");
+    conn.server(b"END\r\n");
+    assert_eq!(
+        by_command(&conn.requests()),
+        BTreeMap::from([
+            (("get", "miss"), 1),
+            (("set", "stored"), 2500),
+            (("set", "unknown"), 1)
+        ])
+    );
+    assert_eq!(conn.errors(), vec!["truncated_capture"]);
 }
