@@ -63,15 +63,14 @@ const REMEMBER_LOOKS: u64 = 60;
 /// chance in about 1% of starts (0.42^5); one connection alone in about 10 s (a blind look
 /// every other second between turns).
 const LUMPY_LOOKS: u32 = 5;
-/// Looks after a narrowing within which a blind look (a role with calls, none followed) in a
-/// second draw (the first blind one is turned) shows that no draw of the slot's connections
-/// fits its share: the draws that follow one run over, and the narrower ones follow none (a
-/// pool of 8 connections each over the share, session 25: sampling flapped between 1/2 and
-/// 1/256, and 43-56% or 141% of `stats` was counted: a blind look has nothing to weigh, and
-/// the ratios carried across the changes swing). The slot is then sampled in time, which is
-/// exact for any number of connections but off by a part of a second at a window's edges; a
-/// pool with a draw that fits (3 connections, one within the share) keeps that draw, exact
-/// over any window.
+/// Looks after a narrowing within which a blind look (a role with calls, none followed)
+/// shows that no draw of the slot's connections fits its share: the draws that follow one
+/// run over, and the narrower ones follow none (a pool of 8 connections each over the share,
+/// session 25: sampling flapped between 1/2 and 1/256, and 43-56% or 141% of `stats` was
+/// counted: a blind look has nothing to weigh, and the ratios carried across the changes
+/// swing). The slot is then sampled in time, which is exact for any number of connections;
+/// a pool of many connections whose draw was blind by chance costs it only what the cuts
+/// lose.
 const MISFIT_LOOKS: u64 = 16;
 /// Narrowings, each within [`MISFIT_LOOKS`] of the last, that show the same: a narrowing
 /// steps as far as the records over the share say, so a slot that needs a third is following
@@ -158,8 +157,6 @@ struct SlotControl {
     /// [`MISFIT_LOOKS`] of each other up to it.
     narrowed_at: u64,
     narrowings: u32,
-    /// The epoch of a draw blind since that narrowing.
-    blind_epoch: Option<u32>,
 }
 
 impl Default for SlotControl {
@@ -175,7 +172,6 @@ impl Default for SlotControl {
             time: None,
             narrowed_at: 0,
             narrowings: 0,
-            blind_epoch: None,
         }
     }
 }
@@ -389,23 +385,9 @@ impl CaptureBudget {
             }
             let Some(load) = load else { continue };
             control.lumpy = if load.lumpy { control.lumpy + 1 } else { 0 };
-            let recent = control.narrowed_at > 0 && look - control.narrowed_at <= MISFIT_LOOKS;
-            // A blind draw is turned to other connections first (see
-            // `CaptureSampling::rotations_wanted`): a pool with one that fits finds it.
-            let blind_again = match control.blind_epoch {
-                _ if !recent => {
-                    control.blind_epoch = None;
-                    false
-                }
-                Some(epoch) => load.blind && control.shift > 0 && epoch != control.epoch,
-                None => {
-                    if load.blind && control.shift > 0 {
-                        control.blind_epoch = Some(control.epoch);
-                    }
-                    false
-                }
-            };
-            let misfit = recent && (blind_again || control.narrowings >= MISFIT_NARROWINGS);
+            let misfit = control.narrowed_at > 0
+                && look - control.narrowed_at <= MISFIT_LOOKS
+                && (load.blind && control.shift > 0 || control.narrowings >= MISFIT_NARROWINGS);
             if (control.lumpy >= LUMPY_LOOKS || misfit) && control.demand > share {
                 control.time = Some(TimeSample::new(share));
                 control.lumpy = 0;
@@ -1517,7 +1499,7 @@ mod tests {
     /// Session 12's flapping case: 48 connections, 384k calls/s, budget 25k. Whatever the
     /// draw, the shift settles within a few looks (a blind one is turned to the next epoch's
     /// draw, as the agent does) and then holds for the rest of the minute, within budget,
-    /// sampled by connection; or, when two draws soon after a narrowing followed none (a sample
+    /// sampled by connection; or, when a draw soon after a narrowing followed none (a sample
     /// of one or two connections), it is sampled in time.
     #[test]
     fn a_steady_load_keeps_its_shift_after_settling() {
@@ -1553,7 +1535,7 @@ mod tests {
             );
             assert!(load_at(&depths, 8_000.0, settled).records <= 25_000.0);
         }
-        // A few of these 64: two draws in a row blind within a few looks of a narrowing.
+        // 7 of these 64: a draw went blind within a few looks of a narrowing.
         assert!(timed <= 8, "{timed} of 64 draws sampled in time");
         // The draw of session 12 by hand: 1/16 follows one connection (8k records/s), 1/8
         // four (32k). It used to widen to 1/8 and narrow within 0.15 s; now 1/16 holds.
