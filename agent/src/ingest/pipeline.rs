@@ -391,13 +391,6 @@ impl Pipeline {
             );
         }
         let Some(weight) = self.capture.weight_of_record(sample, endpoint.service) else {
-            if payload.span_start == 0 {
-                self.capture.count_dropped_call(
-                    sample,
-                    endpoint.service,
-                    endpoint.role == Role::Client,
-                );
-            }
             return PayloadOutcome::Handled;
         };
         self.decoders.on_payload(
