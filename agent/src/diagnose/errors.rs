@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{util, DiagnoseThresholds, ErrorText, Finding, Severity, Span};
+use super::{util, DiagnoseThresholds, Finding, QuotedReply, Severity, Span};
 use crate::history::{
     latency::{self, LatencyHistogram},
     snapshot::ErrorReplyRow,
@@ -426,7 +426,7 @@ fn said_evidence(finding: &mut Finding, replies: &Replies, proxy: Option<&str>) 
             ));
         }
         quoted.push(line);
-        finding.error_texts.push(ErrorText {
+        finding.error_texts.push(QuotedReply {
             status: status.as_str().to_string(),
             text: text.clone(),
             count: said.count,

@@ -87,7 +87,7 @@ impl Span {
 /// What some error replies said (the words after ERROR, CLIENT_ERROR or SERVER_ERROR, cut
 /// to plain words; "other" for texts past the few the history keeps per server).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorText {
+pub struct QuotedReply {
     /// The status word (error, client_error, server_error).
     pub status: String,
     pub text: String,
@@ -119,7 +119,7 @@ pub struct Finding {
     pub span: Option<Span>,
     /// error-replies: what the error replies said, the most frequent first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub error_texts: Vec<ErrorText>,
+    pub error_texts: Vec<QuotedReply>,
     /// How bad it is within its severity, for ranking only.
     #[serde(skip)]
     pub magnitude: f64,
