@@ -547,6 +547,26 @@ mod tests {
     use super::*;
     use crate::history::{Fact, History, HistoryLimits};
 
+    /// A feed of `history` (and whatever the daemon at `socket` answers) at `end_s`, with
+    /// default thresholds and nothing read yet.
+    fn test_feed(socket: PathBuf, history: Option<HistorySnapshot>, end_s: u64) -> Feed {
+        Feed {
+            socket,
+            local: None,
+            history,
+            counters: None,
+            earlier_counters: VecDeque::new(),
+            counters_supported: true,
+            keys: None,
+            earlier_keys: VecDeque::new(),
+            thresholds: DiagnoseThresholds::default(),
+            key_display: KeyDisplay::Plain,
+            end_s,
+            unrecorded: Vec::new(),
+            status: Status::default(),
+        }
+    }
+
     /// `-d 0.2` under "rates over 1 s": IN/S and OUT/S were the change since the last refresh
     /// (0.2 s, often none of the daemon's once-a-second updates, else five times too many).
     /// They are taken against the counters a window back.
@@ -596,21 +616,11 @@ mod tests {
             ..KeysReport::default()
         };
         let end_s = last_complete_second();
-        let mut feed = Feed {
-            socket: PathBuf::from("/nonexistent"),
-            local: None,
-            history: Some(HistorySnapshot::empty(end_s - 60, end_s)),
-            counters: None,
-            earlier_counters: VecDeque::new(),
-            counters_supported: true,
-            keys: None,
-            earlier_keys: VecDeque::new(),
-            thresholds: DiagnoseThresholds::default(),
-            key_display: KeyDisplay::Plain,
+        let mut feed = test_feed(
+            PathBuf::from("/nonexistent"),
+            Some(HistorySnapshot::empty(end_s - 60, end_s)),
             end_s,
-            unrecorded: Vec::new(),
-            status: Status::default(),
-        };
+        );
         let start = Instant::now();
         // The daemon's count jumps by 100 once a second (its keys are counted as they come,
         // but refreshes every 0.2 s catch 0 or 100 of them); top refreshes every 0.2 s.
@@ -667,21 +677,7 @@ mod tests {
             }
         }
         let gone = std::env::temp_dir().join(format!("cacheprobe-top-gone-{}", std::process::id()));
-        let mut feed = Feed {
-            socket: gone,
-            local: None,
-            history: Some(history.snapshot(0)),
-            counters: None,
-            earlier_counters: VecDeque::new(),
-            counters_supported: true,
-            keys: None,
-            earlier_keys: VecDeque::new(),
-            thresholds: DiagnoseThresholds::default(),
-            key_display: KeyDisplay::Plain,
-            end_s,
-            unrecorded: Vec::new(),
-            status: Status::default(),
-        };
+        let mut feed = test_feed(gone, Some(history.snapshot(0)), end_s);
         let before = feed.model(1);
         assert_eq!(before.servers[0].requests_per_s, 10.0);
         feed.refresh();
