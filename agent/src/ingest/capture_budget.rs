@@ -83,6 +83,55 @@ pub struct SlotLoad {
     /// [`capture_sample::depth`]): which of them a narrower sample keeps. All zero when
     /// unknown.
     pub depths: [u64; DEPTHS],
+    /// Calls/s of its followed connection with the fewest, at every watched end, when it
+    /// followed a few ([`FEW_SOCKETS`]); None for many or none.
+    pub one_connection: Option<f64>,
+}
+
+/// Followed sockets a slot tallies calls of, one by one, within a look: more, and it is a
+/// pool whose draws average (see [`SlotControl::narrow_if_over`]).
+const FEW_SOCKETS: usize = 32;
+
+/// A connection "fits" a share when its records are within this part of it: one just under
+/// the share runs over it as soon as its client speeds up a little, and the draws narrower
+/// than one connection follow none (session 25's memcaslap connections made 24,000-27,000
+/// records/s each against 25,000).
+const ONE_CONNECTION_FITS: f64 = 0.9;
+
+/// The calls of each followed socket of a slot within a look, up to [`FEW_SOCKETS`].
+#[derive(Debug, Clone, Default)]
+struct FollowedSockets {
+    /// (socket, calls, client role, depth).
+    sockets: Vec<(u64, u64, bool, u32)>,
+    many: bool,
+}
+
+impl FollowedSockets {
+    fn count(&mut self, sk: u64, client: bool, depth: u32) {
+        if let Some(entry) = self.sockets.iter_mut().find(|entry| entry.0 == sk) {
+            entry.1 += 1;
+        } else if self.sockets.len() < FEW_SOCKETS {
+            self.sockets.push((sk, 1, client, depth));
+        } else {
+            self.many = true;
+        }
+    }
+
+    /// Calls/s over `seconds` of the connection with the fewest of those still followed at
+    /// `shift` (a narrowing within the look let the others go, their few calls counted
+    /// before it): its socket's, times the roles watched (on loopback both ends of one
+    /// connection are followed alike).
+    fn one_connection(&self, seconds: f64, shift: u32) -> Option<f64> {
+        if self.many || seconds <= 0.0 {
+            return None;
+        }
+        let followed = || self.sockets.iter().filter(|entry| entry.3 >= shift);
+        let fewest = followed().map(|entry| entry.1).min()?;
+        let client = followed().any(|entry| entry.2);
+        let server = followed().any(|entry| !entry.2);
+        let ends = if client && server { 2.0 } else { 1.0 };
+        Some(fewest as f64 * ends / seconds)
+    }
 }
 
 /// The share of the calls followed at `shift` that a narrower `to` keeps, from the followed
@@ -301,8 +350,14 @@ impl CaptureBudget {
     /// The safety between looks: records/s per slot (`records[slot]`) over the budget in total.
     /// Every slot over its share narrows at once, as far as its rate says. Returns whether a
     /// shift changed.
-    /// `depths[slot]`: its followed calls by depth lately (see [`SlotLoad::depths`]).
-    pub fn narrow_over_share(&mut self, records: &[f64], depths: &[[u64; DEPTHS]]) -> bool {
+    /// `depths[slot]`: its followed calls by depth lately, `one_connection[slot]` the calls/s of
+    /// its quietest followed connection (see [`SlotLoad`]).
+    pub fn narrow_over_share(
+        &mut self,
+        records: &[f64],
+        depths: &[[u64; DEPTHS]],
+        one_connection: &[Option<f64>],
+    ) -> bool {
         if self.records_per_second == 0 {
             return false;
         }
@@ -315,12 +370,17 @@ impl CaptureBudget {
             control.demand.max(rate * scale)
         }));
         let mut changed = false;
-        for (((control, &rate), share), depths) in
-            self.slots.iter_mut().zip(records).zip(shares).zip(depths)
+        for ((((control, &rate), share), depths), &one) in self
+            .slots
+            .iter_mut()
+            .zip(records)
+            .zip(shares)
+            .zip(depths)
+            .zip(one_connection)
         {
             // A time sample's followed look runs over its share by design.
             if control.time.is_none() {
-                changed |= control.narrow_if_over(rate, share, depths);
+                changed |= control.narrow_if_over(rate, share, depths, one);
             }
         }
         changed
@@ -381,7 +441,7 @@ impl CaptureBudget {
                     continue;
                 }
             }
-            if control.narrow_if_over(load.records, share, &load.depths) {
+            if control.narrow_if_over(load.records, share, &load.depths, load.one_connection) {
                 changed = true;
                 continue;
             }
@@ -508,21 +568,32 @@ impl SlotControl {
         }
     }
 
-    /// Narrows at once when the slot's records (`rate`) exceed its share: to the widest shift
-    /// whose followed connections' calls (`depths`, see [`SlotLoad::depths`]) fit it. When
-    /// every narrower draw that keeps a connection with calls still runs over (a small pool
-    /// whose every connection is over the share), the next one would follow none, so the
-    /// slot is sampled in time instead: the deepest draw that keeps one, followed one look in
-    /// a cycle that fits ([`TimeSample`]). Session 25's memcaslap pool of 8 went 1/8 -> 1/16
-    /// on 27,000 records against 25,000, followed none at 1/16, and lost 4 s of its 20
-    /// (-24% of `stats`; -49% in another run). Without depths (none tallied), or when no
-    /// cycle fits, it steps as far as `rate` over `share` says.
-    fn narrow_if_over(&mut self, rate: f64, share: f64, depths: &[u64; DEPTHS]) -> bool {
+    /// Narrows at once when the slot's records (`rate`) exceed its share, as far as `rate`
+    /// over `share` says. A slot that follows a few connections (`one_connection`: the calls/s
+    /// of its quietest, see [`SlotLoad`]) goes instead to the widest shift whose followed
+    /// connections' calls (`depths`, see [`SlotLoad::depths`]) fit the share; when every
+    /// narrower draw that keeps one still runs over and no one connection fits the share
+    /// (a small pool whose every connection is over it), the next draw would follow none or
+    /// run over again, so the slot is sampled in time instead: the deepest draw that keeps
+    /// one, followed one look in a cycle that fits ([`TimeSample`]). Session 25's memcaslap
+    /// pool of 8 went 1/8 -> 1/16 on 27,000 records against 25,000, followed none at 1/16,
+    /// and lost 4 s of its 20 (-24% of `stats`; -49% in another run). A pool whose one
+    /// connection fits narrows and turns until a draw follows one (see
+    /// [`CaptureSampling::rotate`]); many connections, no depths, or no cycle that fits: by
+    /// the rate.
+    fn narrow_if_over(
+        &mut self,
+        rate: f64,
+        share: f64,
+        depths: &[u64; DEPTHS],
+        one_connection: Option<f64>,
+    ) -> bool {
         if rate <= share || self.shift >= MAX_SHIFT {
             return false;
         }
         self.calm = 0;
-        if kept_share(depths, self.shift, self.shift).is_some() {
+        let few = one_connection.is_some();
+        if few && kept_share(depths, self.shift, self.shift).is_some() {
             let mut deepest = self.shift;
             for to in self.shift + 1..=MAX_SHIFT {
                 let kept = kept_share(depths, self.shift, to).unwrap_or(0.0);
@@ -536,7 +607,9 @@ impl SlotControl {
                 }
             }
             let kept = kept_share(depths, self.shift, deepest).unwrap_or(1.0);
-            if let Some(cycle) = cycle_for(rate * kept, share) {
+            let one_fits = one_connection
+                .is_some_and(|calls| calls * self.records_per_call <= ONE_CONNECTION_FITS * share);
+            if let Some(cycle) = cycle_for(rate * kept, share).filter(|_| !one_fits) {
                 self.time = Some(TimeSample::new(cycle, deepest));
                 self.lumpy = 0;
                 return true;
@@ -636,6 +709,11 @@ pub struct CaptureSampling {
     /// (see [`SlotLoad::depths`]).
     look_depths: Vec<[u64; DEPTHS]>,
     last_look_depths: Vec<[u64; DEPTHS]>,
+    /// Per slot: its followed sockets' calls within this look and the last, and how long
+    /// the last look lasted (s).
+    look_sockets: Vec<FollowedSockets>,
+    last_look_sockets: Vec<FollowedSockets>,
+    last_look_s: f64,
     /// Slots whose sample should turn to other connections: over a whole look a role had
     /// calls and none on a followed connection (see [`CaptureSampling::rotations_wanted`]).
     rotate: Vec<bool>,
@@ -796,6 +874,9 @@ impl CaptureSampling {
             look_role_calls: vec![SampledCalls::default(); 2 * SLOTS],
             look_depths: vec![[0; DEPTHS]; SLOTS],
             last_look_depths: vec![[0; DEPTHS]; SLOTS],
+            look_sockets: vec![FollowedSockets::default(); SLOTS],
+            last_look_sockets: vec![FollowedSockets::default(); SLOTS],
+            last_look_s: 0.0,
             rotate: vec![false; SLOTS],
             last_look_ns: 0,
             pending: false,
@@ -844,6 +925,8 @@ impl CaptureSampling {
             self.look_mixed[slot] = true;
             self.look_depths[slot] = [0; DEPTHS];
             self.last_look_depths[slot] = [0; DEPTHS];
+            self.look_sockets[slot] = FollowedSockets::default();
+            self.last_look_sockets[slot] = FollowedSockets::default();
             // A time sample's cycle in progress mixes two services: the next cycle weighs by
             // its length.
             self.clear_cycle(slot);
@@ -1034,9 +1117,19 @@ impl CaptureSampling {
                 .copied()
                 .flatten()
                 .filter(|calls| calls.shift == time.shift);
-            let ratio = calls.map_or(cycle * (1u64 << time.shift) as f64, |calls| {
-                calls.seen_per_look * cycle / calls.followed
-            });
+            let ratio = match calls {
+                Some(calls) => calls.seen_per_look * cycle / calls.followed,
+                None if time.shift == 0 => cycle,
+                // Before its first cycle: the draw's last call ratio carried to the followed
+                // look's shift (a small pool's deepest connection is one of a few, not one in
+                // 2^shift: 2 x 256 read for 2 x 8, +93% live).
+                None => {
+                    cycle
+                        * self
+                            .ratio_at(index, slot, time.shift)
+                            .unwrap_or((1u64 << time.shift) as f64)
+                }
+            };
             return Some(take_weight(ratio, self.ratios.rounding.next()));
         }
         match self.ratio_at(index, slot, self.effective_shift(recorded, slot)) {
@@ -1081,10 +1174,17 @@ impl CaptureSampling {
         (wider > 0.0).then(|| 1.0 / wider.min(1.0))
     }
 
-    /// Counts a decoded followed call of `service` (`client`: the client role) by its
-    /// connection's sample depth, for [`CaptureSampling::ratio_at`]. Calls of another epoch
-    /// than the slot's are of another draw and left out.
-    pub fn count_followed_call(&mut self, sample: StreamSample, service: usize, client: bool) {
+    /// Counts a decoded followed call on socket `sk` of `service` (`client`: the client role)
+    /// by its connection's sample depth, for [`CaptureSampling::ratio_at`] and the narrowings
+    /// (see [`SlotLoad`]). Calls of another epoch than the slot's are of another draw and left
+    /// out.
+    pub fn count_followed_call(
+        &mut self,
+        sample: StreamSample,
+        sk: u64,
+        service: usize,
+        client: bool,
+    ) {
         let slot = self.slot_of(service);
         if sample.shift.is_none() || slot == 0 || self.budget.epoch(slot) as u8 != sample.epoch {
             return;
@@ -1092,6 +1192,9 @@ impl CaptureSampling {
         let depth = (sample.depth as usize).min(DEPTHS - 1);
         if let Some(by_depth) = self.look_depths.get_mut(slot as usize) {
             by_depth[depth] += 1;
+        }
+        if let Some(sockets) = self.look_sockets.get_mut(slot as usize) {
+            sockets.count(sk, client, sample.depth);
         }
         let index = watch::calls_index(slot, client) as usize;
         let tally = &mut self.ratios.depth_calls;
@@ -1268,7 +1371,26 @@ impl CaptureSampling {
             .zip(&self.last_look_depths)
             .map(|(now, last)| std::array::from_fn(|depth| now[depth] + last[depth]))
             .collect();
-        if !over_budget || !self.budget.narrow_over_share(&rates, &depths) {
+        // The look in progress once it is long enough to tell, else the last.
+        let look_s = now_ns.saturating_sub(self.last_look_ns) as f64 / 1e9;
+        let one_connection: Vec<Option<f64>> = self
+            .look_sockets
+            .iter()
+            .zip(&self.last_look_sockets)
+            .zip(before.iter())
+            .map(|((now, last), &shift)| {
+                if look_s >= 0.1 && !now.sockets.is_empty() {
+                    now.one_connection(look_s, shift)
+                } else {
+                    last.one_connection(self.last_look_s, shift)
+                }
+            })
+            .collect();
+        if !over_budget
+            || !self
+                .budget
+                .narrow_over_share(&rates, &depths, &one_connection)
+        {
             return false;
         }
         // The look in progress saw these slots under their old sample.
@@ -1318,6 +1440,8 @@ impl CaptureSampling {
                         blind: self.look_blind[slot],
                         lumpy: self.budget.shift(slot as u32) > 0 && busy && all_or_none,
                         depths: self.look_depths[slot],
+                        one_connection: self.look_sockets[slot]
+                            .one_connection(interval_s, self.budget.shift(slot as u32)),
                     }
                 } else {
                     // No call counts: the records scaled by 2^shift stand for the calls.
@@ -1328,6 +1452,8 @@ impl CaptureSampling {
                         blind: false,
                         lumpy: false,
                         depths: self.look_depths[slot],
+                        one_connection: self.look_sockets[slot]
+                            .one_connection(interval_s, self.budget.shift(slot as u32)),
                     }
                 })
             })
@@ -1350,6 +1476,7 @@ impl CaptureSampling {
             self.count_cycle(slot);
         }
         self.last_look_ns = now_ns;
+        self.last_look_s = interval_s;
         self.clear_look();
         if self.budget.look(&loads) {
             self.changed((total as f64 / interval_s) as u64, "look");
@@ -1413,6 +1540,10 @@ impl CaptureSampling {
 
     fn clear_look(&mut self) {
         self.last_look_depths = std::mem::replace(&mut self.look_depths, vec![[0; DEPTHS]; SLOTS]);
+        self.last_look_sockets = std::mem::replace(
+            &mut self.look_sockets,
+            vec![FollowedSockets::default(); SLOTS],
+        );
         self.look_records.fill(0);
         self.look_calls.fill(SampledCalls::default());
         self.look_mixed.fill(false);
@@ -1445,6 +1576,8 @@ impl CaptureSampling {
         // So were the depths.
         self.look_depths[slot as usize] = [0; DEPTHS];
         self.last_look_depths[slot as usize] = [0; DEPTHS];
+        self.look_sockets[slot as usize] = FollowedSockets::default();
+        self.last_look_sockets[slot as usize] = FollowedSockets::default();
         self.rotate[slot as usize] = false;
         self.look_mixed[slot as usize] = true;
         self.pending = true;
@@ -1533,6 +1666,7 @@ mod tests {
             blind: followed == 0.0,
             lumpy: shift > 0 && (followed == 0.0 || followed == depths.len() as f64 * calls),
             depths: [0; DEPTHS],
+            one_connection: None,
         }
     }
 
@@ -1614,6 +1748,7 @@ mod tests {
             blind: false,
             lumpy: false,
             depths: [0; DEPTHS],
+            one_connection: None,
         };
         assert!(budget.look(&one_slot(exact(100_000.0, 0))));
         assert_eq!(budget.shift(1), 2);
@@ -1647,7 +1782,7 @@ mod tests {
         let mut rates = vec![0.0; SLOTS];
         rates[1] = 384_000.0;
         rates[2] = 400.0;
-        assert!(budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]));
+        assert!(budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]));
         assert_eq!(budget.shift(2), 0);
         assert!(budget.shift(1) >= 4);
         run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 5);
@@ -1660,7 +1795,7 @@ mod tests {
         // A quiet service narrowed by a start-up burst widens back to 0.
         let mut budget = CaptureBudget::new(25_000);
         rates[2] = 100_000.0;
-        budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]);
+        budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]);
         assert!(budget.shift(2) > 0);
         run_looks(&mut budget, &[(1, &busy, 8_000.0), (2, &quiet, 200.0)], 5);
         assert_eq!(budget.shift(2), 0);
@@ -1714,6 +1849,7 @@ mod tests {
                 blind: followed == 0.0,
                 lumpy: false,
                 depths: [0; DEPTHS],
+                one_connection: None,
             };
             let changed = budget.look(&one_slot(load));
             (changed, budget.take_turned())
@@ -1734,7 +1870,7 @@ mod tests {
         // The safety between looks leaves the followed look be.
         let mut rates = vec![0.0; SLOTS];
         rates[1] = 4_000.0;
-        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]));
+        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]));
         // 6,000 calls/s: 6 looks from the next cycle on.
         for _ in 0..3 {
             look(&mut budget, 6_000.0);
@@ -1773,10 +1909,11 @@ mod tests {
         assert_eq!((budget.time(1), budget.shift(1)), (None, 4));
     }
 
-    /// A narrowing goes as far as the followed connections' depths say fits, and when the
-    /// draw that would fit follows none of them the slot is sampled in time on the deepest
-    /// draw that keeps one (session 25: 1/8 -> 1/16 on 27,000 records against 25,000 followed
-    /// none, 4 s of 20 lost). Without depths it steps by the rate as before.
+    /// A slot following a few connections narrows as far as their depths say fits, and when
+    /// no narrower draw that keeps one fits and no one connection fits either, it is sampled
+    /// in time on the deepest draw that keeps one (session 25: 1/8 -> 1/16 on 27,000 records
+    /// against 25,000 followed none, 4 s of 20 lost). Many connections, no depths, or one
+    /// connection that fits: by the rate as before.
     #[test]
     fn a_narrowing_never_steps_onto_a_draw_that_follows_none() {
         let mut depths = [0; DEPTHS];
@@ -1788,32 +1925,36 @@ mod tests {
             ..SlotControl::default()
         };
         // 40,000 records over 25,000: 1/4 keeps the depth-3 one, 20,000.
-        assert!(control.narrow_if_over(40_000.0, 25_000.0, &depths));
+        assert!(control.narrow_if_over(40_000.0, 25_000.0, &depths, Some(20_000.0)));
         assert_eq!((control.shift, control.time), (1 + 1, None));
-        // 60,000: 1/4 and 1/8 keep 30,000 (over), 1/16 none: one look in 2 at 1/8.
-        let mut control = SlotControl {
+        // 60,000: 1/4 and 1/8 keep 30,000 (over), 1/16 none, and its quieter connection
+        // makes 30,000 too: one look in 2 at 1/8.
+        let at_half = || SlotControl {
             shift: 1,
             ..SlotControl::default()
         };
-        assert!(control.narrow_if_over(60_000.0, 25_000.0, &depths));
+        let mut control = at_half();
+        assert!(control.narrow_if_over(60_000.0, 25_000.0, &depths, Some(30_000.0)));
         assert_eq!(
             control.time.map(|time| (time.cycle, time.shift)),
             Some((2, 3))
         );
         assert_eq!(control.followed_shift(), 3);
-        // No depths tallied: by the rate, 1 + ceil(log2(60/25)) = 3.
-        let mut control = SlotControl {
-            shift: 1,
-            ..SlotControl::default()
-        };
-        assert!(control.narrow_if_over(60_000.0, 25_000.0, &[0; DEPTHS]));
+        // One connection fits 90% of the share: by the rate, 1 + ceil(log2(60/25)) = 3 (a
+        // draw that follows none turns until one follows a connection).
+        let mut control = at_half();
+        assert!(control.narrow_if_over(60_000.0, 25_000.0, &depths, Some(20_000.0)));
+        assert_eq!((control.shift, control.time), (3, None));
+        // Many connections, or no depths tallied: by the rate.
+        let mut control = at_half();
+        assert!(control.narrow_if_over(60_000.0, 25_000.0, &depths, None));
+        assert_eq!((control.shift, control.time), (3, None));
+        let mut control = at_half();
+        assert!(control.narrow_if_over(60_000.0, 25_000.0, &[0; DEPTHS], Some(30_000.0)));
         assert_eq!((control.shift, control.time), (3, None));
         // More than MAX_CYCLE shares on the deepest one: by the rate as well.
-        let mut control = SlotControl {
-            shift: 1,
-            ..SlotControl::default()
-        };
-        assert!(control.narrow_if_over(600_000.0, 25_000.0, &depths));
+        let mut control = at_half();
+        assert!(control.narrow_if_over(600_000.0, 25_000.0, &depths, Some(300_000.0)));
         assert_eq!((control.shift, control.time), (6, None));
     }
 
@@ -1837,6 +1978,7 @@ mod tests {
             blind: followed == 0.0,
             lumpy: false,
             depths,
+            one_connection: None,
         };
         let quiet = followed_look([0; DEPTHS], 0.0);
         assert!(!budget.look(&one_slot(followed_look(depths, 16_000.0))));
@@ -1904,12 +2046,12 @@ mod tests {
         let mut budget = CaptureBudget::new(1);
         let mut rates = vec![0.0; SLOTS];
         rates[3] = 1e12;
-        assert!(budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]));
+        assert!(budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]));
         assert_eq!(budget.shift(3), MAX_SHIFT);
-        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]));
+        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]));
         budget.set_budget(0);
         assert_eq!(budget.shifts(), vec![0; SLOTS]);
-        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS]));
+        assert!(!budget.narrow_over_share(&rates, &[[0; DEPTHS]; SLOTS], &[None; SLOTS]));
     }
 
     #[test]
@@ -2342,7 +2484,7 @@ mod tests {
                         epoch as u8,
                     );
                     for client in [false, true] {
-                        sampling.count_followed_call(sample, 0, client);
+                        sampling.count_followed_call(sample, key, 0, client);
                         counted += sampling.weight_of_request(sample, 0, client).unwrap_or(0);
                     }
                     if narrowed {
@@ -2481,7 +2623,12 @@ mod tests {
         // Followed at 1/4: 100 calls decoded, 40 of them on connections of depth 3 and up.
         for (depth, decoded) in [(2, 60), (3, 30), (5, 10)] {
             for _ in 0..decoded {
-                sampling.count_followed_call(StreamSample::of_record(Some(2), depth, 0), 0, false);
+                sampling.count_followed_call(
+                    StreamSample::of_record(Some(2), depth, 0),
+                    1,
+                    0,
+                    false,
+                );
             }
         }
         totals[server] = calls(1_000, 100);

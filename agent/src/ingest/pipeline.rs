@@ -386,6 +386,7 @@ impl Pipeline {
         if payload.span_start == 0 {
             self.capture.count_followed_call(
                 sample,
+                payload.sk,
                 endpoint.service,
                 endpoint.role == Role::Client,
             );
