@@ -33,6 +33,16 @@
 //! window, 7.5% at c = 4 over 40 s), and calls that swing from second to second add what the
 //! followed seconds miss of them. Pools of many connections never look lumpy and
 //! are sampled by connection as before.
+//!
+//! A small pool whose every connection is over the share is alike: a draw that follows one
+//! runs over, and the narrower ones follow none (session 25: memcaslap's 8 connections
+//! counted 43-56% of `stats`). A slot following a few connections (up to [`FEW_SOCKETS`]
+//! sockets) tallies their calls by socket and by depth, so a narrowing knows what each
+//! narrower draw keeps: it stops at the widest that fits, and when the next would follow
+//! none and no one connection fits [`ONE_CONNECTION_FITS`] of the share, the slot is sampled
+//! in time at once on the deepest draw that keeps one ([`SlotControl::narrow_if_over`]). A
+//! time sample over MAX_CYCLE shares follows, in its followed look, the widest draw whose
+//! calls fit MAX_CYCLE shares instead of going back to a blind draw of connections.
 
 use crate::memcache::decoders::StreamSample;
 use agent_common::{
