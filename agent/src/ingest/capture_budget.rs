@@ -1187,10 +1187,9 @@ impl CaptureSampling {
             return Some(measured.ratio);
         }
         if shift > measured.shift {
-            let calls = &measured.by_depth;
-            let from = |depth: u32| calls[(depth as usize).min(DEPTHS)..].iter().sum::<u64>();
-            let (followed, kept) = (from(measured.shift), from(shift));
-            return (kept > 0).then(|| measured.ratio * followed as f64 / kept as f64);
+            return kept_share(&measured.by_depth, measured.shift, shift)
+                .filter(|&kept| kept > 0.0)
+                .map(|kept| measured.ratio / kept);
         }
         let share = 1.0 / measured.ratio;
         let wider = match (
@@ -1231,7 +1230,7 @@ impl CaptureSampling {
             tally.resize(agent_common::SAMPLED_CALLS_ENTRIES as usize, [0; DEPTHS]);
         }
         if let Some(by_depth) = tally.get_mut(index) {
-            by_depth[(sample.depth as usize).min(DEPTHS - 1)] += 1;
+            by_depth[depth] += 1;
         }
     }
 
@@ -1393,6 +1392,9 @@ impl CaptureSampling {
         let records = std::mem::take(&mut self.records_since_check);
         self.slot_records_since_check.fill(0);
         self.last_check_ns = now_ns;
+        if !over_budget {
+            return false;
+        }
         let before = self.budget.shifts();
         let depths: Vec<[u64; DEPTHS]> = self
             .look_depths
@@ -1415,10 +1417,9 @@ impl CaptureSampling {
                 }
             })
             .collect();
-        if !over_budget
-            || !self
-                .budget
-                .narrow_over_share(&rates, &depths, &one_connection)
+        if !self
+            .budget
+            .narrow_over_share(&rates, &depths, &one_connection)
         {
             return false;
         }
@@ -1574,11 +1575,14 @@ impl CaptureSampling {
     }
 
     fn clear_look(&mut self) {
-        self.last_look_depths = std::mem::replace(&mut self.look_depths, vec![[0; DEPTHS]; SLOTS]);
-        self.last_look_sockets = std::mem::replace(
-            &mut self.look_sockets,
-            vec![FollowedSockets::default(); SLOTS],
-        );
+        // Swapped and emptied in place: nothing allocated once a second.
+        std::mem::swap(&mut self.look_depths, &mut self.last_look_depths);
+        self.look_depths.fill([0; DEPTHS]);
+        std::mem::swap(&mut self.look_sockets, &mut self.last_look_sockets);
+        for sockets in &mut self.look_sockets {
+            sockets.sockets.clear();
+            sockets.many = false;
+        }
         self.look_records.fill(0);
         self.look_calls.fill(SampledCalls::default());
         self.look_mixed.fill(false);
