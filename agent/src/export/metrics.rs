@@ -539,7 +539,8 @@ declare_metrics! {
         "Share of healthy watched connections whose payloads are decoded, of the most sampled \
              service (each service has its own): 1 until captured records exceed its share of \
              limits.capture_records_per_second, then 1/2, 1/4, ... (1/c for a service with too \
-             few connections to sample, whose every connection is followed one second in c). \
+             few connections to sample, whose every connection is followed one second in c; \
+             less when that second is cut short at 8 shares of records). \
              Request and byte counters are scaled up; latency histograms hold the decoded \
              requests only";
     capture_sample_turns: Counter

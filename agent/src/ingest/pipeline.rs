@@ -391,7 +391,10 @@ impl Pipeline {
                 endpoint.role == Role::Client,
             );
         }
-        let Some(weight) = self.capture.weight_of_record(sample, endpoint.service) else {
+        let Some(weight) =
+            self.capture
+                .weight_of_record(sample, endpoint.service, endpoint.role == Role::Client)
+        else {
             return PayloadOutcome::Handled;
         };
         self.decoders.on_payload(
