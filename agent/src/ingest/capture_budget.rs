@@ -2802,6 +2802,22 @@ mod tests {
         }
     }
 
+    /// How far the requests counted in `window` (seconds of [`pool`]) are from those made, on
+    /// both ends.
+    fn counted_error(window: &[(u64, u64, u64)]) -> f64 {
+        let truth: u64 = window.iter().map(|&(done, _, _)| 2 * done).sum();
+        let counted: u64 = window.iter().map(|&(_, counted, _)| counted).sum();
+        counted as f64 / truth as f64 - 1.0
+    }
+
+    /// The worst [`counted_error`] of any `length` s window of `seconds`.
+    fn worst_window(seconds: &[(u64, u64, u64)], length: usize) -> f64 {
+        seconds
+            .windows(length)
+            .map(|window| counted_error(window).abs())
+            .fold(0.0, f64::max)
+    }
+
     /// One connection alone: [`pool`] of one.
     fn lone_connection(ops: u64, budget: u64, seconds: u64) -> Vec<(u64, u64, u64)> {
         pool(1, 41_234, ops, budget, seconds, 0)
@@ -2968,19 +2984,9 @@ mod tests {
         for (ops, budget) in [(1_000, 1_000), (1_000, 2_500), (3_000, 2_000)] {
             let seconds = lone_connection(ops, budget, 120);
             let cycle = (4 * ops).div_ceil(budget) as usize;
-            let error = |window: &[(u64, u64, u64)]| {
-                let truth: u64 = window.iter().map(|&(done, _, _)| 2 * done).sum();
-                let counted: u64 = window.iter().map(|&(_, counted, _)| counted).sum();
-                counted as f64 / truth as f64 - 1.0
-            };
             // From 30 s on: the slot takes about 10 s to tell its calls are lumpy.
             let whole = cycle * 20usize.div_ceil(cycle);
-            let worst = |length: usize| {
-                seconds[30..]
-                    .windows(length)
-                    .map(|window| error(window).abs())
-                    .fold(0.0, f64::max)
-            };
+            let worst = |length: usize| worst_window(&seconds[30..], length);
             let bound = (cycle - 1) as f64 / 20.0 + 0.01;
             assert!(
                 worst(whole) < 0.01 && worst(20) <= bound,
@@ -3013,17 +3019,9 @@ mod tests {
         ] {
             for port in [41_234, 50_000, 33_333, 47_000, 60_100] {
                 let seconds = pool(connections, port, ops, budget, 150, 0);
-                let error = |window: &[(u64, u64, u64)]| {
-                    let truth: u64 = window.iter().map(|&(done, _, _)| 2 * done).sum();
-                    let counted: u64 = window.iter().map(|&(_, counted, _)| counted).sum();
-                    counted as f64 / truth as f64 - 1.0
-                };
-                let worst = seconds[30..]
-                    .windows(20)
-                    .map(|window| error(window).abs())
-                    .fold(0.0, f64::max);
+                let worst = worst_window(&seconds[30..], 20);
                 let bound = 7.0 / 20.0 + 0.01;
-                let total = error(&seconds[30..]);
+                let total = counted_error(&seconds[30..]);
                 assert!(
                     worst <= bound && total.abs() <= 7.0 / 120.0 + 0.01,
                     "{connections} x {ops} ops/s from port {port} at {budget} records/s: 20 s \
@@ -3055,16 +3053,8 @@ mod tests {
         ] {
             for lag_ms in [0, 200] {
                 let seconds = pool(connections, 41_234, ops, budget, 150, lag_ms);
-                let error = |window: &[(u64, u64, u64)]| {
-                    let truth: u64 = window.iter().map(|&(done, _, _)| 2 * done).sum();
-                    let counted: u64 = window.iter().map(|&(_, counted, _)| counted).sum();
-                    counted as f64 / truth as f64 - 1.0
-                };
-                let worst = seconds[30..]
-                    .windows(20)
-                    .map(|window| error(window).abs())
-                    .fold(0.0, f64::max);
-                let total = error(&seconds[30..]);
+                let worst = worst_window(&seconds[30..], 20);
+                let total = counted_error(&seconds[30..]);
                 let decoded = seconds[30..]
                     .iter()
                     .map(|&(_, _, decoded)| decoded)
