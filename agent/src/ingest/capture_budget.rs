@@ -2872,16 +2872,17 @@ mod tests {
         let (mut done, mut counted, mut decoded) = (0u64, 0u64, 0u64);
         let mut owed = 0.0;
         let mut ring = std::collections::VecDeque::new();
-        // The agent reads the ring up to `ms`.
+        // The agent reads the ring at `ms`: the records due by then, or `all` of them (a tick).
         let read = |ring: &mut std::collections::VecDeque<InRing>,
                     sampling: &mut CaptureSampling,
                     kernel: &mut Kernel,
                     counted: &mut u64,
                     decoded: &mut u64,
-                    ms: u64| {
+                    ms: u64,
+                    all: bool| {
             while ring
                 .front()
-                .is_some_and(|record: &InRing| record.due_ms <= ms)
+                .is_some_and(|record: &InRing| all || record.due_ms <= ms)
             {
                 let Some(record) = ring.pop_front() else {
                     break;
@@ -2922,7 +2923,8 @@ mod tests {
                     &mut kernel,
                     &mut counted,
                     &mut decoded,
-                    u64::MAX,
+                    ms,
+                    true,
                 );
                 sampling.check(now);
                 for slot in sampling.rotations_wanted() {
@@ -2966,6 +2968,7 @@ mod tests {
                         &mut counted,
                         &mut decoded,
                         ms,
+                        false,
                     );
                 }
             }
