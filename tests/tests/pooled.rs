@@ -939,10 +939,8 @@ fn a_small_pool_over_its_budget_is_not_left_blind() {
     // A draw that went blind and widened may find the pool's calls all followed or none for
     // a few looks (lumpy), and the service is then sampled in time: the window holds one
     // followed second more or fewer than its share, (c - 1) s of traffic at most (see
-    // `one_busy_connection_over_its_share_is_counted_whole`).
-    // The longest cycle in effect within the window: the one at its start and any it
-    // changed to (a cycle that shortens from 3 to 2 within it leaves up to 2 s of traffic
-    // either way, not 1).
+    // `one_busy_connection_over_its_share_is_counted_whole`), c the longest cycle in effect
+    // within it (one that shortens from 3 to 2 inside it leaves up to 2 s either way, not 1).
     let log = pool.agent.log();
     let first = window.edges[0].2.saturating_sub(1);
     let cycle = log

@@ -1242,12 +1242,13 @@ impl CaptureSampling {
         client: bool,
     ) -> Option<u64> {
         let slot = self.slot_of(service);
-        let Some(recorded) = sample.shift.filter(|_| slot != 0) else {
+        // Unsampled, slot 0's or a time sample's: weighed as its records are.
+        let Some(recorded) = sample
+            .shift
+            .filter(|_| slot != 0 && self.budget.time(slot).is_none())
+        else {
             return self.weight_of_record(sample, service, client);
         };
-        if self.budget.time(slot).is_some() {
-            return self.weight_of_record(sample, service, client);
-        }
         if !self.is_kept(recorded, sample, slot) {
             return None;
         }
