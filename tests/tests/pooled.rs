@@ -961,6 +961,139 @@ fn a_small_pool_over_its_budget_is_not_left_blind() {
     window.assert_counts_match_within(&pool.agent, pool.ratio, extra);
 }
 
+/// memcaslap's 8 connections (`-T 1`, as session 28 ran it live) start after the agent, part
+/// way into a look, against a budget of 2,000 records/s: each connection makes over MAX_CYCLE
+/// (8) shares, so a draw of connections follows one, over the share, or none, and the service
+/// is sampled in time from its first narrowing on. Before, that narrowing measured the
+/// connections' calls over the whole look (they had made them in its last 0.1 s), took them
+/// for ones that fit the share and narrowed by the rate: 1/512, which followed none for 8 s
+/// (-7% and -12% of `stats` over 60 s live), and a time sample engaged part way into a look
+/// had its limit spent by the records before it and weighed its first cycles low (-63% here).
+/// Now draws of connections last under 1 s in all, and over memcaslap's 20 s both roles' get
+/// and set counts are within c / 20 of memcached's (c the longest cycle, at most 8: a 20 s
+/// window holds 2 or 3 followed seconds, the first standing for c whole ones) and 5% for the
+/// first cycle's estimated weight.
+/// `stats` is read on a second listener the agent does not watch.
+#[test]
+fn a_busy_pool_started_after_the_agent_is_sampled_in_time_from_its_start() {
+    require_root();
+    let port = unique_port();
+    let stats_port = unique_port();
+    let stats_listener = format!("127.0.0.1:{stats_port}");
+    let _memcached = start_memcached(None, "127.0.0.1", port, &["-l", &stats_listener]).unwrap();
+    let agent = sampling_agent("pooled-late", port, 2_000);
+    // Part way into a look (they start at the agent's).
+    std::thread::sleep(Duration::from_millis(1_600));
+    let (scrape0, stats0) = (agent.scrape(), server_stats(stats_port, "stats"));
+    let changes0 = agent.log().matches("capture sample changed").count();
+    let started = std::time::Instant::now();
+    let output = Command::new("timeout")
+        .args(["60", "memcaslap", "-s"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-c", "8", "-T", "1", "-t", "20s"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("memcaslap (package libmemcached-tools) is installed by cargo xtask setup");
+    assert!(
+        output.status.success(),
+        "memcaslap: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    let scrape1 = settled_scrape(&agent);
+    let stats1 = server_stats(stats_port, "stats");
+    let log = agent.log();
+    let changes: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("capture sample changed"))
+        .skip(changes0)
+        .collect();
+    // A draw of connections logs `slot N: 1/K` (K > 1); a time sample `1 s in c`. A draw
+    // may come first for a moment: the first 0.1 s look's rate is averaged over the quiet
+    // time before the pool started.
+    let is_draw = |line: &str| {
+        line.split(": 1/").skip(1).any(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().is_ok_and(|k| k > 1)
+        })
+    };
+    let at = |line: &str| -> f64 {
+        // `2026-12-08T01:37:35.103729Z  INFO ...`: seconds into the day.
+        let stamp = line.split_whitespace().next().unwrap_or_default();
+        let clock = stamp.split('T').nth(1).unwrap_or_default();
+        let mut parts = clock.trim_end_matches('Z').split(':');
+        let mut field = || -> f64 {
+            let text = parts.next().unwrap_or_default();
+            let digits: String = text
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            digits.parse().unwrap_or(0.0)
+        };
+        field() * 3600.0 + field() * 60.0 + field()
+    };
+    let drawn: f64 = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, line)| is_draw(line))
+        .map(|(index, line)| {
+            let until = changes
+                .get(index + 1)
+                .map_or(at(&log_end(&log)), |next| at(next));
+            (until - at(line)).rem_euclid(86_400.0)
+        })
+        .sum();
+    assert!(
+        drawn < 1.0,
+        "sampled by a draw of connections for {drawn:.1} s: {changes:#?}\n{log}"
+    );
+    let cycle = changes
+        .iter()
+        .filter_map(|line| {
+            let rest = line.split("1 s in ").nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .reduce(f64::max)
+        .unwrap_or_else(|| panic!("never sampled in time: {changes:#?}\n{log}"));
+    let bound = cycle / seconds + 0.05;
+    let delta = |name: &str| stats1[name] - stats0[name];
+    let mut failures = Vec::new();
+    for role in ["client", "server"] {
+        for (command, truth) in [
+            ("get", delta("get_hits") + delta("get_misses")),
+            ("set", delta("cmd_set")),
+        ] {
+            let with = [("role", role), ("command", command)];
+            let counted = scrape1.requests(&with) - scrape0.requests(&with);
+            let error = counted / truth - 1.0;
+            eprintln!(
+                "{role} {command}: counted {counted}, memcached {truth} ({:+.2}%, bound {:.1}%)",
+                error * 100.0,
+                bound * 100.0
+            );
+            if error.abs() > bound {
+                failures.push(format!("{role} {command}: {:+.2}%", error * 100.0));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{failures:?} over {seconds:.1} s at cycles up to {cycle}: {changes:#?}\n{log}"
+    );
+}
+
+/// The agent log's last timestamped line.
+fn log_end(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find(|line| line.starts_with("20"))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// How far a scaled count of `truth` requests may be from it (see
 /// [`sampled_counts_of_a_pool_match_memcached_stats`]): `relative` for the ratios at the
 /// intervals' edges, 4 sd of the rounding of the `ratio` decoded, and the calls of two `stats`

@@ -108,6 +108,12 @@ pub struct SlotLoad {
 /// pool whose draws average (see [`SlotControl::narrow_if_over`]).
 const FEW_SOCKETS: usize = 32;
 
+/// Calls a followed connection has made in a look before its rate counts (see
+/// [`FollowedSockets::one_connection`]).
+const MIN_CALLS_FOR_RATE: u64 = 16;
+/// The shortest span a connection's calls are taken over.
+const MIN_SPAN_S: f64 = 0.001;
+
 /// A connection "fits" a share when its records are within this part of it: one just under
 /// the share runs over it as soon as its client speeds up a little, and the draws narrower
 /// than one connection follow none (session 25's memcaslap connections made 24,000-27,000
@@ -117,36 +123,90 @@ const ONE_CONNECTION_FITS: f64 = 0.9;
 /// The calls of each followed socket of a slot within a look, up to [`FEW_SOCKETS`].
 #[derive(Debug, Clone, Default)]
 struct FollowedSockets {
-    /// (socket, calls, client role, depth).
-    sockets: Vec<(u64, u64, bool, u32)>,
+    sockets: Vec<FollowedSocket>,
     many: bool,
 }
 
+/// One socket's followed calls within a look, and when the first and the last were made.
+#[derive(Debug, Clone, Copy)]
+struct FollowedSocket {
+    sk: u64,
+    calls: u64,
+    client: bool,
+    depth: u32,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+impl FollowedSocket {
+    /// Calls/s while it was followed: over the span between its first and last call, not the
+    /// look's. A pool that starts (or is first followed) late in a look
+    /// made all its calls in the look's last part: over the whole look its busy connections
+    /// read as quiet ones that fit the share, and the slot narrowed by the rate to a draw
+    /// that followed none (live: 1/512 in the first 0.1 s of memcaslap's 8 connections, blind
+    /// for 8 s). Only a socket with [`MIN_CALLS_FOR_RATE`] calls has a rate to tell.
+    fn calls_per_second(&self) -> f64 {
+        let span = self.last_ns.saturating_sub(self.first_ns) as f64 / 1e9;
+        self.calls as f64 / span.max(MIN_SPAN_S)
+    }
+}
+
 impl FollowedSockets {
-    fn count(&mut self, sk: u64, client: bool, depth: u32) {
-        if let Some(entry) = self.sockets.iter_mut().find(|entry| entry.0 == sk) {
-            entry.1 += 1;
+    fn count(&mut self, sk: u64, client: bool, depth: u32, ts_ns: u64) {
+        if let Some(entry) = self.sockets.iter_mut().find(|entry| entry.sk == sk) {
+            entry.calls += 1;
+            entry.first_ns = entry.first_ns.min(ts_ns);
+            entry.last_ns = entry.last_ns.max(ts_ns);
         } else if self.sockets.len() < FEW_SOCKETS {
-            self.sockets.push((sk, 1, client, depth));
+            self.sockets.push(FollowedSocket {
+                sk,
+                calls: 1,
+                client,
+                depth,
+                first_ns: ts_ns,
+                last_ns: ts_ns,
+            });
         } else {
             self.many = true;
         }
     }
 
-    /// Calls/s over `seconds` of the connection with the fewest of those still followed at
-    /// `shift` (a narrowing within the look let the others go, their few calls counted
-    /// before it): its socket's, times the roles watched (on loopback both ends of one
-    /// connection are followed alike).
-    fn one_connection(&self, seconds: f64, shift: u32) -> Option<f64> {
-        if self.many || seconds <= 0.0 {
+    /// Calls/s (see [`FollowedSocket::calls_per_second`]) of the connection with the fewest
+    /// of those still followed at `shift` in a look (a narrowing within the look
+    /// let the others go, their few calls counted before it): its socket's, times the roles
+    /// watched (on loopback both ends of one connection are followed alike).
+    fn one_connection(&self, shift: u32) -> Option<f64> {
+        if self.many {
             return None;
         }
-        let followed = || self.sockets.iter().filter(|entry| entry.3 >= shift);
-        let fewest = followed().map(|entry| entry.1).min()?;
-        let client = followed().any(|entry| entry.2);
-        let server = followed().any(|entry| !entry.2);
+        // A connection quiet since well before the others' last calls (a `stats` scraper's,
+        // a health check's, often closed by now) is no draw's to follow: it fitting the share
+        // sent a pool narrowing by the rate onto a draw that followed none (live: 7.5 s and
+        // 10 s blind).
+        let newest = self
+            .sockets
+            .iter()
+            .filter(|entry| entry.depth >= shift)
+            .map(|entry| entry.last_ns)
+            .max()
+            .unwrap_or(0);
+        let followed = || {
+            self.sockets.iter().filter(move |entry| {
+                entry.depth >= shift && entry.last_ns.saturating_add(QUIET_GAP_NS) >= newest
+            })
+        };
+        // A connection with a few calls yet has no rate to tell (a pool's last to open,
+        // taken at 8 calls/s, fit the share and sent the slot onto a blind draw): with none
+        // known, none is known to fit.
+        let fewest = followed()
+            .filter(|entry| entry.calls >= MIN_CALLS_FOR_RATE)
+            .map(FollowedSocket::calls_per_second)
+            .min_by(f64::total_cmp)
+            .or_else(|| followed().next().map(|_| f64::INFINITY))?;
+        let client = followed().any(|entry| entry.client);
+        let server = followed().any(|entry| !entry.client);
         let ends = if client && server { 2.0 } else { 1.0 };
-        Some(fewest as f64 * ends / seconds)
+        Some(fewest * ends)
     }
 }
 
@@ -192,6 +252,12 @@ struct TimeSample {
     /// Its cycle was fitted to a demand guessed from a draw's rate: the first measured one
     /// sets it, shorter too (see [`SlotControl::next_second`]).
     guessed: bool,
+    /// Sampled records its look had made when a narrowing engaged it part way in: its
+    /// followed look's limit counts from there (see [`CaptureSampling::engaged_within_look`]).
+    engaged_after: u64,
+    /// Its cycle holds the look it was engaged in part way: that cycle's ratio stands for
+    /// none of the next (see [`CaptureSampling::count_cycle`]).
+    engaged: bool,
 }
 
 impl TimeSample {
@@ -209,6 +275,8 @@ impl TimeSample {
             part: 1.0,
             cut: false,
             guessed: false,
+            engaged_after: 0,
+            engaged: false,
         };
         time.set_limit(share, demand);
         time
@@ -255,6 +323,9 @@ struct SlotControl {
     records_per_call: f64,
     /// Records/s the slot would make at shift 0, from the last look that could tell.
     demand: f64,
+    /// While `demand` is unknown (no look saw the slot busy yet): what the narrowings' rates
+    /// scale to at shift 0, from the least sampled of them, and that shift.
+    guess: Option<(f64, u32)>,
     /// Looks in a row that allowed a widening.
     calm: u32,
     /// The followed share of calls measured at each shift, and the look it was measured at.
@@ -278,6 +349,7 @@ impl Default for SlotControl {
             epoch: 0,
             records_per_call: 1.0,
             demand: 0.0,
+            guess: None,
             calm: 0,
             followed_share: [None; MAX_SHIFT as usize + 1],
             lumpy: 0,
@@ -361,7 +433,8 @@ impl CaptureBudget {
         else {
             return false;
         };
-        if time.second != 0 || time.cut || (records as f64) < time.limit {
+        let followed = records.saturating_sub(time.engaged_after);
+        if time.second != 0 || time.cut || (followed as f64) < time.limit {
             return false;
         }
         time.cut = true;
@@ -482,6 +555,9 @@ impl CaptureBudget {
                 control.records_per_call = load.records / load.followed;
             }
             control.demand = (control.records_per_call * load.seen).max(load.records);
+            if control.demand > 0.0 {
+                control.guess = None;
+            }
             if load.seen > 0.0 && load.followed >= load.seen {
                 control.many = load.one_connection.is_none();
             }
@@ -602,6 +678,7 @@ impl SlotControl {
             return Turn::Still;
         };
         time.second += 1;
+        time.engaged_after = 0;
         if time.second < time.cycle {
             return if time.second == 1 {
                 Turn::Turned
@@ -610,6 +687,7 @@ impl SlotControl {
             };
         }
         time.second = 0;
+        time.engaged = false;
         // A cut look's followed draw comes back: the kernel must hear of it.
         let was_cut = std::mem::take(&mut time.cut);
         let share = share.max(f64::MIN_POSITIVE);
@@ -703,6 +781,17 @@ impl SlotControl {
             return false;
         }
         self.calm = 0;
+        if self.demand <= 0.0 {
+            // A draw's rate scales to the slot's only on average: a draw of a few
+            // connections follows one or none, and 1/32 of 8 read 4 times the demand (+86%
+            // of `stats` over 20 s). The least sampled rate is the best guess.
+            let scaled = rate * (1u64 << self.shift) as f64;
+            self.guess = match self.guess {
+                Some((best, at)) if at < self.shift => Some((best, at)),
+                Some((best, at)) if at == self.shift => Some((best.max(scaled), at)),
+                _ => Some((scaled, self.shift)),
+            };
+        }
         let few = one_connection.is_some();
         if few && kept_share(depths, self.shift, self.shift).is_some() {
             let mut deepest = self.shift;
@@ -736,7 +825,9 @@ impl SlotControl {
                     // is unknown, and a first cycle on a draw would weigh a guess (1/2^shift
                     // for one of 8 connections: +53% of `stats` over 20 s live). Every
                     // connection, then, at what this draw's rate scales to.
-                    let demand = rate * (1u64 << self.shift) as f64;
+                    let demand = self
+                        .guess
+                        .map_or(rate * (1u64 << self.shift) as f64, |(demand, _)| demand);
                     let cycle = cycle_for(demand, share).unwrap_or(1);
                     TimeSample {
                         guessed: true,
@@ -827,6 +918,9 @@ pub struct CaptureSampling {
     /// sampled ones per slot), and when that was.
     records_since_check: u64,
     slot_records_since_check: Vec<u64>,
+    /// Per slot, the run of sampled records in the window with no gap over [`QUIET_GAP_NS`]
+    /// between them: when its first and last were written (0: none yet), and how many.
+    slot_busy: Vec<BusyRun>,
     last_check_ns: u64,
     /// The look (once a second, from the tick): sampled records and calls per slot since the
     /// last one, whether the calls were read, whether each slot's sample changed within it.
@@ -842,11 +936,9 @@ pub struct CaptureSampling {
     /// (see [`SlotLoad::depths`]).
     look_depths: Vec<[u64; DEPTHS]>,
     last_look_depths: Vec<[u64; DEPTHS]>,
-    /// Per slot: its followed sockets' calls within this look and the last, and how long
-    /// the last look lasted (s).
+    /// Per slot: its followed sockets' calls within this look and the last.
     look_sockets: Vec<FollowedSockets>,
     last_look_sockets: Vec<FollowedSockets>,
-    last_look_s: f64,
     /// Slots whose sample should turn to other connections: over a whole look a role had
     /// calls and none on a followed connection (see [`CaptureSampling::rotations_wanted`]).
     rotate: Vec<bool>,
@@ -887,9 +979,47 @@ struct CycleCalls {
     /// The followed look's shift: cycles that followed other connections do not average
     /// (a cycle of 1/2 of them weighed the next ones at 1/1 twice for a minute).
     shift: u32,
+    /// Their followed looks were cut at the limit: such a look's calls are the limit's, not
+    /// the load's, and a cycle of either kind says nothing of the other (a first cycle of 2
+    /// followed whole weighed the next, cut at 8 shares, 2.8 times high).
+    cut: bool,
     /// Cycles averaged: the first ones are a plain mean (see [`CYCLE_WEIGHT`]).
     cycles: u32,
 }
+
+/// A slot's rate in the safety window is its last busy run's (see [`BusyRun`]) once that has
+/// this many records (a few records of a quiet slot within microseconds are no rate), over
+/// at least [`MIN_BUSY_S`].
+const BUSY_RECORDS: u64 = 64;
+const MIN_BUSY_S: f64 = 0.001;
+/// A pause between a slot's records that ends a busy run.
+const QUIET_GAP_NS: u64 = 50_000_000;
+
+/// A slot's sampled records in the safety window since the last pause of [`QUIET_GAP_NS`].
+#[derive(Debug, Clone, Copy, Default)]
+struct BusyRun {
+    first_ns: u64,
+    last_ns: u64,
+    records: u64,
+}
+
+impl BusyRun {
+    fn count(&mut self, ts_ns: u64) {
+        if self.records == 0 || ts_ns.saturating_sub(self.last_ns) > QUIET_GAP_NS {
+            *self = BusyRun {
+                first_ns: ts_ns,
+                last_ns: ts_ns,
+                records: 0,
+            };
+        }
+        self.records += 1;
+        self.last_ns = self.last_ns.max(ts_ns);
+    }
+}
+
+/// The least part of a look a time sample engaged within it is taken to follow: the agent's
+/// looks run about a second apart, not exactly.
+const MIN_LOOK_LEFT: f64 = 0.05;
 
 /// The newest cycle's weight in [`CycleCalls`]: about the last 8 cycles count. Until 8 have,
 /// the n-th weighs 1/n (a plain mean): the followed look is slower than the others (the
@@ -1008,6 +1138,7 @@ impl CaptureSampling {
             budget: CaptureBudget::new(records_per_second),
             records_since_check: 0,
             slot_records_since_check: vec![0; SLOTS],
+            slot_busy: vec![BusyRun::default(); SLOTS],
             last_check_ns: 0,
             look_records: vec![0; SLOTS],
             look_calls: vec![SampledCalls::default(); SLOTS],
@@ -1019,7 +1150,6 @@ impl CaptureSampling {
             last_look_depths: vec![[0; DEPTHS]; SLOTS],
             look_sockets: vec![FollowedSockets::default(); SLOTS],
             last_look_sockets: vec![FollowedSockets::default(); SLOTS],
-            last_look_s: 0.0,
             rotate: vec![false; SLOTS],
             last_look_ns: 0,
             pending: false,
@@ -1272,7 +1402,7 @@ impl CaptureSampling {
             .get(index)
             .copied()
             .flatten()
-            .filter(|calls| calls.shift == time.shift);
+            .filter(|calls| calls.shift == time.shift && calls.cut == (time.part < 1.0));
         match calls {
             Some(calls) => calls.seen_per_look * cycle / calls.followed,
             None if time.shift == 0 => cycle / time.part,
@@ -1348,6 +1478,7 @@ impl CaptureSampling {
         sk: u64,
         service: usize,
         client: bool,
+        ts_ns: u64,
     ) {
         let slot = self.slot_of(service);
         let Some(recorded) = sample.shift else {
@@ -1374,7 +1505,7 @@ impl CaptureSampling {
             by_depth[depth] += 1;
         }
         if let Some(sockets) = self.look_sockets.get_mut(slot as usize) {
-            sockets.count(sk, client, sample.depth);
+            sockets.count(sk, client, sample.depth, ts_ns);
         }
         let tally = &mut self.ratios.depth_calls;
         if tally.len() <= index {
@@ -1496,7 +1627,7 @@ impl CaptureSampling {
         // the ring, would make the new sample look too busy and narrow it again at once.
         self.last_check_ns = now_ns;
         self.records_since_check = 0;
-        self.slot_records_since_check.fill(0);
+        self.clear_slot_windows();
     }
 
     /// Counts one payload record of `service` written at `ts_ns` (`sampled`: captured as a
@@ -1527,6 +1658,7 @@ impl CaptureSampling {
         self.records_since_check += 1;
         if sampled {
             self.slot_records_since_check[slot] += 1;
+            self.slot_busy[slot].count(ts_ns);
         }
         self.records_since_check
             .is_multiple_of(BUDGET_CHECK_RECORDS)
@@ -1540,7 +1672,7 @@ impl CaptureSampling {
         if self.last_check_ns == 0 {
             self.last_check_ns = now_ns;
             self.records_since_check = 0;
-            self.slot_records_since_check.fill(0);
+            self.clear_slot_windows();
             return false;
         }
         // Records are stamped when the kernel wrote them, ticks when they run: a record older
@@ -1553,36 +1685,54 @@ impl CaptureSampling {
         if interval_s < 1.0 && !(interval_s >= 0.1 && over_budget) {
             return false;
         }
+        // Each slot's over its last busy run when it has one: a pool that starts late in the
+        // window (after a quiet look, a `stats` read or two) averaged over all of it reads a
+        // fraction of its rate.
         let rates: Vec<f64> = self
             .slot_records_since_check
             .iter()
-            .map(|&records| records as f64 / interval_s)
+            .zip(&self.slot_busy)
+            .map(|(&records, run)| {
+                if run.records < BUSY_RECORDS {
+                    return records as f64 / interval_s;
+                }
+                let busy_s = now_ns.saturating_sub(run.first_ns) as f64 / 1e9;
+                run.records as f64 / busy_s.clamp(MIN_BUSY_S.min(interval_s), interval_s)
+            })
             .collect();
         let records = std::mem::take(&mut self.records_since_check);
-        self.slot_records_since_check.fill(0);
+        self.clear_slot_windows();
         self.last_check_ns = now_ns;
         if !over_budget {
             return false;
         }
         let before = self.budget.shifts();
+        let timed: Vec<bool> = (0..SLOTS as u32)
+            .map(|slot| self.budget.time(slot).is_some())
+            .collect();
         let depths: Vec<[u64; DEPTHS]> = self
             .look_depths
             .iter()
             .zip(&self.last_look_depths)
             .map(|(now, last)| std::array::from_fn(|depth| now[depth] + last[depth]))
             .collect();
-        // The look in progress once it is long enough to tell, else the last.
-        let look_s = now_ns.saturating_sub(self.last_look_ns) as f64 / 1e9;
+        // The look in progress once it is long enough to tell, else the last; the one in
+        // progress, however short, when there is no last (the agent's first look).
+        let look_s = if self.last_look_ns == 0 {
+            interval_s
+        } else {
+            now_ns.saturating_sub(self.last_look_ns) as f64 / 1e9
+        };
         let one_connection: Vec<Option<f64>> = self
             .look_sockets
             .iter()
             .zip(&self.last_look_sockets)
             .zip(before.iter())
             .map(|((now, last), &shift)| {
-                if look_s >= 0.1 && !now.sockets.is_empty() {
-                    now.one_connection(look_s, shift)
+                if (look_s >= 0.1 || last.sockets.is_empty()) && !now.sockets.is_empty() {
+                    now.one_connection(shift)
                 } else {
-                    last.one_connection(self.last_look_s, shift)
+                    last.one_connection(shift)
                 }
             })
             .collect();
@@ -1596,6 +1746,10 @@ impl CaptureSampling {
         for (slot, shift) in self.budget.shifts().into_iter().enumerate() {
             if shift != before[slot] {
                 self.look_mixed[slot] = true;
+            }
+            if !timed[slot] && self.budget.time(slot as u32).is_some() {
+                let into = if self.last_look_ns == 0 { 0.0 } else { look_s };
+                self.engaged_within_look(slot, into);
             }
         }
         self.changed((records as f64 / interval_s) as u64, "records over budget");
@@ -1640,7 +1794,7 @@ impl CaptureSampling {
                         lumpy: self.budget.shift(slot as u32) > 0 && busy && all_or_none,
                         depths: self.look_depths[slot],
                         one_connection: self.look_sockets[slot]
-                            .one_connection(interval_s, self.budget.shift(slot as u32)),
+                            .one_connection(self.budget.shift(slot as u32)),
                     }
                 } else {
                     // No call counts: the records scaled by 2^shift stand for the calls.
@@ -1652,7 +1806,7 @@ impl CaptureSampling {
                         lumpy: false,
                         depths: self.look_depths[slot],
                         one_connection: self.look_sockets[slot]
-                            .one_connection(interval_s, self.budget.shift(slot as u32)),
+                            .one_connection(self.budget.shift(slot as u32)),
                     }
                 })
             })
@@ -1675,7 +1829,6 @@ impl CaptureSampling {
             self.count_cycle(slot);
         }
         self.last_look_ns = now_ns;
-        self.last_look_s = interval_s;
         self.clear_look();
         if self.budget.look(&loads) {
             self.changed((total as f64 / interval_s) as u64, "look");
@@ -1719,6 +1872,14 @@ impl CaptureSampling {
                 "time sample: a cycle's calls"
             );
             cycle.followed = cycle.followed.saturating_sub(dropped);
+            if time.engaged {
+                // Its followed look was followed from part way in, after calls followed under
+                // the sample before (live: a first cycle of 2 engaged late in a look weighed
+                // the next, cut at 8 shares, 2.8 times high). Its requests weighed the part
+                // expected; the next cycle measures.
+                self.cycle_ratio[index] = None;
+                continue;
+            }
             if cycle.seen == 0 {
                 continue;
             }
@@ -1726,12 +1887,13 @@ impl CaptureSampling {
                 seen_per_look: cycle.seen as f64 / f64::from(time.cycle),
                 followed: cycle.followed as f64,
                 shift: time.shift,
+                cut: time.cut,
                 cycles: 1,
             };
             let average = &mut self.cycle_ratio[index];
             *average = match *average {
                 _ if cycle.followed == 0 => None,
-                Some(before) if before.shift == newest.shift => {
+                Some(before) if (before.shift, before.cut) == (newest.shift, newest.cut) => {
                     let cycles = before.cycles.saturating_add(1);
                     let weight = (1.0 / f64::from(cycles)).max(CYCLE_WEIGHT);
                     Some(CycleCalls {
@@ -1739,12 +1901,41 @@ impl CaptureSampling {
                             + weight * (newest.seen_per_look - before.seen_per_look),
                         followed: before.followed + weight * (newest.followed - before.followed),
                         shift: newest.shift,
+                        cut: newest.cut,
                         cycles,
                     })
                 }
                 _ => Some(newest),
             };
         }
+    }
+
+    /// A narrowing sampled `slot` in time `into` seconds of a look, which is its first
+    /// followed look: the look's limit counts the records made from now (counted from the
+    /// look's start, a pool at 24 shares was cut at once), and the part of the look's calls
+    /// it follows is at most what is left of it. Calls followed before now weighed as the
+    /// sample before said; the cycle's own ratio is left out (see `TimeSample::engaged`).
+    fn engaged_within_look(&mut self, slot: usize, into: f64) {
+        let records = self.look_records[slot];
+        if let Some(time) = self
+            .budget
+            .slots
+            .get_mut(slot)
+            .and_then(|control| control.time.as_mut())
+        {
+            time.engaged_after = records;
+            time.engaged = true;
+            time.part = time.part.min((1.0 - into).clamp(MIN_LOOK_LEFT, 1.0));
+        }
+        for index in 2 * slot..2 * slot + 2 {
+            self.cycle_calls[index] = SampledCalls::default();
+            self.cycle_dropped[index] = 0;
+        }
+    }
+
+    fn clear_slot_windows(&mut self) {
+        self.slot_records_since_check.fill(0);
+        self.slot_busy.fill(BusyRun::default());
     }
 
     fn clear_cycle(&mut self, slot: usize) {
@@ -2849,6 +3040,20 @@ mod tests {
         seconds: u64,
         lag_ms: u64,
     ) -> Vec<(u64, u64, u64)> {
+        pool_starting(connections, port, ops, budget, seconds, lag_ms, 0)
+    }
+
+    /// [`pool`] whose connections start `start_ms` into the agent's first look (its first
+    /// second is quiet until then).
+    fn pool_starting(
+        connections: u16,
+        port: u16,
+        ops: u64,
+        budget: u64,
+        seconds: u64,
+        lag_ms: u64,
+        start_ms: u64,
+    ) -> Vec<(u64, u64, u64)> {
         let slot = watch::slot_of_position(0);
         let mut sampling = CaptureSampling::new(budget);
         sampling.set_service_slots(vec![slot]);
@@ -2901,8 +3106,8 @@ mod tests {
                 for client in [false, true] {
                     // Each end its own socket, a send and a receive each.
                     let sk = record.key ^ u64::from(client);
-                    sampling.count_followed_call(sample, sk, 0, client);
-                    sampling.count_followed_call(sample, sk, 0, client);
+                    sampling.count_followed_call(sample, sk, 0, client, now);
+                    sampling.count_followed_call(sample, sk, 0, client, now);
                     let weight = sampling.weight_of_request(sample, 0, client);
                     *counted += weight.unwrap_or(0);
                     *decoded += if weight.is_some() { 2 } else { 0 };
@@ -2937,6 +3142,9 @@ mod tests {
                     std::mem::take(&mut counted),
                     std::mem::take(&mut decoded),
                 ));
+            }
+            if ms < 1_000 + start_ms {
+                continue;
             }
             owed += ops as f64 / 1_000.0;
             while owed >= 1.0 {
@@ -3079,6 +3287,75 @@ mod tests {
         }
     }
 
+    /// A pool that starts late in a look (an application deployed, memcaslap started a
+    /// second after the agent), or with the agent: its first 20 s window counts within what a
+    /// time sample's cycle leaves unfollowed and 1%, on both ends: 8/20, as a window of 20 s
+    /// holds 2 or 3 followed looks of a cycle of 8, and the first stands for 8 whole seconds
+    /// though the pool was there for part of the first. The build before read -58% to +75%:
+    /// - a time sample engaged part way into a look had its limit spent at once by the
+    ///   records before it, and its first cycle's ratio held the calls followed whole then;
+    /// - a first cycle of 2 followed whole (engaged on a late pool's rate averaged over the
+    ///   whole look) weighed the next, cut at 8 shares, 2.8 times high;
+    /// - connections' calls measured over the whole look read a pool that started late as
+    ///   quiet connections that fit the share: narrowed by the rate, a draw followed none
+    ///   (live: 1/512, blind for 8 s).
+    #[test]
+    fn a_pool_that_starts_late_in_a_look_is_not_left_blind() {
+        for (connections, ops, budget) in [
+            (8, 12_000, 2_000),
+            (8, 6_000, 25_000),
+            (3, 12_000, 2_000),
+            (1, 25_000, 2_000),
+            (1, 3_000, 1_000),
+        ] {
+            for start_ms in [0, 600, 950] {
+                let seconds = pool_starting(connections, 41_234, ops, budget, 40, 0, start_ms);
+                let first = counted_error(&seconds[..20]);
+                assert!(
+                    first.abs() <= 8.0 / 20.0 + 0.01,
+                    "{connections} x {ops} ops/s at {budget} records/s from {start_ms} ms into \
+                     a look: the first 20 s off by {:.1}%; per second (operations, counted, \
+                     decoded): {seconds:?}",
+                    first * 100.0,
+                );
+            }
+        }
+    }
+
+    /// The quietest connection a narrowing weighs is the quietest that carries traffic, at
+    /// its rate while it did: a pool of 8 that started 50 ms before a 0.6 s look's end reads
+    /// 10,000 calls/s per connection, not 833, and a `stats` scraper's 2 calls half a second
+    /// before are not its quietest connection, nor is one that has made 2 calls yet.
+    #[test]
+    fn a_pools_quietest_connection_is_read_while_it_was_busy() {
+        const MS: u64 = 1_000_000;
+        let mut sockets = FollowedSockets::default();
+        sockets.count(99, false, 3, 10 * MS);
+        sockets.count(99, false, 3, 11 * MS);
+        for sk in 0..8u64 {
+            for call in 0..500u64 {
+                sockets.count(sk, false, 3, 550 * MS + call * MS / 10);
+            }
+        }
+        let quietest = sockets.one_connection(0).unwrap();
+        assert!((quietest - 10_000.0).abs() < 100.0, "{quietest} calls/s");
+        // Its first moment: 16 calls on one, 2 on another so far, beside the scraper's call.
+        let mut sockets = FollowedSockets::default();
+        sockets.count(99, false, 3, 10 * MS);
+        for call in 0..16u64 {
+            sockets.count(1, false, 3, 550 * MS + call * MS / 10);
+        }
+        sockets.count(2, false, 3, 551 * MS);
+        sockets.count(2, false, 3, 552 * MS);
+        let quietest = sockets.one_connection(0).unwrap();
+        assert!((quietest - 16.0 / 0.0015).abs() < 1.0, "{quietest} calls/s");
+        // Read over its span, not the look's 0.6 s (27 calls/s fit any share).
+        // No rate known yet: none is known to fit.
+        let mut sockets = FollowedSockets::default();
+        sockets.count(2, false, 3, 551 * MS);
+        assert_eq!(sockets.one_connection(0), Some(f64::INFINITY));
+    }
+
     /// One service (slot 1) that the kernel samples at 1/4, its calls read once at 1 s: the
     /// sampling, the server role's `SAMPLED_CALLS` index, and the totals to move on.
     fn one_service_sampled_at_a_quarter() -> (CaptureSampling, usize, Vec<SampledCalls>) {
@@ -3150,6 +3427,7 @@ mod tests {
                     1,
                     0,
                     false,
+                    SECOND,
                 );
             }
         }

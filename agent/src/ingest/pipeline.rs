@@ -389,6 +389,7 @@ impl Pipeline {
                 payload.sk,
                 endpoint.service,
                 endpoint.role == Role::Client,
+                payload.ts_ns,
             );
         }
         let Some(weight) =
