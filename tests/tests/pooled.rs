@@ -948,13 +948,7 @@ fn a_small_pool_over_its_budget_is_not_left_blind() {
         .filter(|line| line.contains("capture sample changed"))
         .enumerate()
         .filter(|&(index, _)| index >= first && index < window.edges[1].2)
-        .filter_map(|(_, line)| {
-            let rest = line.split("1 s in ").nth(1)?;
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
+        .filter_map(|(_, line)| time_sample_cycle(line))
         .reduce(f64::max);
     eprintln!("sampled in time: {cycle:?} s cycles");
     let extra = cycle.map_or(0.0, |cycle| (cycle - 1.0) / window.seconds);
@@ -1049,13 +1043,7 @@ fn a_busy_pool_started_after_the_agent_is_sampled_in_time_from_its_start() {
     );
     let cycle = changes
         .iter()
-        .filter_map(|line| {
-            let rest = line.split("1 s in ").nth(1)?;
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
+        .filter_map(|line| time_sample_cycle(line))
         .reduce(f64::max)
         .unwrap_or_else(|| panic!("never sampled in time: {changes:#?}\n{log}"));
     let bound = cycle / seconds + 0.05;
@@ -1083,6 +1071,15 @@ fn a_busy_pool_started_after_the_agent_is_sampled_in_time_from_its_start() {
         failures.is_empty(),
         "{failures:?} over {seconds:.1} s at cycles up to {cycle}: {changes:#?}\n{log}"
     );
+}
+
+/// The cycle of a time sample a "capture sample changed" line names (`1 s in c`), if any.
+fn time_sample_cycle(line: &str) -> Option<f64> {
+    let rest = line.split("1 s in ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse::<f64>()
+        .ok()
 }
 
 /// The agent log's last timestamped line.
