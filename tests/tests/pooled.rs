@@ -845,28 +845,10 @@ impl SampledWindow {
         // k at half the measured rate; the ratio and the decoded share each off by 1/k at most.
         let per_connection = (gets + sets) / self.seconds / self.pool as f64 / 2.0;
         let relative = 2.0 / per_connection;
-        let mut failures = Vec::new();
-        for role in ["client", "server"] {
-            let counted = |command: &str| {
-                scrape1.requests(&[("role", role), ("command", command)])
-                    - scrape0.requests(&[("role", role), ("command", command)])
-            };
-            for (command, truth) in [("get", gets), ("set", sets)] {
-                let estimate = counted(command);
-                let tolerance = sampled_tolerance(truth, relative + extra, ratio);
-                eprintln!(
-                    "{role} {command}: estimate {estimate}, memcached {truth} ({:+.2}%), \
-                     tolerance {tolerance:.0} ({:.2}%), sample ratio {ratio}",
-                    (estimate / truth - 1.0) * 100.0,
-                    tolerance / truth * 100.0
-                );
-                if (estimate - truth).abs() > tolerance {
-                    failures.push(format!(
-                        "{role} {command}: estimate {estimate}, memcached {truth}, tolerance {tolerance}"
-                    ));
-                }
-            }
-        }
+        eprintln!("sample ratio {ratio}");
+        let failures = counts_off([scrape0, scrape1], [stats0, stats1], |truth| {
+            sampled_tolerance(truth, relative + extra, ratio)
+        });
         let log = agent.log();
         let changed: Vec<&str> = log
             .lines()
@@ -1047,7 +1029,23 @@ fn a_busy_pool_started_after_the_agent_is_sampled_in_time_from_its_start() {
         .reduce(f64::max)
         .unwrap_or_else(|| panic!("never sampled in time: {changes:#?}\n{log}"));
     let bound = cycle / seconds + 0.05;
-    let delta = |name: &str| stats1[name] - stats0[name];
+    let failures = counts_off([&scrape0, &scrape1], [&stats0, &stats1], |truth| {
+        truth * bound
+    });
+    assert!(
+        failures.is_empty(),
+        "{failures:?} over {seconds:.1} s at cycles up to {cycle}: {changes:#?}\n{log}"
+    );
+}
+
+/// Each role's get and set counts between two scrapes against memcached's between two `stats`
+/// reads, each printed: those further from memcached's than `tolerance(memcached's)`.
+fn counts_off(
+    scrapes: [&Scrape; 2],
+    stats: [&std::collections::BTreeMap<String, f64>; 2],
+    tolerance: impl Fn(f64) -> f64,
+) -> Vec<String> {
+    let delta = |name: &str| stats[1][name] - stats[0][name];
     let mut failures = Vec::new();
     for role in ["client", "server"] {
         for (command, truth) in [
@@ -1055,22 +1053,22 @@ fn a_busy_pool_started_after_the_agent_is_sampled_in_time_from_its_start() {
             ("set", delta("cmd_set")),
         ] {
             let with = [("role", role), ("command", command)];
-            let counted = scrape1.requests(&with) - scrape0.requests(&with);
-            let error = counted / truth - 1.0;
+            let estimate = scrapes[1].requests(&with) - scrapes[0].requests(&with);
+            let tolerance = tolerance(truth);
             eprintln!(
-                "{role} {command}: counted {counted}, memcached {truth} ({:+.2}%, bound {:.1}%)",
-                error * 100.0,
-                bound * 100.0
+                "{role} {command}: estimate {estimate}, memcached {truth} ({:+.2}%), \
+                 tolerance {tolerance:.0} ({:.2}%)",
+                (estimate / truth - 1.0) * 100.0,
+                tolerance / truth * 100.0
             );
-            if error.abs() > bound {
-                failures.push(format!("{role} {command}: {:+.2}%", error * 100.0));
+            if (estimate - truth).abs() > tolerance {
+                failures.push(format!(
+                    "{role} {command}: estimate {estimate}, memcached {truth}, tolerance {tolerance}"
+                ));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{failures:?} over {seconds:.1} s at cycles up to {cycle}: {changes:#?}\n{log}"
-    );
+    failures
 }
 
 /// The cycle of a time sample a "capture sample changed" line names (`1 s in c`), if any.

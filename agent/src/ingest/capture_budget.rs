@@ -1717,9 +1717,10 @@ impl CaptureSampling {
             .map(|(now, last)| std::array::from_fn(|depth| now[depth] + last[depth]))
             .collect();
         // The look in progress once it is long enough to tell, else the last; the one in
-        // progress, however short, when there is no last (the agent's first look).
+        // progress, however short, when there is no last (the agent's first look: it has
+        // no start yet, and `look_s` is 0).
         let look_s = if self.last_look_ns == 0 {
-            interval_s
+            0.0
         } else {
             now_ns.saturating_sub(self.last_look_ns) as f64 / 1e9
         };
@@ -1748,8 +1749,7 @@ impl CaptureSampling {
                 self.look_mixed[slot] = true;
             }
             if !timed[slot] && self.budget.time(slot as u32).is_some() {
-                let into = if self.last_look_ns == 0 { 0.0 } else { look_s };
-                self.engaged_within_look(slot, into);
+                self.engaged_within_look(slot, look_s);
             }
         }
         self.changed((records as f64 / interval_s) as u64, "records over budget");
@@ -1779,6 +1779,8 @@ impl CaptureSampling {
                     return None;
                 }
                 let records = self.look_records[slot] as f64 / interval_s;
+                let one_connection =
+                    self.look_sockets[slot].one_connection(self.budget.shift(slot as u32));
                 Some(if self.look_calls_read {
                     let calls = self.look_calls[slot];
                     let roles = &self.look_role_calls[2 * slot..2 * slot + 2];
@@ -1793,8 +1795,7 @@ impl CaptureSampling {
                         blind: self.look_blind[slot],
                         lumpy: self.budget.shift(slot as u32) > 0 && busy && all_or_none,
                         depths: self.look_depths[slot],
-                        one_connection: self.look_sockets[slot]
-                            .one_connection(self.budget.shift(slot as u32)),
+                        one_connection,
                     }
                 } else {
                     // No call counts: the records scaled by 2^shift stand for the calls.
@@ -1805,8 +1806,7 @@ impl CaptureSampling {
                         blind: false,
                         lumpy: false,
                         depths: self.look_depths[slot],
-                        one_connection: self.look_sockets[slot]
-                            .one_connection(self.budget.shift(slot as u32)),
+                        one_connection,
                     }
                 })
             })
